@@ -1,0 +1,3 @@
+from wsi_vssm.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""The `wsi-vssm` command line. Each command lives in `wsi_vssm/commands/<name>.py` and is imported only when
+it runs, so `wsi-vssm --help` stays fast; commands parse options, call the library and print."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from wsi_vssm import __version__
+from wsi_vssm.errors import WsiVssmError
+
+# command name -> module in wsi_vssm.commands exposing a click command called `command`
+COMMANDS = {
+    "info": "info",
+    "synth": "synth",
+    "export": "export",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        module = COMMANDS.get(name)
+        if module is None:
+            return None
+        return importlib.import_module(f"wsi_vssm.commands.{module}").command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsi-vssm")
+@click.option("--debug", is_flag=True, envvar="WSI_VSSM_DEBUG", help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Whole-slide metastasis detection with a VMamba (VSSM) backbone."""
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+def main(argv=None):
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("WSI_VSSM_DEBUG"))
+    try:
+        cli.main(args=argv, prog_name="wsi-vssm", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("wsi-vssm: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except WsiVssmError as e:
+        if debug:
+            raise
+        click.echo(f"wsi-vssm: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("wsi-vssm: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Slide backends, one per file. Each imports its native/optional library lazily, inside the class."""

@@ -1,0 +1,225 @@
+"""The slide API every backend implements.
+
+Coordinate rules (as OpenSlide): `location` is always in level-0 pixels, `size` is in pixels of the level being
+read, levels are ordered finest first, dimensions are (width, height), and arrays are H x W x 3 uint8 RGB.
+A read that partly crosses the slide edge is padded with white background; a read wholly outside raises.
+Backends implement only `_read_level`, which is always called with a box that lies inside the level.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.io.errors import MissingMpp, OutOfBounds, SlideError, SlideReadError
+
+BACKGROUND = 255  # white: what a brightfield scanner sees where there is no tissue
+
+# Where `mpp` came from; reported by `wsi-vssm info`.
+MPP_SOURCES = ("openslide-properties", "tiff-resolution", "ome-metadata", "objective-power", "user", "none")
+
+
+class SlideReader(ABC):
+    """A multi-resolution slide. Subclasses set the attributes in `__init__` and implement `_read_level`."""
+
+    backend: str = "abstract"
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        level_dimensions: Sequence[tuple[int, int]],
+        level_downsamples: Sequence[float] | None = None,
+        mpp: float | None = None,
+        mpp_source: str = "none",
+        vendor: str | None = None,
+        associated_images: Sequence[str] = (),
+        properties: dict[str, str] | None = None,
+    ):
+        self.path = None if path is None else Path(path)
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in level_dimensions)
+        if not self.level_dimensions:
+            raise SlideError(path, "slide has no image levels")
+        w0, h0 = self.level_dimensions[0]
+        if level_downsamples is None:
+            # The geometric mean of both axes, as OpenSlide derives it.
+            level_downsamples = [math.sqrt((w0 / w) * (h0 / h)) for w, h in self.level_dimensions]
+        self.level_downsamples = tuple(float(d) for d in level_downsamples)
+        self.mpp = None if mpp is None else float(mpp)
+        self.mpp_source = mpp_source if mpp is not None else "none"
+        self.vendor = vendor
+        self.associated_images = tuple(associated_images)  # names only: their pixels never leave the reader
+        self.properties = dict(properties or {})
+
+    # ---- metadata -------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The slide's name without extension(s), as used for output folders and cohort tables."""
+        if self.path is None:
+            return "array"
+        name = self.path.name
+        for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+            if name.lower().endswith(ext):
+                return name[: -len(ext)]
+        return self.path.stem
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def set_mpp(self, mpp: float, source: str = "user") -> None:
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise SlideError(self.path, f"mpp must be a positive number, got {mpp}")
+        self.mpp, self.mpp_source = float(mpp), source
+
+    def require_mpp(self) -> float:
+        if self.mpp is None:
+            raise MissingMpp(self.path, "slide has no resolution (microns per pixel); state it with --mpp")
+        return self.mpp
+
+    def level_mpp(self, level: int) -> float:
+        return self.require_mpp() * self.level_downsamples[level]
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level that is still at least as fine as `downsample` (never upsample detail away)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    # ---- pixels ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Read the box (x, y, w, h) in this level's own pixels, wholly inside it, as H x W x 3 uint8."""
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read `size` (w, h) pixels of `level` whose top-left corner is `location` in level-0 pixels."""
+        if not 0 <= level < self.level_count:
+            raise OutOfBounds(self.path, f"level {level} does not exist (slide has {self.level_count})")
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise SlideError(self.path, f"region size must be positive, got {w}x{h}")
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        # Top-left in level pixels; floor so that adjacent level-0 tiles stay adjacent at coarse levels.
+        lx, ly = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lw), min(ly + h, lh)
+        if x0 >= x1 or y0 >= y1:
+            raise OutOfBounds(
+                self.path,
+                f"region at {tuple(location)} size {w}x{h} (level {level}) lies wholly outside the slide "
+                f"({self.dimensions[0]}x{self.dimensions[1]} at level 0)",
+            )
+        try:
+            inner = self._read_level(level, x0, y0, x1 - x0, y1 - y0)
+        except SlideError:
+            raise
+        except Exception as err:  # backend decode failures differ by backend; name the region for the user
+            raise SlideReadError(
+                self.path,
+                f"reading region at {tuple(location)} size {w}x{h} (level {level}) failed: {_one_line(err)}",
+            ) from err
+        if (x0, y0, x1, y1) == (lx, ly, lx + w, ly + h):
+            return inner
+        out = np.full((h, w, 3), BACKGROUND, dtype=np.uint8)
+        out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = inner
+        return out
+
+    def read(self, x: float, y: float, w: float, h: float, mpp: float) -> np.ndarray:
+        """The level-0 box (x, y, w, h) resampled to `mpp` microns per pixel, read from the nearest finer level.
+
+        The output has round(w * mpp0 / mpp) x round(h * mpp0 / mpp) pixels.
+        """
+        mpp0 = self.require_mpp()
+        scale = mpp / mpp0  # level-0 pixels per output pixel
+        out_w, out_h = max(1, round(w / scale)), max(1, round(h / scale))
+        level = self.best_level_for_downsample(scale)
+        ds = self.level_downsamples[level]
+        lx, ly = math.floor(x / ds), math.floor(y / ds)
+        lw = max(1, math.ceil((x + w) / ds) - lx)
+        lh = max(1, math.ceil((y + h) / ds) - ly)
+        img = self.read_region((round(lx * ds), round(ly * ds)), level, (lw, lh))
+        if (lw, lh) == (out_w, out_h):
+            return img
+        return resize(img, out_w, out_h)
+
+    def thumbnail(self, max_side: int = 1024) -> np.ndarray:
+        """The whole slide, its longer side at most `max_side` pixels, from the coarsest level that suffices."""
+        w0, h0 = self.dimensions
+        scale = max(w0, h0) / max_side
+        if scale <= 1:
+            return self.read_region((0, 0), 0, (w0, h0))
+        level = self.best_level_for_downsample(scale)
+        img = self.read_region((0, 0), level, self.level_dimensions[level])
+        out_w, out_h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
+        return resize(img, out_w, out_h)
+
+    # ---- lifetime -------------------------------------------------------------------------------------------
+    def close(self) -> None:  # noqa: B027 - backends without handles have nothing to close
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"<{type(self).__name__} {self.path or ''} {w}x{h} levels={self.level_count} mpp={self.mpp}>"
+
+
+def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area-average downsizing (bilinear when enlarging) of an H x W x C uint8 image."""
+    from PIL import Image
+
+    if img.shape[1] == width and img.shape[0] == height:
+        return img
+    pil = Image.fromarray(img)
+    shrinking = width < img.shape[1] and height < img.shape[0]
+    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return np.asarray(pil.resize((width, height), method))
+
+
+def to_rgb(arr: np.ndarray) -> np.ndarray:
+    """Any decoded tile (gray, gray+alpha, RGB, RGBA, 16-bit) as H x W x 3 uint8 with transparent -> white."""
+    a = np.asarray(arr)
+    if a.dtype != np.uint8:
+        a = _to_uint8(a)
+    if a.ndim == 2:
+        a = a[..., None]
+    c = a.shape[2]
+    if c == 1:
+        return np.repeat(a, 3, axis=2)
+    if c == 2:
+        gray, alpha = a[..., :1], a[..., 1:2]
+        return np.repeat(_over_white(gray, alpha), 3, axis=2)
+    if c >= 4:
+        return _over_white(a[..., :3], a[..., 3:4])
+    return np.ascontiguousarray(a[..., :3])
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.uint16)
+    return ((rgb.astype(np.uint16) * a + BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    if np.issubdtype(a.dtype, np.floating):
+        return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+    top = np.iinfo(a.dtype).max if np.issubdtype(a.dtype, np.integer) else 255
+    return (a.astype(np.float64) * (255.0 / top) + 0.5).astype(np.uint8)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) < 300 else text[:297] + "..."

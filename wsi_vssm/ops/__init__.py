@@ -1,0 +1,1 @@
+"""Tensor operations: the selective scan (reference, fused CPU, CUDA/Triton) and the 2D cross-scan."""
