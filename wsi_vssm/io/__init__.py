@@ -11,6 +11,7 @@ from wsi_vssm.io.errors import (
     SlideReadError,
     UnsupportedFormat,
 )
+from wsi_vssm.io.slide import open_slide  # light: backends import their libraries when a slide is opened
 
 __all__ = [
     "ArraySlide",
@@ -25,11 +26,3 @@ __all__ = [
     "open_slide",
 ]
 
-
-def __getattr__(name):
-    # open_slide and the heavier pieces load on first use, so `import wsi_vssm.io` stays light.
-    if name == "open_slide":
-        from wsi_vssm.io.slide import open_slide
-
-        return open_slide
-    raise AttributeError(name)

@@ -21,7 +21,15 @@ from wsi_vssm.io.errors import MissingMpp, OutOfBounds, SlideError, SlideReadErr
 BACKGROUND = 255  # white: what a brightfield scanner sees where there is no tissue
 
 # Where `mpp` came from; reported by `wsi-vssm info`.
-MPP_SOURCES = ("openslide-properties", "tiff-resolution", "ome-metadata", "objective-power", "user", "none")
+MPP_SOURCES = (
+    "openslide-properties",
+    "tiff-resolution",
+    "ome-metadata",
+    "vendor-metadata",
+    "objective-power",
+    "user",
+    "none",
+)
 
 
 class SlideReader(ABC):
@@ -46,8 +54,8 @@ class SlideReader(ABC):
             raise SlideError(path, "slide has no image levels")
         w0, h0 = self.level_dimensions[0]
         if level_downsamples is None:
-            # The geometric mean of both axes, as OpenSlide derives it.
-            level_downsamples = [math.sqrt((w0 / w) * (h0 / h)) for w, h in self.level_dimensions]
+            # The mean of both axes' ratios, as OpenSlide derives it, so that backends agree on one file.
+            level_downsamples = [(w0 / w + h0 / h) / 2 for w, h in self.level_dimensions]
         self.level_downsamples = tuple(float(d) for d in level_downsamples)
         self.mpp = None if mpp is None else float(mpp)
         self.mpp_source = mpp_source if mpp is not None else "none"

@@ -1,0 +1,276 @@
+"""Annotation parsing (ASAP XML, GeoJSON) and rasterisation: real CAMELYON16 files and synthetic ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, shared_file
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wsi_vssm.errors import UsageError, WsiVssmError
+from wsi_vssm.io.annotations import (
+    AnnotationClasses,
+    AnnotationError,
+    AnnotationSet,
+    parse_asap_xml,
+    parse_geojson,
+    read_annotations,
+)
+
+NAMES = ["tumor_009", "tumor_076", "tumor_085", "tissue_tumor_001", "tissue_normal_042"]
+
+
+def _asap(*polys: tuple[str, str, list[tuple[float, float]]]) -> str:
+    """An ASAP file with (name, group, points) polygons."""
+    anns = []
+    for name, group, pts in polys:
+        coords = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(pts))
+        anns.append(
+            f'<Annotation Name="{name}" Type="Polygon" PartOfGroup="{group}"><Coordinates>{coords}'
+            "</Coordinates></Annotation>"
+        )
+    return f"<ASAP_Annotations><Annotations>{''.join(anns)}</Annotations></ASAP_Annotations>"
+
+
+def _square(x, y, s):
+    return [(x, y), (x + s, y), (x + s, y + s), (x, y + s)]
+
+
+# ---- real files --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_asap_and_geojson_versions_agree(name):
+    a = read_annotations(shared_file("annotations", "camelyon16_asap", f"{name}.xml"))
+    b = read_annotations(shared_file("annotations", "geojson", f"{name}.geojson"))
+    assert sorted(a.classes) == sorted(b.classes)
+    for kind in ("tumor", "excluded", "other"):
+        ga, gb = a.geometry(kind), b.geometry(kind)
+        assert ga.area == pytest.approx(gb.area, rel=1e-3, abs=1.0)
+        assert ga.symmetric_difference(gb).area <= 1e-3 * max(ga.area, 1.0)
+
+
+def test_real_lesion_areas_are_sane():
+    ts = read_annotations(shared_file("annotations", "camelyon16_asap", "tumor_076.xml"))
+    assert ts.classes.keys() == {"metastasis"}
+    assert ts.excluded.is_empty and ts.other.is_empty
+    # Lesions of a CAMELYON16 slide (about 0.243 um/px): between 0.01 and 1000 mm^2, inside a 100k px slide.
+    mm2 = ts.tumor.area * 0.243**2 / 1e6
+    assert 0.01 < mm2 < 1000
+    x0, y0, x1, y1 = ts.tumor.bounds
+    assert 0 <= x0 < x1 < 250_000 and 0 <= y0 < y1 < 250_000
+    assert len(ts.tumor.geoms) > 5
+
+
+def test_real_tissue_file_groups_and_excluded():
+    ann = read_annotations(shared_file("annotations", "camelyon16_asap", "tissue_tumor_001.xml"))
+    assert sorted(ann.classes) == ["artifact", "background", "tissue"]
+    assert ann.tumor.is_empty
+    assert ann.other.area == pytest.approx(ann.classes["tissue"].area)
+    assert ann.excluded.area == pytest.approx(ann.classes["artifact"].union(ann.classes["background"]).area)
+    # The same file with artifacts counted as tumour: tumour is their area, background still excluded.
+    cfg = AnnotationClasses(tumor=("artifact",), excluded=("background",))
+    as_tumor = read_annotations(shared_file("annotations", "camelyon16_asap", "tissue_tumor_001.xml"), cfg)
+    assert as_tumor.tumor.area == pytest.approx(ann.classes["artifact"].area, rel=1e-6)
+
+
+def test_real_mask_area_matches_polygon_area():
+    ann = read_annotations(shared_file("annotations", "geojson", "tumor_085.geojson"))
+    x0, y0, x1, y1 = ann.tumor.bounds
+    d = 32.0
+    m = ann.mask((x0, y0, x1 - x0, y1 - y0), downsample=d)
+    assert m.sum() * d * d == pytest.approx(ann.tumor.area, rel=0.03)
+    by_mpp = ann.mask((x0, y0, x1 - x0, y1 - y0), mpp=0.243 * 32, slide_mpp=0.243)
+    np.testing.assert_array_equal(m, by_mpp)
+
+
+def test_real_geojson_names_are_not_classes():
+    # tumor_009's polygons are named _0 .. _5 inside the `metastasis` class: `_2` must not make an exclusion.
+    path = SHARED_DATA / "annotations" / "geojson" / "tumor_009.geojson"
+    ann = read_annotations(shared_file("annotations", "geojson", "tumor_009.geojson"))
+    names = [f["properties"]["name"] for f in json.loads(path.read_text())["features"]]
+    assert "_2" in names
+    assert ann.excluded.is_empty and ann.tumor.area > 0
+
+
+# ---- synthetic ---------------------------------------------------------------------------------------------
+def test_camelyon_groups_exclusion_cuts_tumour():
+    text = _asap(
+        ("Annotation 0", "_0", _square(0, 0, 100)),
+        ("Annotation 1", "_1", _square(200, 0, 50)),
+        ("Annotation 2", "_2", _square(25, 25, 50)),  # a non-tumour island inside lesion 0
+    )
+    ann = AnnotationSet.from_items(parse_asap_xml(text))
+    assert ann.tumor.area == pytest.approx(100 * 100 - 50 * 50 + 50 * 50)
+    assert ann.excluded.area == pytest.approx(2500)
+    m = ann.mask((20, 300), downsample=10)
+    assert m[:10, :10].sum() == 100 - 25  # the island is a hole
+    assert not m[4, 4] and m[0, 0] and m[2, 21]
+
+
+def test_group_none_falls_back_to_annotation_name():
+    ann = AnnotationSet.from_items(parse_asap_xml(_asap(("Tumor", "None", _square(0, 0, 10)))))
+    assert ann.tumor.area == pytest.approx(100)
+
+
+def test_geojson_qupath_multipolygon_with_holes_and_islands():
+    outer = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
+    hole = [[20, 20], [80, 20], [80, 80], [20, 80], [20, 20]]
+    island = [[40, 40], [60, 40], [60, 60], [40, 60], [40, 40]]
+    far = [[200, 0], [220, 0], [220, 20], [200, 20], [200, 0]]
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "MultiPolygon", "coordinates": [[outer, hole], [island], [far]]},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Tumor", "color": [1, 2, 3]},
+                },
+            },
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {}},
+        ],
+    }
+    ann = AnnotationSet.from_items(parse_geojson(json.dumps(fc)))
+    assert ann.tumor.area == pytest.approx(100**2 - 60**2 + 20**2 + 20**2)
+    m = ann.mask((100, 230), downsample=1)
+    assert m[10, 10] and not m[30, 30] and m[50, 50] and m[10, 210] and not m[10, 150]
+    assert m.sum() == pytest.approx(ann.tumor.area, rel=0.05)
+
+
+def test_geojson_bare_geometry_and_feature_lists():
+    poly = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
+    assert len(parse_geojson([poly, poly])) == 2
+    feats = [{"type": "Feature", "geometry": poly, "properties": {"classification": "negative"}}]
+    ((name, geom),) = parse_geojson(feats)
+    assert name == "negative" and geom.area == pytest.approx(100)
+
+
+def test_self_intersecting_outline_is_repaired():
+    bowtie = [(0, 0), (10, 10), (10, 0), (0, 10)]
+    ann = AnnotationSet.from_items(parse_asap_xml(_asap(("a", "_0", bowtie))))
+    assert ann.tumor.is_valid and ann.tumor.area == pytest.approx(50)
+
+
+def test_mask_box_offset_and_unknown_class():
+    ann = AnnotationSet.from_items(parse_asap_xml(_asap(("a", "tumor", _square(100, 100, 40)))))
+    m = ann.mask((80, 80, 80, 80), downsample=2)
+    assert m.shape == (40, 40)
+    assert m[10:30, 10:30].all() and m.sum() == 400
+    with pytest.raises(UsageError, match="unknown annotation class"):
+        ann.mask((10, 10), downsample=1, which="nope")
+    with pytest.raises(UsageError, match="slide_mpp"):
+        ann.mask((10, 10), mpp=1.0)
+
+
+def test_class_config_rejects_overlap():
+    with pytest.raises(UsageError, match="both tumour and excluded"):
+        AnnotationClasses(tumor=("x",), excluded=("X",))
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "match"),
+    [
+        ("<ASAP_Annotations><Annotations>", ".xml", "not valid XML"),
+        ("<svg/>", ".xml", "not an ASAP annotation file"),
+        (_asap(("a", "_0", [(0, 0), (1, "x"), (2, 2)])), ".xml", "bad coordinates"),
+        (_asap(("a", "_0", [(0, 0), (1, "nan"), (2, 2)])), ".xml", "non-finite"),
+        ("{not json", ".geojson", "not valid JSON"),
+        ('{"type": "Polygon", "coordinates": 7}', ".geojson", "bad GeoJSON"),
+        ('{"type": "Banana"}', ".json", "unknown GeoJSON type"),
+        ('{"type": "FeatureCollection"}', ".json", "needs a list 'features'"),
+    ],
+)
+def test_bad_files_raise_one_line_error_naming_the_file(tmp_path, content, suffix, match):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(content)
+    with pytest.raises(AnnotationError, match=match) as info:
+        read_annotations(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg
+    assert isinstance(info.value, WsiVssmError)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(AnnotationError, match="cannot read"):
+        read_annotations(tmp_path / "absent.xml")
+
+
+# ---- fuzzing: anything but AnnotationError is a bug --------------------------------------------------------
+_json = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+_geo_type = st.sampled_from(
+    ["FeatureCollection", "Feature", "Polygon", "MultiPolygon", "GeometryCollection", "Point", "x"]
+)
+_coord = st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32) | st.integers(), max_size=3)
+_geo = st.recursive(
+    st.fixed_dictionaries(
+        {"type": _geo_type, "coordinates": st.lists(st.lists(_coord, max_size=5), max_size=3)}
+    ),
+    lambda inner: st.fixed_dictionaries(
+        {
+            "type": _geo_type,
+            "features": st.lists(inner, max_size=3),
+            "geometry": inner,
+            "geometries": st.lists(inner, max_size=3),
+            "properties": _json,
+        }
+    ),
+    max_leaves=6,
+)
+_FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _only_annotation_error(fn, data):
+    try:
+        items = fn(data)
+    except AnnotationError as err:
+        assert "\n" not in str(err)
+        return
+    AnnotationSet.from_items(items).mask((8, 8), downsample=1.0)
+
+
+@_FUZZ
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_fuzz_raw_bytes(data):
+    _only_annotation_error(parse_asap_xml, data)
+    _only_annotation_error(parse_geojson, data)
+
+
+@_FUZZ
+@given(_json | _geo)
+def test_fuzz_geojson_structures(obj):
+    _only_annotation_error(parse_geojson, obj)
+    _only_annotation_error(parse_geojson, json.dumps(obj))
+
+
+@_FUZZ
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["Polygon", "Spline", "Dot", "Rectangle", ""]),
+            st.text(max_size=5),
+            st.lists(st.tuples(st.text(max_size=6), st.text(max_size=6), st.text(max_size=4)), max_size=5),
+        ),
+        max_size=4,
+    )
+)
+def test_fuzz_asap_structures(anns):
+    parts = []
+    for kind, group, coords in anns:
+        c = "".join(f"<Coordinate Order={_attr(o)} X={_attr(x)} Y={_attr(y)}/>" for x, y, o in coords)
+        head = f"<Annotation Type={_attr(kind)} PartOfGroup={_attr(group)}>"
+        parts.append(f"{head}<Coordinates>{c}</Coordinates></Annotation>")
+    body = "".join(parts)
+    _only_annotation_error(
+        parse_asap_xml, f"<ASAP_Annotations><Annotations>{body}</Annotations></ASAP_Annotations>"
+    )
+
+
+def _attr(s: str) -> str:
+    return '"' + s.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;") + '"'

@@ -1,0 +1,124 @@
+"""`wsi-vssm info`: the fields it reports, the mpp hint, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import REPO, shared_file
+
+from wsi_vssm.cli import main
+
+SAMPLE = REPO / "sample_data" / "cmu-1-small-region.svs"
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as stop:
+        main(["info", *args])
+    out, err = capsys.readouterr()
+    return stop.value.code, out, err
+
+
+def test_json_on_the_sample_slide(capsys):
+    code, out, err = run_cli(capsys, str(SAMPLE), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["name"] == "cmu-1-small-region"
+    assert (info["vendor"], info["backend"]) == ("aperio", "openslide")
+    assert info["dimensions"] == [2220, 2967]
+    assert info["level_count"] == len(info["levels"]) == 1
+    assert info["levels"][0] == {"level": 0, "width": 2220, "height": 2967, "downsample": 1.0, "mpp": 0.499}
+    assert info["mpp"] == pytest.approx(0.499, abs=1e-3)
+    assert info["mpp_source"] == "openslide-properties"
+    assert info["associated_images"] == ["label", "macro", "thumbnail"]
+    assert 0.05 < info["tissue_fraction"] < 0.95  # a crop of real H&E: part tissue, part glass
+    assert info["warnings"] == []
+
+
+def test_tifffile_backend_reports_the_same_resolution(capsys):
+    code, out, _ = run_cli(capsys, str(SAMPLE), "--json", "--backend", "tifffile")
+    info = json.loads(out)
+    assert code == 0 and info["backend"] == "tifffile"
+    assert info["mpp"] == pytest.approx(0.499, abs=1e-3)
+
+
+def test_text_output_names_mpp_and_its_source(capsys):
+    code, out, _ = run_cli(capsys, str(SAMPLE))
+    assert code == 0
+    assert "0.499 um/px" in out and "OpenSlide" in out
+    assert "label, macro, thumbnail" in out
+
+
+def test_missing_mpp_gets_a_hint_and_mpp_fixes_it(capsys):
+    path = shared_file("slides", "tcga-cr-7395-01a-01-ts1.svs")
+    code, out, _ = run_cli(capsys, str(path))
+    assert code == 0
+    assert "unknown" in out and "--mpp" in out
+    code, out, _ = run_cli(capsys, str(path), "--json")
+    info = json.loads(out)
+    assert info["mpp"] is None and info["mpp_source"] == "none" and "--mpp" in info["mpp_hint"]
+    code, out, _ = run_cli(capsys, str(path), "--json", "--mpp", "0.5")
+    info = json.loads(out)
+    assert (info["mpp"], info["mpp_source"], info["mpp_hint"]) == (0.5, "user", None)
+    assert info["levels"][1]["mpp"] == pytest.approx(0.5 * info["levels"][1]["downsample"])
+
+
+def test_blank_slide_reports_no_tissue_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "blank.tif"
+    tifffile.imwrite(path, np.full((256, 256, 3), 245, np.uint8), tile=(64, 64), photometric="rgb")
+    code, out, err = run_cli(capsys, str(path), "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["tissue_fraction"] == 0
+    assert any("no tissue" in w for w in info["warnings"])
+    assert "warning" in err and "no tissue" in err
+
+
+def test_overriding_a_stated_mpp_warns(capsys):
+    code, out, err = run_cli(capsys, str(SAMPLE), "--json", "--mpp", "0.25")
+    assert code == 0 and json.loads(out)["mpp"] == 0.25
+    assert "0.499" in err and "0.25" in err
+
+
+BAD = [
+    ("broken.svs", "not a slide"),
+    ("unopenable.tiff", "52479"),
+    ("unreadable.svs", "reading region"),
+]
+
+
+@pytest.mark.parametrize("name, says", BAD)
+def test_bad_files_exit_non_zero_with_one_line(capsys, name, says):
+    path = shared_file("slides", name)
+    code, out, err = run_cli(capsys, str(path))
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsi-vssm: error:")
+    assert str(path) in lines[0] and says in lines[0]
+
+
+def test_missing_file_and_plain_directory_exit_non_zero(tmp_path, capsys):
+    for path in (tmp_path / "absent.svs", tmp_path):
+        code, _, err = run_cli(capsys, str(path))
+        assert code == 1 and len(err.strip().splitlines()) == 1 and str(path) in err
+
+
+def test_unknown_backend_is_a_usage_error(capsys):
+    code, _, err = run_cli(capsys, str(SAMPLE), "--backend", "bioformats")
+    assert code == 2 and "bioformats" in err
+
+
+def test_error_from_a_fresh_process_has_no_traceback(tmp_path):
+    path = tmp_path / "notes.svs"
+    path.write_text("not a slide\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsi_vssm", "info", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wsi-vssm: error: {path}: ")

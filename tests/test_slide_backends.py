@@ -1,0 +1,394 @@
+"""Slide backends: pixels, padding, bounds, resolution-aware reads, metadata, cross-backend agreement.
+
+Synthetic slides are written in tmp_path; the real files under ../shared/data skip cleanly when absent.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from conftest import shared_file
+
+from wsi_vssm.errors import UsageError
+from wsi_vssm.io import ArraySlide, OutOfBounds, open_slide
+
+MPP = 0.5
+H, W = 256, 384  # level 0 of the synthetic pyramid; levels 1 and 2 halve it exactly
+
+
+def pattern(h: int = H, w: int = W) -> np.ndarray:
+    """Content where every pixel differs from its neighbours, so an off-by-one read shows."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([(xx * 3) % 256, (yy * 5) % 256, ((xx + yy) * 7) % 256], -1).astype(np.uint8)
+
+
+def pyramid_levels(img: np.ndarray, n: int = 3) -> list[np.ndarray]:
+    return [np.ascontiguousarray(img[:: 2**i, :: 2**i]) for i in range(n)]
+
+
+def write_tiff(path, levels, mpp=MPP, unit="CENTIMETER", compression="zlib", tile=64):
+    """A tiled pyramidal TIFF, each level a top-level page (reduced ones with subfiletype=1)."""
+    with tifffile.TiffWriter(path) as tw:
+        for i, img in enumerate(levels):
+            kw = {}
+            if mpp is not None:
+                per_unit = (1e4 if unit == "CENTIMETER" else 25400.0) / (mpp * 2**i)
+                kw = {"resolution": (per_unit, per_unit), "resolutionunit": unit}
+            tw.write(
+                img,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression=compression,
+                subfiletype=1 if i else 0,
+                metadata=None,
+                **kw,
+            )
+    return path
+
+
+def write_ome_zarr(path, levels, fmt=2, scale=MPP, unit="micrometer"):
+    """An OME-NGFF image (0.4 on zarr v2, 0.5 on zarr v3), axes c, y, x."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=fmt)
+    axes = [{"name": "c", "type": "channel"}]
+    axes += [dict({"name": n, "type": "space"}, **({"unit": unit} if unit else {})) for n in "yx"]
+    datasets = []
+    for i, img in enumerate(levels):
+        chw = np.moveaxis(img, -1, 0)
+        group.create_array(str(i), shape=chw.shape, chunks=(3, 32, 32), dtype="uint8")[:] = chw
+        s = scale * 2**i
+        datasets.append(
+            {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1, s, s]}]}
+        )
+    multiscales = [{"version": "0.4" if fmt == 2 else "0.5", "axes": axes, "datasets": datasets}]
+    if fmt == 2:
+        group.attrs["multiscales"] = multiscales
+    else:
+        group.attrs["ome"] = {"version": "0.5", "multiscales": multiscales}
+    return path
+
+
+@pytest.fixture(scope="module")
+def levels():
+    return pyramid_levels(pattern())
+
+
+@pytest.fixture(scope="module")
+def tiff_path(tmp_path_factory, levels):
+    return write_tiff(tmp_path_factory.mktemp("tiff") / "pyramid.tif", levels)
+
+
+FILE_KINDS = ["openslide", "tifffile", "zarr-v2", "zarr-v3"]
+
+
+def _make_slide(kind, tmp_path, levels, tiff_path):
+    if kind == "array":
+        return ArraySlide(levels=levels, mpp=MPP)
+    if kind.startswith("zarr"):
+        path = write_ome_zarr(tmp_path / "img.zarr", levels, fmt=int(kind[-1]))
+        return open_slide(path, backend="zarr")
+    return open_slide(tiff_path, backend=kind)
+
+
+@pytest.fixture(params=["array", *FILE_KINDS])
+def slide(request, tmp_path, levels, tiff_path):
+    reader = _make_slide(request.param, tmp_path, levels, tiff_path)
+    yield reader
+    reader.close()
+
+
+@pytest.fixture(params=FILE_KINDS)
+def file_slide(request, tmp_path, levels, tiff_path):
+    reader = _make_slide(request.param, tmp_path, levels, tiff_path)
+    yield reader
+    reader.close()
+
+
+def test_each_backend_reads_the_right_pixels_at_every_level(slide, levels):
+    assert slide.level_dimensions == tuple((a.shape[1], a.shape[0]) for a in levels)
+    assert slide.level_downsamples == pytest.approx((1.0, 2.0, 4.0))
+    assert slide.mpp == pytest.approx(MPP)
+    for lvl, arr in enumerate(levels):
+        ds = 2**lvl
+        got = slide.read_region((40 * ds, 24 * ds), lvl, (50, 30))
+        assert got.shape == (30, 50, 3) and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, arr[24:54, 40:90])
+
+
+def test_mpp_source_names_where_the_resolution_came_from(tiff_path, tmp_path, levels):
+    assert open_slide(tiff_path, backend="openslide").mpp_source == "openslide-properties"
+    assert open_slide(tiff_path, backend="tifffile").mpp_source == "tiff-resolution"
+    zarr_path = write_ome_zarr(tmp_path / "z.zarr", levels)
+    assert open_slide(zarr_path).mpp_source == "ome-metadata"
+
+
+def test_padding_beyond_the_edge_is_white(slide, levels):
+    w0, h0 = slide.dimensions
+    got = slide.read_region((w0 - 10, h0 - 5), 0, (30, 20))
+    np.testing.assert_array_equal(got[:5, :10], levels[0][-5:, -10:])
+    assert (got[5:] == 255).all() and (got[:, 10:] == 255).all()
+    # top-left overhang at a coarser level: 4 level-1 columns and 3 rows lie outside
+    got = slide.read_region((-8, -6), 1, (12, 10))
+    np.testing.assert_array_equal(got[3:, 4:], levels[1][:7, :8])
+    assert (got[:3] == 255).all() and (got[:, :4] == 255).all()
+
+
+def test_reads_wholly_outside_or_at_missing_levels_raise(slide):
+    w0, h0 = slide.dimensions
+    with pytest.raises(OutOfBounds, match="wholly outside"):
+        slide.read_region((w0, 0), 0, (10, 10))
+    with pytest.raises(OutOfBounds):
+        slide.read_region((-100, -100), 0, (50, 50))
+    for level in (slide.level_count, -1):
+        with pytest.raises(OutOfBounds, match="level"):
+            slide.read_region((0, 0), level, (10, 10))
+
+
+@pytest.mark.parametrize(
+    "target_mpp, expect_level",
+    [(0.3, 0), (MPP, 0), (0.7, 0), (1.0, 1), (1.6, 1), (2.0, 2), (3.0, 2)],
+)
+def test_read_at_mpp_has_the_right_size_and_uses_the_nearest_finer_level(slide, target_mpp, expect_level):
+    used = []
+    inner = slide._read_level
+
+    def spy(level, *box):
+        used.append(level)
+        return inner(level, *box)
+
+    slide._read_level = spy
+    out = slide.read(32, 16, 200, 120, target_mpp)
+    assert out.shape == (round(120 * MPP / target_mpp), round(200 * MPP / target_mpp), 3)
+    assert used == [expect_level]
+
+
+def test_read_at_a_level_resolution_returns_that_levels_pixels(slide, levels):
+    np.testing.assert_array_equal(slide.read(64, 32, 256, 128, 2 * MPP), levels[1][16:80, 32:160])
+
+
+def test_readers_pickle_as_paths_and_reopen(file_slide, levels):
+    file_slide.read_region((0, 0), 0, (8, 8))  # make sure a live handle exists before pickling
+    blob = pickle.dumps(file_slide)
+    assert len(blob) < 20_000  # metadata only, no handle and no pixels
+    clone = pickle.loads(blob)
+    np.testing.assert_array_equal(clone.read_region((100, 50), 1, (20, 10)), levels[1][25:35, 50:70])
+    clone.close()
+
+
+def test_auto_prefers_openslide_and_falls_back_to_tifffile(tiff_path, monkeypatch):
+    assert open_slide(tiff_path).backend == "openslide"
+    monkeypatch.setitem(sys.modules, "openslide", None)  # as if openslide-python were not installed
+    assert open_slide(tiff_path).backend == "tifffile"
+
+
+def test_unknown_backend_lists_the_valid_names(tiff_path):
+    with pytest.raises(UsageError, match="auto, openslide, tifffile, zarr"):
+        open_slide(tiff_path, backend="bioformats")
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_jpeg_tiles_agree_between_backends(tmp_path, backend):
+    yy, xx = np.mgrid[0:H, 0:W]
+    smooth = np.stack([xx * 255 // W, yy * 255 // H, (xx + yy) * 255 // (W + H)], -1).astype(np.uint8)
+    path = write_tiff(tmp_path / "jpeg.tif", pyramid_levels(smooth), compression="jpeg")
+    with open_slide(path, backend=backend) as s:
+        got = s.read_region((0, 0), 0, (W, H)).astype(int)
+    assert np.abs(got - smooth).mean() < 2.0  # JPEG is lossy, but on a smooth ramp only slightly
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+@pytest.mark.parametrize("res, unit", [(72.0, "INCH"), (2.0, "NONE")])
+def test_meaningless_resolution_tags_count_as_absent(tmp_path, levels, backend, res, unit):
+    path = tmp_path / "dpi.tif"
+    tifffile.imwrite(
+        path,
+        levels[0],
+        tile=(64, 64),
+        photometric="rgb",
+        resolution=(res, res),
+        resolutionunit=unit,
+        metadata=None,
+    )
+    with open_slide(path, backend=backend) as s:
+        assert s.mpp is None and s.mpp_source == "none"
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_objective_power_gives_an_estimate_with_a_warning(tmp_path, levels, backend):
+    desc = "Aperio Image Library v12.0.0\r\n384x256 (64x64) RGB|AppMag = 40|Filename = synth"
+    path = tmp_path / "synth.svs"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(
+            levels[0], tile=(64, 64), photometric="rgb", compression="jpeg", description=desc, metadata=None
+        )
+        tw.write(
+            levels[2], photometric="rgb", compression="jpeg", description="Aperio thumbnail", metadata=None
+        )
+    with pytest.warns(UserWarning, match="40x objective"):
+        s = open_slide(path, backend=backend)
+    assert s.vendor == "aperio" and "thumbnail" in s.associated_images
+    assert s.mpp == pytest.approx(0.25) and s.mpp_source == "objective-power"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stated mpp replaces an estimate silently
+        s = open_slide(path, backend=backend, mpp=0.26)
+    assert (s.mpp, s.mpp_source) == (0.26, "user")
+
+
+def test_user_mpp_overrides_a_stated_one_with_a_warning(tiff_path):
+    with pytest.warns(UserWarning, match="states 0.5 um/px"):
+        s = open_slide(tiff_path, mpp=0.25)
+    assert (s.mpp, s.mpp_source) == (0.25, "user")
+    assert s.read(0, 0, 100, 100, 0.5).shape == (50, 50, 3)  # the override drives resolution-aware reads
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "x"])
+def test_bad_user_mpp_is_a_usage_error(tiff_path, bad):
+    with pytest.raises(UsageError, match="mpp"):
+        open_slide(tiff_path, mpp=bad)
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_transparent_pixels_become_white(tmp_path, levels, backend):
+    alpha = np.full((H, W, 1), 255, np.uint8)
+    alpha[:, :100], alpha[:, 100:200] = 0, 128
+    path = tmp_path / "rgba.tif"
+    rgba = np.concatenate([levels[0], alpha], -1)
+    tifffile.imwrite(
+        path,
+        rgba,
+        tile=(64, 64),
+        photometric="rgb",
+        extrasamples=["unassalpha"],
+        compression="zlib",
+        metadata=None,
+    )
+    with open_slide(path, backend=backend) as s:
+        got = s.read_region((0, 0), 0, (W, H)).astype(int)
+    a = alpha.astype(int)
+    expect = (levels[0].astype(int) * a + 255 * (255 - a) + 127) // 255
+    assert (got[:, :100] == 255).all()
+    assert np.abs(got - expect).max() <= 1  # half-transparent pixels blend with white
+
+
+def test_ome_tiff_reads_its_pyramid_and_physical_size(tmp_path, levels):
+    path = tmp_path / "img.ome.tif"
+    meta = {"axes": "YXS", "PhysicalSizeX": 250, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 250}
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        kw = {"tile": (64, 64), "photometric": "rgb", "compression": "zlib"}
+        tw.write(levels[0], subifds=2, metadata=meta, **kw)
+        for lv in levels[1:]:
+            tw.write(lv, subfiletype=1, **kw)
+    with open_slide(path) as s:  # auto: OpenSlide would miss the SubIFD pyramid, so tifffile
+        assert (s.backend, s.vendor, s.name) == ("tifffile", "ome-tiff", "img")
+        assert s.level_count == 3
+        assert (s.mpp, s.mpp_source) == (pytest.approx(0.25), "ome-metadata")
+        np.testing.assert_array_equal(s.read_region((8, 8), 2, (10, 10)), levels[2][2:12, 2:12])
+
+
+@pytest.mark.parametrize("scale, unit, expect", [(500.0, "nanometer", MPP), (MPP, None, None)])
+def test_ome_zarr_resolution_needs_a_length_unit(tmp_path, levels, scale, unit, expect):
+    path = write_ome_zarr(tmp_path / "plain_dir_name", levels, fmt=3, scale=scale, unit=unit)
+    with open_slide(path) as s:  # chosen by content: no .zarr suffix needed
+        assert s.backend == "zarr"
+        assert s.mpp == (None if expect is None else pytest.approx(expect))
+
+
+# ---- the real files ------------------------------------------------------------------------------------
+
+
+def _pair(*parts):
+    path = shared_file(*parts)
+    return open_slide(path, backend="openslide"), open_slide(path, backend="tifffile")
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def _region_diff(a, b, loc, size, level=0) -> int:
+    """The largest difference between two readers' pixels for one region."""
+    return _max_diff(a.read_region(loc, level, size), b.read_region(loc, level, size))
+
+
+BOXES = [((0, 0), (512, 512)), ((230, 470), (300, 260)), ((1917, 2700), (400, 400))]  # last one overhangs
+
+
+def test_svs_openslide_and_tifffile_agree():
+    a, b = _pair("slides", "cmu-1-small-region.svs")
+    assert a.level_dimensions == b.level_dimensions == ((2220, 2967),)
+    assert a.mpp == pytest.approx(0.499) and b.mpp == pytest.approx(a.mpp)
+    assert a.vendor == b.vendor == "aperio"
+    assert a.associated_images == b.associated_images == ("label", "macro", "thumbnail")
+    for loc, size in BOXES:
+        assert _region_diff(a, b, loc, size) <= 3
+
+
+def test_generic_tiff_openslide_and_tifffile_agree_at_every_level():
+    a, b = _pair("slides", "cmu-1-small-region_generic-pyramidal.tif")
+    assert a.level_dimensions == b.level_dimensions and a.level_count > 1
+    assert b.level_downsamples == pytest.approx(a.level_downsamples, rel=1e-9)
+    assert a.mpp == pytest.approx(0.499) and b.mpp == pytest.approx(a.mpp)
+    for level, dims in enumerate(a.level_dimensions):
+        assert _max_diff(a.read_region((0, 0), level, dims), b.read_region((0, 0), level, dims)) <= 3
+    for loc, size in BOXES:
+        assert _region_diff(a, b, loc, size) <= 3
+    # Off the origin at a non-integer downsample OpenSlide resamples a sub-pixel remainder, so the levels
+    # agree closely but not exactly; far better, though, than a read one pixel off.
+    for level, (x, y) in [(1, (1001, 601)), (2, (1001, 601)), (3, (800, 1200))]:
+        ours = a.read_region((x, y), level, (100, 100)).astype(int)
+        aligned = np.abs(ours - b.read_region((x, y), level, (100, 100))).mean()
+        step = round(a.level_downsamples[level])
+        shifted = np.abs(ours - b.read_region((x + step, y), level, (100, 100))).mean()
+        assert aligned < 4.0 and aligned < 0.25 * shifted
+
+
+def test_generic_tiff_matches_the_svs_it_was_made_from():
+    svs = open_slide(shared_file("slides", "cmu-1-small-region.svs"), backend="tifffile")
+    tif = open_slide(shared_file("slides", "cmu-1-small-region_generic-pyramidal.tif"), backend="tifffile")
+    box = ((500, 700), 0, (512, 512))
+    diff = np.abs(svs.read_region(*box).astype(int) - tif.read_region(*box))
+    assert diff.mean() < 4.0  # a JPEG re-encode of the same pixels
+
+
+@pytest.mark.parametrize("name", ["fluorescence-dapi.ndpi", "fluorescence-tritc.ndpi"])
+def test_ndpi_opens_with_both_backends(name):
+    a, b = _pair("slides", name)
+    assert a.vendor == b.vendor == "hamamatsu"
+    assert a.dimensions == b.dimensions
+    assert a.mpp == pytest.approx(b.mpp) and 0.1 < a.mpp < 0.5
+    # Level counts differ (OpenSlide adds its own levels); every level tifffile sees, OpenSlide sees too.
+    assert set(b.level_dimensions) <= set(a.level_dimensions)
+    assert _region_diff(a, b, (1000, 2000), (300, 200)) <= 3
+    for reader in (a, b):
+        assert reader.thumbnail(256).shape[:2] == (256, 209)
+
+
+def test_dicom_opens_through_openslide():
+    with open_slide(shared_file("slides", "boxes_0.dcm")) as s:
+        assert (s.backend, s.vendor, s.dimensions) == ("openslide", "dicom", (16, 16))
+        assert s.mpp == pytest.approx(0.499)
+        assert s.read_region((0, 0), 0, (16, 16)).shape == (16, 16, 3)
+
+
+def test_jpeg2000_svs_without_mpp_and_the_user_fix():
+    a, b = _pair("slides", "tcga-cr-7395-01a-01-ts1.svs")
+    assert a.mpp is None and b.mpp is None
+    assert a.level_dimensions == b.level_dimensions
+    assert _region_diff(a, b, (2000, 1500), (300, 300)) <= 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing stated, so nothing to warn about
+        s = open_slide(shared_file("slides", "tcga-cr-7395-01a-01-ts1.svs"), mpp=0.5)
+    assert (s.mpp, s.mpp_source) == (0.5, "user")
+    assert s.read(0, 0, 1000, 800, 1.0).shape == (400, 500, 3)
+
+
+def test_plain_tiff_that_openslide_rejects_opens_with_tifffile():
+    with open_slide(shared_file("slides", "kidney-48-5.tif")) as s:
+        assert (s.backend, s.dimensions, s.mpp) == ("tifffile", (1493, 901), None)
+        assert s.thumbnail(300).shape == (181, 300, 3)

@@ -1,0 +1,199 @@
+"""Synthetic cohort: file layout, OpenSlide compatibility, determinism, lesion geometry and look, errors."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from wsi_vssm.cli import main
+from wsi_vssm.synth import SynthError, make_cohort, write_slide
+from wsi_vssm.synth.cohort import cohort_plan, slide_seed
+from wsi_vssm.synth.layout import make_layout
+from wsi_vssm.synth.tissue import tissue_field
+from wsi_vssm.synth.writer import level_sizes
+
+openslide = pytest.importorskip("openslide")
+
+SIZE, MPP, SEED = 2048, 0.5, 5
+
+
+def run_cli(*args) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(["synth", *map(str, args)])
+    return exc.value.code
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort")
+    assert run_cli(out, "--slides", 3, "--seed", SEED, "--size", SIZE, "--mpp", MPP, "--workers", 2) == 0
+    return out
+
+
+def read_polygons(xml_path) -> list[np.ndarray]:
+    root = ET.parse(xml_path).getroot()
+    return [
+        np.array([[float(c.get("X")), float(c.get("Y"))] for c in ann.iter("Coordinate")])
+        for ann in root.iter("Annotation")
+    ]
+
+
+def lesion_mask(polygons, size: int) -> np.ndarray:
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    for p in polygons:
+        draw.polygon([tuple(v) for v in p], fill=1)
+    return np.asarray(img, bool)
+
+
+def test_cohort_files_and_reference_csv(cohort):
+    names = sorted(p.name for p in cohort.iterdir())
+    assert names == ["annotations", "normal_001.tif", "normal_002.tif", "reference.csv", "tumor_001.tif"]
+    assert (
+        cohort / "reference.csv"
+    ).read_text() == "slide,label\nnormal_001,normal\nnormal_002,normal\ntumor_001,tumor\n"
+    assert sorted(p.name for p in (cohort / "annotations").iterdir()) == ["tumor_001.xml"]
+
+
+@pytest.mark.parametrize("n, n_tumor", [(1, 0), (2, 1), (3, 1), (4, 2), (7, 3)])
+def test_half_tumour_rounded_down(n, n_tumor):
+    plan = cohort_plan(n)
+    assert len(plan) == n and sum(label == "tumor" for _, label in plan) == n_tumor
+    assert len({name for name, _ in plan}) == n
+
+
+def test_openslide_reads_levels_and_mpp(cohort):
+    import tifffile
+
+    expected = level_sizes(SIZE, SIZE)
+    assert len(expected) >= 2 and max(expected[-1]) <= 1000
+    for path in sorted(cohort.glob("*.tif")):
+        assert openslide.OpenSlide.detect_format(str(path)) == "generic-tiff"
+        with openslide.OpenSlide(str(path)) as s:
+            assert s.level_dimensions == tuple(expected)
+            assert float(s.properties["openslide.mpp-x"]) == pytest.approx(MPP)
+            assert float(s.properties["openslide.mpp-y"]) == pytest.approx(MPP)
+            via_openslide = np.asarray(s.read_region((256, 512), 0, (256, 256)).convert("RGB"))
+        with tifffile.TiffFile(path) as tf:
+            assert len(tf.pages) == len(expected) and not tf.pages[0].subifds
+            for level, page in enumerate(tf.pages):
+                assert page.tile == (256, 256) and page.compression == tifffile.COMPRESSION.JPEG
+                assert page.photometric == tifffile.PHOTOMETRIC.YCBCR
+                assert int(page.subfiletype) == (1 if level else 0)
+                assert page.resolutionunit == tifffile.RESUNIT.CENTIMETER
+                assert page.resolution[0] == pytest.approx(1e4 / (MPP * SIZE / page.shape[1]))
+            via_tifffile = tf.pages[0].asarray()[512:768, 256:512]
+        # OpenSlide's decoder and libjpeg via tifffile may round differently by a grey level or two
+        assert np.abs(via_openslide.astype(int) - via_tifffile).mean() < 2
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a, b, c = tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "c.tif"
+    write_slide(a, 1536, MPP, 42, True, workers=1)
+    write_slide(b, 1536, MPP, 42, True, workers=3)  # thread count and tile order must not matter
+    write_slide(c, 1536, MPP, 43, True, workers=2)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temporaries cleaned up
+
+
+def test_cohort_seeds_differ_between_slides():
+    seeds = {slide_seed(1, label, i) for label in ("normal", "tumor") for i in range(1, 6)}
+    assert len(seeds) == 10
+
+
+def test_asap_xml_structure(cohort):
+    root = ET.parse(cohort / "annotations" / "tumor_001.xml").getroot()
+    assert root.tag == "ASAP_Annotations"
+    anns = root.findall("./Annotations/Annotation")
+    assert 1 <= len(anns) <= 3
+    for i, ann in enumerate(anns):
+        assert ann.attrib == {
+            "Name": f"Annotation {i}",
+            "Type": "Polygon",
+            "PartOfGroup": "_0",
+            "Color": "#F4FA58",
+        }
+        coords = ann.findall("./Coordinates/Coordinate")
+        assert len(coords) >= 16
+        assert [int(c.get("Order")) for c in coords] == list(range(len(coords)))
+    group = root.find("./AnnotationGroups/Group")
+    assert group.attrib == {"Name": "_0", "PartOfGroup": "None", "Color": "#FF0000"}
+    assert group.find("Attributes") is not None
+
+
+def test_lesions_inside_image_and_tissue(cohort):
+    polygons = read_polygons(cohort / "annotations" / "tumor_001.xml")
+    layout = make_layout(SIZE, MPP, slide_seed(SEED, "tumor", 1), True)
+    for poly, expected in zip(polygons, layout.lesion_polygons(), strict=True):
+        np.testing.assert_allclose(poly, expected, atol=0.01)
+        assert (poly >= 0).all() and (poly < SIZE).all()
+        assert (tissue_field(layout, poly[:, 0], poly[:, 1]) > 0).all()
+    # and in the pixels: no background inside lesions
+    with openslide.OpenSlide(str(cohort / "tumor_001.tif")) as s:
+        rgb = np.asarray(s.read_region((0, 0), 0, (SIZE, SIZE)).convert("RGB"))
+    inside = rgb[lesion_mask(polygons, SIZE)]
+    assert inside.size and (inside.min(axis=1) > 215).mean() < 0.02
+
+
+def test_layouts_put_lesions_in_tissue_for_many_seeds():
+    for seed in range(12):
+        layout = make_layout(4096, MPP, seed, True)
+        assert 1 <= len(layout.lesions) <= 3
+        for poly in layout.lesion_polygons():
+            assert (tissue_field(layout, poly[:, 0], poly[:, 1]) > 0).all()
+
+
+def _dark_fraction(rgb: np.ndarray) -> float:
+    """Share of haematoxylin-like pixels (dark, blue above red): nuclei."""
+    r, g, b = (rgb[:, c].astype(int) for c in range(3))
+    return float(((r + g + b < 360) & (b > r)).mean())
+
+
+def test_tumour_is_darker_and_denser_than_normal_tissue(cohort):
+    polygons = read_polygons(cohort / "annotations" / "tumor_001.xml")
+    with openslide.OpenSlide(str(cohort / "tumor_001.tif")) as s:
+        tumour = np.asarray(s.read_region((0, 0), 0, (SIZE, SIZE)).convert("RGB"))[lesion_mask(polygons, SIZE)]
+    normal_pixels = []
+    for name in ("normal_001", "normal_002"):
+        with openslide.OpenSlide(str(cohort / f"{name}.tif")) as s:
+            rgb = np.asarray(s.read_region((0, 0), 0, (SIZE, SIZE)).convert("RGB")).reshape(-1, 3)
+        normal_pixels.append(rgb[rgb.min(1) < 200])  # tissue (stroma, fat rims, nuclei), not background
+    normal = np.concatenate(normal_pixels)
+    assert tumour.mean() < normal.mean() - 25
+    assert _dark_fraction(tumour) > 2 * _dark_fraction(normal)
+
+
+def test_library_api_returns_polygons(tmp_path):
+    records = make_cohort(tmp_path / "c", 1, seed=3, size=1024, workers=1)
+    assert [(r.name, r.label, r.lesions) for r in records] == [("normal_001", "normal", [])]
+    assert (tmp_path / "c" / "reference.csv").read_text() == "slide,label\nnormal_001,normal\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--slides", 0], "number of slides must be at least 1"),
+        (["--slides", 2, "--size", 100], "slide size must be"),
+        (["--slides", 2, "--mpp", -1], "mpp must be"),
+        (["--slides", 2, "--workers", 0], "--workers must be at least 1"),
+    ],
+)
+def test_bad_arguments_one_line_error(tmp_path, capsys, args, message):
+    assert run_cli(tmp_path / "out", *args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wsi-vssm: error:") and message in err and "\n" not in err
+
+
+def test_unwritable_output_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):  # root ignores permission bits, so block with a file instead
+        assert run_cli(out, "--slides", 1, "--size", 1024) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("wsi-vssm: error:") and str(blocker) in err and "\n" not in err
+    with pytest.raises(SynthError):
+        make_cohort(blocker, 1, size=1024)

@@ -1,0 +1,111 @@
+"""`wsi-vssm info SLIDE`: what a slide file holds (levels, resolution and its source, associated images,
+tissue fraction). Associated images are listed by name only; their pixels (labels, macros with patient
+identifiers) are never read or written."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import click
+
+from wsi_vssm.commands.options import mpp_option
+
+THUMBNAIL_SIDE = 1024  # tissue is measured on a thumbnail of at most this many pixels a side
+
+MPP_SOURCE_TEXT = {
+    "openslide-properties": "from the file, via OpenSlide",
+    "tiff-resolution": "from the TIFF resolution tags",
+    "ome-metadata": "from the OME metadata",
+    "vendor-metadata": "from the scanner's metadata",
+    "objective-power": "ESTIMATED from the objective power (10 / power); check it, or set it with --mpp",
+    "user": "given with --mpp",
+}
+NO_MPP_HINT = (
+    "the file states no resolution; pass --mpp X (microns per pixel at level 0) to commands that read it"
+)
+
+
+@click.command("info")
+@click.argument("slide", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "openslide", "tifffile", "zarr"]),
+    default="auto",
+    show_default=True,
+    help="Slide reader; auto chooses by the file's content.",
+)
+@mpp_option
+def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
+    """Show a slide's levels, resolution, associated images and tissue fraction."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = slide_info(slide, backend=backend, mpp=mpp)
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    report["warnings"] = notes
+    for note in notes:
+        click.echo(f"wsi-vssm: warning: {' '.join(note.split())}", err=True)
+    click.echo(json.dumps(report, indent=2) if as_json else format_info(report))
+
+
+def slide_info(path: str, backend: str = "auto", mpp: float | None = None) -> dict:
+    """The facts `info` prints, as a JSON-ready dict."""
+    from wsi_vssm.io import open_slide
+    from wsi_vssm.io.tissue import tissue_mask
+
+    with open_slide(path, backend=backend, mpp=mpp) as reader:
+        thumb = reader.thumbnail(THUMBNAIL_SIDE)
+        fraction = float(tissue_mask(thumb).mean()) if thumb.size else 0.0
+        if fraction == 0:
+            warnings.warn(f"{reader.path}: no tissue found on the thumbnail", stacklevel=2)
+        levels = [
+            {
+                "level": i,
+                "width": w,
+                "height": h,
+                "downsample": round(reader.level_downsamples[i], 6),
+                "mpp": None if reader.mpp is None else round(reader.mpp * reader.level_downsamples[i], 6),
+            }
+            for i, (w, h) in enumerate(reader.level_dimensions)
+        ]
+        return {
+            "path": str(reader.path),
+            "name": reader.name,
+            "vendor": reader.vendor,
+            "backend": reader.backend,
+            "dimensions": list(reader.dimensions),
+            "level_count": reader.level_count,
+            "levels": levels,
+            "mpp": reader.mpp,
+            "mpp_source": reader.mpp_source,
+            "mpp_hint": NO_MPP_HINT if reader.mpp is None else None,
+            "associated_images": sorted(reader.associated_images),
+            "tissue_fraction": round(fraction, 4),
+            "thumbnail_side": max(thumb.shape[:2]),
+        }
+
+
+def format_info(r: dict) -> str:
+    if r["mpp"] is None:
+        mpp = f"unknown: {NO_MPP_HINT}"
+    else:
+        mpp = f"{r['mpp']:.4g} um/px ({MPP_SOURCE_TEXT.get(r['mpp_source'], r['mpp_source'])})"
+    lines = [
+        f"slide:       {r['path']}",
+        f"vendor:      {r['vendor'] or 'unknown'}",
+        f"backend:     {r['backend']}",
+        f"dimensions:  {r['dimensions'][0]} x {r['dimensions'][1]} px",
+        f"mpp:         {mpp}",
+        f"levels:      {r['level_count']}",
+    ]
+    for lv in r["levels"]:
+        level_mpp = "" if lv["mpp"] is None else f"  {lv['mpp']:.4g} um/px"
+        lines.append(
+            f"  {lv['level']}: {lv['width']} x {lv['height']}  downsample {lv['downsample']:.4g}{level_mpp}"
+        )
+    lines.append(f"associated:  {', '.join(r['associated_images']) or 'none'} (names only)")
+    lines.append(
+        f"tissue:      {r['tissue_fraction']:.1%} of the slide (thumbnail, {r['thumbnail_side']} px)"
+    )
+    return "\n".join(lines)

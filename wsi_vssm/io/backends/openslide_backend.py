@@ -1,0 +1,116 @@
+"""The OpenSlide backend: SVS, NDPI, generic tiled TIFF, DICOM WSI, MIRAX, SCN and the rest OpenSlide reads.
+
+The handle is opened lazily and per process: a pickled reader carries its path and metadata, never the handle,
+so readers can be sent to worker processes and reopened there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.io.base import SlideReader, _one_line, to_rgb
+from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
+from wsi_vssm.io.slide import missing_backend, mpp_from_objective, plausible_mpp
+
+
+def _import_openslide(path):
+    try:
+        import openslide
+    except (ImportError, OSError) as err:  # openslide-python missing, or its native library (openslide-bin)
+        raise missing_backend(path, "openslide", _one_line(err)) from err
+    return openslide
+
+
+class OpenSlideSlide(SlideReader):
+    backend = "openslide"
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        openslide = _import_openslide(path)
+        handle = self._open(path)
+        try:
+            props = dict(handle.properties)
+            level_dimensions = handle.level_dimensions
+            level_downsamples = handle.level_downsamples
+            associated = sorted(handle.associated_images.keys())  # names only; pixels are never read
+        except (openslide.OpenSlideError, OSError, ValueError) as err:  # a broken file shows up lazily
+            handle.close()
+            raise CorruptSlide(path, f"OpenSlide cannot read its metadata: {_one_line(err)}") from err
+        mpp, source = _mpp(props)
+        self.objective_power = _objective_power(props)
+        if mpp is None and self.objective_power is not None:
+            mpp, source = mpp_from_objective(self.objective_power), "objective-power"
+        super().__init__(
+            path,
+            level_dimensions,
+            level_downsamples,
+            mpp=mpp,
+            mpp_source=source,
+            vendor=props.get("openslide.vendor"),
+            associated_images=associated,
+            properties=props,
+        )
+        self._handle, self._pid = handle, os.getpid()
+
+    @staticmethod
+    def _open(path: Path):
+        openslide = _import_openslide(path)
+        try:
+            return openslide.OpenSlide(os.fspath(path))
+        except openslide.OpenSlideUnsupportedFormatError as err:
+            raise UnsupportedFormat(path, "OpenSlide does not recognise this file as a slide") from err
+        except openslide.OpenSlideError as err:
+            raise CorruptSlide(path, f"OpenSlide cannot open it: {_one_line(err)}") from err
+        except OSError as err:
+            raise UnsupportedFormat(path, f"cannot open: {_one_line(err)}") from err
+
+    def _slide(self):
+        # After a fork or an unpickle the handle is not ours (or not there): open a fresh one.
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = self._open(self.path), os.getpid()
+        return self._handle
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        # OpenSlide takes level-0 coordinates and resamples any fractional remainder, so pick the level-0
+        # point nearest to this level's pixel (exact whenever the downsample is an integer).
+        location = (round(x * ds), round(y * ds))
+        region = self._slide().read_region(location, level, (w, h))
+        # openslide-python has already un-premultiplied the RGBA; compose it over white background.
+        return to_rgb(np.asarray(region))
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        return state
+
+
+def _mpp(props: dict[str, str]) -> tuple[float | None, str]:
+    mpp_x = plausible_mpp(props.get("openslide.mpp-x"))
+    mpp_y = plausible_mpp(props.get("openslide.mpp-y"))
+    if mpp_x is None:
+        return None, "none"
+    if mpp_y is not None and not math.isclose(mpp_x, mpp_y, rel_tol=0.02):
+        # Non-square pixels are rare; the x value is what OpenSlide-based tools use.
+        props["wsi_vssm.non-square-pixels"] = f"{mpp_x} x {mpp_y}"
+    return mpp_x, "openslide-properties"
+
+
+def _objective_power(props: dict[str, str]) -> float | None:
+    for key in ("openslide.objective-power", "aperio.AppMag"):
+        try:
+            power = float(props[key])
+        except (KeyError, ValueError):
+            continue
+        if power > 0:
+            return power
+    return None

@@ -1,0 +1,257 @@
+"""The tifffile backend: pyramidal TIFF, SVS, OME-TIFF, NDPI (where tifffile can), with no native library.
+
+Each level is a zarr array over `TiffFile.aszarr()`: a read decodes only the tiles (or NDPI strips) it
+touches, never a whole level. The file is opened lazily and per process; a pickled reader carries only its
+path and metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.io.base import SlideReader, _one_line
+from wsi_vssm.io.errors import CorruptSlide, SlideError, UnsupportedFormat
+from wsi_vssm.io.slide import (
+    channels_to_rgb,
+    is_tiff,
+    length_to_um,
+    missing_backend,
+    module_available,
+    mpp_from_objective,
+    mpp_from_tiff_resolution,
+    plausible_mpp,
+)
+
+_VENDORS = (  # tifffile's format flag -> the vendor name OpenSlide uses for the same files
+    ("is_svs", "aperio"),
+    ("is_ndpi", "hamamatsu"),
+    ("is_scn", "leica"),
+    ("is_philips", "philips"),
+    ("is_bif", "ventana"),
+    ("is_ome", "ome-tiff"),
+)
+_TAGS = ("ImageDescription", "Software", "Make", "Model", "DateTime")
+_TAGS += ("XResolution", "YResolution", "ResolutionUnit")
+
+
+def _import(path, name: str, install: str):
+    try:
+        return __import__(name)
+    except ImportError as err:
+        raise missing_backend(path, install, _one_line(err)) from err
+
+
+@dataclass
+class _TiffInfo:
+    level_dimensions: list[tuple[int, int]]
+    axes: list[str]
+    mpp: float | None = None
+    mpp_source: str = "none"
+    objective_power: float | None = None
+    vendor: str = "generic-tiff"
+    associated: list[str] = field(default_factory=list)
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+class TiffSlide(SlideReader):
+    backend = "tifffile"
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        _import(path, "zarr", "zarr")
+        tf = self._open(path)
+        try:
+            info = _describe(tf, path)
+        except SlideError:
+            tf.close()
+            raise
+        except Exception as err:  # malformed tags surface as many exception types
+            tf.close()
+            raise CorruptSlide(path, f"cannot parse its TIFF structure: {_one_line(err)}") from err
+        self.objective_power = info.objective_power
+        self._axes = info.axes
+        super().__init__(
+            path,
+            info.level_dimensions,
+            mpp=info.mpp,
+            mpp_source=info.mpp_source,
+            vendor=info.vendor,
+            associated_images=info.associated,
+            properties=info.properties,
+        )
+        self._tf, self._pid, self._arrays = tf, os.getpid(), {}
+
+    @staticmethod
+    def _open(path: Path):
+        tifffile = _import(path, "tifffile", "tifffile")
+        if path.is_dir() or not is_tiff(path):
+            raise UnsupportedFormat(path, "not a TIFF file")
+        try:
+            return tifffile.TiffFile(path)
+        except OSError as err:
+            raise UnsupportedFormat(path, f"cannot open: {_one_line(err)}") from err
+        except (tifffile.TiffFileError, ValueError, IndexError, KeyError, EOFError) as err:
+            raise CorruptSlide(path, f"broken TIFF structure: {_one_line(err)}") from err
+
+    def _array(self, level: int):
+        if self._tf is None or self._pid != os.getpid():  # unpickled, or forked: open our own handle
+            self._tf, self._pid, self._arrays = self._open(self.path), os.getpid(), {}
+        arr = self._arrays.get(level)
+        if arr is None:
+            import zarr
+
+            # Missing (sparse) tiles read as white background, as OpenSlide shows them.
+            store = self._tf.series[0].aszarr(level=level, fillvalue=255)
+            arr = self._arrays[level] = zarr.open_array(store, mode="r")
+        return arr
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        axes = self._axes[level]
+        arr = self._array(level)
+        index = []
+        for ax in axes:
+            if ax == "Y":
+                index.append(slice(y, y + h))
+            elif ax == "X":
+                index.append(slice(x, x + w))
+            elif ax in "SC":
+                index.append(slice(None))
+            else:  # time, focal plane...: the first one
+                index.append(0)
+        kept = [ax for ax in axes if ax in "YXSC"]
+        tile = np.asarray(arr[tuple(index)])
+        order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax in "SC"]
+        tile = tile.transpose(order)
+        return channels_to_rgb(tile, samples="S" in kept)
+
+    def close(self) -> None:
+        if self._tf is not None and self._pid == os.getpid():
+            self._tf.close()
+        self._tf, self._arrays = None, {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_tf"], state["_arrays"] = None, {}
+        return state
+
+    def __del__(self):
+        # A reader dropped without close() must not leak its file handle.
+        if getattr(self, "_tf", None) is not None:
+            self.close()
+
+
+def _describe(tf, path: Path) -> _TiffInfo:
+    if not tf.series:
+        raise UnsupportedFormat(path, "TIFF holds no image")
+    series = tf.series[0]
+    levels, axes = [], []
+    for level in series.levels:
+        ax = level.axes.upper()  # e.g. 'YXS' interleaved RGB, 'SYX' planar, 'CYX' OME channels
+        if "Y" not in ax or "X" not in ax:
+            raise UnsupportedFormat(path, f"TIFF image has no 2D plane (axes {level.axes})")
+        _check_compression(path, level.keyframe.compression)
+        levels.append((level.shape[ax.index("X")], level.shape[ax.index("Y")]))
+        axes.append(ax)
+    page = series.levels[0].keyframe
+    info = _TiffInfo(level_dimensions=levels, axes=axes)
+    info.vendor = next((name for flag, name in _VENDORS if getattr(tf, flag, False)), "generic-tiff")
+    info.associated = sorted((s.name or f"image-{i}").lower() for i, s in enumerate(tf.series) if i > 0)
+    info.properties = _properties(tf, page, series)
+    _resolve_mpp(tf, page, info)
+    return info
+
+
+def _check_compression(path: Path, code) -> None:
+    import tifffile
+
+    if not isinstance(code, tifffile.COMPRESSION):
+        raise CorruptSlide(path, f"unknown TIFF compression code {int(code)}")
+    if code in tifffile.TIFF.DECOMPRESSORS:
+        return
+    if not module_available("imagecodecs"):
+        raise missing_backend(path, "imagecodecs", f"needed to decode {code.name} tiles")
+    raise UnsupportedFormat(path, f"the installed imagecodecs cannot decode TIFF compression {code.name}")
+
+
+def _properties(tf, page, series) -> dict[str, str]:
+    props = {"tifffile.series-kind": str(series.kind)}
+    for name in _TAGS:
+        tag = page.tags.get(name)
+        if tag is not None:
+            value = tag.value
+            props[f"tiff.{name}"] = str(int(value) if name == "ResolutionUnit" else value)
+    if tf.is_svs:
+        props.update({f"aperio.{k}": v for k, v in _svs_fields(page.description).items()})
+    ndpi = getattr(page, "ndpi_tags", None) or {}
+    for key, value in ndpi.items():
+        if isinstance(value, str | int | float) and len(str(value)) < 200:
+            props[f"hamamatsu.{key}"] = str(value)
+    return props
+
+
+def _svs_fields(description: str) -> dict[str, str]:
+    """'Aperio Image Library ...|AppMag = 20|MPP = 0.4990' -> {'AppMag': '20', 'MPP': '0.4990'}."""
+    fields = {}
+    for part in description.split("|")[1:]:
+        key, sep, value = part.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _resolve_mpp(tf, page, info: _TiffInfo) -> None:
+    """The first stated resolution wins (OME metadata, SVS description, resolution tags), else objective."""
+    props = info.properties
+    candidates: list[tuple[float | None, str]] = []
+    if tf.is_ome:
+        mpp, power = _ome_resolution(tf.ome_metadata)
+        candidates.append((mpp, "ome-metadata"))
+        info.objective_power = power
+    if tf.is_svs:
+        candidates.append((plausible_mpp(props.get("aperio.MPP")), "vendor-metadata"))
+        info.objective_power = info.objective_power or _positive(props.get("aperio.AppMag"))
+    if tf.is_ndpi:
+        info.objective_power = info.objective_power or _positive(props.get("hamamatsu.Magnification"))
+    xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+    if xres is not None and unit is not None:
+        candidates.append((mpp_from_tiff_resolution(xres.value, int(unit.value)), "tiff-resolution"))
+    for mpp, source in candidates:
+        if mpp is not None:
+            info.mpp, info.mpp_source = mpp, source
+            return
+    if info.objective_power is not None:
+        info.mpp = mpp_from_objective(info.objective_power)
+        info.mpp_source = "objective-power" if info.mpp is not None else "none"
+
+
+def _ome_resolution(xml: str | None) -> tuple[float | None, float | None]:
+    """(mpp, objective power) of the first image in OME-XML; PhysicalSizeX defaults to micrometres."""
+    if not xml:
+        return None, None
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None, None
+    mpp = power = None
+    for el in root.iter():
+        tag = el.tag.rsplit("}", 1)[-1]
+        if tag == "Pixels" and mpp is None:
+            size = el.get("PhysicalSizeX")
+            if size is not None:
+                mpp = plausible_mpp(length_to_um(size, el.get("PhysicalSizeXUnit", "µm")))
+        elif tag == "Objective" and power is None:
+            power = _positive(el.get("NominalMagnification"))
+    return mpp, power
+
+
+def _positive(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 else None

@@ -1,0 +1,119 @@
+"""The OME-Zarr backend: an NGFF `multiscales` image in a zarr v2 (.zattrs) or v3 (zarr.json) directory.
+
+Levels are the multiscale datasets, finest first. The resolution is the dataset's `scale` transformation on
+the x axis, in micrometres when the axis names a length unit; without a unit there is no physical resolution.
+Beyond y and x, the first time point and focal plane are read; channels go through `channels_to_rgb`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.io.base import SlideReader, _one_line
+from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
+from wsi_vssm.io.slide import channels_to_rgb, is_zarr_dir, length_to_um, missing_backend, plausible_mpp
+
+_DEFAULT_AXES = ("t", "c", "z", "y", "x")  # NGFF 0.1-0.3 without an `axes` list
+
+
+class ZarrSlide(SlideReader):
+    backend = "zarr"
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        group = _open_group(path)
+        try:
+            attrs = group.attrs.asdict()
+            multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+            if not multiscales:
+                raise UnsupportedFormat(path, "zarr store without OME-NGFF 'multiscales' metadata")
+            meta = multiscales[0]
+            axes = _axes(meta)
+            shapes = [group[d["path"]].shape for d in meta["datasets"]]
+        except (UnsupportedFormat, CorruptSlide):
+            raise
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+            raise CorruptSlide(path, f"malformed OME-NGFF metadata: {_one_line(err)}") from err
+        names = [a["name"].lower() for a in axes]
+        if "y" not in names or "x" not in names or any(len(s) != len(names) for s in shapes) or not shapes:
+            raise CorruptSlide(path, f"OME-NGFF datasets do not match their axes {names}")
+        self._names = names
+        self._paths = [d["path"] for d in meta["datasets"]]
+        mpp = _mpp(meta, axes, names.index("x"))
+        super().__init__(
+            path,
+            [(s[names.index("x")], s[names.index("y")]) for s in shapes],
+            mpp=mpp,
+            mpp_source="ome-metadata",
+            vendor="ome-zarr",
+            properties={"ome-zarr.axes": "".join(names), "ome-zarr.version": str(meta.get("version", ""))},
+        )
+        self._group, self._pid = group, os.getpid()
+
+    def _array(self, level: int):
+        if self._group is None or self._pid != os.getpid():
+            self._group, self._pid = _open_group(self.path), os.getpid()
+        return self._group[self._paths[level]]
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        index: list[int | slice] = []
+        for name in self._names:
+            if name == "y":
+                index.append(slice(y, y + h))
+            elif name == "x":
+                index.append(slice(x, x + w))
+            elif name == "c":
+                index.append(slice(None))
+            else:  # time and z: the first plane
+                index.append(0)
+        kept = [n for n in self._names if n in ("y", "x", "c")]
+        tile = np.asarray(self._array(level)[tuple(index)])
+        order = [kept.index("y"), kept.index("x")] + ([kept.index("c")] if "c" in kept else [])
+        return channels_to_rgb(tile.transpose(order), samples=False)
+
+    def close(self) -> None:
+        self._group = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_group"] = None
+        return state
+
+
+def _open_group(path: Path):
+    try:
+        import zarr
+    except ImportError as err:
+        raise missing_backend(path, "zarr", _one_line(err)) from err
+    if not path.is_dir() or not is_zarr_dir(path):
+        raise UnsupportedFormat(path, "not an OME-Zarr directory (no .zattrs or zarr.json)")
+    try:
+        return zarr.open_group(os.fspath(path), mode="r")
+    except (ValueError, KeyError, TypeError) as err:  # unreadable zarr.json / .zgroup
+        raise CorruptSlide(path, f"broken zarr metadata: {_one_line(err)}") from err
+    except (OSError, zarr.errors.GroupNotFoundError) as err:
+        raise UnsupportedFormat(path, f"not a zarr group: {_one_line(err)}") from err
+
+
+def _axes(meta: dict) -> list[dict]:
+    axes = meta.get("axes") or list(_DEFAULT_AXES)
+    # NGFF 0.3 lists bare names, 0.4+ objects with name / type / unit.
+    return [a if isinstance(a, dict) else {"name": str(a)} for a in axes]
+
+
+def _mpp(meta: dict, axes: list[dict], x_axis: int) -> float | None:
+    """x's scale at level 0 (dataset scale times any multiscale-wide scale), in um; None without a unit."""
+    scale = 1.0
+    transforms = list(meta["datasets"][0].get("coordinateTransformations") or [])
+    transforms += list(meta.get("coordinateTransformations") or [])
+    found = False
+    for t in transforms:
+        if t.get("type") == "scale" and "scale" in t:
+            scale *= float(t["scale"][x_axis])
+            found = True
+    if not found:
+        return None
+    return plausible_mpp(length_to_um(scale, axes[x_axis].get("unit")))
