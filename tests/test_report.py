@@ -1,0 +1,284 @@
+"""Cohort report (AUC, bootstrap CI, metrics, ROC plot, predictions table) and the CAMELYON16 FROC."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from shapely.geometry import MultiPolygon, Point, box
+
+from wsi_vssm.atomic import atomic_write_json
+from wsi_vssm.errors import UsageError
+from wsi_vssm.io.annotations import AnnotationSet
+from wsi_vssm.outputs.froc import (
+    FP_RATES,
+    detections_from_heatmap,
+    froc,
+    lesion_regions,
+    major_axis_length,
+)
+from wsi_vssm.outputs.report import (
+    METRIC_KEYS,
+    PREDICTION_KEYS,
+    bootstrap_auc_ci,
+    cohort_metrics,
+    metrics_at_threshold,
+    read_predictions_csv,
+    roc_auc,
+    roc_curve,
+    roc_png,
+    write_prediction_json,
+    write_predictions_csv,
+)
+
+
+def _brute_auc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size
+
+
+# ---- AUC -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_matches_pairwise_count_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    s = rng.integers(0, 6, n) / 5.0  # few distinct values: many ties
+    assert roc_auc(y, s) == pytest.approx(_brute_auc(y, s), abs=1e-12)
+
+
+def test_auc_matches_sklearn_when_installed():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200), 1)
+    assert roc_auc(y, s) == pytest.approx(metrics.roc_auc_score(y, s))
+
+
+def test_auc_edge_cases():
+    assert roc_auc([0, 1], [0.2, 0.9]) == 1.0
+    assert roc_auc([0, 1], [0.9, 0.2]) == 0.0
+    assert roc_auc([0, 0, 1, 1], [0.5] * 4) == 0.5
+    for labels, scores, match in [
+        ([1, 1], [0.2, 0.3], "both classes"),
+        ([0, 2], [0.2, 0.3], "0 or 1"),
+        ([0, 1], [0.2], "1 scores"),
+        ([0, 1], [0.2, float("nan")], "finite"),
+    ]:
+        with pytest.raises(UsageError, match=match):
+            roc_auc(labels, scores)
+
+
+def test_roc_curve_area_equals_auc():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 80)
+    s = rng.integers(0, 10, 80).astype(float)
+    fpr, tpr, thr = roc_curve(y, s)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1) and np.isinf(thr[0])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(y, s))  # ties as diagonal steps
+
+
+def test_bootstrap_ci_contains_auc_and_is_deterministic():
+    rng = np.random.default_rng(7)
+    y = np.r_[np.zeros(40, int), np.ones(25, int)]
+    s = np.r_[rng.normal(0, 1, 40), rng.normal(1.2, 1, 25)]
+    auc = roc_auc(y, s)
+    lo, hi = bootstrap_auc_ci(y, s, n_boot=1000, seed=0)
+    assert 0 <= lo < auc < hi <= 1
+    assert (lo, hi) == bootstrap_auc_ci(y, s, n_boot=1000, seed=0)
+    assert (lo, hi) != bootstrap_auc_ci(y, s, n_boot=1000, seed=1)
+    lo90, hi90 = bootstrap_auc_ci(y, s, n_boot=1000, seed=0, alpha=0.1)
+    assert lo <= lo90 and hi90 <= hi
+    # Resampling is stratified: even a single positive slide appears in every resample (no failure).
+    one = bootstrap_auc_ci([0, 0, 0, 1], [0.1, 0.2, 0.3, 0.9], n_boot=50)
+    assert one == (1.0, 1.0)
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------
+def test_metrics_at_threshold_counts():
+    m = metrics_at_threshold([0, 0, 1, 1, 1], [0.1, 0.6, 0.5, 0.4, 0.9], 0.5)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 1, 1)  # score == threshold is positive
+    assert m["accuracy"] == 3 / 5 and m["sensitivity"] == 2 / 3 and m["specificity"] == 1 / 2
+
+
+def test_cohort_metrics_keys_and_values(tmp_path):
+    y = [0, 0, 1, 1, 1, 0]
+    s = [0.1, 0.6, 0.5, 0.4, 0.9, 0.2]
+    m = cohort_metrics(y, s, 0.5, n_failed=2, n_boot=200)
+    assert tuple(m) == METRIC_KEYS == (
+        "auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "threshold", "n", "n_failed",
+    )  # fmt: skip
+    assert m["auc"] == pytest.approx(_brute_auc(np.array(y), np.array(s)))
+    assert len(m["auc_ci95"]) == 2 and m["auc_ci95"][0] <= m["auc"] <= m["auc_ci95"][1]
+    assert (m["n"], m["n_failed"], m["threshold"]) == (6, 2, 0.5)
+    atomic_write_json(tmp_path / "metrics.json", m)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == m
+
+
+def test_cohort_metrics_single_class_gives_null_auc_with_reason():
+    m = cohort_metrics([0, 0, 0], [0.1, 0.7, 0.2], 0.5)
+    assert m["auc"] is None and m["auc_ci95"] is None and "both classes" in m["reason"]
+    assert m["sensitivity"] is None and m["specificity"] == 2 / 3
+    assert list(m) == [*METRIC_KEYS, "reason"]
+    empty = cohort_metrics([], [], 0.5, n_failed=3)
+    assert empty["n"] == 0 and empty["accuracy"] is None and empty["n_failed"] == 3
+    with pytest.raises(UsageError, match="threshold"):
+        cohort_metrics([0, 1], [0.1, 0.9], float("nan"))
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+def test_roc_png(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    s = rng.random(50)
+    roc_png(tmp_path / "roc.png", y, s, ci=(0.4, 0.6), threshold=0.5)
+    roc_png(tmp_path / "one_class.png", [1, 1], [0.3, 0.8])  # says why instead of failing
+    for name in ("roc.png", "one_class.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_predictions_csv_roundtrip(tmp_path):
+    rows = [
+        {"slide": "tumor_001", "label": 1, "probability": 0.1 + 0.2, "status": "ok"},
+        {"slide": "normal, odd", "label": 0, "probability": 1e-9, "status": "ok"},
+        {"slide": "broken", "label": 1, "probability": None, "status": "failed", "error": "bad tile\nat (0, 0)"},
+        {"slide": "unlabelled", "probability": 0.5, "status": "ok"},
+    ]
+    path = tmp_path / "predictions.csv"
+    write_predictions_csv(path, rows)
+    assert path.read_text().splitlines()[0] == "slide,label,probability,status,error"
+    back = read_predictions_csv(path)
+    assert [r["slide"] for r in back] == [r["slide"] for r in rows]
+    assert back[0]["probability"] == 0.1 + 0.2  # full precision
+    assert back[2] == {
+        "slide": "broken",
+        "label": 1,
+        "probability": None,
+        "status": "failed",
+        "error": "bad tile at (0, 0)",
+    }
+    assert back[3]["label"] is None
+    with pytest.raises(UsageError, match="row 0"):
+        write_predictions_csv(path, [{"slide": "x"}])
+    with pytest.raises(UsageError, match="unknown column"):
+        write_predictions_csv(path, [{"slide": "x", "status": "ok", "prob": 1}])
+    assert len(read_predictions_csv(path)) == 4  # a failed write left the table as it was
+
+
+def test_prediction_json_keys(tmp_path):
+    record = {
+        "slide": "tumor_001", "probability": 0.93, "label": 1, "threshold": 0.5, "reason": None,
+        "model": {"name": "micro", "sha256": "ab"}, "mpp": 0.243, "parameters": {"region_px": 10000},
+        "timings": {"total_s": float("nan")}, "version": "0.1.0",
+    }  # fmt: skip
+    write_prediction_json(tmp_path / "prediction.json", dict(reversed(list(record.items()))))
+    back = json.loads((tmp_path / "prediction.json").read_text())
+    assert tuple(back) == PREDICTION_KEYS and back["timings"]["total_s"] is None
+    with pytest.raises(UsageError, match="reason"):
+        write_prediction_json(tmp_path / "p.json", {**record, "probability": None})
+    with pytest.raises(UsageError, match="unknown keys"):
+        write_prediction_json(tmp_path / "p.json", {**record, "extra": 1})
+    assert not (tmp_path / "p.json").exists()
+
+
+# ---- FROC ----------------------------------------------------------------------------------------------------
+def test_major_axis_length_of_simple_shapes():
+    assert major_axis_length(Point(0, 0).buffer(50, quad_segs=64)) == pytest.approx(100, rel=1e-3)
+    assert major_axis_length(box(0, 0, 120, 10)) == pytest.approx(4 * 120 / np.sqrt(12))
+    ring = box(0, 0, 100, 100).difference(box(25, 25, 75, 75))
+    # Holes count: the variance of a square ring is (100^4 - 50^4) / 12 / (100^2 - 50^2) per axis.
+    assert major_axis_length(ring) == pytest.approx(4 * np.sqrt((100**4 - 50**4) / 12 / (100**2 - 50**2)))
+
+
+def test_lesion_regions_dilate_fill_and_flag_itc():
+    tumor = MultiPolygon([box(0, 0, 1000, 1000), box(1060, 0, 1500, 1000), box(5000, 5000, 5020, 5020)])
+    lesions, itc = lesion_regions(tumor, slide_mpp=1.0)
+    # 60 px apart with 37.5 px of growth each: the first two merge; the 20 px speck is an ITC.
+    assert len(lesions) == 2 and itc == [False, True]
+    ringed = box(0, 0, 1000, 1000).difference(box(300, 300, 700, 700))
+    (filled,), _ = lesion_regions(ringed, slide_mpp=1.0)
+    assert not filled.interiors  # holes filled, as the challenge's script does
+
+
+def _camelyon_case():
+    """Three slides, hand-counted. Slide A (tumour, mpp 1): lesions L1 1000 px square, L2 400 px square, an ITC
+    (20 px) and an excluded square. Slide B normal, slide C normal with no detections."""
+    ann_a = AnnotationSet.from_items(
+        [
+            ("_0", box(0, 0, 1000, 1000)),
+            ("_0", box(5000, 5000, 5400, 5400)),
+            ("_1", box(9000, 0, 9020, 20)),
+            ("_2", box(20000, 20000, 21000, 21000)),
+        ]
+    )
+    det_a = np.array(
+        [
+            [500, 500, 0.9],  # L1: its best hit
+            [100, 100, 0.4],  # L1 again: ignored
+            [1020, 500, 0.7],  # 20 px outside L1, inside its dilation: L1, ignored (lower)
+            [5200, 5200, 0.55],  # L2
+            [9010, 10, 0.8],  # ITC: ignored
+            [20500, 20500, 0.99],  # excluded: ignored
+            [15000, 15000, 0.6],  # false positive
+        ]
+    )
+    det_b = np.array([[100, 100, 0.95], [200, 200, 0.5], [300, 300, 0.3]])
+    return {"A": det_a, "B": det_b, "C": np.empty((0, 3))}, {"A": ann_a}
+
+
+def test_froc_hand_computed():
+    dets, anns = _camelyon_case()
+    res = froc(dets, anns, slide_mpp=1.0)
+    # FPs: 0.95, 0.6, 0.5, 0.3 over 3 slides; lesion hits 0.9 and 0.55 of 2. Lowering the threshold:
+    # 0.95 -> (1/3, 0); 0.9 -> (1/3, 1/2); 0.6 -> (2/3, 1/2); 0.55 -> (2/3, 1); 0.5 -> (1, 1); 0.3 -> (4/3, 1).
+    # At 1/4 FP/slide: between (0, 0) and (1/3, 0) -> 0; at 1/2: between (1/3, 1/2) and (2/3, 1/2) -> 1/2;
+    # at 1, 2, 4, 8: 1. FROC = (0 + 0.5 + 4) / 6.
+    assert res.sensitivity == {0.25: 0.0, 0.5: 0.5, 1.0: 1.0, 2.0: 1.0, 4.0: 1.0, 8.0: 1.0}
+    assert res.score == pytest.approx(4.5 / 6)
+    assert (res.n_slides, res.n_lesions, res.n_itc, res.n_detections) == (3, 2, 1, 10)
+    assert res.per_slide["A"] == {"lesions": 2, "itc": 1, "detected": 2, "false_positives": 1}
+    d = res.as_dict()
+    assert list(d["sensitivity_at_fps"]) == ["0.25", "0.5", "1", "2", "4", "8"]
+    json.dumps(d)
+
+
+def test_froc_interpolates_between_operating_points():
+    dets, anns = _camelyon_case()
+    dets["B"] = np.array([[100, 100, 0.5]])  # now: (0, 1/2) at 0.9 ... (1/3, 1) at 0.55 ... (2/3, 1)
+    dets["A"] = dets["A"][dets["A"][:, 2] != 0.6]
+    res = froc(dets, anns, slide_mpp=1.0)
+    # Curve: (0, 0), (0, 1/2) [t=0.9], (0, 1) [t=0.55], (1/3, 1) [t=0.5]: every rate reaches 1.
+    assert res.score == 1.0
+    dets["A"][3, 2] = 0.45  # L2's hit now comes after B's FP: (0, 1/2), (1/3, 1/2), (1/3, 1)
+    res = froc(dets, anns, slide_mpp=1.0)
+    assert res.sensitivity[0.25] == 0.5 and res.sensitivity[0.5] == 1.0
+
+
+def test_froc_without_lesions_and_bad_input():
+    res = froc({"B": np.array([[1, 1, 0.5]])}, {}, slide_mpp=0.25)
+    assert res.score is None and "no lesions" in res.reason
+    assert set(res.sensitivity) == set(FP_RATES)
+    with pytest.raises(UsageError, match="without detections"):
+        froc({"B": np.empty((0, 3))}, {"A": None}, slide_mpp=1.0)
+    with pytest.raises(UsageError, match="n, 3"):
+        froc({"B": np.ones((2, 2))}, {}, slide_mpp=1.0)
+    with pytest.raises(UsageError, match="mpp"):
+        froc({"B": np.empty((0, 3))}, {}, slide_mpp={"C": 1.0})
+
+
+def test_detections_from_heatmap():
+    prob = np.full((20, 30), np.nan, np.float32)
+    prob[2:18, 2:28] = 0.05
+    prob[5, 6] = 0.9  # a peak
+    prob[5, 7] = 0.7  # its shoulder: no detection
+    prob[12:15, 20:23] = 1.0  # a saturated plateau: one detection, at its centre
+    prob[15, 3] = 0.3  # below threshold
+    det = detections_from_heatmap(prob, cell0=10.0, origin=(100, 200), threshold=0.5)
+    np.testing.assert_allclose(det, [[100 + 21.5 * 10, 200 + 13.5 * 10, 1.0], [100 + 6.5 * 10, 200 + 5.5 * 10, 0.9]])
+    assert detections_from_heatmap(np.full((3, 3), np.nan, np.float32), 1.0, (0, 0)).shape == (0, 3)

@@ -1,0 +1,135 @@
+"""Atomic writes: a file or directory appears complete under its final name, or not at all.
+
+Every writer builds its output under a hidden temporary name in the same directory (so the final rename stays on
+one file system and is atomic), flushes it to disk, and renames it into place. A failure part-way leaves the
+previous version (if any) untouched and removes the temporary. Readers therefore never see half a file, and a
+cohort run that is killed keeps every output it finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from wsi_vssm.errors import UsageError
+
+_TMP_PREFIX = ".tmp-"  # hidden, and recognisable for clean-up after a crash
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (temporary file beside it, fsync, rename). Creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` as UTF-8 to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as JSON (insertion order, indent 2, trailing newline) atomically.
+
+    NaN and infinities become `null` (strict JSON has no NaN); numpy scalars and arrays, tuples and paths are
+    converted. Anything else that JSON cannot hold raises `UsageError` before the file is touched.
+    """
+    try:
+        text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"cannot write {os.fspath(path)} as JSON: {err}") from err
+    atomic_write_text(path, text + "\n")
+
+
+def to_jsonable(obj):
+    """`obj` with NaN/inf -> None, numpy values -> Python values, tuples -> lists, paths -> strings."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array or scalar, without importing numpy
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory (e.g. a zarr store) under a temporary name beside `path`; rename it into place on exit.
+
+    Yields the temporary directory to fill. On success an existing `path` is first moved aside, the new one
+    renamed in, and the old one deleted, so `path` is always either the old or the new complete directory
+    (between the two renames it is briefly absent; a crash there leaves the old one under a `.tmp-` name).
+    On error the temporary directory is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.is_dir() and not path.is_symlink():
+            old = path.parent / f"{_TMP_PREFIX}{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the previous version back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if path.exists() or path.is_symlink():
+                path.unlink()  # a stale file or link where the directory goes
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, so the rename never publishes unwritten data."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable. Not every platform or file system lets a directory be opened or fsynced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,272 @@
+"""Cohort report: ROC AUC with a bootstrap confidence interval, metrics at a threshold, the ROC plot and the
+predictions table. Labels are 0 (normal) / 1 (tumour); a slide is called positive when its score >= threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy.stats import rankdata
+
+from wsi_vssm.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from wsi_vssm.errors import UsageError
+
+METRIC_KEYS = ("auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "threshold", "n", "n_failed")
+CSV_COLUMNS = ("slide", "label", "probability", "status", "error")
+PREDICTION_KEYS = (
+    "slide", "probability", "label", "threshold", "reason", "model", "mpp", "parameters", "timings", "version",
+)  # fmt: skip
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve: P(score of a random positive > a random negative), ties counting one half.
+
+    Computed from average ranks (the Mann-Whitney U statistic), so tied scores are handled exactly.
+    Raises `UsageError` when either class is missing.
+    """
+    y, s = _check(labels, scores)
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        raise UsageError(f"AUC needs both classes; got {n1} positive and {n0} negative slides")
+    ranks = rankdata(s)  # average ranks for ties
+    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def bootstrap_auc_ci(
+    labels: Sequence[int], scores: Sequence[float], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Percentile (1 - alpha) interval of the AUC over `n_boot` stratified bootstrap resamples.
+
+    Positives and negatives are resampled separately, each to its own count, so every resample has both
+    classes and the class balance of the cohort. Deterministic for a given `seed`.
+    """
+    y, s = _check(labels, scores)
+    if not (isinstance(n_boot, int) and n_boot >= 1):
+        raise UsageError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0 < alpha < 1:
+        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
+    pos, neg = s[y == 1], s[y == 0]
+    if pos.size == 0 or neg.size == 0:
+        raise UsageError(f"AUC needs both classes; got {pos.size} positive and {neg.size} negative slides")
+    rng = np.random.default_rng(seed)
+    aucs = np.empty(n_boot)
+    batch = max(1, 2_000_000 // (pos.size + neg.size))  # bound memory on large cohorts
+    for start in range(0, n_boot, batch):
+        b = min(batch, n_boot - start)
+        p = pos[rng.integers(0, pos.size, size=(b, pos.size))]
+        n = neg[rng.integers(0, neg.size, size=(b, neg.size))]
+        ranks = rankdata(np.concatenate([p, n], axis=1), axis=1)
+        aucs[start : start + b] = (ranks[:, : pos.size].sum(axis=1) - pos.size * (pos.size + 1) / 2) / (
+            pos.size * neg.size
+        )
+    low, high = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def metrics_at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict:
+    """accuracy, sensitivity, specificity (None when their denominator is 0) and tp, fp, tn, fn counts."""
+    y, s = _check(labels, scores)
+    threshold = _threshold(threshold)
+    called = s >= threshold
+    tp = int((called & (y == 1)).sum())
+    fp = int((called & (y == 0)).sum())
+    tn = int((~called & (y == 0)).sum())
+    fn = int((~called & (y == 1)).sum())
+    return {
+        "accuracy": _ratio(tp + tn, y.size),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+def cohort_metrics(
+    labels: Sequence[int],
+    scores: Sequence[float],
+    threshold: float,
+    n_failed: int = 0,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """The content of `metrics.json`: exactly `METRIC_KEYS`, in that order, over the slides that succeeded.
+
+    `auc` and `auc_ci95` are None when a class is missing; then (only then) a `reason` key says why. The other
+    metrics are None when undefined (e.g. sensitivity without positive slides; everything when n == 0).
+    """
+    y, s = _check(labels, scores)
+    if not (isinstance(n_failed, (int, np.integer)) and n_failed >= 0):
+        raise UsageError(f"n_failed must be a non-negative integer, got {n_failed!r}")
+    threshold = _threshold(threshold)
+    at = metrics_at_threshold(y, s, threshold)
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    out: dict = {"auc": None, "auc_ci95": None}
+    reason = None
+    if n1 and n0:
+        out["auc"] = roc_auc(y, s)
+        out["auc_ci95"] = list(bootstrap_auc_ci(y, s, n_boot=n_boot, seed=seed))
+    else:
+        reason = f"AUC needs both classes; the cohort has {n1} tumour and {n0} normal slides with a prediction"
+    out.update(
+        accuracy=at["accuracy"],
+        sensitivity=at["sensitivity"],
+        specificity=at["specificity"],
+        threshold=threshold,
+        n=int(y.size),
+        n_failed=int(n_failed),
+    )
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds): one point per distinct score, from (0, 0) at +inf down to (1, 1)."""
+    y, s = _check(labels, scores)
+    n1, n0 = int(y.sum()), int((y == 0).sum())
+    if n1 == 0 or n0 == 0:
+        raise UsageError(f"a ROC curve needs both classes; got {n1} positive and {n0} negative slides")
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s_sorted)), s_sorted.size - 1]  # tied scores move together
+    tps = np.cumsum(y_sorted)[last_of_tie]
+    fps = (last_of_tie + 1) - tps
+    return np.r_[0.0, fps / n0], np.r_[0.0, tps / n1], np.r_[np.inf, s_sorted[last_of_tie]]
+
+
+def roc_png(
+    path: str | os.PathLike,
+    labels: Sequence[int],
+    scores: Sequence[float],
+    auc: float | None = None,
+    ci: Sequence[float] | None = None,
+    threshold: float | None = None,
+) -> None:
+    """Write the ROC curve to `path` as PNG, atomically: the chance diagonal, the AUC and its CI in the legend,
+    and the operating point at `threshold` when given. Without both classes the plot says so instead."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    y, s = _check(labels, scores)
+    fig = Figure(figsize=(4.5, 4.5), dpi=120)
+    FigureCanvasAgg(fig)  # the Agg canvas directly: no pyplot global state
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="0.6", label="chance")
+    n1, n0 = int(y.sum()), int((y == 0).sum())
+    if n1 and n0:
+        fpr, tpr, _ = roc_curve(y, s)
+        auc = roc_auc(y, s) if auc is None else auc
+        label = f"AUC {auc:.3f}"
+        if ci is not None and all(v is not None for v in ci):
+            label += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+        ax.plot(fpr, tpr, lw=1.6, color="C3", label=label)
+        if threshold is not None:
+            m = metrics_at_threshold(y, s, threshold)
+            ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="k", ms=5, label=f"threshold {threshold:g}")
+    else:
+        ax.text(0.5, 0.6, f"ROC undefined:\n{n1} tumour, {n0} normal slides", ha="center", fontsize=9)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", aspect="equal")
+    ax.set_title(f"ROC over {y.size} slides ({n1} tumour, {n0} normal)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_prediction_json(path: str | os.PathLike, record: Mapping) -> None:
+    """Write one slide's `prediction.json` atomically, keys in `PREDICTION_KEYS` order.
+
+    Every key must be present (None where unknown) and no other. `reason` must say why when `probability` is
+    None, and be None otherwise.
+    """
+    missing = [k for k in PREDICTION_KEYS if k not in record]
+    extra = sorted(set(record) - set(PREDICTION_KEYS))
+    if missing or extra:
+        raise UsageError(f"prediction record: missing keys {missing}, unknown keys {extra}")
+    if (record["probability"] is None) != (record["reason"] is not None):
+        raise UsageError("prediction record: `reason` is required exactly when `probability` is null")
+    atomic_write_json(path, {k: record[k] for k in PREDICTION_KEYS})
+
+
+def write_predictions_csv(path: str | os.PathLike, rows: Iterable[Mapping]) -> None:
+    """Write `predictions.csv` atomically: columns slide, label, probability, status, error.
+
+    Each row is a mapping with `slide` and `status` (e.g. "ok", "failed") and optionally `label` (0/1),
+    `probability` and `error`. Missing or None values are written as empty cells; probabilities in full
+    precision (repr), so a resumed run reads back exactly what was written.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or not row.get("slide") or not row.get("status"):
+            raise UsageError(f"predictions row {i} needs a slide name and a status, got {row!r}")
+        unknown = set(row) - set(CSV_COLUMNS)
+        if unknown:
+            raise UsageError(f"predictions row {i} has unknown column(s) {sorted(unknown)}; valid: {CSV_COLUMNS}")
+        p = row.get("probability")
+        prob = "" if p is None or (isinstance(p, float) and math.isnan(p)) else repr(float(p))
+        label = "" if row.get("label") is None else str(int(row["label"]))
+        error = " ".join(str(row.get("error") or "").split())  # one line per slide
+        writer.writerow([row["slide"], label, prob, row["status"], error])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_predictions_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of a `predictions.csv` as dicts: label int or None, probability float or None, error str or None."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = set(CSV_COLUMNS[:4]) - set(reader.fieldnames or ())
+            if missing:
+                raise UsageError(f"{os.fspath(path)}: predictions table lacks column(s) {sorted(missing)}")
+            return [
+                {
+                    "slide": r["slide"],
+                    "label": int(r["label"]) if r["label"] else None,
+                    "probability": float(r["probability"]) if r["probability"] else None,
+                    "status": r["status"],
+                    "error": r.get("error") or None,
+                }
+                for r in reader
+            ]
+    except OSError as err:
+        raise UsageError(f"{os.fspath(path)}: cannot read predictions table: {err.strerror or err}") from err
+    except ValueError as err:
+        raise UsageError(f"{os.fspath(path)}: malformed predictions table: {err}") from err
+
+
+# ---- input checks --------------------------------------------------------------------------------------------
+def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        y = np.asarray(labels, dtype=np.float64).ravel()
+        s = np.asarray(scores, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"labels and scores must be numbers: {err}") from err
+    if y.size != s.size:
+        raise UsageError(f"{y.size} labels but {s.size} scores")
+    if not np.isin(y, (0, 1)).all():
+        raise UsageError(f"labels must be 0 or 1, got {sorted(set(y[~np.isin(y, (0, 1))].tolist()))[:5]}")
+    if not np.isfinite(s).all():
+        raise UsageError(f"scores must be finite; {int((~np.isfinite(s)).sum())} are not")
+    return y.astype(np.int64), s
+
+
+def _threshold(t) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not math.isfinite(t):
+        raise UsageError(f"threshold must be a finite number, got {t!r}")
+    return float(t)
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return a / b if b else None
