@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import SHARED_DATA, shared_file
@@ -137,6 +139,25 @@ def test_tissue_fraction_boxes():
 def test_slide_tissue_mask_scale():
     img, disc = _synthetic(np.random.default_rng(3))
     big = np.kron(img, np.ones((4, 4, 1), np.uint8))  # 800 x 1200
-    mask, scale = slide_tissue_mask(ArraySlide(big, mpp=0.5), max_side=300)
+    mask, scale = slide_tissue_mask(ArraySlide(big, mpp=4.0), max_side=300)
     assert mask.shape == (200, 300) and scale == pytest.approx(4.0)
     assert (mask & disc).sum() > 0.9 * disc.sum()
+
+
+def test_slide_tissue_mask_is_never_finer_than_thumbnail_scale():
+    # 1200 px at 0.5 um/px = 600 um: pixels of at least 4 um give a mask of 150 px, whatever max_side allows.
+    img, _ = _synthetic(np.random.default_rng(3))
+    big = np.kron(img, np.ones((4, 4, 1), np.uint8))
+    mask, scale = slide_tissue_mask(ArraySlide(big, mpp=0.5), max_side=1000)
+    assert mask.shape == (100, 150) and scale == pytest.approx(8.0)
+
+
+def test_sample_slide_tissue_is_stable_across_thumbnail_sizes():
+    from wsi_vssm.io import open_slide
+
+    path = Path(__file__).resolve().parents[1] / "sample_data" / "cmu-1-small-region.svs"
+    with open_slide(path) as slide:
+        mask, _ = slide_tissue_mask(slide, max_side=2048)
+        coarse = tissue_mask(slide.thumbnail(512))
+    # about a third of the crop is tissue; a too-fine thumbnail used to lose most of it (0.05)
+    assert 0.25 < mask.mean() < 0.45 and abs(mask.mean() - coarse.mean()) < 0.08

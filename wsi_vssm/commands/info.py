@@ -52,10 +52,10 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
 def slide_info(path: str, backend: str = "auto", mpp: float | None = None) -> dict:
     """The facts `info` prints, as a JSON-ready dict."""
     from wsi_vssm.io import open_slide
-    from wsi_vssm.io.tissue import tissue_mask
+    from wsi_vssm.io.tissue import mask_side, tissue_mask
 
     with open_slide(path, backend=backend, mpp=mpp) as reader:
-        thumb = reader.thumbnail(THUMBNAIL_SIDE)
+        thumb = reader.thumbnail(mask_side(reader, THUMBNAIL_SIDE))
         fraction = float(tissue_mask(thumb).mean()) if thumb.size else 0.0
         if fraction == 0:
             warnings.warn(f"{reader.path}: no tissue found on the thumbnail", stacklevel=2)

@@ -1,0 +1,209 @@
+"""SS2D, the 2D selective-scan mixer of VMamba v2 (forward type "v05_noz"), channel-first.
+
+    x (B, C, H, W) -> in_proj (C -> D) -> depthwise 3x3 conv -> SiLU = u (B, D, H, W)
+      -> four scan orders (ops.cross_scan) -> per direction k: x_proj[k] -> dt_low (R), B (N), C (N);
+         dt_projs[k]: dt_low -> D; selective scan with delta = softplus(dt + bias), A = -exp(A_logs), skip Ds
+      -> merge the four back to (B, D, H, W) -> out_norm (LN over D) -> out_proj (D -> C)
+
+Two paths compute the same function:
+- plain: cross-scans the whole map and runs one grouped scan over all four directions (training, small maps);
+- streaming (linear memory): walks each direction in sequence chunks, gathers only the chunk's pixels, carries
+  the scan state between chunks and adds each chunk's output straight into the merged map. Its extra memory
+  is a few chunk-sized temporaries beyond u and the merged map. It is taken by default when autograd is off
+  and H * W >= `stream_min_pixels`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wsi_vssm.models.layers import LayerNorm2d, Linear2d, row_bands
+from wsi_vssm.ops.cross_scan import K_DIRECTIONS, cross_merge, cross_scan, scan_positions
+from wsi_vssm.ops.scan import IMPLS, selective_scan
+
+log = logging.getLogger("wsi_vssm.models")
+
+# Streaming defaults: maps of 128 x 128 pixels or more (a 512 px tile at stride 4) stream when autograd is off;
+# chunks of 4096 positions keep temporaries at a few MB per 100 channels.
+DEFAULT_STREAM_MIN_PIXELS = 128 * 128
+DEFAULT_STREAM_CHUNK = 4096
+
+
+def resolve_dt_rank(dt_rank: int | str, d_model: int) -> int:
+    """'auto' -> ceil(d_model / 16) as upstream; an int is taken as is."""
+    if dt_rank == "auto":
+        return math.ceil(d_model / 16)
+    if isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 1:
+        raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+    return dt_rank
+
+
+def check_scan_impl(scan: str) -> str:
+    """The scan implementation name, or a ValueError listing the valid ones."""
+    if scan not in IMPLS:
+        raise ValueError(f"unknown scan implementation {scan!r}; valid: {', '.join(IMPLS)}")
+    return scan
+
+
+class SS2D(nn.Module):
+    """2D selective scan over a (B, C, H, W) map; returns (B, C, H, W)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 1,
+        ssm_ratio: float = 2.0,
+        dt_rank: int | str = "auto",
+        scan: str = "auto",
+        stream_min_pixels: int | None = DEFAULT_STREAM_MIN_PIXELS,
+        stream_chunk: int = DEFAULT_STREAM_CHUNK,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        d_inner = int(ssm_ratio * d_model)
+        rank = resolve_dt_rank(dt_rank, d_model)
+        k = K_DIRECTIONS
+        self.d_model, self.d_inner, self.d_state, self.dt_rank = d_model, d_inner, d_state, rank
+        self.scan = check_scan_impl(scan)
+        self.stream_min_pixels = stream_min_pixels
+        self.stream_chunk = stream_chunk
+        self._dt_range = (dt_min, dt_max, dt_init_floor)
+        # Registration order mirrors upstream's state_dict order (own parameters first, then submodules).
+        self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))  # (K, R+2N, D)
+        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))  # (K*D, N)
+        self.Ds = nn.Parameter(torch.empty(k * d_inner))  # (K*D,)
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, rank))  # (K, D, R)
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))  # (K, D)
+        self.out_norm = LayerNorm2d(d_inner)
+        self.in_proj = Linear2d(d_model, d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner, bias=False)
+        self.out_proj = Linear2d(d_inner, d_model, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """VMamba's init of the SSM parameters (Linear/LN layers are initialised by the backbone)."""
+        dt_min, dt_max, floor = self._dt_range
+        bound = self.d_inner**-0.5
+        self.x_proj_weight.uniform_(-bound, bound)
+        self.dt_projs_weight.uniform_(-(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        # dt log-uniform in [dt_min, dt_max], then the bias is its inverse softplus: softplus(bias) = dt.
+        rand = torch.rand(self.dt_projs_bias.shape, device=self.dt_projs_bias.device)
+        dt = torch.exp(rand * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        n = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_logs.device)
+        self.A_logs.copy_(torch.log(n).expand_as(self.A_logs))  # A[c, n] = -(n + 1)
+        self.Ds.fill_(1.0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
+            f"scan={self.scan!r}, stream_min_pixels={self.stream_min_pixels}, stream_chunk={self.stream_chunk}"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def use_streaming(self, height: int, width: int) -> bool:
+        """The linear-memory path is the default when autograd is off and the map is large enough."""
+        if torch.is_grad_enabled() or self.stream_min_pixels is None:
+            return False
+        return height * width >= self.stream_min_pixels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_streaming(x.shape[2], x.shape[3]):
+            return self.forward_streaming(x)
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W), materialising the four scan orders (differentiable)."""
+        u = F.silu(self.conv2d(self.in_proj(x)))  # (B, D, H, W)
+        y = self.scan_plain(u)  # (B, D, H, W)
+        return self.out_proj(self.out_norm(y))
+
+    @torch.no_grad()
+    def forward_streaming(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W) with memory linear in H * W: u and the merged map plus chunk temporaries."""
+        chunk = chunk or self.stream_chunk
+        u = self._project_bands(x, chunk)  # (B, D, H, W)
+        y = self.scan_streaming(u, chunk)  # (B, D, H, W)
+        del u
+        out = x.new_empty(x.shape[0], self.d_model, x.shape[2], x.shape[3])  # (B, C, H, W)
+        for r0, r1 in row_bands(x.shape[2], x.shape[3], chunk):  # norm and projection are per pixel
+            out[:, :, r0:r1] = self.out_proj(self.out_norm(y[:, :, r0:r1]))
+        return out
+
+    def _project_bands(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """u = SiLU(conv(in_proj(x))) computed in row bands with a one-row halo, so no full-size temporaries."""
+        b, _, h, w = x.shape
+        u = x.new_empty(b, self.d_inner, h, w)
+        for r0, r1 in row_bands(h, w, chunk):
+            lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
+            t = self.in_proj(x[:, :, lo:hi])  # (B, D, rows + halo, W)
+            # zero rows where the band touches the map border: the conv's own zero padding
+            t = F.pad(t, (0, 0, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
+            t = F.conv2d(t, self.conv2d.weight, None, padding=(0, 1), groups=self.d_inner)  # (B, D, r1-r0, W)
+            u[:, :, r0:r1] = F.silu(t, inplace=True)
+        return u
+
+    # ------------------------------------------------------------------ the 2D scan on u
+    def _ssm_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A (K*D, N) = -exp(A_logs), Ds (K*D,), delta bias (K*D,), all fp32."""
+        return -torch.exp(self.A_logs.float()), self.Ds.float(), self.dt_projs_bias.float().reshape(-1)
+
+    def scan_plain(self, u: torch.Tensor) -> torch.Tensor:
+        """u (B, D, H, W) -> merged scan output (B, D, H, W): one grouped scan over all four directions."""
+        b, d, h, w = u.shape
+        k, r, n = K_DIRECTIONS, self.dt_rank, self.d_state
+        xs = cross_scan(u)  # (B, K, D, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)  # (B, K, R+2N, L)
+        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, K, D, L)
+        a, ds, bias = self._ssm_params()
+        ys = selective_scan(
+            xs.reshape(b, k * d, h * w), dts.reshape(b, k * d, h * w), a,
+            bs.contiguous(), cs.contiguous(),  # (B, K, N, L): group k serves channels k*D .. k*D+D-1
+            ds, delta_bias=bias, delta_softplus=True, impl=self.scan,
+        )  # (B, K*D, L)
+        return cross_merge(ys.view(b, k, d, h * w), h, w)
+
+    @torch.no_grad()
+    def scan_streaming(self, u: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Same as `scan_plain`, direction by direction and chunk by chunk, carrying the scan state.
+
+        Extra memory beyond u and the returned map: per chunk u's gathered positions (B, D, n), dt (B, D, n),
+        the scan output (B, D, n), B/C (B, N, n), an index (n,) and the carried state (B, D, N).
+        """
+        b, d, h, w = u.shape
+        length, chunk = h * w, chunk or self.stream_chunk
+        if chunk < 1:
+            raise ValueError(f"stream chunk must be >= 1, got {chunk}")
+        r, n = self.dt_rank, self.d_state
+        u_flat = u.reshape(b, d, length)  # a view when u is contiguous
+        out = torch.zeros_like(u_flat)  # (B, D, L) the merged map
+        impl = self.scan
+        if impl == "mamba_ssm":  # its kernel cannot carry a state between chunks; auto picks one that can
+            log.info("SS2D streaming: mamba_ssm takes no initial_state; chunks use scan impl 'auto'")
+            impl = "auto"
+        a, ds, bias = self._ssm_params()
+        a, ds, bias = a.view(K_DIRECTIONS, d, n), ds.view(K_DIRECTIONS, d), bias.view(K_DIRECTIONS, d)
+        for k in range(K_DIRECTIONS):
+            state = None  # (B, D, N), zeros at the start of each direction
+            for s in range(0, length, chunk):
+                e = min(s + chunk, length)
+                idx = scan_positions(k, h, w, s, e, device=u.device)  # (n_chunk,) pixel of each position
+                uc = u_flat.index_select(2, idx)  # (B, D, n_chunk)
+                dbl = torch.matmul(self.x_proj_weight[k], uc)  # (B, R+2N, n_chunk)
+                dt_low, bc, cc = torch.split(dbl, [r, n, n], dim=1)
+                dt = torch.matmul(self.dt_projs_weight[k], dt_low)  # (B, D, n_chunk)
+                yc, state = selective_scan(
+                    uc, dt, a[k], bc.contiguous(), cc.contiguous(), ds[k], delta_bias=bias[k],
+                    delta_softplus=True, return_last_state=True, impl=impl, initial_state=state,
+                )
+                out.index_add_(2, idx, yc.to(out.dtype))
+        return out.view(b, d, h, w)
