@@ -17,6 +17,11 @@ COMMANDS = {
     "info": "info",
     "synth": "synth",
     "export": "export",
+    "extract": "extract",
+    "train": "train",
+    "predict": "predict",
+    "evaluate": "evaluate",
+    "run": "run",
 }
 
 

@@ -1,0 +1,166 @@
+"""Cohort evaluation: predict every slide of a cohort, then AUC with a bootstrap CI, a ROC plot and a table.
+
+Also scores patch datasets in ImageFolder layout (`DIR/0/*.jpg`, `DIR/1/*.jpg`, e.g. PCam): each image is scored
+by the cell head on the cell covering its centre, which is how PCam labels are defined.
+
+Finished work is never lost: `predictions.csv` is rewritten atomically after every slide, and a slide that fails
+is recorded with its error while the run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.errors import UsageError, WsiVssmError
+from wsi_vssm.predict import PredictParams, predict_slide, slide_threshold
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(r["status"] == "failed" for r in self.rows)
+
+
+def is_patch_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "0").is_dir() and (path / "1").is_dir() and not (path / "reference.csv").exists()
+
+
+def evaluate_cohort(
+    cohort_path: str | os.PathLike,
+    model,
+    out_dir: str | os.PathLike,
+    params: PredictParams | None = None,
+    annotations: str | os.PathLike | None = None,
+    on_slide: Callable[[dict], None] | None = None,
+    n_boot: int = 2000,
+) -> EvaluationResult:
+    """Predict each slide of a manifest / CAMELYON16 folder into `out_dir/<slide>/`, then write the cohort files.
+
+    `on_slide(row)` is called after each slide (for the CLI's one line per slide).
+    """
+    from wsi_vssm.cohort import read_cohort
+    from wsi_vssm.outputs.report import write_predictions_csv
+
+    params = params or PredictParams()
+    cohort = read_cohort(cohort_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for crow in cohort.rows:
+        row = {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed", "error": crow.error}
+        if crow.ok:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", category=UserWarning)  # recorded per slide in its JSON
+                    rec = predict_slide(crow.path, model, out, params)
+                row.update(probability=rec["probability"], error=rec["reason"],
+                           status="done" if rec["probability"] is not None else "no_tissue")
+            except WsiVssmError as e:
+                row["error"] = str(e)
+        rows.append(row)
+        write_predictions_csv(out / "predictions.csv", rows)  # after every slide: nothing finished is lost
+        if on_slide is not None:
+            on_slide(row)
+    scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
+    metrics = _write_metrics(out, scored, slide_threshold(model, params), len(rows) - len(scored), n_boot)
+    if annotations is not None:
+        metrics["froc"] = _froc(out, scored, Path(annotations))
+        _write_json(out / "metrics.json", metrics)
+    return EvaluationResult(metrics, rows)
+
+
+def evaluate_patches(
+    folder: str | os.PathLike, model, out_dir: str | os.PathLike, mpp: float | None, batch_size: int = 64,
+    n_boot: int = 2000, threshold: float = 0.5,
+) -> EvaluationResult:
+    """Score an ImageFolder patch dataset by the centre cell of each image; write predictions and metrics."""
+    import torch
+
+    from wsi_vssm.data.patches import load_patches
+    from wsi_vssm.features import to_tensor
+    from wsi_vssm.io.base import resize
+    from wsi_vssm.outputs.report import write_predictions_csv
+
+    if mpp is None:
+        raise UsageError(f"{folder}: patch images carry no resolution; state it with --mpp (PCam: 0.97)")
+    ds = load_patches(folder)
+    scale = mpp / model.mpp  # image px -> model px
+    rows, batch, names = [], [], []
+    model.eval()
+
+    def flush():
+        x = torch.cat(batch)
+        with torch.inference_mode():
+            logits = model.cell_logits(x)  # (B, h, w)
+        h, w = logits.shape[1:]
+        cy, cx = min(h - 1, int(x.shape[2] / 2 // 32)), min(w - 1, int(x.shape[3] / 2 // 32))
+        probs = torch.sigmoid(logits[:, cy, cx]).tolist()
+        for (name, label), p in zip(names, probs, strict=True):
+            rows.append({"slide": name, "label": label, "probability": p, "status": "done", "error": None})
+        batch.clear()
+        names.clear()
+
+    for i in range(len(ds)):
+        img, label = ds[i]
+        if abs(scale - 1) > 1e-3:
+            img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
+        if batch and batch[0].shape[2:] != img.shape[:2]:
+            flush()
+        batch.append(to_tensor(img))
+        names.append((ds.items[i].name, int(label)))
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions_csv(out / "predictions.csv", rows)
+    metrics = _write_metrics(out, rows, threshold, 0, n_boot)
+    return EvaluationResult(metrics, rows)
+
+
+def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int) -> dict:
+    from wsi_vssm.outputs.report import cohort_metrics, roc_png
+
+    labels = np.array([r["label"] for r in scored], dtype=np.int64)
+    scores = np.array([r["probability"] for r in scored], dtype=np.float64)
+    metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot)
+    _write_json(out / "metrics.json", metrics)
+    roc_png(out / "roc.png", labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"), threshold=threshold)
+    return metrics
+
+
+def _froc(out: Path, scored: list[dict], annotations: Path) -> dict:
+    """CAMELYON16 lesion-level FROC from each slide's heatmap and its ASAP/GeoJSON annotations, if any."""
+    from wsi_vssm.io.annotations import read_annotations
+    from wsi_vssm.outputs.froc import detections_from_heatmap, froc
+    from wsi_vssm.outputs.heatmap import read_heatmap_zarr
+
+    if not annotations.is_dir():
+        raise UsageError(f"{annotations}: --annotations must be a folder of ASAP XML / GeoJSON files")
+    detections, truth, mpps = {}, {}, {}
+    for r in scored:
+        prob, _, _, attrs = read_heatmap_zarr(out / r["slide"] / "heatmap.ome.zarr")
+        meta = attrs["wsi_vssm"]
+        detections[r["slide"]] = detections_from_heatmap(prob, meta["cell0"], meta["origin"],
+                                                         threshold=meta.get("threshold", 0.5))
+        mpps[r["slide"]] = meta["mpp"]
+        files = [p for ext in (".xml", ".geojson", ".json") for p in annotations.glob(r["slide"] + ext)]
+        truth[r["slide"]] = read_annotations(files[0]) if files else None
+    return froc(detections, truth, mpps).as_dict()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from wsi_vssm.atomic import atomic_write_json
+
+    atomic_write_json(path, obj)

@@ -1,0 +1,186 @@
+"""napari layer data for slides and prediction outputs: plain (data, kwargs, layer_type) tuples, no Qt.
+
+Placement follows the grid convention of `wsi_vssm.outputs.heatmap`: in world coordinates (micrometres when
+the slide's mpp is known) slide pixel k's centre is at k * mpp, the heatmap keeps the scale and translation
+stored in its OME-Zarr, and contour vertices (level-0 pixel edges, QuPath's convention) are shifted by half a
+pixel so that they fall on the heatmap's cell edges.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.errors import UsageError
+from wsi_vssm.io.base import SlideReader
+
+CHUNK = 1024  # px per side of one lazily read block of a slide level
+HEATMAP_NAME = "heatmap.ome.zarr"
+CONTOURS_NAME = "contours.geojson"
+PREDICTION_NAME = "prediction.json"
+HEATMAP_OPACITY = 0.5
+CONTOUR_COLOR = "#00ff66"  # green: stands out against both H&E and the heatmap's reds
+META_KEY = "wsi_vssm"  # layer.metadata[META_KEY] says what a layer is ("slide", "heatmap", "contours")
+
+
+class _LevelArray:
+    """One pyramid level as an array-like (h, w, 3) uint8 that reads only the boxes it is indexed with."""
+
+    def __init__(self, slide: SlideReader, level: int, lock: threading.Lock):
+        self.slide, self.level, self.lock = slide, level, lock
+        w, h = slide.level_dimensions[level]
+        self.shape = (h, w, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, key) -> np.ndarray:
+        ys, xs = (key + (slice(None), slice(None)))[:2] if isinstance(key, tuple) else (key, slice(None))
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        rest = key[2:] if isinstance(key, tuple) else ()
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)[(slice(None), slice(None), *rest)]
+        ds = self.slide.level_downsamples[self.level]
+        # ceil: read_region floors location / ds back to exactly (x0, y0) at this level
+        loc = (math.ceil(x0 * ds), math.ceil(y0 * ds))
+        with self.lock:  # one decoder per slide handle; backends are not all thread-safe
+            tile = self.slide.read_region(loc, self.level, (x1 - x0, y1 - y0))
+        return tile[(slice(None), slice(None), *rest)]
+
+
+def slide_pyramid(slide: SlideReader, chunk: int = CHUNK) -> list:
+    """One dask array (h, w, 3) uint8 per level, finest first; a block is read only when it is computed."""
+    import dask.array as da
+
+    lock = threading.Lock()
+    token = uuid.uuid4().hex  # distinct graph names: never tokenize (hash) the reader itself
+    return [
+        da.from_array(_LevelArray(slide, k, lock), chunks=(chunk, chunk, 3), asarray=False, fancy=False,
+                      name=f"wsi-vssm-{token}-level{k}")
+        for k in range(slide.level_count)
+    ]  # fmt: skip
+
+
+def slide_layer(slide: SlideReader, name: str | None = None) -> tuple:
+    """A multiscale RGB image layer over `slide`, scaled to micrometres when its mpp is known."""
+    mpp = slide.mpp
+    kwargs = {
+        "name": name or slide.name,
+        "rgb": True,
+        "multiscale": True,
+        "contrast_limits": (0, 255),
+        "metadata": {
+            META_KEY: {
+                "kind": "slide",
+                "path": None if slide.path is None else str(slide.path),
+                "mpp": mpp,
+                "mpp_source": slide.mpp_source,
+                "dimensions": list(slide.dimensions),
+            }
+        },
+    }
+    if mpp is not None:
+        kwargs.update(scale=(mpp, mpp), units=("um", "um"))
+    return slide_pyramid(slide), kwargs, "image"
+
+
+def heatmap_colormap():
+    """Turbo from 0 (blue) to 1 (dark red), with exactly 0 (no tissue) fully transparent."""
+    import matplotlib
+    from napari.utils.colormaps import Colormap
+
+    colors = matplotlib.colormaps["turbo"](np.linspace(0.0, 1.0, 256))
+    colors[0, 3] = 0.0
+    return Colormap(colors=colors, controls=np.linspace(0.0, 1.0, 256), name="wsi-vssm tumour probability")
+
+
+def heatmap_layer(path: str | Path) -> tuple:
+    """The heatmap OME-Zarr's finest level as an image layer placed by its stored scale and translation (um).
+
+    Raises UsageError when `path` is not a wsi-vssm heatmap.
+    """
+    from wsi_vssm.outputs.heatmap import read_heatmap_zarr
+
+    prob, cell_um, translation, attrs = read_heatmap_zarr(path, 0)
+    block = dict(attrs.get(META_KEY) or {})
+    slide = block.get("slide") or Path(path).parent.name
+    kwargs = {
+        "name": f"{slide} heatmap",
+        "scale": (cell_um, cell_um),
+        "translate": tuple(translation[-2:]),
+        "units": ("um", "um"),
+        "colormap": heatmap_colormap(),
+        "contrast_limits": (0.0, 1.0),
+        "opacity": HEATMAP_OPACITY,
+        "blending": "translucent",
+        "interpolation2d": "nearest",
+        "metadata": {META_KEY: {**block, "kind": "heatmap", "path": str(path)}},
+    }
+    return prob, kwargs, "image"
+
+
+def contours_layer(path: str | Path, mpp: float, name: str = "contours", edge_width_px: float = 2.0) -> tuple:
+    """The tumour polygons of a contours.geojson (level-0 px) as a Shapes layer in micrometres.
+
+    Holes are drawn as outlines of their own. `edge_width_px` is in level-0 pixels.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+        features = list(doc["features"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path}: not a contours GeoJSON: {type(err).__name__}: {err}") from err
+    shapes, names, probs = [], [], []
+    for i, feat in enumerate(features):
+        props = feat.get("properties") or {}
+        prob = (props.get("measurements") or {}).get("Max probability")
+        for ring in _rings(feat.get("geometry") or {}):
+            shapes.append(ring[:, ::-1].copy())  # (x, y) -> napari's (y, x)
+            names.append(str(props.get("name") or f"Tumor {i + 1}"))
+            probs.append(math.nan if prob is None else float(prob))
+    kwargs = {
+        "name": name,
+        "shape_type": "polygon",
+        "scale": (mpp, mpp),
+        "translate": (-0.5 * mpp, -0.5 * mpp),  # a pixel's edge lies half a pixel before its centre
+        "units": ("um", "um"),
+        "edge_color": CONTOUR_COLOR,
+        "face_color": "transparent",
+        "edge_width": edge_width_px,
+        "features": {"name": names, "max_probability": np.asarray(probs, dtype=float)},
+        "metadata": {META_KEY: {"kind": "contours", "path": str(path), "mpp": mpp}},
+    }
+    return shapes, kwargs, "shapes"
+
+
+def _rings(geometry: dict) -> list[np.ndarray]:
+    """Every ring (exterior and holes) of a GeoJSON Polygon or MultiPolygon, as (n, 2) arrays, closing point off."""
+    kind, coords = geometry.get("type"), geometry.get("coordinates") or []
+    polygons = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else []
+    out = []
+    for poly in polygons:
+        for ring in poly:
+            a = np.asarray(ring, dtype=float)
+            if a.ndim == 2 and len(a) >= 4 and a.shape[1] >= 2:
+                out.append(a[:-1, :2] if np.array_equal(a[0], a[-1]) else a[:, :2])
+    return out
+
+
+def prediction_layers(folder: str | Path) -> list[tuple]:
+    """Heatmap and contours layers of one `wsi-vssm predict` output folder (its heatmap must exist)."""
+    folder = Path(folder)
+    heat = heatmap_layer(folder / HEATMAP_NAME)
+    layers = [heat]
+    contours = folder / CONTOURS_NAME
+    if contours.is_file():
+        block = heat[1]["metadata"][META_KEY]
+        mpp = float(block["mpp"])
+        rows, cols = heat[0].shape
+        extent_px = max(rows, cols) * float(block.get("cell0", 1.0))
+        slide = block.get("slide") or folder.name
+        layers.append(contours_layer(contours, mpp, f"{slide} contours", edge_width_px=max(2.0, extent_px / 400)))
+    return layers

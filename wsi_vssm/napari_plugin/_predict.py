@@ -1,0 +1,75 @@
+"""The widget's work, without Qt: load a model (cached) and run `predict_slide` for one slide.
+
+Runs on a worker thread; `progress(done, total, stage)` and `cancel` (a threading.Event) pass straight through
+to `wsi_vssm.predict.predict_slide`, which raises `Cancelled` between regions once `cancel` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+DEFAULT_OUT = Path.home() / "wsi-vssm-predictions"
+
+_models: dict[str, object] = {}
+_models_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    slide: str  # path of the slide file or OME-Zarr directory
+    model: str = DEFAULT_MODEL  # "default" or a model file
+    mpp: float | None = None  # level-0 microns per pixel for a slide that states none (or to override it)
+    out_root: str = str(DEFAULT_OUT)
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    record: dict  # prediction.json
+    out_dir: Path  # out_root/<slide name>/
+
+
+def load_model_cached(name_or_path: str):
+    """`load_model(name_or_path)`, kept for the session (keyed by the resolved path and its mtime)."""
+    from wsi_vssm.models.slide_model import load_model, resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    try:
+        key = f"{path.resolve()}@{path.stat().st_mtime_ns}"
+    except OSError:
+        key = str(path)  # load_model reports the missing file
+    with _models_lock:
+        if key not in _models:
+            _models[key] = load_model(name_or_path)
+        return _models[key]
+
+
+def run_prediction(
+    request: PredictRequest,
+    progress: Callable[[int, int, str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> PredictResult:
+    """Predict one slide; raises WsiVssmError subclasses (SlideError, ModelFileError, Cancelled...)."""
+    from wsi_vssm.predict import Cancelled, PredictParams, predict_slide
+
+    if progress is not None:
+        progress(0, 1, "loading model")
+    model = load_model_cached(request.model)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("prediction cancelled")
+    out_root = Path(os.path.expanduser(request.out_root))
+    record = predict_slide(request.slide, model, out_root, PredictParams(mpp=request.mpp), progress, cancel)
+    return PredictResult(record, out_root / str(record["slide"]))
+
+
+def summary(record: dict) -> str:
+    """One line for the widget: the slide probability and decision, or why there is none."""
+    prob = record.get("probability")
+    if prob is None:
+        return f"{record.get('slide')}: no probability ({record.get('reason') or 'unknown reason'})"
+    label = "tumour" if record.get("label") else "normal"
+    return f"{record.get('slide')}: tumour probability {prob:.3f} -> {label} (threshold {record.get('threshold')})"

@@ -1,0 +1,103 @@
+"""napari reader: whole-slide images as lazy multiscale layers, and wsi-vssm prediction outputs.
+
+`get_reader(path)` decides from the name and a few bytes (or a directory's marker files) without importing
+anything heavy, and returns None for anything else. What it accepts:
+
+- a slide file the library opens (svs, tif, ndpi, mrxs, ome.tif, ...) or an OME-Zarr slide directory;
+- a `wsi-vssm predict` output folder, its `prediction.json`, or its `heatmap.ome.zarr`: heatmap + contours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif")
+OTHER_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")  # OpenSlide formats with no TIFF header to sniff
+_ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup")
+_HEATMAP = "heatmap.ome.zarr"
+_PREDICTION = "prediction.json"
+
+ReaderFunction = Callable[[str], list]
+
+
+def get_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
+    """The function reading `path` as napari layers, or None (fast) when it is neither a slide nor a prediction."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None  # stacks of slides are not a thing
+        path = path[0]
+    p = Path(path)
+    kind = sniff(p)
+    if kind == "slide":
+        return read_slide
+    if kind in ("prediction", "heatmap"):
+        return read_prediction
+    return None
+
+
+def sniff(p: Path) -> str | None:
+    """'slide', 'prediction' (an output folder or its prediction.json), 'heatmap' (its .zarr) or None."""
+    try:
+        if p.is_dir():
+            return _sniff_dir(p)
+        if p.name == _PREDICTION:
+            return "prediction" if (p.parent / _HEATMAP).is_dir() else None
+        suffix = p.suffix.lower()
+        if suffix in TIFF_SUFFIXES:
+            with open(p, "rb") as f:
+                return "slide" if f.read(4) in _TIFF_MAGIC else None
+        if suffix in OTHER_SUFFIXES:
+            return "slide" if p.is_file() and p.stat().st_size > 0 else None
+    except OSError:
+        return None
+    return None
+
+
+def _sniff_dir(p: Path) -> str | None:
+    if (p / _HEATMAP).is_dir():
+        return "prediction"
+    if not any((p / m).is_file() for m in _ZARR_MARKERS):
+        return None
+    attrs = _zarr_attrs(p)
+    if attrs is None:
+        return None
+    return "heatmap" if isinstance(attrs.get("wsi_vssm"), dict) and "cell_um" in attrs["wsi_vssm"] else "slide"
+
+
+def _zarr_attrs(p: Path) -> dict | None:
+    """The root attributes of a zarr v2 (.zattrs) or v3 (zarr.json) group; {} for a bare group, None if broken."""
+    try:
+        if (p / ".zattrs").is_file():
+            return dict(json.loads((p / ".zattrs").read_text()))
+        if (p / "zarr.json").is_file():
+            return dict(json.loads((p / "zarr.json").read_text()).get("attributes") or {})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return {}
+
+
+def read_slide(path: str | os.PathLike | list) -> list[tuple]:
+    """A slide as one lazy multiscale image layer (um when its mpp is known). Raises SlideError."""
+    from wsi_vssm.io import open_slide
+    from wsi_vssm.napari_plugin._layers import slide_layer
+
+    path = path[0] if isinstance(path, (list, tuple)) else path
+    return [slide_layer(open_slide(path))]
+
+
+def read_prediction(path: str | os.PathLike | list) -> list[tuple]:
+    """A prediction folder (or its prediction.json or heatmap.ome.zarr) as heatmap + contours layers."""
+    from wsi_vssm.napari_plugin._layers import heatmap_layer, prediction_layers
+
+    p = Path(path[0] if isinstance(path, (list, tuple)) else path)
+    if p.name == _PREDICTION:
+        p = p.parent
+    if (p / _HEATMAP).is_dir():
+        return prediction_layers(p)
+    if p.name == _HEATMAP:
+        return prediction_layers(p.parent)
+    return [heatmap_layer(p)]  # a heatmap .zarr renamed or moved away from its folder
