@@ -9,13 +9,34 @@ Shapes (mamba-ssm's `selective_scan_fn`):
 Recurrence per channel d and state n, from h = initial_state (zeros by default):
     h_t = exp(delta_t * A[d, n]) * h_{t-1} + delta_t * B[n, t] * u_t
     y_t = sum_n C[n, t] * h_t[n] + D[d] * u_t ;  out = y * silu(z) when z is given.
-All accumulation is fp32; the output has u's dtype.
+All accumulation is fp32; the output has u's dtype; the last state is fp32.
+
+Implementations (docs/scan.md has the measurements):
+    reference  the plain loop over L: the spec.
+    cpu        fused numba kernel (kernels/scan_cpu.py), forward and backward; float64 inputs run in float64.
+    chunked    pure PyTorch, parallel within chunks (log-space segment sums): exports to ONNX, runs anywhere.
+    mamba_ssm  mamba-ssm's CUDA kernel (extra [cuda]); it has no initial_state, so passing one raises.
+    triton     our Triton forward (kernels/scan_triton.py); backward recomputes through `chunked`.
+    auto       CPU: cpu (numba is a core dependency; missing -> MissingDependency, never a slow path).
+               CUDA: mamba_ssm, else triton, else chunked (with a warning), skipping mamba_ssm when
+               initial_state is given. The choice is logged once per (device, choice).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+
 import torch
 import torch.nn.functional as F
+
+from wsi_vssm.errors import MissingDependency
+
+log = logging.getLogger("wsi_vssm.scan")
+
+IMPLS = ("auto", "reference", "cpu", "chunked", "mamba_ssm", "triton")
+CUDA_INSTALL = 'pip install "wsi-vssm[cuda]"'
 
 
 def _expand_groups(X: torch.Tensor, dim: int) -> torch.Tensor:
@@ -60,7 +81,359 @@ def selective_scan_reference(
     return (y, h) if return_last_state else y
 
 
-IMPLS = ("auto", "reference", "cpu", "mamba_ssm", "triton")
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks (no asserts: these are user inputs)
+
+
+def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, D, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape or (z is not None and z.shape != u.shape):
+        raise ValueError("delta and z must have u's shape (batch, D, L)")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (D, N) = ({dim}, N), got {tuple(A.shape)}")
+    nstate = A.shape[1]
+    for name, X in (("B", B), ("C", C)):
+        ok = X.dim() in (3, 4) and X.shape[0] == batch and X.shape[-2:] == (nstate, length)
+        if not ok or (X.dim() == 4 and (X.shape[1] == 0 or dim % X.shape[1])):
+            raise ValueError(
+                f"{name} must be (batch, N, L) or (batch, G, N, L) with D divisible by G; "
+                f"got {tuple(X.shape)} for u {tuple(u.shape)}, N = {nstate}"
+            )
+    for name, X in (("D", D), ("delta_bias", delta_bias)):
+        if X is not None and X.shape != (dim,):
+            raise ValueError(f"{name} must be ({dim},), got {tuple(X.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, dim, nstate):
+        raise ValueError(f"initial_state must be ({batch}, {dim}, {nstate}), got {tuple(initial_state.shape)}")
+
+
+def _as_groups(X: torch.Tensor) -> torch.Tensor:
+    """(batch, N, L) -> (batch, 1, N, L) view; grouped tensors unchanged."""
+    return X.unsqueeze(1) if X.dim() == 3 else X
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cpu: the fused numba kernel
+
+_CPU_LOCK = threading.Lock()  # numba's default workqueue threading layer must not be entered concurrently
+
+
+def _numba_kernels():
+    try:
+        import numba  # noqa: F401
+        from wsi_vssm_kernels import scan_cpu
+    except ImportError as err:
+        raise MissingDependency("numba (the fast CPU scan)", "pip install numba") from err
+    return scan_cpu
+
+
+def _set_numba_threads():
+    import numba
+
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
+    return numba.get_num_threads()
+
+
+def _cpu_dtype(u):
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _np(X, dtype):
+    """A contiguous CPU tensor of `dtype` (zero-copy when it already is one), detached."""
+    return X.detach().to(dtype).contiguous()
+
+
+class _ScanCpuFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, need_grad):
+        kern = _numba_kernels()
+        dt = _cpu_dtype(u)
+        batch, dim, length = u.shape
+        nstate = A.shape[1]
+        uf, df, Af = _np(u, dt), _np(delta, dt), _np(A, dt)
+        Bf, Cf = _np(_as_groups(B), dt), _np(_as_groups(C), dt)
+        Df = _np(D, dt) if D is not None else torch.zeros(dim, dtype=dt)
+        bf = _np(delta_bias, dt) if delta_bias is not None else torch.zeros(dim, dtype=dt)
+        zf = _np(z, dt) if z is not None else torch.zeros(1, 1, 1, dtype=dt)
+        hf = _np(h0, dt) if h0 is not None else torch.zeros(batch, dim, nstate, dtype=dt)
+        K = kern.CHUNK
+        nck = -(-length // K) if need_grad else 1
+        ckpt = torch.empty(batch, dim, nck, nstate, dtype=dt)
+        y = torch.empty(batch, dim, length, dtype=dt)
+        hlast = torch.empty(batch, dim, nstate, dtype=dt)
+        with _CPU_LOCK:
+            _set_numba_threads()
+            kern.scan_fwd(uf.numpy(), df.numpy(), Af.numpy(), Bf.numpy(), Cf.numpy(), Df.numpy(), zf.numpy(),
+                          bf.numpy(), hf.numpy(), softplus, z is not None, need_grad, K, y.numpy(),
+                          hlast.numpy(), ckpt.numpy())
+        if need_grad:
+            ctx.save_for_backward(uf, df, Af, Bf, Cf, Df, zf, bf, ckpt)
+            ctx.meta = (softplus, z is not None, K, B.shape, [x.dtype if x is not None else None
+                                                              for x in (u, delta, A, B, C, D, z, delta_bias, h0)])
+        return y.to(u.dtype), hlast
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        return _cpu_backward(ctx, dy, dlast)
+
+
+def _cpu_backward(ctx, dy, dlast):
+    kern = _numba_kernels()
+    uf, df, Af, Bf, Cf, Df, zf, bf, ckpt = ctx.saved_tensors
+    softplus, has_z, K, b_shape, dtypes = ctx.meta
+    dt = uf.dtype
+    batch, dim, length = uf.shape
+    groups, nstate = Bf.shape[1], Af.shape[1]
+    dyf = _np(dy, dt) if dy is not None else torch.zeros_like(uf)
+    dlf = _np(dlast, dt) if dlast is not None else torch.zeros(batch, dim, nstate, dtype=dt)
+    du, ddelta = torch.empty_like(uf), torch.empty_like(uf)
+    dz = torch.empty_like(uf) if has_z else torch.zeros(1, 1, 1, dtype=dt)
+    dA = torch.empty(batch, dim, nstate, dtype=torch.float64)
+    dD, dbias = torch.empty(batch, dim, dtype=torch.float64), torch.empty(batch, dim, dtype=torch.float64)
+    dh0 = torch.empty(batch, dim, nstate, dtype=dt)
+    with _CPU_LOCK:
+        threads = _set_numba_threads()
+        blocks = kern.backward_blocks(batch, groups, dim // groups, threads)
+        dB = torch.zeros(batch, groups, blocks, nstate, length, dtype=dt)
+        dC = torch.zeros_like(dB)
+        kern.scan_bwd(uf.numpy(), df.numpy(), Af.numpy(), Bf.numpy(), Cf.numpy(), Df.numpy(), zf.numpy(),
+                      bf.numpy(), dyf.numpy(), dlf.numpy(), ckpt.numpy(), softplus, has_z, K, blocks,
+                      du.numpy(), ddelta.numpy(), dz.numpy(), dB.numpy(), dC.numpy(), dA.numpy(), dD.numpy(),
+                      dbias.numpy(), dh0.numpy())
+    dB = (dB[:, :, 0] if blocks == 1 else dB.sum(2)).reshape(b_shape)
+    dC = (dC[:, :, 0] if blocks == 1 else dC.sum(2)).reshape(b_shape)
+    grads = (du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz if has_z else None, dbias.sum(0), dh0)
+    out = [
+        g.to(t) if (need and t is not None and g is not None) else None
+        for g, t, need in zip(grads, dtypes, ctx.needs_input_grad, strict=False)
+    ]
+    return (*out, None, None)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, initial_state=None):
+    """Fused numba scan on CPU tensors, differentiable. Same signature and semantics as the reference."""
+    if u.is_cuda:
+        raise ValueError("the 'cpu' scan needs CPU tensors; use impl='auto' or a CUDA implementation")
+    need = _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    y, h = _ScanCpuFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), need)
+    return (y, h) if return_last_state else y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chunked: pure PyTorch, parallel within chunks; ONNX-exportable
+
+CHUNK = 32
+_BLOCK_ELEMENTS = 1 << 23  # cap on one block's (.., T, T) temporary: bounds the chunked path's extra memory
+
+
+def _segsum_decay(S: torch.Tensor) -> torch.Tensor:
+    """S (..., T) non-increasing cumulative log-decays -> (..., T, T) with [t, s] = exp(S_t - S_s) for t >= s,
+    0 above the diagonal. The mask is applied before exp: above it S_t - S_s > 0 and exp may overflow."""
+    T = S.shape[-1]
+    seg = S[..., :, None] - S[..., None, :]
+    lower = torch.ones(T, T, dtype=torch.bool, device=S.device).tril()
+    return torch.exp(seg.masked_fill(~lower, float("-inf")))
+
+
+def _chunked_block(dt, x, A, Bc, Cc, h0):
+    """One block of chunks. dt, x: (b, G, cpg, nc, T); A: (G, cpg, N); Bc, Cc: (b, G, N, nc, T);
+    h0: (b, G, cpg, N). Returns y (b, G, cpg, nc, T) and the block's last state (b, G, cpg, N)."""
+    S = torch.cumsum(dt[:, :, :, None] * A[None, :, :, :, None, None], dim=-1)  # (b, G, cpg, N, nc, T) <= 0
+    xB = x[:, :, :, None] * Bc[:, :, None]  # (b, G, cpg, N, nc, T)
+    h_in = (_segsum_decay(S) @ xB.unsqueeze(-1)).squeeze(-1)  # states from a zero start at each chunk
+    # Chunk boundaries: the same segment-sum trick one level up, over the chunks of this block.
+    P = torch.cumsum(S[..., -1], dim=-1)  # (b, G, cpg, N, nc)
+    h_end = (_segsum_decay(P) @ h_in[..., -1].unsqueeze(-1)).squeeze(-1) + torch.exp(P) * h0[..., None]
+    h_start = torch.cat([h0[..., None], h_end[..., :-1]], dim=-1)  # (b, G, cpg, N, nc)
+    h = h_in + torch.exp(S) * h_start[..., None]
+    y = (h * Cc[:, :, None]).sum(3)
+    return y, h_end[..., -1]
+
+
+def _pad_last(X: torch.Tensor, pad: int) -> torch.Tensor:
+    return F.pad(X, (0, pad)) if pad else X
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, initial_state=None, chunk: int = CHUNK):
+    """Pure-PyTorch chunked scan: exact (no approximation), differentiable by autograd, ONNX-exportable.
+
+    Within a chunk of T steps the states come from a (T, T) matrix of decays exp(S_t - S_s), t >= s, where
+    S is the cumulative sum of delta * A <= 0, so every exponent is <= 0; chunk boundaries use the same form
+    over chunks. Work is T per element (vs 1 for the loop) but in large tensor ops; a Python loop runs only
+    over blocks of chunks sized to bound memory (one block for typical exported shapes).
+    """
+    dtype_in = u.dtype
+    u, delta = u.float(), delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, length = u.shape
+    Bg, Cg = _as_groups(B).float(), _as_groups(C).float()
+    groups, nstate = Bg.shape[1], A.shape[1]
+    cpg = dim // groups
+    T = max(1, min(chunk, length))
+    pad = (-length) % T
+    nc = (length + pad) // T
+    # Padded steps have dt = 0 and x = 0: the state passes through them unchanged.
+    dt = _pad_last(delta, pad).reshape(batch, groups, cpg, nc, T)
+    x = dt * _pad_last(u, pad).reshape(batch, groups, cpg, nc, T)
+    Bc = _pad_last(Bg, pad).reshape(batch, groups, nstate, nc, T)
+    Cc = _pad_last(Cg, pad).reshape(batch, groups, nstate, nc, T)
+    Ag = A.float().reshape(groups, cpg, nstate)
+    h = (torch.zeros(batch, dim, nstate, device=u.device) if initial_state is None
+         else initial_state.float()).reshape(batch, groups, cpg, nstate)
+    per_block = max(1, _BLOCK_ELEMENTS // max(1, batch * dim * nstate * T * T))
+    ys = []
+    for c0 in range(0, nc, per_block):
+        sl = slice(c0, min(nc, c0 + per_block))
+        yb, h = _chunked_block(dt[:, :, :, sl], x[:, :, :, sl], Ag, Bc[:, :, :, sl], Cc[:, :, :, sl], h)
+        ys.append(yb)
+    y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=3)).reshape(batch, dim, nc * T)[..., :length]
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype_in)
+    return (y, h.reshape(batch, dim, nstate)) if return_last_state else y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: mamba_ssm and triton (imported lazily)
+
+
+def _import_mamba_ssm():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError) as err:  # OSError: a CUDA extension built against another torch
+        raise MissingDependency("mamba-ssm (the CUDA scan)", CUDA_INSTALL) from err
+    return selective_scan_fn
+
+
+def selective_scan_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False, initial_state=None):
+    """mamba-ssm's fused CUDA kernel. It has no initial state, so one is rejected rather than ignored."""
+    if initial_state is not None:
+        raise ValueError(
+            "mamba_ssm's kernel does not take initial_state; use impl='triton' or 'chunked' (or 'auto', "
+            "which skips mamba_ssm when initial_state is given)"
+        )
+    fn = _import_mamba_ssm()
+    out = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if return_last_state:
+        y, h = out
+        return y, h.float()
+    return out
+
+
+def _import_triton_kernel():
+    try:
+        from wsi_vssm_kernels import scan_triton
+    except ImportError as err:
+        raise MissingDependency("triton (the GPU scan kernel)", CUDA_INSTALL) from err
+    return scan_triton
+
+
+class _ScanTritonFn(torch.autograd.Function):
+    """Triton forward; backward recomputes the scan with `chunked` under autograd (correct, not fused)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus):
+        kern = _import_triton_kernel()
+        batch, dim, _ = u.shape
+        dev, f32 = u.device, torch.float32
+        y, hlast = kern.scan_fwd(
+            _np(u, f32), _np(delta, f32), _np(A, f32), _np(_as_groups(B), f32), _np(_as_groups(C), f32),
+            _np(D, f32) if D is not None else torch.zeros(dim, device=dev),
+            _np(z, f32) if z is not None else None,
+            _np(delta_bias, f32) if delta_bias is not None else torch.zeros(dim, device=dev),
+            _np(h0, f32) if h0 is not None else torch.zeros(batch, dim, A.shape[1], device=dev),
+            softplus,
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
+        ctx.softplus = softplus
+        return y.to(u.dtype), hlast
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        inputs = [x.detach().requires_grad_(x.dtype.is_floating_point) if x is not None else None
+                  for x in ctx.saved_tensors]
+        with torch.enable_grad():
+            y, h = selective_scan_chunked(*inputs[:8], delta_softplus=ctx.softplus, return_last_state=True,
+                                          initial_state=inputs[8])
+            outs, gouts = zip(*[(o, g) for o, g in ((y, dy), (h, dlast)) if g is not None], strict=True)
+            wanted = [x for x, need in zip(inputs, ctx.needs_input_grad, strict=False) if need]
+            grads = iter(torch.autograd.grad(outs, wanted, gouts, allow_unused=True))
+        return (*[next(grads) if need else None for need in ctx.needs_input_grad[:9]], None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, initial_state=None):
+    """Triton kernel on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)."""
+    if not u.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("the 'triton' scan needs CUDA tensors (or TRITON_INTERPRET=1 for testing on CPU)")
+    y, h = _ScanTritonFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+    return (y, h) if return_last_state else y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch
+
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _log_once(device: str, impl: str, why: str, degraded: bool = False) -> None:
+    if (device, impl) in _LOGGED:
+        return
+    _LOGGED.add((device, impl))
+    (log.warning if degraded else log.info)("selective scan on %s: using %r (%s)", device, impl, why)
+
+
+def _auto_cuda(initial_state) -> str:
+    reasons = []
+    if initial_state is None:
+        try:
+            _import_mamba_ssm()
+            return "mamba_ssm"
+        except MissingDependency as err:
+            reasons.append(f"mamba_ssm unavailable ({err.__cause__!r})")
+    else:
+        reasons.append("mamba_ssm takes no initial_state")
+    try:
+        _import_triton_kernel()
+        _log_once("cuda", "triton", "; ".join(reasons))
+        return "triton"
+    except MissingDependency:
+        reasons.append(f"triton not installed; for the fused kernels: {CUDA_INSTALL}")
+    _log_once("cuda", "chunked", "; ".join(reasons), degraded=True)
+    return "chunked"
+
+
+def _auto_impl(u, initial_state) -> str:
+    if u.is_cuda:
+        impl = _auto_cuda(initial_state)
+        if impl == "mamba_ssm":
+            _log_once("cuda", impl, "mamba-ssm CUDA kernel")
+        return impl
+    _numba_kernels()  # raises MissingDependency with the install command: never a silent slow path
+    _log_once(u.device.type, "cpu", "fused numba kernel")
+    return "cpu"
+
+
+_IMPL_FNS = {
+    "reference": selective_scan_reference,
+    "cpu": selective_scan_cpu,
+    "chunked": selective_scan_chunked,
+    "mamba_ssm": selective_scan_mamba_ssm,
+    "triton": selective_scan_triton,
+}
 
 
 def selective_scan(
@@ -70,7 +443,9 @@ def selective_scan(
     """Run the selective scan with implementation `impl` (one of IMPLS; 'auto' picks by device)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown scan implementation {impl!r}; choose one of {', '.join(IMPLS)}")
-    # Dispatch to the fused implementations is added with them; until then everything is the reference.
-    return selective_scan_reference(
+    _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if impl == "auto":
+        impl = _auto_impl(u, initial_state)
+    return _IMPL_FNS[impl](
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state=initial_state
     )
