@@ -1,0 +1,235 @@
+"""Cohorts: which slides, with which slide labels and splits.
+
+Two layouts:
+- a manifest CSV with a header `slide,label[,split]` (extra columns ignored); `slide` is a path, relative to the
+  CSV's folder unless absolute;
+- a CAMELYON16-style folder (or its `reference.csv`): rows `name,label[,...]` with or without a header, as in the
+  official file (`Test_001,Tumor,Macro,...`, `tumor_001,Tumor`); slides are found by name (any case) anywhere
+  under the folder, with any slide extension.
+
+Labels are 0/1 or tumor/normal in any case; anything else is an error naming the row. Duplicate slides are an
+error; a slide whose file is missing becomes a failed row (the rest of the cohort goes on).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsi_vssm.errors import UsageError
+
+LABELS = {"0": 0, "1": 1, "normal": 0, "tumor": 1}
+SPLITS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
+SLIDE_SUFFIXES = (
+    ".ome.tiff", ".ome.tif", ".ome.zarr", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
+    ".bif", ".svslide", ".dcm", ".zarr",
+)  # fmt: skip
+_HEADER_NAMES = {"slide", "name", "image", "slide_id", "image_id", "id", "path", "file"}
+
+
+class CohortError(UsageError):
+    """A cohort table that cannot be used as written; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class CohortRow:
+    name: str  # slide name without extension (as feature stores and outputs are named)
+    label: int | None  # 1 tumour, 0 normal; None when the table gives none
+    split: str | None  # 'train', 'valid', 'test' or None
+    path: Path | None  # the slide file; None when not found
+    line: int  # 1-based line in the table
+    error: str | None = None  # why this row cannot be used (e.g. file not found)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Cohort:
+    source: Path  # the table that was read
+    layout: str  # 'manifest' or 'camelyon'
+    rows: list[CohortRow] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[CohortRow]:
+        return [r for r in self.rows if r.ok]
+
+    @property
+    def failed(self) -> list[CohortRow]:
+        return [r for r in self.rows if not r.ok]
+
+    @property
+    def has_split(self) -> bool:
+        return any(r.split is not None for r in self.rows)
+
+    def labels(self) -> dict[str, int]:
+        """slide name -> label, for every row with a label (found or not)."""
+        return {r.name: r.label for r in self.rows if r.label is not None}
+
+
+def slide_name(path: str | os.PathLike) -> str:
+    """A slide file's name without its slide extension (`a.ome.tiff` -> `a`, `b.svs` -> `b`)."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in SLIDE_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
+    """Read a manifest CSV, a CAMELYON16-style reference.csv, or a folder holding reference.csv.
+
+    With `find_slides=False` slide files are not looked for (labels only: e.g. for cached features), so no row
+    fails for a missing file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        table = p / "reference.csv"
+        if not table.is_file():
+            raise CohortError(f"{p}: a cohort folder needs a reference.csv (or pass a manifest CSV)")
+        return read_reference(table, root=p, find_slides=find_slides)
+    if not p.is_file():
+        raise CohortError(f"{p}: no such cohort file or folder")
+    rows = _read_csv(p)
+    if rows and _is_manifest_header(rows[0][1]):
+        return read_manifest(p, find_slides=find_slides)
+    return read_reference(p, root=p.parent, find_slides=find_slides)
+
+
+def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
+    """A CSV with a header naming `slide` and `label` (and optionally `split`) columns."""
+    path = Path(path)
+    rows = _read_csv(path)
+    if not rows or not _is_manifest_header(rows[0][1]):
+        raise CohortError(f"{path}: a manifest needs a header row with 'slide' and 'label' columns")
+    header = [c.strip().lower() for c in rows[0][1]]
+    i_slide, i_label = header.index("slide"), header.index("label")
+    i_split = header.index("split") if "split" in header else None
+    cohort = Cohort(path, "manifest")
+    for line, cells in rows[1:]:
+        ref = _cell(cells, i_slide)
+        if not ref:
+            raise CohortError(f"{path}, line {line}: empty slide path")
+        label = parse_label(_cell(cells, i_label), path, line)
+        split = None if i_split is None else parse_split(_cell(cells, i_split), path, line)
+        file = Path(ref) if Path(ref).is_absolute() else path.parent / ref
+        error = None
+        if find_slides and not file.exists():
+            error = f"slide file not found: {file}"
+        cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error))
+    _check_duplicates(cohort)
+    return cohort
+
+
+def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = None, find_slides: bool = True) -> Cohort:
+    """A CAMELYON16-style `name,label[,...]` table, header optional; slides are looked up under `root`."""
+    path = Path(path)
+    root = path.parent if root is None else Path(root)
+    rows = _read_csv(path)
+    if rows and _is_reference_header(rows[0][1]):
+        rows = rows[1:]
+    index = index_slides(root) if find_slides else {}
+    cohort = Cohort(path, "camelyon")
+    for line, cells in rows:
+        name = _cell(cells, 0)
+        if not name:
+            raise CohortError(f"{path}, line {line}: empty slide name")
+        if len(cells) < 2:
+            raise CohortError(f"{path}, line {line}: expected 'name,label', got {','.join(cells)!r}")
+        label = parse_label(_cell(cells, 1), path, line)
+        name = slide_name(name)  # tolerate a name written with its extension
+        found, error = None, None
+        if find_slides:
+            hits = index.get(name.lower(), [])
+            if not hits:
+                error = f"no slide file named {name!r} under {root}"
+            elif len(hits) > 1:
+                error = f"several slide files named {name!r}: {', '.join(str(h) for h in hits[:4])}"
+            else:
+                found = hits[0]
+        cohort.rows.append(CohortRow(name, label, None, found, line, error))
+    _check_duplicates(cohort)
+    return cohort
+
+
+def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
+    """Lower-case slide name -> slide files (or OME-Zarr folders) anywhere under `root`, hidden ones skipped."""
+    out: dict[str, list[Path]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            if d.lower().endswith(".zarr"):  # a zarr folder is one item (a slide if .ome.zarr), never walked
+                if d.lower().endswith(".ome.zarr"):
+                    out.setdefault(slide_name(d).lower(), []).append(Path(dirpath) / d)
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            low = f.lower()
+            if not f.startswith(".") and low.endswith(SLIDE_SUFFIXES) and not low.endswith(".zarr"):
+                out.setdefault(slide_name(f).lower(), []).append(Path(dirpath) / f)
+    return out
+
+
+def parse_label(value: str, path: Path, line: int) -> int:
+    label = LABELS.get(value.strip().lower())
+    if label is None:
+        raise CohortError(f"{path}, line {line}: label {value!r} is not one of 0, 1, tumor, normal (any case)")
+    return label
+
+
+def parse_split(value: str, path: Path, line: int) -> str | None:
+    v = value.strip().lower()
+    if not v:
+        return None
+    if v not in SPLITS:
+        raise CohortError(f"{path}, line {line}: split {value!r} is not one of train, valid, test")
+    return SPLITS[v]
+
+
+def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every non-blank row; a BOM and surrounding spaces are dropped."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CohortError(f"{path}: cannot read the table: {e}") from e
+    out = []
+    reader = csv.reader(text.splitlines())
+    for cells in reader:
+        cells = [c.strip() for c in cells]
+        if any(cells) and not cells[0].startswith("#"):
+            out.append((reader.line_num, cells))
+    return out
+
+
+def _cell(cells: list[str], i: int) -> str:
+    return cells[i] if i < len(cells) else ""
+
+
+def _is_manifest_header(cells: list[str]) -> bool:
+    low = [c.lower() for c in cells]
+    return "slide" in low and "label" in low
+
+
+def _is_reference_header(cells: list[str]) -> bool:
+    low = [c.lower() for c in cells]
+    if len(low) >= 2 and low[1] in LABELS:
+        return False
+    return (low[0] in _HEADER_NAMES) or (len(low) >= 2 and low[1] in ("label", "class", "diagnosis"))
+
+
+def _check_duplicates(cohort: Cohort) -> None:
+    seen: dict[str, int] = {}
+    for r in cohort.rows:
+        key = r.name.lower()
+        if key in seen:
+            raise CohortError(
+                f"{cohort.source}, line {r.line}: slide {r.name!r} is listed again (first on line {seen[key]})"
+            )
+        seen[key] = r.line

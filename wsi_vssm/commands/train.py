@@ -1,0 +1,150 @@
+"""`wsi-vssm train ...`: training stages. `mil` trains the slide head on cached features (stage 3).
+
+`command` is a click group; further stages (e.g. `cells`) register on it with `command.add_command(...)`.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+command = click.Group("train", help="Train models: `mil` fits the slide-level attention head on cached features.")
+
+
+@command.command("mil")
+@click.option("--features", "features_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of feature stores (<slide>.zarr) from `wsi-vssm extract`.")
+@click.option("--labels", required=True, type=click.Path(exists=True, path_type=Path),
+              help="reference.csv (CAMELYON16 style) or a manifest CSV slide,label[,split].")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint to write (e.g. model_mil.pt).")
+@click.option("--valid-labels", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A separate table of validation slides (all of --labels then trains).")
+@click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Share of slides held out for validation by a seeded stratified split (default 0.25 when "
+                   "--labels has no split column).")
+@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Stop after this many epochs without a better validation AUC.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-cells", type=click.IntRange(min=1), default=None,
+              help="Random cells per training bag per step (default: all).")
+@click.option("--model", "model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The slide-model file whose backbone made the features: its trained cell head is kept.")
+@click.option("--train-cell-head/--freeze-cell-head", default=False, show_default=True,
+              help="Also train the per-cell head (MIL max-instance loss).")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patience, lr, seed, max_cells, model_file,
+        train_cell_head, log_path, device):
+    """Train the AttentionMIL slide head on cached features with slide labels."""
+    from wsi_vssm.features import resolve_device
+    from wsi_vssm.train_mil import MILTrainConfig, cell_head_from_model, train_mil
+
+    train, valid, how = _splits(features_dir, labels, valid_labels, valid_fraction, seed)
+    click.echo(f"{len(train)} training and {len(valid)} validation slides ({how})")
+    cfg = MILTrainConfig(epochs=epochs, patience=patience, lr=lr, seed=seed, max_cells=max_cells,
+                         train_cell_head=train_cell_head, device=resolve_device(device))
+    head = None
+    if model_file is not None:
+        head, backbone_hash = cell_head_from_model(model_file)
+        _check_backbone(backbone_hash, train + valid, model_file)
+    log_path = log_path or out.with_name(out.stem + ".log.csv")
+    with _EpochBar(epochs) as bar, warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _show_warning  # restored when the block ends
+        model, history = train_mil(train, valid, cfg, cell_head=head, log_path=log_path, checkpoint_path=out,
+                                   progress=bar.update)
+    click.echo(f"best epoch {history.best_epoch} of {len(history.rows)}: valid AUC {history.best_valid_auc:.4f}, "
+               f"valid loss {history.best_valid_loss:.4f} -> {out} (log {log_path})")
+
+
+def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_fraction: float | None, seed: int):
+    """([(store, label)] train, [(store, label)] valid, how the split was made)."""
+    from wsi_vssm.cohort import read_cohort
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.train_mil import stratified_split
+
+    cohort = read_cohort(labels, find_slides=False)
+    stores = _stores(features_dir)
+    if valid_labels is not None:
+        if valid_fraction is not None:
+            raise UsageError("pass --valid-labels or --valid-fraction, not both")
+        vcohort = read_cohort(valid_labels, find_slides=False)
+        train_names = [r.name for r in cohort.rows if r.split in (None, "train")]
+        valid_names, how = [r.name for r in vcohort.rows], f"validation slides from {valid_labels}"
+        all_labels = {**cohort.labels(), **vcohort.labels()}
+    elif cohort.has_split and valid_fraction is None:
+        train_names = [r.name for r in cohort.rows if r.split == "train"]
+        valid_names = [r.name for r in cohort.rows if r.split == "valid"]
+        n_test = sum(r.split == "test" for r in cohort.rows)
+        how = f"split column of {labels}; {n_test} test slide(s) left out"
+        all_labels = cohort.labels()
+    else:
+        frac = 0.25 if valid_fraction is None else valid_fraction
+        usable = [r for r in cohort.rows if r.split != "test" and r.name.lower() in stores]
+        train_names, valid_names = stratified_split([r.name for r in usable], [r.label for r in usable], frac, seed)
+        how = f"seeded stratified split: {frac:g} of each label held out for validation, seed {seed}"
+        all_labels = cohort.labels()
+    train = _bags(train_names, all_labels, stores, "training")
+    valid = _bags(valid_names, all_labels, stores, "validation")
+    return train, valid, how
+
+
+def _stores(features_dir: Path) -> dict[str, Path]:
+    return {p.name[: -len(".zarr")].lower(): p for p in sorted(features_dir.glob("*.zarr")) if p.is_dir()}
+
+
+def _bags(names: list[str], labels: dict[str, int], stores: dict[str, Path], what: str) -> list[tuple[Path, int]]:
+    missing = [n for n in names if n.lower() not in stores]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        click.echo(f"wsi-vssm: warning: {len(missing)} {what} slide(s) have no feature store: {shown}", err=True)
+    return [(stores[n.lower()], labels[n]) for n in names if n.lower() in stores]
+
+
+def _check_backbone(backbone_hash: str, bags, model_file: Path) -> None:
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.features import FeatureStore
+
+    for path, _ in bags:
+        made_with = FeatureStore.open(path).attrs.get("model_hash")
+        if made_with != backbone_hash:
+            raise UsageError(f"{path}: features were made by another backbone than the one in {model_file}")
+
+
+def _show_warning(message, category, *args, **kwargs) -> None:
+    click.echo(f"wsi-vssm: warning: {' '.join(str(message).split())}", err=True)
+
+
+class _EpochBar:
+    """A tqdm bar over epochs on a terminal; one line per epoch otherwise."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.bar = epochs, None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.epochs, unit="epoch", desc="train mil")
+        return self
+
+    def update(self, row: dict) -> None:
+        text = (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid loss {row['valid_loss']:.4f}, "
+                f"valid AUC {row['valid_auc']:.4f}{' *' if row['best'] else ''}")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text.split(": ", 1)[1])
+        else:
+            click.echo(text)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
