@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import shared_file
 
-from tests.conftest import shared_file
 from wsi_vssm import features as fx
 from wsi_vssm.features import CellFeatures, FeatureStore, FeatureStoreError, extract_slide, load_backbone
 from wsi_vssm.io import ArraySlide

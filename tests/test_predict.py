@@ -18,7 +18,7 @@ from wsi_vssm.predict import Cancelled, PredictParams, cell_grid, predict_slide,
 from wsi_vssm.synth import make_cohort
 
 # 1024 px at 2 um/px is 2048 um: at the model's 0.97 um/px about 2100 px, i.e. a few 1024 px regions.
-FAST = PredictParams(device="cpu", region_px=1024, overlap_px=64, workers=1)
+FAST = PredictParams(device="cpu", region_px=1024, overlap_px=64, reader_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,8 @@ def test_cli_predict_one_line_per_slide_and_exit_3_on_a_broken_one(model_file, c
     broken = tmp_path / "broken.svs"
     broken.write_text("not a slide")
     args = ["predict", str(cohort / "normal_001.tif"), str(broken), "--model", str(model_file), "--out",
-            str(tmp_path / "o"), "--device", "cpu", "--region-px", "1024", "--overlap-px", "64", "--workers", "1"]
+            str(tmp_path / "o"), "--device", "cpu", "--region-px", "1024", "--overlap-px", "64",
+            "--reader-threads", "1"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 3
@@ -154,7 +155,7 @@ def test_evaluate_cohort_writes_metrics_table_and_roc(model_file, cohort, tmp_pa
     manifest.write_text(f"slide,label\n{cohort / 'normal_001.tif'},normal\n{cohort / 'tumor_001.tif'},Tumor\n"
                         f"missing.tif,0\n")
     args = ["evaluate", str(manifest), "--model", str(model_file), "--out", str(tmp_path / "ev"), "--device",
-            "cpu", "--region-px", "1024", "--overlap-px", "64", "--workers", "1", "--bootstrap", "200"]
+            "cpu", "--region-px", "1024", "--overlap-px", "64", "--reader-threads", "1", "--bootstrap", "200"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 3

@@ -46,7 +46,11 @@ def cli(ctx, debug):
 
 
 def main(argv=None):
-    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback.
+
+    Exit codes: 0 all done; 1 bad input (one line names the file and the problem); 2 usage (click's own);
+    3 a cohort finished with some slides failed (each named on its own line); 130 interrupted.
+    """
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("WSI_VSSM_DEBUG"))
     try:
         cli.main(args=argv, prog_name="wsi-vssm", standalone_mode=False)
@@ -63,6 +67,12 @@ def main(argv=None):
             raise
         click.echo(f"wsi-vssm: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # a file system problem outside any one slide (e.g. the output folder): one line
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"wsi-vssm: error: {where}{e.strerror or e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("wsi-vssm: interrupted", err=True)
         sys.exit(130)

@@ -97,6 +97,9 @@ def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     rows = _read_csv(p)
     if rows and _is_manifest_header(rows[0][1]):
         return read_manifest(p, find_slides=find_slides)
+    if rows and "slide" in [c.lower() for c in rows[0][1]]:  # a manifest header that lacks a column
+        raise CohortError(f"{p}: a manifest needs 'slide' and 'label' columns; its header has: "
+                          f"{', '.join(rows[0][1])}")
     return read_reference(p, root=p.parent, find_slides=find_slides)
 
 

@@ -3,22 +3,21 @@
 Also scores patch datasets in ImageFolder layout (`DIR/0/*.jpg`, `DIR/1/*.jpg`, e.g. PCam): each image is scored
 by the cell head on the cell covering its centre, which is how PCam labels are defined.
 
-Finished work is never lost: `predictions.csv` is rewritten atomically after every slide, and a slide that fails
-is recorded with its error while the run goes on.
+Finished work is never lost: each slide's state is kept by `wsi_vssm.runner`, `predictions.csv` is rewritten
+atomically after every slide, and a slide that fails is recorded with its error while the run goes on.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.errors import UsageError, WsiVssmError
-from wsi_vssm.predict import PredictParams, predict_slide, slide_threshold
+from wsi_vssm.errors import UsageError
+from wsi_vssm.predict import PredictParams, slide_threshold
 
 
 @dataclass
@@ -43,40 +42,92 @@ def evaluate_cohort(
     annotations: str | os.PathLike | None = None,
     on_slide: Callable[[dict], None] | None = None,
     n_boot: int = 2000,
+    model_path: str | os.PathLike | None = None,
+    run=None,
+    progress=None,
 ) -> EvaluationResult:
     """Predict each slide of a manifest / CAMELYON16 folder into `out_dir/<slide>/`, then write the cohort files.
 
-    `on_slide(row)` is called after each slide (for the CLI's one line per slide).
+    Slides go through `wsi_vssm.runner` (per-slide state, resume, locks; serial or Dask per `run`, a
+    RunOptions). `model_path` is the file workers load; without one a Dask run saves `model` under
+    OUT/.state/models/. `on_slide(row)` is called after each slide. The final predictions.csv and metrics.json
+    are rebuilt from the per-slide states, so a resumed run ends with the same files as an uninterrupted one.
     """
     from wsi_vssm.cohort import read_cohort
-    from wsi_vssm.outputs.report import write_predictions_csv
+    from wsi_vssm.runner import RunOptions, SlideTask, predict_job, remove_temporaries, run_slides, slide_key
 
     params = params or PredictParams()
+    run = run or RunOptions()
     cohort = read_cohort(cohort_path)
+    if not cohort.rows:
+        raise UsageError(f"{cohort.source}: the cohort lists no slides")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    for crow in cohort.rows:
-        row = {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed", "error": crow.error}
-        if crow.ok:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", category=UserWarning)  # recorded per slide in its JSON
-                    rec = predict_slide(crow.path, model, out, params)
-                row.update(probability=rec["probability"], error=rec["reason"],
-                           status="done" if rec["probability"] is not None else "no_tissue")
-            except WsiVssmError as e:
-                row["error"] = str(e)
-        rows.append(row)
-        write_predictions_csv(out / "predictions.csv", rows)  # after every slide: nothing finished is lost
+    if annotations is not None and not Path(annotations).is_dir():
+        raise UsageError(f"{annotations}: --annotations must be a folder of ASAP XML / GeoJSON files")
+    if model_path is None:
+        model_path = (_model_file_for_workers(model, out) if (run.workers or run.scheduler)
+                      else f"<in-memory {id(model):x}>")
+    job = predict_job(out, model_path, model, params)
+    tasks = [SlideTask(slide_key(r.path) if r.ok else r.name, None if r.path is None else str(r.path), r.error)
+             for r in cohort.rows]
+    finished: dict[int, dict] = {}
+    index = {id(t): i for i, t in enumerate(tasks)}
+
+    def after(outcome) -> None:
+        i = index[id(outcome.task)]
+        finished[i] = _row(cohort.rows[i], outcome)
+        try:  # after every slide, so a killed run leaves its table; best effort: the final write is the record
+            _write_table(out, [finished[k] for k in sorted(finished)])
+        except OSError as e:
+            if progress is not None:
+                progress.warn(f"{out / 'predictions.csv'}: not updated ({e.strerror or e}); the slide is recorded")
         if on_slide is not None:
-            on_slide(row)
+            on_slide(finished[i])
+
+    remove_temporaries(out, "predictions.csv.")  # a killed run's half-written cohort files
+    remove_temporaries(out, "metrics.json.")
+    remove_temporaries(out, "roc.png.")
+    summary = run_slides(tasks, job, run, progress, on_outcome=after)
+    rows = [_row(cohort.rows[i], o) for i, o in enumerate(summary.outcomes)]
+    _write_table(out, rows)
     scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
     metrics = _write_metrics(out, scored, slide_threshold(model, params), len(rows) - len(scored), n_boot)
     if annotations is not None:
         metrics["froc"] = _froc(out, scored, Path(annotations))
         _write_json(out / "metrics.json", metrics)
     return EvaluationResult(metrics, rows)
+
+
+def _row(crow, outcome) -> dict:
+    """A predictions.csv row from a slide's outcome (its state when it ran or was done before)."""
+    result = (outcome.state or {}).get("result") or {}
+    row = {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
+           "error": outcome.message or None}
+    if outcome.ok:
+        p = result.get("probability")
+        row.update(probability=p, status="done" if p is not None else "no_tissue",
+                   error=None if p is not None else result.get("reason"))
+    elif outcome.status == "locked":
+        row["status"] = "locked"
+    return row
+
+
+def _write_table(out: Path, rows: list[dict]) -> None:
+    from wsi_vssm.outputs.report import write_predictions_csv
+
+    write_predictions_csv(out / "predictions.csv", rows)
+
+
+def _model_file_for_workers(model, out: Path) -> str:
+    """Dask workers load models by path: save an in-memory model once under OUT/.state/models/<hash>.pt."""
+    from wsi_vssm.features import state_dict_hash
+    from wsi_vssm.models.slide_model import save_model
+    from wsi_vssm.runner import STATE_DIR
+
+    path = out / STATE_DIR / "models" / f"{state_dict_hash(model.state_dict())[:16]}.pt"
+    if not path.is_file():
+        save_model(model, path, metadata=getattr(model, "metadata", None))
+    return str(path)
 
 
 def evaluate_patches(

@@ -150,6 +150,9 @@ def _file_backbone(path: Path):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad backbone_config: {e}") from e
     check_state_dict(backbone, sd, path)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:  # a damaged file: every feature would be NaN
+        raise CheckpointError(f"{path}: corrupt model file: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[0]})")
     backbone.load_state_dict(sd, strict=True)
     mpp, token_px = float(ckpt["mpp"]), int(ckpt["token_px"])
     _check_token_px(token_px)
@@ -298,7 +301,12 @@ def extract_slide(
     plan = _make_plan(slide, grid, token_px, mask, mask_scale, min_tissue)
     attrs = _attrs(slide, grid, token_px, min_tissue, info, backbone)
     parts = _run_regions(slide, grid, backbone.to(dev).eval(), plan, batch_size, workers, dev, amp, progress)
-    return _assemble(parts, plan, grid.scale, slide_mpp, attrs, backbone)
+    cells = _assemble(parts, plan, grid.scale, slide_mpp, attrs, backbone)
+    bad = int((~np.isfinite(cells.features)).any(axis=1).sum())
+    if bad:  # NaN weights, or values beyond float16: never stored or scored as if they were features
+        raise FeatureStoreError(f"{slide.path or slide.name}: {bad} of {len(cells)} cells have NaN/inf features "
+                                f"(model {attrs['model_id']}: check its weights)")
+    return cells
 
 
 def _run_regions(slide, grid, backbone, plan, batch_size, workers, dev, amp, progress) -> list[tuple]:

@@ -29,6 +29,10 @@ class Cancelled(WsiVssmError):
     """Prediction was cancelled (the napari widget's Cancel button)."""
 
 
+class NonFiniteOutput(WsiVssmError):
+    """NaN or infinite features or probabilities: never written as if they were results."""
+
+
 @dataclass
 class PredictParams:
     mpp: float | None = None  # level-0 mpp of a slide that states none (overrides a stated one, with a warning)
@@ -37,7 +41,7 @@ class PredictParams:
     overlap_px: int | None = None  # default features.DEFAULT_OVERLAP_PX
     device: str = "auto"
     batch_size: int = 1
-    workers: int = 2
+    reader_threads: int = 2  # threads reading regions ahead of the model
     amp: bool = False
     threshold: float | None = None  # slide decision threshold; default: the model's, else 0.5
     cell_threshold: float = 0.5  # heatmap level outlined by contours.geojson
@@ -117,7 +121,7 @@ def predict_slide(
             slide, model.backbone, mpp=params.target_mpp or model.mpp, token_px=model.token_px,
             region_px=params.region_px,
             overlap_px=DEFAULT_OVERLAP_PX if params.overlap_px is None else params.overlap_px,
-            batch_size=params.batch_size, workers=params.workers, device=params.device, amp=params.amp,
+            batch_size=params.batch_size, workers=params.reader_threads, device=params.device, amp=params.amp,
             progress=lambda done, total: stage("regions", done, total), tissue=(mask, scale),
         )
         timings["features"] = time.perf_counter() - t
@@ -133,6 +137,9 @@ def predict_slide(
                 res = mil(torch.from_numpy(cells.features.astype(np.float32)))
             prob = float(torch.sigmoid(res.slide_logit)[0])
             cell_probs = torch.sigmoid(res.cell_logits[0]).numpy().astype(np.float32)
+            if not (math.isfinite(prob) and np.isfinite(cell_probs).all()):
+                raise NonFiniteOutput(f"{slide_path}: the model gave NaN/inf probabilities (model "
+                                      f"{model.name}: its weights or the slide's features are not finite)")
             reason = None
         timings["mil"] = time.perf_counter() - t
 

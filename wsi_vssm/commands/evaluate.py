@@ -7,9 +7,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import model_options, mpp_option, predict_options
-
-EXIT_SOME_FAILED = 3
+from wsi_vssm.commands.options import model_options, mpp_option, predict_options, run_options
 
 
 @click.command("evaluate")
@@ -22,31 +20,28 @@ EXIT_SOME_FAILED = 3
 @model_options
 @mpp_option
 @predict_options
-def command(cohort, out_dir, annotations, n_boot, model_path, mpp, **opts):
+@run_options
+@click.pass_context
+def command(ctx, cohort, out_dir, annotations, n_boot, model_path, mpp, **opts):
     """Evaluate a COHORT: a manifest CSV (slide,label[,split]), a CAMELYON16-style folder (reference.csv), or a
     patch folder in ImageFolder layout (0/, 1/; needs --mpp).
 
-    Writes OUT/metrics.json, OUT/predictions.csv, OUT/roc.png and each slide's prediction folder.
-    Exit code 3 when the cohort finished with some slides failed.
+    Writes OUT/metrics.json, OUT/predictions.csv, OUT/roc.png and each slide's prediction folder. A rerun
+    resumes (done slides are skipped). Exit code 3 when the cohort finished with some slides failed.
     """
-    from wsi_vssm.commands.options import build_params, load_cli_model
+    from wsi_vssm.commands.options import build_params, load_cli_model, model_file, pop_run_options
     from wsi_vssm.evaluate import evaluate_cohort, evaluate_patches, is_patch_folder
 
+    run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
     if is_patch_folder(Path(cohort)):
         res = evaluate_patches(cohort, model, out_dir, mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot)
     else:
         params = build_params(mpp, **opts)
-
-        def report(row):
-            p = row["probability"]
-            what = f"{p:.3f}" if p is not None else f"{row['status']}: {row['error']}"
-            click.echo(f"{row['slide']}: {what}", err=row["status"] == "failed")
-
-        res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, on_slide=report,
-                              n_boot=n_boot)
+        res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, n_boot=n_boot,
+                              model_path=model_file(model_path), run=run, progress=progress)
     m = res.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
-    click.echo(f"AUC {auc}; n={m['n']}, failed={m['n_failed']} -> {out_dir}/metrics.json")
+    progress.result(f"AUC {auc}; n={m['n']}, failed={m['n_failed']} -> {out_dir}/metrics.json")
     if res.n_failed:
-        sys.exit(EXIT_SOME_FAILED)
+        sys.exit(3)  # a cohort finished with some slides failed (or locked by another run)

@@ -12,6 +12,62 @@ mpp_option = click.option(
 )
 
 
+reader_threads_option = click.option(
+    "--reader-threads", type=click.IntRange(min=1), default=2, show_default=True,
+    help="Threads reading regions ahead of the model, per slide.",
+)
+
+
+def run_options(f):
+    """Cohort-run options shared by extract, predict and evaluate (see docs/cohorts.md)."""
+    opts = [
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Run slides on a Dask LocalCluster of N processes (default: serially, in this process)."),
+        click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                     help="Run slides on an existing Dask cluster (e.g. started by dask-jobqueue on SLURM)."),
+        click.option("--retry-failed", is_flag=True, help="Retry slides that failed in an earlier run."),
+        click.option("--overwrite", is_flag=True, help="Redo slides that are already done."),
+        click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
+        click.option("-v", "--verbose", is_flag=True, help="Also skipped slides' reasons and cluster details."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def pop_run_options(opts: dict, ctx: click.Context | None = None):
+    """(RunOptions, Progress) from the options `run_options` added; removes them from `opts`."""
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.progress import Progress
+    from wsi_vssm.runner import RunOptions
+
+    workers, scheduler = opts.pop("workers"), opts.pop("scheduler")
+    quiet, verbose = opts.pop("quiet"), opts.pop("verbose")
+    if workers and scheduler:
+        raise UsageError("--workers starts a local cluster and --scheduler uses an existing one; give only one")
+    if quiet and verbose:
+        raise UsageError("--quiet and --verbose exclude each other")
+    debug = bool(ctx and ctx.obj and ctx.obj.get("debug"))
+    run = RunOptions(workers=workers, scheduler=scheduler, retry_failed=opts.pop("retry_failed"),
+                     overwrite=opts.pop("overwrite"), debug=debug)
+    return run, Progress.from_flags(quiet, verbose)
+
+
+def exit_for(summary, n_requested: int) -> None:
+    """Exit 0 when every slide is done; 1 when the only slide asked for failed (bad input); 3 when a cohort
+    finished with some slides failed or locked by another run."""
+    import sys
+
+    bad = summary.n_not_done
+    if not bad:
+        return
+    if n_requested == 1 and summary.count("failed") == 1:
+        sys.exit(1)  # the error line is already out
+    click.echo(f"wsi-vssm: {bad} of {n_requested} slide(s) not done (failed or locked); the others are done",
+               err=True)
+    sys.exit(3)  # not ctx.exit: the app runs click with standalone_mode=False, which drops it
+
+
 def model_options(f):
     return click.option(
         "--model", "model_path", default="default", show_default=True,
@@ -30,8 +86,7 @@ def predict_options(f):
                      help="Overlap between regions (default 128)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True),
-        click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-                     help="Reader threads."),
+        reader_threads_option,
         click.option("--amp/--no-amp", default=False, help="bfloat16 autocast on GPU."),
         click.option("--threshold", type=click.FloatRange(0, 1), default=None,
                      help="Slide decision threshold (default: the model's, else 0.5)."),
@@ -47,6 +102,13 @@ def build_params(mpp, **opts):
     from wsi_vssm.predict import PredictParams
 
     return PredictParams(mpp=mpp, **opts)
+
+
+def model_file(model_path: str) -> str:
+    """The file a model option names ('default' -> the packaged weights), for workers to load by path."""
+    from wsi_vssm.models.slide_model import resolve_model_path
+
+    return str(resolve_model_path(model_path))
 
 
 def load_cli_model(model_path: str):

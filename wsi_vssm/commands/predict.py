@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-import warnings
-
 import click
 
-from wsi_vssm.commands.options import model_options, mpp_option, predict_options
-
-EXIT_SOME_FAILED = 3
+from wsi_vssm.commands.options import model_options, mpp_option, predict_options, run_options
 
 
 @click.command("predict")
@@ -19,36 +14,19 @@ EXIT_SOME_FAILED = 3
 @model_options
 @mpp_option
 @predict_options
-def command(slides, out_dir, model_path, mpp, **opts):
+@run_options
+@click.pass_context
+def command(ctx, slides, out_dir, model_path, mpp, **opts):
     """Predict metastasis for SLIDES: prediction.json, heatmap.ome.zarr, overlay.png, contours.geojson.
 
-    Prints one line per slide. Exit code 3 when some slides failed (the others are done).
+    Prints one line per slide. Slides done before with the same model and parameters are skipped; exit code 3
+    when some slides failed (the others are done), 1 when the only slide failed. See docs/cohorts.md.
     """
-    from wsi_vssm.commands.options import build_params, load_cli_model
-    from wsi_vssm.errors import WsiVssmError
-    from wsi_vssm.predict import predict_slide
+    from wsi_vssm.commands.options import build_params, exit_for, load_cli_model, model_file, pop_run_options
+    from wsi_vssm.runner import SlideTask, predict_job, run_slides, slide_key
 
+    run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
-    params = build_params(mpp, **opts)
-    failed = 0
-    for path in slides:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                rec = predict_slide(path, model, out_dir, params)
-            for w in caught:
-                click.echo(f"wsi-vssm: warning: {w.message}", err=True)
-        except WsiVssmError as e:
-            if len(slides) == 1:
-                raise
-            failed += 1
-            click.echo(f"wsi-vssm: error: {e}", err=True)
-            continue
-        p = rec["probability"]
-        verdict = f"probability {p:.3f} -> {'tumor' if rec['label'] else 'normal'}" if p is not None else \
-            f"no prediction ({rec['reason']})"
-        click.echo(f"{rec['slide']}: {verdict} [{rec['parameters']['n_cells']} cells, "
-                   f"{rec['timings']['total']:.1f} s] -> {out_dir}/{rec['slide']}/")
-    if failed:
-        click.echo(f"wsi-vssm: {failed} of {len(slides)} slides failed", err=True)
-        sys.exit(EXIT_SOME_FAILED)
+    job = predict_job(out_dir, model_file(model_path), model, build_params(mpp, **opts))
+    summary = run_slides([SlideTask(slide_key(p), p) for p in slides], job, run, progress)
+    exit_for(summary, len(slides))

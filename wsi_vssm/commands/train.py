@@ -148,3 +148,8 @@ class _EpochBar:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
+
+
+from wsi_vssm.commands.train_cells import command as _cells  # noqa: E402  (stage 1; it imports click only)
+
+command.add_command(_cells)

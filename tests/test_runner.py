@@ -1,0 +1,199 @@
+"""The cohort runner: per-slide state, skip/retry, locks, SIGKILL at any moment, and Dask = serial.
+
+Slides are tiny (1024 px at 2 um/px, read at 4 um/px: one 512 px region each) so the whole file stays fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from wsi_vssm.cli import main
+from wsi_vssm.models.slide_model import SlideModel, save_model
+from wsi_vssm.runner import STATE_DIR, SlideLock, read_state
+from wsi_vssm.synth import make_cohort
+
+FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(SlideModel.create("micro", scan="cpu").eval(), path, metadata={"threshold": 0.5})
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort")
+    make_cohort(out, 3, seed=1, size=1024, mpp=2.0, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model_file, cohort, tmp_path_factory):
+    """An uninterrupted serial evaluate run: what every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    assert _cli(["evaluate", str(cohort), "--out", str(out), "--model", str(model_file), "--bootstrap", "200",
+                 *FAST]) == 0
+    return out
+
+
+def _cli(args) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _probs(out) -> dict:
+    with open(out / "predictions.csv", encoding="utf-8") as f:
+        return {r["slide"]: (r["status"], float(r["probability"])) for r in csv.DictReader(f)}
+
+
+def _same_results(out, ref) -> None:
+    got, want = _probs(out), _probs(ref)
+    assert got.keys() == want.keys()
+    for name, (status, p) in want.items():
+        assert got[name][0] == status and abs(got[name][1] - p) <= 1e-5, name
+        rec = json.loads((out / name / "prediction.json").read_text())
+        assert abs(rec["probability"] - p) <= 1e-5
+    m, mref = (json.loads((d / "metrics.json").read_text()) for d in (out, ref))
+    assert m.keys() == mref.keys() and m["n"] == mref["n"] and m["n_failed"] == mref["n_failed"]
+    assert m["auc"] == pytest.approx(mref["auc"], abs=1e-9)
+    assert not [p for p in out.rglob(".tmp-*")], "temporaries left behind"
+
+
+def test_state_records_and_a_rerun_skips_done_slides(model_file, cohort, tmp_path, capsys):
+    slides = [cohort / "normal_001.tif", cohort / "tumor_001.tif"]
+    args = ["predict", *slides, "--out", tmp_path, "--model", model_file, *FAST]
+    assert _cli(args) == 0
+    state = read_state(tmp_path, "predict", "normal_001")
+    assert state["status"] == "done" and state["error"] is None and state["pid"] == os.getpid()
+    assert state["model_hash"] and state["params_hash"] and state["timings"]["total"] > 0
+    assert 0 <= state["result"]["probability"] <= 1 and state["started"] < state["finished"]
+    assert not list((tmp_path / STATE_DIR).glob("*.lock")), "locks must be released"
+    first = (tmp_path / "normal_001" / "prediction.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert _cli(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 2
+    assert (tmp_path / "normal_001" / "prediction.json").stat().st_mtime_ns == first
+
+    # reader threads do not change outputs (not in the hash); a threshold does: the slides are redone
+    assert _cli([*args, "--reader-threads", "2"]) == 0 and capsys.readouterr().out.count("up to date") == 2
+    assert _cli([*args, "--threshold", "0.4"]) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert read_state(tmp_path, "predict", "normal_001")["params_hash"] != state["params_hash"]
+
+
+def test_failed_slides_are_retried_only_with_retry_failed(model_file, cohort, tmp_path, capsys):
+    broken = tmp_path / "broken.svs"
+    broken.write_text("not a slide")
+    args = ["predict", cohort / "normal_001.tif", broken, "--out", tmp_path / "o", "--model", model_file, *FAST]
+    assert _cli(args) == 3
+    state = read_state(tmp_path / "o", "predict", "broken")
+    assert state["status"] == "failed" and "broken.svs" in state["error"] and state["error_type"]
+    capsys.readouterr()
+
+    assert _cli(args) == 3
+    err = capsys.readouterr().err
+    assert "earlier run" in err and "--retry-failed" in err
+    assert read_state(tmp_path / "o", "predict", "broken")["finished"] == state["finished"]  # not run again
+
+    assert _cli([*args, "--retry-failed"]) == 3
+    assert read_state(tmp_path / "o", "predict", "broken")["finished"] != state["finished"]
+
+
+def test_a_live_lock_skips_the_slide_and_a_stale_one_is_broken(model_file, cohort, tmp_path, capsys):
+    out = tmp_path / "o"
+    (out / STATE_DIR).mkdir(parents=True)
+    lock = out / STATE_DIR / "normal_001.predict.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "time": "t"}))
+        args = ["predict", cohort / "normal_001.tif", cohort / "normal_002.tif", "--out", out, "--model",
+                model_file, *FAST]
+        assert _cli(args) == 3
+        err = capsys.readouterr().err
+        assert "normal_001: locked by another run" in err and f"pid {other.pid}" in err
+        assert read_state(out, "predict", "normal_001") is None and lock.exists()
+        assert read_state(out, "predict", "normal_002")["status"] == "done"
+    finally:
+        other.kill()
+        other.wait()
+    assert _cli(args) == 0  # the holder is gone: its lock is stale and broken
+    assert read_state(out, "predict", "normal_001")["status"] == "done" and not lock.exists()
+
+
+def test_lock_is_exclusive():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(os.path.join(d, STATE_DIR))
+        a, b = SlideLock(d, "predict", "s"), SlideLock(d, "predict", "s")
+        assert a.acquire() and not b.acquire() and b.holder["pid"] == os.getpid()
+        a.release()
+        assert b.acquire()
+        b.release()
+
+
+def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(model_file, cohort, reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "wsi_vssm", "evaluate", str(cohort), "--out", str(out), "--model",
+           str(model_file), "--bootstrap", "200", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # first kill: as soon as a slide is running (mid-slide); second: once the first slide is done
+    for ready in (lambda s: s and s["status"] == "running",
+                  lambda s: s and s["status"] == "done" and s["slide"] == "normal_001"):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            states = [read_state(out, "predict", n) for n in ("normal_001", "normal_002", "tumor_001")]
+            if any(ready(s) for s in states):
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 0
+    _same_results(out, reference)
+    assert not list((out / STATE_DIR).glob("*.lock"))
+
+
+def test_running_state_and_temporaries_of_a_killed_run_are_redone(model_file, cohort, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "o"
+    shutil.copytree(reference, out)
+    state = read_state(out, "predict", "tumor_001")
+    from wsi_vssm.runner import write_state
+
+    write_state(out, "predict", "tumor_001", {**{k: v for k, v in state.items() if k != "format"},
+                                              "status": "running"})
+    (out / "tumor_001" / ".tmp-overlay.png.x").write_bytes(b"half")
+    (out / "normal_002" / "prediction.json").unlink()  # a done state whose outputs are gone is redone too
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 0
+    assert read_state(out, "predict", "tumor_001")["finished"] != state["finished"]
+    _same_results(out, reference)
+
+
+def test_dask_local_cluster_equals_the_serial_run(model_file, cohort, reference, tmp_path):
+    out = tmp_path / "dask"
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", "--workers", 2,
+                 *FAST]) == 0
+    _same_results(out, reference)
+    pids = {read_state(out, "predict", n)["worker"]["pid"] for n in ("normal_001", "normal_002", "tumor_001")}
+    assert os.getpid() not in pids  # the slides ran in the cluster's worker processes

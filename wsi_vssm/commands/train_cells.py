@@ -1,0 +1,64 @@
+"""`wsi-vssm train cells`: stage 1, the backbone and the cell head on cell labels (patches, annotated slides).
+
+Several GPUs: `torchrun --nproc_per_node N -m wsi_vssm train cells ... --device cuda` (DDP; the effective batch is
+N x --batch-size; only rank 0 prints and writes files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("cells")
+@click.option("--data", "train_src", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Training patches: a folder or .tar in ImageFolder layout (0/*.jpg, 1/*.jpg), e.g. PCam train.tar.")
+@click.option("--valid", "valid_src", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Validation patches (same layout). One part selects the checkpoint, the rest is only reported.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Model file to write (the best checkpoint by validation AUC).")
+@click.option("--model", "arch", default="micro", show_default=True, help="Backbone config from the registry.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-train", type=click.IntRange(min=2), default=None,
+              help="Train on a seeded class-stratified subset of this many patches.")
+@click.option("--epoch-size", type=click.IntRange(min=1), default=None,
+              help="Patches per epoch, a fresh seeded draw each epoch (default: all).")
+@click.option("--valid-select", type=click.IntRange(min=2), default=None,
+              help="Validation patches used for selection (stratified); the rest are held back [default: half].")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Stop after this many epochs without a better validation AUC.")
+@click.option("--slides", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of slides with lesion annotations (ASAP XML / GeoJSON): an extra source of region crops.")
+@click.option("--scan", default="auto", show_default=True, help="Selective-scan implementation (auto, chunked, ...).")
+@click.option("--no-augment", is_flag=True, help="Turn off stain/colour jitter, blur and flips.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Training device; under torchrun each process takes GPU LOCAL_RANK.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
+def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_train, epoch_size, valid_select,
+            patience, slides, scan, no_augment, device, log_path):
+    """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
+    from wsi_vssm.data.augment import AugmentConfig
+    from wsi_vssm.distributed import is_main
+    from wsi_vssm.train_cells import TrainCellsConfig, train_cells
+
+    aug = AugmentConfig(flip_rot=False, hed_scale=0, hed_shift=0, brightness=0, contrast=0, saturation=0,
+                        blur_p=0) if no_augment else AugmentConfig()
+    cfg = TrainCellsConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_train=max_train,
+                           epoch_size=epoch_size, valid_select=valid_select, patience=patience, scan=scan,
+                           device=device, augment=aug)
+    r = train_cells(train_src, valid_src, out, cfg, slides=slides, progress=True, log_path=log_path)
+    if not is_main():  # under torchrun: rank 0 reports
+        return
+    sel = r.select
+    click.echo(f"best epoch {r.best_epoch} of {len(r.log)}: valid(select, n={sel['n']}) AUC {sel['auc']:.4f} "
+               f"accuracy {sel['accuracy']:.4f}")
+    if r.holdout:
+        h = r.holdout
+        click.echo(f"held-back valid (n={h['n']}, never used to select): AUC {h['auc']:.4f} "
+                   f"accuracy {h['accuracy']:.4f}")
+    click.echo(f"wrote {out} in {r.seconds:.0f} s")

@@ -1,0 +1,209 @@
+"""The whole-slide model: a VSSM backbone plus the AttentionMIL head (with its per-cell tumour head), and the
+model file that carries everything `predict` needs (configs, analysis mpp, token size, weights, metadata).
+
+File format `wsi-vssm-model/1` (tensors and plain containers only, so it loads with torch.load(weights_only=True)):
+    {"format", "name", "backbone_config", "mil_config", "mpp", "stride", "token_px",
+     "state_dict": {"backbone.*", "mil.*"}, "metadata": {...}}
+`load_model("default")` reads the packaged weights (wsi_vssm/weights/default.pt).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wsi_vssm.models.checkpoint import CheckpointError, check_state_dict, read_checkpoint
+from wsi_vssm.models.mil import AttentionMIL, MILConfig
+from wsi_vssm.models.vssm import VSSM, VSSMConfig
+
+MODEL_FORMAT = "wsi-vssm-model/1"  # the same string as wsi_vssm.features.MODEL_FORMAT (which reads these files)
+MIL_FORMAT = "wsi-vssm-mil/1"  # the MIL trainer's checkpoints (wsi_vssm.train_mil.save_mil)
+STRIDE = 32
+DEFAULT_NAME = "default"
+_REQUIRED = ("backbone_config", "mil_config", "mpp", "token_px", "state_dict")
+
+
+class ModelFileError(CheckpointError):
+    """A model file that is missing, unreadable, or of another format or architecture. One line, names the file."""
+
+
+class SlideModel(nn.Module):
+    """backbone (VSSM, features only) + mil (AttentionMIL); `mpp`, `token_px`, `stride` and `name` travel with it."""
+
+    def __init__(self, backbone: VSSM, mil: AttentionMIL, mpp: float = 0.97, token_px: int = 32,
+                 name: str = "model"):
+        super().__init__()
+        if backbone.num_features != mil.config.in_dim:
+            raise ModelFileError(
+                f"MIL head expects {mil.config.in_dim}-wide features, backbone gives {backbone.num_features}"
+            )
+        self.backbone, self.mil = backbone, mil
+        self.mpp, self.token_px, self.stride, self.name = float(mpp), int(token_px), STRIDE, str(name)
+
+    @classmethod
+    def create(cls, arch: str = "micro", mpp: float = 0.97, token_px: int = 32, name: str | None = None,
+               mil: Mapping | None = None, **overrides) -> SlideModel:
+        """A fresh model of the registry config `arch` (num_classes forced to 0) with a matching MIL head."""
+        from wsi_vssm.models.registry import create_model
+
+        backbone = create_model(arch, **{**overrides, "num_classes": 0})
+        mil_cfg = MILConfig(**{**dict(mil or {}), "in_dim": backbone.num_features})
+        return cls(backbone, AttentionMIL(mil_cfg), mpp, token_px, name or arch)
+
+    def cell_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised RGB -> (B, F, h, w) stride-32 token features."""
+        return self.backbone.forward_features(x)
+
+    def cell_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, h, w): the cell head's tumour logit at every stride-32 token."""
+        f = self.cell_features(x).permute(0, 2, 3, 1)  # (B, h, w, F)
+        return self.mil.cell_head(f).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cell_logits(x)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def save_model(model: SlideModel, path: str | os.PathLike, metadata: Mapping | None = None,
+               half: bool = False) -> Path:
+    """Write the model file atomically (temp file beside it, then os.replace). `half`: fp16 weights."""
+    from wsi_vssm.atomic import atomic_write_bytes
+
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if half:
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    ckpt = {
+        "format": MODEL_FORMAT,
+        "name": model.name,
+        "backbone_config": _plain(model.backbone.config.to_dict()),
+        "mil_config": model.mil.config.to_dict(),
+        "mpp": model.mpp,
+        "stride": model.stride,
+        "token_px": model.token_px,
+        "state_dict": sd,
+        "metadata": _plain(dict(metadata or {})),
+    }
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _plain(obj):
+    """Tuples -> lists and other values -> str where needed: weights_only loading allows plain containers."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, str):
+        return str.__str__(obj)  # exact str: subclasses such as torch.__version__ do not unpickle weights-only
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    return str(obj)
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("wsi_vssm") / "weights" / f"{DEFAULT_NAME}.pt"))
+
+
+def resolve_model_path(path_or_name: str | os.PathLike) -> Path:
+    if str(path_or_name) == DEFAULT_NAME:
+        return default_model_path()
+    return Path(path_or_name)
+
+
+def load_model(path_or_name: str | os.PathLike = DEFAULT_NAME, scan: str | None = None) -> SlideModel:
+    """A SlideModel (eval mode) from a model file, or "default" for the packaged one. `scan` overrides the
+    backbone's selective-scan implementation (e.g. "chunked")."""
+    path = resolve_model_path(path_or_name)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, not a model file")
+    if not path.is_file():
+        hint = " (the packaged default weights are missing from this install)" if str(path_or_name) == "default" else ""
+        raise ModelFileError(f"model file not found: {path}{hint}")
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise ModelFileError(str(e)) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ModelFileError(f"{path}: not a wsi-vssm model file (format {found!r}, expected {MODEL_FORMAT!r})")
+    missing = [k for k in _REQUIRED if k not in ckpt]
+    if missing:
+        raise ModelFileError(f"{path}: model file lacks {', '.join(missing)}")
+    raw = ckpt["state_dict"]
+    if not (isinstance(raw, Mapping) and all(isinstance(v, torch.Tensor) for v in raw.values())):
+        raise ModelFileError(f"{path}: corrupt model file: its state_dict is not a mapping of tensors")
+    model = _build(ckpt, path, scan)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    _check(model, sd, path)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a damaged file: every prediction would be NaN
+        raise ModelFileError(f"{path}: corrupt model file: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[0]})")
+    model.load_state_dict(sd, strict=True)
+    model.metadata = dict(ckpt.get("metadata") or {})
+    return model.eval()
+
+
+def _build(ckpt: dict, path: Path, scan: str | None) -> SlideModel:
+    try:
+        bcfg = dict(ckpt["backbone_config"])
+        if scan is not None:
+            bcfg["scan"] = scan
+        backbone = VSSM(VSSMConfig(**bcfg))
+        mil = AttentionMIL(MILConfig(**dict(ckpt["mil_config"])))
+        mpp, token_px = float(ckpt["mpp"]), int(ckpt["token_px"])
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: bad model config: {str(e).splitlines()[0]}") from e
+    if int(ckpt.get("stride", STRIDE)) != STRIDE:
+        raise ModelFileError(f"{path}: stride {ckpt['stride']} is not supported (expected {STRIDE})")
+    if not (math.isfinite(mpp) and mpp > 0) or token_px < STRIDE or token_px % STRIDE:
+        raise ModelFileError(f"{path}: invalid mpp {mpp!r} or token_px {token_px!r} (a multiple of {STRIDE})")
+    if backbone.num_features != mil.config.in_dim:
+        raise ModelFileError(f"{path}: MIL in_dim {mil.config.in_dim} != backbone width {backbone.num_features}")
+    return SlideModel(backbone, mil, mpp, token_px, str(ckpt.get("name") or path.stem))
+
+
+def _check(model: nn.Module, sd: Mapping, path: Path) -> None:
+    """Another architecture -> one line (the full listing stays on the chained CheckpointMismatchError)."""
+    try:
+        check_state_dict(model, sd, path)
+    except CheckpointError as e:
+        raise ModelFileError(str(e).splitlines()[0]) from e
+
+
+def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
+    """Replace the MIL head's weights by those of a MIL checkpoint (`wsi-vssm-mil/1`, from the MIL trainer).
+
+    The cell head stays from the cell stage unless the MIL checkpoint holds one; every other key and shape
+    must match the model's MIL head. Returns `model` (changed in place).
+    """
+    path = Path(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise ModelFileError(str(e)) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != MIL_FORMAT or "state_dict" not in ckpt:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ModelFileError(f"{path}: not a wsi-vssm MIL checkpoint (format {found!r}, expected {MIL_FORMAT!r})")
+    cfg = dict(ckpt.get("mil_config") or {})
+    if cfg and cfg.get("in_dim") != model.mil.config.in_dim:
+        raise ModelFileError(f"{path}: MIL in_dim {cfg.get('in_dim')} != backbone width {model.mil.config.in_dim}")
+    sd = {k: v.float() for k, v in ckpt["state_dict"].items()}
+    if cfg and cfg != model.mil.config.to_dict():
+        old_head = model.mil.cell_head.state_dict()
+        model.mil = AttentionMIL(MILConfig(**cfg))  # other hidden sizes: a head of the checkpoint's shape
+        model.mil.cell_head.load_state_dict(old_head)
+    own = model.mil.state_dict()
+    keep = {k: v for k, v in own.items() if k.startswith("cell_head.") and k not in sd}
+    _check(model.mil, {**sd, **keep}, path)
+    model.mil.load_state_dict({**sd, **keep}, strict=True)
+    return model
+

@@ -1,0 +1,121 @@
+"""Progress for long loops (slides, regions, epochs): tqdm bars on a terminal, plain lines otherwise.
+
+On a terminal (stderr is a TTY) each loop gets a bar on stderr and per-slide lines are written through tqdm
+so they do not break the bars. In CI logs (not a TTY) there are no bars: exactly one line per slide, so the log
+grows by one line per finished slide. `quiet` keeps only errors and warnings; `verbose` adds skipped slides'
+reasons, stage timings and cluster details.
+
+Result lines (one per slide) go to stdout; progress, warnings and errors to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import TextIO
+
+import click
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+
+
+class Progress:
+    """What a command shows while it works. `level`: QUIET, NORMAL or VERBOSE; `tty`: None asks stderr."""
+
+    def __init__(self, level: int = NORMAL, tty: bool | None = None, err: TextIO | None = None):
+        self.level = level
+        self._err = err
+        self.tty = bool(tty) if tty is not None else _isatty(err or sys.stderr)
+        self._bars: list = []
+
+    @classmethod
+    def from_flags(cls, quiet: bool = False, verbose: bool = False) -> Progress:
+        return cls(QUIET if quiet else VERBOSE if verbose else NORMAL)
+
+    @property
+    def bars(self) -> bool:
+        return self.tty and self.level >= NORMAL
+
+    # -- lines
+    def result(self, text: str) -> None:
+        """A per-slide result line (stdout); not shown with --quiet."""
+        if self.level >= NORMAL:
+            self._write(text, err=False)
+
+    def info(self, text: str) -> None:
+        """A status line on stderr (e.g. the model and device in use); not shown with --quiet."""
+        if self.level >= NORMAL:
+            self._write(text, err=True)
+
+    def detail(self, text: str) -> None:
+        """Only with --verbose."""
+        if self.level >= VERBOSE:
+            self._write(text, err=True)
+
+    def warn(self, text: str) -> None:
+        self._write(f"wsi-vssm: warning: {' '.join(text.split())}", err=True)
+
+    def error(self, text: str) -> None:
+        """Always shown: one line, so a CI log shows every failure."""
+        self._write(f"wsi-vssm: error: {' '.join(text.split())}", err=True)
+
+    def _write(self, text: str, err: bool) -> None:
+        if self._bars:
+            from tqdm import tqdm
+
+            # through tqdm, so an active bar is redrawn below the line instead of being torn
+            tqdm.write(text, file=(self._err or sys.stderr) if err else sys.stdout)
+        else:
+            click.echo(text, err=err, file=self._err if err else None)
+
+    # -- bars
+    @contextlib.contextmanager
+    def bar(self, total: int | None, desc: str, unit: str = "it", leave: bool = True) -> Iterator[Callable]:
+        """A bar over `total` steps; yields `update(n_done)`. Nothing is drawn off a terminal or with --quiet."""
+        if not self.bars:
+            yield lambda done=None: None
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=self._err or sys.stderr,
+                   position=len(self._bars), dynamic_ncols=True)
+        self._bars.append(bar)
+
+        def update(done: int | None = None) -> None:
+            bar.n = bar.n + 1 if done is None else done
+            bar.refresh()
+
+        try:
+            yield update
+        finally:
+            self._bars.remove(bar)
+            bar.close()
+
+    @contextlib.contextmanager
+    def regions(self, name: str) -> Iterator[Callable[[int, int], None] | None]:
+        """Yields a `progress(done, total)` callback for one slide's regions: a transient bar on a terminal,
+        None otherwise (no per-region lines in logs). The bar is closed however the slide ends."""
+        if not self.bars:
+            yield None
+            return
+        state: dict = {}
+
+        def update(done: int, total: int) -> None:
+            if "ctx" not in state:
+                state["ctx"] = self.bar(total, name, unit="region", leave=False)
+                state["update"] = state["ctx"].__enter__()
+            state["update"](done)
+
+        try:
+            yield update
+        finally:
+            if "ctx" in state:
+                state["ctx"].__exit__(None, None, None)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
