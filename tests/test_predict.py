@@ -193,3 +193,16 @@ def test_readme_main_job_uses_a_shipped_slide():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "sample_data/cmu-1-small-region.svs" in readme
     assert (Path(__file__).resolve().parents[1] / "sample_data" / "cmu-1-small-region.svs").exists()
+
+
+def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path):
+    from wsi_vssm.evaluate import evaluate_cohort
+    from wsi_vssm.models.slide_model import load_model
+
+    res = evaluate_cohort(cohort, load_model(model_file), tmp_path / "ev", FAST, annotations=cohort / "annotations",
+                          n_boot=200)
+    froc = res.metrics["froc"]
+    assert 0.0 <= froc["froc"] <= 1.0 and froc["n_slides"] == 2 and froc["n_lesions"] >= 1
+    assert set(froc["sensitivity_at_fps"]) == {"0.25", "0.5", "1", "2", "4", "8"}
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved["froc"]["froc"] == pytest.approx(froc["froc"])

@@ -191,6 +191,9 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     return metrics
 
 
+FROC_MIN_PROBABILITY = 0.01
+
+
 def _froc(out: Path, scored: list[dict], annotations: Path) -> dict:
     """CAMELYON16 lesion-level FROC from each slide's heatmap and its ASAP/GeoJSON annotations, if any."""
     from wsi_vssm.io.annotations import read_annotations
@@ -203,11 +206,13 @@ def _froc(out: Path, scored: list[dict], annotations: Path) -> dict:
     for r in scored:
         prob, _, _, attrs = read_heatmap_zarr(out / r["slide"] / "heatmap.ome.zarr")
         meta = attrs["wsi_vssm"]
+        # Every local maximum down to a low floor: the FROC curve sweeps the detection threshold itself.
         detections[r["slide"]] = detections_from_heatmap(prob, meta["cell0"], meta["origin"],
-                                                         threshold=meta.get("threshold", 0.5))
+                                                         threshold=FROC_MIN_PROBABILITY)
         mpps[r["slide"]] = meta["mpp"]
         files = [p for ext in (".xml", ".geojson", ".json") for p in annotations.glob(r["slide"] + ext)]
-        truth[r["slide"]] = read_annotations(files[0]) if files else None
+        if files:  # slides without an annotation file are normal
+            truth[r["slide"]] = read_annotations(files[0])
     return froc(detections, truth, mpps).as_dict()
 
 
