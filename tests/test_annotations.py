@@ -226,7 +226,7 @@ _geo = st.recursive(
 _FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _only_annotation_error(fn, data):
+def _check_only_annotation_error(fn, data):
     try:
         items = fn(data)
     except AnnotationError as err:
@@ -238,15 +238,15 @@ def _only_annotation_error(fn, data):
 @_FUZZ
 @given(st.binary(max_size=200) | st.text(max_size=200))
 def test_fuzz_raw_bytes(data):
-    _only_annotation_error(parse_asap_xml, data)
-    _only_annotation_error(parse_geojson, data)
+    _check_only_annotation_error(parse_asap_xml, data)
+    _check_only_annotation_error(parse_geojson, data)
 
 
 @_FUZZ
 @given(_json | _geo)
 def test_fuzz_geojson_structures(obj):
-    _only_annotation_error(parse_geojson, obj)
-    _only_annotation_error(parse_geojson, json.dumps(obj))
+    _check_only_annotation_error(parse_geojson, obj)
+    _check_only_annotation_error(parse_geojson, json.dumps(obj))
 
 
 @_FUZZ
@@ -267,7 +267,7 @@ def test_fuzz_asap_structures(anns):
         head = f"<Annotation Type={_attr(kind)} PartOfGroup={_attr(group)}>"
         parts.append(f"{head}<Coordinates>{c}</Coordinates></Annotation>")
     body = "".join(parts)
-    _only_annotation_error(
+    _check_only_annotation_error(
         parse_asap_xml, f"<ASAP_Annotations><Annotations>{body}</Annotations></ASAP_Annotations>"
     )
 

@@ -41,7 +41,7 @@ def make_inputs(batch, dim, length, nstate, groups, dtype=torch.float32, seed=0,
     return x
 
 
-def close(actual, expected, tol, what):
+def assert_close(actual, expected, tol, what):
     scale = expected.detach().float().abs().max().clamp_min(1.0)
     err = (actual.detach().float() - expected.detach().float()).abs().max()
     assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:.1g} x {scale:.3g}"
@@ -74,16 +74,16 @@ def test_matches_reference_fp32(impl, shape):
     y_ref, h_ref, g_ref = run_with_grads("reference", x)
     y, h, grads = run_with_grads(impl, x)
     assert y.dtype == torch.float32 and h.shape == h_ref.shape
-    close(y, y_ref, TOL[torch.float32], "y")
-    close(h, h_ref, TOL[torch.float32], "last state")
+    assert_close(y, y_ref, TOL[torch.float32], "y")
+    assert_close(h, h_ref, TOL[torch.float32], "last state")
     for name in GRAD_NAMES:
-        close(grads[name], g_ref[name], 1e-4, f"d{name}")
+        assert_close(grads[name], g_ref[name], 1e-4, f"d{name}")
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_minimal_arguments_and_no_softplus(impl):
     x = make_inputs(2, 4, 50, 2, 0, full=False)
-    close(selective_scan(**x, impl=impl), selective_scan_reference(**x), 2e-5, "y")
+    assert_close(selective_scan(**x, impl=impl), selective_scan_reference(**x), 2e-5, "y")
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -92,10 +92,10 @@ def test_bf16_inputs(impl):
     y_ref, h_ref, g_ref = run_with_grads("reference", x)
     y, h, grads = run_with_grads(impl, x)
     assert y.dtype == torch.bfloat16 and grads["u"].dtype == torch.bfloat16
-    close(y, y_ref, TOL[torch.bfloat16], "y")
-    close(h, h_ref, 1e-4, "last state")  # fp32 state from identical (bf16-rounded) inputs
+    assert_close(y, y_ref, TOL[torch.bfloat16], "y")
+    assert_close(h, h_ref, 1e-4, "last state")  # fp32 state from identical (bf16-rounded) inputs
     for name in ("u", "delta", "B"):
-        close(grads[name], g_ref[name], TOL[torch.bfloat16], f"d{name}")
+        assert_close(grads[name], g_ref[name], TOL[torch.bfloat16], f"d{name}")
 
 
 @pytest.mark.parametrize("impl", ("reference", *CPU_IMPLS))
@@ -108,8 +108,8 @@ def test_state_carry_across_chunks(impl):
     y1, h1 = selective_scan(**first, delta_softplus=True, return_last_state=True, impl=impl)
     second["initial_state"] = h1
     y2, h2 = selective_scan(**second, delta_softplus=True, return_last_state=True, impl=impl)
-    close(torch.cat([y1, y2], -1), full_y, 2e-5, "chunked y")
-    close(h2, full_h, 2e-5, "chunked state")
+    assert_close(torch.cat([y1, y2], -1), full_y, 2e-5, "chunked y")
+    assert_close(h2, full_h, 2e-5, "chunked state")
 
 
 def test_long_sequence_stable():
@@ -118,8 +118,8 @@ def test_long_sequence_stable():
     y_cpu, h_cpu = selective_scan(**x, delta_softplus=True, return_last_state=True, impl="cpu")
     y_chk, h_chk = selective_scan(**x, delta_softplus=True, return_last_state=True, impl="chunked")
     assert torch.isfinite(y_cpu).all() and torch.isfinite(h_cpu).all()
-    close(y_cpu, y_chk, 1e-4, "y")
-    close(h_cpu, h_chk, 1e-4, "state")
+    assert_close(y_cpu, y_chk, 1e-4, "y")
+    assert_close(h_cpu, h_chk, 1e-4, "state")
 
 
 def test_long_sequence_interleaved_channels():
@@ -127,8 +127,8 @@ def test_long_sequence_interleaved_channels():
     x = make_inputs(1, 16, 20_000, 1, 2)
     y_cpu, h_cpu = selective_scan(**x, delta_softplus=True, return_last_state=True, impl="cpu")
     y_chk, h_chk = selective_scan(**x, delta_softplus=True, return_last_state=True, impl="chunked")
-    close(y_cpu, y_chk, 1e-4, "y")
-    close(h_cpu, h_chk, 1e-4, "state")
+    assert_close(y_cpu, y_chk, 1e-4, "y")
+    assert_close(h_cpu, h_chk, 1e-4, "state")
 
 
 CACHE_CHECK = """
@@ -234,21 +234,21 @@ def test_chunked_exports_to_onnx(tmp_path):
     names = [i.name for i in sess.get_inputs()]
     feeds = {n: a.numpy() for n, a in zip(["u", "delta", "A", "B", "C", "D", "z"], args, strict=True) if n in names}
     (y_onnx,) = sess.run(None, feeds)
-    close(torch.from_numpy(y_onnx), selective_scan_reference(*args, delta_softplus=True), 1e-4, "onnx y")
+    assert_close(torch.from_numpy(y_onnx), selective_scan_reference(*args, delta_softplus=True), 1e-4, "onnx y")
 
 
 TRITON_CHECK = """
 import torch, sys
 sys.path.insert(0, {tests!r})
-from test_scan import GRAD_NAMES, close, make_inputs, run_with_grads
+from test_scan import GRAD_NAMES, assert_close, make_inputs, run_with_grads
 for shape in [(1, 3, 1, 1, 0), (2, 8, 13, 4, 2), (1, 40, 9, 1, 4)]:
     x = make_inputs(*shape)
     y_ref, h_ref, g_ref = run_with_grads("reference", x)
     y, h, grads = run_with_grads("triton", x)
-    close(y, y_ref, 2e-5, "y")
-    close(h, h_ref, 2e-5, "last state")
+    assert_close(y, y_ref, 2e-5, "y")
+    assert_close(h, h_ref, 2e-5, "last state")
     for name in GRAD_NAMES:  # the backward recomputes through `chunked`
-        close(grads[name], g_ref[name], 1e-4, "d" + name)
+        assert_close(grads[name], g_ref[name], 1e-4, "d" + name)
 print("ok")
 """
 

@@ -133,3 +133,23 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_rows(path: str | os.PathLike, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """A table (e.g. a per-epoch training log) as JSON when `path` ends in .json, else CSV; written atomically.
+
+    CSV cells: booleans as 0/1, floats to 6 significant digits, NaN as empty.
+    """
+    if str(path).lower().endswith(".json"):
+        atomic_write_json(path, [{c: r[c] for c in columns} for r in rows])
+        return
+    lines = [",".join(columns)] + [",".join(_csv_cell(r[c]) for c in columns) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_cell(v) -> str:
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return str(v)

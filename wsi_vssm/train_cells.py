@@ -239,21 +239,9 @@ def _region_batches(regions, cfg: TrainCellsConfig, epoch: int, ctx: DistContext
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     """The per-epoch log, rewritten atomically after every epoch: JSON for a .json path, else CSV."""
-    from wsi_vssm.atomic import atomic_write_json, atomic_write_text
+    from wsi_vssm.atomic import atomic_write_rows
 
-    if path.suffix.lower() == ".json":
-        atomic_write_json(path, [{c: r[c] for c in LOG_COLUMNS} for r in rows])
-        return
-    lines = [",".join(LOG_COLUMNS)]
-    for r in rows:
-        lines.append(",".join(_fmt(r[c]) for c in LOG_COLUMNS))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return str(int(v))
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+    atomic_write_rows(path, rows, LOG_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -302,23 +302,9 @@ def _final_metadata(h: TrainHistory) -> dict:
 # ---- files ------------------------------------------------------------------------------------------------
 def write_log(path: str | os.PathLike, rows: list[dict]) -> None:
     """The per-epoch log as CSV, or as JSON when `path` ends in .json; written atomically."""
-    from wsi_vssm.atomic import atomic_write_json, atomic_write_text
+    from wsi_vssm.atomic import atomic_write_rows
 
-    if str(path).lower().endswith(".json"):
-        atomic_write_json(path, rows)
-        return
-    lines = [",".join(LOG_COLUMNS)]
-    for r in rows:
-        lines.append(",".join(_fmt(r[c]) for c in LOG_COLUMNS))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return str(int(v))
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
+    atomic_write_rows(path, rows, LOG_COLUMNS)
 
 
 def save_mil(path: str | os.PathLike, model, cfg: MILTrainConfig | None, metadata: dict) -> None:
