@@ -197,3 +197,33 @@ def test_dask_local_cluster_equals_the_serial_run(model_file, cohort, reference,
     _same_results(out, reference)
     pids = {read_state(out, "predict", n)["worker"]["pid"] for n in ("normal_001", "normal_002", "tumor_001")}
     assert os.getpid() not in pids  # the slides ran in the cluster's worker processes
+
+
+def test_dask_split_regions_equal_the_serial_run(model_file, cohort, tmp_path):
+    """A slide of more regions than --split-regions runs as region-batch tasks on the cluster's workers; the
+    driver assembles its cells and finishes it: the same probabilities and heatmaps as a serial run."""
+    import numpy as np
+
+    from wsi_vssm.outputs.heatmap import read_heatmap_zarr
+
+    names = ("tumor_001",)
+    # 512 px at the analysis mpp in regions of 256 px stepping 192: a 3 x 3 grid, run as tasks of 2 regions
+    geometry = ["--device", "cpu", "--target-mpp", "4", "--region-px", "256", "--overlap-px", "64",
+                "--reader-threads", "1"]
+    slides = [cohort / f"{n}.tif" for n in names]
+    serial, split = tmp_path / "serial", tmp_path / "split"
+    assert _cli(["predict", *slides, "--out", serial, "--model", model_file, *geometry]) == 0
+    assert _cli(["predict", *slides, "--out", split, "--model", model_file, *geometry, "--workers", 2,
+                 "--split-regions", 2]) == 0
+    for name in names:
+        state = read_state(split, "predict", name)
+        assert state["status"] == "done" and state["worker"]["split"]["region_tasks"] >= 2, name
+        assert os.getpid() not in state["worker"]["split"]["pids"]  # the regions ran in the worker processes
+        want, got = (json.loads((d / name / "prediction.json").read_text()) for d in (serial, split))
+        assert want["probability"] is not None and abs(got["probability"] - want["probability"]) <= 1e-5
+        assert got["parameters"]["n_cells"] == want["parameters"]["n_cells"]
+        hw, hg = (np.asarray(read_heatmap_zarr(d / name / "heatmap.ome.zarr")[0]) for d in (serial, split))
+        assert hw.shape == hg.shape and np.array_equal(np.isnan(hw), np.isnan(hg))
+        assert np.nanmax(np.abs(hw - hg)) <= 1e-5
+        assert read_state(serial, "predict", name)["params_hash"] == state["params_hash"]
+    assert not list((split / STATE_DIR).glob("*.lock"))

@@ -259,6 +259,98 @@ class _Plan:
     min_tissue: float
 
 
+@dataclass
+class SlidePlan:
+    """What one slide's extraction needs besides the pixels and the model, computed once (`plan_slide`): the
+    region grid (tissue regions), the cell plan, the store attrs and the device. Plain data (no open handle), so
+    a distributed run ships it to the processes that run `extract_regions` on parts of the grid."""
+
+    grid: object  # wsi_vssm.io.regions.RegionGrid
+    plan: _Plan
+    attrs: dict
+    slide_mpp: float
+    device: str
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+
+def plan_slide(
+    slide,
+    backbone,
+    mpp: float,
+    token_px: int = DEFAULT_TOKEN_PX,
+    region_px: int | None = None,
+    overlap_px: int = DEFAULT_OVERLAP_PX,
+    device: str = "cpu",
+    min_tissue: float = DEFAULT_MIN_TISSUE,
+    info: BackboneInfo | None = None,
+    tissue: tuple[np.ndarray, float] | None = None,
+) -> SlidePlan:
+    """The tissue mask (unless given), region grid and cell plan of an open slide; see `extract_slide`."""
+    from wsi_vssm.io.regions import NoTissueWarning, RegionGrid
+
+    dev = resolve_device(device)
+    region_px = default_region_px(dev) if region_px is None else region_px
+    check_geometry(token_px, region_px, overlap_px, min_tissue)
+    slide_mpp = slide.require_mpp()
+    if tissue is None:
+        from wsi_vssm.io.tissue import slide_tissue_mask
+
+        tissue = slide_tissue_mask(slide)
+    mask, mask_scale = tissue
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoTissueWarning)  # no tissue is not an error: the slide has no cells
+        grid = RegionGrid(slide, mpp, region_px, overlap_px, min_tissue=0.0, tissue=(mask, mask_scale))
+    plan = _make_plan(slide, grid, token_px, mask, mask_scale, min_tissue)
+    attrs = _attrs(slide, grid, token_px, min_tissue, info, backbone)
+    return SlidePlan(grid, plan, attrs, float(slide_mpp), dev)
+
+
+def grid_size(slide, mpp: float, region_px: int, overlap_px: int) -> int:
+    """Regions in the full grid (tissue or not) of `slide` at `mpp`: a cheap upper bound on `len(plan)`."""
+    from wsi_vssm.io.regions import _starts
+
+    w0, h0 = slide.dimensions
+    scale = float(mpp) / slide.require_mpp()
+    side = max(1, round(region_px * scale))
+    step = (region_px - overlap_px) * scale
+    return len(_starts(h0, side, step)) * len(_starts(w0, side, step))
+
+
+def extract_regions(
+    slide,
+    backbone,
+    plan: SlidePlan,
+    region_indices=None,
+    batch_size: int = 1,
+    workers: int = 2,
+    amp: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple]:
+    """The cells owned by the plan's regions `region_indices` (default: all), as per-region tuples
+    (features, global cell rows, cols, tissue, region index) for `assemble_cells`. Any split of the regions
+    into calls gives the same cells as one call (batches of `batch_size` form within a call)."""
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    grid = plan.grid
+    regions = list(grid) if region_indices is None else [grid[int(i)] for i in region_indices]
+    dev = plan.device
+    return _run_regions(slide, regions, grid.mpp, backbone.to(dev).eval(), plan.plan, batch_size, workers, dev,
+                        amp, progress)
+
+
+def assemble_cells(plan: SlidePlan, parts: list[tuple], backbone) -> CellFeatures:
+    """The slide's CellFeatures from the parts of all its regions (in any order); NaN/inf features raise."""
+    attrs = plan.attrs
+    cells = _assemble(parts, plan.plan, plan.grid.scale, plan.slide_mpp, attrs, backbone)
+    bad = int((~np.isfinite(cells.features)).any(axis=1).sum())
+    if bad:  # NaN weights, or values beyond float16: never stored or scored as if they were features
+        raise FeatureStoreError(f"{attrs['slide_path'] or attrs['slide']}: {bad} of {len(cells)} cells have "
+                                f"NaN/inf features (model {attrs['model_id']}: check its weights)")
+    return cells
+
+
 def extract_slide(
     slide,
     backbone,
@@ -274,52 +366,41 @@ def extract_slide(
     progress: Callable[[int, int], None] | None = None,
     info: BackboneInfo | None = None,
     tissue: tuple[np.ndarray, float] | None = None,
+    run_regions: Callable[[SlidePlan], list[tuple]] | None = None,
 ) -> CellFeatures:
     """The token-cell features of an open slide at analysis resolution `mpp` (no file I/O besides reading).
 
     `backbone` is a VSSM (its `forward_features` is used); `info` (from `load_backbone`) goes into the attrs.
     `region_px` defaults by device (DEFAULT_REGION_PX); `progress(done, total)` is called per region.
     `tissue` = (mask, level-0 px per mask px) overrides the thumbnail tissue mask.
+    `run_regions(plan)`, when given, returns the parts of all the plan's regions instead of `extract_regions`
+    in this process (the cohort runner spreads a large slide's regions over a Dask cluster with it).
     Raises MissingMpp when the slide has no resolution, UsageError on bad arguments.
     """
-    from wsi_vssm.io.regions import NoTissueWarning, RegionGrid
-
     dev = resolve_device(device)
     region_px = default_region_px(dev) if region_px is None else region_px
     check_geometry(token_px, region_px, overlap_px, min_tissue)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    slide_mpp = slide.require_mpp()
-    if tissue is None:
-        from wsi_vssm.io.tissue import slide_tissue_mask
-
-        tissue = slide_tissue_mask(slide)
-    mask, mask_scale = tissue
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NoTissueWarning)  # no tissue is not an error: the slide has no cells
-        grid = RegionGrid(slide, mpp, region_px, overlap_px, min_tissue=0.0, tissue=(mask, mask_scale))
-    plan = _make_plan(slide, grid, token_px, mask, mask_scale, min_tissue)
-    attrs = _attrs(slide, grid, token_px, min_tissue, info, backbone)
-    parts = _run_regions(slide, grid, backbone.to(dev).eval(), plan, batch_size, workers, dev, amp, progress)
-    cells = _assemble(parts, plan, grid.scale, slide_mpp, attrs, backbone)
-    bad = int((~np.isfinite(cells.features)).any(axis=1).sum())
-    if bad:  # NaN weights, or values beyond float16: never stored or scored as if they were features
-        raise FeatureStoreError(f"{slide.path or slide.name}: {bad} of {len(cells)} cells have NaN/inf features "
-                                f"(model {attrs['model_id']}: check its weights)")
-    return cells
+    plan = plan_slide(slide, backbone, mpp, token_px, region_px, overlap_px, dev, min_tissue, info, tissue)
+    if run_regions is None:
+        parts = extract_regions(slide, backbone, plan, None, batch_size, workers, amp, progress)
+    else:
+        parts = run_regions(plan)
+    return assemble_cells(plan, parts, backbone)
 
 
-def _run_regions(slide, grid, backbone, plan, batch_size, workers, dev, amp, progress) -> list[tuple]:
-    """Stream the grid's regions through the backbone in batches of equal shape; per-region cell tuples."""
+def _run_regions(slide, regions, mpp, backbone, plan, batch_size, workers, dev, amp, progress) -> list[tuple]:
+    """Stream `regions` through the backbone in batches of equal shape; per-region cell tuples."""
     import torch
 
     from wsi_vssm.io.regions import RegionStream
 
     parts: list[tuple] = []
-    total, done = len(grid), 0
+    total, done = len(regions), 0
     if progress is not None:
         progress(0, total)
-    with RegionStream(_source(slide), grid, workers=workers) as stream, torch.inference_mode():
+    with RegionStream(_source(slide), regions, mpp=mpp, workers=workers) as stream, torch.inference_mode():
         batch: list[tuple] = []
         for region, img in stream:
             item = _crop(region, img, plan)

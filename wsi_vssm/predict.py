@@ -93,6 +93,12 @@ def predict_slide(
     Raises SlideError subclasses for unreadable slides (MissingMpp asks for --mpp), Cancelled when `cancel` is
     set. A slide without tissue is not an error: its probability is None with the reason.
     """
+    return _predict(slide_path, model, out_root, params, progress, cancel)
+
+
+def _predict(slide_path, model, out_root, params=None, progress=None, cancel=None, run_regions=None) -> dict:
+    """`predict_slide`; `run_regions(plan)`, when given, computes the regions' cells (`extract_slide`'s hook:
+    the cohort runner spreads a large slide's regions over a Dask cluster with it)."""
     import torch
 
     from wsi_vssm.features import DEFAULT_OVERLAP_PX, extract_slide
@@ -113,7 +119,7 @@ def predict_slide(
         warning = stain_warning(small, mask)
         thumb = slide.thumbnail(THUMBNAIL_SIDE)  # for the overlay
         if warning:
-            warnings.warn(f"{slide_path}: {warning}", stacklevel=2)
+            warnings.warn(f"{slide_path}: {warning}", stacklevel=3)
         timings["tissue"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -123,6 +129,7 @@ def predict_slide(
             overlap_px=DEFAULT_OVERLAP_PX if params.overlap_px is None else params.overlap_px,
             batch_size=params.batch_size, workers=params.reader_threads, device=params.device, amp=params.amp,
             progress=lambda done, total: stage("regions", done, total), tissue=(mask, scale),
+            run_regions=run_regions,
         )
         timings["features"] = time.perf_counter() - t
 
@@ -130,7 +137,7 @@ def predict_slide(
         threshold = slide_threshold(model, params)
         if len(cells) == 0:
             prob, cell_probs, reason = None, np.zeros(0, np.float32), "no tissue found"
-            warnings.warn(f"{slide_path}: no tissue found; the slide gets no probability", stacklevel=2)
+            warnings.warn(f"{slide_path}: no tissue found; the slide gets no probability", stacklevel=3)
         else:
             with torch.inference_mode():
                 mil = model.mil.to("cpu").eval()

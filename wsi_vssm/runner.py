@@ -18,6 +18,11 @@ broken safely; a live one makes this run skip the slide as "locked by another ru
 Execution is serial in this process, or on Dask distributed (`workers`: a LocalCluster of that many processes;
 `scheduler`: an existing cluster). Workers receive the job (paths and parameters), never open handles; each
 worker process loads the model once (cached by path). Only the driver writes state files.
+
+A slide whose region grid has more than `split_regions` regions is split on Dask: the driver opens it, computes
+its plan once (tissue mask, region grid, cell plan: `features.plan_slide`), sends batches of `split_regions`
+regions to the workers as tasks (`features.extract_regions` on the slide's path), gathers the cells, and finishes
+the slide itself (assembly, MIL, outputs, state) exactly as a per-slide task would.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from wsi_vssm.progress import Progress
 
 STATE_FORMAT = "wsi-vssm-state/1"
 STATE_DIR = ".state"
+DEFAULT_SPLIT_REGIONS = 64  # Dask: a slide of more regions runs as tasks of this many regions (docs/cohorts.md)
 BREAK_STALE_AFTER_S = 60.0  # a lock-breaking marker older than this was left by a killed run
 _MODELS: dict = {}  # per process (driver or Dask worker): model cache, key -> loaded model
 _THREADS_SET = False
@@ -54,6 +60,10 @@ class Status(str, Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+
+
+class WorkerFailed(WsiVssmError):
+    """A Dask worker running a split slide's regions died or was lost."""
 
 
 class OutputNotWritable(WsiVssmError):
@@ -74,6 +84,7 @@ class RunOptions:
     retry_failed: bool = False
     overwrite: bool = False  # redo slides that are done
     debug: bool = False  # print the traceback of unexpected per-slide errors
+    split_regions: int = DEFAULT_SPLIT_REGIONS  # Dask only: a slide of more regions runs as region tasks (0: never)
 
 
 @dataclass
@@ -370,15 +381,17 @@ def _run_serial(task: SlideTask, job, progress: Progress, finish) -> None:
     finish(_finish(task, job, lock, state, res))
 
 
-def execute(job, task: SlideTask, region_progress=None) -> dict:
-    """Run one slide (in the driver or a Dask worker) and return a plain, picklable result dict."""
+def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dict:
+    """Run one slide (in the driver or a Dask worker) and return a plain, picklable result dict.
+
+    `run_regions(plan)`, when given, computes the slide's region cells (on Dask, for a split slide)."""
     t0, started = time.perf_counter(), _now()
     res = {"ok": False, "result": None, "error": None, "error_type": None, "warnings": [], "timings": {},
            "worker": {"host": socket.gethostname(), "pid": os.getpid(), "started": started}}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = job.run(task, region_progress)
+            result = job.run(task, region_progress, run_regions)
             res.update(ok=True, result=result, timings=dict(result.pop("timings", {})))
         except WsiVssmError as e:
             res.update(error=_with_path(_one_line(e), task), error_type=type(e).__name__)
@@ -446,6 +459,9 @@ def _run_dask(todo: list[SlideTask], job, opts: RunOptions, progress: Progress, 
                 if refused is not None:
                     finish(refused)
                     continue
+                if _should_split(job, task, opts.split_regions):
+                    _run_split(client, task, job, lock, state, opts.split_regions, progress, finish)
+                    continue
                 fut = client.submit(_dask_execute, job, task, pure=False, key=f"{job.kind}-{task.name}-{id(task)}")
                 inflight[fut.key] = (task, lock, state)
                 done.add(fut)
@@ -491,8 +507,8 @@ def _client(opts: RunOptions, progress: Progress):
     return Client(cluster), cluster
 
 
-def _dask_execute(job, task: SlideTask) -> dict:
-    """What a Dask worker runs: limit its threads once, then the slide (no progress callback: no terminal)."""
+def _limit_threads() -> None:
+    """In a Dask worker: torch's intra-op threads from OMP_NUM_THREADS, once per process."""
     global _THREADS_SET
     if not _THREADS_SET:
         n = os.environ.get("OMP_NUM_THREADS")
@@ -501,7 +517,76 @@ def _dask_execute(job, task: SlideTask) -> dict:
 
             torch.set_num_threads(int(n))  # OMP_NUM_THREADS alone does not reach torch's intra-op pool here
         _THREADS_SET = True
+
+
+def _dask_execute(job, task: SlideTask) -> dict:
+    """What a Dask worker runs: limit its threads once, then the slide (no progress callback: no terminal)."""
+    _limit_threads()
     return execute(job, task)
+
+
+def _should_split(job, task: SlideTask, split_regions: int) -> bool:
+    """Whether the slide's full region grid has more than `split_regions` regions (0: never split). A slide the
+    driver cannot open or size runs as one task, whose worker reports the error."""
+    if not split_regions or task.path is None:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the slide's own run reports them
+            n = job.grid_size(task)
+    except (WsiVssmError, OSError, ValueError):
+        return False
+    return n > split_regions
+
+
+def _run_split(client, task: SlideTask, job, lock, state: dict, split_regions: int, progress: Progress,
+               finish) -> None:
+    """Run one large slide in the driver with its regions as Dask tasks of `split_regions` regions each."""
+    import asyncio
+    import concurrent.futures
+
+    from distributed import KilledWorker
+
+    used: dict = {"tasks": 0, "pids": []}
+
+    def run_regions(plan) -> list[tuple]:
+        n = len(plan)
+        if n == 0:
+            return []
+        batches = [list(range(i, min(n, i + split_regions))) for i in range(0, n, split_regions)]
+        shipped = client.scatter(plan, hash=False)  # once per slide, not once per task
+        futs = [client.submit(_dask_regions, job, task, shipped, idx, pure=False,
+                              key=f"{job.kind}-{task.name}-regions-{i}-{id(task)}") for i, idx in enumerate(batches)]
+        try:
+            results = client.gather(futs)  # a worker's own error (an unreadable region...) is re-raised as is
+        except (KilledWorker, asyncio.CancelledError, concurrent.futures.CancelledError) as e:
+            raise WorkerFailed(f"{task.path}: a Dask worker failed: {type(e).__name__}: {_one_line(e)}") from e
+        finally:
+            client.cancel(futs + [shipped])
+        used["tasks"] = len(batches)
+        used["pids"] = sorted({pid for pid, _ in results})
+        return [part for _, parts in results for part in parts]
+
+    progress.detail(f"{task.name}: split into region tasks of {split_regions} regions")
+    try:
+        res = execute(job, task, None, run_regions)
+    except BaseException:
+        lock.release()  # Ctrl-C: the state stays "running", so the next run redoes the slide
+        raise
+    res["worker"]["split"] = {"region_tasks": used["tasks"], "split_regions": split_regions,
+                              "pids": list(used["pids"])}
+    finish(_finish(task, job, lock, state, res))
+
+
+def _dask_regions(job, task: SlideTask, plan, region_indices: list[int]) -> tuple[int, list[tuple]]:
+    """What a Dask worker runs for a batch of a split slide's regions: (its pid, the regions' cell parts)."""
+    from wsi_vssm.features import extract_regions
+
+    _limit_threads()
+    backbone = job.region_backbone()
+    with job.open_slide(task) as slide:
+        parts = extract_regions(slide, backbone, plan, region_indices, **job.region_params())
+    return os.getpid(), parts
 
 
 # ---- jobs ----------------------------------------------------------------------------------------------------
@@ -535,13 +620,33 @@ class PredictJob:
 
         return cached_model(f"predict:{self.model_path}", lambda: load_model(self.model_path))
 
-    def run(self, task: SlideTask, region_progress=None) -> dict:
-        from wsi_vssm.predict import predict_slide
+    def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict:
+        from wsi_vssm.predict import _predict
 
         cb = None if region_progress is None else (lambda done, total, stage: region_progress(done, total))
-        rec = predict_slide(task.path, self.model(), self.out, self.params, progress=cb)
+        rec = _predict(task.path, self.model(), self.out, self.params, progress=cb, run_regions=run_regions)
         return {"probability": rec["probability"], "label": rec["label"], "reason": rec["reason"],
                 "n_cells": rec["parameters"]["n_cells"], "timings": rec["timings"]}
+
+    def open_slide(self, task: SlideTask):
+        from wsi_vssm.io import open_slide
+
+        return open_slide(task.path, backend=self.params.backend, mpp=self.params.mpp)
+
+    def grid_size(self, task: SlideTask) -> int:
+        from wsi_vssm.features import DEFAULT_OVERLAP_PX, default_region_px, grid_size, resolve_device
+
+        p, model = self.params, self.model()
+        region_px = p.region_px or default_region_px(resolve_device(p.device))
+        overlap_px = DEFAULT_OVERLAP_PX if p.overlap_px is None else p.overlap_px
+        with self.open_slide(task) as slide:
+            return grid_size(slide, p.target_mpp or model.mpp, region_px, overlap_px)
+
+    def region_backbone(self):
+        return self.model().backbone
+
+    def region_params(self) -> dict:
+        return {"batch_size": self.params.batch_size, "workers": self.params.reader_threads, "amp": self.params.amp}
 
     def outputs_ok(self, name: str) -> bool:
         """prediction.json and the heatmap's metadata parse, the overlay and contours exist (a cheap check)."""
@@ -590,21 +695,40 @@ class ExtractJob:
 
         return cached_model(f"extract:{self.model}", lambda: load_backbone(self.model))
 
-    def run(self, task: SlideTask, region_progress=None) -> dict:
+    def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict:
         from wsi_vssm.features import FeatureStore, extract_slide
-        from wsi_vssm.io import open_slide
 
         backbone, info = self.backbone()
-        slide = open_slide(task.path, mpp=self.mpp_override)
+        slide = self.open_slide(task)
         with slide:
             slide.require_mpp()  # MissingMpp: "...state it with --mpp"
             t = time.perf_counter()
-            cells = extract_slide(slide, backbone, info=info, progress=region_progress, **self.extract_params)
+            cells = extract_slide(slide, backbone, info=info, progress=region_progress, run_regions=run_regions,
+                                  **self.extract_params)
             t_extract = time.perf_counter() - t
         t = time.perf_counter()
         FeatureStore.write(self.target(task.name), cells)
         return {"n_cells": len(cells), "n_regions": len(set(cells.region_id.tolist())),
                 "timings": {"extract": t_extract, "write": time.perf_counter() - t}}
+
+    def open_slide(self, task: SlideTask):
+        from wsi_vssm.io import open_slide
+
+        return open_slide(task.path, mpp=self.mpp_override)
+
+    def grid_size(self, task: SlideTask) -> int:
+        from wsi_vssm.features import grid_size
+
+        p = self.extract_params
+        with self.open_slide(task) as slide:
+            return grid_size(slide, p["mpp"], p["region_px"], p["overlap_px"])
+
+    def region_backbone(self):
+        return self.backbone()[0]
+
+    def region_params(self) -> dict:
+        p = self.extract_params
+        return {"batch_size": p.get("batch_size", 1), "workers": p.get("workers", 2), "amp": p.get("amp", False)}
 
     def target(self, name: str) -> Path:
         return Path(self.out) / f"{name}.zarr"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from wsi_vssm.runner import DEFAULT_SPLIT_REGIONS
+
 mpp_option = click.option(
     "--mpp",
     type=click.FloatRange(min=0, min_open=True),
@@ -25,6 +27,9 @@ def run_options(f):
                      help="Run slides on a Dask LocalCluster of N processes (default: serially, in this process)."),
         click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
                      help="Run slides on an existing Dask cluster (e.g. started by dask-jobqueue on SLURM)."),
+        click.option("--split-regions", type=click.IntRange(min=0), default=DEFAULT_SPLIT_REGIONS,
+                     show_default=True, metavar="N",
+                     help="With Dask: run a slide of more than N regions as tasks of N regions each (0: never)."),
         click.option("--retry-failed", is_flag=True, help="Retry slides that failed in an earlier run."),
         click.option("--overwrite", is_flag=True, help="Redo slides that are already done."),
         click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
@@ -49,7 +54,7 @@ def pop_run_options(opts: dict, ctx: click.Context | None = None):
         raise UsageError("--quiet and --verbose exclude each other")
     debug = bool(ctx and ctx.obj and ctx.obj.get("debug"))
     run = RunOptions(workers=workers, scheduler=scheduler, retry_failed=opts.pop("retry_failed"),
-                     overwrite=opts.pop("overwrite"), debug=debug)
+                     overwrite=opts.pop("overwrite"), debug=debug, split_regions=opts.pop("split_regions"))
     return run, Progress.from_flags(quiet, verbose)
 
 
