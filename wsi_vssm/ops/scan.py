@@ -24,8 +24,11 @@ Implementations (docs/scan.md has the measurements):
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
+import sys
 import threading
 
 import torch
@@ -139,9 +142,48 @@ def _cpu_dtype(u):
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
+_HUGE = 1 << 21  # x86-64 / aarch64 transparent huge page
+_HUGE_MAX = 256 << 20  # measured crossover on the dev VM, see _empty
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return fn
+
+
+def _empty(shape, dtype) -> torch.Tensor:
+    """torch.empty, with the buffer's whole 2 MiB pages marked madvise(MADV_HUGEPAGE) before first touch (as
+    numpy does for its large arrays) when it is 4 MiB .. 256 MiB. Every call's outputs are new memory (glibc
+    unmaps large blocks on free), and a first-touch fault costs ~2.5 us per 4 KiB page on the dev VM: at
+    L = 64k (200 MB y) the faults took as long as the scan; 2 MiB pages halve the forward's time there. Above
+    ~256 MiB the huge-page faults measured slower than 4 KiB ones on that VM (fresh 2 MiB blocks appear to come
+    back from the hypervisor: virtio-balloon), hence the cap (docs/scan.md, "Output allocation"). Advisory:
+    without THP (or off Linux) it is plain torch.empty."""
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    madvise = _madvise() if 2 * _HUGE <= nbytes <= _HUGE_MAX else None
+    if madvise is not None:
+        lo = -(-t.data_ptr() // _HUGE) * _HUGE
+        hi = (t.data_ptr() + nbytes) // _HUGE * _HUGE
+        if hi > lo:
+            madvise(lo, hi - lo, 14)  # MADV_HUGEPAGE; failure (THP off: EINVAL) changes nothing
+    return t
+
+
 def _np(X, dtype):
     """A contiguous CPU tensor of `dtype` (zero-copy when it already is one), detached."""
-    return X.detach().to(dtype).contiguous()
+    X = X.detach()
+    if X.dtype == dtype and X.is_contiguous():
+        return X
+    return _empty(X.shape, dtype).copy_(X)
 
 
 class _ScanCpuFn(torch.autograd.Function):
@@ -160,7 +202,7 @@ class _ScanCpuFn(torch.autograd.Function):
         K = kern.CHUNK
         nck = -(-length // K) if need_grad else 1
         ckpt = torch.empty(batch, dim, nck, nstate, dtype=dt)
-        y = torch.empty(batch, dim, length, dtype=dt)
+        y = _empty((batch, dim, length), dt)
         hlast = torch.empty(batch, dim, nstate, dtype=dt)
         with _CPU_LOCK:
             _set_numba_threads()
@@ -171,7 +213,7 @@ class _ScanCpuFn(torch.autograd.Function):
             ctx.save_for_backward(uf, df, Af, Bf, Cf, Df, zf, bf, ckpt)
             ctx.meta = (softplus, z is not None, K, B.shape, [x.dtype if x is not None else None
                                                               for x in (u, delta, A, B, C, D, z, delta_bias, h0)])
-        return y.to(u.dtype), hlast
+        return (y if u.dtype == dt else _empty(y.shape, u.dtype).copy_(y)), hlast
 
     @staticmethod
     def backward(ctx, dy, dlast):
@@ -185,18 +227,18 @@ def _cpu_backward(ctx, dy, dlast):
     dt = uf.dtype
     batch, dim, length = uf.shape
     groups, nstate = Bf.shape[1], Af.shape[1]
-    dyf = _np(dy, dt) if dy is not None else torch.zeros_like(uf)
+    dyf = _np(dy, dt) if dy is not None else _empty(uf.shape, dt).zero_()
     dlf = _np(dlast, dt) if dlast is not None else torch.zeros(batch, dim, nstate, dtype=dt)
-    du, ddelta = torch.empty_like(uf), torch.empty_like(uf)
-    dz = torch.empty_like(uf) if has_z else torch.zeros(1, 1, 1, dtype=dt)
+    du, ddelta = _empty(uf.shape, dt), _empty(uf.shape, dt)
+    dz = _empty(uf.shape, dt) if has_z else torch.zeros(1, 1, 1, dtype=dt)
     dA = torch.empty(batch, dim, nstate, dtype=torch.float64)
     dD, dbias = torch.empty(batch, dim, dtype=torch.float64), torch.empty(batch, dim, dtype=torch.float64)
     dh0 = torch.empty(batch, dim, nstate, dtype=dt)
     with _CPU_LOCK:
         threads = _set_numba_threads()
         blocks = kern.backward_blocks(batch, groups, dim // groups, threads)
-        dB = torch.zeros(batch, groups, blocks, nstate, length, dtype=dt)
-        dC = torch.zeros_like(dB)
+        dB = _empty((batch, groups, blocks, nstate, length), dt).zero_()
+        dC = _empty(dB.shape, dt).zero_()
         kern.scan_bwd(uf.numpy(), df.numpy(), Af.numpy(), Bf.numpy(), Cf.numpy(), Df.numpy(), zf.numpy(),
                       bf.numpy(), dyf.numpy(), dlf.numpy(), ckpt.numpy(), softplus, has_z, K, blocks,
                       du.numpy(), ddelta.numpy(), dz.numpy(), dB.numpy(), dC.numpy(), dA.numpy(), dD.numpy(),
@@ -205,7 +247,7 @@ def _cpu_backward(ctx, dy, dlast):
     dC = (dC[:, :, 0] if blocks == 1 else dC.sum(2)).reshape(b_shape)
     grads = (du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz if has_z else None, dbias.sum(0), dh0)
     out = [
-        g.to(t) if (need and t is not None and g is not None) else None
+        (g if g.dtype == t else _empty(g.shape, t).copy_(g)) if (need and t is not None and g is not None) else None
         for g, t, need in zip(grads, dtypes, ctx.needs_input_grad, strict=False)
     ]
     return (*out, None, None)
