@@ -32,4 +32,10 @@ def _few_torch_threads():
         yield
         return
     torch.set_num_threads(2)
+    # Triton bundles its own LLVM; loading it after napari's OpenGL stack (Mesa's llvmpipe, also LLVM) segfaults
+    # the process. torch imports triton lazily (e.g. when an optimizer is built), so load it first when present.
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
     yield
