@@ -39,3 +39,30 @@ def _few_torch_threads():
     if importlib.util.find_spec("triton") is not None:
         import triton  # noqa: F401
     yield
+
+
+def write_tiny_model(path: Path, **metadata) -> Path:
+    """A seeded random micro SlideModel file (fast CPU scan), for pipeline tests that need any model."""
+    import torch
+
+    from wsi_vssm.models.slide_model import SlideModel, save_model
+
+    torch.manual_seed(0)
+    save_model(SlideModel.create("micro", scan="cpu").eval(), path, metadata={"threshold": 0.5, **metadata})
+    return path
+
+
+def write_patch_folder(root: Path, n_per_class: int, seed: int, ext: str = ".jpg") -> None:
+    """An ImageFolder of plain pink 96 px patches; class 1 has a dark (nuclei-like) 32 x 32 centre."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label in (0, 1):
+        d = root / str(label)
+        d.mkdir(parents=True)
+        for i in range(n_per_class):
+            a = (np.array([225, 170, 205]) + rng.integers(-25, 25, (96, 96, 3))).clip(0, 255).astype(np.uint8)
+            if label:
+                a[32:64, 32:64] = (a[32:64, 32:64] * 0.45).astype(np.uint8)
+            Image.fromarray(a).save(d / f"p{i}{ext}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_patch_folder
 
 from wsi_vssm.distributed import DistContext, all_reduce_mean, broadcast_object, init_from_env, is_main, shard
 
@@ -42,16 +42,7 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- torchrun
 def _patches(root: Path, n_per_class: int, seed: int) -> None:
-    """Plain pink 96 px patches; class 1 has a dark centre 32 x 32 (as in test_train_cells)."""
-    rng = np.random.default_rng(seed)
-    for label in (0, 1):
-        d = root / str(label)
-        d.mkdir(parents=True)
-        for i in range(n_per_class):
-            a = (np.array([225, 170, 205]) + rng.integers(-25, 25, (96, 96, 3))).clip(0, 255).astype(np.uint8)
-            if label:
-                a[32:64, 32:64] = (a[32:64, 32:64] * 0.45).astype(np.uint8)
-            Image.fromarray(a).save(d / f"p{i}.png")  # lossless: both runs must read the same pixels
+    write_patch_folder(root, n_per_class, seed, ".png")  # lossless: both runs must read the same pixels
 
 
 def _free_port() -> int:

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import shared_file
+from conftest import shared_file, write_tiny_model
 
 from wsi_vssm.cli import main
-from wsi_vssm.models.slide_model import SlideModel, save_model
 from wsi_vssm.predict import Cancelled, PredictParams, cell_grid, predict_slide, stain_warning
 from wsi_vssm.synth import make_cohort
 
@@ -23,11 +21,7 @@ FAST = PredictParams(device="cpu", region_px=1024, overlap_px=64, reader_threads
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SlideModel.create("micro", scan="cpu").eval()
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(model, path, metadata={"threshold": 0.5, "purpose": "test"})
-    return path
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt", purpose="test")
 
 
 @pytest.fixture(scope="module")

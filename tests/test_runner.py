@@ -15,10 +15,9 @@ import sys
 import time
 
 import pytest
-import torch
+from conftest import write_tiny_model
 
 from wsi_vssm.cli import main
-from wsi_vssm.models.slide_model import SlideModel, save_model
 from wsi_vssm.runner import STATE_DIR, SlideLock, read_state
 from wsi_vssm.synth import make_cohort
 
@@ -27,10 +26,7 @@ FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(SlideModel.create("micro", scan="cpu").eval(), path, metadata={"threshold": 0.5})
-    return path
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_patch_folder
 
 from wsi_vssm.data.patches import PatchDataError, load_patches, split_select_holdout
 from wsi_vssm.data.region_crops import RegionCropDataset, find_annotated_slides
@@ -20,16 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _patches(root, n_per_class: int, seed: int):
-    """Plain pink patches; class 1 has a dark (nuclei-like) centre 32 x 32."""
-    rng = np.random.default_rng(seed)
-    for label in (0, 1):
-        d = root / str(label)
-        d.mkdir(parents=True)
-        for i in range(n_per_class):
-            a = (np.array([225, 170, 205]) + rng.integers(-25, 25, (96, 96, 3))).clip(0, 255).astype(np.uint8)
-            if label:
-                a[32:64, 32:64] = (a[32:64, 32:64] * 0.45).astype(np.uint8)
-            Image.fromarray(a).save(d / f"p{i}.jpg")
+    write_patch_folder(root, n_per_class, seed)
 
 
 @pytest.fixture(scope="module")

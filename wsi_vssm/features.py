@@ -377,12 +377,10 @@ def extract_slide(
     in this process (the cohort runner spreads a large slide's regions over a Dask cluster with it).
     Raises MissingMpp when the slide has no resolution, UsageError on bad arguments.
     """
-    dev = resolve_device(device)
-    region_px = default_region_px(dev) if region_px is None else region_px
-    check_geometry(token_px, region_px, overlap_px, min_tissue)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    plan = plan_slide(slide, backbone, mpp, token_px, region_px, overlap_px, dev, min_tissue, info, tissue)
+    # plan_slide resolves the device and region size and checks the geometry
+    plan = plan_slide(slide, backbone, mpp, token_px, region_px, overlap_px, device, min_tissue, info, tissue)
     if run_regions is None:
         parts = extract_regions(slide, backbone, plan, None, batch_size, workers, amp, progress)
     else:

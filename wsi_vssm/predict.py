@@ -113,11 +113,11 @@ def _predict(slide_path, model, out_root, params=None, progress=None, cancel=Non
         stage("read", 0, 1)
         slide.require_mpp()
         t = time.perf_counter()
-        small = slide.thumbnail(mask_side(slide, THUMBNAIL_SIDE))
+        thumb = slide.thumbnail(THUMBNAIL_SIDE)  # for the overlay; the mask's thumbnail is derived from it
+        small = _shrink(thumb, mask_side(slide, THUMBNAIL_SIDE))
         mask = tissue_mask(small)
         scale = max(slide.dimensions[0] / small.shape[1], slide.dimensions[1] / small.shape[0])
         warning = stain_warning(small, mask)
-        thumb = slide.thumbnail(THUMBNAIL_SIDE)  # for the overlay
         if warning:
             warnings.warn(f"{slide_path}: {warning}", stacklevel=3)
         timings["tissue"] = time.perf_counter() - t
@@ -177,6 +177,15 @@ def _predict(slide_path, model, out_root, params=None, progress=None, cancel=Non
         write_prediction_json(out_dir / "prediction.json", record)  # last: its presence means the slide is done
         stage("done", 1, 1)
     return record
+
+
+def _shrink(img: np.ndarray, max_side: int) -> np.ndarray:
+    """`img` with its longer side at most `max_side` (as SlideReader.thumbnail would give), without a re-read."""
+    from wsi_vssm.io.base import resize
+
+    h, w = img.shape[:2]
+    f = max_side / max(h, w)
+    return img if f >= 1 else resize(img, max(1, round(w * f)), max(1, round(h * f)))
 
 
 def cell_grid(coords_px: np.ndarray, values: np.ndarray, cell0: float, dims: tuple[int, int]) -> np.ndarray:
