@@ -79,6 +79,62 @@ def test_two_epoch_run_learns(tiny_folder, tmp_path):
     assert meta["config"]["epochs"] == 2 and meta["package_version"]
 
 
+def test_tta_is_the_mean_over_the_eight_views(tiny_folder, tmp_path, capsys):
+    from conftest import write_tiny_model
+
+    from wsi_vssm.train_cells import centre_logits, main, normalise, predict_patches
+
+    model = load_model(write_tiny_model(tmp_path / "m.pt"))
+    ds = load_patches(tiny_folder / "valid").subset(range(5))
+    x = normalise(torch.from_numpy(np.stack([ds[i][0] for i in range(5)])).permute(0, 3, 1, 2).float() / 255)
+    with torch.no_grad():
+        views = [torch.rot90(x.flip(3) if f else x, k, (2, 3)) for f in (0, 1) for k in range(4)]
+        expect = torch.stack([torch.sigmoid(centre_logits(model, v)) for v in views]).mean(0).numpy()
+        plain = torch.sigmoid(centre_logits(model, x)).numpy()
+    np.testing.assert_allclose(predict_patches(model, ds, tta=True), expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(predict_patches(model, ds), plain, rtol=1e-5, atol=1e-6)
+    assert main(["--evaluate", str(tmp_path / "m.pt"), "--valid", str(tiny_folder / "valid"), "--tta"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "AUC" in ln]
+    assert len(lines) == 2 and "8-view TTA" in lines[1] and "TTA" not in lines[0]
+
+
+def test_weight_average_follows_the_weights():
+    from wsi_vssm.train_cells import WeightAverage
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    avg = WeightAverage(net, decay=0.99)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    avg.update(net)  # first update: decay capped at 2/11, so the average moves most of the way
+    assert avg.model.weight.item() == pytest.approx(1 - 2 / 11)
+    for _ in range(2000):
+        avg.update(net)
+    assert avg.model.weight.item() == pytest.approx(1.0, abs=1e-6)
+    assert not avg.model.weight.requires_grad
+
+
+def test_ema_run_selects_and_saves_the_average(tiny_folder, tmp_path):
+    from wsi_vssm.train_cells import evaluate, split_valid
+
+    runs = {}
+    for ema in (0.0, 0.5):
+        cfg = TrainCellsConfig(epochs=1, batch_size=16, seed=0, ema=ema, mil_bags=0)
+        r = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / f"m{ema}.pt", cfg, progress=False)
+        runs[ema] = (r, load_model(tmp_path / f"m{ema}.pt"))
+    (_, raw), (r, avg) = runs[0.0], runs[0.5]
+    assert avg.metadata["config"]["ema"] == 0.5
+    # same seed, same raw trajectory: the EMA file holds other weights (the average), and they are what was
+    # validated (its recorded selection AUC is the file's own)
+    w_raw, w_avg = raw.mil.cell_head.weight.detach(), avg.mil.cell_head.weight.detach()
+    assert not torch.allclose(w_raw, w_avg)
+    select, _ = split_valid(load_patches(tiny_folder / "valid"), cfg)
+    assert evaluate(avg, select)["auc"] == pytest.approx(r.select["auc"])
+    with pytest.raises(Exception, match="ema"):
+        TrainCellsConfig(ema=1.0)
+
+
 # ---------------------------------------------------------------------------------------------------- regions
 def _write_slide(path, lesion_box):
     """A 1024 px pink-tissue slide at MPP with a dark lesion square; its ASAP XML beside it."""
@@ -157,7 +213,7 @@ def test_run_recipe_with_overrides(tiny_folder, tmp_path):
                                        "--set", "cells.epochs=1", "--set", "cells.epoch_size=16",
                                        "--set", "cells.batch_size=8", "--set", "cells.valid_select=12",
                                        "--set", "cells.mil_bags=8", "--set", "cells.mil_patches=16",
-                                       "--set", "cells.mil_steps=10"])
+                                       "--set", "cells.mil_steps=10", "--set", 'recipe.stages=["cells"]'])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "recipe.resolved.json").is_file()
     assert load_model(tmp_path / "run" / "model.pt").metadata["config"]["epoch_size"] == 16
@@ -166,8 +222,11 @@ def test_run_recipe_with_overrides(tiny_folder, tmp_path):
 def test_run_recipe_needs_data(tmp_path):
     from wsi_vssm.commands.run import apply_overrides, load_recipe, run_recipe
     from wsi_vssm.errors import UsageError
+    from wsi_vssm.train_mosaic import MosaicMILConfig
 
     recipe = load_recipe(REPO / "pipelines" / "default.toml")
+    assert TrainCellsConfig(**recipe["cells"]).ema > 0  # the shipped recipe's sections are valid configs
+    assert MosaicMILConfig(**recipe["mosaic_mil"]).test_slides > 0
     with pytest.raises(UsageError, match="data.train"):
         run_recipe(recipe, tmp_path / "r", progress=False)
     with pytest.raises(UsageError, match="KEY=VALUE"):

@@ -64,6 +64,8 @@ class TrainCellsConfig:
     region_batch: int = 4  # region crops per step when slides are given
     region_crop_px: int = 512  # side of a region crop at `mpp`
     device: str = "cpu"  # cpu, cuda or auto; under torchrun each process takes GPU LOCAL_RANK
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is what
+    #                   is validated, selected and saved (it smooths the last epochs' noisy steps)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -74,6 +76,8 @@ class TrainCellsConfig:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise UsageError(f"ema must be in [0, 1), got {self.ema!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,20 +110,24 @@ def roc_auc(labels, scores) -> float:
 
 
 @torch.no_grad()
-def predict_patches(model: SlideModel, ds: PatchDataset, batch_size: int = 128, progress: bool = False) -> np.ndarray:
-    """Centre-token tumour probabilities for every patch of `ds` (no augmentation)."""
+def predict_patches(model: SlideModel, ds: PatchDataset, batch_size: int = 128, progress: bool = False,
+                    tta: bool = False) -> np.ndarray:
+    """Centre-token tumour probabilities for every patch of `ds`. `tta`: the mean probability over the 8 flips
+    and quarter turns of each patch (the centre token stays the centre); off, as in training's selection."""
     model.eval()
     dev = _device_of(model)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_uint8, num_workers=0)
     out = []
     for x, _ in _bar(loader, progress, "predict"):
-        out.append(torch.sigmoid(centre_logits(model, normalise(x.to(dev).float() / 255))).cpu().numpy())
+        x = normalise(x.to(dev).float() / 255)
+        views = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(3)) for k in range(4)] if tta else [x]
+        out.append(torch.stack([torch.sigmoid(centre_logits(model, v)) for v in views]).mean(0).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def evaluate(model: SlideModel, ds: PatchDataset, progress: bool = False) -> dict:
+def evaluate(model: SlideModel, ds: PatchDataset, progress: bool = False, tta: bool = False) -> dict:
     """{"n", "loss", "auc", "accuracy"} of the centre-token predictions at threshold 0.5."""
-    p = predict_patches(model, ds, progress=progress)
+    p = predict_patches(model, ds, progress=progress, tta=tta)
     y = ds.labels.astype(np.float64)
     pc = np.clip(p, 1e-7, 1 - 1e-7)
     loss = float(-(y * np.log(pc) + (1 - y) * np.log(1 - pc)).mean())
@@ -167,6 +175,26 @@ class _CellNet(nn.Module):
         return model.cell_logits(x), None if regions is None else model.cell_logits(regions)
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights, kept in a copy of the model. The decay ramps up from
+    0 ((1 + n) / (10 + n) caps it) so the first steps' random weights fade quickly. Buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.model, self.decay, self.updates = copy.deepcopy(model), float(decay), 0
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, cur in zip(self.model.parameters(), model.parameters(), strict=True):
+            avg.lerp_(cur.detach(), 1.0 - d)
+        for avg, cur in zip(self.model.buffers(), model.buffers(), strict=True):
+            avg.copy_(cur)
+
+
 def _step_loss(net: nn.Module, x, y, region_batch, cfg: TrainCellsConfig, g: torch.Generator, dev) -> torch.Tensor:
     """BCE of the centre token of each patch, plus (with region crops) BCE over every token with tissue of each
     crop (labels: lesion fraction > 0.5). Augmentation runs on the CPU with the seeded generator `g`."""
@@ -199,7 +227,7 @@ def _epoch_shard(n: int, cfg: TrainCellsConfig, epoch: int, ctx: DistContext) ->
 
 
 def _train_epoch(model, net, opt, train: PatchDataset, regions, cfg, epoch: int, step0: int, total: int,
-                 progress: bool, ctx: DistContext) -> tuple[float, int]:
+                 progress: bool, ctx: DistContext, ema: WeightAverage | None = None) -> tuple[float, int]:
     """One epoch; returns (training loss averaged over steps and ranks, next step)."""
     model.train()
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + _RANK_SEED * ctx.rank)
@@ -217,6 +245,8 @@ def _train_epoch(model, net, opt, train: PatchDataset, regions, cfg, epoch: int,
         opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over the ranks here
         opt.step()
+        if ema is not None:
+            ema.update(model)
         losses.append(float(loss.detach()))
         step += 1
     mean = float(np.mean(losses)) if losses else float("nan")
@@ -278,11 +308,13 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     np.random.seed(cfg.seed % 2**32)
     train = train_src if isinstance(train_src, PatchDataset) else load_patches(train_src, cfg.max_train, cfg.seed)
     valid = valid_src if isinstance(valid_src, PatchDataset) else load_patches(valid_src)
-    select, holdout = _split_valid(valid, cfg)
+    select, holdout = split_valid(valid, cfg)
     regions = _load_regions(slides, cfg) if slides else None
     model = SlideModel.create(cfg.arch, mpp=cfg.mpp, token_px=cfg.token_px, scan=cfg.scan, name="cells")
     model.to(ctx.device)
     net = _wrap(model, ctx)
+    ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
+    chosen = ema.model if ema is not None else model  # what is validated, selected and saved
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms, biases, SSM vectors
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -297,10 +329,11 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     log, best, best_epoch, best_sel, step, t0 = [], -1.0, 0, {}, 0, time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
-        train_loss, step = _train_epoch(model, net, opt, train, regions, cfg, epoch, step, total, progress, ctx)
+        train_loss, step = _train_epoch(model, net, opt, train, regions, cfg, epoch, step, total, progress, ctx,
+                                        ema)
         row, sel = None, None
         if ctx.is_main:  # validation, the decision and the files: rank 0 alone; the others wait for its row
-            sel = evaluate(model, select, progress)
+            sel = evaluate(chosen, select, progress)
             improved = sel["auc"] > best or (sel["auc"] == best and sel["loss"] < best_sel.get("loss", math.inf))
             row = dict(epoch=epoch, train_loss=train_loss, valid_loss=sel["loss"], valid_auc=sel["auc"],
                        valid_acc=sel["accuracy"], lr=opt.param_groups[0]["lr"],
@@ -313,7 +346,7 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
         if row["best"]:
             best, best_epoch, best_sel = sel["auc"], epoch, sel
             if ctx.is_main:
-                save_model(model, out, meta(log, best_epoch, best_sel, None))
+                save_model(chosen, out, meta(log, best_epoch, best_sel, None))
         elif epoch - best_epoch >= cfg.patience:
             _say(progress, f"early stop: no valid AUC gain for {cfg.patience} epochs")
             break
@@ -360,7 +393,9 @@ def finish_model(out, train: PatchDataset, holdout: PatchDataset | None, cfg: Tr
     return model, hold, mil_info
 
 
-def _split_valid(valid: PatchDataset, cfg: TrainCellsConfig):
+def split_valid(valid: PatchDataset, cfg: TrainCellsConfig):
+    """(selection part, held-back part or None) of validation patches: `cfg.valid_select` patches, stratified and
+    seeded by `cfg.seed`, select; the rest are only reported. Mosaic cohorts split the same way."""
     if cfg.valid_select is None:
         return split_select_holdout(valid, cfg.seed)
     if cfg.valid_select >= len(valid):
@@ -476,16 +511,18 @@ def main(argv=None) -> int:
                     help="the seeded stratified halves used by training (select / held back)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--valid-select", type=int, default=None, help="as in training: patches used to select")
+    ap.add_argument("--tta", action="store_true", help="also score the mean over the 8 flips/quarter turns")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     model = load_model(a.evaluate)
     ds = load_patches(a.valid)
     if a.split != "all":
         cfg = TrainCellsConfig(seed=a.seed, valid_select=a.valid_select)
-        ds = _split_valid(ds, cfg)[0 if a.split == "select" else 1]
-    m = evaluate(model, ds, progress=True)
-    print(f"{a.evaluate} on {a.valid} [{a.split}] n={m['n']}: AUC {m['auc']:.4f} accuracy {m['accuracy']:.4f} "
-          f"loss {m['loss']:.4f}")
+        ds = split_valid(ds, cfg)[0 if a.split == "select" else 1]
+    for tta in (False, True) if a.tta else (False,):
+        m = evaluate(model, ds, progress=True, tta=tta)
+        print(f"{a.evaluate} on {a.valid} [{a.split}]{' 8-view TTA' if tta else ''} n={m['n']}: AUC {m['auc']:.4f} "
+              f"accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}")
     return 0
 
 

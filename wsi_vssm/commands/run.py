@@ -14,7 +14,7 @@ import click
 
 from wsi_vssm.errors import UsageError
 
-STAGES = ("cells", "attach_mil")
+STAGES = ("cells", "mosaic_mil", "attach_mil")
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
@@ -66,6 +66,8 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True) -> Path:
     for stage in stages:
         if stage == "cells":
             _stage_cells(recipe, model_path, progress)
+        elif stage == "mosaic_mil":
+            _stage_mosaic_mil(recipe, model_path, out, progress)
         elif stage == "attach_mil":
             _stage_attach(recipe, model_path)
     return model_path
@@ -86,6 +88,27 @@ def _stage_cells(recipe: dict, model_path: Path, progress: bool) -> None:
                     progress=progress)
     click.echo(f"cells: best epoch {r.best_epoch} of {len(r.log)}, valid(select) AUC {r.select['auc']:.4f}"
                + (f", held-back valid AUC {r.holdout['auc']:.4f}" if r.holdout else "") + f" ({r.seconds:.0f} s)")
+
+
+def _stage_mosaic_mil(recipe: dict, model_path: Path, out: Path, progress: bool) -> None:
+    from wsi_vssm.train_mosaic import MosaicMILConfig, train_mil_on_mosaics
+
+    if not model_path.is_file():
+        raise UsageError(f"stage mosaic_mil needs the cell stage's model {model_path}: run stage cells first")
+    data, cells = recipe.get("data", {}), recipe.get("cells", {})
+    for key in ("train", "valid"):
+        if not data.get(key):
+            raise UsageError(f"recipe needs data.{key}: give it with --set data.{key}=PATH")
+    try:
+        cfg = MosaicMILConfig(**recipe.get("mosaic_mil", {}))
+    except TypeError as e:
+        raise UsageError(f"recipe [mosaic_mil]: {e}") from e
+    r = train_mil_on_mosaics(model_path, data["train"], data["valid"], out / "mosaic_mil", cfg,
+                             valid_select=cells.get("valid_select"), split_seed=int(cells.get("seed", 0)),
+                             progress=progress)
+    click.echo(f"mosaic_mil: valid slide AUC {r['valid_slide_auc']:.4f}"
+               + (f", held-out test slide AUC {r['test']['auc']:.4f}" if "test" in r else "")
+               + f" ({r['seconds']:.0f} s)")
 
 
 def _stage_attach(recipe: dict, model_path: Path) -> None:

@@ -12,13 +12,30 @@ import click
 @click.option("--slides", "n_slides", type=int, required=True, help="Number of slides; half (rounded down) tumour.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--size", type=int, default=20_000, show_default=True, help="Level-0 side of each slide, px.")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="Microns per pixel at level 0.")
+@click.option("--mpp", type=float, default=None,
+              help="Microns per pixel at level 0 [default: 0.5; mosaics: 0.97, PCam's].")
 @click.option("--workers", type=int, default=None, help="Rendering/encoding threads [default: CPUs, at most 8].")
-@click.option("--quality", type=int, default=85, show_default=True, help="JPEG quality.")
-def command(out, n_slides, seed, size, mpp, workers, quality):
-    """Write N synthetic H&E slides (pyramidal JPEG TIFF), annotations/*.xml and reference.csv into OUT."""
+@click.option("--quality", type=int, default=None, help="JPEG quality [default: 85; mosaics: 90].")
+@click.option("--from-patches", "patches", default=None, metavar="SRC",
+              help="Tile mosaic slides from labelled patches instead (a folder or tar in ImageFolder layout, "
+                   "e.g. PCam): normal slides of label-0 patches, tumour slides with one lesion of label-1 ones.")
+@click.option("--grid", type=int, default=8, show_default=True, help="Mosaics: patches per slide side.")
+@click.option("--part", type=click.Choice(["all", "select", "holdout"]), default="all", show_default=True,
+              help="Mosaics: which part of SRC to use, split as `train cells` splits its validation data.")
+@click.option("--valid-select", type=int, default=None,
+              help="Mosaics with --part: patches in the selection part, as in training [default: half].")
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="Mosaics with --part: the seed training split with (`train cells --seed`).")
+def command(out, n_slides, seed, size, mpp, workers, quality, patches, grid, part, valid_select, split_seed):
+    """Write N synthetic H&E slides (pyramidal JPEG TIFF), annotations/*.xml and reference.csv into OUT.
+
+    With --from-patches, write N mosaic slides of real labelled patches, reference.csv and mosaic.json."""
     from wsi_vssm.synth import make_cohort
 
+    if patches is not None:
+        return _mosaics(out, n_slides, seed, patches, grid, part, valid_select, split_seed, mpp or 0.97,
+                        quality or 90)
+    mpp, quality = mpp or 0.5, quality or 85
     start = time.perf_counter()
     last = [start]
 
@@ -38,3 +55,23 @@ def command(out, n_slides, seed, size, mpp, workers, quality):
         f"{len(records)} slides ({n_tumor} tumour, {len(records) - n_tumor} normal) in {out} "
         f"in {time.perf_counter() - start:.1f} s"
     )
+
+
+def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, mpp, quality) -> None:
+    from wsi_vssm.data.patches import load_patches
+    from wsi_vssm.synth.mosaic import make_mosaic_cohort
+    from wsi_vssm.train_cells import TrainCellsConfig, split_valid
+
+    start = time.perf_counter()
+    patches = load_patches(source)
+    if part != "all":
+        cfg = TrainCellsConfig(seed=split_seed, valid_select=valid_select)
+        patches = split_valid(patches, cfg)[part == "holdout"]
+        if patches is None:
+            from wsi_vssm.synth import SynthError
+
+            raise SynthError(f"--valid-select {valid_select} leaves no held-back part of {source}")
+    recs = make_mosaic_cohort(out, patches, n_slides, seed, grid, mpp, quality=quality)
+    n_tumor = sum(r.label == "tumor" for r in recs)
+    click.echo(f"{len(recs)} mosaic slides ({n_tumor} tumour, {len(recs) - n_tumor} normal) of {len(patches)} "
+               f"patches ({part}) from {source} in {out} in {time.perf_counter() - start:.1f} s")

@@ -31,6 +31,8 @@ import click
               help="Validation patches used for selection (stratified); the rest are held back [default: half].")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="Stop after this many epochs without a better validation AUC.")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Decay of a moving average of the weights that is validated and saved (0: off; e.g. 0.999).")
 @click.option("--slides", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of slides with lesion annotations (ASAP XML / GeoJSON): an extra source of region crops.")
 @click.option("--scan", default="auto", show_default=True, help="Selective-scan implementation (auto, chunked, ...).")
@@ -40,7 +42,7 @@ import click
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
 def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_train, epoch_size, valid_select,
-            patience, slides, scan, no_augment, device, log_path):
+            patience, ema, slides, scan, no_augment, device, log_path):
     """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
     from wsi_vssm.data.augment import AugmentConfig
     from wsi_vssm.distributed import is_main
@@ -50,7 +52,7 @@ def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_t
                         blur_p=0) if no_augment else AugmentConfig()
     cfg = TrainCellsConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_train=max_train,
                            epoch_size=epoch_size, valid_select=valid_select, patience=patience, scan=scan,
-                           device=device, augment=aug)
+                           device=device, augment=aug, ema=ema)
     r = train_cells(train_src, valid_src, out, cfg, slides=slides, progress=True, log_path=log_path)
     if not is_main():  # under torchrun: rank 0 reports
         return

@@ -1,0 +1,168 @@
+"""Mosaic cohorts (wsi_vssm.synth.mosaic) and the recipe's mosaic_mil stage (wsi_vssm.train_mosaic)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import write_patch_folder, write_tiny_model
+
+from wsi_vssm.cohort import read_cohort
+from wsi_vssm.data.patches import load_patches
+from wsi_vssm.io.slide import open_slide
+from wsi_vssm.synth.cohort import SynthError
+from wsi_vssm.synth.mosaic import BACKGROUND, make_mosaic_cohort, plan_mosaic
+from wsi_vssm.train_mosaic import youden_threshold
+
+
+@pytest.fixture(scope="module")
+def patches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patches")
+    write_patch_folder(root, 40, seed=3)
+    return load_patches(root)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_normal_and_tumour(seed):
+    labels = np.array([0] * 100 + [1] * 60)
+    rng = np.random.default_rng(seed)
+    index, lesion = plan_mosaic(labels, 8, False, rng)
+    tissue = index >= 0
+    assert tissue.sum() >= 32 and not lesion
+    assert (labels[index[tissue]] == 0).all()
+    assert len(set(index[tissue].tolist())) == tissue.sum()  # no patch twice in a slide
+
+    index, lesion = plan_mosaic(labels, 8, True, rng)
+    assert 1 <= len(lesion) <= max(1, round(0.3 * (index >= 0).sum()))
+    in_lesion = np.zeros(index.shape, bool)
+    for rc in lesion:
+        in_lesion[rc] = True
+    assert (labels[index[in_lesion]] == 1).all()
+    assert (labels[index[(index >= 0) & ~in_lesion]] == 0).all()
+    # the lesion is one 4-connected piece
+    seen, todo = {lesion[0]}, [lesion[0]]
+    while todo:
+        r, c = todo.pop()
+        for n in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+            if n in set(lesion) and n not in seen:
+                seen.add(n)
+                todo.append(n)
+    assert seen == set(lesion)
+
+
+def test_plan_refuses_a_pool_too_small():
+    with pytest.raises(SynthError, match="too small"):
+        plan_mosaic(np.array([0] * 5 + [1] * 5), 8, False, np.random.default_rng(0))
+
+
+def test_cohort_files_are_slides_with_the_patches(tmp_path, patches):
+    recs = make_mosaic_cohort(tmp_path / "c", patches, 4, seed=1, grid=4)
+    assert [r.label for r in recs] == ["normal", "normal", "tumor", "tumor"]
+    cohort = read_cohort(tmp_path / "c")
+    assert [r.label for r in cohort.rows] == [0, 0, 1, 1] and all(r.ok for r in cohort.rows)
+    doc = json.loads((tmp_path / "c" / "mosaic.json").read_text())
+    assert doc["grid"] == 4 and doc["mpp"] == 0.97 and len(doc["slides"]) == 4
+    tumour = doc["slides"][2]
+    r, c = tumour["lesion_cells"][0]
+    name = tumour["patches"][r][c]
+    assert name.split("/")[-2] == "1"
+    with open_slide(recs[2].path) as slide:
+        assert slide.dimensions == (384, 384) and abs(slide.mpp - 0.97) < 1e-6
+        img = np.asarray(slide.read_region((c * 96, r * 96), 0, (96, 96)))[..., :3].astype(int)
+        # the patch itself (JPEG-compressed twice) at its place: a dark centre, as write_patch_folder made it
+        centre, rim = img[40:56, 40:56].mean(), img[:16].mean()
+        assert centre < 0.7 * rim
+        empty = [(i, j) for i, row in enumerate(tumour["patches"]) for j, v in enumerate(row) if v is None]
+        if empty:
+            i, j = empty[0]
+            bg = np.asarray(slide.read_region((j * 96, i * 96), 0, (96, 96)))[..., :3].astype(int)
+            assert abs(bg.mean() - BACKGROUND) < 4
+
+
+def test_same_seed_same_files(tmp_path, patches):
+    make_mosaic_cohort(tmp_path / "a", patches, 2, seed=5, grid=4)
+    make_mosaic_cohort(tmp_path / "b", patches, 2, seed=5, grid=4)
+    for name in ("normal_001.tif", "tumor_001.tif", "mosaic.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(n_slides=0), "at least 1"), (dict(grid=2), "grid"),
+                                           (dict(max_lesion_frac=0.0), "max_lesion_frac")])
+def test_bad_arguments(tmp_path, patches, kwargs, match):
+    args = {"n_slides": 2, "grid": 4, **kwargs}
+    with pytest.raises(SynthError, match=match):
+        make_mosaic_cohort(tmp_path / "x", patches, **args)
+
+
+def test_youden_threshold():
+    assert youden_threshold([0, 0, 1, 1], [0.1, 0.2, 0.6, 0.9]) == 0.6
+    assert youden_threshold([0, 1, 0, 1], [0.1, 0.4, 0.5, 0.9]) == 0.9  # 0.4 and 0.9 tie: the later one
+    assert youden_threshold([1, 1], [0.3, 0.8]) == 0.5
+    assert youden_threshold([0, 1, 1], [0.2, float("nan"), 0.7]) == 0.7
+
+
+def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch):
+    """The recipe stage on tiny patch folders: cohorts, features, MIL head attached, threshold, test cohort."""
+    from click.testing import CliRunner
+
+    from wsi_vssm.cli import cli
+    from wsi_vssm.models.slide_model import load_model
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    write_patch_folder(tmp_path / "train", 30, seed=1)
+    write_patch_folder(tmp_path / "valid", 30, seed=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    write_tiny_model(out / "model.pt")
+    before = load_model(out / "model.pt")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = ""\nvalid = ""\n'
+                      '[cells]\nvalid_select = 30\nseed = 0\n'
+                      '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 4\ntest_slides = 2\ngrid = 3\n'
+                      'epochs = 3\npatience = 3\n')
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
+                                   "--set", f"data.valid={tmp_path / 'valid'}"])
+    assert res.exit_code == 0, res.output
+    assert "valid slide AUC" in res.output and "held-out test slide AUC" in res.output
+    model = load_model(out / "model.pt")
+    stage = model.metadata["mil_stage"]
+    assert stage["train_slides"] == 4 and stage["valid_slides"] == 4 and stage["test"]["n"] == 2
+    assert model.metadata["threshold"] == stage["threshold"]
+    # the cell head is the cell stage's; the attention layers were trained
+    assert np.allclose(model.mil.cell_head.weight.detach(), before.mil.cell_head.weight.detach())
+    assert not np.allclose(model.mil.attn_w.weight.detach(), before.mil.attn_w.weight.detach())
+    for part in ("train", "valid", "test"):
+        assert (out / "mosaic_mil" / "mosaics" / part / "reference.csv").is_file()
+    assert len(list((out / "mosaic_mil" / "features" / "train").glob("*.zarr"))) == 4
+    assert (out / "mosaic_mil" / "test-eval" / "metrics.json").is_file()
+
+
+def test_mosaic_mil_stage_needs_the_cell_model(tmp_path, capsys):
+    from wsi_vssm.cli import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = "x"\nvalid = "y"\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(recipe), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "run stage cells first" in err and "Traceback" not in err
+
+
+def test_synth_command_mosaics_of_the_held_back_part(tmp_path, capsys):
+    """`synth --from-patches --part holdout` uses only patches that training never selects with."""
+    from wsi_vssm.cli import main
+    from wsi_vssm.train_cells import TrainCellsConfig, split_valid
+
+    write_patch_folder(tmp_path / "valid", 30, seed=4)
+    with pytest.raises(SystemExit) as stop:
+        main(["synth", str(tmp_path / "m"), "--slides", "4", "--from-patches", str(tmp_path / "valid"),
+              "--grid", "4", "--part", "holdout", "--valid-select", "20"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "4 mosaic slides (2 tumour, 2 normal) of 40 patches (holdout)" in out
+    select, _ = split_valid(load_patches(tmp_path / "valid"), TrainCellsConfig(valid_select=20))
+    used = {n for s in json.loads((tmp_path / "m" / "mosaic.json").read_text())["slides"]
+            for row in s["patches"] for n in row if n}
+    assert used and not used & {it.name for it in select.items}
+    with open_slide(tmp_path / "m" / "tumor_001.tif") as slide:
+        assert abs(slide.mpp - 0.97) < 1e-6

@@ -1,0 +1,187 @@
+"""The MIL stage on mosaic cohorts: the slide head of a trained model, fitted on slides built from real patches.
+
+With no labelled whole-slide cohort at hand, slides are tiled from labelled patches (`wsi_vssm.synth.mosaic`):
+training slides from the training patches, validation slides from the validation split's *selection* part, and
+(optionally) test slides from its *held-back* part, so each slide cohort inherits the patch split's separation.
+Every slide goes through the same path as a user's slide (pyramidal TIFF -> reader -> tissue mask -> backbone ->
+FeatureStore); the MIL head is then trained by `train_mil` (training slides train, validation slides select the
+epoch and the slide threshold) and attached to the model. The test cohort, when asked for, is scored once by
+`evaluate_cohort` on the final model and only reported.
+
+    wsi-vssm run pipelines/default.toml ...   # stage "mosaic_mil" (docs/training.md)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.errors import UsageError
+
+
+@dataclass
+class MosaicMILConfig:
+    train_slides: int = 160  # mosaics of training patches (half tumour)
+    valid_slides: int = 48  # mosaics of the validation split's selection part
+    test_slides: int = 0  # mosaics of its held-back part, scored once at the end (0: none)
+    grid: int = 8  # patches per mosaic side (8 x 96 px = 768 px at 0.97 um/px)
+    max_lesion_frac: float = 0.3  # the largest lesion, as a share of the tissue cells
+    seed: int = 0
+    epochs: int = 60
+    patience: int = 15
+    lr: float = 2e-4
+    max_cells: int | None = None
+
+    def __post_init__(self):
+        for name in ("train_slides", "valid_slides", "grid", "epochs", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"mosaic_mil.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.test_slides < 0:
+            raise UsageError(f"mosaic_mil.test_slides must be >= 0, got {self.test_slides!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def youden_threshold(labels, probs) -> float:
+    """The probability threshold that maximises sensitivity + specificity (ties: the middle of the best run)."""
+    y = np.asarray(labels).astype(bool)
+    p = np.asarray(probs, dtype=np.float64)
+    y, p = y[np.isfinite(p)], p[np.isfinite(p)]  # slides without tissue cells have no probability
+    if y.all() or not y.any():
+        return 0.5
+    cands = np.unique(p)
+    j = np.array([(p[y] >= t).mean() + (p[~y] < t).mean() for t in cands])
+    best = np.flatnonzero(j == j.max())
+    return float(cands[best[len(best) // 2]])
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        import click
+
+        click.echo(msg)
+
+
+def build_cohorts(train_src, valid_src, out: Path, cfg: MosaicMILConfig, valid_select: int | None,
+                  split_seed: int, progress: bool = True) -> dict[str, Path]:
+    """Write the mosaic cohorts under out/mosaics/{train,valid[,test]}; returns their folders."""
+    from wsi_vssm.data.patches import load_patches
+    from wsi_vssm.synth.mosaic import make_mosaic_cohort
+    from wsi_vssm.train_cells import TrainCellsConfig, split_valid
+
+    train = load_patches(train_src)
+    select, holdout = split_valid(load_patches(valid_src), TrainCellsConfig(seed=split_seed,
+                                                                             valid_select=valid_select))
+    parts = {"train": (train, cfg.train_slides, cfg.seed), "valid": (select, cfg.valid_slides, cfg.seed + 1)}
+    if cfg.test_slides:
+        if holdout is None or not len(holdout):
+            raise UsageError("mosaic_mil.test_slides needs a held-back validation part (cells.valid_select)")
+        parts["test"] = (holdout, cfg.test_slides, cfg.seed + 2)
+    folders = {}
+    for name, (patches, n, seed) in parts.items():
+        folder = out / "mosaics" / name
+        t0 = time.perf_counter()
+        make_mosaic_cohort(folder, patches, n, seed, cfg.grid, max_lesion_frac=cfg.max_lesion_frac,
+                           prefix=f"{name}_")
+        _say(progress, f"mosaic_mil: {n} {name} mosaics from {len(patches)} patches ({patches.source}) -> {folder} "
+                       f"in {time.perf_counter() - t0:.0f} s")
+        folders[name] = folder
+    return folders
+
+
+def extract_cohort(folder: Path, model_path: Path, features: Path, progress: bool = True) -> list[tuple[Path, int]]:
+    """Feature stores of every slide of a mosaic cohort (kept when already made by the same backbone)."""
+    from wsi_vssm.cohort import read_cohort
+    from wsi_vssm.features import FeatureStore, extract_to_store, load_backbone
+    from wsi_vssm.io.slide import open_slide
+
+    backbone, info = load_backbone(model_path)
+    cohort = read_cohort(folder)
+    features.mkdir(parents=True, exist_ok=True)
+    bags, t0 = [], time.perf_counter()
+    for i, row in enumerate(cohort.rows):
+        store = features / f"{row.name}.zarr"
+        if not (store.exists() and FeatureStore.open(store).attrs.get("model_hash") == info.model_hash):
+            with open_slide(row.path) as slide:
+                extract_to_store(slide, backbone, store, mpp=info.mpp, token_px=info.token_px, info=info)
+        bags.append((store, row.label))
+        if progress and (i + 1) % 20 == 0:
+            _say(progress, f"  features: {i + 1}/{len(cohort.rows)} slides of {folder.name} "
+                           f"({time.perf_counter() - t0:.0f} s)")
+    return bags
+
+
+def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str | Path, cfg: MosaicMILConfig,
+                         valid_select: int | None = None, split_seed: int = 0, progress: bool = True) -> dict:
+    """Build the cohorts, extract features, train the MIL head, attach it to `model_path` (rewritten), and
+    score the test cohort if asked. Returns the stage's record (also stored in the model's metadata)."""
+    from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
+    from wsi_vssm.train_mil import MILTrainConfig, cell_head_from_model, evaluate, train_mil
+
+    model_path, out = Path(model_path), Path(out)
+    t0 = time.perf_counter()
+    folders = build_cohorts(train_src, valid_src, out, cfg, valid_select, split_seed, progress)
+    bags = {k: extract_cohort(v, model_path, out / "features" / k, progress) for k, v in folders.items()
+            if k != "test"}
+    head, _ = cell_head_from_model(model_path)
+    mil_cfg = MILTrainConfig(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed,
+                             max_cells=cfg.max_cells)
+    mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head, log_path=out / "mil.log.csv",
+                             checkpoint_path=out / "mil.pt")
+    probs = _slide_probs(mil, bags["valid"])
+    threshold = youden_threshold([y for _, y in bags["valid"]], probs)
+    train_loss, train_auc = evaluate(mil, _as_bags(bags["train"]))
+    _say(progress, f"mosaic_mil: best epoch {history.best_epoch} of {len(history.rows)}: valid slide AUC "
+                   f"{history.best_valid_auc:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid)")
+    model = attach_mil(load_model(model_path), out / "mil.pt")
+    record = {"method": "AttentionMIL trained on mosaic slides of real patches (wsi_vssm.synth.mosaic)",
+              "config": cfg.to_dict(), "train_slides": len(bags["train"]), "valid_slides": len(bags["valid"]),
+              "best_epoch": history.best_epoch, "epochs_run": len(history.rows),
+              "valid_slide_auc": history.best_valid_auc, "valid_slide_loss": history.best_valid_loss,
+              "train_slide_auc": train_auc, "train_slide_loss": train_loss, "threshold": threshold,
+              "log": history.rows}
+    meta = {**dict(getattr(model, "metadata", {}) or {}), "mil_stage": record, "threshold": threshold}
+    save_model(model, model_path, meta)
+    if "test" in folders:
+        record["test"] = score_test_cohort(folders["test"], model_path, out / "test-eval", progress)
+        meta["mil_stage"] = record
+        save_model(load_model(model_path), model_path, meta)
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+def score_test_cohort(folder: Path, model_path: Path, out: Path, progress: bool = True) -> dict:
+    """`wsi-vssm evaluate` on the held-out mosaics with the final model; returns its metrics."""
+    from wsi_vssm.evaluate import evaluate_cohort
+    from wsi_vssm.models.slide_model import load_model
+
+    res = evaluate_cohort(folder, load_model(model_path), out, model_path=model_path)
+    m = res.metrics
+    _say(progress, f"mosaic_mil: held-out test mosaics (n={m['n']}, never used to train or select): slide AUC "
+                   f"{m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], accuracy {m['accuracy']:.4f}")
+    return {k: m[k] for k in ("n", "n_failed", "auc", "auc_ci95", "accuracy", "sensitivity", "specificity",
+                              "threshold")}
+
+
+def _as_bags(bags):
+    from wsi_vssm.train_mil import _Bags
+
+    return _Bags(bags, 4096.0)
+
+
+def _slide_probs(mil, bags) -> np.ndarray:
+    """Slide probabilities of the MIL head (NaN for a slide without cells)."""
+    import torch
+
+    data = _as_bags(bags)
+    out = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            f = data.features(i)
+            x = torch.from_numpy(np.asarray(f, dtype=np.float32))
+            out.append(float(torch.sigmoid(mil(x).slide_logit)[0]) if len(f) else float("nan"))
+    return np.asarray(out)
