@@ -166,3 +166,75 @@ def test_synth_command_mosaics_of_the_held_back_part(tmp_path, capsys):
     assert used and not used & {it.name for it in select.items}
     with open_slide(tmp_path / "m" / "tumor_001.tif") as slide:
         assert abs(slide.mpp - 0.97) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def test_mosaic_crops_put_each_label_on_its_centre_token(patches):
+    from wsi_vssm.data.mosaic_crops import MosaicCrops, centre_token_grid, tile
+
+    lab, mask = centre_token_grid(np.array([0, 1, 1, 0]), 2, 96)
+    assert lab.shape == mask.shape == (6, 6) and mask.sum() == 4
+    assert [lab[1, 1], lab[1, 4], lab[4, 1], lab[4, 4]] == [0, 1, 1, 0]
+    imgs = [np.full((96, 96, 3), v, np.uint8) for v in (10, 20, 30, 40)]
+    t = tile(imgs, 2)
+    assert t.shape == (192, 192, 3) and [t[0, 0, 0], t[0, 100, 0], t[100, 0, 0], t[100, 100, 0]] == [10, 20, 30, 40]
+
+    crops = MosaicCrops(patches, 3, seed=0)
+    assert len(crops) == len(patches) // 9
+    crop, lab, mask = crops[0]
+    assert crop.shape == (288, 288, 3) and lab.shape == (9, 9) and mask.sum() == 9
+    # write_patch_folder's label-1 patches have a dark centre: the labels sit where the dark centres are
+    for r in range(3):
+        for c in range(3):
+            centre = crop[r * 96 + 40:r * 96 + 56, c * 96 + 40:c * 96 + 56].mean()
+            rim = crop[r * 96:r * 96 + 16, c * 96:c * 96 + 16].mean()
+            assert (centre < 0.7 * rim) == bool(lab[3 * r + 1, 3 * c + 1])
+    assert not np.array_equal(crops[0][0], crop)  # each call a fresh arrangement
+
+
+def test_in_mosaic_scoring_reads_centre_tokens(patches, tmp_path):
+    import torch
+
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.train_cells import centre_logits, normalise, predict_in_mosaics
+
+    model = load_model(write_tiny_model(tmp_path / "m.pt"))
+    y, p = predict_in_mosaics(model, patches, 1)  # a 1 x 1 mosaic is the patch alone
+    x = torch.from_numpy(np.stack([patches[i][0] for i in range(len(patches))])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        alone = torch.sigmoid(centre_logits(model, normalise(x))).numpy()
+    order = np.random.default_rng(0).permutation(len(patches))
+    np.testing.assert_allclose(p, alone[order], rtol=1e-4, atol=1e-5)
+    assert (y == patches.labels[order]).all()
+    y, p = predict_in_mosaics(model, patches, 3)
+    assert len(y) == len(p) == len(patches) // 9 * 9
+
+
+def test_context_stage_continues_from_the_cell_model(tmp_path):
+    from click.testing import CliRunner
+
+    from wsi_vssm.cli import cli
+    from wsi_vssm.models.slide_model import load_model
+
+    write_patch_folder(tmp_path / "train", 24, seed=1)
+    write_patch_folder(tmp_path / "valid", 18, seed=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    write_tiny_model(out / "model.pt", metrics={"valid_holdout": {"auc": 0.5}}, log=[{"epoch": 1}])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nstages = ["context"]\n[data]\ntrain = ""\nvalid = ""\n'
+                      '[cells]\nvalid_select = 18\nbatch_size = 8\nepochs = 5\nmil_bags = 0\nscan = "cpu"\n'
+                      '[context]\nepochs = 1\nepoch_size = 16\nmosaic_grid = 2\nregion_batch = 1\n')
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
+                                   "--set", f"data.valid={tmp_path / 'valid'}"])
+    assert res.exit_code == 0, res.output
+    assert "in-mosaic" in res.output and (out / "cells.pt").is_file() and (out / "context.log.csv").is_file()
+    model, before = load_model(out / "model.pt"), load_model(out / "cells.pt")
+    meta = model.metadata
+    assert meta["config"]["mosaic_grid"] == 2 and meta["config"]["init"] == str(out / "cells.pt")
+    assert meta["config"]["epochs"] == 1 and meta["config"]["batch_size"] == 8  # [context] over [cells]
+    assert meta["cells_stage"]["metrics"] == {"valid_holdout": {"auc": 0.5}}
+    assert "mosaic_auc" in meta["metrics"]["valid_holdout"]
+    w0, w1 = before.mil.cell_head.weight.detach().numpy(), model.mil.cell_head.weight.detach().numpy()
+    assert w0.shape == w1.shape and not np.allclose(w0, w1)  # trained on from the cell model's weights:
+    assert np.abs(w1 - w0).max() < 0.02  # two Adam steps of lr 2e-3 move a weight by ~0.004; a fresh init ~0.1

@@ -110,6 +110,26 @@ def test_same_seed_same_model_and_cell_head_frozen(cohort):
     assert not torch.equal(m3.cell_head.weight, head["weight"])
 
 
+def test_starts_from_an_initial_state(cohort):
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.models.mil import AttentionMIL, MILConfig
+
+    _, bags = cohort
+    train, valid = _split(bags)
+    torch.manual_seed(123)
+    start = AttentionMIL(MILConfig(F, dropout=0.0)).state_dict()
+    head = {"weight": torch.full((1, F), 0.5), "bias": torch.tensor([-1.0])}
+    cfg = MILTrainConfig(epochs=1, patience=1, lr=1e-6, seed=7, dropout=0.0)
+    m, _ = train_mil(train, valid, cfg, cell_head=head, init_state=start)
+    fresh, _ = train_mil(train, valid, cfg, cell_head=head)
+    w = m.state_dict()["attn_w.weight"]
+    assert torch.allclose(w, start["attn_w.weight"], atol=1e-4)  # 12 steps of lr 1e-6 barely move it
+    assert not torch.allclose(fresh.state_dict()["attn_w.weight"], start["attn_w.weight"], atol=1e-2)
+    assert torch.equal(m.cell_head.weight, head["weight"])  # the given cell head wins over init_state's
+    with pytest.raises(UsageError, match="init_state"):
+        train_mil(train, valid, MILTrainConfig(epochs=1, hidden_dim=8), init_state=start)
+
+
 def test_refuses_mixed_backbones_and_leaky_splits(cohort, tmp_path):
     _, bags = cohort
     train, valid = _split(bags)

@@ -38,7 +38,9 @@ from wsi_vssm.errors import UsageError
 from wsi_vssm.features import IMAGE_MEAN, IMAGE_STD, resolve_device
 from wsi_vssm.models.slide_model import SlideModel, save_model
 
-LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_auc", "valid_acc", "lr", "seconds", "best")
+CONTEXT_GRID = 8  # mosaics of 8 x 8 patches (768 px) for the in-context held-back figure when training used none
+LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_auc", "valid_acc", "valid_mosaic_auc", "lr", "seconds",
+               "best")
 
 
 @dataclass
@@ -64,6 +66,9 @@ class TrainCellsConfig:
     region_batch: int = 4  # region crops per step when slides are given
     region_crop_px: int = 512  # side of a region crop at `mpp`
     device: str = "cpu"  # cpu, cuda or auto; under torchrun each process takes GPU LOCAL_RANK
+    init: str | None = None  # start from this model file's weights (backbone and heads) instead of random ones
+    mosaic_grid: int = 0  # > 0: also train on mosaics of grid x grid training patches (region_batch per step),
+    #                       and select on the mean of the isolated and the in-mosaic validation AUC
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is what
     #                   is validated, selected and saved (it smooths the last epochs' noisy steps)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -76,6 +81,8 @@ class TrainCellsConfig:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr!r}")
+        if self.mosaic_grid and int(self.mosaic_grid) < 2:
+            raise UsageError(f"mosaic_grid must be 0 (off) or >= 2, got {self.mosaic_grid!r}")
         if not 0.0 <= self.ema < 1.0:
             raise UsageError(f"ema must be in [0, 1), got {self.ema!r}")
 
@@ -132,6 +139,33 @@ def evaluate(model: SlideModel, ds: PatchDataset, progress: bool = False, tta: b
     pc = np.clip(p, 1e-7, 1 - 1e-7)
     loss = float(-(y * np.log(pc) + (1 - y) * np.log(1 - pc)).mean())
     return {"n": len(ds), "loss": loss, "auc": roc_auc(y, p), "accuracy": float(((p >= 0.5) == y).mean())}
+
+
+@torch.no_grad()
+def predict_in_mosaics(model: SlideModel, ds: PatchDataset, grid: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of patches scored in context: a seeded order of `ds` tiled into grid x grid
+    mosaics, each patch read at its centre token of the mosaic's token map (left-over patches are not scored)."""
+    from wsi_vssm.data.mosaic_crops import tile
+
+    model.eval()
+    dev = _device_of(model)
+    n = grid * grid
+    order = np.random.default_rng(seed).permutation(len(ds))[: len(ds) // n * n]
+    probs = []
+    for s in range(0, len(order), n):
+        img = tile([ds[int(i)][0] for i in order[s:s + n]], grid)
+        x = normalise(torch.from_numpy(img).permute(2, 0, 1)[None].to(dev).float() / 255)
+        logits = model.cell_logits(x)[0]
+        per = logits.shape[0] // grid
+        probs.append(torch.sigmoid(logits[per // 2::per, per // 2::per]).reshape(-1).cpu().numpy())
+    p = np.concatenate(probs) if probs else np.zeros(0)
+    return ds.labels[order], p
+
+
+def evaluate_in_mosaics(model: SlideModel, ds: PatchDataset, grid: int, seed: int = 0) -> dict:
+    """{"n", "auc", "accuracy"} of patches scored inside mosaics (see `predict_in_mosaics`)."""
+    y, p = predict_in_mosaics(model, ds, grid, seed)
+    return {"n": len(y), "auc": roc_auc(y, p), "accuracy": float(((p >= 0.5) == y).mean()) if len(y) else math.nan}
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -309,8 +343,10 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     train = train_src if isinstance(train_src, PatchDataset) else load_patches(train_src, cfg.max_train, cfg.seed)
     valid = valid_src if isinstance(valid_src, PatchDataset) else load_patches(valid_src)
     select, holdout = split_valid(valid, cfg)
-    regions = _load_regions(slides, cfg) if slides else None
-    model = SlideModel.create(cfg.arch, mpp=cfg.mpp, token_px=cfg.token_px, scan=cfg.scan, name="cells")
+    if slides and cfg.mosaic_grid:
+        raise UsageError("give annotated slides or mosaic_grid, not both")
+    regions = _load_regions(slides, cfg) if slides else _mosaic_regions(train, cfg)
+    model = _initial_model(cfg)
     model.to(ctx.device)
     net = _wrap(model, ctx)
     ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
@@ -333,18 +369,19 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
                                         ema)
         row, sel = None, None
         if ctx.is_main:  # validation, the decision and the files: rank 0 alone; the others wait for its row
-            sel = evaluate(chosen, select, progress)
-            improved = sel["auc"] > best or (sel["auc"] == best and sel["loss"] < best_sel.get("loss", math.inf))
+            sel = _select_metrics(chosen, select, cfg, progress)
+            improved = sel["score"] > best or (sel["score"] == best and sel["loss"] < best_sel.get("loss", math.inf))
             row = dict(epoch=epoch, train_loss=train_loss, valid_loss=sel["loss"], valid_auc=sel["auc"],
-                       valid_acc=sel["accuracy"], lr=opt.param_groups[0]["lr"],
-                       seconds=time.perf_counter() - te, best=improved)
+                       valid_acc=sel["accuracy"], valid_mosaic_auc=sel.get("mosaic_auc", math.nan),
+                       lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - te, best=improved)
             _write_log(log_path, log + [row])
+            ctx_auc = f" in-mosaic AUC {sel['mosaic_auc']:.4f}" if "mosaic_auc" in sel else ""
             _say(progress, f"epoch {epoch}: train loss {train_loss:.4f}  valid(select) loss {sel['loss']:.4f} "
-                           f"AUC {sel['auc']:.4f} acc {sel['accuracy']:.4f}  {row['seconds']:.0f}s")
+                           f"AUC {sel['auc']:.4f} acc {sel['accuracy']:.4f}{ctx_auc}  {row['seconds']:.0f}s")
         row, sel = broadcast_object((row, sel))
         log.append(row)
         if row["best"]:
-            best, best_epoch, best_sel = sel["auc"], epoch, sel
+            best, best_epoch, best_sel = sel["score"], epoch, sel
             if ctx.is_main:
                 save_model(chosen, out, meta(log, best_epoch, best_sel, None))
         elif epoch - best_epoch >= cfg.patience:
@@ -358,6 +395,39 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
         save_model(model, out, m)
     barrier()  # all ranks leave together, after rank 0 has written the final model
     return TrainResult(model, log, best_epoch, best_sel, hold, time.perf_counter() - t0)
+
+
+def _initial_model(cfg: TrainCellsConfig) -> SlideModel:
+    """A fresh model of `cfg.arch`, or the weights of `cfg.init` (a model file) to continue from."""
+    if not cfg.init:
+        return SlideModel.create(cfg.arch, mpp=cfg.mpp, token_px=cfg.token_px, scan=cfg.scan, name="cells")
+    from wsi_vssm.models.slide_model import load_model
+
+    model = load_model(cfg.init, scan=cfg.scan)
+    if abs(model.mpp - cfg.mpp) > 1e-6 or model.token_px != cfg.token_px:
+        raise UsageError(f"{cfg.init}: made at {model.mpp} um/px with {model.token_px} px cells, "
+                         f"the config asks for {cfg.mpp} and {cfg.token_px}")
+    model.name = "cells"
+    return model
+
+
+def _mosaic_regions(train: PatchDataset, cfg: TrainCellsConfig):
+    if not cfg.mosaic_grid:
+        return None
+    from wsi_vssm.data.mosaic_crops import MosaicCrops
+
+    return MosaicCrops(train, int(cfg.mosaic_grid), cfg.seed)
+
+
+def _select_metrics(model: SlideModel, select: PatchDataset, cfg: TrainCellsConfig, progress: bool) -> dict:
+    """Metrics on the selection split and the selection "score": its AUC, or with mosaic_grid the mean of the
+    isolated and the in-mosaic AUC (the model serves both patches and slides)."""
+    sel = evaluate(model, select, progress)
+    sel["score"] = sel["auc"]
+    if cfg.mosaic_grid:
+        sel["mosaic_auc"] = evaluate_in_mosaics(model, select, int(cfg.mosaic_grid), cfg.seed)["auc"]
+        sel["score"] = 0.5 * (sel["auc"] + sel["mosaic_auc"])
+    return sel
 
 
 def _wrap(model: SlideModel, ctx: DistContext) -> nn.Module:
@@ -386,8 +456,12 @@ def finish_model(out, train: PatchDataset, holdout: PatchDataset | None, cfg: Tr
     model = load_model(out, scan=cfg.scan)
     hold = evaluate(model, holdout, progress) if holdout is not None and len(holdout) else None
     if hold:
+        grid = int(cfg.mosaic_grid) or CONTEXT_GRID
+        ctx = evaluate_in_mosaics(model, holdout, grid, cfg.seed)
+        hold.update(mosaic_grid=grid, mosaic_n=ctx["n"], mosaic_auc=ctx["auc"], mosaic_accuracy=ctx["accuracy"])
         _say(progress, f"held-back valid (never used to select, n={hold['n']}): AUC {hold['auc']:.4f} "
-                       f"acc {hold['accuracy']:.4f}")
+                       f"acc {hold['accuracy']:.4f}; in {grid} x {grid} mosaics (n={ctx['n']}): AUC "
+                       f"{ctx['auc']:.4f} acc {ctx['accuracy']:.4f}")
     mil_info = fit_mil_on_patch_bags(model, train, cfg, progress) if cfg.mil_bags > 0 else None
     model.name = "cells+mil" if mil_info else "cells"
     return model, hold, mil_info
@@ -512,6 +586,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--valid-select", type=int, default=None, help="as in training: patches used to select")
     ap.add_argument("--tta", action="store_true", help="also score the mean over the 8 flips/quarter turns")
+    ap.add_argument("--in-mosaics", type=int, default=0, metavar="GRID",
+                    help="also score the patches in context: tiled GRID x GRID, read at their centre tokens")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     model = load_model(a.evaluate)
@@ -523,6 +599,10 @@ def main(argv=None) -> int:
         m = evaluate(model, ds, progress=True, tta=tta)
         print(f"{a.evaluate} on {a.valid} [{a.split}]{' 8-view TTA' if tta else ''} n={m['n']}: AUC {m['auc']:.4f} "
               f"accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}")
+    if a.in_mosaics:
+        m = evaluate_in_mosaics(model, ds, a.in_mosaics, a.seed)
+        print(f"{a.evaluate} on {a.valid} [{a.split}] in {a.in_mosaics} x {a.in_mosaics} mosaics n={m['n']}: "
+              f"AUC {m['auc']:.4f} accuracy {m['accuracy']:.4f}")
     return 0
 
 

@@ -129,9 +129,12 @@ def train_mil(
     log_path: str | os.PathLike | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     progress: Callable[[dict], None] | None = None,
+    init_state: dict | None = None,
 ):
     """Train an AttentionMIL on (feature store, label) bags; returns (model with the best weights, TrainHistory).
 
+    `init_state`: an AttentionMIL state dict of the same shape to start from (e.g. a model's current head);
+    `cell_head`, when given too, replaces its cell head.
     `cell_head`: {"weight", "bias"} tensors of a trained cell head (frozen unless cfg.train_cell_head).
     `log_path`: a per-epoch CSV (or JSON, by extension) rewritten atomically after every epoch.
     `checkpoint_path`: the best model so far is saved there (atomically) whenever validation improves.
@@ -149,6 +152,11 @@ def train_mil(
     rng = np.random.default_rng(cfg.seed)
     mil_cfg = MILConfig(int(feature_attrs["n_features"]), cfg.hidden_dim, cfg.attn_dim, cfg.dropout)
     model = AttentionMIL(mil_cfg).to(cfg.device)
+    if init_state is not None:
+        try:
+            model.load_state_dict(init_state, strict=True)
+        except RuntimeError as e:
+            raise UsageError(f"init_state does not fit an AttentionMIL of {mil_cfg}: {str(e).splitlines()[0]}") from e
     _setup_cell_head(model, cell_head, cfg.train_cell_head)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

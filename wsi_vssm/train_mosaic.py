@@ -32,8 +32,9 @@ class MosaicMILConfig:
     seed: int = 0
     epochs: int = 60
     patience: int = 15
-    lr: float = 2e-4
+    lr: float = 1e-3
     max_cells: int | None = None
+    init_from_model: bool = True  # start from the model's current MIL head (else a fresh seeded one)
 
     def __post_init__(self):
         for name in ("train_slides", "valid_slides", "grid", "epochs", "patience"):
@@ -128,10 +129,13 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     bags = {k: extract_cohort(v, model_path, out / "features" / k, progress) for k, v in folders.items()
             if k != "test"}
     head, _ = cell_head_from_model(model_path)
-    mil_cfg = MILTrainConfig(epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed,
-                             max_cells=cfg.max_cells)
+    current = load_model(model_path).mil
+    mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
+                             dropout=current.config.dropout, epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr,
+                             seed=cfg.seed, max_cells=cfg.max_cells)
+    init = current.state_dict() if cfg.init_from_model else None  # the cell stage's first head, as a start
     mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head, log_path=out / "mil.log.csv",
-                             checkpoint_path=out / "mil.pt")
+                             checkpoint_path=out / "mil.pt", init_state=init)
     probs = _slide_probs(mil, bags["valid"])
     threshold = youden_threshold([y for _, y in bags["valid"]], probs)
     train_loss, train_auc = evaluate(mil, _as_bags(bags["train"]))

@@ -14,7 +14,7 @@ import click
 
 from wsi_vssm.errors import UsageError
 
-STAGES = ("cells", "mosaic_mil", "attach_mil")
+STAGES = ("cells", "context", "mosaic_mil", "attach_mil")
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
@@ -66,6 +66,8 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True) -> Path:
     for stage in stages:
         if stage == "cells":
             _stage_cells(recipe, model_path, progress)
+        elif stage == "context":
+            _stage_context(recipe, model_path, out, progress)
         elif stage == "mosaic_mil":
             _stage_mosaic_mil(recipe, model_path, out, progress)
         elif stage == "attach_mil":
@@ -88,6 +90,37 @@ def _stage_cells(recipe: dict, model_path: Path, progress: bool) -> None:
                     progress=progress)
     click.echo(f"cells: best epoch {r.best_epoch} of {len(r.log)}, valid(select) AUC {r.select['auc']:.4f}"
                + (f", held-back valid AUC {r.holdout['auc']:.4f}" if r.holdout else "") + f" ({r.seconds:.0f} s)")
+
+
+def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool) -> None:
+    """Continue the cell stage's model on patches plus mosaics of them ([context] overrides [cells]); the cell
+    stage's file is kept as OUT/cells.pt and its record goes into the new model's metadata."""
+    import shutil
+
+    from wsi_vssm.models.slide_model import load_model, save_model
+    from wsi_vssm.train_cells import TrainCellsConfig, train_cells
+
+    if not model_path.is_file():
+        raise UsageError(f"stage context needs the cell stage's model {model_path}: run stage cells first")
+    data = recipe.get("data", {})
+    cells_path = out / "cells.pt"
+    if not cells_path.exists():
+        shutil.copyfile(model_path, cells_path)
+    try:
+        cfg = TrainCellsConfig(**{**recipe.get("cells", {}), **recipe.get("context", {}), "init": str(cells_path)})
+    except TypeError as e:
+        raise UsageError(f"recipe [context]: {e}") from e
+    r = train_cells(data["train"], data["valid"], model_path, cfg, progress=progress,
+                    log_path=out / "context.log.csv")
+    before = load_model(cells_path).metadata
+    model = load_model(model_path)
+    keep = ("metrics", "log", "best_epoch", "epochs_run", "config", "train_seconds")
+    save_model(model, model_path, {**model.metadata, "cells_stage": {k: before.get(k) for k in keep}})
+    hold = r.holdout or {}
+    click.echo(f"context: best epoch {r.best_epoch} of {len(r.log)}, valid(select) AUC {r.select['auc']:.4f} "
+               f"in-mosaic {r.select.get('mosaic_auc', float('nan')):.4f}"
+               + (f", held-back AUC {hold['auc']:.4f} in-mosaic {hold['mosaic_auc']:.4f}" if hold else "")
+               + f" ({r.seconds:.0f} s)")
 
 
 def _stage_mosaic_mil(recipe: dict, model_path: Path, out: Path, progress: bool) -> None:
