@@ -102,7 +102,7 @@ def test_youden_threshold():
     assert youden_threshold([0, 1, 1], [0.2, float("nan"), 0.7]) == 0.7
 
 
-def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch):
+def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     """The recipe stage on tiny patch folders: cohorts, features, MIL head attached, threshold, test cohort."""
     from click.testing import CliRunner
 
@@ -128,7 +128,7 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch):
     model = load_model(out / "model.pt")
     stage = model.metadata["mil_stage"]
     assert stage["train_slides"] == 4 and stage["valid_slides"] == 4 and stage["test"]["n"] == 2
-    assert model.metadata["threshold"] == stage["threshold"]
+    assert model.metadata["threshold"] == stage["threshold"] and stage["seconds"] > 0
     # the cell head is the cell stage's; the attention layers were trained
     assert np.allclose(model.mil.cell_head.weight.detach(), before.mil.cell_head.weight.detach())
     assert not np.allclose(model.mil.attn_w.weight.detach(), before.mil.attn_w.weight.detach())
@@ -136,6 +136,12 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch):
         assert (out / "mosaic_mil" / "mosaics" / part / "reference.csv").is_file()
     assert len(list((out / "mosaic_mil" / "features" / "train").glob("*.zarr"))) == 4
     assert (out / "mosaic_mil" / "test-eval" / "metrics.json").is_file()
+    assert set(stage["valid_pooling_aucs"]) == {"max", "top5_mean", "positive_share"}
+    from wsi_vssm.train_mosaic import main
+
+    assert main([str(out / "mosaic_mil"), str(out / "model.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert f"valid mosaics (n=4): MIL slide AUC {stage['valid_slide_auc']:.4f}" in printed
 
 
 def test_mosaic_mil_stage_needs_the_cell_model(tmp_path, capsys):

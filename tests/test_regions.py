@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 import warnings
@@ -219,18 +220,42 @@ def test_dropped_stream_after_break_cleans_up():
     assert slide.started < len(grid)
 
 
-def test_keyboard_interrupt_in_consumer_stops_threads():
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test: interrupt_main() does nothing while SIGINT is ignored or left to
+    the OS, which an earlier test's library (a Dask cluster, Qt) may have set and not restored yet."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_keyboard_interrupt_in_consumer_stops_threads(python_sigint):
     slide = CountingSlide(_slide()._levels[0], mpp=0.5, min_side=64, delay=0.05)
     grid = RegionGrid(slide, mpp=0.5, region_px=32, tissue=_full_tissue(slide))
-    timer = threading.Timer(0.12, _thread.interrupt_main)
-    stream = RegionStream(slide, grid, workers=2, prefetch=2)
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            for _ in stream:
-                pass
-    finally:
-        timer.cancel()
+    # Ctrl-C lands where the consumer spends its time: in its own work (as extract_regions' backbone), with the
+    # stream open in a `with` block, or while it waits in __next__ for a read
+    with pytest.raises(KeyboardInterrupt):
+        with RegionStream(slide, grid, workers=2, prefetch=2) as stream:
+            for i, _ in enumerate(stream):
+                if i == 1:
+                    _thread.interrupt_main()
+    assert _wait_no_threads()
+    assert slide.started < len(grid)
+
+    class InterruptingSlide(CountingSlide):
+        fired = False
+
+        def read(self, *a):  # the 4th read asks for Ctrl-C while the consumer waits in __next__
+            with self.lock:
+                fire, self.fired = self.started == 3 and not self.fired, self.fired or self.started == 3
+            if fire:
+                _thread.interrupt_main()
+            return super().read(*a)
+
+    slide = InterruptingSlide(_slide()._levels[0], mpp=0.5, min_side=64, delay=0.05)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in RegionStream(slide, grid, workers=2, prefetch=2):
+            pass
     assert _wait_no_threads()
     assert slide.started < len(grid)
 

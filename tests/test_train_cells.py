@@ -199,6 +199,14 @@ def test_cli_train_cells(tiny_folder, tmp_path):
     assert res.exit_code == 0, res.output
     assert "valid(select" in res.output and "held-back" in res.output
     assert out.is_file() and (tmp_path / "log.json").is_file()
+    tuned = tmp_path / "t.pt"  # fine-tune it on patches and 2 x 2 mosaics
+    res = CliRunner().invoke(command, ["--data", str(tiny_folder / "train"), "--valid", str(tiny_folder / "valid"),
+                                       "--out", str(tuned), "--epochs", "1", "--batch-size", "8", "--max-train", "16",
+                                       "--init", str(out), "--mosaic-grid", "2", "--region-batch", "1",
+                                       "--ema", "0.5"])
+    assert res.exit_code == 0, res.output
+    cfg = load_model(tuned).metadata["config"]
+    assert (cfg["init"], cfg["mosaic_grid"], cfg["region_batch"], cfg["ema"]) == (str(out), 2, 1, 0.5)
 
 
 def test_run_recipe_with_overrides(tiny_folder, tmp_path):

@@ -5,8 +5,11 @@ of the 3 x 3 token map) and, optionally, region crops of annotated slides (a lab
 (BCE-with-logits) is computed here, never in the model. AdamW, linear warmup then cosine decay, seeded. After every
 epoch the model is scored on the validation "select" split; the best AUC is kept (the validation data only
 selects, it never trains) and training stops early after `patience` epochs without improvement. A held-back part
-of the validation data, never used to select, is scored once at the end. The MIL head is then initialised on bags
-of *training* patches' centre-token features (see `fit_mil_on_patch_bags`), so the file is a whole slide model.
+of the validation data, never used to select, is scored once at the end, alone and tiled into mosaics (in
+context, as on slides). The MIL head is then initialised on bags of *training* patches' centre-token features
+(see `fit_mil_on_patch_bags`), so the file is a whole slide model. Options: `ema` validates and saves a moving
+average of the weights; `mosaic_grid` adds mosaic crops of training patches to every step (the model meets
+slide-sized token maps) and selects on the mean of the isolated and in-mosaic AUC; `init` fine-tunes a model file.
 
 Under `torchrun --nproc_per_node N -m wsi_vssm train cells ...` the backbone and cell head train data-parallel
 (DistributedDataParallel, wsi_vssm/distributed.py): each process takes every N-th patch of the epoch's seeded draw,

@@ -139,22 +139,25 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     probs = _slide_probs(mil, bags["valid"])
     threshold = youden_threshold([y for _, y in bags["valid"]], probs)
     train_loss, train_auc = evaluate(mil, _as_bags(bags["train"]))
+    pooled = pooling_aucs(bags["valid"], head)
     _say(progress, f"mosaic_mil: best epoch {history.best_epoch} of {len(history.rows)}: valid slide AUC "
-                   f"{history.best_valid_auc:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid)")
+                   f"{history.best_valid_auc:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid); "
+                   f"valid AUC of plain cell-logit pooling: " + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
     model = attach_mil(load_model(model_path), out / "mil.pt")
     record = {"method": "AttentionMIL trained on mosaic slides of real patches (wsi_vssm.synth.mosaic)",
               "config": cfg.to_dict(), "train_slides": len(bags["train"]), "valid_slides": len(bags["valid"]),
               "best_epoch": history.best_epoch, "epochs_run": len(history.rows),
               "valid_slide_auc": history.best_valid_auc, "valid_slide_loss": history.best_valid_loss,
               "train_slide_auc": train_auc, "train_slide_loss": train_loss, "threshold": threshold,
+              "valid_pooling_aucs": pooled,
               "log": history.rows}
     meta = {**dict(getattr(model, "metadata", {}) or {}), "mil_stage": record, "threshold": threshold}
-    save_model(model, model_path, meta)
-    if "test" in folders:
-        record["test"] = score_test_cohort(folders["test"], model_path, out / "test-eval", progress)
-        meta["mil_stage"] = record
-        save_model(load_model(model_path), model_path, meta)
     record["seconds"] = round(time.perf_counter() - t0, 1)
+    save_model(model, model_path, meta)
+    if "test" in folders:  # scored by the file just written, as a user's `evaluate` would
+        record["test"] = score_test_cohort(folders["test"], model_path, out / "test-eval", progress)
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        save_model(model, model_path, meta)
     return record
 
 
@@ -169,6 +172,55 @@ def score_test_cohort(folder: Path, model_path: Path, out: Path, progress: bool 
                    f"{m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], accuracy {m['accuracy']:.4f}")
     return {k: m[k] for k in ("n", "n_failed", "auc", "auc_ci95", "accuracy", "sensitivity", "specificity",
                               "threshold")}
+
+
+def pooling_aucs(bags, cell_head: dict) -> dict:
+    """Slide AUCs of parameter-free pooling of the cell head's logits (max, mean of the top 5, share of cells
+    above 0): the baselines a learned slide head should beat."""
+    from wsi_vssm.train_cells import roc_auc
+
+    data = _as_bags(bags)
+    w = cell_head["weight"].float().numpy().reshape(-1)
+    b = float(cell_head["bias"].float().numpy().reshape(-1)[0])
+    scores: dict[str, list] = {"max": [], "top5_mean": [], "positive_share": []}
+    labels = []
+    for i in range(len(data)):
+        f = np.asarray(data.features(i), dtype=np.float32)
+        if not len(f):
+            continue
+        logit = f @ w + b
+        scores["max"].append(float(logit.max()))
+        scores["top5_mean"].append(float(np.sort(logit)[-5:].mean()))
+        scores["positive_share"].append(float((logit > 0).mean()))
+        labels.append(data.labels[i])
+    return {k: roc_auc(labels, v) for k, v in scores.items()}
+
+
+def main(argv=None) -> int:
+    """`python -m wsi_vssm.train_mosaic OUT/mosaic_mil MODEL`: slide AUCs of the MIL head of MODEL and of plain
+    pooling on the stage's train and valid feature stores (what the stage printed, recomputed)."""
+    import argparse
+
+    from wsi_vssm.cohort import read_cohort
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.train_cells import roc_auc
+
+    ap = argparse.ArgumentParser(prog="python -m wsi_vssm.train_mosaic")
+    ap.add_argument("stage_dir", type=Path, help="the mosaic_mil stage's folder (OUT/mosaic_mil)")
+    ap.add_argument("model", help="model file (or 'default') whose backbone made the feature stores")
+    a = ap.parse_args(argv)
+    model = load_model(a.model)
+    head = {"weight": model.mil.cell_head.weight.detach(), "bias": model.mil.cell_head.bias.detach()}
+    for part in ("train", "valid"):
+        rows = read_cohort(a.stage_dir / "mosaics" / part).rows
+        bags = [(a.stage_dir / "features" / part / f"{r.name}.zarr", r.label) for r in rows]
+        probs = _slide_probs(model.mil.eval(), bags)
+        ok = np.isfinite(probs)
+        mil_auc = roc_auc(np.array([y for _, y in bags])[ok], probs[ok])
+        pooled = pooling_aucs(bags, head)
+        print(f"{part} mosaics (n={len(bags)}): MIL slide AUC {mil_auc:.4f}; pooling "
+              + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
+    return 0
 
 
 def _as_bags(bags):
@@ -189,3 +241,7 @@ def _slide_probs(mil, bags) -> np.ndarray:
             x = torch.from_numpy(np.asarray(f, dtype=np.float32))
             out.append(float(torch.sigmoid(mil(x).slide_logit)[0]) if len(f) else float("nan"))
     return np.asarray(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
