@@ -234,11 +234,10 @@ def test_keyboard_interrupt_in_consumer_stops_threads(python_sigint):
     grid = RegionGrid(slide, mpp=0.5, region_px=32, tissue=_full_tissue(slide))
     # Ctrl-C lands where the consumer spends its time: in its own work (as extract_regions' backbone), with the
     # stream open in a `with` block, or while it waits in __next__ for a read
-    with pytest.raises(KeyboardInterrupt):
-        with RegionStream(slide, grid, workers=2, prefetch=2) as stream:
-            for i, _ in enumerate(stream):
-                if i == 1:
-                    _thread.interrupt_main()
+    with pytest.raises(KeyboardInterrupt), RegionStream(slide, grid, workers=2, prefetch=2) as stream:
+        for i, _ in enumerate(stream):
+            if i == 1:
+                _thread.interrupt_main()
     assert _wait_no_threads()
     assert slide.started < len(grid)
 
