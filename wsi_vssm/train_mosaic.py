@@ -48,7 +48,8 @@ class MosaicMILConfig:
 
 
 def youden_threshold(labels, probs) -> float:
-    """The probability threshold that maximises sensitivity + specificity (ties: the middle of the best run)."""
+    """The probability threshold that maximises sensitivity + specificity (ties: the median of the tied
+    thresholds); 0.5 when the labels hold one class only."""
     y = np.asarray(labels).astype(bool)
     p = np.asarray(probs, dtype=np.float64)
     y, p = y[np.isfinite(p)], p[np.isfinite(p)]  # slides without tissue cells have no probability
@@ -105,6 +106,8 @@ def extract_cohort(folder: Path, model_path: Path, features: Path, progress: boo
     features.mkdir(parents=True, exist_ok=True)
     bags, t0 = [], time.perf_counter()
     for i, row in enumerate(cohort.rows):
+        if not row.ok:
+            raise UsageError(f"{folder}: {row.error}")
         store = features / f"{row.name}.zarr"
         if not (store.exists() and FeatureStore.open(store).attrs.get("model_hash") == info.model_hash):
             with open_slide(row.path) as slide:

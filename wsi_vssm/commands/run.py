@@ -75,13 +75,19 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True) -> Path:
     return model_path
 
 
-def _stage_cells(recipe: dict, model_path: Path, progress: bool) -> None:
-    from wsi_vssm.train_cells import TrainCellsConfig, train_cells
-
+def _patch_data(recipe: dict) -> dict:
+    """The recipe's [data] table, with its two patch sources present."""
     data = recipe.get("data", {})
     for key in ("train", "valid"):
         if not data.get(key):
             raise UsageError(f"recipe needs data.{key}: give it with --set data.{key}=PATH")
+    return data
+
+
+def _stage_cells(recipe: dict, model_path: Path, progress: bool) -> None:
+    from wsi_vssm.train_cells import TrainCellsConfig, train_cells
+
+    data = _patch_data(recipe)
     try:
         cfg = TrainCellsConfig(**recipe.get("cells", {}))
     except TypeError as e:
@@ -102,7 +108,7 @@ def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool) ->
 
     if not model_path.is_file():
         raise UsageError(f"stage context needs the cell stage's model {model_path}: run stage cells first")
-    data = recipe.get("data", {})
+    data = _patch_data(recipe)
     cells_path = out / "cells.pt"
     if not cells_path.exists():
         shutil.copyfile(model_path, cells_path)
@@ -128,10 +134,7 @@ def _stage_mosaic_mil(recipe: dict, model_path: Path, out: Path, progress: bool)
 
     if not model_path.is_file():
         raise UsageError(f"stage mosaic_mil needs the cell stage's model {model_path}: run stage cells first")
-    data, cells = recipe.get("data", {}), recipe.get("cells", {})
-    for key in ("train", "valid"):
-        if not data.get(key):
-            raise UsageError(f"recipe needs data.{key}: give it with --set data.{key}=PATH")
+    data, cells = _patch_data(recipe), recipe.get("cells", {})
     try:
         cfg = MosaicMILConfig(**recipe.get("mosaic_mil", {}))
     except TypeError as e:
