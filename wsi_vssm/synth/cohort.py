@@ -73,27 +73,35 @@ def write_slide(
     """
     from wsi_vssm.synth.layout import make_layout
     from wsi_vssm.synth.tissue import render_tile
-    from wsi_vssm.synth.writer import write_pyramid
 
     _check(size, mpp)
     if not 1 <= quality <= 100:
         raise SynthError(f"JPEG quality must be 1 to 100, got {quality}")
     path = Path(path)
     layout = make_layout(size, mpp, seed, tumor)
-    tmp = _tmp_name(path)
     desc = f"wsi-vssm synthetic H&E slide; seed={seed}; label={'tumor' if tumor else 'normal'}; mpp={mpp}"
+    write_pyramid_atomic(
+        path, (size, size), lambda x, y: render_tile(layout, x, y), mpp,
+        workers=workers or default_workers(), quality=quality, description=desc, progress=progress,
+    )  # fmt: skip
+    return layout.lesion_polygons()
+
+
+def write_pyramid_atomic(path: str | os.PathLike, size: tuple[int, int], render, mpp: float, **kwargs) -> None:
+    """`writer.write_pyramid` to a temporary name in the same folder, then renamed into place; SynthError on
+    failure, and no temporary file left behind."""
+    from wsi_vssm.synth.writer import write_pyramid
+
+    path = Path(path)
+    tmp = _tmp_name(path)
     try:
-        write_pyramid(
-            tmp, (size, size), lambda x, y: render_tile(layout, x, y), mpp,
-            workers=workers or default_workers(), quality=quality, description=desc, progress=progress,
-        )  # fmt: skip
+        write_pyramid(tmp, size, render, mpp, **kwargs)
         os.replace(tmp, path)
     except OSError as e:
         raise SynthError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    return layout.lesion_polygons()
 
 
 def slide_seed(seed: int, label: str, index: int) -> int:

@@ -16,7 +16,6 @@ as whole slides.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.synth.cohort import SynthError, _tmp_name, atomic_write_bytes
+from wsi_vssm.synth.cohort import SynthError, atomic_write_bytes, write_pyramid_atomic
 
 BACKGROUND = 243  # the white of an empty glass slide, as scanners record it
 MIN_GRID, MAX_GRID = 3, 64
@@ -115,9 +114,8 @@ def render_mosaic(index: np.ndarray, patch: Callable[[int], np.ndarray], patch_p
 def write_image_slide(path: str | os.PathLike, img: np.ndarray, mpp: float, description: str = "",
                       quality: int = 90) -> None:
     """Write an RGB image as a pyramidal JPEG TIFF (OpenSlide 'generic-tiff'), atomically."""
-    from wsi_vssm.synth.writer import TILE, write_pyramid
+    from wsi_vssm.synth.writer import TILE
 
-    path = Path(path)
     h, w = img.shape[:2]
 
     def tile(x0: int, y0: int) -> np.ndarray:
@@ -126,15 +124,7 @@ def write_image_slide(path: str | os.PathLike, img: np.ndarray, mpp: float, desc
         out[:part.shape[0], :part.shape[1]] = part
         return out
 
-    tmp = _tmp_name(path)
-    try:
-        write_pyramid(tmp, (w, h), tile, mpp, workers=1, quality=quality, description=description)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise SynthError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    write_pyramid_atomic(path, (w, h), tile, mpp, workers=1, quality=quality, description=description)
 
 
 def make_mosaic_cohort(
