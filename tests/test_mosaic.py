@@ -87,7 +87,19 @@ def test_same_seed_same_files(tmp_path, patches):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_grid_range_gives_slides_of_several_sizes(tmp_path, patches):
+    recs = make_mosaic_cohort(tmp_path / "r", patches, 6, seed=2, grid=(3, 5))
+    sides = set()
+    for r in recs:
+        with open_slide(r.path) as slide:
+            sides.add(slide.dimensions[0] // 96)
+            assert slide.dimensions[0] == slide.dimensions[1]
+    assert sides <= {3, 4, 5} and len(sides) >= 2
+    assert json.loads((tmp_path / "r" / "mosaic.json").read_text())["grid"] == [3, 5]
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(n_slides=0), "at least 1"), (dict(grid=2), "grid"),
+                                           (dict(grid=(6, 4)), "grid"), (dict(grid=(3, 99)), "grid"),
                                            (dict(max_lesion_frac=0.0), "max_lesion_frac")])
 def test_bad_arguments(tmp_path, patches, kwargs, match):
     args = {"n_slides": 2, "grid": 4, **kwargs}

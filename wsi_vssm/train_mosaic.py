@@ -27,7 +27,8 @@ class MosaicMILConfig:
     train_slides: int = 160  # mosaics of training patches (half tumour)
     valid_slides: int = 48  # mosaics of the validation split's selection part
     test_slides: int = 0  # mosaics of its held-back part, scored once at the end (0: none)
-    grid: int = 8  # patches per mosaic side (8 x 96 px = 768 px at 0.97 um/px)
+    grid: int | list[int] = 8  # patches per mosaic side (8 x 96 px = 768 px at 0.97 um/px), or [low, high]:
+    #                           each slide draws its side, so bags vary in size as slides do
     max_lesion_frac: float = 0.3  # the largest lesion, as a share of the tissue cells
     seed: int = 0
     epochs: int = 60
@@ -37,7 +38,7 @@ class MosaicMILConfig:
     init_from_model: bool = True  # start from the model's current MIL head (else a fresh seeded one)
 
     def __post_init__(self):
-        for name in ("train_slides", "valid_slides", "grid", "epochs", "patience"):
+        for name in ("train_slides", "valid_slides", "epochs", "patience"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"mosaic_mil.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.test_slides < 0:
@@ -87,7 +88,8 @@ def build_cohorts(train_src, valid_src, out: Path, cfg: MosaicMILConfig, valid_s
     for name, (patches, n, seed) in parts.items():
         folder = out / "mosaics" / name
         t0 = time.perf_counter()
-        make_mosaic_cohort(folder, patches, n, seed, cfg.grid, max_lesion_frac=cfg.max_lesion_frac,
+        grid = tuple(cfg.grid) if isinstance(cfg.grid, list) else cfg.grid
+        make_mosaic_cohort(folder, patches, n, seed, grid, max_lesion_frac=cfg.max_lesion_frac,
                            prefix=f"{name}_")
         _say(progress, f"mosaic_mil: {n} {name} mosaics from {len(patches)} patches ({patches.source}) -> {folder} "
                        f"in {time.perf_counter() - t0:.0f} s")

@@ -1,7 +1,9 @@
 """Mosaic cohorts: slides tiled from labelled real patches (e.g. PatchCamelyon), for training and testing the
 slide-level (MIL) head on real tissue when no labelled whole-slide cohort is at hand.
 
-Each slide is a `grid` x `grid` mosaic of patches inside a random elliptical tissue outline (white around it).
+Each slide is a `grid` x `grid` mosaic of patches inside a random elliptical tissue outline (white around it);
+with `grid` = (low, high) each slide draws its own side from that range, so bags of cells vary in size as
+slides do.
 A normal slide holds only label-0 patches. A tumour slide holds one connected "lesion" of label-1 patches, grown
 cell by cell from a random seed cell, with a size drawn log-uniformly from one patch to `max_lesion_frac` of the
 tissue, so that single-patch micro-metastases are as common per decade of size as large ones. Patches are drawn
@@ -132,7 +134,7 @@ def make_mosaic_cohort(
     patches,
     n_slides: int,
     seed: int = 0,
-    grid: int = 8,
+    grid: int | tuple[int, int] = 8,
     mpp: float = 0.97,
     *,
     max_lesion_frac: float = 0.3,
@@ -146,8 +148,7 @@ def make_mosaic_cohort(
 
     if not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
         raise SynthError(f"number of slides must be at least 1, got {n_slides!r}")
-    if not isinstance(grid, (int, np.integer)) or not MIN_GRID <= grid <= MAX_GRID:
-        raise SynthError(f"mosaic grid must be {MIN_GRID} to {MAX_GRID} patches per side, got {grid!r}")
+    low, high = _grid_range(grid)
     if not 0 < max_lesion_frac <= 1:
         raise SynthError(f"max_lesion_frac must be in (0, 1], got {max_lesion_frac!r}")
     if not (isinstance(mpp, (int, float)) and 0.05 <= mpp <= 20):
@@ -164,7 +165,8 @@ def make_mosaic_cohort(
     for name, label in cohort_plan(n_slides):
         name = prefix + name
         rng = np.random.default_rng([int(seed), label == "tumor", int(name.rsplit("_", 1)[1])])
-        index, lesion = plan_mosaic(labels, grid, label == "tumor", rng, max_lesion_frac)
+        side = low if low == high else int(rng.integers(low, high + 1))
+        index, lesion = plan_mosaic(labels, side, label == "tumor", rng, max_lesion_frac)
         img = render_mosaic(index, lambda i: patches[i][0], patch_px)
         path = out / f"{name}.tif"
         write_image_slide(path, img, mpp, f"wsi-vssm mosaic of {getattr(patches, 'source', '')}; label={label}; "
@@ -174,14 +176,25 @@ def make_mosaic_cohort(
         slides.append(rec)
         if on_slide is not None:
             on_slide(rec)
-    doc = {"source": str(getattr(patches, "source", "")), "seed": int(seed), "grid": int(grid),
-           "patch_px": patch_px, "mpp": mpp, "max_lesion_frac": max_lesion_frac,
+    doc = {"source": str(getattr(patches, "source", "")), "seed": int(seed),
+           "grid": low if low == high else [low, high], "patch_px": patch_px, "mpp": mpp,
+           "max_lesion_frac": max_lesion_frac,
            "slides": [{"name": s.name, "label": s.label, "tissue_cells": s.tissue_cells,
                        "lesion_cells": s.lesion_cells, "patches": s.patches} for s in slides]}
     atomic_write_bytes(out / "mosaic.json", json.dumps(doc, indent=1).encode())
     csv = "slide,label\n" + "".join(f"{s.name},{s.label}\n" for s in slides)
     atomic_write_bytes(out / "reference.csv", csv.encode())
     return slides
+
+
+def _grid_range(grid) -> tuple[int, int]:
+    """(low, high) patches per side from an int or a (low, high) pair, checked."""
+    pair = tuple(grid) if isinstance(grid, (tuple, list)) else (grid, grid)
+    ok = len(pair) == 2 and all(isinstance(g, (int, np.integer)) and MIN_GRID <= g <= MAX_GRID for g in pair)
+    if not ok or pair[0] > pair[1]:
+        raise SynthError(f"mosaic grid must be {MIN_GRID} to {MAX_GRID} patches per side (or a low, high pair), "
+                         f"got {grid!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def _patch_name(patches, i: int) -> str:
