@@ -132,14 +132,15 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     recipe.write_text('[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = ""\nvalid = ""\n'
                       '[cells]\nvalid_select = 30\nseed = 0\n'
                       '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 4\ntest_slides = 2\ngrid = 3\n'
-                      'epochs = 3\npatience = 3\n')
+                      'epochs = 3\npatience = 3\nsynth_train_slides = 2\nsynth_valid_slides = 2\n'
+                      'synth_size = 1024\n')
     res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
                                    "--set", f"data.valid={tmp_path / 'valid'}"])
     assert res.exit_code == 0, res.output
     assert "valid slide AUC" in res.output and "held-out test slide AUC" in res.output
     model = load_model(out / "model.pt")
     stage = model.metadata["mil_stage"]
-    assert stage["train_slides"] == 4 and stage["valid_slides"] == 4 and stage["test"]["n"] == 2
+    assert stage["train_slides"] == 4 + 2 and stage["valid_slides"] == 4 + 2 and stage["test"]["n"] == 2
     assert model.metadata["threshold"] == stage["threshold"] and stage["seconds"] > 0
     # the cell head is the cell stage's; the attention layers were trained
     assert np.allclose(model.mil.cell_head.weight.detach(), before.mil.cell_head.weight.detach())
@@ -147,13 +148,14 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     for part in ("train", "valid", "test"):
         assert (out / "mosaic_mil" / "mosaics" / part / "reference.csv").is_file()
     assert len(list((out / "mosaic_mil" / "features" / "train").glob("*.zarr"))) == 4
+    assert len(list((out / "mosaic_mil" / "features" / "synth_valid").glob("*.zarr"))) == 2
     assert (out / "mosaic_mil" / "test-eval" / "metrics.json").is_file()
     assert set(stage["valid_pooling_aucs"]) == {"max", "top5_mean", "positive_share"}
     from wsi_vssm.train_mosaic import main
 
     assert main([str(out / "mosaic_mil"), str(out / "model.pt")]) == 0
     printed = capsys.readouterr().out
-    assert f"valid mosaics (n=4): MIL slide AUC {stage['valid_slide_auc']:.4f}" in printed
+    assert "valid mosaics (n=4): MIL slide AUC" in printed and "synth valid slides (n=2)" in printed
 
 
 def test_mosaic_mil_stage_needs_the_cell_model(tmp_path, capsys):

@@ -36,13 +36,18 @@ class MosaicMILConfig:
     lr: float = 1e-3
     max_cells: int | None = None
     init_from_model: bool = True  # start from the model's current MIL head (else a fresh seeded one)
+    synth_train_slides: int = 0  # also train on this many `wsi-vssm synth` slides: continuous tissue, larger bags
+    synth_valid_slides: int = 0  # ... and select on this many more, beside the valid mosaics
+    synth_size: int = 6000  # their side in px at synth_mpp
+    synth_mpp: float = 0.5
 
     def __post_init__(self):
         for name in ("train_slides", "valid_slides", "epochs", "patience"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"mosaic_mil.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.test_slides < 0:
-            raise UsageError(f"mosaic_mil.test_slides must be >= 0, got {self.test_slides!r}")
+        for name in ("test_slides", "synth_train_slides", "synth_valid_slides"):
+            if int(getattr(self, name)) < 0:
+                raise UsageError(f"mosaic_mil.{name} must be >= 0, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +99,16 @@ def build_cohorts(train_src, valid_src, out: Path, cfg: MosaicMILConfig, valid_s
         _say(progress, f"mosaic_mil: {n} {name} mosaics from {len(patches)} patches ({patches.source}) -> {folder} "
                        f"in {time.perf_counter() - t0:.0f} s")
         folders[name] = folder
+    for name, n, seed in (("synth_train", cfg.synth_train_slides, cfg.seed + 10),
+                          ("synth_valid", cfg.synth_valid_slides, cfg.seed + 11)):
+        if n:
+            from wsi_vssm.synth import make_cohort
+
+            folder, t0 = out / "synth" / name.removeprefix("synth_"), time.perf_counter()
+            make_cohort(folder, n, seed, cfg.synth_size, cfg.synth_mpp)
+            _say(progress, f"mosaic_mil: {n} synthetic slides ({cfg.synth_size} px) -> {folder} in "
+                           f"{time.perf_counter() - t0:.0f} s")
+            folders[name] = folder
     return folders
 
 
@@ -133,6 +148,8 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     folders = build_cohorts(train_src, valid_src, out, cfg, valid_select, split_seed, progress)
     bags = {k: extract_cohort(v, model_path, out / "features" / k, progress) for k, v in folders.items()
             if k != "test"}
+    for part in ("train", "valid"):  # synthetic slides, when asked for, join the mosaics of their part
+        bags[part] = bags[part] + bags.pop(f"synth_{part}", [])
     head, _ = cell_head_from_model(model_path)
     current = load_model(model_path).mil
     mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
@@ -216,14 +233,18 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     model = load_model(a.model)
     head = {"weight": model.mil.cell_head.weight.detach(), "bias": model.mil.cell_head.bias.detach()}
-    for part in ("train", "valid"):
-        rows = read_cohort(a.stage_dir / "mosaics" / part).rows
+    for part, folder in (("train", "mosaics/train"), ("valid", "mosaics/valid"), ("synth_train", "synth/train"),
+                         ("synth_valid", "synth/valid")):
+        if not (a.stage_dir / folder).is_dir():
+            continue
+        rows = read_cohort(a.stage_dir / folder).rows
         bags = [(a.stage_dir / "features" / part / f"{r.name}.zarr", r.label) for r in rows]
         probs = _slide_probs(model.mil.eval(), bags)
         ok = np.isfinite(probs)
         mil_auc = roc_auc(np.array([y for _, y in bags])[ok], probs[ok])
         pooled = pooling_aucs(bags, head)
-        print(f"{part} mosaics (n={len(bags)}): MIL slide AUC {mil_auc:.4f}; pooling "
+        kind = "slides" if part.startswith("synth") else "mosaics"
+        print(f"{part.replace('_', ' ')} {kind} (n={len(bags)}): MIL slide AUC {mil_auc:.4f}; pooling "
               + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
     return 0
 
