@@ -93,7 +93,8 @@ def evaluate_cohort(
     scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
     metrics = _write_metrics(out, scored, slide_threshold(model, params), len(rows) - len(scored), n_boot)
     if annotations is not None:
-        metrics["froc"] = _froc(out, scored, Path(annotations))
+        folders = {r.name: t.name for r, t in zip(cohort.rows, tasks, strict=True)}  # table name -> output folder
+        metrics["froc"] = _froc(out, scored, Path(annotations), folders)
         _write_json(out / "metrics.json", metrics)
     return EvaluationResult(metrics, rows)
 
@@ -194,8 +195,9 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
 FROC_MIN_PROBABILITY = 0.01
 
 
-def _froc(out: Path, scored: list[dict], annotations: Path) -> dict:
-    """CAMELYON16 lesion-level FROC from each slide's heatmap and its ASAP/GeoJSON annotations, if any."""
+def _froc(out: Path, scored: list[dict], annotations: Path, folders: dict[str, str] | None = None) -> dict:
+    """CAMELYON16 lesion-level FROC from each slide's heatmap and its ASAP/GeoJSON annotations, if any.
+    `folders` maps a table's slide name to its output folder (the file's stem; the case may differ)."""
     from wsi_vssm.io.annotations import read_annotations
     from wsi_vssm.outputs.froc import detections_from_heatmap, froc
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
@@ -204,13 +206,15 @@ def _froc(out: Path, scored: list[dict], annotations: Path) -> dict:
         raise UsageError(f"{annotations}: --annotations must be a folder of ASAP XML / GeoJSON files")
     detections, truth, mpps = {}, {}, {}
     for r in scored:
-        prob, _, _, attrs = read_heatmap_zarr(out / r["slide"] / "heatmap.ome.zarr")
+        folder = (folders or {}).get(r["slide"], r["slide"])
+        prob, _, _, attrs = read_heatmap_zarr(out / folder / "heatmap.ome.zarr")
         meta = attrs["wsi_vssm"]
         # Every local maximum down to a low floor: the FROC curve sweeps the detection threshold itself.
         detections[r["slide"]] = detections_from_heatmap(prob, meta["cell0"], meta["origin"],
                                                          threshold=FROC_MIN_PROBABILITY)
         mpps[r["slide"]] = meta["mpp"]
-        files = [p for ext in (".xml", ".geojson", ".json") for p in annotations.glob(r["slide"] + ext)]
+        files = [p for name in dict.fromkeys((r["slide"], folder)) for ext in (".xml", ".geojson", ".json")
+                 for p in annotations.glob(name + ext)]
         if files:  # slides without an annotation file are normal
             truth[r["slide"]] = read_annotations(files[0])
     return froc(detections, truth, mpps).as_dict()

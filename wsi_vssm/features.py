@@ -154,7 +154,11 @@ def _file_backbone(path: Path):
     if bad:  # a damaged file: every feature would be NaN
         raise CheckpointError(f"{path}: corrupt model file: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[0]})")
     backbone.load_state_dict(sd, strict=True)
-    mpp, token_px = float(ckpt["mpp"]), int(ckpt["token_px"])
+    try:
+        mpp, token_px = float(ckpt["mpp"]), int(ckpt["token_px"])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: model file states an invalid mpp or token_px "
+                              f"({ckpt['mpp']!r}, {ckpt['token_px']!r})") from None
     _check_token_px(token_px)
     if not (math.isfinite(mpp) and mpp > 0):
         raise CheckpointError(f"{path}: model file states an invalid mpp {ckpt['mpp']!r}")

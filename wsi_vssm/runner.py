@@ -495,7 +495,7 @@ def _client(opts: RunOptions, progress: Progress):
     if opts.scheduler:
         try:
             client = Client(opts.scheduler, timeout=30)
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, ValueError) as e:  # ValueError: not an address (no scheme or port)
             raise UsageError(f"cannot reach the Dask scheduler at {opts.scheduler}: {_one_line(e)}") from e
         progress.detail(f"dask: connected to {opts.scheduler}")
         return client, None

@@ -107,16 +107,10 @@ def centre_logits(model: SlideModel, x: torch.Tensor) -> torch.Tensor:
 
 
 def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties counted half); NaN with a single class."""
-    from scipy.stats import rankdata
+    """Area under the ROC curve (the cohort report's, ties counted half); NaN with a single class."""
+    from wsi_vssm.outputs.report import roc_auc_or_nan
 
-    y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return roc_auc_or_nan(labels, scores)
 
 
 @torch.no_grad()

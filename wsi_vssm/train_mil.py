@@ -23,6 +23,7 @@ import numpy as np
 from wsi_vssm import __version__
 from wsi_vssm.errors import UsageError
 from wsi_vssm.features import FeatureStore
+from wsi_vssm.outputs.report import roc_auc_or_nan  # the cohort report's AUC: training and reports agree
 
 MIL_FORMAT = "wsi-vssm-mil/1"
 LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_auc", "seconds", "best")
@@ -75,7 +76,7 @@ Bag = tuple[str | os.PathLike | FeatureStore, int]
 
 
 # ---- data -------------------------------------------------------------------------------------------------
-class _Bags:
+class Bags:
     """Feature stores with their labels; features read once and kept when they fit in the cache budget."""
 
     def __init__(self, bags: Sequence[Bag], cache_mb: float):
@@ -145,7 +146,7 @@ def train_mil(
     from wsi_vssm.models.mil import AttentionMIL, MILConfig
 
     cfg = cfg or MILTrainConfig()
-    train, valid = _Bags(train_stores, cfg.cache_mb), _Bags(valid_stores, cfg.cache_mb)
+    train, valid = Bags(train_stores, cfg.cache_mb), Bags(valid_stores, cfg.cache_mb)
     _check_splits(train, valid)
     feature_attrs = check_compatible(train.stores + valid.stores)
     torch.manual_seed(cfg.seed)
@@ -190,12 +191,12 @@ def train_mil(
     return model.eval(), history
 
 
-def _check_splits(train: _Bags, valid: _Bags) -> None:
+def _check_splits(train: Bags, valid: Bags) -> None:
     if len(train) == 0:
         raise UsageError("no training slides")
     if len(valid) == 0:
         raise UsageError("no validation slides: model selection needs a validation split apart from training")
-    both = sorted({p.resolve() for p in (s.path for s in train.stores)} & {s.path.resolve() for s in valid.stores})
+    both = sorted({s.path.resolve() for s in train.stores} & {s.path.resolve() for s in valid.stores})
     if both:
         raise UsageError(f"{len(both)} slide(s) are in both training and validation, e.g. {both[0]}")
     if len(set(train.labels)) < 2:
@@ -215,7 +216,7 @@ def _setup_cell_head(model, cell_head: dict | None, train_it: bool) -> None:
         p.requires_grad_(train_it)
 
 
-def _train_epoch(model, opt, bags: _Bags, cfg: MILTrainConfig, rng: np.random.Generator) -> float:
+def _train_epoch(model, opt, bags: Bags, cfg: MILTrainConfig, rng: np.random.Generator) -> float:
     import torch
     import torch.nn.functional as F
 
@@ -242,35 +243,33 @@ def _train_epoch(model, opt, bags: _Bags, cfg: MILTrainConfig, rng: np.random.Ge
     return float(np.mean(losses)) if losses else math.nan
 
 
-def evaluate(model, bags: _Bags, device: str = "cpu") -> tuple[float, float]:
+def bag_logits(model, bags: Bags, device: str = "cpu") -> np.ndarray:
+    """The slide logit of every bag (NaN for a bag without cells), in eval mode."""
+    import torch
+
+    model.eval()
+    out = np.full(len(bags), np.nan)
+    with torch.inference_mode():
+        for i in range(len(bags)):
+            feats = bags.features(i)
+            if len(feats):
+                out[i] = float(model(torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(device)).slide_logit[0])
+    return out
+
+
+def evaluate(model, bags: Bags, device: str = "cpu") -> tuple[float, float]:
     """(mean bag BCE loss, AUC) of `model` on `bags`; slides without cells are skipped."""
     import torch
     import torch.nn.functional as F
 
-    model.eval()
-    logits, labels = [], []
-    with torch.inference_mode():
-        for i in range(len(bags)):
-            feats = bags.features(i)
-            if len(feats) == 0:
-                continue
-            out = model(torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(device))
-            logits.append(float(out.slide_logit[0]))
-            labels.append(bags.labels[i])
-    if not logits:
+    logits = bag_logits(model, bags, device)
+    ok = np.isfinite(logits)
+    if not ok.any():
         return math.nan, math.nan
-    t_logits, t_labels = torch.tensor(logits), torch.tensor(labels, dtype=torch.float32)
-    loss = float(F.binary_cross_entropy_with_logits(t_logits, t_labels))
-    return loss, _auc(labels, logits)
-
-
-def _auc(labels, scores) -> float:
-    """AUC from ranks (the cohort report's implementation, so training and reports agree); NaN for one class."""
-    from wsi_vssm.outputs.report import roc_auc
-
-    if len(set(labels)) < 2:
-        return math.nan
-    return float(roc_auc(labels, scores))
+    labels = np.asarray(bags.labels)[ok]
+    t_logits = torch.tensor(logits[ok], dtype=torch.float32)
+    loss = float(F.binary_cross_entropy_with_logits(t_logits, torch.tensor(labels, dtype=torch.float32)))
+    return loss, roc_auc_or_nan(labels, logits[ok])
 
 
 def _improves(auc: float, loss: float, h: TrainHistory) -> bool:
@@ -283,7 +282,7 @@ def _improves(auc: float, loss: float, h: TrainHistory) -> bool:
     return loss < h.best_valid_loss
 
 
-def _metadata(cfg: MILTrainConfig, train: _Bags, valid: _Bags, feature_attrs: dict) -> dict:
+def _metadata(cfg: MILTrainConfig, train: Bags, valid: Bags, feature_attrs: dict) -> dict:
     return {
         "seed": cfg.seed,
         "train_config": cfg.to_dict(),

@@ -112,13 +112,13 @@ def build_cohorts(train_src, valid_src, out: Path, cfg: MosaicMILConfig, valid_s
     return folders
 
 
-def extract_cohort(folder: Path, model_path: Path, features: Path, progress: bool = True) -> list[tuple[Path, int]]:
-    """Feature stores of every slide of a mosaic cohort (kept when already made by the same backbone)."""
+def extract_cohort(folder: Path, backbone, info, features: Path, progress: bool = True) -> list[tuple[Path, int]]:
+    """Feature stores of every slide of a cohort folder (kept when already made by the same backbone);
+    `backbone, info` as from `wsi_vssm.features.load_backbone`."""
     from wsi_vssm.cohort import read_cohort
-    from wsi_vssm.features import FeatureStore, extract_to_store, load_backbone
+    from wsi_vssm.features import FeatureStore, extract_to_store
     from wsi_vssm.io.slide import open_slide
 
-    backbone, info = load_backbone(model_path)
     cohort = read_cohort(folder)
     features.mkdir(parents=True, exist_ok=True)
     bags, t0 = [], time.perf_counter()
@@ -140,32 +140,35 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
                          valid_select: int | None = None, split_seed: int = 0, progress: bool = True) -> dict:
     """Build the cohorts, extract features, train the MIL head, attach it to `model_path` (rewritten), and
     score the test cohort if asked. Returns the stage's record (also stored in the model's metadata)."""
+    from wsi_vssm.features import load_backbone
     from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
-    from wsi_vssm.train_mil import MILTrainConfig, cell_head_from_model, evaluate, train_mil
+    from wsi_vssm.train_mil import Bags, MILTrainConfig, evaluate, train_mil
 
     model_path, out = Path(model_path), Path(out)
     t0 = time.perf_counter()
     folders = build_cohorts(train_src, valid_src, out, cfg, valid_select, split_seed, progress)
-    bags = {k: extract_cohort(v, model_path, out / "features" / k, progress) for k, v in folders.items()
+    backbone, info = load_backbone(model_path)
+    bags = {k: extract_cohort(v, backbone, info, out / "features" / k, progress) for k, v in folders.items()
             if k != "test"}
     for part in ("train", "valid"):  # synthetic slides, when asked for, join the mosaics of their part
         bags[part] = bags[part] + bags.pop(f"synth_{part}", [])
-    head, _ = cell_head_from_model(model_path)
-    current = load_model(model_path).mil
+    model = load_model(model_path)
+    current = model.mil
+    head = {k: v.detach().clone() for k, v in current.cell_head.state_dict().items()}
     mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
                              dropout=current.config.dropout, epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr,
                              seed=cfg.seed, max_cells=cfg.max_cells)
     init = current.state_dict() if cfg.init_from_model else None  # the cell stage's first head, as a start
     mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head, log_path=out / "mil.log.csv",
                              checkpoint_path=out / "mil.pt", init_state=init)
-    probs = _slide_probs(mil, bags["valid"])
-    threshold = youden_threshold([y for _, y in bags["valid"]], probs)
-    train_loss, train_auc = evaluate(mil, _as_bags(bags["train"]))
-    pooled = pooling_aucs(bags["valid"], head)
+    valid = Bags(bags["valid"], mil_cfg.cache_mb)  # read once for the threshold and the baselines
+    threshold = youden_threshold(valid.labels, _slide_probs(mil, valid))
+    train_loss, train_auc = evaluate(mil, Bags(bags["train"], mil_cfg.cache_mb))
+    pooled = pooling_aucs(valid, head)
     _say(progress, f"mosaic_mil: best epoch {history.best_epoch} of {len(history.rows)}: valid slide AUC "
                    f"{history.best_valid_auc:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid); "
                    f"valid AUC of plain cell-logit pooling: " + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
-    model = attach_mil(load_model(model_path), out / "mil.pt")
+    model = attach_mil(model, out / "mil.pt")
     record = {"method": "AttentionMIL trained on mosaic slides of real patches (wsi_vssm.synth.mosaic)",
               "config": cfg.to_dict(), "train_slides": len(bags["train"]), "valid_slides": len(bags["valid"]),
               "best_epoch": history.best_epoch, "epochs_run": len(history.rows),
@@ -177,18 +180,17 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     record["seconds"] = round(time.perf_counter() - t0, 1)
     save_model(model, model_path, meta)
     if "test" in folders:  # scored by the file just written, as a user's `evaluate` would
-        record["test"] = score_test_cohort(folders["test"], model_path, out / "test-eval", progress)
+        record["test"] = score_test_cohort(folders["test"], model, model_path, out / "test-eval", progress)
         record["seconds"] = round(time.perf_counter() - t0, 1)
         save_model(model, model_path, meta)
     return record
 
 
-def score_test_cohort(folder: Path, model_path: Path, out: Path, progress: bool = True) -> dict:
-    """`wsi-vssm evaluate` on the held-out mosaics with the final model; returns its metrics."""
+def score_test_cohort(folder: Path, model, model_path: Path, out: Path, progress: bool = True) -> dict:
+    """`wsi-vssm evaluate` on the held-out mosaics with the final model (saved at `model_path`); its metrics."""
     from wsi_vssm.evaluate import evaluate_cohort
-    from wsi_vssm.models.slide_model import load_model
 
-    res = evaluate_cohort(folder, load_model(model_path), out, model_path=model_path)
+    res = evaluate_cohort(folder, model, out, model_path=model_path)
     m = res.metrics
     _say(progress, f"mosaic_mil: held-out test mosaics (n={m['n']}, never used to train or select): slide AUC "
                    f"{m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], accuracy {m['accuracy']:.4f}")
@@ -196,12 +198,11 @@ def score_test_cohort(folder: Path, model_path: Path, out: Path, progress: bool 
                               "threshold")}
 
 
-def pooling_aucs(bags, cell_head: dict) -> dict:
+def pooling_aucs(data, cell_head: dict) -> dict:
     """Slide AUCs of parameter-free pooling of the cell head's logits (max, mean of the top 5, share of cells
-    above 0): the baselines a learned slide head should beat."""
+    above 0) over `data` (a `train_mil.Bags`): the baselines a learned slide head should beat."""
     from wsi_vssm.train_cells import roc_auc
 
-    data = _as_bags(bags)
     w = cell_head["weight"].float().numpy().reshape(-1)
     b = float(cell_head["bias"].float().numpy().reshape(-1)[0])
     scores: dict[str, list] = {"max": [], "top5_mean": [], "positive_share": []}
@@ -226,22 +227,23 @@ def main(argv=None) -> int:
     from wsi_vssm.cohort import read_cohort
     from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.train_cells import roc_auc
+    from wsi_vssm.train_mil import Bags
 
     ap = argparse.ArgumentParser(prog="python -m wsi_vssm.train_mosaic")
     ap.add_argument("stage_dir", type=Path, help="the mosaic_mil stage's folder (OUT/mosaic_mil)")
     ap.add_argument("model", help="model file (or 'default') whose backbone made the feature stores")
     a = ap.parse_args(argv)
     model = load_model(a.model)
-    head = {"weight": model.mil.cell_head.weight.detach(), "bias": model.mil.cell_head.bias.detach()}
+    head = model.mil.cell_head.state_dict()
     for part, folder in (("train", "mosaics/train"), ("valid", "mosaics/valid"), ("synth_train", "synth/train"),
                          ("synth_valid", "synth/valid")):
         if not (a.stage_dir / folder).is_dir():
             continue
         rows = read_cohort(a.stage_dir / folder).rows
-        bags = [(a.stage_dir / "features" / part / f"{r.name}.zarr", r.label) for r in rows]
-        probs = _slide_probs(model.mil.eval(), bags)
+        bags = Bags([(a.stage_dir / "features" / part / f"{r.name}.zarr", r.label) for r in rows], 4096.0)
+        probs = _slide_probs(model.mil, bags)
         ok = np.isfinite(probs)
-        mil_auc = roc_auc(np.array([y for _, y in bags])[ok], probs[ok])
+        mil_auc = roc_auc(np.asarray(bags.labels)[ok], probs[ok])
         pooled = pooling_aucs(bags, head)
         kind = "slides" if part.startswith("synth") else "mosaics"
         print(f"{part.replace('_', ' ')} {kind} (n={len(bags)}): MIL slide AUC {mil_auc:.4f}; pooling "
@@ -249,25 +251,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _as_bags(bags):
-    from wsi_vssm.train_mil import _Bags
-
-    return _Bags(bags, 4096.0)
-
-
 def _slide_probs(mil, bags) -> np.ndarray:
-    """Slide probabilities of the MIL head (NaN for a slide without cells)."""
-    import torch
+    """Slide probabilities of the MIL head over a `train_mil.Bags` (NaN for a slide without cells)."""
+    from wsi_vssm.train_mil import bag_logits
 
-    data = _as_bags(bags)
-    out = []
-    with torch.no_grad():
-        for i in range(len(data)):
-            f = data.features(i)
-            x = torch.from_numpy(np.asarray(f, dtype=np.float32))
-            out.append(float(torch.sigmoid(mil(x).slide_logit)[0]) if len(f) else float("nan"))
-    return np.asarray(out)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return 1.0 / (1.0 + np.exp(-bag_logits(mil, bags)))

@@ -56,7 +56,13 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True) -> Path:
     """Run the stages in order; returns the model file (OUT/model.pt)."""
     from wsi_vssm.atomic import atomic_write_json
 
-    stages = list(recipe.get("recipe", {}).get("stages", ["cells"]))
+    table = recipe.get("recipe", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"recipe: [recipe] must be a table, got {table!r}")
+    stages = table.get("stages", ["cells"])
+    stages = [stages] if isinstance(stages, str) else list(stages) if isinstance(stages, list) else None
+    if stages is None:
+        raise UsageError(f"recipe.stages must be a list of stage names, got {table.get('stages')!r}")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UsageError(f"unknown recipe stage(s) {unknown}; valid: {', '.join(STAGES)}")
@@ -90,7 +96,7 @@ def _stage_cells(recipe: dict, model_path: Path, progress: bool) -> None:
     data = _patch_data(recipe)
     try:
         cfg = TrainCellsConfig(**recipe.get("cells", {}))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # unknown keys, or values of the wrong kind
         raise UsageError(f"recipe [cells]: {e}") from e
     r = train_cells(data["train"], data["valid"], model_path, cfg, slides=data.get("slides") or None,
                     progress=progress)
@@ -114,7 +120,7 @@ def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool) ->
         shutil.copyfile(model_path, cells_path)
     try:
         cfg = TrainCellsConfig(**{**recipe.get("cells", {}), **recipe.get("context", {}), "init": str(cells_path)})
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # unknown keys, or values of the wrong kind
         raise UsageError(f"recipe [context]: {e}") from e
     r = train_cells(data["train"], data["valid"], model_path, cfg, progress=progress,
                     log_path=out / "context.log.csv")
@@ -137,10 +143,11 @@ def _stage_mosaic_mil(recipe: dict, model_path: Path, out: Path, progress: bool)
     data, cells = _patch_data(recipe), recipe.get("cells", {})
     try:
         cfg = MosaicMILConfig(**recipe.get("mosaic_mil", {}))
-    except TypeError as e:
+        split_seed = int(cells.get("seed", 0))
+    except (TypeError, ValueError) as e:  # unknown keys, or values of the wrong kind
         raise UsageError(f"recipe [mosaic_mil]: {e}") from e
     r = train_mil_on_mosaics(model_path, data["train"], data["valid"], out / "mosaic_mil", cfg,
-                             valid_select=cells.get("valid_select"), split_seed=int(cells.get("seed", 0)),
+                             valid_select=cells.get("valid_select"), split_seed=split_seed,
                              progress=progress)
     click.echo(f"mosaic_mil: valid slide AUC {r['valid_slide_auc']:.4f}"
                + (f", held-out test slide AUC {r['test']['auc']:.4f}" if "test" in r else "")

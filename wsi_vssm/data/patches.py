@@ -45,8 +45,8 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         it = self.items[i]
-        raw = it.data if it.data is not None else (self.root / it.name).read_bytes()
         try:
+            raw = it.data if it.data is not None else (self.root / it.name).read_bytes()
             with Image.open(io.BytesIO(raw)) as im:
                 rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as e:

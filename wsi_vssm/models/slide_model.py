@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wsi_vssm.features import MODEL_FORMAT  # one definition: features reads these files too
 from wsi_vssm.models.checkpoint import CheckpointError, check_state_dict, read_checkpoint
 from wsi_vssm.models.mil import AttentionMIL, MILConfig
 from wsi_vssm.models.vssm import VSSM, VSSMConfig
 
-MODEL_FORMAT = "wsi-vssm-model/1"  # the same string as wsi_vssm.features.MODEL_FORMAT (which reads these files)
 MIL_FORMAT = "wsi-vssm-mil/1"  # the MIL trainer's checkpoints (wsi_vssm.train_mil.save_mil)
 STRIDE = 32
 DEFAULT_NAME = "default"
@@ -196,10 +196,17 @@ def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
     cfg = dict(ckpt.get("mil_config") or {})
     if cfg and cfg.get("in_dim") != model.mil.config.in_dim:
         raise ModelFileError(f"{path}: MIL in_dim {cfg.get('in_dim')} != backbone width {model.mil.config.in_dim}")
-    sd = {k: v.float() for k, v in ckpt["state_dict"].items()}
+    raw = ckpt["state_dict"]
+    if not (isinstance(raw, Mapping) and all(isinstance(v, torch.Tensor) for v in raw.values())):
+        raise ModelFileError(f"{path}: the MIL checkpoint's state_dict is not a mapping of tensors")
+    sd = {k: v.float() for k, v in raw.items()}
     if cfg and cfg != model.mil.config.to_dict():
         old_head = model.mil.cell_head.state_dict()
-        model.mil = AttentionMIL(MILConfig(**cfg))  # other hidden sizes: a head of the checkpoint's shape
+        try:
+            new_cfg = MILConfig(**cfg)
+        except (TypeError, ValueError) as e:
+            raise ModelFileError(f"{path}: bad mil_config: {e}") from None
+        model.mil = AttentionMIL(new_cfg)  # other hidden sizes: a head of the checkpoint's shape
         model.mil.cell_head.load_state_dict(old_head)
     own = model.mil.state_dict()
     keep = {k: v for k, v in own.items() if k.startswith("cell_head.") and k not in sd}

@@ -179,10 +179,13 @@ def _empty(shape, dtype) -> torch.Tensor:
 
 
 def _np(X, dtype):
-    """A contiguous CPU tensor of `dtype` (zero-copy when it already is one), detached."""
+    """A contiguous tensor of `dtype` on X's device (zero-copy when it already is one), detached. New CPU
+    buffers come from `_empty` (huge pages); a GPU tensor stays on its GPU (the Triton path)."""
     X = X.detach()
     if X.dtype == dtype and X.is_contiguous():
         return X
+    if X.device.type != "cpu":
+        return X.to(dtype).contiguous()
     return _empty(X.shape, dtype).copy_(X)
 
 

@@ -38,6 +38,14 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
+def roc_auc_or_nan(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """`roc_auc`, or NaN when the labels hold one class only (training logs, where that is no error)."""
+    y = np.asarray(labels)
+    if y.size == 0 or np.all(y == y.flat[0]):
+        return math.nan
+    return roc_auc(labels, scores)
+
+
 def bootstrap_auc_ci(
     labels: Sequence[int], scores: Sequence[float], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
 ) -> tuple[float, float]:

@@ -102,15 +102,16 @@ def plan_mosaic(labels: np.ndarray, grid: int, tumor: bool, rng: np.random.Gener
 
 def render_mosaic(index: np.ndarray, patch: Callable[[int], np.ndarray], patch_px: int) -> np.ndarray:
     """The (grid * patch_px)^2 RGB image of a mosaic plan; `patch(i)` gives pool patch i as (p, p, 3) uint8."""
-    g = index.shape[0]
-    img = np.full((g * patch_px, g * patch_px, 3), BACKGROUND, np.uint8)
-    for (r, c), i in np.ndenumerate(index):
-        if i >= 0:
-            p = patch(int(i))
-            if p.shape != (patch_px, patch_px, 3):
-                raise SynthError(f"patch {i} is {p.shape[1]} x {p.shape[0]} px, expected {patch_px} x {patch_px}")
-            img[r * patch_px:(r + 1) * patch_px, c * patch_px:(c + 1) * patch_px] = p
-    return img
+    from wsi_vssm.data.mosaic_crops import tile
+
+    glass = np.full((patch_px, patch_px, 3), BACKGROUND, np.uint8)
+    tiles = []
+    for i in index.reshape(-1):
+        p = glass if i < 0 else patch(int(i))
+        if p.shape != (patch_px, patch_px, 3):
+            raise SynthError(f"patch {i} is {p.shape[1]} x {p.shape[0]} px, expected {patch_px} x {patch_px}")
+        tiles.append(p)
+    return tile(tiles, index.shape[0])
 
 
 def write_image_slide(path: str | os.PathLike, img: np.ndarray, mpp: float, description: str = "",
