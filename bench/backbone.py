@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_vssm.atomic import atomic_write_json
+
 
 def _vm(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -159,7 +161,7 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -12,12 +12,13 @@ backbone time are also measured separately on the same regions so their shares a
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from wsi_vssm.atomic import atomic_write_json
 
 
 def main(argv=None) -> None:
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
     print(f"per region (sample of {len(sample)}): read {result['per_region_sample']['read_s']:.2f} s, "
           f"backbone {result['per_region_sample']['backbone_s']:.2f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

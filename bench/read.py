@@ -13,7 +13,6 @@ megapixels per second. Target (DESIGN.md): RegionStream >= 80% of raw.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_vssm.atomic import atomic_write_json
 from wsi_vssm.io.regions import Region, RegionGrid, RegionStream
 
 
@@ -170,9 +170,7 @@ def main(argv=None) -> int:
         "target_ratio": 0.8, "cpus": os.cpu_count(), "python": platform.python_version(), "results": rows,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)  # atomic: a reader never sees half a file
+    atomic_write_json(args.out, result)  # a reader never sees half a file
     print(f"wrote {args.out}")
     return 0
 

@@ -10,7 +10,6 @@ bytes the scan must move (u, delta, B, C read; y written; fp32) over the machine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsi_vssm.atomic import atomic_write_json
 from wsi_vssm.ops.scan import selective_scan
 
 CHANNELS, GROUPS, NSTATE = 768, 4, 1
@@ -152,7 +152,7 @@ def main():
     print_table(res)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    atomic_write_json(out, res)
     print(f"wrote {out}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -106,6 +107,12 @@ def test_missing_reference_and_names(tmp_path):
     with pytest.raises(CohortError, match="no such cohort"):
         read_cohort(tmp_path / "nope.csv")
     assert slide_name("x/a.ome.tiff") == "a" and slide_name("b.SVS") == "b" and slide_name("c.v2.tif") == "c.v2"
+    from wsi_vssm.io import SlideReader
+    from wsi_vssm.runner import slide_key
+
+    for p in ("x/a.ome.tiff", "b.SVS", "c.v2.tif", "D.OME.ZARR", "e"):  # one rule: outputs, runner, cohorts
+        reader_name = SlideReader.name.fget(SimpleNamespace(path=Path(p)))  # what a file reader calls the slide
+        assert slide_name(p) == slide_key(p) == reader_name
     (tmp_path / "feat.zarr").mkdir()
     _touch(tmp_path / "feat.zarr" / "x.tif")  # inside a zarr store: never a slide
     _touch(tmp_path / ".hidden" / "y.tif")

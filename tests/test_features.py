@@ -186,6 +186,34 @@ def test_load_backbone_from_a_slide_model_file(micro, tmp_path):
         load_backbone(tmp_path / "bad.pt")
 
 
+def test_load_backbone_file_errors_are_one_line(micro, tmp_path):
+    """load_backbone reads model files as load_model does: one line naming the file, also for another
+    architecture (the full listing stays on the chained CheckpointMismatchError)."""
+    from wsi_vssm.models.checkpoint import CheckpointMismatchError
+    from wsi_vssm.models.slide_model import ModelFileError
+
+    backbone, _ = micro
+    cfg = {**backbone.config.to_dict(), "depths": [1, 1, 1, 1]}  # the weights no longer fit
+    torch.save({"format": "wsi-vssm-model/1", "backbone_config": cfg, "mpp": 0.5, "token_px": 32,
+                "state_dict": backbone.state_dict()}, tmp_path / "arch.pt")
+    for name in ("arch.pt", "nope.pt"):
+        with pytest.raises(ModelFileError) as e:
+            load_backbone(tmp_path / name)
+        assert "\n" not in str(e.value) and name in str(e.value)
+    with pytest.raises(ModelFileError) as e:
+        load_backbone(tmp_path / "arch.pt")
+    assert isinstance(e.value.__cause__, CheckpointMismatchError)
+
+
+def test_grid_size_is_the_region_grid_shape():
+    from wsi_vssm.io.regions import RegionGrid
+
+    slide = ArraySlide(np.zeros((250, 330, 3), np.uint8), mpp=0.5)
+    for region_px, overlap_px in ((128, 64), (96, 0), (512, 32)):
+        grid = RegionGrid(slide, 1.0, region_px, overlap_px, tissue=np.ones((5, 5), bool))
+        assert fx.grid_size(slide, 1.0, region_px, overlap_px) == math.prod(grid.shape) >= len(grid)
+
+
 # ---- the store ---------------------------------------------------------------------------------------------
 def _cells(n: int = 5, f: int = 8) -> CellFeatures:
     rng = np.random.default_rng(n)

@@ -263,3 +263,20 @@ def test_triton_interpreter_matches_reference():
     code = TRITON_CHECK.format(tests=str(Path(__file__).parent))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_cuda_choice_is_made_once(monkeypatch):
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise MissingDependency("mamba-ssm (the CUDA scan)", "pip install mamba-ssm")
+
+    monkeypatch.setattr(scan, "_import_mamba_ssm", missing)
+    scan._cuda_impl.cache_clear()
+    try:
+        first = scan._auto_cuda(None)
+        assert scan._auto_cuda(None) == first and first in ("triton", "chunked")
+        assert len(calls) == 1
+    finally:
+        scan._cuda_impl.cache_clear()

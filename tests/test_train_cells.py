@@ -135,6 +135,26 @@ def test_ema_run_selects_and_saves_the_average(tiny_folder, tmp_path):
         TrainCellsConfig(ema=1.0)
 
 
+def test_drop_path_option_sets_stochastic_depth_for_training_only(tiny_folder):
+    from wsi_vssm.train_cells import _initial_model
+
+    model = _initial_model(TrainCellsConfig(drop_path=0.2, mil_bags=0))
+    rates = [b.drop_path.rate for s in model.backbone.layers for b in s.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
+    x = torch.randn(4, 3, 96, 96)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.backbone.forward_features(x), model.backbone.forward_features(x))
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.equal(model.backbone.forward_features(x), model.backbone.forward_features(x))
+    plain = _initial_model(TrainCellsConfig(mil_bags=0))  # None: the architecture's own rate (micro: 0)
+    assert all(b.drop_path.rate == 0.0 for s in plain.backbone.layers for b in s.blocks)
+    with pytest.raises(Exception, match="drop_path"):
+        TrainCellsConfig(drop_path=1.0)
+
+
 # ---------------------------------------------------------------------------------------------------- regions
 def _write_slide(path, lesion_box):
     """A 1024 px pink-tissue slide at MPP with a dark lesion square; its ASAP XML beside it."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsi_vssm.errors import UsageError
+from wsi_vssm.io.base import slide_name  # the one naming rule (SlideReader.name); re-exported as cohort.slide_name
 
 LABELS = {"0": 0, "1": 1, "normal": 0, "tumor": 1}
 SPLITS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
@@ -68,16 +69,6 @@ class Cohort:
     def labels(self) -> dict[str, int]:
         """slide name -> label, for every row with a label (found or not)."""
         return {r.name: r.label for r in self.rows if r.label is not None}
-
-
-def slide_name(path: str | os.PathLike) -> str:
-    """A slide file's name without its slide extension (`a.ome.tiff` -> `a`, `b.svs` -> `b`)."""
-    name = Path(path).name
-    lower = name.lower()
-    for suffix in SLIDE_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:

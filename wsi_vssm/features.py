@@ -133,15 +133,11 @@ def _registry_backbone(name: str):
 
 def _file_backbone(path: Path):
     from wsi_vssm.models import VSSM, VSSMConfig
-    from wsi_vssm.models.checkpoint import CheckpointError, check_state_dict, read_checkpoint
+    from wsi_vssm.models.checkpoint import CheckpointError
+    from wsi_vssm.models.slide_model import check_weights, read_model_file
 
-    ckpt = read_checkpoint(path)  # weights_only=True; one-line CheckpointError for unreadable files
-    if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: not a wsi-vssm model file (format {found!r}, expected {MODEL_FORMAT!r})")
-    missing = [k for k in ("backbone_config", "mpp", "token_px", "state_dict") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: model file lacks {', '.join(missing)}")
+    # the one model-file reader (weights_only=True, format, keys, tensors); a backbone needs no mil_config
+    ckpt = read_model_file(path, required=("backbone_config", "mpp", "token_px", "state_dict"))
     sd = ckpt["state_dict"]
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
@@ -149,10 +145,7 @@ def _file_backbone(path: Path):
         backbone = VSSM(VSSMConfig(**dict(ckpt["backbone_config"])))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad backbone_config: {e}") from e
-    check_state_dict(backbone, sd, path)
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(v.isfinite().all())]
-    if bad:  # a damaged file: every feature would be NaN
-        raise CheckpointError(f"{path}: corrupt model file: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[0]})")
+    check_weights(backbone, sd, path)  # same architecture, finite values; sd stays as stored, for the hash
     backbone.load_state_dict(sd, strict=True)
     try:
         mpp, token_px = float(ckpt["mpp"]), int(ckpt["token_px"])
@@ -313,13 +306,11 @@ def plan_slide(
 
 def grid_size(slide, mpp: float, region_px: int, overlap_px: int) -> int:
     """Regions in the full grid (tissue or not) of `slide` at `mpp`: a cheap upper bound on `len(plan)`."""
-    from wsi_vssm.io.regions import _starts
+    from wsi_vssm.io.regions import RegionGrid
 
-    w0, h0 = slide.dimensions
-    scale = float(mpp) / slide.require_mpp()
-    side = max(1, round(region_px * scale))
-    step = (region_px - overlap_px) * scale
-    return len(_starts(h0, side, step)) * len(_starts(w0, side, step))
+    # RegionGrid's own shape rule, without building a grid (no tissue mask)
+    rows, cols = RegionGrid.full_shape(slide.dimensions, float(mpp) / slide.require_mpp(), region_px, overlap_px)
+    return rows * cols
 
 
 def extract_regions(
@@ -384,9 +375,11 @@ def extract_slide(
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     # plan_slide resolves the device and region size and checks the geometry
-    plan = plan_slide(slide, backbone, mpp, token_px, region_px, overlap_px, device, min_tissue, info, tissue)
+    plan = plan_slide(slide, backbone, mpp, token_px=token_px, region_px=region_px, overlap_px=overlap_px,
+                      device=device, min_tissue=min_tissue, info=info, tissue=tissue)
     if run_regions is None:
-        parts = extract_regions(slide, backbone, plan, None, batch_size, workers, amp, progress)
+        parts = extract_regions(slide, backbone, plan, batch_size=batch_size, workers=workers, amp=amp,
+                                progress=progress)
     else:
         parts = run_regions(plan)
     return assemble_cells(plan, parts, backbone)

@@ -112,12 +112,11 @@ class RunSummary:
 
 
 def slide_key(path: str | os.PathLike) -> str:
-    """A slide's output name, exactly as `SlideReader.name` makes it (outputs are written under that name)."""
-    p = Path(path)
-    for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):
-        if p.name.lower().endswith(ext):
-            return p.name[: -len(ext)]
-    return p.stem
+    """A slide's output name: `wsi_vssm.io.base.slide_name`, the rule `SlideReader.name` follows (outputs are
+    written under that name)."""
+    from wsi_vssm.io.base import slide_name  # imported here: the runner module stays free of numpy
+
+    return slide_name(path)
 
 
 def params_hash(resolved: dict) -> str:
@@ -634,13 +633,11 @@ class PredictJob:
         return open_slide(task.path, backend=self.params.backend, mpp=self.params.mpp)
 
     def grid_size(self, task: SlideTask) -> int:
-        from wsi_vssm.features import DEFAULT_OVERLAP_PX, default_region_px, grid_size, resolve_device
+        from wsi_vssm.features import grid_size
 
-        p, model = self.params, self.model()
-        region_px = p.region_px or default_region_px(resolve_device(p.device))
-        overlap_px = DEFAULT_OVERLAP_PX if p.overlap_px is None else p.overlap_px
+        r = self.resolved  # the geometry predict_job resolved once (defaults, device) for every slide
         with self.open_slide(task) as slide:
-            return grid_size(slide, p.target_mpp or model.mpp, region_px, overlap_px)
+            return grid_size(slide, r["analysis_mpp"], r["region_px"], r["overlap_px"])
 
     def region_backbone(self):
         return self.model().backbone

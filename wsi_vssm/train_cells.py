@@ -74,6 +74,7 @@ class TrainCellsConfig:
     #                       and select on the mean of the isolated and the in-mosaic validation AUC
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is what
     #                   is validated, selected and saved (it smooths the last epochs' noisy steps)
+    drop_path: float | None = None  # stochastic depth while training (None: the architecture's own rate)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -88,6 +89,8 @@ class TrainCellsConfig:
             raise UsageError(f"mosaic_grid must be 0 (off) or >= 2, got {self.mosaic_grid!r}")
         if not 0.0 <= self.ema < 1.0:
             raise UsageError(f"ema must be in [0, 1), got {self.ema!r}")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise UsageError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +177,9 @@ def _bar(it, enabled: bool, desc: str):
         return it
     from tqdm import tqdm
 
-    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws); the per-epoch
+    # lines still print
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -395,16 +400,20 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
 
 
 def _initial_model(cfg: TrainCellsConfig) -> SlideModel:
-    """A fresh model of `cfg.arch`, or the weights of `cfg.init` (a model file) to continue from."""
+    """A fresh model of `cfg.arch`, or the weights of `cfg.init` (a model file) to continue from; with
+    `cfg.drop_path` set, that stochastic-depth rate while training."""
     if not cfg.init:
-        return SlideModel.create(cfg.arch, mpp=cfg.mpp, token_px=cfg.token_px, scan=cfg.scan, name="cells")
-    from wsi_vssm.models.slide_model import load_model
+        model = SlideModel.create(cfg.arch, mpp=cfg.mpp, token_px=cfg.token_px, scan=cfg.scan, name="cells")
+    else:
+        from wsi_vssm.models.slide_model import load_model
 
-    model = load_model(cfg.init, scan=cfg.scan)
-    if abs(model.mpp - cfg.mpp) > 1e-6 or model.token_px != cfg.token_px:
-        raise UsageError(f"{cfg.init}: made at {model.mpp} um/px with {model.token_px} px cells, "
-                         f"the config asks for {cfg.mpp} and {cfg.token_px}")
-    model.name = "cells"
+        model = load_model(cfg.init, scan=cfg.scan)
+        if abs(model.mpp - cfg.mpp) > 1e-6 or model.token_px != cfg.token_px:
+            raise UsageError(f"{cfg.init}: made at {model.mpp} um/px with {model.token_px} px cells, "
+                             f"the config asks for {cfg.mpp} and {cfg.token_px}")
+        model.name = "cells"
+    if cfg.drop_path is not None:
+        model.backbone.set_drop_path(float(cfg.drop_path))
     return model
 
 

@@ -41,7 +41,7 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
             reader_threads, amp, **opts):
     """Extract token-cell features of SLIDE(s) with a VSSM backbone."""
     from wsi_vssm import features as fx
-    from wsi_vssm.commands.options import exit_for, pop_run_options
+    from wsi_vssm.commands.options import exit_for, model_file, pop_run_options
     from wsi_vssm.runner import SlideTask, extract_job, run_slides, slide_key
 
     run, progress = pop_run_options(opts, ctx)
@@ -66,6 +66,6 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     fx.check_geometry(params["token_px"], params["region_px"], params["overlap_px"], params["min_tissue"])
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
-    job = extract_job(out, model, backbone, info, mpp, params)
+    job = extract_job(out, model_file(model), backbone, info, mpp, params)
     summary = run_slides([SlideTask(slide_key(p), p) for p in slides], job, run, progress)
     exit_for(summary, len(slides))

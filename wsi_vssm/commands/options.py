@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from wsi_vssm.runner import DEFAULT_SPLIT_REGIONS
@@ -110,10 +112,11 @@ def build_params(mpp, **opts):
 
 
 def model_file(model_path: str) -> str:
-    """The file a model option names ('default' -> the packaged weights), for workers to load by path."""
+    """The file a model option names ('default' -> the packaged weights), as an absolute path: workers load it
+    by path, and a worker of a remote scheduler does not share our working directory."""
     from wsi_vssm.models.slide_model import resolve_model_path
 
-    return str(resolve_model_path(model_path))
+    return str(Path(resolve_model_path(model_path)).absolute())
 
 
 def load_cli_model(model_path: str):

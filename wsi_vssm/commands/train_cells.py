@@ -33,6 +33,8 @@ import click
               help="Stop after this many epochs without a better validation AUC.")
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Decay of a moving average of the weights that is validated and saved (0: off; e.g. 0.999).")
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Stochastic-depth rate while training (default: the architecture's own; micro has 0).")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Start from this model file's weights (fine-tuning) instead of a fresh --model.")
 @click.option("--mosaic-grid", type=click.IntRange(min=0), default=0, show_default=True,
@@ -49,7 +51,7 @@ import click
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
 def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_train, epoch_size, valid_select,
-            patience, ema, init, mosaic_grid, region_batch, slides, scan, no_augment, device, log_path):
+            patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device, log_path):
     """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
     from wsi_vssm.data.augment import AugmentConfig
     from wsi_vssm.distributed import is_main
@@ -59,7 +61,7 @@ def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_t
                         blur_p=0) if no_augment else AugmentConfig()
     cfg = TrainCellsConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_train=max_train,
                            epoch_size=epoch_size, valid_select=valid_select, patience=patience, scan=scan,
-                           device=device, augment=aug, ema=ema, init=init,
+                           device=device, augment=aug, ema=ema, drop_path=drop_path, init=init,
                            mosaic_grid=mosaic_grid, region_batch=region_batch)
     r = train_cells(train_src, valid_src, out, cfg, slides=slides, progress=True, log_path=log_path)
     if not is_main():  # under torchrun: rank 0 reports

@@ -32,6 +32,17 @@ MPP_SOURCES = (
 )
 
 
+def slide_name(path: str | os.PathLike) -> str:
+    """A slide file's name without its extension(s) (`a.ome.tiff` -> `a`, `b.SVS` -> `b`, `c.v2.tif` -> `c.v2`):
+    the one rule for slide names (`SlideReader.name`, output folders, feature stores, cohort rows). The case is
+    kept: cohorts match names case-insensitively by lower-casing them themselves."""
+    name = Path(path).name
+    for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):  # two-part extensions: Path.stem would leave `.ome`
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
 class SlideReader(ABC):
     """A multi-resolution slide. Subclasses set the attributes in `__init__` and implement `_read_level`."""
 
@@ -67,13 +78,7 @@ class SlideReader(ABC):
     @property
     def name(self) -> str:
         """The slide's name without extension(s), as used for output folders and cohort tables."""
-        if self.path is None:
-            return "array"
-        name = self.path.name
-        for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):
-            if name.lower().endswith(ext):
-                return name[: -len(ext)]
-        return self.path.stem
+        return "array" if self.path is None else slide_name(self.path)
 
     @property
     def dimensions(self) -> tuple[int, int]:

@@ -122,9 +122,15 @@ class RegionGrid:
     @property
     def shape(self) -> tuple[int, int]:
         """(rows, cols) of the full grid, tissue or not."""
-        w0, h0 = self.slide_dimensions
-        side = max(1, round(self.region_px * self.scale))
-        step = (self.region_px - self.overlap_px) * self.scale
+        return self.full_shape(self.slide_dimensions, self.scale, self.region_px, self.overlap_px)
+
+    @staticmethod
+    def full_shape(dimensions: tuple[int, int], scale: float, region_px: int, overlap_px: int) -> tuple[int, int]:
+        """`shape` of the grid over level-0 `dimensions` (w, h) at `scale` level-0 px per output px, without
+        building one (no tissue mask): what the cohort runner sizes slides by."""
+        w0, h0 = dimensions
+        side = max(1, round(region_px * scale))
+        step = (region_px - overlap_px) * scale
         return len(_starts(h0, side, step)), len(_starts(w0, side, step))
 
     def __len__(self) -> int:

@@ -123,11 +123,30 @@ def load_model(path_or_name: str | os.PathLike = DEFAULT_NAME, scan: str | None 
     """A SlideModel (eval mode) from a model file, or "default" for the packaged one. `scan` overrides the
     backbone's selective-scan implementation (e.g. "chunked")."""
     path = resolve_model_path(path_or_name)
+    if str(path_or_name) == DEFAULT_NAME and not path.exists():
+        raise ModelFileError(f"model file not found: {path} (the packaged default weights are missing from this "
+                             "install)")
+    ckpt = read_model_file(path)
+    model = _build(ckpt, path, scan)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    check_weights(model, sd, path)
+    model.load_state_dict(sd, strict=True)
+    model.metadata = dict(ckpt.get("metadata") or {})
+    return model.eval()
+
+
+def read_model_file(path: str | os.PathLike, required: tuple[str, ...] = _REQUIRED) -> dict:
+    """The checkpoint dict of a `wsi-vssm-model/1` file, read by `read_checkpoint` (torch.load(weights_only=True)).
+
+    The one reader of model files (`load_model` and `features.load_backbone` both use it): a folder, a missing or
+    unreadable file, another format, a lacking `required` key or a state_dict that is not a mapping of tensors
+    raise ModelFileError (one line, naming the file).
+    """
+    path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder, not a model file")
     if not path.is_file():
-        hint = " (the packaged default weights are missing from this install)" if str(path_or_name) == "default" else ""
-        raise ModelFileError(f"model file not found: {path}{hint}")
+        raise ModelFileError(f"model file not found: {path}")
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
@@ -135,21 +154,21 @@ def load_model(path_or_name: str | os.PathLike = DEFAULT_NAME, scan: str | None 
     if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ModelFileError(f"{path}: not a wsi-vssm model file (format {found!r}, expected {MODEL_FORMAT!r})")
-    missing = [k for k in _REQUIRED if k not in ckpt]
+    missing = [k for k in required if k not in ckpt]
     if missing:
         raise ModelFileError(f"{path}: model file lacks {', '.join(missing)}")
     raw = ckpt["state_dict"]
     if not (isinstance(raw, Mapping) and all(isinstance(v, torch.Tensor) for v in raw.values())):
         raise ModelFileError(f"{path}: corrupt model file: its state_dict is not a mapping of tensors")
-    model = _build(ckpt, path, scan)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    return ckpt
+
+
+def check_weights(model: nn.Module, sd: Mapping, path: Path) -> None:
+    """ModelFileError (one line) unless `sd` fits `model`'s architecture exactly and holds only finite values."""
     _check(model, sd, path)
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:  # a damaged file: every prediction would be NaN
+    if bad:  # a damaged file: every feature and prediction would be NaN
         raise ModelFileError(f"{path}: corrupt model file: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[0]})")
-    model.load_state_dict(sd, strict=True)
-    model.metadata = dict(ckpt.get("metadata") or {})
-    return model.eval()
 
 
 def _build(ckpt: dict, path: Path, scan: str | None) -> SlideModel:

@@ -161,6 +161,11 @@ def _stem(in_chans: int, dim: int) -> nn.Sequential:
 
 
 # ---------------------------------------------------------------------------------------------------- model
+
+def _drop_rates(rate: float, n_blocks: int) -> list[float]:
+    """Stochastic-depth rate of each block: rising linearly from 0 to `rate` (VMamba's schedule)."""
+    return torch.linspace(0, rate, n_blocks, device="cpu").tolist()
+
 class VSSM(nn.Module):
     """VMamba v2 backbone. Any input size: each stride-2 step maps n to ceil(n / 2)."""
 
@@ -171,7 +176,7 @@ class VSSM(nn.Module):
         dims = cfg.dims
         self.num_features = cfg.num_features
         self.patch_embed = _stem(cfg.in_chans, dims[0])
-        rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths), device="cpu").tolist()
+        rates = _drop_rates(cfg.drop_path, sum(cfg.depths))
         layers, start = [], 0
         for i, depth in enumerate(cfg.depths):
             blocks = nn.Sequential(*(VSSBlock(dims[i], cfg, rates[start + j]) for j in range(depth)))
@@ -186,6 +191,15 @@ class VSSM(nn.Module):
         else:
             self.classifier = None  # features only: no classifier parameters at all
         self.apply(_init_weights)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Re-set stochastic depth (e.g. to regularise a fine-tune); it acts only in training mode, so inference
+        and the saved weights do not depend on it. The config keeps the rate the model was built with."""
+        if not 0.0 <= rate < 1.0:
+            raise ModelConfigError(f"drop_path must be in [0, 1), got {rate!r}")
+        blocks = [b for stage in self.layers for b in stage.blocks]
+        for block, r in zip(blocks, _drop_rates(rate, len(blocks)), strict=True):
+            block.drop_path.rate = float(r)
 
     # stage outputs -----------------------------------------------------------------------------------
     def _stages(self, x: torch.Tensor):

@@ -442,8 +442,13 @@ def _log_once(device: str, impl: str, why: str, degraded: bool = False) -> None:
 
 
 def _auto_cuda(initial_state) -> str:
+    return _cuda_impl(initial_state is not None)
+
+
+@functools.cache  # decided once per process: a failed import is not cached by Python and would rerun per scan
+def _cuda_impl(has_initial_state: bool) -> str:
     reasons = []
-    if initial_state is None:
+    if not has_initial_state:
         try:
             _import_mamba_ssm()
             return "mamba_ssm"
