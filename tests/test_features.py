@@ -305,3 +305,13 @@ def test_cli_extract_goes_past_broken_slides_and_exits_3(tmp_path):
     again = CliRunner().invoke(command, [str(good), *args[3:]])
     assert again.exit_code == 0 and "up to date" in again.stdout
     assert math.isclose(store.attrs["cell_px0"], 32.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("token_px", [32, 64, 96])
+def test_default_region_is_whole_tokens(device, token_px):
+    """Each device's default region passes the geometry check for any token size (the CUDA default of 10,000
+    was not a multiple of 32, so `predict --device cuda` failed without --region-px)."""
+    side = fx.default_region_px(device, token_px)
+    fx.check_geometry(token_px, side, 4 * token_px, fx.DEFAULT_MIN_TISSUE)  # 4 tokens, as the default 128 px
+    assert side % token_px == 0 and fx.DEFAULT_REGION_PX[device] - token_px < side <= fx.DEFAULT_REGION_PX[device]

@@ -194,6 +194,17 @@ def test_grad_checkpointing_gives_equal_gradients():
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_stream_chunk_follows_the_device():
+    """CPU tensors stream in `stream_chunk` positions, CUDA tensors in `stream_chunk_cuda` (fewer launches)."""
+    op = micro(stream_chunk=23, stream_chunk_cuda=1000).layers[0].blocks[0].op
+    assert (op.stream_chunk, op.stream_chunk_cuda) == (23, 1000)
+    assert op.chunk_for(torch.zeros(1)) == 23
+    if torch.cuda.is_available():
+        assert op.chunk_for(torch.zeros(1, device="cuda")) == 1000
+    with pytest.raises(ModelConfigError, match="stream_chunk_cuda"):
+        VSSMConfig(stream_chunk_cuda=0)
+
+
 def test_streaming_model_equals_plain_model():
     model = micro(stream_min_pixels=1, stream_chunk=23).eval()
     x = torch.randn(1, 3, 45, 66)  # stage maps 12x17, 6x9, 3x5, 2x3

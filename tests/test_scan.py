@@ -249,6 +249,18 @@ for shape in [(1, 3, 1, 1, 0), (2, 8, 13, 4, 2), (1, 40, 9, 1, 4)]:
     assert_close(h, h_ref, 2e-5, "last state")
     for name in GRAD_NAMES:  # the backward recomputes through `chunked`
         assert_close(grads[name], g_ref[name], 1e-4, "d" + name)
+# both kernels directly, with tiles shorter than L (the carry across tiles, a masked tail) and N > 1
+from wsi_vssm.ops.scan import _as_groups, selective_scan_reference
+from wsi_vssm_kernels import scan_triton
+for shape in [(1, 40, 37, 1, 4), (2, 6, 50, 3, 3), (1, 5, 16, 16, 0)]:
+    x = make_inputs(*shape)
+    y_ref, h_ref = selective_scan_reference(**x, delta_softplus=True, return_last_state=True)
+    for variant, block_l in [("serial", None), ("tiled", 16), ("tiled", None)]:
+        y, h = scan_triton.scan_fwd(x["u"], x["delta"], x["A"], _as_groups(x["B"]).contiguous(),
+                                    _as_groups(x["C"]).contiguous(), x["D"], x["z"], x["delta_bias"],
+                                    x["initial_state"], True, variant=variant, block_l=block_l)
+        assert_close(y, y_ref, 2e-5, f"{{variant}} y {{shape}}")
+        assert_close(h, h_ref, 2e-5, f"{{variant}} last state {{shape}}")
 print("ok")
 """
 

@@ -190,8 +190,10 @@ def resolve_device(device: str) -> str:
     return d.value
 
 
-def default_region_px(device: str) -> int:
-    return DEFAULT_REGION_PX["cuda" if str(device).startswith("cuda") else "cpu"]
+def default_region_px(device: str, token_px: int = DEFAULT_TOKEN_PX) -> int:
+    """The device's default region side, rounded down to whole tokens (10,000 -> 9,984 at 32 px tokens)."""
+    side = DEFAULT_REGION_PX["cuda" if str(device).startswith("cuda") else "cpu"]
+    return max(token_px, side // token_px * token_px)
 
 
 def _check_token_px(token_px: int) -> None:
@@ -288,7 +290,7 @@ def plan_slide(
     from wsi_vssm.io.regions import NoTissueWarning, RegionGrid
 
     dev = resolve_device(device)
-    region_px = default_region_px(dev) if region_px is None else region_px
+    region_px = default_region_px(dev, token_px) if region_px is None else region_px
     check_geometry(token_px, region_px, overlap_px, min_tissue)
     slide_mpp = slide.require_mpp()
     if tissue is None:

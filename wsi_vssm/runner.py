@@ -765,7 +765,7 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
     model_hash = state_dict_hash(model.state_dict())
     resolved = {
         "job": "predict", "model_hash": model_hash, "analysis_mpp": float(params.target_mpp or model.mpp),
-        "token_px": model.token_px, "region_px": params.region_px or default_region_px(device),
+        "token_px": model.token_px, "region_px": params.region_px or default_region_px(device, model.token_px),
         "overlap_px": DEFAULT_OVERLAP_PX if params.overlap_px is None else params.overlap_px,
         "threshold": slide_threshold(model, params), "cell_threshold": params.cell_threshold,
         "backend": params.backend, "slide_mpp": params.mpp, "amp": bool(params.amp and device == "cuda"),

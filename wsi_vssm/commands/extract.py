@@ -26,7 +26,7 @@ from wsi_vssm.commands.options import mpp_option, reader_threads_option, run_opt
               help="Analysis resolution in um/px (default: the model's own).")
 @mpp_option
 @click.option("--region-px", type=click.IntRange(min=32), default=None,
-              help="Region side at the analysis mpp (default 2048 on CPU, 10000 on GPU).")
+              help="Region side at the analysis mpp (default 2048 on CPU, 9984 on GPU: 10,000 in whole tokens).")
 @click.option("--overlap-px", type=click.IntRange(min=0), default=None, help="Overlap of neighbouring regions.")
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=None,
               help="Drop cells with a smaller tissue fraction (default 0.25).")
@@ -56,7 +56,7 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     if target_mpp and abs(target_mpp - info.mpp) > 1e-6 * info.mpp:
         progress.warn(f"reading at {target_mpp:g} um/px; the model was trained at {info.mpp:g}")
     params = dict(
-        mpp=analysis_mpp, token_px=info.token_px, region_px=region_px or fx.default_region_px(dev),
+        mpp=analysis_mpp, token_px=info.token_px, region_px=region_px or fx.default_region_px(dev, info.token_px),
         overlap_px=fx.DEFAULT_OVERLAP_PX if overlap_px is None else overlap_px,
         min_tissue=fx.DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue,
         batch_size=batch_size, workers=reader_threads, device=dev, amp=(dev == "cuda") if amp is None else amp,

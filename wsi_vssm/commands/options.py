@@ -88,7 +88,8 @@ def predict_options(f):
         click.option("--target-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Analysis resolution in um/px (default: the model's own)."),
         click.option("--region-px", type=click.IntRange(min=32), default=None,
-                     help="Region side at analysis resolution (default: 2048 on CPU, 10000 on GPU)."),
+                     help="Region side at analysis resolution (default: 2048 on CPU, 9984 on GPU, i.e. "
+                          "10,000 in whole tokens)."),
         click.option("--overlap-px", type=click.IntRange(min=0), default=None,
                      help="Overlap between regions (default 128)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),

@@ -17,7 +17,13 @@ from torch.utils.checkpoint import checkpoint
 
 from wsi_vssm.errors import UsageError
 from wsi_vssm.models.layers import DropPath, LayerNorm2d, Linear2d, row_bands
-from wsi_vssm.models.ss2d import DEFAULT_STREAM_CHUNK, DEFAULT_STREAM_MIN_PIXELS, SS2D, resolve_dt_rank
+from wsi_vssm.models.ss2d import (
+    DEFAULT_STREAM_CHUNK,
+    DEFAULT_STREAM_CHUNK_CUDA,
+    DEFAULT_STREAM_MIN_PIXELS,
+    SS2D,
+    resolve_dt_rank,
+)
 from wsi_vssm.ops.scan import IMPLS
 
 NUM_STAGES = 4
@@ -43,7 +49,8 @@ class VSSMConfig:
     scan: str = "auto"  # selective_scan implementation, one of wsi_vssm.ops.scan.IMPLS
     grad_checkpoint: bool = False  # recompute each stage's blocks in backward (torch.utils.checkpoint)
     stream_min_pixels: int | None = DEFAULT_STREAM_MIN_PIXELS  # no-grad maps this large stream; None = never
-    stream_chunk: int = DEFAULT_STREAM_CHUNK  # sequence positions per streaming chunk
+    stream_chunk: int = DEFAULT_STREAM_CHUNK  # sequence positions per streaming chunk on CPU
+    stream_chunk_cuda: int = DEFAULT_STREAM_CHUNK_CUDA  # ... and on a GPU (fewer kernel launches)
 
     def __post_init__(self):
         self.dims = _stage_dims(self.dims)
@@ -59,7 +66,8 @@ class VSSMConfig:
                 raise ModelConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ModelConfigError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
-        for name, low in (("d_state", 1), ("num_classes", 0), ("in_chans", 1), ("stream_chunk", 1)):
+        for name, low in (("d_state", 1), ("num_classes", 0), ("in_chans", 1), ("stream_chunk", 1),
+                          ("stream_chunk_cuda", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ModelConfigError(f"{name} must be an int >= {low}, got {value!r}")
@@ -109,6 +117,7 @@ class VSSBlock(nn.Module):
         self.op = SS2D(
             dim, d_state=cfg.d_state, ssm_ratio=cfg.ssm_ratio, dt_rank=cfg.dt_rank, scan=cfg.scan,
             stream_min_pixels=cfg.stream_min_pixels, stream_chunk=cfg.stream_chunk,
+            stream_chunk_cuda=cfg.stream_chunk_cuda,
         )
         self.drop_path = DropPath(drop_path)
         self.norm2 = LayerNorm2d(dim)
@@ -124,7 +133,7 @@ class VSSBlock(nn.Module):
         """Inference on a large map: streaming SS2D, then the MLP in row bands added in place (same result)."""
         y = self.op.forward_streaming(self.norm(x))
         y += x  # y is ours: the residual sum without another full map
-        for r0, r1 in row_bands(y.shape[2], y.shape[3], self.op.stream_chunk):
+        for r0, r1 in row_bands(y.shape[2], y.shape[3], self.op.chunk_for(y)):
             band = y[:, :, r0:r1]
             band += self.mlp(self.norm2(band))
         return y
