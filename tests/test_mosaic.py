@@ -142,6 +142,7 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     stage = model.metadata["mil_stage"]
     assert stage["train_slides"] == 4 + 2 and stage["valid_slides"] == 4 + 2 and stage["test"]["n"] == 2
     assert model.metadata["threshold"] == stage["threshold"] and stage["seconds"] > 0
+    assert stage["test"]["threshold"] == stage["threshold"]  # scored as `evaluate` scores it: stored threshold
     # the cell head is the cell stage's; the attention layers were trained
     assert np.allclose(model.mil.cell_head.weight.detach(), before.mil.cell_head.weight.detach())
     assert not np.allclose(model.mil.attn_w.weight.detach(), before.mil.attn_w.weight.detach())

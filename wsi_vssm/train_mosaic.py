@@ -180,17 +180,19 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     record["seconds"] = round(time.perf_counter() - t0, 1)
     save_model(model, model_path, meta)
     if "test" in folders:  # scored by the file just written, as a user's `evaluate` would
-        record["test"] = score_test_cohort(folders["test"], model, model_path, out / "test-eval", progress)
+        record["test"] = score_test_cohort(folders["test"], model_path, out / "test-eval", progress)
         record["seconds"] = round(time.perf_counter() - t0, 1)
         save_model(model, model_path, meta)
     return record
 
 
-def score_test_cohort(folder: Path, model, model_path: Path, out: Path, progress: bool = True) -> dict:
-    """`wsi-vssm evaluate` on the held-out mosaics with the final model (saved at `model_path`); its metrics."""
+def score_test_cohort(folder: Path, model_path: Path, out: Path, progress: bool = True) -> dict:
+    """`wsi-vssm evaluate` on the held-out mosaics with the model file just written; its metrics. The file is
+    read back, as a user's `evaluate` would read it: the threshold it applies is the one stored there."""
     from wsi_vssm.evaluate import evaluate_cohort
+    from wsi_vssm.models.slide_model import load_model
 
-    res = evaluate_cohort(folder, model, out, model_path=model_path)
+    res = evaluate_cohort(folder, load_model(model_path), out, model_path=model_path)
     m = res.metrics
     _say(progress, f"mosaic_mil: held-out test mosaics (n={m['n']}, never used to train or select): slide AUC "
                    f"{m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], accuracy {m['accuracy']:.4f}")
