@@ -115,7 +115,9 @@ def _kernel(variant: str):
     key = (variant, interpret)
     if key not in _KERNELS:
         # the tiled kernel calls _combine_jit by its global name: bind the build for this mode first
-        globals()["_combine_jit"] = _KERNELS.setdefault(("combine", interpret), triton.jit(_combine))
+        if ("combine", interpret) not in _KERNELS:
+            _KERNELS[("combine", interpret)] = triton.jit(_combine)
+        globals()["_combine_jit"] = _KERNELS[("combine", interpret)]
         _KERNELS[key] = triton.jit(_SOURCES[variant])
     return _KERNELS[key]
 
