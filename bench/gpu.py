@@ -319,6 +319,7 @@ def section_profile(device, smoke, timer, golden):
     from wsi_vssm.models.ss2d import SS2D
 
     out = {}
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         torch.manual_seed(0)
@@ -332,7 +333,7 @@ def section_profile(device, smoke, timer, golden):
             out["tf32_off"]["golden_micro_logits_rel_err"] = _golden_err(torch.load(golden, weights_only=True),
                                                                          device)
     finally:
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     ss2d = [m for m in model.modules() if isinstance(m, SS2D)]
     default_min, default_chunk = ss2d[0].stream_min_pixels, ss2d[0].stream_chunk_cuda
     rows = []

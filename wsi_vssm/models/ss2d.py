@@ -34,7 +34,7 @@ log = logging.getLogger("wsi_vssm.models")
 DEFAULT_STREAM_MIN_PIXELS = 256 * 256
 DEFAULT_STREAM_CHUNK = 4096
 # On a GPU each chunk costs a few dozen kernel launches: bench/gpu.py measured tiny on a 10,000 px region at
-# 8.3 s with 4096-position chunks and 1.8 s with 262,144 (H200; +5% peak memory, 17.9 GiB).
+# 8.3 s with 4096-position chunks and 1.8 s with 262,144 (H200; peak memory 16.9 -> 17.9 GiB).
 DEFAULT_STREAM_CHUNK_CUDA = 1 << 18
 
 

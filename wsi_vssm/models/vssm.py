@@ -175,6 +175,7 @@ def _drop_rates(rate: float, n_blocks: int) -> list[float]:
     """Stochastic-depth rate of each block: rising linearly from 0 to `rate` (VMamba's schedule)."""
     return torch.linspace(0, rate, n_blocks, device="cpu").tolist()
 
+
 class VSSM(nn.Module):
     """VMamba v2 backbone. Any input size: each stride-2 step maps n to ceil(n / 2)."""
 
