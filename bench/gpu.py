@@ -280,11 +280,12 @@ def section_predict(device, slide_path, workdir):
     `predict_slide` on the GPU at its defaults (10,000 px regions) beside the CPU's defaults."""
     import numpy as np
 
-    from wsi_vssm.features import DEFAULT_OVERLAP_PX, extract_slide
     from wsi_vssm.io import open_slide
     from wsi_vssm.io.tissue import slide_tissue_mask
     from wsi_vssm.models.slide_model import load_model
-    from wsi_vssm.predict import PredictParams, predict_slide
+    from wsi_vssm.pipeline.extract import extract_slide
+    from wsi_vssm.pipeline.geometry import DEFAULT_OVERLAP_PX
+    from wsi_vssm.pipeline.predict import PredictParams, predict_slide
 
     model = load_model("default")
     out = {"slide": str(slide_path)}

@@ -32,12 +32,13 @@ def main(argv=None) -> None:
 
     import torch
 
-    from wsi_vssm.features import DEFAULT_OVERLAP_PX, default_region_px, to_tensor
     from wsi_vssm.io import open_slide
     from wsi_vssm.io.regions import RegionGrid
     from wsi_vssm.io.tissue import slide_tissue_mask
+    from wsi_vssm.models.inputs import to_tensor
     from wsi_vssm.models.slide_model import load_model
-    from wsi_vssm.predict import PredictParams, predict_slide
+    from wsi_vssm.pipeline.geometry import DEFAULT_OVERLAP_PX, default_region_px
+    from wsi_vssm.pipeline.predict import PredictParams, predict_slide
     from wsi_vssm.synth import write_slide
 
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,23 @@ def _few_torch_threads():
     yield
 
 
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> Path:
+    """A tiny random micro model file, shared by the pipeline, runner and CLI tests (read-only)."""
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt", purpose="test")
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """A synthetic CAMELYON16-style cohort of 3 small slides (normal_001, tumor_001, normal_002) with its
+    reference.csv and annotations; shared read-only by the pipeline and runner tests."""
+    from wsi_vssm.synth import make_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    make_cohort(out, 3, seed=1, size=1024, mpp=2.0, workers=1)
+    return out
+
+
 def write_tiny_model(path: Path, **metadata) -> Path:
     """A seeded random micro SlideModel file (fast CPU scan), for pipeline tests that need any model."""
     import torch

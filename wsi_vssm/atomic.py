@@ -153,3 +153,17 @@ def _csv_cell(v) -> str:
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
     return str(v)
+
+
+def remove_temporaries(folder: str | os.PathLike, stem: str) -> None:
+    """Remove `.tmp-<stem>*` leftovers of a killed run (this module's temporaries); the caller
+makes sure no live writer is using them (the cohort runner holds the slide's lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.glob(f"{_TMP_PREFIX}{stem}*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()

@@ -19,3 +19,17 @@ class MissingDependency(WsiVssmError):
     def __init__(self, what: str, install: str):
         super().__init__(f"{what} is not installed; install it with: {install}")
         self.install = install
+
+
+ONE_LINE_LIMIT = 300  # characters: long enough for a path and a reason, short enough for one terminal line
+
+
+def one_line(err: BaseException | str, limit: int = ONE_LINE_LIMIT) -> str:
+    """An error's text on one line (whitespace runs folded to one space), cut to `limit` characters with "...".
+
+    The one helper for every one-line error message; an error with no text gives its type name.
+    """
+    text = " ".join(str(err).split())
+    if not text:
+        text = type(err).__name__ if isinstance(err, BaseException) else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -30,7 +30,7 @@ def command(ctx, cohort, out_dir, annotations, n_boot, model_path, mpp, **opts):
     resumes (done slides are skipped). Exit code 3 when the cohort finished with some slides failed.
     """
     from wsi_vssm.commands.options import build_params, load_cli_model, model_file, pop_run_options
-    from wsi_vssm.evaluate import evaluate_cohort, evaluate_patches, is_patch_folder
+    from wsi_vssm.runs.evaluate import evaluate_cohort, evaluate_patches, is_patch_folder
 
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)

@@ -18,7 +18,7 @@ import click
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime comparison with PyTorch.")
 def command(model_name, checkpoint, out, size, opset, no_check):
     """Export a backbone's forward_features (B x 3 x S x S -> B x 8C x S/32 x S/32) to ONNX."""
-    from wsi_vssm.export import build_backbone, export_onnx
+    from wsi_vssm.models.export import build_backbone, export_onnx
 
     model = build_backbone(model_name, checkpoint)
     res = export_onnx(model, out, size=size, opset=opset, check=not no_check)

@@ -40,30 +40,34 @@ from wsi_vssm.commands.options import mpp_option, reader_threads_option, run_opt
 def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min_tissue, device, batch_size,
             reader_threads, amp, **opts):
     """Extract token-cell features of SLIDE(s) with a VSSM backbone."""
-    from wsi_vssm import features as fx
     from wsi_vssm.commands.options import exit_for, model_file, pop_run_options
-    from wsi_vssm.runner import SlideTask, extract_job, run_slides, slide_key
+    from wsi_vssm.models.device import resolve_device
+    from wsi_vssm.models.model_file import load_backbone
+    from wsi_vssm.pipeline.geometry import DEFAULT_MIN_TISSUE, check_geometry, resolve_geometry
+    from wsi_vssm.runs.execute import SlideTask
+    from wsi_vssm.runs.jobs import extract_job
+    from wsi_vssm.runs.runner import run_slides, slide_key
 
     run, progress = pop_run_options(opts, ctx)
-    dev = fx.resolve_device(device)
+    dev = resolve_device(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        backbone, info = fx.load_backbone(model)
+        backbone, info = load_backbone(model)
     for w in caught:
         if issubclass(w.category, UserWarning):
             progress.warn(str(w.message))
     analysis_mpp = target_mpp or info.mpp
     if target_mpp and abs(target_mpp - info.mpp) > 1e-6 * info.mpp:
         progress.warn(f"reading at {target_mpp:g} um/px; the model was trained at {info.mpp:g}")
+    region_px, overlap_px = resolve_geometry(dev, info.token_px, region_px, overlap_px)
     params = dict(
-        mpp=analysis_mpp, token_px=info.token_px, region_px=region_px or fx.default_region_px(dev, info.token_px),
-        overlap_px=fx.DEFAULT_OVERLAP_PX if overlap_px is None else overlap_px,
-        min_tissue=fx.DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue,
+        mpp=analysis_mpp, token_px=info.token_px, region_px=region_px, overlap_px=overlap_px,
+        min_tissue=DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue,
         batch_size=batch_size, workers=reader_threads, device=dev, amp=(dev == "cuda") if amp is None else amp,
     )  # fmt: skip
     if amp and dev == "cpu":
         progress.warn("--amp applies to CUDA only; running in float32 on the CPU")
-    fx.check_geometry(params["token_px"], params["region_px"], params["overlap_px"], params["min_tissue"])
+    check_geometry(params["token_px"], params["region_px"], params["overlap_px"], params["min_tissue"])
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
     job = extract_job(out, model_file(model), backbone, info, mpp, params)

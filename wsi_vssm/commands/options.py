@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.runner import DEFAULT_SPLIT_REGIONS
+from wsi_vssm.runs.runner import DEFAULT_SPLIT_REGIONS
 
 mpp_option = click.option(
     "--mpp",
@@ -46,7 +46,7 @@ def pop_run_options(opts: dict, ctx: click.Context | None = None):
     """(RunOptions, Progress) from the options `run_options` added; removes them from `opts`."""
     from wsi_vssm.errors import UsageError
     from wsi_vssm.progress import Progress
-    from wsi_vssm.runner import RunOptions
+    from wsi_vssm.runs.runner import RunOptions
 
     workers, scheduler = opts.pop("workers"), opts.pop("scheduler")
     quiet, verbose = opts.pop("quiet"), opts.pop("verbose")
@@ -107,7 +107,7 @@ def predict_options(f):
 
 
 def build_params(mpp, **opts):
-    from wsi_vssm.predict import PredictParams
+    from wsi_vssm.pipeline.predict import PredictParams
 
     return PredictParams(mpp=mpp, **opts)
 

@@ -23,7 +23,9 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
     when some slides failed (the others are done), 1 when the only slide failed. See docs/cohorts.md.
     """
     from wsi_vssm.commands.options import build_params, exit_for, load_cli_model, model_file, pop_run_options
-    from wsi_vssm.runner import SlideTask, predict_job, run_slides, slide_key
+    from wsi_vssm.runs.execute import SlideTask
+    from wsi_vssm.runs.jobs import predict_job
+    from wsi_vssm.runs.runner import run_slides, slide_key
 
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)

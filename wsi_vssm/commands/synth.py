@@ -58,9 +58,9 @@ def command(out, n_slides, seed, size, mpp, workers, quality, patches, grid, par
 
 
 def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, mpp, quality) -> None:
-    from wsi_vssm.data.patches import load_patches
     from wsi_vssm.synth.mosaic import make_mosaic_cohort
-    from wsi_vssm.train_cells import TrainCellsConfig, split_valid
+    from wsi_vssm.training.cells import TrainCellsConfig, split_valid
+    from wsi_vssm.training.data.patches import load_patches
 
     start = time.perf_counter()
     patches = load_patches(source)

@@ -44,8 +44,8 @@ command = click.Group("train", help="Train models: `mil` fits the slide-level at
 def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patience, lr, seed, max_cells, model_file,
         train_cell_head, log_path, device):
     """Train the AttentionMIL slide head on cached features with slide labels."""
-    from wsi_vssm.features import resolve_device
-    from wsi_vssm.train_mil import MILTrainConfig, cell_head_from_model, train_mil
+    from wsi_vssm.models.device import resolve_device
+    from wsi_vssm.training.mil import MILTrainConfig, cell_head_from_model, train_mil
 
     train, valid, how = _splits(features_dir, labels, valid_labels, valid_fraction, seed)
     click.echo(f"{len(train)} training and {len(valid)} validation slides ({how})")
@@ -67,9 +67,9 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
 
 def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_fraction: float | None, seed: int):
     """([(store, label)] train, [(store, label)] valid, how the split was made)."""
-    from wsi_vssm.cohort import read_cohort
     from wsi_vssm.errors import UsageError
-    from wsi_vssm.train_mil import stratified_split
+    from wsi_vssm.runs.cohort import read_cohort
+    from wsi_vssm.training.mil import stratified_split
 
     cohort = read_cohort(labels, find_slides=False)
     stores = _stores(features_dir)
@@ -111,7 +111,7 @@ def _bags(names: list[str], labels: dict[str, int], stores: dict[str, Path], wha
 
 def _check_backbone(backbone_hash: str, bags, model_file: Path) -> None:
     from wsi_vssm.errors import UsageError
-    from wsi_vssm.features import FeatureStore
+    from wsi_vssm.pipeline.store import FeatureStore
 
     for path, _ in bags:
         made_with = FeatureStore.open(path).attrs.get("model_hash")

@@ -53,9 +53,9 @@ import click
 def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_train, epoch_size, valid_select,
             patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device, log_path):
     """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
-    from wsi_vssm.data.augment import AugmentConfig
-    from wsi_vssm.distributed import is_main
-    from wsi_vssm.train_cells import TrainCellsConfig, train_cells
+    from wsi_vssm.training.cells import TrainCellsConfig, train_cells
+    from wsi_vssm.training.data.augment import AugmentConfig
+    from wsi_vssm.training.ddp import is_main
 
     aug = AugmentConfig(flip_rot=False, hed_scale=0, hed_shift=0, brightness=0, contrast=0, saturation=0,
                         blur_p=0) if no_augment else AugmentConfig()

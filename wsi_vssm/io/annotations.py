@@ -24,7 +24,7 @@ from shapely.errors import GEOSException
 from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
-from wsi_vssm.errors import UsageError, WsiVssmError
+from wsi_vssm.errors import UsageError, WsiVssmError, one_line
 
 # CAMELYON16: groups `_0`/`_1` (or `Tumor`) are lesions and `_2` (or `Exclusion`) marks non-tumour islands
 # inside them. The shared data also uses `metastasis` for lesions and `artifact`/`background` for areas to
@@ -191,14 +191,14 @@ def parse_geojson(data: bytes | str | dict | list, source=None) -> list[tuple[st
         try:
             data = json.loads(data)
         except (ValueError, RecursionError) as err:
-            raise AnnotationError(source, f"not valid JSON: {_one_line(err)}") from err
+            raise AnnotationError(source, f"not valid JSON: {one_line(err)}") from err
     items: list[tuple[str, BaseGeometry]] = []
     try:
         _collect(data, "", items, source, depth=0)
     except AnnotationError:
         raise
     except _PARSE_ERRORS as err:
-        raise AnnotationError(source, f"bad GeoJSON: {_one_line(err)}") from err
+        raise AnnotationError(source, f"bad GeoJSON: {one_line(err)}") from err
     return items
 
 
@@ -343,7 +343,3 @@ def _downsample(downsample: float | None, mpp: float | None, slide_mpp: float | 
 def _norm(name: str) -> str:
     return " ".join(str(name).split()).lower()
 
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) < 200 else text[:197] + "..."

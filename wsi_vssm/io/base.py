@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_vssm.errors import one_line
 from wsi_vssm.io.errors import MissingMpp, OutOfBounds, SlideError, SlideReadError
 
 BACKGROUND = 255  # white: what a brightfield scanner sees where there is no tissue
@@ -139,7 +140,7 @@ class SlideReader(ABC):
         except Exception as err:  # backend decode failures differ by backend; name the region for the user
             raise SlideReadError(
                 self.path,
-                f"reading region at {tuple(location)} size {w}x{h} (level {level}) failed: {_one_line(err)}",
+                f"reading region at {tuple(location)} size {w}x{h} (level {level}) failed: {one_line(err)}",
             ) from err
         if (x0, y0, x1, y1) == (lx, ly, lx + w, ly + h):
             return inner
@@ -232,7 +233,3 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     top = np.iinfo(a.dtype).max if np.issubdtype(a.dtype, np.integer) else 255
     return (a.astype(np.float64) * (255.0 / top) + 0.5).astype(np.uint8)
 
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) < 300 else text[:297] + "..."

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from wsi_vssm.errors import WsiVssmError
+from wsi_vssm.errors import WsiVssmError, one_line
 
 # Upstream renames these on load (older checkpoints). Applied in order, on whole dotted-name components.
 LEGACY_RENAMES: tuple[tuple[str, str], ...] = (
@@ -95,14 +95,10 @@ def read_checkpoint(path: str | Path) -> dict:
             with torch.serialization.safe_globals([(_inert_class(n), n) for n in names]):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
-            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(first)}") from first
+            raise CheckpointError(f"cannot read checkpoint {path}: {one_line(first)}") from first
     except Exception as e:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(e)}") from e
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def extract_state_dict(obj, path: str | Path = "<checkpoint>") -> OrderedDict:

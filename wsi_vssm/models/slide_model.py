@@ -1,9 +1,7 @@
 """The whole-slide model: a VSSM backbone plus the AttentionMIL head (with its per-cell tumour head), and the
 model file that carries everything `predict` needs (configs, analysis mpp, token size, weights, metadata).
 
-File format `wsi-vssm-model/1` (tensors and plain containers only, so it loads with torch.load(weights_only=True)):
-    {"format", "name", "backbone_config", "mil_config", "mpp", "stride", "token_px",
-     "state_dict": {"backbone.*", "mil.*"}, "metadata": {...}}
+The file format and its one reader live in `models.model_file`.
 `load_model("default")` reads the packaged weights (wsi_vssm/weights/default.pt).
 """
 
@@ -12,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -19,19 +18,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wsi_vssm.features import MODEL_FORMAT  # one definition: features reads these files too
-from wsi_vssm.models.checkpoint import CheckpointError, check_state_dict, read_checkpoint
+from wsi_vssm.models.checkpoint import CheckpointError, read_checkpoint
+from wsi_vssm.models.inputs import STRIDE
 from wsi_vssm.models.mil import AttentionMIL, MILConfig
+from wsi_vssm.models.model_file import (
+    MIL_FORMAT,
+    MODEL_FORMAT,
+    ModelFileError,
+    check_architecture,
+    check_weights,
+    read_model_file,
+)
 from wsi_vssm.models.vssm import VSSM, VSSMConfig
 
-MIL_FORMAT = "wsi-vssm-mil/1"  # the MIL trainer's checkpoints (wsi_vssm.train_mil.save_mil)
-STRIDE = 32
+__all__ = ["SlideModel", "ModelFileError", "save_model", "load_model", "attach_mil", "resolve_model_path",
+           "default_model_path", "read_model_file", "check_weights", "load_model_cached", "DEFAULT_NAME"]
 DEFAULT_NAME = "default"
-_REQUIRED = ("backbone_config", "mil_config", "mpp", "token_px", "state_dict")
-
-
-class ModelFileError(CheckpointError):
-    """A model file that is missing, unreadable, or of another format or architecture. One line, names the file."""
+_CACHE: dict[str, SlideModel] = {}  # load_model_cached: resolved path and mtime -> model, per process
+_CACHE_LOCK = threading.Lock()
 
 
 class SlideModel(nn.Module):
@@ -135,40 +139,18 @@ def load_model(path_or_name: str | os.PathLike = DEFAULT_NAME, scan: str | None 
     return model.eval()
 
 
-def read_model_file(path: str | os.PathLike, required: tuple[str, ...] = _REQUIRED) -> dict:
-    """The checkpoint dict of a `wsi-vssm-model/1` file, read by `read_checkpoint` (torch.load(weights_only=True)).
-
-    The one reader of model files (`load_model` and `features.load_backbone` both use it): a folder, a missing or
-    unreadable file, another format, a lacking `required` key or a state_dict that is not a mapping of tensors
-    raise ModelFileError (one line, naming the file).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a folder, not a model file")
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+def load_model_cached(path_or_name: str | os.PathLike = DEFAULT_NAME) -> SlideModel:
+    """`load_model(path_or_name)`, loaded once per process for the same file (keyed by its resolved path and
+    mtime, so an overwritten file is read again). Callers share the model: they must not change it."""
+    path = resolve_model_path(path_or_name)
     try:
-        ckpt = read_checkpoint(path)
-    except CheckpointError as e:
-        raise ModelFileError(str(e)) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ModelFileError(f"{path}: not a wsi-vssm model file (format {found!r}, expected {MODEL_FORMAT!r})")
-    missing = [k for k in required if k not in ckpt]
-    if missing:
-        raise ModelFileError(f"{path}: model file lacks {', '.join(missing)}")
-    raw = ckpt["state_dict"]
-    if not (isinstance(raw, Mapping) and all(isinstance(v, torch.Tensor) for v in raw.values())):
-        raise ModelFileError(f"{path}: corrupt model file: its state_dict is not a mapping of tensors")
-    return ckpt
-
-
-def check_weights(model: nn.Module, sd: Mapping, path: Path) -> None:
-    """ModelFileError (one line) unless `sd` fits `model`'s architecture exactly and holds only finite values."""
-    _check(model, sd, path)
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:  # a damaged file: every feature and prediction would be NaN
-        raise ModelFileError(f"{path}: corrupt model file: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[0]})")
+        key = f"{path.resolve()}@{path.stat().st_mtime_ns}"
+    except OSError:
+        key = str(path)  # load_model reports the missing file
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = load_model(path_or_name)
+        return _CACHE[key]
 
 
 def _build(ckpt: dict, path: Path, scan: str | None) -> SlideModel:
@@ -188,14 +170,6 @@ def _build(ckpt: dict, path: Path, scan: str | None) -> SlideModel:
     if backbone.num_features != mil.config.in_dim:
         raise ModelFileError(f"{path}: MIL in_dim {mil.config.in_dim} != backbone width {backbone.num_features}")
     return SlideModel(backbone, mil, mpp, token_px, str(ckpt.get("name") or path.stem))
-
-
-def _check(model: nn.Module, sd: Mapping, path: Path) -> None:
-    """Another architecture -> one line (the full listing stays on the chained CheckpointMismatchError)."""
-    try:
-        check_state_dict(model, sd, path)
-    except CheckpointError as e:
-        raise ModelFileError(str(e).splitlines()[0]) from e
 
 
 def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
@@ -229,7 +203,7 @@ def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
         model.mil.cell_head.load_state_dict(old_head)
     own = model.mil.state_dict()
     keep = {k: v for k, v in own.items() if k.startswith("cell_head.") and k not in sd}
-    _check(model.mil, {**sd, **keep}, path)
+    check_architecture(model.mil, {**sd, **keep}, path)
     model.mil.load_state_dict({**sd, **keep}, strict=True)
     return model
 

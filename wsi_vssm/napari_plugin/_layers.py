@@ -8,7 +8,6 @@ pixel so that they fall on the heatmap's cell edges.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import uuid
@@ -16,13 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.errors import UsageError
 from wsi_vssm.io.base import SlideReader
+from wsi_vssm.outputs import files
 
 CHUNK = 1024  # px per side of one lazily read block of a slide level
-HEATMAP_NAME = "heatmap.ome.zarr"
-CONTOURS_NAME = "contours.geojson"
-PREDICTION_NAME = "prediction.json"
 HEATMAP_OPACITY = 0.5
 CONTOUR_COLOR = "#00ff66"  # green: stands out against both H&E and the heatmap's reds
 META_KEY = "wsi_vssm"  # layer.metadata[META_KEY] says what a layer is ("slide", "heatmap", "contours")
@@ -129,19 +125,14 @@ def contours_layer(path: str | Path, mpp: float, name: str = "contours", edge_wi
 
     Holes are drawn as outlines of their own. `edge_width_px` is in level-0 pixels.
     """
-    try:
-        doc = json.loads(Path(path).read_text())
-        features = list(doc["features"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{path}: not a contours GeoJSON: {type(err).__name__}: {err}") from err
+    from wsi_vssm.outputs.contours import read_contours_geojson
+
     shapes, names, probs = [], [], []
-    for i, feat in enumerate(features):
-        props = feat.get("properties") or {}
-        prob = (props.get("measurements") or {}).get("Max probability")
-        for ring in _rings(feat.get("geometry") or {}):
+    for feat in read_contours_geojson(path):
+        for ring in feat.rings:
             shapes.append(ring[:, ::-1].copy())  # (x, y) -> napari's (y, x)
-            names.append(str(props.get("name") or f"Tumor {i + 1}"))
-            probs.append(math.nan if prob is None else float(prob))
+            names.append(feat.name)
+            probs.append(feat.max_probability)
     kwargs = {
         "name": name,
         "shape_type": "polygon",
@@ -157,25 +148,12 @@ def contours_layer(path: str | Path, mpp: float, name: str = "contours", edge_wi
     return shapes, kwargs, "shapes"
 
 
-def _rings(geometry: dict) -> list[np.ndarray]:
-    """Every ring (exterior and holes) of a GeoJSON Polygon or MultiPolygon, as (n, 2) arrays, closing point off."""
-    kind, coords = geometry.get("type"), geometry.get("coordinates") or []
-    polygons = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else []
-    out = []
-    for poly in polygons:
-        for ring in poly:
-            a = np.asarray(ring, dtype=float)
-            if a.ndim == 2 and len(a) >= 4 and a.shape[1] >= 2:
-                out.append(a[:-1, :2] if np.array_equal(a[0], a[-1]) else a[:, :2])
-    return out
-
-
 def prediction_layers(folder: str | Path) -> list[tuple]:
     """Heatmap and contours layers of one `wsi-vssm predict` output folder (its heatmap must exist)."""
     folder = Path(folder)
-    heat = heatmap_layer(folder / HEATMAP_NAME)
+    heat = heatmap_layer(folder / files.HEATMAP_ZARR)
     layers = [heat]
-    contours = folder / CONTOURS_NAME
+    contours = folder / files.CONTOURS_GEOJSON
     if contours.is_file():
         block = heat[1]["metadata"][META_KEY]
         mpp = float(block["mpp"])

@@ -1,7 +1,7 @@
-"""The widget's work, without Qt: load a model (cached) and run `predict_slide` for one slide.
+"""The widget's work, without Qt: load a model (`load_model_cached`) and run `predict_slide` for one slide.
 
 Runs on a worker thread; `progress(done, total, stage)` and `cancel` (a threading.Event) pass straight through
-to `wsi_vssm.predict.predict_slide`, which raises `Cancelled` between regions once `cancel` is set.
+to `wsi_vssm.pipeline.predict.predict_slide`, which raises `Cancelled` between regions once `cancel` is set.
 """
 
 from __future__ import annotations
@@ -14,10 +14,6 @@ from pathlib import Path
 
 DEFAULT_MODEL = "default"
 DEFAULT_OUT = Path.home() / "wsi-vssm-predictions"
-
-_models: dict[str, object] = {}
-_models_lock = threading.Lock()
-
 
 @dataclass(frozen=True)
 class PredictRequest:
@@ -33,28 +29,14 @@ class PredictResult:
     out_dir: Path  # out_root/<slide name>/
 
 
-def load_model_cached(name_or_path: str):
-    """`load_model(name_or_path)`, kept for the session (keyed by the resolved path and its mtime)."""
-    from wsi_vssm.models.slide_model import load_model, resolve_model_path
-
-    path = resolve_model_path(name_or_path)
-    try:
-        key = f"{path.resolve()}@{path.stat().st_mtime_ns}"
-    except OSError:
-        key = str(path)  # load_model reports the missing file
-    with _models_lock:
-        if key not in _models:
-            _models[key] = load_model(name_or_path)
-        return _models[key]
-
-
 def run_prediction(
     request: PredictRequest,
     progress: Callable[[int, int, str], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> PredictResult:
     """Predict one slide; raises WsiVssmError subclasses (SlideError, ModelFileError, Cancelled...)."""
-    from wsi_vssm.predict import Cancelled, PredictParams, predict_slide
+    from wsi_vssm.models.slide_model import load_model_cached
+    from wsi_vssm.pipeline.predict import Cancelled, PredictParams, predict_slide
 
     if progress is not None:
         progress(0, 1, "loading model")

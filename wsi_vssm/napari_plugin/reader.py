@@ -14,12 +14,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from wsi_vssm.outputs.files import HEATMAP_ZARR as _HEATMAP
+from wsi_vssm.outputs.files import PREDICTION_JSON as _PREDICTION
+
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif")
 OTHER_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")  # OpenSlide formats with no TIFF header to sniff
 _ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup")
-_HEATMAP = "heatmap.ome.zarr"
-_PREDICTION = "prediction.json"
 
 ReaderFunction = Callable[[str], list]
 

@@ -208,7 +208,7 @@ class PredictWidget(QWidget):
     def _on_errored(self, err: BaseException) -> None:
         from napari.utils.notifications import show_error, show_info
 
-        from wsi_vssm.predict import Cancelled
+        from wsi_vssm.pipeline.predict import Cancelled
 
         if isinstance(err, Cancelled):
             show_info("wsi-vssm: prediction cancelled")

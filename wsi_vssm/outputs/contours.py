@@ -7,9 +7,12 @@ touch only at a corner give separate polygons. Collinear vertices along cell edg
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import shapely
@@ -147,3 +150,43 @@ def _parts(geom) -> list[Polygon]:
     if isinstance(geom, Polygon):
         return [] if geom.is_empty else [geom]
     return [g for g in getattr(geom, "geoms", ()) if isinstance(g, Polygon) and not g.is_empty]
+
+
+@dataclass
+class ContourFeature:
+    """One feature of a contours.geojson as read back: its rings in level-0 px (x, y), exterior and holes."""
+
+    name: str
+    rings: list[np.ndarray] = field(default_factory=list)  # each (n, 2) float, closing point dropped
+    max_probability: float = math.nan
+    properties: dict = field(default_factory=dict)
+
+
+def read_contours_geojson(path: str | os.PathLike) -> list[ContourFeature]:
+    """The features of a contours.geojson (ours or any GeoJSON of polygons); UsageError (one line) otherwise."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        features = list(doc["features"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path}: not a contours GeoJSON: {type(err).__name__}: {err}") from err
+    out = []
+    for i, feat in enumerate(features):
+        props = dict((feat.get("properties") or {}) if isinstance(feat, dict) else {})
+        prob = (props.get("measurements") or {}).get("Max probability")
+        rings = _rings((feat.get("geometry") or {}) if isinstance(feat, dict) else {})
+        out.append(ContourFeature(str(props.get("name") or f"Tumor {i + 1}"), rings,
+                                  math.nan if prob is None else float(prob), props))
+    return out
+
+
+def _rings(geometry: dict) -> list[np.ndarray]:
+    """Every ring (exterior and holes) of a GeoJSON Polygon or MultiPolygon, as (n, 2) arrays, closing point off."""
+    kind, coords = geometry.get("type"), geometry.get("coordinates") or []
+    polygons = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else []
+    out = []
+    for poly in polygons:
+        for ring in poly:
+            a = np.asarray(ring, dtype=float)
+            if a.ndim == 2 and len(a) >= 4 and a.shape[1] >= 2:
+                out.append(a[:-1, :2] if np.array_equal(a[0], a[-1]) else a[:, :2])
+    return out

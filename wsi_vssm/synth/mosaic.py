@@ -42,6 +42,12 @@ class MosaicSlide:
     patches: list[list[str | None]]  # grid of source patch names (None: background)
 
 
+def tile(patches: list[np.ndarray], grid: int) -> np.ndarray:
+    """grid * grid (p, p, 3) patches, row by row -> one (grid * p, grid * p, 3) image."""
+    p = patches[0].shape[0]
+    return np.stack(patches).reshape(grid, grid, p, p, 3).transpose(0, 2, 1, 3, 4).reshape(grid * p, grid * p, 3)
+
+
 def _tissue_cells(rng: np.random.Generator, grid: int) -> np.ndarray:
     """(grid, grid) bool: a random ellipse of cells, at least half the grid."""
     yy, xx = np.mgrid[0:grid, 0:grid] + 0.5
@@ -64,8 +70,11 @@ def _grow_lesion(rng: np.random.Generator, tissue: np.ndarray, size: int) -> lis
     while len(lesion) < size and frontier:
         r, c = sorted(frontier)[int(rng.integers(len(frontier)))]
         nbrs = [(r + dr, c + dc) for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1))]
-        free = [n for n in nbrs if 0 <= n[0] < tissue.shape[0] and 0 <= n[1] < tissue.shape[1]
-                and tissue[n] and n not in lesion]
+        free = [
+            n
+            for n in nbrs
+            if 0 <= n[0] < tissue.shape[0] and 0 <= n[1] < tissue.shape[1] and tissue[n] and n not in lesion
+        ]
         if not free:
             frontier.discard((r, c))
             continue
@@ -75,8 +84,9 @@ def _grow_lesion(rng: np.random.Generator, tissue: np.ndarray, size: int) -> lis
     return sorted(lesion)
 
 
-def plan_mosaic(labels: np.ndarray, grid: int, tumor: bool, rng: np.random.Generator,
-                max_lesion_frac: float = 0.3) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def plan_mosaic(
+    labels: np.ndarray, grid: int, tumor: bool, rng: np.random.Generator, max_lesion_frac: float = 0.3
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """(grid, grid) indices into the patch pool (-1: background) and the lesion cells of one slide."""
     tissue = _tissue_cells(rng, grid)
     n_tissue = int(tissue.sum())
@@ -91,8 +101,10 @@ def plan_mosaic(labels: np.ndarray, grid: int, tumor: bool, rng: np.random.Gener
         is_lesion[rc] = True
     need_neg = int((tissue & ~is_lesion).sum())
     if len(pos) < len(lesion) or len(neg) < need_neg:
-        raise SynthError(f"the patch pool is too small for a {grid} x {grid} mosaic "
-                         f"({len(neg)} label-0 and {len(pos)} label-1 patches)")
+        raise SynthError(
+            f"the patch pool is too small for a {grid} x {grid} mosaic "
+            f"({len(neg)} label-0 and {len(pos)} label-1 patches)"
+        )
     index = np.full((grid, grid), -1, np.int64)
     index[tissue & ~is_lesion] = rng.choice(neg, need_neg, replace=False)
     if lesion:
@@ -102,8 +114,6 @@ def plan_mosaic(labels: np.ndarray, grid: int, tumor: bool, rng: np.random.Gener
 
 def render_mosaic(index: np.ndarray, patch: Callable[[int], np.ndarray], patch_px: int) -> np.ndarray:
     """The (grid * patch_px)^2 RGB image of a mosaic plan; `patch(i)` gives pool patch i as (p, p, 3) uint8."""
-    from wsi_vssm.data.mosaic_crops import tile
-
     glass = np.full((patch_px, patch_px, 3), BACKGROUND, np.uint8)
     tiles = []
     for i in index.reshape(-1):
@@ -114,20 +124,21 @@ def render_mosaic(index: np.ndarray, patch: Callable[[int], np.ndarray], patch_p
     return tile(tiles, index.shape[0])
 
 
-def write_image_slide(path: str | os.PathLike, img: np.ndarray, mpp: float, description: str = "",
-                      quality: int = 90) -> None:
+def write_image_slide(
+    path: str | os.PathLike, img: np.ndarray, mpp: float, description: str = "", quality: int = 90
+) -> None:
     """Write an RGB image as a pyramidal JPEG TIFF (OpenSlide 'generic-tiff'), atomically."""
     from wsi_vssm.synth.writer import TILE
 
     h, w = img.shape[:2]
 
-    def tile(x0: int, y0: int) -> np.ndarray:
+    def read_tile(x0: int, y0: int) -> np.ndarray:
         out = np.full((TILE, TILE, 3), BACKGROUND, np.uint8)
-        part = img[y0:y0 + TILE, x0:x0 + TILE]
-        out[:part.shape[0], :part.shape[1]] = part
+        part = img[y0 : y0 + TILE, x0 : x0 + TILE]
+        out[: part.shape[0], : part.shape[1]] = part
         return out
 
-    write_pyramid_atomic(path, (w, h), tile, mpp, workers=1, quality=quality, description=description)
+    write_pyramid_atomic(path, (w, h), read_tile, mpp, workers=1, quality=quality, description=description)
 
 
 def make_mosaic_cohort(
@@ -170,18 +181,32 @@ def make_mosaic_cohort(
         index, lesion = plan_mosaic(labels, side, label == "tumor", rng, max_lesion_frac)
         img = render_mosaic(index, lambda i: patches[i][0], patch_px)
         path = out / f"{name}.tif"
-        write_image_slide(path, img, mpp, f"wsi-vssm mosaic of {getattr(patches, 'source', '')}; label={label}; "
-                                          f"mpp={mpp}", quality)
+        write_image_slide(
+            path, img, mpp, f"wsi-vssm mosaic of {getattr(patches, 'source', '')}; label={label}; mpp={mpp}", quality
+        )
         names = [[None if i < 0 else _patch_name(patches, int(i)) for i in row] for row in index]
         rec = MosaicSlide(name, label, path, int((index >= 0).sum()), [tuple(map(int, c)) for c in lesion], names)
         slides.append(rec)
         if on_slide is not None:
             on_slide(rec)
-    doc = {"source": str(getattr(patches, "source", "")), "seed": int(seed),
-           "grid": low if low == high else [low, high], "patch_px": patch_px, "mpp": mpp,
-           "max_lesion_frac": max_lesion_frac,
-           "slides": [{"name": s.name, "label": s.label, "tissue_cells": s.tissue_cells,
-                       "lesion_cells": s.lesion_cells, "patches": s.patches} for s in slides]}
+    doc = {
+        "source": str(getattr(patches, "source", "")),
+        "seed": int(seed),
+        "grid": low if low == high else [low, high],
+        "patch_px": patch_px,
+        "mpp": mpp,
+        "max_lesion_frac": max_lesion_frac,
+        "slides": [
+            {
+                "name": s.name,
+                "label": s.label,
+                "tissue_cells": s.tissue_cells,
+                "lesion_cells": s.lesion_cells,
+                "patches": s.patches,
+            }
+            for s in slides
+        ],
+    }
     atomic_write_bytes(out / "mosaic.json", json.dumps(doc, indent=1).encode())
     csv = "slide,label\n" + "".join(f"{s.name},{s.label}\n" for s in slides)
     atomic_write_bytes(out / "reference.csv", csv.encode())
@@ -193,8 +218,9 @@ def _grid_range(grid) -> tuple[int, int]:
     pair = tuple(grid) if isinstance(grid, (tuple, list)) else (grid, grid)
     ok = len(pair) == 2 and all(isinstance(g, (int, np.integer)) and MIN_GRID <= g <= MAX_GRID for g in pair)
     if not ok or pair[0] > pair[1]:
-        raise SynthError(f"mosaic grid must be {MIN_GRID} to {MAX_GRID} patches per side (or a low, high pair), "
-                         f"got {grid!r}")
+        raise SynthError(
+            f"mosaic grid must be {MIN_GRID} to {MAX_GRID} patches per side (or a low, high pair), got {grid!r}"
+        )
     return int(pair[0]), int(pair[1])
 
 

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.io.base import SlideReader, _one_line, to_rgb
+from wsi_vssm.errors import one_line
+from wsi_vssm.io.base import SlideReader, to_rgb
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
-from wsi_vssm.io.slide import missing_backend, mpp_from_objective, plausible_mpp
+from wsi_vssm.io.formats import missing_backend, mpp_from_objective, plausible_mpp
 
 
 def _import_openslide(path):
     try:
         import openslide
     except (ImportError, OSError) as err:  # openslide-python missing, or its native library (openslide-bin)
-        raise missing_backend(path, "openslide", _one_line(err)) from err
+        raise missing_backend(path, "openslide", one_line(err)) from err
     return openslide
 
 
@@ -39,7 +40,7 @@ class OpenSlideSlide(SlideReader):
             associated = sorted(handle.associated_images.keys())  # names only; pixels are never read
         except (openslide.OpenSlideError, OSError, ValueError) as err:  # a broken file shows up lazily
             handle.close()
-            raise CorruptSlide(path, f"OpenSlide cannot read its metadata: {_one_line(err)}") from err
+            raise CorruptSlide(path, f"OpenSlide cannot read its metadata: {one_line(err)}") from err
         mpp, source = _mpp(props)
         self.objective_power = _objective_power(props)
         if mpp is None and self.objective_power is not None:
@@ -64,9 +65,9 @@ class OpenSlideSlide(SlideReader):
         except openslide.OpenSlideUnsupportedFormatError as err:
             raise UnsupportedFormat(path, "OpenSlide does not recognise this file as a slide") from err
         except openslide.OpenSlideError as err:
-            raise CorruptSlide(path, f"OpenSlide cannot open it: {_one_line(err)}") from err
+            raise CorruptSlide(path, f"OpenSlide cannot open it: {one_line(err)}") from err
         except OSError as err:
-            raise UnsupportedFormat(path, f"cannot open: {_one_line(err)}") from err
+            raise UnsupportedFormat(path, f"cannot open: {one_line(err)}") from err
 
     def _slide(self):
         # After a fork or an unpickle the handle is not ours (or not there): open a fresh one.

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.io.base import SlideReader, _one_line
+from wsi_vssm.errors import one_line
+from wsi_vssm.io.base import SlideReader
 from wsi_vssm.io.errors import CorruptSlide, SlideError, UnsupportedFormat
-from wsi_vssm.io.slide import (
+from wsi_vssm.io.formats import (
     channels_to_rgb,
     is_tiff,
     length_to_um,
@@ -43,7 +44,7 @@ def _import(path, name: str, install: str):
     try:
         return __import__(name)
     except ImportError as err:
-        raise missing_backend(path, install, _one_line(err)) from err
+        raise missing_backend(path, install, one_line(err)) from err
 
 
 @dataclass
@@ -72,7 +73,7 @@ class TiffSlide(SlideReader):
             raise
         except Exception as err:  # malformed tags surface as many exception types
             tf.close()
-            raise CorruptSlide(path, f"cannot parse its TIFF structure: {_one_line(err)}") from err
+            raise CorruptSlide(path, f"cannot parse its TIFF structure: {one_line(err)}") from err
         self.objective_power = info.objective_power
         self._axes = info.axes
         super().__init__(
@@ -94,9 +95,9 @@ class TiffSlide(SlideReader):
         try:
             return tifffile.TiffFile(path)
         except OSError as err:
-            raise UnsupportedFormat(path, f"cannot open: {_one_line(err)}") from err
+            raise UnsupportedFormat(path, f"cannot open: {one_line(err)}") from err
         except (tifffile.TiffFileError, ValueError, IndexError, KeyError, EOFError) as err:
-            raise CorruptSlide(path, f"broken TIFF structure: {_one_line(err)}") from err
+            raise CorruptSlide(path, f"broken TIFF structure: {one_line(err)}") from err
 
     def _array(self, level: int):
         if self._tf is None or self._pid != os.getpid():  # unpickled, or forked: open our own handle

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.io.base import SlideReader, _one_line
+from wsi_vssm.errors import one_line
+from wsi_vssm.io.base import SlideReader
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
-from wsi_vssm.io.slide import channels_to_rgb, is_zarr_dir, length_to_um, missing_backend, plausible_mpp
+from wsi_vssm.io.formats import channels_to_rgb, is_zarr_dir, length_to_um, missing_backend, plausible_mpp
 
 _DEFAULT_AXES = ("t", "c", "z", "y", "x")  # NGFF 0.1-0.3 without an `axes` list
 
@@ -36,7 +37,7 @@ class ZarrSlide(SlideReader):
         except (UnsupportedFormat, CorruptSlide):
             raise
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
-            raise CorruptSlide(path, f"malformed OME-NGFF metadata: {_one_line(err)}") from err
+            raise CorruptSlide(path, f"malformed OME-NGFF metadata: {one_line(err)}") from err
         names = [a["name"].lower() for a in axes]
         if "y" not in names or "x" not in names or any(len(s) != len(names) for s in shapes) or not shapes:
             raise CorruptSlide(path, f"OME-NGFF datasets do not match their axes {names}")
@@ -87,15 +88,15 @@ def _open_group(path: Path):
     try:
         import zarr
     except ImportError as err:
-        raise missing_backend(path, "zarr", _one_line(err)) from err
+        raise missing_backend(path, "zarr", one_line(err)) from err
     if not path.is_dir() or not is_zarr_dir(path):
         raise UnsupportedFormat(path, "not an OME-Zarr directory (no .zattrs or zarr.json)")
     try:
         return zarr.open_group(os.fspath(path), mode="r")
     except (ValueError, KeyError, TypeError) as err:  # unreadable zarr.json / .zgroup
-        raise CorruptSlide(path, f"broken zarr metadata: {_one_line(err)}") from err
+        raise CorruptSlide(path, f"broken zarr metadata: {one_line(err)}") from err
     except (OSError, zarr.errors.GroupNotFoundError) as err:
-        raise UnsupportedFormat(path, f"not a zarr group: {_one_line(err)}") from err
+        raise UnsupportedFormat(path, f"not a zarr group: {one_line(err)}") from err
 
 
 def _axes(meta: dict) -> list[dict]:

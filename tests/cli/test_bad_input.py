@@ -1,0 +1,244 @@
+"""Bad input to every cohort command: one clear stderr line naming the file and the problem, a documented exit
+code (docs/cohorts.md), no traceback unless --debug, and nothing already finished lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+from wsi_vssm.cli import main
+from wsi_vssm.models.slide_model import SlideModel, save_model
+from wsi_vssm.runs.state import read_state
+from wsi_vssm.synth import make_cohort
+
+FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
+EXTRACT = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--min-tissue", "0"]
+SHARED_BAD = ("broken.svs", "unopenable.tiff", "unreadable.svs", "tcga-cr-7395-01a-01-ts1.svs")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny model, one good slide under a unicode path with spaces, and a zoo of bad slide files."""
+    root = tmp_path_factory.mktemp("bad")
+    torch.manual_seed(0)
+    model = root / "tiny.pt"
+    save_model(SlideModel.create("micro", scan="cpu").eval(), model, metadata={"threshold": 0.5})
+    make_cohort(root / "c", 1, seed=1, size=1024, mpp=2.0, workers=1)
+    good = root / "dír with spaces" / "slïde ü.tif"
+    good.parent.mkdir()
+    shutil.copy(next((root / "c").glob("*.tif")), good)
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "zero.svs").write_bytes(b"")
+    (bad / "truncated.tif").write_bytes(good.read_bytes()[:3000])
+    (bad / "misnamed.svs").write_text("slide,label\na,1\n")  # a CSV with a slide's extension
+    (bad / "folder.tif").mkdir()
+    slides = [bad / "missing.tif", bad / "folder.tif", bad / "zero.svs", bad / "truncated.tif", bad / "misnamed.svs"]
+    slides += [SHARED_DATA / "slides" / n for n in SHARED_BAD if (SHARED_DATA / "slides" / n).exists()]
+    return {"root": root, "model": model, "good": good, "bad": slides}
+
+
+def _run(args, capsys) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_each(err: str, names: list[str]) -> None:
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("wsi-vssm: error:")]
+    for name in names:
+        assert sum(name in ln for ln in errors) == 1, (name, err)
+
+
+def test_predict_and_extract_go_past_every_bad_slide(files, tmp_path, capsys):
+    slides = [*files["bad"], files["good"]]
+    names = [p.name for p in files["bad"]]
+    out = tmp_path / "out ü"
+    code, stdout, err = _run(["predict", *slides, "--out", out, "--model", files["model"], *FAST], capsys)
+    assert code == 3
+    _one_line_each(err, names)
+    assert (out / "slïde ü" / "prediction.json").is_file() and stdout.count("slïde ü: probability") == 1
+
+    code, stdout, err = _run(["extract", *slides, "--out", tmp_path / "feat", "--model", files["model"], *EXTRACT],
+                             capsys)
+    assert code == 3
+    _one_line_each(err, names)
+    assert (tmp_path / "feat" / "slïde ü.zarr").is_dir()
+
+
+def test_shared_no_mpp_slide_asks_for_mpp(files, tmp_path, capsys):
+    tcga = SHARED_DATA / "slides" / SHARED_BAD[3]
+    if not tcga.exists():
+        pytest.skip("shared data not present")
+    code, _, err = _run(["predict", tcga, "--out", tmp_path, "--model", files["model"], *FAST], capsys)
+    assert code == 1 and "--mpp" in err and tcga.name in err and err.count("\n") == 1
+
+
+def test_evaluate_records_bad_slides_of_a_manifest(files, tmp_path, capsys):
+    import csv
+
+    manifest = tmp_path / "m.csv"
+    rows = [f'"{p}",0' for p in files["bad"]] + [f'"{files["good"]}",1']
+    manifest.write_text("slide,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    code, _, err = _run(["evaluate", manifest, "--out", tmp_path / "ev", "--model", files["model"], "--bootstrap",
+                         "200", *FAST], capsys)
+    assert code == 3 and "Traceback" not in err
+    with open(tmp_path / "ev" / "predictions.csv", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert [r["status"] for r in table] == ["failed"] * len(files["bad"]) + ["done"]
+    assert all(r["error"] for r in table[:-1])
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "zero", "truncated", "garbage", "nan", "wrong-format"])
+def test_corrupt_model_file_is_one_line_for_every_command(files, tmp_path, capsys, case):
+    model = tmp_path / f"model-{case}.pt"
+    if case == "folder":
+        model.mkdir()
+    elif case == "zero":
+        model.write_bytes(b"")
+    elif case == "truncated":
+        model.write_bytes(files["model"].read_bytes()[:5000])
+    elif case == "garbage":
+        model.write_bytes(os.urandom(4096))
+    elif case == "nan":
+        m = SlideModel.create("micro", scan="cpu")
+        with torch.no_grad():
+            next(m.parameters()).fill_(float("nan"))
+        save_model(m, model)
+    elif case == "wrong-format":
+        torch.save({"format": "something-else"}, model)
+    for cmd, extra in (("predict", FAST), ("extract", EXTRACT)):
+        code, _, err = _run([cmd, files["good"], "--out", tmp_path / cmd, "--model", model, *extra], capsys)
+        assert code == 1 and model.name in err and "Traceback" not in err, (cmd, err)
+        assert err.count("wsi-vssm: error:") == 1, err
+
+
+def test_nan_features_fail_the_slide_clearly(files, tmp_path):
+    """A model that yields NaN (damaged in memory, or overflowing float16) never writes outputs as results."""
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.pipeline.predict import PredictParams
+    from wsi_vssm.progress import QUIET, Progress
+    from wsi_vssm.runs.execute import SlideTask
+    from wsi_vssm.runs.jobs import predict_job
+    from wsi_vssm.runs.runner import RunOptions, run_slides
+
+    model = load_model(files["model"])
+    with torch.no_grad():
+        model.backbone.patch_embed[0].weight.fill_(float("nan"))
+    params = PredictParams(device="cpu", target_mpp=4.0, region_px=512, overlap_px=64, reader_threads=1)
+    job = predict_job(tmp_path, "nan-model", model, params)
+    summary = run_slides([SlideTask("slïde ü", str(files["good"]))], job, RunOptions(), Progress(QUIET))
+    (o,) = summary.outcomes
+    assert o.status == "failed" and "NaN" in o.message and "slïde ü" in o.message
+    assert not (tmp_path / "slïde ü" / "prediction.json").exists()
+    assert read_state(tmp_path, "predict", "slïde ü")["error_type"] == "FeatureStoreError"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("slide,label\na.tif,1\na.tif,0\n", "listed again"),
+    ("slide,split\na.tif,train\n", "'label' columns"),
+    ("# nothing\n", "no slides"),
+    ("", "no slides"),
+    ("slide,label\na.tif,maybe\n", "label 'maybe'"),
+])
+def test_bad_manifests_are_one_line(files, tmp_path, capsys, text, problem):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text)
+    code, _, err = _run(["evaluate", manifest, "--out", tmp_path / "ev", "--model", files["model"], *FAST], capsys)
+    assert code == 1 and problem in err and "m.csv" in err and err.count("\n") == 1
+
+
+def test_missing_cohort_and_binary_manifest(files, tmp_path, capsys):
+    for cohort, problem in ((tmp_path / "nope.csv", "no such"), (tmp_path, "reference.csv")):
+        code, _, err = _run(["evaluate", cohort, "--out", tmp_path / "ev", "--model", files["model"]], capsys)
+        assert code == 1 and problem in err and err.count("\n") == 1
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 100)
+    code, _, err = _run(["evaluate", binary, "--out", tmp_path / "ev", "--model", files["model"]], capsys)
+    assert code == 1 and "bin.csv" in err and "Traceback" not in err
+
+
+def test_disk_full_mid_run_keeps_finished_slides(files, tmp_path, capsys, monkeypatch):
+    from wsi_vssm.outputs import overlay
+
+    second = tmp_path / "second.tif"
+    shutil.copy(files["good"], second)
+    real = overlay.overlay_png
+
+    def full(path, *a, **k):
+        if "second" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(overlay, "overlay_png", full)
+    args = ["predict", files["good"], second, "--out", tmp_path / "o", "--model", files["model"], *FAST]
+    code, _, err = _run(args, capsys)
+    assert code == 3 and "Traceback" not in err
+    line = next(ln for ln in err.splitlines() if "No space left" in ln)
+    assert "second" in line and "overlay.png" in line
+    assert read_state(tmp_path / "o", "predict", "slïde ü")["status"] == "done"
+    assert read_state(tmp_path / "o", "predict", "second")["status"] == "failed"
+    assert (tmp_path / "o" / "slïde ü" / "prediction.json").is_file()
+    monkeypatch.setattr(overlay, "overlay_png", real)
+    code, out, _ = _run([*args, "--retry-failed"], capsys)
+    assert code == 0 and "slïde ü: up to date" in out and "second: probability" in out
+
+
+def test_corrupt_feature_store_is_redone(files, tmp_path, capsys):
+    args = ["extract", files["good"], "--out", tmp_path, "--model", files["model"], *EXTRACT]
+    assert _run(args, capsys)[0] == 0
+    (tmp_path / "slïde ü.zarr" / "zarr.json").write_text("{not json")
+    code, out, err = _run(args, capsys)
+    assert code == 0 and "up to date" not in out and "cells from" in out
+    from wsi_vssm.pipeline.store import FeatureStore
+
+    assert len(FeatureStore.open(tmp_path / "slïde ü.zarr")) > 0
+
+
+def test_corrupt_heatmap_store_is_redone(files, tmp_path, capsys):
+    args = ["predict", files["good"], "--out", tmp_path, "--model", files["model"], *FAST]
+    assert _run(args, capsys)[0] == 0
+    (tmp_path / "slïde ü" / "heatmap.ome.zarr" / ".zattrs").write_text("{broken")
+    code, out, _ = _run(args, capsys)
+    assert code == 0 and "probability" in out and "up to date" not in out
+
+
+def test_read_only_output_folder(files, tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "wsi_vssm", "predict", str(files["good"]), "--out", str(out), "--model",
+           str(files["model"]), *FAST]
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+    elif shutil.which("unshare") and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0:
+        # root ignores permissions: make the folder a read-only bind mount in a private mount namespace
+        script = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+        cmd = ["unshare", "-m", "sh", "-c", script, "sh", str(out), *cmd]
+    else:
+        pytest.skip("running as root without mount namespaces: cannot make a read-only folder")
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        out.chmod(0o755)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.count("\n") == 1 and "ro" in res.stderr and "Traceback" not in res.stderr
+    assert "cannot write to the output folder" in res.stderr
+
+
+def test_debug_shows_the_traceback(files, tmp_path, capsys):
+    with pytest.raises(Exception) as err:
+        main(["--debug", "predict", str(tmp_path / "none.tif"), "--out", str(tmp_path), "--model",
+              str(tmp_path / "none.pt")])
+    assert "none.pt" in str(err.value)

@@ -1,0 +1,139 @@
+"""SlideModel files: round trip under weights_only=True, one-line errors, MIL checkpoints, the packaged default."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from wsi_vssm.errors import WsiVssmError
+from wsi_vssm.models.model_file import MODEL_FORMAT
+from wsi_vssm.models.slide_model import (
+    ModelFileError,
+    SlideModel,
+    attach_mil,
+    default_model_path,
+    load_model,
+    save_model,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SlideModel.create("micro", mpp=0.97, token_px=32, name="t").eval()
+
+
+def test_cell_logits_shape(model):
+    with torch.no_grad():
+        out = model.cell_logits(torch.randn(2, 3, 96, 64))
+    assert out.shape == (2, 3, 2)
+
+
+def test_round_trip_identical(model, tmp_path):
+    path = save_model(model, tmp_path / "m.pt", {"seed": 1, "metrics": {"auc": 0.5}})
+    ckpt = torch.load(path, weights_only=True)  # plain containers and tensors only
+    assert ckpt["format"] == MODEL_FORMAT and ckpt["stride"] == 32 and ckpt["token_px"] == 32
+    assert all(k.startswith(("backbone.", "mil.")) for k in ckpt["state_dict"])
+    loaded = load_model(path)
+    assert (loaded.mpp, loaded.token_px, loaded.stride, loaded.name) == (0.97, 32, 32, "t")
+    assert loaded.metadata["metrics"] == {"auc": 0.5}
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.cell_logits(x), model.cell_logits(x), rtol=0, atol=0)
+        feats = torch.randn(1, 5, 256)
+        torch.testing.assert_close(loaded.mil(feats).slide_logit, model.mil(feats).slide_logit, rtol=0, atol=0)
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic write leaves no temporary behind
+
+
+def _one_line(err: pytest.ExceptionInfo, name: str) -> None:
+    msg = str(err.value)
+    assert "\n" not in msg and name in msg and isinstance(err.value, WsiVssmError)
+
+
+def test_missing_corrupt_and_foreign_files(model, tmp_path):
+    with pytest.raises(ModelFileError) as e:
+        load_model(tmp_path / "nope.pt")
+    _one_line(e, "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file at all")
+    with pytest.raises(ModelFileError) as e:
+        load_model(bad)
+    _one_line(e, "bad.pt")
+    good = save_model(model, tmp_path / "good.pt")
+    (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(ModelFileError) as e:
+        load_model(tmp_path / "trunc.pt")
+    _one_line(e, "trunc.pt")
+    torch.save({"model": model.backbone.state_dict()}, tmp_path / "upstream.pt")
+    with pytest.raises(ModelFileError) as e:
+        load_model(tmp_path / "upstream.pt")
+    _one_line(e, "upstream.pt")
+
+
+def test_other_architecture_is_one_line(model, tmp_path):
+    ckpt = torch.load(save_model(model, tmp_path / "m.pt"), weights_only=True)
+    ckpt["backbone_config"]["depths"] = [1, 1, 1, 1]  # the weights no longer fit the stated architecture
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    (tmp_path / "arch.pt").write_bytes(buf.getvalue())
+    with pytest.raises(ModelFileError) as e:
+        load_model(tmp_path / "arch.pt")
+    _one_line(e, "arch.pt")
+
+
+def test_attach_mil_keeps_cell_head(model, tmp_path):
+    torch.manual_seed(1)
+    other = SlideModel.create("micro").mil
+    sd = {k: v for k, v in other.state_dict().items() if not k.startswith("cell_head.")}
+    torch.save({"format": "wsi-vssm-mil/1", "mil_config": other.config.to_dict(), "state_dict": sd},
+               tmp_path / "mil.pt")
+    m = load_model(save_model(model, tmp_path / "m.pt"))
+    head = m.mil.cell_head.weight.clone()
+    attach_mil(m, tmp_path / "mil.pt")
+    assert torch.equal(m.mil.cell_head.weight, head)
+    assert torch.equal(m.mil.classifier.weight, other.classifier.weight)
+    torch.save({"format": "wsi-vssm-mil/1", "mil_config": other.config.to_dict(),
+                "state_dict": {**sd, "extra.weight": torch.zeros(1)}}, tmp_path / "bad_mil.pt")
+    with pytest.raises(ModelFileError) as e:
+        attach_mil(m, tmp_path / "bad_mil.pt")
+    _one_line(e, "bad_mil.pt")
+    with pytest.raises(ModelFileError) as e:
+        attach_mil(m, tmp_path / "m.pt")  # a whole model file is not a MIL checkpoint
+    _one_line(e, "m.pt")
+
+
+def test_half_precision_file(model, tmp_path):
+    full = save_model(model, tmp_path / "f32.pt")
+    half = save_model(model, tmp_path / "f16.pt", half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(half).cell_logits(x), model.cell_logits(x), rtol=0.05, atol=0.05)
+
+
+def test_default_model_loads():
+    if not default_model_path().is_file():
+        pytest.skip("packaged default weights not built yet (pipelines/default.toml)")
+    m = load_model("default")
+    assert m.mpp == pytest.approx(0.97, abs=0.05) and m.token_px == 32 and m.stride == 32
+    assert default_model_path().stat().st_size <= 10 * 2**20
+    with torch.no_grad():
+        assert m.cell_logits(torch.zeros(1, 3, 96, 96)).shape == (1, 3, 3)
+
+
+def test_default_model_file_is_plain_weights_only_data():
+    # A user can inspect the shipped file with torch.load(weights_only=True) and no allow-listed classes.
+    if not default_model_path().is_file():
+        pytest.skip("packaged default weights not built yet (pipelines/default.toml)")
+    ckpt = torch.load(default_model_path(), weights_only=True)
+    assert ckpt["format"] == "wsi-vssm-model/1" and ckpt["mpp"] == pytest.approx(0.97, abs=0.05)
+    holdout = ckpt["metadata"]["metrics"]["valid_holdout"]
+    assert 0.5 < holdout["auc"] <= 1.0
+
+
+def test_saved_metadata_strings_are_exact_str(model, tmp_path):
+    save_model(model, tmp_path / "m.pt", metadata={"torch_version": torch.__version__})
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert ckpt["metadata"]["torch_version"] == str(torch.__version__)

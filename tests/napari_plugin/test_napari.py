@@ -1,0 +1,398 @@
+"""The napari plugin: reader (slides and prediction outputs), alignment in world coordinates, the Predict widget,
+a rendered screenshot, and the npe2 manifest.
+
+Needs napari and an X server (Xvfb through pytest-xvfb); the whole module skips without napari.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+npe2 = pytest.importorskip("npe2")
+if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):  # Qt would abort the whole run
+    pytest.skip("no X server: install Xvfb (.ci/napari-setup.sh) and pytest-xvfb, or run under xvfb-run",
+                allow_module_level=True)
+
+import tifffile  # noqa: E402
+import zarr  # noqa: E402
+from shapely.geometry import Polygon  # noqa: E402
+
+from wsi_vssm.io import open_slide  # noqa: E402
+from wsi_vssm.io.annotations import rasterize  # noqa: E402
+from wsi_vssm.napari_plugin import reader as plugin_reader  # noqa: E402
+from wsi_vssm.napari_plugin._layers import CHUNK, META_KEY  # noqa: E402
+from wsi_vssm.outputs.contours import max_probability, tumour_contours, write_contours_geojson  # noqa: E402
+from wsi_vssm.outputs.heatmap import write_heatmap_zarr  # noqa: E402
+
+pytestmark = pytest.mark.napari
+
+MANIFEST = Path(__file__).resolve().parents[2] / "wsi_vssm" / "napari_plugin" / "napari.yaml"
+PLUGIN = "wsi-vssm"
+SLIDE_MPP = 0.5
+SLIDE_SIZE = 3000
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _plugin_registered():
+    """The manifest, registered as napari finds it through the entry point (registered here if not installed)."""
+    pm = npe2.PluginManager.instance()
+    if PLUGIN not in pm:
+        pm.register(npe2.PluginManifest.from_file(MANIFEST))
+    yield
+
+
+@pytest.fixture(scope="module")
+def tumour_slide(tmp_path_factory):
+    """A synthetic pyramidal TIFF at 0.5 um/px with one known lesion: (path, lesion polygon in level-0 px)."""
+    from wsi_vssm.synth import write_slide
+
+    path = tmp_path_factory.mktemp("napari") / "tumour_slide.tif"
+    lesions = write_slide(path, size=SLIDE_SIZE, mpp=SLIDE_MPP, seed=3, tumor=True, workers=2)
+    assert lesions, "the synthetic tumour slide should carry a lesion"
+    return path, Polygon(lesions[0])
+
+
+@pytest.fixture(scope="module")
+def prediction_folder(tumour_slide, tmp_path_factory):
+    """A prediction output folder for `tumour_slide` whose heatmap is hot exactly on the lesion's cells.
+
+    Written by the library's own writers, with a cell size that is not a whole number of pixels and an
+    origin off zero, so any slip in the reader's placement shows.
+    """
+    path, lesion = tumour_slide
+    cell0, origin = 61.7, (13.0, 29.0)
+    rows = cols = int((SLIDE_SIZE - 29) // cell0)
+    with open_slide(path) as slide:
+        thumb = slide.thumbnail(512)
+    # background 0 (no tissue), tissue 0.2, lesion cells 0.95
+    ys = ((np.arange(rows) + 0.5) * cell0 + origin[1]) * thumb.shape[0] / SLIDE_SIZE
+    xs = ((np.arange(cols) + 0.5) * cell0 + origin[0]) * thumb.shape[1] / SLIDE_SIZE
+    tissue = thumb[ys.astype(int)][:, xs.astype(int)].mean(axis=2) < 220
+    prob = np.where(tissue, 0.2, np.nan).astype(np.float32)
+    hot = rasterize(lesion, (rows, cols), origin=origin, downsample=cell0)
+    prob[hot] = 0.95
+    out = tmp_path_factory.mktemp("pred") / "tumour_slide"
+    out.mkdir()
+    write_heatmap_zarr(out / "heatmap.ome.zarr", prob, cell0, origin, SLIDE_MPP, attrs={"slide": "tumour_slide"})
+    polys = tumour_contours(prob, 0.5, cell0, origin)
+    write_contours_geojson(out / "contours.geojson", polys, max_probability(polys, prob, cell0, origin), SLIDE_MPP)
+    (out / "prediction.json").write_text(json.dumps({"slide": "tumour_slide", "probability": 0.9}))
+    return out, prob, cell0, origin
+
+
+def _pattern_levels(h=600, w=800, n=3):
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([(xx * 3) % 256, (yy * 5) % 256, ((xx + yy) * 7) % 256], -1).astype(np.uint8)
+    return [np.ascontiguousarray(img[:: 2**i, :: 2**i]) for i in range(n)]
+
+
+def _write_ome_tiff(path, levels, mpp):
+    meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp}
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        kw = {"tile": (64, 64), "photometric": "rgb", "compression": "zlib"}
+        tw.write(levels[0], subifds=len(levels) - 1, metadata=meta, **kw)
+        for lv in levels[1:]:
+            tw.write(lv, subfiletype=1, **kw)
+
+
+def _write_ome_zarr(path, levels, mpp):
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    datasets = []
+    for i, img in enumerate(levels):
+        group.create_array(str(i), shape=img.shape[::-1][::-1], chunks=(64, 64, 3), dtype="uint8")[:] = img
+        s = mpp * 2**i
+        datasets.append({"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [s, s, 1]}]})
+    axes = [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"] + [{"name": "c", "type": "channel"}]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": datasets}]
+
+
+# ---- reader -----------------------------------------------------------------------------------------------------
+def test_reader_opens_a_synthetic_slide_with_its_levels_and_scale_lazily(make_napari_viewer, tumour_slide,
+                                                                         monkeypatch):
+    from wsi_vssm.io.base import SlideReader
+
+    reads = []
+    original = SlideReader.read_region
+
+    def spy(self, location, level, size):
+        reads.append((level, tuple(size)))
+        return original(self, location, level, size)
+
+    monkeypatch.setattr(SlideReader, "read_region", spy)
+    path, _ = tumour_slide
+    viewer = make_napari_viewer(show=True)
+    layers = viewer.open(path, plugin=PLUGIN)
+    assert len(layers) == 1
+    layer = layers[0]
+    with open_slide(path) as slide:
+        dims, count = slide.level_dimensions, slide.level_count
+    assert layer.multiscale and layer.rgb and len(layer.data) == count > 1
+    assert [tuple(d.shape) for d in layer.data] == [(h, w, 3) for w, h in dims]
+    assert tuple(layer.scale) == (SLIDE_MPP, SLIDE_MPP)
+    assert [str(u) for u in layer.units] == ["micrometer", "micrometer"]
+    assert layer.metadata[META_KEY]["kind"] == "slide"
+    viewer.screenshot(canvas_only=True)  # draw: napari reads what it shows
+    assert reads, "drawing the slide should read from it"
+    assert all(w <= CHUNK and h <= CHUNK for _, (w, h) in reads), "level 0 (or any level) read whole"
+
+
+@pytest.mark.parametrize("kind", ["ome.tif", "ome.zarr"])
+def test_reader_opens_ome_formats_with_the_right_pixels(make_napari_viewer, tmp_path, kind):
+    levels, mpp = _pattern_levels(), 0.25
+    path = tmp_path / f"pattern.{kind}"
+    (_write_ome_tiff if kind == "ome.tif" else _write_ome_zarr)(path, levels, mpp)
+    assert plugin_reader.get_reader(str(path)) is plugin_reader.read_slide
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(path, plugin=PLUGIN)
+    assert [tuple(d.shape) for d in layer.data] == [lv.shape for lv in levels]
+    assert tuple(layer.scale) == (mpp, mpp)
+    for k, lv in enumerate(levels):  # a box straddling dask blocks comes out pixel-exact at every level
+        np.testing.assert_array_equal(np.asarray(layer.data[k][7:151, 5:203]), lv[7:151, 5:203])
+
+
+def test_slide_without_mpp_opens_in_pixels(make_napari_viewer, tmp_path):
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, _pattern_levels(256, 256, 1)[0], photometric="rgb", tile=(64, 64))
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(path, plugin=PLUGIN)
+    assert tuple(layer.scale) == (1.0, 1.0)
+    assert layer.metadata[META_KEY]["mpp"] is None
+
+
+def test_reader_returns_none_fast_for_what_it_cannot_read(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "fake.tif").write_bytes(b"GIF89a not a tiff")
+    (tmp_path / "empty.mrxs").write_bytes(b"")
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "odd.zarr").mkdir()
+    (tmp_path / "odd.zarr" / ".zattrs").write_text("{not json")
+    (tmp_path / "prediction.json").write_text("{}")  # no heatmap beside it
+    candidates = ["notes.txt", "fake.tif", "empty.mrxs", "emptydir", "odd.zarr", "prediction.json", "missing.svs"]
+    t = time.perf_counter()
+    results = {name: plugin_reader.get_reader(str(tmp_path / name)) for name in candidates}
+    elapsed = time.perf_counter() - t
+    assert results == dict.fromkeys(candidates)
+    assert plugin_reader.get_reader([str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]) is None
+    assert elapsed < 0.5, f"get_reader took {elapsed:.3f} s for {len(candidates)} non-slides"
+
+
+def test_package_and_fast_path_import_neither_qt_nor_heavy_libraries(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    code = (
+        "import sys; import wsi_vssm.napari_plugin; from wsi_vssm.napari_plugin.reader import get_reader;"
+        f"assert get_reader({str(tmp_path / 'x.png')!r}) is None;"
+        "bad = sorted(m for m in ('qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'napari', 'torch', 'dask', 'zarr')"
+        " if m in sys.modules); print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ---- prediction outputs -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["folder", "prediction.json", "heatmap.ome.zarr"])
+def test_prediction_output_opens_as_heatmap_and_contours(make_napari_viewer, prediction_folder, target):
+    folder = prediction_folder[0]
+    path = folder if target == "folder" else folder / target
+    viewer = make_napari_viewer()
+    layers = viewer.open(path, plugin=PLUGIN)
+    assert [ly._type_string for ly in layers] == ["image", "shapes"]
+    heat, shapes = layers
+    assert heat.opacity == 0.5 and tuple(heat.contrast_limits) == (0.0, 1.0)
+    assert heat.colormap.map(np.array([0.0]))[0, 3] == 0.0, "no-tissue cells should be transparent"
+    assert heat.metadata[META_KEY]["kind"] == "heatmap"
+    assert len(shapes.data) >= 1 and set(shapes.shape_type) == {"polygon"}
+    np.testing.assert_allclose(np.asarray(shapes.features["max_probability"]), 0.95, rtol=1e-6)
+
+
+def test_heatmap_hot_spot_lies_over_the_known_lesion_in_world_coordinates(make_napari_viewer, tumour_slide,
+                                                                           prediction_folder):
+    path, lesion = tumour_slide
+    folder, prob, cell0, origin = prediction_folder
+    viewer = make_napari_viewer()
+    (slide,) = viewer.open(path, plugin=PLUGIN)
+    heat, shapes = viewer.open(folder, plugin=PLUGIN)
+
+    # the lesion's centre, a point in the slide's level-0 pixels, as world coordinates via the slide layer
+    c = lesion.representative_point()
+    world = np.asarray(slide.data_to_world((c.y - 0.5, c.x - 0.5)))  # continuous (x, y) -> pixel-centre index
+    # ... falls on a hot heatmap pixel
+    r, col = np.round(np.asarray(heat.world_to_data(world))).astype(int)
+    assert heat.data[r, col] == pytest.approx(0.95)
+    # the hot spot's centre of mass (world) is the lesion's (level-0 px -> world), within one cell
+    rr, cc = np.nonzero(heat.data >= 0.5)
+    hot_world = np.mean([heat.data_to_world((i, j)) for i, j in zip(rr, cc, strict=True)], axis=0)
+    cells = [(origin[0] + (j + 0.5) * cell0, origin[1] + (i + 0.5) * cell0) for i, j in zip(rr, cc, strict=True)]
+    expect = np.asarray(slide.data_to_world(np.mean(cells, axis=0)[::-1] - 0.5))
+    np.testing.assert_allclose(hot_world, expect, atol=1e-6)
+    assert np.linalg.norm(hot_world - np.asarray(slide.data_to_world((lesion.centroid.y, lesion.centroid.x)))) \
+        < 2 * cell0 * SLIDE_MPP
+    # contours run along the hot cells' outer edges: their world box is the hot block's world box
+    verts = np.concatenate([np.asarray([shapes.data_to_world(v) for v in poly]) for poly in shapes.data])
+    half = cell0 * SLIDE_MPP / 2
+    hot_box = np.array([[heat.data_to_world((i, j)) for i, j in zip(rr, cc, strict=True)]]).reshape(-1, 2)
+    np.testing.assert_allclose(verts.min(axis=0), hot_box.min(axis=0) - half, atol=1e-6)
+    np.testing.assert_allclose(verts.max(axis=0), hot_box.max(axis=0) + half, atol=1e-6)
+
+
+def test_screenshot_shows_heatmap_colour_over_tissue(make_napari_viewer, tumour_slide, prediction_folder):
+    path, lesion = tumour_slide
+    viewer = make_napari_viewer(show=True)
+    viewer.open(path, plugin=PLUGIN)
+    heat, shapes = viewer.open(prediction_folder[0], plugin=PLUGIN)
+    shapes.visible = False
+    viewer.reset_view()
+    heat.visible = False
+    plain = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    heat.visible = True
+    over = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    changed = np.abs(over - plain).sum(axis=2) > 30
+    white = plain.min(axis=2) > 235  # background glass (and canvas) stays as it was: 0 is transparent
+    tissue = (plain.max(axis=2) - plain.min(axis=2) > 25) & ~white
+    assert tissue.mean() > 0.05, "the slide should show tissue"
+    assert changed[tissue].mean() > 0.8, "the heatmap should tint the tissue"
+    assert changed[white].mean() < 0.05, "no heatmap colour over background"
+    # turbo at 0.95 is red: the lesion's pixels turn red-dominant, normal tissue (0.2, blue-cyan) does not
+    red = changed & (over[..., 0] > over[..., 1] + 40) & (over[..., 0] > over[..., 2] + 40)
+    bluish = changed & (over[..., 2] > over[..., 0])
+    assert red.sum() > 20 and bluish.sum() > red.sum()
+
+
+# ---- widget -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random micro SlideModel saved as a model file (the packaged default may not exist yet)."""
+    torch = pytest.importorskip("torch")
+    from wsi_vssm.models.slide_model import SlideModel, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(SlideModel.create("micro", name="tiny"), path)
+    return path
+
+
+@pytest.fixture
+def widget_viewer(make_napari_viewer, tumour_slide):
+    from wsi_vssm.napari_plugin.widget import PredictWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(tumour_slide[0], plugin=PLUGIN)
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    return viewer, widget
+
+
+def _notifications(since: int) -> list[str]:
+    from napari.utils.notifications import notification_manager
+
+    return [str(n.message) for n in notification_manager.records[since:]]
+
+
+def test_widget_presets_the_default_model_and_the_open_slide(widget_viewer):
+    viewer, widget = widget_viewer
+    assert widget.model_combo.currentText() == "default"
+    assert widget.slide_combo.currentText() == "tumour_slide"
+    assert widget.mpp_spin.value() == 0.0 and widget.mpp_spin.text() == "from file"
+    assert widget.cancel_button.isEnabled() is False
+
+
+def test_widget_predicts_end_to_end_and_adds_heatmap_and_contours(widget_viewer, tiny_model, tmp_path, qtbot):
+    viewer, widget = widget_viewer
+    widget.model_combo.setEditText(str(tiny_model))
+    widget.out_edit.setText(str(tmp_path / "out"))
+    stages = []
+    widget._progress.changed.connect(lambda done, total, stage: stages.append(stage))
+    widget.predict_button.click()
+    assert widget.cancel_button.isEnabled() and not widget.predict_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.last_result is not None, widget.result_label.text()
+    record = widget.last_result.record
+    assert 0.0 <= record["probability"] <= 1.0
+    assert "tumour probability" in widget.result_label.text()
+    assert {"read", "regions", "done"} <= set(stages)
+    names = [ly.name for ly in viewer.layers]
+    assert names[:2] == ["tumour_slide", "tumour_slide heatmap"] and "tumour_slide contours" in names
+    out = tmp_path / "out" / "tumour_slide"
+    assert {p.name for p in out.iterdir()} >= {"prediction.json", "heatmap.ome.zarr", "contours.geojson"}
+    heat = viewer.layers["tumour_slide heatmap"]
+    assert heat.data.max() > 0 and heat.metadata[META_KEY]["mpp"] == SLIDE_MPP
+    # the heatmap grid covers the slide from its top-left edge; the last cells start inside it
+    slide = viewer.layers["tumour_slide"]
+    half = heat.scale[-1] / 2
+    first_edge = np.asarray(heat.data_to_world((0, 0))) - half
+    np.testing.assert_allclose(first_edge, np.asarray(slide.data_to_world((-0.5, -0.5))), atol=1e-6)
+    last_edge = np.asarray(heat.data_to_world(np.array(heat.data.shape) - 1)) - half
+    assert np.all(last_edge < np.asarray(slide.data_to_world((SLIDE_SIZE - 0.5, SLIDE_SIZE - 0.5))))
+    assert widget.predict_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_widget_reports_errors_as_notifications_without_crashing(widget_viewer, tmp_path, qtbot):
+    from napari.utils.notifications import notification_manager
+
+    viewer, widget = widget_viewer
+    widget.model_combo.setEditText(str(tmp_path / "no-such-model.pt"))
+    widget.out_edit.setText(str(tmp_path / "out"))
+    before = len(notification_manager.records)
+    widget.predict_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    messages = _notifications(before)
+    assert any("model file not found" in m for m in messages), messages
+    assert widget.last_result is None and len(viewer.layers) == 1
+    assert widget.result_label.text().startswith("failed:")
+
+
+def test_widget_cancel_stops_prediction(widget_viewer, tiny_model, tmp_path, qtbot):
+    from napari.utils.notifications import notification_manager
+
+    viewer, widget = widget_viewer
+    widget.model_combo.setEditText(str(tiny_model))
+    widget.out_edit.setText(str(tmp_path / "out"))
+    widget._progress.changed.connect(lambda *_: widget.cancel())  # cancel as soon as work is under way
+    before = len(notification_manager.records)
+    widget.predict_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert any("cancelled" in m for m in _notifications(before))
+    assert widget.last_result is None and len(viewer.layers) == 1
+    assert not (tmp_path / "out" / "tumour_slide" / "prediction.json").exists()
+
+
+def test_widget_without_a_slide_says_so(make_napari_viewer):
+    from napari.utils.notifications import notification_manager
+
+    from wsi_vssm.napari_plugin.widget import PredictWidget
+
+    viewer = make_napari_viewer()
+    widget = PredictWidget(viewer)
+    before = len(notification_manager.records)
+    widget.predict_button.click()
+    assert widget.worker is None
+    assert any("open a slide first" in m for m in _notifications(before))
+
+
+def test_widget_is_reachable_through_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Predict metastasis")
+    assert type(widget).__name__ == "PredictWidget"
+
+
+# ---- manifest ---------------------------------------------------------------------------------------------------
+def test_npe2_validate_passes():
+    npe2_cli = Path(sys.executable).with_name("npe2")
+    cmd = [str(npe2_cli)] if npe2_cli.exists() else [sys.executable, "-m", "npe2"]
+    out = subprocess.run([*cmd, "validate", str(MANIFEST)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "NO_COLOR": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    manifest = npe2.PluginManifest.from_file(MANIFEST)
+    manifest.validate_imports()  # every python_name imports and exists
+    patterns = manifest.contributions.readers[0].filename_patterns
+    assert {"*.svs", "*.tif", "*.ndpi", "*.mrxs", "*.zarr"} <= set(patterns)

@@ -1,0 +1,189 @@
+"""predict and evaluate end to end on tiny synthetic slides with a tiny random model (fast on 2 cores)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_file
+
+from wsi_vssm.cli import main
+from wsi_vssm.pipeline.predict import Cancelled, PredictParams, cell_grid, predict_slide, stain_warning
+
+# 1024 px at 2 um/px is 2048 um: at the model's 0.97 um/px about 2100 px, i.e. a few 1024 px regions.
+FAST = PredictParams(device="cpu", region_px=1024, overlap_px=64, reader_threads=1)
+
+
+def _model(path):
+    from wsi_vssm.models.slide_model import load_model
+
+    return load_model(path)
+
+
+def test_predict_writes_every_output(model_file, cohort, tmp_path):
+    rec = predict_slide(cohort / "tumor_001.tif", _model(model_file), tmp_path, FAST)
+    folder = tmp_path / "tumor_001"
+    saved = json.loads((folder / "prediction.json").read_text())
+    assert list(saved) == ["slide", "probability", "label", "threshold", "reason", "model", "mpp", "parameters",
+                           "timings", "version"]
+    assert saved["slide"] == "tumor_001" and 0.0 <= saved["probability"] <= 1.0 and saved["reason"] is None
+    assert saved["label"] == int(saved["probability"] >= 0.5) and rec["probability"] == saved["probability"]
+    assert saved["mpp"]["analysis"] == pytest.approx(0.97) and saved["parameters"]["n_cells"] > 10
+    for name in ("heatmap.ome.zarr", "overlay.png", "contours.geojson"):
+        assert (folder / name).exists(), name
+    geo = json.loads((folder / "contours.geojson").read_text())
+    assert geo["type"] == "FeatureCollection"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_heatmap_cells_sit_on_tissue(model_file, cohort, tmp_path):
+    from wsi_vssm.io import open_slide
+    from wsi_vssm.io.tissue import slide_tissue_mask
+    from wsi_vssm.outputs.heatmap import read_heatmap_zarr
+
+    predict_slide(cohort / "normal_001.tif", _model(model_file), tmp_path, FAST)
+    prob, cell_um, _, attrs = read_heatmap_zarr(tmp_path / "normal_001" / "heatmap.ome.zarr")
+    cell0 = attrs["wsi_vssm"]["cell0"]
+    with open_slide(cohort / "normal_001.tif") as slide:
+        mask, scale = slide_tissue_mask(slide)
+    assert cell_um == pytest.approx(0.97 * 32, rel=1e-6)
+    ii, jj = np.nonzero(prob > 0)
+    assert len(ii) > 10
+    # the centre of every scored cell lies on (or right next to) tissue in the mask
+    my = np.clip(((ii + 0.5) * cell0 / scale).astype(int), 0, mask.shape[0] - 1)
+    mx = np.clip(((jj + 0.5) * cell0 / scale).astype(int), 0, mask.shape[1] - 1)
+    from scipy import ndimage as ndi
+
+    near = ndi.binary_dilation(mask, iterations=2)
+    assert near[my, mx].mean() > 0.95
+
+
+def test_cell_grid_places_values_by_coordinates():
+    grid = cell_grid(np.array([[0, 0], [62, 124]]), np.array([0.2, 0.9], np.float32), 31.0, (100, 160))
+    assert grid.shape == (6, 4) and grid[0, 0] == pytest.approx(0.2) and grid[4, 2] == pytest.approx(0.9)
+    assert np.isnan(grid).sum() == 22
+
+
+def test_cancel_stops_prediction(model_file, cohort, tmp_path):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        predict_slide(cohort / "normal_001.tif", _model(model_file), tmp_path, FAST, cancel=stop)
+    assert not (tmp_path / "normal_001" / "prediction.json").exists()
+
+
+def test_no_tissue_is_a_null_probability_not_an_error(model_file, tmp_path):
+    import tifffile
+
+    path = tmp_path / "blank.tif"
+    tifffile.imwrite(path, np.full((1024, 1024, 3), 245, np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with pytest.warns(UserWarning, match="no tissue"):
+        rec = predict_slide(path, _model(model_file), tmp_path / "out", FAST)
+    assert rec["probability"] is None and rec["reason"] == "no tissue found" and rec["label"] is None
+
+
+def test_stain_warning_flags_fluorescence_and_ihc():
+    dark = np.full((64, 64, 3), 10, np.uint8)
+    assert "fluorescence" in stain_warning(dark, np.ones((64, 64), bool))
+    brown = np.empty((64, 64, 3), np.uint8)
+    brown[:] = (150, 100, 50)
+    assert "IHC" in stain_warning(brown, np.ones((64, 64), bool))
+    pink = np.empty((64, 64, 3), np.uint8)
+    pink[:] = (220, 140, 200)
+    assert stain_warning(pink, np.ones((64, 64), bool)) is None
+
+
+def test_cli_predict_one_line_per_slide_and_exit_3_on_a_broken_one(model_file, cohort, tmp_path, capsys):
+    broken = tmp_path / "broken.svs"
+    broken.write_text("not a slide")
+    args = ["predict", str(cohort / "normal_001.tif"), str(broken), "--model", str(model_file), "--out",
+            str(tmp_path / "o"), "--device", "cpu", "--region-px", "1024", "--overlap-px", "64",
+            "--reader-threads", "1"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 3
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and out.startswith("normal_001: probability")
+    assert "broken.svs" in err and "Traceback" not in err
+    assert (tmp_path / "o" / "normal_001" / "prediction.json").exists()
+
+
+def test_cli_predict_without_mpp_asks_for_it(model_file, tmp_path, capsys):
+    tcga = shared_file("slides", "tcga-cr-7395-01a-01-ts1.svs")
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(tcga), "--model", str(model_file), "--out", str(tmp_path)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "--mpp" in err and "tcga-cr-7395" in err and "\n" not in err
+
+
+def test_cli_missing_model_is_one_line(cohort, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(cohort / "normal_001.tif"), "--model", str(tmp_path / "nope.pt")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "nope.pt" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_evaluate_cohort_writes_metrics_table_and_roc(model_file, cohort, tmp_path, capsys):
+    # a manifest with one missing slide: it is recorded as failed and the run goes on (exit 3)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"slide,label\n{cohort / 'normal_001.tif'},normal\n{cohort / 'tumor_001.tif'},Tumor\n"
+                        f"missing.tif,0\n")
+    args = ["evaluate", str(manifest), "--model", str(model_file), "--out", str(tmp_path / "ev"), "--device",
+            "cpu", "--region-px", "1024", "--overlap-px", "64", "--reader-threads", "1", "--bootstrap", "200"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 3
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert list(metrics)[:8] == ["auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "threshold", "n",
+                                 "n_failed"]
+    assert metrics["n"] == 2 and metrics["n_failed"] == 1 and metrics["auc"] in (0.0, 1.0)
+    with open(tmp_path / "ev" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert rows[2]["slide"] == "missing" and rows[2]["error"]
+    assert (tmp_path / "ev" / "roc.png").stat().st_size > 1000
+    assert (tmp_path / "ev" / "tumor_001" / "heatmap.ome.zarr").is_dir()
+
+
+def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
+    from PIL import Image
+
+    from wsi_vssm.runs.evaluate import evaluate_patches
+
+    rng = np.random.default_rng(0)
+    for label in (0, 1):
+        d = tmp_path / "patches" / str(label)
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(d / f"p{i}.png")
+    res = evaluate_patches(tmp_path / "patches", _model(model_file), tmp_path / "ev", mpp=0.97, n_boot=200)
+    assert len(res.rows) == 6 and all(0 <= r["probability"] <= 1 for r in res.rows)
+    assert res.metrics["n"] == 6 and (tmp_path / "ev" / "metrics.json").exists()
+    with pytest.raises(Exception, match="--mpp"):
+        evaluate_patches(tmp_path / "patches", _model(model_file), tmp_path / "ev2", mpp=None)
+
+
+def test_readme_main_job_uses_a_shipped_slide():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "sample_data/cmu-1-small-region.svs" in readme
+    assert (Path(__file__).resolve().parents[2] / "sample_data" / "cmu-1-small-region.svs").exists()
+
+
+def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path):
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+
+    res = evaluate_cohort(cohort, load_model(model_file), tmp_path / "ev", FAST, annotations=cohort / "annotations",
+                          n_boot=200)
+    froc = res.metrics["froc"]
+    assert 0.0 <= froc["froc"] <= 1.0 and froc["n_slides"] == 2 and froc["n_lesions"] >= 1
+    assert set(froc["sensitivity_at_fps"]) == {"0.25", "0.5", "1", "2", "4", "8"}
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved["froc"]["froc"] == pytest.approx(froc["froc"])

@@ -1,0 +1,119 @@
+"""Cohort tables: manifests, CAMELYON16-style reference.csv in its real shapes, and their errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from wsi_vssm.runs.cohort import CohortError, index_slides, read_cohort, read_manifest, read_reference, slide_name
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_manifest_paths_relative_to_csv_with_split_and_extra_columns(tmp_path):
+    _touch(tmp_path / "slides" / "a.svs")
+    _touch(tmp_path / "slides" / "b.ome.tiff")
+    csv = tmp_path / "lists" / "m.csv"
+    csv.parent.mkdir()
+    csv.write_text("slide,label,split,site\n../slides/a.svs,Tumor,train,x\n../slides/b.ome.tiff,0,VALID,y\n")
+    c = read_cohort(csv)
+    assert c.layout == "manifest" and c.has_split
+    assert [(r.name, r.label, r.split) for r in c.rows] == [("a", 1, "train"), ("b", 0, "valid")]
+    assert c.rows[0].path == csv.parent / "../slides/a.svs" and all(r.ok for r in c.rows)
+
+
+def test_manifest_missing_file_is_a_failed_row(tmp_path):
+    _touch(tmp_path / "a.tif")
+    csv = tmp_path / "m.csv"
+    csv.write_text("slide,label\na.tif,1\ngone.tif,0\n")
+    c = read_manifest(csv)
+    assert [r.name for r in c.ok] == ["a"]
+    assert [r.name for r in c.failed] == ["gone"] and "gone.tif" in c.failed[0].error
+    assert c.failed[0].line == 3
+    # labels only (cached features): nothing is looked up, nothing fails
+    assert not read_manifest(csv, find_slides=False).failed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Test_001,Tumor,Macro,,\nTest_002,Normal,,,\ntest_003,tumor,Micro,,\n",  # official: no header, extras
+        "image,type\nTest_001,TUMOR\nTest_002,normal\ntest_003,1\n",  # a header row
+        "\ufeffTest_001,Tumor\r\nTest_002,0\r\n\r\ntest_003,Tumor\r\n",  # BOM, CRLF, blank line
+    ],
+)
+def test_camelyon_folder_finds_slides_anywhere_any_case_any_extension(tmp_path, text):
+    _touch(tmp_path / "images" / "test_001.tif")
+    _touch(tmp_path / "deep" / "er" / "TEST_002.svs")
+    _touch(tmp_path / "test_003.ome.tiff")
+    _touch(tmp_path / "annotations" / "test_001.xml")  # not a slide: ignored
+    (tmp_path / "reference.csv").write_text(text, encoding="utf-8")
+    c = read_cohort(tmp_path)
+    assert c.layout == "camelyon"
+    assert [(r.name, r.label) for r in c.rows] == [("Test_001", 1), ("Test_002", 0), ("test_003", 1)]
+    assert [r.path.name for r in c.rows] == ["test_001.tif", "TEST_002.svs", "test_003.ome.tiff"]
+    assert c.labels() == {"Test_001": 1, "Test_002": 0, "test_003": 1}
+
+
+def test_reference_csv_path_reads_camelyon_layout(tmp_path):
+    _touch(tmp_path / "tumor_001.tif")
+    ref = tmp_path / "reference.csv"
+    ref.write_text("tumor_001,Tumor\nnormal_001,Normal\n")
+    c = read_cohort(ref)
+    assert [r.name for r in c.ok] == ["tumor_001"]
+    assert [r.name for r in c.failed] == ["normal_001"] and "no slide file" in c.failed[0].error
+
+
+def test_bad_label_names_file_and_row(tmp_path):
+    ref = tmp_path / "reference.csv"
+    ref.write_text("tumor_001,Tumor\ntumor_002,maybe\n")
+    with pytest.raises(CohortError, match=r"reference\.csv, line 2: label 'maybe'"):
+        read_reference(ref)
+    man = tmp_path / "m.csv"
+    man.write_text("slide,label\na.tif,2\n")
+    with pytest.raises(CohortError, match=r"m\.csv, line 2: label '2'") as err:
+        read_cohort(man)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_split_and_duplicates_are_errors(tmp_path):
+    man = tmp_path / "m.csv"
+    man.write_text("slide,label,split\na.tif,1,holdout\n")
+    with pytest.raises(CohortError, match="line 2: split 'holdout'"):
+        read_manifest(man, find_slides=False)
+    ref = tmp_path / "reference.csv"
+    ref.write_text("Tumor_001,Tumor\nnormal_001,normal\ntumor_001,tumor\n")
+    with pytest.raises(CohortError, match=r"line 3: slide 'tumor_001' is listed again \(first on line 1\)"):
+        read_reference(ref, find_slides=False)
+
+
+def test_ambiguous_slide_name_is_a_failed_row(tmp_path):
+    _touch(tmp_path / "a" / "s1.tif")
+    _touch(tmp_path / "b" / "s1.svs")
+    (tmp_path / "reference.csv").write_text("s1,normal\n")
+    (row,) = read_cohort(tmp_path).failed
+    assert "several slide files" in row.error
+
+
+def test_missing_reference_and_names(tmp_path):
+    with pytest.raises(CohortError, match="needs a reference.csv"):
+        read_cohort(tmp_path)
+    with pytest.raises(CohortError, match="no such cohort"):
+        read_cohort(tmp_path / "nope.csv")
+    assert slide_name("x/a.ome.tiff") == "a" and slide_name("b.SVS") == "b" and slide_name("c.v2.tif") == "c.v2"
+    from wsi_vssm.io import SlideReader
+    from wsi_vssm.runs.runner import slide_key
+
+    for p in ("x/a.ome.tiff", "b.SVS", "c.v2.tif", "D.OME.ZARR", "e"):  # one rule: outputs, runner, cohorts
+        reader_name = SlideReader.name.fget(SimpleNamespace(path=Path(p)))  # what a file reader calls the slide
+        assert slide_name(p) == slide_key(p) == reader_name
+    (tmp_path / "feat.zarr").mkdir()
+    _touch(tmp_path / "feat.zarr" / "x.tif")  # inside a zarr store: never a slide
+    _touch(tmp_path / ".hidden" / "y.tif")
+    assert index_slides(tmp_path) == {}

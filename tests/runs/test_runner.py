@@ -1,0 +1,211 @@
+"""The cohort runner: per-slide state, skip/retry, locks, SIGKILL at any moment, and Dask = serial.
+
+Slides are tiny (1024 px at 2 um/px, read at 4 um/px: one 512 px region each) so the whole file stays fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from wsi_vssm.cli import main
+from wsi_vssm.runs.state import STATE_DIR, SlideLock, read_state
+
+FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def reference(model_file, cohort, tmp_path_factory):
+    """An uninterrupted serial evaluate run: what every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    assert _cli(["evaluate", str(cohort), "--out", str(out), "--model", str(model_file), "--bootstrap", "200",
+                 *FAST]) == 0
+    return out
+
+
+def _cli(args) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _probs(out) -> dict:
+    with open(out / "predictions.csv", encoding="utf-8") as f:
+        return {r["slide"]: (r["status"], float(r["probability"])) for r in csv.DictReader(f)}
+
+
+def _same_results(out, ref) -> None:
+    got, want = _probs(out), _probs(ref)
+    assert got.keys() == want.keys()
+    for name, (status, p) in want.items():
+        assert got[name][0] == status and abs(got[name][1] - p) <= 1e-5, name
+        rec = json.loads((out / name / "prediction.json").read_text())
+        assert abs(rec["probability"] - p) <= 1e-5
+    m, mref = (json.loads((d / "metrics.json").read_text()) for d in (out, ref))
+    assert m.keys() == mref.keys() and m["n"] == mref["n"] and m["n_failed"] == mref["n_failed"]
+    assert m["auc"] == pytest.approx(mref["auc"], abs=1e-9)
+    assert not [p for p in out.rglob(".tmp-*")], "temporaries left behind"
+
+
+def test_state_records_and_a_rerun_skips_done_slides(model_file, cohort, tmp_path, capsys):
+    slides = [cohort / "normal_001.tif", cohort / "tumor_001.tif"]
+    args = ["predict", *slides, "--out", tmp_path, "--model", model_file, *FAST]
+    assert _cli(args) == 0
+    state = read_state(tmp_path, "predict", "normal_001")
+    assert state["status"] == "done" and state["error"] is None and state["pid"] == os.getpid()
+    assert state["model_hash"] and state["params_hash"] and state["timings"]["total"] > 0
+    assert 0 <= state["result"]["probability"] <= 1 and state["started"] < state["finished"]
+    assert not list((tmp_path / STATE_DIR).glob("*.lock")), "locks must be released"
+    first = (tmp_path / "normal_001" / "prediction.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert _cli(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 2
+    assert (tmp_path / "normal_001" / "prediction.json").stat().st_mtime_ns == first
+
+    # reader threads do not change outputs (not in the hash); a threshold does: the slides are redone
+    assert _cli([*args, "--reader-threads", "2"]) == 0 and capsys.readouterr().out.count("up to date") == 2
+    assert _cli([*args, "--threshold", "0.4"]) == 0
+    assert "up to date" not in capsys.readouterr().out
+    assert read_state(tmp_path, "predict", "normal_001")["params_hash"] != state["params_hash"]
+
+
+def test_failed_slides_are_retried_only_with_retry_failed(model_file, cohort, tmp_path, capsys):
+    broken = tmp_path / "broken.svs"
+    broken.write_text("not a slide")
+    args = ["predict", cohort / "normal_001.tif", broken, "--out", tmp_path / "o", "--model", model_file, *FAST]
+    assert _cli(args) == 3
+    state = read_state(tmp_path / "o", "predict", "broken")
+    assert state["status"] == "failed" and "broken.svs" in state["error"] and state["error_type"]
+    capsys.readouterr()
+
+    assert _cli(args) == 3
+    err = capsys.readouterr().err
+    assert "earlier run" in err and "--retry-failed" in err
+    assert read_state(tmp_path / "o", "predict", "broken")["finished"] == state["finished"]  # not run again
+
+    assert _cli([*args, "--retry-failed"]) == 3
+    assert read_state(tmp_path / "o", "predict", "broken")["finished"] != state["finished"]
+
+
+def test_a_live_lock_skips_the_slide_and_a_stale_one_is_broken(model_file, cohort, tmp_path, capsys):
+    out = tmp_path / "o"
+    (out / STATE_DIR).mkdir(parents=True)
+    lock = out / STATE_DIR / "normal_001.predict.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "time": "t"}))
+        args = ["predict", cohort / "normal_001.tif", cohort / "normal_002.tif", "--out", out, "--model",
+                model_file, *FAST]
+        assert _cli(args) == 3
+        err = capsys.readouterr().err
+        assert "normal_001: locked by another run" in err and f"pid {other.pid}" in err
+        assert read_state(out, "predict", "normal_001") is None and lock.exists()
+        assert read_state(out, "predict", "normal_002")["status"] == "done"
+    finally:
+        other.kill()
+        other.wait()
+    assert _cli(args) == 0  # the holder is gone: its lock is stale and broken
+    assert read_state(out, "predict", "normal_001")["status"] == "done" and not lock.exists()
+
+
+def test_lock_is_exclusive():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(os.path.join(d, STATE_DIR))
+        a, b = SlideLock(d, "predict", "s"), SlideLock(d, "predict", "s")
+        assert a.acquire() and not b.acquire() and b.holder["pid"] == os.getpid()
+        a.release()
+        assert b.acquire()
+        b.release()
+
+
+def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(model_file, cohort, reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "wsi_vssm", "evaluate", str(cohort), "--out", str(out), "--model",
+           str(model_file), "--bootstrap", "200", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # first kill: as soon as a slide is running (mid-slide); second: once the first slide is done
+    for ready in (lambda s: s and s["status"] == "running",
+                  lambda s: s and s["status"] == "done" and s["slide"] == "normal_001"):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            states = [read_state(out, "predict", n) for n in ("normal_001", "normal_002", "tumor_001")]
+            if any(ready(s) for s in states):
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 0
+    _same_results(out, reference)
+    assert not list((out / STATE_DIR).glob("*.lock"))
+
+
+def test_running_state_and_temporaries_of_a_killed_run_are_redone(model_file, cohort, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "o"
+    shutil.copytree(reference, out)
+    state = read_state(out, "predict", "tumor_001")
+    from wsi_vssm.runs.state import write_state
+
+    write_state(out, "predict", "tumor_001", {**{k: v for k, v in state.items() if k != "format"},
+                                              "status": "running"})
+    (out / "tumor_001" / ".tmp-overlay.png.x").write_bytes(b"half")
+    (out / "normal_002" / "prediction.json").unlink()  # a done state whose outputs are gone is redone too
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 0
+    assert read_state(out, "predict", "tumor_001")["finished"] != state["finished"]
+    _same_results(out, reference)
+
+
+def test_dask_local_cluster_equals_the_serial_run(model_file, cohort, reference, tmp_path):
+    out = tmp_path / "dask"
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", "--workers", 2,
+                 *FAST]) == 0
+    _same_results(out, reference)
+    pids = {read_state(out, "predict", n)["worker"]["pid"] for n in ("normal_001", "normal_002", "tumor_001")}
+    assert os.getpid() not in pids  # the slides ran in the cluster's worker processes
+
+
+def test_dask_split_regions_equal_the_serial_run(model_file, cohort, tmp_path):
+    """A slide of more regions than --split-regions runs as region-batch tasks on the cluster's workers; the
+    driver assembles its cells and finishes it: the same probabilities and heatmaps as a serial run."""
+    import numpy as np
+
+    from wsi_vssm.outputs.heatmap import read_heatmap_zarr
+
+    names = ("tumor_001",)
+    # 512 px at the analysis mpp in regions of 256 px stepping 192: a 3 x 3 grid, run as tasks of 2 regions
+    geometry = ["--device", "cpu", "--target-mpp", "4", "--region-px", "256", "--overlap-px", "64",
+                "--reader-threads", "1"]
+    slides = [cohort / f"{n}.tif" for n in names]
+    serial, split = tmp_path / "serial", tmp_path / "split"
+    assert _cli(["predict", *slides, "--out", serial, "--model", model_file, *geometry]) == 0
+    assert _cli(["predict", *slides, "--out", split, "--model", model_file, *geometry, "--workers", 2,
+                 "--split-regions", 2]) == 0
+    for name in names:
+        state = read_state(split, "predict", name)
+        assert state["status"] == "done" and state["worker"]["split"]["region_tasks"] >= 2, name
+        assert os.getpid() not in state["worker"]["split"]["pids"]  # the regions ran in the worker processes
+        want, got = (json.loads((d / name / "prediction.json").read_text()) for d in (serial, split))
+        assert want["probability"] is not None and abs(got["probability"] - want["probability"]) <= 1e-5
+        assert got["parameters"]["n_cells"] == want["parameters"]["n_cells"]
+        hw, hg = (np.asarray(read_heatmap_zarr(d / name / "heatmap.ome.zarr")[0]) for d in (serial, split))
+        assert hw.shape == hg.shape and np.array_equal(np.isnan(hw), np.isnan(hg))
+        assert np.nanmax(np.abs(hw - hg)) <= 1e-5
+        assert read_state(serial, "predict", name)["params_hash"] == state["params_hash"]
+    assert not list((split / STATE_DIR).glob("*.lock"))

@@ -1,0 +1,262 @@
+"""Mosaic cohorts (wsi_vssm.synth.mosaic) and the recipe's mosaic_mil stage (wsi_vssm.training.mosaic)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import write_patch_folder, write_tiny_model
+
+from wsi_vssm.io.slide import open_slide
+from wsi_vssm.runs.cohort import read_cohort
+from wsi_vssm.synth.cohort import SynthError
+from wsi_vssm.synth.mosaic import BACKGROUND, make_mosaic_cohort, plan_mosaic
+from wsi_vssm.training.data.patches import load_patches
+from wsi_vssm.training.mosaic import youden_threshold
+
+
+@pytest.fixture(scope="module")
+def patches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patches")
+    write_patch_folder(root, 40, seed=3)
+    return load_patches(root)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_normal_and_tumour(seed):
+    labels = np.array([0] * 100 + [1] * 60)
+    rng = np.random.default_rng(seed)
+    index, lesion = plan_mosaic(labels, 8, False, rng)
+    tissue = index >= 0
+    assert tissue.sum() >= 32 and not lesion
+    assert (labels[index[tissue]] == 0).all()
+    assert len(set(index[tissue].tolist())) == tissue.sum()  # no patch twice in a slide
+
+    index, lesion = plan_mosaic(labels, 8, True, rng)
+    assert 1 <= len(lesion) <= max(1, round(0.3 * (index >= 0).sum()))
+    in_lesion = np.zeros(index.shape, bool)
+    for rc in lesion:
+        in_lesion[rc] = True
+    assert (labels[index[in_lesion]] == 1).all()
+    assert (labels[index[(index >= 0) & ~in_lesion]] == 0).all()
+    # the lesion is one 4-connected piece
+    seen, todo = {lesion[0]}, [lesion[0]]
+    while todo:
+        r, c = todo.pop()
+        for n in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+            if n in set(lesion) and n not in seen:
+                seen.add(n)
+                todo.append(n)
+    assert seen == set(lesion)
+
+
+def test_plan_refuses_a_pool_too_small():
+    with pytest.raises(SynthError, match="too small"):
+        plan_mosaic(np.array([0] * 5 + [1] * 5), 8, False, np.random.default_rng(0))
+
+
+def test_cohort_files_are_slides_with_the_patches(tmp_path, patches):
+    recs = make_mosaic_cohort(tmp_path / "c", patches, 4, seed=1, grid=4)
+    assert [r.label for r in recs] == ["normal", "normal", "tumor", "tumor"]
+    cohort = read_cohort(tmp_path / "c")
+    assert [r.label for r in cohort.rows] == [0, 0, 1, 1] and all(r.ok for r in cohort.rows)
+    doc = json.loads((tmp_path / "c" / "mosaic.json").read_text())
+    assert doc["grid"] == 4 and doc["mpp"] == 0.97 and len(doc["slides"]) == 4
+    tumour = doc["slides"][2]
+    r, c = tumour["lesion_cells"][0]
+    name = tumour["patches"][r][c]
+    assert name.split("/")[-2] == "1"
+    with open_slide(recs[2].path) as slide:
+        assert slide.dimensions == (384, 384) and abs(slide.mpp - 0.97) < 1e-6
+        img = np.asarray(slide.read_region((c * 96, r * 96), 0, (96, 96)))[..., :3].astype(int)
+        # the patch itself (JPEG-compressed twice) at its place: a dark centre, as write_patch_folder made it
+        centre, rim = img[40:56, 40:56].mean(), img[:16].mean()
+        assert centre < 0.7 * rim
+        empty = [(i, j) for i, row in enumerate(tumour["patches"]) for j, v in enumerate(row) if v is None]
+        if empty:
+            i, j = empty[0]
+            bg = np.asarray(slide.read_region((j * 96, i * 96), 0, (96, 96)))[..., :3].astype(int)
+            assert abs(bg.mean() - BACKGROUND) < 4
+
+
+def test_same_seed_same_files(tmp_path, patches):
+    make_mosaic_cohort(tmp_path / "a", patches, 2, seed=5, grid=4)
+    make_mosaic_cohort(tmp_path / "b", patches, 2, seed=5, grid=4)
+    for name in ("normal_001.tif", "tumor_001.tif", "mosaic.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_grid_range_gives_slides_of_several_sizes(tmp_path, patches):
+    recs = make_mosaic_cohort(tmp_path / "r", patches, 6, seed=2, grid=(3, 5))
+    sides = set()
+    for r in recs:
+        with open_slide(r.path) as slide:
+            sides.add(slide.dimensions[0] // 96)
+            assert slide.dimensions[0] == slide.dimensions[1]
+    assert sides <= {3, 4, 5} and len(sides) >= 2
+    assert json.loads((tmp_path / "r" / "mosaic.json").read_text())["grid"] == [3, 5]
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(n_slides=0), "at least 1"), (dict(grid=2), "grid"),
+                                           (dict(grid=(6, 4)), "grid"), (dict(grid=(3, 99)), "grid"),
+                                           (dict(max_lesion_frac=0.0), "max_lesion_frac")])
+def test_bad_arguments(tmp_path, patches, kwargs, match):
+    args = {"n_slides": 2, "grid": 4, **kwargs}
+    with pytest.raises(SynthError, match=match):
+        make_mosaic_cohort(tmp_path / "x", patches, **args)
+
+
+def test_youden_threshold():
+    assert youden_threshold([0, 0, 1, 1], [0.1, 0.2, 0.6, 0.9]) == 0.6
+    assert youden_threshold([0, 1, 0, 1], [0.1, 0.4, 0.5, 0.9]) == 0.9  # 0.4 and 0.9 tie: the later one
+    assert youden_threshold([1, 1], [0.3, 0.8]) == 0.5
+    assert youden_threshold([0, 1, 1], [0.2, float("nan"), 0.7]) == 0.7
+
+
+def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
+    """The recipe stage on tiny patch folders: cohorts, features, MIL head attached, threshold, test cohort."""
+    from click.testing import CliRunner
+
+    from wsi_vssm.cli import cli
+    from wsi_vssm.models.slide_model import load_model
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    write_patch_folder(tmp_path / "train", 30, seed=1)
+    write_patch_folder(tmp_path / "valid", 30, seed=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    write_tiny_model(out / "model.pt")
+    before = load_model(out / "model.pt")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = ""\nvalid = ""\n'
+                      '[cells]\nvalid_select = 30\nseed = 0\n'
+                      '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 4\ntest_slides = 2\ngrid = 3\n'
+                      'epochs = 3\npatience = 3\nsynth_train_slides = 2\nsynth_valid_slides = 2\n'
+                      'synth_size = 1024\n')
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
+                                   "--set", f"data.valid={tmp_path / 'valid'}"])
+    assert res.exit_code == 0, res.output
+    assert "valid slide AUC" in res.output and "held-out test slide AUC" in res.output
+    model = load_model(out / "model.pt")
+    stage = model.metadata["mil_stage"]
+    assert stage["train_slides"] == 4 + 2 and stage["valid_slides"] == 4 + 2 and stage["test"]["n"] == 2
+    assert model.metadata["threshold"] == stage["threshold"] and stage["seconds"] > 0
+    assert stage["test"]["threshold"] == stage["threshold"]  # scored as `evaluate` scores it: stored threshold
+    # the cell head is the cell stage's; the attention layers were trained
+    assert np.allclose(model.mil.cell_head.weight.detach(), before.mil.cell_head.weight.detach())
+    assert not np.allclose(model.mil.attn_w.weight.detach(), before.mil.attn_w.weight.detach())
+    for part in ("train", "valid", "test"):
+        assert (out / "mosaic_mil" / "mosaics" / part / "reference.csv").is_file()
+    assert len(list((out / "mosaic_mil" / "features" / "train").glob("*.zarr"))) == 4
+    assert len(list((out / "mosaic_mil" / "features" / "synth_valid").glob("*.zarr"))) == 2
+    assert (out / "mosaic_mil" / "test-eval" / "metrics.json").is_file()
+    assert set(stage["valid_pooling_aucs"]) == {"max", "top5_mean", "positive_share"}
+    from wsi_vssm.training.mosaic import main
+
+    assert main([str(out / "mosaic_mil"), str(out / "model.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "valid mosaics (n=4): MIL slide AUC" in printed and "synth valid slides (n=2)" in printed
+
+
+def test_mosaic_mil_stage_needs_the_cell_model(tmp_path, capsys):
+    from wsi_vssm.cli import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = "x"\nvalid = "y"\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(recipe), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "run stage cells first" in err and "Traceback" not in err
+
+
+def test_synth_command_mosaics_of_the_held_back_part(tmp_path, capsys):
+    """`synth --from-patches --part holdout` uses only patches that training never selects with."""
+    from wsi_vssm.cli import main
+    from wsi_vssm.training.cells import TrainCellsConfig, split_valid
+
+    write_patch_folder(tmp_path / "valid", 30, seed=4)
+    with pytest.raises(SystemExit) as stop:
+        main(["synth", str(tmp_path / "m"), "--slides", "4", "--from-patches", str(tmp_path / "valid"),
+              "--grid", "4", "--part", "holdout", "--valid-select", "20"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "4 mosaic slides (2 tumour, 2 normal) of 40 patches (holdout)" in out
+    select, _ = split_valid(load_patches(tmp_path / "valid"), TrainCellsConfig(valid_select=20))
+    used = {n for s in json.loads((tmp_path / "m" / "mosaic.json").read_text())["slides"]
+            for row in s["patches"] for n in row if n}
+    assert used and not used & {it.name for it in select.items}
+    with open_slide(tmp_path / "m" / "tumor_001.tif") as slide:
+        assert abs(slide.mpp - 0.97) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def test_mosaic_crops_put_each_label_on_its_centre_token(patches):
+    from wsi_vssm.training.data.mosaic_crops import MosaicCrops, centre_token_grid, tile
+
+    lab, mask = centre_token_grid(np.array([0, 1, 1, 0]), 2, 96)
+    assert lab.shape == mask.shape == (6, 6) and mask.sum() == 4
+    assert [lab[1, 1], lab[1, 4], lab[4, 1], lab[4, 4]] == [0, 1, 1, 0]
+    imgs = [np.full((96, 96, 3), v, np.uint8) for v in (10, 20, 30, 40)]
+    t = tile(imgs, 2)
+    assert t.shape == (192, 192, 3) and [t[0, 0, 0], t[0, 100, 0], t[100, 0, 0], t[100, 100, 0]] == [10, 20, 30, 40]
+
+    crops = MosaicCrops(patches, 3, seed=0)
+    assert len(crops) == len(patches) // 9
+    crop, lab, mask = crops[0]
+    assert crop.shape == (288, 288, 3) and lab.shape == (9, 9) and mask.sum() == 9
+    # write_patch_folder's label-1 patches have a dark centre: the labels sit where the dark centres are
+    for r in range(3):
+        for c in range(3):
+            centre = crop[r * 96 + 40:r * 96 + 56, c * 96 + 40:c * 96 + 56].mean()
+            rim = crop[r * 96:r * 96 + 16, c * 96:c * 96 + 16].mean()
+            assert (centre < 0.7 * rim) == bool(lab[3 * r + 1, 3 * c + 1])
+    assert not np.array_equal(crops[0][0], crop)  # each call a fresh arrangement
+
+
+def test_in_mosaic_scoring_reads_centre_tokens(patches, tmp_path):
+    import torch
+
+    from wsi_vssm.models.inputs import normalise_batch as normalise
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.training.patch_eval import centre_logits, predict_in_mosaics
+
+    model = load_model(write_tiny_model(tmp_path / "m.pt"))
+    y, p = predict_in_mosaics(model, patches, 1)  # a 1 x 1 mosaic is the patch alone
+    x = torch.from_numpy(np.stack([patches[i][0] for i in range(len(patches))])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        alone = torch.sigmoid(centre_logits(model, normalise(x))).numpy()
+    order = np.random.default_rng(0).permutation(len(patches))
+    np.testing.assert_allclose(p, alone[order], rtol=1e-4, atol=1e-5)
+    assert (y == patches.labels[order]).all()
+    y, p = predict_in_mosaics(model, patches, 3)
+    assert len(y) == len(p) == len(patches) // 9 * 9
+
+
+def test_context_stage_continues_from_the_cell_model(tmp_path):
+    from click.testing import CliRunner
+
+    from wsi_vssm.cli import cli
+    from wsi_vssm.models.slide_model import load_model
+
+    write_patch_folder(tmp_path / "train", 24, seed=1)
+    write_patch_folder(tmp_path / "valid", 18, seed=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    write_tiny_model(out / "model.pt", metrics={"valid_holdout": {"auc": 0.5}}, log=[{"epoch": 1}])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\nstages = ["context"]\n[data]\ntrain = ""\nvalid = ""\n'
+                      '[cells]\nvalid_select = 18\nbatch_size = 8\nepochs = 5\nmil_bags = 0\nscan = "cpu"\n'
+                      '[context]\nepochs = 1\nepoch_size = 16\nmosaic_grid = 2\nregion_batch = 1\n')
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
+                                   "--set", f"data.valid={tmp_path / 'valid'}"])
+    assert res.exit_code == 0, res.output
+    assert "in-mosaic" in res.output and (out / "cells.pt").is_file() and (out / "context.log.csv").is_file()
+    model, before = load_model(out / "model.pt"), load_model(out / "cells.pt")
+    meta = model.metadata
+    assert meta["config"]["mosaic_grid"] == 2 and meta["config"]["init"] == str(out / "cells.pt")
+    assert meta["config"]["epochs"] == 1 and meta["config"]["batch_size"] == 8  # [context] over [cells]
+    assert meta["cells_stage"]["metrics"] == {"valid_holdout": {"auc": 0.5}}
+    assert "mosaic_auc" in meta["metrics"]["valid_holdout"]
+    w0, w1 = before.mil.cell_head.weight.detach().numpy(), model.mil.cell_head.weight.detach().numpy()
+    assert w0.shape == w1.shape and not np.allclose(w0, w1)  # trained on from the cell model's weights:
+    assert np.abs(w1 - w0).max() < 0.02  # two Adam steps of lr 2e-3 move a weight by ~0.004; a fresh init ~0.1

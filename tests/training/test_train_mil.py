@@ -1,0 +1,210 @@
+"""MIL training on tiny synthetic feature stores: it learns a planted signal, checkpoints reload exactly, mixed
+backbones and leaky splits are refused, and the `train mil` command splits as it says."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from wsi_vssm.errors import UsageError
+from wsi_vssm.pipeline.store import STORE_FORMAT, CellFeatures, FeatureStore
+from wsi_vssm.training.mil import (
+    LOG_COLUMNS,
+    MILTrainConfig,
+    load_mil,
+    stratified_split,
+    train_mil,
+)
+
+F = 16
+
+
+def _store(path, seed: int, tumour: bool, model_hash: str = "h0", n: int = 40):
+    """A bag of `n` Gaussian cells; a tumour bag has a few cells with feature 0 raised (the planted lesion)."""
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((n, F)).astype(np.float32)
+    if tumour:
+        feats[rng.choice(n, 4, replace=False), 0] += 6.0
+    xy = np.stack([np.arange(n) * 32, np.zeros(n)], 1).astype(np.int64)
+    attrs = {"format": STORE_FORMAT, "slide": path.stem, "model_id": "micro", "model_hash": model_hash, "mpp": 0.97,
+             "token_px": 32, "n_features": F}
+    cells = CellFeatures(feats.astype(np.float16), xy, xy.astype(np.float32), np.zeros(n, np.int32),
+                         np.ones(n, np.float16), attrs)
+    return FeatureStore.write(path, cells).path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Bags of 40 x 16 are far too small for intra-op threads; one thread avoids their wake-up cost."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def feature_bags(tmp_path_factory):
+    """16 slides: names t00..t07 (tumour) and n00..n07 (normal) in one features folder."""
+    d = tmp_path_factory.mktemp("feat")
+    bags = {}
+    for i in range(8):
+        bags[f"t{i:02d}"] = (_store(d / f"t{i:02d}.zarr", 100 + i, True), 1)
+        bags[f"n{i:02d}"] = (_store(d / f"n{i:02d}.zarr", 200 + i, False), 0)
+    return d, bags
+
+
+def _split(bags):
+    valid_names = {"t06", "t07", "n06", "n07"}
+    train = [v for k, v in sorted(bags.items()) if k not in valid_names]
+    valid = [v for k, v in sorted(bags.items()) if k in valid_names]
+    return train, valid
+
+
+def test_learns_planted_signal_and_checkpoint_reloads_exactly(feature_bags, tmp_path):
+    _, bags = feature_bags
+    train, valid = _split(bags)
+    cfg = MILTrainConfig(epochs=8, patience=8, lr=3e-3, seed=1)
+    log, ckpt = tmp_path / "log.csv", tmp_path / "mil.pt"
+    with pytest.warns(UserWarning, match="cell scores stay random"):  # no trained cell head given
+        model, hist = train_mil(train, valid, cfg, log_path=log, checkpoint_path=ckpt)
+    assert hist.best_valid_auc == 1.0 and hist.best_valid_loss < 0.2  # confident, not just well ranked
+    assert hist.rows[-1]["train_loss"] < 0.25 * hist.rows[0]["train_loss"]
+    tumour = FeatureStore.open(valid[-1][0]).read_features().astype(np.float32)  # t07
+    with torch.inference_mode():
+        attention = model(torch.from_numpy(tumour)).attention[0]
+    assert tumour[int(attention.argmax()), 0] > 3, "attention finds a planted cell"
+    rows = list(csv.DictReader(log.open()))
+    assert tuple(rows[0]) == LOG_COLUMNS and len(rows) == len(hist.rows)
+
+    raw = torch.load(ckpt, weights_only=True)  # tensors and plain containers only
+    assert raw["format"] == "wsi-vssm-mil/1" and raw["mil_config"]["in_dim"] == F
+    meta = raw["metadata"]
+    assert meta["seed"] == 1 and meta["best_epoch"] == hist.best_epoch and meta["valid_auc"] == 1.0
+    assert sorted(meta["valid_slides"]) == ["n06", "n07", "t06", "t07"] and len(meta["train_slides"]) == 12
+    assert meta["features"]["model_hash"] == "h0" and meta["features"]["token_px"] == 32
+    again, meta2 = load_mil(ckpt)
+    x = torch.from_numpy(FeatureStore.open(valid[0][0]).read_features().astype(np.float32))
+    with torch.inference_mode():
+        a, b = model(x), again(x)
+    assert torch.equal(a.slide_logit, b.slide_logit) and torch.equal(a.attention, b.attention)
+    assert meta2["train_config"]["lr"] == 3e-3
+
+
+def test_same_seed_same_model_and_cell_head_frozen(feature_bags):
+    _, bags = feature_bags
+    train, valid = _split(bags)
+    head = {"weight": torch.full((1, F), 0.5), "bias": torch.tensor([-1.0])}
+    cfg = MILTrainConfig(epochs=2, patience=5, seed=7)
+    m1, h1 = train_mil(train, valid, cfg, cell_head=head)
+    m2, h2 = train_mil(train, valid, cfg, cell_head=head)
+    assert [r["train_loss"] for r in h1.rows] == [r["train_loss"] for r in h2.rows]
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    assert torch.equal(m1.cell_head.weight, head["weight"]) and torch.equal(m1.cell_head.bias, head["bias"])
+    m3, _ = train_mil(train, valid, MILTrainConfig(epochs=2, seed=7, train_cell_head=True), cell_head=head)
+    assert not torch.equal(m3.cell_head.weight, head["weight"])
+
+
+def test_starts_from_an_initial_state(feature_bags):
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.models.mil import AttentionMIL, MILConfig
+
+    _, bags = feature_bags
+    train, valid = _split(bags)
+    torch.manual_seed(123)
+    start = AttentionMIL(MILConfig(F, dropout=0.0)).state_dict()
+    head = {"weight": torch.full((1, F), 0.5), "bias": torch.tensor([-1.0])}
+    cfg = MILTrainConfig(epochs=1, patience=1, lr=1e-6, seed=7, dropout=0.0)
+    m, _ = train_mil(train, valid, cfg, cell_head=head, init_state=start)
+    fresh, _ = train_mil(train, valid, cfg, cell_head=head)
+    w = m.state_dict()["attn_w.weight"]
+    assert torch.allclose(w, start["attn_w.weight"], atol=1e-4)  # 12 steps of lr 1e-6 barely move it
+    assert not torch.allclose(fresh.state_dict()["attn_w.weight"], start["attn_w.weight"], atol=1e-2)
+    assert torch.equal(m.cell_head.weight, head["weight"])  # the given cell head wins over init_state's
+    with pytest.raises(UsageError, match="init_state"):
+        train_mil(train, valid, MILTrainConfig(epochs=1, hidden_dim=8), init_state=start)
+
+
+def test_refuses_mixed_backbones_and_leaky_splits(feature_bags, tmp_path):
+    _, bags = feature_bags
+    train, valid = _split(bags)
+    other = _store(tmp_path / "x.zarr", 5, True, model_hash="h1")
+    with pytest.raises(UsageError, match="model_hash.*cannot be mixed"):
+        train_mil(train + [(other, 1)], valid, MILTrainConfig(epochs=1))
+    with pytest.raises(UsageError, match="both training and validation"):
+        train_mil(train, valid + [train[0]], MILTrainConfig(epochs=1))
+    with pytest.raises(UsageError, match="no validation slides"):
+        train_mil(train, [], MILTrainConfig(epochs=1))
+    with pytest.raises(UsageError, match="epochs"):
+        MILTrainConfig(epochs=0)
+
+
+def test_stratified_split_is_seeded_and_keeps_both_classes():
+    names = [f"s{i}" for i in range(10)]
+    labels = [0] * 6 + [1] * 4
+    tr, va = stratified_split(names, labels, 0.25, seed=3)
+    assert (tr, va) == stratified_split(names, labels, 0.25, seed=3)
+    assert not set(tr) & set(va) and sorted(tr + va) == sorted(names)
+    lab = dict(zip(names, labels, strict=True))
+    assert sorted({lab[n] for n in va}) == [0, 1] and sorted({lab[n] for n in tr}) == [0, 1]
+    assert stratified_split(names, labels, 0.25, seed=4) != (tr, va)
+
+
+def test_cli_train_mil_with_manifest_split_and_with_valid_fraction(feature_bags, tmp_path):
+    from wsi_vssm.commands.train import command
+
+    d, bags = feature_bags
+    man = tmp_path / "manifest.csv"
+    lines = ["slide,label,split"]
+    for name, (_, y) in sorted(bags.items()):
+        split = "valid" if name in ("t06", "t07", "n06", "n07") else "test" if name in ("t05", "n05") else "train"
+        lines.append(f"slides/{name}.tif,{y},{split}")
+    man.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "mil.pt"
+    args = ["mil", "--features", str(d), "--labels", str(man), "--out", str(out), "--epochs", "3", "--device", "cpu"]
+    res = CliRunner().invoke(command, args)
+    assert res.exit_code == 0, res.output
+    assert "10 training and 4 validation slides (split column" in res.stdout
+    assert "2 test slide(s) left out" in res.stdout
+    assert "epoch 3:" in res.stdout and out.is_file() and (tmp_path / "mil.log.csv").is_file()
+    meta = torch.load(out, weights_only=True)["metadata"]
+    assert not {"t05", "n05"} & set(meta["train_slides"] + meta["valid_slides"])
+
+    ref = tmp_path / "reference.csv"  # CAMELYON16 style, no split: a seeded stratified split
+    ref.write_text("".join(f"{n.upper()},{'Tumor' if y else 'Normal'}\n" for n, (_, y) in sorted(bags.items())))
+    res = CliRunner().invoke(command, ["mil", "--features", str(d), "--labels", str(ref), "--out", str(out),
+                                       "--epochs", "1", "--valid-fraction", "0.25", "--log", str(tmp_path / "l.json")])
+    assert res.exit_code == 0, res.output
+    assert "12 training and 4 validation slides (seeded stratified split" in res.stdout
+    assert (tmp_path / "l.json").is_file()
+    assert not math.isnan(torch.load(out, weights_only=True)["metadata"]["valid_loss"])
+
+
+def test_cell_head_comes_from_the_model_that_made_the_features(feature_bags, tmp_path):
+    import warnings
+
+    from wsi_vssm.commands.train import command
+    from wsi_vssm.models.model_file import load_backbone
+    from wsi_vssm.training.mil import cell_head_from_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone, info = load_backbone("micro")
+    sd = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    sd.update({"mil.cell_head.weight": torch.ones(1, 256), "mil.cell_head.bias": torch.zeros(1)})
+    path = tmp_path / "model.pt"
+    torch.save({"format": "wsi-vssm-model/1", "backbone_config": backbone.config.to_dict(), "mpp": 0.97,
+                "token_px": 32, "state_dict": sd}, path)
+    head, backbone_hash = cell_head_from_model(path)
+    assert backbone_hash == info.model_hash and torch.equal(head["weight"], torch.ones(1, 256))
+    d, bags = feature_bags  # these stores say model_hash "h0": made by another backbone
+    ref = tmp_path / "reference.csv"
+    ref.write_text("".join(f"{n},{y}\n" for n, (_, y) in sorted(bags.items())))
+    res = CliRunner().invoke(command, ["mil", "--features", str(d), "--labels", str(ref), "--out",
+                                       str(tmp_path / "m.pt"), "--model", str(path), "--epochs", "1"])
+    assert isinstance(res.exception, UsageError) and "another backbone" in str(res.exception)

@@ -1,0 +1,37 @@
+"""The one list of output file names: per slide in `OUT/<slide name>/`, per cohort in `OUT/`.
+
+Everything that writes, checks or reads outputs (predict, the cohort runner, evaluate, the napari plugin) takes
+the names from here. Plain constants and standard library only: the napari reader imports it while sniffing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# per slide
+PREDICTION_JSON = "prediction.json"  # written last: its presence means the slide's outputs are complete
+HEATMAP_ZARR = "heatmap.ome.zarr"
+OVERLAY_PNG = "overlay.png"
+CONTOURS_GEOJSON = "contours.geojson"
+SLIDE_FILES = (PREDICTION_JSON, HEATMAP_ZARR, OVERLAY_PNG, CONTOURS_GEOJSON)
+
+# per cohort
+PREDICTIONS_CSV = "predictions.csv"
+METRICS_JSON = "metrics.json"
+ROC_PNG = "roc.png"
+COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG)
+
+
+def slide_outputs_ok(folder: str | os.PathLike) -> bool:
+    """A cheap completeness check of one slide's output folder: prediction.json and the heatmap's metadata parse,
+    and every other per-slide file exists."""
+    folder = Path(folder)
+    try:
+        rec = json.loads((folder / PREDICTION_JSON).read_text(encoding="utf-8"))
+        json.loads((folder / HEATMAP_ZARR / ".zattrs").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    others = (n for n in SLIDE_FILES if n not in (PREDICTION_JSON, HEATMAP_ZARR))
+    return isinstance(rec, dict) and "probability" in rec and all((folder / n).is_file() for n in others)

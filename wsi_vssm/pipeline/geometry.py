@@ -1,0 +1,86 @@
+"""Region and cell geometry of extraction: default region sizes, the owner of each overlapping cell, and the
+tissue fraction of every cell of a slide's global cell grid.
+
+Every default that changes a slide's outputs (region side, overlap, minimum tissue) is resolved here once
+(`resolve_geometry`), so the cohort runner's parameter hash and the run itself cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wsi_vssm.errors import UsageError
+from wsi_vssm.models.model_file import DEFAULT_TOKEN_PX, check_token_px
+
+# Region side at the analysis mpp. CPU: measured with the micro model (docs/features.md), 2048 px regions cost
+# no more per MP than 1024 px ones and lose less to overlap (14% vs 31%); larger ones were no cheaper.
+DEFAULT_REGION_PX = {"cpu": 2048, "cuda": 10_000}
+DEFAULT_OVERLAP_PX = 128  # 4 tokens: each kept cell is >= 2 tokens (64 px) from any internal region edge
+DEFAULT_MIN_TISSUE = 0.25
+
+
+def default_region_px(device: str, token_px: int = DEFAULT_TOKEN_PX) -> int:
+    """The device's default region side, rounded down to whole tokens (10,000 -> 9,984 at 32 px tokens)."""
+    side = DEFAULT_REGION_PX["cuda" if str(device).startswith("cuda") else "cpu"]
+    return max(token_px, side // token_px * token_px)
+
+
+
+def resolve_geometry(device: str, token_px: int, region_px: int | None, overlap_px: int | None) -> tuple[int, int]:
+    """(region_px, overlap_px) with the defaults filled in: the one place they are resolved."""
+    region = default_region_px(device, token_px) if region_px is None else region_px
+    overlap = DEFAULT_OVERLAP_PX if overlap_px is None else overlap_px
+    return region, overlap
+
+
+def check_geometry(token_px: int, region_px: int, overlap_px: int, min_tissue: float) -> None:
+    check_token_px(token_px)
+    if not (isinstance(region_px, int) and region_px >= token_px and region_px % token_px == 0):
+        raise UsageError(f"region_px must be a multiple of token_px={token_px}, got {region_px!r}")
+    if not (isinstance(overlap_px, int) and 0 <= overlap_px < region_px and overlap_px % token_px == 0):
+        raise UsageError(
+            f"overlap_px must be a multiple of token_px={token_px} in [0, region_px={region_px}), got {overlap_px!r}"
+        )
+    if not 0.0 <= min_tissue <= 1.0:
+        raise UsageError(f"min_tissue must lie in [0, 1], got {min_tissue!r}")
+
+
+
+def owned_range(index: int, count: int, cells: int, overlap: int) -> tuple[int, int]:
+    """The local cells [lo, hi) along one axis that region `index` of `count` owns.
+
+    Neighbours share `overlap` cells; the boundary between them lies in the middle of the shared cells, so each
+    cell is taken from the region where it is farthest from the edge (>= overlap // 2 cells from any internal
+    edge). The first and last regions also own the cells at the slide's edges.
+    """
+    lo = 0 if index == 0 else overlap // 2
+    hi = cells if index == count - 1 else cells - (overlap - overlap // 2)
+    return lo, hi
+
+
+def coverage_matrix(n_cells: int, cell: float, n_px: int, px: float) -> np.ndarray:
+    """(n_cells, n_px) weights: the length of cell i ([i*cell, (i+1)*cell)) covered by mask pixel j
+    ([j*px, (j+1)*px)), as a fraction of the cell's length. Beyond the mask counts as background."""
+    c0 = np.arange(n_cells, dtype=np.float64)[:, None] * cell
+    p0 = np.arange(n_px, dtype=np.float64)[None, :] * px
+    overlap = np.minimum(c0 + cell, p0 + px) - np.maximum(c0, p0)
+    return (np.clip(overlap, 0.0, None) / cell).astype(np.float32)
+
+
+def cell_tissue_map(mask: np.ndarray, mask_scale: float, cell_px0: float, shape: tuple[int, int]) -> np.ndarray:
+    """Tissue fraction of every cell of the global (rows, cols) cell grid, area-resampled from the mask."""
+    m = np.asarray(mask, dtype=np.float32)
+    wy = coverage_matrix(shape[0], cell_px0, m.shape[0], mask_scale)
+    wx = coverage_matrix(shape[1], cell_px0, m.shape[1], mask_scale)
+    return np.clip(wy @ m @ wx.T, 0.0, 1.0)
+
+
+
+def grid_size(slide, mpp: float, region_px: int, overlap_px: int) -> int:
+    """Regions in the full grid (tissue or not) of `slide` at `mpp`: a cheap upper bound on `len(plan)`."""
+    from wsi_vssm.io.regions import RegionGrid
+
+    # RegionGrid's own shape rule, without building a grid (no tissue mask)
+    rows, cols = RegionGrid.full_shape(slide.dimensions, float(mpp) / slide.require_mpp(), region_px, overlap_px)
+    return rows * cols
+

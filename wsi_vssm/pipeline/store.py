@@ -1,0 +1,122 @@
+"""FeatureStore: one slide's token cells in a zarr v3 group (written atomically, read lazily)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.errors import WsiVssmError, one_line
+
+STORE_FORMAT = "wsi-vssm-features/1"
+ARRAYS = ("features", "coords_px", "coords_um", "region_id", "tissue")
+
+
+class FeatureStoreError(WsiVssmError):
+    """A feature store that cannot be read or written; the message names the store."""
+
+
+@dataclass
+class CellFeatures:
+    """The cells of one slide. Rows are sorted by (y, x)."""
+
+    features: np.ndarray  # (n, F) float16
+    coords_px: np.ndarray  # (n, 2) int64: each cell's top-left (x, y) in level-0 px
+    coords_um: np.ndarray  # (n, 2) float32: the same in um (level-0 px x slide_mpp)
+    region_id: np.ndarray  # (n,) int32: the RegionGrid index the cell was taken from
+    tissue: np.ndarray  # (n,) float16: tissue fraction of the cell
+    attrs: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+class FeatureStore:
+    """One slide's cells in a zarr v3 group. Arrays (`features`, `coords_px`, `coords_um`, `region_id`,
+    `tissue`) are zarr arrays read on demand; `attrs` is a plain dict; `load()` reads everything."""
+
+    def __init__(self, path: Path, group):
+        self.path = path
+        self._group = group
+        self.attrs = dict(group.attrs)
+
+    # -- writing
+    @classmethod
+    def write(cls, path: str | os.PathLike, cells: CellFeatures) -> FeatureStore:
+        """Write `cells` to `path` (a directory, usually `<slide>.zarr`) atomically: built beside it, renamed."""
+        import zarr
+
+        from wsi_vssm.atomic import atomic_dir, to_jsonable
+
+        path = Path(path)
+        try:
+            with atomic_dir(path) as tmp:
+                group = zarr.open_group(tmp, mode="w", zarr_format=3)
+                group.attrs.update(to_jsonable(cells.attrs))
+                for name in ARRAYS:
+                    data = np.ascontiguousarray(getattr(cells, name))
+                    chunks = (max(1, min(len(data), 65536)),) + data.shape[1:]
+                    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+                    if data.size:
+                        arr[...] = data
+        except OSError as e:
+            raise FeatureStoreError(f"{path}: cannot write the feature store: {e.strerror or e}") from e
+        return cls.open(path)
+
+    # -- reading
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> FeatureStore:
+        """Open a store lazily; a missing, foreign or damaged store raises FeatureStoreError (one line)."""
+        import zarr
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FeatureStoreError(f"{path}: no feature store here")
+        try:
+            group = zarr.open_group(path, mode="r", zarr_format=3)
+            store = cls(path, group)
+            arrays = {name: group[name] for name in ARRAYS}
+        except Exception as e:  # zarr has no common base for a broken store (KeyError, JSON, metadata errors...)
+            raise FeatureStoreError(f"{path}: damaged feature store ({type(e).__name__}: {one_line(e)})") from e
+        store._check(arrays)
+        store._arrays = arrays
+        return store
+
+    def _check(self, arrays) -> None:
+        if self.attrs.get("format") != STORE_FORMAT:
+            raise FeatureStoreError(f"{self.path}: not a wsi-vssm feature store (format {self.attrs.get('format')!r})")
+        n = arrays["features"].shape[0]
+        if any(arrays[a].shape[0] != n for a in ARRAYS) or arrays["features"].ndim != 2:
+            shapes = {a: arrays[a].shape for a in ARRAYS}
+            raise FeatureStoreError(f"{self.path}: damaged feature store (inconsistent array shapes {shapes})")
+
+    def __getattr__(self, name):
+        if name in ARRAYS:
+            return self.__dict__["_arrays"][name]
+        raise AttributeError(name)
+
+    def __len__(self) -> int:
+        return int(self._arrays["features"].shape[0])
+
+    @property
+    def name(self) -> str:
+        return str(self.attrs.get("slide", self.path.name.removesuffix(".zarr")))
+
+    def load(self) -> CellFeatures:
+        """Every array in memory, as a CellFeatures; a chunk that fails to decode raises FeatureStoreError."""
+        try:
+            data = {a: np.asarray(self._arrays[a][...]) for a in ARRAYS}
+        except Exception as e:  # codec / missing-chunk errors differ by zarr version
+            raise FeatureStoreError(f"{self.path}: damaged feature store ({type(e).__name__}: {one_line(e)})") from e
+        return CellFeatures(attrs=dict(self.attrs), **data)
+
+    def read_features(self) -> np.ndarray:
+        try:
+            return np.asarray(self._arrays["features"][...])
+        except Exception as e:  # as in load()
+            raise FeatureStoreError(f"{self.path}: damaged feature store ({type(e).__name__}: {one_line(e)})") from e
+
+    def __repr__(self) -> str:
+        return f"<FeatureStore {self.path} {len(self)} cells model={self.attrs.get('model_id')}>"

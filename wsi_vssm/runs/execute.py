@@ -1,0 +1,107 @@
+"""One slide of a cohort run: start it (lock, state `running`), execute the job, finish it (state, unlock).
+
+`execute` runs in the driver or in a Dask worker and returns a plain, picklable result dict; only the driver
+writes state files.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+
+from wsi_vssm import __version__
+from wsi_vssm.errors import WsiVssmError, one_line
+from wsi_vssm.runs.state import SlideLock, Status, clear_temporaries, now, write_state
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    name: str  # output key: OUT/<name>/ (predict) or OUT/<name>.zarr (extract)
+    path: str | None  # the slide file (None when a cohort row names no file)
+    error: str | None = None  # known to fail before running (e.g. slide file not found)
+
+
+@dataclass
+class Outcome:
+    task: SlideTask
+    status: str  # done | skipped | failed | locked
+    message: str = ""  # the error line, or why the slide was skipped
+    state: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("done", "skipped")
+
+
+def start_slide(task: SlideTask, job) -> tuple[SlideLock | None, Outcome | None, dict | None]:
+    """Lock the slide, clear a killed run's temporaries and mark it running; or say why it cannot start."""
+    lock = SlideLock(job.out, job.kind, task.name)
+    try:
+        if not lock.acquire():
+            return None, Outcome(task, "locked", lock.describe()), None
+        clear_temporaries(task.name, job)
+        state = {"slide": task.name, "path": task.path, "kind": job.kind, "status": Status.RUNNING.value,
+                 "error": None, "error_type": None, "model_id": job.model_id, "model_hash": job.model_hash,
+                 "params_hash": job.params_hash, "params": job.params_dict(), "started": now(), "finished": None,
+                 "timings": {}, "host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+        write_state(job.out, job.kind, task.name, state)
+    except (OSError, WsiVssmError) as e:
+        lock.release()
+        return None, Outcome(task, "failed", f"{task.name}: cannot start: {oserror_line(e)}"), None
+    return lock, None, state
+
+
+def finish_slide(task: SlideTask, job, lock: SlideLock, state: dict, res: dict) -> Outcome:
+    """Write the final state from a worker's result dict and release the lock (only the driver writes states)."""
+    state = {**state, "status": Status.DONE.value if res["ok"] else Status.FAILED.value, "error": res["error"],
+             "error_type": res["error_type"], "finished": now(), "timings": res["timings"],
+             "worker": res.get("worker"), "warnings": res["warnings"], "result": res["result"]}
+    if res.get("traceback"):
+        state["traceback"] = res["traceback"]
+    try:
+        write_state(job.out, job.kind, task.name, state)
+    except (OSError, WsiVssmError) as e:
+        return Outcome(task, "failed", f"{task.name}: cannot record its state: {oserror_line(e)}", state)
+    finally:
+        lock.release()
+    return Outcome(task, "done" if res["ok"] else "failed", res["error"] or "", state)
+
+
+def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dict:
+    """Run one slide (in the driver or a Dask worker) and return a plain, picklable result dict.
+
+    `run_regions(plan)`, when given, computes the slide's region cells (on Dask, for a split slide)."""
+    t0, started = time.perf_counter(), now()
+    res = {"ok": False, "result": None, "error": None, "error_type": None, "warnings": [], "timings": {},
+           "worker": {"host": socket.gethostname(), "pid": os.getpid(), "started": started}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = job.run(task, region_progress, run_regions)
+            res.update(ok=True, result=result, timings=dict(result.pop("timings", {})))
+        except WsiVssmError as e:
+            res.update(error=with_path(one_line(e), task), error_type=type(e).__name__)
+        except OSError as e:  # disk full, permission, I/O error: the slide fails, the run goes on
+            res.update(error=with_path(oserror_line(e), task), error_type=type(e).__name__)
+        except Exception as e:  # noqa: BLE001 -- the per-slide isolation boundary: a bug in one slide is recorded
+            res.update(error=with_path(f"unexpected {type(e).__name__}: {one_line(e)} (a bug: please report it "
+                                        "with the output of --debug)", task),
+                       error_type=type(e).__name__, traceback=traceback.format_exc())
+    res["warnings"] = [one_line(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    res["timings"]["total"] = time.perf_counter() - t0
+    return res
+
+
+def with_path(text: str, task: SlideTask) -> str:
+    where = task.path or task.name
+    return text if (where in text or task.name in text) else f"{where}: {text}"
+
+
+def oserror_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return one_line(e)

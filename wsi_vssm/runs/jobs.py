@@ -1,0 +1,252 @@
+"""The jobs a cohort run executes per slide: `PredictJob` (predict and evaluate) and `ExtractJob` (extract),
+both following the `SlideJob` protocol the runner, the executor and the Dask driver rely on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from wsi_vssm import __version__
+from wsi_vssm.atomic import remove_temporaries
+from wsi_vssm.runs.execute import SlideTask
+from wsi_vssm.runs.state import params_hash
+
+_MODELS: dict = {}  # per process (driver or Dask worker): model cache, key -> loaded model
+
+
+class SlideJob(Protocol):
+    """What the runner needs of a job. `kind` names its state files; `params_hash` decides whether a done slide
+    is up to date; `run` does one slide (in the driver or a Dask worker) and returns a picklable dict."""
+
+    out: str
+    kind: str
+    model_id: str
+    model_hash: str
+    params_hash: str
+
+    def params_dict(self) -> dict: ...
+
+    def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict: ...
+
+    def open_slide(self, task: SlideTask): ...
+
+    def grid_size(self, task: SlideTask) -> int: ...
+
+    def region_backbone(self): ...
+
+    def region_params(self) -> dict: ...
+
+    def outputs_ok(self, name: str) -> bool: ...
+
+    def clear_partial(self, name: str) -> None: ...
+
+    def where(self, name: str) -> str: ...
+
+    def describe(self, name: str, result: dict, timings: dict) -> str: ...
+
+
+def cached_model(key: str, load: Callable):
+    """The model for `key` in this process, loaded once (the driver preloads it; Dask workers load on first use)."""
+    if key not in _MODELS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # shown once by the driver already
+            _MODELS[key] = load()
+    return _MODELS[key]
+
+
+@dataclass
+class PredictJob:
+    """predict_slide for each slide into OUT/<slide>/ (used by predict and evaluate)."""
+
+    out: str
+    model_path: str
+    params: object  # PredictParams
+    params_hash: str
+    model_id: str
+    model_hash: str
+    resolved: dict = field(default_factory=dict)  # what the hash covers
+    kind: str = "predict"
+
+    def params_dict(self) -> dict:
+        return dict(self.resolved)
+
+    def model(self):
+        from wsi_vssm.models.slide_model import load_model
+
+        return cached_model(f"predict:{self.model_path}", lambda: load_model(self.model_path))
+
+    def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict:
+        from wsi_vssm.pipeline.predict import predict_slide
+
+        cb = None if region_progress is None else (lambda done, total, stage: region_progress(done, total))
+        rec = predict_slide(task.path, self.model(), self.out, self.params, progress=cb, run_regions=run_regions)
+        return {"probability": rec["probability"], "label": rec["label"], "reason": rec["reason"],
+                "n_cells": rec["parameters"]["n_cells"], "timings": rec["timings"]}
+
+    def open_slide(self, task: SlideTask):
+        from wsi_vssm.io import open_slide
+
+        return open_slide(task.path, backend=self.params.backend, mpp=self.params.mpp)
+
+    def grid_size(self, task: SlideTask) -> int:
+        from wsi_vssm.pipeline.geometry import grid_size
+
+        r = self.resolved  # the geometry predict_job resolved once (defaults, device) for every slide
+        with self.open_slide(task) as slide:
+            return grid_size(slide, r["analysis_mpp"], r["region_px"], r["overlap_px"])
+
+    def region_backbone(self):
+        return self.model().backbone
+
+    def region_params(self) -> dict:
+        return {"batch_size": self.params.batch_size, "workers": self.params.reader_threads, "amp": self.params.amp}
+
+    def outputs_ok(self, name: str) -> bool:
+        from wsi_vssm.outputs.files import slide_outputs_ok
+
+        return slide_outputs_ok(Path(self.out) / name)
+
+    def clear_partial(self, name: str) -> None:
+        remove_temporaries(Path(self.out) / name, "")
+
+    def where(self, name: str) -> str:
+        return f"{Path(self.out) / name}/"
+
+    def describe(self, name: str, result: dict, timings: dict) -> str:
+        p = result.get("probability")
+        verdict = (f"probability {p:.3f} -> {'tumor' if result.get('label') else 'normal'}" if p is not None
+                   else f"no prediction ({result.get('reason')})")
+        return f"{name}: {verdict} [{result.get('n_cells')} cells, {timings.get('total', 0.0):.1f} s] -> " \
+               f"{self.where(name)}"
+
+
+@dataclass
+class ExtractJob:
+    """extract_slide for each slide into OUT/<slide>.zarr."""
+
+    out: str
+    model: str  # model file or registry name
+    mpp_override: float | None
+    extract_params: dict  # extract_slide keyword arguments
+    params_hash: str
+    model_id: str
+    model_hash: str
+    resolved: dict = field(default_factory=dict)
+    kind: str = "extract"
+
+    def params_dict(self) -> dict:
+        return dict(self.resolved)
+
+    def backbone(self):
+        from wsi_vssm.models.model_file import load_backbone
+
+        return cached_model(f"extract:{self.model}", lambda: load_backbone(self.model))
+
+    def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict:
+        from wsi_vssm.pipeline.extract import extract_slide
+        from wsi_vssm.pipeline.store import FeatureStore
+
+        backbone, info = self.backbone()
+        slide = self.open_slide(task)
+        with slide:
+            slide.require_mpp()  # MissingMpp: "...state it with --mpp"
+            t = time.perf_counter()
+            cells = extract_slide(slide, backbone, info=info, progress=region_progress, run_regions=run_regions,
+                                  **self.extract_params)
+            t_extract = time.perf_counter() - t
+        t = time.perf_counter()
+        FeatureStore.write(self.target(task.name), cells)
+        return {"n_cells": len(cells), "n_regions": len(set(cells.region_id.tolist())),
+                "timings": {"extract": t_extract, "write": time.perf_counter() - t}}
+
+    def open_slide(self, task: SlideTask):
+        from wsi_vssm.io import open_slide
+
+        return open_slide(task.path, mpp=self.mpp_override)
+
+    def grid_size(self, task: SlideTask) -> int:
+        from wsi_vssm.pipeline.geometry import grid_size
+
+        p = self.extract_params
+        with self.open_slide(task) as slide:
+            return grid_size(slide, p["mpp"], p["region_px"], p["overlap_px"])
+
+    def region_backbone(self):
+        return self.backbone()[0]
+
+    def region_params(self) -> dict:
+        p = self.extract_params
+        return {"batch_size": p.get("batch_size", 1), "workers": p.get("workers", 2), "amp": p.get("amp", False)}
+
+    def target(self, name: str) -> Path:
+        return Path(self.out) / f"{name}.zarr"
+
+    def outputs_ok(self, name: str) -> bool:
+        from wsi_vssm.pipeline.store import FeatureStore, FeatureStoreError
+
+        try:
+            FeatureStore.open(self.target(name))
+        except FeatureStoreError:
+            return False
+        return True
+
+    def clear_partial(self, name: str) -> None:
+        remove_temporaries(Path(self.out), f"{name}.zarr.")
+
+    def where(self, name: str) -> str:
+        return str(self.target(name))
+
+    def describe(self, name: str, result: dict, timings: dict) -> str:
+        return (f"{name}: {result.get('n_cells')} cells from {result.get('n_regions')} region(s) in "
+                f"{timings.get('total', 0.0):.1f} s -> {self.target(name)}")
+
+
+def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, params) -> PredictJob:
+    """A PredictJob whose hash covers everything that changes predict's outputs.
+
+    Covered: the weights (hash), analysis mpp, token size, region and overlap (after defaults), slide and cell
+    thresholds, reader backend, a slide mpp override, bfloat16 autocast and the package version. Not covered:
+    reader threads, batch size and device (CPU and GPU agree within ~1e-5; a slide done on one is not redone
+    on the other).
+    """
+    from wsi_vssm.models.device import resolve_device
+    from wsi_vssm.models.model_file import state_dict_hash
+    from wsi_vssm.pipeline.geometry import resolve_geometry
+    from wsi_vssm.pipeline.predict import slide_threshold
+
+    device = resolve_device(params.device)
+    region_px, overlap_px = resolve_geometry(device, model.token_px, params.region_px, params.overlap_px)
+    params = dataclasses.replace(params, region_px=region_px, overlap_px=overlap_px)  # the run uses what is hashed
+    model_hash = state_dict_hash(model.state_dict())
+    resolved = {
+        "job": "predict", "model_hash": model_hash, "analysis_mpp": float(params.target_mpp or model.mpp),
+        "token_px": model.token_px, "region_px": region_px, "overlap_px": overlap_px,
+        "threshold": slide_threshold(model, params), "cell_threshold": params.cell_threshold,
+        "backend": params.backend, "slide_mpp": params.mpp, "amp": bool(params.amp and device == "cuda"),
+        "version": __version__,
+    }  # fmt: skip
+    path = os.fspath(model_path)
+    _MODELS[f"predict:{path}"] = model  # serial runs use the model already loaded
+    return PredictJob(os.fspath(out), path, params, params_hash(resolved), f"{model.name} ({path})", model_hash,
+                      resolved)
+
+
+def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override: float | None,
+                extract_params: dict) -> ExtractJob:
+    """An ExtractJob; its hash covers the weights, the geometry (mpp, token, region, overlap, min tissue),
+    a slide mpp override, autocast and the package version (not threads, batch size or device)."""
+    keys = ("mpp", "token_px", "region_px", "overlap_px", "min_tissue")
+    resolved = {"job": "extract", "model_hash": info.model_hash, **{k: extract_params[k] for k in keys},
+                "slide_mpp": mpp_override, "amp": bool(extract_params.get("amp") and
+                                                       extract_params.get("device") == "cuda"),
+                "version": __version__}
+    _MODELS[f"extract:{model}"] = (backbone, info)
+    return ExtractJob(os.fspath(out), model, mpp_override, dict(extract_params), params_hash(resolved),
+                      info.model_id, info.model_hash, resolved)

@@ -1,0 +1,173 @@
+"""Cohort runner: the one loop over slides for `extract`, `predict` and `evaluate`.
+
+Per slide it keeps a state file, `OUT/.state/<slide>.<job>.json` (job: `predict`, shared by predict and
+evaluate, or `extract`), written atomically:
+
+    pending -> running -> done | failed
+
+with the error text and type, timings, model id and hash, the parameter hash, start/finish times, host and pid.
+A rerun skips a slide whose state is `done` with the same parameter hash and whose outputs are still there; a
+`failed` slide is retried only with `--retry-failed`. Anything else (no state, `running` left by a killed run,
+another hash, outputs gone) is redone. Outputs are written atomically and `done` is written only after the
+last of them, so a SIGKILL between any two writes leaves a state that the rerun redoes.
+
+A lock file per slide (`OUT/.state/<slide>.<job>.lock`, created with O_CREAT|O_EXCL, holding pid, host and
+time) keeps two runs on the same folder off each other's slides. A lock whose process is gone (same host) is
+broken safely; a live one makes this run skip the slide as "locked by another run".
+
+Execution is serial in this process, or on Dask distributed (`workers`: a LocalCluster of that many processes;
+`scheduler`: an existing cluster). Workers receive the job (paths and parameters), never open handles; each
+worker process loads the model once (cached by path). Only the driver writes state files.
+
+A slide whose region grid has more than `split_regions` regions is split on Dask: the driver opens it, computes
+its plan once (tissue mask, region grid, cell plan: `features.plan_slide`), sends batches of `split_regions`
+regions to the workers as tasks (`features.extract_regions` on the slide's path), gathers the cells, and finishes
+the slide itself (assembly, MIL, outputs, state) exactly as a per-slide task would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from wsi_vssm.progress import Progress
+from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
+from wsi_vssm.runs.state import SlideLock, Status, check_output_folder, clear_temporaries, read_state
+
+DEFAULT_SPLIT_REGIONS = 64  # Dask: a slide of more regions runs as tasks of this many regions (docs/cohorts.md)
+
+
+@dataclass
+class RunOptions:
+    workers: int | None = None  # Dask LocalCluster processes; None: serial in this process
+    scheduler: str | None = None  # tcp://host:port of an existing Dask scheduler
+    retry_failed: bool = False
+    overwrite: bool = False  # redo slides that are done
+    debug: bool = False  # print the traceback of unexpected per-slide errors
+    split_regions: int = DEFAULT_SPLIT_REGIONS  # Dask only: a slide of more regions runs as region tasks (0: never)
+
+
+@dataclass
+class RunSummary:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def count(self, *statuses: str) -> int:
+        return sum(o.status in statuses for o in self.outcomes)
+
+    @property
+    def n_not_done(self) -> int:
+        return self.count("failed", "locked")
+
+
+def slide_key(path: str | os.PathLike) -> str:
+    """A slide's output name: `wsi_vssm.io.base.slide_name`, the rule `SlideReader.name` follows (outputs are
+    written under that name)."""
+    from wsi_vssm.io.base import slide_name  # imported here: the runner module stays free of numpy
+
+    return slide_name(path)
+
+
+def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, progress: Progress | None = None,
+               on_outcome: Callable[[Outcome], None] | None = None) -> RunSummary:
+    """Run `job` over `tasks` with state, locks, skip/retry rules, serially or on Dask; never raises for a slide.
+
+    `on_outcome(outcome)` is called in this process after each slide (done, skipped, failed or locked).
+    """
+    opts, progress = opts or RunOptions(), progress or Progress()
+    tasks = list(tasks)
+    check_output_folder(job.out)
+    progress.detail(f"{job.kind}: model {job.model_id}, parameters {job.params_hash}, {len(tasks)} slide(s)")
+    summary = RunSummary()
+
+    def record(o: Outcome) -> None:
+        summary.outcomes.append(o)
+        report_outcome(o, job, progress, opts.debug)
+        if on_outcome is not None:
+            on_outcome(o)
+
+    with progress.bar(len(tasks), f"{job.kind} slides", unit="slide") as tick:
+        def finish(o: Outcome) -> None:
+            record(o)
+            tick(len(summary.outcomes))
+
+        todo = _triage(tasks, job, opts, finish)
+        if todo and (opts.workers or opts.scheduler):
+            from wsi_vssm.runs.dask import run_dask
+
+            run_dask(todo, job, opts, progress, finish)
+        else:
+            for task in todo:
+                _run_serial(task, job, progress, finish)
+    order = {id(t): i for i, t in enumerate(tasks)}
+    summary.outcomes.sort(key=lambda o: order.get(id(o.task), 0))
+    return summary
+
+
+def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish) -> list[SlideTask]:
+    """Slides that need running; the others (known failures, duplicates, done, failed before) are finished."""
+    todo, seen = [], set()
+    for task in tasks:
+        if task.error is not None:
+            finish(Outcome(task, "failed", task.error))
+            continue
+        if task.name in seen:
+            finish(Outcome(task, "failed", f"{task.path}: another slide of this run has the name {task.name!r} "
+                                           "(their outputs would collide); rename one"))
+            continue
+        seen.add(task.name)
+        state = read_state(job.out, job.kind, task.name)
+        same = state is not None and state.get("params_hash") == job.params_hash
+        if same and not opts.overwrite and state.get("status") == Status.DONE and job.outputs_ok(task.name):
+            _tidy_done(task, job)
+            finish(Outcome(task, "skipped", "up to date", state))
+        elif same and not (opts.overwrite or opts.retry_failed) and state.get("status") == Status.FAILED:
+            finish(Outcome(task, "failed", f"{state.get('error')} [failed in an earlier run; --retry-failed "
+                                           "tries again]", state))
+        else:
+            todo.append(task)
+    return todo
+
+
+def _tidy_done(task: SlideTask, job) -> None:
+    """A run killed after writing `done` may leave its lock and temporaries: clear them if the lock is free."""
+    lock = SlideLock(job.out, job.kind, task.name)
+    try:
+        if lock.acquire():
+            clear_temporaries(task.name, job)
+    except OSError:
+        pass  # a read-only leftover is harmless: the slide is done
+    finally:
+        lock.release()
+
+
+def _run_serial(task: SlideTask, job, progress: Progress, finish) -> None:
+    lock, refused, state = start_slide(task, job)
+    if refused is not None:
+        finish(refused)
+        return
+    try:
+        with progress.regions(task.name) as cb:
+            res = execute(job, task, cb)
+    except BaseException:
+        lock.release()  # Ctrl-C: the state stays "running", so the next run redoes the slide
+        raise
+    finish(finish_slide(task, job, lock, state, res))
+
+
+def report_outcome(o: Outcome, job, progress: Progress, debug: bool) -> None:
+    state = o.state or {}
+    if o.status == "done":
+        for w in state.get("warnings") or []:
+            progress.warn(w)
+        progress.result(job.describe(o.task.name, state.get("result") or {}, state.get("timings") or {}))
+    elif o.status == "skipped":
+        progress.result(f"{o.task.name}: up to date ({job.where(o.task.name)})")
+    elif o.status == "locked":
+        progress.warn(f"{o.task.name}: {o.message}; skipped")
+    else:
+        for w in state.get("warnings") or []:
+            progress.warn(w)
+        progress.error(o.message)
+        if debug and state.get("traceback"):
+            progress._write(state["traceback"].rstrip(), err=True)

@@ -1,0 +1,178 @@
+"""Per-slide state and locks of a cohort run, in `OUT/.state/`.
+
+State file `OUT/.state/<slide>.<job>.json` (job: `predict`, shared by predict and evaluate, or `extract`),
+written atomically: pending -> running -> done | failed, with the error text and type, timings, model id and
+hash, the parameter hash, start/finish times, host and pid.
+
+A lock file per slide (`OUT/.state/<slide>.<job>.lock`, created with O_CREAT|O_EXCL, holding pid, host and
+time) keeps two runs on the same folder off each other's slides. A lock whose process is gone (same host) is
+broken safely; a live one makes the other run skip the slide as "locked by another run".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+
+from wsi_vssm.atomic import atomic_write_json, remove_temporaries
+from wsi_vssm.errors import WsiVssmError
+
+STATE_FORMAT = "wsi-vssm-state/1"
+STATE_DIR = ".state"
+BREAK_STALE_AFTER_S = 60.0  # a lock-breaking marker older than this was left by a killed run
+_TOKEN = os.urandom(8).hex()  # this process's mark in its locks: tells its own locks from a dead run's reused pid
+
+
+class Status(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class OutputNotWritable(WsiVssmError):
+    """The output folder cannot be written (read-only, missing permission, not a folder)."""
+
+
+def params_hash(resolved: dict) -> str:
+    """A short hash of everything that changes a slide's outputs (the caller decides what that is)."""
+    text = json.dumps(resolved, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def state_path(out: str | os.PathLike, kind: str, name: str) -> Path:
+    return Path(out) / STATE_DIR / f"{name}.{kind}.json"
+
+
+def read_state(out: str | os.PathLike, kind: str, name: str) -> dict | None:
+    """The slide's state, or None when there is none or it cannot be read (then the slide is simply redone)."""
+    try:
+        state = json.loads(state_path(out, kind, name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("format") == STATE_FORMAT else None
+
+
+def write_state(out: str | os.PathLike, kind: str, name: str, state: dict) -> None:
+    atomic_write_json(state_path(out, kind, name), {"format": STATE_FORMAT, **state})
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class SlideLock:
+    """An O_CREAT|O_EXCL lock file per slide holding {pid, host, time}; stale ones (pid gone here) are broken."""
+
+    def __init__(self, out: str | os.PathLike, kind: str, name: str):
+        self.path = Path(out) / STATE_DIR / f"{name}.{kind}.lock"
+        self.held = False
+        self.holder: dict | None = None  # who holds it, when acquire() failed
+
+    def acquire(self) -> bool:
+        for _ in range(3):  # a lost race with another run breaking the same stale lock: look again
+            if self._create():
+                return True
+            self.holder = _read_lock(self.path)
+            if self.holder is None or not _is_stale(self.holder):
+                return False
+            self._break(self.holder)
+        return False
+
+    def _create(self) -> bool:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "time": now(), "token": _TOKEN}
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        self.held = True
+        return True
+
+    def _break(self, seen: dict) -> None:
+        # Only one breaker at a time (its own O_EXCL marker), and only if the lock is still the stale one seen:
+        # otherwise two runs could both delete, and one of them would delete the other's fresh lock.
+        marker = self.path.with_suffix(".lock.break")
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - marker.stat().st_mtime > BREAK_STALE_AFTER_S:
+                marker.unlink()
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return
+        os.close(fd)
+        try:
+            if _read_lock(self.path) == seen:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+        finally:
+            marker.unlink()
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False
+
+    def describe(self) -> str:
+        h = self.holder or {}
+        return f"locked by another run (pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('time', '?')})"
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        # half-written by a run killed between create and write: stale if old enough
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return None
+        return {"pid": None, "host": socket.gethostname(), "time": None, "age": age}
+    return info if isinstance(info, dict) else {}
+
+
+def _is_stale(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return False  # another machine: its pid means nothing here; see docs/cohorts.md
+    pid = holder.get("pid")
+    if pid is None:
+        return holder.get("age", 0.0) > BREAK_STALE_AFTER_S
+    if not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return holder.get("token") != _TOKEN  # ours, or a killed run's whose pid this process got again
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
+def check_output_folder(out: str | os.PathLike) -> None:
+    """Create OUT/.state and prove it can be written; one clear line (exit 1) otherwise."""
+    d = Path(out) / STATE_DIR
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputNotWritable(f"{out}: cannot write to the output folder ({e.strerror or e})") from e
+
+
+def clear_temporaries(name: str, job) -> None:
+    job.clear_partial(name)
+    remove_temporaries(Path(job.out) / STATE_DIR, f"{name}.{job.kind}.json.")

@@ -1,0 +1,488 @@
+"""Stage 1 of training: the backbone and the cell head on cell labels.
+
+Sources: labelled 96 x 96 patches (PCam / ImageFolder; the label is the centre 32 px = the centre stride-32 token
+of the 3 x 3 token map) and, optionally, region crops of annotated slides (a label per token). The loss
+(BCE-with-logits) is computed here, never in the model. AdamW, linear warmup then cosine decay, seeded. After every
+epoch the model is scored on the validation "select" split; the best AUC is kept (the validation data only
+selects, it never trains) and training stops early after `patience` epochs without improvement. A held-back part
+of the validation data, never used to select, is scored once at the end, alone and tiled into mosaics (in
+context, as on slides). The MIL head is then initialised on bags of *training* patches' centre-token features
+(see `fit_mil_on_patch_bags`), so the file is a whole slide model. Options: `ema` validates and saves a moving
+average of the weights; `mosaic_grid` adds mosaic crops of training patches to every step (the model meets
+slide-sized token maps) and selects on the mean of the isolated and in-mosaic AUC; `init` fine-tunes a model file.
+
+Under `torchrun --nproc_per_node N -m wsi_vssm train cells ...` the backbone and cell head train data-parallel
+(DistributedDataParallel, wsi_vssm/distributed.py): each process takes every N-th patch of the epoch's seeded draw,
+so the effective batch is N x `batch_size`; rank 0 alone validates, decides, logs and writes the model.
+
+    python -m wsi_vssm.training.cells --evaluate MODEL.pt --valid valid.tar   # prints AUC / accuracy
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from wsi_vssm import __version__
+from wsi_vssm.errors import UsageError
+from wsi_vssm.models.device import resolve_device
+from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD
+from wsi_vssm.models.inputs import normalise_batch as normalise
+from wsi_vssm.models.slide_model import SlideModel, save_model
+from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
+from wsi_vssm.training.data.patches import (
+    PatchDataset,
+    collate_uint8,
+    load_patches,
+    split_select_holdout,
+    stratified_subset,
+)
+from wsi_vssm.training.ddp import DistContext, all_reduce_mean, barrier, broadcast_object, session, shard
+from wsi_vssm.training.patch_eval import (
+    device_of,
+    evaluate,
+    evaluate_in_mosaics,
+    progress_bar,
+)
+from wsi_vssm.training.patch_mil import fit_mil_on_patch_bags
+
+CONTEXT_GRID = 8  # mosaics of 8 x 8 patches (768 px) for the in-context held-back figure when training used none
+LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_auc", "valid_acc", "valid_mosaic_auc", "lr", "seconds",
+               "best")
+
+
+@dataclass
+class TrainCellsConfig:
+    arch: str = "micro"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05  # share of all steps spent in the linear warmup
+    seed: int = 0
+    max_train: int | None = None  # a seeded class-stratified subset of the training patches
+    epoch_size: int | None = None  # patches per epoch (a fresh seeded draw each epoch); None = all
+    valid_select: int | None = None  # validation patches used to select (stratified); rest held back; None = half
+    patience: int = 3
+    scan: str = "auto"
+    mpp: float = 0.97
+    token_px: int = 32
+    mil_bags: int = 400  # bags of training patches for the MIL head (0: leave it untrained)
+    mil_bag_size: int = 16
+    mil_patches: int = 2000  # training patches whose features build those bags
+    mil_steps: int = 300  # Adam steps (32 bags each) for the MIL head
+    region_batch: int = 4  # region crops per step when slides are given
+    region_crop_px: int = 512  # side of a region crop at `mpp`
+    device: str = "cpu"  # cpu, cuda or auto; under torchrun each process takes GPU LOCAL_RANK
+    init: str | None = None  # start from this model file's weights (backbone and heads) instead of random ones
+    mosaic_grid: int = 0  # > 0: also train on mosaics of grid x grid training patches (region_batch per step),
+    #                       and select on the mean of the isolated and the in-mosaic validation AUC
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is what
+    #                   is validated, selected and saved (it smooths the last epochs' noisy steps)
+    drop_path: float | None = None  # stochastic depth while training (None: the architecture's own rate)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        for name in ("epochs", "batch_size", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise UsageError(f"lr must be > 0, got {self.lr!r}")
+        if self.mosaic_grid and int(self.mosaic_grid) < 2:
+            raise UsageError(f"mosaic_grid must be 0 (off) or >= 2, got {self.mosaic_grid!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise UsageError(f"ema must be in [0, 1), got {self.ema!r}")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise UsageError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warmup to `base`, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _epoch_indices(n: int, size: int | None, epoch: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)
+    return perm if size is None or size >= n else perm[:size]
+
+
+class _CellNet(nn.Module):
+    """What cell training runs of a SlideModel: the backbone and the cell head (the MIL attention layers are not
+    trained here, and DDP refuses parameters that get no gradient). One forward takes the patch batch and the
+    optional region batch, so DDP sees one forward per step. Returns ((B, h, w) patch logits, region logits)."""
+
+    def __init__(self, model: SlideModel):
+        super().__init__()
+        self.backbone, self.cell_head = model.backbone, model.mil.cell_head  # the same parameters, registered here
+        self._model = (model,)  # not a submodule: its other parameters stay outside DDP
+
+    def forward(self, x: torch.Tensor, regions: torch.Tensor | None = None):
+        model = self._model[0]
+        return model.cell_logits(x), None if regions is None else model.cell_logits(regions)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, kept in a copy of the model. The decay ramps up from
+    0 ((1 + n) / (10 + n) caps it) so the first steps' random weights fade quickly. Buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.model, self.decay, self.updates = copy.deepcopy(model), float(decay), 0
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, cur in zip(self.model.parameters(), model.parameters(), strict=True):
+            avg.lerp_(cur.detach(), 1.0 - d)
+        for avg, cur in zip(self.model.buffers(), model.buffers(), strict=True):
+            avg.copy_(cur)
+
+
+def _step_loss(net: nn.Module, x, y, region_batch, cfg: TrainCellsConfig, g: torch.Generator, dev) -> torch.Tensor:
+    """BCE of the centre token of each patch, plus (with region crops) BCE over every token with tissue of each
+    crop (labels: lesion fraction > 0.5). Augmentation runs on the CPU with the seeded generator `g`."""
+    xp = normalise(augment_batch(x, cfg.augment, g).to(dev))  # (B, 3, 96, 96)
+    xr = None
+    if region_batch is not None:
+        xr, labels, mask = region_batch  # (R, 3, S, S) uint8, (R, h, w), (R, h, w) bool
+        xr = normalise(augment_batch(xr, _no_geometry(cfg.augment), g).to(dev))  # flips would misalign labels
+    logits, region_logits = net(xp, xr)  # (B, h, w), (R, h, w) or None
+    loss = F.binary_cross_entropy_with_logits(logits[:, logits.shape[1] // 2, logits.shape[2] // 2], y.to(dev))
+    if region_logits is not None:
+        mask = mask.to(dev)
+        if mask.any():
+            loss = loss + F.binary_cross_entropy_with_logits(region_logits[mask], labels.to(dev)[mask])
+        else:
+            loss = loss + region_logits.sum() * 0.0
+    return loss
+
+
+def _no_geometry(aug: AugmentConfig) -> AugmentConfig:
+    return AugmentConfig(**{**aug.to_dict(), "flip_rot": False})
+
+
+_RANK_SEED = 1_000_003  # per-rank offset of the augmentation seed (rank 0: the single-process seed)
+
+
+def _epoch_shard(n: int, cfg: TrainCellsConfig, epoch: int, ctx: DistContext) -> np.ndarray:
+    """This process's patches for `epoch`: the seeded draw, sharded over the ranks (all of it alone)."""
+    return shard(_epoch_indices(n, cfg.epoch_size, epoch, cfg.seed), ctx.rank, ctx.world_size)
+
+
+def _train_epoch(model, net, opt, train: PatchDataset, regions, cfg, epoch: int, step0: int, total: int,
+                 progress: bool, ctx: DistContext, ema: WeightAverage | None = None) -> tuple[float, int]:
+    """One epoch; returns (training loss averaged over steps and ranks, next step)."""
+    model.train()
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + _RANK_SEED * ctx.rank)
+    idx = _epoch_shard(len(train), cfg, epoch, ctx)
+    loader = DataLoader(train.subset(idx), batch_size=cfg.batch_size, shuffle=False,
+                        drop_last=len(idx) > cfg.batch_size, collate_fn=collate_uint8, num_workers=0)
+    region_iter = _region_batches(regions, cfg, epoch, ctx) if regions is not None else None
+    warmup = max(1, int(cfg.warmup_frac * total))
+    dev = device_of(model)
+    losses, step = [], step0
+    for x, y in progress_bar(loader, progress, f"epoch {epoch}"):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, cfg.lr, warmup)
+        loss = _step_loss(net, x, y, next(region_iter) if region_iter is not None else None, cfg, g, dev)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP: gradients averaged over the ranks here
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        losses.append(float(loss.detach()))
+        step += 1
+    mean = float(np.mean(losses)) if losses else float("nan")
+    return float(all_reduce_mean(torch.tensor(mean, dtype=torch.float64, device=dev))), step
+
+
+def _region_batches(regions, cfg: TrainCellsConfig, epoch: int, ctx: DistContext | None = None):
+    """Endless shuffled batches of region crops (one pass per shuffle, seeded per epoch; each rank its shard)."""
+    from wsi_vssm.training.data.region_crops import collate_regions
+
+    ctx = ctx or DistContext()
+    k = 0
+    while True:
+        order = shard(np.random.default_rng([cfg.seed, epoch, k]).permutation(len(regions)), ctx.rank,
+                      ctx.world_size)
+        for i in range(0, len(order), cfg.region_batch):
+            yield collate_regions([regions[int(j)] for j in order[i:i + cfg.region_batch]])
+        k += 1
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    """The per-epoch log, rewritten atomically after every epoch: JSON for a .json path, else CSV."""
+    from wsi_vssm.atomic import atomic_write_rows
+
+    atomic_write_rows(path, rows, LOG_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    model: SlideModel  # the selected (best valid AUC) model
+    log: list[dict]
+    best_epoch: int
+    select: dict  # metrics on the selection split at the best epoch
+    holdout: dict | None  # metrics on the held-back validation part (never used to select)
+    seconds: float
+
+
+def train_cells(train_src, valid_src, out: str | os.PathLike, cfg: TrainCellsConfig | None = None,
+                slides: str | os.PathLike | None = None, progress: bool = True,
+                log_path: str | os.PathLike | None = None) -> TrainResult:
+    """Train on `train_src`, select on part of `valid_src`, write the best model to `out` and a CSV log beside it.
+
+    `train_src`/`valid_src`: folders or tars in ImageFolder layout (or PatchDatasets). `slides`: a folder of
+    slides with lesion annotations, used as an extra source of region crops.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group (or uses the caller's) and trains with DDP;
+    only rank 0 writes files and shows progress. Other ranks return the last epoch's model, the same log and
+    selection metrics, and `holdout=None`.
+    """
+    cfg = cfg or TrainCellsConfig()
+    with session(resolve_device(cfg.device)) as ctx:
+        return _train_cells(train_src, valid_src, Path(out), cfg, slides, progress and ctx.is_main, log_path, ctx)
+
+
+def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides, progress: bool, log_path,
+                 ctx: DistContext) -> TrainResult:
+    torch.manual_seed(cfg.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
+    np.random.seed(cfg.seed % 2**32)
+    train = train_src if isinstance(train_src, PatchDataset) else load_patches(train_src, cfg.max_train, cfg.seed)
+    valid = valid_src if isinstance(valid_src, PatchDataset) else load_patches(valid_src)
+    select, holdout = split_valid(valid, cfg)
+    if slides and cfg.mosaic_grid:
+        raise UsageError("give annotated slides or mosaic_grid, not both")
+    regions = _load_regions(slides, cfg) if slides else _mosaic_regions(train, cfg)
+    model = _initial_model(cfg)
+    model.to(ctx.device)
+    net = _wrap(model, ctx)
+    ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
+    chosen = ema.model if ema is not None else model  # what is validated, selected and saved
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms, biases, SSM vectors
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    per_epoch = len(_epoch_shard(len(train), cfg, 0, ctx)) // cfg.batch_size or 1
+    total = per_epoch * cfg.epochs
+    log_path = Path(log_path) if log_path else out.with_suffix(".log.csv")
+
+    def meta(log, best_epoch, sel, hold) -> dict:
+        return {**_metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides), **_dist_meta(cfg, ctx)}
+
+    log, best, best_epoch, best_sel, step, t0 = [], -1.0, 0, {}, 0, time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        te = time.perf_counter()
+        train_loss, step = _train_epoch(model, net, opt, train, regions, cfg, epoch, step, total, progress, ctx,
+                                        ema)
+        row, sel = None, None
+        if ctx.is_main:  # validation, the decision and the files: rank 0 alone; the others wait for its row
+            sel = _select_metrics(chosen, select, cfg, progress)
+            improved = sel["score"] > best or (sel["score"] == best and sel["loss"] < best_sel.get("loss", math.inf))
+            row = dict(epoch=epoch, train_loss=train_loss, valid_loss=sel["loss"], valid_auc=sel["auc"],
+                       valid_acc=sel["accuracy"], valid_mosaic_auc=sel.get("mosaic_auc", math.nan),
+                       lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - te, best=improved)
+            _write_log(log_path, log + [row])
+            ctx_auc = f" in-mosaic AUC {sel['mosaic_auc']:.4f}" if "mosaic_auc" in sel else ""
+            _say(progress, f"epoch {epoch}: train loss {train_loss:.4f}  valid(select) loss {sel['loss']:.4f} "
+                           f"AUC {sel['auc']:.4f} acc {sel['accuracy']:.4f}{ctx_auc}  {row['seconds']:.0f}s")
+        row, sel = broadcast_object((row, sel))
+        log.append(row)
+        if row["best"]:
+            best, best_epoch, best_sel = sel["score"], epoch, sel
+            if ctx.is_main:
+                save_model(chosen, out, meta(log, best_epoch, best_sel, None))
+        elif epoch - best_epoch >= cfg.patience:
+            _say(progress, f"early stop: no valid AUC gain for {cfg.patience} epochs")
+            break
+    hold = None
+    if ctx.is_main:
+        model, hold, mil_info = finish_model(out, train, holdout, cfg, progress)
+        m = meta(log, best_epoch, best_sel, hold)
+        m.update(mil_stage=mil_info, train_seconds=round(time.perf_counter() - t0, 1))
+        save_model(model, out, m)
+    barrier()  # all ranks leave together, after rank 0 has written the final model
+    return TrainResult(model, log, best_epoch, best_sel, hold, time.perf_counter() - t0)
+
+
+def _initial_model(cfg: TrainCellsConfig) -> SlideModel:
+    """A fresh model of `cfg.arch`, or the weights of `cfg.init` (a model file) to continue from; with
+    `cfg.drop_path` set, that stochastic-depth rate while training."""
+    if not cfg.init:
+        model = SlideModel.create(cfg.arch, mpp=cfg.mpp, token_px=cfg.token_px, scan=cfg.scan, name="cells")
+    else:
+        from wsi_vssm.models.slide_model import load_model
+
+        model = load_model(cfg.init, scan=cfg.scan)
+        if abs(model.mpp - cfg.mpp) > 1e-6 or model.token_px != cfg.token_px:
+            raise UsageError(f"{cfg.init}: made at {model.mpp} um/px with {model.token_px} px cells, "
+                             f"the config asks for {cfg.mpp} and {cfg.token_px}")
+        model.name = "cells"
+    if cfg.drop_path is not None:
+        model.backbone.set_drop_path(float(cfg.drop_path))
+    return model
+
+
+def _mosaic_regions(train: PatchDataset, cfg: TrainCellsConfig):
+    if not cfg.mosaic_grid:
+        return None
+    from wsi_vssm.training.data.mosaic_crops import MosaicCrops
+
+    return MosaicCrops(train, int(cfg.mosaic_grid), cfg.seed)
+
+
+def _select_metrics(model: SlideModel, select: PatchDataset, cfg: TrainCellsConfig, progress: bool) -> dict:
+    """Metrics on the selection split and the selection "score": its AUC, or with mosaic_grid the mean of the
+    isolated and the in-mosaic AUC (the model serves both patches and slides)."""
+    sel = evaluate(model, select, progress)
+    sel["score"] = sel["auc"]
+    if cfg.mosaic_grid:
+        sel["mosaic_auc"] = evaluate_in_mosaics(model, select, int(cfg.mosaic_grid), cfg.seed)["auc"]
+        sel["score"] = 0.5 * (sel["auc"] + sel["mosaic_auc"])
+    return sel
+
+
+def _wrap(model: SlideModel, ctx: DistContext) -> nn.Module:
+    """The trained part of `model` (`_CellNet`), in DistributedDataParallel when several processes train."""
+    net = _CellNet(model)
+    if not ctx.enabled:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
+    return DistributedDataParallel(net, device_ids=ids)
+
+
+def _dist_meta(cfg: TrainCellsConfig, ctx: DistContext) -> dict:
+    return {"distributed": {"world_size": ctx.world_size, "batch_size_per_process": cfg.batch_size,
+                            "effective_batch_size": cfg.batch_size * ctx.world_size,
+                            "device": ctx.device.split(":")[0]}}
+
+
+def finish_model(out, train: PatchDataset, holdout: PatchDataset | None, cfg: TrainCellsConfig,
+                 progress: bool = False):
+    """The selected checkpoint at `out`: scored once on the held-back validation part, then its MIL head fitted
+    on training-patch bags. Returns (model, held-back metrics or None, MIL-stage info or None); writes nothing."""
+    from wsi_vssm.models.slide_model import load_model
+
+    model = load_model(out, scan=cfg.scan)
+    hold = evaluate(model, holdout, progress) if holdout is not None and len(holdout) else None
+    if hold:
+        grid = int(cfg.mosaic_grid) or CONTEXT_GRID
+        ctx = evaluate_in_mosaics(model, holdout, grid, cfg.seed)
+        hold.update(mosaic_grid=grid, mosaic_n=ctx["n"], mosaic_auc=ctx["auc"], mosaic_accuracy=ctx["accuracy"])
+        _say(progress, f"held-back valid (never used to select, n={hold['n']}): AUC {hold['auc']:.4f} "
+                       f"acc {hold['accuracy']:.4f}; in {grid} x {grid} mosaics (n={ctx['n']}): AUC "
+                       f"{ctx['auc']:.4f} acc {ctx['accuracy']:.4f}")
+    mil_info = fit_mil_on_patch_bags(model, train, cfg, progress) if cfg.mil_bags > 0 else None
+    model.name = "cells+mil" if mil_info else "cells"
+    return model, hold, mil_info
+
+
+def split_valid(valid: PatchDataset, cfg: TrainCellsConfig):
+    """(selection part, held-back part or None) of validation patches: `cfg.valid_select` patches, stratified and
+    seeded by `cfg.seed`, select; the rest are only reported. Mosaic cohorts split the same way."""
+    if cfg.valid_select is None:
+        return split_select_holdout(valid, cfg.seed)
+    if cfg.valid_select >= len(valid):
+        return valid, None
+    idx = stratified_subset(valid.labels, cfg.valid_select, cfg.seed)
+    return valid.subset(idx), valid.subset(np.setdiff1d(np.arange(len(valid)), idx))
+
+
+def _load_regions(slides, cfg: TrainCellsConfig):
+    from wsi_vssm.training.data.region_crops import RegionCropDataset
+
+    ds = RegionCropDataset.from_folder(slides, mpp=cfg.mpp, token_px=cfg.token_px, crop_px=cfg.region_crop_px,
+                                       seed=cfg.seed)
+    if len(ds) == 0:
+        raise UsageError(f"{slides}: no region crops with tissue in the annotated slides")
+    return ds
+
+
+def _say(enabled: bool, msg: str) -> None:
+    if enabled:
+        from tqdm import tqdm
+
+        tqdm.write(msg)
+
+
+def _metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides) -> dict:
+    return {
+        "stage": "cells",
+        "train_data": {"source": train.source, "n": len(train), "positives": int(train.labels.sum())},
+        "valid_select": {"source": select.source, "n": len(select)},
+        "valid_holdout": None if holdout is None else {"source": holdout.source, "n": len(holdout)},
+        "slides": None if slides is None else str(slides),
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "epochs_run": len(log),
+        "best_epoch": best_epoch,
+        "metrics": {"valid_select": sel, "valid_holdout": hold},
+        "log": log,
+        "normalisation": {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "range": "RGB in [0, 1]"},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- entry
+def main(argv=None) -> int:
+    import argparse
+
+    from wsi_vssm.models.slide_model import load_model
+
+    ap = argparse.ArgumentParser(prog="python -m wsi_vssm.training.cells", description="Evaluate a model on patches.")
+    ap.add_argument("--evaluate", required=True, help="model file, or 'default'")
+    ap.add_argument("--valid", required=True, help="folder or tar in ImageFolder layout")
+    ap.add_argument("--split", choices=("all", "select", "holdout"), default="all",
+                    help="the seeded stratified halves used by training (select / held back)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--valid-select", type=int, default=None, help="as in training: patches used to select")
+    ap.add_argument("--tta", action="store_true", help="also score the mean over the 8 flips/quarter turns")
+    ap.add_argument("--in-mosaics", type=int, default=0, metavar="GRID",
+                    help="also score the patches in context: tiled GRID x GRID, read at their centre tokens")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    model = load_model(a.evaluate)
+    ds = load_patches(a.valid)
+    if a.split != "all":
+        cfg = TrainCellsConfig(seed=a.seed, valid_select=a.valid_select)
+        ds = split_valid(ds, cfg)[0 if a.split == "select" else 1]
+    for tta in (False, True) if a.tta else (False,):
+        m = evaluate(model, ds, progress=True, tta=tta)
+        print(f"{a.evaluate} on {a.valid} [{a.split}]{' 8-view TTA' if tta else ''} n={m['n']}: AUC {m['auc']:.4f} "
+              f"accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}")
+    if a.in_mosaics:
+        m = evaluate_in_mosaics(model, ds, a.in_mosaics, a.seed)
+        print(f"{a.evaluate} on {a.valid} [{a.split}] in {a.in_mosaics} x {a.in_mosaics} mosaics n={m['n']}: "
+              f"AUC {m['auc']:.4f} accuracy {m['accuracy']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,383 @@
+"""Stage 3 of training: the AttentionMIL slide head on cached cell features, with slide labels.
+
+One bag (slide) per step, Adam, bag-level BCE-with-logits computed here (the model never computes its loss),
+seeded shuffling and initialisation, selection and early stopping on the validation split's AUC (ties broken by
+validation loss). Never evaluate on what was trained on: `train_mil` refuses an empty or overlapping validation
+set. The cell head is frozen by default (it was trained with the backbone on cell labels); with
+`train_cell_head` it learns too, from a max-instance MIL loss on its cell logits.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm import __version__
+from wsi_vssm.errors import UsageError
+from wsi_vssm.outputs.report import roc_auc_or_nan  # the cohort report's AUC: training and reports agree
+from wsi_vssm.pipeline.store import FeatureStore
+
+MIL_FORMAT = "wsi-vssm-mil/1"
+LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_auc", "seconds", "best")
+FEATURE_KEYS = ("model_id", "model_hash", "mpp", "token_px", "n_features")  # must agree across stores
+
+
+@dataclass
+class MILTrainConfig:
+    hidden_dim: int = 128
+    attn_dim: int = 64
+    dropout: float = 0.25
+    epochs: int = 50
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    patience: int = 10  # epochs without a better validation AUC before stopping
+    train_cell_head: bool = False
+    cell_loss_weight: float = 1.0  # only with train_cell_head
+    max_cells: int | None = None  # at most this many random cells per training bag per step (None: all)
+    cache_mb: float = 4096.0  # keep bags in memory up to this many MB of float16 features; beyond, re-read
+    device: str = "cpu"
+
+    def __post_init__(self):
+        ints = {"hidden_dim": 1, "attn_dim": 1, "epochs": 1, "patience": 1}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise UsageError(f"{name} must be an integer >= {low}, got {v!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not (self.lr > 0 and self.weight_decay >= 0 and self.cell_loss_weight >= 0):
+            raise UsageError("lr must be > 0; weight_decay and cell_loss_weight >= 0")
+        if self.max_cells is not None and (not isinstance(self.max_cells, int) or self.max_cells < 1):
+            raise UsageError(f"max_cells must be a positive integer or None, got {self.max_cells!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainHistory:
+    rows: list[dict] = field(default_factory=list)  # one per epoch, keys LOG_COLUMNS
+    best_epoch: int = 0
+    best_valid_auc: float = math.nan
+    best_valid_loss: float = math.nan
+    metadata: dict = field(default_factory=dict)
+
+
+Bag = tuple[str | os.PathLike | FeatureStore, int]
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+class Bags:
+    """Feature stores with their labels; features read once and kept when they fit in the cache budget."""
+
+    def __init__(self, bags: Sequence[Bag], cache_mb: float):
+        self.stores = [b if isinstance(b, FeatureStore) else FeatureStore.open(b) for b, _ in bags]
+        self.labels = [_label(y, s) for (_, y), s in zip(bags, self.stores, strict=True)]
+        total = sum(len(s) * int(s.attrs.get("n_features", 0)) * 2 for s in self.stores) / 2**20
+        self._cache: dict[int, np.ndarray] | None = {} if total <= cache_mb else None
+
+    def __len__(self) -> int:
+        return len(self.stores)
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.stores]
+
+    def features(self, i: int) -> np.ndarray:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        f = self.stores[i].read_features()
+        if self._cache is not None:
+            self._cache[i] = f
+        return f
+
+
+def _label(y, store: FeatureStore) -> int:
+    if isinstance(y, (bool, np.bool_)) or y not in (0, 1):
+        raise UsageError(f"{store.path}: slide label must be 0 or 1, got {y!r}")
+    return int(y)
+
+
+def check_compatible(stores: Sequence[FeatureStore]) -> dict:
+    """The feature attrs all stores share (FEATURE_KEYS); a store from another backbone is a clear error."""
+    if not stores:
+        raise UsageError("no feature stores given")
+    ref = stores[0]
+    for s in stores[1:]:
+        for key in FEATURE_KEYS:
+            if s.attrs.get(key) != ref.attrs.get(key):
+                raise UsageError(
+                    f"{s.path}: made with {key}={s.attrs.get(key)!r}, but {ref.path} with {ref.attrs.get(key)!r}; "
+                    "features from different backbones or settings cannot be mixed (re-extract them)"
+                )
+    return {k: ref.attrs.get(k) for k in FEATURE_KEYS}
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+def train_mil(
+    train_stores: Sequence[Bag],
+    valid_stores: Sequence[Bag],
+    cfg: MILTrainConfig | None = None,
+    cell_head: dict | None = None,
+    log_path: str | os.PathLike | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    progress: Callable[[dict], None] | None = None,
+    init_state: dict | None = None,
+):
+    """Train an AttentionMIL on (feature store, label) bags; returns (model with the best weights, TrainHistory).
+
+    `init_state`: an AttentionMIL state dict of the same shape to start from (e.g. a model's current head);
+    `cell_head`, when given too, replaces its cell head.
+    `cell_head`: {"weight", "bias"} tensors of a trained cell head (frozen unless cfg.train_cell_head).
+    `log_path`: a per-epoch CSV (or JSON, by extension) rewritten atomically after every epoch.
+    `checkpoint_path`: the best model so far is saved there (atomically) whenever validation improves.
+    `progress(row)` is called after each epoch with its log row.
+    """
+    import torch
+
+    from wsi_vssm.models.mil import AttentionMIL, MILConfig
+
+    cfg = cfg or MILTrainConfig()
+    train, valid = Bags(train_stores, cfg.cache_mb), Bags(valid_stores, cfg.cache_mb)
+    _check_splits(train, valid)
+    feature_attrs = check_compatible(train.stores + valid.stores)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    mil_cfg = MILConfig(int(feature_attrs["n_features"]), cfg.hidden_dim, cfg.attn_dim, cfg.dropout)
+    model = AttentionMIL(mil_cfg).to(cfg.device)
+    if init_state is not None:
+        try:
+            model.load_state_dict(init_state, strict=True)
+        except RuntimeError as e:
+            raise UsageError(f"init_state does not fit an AttentionMIL of {mil_cfg}: {str(e).splitlines()[0]}") from e
+    _setup_cell_head(model, cell_head, cfg.train_cell_head)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = TrainHistory(metadata=_metadata(cfg, train, valid, feature_attrs))
+    best_state, stale = None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(model, opt, train, cfg, rng)
+        valid_loss, valid_auc = evaluate(model, valid, cfg.device)
+        better = _improves(valid_auc, valid_loss, history)
+        values = (epoch, train_loss, valid_loss, valid_auc, time.perf_counter() - t0, better)
+        row = dict(zip(LOG_COLUMNS, values, strict=True))
+        history.rows.append(row)
+        if better:
+            history.best_epoch, history.best_valid_auc, history.best_valid_loss = epoch, valid_auc, valid_loss
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            stale = 0
+            if checkpoint_path is not None:
+                save_mil(checkpoint_path, model, cfg, _final_metadata(history))
+        else:
+            stale += 1
+        if log_path is not None:
+            write_log(log_path, history.rows)
+        if progress is not None:
+            progress(row)
+        if stale >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    history.metadata = _final_metadata(history)
+    return model.eval(), history
+
+
+def _check_splits(train: Bags, valid: Bags) -> None:
+    if len(train) == 0:
+        raise UsageError("no training slides")
+    if len(valid) == 0:
+        raise UsageError("no validation slides: model selection needs a validation split apart from training")
+    both = sorted({s.path.resolve() for s in train.stores} & {s.path.resolve() for s in valid.stores})
+    if both:
+        raise UsageError(f"{len(both)} slide(s) are in both training and validation, e.g. {both[0]}")
+    if len(set(train.labels)) < 2:
+        warnings.warn("the training slides all have the same label; the model cannot learn to tell them apart",
+                      stacklevel=3)
+    if len(set(valid.labels)) < 2:
+        warnings.warn("the validation slides all have one label: AUC is undefined, selecting on validation loss",
+                      stacklevel=3)
+
+
+def _setup_cell_head(model, cell_head: dict | None, train_it: bool) -> None:
+    if cell_head is not None:
+        model.cell_head.load_state_dict(cell_head)
+    elif not train_it:
+        warnings.warn("no trained cell head given and --train-cell-head off: cell scores stay random", stacklevel=3)
+    for p in model.cell_head.parameters():
+        p.requires_grad_(train_it)
+
+
+def _train_epoch(model, opt, bags: Bags, cfg: MILTrainConfig, rng: np.random.Generator) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    losses = []
+    for i in rng.permutation(len(bags)):
+        feats = bags.features(int(i))
+        if len(feats) == 0:
+            continue  # a slide without tissue cells carries no evidence
+        if cfg.max_cells is not None and len(feats) > cfg.max_cells:
+            feats = feats[np.sort(rng.choice(len(feats), cfg.max_cells, replace=False))]
+        x = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(cfg.device)  # (N, F)
+        y = torch.tensor([float(bags.labels[i])], device=cfg.device)  # (1,)
+        out = model(x)
+        loss = F.binary_cross_entropy_with_logits(out.slide_logit, y)
+        if cfg.train_cell_head:
+            # MIL instance loss: a tumour slide has at least one tumour cell, a normal slide none.
+            top = out.cell_logits.max(dim=-1).values  # (1,)
+            loss = loss + cfg.cell_loss_weight * F.binary_cross_entropy_with_logits(top, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses)) if losses else math.nan
+
+
+def bag_logits(model, bags: Bags, device: str = "cpu") -> np.ndarray:
+    """The slide logit of every bag (NaN for a bag without cells), in eval mode."""
+    import torch
+
+    model.eval()
+    out = np.full(len(bags), np.nan)
+    with torch.inference_mode():
+        for i in range(len(bags)):
+            feats = bags.features(i)
+            if len(feats):
+                out[i] = float(model(torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(device)).slide_logit[0])
+    return out
+
+
+def evaluate(model, bags: Bags, device: str = "cpu") -> tuple[float, float]:
+    """(mean bag BCE loss, AUC) of `model` on `bags`; slides without cells are skipped."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = bag_logits(model, bags, device)
+    ok = np.isfinite(logits)
+    if not ok.any():
+        return math.nan, math.nan
+    labels = np.asarray(bags.labels)[ok]
+    t_logits = torch.tensor(logits[ok], dtype=torch.float32)
+    loss = float(F.binary_cross_entropy_with_logits(t_logits, torch.tensor(labels, dtype=torch.float32)))
+    return loss, roc_auc_or_nan(labels, logits[ok])
+
+
+def _improves(auc: float, loss: float, h: TrainHistory) -> bool:
+    """Higher validation AUC, or equal AUC (or none) with lower validation loss."""
+    if h.best_epoch == 0:
+        return not (math.isnan(loss) and math.isnan(auc))
+    a, b = (-1.0 if math.isnan(auc) else auc), (-1.0 if math.isnan(h.best_valid_auc) else h.best_valid_auc)
+    if a != b:
+        return a > b
+    return loss < h.best_valid_loss
+
+
+def _metadata(cfg: MILTrainConfig, train: Bags, valid: Bags, feature_attrs: dict) -> dict:
+    return {
+        "seed": cfg.seed,
+        "train_config": cfg.to_dict(),
+        "train_slides": train.names(),
+        "train_labels": list(train.labels),
+        "valid_slides": valid.names(),
+        "valid_labels": list(valid.labels),
+        "features": feature_attrs,
+        "package_version": __version__,
+    }
+
+
+def _final_metadata(h: TrainHistory) -> dict:
+    return {
+        **h.metadata,
+        "epochs": len(h.rows),
+        "best_epoch": h.best_epoch,
+        "valid_auc": h.best_valid_auc,
+        "valid_loss": h.best_valid_loss,
+        "history": [dict(r) for r in h.rows],
+    }
+
+
+# ---- files ------------------------------------------------------------------------------------------------
+def write_log(path: str | os.PathLike, rows: list[dict]) -> None:
+    """The per-epoch log as CSV, or as JSON when `path` ends in .json; written atomically."""
+    from wsi_vssm.atomic import atomic_write_rows
+
+    atomic_write_rows(path, rows, LOG_COLUMNS)
+
+
+def save_mil(path: str | os.PathLike, model, cfg: MILTrainConfig | None, metadata: dict) -> None:
+    """torch.save a checkpoint of tensors and plain containers only (loads with weights_only=True), atomically."""
+    import torch
+
+    from wsi_vssm.atomic import atomic_write_bytes
+
+    ckpt = {
+        "format": MIL_FORMAT,
+        "mil_config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "metadata": metadata,
+    }
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_mil(path: str | os.PathLike):
+    """(AttentionMIL in eval mode, metadata) from a `save_mil` file, read with weights_only=True."""
+    import torch
+
+    from wsi_vssm.models.checkpoint import CheckpointError
+    from wsi_vssm.models.mil import AttentionMIL, MILConfig
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, or not a torch file: one line naming it
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"cannot read MIL checkpoint {path}: {type(e).__name__}: {first}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != MIL_FORMAT:
+        raise CheckpointError(f"{path}: not a wsi-vssm MIL checkpoint (expected format {MIL_FORMAT!r})")
+    model = AttentionMIL(MILConfig(**ckpt["mil_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt.get("metadata", {})
+
+
+def cell_head_from_model(path: str | os.PathLike) -> tuple[dict, str]:
+    """The trained cell head ({"weight", "bias"}) of a slide-model file and its backbone's hash."""
+    from wsi_vssm.models.checkpoint import CheckpointError, read_checkpoint
+    from wsi_vssm.models.model_file import MODEL_FORMAT, state_dict_hash
+
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path}: not a wsi-vssm model file (expected format {MODEL_FORMAT!r})")
+    sd = ckpt.get("state_dict", {})
+    head = {k.removeprefix("mil.cell_head."): v for k, v in sd.items() if k.startswith("mil.cell_head.")}
+    if set(head) != {"weight", "bias"}:
+        raise CheckpointError(f"{path}: model file holds no cell head (mil.cell_head.weight / .bias)")
+    backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    return head, state_dict_hash(backbone)
+
+
+def stratified_split(names: Sequence[str], labels: Sequence[int], valid_fraction: float, seed: int):
+    """(train names, valid names): each label's slides shuffled with `seed`, a `valid_fraction` share to valid
+    (at least one per label when the label has two or more slides, never all of them)."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise UsageError(f"valid fraction must lie in (0, 1), got {valid_fraction!r}")
+    rng = np.random.default_rng(seed)
+    train, valid = [], []
+    for label in sorted(set(labels)):
+        group = sorted(n for n, y in zip(names, labels, strict=True) if y == label)
+        group = [group[i] for i in rng.permutation(len(group))]
+        k = min(max(1, round(len(group) * valid_fraction)), len(group) - 1) if len(group) >= 2 else 0
+        valid += group[:k]
+        train += group[k:]
+    return sorted(train), sorted(valid)

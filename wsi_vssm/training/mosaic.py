@@ -1,0 +1,261 @@
+"""The MIL stage on mosaic cohorts: the slide head of a trained model, fitted on slides built from real patches.
+
+With no labelled whole-slide cohort at hand, slides are tiled from labelled patches (`wsi_vssm.synth.mosaic`):
+training slides from the training patches, validation slides from the validation split's *selection* part, and
+(optionally) test slides from its *held-back* part, so each slide cohort inherits the patch split's separation.
+Every slide goes through the same path as a user's slide (pyramidal TIFF -> reader -> tissue mask -> backbone ->
+FeatureStore); the MIL head is then trained by `train_mil` (training slides train, validation slides select the
+epoch and the slide threshold) and attached to the model. The test cohort, when asked for, is scored once by
+`evaluate_cohort` on the final model and only reported.
+
+    wsi-vssm run pipelines/default.toml ...   # stage "mosaic_mil" (docs/training.md)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.errors import UsageError
+
+
+@dataclass
+class MosaicMILConfig:
+    train_slides: int = 160  # mosaics of training patches (half tumour)
+    valid_slides: int = 48  # mosaics of the validation split's selection part
+    test_slides: int = 0  # mosaics of its held-back part, scored once at the end (0: none)
+    grid: int | list[int] = 8  # patches per mosaic side (8 x 96 px = 768 px at 0.97 um/px), or [low, high]:
+    #                           each slide draws its side, so bags vary in size as slides do
+    max_lesion_frac: float = 0.3  # the largest lesion, as a share of the tissue cells
+    seed: int = 0
+    epochs: int = 60
+    patience: int = 15
+    lr: float = 1e-3
+    max_cells: int | None = None
+    init_from_model: bool = True  # start from the model's current MIL head (else a fresh seeded one)
+    synth_train_slides: int = 0  # also train on this many `wsi-vssm synth` slides: continuous tissue, larger bags
+    synth_valid_slides: int = 0  # ... and select on this many more, beside the valid mosaics
+    synth_size: int = 6000  # their side in px at synth_mpp
+    synth_mpp: float = 0.5
+
+    def __post_init__(self):
+        for name in ("train_slides", "valid_slides", "epochs", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"mosaic_mil.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("test_slides", "synth_train_slides", "synth_valid_slides"):
+            if int(getattr(self, name)) < 0:
+                raise UsageError(f"mosaic_mil.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def youden_threshold(labels, probs) -> float:
+    """The probability threshold that maximises sensitivity + specificity (ties: the median of the tied
+    thresholds); 0.5 when the labels hold one class only."""
+    y = np.asarray(labels).astype(bool)
+    p = np.asarray(probs, dtype=np.float64)
+    y, p = y[np.isfinite(p)], p[np.isfinite(p)]  # slides without tissue cells have no probability
+    if y.all() or not y.any():
+        return 0.5
+    cands = np.unique(p)
+    j = np.array([(p[y] >= t).mean() + (p[~y] < t).mean() for t in cands])
+    best = np.flatnonzero(j == j.max())
+    return float(cands[best[len(best) // 2]])
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        import click
+
+        click.echo(msg)
+
+
+def build_cohorts(train_src, valid_src, out: Path, cfg: MosaicMILConfig, valid_select: int | None,
+                  split_seed: int, progress: bool = True) -> dict[str, Path]:
+    """Write the mosaic cohorts under out/mosaics/{train,valid[,test]}; returns their folders."""
+    from wsi_vssm.synth.mosaic import make_mosaic_cohort
+    from wsi_vssm.training.cells import TrainCellsConfig, split_valid
+    from wsi_vssm.training.data.patches import load_patches
+
+    train = load_patches(train_src)
+    select, holdout = split_valid(load_patches(valid_src), TrainCellsConfig(seed=split_seed,
+                                                                             valid_select=valid_select))
+    parts = {"train": (train, cfg.train_slides, cfg.seed), "valid": (select, cfg.valid_slides, cfg.seed + 1)}
+    if cfg.test_slides:
+        if holdout is None or not len(holdout):
+            raise UsageError("mosaic_mil.test_slides needs a held-back validation part (cells.valid_select)")
+        parts["test"] = (holdout, cfg.test_slides, cfg.seed + 2)
+    folders = {}
+    for name, (patches, n, seed) in parts.items():
+        folder = out / "mosaics" / name
+        t0 = time.perf_counter()
+        grid = tuple(cfg.grid) if isinstance(cfg.grid, list) else cfg.grid
+        make_mosaic_cohort(folder, patches, n, seed, grid, max_lesion_frac=cfg.max_lesion_frac,
+                           prefix=f"{name}_")
+        _say(progress, f"mosaic_mil: {n} {name} mosaics from {len(patches)} patches ({patches.source}) -> {folder} "
+                       f"in {time.perf_counter() - t0:.0f} s")
+        folders[name] = folder
+    for name, n, seed in (("synth_train", cfg.synth_train_slides, cfg.seed + 10),
+                          ("synth_valid", cfg.synth_valid_slides, cfg.seed + 11)):
+        if n:
+            from wsi_vssm.synth import make_cohort
+
+            folder, t0 = out / "synth" / name.removeprefix("synth_"), time.perf_counter()
+            make_cohort(folder, n, seed, cfg.synth_size, cfg.synth_mpp)
+            _say(progress, f"mosaic_mil: {n} synthetic slides ({cfg.synth_size} px) -> {folder} in "
+                           f"{time.perf_counter() - t0:.0f} s")
+            folders[name] = folder
+    return folders
+
+
+def extract_cohort(folder: Path, backbone, info, features: Path, progress: bool = True) -> list[tuple[Path, int]]:
+    """Feature stores of every slide of a cohort folder (kept when already made by the same backbone);
+    `backbone, info` as from `wsi_vssm.features.load_backbone`."""
+    from wsi_vssm.io.slide import open_slide
+    from wsi_vssm.pipeline.extract import extract_to_store
+    from wsi_vssm.pipeline.store import FeatureStore
+    from wsi_vssm.runs.cohort import read_cohort
+
+    cohort = read_cohort(folder)
+    features.mkdir(parents=True, exist_ok=True)
+    bags, t0 = [], time.perf_counter()
+    for i, row in enumerate(cohort.rows):
+        if not row.ok:
+            raise UsageError(f"{folder}: {row.error}")
+        store = features / f"{row.name}.zarr"
+        if not (store.exists() and FeatureStore.open(store).attrs.get("model_hash") == info.model_hash):
+            with open_slide(row.path) as slide:
+                extract_to_store(slide, backbone, store, mpp=info.mpp, token_px=info.token_px, info=info)
+        bags.append((store, row.label))
+        if progress and (i + 1) % 20 == 0:
+            _say(progress, f"  features: {i + 1}/{len(cohort.rows)} slides of {folder.name} "
+                           f"({time.perf_counter() - t0:.0f} s)")
+    return bags
+
+
+def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str | Path, cfg: MosaicMILConfig,
+                         valid_select: int | None = None, split_seed: int = 0, progress: bool = True) -> dict:
+    """Build the cohorts, extract features, train the MIL head, attach it to `model_path` (rewritten), and
+    score the test cohort if asked. Returns the stage's record (also stored in the model's metadata)."""
+    from wsi_vssm.models.model_file import load_backbone
+    from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
+    from wsi_vssm.training.mil import Bags, MILTrainConfig, evaluate, train_mil
+
+    model_path, out = Path(model_path), Path(out)
+    t0 = time.perf_counter()
+    folders = build_cohorts(train_src, valid_src, out, cfg, valid_select, split_seed, progress)
+    backbone, info = load_backbone(model_path)
+    bags = {k: extract_cohort(v, backbone, info, out / "features" / k, progress) for k, v in folders.items()
+            if k != "test"}
+    for part in ("train", "valid"):  # synthetic slides, when asked for, join the mosaics of their part
+        bags[part] = bags[part] + bags.pop(f"synth_{part}", [])
+    model = load_model(model_path)
+    current = model.mil
+    head = {k: v.detach().clone() for k, v in current.cell_head.state_dict().items()}
+    mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
+                             dropout=current.config.dropout, epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr,
+                             seed=cfg.seed, max_cells=cfg.max_cells)
+    init = current.state_dict() if cfg.init_from_model else None  # the cell stage's first head, as a start
+    mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head, log_path=out / "mil.log.csv",
+                             checkpoint_path=out / "mil.pt", init_state=init)
+    valid = Bags(bags["valid"], mil_cfg.cache_mb)  # read once for the threshold and the baselines
+    threshold = youden_threshold(valid.labels, _slide_probs(mil, valid))
+    train_loss, train_auc = evaluate(mil, Bags(bags["train"], mil_cfg.cache_mb))
+    pooled = pooling_aucs(valid, head)
+    _say(progress, f"mosaic_mil: best epoch {history.best_epoch} of {len(history.rows)}: valid slide AUC "
+                   f"{history.best_valid_auc:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid); "
+                   f"valid AUC of plain cell-logit pooling: " + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
+    model = attach_mil(model, out / "mil.pt")
+    record = {"method": "AttentionMIL trained on mosaic slides of real patches (wsi_vssm.synth.mosaic)",
+              "config": cfg.to_dict(), "train_slides": len(bags["train"]), "valid_slides": len(bags["valid"]),
+              "best_epoch": history.best_epoch, "epochs_run": len(history.rows),
+              "valid_slide_auc": history.best_valid_auc, "valid_slide_loss": history.best_valid_loss,
+              "train_slide_auc": train_auc, "train_slide_loss": train_loss, "threshold": threshold,
+              "valid_pooling_aucs": pooled,
+              "log": history.rows}
+    meta = {**dict(getattr(model, "metadata", {}) or {}), "mil_stage": record, "threshold": threshold}
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    save_model(model, model_path, meta)
+    if "test" in folders:  # scored by the file just written, as a user's `evaluate` would
+        record["test"] = score_test_cohort(folders["test"], model_path, out / "test-eval", progress)
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        save_model(model, model_path, meta)
+    return record
+
+
+def score_test_cohort(folder: Path, model_path: Path, out: Path, progress: bool = True) -> dict:
+    """`wsi-vssm evaluate` on the held-out mosaics with the model file just written; its metrics. The file is
+    read back, as a user's `evaluate` would read it: the threshold it applies is the one stored there."""
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+
+    res = evaluate_cohort(folder, load_model(model_path), out, model_path=model_path)
+    m = res.metrics
+    _say(progress, f"mosaic_mil: held-out test mosaics (n={m['n']}, never used to train or select): slide AUC "
+                   f"{m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], accuracy {m['accuracy']:.4f}")
+    return {k: m[k] for k in ("n", "n_failed", "auc", "auc_ci95", "accuracy", "sensitivity", "specificity",
+                              "threshold")}
+
+
+def pooling_aucs(data, cell_head: dict) -> dict:
+    """Slide AUCs of parameter-free pooling of the cell head's logits (max, mean of the top 5, share of cells
+    above 0) over `data` (a `train_mil.Bags`): the baselines a learned slide head should beat."""
+    from wsi_vssm.outputs.report import roc_auc_or_nan as roc_auc
+
+    w = cell_head["weight"].float().numpy().reshape(-1)
+    b = float(cell_head["bias"].float().numpy().reshape(-1)[0])
+    scores: dict[str, list] = {"max": [], "top5_mean": [], "positive_share": []}
+    labels = []
+    for i in range(len(data)):
+        f = np.asarray(data.features(i), dtype=np.float32)
+        if not len(f):
+            continue
+        logit = f @ w + b
+        scores["max"].append(float(logit.max()))
+        scores["top5_mean"].append(float(np.sort(logit)[-5:].mean()))
+        scores["positive_share"].append(float((logit > 0).mean()))
+        labels.append(data.labels[i])
+    return {k: roc_auc(labels, v) for k, v in scores.items()}
+
+
+def main(argv=None) -> int:
+    """`python -m wsi_vssm.training.mosaic OUT/mosaic_mil MODEL`: slide AUCs of the MIL head of MODEL and of plain
+    pooling on the stage's train and valid feature stores (what the stage printed, recomputed)."""
+    import argparse
+
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.outputs.report import roc_auc_or_nan as roc_auc
+    from wsi_vssm.runs.cohort import read_cohort
+    from wsi_vssm.training.mil import Bags
+
+    ap = argparse.ArgumentParser(prog="python -m wsi_vssm.training.mosaic")
+    ap.add_argument("stage_dir", type=Path, help="the mosaic_mil stage's folder (OUT/mosaic_mil)")
+    ap.add_argument("model", help="model file (or 'default') whose backbone made the feature stores")
+    a = ap.parse_args(argv)
+    model = load_model(a.model)
+    head = model.mil.cell_head.state_dict()
+    for part, folder in (("train", "mosaics/train"), ("valid", "mosaics/valid"), ("synth_train", "synth/train"),
+                         ("synth_valid", "synth/valid")):
+        if not (a.stage_dir / folder).is_dir():
+            continue
+        rows = read_cohort(a.stage_dir / folder).rows
+        bags = Bags([(a.stage_dir / "features" / part / f"{r.name}.zarr", r.label) for r in rows], 4096.0)
+        probs = _slide_probs(model.mil, bags)
+        ok = np.isfinite(probs)
+        mil_auc = roc_auc(np.asarray(bags.labels)[ok], probs[ok])
+        pooled = pooling_aucs(bags, head)
+        kind = "slides" if part.startswith("synth") else "mosaics"
+        print(f"{part.replace('_', ' ')} {kind} (n={len(bags)}): MIL slide AUC {mil_auc:.4f}; pooling "
+              + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
+    return 0
+
+
+def _slide_probs(mil, bags) -> np.ndarray:
+    """Slide probabilities of the MIL head over a `train_mil.Bags` (NaN for a slide without cells)."""
+    from wsi_vssm.training.mil import bag_logits
+
+    return 1.0 / (1.0 + np.exp(-bag_logits(mil, bags)))

@@ -1,0 +1,105 @@
+"""Scoring a cell model on labelled patches: centre-token probabilities (optionally with 8-view TTA), patches
+scored in context (tiled into mosaics), centre-token features, and the summary figures of both.
+
+PCam labels the centre 32 px of a 96 px patch, which is the centre token of the cell head's 3 x 3 map.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from wsi_vssm.models.inputs import normalise_batch as normalise
+from wsi_vssm.models.slide_model import SlideModel
+from wsi_vssm.outputs.report import roc_auc_or_nan
+from wsi_vssm.training.data.patches import PatchDataset, collate_uint8
+
+
+def centre_logits(model: SlideModel, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 96, 96) normalised -> (B,): the cell-head logit of the centre token (PCam's labelled 32 px)."""
+    logits = model.cell_logits(x)  # (B, h, w)
+    return logits[:, logits.shape[1] // 2, logits.shape[2] // 2]
+
+
+@torch.no_grad()
+def predict_patches(model: SlideModel, ds: PatchDataset, batch_size: int = 128, progress: bool = False,
+                    tta: bool = False) -> np.ndarray:
+    """Centre-token tumour probabilities for every patch of `ds`. `tta`: the mean probability over the 8 flips
+    and quarter turns of each patch (the centre token stays the centre); off, as in training's selection."""
+    model.eval()
+    dev = device_of(model)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_uint8, num_workers=0)
+    out = []
+    for x, _ in progress_bar(loader, progress, "predict"):
+        x = normalise(x.to(dev).float() / 255)
+        views = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(3)) for k in range(4)] if tta else [x]
+        out.append(torch.stack([torch.sigmoid(centre_logits(model, v)) for v in views]).mean(0).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def evaluate(model: SlideModel, ds: PatchDataset, progress: bool = False, tta: bool = False) -> dict:
+    """{"n", "loss", "auc", "accuracy"} of the centre-token predictions at threshold 0.5."""
+    p = predict_patches(model, ds, progress=progress, tta=tta)
+    y = ds.labels.astype(np.float64)
+    pc = np.clip(p, 1e-7, 1 - 1e-7)
+    loss = float(-(y * np.log(pc) + (1 - y) * np.log(1 - pc)).mean())
+    return {"n": len(ds), "loss": loss, "auc": roc_auc_or_nan(y, p), "accuracy": float(((p >= 0.5) == y).mean())}
+
+
+@torch.no_grad()
+def predict_in_mosaics(model: SlideModel, ds: PatchDataset, grid: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of patches scored in context: a seeded order of `ds` tiled into grid x grid
+    mosaics, each patch read at its centre token of the mosaic's token map (left-over patches are not scored)."""
+    from wsi_vssm.synth.mosaic import tile
+
+    model.eval()
+    dev = device_of(model)
+    n = grid * grid
+    order = np.random.default_rng(seed).permutation(len(ds))[: len(ds) // n * n]
+    probs = []
+    for s in range(0, len(order), n):
+        img = tile([ds[int(i)][0] for i in order[s:s + n]], grid)
+        x = normalise(torch.from_numpy(img).permute(2, 0, 1)[None].to(dev).float() / 255)
+        logits = model.cell_logits(x)[0]
+        per = logits.shape[0] // grid
+        probs.append(torch.sigmoid(logits[per // 2::per, per // 2::per]).reshape(-1).cpu().numpy())
+    p = np.concatenate(probs) if probs else np.zeros(0)
+    return ds.labels[order], p
+
+
+def evaluate_in_mosaics(model: SlideModel, ds: PatchDataset, grid: int, seed: int = 0) -> dict:
+    """{"n", "auc", "accuracy"} of patches scored inside mosaics (see `predict_in_mosaics`)."""
+    y, p = predict_in_mosaics(model, ds, grid, seed)
+    accuracy = float(((p >= 0.5) == y).mean()) if len(y) else math.nan
+    return {"n": len(y), "auc": roc_auc_or_nan(y, p), "accuracy": accuracy}
+
+
+@torch.no_grad()
+def centre_features(model: SlideModel, ds: PatchDataset, batch_size: int = 128, progress: bool = False):
+    """(N, F) centre-token features of every patch of `ds`."""
+    model.eval()
+    dev = device_of(model)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_uint8, num_workers=0)
+    out = []
+    for x, _ in progress_bar(loader, progress, "features"):
+        f = model.cell_features(normalise(x.to(dev).float() / 255))  # (B, F, h, w)
+        out.append(f[:, :, f.shape[2] // 2, f.shape[3] // 2].cpu())
+    return torch.cat(out)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def progress_bar(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws); the per-epoch
+    # lines still print
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, disable=None)
