@@ -4,6 +4,7 @@ it runs, so `wsi-vssm --help` stays fast; commands parse options, call the libra
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -52,6 +53,9 @@ def main(argv=None):
     3 a cohort finished with some slides failed (each named on its own line); 130 interrupted.
     """
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("WSI_VSSM_DEBUG"))
+    if not debug:  # decoders' own log lines (e.g. tifffile's "invalid offset") would add to our one-line errors
+        for name in ("tifffile", "imagecodecs"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         cli.main(args=argv, prog_name="wsi-vssm", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -17,7 +17,8 @@ from wsi_vssm.io.base import resize
 from wsi_vssm.io.tissue import tissue_fraction
 from wsi_vssm.models import inputs
 from wsi_vssm.models.model_file import load_backbone
-from wsi_vssm.pipeline import geometry, store
+from wsi_vssm.pipeline import geometry
+from wsi_vssm.pipeline import store as feature_store
 from wsi_vssm.pipeline.extract import extract_slide
 from wsi_vssm.pipeline.store import CellFeatures, FeatureStore, FeatureStoreError
 
@@ -224,7 +225,7 @@ def _cells(n: int = 5, f: int = 8) -> CellFeatures:
     return CellFeatures(
         features=rng.standard_normal((n, f)).astype(np.float16), coords_px=xy, coords_um=(xy * 0.5).astype(np.float32),
         region_id=np.arange(n, dtype=np.int32), tissue=np.full(n, 0.5, np.float16),
-        attrs={"format": store.STORE_FORMAT, "slide": "s", "model_hash": "h", "n_features": f, "mpp": 1.0},
+        attrs={"format": feature_store.STORE_FORMAT, "slide": "s", "model_hash": "h", "n_features": f, "mpp": 1.0},
     )  # fmt: skip
 
 
@@ -235,7 +236,7 @@ def test_store_round_trip(tmp_path):
     assert len(again) == 5 and again.name == "s" and again.attrs["model_hash"] == "h"
     assert again.features.shape == (5, 8)  # lazy zarr array
     back = again.load()
-    for name in store.ARRAYS:
+    for name in feature_store.ARRAYS:
         np.testing.assert_array_equal(getattr(back, name), getattr(c, name))
         assert getattr(back, name).dtype == getattr(c, name).dtype
     assert (tmp_path / "s.zarr" / "zarr.json").is_file() and store.path == tmp_path / "s.zarr"

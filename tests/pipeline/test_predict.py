@@ -28,11 +28,21 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     rec = predict_slide(cohort / "tumor_001.tif", _model(model_file), tmp_path, FAST)
     folder = tmp_path / "tumor_001"
     saved = json.loads((folder / "prediction.json").read_text())
-    assert list(saved) == ["slide", "probability", "label", "threshold", "reason", "model", "mpp", "parameters",
+    assert list(saved) == ["schema", "slide", "probability", "label", "threshold", "slide_threshold",
+                           "cell_threshold", "reason", "device", "model", "mpp", "summary", "lesions", "parameters",
                            "timings", "version"]
+    assert saved["schema"] == "wsi-vssm-prediction/2" and saved["device"] == "cpu"
     assert saved["slide"] == "tumor_001" and 0.0 <= saved["probability"] <= 1.0 and saved["reason"] is None
     assert saved["label"] == int(saved["probability"] >= 0.5) and rec["probability"] == saved["probability"]
-    assert saved["mpp"]["analysis"] == pytest.approx(0.97) and saved["parameters"]["n_cells"] > 10
+    assert saved["threshold"] == saved["slide_threshold"] == 0.5 and saved["cell_threshold"] == 0.5
+    assert saved["mpp"]["analysis"] == pytest.approx(0.97) and saved["summary"]["n_cells"] > 10
+    assert saved["summary"]["tissue_area_mm2"] > 0
+    largest = max((les["diameter_mm"] for les in saved["lesions"]), default=None)
+    assert saved["summary"]["largest_lesion_mm"] == largest
+    assert (folder / "lesions.csv").read_text().splitlines()[0].startswith("id,x,y,width,height,area_mm2,diameter_mm")
+    assert "n_cells" not in saved["parameters"] and "warning" not in saved["parameters"]
+    model = saved["model"]
+    assert model["hash"] == model["weights_hash"] and len(model["sha256"]) == 64 and "lymph" in model["domain"]
     for name in ("heatmap.ome.zarr", "overlay.png", "contours.geojson"):
         assert (folder / name).exists(), name
     geo = json.loads((folder / "contours.geojson").read_text())
@@ -172,8 +182,9 @@ def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
 
 def test_readme_main_job_uses_a_shipped_slide():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert "sample_data/cmu-1-small-region.svs" in readme
-    assert (Path(__file__).resolve().parents[2] / "sample_data" / "cmu-1-small-region.svs").exists()
+    assert "wsi-vssm predict sample_data/lymph-node-mosaic.tif" in readme
+    assert (Path(__file__).resolve().parents[2] / "sample_data" / "lymph-node-mosaic.tif").exists()
+    assert "cmu-1-small-region.svs" in readme  # named as the example of a slide out of the model's domain
 
 
 def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path):
@@ -183,7 +194,7 @@ def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path):
     res = evaluate_cohort(cohort, load_model(model_file), tmp_path / "ev", FAST, annotations=cohort / "annotations",
                           n_boot=200)
     froc = res.metrics["froc"]
-    assert 0.0 <= froc["froc"] <= 1.0 and froc["n_slides"] == 2 and froc["n_lesions"] >= 1
+    assert 0.0 <= froc["froc"] <= 1.0 and froc["n_slides"] == len(list(cohort.glob("*.tif"))) and froc["n_lesions"] >= 1
     assert set(froc["sensitivity_at_fps"]) == {"0.25", "0.5", "1", "2", "4", "8"}
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert saved["froc"]["froc"] == pytest.approx(froc["froc"])

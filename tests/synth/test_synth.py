@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image, ImageDraw
 
 from wsi_vssm.cli import main
@@ -174,18 +175,28 @@ def test_library_api_returns_polygons(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, option",
     [
-        (["--slides", 0], "number of slides must be at least 1"),
-        (["--slides", 2, "--size", 100], "slide size must be"),
-        (["--slides", 2, "--mpp", -1], "mpp must be"),
-        (["--slides", 2, "--workers", 0], "--workers must be at least 1"),
+        (["--slides", 0], "--slides"),
+        (["--slides", 2, "--size", 100], "--size"),
+        (["--slides", 2, "--mpp", -1], "--mpp"),
+        (["--slides", 2, "--workers", 0], "--workers"),
+        ([], "--slides N or --patients N"),
+        (["--slides", 2, "--patients", 1], "--slides N or --patients N"),
     ],
 )
-def test_bad_arguments_one_line_error(tmp_path, capsys, args, message):
-    assert run_cli(tmp_path / "out", *args) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("wsi-vssm: error:") and message in err and "\n" not in err
+def test_bad_arguments_are_usage_errors(tmp_path, capsys, args, option):
+    """Bad option values are usage errors: exit 2 and click's message naming the option."""
+    assert run_cli(tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert option in err and "Traceback" not in err
+
+
+def test_library_rejects_bad_values_in_one_line(tmp_path):
+    with pytest.raises(SynthError, match="number of slides must be at least 1"):
+        make_cohort(tmp_path / "a", 0)
+    with pytest.raises(SynthError, match="slide size must be"):
+        make_cohort(tmp_path / "b", 1, size=100)
 
 
 def test_unwritable_output_one_line_error(tmp_path, capsys):
@@ -197,3 +208,27 @@ def test_unwritable_output_one_line_error(tmp_path, capsys):
         assert err.startswith("wsi-vssm: error:") and str(blocker) in err and "\n" not in err
     with pytest.raises(SynthError):
         make_cohort(blocker, 1, size=1024)
+
+
+def test_every_pyramid_level_matches_level_zero_to_the_last_row(tmp_path):
+    """The reduced levels are box-filtered level 0 down to their last tile row (it was left white once)."""
+    from wsi_vssm.synth.writer import DOWNSAMPLE, write_pyramid
+
+    rng = np.random.default_rng(0)
+    size = (1300, 1300)  # 6 x 6 tiles at level 0; level 1 (325 px) has a partial last tile row
+    base = rng.integers(0, 200, (size[1], size[0], 3), dtype=np.uint8)
+
+    def render(x0, y0):
+        tile = np.full((256, 256, 3), 255, np.uint8)
+        part = base[y0:y0 + 256, x0:x0 + 256]
+        tile[: part.shape[0], : part.shape[1]] = part
+        return tile
+
+    path = tmp_path / "p.tif"
+    sizes = write_pyramid(path, size, render, 1.0, workers=1, quality=95)
+
+    with tifffile.TiffFile(path) as tf:
+        level1 = tf.pages[1].asarray()
+    assert len(sizes) >= 2 and level1.shape[:2] == (sizes[1][1], sizes[1][0])
+    bottom = level1[-DOWNSAMPLE * 2 :]  # the slide's own pixels (mean ~100), not white (255)
+    assert bottom.mean() < 150, "the last rows of level 1 are white, not the downsampled slide"

@@ -11,8 +11,6 @@ import click
 
 from wsi_vssm.commands.options import mpp_option
 
-THUMBNAIL_SIDE = 1024  # tissue is measured on a thumbnail of at most this many pixels a side
-
 MPP_SOURCE_TEXT = {
     "openslide-properties": "from the file, via OpenSlide",
     "tiff-resolution": "from the TIFF resolution tags",
@@ -52,11 +50,11 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
 def slide_info(path: str, backend: str = "auto", mpp: float | None = None) -> dict:
     """The facts `info` prints, as a JSON-ready dict."""
     from wsi_vssm.io import open_slide
-    from wsi_vssm.io.tissue import mask_side, tissue_mask
+    from wsi_vssm.io.tissue import slide_tissue
 
     with open_slide(path, backend=backend, mpp=mpp) as reader:
-        thumb = reader.thumbnail(mask_side(reader, THUMBNAIL_SIDE))
-        fraction = float(tissue_mask(thumb).mean()) if thumb.size else 0.0
+        tissue = slide_tissue(reader)  # the same mask predict and extract use
+        thumb, fraction = tissue.thumbnail, tissue.fraction
         if fraction == 0:
             warnings.warn(f"{reader.path}: no tissue found on the thumbnail", stacklevel=2)
         levels = [

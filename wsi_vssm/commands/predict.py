@@ -31,4 +31,14 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
     model = load_cli_model(model_path)
     job = predict_job(out_dir, model_file(model_path), model, build_params(mpp, **opts))
     summary = run_slides([SlideTask(slide_key(p), p) for p in slides], job, run, progress)
+    if summary.count("done", "skipped"):
+        progress.result(domain_note(model))  # with the results: what the model knows, so no one reads a diagnosis
     exit_for(summary, len(slides))
+
+
+def domain_note(model) -> str:
+    """The line every prediction run ends with: what the model knows, so that no one reads it as a diagnosis."""
+    from wsi_vssm.models.slide_model import model_domain
+
+    return (f"note: model {model.name!r} was trained on {model_domain(model)} only; on other tissue, "
+            "stains or magnifications its probabilities mean nothing. Research software, not a diagnosis.")

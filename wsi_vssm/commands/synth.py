@@ -9,33 +9,49 @@ import click
 
 @click.command("synth")
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--slides", "n_slides", type=int, required=True, help="Number of slides; half (rounded down) tumour.")
+@click.option("--slides", "n_slides", type=click.IntRange(min=1), default=None,
+              help="Number of slides; half (rounded down) tumour.")
+@click.option("--patients", "n_patients", type=click.IntRange(min=1), default=None,
+              help="Instead of --slides: CAMELYON17-style patients of 5 nodes each, stages pN0, pN0(i+), pN1mi, "
+                   "pN1, pN2 in turn; writes patients.csv and reference.csv with a node `category` column.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
-@click.option("--size", type=int, default=20_000, show_default=True, help="Level-0 side of each slide, px.")
-@click.option("--mpp", type=float, default=None,
+@click.option("--size", type=click.IntRange(min=1024, max=400_000), default=None,
+              help="Level-0 side of each slide, px [default: 20,000; patients: 8,192].")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Microns per pixel at level 0 [default: 0.5; mosaics: 0.97, PCam's].")
-@click.option("--workers", type=int, default=None, help="Rendering/encoding threads [default: CPUs, at most 8].")
-@click.option("--quality", type=int, default=None, help="JPEG quality [default: 85; mosaics: 90].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Rendering/encoding threads [default: CPUs, at most 8].")
+@click.option("--quality", type=click.IntRange(1, 100), default=None,
+              help="JPEG quality [default: 85; mosaics: 90].")
 @click.option("--from-patches", "patches", default=None, metavar="SRC",
               help="Tile mosaic slides from labelled patches instead (a folder or tar in ImageFolder layout, "
                    "e.g. PCam): normal slides of label-0 patches, tumour slides with one lesion of label-1 ones.")
-@click.option("--grid", type=int, default=8, show_default=True, help="Mosaics: patches per slide side.")
+@click.option("--grid", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Mosaics: patches per slide side.")
 @click.option("--part", type=click.Choice(["all", "select", "holdout"]), default="all", show_default=True,
               help="Mosaics: which part of SRC to use, split as `train cells` splits its validation data.")
-@click.option("--valid-select", type=int, default=None,
+@click.option("--valid-select", type=click.IntRange(min=1), default=None,
               help="Mosaics with --part: patches in the selection part, as in training [default: half].")
 @click.option("--split-seed", type=int, default=0, show_default=True,
               help="Mosaics with --part: the seed training split with (`train cells --seed`).")
-def command(out, n_slides, seed, size, mpp, workers, quality, patches, grid, part, valid_select, split_seed):
+def command(out, n_slides, n_patients, seed, size, mpp, workers, quality, patches, grid, part, valid_select,
+            split_seed):
     """Write N synthetic H&E slides (pyramidal JPEG TIFF), annotations/*.xml and reference.csv into OUT.
 
-    With --from-patches, write N mosaic slides of real labelled patches, reference.csv and mosaic.json."""
+    With --from-patches, write N mosaic slides of real labelled patches, reference.csv and mosaic.json.
+    With --patients N, write N CAMELYON17-style patients of 5 node slides each (see docs/synth.md)."""
     from wsi_vssm.synth import make_cohort
 
+    if (n_slides is None) == (n_patients is None):
+        raise click.UsageError("give either --slides N or --patients N")
+    if n_patients is not None:
+        if patches is not None:
+            raise click.UsageError("--patients writes synthetic nodes; it does not take --from-patches")
+        return _patients(out, n_patients, seed, size or 8192, mpp or 0.5, workers, quality or 85)
     if patches is not None:
         return _mosaics(out, n_slides, seed, patches, grid, part, valid_select, split_seed, mpp or 0.97,
                         quality or 90)
-    mpp, quality = mpp or 0.5, quality or 85
+    mpp, quality, size = mpp or 0.5, quality or 85, size or 20_000
     start = time.perf_counter()
     last = [start]
 
@@ -45,10 +61,6 @@ def command(out, n_slides, seed, size, mpp, workers, quality, patches, grid, par
         click.echo(f"wrote {rec.path.name} ({rec.label}{extra}) in {now - last[0]:.1f} s")
         last[0] = now
 
-    if workers is not None and workers < 1:
-        from wsi_vssm.synth import SynthError
-
-        raise SynthError(f"--workers must be at least 1, got {workers}")
     records = make_cohort(out, n_slides, seed, size, mpp, workers=workers, quality=quality, on_slide=report)
     n_tumor = sum(r.label == "tumor" for r in records)
     click.echo(
@@ -75,3 +87,17 @@ def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, 
     n_tumor = sum(r.label == "tumor" for r in recs)
     click.echo(f"{len(recs)} mosaic slides ({n_tumor} tumour, {len(recs) - n_tumor} normal) of {len(patches)} "
                f"patches ({part}) from {source} in {out} in {time.perf_counter() - start:.1f} s")
+
+
+def _patients(out, n_patients, seed, size, mpp, workers, quality) -> None:
+    from wsi_vssm.synth.patients import make_patient_cohort
+
+    start = time.perf_counter()
+
+    def report(rec):
+        sizes = ", ".join(f"{d:.2f} mm" for d in rec.diameters_mm)
+        click.echo(f"wrote {rec.path.name} ({rec.patient}, {rec.category}{': ' + sizes if sizes else ''})")
+
+    recs = make_patient_cohort(out, n_patients, seed, size, mpp, workers=workers, quality=quality, on_slide=report)
+    click.echo(f"{n_patients} patients ({len(recs)} node slides) in {out} in {time.perf_counter() - start:.1f} s; "
+               f"evaluate with: wsi-vssm evaluate {out} --patients {out}/patients.csv")

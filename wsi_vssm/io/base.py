@@ -8,6 +8,7 @@ Backends implement only `_read_level`, which is always called with a box that li
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from abc import ABC, abstractmethod
@@ -19,6 +20,7 @@ import numpy as np
 from wsi_vssm.errors import one_line
 from wsi_vssm.io.errors import MissingMpp, OutOfBounds, SlideError, SlideReadError
 
+log = logging.getLogger("wsi_vssm.io")
 BACKGROUND = 255  # white: what a brightfield scanner sees where there is no tissue
 
 # Where `mpp` came from; reported by `wsi-vssm info`.
@@ -167,15 +169,44 @@ class SlideReader(ABC):
         return resize(img, out_w, out_h)
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
-        """The whole slide, its longer side at most `max_side` pixels, from the coarsest level that suffices."""
+        """The whole slide, its longer side at most `max_side` pixels, from the coarsest level that suffices.
+
+        A level too large to hold in memory at once (a slide with no small level, e.g. a single-level TIFF of
+        200,000 px a side) is streamed in blocks, each area-averaged to its part of the thumbnail.
+        """
         w0, h0 = self.dimensions
         scale = max(w0, h0) / max_side
         if scale <= 1:
             return self.read_region((0, 0), 0, (w0, h0))
         level = self.best_level_for_downsample(scale)
-        img = self.read_region((0, 0), level, self.level_dimensions[level])
+        lw, lh = self.level_dimensions[level]
         out_w, out_h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
-        return resize(img, out_w, out_h)
+        if lw * lh <= self.thumbnail_read_limit:
+            return resize(self.read_region((0, 0), level, (lw, lh)), out_w, out_h)
+        return self._streamed_thumbnail(level, out_w, out_h)
+
+    # Level pixels read in one piece for a thumbnail; larger levels are streamed in blocks (64 MP: ~200 MB RGB).
+    thumbnail_read_limit = 64 * 1024 * 1024
+    THUMBNAIL_BLOCK = 4096  # level px per block side when streaming
+
+    def _streamed_thumbnail(self, level: int, out_w: int, out_h: int) -> np.ndarray:
+        """`thumbnail` of a huge level: output blocks read one at a time (peak memory ~ one block), each level
+        block spanning whole output pixels, so block seams fall between output pixels."""
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        fx, fy = lw / out_w, lh / out_h  # level px per output px
+        bx, by = max(1, int(self.THUMBNAIL_BLOCK // fx)), max(1, int(self.THUMBNAIL_BLOCK // fy))
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        blocks = [(r, c) for r in range(0, out_h, by) for c in range(0, out_w, bx)]
+        log.info("%s: thumbnail streamed from level %d (%d x %d px) in %d blocks", self.path, level, lw, lh,
+                 len(blocks))
+        for r, c in _maybe_bar(blocks, f"thumbnail of {self.name}"):
+            r1, c1 = min(out_h, r + by), min(out_w, c + bx)
+            x0, y0 = round(c * fx), round(r * fy)
+            x1, y1 = min(lw, max(x0 + 1, round(c1 * fx))), min(lh, max(y0 + 1, round(r1 * fy)))
+            img = self.read_region((round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0))
+            out[r:r1, c:c1] = resize(img, c1 - c, r1 - r)
+        return out
 
     # ---- lifetime -------------------------------------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - backends without handles have nothing to close
@@ -190,6 +221,15 @@ class SlideReader(ABC):
     def __repr__(self) -> str:
         w, h = self.dimensions
         return f"<{type(self).__name__} {self.path or ''} {w}x{h} levels={self.level_count} mpp={self.mpp}>"
+
+
+def _maybe_bar(items: list, desc: str):
+    """A progress bar over `items` on a terminal when there are many (tqdm hides itself in logs)."""
+    if len(items) < 64:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="block", leave=False, disable=None)
 
 
 def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -50,6 +50,22 @@ def is_tiff(path: Path) -> bool:
         return False
 
 
+def tiff_ends_early(path: Path) -> bool:
+    """Whether a TIFF's first image directory offset points past the end of the file (a truncated copy)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    if head[:4] not in TIFF_MAGIC:
+        return False
+    order = "little" if head[:2] == b"II" else "big"
+    big = head[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offset at byte 8
+    offset = int.from_bytes(head[8:16] if big else head[4:8], order)
+    return offset >= size
+
+
 def is_zarr_dir(path: Path) -> bool:
     return any((path / marker).is_file() for marker in ("zarr.json", ".zattrs", ".zgroup"))
 

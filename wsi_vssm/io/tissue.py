@@ -109,16 +109,36 @@ def tissue_fraction(mask: np.ndarray, box: tuple[float, float, float, float] | N
     return float(wy[1] @ sub @ wx[1]) / total
 
 
-def slide_tissue_mask(slide, max_side: int = DEFAULT_THUMBNAIL_SIDE, **params) -> tuple[np.ndarray, float]:
-    """The tissue mask of `slide`'s thumbnail and its scale: level-0 pixels per mask pixel.
+@dataclass(frozen=True)
+class SlideTissue:
+    """A slide's tissue mask, the thumbnail it was computed on, and level-0 pixels per mask pixel."""
 
-    The thumbnail's longer side is `max_side`, or less when that would make its pixels finer than
-    MASK_MIN_UM_PER_PX (slides with a known mpp).
+    mask: np.ndarray  # (h, w) bool
+    thumbnail: np.ndarray  # (h, w, 3) uint8
+    scale: float
+
+    @property
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def slide_tissue(slide, max_side: int = DEFAULT_THUMBNAIL_SIDE, **params) -> SlideTissue:
+    """The one way a slide's tissue is found (`info`, `predict`, `extract` and training all call this).
+
+    The thumbnail is read from the slide at `mask_side` (its longer side `max_side`, or less when that would
+    make its pixels finer than MASK_MIN_UM_PER_PX), never derived from another thumbnail: resampling twice
+    softens dense lymphoid tissue until it falls under the colour rules.
     """
     thumb = slide.thumbnail(mask_side(slide, max_side))
     w0, h0 = slide.dimensions
     scale = max(w0 / thumb.shape[1], h0 / thumb.shape[0])
-    return tissue_mask(thumb, **params), float(scale)
+    return SlideTissue(tissue_mask(thumb, **params), thumb, float(scale))
+
+
+def slide_tissue_mask(slide, max_side: int = DEFAULT_THUMBNAIL_SIDE, **params) -> tuple[np.ndarray, float]:
+    """(mask, scale) of `slide_tissue`: the tissue mask and level-0 pixels per mask pixel."""
+    t = slide_tissue(slide, max_side, **params)
+    return t.mask, t.scale
 
 
 def mask_side(slide, max_side: int = DEFAULT_THUMBNAIL_SIDE) -> int:

@@ -95,9 +95,33 @@ def read_checkpoint(path: str | Path) -> dict:
             with torch.serialization.safe_globals([(_inert_class(n), n) for n in names]):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
-            raise CheckpointError(f"cannot read checkpoint {path}: {one_line(first)}") from first
+            raise _unreadable(path, first) from first
     except Exception as e:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(e)}") from e
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    """A one-line CheckpointError with a short reason in `.reason`. torch's own text is not passed on: it
+    suggests weights_only=False, an unsafe load that must never be offered for a file of unknown origin."""
+    text = str(err)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        head = b""
+    if head not in (b"PK", b"\x80\x02") and not head.startswith(b"\x80"):  # zip (torch >= 1.6) or a pickle
+        reason = "not a torch checkpoint"
+    elif isinstance(err, pickle.UnpicklingError) or "weights_only" in text:
+        reason = "its pickled content is not plain tensors and containers"
+    elif "zip archive" in text or "PytorchStreamReader" in text or "central directory" in text:
+        reason = "not a torch checkpoint, or truncated"
+    elif isinstance(err, EOFError):
+        reason = "truncated"
+    else:
+        reason = f"{type(err).__name__}: {one_line(err, 120)}"
+    e = CheckpointError(f"cannot read checkpoint {path}: {reason}")
+    e.reason = reason
+    return e
 
 
 

@@ -137,7 +137,7 @@ def read_model_file(path: str | os.PathLike, required: tuple[str, ...] = REQUIRE
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
-        raise ModelFileError(str(e)) from e
+        raise ModelFileError(f"{path}: not a wsi-vssm model file ({getattr(e, 'reason', e)})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ModelFileError(f"{path}: not a wsi-vssm model file (format {found!r}, expected {MODEL_FORMAT!r})")

@@ -7,6 +7,7 @@ The file format and its one reader live in `models.model_file`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -32,8 +33,11 @@ from wsi_vssm.models.model_file import (
 from wsi_vssm.models.vssm import VSSM, VSSMConfig
 
 __all__ = ["SlideModel", "ModelFileError", "save_model", "load_model", "attach_mil", "resolve_model_path",
-           "default_model_path", "read_model_file", "check_weights", "load_model_cached", "DEFAULT_NAME"]
+           "default_model_path", "read_model_file", "check_weights", "load_model_cached", "model_identity", "model_domain",
+           "DEFAULT_NAME", "DEFAULT_DOMAIN"]
 DEFAULT_NAME = "default"
+# What the default model and the shipped recipes train on; a model file may state its own `domain`.
+DEFAULT_DOMAIN = "H&E-stained lymph-node sections (PCam / CAMELYON16 patches), about 0.97 um/px"
 _CACHE: dict[str, SlideModel] = {}  # load_model_cached: resolved path and mtime -> model, per process
 _CACHE_LOCK = threading.Lock()
 
@@ -136,7 +140,36 @@ def load_model(path_or_name: str | os.PathLike = DEFAULT_NAME, scan: str | None 
     check_weights(model, sd, path)
     model.load_state_dict(sd, strict=True)
     model.metadata = dict(ckpt.get("metadata") or {})
+    model.file_sha256 = _file_sha256(path)
     return model.eval()
+
+
+def model_identity(model: SlideModel) -> dict:
+    """What identifies a slide model in outputs (prediction.json `model`, docs/outputs.md):
+
+    - `weights_hash`: `state_dict_hash` of every weight, whichever file holds them; a cohort run's state keys
+      on it (the same weights re-saved under another name are the same model);
+    - `sha256`: of the model file as loaded (None for a model built in memory), to check a download;
+    - `domain`: one line on what the model was trained on (its metadata's `domain`, else the default's).
+    """
+    from wsi_vssm.models.model_file import state_dict_hash
+
+    return {"weights_hash": state_dict_hash(model.state_dict()), "sha256": getattr(model, "file_sha256", None),
+            "domain": model_domain(model)}
+
+
+def model_domain(model: SlideModel) -> str:
+    """One line on what `model` was trained on: its metadata's `domain`, else the default model's."""
+    meta = getattr(model, "metadata", None) or {}
+    return str(meta.get("domain") or DEFAULT_DOMAIN)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_model_cached(path_or_name: str | os.PathLike = DEFAULT_NAME) -> SlideModel:

@@ -17,9 +17,10 @@ import numpy as np
 
 from wsi_vssm.io.base import SlideReader
 from wsi_vssm.outputs import files
+from wsi_vssm.outputs.colors import CONTRAST_LIMITS
 
 CHUNK = 1024  # px per side of one lazily read block of a slide level
-HEATMAP_OPACITY = 0.5
+DEFAULT_CELL_THRESHOLD = 0.5
 CONTOUR_COLOR = "#00ff66"  # green: stands out against both H&E and the heatmap's reds
 META_KEY = "wsi_vssm"  # layer.metadata[META_KEY] says what a layer is ("slide", "heatmap", "contours")
 
@@ -85,14 +86,15 @@ def slide_layer(slide: SlideReader, name: str | None = None) -> tuple:
     return slide_pyramid(slide), kwargs, "image"
 
 
-def heatmap_colormap():
-    """Turbo from 0 (blue) to 1 (dark red), with exactly 0 (no tissue) fully transparent."""
-    import matplotlib
+def heatmap_colormap(cell_threshold: float = DEFAULT_CELL_THRESHOLD):
+    """The overlay's colour rule (`wsi_vssm.outputs.colors`) as a napari colormap over [0, 1]: transparent
+    below the cell threshold, a perceptual colour map with rising opacity above it."""
     from napari.utils.colormaps import Colormap
 
-    colors = matplotlib.colormaps["turbo"](np.linspace(0.0, 1.0, 256))
-    colors[0, 3] = 0.0
-    return Colormap(colors=colors, controls=np.linspace(0.0, 1.0, 256), name="wsi-vssm tumour probability")
+    from wsi_vssm.outputs.colors import heatmap_lut
+
+    controls, colors = heatmap_lut(cell_threshold)
+    return Colormap(colors=colors, controls=controls, name=f"wsi-vssm tumour probability >= {cell_threshold:.3f}")
 
 
 def heatmap_layer(path: str | Path) -> tuple:
@@ -105,14 +107,16 @@ def heatmap_layer(path: str | Path) -> tuple:
     prob, cell_um, translation, attrs = read_heatmap_zarr(path, 0)
     block = dict(attrs.get(META_KEY) or {})
     slide = block.get("slide") or Path(path).parent.name
+    # `threshold`: the key of heatmaps written before prediction.json v2
+    threshold = float(block.get("cell_threshold", block.get("threshold", DEFAULT_CELL_THRESHOLD)))
     kwargs = {
         "name": f"{slide} heatmap",
         "scale": (cell_um, cell_um),
         "translate": tuple(translation[-2:]),
         "units": ("um", "um"),
-        "colormap": heatmap_colormap(),
-        "contrast_limits": (0.0, 1.0),
-        "opacity": HEATMAP_OPACITY,
+        "colormap": heatmap_colormap(threshold),
+        "contrast_limits": CONTRAST_LIMITS,
+        "opacity": 1.0,  # the colormap carries the opacity
         "blending": "translucent",
         "interpolation2d": "nearest",
         "metadata": {META_KEY: {**block, "kind": "heatmap", "path": str(path)}},

@@ -54,4 +54,6 @@ def summary(record: dict) -> str:
     if prob is None:
         return f"{record.get('slide')}: no probability ({record.get('reason') or 'unknown reason'})"
     label = "tumour" if record.get("label") else "normal"
-    return f"{record.get('slide')}: tumour probability {prob:.3f} -> {label} (threshold {record.get('threshold')})"
+    threshold = record.get("slide_threshold", record.get("threshold"))
+    shown = "?" if threshold is None else f"{float(threshold):.3f}"
+    return f"{record.get('slide')}: tumour probability {prob:.3f} -> {label} (threshold {shown})"

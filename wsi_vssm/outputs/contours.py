@@ -24,6 +24,12 @@ from wsi_vssm.errors import UsageError
 from wsi_vssm.outputs.heatmap import _grid, _pair, _positive
 
 TUMOR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}
+# QuPath classes of lesion categories (outputs.lesions): the contours of a slide show as ITC / micro / macro
+LESION_CLASSES = {
+    "itc": {"name": "Tumor: ITC", "color": [255, 200, 0]},
+    "micro": {"name": "Tumor: micrometastasis", "color": [255, 110, 0]},
+    "macro": {"name": "Tumor: macrometastasis", "color": [200, 0, 0]},
+}
 _4_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
 _ID_NAMESPACE = uuid.UUID("7b0f8a52-3f6e-4c8e-9a51-2f3b0c1d9e10")  # stable feature ids across reruns
 
@@ -95,14 +101,19 @@ def contours_geojson(
     max_probabilities: list[float | None] | None = None,
     slide_mpp: float | None = None,
     slide: str = "",
+    lesions: list[tuple[int, str]] | None = None,
 ) -> dict:
     """A QuPath-importable FeatureCollection: one "Tumor" annotation per polygon, coordinates in level-0 px.
 
     Each feature carries `properties.objectType = "annotation"`, `classification {name, color}`, a `name`,
     and `measurements` (QuPath's dict form): "Max probability" when given, "Area um^2" when `slide_mpp` is.
+    `lesions`, one (lesion id, category) per polygon (`outputs.lesions`), makes the class the lesion's category
+    (`LESION_CLASSES`), names the feature after its lesion and adds `lesion_id` and `category` properties.
     """
     if max_probabilities is not None and len(max_probabilities) != len(polygons):
         raise UsageError(f"{len(max_probabilities)} probabilities for {len(polygons)} contours")
+    if lesions is not None and len(lesions) != len(polygons):
+        raise UsageError(f"{len(lesions)} lesion ids for {len(polygons)} contours")
     features = []
     for i, poly in enumerate(polygons):
         if not isinstance(poly, (Polygon, MultiPolygon)) or poly.is_empty:
@@ -112,18 +123,18 @@ def contours_geojson(
             measurements["Max probability"] = float(max_probabilities[i])
         if slide_mpp is not None:
             measurements["Area um^2"] = float(poly.area * _positive(slide_mpp, "slide mpp") ** 2)
+        props = {"objectType": "annotation", "classification": dict(TUMOR_CLASS), "name": f"Tumor {i + 1}",
+                 "isLocked": False, "measurements": measurements}
+        if lesions is not None and lesions[i][0]:
+            lesion_id, category = lesions[i]
+            props.update(classification=dict(LESION_CLASSES.get(category, TUMOR_CLASS)), lesion_id=int(lesion_id),
+                         category=category, name=f"Lesion {lesion_id} ({category})")
         features.append(
             {
                 "type": "Feature",
                 "id": str(uuid.uuid5(_ID_NAMESPACE, f"{slide}/{i}/{poly.bounds}/{poly.area}")),
                 "geometry": mapping(shapely.normalize(poly).reverse()),  # exterior counter-clockwise (RFC 7946)
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": dict(TUMOR_CLASS),
-                    "name": f"Tumor {i + 1}",
-                    "isLocked": False,
-                    "measurements": measurements,
-                },
+                "properties": props,
             }
         )
     return {"type": "FeatureCollection", "features": features}
@@ -135,9 +146,10 @@ def write_contours_geojson(
     max_probabilities: list[float | None] | None = None,
     slide_mpp: float | None = None,
     slide: str = "",
+    lesions: list[tuple[int, str]] | None = None,
 ) -> None:
     """Write `contours_geojson(...)` to `path` atomically (an empty FeatureCollection when there are none)."""
-    atomic_write_json(path, contours_geojson(polygons, max_probabilities, slide_mpp, slide))
+    atomic_write_json(path, contours_geojson(polygons, max_probabilities, slide_mpp, slide, lesions))
 
 
 def _runs(row: np.ndarray) -> list[tuple[int, int]]:

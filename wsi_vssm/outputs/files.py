@@ -15,12 +15,15 @@ PREDICTION_JSON = "prediction.json"  # written last: its presence means the slid
 HEATMAP_ZARR = "heatmap.ome.zarr"
 OVERLAY_PNG = "overlay.png"
 CONTOURS_GEOJSON = "contours.geojson"
-SLIDE_FILES = (PREDICTION_JSON, HEATMAP_ZARR, OVERLAY_PNG, CONTOURS_GEOJSON)
+LESIONS_CSV = "lesions.csv"
+SLIDE_FILES = (PREDICTION_JSON, HEATMAP_ZARR, OVERLAY_PNG, CONTOURS_GEOJSON, LESIONS_CSV)
 
 # per cohort
 PREDICTIONS_CSV = "predictions.csv"
 METRICS_JSON = "metrics.json"
 ROC_PNG = "roc.png"
+STAGES_CSV = "stages.csv"  # with --patients
+CONFUSION_PNG = "confusion.png"  # with --patients: per-node categories, reference against predicted
 COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG)
 
 

@@ -1,18 +1,43 @@
-"""`overlay.png`: the heatmap blended over the slide thumbnail, with a colour bar.
+"""`overlay.png`: the heatmap over the slide thumbnail, made to be read by a pathologist.
 
-It receives only the thumbnail's pixels: label and macro images never reach it.
+The colour rule is the one in `wsi_vssm.outputs.colors` (shared with the napari layer): cells below the cell
+threshold are not tinted at all, so the morphology shows as scanned; at and above it a perceptual colour map,
+its opacity rising with the probability. Tumour outlines are drawn on top. A title line names the slide and the
+call, and a legend under the image (text at least 1.5% of the image height) shows the colour scale and marks the
+cell threshold. Optionally the plain thumbnail sits on the left for comparison. A slide without tissue gets
+the thumbnail with "no tissue found" across it.
+
+It receives only the thumbnail's pixels: label and macro images never reach it. The image panels are placed
+pixel for pixel (`figimage`), never resampled, so an untinted pixel is exactly the thumbnail's.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from wsi_vssm.atomic import atomic_write_bytes
 from wsi_vssm.errors import UsageError
+from wsi_vssm.outputs.colors import (
+    ALPHA_AT_ONE,
+    CONTRAST_LIMITS,
+    HEATMAP_CMAP,
+    check_threshold,
+    colormap,
+    heatmap_rgba,
+)
 from wsi_vssm.outputs.heatmap import _grid, _pair, _positive
+
+DPI = 100
+FONT_FRACTION = 0.021  # legend and title font size (em, px) as a fraction of the thumbnail height
+MIN_FONT_PX = 14
+CONTOUR_RGB = (0, 0, 0)  # outlines in black: visible on H&E and on every colour of the map
+NO_TISSUE_TEXT = "no tissue found"
 
 
 def heatmap_on_grid(
@@ -46,47 +71,252 @@ def overlay_png(
     cell0: float,
     origin: tuple[float, float],
     slide_dims: tuple[int, int],
-    alpha: float = 0.5,
-    cmap: str = "inferno",
+    alpha: float = ALPHA_AT_ONE,
+    cmap: str = HEATMAP_CMAP,
+    *,
+    cell_threshold: float = 0.5,
+    title: str | None = None,
+    contours: Sequence | None = None,
+    side_by_side: bool = False,
 ) -> None:
-    """Write the heatmap over `thumbnail_rgb` (H x W x 3 uint8 of the whole slide) to `path` as PNG, atomically.
+    """Write the overlay of `prob` on `thumbnail_rgb` to `path` as PNG, atomically. See `overlay_figure`."""
+    fig = overlay_figure(
+        thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap,
+        cell_threshold=cell_threshold, title=title, contours=contours, side_by_side=side_by_side,
+    )  # fmt: skip
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    atomic_write_bytes(path, buf.getvalue())
 
-    Cells with a probability (tissue) are coloured with `cmap` on [0, 1] and blended with weight `alpha`;
-    elsewhere the thumbnail shows as is. A colour bar labelled "tumour probability" sits on the right.
+
+def overlay_figure(
+    thumbnail_rgb: np.ndarray,
+    prob: np.ndarray,
+    cell0: float,
+    origin: tuple[float, float],
+    slide_dims: tuple[int, int],
+    alpha: float = ALPHA_AT_ONE,
+    cmap: str = HEATMAP_CMAP,
+    *,
+    cell_threshold: float = 0.5,
+    title: str | None = None,
+    contours: Sequence | None = None,
+    side_by_side: bool = False,
+):
+    """The overlay as a matplotlib `Figure` on an Agg canvas, one figure pixel per thumbnail pixel.
+
+    `thumbnail_rgb` is the whole slide (H x W x 3 uint8), `prob` the (rows, cols) cell grid (NaN = no tissue)
+    whose cell (0, 0) starts at level-0 `origin`, cells `cell0` level-0 px wide, on a slide of level-0
+    `slide_dims` (width, height). `alpha` is the opacity at probability 1, `cmap` a matplotlib colour map over
+    the fixed limits [0, 1]. `title` is one line shown above the image; `contours` are polygons in level-0 px
+    ((N, 2) arrays of x, y, or shapely polygons) drawn as outlines; `side_by_side` puts the plain thumbnail on
+    the left. Bad arguments raise UsageError.
     """
     # The Agg canvas directly, not pyplot: no global backend switch, no figure registry, safe in threads.
-    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
+    thumb = _check_thumbnail(thumbnail_rgb)
+    threshold = _check_options(cell_threshold, alpha, cmap, title)
+    grid = _grid(prob)
+    h, w = thumb.shape[:2]
+    heat = heatmap_on_grid(grid, cell0, origin, slide_dims, (h, w))
+    tissue = bool(np.isfinite(grid).any())
+    panel = tint(thumb, heat, threshold, alpha, cmap)
+    if contours:
+        scale = (w / float(slide_dims[0]), h / float(slide_dims[1]))
+        panel = draw_outlines(panel, contours, scale, width=max(2, round(h / 400)))
+
+    lay = _Layout.make(h, w, side_by_side, title, tissue)
+    fig = Figure(figsize=(lay.width / DPI, lay.height / DPI), dpi=DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+    img_bottom = lay.height - lay.title_h - h  # figimage offsets are from the lower-left corner
+    if side_by_side:
+        fig.figimage(thumb, xo=0, yo=img_bottom, origin="upper")
+    fig.figimage(panel, xo=lay.panel_x, yo=img_bottom, origin="upper")
+    if title is not None:
+        fig.text(lay.pad / lay.width, 1 - lay.title_h / 2 / lay.height, title, fontsize=lay.title_px * 72 / DPI,
+                 va="center", ha="left", parse_math=False)  # fmt: skip
+    if tissue:
+        _draw_legend(fig, lay, threshold, alpha, cmap, bool(contours))
+    else:
+        _draw_no_tissue(fig, lay, img_bottom + h / 2)
+    return fig
+
+
+def tint(thumb: np.ndarray, heat: np.ndarray, threshold: float, alpha: float = ALPHA_AT_ONE,
+         cmap: str = HEATMAP_CMAP) -> np.ndarray:  # fmt: skip
+    """`thumb` (H x W x 3 uint8) with the colour rule applied for the per-pixel probabilities `heat` (H x W).
+
+    Pixels whose probability is below `threshold` or NaN are returned unchanged, bit for bit.
+    """
+    heat = np.asarray(heat, dtype=np.float32)
+    hot = np.nan_to_num(heat, nan=-1.0) >= check_threshold(threshold)  # the only pixels that change
+    rgba = heatmap_rgba(heat[hot], threshold, cmap, alpha_max=alpha)  # (n, 4)
+    a = rgba[:, 3:4]
+    out = thumb.copy()
+    out[hot] = np.clip(np.rint(thumb[hot] * (1.0 - a) + rgba[:, :3] * 255.0 * a), 0, 255).astype(np.uint8)
+    return out
+
+
+def draw_outlines(img: np.ndarray, polygons: Sequence, scale: tuple[float, float], width: int = 3) -> np.ndarray:
+    """A copy of `img` (H x W x 3 uint8) with each polygon's rings drawn as closed lines.
+
+    `polygons` are in level-0 px: (N, 2) arrays of (x, y), or shapely polygons (holes drawn too); `scale` maps
+    level-0 px to image px (sx, sy).
+    """
+    from PIL import Image, ImageDraw
+
+    sx, sy = scale
+    out = Image.fromarray(np.ascontiguousarray(img[..., :3]))
+    draw = ImageDraw.Draw(out)
+    for ring in _rings(polygons):
+        xy = [(x * sx, y * sy) for x, y in ring]  # PIL: (0, 0) is the top-left corner of a pixel
+        draw.line([*xy, xy[0]], fill=CONTOUR_RGB, width=width, joint="curve")
+    return np.asarray(out)
+
+
+def _rings(polygons: Sequence) -> list[np.ndarray]:
+    if isinstance(polygons, np.ndarray) and polygons.ndim == 2:
+        polygons = [polygons]  # a single polygon passed bare
+    rings = []
+    for k, poly in enumerate(polygons):
+        parts = [poly.exterior, *poly.interiors] if hasattr(poly, "exterior") else [poly]
+        for part in parts:
+            try:
+                ring = np.asarray(getattr(part, "coords", part), dtype=np.float64)
+            except (TypeError, ValueError):
+                raise UsageError(f"contour {k} must be an (N, 2) array of x, y level-0 px") from None
+            if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 2 or not np.isfinite(ring).all():
+                raise UsageError(f"contour {k} must be an (N, 2) array of finite x, y, got shape {ring.shape}")
+            rings.append(ring)
+    return rings
+
+
+def _check_options(cell_threshold, alpha, cmap, title) -> float:
+    """Fail before any work on a bad option; returns the threshold as a float."""
+    threshold = check_threshold(cell_threshold)
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha <= 1):
+        raise UsageError(f"alpha must be in (0, 1], got {alpha!r}")
+    colormap(cmap)
+    if title is not None and (not isinstance(title, str) or "\n" in title or "\r" in title):
+        raise UsageError(f"title must be one line of text, got {title!r}")
+    return threshold
+
+
+def _check_thumbnail(thumbnail_rgb) -> np.ndarray:
     thumb = np.asarray(thumbnail_rgb)
     if thumb.ndim != 3 or thumb.shape[2] < 3 or thumb.dtype != np.uint8 or 0 in thumb.shape[:2]:
         raise UsageError(f"thumbnail must be an H x W x 3 uint8 image, got {thumb.dtype} {thumb.shape}")
-    if not 0 <= alpha <= 1:
-        raise UsageError(f"alpha must be in [0, 1], got {alpha}")
-    if cmap not in colormaps:
-        raise UsageError(f"unknown colour map {cmap!r}; e.g. inferno, jet, viridis, magma")
-    thumb = thumb[..., :3]
-    heat = heatmap_on_grid(prob, cell0, origin, slide_dims, thumb.shape[:2])
-    colours = colormaps[cmap](np.clip(np.nan_to_num(heat), 0, 1))[..., :3]
-    weight = np.where(np.isfinite(heat), alpha, 0.0)[..., None]
-    blended = (thumb / 255.0) * (1 - weight) + colours * weight
+    return np.ascontiguousarray(thumb[..., :3])
 
-    h, w = thumb.shape[:2]
-    dpi = 100
-    bar_px = max(60, w // 8)  # room for the colour bar and its labels
-    fig = Figure(figsize=((w + bar_px) / dpi, max(h, 120) / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    total_w, total_h = w + bar_px, max(h, 120)
-    ax = fig.add_axes((0, 1 - h / total_h, w / total_w, h / total_h))
-    ax.imshow(blended, interpolation="nearest")
-    ax.set_axis_off()
-    cax = fig.add_axes((w / total_w + 0.12 * bar_px / total_w, 0.1, 0.18 * bar_px / total_w, 0.8))
-    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=cmap), cax=cax)
-    bar.set_label("tumour probability", fontsize=7)
-    bar.ax.tick_params(labelsize=6)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    atomic_write_bytes(path, buf.getvalue())
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where everything goes, in figure pixels (y down from the top unless said otherwise)."""
+
+    font_px: float
+    title_px: float
+    pad: int
+    title_h: int
+    legend_h: int
+    panel_x: int  # left edge of the overlay panel
+    panel_w: int
+    width: int
+    height: int
+    bar_w: int
+    label_w: float  # width of the "tumour probability" label left of the colour bar
+
+    @property
+    def font_pt(self) -> float:
+        """The legend's font size in points (`font_px` at `DPI`)."""
+        return self.font_px * 72 / DPI
+
+    @classmethod
+    def make(cls, h: int, w: int, side_by_side: bool, title: str | None, tissue: bool) -> _Layout:
+        f = max(MIN_FONT_PX, round(FONT_FRACTION * h))
+        pad = round(0.6 * f)
+        title_h = round(1.8 * f) if title is not None else 0
+        legend_h = round((5.4 if tissue else 1.8) * f)
+        panel_x = w + pad if side_by_side else 0
+        label_w = _text_width(LEGEND_LABEL, f)
+        bar_w = round(max(12 * f, min(24 * f, 0.45 * w)))
+        widths = [panel_x + w]
+        if tissue:
+            widths += [panel_x + pad + label_w + f + bar_w + 2 * f, panel_x + 2 * pad + _text_width(_NOTE_MAX, f)]
+        title_px = f
+        if title is not None:  # shrink a long title to the image width, to 0.7 of the legend font at most
+            title_px = max(0.7 * f, min(f, 0.98 * f * (max(widths) - 2 * pad) / _text_width(title, f)))
+            widths.append(2 * pad + _text_width(title, title_px))
+        width = math.ceil(max(widths))
+        return cls(f, title_px, pad, title_h, legend_h, panel_x, w, width, h + title_h + legend_h, bar_w, label_w)
+
+
+LEGEND_LABEL = "tumour probability"
+_NOTE_MAX = "not tinted below the cell threshold 0.000" + " " * 8 + "tumour outline"
+
+
+def _text_width(text: str, font_px: float) -> float:
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
+    renderer = RendererAgg(8, 8, DPI)
+    width, _, _ = renderer.get_text_width_height_descent(text, FontProperties(size=font_px * 72 / DPI), ismath=False)
+    return float(width)
+
+
+def _legend_bar(threshold: float, alpha: float, cmap: str, bar_w: int, bar_h: int) -> np.ndarray:
+    """The colour scale as pixels: the colour rule over a light checkerboard (transparency), black frame."""
+    check = 8 * ((np.arange(bar_h)[:, None] // 6 + np.arange(bar_w)[None, :] // 6) % 2)
+    base = np.repeat((247 - check).astype(np.uint8)[..., None], 3, axis=2)
+    values = (np.arange(bar_w) + 0.5) / bar_w
+    bar = tint(base, np.broadcast_to(values, (bar_h, bar_w)), threshold, alpha, cmap)
+    bar[[0, -1], :] = 0
+    bar[:, [0, -1]] = 0
+    return bar
+
+
+def _draw_legend(fig, lay: _Layout, threshold: float, alpha: float, cmap: str, outlined: bool) -> None:
+    from matplotlib.lines import Line2D
+
+    f, W, H = lay.font_px, lay.width, lay.height
+    text = {"fontsize": lay.font_pt, "parse_math": False}
+    bar_h = round(1.1 * f)
+    bar_top = H - lay.legend_h + round(0.7 * f)  # y down
+    bar_x = lay.panel_x + lay.pad + round(lay.label_w + f)
+    fig.figimage(_legend_bar(threshold, alpha, cmap, lay.bar_w, bar_h), xo=bar_x, yo=H - bar_top - bar_h,
+                 origin="upper")  # fmt: skip
+    mid = 1 - (bar_top + bar_h / 2) / H
+    fig.text((bar_x - f) / W, mid, LEGEND_LABEL, ha="right", va="center", **text)
+    lo, hi = CONTRAST_LIMITS
+    tick_y = 1 - (bar_top + bar_h + 0.25 * f) / H
+    for v in np.linspace(lo, hi, 5):
+        if abs(v - threshold) >= 0.12 or v == threshold:
+            fig.text((bar_x + v * lay.bar_w) / W, tick_y, f"{v:g}", ha="center", va="top", **text)
+    tx = (bar_x + threshold * lay.bar_w) / W
+    fig.add_artist(Line2D([tx, tx], [1 - (bar_top - 0.35 * f) / H, 1 - (bar_top + bar_h + 0.2 * f) / H],
+                          color="black", linewidth=max(2, f / 10) * 72 / DPI, transform=fig.transFigure))  # fmt: skip
+    if abs(threshold - round(threshold * 4) / 4) > 1e-9:
+        fig.text(tx, tick_y, f"{threshold:.3f}", ha="center", va="top", fontweight="bold", **text)
+    note_y = 1 - (bar_top + bar_h + 2.3 * f) / H
+    x = (lay.panel_x + lay.pad) / W
+    note = f"not tinted below the cell threshold {threshold:.3f}"
+    fig.text(x, note_y, note, ha="left", va="top", **text)
+    if outlined:
+        x = (lay.panel_x + lay.pad + _text_width(note, f) + 2 * f) / W
+        y = note_y - 0.55 * f / H
+        fig.add_artist(Line2D([x, x + 1.6 * f / W], [y, y], color=np.array(CONTOUR_RGB) / 255,
+                              linewidth=max(2, f / 12) * 72 / DPI, transform=fig.transFigure))  # fmt: skip
+        fig.text(x + 2.1 * f / W, note_y, "tumour outline", ha="left", va="top", **text)
+
+
+def _draw_no_tissue(fig, lay: _Layout, centre_y: float) -> None:
+    """Draw "no tissue found" in large type across the overlay panel, and once more in the legend band."""
+    f, W, H = lay.font_px, lay.width, lay.height
+    panel_w = lay.panel_w
+    big_px = max(2 * f, min(0.12 * (H - lay.title_h - lay.legend_h), 0.8 * panel_w / 8.5))
+    fig.text((lay.panel_x + panel_w / 2) / W, centre_y / H, NO_TISSUE_TEXT, ha="center", va="center",
+             fontsize=big_px * 72 / DPI, fontweight="bold", color="black", parse_math=False,
+             bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "black", "boxstyle": "round,pad=0.4"})  # fmt: skip
+    fig.text((lay.panel_x + lay.pad) / W, 1 - (H - lay.legend_h / 2) / H, f"{NO_TISSUE_TEXT}: no cell was scored",
+             ha="left", va="center", fontsize=lay.font_pt, parse_math=False)  # fmt: skip

@@ -22,7 +22,7 @@ from wsi_vssm import __version__
 from wsi_vssm.errors import WsiVssmError
 from wsi_vssm.outputs import files
 
-THUMBNAIL_SIDE = 2048  # tissue mask and overlay resolution
+THUMBNAIL_SIDE = 2048  # overlay resolution (the tissue mask has its own rule: io.tissue.slide_tissue)
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -97,10 +97,9 @@ def predict_slide(
     when given, computes the regions' cells instead of this process (`extract_slide`'s hook: the cohort runner
     spreads a large slide's regions over a Dask cluster with it).
     """
-    import torch
 
     from wsi_vssm.io import open_slide
-    from wsi_vssm.io.tissue import mask_side, tissue_mask
+    from wsi_vssm.io.tissue import slide_tissue
     from wsi_vssm.pipeline.extract import extract_slide
 
     params = params or PredictParams()
@@ -111,11 +110,10 @@ def predict_slide(
         stage("read", 0, 1)
         slide.require_mpp()
         t = time.perf_counter()
-        thumb = slide.thumbnail(THUMBNAIL_SIDE)  # for the overlay; the mask's thumbnail is derived from it
-        small = _shrink(thumb, mask_side(slide, THUMBNAIL_SIDE))
-        mask = tissue_mask(small)
-        scale = max(slide.dimensions[0] / small.shape[1], slide.dimensions[1] / small.shape[0])
-        warning = stain_warning(small, mask)
+        thumb = slide.thumbnail(THUMBNAIL_SIDE)  # for the overlay
+        tissue = slide_tissue(slide)  # the one tissue rule: info, extract and training use it too
+        mask, scale = tissue.mask, tissue.scale
+        warning = stain_warning(tissue.thumbnail, mask)
         if warning:
             warnings.warn(f"{slide_path}: {warning}", stacklevel=3)
         timings["tissue"] = time.perf_counter() - t
@@ -133,57 +131,97 @@ def predict_slide(
 
         t = time.perf_counter()
         threshold = slide_threshold(model, params)
-        if len(cells) == 0:
-            prob, cell_probs, reason = None, np.zeros(0, np.float32), "no tissue found"
-            warnings.warn(f"{slide_path}: no tissue found; the slide gets no probability", stacklevel=3)
-        else:
-            with torch.inference_mode():
-                mil = model.mil.to("cpu").eval()
-                res = mil(torch.from_numpy(cells.features.astype(np.float32)))
-            prob = float(torch.sigmoid(res.slide_logit)[0])
-            cell_probs = torch.sigmoid(res.cell_logits[0]).numpy().astype(np.float32)
-            if not (math.isfinite(prob) and np.isfinite(cell_probs).all()):
-                raise NonFiniteOutput(f"{slide_path}: the model gave NaN/inf probabilities (model "
-                                      f"{model.name}: its weights or the slide's features are not finite)")
-            reason = None
+        prob, cell_probs, reason = _score(model, cells, slide_path)
         timings["mil"] = time.perf_counter() - t
 
         t = time.perf_counter()
         stage("write", 0, 1)
         out_dir = Path(out_root) / slide.name
         out_dir.mkdir(parents=True, exist_ok=True)
+        label = None if prob is None else int(prob >= threshold)
+        notes = [w for w in (warning, _few_cells_warning(cell_probs, label, params.cell_threshold)) if w]
         record = {
             "slide": slide.name,
             "probability": prob,
-            "label": None if prob is None else int(prob >= threshold),
-            "threshold": threshold,
+            "label": label,
+            "threshold": threshold,  # v1 name of slide_threshold
+            "slide_threshold": threshold,
+            "cell_threshold": params.cell_threshold,
             "reason": reason,
-            "model": {"name": model.name, "mpp": model.mpp, "token_px": model.token_px,
-                      "hash": cells.attrs.get("model_hash")},
+            "device": _device_name(params.device),
+            "model": {"name": model.name, "mpp": model.mpp, "token_px": model.token_px, **_identity(model)},
             "mpp": {"slide": slide.mpp, "slide_source": slide.mpp_source, "analysis": cells.attrs["mpp"]},
+            "summary": {"n_cells": len(cells), "tissue_area_mm2": _tissue_area_mm2(tissue, slide.mpp),
+                        "largest_lesion_mm": None, "warnings": notes},
+            "lesions": [],
             "parameters": {**params.to_dict(), "region_px": cells.attrs["region_px"],
-                           "overlap_px": cells.attrs["overlap_px"], "n_cells": len(cells),
-                           "warning": warning},
+                           "overlap_px": cells.attrs["overlap_px"]},
             "timings": timings,
             "version": __version__,
+            "schema": None,  # set by the writer
         }
         _write_outputs(out_dir, slide, thumb, cells, cell_probs, record, params.cell_threshold)
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        from wsi_vssm.outputs.report import write_prediction_json
+        from wsi_vssm.outputs.prediction import write_prediction_json
 
         write_prediction_json(out_dir / files.PREDICTION_JSON, record)  # last: its presence means the slide is done
         stage("done", 1, 1)
     return record
 
 
-def _shrink(img: np.ndarray, max_side: int) -> np.ndarray:
-    """`img` with its longer side at most `max_side` (as SlideReader.thumbnail would give), without a re-read."""
-    from wsi_vssm.io.base import resize
+def _score(model, cells, slide_path) -> tuple[float | None, np.ndarray, str | None]:
+    """(slide probability, cell probabilities, reason when there is no probability) from the MIL head."""
+    import torch
 
-    h, w = img.shape[:2]
-    f = max_side / max(h, w)
-    return img if f >= 1 else resize(img, max(1, round(w * f)), max(1, round(h * f)))
+    if len(cells) == 0:
+        warnings.warn(f"{slide_path}: no tissue found; the slide gets no probability", stacklevel=4)
+        return None, np.zeros(0, np.float32), "no tissue found"
+    with torch.inference_mode():
+        mil = model.mil.to("cpu").eval()
+        res = mil(torch.from_numpy(cells.features.astype(np.float32)))
+    prob = float(torch.sigmoid(res.slide_logit)[0])
+    cell_probs = torch.sigmoid(res.cell_logits[0]).numpy().astype(np.float32)
+    if not (math.isfinite(prob) and np.isfinite(cell_probs).all()):
+        raise NonFiniteOutput(f"{slide_path}: the model gave NaN/inf probabilities (model "
+                              f"{model.name}: its weights or the slide's features are not finite)")
+    return prob, cell_probs, None
+
+
+FEW_CELLS = 3  # a tumour call resting on fewer cells above the cell threshold than this is flagged
+
+
+def _few_cells_warning(cell_probs: np.ndarray, label: int | None, cell_threshold: float) -> str | None:
+    n = int((cell_probs >= cell_threshold).sum())
+    if label == 1 and n < FEW_CELLS:
+        return (f"the tumour call rests on {n} cell(s) at or above the cell threshold {cell_threshold:.3g}; "
+                "check the heatmap before trusting it")
+    return None
+
+
+def _identity(model) -> dict:
+    from wsi_vssm.models.slide_model import model_identity
+
+    ident = model_identity(model)
+    return {"hash": ident["weights_hash"], **ident}  # `hash`: v1 name of weights_hash
+
+
+def _device_name(device: str) -> str:
+    """The device as used (`auto` resolved as extraction resolves it): `cpu`, or `cuda:N`."""
+    from wsi_vssm.models.device import resolve_device
+
+    dev = resolve_device(device)
+    if dev == "cuda":
+        import torch
+
+        return f"cuda:{torch.cuda.current_device()}"
+    return dev
+
+
+def _tissue_area_mm2(tissue, slide_mpp: float) -> float:
+    """Tissue area from the mask: its pixels times the area one mask pixel covers on the slide."""
+    px_mm = tissue.scale * float(slide_mpp) / 1000.0
+    return round(float(tissue.mask.sum()) * px_mm * px_mm, 4)
 
 
 def cell_grid(coords_px: np.ndarray, values: np.ndarray, cell0: float, dims: tuple[int, int]) -> np.ndarray:
@@ -198,18 +236,39 @@ def cell_grid(coords_px: np.ndarray, values: np.ndarray, cell0: float, dims: tup
 
 
 def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_threshold: float) -> None:
+    """heatmap.ome.zarr, lesions.csv, contours.geojson and overlay.png; fills the record's `lesions` and
+    `summary.largest_lesion_mm` (prediction.json itself is written last, by the caller)."""
     from wsi_vssm.outputs.contours import max_probability, tumour_contours, write_contours_geojson
     from wsi_vssm.outputs.heatmap import write_heatmap_zarr
+    from wsi_vssm.outputs.lesions import find_lesions_and_labels, lesion_ids_for_polygons, write_lesions_csv
     from wsi_vssm.outputs.overlay import overlay_png
 
-    cell0 = float(cells.attrs["cell_px0"])
+    cell0, origin = float(cells.attrs["cell_px0"]), (0.0, 0.0)
     grid = cell_grid(cells.coords_px, cell_probs, cell0, slide.dimensions)
-    attrs = {"slide": slide.name, "model": record["model"]["name"], "threshold": cell_threshold}
-    write_heatmap_zarr(out_dir / files.HEATMAP_ZARR, grid, cell0, (0.0, 0.0), slide.mpp, attrs=attrs)
-    overlay_png(out_dir / files.OVERLAY_PNG, thumb, grid, cell0, (0.0, 0.0), slide.dimensions)
-    polys = tumour_contours(grid, cell_threshold, cell0, (0.0, 0.0))
-    write_contours_geojson(out_dir / files.CONTOURS_GEOJSON, polys, max_probability(polys, grid, cell0, (0.0, 0.0)),
-                           slide_mpp=slide.mpp, slide=slide.name)
+    attrs = {"slide": slide.name, "model": record["model"]["name"], "cell_threshold": cell_threshold}
+    write_heatmap_zarr(out_dir / files.HEATMAP_ZARR, grid, cell0, origin, slide.mpp, attrs=attrs)
+    lesions, labels = find_lesions_and_labels(grid, cell0, origin, slide.mpp, cell_threshold)
+    write_lesions_csv(out_dir / files.LESIONS_CSV, lesions)
+    record["lesions"] = [lesion.as_dict() for lesion in lesions]
+    record["summary"]["largest_lesion_mm"] = lesions[0].diameter_mm if lesions else None
+    polys = tumour_contours(grid, cell_threshold, cell0, origin)
+    category = {lesion.id: lesion.category for lesion in lesions}
+    ids = lesion_ids_for_polygons(polys, labels, cell0, origin)
+    write_contours_geojson(out_dir / files.CONTOURS_GEOJSON, polys, max_probability(polys, grid, cell0, origin),
+                           slide_mpp=slide.mpp, slide=slide.name, lesions=[(i, category.get(i, "")) for i in ids])
+    overlay_png(out_dir / files.OVERLAY_PNG, thumb, grid, cell0, origin, slide.dimensions,
+                cell_threshold=cell_threshold, title=overlay_title(record), contours=polys)
+
+
+def overlay_title(record: dict) -> str:
+    """The overlay's one-line title: slide, probability, decision, thresholds and model (3 digits)."""
+    head = f"{record['slide']}  |  "
+    tail = f"  |  cell threshold {record['cell_threshold']:.3f}  |  model {record['model']['name']}"
+    if record["probability"] is None:
+        return f"{head}no probability: {record['reason']}{tail}"
+    decision = "tumour" if record["label"] else "normal"
+    return (f"{head}probability {record['probability']:.3f} -> {decision} (slide threshold "
+            f"{record['slide_threshold']:.3f}){tail}")
 
 
 class _Stage:

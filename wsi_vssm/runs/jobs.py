@@ -88,7 +88,7 @@ class PredictJob:
         cb = None if region_progress is None else (lambda done, total, stage: region_progress(done, total))
         rec = predict_slide(task.path, self.model(), self.out, self.params, progress=cb, run_regions=run_regions)
         return {"probability": rec["probability"], "label": rec["label"], "reason": rec["reason"],
-                "n_cells": rec["parameters"]["n_cells"], "timings": rec["timings"]}
+                "n_cells": rec["summary"]["n_cells"], "timings": rec["timings"]}
 
     def open_slide(self, task: SlideTask):
         from wsi_vssm.io import open_slide

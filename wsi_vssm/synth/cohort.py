@@ -72,19 +72,33 @@ def write_slide(
     Same arguments, same bytes. Written to a temporary name in the same folder, then renamed.
     """
     from wsi_vssm.synth.layout import make_layout
-    from wsi_vssm.synth.tissue import render_tile
 
     _check(size, mpp)
+    layout = make_layout(size, mpp, seed, tumor)
+    write_layout(path, layout, "tumor" if tumor else "normal", workers=workers, quality=quality, progress=progress)
+    return layout.lesion_polygons()
+
+
+def write_layout(
+    path: str | os.PathLike,
+    layout,
+    label: str,
+    *,
+    workers: int | None = None,
+    quality: int = 85,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Render a `layout.Layout` to a pyramidal TIFF at `path`, atomically; `label` goes in its description."""
+    from wsi_vssm.synth.tissue import render_tile
+
     if not 1 <= quality <= 100:
         raise SynthError(f"JPEG quality must be 1 to 100, got {quality}")
-    path = Path(path)
-    layout = make_layout(size, mpp, seed, tumor)
-    desc = f"wsi-vssm synthetic H&E slide; seed={seed}; label={'tumor' if tumor else 'normal'}; mpp={mpp}"
+    size, mpp = layout.size, layout.mpp
+    desc = f"wsi-vssm synthetic H&E slide; seed={layout.seed}; label={label}; mpp={mpp}"
     write_pyramid_atomic(
-        path, (size, size), lambda x, y: render_tile(layout, x, y), mpp,
+        Path(path), (size, size), lambda x, y: render_tile(layout, x, y), mpp,
         workers=workers or default_workers(), quality=quality, description=desc, progress=progress,
     )  # fmt: skip
-    return layout.lesion_polygons()
 
 
 def write_pyramid_atomic(path: str | os.PathLike, size: tuple[int, int], render, mpp: float, **kwargs) -> None:

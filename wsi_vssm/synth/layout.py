@@ -178,7 +178,67 @@ def make_layout(size: int, mpp: float, seed: int, tumor: bool) -> Layout:
     tissue = _tissue_blobs(rng, size)
     edge_amp = 0.05 * min(b.radius for b in tissue)
     lesions = _place_lesions(rng, tissue, edge_amp, mpp) if tumor else ()
+    return _finish(rng, size, mpp, seed, tissue, edge_amp, lesions)
+
+
+def _finish(rng, size: int, mpp: float, seed: int, tissue, edge_amp: float, lesions) -> Layout:
+    """Pen strokes and field seeds, then the layout."""
     pens = _pen_strokes(rng, size, mpp, lesions)
     names = ("edge", "fat", "lymph", "eosin", "warp", "orient", "cyto", "grain", "nuclei")
     seeds = {name: int(s) for name, s in zip(names, rng.integers(0, 2**31, len(names)), strict=True)}
     return Layout(int(size), float(mpp), int(seed), tissue, float(edge_amp), lesions, pens, seeds)
+
+
+# ---- lymph-node slides with lesions of given longest diameters (synthetic patients) -------------------------
+NODE_RADIUS = 0.36  # of the slide side: one large, smooth node section leaves room for a macrometastasis
+
+
+def feret(points: np.ndarray) -> float:
+    """Largest distance between two of the (n, 2) points."""
+    p = np.asarray(points, np.float64)
+    return float(np.sqrt(((p[:, None, :] - p[None, :, :]) ** 2).sum(-1).max())) if len(p) > 1 else 0.0
+
+
+def lesion_blob(rng: np.random.Generator, cx: float, cy: float, diameter: float, roughness: float = 0.35) -> Blob:
+    """A random lesion whose outline (the 96-vertex polygon written to ASAP XML) has longest diameter `diameter`."""
+    b = _random_blob(rng, cx, cy, diameter / 2, roughness)
+    return Blob(b.cx, b.cy, b.radius * diameter / feret(b.polygon(96)), b.amps, b.phases)
+
+
+def _place_exact(rng, tissue: tuple[Blob, ...], edge_amp: float, mpp: float, diameters) -> tuple[Blob, ...]:
+    """Lesions of exactly these longest diameters (px) inside tissue, not overlapping, largest first. The largest
+    must fit (ValueError otherwise; it is never shrunk, its category must hold); a smaller one that finds no room
+    beside it is left out."""
+    margin = edge_amp + 30.0 / mpp
+    safe = [Polygon(b.polygon(256, shrink=margin)).buffer(0) for b in tissue]
+    placed: list[Blob] = []
+    for k, d in enumerate(sorted(diameters, reverse=True)):
+        regions = [(h, h.buffer(-0.3 * d), h.buffer(-0.15 * d)) for h in safe]  # centres away from the edge
+        for attempt in range(400 if k == 0 else 100):
+            host, inner, looser = regions[int(rng.integers(0, len(regions)))]
+            region = next((r for r in ((inner, looser) if attempt < 200 else (looser,)) if not r.is_empty), host)
+            x0, y0, x1, y1 = region.bounds
+            cand = lesion_blob(rng, rng.uniform(x0, x1), rng.uniform(y0, y1), d)
+            poly = Polygon(cand.polygon(96))
+            if host.contains(poly) and all(
+                not poly.buffer(20 / mpp).intersects(Polygon(p.polygon(96))) for p in placed
+            ):
+                placed.append(cand)
+                break
+        else:
+            if k == 0:
+                raise ValueError(f"a lesion {d * mpp / 1000:.2f} mm across does not fit in the tissue")
+    return tuple(placed)
+
+
+def make_node_layout(size: int, mpp: float, seed: int, lesion_diameters: tuple[float, ...] = ()) -> Layout:
+    """A lymph-node slide: one large smooth tissue section holding lesions of exactly the given longest
+    diameters (level-0 px; none for a negative node). ValueError when a lesion does not fit."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x40DE]))
+    shape = _random_blob(rng, 0, 0, NODE_RADIUS * size, roughness=0.12)
+    m = shape.reach * 1.05 + 0.02 * size
+    cx, cy = rng.uniform(min(m, size / 2), max(size - m, size / 2), 2)
+    tissue = (Blob(float(cx), float(cy), shape.radius, shape.amps, shape.phases),)
+    edge_amp = 0.03 * shape.radius
+    lesions = _place_exact(rng, tissue, edge_amp, mpp, lesion_diameters)
+    return _finish(rng, size, mpp, seed, tissue, edge_amp, lesions)

@@ -119,7 +119,8 @@ def _level0(render, size, spool, pool, window, quality, progress) -> Iterator[by
     jobs = ((lambda tx=tx, ty=ty: job(tx, ty)) for ty in range(nty) for tx in range(ntx))
     row: list[np.ndarray] = []
     for n, (data, small) in enumerate(_ordered(pool, jobs, window), start=1):
-        yield data
+        # Hand the row down before yielding: tifffile stops pulling after the last tile, so work placed after
+        # the final `yield` never runs (the next level's last tile row stayed white).
         row.append(small)
         if len(row) == ntx:
             if spool is not None:
@@ -127,17 +128,18 @@ def _level0(render, size, spool, pool, window, quality, progress) -> Iterator[by
             row = []
         if progress is not None:
             progress(n)
+        yield data
 
 
 def _from_spool(src: _RowSpool, spool, pool, quality, progress, done) -> Iterator[bytes]:
     for row in src.tile_rows():
         tiles = [row[:, i * TILE : (i + 1) * TILE] for i in range(src.ntx)]
-        yield from pool.map(lambda t: encode_tile(np.ascontiguousarray(t), quality), tiles)
-        if spool is not None:
+        if spool is not None:  # before the yields, as in _level0
             spool.add(downsample(row))
         done += src.ntx
         if progress is not None:
             progress(done)
+        yield from pool.map(lambda t: encode_tile(np.ascontiguousarray(t), quality), tiles)
 
 
 def write_pyramid(

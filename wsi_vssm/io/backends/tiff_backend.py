@@ -26,6 +26,7 @@ from wsi_vssm.io.formats import (
     mpp_from_objective,
     mpp_from_tiff_resolution,
     plausible_mpp,
+    tiff_ends_early,
 )
 
 _VENDORS = (  # tifffile's format flag -> the vendor name OpenSlide uses for the same files
@@ -148,6 +149,9 @@ class TiffSlide(SlideReader):
 
 def _describe(tf, path: Path) -> _TiffInfo:
     if not tf.series:
+        if tiff_ends_early(path):
+            raise CorruptSlide(path, "truncated or damaged TIFF: its first image directory lies beyond the end "
+                                     "of the file")
         raise UnsupportedFormat(path, "TIFF holds no image")
     series = tf.series[0]
     levels, axes = [], []

@@ -1,0 +1,68 @@
+"""Thumbnails of slides without a small level (single-level TIFFs) are streamed in blocks, in bounded memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+
+from wsi_vssm.io import open_slide
+from wsi_vssm.io.base import resize
+from wsi_vssm.io.tissue import slide_tissue
+
+
+def _single_level_tiff(path, width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A single-level zlib-tiled RGB TIFF (no pyramid) with a dark disc of "tissue"; returns its pixels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    disc = (xx - width * 0.4) ** 2 + (yy - height * 0.5) ** 2 < (min(width, height) * 0.3) ** 2
+    img = np.full((height, width, 3), 240, np.uint8)
+    img[disc] = (np.array([200, 90, 160]) + rng.integers(-20, 20, (int(disc.sum()), 3))).astype(np.uint8)
+    tifffile.imwrite(path, img, tile=(256, 256), compression="zlib", photometric="rgb")
+    return img
+
+
+def test_streamed_thumbnail_equals_the_one_read_at_once(tmp_path):
+    path = tmp_path / "flat.tif"
+    img = _single_level_tiff(path, 3000, 2000)
+    with open_slide(path, backend="tifffile", mpp=1.0) as slide:
+        assert slide.level_count == 1
+        whole = slide.thumbnail(512)
+        slide.thumbnail_read_limit = 100_000  # force streaming
+        slide.THUMBNAIL_BLOCK = 700  # several blocks per side, with seams at non-integer positions
+        streamed = slide.thumbnail(512)
+    assert streamed.shape == whole.shape == (341, 512, 3)
+    diff = np.abs(streamed.astype(int) - whole.astype(int))
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 8  # block seams change a few boundary pixels
+    np.testing.assert_allclose(streamed.mean(axis=(0, 1)), resize(img, 512, 341).mean(axis=(0, 1)), atol=1.0)
+
+
+def _tiled_flat_tiff(path, side: int) -> None:
+    """A side x side single-level TIFF written from one pre-compressed tile repeated (seconds, a few MB)."""
+    tile = np.full((256, 256, 3), 235, np.uint8)
+    tile[64:192, 64:192] = (190, 80, 150)
+    data = imagecodecs.zlib_encode(tile.tobytes())
+    n = (-(-side // 256)) ** 2
+    tifffile.imwrite(path, iter([data] * n), shape=(side, side, 3), dtype=np.uint8, tile=(256, 256),
+                     compression="zlib", photometric="rgb")
+
+
+@pytest.mark.slow
+def test_large_single_level_slide_thumbnail_and_mask_in_bounded_memory(tmp_path):
+    """16,384 px a side: read at once it would need 805 MB; streamed, the peak stays a small fraction of that."""
+    path = tmp_path / "big.tif"
+    _tiled_flat_tiff(path, 16_384)
+    with open_slide(path, backend="tifffile", mpp=4.0) as slide:
+        tracemalloc.start()
+        slide.thumbnail(2048)
+        _, thumb_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        tissue = slide_tissue(slide)  # the thumbnail plus the mask's float planes at 2,048 px
+        _, mask_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert thumb_peak < 150e6, f"thumbnail peak {thumb_peak / 1e6:.0f} MB"
+    assert mask_peak < 350e6, f"tissue mask peak {mask_peak / 1e6:.0f} MB"
+    assert 0.1 < tissue.fraction < 0.5  # the repeated tile's stained square, a quarter of each tile

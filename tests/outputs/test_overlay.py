@@ -1,0 +1,207 @@
+"""overlay.png and the heatmap colour rule: transparent below the cell threshold, readable legend, outlines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_vssm.errors import UsageError
+from wsi_vssm.outputs.colors import (
+    ALPHA_AT_ONE,
+    ALPHA_AT_THRESHOLD,
+    HEATMAP_CMAP,
+    heatmap_alpha,
+    heatmap_lut,
+    heatmap_rgba,
+)
+from wsi_vssm.outputs.overlay import NO_TISSUE_TEXT, overlay_figure, overlay_png
+
+SLIDE = (1600, 1000)  # level-0 (width, height); the thumbnail below is 10x smaller, one cell = 10 x 10 px
+CELL0 = 100.0
+
+
+@pytest.fixture
+def thumb() -> np.ndarray:
+    """Noise, so that any resampling or blending of an untinted pixel shows."""
+    return np.random.default_rng(0).integers(0, 256, (100, 160, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def prob() -> np.ndarray:
+    p = np.full((10, 16), np.nan, np.float32)  # no tissue by default
+    p[1:9, 1:8] = 0.2  # tissue, low probability
+    p[2:5, 3:6] = 0.9  # hot
+    p[6:8, 10:14] = 0.49  # just below the threshold
+    return p
+
+
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _text_heights(fig) -> dict[str, float]:
+    renderer = fig.canvas.get_renderer()
+    return {t.get_text(): t.get_window_extent(renderer).height for t in fig.texts if t.get_text()}
+
+
+# ---- the colour rule -----------------------------------------------------------------------------------------
+def test_colour_rule_transparent_below_threshold_alpha_rising_above():
+    p = np.array([np.nan, 0.0, 0.3, 0.499, 0.5, 0.75, 1.0], np.float32)
+    rgba = heatmap_rgba(p, 0.5)
+    assert rgba.shape == (7, 4) and (rgba[:4, 3] == 0).all()
+    assert rgba[4, 3] == pytest.approx(ALPHA_AT_THRESHOLD) and rgba[6, 3] == pytest.approx(ALPHA_AT_ONE)
+    assert np.all(np.diff(rgba[4:, 3]) > 0)
+    # Fixed contrast limits: a probability has the same colour whatever the threshold.
+    assert np.allclose(heatmap_rgba(p, 0.2)[5, :3], rgba[5, :3])
+    from matplotlib import colormaps
+
+    assert np.allclose(rgba[5, :3], colormaps[HEATMAP_CMAP](0.75)[:3], atol=1e-2)
+    assert heatmap_alpha(p, 0.5, alpha_max=0.5)[6] == pytest.approx(0.5)
+
+
+def test_lut_steps_to_transparent_exactly_at_the_threshold():
+    controls, colors = heatmap_lut(0.677)
+    assert np.all(np.diff(controls) > 0) and controls[0] == 0 and controls[-1] == 1
+    assert colors.shape == (len(controls), 4)
+    k = int(np.searchsorted(controls, 0.677))
+    assert colors[k - 1, 3] == 0 and colors[k, 3] > 0 and (colors[:k, 3] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), "0.5", None, True])
+def test_colour_rule_rejects_bad_thresholds(bad):
+    with pytest.raises(UsageError, match="threshold"):
+        heatmap_rgba(np.zeros(3), bad)
+
+
+# ---- overlay.png ---------------------------------------------------------------------------------------------
+def test_below_threshold_is_exactly_the_thumbnail_and_above_is_tinted(tmp_path, thumb, prob):
+    path = tmp_path / "overlay.png"
+    overlay_png(path, thumb, prob, CELL0, (0, 0), SLIDE, cell_threshold=0.5)
+    img = _png(path)
+    assert img.shape[0] > 100 and img.shape[1] >= 160  # the thumbnail plus a legend band
+    panel = img[:100, :160]
+    cells = np.kron(np.nan_to_num(prob, nan=-1), np.ones((10, 10)))  # probability per thumbnail pixel
+    below = cells < 0.5
+    assert (panel[below] == thumb[below]).all()  # bit for bit: no dark or grey veil over low probability
+    assert (panel[~below] != thumb[~below]).any(axis=-1).mean() > 0.9
+    assert [p.name for p in tmp_path.iterdir()] == ["overlay.png"]  # atomic: no temporary left
+
+
+def test_opacity_rises_with_probability(tmp_path):
+    thumb = np.full((100, 160, 3), 255, np.uint8)
+    prob = np.zeros((10, 16), np.float32)
+    prob[:, 8:] = 0.6
+    prob[:, 12:] = 1.0
+    path = tmp_path / "o.png"
+    overlay_png(path, thumb, prob, CELL0, (0, 0), SLIDE, cmap="gray_r")  # grey: darker = more opaque ink
+    img = _png(path).astype(int)
+    assert (img[50, 40] == 255).all() and img[50, 100].sum() > img[50, 150].sum()
+
+
+@pytest.mark.parametrize("h", [400, 2048])
+def test_legend_text_is_at_least_1_5_percent_of_the_image_height(h):
+    thumb = np.full((h, 120, 3), 230, np.uint8)
+    prob = np.linspace(0, 1, 20, dtype=np.float32).reshape(20, 1)
+    fig = overlay_figure(thumb, prob, 6.0, (0, 0), (120, h), cell_threshold=0.677, contours=[np.eye(2) * 50])
+    heights = _text_heights(fig)
+    total_h = fig.bbox.height
+    assert "0.677" in heights and any("0.677" in k for k in heights if k != "0.677")  # the threshold is marked
+    assert min(heights.values()) >= 0.015 * total_h, heights
+    if h == 2048:
+        assert min(heights.values()) >= 30
+
+
+def test_title_line_sits_above_the_image(tmp_path, thumb, prob):
+    title = "s.svs - probability 0.873 - tumour (slide threshold 0.677) - model default"
+    fig = overlay_figure(thumb, prob, CELL0, (0, 0), SLIDE, title=title)
+    assert title in _text_heights(fig)
+    plain = overlay_figure(thumb, prob, CELL0, (0, 0), SLIDE)
+    assert fig.bbox.height > plain.bbox.height
+    path = tmp_path / "t.png"
+    overlay_png(path, thumb, prob, CELL0, (0, 0), SLIDE, title=title)
+    img = _png(path)
+    top = img.shape[0] - plain.bbox.height  # the title band's height; the image lies just under it
+    below = np.kron(np.nan_to_num(prob, nan=-1), np.ones((10, 10))) < 0.5
+    assert (img[int(top) : int(top) + 100, :160][below] == thumb[below]).all()
+
+
+def test_side_by_side_shows_the_plain_thumbnail_beside(tmp_path, thumb, prob):
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    overlay_png(one, thumb, prob, CELL0, (0, 0), SLIDE)
+    overlay_png(two, thumb, prob, CELL0, (0, 0), SLIDE, side_by_side=True)
+    a, b = _png(one), _png(two)
+    assert a.shape[0] == b.shape[0] and 1.8 * 160 <= b.shape[1] <= 2.2 * max(a.shape[1], 160)
+    assert (b[:100, :160] == thumb).all()  # the left panel is the thumbnail untouched
+    right = b[:100, b.shape[1] - a.shape[1] :][:, :160] if a.shape[1] == 160 else None
+    assert right is None or (right != thumb).any()
+
+
+def test_contours_are_drawn_as_outlines(tmp_path, thumb, prob):
+    square = np.array([[300, 200], [600, 200], [600, 500], [300, 500]], float)  # level-0 px: cells 3-6, 2-5
+    plain, lined = tmp_path / "plain.png", tmp_path / "lined.png"
+    overlay_png(plain, thumb, prob, CELL0, (0, 0), SLIDE)
+    overlay_png(lined, thumb, prob, CELL0, (0, 0), SLIDE, contours=[square])
+    a, b = _png(plain)[:100, :160], _png(lined)[:100, :160]
+    changed = (a != b).any(axis=-1)
+    assert changed[19:21, 30:60].any(axis=0).all() and changed[20:50, 29:31].any(axis=1).all()  # the outline
+    assert (b[20, 45] < 40).all()  # in black
+    assert not changed[35, 45] and not changed[80, 120]  # inside and far outside: untouched
+    import shapely.geometry
+
+    shp = tmp_path / "shapely.png"
+    overlay_png(shp, thumb, prob, CELL0, (0, 0), SLIDE, contours=[shapely.geometry.Polygon(square)])
+    assert (_png(shp) == _png(lined)).all()
+
+
+def test_no_tissue_writes_a_clear_png_that_says_so(tmp_path, thumb):
+    path = tmp_path / "overlay.png"
+    empty = np.full((10, 16), np.nan, np.float32)
+    overlay_png(path, thumb, empty, CELL0, (0, 0), SLIDE, title="s.svs - no tissue found")
+    img = _png(path)
+    assert img.shape[0] > 100 and img.shape[1] >= 160
+    assert (img[:10, :160] != 255).any()  # the thumbnail still shows (the title band is above it)
+    fig = overlay_figure(thumb, empty, CELL0, (0, 0), SLIDE)
+    heights = _text_heights(fig)
+    assert heights[NO_TISSUE_TEXT] >= 0.05 * fig.bbox.height  # large
+    assert not any("threshold" in k for k in heights)  # no colour scale for a heatmap that is not there
+
+
+def test_keeps_the_old_positional_arguments(tmp_path, thumb, prob):
+    overlay_png(tmp_path / "o.png", thumb, prob, CELL0, (0, 0), SLIDE, 0.6, "magma")
+    assert _png(tmp_path / "o.png").shape[0] >= 100
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"cell_threshold": 1.5}, "threshold"),
+        ({"cell_threshold": float("nan")}, "threshold"),
+        ({"title": "two\nlines"}, "title"),
+        ({"title": 3}, "title"),
+        ({"contours": [np.zeros((3, 3))]}, "contour"),
+        ({"contours": [np.array([[0, 0], [np.nan, 1]])]}, "contour"),
+        ({"contours": [[["a", "b"], ["c", "d"]]]}, "contour"),
+        ({"alpha": 0}, "alpha"),
+        ({"cmap": "nope"}, "colour map"),
+    ],
+)
+def test_bad_arguments_raise_usage_error(tmp_path, thumb, prob, change, match):
+    with pytest.raises(UsageError, match=match):
+        overlay_png(tmp_path / "o.png", thumb, prob, CELL0, (0, 0), SLIDE, **change)
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((np.zeros((100, 160), np.uint8), np.zeros((10, 16)), CELL0, (0, 0), SLIDE), "thumbnail"),
+        ((np.zeros((100, 160, 3), np.float32), np.zeros((10, 16)), CELL0, (0, 0), SLIDE), "thumbnail"),
+        ((np.zeros((100, 160, 3), np.uint8), np.zeros(16), CELL0, (0, 0), SLIDE), "heatmap"),
+        ((np.zeros((100, 160, 3), np.uint8), np.zeros((10, 16)), -1.0, (0, 0), SLIDE), "cell0"),
+        ((np.zeros((100, 160, 3), np.uint8), np.zeros((10, 16)), CELL0, (0, 0), (0, 10)), "slide dimension"),
+    ],
+)
+def test_bad_inputs_raise_usage_error(tmp_path, args, match):
+    with pytest.raises(UsageError, match=match):
+        overlay_png(tmp_path / "o.png", *args)
