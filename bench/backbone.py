@@ -1,6 +1,14 @@
 """Backbone benchmark: SS2D and whole-backbone peak memory against input side, and CPU time per megapixel.
 
     python bench/backbone.py [--sides 512 1024 2048 4096] [--out bench/results/backbone.json]
+    python bench/backbone.py --speed [--out bench/results/backbone_speed.json] [--force-bf16]
+
+--speed prints, in one process: the machine's fp32 GEMM rate (a 2048^3 matmul); for micro forward at 2048 px,
+tiny forward at 1024 px and a micro training step (64 patches of 96 px, AdamW): throughput, counted GFLOP/s and
+the share of the GEMM rate, for today's path ("old": channel-first, scan 'cpu', SS2D 'reference') and the new
+default ("new": channels-last, fused SS2D), in fp32 and bf16 (bf16 only where the CPU has AMX/AVX512-BF16,
+unless --force-bf16). FLOPs are counted once per workload by torch's FlopCounterMode on the old path
+(convolutions and matmuls; the scan itself is not counted), so moving work into a kernel does not change them.
 
 Memory is each call's peak resident memory beyond what existed before it (VmHWM in a fresh subprocess, see
 wsi_vssm/models/memory.py), for SS2D on a stage-1 map of the micro model (side / 4, C = 32, D = 64) through
@@ -104,6 +112,132 @@ def gpu_one_pass(model: str, side: int) -> dict:
     return {"side": side, "seconds": time.perf_counter() - t0,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
 
+# ---------------------------------------------------------------------------------------------------- --speed
+SPEED_WORKLOADS = (  # name, model, batch, side, training
+    ("micro forward 2048 px", "micro", 1, 2048, False),
+    ("tiny forward 1024 px", "tiny", 1, 1024, False),
+    ("micro train step 64 x 96 px", "micro", 64, 96, True),
+)
+SPEED_PATHS = {"old": dict(scan="cpu", ss2d_impl="reference"), "new": {}}
+
+
+def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of an n^3 matmul (median of repeats)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _speed_setup(model_name: str, batch: int, side: int, training: bool, path: dict):
+    import torch
+
+    from wsi_vssm.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=0, **path)
+    x = torch.rand(batch, 3, side, side)
+    if not training:
+        return model.eval(), x, None
+    head = torch.nn.Linear(model.num_features, 2)
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-4)
+    return model.train(), x, (head, opt, torch.randint(0, 2, (batch,)))
+
+
+def _speed_call(model, x, train, dtype):
+    import torch
+
+    from wsi_vssm.models.precision import autocast
+
+    if train is None:
+        with torch.no_grad(), autocast(dtype, "cpu"):
+            return model.forward_features(x)
+    head, opt, y = train
+    opt.zero_grad(set_to_none=True)
+    with autocast(dtype, "cpu"):
+        logits = head(model(x).float())
+    loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    loss.backward()
+    opt.step()
+    return logits
+
+
+def counted_flops(model_name: str, batch: int, side: int, training: bool) -> int:
+    """FLOPs that torch's FlopCounterMode counts for one call on today's path (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x, train = _speed_setup(model_name, batch, side, training, SPEED_PATHS["old"])
+    import torch
+
+    with FlopCounterMode(display=False) as counter:
+        _speed_call(model, x, train, torch.float32)
+    return counter.get_total_flops()
+
+
+def _time_calls(model, x, train, dtype, repeats: int) -> tuple[float, object]:
+    out = _speed_call(model, x, train, dtype)  # warm-up: kernels compiled, buffers sized
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = _speed_call(model, x, train, dtype)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def speed(out_path: str, repeats: int = 3, force_bf16: bool = False) -> dict:
+    import torch
+
+    from wsi_vssm.models.precision import cpu_bf16_flags
+
+    gemm = gemm_rate()
+    flags = cpu_bf16_flags()
+    dtypes = {"fp32": torch.float32}
+    if flags or force_bf16:
+        dtypes["bf16"] = torch.bfloat16
+    result = {"threads": torch.get_num_threads(), "gemm_gflops": gemm, "cpu_bf16_flags": list(flags),
+              "repeats": repeats, "rows": []}
+    print(f"fp32 GEMM 2048^3: {gemm:.1f} GFLOP/s ({torch.get_num_threads()} threads); native bf16: "
+          f"{', '.join(flags) or 'none'}{' (bf16 forced)' if force_bf16 and not flags else ''}")
+    print(f"{'workload':<28} {'path':<4} {'prec':<5} {'seconds':>8} {'rate':>16} {'GFLOP/s':>8} {'of GEMM':>8} "
+          f"{'x old fp32':>10} {'max|diff|':>9}")
+    for name, model_name, batch, side, training in SPEED_WORKLOADS:
+        flops = counted_flops(model_name, batch, side, training)
+        base, ref_out = None, None
+        for path_name, path in SPEED_PATHS.items():
+            model, x, train = _speed_setup(model_name, batch, side, training, path)
+            for prec, dtype in dtypes.items():
+                sec, out = _time_calls(model, x, train, dtype, repeats)
+                if training:  # the optimizer moved the weights: compare outputs of inference workloads only
+                    diff = float("nan")
+                elif ref_out is None:
+                    ref_out, diff = out.float(), 0.0
+                else:
+                    diff = (out.float() - ref_out).abs().max().item()
+                base = base or sec
+                rate = f"{batch / sec:.1f} patches/s" if training else f"{batch * side * side / sec / 1e6:.2f} MP/s"
+                row = {"workload": name, "path": path_name, "precision": prec, "seconds": sec,
+                       "counted_gflop": flops / 1e9, "gflops": flops / sec / 1e9, "share_of_gemm": flops / sec / 1e9 /
+                       gemm, "speedup_vs_old_fp32": base / sec, "max_abs_diff_vs_old_fp32": diff,
+                       "patches_per_s" if training else "mp_per_s": batch / sec if training else
+                       batch * side * side / sec / 1e6}
+                result["rows"].append(row)
+                print(f"{name:<28} {path_name:<4} {prec:<5} {sec:>8.3f} {rate:>16} {row['gflops']:>8.1f} "
+                      f"{row['share_of_gemm']:>8.1%} {row['speedup_vs_old_fp32']:>10.2f} {diff:>9.2g}", flush=True)
+    if "bf16" not in dtypes:
+        print("bf16: not timed (this CPU has no AMX-BF16/AVX512-BF16; emulated bf16 is slower than fp32). "
+              "--force-bf16 times it anyway.")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
+    return result
+
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,8 +245,14 @@ def main(argv=None) -> None:
     ap.add_argument("--scan", default="cpu", help="scan implementation for the timings and backbone memory")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--time-side", type=int, default=1024, help="input side for the time-per-MP figures")
-    ap.add_argument("--out", default="bench/results/backbone.json")
+    ap.add_argument("--out", default=None, help="JSON output (default bench/results/backbone[_speed].json)")
+    ap.add_argument("--speed", action="store_true", help="throughput against the GEMM rate, old vs new path")
+    ap.add_argument("--force-bf16", action="store_true", help="--speed: time bf16 even without native bf16")
     args = ap.parse_args(argv)
+    if args.speed:
+        speed(args.out or "bench/results/backbone_speed.json", repeats=args.repeats, force_bf16=args.force_bf16)
+        return
+    args.out = args.out or "bench/results/backbone.json"
 
     import torch
 

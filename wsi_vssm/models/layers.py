@@ -1,4 +1,7 @@
-"""Small channel-first building blocks shared by SS2D and the VSSM backbone. Tensors are (B, C, H, W)."""
+"""Small building blocks shared by SS2D and the VSSM backbone. Tensors are (B, C, H, W), in either memory
+format: NCHW (contiguous) or channels-last (NHWC strides, what the fused CPU path runs on). For a channels-last
+map `x.permute(0, 2, 3, 1)` is a contiguous (B, H, W, C) view, so LayerNorm2d and Linear2d work on it without
+copies and return channels-last maps."""
 
 from __future__ import annotations
 
@@ -19,10 +22,14 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class Linear2d(nn.Linear):
-    """A per-pixel Linear on (B, C_in, H, W) -> (B, C_out, H, W); weight (C_out, C_in) as nn.Linear."""
+    """A per-pixel Linear on (B, C_in, H, W) -> (B, C_out, H, W); weight (C_out, C_in) as nn.Linear.
+    NCHW input: a 1x1 convolution (today's path). Any other layout (channels-last): one GEMM on the (B, H, W, C)
+    view, output channels-last."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        if x.is_contiguous():
+            return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
 
 
 class DropPath(nn.Module):

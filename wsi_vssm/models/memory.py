@@ -87,7 +87,8 @@ def _build(kw: dict):
     from wsi_vssm.models.ss2d import SS2D
 
     torch.manual_seed(kw["seed"])
-    m = SS2D(kw["d_model"], d_state=kw["d_state"], ssm_ratio=kw["ssm_ratio"], scan=kw["scan"]).eval()
+    m = SS2D(kw["d_model"], d_state=kw["d_state"], ssm_ratio=kw["ssm_ratio"], scan=kw["scan"],
+             impl=kw.get("impl", "auto")).eval()
     channels = m.d_inner if kw["path"].startswith("scan") else kw["d_model"]
     return m, torch.randn(kw["batch"], channels, kw["height"], kw["width"])
 
@@ -105,12 +106,14 @@ def _call(m, x, path: str, chunk: int | None):
 def ss2d_peak_memory(
     height: int, width: int, *, path: str = "scan_streaming", d_model: int = 32, ssm_ratio: float = 2.0,
     d_state: int = 1, batch: int = 1, chunk: int | None = None, scan: str = "reference", method: str = "tensors",
-    seed: int = 0,
+    seed: int = 0, impl: str = "auto",
 ) -> MemoryReport:
     """Peak extra memory of one SS2D call under no_grad.
 
     path: "plain" / "streaming" (the whole SS2D: input is the (B, C, H, W) map) or "scan_plain" /
     "scan_streaming" (the 2D scan alone: input is u, (B, D, H, W)); the result map is not counted as extra.
+    impl: the SS2D implementation; with 'auto' and scan 'auto'/'cpu' "streaming" runs the fused kernel's
+    low-memory variant (the scan_* paths are always today's).
     """
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; valid: {', '.join(PATHS)}")

@@ -5,12 +5,18 @@
          dt_projs[k]: dt_low -> D; selective scan with delta = softplus(dt + bias), A = -exp(A_logs), skip Ds
       -> merge the four back to (B, D, H, W) -> out_norm (LN over D) -> out_proj (D -> C)
 
-Two paths compute the same function:
-- plain: cross-scans the whole map and runs one grouped scan over all four directions (training, small maps);
-- streaming (linear memory): walks each direction in sequence chunks, gathers only the chunk's pixels, carries
-  the scan state between chunks and adds each chunk's output straight into the merged map. Its extra memory
-  is a few chunk-sized temporaries beyond u and the merged map. It is taken by default when autograd is off
-  and H * W >= `stream_min_pixels`.
+Two implementations (`impl`, see `wsi_vssm.ops.ss2d_fused`):
+- fused (the default on CPU with scan 'auto' or 'cpu'): channels-last end to end. in_proj and out_proj are GEMMs
+  on (B, H, W, C), the depthwise conv runs on the channels-last map, out_norm normalises the contiguous last
+  axis, and one numba kernel pair does dt_proj, softplus, the four scans, the D skip and the merge by index
+  arithmetic (x_proj is one GEMM over the map). With autograd off on a large map it runs in row bands and one
+  direction at a time, so its extra memory is u, the merged map and one direction's x_proj output.
+- reference (today's path, the spec; any device, dtype and scan): channel-first, in two variants:
+  - plain: cross-scans the whole map and runs one grouped scan over all four directions (training, small maps);
+  - streaming (linear memory): walks each direction in sequence chunks, gathers only the chunk's pixels,
+    carries the scan state between chunks and adds each chunk's output straight into the merged map. Its extra
+    memory is a few chunk-sized temporaries beyond u and the merged map.
+Either streams by default when autograd is off and H * W >= `stream_min_pixels`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 from wsi_vssm.models.layers import LayerNorm2d, Linear2d, row_bands
 from wsi_vssm.ops.cross_scan import K_DIRECTIONS, cross_merge, cross_scan, scan_positions
 from wsi_vssm.ops.scan import IMPLS, selective_scan
+from wsi_vssm.ops.ss2d_fused import SS2D_IMPLS, cross_selective_scan_fused
 
 log = logging.getLogger("wsi_vssm.models")
 
@@ -54,6 +61,13 @@ def check_scan_impl(scan: str) -> str:
     return scan
 
 
+def check_ss2d_impl(impl: str) -> str:
+    """The SS2D implementation name, or a ValueError listing the valid ones."""
+    if impl not in SS2D_IMPLS:
+        raise ValueError(f"unknown SS2D implementation {impl!r}; valid: {', '.join(SS2D_IMPLS)}")
+    return impl
+
+
 class SS2D(nn.Module):
     """2D selective scan over a (B, C, H, W) map; returns (B, C, H, W)."""
 
@@ -70,6 +84,7 @@ class SS2D(nn.Module):
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
+        impl: str = "auto",
     ):
         super().__init__()
         d_inner = int(ssm_ratio * d_model)
@@ -77,6 +92,7 @@ class SS2D(nn.Module):
         k = K_DIRECTIONS
         self.d_model, self.d_inner, self.d_state, self.dt_rank = d_model, d_inner, d_state, rank
         self.scan = check_scan_impl(scan)
+        self.impl = check_ss2d_impl(impl)
         self.stream_min_pixels = stream_min_pixels
         self.stream_chunk, self.stream_chunk_cuda = stream_chunk, stream_chunk_cuda
         self._dt_range = (dt_min, dt_max, dt_init_floor)
@@ -110,8 +126,8 @@ class SS2D(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
-            f"scan={self.scan!r}, stream_min_pixels={self.stream_min_pixels}, stream_chunk={self.stream_chunk}, "
-            f"stream_chunk_cuda={self.stream_chunk_cuda}"
+            f"scan={self.scan!r}, impl={self.impl!r}, stream_min_pixels={self.stream_min_pixels}, "
+            f"stream_chunk={self.stream_chunk}, stream_chunk_cuda={self.stream_chunk_cuda}"
         )
 
     # ------------------------------------------------------------------ forward
@@ -121,10 +137,54 @@ class SS2D(nn.Module):
             return False
         return height * width >= self.stream_min_pixels
 
+    def use_fused(self, x: torch.Tensor) -> bool:
+        """The fused CPU kernel: asked for, or 'auto' on a CPU float tensor when the scan is 'auto' or 'cpu'
+        (an explicitly chosen reference/chunked/GPU scan keeps today's path, which honours it)."""
+        if self.impl == "fused":
+            if x.device.type != "cpu":
+                raise ValueError(f"SS2D impl 'fused' needs CPU tensors, got {x.device}; use impl 'auto'")
+            return True
+        return (self.impl == "auto" and x.device.type == "cpu" and self.scan in ("auto", "cpu")
+                and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_streaming(x.shape[2], x.shape[3]):
+        streaming = self.use_streaming(x.shape[2], x.shape[3])
+        if self.use_fused(x):
+            return self.forward_fused(x, low_memory=streaming)
+        if streaming:
             return self.forward_streaming(x)
         return self.forward_plain(x)
+
+    def forward_fused(self, x: torch.Tensor, low_memory: bool = False, chunk: int | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W) channels-last, through the fused CPU kernel. low_memory (autograd off):
+        the projections in row bands and the scan one direction at a time (memory linear in H * W)."""
+        b, _, h, w = x.shape
+        x = x.contiguous(memory_format=torch.channels_last)
+        if low_memory and not torch.is_grad_enabled():
+            return self._fused_bands(x, chunk or self.chunk_for(x))
+        u = F.silu(self.conv2d(self.in_proj(x)))  # (B, D, H, W) channels-last
+        y = self._fused_scan(u, low_memory=False)  # (B, H, W, D)
+        y = F.layer_norm(y, (self.d_inner,), self.out_norm.weight, self.out_norm.bias, self.out_norm.eps)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias).permute(0, 3, 1, 2)  # (B, C, H, W)
+
+    def _fused_scan(self, u: torch.Tensor, low_memory: bool) -> torch.Tensor:
+        """u (B, D, H, W) channels-last -> merged scan output (B, H, W, D)."""
+        return cross_selective_scan_fused(
+            u.permute(0, 2, 3, 1), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
+            self.Ds, low_memory=low_memory,
+        )
+
+    def _fused_bands(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """forward_fused without autograd: extra memory u + the merged map + one direction's x_proj output."""
+        u = self._project_bands(x, chunk, memory_format=torch.channels_last)  # (B, D, H, W)
+        y = self._fused_scan(u, low_memory=True)  # (B, H, W, D)
+        del u
+        out = x.new_empty(x.shape[0], x.shape[2], x.shape[3], self.d_model)  # (B, H, W, C)
+        for r0, r1 in row_bands(x.shape[2], x.shape[3], chunk):
+            band = F.layer_norm(y[:, r0:r1], (self.d_inner,), self.out_norm.weight, self.out_norm.bias,
+                                self.out_norm.eps)
+            out[:, r0:r1] = F.linear(band, self.out_proj.weight, self.out_proj.bias)
+        return out.permute(0, 3, 1, 2)
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W), materialising the four scan orders (differentiable)."""
@@ -140,6 +200,8 @@ class SS2D(nn.Module):
     def forward_streaming(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W) with memory linear in H * W: u and the merged map plus chunk temporaries."""
         chunk = chunk or self.chunk_for(x)
+        if self.use_fused(x):
+            return self._fused_bands(x.contiguous(memory_format=torch.channels_last), chunk)
         u = self._project_bands(x, chunk)  # (B, D, H, W)
         y = self.scan_streaming(u, chunk)  # (B, D, H, W)
         del u
@@ -148,10 +210,10 @@ class SS2D(nn.Module):
             out[:, :, r0:r1] = self.out_proj(self.out_norm(y[:, :, r0:r1]))
         return out
 
-    def _project_bands(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _project_bands(self, x: torch.Tensor, chunk: int, memory_format=torch.contiguous_format) -> torch.Tensor:
         """u = SiLU(conv(in_proj(x))) computed in row bands with a one-row halo, so no full-size temporaries."""
         b, _, h, w = x.shape
-        u = x.new_empty(b, self.d_inner, h, w)
+        u = torch.empty(b, self.d_inner, h, w, dtype=x.dtype, device=x.device, memory_format=memory_format)
         for r0, r1 in row_bands(h, w, chunk):
             lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
             t = self.in_proj(x[:, :, lo:hi])  # (B, D, rows + halo, W)

@@ -25,6 +25,7 @@ from wsi_vssm.models.ss2d import (
     resolve_dt_rank,
 )
 from wsi_vssm.ops.scan import IMPLS
+from wsi_vssm.ops.ss2d_fused import SS2D_IMPLS
 
 NUM_STAGES = 4
 
@@ -47,6 +48,9 @@ class VSSMConfig:
     num_classes: int = 1000  # 0: no classifier parameters; forward returns pooled features
     in_chans: int = 3
     scan: str = "auto"  # selective_scan implementation, one of wsi_vssm.ops.scan.IMPLS
+    # SS2D implementation, one of wsi_vssm.ops.ss2d_fused.SS2D_IMPLS: 'auto' = the fused channels-last CPU kernel
+    # for CPU tensors when scan is 'auto' or 'cpu', else today's channel-first path ('reference')
+    ss2d_impl: str = "auto"
     grad_checkpoint: bool = False  # recompute each stage's blocks in backward (torch.utils.checkpoint)
     stream_min_pixels: int | None = DEFAULT_STREAM_MIN_PIXELS  # no-grad maps this large stream; None = never
     stream_chunk: int = DEFAULT_STREAM_CHUNK  # sequence positions per streaming chunk on CPU
@@ -61,6 +65,9 @@ class VSSMConfig:
             raise ModelConfigError(f"depths must be >= 1, got {self.depths}")
         if self.scan not in IMPLS:
             raise ModelConfigError(f"unknown scan implementation {self.scan!r}; valid: {', '.join(IMPLS)}")
+        if self.ss2d_impl not in SS2D_IMPLS:
+            raise ModelConfigError(
+                f"unknown SS2D implementation {self.ss2d_impl!r}; valid: {', '.join(SS2D_IMPLS)}")
         for name, low in (("ssm_ratio", 0.0), ("mlp_ratio", 0.0)):
             if not getattr(self, name) > low:
                 raise ModelConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -117,7 +124,7 @@ class VSSBlock(nn.Module):
         self.op = SS2D(
             dim, d_state=cfg.d_state, ssm_ratio=cfg.ssm_ratio, dt_rank=cfg.dt_rank, scan=cfg.scan,
             stream_min_pixels=cfg.stream_min_pixels, stream_chunk=cfg.stream_chunk,
-            stream_chunk_cuda=cfg.stream_chunk_cuda,
+            stream_chunk_cuda=cfg.stream_chunk_cuda, impl=cfg.ss2d_impl,
         )
         self.drop_path = DropPath(drop_path)
         self.norm2 = LayerNorm2d(dim)
@@ -212,8 +219,15 @@ class VSSM(nn.Module):
             block.drop_path.rate = float(r)
 
     # stage outputs -----------------------------------------------------------------------------------
+    def channels_last(self, x: torch.Tensor) -> bool:
+        """Whether this input runs channels-last: when its SS2D blocks take the fused CPU kernel."""
+        return self.layers[0].blocks[0].op.use_fused(x)
+
     def _stages(self, x: torch.Tensor):
-        """Yields each stage's block output: (B, C_i, H_i, W_i) at strides 4, 8, 16, 32."""
+        """Yields each stage's block output: (B, C_i, H_i, W_i) at strides 4, 8, 16, 32 (channels-last strides
+        on the fused path)."""
+        if self.channels_last(x):
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)  # (B, C, H/4, W/4)
         for layer in self.layers:
             if self.config.grad_checkpoint and torch.is_grad_enabled():
@@ -225,11 +239,12 @@ class VSSM(nn.Module):
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> four maps: C x H/4, 2C x H/8, 4C x H/16, 8C x H/32 (ceil at each stride-2 step)."""
-        return list(self._stages(x))
+        return [f.contiguous() for f in self._stages(x)]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> last stage map (B, 8C, H/32, W/32), before the classifier norm."""
-        return deque(self._stages(x), maxlen=1)[0]  # earlier stage maps are dropped as the next is computed
+        # earlier stage maps are dropped as the next is computed; NCHW-contiguous out whatever the path
+        return deque(self._stages(x), maxlen=1)[0].contiguous()
 
     def forward_head(self, f: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, 8C, h, w) -> logits (B, num_classes); with num_classes 0 (or pre_logits) the pooled (B, 8C)."""

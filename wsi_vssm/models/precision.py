@@ -1,0 +1,98 @@
+"""Numeric precision of the backbone: fp32, or bf16 where the hardware has it.
+
+    dtype = resolve_precision("auto", device)          # torch.float32 or torch.bfloat16
+    with autocast(dtype, device):                       # a no-op for fp32
+        feats = model.forward_features(x)               # weights stay fp32 (training keeps fp32 masters)
+
+bf16 runs matmuls and convolutions in bf16 under `torch.autocast`; LayerNorm and the SS2D scan stay fp32 (the
+fused CPU kernel converts its inputs). It pays only where the hardware multiplies bf16 natively: on CPUs with
+AMX-BF16 or AVX512-BF16 (detected at run time from the CPU flags), on CUDA devices with bf16 support.
+
+Choices (`PRECISIONS`):
+    fp32  always fp32.
+    bf16  bf16; on a device without bf16 support it FALLS BACK to fp32 with one warning per process. Why not
+          refuse: bf16 is a speed request, not a different model; emulated bf16 is slower than fp32 and less
+          accurate, so fp32 is the better way to honour it, and a run configured on one machine (a cohort run on
+          mixed Dask workers, a saved run config) must still complete on another.
+    auto  bf16 where supported, else fp32, silently (logged once at info). Callers keep fp32 as their default
+          until bf16's agreement has been measured on their task (docs/scan.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+
+import torch
+
+log = logging.getLogger("wsi_vssm.models")
+
+PRECISIONS = ("fp32", "bf16", "auto")
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+_WARNED: set[str] = set()
+
+
+@functools.cache
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The CPU's native-bf16 feature flags found (amx_bf16, avx512_bf16), from torch's own probe when it has
+    one, else /proc/cpuinfo; () when none or unknown."""
+    found = []
+    probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    cpu = getattr(torch._C, "_cpu", None)
+    for flag, probe in probes.items():
+        fn = getattr(cpu, probe, None)
+        if fn is not None:
+            try:
+                if fn():
+                    found.append(flag)
+            except RuntimeError:
+                pass
+    if found:
+        return tuple(found)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(flag for flag in _BF16_FLAGS if flag in flags)
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` multiplies bf16 natively (CPU: AMX-BF16 or AVX512-BF16; CUDA: compute capability)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(cpu_bf16_flags())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """'fp32' | 'bf16' | 'auto' -> torch.float32 or torch.bfloat16 for `device` (rules in the module doc).
+    An unknown name raises ValueError listing the valid ones."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if precision == "fp32":
+        return torch.float32
+    if bf16_supported(device):
+        return torch.bfloat16
+    if precision == "bf16" and device.type not in _WARNED:
+        _WARNED.add(device.type)
+        what = "AMX-BF16 or AVX512-BF16" if device.type == "cpu" else "bf16 support"
+        warnings.warn(f"--precision bf16: this {device.type} has no {what}; running in fp32", stacklevel=2)
+    elif precision == "auto":
+        log.info("precision auto on %s: fp32 (no native bf16)", device.type)
+    return torch.float32
+
+
+def autocast(dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """A context that runs the model's matmuls and convolutions in `dtype` (torch.autocast); a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+__all__ = ["PRECISIONS", "resolve_precision", "autocast", "bf16_supported", "cpu_bf16_flags"]
