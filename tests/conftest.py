@@ -65,7 +65,8 @@ def write_tiny_model(path: Path, **metadata) -> Path:
     from wsi_vssm.models.slide_model import SlideModel, save_model
 
     torch.manual_seed(0)
-    save_model(SlideModel.create("micro", scan="cpu").eval(), path, metadata={"threshold": 0.5, **metadata})
+    meta = {"slide_threshold": 0.5, "cell_threshold": 0.5, **metadata}
+    save_model(SlideModel.create("micro", scan="cpu").eval(), path, metadata=meta)
     return path
 
 

@@ -7,11 +7,12 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 import click
 
 from wsi_vssm import __version__
-from wsi_vssm.errors import WsiVssmError
+from wsi_vssm.errors import WsiVssmError, one_line
 
 # command name -> module in wsi_vssm.commands exposing a click command called `command`
 COMMANDS = {
@@ -46,16 +47,23 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings outside any slide's run (e.g. while a model loads) as one line, like errors."""
+    click.echo(f"wsi-vssm: warning: {one_line(message)}", err=True)
+
+
 def main(argv=None):
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback.
 
     Exit codes: 0 all done; 1 bad input (one line names the file and the problem); 2 usage (click's own);
-    3 a cohort finished with some slides failed (each named on its own line); 130 interrupted.
+    3 a cohort finished with some slides failed (each named on its own line); 4 incomplete (slides still locked by
+    another run after --wait-locked); 130 interrupted.
     """
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("WSI_VSSM_DEBUG"))
     if not debug:  # decoders' own log lines (e.g. tifffile's "invalid offset") would add to our one-line errors
         for name in ("tifffile", "imagecodecs"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        warnings.showwarning = _one_line_warning
     try:
         cli.main(args=argv, prog_name="wsi-vssm", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -29,7 +29,8 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     torch.manual_seed(0)
     model = root / "tiny.pt"
-    save_model(SlideModel.create("micro", scan="cpu").eval(), model, metadata={"threshold": 0.5})
+    save_model(SlideModel.create("micro", scan="cpu").eval(), model,
+               metadata={"slide_threshold": 0.5, "cell_threshold": 0.5})
     make_cohort(root / "c", 1, seed=1, size=1024, mpp=2.0, workers=1)
     good = root / "dír with spaces" / "slïde ü.tif"
     good.parent.mkdir()

@@ -42,8 +42,9 @@ def test_streamed_thumbnail_equals_the_one_read_at_once(tmp_path):
 
 def _tiled_flat_tiff(path, side: int) -> None:
     """A side x side single-level TIFF written from one pre-compressed tile repeated (seconds, a few MB)."""
-    tile = np.full((256, 256, 3), 235, np.uint8)
-    tile[64:192, 64:192] = (190, 80, 150)
+    rng = np.random.default_rng(0)
+    tile = np.full((256, 256, 3), 235, np.uint8)  # glass, and a textured pink square of "tissue"
+    tile[64:192, 64:192] = (np.array([190, 80, 150]) + rng.integers(-40, 40, (128, 128, 3))).clip(0, 255)
     data = imagecodecs.zlib_encode(tile.tobytes())
     n = (-(-side // 256)) ** 2
     tifffile.imwrite(path, iter([data] * n), shape=(side, side, 3), dtype=np.uint8, tile=(256, 256),

@@ -7,12 +7,13 @@ import warnings
 import pytest
 import torch
 
+from wsi_vssm.errors import UsageError
 from wsi_vssm.models import create_model
 from wsi_vssm.models import precision as prec
 
 
 def test_resolve_precision(monkeypatch):
-    with pytest.raises(ValueError, match="valid: fp32, bf16, auto"):
+    with pytest.raises(UsageError, match="choose one of: fp32, bf16, auto"):
         prec.resolve_precision("fp16", "cpu")
     assert prec.resolve_precision("fp32", "cpu") == torch.float32
     monkeypatch.setattr(prec, "bf16_supported", lambda device: True)

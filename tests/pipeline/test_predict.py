@@ -198,3 +198,53 @@ def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path):
     assert set(froc["sensitivity_at_fps"]) == {"0.25", "0.5", "1", "2", "4", "8"}
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert saved["froc"]["froc"] == pytest.approx(froc["froc"])
+
+
+def test_older_model_file_thresholds_and_one_uncalibrated_warning(cohort, tmp_path):
+    """A model file from before the thresholds had names: `threshold` is the slide threshold, the cell threshold
+    is 0.5, and one warning says its probabilities are not calibrated."""
+    import warnings
+
+    import torch
+
+    from wsi_vssm.models.slide_model import SlideModel, load_model, save_model
+    from wsi_vssm.pipeline import predict as predict_module
+
+    torch.manual_seed(0)
+    save_model(SlideModel.create("micro", scan="cpu").eval(), tmp_path / "old.pt", metadata={"threshold": 0.6})
+    model = load_model(tmp_path / "old.pt")
+    predict_module._UNCALIBRATED_WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = predict_slide(cohort / "normal_001.tif", model, tmp_path / "a", FAST)
+        predict_slide(cohort / "normal_001.tif", model, tmp_path / "b", FAST)
+    assert rec["slide_threshold"] == rec["threshold"] == 0.6 and rec["cell_threshold"] == 0.5
+    said = [w for w in caught if "not calibrated" in str(w.message)]
+    assert len(said) == 1
+
+
+def test_tta_and_precision_change_the_parameter_hash(model_file):
+    """A cohort done without --tta (or in another precision) is redone with it: the state hash covers both."""
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.runs.jobs import predict_job
+
+    model = load_model(model_file)
+    plain = predict_job("out", model_file, model, PredictParams(device="cpu"))
+    tta = predict_job("out", model_file, model, PredictParams(device="cpu", tta=True))
+    cell = predict_job("out", model_file, model, PredictParams(device="cpu", cell_threshold=0.7))
+    assert len({plain.params_hash, tta.params_hash, cell.params_hash}) == 3
+    assert tta.resolved["tta"] is True and plain.resolved["precision"] == "float32"
+
+
+def test_tta_averages_the_eight_views(model_file, cohort, tmp_path):
+    """--tta: the feature map is the mean over the dihedral views; a model that is itself equivariant would not
+    change, a random one does, and the outputs stay valid probabilities."""
+    from wsi_vssm.models.slide_model import load_model
+
+    model = load_model(model_file)
+    plain = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "p", FAST)
+    tta = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "t", PredictParams(device="cpu", tta=True,
+                                                                                           reader_threads=1))
+    assert tta["parameters"]["tta"] is True and 0.0 <= tta["probability"] <= 1.0
+    assert tta["summary"]["n_cells"] == plain["summary"]["n_cells"]
+    assert tta["probability"] != plain["probability"]

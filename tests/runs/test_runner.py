@@ -44,6 +44,18 @@ def _probs(out) -> dict:
         return {r["slide"]: (r["status"], float(r["probability"])) for r in csv.DictReader(f)}
 
 
+def _table(out) -> list[dict]:
+    try:
+        with open(out / "predictions.csv", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def _n_cells(rec: dict) -> int:
+    return (rec.get("summary") or rec["parameters"])["n_cells"]  # prediction.json v2 moved it to `summary`
+
+
 def _same_results(out, ref) -> None:
     got, want = _probs(out), _probs(ref)
     assert got.keys() == want.keys()
@@ -53,6 +65,7 @@ def _same_results(out, ref) -> None:
         assert abs(rec["probability"] - p) <= 1e-5
     m, mref = (json.loads((d / "metrics.json").read_text()) for d in (out, ref))
     assert m.keys() == mref.keys() and m["n"] == mref["n"] and m["n_failed"] == mref["n_failed"]
+    assert m["complete"] is True and m["n_pending"] == 0
     assert m["auc"] == pytest.approx(mref["auc"], abs=1e-9)
     assert not [p for p in out.rglob(".tmp-*")], "temporaries left behind"
 
@@ -108,15 +121,16 @@ def test_a_live_lock_skips_the_slide_and_a_stale_one_is_broken(model_file, cohor
         lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "time": "t"}))
         args = ["predict", cohort / "normal_001.tif", cohort / "normal_002.tif", "--out", out, "--model",
                 model_file, *FAST]
-        assert _cli(args) == 3
+        assert _cli([*args, "--wait-locked", "0"]) == 4  # not done, not failed: incomplete
         err = capsys.readouterr().err
         assert "normal_001: locked by another run" in err and f"pid {other.pid}" in err
+        assert "still being done by another run" in err
         assert read_state(out, "predict", "normal_001") is None and lock.exists()
         assert read_state(out, "predict", "normal_002")["status"] == "done"
     finally:
         other.kill()
         other.wait()
-    assert _cli(args) == 0  # the holder is gone: its lock is stale and broken
+    assert _cli([*args, "--wait-locked", "0"]) == 0  # the holder is gone: its lock is stale and broken
     assert read_state(out, "predict", "normal_001")["status"] == "done" and not lock.exists()
 
 
@@ -137,19 +151,22 @@ def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(model_file
     cmd = [sys.executable, "-m", "wsi_vssm", "evaluate", str(cohort), "--out", str(out), "--model",
            str(model_file), "--bootstrap", "200", *FAST]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # first kill: as soon as a slide is running (mid-slide); second: once the first slide is done
-    for ready in (lambda s: s and s["status"] == "running",
-                  lambda s: s and s["status"] == "done" and s["slide"] == "normal_001"):
+    # first kill: as soon as a slide is running (mid-slide); second: once the table shows the first slide done
+    for ready in (lambda: any(s and s["status"] == "running" for s in
+                              (read_state(out, "predict", n) for n in ("normal_001", "normal_002", "tumor_001"))),
+                  lambda: "done" in [r["status"] for r in _table(out)]):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            states = [read_state(out, "predict", n) for n in ("normal_001", "normal_002", "tumor_001")]
-            if any(ready(s) for s in states):
-                break
+        while proc.poll() is None and time.monotonic() < deadline and not ready():
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    # the killed run's table lists every slide; those not through are `pending` rows without a probability
+    table = _table(out)
+    assert sorted(r["slide"] for r in table) == ["normal_001", "normal_002", "tumor_001"]
+    assert {r["status"] for r in table} <= {"done", "pending"} and "pending" in {r["status"] for r in table}
+    assert all(r["probability"] == "" and r["error"] for r in table if r["status"] == "pending")
     assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 0
     _same_results(out, reference)
     assert not list((out / STATE_DIR).glob("*.lock"))
@@ -203,9 +220,109 @@ def test_dask_split_regions_equal_the_serial_run(model_file, cohort, tmp_path):
         assert os.getpid() not in state["worker"]["split"]["pids"]  # the regions ran in the worker processes
         want, got = (json.loads((d / name / "prediction.json").read_text()) for d in (serial, split))
         assert want["probability"] is not None and abs(got["probability"] - want["probability"]) <= 1e-5
-        assert got["parameters"]["n_cells"] == want["parameters"]["n_cells"]
+        assert _n_cells(got) == _n_cells(want)
         hw, hg = (np.asarray(read_heatmap_zarr(d / name / "heatmap.ome.zarr")[0]) for d in (serial, split))
         assert hw.shape == hg.shape and np.array_equal(np.isnan(hw), np.isnan(hg))
         assert np.nanmax(np.abs(hw - hg)) <= 1e-5
         assert read_state(serial, "predict", name)["params_hash"] == state["params_hash"]
     assert not list((split / STATE_DIR).glob("*.lock"))
+
+
+def test_two_evaluations_at_once_end_with_the_full_report(model_file, cohort, reference, tmp_path):
+    """Two runs started together on one cohort and one OUT share the slides through the locks; each then waits
+    for the slides the other holds and builds the report from every slide's state: both end with the report of
+    a single run, and exit 0."""
+    out = tmp_path / "shared"
+    cmd = [sys.executable, "-m", "wsi_vssm", "evaluate", str(cohort), "--out", str(out), "--model",
+           str(model_file), "--bootstrap", "200", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0, stderr
+        assert "n=3, failed=0 ->" in stdout and "locked" not in stdout
+    assert results[0][0].splitlines()[-1] == results[1][0].splitlines()[-1]  # the same AUC line
+    _same_results(out, reference)
+    assert not list((out / STATE_DIR).glob("*.lock"))
+    workers = {read_state(out, "predict", n)["pid"] for n in ("normal_001", "normal_002", "tumor_001")}
+    assert workers <= {p.pid for p in procs}  # every slide done once, by one of the two runs
+
+
+def _copy_slide_result(src, out, name) -> None:
+    import shutil
+
+    shutil.copytree(src / name, out / name)
+    shutil.copy(src / STATE_DIR / f"{name}.predict.json", out / STATE_DIR / f"{name}.predict.json")
+
+
+def test_a_slide_locked_by_another_run_is_waited_for_then_counted(model_file, cohort, reference, tmp_path):
+    """While another live run holds a slide, this run waits for it (--wait-locked); when that run finishes the
+    slide, the report counts it: the same report as a single run."""
+    import threading
+
+    out = tmp_path / "o"
+    (out / STATE_DIR).mkdir(parents=True)
+    lock = out / STATE_DIR / "tumor_001.predict.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the "other run"
+    lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "time": "t"}))
+
+    def other_run_finishes() -> None:
+        while (read_state(out, "predict", "normal_002") or {}).get("status") != "done":
+            time.sleep(0.05)
+        time.sleep(1.0)  # this run is waiting by now
+        _copy_slide_result(reference, out, "tumor_001")
+        lock.unlink()
+
+    helper = threading.Thread(target=other_run_finishes, daemon=True)
+    helper.start()
+    try:
+        assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST,
+                     "--wait-locked", "120"]) == 0
+    finally:
+        helper.join(5)
+        other.kill()
+        other.wait()
+    _same_results(out, reference)
+    assert read_state(out, "predict", "tumor_001")["pid"] == read_state(reference, "predict", "tumor_001")["pid"]
+
+
+def test_a_slide_still_locked_is_in_progress_never_failed(model_file, cohort, reference, tmp_path, capsys):
+    out = tmp_path / "o"
+    (out / STATE_DIR).mkdir(parents=True)
+    lock = out / STATE_DIR / "tumor_001.predict.lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "time": "t"}))
+        t0 = time.monotonic()
+        code = _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST,
+                     "--wait-locked", "1"])
+        assert code == 4 and time.monotonic() - t0 >= 1.0
+    finally:
+        other.kill()
+        other.wait()
+    captured = capsys.readouterr()
+    assert "not finished=1 (incomplete)" in captured.out and "report is incomplete" in captured.err
+    rows = {r["slide"]: r for r in _table(out)}
+    assert rows["tumor_001"]["status"] == "in_progress" and rows["tumor_001"]["probability"] == ""
+    assert f"pid {other.pid}" in rows["tumor_001"]["error"]
+    assert rows["normal_001"]["status"] == rows["normal_002"]["status"] == "done"
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n"], m["n_failed"], m["n_pending"], m["complete"]) == (2, 0, 1, False)
+    # the holder is gone: a rerun does the slide and completes the report
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 0
+    _same_results(out, reference)
+
+
+def test_an_earlier_report_is_marked_incomplete_while_a_run_works(reference, tmp_path):
+    import shutil
+
+    from wsi_vssm.runs.evaluate import _start_report
+
+    out = tmp_path / "o"
+    shutil.copytree(reference, out)
+    assert json.loads((out / "metrics.json").read_text())["complete"] is True
+    (out / ".tmp-predictions.csv.x").write_text("half")  # a killed run's half-written table
+    _start_report(out)
+    assert json.loads((out / "metrics.json").read_text())["complete"] is False
+    assert not (out / ".tmp-predictions.csv.x").exists() and not list((out / STATE_DIR).glob("*.lock"))

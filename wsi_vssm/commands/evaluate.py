@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from wsi_vssm.commands.options import model_options, mpp_option, predict_options, run_options
+from wsi_vssm.runs.runner import EXIT_INCOMPLETE
 
 
 @click.command("evaluate")
@@ -15,6 +16,9 @@ from wsi_vssm.commands.options import model_options, mpp_option, predict_options
 @click.option("--out", "out_dir", default="wsi-vssm-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--annotations", type=click.Path(file_okay=False), default=None,
               help="Folder of lesion annotations (ASAP XML / GeoJSON named like the slides): adds the FROC.")
+@click.option("--patients", type=click.Path(dir_okay=False), default=None,
+              help="patients.csv (patient,slide): pN stage per patient against the reference, quadratic-weighted "
+                   "kappa; writes stages.csv and confusion.png (docs/outputs.md).")
 @click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=2000, show_default=True,
               help="Bootstrap resamples for the AUC's 95% interval.")
 @model_options
@@ -22,15 +26,21 @@ from wsi_vssm.commands.options import model_options, mpp_option, predict_options
 @predict_options
 @run_options
 @click.pass_context
-def command(ctx, cohort, out_dir, annotations, n_boot, model_path, mpp, **opts):
+def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp, **opts):
     """Evaluate a COHORT: a manifest CSV (slide,label[,split]), a CAMELYON16-style folder (reference.csv), or a
     patch folder in ImageFolder layout (0/, 1/; needs --mpp).
 
     Writes OUT/metrics.json, OUT/predictions.csv, OUT/roc.png and each slide's prediction folder. A rerun
-    resumes (done slides are skipped). Exit code 3 when the cohort finished with some slides failed.
+    resumes (done slides are skipped). Exit code 3 when the cohort finished with some slides failed, 4 when the
+    report is incomplete (slides still being done by another run on OUT; see --wait-locked).
     """
+    from wsi_vssm.errors import UsageError
+
+    if not Path(cohort).exists():  # before any heavy import: a typo fails at once
+        raise UsageError(f"{cohort}: no such cohort file or folder")
     from wsi_vssm.commands.options import build_params, load_cli_model, model_file, pop_run_options
-    from wsi_vssm.runs.evaluate import evaluate_cohort, evaluate_patches, is_patch_folder
+    from wsi_vssm.commands.predict import domain_note
+    from wsi_vssm.runs.evaluate import evaluate_cohort, evaluate_patches, is_patch_folder, separation_warning
 
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
@@ -39,9 +49,22 @@ def command(ctx, cohort, out_dir, annotations, n_boot, model_path, mpp, **opts):
     else:
         params = build_params(mpp, **opts)
         res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, n_boot=n_boot,
-                              model_path=model_file(model_path), run=run, progress=progress)
+                              model_path=model_file(model_path), run=run, progress=progress, patients=patients)
     m = res.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
-    progress.result(f"AUC {auc}; n={m['n']}, failed={m['n_failed']} -> {out_dir}/metrics.json")
+    warning = separation_warning(res)
+    if warning:
+        progress.warn(warning)
+    pending = f", not finished={m['n_pending']} (incomplete)" if m.get("n_pending") else ""
+    progress.result(f"AUC {auc}; n={m['n']}, failed={m['n_failed']}{pending} -> {out_dir}/metrics.json")
+    if m.get("kappa") is not None:
+        lo, hi = m["kappa_ci95"]
+        progress.result(f"pN stage: quadratic-weighted kappa {m['kappa']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
+                        f"{m['n_patients']} patients -> {out_dir}/stages.csv")
+    progress.result(domain_note(model))
+    if not res.complete:
+        progress.warn(f"the report is incomplete: {m['n_pending']} slide(s) not finished (see predictions.csv); "
+                      "rerun when the other run has finished")
+        sys.exit(EXIT_INCOMPLETE)  # slides still being done by another run: rerun when it has finished
     if res.n_failed:
-        sys.exit(3)  # a cohort finished with some slides failed (or locked by another run)
+        sys.exit(3)  # a cohort finished with some slides failed

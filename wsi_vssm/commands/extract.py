@@ -34,15 +34,19 @@ from wsi_vssm.commands.options import mpp_option, reader_threads_option, run_opt
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Regions per forward pass.")
 @reader_threads_option
-@click.option("--amp/--no-amp", default=None, help="bfloat16 autocast on GPU (default: on for cuda).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None,
+              help="Backbone arithmetic [default: bf16 on cuda, fp32 on the CPU]; bf16 needs native hardware "
+                   "support, else it runs fp32 with one warning.")
+@click.option("--amp/--no-amp", default=None, help="Old spelling of --precision bf16 / fp32.")
 @run_options
 @click.pass_context
 def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min_tissue, device, batch_size,
-            reader_threads, amp, **opts):
+            reader_threads, precision, amp, **opts):
     """Extract token-cell features of SLIDE(s) with a VSSM backbone."""
     from wsi_vssm.commands.options import exit_for, model_file, pop_run_options
     from wsi_vssm.models.device import resolve_device
     from wsi_vssm.models.model_file import load_backbone
+    from wsi_vssm.pipeline.extract import Inference
     from wsi_vssm.pipeline.geometry import DEFAULT_MIN_TISSUE, check_geometry, resolve_geometry
     from wsi_vssm.runs.execute import SlideTask
     from wsi_vssm.runs.jobs import extract_job
@@ -63,10 +67,9 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     params = dict(
         mpp=analysis_mpp, token_px=info.token_px, region_px=region_px, overlap_px=overlap_px,
         min_tissue=DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue,
-        batch_size=batch_size, workers=reader_threads, device=dev, amp=(dev == "cuda") if amp is None else amp,
+        batch_size=batch_size, workers=reader_threads, device=dev,
+        inference=Inference(precision or ("bf16" if amp or (amp is None and dev == "cuda") else "fp32")),
     )  # fmt: skip
-    if amp and dev == "cpu":
-        progress.warn("--amp applies to CUDA only; running in float32 on the CPU")
     check_geometry(params["token_px"], params["region_px"], params["overlap_px"], params["min_tissue"])
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.runs.runner import DEFAULT_SPLIT_REGIONS
+from wsi_vssm.runs.runner import DEFAULT_SPLIT_REGIONS, DEFAULT_WAIT_LOCKED_S, EXIT_INCOMPLETE
 
 mpp_option = click.option(
     "--mpp",
@@ -22,6 +22,13 @@ reader_threads_option = click.option(
 )
 
 
+precision_option = click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+    help="Backbone arithmetic. bf16 only pays on hardware with native bf16 (AMX / AVX512-BF16 CPUs, recent GPUs); "
+         "elsewhere it runs fp32 with one warning. auto: bf16 where native, else fp32.",
+)
+
+
 def run_options(f):
     """Cohort-run options shared by extract, predict and evaluate (see docs/cohorts.md)."""
     opts = [
@@ -32,7 +39,12 @@ def run_options(f):
         click.option("--split-regions", type=click.IntRange(min=0), default=DEFAULT_SPLIT_REGIONS,
                      show_default=True, metavar="N",
                      help="With Dask: run a slide of more than N regions as tasks of N regions each (0: never)."),
-        click.option("--retry-failed", is_flag=True, help="Retry slides that failed in an earlier run."),
+        click.option("--retry-failed", is_flag=True,
+                     help="Retry slides that failed in an earlier run (a slide whose file changed is always redone)."),
+        click.option("--wait-locked", type=click.FloatRange(min=0), default=DEFAULT_WAIT_LOCKED_S,
+                     show_default=True, metavar="SECONDS",
+                     help="Wait this long for slides another run on the same OUT is doing, then report them as "
+                          f"in progress (exit {EXIT_INCOMPLETE}); 0: do not wait."),
         click.option("--overwrite", is_flag=True, help="Redo slides that are already done."),
         click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
         click.option("-v", "--verbose", is_flag=True, help="Also skipped slides' reasons and cluster details."),
@@ -56,22 +68,27 @@ def pop_run_options(opts: dict, ctx: click.Context | None = None):
         raise UsageError("--quiet and --verbose exclude each other")
     debug = bool(ctx and ctx.obj and ctx.obj.get("debug"))
     run = RunOptions(workers=workers, scheduler=scheduler, retry_failed=opts.pop("retry_failed"),
-                     overwrite=opts.pop("overwrite"), debug=debug, split_regions=opts.pop("split_regions"))
+                     overwrite=opts.pop("overwrite"), debug=debug, split_regions=opts.pop("split_regions"),
+                     wait_locked=opts.pop("wait_locked"))
     return run, Progress.from_flags(quiet, verbose)
 
 
 def exit_for(summary, n_requested: int) -> None:
-    """Exit 0 when every slide is done; 1 when the only slide asked for failed (bad input); 3 when a cohort
-    finished with some slides failed or locked by another run."""
+    """Exit 0 when every slide is done; 4 (`EXIT_INCOMPLETE`) when some are still locked by another run (not
+    done, not failed: rerun when it has finished); 1 when the only slide asked for failed (bad input); 3 when a
+    cohort finished with some slides failed."""
     import sys
 
-    bad = summary.n_not_done
-    if not bad:
+    n_locked, n_failed = summary.count("locked"), summary.count("failed")
+    if n_locked:
+        click.echo(f"wsi-vssm: {n_locked} of {n_requested} slide(s) still being done by another run (locked); "
+                   f"{n_failed} failed; rerun when that run has finished", err=True)
+        sys.exit(EXIT_INCOMPLETE)
+    if not n_failed:
         return
-    if n_requested == 1 and summary.count("failed") == 1:
+    if n_requested == 1:
         sys.exit(1)  # the error line is already out
-    click.echo(f"wsi-vssm: {bad} of {n_requested} slide(s) not done (failed or locked); the others are done",
-               err=True)
+    click.echo(f"wsi-vssm: {n_failed} of {n_requested} slide(s) failed; the others are done", err=True)
     sys.exit(3)  # not ctx.exit: the app runs click with standalone_mode=False, which drops it
 
 
@@ -95,9 +112,16 @@ def predict_options(f):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True),
         reader_threads_option,
-        click.option("--amp/--no-amp", default=False, help="bfloat16 autocast on GPU."),
+        precision_option,
+        click.option("--amp/--no-amp", default=False, help="Old spelling of --precision bf16."),
+        click.option("--tta", is_flag=True,
+                     help="Test-time augmentation: the mean over the 8 flips and quarter turns of every region "
+                          "(8 x the backbone time; the run prints what it cost)."),
         click.option("--threshold", type=click.FloatRange(0, 1), default=None,
                      help="Slide decision threshold (default: the model's, else 0.5)."),
+        click.option("--cell-threshold", type=click.FloatRange(0, 1), default=None,
+                     help="Cell probability at and above which a cell is tumour: contours, lesions, overlay "
+                          "(default: the model's, else 0.5)."),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile", "zarr"]), default="auto",
                      show_default=True),
     ]

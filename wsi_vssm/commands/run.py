@@ -14,11 +14,15 @@ import click
               help="Override a recipe value, e.g. --set data.train=/data/pcam/train.tar (repeatable).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: the recipe's recipe.out].")
-def command(recipe_path, sets, out):
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None,
+              help="Every stage's backbone arithmetic (cells.precision and mosaic_mil.precision) [default: the "
+                   "recipe's, else fp32].")
+def command(recipe_path, sets, out, precision):
     """Run a training recipe (e.g. pipelines/default.toml): its stages, in order, into OUT."""
     from wsi_vssm.training.recipe import apply_overrides, load_recipe, run_recipe
 
-    recipe = apply_overrides(load_recipe(recipe_path), list(sets))
+    extra = [] if precision is None else [f'cells.precision="{precision}"', f'mosaic_mil.precision="{precision}"']
+    recipe = apply_overrides(load_recipe(recipe_path), extra + list(sets))
     out = out or Path(recipe.get("recipe", {}).get("out") or "runs/recipe")
     model = run_recipe(recipe, out)
     click.echo(f"wrote {model}")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from wsi_vssm.commands.options import precision_option
+
 command = click.Group("train", help="Train models: `mil` fits the slide-level attention head on cached features.")
 
 
@@ -41,8 +43,9 @@ command = click.Group("train", help="Train models: `mil` fits the slide-level at
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+@precision_option
 def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patience, lr, seed, max_cells, model_file,
-        train_cell_head, log_path, device):
+        train_cell_head, log_path, device, precision):
     """Train the AttentionMIL slide head on cached features with slide labels."""
     from wsi_vssm.models.device import resolve_device
     from wsi_vssm.training.mil import MILTrainConfig, cell_head_from_model, train_mil
@@ -50,7 +53,7 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
     train, valid, how = _splits(features_dir, labels, valid_labels, valid_fraction, seed)
     click.echo(f"{len(train)} training and {len(valid)} validation slides ({how})")
     cfg = MILTrainConfig(epochs=epochs, patience=patience, lr=lr, seed=seed, max_cells=max_cells,
-                         train_cell_head=train_cell_head, device=resolve_device(device))
+                         train_cell_head=train_cell_head, device=resolve_device(device), precision=precision)
     head = None
     if model_file is not None:
         head, backbone_hash = cell_head_from_model(model_file)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from wsi_vssm.commands.options import precision_option
+
 
 @click.command("cells")
 @click.option("--data", "train_src", required=True, type=click.Path(exists=True, path_type=Path),
@@ -48,10 +50,12 @@ import click
 @click.option("--no-augment", is_flag=True, help="Turn off stain/colour jitter, blur and flips.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Training device; under torchrun each process takes GPU LOCAL_RANK.")
+@precision_option
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
 def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_train, epoch_size, valid_select,
-            patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device, log_path):
+            patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device, precision,
+            log_path):
     """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
     from wsi_vssm.training.cells import TrainCellsConfig, train_cells
     from wsi_vssm.training.data.augment import AugmentConfig
@@ -62,7 +66,7 @@ def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_t
     cfg = TrainCellsConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_train=max_train,
                            epoch_size=epoch_size, valid_select=valid_select, patience=patience, scan=scan,
                            device=device, augment=aug, ema=ema, drop_path=drop_path, init=init,
-                           mosaic_grid=mosaic_grid, region_batch=region_batch)
+                           mosaic_grid=mosaic_grid, region_batch=region_batch, precision=precision)
     r = train_cells(train_src, valid_src, out, cfg, slides=slides, progress=True, log_path=log_path)
     if not is_main():  # under torchrun: rank 0 reports
         return

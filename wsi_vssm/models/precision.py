@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from wsi_vssm.errors import UsageError
+
 log = logging.getLogger("wsi_vssm.models")
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -69,11 +71,17 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
     return False
 
 
+def check_precision(precision: str) -> str:
+    """`precision` when it is one of PRECISIONS; otherwise a UsageError that lists them."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    return precision
+
+
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
     """'fp32' | 'bf16' | 'auto' -> torch.float32 or torch.bfloat16 for `device` (rules in the module doc).
-    An unknown name raises ValueError listing the valid ones."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    An unknown name raises UsageError listing the valid ones."""
+    check_precision(precision)
     device = torch.device(device)
     if precision == "fp32":
         return torch.float32
@@ -95,4 +103,4 @@ def autocast(dtype: torch.dtype, device: torch.device | str = "cpu"):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-__all__ = ["PRECISIONS", "resolve_precision", "autocast", "bf16_supported", "cpu_bf16_flags"]
+__all__ = ["PRECISIONS", "check_precision", "resolve_precision", "autocast", "bf16_supported", "cpu_bf16_flags"]

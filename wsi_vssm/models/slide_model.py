@@ -33,8 +33,8 @@ from wsi_vssm.models.model_file import (
 from wsi_vssm.models.vssm import VSSM, VSSMConfig
 
 __all__ = ["SlideModel", "ModelFileError", "save_model", "load_model", "attach_mil", "resolve_model_path",
-           "default_model_path", "read_model_file", "check_weights", "load_model_cached", "model_identity", "model_domain",
-           "DEFAULT_NAME", "DEFAULT_DOMAIN"]
+           "default_model_path", "read_model_file", "check_weights", "load_model_cached", "model_identity",
+           "model_domain", "DEFAULT_NAME", "DEFAULT_DOMAIN"]
 DEFAULT_NAME = "default"
 # What the default model and the shipped recipes train on; a model file may state its own `domain`.
 DEFAULT_DOMAIN = "H&E-stained lymph-node sections (PCam / CAMELYON16 patches), about 0.97 um/px"

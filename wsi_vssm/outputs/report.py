@@ -209,9 +209,10 @@ def write_prediction_json(path: str | os.PathLike, record: Mapping) -> None:
 def write_predictions_csv(path: str | os.PathLike, rows: Iterable[Mapping]) -> None:
     """Write `predictions.csv` atomically: columns slide, label, probability, status, error.
 
-    Each row is a mapping with `slide` and `status` (e.g. "ok", "failed") and optionally `label` (0/1),
-    `probability` and `error`. Missing or None values are written as empty cells; probabilities in full
-    precision (repr), so a resumed run reads back exactly what was written.
+    Each row is a mapping with `slide` and `status` (`done`, `no_tissue`, `failed`; in a report that is not
+    complete `pending` or `in_progress`, with no probability) and optionally `label` (0/1), `probability` and
+    `error` (the error, or why a slide is not finished). Missing or None values are written as empty cells;
+    probabilities in full precision (repr), so a resumed run reads back exactly what was written.
     """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -101,6 +101,25 @@ def plan_slide(
 
 
 
+@dataclass(frozen=True)
+class Inference:
+    """How regions go through the backbone: numeric precision and test-time augmentation.
+
+    `precision`: fp32, bf16 or auto (`models.precision`: bf16 only where the hardware has it; a bf16 request
+    on hardware without it runs fp32 with one warning). `tta`: the feature map is the mean over the 8 flips and
+    quarter turns of each region (each view's map turned back), at 8 times the backbone's cost.
+    """
+
+    precision: str = "fp32"
+    tta: bool = False
+
+    @classmethod
+    def of(cls, inference: Inference | None, amp: bool = False) -> Inference:
+        """`inference`, or the default; the old `amp=True` flag means bf16."""
+        inference = inference or cls()
+        return cls("bf16", inference.tta) if amp and inference.precision == "fp32" else inference
+
+
 def extract_regions(
     slide,
     backbone,
@@ -110,6 +129,7 @@ def extract_regions(
     workers: int = 2,
     amp: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    inference: Inference | None = None,
 ) -> list[tuple]:
     """The cells owned by the plan's regions `region_indices` (default: all), as per-region tuples
     (features, global cell rows, cols, tissue, region index) for `assemble_cells`. Any split of the regions
@@ -120,7 +140,7 @@ def extract_regions(
     regions = list(grid) if region_indices is None else [grid[int(i)] for i in region_indices]
     dev = plan.device
     return _run_regions(slide, regions, grid.mpp, backbone.to(dev).eval(), plan.plan, batch_size, workers, dev,
-                        amp, progress)
+                        Inference.of(inference, amp), progress)
 
 
 def assemble_cells(plan: SlidePlan, parts: list[tuple], backbone) -> CellFeatures:
@@ -150,13 +170,15 @@ def extract_slide(
     info: BackboneInfo | None = None,
     tissue: tuple[np.ndarray, float] | None = None,
     run_regions: Callable[[SlidePlan], list[tuple]] | None = None,
+    inference: Inference | None = None,
 ) -> CellFeatures:
     """The token-cell features of an open slide at analysis resolution `mpp` (no file I/O besides reading).
 
     `backbone` is a VSSM (its `forward_features` is used); `info` (from `load_backbone`) goes into the attrs.
     `region_px` and `overlap_px` default as `pipeline.geometry.resolve_geometry` says; `progress(done, total)`
     is called per region.
-    `tissue` = (mask, level-0 px per mask px) overrides the thumbnail tissue mask.
+    `tissue` = (mask, level-0 px per mask px) overrides the thumbnail tissue mask. `inference` sets the
+    precision and test-time augmentation (`Inference`; `amp=True` is the old spelling of bf16).
     `run_regions(plan)`, when given, returns the parts of all the plan's regions instead of `extract_regions`
     in this process (the cohort runner spreads a large slide's regions over a Dask cluster with it).
     Raises MissingMpp when the slide has no resolution, UsageError on bad arguments.
@@ -167,14 +189,15 @@ def extract_slide(
     plan = plan_slide(slide, backbone, mpp, token_px=token_px, region_px=region_px, overlap_px=overlap_px,
                       device=device, min_tissue=min_tissue, info=info, tissue=tissue)
     if run_regions is None:
-        parts = extract_regions(slide, backbone, plan, batch_size=batch_size, workers=workers, amp=amp,
-                                progress=progress)
+        parts = extract_regions(slide, backbone, plan, batch_size=batch_size, workers=workers,
+                                progress=progress, inference=Inference.of(inference, amp))
     else:
         parts = run_regions(plan)
     return assemble_cells(plan, parts, backbone)
 
 
-def _run_regions(slide, regions, mpp, backbone, plan, batch_size, workers, dev, amp, progress) -> list[tuple]:
+def _run_regions(slide, regions, mpp, backbone, plan, batch_size, workers, dev, inference: Inference,
+                 progress) -> list[tuple]:
     """Stream `regions` through the backbone in batches of equal shape; per-region cell tuples."""
     import torch
 
@@ -192,14 +215,14 @@ def _run_regions(slide, regions, mpp, backbone, plan, batch_size, workers, dev, 
                 done += 1
                 continue
             if batch and (len(batch) >= batch_size or batch[0][1].shape != item[1].shape):
-                parts += _run_batch(batch, backbone, plan, dev, amp)
+                parts += _run_batch(batch, backbone, plan, dev, inference)
                 done += len(batch)
                 batch = []
                 if progress is not None:
                     progress(done, total)
             batch.append(item)
         if batch:
-            parts += _run_batch(batch, backbone, plan, dev, amp)
+            parts += _run_batch(batch, backbone, plan, dev, inference)
     if progress is not None:
         progress(total, total)
     return parts
@@ -249,18 +272,38 @@ def _crop(region, img: np.ndarray, plan: _Plan):
     return region, to_tensor(crop), (h_cells, w_cells)
 
 
-def _run_batch(batch: list[tuple], backbone, plan: _Plan, device: str, amp: bool) -> list[tuple]:
+def _run_batch(batch: list[tuple], backbone, plan: _Plan, device: str, inference: Inference) -> list[tuple]:
     import torch
     import torch.nn.functional as F
 
+    from wsi_vssm.models.precision import autocast, resolve_precision
+
     x = torch.cat([b[1] for b in batch]).to(device, non_blocking=True)  # (B, 3, H, W)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
-        fmap = backbone.forward_features(x)  # (B, F, H/32, W/32)
+    with autocast(resolve_precision(inference.precision, device), device):
+        fmap = _features(backbone, x, inference.tta)  # (B, F, H/32, W/32) float32
     k = plan.token_px // STRIDE
     if k > 1:
         fmap = F.avg_pool2d(fmap.float(), k, k)  # (B, F, H/token_px, W/token_px)
     fmap = fmap.float().cpu().numpy()
     return [_cells_of_region(region, fmap[i], plan) for i, (region, _, _) in enumerate(batch)]
+
+
+def _features(backbone, x, tta: bool):
+    """The stride-32 feature map of x (B, 3, H, W); with `tta`, the mean over the 8 dihedral views, each view's
+    map turned back to x's orientation (H and W swap under a quarter turn and swap back)."""
+    import torch
+
+    if not tta:
+        return backbone.forward_features(x).float()
+    total = None
+    for flip in (False, True):
+        v = x.flip(-1) if flip else x
+        for k in range(4):
+            f = backbone.forward_features(torch.rot90(v, k, (2, 3)).contiguous()).float()
+            f = torch.rot90(f, -k, (2, 3))
+            f = f.flip(-1) if flip else f
+            total = f if total is None else total + f
+    return total / 8
 
 
 def _cells_of_region(region, fmap: np.ndarray, plan: _Plan) -> tuple:

@@ -43,20 +43,56 @@ class PredictParams:
     device: str = "auto"
     batch_size: int = 1
     reader_threads: int = 2  # threads reading regions ahead of the model
-    amp: bool = False
+    amp: bool = False  # the old spelling of precision="bf16"
     threshold: float | None = None  # slide decision threshold; default: the model's, else 0.5
-    cell_threshold: float = 0.5  # heatmap level outlined by contours.geojson
+    cell_threshold: float | None = None  # cells at or above it are tumour; default: the model's, else 0.5
     backend: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | auto (wsi_vssm.models.precision)
+    tta: bool = False  # mean over the 8 flips and quarter turns of every region: 8x the backbone time
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def inference(self):
+        from wsi_vssm.pipeline.extract import Inference
+
+        return Inference.of(Inference(self.precision, self.tta), self.amp)
+
 
 def slide_threshold(model, params: PredictParams) -> float:
+    """`--threshold`, else the model file's `slide_threshold` (`threshold` in older files), else 0.5."""
     if params.threshold is not None:
         return float(params.threshold)
+    return model_thresholds(model)[0]
+
+
+def cell_threshold(model, params: PredictParams) -> float:
+    """`--cell-threshold`, else the model file's `cell_threshold`, else 0.5."""
+    if params.cell_threshold is not None:
+        return float(params.cell_threshold)
+    return model_thresholds(model)[1]
+
+
+def model_thresholds(model) -> tuple[float, float]:
+    """(slide, cell) thresholds a model file stores. Files made before they had names store the slide one as
+    `threshold` and no cell one: their cell threshold is 0.5 and their probabilities are not calibrated (said once
+    per process)."""
     meta = getattr(model, "metadata", None) or {}
-    return float(meta.get("threshold", DEFAULT_THRESHOLD))
+    slide = float(meta.get("slide_threshold", meta.get("threshold", DEFAULT_THRESHOLD)))
+    if "cell_threshold" not in meta:
+        _warn_uncalibrated(getattr(model, "name", "model"))
+        return slide, DEFAULT_THRESHOLD
+    return slide, float(meta["cell_threshold"])
+
+
+_UNCALIBRATED_WARNED: set[str] = set()
+
+
+def _warn_uncalibrated(name: str) -> None:
+    if name not in _UNCALIBRATED_WARNED:
+        _UNCALIBRATED_WARNED.add(name)
+        warnings.warn(f"model {name!r} stores no calibrated cell threshold: cells are called at 0.5 and its "
+                      "probabilities are not calibrated", stacklevel=4)
 
 
 def stain_warning(thumb: np.ndarray, mask: np.ndarray) -> str | None:
@@ -123,14 +159,15 @@ def predict_slide(
             slide, model.backbone, mpp=params.target_mpp or model.mpp, token_px=model.token_px,
             region_px=params.region_px,
             overlap_px=params.overlap_px,
-            batch_size=params.batch_size, workers=params.reader_threads, device=params.device, amp=params.amp,
+            batch_size=params.batch_size, workers=params.reader_threads, device=params.device,
+            inference=params.inference(),
             progress=lambda done, total: stage("regions", done, total), tissue=(mask, scale),
             run_regions=run_regions,
         )
         timings["features"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        threshold = slide_threshold(model, params)
+        threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)
         prob, cell_probs, reason = _score(model, cells, slide_path)
         timings["mil"] = time.perf_counter() - t
 
@@ -139,14 +176,14 @@ def predict_slide(
         out_dir = Path(out_root) / slide.name
         out_dir.mkdir(parents=True, exist_ok=True)
         label = None if prob is None else int(prob >= threshold)
-        notes = [w for w in (warning, _few_cells_warning(cell_probs, label, params.cell_threshold)) if w]
+        notes = [w for w in (warning, _few_cells_warning(cell_probs, label, cell_t)) if w]
         record = {
             "slide": slide.name,
             "probability": prob,
             "label": label,
             "threshold": threshold,  # v1 name of slide_threshold
             "slide_threshold": threshold,
-            "cell_threshold": params.cell_threshold,
+            "cell_threshold": cell_t,
             "reason": reason,
             "device": _device_name(params.device),
             "model": {"name": model.name, "mpp": model.mpp, "token_px": model.token_px, **_identity(model)},
@@ -160,7 +197,7 @@ def predict_slide(
             "version": __version__,
             "schema": None,  # set by the writer
         }
-        _write_outputs(out_dir, slide, thumb, cells, cell_probs, record, params.cell_threshold)
+        _write_outputs(out_dir, slide, thumb, cells, cell_probs, record, cell_t)
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         from wsi_vssm.outputs.prediction import write_prediction_json

@@ -3,12 +3,18 @@
 Also scores patch datasets in ImageFolder layout (`DIR/0/*.jpg`, `DIR/1/*.jpg`, e.g. PCam): each image is scored
 by the cell head on the cell covering its centre, which is how PCam labels are defined.
 
-Finished work is never lost: each slide's state is kept by `wsi_vssm.runner`, `predictions.csv` is rewritten
-atomically after every slide, and a slide that fails is recorded with its error while the run goes on.
+Finished work is never lost: each slide's state is kept by `wsi_vssm.runs.runner`, `predictions.csv` is
+rewritten atomically after every slide (slides not through yet as `pending` rows, empty probability), and a
+slide that fails is recorded with its error while the run goes on.
+
+The final report (predictions.csv, metrics.json, roc.png) is built from every slide's state on disk, so a slide
+done by another run on the same folder counts. A slide another run still holds is an `in_progress` row; then
+metrics.json says `"complete": false` (true only when every slide is done or failed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +36,35 @@ class EvaluationResult:
     def n_failed(self) -> int:
         return sum(r["status"] == "failed" for r in self.rows)
 
+    @property
+    def complete(self) -> bool:
+        """Every slide is done or failed (none pending or in progress in another run)."""
+        return not any(r["status"] in UNFINISHED for r in self.rows)
+
+
+REPORT_LOCK_WAIT_S = 60.0  # how long a run waits for another run writing the cohort files
+PENDING, IN_PROGRESS = "pending", "in_progress"  # predictions.csv statuses of slides not through yet
+UNFINISHED = (PENDING, IN_PROGRESS)
+PENDING_NOTE = "not finished: the run ended before this slide; rerun the same command"
+
+
+SEPARATION_TIE = 1e-6  # scores closer than this count as equal
+
+
+def separation_warning(result: EvaluationResult) -> str | None:
+    """One line when the scores do not separate the classes: every slide scores the same, or the AUC's 95% CI
+    covers 0.5 (chance). None when they do, or when there are too few scored slides to say."""
+    scores = [r["probability"] for r in result.rows if r["status"] == "done" and r["probability"] is not None]
+    m = result.metrics
+    if len(scores) >= 2 and max(scores) - min(scores) <= SEPARATION_TIE:
+        return (f"every slide scores {scores[0]:.3f}: the scores do not separate tumour from normal slides "
+                "(is the cohort within the model's domain?)")
+    ci = m.get("auc_ci95")
+    if m.get("auc") is not None and ci and ci[0] <= 0.5 <= ci[1]:
+        return (f"the scores do not separate tumour from normal slides: AUC {m['auc']:.3f}, its 95% CI "
+                f"{ci[0]:.3f}-{ci[1]:.3f} covers 0.5 (chance)")
+    return None
+
 
 def is_patch_folder(path: Path) -> bool:
     return path.is_dir() and (path / "0").is_dir() and (path / "1").is_dir() and not (path / "reference.csv").exists()
@@ -46,19 +81,22 @@ def evaluate_cohort(
     model_path: str | os.PathLike | None = None,
     run=None,
     progress=None,
+    patients: str | os.PathLike | None = None,
 ) -> EvaluationResult:
     """Predict each slide of a manifest / CAMELYON16 folder into `out_dir/<slide>/`, then write the cohort files.
 
-    Slides go through `wsi_vssm.runner` (per-slide state, resume, locks; serial or Dask per `run`, a
+    Slides go through `wsi_vssm.runs.runner` (per-slide state, resume, locks; serial or Dask per `run`, a
     RunOptions). `model_path` is the file workers load; without one a Dask run saves `model` under
     OUT/.state/models/. `on_slide(row)` is called after each slide. The final predictions.csv and metrics.json
-    are rebuilt from the per-slide states, so a resumed run ends with the same files as an uninterrupted one.
+    are rebuilt from the per-slide states on disk, so a resumed run, or one sharing the folder with another run,
+    ends with the same files as an uninterrupted one. `patients` (a patients.csv) adds pN staging against the
+    reference (`runs.patients`): stages.csv, confusion.png and the kappa keys of metrics.json.
     """
-    from wsi_vssm.atomic import remove_temporaries
     from wsi_vssm.runs.cohort import read_cohort
     from wsi_vssm.runs.execute import SlideTask
     from wsi_vssm.runs.jobs import predict_job
     from wsi_vssm.runs.runner import RunOptions, run_slides, slide_key
+    from wsi_vssm.runs.state import check_output_folder
 
     params = params or PredictParams()
     run = run or RunOptions()
@@ -74,47 +112,175 @@ def evaluate_cohort(
     job = predict_job(out, model_path, model, params)
     tasks = [SlideTask(slide_key(r.path) if r.ok else r.name, None if r.path is None else str(r.path), r.error)
              for r in cohort.rows]
-    finished: dict[int, dict] = {}
-    index = {id(t): i for i, t in enumerate(tasks)}
+    folders = {r.name: t.name for r, t in zip(cohort.rows, tasks, strict=True)}  # table name -> output folder
+    if patients is not None:
+        from wsi_vssm.outputs.staging import read_patients_csv
 
-    def after(outcome) -> None:
-        i = index[id(outcome.task)]
-        finished[i] = _row(cohort.rows[i], outcome)
-        try:  # after every slide, so a killed run leaves its table; best effort: the final write is the record
-            _write_table(out, [finished[k] for k in sorted(finished)])
-        except OSError as e:
-            if progress is not None:
-                progress.warn(f"{out / 'predictions.csv'}: not updated ({e.strerror or e}); the slide is recorded")
-        if on_slide is not None:
-            on_slide(finished[i])
-
-    remove_temporaries(out, "predictions.csv.")  # a killed run's half-written cohort files
-    remove_temporaries(out, "metrics.json.")
-    remove_temporaries(out, "roc.png.")
+        read_patients_csv(patients, cohort_slides=folders)  # a wrong table fails before any slide runs
+    check_output_folder(out)
+    _start_report(out)
+    after = _interim_table(out, cohort.rows, tasks, on_slide, progress)
     summary = run_slides(tasks, job, run, progress, on_outcome=after)
-    rows = [_row(cohort.rows[i], o) for i, o in enumerate(summary.outcomes)]
-    _write_table(out, rows)
-    scored = [r for r in rows if r["probability"] is not None and r["label"] is not None]
-    metrics = _write_metrics(out, scored, slide_threshold(model, params), len(rows) - len(scored), n_boot)
-    if annotations is not None:
-        folders = {r.name: t.name for r, t in zip(cohort.rows, tasks, strict=True)}  # table name -> output folder
-        metrics["froc"] = _froc(out, scored, Path(annotations), folders)
-        _write_json(out / METRICS_JSON, metrics)
+    _wait_for_other_runs(tasks, job, run.wait_locked, progress)
+    with _report_writer(out, REPORT_LOCK_WAIT_S):
+        rows = [_final_row(crow, o, job) for crow, o in zip(cohort.rows, summary.outcomes, strict=True)]
+        _write_table(out, rows)
+        finished = [r for r in rows if r["status"] not in UNFINISHED]
+        scored = [r for r in finished if r["probability"] is not None and r["label"] is not None]
+        metrics = _write_metrics(out, scored, slide_threshold(model, params), len(finished) - len(scored), n_boot,
+                                 n_pending=len(rows) - len(finished))
+        if annotations is not None:
+            metrics["froc"] = _froc(out, scored, Path(annotations), folders)
+        if patients is not None and not n_unfinished(rows):
+            from wsi_vssm.runs.patients import evaluate_patients
+
+            root = Path(cohort_path) if Path(cohort_path).is_dir() else Path(cohort_path).parent
+            metrics.update(evaluate_patients(patients, root, out, folders, annotations and Path(annotations),
+                                             n_boot))
+        if annotations is not None or patients is not None:
+            _write_json(out / METRICS_JSON, metrics)
     return EvaluationResult(metrics, rows)
 
 
+def n_unfinished(rows: list[dict]) -> int:
+    return sum(r["status"] in UNFINISHED for r in rows)
+
+
+@contextlib.contextmanager
+def _report_writer(out: Path, wait: float):
+    """Hold OUT/.state/cohort.report.lock while writing the cohort files: one writer at a time across runs, so
+    the holder may remove a killed run's half-written cohort files. Yields whether the lock is held; after
+    `wait` seconds without it a final write goes ahead anyway (every write is atomic), leaving temporaries."""
+    import time
+
+    from wsi_vssm.atomic import remove_temporaries
+    from wsi_vssm.runs.state import SlideLock
+
+    lock = SlideLock(out, "report", "cohort")
+    deadline = time.monotonic() + wait
+    with contextlib.suppress(OSError):
+        while not lock.acquire() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    try:
+        if lock.held:
+            for name in (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG):
+                remove_temporaries(out, f"{name}.")
+        yield lock.held
+    finally:
+        lock.release()
+
+
+def _wait_for_other_runs(tasks: list, job, wait: float, progress) -> None:
+    """Before the report: wait up to `wait` seconds while another run holds any of the cohort's slides (e.g. one
+    that started a slide this run has done), so the report counts what it finishes."""
+    import time
+
+    from wsi_vssm.runs.runner import LOCK_POLL_S
+    from wsi_vssm.runs.state import live_lock
+
+    deadline, told = time.monotonic() + wait, False
+    while True:
+        held = [t.name for t in tasks if t.error is None and live_lock(job.out, job.kind, t.name) is not None]
+        if not held or time.monotonic() >= deadline:
+            return
+        if not told and progress is not None:
+            progress.info(f"waiting up to {wait:g} s for {len(held)} slide(s) another run is doing (--wait-locked)")
+            told = True
+        time.sleep(LOCK_POLL_S)
+
+
+def _start_report(out: Path) -> None:
+    """Mark an earlier run's metrics.json as not complete while this run works (it is rewritten at the end)."""
+    import json
+
+    with _report_writer(out, REPORT_LOCK_WAIT_S):
+        try:
+            metrics = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if isinstance(metrics, dict) and metrics.get("complete") is not False:
+            _write_json(out / METRICS_JSON, {**metrics, "complete": False})
+
+
+def _interim_table(out: Path, crows: list, tasks: list, on_slide, progress) -> Callable:
+    """The runner's per-slide callback: rewrite predictions.csv with every slide, those not through yet as
+    `pending` rows, so a run that is killed leaves a table that says it is partial."""
+    index = {id(t): i for i, t in enumerate(tasks)}
+    table = [_pending_row(c) for c in crows]
+
+    def after(outcome) -> None:
+        i = index[id(outcome.task)]
+        table[i] = _row(crows[i], outcome)
+        try:  # best effort (skipped while another run writes): the final table, from the states on disk, counts
+            with _report_writer(out, 0) as held:
+                if held:
+                    _write_table(out, table)
+        except OSError as e:
+            if progress is not None:
+                progress.warn(f"{out / PREDICTIONS_CSV}: not updated ({e.strerror or e}); the slide is recorded")
+        if on_slide is not None:
+            on_slide(table[i])
+
+    return after
+
+
+def _pending_row(crow, note: str = PENDING_NOTE, status: str = PENDING) -> dict:
+    return {"slide": crow.name, "label": crow.label, "probability": None, "status": status, "error": note}
+
+
 def _row(crow, outcome) -> dict:
-    """A predictions.csv row from a slide's outcome (its state when it ran or was done before)."""
-    result = (outcome.state or {}).get("result") or {}
+    """A predictions.csv row from a slide's outcome in this run (its state when it ran or was done before)."""
+    if outcome.status == "locked":
+        return _pending_row(crow, outcome.message, IN_PROGRESS)
     row = {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
            "error": outcome.message or None}
     if outcome.ok:
+        result = (outcome.state or {}).get("result") or {}
         p = result.get("probability")
         row.update(probability=p, status="done" if p is not None else "no_tissue",
                    error=None if p is not None else result.get("reason"))
-    elif outcome.status == "locked":
-        row["status"] = "locked"
     return row
+
+
+def _final_row(crow, outcome, job) -> dict:
+    """A slide's row from its state on disk (whichever run wrote it), with this run's parameters.
+
+    Failures without a state of their own (a missing file, a duplicate name) come from this run's outcome; a
+    slide another run holds is `in_progress`; one with no finished state is `pending`."""
+    from wsi_vssm.runs.state import Status, describe_holder, live_lock, read_state
+
+    name = outcome.task.name
+    if outcome.status == "failed" and outcome.state is None:
+        return _row(crow, outcome)
+    state = read_state(job.out, job.kind, name)
+    if state is not None and state.get("params_hash") == job.params_hash:
+        if state.get("status") == Status.DONE and job.outputs_ok(name):
+            rec = _prediction(Path(job.out) / name) or state.get("result") or {}
+            p = rec.get("probability")
+            return {"slide": crow.name, "label": crow.label, "probability": p,
+                    "status": "done" if p is not None else "no_tissue", "error": None if p is not None
+                    else rec.get("reason")}
+        if state.get("status") == Status.FAILED:
+            return {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
+                    "error": state.get("error")}
+    if outcome.status == "failed":
+        return _row(crow, outcome)
+    holder = live_lock(job.out, job.kind, name)
+    if holder is not None:
+        return _pending_row(crow, f"{describe_holder(holder)}; rerun when it has finished", IN_PROGRESS)
+    return _pending_row(crow)
+
+
+def _prediction(folder: Path) -> dict | None:
+    import json
+
+    from wsi_vssm.outputs.files import PREDICTION_JSON
+
+    try:
+        rec = json.loads((folder / PREDICTION_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and "probability" in rec else None
 
 
 def _write_table(out: Path, rows: list[dict]) -> None:
@@ -185,12 +351,17 @@ def evaluate_patches(
     return EvaluationResult(metrics, rows)
 
 
-def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int) -> dict:
-    from wsi_vssm.outputs.report import cohort_metrics, roc_png
+def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int,
+                   n_pending: int = 0) -> dict:
+    """metrics.json (`report.cohort_metrics`, then `n_pending`: slides not through yet, and `complete`: none is)
+    and roc.png, atomically."""
+    from wsi_vssm.outputs.report import METRIC_KEYS, cohort_metrics, roc_png
 
     labels = np.array([r["label"] for r in scored], dtype=np.int64)
     scores = np.array([r["probability"] for r in scored], dtype=np.float64)
     metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot)
+    metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "n_pending": int(n_pending), "complete": not n_pending,
+               **metrics}  # then `reason`, when there is one
     _write_json(out / METRICS_JSON, metrics)
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
             threshold=threshold)

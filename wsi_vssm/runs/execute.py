@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from wsi_vssm import __version__
 from wsi_vssm.errors import WsiVssmError, one_line
-from wsi_vssm.runs.state import SlideLock, Status, clear_temporaries, now, write_state
+from wsi_vssm.runs.state import SlideLock, Status, clear_temporaries, input_fingerprint, now, write_state
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Outcome:
 
 
 def start_slide(task: SlideTask, job) -> tuple[SlideLock | None, Outcome | None, dict | None]:
-    """Lock the slide, clear a killed run's temporaries and mark it running; or say why it cannot start."""
+    """Lock the slide, clear a killed run's temporaries and mark it running (recording what the slide file is:
+    `input`, see `state.input_fingerprint`); or say why it cannot start."""
     lock = SlideLock(job.out, job.kind, task.name)
     try:
         if not lock.acquire():
@@ -47,7 +48,8 @@ def start_slide(task: SlideTask, job) -> tuple[SlideLock | None, Outcome | None,
         state = {"slide": task.name, "path": task.path, "kind": job.kind, "status": Status.RUNNING.value,
                  "error": None, "error_type": None, "model_id": job.model_id, "model_hash": job.model_hash,
                  "params_hash": job.params_hash, "params": job.params_dict(), "started": now(), "finished": None,
-                 "timings": {}, "host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+                 "timings": {}, "host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
+                 "input": input_fingerprint(task.path)}
         write_state(job.out, job.kind, task.name, state)
     except (OSError, WsiVssmError) as e:
         lock.release()

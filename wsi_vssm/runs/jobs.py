@@ -106,7 +106,8 @@ class PredictJob:
         return self.model().backbone
 
     def region_params(self) -> dict:
-        return {"batch_size": self.params.batch_size, "workers": self.params.reader_threads, "amp": self.params.amp}
+        return {"batch_size": self.params.batch_size, "workers": self.params.reader_threads,
+                "inference": self.params.inference()}
 
     def outputs_ok(self, name: str) -> bool:
         from wsi_vssm.outputs.files import slide_outputs_ok
@@ -123,7 +124,8 @@ class PredictJob:
         p = result.get("probability")
         verdict = (f"probability {p:.3f} -> {'tumor' if result.get('label') else 'normal'}" if p is not None
                    else f"no prediction ({result.get('reason')})")
-        return f"{name}: {verdict} [{result.get('n_cells')} cells, {timings.get('total', 0.0):.1f} s] -> " \
+        tta = f", TTA 8 views: backbone {timings.get('features', 0.0):.1f} s" if self.params.tta else ""
+        return f"{name}: {verdict} [{result.get('n_cells')} cells, {timings.get('total', 0.0):.1f} s{tta}] -> " \
                f"{self.where(name)}"
 
 
@@ -183,7 +185,7 @@ class ExtractJob:
 
     def region_params(self) -> dict:
         p = self.extract_params
-        return {"batch_size": p.get("batch_size", 1), "workers": p.get("workers", 2), "amp": p.get("amp", False)}
+        return {"batch_size": p.get("batch_size", 1), "workers": p.get("workers", 2), "inference": p.get("inference")}
 
     def target(self, name: str) -> Path:
         return Path(self.out) / f"{name}.zarr"
@@ -212,14 +214,16 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
     """A PredictJob whose hash covers everything that changes predict's outputs.
 
     Covered: the weights (hash), analysis mpp, token size, region and overlap (after defaults), slide and cell
-    thresholds, reader backend, a slide mpp override, bfloat16 autocast and the package version. Not covered:
+    thresholds, reader backend, a slide mpp override, the precision used (fp32 or bf16, as resolved on this
+    machine), test-time augmentation and the package version. Not covered:
     reader threads, batch size and device (CPU and GPU agree within ~1e-5; a slide done on one is not redone
     on the other).
     """
     from wsi_vssm.models.device import resolve_device
     from wsi_vssm.models.model_file import state_dict_hash
+    from wsi_vssm.models.precision import resolve_precision
     from wsi_vssm.pipeline.geometry import resolve_geometry
-    from wsi_vssm.pipeline.predict import slide_threshold
+    from wsi_vssm.pipeline.predict import cell_threshold, slide_threshold
 
     device = resolve_device(params.device)
     region_px, overlap_px = resolve_geometry(device, model.token_px, params.region_px, params.overlap_px)
@@ -228,8 +232,9 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
     resolved = {
         "job": "predict", "model_hash": model_hash, "analysis_mpp": float(params.target_mpp or model.mpp),
         "token_px": model.token_px, "region_px": region_px, "overlap_px": overlap_px,
-        "threshold": slide_threshold(model, params), "cell_threshold": params.cell_threshold,
-        "backend": params.backend, "slide_mpp": params.mpp, "amp": bool(params.amp and device == "cuda"),
+        "threshold": slide_threshold(model, params), "cell_threshold": cell_threshold(model, params),
+        "backend": params.backend, "slide_mpp": params.mpp, "tta": params.tta,
+        "precision": str(resolve_precision(params.inference().precision, device)).removeprefix("torch."),
         "version": __version__,
     }  # fmt: skip
     path = os.fspath(model_path)
@@ -241,12 +246,16 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
 def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override: float | None,
                 extract_params: dict) -> ExtractJob:
     """An ExtractJob; its hash covers the weights, the geometry (mpp, token, region, overlap, min tissue),
-    a slide mpp override, autocast and the package version (not threads, batch size or device)."""
+    a slide mpp override, the precision used (as resolved on this machine) and the package version (not
+    threads, batch size or device)."""
+    from wsi_vssm.models.precision import resolve_precision
+
     keys = ("mpp", "token_px", "region_px", "overlap_px", "min_tissue")
+    inference = extract_params.get("inference")
+    precision = "fp32" if inference is None else inference.precision
+    dtype = resolve_precision(precision, extract_params.get("device", "cpu"))
     resolved = {"job": "extract", "model_hash": info.model_hash, **{k: extract_params[k] for k in keys},
-                "slide_mpp": mpp_override, "amp": bool(extract_params.get("amp") and
-                                                       extract_params.get("device") == "cuda"),
-                "version": __version__}
+                "slide_mpp": mpp_override, "precision": str(dtype).removeprefix("torch."), "version": __version__}
     _MODELS[f"extract:{model}"] = (backbone, info)
     return ExtractJob(os.fspath(out), model, mpp_override, dict(extract_params), params_hash(resolved),
                       info.model_id, info.model_hash, resolved)

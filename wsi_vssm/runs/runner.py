@@ -6,14 +6,19 @@ evaluate, or `extract`), written atomically:
     pending -> running -> done | failed
 
 with the error text and type, timings, model id and hash, the parameter hash, start/finish times, host and pid.
-A rerun skips a slide whose state is `done` with the same parameter hash and whose outputs are still there; a
-`failed` slide is retried only with `--retry-failed`. Anything else (no state, `running` left by a killed run,
-another hash, outputs gone) is redone. Outputs are written atomically and `done` is written only after the
+A rerun skips a slide whose state is `done` with the same parameter hash, whose outputs are still there and
+whose file is unchanged (size, mtime, content fingerprint: `state.input_changed`); a `failed` slide is retried
+only with `--retry-failed` or when its file changed. Anything else (no state, `running` left by a killed run,
+another hash, outputs gone, another file under the same name) is redone. A path that does not exist fails at
+once (one line) and writes no state. Outputs are written atomically and `done` is written only after the
 last of them, so a SIGKILL between any two writes leaves a state that the rerun redoes.
 
 A lock file per slide (`OUT/.state/<slide>.<job>.lock`, created with O_CREAT|O_EXCL, holding pid, host and
 time) keeps two runs on the same folder off each other's slides. A lock whose process is gone (same host) is
-broken safely; a live one makes this run skip the slide as "locked by another run".
+broken safely. A slide locked by a live run is set aside and, once every other slide is through, waited for
+(polling its lock, up to `wait_locked` seconds): when the other run releases it, it is triaged again (usually
+"up to date": the other run did it) or run here; still locked at the deadline, it ends as "locked" (not done,
+not failed: the command exits `EXIT_INCOMPLETE`).
 
 Execution is serial in this process, or on Dask distributed (`workers`: a LocalCluster of that many processes;
 `scheduler`: an existing cluster). Workers receive the job (paths and parameters), never open handles; each
@@ -28,14 +33,26 @@ the slide itself (assembly, MIL, outputs, state) exactly as a per-slide task wou
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
-from wsi_vssm.runs.state import SlideLock, Status, check_output_folder, clear_temporaries, read_state
+from wsi_vssm.runs.state import (
+    SlideLock,
+    Status,
+    check_output_folder,
+    clear_temporaries,
+    input_changed,
+    live_lock,
+    read_state,
+)
 
 DEFAULT_SPLIT_REGIONS = 64  # Dask: a slide of more regions runs as tasks of this many regions (docs/cohorts.md)
+DEFAULT_WAIT_LOCKED_S = 600.0  # how long a run waits for slides locked by another run (docs/cohorts.md)
+LOCK_POLL_S = 0.5  # how often a waiting run looks at the locks it waits for
+EXIT_INCOMPLETE = 4  # exit code: some slides are still locked by another run (not done yet, not failed)
 
 
 @dataclass
@@ -46,6 +63,7 @@ class RunOptions:
     overwrite: bool = False  # redo slides that are done
     debug: bool = False  # print the traceback of unexpected per-slide errors
     split_regions: int = DEFAULT_SPLIT_REGIONS  # Dask only: a slide of more regions runs as region tasks (0: never)
+    wait_locked: float = DEFAULT_WAIT_LOCKED_S  # seconds to wait for slides locked by another run (0: none)
 
 
 @dataclass
@@ -72,13 +90,15 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
                on_outcome: Callable[[Outcome], None] | None = None) -> RunSummary:
     """Run `job` over `tasks` with state, locks, skip/retry rules, serially or on Dask; never raises for a slide.
 
-    `on_outcome(outcome)` is called in this process after each slide (done, skipped, failed or locked).
+    `on_outcome(outcome)` is called in this process after each slide (done, skipped, failed or locked). A slide
+    locked by another run is reported once it is through: after up to `opts.wait_locked` seconds of waiting.
     """
     opts, progress = opts or RunOptions(), progress or Progress()
     tasks = list(tasks)
     check_output_folder(job.out)
     progress.detail(f"{job.kind}: model {job.model_id}, parameters {job.params_hash}, {len(tasks)} slide(s)")
     summary = RunSummary()
+    waiting: list[Outcome] = []  # slides locked by another run, looked at again at the end
 
     def record(o: Outcome) -> None:
         summary.outcomes.append(o)
@@ -88,28 +108,67 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
 
     with progress.bar(len(tasks), f"{job.kind} slides", unit="slide") as tick:
         def finish(o: Outcome) -> None:
+            if o.status == "locked" and opts.wait_locked > 0:
+                waiting.append(o)
+                return
             record(o)
             tick(len(summary.outcomes))
 
-        todo = _triage(tasks, job, opts, finish)
-        if todo and (opts.workers or opts.scheduler):
-            from wsi_vssm.runs.dask import run_dask
+        def run_some(some: list[SlideTask]) -> None:
+            seen: set[str] = set()
+            if opts.workers or opts.scheduler:
+                todo = _triage(some, job, opts, finish, progress, seen)
+                if todo:
+                    from wsi_vssm.runs.dask import run_dask
 
-            run_dask(todo, job, opts, progress, finish)
-        else:
-            for task in todo:
-                _run_serial(task, job, progress, finish)
+                    run_dask(todo, job, opts, progress, finish)
+                return
+            for task in some:  # triaged just before it runs: a slide another run has done meanwhile is skipped
+                for t in _triage([task], job, opts, finish, progress, seen):
+                    _run_serial(t, job, progress, finish)
+
+        run_some(tasks)
+        if waiting:
+            _wait_for_locked(waiting, job, opts, progress, run_some)
+            for o in waiting:  # still locked at the deadline: not done, not failed
+                o.message = f"{o.message}; still locked after waiting {opts.wait_locked:g} s (--wait-locked)"
+                record(o)
     order = {id(t): i for i, t in enumerate(tasks)}
     summary.outcomes.sort(key=lambda o: order.get(id(o.task), 0))
     return summary
 
 
-def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish) -> list[SlideTask]:
-    """Slides that need running; the others (known failures, duplicates, done, failed before) are finished."""
-    todo, seen = [], set()
+def _wait_for_locked(waiting: list[Outcome], job, opts: RunOptions, progress: Progress,
+                     run_some: Callable[[list[SlideTask]], None]) -> None:
+    """Poll the locks of `waiting` slides until each is released (then triage and run it again, which may put it
+    back on the list if yet another run took it) or `opts.wait_locked` seconds have passed."""
+    deadline = time.monotonic() + opts.wait_locked
+    progress.info(f"waiting up to {opts.wait_locked:g} s for {len(waiting)} slide(s) locked by another run "
+                  "(--wait-locked)")
+    while waiting:
+        free = [o for o in waiting if live_lock(job.out, job.kind, o.task.name) is None]
+        if free:
+            gone = {id(o) for o in free}
+            waiting[:] = [o for o in waiting if id(o) not in gone]
+            run_some([o.task for o in free])
+            continue
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(LOCK_POLL_S)
+
+
+def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Progress,
+            seen: set[str]) -> list[SlideTask]:
+    """Slides that need running; the others (known failures, missing files, duplicates: names already in `seen`,
+    done, failed before with the same file) are finished. A path that does not exist fails here, writing no
+    state."""
+    todo = []
     for task in tasks:
         if task.error is not None:
             finish(Outcome(task, "failed", task.error))
+            continue
+        if task.path is not None and not os.path.exists(task.path):
+            finish(Outcome(task, "failed", f"{task.path}: no such file or directory"))
             continue
         if task.name in seen:
             finish(Outcome(task, "failed", f"{task.path}: another slide of this run has the name {task.name!r} "
@@ -118,10 +177,16 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish) -> list[Slide
         seen.add(task.name)
         state = read_state(job.out, job.kind, task.name)
         same = state is not None and state.get("params_hash") == job.params_hash
-        if same and not opts.overwrite and state.get("status") == Status.DONE and job.outputs_ok(task.name):
+        status = state.get("status") if state else None
+        # a done slide from before fingerprints were recorded is trusted; a failed one is tried again
+        changed = same and status in (Status.DONE, Status.FAILED) and (
+            input_changed(state.get("input"), task.path) if "input" in state or status == Status.FAILED else False)
+        if changed and not opts.overwrite:
+            progress.info(f"{task.name}: the slide file changed since its {status} run; running it again")
+        if same and not opts.overwrite and status == Status.DONE and not changed and job.outputs_ok(task.name):
             _tidy_done(task, job)
             finish(Outcome(task, "skipped", "up to date", state))
-        elif same and not (opts.overwrite or opts.retry_failed) and state.get("status") == Status.FAILED:
+        elif same and not (opts.overwrite or opts.retry_failed) and status == Status.FAILED and not changed:
             finish(Outcome(task, "failed", f"{state.get('error')} [failed in an earlier run; --retry-failed "
                                            "tries again]", state))
         else:
@@ -164,7 +229,7 @@ def report_outcome(o: Outcome, job, progress: Progress, debug: bool) -> None:
     elif o.status == "skipped":
         progress.result(f"{o.task.name}: up to date ({job.where(o.task.name)})")
     elif o.status == "locked":
-        progress.warn(f"{o.task.name}: {o.message}; skipped")
+        progress.warn(f"{o.task.name}: {o.message}; not done by this run")
     else:
         for w in state.get("warnings") or []:
             progress.warn(w)

@@ -2,7 +2,9 @@
 
 State file `OUT/.state/<slide>.<job>.json` (job: `predict`, shared by predict and evaluate, or `extract`),
 written atomically: pending -> running -> done | failed, with the error text and type, timings, model id and
-hash, the parameter hash, start/finish times, host and pid.
+hash, the parameter hash, start/finish times, host and pid, and `input`: what the slide file was when it ran
+(`input_fingerprint`: size, mtime and a sha256 of its first and last MiB; of its metadata files for a folder
+slide such as OME-Zarr), so a slide replaced under the same name is redone (`input_changed`).
 
 A lock file per slide (`OUT/.state/<slide>.<job>.lock`, created with O_CREAT|O_EXCL, holding pid, host and
 time) keeps two runs on the same folder off each other's slides. A lock whose process is gone (same host) is
@@ -26,6 +28,8 @@ from wsi_vssm.errors import WsiVssmError
 
 STATE_FORMAT = "wsi-vssm-state/1"
 STATE_DIR = ".state"
+FINGERPRINT_BYTES = 1 << 20  # the fingerprint hashes this much from each end of a slide file
+ZARR_METADATA = (".zattrs", ".zgroup", ".zarray", ".zmetadata", "zarr.json")  # a folder slide's fingerprint
 BREAK_STALE_AFTER_S = 60.0  # a lock-breaking marker older than this was left by a killed run
 _TOKEN = os.urandom(8).hex()  # this process's mark in its locks: tells its own locks from a dead run's reused pid
 
@@ -66,6 +70,65 @@ def write_state(out: str | os.PathLike, kind: str, name: str, state: dict) -> No
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def input_fingerprint(path: str | os.PathLike | None) -> dict | None:
+    """What a slide input is, cheaply: {size, mtime_ns, sha256}. For a file: sha256 of its size and its first
+    and last `FINGERPRINT_BYTES`; for a folder (OME-Zarr): of the names, sizes and contents of its metadata files
+    (root and one level down; chunks are never read). None when the path cannot be read."""
+    if path is None:
+        return None
+    p = Path(path)
+    h = hashlib.sha256()
+    try:
+        if p.is_dir():
+            size, mtime = 0, 0
+            for f in _metadata_files(p):
+                data, st = f.read_bytes(), f.stat()
+                size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+                h.update(f"{f.relative_to(p).as_posix()}\0{len(data)}\0".encode())
+                h.update(data)
+        else:
+            with open(p, "rb") as f:
+                st = os.fstat(f.fileno())
+                size, mtime = st.st_size, st.st_mtime_ns
+                h.update(f"{size}\0".encode())
+                h.update(f.read(FINGERPRINT_BYTES))
+                if size > FINGERPRINT_BYTES:
+                    f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                    h.update(f.read(FINGERPRINT_BYTES))
+    except OSError:
+        return None
+    return {"size": size, "mtime_ns": mtime, "sha256": h.hexdigest()}
+
+
+def _metadata_files(root: Path) -> list[Path]:
+    found = [root / n for n in ZARR_METADATA if (root / n).is_file()]
+    for child in sorted(root.iterdir()):  # the root's entries only: arrays, groups (a few), never chunk listings
+        if child.is_dir() and not child.name.startswith("."):
+            found += [child / n for n in ZARR_METADATA if (child / n).is_file()]
+    return found
+
+
+def input_changed(recorded: dict | None, path: str | os.PathLike | None) -> bool:
+    """Whether the slide at `path` differs from the `recorded` fingerprint. The same size and mtime mean the
+    same file (nothing is read); another mtime with the same size is settled by the content fingerprint, so a
+    copy or `touch` does not redo a slide. Nothing recorded (a state from an older version) counts as changed."""
+    if not isinstance(recorded, dict) or path is None:
+        return True
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    if Path(path).is_dir():
+        now_fp = input_fingerprint(path)
+        return now_fp is None or now_fp["sha256"] != recorded.get("sha256")
+    if st.st_size != recorded.get("size"):
+        return True
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return False
+    now_fp = input_fingerprint(path)
+    return now_fp is None or now_fp["sha256"] != recorded.get("sha256")
 
 
 class SlideLock:
@@ -123,8 +186,21 @@ class SlideLock:
             self.held = False
 
     def describe(self) -> str:
-        h = self.holder or {}
-        return f"locked by another run (pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('time', '?')})"
+        return describe_holder(self.holder)
+
+
+def live_lock(out: str | os.PathLike, kind: str, name: str) -> dict | None:
+    """The holder of the slide's lock when a live run holds it (or one that cannot be checked from here: another
+    host); None when the slide is not locked or its lock is stale (the next `acquire` breaks it)."""
+    holder = _read_lock(Path(out) / STATE_DIR / f"{name}.{kind}.lock")
+    if holder is None or _is_stale(holder):
+        return None
+    return holder
+
+
+def describe_holder(holder: dict | None) -> str:
+    h = holder or {}
+    return f"locked by another run (pid {h.get('pid', '?')} on {h.get('host', '?')} since {h.get('time', '?')})"
 
 
 def _read_lock(path: Path) -> dict | None:

@@ -38,6 +38,7 @@ from wsi_vssm.errors import UsageError
 from wsi_vssm.models.device import resolve_device
 from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD
 from wsi_vssm.models.inputs import normalise_batch as normalise
+from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
 from wsi_vssm.models.slide_model import SlideModel, save_model
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.data.patches import (
@@ -90,6 +91,7 @@ class TrainCellsConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is what
     #                   is validated, selected and saved (it smooths the last epochs' noisy steps)
     drop_path: float | None = None  # stochastic depth while training (None: the architecture's own rate)
+    precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast of the forward where the hardware has it
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -106,6 +108,7 @@ class TrainCellsConfig:
             raise UsageError(f"ema must be in [0, 1), got {self.ema!r}")
         if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
             raise UsageError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
+        check_precision(self.precision)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,7 +209,8 @@ def _train_epoch(model, net, opt, train: PatchDataset, regions, cfg, epoch: int,
     for x, y in progress_bar(loader, progress, f"epoch {epoch}"):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, cfg.lr, warmup)
-        loss = _step_loss(net, x, y, next(region_iter) if region_iter is not None else None, cfg, g, dev)
+        with autocast(resolve_precision(cfg.precision, dev), dev):  # master weights and the optimiser stay fp32
+            loss = _step_loss(net, x, y, next(region_iter) if region_iter is not None else None, cfg, g, dev)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over the ranks here
         opt.step()

@@ -45,8 +45,12 @@ class MILTrainConfig:
     max_cells: int | None = None  # at most this many random cells per training bag per step (None: all)
     cache_mb: float = 4096.0  # keep bags in memory up to this many MB of float16 features; beyond, re-read
     device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 | auto (the head is small: bf16 rarely pays here)
 
     def __post_init__(self):
+        from wsi_vssm.models.precision import check_precision
+
+        check_precision(self.precision)
         ints = {"hidden_dim": 1, "attn_dim": 1, "epochs": 1, "patience": 1}
         for name, low in ints.items():
             v = getattr(self, name)
@@ -220,6 +224,9 @@ def _train_epoch(model, opt, bags: Bags, cfg: MILTrainConfig, rng: np.random.Gen
     import torch
     import torch.nn.functional as F
 
+    from wsi_vssm.models.precision import autocast, resolve_precision
+
+    dtype = resolve_precision(cfg.precision, cfg.device)
     model.train()
     losses = []
     for i in rng.permutation(len(bags)):
@@ -230,11 +237,12 @@ def _train_epoch(model, opt, bags: Bags, cfg: MILTrainConfig, rng: np.random.Gen
             feats = feats[np.sort(rng.choice(len(feats), cfg.max_cells, replace=False))]
         x = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(cfg.device)  # (N, F)
         y = torch.tensor([float(bags.labels[i])], device=cfg.device)  # (1,)
-        out = model(x)
-        loss = F.binary_cross_entropy_with_logits(out.slide_logit, y)
+        with autocast(dtype, cfg.device):
+            out = model(x)
+        loss = F.binary_cross_entropy_with_logits(out.slide_logit.float(), y)
         if cfg.train_cell_head:
             # MIL instance loss: a tumour slide has at least one tumour cell, a normal slide none.
-            top = out.cell_logits.max(dim=-1).values  # (1,)
+            top = out.cell_logits.float().max(dim=-1).values  # (1,)
             loss = loss + cfg.cell_loss_weight * F.binary_cross_entropy_with_logits(top, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

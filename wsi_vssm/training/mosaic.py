@@ -40,8 +40,12 @@ class MosaicMILConfig:
     synth_valid_slides: int = 0  # ... and select on this many more, beside the valid mosaics
     synth_size: int = 6000  # their side in px at synth_mpp
     synth_mpp: float = 0.5
+    precision: str = "fp32"  # fp32 | bf16 | auto: feature extraction and MIL training (models.precision)
 
     def __post_init__(self):
+        from wsi_vssm.models.precision import check_precision
+
+        check_precision(self.precision)
         for name in ("train_slides", "valid_slides", "epochs", "patience"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"mosaic_mil.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -112,11 +116,12 @@ def build_cohorts(train_src, valid_src, out: Path, cfg: MosaicMILConfig, valid_s
     return folders
 
 
-def extract_cohort(folder: Path, backbone, info, features: Path, progress: bool = True) -> list[tuple[Path, int]]:
+def extract_cohort(folder: Path, backbone, info, features: Path, progress: bool = True,
+                   precision: str = "fp32") -> list[tuple[Path, int]]:
     """Feature stores of every slide of a cohort folder (kept when already made by the same backbone);
-    `backbone, info` as from `wsi_vssm.features.load_backbone`."""
+    `backbone, info` as from `wsi_vssm.models.model_file.load_backbone`."""
     from wsi_vssm.io.slide import open_slide
-    from wsi_vssm.pipeline.extract import extract_to_store
+    from wsi_vssm.pipeline.extract import Inference, extract_to_store
     from wsi_vssm.pipeline.store import FeatureStore
     from wsi_vssm.runs.cohort import read_cohort
 
@@ -129,7 +134,8 @@ def extract_cohort(folder: Path, backbone, info, features: Path, progress: bool 
         store = features / f"{row.name}.zarr"
         if not (store.exists() and FeatureStore.open(store).attrs.get("model_hash") == info.model_hash):
             with open_slide(row.path) as slide:
-                extract_to_store(slide, backbone, store, mpp=info.mpp, token_px=info.token_px, info=info)
+                extract_to_store(slide, backbone, store, mpp=info.mpp, token_px=info.token_px, info=info,
+                                 inference=Inference(precision))
         bags.append((store, row.label))
         if progress and (i + 1) % 20 == 0:
             _say(progress, f"  features: {i + 1}/{len(cohort.rows)} slides of {folder.name} "
@@ -149,7 +155,8 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     t0 = time.perf_counter()
     folders = build_cohorts(train_src, valid_src, out, cfg, valid_select, split_seed, progress)
     backbone, info = load_backbone(model_path)
-    bags = {k: extract_cohort(v, backbone, info, out / "features" / k, progress) for k, v in folders.items()
+    bags = {k: extract_cohort(v, backbone, info, out / "features" / k, progress, cfg.precision)
+            for k, v in folders.items()
             if k != "test"}
     for part in ("train", "valid"):  # synthetic slides, when asked for, join the mosaics of their part
         bags[part] = bags[part] + bags.pop(f"synth_{part}", [])
@@ -158,7 +165,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     head = {k: v.detach().clone() for k, v in current.cell_head.state_dict().items()}
     mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
                              dropout=current.config.dropout, epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr,
-                             seed=cfg.seed, max_cells=cfg.max_cells)
+                             seed=cfg.seed, max_cells=cfg.max_cells, precision=cfg.precision)
     init = current.state_dict() if cfg.init_from_model else None  # the cell stage's first head, as a start
     mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head, log_path=out / "mil.log.csv",
                              checkpoint_path=out / "mil.pt", init_state=init)

@@ -1,0 +1,154 @@
+"""State keyed by what the input is (size, mtime, content fingerprint), missing paths, a missing cohort, and the
+warning when the scores do not separate."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from wsi_vssm.cli import main
+from wsi_vssm.runs.evaluate import EvaluationResult, separation_warning
+from wsi_vssm.runs.state import FINGERPRINT_BYTES, STATE_DIR, input_changed, input_fingerprint, read_state
+
+FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
+
+
+def _cli(args, capsys) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_slide_replaced_under_the_same_name_is_redone(model_file, cohort, tmp_path, capsys):
+    slide = tmp_path / "s.tif"
+    shutil.copy(cohort / "normal_001.tif", slide)
+    args = ["predict", slide, "--out", tmp_path / "o", "--model", model_file, *FAST]
+    assert _cli(args, capsys)[0] == 0
+    first = read_state(tmp_path / "o", "predict", "s")
+    assert first["input"] == input_fingerprint(slide) and first["input"]["size"] == slide.stat().st_size
+
+    os.utime(slide, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched or copied: same content
+    code, out, _ = _cli(args, capsys)
+    assert code == 0 and "up to date" in out
+
+    shutil.copy(cohort / "tumor_001.tif", slide)  # another slide under the same name
+    code, out, err = _cli(args, capsys)
+    assert code == 0 and "up to date" not in out and "changed" in err
+    second = read_state(tmp_path / "o", "predict", "s")
+    assert second["finished"] != first["finished"] and second["input"]["sha256"] != first["input"]["sha256"]
+
+
+def test_a_failed_slide_stays_failed_only_while_its_file_is_unchanged(model_file, cohort, tmp_path, capsys):
+    slide = tmp_path / "s.tif"
+    slide.write_bytes(b"not a slide at all")
+    args = ["predict", slide, "--out", tmp_path / "o", "--model", model_file, *FAST]
+    assert _cli(args, capsys)[0] == 1
+    failed = read_state(tmp_path / "o", "predict", "s")
+    assert failed["status"] == "failed"
+    code, _, err = _cli(args, capsys)
+    assert code == 1 and "earlier run" in err  # unchanged: not tried again
+    assert read_state(tmp_path / "o", "predict", "s")["finished"] == failed["finished"]
+
+    shutil.copy(cohort / "normal_001.tif", slide)  # the file is fixed: redone without --retry-failed
+    code, out, _ = _cli(args, capsys)
+    assert code == 0 and "s: probability" in out
+    assert read_state(tmp_path / "o", "predict", "s")["status"] == "done"
+
+
+def test_a_failed_state_without_a_fingerprint_is_tried_again(model_file, cohort, tmp_path, capsys):
+    """A failure recorded before fingerprints existed cannot prove the file unchanged: the slide is redone."""
+    from wsi_vssm.runs.state import write_state
+
+    slide = tmp_path / "s.tif"
+    shutil.copy(cohort / "normal_001.tif", slide)
+    args = ["predict", slide, "--out", tmp_path / "o", "--model", model_file, *FAST]
+    assert _cli(args, capsys)[0] == 0
+    state = read_state(tmp_path / "o", "predict", "s")
+    old = {k: v for k, v in state.items() if k not in ("format", "input")}
+    write_state(tmp_path / "o", "predict", "s", {**old, "status": "failed", "error": "s.tif: broken"})
+    code, out, _ = _cli(args, capsys)
+    assert code == 0 and "s: probability" in out
+
+
+def test_a_missing_path_is_bad_input_and_writes_no_state(model_file, cohort, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = _cli(["predict", tmp_path / "nope.tif", "--out", out, "--model", model_file, *FAST], capsys)
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("wsi-vssm: error:")]
+    assert code == 1 and "nope.tif" in line and "no such file" in line and "Traceback" not in err
+    assert not list((out / STATE_DIR).glob("nope*"))
+    # among other slides: one line, the others run, still no state for it (exit 3: some failed)
+    code, _, err = _cli(["predict", tmp_path / "nope.tif", cohort / "normal_001.tif", "--out", out, "--model",
+                         model_file, *FAST], capsys)
+    assert code == 3 and sum("nope.tif" in ln for ln in err.splitlines()) == 1
+    assert not list((out / STATE_DIR).glob("nope*"))
+    assert read_state(out, "predict", "normal_001")["status"] == "done"
+
+
+def test_missing_cohort_fails_fast_in_one_line_without_heavy_imports(tmp_path):
+    code = ("import sys\nfrom wsi_vssm.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules, 'numpy' in sys.modules)\n")
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code, "evaluate", str(tmp_path / "no such cohort"), "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert res.stdout.split() == ["1", "False", "False"], res.stdout + res.stderr
+    assert res.stderr.count("\n") == 1 and "no such cohort" in res.stderr and "Traceback" not in res.stderr
+    assert elapsed < 2.0, elapsed
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_fingerprint_reads_both_ends_only(tmp_path):
+    big = tmp_path / "big.svs"
+    data = bytearray(os.urandom(3 * FINGERPRINT_BYTES))
+    big.write_bytes(bytes(data))
+    fp = input_fingerprint(big)
+    assert fp["size"] == len(data) and not input_changed(fp, big)
+    st = big.stat()
+    data[-1] ^= 0xFF  # the tail changes, same size and mtime: the stat says "same file", nothing is read
+    big.write_bytes(bytes(data))
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not input_changed(fp, big)
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # another mtime: the content decides
+    assert input_changed(fp, big)
+    fp = input_fingerprint(big)
+    data[len(data) // 2] ^= 0xFF  # the middle is not part of the fingerprint (documented)
+    big.write_bytes(bytes(data))
+    assert not input_changed(fp, big)
+    big.write_bytes(bytes(data) + b"x")  # another size: changed without reading
+    assert input_changed(fp, big)
+    assert input_fingerprint(tmp_path / "gone.svs") is None and input_changed(fp, tmp_path / "gone.svs")
+    assert input_changed(None, big)
+
+
+def test_folder_fingerprint_covers_metadata_not_chunks(tmp_path):
+    z = tmp_path / "s.ome.zarr"
+    (z / "0").mkdir(parents=True)
+    (z / ".zattrs").write_text('{"multiscales": []}')
+    (z / "0" / ".zarray").write_text('{"shape": [1, 2]}')
+    (z / "0" / "0.0").write_bytes(b"chunk")
+    fp = input_fingerprint(z)
+    (z / "0" / "0.0").write_bytes(b"other chunk")
+    assert not input_changed(fp, z)
+    (z / "0" / ".zarray").write_text('{"shape": [3, 4]}')
+    assert input_changed(fp, z)
+
+
+def _result(probabilities, labels, auc=None, ci=None) -> EvaluationResult:
+    rows = [{"slide": f"s{i}", "label": y, "probability": p, "status": "done", "error": None}
+            for i, (p, y) in enumerate(zip(probabilities, labels, strict=True))]
+    return EvaluationResult({"auc": auc, "auc_ci95": ci, "n": len(rows)}, rows)
+
+
+def test_evaluate_warns_when_the_scores_do_not_separate():
+    assert "every slide scores 0.001" in separation_warning(_result([0.001] * 4, [0, 1, 0, 1], 0.5, [0.5, 0.5]))
+    warning = separation_warning(_result([0.1, 0.4, 0.3, 0.2], [0, 1, 0, 1], 0.75, [0.25, 1.0]))
+    assert "covers 0.5" in warning and "0.750" in warning and "\n" not in warning
+    assert separation_warning(_result([0.1, 0.9, 0.2, 0.8], [0, 1, 0, 1], 1.0, [1.0, 1.0])) is None
+    assert separation_warning(_result([0.3], [1])) is None  # one slide: nothing to say

@@ -1,0 +1,101 @@
+"""`evaluate --patients`: node categories and pN stages per patient, against the reference, with kappa.
+
+The predicted category of a node is that of its largest lesion in `OUT/<slide>/prediction.json` (`lesions`,
+measured by `outputs.lesions`); a slide without lesions is `negative`. The reference category is the `category`
+column of reference.csv when it has one, else the slide's lesion annotations (ASAP XML or GeoJSON in the cohort's
+`annotations/` folder, or `--annotations DIR`) measured by the same diameter rule; no annotation file means
+negative. Patients are staged from their nodes by the CAMELYON17 rules (`outputs.staging`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+
+from wsi_vssm.errors import UsageError
+from wsi_vssm.outputs.files import CONFUSION_PNG, PREDICTION_JSON, STAGES_CSV
+
+ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
+
+
+def evaluate_patients(patients_csv: str | os.PathLike, cohort_root: Path, out: Path, folders: dict[str, str],
+                      annotations: Path | None = None, n_boot: int = 2000) -> dict:
+    """Stage every patient of `patients_csv` from the predictions in `out` and write stages.csv and the node
+    confusion matrix; returns the metrics.json keys (`kappa`, `kappa_ci95`, `node_confusion`, ...).
+
+    `folders` maps each slide name to its output folder under `out`. Raises UsageError when patients.csv names a
+    slide that is not in the cohort, or when a slide has no prediction.
+    """
+    from wsi_vssm.outputs.staging import (
+        confusion_png,
+        read_patients_csv,
+        stage_patients,
+        staging_metrics,
+        write_stages_csv,
+    )
+
+    patients = read_patients_csv(patients_csv, cohort_slides=folders)
+    slides = [s for members in patients.values() for s in members]
+    records = {s: _prediction(out / folders[s]) for s in slides}
+    predicted = {s: predicted_category(rec) for s, rec in records.items()}
+    mpps = {s: float(rec["mpp"]["slide"]) for s, rec in records.items()}
+    reference = reference_categories(cohort_root, slides, mpps, annotations)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same patients are staged twice: warn once, below
+        ref_stages = stage_patients({p: [reference[s] for s in m] for p, m in patients.items()})
+    stages = stage_patients({p: [predicted[s] for s in m] for p, m in patients.items()})
+    write_stages_csv(out / STAGES_CSV, stages, ref_stages)
+    metrics = staging_metrics(stages, ref_stages, predicted, reference, n_boot=n_boot)
+    confusion = metrics["node_confusion"]
+    import numpy as np
+
+    confusion_png(out / CONFUSION_PNG, np.asarray(confusion["matrix"]), confusion["labels"],
+                  title="nodes: reference (rows) against predicted (columns)")
+    return metrics
+
+
+def _prediction(folder: Path) -> dict:
+    from wsi_vssm.outputs.prediction import read_prediction_json
+
+    return read_prediction_json(folder / PREDICTION_JSON)
+
+
+def predicted_category(record: dict) -> str:
+    """The category of a slide's largest predicted lesion in its prediction.json record (`negative` without)."""
+    from wsi_vssm.outputs.lesions import node_category
+
+    return node_category([float(les["diameter_mm"]) for les in record.get("lesions") or []])
+
+
+def reference_categories(cohort_root: Path, slides: list[str], slide_mpps: dict[str, float],
+                         annotations: Path | None = None) -> dict[str, str]:
+    """{slide: category}: reference.csv's `category` column when present, else from the lesion annotations."""
+    from wsi_vssm.outputs.staging import node_category_from_annotations, parse_category
+
+    table = _category_column(cohort_root / "reference.csv")
+    if table is not None:
+        missing = [s for s in slides if s not in table]
+        if missing:
+            raise UsageError(f"{cohort_root / 'reference.csv'}: no category for {', '.join(missing[:5])}")
+        return {s: parse_category(table[s], f"reference.csv, slide {s}") for s in slides}
+    folder = annotations or cohort_root / "annotations"
+    out = {}
+    for s in slides:
+        path = next((folder / f"{s}{ext}" for ext in ANNOTATION_SUFFIXES if (folder / f"{s}{ext}").is_file()), None)
+        out[s] = "negative" if path is None else node_category_from_annotations(path, slide_mpps[s])
+    return out
+
+
+def _category_column(path: Path) -> dict[str, str] | None:
+    """{slide: category} of a reference.csv with a `category` column; None without one (or without the file)."""
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or "category" not in [c.strip().lower() for c in rows[0]]:
+        return None
+    header = [c.strip().lower() for c in rows[0]]
+    si, ci = header.index("slide") if "slide" in header else 0, header.index("category")
+    return {Path(r[si].strip()).stem: r[ci].strip() for r in rows[1:] if len(r) > max(si, ci) and r[si].strip()}
