@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     analysis_mp = n_regions * default_region_px("cpu") ** 2 / 1e6
     result = {
         "slide": str(slide_path), "size": [w0, h0], "threads": torch.get_num_threads(),
-        "regions": n_regions, "cells": rec["parameters"]["n_cells"], "probability": rec["probability"],
+        "regions": n_regions, "cells": rec["summary"]["n_cells"], "probability": rec["probability"],
         "wall_seconds": wall, "regions_per_s": n_regions / wall, "slide_mp_per_s": w0 * h0 / 1e6 / wall,
         "analysis_mp_per_s": analysis_mp / wall, "peak_rss_bytes": peak_rss, "timings": rec["timings"],
         "per_region_sample": {"n": len(sample), "read_s": t_read / max(1, len(sample)),

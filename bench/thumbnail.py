@@ -36,8 +36,8 @@ def write_flat_tiff(path: Path, side: int) -> None:
     import tifffile
 
     rng = np.random.default_rng(0)
-    tile = np.full((256, 256, 3), 235, np.uint8)  # glass, and a textured pink square of "tissue"
-    tile[64:192, 64:192] = (np.array([190, 80, 150]) + rng.integers(-40, 40, (128, 128, 3))).clip(0, 255)
+    tile = np.full((256, 256, 3), 235, np.uint8)  # a stripe of glass, then textured pink "tissue"
+    tile[:, 64:] = (np.array([190, 80, 150]) + rng.integers(-40, 40, (256, 192, 3))).clip(0, 255)
     data = imagecodecs.zlib_encode(tile.tobytes())
     n = (-(-side // 256)) ** 2
     tifffile.imwrite(path, iter([data] * n), shape=(side, side, 3), dtype=np.uint8, tile=(256, 256),

@@ -185,3 +185,10 @@ def test_old_readme_import_path_still_works_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="wsi_vssm.pipeline.predict"):
         old = importlib.import_module("wsi_vssm.predict")
     assert old.predict_slide is predict_slide
+
+
+def test_test_files_have_unique_basenames():
+    """Test folders have no __init__.py (tests import `conftest` helpers by name), so two test files with one
+    basename would shadow each other at collection."""
+    names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})

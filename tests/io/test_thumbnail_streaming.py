@@ -43,8 +43,8 @@ def test_streamed_thumbnail_equals_the_one_read_at_once(tmp_path):
 def _tiled_flat_tiff(path, side: int) -> None:
     """A side x side single-level TIFF written from one pre-compressed tile repeated (seconds, a few MB)."""
     rng = np.random.default_rng(0)
-    tile = np.full((256, 256, 3), 235, np.uint8)  # glass, and a textured pink square of "tissue"
-    tile[64:192, 64:192] = (np.array([190, 80, 150]) + rng.integers(-40, 40, (128, 128, 3))).clip(0, 255)
+    tile = np.full((256, 256, 3), 235, np.uint8)  # a stripe of glass, then textured pink "tissue"
+    tile[:, 64:] = (np.array([190, 80, 150]) + rng.integers(-40, 40, (256, 192, 3))).clip(0, 255)
     data = imagecodecs.zlib_encode(tile.tobytes())
     n = (-(-side // 256)) ** 2
     tifffile.imwrite(path, iter([data] * n), shape=(side, side, 3), dtype=np.uint8, tile=(256, 256),
@@ -66,4 +66,4 @@ def test_large_single_level_slide_thumbnail_and_mask_in_bounded_memory(tmp_path)
         tracemalloc.stop()
     assert thumb_peak < 150e6, f"thumbnail peak {thumb_peak / 1e6:.0f} MB"
     assert mask_peak < 350e6, f"tissue mask peak {mask_peak / 1e6:.0f} MB"
-    assert 0.1 < tissue.fraction < 0.5  # the repeated tile's stained square, a quarter of each tile
+    assert 0.5 < tissue.fraction < 0.95  # three quarters of every tile is stained

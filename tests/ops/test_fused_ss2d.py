@@ -94,7 +94,9 @@ def test_dispatch_and_errors(monkeypatch):
         cross_selective_scan_fused(**x)
 
 
-def test_block_width_gives_every_thread_work():
-    assert ss2d_fused.block_width(1, 64, 2) == 16  # 4 tasks for 2 threads
-    assert ss2d_fused.block_width(64, 64, 2) == 64
+def test_block_width_gives_every_thread_work_in_wide_blocks():
+    assert ss2d_fused.block_width(1, 64, 2) == 32  # one half of every pixel per thread
+    assert ss2d_fused.block_width(64, 64, 2) == 64  # whole pixels: contiguous reads
     assert ss2d_fused.block_width(1, 8, 4) == 8
+    assert ss2d_fused.block_width(1, 1536, 2) == 384  # capped: 4 blocks, still a multiple of the threads
+    assert ss2d_fused.block_width(3, 40, 2) == 40

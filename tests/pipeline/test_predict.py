@@ -12,7 +12,7 @@ import pytest
 from conftest import shared_file
 
 from wsi_vssm.cli import main
-from wsi_vssm.pipeline.predict import Cancelled, PredictParams, cell_grid, predict_slide, stain_warning
+from wsi_vssm.pipeline.predict import Cancelled, PredictParams, cell_grid, predict_slide
 
 # 1024 px at 2 um/px is 2048 um: at the model's 0.97 um/px about 2100 px, i.e. a few 1024 px regions.
 FAST = PredictParams(device="cpu", region_px=1024, overlap_px=64, reader_threads=1)
@@ -29,8 +29,10 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     folder = tmp_path / "tumor_001"
     saved = json.loads((folder / "prediction.json").read_text())
     assert list(saved) == ["schema", "slide", "probability", "label", "threshold", "slide_threshold",
-                           "cell_threshold", "reason", "device", "model", "mpp", "summary", "lesions", "parameters",
-                           "timings", "version"]
+                           "cell_threshold", "reason", "in_domain", "domain_notes", "device", "model", "mpp",
+                           "summary", "lesions", "parameters", "timings", "version"]
+    assert saved["in_domain"] is True  # a random test model has no feature domain: the notes say what was not checked
+    assert all("not checked" in note for note in saved["domain_notes"])
     assert saved["schema"] == "wsi-vssm-prediction/2" and saved["device"] == "cpu"
     assert saved["slide"] == "tumor_001" and 0.0 <= saved["probability"] <= 1.0 and saved["reason"] is None
     assert saved["label"] == int(saved["probability"] >= 0.5) and rec["probability"] == saved["probability"]
@@ -97,15 +99,22 @@ def test_no_tissue_is_a_null_probability_not_an_error(model_file, tmp_path):
     assert rec["probability"] is None and rec["reason"] == "no tissue found" and rec["label"] is None
 
 
-def test_stain_warning_flags_fluorescence_and_ihc():
-    dark = np.full((64, 64, 3), 10, np.uint8)
-    assert "fluorescence" in stain_warning(dark, np.ones((64, 64), bool))
-    brown = np.empty((64, 64, 3), np.uint8)
-    brown[:] = (150, 100, 50)
-    assert "IHC" in stain_warning(brown, np.ones((64, 64), bool))
-    pink = np.empty((64, 64, 3), np.uint8)
-    pink[:] = (220, 140, 200)
-    assert stain_warning(pink, np.ones((64, 64), bool)) is None
+def test_fluorescence_like_slide_is_out_of_domain_with_a_warning(model_file, tmp_path):
+    """A dark-field slide is warned about, never refused: in_domain false, the reason in domain_notes."""
+    import warnings
+
+    from wsi_vssm.synth.mosaic import write_image_slide
+
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 25, (1024, 1024, 3)).astype(np.uint8)
+    dark[300:700, 300:700, 2] = 200  # a bright blue (DAPI-like) region
+    write_image_slide(tmp_path / "dapi.tif", dark, 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = predict_slide(tmp_path / "dapi.tif", _model(model_file), tmp_path / "out", FAST)
+    assert rec["in_domain"] is False and any("fluorescence" in n for n in rec["domain_notes"])
+    assert any("out of the model's domain" in str(w.message) for w in caught)
+    assert any(w.startswith("out of domain") for w in rec["summary"]["warnings"])
 
 
 def test_cli_predict_one_line_per_slide_and_exit_3_on_a_broken_one(model_file, cohort, tmp_path, capsys):
@@ -118,7 +127,9 @@ def test_cli_predict_one_line_per_slide_and_exit_3_on_a_broken_one(model_file, c
         main(args)
     assert exc.value.code == 3
     out, err = capsys.readouterr()
-    assert out.count("\n") == 1 and out.startswith("normal_001: probability")
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("normal_001: probability")
+    assert "was trained on" in lines[1]  # the domain note closes the results
     assert "broken.svs" in err and "Traceback" not in err
     assert (tmp_path / "o" / "normal_001" / "prediction.json").exists()
 

@@ -17,6 +17,12 @@ from scipy import ndimage as ndi
 
 from wsi_vssm.errors import UsageError
 
+# Optical density of pure haematoxylin, eosin and DAB, one row each (Ruifrok & Johnston 2001): the one copy of
+# these numbers (stain augmentation and the domain check both deconvolve with them). Rows normalised below.
+STAIN_OD = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+RGB_FROM_HED = STAIN_OD / np.linalg.norm(STAIN_OD, axis=1, keepdims=True)  # hed @ M -> od
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)  # od @ M -> hed
+
 DEFAULT_THUMBNAIL_SIDE = 2048
 # The colour and texture rules hold at thumbnail scale: at finer pixels single eosin fibres look like red ink and
 # detail measures change (the sample slide's tissue fraction falls from 0.31 at 1.5 um/px to 0.05 at 0.7).

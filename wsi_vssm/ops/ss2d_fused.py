@@ -45,12 +45,19 @@ def _fused_kernels():
     return ss2d_cpu
 
 
+WIDE_BLOCK = 384  # widest channel block per task: its per-chunk buffers stay in L2
+
+
 def block_width(batch: int, dim: int, threads: int) -> int:
-    """Channels per kernel task: the widest of 64, 32, 16 that still gives about two tasks per thread."""
-    for cb in (64, 32, 16):
-        if batch * -(-dim // cb) >= 2 * threads:
-            return cb
-    return 8
+    """Channels per kernel task: as wide as possible (a task reads whole pixels, i.e. contiguous memory, instead
+    of a thin strided slice of each: the strided walk was memory-latency bound), split only as far as needed to
+    give every thread one task (at most WIDE_BLOCK channels, a multiple of 8)."""
+    per = max(1, -(-threads // batch))  # channel blocks per sample so that batch x blocks >= threads
+    blocks = per
+    while -(-dim // blocks) > WIDE_BLOCK:
+        blocks += per
+    width = -(-dim // blocks)
+    return max(8, -(-width // 8) * 8)
 
 
 def cross_selective_scan_reference(u, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, scan="auto",

@@ -59,28 +59,29 @@ class PredictParams:
         return Inference.of(Inference(self.precision, self.tta), self.amp)
 
 
-def slide_threshold(model, params: PredictParams) -> float:
+def slide_threshold(model, params: PredictParams, warn: bool = True) -> float:
     """`--threshold`, else the model file's `slide_threshold` (`threshold` in older files), else 0.5."""
     if params.threshold is not None:
         return float(params.threshold)
-    return model_thresholds(model)[0]
+    return model_thresholds(model, warn)[0]
 
 
-def cell_threshold(model, params: PredictParams) -> float:
+def cell_threshold(model, params: PredictParams, warn: bool = True) -> float:
     """`--cell-threshold`, else the model file's `cell_threshold`, else 0.5."""
     if params.cell_threshold is not None:
         return float(params.cell_threshold)
-    return model_thresholds(model)[1]
+    return model_thresholds(model, warn)[1]
 
 
-def model_thresholds(model) -> tuple[float, float]:
+def model_thresholds(model, warn: bool = True) -> tuple[float, float]:
     """(slide, cell) thresholds a model file stores. Files made before they had names store the slide one as
     `threshold` and no cell one: their cell threshold is 0.5 and their probabilities are not calibrated (said once
-    per process)."""
+    per process when `warn`, i.e. when a slide is scored with it)."""
     meta = getattr(model, "metadata", None) or {}
     slide = float(meta.get("slide_threshold", meta.get("threshold", DEFAULT_THRESHOLD)))
     if "cell_threshold" not in meta:
-        _warn_uncalibrated(getattr(model, "name", "model"))
+        if warn:
+            _warn_uncalibrated(getattr(model, "name", "model"))
         return slide, DEFAULT_THRESHOLD
     return slide, float(meta["cell_threshold"])
 
@@ -93,28 +94,6 @@ def _warn_uncalibrated(name: str) -> None:
         _UNCALIBRATED_WARNED.add(name)
         warnings.warn(f"model {name!r} stores no calibrated cell threshold: cells are called at 0.5 and its "
                       "probabilities are not calibrated", stacklevel=4)
-
-
-def stain_warning(thumb: np.ndarray, mask: np.ndarray) -> str | None:
-    """A warning when the slide does not look like brightfield H&E (fluorescence or IHC), else None.
-
-    Fluorescence: a dark background (most of the thumbnail is dark). IHC: much of the tissue is DAB brown
-    (hue between orange and yellow) rather than H&E's pink-purple.
-    """
-    gray = thumb.astype(np.float32).mean(axis=2)
-    if np.median(gray) < 100:
-        return "slide looks like fluorescence (dark background), not brightfield H&E; results are unreliable"
-    if mask.sum() < 50:
-        return None
-    px = thumb[mask].astype(np.float32) / 255.0
-    mx, mn = px.max(axis=1), px.min(axis=1)
-    sat = (mx - mn) / np.maximum(mx, 1e-6)
-    r, g, b = px[:, 0], px[:, 1], px[:, 2]
-    # DAB brown: red > green > blue with real saturation; H&E pink/purple has blue >= green.
-    brown = (r > g) & (g > b) & (sat > 0.15) & ((g - b) > 0.6 * (r - g))
-    if brown.mean() > 0.3:
-        return f"slide looks like IHC (DAB brown in {brown.mean():.0%} of tissue), not H&E; results are unreliable"
-    return None
 
 
 def predict_slide(
@@ -133,9 +112,9 @@ def predict_slide(
     when given, computes the regions' cells instead of this process (`extract_slide`'s hook: the cohort runner
     spreads a large slide's regions over a Dask cluster with it).
     """
-
     from wsi_vssm.io import open_slide
     from wsi_vssm.io.tissue import slide_tissue
+    from wsi_vssm.pipeline.domain import model_domain, slide_domain
     from wsi_vssm.pipeline.extract import extract_slide
 
     params = params or PredictParams()
@@ -146,12 +125,10 @@ def predict_slide(
         stage("read", 0, 1)
         slide.require_mpp()
         t = time.perf_counter()
-        thumb = slide.thumbnail(THUMBNAIL_SIDE)  # for the overlay
         tissue = slide_tissue(slide)  # the one tissue rule: info, extract and training use it too
+        same = max(tissue.thumbnail.shape[:2]) >= THUMBNAIL_SIDE  # large slides: one read serves both
+        thumb = tissue.thumbnail if same else slide.thumbnail(THUMBNAIL_SIDE)  # for the overlay
         mask, scale = tissue.mask, tissue.scale
-        warning = stain_warning(tissue.thumbnail, mask)
-        if warning:
-            warnings.warn(f"{slide_path}: {warning}", stacklevel=3)
         timings["tissue"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -169,6 +146,10 @@ def predict_slide(
         t = time.perf_counter()
         threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)
         prob, cell_probs, reason = _score(model, cells, slide_path)
+        domain = slide_domain(tissue.thumbnail, mask, cells.features if len(cells) else None, model_domain(model))
+        if not domain["in_domain"]:
+            warnings.warn(f"{slide_path}: out of the model's domain: {'; '.join(domain['domain_notes'])}; "
+                          "results are unreliable", stacklevel=3)
         timings["mil"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -176,7 +157,9 @@ def predict_slide(
         out_dir = Path(out_root) / slide.name
         out_dir.mkdir(parents=True, exist_ok=True)
         label = None if prob is None else int(prob >= threshold)
-        notes = [w for w in (warning, _few_cells_warning(cell_probs, label, cell_t)) if w]
+        few = _few_cells_warning(cell_probs, label, cell_t)
+        notes = ([] if domain["in_domain"] else [f"out of domain: {n}" for n in domain["domain_notes"]]) + \
+            ([few] if few else [])
         record = {
             "slide": slide.name,
             "probability": prob,
@@ -185,6 +168,8 @@ def predict_slide(
             "slide_threshold": threshold,
             "cell_threshold": cell_t,
             "reason": reason,
+            "in_domain": domain["in_domain"],
+            "domain_notes": domain["domain_notes"],
             "device": _device_name(params.device),
             "model": {"name": model.name, "mpp": model.mpp, "token_px": model.token_px, **_identity(model)},
             "mpp": {"slide": slide.mpp, "slide_source": slide.mpp_source, "analysis": cells.attrs["mpp"]},

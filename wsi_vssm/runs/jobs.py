@@ -232,7 +232,8 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
     resolved = {
         "job": "predict", "model_hash": model_hash, "analysis_mpp": float(params.target_mpp or model.mpp),
         "token_px": model.token_px, "region_px": region_px, "overlap_px": overlap_px,
-        "threshold": slide_threshold(model, params), "cell_threshold": cell_threshold(model, params),
+        "threshold": slide_threshold(model, params, warn=False),
+        "cell_threshold": cell_threshold(model, params, warn=False),
         "backend": params.backend, "slide_mpp": params.mpp, "tta": params.tta,
         "precision": str(resolve_precision(params.inference().precision, device)).removeprefix("torch."),
         "version": __version__,

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-# Rows: optical density of pure haematoxylin, eosin, DAB (Ruifrok & Johnston 2001), normalised below.
-_STAIN_OD = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
-RGB_FROM_HED = (_STAIN_OD / _STAIN_OD.norm(dim=1, keepdim=True)).float()  # hed @ M -> od
-HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED.double()).float()
+from wsi_vssm.io import tissue as _tissue
+
+# The Ruifrok & Johnston stain matrix (io.tissue owns the numbers), as tensors.
+RGB_FROM_HED = torch.from_numpy(_tissue.RGB_FROM_HED).float()  # hed @ M -> od
+HED_FROM_RGB = torch.from_numpy(_tissue.HED_FROM_RGB).float()
 _OD_EPS = 1.0 / 255  # keeps -log finite on black pixels
 
 
