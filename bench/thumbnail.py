@@ -31,17 +31,14 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def write_flat_tiff(path: Path, side: int) -> None:
-    import imagecodecs
     import numpy as np
-    import tifffile
+
+    from wsi_vssm.synth.writer import write_repeated_tile_tiff
 
     rng = np.random.default_rng(0)
     tile = np.full((256, 256, 3), 235, np.uint8)  # a stripe of glass, then textured pink "tissue"
     tile[:, 64:] = (np.array([190, 80, 150]) + rng.integers(-40, 40, (256, 192, 3))).clip(0, 255)
-    data = imagecodecs.zlib_encode(tile.tobytes())
-    n = (-(-side // 256)) ** 2
-    tifffile.imwrite(path, iter([data] * n), shape=(side, side, 3), dtype=np.uint8, tile=(256, 256),
-                     compression="zlib", photometric="rgb", bigtiff=True)
+    write_repeated_tile_tiff(path, side, tile)
 
 
 def main() -> None:

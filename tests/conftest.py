@@ -58,6 +58,19 @@ def cohort(tmp_path_factory) -> Path:
     return out
 
 
+def run_cli_captured(args, capsys) -> tuple[int, str, str]:
+    """`wsi-vssm ARGS` in this process: (exit code, stdout, stderr)."""
+    from wsi_vssm.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def write_tiny_model(path: Path, **metadata) -> Path:
     """A seeded random micro SlideModel file (fast CPU scan), for pipeline tests that need any model."""
     import torch

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, run_cli_captured
 
 from wsi_vssm.cli import main
 from wsi_vssm.models.slide_model import SlideModel, save_model
@@ -47,13 +47,7 @@ def files(tmp_path_factory):
 
 
 def _run(args, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli_captured(args, capsys)
 
 
 def _one_line_each(err: str, names: list[str]) -> None:

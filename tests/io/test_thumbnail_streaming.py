@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tracemalloc
 
-import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -12,6 +11,7 @@ import tifffile
 from wsi_vssm.io import open_slide
 from wsi_vssm.io.base import resize
 from wsi_vssm.io.tissue import slide_tissue
+from wsi_vssm.synth.writer import write_repeated_tile_tiff
 
 
 def _single_level_tiff(path, width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -45,10 +45,7 @@ def _tiled_flat_tiff(path, side: int) -> None:
     rng = np.random.default_rng(0)
     tile = np.full((256, 256, 3), 235, np.uint8)  # a stripe of glass, then textured pink "tissue"
     tile[:, 64:] = (np.array([190, 80, 150]) + rng.integers(-40, 40, (256, 192, 3))).clip(0, 255)
-    data = imagecodecs.zlib_encode(tile.tobytes())
-    n = (-(-side // 256)) ** 2
-    tifffile.imwrite(path, iter([data] * n), shape=(side, side, 3), dtype=np.uint8, tile=(256, 256),
-                     compression="zlib", photometric="rgb")
+    write_repeated_tile_tiff(path, side, tile)
 
 
 @pytest.mark.slow

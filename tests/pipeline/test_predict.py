@@ -259,3 +259,12 @@ def test_tta_averages_the_eight_views(model_file, cohort, tmp_path):
     assert tta["parameters"]["tta"] is True and 0.0 <= tta["probability"] <= 1.0
     assert tta["summary"]["n_cells"] == plain["summary"]["n_cells"]
     assert tta["probability"] != plain["probability"]
+
+
+def test_a_tumour_call_resting_on_few_cells_is_flagged():
+    from wsi_vssm.pipeline.predict import _few_cells_warning
+
+    probs = np.array([0.1, 0.2, 0.9], np.float32)
+    assert "1 cell(s)" in _few_cells_warning(probs, 1, 0.5)
+    assert _few_cells_warning(probs, 0, 0.5) is None  # a normal call needs no such warning
+    assert _few_cells_warning(np.full(10, 0.9, np.float32), 1, 0.5) is None

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 
-from wsi_vssm.cli import main
+from conftest import run_cli_captured
+
 from wsi_vssm.runs.evaluate import EvaluationResult, separation_warning
 from wsi_vssm.runs.state import FINGERPRINT_BYTES, STATE_DIR, input_changed, input_fingerprint, read_state
 
@@ -17,13 +18,7 @@ FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap
 
 
 def _cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli_captured(args, capsys)
 
 
 def test_a_slide_replaced_under_the_same_name_is_redone(model_file, cohort, tmp_path, capsys):

@@ -142,6 +142,15 @@ def _from_spool(src: _RowSpool, spool, pool, quality, progress, done) -> Iterato
         yield from pool.map(lambda t: encode_tile(np.ascontiguousarray(t), quality), tiles)
 
 
+def write_repeated_tile_tiff(path: str | os.PathLike, side: int, tile: np.ndarray) -> None:
+    """A side x side single-level (no pyramid) zlib-tiled RGB TIFF whose every tile is `tile` (256 x 256 x 3
+    uint8), compressed once and repeated: a huge slide in seconds and a few MB, for bounded-memory tests."""
+    data = imagecodecs.zlib_encode(np.ascontiguousarray(tile, np.uint8).tobytes())
+    n = (-(-side // TILE)) ** 2
+    tifffile.imwrite(path, iter([data] * n), shape=(side, side, 3), dtype=np.uint8, tile=(TILE, TILE),
+                     compression="zlib", photometric="rgb", bigtiff=side * side * 3 > 2**31)
+
+
 def write_pyramid(
     path: str | os.PathLike,
     size: tuple[int, int],
