@@ -3,7 +3,7 @@
 Slides are read at the model's own resolution (its checkpoint's mpp; --target-mpp overrides). A slide that
 fails is reported on one stderr line and the rest go on; the exit code is then 3 (1 when it was the only slide).
 A store already made with the same model and parameters is skipped (use --overwrite to redo it); runs resume
-and can be distributed with Dask (`wsi_vssm.runner`, docs/cohorts.md).
+and can be distributed with Dask (`wsi_vssm.runs`, docs/cohorts.md).
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def check_token_px(token_px: int) -> None:
 def read_model_file(path: str | os.PathLike, required: tuple[str, ...] = REQUIRED) -> dict:
     """The checkpoint dict of a `wsi-vssm-model/1` file, read by `read_checkpoint` (torch.load(weights_only=True)).
 
-    The one reader of model files (`load_model` and `features.load_backbone` both use it): a folder, a missing or
+    The one reader of model files (`load_model` and `load_backbone` both use it): a folder, a missing or
     unreadable file, another format, a lacking `required` key or a state_dict that is not a mapping of tensors
     raise ModelFileError (one line, naming the file).
     """

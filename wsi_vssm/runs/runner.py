@@ -24,10 +24,10 @@ Execution is serial in this process, or on Dask distributed (`workers`: a LocalC
 `scheduler`: an existing cluster). Workers receive the job (paths and parameters), never open handles; each
 worker process loads the model once (cached by path). Only the driver writes state files.
 
-A slide whose region grid has more than `split_regions` regions is split on Dask: the driver opens it, computes
-its plan once (tissue mask, region grid, cell plan: `features.plan_slide`), sends batches of `split_regions`
-regions to the workers as tasks (`features.extract_regions` on the slide's path), gathers the cells, and finishes
-the slide itself (assembly, MIL, outputs, state) exactly as a per-slide task would.
+A slide whose region grid has more than `split_regions` regions is split on Dask (`runs.dask`): the driver opens
+it, computes its plan once (tissue mask, region grid, cell plan: `pipeline.extract.plan_slide`), sends batches of
+`split_regions` regions to the workers as tasks (`pipeline.extract.extract_regions` on the slide's path), gathers
+the cells, and finishes the slide itself (assembly, MIL, outputs, state) exactly as a per-slide task would.
 """
 
 from __future__ import annotations
