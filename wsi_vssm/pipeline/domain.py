@@ -306,18 +306,21 @@ def slide_domain(thumbnail_rgb: np.ndarray, tissue_mask: np.ndarray | None, feat
 DEFAULT_DOMAIN_JSON = "default_domain.json"  # beside the packaged default weights (bench/domain.py writes it)
 
 
-def model_domain(model) -> FeatureDomain | None:
+def model_domain(model, weights_hash: str | None = None) -> FeatureDomain | None:
     """The feature domain of `model`: its model file's (metadata `feature_domain`), else the packaged one when
-    `model` has the default model's weights (matched by weights hash), else None (the stain check alone)."""
+    `model` has the default model's weights (matched by weights hash; pass `weights_hash` when the caller has
+    it, to spare hashing the weights again), else None (the stain check alone)."""
     own = FeatureDomain.from_model(model)
     if own is not None:
         return own
     packaged = _packaged_domain()
     if packaged is None:
         return None
-    from wsi_vssm.models.model_file import state_dict_hash
+    if weights_hash is None:
+        from wsi_vssm.models.model_file import state_dict_hash
 
-    return packaged if packaged.info.get("model_weights_hash") == state_dict_hash(model.state_dict()) else None
+        weights_hash = state_dict_hash(model.state_dict())
+    return packaged if packaged.info.get("model_weights_hash") == weights_hash else None
 
 
 @functools.cache

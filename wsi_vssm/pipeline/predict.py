@@ -146,7 +146,9 @@ def predict_slide(
         t = time.perf_counter()
         threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)
         prob, cell_probs, reason = _score(model, cells, slide_path)
-        domain = slide_domain(tissue.thumbnail, mask, cells.features if len(cells) else None, model_domain(model))
+        identity = _identity(model)  # hashes the weights once per slide: the record and the domain both need it
+        domain = slide_domain(tissue.thumbnail, mask, cells.features if len(cells) else None,
+                              model_domain(model, identity["weights_hash"]))
         if not domain["in_domain"]:
             warnings.warn(f"{slide_path}: out of the model's domain: {'; '.join(domain['domain_notes'])}; "
                           "results are unreliable", stacklevel=3)
@@ -171,7 +173,7 @@ def predict_slide(
             "in_domain": domain["in_domain"],
             "domain_notes": domain["domain_notes"],
             "device": _device_name(params.device),
-            "model": {"name": model.name, "mpp": model.mpp, "token_px": model.token_px, **_identity(model)},
+            "model": {"name": model.name, "mpp": model.mpp, "token_px": model.token_px, **identity},
             "mpp": {"slide": slide.mpp, "slide_source": slide.mpp_source, "analysis": cells.attrs["mpp"]},
             "summary": {"n_cells": len(cells), "tissue_area_mm2": _tissue_area_mm2(tissue, slide.mpp),
                         "largest_lesion_mm": None, "warnings": notes},
