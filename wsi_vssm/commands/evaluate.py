@@ -38,8 +38,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
 
     if not Path(cohort).exists():  # before any heavy import: a typo fails at once
         raise UsageError(f"{cohort}: no such cohort file or folder")
-    from wsi_vssm.commands.options import build_params, load_cli_model, model_file, pop_run_options
-    from wsi_vssm.commands.predict import domain_note
+    from wsi_vssm.commands.options import build_params, domain_note, load_cli_model, model_file, pop_run_options
     from wsi_vssm.runs.evaluate import evaluate_cohort, evaluate_patches, is_patch_folder, separation_warning
 
     run, progress = pop_run_options(opts, ctx)

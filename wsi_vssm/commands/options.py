@@ -148,3 +148,11 @@ def load_cli_model(model_path: str):
     from wsi_vssm.models.slide_model import load_model
 
     return load_model(model_path)
+
+
+def domain_note(model) -> str:
+    """The line every prediction run ends with: what the model knows, so that no one reads it as a diagnosis."""
+    from wsi_vssm.models.slide_model import domain_text
+
+    return (f"note: model {model.name!r} was trained on {domain_text(model)} only; on other tissue, "
+            "stains or magnifications its probabilities mean nothing. Research software, not a diagnosis.")

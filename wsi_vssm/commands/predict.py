@@ -22,7 +22,14 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
     Prints one line per slide. Slides done before with the same model and parameters are skipped; exit code 3
     when some slides failed (the others are done), 1 when the only slide failed. See docs/cohorts.md.
     """
-    from wsi_vssm.commands.options import build_params, exit_for, load_cli_model, model_file, pop_run_options
+    from wsi_vssm.commands.options import (
+        build_params,
+        domain_note,
+        exit_for,
+        load_cli_model,
+        model_file,
+        pop_run_options,
+    )
     from wsi_vssm.runs.execute import SlideTask
     from wsi_vssm.runs.jobs import predict_job
     from wsi_vssm.runs.runner import run_slides, slide_key
@@ -35,10 +42,3 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
         progress.result(domain_note(model))  # with the results: what the model knows, so no one reads a diagnosis
     exit_for(summary, len(slides))
 
-
-def domain_note(model) -> str:
-    """The line every prediction run ends with: what the model knows, so that no one reads it as a diagnosis."""
-    from wsi_vssm.models.slide_model import model_domain
-
-    return (f"note: model {model.name!r} was trained on {model_domain(model)} only; on other tissue, "
-            "stains or magnifications its probabilities mean nothing. Research software, not a diagnosis.")

@@ -34,7 +34,7 @@ from wsi_vssm.models.vssm import VSSM, VSSMConfig
 
 __all__ = ["SlideModel", "ModelFileError", "save_model", "load_model", "attach_mil", "resolve_model_path",
            "default_model_path", "read_model_file", "check_weights", "load_model_cached", "model_identity",
-           "model_domain", "DEFAULT_NAME", "DEFAULT_DOMAIN"]
+           "domain_text", "DEFAULT_NAME", "DEFAULT_DOMAIN"]
 DEFAULT_NAME = "default"
 # What the default model and the shipped recipes train on; a model file may state its own `domain`.
 DEFAULT_DOMAIN = "H&E-stained lymph-node sections (PCam / CAMELYON16 patches), about 0.97 um/px"
@@ -155,10 +155,10 @@ def model_identity(model: SlideModel) -> dict:
     from wsi_vssm.models.model_file import state_dict_hash
 
     return {"weights_hash": state_dict_hash(model.state_dict()), "sha256": getattr(model, "file_sha256", None),
-            "domain": model_domain(model)}
+            "domain": domain_text(model)}
 
 
-def model_domain(model: SlideModel) -> str:
+def domain_text(model: SlideModel) -> str:
     """One line on what `model` was trained on: its metadata's `domain`, else the default model's."""
     meta = getattr(model, "metadata", None) or {}
     return str(meta.get("domain") or DEFAULT_DOMAIN)
