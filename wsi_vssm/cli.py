@@ -55,14 +55,17 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv=None):
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback.
 
-    Exit codes: 0 all done; 1 bad input (one line names the file and the problem); 2 usage (click's own);
+    Exit codes: 0 all done; 1 bad input (one line names the file and the problem); 2 usage: click's own checks,
+    and an option value the library rejects (`errors.OptionError`, one line naming the option);
     3 a cohort finished with some slides failed (each named on its own line); 4 incomplete (slides still locked by
     another run after --wait-locked); 130 interrupted.
     """
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("WSI_VSSM_DEBUG"))
-    if not debug:  # decoders' own log lines (e.g. tifffile's "invalid offset") would add to our one-line errors
-        for name in ("tifffile", "imagecodecs"):
+    if not debug:  # decoders' own log lines (e.g. tifffile's "invalid offset") would add to our one-line errors;
+        # asyncio's are zarr's chunk reads left pending when one tile of a damaged file fails to decode
+        for name in ("tifffile", "imagecodecs", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         warnings.showwarning = _one_line_warning
     try:
         cli.main(args=argv, prog_name="wsi-vssm", standalone_mode=False)

@@ -10,7 +10,16 @@ class WsiVssmError(Exception):
 
 
 class UsageError(WsiVssmError):
-    """A request that cannot be satisfied as stated (e.g. an unknown option value)."""
+    """A request that cannot be satisfied as stated: bad input (a table, a recipe, a folder) or bad arguments to a
+    library call. On the command line it exits 1; an option's own value is an `OptionError` (exit 2)."""
+
+
+class OptionError(UsageError):
+    """A command-line option's value is rejected (e.g. `--region-px 100` with 32 px tokens): exit 2, as click's
+    own usage errors. The message names the option. Raised by `commands`, never for values that come from a
+    model file or a slide (those are bad input, exit 1)."""
+
+    exit_code = 2
 
 
 class MissingDependency(WsiVssmError):

@@ -36,6 +36,6 @@ def test_export_rejects_a_size_below_one_cell(tmp_path):
 def test_cli_export_unknown_model_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", "--model", "huge", "--onnx", str(tmp_path / "x.onnx")])
-    assert exc.value.code == 1
+    assert exc.value.code == 2  # an option value: a usage error
     err = capsys.readouterr().err.strip()
     assert "unknown model 'huge'" in err and "\n" not in err and "Traceback" not in err

@@ -46,7 +46,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
     if is_patch_folder(Path(cohort)):
         res = evaluate_patches(cohort, model, out_dir, mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot)
     else:
-        params = build_params(mpp, **opts)
+        params = build_params(model, mpp, **opts)
         res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, n_boot=n_boot,
                               model_path=model_file(model_path), run=run, progress=progress, patients=patients)
     m = res.metrics

@@ -18,8 +18,10 @@ import click
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime comparison with PyTorch.")
 def command(model_name, checkpoint, out, size, opset, no_check):
     """Export a backbone's forward_features (B x 3 x S x S -> B x 8C x S/32 x S/32) to ONNX."""
+    from wsi_vssm.commands.options import option_backbone
     from wsi_vssm.models.export import build_backbone, export_onnx
 
+    option_backbone(model_name)
     model = build_backbone(model_name, checkpoint)
     res = export_onnx(model, out, size=size, opset=opset, check=not no_check)
     check = "not checked" if res.max_abs_diff is None else f"onnxruntime max abs diff {res.max_abs_diff:.2e}"

@@ -43,17 +43,15 @@ from wsi_vssm.commands.options import mpp_option, reader_threads_option, run_opt
 def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min_tissue, device, batch_size,
             reader_threads, precision, amp, **opts):
     """Extract token-cell features of SLIDE(s) with a VSSM backbone."""
-    from wsi_vssm.commands.options import exit_for, model_file, pop_run_options
-    from wsi_vssm.models.device import resolve_device
+    from wsi_vssm.commands.options import exit_for, model_file, option_device, option_geometry, pop_run_options
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.pipeline.extract import Inference
-    from wsi_vssm.pipeline.geometry import DEFAULT_MIN_TISSUE, check_geometry, resolve_geometry
     from wsi_vssm.runs.execute import SlideTask
     from wsi_vssm.runs.jobs import extract_job
     from wsi_vssm.runs.runner import run_slides, slide_key
 
     run, progress = pop_run_options(opts, ctx)
-    dev = resolve_device(device)
+    dev = option_device(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         backbone, info = load_backbone(model)
@@ -63,14 +61,12 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     analysis_mpp = target_mpp or info.mpp
     if target_mpp and abs(target_mpp - info.mpp) > 1e-6 * info.mpp:
         progress.warn(f"reading at {target_mpp:g} um/px; the model was trained at {info.mpp:g}")
-    region_px, overlap_px = resolve_geometry(dev, info.token_px, region_px, overlap_px)
+    region_px, overlap_px, min_tissue = option_geometry(dev, info.token_px, region_px, overlap_px, min_tissue)
     params = dict(
-        mpp=analysis_mpp, token_px=info.token_px, region_px=region_px, overlap_px=overlap_px,
-        min_tissue=DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue,
+        mpp=analysis_mpp, token_px=info.token_px, region_px=region_px, overlap_px=overlap_px, min_tissue=min_tissue,
         batch_size=batch_size, workers=reader_threads, device=dev,
         inference=Inference(precision or ("bf16" if amp or (amp is None and dev == "cuda") else "fp32")),
     )  # fmt: skip
-    check_geometry(params["token_px"], params["region_px"], params["overlap_px"], params["min_tissue"])
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
     job = extract_job(out, model_file(model), backbone, info, mpp, params)

@@ -56,16 +56,16 @@ def run_options(f):
 
 def pop_run_options(opts: dict, ctx: click.Context | None = None):
     """(RunOptions, Progress) from the options `run_options` added; removes them from `opts`."""
-    from wsi_vssm.errors import UsageError
+    from wsi_vssm.errors import OptionError
     from wsi_vssm.progress import Progress
     from wsi_vssm.runs.runner import RunOptions
 
     workers, scheduler = opts.pop("workers"), opts.pop("scheduler")
     quiet, verbose = opts.pop("quiet"), opts.pop("verbose")
     if workers and scheduler:
-        raise UsageError("--workers starts a local cluster and --scheduler uses an existing one; give only one")
+        raise OptionError("--workers starts a local cluster and --scheduler uses an existing one; give only one")
     if quiet and verbose:
-        raise UsageError("--quiet and --verbose exclude each other")
+        raise OptionError("--quiet and --verbose exclude each other")
     debug = bool(ctx and ctx.obj and ctx.obj.get("debug"))
     run = RunOptions(workers=workers, scheduler=scheduler, retry_failed=opts.pop("retry_failed"),
                      overwrite=opts.pop("overwrite"), debug=debug, split_regions=opts.pop("split_regions"),
@@ -130,10 +130,64 @@ def predict_options(f):
     return f
 
 
-def build_params(mpp, **opts):
+def build_params(model, mpp, **opts):
+    """PredictParams from predict's options, checked against the model before any slide is read."""
     from wsi_vssm.pipeline.predict import PredictParams
 
+    device = option_device(opts["device"])
+    option_geometry(device, model.token_px, opts["region_px"], opts["overlap_px"])
     return PredictParams(mpp=mpp, **opts)
+
+
+def option_device(device: str) -> str:
+    """`--device` resolved (auto -> cpu or cuda); cuda on a machine without one is an OptionError (exit 2)."""
+    from wsi_vssm.errors import OptionError, UsageError
+    from wsi_vssm.models.device import resolve_device
+
+    try:
+        return resolve_device(device)
+    except UsageError as e:
+        raise OptionError(f"--device {device}: {e}") from e
+
+
+def option_backbone(arch: str, scan: str = "auto") -> None:
+    """A backbone named by `--model` (a registry name) and `--scan`, checked before any data is read: an unknown
+    name is an OptionError (exit 2)."""
+    from wsi_vssm.errors import OptionError
+    from wsi_vssm.models.registry import get_config
+    from wsi_vssm.models.vssm import ModelConfigError
+
+    for option, value, overrides in (("--model", arch, {}), ("--scan", scan, {"scan": scan})):
+        try:
+            get_config(arch, **overrides)
+        except ModelConfigError as e:
+            raise OptionError(f"{option} {value}: {e}") from e
+
+
+# which of the given options each geometry check involves (pipeline.geometry.check_geometry)
+_GEOMETRY_INPUTS = {"region_px": ("region_px",), "overlap_px": ("region_px", "overlap_px"),
+                    "min_tissue": ("min_tissue",)}
+
+
+def option_geometry(device: str, token_px: int, region_px: int | None, overlap_px: int | None,
+                    min_tissue: float | None = None) -> tuple[int, int, float]:
+    """(region_px, overlap_px, min_tissue) with the defaults filled in, checked before any slide is read, so that
+    e.g. `--region-px 100` is one usage error (exit 2) naming the option, not a failure of every slide. Defaults
+    that do not fit the model file's token size stay bad input (exit 1)."""
+    from wsi_vssm.errors import OptionError
+    from wsi_vssm.pipeline.geometry import DEFAULT_MIN_TISSUE, GeometryError, check_geometry, resolve_geometry
+
+    given = {"region_px": region_px, "overlap_px": overlap_px, "min_tissue": min_tissue}
+    region, overlap = resolve_geometry(device, token_px, region_px, overlap_px)
+    tissue = DEFAULT_MIN_TISSUE if min_tissue is None else min_tissue
+    try:
+        check_geometry(token_px, region, overlap, tissue)
+    except GeometryError as e:
+        if all(given[k] is None for k in _GEOMETRY_INPUTS[e.param]):
+            raise  # only defaults took part: the model file's token size does not fit them
+        hint = "" if given[e.param] is not None else " (its default; give it too)"
+        raise OptionError(f"--{e.param.replace('_', '-')} {e.reason}{hint}") from e
+    return region, overlap, tissue
 
 
 def model_file(model_path: str) -> str:

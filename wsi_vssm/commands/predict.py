@@ -36,7 +36,7 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
 
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
-    job = predict_job(out_dir, model_file(model_path), model, build_params(mpp, **opts))
+    job = predict_job(out_dir, model_file(model_path), model, build_params(model, mpp, **opts))
     summary = run_slides([SlideTask(slide_key(p), p) for p in slides], job, run, progress)
     if summary.count("done", "skipped"):
         progress.result(domain_note(model))  # with the results: what the model knows, so no one reads a diagnosis

@@ -17,7 +17,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--size", type=click.IntRange(min=1024, max=400_000), default=None,
               help="Level-0 side of each slide, px [default: 20,000; patients: 8,192].")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--mpp", type=click.FloatRange(0.05, 20), default=None,  # the synth writers' own limits
               help="Microns per pixel at level 0 [default: 0.5; mosaics: 0.97, PCam's].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Rendering/encoding threads [default: CPUs, at most 8].")
@@ -26,8 +26,8 @@ import click
 @click.option("--from-patches", "patches", default=None, metavar="SRC",
               help="Tile mosaic slides from labelled patches instead (a folder or tar in ImageFolder layout, "
                    "e.g. PCam): normal slides of label-0 patches, tumour slides with one lesion of label-1 ones.")
-@click.option("--grid", type=click.IntRange(min=2), default=8, show_default=True,
-              help="Mosaics: patches per slide side.")
+@click.option("--grid", type=int, default=8, show_default=True,
+              help="Mosaics: patches per slide side (3 to 64).")
 @click.option("--part", type=click.Choice(["all", "select", "holdout"]), default="all", show_default=True,
               help="Mosaics: which part of SRC to use, split as `train cells` splits its validation data.")
 @click.option("--valid-select", type=click.IntRange(min=1), default=None,
@@ -40,13 +40,14 @@ def command(out, n_slides, n_patients, seed, size, mpp, workers, quality, patche
 
     With --from-patches, write N mosaic slides of real labelled patches, reference.csv and mosaic.json.
     With --patients N, write N CAMELYON17-style patients of 5 node slides each (see docs/synth.md)."""
+    from wsi_vssm.errors import OptionError
     from wsi_vssm.synth import make_cohort
 
     if (n_slides is None) == (n_patients is None):
-        raise click.UsageError("give either --slides N or --patients N")
+        raise OptionError("give either --slides N or --patients N")
     if n_patients is not None:
         if patches is not None:
-            raise click.UsageError("--patients writes synthetic nodes; it does not take --from-patches")
+            raise OptionError("--patients writes synthetic nodes; it does not take --from-patches")
         return _patients(out, n_patients, seed, size or 8192, mpp or 0.5, workers, quality or 85)
     if patches is not None:
         return _mosaics(out, n_slides, seed, patches, grid, part, valid_select, split_seed, mpp or 0.97,
@@ -70,19 +71,20 @@ def command(out, n_slides, n_patients, seed, size, mpp, workers, quality, patche
 
 
 def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, mpp, quality) -> None:
-    from wsi_vssm.synth.mosaic import make_mosaic_cohort
+    from wsi_vssm.errors import OptionError
+    from wsi_vssm.synth.mosaic import MAX_GRID, MIN_GRID, make_mosaic_cohort
     from wsi_vssm.training.cells import TrainCellsConfig, split_valid
     from wsi_vssm.training.data.patches import load_patches
 
+    if not MIN_GRID <= grid <= MAX_GRID:
+        raise OptionError(f"--grid must be {MIN_GRID} to {MAX_GRID} patches per side, got {grid}")
     start = time.perf_counter()
     patches = load_patches(source)
     if part != "all":
         cfg = TrainCellsConfig(seed=split_seed, valid_select=valid_select)
         patches = split_valid(patches, cfg)[part == "holdout"]
         if patches is None:
-            from wsi_vssm.synth import SynthError
-
-            raise SynthError(f"--valid-select {valid_select} leaves no held-back part of {source}")
+            raise OptionError(f"--valid-select {valid_select} leaves no held-back part of {source}")
     recs = make_mosaic_cohort(out, patches, n_slides, seed, grid, mpp, quality=quality)
     n_tumor = sum(r.label == "tumor" for r in recs)
     click.echo(f"{len(recs)} mosaic slides ({n_tumor} tumour, {len(recs) - n_tumor} normal) of {len(patches)} "
@@ -90,8 +92,14 @@ def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, 
 
 
 def _patients(out, n_patients, seed, size, mpp, workers, quality) -> None:
-    from wsi_vssm.synth.patients import make_patient_cohort
+    from wsi_vssm.errors import OptionError
+    from wsi_vssm.synth import SynthError
+    from wsi_vssm.synth.patients import check_patient_slides, make_patient_cohort, patient_plan
 
+    try:  # slides too small for the planned lesions: the fix is another --size or --mpp, so a usage error
+        check_patient_slides(patient_plan(n_patients, seed), size, mpp)
+    except SynthError as e:
+        raise OptionError(str(e)) from e
     start = time.perf_counter()
 
     def report(rec):

@@ -47,13 +47,17 @@ command = click.Group("train", help="Train models: `mil` fits the slide-level at
 def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patience, lr, seed, max_cells, model_file,
         train_cell_head, log_path, device, precision):
     """Train the AttentionMIL slide head on cached features with slide labels."""
-    from wsi_vssm.models.device import resolve_device
+    from wsi_vssm.commands.options import option_device
+    from wsi_vssm.errors import OptionError
     from wsi_vssm.training.mil import MILTrainConfig, cell_head_from_model, train_mil
 
+    if valid_labels is not None and valid_fraction is not None:
+        raise OptionError("give --valid-labels or --valid-fraction, not both")
+    dev = option_device(device)
     train, valid, how = _splits(features_dir, labels, valid_labels, valid_fraction, seed)
     click.echo(f"{len(train)} training and {len(valid)} validation slides ({how})")
     cfg = MILTrainConfig(epochs=epochs, patience=patience, lr=lr, seed=seed, max_cells=max_cells,
-                         train_cell_head=train_cell_head, device=resolve_device(device), precision=precision)
+                         train_cell_head=train_cell_head, device=dev, precision=precision)
     head = None
     if model_file is not None:
         head, backbone_hash = cell_head_from_model(model_file)
@@ -70,15 +74,12 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
 
 def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_fraction: float | None, seed: int):
     """([(store, label)] train, [(store, label)] valid, how the split was made)."""
-    from wsi_vssm.errors import UsageError
     from wsi_vssm.runs.cohort import read_cohort
     from wsi_vssm.training.mil import stratified_split
 
     cohort = read_cohort(labels, find_slides=False)
     stores = _stores(features_dir)
-    if valid_labels is not None:
-        if valid_fraction is not None:
-            raise UsageError("pass --valid-labels or --valid-fraction, not both")
+    if valid_labels is not None:  # the command has checked that --valid-fraction is not given too
         vcohort = read_cohort(valid_labels, find_slides=False)
         train_names = [r.name for r in cohort.rows if r.split in (None, "train")]
         valid_names, how = [r.name for r in vcohort.rows], f"validation slides from {valid_labels}"

@@ -57,10 +57,19 @@ def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_t
             patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device, precision,
             log_path):
     """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
+    from wsi_vssm.commands.options import option_backbone, option_device
+    from wsi_vssm.errors import OptionError
     from wsi_vssm.training.cells import TrainCellsConfig, train_cells
     from wsi_vssm.training.data.augment import AugmentConfig
     from wsi_vssm.training.ddp import is_main
 
+    # option values the library would reject only after loading the data: usage errors (exit 2) at once
+    if mosaic_grid == 1:
+        raise OptionError("--mosaic-grid must be 0 (off) or at least 2, got 1")
+    if slides is not None and mosaic_grid:
+        raise OptionError("--slides and --mosaic-grid are two sources of region crops; give one")
+    option_backbone(arch, scan)
+    option_device(device)
     aug = AugmentConfig(flip_rot=False, hed_scale=0, hed_shift=0, brightness=0, contrast=0, saturation=0,
                         blur_p=0) if no_augment else AugmentConfig()
     cfg = TrainCellsConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_train=max_train,

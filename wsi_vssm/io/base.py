@@ -190,9 +190,20 @@ class SlideReader(ABC):
     THUMBNAIL_BLOCK = 4096  # level px per block side when streaming
 
     def _streamed_thumbnail(self, level: int, out_w: int, out_h: int) -> np.ndarray:
-        """`thumbnail` of a huge level: output blocks read one at a time (peak memory ~ one block), each level
-        block spanning whole output pixels, so block seams fall between output pixels."""
+        """`thumbnail` of a huge level, in bounded memory: from its tiles where the backend hands them out
+        (`_map_tiles`), else from output blocks read one at a time (peak memory ~ one block), each level block
+        spanning whole output pixels, so block seams fall between output pixels."""
         lw, lh = self.level_dimensions[level]
+        if out_w <= lw and out_h <= lh:
+            try:
+                thumb = _TileThumbnail(lw, lh, out_w, out_h).run(self, level)
+            except SlideError:
+                raise
+            except Exception as err:  # a tile that does not decode: one line naming the file, as read_region
+                raise SlideReadError(self.path, f"reading the tiles of level {level} failed: {one_line(err)}") \
+                    from err
+            if thumb is not None:
+                return thumb
         ds = self.level_downsamples[level]
         fx, fy = lw / out_w, lh / out_h  # level px per output px
         bx, by = max(1, int(self.THUMBNAIL_BLOCK // fx)), max(1, int(self.THUMBNAIL_BLOCK // fy))
@@ -207,6 +218,15 @@ class SlideReader(ABC):
             img = self.read_region((round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0))
             out[r:r1, c:c1] = resize(img, c1 - c, r1 - r)
         return out
+
+    def _map_tiles(self, level: int, func):
+        """((tile_h, tile_w), iterator over `func(y, x, tile)` for every tile of `level`), or None.
+
+        A backend that can decode a level tile by tile (in threads, calling `func` there) overrides this, and
+        huge thumbnails are then summed tile by tile as they are decoded. `tile` is its tile_h x tile_w x 3 uint8
+        pixels (edge tiles padded), or None for a tile with no data (background); y, x its level px origin.
+        """
+        return None
 
     # ---- lifetime -------------------------------------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - backends without handles have nothing to close
@@ -223,13 +243,76 @@ class SlideReader(ABC):
         return f"<{type(self).__name__} {self.path or ''} {w}x{h} levels={self.level_count} mpp={self.mpp}>"
 
 
-def _maybe_bar(items: list, desc: str):
+class _TileThumbnail:
+    """A box-filtered thumbnail summed tile by tile: each output pixel is the mean of the level pixels whose
+    centres fall in it (the rule of PIL's BOX resize of the whole level), in exact integer sums.
+
+    Why: a huge level (a single-level TIFF of 200,000 px a side) is mostly decode time; summing each tile where it
+    is decoded adds little to that, while copying tiles into blocks and resampling the blocks cost as much again.
+    """
+
+    def __init__(self, lw: int, lh: int, out_w: int, out_h: int):
+        # output row / column o of every level row / column i: o * L / out < i + 0.5 <= (o + 1) * L / out (PIL's
+        # BOX rule, ties included), in integers
+        self.oy = ((2 * np.arange(lh, dtype=np.int64) + 1) * out_h - 1) // (2 * lh)
+        self.ox = ((2 * np.arange(lw, dtype=np.int64) + 1) * out_w - 1) // (2 * lw)
+        self.out_w, self.out_h = out_w, out_h
+        self.rows: dict[int, tuple] = {}
+        self.cols: dict[int, tuple] = {}
+
+    def run(self, slide: SlideReader, level: int) -> np.ndarray | None:
+        """The thumbnail of `level`, or None when the backend does not hand out its tiles."""
+        tiles = slide._map_tiles(level, self._sum_tile)
+        if tiles is None:
+            return None
+        (th, tw), results = tiles
+        for y in range(0, self.oy.size, th):  # the tile grid's groups, before threads use them
+            self.rows[y] = _groups(self.oy[y : y + th])
+        for x in range(0, self.ox.size, tw):
+            self.cols[x] = _groups(self.ox[x : x + tw])
+        n = len(self.rows) * len(self.cols)
+        log.info("%s: thumbnail summed from the %d tiles of level %d", slide.path, n, level)
+        acc = np.zeros((self.out_h, self.out_w, 3), np.uint32)  # 255 * (px per output px) fits below 4e9
+        for oy, ox, sums in _maybe_bar(results, f"thumbnail of {slide.name}", n, "tile"):
+            acc[oy : oy + sums.shape[0], ox : ox + sums.shape[1]] += sums
+        rows = np.bincount(self.oy, minlength=self.out_h).astype(np.float32)  # level px per output px
+        cols = np.bincount(self.ox, minlength=self.out_w).astype(np.float32)
+        thumb = np.empty(acc.shape, np.uint8)
+        for r in range(0, self.out_h, 256):  # means in bands: no full-size float copies
+            band = acc[r : r + 256].astype(np.float32)
+            band /= np.multiply.outer(rows[r : r + 256], cols)[..., None]
+            thumb[r : r + 256] = np.rint(band, out=band)
+        return thumb
+
+    def _sum_tile(self, y: int, x: int, tile: np.ndarray | None) -> tuple[int, int, np.ndarray]:
+        """(first output row, first output column, per-output-pixel sums) of one tile; runs in decode threads."""
+        oy, row_starts, row_sizes = self.rows[y]
+        ox, col_starts, col_sizes = self.cols[x]
+        if tile is None:
+            sums = BACKGROUND * np.multiply.outer(row_sizes, col_sizes).astype(np.uint32)
+            return oy, ox, np.repeat(sums[..., None], 3, axis=2)
+        t = tile[: int(row_sizes.sum()), : int(col_sizes.sum())]  # edge tiles: the part inside the level
+        ends = np.append(row_starts[1:], t.shape[0])
+        # rows first (contiguous), then columns of the few summed rows; uint16 sums (faster) while they fit
+        dtype = np.uint16 if row_sizes.max() * 255 < 2**16 else np.uint32
+        rows = np.stack([t[a:b].sum(axis=0, dtype=dtype) for a, b in zip(row_starts, ends, strict=True)])
+        return oy, ox, np.add.reduceat(rows, col_starts, axis=1, dtype=np.uint32)
+
+
+def _groups(out_index: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(first output index, start of each run of equal output indices, run lengths) along one tile side."""
+    starts = np.flatnonzero(np.diff(out_index, prepend=out_index[0] - 1))
+    return int(out_index[0]), starts, np.diff(np.append(starts, out_index.size))
+
+
+def _maybe_bar(items, desc: str, total: int | None = None, unit: str = "block"):
     """A progress bar over `items` on a terminal when there are many (tqdm hides itself in logs)."""
-    if len(items) < 64:
+    total = len(items) if total is None else total
+    if total < 64:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="block", leave=False, disable=None)
+    return tqdm(items, desc=desc, total=total, unit=unit, leave=False, disable=None)
 
 
 def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -258,6 +341,8 @@ def to_rgb(arr: np.ndarray) -> np.ndarray:
         gray, alpha = a[..., :1], a[..., 1:2]
         return np.repeat(_over_white(gray, alpha), 3, axis=2)
     if c >= 4:
+        if a[..., 3].min() == BACKGROUND:  # opaque, as nearly every OpenSlide tile: composing would change nothing
+            return np.ascontiguousarray(a[..., :3])
         return _over_white(a[..., :3], a[..., 3:4])
     return np.ascontiguousarray(a[..., :3])
 

@@ -50,20 +50,91 @@ def is_tiff(path: Path) -> bool:
         return False
 
 
-def tiff_ends_early(path: Path) -> bool:
-    """Whether a TIFF's first image directory offset points past the end of the file (a truncated copy)."""
+# TIFF tags that locate pixel data: (offsets, byte counts, what they hold), and SubIFDs (OME pyramids)
+_DATA_TAGS = ((324, 325, "tile"), (273, 279, "strip"))
+_SUBIFDS = 330
+_INT_TYPES = {1: "u1", 3: "u2", 4: "u4", 13: "u4", 16: "u8", 18: "u8"}  # BYTE SHORT LONG IFD LONG8 IFD8
+_MAX_IFDS = 10_000  # a loop in a damaged directory chain ends here
+
+
+class _EndsEarly(Exception):
+    """Raised inside `tiff_truncation` with what lies beyond the end of the file."""
+
+
+def tiff_truncation(path: str | os.PathLike) -> str | None:
+    """'the file is truncated (...)' when a TIFF ends before one of its image directories, offset tables, tiles
+    or strips does (a partial copy or download); None when all of them lie inside the file, or it is no TIFF.
+
+    Cheap: reads only the directories and their offset tables (a few MB for a 200,000 px slide), no pixels. Run
+    when a TIFF is opened, so that a cut file fails at once with one line that says so, whichever backend reads
+    it, instead of a decoder's error on the first missing tile.
+    """
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
         size = os.path.getsize(path)
-    except OSError:
-        return False
+        with open(path, "rb") as f:
+            _walk_tiff(f, size)
+    except _EndsEarly as e:
+        return f"the file is truncated ({e}, file is {size} bytes)"
+    except (OSError, ValueError):  # unreadable or not a TIFF: the backends say what is wrong
+        return None
+    return None
+
+
+def _walk_tiff(f, size: int) -> None:
+    """Every image directory of the TIFF in `f` (the main chain and SubIFDs); _EndsEarly past `size` bytes."""
+    import struct
+
+    head = f.read(16)
     if head[:4] not in TIFF_MAGIC:
-        return False
-    order = "little" if head[:2] == b"II" else "big"
-    big = head[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offset at byte 8
-    offset = int.from_bytes(head[8:16] if big else head[4:8], order)
-    return offset >= size
+        raise ValueError("not a TIFF")
+    order = "<" if head[:2] == b"II" else ">"
+    big = head[2:4] in (b"+\x00", b"\x00+")
+    entry = struct.Struct(order + ("HHQ8s" if big else "HHI4s"))  # tag, type, count, value or its offset
+    count_fmt, next_fmt = order + ("Q" if big else "H"), order + ("Q" if big else "I")
+    todo = [struct.unpack(next_fmt, head[8:16] if big else head[4:8])[0]]
+    seen: set[int] = set()
+    while todo and len(seen) < _MAX_IFDS:
+        at = todo.pop()
+        if at == 0 or at in seen:
+            continue
+        seen.add(at)
+        n = struct.unpack(count_fmt, _read(f, size, at, struct.calcsize(count_fmt), "an image directory"))[0]
+        body = _read(f, size, f.tell(), n * entry.size + struct.calcsize(next_fmt), "an image directory")
+        tags = {}
+        for i in range(n):
+            tag, typ, count, value = entry.unpack_from(body, i * entry.size)
+            tags[tag] = (typ, count, value)
+        todo.append(struct.unpack_from(next_fmt, body, n * entry.size)[0])
+        for offsets_tag, counts_tag, kind in _DATA_TAGS:
+            if offsets_tag in tags and counts_tag in tags:
+                offsets = _ints(f, size, order, tags[offsets_tag])
+                counts = _ints(f, size, order, tags[counts_tag])
+                k = min(len(offsets), len(counts))
+                ends = offsets[:k] + counts[:k]
+                ends = ends[counts[:k] > 0]  # sparse tiles (count 0) have no data
+                if ends.size and int(ends.max()) > size:
+                    raise _EndsEarly(f"{kind} data ends at byte {int(ends.max())}")
+        if _SUBIFDS in tags:
+            todo.extend(int(v) for v in _ints(f, size, order, tags[_SUBIFDS]))
+
+
+def _read(f, size: int, at: int, n: int, what: str) -> bytes:
+    if at + n > size:
+        raise _EndsEarly(f"{what} ends at byte {at + n}")
+    f.seek(at)
+    return f.read(n)
+
+
+def _ints(f, size: int, order: str, field: tuple[int, int, bytes]) -> np.ndarray:
+    """A tag's integer values (inline, or from where its value field points) as uint64."""
+    typ, count, value = field
+    dtype = np.dtype(_INT_TYPES.get(typ, "u4")).newbyteorder(order)
+    n = count * dtype.itemsize
+    if n <= len(value):
+        raw = value[:n]
+    else:
+        raw = _read(f, size, int.from_bytes(value, "little" if order == "<" else "big"), n, "an offset table")
+    return np.frombuffer(raw, dtype).astype(np.uint64)
 
 
 def is_zarr_dir(path: Path) -> bool:

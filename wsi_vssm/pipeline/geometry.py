@@ -33,17 +33,27 @@ def resolve_geometry(device: str, token_px: int, region_px: int | None, overlap_
     return region, overlap
 
 
+class GeometryError(UsageError):
+    """A region geometry value is rejected; `param` names it (region_px, overlap_px or min_tissue) so that the
+    CLI can name the option instead."""
+
+    def __init__(self, param: str, reason: str):
+        super().__init__(f"{param} {reason}")
+        self.param, self.reason = param, reason
+
+
 def check_geometry(token_px: int, region_px: int, overlap_px: int, min_tissue: float) -> None:
+    """GeometryError for a region, overlap or tissue threshold extraction cannot use (a bad `token_px` is the
+    model file's: UsageError from `check_token_px`)."""
     check_token_px(token_px)
     if not (isinstance(region_px, int) and region_px >= token_px and region_px % token_px == 0):
-        raise UsageError(f"region_px must be a multiple of token_px={token_px}, got {region_px!r}")
+        raise GeometryError("region_px", f"must be a multiple of token_px={token_px}, got {region_px!r}")
     if not (isinstance(overlap_px, int) and 0 <= overlap_px < region_px and overlap_px % token_px == 0):
-        raise UsageError(
-            f"overlap_px must be a multiple of token_px={token_px} in [0, region_px={region_px}), got {overlap_px!r}"
+        raise GeometryError(
+            "overlap_px", f"must be a multiple of token_px={token_px} in [0, region_px={region_px}), got {overlap_px!r}"
         )
     if not 0.0 <= min_tissue <= 1.0:
-        raise UsageError(f"min_tissue must lie in [0, 1], got {min_tissue!r}")
-
+        raise GeometryError("min_tissue", f"must lie in [0, 1], got {min_tissue!r}")
 
 
 def owned_range(index: int, count: int, cells: int, overlap: int) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import numpy as np
 from wsi_vssm.errors import one_line
 from wsi_vssm.io.base import SlideReader, to_rgb
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
-from wsi_vssm.io.formats import missing_backend, mpp_from_objective, plausible_mpp
+from wsi_vssm.io.formats import is_tiff, missing_backend, mpp_from_objective, plausible_mpp, tiff_truncation
 
 
 def _import_openslide(path):
@@ -33,6 +33,10 @@ class OpenSlideSlide(SlideReader):
         path = Path(path)
         openslide = _import_openslide(path)
         handle = self._open(path)
+        truncated = tiff_truncation(path) if is_tiff(path) else None  # OpenSlide would fail on the first cut tile
+        if truncated:
+            handle.close()
+            raise CorruptSlide(path, truncated)
         try:
             props = dict(handle.properties)
             level_dimensions = handle.level_dimensions
@@ -63,9 +67,12 @@ class OpenSlideSlide(SlideReader):
         try:
             return openslide.OpenSlide(os.fspath(path))
         except openslide.OpenSlideUnsupportedFormatError as err:
+            truncated = tiff_truncation(path)  # a cut TIFF's directory chain breaks off: say so
+            if truncated:
+                raise CorruptSlide(path, truncated) from err
             raise UnsupportedFormat(path, "OpenSlide does not recognise this file as a slide") from err
         except openslide.OpenSlideError as err:
-            raise CorruptSlide(path, f"OpenSlide cannot open it: {one_line(err)}") from err
+            raise CorruptSlide(path, tiff_truncation(path) or f"OpenSlide cannot open it: {one_line(err)}") from err
         except OSError as err:
             raise UnsupportedFormat(path, f"cannot open: {one_line(err)}") from err
 

@@ -26,7 +26,7 @@ from wsi_vssm.io.formats import (
     mpp_from_objective,
     mpp_from_tiff_resolution,
     plausible_mpp,
-    tiff_ends_early,
+    tiff_truncation,
 )
 
 _VENDORS = (  # tifffile's format flag -> the vendor name OpenSlide uses for the same files
@@ -68,6 +68,9 @@ class TiffSlide(SlideReader):
         _import(path, "zarr", "zarr")
         tf = self._open(path)
         try:
+            truncated = tiff_truncation(path)  # tifffile skips what lies past the end with a log line only
+            if truncated:
+                raise CorruptSlide(path, truncated)
             info = _describe(tf, path)
         except SlideError:
             tf.close()
@@ -98,17 +101,21 @@ class TiffSlide(SlideReader):
         except OSError as err:
             raise UnsupportedFormat(path, f"cannot open: {one_line(err)}") from err
         except (tifffile.TiffFileError, ValueError, IndexError, KeyError, EOFError) as err:
-            raise CorruptSlide(path, f"broken TIFF structure: {one_line(err)}") from err
+            raise CorruptSlide(path, tiff_truncation(path) or f"broken TIFF structure: {one_line(err)}") from err
 
-    def _array(self, level: int):
+    def _file(self):
         if self._tf is None or self._pid != os.getpid():  # unpickled, or forked: open our own handle
             self._tf, self._pid, self._arrays = self._open(self.path), os.getpid(), {}
+        return self._tf
+
+    def _array(self, level: int):
+        tf = self._file()
         arr = self._arrays.get(level)
         if arr is None:
             import zarr
 
             # Missing (sparse) tiles read as white background, as OpenSlide shows them.
-            store = self._tf.series[0].aszarr(level=level, fillvalue=255)
+            store = tf.series[0].aszarr(level=level, fillvalue=255)
             arr = self._arrays[level] = zarr.open_array(store, mode="r")
         return arr
 
@@ -131,6 +138,22 @@ class TiffSlide(SlideReader):
         tile = tile.transpose(order)
         return channels_to_rgb(tile, samples="S" in kept)
 
+    def _map_tiles(self, level: int, func):
+        """Every tile of a plain tiled RGB level, read in file order and decoded by tifffile in threads with
+        `func` applied there (a huge thumbnail without zarr's per-read overhead). None for other layouts
+        (strips, NDPI, planar, gray, 16-bit, more axes), which read through zarr."""
+        page = _plain_tiled_page(self._file().series[0].levels[level], self._axes[level])
+        if page is None:
+            return None
+        th, tw = page.tilelength, page.tilewidth
+
+        def one(result):
+            tile, index, _ = result  # index: (sample, depth, y, x, sample) of the tile's origin
+            return func(int(index[2]), int(index[3]), None if tile is None else tile.reshape(th, tw, 3))
+
+        workers = min(4, os.cpu_count() or 1)
+        return (th, tw), page.segments(func=one, maxworkers=workers, buffersize=16 << 20)  # 16 MB read at once
+
     def close(self) -> None:
         if self._tf is not None and self._pid == os.getpid():
             self._tf.close()
@@ -147,11 +170,20 @@ class TiffSlide(SlideReader):
             self.close()
 
 
+def _plain_tiled_page(level, axes: str):
+    """The one tiled page of a pyramid level whose tiles decode to H x W x 3 uint8 as they are, else None."""
+    import tifffile
+
+    if axes != "YXS" or len(level.pages) != 1 or not isinstance(level.pages[0], tifffile.TiffPage):
+        return None
+    page = level.pages[0]
+    plain = (page.is_tiled and not page.is_ndpi and page.dtype == np.uint8 and page.samplesperpixel == 3
+             and page.planarconfig == tifffile.PLANARCONFIG.CONTIG and page.imagedepth == 1)
+    return page if plain else None
+
+
 def _describe(tf, path: Path) -> _TiffInfo:
     if not tf.series:
-        if tiff_ends_early(path):
-            raise CorruptSlide(path, "truncated or damaged TIFF: its first image directory lies beyond the end "
-                                     "of the file")
         raise UnsupportedFormat(path, "TIFF holds no image")
     series = tf.series[0]
     levels, axes = [], []
