@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_file
+from conftest import shared_file, write_tiny_model
 
 from wsi_vssm.cli import main
 from wsi_vssm.pipeline.predict import Cancelled, PredictParams, cell_grid, predict_slide
@@ -189,6 +189,9 @@ def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
     assert res.metrics["n"] == 6 and (tmp_path / "ev" / "metrics.json").exists()
     with pytest.raises(Exception, match="--mpp"):
         evaluate_patches(tmp_path / "patches", _model(model_file), tmp_path / "ev2", mpp=None)
+    calibrated = _model(write_tiny_model(tmp_path / "cal.pt", cell_threshold=0.73))
+    res = evaluate_patches(tmp_path / "patches", calibrated, tmp_path / "ev3", mpp=0.97, n_boot=50)
+    assert res.metrics["threshold"] == 0.73  # a patch is a cell: the model's cell threshold, not 0.5
 
 
 def test_readme_main_job_uses_a_shipped_slide():

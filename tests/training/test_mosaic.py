@@ -133,7 +133,7 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
                       '[cells]\nvalid_select = 30\nseed = 0\n'
                       '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 4\ntest_slides = 2\ngrid = 3\n'
                       'epochs = 3\npatience = 3\nsynth_train_slides = 2\nsynth_valid_slides = 2\n'
-                      'synth_size = 1024\n')
+                      'synth_size = 1024\npool = ["attention", "topk"]\ntopk = [2]\n')
     res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
                                    "--set", f"data.valid={tmp_path / 'valid'}"])
     assert res.exit_code == 0, res.output
@@ -143,9 +143,15 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     assert stage["train_slides"] == 4 + 2 and stage["valid_slides"] == 4 + 2 and stage["test"]["n"] == 2
     assert model.metadata["threshold"] == stage["threshold"] and stage["seconds"] > 0
     assert stage["test"]["threshold"] == stage["threshold"]  # scored as `evaluate` scores it: stored threshold
-    # the cell head is the cell stage's; the attention layers were trained
+    # both slide heads were trained and the one with the better valid AUC kept, Platt-calibrated on valid
+    assert [c["name"] for c in stage["candidates"]] == ["attention", "topk2"]
+    best = max(stage["candidates"], key=lambda c: c["valid_slide_auc"])
+    assert stage["slide_head"] == best["name"] and model.mil.config.pool == best["pool"]
+    assert set(stage["platt"]) == {"a", "b"}
+    # the cell head is the cell stage's; the chosen slide head's layers were trained
     assert np.allclose(model.mil.cell_head.weight.detach(), before.mil.cell_head.weight.detach())
-    assert not np.allclose(model.mil.attn_w.weight.detach(), before.mil.attn_w.weight.detach())
+    trained = model.mil.attn_w.weight if best["pool"] == "attention" else model.mil.topk_affine.weight
+    assert not np.allclose(trained.detach(), 1.0 if best["pool"] == "topk" else before.mil.attn_w.weight.detach())
     for part in ("train", "valid", "test"):
         assert (out / "mosaic_mil" / "mosaics" / part / "reference.csv").is_file()
     assert len(list((out / "mosaic_mil" / "features" / "train").glob("*.zarr"))) == 4

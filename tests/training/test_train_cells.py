@@ -261,12 +261,16 @@ def test_run_recipe_with_overrides(tiny_folder, tmp_path):
 
 def test_run_recipe_needs_data(tmp_path):
     from wsi_vssm.errors import UsageError
+    from wsi_vssm.training.dense import DenseConfig
     from wsi_vssm.training.mosaic import MosaicMILConfig
     from wsi_vssm.training.recipe import apply_overrides, load_recipe, run_recipe
 
     recipe = load_recipe(REPO / "pipelines" / "default.toml")
     assert TrainCellsConfig(**recipe["cells"]).ema > 0  # the shipped recipe's sections are valid configs
-    assert MosaicMILConfig(**recipe["mosaic_mil"]).test_slides > 0
+    mil = MosaicMILConfig(**recipe["mosaic_mil"])
+    assert mil.reuse and len(mil.pool) == 3 and mil.grid == [8, 32]
+    assert DenseConfig(**recipe["dense"]).augment.hed_scale == recipe["dense"]["augment"]["hed_scale"]
+    assert recipe["recipe"]["stages"] == ["cells", "context", "dense", "mosaic_mil"]
     with pytest.raises(UsageError, match="data.train"):
         run_recipe(recipe, tmp_path / "r", progress=False)
     with pytest.raises(UsageError, match="KEY=VALUE"):

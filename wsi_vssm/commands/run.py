@@ -17,12 +17,19 @@ import click
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None,
               help="Every stage's backbone arithmetic (cells.precision and mosaic_mil.precision) [default: the "
                    "recipe's, else fp32].")
-def command(recipe_path, sets, out, precision):
+@click.option("--resume", is_flag=True,
+              help="Continue stages that checkpoint every epoch (dense) from their last checkpoint in OUT.")
+def command(recipe_path, sets, out, precision, resume):
     """Run a training recipe (e.g. pipelines/default.toml): its stages, in order, into OUT."""
+    from wsi_vssm.errors import OptionError
     from wsi_vssm.training.recipe import apply_overrides, load_recipe, run_recipe
 
+    for item in sets:  # the recipe checks this too, but as bad input (exit 1): it is a usage error here
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--set needs KEY=VALUE, got {item!r}")
     extra = [] if precision is None else [f'cells.precision="{precision}"', f'mosaic_mil.precision="{precision}"']
     recipe = apply_overrides(load_recipe(recipe_path), extra + list(sets))
     out = out or Path(recipe.get("recipe", {}).get("out") or "runs/recipe")
-    model = run_recipe(recipe, out)
+    model = run_recipe(recipe, out, resume=resume)
     click.echo(f"wrote {model}")

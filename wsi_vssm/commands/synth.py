@@ -39,7 +39,8 @@ def command(out, n_slides, n_patients, seed, size, mpp, workers, quality, patche
     """Write N synthetic H&E slides (pyramidal JPEG TIFF), annotations/*.xml and reference.csv into OUT.
 
     With --from-patches, write N mosaic slides of real labelled patches, reference.csv and mosaic.json.
-    With --patients N, write N CAMELYON17-style patients of 5 node slides each (see docs/synth.md)."""
+    With --patients N, write N CAMELYON17-style patients of 5 node slides each (see docs/synth.md); with
+    --from-patches too, their nodes are mosaics of real labelled patches."""
     from wsi_vssm.errors import OptionError
     from wsi_vssm.synth import make_cohort
 
@@ -47,7 +48,8 @@ def command(out, n_slides, n_patients, seed, size, mpp, workers, quality, patche
         raise OptionError("give either --slides N or --patients N")
     if n_patients is not None:
         if patches is not None:
-            raise OptionError("--patients writes synthetic nodes; it does not take --from-patches")
+            return _mosaic_patients(out, n_patients, seed, patches, part, valid_select, split_seed, mpp or 0.97,
+                                    quality or 90)
         return _patients(out, n_patients, seed, size or 8192, mpp or 0.5, workers, quality or 85)
     if patches is not None:
         return _mosaics(out, n_slides, seed, patches, grid, part, valid_select, split_seed, mpp or 0.97,
@@ -70,21 +72,40 @@ def command(out, n_slides, n_patients, seed, size, mpp, workers, quality, patche
     )
 
 
-def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, mpp, quality) -> None:
+def _patch_part(source, part, valid_select, split_seed):
+    """The patches of `source` in `part`, split as `train cells` splits its validation data."""
     from wsi_vssm.errors import OptionError
-    from wsi_vssm.synth.mosaic import MAX_GRID, MIN_GRID, make_mosaic_cohort
     from wsi_vssm.training.cells import TrainCellsConfig, split_valid
     from wsi_vssm.training.data.patches import load_patches
 
-    if not MIN_GRID <= grid <= MAX_GRID:
-        raise OptionError(f"--grid must be {MIN_GRID} to {MAX_GRID} patches per side, got {grid}")
-    start = time.perf_counter()
     patches = load_patches(source)
     if part != "all":
         cfg = TrainCellsConfig(seed=split_seed, valid_select=valid_select)
         patches = split_valid(patches, cfg)[part == "holdout"]
         if patches is None:
             raise OptionError(f"--valid-select {valid_select} leaves no held-back part of {source}")
+    return patches
+
+
+def _mosaic_patients(out, n_patients, seed, source, part, valid_select, split_seed, mpp, quality) -> None:
+    from wsi_vssm.synth.mosaic_patients import make_mosaic_patient_cohort
+
+    start = time.perf_counter()
+    patches = _patch_part(source, part, valid_select, split_seed)
+    recs = make_mosaic_patient_cohort(out, patches, n_patients, seed, mpp, quality)
+    click.echo(f"{n_patients} mosaic patients ({len(recs)} node slides) of {len(patches)} patches ({part}) from "
+               f"{source} in {out} in {time.perf_counter() - start:.1f} s; evaluate with: wsi-vssm evaluate "
+               f"{out} --patients {out}/patients.csv")
+
+
+def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, mpp, quality) -> None:
+    from wsi_vssm.errors import OptionError
+    from wsi_vssm.synth.mosaic import MAX_GRID, MIN_GRID, make_mosaic_cohort
+
+    if not MIN_GRID <= grid <= MAX_GRID:
+        raise OptionError(f"--grid must be {MIN_GRID} to {MAX_GRID} patches per side, got {grid}")
+    start = time.perf_counter()
+    patches = _patch_part(source, part, valid_select, split_seed)
     recs = make_mosaic_cohort(out, patches, n_slides, seed, grid, mpp, quality=quality)
     n_tumor = sum(r.label == "tumor" for r in recs)
     click.echo(f"{len(recs)} mosaic slides ({n_tumor} tumour, {len(recs) - n_tumor} normal) of {len(patches)} "

@@ -1,5 +1,9 @@
 """Gated attention MIL (Ilse et al. 2018) over a slide's cells, plus a per-cell tumour head.
 
+`pool` chooses the slide logit: "attention" (the gated attention pooling's classifier), "topk" (an affine map of
+the mean of the `topk` highest cell logits) or "mix" (their sum, learned together). Files made before `pool`
+existed are "attention".
+
 The cell head reads the backbone's cell features directly, so it is trained first with the backbone on cell
 labels (PCam's centre token); the attention pooling and slide classifier are then trained on cached features
 with slide labels. The model returns named results and never computes a loss.
@@ -20,9 +24,20 @@ class MILConfig:
     hidden_dim: int = 128
     attn_dim: int = 64
     dropout: float = 0.25
+    pool: str = "attention"  # attention | topk | mix
+    topk: int = 8  # cells in the top-k mean (topk and mix)
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"MIL pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if int(self.topk) < 1:
+            raise ValueError(f"MIL topk must be >= 1, got {self.topk!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+POOLS = ("attention", "topk", "mix")
 
 
 class MILOutput(NamedTuple):
@@ -42,6 +57,11 @@ class AttentionMIL(nn.Module):
         self.attn_u = nn.Linear(c.hidden_dim, c.attn_dim)  # sigmoid gate
         self.attn_w = nn.Linear(c.attn_dim, 1)
         self.classifier = nn.Linear(c.hidden_dim, 1)
+        if c.pool != "attention":
+            self.topk_affine = nn.Linear(1, 1)  # slope and offset of the top-k mean of cell logits
+            with torch.no_grad():
+                self.topk_affine.weight.fill_(1.0)
+                self.topk_affine.bias.zero_()
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         """feats: (B, N, F) or (N, F) for one bag; mask: (B, N) bool, True for real cells (padding False)."""
@@ -58,4 +78,26 @@ class AttentionMIL(nn.Module):
         # A bag with no real cell has all -inf scores -> NaN weights; give it zero weight instead.
         attention = torch.nan_to_num(attention, nan=0.0)
         pooled = torch.einsum("bn,bnh->bh", attention, h)  # (B, H)
-        return MILOutput(self.classifier(pooled).squeeze(-1), attention, cell_logits)
+        slide = self.classifier(pooled).squeeze(-1)
+        if self.config.pool != "attention":
+            top = self.topk_affine(topk_mean(cell_logits, mask, self.config.topk)[:, None]).squeeze(-1)
+            slide = top if self.config.pool == "topk" else slide + top
+        return MILOutput(slide, attention, cell_logits)
+
+    @torch.no_grad()
+    def calibrate(self, a: float, b: float) -> None:
+        """Make the slide logit a * logit + b (Platt scaling folded into the weights)."""
+        for layer in (self.classifier, getattr(self, "topk_affine", None)):
+            if layer is not None:
+                layer.weight.mul_(a)
+                layer.bias.mul_(a)
+        (self.classifier if self.config.pool != "topk" else self.topk_affine).bias.add_(b)
+
+
+def topk_mean(cell_logits: torch.Tensor, mask: torch.Tensor | None, k: int) -> torch.Tensor:
+    """(B, N) logits -> (B,): the mean of each bag's k highest real cells (all of them when it has fewer)."""
+    x = cell_logits if mask is None else cell_logits.masked_fill(~mask, float("-inf"))
+    k = min(int(k), x.shape[-1])
+    top = x.topk(k, dim=-1).values  # (B, k)
+    real = torch.isfinite(top)
+    return torch.where(real, top, 0.0).sum(-1) / real.sum(-1).clamp_min(1)

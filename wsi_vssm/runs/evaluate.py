@@ -303,9 +303,11 @@ def _model_file_for_workers(model, out: Path) -> str:
 
 def evaluate_patches(
     folder: str | os.PathLike, model, out_dir: str | os.PathLike, mpp: float | None, batch_size: int = 64,
-    n_boot: int = 2000, threshold: float = 0.5,
+    n_boot: int = 2000, threshold: float | None = None,
 ) -> EvaluationResult:
-    """Score an ImageFolder patch dataset by the centre cell of each image; write predictions and metrics."""
+    """Score an ImageFolder patch dataset by the centre cell of each image; write predictions and metrics.
+    Each patch is a cell, so sensitivity and specificity are taken at the model's `cell_threshold` (0.5 for
+    older files) unless `threshold` is given."""
     import torch
 
     from wsi_vssm.io.base import resize
@@ -315,6 +317,10 @@ def evaluate_patches(
 
     if mpp is None:
         raise UsageError(f"{folder}: patch images carry no resolution; state it with --mpp (PCam: 0.97)")
+    if threshold is None:
+        from wsi_vssm.pipeline.predict import cell_threshold
+
+        threshold = cell_threshold(model, PredictParams())
     ds = load_patches(folder)
     scale = mpp / model.mpp  # image px -> model px
     rows, batch, names = [], [], []

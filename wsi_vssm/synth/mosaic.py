@@ -7,9 +7,10 @@ slides do.
 A normal slide holds only label-0 patches. A tumour slide holds one connected "lesion" of label-1 patches, grown
 cell by cell from a random seed cell, with a size drawn log-uniformly from one patch to `max_lesion_frac` of the
 tissue, so that single-patch micro-metastases are as common per decade of size as large ones. Patches are drawn
-without replacement within a slide (a patch may recur across slides when the pool is small). The slides are
-pyramidal JPEG TIFFs at the patches' resolution, with `reference.csv` (CAMELYON16 style) and `mosaic.json`
-(every slide's layout: which patch went where, which cells are lesion), written atomically.
+without replacement within a slide (a patch may recur across slides when the pool is small); with `reuse`, a
+slide larger than the pool draws with replacement and places every patch under a random flip or quarter turn.
+The slides are pyramidal JPEG TIFFs at the patches' resolution, with `reference.csv` (CAMELYON16 style) and
+`mosaic.json` (every slide's layout: which patch went where, which cells are lesion), written atomically.
 
 Seams between patches are artificial, and a label-1 patch is tumour in its centre 32 px only (PCam's rule), so
 the lesion's outline is approximate: treat these cohorts as a test of slide-level aggregation on real tissue, not
@@ -85,9 +86,11 @@ def _grow_lesion(rng: np.random.Generator, tissue: np.ndarray, size: int) -> lis
 
 
 def plan_mosaic(
-    labels: np.ndarray, grid: int, tumor: bool, rng: np.random.Generator, max_lesion_frac: float = 0.3
+    labels: np.ndarray, grid: int, tumor: bool, rng: np.random.Generator, max_lesion_frac: float = 0.3,
+    reuse: bool = False,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """(grid, grid) indices into the patch pool (-1: background) and the lesion cells of one slide."""
+    """(grid, grid) indices into the patch pool (-1: background) and the lesion cells of one slide. `reuse`:
+    draw with replacement when a class has fewer patches than the slide needs."""
     tissue = _tissue_cells(rng, grid)
     n_tissue = int(tissue.sum())
     lesion: list[tuple[int, int]] = []
@@ -100,15 +103,16 @@ def plan_mosaic(
     for rc in lesion:
         is_lesion[rc] = True
     need_neg = int((tissue & ~is_lesion).sum())
-    if len(pos) < len(lesion) or len(neg) < need_neg:
+    short_pos, short_neg = len(pos) < len(lesion), len(neg) < need_neg
+    if (short_pos and not len(pos)) or (short_neg and not len(neg)) or (not reuse and (short_pos or short_neg)):
         raise SynthError(
             f"the patch pool is too small for a {grid} x {grid} mosaic "
             f"({len(neg)} label-0 and {len(pos)} label-1 patches)"
         )
     index = np.full((grid, grid), -1, np.int64)
-    index[tissue & ~is_lesion] = rng.choice(neg, need_neg, replace=False)
+    index[tissue & ~is_lesion] = rng.choice(neg, need_neg, replace=short_neg)
     if lesion:
-        index[is_lesion] = rng.choice(pos, len(lesion), replace=False)
+        index[is_lesion] = rng.choice(pos, len(lesion), replace=short_pos)
     return index, lesion
 
 
@@ -153,9 +157,11 @@ def make_mosaic_cohort(
     quality: int = 90,
     prefix: str = "",
     on_slide: Callable[[MosaicSlide], None] | None = None,
+    reuse: bool = False,
 ) -> list[MosaicSlide]:
     """Write `n_slides` mosaic slides (half, rounded down, tumour) from `patches` (a PatchDataset, labels 0/1)
-    into `out`, with reference.csv and mosaic.json. Same patches and seed, same files."""
+    into `out`, with reference.csv and mosaic.json. Same patches and seed, same files. `reuse`: slides larger
+    than the pool reuse patches, each placed under a random flip or quarter turn."""
     from wsi_vssm.synth.cohort import cohort_plan
 
     if not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
@@ -178,8 +184,9 @@ def make_mosaic_cohort(
         name = prefix + name
         rng = np.random.default_rng([int(seed), label == "tumor", int(name.rsplit("_", 1)[1])])
         side = low if low == high else int(rng.integers(low, high + 1))
-        index, lesion = plan_mosaic(labels, side, label == "tumor", rng, max_lesion_frac)
-        img = render_mosaic(index, lambda i: patches[i][0], patch_px)
+        index, lesion = plan_mosaic(labels, side, label == "tumor", rng, max_lesion_frac, reuse)
+        place = (lambda i, r=rng: random_dihedral(patches[i][0], r)) if reuse else (lambda i: patches[i][0])
+        img = render_mosaic(index, place, patch_px)
         path = out / f"{name}.tif"
         write_image_slide(
             path, img, mpp, f"wsi-vssm mosaic of {getattr(patches, 'source', '')}; label={label}; mpp={mpp}", quality
@@ -211,6 +218,12 @@ def make_mosaic_cohort(
     csv = "slide,label\n" + "".join(f"{s.name},{s.label}\n" for s in slides)
     atomic_write_bytes(out / "reference.csv", csv.encode())
     return slides
+
+
+def random_dihedral(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One of the 8 flips / quarter turns (PCam's centre label does not move)."""
+    img = np.rot90(img, int(rng.integers(4)))
+    return img[:, ::-1] if rng.integers(2) else img
 
 
 def _grid_range(grid) -> tuple[int, int]:

@@ -46,6 +46,8 @@ class MILTrainConfig:
     cache_mb: float = 4096.0  # keep bags in memory up to this many MB of float16 features; beyond, re-read
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16 | auto (the head is small: bf16 rarely pays here)
+    pool: str = "attention"  # the slide logit: attention | topk | mix (models.mil)
+    topk: int = 8
 
     def __post_init__(self):
         from wsi_vssm.models.precision import check_precision
@@ -155,11 +157,18 @@ def train_mil(
     feature_attrs = check_compatible(train.stores + valid.stores)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    mil_cfg = MILConfig(int(feature_attrs["n_features"]), cfg.hidden_dim, cfg.attn_dim, cfg.dropout)
+    try:
+        mil_cfg = MILConfig(int(feature_attrs["n_features"]), cfg.hidden_dim, cfg.attn_dim, cfg.dropout, cfg.pool,
+                            cfg.topk)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     model = AttentionMIL(mil_cfg).to(cfg.device)
     if init_state is not None:
-        try:
-            model.load_state_dict(init_state, strict=True)
+        try:  # a head of another pool starts its attention part from init_state and its top-k map fresh
+            own = model.state_dict()
+            model.load_state_dict({**{k: v for k, v in own.items() if k.startswith("topk_affine.")},
+                                   **{k: v for k, v in init_state.items() if not k.startswith("topk_affine.")
+                                      or k in own}}, strict=True)
         except RuntimeError as e:
             raise UsageError(f"init_state does not fit an AttentionMIL of {mil_cfg}: {str(e).splitlines()[0]}") from e
     _setup_cell_head(model, cell_head, cfg.train_cell_head)

@@ -41,6 +41,10 @@ class MosaicMILConfig:
     synth_size: int = 6000  # their side in px at synth_mpp
     synth_mpp: float = 0.5
     precision: str = "fp32"  # fp32 | bf16 | auto: feature extraction and MIL training (models.precision)
+    pool: str | list[str] = "attention"  # slide-head candidates (models.mil POOLS); the best valid AUC is kept
+    topk: int | list[int] = 8  # top-k sizes tried by the topk and mix candidates
+    reuse: bool = False  # mosaics larger than their patch pool reuse patches under flips / quarter turns
+    calibrate: bool = True  # Platt-scale the chosen head's slide logit on the valid mosaics
 
     def __post_init__(self):
         from wsi_vssm.models.precision import check_precision
@@ -99,7 +103,7 @@ def build_cohorts(train_src, valid_src, out: Path, cfg: MosaicMILConfig, valid_s
         t0 = time.perf_counter()
         grid = tuple(cfg.grid) if isinstance(cfg.grid, list) else cfg.grid
         make_mosaic_cohort(folder, patches, n, seed, grid, max_lesion_frac=cfg.max_lesion_frac,
-                           prefix=f"{name}_")
+                           prefix=f"{name}_", reuse=cfg.reuse)
         _say(progress, f"mosaic_mil: {n} {name} mosaics from {len(patches)} patches ({patches.source}) -> {folder} "
                        f"in {time.perf_counter() - t0:.0f} s")
         folders[name] = folder
@@ -149,7 +153,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     score the test cohort if asked. Returns the stage's record (also stored in the model's metadata)."""
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
-    from wsi_vssm.training.mil import Bags, MILTrainConfig, evaluate, train_mil
+    from wsi_vssm.training.mil import Bags, MILTrainConfig, bag_logits, evaluate, train_mil
 
     model_path, out = Path(model_path), Path(out)
     t0 = time.perf_counter()
@@ -163,22 +167,46 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     model = load_model(model_path)
     current = model.mil
     head = {k: v.detach().clone() for k, v in current.cell_head.state_dict().items()}
-    mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
-                             dropout=current.config.dropout, epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr,
-                             seed=cfg.seed, max_cells=cfg.max_cells, precision=cfg.precision)
     init = current.state_dict() if cfg.init_from_model else None  # the cell stage's first head, as a start
-    mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head, log_path=out / "mil.log.csv",
-                             checkpoint_path=out / "mil.pt", init_state=init)
-    valid = Bags(bags["valid"], mil_cfg.cache_mb)  # read once for the threshold and the baselines
+    valid = Bags(bags["valid"], 4096.0)  # read once for the choice, the calibration and the baselines
+    candidates = []
+    for pool, k in _candidates(cfg):
+        mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
+                                 dropout=current.config.dropout, epochs=cfg.epochs, patience=cfg.patience,
+                                 lr=cfg.lr, seed=cfg.seed, max_cells=cfg.max_cells, precision=cfg.precision,
+                                 pool=pool, topk=k)
+        name = pool if pool == "attention" else f"{pool}{k}"
+        mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head,
+                                 log_path=out / f"mil-{name}.log.csv", checkpoint_path=out / f"mil-{name}.pt",
+                                 init_state=init)
+        candidates.append({"name": name, "pool": pool, "topk": k, "valid_slide_auc": history.best_valid_auc,
+                           "best_epoch": history.best_epoch, "mil": mil, "history": history})
+        _say(progress, f"mosaic_mil: slide head {name}: valid slide AUC {history.best_valid_auc:.4f} "
+                       f"(epoch {history.best_epoch})")
+    chosen = max(candidates, key=lambda c: c["valid_slide_auc"])  # first of equals: the listed order decides
+    mil, history, mil_path = chosen["mil"], chosen["history"], out / f"mil-{chosen['name']}.pt"
+    platt = None
+    if cfg.calibrate:
+        from wsi_vssm.training.dense_eval import fit_platt
+
+        logits = bag_logits(mil, valid)
+        ok = np.isfinite(logits)
+        platt = fit_platt(logits[ok], np.asarray(valid.labels)[ok])
+        mil.calibrate(*platt)
     threshold = youden_threshold(valid.labels, _slide_probs(mil, valid))
     train_loss, train_auc = evaluate(mil, Bags(bags["train"], mil_cfg.cache_mb))
     pooled = pooling_aucs(valid, head)
     _say(progress, f"mosaic_mil: best epoch {history.best_epoch} of {len(history.rows)}: valid slide AUC "
                    f"{history.best_valid_auc:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid); "
                    f"valid AUC of plain cell-logit pooling: " + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
-    model = attach_mil(model, out / "mil.pt")
+    model = attach_mil(model, mil_path)
+    if platt is not None:
+        model.mil.calibrate(*platt)
     record = {"method": "AttentionMIL trained on mosaic slides of real patches (wsi_vssm.synth.mosaic)",
               "config": cfg.to_dict(), "train_slides": len(bags["train"]), "valid_slides": len(bags["valid"]),
+              "slide_head": chosen["name"], "platt": None if platt is None else {"a": platt[0], "b": platt[1]},
+              "candidates": [{k: c[k] for k in ("name", "pool", "topk", "valid_slide_auc", "best_epoch")}
+                             for c in candidates],
               "best_epoch": history.best_epoch, "epochs_run": len(history.rows),
               "valid_slide_auc": history.best_valid_auc, "valid_slide_loss": history.best_valid_loss,
               "train_slide_auc": train_auc, "train_slide_loss": train_loss, "threshold": threshold,
@@ -194,6 +222,13 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
         record["seconds"] = round(time.perf_counter() - t0, 1)
         save_model(model, model_path, meta)
     return record
+
+
+def _candidates(cfg: MosaicMILConfig) -> list[tuple[str, int]]:
+    """(pool, topk) slide heads to train: attention once, topk and mix once per top-k size."""
+    pools = [cfg.pool] if isinstance(cfg.pool, str) else list(cfg.pool)
+    ks = [cfg.topk] if isinstance(cfg.topk, int) else list(cfg.topk)
+    return [(p, k) for p in pools for k in ([ks[0]] if p == "attention" else ks)]
 
 
 def score_test_cohort(folder: Path, model_path: Path, out: Path, progress: bool = True) -> dict:

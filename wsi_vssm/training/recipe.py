@@ -12,7 +12,7 @@ from pathlib import Path
 
 from wsi_vssm.errors import UsageError
 
-STAGES = ("cells", "context", "mosaic_mil", "attach_mil")
+STAGES = ("cells", "context", "dense", "mosaic_mil", "attach_mil")
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
@@ -50,8 +50,9 @@ def apply_overrides(recipe: dict, sets: list[str]) -> dict:
     return out
 
 
-def run_recipe(recipe: dict, out: Path, progress: bool = True) -> Path:
-    """Run the stages in order; returns the model file (OUT/model.pt)."""
+def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = False) -> Path:
+    """Run the stages in order; returns the model file (OUT/model.pt). `resume`: stages that checkpoint every
+    epoch (dense) continue from their last checkpoint."""
     from wsi_vssm.atomic import atomic_write_json
 
     table = recipe.get("recipe", {})
@@ -72,6 +73,8 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True) -> Path:
             _stage_cells(recipe, model_path, progress)
         elif stage == "context":
             _stage_context(recipe, model_path, out, progress)
+        elif stage == "dense":
+            _stage_dense(recipe, model_path, out, progress, resume)
         elif stage == "mosaic_mil":
             _stage_mosaic_mil(recipe, model_path, out, progress)
         elif stage == "attach_mil":
@@ -131,6 +134,31 @@ def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool) ->
                f"in-mosaic {r.select.get('mosaic_auc', float('nan')):.4f}"
                + (f", held-back AUC {hold['auc']:.4f} in-mosaic {hold['mosaic_auc']:.4f}" if hold else "")
                + f" ({r.seconds:.0f} s)")
+
+
+def _stage_dense(recipe: dict, model_path: Path, out: Path, progress: bool, resume: bool) -> None:
+    """Continue the context stage's model with dense token labels and mined hard negatives; that model is kept
+    as OUT/context.pt (the stage starts from it, also when resumed)."""
+    import shutil
+
+    from wsi_vssm.training.dense import DenseConfig, train_dense
+
+    data = _patch_data(recipe)
+    start = out / "context.pt"
+    if not start.exists():
+        if not model_path.is_file():
+            raise UsageError(f"stage dense needs the context stage's model {model_path}: run stage context first")
+        shutil.copyfile(model_path, start)
+    try:
+        cfg = DenseConfig(**{"valid_select": recipe.get("cells", {}).get("valid_select", 1000),
+                             **recipe.get("dense", {}), **({"resume": True} if resume else {})})
+    except (TypeError, ValueError) as e:  # unknown keys, or values of the wrong kind
+        raise UsageError(f"recipe [dense]: {e}") from e
+    r = train_dense(start, data["train"], data["valid"], model_path, cfg, progress=progress)
+    hold = r.get("holdout") or {}
+    print(f"dense: best epoch {r['best_epoch']} of {r['epochs_run']}, cell threshold {r['cell_threshold']:.4f}"
+          + (f", held-back patch AUC {hold['iso_auc']:.4f}, dense token AUC {hold['dense_auc']:.4f}" if hold else "")
+          + f" ({r['seconds']:.0f} s)")
 
 
 def _stage_mosaic_mil(recipe: dict, model_path: Path, out: Path, progress: bool) -> None:

@@ -1,0 +1,173 @@
+"""The detector issue's figures for one or more models, side by side, on the held-back part of PCam valid.
+
+    python bench/detector.py --valid .../pcam/valid.tar --work runs/detector-eval \\
+        --model old=runs/old-default.pt --model new=default
+
+For each model it prints (all on data no stage chose anything on, except the 16/32/48 rows, which use
+selection-part mosaics as the issue asks):
+- patch AUC on the 2,000 held-back patches (alone, centre token), their cell ECE (10 bins) and the balanced
+  accuracy at the model's `cell_threshold` (each patch is a cell, as `wsi-vssm evaluate PATCHES` scores it);
+  the same patches tiled 8 x 8: centre-token AUC, dense token AUC (label-1 centres against every token of
+  label-0 patches), sensitivity at 99.5% token specificity, and the centre tokens' ECE;
+- slide AUC (95% bootstrap CI) and slide ECE on mosaic slides of 32 x 32 held-back patches (`--slides`, patches
+  reused under flips / quarter turns when the pool runs out), through `wsi-vssm evaluate`'s own code;
+- the share of tissue tokens above `cell_threshold` on the normal slides of that cohort (from heatmap.ome.zarr);
+- slide AUC on selection-part mosaics of 16 x 16, 32 x 32 and 48 x 48 patches (`--size-slides` each), and the
+  drop from 16 to 48.
+Cohorts are written once under WORK/cohorts (same seeds, same slides for every model); results go to
+WORK/detector.json. Runs on CPU; about 15 minutes per model on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZES = (16, 32, 48)
+
+
+def build_cohorts(valid_src: str, work: Path, n_test: int, n_size: int, valid_select: int, seed: int) -> dict:
+    from wsi_vssm.synth.mosaic import make_mosaic_cohort
+    from wsi_vssm.training.cells import TrainCellsConfig, split_valid
+    from wsi_vssm.training.data.patches import load_patches
+
+    select, holdout = split_valid(load_patches(valid_src), TrainCellsConfig(seed=seed, valid_select=valid_select))
+    plan = {"test32": (holdout, n_test, 32, 102)}
+    plan.update({f"select{g}": (select, n_size, g, 120 + g) for g in SIZES})
+    folders = {}
+    for name, (patches, n, grid, cohort_seed) in plan.items():
+        folder = work / "cohorts" / name
+        if not (folder / "reference.csv").exists():
+            t = time.perf_counter()
+            make_mosaic_cohort(folder, patches, n, cohort_seed, grid, reuse=True, prefix=f"{name}_")
+            print(f"cohort {name}: {n} slides of {grid} x {grid} patches ({time.perf_counter() - t:.0f} s)",
+                  flush=True)
+        folders[name] = folder
+    return {"folders": folders, "holdout": holdout}
+
+
+def patch_figures(model, holdout) -> dict:
+    from wsi_vssm.outputs.report import roc_auc_or_nan
+    from wsi_vssm.pipeline.predict import PredictParams, cell_threshold
+    from wsi_vssm.training.dense_eval import (
+        expected_calibration_error,
+        mosaic_token_logits,
+        split_tokens,
+        token_metrics,
+    )
+    from wsi_vssm.training.patch_eval import predict_patches
+
+    p = predict_patches(model, holdout)
+    y = np.asarray(holdout.labels)
+    t = cell_threshold(model, PredictParams(), warn=False)
+    order, logits = mosaic_token_logits(model, holdout, 8)  # the same patches tiled 8 x 8: every token in context
+    tokens = split_tokens(y[order], logits)
+    centre = 1 / (1 + np.exp(-logits[:, 1, 1]))
+    return {"patch_auc": roc_auc_or_nan(y, p), "cell_ece": expected_calibration_error(y, p), "cell_threshold": t,
+            "patch_balanced_accuracy": 0.5 * (float((p[y == 1] >= t).mean()) + float((p[y == 0] < t).mean())),
+            "n_patches": len(y), **{f"mosaic_{k}": v for k, v in token_metrics(tokens).items()},
+            "mosaic_cell_ece": expected_calibration_error(y[order], centre)}
+
+
+def cohort_figures(model, model_path: str, folder: Path, out: Path) -> dict:
+    from wsi_vssm.outputs.heatmap import read_heatmap_zarr
+    from wsi_vssm.pipeline.predict import PredictParams, cell_threshold
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+    from wsi_vssm.training.dense_eval import expected_calibration_error
+
+    res = evaluate_cohort(folder, model, out, model_path=model_path, n_boot=2000)
+    m = res.metrics
+    rows = [r for r in res.rows if r.get("probability") is not None and r.get("label") is not None]
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([float(r["probability"]) for r in rows])
+    t = cell_threshold(model, PredictParams(), warn=False)
+    above, cells = 0, 0
+    for r in rows:
+        if int(r["label"]) == 0:
+            prob = read_heatmap_zarr(out / r["slide"] / "heatmap.ome.zarr")[0]
+            n = json.loads((out / r["slide"] / "prediction.json").read_text())["summary"]["n_cells"]
+            above, cells = above + int((prob >= t).sum()), cells + int(n)
+    return {"n": m["n"], "auc": m["auc"], "auc_ci95": m["auc_ci95"], "sensitivity": m["sensitivity"],
+            "specificity": m["specificity"], "slide_threshold": m["threshold"],
+            "slide_ece": expected_calibration_error(labels, probs),
+            "normal_token_share_above_cell_threshold": above / cells if cells else float("nan")}
+
+
+def evaluate_model(name: str, path: str, cohorts: dict, work: Path) -> dict:
+    from wsi_vssm.models.slide_model import load_model
+
+    model = load_model(path)
+    t = time.perf_counter()
+    out = {"model": path, **patch_figures(model, cohorts["holdout"])}
+    for cohort, folder in cohorts["folders"].items():
+        out[cohort] = cohort_figures(model, path, folder, work / "eval" / name / cohort)
+        print(f"{name}: {cohort} slide AUC {out[cohort]['auc']:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
+    out["drop_16_to_48"] = out["select16"]["auc"] - out["select48"]["auc"]
+    out["seconds"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def print_table(results: dict) -> None:
+    names = list(results)
+    rows = [
+        ("patch AUC, held-back valid", lambda r: f"{r['patch_auc']:.4f}"),
+        ("  in 8 x 8 mosaics: centre-token AUC", lambda r: f"{r['mosaic_centre_auc']:.4f}"),
+        ("  in 8 x 8 mosaics: dense token AUC (every normal token)", lambda r: f"{r['mosaic_dense_auc']:.4f}"),
+        ("  in 8 x 8 mosaics: sensitivity at 99.5% token specificity",
+         lambda r: f"{r['mosaic_sensitivity_at_0.995']:.3f}"),
+        ("slide AUC, 32 x 32 held-back mosaics [95% CI]",
+         lambda r: f"{r['test32']['auc']:.3f} [{r['test32']['auc_ci95'][0]:.3f}, {r['test32']['auc_ci95'][1]:.3f}]"
+                   f" n={r['test32']['n']}"),
+        ("  sensitivity / specificity at slide_threshold",
+         lambda r: f"{r['test32']['sensitivity']:.3f} / {r['test32']['specificity']:.3f} "
+                   f"(t={r['test32']['slide_threshold']:.3f})"),
+        ("normal-slide tokens above cell_threshold",
+         lambda r: f"{100 * r['test32']['normal_token_share_above_cell_threshold']:.2f}% "
+                   f"(t={r['cell_threshold']:.3f})"),
+        *[(f"slide AUC, {g} x {g} selection mosaics", lambda r, g=g: f"{r[f'select{g}']['auc']:.3f} "
+           f"n={r[f'select{g}']['n']}") for g in SIZES],
+        ("AUC drop, 16 x 16 -> 48 x 48", lambda r: f"{r['drop_16_to_48']:+.3f}"),
+        ("slide ECE, 32 x 32 held-back mosaics", lambda r: f"{r['test32']['slide_ece']:.3f}"),
+        ("cell ECE, held-back patches alone", lambda r: f"{r['cell_ece']:.3f}"),
+        ("cell ECE, held-back patches in 8 x 8 mosaics (centre tokens)", lambda r: f"{r['mosaic_cell_ece']:.3f}"),
+        ("balanced accuracy at cell_threshold, held-back patches", lambda r: f"{r['patch_balanced_accuracy']:.3f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print("| measure".ljust(width + 2) + " | " + " | ".join(names) + " |")
+    for label, fmt in rows:
+        print(f"| {label.ljust(width)} | " + " | ".join(fmt(results[n]) for n in names) + " |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python bench/detector.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--valid", required=True, help="PCam valid split (folder or tar)")
+    ap.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                    help="a model to score (repeatable); PATH may be 'default'")
+    ap.add_argument("--work", type=Path, default=Path("runs/detector-eval"))
+    ap.add_argument("--slides", type=int, default=80, help="held-back 32 x 32 mosaic slides (half tumour)")
+    ap.add_argument("--size-slides", type=int, default=24, help="selection mosaics per side 16 / 32 / 48")
+    ap.add_argument("--valid-select", type=int, default=1000, help="as in training: patches that select")
+    ap.add_argument("--seed", type=int, default=0, help="the select / held-back split's seed, as in training")
+    a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    cohorts = build_cohorts(a.valid, a.work, a.slides, a.size_slides, a.valid_select, a.seed)
+    results = {}
+    for spec in a.model:
+        name, _, path = spec.partition("=")
+        results[name] = evaluate_model(name, path or name, cohorts, a.work)
+        from wsi_vssm.atomic import atomic_write_json
+
+        atomic_write_json(a.work / "detector.json", results)
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""The dense stage (wsi_vssm.training.dense): token labels, the balanced loss, calibration, mining and resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_patch_folder, write_tiny_model
+
+from wsi_vssm.training.data.dense_mosaics import DenseMosaics, TokenWeights, mosaic_token_targets, patch_token_targets
+from wsi_vssm.training.dense import DenseConfig, balanced_bce, train_dense
+from wsi_vssm.training.dense_eval import expected_calibration_error, fit_platt, fold_platt, rim_noise
+
+
+def test_patch_targets_label_every_token_of_a_normal_patch_and_only_the_centre_of_a_tumour_one():
+    t, w = patch_token_targets(np.array([0, 1]), TokenWeights(rim=0.5, background=0.25))
+    assert t[0].sum() == 0 and w[0, 1, 1] == 1 and np.all(w[0][np.arange(9).reshape(3, 3) != 4] == 0.5)
+    assert t[1, 1, 1] == 1 and w[1].sum() == 1 and w[1, 1, 1] == 1  # tumour rim ignored
+
+
+def test_mosaic_targets_place_each_cell_and_weight_glass():
+    labels = np.array([0, 1])
+    index = np.array([[0, 1], [-1, 0]])
+    t, w = mosaic_token_targets(index, labels, TokenWeights(rim=0.5, background=0.25))
+    assert t.shape == w.shape == (6, 6)
+    assert t[4, 1] == 0 and np.all(w[3:, :3] == 0.25)  # glass
+    assert t[1, 4] == 1 and w[1, 4] == 1 and w[0, 3] == 0  # tumour centre; its rim ignored
+    assert t[:3, :3].sum() == 0 and w[1, 1] == 1 and w[0, 0] == 0.5  # normal patch: all negative
+
+
+def test_dense_mosaics_draw_lesions_glass_and_hard_negatives(tmp_path):
+    from wsi_vssm.training.data.patches import load_patches
+
+    write_patch_folder(tmp_path / "p", 30, seed=0)
+    ds = load_patches(tmp_path / "p")
+    dm = DenseMosaics(ds, (3, 5), 0.3, TokenWeights())
+    dm.hard, dm.hard_share = np.flatnonzero(ds.labels == 0)[:2], 1.0
+    rng = np.random.default_rng(0)
+    imgs, t, w = dm.batch(rng, 25)
+    side = imgs.shape[2] // 96
+    assert imgs.shape[1] == 3 and t.shape[1] == 3 * side and imgs.dtype == np.uint8
+    img, t, w = dm.draw(rng, 5, True)
+    assert t.sum() >= 1 and (w == 0.25).any()  # a lesion, and glass around the tissue
+
+
+def test_balanced_bce_gives_each_class_half_the_loss():
+    logits = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    target = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    w = torch.ones(4)
+    assert torch.isclose(balanced_bce(logits, target, w), torch.tensor(np.log(2.0), dtype=torch.float32))
+    logits = torch.tensor([5.0, -5.0, 5.0, 5.0])  # the positive right, two of three negatives badly wrong
+    lone = balanced_bce(logits, target, w)
+    assert lone > balanced_bce(logits, target, torch.tensor([1.0, 1.0, 0.0, 0.0]))  # weights 0 drop tokens
+
+
+def test_platt_recovers_a_known_scaling_and_folds_into_a_linear_head():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 2, 20000)
+    y = rng.random(20000) < 1 / (1 + np.exp(-(0.5 * x - 1.0)))
+    a, b = fit_platt(x, y)
+    assert abs(a - 0.5) < 0.05 and abs(b + 1.0) < 0.08
+    lin = torch.nn.Linear(3, 1)
+    f = torch.randn(5, 3)
+    before = lin(f).detach()
+    fold_platt(lin, a, b)
+    assert torch.allclose(lin(f).detach(), a * before + b, atol=1e-5)
+
+
+def test_ece_is_zero_when_calibrated_and_large_when_not():
+    y = np.r_[np.ones(30), np.zeros(70)]
+    assert expected_calibration_error(y, np.full(100, 0.3)) == pytest.approx(0.0)
+    assert expected_calibration_error(y, np.full(100, 0.9)) == pytest.approx(0.6)
+
+
+def test_rim_noise_counts_rims_above_the_centres_tail():
+    rng = np.random.default_rng(0)
+    centre = rng.normal(0, 1, 1000)
+    clean = {"neg_centre": centre, "neg_rim": rng.normal(0, 1, 8000)}
+    noisy = {"neg_centre": centre, "neg_rim": np.r_[rng.normal(0, 1, 7200), np.full(800, 9.0)]}
+    assert rim_noise(clean) < 0.005 and rim_noise(noisy) > 0.08
+
+
+def test_dense_stage_trains_mines_calibrates_and_resumes(tmp_path, capsys):
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.training.data.patches import load_patches
+
+    write_patch_folder(tmp_path / "train", 24, seed=1)
+    write_patch_folder(tmp_path / "valid", 24, seed=2)
+    init = write_tiny_model(tmp_path / "init.pt")
+    train, valid = load_patches(tmp_path / "train"), load_patches(tmp_path / "valid")
+    cfg = dict(rounds=1, round_epochs=1, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3],
+               valid_select=24, eval_grid=3, warmup_steps=1, hard_top=0.5, scan="cpu")
+    out = tmp_path / "run" / "model.pt"
+    train_dense(init, train, valid, out, DenseConfig(epochs=1, **cfg), progress=False)
+    assert (tmp_path / "run" / "dense" / "checkpoint.pt").is_file()
+    rec = train_dense(init, train, valid, out, DenseConfig(epochs=2, resume=True, **cfg), progress=True)
+    printed = capsys.readouterr().out
+    assert "resumed" in printed and "mining round 1" in printed
+    assert [r["epoch"] for r in rec["log"]] == [1, 2] and [r["phase"] for r in rec["log"]] == [0, 1]
+    assert rec["mining"][0]["pool"] == 9  # 18 of the 24 negatives fill two 3 x 3 mosaics; the worst half
+    model = load_model(out)
+    t = model.metadata["cell_threshold"]
+    assert 0 < t < 1 and model.metadata["dense_stage"]["platt"]["a"] != 0
+    assert model.metadata["dense_stage"]["best_epoch"] in (1, 2)

@@ -1,0 +1,348 @@
+"""Stage "dense": continue a cell model with every token supervised, hard negatives mined in rounds, and the
+cell head calibrated.
+
+Each step takes `batch_size` isolated patches (all nine tokens labelled, `training.data.dense_mosaics`) and
+mosaics of about `mosaic_cells` patches whose side varies over `grid`, with glass around the tissue and lesions
+from one patch up. The loss is class-balanced: positive and negative tokens each weigh half, so a step's few
+lesion tokens are not drowned by its hundreds of normal ones.
+
+Phases: phase 0 trains on random negatives; before each of the `rounds` later phases every training negative is
+scored in context and the worst `hard_top` share becomes a pool from which `hard_share` of the negatives are drawn.
+A phase ends when the selection score has not gained `min_gain` over its last `plateau` epochs (or after
+`round_epochs`). The score is the mean of the isolated patch AUC and the dense in-mosaic token AUC (label-1 centres
+against every token of label-0 patches) on the selection part of valid. The best epoch's weight average is kept.
+
+Then the cell head is calibrated on the selection part (Platt scaling of the in-mosaic centre tokens, folded into
+the head's weights, so heatmaps hold calibrated probabilities) and `cell_threshold` is set for a token
+specificity of `token_specificity` on the selection part's normal tokens. The held-back part is scored once.
+
+A checkpoint is written after every epoch (OUT/dense/checkpoint.pt); `resume` continues from it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsi_vssm.errors import UsageError
+from wsi_vssm.models.inputs import normalise_batch as normalise
+from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
+from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
+
+LOG_COLUMNS = ("epoch", "phase", "train_loss", "iso_auc", "centre_auc", "dense_auc", "sensitivity_at_0.995",
+               "rim_noise", "score", "lr", "seconds", "best")
+
+
+@dataclass
+class DenseConfig:
+    epochs: int = 30  # over all phases
+    rounds: int = 2  # hard-negative mining rounds (phases after the first)
+    round_epochs: int = 10  # the most epochs of one phase
+    plateau: int = 3  # a phase ends when its last `plateau` epochs gained < min_gain over its best before them
+    min_gain: float = 0.002
+    epoch_patches: int = 4000  # isolated patches per epoch (balanced draw); each step also takes mosaics
+    batch_size: int = 32
+    mosaic_cells: int = 64  # patch cells of mosaics per step
+    grid: list[int] = field(default_factory=lambda: [3, 10])
+    max_lesion_frac: float = 0.3
+    rim_weight: float = 0.5
+    background_weight: float = 0.25
+    hard_share: float = 0.5
+    hard_top: float = 0.1
+    lr: float = 5e-4  # halved in each mining round
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    ema: float = 0.998
+    drop_path: float = 0.1
+    seed: int = 0
+    valid_select: int | None = 1000
+    eval_grid: int = 8
+    token_specificity: float = 0.995
+    precision: str = "fp32"
+    scan: str = "auto"
+    resume: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        check_precision(self.precision)
+        for name in ("epochs", "round_epochs", "plateau", "epoch_patches", "batch_size", "mosaic_cells"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"dense.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.grid, (list, tuple)) and len(self.grid) == 2 and 2 <= self.grid[0] <= self.grid[1]):
+            raise UsageError(f"dense.grid must be [low, high] patches per side, 2 <= low <= high, got {self.grid!r}")
+        if not 0.5 <= self.token_specificity < 1:
+            raise UsageError(f"dense.token_specificity must be in [0.5, 1), got {self.token_specificity!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: DenseConfig,
+                progress: bool = True) -> dict:
+    """Train from the model file `init`, write the calibrated model to `out` (a model file); returns the
+    stage's record (also in the file's metadata under `dense_stage`)."""
+    from wsi_vssm.models.slide_model import load_model, save_model
+    from wsi_vssm.training.cells import TrainCellsConfig, WeightAverage, split_valid
+    from wsi_vssm.training.data.dense_mosaics import DenseMosaics, TokenWeights
+    from wsi_vssm.training.data.patches import PatchDataset, load_patches
+
+    out = Path(out)
+    work = out.parent / "dense"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    train = train_src if isinstance(train_src, PatchDataset) else load_patches(train_src)
+    valid = valid_src if isinstance(valid_src, PatchDataset) else load_patches(valid_src)
+    select, holdout = split_valid(valid, TrainCellsConfig(seed=cfg.seed,
+                                                                            valid_select=cfg.valid_select))
+    model = load_model(init, scan=cfg.scan)
+    model.backbone.set_drop_path(float(cfg.drop_path))
+    ema = WeightAverage(model, cfg.ema)
+    opt = _optimiser(model, cfg)
+    weights = TokenWeights(cfg.rim_weight, cfg.background_weight)
+    mosaics = DenseMosaics(train, tuple(cfg.grid), cfg.max_lesion_frac, weights)
+    st = _fresh_state()
+    ckpt_path = work / "checkpoint.pt"
+    if cfg.resume and ckpt_path.exists():
+        st = _load_checkpoint(ckpt_path, model, ema, opt)
+        _say(progress, f"dense: resumed from {ckpt_path} after epoch {st['epoch']} (phase {st['phase']})")
+    elif st["epoch"] == 0:
+        first = _select_metrics(ema.model, select, cfg)
+        st["start"] = first
+        _say(progress, f"dense: start (from {init}): " + _fmt(first))
+    mosaics.hard = None if st["hard"] is None else np.asarray(st["hard"])
+    mosaics.hard_share = cfg.hard_share if st["hard"] is not None else 0.0
+    t0 = time.perf_counter() - st["seconds"]
+    while st["epoch"] < cfg.epochs:
+        if _phase_done(st, cfg):
+            if st["phase"] >= cfg.rounds:
+                break
+            _mine(ema.model, train, mosaics, st, cfg, progress)
+        te = time.perf_counter()
+        st["epoch"] += 1
+        lr = cfg.lr * 0.5 ** st["phase"]
+        loss = _train_epoch(model, ema, opt, train, mosaics, cfg, st, lr)
+        sel = _select_metrics(ema.model, select, cfg)
+        best = sel["score"] > st["best_score"]
+        row = {"epoch": st["epoch"], "phase": st["phase"], "train_loss": loss, **{k: sel[k] for k in LOG_COLUMNS
+               if k in sel}, "lr": lr, "seconds": round(time.perf_counter() - te, 1), "best": best}
+        st["log"].append(row)
+        if best:
+            st["best_score"], st["best_epoch"] = sel["score"], st["epoch"]
+            save_model(ema.model, work / "best.pt", {**model.metadata, "dense_best_epoch": st["epoch"]})
+        st["seconds"] = time.perf_counter() - t0
+        _save_checkpoint(ckpt_path, model, ema, opt, st)
+        _write_log(work / "dense.log.csv", st["log"])
+        _say(progress, f"dense epoch {st['epoch']} (phase {st['phase']}): loss {loss:.4f} " + _fmt(sel)
+             + f" {row['seconds']:.0f}s" + (" *" if best else ""))
+    _close_phase(st)
+    return _finish(work / "best.pt", out, select, holdout, cfg, st, str(init), progress, save_model)
+
+
+# ------------------------------------------------------------------------------------------------ the steps
+def _optimiser(model, cfg: DenseConfig):
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr: float) -> float:
+    from wsi_vssm.training.data.dense_mosaics import patch_token_targets
+
+    model.train()
+    rng = np.random.default_rng([cfg.seed, st["epoch"], 11])
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + st["epoch"])
+    labels = np.asarray(train.labels)
+    idx = _epoch_draw(labels, cfg.epoch_patches, rng, mosaics)
+    colour = AugmentConfig(**{**cfg.augment.to_dict(), "flip_rot": False})  # mosaics: labels must stay put
+    dev = next(model.parameters()).device
+    prec = resolve_precision(cfg.precision, dev)
+    losses = []
+    for s in range(0, len(idx) - cfg.batch_size + 1, cfg.batch_size):
+        st["step"] += 1
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, st["step"] / cfg.warmup_steps)
+        batch = idx[s:s + cfg.batch_size]
+        xp = torch.from_numpy(np.stack([train[int(i)][0] for i in batch])).permute(0, 3, 1, 2)
+        tp, wp = patch_token_targets(labels[batch], mosaics.weights)
+        xm, tm, wm = mosaics.batch(rng, cfg.mosaic_cells)
+        with autocast(prec, dev):
+            lp = model.cell_logits(normalise(augment_batch(xp, cfg.augment, g).to(dev)))
+            lm = model.cell_logits(normalise(augment_batch(torch.from_numpy(xm), colour, g).to(dev)))
+        logits = torch.cat([lp.float().reshape(-1), lm.float().reshape(-1)])
+        target = torch.from_numpy(np.concatenate([tp.reshape(-1), tm.reshape(-1)])).to(dev)
+        weight = torch.from_numpy(np.concatenate([wp.reshape(-1), wm.reshape(-1)])).to(dev)
+        loss = balanced_bce(logits, target, weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(model)
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses)) if losses else math.nan
+
+
+def balanced_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted BCE in which positive and negative tokens each carry half of the loss."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
+    pos = target > 0.5
+    parts = [bce[m].sum() / weight[m].sum() for m in (pos, ~pos) if weight[m].sum() > 0]
+    return sum(parts) / len(parts)
+
+
+def _epoch_draw(labels: np.ndarray, n: int, rng: np.random.Generator, mosaics) -> np.ndarray:
+    """`n` isolated patches, half of each class; with a mined pool, `hard_share` of the negatives from it."""
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    half = n // 2
+    picks = [rng.choice(pos, half), rng.choice(neg, n - half)]
+    if mosaics.hard is not None and mosaics.hard_share > 0:
+        k = int(round(mosaics.hard_share * (n - half)))
+        picks[1][:k] = rng.choice(mosaics.hard, k)
+    return rng.permutation(np.concatenate(picks))
+
+
+def _select_metrics(model, select, cfg: DenseConfig) -> dict:
+    from wsi_vssm.training.dense_eval import mosaic_token_logits, split_tokens, token_metrics
+    from wsi_vssm.training.patch_eval import evaluate
+
+    iso = evaluate(model, select)
+    order, logits = mosaic_token_logits(model, select, cfg.eval_grid, cfg.seed)
+    m = token_metrics(split_tokens(np.asarray(select.labels)[order], logits), cfg.token_specificity)
+    return {"iso_auc": iso["auc"], **m, "score": 0.5 * (iso["auc"] + m["dense_auc"])}
+
+
+def _fmt(m: dict) -> str:
+    return (f"select: patch AUC {m['iso_auc']:.4f}, in mosaics centre AUC {m['centre_auc']:.4f} dense AUC "
+            f"{m['dense_auc']:.4f}, sensitivity at 99.5% token specificity "
+            f"{m.get('sensitivity_at_0.995', math.nan):.3f}, rim noise {m['rim_noise']:.4f}; score {m['score']:.4f}")
+
+
+# ------------------------------------------------------------------------------------------------ phases
+def _fresh_state() -> dict:
+    return {"epoch": 0, "phase": 0, "phase_start": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "log": [],
+            "hard": None, "phases": [], "mining": [], "seconds": 0.0, "start": None}
+
+
+def _phase_done(st: dict, cfg: DenseConfig) -> bool:
+    scores = [r["score"] for r in st["log"] if r["phase"] == st["phase"]]
+    if len(scores) >= cfg.round_epochs:
+        return True
+    if len(scores) <= cfg.plateau:
+        return False
+    return max(scores[-cfg.plateau:]) < max(scores[:-cfg.plateau]) + cfg.min_gain
+
+
+def _close_phase(st: dict) -> None:
+    rows = [r for r in st["log"] if r["phase"] == st["phase"]]
+    if rows and not any(p["phase"] == st["phase"] for p in st["phases"]):
+        best = max(rows, key=lambda r: r["score"])
+        st["phases"].append({"phase": st["phase"], "epochs": len(rows), "best_epoch": best["epoch"],
+                             "best_score": best["score"], "dense_auc": best["dense_auc"],
+                             "sensitivity_at_0.995": best["sensitivity_at_0.995"]})
+
+
+def _mine(model, train, mosaics, st: dict, cfg: DenseConfig, progress: bool) -> None:
+    from wsi_vssm.training.dense_eval import mine_hard_negatives
+
+    _close_phase(st)
+    t = time.perf_counter()
+    hard, info = mine_hard_negatives(model, train, cfg.eval_grid, cfg.hard_top, cfg.seed + st["phase"])
+    info.update(before_phase=st["phase"] + 1, seconds=round(time.perf_counter() - t, 1))
+    st["mining"].append(info)
+    st["hard"], st["phase"], st["phase_start"] = hard.tolist(), st["phase"] + 1, st["epoch"]
+    mosaics.hard, mosaics.hard_share = hard, cfg.hard_share
+    _say(progress, f"dense: mining round {st['phase']}: {info['scored']} training negatives scored in context, "
+                   f"{100 * info['share_any_token_above_0.5']:.1f}% with a token above 0.5; pool of the worst "
+                   f"{info['pool']} ({info['seconds']:.0f} s)")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+def _save_checkpoint(path: Path, model, ema, opt, st: dict) -> None:
+    import io
+
+    from wsi_vssm.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
+                "opt": opt.state_dict(), "state": st}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path, model, ema, opt) -> dict:
+    ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by _save_checkpoint
+    model.load_state_dict(ck["model"])
+    ema.model.load_state_dict(ck["ema"])
+    ema.updates = ck["ema_updates"]
+    opt.load_state_dict(ck["opt"])
+    return ck["state"]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    from wsi_vssm.atomic import atomic_write_rows
+
+    atomic_write_rows(path, rows, LOG_COLUMNS)
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ the end
+def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: dict, init: str, progress: bool,
+            save_model) -> dict:
+    """Calibrate the best epoch's cell head on the selection part, set the cell threshold, score the held-back
+    part once, and write the model file."""
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.training.dense_eval import (
+        expected_calibration_error,
+        fit_platt,
+        fold_platt,
+        mosaic_token_logits,
+        split_tokens,
+    )
+
+    if not best_path.exists():
+        raise UsageError(f"dense: no epoch was trained ({best_path} missing)")
+    model = load_model(best_path, scan=cfg.scan)
+    order, logits = mosaic_token_logits(model, select, cfg.eval_grid, cfg.seed)
+    labels = np.asarray(select.labels)[order]
+    a, b = fit_platt(logits[:, 1, 1], labels)
+    fold_platt(model.mil.cell_head, a, b)
+    tok = split_tokens(labels, a * logits + b)
+    normal = np.concatenate([tok["neg_centre"], tok["neg_rim"]])
+    threshold = float(1 / (1 + np.exp(-np.quantile(normal, cfg.token_specificity))))
+    record = {"method": "dense token supervision + hard-negative mining (wsi_vssm.training.dense)", "init": init,
+              "config": cfg.to_dict(), "epochs_run": st["epoch"], "best_epoch": st["best_epoch"],
+              "phases": st["phases"], "mining": st["mining"], "start_select": st["start"], "log": st["log"],
+              "platt": {"a": a, "b": b, "fitted_on": "selection part, in-mosaic centre tokens"},
+              "cell_threshold": threshold, "token_specificity": cfg.token_specificity,
+              "seconds": round(st["seconds"], 1)}
+    model.name = "dense"
+    meta = {**model.metadata, "dense_stage": record, "cell_threshold": threshold, "cell_calibration": "platt"}
+    meta.pop("dense_best_epoch", None)
+    if holdout is not None and len(holdout):
+        from wsi_vssm.training.patch_eval import predict_patches
+
+        p = predict_patches(model, holdout)
+        y = np.asarray(holdout.labels)
+        hold = _select_metrics(model, holdout, cfg)
+        hold.update(n=len(holdout), ece=expected_calibration_error(y, p),
+                    balanced_accuracy_at_cell_threshold=0.5 * (float((p[y == 1] >= threshold).mean())
+                                                               + float((p[y == 0] < threshold).mean())))
+        record["holdout"] = hold
+        _say(progress, f"dense: held-back part (n={len(holdout)}, never used to choose): " + _fmt(hold)
+             + f"; cell ECE {hold['ece']:.4f}; balanced accuracy at the cell threshold "
+               f"{hold['balanced_accuracy_at_cell_threshold']:.4f}")
+    save_model(model, out, meta)
+    _say(progress, f"dense: best epoch {st['best_epoch']} of {st['epoch']}; Platt a={a:.3f} b={b:.3f}; cell "
+                   f"threshold {threshold:.4f} ({100 * cfg.token_specificity:g}% of selection normal tokens below)"
+                   f" -> {out}")
+    return record

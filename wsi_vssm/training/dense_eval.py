@@ -1,0 +1,129 @@
+"""Token-level scoring for the dense stage: every token of patches tiled into mosaics, hard-negative mining, and
+the calibration of the cell head (Platt scaling folded into its weights, a threshold for a token specificity).
+
+Token kinds in a mosaic of patches: the centre token of a label-1 patch is a positive; every token of a label-0
+patch (centre and rim) is a negative of normal tissue; the rim of a label-1 patch is unknown and only recorded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from wsi_vssm.models.inputs import normalise_batch as normalise
+from wsi_vssm.outputs.report import roc_auc_or_nan
+from wsi_vssm.training.patch_eval import device_of
+
+ECE_BINS = 10
+
+
+@torch.no_grad()
+def mosaic_token_logits(model, ds, grid: int, seed: int = 0, order: np.ndarray | None = None):
+    """Patches of `ds` (a seeded order, or `order`) tiled grid x grid; returns (indices scored, (N, 3, 3) cell
+    logits of each patch's tokens read off the mosaic's token map). Left-over patches are not scored."""
+    from wsi_vssm.synth.mosaic import tile
+
+    model.eval()
+    dev = device_of(model)
+    n = grid * grid
+    if order is None:
+        order = np.random.default_rng(seed).permutation(len(ds))
+    order = np.asarray(order)[: len(order) // n * n]
+    out = []
+    for s in range(0, len(order), n):
+        img = tile([ds[int(i)][0] for i in order[s:s + n]], grid)
+        x = normalise(torch.from_numpy(img).permute(2, 0, 1)[None].to(dev).float() / 255)
+        logits = model.cell_logits(x)[0].float().cpu().numpy()  # (3g, 3g)
+        out.append(logits.reshape(grid, 3, grid, 3).transpose(0, 2, 1, 3).reshape(n, 3, 3))
+    return order, (np.concatenate(out) if out else np.zeros((0, 3, 3), np.float32))
+
+
+def split_tokens(labels: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
+    """Token logits by kind: positives (label-1 centres), negative centres, negative rims, positive rims."""
+    rim = np.ones((3, 3), bool)
+    rim[1, 1] = False
+    pos, neg = labels == 1, labels == 0
+    return {"pos": logits[pos, 1, 1], "neg_centre": logits[neg, 1, 1], "neg_rim": logits[neg][:, rim].reshape(-1),
+            "pos_rim": logits[pos][:, rim].reshape(-1)}
+
+
+def token_metrics(tokens: dict[str, np.ndarray], specificity: float = 0.995) -> dict:
+    """AUCs of positives against negative centres and against every negative token, and the sensitivity at the
+    logit that keeps `specificity` of the negative tokens below it."""
+    neg = np.concatenate([tokens["neg_centre"], tokens["neg_rim"]])
+    pos = tokens["pos"]
+
+    def auc(p, n):
+        return roc_auc_or_nan(np.r_[np.ones(len(p)), np.zeros(len(n))], np.r_[p, n])
+
+    cut = float(np.quantile(neg, specificity)) if len(neg) else math.nan
+    return {"centre_auc": auc(pos, tokens["neg_centre"]), "dense_auc": auc(pos, neg),
+            f"sensitivity_at_{specificity:g}": float((pos > cut).mean()) if len(pos) else math.nan,
+            "rim_noise": rim_noise(tokens)}
+
+
+def rim_noise(tokens: dict[str, np.ndarray], q: float = 0.99) -> float:
+    """How much more often the rim of a label-0 patch looks like tumour than its (labelled) centre: the share
+    of negative rim tokens above the negative centres' `q` quantile, minus 1 - q. An estimate of the rim
+    label noise (tumour in the unlabelled rim of a normal-centred patch), floored at 0."""
+    if not len(tokens["neg_centre"]) or not len(tokens["neg_rim"]):
+        return math.nan
+    cut = np.quantile(tokens["neg_centre"], q)
+    return max(0.0, float((tokens["neg_rim"] > cut).mean()) - (1 - q))
+
+
+@torch.no_grad()
+def mine_hard_negatives(model, train, grid: int, top: float, seed: int) -> tuple[np.ndarray, dict]:
+    """Score every training negative in context (negatives tiled grid x grid, a seeded order; the worst of
+    its nine tokens counts) and return the `top` share with the highest scores, plus a summary."""
+    neg = np.flatnonzero(np.asarray(train.labels) == 0)
+    order = np.random.default_rng([seed, 7]).permutation(neg)
+    scored, logits = mosaic_token_logits(model, train, grid, order=order)
+    worst = logits.reshape(len(scored), -1).max(1)
+    k = max(1, int(round(top * len(scored))))
+    pick = np.argsort(worst)[-k:]
+    prob = 1 / (1 + np.exp(-worst))
+    return scored[pick], {"scored": int(len(scored)), "pool": int(k), "share_any_token_above_0.5":
+                          float((prob > 0.5).mean()), "pool_min_prob": float(prob[pick].min())}
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray, iters: int = 100) -> tuple[float, float]:
+    """(a, b) minimising the log loss of sigmoid(a * logit + b) (Newton's method on two parameters)."""
+    x, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+    a, b = 1.0, 0.0
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(a * x + b)))
+        g = np.array([((p - y) * x).sum(), (p - y).sum()])
+        w = p * (1 - p) + 1e-12
+        h = np.array([[(w * x * x).sum(), (w * x).sum()], [(w * x).sum(), w.sum()]]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(h, g)
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(a), float(b)
+
+
+def fold_platt(linear: torch.nn.Linear, a: float, b: float) -> None:
+    """Make `linear`'s logit a * logit + b in place: the head then outputs calibrated logits."""
+    with torch.no_grad():
+        linear.weight.mul_(a)
+        linear.bias.mul_(a).add_(b)
+
+
+def expected_calibration_error(labels, probs, bins: int = ECE_BINS) -> float:
+    """ECE over `bins` equal-width probability bins: sum over bins of (share of items) x |accuracy - confidence|,
+    with 'accuracy' the bin's share of positives and 'confidence' its mean probability."""
+    y, p = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
+    ok = np.isfinite(p)
+    y, p = y[ok], p[ok]
+    if not len(p):
+        return math.nan
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for k in range(bins):
+        sel = which == k
+        if sel.any():
+            total += sel.mean() * abs(y[sel].mean() - p[sel].mean())
+    return float(total)
