@@ -98,16 +98,19 @@ def cohort_figures(model, model_path: str, folder: Path, out: Path) -> dict:
             "normal_token_share_above_cell_threshold": above / cells if cells else float("nan")}
 
 
-def evaluate_model(name: str, path: str, cohorts: dict, work: Path) -> dict:
+def evaluate_model(name: str, path: str, cohorts: dict, work: Path, only: list[str] | None = None) -> dict:
     from wsi_vssm.models.slide_model import load_model
 
     model = load_model(path)
     t = time.perf_counter()
     out = {"model": path, **patch_figures(model, cohorts["holdout"])}
     for cohort, folder in cohorts["folders"].items():
+        if only and cohort not in only:
+            continue
         out[cohort] = cohort_figures(model, path, folder, work / "eval" / name / cohort)
         print(f"{name}: {cohort} slide AUC {out[cohort]['auc']:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
-    out["drop_16_to_48"] = out["select16"]["auc"] - out["select48"]["auc"]
+    if "select16" in out and "select48" in out:
+        out["drop_16_to_48"] = out["select16"]["auc"] - out["select48"]["auc"]
     out["seconds"] = round(time.perf_counter() - t, 1)
     return out
 
@@ -139,8 +142,14 @@ def print_table(results: dict) -> None:
     ]
     width = max(len(r[0]) for r in rows)
     print("| measure".ljust(width + 2) + " | " + " | ".join(names) + " |")
+    def cell(fmt, r):
+        try:
+            return fmt(r)
+        except KeyError:  # a cohort this model was not scored on (--only)
+            return "-"
+
     for label, fmt in rows:
-        print(f"| {label.ljust(width)} | " + " | ".join(fmt(results[n]) for n in names) + " |")
+        print(f"| {label.ljust(width)} | " + " | ".join(cell(fmt, results[n]) for n in names) + " |")
 
 
 def main(argv=None) -> int:
@@ -153,15 +162,20 @@ def main(argv=None) -> int:
     ap.add_argument("--size-slides", type=int, default=24, help="selection mosaics per side 16 / 32 / 48")
     ap.add_argument("--valid-select", type=int, default=1000, help="as in training: patches that select")
     ap.add_argument("--seed", type=int, default=0, help="the select / held-back split's seed, as in training")
+    ap.add_argument("--only", nargs="+", default=None, metavar="COHORT",
+                    help="score only these cohorts (test32, select16, select32, select48); the patch rows always")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results of models already in WORK/detector.json (score only the ones given)")
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     cohorts = build_cohorts(a.valid, a.work, a.slides, a.size_slides, a.valid_select, a.seed)
-    results = {}
+    saved = a.work / "detector.json"
+    results = json.loads(saved.read_text()) if a.merge and saved.exists() else {}
     for spec in a.model:
         name, _, path = spec.partition("=")
-        results[name] = evaluate_model(name, path or name, cohorts, a.work)
+        results[name] = evaluate_model(name, path or name, cohorts, a.work, a.only)
         from wsi_vssm.atomic import atomic_write_json
 
         atomic_write_json(a.work / "detector.json", results)
