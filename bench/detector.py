@@ -145,7 +145,7 @@ def print_table(results: dict) -> None:
     def cell(fmt, r):
         try:
             return fmt(r)
-        except KeyError:  # a cohort this model was not scored on (--only)
+        except (KeyError, TypeError):  # a cohort this model was not scored on (--only), or a null figure
             return "-"
 
     for label, fmt in rows:
