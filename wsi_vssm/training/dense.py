@@ -143,7 +143,7 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         _say(progress, f"dense epoch {st['epoch']} (phase {st['phase']}): loss {loss:.4f} " + _fmt(sel)
              + f" {row['seconds']:.0f}s" + (" *" if best else ""))
     _close_phase(st)
-    return _finish(work / "best.pt", out, select, holdout, cfg, st, str(init), progress, save_model)
+    return _finish(work / "best.pt", out, select, holdout, cfg, st, str(init), progress)
 
 
 # ------------------------------------------------------------------------------------------------ the steps
@@ -296,11 +296,11 @@ def _say(progress: bool, msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the end
-def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: dict, init: str, progress: bool,
-            save_model) -> dict:
+def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: dict, init: str,
+            progress: bool) -> dict:
     """Calibrate the best epoch's cell head on the selection part, set the cell threshold, score the held-back
     part once, and write the model file."""
-    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.models.slide_model import load_model, save_model
     from wsi_vssm.training.dense_eval import (
         expected_calibration_error,
         fit_platt,

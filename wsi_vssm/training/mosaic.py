@@ -168,7 +168,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     current = model.mil
     head = {k: v.detach().clone() for k, v in current.cell_head.state_dict().items()}
     init = current.state_dict() if cfg.init_from_model else None  # the cell stage's first head, as a start
-    valid = Bags(bags["valid"], 4096.0)  # read once for the choice, the calibration and the baselines
+    valid = Bags(bags["valid"], MILTrainConfig().cache_mb)  # read once: the choice, the calibration, the baselines
     candidates = []
     for pool, k in _candidates(cfg):
         mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
