@@ -110,6 +110,8 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
     mosaics = DenseMosaics(train, tuple(cfg.grid), cfg.max_lesion_frac, weights)
     st = _fresh_state()
     ckpt_path = work / "checkpoint.pt"
+    if ckpt_path.exists() and not cfg.resume:  # a rerun must not silently throw away finished epochs
+        raise UsageError(f"{ckpt_path} exists: continue it with --resume (dense.resume) or remove it to start over")
     if cfg.resume and ckpt_path.exists():
         st = _load_checkpoint(ckpt_path, model, ema, opt)
         _say(progress, f"dense: resumed from {ckpt_path} after epoch {st['epoch']} (phase {st['phase']})")
