@@ -7,7 +7,8 @@ Sections, each timed with CUDA events (medians) and each allowed to fail without
                 the CPU, on fresh random inputs of several shapes (grouped/ungrouped B, C; N = 1, 4, 16; z;
                 initial state; multi-tile lengths), plus the Triton path's gradients; relative L2 error.
   scan_speed    VMamba's scan shape (768 channels, 4 groups, d_state 1) at L = 4k ... 6.25M (2,500^2: stage 1
-                of a 10,000 px region), Melem/s per kernel against the device's measured copy bandwidth.
+                of a 10,000 px region), Melem/s per kernel against the device's measured copy bandwidth; also
+                the training pair (forward saving tile states, fused backward) against the backward's limit.
   backbone      `tiny` (random weights) on CPU vs GPU (fp32 and bf16 autocast) on a 512 px input; the golden
                 micro fixture on the GPU; then one 10,000 x 10,000 region through `tiny` in one pass (fp32 and
                 bf16), with seconds and peak GPU memory, for each Triton variant.
@@ -126,7 +127,7 @@ def section_scan_check(device, smoke):
                             delta_softplus=True, impl="triton")
         row["triton_bf16_in_y"] = rel_err(yb, ref_y)
         rows.append(row)
-    # gradients through the Triton path (forward kernel, backward through chunked) against the reference's
+    # gradients through the Triton path (tiled forward saving states, fused backward) against the reference's
     x = scan_inputs(2, 40, 300 if smoke else 1000, 4, 4, gen=gen)
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -188,6 +189,19 @@ def _speed_row(device, timer, bw, channels, length, gen, reps):
         row["chunked_Melem_s"] = elems / t / 1e6
     row["tiled_over_serial"] = row["tiled_Melem_s"] / row["serial_Melem_s"]
     row["limit_over_tiled"] = row["limit_Melem_s"] / row["tiled_Melem_s"]
+    # training: the forward that saves tile states, then the fused backward. The backward's least traffic reads
+    # u, delta, dy (D x L each) and B, C, and writes du, ddelta and dB, dC (summed by atomics over channels)
+    y, hlast, hck = scan_triton.scan_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], None,
+                                         x["delta_bias"], h0, True, save_states=True)
+    dy, dlast = torch.randn_like(y), torch.zeros_like(hlast)
+    t = timer.median(lambda: scan_triton.scan_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], None,
+                                                  x["delta_bias"], h0, True, save_states=True), repeats=reps)
+    row["fwd_save_states_Melem_s"] = elems / t / 1e6
+    t = timer.median(lambda: scan_triton.scan_bwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], None,
+                                                  x["delta_bias"], hck, dy, dlast, True), repeats=reps)
+    row["bwd_Melem_s"] = elems / t / 1e6
+    row["bwd_limit_Melem_s"] = elems / (4 * (5 * channels * length + 4 * GROUPS * length) / bw) / 1e6
+    row["bwd_limit_over_bwd"] = row["bwd_limit_Melem_s"] / row["bwd_Melem_s"]
     return row
 
 

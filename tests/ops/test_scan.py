@@ -240,15 +240,19 @@ def test_chunked_exports_to_onnx(tmp_path):
 TRITON_CHECK = """
 import torch, sys
 sys.path.insert(0, {tests!r})
-from test_scan import GRAD_NAMES, assert_close, make_inputs, run_with_grads
-for shape in [(1, 3, 1, 1, 0), (2, 8, 13, 4, 2), (1, 40, 9, 1, 4)]:
-    x = make_inputs(*shape)
-    y_ref, h_ref, g_ref = run_with_grads("reference", x)
-    y, h, grads = run_with_grads("triton", x)
-    assert_close(y, y_ref, 2e-5, "y")
-    assert_close(h, h_ref, 2e-5, "last state")
-    for name in GRAD_NAMES:  # the backward recomputes through `chunked`
-        assert_close(grads[name], g_ref[name], 1e-4, "d" + name)
+from test_scan import assert_close, make_inputs, run_with_grads
+# the fused backward: one tile (1 x 1, odd D), several tiles (N = 1: 128-step tiles; N = 16: 16-step tiles, a
+# masked tail), groups whose width is not the program's 4 channels, with and without z, D, bias, initial state
+for shape, full, softplus in [((1, 3, 1, 1, 0), True, True), ((2, 8, 13, 4, 2), True, True),
+                              ((1, 40, 9, 1, 4), False, True), ((2, 6, 150, 1, 3), True, False),
+                              ((1, 5, 40, 16, 0), True, True), ((2, 8, 37, 16, 2), False, True)]:
+    x = make_inputs(*shape, full=full)
+    y_ref, h_ref, g_ref = run_with_grads("reference", x, softplus=softplus)
+    y, h, grads = run_with_grads("triton", x, softplus=softplus)
+    assert_close(y, y_ref, 2e-5, f"y {{shape}}")
+    assert_close(h, h_ref, 2e-5, f"last state {{shape}}")
+    for name in g_ref:
+        assert_close(grads[name], g_ref[name], 1e-4, f"d{{name}} {{shape}}")
 # both kernels directly, with tiles shorter than L (the carry across tiles, a masked tail) and N > 1
 from wsi_vssm.ops.scan import _as_groups, selective_scan_reference
 from wsi_vssm_kernels import scan_triton

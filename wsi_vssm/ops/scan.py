@@ -17,7 +17,7 @@ Implementations (docs/scan.md has the measurements):
     chunked    pure PyTorch, parallel within chunks (log-space segment sums): exports to ONNX, runs anywhere
                (`wsi_vssm.ops.scan_chunked`).
     mamba_ssm  mamba-ssm's CUDA kernel (extra [cuda]); it has no initial_state, so passing one raises.
-    triton     our Triton forward (kernels/scan_triton.py); backward recomputes through `chunked`.
+    triton     our Triton kernels (kernels/scan_triton.py): tiled forward, fused backward.
     auto       CPU: cpu (numba is a core dependency; missing -> MissingDependency, never a slow path).
                CUDA: mamba_ssm, else triton, else chunked (with a warning), skipping mamba_ssm when
                initial_state is given. The choice is logged once per (device, choice).
@@ -307,36 +307,41 @@ def _import_triton_kernel():
 
 
 class _ScanTritonFn(torch.autograd.Function):
-    """Triton forward; backward recomputes the scan with `chunked` under autograd (correct, not fused)."""
+    """Triton forward and fused backward (kernels/scan_triton.py); the backward restarts from the states the
+    forward saved at tile starts, never through `chunked`."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, need_grad):
         kern = _import_triton_kernel()
         batch, dim, _ = u.shape
         dev, f32 = u.device, torch.float32
-        y, hlast = kern.scan_fwd(
-            _np(u, f32), _np(delta, f32), _np(A, f32), _np(_as_groups(B), f32), _np(_as_groups(C), f32),
-            _np(D, f32) if D is not None else torch.zeros(dim, device=dev),
-            _np(z, f32) if z is not None else None,
-            _np(delta_bias, f32) if delta_bias is not None else torch.zeros(dim, device=dev),
-            _np(h0, f32) if h0 is not None else torch.zeros(batch, dim, A.shape[1], device=dev),
-            softplus,
-        )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
-        ctx.softplus = softplus
+        ins = (_np(u, f32), _np(delta, f32), _np(A, f32), _np(_as_groups(B), f32), _np(_as_groups(C), f32),
+               _np(D, f32) if D is not None else torch.zeros(dim, device=dev),
+               _np(z, f32) if z is not None else None,
+               _np(delta_bias, f32) if delta_bias is not None else torch.zeros(dim, device=dev))
+        h0f = _np(h0, f32) if h0 is not None else torch.zeros(batch, dim, A.shape[1], device=dev)
+        out = kern.scan_fwd(*ins, h0f, softplus, save_states=need_grad)
+        y, hlast = out[:2]
+        if need_grad:
+            ctx.save_for_backward(*ins, out[2])
+            ctx.meta = (softplus, B.shape, [x.dtype if x is not None else None
+                                            for x in (u, delta, A, B, C, D, z, delta_bias, h0)])
         return y.to(u.dtype), hlast
 
     @staticmethod
     def backward(ctx, dy, dlast):
-        inputs = [x.detach().requires_grad_(x.dtype.is_floating_point) if x is not None else None
-                  for x in ctx.saved_tensors]
-        with torch.enable_grad():
-            y, h = selective_scan_chunked(*inputs[:8], delta_softplus=ctx.softplus, return_last_state=True,
-                                          initial_state=inputs[8])
-            outs, gouts = zip(*[(o, g) for o, g in ((y, dy), (h, dlast)) if g is not None], strict=True)
-            wanted = [x for x, need in zip(inputs, ctx.needs_input_grad, strict=False) if need]
-            grads = iter(torch.autograd.grad(outs, wanted, gouts, allow_unused=True))
-        return (*[next(grads) if need else None for need in ctx.needs_input_grad[:9]], None)
+        kern = _import_triton_kernel()
+        u, delta, A, B, C, D, z, bias, hck = ctx.saved_tensors
+        softplus, b_shape, dtypes = ctx.meta
+        f32 = torch.float32
+        dy = _np(dy, f32) if dy is not None else torch.zeros_like(u)
+        dlast = _np(dlast, f32) if dlast is not None else torch.zeros_like(hck[..., 0])
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = kern.scan_bwd(u, delta, A, B, C, D, z, bias, hck, dy, dlast,
+                                                                   softplus)
+        grads = (du, ddelta, dA, dB.reshape(b_shape), dC.reshape(b_shape), dD, dz, dbias, dh0)
+        out = [g.to(t) if (need and t is not None and g is not None) else None
+               for g, t, need in zip(grads, dtypes, ctx.needs_input_grad, strict=False)]
+        return (*out, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -344,7 +349,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     """Triton kernel on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)."""
     if not u.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise ValueError("the 'triton' scan needs CUDA tensors (or TRITON_INTERPRET=1 for testing on CPU)")
-    y, h = _ScanTritonFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+    need = _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    y, h = _ScanTritonFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), need)
     return (y, h) if return_last_state else y
 
 
