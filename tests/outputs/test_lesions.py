@@ -175,3 +175,30 @@ def test_lesions_csv_columns_and_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["lesions.csv"]  # no temporary left behind
     write_lesions_csv(path, [])
     assert path.read_text() == ",".join(LESION_COLUMNS) + "\n"
+
+
+def test_extent_threshold_grows_seeded_lesions_only():
+    """Hysteresis: a 5 x 5 block at 0.6 around one 0.9 seed is one lesion of 25 cells; an equal block with no
+    seed is none; without an extent threshold only the seed is a lesion."""
+    prob = np.full((12, 20), 0.1, np.float32)
+    prob[2:7, 2:7] = 0.6
+    prob[4, 4] = 0.9
+    prob[2:7, 12:17] = 0.6  # above the extent threshold, no seed
+    (seed_only,) = find_lesions(prob, CELL0, (0, 0), MPP, threshold=0.8)
+    assert seed_only.cells == 1
+    (grown,) = find_lesions(prob, CELL0, (0, 0), MPP, threshold=0.8, extent_threshold=0.5)
+    assert grown.cells == 25 and grown.diameter_mm == pytest.approx((math.hypot(4, 4) + 1) * CELL_MM)
+    assert grown.peak_probability == pytest.approx(0.9) and grown.mean_probability == pytest.approx(
+        (24 * 0.6 + 0.9) / 25)
+    assert (grown.x, grown.width) == (2 * CELL0, 5 * CELL0)
+    labels, n = label_lesions(prob, 0.5, seed_threshold=0.8)
+    assert n == 1 and (labels[2:7, 2:7] == 1).all() and labels[2:7, 12:17].max() == 0
+    prob[5, 14] = 0.95  # now the second block has a seed: two lesions, numbered by first cell, row-major
+    labels, n = label_lesions(prob, 0.5, seed_threshold=0.8)
+    assert n == 2 and labels[2, 2] == 1 and labels[2, 12] == 2
+    assert find_lesions(prob, CELL0, (0, 0), MPP, threshold=0.8, extent_threshold=0.8)[0].cells == 1
+
+
+def test_extent_threshold_above_the_threshold_is_an_error():
+    with pytest.raises(UsageError, match="extent threshold 0.9 is above the cell threshold 0.5"):
+        find_lesions(np.zeros((3, 3)), CELL0, (0, 0), MPP, threshold=0.5, extent_threshold=0.9)

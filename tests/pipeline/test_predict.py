@@ -29,7 +29,7 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     folder = tmp_path / "tumor_001"
     saved = json.loads((folder / "prediction.json").read_text())
     assert list(saved) == ["schema", "slide", "probability", "label", "threshold", "slide_threshold",
-                           "cell_threshold", "reason", "in_domain", "domain_notes", "device", "model", "mpp",
+                           "cell_threshold", "lesion_extent_threshold", "reason", "in_domain", "domain_notes", "device", "model", "mpp",
                            "summary", "lesions", "parameters", "timings", "version"]
     assert saved["in_domain"] is True  # a random test model has no feature domain: the notes say what was not checked
     assert all("not checked" in note for note in saved["domain_notes"])
@@ -37,6 +37,7 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     assert saved["slide"] == "tumor_001" and 0.0 <= saved["probability"] <= 1.0 and saved["reason"] is None
     assert saved["label"] == int(saved["probability"] >= 0.5) and rec["probability"] == saved["probability"]
     assert saved["threshold"] == saved["slide_threshold"] == 0.5 and saved["cell_threshold"] == 0.5
+    assert saved["lesion_extent_threshold"] == 0.5  # the test model stores none: lesions end at the cell threshold
     assert saved["mpp"]["analysis"] == pytest.approx(0.97) and saved["summary"]["n_cells"] > 10
     assert saved["summary"]["tissue_area_mm2"] > 0
     largest = max((les["diameter_mm"] for les in saved["lesions"]), default=None)
@@ -233,6 +234,7 @@ def test_older_model_file_thresholds_and_one_uncalibrated_warning(cohort, tmp_pa
         rec = predict_slide(cohort / "normal_001.tif", model, tmp_path / "a", FAST)
         predict_slide(cohort / "normal_001.tif", model, tmp_path / "b", FAST)
     assert rec["slide_threshold"] == rec["threshold"] == 0.6 and rec["cell_threshold"] == 0.5
+    assert rec["lesion_extent_threshold"] == 0.5
     said = [w for w in caught if "not calibrated" in str(w.message)]
     assert len(said) == 1
 
@@ -246,7 +248,8 @@ def test_tta_and_precision_change_the_parameter_hash(model_file):
     plain = predict_job("out", model_file, model, PredictParams(device="cpu"))
     tta = predict_job("out", model_file, model, PredictParams(device="cpu", tta=True))
     cell = predict_job("out", model_file, model, PredictParams(device="cpu", cell_threshold=0.7))
-    assert len({plain.params_hash, tta.params_hash, cell.params_hash}) == 3
+    extent = predict_job("out", model_file, model, PredictParams(device="cpu", extent_threshold=0.3))
+    assert len({plain.params_hash, tta.params_hash, cell.params_hash, extent.params_hash}) == 4
     assert tta.resolved["tta"] is True and plain.resolved["precision"] == "float32"
 
 
@@ -271,3 +274,40 @@ def test_a_tumour_call_resting_on_few_cells_is_flagged():
     assert "1 cell(s)" in _few_cells_warning(probs, 1, 0.5)
     assert _few_cells_warning(probs, 0, 0.5) is None  # a normal call needs no such warning
     assert _few_cells_warning(np.full(10, 0.9, np.float32), 1, 0.5) is None
+
+
+def test_lesions_grow_from_seed_cells_to_the_extent_threshold(cohort, tmp_path):
+    """A model with a lesion extent threshold: lesions and contours take every cell at or above it that joins a
+    cell at or above the cell threshold; groups above the extent threshold without such a cell stay out."""
+    import zarr
+    from shapely.geometry import shape
+
+    model = _model(write_tiny_model(tmp_path / "m.pt", cell_threshold=0.5))
+    predict_slide(cohort / "tumor_001.tif", model, tmp_path / "a", FAST)
+    grid = zarr.open(str(tmp_path / "a" / "tumor_001" / "heatmap.ome.zarr"), mode="r")["0"][:]
+    lo, hi = (float(np.nanquantile(grid, q)) for q in (0.3, 0.97))
+    model.metadata = {**model.metadata, "cell_threshold": hi}
+    seeds = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "s", FAST)
+    model.metadata = {**model.metadata, "lesion_extent_threshold": lo}
+    grown = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "g", FAST)
+    assert seeds["lesion_extent_threshold"] == hi and grown["lesion_extent_threshold"] == lo
+    area = {k: sum(les["area_mm2"] for les in r["lesions"]) for k, r in (("s", seeds), ("g", grown))}
+    assert area["g"] > area["s"] > 0  # the extent adds cells ...
+    assert 1 <= len(grown["lesions"]) <= len(seeds["lesions"])  # ... and no lesion without a seed
+    assert all(les["peak_probability"] >= hi for les in grown["lesions"])
+    assert min(les["mean_probability"] for les in grown["lesions"]) < hi
+    mm_per_px = grown["mpp"]["slide"] / 1000
+    for k in ("s", "g"):  # the contours outline exactly the lesions' cells
+        feats = json.loads((tmp_path / k / "tumor_001" / "contours.geojson").read_text())["features"]
+        assert sum(shape(f["geometry"]).area for f in feats) * mm_per_px**2 == pytest.approx(area[k], rel=1e-6)
+
+
+def test_extent_threshold_above_the_cell_threshold_is_refused(model_file):
+    from wsi_vssm.commands.options import build_params
+    from wsi_vssm.errors import OptionError
+
+    opts = dict(target_mpp=None, region_px=None, overlap_px=None, device="cpu", batch_size=1, reader_threads=1,
+                precision="fp32", amp=False, tta=False, threshold=None, cell_threshold=0.6, extent_threshold=0.7,
+                backend="auto")
+    with pytest.raises(OptionError, match="--extent-threshold 0.7 is above the cell threshold 0.6"):
+        build_params(_model(model_file), None, **opts)

@@ -122,6 +122,9 @@ def predict_options(f):
         click.option("--cell-threshold", type=click.FloatRange(0, 1), default=None,
                      help="Cell probability at and above which a cell is tumour: contours, lesions, overlay "
                           "(default: the model's, else 0.5)."),
+        click.option("--extent-threshold", type=click.FloatRange(0, 1), default=None,
+                     help="Where a lesion ends: cells at or above it that join a cell above --cell-threshold "
+                          "are part of its lesion and contour (default: the model's, else the cell threshold)."),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile", "zarr"]), default="auto",
                      show_default=True),
     ]
@@ -134,9 +137,13 @@ def build_params(model, mpp, **opts):
     """PredictParams from predict's options, checked against the model before any slide is read."""
     from wsi_vssm.pipeline.predict import PredictParams
 
+    from wsi_vssm.pipeline.predict import cell_threshold, extent_threshold
+
     device = option_device(opts["device"])
     option_geometry(device, model.token_px, opts["region_px"], opts["overlap_px"])
-    return PredictParams(mpp=mpp, **opts)
+    params = PredictParams(mpp=mpp, **opts)
+    extent_threshold(model, params, cell_threshold(model, params, warn=False))  # --extent-threshold too high: exit 2
+    return params
 
 
 def option_device(device: str) -> str:

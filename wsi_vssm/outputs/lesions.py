@@ -4,6 +4,11 @@ Grid convention as in `wsi_vssm.outputs.heatmap`: `prob` is (rows, cols), cell (
 x in [x0 + j * cell0, x0 + (j + 1) * cell0), y in [y0 + i * cell0, y0 + (i + 1) * cell0), NaN = no tissue.
 
 * Hot cells: `prob >= threshold` (NaN never counts).
+* With an `extent_threshold` below `threshold` (hysteresis): a lesion is a group of cells at or above
+  `extent_threshold` that holds at least one cell at or above `threshold`. The higher threshold decides where
+  there is tumour (its false-positive rate is that of the seeds); the lower one measures how far it reaches.
+  The default model's seeds are cells above its 99.5%-specificity `cell_threshold`, and its extent is the
+  calibrated probability 0.5 (docs/model_card.md: the seeds alone outline only a lesion's core).
 * Lesions: two hot cells belong to the same lesion when the gap between their boxes is at most
   `merge_distance_cells` cell widths (Euclidean, edge to edge), transitively. With 0 only cells that share an
   edge or a corner (8-connected) join; with the default 1, pieces separated by one cold (or NaN) cell, about
@@ -81,11 +86,20 @@ def node_category(diameters_mm: Iterable[float]) -> str:
     return lesion_category(max(ds)) if ds else "negative"
 
 
-def label_lesions(prob: np.ndarray, threshold: float, merge_distance_cells: float = DEFAULT_MERGE_DISTANCE_CELLS):
+def label_lesions(prob: np.ndarray, threshold: float, merge_distance_cells: float = DEFAULT_MERGE_DISTANCE_CELLS,
+                  seed_threshold: float | None = None):
     """(labels, n): an int32 grid of `prob`'s shape with lesion k + 1 on its hot cells (0 elsewhere), and the
-    number of lesions. Numbering here is by first cell in row-major order; `find_lesions` renumbers by size."""
+    number of lesions. Numbering here is by first cell in row-major order; `find_lesions` renumbers by size.
+    With `seed_threshold`, only groups holding a cell at or above it are lesions."""
     prob = _grid(prob)
     threshold = _finite(threshold, "threshold")
+    if seed_threshold is not None:
+        labels, n = label_lesions(prob, threshold, merge_distance_cells)
+        seeded = np.unique(labels[np.nan_to_num(prob, nan=-np.inf) >= _finite(seed_threshold, "seed threshold")])
+        keep = np.zeros(n + 1, np.int32)
+        keep[seeded[seeded > 0]] = 1
+        keep[1:] = np.cumsum(keep[1:]) * keep[1:]  # kept groups renumbered 1.. in their first-cell order
+        return keep[labels], int(keep.max())
     d = _finite(merge_distance_cells, "merge distance")
     if d < 0:
         raise UsageError(f"merge distance must be >= 0 cells, got {merge_distance_cells!r}")
@@ -141,13 +155,14 @@ def find_lesions(
     mpp: float,
     threshold: float = 0.5,
     merge_distance_cells: float = DEFAULT_MERGE_DISTANCE_CELLS,
+    extent_threshold: float | None = None,
 ) -> list[Lesion]:
     """The lesions of a probability grid, largest first, measured in level-0 px and mm (see the module doc).
 
     `cell0`, `origin` (x0, y0): the grid's cell side and top-left corner in level-0 px; `mpp`: the slide's
-    level-0 microns per pixel.
+    level-0 microns per pixel; `extent_threshold` (<= threshold; None: = threshold): where lesions end.
     """
-    lesions, _ = find_lesions_and_labels(prob, cell0, origin, mpp, threshold, merge_distance_cells)
+    lesions, _ = find_lesions_and_labels(prob, cell0, origin, mpp, threshold, merge_distance_cells, extent_threshold)
     return lesions
 
 
@@ -158,12 +173,20 @@ def find_lesions_and_labels(
     mpp: float,
     threshold: float = 0.5,
     merge_distance_cells: float = DEFAULT_MERGE_DISTANCE_CELLS,
+    extent_threshold: float | None = None,
 ) -> tuple[list[Lesion], np.ndarray]:
     """`find_lesions`, plus the int32 label grid whose cells hold the final lesion ids (0 = no lesion)."""
     prob = _grid(prob)
     cell0, mpp = _positive(cell0, "cell0"), _positive(mpp, "slide mpp")
     x0, y0 = _pair(origin, "origin")
-    labels, n = label_lesions(prob, threshold, merge_distance_cells)
+    threshold = _finite(threshold, "threshold")
+    if extent_threshold is None:
+        labels, n = label_lesions(prob, threshold, merge_distance_cells)
+    else:
+        extent = _finite(extent_threshold, "extent threshold")
+        if extent > threshold:
+            raise UsageError(f"the lesion extent threshold {extent:g} is above the cell threshold {threshold:g}")
+        labels, n = label_lesions(prob, extent, merge_distance_cells, seed_threshold=threshold)
     if n == 0:
         return [], labels
     from scipy import ndimage as ndi

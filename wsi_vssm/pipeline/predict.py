@@ -46,6 +46,7 @@ class PredictParams:
     amp: bool = False  # the old spelling of precision="bf16"
     threshold: float | None = None  # slide decision threshold; default: the model's, else 0.5
     cell_threshold: float | None = None  # cells at or above it are tumour; default: the model's, else 0.5
+    extent_threshold: float | None = None  # where lesions end (<= cell_threshold): the model's, else cell_threshold
     backend: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | auto (wsi_vssm.models.precision)
     tta: bool = False  # mean over the 8 flips and quarter turns of every region: 8x the backbone time
@@ -71,6 +72,22 @@ def cell_threshold(model, params: PredictParams, warn: bool = True) -> float:
     if params.cell_threshold is not None:
         return float(params.cell_threshold)
     return model_thresholds(model, warn)[1]
+
+
+def extent_threshold(model, params: PredictParams, cell_t: float) -> float:
+    """Where lesions end (outputs.lesions, hysteresis): `--extent-threshold`, else the model file's
+    `lesion_extent_threshold`, else the cell threshold (lesions of seed cells only, as before 2026-12-02).
+    Never above the cell threshold: a model's extent above a lower `--cell-threshold` becomes that threshold;
+    `--extent-threshold` above it is an OptionError."""
+    if params.extent_threshold is not None:
+        if params.extent_threshold > cell_t:
+            from wsi_vssm.errors import OptionError
+
+            raise OptionError(f"--extent-threshold {params.extent_threshold:g} is above the cell threshold "
+                              f"{cell_t:g}: a lesion's extent must include its seed cells")
+        return float(params.extent_threshold)
+    meta = getattr(model, "metadata", None) or {}
+    return min(float(meta.get("lesion_extent_threshold", cell_t)), cell_t)
 
 
 def model_thresholds(model, warn: bool = True) -> tuple[float, float]:
@@ -145,6 +162,7 @@ def predict_slide(
 
         t = time.perf_counter()
         threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)
+        extent_t = extent_threshold(model, params, cell_t)
         prob, cell_probs, reason = _score(model, cells, slide_path)
         identity = _identity(model)  # hashes the weights once per slide: the record and the domain both need it
         domain = slide_domain(tissue.thumbnail, mask, cells.features if len(cells) else None,
@@ -169,6 +187,7 @@ def predict_slide(
             "threshold": threshold,  # v1 name of slide_threshold
             "slide_threshold": threshold,
             "cell_threshold": cell_t,
+            "lesion_extent_threshold": extent_t,
             "reason": reason,
             "in_domain": domain["in_domain"],
             "domain_notes": domain["domain_notes"],
@@ -269,13 +288,16 @@ def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_
 
     cell0, origin = float(cells.attrs["cell_px0"]), (0.0, 0.0)
     grid = cell_grid(cells.coords_px, cell_probs, cell0, slide.dimensions)
-    attrs = {"slide": slide.name, "model": record["model"]["name"], "cell_threshold": cell_threshold}
+    attrs = {"slide": slide.name, "model": record["model"]["name"], "cell_threshold": cell_threshold,
+             "lesion_extent_threshold": record["lesion_extent_threshold"]}
     write_heatmap_zarr(out_dir / files.HEATMAP_ZARR, grid, cell0, origin, slide.mpp, attrs=attrs)
-    lesions, labels = find_lesions_and_labels(grid, cell0, origin, slide.mpp, cell_threshold)
+    extent = record["lesion_extent_threshold"]
+    lesions, labels = find_lesions_and_labels(grid, cell0, origin, slide.mpp, cell_threshold,
+                                              extent_threshold=extent)
     write_lesions_csv(out_dir / files.LESIONS_CSV, lesions)
     record["lesions"] = [lesion.as_dict() for lesion in lesions]
     record["summary"]["largest_lesion_mm"] = lesions[0].diameter_mm if lesions else None
-    polys = tumour_contours(grid, cell_threshold, cell0, origin)
+    polys = tumour_contours(np.where(labels > 0, grid, np.nan), extent, cell0, origin)  # the lesions' outlines
     category = {lesion.id: lesion.category for lesion in lesions}
     ids = lesion_ids_for_polygons(polys, labels, cell0, origin)
     write_contours_geojson(out_dir / files.CONTOURS_GEOJSON, polys, max_probability(polys, grid, cell0, origin),

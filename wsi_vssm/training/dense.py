@@ -64,6 +64,7 @@ class DenseConfig:
     valid_select: int | None = 1000
     eval_grid: int = 8
     token_specificity: float = 0.995
+    extent_probability: float = 0.5  # lesion_extent_threshold: lesions reach as far as cells are likelier tumour
     precision: str = "fp32"
     scan: str = "auto"
     resume: bool = False
@@ -328,7 +329,9 @@ def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: d
               "cell_threshold": threshold, "token_specificity": cfg.token_specificity,
               "seconds": round(st["seconds"], 1)}
     model.name = "dense"
-    meta = {**model.metadata, "dense_stage": record, "cell_threshold": threshold, "cell_calibration": "platt"}
+    extent = min(cfg.extent_probability, threshold)  # calibrated cells: 0.5 is "more likely tumour than not"
+    meta = {**model.metadata, "dense_stage": record, "cell_threshold": threshold, "lesion_extent_threshold": extent,
+            "cell_calibration": "platt"}
     meta.pop("dense_best_epoch", None)
     if holdout is not None and len(holdout):
         from wsi_vssm.training.patch_eval import predict_patches
