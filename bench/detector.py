@@ -53,7 +53,7 @@ def build_cohorts(valid_src: str, work: Path, n_test: int, n_size: int, valid_se
 
 def patch_figures(model, holdout) -> dict:
     from wsi_vssm.outputs.report import roc_auc_or_nan
-    from wsi_vssm.pipeline.predict import PredictParams, cell_threshold
+    from wsi_vssm.pipeline.predict import PredictParams, cell_threshold, patch_probabilities
     from wsi_vssm.training.dense_eval import (
         expected_calibration_error,
         mosaic_token_logits,
@@ -62,7 +62,7 @@ def patch_figures(model, holdout) -> dict:
     )
     from wsi_vssm.training.patch_eval import predict_patches
 
-    p = predict_patches(model, holdout)
+    p = patch_probabilities(predict_patches(model, holdout), model.metadata)  # as `evaluate PATCHES` scores them
     y = np.asarray(holdout.labels)
     t = cell_threshold(model, PredictParams(), warn=False)
     order, logits = mosaic_token_logits(model, holdout, 8)  # the same patches tiled 8 x 8: every token in context

@@ -193,6 +193,13 @@ def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
     calibrated = _model(write_tiny_model(tmp_path / "cal.pt", cell_threshold=0.73))
     res = evaluate_patches(tmp_path / "patches", calibrated, tmp_path / "ev3", mpp=0.97, n_boot=50)
     assert res.metrics["threshold"] == 0.73  # a patch is a cell: the model's cell threshold, not 0.5
+    # a model with an isolated-patch calibration: each probability p becomes sigmoid(a * logit(p) + b)
+    cal = _model(write_tiny_model(tmp_path / "pcal.pt", patch_calibration={"a": 2.0, "b": -1.0}))
+    res_cal = evaluate_patches(tmp_path / "patches", cal, tmp_path / "ev4", mpp=0.97, n_boot=50)
+    raw = np.clip([r["probability"] for r in evaluate_patches(tmp_path / "patches", _model(model_file),
+                                                             tmp_path / "ev5", mpp=0.97, n_boot=50).rows], 1e-7, None)
+    want = 1 / (1 + np.exp(-(2.0 * np.log(raw / (1 - raw)) - 1.0)))
+    assert np.allclose([r["probability"] for r in res_cal.rows], want, atol=1e-6)
 
 
 def test_readme_main_job_uses_a_shipped_slide():

@@ -90,6 +90,18 @@ def extent_threshold(model, params: PredictParams, cell_t: float) -> float:
     return min(float(meta.get("lesion_extent_threshold", cell_t)), cell_t)
 
 
+def patch_probabilities(probs, metadata: dict | None):
+    """Isolated-patch probabilities (`evaluate PATCHES`: each patch scored alone, by its centre token) put on the
+    calibrated scale with the model file's `patch_calibration` (Platt a, b fitted on selection patches scored
+    alone); unchanged for files without one. Heatmap cells, scored in context, are calibrated in the cell head."""
+    cal = (metadata or {}).get("patch_calibration")
+    p = np.asarray(probs, np.float64)
+    if not cal:
+        return p
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    return 1 / (1 + np.exp(-(float(cal["a"]) * np.log(q / (1 - q)) + float(cal["b"]))))
+
+
 def model_thresholds(model, warn: bool = True) -> tuple[float, float]:
     """(slide, cell) thresholds a model file stores. Files made before they had names store the slide one as
     `threshold` and no cell one: their cell threshold is 0.5 and their probabilities are not calibrated (said once

@@ -307,7 +307,8 @@ def evaluate_patches(
 ) -> EvaluationResult:
     """Score an ImageFolder patch dataset by the centre cell of each image; write predictions and metrics.
     Each patch is a cell, so sensitivity and specificity are taken at the model's `cell_threshold` (0.5 for
-    older files) unless `threshold` is given."""
+    older files) unless `threshold` is given. Probabilities go through the model's `patch_calibration` when
+    it has one (a patch scored alone lacks the context the cell head was calibrated in)."""
     import torch
 
     from wsi_vssm.io.base import resize
@@ -317,9 +318,9 @@ def evaluate_patches(
 
     if mpp is None:
         raise UsageError(f"{folder}: patch images carry no resolution; state it with --mpp (PCam: 0.97)")
-    if threshold is None:
-        from wsi_vssm.pipeline.predict import cell_threshold
+    from wsi_vssm.pipeline.predict import cell_threshold, patch_probabilities
 
+    if threshold is None:
         threshold = cell_threshold(model, PredictParams())
     ds = load_patches(folder)
     scale = mpp / model.mpp  # image px -> model px
@@ -332,7 +333,8 @@ def evaluate_patches(
             logits = model.cell_logits(x)  # (B, h, w)
         h, w = logits.shape[1:]
         cy, cx = min(h - 1, int(x.shape[2] / 2 // 32)), min(w - 1, int(x.shape[3] / 2 // 32))
-        probs = torch.sigmoid(logits[:, cy, cx]).tolist()
+        probs = torch.sigmoid(logits[:, cy, cx]).numpy()
+        probs = patch_probabilities(probs, getattr(model, "metadata", None)).tolist()
         for (name, label), p in zip(names, probs, strict=True):
             rows.append({"slide": name, "label": label, "probability": p, "status": "done", "error": None})
         batch.clear()

@@ -304,6 +304,7 @@ def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: d
     """Calibrate the best epoch's cell head on the selection part, set the cell threshold, score the held-back
     part once, and write the model file."""
     from wsi_vssm.models.slide_model import load_model, save_model
+    from wsi_vssm.pipeline.predict import patch_probabilities
     from wsi_vssm.training.dense_eval import (
         expected_calibration_error,
         fit_platt,
@@ -311,6 +312,7 @@ def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: d
         mosaic_token_logits,
         split_tokens,
     )
+    from wsi_vssm.training.patch_eval import predict_patches
 
     if not best_path.exists():
         raise UsageError(f"dense: no epoch was trained ({best_path} missing)")
@@ -330,13 +332,15 @@ def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: d
               "seconds": round(st["seconds"], 1)}
     model.name = "dense"
     extent = min(cfg.extent_probability, threshold)  # calibrated cells: 0.5 is "more likely tumour than not"
+    # a patch scored alone (`evaluate PATCHES`) has no context: its centre token's logits sit on another scale
+    iso = np.clip(predict_patches(model, select), 1e-7, 1 - 1e-7)
+    pa, pb = fit_platt(np.log(iso / (1 - iso)), np.asarray(select.labels))
+    record["patch_platt"] = {"a": pa, "b": pb, "fitted_on": "selection part, isolated patches (centre token)"}
     meta = {**model.metadata, "dense_stage": record, "cell_threshold": threshold, "lesion_extent_threshold": extent,
-            "cell_calibration": "platt"}
+            "cell_calibration": "platt", "patch_calibration": {"a": pa, "b": pb}}
     meta.pop("dense_best_epoch", None)
     if holdout is not None and len(holdout):
-        from wsi_vssm.training.patch_eval import predict_patches
-
-        p = predict_patches(model, holdout)
+        p = patch_probabilities(predict_patches(model, holdout), meta)
         y = np.asarray(holdout.labels)
         hold = _select_metrics(model, holdout, cfg)
         hold.update(n=len(holdout), ece=expected_calibration_error(y, p),
