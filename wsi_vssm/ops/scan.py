@@ -335,7 +335,7 @@ class _ScanTritonFn(torch.autograd.Function):
         softplus, b_shape, dtypes = ctx.meta
         f32 = torch.float32
         dy = _np(dy, f32) if dy is not None else torch.zeros_like(u)
-        dlast = _np(dlast, f32) if dlast is not None else torch.zeros_like(hck[..., 0])
+        dlast = _np(dlast, f32) if dlast is not None else hck.new_zeros(hck.shape[:3])
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = kern.scan_bwd(u, delta, A, B, C, D, z, bias, hck, dy, dlast,
                                                                    softplus)
         grads = (du, ddelta, dA, dB.reshape(b_shape), dC.reshape(b_shape), dD, dz, dbias, dh0)
