@@ -29,7 +29,7 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     folder = tmp_path / "tumor_001"
     saved = json.loads((folder / "prediction.json").read_text())
     assert list(saved) == ["schema", "slide", "probability", "label", "threshold", "slide_threshold",
-                           "cell_threshold", "lesion_extent_threshold", "reason", "in_domain", "domain_notes", "device", "model", "mpp",
+                           "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells", "reason", "in_domain", "domain_notes", "device", "model", "mpp",
                            "summary", "lesions", "parameters", "timings", "version"]
     assert saved["in_domain"] is True  # a random test model has no feature domain: the notes say what was not checked
     assert all("not checked" in note for note in saved["domain_notes"])
@@ -38,6 +38,7 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     assert saved["label"] == int(saved["probability"] >= 0.5) and rec["probability"] == saved["probability"]
     assert saved["threshold"] == saved["slide_threshold"] == 0.5 and saved["cell_threshold"] == 0.5
     assert saved["lesion_extent_threshold"] == 0.5  # the test model stores none: lesions end at the cell threshold
+    assert saved["lesion_merge_distance_cells"] == 1.0  # nor a merge distance: the default
     assert saved["mpp"]["analysis"] == pytest.approx(0.97) and saved["summary"]["n_cells"] > 10
     assert saved["summary"]["tissue_area_mm2"] > 0
     largest = max((les["diameter_mm"] for les in saved["lesions"]), default=None)
@@ -256,7 +257,8 @@ def test_tta_and_precision_change_the_parameter_hash(model_file):
     tta = predict_job("out", model_file, model, PredictParams(device="cpu", tta=True))
     cell = predict_job("out", model_file, model, PredictParams(device="cpu", cell_threshold=0.7))
     extent = predict_job("out", model_file, model, PredictParams(device="cpu", extent_threshold=0.3))
-    assert len({plain.params_hash, tta.params_hash, cell.params_hash, extent.params_hash}) == 4
+    merge = predict_job("out", model_file, model, PredictParams(device="cpu", merge_distance_cells=2))
+    assert len({plain.params_hash, tta.params_hash, cell.params_hash, extent.params_hash, merge.params_hash}) == 5
     assert tta.resolved["tta"] is True and plain.resolved["precision"] == "float32"
 
 
@@ -303,6 +305,11 @@ def test_lesions_grow_from_seed_cells_to_the_extent_threshold(cohort, tmp_path):
     assert 1 <= len(grown["lesions"]) <= len(seeds["lesions"])  # ... and no lesion without a seed
     assert all(les["peak_probability"] >= hi for les in grown["lesions"])
     assert min(les["mean_probability"] for les in grown["lesions"]) < hi
+    model.metadata = {**model.metadata, "lesion_extent_threshold": hi, "lesion_merge_distance_cells": 3}
+    merged = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "m", FAST)
+    assert merged["lesion_merge_distance_cells"] == 3  # pieces up to 3 cells apart join: fewer, larger lesions
+    assert len(merged["lesions"]) < len(seeds["lesions"])
+    assert sum(les["area_mm2"] for les in merged["lesions"]) == pytest.approx(area["s"])
     mm_per_px = grown["mpp"]["slide"] / 1000
     for k in ("s", "g"):  # the contours outline exactly the lesions' cells
         feats = json.loads((tmp_path / k / "tumor_001" / "contours.geojson").read_text())["features"]
@@ -315,6 +322,6 @@ def test_extent_threshold_above_the_cell_threshold_is_refused(model_file):
 
     opts = dict(target_mpp=None, region_px=None, overlap_px=None, device="cpu", batch_size=1, reader_threads=1,
                 precision="fp32", amp=False, tta=False, threshold=None, cell_threshold=0.6, extent_threshold=0.7,
-                backend="auto")
+                merge_distance_cells=None, backend="auto")
     with pytest.raises(OptionError, match="--extent-threshold 0.7 is above the cell threshold 0.6"):
         build_params(_model(model_file), None, **opts)

@@ -101,7 +101,6 @@ def test_dense_stage_trains_mines_calibrates_and_resumes(tmp_path, capsys):
     model = load_model(out)
     t = model.metadata["cell_threshold"]
     assert 0 < t < 1 and model.metadata["dense_stage"]["platt"]["a"] != 0
-    assert model.metadata["lesion_extent_threshold"] == min(0.5, t)
     cal = model.metadata["patch_calibration"]  # isolated patches: their own Platt fit, on the selection part
     assert cal == {k: model.metadata["dense_stage"]["patch_platt"][k] for k in ("a", "b")} and cal["a"] != 0
     assert model.metadata["dense_stage"]["best_epoch"] in (1, 2)

@@ -125,6 +125,9 @@ def predict_options(f):
         click.option("--extent-threshold", type=click.FloatRange(0, 1), default=None,
                      help="Where a lesion ends: cells at or above it that join a cell above --cell-threshold "
                           "are part of its lesion and contour (default: the model's, else the cell threshold)."),
+        click.option("--lesion-merge-cells", "merge_distance_cells", type=click.FloatRange(min=0), default=None,
+                     help="Lesion pieces at most this many cell widths apart are measured as one lesion "
+                          "(default: the model's, else 1)."),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile", "zarr"]), default="auto",
                      show_default=True),
     ]

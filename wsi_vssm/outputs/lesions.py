@@ -7,8 +7,8 @@ x in [x0 + j * cell0, x0 + (j + 1) * cell0), y in [y0 + i * cell0, y0 + (i + 1) 
 * With an `extent_threshold` below `threshold` (hysteresis): a lesion is a group of cells at or above
   `extent_threshold` that holds at least one cell at or above `threshold`. The higher threshold decides where
   there is tumour (its false-positive rate is that of the seeds); the lower one measures how far it reaches.
-  The default model's seeds are cells above its 99.5%-specificity `cell_threshold`, and its extent is the
-  calibrated probability 0.5 (docs/model_card.md: the seeds alone outline only a lesion's core).
+  Which rule a model uses (extent threshold, merge distance) is chosen on selection-part patients by
+  bench/lesion_rule.py and stored in its file (docs/model_card.md).
 * Lesions: two hot cells belong to the same lesion when the gap between their boxes is at most
   `merge_distance_cells` cell widths (Euclidean, edge to edge), transitively. With 0 only cells that share an
   edge or a corner (8-connected) join; with the default 1, pieces separated by one cold (or NaN) cell, about

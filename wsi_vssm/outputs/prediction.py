@@ -1,7 +1,8 @@
 """`prediction.json`, one slide's record: schema `wsi-vssm-prediction/2` (docs/outputs.md documents every key).
 
 v2 keeps every v1 key where it was (`probability`, `label`, `threshold`, `reason`, `model.token_px`,
-`mpp.analysis`, ...) and adds `schema`, `slide_threshold`, `cell_threshold`, `lesion_extent_threshold`, `device`, `summary`, `lesions`,
+`mpp.analysis`, ...) and adds `schema`, `slide_threshold`, `cell_threshold`, `lesion_extent_threshold`,
+`lesion_merge_distance_cells`, `device`, `summary`, `lesions`,
 `model.weights_hash`, `model.sha256`, `model.domain`, `in_domain` and `domain_notes`. The writer checks that a
 record has exactly these keys, so what is documented is what is written.
 """
@@ -19,7 +20,7 @@ from wsi_vssm.errors import UsageError
 SCHEMA = "wsi-vssm-prediction/2"
 KEYS = (
     "schema", "slide", "probability", "label", "threshold", "slide_threshold", "cell_threshold",
-    "lesion_extent_threshold", "reason", "in_domain", "domain_notes", "device", "model", "mpp", "summary", "lesions", "parameters", "timings", "version",
+    "lesion_extent_threshold", "lesion_merge_distance_cells", "reason", "in_domain", "domain_notes", "device", "model", "mpp", "summary", "lesions", "parameters", "timings", "version",
 )  # fmt: skip
 MODEL_KEYS = ("name", "mpp", "token_px", "hash", "weights_hash", "sha256", "domain")
 SUMMARY_KEYS = ("n_cells", "tissue_area_mm2", "largest_lesion_mm", "warnings")

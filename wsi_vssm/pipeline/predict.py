@@ -47,6 +47,7 @@ class PredictParams:
     threshold: float | None = None  # slide decision threshold; default: the model's, else 0.5
     cell_threshold: float | None = None  # cells at or above it are tumour; default: the model's, else 0.5
     extent_threshold: float | None = None  # where lesions end (<= cell_threshold): the model's, else cell_threshold
+    merge_distance_cells: float | None = None  # lesion pieces this many cells apart are one: the model's, else 1
     backend: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | auto (wsi_vssm.models.precision)
     tta: bool = False  # mean over the 8 flips and quarter turns of every region: 8x the backbone time
@@ -88,6 +89,17 @@ def extent_threshold(model, params: PredictParams, cell_t: float) -> float:
         return float(params.extent_threshold)
     meta = getattr(model, "metadata", None) or {}
     return min(float(meta.get("lesion_extent_threshold", cell_t)), cell_t)
+
+
+def merge_distance_cells(model, params: PredictParams) -> float:
+    """Lesion pieces at most this many cell widths apart (edge to edge) are one lesion (outputs.lesions):
+    `--lesion-merge-cells`, else the model file's `lesion_merge_distance_cells`, else 1."""
+    from wsi_vssm.outputs.lesions import DEFAULT_MERGE_DISTANCE_CELLS
+
+    if params.merge_distance_cells is not None:
+        return float(params.merge_distance_cells)
+    meta = getattr(model, "metadata", None) or {}
+    return float(meta.get("lesion_merge_distance_cells", DEFAULT_MERGE_DISTANCE_CELLS))
 
 
 def patch_probabilities(probs, metadata: dict | None):
@@ -200,6 +212,7 @@ def predict_slide(
             "slide_threshold": threshold,
             "cell_threshold": cell_t,
             "lesion_extent_threshold": extent_t,
+            "lesion_merge_distance_cells": merge_distance_cells(model, params),
             "reason": reason,
             "in_domain": domain["in_domain"],
             "domain_notes": domain["domain_notes"],
@@ -301,11 +314,12 @@ def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_
     cell0, origin = float(cells.attrs["cell_px0"]), (0.0, 0.0)
     grid = cell_grid(cells.coords_px, cell_probs, cell0, slide.dimensions)
     attrs = {"slide": slide.name, "model": record["model"]["name"], "cell_threshold": cell_threshold,
-             "lesion_extent_threshold": record["lesion_extent_threshold"]}
+             "lesion_extent_threshold": record["lesion_extent_threshold"],
+             "lesion_merge_distance_cells": record["lesion_merge_distance_cells"]}
     write_heatmap_zarr(out_dir / files.HEATMAP_ZARR, grid, cell0, origin, slide.mpp, attrs=attrs)
     extent = record["lesion_extent_threshold"]
     lesions, labels = find_lesions_and_labels(grid, cell0, origin, slide.mpp, cell_threshold,
-                                              extent_threshold=extent)
+                                              record["lesion_merge_distance_cells"], extent_threshold=extent)
     write_lesions_csv(out_dir / files.LESIONS_CSV, lesions)
     record["lesions"] = [lesion.as_dict() for lesion in lesions]
     record["summary"]["largest_lesion_mm"] = lesions[0].diameter_mm if lesions else None

@@ -223,7 +223,7 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
     from wsi_vssm.models.model_file import state_dict_hash
     from wsi_vssm.models.precision import resolve_precision
     from wsi_vssm.pipeline.geometry import resolve_geometry
-    from wsi_vssm.pipeline.predict import cell_threshold, extent_threshold, slide_threshold
+    from wsi_vssm.pipeline.predict import cell_threshold, extent_threshold, merge_distance_cells, slide_threshold
 
     device = resolve_device(params.device)
     region_px, overlap_px = resolve_geometry(device, model.token_px, params.region_px, params.overlap_px)
@@ -235,6 +235,7 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
         "threshold": slide_threshold(model, params, warn=False),
         "cell_threshold": cell_threshold(model, params, warn=False),
         "lesion_extent_threshold": extent_threshold(model, params, cell_threshold(model, params, warn=False)),
+        "lesion_merge_distance_cells": merge_distance_cells(model, params),
         "backend": params.backend, "slide_mpp": params.mpp, "tta": params.tta,
         "precision": str(resolve_precision(params.inference().precision, device)).removeprefix("torch."),
         "version": __version__,

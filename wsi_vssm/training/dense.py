@@ -64,7 +64,6 @@ class DenseConfig:
     valid_select: int | None = 1000
     eval_grid: int = 8
     token_specificity: float = 0.995
-    extent_probability: float = 0.5  # lesion_extent_threshold: lesions reach as far as cells are likelier tumour
     precision: str = "fp32"
     scan: str = "auto"
     resume: bool = False
@@ -331,13 +330,12 @@ def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: d
               "cell_threshold": threshold, "token_specificity": cfg.token_specificity,
               "seconds": round(st["seconds"], 1)}
     model.name = "dense"
-    extent = min(cfg.extent_probability, threshold)  # calibrated cells: 0.5 is "more likely tumour than not"
     # a patch scored alone (`evaluate PATCHES`) has no context: its centre token's logits sit on another scale
     iso = np.clip(predict_patches(model, select), 1e-7, 1 - 1e-7)
     pa, pb = fit_platt(np.log(iso / (1 - iso)), np.asarray(select.labels))
     record["patch_platt"] = {"a": pa, "b": pb, "fitted_on": "selection part, isolated patches (centre token)"}
-    meta = {**model.metadata, "dense_stage": record, "cell_threshold": threshold, "lesion_extent_threshold": extent,
-            "cell_calibration": "platt", "patch_calibration": {"a": pa, "b": pb}}
+    meta = {**model.metadata, "dense_stage": record, "cell_threshold": threshold, "cell_calibration": "platt",
+            "patch_calibration": {"a": pa, "b": pb}}
     meta.pop("dense_best_epoch", None)
     if holdout is not None and len(holdout):
         p = patch_probabilities(predict_patches(model, holdout), meta)
