@@ -24,12 +24,17 @@ import warnings
 from pathlib import Path
 
 
+def _rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def node_categories(cohort: Path, eval_dir: Path, cell_t: float, extent: float, merge: float) -> dict[str, str]:
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
     from wsi_vssm.outputs.lesions import find_lesions, node_category
 
     out = {}
-    for row in csv.DictReader(open(cohort / "reference.csv", encoding="utf-8")):
+    for row in _rows(cohort / "reference.csv"):
         prob, _, _, attrs = read_heatmap_zarr(eval_dir / row["slide"] / "heatmap.ome.zarr")
         block = attrs["wsi_vssm"]
         lesions = find_lesions(prob, block["cell0"], tuple(block["origin"]), block["mpp"], cell_t, merge,
@@ -41,7 +46,7 @@ def node_categories(cohort: Path, eval_dir: Path, cell_t: float, extent: float, 
 def score(cohort: Path, categories: dict[str, str]) -> tuple[float, dict]:
     from wsi_vssm.outputs.staging import quadratic_kappa, read_patients_csv, stage_patients
 
-    reference = {r["slide"]: r["category"] for r in csv.DictReader(open(cohort / "reference.csv", encoding="utf-8"))}
+    reference = {r["slide"]: r["category"] for r in _rows(cohort / "reference.csv")}
     patients = read_patients_csv(cohort / "patients.csv")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

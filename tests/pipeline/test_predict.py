@@ -29,8 +29,9 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     folder = tmp_path / "tumor_001"
     saved = json.loads((folder / "prediction.json").read_text())
     assert list(saved) == ["schema", "slide", "probability", "label", "threshold", "slide_threshold",
-                           "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells", "reason", "in_domain", "domain_notes", "device", "model", "mpp",
-                           "summary", "lesions", "parameters", "timings", "version"]
+                           "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells", "reason",
+                           "in_domain", "domain_notes", "device", "model", "mpp", "summary", "lesions", "parameters",
+                           "timings", "version"]
     assert saved["in_domain"] is True  # a random test model has no feature domain: the notes say what was not checked
     assert all("not checked" in note for note in saved["domain_notes"])
     assert saved["schema"] == "wsi-vssm-prediction/2" and saved["device"] == "cpu"

@@ -138,9 +138,7 @@ def predict_options(f):
 
 def build_params(model, mpp, **opts):
     """PredictParams from predict's options, checked against the model before any slide is read."""
-    from wsi_vssm.pipeline.predict import PredictParams
-
-    from wsi_vssm.pipeline.predict import cell_threshold, extent_threshold
+    from wsi_vssm.pipeline.predict import PredictParams, cell_threshold, extent_threshold
 
     device = option_device(opts["device"])
     option_geometry(device, model.token_px, opts["region_px"], opts["overlap_px"])

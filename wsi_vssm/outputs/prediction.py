@@ -20,7 +20,8 @@ from wsi_vssm.errors import UsageError
 SCHEMA = "wsi-vssm-prediction/2"
 KEYS = (
     "schema", "slide", "probability", "label", "threshold", "slide_threshold", "cell_threshold",
-    "lesion_extent_threshold", "lesion_merge_distance_cells", "reason", "in_domain", "domain_notes", "device", "model", "mpp", "summary", "lesions", "parameters", "timings", "version",
+    "lesion_extent_threshold", "lesion_merge_distance_cells", "reason", "in_domain", "domain_notes", "device",
+    "model", "mpp", "summary", "lesions", "parameters", "timings", "version",
 )  # fmt: skip
 MODEL_KEYS = ("name", "mpp", "token_px", "hash", "weights_hash", "sha256", "domain")
 SUMMARY_KEYS = ("n_cells", "tissue_area_mm2", "largest_lesion_mm", "warnings")
