@@ -164,7 +164,7 @@ def test_registry_errors_list_choices():
         VSSMConfig(depths=(1, 2, 3))
     with pytest.raises(ModelConfigError, match="dims"):
         VSSMConfig(dims=(16, 32))
-    assert set(list_models()) == {"micro", *UPSTREAM_KEYS}
+    assert set(list_models()) == {"micro", "micro_wide", *UPSTREAM_KEYS}
 
 
 def test_initialisation_follows_spec():

@@ -1,5 +1,6 @@
 """Named VSSM configs and `create_model`. `tiny`/`small`/`base` and the `_s1` variants have upstream's parameter
-names and shapes (their release checkpoints load strictly); `micro` is ours, for CPU tests and the demo model."""
+names and shapes (their release checkpoints load strictly); `micro` and `micro_wide` are ours (CPU tests, the
+default model, and its wider candidate)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ MODEL_CONFIGS: dict[str, dict] = {
     # parameters, so CPU tests run in seconds and a 10,000 px region fits in CPU memory with streaming.
     # Features only (num_classes 0): the cell and MIL heads live elsewhere.
     "micro": dict(dims=32, depths=(1, 1, 2, 1), ssm_ratio=2.0, drop_path=0.0, num_classes=0),
+    # micro_wide: micro at 1.5x the width (~4M parameters); the wider candidate that bench/capacity.py trains
+    # against micro at equal wall time.
+    "micro_wide": dict(dims=48, depths=(1, 1, 2, 1), ssm_ratio=2.0, drop_path=0.0, num_classes=0),
     "tiny": dict(dims=96, depths=(2, 2, 5, 2), ssm_ratio=2.0, drop_path=0.2),
     "small": dict(dims=96, depths=(2, 2, 15, 2), ssm_ratio=2.0, drop_path=0.3),
     "base": dict(dims=128, depths=(2, 2, 15, 2), ssm_ratio=2.0, drop_path=0.6),
