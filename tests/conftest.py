@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("WSI_VSSM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def load_bench(name: str):
+    """The script bench/NAME.py as a module (bench/ is not a package), for tests of a benchmark's pieces."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def shared_file(*parts: str) -> Path:
     """A file under ../shared/data, or a clean skip when it is not there."""
     p = SHARED_DATA.joinpath(*parts)

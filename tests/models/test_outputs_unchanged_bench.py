@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "outputs_unchanged.py"
+from conftest import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("outputs_unchanged", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("outputs_unchanged")
 
 
 def test_old_path_is_the_reference_and_new_is_predicts_default():

@@ -3,17 +3,11 @@ tells the wider config's slower steps apart (tiny steps: quick)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "capacity.py"
+from conftest import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("capacity", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("capacity")
 
 
 def test_each_config_trains_with_the_recipes_cells_settings():
