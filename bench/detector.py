@@ -10,7 +10,9 @@ selection-part mosaics as the issue asks):
   the same patches tiled 8 x 8: centre-token AUC, dense token AUC (label-1 centres against every token of
   label-0 patches), sensitivity at 99.5% token specificity, and the centre tokens' ECE;
 - slide AUC (95% bootstrap CI) and slide ECE on mosaic slides of 32 x 32 held-back patches (`--slides`, patches
-  reused under flips / quarter turns when the pool runs out), through `wsi-vssm evaluate`'s own code;
+  reused under flips / quarter turns when the pool runs out), through `wsi-vssm evaluate`'s own code; the ECE
+  with its bootstrap CI and the ECE a perfectly calibrated model would show with the same probabilities on as
+  many slides (metrics.json's `calibration`), which tells miscalibration from small-cohort noise;
 - the share of tissue tokens above `cell_threshold` on the normal slides of that cohort (from heatmap.ome.zarr);
 - slide AUC on selection-part mosaics of 16 x 16, 32 x 32 and 48 x 48 patches (`--size-slides` each), and the
   drop from 16 to 48.
@@ -52,10 +54,10 @@ def build_cohorts(valid_src: str, work: Path, n_test: int, n_size: int, valid_se
 
 
 def patch_figures(model, holdout) -> dict:
+    from wsi_vssm.outputs.calibration import expected_calibration_error
     from wsi_vssm.outputs.report import roc_auc_or_nan
     from wsi_vssm.pipeline.predict import PredictParams, cell_threshold, patch_probabilities
     from wsi_vssm.training.dense_eval import (
-        expected_calibration_error,
         mosaic_token_logits,
         split_tokens,
         token_metrics,
@@ -78,13 +80,10 @@ def cohort_figures(model, model_path: str, folder: Path, out: Path) -> dict:
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
     from wsi_vssm.pipeline.predict import PredictParams, cell_threshold
     from wsi_vssm.runs.evaluate import evaluate_cohort
-    from wsi_vssm.training.dense_eval import expected_calibration_error
 
     res = evaluate_cohort(folder, model, out, model_path=model_path, n_boot=2000)
     m = res.metrics
     rows = [r for r in res.rows if r.get("probability") is not None and r.get("label") is not None]
-    labels = np.array([int(r["label"]) for r in rows])
-    probs = np.array([float(r["probability"]) for r in rows])
     t = cell_threshold(model, PredictParams(), warn=False)
     above, cells = 0, 0
     for r in rows:
@@ -94,7 +93,8 @@ def cohort_figures(model, model_path: str, folder: Path, out: Path) -> dict:
             above, cells = above + int((prob >= t).sum()), cells + int(n)
     return {"n": m["n"], "auc": m["auc"], "auc_ci95": m["auc_ci95"], "sensitivity": m["sensitivity"],
             "specificity": m["specificity"], "slide_threshold": m["threshold"],
-            "slide_ece": expected_calibration_error(labels, probs),
+            "slide_ece": m["calibration"]["ece"], "slide_ece_ci95": m["calibration"]["ece_ci95"],
+            "slide_ece_if_calibrated": m["calibration"]["ece_if_calibrated"],
             "normal_token_share_above_cell_threshold": above / cells if cells else float("nan")}
 
 
@@ -135,7 +135,13 @@ def print_table(results: dict) -> None:
         *[(f"slide AUC, {g} x {g} selection mosaics", lambda r, g=g: f"{r[f'select{g}']['auc']:.3f} "
            f"n={r[f'select{g}']['n']}") for g in SIZES],
         ("AUC drop, 16 x 16 -> 48 x 48", lambda r: f"{r['drop_16_to_48']:+.3f}"),
-        ("slide ECE, 32 x 32 held-back mosaics", lambda r: f"{r['test32']['slide_ece']:.3f}"),
+        ("slide ECE, 32 x 32 held-back mosaics [95% CI]",
+         lambda r: f"{r['test32']['slide_ece']:.3f} [{r['test32']['slide_ece_ci95'][0]:.3f}, "
+                   f"{r['test32']['slide_ece_ci95'][1]:.3f}]"),
+        ("  the same probabilities, perfectly calibrated: ECE median [90% range]",
+         lambda r: f"{r['test32']['slide_ece_if_calibrated']['median']:.3f} "
+                   f"[{r['test32']['slide_ece_if_calibrated']['range90'][0]:.3f}, "
+                   f"{r['test32']['slide_ece_if_calibrated']['range90'][1]:.3f}]"),
         ("cell ECE, held-back patches alone", lambda r: f"{r['cell_ece']:.3f}"),
         ("cell ECE, held-back patches in 8 x 8 mosaics (centre tokens)", lambda r: f"{r['mosaic_cell_ece']:.3f}"),
         ("balanced accuracy at cell_threshold, held-back patches", lambda r: f"{r['patch_balanced_accuracy']:.3f}"),

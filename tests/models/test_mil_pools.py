@@ -1,11 +1,13 @@
-"""The slide head's pools (wsi_vssm.models.mil): attention, top-k and their mix; calibration folded in."""
+"""The slide head's pools (wsi_vssm.models.mil): attention, top-k, their mix, count; calibration folded in."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from wsi_vssm.models.mil import AttentionMIL, MILConfig, topk_mean
+from wsi_vssm.models.mil import AttentionMIL, MILConfig, count_stats, topk_mean
 
 
 def test_topk_mean_ignores_padding_and_short_bags():
@@ -16,7 +18,29 @@ def test_topk_mean_ignores_padding_and_short_bags():
     assert torch.allclose(topk_mean(logits, None, 1), torch.tensor([9.0, 4.0]))
 
 
-@pytest.mark.parametrize("pool", ["attention", "topk", "mix"])
+def test_count_stats_count_real_cells_at_or_above_the_threshold():
+    logits = torch.tensor([[5.0, 1.0, 3.0, 9.0], [2.0, 4.0, 0.0, 0.0], [-1.0, -2.0, -3.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False], [False, False, False, False]])
+    hits, cells = torch.tensor([2.0, 1.0, 0.0]), torch.tensor([3.0, 2.0, 1.0])  # an empty bag counts as one cell
+    assert torch.allclose(count_stats(logits, mask, 3.0), torch.stack([hits.log1p(), cells.log()], -1))
+    # without a mask every cell is real: row 0 has 5, 3 and 9 at or above 3, of 4 cells
+    assert torch.allclose(count_stats(logits, None, 3.0)[0], torch.tensor([math.log1p(3), math.log(4)]))
+
+
+def test_count_head_reads_the_count_and_the_bag_size_only():
+    torch.manual_seed(0)
+    mil = AttentionMIL(MILConfig(16, 8, 4, 0.0, "count", count_threshold=0.5)).eval()
+    with torch.no_grad():
+        mil.count_affine.weight.copy_(torch.tensor([[2.0, -1.0]]))
+        mil.count_affine.bias.fill_(0.25)
+    feats = torch.randn(1, 30, 16)
+    out = mil(feats)
+    hits = int((out.cell_logits >= 0.5).sum())
+    assert out.slide_logit.item() == pytest.approx(2.0 * math.log1p(hits) - math.log(30) + 0.25, abs=1e-5)
+    assert "topk_affine.weight" not in mil.state_dict() and "count_affine.weight" in mil.state_dict()
+
+
+@pytest.mark.parametrize("pool", ["attention", "topk", "mix", "count"])
 def test_calibrate_folds_platt_scaling_into_the_slide_logit(pool):
     torch.manual_seed(0)
     mil = AttentionMIL(MILConfig(16, 8, 4, 0.0, pool, 3)).eval()

@@ -174,6 +174,15 @@ def test_evaluate_cohort_writes_metrics_table_and_roc(model_file, cohort, tmp_pa
     assert rows[2]["slide"] == "missing" and rows[2]["error"]
     assert (tmp_path / "ev" / "roc.png").stat().st_size > 1000
     assert (tmp_path / "ev" / "tumor_001" / "heatmap.ome.zarr").is_dir()
+    # calibration of the two scored slides, with the reliability diagram beside the ROC
+    cal = metrics["calibration"]
+    probs = [float(r["probability"]) for r in rows[:2]]
+    assert sum(b["n"] for b in cal["reliability"]) == 2 and cal["bins"] == 10
+    same_bin = min(int(probs[0] * 10), 9) == min(int(probs[1] * 10), 9)  # labels 0, 1
+    want = abs(1 - probs[0] - probs[1]) / 2 if same_bin else (probs[0] + 1 - probs[1]) / 2
+    assert cal["ece"] == pytest.approx(want, abs=1e-9)
+    assert (tmp_path / "ev" / "calibration.png").stat().st_size > 1000
+    assert "calibration: ECE" in capsys.readouterr().out
 
 
 def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import write_patch_folder, write_tiny_model
 
+from wsi_vssm.outputs.calibration import expected_calibration_error
 from wsi_vssm.training.data.dense_mosaics import DenseMosaics, TokenWeights, mosaic_token_targets, patch_token_targets
 from wsi_vssm.training.dense import DenseConfig, balanced_bce, train_dense
-from wsi_vssm.training.dense_eval import expected_calibration_error, fit_platt, fold_platt, rim_noise
+from wsi_vssm.training.dense_eval import fit_platt, fold_platt, rim_noise
 
 
 def test_patch_targets_label_every_token_of_a_normal_patch_and_only_the_centre_of_a_tumour_one():

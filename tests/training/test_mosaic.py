@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_patch_folder, write_tiny_model
 
 from wsi_vssm.io.slide import open_slide
@@ -13,6 +14,7 @@ from wsi_vssm.runs.cohort import read_cohort
 from wsi_vssm.synth.cohort import SynthError
 from wsi_vssm.synth.mosaic import BACKGROUND, make_mosaic_cohort, plan_mosaic
 from wsi_vssm.training.data.patches import load_patches
+from wsi_vssm.training.mil import load_mil
 from wsi_vssm.training.mosaic import youden_threshold
 
 
@@ -133,7 +135,7 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
                       '[cells]\nvalid_select = 30\nseed = 0\n'
                       '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 4\ntest_slides = 2\ngrid = 3\n'
                       'epochs = 3\npatience = 3\nsynth_train_slides = 2\nsynth_valid_slides = 2\n'
-                      'synth_size = 1024\npool = ["attention", "topk"]\ntopk = [2]\n')
+                      'synth_size = 1024\npool = ["attention", "topk", "count"]\ntopk = [2]\n')
     res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
                                    "--set", f"data.valid={tmp_path / 'valid'}"])
     assert res.exit_code == 0, res.output
@@ -144,14 +146,18 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     assert model.metadata["threshold"] == stage["threshold"] and stage["seconds"] > 0
     assert stage["test"]["threshold"] == stage["threshold"]  # scored as `evaluate` scores it: stored threshold
     # both slide heads were trained and the one with the better valid AUC kept, Platt-calibrated on valid
-    assert [c["name"] for c in stage["candidates"]] == ["attention", "topk2"]
+    assert [c["name"] for c in stage["candidates"]] == ["attention", "topk2", "count"]
     best = max(stage["candidates"], key=lambda c: c["valid_slide_auc"])
     assert stage["slide_head"] == best["name"] and model.mil.config.pool == best["pool"]
     assert set(stage["platt"]) == {"a", "b"}
     # the cell head is the cell stage's; the chosen slide head's layers were trained
     assert np.allclose(model.mil.cell_head.weight.detach(), before.mil.cell_head.weight.detach())
-    trained = model.mil.attn_w.weight if best["pool"] == "attention" else model.mil.topk_affine.weight
-    assert not np.allclose(trained.detach(), 1.0 if best["pool"] == "topk" else before.mil.attn_w.weight.detach())
+    trained = {"attention": "attn_w", "topk": "topk_affine", "count": "count_affine"}[best["pool"]]
+    start = {"attention": before.mil.attn_w.weight.detach(), "topk": 1.0, "count": torch.tensor([[1.0, -0.5]])}
+    assert not np.allclose(getattr(model.mil, trained).weight.detach(), start[best["pool"]])
+    # the count candidate counts the cells at or above the model's cell threshold (here 0.5: logit 0)
+    count, _ = load_mil(out / "mosaic_mil" / "mil-count.pt")
+    assert count.config.pool == "count" and count.config.count_threshold == pytest.approx(0.0, abs=1e-9)
     for part in ("train", "valid", "test"):
         assert (out / "mosaic_mil" / "mosaics" / part / "reference.csv").is_file()
     assert len(list((out / "mosaic_mil" / "features" / "train").glob("*.zarr"))) == 4

@@ -208,3 +208,34 @@ def test_cell_head_comes_from_the_model_that_made_the_features(feature_bags, tmp
     res = CliRunner().invoke(command, ["mil", "--features", str(d), "--labels", str(ref), "--out",
                                        str(tmp_path / "m.pt"), "--model", str(path), "--epochs", "1"])
     assert isinstance(res.exception, UsageError) and "another backbone" in str(res.exception)
+
+
+def test_count_head_is_fitted_exactly(feature_bags, tmp_path):
+    """pool "count": three parameters fitted by L-BFGS logistic regression, so the loss gradient is ~0 at the
+    result; the planted cells (feature 0 raised, which this cell head reads) make tumour bags count more."""
+    import torch.nn.functional as Fn
+
+    from wsi_vssm.models.mil import count_stats
+    from wsi_vssm.training.mil import COUNT_L2
+
+    _, bags = feature_bags
+    train, valid = _split(bags)
+    head = {"weight": torch.zeros((1, F)), "bias": torch.tensor([-3.0])}
+    head["weight"][0, 0] = 1.0  # a cell counts when feature 0 >= 3.0 (threshold 0 on this logit)
+    ckpt = tmp_path / "count.pt"
+    model, hist = train_mil(train, valid, MILTrainConfig(pool="count", count_threshold=0.0), cell_head=head,
+                            checkpoint_path=ckpt, log_path=tmp_path / "log.csv")
+    assert len(hist.rows) == 1 and hist.best_epoch == 1 and hist.best_valid_auc == 1.0
+    assert model.count_affine.weight[0, 0] > 0  # more counted cells, higher slide logit
+    x = torch.stack([count_stats(model.cell_head(torch.from_numpy(
+        FeatureStore.open(p).read_features().astype(np.float32))).squeeze(-1)[None], None, 0.0)[0]
+        for p, _ in train]).double()
+    y = torch.tensor([float(lbl) for _, lbl in train], dtype=torch.float64)
+    w = model.count_affine.weight.detach().double()[0].clone().requires_grad_(True)
+    b = model.count_affine.bias.detach().double()[0].clone().requires_grad_(True)
+    loss = Fn.binary_cross_entropy_with_logits(x @ w + b, y) + COUNT_L2 * (w ** 2).sum()
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-4 and abs(float(b.grad)) < 1e-4  # at the optimum (float32 storage)
+    again, meta = load_mil(ckpt)
+    assert again.config.pool == "count" and again.config.count_threshold == 0.0 and meta["best_epoch"] == 1
+    assert torch.equal(again.count_affine.weight, model.count_affine.weight)

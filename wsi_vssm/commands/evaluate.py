@@ -56,6 +56,13 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
         progress.warn(warning)
     pending = f", not finished={m['n_pending']} (incomplete)" if m.get("n_pending") else ""
     progress.result(f"AUC {auc}; n={m['n']}, failed={m['n_failed']}{pending} -> {out_dir}/metrics.json")
+    cal = m.get("calibration") or {}
+    if cal.get("ece") is not None:
+        floor = cal["ece_if_calibrated"]
+        progress.result(f"calibration: ECE {cal['ece']:.3f} (95% CI {cal['ece_ci95'][0]:.3f}-{cal['ece_ci95'][1]:.3f});"
+                        f" a perfectly calibrated model would show {floor['median']:.3f} "
+                        f"({floor['range90'][0]:.3f}-{floor['range90'][1]:.3f}) on {m['n']} items"
+                        f" -> {out_dir}/calibration.png")
     if m.get("kappa") is not None:
         lo, hi = m["kappa_ci95"]
         progress.result(f"pN stage: quadratic-weighted kappa {m['kappa']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "

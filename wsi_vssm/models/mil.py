@@ -1,8 +1,10 @@
 """Gated attention MIL (Ilse et al. 2018) over a slide's cells, plus a per-cell tumour head.
 
 `pool` chooses the slide logit: "attention" (the gated attention pooling's classifier), "topk" (an affine map of
-the mean of the `topk` highest cell logits) or "mix" (their sum, learned together). Files made before `pool`
-existed are "attention".
+the mean of the `topk` highest cell logits), "mix" (their sum, learned together) or "count" (an affine map of
+log(1 + the number of cells at or above `count_threshold`, a cell logit) and log(the number of cells): how much
+of the heatmap is tumour, weighed against how many cells could have been false alarms). Files made before
+`pool` existed are "attention".
 
 The cell head reads the backbone's cell features directly, so it is trained first with the backbone on cell
 labels (PCam's centre token); the attention pooling and slide classifier are then trained on cached features
@@ -24,8 +26,9 @@ class MILConfig:
     hidden_dim: int = 128
     attn_dim: int = 64
     dropout: float = 0.25
-    pool: str = "attention"  # attention | topk | mix
+    pool: str = "attention"  # attention | topk | mix | count
     topk: int = 8  # cells in the top-k mean (topk and mix)
+    count_threshold: float = 0.0  # cell logit at and above which a cell counts (count): the model's cell threshold
 
     def __post_init__(self):
         if self.pool not in POOLS:
@@ -37,7 +40,7 @@ class MILConfig:
         return asdict(self)
 
 
-POOLS = ("attention", "topk", "mix")
+POOLS = ("attention", "topk", "mix", "count")
 
 
 class MILOutput(NamedTuple):
@@ -57,11 +60,16 @@ class AttentionMIL(nn.Module):
         self.attn_u = nn.Linear(c.hidden_dim, c.attn_dim)  # sigmoid gate
         self.attn_w = nn.Linear(c.attn_dim, 1)
         self.classifier = nn.Linear(c.hidden_dim, 1)
-        if c.pool != "attention":
+        if c.pool in ("topk", "mix"):
             self.topk_affine = nn.Linear(1, 1)  # slope and offset of the top-k mean of cell logits
             with torch.no_grad():
                 self.topk_affine.weight.fill_(1.0)
                 self.topk_affine.bias.zero_()
+        if c.pool == "count":
+            self.count_affine = nn.Linear(2, 1)  # weights of log(1 + cells counted) and log(cells)
+            with torch.no_grad():
+                self.count_affine.weight.copy_(torch.tensor([[1.0, -0.5]]))
+                self.count_affine.bias.zero_()
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         """feats: (B, N, F) or (N, F) for one bag; mask: (B, N) bool, True for real cells (padding False)."""
@@ -79,19 +87,35 @@ class AttentionMIL(nn.Module):
         attention = torch.nan_to_num(attention, nan=0.0)
         pooled = torch.einsum("bn,bnh->bh", attention, h)  # (B, H)
         slide = self.classifier(pooled).squeeze(-1)
-        if self.config.pool != "attention":
+        pool = self.config.pool
+        if pool in ("topk", "mix"):
             top = self.topk_affine(topk_mean(cell_logits, mask, self.config.topk)[:, None]).squeeze(-1)
-            slide = top if self.config.pool == "topk" else slide + top
+            slide = top if pool == "topk" else slide + top
+        elif pool == "count":
+            slide = self.count_affine(count_stats(cell_logits, mask, self.config.count_threshold)).squeeze(-1)
         return MILOutput(slide, attention, cell_logits)
+
+    def slide_layers(self) -> list[nn.Linear]:
+        """The layers whose outputs add up to the slide logit; the first holds its offset."""
+        names = {"attention": ["classifier"], "topk": ["topk_affine"], "mix": ["classifier", "topk_affine"],
+                 "count": ["count_affine"]}[self.config.pool]
+        return [getattr(self, n) for n in names]
 
     @torch.no_grad()
     def calibrate(self, a: float, b: float) -> None:
         """Make the slide logit a * logit + b (Platt scaling folded into the weights)."""
-        for layer in (self.classifier, getattr(self, "topk_affine", None)):
-            if layer is not None:
-                layer.weight.mul_(a)
-                layer.bias.mul_(a)
-        (self.classifier if self.config.pool != "topk" else self.topk_affine).bias.add_(b)
+        layers = self.slide_layers()
+        for layer in layers:
+            layer.weight.mul_(a)
+            layer.bias.mul_(a)
+        layers[0].bias.add_(b)
+
+
+def count_stats(cell_logits: torch.Tensor, mask: torch.Tensor | None, threshold: float) -> torch.Tensor:
+    """(B, N) logits -> (B, 2): log(1 + real cells with logit >= threshold) and log(real cells), 0 for none."""
+    real = torch.ones_like(cell_logits, dtype=torch.bool) if mask is None else mask
+    hits = ((cell_logits.float() >= threshold) & real).sum(-1).float()
+    return torch.stack([torch.log1p(hits), torch.log(real.sum(-1).float().clamp_min(1.0))], dim=-1)
 
 
 def topk_mean(cell_logits: torch.Tensor, mask: torch.Tensor | None, k: int) -> torch.Tensor:

@@ -22,9 +22,10 @@ SLIDE_FILES = (PREDICTION_JSON, HEATMAP_ZARR, OVERLAY_PNG, CONTOURS_GEOJSON, LES
 PREDICTIONS_CSV = "predictions.csv"
 METRICS_JSON = "metrics.json"
 ROC_PNG = "roc.png"
+CALIBRATION_PNG = "calibration.png"  # reliability diagram (outputs.calibration)
 STAGES_CSV = "stages.csv"  # with --patients
 CONFUSION_PNG = "confusion.png"  # with --patients: per-node categories, reference against predicted
-COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG)
+COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG)
 
 
 def slide_outputs_ok(folder: str | os.PathLike) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.errors import UsageError
-from wsi_vssm.outputs.files import HEATMAP_ZARR, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
+from wsi_vssm.outputs.files import CALIBRATION_PNG, HEATMAP_ZARR, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
 from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
 
 
@@ -163,7 +163,7 @@ def _report_writer(out: Path, wait: float):
             time.sleep(0.05)
     try:
         if lock.held:
-            for name in (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG):
+            for name in (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG):
                 remove_temporaries(out, f"{name}.")
         yield lock.held
     finally:
@@ -361,18 +361,21 @@ def evaluate_patches(
 
 def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int,
                    n_pending: int = 0) -> dict:
-    """metrics.json (`report.cohort_metrics`, then `n_pending`: slides not through yet, and `complete`: none is)
-    and roc.png, atomically."""
+    """metrics.json (`report.cohort_metrics`, then `n_pending`: slides not through yet, `complete`: none is, and
+    `calibration`), roc.png and calibration.png, atomically."""
+    from wsi_vssm.outputs.calibration import calibration_png, calibration_summary
     from wsi_vssm.outputs.report import METRIC_KEYS, cohort_metrics, roc_png
 
     labels = np.array([r["label"] for r in scored], dtype=np.int64)
     scores = np.array([r["probability"] for r in scored], dtype=np.float64)
     metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot)
+    calibration = calibration_summary(labels, scores, n_boot=n_boot)
     metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "n_pending": int(n_pending), "complete": not n_pending,
-               **metrics}  # then `reason`, when there is one
+               "calibration": calibration, **metrics}  # then `reason`, when there is one
     _write_json(out / METRICS_JSON, metrics)
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
             threshold=threshold)
+    calibration_png(out / CALIBRATION_PNG, labels, scores, calibration)
     return metrics
 
 

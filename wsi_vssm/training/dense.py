@@ -303,9 +303,9 @@ def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: d
     """Calibrate the best epoch's cell head on the selection part, set the cell threshold, score the held-back
     part once, and write the model file."""
     from wsi_vssm.models.slide_model import load_model, save_model
+    from wsi_vssm.outputs.calibration import expected_calibration_error
     from wsi_vssm.pipeline.predict import patch_probabilities
     from wsi_vssm.training.dense_eval import (
-        expected_calibration_error,
         fit_platt,
         fold_platt,
         mosaic_token_logits,

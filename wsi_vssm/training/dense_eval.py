@@ -16,8 +16,6 @@ from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.outputs.report import roc_auc_or_nan
 from wsi_vssm.training.patch_eval import device_of
 
-ECE_BINS = 10
-
 
 @torch.no_grad()
 def mosaic_token_logits(model, ds, grid: int, seed: int = 0, order: np.ndarray | None = None):
@@ -110,20 +108,3 @@ def fold_platt(linear: torch.nn.Linear, a: float, b: float) -> None:
     with torch.no_grad():
         linear.weight.mul_(a)
         linear.bias.mul_(a).add_(b)
-
-
-def expected_calibration_error(labels, probs, bins: int = ECE_BINS) -> float:
-    """ECE over `bins` equal-width probability bins: sum over bins of (share of items) x |accuracy - confidence|,
-    with 'accuracy' the bin's share of positives and 'confidence' its mean probability."""
-    y, p = np.asarray(labels, np.float64), np.asarray(probs, np.float64)
-    ok = np.isfinite(p)
-    y, p = y[ok], p[ok]
-    if not len(p):
-        return math.nan
-    which = np.minimum((p * bins).astype(int), bins - 1)
-    total = 0.0
-    for k in range(bins):
-        sel = which == k
-        if sel.any():
-            total += sel.mean() * abs(y[sel].mean() - p[sel].mean())
-    return float(total)

@@ -26,6 +26,8 @@ from wsi_vssm.outputs.report import roc_auc_or_nan  # the cohort report's AUC: t
 from wsi_vssm.pipeline.store import FeatureStore
 
 MIL_FORMAT = "wsi-vssm-mil/1"
+POOL_LAYERS = ("topk_affine.", "count_affine.")  # a pool's own slide map: never taken from another pool's head
+COUNT_L2 = 1e-3
 LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_auc", "seconds", "best")
 FEATURE_KEYS = ("model_id", "model_hash", "mpp", "token_px", "n_features")  # must agree across stores
 
@@ -46,8 +48,9 @@ class MILTrainConfig:
     cache_mb: float = 4096.0  # keep bags in memory up to this many MB of float16 features; beyond, re-read
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16 | auto (the head is small: bf16 rarely pays here)
-    pool: str = "attention"  # the slide logit: attention | topk | mix (models.mil)
+    pool: str = "attention"  # the slide logit: attention | topk | mix | count (models.mil)
     topk: int = 8
+    count_threshold: float = 0.0  # count: the cell logit at and above which a cell counts (the cell threshold)
 
     def __post_init__(self):
         from wsi_vssm.models.precision import check_precision
@@ -159,19 +162,21 @@ def train_mil(
     rng = np.random.default_rng(cfg.seed)
     try:
         mil_cfg = MILConfig(int(feature_attrs["n_features"]), cfg.hidden_dim, cfg.attn_dim, cfg.dropout, cfg.pool,
-                            cfg.topk)
+                            cfg.topk, float(cfg.count_threshold))
     except ValueError as e:
         raise UsageError(str(e)) from e
     model = AttentionMIL(mil_cfg).to(cfg.device)
     if init_state is not None:
-        try:  # a head of another pool starts its attention part from init_state and its top-k map fresh
+        try:  # a head of another pool starts its attention part from init_state and its own slide map fresh
             own = model.state_dict()
-            model.load_state_dict({**{k: v for k, v in own.items() if k.startswith("topk_affine.")},
-                                   **{k: v for k, v in init_state.items() if not k.startswith("topk_affine.")
+            model.load_state_dict({**{k: v for k, v in own.items() if k.startswith(POOL_LAYERS)},
+                                   **{k: v for k, v in init_state.items() if not k.startswith(POOL_LAYERS)
                                       or k in own}}, strict=True)
         except RuntimeError as e:
             raise UsageError(f"init_state does not fit an AttentionMIL of {mil_cfg}: {str(e).splitlines()[0]}") from e
     _setup_cell_head(model, cell_head, cfg.train_cell_head)
+    if cfg.pool == "count":
+        return _fit_count_head(model, train, valid, cfg, log_path, checkpoint_path, progress)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = TrainHistory(metadata=_metadata(cfg, train, valid, feature_attrs))
@@ -201,6 +206,55 @@ def train_mil(
     if best_state is not None:
         model.load_state_dict(best_state)
     history.metadata = _final_metadata(history)
+    return model.eval(), history
+
+
+def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, log_path, checkpoint_path, progress):
+    """The count head has three parameters and a convex loss: fit it exactly (L-BFGS logistic regression over
+    the training bags, a light L2 on the two weights) instead of by epochs of SGD; one log row."""
+    import torch
+    import torch.nn.functional as F
+
+    from wsi_vssm.models.mil import count_stats
+
+    t0 = time.perf_counter()
+    model.eval()
+    x, y = [], []
+    with torch.no_grad():
+        for i in range(len(train)):
+            feats = train.features(i)
+            if len(feats):
+                logits = model.cell_head(torch.from_numpy(np.asarray(feats, np.float32))).squeeze(-1)[None]
+                x.append(count_stats(logits, None, model.config.count_threshold)[0])
+                y.append(float(train.labels[i]))
+    x, y = torch.stack(x).double(), torch.tensor(y, dtype=torch.float64)
+    w = torch.tensor([1.0, -0.5], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def loss_fn():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y) + COUNT_L2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(loss_fn)
+    with torch.no_grad():
+        model.count_affine.weight.copy_(w.detach().float()[None])
+        model.count_affine.bias.fill_(float(b))
+        train_loss = float(F.binary_cross_entropy_with_logits(x @ w + b, y))
+    valid_loss, valid_auc = evaluate(model, valid, cfg.device)
+    history = TrainHistory(metadata=_metadata(cfg, train, valid, check_compatible(train.stores + valid.stores)))
+    row = dict(zip(LOG_COLUMNS, (1, train_loss, valid_loss, valid_auc, time.perf_counter() - t0, True), strict=True))
+    history.rows.append(row)
+    history.best_epoch, history.best_valid_auc, history.best_valid_loss = 1, valid_auc, valid_loss
+    history.metadata = _final_metadata(history)
+    if checkpoint_path is not None:
+        save_mil(checkpoint_path, model, cfg, history.metadata)
+    if log_path is not None:
+        write_log(log_path, history.rows)
+    if progress is not None:
+        progress(row)
     return model.eval(), history
 
 

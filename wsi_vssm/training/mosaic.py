@@ -153,6 +153,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     score the test cohort if asked. Returns the stage's record (also stored in the model's metadata)."""
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
+    from wsi_vssm.pipeline.predict import PredictParams, cell_threshold
     from wsi_vssm.training.mil import Bags, MILTrainConfig, bag_logits, evaluate, train_mil
 
     model_path, out = Path(model_path), Path(out)
@@ -169,13 +170,15 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     head = {k: v.detach().clone() for k, v in current.cell_head.state_dict().items()}
     init = current.state_dict() if cfg.init_from_model else None  # the cell stage's first head, as a start
     valid = Bags(bags["valid"], MILTrainConfig().cache_mb)  # read once: the choice, the calibration, the baselines
+    # the count head counts the cells the heatmap calls tumour: those at or above the model's cell threshold
+    count_threshold = _logit(cell_threshold(model, PredictParams(), warn=False))
     candidates = []
     for pool, k in _candidates(cfg):
         mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
                                  dropout=current.config.dropout, epochs=cfg.epochs, patience=cfg.patience,
                                  lr=cfg.lr, seed=cfg.seed, max_cells=cfg.max_cells, precision=cfg.precision,
-                                 pool=pool, topk=k)
-        name = pool if pool == "attention" else f"{pool}{k}"
+                                 pool=pool, topk=k, count_threshold=count_threshold)
+        name = pool if pool in ("attention", "count") else f"{pool}{k}"
         mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head,
                                  log_path=out / f"mil-{name}.log.csv", checkpoint_path=out / f"mil-{name}.pt",
                                  init_state=init)
@@ -225,10 +228,15 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
 
 
 def _candidates(cfg: MosaicMILConfig) -> list[tuple[str, int]]:
-    """(pool, topk) slide heads to train: attention once, topk and mix once per top-k size."""
+    """(pool, topk) slide heads to train: attention and count once, topk and mix once per top-k size."""
     pools = [cfg.pool] if isinstance(cfg.pool, str) else list(cfg.pool)
     ks = [cfg.topk] if isinstance(cfg.topk, int) else list(cfg.topk)
-    return [(p, k) for p in pools for k in ([ks[0]] if p == "attention" else ks)]
+    return [(p, k) for p in pools for k in ([ks[0]] if p in ("attention", "count") else ks)]
+
+
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-6), 1 - 1e-6)
+    return float(np.log(p / (1 - p)))
 
 
 def score_test_cohort(folder: Path, model_path: Path, out: Path, progress: bool = True) -> dict:

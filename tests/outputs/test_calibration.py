@@ -1,0 +1,71 @@
+"""Calibration figures (wsi_vssm.outputs.calibration): ECE, its interval, the floor of a calibrated model, the
+reliability diagram."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_vssm.outputs.calibration import (
+    bootstrap_ece_ci,
+    calibration_png,
+    calibration_summary,
+    ece_if_calibrated,
+    expected_calibration_error,
+    reliability_bins,
+)
+
+
+def test_ece_by_hand():
+    # bins [0.1, 0.2): p 0.1, 0.1 with labels 0, 1 -> |0.5 - 0.1| x 2/4; bin [0.9, 1]: p 0.9, 1.0, labels 1, 1
+    # -> |1 - 0.95| x 2/4
+    y, p = [0, 1, 1, 1], [0.1, 0.1, 0.9, 1.0]
+    assert expected_calibration_error(y, p) == pytest.approx(0.5 * 0.4 + 0.5 * 0.05)
+    assert expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0
+    assert expected_calibration_error([1, 0], [0.0, 1.0]) == 1.0
+    assert np.isnan(expected_calibration_error([1], [np.nan]))  # non-finite probabilities are left out
+    rows = reliability_bins(y, p)
+    assert [(r["low"], r["n"]) for r in rows] == [(0.1, 2), (0.9, 2)]
+    assert rows[0]["positive_share"] == 0.5 and rows[1]["mean_probability"] == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="differ in length"):
+        expected_calibration_error([0, 1], [0.5])
+
+
+def test_floor_of_a_calibrated_model_shrinks_with_cohort_size():
+    rng = np.random.default_rng(1)
+    small, large = ece_if_calibrated(rng.random(40)), ece_if_calibrated(rng.random(4000))
+    assert small["range90"][0] <= small["median"] <= small["range90"][1]
+    assert large["median"] < 0.5 * small["median"]  # about 1 / sqrt(n)
+    # probabilities at 0 and 1 leave nothing to chance: the floor is exactly 0
+    assert ece_if_calibrated([0.0, 1.0, 1.0, 0.0]) == {"median": 0.0, "range90": [0.0, 0.0]}
+    assert ece_if_calibrated([np.nan]) is None
+
+
+def test_calibrated_labels_fall_inside_the_floor_and_miscalibrated_ones_do_not():
+    rng = np.random.default_rng(2)
+    p = rng.random(300)
+    floor = ece_if_calibrated(p, seed=5)
+    honest = (rng.random(300) < p).astype(int)  # labels drawn from the probabilities: calibrated by construction
+    shifted = (rng.random(300) < p ** 3).astype(int)  # the model says p, the truth is p^3
+    assert expected_calibration_error(honest, p) <= floor["range90"][1]
+    assert expected_calibration_error(shifted, p) > floor["range90"][1]
+    lo, hi = bootstrap_ece_ci(shifted, p, n_boot=300)
+    assert lo <= expected_calibration_error(shifted, p) <= hi
+    assert bootstrap_ece_ci(shifted, p, n_boot=300) == (lo, hi)  # seeded
+
+
+def test_summary_and_png(tmp_path):
+    rng = np.random.default_rng(3)
+    p = rng.random(50)
+    y = (rng.random(50) < p).astype(int)
+    s = calibration_summary(y, p, n_boot=100)
+    assert list(s) == ["bins", "ece", "ece_ci95", "ece_if_calibrated", "reliability"]
+    assert s["ece"] == pytest.approx(expected_calibration_error(y, p))
+    assert sum(r["n"] for r in s["reliability"]) == 50
+    calibration_png(tmp_path / "c.png", y, p, s)
+    assert Image.open(tmp_path / "c.png").size == (540, 540)
+    empty = calibration_summary([], [])
+    assert empty["ece"] is None and empty["ece_ci95"] is None and empty["reliability"] == []
+    calibration_png(tmp_path / "e.png", [], [], empty)  # an empty cohort still gets a diagram that says so
+    assert (tmp_path / "e.png").stat().st_size > 1000
