@@ -131,8 +131,8 @@ def calibration_png(path: str | os.PathLike, labels: Sequence[int], probs: Seque
         if summary["ece_ci95"]:
             title += f" (95% CI {summary['ece_ci95'][0]:.3f}-{summary['ece_ci95'][1]:.3f})"
         floor = summary["ece_if_calibrated"]
-        title += f"\nif calibrated: {floor['median']:.3f} ({floor['range90'][0]:.3f}-{floor['range90'][1]:.3f})"
-        title += f", n={sum(r['n'] for r in rows)}"
+        title += (f"\nexact probabilities would give {floor['median']:.3f} (90%: {floor['range90'][0]:.3f}-"
+                  f"{floor['range90'][1]:.3f}) on n={sum(r['n'] for r in rows)}")
     else:
         title = "no probabilities to calibrate"
     ax.set(xlim=(0, 1), ylim=(-0.01, 1.01), xlabel="mean predicted probability", ylabel="share of tumour",
