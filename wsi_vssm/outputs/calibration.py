@@ -103,9 +103,9 @@ def _batches(n: int, width: int) -> list[int]:
 def calibration_summary(labels, probs, n_boot: int = 2000, seed: int = 0, bins: int = ECE_BINS) -> dict:
     """metrics.json's `calibration` block (docs/outputs.md)."""
     y, p = _finite(labels, probs)
+    ci = bootstrap_ece_ci(y, p, n_boot, seed, bins)
     return {"bins": bins, "ece": expected_calibration_error(y, p, bins) if len(p) else None,
-            "ece_ci95": (lambda ci: None if ci is None else list(ci))(bootstrap_ece_ci(y, p, n_boot, seed, bins)),
-            "ece_if_calibrated": ece_if_calibrated(p, n_boot, seed, bins),
+            "ece_ci95": None if ci is None else list(ci), "ece_if_calibrated": ece_if_calibrated(p, n_boot, seed, bins),
             "reliability": reliability_bins(y, p, bins)}
 
 

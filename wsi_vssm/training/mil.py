@@ -224,9 +224,12 @@ def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, log_pa
         for i in range(len(train)):
             feats = train.features(i)
             if len(feats):
-                logits = model.cell_head(torch.from_numpy(np.asarray(feats, np.float32))).squeeze(-1)[None]
-                x.append(count_stats(logits, None, model.config.count_threshold)[0])
+                f = torch.from_numpy(np.asarray(feats, np.float32)).to(cfg.device)
+                logits = model.cell_head(f).squeeze(-1)[None]
+                x.append(count_stats(logits, None, model.config.count_threshold)[0].cpu())
                 y.append(float(train.labels[i]))
+    if not x:
+        raise UsageError("no training slide has cells: the count head has nothing to count")
     x, y = torch.stack(x).double(), torch.tensor(y, dtype=torch.float64)
     w = torch.tensor([1.0, -0.5], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -240,7 +243,7 @@ def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, log_pa
 
     opt.step(loss_fn)
     with torch.no_grad():
-        model.count_affine.weight.copy_(w.detach().float()[None])
+        model.count_affine.weight.copy_(w.detach().float()[None].to(cfg.device))
         model.count_affine.bias.fill_(float(b))
         train_loss = float(F.binary_cross_entropy_with_logits(x @ w + b, y))
     valid_loss, valid_auc = evaluate(model, valid, cfg.device)
