@@ -176,7 +176,7 @@ def train_mil(
             raise UsageError(f"init_state does not fit an AttentionMIL of {mil_cfg}: {str(e).splitlines()[0]}") from e
     _setup_cell_head(model, cell_head, cfg.train_cell_head)
     if cfg.pool == "count":
-        return _fit_count_head(model, train, valid, cfg, log_path, checkpoint_path, progress)
+        return _fit_count_head(model, train, valid, cfg, feature_attrs, log_path, checkpoint_path, progress)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = TrainHistory(metadata=_metadata(cfg, train, valid, feature_attrs))
@@ -209,7 +209,8 @@ def train_mil(
     return model.eval(), history
 
 
-def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, log_path, checkpoint_path, progress):
+def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, feature_attrs: dict, log_path,
+                    checkpoint_path, progress):
     """The count head has three parameters and a convex loss: fit it exactly (L-BFGS logistic regression over
     the training bags, a light L2 on the two weights) instead of by epochs of SGD; one log row."""
     import torch
@@ -231,8 +232,8 @@ def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, log_pa
     if not x:
         raise UsageError("no training slide has cells: the count head has nothing to count")
     x, y = torch.stack(x).double(), torch.tensor(y, dtype=torch.float64)
-    w = torch.tensor([1.0, -0.5], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    w = model.count_affine.weight.detach()[0].double().cpu().clone().requires_grad_(True)  # its initial map
+    b = model.count_affine.bias.detach()[0].double().cpu().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
 
     def loss_fn():
@@ -247,7 +248,7 @@ def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, log_pa
         model.count_affine.bias.fill_(float(b))
         train_loss = float(F.binary_cross_entropy_with_logits(x @ w + b, y))
     valid_loss, valid_auc = evaluate(model, valid, cfg.device)
-    history = TrainHistory(metadata=_metadata(cfg, train, valid, check_compatible(train.stores + valid.stores)))
+    history = TrainHistory(metadata=_metadata(cfg, train, valid, feature_attrs))
     row = dict(zip(LOG_COLUMNS, (1, train_loss, valid_loss, valid_auc, time.perf_counter() - t0, True), strict=True))
     history.rows.append(row)
     history.best_epoch, history.best_valid_auc, history.best_valid_loss = 1, valid_auc, valid_loss

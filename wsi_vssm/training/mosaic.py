@@ -21,6 +21,8 @@ import numpy as np
 
 from wsi_vssm.errors import UsageError
 
+ONE_PER_POOL = ("attention", "count")  # slide heads that do not use `topk`: one candidate each
+
 
 @dataclass
 class MosaicMILConfig:
@@ -178,7 +180,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
                                  dropout=current.config.dropout, epochs=cfg.epochs, patience=cfg.patience,
                                  lr=cfg.lr, seed=cfg.seed, max_cells=cfg.max_cells, precision=cfg.precision,
                                  pool=pool, topk=k, count_threshold=count_threshold)
-        name = pool if pool in ("attention", "count") else f"{pool}{k}"
+        name = pool if pool in ONE_PER_POOL else f"{pool}{k}"
         mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head,
                                  log_path=out / f"mil-{name}.log.csv", checkpoint_path=out / f"mil-{name}.pt",
                                  init_state=init)
@@ -231,7 +233,7 @@ def _candidates(cfg: MosaicMILConfig) -> list[tuple[str, int]]:
     """(pool, topk) slide heads to train: attention and count once, topk and mix once per top-k size."""
     pools = [cfg.pool] if isinstance(cfg.pool, str) else list(cfg.pool)
     ks = [cfg.topk] if isinstance(cfg.topk, int) else list(cfg.topk)
-    return [(p, k) for p in pools for k in ([ks[0]] if p in ("attention", "count") else ks)]
+    return [(p, k) for p in pools for k in ([ks[0]] if p in ONE_PER_POOL else ks)]
 
 
 def _logit(p: float) -> float:
