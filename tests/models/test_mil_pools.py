@@ -1,4 +1,5 @@
-"""The slide head's pools (wsi_vssm.models.mil): attention, top-k, their mix, count; calibration folded in."""
+"""The slide head's pools (wsi_vssm.models.mil): attention, top-k, their mix, count; calibration folded in, with
+its bag-size term."""
 
 from __future__ import annotations
 
@@ -51,6 +52,36 @@ def test_calibrate_folds_platt_scaling_into_the_slide_logit(pool):
     assert torch.allclose(out.slide_logit, 0.5 * before - 1.25, atol=1e-5)
     if pool == "topk":  # the top-k head reads the cell logits only
         assert torch.allclose(out.slide_logit, 0.5 * topk_mean(out.cell_logits, None, 3) - 1.25, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["attention", "mix", "count"])
+def test_size_term_adds_its_slope_times_log_real_cells(pool):
+    torch.manual_seed(0)
+    mil = AttentionMIL(MILConfig(16, 8, 4, 0.0, pool, 3)).eval()
+    feats = torch.randn(2, 40, 16)
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, :40] = True
+    mask[1, :9] = True  # the second bag has 9 real cells and 31 of padding
+    before = mil(feats, mask).slide_logit
+    mil.calibrate(0.5, -1.25, 0.75)
+    assert mil.config.size_slope == pytest.approx(0.75)
+    expected = 0.5 * before - 1.25 + 0.75 * torch.log(torch.tensor([40.0, 9.0]))
+    assert torch.allclose(mil(feats, mask).slide_logit, expected, atol=1e-5)
+    # a second calibration scales the size term with the rest and adds its own
+    mil.calibrate(2.0, 0.5, -0.25)
+    assert mil.config.size_slope == pytest.approx(2.0 * 0.75 - 0.25)
+    expected = 2.0 * expected + 0.5 - 0.25 * torch.log(torch.tensor([40.0, 9.0]))
+    assert torch.allclose(mil(feats, mask).slide_logit, expected, atol=1e-4)
+
+
+def test_files_without_a_size_term_have_none():
+    cfg = MILConfig(**{"in_dim": 16, "hidden_dim": 8, "attn_dim": 4, "dropout": 0.25, "pool": "mix"})
+    assert cfg.size_slope == 0.0
+    mil = AttentionMIL(cfg).eval()
+    feats = torch.randn(1, 12, 16)
+    out = mil(feats).slide_logit
+    mil.config.size_slope = 1.0
+    assert torch.allclose(mil(feats).slide_logit, out + math.log(12), atol=1e-5)
 
 
 def test_files_without_a_pool_are_attention_and_bad_pools_are_refused():

@@ -135,7 +135,8 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
                       '[cells]\nvalid_select = 30\nseed = 0\n'
                       '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 4\ntest_slides = 2\ngrid = 3\n'
                       'epochs = 3\npatience = 3\nsynth_train_slides = 2\nsynth_valid_slides = 2\n'
-                      'synth_size = 1024\npool = ["attention", "topk", "count"]\ntopk = [2]\n')
+                      'synth_size = 1024\npool = ["attention", "topk", "count"]\ntopk = [2]\n'
+                      'pooled_sizes = [2, 3]\npooled_bags = 4\n')
     res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
                                    "--set", f"data.valid={tmp_path / 'valid'}"])
     assert res.exit_code == 0, res.output
@@ -145,11 +146,17 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     assert stage["train_slides"] == 4 + 2 and stage["valid_slides"] == 4 + 2 and stage["test"]["n"] == 2
     assert model.metadata["threshold"] == stage["threshold"] and stage["seconds"] > 0
     assert stage["test"]["threshold"] == stage["threshold"]  # scored as `evaluate` scores it: stored threshold
-    # both slide heads were trained and the one with the better valid AUC kept, Platt-calibrated on valid
+    # every slide head was trained; the one with the best AUC over the valid mosaics and the pooled bags was kept,
+    # calibrated with a bag-size term on the same bags
     assert [c["name"] for c in stage["candidates"]] == ["attention", "topk2", "count"]
-    best = max(stage["candidates"], key=lambda c: c["valid_slide_auc"])
+    best = max(stage["candidates"], key=lambda c: c["pooled_auc"])
     assert stage["slide_head"] == best["name"] and model.mil.config.pool == best["pool"]
-    assert set(stage["platt"]) == {"a", "b"}
+    assert set(stage["platt"]) == {"a", "b", "size_slope"}
+    assert model.mil.config.size_slope == pytest.approx(stage["platt"]["size_slope"])
+    pooled = stage["pooled_bags"]
+    assert pooled["sizes"] == [2, 3] and pooled["bags"] == 6 + 2 * 4  # the 6 valid slides alone, then 4 per size
+    assert [r["mosaics"] for r in pooled["by_size"]] == [1, 2, 3]
+    assert "AUC over valid mosaics and pooled bags" in res.output
     # the cell head is the cell stage's; the chosen slide head's layers were trained
     assert np.allclose(model.mil.cell_head.weight.detach(), before.mil.cell_head.weight.detach())
     trained = {"attention": "attn_w", "topk": "topk_affine", "count": "count_affine"}[best["pool"]]
@@ -169,6 +176,33 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     assert main([str(out / "mosaic_mil"), str(out / "model.pt")]) == 0
     printed = capsys.readouterr().out
     assert "valid mosaics (n=4): MIL slide AUC" in printed and "synth valid slides (n=2)" in printed
+
+
+def test_pooled_plan_bags_normal_mosaics_or_one_tumour_among_normals():
+    from wsi_vssm.training.mosaic import pooled_plan
+
+    labels = [0, 1, 0, 0, 1, 0]
+    plan = pooled_plan(labels, [2, 5], 6, seed=3)
+    assert plan[:6] == [([i], y) for i, y in enumerate(labels)]  # every mosaic alone first
+    pooled = plan[6:]
+    assert [len(p) for p, _ in pooled] == [2] * 6 + [5] * 6 and [y for _, y in pooled] == [0, 1] * 6
+    for pick, y in pooled:
+        assert sum(labels[i] for i in pick) == y  # normal bags: no tumour mosaic; tumour bags: exactly one
+    assert pooled_plan(labels, [2, 5], 6, seed=3) == plan  # seeded
+    assert pooled_plan([0, 0], [2], 4, seed=0) == [([0], 0), ([1], 0)]  # one class only: nothing to pool
+
+
+def test_size_table_reports_each_size():
+    from wsi_vssm.training.mosaic import size_table
+
+    labels = np.array([0, 1, 0, 1, 0, 0, 1, 1])
+    probs = np.array([0.2, 0.9, 0.1, 0.3, 0.6, 0.2, 0.7, 0.8])
+    sizes = np.array([1, 1, 1, 1, 4, 4, 4, 4])
+    rows = size_table(labels, probs, sizes, np.log(np.array([100, 110, 90, 100, 400, 420, 380, 400])), 0.5)
+    assert [r["mosaics"] for r in rows] == [1, 4] and [r["bags"] for r in rows] == [4, 4]
+    assert rows[0]["auc"] == pytest.approx(1.0) and rows[0]["sensitivity"] == pytest.approx(0.5)
+    assert rows[1]["specificity"] == pytest.approx(0.5) and rows[1]["normal_median_prob"] == pytest.approx(0.4)
+    assert rows[1]["median_cells"] == 400
 
 
 def test_mosaic_mil_stage_needs_the_cell_model(tmp_path, capsys):

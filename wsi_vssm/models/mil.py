@@ -6,6 +6,11 @@ log(1 + the number of cells at or above `count_threshold`, a cell logit) and log
 of the heatmap is tumour, weighed against how many cells could have been false alarms). Files made before
 `pool` existed are "attention".
 
+`size_slope` adds size_slope * log(cells) to every pool's slide logit. A slide head fitted on small slides
+drifts as bags grow, because a larger normal slide has more cells that can look like tumour; the calibration
+(`calibrate`) fits this term on slides of many sizes so that the same probability means the same at every size.
+Files made before it existed have 0.
+
 The cell head reads the backbone's cell features directly, so it is trained first with the backbone on cell
 labels (PCam's centre token); the attention pooling and slide classifier are then trained on cached features
 with slide labels. The model returns named results and never computes a loss.
@@ -29,6 +34,7 @@ class MILConfig:
     pool: str = "attention"  # attention | topk | mix | count
     topk: int = 8  # cells in the top-k mean (topk and mix)
     count_threshold: float = 0.0  # cell logit at and above which a cell counts (count): the model's cell threshold
+    size_slope: float = 0.0  # slide logit per e-fold of cells, added to every pool's (set by `calibrate`)
 
     def __post_init__(self):
         if self.pool not in POOLS:
@@ -93,6 +99,8 @@ class AttentionMIL(nn.Module):
             slide = top if pool == "topk" else slide + top
         elif pool == "count":
             slide = self.count_affine(count_stats(cell_logits, mask, self.config.count_threshold)).squeeze(-1)
+        if self.config.size_slope:
+            slide = slide + self.config.size_slope * log_cells(cell_logits, mask)
         return MILOutput(slide, attention, cell_logits)
 
     def slide_layers(self) -> list[nn.Linear]:
@@ -102,20 +110,29 @@ class AttentionMIL(nn.Module):
         return [getattr(self, n) for n in names]
 
     @torch.no_grad()
-    def calibrate(self, a: float, b: float) -> None:
-        """Make the slide logit a * logit + b (Platt scaling folded into the weights)."""
+    def calibrate(self, a: float, b: float, c: float = 0.0) -> None:
+        """Make the slide logit a * logit + b + c * log(cells) (Platt scaling, with a bag-size term, folded into
+        the weights and `size_slope`)."""
         layers = self.slide_layers()
         for layer in layers:
             layer.weight.mul_(a)
             layer.bias.mul_(a)
         layers[0].bias.add_(b)
+        self.config.size_slope = float(a * self.config.size_slope + c)
+
+
+def log_cells(cell_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, N) logits -> (B,): log(real cells), 0 for a bag without any."""
+    n = torch.full(cell_logits.shape[:1], cell_logits.shape[-1], device=cell_logits.device) if mask is None \
+        else mask.sum(-1)
+    return torch.log(n.float().clamp_min(1.0))
 
 
 def count_stats(cell_logits: torch.Tensor, mask: torch.Tensor | None, threshold: float) -> torch.Tensor:
     """(B, N) logits -> (B, 2): log(1 + real cells with logit >= threshold) and log(real cells), 0 for none."""
     real = torch.ones_like(cell_logits, dtype=torch.bool) if mask is None else mask
     hits = ((cell_logits.float() >= threshold) & real).sum(-1).float()
-    return torch.stack([torch.log1p(hits), torch.log(real.sum(-1).float().clamp_min(1.0))], dim=-1)
+    return torch.stack([torch.log1p(hits), log_cells(cell_logits, mask)], dim=-1)
 
 
 def topk_mean(cell_logits: torch.Tensor, mask: torch.Tensor | None, k: int) -> torch.Tensor:

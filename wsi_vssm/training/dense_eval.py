@@ -89,18 +89,34 @@ def mine_hard_negatives(model, train, grid: int, top: float, seed: int) -> tuple
 
 def fit_platt(logits: np.ndarray, labels: np.ndarray, iters: int = 100) -> tuple[float, float]:
     """(a, b) minimising the log loss of sigmoid(a * logit + b) (Newton's method on two parameters)."""
-    x, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
-    a, b = 1.0, 0.0
+    a, b = fit_logistic([logits], labels, iters)
+    return a, b
+
+
+def fit_platt_sized(logits: np.ndarray, log_cells: np.ndarray, labels: np.ndarray,
+                    iters: int = 100) -> tuple[float, float, float]:
+    """(a, b, c) minimising the log loss of sigmoid(a * logit + b + c * log_cells): Platt scaling with a
+    bag-size term, for slide heads whose logit drifts with the number of cells."""
+    a, c, b = fit_logistic([logits, log_cells], labels, iters)
+    return a, b, c
+
+
+def fit_logistic(columns, labels: np.ndarray, iters: int = 100) -> tuple[float, ...]:
+    """Weights of each column, then the offset, minimising the log loss of sigmoid(sum w_i x_i + b) by Newton's
+    method, started from w = (1, 0, ...), b = 0 (a hair of ridge keeps the Hessian invertible)."""
+    x = np.stack([np.asarray(c, np.float64) for c in columns] + [np.ones(len(labels))], axis=1)  # (n, k + 1)
+    y = np.asarray(labels, np.float64)
+    w = np.zeros(x.shape[1])
+    w[0] = 1.0
     for _ in range(iters):
-        p = 1 / (1 + np.exp(-(a * x + b)))
-        g = np.array([((p - y) * x).sum(), (p - y).sum()])
-        w = p * (1 - p) + 1e-12
-        h = np.array([[(w * x * x).sum(), (w * x).sum()], [(w * x).sum(), w.sum()]]) + 1e-9 * np.eye(2)
+        p = 1 / (1 + np.exp(-(x @ w)))
+        g = x.T @ (p - y)
+        h = (x * (p * (1 - p) + 1e-12)[:, None]).T @ x + 1e-9 * np.eye(len(w))
         step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
+        w = w - step
         if np.abs(step).max() < 1e-10:
             break
-    return float(a), float(b)
+    return tuple(float(v) for v in w)
 
 
 def fold_platt(linear: torch.nn.Linear, a: float, b: float) -> None:

@@ -14,7 +14,7 @@ epoch and the slide threshold) and attached to the model. The test cohort, when 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,13 @@ class MosaicMILConfig:
     pool: str | list[str] = "attention"  # slide-head candidates (models.mil POOLS); the best valid AUC is kept
     topk: int | list[int] = 8  # top-k sizes tried by the topk and mix candidates
     reuse: bool = False  # mosaics larger than their patch pool reuse patches under flips / quarter turns
-    calibrate: bool = True  # Platt-scale the chosen head's slide logit on the valid mosaics
+    calibrate: bool = True  # Platt-scale the chosen head's slide logit on the valid mosaics (and pooled bags)
+    # Real slides hold 10-100x the cells of a mosaic. Pooled valid bags (unions of m valid mosaics: m normal
+    # ones, or one tumour mosaic and m - 1 normal ones) stand in for them: the head is chosen by its AUC over
+    # the mosaics and these bags together, after a calibration with a log(cells) term fitted on the same bags,
+    # and the slide threshold is set on them. Empty: choose by valid AUC and Platt-scale without a size term.
+    pooled_sizes: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
+    pooled_bags: int = 60  # pooled bags per size, half tumour
 
     def __post_init__(self):
         from wsi_vssm.models.precision import check_precision
@@ -58,6 +64,12 @@ class MosaicMILConfig:
         for name in ("test_slides", "synth_train_slides", "synth_valid_slides"):
             if int(getattr(self, name)) < 0:
                 raise UsageError(f"mosaic_mil.{name} must be >= 0, got {getattr(self, name)!r}")
+        sizes = [self.pooled_sizes] if isinstance(self.pooled_sizes, int) else list(self.pooled_sizes)
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 2 for m in sizes):
+            raise UsageError(f"mosaic_mil.pooled_sizes must be ints >= 2, got {self.pooled_sizes!r}")
+        self.pooled_sizes = sizes
+        if sizes and int(self.pooled_bags) < 2:
+            raise UsageError(f"mosaic_mil.pooled_bags must be >= 2, got {self.pooled_bags!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -188,17 +200,38 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
                            "best_epoch": history.best_epoch, "mil": mil, "history": history})
         _say(progress, f"mosaic_mil: slide head {name}: valid slide AUC {history.best_valid_auc:.4f} "
                        f"(epoch {history.best_epoch})")
-    chosen = max(candidates, key=lambda c: c["valid_slide_auc"])  # first of equals: the listed order decides
+    plan = pooled_plan(valid.labels, cfg.pooled_sizes, cfg.pooled_bags, cfg.seed) if cfg.pooled_sizes else None
+    if plan is not None:  # every candidate scored on the pooled bags under its own size-aware calibration
+        for c in candidates:
+            c["pooled"] = size_aware_fit(c["mil"], valid, plan)
+            _say(progress, f"mosaic_mil: slide head {c['name']}: AUC over valid mosaics and pooled bags "
+                           f"{c['pooled']['auc']:.4f} (size-aware calibration)")
+        chosen = max(candidates, key=lambda c: c["pooled"]["auc"])  # first of equals: the listed order decides
+    else:
+        chosen = max(candidates, key=lambda c: c["valid_slide_auc"])
     mil, history, mil_path = chosen["mil"], chosen["history"], out / f"mil-{chosen['name']}.pt"
     platt = None
     if cfg.calibrate:
-        from wsi_vssm.training.dense_eval import fit_platt
+        if plan is not None:
+            platt = chosen["pooled"]["platt"]
+        else:
+            from wsi_vssm.training.dense_eval import fit_platt
 
-        logits = bag_logits(mil, valid)
-        ok = np.isfinite(logits)
-        platt = fit_platt(logits[ok], np.asarray(valid.labels)[ok])
+            logits = bag_logits(mil, valid)
+            ok = np.isfinite(logits)
+            platt = (*fit_platt(logits[ok], np.asarray(valid.labels)[ok]), 0.0)
         mil.calibrate(*platt)
-    threshold = youden_threshold(valid.labels, _slide_probs(mil, valid))
+    if plan is not None:
+        logits, log_n, labels, sizes = pooled_logits(mil, valid, plan)
+        probs = 1 / (1 + np.exp(-logits))
+        threshold = youden_threshold(labels, probs)
+        by_size = size_table(labels, probs, sizes, log_n, threshold)
+        for row in by_size:
+            _say(progress, f"  {row['mosaics']:>2} mosaic(s), ~{row['median_cells']} cells: AUC {row['auc']:.3f}, "
+                           f"sensitivity {row['sensitivity']:.2f}, specificity {row['specificity']:.2f}, normal "
+                           f"median probability {row['normal_median_prob']:.2f}")
+    else:
+        threshold, by_size = youden_threshold(valid.labels, _slide_probs(mil, valid)), None
     train_loss, train_auc = evaluate(mil, Bags(bags["train"], mil_cfg.cache_mb))
     pooled = pooling_aucs(valid, head)
     _say(progress, f"mosaic_mil: best epoch {history.best_epoch} of {len(history.rows)}: valid slide AUC "
@@ -209,9 +242,13 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
         model.mil.calibrate(*platt)
     record = {"method": "AttentionMIL trained on mosaic slides of real patches (wsi_vssm.synth.mosaic)",
               "config": cfg.to_dict(), "train_slides": len(bags["train"]), "valid_slides": len(bags["valid"]),
-              "slide_head": chosen["name"], "platt": None if platt is None else {"a": platt[0], "b": platt[1]},
-              "candidates": [{k: c[k] for k in ("name", "pool", "topk", "valid_slide_auc", "best_epoch")}
+              "slide_head": chosen["name"],
+              "platt": None if platt is None else {"a": platt[0], "b": platt[1], "size_slope": platt[2]},
+              "candidates": [{**{k: c[k] for k in ("name", "pool", "topk", "valid_slide_auc", "best_epoch")},
+                              **({"pooled_auc": c["pooled"]["auc"]} if plan is not None else {})}
                              for c in candidates],
+              "pooled_bags": None if plan is None else {"sizes": cfg.pooled_sizes, "per_size": cfg.pooled_bags,
+                                                        "bags": len(plan), "by_size": by_size},
               "best_epoch": history.best_epoch, "epochs_run": len(history.rows),
               "valid_slide_auc": history.best_valid_auc, "valid_slide_loss": history.best_valid_loss,
               "train_slide_auc": train_auc, "train_slide_loss": train_loss, "threshold": threshold,
@@ -227,6 +264,68 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
         record["seconds"] = round(time.perf_counter() - t0, 1)
         save_model(model, model_path, meta)
     return record
+
+
+def pooled_plan(labels, sizes, per_size: int, seed: int) -> list[tuple[list[int], int]]:
+    """Bags of valid mosaics for a size-aware choice and calibration: each mosaic alone, then for each m in
+    `sizes`, `per_size` unions of m mosaics drawn with replacement, alternating normal (m normal mosaics) and
+    tumour (one tumour mosaic and m - 1 normal ones: its lesions shrink to a smaller share of the slide, as a
+    metastasis in a large slide). Returns (mosaic indices, label) per bag."""
+    y = np.asarray(labels)
+    normal, tumour = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    plan = [([i], int(y[i])) for i in range(len(y))]
+    if not len(normal) or not len(tumour):
+        return plan
+    rng = np.random.default_rng([seed, 31])
+    for m in sizes:
+        for j in range(per_size):
+            label = j % 2
+            pick = [int(i) for i in rng.choice(normal, m - label)] + ([int(rng.choice(tumour))] if label else [])
+            plan.append((pick, label))
+    return plan
+
+
+def pooled_logits(mil, bags, plan) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(slide logit, log(cells), label, mosaics) of each bag of `plan` over a `train_mil.Bags`; bags without
+    cells are left out."""
+    import torch
+
+    mil.eval()
+    rows = []
+    with torch.inference_mode():
+        for pick, label in plan:
+            feats = np.concatenate([np.asarray(bags.features(i), dtype=np.float32) for i in pick])
+            if len(feats):
+                logit = float(mil(torch.from_numpy(feats)).slide_logit[0])
+                rows.append((logit, float(np.log(len(feats))), label, len(pick)))
+    a = np.asarray(rows, np.float64).reshape(-1, 4)
+    return a[:, 0], a[:, 1], a[:, 2].astype(int), a[:, 3].astype(int)
+
+
+def size_aware_fit(mil, bags, plan) -> dict:
+    """A candidate head's size-aware Platt fit (a, b, c) on the pooled bags and its AUC over all of them."""
+    from wsi_vssm.outputs.report import roc_auc_or_nan as roc_auc
+    from wsi_vssm.training.dense_eval import fit_platt_sized
+
+    logits, log_n, labels, _ = pooled_logits(mil, bags, plan)
+    a, b, c = fit_platt_sized(logits, log_n, labels)
+    return {"platt": (a, b, c), "auc": float(roc_auc(labels, a * logits + b + c * log_n))}
+
+
+def size_table(labels, probs, sizes, log_n, threshold: float) -> list[dict]:
+    """Per bag size (mosaics per bag): AUC, sensitivity and specificity at `threshold`, and the median
+    probability of normal bags; a head that holds as slides grow keeps these flat."""
+    from wsi_vssm.outputs.report import roc_auc_or_nan as roc_auc
+
+    rows = []
+    for m in np.unique(sizes):
+        s = sizes == m
+        y, p = labels[s].astype(bool), probs[s]
+        rows.append({"mosaics": int(m), "bags": int(s.sum()), "median_cells": int(round(np.exp(np.median(log_n[s])))),
+                     "auc": float(roc_auc(y, p)), "sensitivity": float((p[y] >= threshold).mean()),
+                     "specificity": float((p[~y] < threshold).mean()),
+                     "normal_median_prob": float(np.median(p[~y]))})
+    return rows
 
 
 def _candidates(cfg: MosaicMILConfig) -> list[tuple[str, int]]:
