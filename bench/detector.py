@@ -15,10 +15,14 @@ selection-part mosaics as the issue asks):
   many slides (metrics.json's `calibration`), which tells miscalibration from small-cohort noise;
 - the share of tissue tokens above `cell_threshold` on the normal slides of that cohort (from heatmap.ome.zarr);
 - slide AUC on selection-part mosaics of 16 x 16, 32 x 32 and 48 x 48 patches (`--size-slides` each), and the
-  drop from 16 to 48 with a bootstrap interval (both cohorts resampled).
+  drop from 16 to 48 with a bootstrap interval (both cohorts resampled);
+- the real-size check: slide AUC on held-back mosaics of 64 x 64 patches (`--large-slides`, about 20,000 cells
+  each, 3-4 times a 32 x 32 mosaic), and at every size the sensitivity and specificity at the model's
+  `slide_threshold` and the median probability of the normal slides. A slide head that drifts with bag size
+  shows it here first: its normal slides climb towards the threshold as they grow.
 Cohorts are written once under WORK/cohorts (same seeds, same slides for every model); results go to
-WORK/detector.json. Runs on CPU: about 35 minutes per model on 2 cores with the defaults (80 + 3 x 60 slides);
-a rerun for the same model file resumes every slide from its state in seconds.
+WORK/detector.json. Runs on CPU: about 45 minutes per model on 2 cores with the defaults (80 + 3 x 60 + 20
+slides); a rerun for the same model file resumes every slide from its state in seconds.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from pathlib import Path
 import numpy as np
 
 SIZES = (16, 32, 48)
+LARGE = 64  # the held-back real-size check's side, in patches
 
 
-def build_cohorts(valid_src: str, work: Path, n_test: int, n_size: int, valid_select: int, seed: int) -> dict:
+def build_cohorts(valid_src: str, work: Path, n_test: int, n_size: int, valid_select: int, seed: int,
+                  n_large: int = 0) -> dict:
     from wsi_vssm.synth.mosaic import make_mosaic_cohort
     from wsi_vssm.training.cells import TrainCellsConfig, split_valid
     from wsi_vssm.training.data.patches import load_patches
@@ -42,6 +48,8 @@ def build_cohorts(valid_src: str, work: Path, n_test: int, n_size: int, valid_se
     select, holdout = split_valid(load_patches(valid_src), TrainCellsConfig(seed=seed, valid_select=valid_select))
     plan = {"test32": (holdout, n_test, 32, 102)}
     plan.update({f"select{g}": (select, n_size, g, 120 + g) for g in SIZES})
+    if n_large:
+        plan[f"test{LARGE}"] = (holdout, n_large, LARGE, 200)
     folders = {}
     for name, (patches, n, grid, cohort_seed) in plan.items():
         folder = work / "cohorts" / name
@@ -86,17 +94,19 @@ def cohort_figures(model, model_path: str, folder: Path, out: Path) -> dict:
     m = res.metrics
     rows = [r for r in res.rows if r.get("probability") is not None and r.get("label") is not None]
     t = cell_threshold(model, PredictParams(), warn=False)
-    above, cells = 0, 0
+    above, cells, normal_probs = 0, 0, []
     for r in rows:
         if int(r["label"]) == 0:
             prob = read_heatmap_zarr(out / r["slide"] / "heatmap.ome.zarr")[0]
             n = json.loads((out / r["slide"] / "prediction.json").read_text())["summary"]["n_cells"]
             above, cells = above + int((prob >= t).sum()), cells + int(n)
+            normal_probs.append(float(r["probability"]))
     return {"n": m["n"], "auc": m["auc"], "auc_ci95": m["auc_ci95"], "sensitivity": m["sensitivity"],
             "specificity": m["specificity"], "slide_threshold": m["threshold"],
             "slide_ece": m["calibration"]["ece"], "slide_ece_ci95": m["calibration"]["ece_ci95"],
             "slide_ece_if_calibrated": m["calibration"]["ece_if_calibrated"],
             "normal_token_share_above_cell_threshold": above / cells if cells else float("nan"),
+            "normal_median_probability": float(np.median(normal_probs)) if normal_probs else float("nan"),
             "scores": [[int(r["label"]), float(r["probability"])] for r in rows]}
 
 
@@ -136,6 +146,15 @@ def evaluate_model(name: str, path: str, cohorts: dict, work: Path, only: list[s
     return out
 
 
+SIZE_COHORTS = (*(f"select{g}" for g in SIZES), f"test{LARGE}")
+
+
+def _at_size(r: dict, cohort: str, key: str) -> str:
+    """One cohort's figure for the by-size rows; '-' where the model was not scored on that cohort."""
+    value = (r.get(cohort) or {}).get(key)
+    return "-" if value is None else f"{value:.2f}"
+
+
 def print_table(results: dict) -> None:
     names = list(results)
     rows = [
@@ -157,6 +176,14 @@ def print_table(results: dict) -> None:
            f"n={r[f'select{g}']['n']}") for g in SIZES],
         ("AUC drop, 16 x 16 -> 48 x 48 [95% CI]", lambda r: f"{r['drop_16_to_48']:+.3f} "
          f"[{r['drop_16_to_48_ci95'][0]:+.3f}, {r['drop_16_to_48_ci95'][1]:+.3f}]"),
+        (f"slide AUC, {LARGE} x {LARGE} held-back mosaics [95% CI]",
+         lambda r: f"{r[f'test{LARGE}']['auc']:.3f} [{r[f'test{LARGE}']['auc_ci95'][0]:.3f}, "
+                   f"{r[f'test{LARGE}']['auc_ci95'][1]:.3f}] n={r[f'test{LARGE}']['n']}"),
+        ("sensitivity / specificity at slide_threshold, 16 / 32 / 48 sel., 64 held-back",
+         lambda r: " ; ".join(_at_size(r, c, "sensitivity") + "/" + _at_size(r, c, "specificity")
+                              for c in SIZE_COHORTS)),
+        ("normal slides' median probability, 16 / 32 / 48 sel., 64 held-back",
+         lambda r: " / ".join(_at_size(r, c, "normal_median_probability") for c in SIZE_COHORTS)),
         ("slide ECE, 32 x 32 held-back mosaics [95% CI]",
          lambda r: f"{r['test32']['slide_ece']:.3f} [{r['test32']['slide_ece_ci95'][0]:.3f}, "
                    f"{r['test32']['slide_ece_ci95'][1]:.3f}]"),
@@ -189,17 +216,20 @@ def main(argv=None) -> int:
     ap.add_argument("--slides", type=int, default=80, help="held-back 32 x 32 mosaic slides (half tumour)")
     ap.add_argument("--size-slides", type=int, default=60,
                     help="selection mosaics per side 16 / 32 / 48 (60: with 24, the drop's noise was about +-0.1)")
+    ap.add_argument("--large-slides", type=int, default=20,
+                    help=f"held-back {LARGE} x {LARGE} mosaics, the real-size check (0: none)")
     ap.add_argument("--valid-select", type=int, default=1000, help="as in training: patches that select")
     ap.add_argument("--seed", type=int, default=0, help="the select / held-back split's seed, as in training")
     ap.add_argument("--only", nargs="+", default=None, metavar="COHORT",
-                    help="score only these cohorts (test32, select16, select32, select48); the patch rows always")
+                    help=f"score only these cohorts (test32, select16, select32, select48, test{LARGE}); the patch "
+                         "rows always")
     ap.add_argument("--merge", action="store_true",
                     help="keep the results of models already in WORK/detector.json (score only the ones given)")
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    cohorts = build_cohorts(a.valid, a.work, a.slides, a.size_slides, a.valid_select, a.seed)
+    cohorts = build_cohorts(a.valid, a.work, a.slides, a.size_slides, a.valid_select, a.seed, a.large_slides)
     saved = a.work / "detector.json"
     results = json.loads(saved.read_text()) if a.merge and saved.exists() else {}
     for spec in a.model:
