@@ -268,7 +268,8 @@ def test_run_recipe_needs_data(tmp_path):
     recipe = load_recipe(REPO / "pipelines" / "default.toml")
     assert TrainCellsConfig(**recipe["cells"]).ema > 0  # the shipped recipe's sections are valid configs
     mil = MosaicMILConfig(**recipe["mosaic_mil"])
-    assert mil.reuse and mil.pool == ["attention", "topk", "mix"] and mil.grid == [8, 32]
+    assert mil.reuse and mil.pool == ["attention", "topk", "mix", "count"] and mil.grid == [8, 32]
+    assert mil.pooled_sizes == [2, 4, 8, 16, 32] and mil.calibrate  # chosen and calibrated for real-size slides
     assert DenseConfig(**recipe["dense"]).augment.hed_scale == recipe["dense"]["augment"]["hed_scale"]
     assert recipe["recipe"]["stages"] == ["cells", "context", "dense", "mosaic_mil"]
     with pytest.raises(UsageError, match="data.train"):

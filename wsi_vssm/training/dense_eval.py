@@ -109,7 +109,7 @@ def fit_logistic(columns, labels: np.ndarray, iters: int = 100) -> tuple[float, 
     w = np.zeros(x.shape[1])
     w[0] = 1.0
     for _ in range(iters):
-        p = 1 / (1 + np.exp(-(x @ w)))
+        p = 0.5 * (1 + np.tanh(0.5 * (x @ w)))  # the logistic function, without exp overflowing
         g = x.T @ (p - y)
         h = (x * (p * (1 - p) + 1e-12)[:, None]).T @ x + 1e-9 * np.eye(len(w))
         step = np.linalg.solve(h, g)

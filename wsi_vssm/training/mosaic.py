@@ -43,7 +43,7 @@ class MosaicMILConfig:
     synth_size: int = 6000  # their side in px at synth_mpp
     synth_mpp: float = 0.5
     precision: str = "fp32"  # fp32 | bf16 | auto: feature extraction and MIL training (models.precision)
-    pool: str | list[str] = "attention"  # slide-head candidates (models.mil POOLS); the best valid AUC is kept
+    pool: str | list[str] = "attention"  # slide-head candidates (models.mil POOLS); the best (pooled) AUC is kept
     topk: int | list[int] = 8  # top-k sizes tried by the topk and mix candidates
     reuse: bool = False  # mosaics larger than their patch pool reuse patches under flips / quarter turns
     calibrate: bool = True  # Platt-scale the chosen head's slide logit on the valid mosaics (and pooled bags)
@@ -235,7 +235,8 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     train_loss, train_auc = evaluate(mil, Bags(bags["train"], mil_cfg.cache_mb))
     pooled = pooling_aucs(valid, head)
     _say(progress, f"mosaic_mil: best epoch {history.best_epoch} of {len(history.rows)}: valid slide AUC "
-                   f"{history.best_valid_auc:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid); "
+                   f"{history.best_valid_auc:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid"
+                   f"{' mosaics and pooled bags' if plan is not None else ''}); "
                    f"valid AUC of plain cell-logit pooling: " + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
     model = attach_mil(model, mil_path)
     if platt is not None:
