@@ -21,8 +21,9 @@ selection-part mosaics as the issue asks):
   `slide_threshold` and the median probability of the normal slides. A slide head that drifts with bag size
   shows it here first: its normal slides climb towards the threshold as they grow.
 Cohorts are written once under WORK/cohorts (same seeds, same slides for every model); results go to
-WORK/detector.json. Runs on CPU: about 45 minutes per model on 2 cores with the defaults (80 + 3 x 60 + 20
-slides); a rerun for the same model file resumes every slide from its state in seconds.
+WORK/detector.json. Runs on CPU: about 50 minutes per model on 2 cores with the defaults (80 + 3 x 60 + 20
+slides; the 64 x 64 cohort about 10 of them); a rerun for the same model file resumes every slide from its state
+in seconds.
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
         mil.calibrate(*platt)
     if plan is not None:
         logits, log_n, labels, sizes = pooled_logits(mil, valid, plan)
-        probs = 1 / (1 + np.exp(-logits))
+        probs = 0.5 * (1 + np.tanh(0.5 * logits))  # the logistic function, without exp overflowing
         threshold = youden_threshold(labels, probs)
         by_size = size_table(labels, probs, sizes, log_n, threshold)
         for row in by_size:
