@@ -16,11 +16,14 @@ k at position p visits pixel `_positions(k, ...)`; the kernel fills those indice
 Per direction and position the work is, for the D channels of a block (vectorised over channels, which are
 contiguous in memory): dt = bias + W_dt x (R multiply-adds), delta = softplus(dt), h = exp(delta A) h +
 delta u B, y = C h + D u, out += y. Tasks are (batch, block of channels): every task owns its output channels,
-so the accumulation of the four directions into `out` needs no atomics.
+so the accumulation of the four directions into `out` needs no atomics. The lines of u, out and x_dbl that the
+step AHEAD positions on will touch are prefetched: in the column directions consecutive steps are a whole row
+of the map apart, a new page each time, which the hardware prefetchers do not follow (docs/scan.md, "Prefetch").
 
 Backward: the forward saves the state at the start of every chunk of T positions (batch x nd x ceil(L/T) x N x
 D values, 1/T of the map per state); the backward recomputes a chunk from its checkpoint into task-local
-buffers and walks it in reverse. Per-channel sums over L (dA, dDs, d bias, d W_dt) accumulate per chunk in
+buffers (prefetching as the forward does, and the chunk's lines of d out and d u for the reverse walk) and
+walks it in reverse. Per-channel sums over L (dA, dDs, d bias, d W_dt) accumulate per chunk in
 float32 and across chunks in float64. Sums over channels (d xdbl: the gradients of dt_low, B and C) are per
 block: each block writes its own slice of a (blocks, batch, L, nd, R + 2N) buffer that the caller sums.
 """
@@ -29,9 +32,11 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
-from wsi_vssm_kernels.scan_cpu import _exp, _sigmoid, _softplus
+from wsi_vssm_kernels.scan_cpu import _exp, _prefetch, _sigmoid, _softplus
 
 T_CHUNK = 64  # positions per chunk: the backward's checkpoint interval
+AHEAD = 8  # positions between a prefetch and the use of its lines (a few memory latencies of work)
+LINE = 16  # float32 values per 64-byte cache line
 FM = {"contract"}
 FM_SUM = {"contract", "reassoc"}  # the backward's channel sums: reassociation lets LLVM vectorise them
 
@@ -113,6 +118,15 @@ def _store(of, ob, yb, w, write):
             of[ob + c] += yb[c]
 
 
+@njit(inline="always", error_model="numpy")
+def _prefetch_position(uf, xf, of, q, dim, d0, w, nd, j, c2):
+    """Prefetch what the step at pixel q reads: the block's lines of u and of the output, and its x_dbl."""
+    for c in range(0, w, LINE):
+        _prefetch(uf, q * dim + d0 + c)
+        _prefetch(of, q * dim + d0 + c)
+    _prefetch(xf, (q * nd + j) * c2)
+
+
 @njit(parallel=True, cache=True, fastmath=FM, error_model="numpy")
 def ss2d_fwd(u, xdbl, dirs, height, width, wdt, bias, A, Ds, first, save_ckpt, cb, out, ckpt):
     """Writes out (batch, L, D); ckpt (batch, nd, ceil(L / T), N, D) when save_ckpt (else a dummy)."""
@@ -127,7 +141,7 @@ def ss2d_fwd(u, xdbl, dirs, height, width, wdt, bias, A, Ds, first, save_ckpt, c
         w = min(cb, dim - d0)
         h = np.empty((nstate, w), u.dtype)
         dtb, yb = np.empty(w, u.dtype), np.empty(w, u.dtype)
-        idx = np.empty(T_CHUNK, np.int64)
+        idx = np.empty(T_CHUNK + AHEAD, np.int64)
         for j in range(nd):
             k = dirs[j]
             wk, bk = wdt[k, :, d0:d0 + w].copy(), bias[k, d0:d0 + w].copy()
@@ -138,8 +152,11 @@ def ss2d_fwd(u, xdbl, dirs, height, width, wdt, bias, A, Ds, first, save_ckpt, c
                 n = min(T_CHUNK, length - t0)
                 if save_ckpt:
                     ckpt[b, j, t0 // T_CHUNK, :, d0:d0 + w] = h
-                _positions(k, height, width, t0, n, idx)
+                ahead = min(T_CHUNK + AHEAD, length - t0)  # positions of this chunk and the next AHEAD
+                _positions(k, height, width, t0, ahead, idx)
                 for i in range(n):
+                    if i + AHEAD < ahead:
+                        _prefetch_position(uf, xf, of, b * length + idx[i + AHEAD], dim, d0, w, nd, j, c2)
                     q = b * length + idx[i]
                     xb = (q * nd + j) * c2
                     _dt_row(xf, xb, wk, bk, w, dtb)
@@ -148,13 +165,22 @@ def ss2d_fwd(u, xdbl, dirs, height, width, wdt, bias, A, Ds, first, save_ckpt, c
 
 
 @njit(inline="always", fastmath=FM, error_model="numpy")
-def _recompute(uf, xf, idx, b, length, dim, nd, j, c2, d0, w, n, wk, bk, ak, hb, dlb, sgb, ab, dtb):
+def _recompute(uf, xf, gf, duf, idx, b, length, dim, nd, j, c2, d0, w, n, wk, bk, ak, hb, dlb, sgb, ab, dtb):
     """Forward over one chunk from hb[0] (the checkpoint): dlb[i] = delta, sgb[i] = sigmoid(dt), ab[i] =
-    exp(delta A), hb[i + 1] = state after position i."""
+    exp(delta A), hb[i + 1] = state after position i. Prefetches the lines of u and x_dbl AHEAD positions on,
+    and the lines of d out and d u that the reverse walk of this chunk will touch."""
     f = dlb.dtype.type
     rank, nstate = wk.shape[0], ak.shape[0]
     for i in range(n):
+        if i + AHEAD < n:
+            qa = b * length + idx[i + AHEAD]
+            for c in range(0, w, LINE):
+                _prefetch(uf, qa * dim + d0 + c)
+            _prefetch(xf, (qa * nd + j) * c2)
         q = b * length + idx[i]
+        for c in range(0, w, LINE):
+            _prefetch(gf, q * dim + d0 + c)
+            _prefetch(duf, q * dim + d0 + c)
         xb = (q * nd + j) * c2
         ub = q * dim + d0
         _dt_row(xf, xb, wk, bk, w, dtb)
@@ -251,7 +277,8 @@ def ss2d_bwd(u, xdbl, dirs, height, width, wdt, bias, A, Ds, ckpt, gout, cb, du,
                 n = min(T_CHUNK, length - t0)
                 _positions(k, height, width, t0, n, idx)
                 hb[0] = ckpt[b, j, ci, :, d0:d0 + w]
-                _recompute(uf, xf, idx, b, length, dim, nd, j, c2, d0, w, n, wk, bk, ak, hb, dlb, sgb, ab, ddl)
+                _recompute(uf, xf, gf, duf, idx, b, length, dim, nd, j, c2, d0, w, n, wk, bk, ak, hb, dlb, sgb, ab,
+                           ddl)
                 acc[:] = 0.0
                 for i in range(n - 1, -1, -1):
                     q = b * length + idx[i]

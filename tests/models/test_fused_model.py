@@ -68,6 +68,30 @@ def test_streaming_inference_equals_plain():
     assert (streamed - plain).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: out_proj writes each band in place; 2: a copy per band
+def test_streaming_inference_equals_plain_for_batches(batch):
+    new, _ = pair(stream_min_pixels=1, stream_chunk=40)
+    x = torch.randn(batch, 3, 37, 90)
+    with torch.no_grad():
+        streamed = new.eval().forward_features(x)
+        for m in new.modules():  # the same model without streaming
+            if isinstance(m, SS2D):
+                m.stream_min_pixels = None
+        plain = new.forward_features(x)
+    assert (streamed - plain).abs().max().item() < 1e-5
+
+
+def test_streaming_under_bf16_autocast_agrees_with_fp32():
+    new, _ = pair(stream_min_pixels=1, stream_chunk=40)
+    x = torch.randn(1, 3, 37, 90)
+    with torch.no_grad():
+        ref = new.eval().forward_features(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = new.forward_features(x)
+    assert low.shape == ref.shape
+    assert (low.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
 def test_golden_upstream_output_on_the_fused_path():
     if not GOLDEN.exists():
         pytest.skip(f"shared reference file not present: {GOLDEN}")

@@ -183,7 +183,16 @@ class SS2D(nn.Module):
         for r0, r1 in row_bands(x.shape[2], x.shape[3], chunk):
             band = F.layer_norm(y[:, r0:r1], (self.d_inner,), self.out_norm.weight, self.out_norm.bias,
                                 self.out_norm.eps)
-            out[:, r0:r1] = F.linear(band, self.out_proj.weight, self.out_proj.bias)
+            dest = out[:, r0:r1]
+            if dest.is_contiguous() and not torch.is_autocast_enabled(dest.device.type):
+                # batch 1: the GEMM writes the band in place, no copy
+                flat, weight, bias = dest.view(-1, self.d_model), self.out_proj.weight.t(), self.out_proj.bias
+                if bias is None:
+                    torch.mm(band.reshape(-1, self.d_inner), weight, out=flat)
+                else:
+                    torch.addmm(bias, band.reshape(-1, self.d_inner), weight, out=flat)
+            else:
+                dest.copy_(F.linear(band, self.out_proj.weight, self.out_proj.bias))
         return out.permute(0, 3, 1, 2)
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,16 +220,16 @@ class SS2D(nn.Module):
         return out
 
     def _project_bands(self, x: torch.Tensor, chunk: int, memory_format=torch.contiguous_format) -> torch.Tensor:
-        """u = SiLU(conv(in_proj(x))) computed in row bands with a one-row halo, so no full-size temporaries."""
+        """u = SiLU(conv(in_proj(x))) computed in row bands with a one-row halo, so no full-size temporaries.
+        The conv zero-pads each band (rows lo..hi) like the whole map: at the map's border that is the map's own
+        padding; inside, only the halo rows' outputs see it, and they are dropped. SiLU writes into u directly."""
         b, _, h, w = x.shape
         u = torch.empty(b, self.d_inner, h, w, dtype=x.dtype, device=x.device, memory_format=memory_format)
         for r0, r1 in row_bands(h, w, chunk):
             lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
             t = self.in_proj(x[:, :, lo:hi])  # (B, D, rows + halo, W)
-            # zero rows where the band touches the map border: the conv's own zero padding
-            t = F.pad(t, (0, 0, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
-            t = F.conv2d(t, self.conv2d.weight, None, padding=(0, 1), groups=self.d_inner)  # (B, D, r1-r0, W)
-            u[:, :, r0:r1] = F.silu(t, inplace=True)
+            t = F.conv2d(t, self.conv2d.weight, None, padding=1, groups=self.d_inner)  # rows lo .. hi
+            torch.ops.aten.silu.out(t[:, :, r0 - lo:r1 - lo], out=u[:, :, r0:r1])
         return u
 
     # ------------------------------------------------------------------ the 2D scan on u

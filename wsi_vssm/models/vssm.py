@@ -26,6 +26,7 @@ from wsi_vssm.models.ss2d import (
 )
 from wsi_vssm.ops.scan import IMPLS
 from wsi_vssm.ops.ss2d_fused import SS2D_IMPLS
+from wsi_vssm.ops.stem import stem_head_fused, use_fused_stem
 
 NUM_STAGES = 4
 
@@ -223,12 +224,22 @@ class VSSM(nn.Module):
         """Whether this input runs channels-last: when its SS2D blocks take the fused CPU kernel."""
         return self.layers[0].blocks[0].op.use_fused(x)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """patch_embed; on the channels-last path its first conv, norm and GELU run as one fused CPU kernel
+        when `use_fused_stem` allows (inference in fp32), reading the NCHW input without a layout copy."""
+        if not self.channels_last(x):
+            return self.patch_embed(x)
+        conv, norm = self.patch_embed[0], self.patch_embed[2]
+        act = self.patch_embed[4]
+        if use_fused_stem(x, conv) and isinstance(act, nn.GELU) and act.approximate == "none":
+            x = stem_head_fused(x, conv, norm)
+            return self.patch_embed[5:](x)
+        return self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+
     def _stages(self, x: torch.Tensor):
         """Yields each stage's block output: (B, C_i, H_i, W_i) at strides 4, 8, 16, 32 (channels-last strides
         on the fused path)."""
-        if self.channels_last(x):
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self.patch_embed(x)  # (B, C, H/4, W/4)
+        x = self._stem(x)  # (B, C, H/4, W/4)
         for layer in self.layers:
             if self.config.grad_checkpoint and torch.is_grad_enabled():
                 x = checkpoint(layer.blocks, x, use_reentrant=False)
