@@ -4,8 +4,9 @@
     python bench/backbone.py --speed [--out bench/results/backbone_speed.json] [--force-bf16]
 
 --speed prints, in one process: the machine's fp32 GEMM rate (a 2048^3 matmul); for micro forward at 2048 px,
-tiny forward at 1024 px and a micro training step (64 patches of 96 px, AdamW): throughput, counted GFLOP/s and
-the share of the GEMM rate, for today's path ("old": channel-first, scan 'cpu', SS2D 'reference') and the new
+tiny forward at 1024 px and a micro training step (64 patches of 96 px, AdamW): throughput, counted GFLOP/s, the
+GEMM rate timed beside that row (one matmul just before each timed call, median) and the row's share of it, for
+today's path ("old": channel-first, scan 'cpu', SS2D 'reference') and the new
 default ("new": channels-last, fused SS2D), in fp32 and bf16 (bf16 only where the CPU has AMX/AVX512-BF16,
 unless --force-bf16). FLOPs are counted once per workload by torch's FlopCounterMode on the old path
 (convolutions and matmuls; the scan itself is not counted), so moving work into a kernel does not change them.
@@ -135,6 +136,13 @@ def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def _gemm_once(a, b) -> float:
+    """GFLOP/s of one a @ b (square fp32 matrices)."""
+    t0 = time.perf_counter()
+    a @ b
+    return 2 * a.shape[0] ** 3 / (time.perf_counter() - t0) / 1e9
+
+
 def _speed_setup(model_name: str, batch: int, side: int, training: bool, path: dict):
     import torch
 
@@ -180,14 +188,18 @@ def counted_flops(model_name: str, batch: int, side: int, training: bool) -> int
     return counter.get_total_flops()
 
 
-def _time_calls(model, x, train, dtype, repeats: int) -> tuple[float, object]:
+def _time_calls(model, x, train, dtype, repeats: int, gemm_mats) -> tuple[float, float, object]:
+    """Median seconds of a call, and the median GEMM rate measured just before each timed call: the host's
+    speed drifts (this VM's GEMM rate moved 72-142 GFLOP/s within one session), so each row's share of the
+    GEMM rate is taken against GEMMs timed beside it rather than once at the start."""
     out = _speed_call(model, x, train, dtype)  # warm-up: kernels compiled, buffers sized
-    times = []
+    times, rates = [], []
     for _ in range(repeats):
+        rates.append(_gemm_once(*gemm_mats))
         t0 = time.perf_counter()
         out = _speed_call(model, x, train, dtype)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return statistics.median(times), statistics.median(rates), out
 
 
 def speed(out_path: str, repeats: int = 3, force_bf16: bool = False) -> dict:
@@ -204,15 +216,16 @@ def speed(out_path: str, repeats: int = 3, force_bf16: bool = False) -> dict:
               "repeats": repeats, "rows": []}
     print(f"fp32 GEMM 2048^3: {gemm:.1f} GFLOP/s ({torch.get_num_threads()} threads); native bf16: "
           f"{', '.join(flags) or 'none'}{' (bf16 forced)' if force_bf16 and not flags else ''}")
-    print(f"{'workload':<28} {'path':<4} {'prec':<5} {'seconds':>8} {'rate':>16} {'GFLOP/s':>8} {'of GEMM':>8} "
-          f"{'x old fp32':>10} {'max|diff|':>9}")
+    gemm_mats = (torch.randn(2048, 2048), torch.randn(2048, 2048))
+    print(f"{'workload':<28} {'path':<4} {'prec':<5} {'seconds':>8} {'rate':>16} {'GFLOP/s':>8} {'GEMM':>6} "
+          f"{'of GEMM':>8} {'x old fp32':>10} {'max|diff|':>9}")
     for name, model_name, batch, side, training in SPEED_WORKLOADS:
         flops = counted_flops(model_name, batch, side, training)
         base, ref_out = None, None
         for path_name, path in SPEED_PATHS.items():
             model, x, train = _speed_setup(model_name, batch, side, training, path)
             for prec, dtype in dtypes.items():
-                sec, out = _time_calls(model, x, train, dtype, repeats)
+                sec, row_gemm, out = _time_calls(model, x, train, dtype, repeats, gemm_mats)
                 if training:  # the optimizer moved the weights: compare outputs of inference workloads only
                     diff = float("nan")
                 elif ref_out is None:
@@ -222,13 +235,15 @@ def speed(out_path: str, repeats: int = 3, force_bf16: bool = False) -> dict:
                 base = base or sec
                 rate = f"{batch / sec:.1f} patches/s" if training else f"{batch * side * side / sec / 1e6:.2f} MP/s"
                 row = {"workload": name, "path": path_name, "precision": prec, "seconds": sec,
-                       "counted_gflop": flops / 1e9, "gflops": flops / sec / 1e9, "share_of_gemm": flops / sec / 1e9 /
-                       gemm, "speedup_vs_old_fp32": base / sec, "max_abs_diff_vs_old_fp32": diff,
+                       "counted_gflop": flops / 1e9, "gflops": flops / sec / 1e9, "gemm_gflops_beside": row_gemm,
+                       "share_of_gemm": flops / sec / 1e9 / row_gemm, "share_of_start_gemm": flops / sec / 1e9 / gemm,
+                       "speedup_vs_old_fp32": base / sec, "max_abs_diff_vs_old_fp32": diff,
                        "patches_per_s" if training else "mp_per_s": batch / sec if training else
                        batch * side * side / sec / 1e6}
                 result["rows"].append(row)
                 print(f"{name:<28} {path_name:<4} {prec:<5} {sec:>8.3f} {rate:>16} {row['gflops']:>8.1f} "
-                      f"{row['share_of_gemm']:>8.1%} {row['speedup_vs_old_fp32']:>10.2f} {diff:>9.2g}", flush=True)
+                      f"{row_gemm:>6.0f} {row['share_of_gemm']:>8.1%} {row['speedup_vs_old_fp32']:>10.2f} "
+                      f"{diff:>9.2g}", flush=True)
     if "bf16" not in dtypes:
         print("bf16: not timed (this CPU has no AMX-BF16/AVX512-BF16; emulated bf16 is slower than fp32). "
               "--force-bf16 times it anyway.")
