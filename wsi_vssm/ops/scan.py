@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import logging
 import os
 import sys
@@ -122,13 +123,19 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
 _CPU_LOCK = threading.Lock()  # numba's default workqueue threading layer must not be entered concurrently
 
 
-def _numba_kernels():
+def numba_kernel_module(name: str, what: str):
+    """wsi_vssm_kernels.<name>, a numba kernel module; without numba a MissingDependency naming `what` and the
+    install command (never a silent slow path)."""
     try:
         import numba  # noqa: F401
-        from wsi_vssm_kernels import scan_cpu
+
+        return importlib.import_module(f"wsi_vssm_kernels.{name}")
     except ImportError as err:
-        raise MissingDependency("numba (the fast CPU scan)", "pip install numba") from err
-    return scan_cpu
+        raise MissingDependency(f"numba ({what})", "pip install numba") from err
+
+
+def _numba_kernels():
+    return numba_kernel_module("scan_cpu", "the fast CPU scan")
 
 
 def _set_numba_threads():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wsi_vssm.errors import MissingDependency
 from wsi_vssm.ops import scan as _scan
 from wsi_vssm.ops.cross_scan import K_DIRECTIONS, cross_merge, cross_scan
 
@@ -37,12 +36,7 @@ _NO_CKPT = torch.empty(1, 1, 1, 1, 1)
 
 
 def _fused_kernels():
-    try:
-        import numba  # noqa: F401
-        from wsi_vssm_kernels import ss2d_cpu
-    except ImportError as err:
-        raise MissingDependency("numba (the fused CPU SS2D)", "pip install numba") from err
-    return ss2d_cpu
+    return _scan.numba_kernel_module("ss2d_cpu", "the fused CPU SS2D")
 
 
 WIDE_BLOCK = 384  # widest channel block per task: its per-chunk buffers stay in L2

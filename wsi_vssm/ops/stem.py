@@ -14,17 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from wsi_vssm.errors import MissingDependency
 from wsi_vssm.ops import scan as _scan
 
 
 def _kernel():
-    try:
-        import numba  # noqa: F401
-        from wsi_vssm_kernels import stem_cpu
-    except ImportError as err:
-        raise MissingDependency("numba (the fused CPU stem)", "pip install numba") from err
-    return stem_cpu
+    return _scan.numba_kernel_module("stem_cpu", "the fused CPU stem")
 
 
 def use_fused_stem(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
