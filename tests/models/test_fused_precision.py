@@ -38,3 +38,40 @@ def test_bf16_forward_close_to_fp32():
             out = model.forward_features(x)
     assert out.shape == ref.shape
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("impl,stream", [("auto", False), ("auto", True), ("reference", False), ("reference", True)])
+def test_bf16_keeps_the_stem_the_scan_inputs_and_the_residual_stream_fp32(impl, stream):
+    """Under bf16 autocast only the GEMMs after the scan (out_proj, the MLP, the downsample conv) round to bf16:
+    the stem and SS2D's in_proj, depthwise conv and projections run fp32, and every block adds into fp32."""
+    torch.manual_seed(0)
+    model = create_model("micro", num_classes=0, ss2d_impl=impl, stream_min_pixels=1 if stream else None).eval()
+    seen = {}
+
+    def record(name):
+        return lambda _m, _a, out: seen.setdefault(name, set()).add(out.dtype)
+
+    for name, m in model.named_modules():
+        if name.endswith(("op.in_proj", "op.conv2d", "mlp.fc1", "patch_embed", "blocks")):
+            m.register_forward_hook(record(name.split(".")[-1] if "." in name else name))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        stem = model.patch_embed(x)
+        with prec.autocast(torch.bfloat16, "cpu"):
+            out = model.forward_features(x)
+            stem_bf16 = model._stem(x)
+    assert seen["in_proj"] == seen["conv2d"] == seen["blocks"] == {torch.float32}
+    assert seen["fc1"] == {torch.bfloat16}  # autocast still reaches the MLP
+    assert out.dtype == torch.float32
+    assert torch.allclose(stem_bf16, stem, atol=1e-5)
+
+
+def test_bf16_training_step_has_fp32_gradients():
+    torch.manual_seed(0)
+    model = create_model("micro", num_classes=0).train()
+    x = torch.randn(2, 3, 64, 64)
+    with prec.autocast(torch.bfloat16, "cpu"):
+        loss = model.forward_features(x).float().square().mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -213,6 +213,54 @@ def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
     assert np.allclose([r["probability"] for r in res_cal.rows], want, atol=1e-6)
 
 
+def test_evaluate_patch_folder_honours_tta_and_precision(model_file, tmp_path, monkeypatch):
+    import torch
+    from PIL import Image
+
+    from wsi_vssm.models import precision
+    from wsi_vssm.pipeline.extract import Inference
+    from wsi_vssm.runs.evaluate import evaluate_patches
+
+    rng = np.random.default_rng(1)
+    imgs = {label: rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for label in (0, 1)}
+    for label, img in imgs.items():
+        (tmp_path / "patches" / str(label)).mkdir(parents=True)
+        Image.fromarray(img).save(tmp_path / "patches" / str(label) / "p.png")
+    model = _model(model_file)
+
+    def probs(inference, out):
+        rows = evaluate_patches(tmp_path / "patches", model, tmp_path / out, mpp=0.97, n_boot=50,
+                                inference=inference).rows
+        return np.array([r["probability"] for r in sorted(rows, key=lambda r: r["label"])])
+
+    plain, tta = probs(None, "plain"), probs(Inference(tta=True), "tta")
+    # TTA: the cell head on the mean of the 8 views' feature maps, each turned back (as predict does)
+    from wsi_vssm.models.inputs import to_tensor
+
+    with torch.inference_mode():
+        x = torch.cat([to_tensor(imgs[label]) for label in (0, 1)])
+        views = []
+        for v in (x, x.flip(-1)):
+            for k in range(4):
+                f = torch.rot90(model.backbone.forward_features(torch.rot90(v, k, (2, 3))), -k, (2, 3))
+                views.append(f.flip(-1) if v is not x else f)
+        want = torch.sigmoid(model.mil.cell_head(torch.stack(views).mean(0).permute(0, 2, 3, 1))[:, 1, 1, 0])
+    assert np.allclose(tta, want.numpy(), atol=1e-5)
+    assert not np.allclose(tta, plain, atol=1e-6)
+    try:  # the CLI passes --tta through for a patch folder too
+        main(["evaluate", str(tmp_path / "patches"), "--model", str(model_file), "--mpp", "0.97", "--tta",
+              "--out", str(tmp_path / "cli"), "--bootstrap", "100"])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    with open(tmp_path / "cli" / "predictions.csv") as f:
+        cli = sorted(csv.DictReader(f), key=lambda r: r["label"])
+    assert np.allclose([float(r["probability"]) for r in cli], tta, atol=1e-5)
+    # bf16 (forced: this CPU may have none): autocast reaches the backbone, and stays close to fp32
+    monkeypatch.setattr(precision, "bf16_supported", lambda device="cpu": True)
+    bf16 = probs(Inference(precision="bf16"), "bf16")
+    assert 0 < np.abs(bf16 - plain).max() < 0.05
+
+
 def test_readme_main_job_uses_a_shipped_slide():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "wsi-vssm predict sample_data/lymph-node-mosaic.tif" in readme

@@ -44,3 +44,11 @@ def test_off_is_identity():
     off = AugmentConfig(flip_rot=False, hed_scale=0, hed_shift=0, brightness=0, contrast=0, saturation=0, blur_p=0)
     x = _batch()
     torch.testing.assert_close(augment_batch(x, off, torch.Generator()), x.float() / 255, atol=1e-6, rtol=0)
+
+
+def test_fp32_and_unchanged_under_a_bf16_training_autocast():
+    cfg = AugmentConfig(blur_p=0.5)  # the blur's conv and the HED matmuls would otherwise round to bf16
+    want = augment_batch(_batch(), cfg, torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = augment_batch(_batch(), cfg, torch.Generator().manual_seed(5))
+    assert got.dtype == torch.float32 and torch.equal(got, want)

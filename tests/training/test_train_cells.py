@@ -139,6 +139,16 @@ def test_ema_run_selects_and_saves_the_average(tiny_folder, tmp_path):
         TrainCellsConfig(ema=1.0)
 
 
+def test_bf16_training_runs_where_the_cpu_has_bf16(tiny_folder, tmp_path, monkeypatch):
+    from wsi_vssm.models import precision
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda device="cpu": True)  # as on an AMX / AVX512-BF16 CPU
+    cfg = TrainCellsConfig(epochs=1, batch_size=16, max_train=32, seed=0, mil_bags=0, precision="bf16")
+    r = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "bf16.pt", cfg, progress=False)
+    assert np.isfinite(r.log[0]["train_loss"]) and load_model(tmp_path / "bf16.pt").metadata["config"]["precision"] \
+        == "bf16"
+
+
 def test_drop_path_option_sets_stochastic_depth_for_training_only(tiny_folder):
     from wsi_vssm.training.cells import _initial_model
 

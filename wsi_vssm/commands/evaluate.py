@@ -44,7 +44,12 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
     if is_patch_folder(Path(cohort)):
-        res = evaluate_patches(cohort, model, out_dir, mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot)
+        from wsi_vssm.commands.options import option_device
+        from wsi_vssm.pipeline.extract import Inference
+
+        inference = Inference.of(Inference(opts["precision"], opts["tta"]), opts["amp"])
+        res = evaluate_patches(cohort, model, out_dir, mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot,
+                               inference=inference, device=option_device(opts["device"]))
     else:
         params = build_params(model, mpp, **opts)
         res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, n_boot=n_boot,

@@ -5,6 +5,7 @@ copies and return channels-last maps."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -13,9 +14,15 @@ import torch.nn.functional as F
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel axis of a (B, C, H, W) map; parameters named like nn.LayerNorm."""
+    """LayerNorm over the channel axis of a (B, C, H, W) map; parameters named like nn.LayerNorm.
+
+    Under autocast it normalises in fp32 and returns fp32, on every device (CUDA's autocast already does; CPU's
+    would keep bf16). The norms after the stem and each downsample start the residual stream, so the stream
+    stays fp32 and only the matmuls and convolutions round to bf16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            x = x.float()
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
@@ -48,6 +55,16 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
+
+
+def autocast_off(x: torch.Tensor):
+    """A context with autocast off on x's device, for the layers that stay fp32 under bf16: the stem, and SS2D's
+    path into the scan (in_proj, the depthwise conv, x_proj, dt_proj), whose rounding reaches the scan's step
+    sizes through exp. Kept in bf16 with the rest, they moved the default model's cell probabilities by up to 0.02
+    (docs/scan.md, "What runs in bf16"). A no-op outside autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def row_bands(height: int, width: int, pixels: int) -> Iterator[tuple[int, int]]:

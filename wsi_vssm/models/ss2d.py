@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wsi_vssm.models.layers import LayerNorm2d, Linear2d, row_bands
+from wsi_vssm.models.layers import LayerNorm2d, Linear2d, autocast_off, row_bands
 from wsi_vssm.ops.cross_scan import K_DIRECTIONS, cross_merge, cross_scan, scan_positions
 from wsi_vssm.ops.scan import IMPLS, selective_scan
 from wsi_vssm.ops.ss2d_fused import SS2D_IMPLS, cross_selective_scan_fused
@@ -162,7 +162,7 @@ class SS2D(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         if low_memory and not torch.is_grad_enabled():
             return self._fused_bands(x, chunk or self.chunk_for(x))
-        u = F.silu(self.conv2d(self.in_proj(x)))  # (B, D, H, W) channels-last
+        u = F.silu(self._conv_in(x))  # (B, D, H, W) channels-last
         y = self._fused_scan(u, low_memory=False)  # (B, H, W, D)
         y = F.layer_norm(y, (self.d_inner,), self.out_norm.weight, self.out_norm.bias, self.out_norm.eps)
         return F.linear(y, self.out_proj.weight, self.out_proj.bias).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -195,9 +195,14 @@ class SS2D(nn.Module):
                 dest.copy_(F.linear(band, self.out_proj.weight, self.out_proj.bias))
         return out.permute(0, 3, 1, 2)
 
+    def _conv_in(self, x: torch.Tensor) -> torch.Tensor:
+        """conv2d(in_proj(x)), SiLU's input; in fp32 even under autocast (`autocast_off`)."""
+        with autocast_off(x):
+            return self.conv2d(self.in_proj(x.to(self.in_proj.weight.dtype)))
+
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W), materialising the four scan orders (differentiable)."""
-        u = F.silu(self.conv2d(self.in_proj(x)))  # (B, D, H, W)
+        u = F.silu(self._conv_in(x))  # (B, D, H, W)
         y = self.scan_plain(u)  # (B, D, H, W)
         return self.out_proj(self.out_norm(y))
 
@@ -224,11 +229,11 @@ class SS2D(nn.Module):
         The conv zero-pads each band (rows lo..hi) like the whole map: at the map's border that is the map's own
         padding; inside, only the halo rows' outputs see it, and they are dropped. SiLU writes into u directly."""
         b, _, h, w = x.shape
-        u = torch.empty(b, self.d_inner, h, w, dtype=x.dtype, device=x.device, memory_format=memory_format)
+        u = torch.empty(b, self.d_inner, h, w, dtype=self.in_proj.weight.dtype, device=x.device,
+                        memory_format=memory_format)
         for r0, r1 in row_bands(h, w, chunk):
             lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
-            t = self.in_proj(x[:, :, lo:hi])  # (B, D, rows + halo, W)
-            t = F.conv2d(t, self.conv2d.weight, None, padding=1, groups=self.d_inner)  # rows lo .. hi
+            t = self._conv_in(x[:, :, lo:hi])  # (B, D, rows + halo, W): rows lo .. hi
             torch.ops.aten.silu.out(t[:, :, r0 - lo:r1 - lo], out=u[:, :, r0:r1])
         return u
 
@@ -242,9 +247,10 @@ class SS2D(nn.Module):
         b, d, h, w = u.shape
         k, r, n = K_DIRECTIONS, self.dt_rank, self.d_state
         xs = cross_scan(u)  # (B, K, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)  # (B, K, R+2N, L)
-        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, K, D, L)
+        with autocast_off(u):  # the step sizes stay fp32 (`autocast_off`)
+            x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)  # (B, K, R+2N, L)
+            dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+            dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, K, D, L)
         a, ds, bias = self._ssm_params()
         ys = selective_scan(
             xs.reshape(b, k * d, h * w), dts.reshape(b, k * d, h * w), a,
@@ -266,7 +272,8 @@ class SS2D(nn.Module):
             raise ValueError(f"stream chunk must be >= 1, got {chunk}")
         r, n = self.dt_rank, self.d_state
         u_flat = u.reshape(b, d, length)  # a view when u is contiguous
-        out = torch.zeros_like(u_flat)  # (B, D, L) the merged map
+        # (B, D, L) the merged map; at least fp32, since the four directions are summed into it
+        out = torch.zeros(u_flat.shape, dtype=torch.promote_types(u.dtype, torch.float32), device=u.device)
         impl = self.scan
         if impl == "mamba_ssm":  # its kernel cannot carry a state between chunks; auto picks one that can
             log.info("SS2D streaming: mamba_ssm takes no initial_state; chunks use scan impl 'auto'")
@@ -279,9 +286,10 @@ class SS2D(nn.Module):
                 e = min(s + chunk, length)
                 idx = scan_positions(k, h, w, s, e, device=u.device)  # (n_chunk,) pixel of each position
                 uc = u_flat.index_select(2, idx)  # (B, D, n_chunk)
-                dbl = torch.matmul(self.x_proj_weight[k], uc)  # (B, R+2N, n_chunk)
-                dt_low, bc, cc = torch.split(dbl, [r, n, n], dim=1)
-                dt = torch.matmul(self.dt_projs_weight[k], dt_low)  # (B, D, n_chunk)
+                with autocast_off(uc):  # the step sizes stay fp32 (`autocast_off`)
+                    dbl = torch.matmul(self.x_proj_weight[k], uc)  # (B, R+2N, n_chunk)
+                    dt_low, bc, cc = torch.split(dbl, [r, n, n], dim=1)
+                    dt = torch.matmul(self.dt_projs_weight[k], dt_low)  # (B, D, n_chunk)
                 yc, state = selective_scan(
                     uc, dt, a[k], bc.contiguous(), cc.contiguous(), ds[k], delta_bias=bias[k],
                     delta_softplus=True, return_last_state=True, impl=impl, initial_state=state,

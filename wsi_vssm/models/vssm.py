@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from wsi_vssm.errors import UsageError
-from wsi_vssm.models.layers import DropPath, LayerNorm2d, Linear2d, row_bands
+from wsi_vssm.models.layers import DropPath, LayerNorm2d, Linear2d, autocast_off, row_bands
 from wsi_vssm.models.ss2d import (
     DEFAULT_STREAM_CHUNK,
     DEFAULT_STREAM_CHUNK_CUDA,
@@ -225,8 +225,13 @@ class VSSM(nn.Module):
         return self.layers[0].blocks[0].op.use_fused(x)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        """patch_embed; on the channels-last path its first conv, norm and GELU run as one fused CPU kernel
-        when `use_fused_stem` allows (inference in fp32), reading the NCHW input without a layout copy."""
+        """patch_embed, in fp32 even under autocast (`autocast_off`); on the channels-last path its first conv,
+        norm and GELU run as one fused CPU kernel when `use_fused_stem` allows (inference), reading the NCHW
+        input without a layout copy."""
+        with autocast_off(x):
+            return self._stem_fp32(x.to(self.patch_embed[0].weight.dtype))
+
+    def _stem_fp32(self, x: torch.Tensor) -> torch.Tensor:
         if not self.channels_last(x):
             return self.patch_embed(x)
         conv, norm = self.patch_embed[0], self.patch_embed[2]

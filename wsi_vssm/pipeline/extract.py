@@ -280,7 +280,7 @@ def _run_batch(batch: list[tuple], backbone, plan: _Plan, device: str, inference
 
     x = torch.cat([b[1] for b in batch]).to(device, non_blocking=True)  # (B, 3, H, W)
     with autocast(resolve_precision(inference.precision, device), device):
-        fmap = _features(backbone, x, inference.tta)  # (B, F, H/32, W/32) float32
+        fmap = region_features(backbone, x, inference.tta)  # (B, F, H/32, W/32) float32
     k = plan.token_px // STRIDE
     if k > 1:
         fmap = F.avg_pool2d(fmap.float(), k, k)  # (B, F, H/token_px, W/token_px)
@@ -288,7 +288,7 @@ def _run_batch(batch: list[tuple], backbone, plan: _Plan, device: str, inference
     return [_cells_of_region(region, fmap[i], plan) for i, (region, _, _) in enumerate(batch)]
 
 
-def _features(backbone, x, tta: bool):
+def region_features(backbone, x, tta: bool):
     """The stride-32 feature map of x (B, 3, H, W); with `tta`, the mean over the 8 dihedral views, each view's
     map turned back to x's orientation (H and W swap under a quarter turn and swap back)."""
     import torch

@@ -303,18 +303,24 @@ def _model_file_for_workers(model, out: Path) -> str:
 
 def evaluate_patches(
     folder: str | os.PathLike, model, out_dir: str | os.PathLike, mpp: float | None, batch_size: int = 64,
-    n_boot: int = 2000, threshold: float | None = None,
+    n_boot: int = 2000, threshold: float | None = None, inference=None, device: str = "cpu",
 ) -> EvaluationResult:
     """Score an ImageFolder patch dataset by the centre cell of each image; write predictions and metrics.
     Each patch is a cell, so sensitivity and specificity are taken at the model's `cell_threshold` (0.5 for
     older files) unless `threshold` is given. Probabilities go through the model's `patch_calibration` when
-    it has one (a patch scored alone lacks the context the cell head was calibrated in)."""
+    it has one (a patch scored alone lacks the context the cell head was calibrated in). `inference`
+    (`pipeline.extract.Inference`): precision and TTA as `predict` applies them to a region's feature map."""
     import torch
 
     from wsi_vssm.io.base import resize
     from wsi_vssm.models.inputs import to_tensor
+    from wsi_vssm.models.precision import autocast, resolve_precision
     from wsi_vssm.outputs.report import write_predictions_csv
+    from wsi_vssm.pipeline.extract import Inference, region_features
     from wsi_vssm.training.data.patches import load_patches
+
+    inference = Inference.of(inference)
+    dtype = resolve_precision(inference.precision, device)
 
     if mpp is None:
         raise UsageError(f"{folder}: patch images carry no resolution; state it with --mpp (PCam: 0.97)")
@@ -325,12 +331,14 @@ def evaluate_patches(
     ds = load_patches(folder)
     scale = mpp / model.mpp  # image px -> model px
     rows, batch, names = [], [], []
-    model.eval()
+    model.eval().to(device)
 
     def flush():
-        x = torch.cat(batch)
+        x = torch.cat(batch).to(device)
         with torch.inference_mode():
-            logits = model.cell_logits(x)  # (B, h, w)
+            with autocast(dtype, device):
+                fmap = region_features(model.backbone, x, inference.tta)  # (B, F, h, w) fp32
+            logits = model.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1).cpu()  # (B, h, w)
         h, w = logits.shape[1:]
         cy, cx = min(h - 1, int(x.shape[2] / 2 // 32)), min(w - 1, int(x.shape[3] / 2 // 32))
         probs = torch.sigmoid(logits[:, cy, cx]).numpy()

@@ -83,7 +83,13 @@ def dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) uint8 or float in [0, 1] -> float32 (B, 3, H, W) in [0, 1], augmented."""
+    """(B, 3, H, W) uint8 or float in [0, 1] -> float32 (B, 3, H, W) in [0, 1], augmented. fp32 even when called
+    under a training step's bf16 autocast: the colour matmuls and the blur are data, not model."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _augment(x, cfg, g)
+
+
+def _augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     if cfg.hed_scale > 0 or cfg.hed_shift > 0:
         x = hed_jitter(x, cfg.hed_scale, cfg.hed_shift, g)
