@@ -6,10 +6,11 @@
 --speed prints, in one process: the machine's fp32 GEMM rate (a 2048^3 matmul); for micro forward at 2048 px,
 tiny forward at 1024 px and a micro training step (64 patches of 96 px, AdamW): throughput, counted GFLOP/s, the
 GEMM rate timed beside that row (one matmul just before each timed call, median) and the row's share of it, for
-today's path ("old": channel-first, scan 'cpu', SS2D 'reference') and the new
-default ("new": channels-last, fused SS2D), in fp32 and bf16 (bf16 only where the CPU has AMX/AVX512-BF16,
-unless --force-bf16). FLOPs are counted once per workload by torch's FlopCounterMode on the old path
-(convolutions and matmuls; the scan itself is not counted), so moving work into a kernel does not change them.
+today's path ("old": channel-first, scan 'cpu', SS2D 'reference') and the new default ("new": channels-last,
+fused SS2D), in fp32 and bf16 (bf16 only where the CPU has AMX/AVX512-BF16, unless --force-bf16; then also the
+bf16 GEMM rate, and each bf16 row's speed-up over fp32 on its path). FLOPs are counted once per workload by
+torch's FlopCounterMode on the old path (convolutions and matmuls; the scan itself is not counted), so moving
+work into a kernel does not change them.
 
 Memory is each call's peak resident memory beyond what existed before it (VmHWM in a fresh subprocess, see
 wsi_vssm/models/memory.py), for SS2D on a stage-1 map of the micro model (side / 4, C = 32, D = 64) through
@@ -122,11 +123,11 @@ SPEED_WORKLOADS = (  # name, model, batch, side, training
 SPEED_PATHS = {"old": dict(scan="cpu", ss2d_impl="reference"), "new": {}}
 
 
-def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of an n^3 matmul (median of repeats)."""
+def gemm_rate(n: int = 2048, repeats: int = 5, dtype=None) -> float:
+    """GFLOP/s of an n^3 matmul (median of repeats), fp32 unless `dtype`."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
@@ -216,16 +217,22 @@ def speed(out_path: str, repeats: int = 3, force_bf16: bool = False) -> dict:
               "repeats": repeats, "rows": []}
     print(f"fp32 GEMM 2048^3: {gemm:.1f} GFLOP/s ({torch.get_num_threads()} threads); native bf16: "
           f"{', '.join(flags) or 'none'}{' (bf16 forced)' if force_bf16 and not flags else ''}")
+    if "bf16" in dtypes:
+        result["gemm_gflops_bf16"] = gemm_rate(dtype=torch.bfloat16)
+        print(f"bf16 GEMM 2048^3: {result['gemm_gflops_bf16']:.1f} GFLOP/s ({result['gemm_gflops_bf16'] / gemm:.2f}x "
+              "fp32; shares below are of the fp32 rate, as the issue counts them)")
     gemm_mats = (torch.randn(2048, 2048), torch.randn(2048, 2048))
     print(f"{'workload':<28} {'path':<4} {'prec':<5} {'seconds':>8} {'rate':>16} {'GFLOP/s':>8} {'GEMM':>6} "
-          f"{'of GEMM':>8} {'x old fp32':>10} {'max|diff|':>9}")
+          f"{'of GEMM':>8} {'x old fp32':>10} {'x fp32':>6} {'max|diff|':>9}")
     for name, model_name, batch, side, training in SPEED_WORKLOADS:
         flops = counted_flops(model_name, batch, side, training)
         base, ref_out = None, None
         for path_name, path in SPEED_PATHS.items():
             model, x, train = _speed_setup(model_name, batch, side, training, path)
+            fp32_sec = None
             for prec, dtype in dtypes.items():
                 sec, row_gemm, out = _time_calls(model, x, train, dtype, repeats, gemm_mats)
+                fp32_sec = fp32_sec or sec  # fp32 is timed first on each path
                 if training:  # the optimizer moved the weights: compare outputs of inference workloads only
                     diff = float("nan")
                 elif ref_out is None:
@@ -237,13 +244,14 @@ def speed(out_path: str, repeats: int = 3, force_bf16: bool = False) -> dict:
                 row = {"workload": name, "path": path_name, "precision": prec, "seconds": sec,
                        "counted_gflop": flops / 1e9, "gflops": flops / sec / 1e9, "gemm_gflops_beside": row_gemm,
                        "share_of_gemm": flops / sec / 1e9 / row_gemm, "share_of_start_gemm": flops / sec / 1e9 / gemm,
-                       "speedup_vs_old_fp32": base / sec, "max_abs_diff_vs_old_fp32": diff,
+                       "speedup_vs_old_fp32": base / sec, "speedup_vs_fp32_same_path": fp32_sec / sec,
+                       "max_abs_diff_vs_old_fp32": diff,
                        "patches_per_s" if training else "mp_per_s": batch / sec if training else
                        batch * side * side / sec / 1e6}
                 result["rows"].append(row)
                 print(f"{name:<28} {path_name:<4} {prec:<5} {sec:>8.3f} {rate:>16} {row['gflops']:>8.1f} "
                       f"{row_gemm:>6.0f} {row['share_of_gemm']:>8.1%} {row['speedup_vs_old_fp32']:>10.2f} "
-                      f"{diff:>9.2g}", flush=True)
+                      f"{fp32_sec / sec:>6.2f} {diff:>9.2g}", flush=True)
     if "bf16" not in dtypes:
         print("bf16: not timed (this CPU has no AMX-BF16/AVX512-BF16; emulated bf16 is slower than fp32). "
               "--force-bf16 times it anyway.")

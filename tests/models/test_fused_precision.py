@@ -10,6 +10,7 @@ import torch
 from wsi_vssm.errors import UsageError
 from wsi_vssm.models import create_model
 from wsi_vssm.models import precision as prec
+from wsi_vssm.ops.ss2d_fused import cross_selective_scan_fused
 
 
 def test_resolve_precision(monkeypatch):
@@ -75,3 +76,19 @@ def test_bf16_training_step_has_fp32_gradients():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_fused_scan_projections_ignore_a_bf16_autocast(low_memory):
+    """x_proj feeds the scan's step sizes, so the fused kernel's projections stay fp32 under autocast: its
+    output is the same with autocast on and off (a bf16 x_proj moved it by ~1e-2 and cost two casts a direction)."""
+    torch.manual_seed(0)
+    op = create_model("micro", num_classes=0).layers[0].blocks[0].op
+    u = torch.randn(1, 9, 7, op.d_inner)
+    args = (op.x_proj_weight, op.dt_projs_weight, op.dt_projs_bias, op.A_logs, op.Ds)
+    with torch.no_grad():
+        ref = cross_selective_scan_fused(u, *args, low_memory=low_memory)
+        with prec.autocast(torch.bfloat16, "cpu"):
+            out = cross_selective_scan_fused(u, *args, low_memory=low_memory)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -8,9 +8,11 @@ bf16 runs the backbone's matmuls and convolutions in bf16 under `torch.autocast`
 agreement (`models.layers.autocast_off`): the stem, and SS2D's path into the scan (in_proj, the depthwise conv,
 x_proj, dt_proj) stay fp32, as do LayerNorm, the scan and the residual stream between blocks. So out_proj, the
 MLP and the downsample convolutions (most of the FLOPs) run bf16. With everything in bf16 the default model's
-cell probabilities moved by up to 0.029 on the sample slides; with this split, by up to 0.005 (docs/scan.md).
-It pays only where the hardware multiplies bf16 natively: on CPUs with AMX-BF16 or AVX512-BF16 (detected at run
-time from the CPU flags), on CUDA devices with bf16 support.
+cell probabilities moved by up to 0.029 on the sample slides; with this split, by up to 0.003 (docs/scan.md).
+It can pay only where the hardware multiplies bf16 natively: on CPUs with AMX-BF16 or AVX512-BF16 (detected at
+run time from the CPU flags), on CUDA devices with bf16 support. Measured on an AVX512-BF16 CPU without AMX
+(docs/scan.md): `micro` inference gains nothing (its GEMMs are a minority of its time), `tiny` about 1.4x, a
+`micro` training step about 1.15x.
 
 Choices (`PRECISIONS`):
     fp32  always fp32.
@@ -18,8 +20,9 @@ Choices (`PRECISIONS`):
           refuse: bf16 is a speed request, not a different model; emulated bf16 is slower than fp32 and less
           accurate, so fp32 is the better way to honour it, and a run configured on one machine (a cohort run on
           mixed Dask workers, a saved run config) must still complete on another.
-    auto  bf16 where supported, else fp32, silently (logged once at info). Callers keep fp32 as their default
-          until bf16's agreement has been measured on their task (docs/scan.md).
+    auto  bf16 where supported, else fp32, silently (logged once at info). The commands keep fp32 as their
+          default: bf16's agreement is measured and within target, but for the default `micro` model it buys
+          no inference speed on a CPU without AMX, so auto is an opt-in for larger models and training.
 """
 
 from __future__ import annotations
