@@ -42,28 +42,18 @@ def holdout_split(valid: str, valid_select: int, seed: int):
 
 
 def patch_probabilities_at(model, ds, precision: str, tta: bool, batch_size: int = 128) -> np.ndarray:
-    """Each patch alone, its centre token, as `evaluate PATCHES` scores it (backbone under the precision's
-    autocast, cell head in fp32, then the model's patch calibration)."""
-    import torch
+    """Each patch alone, as `evaluate PATCHES` scores it (`runs.evaluate.centre_cell_probabilities`)."""
     from torch.utils.data import DataLoader
 
     from wsi_vssm.models.inputs import normalise_batch as normalise
-    from wsi_vssm.models.precision import autocast, resolve_precision
-    from wsi_vssm.pipeline.extract import region_features
-    from wsi_vssm.pipeline.predict import patch_probabilities
+    from wsi_vssm.pipeline.extract import Inference
+    from wsi_vssm.runs.evaluate import centre_cell_probabilities
     from wsi_vssm.training.data.patches import collate_uint8
 
-    dtype = resolve_precision(precision, "cpu")
-    out = []
     model.eval()
-    for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_uint8):
-        x = normalise(x.float() / 255)
-        with torch.inference_mode():
-            with autocast(dtype, "cpu"):
-                fmap = region_features(model.backbone, x, tta)
-            logits = model.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1)  # (B, h, w)
-            out.append(torch.sigmoid(logits[:, logits.shape[1] // 2, logits.shape[2] // 2]).numpy())
-    return patch_probabilities(np.concatenate(out), model.metadata)
+    return np.concatenate([
+        centre_cell_probabilities(model, normalise(x.float() / 255), Inference(precision, tta))
+        for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_uint8)])
 
 
 def inference(a) -> dict:

@@ -135,10 +135,11 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
-def _fp32_matmuls():
-    """x_proj in fp32 under a bf16 autocast: its output sets the scan's step sizes (models.precision's
-    policy), and a bf16 x_proj also cost two full-map casts per direction."""
-    return torch.autocast("cpu", enabled=False)
+def _x_proj(u_l: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """u_l (B, L, D) @ weight (C, D).T in fp32 even under a bf16 autocast: x_proj's output sets the scan's step
+    sizes (models.precision's policy), and in bf16 it also cost two full-map casts per direction."""
+    with torch.autocast("cpu", enabled=False):
+        return F.linear(u_l, weight)
 
 
 def cross_selective_scan_fused(u, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, scan="auto",
@@ -154,8 +155,7 @@ def cross_selective_scan_fused(u, x_proj_weight, dt_projs_weight, dt_projs_bias,
     params = (dt_projs_weight, dt_projs_bias, A_logs, Ds)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, x_proj_weight, *params))
     if needs_grad or not low_memory:
-        with _fp32_matmuls():
-            xdbl = F.linear(u_l, wx.reshape(k * c2, d)).view(b, h * w, k, c2)  # (B, L, K, R+2N)
+        xdbl = _x_proj(u_l, wx.reshape(k * c2, d)).view(b, h * w, k, c2)  # (B, L, K, R+2N)
         if needs_grad:
             y = _FusedFn.apply(u_l, xdbl, *params, (h, w))
         else:
@@ -165,8 +165,7 @@ def cross_selective_scan_fused(u, x_proj_weight, dt_projs_weight, dt_projs_bias,
     kern, kparams = _fused_kernels(), _kernel_params(*params)
     y = torch.empty_like(u_l)
     for j in range(k):  # one direction's x_dbl at a time
-        with _fp32_matmuls():
-            xdbl = F.linear(u_l, wx[j]).view(b, h * w, 1, c2)
+        xdbl = _x_proj(u_l, wx[j]).view(b, h * w, 1, c2)
         _run_fwd(kern, u_l, xdbl, torch.tensor([j]), (h, w), kparams, j == 0, None, y)
         del xdbl
     return y.view(b, h, w, d)

@@ -314,17 +314,14 @@ def evaluate_patches(
 
     from wsi_vssm.io.base import resize
     from wsi_vssm.models.inputs import to_tensor
-    from wsi_vssm.models.precision import autocast, resolve_precision
     from wsi_vssm.outputs.report import write_predictions_csv
-    from wsi_vssm.pipeline.extract import Inference, region_features
+    from wsi_vssm.pipeline.extract import Inference
     from wsi_vssm.training.data.patches import load_patches
 
     inference = Inference.of(inference)
-    dtype = resolve_precision(inference.precision, device)
-
     if mpp is None:
         raise UsageError(f"{folder}: patch images carry no resolution; state it with --mpp (PCam: 0.97)")
-    from wsi_vssm.pipeline.predict import cell_threshold, patch_probabilities
+    from wsi_vssm.pipeline.predict import cell_threshold
 
     if threshold is None:
         threshold = cell_threshold(model, PredictParams())
@@ -334,15 +331,7 @@ def evaluate_patches(
     model.eval().to(device)
 
     def flush():
-        x = torch.cat(batch).to(device)
-        with torch.inference_mode():
-            with autocast(dtype, device):
-                fmap = region_features(model.backbone, x, inference.tta)  # (B, F, h, w) fp32
-            logits = model.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1).cpu()  # (B, h, w)
-        h, w = logits.shape[1:]
-        cy, cx = min(h - 1, int(x.shape[2] / 2 // 32)), min(w - 1, int(x.shape[3] / 2 // 32))
-        probs = torch.sigmoid(logits[:, cy, cx]).numpy()
-        probs = patch_probabilities(probs, getattr(model, "metadata", None)).tolist()
+        probs = centre_cell_probabilities(model, torch.cat(batch), inference, device).tolist()
         for (name, label), p in zip(names, probs, strict=True):
             rows.append({"slide": name, "label": label, "probability": p, "status": "done", "error": None})
         batch.clear()
@@ -365,6 +354,25 @@ def evaluate_patches(
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
     metrics = _write_metrics(out, rows, threshold, 0, n_boot)
     return EvaluationResult(metrics, rows)
+
+
+def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.ndarray:
+    """Each patch of x (B, 3, H, W, normalised) scored alone: its centre token through the cell head, the
+    backbone under `inference`'s precision and TTA (the head in fp32), then the model's patch calibration."""
+    import torch
+
+    from wsi_vssm.models.precision import autocast, resolve_precision
+    from wsi_vssm.pipeline.extract import region_features
+    from wsi_vssm.pipeline.predict import patch_probabilities
+
+    x = x.to(device)
+    with torch.inference_mode():
+        with autocast(resolve_precision(inference.precision, device), device):
+            fmap = region_features(model.backbone, x, inference.tta)  # (B, F, h, w) fp32
+        logits = model.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1).cpu()  # (B, h, w)
+    h, w = logits.shape[1:]
+    cy, cx = min(h - 1, int(x.shape[2] / 2 // 32)), min(w - 1, int(x.shape[3] / 2 // 32))
+    return patch_probabilities(torch.sigmoid(logits[:, cy, cx]).numpy(), getattr(model, "metadata", None))
 
 
 def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int,
