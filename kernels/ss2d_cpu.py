@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
-from wsi_vssm_kernels.scan_cpu import _exp, _prefetch, _sigmoid, _softplus
+from wsi_vssm_kernels.scan_cpu import _exp, _prefetch, _softplus, _softplus_of
 
 T_CHUNK = 64  # positions per chunk: the backward's checkpoint interval
 AHEAD = 8  # positions between a prefetch and the use of its lines (a few memory latencies of work)
@@ -185,10 +185,11 @@ def _recompute(uf, xf, gf, duf, idx, b, length, dim, nd, j, c2, d0, w, n, wk, bk
         xb = (q * nd + j) * c2
         ub = q * dim + d0
         _dt_row(xf, xb, wk, bk, w, dtb)
-        for c in range(w):
+        for c in range(w):  # softplus and sigmoid from one exp(-|dt|)
             dt = dtb[c]
-            dlb[i, c] = _softplus(dt, f)
-            sgb[i, c] = _sigmoid(dt, f)
+            e = _exp(-abs(dt), f)
+            dlb[i, c] = _softplus_of(dt, e, f)
+            sgb[i, c] = (f(1.0) if dt > f(0.0) else e) / (f(1.0) + e)
         for m in range(nstate):
             bn = xf[xb + rank + m]
             for c in range(w):
@@ -203,6 +204,50 @@ def _reverse_step(uf, xf, gf, duf, ub, xb, i, rank, wk, ak, dk, hb, dlb, sgb, ab
                   dxf, w, write):
     """Position i of a chunk backwards. acc rows: 0 dDs, 1 d bias, 2 .. 2+N dA, then R rows of d W_dt
     (float32, per chunk); dxf[xb:xb + R + 2N] gets this position's sums over the block's channels."""
+    nstate = ak.shape[0]
+    if nstate == 1:
+        _reverse_step1(uf, xf, gf, ub, xb, i, rank, ak, dk, hb, dlb, sgb, ab, carry, ddl, dub, acc, dxf, w)
+    else:
+        _reverse_step_n(uf, xf, gf, ub, xb, i, rank, ak, dk, hb, dlb, sgb, ab, carry, ddl, dub, acc, dxf, w)
+    _store(duf, ub, dub, w, write)
+    for r in range(rank):
+        xr = xf[xb + r]
+        s = 0.0
+        for c in range(w):
+            acc[2 + nstate + r, c] += ddl[c] * xr
+            s += ddl[c] * wk[r, c]
+        dxf[xb + r] = s
+
+
+@njit(inline="always", fastmath=FM_SUM, error_model="numpy")
+def _reverse_step1(uf, xf, gf, ub, xb, i, rank, ak, dk, hb, dlb, sgb, ab, carry, ddl, dub, acc, dxf, w):
+    """`_reverse_step` for N = 1 (every VMamba v2 config) in one pass over the channels."""
+    bn, cn = xf[xb + rank], xf[xb + rank + 1]
+    sb = 0.0
+    sc = 0.0
+    for c in range(w):
+        dy = gf[ub + c]
+        uv = uf[ub + c]
+        dl = dlb[i, c]
+        a = ab[i, 0, c]
+        sc += dy * hb[i + 1, 0, c]
+        gh = carry[0, c] + dy * cn
+        t = gh * hb[i, 0, c] * a  # d loss / d (delta A)
+        ddt = (t * ak[0, c] + gh * uv * bn) * sgb[i, c]
+        acc[0, c] += dy * uv
+        acc[1, c] += ddt
+        acc[2, c] += t * dl
+        ddl[c] = ddt
+        dub[c] = dy * dk[c] + gh * dl * bn
+        sb += gh * dl * uv
+        carry[0, c] = gh * a
+    dxf[xb + rank] = sb
+    dxf[xb + rank + 1] = sc
+
+
+@njit(inline="always", fastmath=FM_SUM, error_model="numpy")
+def _reverse_step_n(uf, xf, gf, ub, xb, i, rank, ak, dk, hb, dlb, sgb, ab, carry, ddl, dub, acc, dxf, w):
+    """`_reverse_step`'s state part for any N: ddl[:w] = d loss / d dt, dub[:w] = the scan's d u."""
     nstate = ak.shape[0]
     for c in range(w):
         dy = gf[ub + c]
@@ -232,14 +277,6 @@ def _reverse_step(uf, xf, gf, duf, ub, xb, i, rank, wk, ak, dk, hb, dlb, sgb, ab
         ddt = ddl[c] * sgb[i, c]
         ddl[c] = ddt
         acc[1, c] += ddt
-    _store(duf, ub, dub, w, write)
-    for r in range(rank):
-        xr = xf[xb + r]
-        s = 0.0
-        for c in range(w):
-            acc[2 + nstate + r, c] += ddl[c] * xr
-            s += ddl[c] * wk[r, c]
-        dxf[xb + r] = s
 
 
 @njit(parallel=True, cache=True, fastmath=FM_SUM, error_model="numpy")
