@@ -15,11 +15,13 @@ k at position p visits pixel `_positions(k, ...)`; the kernel fills those indice
 
 Per direction and position the work is, for the D channels of a block (vectorised over channels, which are
 contiguous in memory): dt = bias + W_dt x (R multiply-adds), delta = softplus(dt), h = exp(delta A) h +
-delta u B, y = C h + D u, out += y. Tasks are (batch, block of channels): every task owns its output channels,
-so the accumulation of the four directions into `out` needs no atomics. The lines of u, out and x_dbl that the
-step AHEAD positions on will touch are prefetched: in the column directions consecutive steps are a whole row
-of the map apart, a new page each time, which the hardware prefetchers do not follow (docs/scan.md,
-"Prefetch, huge pages, ...").
+delta u B, y = C h + D u, out += y. Flat offsets into u, out, d out and d u are uint64, and the channel loops
+count in uint64: numba wraps negative signed indices, and that check on `offset + c` kept LLVM from vectorising
+the loops (the kernel pair ran 1.2-2x slower; docs/scan.md). Tasks are (batch, block of channels): every task
+owns its output channels, so the accumulation of the four directions into `out` needs no atomics. The lines
+of u, out and x_dbl that the step AHEAD positions on will touch are prefetched: in the column directions
+consecutive steps are a whole row of the map apart, a new page each time, which the hardware prefetchers do not
+follow (docs/scan.md, "Prefetch, huge pages, ...").
 
 Backward: the forward saves the state at the start of every chunk of T positions (batch x nd x ceil(L/T) x N x
 D values, 1/T of the map per state); the backward recomputes a chunk from its checkpoint into task-local
@@ -73,11 +75,11 @@ def _positions(k, height, width, t0, n, idx):
 def _dt_row(xf, xb, wk, bk, w, dtb):
     """dtb[:w] = bk + sum_r xf[xb + r] wk[r]: the dt projection of one position for a block of channels.
     (2-D indexing, no row views: a view costs a reference-count update, which is most of a step's overhead.)"""
-    for c in range(w):
+    for c in range(np.uint64(w)):
         dtb[c] = bk[c]
     for r in range(wk.shape[0]):
         xr = xf[xb + r]
-        for c in range(w):
+        for c in range(np.uint64(w)):
             dtb[c] += xr * wk[r, c]
 
 
@@ -89,19 +91,19 @@ def _fwd_step(uf, ub, xf, xb, rank, ak, dk, h, dtb, yb, w):
     nstate = h.shape[0]
     if nstate == 1:
         bn, cn = xf[xb + rank], xf[xb + rank + 1]
-        for c in range(w):
+        for c in range(np.uint64(w)):
             dl = _softplus(dtb[c], f)
             uv = uf[ub + c]
             hv = _exp(dl * ak[0, c], f) * h[0, c] + dl * uv * bn
             h[0, c] = hv
             yb[c] = dk[c] * uv + cn * hv
         return
-    for c in range(w):
+    for c in range(np.uint64(w)):
         dtb[c] = _softplus(dtb[c], f)
         yb[c] = dk[c] * uf[ub + c]
     for m in range(nstate):
         bn, cn = xf[xb + rank + m], xf[xb + rank + nstate + m]
-        for c in range(w):
+        for c in range(np.uint64(w)):
             dl = dtb[c]
             hv = _exp(dl * ak[m, c], f) * h[m, c] + dl * uf[ub + c] * bn
             h[m, c] = hv
@@ -112,10 +114,10 @@ def _fwd_step(uf, ub, xf, xb, rank, ak, dk, h, dtb, yb, w):
 def _store(of, ob, yb, w, write):
     """of[ob:ob + w] = yb (write) or += yb: the branch outside the loops, so both vectorise."""
     if write:
-        for c in range(w):
+        for c in range(np.uint64(w)):
             of[ob + c] = yb[c]
     else:
-        for c in range(w):
+        for c in range(np.uint64(w)):
             of[ob + c] += yb[c]
 
 
@@ -161,8 +163,8 @@ def ss2d_fwd(u, xdbl, dirs, height, width, wdt, bias, A, Ds, first, save_ckpt, c
                     q = b * length + idx[i]
                     xb = (q * nd + j) * c2
                     _dt_row(xf, xb, wk, bk, w, dtb)
-                    _fwd_step(uf, q * dim + d0, xf, xb, rank, ak, dk, h, dtb, yb, w)
-                    _store(of, q * dim + d0, yb, w, write)
+                    _fwd_step(uf, np.uint64(q * dim + d0), xf, xb, rank, ak, dk, h, dtb, yb, w)
+                    _store(of, np.uint64(q * dim + d0), yb, w, write)
 
 
 @njit(inline="always", fastmath=FM, error_model="numpy")
@@ -183,16 +185,16 @@ def _recompute(uf, xf, gf, duf, idx, b, length, dim, nd, j, c2, d0, w, n, wk, bk
             _prefetch(gf, q * dim + d0 + c)
             _prefetch(duf, q * dim + d0 + c)
         xb = (q * nd + j) * c2
-        ub = q * dim + d0
+        ub = np.uint64(q * dim + d0)
         _dt_row(xf, xb, wk, bk, w, dtb)
-        for c in range(w):  # softplus and sigmoid from one exp(-|dt|)
+        for c in range(np.uint64(w)):  # softplus and sigmoid from one exp(-|dt|)
             dt = dtb[c]
             e = _exp(-abs(dt), f)
             dlb[i, c] = _softplus_of(dt, e, f)
             sgb[i, c] = (f(1.0) if dt > f(0.0) else e) / (f(1.0) + e)
         for m in range(nstate):
             bn = xf[xb + rank + m]
-            for c in range(w):
+            for c in range(np.uint64(w)):
                 dl = dlb[i, c]
                 a = _exp(dl * ak[m, c], f)
                 ab[i, m, c] = a
@@ -213,7 +215,7 @@ def _reverse_step(uf, xf, gf, duf, ub, xb, i, rank, wk, ak, dk, hb, dlb, sgb, ab
     for r in range(rank):
         xr = xf[xb + r]
         s = 0.0
-        for c in range(w):
+        for c in range(np.uint64(w)):
             acc[2 + nstate + r, c] += ddl[c] * xr
             s += ddl[c] * wk[r, c]
         dxf[xb + r] = s
@@ -225,7 +227,7 @@ def _reverse_step1(uf, xf, gf, ub, xb, i, rank, ak, dk, hb, dlb, sgb, ab, carry,
     bn, cn = xf[xb + rank], xf[xb + rank + 1]
     sb = 0.0
     sc = 0.0
-    for c in range(w):
+    for c in range(np.uint64(w)):
         dy = gf[ub + c]
         uv = uf[ub + c]
         dl = dlb[i, c]
@@ -249,7 +251,7 @@ def _reverse_step1(uf, xf, gf, ub, xb, i, rank, ak, dk, hb, dlb, sgb, ab, carry,
 def _reverse_step_n(uf, xf, gf, ub, xb, i, rank, ak, dk, hb, dlb, sgb, ab, carry, ddl, dub, acc, dxf, w):
     """`_reverse_step`'s state part for any N: ddl[:w] = d loss / d dt, dub[:w] = the scan's d u."""
     nstate = ak.shape[0]
-    for c in range(w):
+    for c in range(np.uint64(w)):
         dy = gf[ub + c]
         acc[0, c] += dy * uf[ub + c]
         dub[c] = dy * dk[c]
@@ -258,7 +260,7 @@ def _reverse_step_n(uf, xf, gf, ub, xb, i, rank, ak, dk, hb, dlb, sgb, ab, carry
         bn, cn = xf[xb + rank + m], xf[xb + rank + nstate + m]
         sb = 0.0
         sc = 0.0
-        for c in range(w):
+        for c in range(np.uint64(w)):
             dy = gf[ub + c]
             uv = uf[ub + c]
             dl = dlb[i, c]
@@ -273,7 +275,7 @@ def _reverse_step_n(uf, xf, gf, ub, xb, i, rank, ak, dk, hb, dlb, sgb, ab, carry
             carry[m, c] = gh * a
         dxf[xb + rank + m] = sb
         dxf[xb + rank + nstate + m] = sc
-    for c in range(w):
+    for c in range(np.uint64(w)):
         ddt = ddl[c] * sgb[i, c]
         ddl[c] = ddt
         acc[1, c] += ddt
@@ -321,7 +323,7 @@ def ss2d_bwd(u, xdbl, dirs, height, width, wdt, bias, A, Ds, ckpt, gout, cb, du,
                 for i in range(n - 1, -1, -1):
                     q = b * length + idx[i]
                     xb = (q * nd + j) * c2
-                    _reverse_step(uf, xf, gf, duf, q * dim + d0, xb, i, rank, wk, ak, dk, hb, dlb, sgb, ab,
+                    _reverse_step(uf, xf, gf, duf, np.uint64(q * dim + d0), xb, i, rank, wk, ak, dk, hb, dlb, sgb, ab,
                                   carry, ddl, dub, acc, dxf, w, j == 0)
                 acc64 += acc
             dparams[b, j, :, d0:d0 + w] = acc64
