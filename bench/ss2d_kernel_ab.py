@@ -1,13 +1,16 @@
 """The fused SS2D kernel pair against an earlier version of itself, side by side in one process.
 
-    python bench/ss2d_kernel_ab.py [--against HEAD] [--repeats 9] [--out bench/results/ss2d_kernel_ab.json]
+    python bench/ss2d_kernel_ab.py [--against HEAD] [--repeats 9] [--model-repeats 5]
+                                   [--out bench/results/ss2d_kernel_ab.json]
 
 Loads `kernels/ss2d_cpu.py` as it was at git revision --against (a temporary copy, compiled afresh) beside the
 working tree's version, and calls both on the same arrays: the forward and the backward at the shapes of a
 `micro` training step (64 patches of 96 px: stages 1-3) and of micro's stage 2 at a 2,048 px region (batch 1).
 The two run alternately, so both see the same machine load. Prints medians of wall time and of process CPU time
 per element (batch x L x D x 4 directions), their ratio, and the largest difference of each output relative to
-its largest value.
+its largest value. Then the same for whole calls of the model, each kernel version in turn behind the fused SS2D
+(`micro` forward on a 2,048 px region, and a `micro` training step of 64 patches of 96 px with AdamW, as in
+`bench/backbone.py --speed`): medians of --model-repeats wall times, alternating.
 """
 
 from __future__ import annotations
@@ -76,10 +79,56 @@ def _run(mod, arrays, h, w, cb, backward):
     return du, dx, dp
 
 
+def time_models(old, new, repeats: int) -> list[dict]:
+    """Whole micro calls with each kernel version behind the fused SS2D, alternating."""
+    import torch
+
+    from wsi_vssm.models import create_model
+    from wsi_vssm.ops import ss2d_fused
+
+    torch.manual_seed(0)
+    infer = create_model("micro", num_classes=0).eval()
+    region = torch.rand(1, 3, 2048, 2048)
+    train = create_model("micro", num_classes=0).train()
+    head = torch.nn.Linear(train.num_features, 2)
+    opt = torch.optim.AdamW([*train.parameters(), *head.parameters()], lr=1e-4)
+    patches, labels = torch.rand(64, 3, 96, 96), torch.randint(0, 2, (64,))
+
+    def forward():
+        with torch.no_grad():
+            infer.forward_features(region)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(head(train(patches)), labels).backward()
+        opt.step()
+
+    original = ss2d_fused._fused_kernels
+    rows = []
+    print(f"{'model call':<34} {'old s':>8} {'new s':>8} {'ratio':>7}")
+    try:
+        for label, call in (("micro forward, 2,048 px", forward), ("micro training step, 64 x 96 px", step)):
+            times = {"old": [], "new": []}
+            for rep in range(repeats + 1):
+                for name, mod in (("old", old), ("new", new)):
+                    ss2d_fused._fused_kernels = lambda mod=mod: mod
+                    t0 = time.perf_counter()
+                    call()
+                    if rep:  # the first round warms up (compiles, sizes buffers)
+                        times[name].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append({"call": label, "old_s": med["old"], "new_s": med["new"], "ratio": med["old"] / med["new"]})
+            print(f"{label:<34} {med['old']:>8.3f} {med['new']:>8.3f} {med['old'] / med['new']:>6.2f}x")
+    finally:
+        ss2d_fused._fused_kernels = original
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--against", default="HEAD", help="git revision of kernels/ss2d_cpu.py to compare with")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--model-repeats", type=int, default=5)
     ap.add_argument("--out", default="bench/results/ss2d_kernel_ab.json")
     args = ap.parse_args(argv)
 
@@ -122,8 +171,9 @@ def main(argv=None) -> None:
                 print(f"{label:<16} {row['pass']:<8} {med['old'][0] * 1e3:>8.1f} {med['new'][0] * 1e3:>8.1f} "
                       f"{row['old_cpu_ns_per_element']:>9.2f} {row['new_cpu_ns_per_element']:>9.2f} "
                       f"{row['cpu_ratio']:>8.2f}x {diff:>12.1e}")
+        model_rows = time_models(old, new, args.model_repeats)
     atomic_write_json(args.out, {"against": args.against, "threads": threads, "repeats": args.repeats,
-                                 "rows": rows})
+                                 "rows": rows, "model_rows": model_rows})
     print(f"wrote {args.out}")
 
 
