@@ -1,12 +1,14 @@
 """End-to-end `predict` benchmark on a large synthetic slide, at default settings on CPU.
 
-    python bench/predict.py [--size 50000] [--slide PATH] [--model default] [--out bench/results/predict.json]
+    python bench/predict.py [--size 50000] [--slide PATH] [--model default] [--backend auto]
+                            [--out bench/results/predict.json]
 
 Writes (or reuses) a synthetic tumour slide of --size x --size px at 0.5 um/px with `wsi-vssm synth`'s writer,
 then runs `predict_slide` once with the default parameters and reports regions/s, MP/s (level-0 megapixels of
 the slide, and analysis-resolution megapixels actually processed), peak RSS, and the split of the wall time into
 tissue detection, feature extraction (read + backbone, overlapped by RegionStream), MIL and writing. Reading and
-backbone time are also measured separately on the same regions so their shares are visible.
+backbone time are also measured separately on the same regions so their shares are visible. --backend is
+predict's own option (auto, openslide, tifffile, zarr); the backend that read the slide is printed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wsi-vssm-bench")
     ap.add_argument("--out", type=Path, default=Path("bench/results/predict.json"))
+    ap.add_argument("--backend", default="auto", help="slide backend, as predict's --backend")
     args = ap.parse_args(argv)
 
     import torch
@@ -49,14 +52,15 @@ def main(argv=None) -> None:
         write_slide(slide_path, size=args.size, mpp=0.5, seed=7, tumor=True)
         print(f"  written in {time.perf_counter() - t:.0f} s", flush=True)
     model = load_model(args.model)
-    params = PredictParams(device="cpu")
+    params = PredictParams(device="cpu", backend=args.backend)
     t = time.perf_counter()
     rec = predict_slide(slide_path, model, args.workdir / "out", params)
     wall = time.perf_counter() - t
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     # Separate read and backbone costs on a sample of the same regions (no overlap between the two).
-    with open_slide(slide_path) as slide:
+    with open_slide(slide_path, backend=args.backend) as slide:
+        backend = slide.backend
         mask, scale = slide_tissue_mask(slide)
         grid = RegionGrid(slide, model.mpp, default_region_px("cpu"), DEFAULT_OVERLAP_PX, tissue=(mask, scale))
         regions = list(grid)
@@ -73,7 +77,7 @@ def main(argv=None) -> None:
     n_regions = len(regions)
     analysis_mp = n_regions * default_region_px("cpu") ** 2 / 1e6
     result = {
-        "slide": str(slide_path), "size": [w0, h0], "threads": torch.get_num_threads(),
+        "slide": str(slide_path), "backend": backend, "size": [w0, h0], "threads": torch.get_num_threads(),
         "regions": n_regions, "cells": rec["summary"]["n_cells"], "probability": rec["probability"],
         "wall_seconds": wall, "regions_per_s": n_regions / wall, "slide_mp_per_s": w0 * h0 / 1e6 / wall,
         "analysis_mp_per_s": analysis_mp / wall, "peak_rss_bytes": peak_rss, "timings": rec["timings"],
@@ -81,8 +85,9 @@ def main(argv=None) -> None:
                               "backbone_s": t_bb / max(1, len(sample))},
     }
     tm = rec["timings"]
-    print(f"slide {w0}x{h0} px, {n_regions} tissue regions of {default_region_px('cpu')} px at {model.mpp} um/px, "
-          f"{result['cells']} cells, {torch.get_num_threads()} threads")
+    print(f"slide {w0}x{h0} px ({backend} backend), {n_regions} tissue regions of {default_region_px('cpu')} px "
+          f"at {model.mpp} um/px, {result['cells']} cells, {torch.get_num_threads()} threads; slide probability "
+          f"{rec['probability']:.6f}")
     print(f"wall {wall:.1f} s: tissue {tm['tissue']:.1f}, features (read+backbone) {tm['features']:.1f}, "
           f"MIL {tm['mil']:.2f}, write {tm['write']:.1f}")
     print(f"{result['regions_per_s']:.3f} regions/s, {result['slide_mp_per_s']:.1f} slide MP/s, "
