@@ -314,11 +314,13 @@ def evaluate_patches(
 
     from wsi_vssm.io.base import resize
     from wsi_vssm.models.inputs import to_tensor
+    from wsi_vssm.models.precision import resolve_precision
     from wsi_vssm.outputs.report import write_predictions_csv
     from wsi_vssm.pipeline.extract import Inference
     from wsi_vssm.training.data.patches import load_patches
 
     inference = Inference.of(inference)
+    resolve_precision(inference.precision, device)  # a bad name, or bf16 without hardware, before any patch is read
     if mpp is None:
         raise UsageError(f"{folder}: patch images carry no resolution; state it with --mpp (PCam: 0.97)")
     from wsi_vssm.pipeline.predict import cell_threshold
