@@ -3,14 +3,14 @@
     python bench/backbone.py [--sides 512 1024 2048 4096] [--out bench/results/backbone.json]
     python bench/backbone.py --speed [--out bench/results/backbone_speed.json] [--force-bf16]
 
---speed prints, in one process: the machine's fp32 GEMM rate (a 2048^3 matmul); for micro forward at 2048 px,
-tiny forward at 1024 px and a micro training step (64 patches of 96 px, AdamW): throughput, counted GFLOP/s, the
-GEMM rate timed beside that row (one matmul just before each timed call, median) and the row's share of it, for
-today's path ("old": channel-first, scan 'cpu', SS2D 'reference') and the new default ("new": channels-last,
-fused SS2D), in fp32 and bf16 (bf16 only where the CPU has AMX/AVX512-BF16, unless --force-bf16; then also the
-bf16 GEMM rate, and each bf16 row's speed-up over fp32 on its path). FLOPs are counted once per workload by
-torch's FlopCounterMode on the old path (convolutions and matmuls; the scan itself is not counted), so moving
-work into a kernel does not change them.
+--speed prints, in one process: the machine's fp32 GEMM rate (a 2048^3 matmul); for micro forward at 2048 px, tiny
+forward at 1024 px and a micro training step (64 patches of 96 px, the trainers' AdamW, fused as they build it):
+throughput, counted GFLOP/s, the GEMM rate timed beside that row (one matmul just before each timed call, median)
+and the row's share of it, for today's path ("old": channel-first, scan 'cpu', SS2D 'reference') and the new
+default ("new": channels-last, fused SS2D), in fp32 and bf16 (bf16 only where the CPU has AMX/AVX512-BF16, unless
+--force-bf16; then also the bf16 GEMM rate, and each bf16 row's speed-up over fp32 on its path). FLOPs are counted
+once per workload by torch's FlopCounterMode on the old path (convolutions and matmuls; the scan itself is not
+counted), so moving work into a kernel does not change them.
 
 Memory is each call's peak resident memory beyond what existed before it (VmHWM in a fresh subprocess, see
 wsi_vssm/models/memory.py), for SS2D on a stage-1 map of the micro model (side / 4, C = 32, D = 64) through
@@ -148,6 +148,7 @@ def _speed_setup(model_name: str, batch: int, side: int, training: bool, path: d
     import torch
 
     from wsi_vssm.models import create_model
+    from wsi_vssm.training.optim import adamw
 
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=0, **path)
@@ -155,7 +156,7 @@ def _speed_setup(model_name: str, batch: int, side: int, training: bool, path: d
     if not training:
         return model.eval(), x, None
     head = torch.nn.Linear(model.num_features, 2)
-    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-4)
+    opt = adamw(torch.nn.ModuleList([model, head]), lr=1e-4, weight_decay=0.01)  # as `train cells` builds it
     return model.train(), x, (head, opt, torch.randint(0, 2, (batch,)))
 
 

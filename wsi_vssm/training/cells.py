@@ -49,6 +49,7 @@ from wsi_vssm.training.data.patches import (
     stratified_subset,
 )
 from wsi_vssm.training.ddp import DistContext, all_reduce_mean, barrier, broadcast_object, session, shard
+from wsi_vssm.training.optim import adamw
 from wsi_vssm.training.patch_eval import (
     device_of,
     evaluate,
@@ -286,10 +287,7 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     net = _wrap(model, ctx)
     ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     chosen = ema.model if ema is not None else model  # what is validated, selected and saved
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms, biases, SSM vectors
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     per_epoch = len(_epoch_shard(len(train), cfg, 0, ctx)) // cfg.batch_size or 1
     total = per_epoch * cfg.epochs
     log_path = Path(log_path) if log_path else out.with_suffix(".log.csv")

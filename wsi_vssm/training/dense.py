@@ -34,6 +34,7 @@ from wsi_vssm.errors import UsageError
 from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
+from wsi_vssm.training.optim import adamw
 
 LOG_COLUMNS = ("epoch", "phase", "train_loss", "iso_auc", "centre_auc", "dense_auc", "sensitivity_at_0.995",
                "rim_noise", "score", "lr", "seconds", "best")
@@ -105,7 +106,7 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
     model = load_model(init, scan=cfg.scan)
     model.backbone.set_drop_path(float(cfg.drop_path))
     ema = WeightAverage(model, cfg.ema)
-    opt = _optimiser(model, cfg)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     weights = TokenWeights(cfg.rim_weight, cfg.background_weight)
     mosaics = DenseMosaics(train, tuple(cfg.grid), cfg.max_lesion_frac, weights)
     st = _fresh_state()
@@ -149,13 +150,6 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
 
 
 # ------------------------------------------------------------------------------------------------ the steps
-def _optimiser(model, cfg: DenseConfig):
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-
-
 def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr: float) -> float:
     from wsi_vssm.training.data.dense_mosaics import patch_token_targets
 
