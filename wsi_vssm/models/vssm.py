@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from wsi_vssm.errors import UsageError
@@ -178,14 +177,6 @@ def _stem(in_chans: int, dim: int) -> nn.Sequential:
     )
 
 
-def _conv_weight_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """`conv` on a channels-last `x` with its weight in channels-last order too: oneDNN then skips reordering
-    the weight and runs the stem's second conv about 3x faster on CPU (the downsample convs and the depthwise
-    ones gain nothing or lose, so only the stem uses it). Same values; differentiable."""
-    weight = conv.weight.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
 # ---------------------------------------------------------------------------------------------------- model
 
 def _drop_rates(rate: float, n_blocks: int) -> list[float]:
@@ -247,9 +238,8 @@ class VSSM(nn.Module):
         act = self.patch_embed[4]
         if use_fused_stem(x, conv) and isinstance(act, nn.GELU) and act.approximate == "none":
             x = stem_head_fused(x, conv, norm)
-        else:
-            x = self.patch_embed[:5](x.contiguous(memory_format=torch.channels_last))
-        return self.patch_embed[7](_conv_weight_channels_last(self.patch_embed[5], x))
+            return self.patch_embed[5:](x)
+        return self.patch_embed(x.contiguous(memory_format=torch.channels_last))
 
     def _stages(self, x: torch.Tensor):
         """Yields each stage's block output: (B, C_i, H_i, W_i) at strides 4, 8, 16, 32 (channels-last strides
