@@ -43,8 +43,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` as UTF-8 to `path` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write `text` as UTF-8 to `path` atomically. A file name that is not valid UTF-8 reaches Python with its
+    stray bytes as lone surrogates, which UTF-8 cannot encode: they are written as `\\udcXX` escapes (readable in
+    a CSV, and the same string again when JSON is read back) rather than failing the run."""
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -4,6 +4,7 @@ code (docs/cohorts.md), no traceback unless --debug, and nothing already finishe
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -237,3 +238,14 @@ def test_debug_shows_the_traceback(files, tmp_path, capsys):
         main(["--debug", "predict", str(tmp_path / "none.tif"), "--out", str(tmp_path), "--model",
               str(tmp_path / "none.pt")])
     assert "none.pt" in str(err.value)
+
+
+def test_a_file_name_that_is_not_utf8(files, tmp_path, capsys):
+    """A Latin-1 name (`b\\xe9.tif`) reaches Python with a lone surrogate, which UTF-8 cannot encode: the slide
+    is analysed and its name written with a `\\xe9` escape, instead of a traceback that stopped the cohort."""
+    slide = tmp_path / os.fsdecode(b"b\xe9.tif")
+    shutil.copy(files["good"], slide)
+    code, stdout, err = _run(["predict", slide, "--out", tmp_path / "o", "--model", files["model"], *FAST], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    record = json.loads((tmp_path / "o" / "b\\xe9" / "prediction.json").read_text(encoding="utf-8"))
+    assert record["slide"] == "b\\xe9" and record["probability"] is not None

@@ -95,3 +95,21 @@ def test_defaults_that_do_not_fit_the_model_are_bad_input_not_usage():
     with pytest.raises(OptionError, match="--overlap-px"):
         option_geometry("cpu", 96, None, 100)
     assert option_geometry("cpu", 96, None, 96) == (2016, 96, 0.25)  # 21 whole tokens
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--threshold", "nan"], "--threshold"),  # NaN passes a plain range check and would call every slide normal
+    (["--cell-threshold", "inf"], "--cell-threshold"),
+    (["--mpp", "100"], "--mpp"),  # a magnification typed as an mpp: millions of regions, hung for minutes
+    (["--mpp", "1e-9"], "--mpp"),
+    (["--target-mpp", "1e6"], "--target-mpp"),  # a petabyte resample
+    (["--target-mpp", "nan"], "--target-mpp"),
+])
+def test_non_finite_and_implausible_numbers(cohort, model_file, tmp_path, capsys, extra, option):
+    """click's own range check (its usage format, exit 2), before anything is read or written."""
+    slide = next(cohort.glob("*.tif"))
+    code, out, err = run_cli_captured(["predict", slide, "--out", tmp_path / "o", "--model", model_file, *extra],
+                                      capsys)
+    assert code == 2 and "Traceback" not in err, (code, out, err)
+    assert f"Invalid value for '{option}'" in err, err
+    assert not (tmp_path / "o").exists()

@@ -262,6 +262,11 @@ def test_geojson_has_qupath_fields_and_reads_back(tmp_path):
     # Our own annotation reader (the QuPath path) sees the same tumour area.
     ann = read_annotations(path)
     assert ann.tumor.area == pytest.approx(sum(p.area for p in polys))
+    # ... also when the contours carry predict's lesion categories (classes "Tumor: ITC" and the like).
+    write_contours_geojson(path, polys, slide="s1", lesions=[(1, "micro"), (2, "itc")])
+    classes = {f["properties"]["classification"]["name"] for f in json.loads(path.read_text())["features"]}
+    assert classes == {"Tumor: micrometastasis", "Tumor: ITC"}
+    assert read_annotations(path).tumor.area == pytest.approx(sum(p.area for p in polys))
     # Stable ids across reruns.
     assert contours_geojson(polys, slide="s1")["features"][0]["id"] == f0["id"]
     write_contours_geojson(tmp_path / "empty.geojson", [])

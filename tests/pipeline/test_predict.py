@@ -281,6 +281,22 @@ def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path):
     assert saved["froc"]["froc"] == pytest.approx(froc["froc"])
 
 
+def test_a_malformed_annotation_fails_before_any_slide_runs(model_file, cohort, tmp_path):
+    import shutil
+
+    from wsi_vssm.io.annotations import AnnotationError
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+
+    ann = tmp_path / "ann"
+    shutil.copytree(cohort / "annotations", ann)
+    bad = next(ann.iterdir())
+    bad.write_text("<ASAP_Annotations><Annotation")
+    with pytest.raises(AnnotationError, match=bad.name):
+        evaluate_cohort(cohort, load_model(model_file), tmp_path / "ev", FAST, annotations=ann, n_boot=10)
+    assert not (tmp_path / "ev").exists()  # failed up front: no slide was run for nothing
+
+
 def test_older_model_file_thresholds_and_one_uncalibrated_warning(cohort, tmp_path):
     """A model file from before the thresholds had names: `threshold` is the slide threshold, the cell threshold
     is 0.5, and one warning says its probabilities are not calibrated."""

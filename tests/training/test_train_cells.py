@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_patch_folder
+from PIL import Image
 
 from wsi_vssm.models.slide_model import load_model
 from wsi_vssm.outputs.report import roc_auc_or_nan as roc_auc
@@ -287,3 +288,30 @@ def test_run_recipe_needs_data(tmp_path):
     with pytest.raises(UsageError, match="KEY=VALUE"):
         apply_overrides(recipe, ["novalue"])
     assert apply_overrides(recipe, ["cells.lr=0.5", "data.train=/x y"])["cells"]["lr"] == 0.5
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.training.recipe import load_recipe
+
+    (tmp_path / "r.toml").write_bytes(b"\xff\xfe[cells]\n")
+    with pytest.raises(UsageError, match=r"r\.toml: not a TOML recipe: not UTF-8 text"):
+        load_recipe(tmp_path / "r.toml")
+
+
+def test_an_unreadable_patch_is_named_with_its_problem(tmp_path):
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(tmp_path / label / "ok.png")
+    (tmp_path / "1" / "junk.jpg").write_text("not an image")
+    (tmp_path / "1" / "empty.jpg").write_bytes(b"")
+    ds = load_patches(tmp_path)
+    problems = {}
+    for i, it in enumerate(ds.items):
+        try:
+            ds[i]
+        except PatchDataError as e:
+            problems[it.name] = str(e)
+    assert problems["1/junk.jpg"].endswith("cannot decode 1/junk.jpg: not an image Pillow can read")
+    assert problems["1/empty.jpg"].endswith("cannot decode 1/empty.jpg: empty file")
+    assert set(problems) == {"1/junk.jpg", "1/empty.jpg"} and "BytesIO" not in "".join(problems.values())

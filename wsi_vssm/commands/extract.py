@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import mpp_option, reader_threads_option, run_options
+from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, mpp_option, reader_threads_option, run_options
 
 
 @click.command("extract")
@@ -22,13 +22,13 @@ from wsi_vssm.commands.options import mpp_option, reader_threads_option, run_opt
               help="A wsi-vssm model file, or a registry name (e.g. micro: random weights, for tests only).")
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the feature stores (<slide>.zarr).")
-@click.option("--target-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--target-mpp", type=MPP_RANGE, default=None,
               help="Analysis resolution in um/px (default: the model's own).")
 @mpp_option
 @click.option("--region-px", type=click.IntRange(min=32), default=None,
               help="Region side at the analysis mpp (default 2048 on CPU, 9984 on GPU: 10,000 in whole tokens).")
 @click.option("--overlap-px", type=click.IntRange(min=0), default=None, help="Overlap of neighbouring regions.")
-@click.option("--min-tissue", type=click.FloatRange(0, 1), default=None,
+@click.option("--min-tissue", type=FiniteFloatRange(0, 1), default=None,
               help="Drop cells with a smaller tissue fraction (default 0.25).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,

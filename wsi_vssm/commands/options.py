@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
+from wsi_vssm.io.formats import PLAUSIBLE_MPP
 from wsi_vssm.runs.runner import DEFAULT_SPLIT_REGIONS, DEFAULT_WAIT_LOCKED_S, EXIT_INCOMPLETE
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinities too (NaN fails no comparison, so a plain range lets it
+    through: `--threshold nan` would call every slide normal)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+# A resolution outside this range is a typo (nm for um, a magnification for an mpp): left alone it plans
+# millions of regions or a petabyte resample.
+MPP_RANGE = FiniteFloatRange(*PLAUSIBLE_MPP)
 
 mpp_option = click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=MPP_RANGE,
     default=None,
     help="Microns per pixel at level 0 for inputs that state none (a stated value is overridden, with a warning).",
 )
@@ -41,7 +59,7 @@ def run_options(f):
                      help="With Dask: run a slide of more than N regions as tasks of N regions each (0: never)."),
         click.option("--retry-failed", is_flag=True,
                      help="Retry slides that failed in an earlier run (a slide whose file changed is always redone)."),
-        click.option("--wait-locked", type=click.FloatRange(min=0), default=DEFAULT_WAIT_LOCKED_S,
+        click.option("--wait-locked", type=FiniteFloatRange(min=0), default=DEFAULT_WAIT_LOCKED_S,
                      show_default=True, metavar="SECONDS",
                      help="Wait this long for slides another run on the same OUT is doing, then report them as "
                           f"in progress (exit {EXIT_INCOMPLETE}); 0: do not wait."),
@@ -102,7 +120,7 @@ def model_options(f):
 def predict_options(f):
     """Options shared by predict and evaluate (analysis resolution, regions, device, threshold)."""
     opts = [
-        click.option("--target-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--target-mpp", type=MPP_RANGE, default=None,
                      help="Analysis resolution in um/px (default: the model's own)."),
         click.option("--region-px", type=click.IntRange(min=32), default=None,
                      help="Region side at analysis resolution (default: 2048 on CPU, 9984 on GPU, i.e. "
@@ -117,15 +135,15 @@ def predict_options(f):
         click.option("--tta", is_flag=True,
                      help="Test-time augmentation: the mean over the 8 flips and quarter turns of every region "
                           "(8 x the backbone time; the run prints what it cost)."),
-        click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+        click.option("--threshold", type=FiniteFloatRange(0, 1), default=None,
                      help="Slide decision threshold (default: the model's, else 0.5)."),
-        click.option("--cell-threshold", type=click.FloatRange(0, 1), default=None,
+        click.option("--cell-threshold", type=FiniteFloatRange(0, 1), default=None,
                      help="Cell probability at and above which a cell is tumour: contours, lesions, overlay "
                           "(default: the model's, else 0.5)."),
-        click.option("--extent-threshold", type=click.FloatRange(0, 1), default=None,
+        click.option("--extent-threshold", type=FiniteFloatRange(0, 1), default=None,
                      help="Where a lesion ends: cells at or above it that join a cell above --cell-threshold "
                           "are part of its lesion and contour (default: the model's, else the cell threshold)."),
-        click.option("--lesion-merge-cells", "merge_distance_cells", type=click.FloatRange(min=0), default=None,
+        click.option("--lesion-merge-cells", "merge_distance_cells", type=FiniteFloatRange(min=0), default=None,
                      help="Lesion pieces at most this many cell widths apart are measured as one lesion "
                           "(default: the model's, else 1)."),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile", "zarr"]), default="auto",

@@ -6,6 +6,8 @@ import time
 
 import click
 
+from wsi_vssm.commands.options import FiniteFloatRange
+
 
 @click.command("synth")
 @click.argument("out", type=click.Path(path_type=str))
@@ -17,7 +19,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--size", type=click.IntRange(min=1024, max=400_000), default=None,
               help="Level-0 side of each slide, px [default: 20,000; patients: 8,192].")
-@click.option("--mpp", type=click.FloatRange(0.05, 20), default=None,  # the synth writers' own limits
+@click.option("--mpp", type=FiniteFloatRange(0.05, 20), default=None,  # the synth writers' own limits
               help="Microns per pixel at level 0 [default: 0.5; mosaics: 0.97, PCam's].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Rendering/encoding threads [default: CPUs, at most 8].")

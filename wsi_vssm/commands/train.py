@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import precision_option
+from wsi_vssm.commands.options import FiniteFloatRange, precision_option
 
 command = click.Group("train", help="Train models: `mil` fits the slide-level attention head on cached features.")
 
@@ -26,13 +26,13 @@ command = click.Group("train", help="Train models: `mil` fits the slide-level at
               help="Checkpoint to write (e.g. model_mil.pt).")
 @click.option("--valid-labels", type=click.Path(exists=True, path_type=Path), default=None,
               help="A separate table of validation slides (all of --labels then trains).")
-@click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--valid-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Share of slides held out for validation by a seeded stratified split (default 0.25 when "
                    "--labels has no split column).")
 @click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
               help="Stop after this many epochs without a better validation AUC.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=2e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-cells", type=click.IntRange(min=1), default=None,
               help="Random cells per training bag per step (default: all).")

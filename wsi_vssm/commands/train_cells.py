@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import precision_option
+from wsi_vssm.commands.options import FiniteFloatRange, precision_option
 
 
 @click.command("cells")
@@ -23,7 +23,7 @@ from wsi_vssm.commands.options import precision_option
 @click.option("--model", "arch", default="micro", show_default=True, help="Backbone config from the registry.")
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-train", type=click.IntRange(min=2), default=None,
               help="Train on a seeded class-stratified subset of this many patches.")
@@ -33,9 +33,9 @@ from wsi_vssm.commands.options import precision_option
               help="Validation patches used for selection (stratified); the rest are held back [default: half].")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="Stop after this many epochs without a better validation AUC.")
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--ema", type=FiniteFloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Decay of a moving average of the weights that is validated and saved (0: off; e.g. 0.999).")
-@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--drop-path", type=FiniteFloatRange(0, 1, max_open=True), default=None,
               help="Stochastic-depth rate while training (default: the architecture's own; micro has 0).")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Start from this model file's weights (fine-tuning) instead of a fresh --model.")

@@ -29,7 +29,9 @@ from wsi_vssm.errors import UsageError, WsiVssmError, one_line
 # CAMELYON16: groups `_0`/`_1` (or `Tumor`) are lesions and `_2` (or `Exclusion`) marks non-tumour islands
 # inside them. The shared data also uses `metastasis` for lesions and `artifact`/`background` for areas to
 # leave out; `tissue` and `negative` are plain (non-tumour) tissue and fall in `other`.
-DEFAULT_TUMOR = ("_0", "_1", "tumor", "tumour", "metastasis", "metastases", "tumor region", "lesion")
+DEFAULT_TUMOR = ("_0", "_1", "tumor", "tumour", "metastasis", "metastases", "tumor region", "lesion",
+                 # the lesion classes of predict's own contours.geojson (outputs.contours.LESION_CLASSES)
+                 "tumor: itc", "tumor: micrometastasis", "tumor: macrometastasis")
 DEFAULT_EXCLUDED = ("_2", "exclusion", "excluded", "exclude", "ignore", "artifact", "artefact", "background")
 
 _PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, GEOSException)

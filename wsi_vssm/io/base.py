@@ -38,8 +38,9 @@ MPP_SOURCES = (
 def slide_name(path: str | os.PathLike) -> str:
     """A slide file's name without its extension(s) (`a.ome.tiff` -> `a`, `b.SVS` -> `b`, `c.v2.tif` -> `c.v2`):
     the one rule for slide names (`SlideReader.name`, output folders, feature stores, cohort rows). The case is
-    kept: cohorts match names case-insensitively by lower-casing them themselves."""
-    name = Path(path).name
+    kept: cohorts match names case-insensitively by lower-casing them themselves. A file name that is not valid
+    UTF-8 keeps its stray bytes as `\\xNN` text, so the name can be written into JSON, CSV and pictures."""
+    name = Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):  # two-part extensions: Path.stem would leave `.ome`
         if name.lower().endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]

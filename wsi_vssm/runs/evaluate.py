@@ -117,6 +117,8 @@ def evaluate_cohort(
         from wsi_vssm.outputs.staging import read_patients_csv
 
         read_patients_csv(patients, cohort_slides=folders)  # a wrong table fails before any slide runs
+    if annotations is not None:
+        _annotation_files(Path(annotations), folders, read=True)  # a bad file fails before any slide runs
     check_output_folder(out)
     _start_report(out)
     after = _interim_table(out, cohort.rows, tasks, on_slide, progress)
@@ -418,11 +420,27 @@ def _froc(out: Path, scored: list[dict], annotations: Path, folders: dict[str, s
         detections[r["slide"]] = detections_from_heatmap(prob, meta["cell0"], meta["origin"],
                                                          threshold=FROC_MIN_PROBABILITY)
         mpps[r["slide"]] = meta["mpp"]
-        files = [p for name in dict.fromkeys((r["slide"], folder)) for ext in (".xml", ".geojson", ".json")
-                 for p in annotations.glob(name + ext)]
-        if files:  # slides without an annotation file are normal
-            truth[r["slide"]] = read_annotations(files[0])
+        file = _annotation_files(annotations, {r["slide"]: folder}).get(r["slide"])
+        if file is not None:  # slides without an annotation file are normal
+            truth[r["slide"]] = read_annotations(file)
     return froc(detections, truth, mpps).as_dict()
+
+
+def _annotation_files(annotations: Path, folders: dict[str, str], read: bool = False) -> dict[str, Path]:
+    """Each slide's annotation file (named like its table name or its output folder; .xml, .geojson or .json),
+    for the slides that have one. With `read`, each is parsed, so a malformed file fails with its one-line
+    error before the cohort runs rather than after."""
+    from wsi_vssm.io.annotations import read_annotations
+
+    found = {}
+    for slide, folder in folders.items():
+        files = [p for name in dict.fromkeys((slide, folder)) for ext in (".xml", ".geojson", ".json")
+                 for p in annotations.glob(name + ext)]
+        if files:
+            found[slide] = files[0]
+            if read:
+                read_annotations(files[0])
+    return found
 
 
 def _write_json(path: Path, obj: dict) -> None:

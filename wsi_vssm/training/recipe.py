@@ -25,6 +25,8 @@ def load_recipe(path: str | os.PathLike) -> dict:
         raise UsageError(f"cannot read recipe {path}: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not a TOML recipe: not UTF-8 text (byte {e.start})") from e
 
 
 def apply_overrides(recipe: dict, sets: list[str]) -> dict:

@@ -49,7 +49,10 @@ class PatchDataset(torch.utils.data.Dataset):
             raw = it.data if it.data is not None else (self.root / it.name).read_bytes()
             with Image.open(io.BytesIO(raw)) as im:
                 rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
+        except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
+            what = "empty file" if not raw else "not an image Pillow can read"
+            raise PatchDataError(f"{self.source}: cannot decode {it.name}: {what}") from e
+        except OSError as e:
             raise PatchDataError(f"{self.source}: cannot decode {it.name}: {e}") from e
         return rgb, it.label
 
