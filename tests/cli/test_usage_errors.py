@@ -97,6 +97,13 @@ def test_defaults_that_do_not_fit_the_model_are_bad_input_not_usage():
     assert option_geometry("cpu", 96, None, 96) == (2016, 96, 0.25)  # 21 whole tokens
 
 
+def test_the_mpp_options_take_the_readers_plausible_range():
+    from wsi_vssm.commands.options import MPP_RANGE
+    from wsi_vssm.io.formats import PLAUSIBLE_MPP
+
+    assert (MPP_RANGE.min, MPP_RANGE.max) == PLAUSIBLE_MPP
+
+
 @pytest.mark.parametrize("extra, option", [
     (["--threshold", "nan"], "--threshold"),  # NaN passes a plain range check and would call every slide normal
     (["--cell-threshold", "inf"], "--cell-threshold"),

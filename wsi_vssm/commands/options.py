@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.io.formats import PLAUSIBLE_MPP
 from wsi_vssm.runs.runner import DEFAULT_SPLIT_REGIONS, DEFAULT_WAIT_LOCKED_S, EXIT_INCOMPLETE
 
 
@@ -23,8 +22,9 @@ class FiniteFloatRange(click.FloatRange):
 
 
 # A resolution outside this range is a typo (nm for um, a magnification for an mpp): left alone it plans
-# millions of regions or a petabyte resample.
-MPP_RANGE = FiniteFloatRange(*PLAUSIBLE_MPP)
+# millions of regions or a petabyte resample. The readers' range for stated resolutions, `io.formats.PLAUSIBLE_MPP`
+# (not imported: it would pull numpy into every command's start; a test keeps the two equal).
+MPP_RANGE = FiniteFloatRange(0.01, 20.0)
 
 mpp_option = click.option(
     "--mpp",
