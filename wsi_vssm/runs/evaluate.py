@@ -117,8 +117,7 @@ def evaluate_cohort(
         from wsi_vssm.outputs.staging import read_patients_csv
 
         read_patients_csv(patients, cohort_slides=folders)  # a wrong table fails before any slide runs
-    if annotations is not None:
-        _annotation_files(Path(annotations), folders, read=True)  # a bad file fails before any slide runs
+    truth = None if annotations is None else _read_annotations(Path(annotations), folders)  # bad files fail now
     check_output_folder(out)
     _start_report(out)
     after = _interim_table(out, cohort.rows, tasks, on_slide, progress)
@@ -132,7 +131,7 @@ def evaluate_cohort(
         metrics = _write_metrics(out, scored, slide_threshold(model, params), len(finished) - len(scored), n_boot,
                                  n_pending=len(rows) - len(finished))
         if annotations is not None:
-            metrics["froc"] = _froc(out, scored, Path(annotations), folders)
+            metrics["froc"] = _froc(out, scored, truth, folders)
         if patients is not None and not n_unfinished(rows):
             from wsi_vssm.runs.patients import evaluate_patients
 
@@ -402,34 +401,31 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
 FROC_MIN_PROBABILITY = 0.01
 
 
-def _froc(out: Path, scored: list[dict], annotations: Path, folders: dict[str, str] | None = None) -> dict:
-    """CAMELYON16 lesion-level FROC from each slide's heatmap and its ASAP/GeoJSON annotations, if any.
-    `folders` maps a table's slide name to its output folder (the file's stem; the case may differ)."""
-    from wsi_vssm.io.annotations import read_annotations
+def _froc(out: Path, scored: list[dict], annotated: dict, folders: dict[str, str]) -> dict:
+    """CAMELYON16 lesion-level FROC from each slide's heatmap and its annotations (`_read_annotations`; slides
+    without any are normal). `folders` maps a table's slide name to its output folder (the file's stem; the
+    case may differ)."""
     from wsi_vssm.outputs.froc import detections_from_heatmap, froc
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
 
-    if not annotations.is_dir():
-        raise UsageError(f"{annotations}: --annotations must be a folder of ASAP XML / GeoJSON files")
     detections, truth, mpps = {}, {}, {}
     for r in scored:
-        folder = (folders or {}).get(r["slide"], r["slide"])
+        folder = folders.get(r["slide"], r["slide"])
         prob, _, _, attrs = read_heatmap_zarr(out / folder / HEATMAP_ZARR)
         meta = attrs["wsi_vssm"]
         # Every local maximum down to a low floor: the FROC curve sweeps the detection threshold itself.
         detections[r["slide"]] = detections_from_heatmap(prob, meta["cell0"], meta["origin"],
                                                          threshold=FROC_MIN_PROBABILITY)
         mpps[r["slide"]] = meta["mpp"]
-        file = _annotation_files(annotations, {r["slide"]: folder}).get(r["slide"])
-        if file is not None:  # slides without an annotation file are normal
-            truth[r["slide"]] = read_annotations(file)
+        if r["slide"] in annotated:
+            truth[r["slide"]] = annotated[r["slide"]]
     return froc(detections, truth, mpps).as_dict()
 
 
-def _annotation_files(annotations: Path, folders: dict[str, str], read: bool = False) -> dict[str, Path]:
-    """Each slide's annotation file (named like its table name or its output folder; .xml, .geojson or .json),
-    for the slides that have one. With `read`, each is parsed, so a malformed file fails with its one-line
-    error before the cohort runs rather than after."""
+def _read_annotations(annotations: Path, folders: dict[str, str]) -> dict:
+    """Each slide's parsed annotations, for the slides that have a file (named like its table name or its
+    output folder; .xml, .geojson or .json). Read before the cohort runs, so that a malformed file fails with
+    its one-line error then, not after every slide has been analysed."""
     from wsi_vssm.io.annotations import read_annotations
 
     found = {}
@@ -437,9 +433,7 @@ def _annotation_files(annotations: Path, folders: dict[str, str], read: bool = F
         files = [p for name in dict.fromkeys((slide, folder)) for ext in (".xml", ".geojson", ".json")
                  for p in annotations.glob(name + ext)]
         if files:
-            found[slide] = files[0]
-            if read:
-                read_annotations(files[0])
+            found[slide] = read_annotations(files[0])
     return found
 
 
