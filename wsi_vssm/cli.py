@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -47,6 +48,18 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's walltime or preemption, `kill`): unwinds like Ctrl-C, so locks are released,
+    temporaries removed and slides in flight left for the rerun."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process that SIGTERM killed
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings outside any slide's run (e.g. while a model loads) as one line, like errors."""
     click.echo(f"wsi-vssm: warning: {one_line(message)}", err=True)
@@ -58,7 +71,7 @@ def main(argv=None):
     Exit codes: 0 all done; 1 bad input (one line names the file and the problem); 2 usage: click's own checks,
     and an option value the library rejects (`errors.OptionError`, one line naming the option);
     3 a cohort finished with some slides failed (each named on its own line); 4 incomplete (slides still locked by
-    another run after --wait-locked); 130 interrupted.
+    another run after --wait-locked); 130 interrupted; 143 terminated (SIGTERM).
     """
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("WSI_VSSM_DEBUG"))
     if not debug:  # decoders' own log lines (e.g. tifffile's "invalid offset") would add to our one-line errors;
@@ -68,10 +81,17 @@ def main(argv=None):
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         warnings.showwarning = _one_line_warning
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        previous = None
+    try:
         cli.main(args=argv, prog_name="wsi-vssm", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.Abort:
+    except click.Abort as e:  # click turns KeyboardInterrupt (and so Terminated) into Abort
+        if isinstance(e.__context__, Terminated):
+            click.echo("wsi-vssm: terminated (SIGTERM); rerun the same command to resume", err=True)
+            sys.exit(EXIT_TERMINATED)
         click.echo("wsi-vssm: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
@@ -88,9 +108,15 @@ def main(argv=None):
         where = f"{e.filename}: " if e.filename else ""
         click.echo(f"wsi-vssm: error: {where}{e.strerror or e}", err=True)
         sys.exit(1)
+    except Terminated:
+        click.echo("wsi-vssm: terminated (SIGTERM); rerun the same command to resume", err=True)
+        sys.exit(EXIT_TERMINATED)
     except KeyboardInterrupt:
         click.echo("wsi-vssm: interrupted", err=True)
         sys.exit(130)
+    finally:
+        if previous is not None:  # main() may run inside another program (tests)
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(0)
 
 

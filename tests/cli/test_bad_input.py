@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SHARED_DATA, run_cli_captured
+from conftest import SHARED_DATA, run_cli_captured, write_patch_folder
 
 from wsi_vssm.cli import main
 from wsi_vssm.models.slide_model import SlideModel, save_model
@@ -181,15 +181,34 @@ def test_disk_full_mid_run_keeps_finished_slides(files, tmp_path, capsys, monkey
     monkeypatch.setattr(overlay, "overlay_png", full)
     args = ["predict", files["good"], second, "--out", tmp_path / "o", "--model", files["model"], *FAST]
     code, _, err = _run(args, capsys)
-    assert code == 3 and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err  # the run stops: every later slide would fail the same way
     line = next(ln for ln in err.splitlines() if "No space left" in ln)
-    assert "second" in line and "overlay.png" in line
+    assert "second: cannot write its outputs" in line and "overlay.png" in line and "the run stopped" in line
     assert read_state(tmp_path / "o", "predict", "slïde ü")["status"] == "done"
     assert read_state(tmp_path / "o", "predict", "second")["status"] == "failed"
     assert (tmp_path / "o" / "slïde ü" / "prediction.json").is_file()
     monkeypatch.setattr(overlay, "overlay_png", real)
-    code, out, _ = _run([*args, "--retry-failed"], capsys)
+    code, out, _ = _run(args, capsys)  # not the slide's fault: tried again without --retry-failed
     assert code == 0 and "slïde ü: up to date" in out and "second: probability" in out
+
+
+def test_a_damaged_patch_fails_alone_in_a_patch_folder_evaluation(files, tmp_path, capsys):
+    """As one broken slide in a cohort: the other patches are scored, the damaged one is named and counted."""
+    import csv
+
+    write_patch_folder(tmp_path / "p", 4, 0)
+    (tmp_path / "p" / "1" / "junk.jpg").write_text("not an image")
+    args = ["evaluate", tmp_path / "p", "--mpp", "0.97", "--out", tmp_path / "ev", "--model", files["model"],
+            "--bootstrap", "100"]
+    code, out, err = _run(args, capsys)
+    assert code == 3 and "Traceback" not in err
+    _one_line_each(err, ["1/junk.jpg: not an image Pillow can read"])
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n"] == 8 and metrics["n_failed"] == 1 and metrics["auc"] is not None
+    with open(tmp_path / "ev" / "predictions.csv", newline="") as f:
+        rows = {r["slide"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 9 and rows["1/junk.jpg"]["status"] == "failed" and rows["1/junk.jpg"]["probability"] == ""
+    assert all(r["status"] == "done" for name, r in rows.items() if name != "1/junk.jpg")
 
 
 def test_corrupt_feature_store_is_redone(files, tmp_path, capsys):
@@ -238,6 +257,17 @@ def test_debug_shows_the_traceback(files, tmp_path, capsys):
         main(["--debug", "predict", str(tmp_path / "none.tif"), "--out", str(tmp_path), "--model",
               str(tmp_path / "none.pt")])
     assert "none.pt" in str(err.value)
+
+
+def test_a_file_name_with_a_newline_is_escaped(files, tmp_path, capsys):
+    """`new<LF>line.tif` once failed after all its work (a one-line title refused the name), leaving outputs."""
+    slide = tmp_path / "new\nline.tif"
+    shutil.copy(files["good"], slide)
+    code, stdout, err = _run(["predict", slide, "--out", tmp_path / "o", "--model", files["model"], *FAST], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    record = json.loads((tmp_path / "o" / "new\\nline" / "prediction.json").read_text(encoding="utf-8"))
+    assert record["slide"] == "new\\nline" and record["probability"] is not None
+    assert "new\\nline: probability" in stdout
 
 
 def test_a_file_name_that_is_not_utf8(files, tmp_path, capsys):

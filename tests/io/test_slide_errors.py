@@ -74,6 +74,18 @@ def test_zarr_store_without_multiscales(tmp_path):
     _one_line_naming(err, tmp_path / "plain.zarr")
 
 
+def test_an_image_with_an_empty_axis_is_corrupt(tmp_path):
+    """An OME-Zarr of shape (3, 0, 64) once gave a ZeroDivisionError (a traceback from `info`)."""
+    group = zarr.open_group(str(tmp_path / "zeros.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(3, 0, 64), chunks=(3, 32, 32), dtype="uint8")
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.5, 0.5]}]}]}]
+    with pytest.raises(CorruptSlide, match=r"level 0 is 64 x 0 px: an empty image") as err:
+        open_slide(tmp_path / "zeros.ome.zarr")
+    _one_line_naming(err, tmp_path / "zeros.ome.zarr")
+
+
 def test_zarr_store_with_broken_metadata(tmp_path):
     store = tmp_path / "broken.zarr"
     store.mkdir()

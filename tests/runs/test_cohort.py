@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,6 +39,27 @@ def test_manifest_missing_file_is_a_failed_row(tmp_path):
     assert c.failed[0].line == 3
     # labels only (cached features): nothing is looked up, nothing fails
     assert not read_manifest(csv, find_slides=False).failed
+
+
+@pytest.mark.parametrize("ref", [".", "./", "/", ".."])
+def test_a_manifest_row_naming_a_folder_fails_before_any_slide_runs(tmp_path, ref):
+    """`./` once stopped a whole evaluate after its first slide (an output name of ''), losing the rest."""
+    _touch(tmp_path / "a.tif")
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"slide,label\na.tif,1\n{ref},0\n")
+    with pytest.raises(CohortError, match=rf"m\.csv, line 3: '{re.escape(ref)}' names a folder, not a slide file"):
+        read_manifest(csv)
+
+
+def test_predict_of_a_folder_path_fails_alone_and_writes_no_state(model_file, cohort, tmp_path, capsys):
+    from conftest import run_cli_captured
+
+    out = tmp_path / "o"
+    code, stdout, err = run_cli_captured(["predict", ".", cohort / "normal_001.tif", "--out", out, "--model",
+                                          model_file, "--target-mpp", "4", "--region-px", "512"], capsys)
+    assert code == 3 and "Traceback" not in err and ".: a folder, not a slide file" in err
+    assert "normal_001: probability" in stdout
+    assert sorted(p.name for p in (out / ".state").glob("*.json")) == ["normal_001.predict.json"]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -56,3 +57,20 @@ def test_patients_table_naming_unknown_slides_is_one_line(patient_cohort, model_
     assert code == 1 and len(err) == 1, err
     assert "ghost_0" in err[0] and "ghost_4" in err[0] and "ghost_6" not in err[0]
     assert not (tmp_path / "ev" / "patient_000_node_0").exists(), "no slide runs before the table is checked"
+
+
+def test_a_failed_node_leaves_only_its_patient_unstaged(patient_cohort, model_file, tmp_path, capsys):
+    cohort = tmp_path / "c"
+    shutil.copytree(patient_cohort, cohort)
+    node = cohort / "patient_000_node_2.tif"
+    node.write_bytes(node.read_bytes()[:3000])  # truncated: that slide fails
+    (cohort / "p.csv").write_text("patient,slide\n" + "".join(
+        f"{'a' if i < 2 else 'b'},patient_000_node_{i}\n" for i in range(5)))
+    out = tmp_path / "ev"
+    code = _cli(["evaluate", cohort, "--patients", cohort / "p.csv", "--model", model_file, "--out", out, *FAST])
+    err = capsys.readouterr().err
+    assert code == 3 and "Traceback" not in err  # some slides failed; the report is there
+    assert "1 patient(s) not staged" in err and ": b" in err
+    assert [r["patient"] for r in csv.DictReader((out / "stages.csv").read_text().splitlines())] == ["a"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_patients"] == 1 and metrics["patients_not_staged"] == ["b"] and metrics["kappa"] is not None

@@ -72,6 +72,48 @@ def test_a_failed_state_without_a_fingerprint_is_tried_again(model_file, cohort,
     assert code == 0 and "s: probability" in out
 
 
+def test_another_slide_of_the_same_name_keeps_the_first_ones_results(model_file, cohort, tmp_path, capsys):
+    """`a/s.tif` done, then `b/s.tif` (another slide) on the same OUT: refused, not silently replaced."""
+    first_slide, other = tmp_path / "a" / "s.tif", tmp_path / "b" / "s.tif"
+    for path, src in ((first_slide, "normal_001.tif"), (other, "tumor_001.tif")):
+        path.parent.mkdir()
+        shutil.copy(cohort / src, path)
+    out = tmp_path / "o"
+    common = ["--out", out, "--model", model_file, *FAST]
+    assert _cli(["predict", first_slide, *common], capsys)[0] == 0
+    first = read_state(out, "predict", "s")
+
+    code, _, err = _cli(["predict", other, *common], capsys)
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("wsi-vssm: error:")]
+    assert code == 1 and str(other) in line and str(first_slide) in line and "--overwrite" in line
+    assert "Traceback" not in err
+    assert read_state(out, "predict", "s") == first  # the first slide's results stand
+
+    copy = tmp_path / "c" / "s.tif"  # a copy of the first slide elsewhere: its results stand for it too
+    copy.parent.mkdir()
+    shutil.copy(first_slide, copy)
+    code, stdout, _ = _cli(["predict", copy, *common], capsys)
+    assert code == 0 and "up to date" in stdout
+
+    code, stdout, err = _cli(["predict", other, *common, "--overwrite"], capsys)
+    assert code == 0 and "replacing the results of" in err and "s: probability" in stdout
+    assert read_state(out, "predict", "s")["abspath"] == str(other)
+
+
+def test_empty_files_of_one_name_each_fail_with_their_own_path(model_file, tmp_path, capsys):
+    """Two empty files share a fingerprint; the second must not be reported with the first's error and path."""
+    out, errors = tmp_path / "o", []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "e.tif").write_bytes(b"")
+        code, _, err = _cli(["predict", tmp_path / folder / "e.tif", "--out", out, "--model", model_file, *FAST],
+                            capsys)
+        assert code == 1 and "Traceback" not in err
+        errors.append([ln for ln in err.splitlines() if ln.startswith("wsi-vssm: error:")])
+    assert str(tmp_path / "b" / "e.tif") in errors[1][0] and str(tmp_path / "a") not in errors[1][0]
+    assert "earlier run" not in errors[1][0]
+
+
 def test_a_missing_path_is_bad_input_and_writes_no_state(model_file, cohort, tmp_path, capsys):
     out = tmp_path / "o"
     code, _, err = _cli(["predict", tmp_path / "nope.tif", "--out", out, "--model", model_file, *FAST], capsys)
@@ -147,3 +189,36 @@ def test_evaluate_warns_when_the_scores_do_not_separate():
     assert "covers 0.5" in warning and "0.750" in warning and "\n" not in warning
     assert separation_warning(_result([0.1, 0.9, 0.2, 0.8], [0, 1, 0, 1], 1.0, [1.0, 1.0])) is None
     assert separation_warning(_result([0.3], [1])) is None  # one slide: nothing to say
+
+
+def test_a_full_disk_stops_the_run_and_the_rerun_redoes_that_slide(model_file, cohort, tmp_path, capsys,
+                                                                   monkeypatch):
+    """No space left while writing a slide's outputs: blamed on the output folder, not the slide; the run stops
+    (every later slide would fail too) keeping what is done, and the rerun does the rest without --retry-failed."""
+    import errno
+
+    from wsi_vssm.runs.jobs import PredictJob
+
+    slides = [cohort / f"{n}.tif" for n in ("normal_001", "tumor_001", "normal_002")]
+    out = tmp_path / "o"
+    args = ["predict", *slides, "--out", out, "--model", model_file, *FAST]
+    real_run = PredictJob.run
+
+    def full_after_first(self, task, *a, **k):
+        if task.name == "tumor_001":
+            raise OSError(errno.ENOSPC, "No space left on device")  # as numpy or zarr raise it: no file name
+        return real_run(self, task, *a, **k)
+
+    monkeypatch.setattr(PredictJob, "run", full_after_first)
+    code, _, err = _cli(args, capsys)
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("wsi-vssm: error:")]
+    assert code == 1 and "Traceback" not in err
+    assert "tumor_001: cannot write its outputs" in line and str(out) in line and "the run stopped" in line
+    assert str(slides[1]) not in line  # the slide file is not to blame
+    assert read_state(out, "predict", "normal_001")["status"] == "done"
+    assert read_state(out, "predict", "normal_002") is None  # not started after the disk filled
+
+    monkeypatch.setattr(PredictJob, "run", real_run)  # space freed
+    code, stdout, _ = _cli(args, capsys)
+    assert code == 0 and "normal_001: up to date" in stdout
+    assert "tumor_001: probability" in stdout and "normal_002: probability" in stdout

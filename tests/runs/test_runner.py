@@ -172,6 +172,27 @@ def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(model_file
     assert not list((out / STATE_DIR).glob("*.lock"))
 
 
+def test_sigterm_unwinds_like_ctrl_c_and_the_rerun_resumes(model_file, cohort, reference, tmp_path):
+    """A batch scheduler's SIGTERM (walltime, preemption): locks released, exit 143 with one line, then resume."""
+    out = tmp_path / "termed"
+    cmd = [sys.executable, "-m", "wsi_vssm", "evaluate", str(cohort), "--out", str(out), "--model",
+           str(model_file), "--bootstrap", "200", *FAST]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not any(
+            s and s["status"] == "running" for s in
+            (read_state(out, "predict", n) for n in ("normal_001", "normal_002", "tumor_001"))):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "wsi-vssm: terminated (SIGTERM); rerun the same command to resume"
+    assert not list((out / STATE_DIR).glob("*.lock")), "the slide in flight keeps no lock"
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 0
+    _same_results(out, reference)
+
+
 def test_running_state_and_temporaries_of_a_killed_run_are_redone(model_file, cohort, reference, tmp_path):
     import shutil
 

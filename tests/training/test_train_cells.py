@@ -14,7 +14,7 @@ from PIL import Image
 from wsi_vssm.models.slide_model import load_model
 from wsi_vssm.outputs.report import roc_auc_or_nan as roc_auc
 from wsi_vssm.training.cells import TrainCellsConfig, train_cells
-from wsi_vssm.training.data.patches import PatchDataError, load_patches, split_select_holdout
+from wsi_vssm.training.data.patches import PatchDataError, load_patches, split_select_holdout, training_patches
 from wsi_vssm.training.data.region_crops import RegionCropDataset, find_annotated_slides
 
 MPP = 0.97
@@ -297,6 +297,28 @@ def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "r.toml").write_bytes(b"\xff\xfe[cells]\n")
     with pytest.raises(UsageError, match=r"r\.toml: not a TOML recipe: not UTF-8 text"):
         load_recipe(tmp_path / "r.toml")
+
+
+def test_training_leaves_out_undecodable_patches_with_one_warning(tmp_path):
+    """One damaged file among thousands must not stop a training run hours in: it is left out, named once."""
+    write_patch_folder(tmp_path / "train", 6, 0)
+    write_patch_folder(tmp_path / "valid", 4, 1)
+    (tmp_path / "train" / "1" / "junk.jpg").write_text("not an image")
+    (tmp_path / "train" / "0" / "empty.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"2 of 14 patches cannot be decoded and are left out: 0/empty.jpg: empty"):
+        ds = training_patches(tmp_path / "train")
+    assert len(ds) == 12 and not {"1/junk.jpg", "0/empty.jpg"} & {it.name for it in ds.items}
+    assert training_patches(ds) is ds  # nothing left to drop: the same dataset, no second warning
+
+    cfg = TrainCellsConfig(epochs=1, batch_size=8, seed=0, mil_bags=0)
+    with pytest.warns(UserWarning, match="cannot be decoded"):
+        r = train_cells(tmp_path / "train", tmp_path / "valid", tmp_path / "m.pt", cfg, progress=False)
+    assert np.isfinite(r.log[0]["train_loss"]) and load_model(tmp_path / "m.pt").metadata["train_data"]["n"] == 12
+
+    for f in (tmp_path / "valid").glob("*/*.jpg"):
+        f.write_bytes(b"")
+    with pytest.raises(PatchDataError, match=r"valid: none of its 8 patches can be decoded"):
+        training_patches(tmp_path / "valid")
 
 
 def test_an_unreadable_patch_is_named_with_its_problem(tmp_path):

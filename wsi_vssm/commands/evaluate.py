@@ -10,6 +10,8 @@ import click
 from wsi_vssm.commands.options import model_options, mpp_option, predict_options, run_options
 from wsi_vssm.runs.runner import EXIT_INCOMPLETE
 
+PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the terminal; all are in predictions.csv
+
 
 @click.command("evaluate")
 @click.argument("cohort", type=click.Path())
@@ -50,6 +52,12 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
         inference = Inference.of(Inference(opts["precision"], opts["tta"]), opts["amp"])
         res = evaluate_patches(cohort, model, out_dir, mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot,
                                inference=inference, device=option_device(opts["device"]))
+        failed = [r["error"] for r in res.rows if r["status"] == "failed"]
+        for line in failed[:PATCH_ERRORS_SHOWN]:
+            progress.error(line)
+        if len(failed) > PATCH_ERRORS_SHOWN:
+            progress.error(f"and {len(failed) - PATCH_ERRORS_SHOWN} more patches that cannot be decoded "
+                           f"(see {Path(out_dir) / 'predictions.csv'})")
     else:
         params = build_params(model, mpp, **opts)
         res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, n_boot=n_boot,

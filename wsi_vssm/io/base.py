@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.errors import one_line
-from wsi_vssm.io.errors import MissingMpp, OutOfBounds, SlideError, SlideReadError
+from wsi_vssm.io.errors import CorruptSlide, MissingMpp, OutOfBounds, SlideError, SlideReadError
 
 log = logging.getLogger("wsi_vssm.io")
 BACKGROUND = 255  # white: what a brightfield scanner sees where there is no tissue
@@ -39,8 +40,11 @@ def slide_name(path: str | os.PathLike) -> str:
     """A slide file's name without its extension(s) (`a.ome.tiff` -> `a`, `b.SVS` -> `b`, `c.v2.tif` -> `c.v2`):
     the one rule for slide names (`SlideReader.name`, output folders, feature stores, cohort rows). The case is
     kept: cohorts match names case-insensitively by lower-casing them themselves. A file name that is not valid
-    UTF-8 keeps its stray bytes as `\\xNN` text, so the name can be written into JSON, CSV and pictures."""
+    UTF-8 keeps its stray bytes as `\\xNN` text, and control characters (a newline) are escaped the same way
+    (`\\n`), so the name can be written into JSON, CSV, one-line messages and pictures."""
     name = Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    name = "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c
+                   for c in name)
     for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):  # two-part extensions: Path.stem would leave `.ome`
         if name.lower().endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
@@ -67,6 +71,10 @@ class SlideReader(ABC):
         self.level_dimensions = tuple((int(w), int(h)) for w, h in level_dimensions)
         if not self.level_dimensions:
             raise SlideError(path, "slide has no image levels")
+        empty = [(i, w, h) for i, (w, h) in enumerate(self.level_dimensions) if w < 1 or h < 1]
+        if empty:
+            i, w, h = empty[0]
+            raise CorruptSlide(path, f"level {i} is {w} x {h} px: an empty image")
         w0, h0 = self.level_dimensions[0]
         if level_downsamples is None:
             # The mean of both axes' ratios, as OpenSlide derives it, so that backends agree on one file.

@@ -108,6 +108,8 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         ref = _cell(cells, i_slide)
         if not ref:
             raise CohortError(f"{path}, line {line}: empty slide path")
+        if slide_name(ref) in ("", ".", ".."):  # `.`, `./`, `/`: no name to write its outputs under
+            raise CohortError(f"{path}, line {line}: {ref!r} names a folder, not a slide file")
         label = parse_label(_cell(cells, i_label), path, line)
         split = None if i_split is None else parse_split(_cell(cells, i_split), path, line)
         file = Path(ref) if Path(ref).is_absolute() else path.parent / ref

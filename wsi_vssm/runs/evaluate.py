@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.errors import UsageError
+from wsi_vssm.errors import UsageError, one_line
 from wsi_vssm.outputs.files import CALIBRATION_PNG, HEATMAP_ZARR, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
 from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
 
@@ -318,7 +318,7 @@ def evaluate_patches(
     from wsi_vssm.models.precision import resolve_precision
     from wsi_vssm.outputs.report import write_predictions_csv
     from wsi_vssm.pipeline.extract import Inference
-    from wsi_vssm.training.data.patches import load_patches
+    from wsi_vssm.training.data.patches import PatchDataError, load_patches
 
     inference = Inference.of(inference)
     resolve_precision(inference.precision, device)  # a bad name, or bf16 without hardware, before any patch is read
@@ -330,24 +330,31 @@ def evaluate_patches(
         threshold = cell_threshold(model, PredictParams())
     ds = load_patches(folder)
     scale = mpp / model.mpp  # image px -> model px
-    rows, batch, names = [], [], []
+    rows: list[dict | None] = [None] * len(ds)  # in the dataset's order, whichever batch a patch went in
+    batch, index = [], []
     model.eval().to(device)
 
     def flush():
         probs = centre_cell_probabilities(model, torch.cat(batch), inference, device).tolist()
-        for (name, label), p in zip(names, probs, strict=True):
-            rows.append({"slide": name, "label": label, "probability": p, "status": "done", "error": None})
+        for i, p in zip(index, probs, strict=True):
+            rows[i] = {"slide": ds.items[i].name, "label": ds.items[i].label, "probability": p, "status": "done",
+                       "error": None}
         batch.clear()
-        names.clear()
+        index.clear()
 
     for i in range(len(ds)):
-        img, label = ds[i]
+        try:
+            img, _ = ds[i]
+        except PatchDataError as e:  # one damaged image fails alone, as one broken slide does in a cohort
+            rows[i] = {"slide": ds.items[i].name, "label": ds.items[i].label, "probability": None,
+                       "status": "failed", "error": one_line(e)}
+            continue
         if abs(scale - 1) > 1e-3:
             img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
         if batch and batch[0].shape[2:] != img.shape[:2]:
             flush()
         batch.append(to_tensor(img))
-        names.append((ds.items[i].name, int(label)))
+        index.append(i)
         if len(batch) >= batch_size:
             flush()
     if batch:
@@ -355,7 +362,8 @@ def evaluate_patches(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
-    metrics = _write_metrics(out, rows, threshold, 0, n_boot)
+    scored = [r for r in rows if r["probability"] is not None]
+    metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot)
     return EvaluationResult(metrics, rows)
 
 

@@ -15,7 +15,16 @@ from dataclasses import dataclass
 
 from wsi_vssm import __version__
 from wsi_vssm.errors import WsiVssmError, one_line
-from wsi_vssm.runs.state import SlideLock, Status, clear_temporaries, input_fingerprint, now, write_state
+from wsi_vssm.runs.state import (
+    NO_SPACE,
+    OutputFull,
+    SlideLock,
+    Status,
+    clear_temporaries,
+    input_fingerprint,
+    now,
+    write_state,
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class Outcome:
     status: str  # done | skipped | failed | locked
     message: str = ""  # the error line, or why the slide was skipped
     state: dict | None = None
+    out_of_space: bool = False  # the output disk is full: the runner stops the run (`state.OutputFull`)
 
     @property
     def ok(self) -> bool:
@@ -45,15 +55,16 @@ def start_slide(task: SlideTask, job) -> tuple[SlideLock | None, Outcome | None,
         if not lock.acquire():
             return None, Outcome(task, "locked", lock.describe()), None
         clear_temporaries(task.name, job)
-        state = {"slide": task.name, "path": task.path, "kind": job.kind, "status": Status.RUNNING.value,
-                 "error": None, "error_type": None, "model_id": job.model_id, "model_hash": job.model_hash,
-                 "params_hash": job.params_hash, "params": job.params_dict(), "started": now(), "finished": None,
-                 "timings": {}, "host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
-                 "input": input_fingerprint(task.path)}
+        state = {"slide": task.name, "path": task.path, "abspath": abspath(task.path), "kind": job.kind,
+                 "status": Status.RUNNING.value, "error": None, "error_type": None, "model_id": job.model_id,
+                 "model_hash": job.model_hash, "params_hash": job.params_hash, "params": job.params_dict(),
+                 "started": now(), "finished": None, "timings": {}, "host": socket.gethostname(),
+                 "pid": os.getpid(), "version": __version__, "input": input_fingerprint(task.path)}
         write_state(job.out, job.kind, task.name, state)
     except (OSError, WsiVssmError) as e:
         lock.release()
-        return None, Outcome(task, "failed", f"{task.name}: cannot start: {oserror_line(e)}"), None
+        return None, Outcome(task, "failed", f"{task.name}: cannot start: {oserror_line(e)}",
+                             out_of_space=_no_space(e)), None
     return lock, None, state
 
 
@@ -67,10 +78,16 @@ def finish_slide(task: SlideTask, job, lock: SlideLock, state: dict, res: dict) 
     try:
         write_state(job.out, job.kind, task.name, state)
     except (OSError, WsiVssmError) as e:
-        return Outcome(task, "failed", f"{task.name}: cannot record its state: {oserror_line(e)}", state)
+        return Outcome(task, "failed", f"{task.name}: cannot record its state: {oserror_line(e)}", state,
+                       out_of_space=_no_space(e))
     finally:
         lock.release()
-    return Outcome(task, "done" if res["ok"] else "failed", res["error"] or "", state)
+    return Outcome(task, "done" if res["ok"] else "failed", res["error"] or "", state,
+                   out_of_space=res["error_type"] == OutputFull.__name__)
+
+
+def _no_space(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in NO_SPACE
 
 
 def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dict:
@@ -87,8 +104,12 @@ def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dic
             res.update(ok=True, result=result, timings=dict(result.pop("timings", {})))
         except WsiVssmError as e:
             res.update(error=with_path(one_line(e), task), error_type=type(e).__name__)
-        except OSError as e:  # disk full, permission, I/O error: the slide fails, the run goes on
-            res.update(error=with_path(oserror_line(e), task), error_type=type(e).__name__)
+        except OSError as e:
+            if e.errno in NO_SPACE:  # the output disk, not the slide: the runner stops the run
+                res.update(error=f"{task.name}: cannot write its outputs: {e.filename or job.out}: {e.strerror}",
+                           error_type=OutputFull.__name__)
+            else:  # permission, I/O error: the slide fails, the run goes on
+                res.update(error=with_path(oserror_line(e), task), error_type=type(e).__name__)
         except Exception as e:  # noqa: BLE001 -- the per-slide isolation boundary: a bug in one slide is recorded
             res.update(error=with_path(f"unexpected {type(e).__name__}: {one_line(e)} (a bug: please report it "
                                         "with the output of --debug)", task),
@@ -96,6 +117,12 @@ def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dic
     res["warnings"] = [one_line(w.message) for w in caught if issubclass(w.category, UserWarning)]
     res["timings"]["total"] = time.perf_counter() - t0
     return res
+
+
+def abspath(path: str | None) -> str | None:
+    """The slide's absolute path, recorded so that a later run can tell another slide of the same name from
+    this one (`runner.name_taken`)."""
+    return None if path is None else os.path.abspath(path)
 
 
 def with_path(text: str, task: SlideTask) -> str:

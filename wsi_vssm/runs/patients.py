@@ -9,6 +9,7 @@ negative. Patients are staged from their nodes by the CAMELYON17 rules (`outputs
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import warnings
@@ -26,7 +27,8 @@ def evaluate_patients(patients_csv: str | os.PathLike, cohort_root: Path, out: P
     confusion matrix; returns the metrics.json keys (`kappa`, `kappa_ci95`, `node_confusion`, ...).
 
     `folders` maps each slide name to its output folder under `out`. Raises UsageError when patients.csv names a
-    slide that is not in the cohort, or when a slide has no prediction.
+    slide that is not in the cohort. A patient with a node slide without a prediction (it failed) is left out,
+    with a warning, and listed in `patients_not_staged`.
     """
     from wsi_vssm.outputs.staging import (
         confusion_png,
@@ -37,8 +39,20 @@ def evaluate_patients(patients_csv: str | os.PathLike, cohort_root: Path, out: P
     )
 
     patients = read_patients_csv(patients_csv, cohort_slides=folders)
+    records = {}
+    for s in {s for members in patients.values() for s in members}:
+        with contextlib.suppress(UsageError):  # a node slide that failed has none: its patient is left out
+            records[s] = _prediction(out / folders[s])
+    unstaged = sorted(p for p, members in patients.items() if any(s not in records for s in members))
+    if unstaged:
+        warnings.warn(f"{len(unstaged)} patient(s) not staged, a node slide of theirs has no prediction (it "
+                      f"failed): {', '.join(unstaged[:5])}{' ...' if len(unstaged) > 5 else ''}", UserWarning,
+                      stacklevel=2)
+        patients = {p: members for p, members in patients.items() if p not in unstaged}
+    if not patients:
+        return {"kappa": None, "kappa_ci95": None, "n_patients": 0, "patients_not_staged": unstaged}
     slides = [s for members in patients.values() for s in members]
-    records = {s: _prediction(out / folders[s]) for s in slides}
+    records = {s: records[s] for s in slides}
     predicted = {s: predicted_category(rec) for s, rec in records.items()}
     mpps = {s: float(rec["mpp"]["slide"]) for s, rec in records.items()}
     reference = reference_categories(cohort_root, slides, mpps, annotations)
@@ -53,7 +67,7 @@ def evaluate_patients(patients_csv: str | os.PathLike, cohort_root: Path, out: P
 
     confusion_png(out / CONFUSION_PNG, np.asarray(confusion["matrix"]), confusion["labels"],
                   title="nodes: reference (rows) against predicted (columns)")
-    return metrics
+    return {**metrics, "patients_not_staged": unstaged}
 
 
 def _prediction(folder: Path) -> dict:

@@ -9,7 +9,9 @@ with the error text and type, timings, model id and hash, the parameter hash, st
 A rerun skips a slide whose state is `done` with the same parameter hash, whose outputs are still there and
 whose file is unchanged (size, mtime, content fingerprint: `state.input_changed`); a `failed` slide is retried
 only with `--retry-failed` or when its file changed. Anything else (no state, `running` left by a killed run,
-another hash, outputs gone, another file under the same name) is redone. A path that does not exist fails at
+another hash, outputs gone, another file under the same name) is redone. A slide whose name is held by another
+slide file that still exists elsewhere (`a/x.tif` done, now `b/x.svs`) fails without touching those results,
+unless `--overwrite` (`name_taken`). A path that does not exist fails at
 once (one line) and writes no state. Outputs are written atomically and `done` is written only after the
 last of them, so a SIGKILL between any two writes leaves a state that the rerun redoes.
 
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
 from wsi_vssm.runs.state import (
+    OutputFull,
     SlideLock,
     Status,
     check_output_folder,
@@ -108,6 +111,9 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
 
     with progress.bar(len(tasks), f"{job.kind} slides", unit="slide") as tick:
         def finish(o: Outcome) -> None:
+            if o.out_of_space:  # every later slide would fail the same way
+                raise OutputFull(f"{o.message}; the run stopped: free space in {job.out}, then run the same "
+                                 "command again (finished slides are kept)")
             if o.status == "locked" and opts.wait_locked > 0:
                 waiting.append(o)
                 return
@@ -170,14 +176,27 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         if task.path is not None and not os.path.exists(task.path):
             finish(Outcome(task, "failed", f"{task.path}: no such file or directory"))
             continue
+        if task.name in ("", ".", ".."):  # `predict .` or `/`: no name to write its outputs (or state) under
+            finish(Outcome(task, "failed", f"{task.path}: a folder, not a slide file"))
+            continue
         if task.name in seen:
             finish(Outcome(task, "failed", f"{task.path}: another slide of this run has the name {task.name!r} "
                                            "(their outputs would collide); rename one"))
             continue
         seen.add(task.name)
         state = read_state(job.out, job.kind, task.name)
-        same = state is not None and state.get("params_hash") == job.params_hash
         status = state.get("status") if state else None
+        other = name_taken(state, task.path)
+        if other is not None and not opts.overwrite:
+            finish(Outcome(task, "failed", f"{task.path}: {job.where(task.name)} holds the results of another "
+                                           f"slide of the same name, {other}; use another --out, rename one, or "
+                                           "--overwrite to replace them"))
+            continue
+        if other is not None:
+            progress.info(f"{task.name}: replacing the results of {other} (--overwrite)")
+        elif _moved_failure(state, task.path):
+            state = None  # the same content failed under another path: run it, so its error names this one
+        same = state is not None and state.get("params_hash") == job.params_hash
         # a done slide from before fingerprints were recorded is trusted; a failed one is tried again
         changed = same and status in (Status.DONE, Status.FAILED) and (
             input_changed(state.get("input"), task.path) if "input" in state or status == Status.FAILED else False)
@@ -186,12 +205,43 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         if same and not opts.overwrite and status == Status.DONE and not changed and job.outputs_ok(task.name):
             _tidy_done(task, job)
             finish(Outcome(task, "skipped", "up to date", state))
-        elif same and not (opts.overwrite or opts.retry_failed) and status == Status.FAILED and not changed:
+        elif (same and not (opts.overwrite or opts.retry_failed) and status == Status.FAILED and not changed
+              and state.get("error_type") != OutputFull.__name__):  # a full disk was not the slide's fault
             finish(Outcome(task, "failed", f"{state.get('error')} [failed in an earlier run; --retry-failed "
                                            "tries again]", state))
         else:
             todo.append(task)
     return todo
+
+
+def name_taken(state: dict | None, path: str | None) -> str | None:
+    """The other slide whose results OUT holds under this slide's name: recorded at another path that still
+    exists and holds other content. None when the slide is the recorded one, a copy of it (the same size and
+    fingerprint: its results stand) or moved (the recorded path is gone)."""
+    old = _recorded_path(state)
+    if old is None or path is None or old == os.path.abspath(path) or not os.path.exists(old):
+        return None
+    try:
+        if os.path.samefile(old, path):
+            return None
+    except OSError:
+        return None
+    return old if input_changed(state.get("input"), path) else None
+
+
+def _moved_failure(state: dict | None, path: str | None) -> bool:
+    """A failure recorded for a copy of this slide at another path that still exists (e.g. two empty files of
+    one name)."""
+    old = _recorded_path(state)
+    return (old is not None and state.get("status") == Status.FAILED and path is not None
+            and old != os.path.abspath(path) and os.path.exists(old))
+
+
+def _recorded_path(state: dict | None) -> str | None:
+    if not state:
+        return None
+    old = state.get("abspath") or state.get("path")
+    return old if isinstance(old, str) and os.path.isabs(old) else None  # a relative one: its cwd is unknown
 
 
 def _tidy_done(task: SlideTask, job) -> None:

@@ -14,6 +14,7 @@ broken safely; a live one makes the other run skip the slide as "locked by anoth
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,14 @@ class Status(str, Enum):
 
 class OutputNotWritable(WsiVssmError):
     """The output folder cannot be written (read-only, missing permission, not a folder)."""
+
+
+class OutputFull(WsiVssmError):
+    """The disk (or quota) of the output folder is full: no later slide could be written, so the run stops. The
+    slide it stopped on is recorded as failed with this type, and a rerun tries it again unasked."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def params_hash(resolved: dict) -> str:

@@ -47,6 +47,7 @@ from wsi_vssm.training.data.patches import (
     load_patches,
     split_select_holdout,
     stratified_subset,
+    training_patches,
 )
 from wsi_vssm.training.ddp import DistContext, all_reduce_mean, barrier, broadcast_object, session, shard
 from wsi_vssm.training.optim import adamw
@@ -276,8 +277,8 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
                  ctx: DistContext) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     np.random.seed(cfg.seed % 2**32)
-    train = train_src if isinstance(train_src, PatchDataset) else load_patches(train_src, cfg.max_train, cfg.seed)
-    valid = valid_src if isinstance(valid_src, PatchDataset) else load_patches(valid_src)
+    train = training_patches(train_src, cfg.max_train, cfg.seed)
+    valid = training_patches(valid_src)
     select, holdout = split_valid(valid, cfg)
     if slides and cfg.mosaic_grid:
         raise UsageError("give annotated slides or mosaic_grid, not both")

@@ -93,14 +93,14 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
     from wsi_vssm.models.slide_model import load_model, save_model
     from wsi_vssm.training.cells import TrainCellsConfig, WeightAverage, split_valid
     from wsi_vssm.training.data.dense_mosaics import DenseMosaics, TokenWeights
-    from wsi_vssm.training.data.patches import PatchDataset, load_patches
+    from wsi_vssm.training.data.patches import training_patches
 
     out = Path(out)
     work = out.parent / "dense"
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    train = train_src if isinstance(train_src, PatchDataset) else load_patches(train_src)
-    valid = valid_src if isinstance(valid_src, PatchDataset) else load_patches(valid_src)
+    train = training_patches(train_src)
+    valid = training_patches(valid_src)
     select, holdout = split_valid(valid, TrainCellsConfig(seed=cfg.seed,
                                                                             valid_select=cfg.valid_select))
     model = load_model(init, scan=cfg.scan)

@@ -101,10 +101,10 @@ def build_cohorts(train_src, valid_src, out: Path, cfg: MosaicMILConfig, valid_s
     """Write the mosaic cohorts under out/mosaics/{train,valid[,test]}; returns their folders."""
     from wsi_vssm.synth.mosaic import make_mosaic_cohort
     from wsi_vssm.training.cells import TrainCellsConfig, split_valid
-    from wsi_vssm.training.data.patches import load_patches
+    from wsi_vssm.training.data.patches import training_patches
 
-    train = load_patches(train_src)
-    select, holdout = split_valid(load_patches(valid_src), TrainCellsConfig(seed=split_seed,
+    train = training_patches(train_src)
+    select, holdout = split_valid(training_patches(valid_src), TrainCellsConfig(seed=split_seed,
                                                                              valid_select=valid_select))
     parts = {"train": (train, cfg.train_slides, cfg.seed), "valid": (select, cfg.valid_slides, cfg.seed + 1)}
     if cfg.test_slides:
