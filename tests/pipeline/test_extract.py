@@ -311,6 +311,18 @@ def test_cli_extract_goes_past_broken_slides_and_exits_3(tmp_path):
     assert math.isclose(store.attrs["cell_px0"], 32.0)
 
 
+def test_cli_extract_takes_the_default_model_as_predict_does(tmp_path):
+    from wsi_vssm.commands.extract import command
+
+    good = tmp_path / "good.tif"
+    _write_tiff(good, _texture(256, 256, seed=5), mpp=2.0)
+    args = [str(good), "--model", "default", "--out", str(tmp_path / "feat"), "--target-mpp", "2.0", "--region-px",
+            "256", "--overlap-px", "64", "--min-tissue", "0", "--device", "cpu"]
+    res = CliRunner().invoke(command, args)
+    assert res.exit_code == 0, res.output
+    assert FeatureStore.open(tmp_path / "feat" / "good.zarr").attrs["model_id"] != "micro"
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("token_px", [32, 64, 96])
 def test_default_region_is_whole_tokens(device, token_px):

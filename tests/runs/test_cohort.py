@@ -22,7 +22,7 @@ def test_manifest_paths_relative_to_csv_with_split_and_extra_columns(tmp_path):
     _touch(tmp_path / "slides" / "b.ome.tiff")
     csv = tmp_path / "lists" / "m.csv"
     csv.parent.mkdir()
-    csv.write_text("slide,label,split,site\n../slides/a.svs,Tumor,train,x\n../slides/b.ome.tiff,0,VALID,y\n")
+    csv.write_text("slide,label,split,site\n../slides/a.svs,Tumour,train,x\n../slides/b.ome.tiff,0,VALID,y\n")
     c = read_cohort(csv)
     assert c.layout == "manifest" and c.has_split
     assert [(r.name, r.label, r.split) for r in c.rows] == [("a", 1, "train"), ("b", 0, "valid")]

@@ -19,7 +19,8 @@ from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, mpp_option, r
 @click.command("extract")
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--model", "-m", "model", required=True,
-              help="A wsi-vssm model file, or a registry name (e.g. micro: random weights, for tests only).")
+              help="A wsi-vssm model file, 'default' (the packaged model), or a registry name (e.g. micro: random "
+                   "weights, for tests only).")
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the feature stores (<slide>.zarr).")
 @click.option("--target-mpp", type=MPP_RANGE, default=None,
@@ -45,6 +46,7 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     """Extract token-cell features of SLIDE(s) with a VSSM backbone."""
     from wsi_vssm.commands.options import exit_for, model_file, option_device, option_geometry, pop_run_options
     from wsi_vssm.models.model_file import load_backbone
+    from wsi_vssm.models.slide_model import DEFAULT_NAME, default_model_path
     from wsi_vssm.pipeline.extract import Inference
     from wsi_vssm.runs.execute import SlideTask
     from wsi_vssm.runs.jobs import extract_job
@@ -54,7 +56,7 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     dev = option_device(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        backbone, info = load_backbone(model)
+        backbone, info = load_backbone(model if model != DEFAULT_NAME else default_model_path())
     for w in caught:
         if issubclass(w.category, UserWarning):
             progress.warn(str(w.message))

@@ -21,7 +21,7 @@ from pathlib import Path
 from wsi_vssm.errors import UsageError
 from wsi_vssm.io.base import slide_name  # the one naming rule (SlideReader.name); re-exported as cohort.slide_name
 
-LABELS = {"0": 0, "1": 1, "normal": 0, "tumor": 1}
+LABELS = {"0": 0, "1": 1, "normal": 0, "tumor": 1, "tumour": 1}
 SPLITS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
 SLIDE_SUFFIXES = (
     ".ome.tiff", ".ome.tif", ".ome.zarr", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
@@ -176,7 +176,7 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
 def parse_label(value: str, path: Path, line: int) -> int:
     label = LABELS.get(value.strip().lower())
     if label is None:
-        raise CohortError(f"{path}, line {line}: label {value!r} is not one of 0, 1, tumor, normal (any case)")
+        raise CohortError(f"{path}, line {line}: label {value!r} is not one of 0, 1, tumor (tumour), normal (any case)")
     return label
 
 
