@@ -13,7 +13,14 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, mpp_option, reader_threads_option, run_options
+from wsi_vssm.commands.options import (
+    MPP_RANGE,
+    FiniteFloatRange,
+    amp_and_precision,
+    mpp_option,
+    reader_threads_option,
+    run_options,
+)
 
 
 @click.command("extract")
@@ -35,10 +42,11 @@ from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, mpp_option, r
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Regions per forward pass.")
 @reader_threads_option
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None,
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None, callback=amp_and_precision,
               help="Backbone arithmetic [default: bf16 on cuda, fp32 on the CPU]; bf16 needs native hardware "
                    "support, else it runs fp32 with one warning.")
-@click.option("--amp/--no-amp", default=None, help="Old spelling of --precision bf16 / fp32.")
+@click.option("--amp/--no-amp", default=None, callback=amp_and_precision,
+              help="Old spelling of --precision bf16 / fp32.")
 @run_options
 @click.pass_context
 def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min_tissue, device, batch_size,

@@ -19,9 +19,8 @@ MPP_SOURCE_TEXT = {
     "objective-power": "ESTIMATED from the objective power (10 / power); check it, or set it with --mpp",
     "user": "given with --mpp",
 }
-NO_MPP_HINT = (
-    "the file states no resolution; pass --mpp X (microns per pixel at level 0) to commands that read it"
-)
+PASS_MPP = "pass --mpp X (microns per pixel at level 0) to commands that read it"
+NO_MPP_HINT = f"the file states no resolution; {PASS_MPP}"
 
 
 @click.command("info")
@@ -77,16 +76,24 @@ def slide_info(path: str, backend: str = "auto", mpp: float | None = None) -> di
             "levels": levels,
             "mpp": reader.mpp,
             "mpp_source": reader.mpp_source,
-            "mpp_hint": NO_MPP_HINT if reader.mpp is None else None,
+            "mpp_hint": None if reader.mpp is not None else no_mpp_hint(reader),
             "associated_images": sorted(reader.associated_images),
             "tissue_fraction": round(fraction, 4),
             "thumbnail_side": max(thumb.shape[:2]),
         }
 
 
+def no_mpp_hint(reader) -> str:
+    """NO_MPP_HINT, or why a resolution the file states was ignored (an implausible one, e.g. 72 dpi)."""
+    from wsi_vssm.io.base import ignored_mpp
+
+    why = ignored_mpp(reader.properties)
+    return NO_MPP_HINT if why is None else f"{why}; {PASS_MPP}"
+
+
 def format_info(r: dict) -> str:
     if r["mpp"] is None:
-        mpp = f"unknown: {NO_MPP_HINT}"
+        mpp = f"unknown: {r['mpp_hint']}"
     else:
         mpp = f"{r['mpp']:.4g} um/px ({MPP_SOURCE_TEXT.get(r['mpp_source'], r['mpp_source'])})"
     lines = [

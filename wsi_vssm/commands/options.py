@@ -22,7 +22,7 @@ class FiniteFloatRange(click.FloatRange):
 
 
 # A resolution outside this range is a typo (nm for um, a magnification for an mpp): left alone it plans
-# millions of regions or a petabyte resample. The readers' range for stated resolutions, `io.formats.PLAUSIBLE_MPP`
+# millions of regions or a petabyte resample. The readers' range for stated resolutions, `io.base.PLAUSIBLE_MPP`
 # (not imported: it would pull numpy into every command's start; a test keeps the two equal).
 MPP_RANGE = FiniteFloatRange(0.01, 20.0)
 
@@ -40,8 +40,27 @@ reader_threads_option = click.option(
 )
 
 
+def amp_and_precision(ctx: click.Context, param: click.Parameter, value):
+    """Callback of `--amp/--no-amp` and `--precision`: the old flag spells a precision (bf16 / fp32); given
+    beside a --precision that says the other, refuse (exit 2) instead of letting one win silently. Click runs
+    the two callbacks in either order, so the check runs when the second of them is parsed."""
+    from click.core import ParameterSource
+
+    from wsi_vssm.errors import OptionError
+
+    values = {**ctx.params, param.name: value}
+    given = all(ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT) for n in ("amp", "precision"))
+    amp, precision = values.get("amp"), values.get("precision")
+    if given and amp is not None and precision in ("fp32", "bf16") and precision != ("bf16" if amp else "fp32"):
+        flag, spelled = ("--amp", "bf16") if amp else ("--no-amp", "fp32")
+        raise OptionError(f"{flag} (the old spelling of --precision {spelled}) contradicts --precision {precision}; "
+                          "give only --precision")
+    return value
+
+
 precision_option = click.option(
     "--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+    callback=amp_and_precision,
     help="Backbone arithmetic. bf16 only pays on hardware with native bf16 (AMX / AVX512-BF16 CPUs, recent GPUs); "
          "elsewhere it runs fp32 with one warning. auto: bf16 where native, else fp32.",
 )
@@ -131,7 +150,8 @@ def predict_options(f):
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True),
         reader_threads_option,
         precision_option,
-        click.option("--amp/--no-amp", default=False, help="Old spelling of --precision bf16."),
+        click.option("--amp/--no-amp", default=False, callback=amp_and_precision,
+                     help="Old spelling of --precision bf16."),
         click.option("--tta", is_flag=True,
                      help="Test-time augmentation: the mean over the 8 flips and quarter turns of every region "
                           "(8 x the backbone time; the run prints what it cost)."),
@@ -214,6 +234,26 @@ def option_geometry(device: str, token_px: int, region_px: int | None, overlap_p
         hint = "" if given[e.param] is not None else " (its default; give it too)"
         raise OptionError(f"--{e.param.replace('_', '-')} {e.reason}{hint}") from e
     return region, overlap, tissue
+
+
+def blocking_file(path: str | Path, folder: bool = False) -> Path | None:
+    """The existing file that stops `path` being written: one of its parent folders (`afile/m.pt`), or for an
+    output folder `path` itself; None when there is none."""
+    path = Path(path)
+    for p in ([path] if folder else []) + list(path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def option_output(option: str, path: str | Path | None, folder: bool = False) -> None:
+    """An OptionError (exit 2) before any work when a file stands where the output or one of its folders must
+    go, instead of a bare "File exists" when the result is written (after the training)."""
+    from wsi_vssm.errors import OptionError
+
+    blocked = None if path is None else blocking_file(path, folder)
+    if blocked is not None:
+        raise OptionError(f"{option} {path}: {blocked} is a file, not a folder")
 
 
 def model_file(model_path: str) -> str:

@@ -21,15 +21,21 @@ import click
               help="Continue stages that checkpoint every epoch (dense) from their last checkpoint in OUT.")
 def command(recipe_path, sets, out, precision, resume):
     """Run a training recipe (e.g. pipelines/default.toml): its stages, in order, into OUT."""
-    from wsi_vssm.errors import OptionError
+    from wsi_vssm.commands.options import blocking_file, option_output
+    from wsi_vssm.errors import OptionError, UsageError
     from wsi_vssm.training.recipe import apply_overrides, load_recipe, run_recipe
 
-    for item in sets:  # the recipe checks this too, but as bad input (exit 1): it is a usage error here
-        key, sep, _ = item.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"--set needs KEY=VALUE, got {item!r}")
+    option_output("--out", out, folder=True)
+    recipe = load_recipe(recipe_path)  # unknown keys or wrong types in the file: bad input (exit 1)
     extra = [] if precision is None else [f'cells.precision="{precision}"', f'mosaic_mil.precision="{precision}"']
-    recipe = apply_overrides(load_recipe(recipe_path), extra + list(sets))
-    out = out or Path(recipe.get("recipe", {}).get("out") or "runs/recipe")
+    try:
+        recipe = apply_overrides(recipe, extra + list(sets))
+    except UsageError as e:  # a --set the recipe does not take: a usage error (exit 2)
+        raise OptionError(str(e)) from e
+    if out is None:
+        out = Path(recipe.get("recipe", {}).get("out") or "runs/recipe")
+        blocked = blocking_file(out, folder=True)
+        if blocked is not None:
+            raise UsageError(f"recipe.out {out}: {blocked} is a file, not a folder")
     model = run_recipe(recipe, out, resume=resume)
     click.echo(f"wrote {model}")

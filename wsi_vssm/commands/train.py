@@ -47,13 +47,15 @@ command = click.Group("train", help="Train models: `mil` fits the slide-level at
 def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patience, lr, seed, max_cells, model_file,
         train_cell_head, log_path, device, precision):
     """Train the AttentionMIL slide head on cached features with slide labels."""
-    from wsi_vssm.commands.options import option_device
+    from wsi_vssm.commands.options import option_device, option_output
     from wsi_vssm.errors import OptionError
     from wsi_vssm.training.mil import MILTrainConfig, cell_head_from_model, train_mil
 
     if valid_labels is not None and valid_fraction is not None:
         raise OptionError("give --valid-labels or --valid-fraction, not both")
     dev = option_device(device)
+    option_output("--out", out)
+    option_output("--log", log_path)
     train, valid, how = _splits(features_dir, labels, valid_labels, valid_fraction, seed)
     click.echo(f"{len(train)} training and {len(valid)} validation slides ({how})")
     cfg = MILTrainConfig(epochs=epochs, patience=patience, lr=lr, seed=seed, max_cells=max_cells,

@@ -57,7 +57,7 @@ def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_t
             patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device, precision,
             log_path):
     """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
-    from wsi_vssm.commands.options import option_backbone, option_device
+    from wsi_vssm.commands.options import option_backbone, option_device, option_output
     from wsi_vssm.errors import OptionError
     from wsi_vssm.training.cells import TrainCellsConfig, train_cells
     from wsi_vssm.training.data.augment import AugmentConfig
@@ -70,6 +70,8 @@ def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_t
         raise OptionError("--slides and --mosaic-grid are two sources of region crops; give one")
     option_backbone(arch, scan)
     option_device(device)
+    option_output("--out", out)
+    option_output("--log", log_path)
     aug = AugmentConfig(flip_rot=False, hed_scale=0, hed_shift=0, brightness=0, contrast=0, saturation=0,
                         blur_p=0) if no_augment else AugmentConfig()
     cfg = TrainCellsConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_train=max_train,

@@ -24,6 +24,11 @@ from wsi_vssm.io.errors import CorruptSlide, MissingMpp, OutOfBounds, SlideError
 log = logging.getLogger("wsi_vssm.io")
 BACKGROUND = 255  # white: what a brightfield scanner sees where there is no tissue
 
+# Microns per pixel a microscope scan can plausibly have at level 0. Outside it a resolution is a writer's
+# default (72 dpi = 352.8 um/px, 300 dpi = 84.7 um/px), not a measurement, and is treated as absent
+# (`io.formats.plausible_mpp`; here because a reader's missing-resolution message names it).
+PLAUSIBLE_MPP = (0.01, 20.0)
+
 # Where `mpp` came from; reported by `wsi-vssm info`.
 MPP_SOURCES = (
     "openslide-properties",
@@ -49,6 +54,44 @@ def slide_name(path: str | os.PathLike) -> str:
         if name.lower().endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
     return Path(name).stem
+
+
+def tiff_resolution_um(resolution: object, unit: object) -> float | None:
+    """Microns per pixel from a TIFF XResolution (pixels per unit) and ResolutionUnit (2 inch, 3 cm), plausible
+    or not; also as the readers' properties spell them ('(200, 1)' or '200'; '3' or 'centimeter')."""
+    per_unit = {2: 25400.0, 3: 10000.0, "inch": 25400.0, "centimeter": 10000.0}
+    per_unit = per_unit.get(int(unit) if isinstance(unit, int) or str(unit).isdigit() else str(unit).lower())
+    if per_unit is None:
+        return None
+    if isinstance(resolution, str):
+        resolution = tuple(resolution.strip("() ").split(",")) if "," in resolution else resolution
+    try:
+        if isinstance(resolution, tuple):
+            num, den = resolution
+            pixels = float(num) / float(den)
+        else:
+            pixels = float(resolution)  # type: ignore[arg-type]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return per_unit / pixels if pixels > 0 else None
+
+
+def ignored_mpp(properties: dict[str, str]) -> str | None:
+    """Why a reader has no resolution although its file states one ('the file states an implausible 50 um/px
+    ...'), from the properties the readers keep: OpenSlide's mpp-x, an SVS MPP field, the TIFF resolution tags.
+    None when none of them states one, or the one stated is plausible."""
+    tags = tiff_resolution_um(properties.get("tiff.XResolution"), properties.get("tiff.ResolutionUnit"))
+    stated = ("openslide.mpp-x", properties.get("openslide.mpp-x")), ("SVS MPP", properties.get("aperio.MPP"))
+    lo, hi = PLAUSIBLE_MPP
+    for where, value in (*stated, ("TIFF resolution tags", tags)):
+        try:
+            mpp = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(mpp) and lo <= mpp <= hi:
+            return None
+        return f"the file states an implausible {mpp:.4g} um/px ({where}; plausible: {lo:g}-{hi:g}), so it was ignored"
+    return None
 
 
 class SlideReader(ABC):
@@ -107,7 +150,9 @@ class SlideReader(ABC):
 
     def require_mpp(self) -> float:
         if self.mpp is None:
-            raise MissingMpp(self.path, "slide has no resolution (microns per pixel); state it with --mpp")
+            ignored = ignored_mpp(self.properties)
+            raise MissingMpp(self.path, f"{ignored}; give the right one with --mpp" if ignored else
+                             "slide has no resolution (microns per pixel); state it with --mpp")
         return self.mpp
 
     def level_mpp(self, level: int) -> float:

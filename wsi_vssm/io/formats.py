@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.io.base import to_rgb
+from wsi_vssm.io.base import PLAUSIBLE_MPP, tiff_resolution_um, to_rgb  # the range: base's error message needs it
 from wsi_vssm.io.errors import MissingBackend
 
 # How to install what each backend needs; named in MissingBackend messages.
@@ -25,10 +25,6 @@ INSTALL = {
 }
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
-
-# Microns per pixel a microscope scan can plausibly have at level 0. Outside it a resolution is a writer's
-# default (72 dpi = 352.8 um/px, 300 dpi = 84.7 um/px), not a measurement, and is treated as absent.
-PLAUSIBLE_MPP = (0.01, 20.0)
 
 # Length units (OME / NGFF spellings) in micrometres.
 _UNIT_UM = {
@@ -186,20 +182,7 @@ def mpp_from_tiff_resolution(resolution: object, unit: object) -> float | None:
 
     Unit NONE (1) or missing means the numbers carry no physical meaning.
     """
-    per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit) if isinstance(unit, int) else -1)
-    if per_unit is None:
-        return None
-    try:
-        if isinstance(resolution, tuple):
-            num, den = resolution
-            pixels = float(num) / float(den)
-        else:
-            pixels = float(resolution)  # type: ignore[arg-type]
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-    if not pixels > 0:
-        return None
-    return plausible_mpp(per_unit / pixels)
+    return plausible_mpp(tiff_resolution_um(resolution, unit))
 
 
 def mpp_from_objective(power: object) -> float | None:

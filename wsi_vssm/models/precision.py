@@ -11,8 +11,8 @@ MLP and the downsample convolutions (most of the FLOPs) run bf16. With everythin
 cell probabilities moved by up to 0.029 on the sample slides; with this split, by up to 0.003 (docs/scan.md).
 It can pay only where the hardware multiplies bf16 natively: on CPUs with AMX-BF16 or AVX512-BF16 (detected at
 run time from the CPU flags), on CUDA devices with bf16 support. Measured on an AVX512-BF16 CPU without AMX
-(docs/scan.md): `micro` inference about 1.2x (its GEMMs are about a third of its time), `tiny` about 1.4x, a
-`micro` training step about 1.15x.
+(AMD Zen 4, `bench/backbone.py --speed`, 2026-12-03; docs/scan.md): `micro` inference 1.06x (its GEMMs are about a
+third of its time), `tiny` 1.35x, a `micro` training step 1.29x.
 
 Choices (`PRECISIONS`):
     fp32  always fp32.
@@ -22,7 +22,7 @@ Choices (`PRECISIONS`):
           mixed Dask workers, a saved run config) must still complete on another.
     auto  bf16 where supported, else fp32, silently (logged once at info). The commands keep fp32 as their
           default: bf16's agreement is measured and within target, but for the default `micro` model it buys
-          only about 1.2x on a CPU without AMX, so auto is an opt-in (larger models gain more).
+          only about 1.06x on a CPU without AMX, so auto is an opt-in (larger models gain more).
 """
 
 from __future__ import annotations

@@ -1,48 +1,169 @@
 """Training recipes (pipelines/*.toml): load one, apply `--set section.key=value` overrides, run its stages.
 
 Values come from the recipe, overridden by `section.key=value` assignments (the value is parsed as TOML, else
-taken as a string). The resolved recipe is written to OUT/recipe.resolved.json before any stage runs.
+taken as a string). Sections, keys and value types are checked against `recipe_schema()` (the stages' config
+dataclasses), in the file and in each assignment, before anything runs. The resolved recipe is written to
+OUT/recipe.resolved.json before any stage runs.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import os
+import types
+import typing
 from pathlib import Path
 
 from wsi_vssm.errors import UsageError
 
 STAGES = ("cells", "context", "dense", "mosaic_mil", "attach_mil")
+# The keys the runner reads itself; the stages' sections take their config dataclasses' fields (recipe_schema).
+RUNNER_KEYS = {
+    "recipe": {"name": str, "description": str, "stages": str | list[str], "out": str},
+    "data": {"train": str, "valid": str, "slides": str},
+    "attach_mil": {"checkpoint": str},
+}
+_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+               bool: ("true or false", "true/false values")}
+
+
+def recipe_schema() -> dict:
+    """Every section and key a recipe may hold, with its type (a nested dict: a table). [cells] and [context]
+    take `TrainCellsConfig`'s fields, [dense] `DenseConfig`'s, [mosaic_mil] `MosaicMILConfig`'s."""
+    from wsi_vssm.training.cells import TrainCellsConfig
+    from wsi_vssm.training.dense import DenseConfig
+    from wsi_vssm.training.mosaic import MosaicMILConfig
+
+    cells = _fields(TrainCellsConfig)
+    tables = {**RUNNER_KEYS, "cells": cells, "context": cells, "dense": _fields(DenseConfig),
+              "mosaic_mil": _fields(MosaicMILConfig)}
+    return {name: tables[name] for name in ("recipe", "data", *STAGES)}  # in the shipped recipe's order
+
+
+def _fields(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _fields(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else hints[f.name]
+            for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: list[str], known) -> str:
+    """'unknown recipe key ...' for the last part of `key`, with the closest known spelling when there is one."""
+    close = difflib.get_close_matches(key[-1], list(known), n=1)
+    if len(key) == 1:
+        what, hint = f"section [{key[0]}]", f"known: {', '.join(known)}"
+    else:
+        what, hint = f"key {'.'.join(key)}", "see docs/training.md"
+    hint = f"did you mean {'.'.join([*key[:-1], close[0]])}?" if close else hint
+    return f"unknown recipe {what}; {hint}"
+
+
+def _fits(value, hint) -> bool:
+    if isinstance(hint, dict):
+        return isinstance(value, dict)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:  # a lone item too: the configs take one where they take a list
+        (item,) = typing.get_args(hint)
+        return all(_fits(v, item) for v in value) if isinstance(value, list) else _fits(value, item)
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if not isinstance(hint, type):  # a kind of annotation not spelled out here: the config checks it
+        return True
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _type_name(hint) -> str:
+    if isinstance(hint, dict):
+        return "a table"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint) if h is not type(None))
+    if typing.get_origin(hint) is list:
+        item = typing.get_args(hint)[0]
+        return f"a list of {_TYPE_NAMES.get(item, ('', str(item)))[1]}"
+    return _TYPE_NAMES.get(hint, (str(hint),))[0]
+
+
+def _check(value, spec, key: list[str]) -> tuple[list[str], str] | None:
+    """(where, what is wrong) for `value` at `key` (a table's keys recursively), or None; `what` names an
+    unknown key itself."""
+    import json
+
+    if not _fits(value, spec):
+        return key, f"expected {_type_name(spec)}, got {json.dumps(value, default=str)}"  # TOML-like spelling
+    if isinstance(spec, dict):
+        for k, v in value.items():
+            problem = _check(v, spec[k], [*key, k]) if k in spec else ([], _unknown([*key, k], spec))
+            if problem:
+                return problem
+    return None
+
+
+def check_recipe(recipe: dict, source: str = "recipe") -> None:
+    """UsageError naming `source` for an unknown section or key, or a value of the wrong type."""
+    problem = _check(recipe, recipe_schema(), [])
+    if problem:
+        raise UsageError(f"{source}: {_say(*problem)}")
+
+
+def _say(where: list[str], what: str) -> str:
+    return f"{'.'.join(where)}: {what}" if where else what
+
+
+def _spec_at(schema: dict, key: list[str], item: str):
+    """The type a dotted `--set` key takes; UsageError naming its first unknown part."""
+    spec = schema
+    for i, part in enumerate(key):
+        if not isinstance(spec, dict):
+            raise UsageError(f"--set {item}: {'.'.join(key[:i])} is not a table")
+        if part not in spec:
+            raise UsageError(f"--set {item}: {_unknown(key[: i + 1], spec)}")
+        spec = spec[part]
+    return spec
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
+    """The recipe file, its keys and value types checked (`check_recipe`)."""
     import tomllib
 
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            recipe = tomllib.load(f)
     except OSError as e:
         raise UsageError(f"cannot read recipe {path}: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML: {e}") from e
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not a TOML recipe: not UTF-8 text (byte {e.start})") from e
+    check_recipe(recipe, str(path))
+    return recipe
 
 
 def apply_overrides(recipe: dict, sets: list[str]) -> dict:
-    """`section.key=value` assignments (nested keys with dots); values parsed as TOML when they parse."""
+    """`section.key=value` assignments (nested keys with dots); values parsed as TOML when they parse, except
+    for keys that take a string (a path named `2024` stays a string). Unknown keys and wrong types: UsageError."""
     import tomllib
 
+    schema = recipe_schema()
     out = copy.deepcopy(recipe)
     for item in sets:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set needs KEY=VALUE, got {item!r}")
+        parts = key.strip().split(".")
+        spec = _spec_at(schema, parts, item)
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw  # a bare path or word
-        *parents, leaf = key.strip().split(".")
+        if not isinstance(value, str) and _fits(raw, spec) and not _fits(value, spec):
+            value = raw
+        problem = _check(value, spec, parts)
+        if problem:
+            where, what = problem
+            raise UsageError(f"--set {item}: {_say([] if where == parts else where, what)}")
+        *parents, leaf = parts
         node = out
         for p in parents:
             node = node.setdefault(p, {})
@@ -57,13 +178,9 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
     epoch (dense) continue from their last checkpoint."""
     from wsi_vssm.atomic import atomic_write_json
 
-    table = recipe.get("recipe", {})
-    if not isinstance(table, dict):
-        raise UsageError(f"recipe: [recipe] must be a table, got {table!r}")
-    stages = table.get("stages", ["cells"])
-    stages = [stages] if isinstance(stages, str) else list(stages) if isinstance(stages, list) else None
-    if stages is None:
-        raise UsageError(f"recipe.stages must be a list of stage names, got {table.get('stages')!r}")
+    check_recipe(recipe)  # its tables and value types, so the lines below need not
+    stages = recipe.get("recipe", {}).get("stages", ["cells"])
+    stages = [stages] if isinstance(stages, str) else list(stages)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UsageError(f"unknown recipe stage(s) {unknown}; valid: {', '.join(STAGES)}")

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from wsi_vssm.errors import UsageError
+from wsi_vssm.errors import UsageError, one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 LABELS = ("0", "1")
+NOT_A_SOURCE = "neither a folder nor a tar archive of patches (ImageFolder layout: 0/, 1/)"
 
 
 class PatchDataError(UsageError):
@@ -94,13 +95,19 @@ def _label_of(name: str) -> int | None:
 def _scan_tar(path: Path) -> list[PatchItem]:
     items = []
     try:
-        with tarfile.open(path) as tar:
+        tar = tarfile.open(path)  # noqa: SIM115 (closed below: its own errors are told apart from the members')
+    except tarfile.ReadError as e:  # its text lists each compression tried, one line each
+        raise PatchDataError(f"{path}: {NOT_A_SOURCE}") from e
+    except (tarfile.TarError, OSError) as e:
+        raise PatchDataError(f"cannot read tar {path}: {one_line(getattr(e, 'strerror', None) or e)}") from e
+    try:
+        with tar:
             for m in tar:
                 label = _label_of(m.name) if m.isfile() else None
                 if label is not None:
                     items.append(PatchItem(m.name, label, tar.extractfile(m).read()))
-    except (tarfile.TarError, OSError) as e:
-        raise PatchDataError(f"cannot read tar {path}: {e}") from e
+    except (tarfile.TarError, OSError, EOFError) as e:  # a cut or damaged archive
+        raise PatchDataError(f"cannot read tar {path}: {one_line(e)}") from e
     return items
 
 
@@ -120,6 +127,8 @@ def load_patches(source: str | os.PathLike, max_items: int | None = None, seed: 
     path = Path(source)
     if not path.exists():
         raise PatchDataError(f"patch source not found: {path}")
+    if not (path.is_dir() or path.is_file()):  # a FIFO or device: tarfile would wait on it
+        raise PatchDataError(f"{path}: {NOT_A_SOURCE}")
     items = _scan_dir(path) if path.is_dir() else _scan_tar(path)
     if not items:
         raise PatchDataError(f"{path}: no images under folders named 0/ or 1/ (ImageFolder layout)")
