@@ -60,6 +60,11 @@ def _terminate(signum, frame) -> None:
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process that SIGTERM killed
 
 
+def _terminated() -> None:
+    click.echo("wsi-vssm: terminated (SIGTERM); rerun the same command to resume", err=True)
+    sys.exit(EXIT_TERMINATED)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings outside any slide's run (e.g. while a model loads) as one line, like errors."""
     click.echo(f"wsi-vssm: warning: {one_line(message)}", err=True)
@@ -90,8 +95,7 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.Abort as e:  # click turns KeyboardInterrupt (and so Terminated) into Abort
         if isinstance(e.__context__, Terminated):
-            click.echo("wsi-vssm: terminated (SIGTERM); rerun the same command to resume", err=True)
-            sys.exit(EXIT_TERMINATED)
+            _terminated()
         click.echo("wsi-vssm: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
@@ -109,8 +113,7 @@ def main(argv=None):
         click.echo(f"wsi-vssm: error: {where}{e.strerror or e}", err=True)
         sys.exit(1)
     except Terminated:
-        click.echo("wsi-vssm: terminated (SIGTERM); rerun the same command to resume", err=True)
-        sys.exit(EXIT_TERMINATED)
+        _terminated()
     except KeyboardInterrupt:
         click.echo("wsi-vssm: interrupted", err=True)
         sys.exit(130)
