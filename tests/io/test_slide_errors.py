@@ -173,3 +173,111 @@ def test_missing_tifffile_or_zarr_names_the_pip_command(tmp_path, monkeypatch, m
     with pytest.raises(MissingBackend, match=f"pip install {module}") as err:
         open_slide(path, backend=backend)
     _one_line_naming(err, path)
+
+
+# ---- paths that are no file, directories that lie, metadata beyond belief ----------------------------------
+
+
+def _special_paths(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+    loop_a, loop_b = tmp_path / "a.svs", tmp_path / "b.svs"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    broken = tmp_path / "gone.svs"
+    broken.symlink_to(tmp_path / "nowhere.svs")
+    return [(fifo, "not a regular file: a named pipe (FIFO)"), (loop_a, "a loop of symbolic links"),
+            (broken, f"a broken symbolic link (to {tmp_path / 'nowhere.svs'})")]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and symlinks")
+@pytest.mark.parametrize("backend", [*FILE_BACKENDS, "zarr"])
+def test_a_pipe_or_a_link_loop_is_refused_before_anything_reads_it(tmp_path, backend):
+    """A FIFO named like a slide once hung the run (reading waits for a writer forever); a link loop was reported
+    as 'no such file'."""
+    for path, problem in _special_paths(tmp_path):
+        with pytest.raises(UnsupportedFormat) as err:
+            open_slide(path, backend=backend)
+        assert _one_line_naming(err, path).endswith(problem)
+
+
+def _claim_size(path, width: int, height: int) -> None:
+    """Rewrite a classic little-endian TIFF's first directory to state another size (as LONG values)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tf:
+        tags = tf.pages[0].tags
+        for name, value in (("ImageWidth", width), ("ImageLength", height)):
+            tag = tags[name]
+            struct.pack_into("<HHII", data, tag.valueoffset - 8, tag.code, 4, 1, value)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("layout", ["tiles", "strips"])
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_a_directory_stating_more_pixels_than_its_tiles_hold_is_corrupt(tmp_path, backend, layout):
+    """A header saying 200,000 px over 4 stored tiles read as white background: 'no tissue', exit 0."""
+    if backend == "openslide":
+        pytest.importorskip("openslide")
+    path = tmp_path / "liar.tif"
+    kw = {"tile": (256, 256)} if layout == "tiles" else {"rowsperstrip": 64}
+    tifffile.imwrite(path, np.full((512, 512, 3), 200, np.uint8), photometric="rgb", metadata=None, **kw)
+    open_slide(path, backend="tifffile").close()  # as written, it is whole
+    _claim_size(path, 200_000, 200_000)
+    with pytest.raises(CorruptSlide) as err:
+        open_slide(path, backend=backend)
+    needed = "611,524 tiles" if layout == "tiles" else "3,125 strips"
+    assert f"says 200,000 x 200,000 px, which needs {needed}, but lists" in _one_line_naming(err, path)
+
+
+def test_an_implausible_ome_pixel_size_is_named(tmp_path):
+    """OME-TIFF PhysicalSizeX and an OME-Zarr scale of 50 um/px were dropped as 'no resolution'."""
+    from test_slide_backends import pattern, write_ome_zarr
+
+    from wsi_vssm.io import MissingMpp
+
+    tiff = tmp_path / "ome50.ome.tif"
+    tifffile.imwrite(tiff, pattern(64, 64), photometric="rgb",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 50, "PhysicalSizeXUnit": "µm"})
+    store = write_ome_zarr(tmp_path / "ome50.zarr", [pattern(64, 64)], scale=50.0)
+    for path in (tiff, store):
+        reader = open_slide(path)
+        assert reader.mpp is None
+        with pytest.raises(MissingMpp) as err:
+            reader.require_mpp()
+        assert "implausible 50 um/px (OME metadata" in _one_line_naming(err, path)
+    assert open_slide(write_ome_zarr(tmp_path / "ok.zarr", [pattern(64, 64)], scale=0.5)).mpp == 0.5
+
+
+def test_a_malformed_ome_zarr_scale_is_corrupt(tmp_path):
+    from test_slide_backends import pattern, write_ome_zarr
+
+    store = write_ome_zarr(tmp_path / "bad.zarr", [pattern(64, 64)])
+    group = zarr.open_group(str(store), mode="a")
+    meta = group.attrs["multiscales"]
+    meta[0]["datasets"][0]["coordinateTransformations"][0]["scale"] = [1, "abc", "abc"]
+    group.attrs["multiscales"] = meta
+    with pytest.raises(CorruptSlide, match="malformed OME-NGFF scale") as err:
+        open_slide(store)
+    _one_line_naming(err, store)
+
+
+def test_planes_and_channels_left_unread_are_warned_about(tmp_path):
+    """A page stack and a 7-channel image are read as their first page / first 3 channels: say so."""
+    import warnings
+
+    stack, seven, plain = tmp_path / "stack.tif", tmp_path / "seven.ome.tif", tmp_path / "plain.tif"
+    tifffile.imwrite(stack, np.zeros((3, 64, 64, 3), np.uint8), photometric="rgb")
+    tifffile.imwrite(seven, np.zeros((7, 64, 64), np.uint8), metadata={"axes": "CYX"})
+    tifffile.imwrite(plain, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    expected = {stack: "3 pages: only the first is read", seven: "7 channels: only the first 3 are read",
+                plain: None}
+    for path, note in expected.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            open_slide(path, backend="tifffile", mpp=0.5).close()
+        notes = [str(w.message) for w in caught if "only the first" in str(w.message)]
+        assert notes == ([] if note is None else [f"{path}: {note}"])

@@ -239,3 +239,76 @@ def test_count_head_is_fitted_exactly(feature_bags, tmp_path):
     again, meta = load_mil(ckpt)
     assert again.config.pool == "count" and again.config.count_threshold == 0.0 and meta["best_epoch"] == 1
     assert torch.equal(again.count_affine.weight, model.count_affine.weight)
+
+
+# ---- input checks of `train mil`: stores missing, stores without cells, a folder without stores -------------
+
+
+def _one_line_error(args, capsys, *parts: str) -> str:
+    from conftest import run_cli_captured
+
+    code, out, err = run_cli_captured(args, capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("wsi-vssm: error: ") and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, (part, err)
+    return err
+
+
+def test_cli_labelled_slides_without_a_store_are_named_once_before_the_split(feature_bags, tmp_path):
+    """The stratified split only takes slides with a store: the warning must come before it, or never."""
+    from wsi_vssm.commands.train import command
+
+    d, bags = feature_bags
+    ref = tmp_path / "reference.csv"
+    rows = [f"{n},{y}" for n, (_, y) in sorted(bags.items())] + ["gone1,1", "gone2,0"]
+    ref.write_text("\n".join(rows) + "\n")
+    res = CliRunner().invoke(command, ["mil", "--features", str(d), "--labels", str(ref), "--out",
+                                       str(tmp_path / "m.pt"), "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    warned = [line for line in res.stderr.splitlines() if "no feature store" in line]
+    assert warned == [f"wsi-vssm: warning: 2 of 18 labelled slide(s) have no feature store in {d} and are left "
+                      "out: gone1, gone2"]
+    assert "12 training and 4 validation slides" in res.stdout
+
+
+def test_a_validation_slide_without_cells_is_left_out_with_a_warning(feature_bags, tmp_path):
+    """A cell-less store has no slide score; left in, it took the only normal slide out of the AUC, silently
+    (NaN every epoch). Now it is named and left out, and the undefined AUC is said once."""
+    _, bags = feature_bags
+    train, _ = _split(bags)
+    empty = _store(tmp_path / "blank.zarr", 9, False, n=0)
+    head = {"weight": torch.full((1, F), 0.5), "bias": torch.tensor([-1.0])}
+    with pytest.warns(UserWarning) as got:
+        _, hist = train_mil(train, [bags["t06"], (empty, 0)], MILTrainConfig(epochs=2, seed=1), cell_head=head)
+    texts = [str(w.message) for w in got]
+    assert "1 validation slide(s) have no cells (no tissue found) and are left out of validation: blank" in texts
+    assert sum("AUC is undefined" in t for t in texts) == 1
+    assert hist.metadata["valid_slides"] == ["t06"]
+    with pytest.raises(UsageError, match="no validation slides"), pytest.warns(UserWarning, match="no cells"):
+        train_mil(train, [(empty, 0)], MILTrainConfig(epochs=1), cell_head=head)
+
+
+def test_cli_validation_auc_undefined_is_said_not_printed_as_nan(feature_bags, tmp_path):
+    from wsi_vssm.commands.train import command
+
+    d, bags = feature_bags
+    man = tmp_path / "manifest.csv"
+    man.write_text("slide,label,split\nt00,1,train\nn00,0,train\nt01,1,train\nn01,0,train\nt06,1,valid\n")
+    res = CliRunner().invoke(command, ["mil", "--features", str(d), "--labels", str(man), "--out",
+                                       str(tmp_path / "m.pt"), "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "valid AUC undefined" in res.stdout and "nan" not in res.stdout
+    assert res.stderr.count("AUC is undefined") == 1
+
+
+def test_cli_features_folder_without_stores_is_named(feature_bags, tmp_path, capsys):
+    d, bags = feature_bags
+    ref = tmp_path / "reference.csv"
+    ref.write_text("a,1\nb,0\n")
+    (tmp_path / "empty").mkdir()
+    args = ["train", "mil", "--labels", ref, "--out", tmp_path / "m.pt", "--features"]
+    _one_line_error([*args, tmp_path / "empty"], capsys, f"--features {tmp_path / 'empty'}",
+                    "holds no feature stores", "<slide>.zarr", "wsi-vssm extract")
+    _one_line_error([*args, d], capsys, f"--features {d}", "none of the 2 labelled slide(s)", "reference.csv",
+                    "n00")
+    assert not (tmp_path / "m.pt").exists()

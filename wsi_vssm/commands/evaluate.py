@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import model_options, mpp_option, predict_options, run_options
+from wsi_vssm.commands.options import NonEmptyPath, model_options, mpp_option, predict_options, run_options
 from wsi_vssm.runs.runner import EXIT_INCOMPLETE
 
 PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the terminal; all are in predictions.csv
@@ -15,7 +15,7 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
 
 @click.command("evaluate")
 @click.argument("cohort", type=click.Path())
-@click.option("--out", "out_dir", default="wsi-vssm-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", default="wsi-vssm-out", show_default=True, type=NonEmptyPath(file_okay=False))
 @click.option("--annotations", type=click.Path(file_okay=False), default=None,
               help="Folder of lesion annotations (ASAP XML / GeoJSON named like the slides): adds the FROC.")
 @click.option("--patients", type=click.Path(dir_okay=False), default=None,

@@ -16,6 +16,7 @@ import click
 from wsi_vssm.commands.options import (
     MPP_RANGE,
     FiniteFloatRange,
+    NonEmptyPath,
     amp_and_precision,
     mpp_option,
     reader_threads_option,
@@ -28,7 +29,7 @@ from wsi_vssm.commands.options import (
 @click.option("--model", "-m", "model", required=True,
               help="A wsi-vssm model file, 'default' (the packaged model), or a registry name (e.g. micro: random "
                    "weights, for tests only).")
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "-o", "out", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Folder for the feature stores (<slide>.zarr).")
 @click.option("--target-mpp", type=MPP_RANGE, default=None,
               help="Analysis resolution in um/px (default: the model's own).")
@@ -56,9 +57,8 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import DEFAULT_NAME, default_model_path
     from wsi_vssm.pipeline.extract import Inference
-    from wsi_vssm.runs.execute import SlideTask
     from wsi_vssm.runs.jobs import extract_job
-    from wsi_vssm.runs.runner import run_slides, slide_key
+    from wsi_vssm.runs.runner import run_slides, slide_tasks
 
     run, progress = pop_run_options(opts, ctx)
     dev = option_device(device)
@@ -80,5 +80,6 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
     job = extract_job(out, model_file(model), backbone, info, mpp, params)
-    summary = run_slides([SlideTask(slide_key(p), p) for p in slides], job, run, progress)
-    exit_for(summary, len(slides))
+    tasks = slide_tasks(slides, progress)
+    summary = run_slides(tasks, job, run, progress)
+    exit_for(summary, len(tasks))

@@ -21,6 +21,16 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+class NonEmptyPath(click.Path):
+    """click's Path refusing an empty string: `--out ""` (an unset shell variable) would otherwise write into the
+    current folder."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str | bytes) and not value.strip():
+            self.fail("is empty: give a path (an unset shell variable?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 # A resolution outside this range is a typo (nm for um, a magnification for an mpp): left alone it plans
 # millions of regions or a petabyte resample. The readers' range for stated resolutions, `io.base.PLAUSIBLE_MPP`
 # (not imported: it would pull numpy into every command's start; a test keeps the two equal).
@@ -125,7 +135,8 @@ def exit_for(summary, n_requested: int) -> None:
         return
     if n_requested == 1:
         sys.exit(1)  # the error line is already out
-    click.echo(f"wsi-vssm: {n_failed} of {n_requested} slide(s) failed; the others are done", err=True)
+    others = "none is done" if n_failed >= n_requested else "the others are done"
+    click.echo(f"wsi-vssm: {n_failed} of {n_requested} slide(s) failed; {others}", err=True)
     sys.exit(3)  # not ctx.exit: the app runs click with standalone_mode=False, which drops it
 
 

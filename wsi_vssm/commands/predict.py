@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from wsi_vssm.commands.options import model_options, mpp_option, predict_options, run_options
+from wsi_vssm.commands.options import NonEmptyPath, model_options, mpp_option, predict_options, run_options
 
 
 @click.command("predict")
 @click.argument("slides", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out_dir", default="wsi-vssm-out", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="wsi-vssm-out", show_default=True, type=NonEmptyPath(file_okay=False),
               help="Output folder; each slide gets OUT/<slide name>/.")
 @model_options
 @mpp_option
@@ -30,15 +30,15 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
         model_file,
         pop_run_options,
     )
-    from wsi_vssm.runs.execute import SlideTask
     from wsi_vssm.runs.jobs import predict_job
-    from wsi_vssm.runs.runner import run_slides, slide_key
+    from wsi_vssm.runs.runner import run_slides, slide_tasks
 
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
     job = predict_job(out_dir, model_file(model_path), model, build_params(model, mpp, **opts))
-    summary = run_slides([SlideTask(slide_key(p), p) for p in slides], job, run, progress)
+    tasks = slide_tasks(slides, progress)
+    summary = run_slides(tasks, job, run, progress)
     if summary.count("done", "skipped"):
         progress.result(domain_note(model))  # with the results: what the model knows, so no one reads a diagnosis
-    exit_for(summary, len(slides))
+    exit_for(summary, len(tasks))
 

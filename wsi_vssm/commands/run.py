@@ -7,30 +7,33 @@ from pathlib import Path
 
 import click
 
+from wsi_vssm.commands.options import NonEmptyPath
+
 
 @click.command("run")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set data.train=/data/pcam/train.tar (repeatable).")
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "-o", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: the recipe's recipe.out].")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None,
-              help="Every stage's backbone arithmetic (cells.precision and mosaic_mil.precision) [default: the "
-                   "recipe's, else fp32].")
+              help="Every stage's backbone arithmetic (the precision of each stage that has one: cells, context, "
+                   "dense, mosaic_mil) [default: the recipe's, else fp32].")
 @click.option("--resume", is_flag=True,
               help="Continue stages that checkpoint every epoch (dense) from their last checkpoint in OUT.")
 def command(recipe_path, sets, out, precision, resume):
     """Run a training recipe (e.g. pipelines/default.toml): its stages, in order, into OUT."""
     from wsi_vssm.commands.options import blocking_file, option_output
     from wsi_vssm.errors import OptionError, UsageError
-    from wsi_vssm.training.recipe import apply_overrides, load_recipe, run_recipe
+    from wsi_vssm.training.recipe import apply_overrides, load_recipe, precision_overrides, run_recipe
 
     option_output("--out", out, folder=True)
-    recipe = load_recipe(recipe_path)  # unknown keys or wrong types in the file: bad input (exit 1)
-    extra = [] if precision is None else [f'cells.precision="{precision}"', f'mosaic_mil.precision="{precision}"']
+    # unknown keys, wrong types, values a stage refuses in the file: bad input (exit 1), before anything trains
+    recipe = load_recipe(recipe_path)
+    extra = [] if precision is None else precision_overrides(precision)
     try:
         recipe = apply_overrides(recipe, extra + list(sets))
-    except UsageError as e:  # a --set the recipe does not take: a usage error (exit 2)
+    except UsageError as e:  # a --set the recipe does not take, or a value out of range: a usage error (exit 2)
         raise OptionError(str(e)) from e
     if out is None:
         out = Path(recipe.get("recipe", {}).get("out") or "runs/recipe")

@@ -6,11 +6,11 @@ import time
 
 import click
 
-from wsi_vssm.commands.options import FiniteFloatRange
+from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
 
 
 @click.command("synth")
-@click.argument("out", type=click.Path(path_type=str))
+@click.argument("out", type=NonEmptyPath(path_type=str))
 @click.option("--slides", "n_slides", type=click.IntRange(min=1), default=None,
               help="Number of slides; half (rounded down) tumour.")
 @click.option("--patients", "n_patients", type=click.IntRange(min=1), default=None,

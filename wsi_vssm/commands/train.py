@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import FiniteFloatRange, precision_option
+from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_option
 
 command = click.Group("train", help="Train models: `mil` fits the slide-level attention head on cached features.")
 
@@ -22,7 +23,7 @@ command = click.Group("train", help="Train models: `mil` fits the slide-level at
               help="Folder of feature stores (<slide>.zarr) from `wsi-vssm extract`.")
 @click.option("--labels", required=True, type=click.Path(exists=True, path_type=Path),
               help="reference.csv (CAMELYON16 style) or a manifest CSV slide,label[,split].")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "-o", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Checkpoint to write (e.g. model_mil.pt).")
 @click.option("--valid-labels", type=click.Path(exists=True, path_type=Path), default=None,
               help="A separate table of validation slides (all of --labels then trains).")
@@ -40,7 +41,7 @@ command = click.Group("train", help="Train models: `mil` fits the slide-level at
               help="The slide-model file whose backbone made the features: its trained cell head is kept.")
 @click.option("--train-cell-head/--freeze-cell-head", default=False, show_default=True,
               help="Also train the per-cell head (MIL max-instance loss).")
-@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--log", "log_path", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 @precision_option
@@ -70,7 +71,7 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
         warnings.showwarning = _show_warning  # restored when the block ends
         model, history = train_mil(train, valid, cfg, cell_head=head, log_path=log_path, checkpoint_path=out,
                                    progress=bar.update)
-    click.echo(f"best epoch {history.best_epoch} of {len(history.rows)}: valid AUC {history.best_valid_auc:.4f}, "
+    click.echo(f"best epoch {history.best_epoch} of {len(history.rows)}: valid AUC {_auc(history.best_valid_auc)}, "
                f"valid loss {history.best_valid_loss:.4f} -> {out} (log {log_path})")
 
 
@@ -81,11 +82,12 @@ def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_f
 
     cohort = read_cohort(labels, find_slides=False)
     stores = _stores(features_dir)
+    tables = [labels]
     if valid_labels is not None:  # the command has checked that --valid-fraction is not given too
         vcohort = read_cohort(valid_labels, find_slides=False)
         train_names = [r.name for r in cohort.rows if r.split in (None, "train")]
         valid_names, how = [r.name for r in vcohort.rows], f"validation slides from {valid_labels}"
-        all_labels = {**cohort.labels(), **vcohort.labels()}
+        all_labels, tables = {**cohort.labels(), **vcohort.labels()}, [labels, valid_labels]
     elif cohort.has_split and valid_fraction is None:
         train_names = [r.name for r in cohort.rows if r.split == "train"]
         valid_names = [r.name for r in cohort.rows if r.split == "valid"]
@@ -94,12 +96,16 @@ def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_f
         all_labels = cohort.labels()
     else:
         frac = 0.25 if valid_fraction is None else valid_fraction
-        usable = [r for r in cohort.rows if r.split != "test" and r.name.lower() in stores]
+        rows = [r for r in cohort.rows if r.split != "test"]
+        # checked before the split, which only takes slides with a store: a later check would never see them
+        _check_stores(features_dir, stores, [r.name for r in rows], tables)
+        usable = [r for r in rows if r.name.lower() in stores]
         train_names, valid_names = stratified_split([r.name for r in usable], [r.label for r in usable], frac, seed)
         how = f"seeded stratified split: {frac:g} of each label held out for validation, seed {seed}"
-        all_labels = cohort.labels()
-    train = _bags(train_names, all_labels, stores, "training")
-    valid = _bags(valid_names, all_labels, stores, "validation")
+        return _bags(train_names, cohort.labels(), stores), _bags(valid_names, cohort.labels(), stores), how
+    _check_stores(features_dir, stores, train_names + valid_names, tables)
+    train = _bags(train_names, all_labels, stores)
+    valid = _bags(valid_names, all_labels, stores)
     return train, valid, how
 
 
@@ -107,12 +113,29 @@ def _stores(features_dir: Path) -> dict[str, Path]:
     return {p.name[: -len(".zarr")].lower(): p for p in sorted(features_dir.glob("*.zarr")) if p.is_dir()}
 
 
-def _bags(names: list[str], labels: dict[str, int], stores: dict[str, Path], what: str) -> list[tuple[Path, int]]:
+_WHAT_A_STORE_IS = "feature stores are <slide>.zarr folders, made by `wsi-vssm extract SLIDE... --model M --out DIR`"
+
+
+def _check_stores(features_dir: Path, stores: dict[str, Path], names: list[str], tables: list[Path]) -> None:
+    """A --features folder with no store, or none for the labelled slides: one line. Labelled slides without a
+    store: one warning (how many, the first few), since they are left out of training and validation."""
+    from wsi_vssm.errors import UsageError
+
+    if not stores:
+        raise UsageError(f"--features {features_dir}: holds no feature stores ({_WHAT_A_STORE_IS})")
     missing = [n for n in names if n.lower() not in stores]
+    if missing and len(missing) == len(names):
+        found = ", ".join(sorted(stores)[:3]) + (", ..." if len(stores) > 3 else "")
+        raise UsageError(f"--features {features_dir}: none of the {len(names)} labelled slide(s) of "
+                         f"{' and '.join(map(str, tables))} has a feature store there (it holds {found})")
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        click.echo(f"wsi-vssm: warning: {len(missing)} {what} slide(s) have no feature store: {shown}", err=True)
-    return [(stores[n.lower()], labels[n]) for n in names if n.lower() in stores]
+        click.echo(f"wsi-vssm: warning: {len(missing)} of {len(names)} labelled slide(s) have no feature store "
+                   f"in {features_dir} and are left out: {shown}", err=True)
+
+
+def _bags(names: list[str], labels: dict[str, int], stores: dict[str, Path]) -> list[tuple[Path, int]]:
+    return [(stores[n.lower()], labels[n]) for n in names if n.lower() in stores]  # missing ones: _check_stores
 
 
 def _check_backbone(backbone_hash: str, bags, model_file: Path) -> None:
@@ -123,6 +146,11 @@ def _check_backbone(backbone_hash: str, bags, model_file: Path) -> None:
         made_with = FeatureStore.open(path).attrs.get("model_hash")
         if made_with != backbone_hash:
             raise UsageError(f"{path}: features were made by another backbone than the one in {model_file}")
+
+
+def _auc(value: float) -> str:
+    # NaN when validation has one label only (train_mil warns once): say "undefined", not "nan"
+    return "undefined" if math.isnan(value) else f"{value:.4f}"
 
 
 def _show_warning(message, category, *args, **kwargs) -> None:
@@ -144,7 +172,7 @@ class _EpochBar:
 
     def update(self, row: dict) -> None:
         text = (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid loss {row['valid_loss']:.4f}, "
-                f"valid AUC {row['valid_auc']:.4f}{' *' if row['best'] else ''}")
+                f"valid AUC {_auc(row['valid_auc'])}{' *' if row['best'] else ''}")
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text.split(": ", 1)[1])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import FiniteFloatRange, precision_option
+from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_option
 
 
 @click.command("cells")
@@ -18,7 +18,7 @@ from wsi_vssm.commands.options import FiniteFloatRange, precision_option
               help="Training patches: a folder or .tar in ImageFolder layout (0/*.jpg, 1/*.jpg), e.g. PCam train.tar.")
 @click.option("--valid", "valid_src", required=True, type=click.Path(exists=True, path_type=Path),
               help="Validation patches (same layout). One part selects the checkpoint, the rest is only reported.")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "-o", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Model file to write (the best checkpoint by validation AUC).")
 @click.option("--model", "arch", default="micro", show_default=True, help="Backbone config from the registry.")
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
@@ -51,7 +51,7 @@ from wsi_vssm.commands.options import FiniteFloatRange, precision_option
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Training device; under torchrun each process takes GPU LOCAL_RANK.")
 @precision_option
-@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--log", "log_path", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
 def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_train, epoch_size, valid_select,
             patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device, precision,

@@ -76,12 +76,17 @@ def tiff_resolution_um(resolution: object, unit: object) -> float | None:
     return per_unit / pixels if pixels > 0 else None
 
 
+OME_STATED_UM = "ome.pixel-size-x-um"  # the property holding OME's stated pixel size, plausible or not
+
+
 def ignored_mpp(properties: dict[str, str]) -> str | None:
     """Why a reader has no resolution although its file states one ('the file states an implausible 50 um/px
-    ...'), from the properties the readers keep: OpenSlide's mpp-x, an SVS MPP field, the TIFF resolution tags.
+    ...'), from the properties the readers keep: OME's pixel size (OME-TIFF PhysicalSizeX, an OME-Zarr scale),
+    OpenSlide's mpp-x, an SVS MPP field, the TIFF resolution tags.
     None when none of them states one, or the one stated is plausible."""
     tags = tiff_resolution_um(properties.get("tiff.XResolution"), properties.get("tiff.ResolutionUnit"))
-    stated = ("openslide.mpp-x", properties.get("openslide.mpp-x")), ("SVS MPP", properties.get("aperio.MPP"))
+    stated = (("OME metadata", properties.get(OME_STATED_UM)), ("openslide.mpp-x", properties.get("openslide.mpp-x")),
+              ("SVS MPP", properties.get("aperio.MPP")))
     lo, hi = PLAUSIBLE_MPP
     for where, value in (*stated, ("TIFF resolution tags", tags)):
         try:

@@ -57,9 +57,15 @@ class _EndsEarly(Exception):
     """Raised inside `tiff_truncation` with what lies beyond the end of the file."""
 
 
+class _TooFewChunks(Exception):
+    """Raised inside `tiff_truncation` when a directory lists fewer tiles or strips than its size needs."""
+
+
 def tiff_truncation(path: str | os.PathLike) -> str | None:
     """'the file is truncated (...)' when a TIFF ends before one of its image directories, offset tables, tiles
-    or strips does (a partial copy or download); None when all of them lie inside the file, or it is no TIFF.
+    or strips does (a partial copy or download), 'damaged TIFF directory: ...' when a directory lists fewer tiles
+    or strips than its stated size needs (the readers would show the missing ones as white background, so a
+    damaged header read as "no tissue"); None when all is in place, or it is no TIFF.
 
     Cheap: reads only the directories and their offset tables (a few MB for a 200,000 px slide), no pixels. Run
     when a TIFF is opened, so that a cut file fails at once with one line that says so, whichever backend reads
@@ -71,6 +77,8 @@ def tiff_truncation(path: str | os.PathLike) -> str | None:
             _walk_tiff(f, size)
     except _EndsEarly as e:
         return f"the file is truncated ({e}, file is {size} bytes)"
+    except _TooFewChunks as e:
+        return f"damaged TIFF directory: {e}"
     except (OSError, ValueError):  # unreadable or not a TIFF: the backends say what is wrong
         return None
     return None
@@ -110,8 +118,32 @@ def _walk_tiff(f, size: int) -> None:
                 ends = ends[counts[:k] > 0]  # sparse tiles (count 0) have no data
                 if ends.size and int(ends.max()) > size:
                     raise _EndsEarly(f"{kind} data ends at byte {int(ends.max())}")
+                _check_chunk_count(f, size, order, tags, kind, len(offsets), at)
         if _SUBIFDS in tags:
             todo.extend(int(v) for v in _ints(f, size, order, tags[_SUBIFDS]))
+
+
+def _check_chunk_count(f, size: int, order: str, tags: dict, kind: str, listed: int, at: int) -> None:
+    """_TooFewChunks when the directory at byte `at` lists fewer tiles or strips than its width and height need."""
+
+    def first(tag: int, default: int | None = None) -> int | None:
+        values = _ints(f, size, order, tags[tag]) if tag in tags else None
+        return int(values[0]) if values is not None and values.size else default
+
+    width, height = first(256), first(257)
+    if not width or not height or 32997 in tags:  # no size (the backends say so) or 3-D tiles (ImageDepth)
+        return
+    planes = first(277, 1) if first(284, 1) == 2 else 1  # separate planes: one set of chunks per sample
+    if kind == "tile":
+        tw, th = first(322), first(323)
+        if not tw or not th:
+            return
+        needed = math.ceil(width / tw) * math.ceil(height / th) * planes
+    else:
+        needed = math.ceil(height / min(first(278, height) or height, height)) * planes
+    if listed < needed:
+        raise _TooFewChunks(f"the image directory at byte {at} says {width:,} x {height:,} px, which needs "
+                            f"{needed:,} {kind}s, but lists {listed:,}")
 
 
 def _read(f, size: int, at: int, n: int, what: str) -> bytes:
@@ -194,6 +226,24 @@ def mpp_from_objective(power: object) -> float | None:
     if not (math.isfinite(p) and p > 0):
         return None
     return plausible_mpp(10.0 / p)
+
+
+_PLANE_AXES = {"T": "time points", "Z": "focal planes", "I": "pages", "Q": "pages"}  # tifffile's / NGFF's names
+
+
+def unread_planes(axes: str, shape) -> str | None:
+    """What `channels_to_rgb` and the readers leave out of an image of these axes and shape ('7 channels: only
+    the first 3 are read'; '3 pages: only the first is read'), or None when every pixel value is read."""
+    notes = []
+    for axis, n in zip(axes.upper(), shape, strict=True):
+        if axis in "YXS" or n <= 1:
+            continue
+        if axis == "C":
+            if n != 3:
+                notes.append(f"{n} channels: only the first {'one is' if n == 2 else '3 are'} read")
+        else:
+            notes.append(f"{n} {_PLANE_AXES.get(axis, f'planes along axis {axis}')}: only the first is read")
+    return "; ".join(notes) or None
 
 
 def channels_to_rgb(tile: np.ndarray, samples: bool = True) -> np.ndarray:

@@ -8,8 +8,10 @@ are the same everywhere (the objective-power estimate and its warning, a user's 
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -50,11 +52,36 @@ def open_slide(
     if mpp is not None:
         mpp = _user_mpp(mpp)
     p = Path(path)
-    if not p.exists():
-        raise UnsupportedFormat(p, "no such file or directory")
+    problem = path_problem(p)
+    if problem is not None:
+        raise UnsupportedFormat(p, problem)
     reader = _open_auto(p) if name == "auto" else _open_with(name, p)
     _settle_mpp(reader, mpp)
     return reader
+
+
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be a slide before anything reads it ('no such file or directory', 'a loop of symbolic
+    links', 'not a regular file: a named pipe (FIFO)'), or None for a file or folder. Reading a pipe would wait
+    for a writer forever, so it is refused here rather than opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)})"
+        if err.errno == errno.ENOENT:
+            return "no such file or directory"
+        return (err.strerror or str(err)).lower()
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+    return f"not a regular file: {kind}"
 
 
 def _user_mpp(mpp: object) -> float:

@@ -160,7 +160,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     Accepts `{"model": sd, ...}` (upstream), `{"state_dict": sd}` or a bare `sd`; legacy names are renamed as
     upstream does. Any missing, unexpected or differently shaped tensor raises CheckpointMismatchError.
     """
-    state_dict = remap_legacy_keys(extract_state_dict(read_checkpoint(path), path))
+    return load_checkpoint_object(model, read_checkpoint(path), path)
+
+
+def load_checkpoint_object(model: nn.Module, obj, path: str | Path = "<checkpoint>") -> nn.Module:
+    """`load_checkpoint` of a checkpoint already read (`read_checkpoint`), e.g. after a look at its format."""
+    state_dict = remap_legacy_keys(extract_state_dict(obj, path))
     check_state_dict(model, state_dict, path)
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(state_dict, strict=True, assign=on_meta)  # a meta-built model takes the tensors

@@ -6,6 +6,7 @@ is exact, see wsi_vssm/ops/scan.py) and the plain (non-streaming) SS2D path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from wsi_vssm.errors import MissingDependency, WsiVssmError
+from wsi_vssm.models.inputs import STRIDE
 
 
 class ExportError(WsiVssmError):
@@ -42,13 +44,68 @@ class ExportResult:
     export_seconds: float
 
 
-def build_backbone(model_name: str, checkpoint: str | os.PathLike | None = None) -> nn.Module:
-    """The named backbone set up for export: chunked scan, no streaming, eval mode, weights loaded if given."""
-    from wsi_vssm.models import create_model, load_checkpoint
+# the fields that fix a backbone's weights; the others (scan, streaming, drop_path...) only change how it runs
+ARCH_FIELDS = ("dims", "depths", "ssm_ratio", "d_state", "dt_rank", "mlp_ratio", "in_chans")
 
-    model = create_model(model_name, scan="chunked", stream_min_pixels=None)
+
+class ArchitectureMismatch(ExportError):
+    """A model file whose backbone is not the architecture asked for."""
+
+
+def build_backbone(model_name: str | None = "micro", checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """The named backbone set up for export: chunked scan, no streaming, eval mode, weights loaded if given.
+
+    `checkpoint` is an upstream release checkpoint or state dict for `model_name` (loaded strictly), or one of
+    this project's model files (`wsi-vssm-model/1`): then its backbone is taken with the architecture the file
+    records, and `model_name` (None: whichever the file holds) must name that architecture.
+    """
+    from wsi_vssm.models import create_model
+    from wsi_vssm.models.checkpoint import (
+        CheckpointError,
+        CheckpointMismatchError,
+        load_checkpoint_object,
+        read_checkpoint,
+    )
+    from wsi_vssm.models.model_file import MODEL_FORMAT
+
+    obj = None if checkpoint is None else read_checkpoint(checkpoint)  # read once: release files are large
+    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:  # backbone keys prefixed `backbone.`
+        return _model_file_backbone(checkpoint, model_name)
+    model = create_model(model_name or "micro", scan="chunked", stream_min_pixels=None)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        try:
+            load_checkpoint_object(model, obj, checkpoint)
+        except CheckpointMismatchError as e:  # its listing runs to several lines: the CLI prints one
+            raise CheckpointError(f"{str(e).splitlines()[0]} (a {model_name or 'micro'} backbone)") from e
+    return model.eval()
+
+
+def arch_name(cfg) -> str:
+    """The registry name of a VSSMConfig's architecture (e.g. `micro`), or its dims and depths."""
+    from wsi_vssm.models.registry import MODEL_CONFIGS, get_config
+
+    for name in MODEL_CONFIGS:
+        if _arch(get_config(name)) == _arch(cfg):
+            return name
+    return f"dims {list(cfg.dims)}, depths {list(cfg.depths)}"
+
+
+def _arch(cfg) -> tuple:
+    return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (getattr(cfg, f) for f in ARCH_FIELDS))
+
+
+def _model_file_backbone(path, model_name: str | None) -> nn.Module:
+    """A model file's backbone, rebuilt for export (chunked scan, no streaming) with the file's weights."""
+    from wsi_vssm.models.model_file import load_backbone
+    from wsi_vssm.models.registry import get_config
+    from wsi_vssm.models.vssm import VSSM
+
+    backbone, _ = load_backbone(Path(path))  # the one model-file reader: `backbone.` keys, config, checks
+    cfg = backbone.config
+    if model_name is not None and _arch(get_config(model_name)) != _arch(cfg):
+        raise ArchitectureMismatch(f"{path} holds a {arch_name(cfg)} backbone, not {model_name}")
+    model = VSSM(dataclasses.replace(cfg, scan="chunked", stream_min_pixels=None))
+    model.load_state_dict(backbone.state_dict(), strict=True)
     return model.eval()
 
 
@@ -59,8 +116,9 @@ def export_onnx(
     """Export `model.forward_features` for a (1, 3, size, size) input to `out` (written atomically) and, when
     `check`, compare onnxruntime's output with PyTorch's on a random input."""
     out = Path(out)
-    if size < 32:
-        raise ExportError(f"--size must be at least 32 px (one stride-32 cell), got {size}")
+    if size < STRIDE or size % STRIDE:  # any other side leaves a part-cell: features no longer one per 32 px
+        raise ExportError(f"--size must be a multiple of {STRIDE} px, at least {STRIDE} (one stride-{STRIDE} cell), "
+                          f"got {size}")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 3, size, size, generator=gen)
     wrapper = _Features(model).eval()

@@ -290,6 +290,8 @@ def _read_table(path: str | os.PathLike, columns: Sequence[str], what: str) -> l
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             names = [n.strip() for n in reader.fieldnames or ()]
+            # `Patient,Slide` as a spreadsheet writes it: the required columns match in any case
+            names = [n.lower() if n.lower() in columns else n for n in names]
             lacking = [c for c in columns if c not in names]
             if lacking:
                 raise UsageError(f"{where}: {what} lacks column(s) {', '.join(lacking)} (has: {', '.join(names)})")

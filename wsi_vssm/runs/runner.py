@@ -11,9 +11,10 @@ whose file is unchanged (size, mtime, content fingerprint: `state.input_changed`
 only with `--retry-failed` or when its file changed. Anything else (no state, `running` left by a killed run,
 another hash, outputs gone, another file under the same name) is redone. A slide whose name is held by another
 slide file that still exists elsewhere (`a/x.tif` done, now `b/x.svs`) fails without touching those results,
-unless `--overwrite` (`name_taken`). A path that does not exist fails at
-once (one line) and writes no state. Outputs are written atomically and `done` is written only after the
-last of them, so a SIGKILL between any two writes leaves a state that the rerun redoes.
+unless `--overwrite` (`name_taken`). A path that does not exist, or is no file or folder (a pipe, a loop of
+links: `io.slide.path_problem`), fails at once (one line) and writes no state. A file named twice on one command
+line runs once (`slide_tasks`). Outputs are written atomically and `done` is written only after the last of
+them, so a SIGKILL between any two writes leaves a state that the rerun redoes.
 
 A lock file per slide (`OUT/.state/<slide>.<job>.lock`, created with O_CREAT|O_EXCL, holding pid, host and
 time) keeps two runs on the same folder off each other's slides. A lock whose process is gone (same host) is
@@ -79,6 +80,28 @@ class RunSummary:
     @property
     def n_not_done(self) -> int:
         return self.count("failed", "locked")
+
+
+def slide_tasks(paths: Iterable[str], progress: Progress | None = None) -> list[SlideTask]:
+    """One task per slide path given on a command line. The same file named twice under the same name
+    (overlapping globs: `*.svs a*.svs`) runs once, with a note; two different files of one name still fail
+    (their outputs would collide)."""
+    tasks, first = [], {}
+    for path in paths:
+        name = slide_key(path)
+        try:
+            st = os.stat(path)
+            key = (name, st.st_dev, st.st_ino)
+        except OSError:  # missing and unreadable paths fail in the run, with their reason
+            key = None
+        if key is not None and key in first:
+            if progress is not None:
+                progress.info(f"{path}: given twice (also as {first[key]}); analysed once")
+            continue
+        if key is not None:
+            first[key] = path
+        tasks.append(SlideTask(name, path))
+    return tasks
 
 
 def slide_key(path: str | os.PathLike) -> str:
@@ -168,13 +191,16 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
     """Slides that need running; the others (known failures, missing files, duplicates: names already in `seen`,
     done, failed before with the same file) are finished. A path that does not exist fails here, writing no
     state."""
+    from wsi_vssm.io.slide import path_problem  # here: the runner module stays free of numpy
+
     todo = []
     for task in tasks:
         if task.error is not None:
             finish(Outcome(task, "failed", task.error))
             continue
-        if task.path is not None and not os.path.exists(task.path):
-            finish(Outcome(task, "failed", f"{task.path}: no such file or directory"))
+        problem = None if task.path is None else path_problem(task.path)
+        if problem is not None:
+            finish(Outcome(task, "failed", f"{task.path}: {problem}"))
             continue
         if task.name in ("", ".", ".."):  # `predict .` or `/`: no name to write its outputs (or state) under
             finish(Outcome(task, "failed", f"{task.path}: a folder, not a slide file"))

@@ -155,7 +155,8 @@ def train_mil(
     from wsi_vssm.models.mil import AttentionMIL, MILConfig
 
     cfg = cfg or MILTrainConfig()
-    train, valid = Bags(train_stores, cfg.cache_mb), Bags(valid_stores, cfg.cache_mb)
+    train = Bags(train_stores, cfg.cache_mb)
+    valid = _without_cell_less(Bags(valid_stores, cfg.cache_mb), cfg.cache_mb)
     _check_splits(train, valid)
     feature_attrs = check_compatible(train.stores + valid.stores)
     torch.manual_seed(cfg.seed)
@@ -262,11 +263,24 @@ def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, featur
     return model.eval(), history
 
 
+def _without_cell_less(bags: Bags, cache_mb: float) -> Bags:
+    """`bags` less those without cells (a slide with no tissue found), with one warning naming them: such a bag
+    has no slide logit, and left in it would silently take a class out of the AUC (or all of it)."""
+    empty = [s.name for s in bags.stores if len(s) == 0]
+    if not empty:
+        return bags
+    shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+    warnings.warn(f"{len(empty)} validation slide(s) have no cells (no tissue found) and are left out of "
+                  f"validation: {shown}", stacklevel=3)
+    return Bags([(s, y) for s, y in zip(bags.stores, bags.labels, strict=True) if len(s)], cache_mb)
+
+
 def _check_splits(train: Bags, valid: Bags) -> None:
     if len(train) == 0:
         raise UsageError("no training slides")
     if len(valid) == 0:
-        raise UsageError("no validation slides: model selection needs a validation split apart from training")
+        raise UsageError("no validation slides (with cells): model selection needs a validation split apart from "
+                         "training")
     both = sorted({s.path.resolve() for s in train.stores} & {s.path.resolve() for s in valid.stores})
     if both:
         raise UsageError(f"{len(both)} slide(s) are in both training and validation, e.g. {both[0]}")

@@ -2,8 +2,9 @@
 
 Values come from the recipe, overridden by `section.key=value` assignments (the value is parsed as TOML, else
 taken as a string). Sections, keys and value types are checked against `recipe_schema()` (the stages' config
-dataclasses), in the file and in each assignment, before anything runs. The resolved recipe is written to
-OUT/recipe.resolved.json before any stage runs.
+dataclasses), in the file and in each assignment, and then each stage's config is built from its merged section
+(`check_values`: value ranges, a non-empty stage list), all before anything runs. The resolved recipe is written
+to OUT/recipe.resolved.json before any stage runs.
 """
 
 from __future__ import annotations
@@ -101,10 +102,81 @@ def _check(value, spec, key: list[str]) -> tuple[list[str], str] | None:
 
 
 def check_recipe(recipe: dict, source: str = "recipe") -> None:
-    """UsageError naming `source` for an unknown section or key, or a value of the wrong type."""
-    problem = _check(recipe, recipe_schema(), [])
+    """UsageError naming `source` for an unknown section or key, a value of the wrong type, an empty or unknown
+    stage list, or a value a stage's config refuses (`check_values`)."""
+    problem = _check(recipe, recipe_schema(), []) or check_values(recipe)
     if problem:
         raise UsageError(f"{source}: {_say(*problem)}")
+
+
+def recipe_stages(recipe: dict) -> list[str]:
+    """recipe.stages as a list (default ["cells"]); UsageError when it is empty or names an unknown stage."""
+    stages = recipe.get("recipe", {}).get("stages", ["cells"])
+    stages = [stages] if isinstance(stages, str) else list(stages)
+    if not stages:  # nothing would run, yet the runner would name a model file it never wrote
+        raise UsageError(f"recipe.stages is empty: give at least one of {', '.join(STAGES)}")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UsageError(f"unknown recipe stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    return stages
+
+
+def check_values(recipe: dict) -> tuple[list[str], str] | None:
+    """(where, what is wrong) for the first stage whose config dataclass refuses its merged section (e.g.
+    dense.grid = 5), or an empty or unknown stage list; None when all are fine. Built exactly as the stages build
+    them, so a range error fails here, before any stage trains, not when its stage starts hours later. A type
+    that is already wrong is `_check`'s to report: call this on a recipe that passed it."""
+    try:
+        stages = recipe_stages(recipe)
+    except UsageError as e:
+        return [], str(e)
+    # the listed stages, and any other stage section given: a bad value there is a mistake too
+    for stage in [s for s in STAGES if s in stages or s in recipe]:
+        build = _CONFIGS.get(stage)
+        if build is None:
+            continue
+        try:
+            build(recipe)
+        except (TypeError, ValueError, UsageError) as e:
+            text = str(e)
+            return [], text if text.startswith(f"{stage}.") else f"[{stage}] {text}"
+    return None
+
+
+def _cells_config(recipe: dict):
+    from wsi_vssm.training.cells import TrainCellsConfig
+
+    return TrainCellsConfig(**recipe.get("cells", {}))
+
+
+def _context_config(recipe: dict, init: str | None = None):
+    from wsi_vssm.training.cells import TrainCellsConfig
+
+    return TrainCellsConfig(**{**recipe.get("cells", {}), **recipe.get("context", {}), "init": init})
+
+
+def _dense_config(recipe: dict, resume: bool = False):
+    from wsi_vssm.training.dense import DenseConfig
+
+    return DenseConfig(**{"valid_select": recipe.get("cells", {}).get("valid_select", 1000),
+                          **recipe.get("dense", {}), **({"resume": True} if resume else {})})
+
+
+def _mosaic_config(recipe: dict):
+    from wsi_vssm.training.mosaic import MosaicMILConfig
+
+    return MosaicMILConfig(**recipe.get("mosaic_mil", {}))
+
+
+_CONFIGS = {"cells": _cells_config, "context": _context_config, "dense": _dense_config,
+            "mosaic_mil": _mosaic_config}
+
+
+def precision_overrides(precision: str) -> list[str]:
+    """`section.precision=...` for every stage section whose config has a precision (from the schema, so a new
+    stage with one is not missed; [context] too, as it may set its own over [cells])."""
+    schema = recipe_schema()
+    return [f'{s}.precision="{precision}"' for s in STAGES if "precision" in schema[s]]
 
 
 def _say(where: list[str], what: str) -> str:
@@ -143,6 +215,13 @@ def load_recipe(path: str | os.PathLike) -> dict:
 def apply_overrides(recipe: dict, sets: list[str]) -> dict:
     """`section.key=value` assignments (nested keys with dots); values parsed as TOML when they parse, except
     for keys that take a string (a path named `2024` stays a string). Unknown keys and wrong types: UsageError."""
+    out = _assign(recipe, sets)
+    _check_set_values(recipe, out, sets)
+    return out
+
+
+def _assign(recipe: dict, sets: list[str]) -> dict:
+    """A copy of `recipe` with the assignments made, each key and value type checked."""
     import tomllib
 
     schema = recipe_schema()
@@ -173,17 +252,27 @@ def apply_overrides(recipe: dict, sets: list[str]) -> dict:
     return out
 
 
+def _check_set_values(before: dict, after: dict, sets: list[str]) -> None:
+    """UsageError naming the first `--set` after which a stage's config refuses its values (check_values);
+    checked on the whole result first, since two assignments may only agree together."""
+    problem = check_values(after)
+    if problem is None:
+        return
+    if check_values(before) is not None:  # the recipe was bad before any --set (a library call)
+        raise UsageError(f"recipe: {_say(*problem)}")
+    for k in range(1, len(sets) + 1):
+        found = check_values(_assign(before, sets[:k]))
+        if found is not None:
+            raise UsageError(f"--set {sets[k - 1]}: {_say(*found)}")
+
+
 def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = False) -> Path:
     """Run the stages in order; returns the model file (OUT/model.pt). `resume`: stages that checkpoint every
     epoch (dense) continue from their last checkpoint."""
     from wsi_vssm.atomic import atomic_write_json
 
-    check_recipe(recipe)  # its tables and value types, so the lines below need not
-    stages = recipe.get("recipe", {}).get("stages", ["cells"])
-    stages = [stages] if isinstance(stages, str) else list(stages)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise UsageError(f"unknown recipe stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    check_recipe(recipe)  # its tables, value types and every stage's values, so the lines below need not
+    stages = recipe_stages(recipe)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "recipe.resolved.json", recipe)
     model_path = out / "model.pt"
@@ -211,13 +300,10 @@ def _patch_data(recipe: dict) -> dict:
 
 
 def _stage_cells(recipe: dict, model_path: Path, progress: bool) -> None:
-    from wsi_vssm.training.cells import TrainCellsConfig, train_cells
+    from wsi_vssm.training.cells import train_cells
 
     data = _patch_data(recipe)
-    try:
-        cfg = TrainCellsConfig(**recipe.get("cells", {}))
-    except (TypeError, ValueError) as e:  # unknown keys, or values of the wrong kind
-        raise UsageError(f"recipe [cells]: {e}") from e
+    cfg = _cells_config(recipe)  # its values were checked with the recipe's (check_values)
     r = train_cells(data["train"], data["valid"], model_path, cfg, slides=data.get("slides") or None,
                     progress=progress)
     print(f"cells: best epoch {r.best_epoch} of {len(r.log)}, valid(select) AUC {r.select['auc']:.4f}"
@@ -230,7 +316,7 @@ def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool) ->
     import shutil
 
     from wsi_vssm.models.slide_model import load_model, save_model
-    from wsi_vssm.training.cells import TrainCellsConfig, train_cells
+    from wsi_vssm.training.cells import train_cells
 
     if not model_path.is_file():
         raise UsageError(f"stage context needs the cell stage's model {model_path}: run stage cells first")
@@ -238,10 +324,7 @@ def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool) ->
     cells_path = out / "cells.pt"
     if not cells_path.exists():
         shutil.copyfile(model_path, cells_path)
-    try:
-        cfg = TrainCellsConfig(**{**recipe.get("cells", {}), **recipe.get("context", {}), "init": str(cells_path)})
-    except (TypeError, ValueError) as e:  # unknown keys, or values of the wrong kind
-        raise UsageError(f"recipe [context]: {e}") from e
+    cfg = _context_config(recipe, init=str(cells_path))
     r = train_cells(data["train"], data["valid"], model_path, cfg, progress=progress,
                     log_path=out / "context.log.csv")
     before = load_model(cells_path).metadata
@@ -260,7 +343,7 @@ def _stage_dense(recipe: dict, model_path: Path, out: Path, progress: bool, resu
     as OUT/context.pt (the stage starts from it, also when resumed)."""
     import shutil
 
-    from wsi_vssm.training.dense import DenseConfig, train_dense
+    from wsi_vssm.training.dense import train_dense
 
     data = _patch_data(recipe)
     start = out / "context.pt"
@@ -268,11 +351,7 @@ def _stage_dense(recipe: dict, model_path: Path, out: Path, progress: bool, resu
         if not model_path.is_file():
             raise UsageError(f"stage dense needs the context stage's model {model_path}: run stage context first")
         shutil.copyfile(model_path, start)
-    try:
-        cfg = DenseConfig(**{"valid_select": recipe.get("cells", {}).get("valid_select", 1000),
-                             **recipe.get("dense", {}), **({"resume": True} if resume else {})})
-    except (TypeError, ValueError) as e:  # unknown keys, or values of the wrong kind
-        raise UsageError(f"recipe [dense]: {e}") from e
+    cfg = _dense_config(recipe, resume)
     r = train_dense(start, data["train"], data["valid"], model_path, cfg, progress=progress)
     hold = r.get("holdout") or {}
     print(f"dense: best epoch {r['best_epoch']} of {r['epochs_run']}, cell threshold {r['cell_threshold']:.4f}"
@@ -281,16 +360,13 @@ def _stage_dense(recipe: dict, model_path: Path, out: Path, progress: bool, resu
 
 
 def _stage_mosaic_mil(recipe: dict, model_path: Path, out: Path, progress: bool) -> None:
-    from wsi_vssm.training.mosaic import MosaicMILConfig, train_mil_on_mosaics
+    from wsi_vssm.training.mosaic import train_mil_on_mosaics
 
     if not model_path.is_file():
         raise UsageError(f"stage mosaic_mil needs the cell stage's model {model_path}: run stage cells first")
     data, cells = _patch_data(recipe), recipe.get("cells", {})
-    try:
-        cfg = MosaicMILConfig(**recipe.get("mosaic_mil", {}))
-        split_seed = int(cells.get("seed", 0))
-    except (TypeError, ValueError) as e:  # unknown keys, or values of the wrong kind
-        raise UsageError(f"recipe [mosaic_mil]: {e}") from e
+    cfg = _mosaic_config(recipe)
+    split_seed = int(cells.get("seed", 0))  # an integer: checked with the recipe's types
     r = train_mil_on_mosaics(model_path, data["train"], data["valid"], out / "mosaic_mil", cfg,
                              valid_select=cells.get("valid_select"), split_seed=split_seed,
                              progress=progress)

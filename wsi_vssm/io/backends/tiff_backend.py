@@ -8,6 +8,7 @@ path and metadata.
 from __future__ import annotations
 
 import os
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.errors import one_line
-from wsi_vssm.io.base import SlideReader
+from wsi_vssm.io.base import OME_STATED_UM, SlideReader
 from wsi_vssm.io.errors import CorruptSlide, SlideError, UnsupportedFormat
 from wsi_vssm.io.formats import (
     channels_to_rgb,
@@ -27,6 +28,7 @@ from wsi_vssm.io.formats import (
     mpp_from_tiff_resolution,
     plausible_mpp,
     tiff_truncation,
+    unread_planes,
 )
 
 _VENDORS = (  # tifffile's format flag -> the vendor name OpenSlide uses for the same files
@@ -194,6 +196,9 @@ def _describe(tf, path: Path) -> _TiffInfo:
         _check_compression(path, level.keyframe.compression)
         levels.append((level.shape[ax.index("X")], level.shape[ax.index("Y")]))
         axes.append(ax)
+    unread = unread_planes(axes[0], series.levels[0].shape)
+    if unread:
+        warnings.warn(f"{path}: {unread}", stacklevel=2)
     page = series.levels[0].keyframe
     info = _TiffInfo(level_dimensions=levels, axes=axes)
     info.vendor = next((name for flag, name in _VENDORS if getattr(tf, flag, False)), "generic-tiff")
@@ -246,8 +251,10 @@ def _resolve_mpp(tf, page, info: _TiffInfo) -> None:
     props = info.properties
     candidates: list[tuple[float | None, str]] = []
     if tf.is_ome:
-        mpp, power = _ome_resolution(tf.ome_metadata)
-        candidates.append((mpp, "ome-metadata"))
+        stated_um, power = _ome_resolution(tf.ome_metadata)
+        if stated_um is not None:
+            props[OME_STATED_UM] = f"{stated_um:.6g}"
+        candidates.append((plausible_mpp(stated_um), "ome-metadata"))
         info.objective_power = power
     if tf.is_svs:
         candidates.append((plausible_mpp(props.get("aperio.MPP")), "vendor-metadata"))
@@ -267,7 +274,8 @@ def _resolve_mpp(tf, page, info: _TiffInfo) -> None:
 
 
 def _ome_resolution(xml: str | None) -> tuple[float | None, float | None]:
-    """(mpp, objective power) of the first image in OME-XML; PhysicalSizeX defaults to micrometres."""
+    """(pixel size in um as stated, objective power) of the first image in OME-XML; PhysicalSizeX defaults to
+    micrometres."""
     if not xml:
         return None, None
     try:
@@ -280,7 +288,7 @@ def _ome_resolution(xml: str | None) -> tuple[float | None, float | None]:
         if tag == "Pixels" and mpp is None:
             size = el.get("PhysicalSizeX")
             if size is not None:
-                mpp = plausible_mpp(length_to_um(size, el.get("PhysicalSizeXUnit", "µm")))
+                mpp = length_to_um(size, el.get("PhysicalSizeXUnit", "µm"))
         elif tag == "Objective" and power is None:
             power = _positive(el.get("NominalMagnification"))
     return mpp, power

@@ -8,14 +8,22 @@ Beyond y and x, the first time point and focal plane are read; channels go throu
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from wsi_vssm.errors import one_line
-from wsi_vssm.io.base import SlideReader
+from wsi_vssm.io.base import OME_STATED_UM, SlideReader
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
-from wsi_vssm.io.formats import channels_to_rgb, is_zarr_dir, length_to_um, missing_backend, plausible_mpp
+from wsi_vssm.io.formats import (
+    channels_to_rgb,
+    is_zarr_dir,
+    length_to_um,
+    missing_backend,
+    plausible_mpp,
+    unread_planes,
+)
 
 _DEFAULT_AXES = ("t", "c", "z", "y", "x")  # NGFF 0.1-0.3 without an `axes` list
 
@@ -41,16 +49,25 @@ class ZarrSlide(SlideReader):
         names = [a["name"].lower() for a in axes]
         if "y" not in names or "x" not in names or any(len(s) != len(names) for s in shapes) or not shapes:
             raise CorruptSlide(path, f"OME-NGFF datasets do not match their axes {names}")
+        unread = unread_planes("".join(n[:1] for n in names), shapes[0])
+        if unread:
+            warnings.warn(f"{path}: {unread}", stacklevel=2)
         self._names = names
         self._paths = [d["path"] for d in meta["datasets"]]
-        mpp = _mpp(meta, axes, names.index("x"))
+        try:
+            stated_um = _stated_um(meta, axes, names.index("x"))
+        except (TypeError, ValueError, IndexError, AttributeError) as err:
+            raise CorruptSlide(path, f"malformed OME-NGFF scale: {one_line(err)}") from err
+        properties = {"ome-zarr.axes": "".join(names), "ome-zarr.version": str(meta.get("version", ""))}
+        if stated_um is not None:
+            properties[OME_STATED_UM] = f"{stated_um:.6g}"
         super().__init__(
             path,
             [(s[names.index("x")], s[names.index("y")]) for s in shapes],
-            mpp=mpp,
+            mpp=plausible_mpp(stated_um),
             mpp_source="ome-metadata",
             vendor="ome-zarr",
-            properties={"ome-zarr.axes": "".join(names), "ome-zarr.version": str(meta.get("version", ""))},
+            properties=properties,
         )
         self._group, self._pid = group, os.getpid()
 
@@ -105,8 +122,9 @@ def _axes(meta: dict) -> list[dict]:
     return [a if isinstance(a, dict) else {"name": str(a)} for a in axes]
 
 
-def _mpp(meta: dict, axes: list[dict], x_axis: int) -> float | None:
-    """x's scale at level 0 (dataset scale times any multiscale-wide scale), in um; None without a unit."""
+def _stated_um(meta: dict, axes: list[dict], x_axis: int) -> float | None:
+    """x's scale at level 0 (dataset scale times any multiscale-wide scale), in um, plausible or not; None
+    without a unit."""
     scale = 1.0
     transforms = list(meta["datasets"][0].get("coordinateTransformations") or [])
     transforms += list(meta.get("coordinateTransformations") or [])
@@ -117,4 +135,4 @@ def _mpp(meta: dict, axes: list[dict], x_axis: int) -> float | None:
             found = True
     if not found:
         return None
-    return plausible_mpp(length_to_um(scale, axes[x_axis].get("unit")))
+    return length_to_um(scale, axes[x_axis].get("unit"))

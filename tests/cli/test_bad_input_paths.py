@@ -1,0 +1,105 @@
+"""Paths given on the command line that are not what they seem: one file named twice, a pipe or a link loop
+named like a slide, an empty `--out`, a TIFF header claiming far more pixels than it stores, a patients table
+with capitalised headers. Each is one line and a documented exit code (docs/cohorts.md)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import run_cli_captured
+
+FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def slide(cohort):
+    return next(cohort.glob("*.tif"))
+
+
+def _predict(args, model_file, out, capsys):
+    return run_cli_captured(["predict", *args, "--out", out, "--model", model_file, *FAST], capsys)
+
+
+def test_one_file_named_twice_runs_once(slide, model_file, tmp_path, capsys):
+    """Overlapping globs (`*.tif n*.tif`) gave the same file twice: it failed as 'rename one' (exit 3)."""
+    code, out, err = _predict([slide, slide, str(slide.parent / "." / slide.name)], model_file, tmp_path / "o",
+                              capsys)
+    assert code == 0, err
+    assert out.count(f"{slide.stem}: probability") == 1
+    assert err.count("given twice") == 2 and "analysed once" in err and "error" not in err
+
+
+def test_two_files_of_one_name_still_collide(slide, model_file, tmp_path, capsys):
+    other = tmp_path / "elsewhere" / slide.name
+    other.parent.mkdir()
+    shutil.copy(slide, other)
+    code, _, err = _predict([slide, other], model_file, tmp_path / "o", capsys)
+    assert code == 3 and "rename one" in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs")
+def test_a_pipe_named_like_a_slide_fails_alone_without_hanging(slide, model_file, tmp_path, capsys):
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+    out = tmp_path / "o"
+    code, stdout, err = _predict([fifo, slide], model_file, out, capsys)
+    assert code == 3
+    assert f"wsi-vssm: error: {fifo}: not a regular file: a named pipe (FIFO)" in err
+    assert f"{slide.stem}: probability" in stdout
+    assert not (out / ".state" / "pipe.predict.json").exists()
+    code, _, err = run_cli_captured(["info", fifo], capsys)
+    assert code == 1 and "named pipe" in err and "Traceback" not in err
+
+
+def test_every_slide_failing_says_none_is_done(model_file, tmp_path, capsys):
+    code, _, err = _predict([tmp_path / "a.svs", tmp_path / "b.svs"], model_file, tmp_path / "o", capsys)
+    assert code == 3 and "2 of 2 slide(s) failed; none is done" in err and "the others are done" not in err
+
+
+@pytest.mark.parametrize("command", [["predict", "x.svs", "--out"], ["evaluate", "x", "--out"],
+                                     ["extract", "x.svs", "--model", "default", "--out"],
+                                     ["synth", "--slides", "1"], ["run", "RECIPE", "--out"],
+                                     ["train", "cells", "--data", "IN", "--valid", "IN", "--out"],
+                                     ["train", "mil", "--features", "IN", "--labels", "LABELS", "--out"],
+                                     ["export", "--onnx"]])
+def test_an_empty_output_path_is_a_usage_error(command, tmp_path, capsys, monkeypatch):
+    """`--out "$OUT"` with OUT unset wrote into the current folder (or next to it)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "labels.csv").write_text("slide,label\na,1\n", encoding="utf-8")
+    (inputs / "recipe.toml").write_text('[recipe]\nstages = ["cells"]\n', encoding="utf-8")
+    names = {"IN": inputs, "LABELS": inputs / "labels.csv", "RECIPE": inputs / "recipe.toml"}
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli_captured([names.get(a, a) for a in command] + [""], capsys)
+    assert code == 2 and "is empty" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_tiff_stating_a_huge_size_over_few_tiles_is_corrupt_not_empty(model_file, tmp_path, capsys):
+    """A header saying 200,000 px over 4 stored tiles was read as white background: 'no tissue', exit 0."""
+    path = tmp_path / "liar.tif"
+    tifffile.imwrite(path, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(5000, 5000), resolutionunit="CENTIMETER", metadata=None)
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tf:
+        for name in ("ImageWidth", "ImageLength"):
+            tag = tf.pages[0].tags[name]
+            struct.pack_into("<HHII", data, tag.valueoffset - 8, tag.code, 4, 1, 200_000)
+    path.write_bytes(bytes(data))
+    code, stdout, err = _predict([path], model_file, tmp_path / "o", capsys)
+    assert code == 1 and "no tissue" not in stdout + err
+    assert f"{path}: damaged TIFF directory" in err and "lists 4" in err and "Traceback" not in err
+
+
+def test_patients_table_headers_match_in_any_case(tmp_path):
+    from wsi_vssm.outputs.staging import read_patients_csv
+
+    table = tmp_path / "patients.csv"
+    table.write_text("Patient,SLIDE,Notes\np1,node_0.tif,x\np1,node_1,y\n", encoding="utf-8")
+    assert read_patients_csv(table, cohort_slides=["node_0", "node_1"]) == {"p1": ["node_0", "node_1"]}

@@ -1,0 +1,141 @@
+"""Bad input on the training and export side that once passed silently or failed late: recipe values out of range
+(found only when their stage started, hours in), an empty stage list ("wrote model.pt" with none written),
+`run --precision` missing the dense stage, `export` unable to read the project's own model files, and an export
+size that leaves part-cells. Each error is one stderr line naming the option or file, exit 2 for an option
+(`--set`, `--size`, `--model`) and 1 for a file, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, run_cli_captured, write_tiny_model
+
+RECIPE = REPO / "pipelines" / "default.toml"
+
+
+def _one_line(args, capsys, code: int, *parts: str) -> str:
+    got, out, err = run_cli_captured(args, capsys)
+    assert got == code, (args, out, err)
+    assert err.count("\n") == 1 and err.startswith("wsi-vssm: error: ") and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, (part, err)
+    assert "wrote" not in out
+    return err
+
+
+# ---- recipe value ranges and the stage list: refused before anything trains ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "item, reason",
+    [
+        ("dense.grid=5", "dense.grid must be [low, high] patches per side"),
+        ("dense.token_specificity=1.5", "dense.token_specificity must be in [0.5, 1)"),
+        ("cells.epochs=0", "[cells] epochs must be >= 1, got 0"),
+        ("context.ema=1.0", "[context] ema must be in [0, 1)"),
+        ("mosaic_mil.pooled_bags=1", "mosaic_mil.pooled_bags must be >= 2"),
+        ("cells.precision=fp16", "[cells] unknown precision 'fp16'"),
+        ("recipe.stages=[]", "recipe.stages is empty: give at least one of cells, context"),
+        ('recipe.stages=["cells","dens"]', "unknown recipe stage(s) ['dens']"),
+    ],
+)
+def test_set_value_out_of_range_is_refused_up_front(tmp_path, capsys, item, reason):
+    # data.train is given: without the up-front check the cell stage would start training
+    args = ["run", RECIPE, "--set", f"data.train={tmp_path}", "--set", item, "--out", tmp_path / "o"]
+    _one_line(args, capsys, 2, f"--set {item}: {reason}")
+    assert not (tmp_path / "o").exists()  # nothing written, nothing trained
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("[dense]\ngrid = 5\n", "dense.grid must be [low, high]"),  # a section given but not run: still checked
+        ("[recipe]\nstages = []\n", "recipe.stages is empty"),
+        ('[recipe]\nstages = ["cells", "mosaic_mil"]\n[mosaic_mil]\nepochs = 0\n', "mosaic_mil.epochs must be >= 1"),
+    ],
+)
+def test_value_out_of_range_in_the_recipe_file_is_bad_input(tmp_path, capsys, text, reason):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(text)
+    _one_line(["run", recipe, "--out", tmp_path / "o"], capsys, 1, f"r.toml: {reason}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_overrides_are_checked_together_and_the_culprit_named():
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.training.recipe import apply_overrides, load_recipe
+
+    recipe = load_recipe(RECIPE)
+    # pooled_bags=1 alone is refused (pooled bags need two); with no pooled sizes it is unused: both together pass
+    both = apply_overrides(recipe, ["mosaic_mil.pooled_bags=1", "mosaic_mil.pooled_sizes=[]"])
+    assert both["mosaic_mil"]["pooled_bags"] == 1
+    with pytest.raises(UsageError, match=r"^--set mosaic_mil.pooled_bags=1: "):
+        apply_overrides(recipe, ["cells.lr=0.1", "mosaic_mil.pooled_bags=1", "cells.epochs=3"])
+
+
+def test_run_precision_reaches_every_stage_that_has_one(tmp_path, capsys):
+    from wsi_vssm.training.recipe import recipe_schema
+
+    out = tmp_path / "o"
+    code, _, err = run_cli_captured(["run", RECIPE, "--precision", "bf16", "--out", out], capsys)
+    assert code == 1 and "data.train" in err  # stops at the first stage's missing data, after resolving
+    resolved = json.loads((out / "recipe.resolved.json").read_text())
+    with_precision = [s for s, keys in recipe_schema().items() if isinstance(keys, dict) and "precision" in keys]
+    assert {"cells", "context", "dense", "mosaic_mil"} <= set(with_precision)
+    for stage in with_precision:  # [context] too: a recipe may set its own over [cells]'
+        assert resolved[stage]["precision"] == "bf16", stage
+
+
+# ---- export: the project's model files, and sizes the backbone maps to whole cells ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def test_export_reads_a_wsi_vssm_model_file(tiny_model, tmp_path, capsys):
+    from wsi_vssm.models.export import build_backbone
+    from wsi_vssm.models.model_file import load_backbone
+
+    code, out, err = run_cli_captured(["export", "--checkpoint", tiny_model, "--onnx", tmp_path / "m.onnx",
+                                       "--size", "64", "--no-check"], capsys)
+    assert code == 0 and "error" not in err and (tmp_path / "m.onnx").is_file(), err  # torch's own warnings may show
+    assert out.startswith(f"{tmp_path / 'm.onnx'}: micro features (1, 256, 2, 2) for a 64x64 input")
+    model, (ref, _) = build_backbone(None, tiny_model), load_backbone(tiny_model)
+    assert model.config.scan == "chunked" and model.config.stream_min_pixels is None  # traceable
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())  # the file's weights
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), ref.forward_features(x), atol=1e-4, rtol=0)
+
+
+def test_export_model_file_of_another_architecture_than_model(tiny_model, tmp_path, capsys):
+    args = ["export", "--checkpoint", tiny_model, "--model", "tiny", "--onnx", tmp_path / "m.onnx"]
+    _one_line(args, capsys, 2, "--model tiny", "holds a micro backbone, not tiny")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_checkpoint_that_does_not_fit_is_one_line(tiny_model, tmp_path, capsys):
+    raw = torch.load(tiny_model, weights_only=True)["state_dict"]
+    bare = {k.removeprefix("backbone."): v for k, v in raw.items() if k.startswith("backbone.")}
+    torch.save(bare, tmp_path / "bare.pt")  # micro weights offered for tiny
+    args = ["export", "--checkpoint", tmp_path / "bare.pt", "--model", "tiny", "--onnx", tmp_path / "m.onnx"]
+    _one_line(args, capsys, 1, "bare.pt does not match the model", "(a tiny backbone)")
+
+
+@pytest.mark.parametrize("size, hint", [(63, "e.g. 32 or 64"), (100, "e.g. 96 or 128")])
+def test_export_size_must_be_a_multiple_of_32(tmp_path, capsys, size, hint):
+    args = ["export", "--size", str(size), "--onnx", tmp_path / "m.onnx"]
+    _one_line(args, capsys, 2, f"--size {size}: must be a multiple of 32", hint)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_onnx_refuses_a_part_cell_size(tmp_path):
+    from wsi_vssm.models.export import ExportError, build_backbone, export_onnx
+
+    with pytest.raises(ExportError, match="multiple of 32"):
+        export_onnx(build_backbone("micro"), tmp_path / "x.onnx", size=40)
