@@ -90,6 +90,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs are meant to be shared, as atomic_write_bytes's files
         yield tmp
         _fsync_tree(tmp)
         if path.is_dir() and not path.is_symlink():

@@ -103,3 +103,21 @@ def test_patients_table_headers_match_in_any_case(tmp_path):
     table = tmp_path / "patients.csv"
     table.write_text("Patient,SLIDE,Notes\np1,node_0.tif,x\np1,node_1,y\n", encoding="utf-8")
     assert read_patients_csv(table, cohort_slides=["node_0", "node_1"]) == {"p1": ["node_0", "node_1"]}
+
+
+def test_a_slide_warning_is_printed_once(slide, model_file, tmp_path, capsys):
+    """The slide is opened more than once (tissue, regions): its override warning came out twice."""
+    code, _, err = _predict([slide, "--mpp", "2.1"], model_file, tmp_path / "o", capsys)
+    assert code == 0 and err.count("using the given 2.1 um/px instead") == 1, err
+
+
+def test_a_run_far_from_the_models_resolution_says_so(slide, model_file, tmp_path, capsys):
+    """`--target-mpp 4` with a model trained at 0.97 um/px: predict said nothing (extract warns)."""
+    from wsi_vssm.commands.options import domain_note
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.pipeline.predict import PredictParams
+
+    code, out, _ = _predict([slide], model_file, tmp_path / "o", capsys)
+    model = load_model(model_file)
+    assert code == 0 and f"read the slides at 4 um/px (--target-mpp), not the model's {model.mpp:g}" in out
+    assert "--target-mpp" not in domain_note(model) + domain_note(model, PredictParams(target_mpp=model.mpp))

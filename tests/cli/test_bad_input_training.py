@@ -103,6 +103,7 @@ def test_export_reads_a_wsi_vssm_model_file(tiny_model, tmp_path, capsys):
     code, out, err = run_cli_captured(["export", "--checkpoint", tiny_model, "--onnx", tmp_path / "m.onnx",
                                        "--size", "64", "--no-check"], capsys)
     assert code == 0 and "error" not in err and (tmp_path / "m.onnx").is_file(), err  # torch's own warnings may show
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o644  # as every other output (mkstemp made it 0600)
     assert out.startswith(f"{tmp_path / 'm.onnx'}: micro features (1, 256, 2, 2) for a 64x64 input")
     model, (ref, _) = build_backbone(None, tiny_model), load_backbone(tiny_model)
     assert model.config.scan == "chunked" and model.config.stream_min_pixels is None  # traceable

@@ -77,6 +77,17 @@ def test_atomic_dir_replaces_and_cleans_up(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_atomic_outputs_are_readable_by_others(tmp_path):
+    """mkstemp / mkdtemp make 0600 files and 0700 folders: a shared results folder would hide them."""
+    import stat
+
+    atomic_write_bytes(tmp_path / "f.bin", b"x")
+    with atomic_dir(tmp_path / "d.zarr") as tmp:
+        (tmp / "v").write_text("1")
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d.zarr").stat().st_mode) == 0o755
+
+
 # ---- heatmap -------------------------------------------------------------------------------------------------
 def _validate_ngff_04(path: Path) -> dict:
     """The NGFF 0.4 structure we promise: a zarr v2 group with multiscales, axes, datasets and transforms."""

@@ -399,3 +399,13 @@ def test_extent_threshold_above_the_cell_threshold_is_refused(model_file):
                 merge_distance_cells=None, backend="auto")
     with pytest.raises(OptionError, match="--extent-threshold 0.7 is above the cell threshold 0.6"):
         build_params(_model(model_file), None, **opts)
+
+
+def test_the_overlay_title_says_out_of_domain():
+    from wsi_vssm.pipeline.predict import overlay_title
+
+    record = {"slide": "s", "probability": 0.9, "label": 1, "slide_threshold": 0.5, "cell_threshold": 0.7,
+              "model": {"name": "m"}, "in_domain": True}
+    assert "OUT OF DOMAIN" not in overlay_title(record) and "probability 0.900 -> tumour" in overlay_title(record)
+    title = overlay_title({**record, "in_domain": False})
+    assert title.startswith("s  |  OUT OF DOMAIN") and "probability 0.900 -> tumour" in title

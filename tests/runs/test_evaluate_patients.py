@@ -74,3 +74,54 @@ def test_a_failed_node_leaves_only_its_patient_unstaged(patient_cohort, model_fi
     assert [r["patient"] for r in csv.DictReader((out / "stages.csv").read_text().splitlines())] == ["a"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_patients"] == 1 and metrics["patients_not_staged"] == ["b"] and metrics["kappa"] is not None
+
+
+def _manifest(cohort, path, categories: dict[str, str] | None = None, tumour: tuple[str, ...] = ()) -> None:
+    """A manifest of the cohort's nodes (absolute paths), labelling `tumour` ones 1, with an optional
+    category column."""
+    names = sorted(p.stem for p in cohort.glob("patient_*.tif"))
+    head = "slide,label" + (",category" if categories is not None else "")
+    rows = [f"{cohort / n}.tif,{int(n in tumour)}" + (f",{categories.get(n, 'negative')}" if categories is not None
+                                                      else "") for n in names]
+    path.write_text("\n".join([head, *rows]) + "\n")
+
+
+def test_a_tumour_node_without_a_reference_category_is_refused_before_any_slide(patient_cohort, model_file,
+                                                                                tmp_path, capsys):
+    """A manifest labelling a node tumour, with no category column and no annotation file for it, once staged
+    that node as a negative reference: pN0 against pN0, kappa 1.0, exit 0."""
+    manifest = tmp_path / "m.csv"
+    _manifest(patient_cohort, manifest, tumour=("patient_000_node_1",))
+    out = tmp_path / "ev"
+    code = _cli(["evaluate", manifest, "--patients", patient_cohort / "patients.csv", "--model", model_file,
+                 "--out", out, *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "needs the reference category of every tumour node" in err[0] and "patient_000_node_1" in err[0]
+    assert not (out / "patient_000_node_0").exists(), "no slide runs before the reference is checked"
+
+
+def test_a_manifest_category_column_is_the_reference(patient_cohort, model_file, tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    _manifest(patient_cohort, manifest, categories={"patient_000_node_1": "itc"}, tumour=("patient_000_node_1",))
+    out = tmp_path / "ev"
+    code = _cli(["evaluate", manifest, "--patients", patient_cohort / "patients.csv", "--model", model_file,
+                 "--out", out, *FAST])
+    assert code == 0, capsys.readouterr().err
+    rows = list(csv.DictReader((out / "stages.csv").read_text().splitlines()))
+    assert rows[0]["reference_stage"] == "pN0(i+)"  # one ITC node: the manifest's category was read
+    matrix = json.loads((out / "metrics.json").read_text())["node_confusion"]["matrix"]
+    assert sum(matrix[1]) == 1  # one reference-ITC node
+
+
+def test_confusion_png_draws_the_stage_and_the_node_matrices(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from wsi_vssm.outputs.staging import NODE_CATEGORIES, STAGES, confusion_png, confusions_png
+
+    stage, node = np.eye(len(STAGES), dtype=int), np.eye(len(NODE_CATEGORIES), dtype=int)
+    confusion_png(tmp_path / "one.png", node, NODE_CATEGORIES)
+    confusions_png(tmp_path / "two.png", [(stage, STAGES, "stages"), (node, NODE_CATEGORIES, "nodes")])
+    one, two = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "two.png")
+    assert two.width >= 1.8 * one.width  # two panels side by side, each at least as large as the single one

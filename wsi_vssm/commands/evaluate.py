@@ -32,8 +32,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
     """Evaluate a COHORT: a manifest CSV (slide,label[,split]), a CAMELYON16-style folder (reference.csv), or a
     patch folder in ImageFolder layout (0/, 1/; needs --mpp).
 
-    Writes OUT/metrics.json, OUT/predictions.csv, OUT/roc.png and each slide's prediction folder. A rerun
-    resumes (done slides are skipped). Exit code 3 when the cohort finished with some slides failed, 4 when the
+    Writes OUT/metrics.json, OUT/predictions.csv, OUT/roc.png, OUT/calibration.png (with --patients also
+    OUT/stages.csv and OUT/confusion.png) and each slide's prediction folder. A rerun resumes (done slides are
+    skipped). Exit code 3 when the cohort finished with some slides failed, 4 when the
     report is incomplete (slides still being done by another run on OUT; see --wait-locked).
     """
     from wsi_vssm.errors import UsageError
@@ -45,6 +46,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
 
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
+    params = None  # a patch folder is read at its given --mpp, not resampled
     if is_patch_folder(Path(cohort)):
         from wsi_vssm.commands.options import option_device
         from wsi_vssm.pipeline.extract import Inference
@@ -80,7 +82,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
         lo, hi = m["kappa_ci95"]
         progress.result(f"pN stage: quadratic-weighted kappa {m['kappa']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
                         f"{m['n_patients']} patients -> {out_dir}/stages.csv")
-    progress.result(domain_note(model))
+    progress.result(domain_note(model, params))
     if not res.complete:
         progress.warn(f"the report is incomplete: {m['n_pending']} slide(s) not finished (see predictions.csv); "
                       "rerun when the other run has finished")

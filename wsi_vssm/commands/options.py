@@ -172,7 +172,7 @@ def predict_options(f):
                      help="Cell probability at and above which a cell is tumour: contours, lesions, overlay "
                           "(default: the model's, else 0.5)."),
         click.option("--extent-threshold", type=FiniteFloatRange(0, 1), default=None,
-                     help="Where a lesion ends: cells at or above it that join a cell above --cell-threshold "
+                     help="Where a lesion ends: cells at or above it that join a cell at or above --cell-threshold "
                           "are part of its lesion and contour (default: the model's, else the cell threshold)."),
         click.option("--lesion-merge-cells", "merge_distance_cells", type=FiniteFloatRange(min=0), default=None,
                      help="Lesion pieces at most this many cell widths apart are measured as one lesion "
@@ -281,9 +281,15 @@ def load_cli_model(model_path: str):
     return load_model(model_path)
 
 
-def domain_note(model) -> str:
-    """The line every prediction run ends with: what the model knows, so that no one reads it as a diagnosis."""
+def domain_note(model, params=None) -> str:
+    """The line every prediction run ends with: what the model knows, so that no one reads it as a diagnosis;
+    and, when `--target-mpp` read the slides far from the model's resolution, that this run did (as extract
+    warns: cells and lesions change scale, so the calibration no longer holds)."""
     from wsi_vssm.models.slide_model import domain_text
 
+    target = getattr(params, "target_mpp", None)
+    off = (f" This run read the slides at {target:g} um/px (--target-mpp), not the model's {model.mpp:g}: its "
+           "probabilities and lesion sizes are not calibrated there." if target and
+           abs(target - model.mpp) > 0.05 * model.mpp else "")
     return (f"note: model {model.name!r} was trained on {domain_text(model)} only; on other tissue, "
-            "stains or magnifications its probabilities mean nothing. Research software, not a diagnosis.")
+            f"stains or magnifications its probabilities mean nothing.{off} Research software, not a diagnosis.")

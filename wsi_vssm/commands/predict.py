@@ -17,7 +17,7 @@ from wsi_vssm.commands.options import NonEmptyPath, model_options, mpp_option, p
 @run_options
 @click.pass_context
 def command(ctx, slides, out_dir, model_path, mpp, **opts):
-    """Predict metastasis for SLIDES: prediction.json, heatmap.ome.zarr, overlay.png, contours.geojson.
+    """Predict metastasis for SLIDES: prediction.json, heatmap.ome.zarr, overlay.png, contours.geojson, lesions.csv.
 
     Prints one line per slide. Slides done before with the same model and parameters are skipped; exit code 3
     when some slides failed (the others are done), 1 when the only slide failed. See docs/cohorts.md.
@@ -39,6 +39,6 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
     tasks = slide_tasks(slides, progress)
     summary = run_slides(tasks, job, run, progress)
     if summary.count("done", "skipped"):
-        progress.result(domain_note(model))  # with the results: what the model knows, so no one reads a diagnosis
+        progress.result(domain_note(model, job.params))  # what the model knows, so no one reads a diagnosis
     exit_for(summary, len(tasks))
 

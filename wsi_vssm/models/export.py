@@ -139,6 +139,7 @@ def export_onnx(
         diff = _check_onnxruntime(tmp, x, ref) if check else None
         if diff is not None and diff > atol:
             raise ExportError(f"{out}: onnxruntime output differs from PyTorch by {diff:.2e} (> {atol:.0e})")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; as every other output, readable by others
         os.replace(tmp, out)
     except WsiVssmError:
         raise

@@ -200,24 +200,38 @@ def confusion_png(
     ylabel: str = "reference",
 ) -> None:
     """Write a confusion matrix (rows reference, columns predicted) as an annotated PNG, atomically."""
+    confusions_png(path, [(matrix, labels, title)], xlabel, ylabel)
+
+
+def confusions_png(
+    path: str | os.PathLike,
+    panels: Sequence[tuple[np.ndarray, Sequence[str], str]],
+    xlabel: str = "predicted",
+    ylabel: str = "reference",
+) -> None:
+    """Several confusion matrices side by side (`(matrix, labels, title)` each; rows reference, columns
+    predicted) in one annotated PNG, written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    m = np.asarray(matrix)
-    if m.ndim != 2 or m.shape != (len(labels), len(labels)):
-        raise UsageError(f"confusion matrix must be {len(labels)} x {len(labels)}, got shape {m.shape}")
-    fig = Figure(figsize=(1.2 + 0.75 * len(labels), 1.0 + 0.7 * len(labels)), dpi=120)
+    matrices = [np.asarray(m) for m, _, _ in panels]
+    for m, (_, labels, _) in zip(matrices, panels, strict=True):
+        if m.ndim != 2 or m.shape != (len(labels), len(labels)):
+            raise UsageError(f"confusion matrix must be {len(labels)} x {len(labels)}, got shape {m.shape}")
+    side = max(len(labels) for _, labels, _ in panels)
+    fig = Figure(figsize=((1.2 + 0.75 * side) * len(panels), 1.0 + 0.7 * side), dpi=120)
     FigureCanvasAgg(fig)  # the Agg canvas directly: no pyplot global state
-    ax = fig.add_subplot()
-    ax.imshow(m, cmap="Blues", vmin=0, vmax=max(1, int(m.max())))
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            dark = m[i, j] > m.max() / 2
-            ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8, color="w" if dark else "k")
-    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.set_title(title or f"{int(m.sum())} pairs, {int(np.trace(m))} agree", fontsize=9)
+    for k, (m, (_, labels, title)) in enumerate(zip(matrices, panels, strict=True)):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=max(1, int(m.max())))
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                dark = m[i, j] > m.max() / 2
+                ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8, color="w" if dark else "k")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.set_title(title or f"{int(m.sum())} pairs, {int(np.trace(m))} agree", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -224,8 +224,8 @@ class FeatureDomain:
         few = n_tokens is not None and n_tokens < MIN_TOKENS
         rough = f" (only {n_tokens} tissue tokens: a rough figure)" if few else ""
         if dist > self.threshold:
-            return False, [f"tissue unlike the training data: token feature distance {dist:.1f} > threshold "
-                           f"{self.threshold:.1f} ({self.statistic} Mahalanobis distance){rough}"]
+            return False, [f"tissue unlike the training data: token feature distance {dist:.2f} > threshold "
+                           f"{self.threshold:.2f} ({self.statistic} Mahalanobis distance){rough}"]
         return True, [f"token feature distance {dist:.1f}{rough}"] if few else []
 
     def to_metadata(self) -> dict:

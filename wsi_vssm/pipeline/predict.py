@@ -333,8 +333,11 @@ def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_
 
 
 def overlay_title(record: dict) -> str:
-    """The overlay's one-line title: slide, probability, decision, thresholds and model (3 digits)."""
+    """The overlay's one-line title: slide, probability, decision, thresholds and model (3 digits); a slide out of
+    the model's domain says so next to its call, where a reader of the image looks first."""
     head = f"{record['slide']}  |  "
+    if record.get("in_domain") is False:
+        head += "OUT OF DOMAIN, unreliable (prediction.json: domain_notes)  |  "
     tail = f"  |  cell threshold {record['cell_threshold']:.3f}  |  model {record['model']['name']}"
     if record["probability"] is None:
         return f"{head}no probability: {record['reason']}{tail}"

@@ -115,8 +115,12 @@ def evaluate_cohort(
     folders = {r.name: t.name for r, t in zip(cohort.rows, tasks, strict=True)}  # table name -> output folder
     if patients is not None:
         from wsi_vssm.outputs.staging import read_patients_csv
+        from wsi_vssm.runs.patients import reference_sources
 
-        read_patients_csv(patients, cohort_slides=folders)  # a wrong table fails before any slide runs
+        staged = [s for members in read_patients_csv(patients, cohort_slides=folders).values() for s in members]
+        # a wrong table, or a tumour node with no reference category, fails before any slide runs
+        reference_sources(cohort.source, _cohort_root(cohort_path), staged, cohort.labels(),
+                          annotations and Path(annotations))
     truth = None if annotations is None else _read_annotations(Path(annotations), folders)  # bad files fail now
     check_output_folder(out)
     _start_report(out)
@@ -135,12 +139,16 @@ def evaluate_cohort(
         if patients is not None and not n_unfinished(rows):
             from wsi_vssm.runs.patients import evaluate_patients
 
-            root = Path(cohort_path) if Path(cohort_path).is_dir() else Path(cohort_path).parent
-            metrics.update(evaluate_patients(patients, root, out, folders, annotations and Path(annotations),
-                                             n_boot))
+            metrics.update(evaluate_patients(patients, cohort.source, _cohort_root(cohort_path), out, folders,
+                                             cohort.labels(), annotations and Path(annotations), n_boot))
         if annotations is not None or patients is not None:
             _write_json(out / METRICS_JSON, metrics)
     return EvaluationResult(metrics, rows)
+
+
+def _cohort_root(cohort_path: str | os.PathLike) -> Path:
+    """The folder a cohort's relative paths (and its `annotations/`) hang from."""
+    return Path(cohort_path) if Path(cohort_path).is_dir() else Path(cohort_path).parent
 
 
 def n_unfinished(rows: list[dict]) -> int:

@@ -114,7 +114,8 @@ def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dic
             res.update(error=with_path(f"unexpected {type(e).__name__}: {one_line(e)} (a bug: please report it "
                                         "with the output of --debug)", task),
                        error_type=type(e).__name__, traceback=traceback.format_exc())
-    res["warnings"] = [one_line(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    # once each: the slide is opened more than once (tissue, regions), and each open repeats its warnings
+    res["warnings"] = list(dict.fromkeys(one_line(w.message) for w in caught if issubclass(w.category, UserWarning)))
     res["timings"]["total"] = time.perf_counter() - t0
     return res
 

@@ -2,9 +2,10 @@
 
 The predicted category of a node is that of its largest lesion in `OUT/<slide>/prediction.json` (`lesions`,
 measured by `outputs.lesions`); a slide without lesions is `negative`. The reference category is the `category`
-column of reference.csv when it has one, else the slide's lesion annotations (ASAP XML or GeoJSON in the cohort's
-`annotations/` folder, or `--annotations DIR`) measured by the same diameter rule; no annotation file means
-negative. Patients are staged from their nodes by the CAMELYON17 rules (`outputs.staging`).
+column of the cohort's table (reference.csv or a manifest) when it has one, else the slide's lesion annotations
+(ASAP XML or GeoJSON in the cohort's `annotations/` folder, or `--annotations DIR`) measured by the same diameter
+rule; no annotation file means negative, which a slide labelled tumour cannot be (an error before any slide
+runs). Patients are staged from their nodes by the CAMELYON17 rules (`outputs.staging`).
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ from wsi_vssm.outputs.files import CONFUSION_PNG, PREDICTION_JSON, STAGES_CSV
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
 
 
-def evaluate_patients(patients_csv: str | os.PathLike, cohort_root: Path, out: Path, folders: dict[str, str],
-                      annotations: Path | None = None, n_boot: int = 2000) -> dict:
+def evaluate_patients(patients_csv: str | os.PathLike, table: Path, cohort_root: Path, out: Path,
+                      folders: dict[str, str], labels: dict[str, int], annotations: Path | None = None,
+                      n_boot: int = 2000) -> dict:
     """Stage every patient of `patients_csv` from the predictions in `out` and write stages.csv and the node
     confusion matrix; returns the metrics.json keys (`kappa`, `kappa_ci95`, `node_confusion`, ...).
 
-    `folders` maps each slide name to its output folder under `out`. Raises UsageError when patients.csv names a
-    slide that is not in the cohort. A patient with a node slide without a prediction (it failed) is left out,
+    `table` is the cohort's table (reference.csv or a manifest: its `category` column, if any, is the reference),
+    `labels` its slide labels. `folders` maps each slide name to its output folder under `out`. Raises
+    UsageError when patients.csv names a slide that is not in the cohort, or a tumour node has no reference
+    category (`reference_sources`). A patient with a node slide without a prediction (it failed) is left out,
     with a warning, and listed in `patients_not_staged`.
     """
     from wsi_vssm.outputs.staging import (
-        confusion_png,
+        confusions_png,
         read_patients_csv,
         stage_patients,
         staging_metrics,
@@ -55,18 +59,17 @@ def evaluate_patients(patients_csv: str | os.PathLike, cohort_root: Path, out: P
     records = {s: records[s] for s in slides}
     predicted = {s: predicted_category(rec) for s, rec in records.items()}
     mpps = {s: float(rec["mpp"]["slide"]) for s, rec in records.items()}
-    reference = reference_categories(cohort_root, slides, mpps, annotations)
+    reference = reference_categories(reference_sources(table, cohort_root, slides, labels, annotations), mpps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same patients are staged twice: warn once, below
         ref_stages = stage_patients({p: [reference[s] for s in m] for p, m in patients.items()})
     stages = stage_patients({p: [predicted[s] for s in m] for p, m in patients.items()})
     write_stages_csv(out / STAGES_CSV, stages, ref_stages)
     metrics = staging_metrics(stages, ref_stages, predicted, reference, n_boot=n_boot)
-    confusion = metrics["node_confusion"]
-    import numpy as np
-
-    confusion_png(out / CONFUSION_PNG, np.asarray(confusion["matrix"]), confusion["labels"],
-                  title="nodes: reference (rows) against predicted (columns)")
+    stage, node = metrics["stage_confusion"], metrics["node_confusion"]
+    confusions_png(out / CONFUSION_PNG, [
+        (stage["matrix"], stage["labels"], f"patients' pN stage ({len(stages)}; kappa {metrics['kappa']:.2f})"),
+        (node["matrix"], node["labels"], f"node categories ({len(predicted)})")])
     return {**metrics, "patients_not_staged": unstaged}
 
 
@@ -83,23 +86,39 @@ def predicted_category(record: dict) -> str:
     return node_category([float(les["diameter_mm"]) for les in record.get("lesions") or []])
 
 
-def reference_categories(cohort_root: Path, slides: list[str], slide_mpps: dict[str, float],
-                         annotations: Path | None = None) -> dict[str, str]:
-    """{slide: category}: reference.csv's `category` column when present, else from the lesion annotations."""
-    from wsi_vssm.outputs.staging import node_category_from_annotations, parse_category
-
-    table = _category_column(cohort_root / "reference.csv")
-    if table is not None:
-        missing = [s for s in slides if s not in table]
+def reference_sources(table: Path, cohort_root: Path, slides: list[str], labels: dict[str, int],
+                      annotations: Path | None = None) -> dict[str, str | Path]:
+    """{slide: where its reference category comes from}: the cohort table's `category` column (the value), else
+    its lesion annotation file (a Path), else `negative`. Cheap (nothing is measured), so `evaluate` calls it
+    before any slide runs. A slide labelled tumour with neither raises UsageError: staged as negative, its
+    patient's reference pN would be wrong and the kappa flattered."""
+    table_categories = _category_column(table)
+    if table_categories is not None:
+        missing = [s for s in slides if s not in table_categories]
         if missing:
-            raise UsageError(f"{cohort_root / 'reference.csv'}: no category for {', '.join(missing[:5])}")
-        return {s: parse_category(table[s], f"reference.csv, slide {s}") for s in slides}
+            raise UsageError(f"{table}: no category for {', '.join(missing[:5])}")
+        return {s: table_categories[s] for s in slides}
     folder = annotations or cohort_root / "annotations"
-    out = {}
+    out: dict[str, str | Path] = {}
     for s in slides:
         path = next((folder / f"{s}{ext}" for ext in ANNOTATION_SUFFIXES if (folder / f"{s}{ext}").is_file()), None)
-        out[s] = "negative" if path is None else node_category_from_annotations(path, slide_mpps[s])
+        out[s] = "negative" if path is None else path
+    unknown = [s for s in slides if out[s] == "negative" and labels.get(s) == 1]
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise UsageError(f"{table}: --patients needs the reference category of every tumour node, but "
+                         f"{', '.join(unknown[:5])}{more} (labelled tumour) has no `category` column in the "
+                         f"table and no annotation file in {folder}; add a category column (negative, itc, "
+                         "micro, macro) or give --annotations DIR")
     return out
+
+
+def reference_categories(sources: dict[str, str | Path], slide_mpps: dict[str, float]) -> dict[str, str]:
+    """{slide: category} from `reference_sources`: a table's value parsed, an annotation file measured."""
+    from wsi_vssm.outputs.staging import node_category_from_annotations, parse_category
+
+    return {s: node_category_from_annotations(src, slide_mpps[s]) if isinstance(src, Path)
+            else parse_category(src, f"category of slide {s}") for s, src in sources.items()}
 
 
 def _category_column(path: Path) -> dict[str, str] | None:

@@ -302,8 +302,11 @@ def report_outcome(o: Outcome, job, progress: Progress, debug: bool) -> None:
         for w in state.get("warnings") or []:
             progress.warn(w)
         progress.result(job.describe(o.task.name, state.get("result") or {}, state.get("timings") or {}))
-    elif o.status == "skipped":
-        progress.result(f"{o.task.name}: up to date ({job.where(o.task.name)})")
+    elif o.status == "skipped":  # with its result, so a rerun's output still answers "what did it get?"
+        result, name = state.get("result"), o.task.name
+        line = job.describe(name, result, state.get("timings") or {}) if result else ""
+        done = line[len(name) + 2:] if line.startswith(f"{name}: ") else f"({job.where(name)})"
+        progress.result(f"{name}: up to date, done before: {done}")
     elif o.status == "locked":
         progress.warn(f"{o.task.name}: {o.message}; not done by this run")
     else:
