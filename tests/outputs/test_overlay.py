@@ -86,6 +86,7 @@ def test_below_threshold_is_exactly_the_thumbnail_and_above_is_tinted(tmp_path, 
     assert (panel[below] == thumb[below]).all()  # bit for bit: no dark or grey veil over low probability
     assert (panel[~below] != thumb[~below]).any(axis=-1).mean() > 0.9
     assert [p.name for p in tmp_path.iterdir()] == ["overlay.png"]  # atomic: no temporary left
+    assert Image.open(path).mode == "RGB"  # opaque: no alpha channel to store
 
 
 def test_opacity_rises_with_probability(tmp_path):

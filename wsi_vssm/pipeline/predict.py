@@ -337,7 +337,7 @@ def overlay_title(record: dict) -> str:
     the model's domain says so next to its call, where a reader of the image looks first."""
     head = f"{record['slide']}  |  "
     if record.get("in_domain") is False:
-        head += "OUT OF DOMAIN, unreliable (prediction.json: domain_notes)  |  "
+        head += "OUT OF DOMAIN, unreliable  |  "
     tail = f"  |  cell threshold {record['cell_threshold']:.3f}  |  model {record['model']['name']}"
     if record["probability"] is None:
         return f"{head}no probability: {record['reason']}{tail}"
