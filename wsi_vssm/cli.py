@@ -65,6 +65,11 @@ def _terminated() -> None:
     sys.exit(EXIT_TERMINATED)
 
 
+def _interrupted() -> None:
+    click.echo("wsi-vssm: interrupted; finished slides are kept: rerun the same command to resume", err=True)
+    sys.exit(130)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings outside any slide's run (e.g. while a model loads) as one line, like errors."""
     click.echo(f"wsi-vssm: warning: {one_line(message)}", err=True)
@@ -96,8 +101,7 @@ def main(argv=None):
     except click.Abort as e:  # click turns KeyboardInterrupt (and so Terminated) into Abort
         if isinstance(e.__context__, Terminated):
             _terminated()
-        click.echo("wsi-vssm: aborted", err=True)
-        sys.exit(130)
+        _interrupted()
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -115,8 +119,7 @@ def main(argv=None):
     except Terminated:
         _terminated()
     except KeyboardInterrupt:
-        click.echo("wsi-vssm: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     finally:
         if previous is not None:  # main() may run inside another program (tests)
             signal.signal(signal.SIGTERM, previous)

@@ -121,3 +121,31 @@ def test_a_run_far_from_the_models_resolution_says_so(slide, model_file, tmp_pat
     model = load_model(model_file)
     assert code == 0 and f"read the slides at 4 um/px (--target-mpp), not the model's {model.mpp:g}" in out
     assert "--target-mpp" not in domain_note(model) + domain_note(model, PredictParams(target_mpp=model.mpp))
+
+
+def test_ctrl_c_says_how_to_resume(slide, capsys, monkeypatch):
+    """click turns Ctrl-C into Abort, which printed only 'aborted'."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("wsi_vssm.io.open_slide", interrupted)
+    code, _, err = run_cli_captured(["info", slide], capsys)
+    assert code == 130 and "interrupted; finished slides are kept: rerun the same command to resume" in err
+
+
+
+def test_a_tiny_cohorts_auc_interval_is_flagged(cohort, model_file, tmp_path, capsys):
+    """Four perfectly separated slides printed 'AUC 1.000 (95% CI 1.000-1.000)' with nothing to temper it."""
+    code, out, err = run_cli_captured(["evaluate", cohort, "--out", tmp_path / "ev", "--model", model_file,
+                                       "--bootstrap", "200", *FAST], capsys)
+    assert code == 0 and "AUC " in out
+    assert "the AUC rests on 1 tumour and 2 normal slide(s)" in err and "not a reliable measure" in err
+
+
+def test_a_writers_default_dpi_is_named():
+    from wsi_vssm.io.base import ignored_mpp
+
+    note = ignored_mpp({"tiff.XResolution": "72", "tiff.ResolutionUnit": "2"})
+    assert "implausible 352.8 um/px (TIFF resolution tags: 72 dpi, an image writer's default" in note
+    assert "dpi" not in ignored_mpp({"openslide.mpp-x": "50"})

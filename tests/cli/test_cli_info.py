@@ -122,3 +122,12 @@ def test_error_from_a_fresh_process_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"wsi-vssm: error: {path}: ")
+
+
+def test_info_says_what_the_stain_looks_like(capsys):
+    """`info` said only "no tissue found" for a fluorescence slide, which predict flags at once."""
+    fluo = shared_file("slides", "fluorescence-tritc.ndpi")
+    code, out, _ = run_cli(capsys, str(fluo))
+    assert code == 0 and "stain:       looks like fluorescence" in out
+    code, out, _ = run_cli(capsys, str(SAMPLE))
+    assert code == 0 and "stain:       looks like brightfield H&E" in out

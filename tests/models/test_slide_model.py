@@ -137,3 +137,55 @@ def test_saved_metadata_strings_are_exact_str(model, tmp_path):
     save_model(model, tmp_path / "m.pt", metadata={"torch_version": torch.__version__})
     ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
     assert ckpt["metadata"]["torch_version"] == str(torch.__version__)
+
+
+def _mil_checkpoint(path, mil, metadata: dict) -> None:
+    torch.save({"format": "wsi-vssm-mil/1", "mil_config": mil.config.to_dict(), "state_dict": mil.state_dict(),
+                "metadata": metadata}, path)
+
+
+def test_attach_mil_takes_a_cell_head_only_if_the_trainer_trained_it(model, tmp_path):
+    """`train mil` without --model stores its random, frozen cell head: attaching it turned the heatmap to noise."""
+    from wsi_vssm.models.model_file import state_dict_hash
+
+    torch.manual_seed(2)
+    other = SlideModel.create("micro").mil  # a full head: random cell head included
+    own = {"features": {"model_hash": state_dict_hash(model.backbone.state_dict())}}
+    m = load_model(save_model(model, tmp_path / "m.pt"))
+    head = m.mil.cell_head.weight.clone()
+    _mil_checkpoint(tmp_path / "frozen.pt", other, {**own, "train_config": {"train_cell_head": False}})
+    attach_mil(m, tmp_path / "frozen.pt")
+    assert torch.equal(m.mil.cell_head.weight, head) and torch.equal(m.mil.classifier.weight, other.classifier.weight)
+    _mil_checkpoint(tmp_path / "trained.pt", other, {**own, "train_config": {"train_cell_head": True}})
+    attach_mil(m, tmp_path / "trained.pt")
+    assert torch.equal(m.mil.cell_head.weight, other.cell_head.weight)
+
+
+def test_attach_mil_refuses_a_head_trained_on_another_backbones_features(model, tmp_path):
+    m = load_model(save_model(model, tmp_path / "m.pt"))
+    _mil_checkpoint(tmp_path / "mil.pt", m.mil, {"features": {"model_hash": "0123456789abcdef"}})
+    with pytest.raises(ModelFileError, match="features of another backbone") as e:
+        attach_mil(m, tmp_path / "mil.pt")
+    _one_line(e, "mil.pt")
+
+
+def test_a_mil_checkpoint_given_as_a_model_says_how_to_attach_it(model, tmp_path):
+    _mil_checkpoint(tmp_path / "mil.pt", model.mil, {})
+    with pytest.raises(ModelFileError, match="a MIL head from `train mil`: attach it") as e:
+        load_model(tmp_path / "mil.pt")
+    _one_line(e, "mil.pt")
+
+
+def test_the_attach_stage_resets_the_slide_threshold(model, tmp_path, capsys):
+    from wsi_vssm.models.model_file import state_dict_hash
+    from wsi_vssm.training.recipe import run_recipe
+
+    base = save_model(model, tmp_path / "base.pt", metadata={"slide_threshold": 0.71, "threshold": 0.71})
+    own = {"features": {"model_hash": state_dict_hash(model.backbone.state_dict())}}
+    _mil_checkpoint(tmp_path / "mil.pt", model.mil, own)
+    recipe = {"recipe": {"stages": ["attach_mil"]},
+              "attach_mil": {"checkpoint": str(tmp_path / "mil.pt"), "model": str(base)}}
+    out = run_recipe(recipe, tmp_path / "out", progress=False)
+    attached = load_model(out)
+    assert attached.metadata["slide_threshold"] == 0.5 and attached.metadata["threshold"] == 0.5
+    assert "was 0.71" in capsys.readouterr().out

@@ -312,3 +312,15 @@ def test_cli_features_folder_without_stores_is_named(feature_bags, tmp_path, cap
     _one_line_error([*args, d], capsys, f"--features {d}", "none of the 2 labelled slide(s)", "reference.csv",
                     "n00")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_mil_takes_the_default_model_by_name(tmp_path, capsys):
+    """`--model default` works for predict and extract; train mil refused it as a missing file."""
+    from conftest import run_cli_captured
+
+    for i, tumour in enumerate((True, False, True, False)):
+        _store(tmp_path / "f" / f"s{i}.zarr", i, tumour)  # stores of another backbone than the default's
+    (tmp_path / "labels.csv").write_text("slide,label\n" + "".join(f"s{i},{i % 2 == 0:d}\n" for i in range(4)))
+    code, _, err = run_cli_captured(["train", "mil", "--features", tmp_path / "f", "--labels", tmp_path / "labels.csv",
+                                     "--model", "default", "--out", tmp_path / "m.pt", "--epochs", "1"], capsys)
+    assert code == 1 and "features were made by another backbone than the one in" in err and "default.pt" in err

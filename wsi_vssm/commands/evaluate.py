@@ -42,7 +42,13 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
     if not Path(cohort).exists():  # before any heavy import: a typo fails at once
         raise UsageError(f"{cohort}: no such cohort file or folder")
     from wsi_vssm.commands.options import build_params, domain_note, load_cli_model, model_file, pop_run_options
-    from wsi_vssm.runs.evaluate import evaluate_cohort, evaluate_patches, is_patch_folder, separation_warning
+    from wsi_vssm.runs.evaluate import (
+        evaluate_cohort,
+        evaluate_patches,
+        is_patch_folder,
+        separation_warning,
+        small_cohort_warning,
+    )
 
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
@@ -66,9 +72,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
                               model_path=model_file(model_path), run=run, progress=progress, patients=patients)
     m = res.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
-    warning = separation_warning(res)
-    if warning:
-        progress.warn(warning)
+    for warning in (separation_warning(res), small_cohort_warning(res)):
+        if warning:
+            progress.warn(warning)
     pending = f", not finished={m['n_pending']} (incomplete)" if m.get("n_pending") else ""
     progress.result(f"AUC {auc}; n={m['n']}, failed={m['n_failed']}{pending} -> {out_dir}/metrics.json")
     cal = m.get("calibration") or {}

@@ -50,10 +50,12 @@ def slide_info(path: str, backend: str = "auto", mpp: float | None = None) -> di
     """The facts `info` prints, as a JSON-ready dict."""
     from wsi_vssm.io import open_slide
     from wsi_vssm.io.tissue import slide_tissue
+    from wsi_vssm.pipeline.domain import stain_check
 
     with open_slide(path, backend=backend, mpp=mpp) as reader:
         tissue = slide_tissue(reader)  # the same mask predict and extract use
         thumb, fraction = tissue.thumbnail, tissue.fraction
+        stain = stain_check(thumb, tissue.mask)  # predict's stain rule: fluorescence or IHC shows before a run
         if fraction == 0:
             warnings.warn(f"{reader.path}: no tissue found on the thumbnail", stacklevel=2)
         levels = [
@@ -80,6 +82,7 @@ def slide_info(path: str, backend: str = "auto", mpp: float | None = None) -> di
             "associated_images": sorted(reader.associated_images),
             "tissue_fraction": round(fraction, 4),
             "thumbnail_side": max(thumb.shape[:2]),
+            "stain_notes": stain,
         }
 
 
@@ -113,4 +116,7 @@ def format_info(r: dict) -> str:
     lines.append(
         f"tissue:      {r['tissue_fraction']:.1%} of the slide (thumbnail, {r['thumbnail_side']} px)"
     )
+    plain = "looks like brightfield H&E" if r["tissue_fraction"] > 0 else "not judged: no tissue found"
+    stain = "; ".join(r.get("stain_notes") or []) or plain
+    lines.append(f"stain:       {stain}")
     return "\n".join(lines)

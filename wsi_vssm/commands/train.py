@@ -37,8 +37,9 @@ command = click.Group("train", help="Train models: `mil` fits the slide-level at
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-cells", type=click.IntRange(min=1), default=None,
               help="Random cells per training bag per step (default: all).")
-@click.option("--model", "model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="The slide-model file whose backbone made the features: its trained cell head is kept.")
+@click.option("--model", "model_file", default=None,
+              help="The slide-model file (or 'default', the packaged one) whose backbone made the features: its "
+                   "trained cell head is kept.")
 @click.option("--train-cell-head/--freeze-cell-head", default=False, show_default=True,
               help="Also train the per-cell head (MIL max-instance loss).")
 @click.option("--log", "log_path", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
@@ -63,6 +64,11 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
                          train_cell_head=train_cell_head, device=dev, precision=precision)
     head = None
     if model_file is not None:
+        from wsi_vssm.commands.options import model_file as resolve_model
+
+        model_file = Path(resolve_model(model_file))
+        if not model_file.is_file():
+            raise OptionError(f"--model {model_file}: no such model file")
         head, backbone_hash = cell_head_from_model(model_file)
         _check_backbone(backbone_hash, train + valid, model_file)
     log_path = log_path or out.with_name(out.stem + ".log.csv")

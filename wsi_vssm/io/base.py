@@ -76,6 +76,7 @@ def tiff_resolution_um(resolution: object, unit: object) -> float | None:
     return per_unit / pixels if pixels > 0 else None
 
 
+WRITER_DPI = (72, 96, 150, 300, 600)  # resolutions image software writes when it knows none
 OME_STATED_UM = "ome.pixel-size-x-um"  # the property holding OME's stated pixel size, plausible or not
 
 
@@ -95,6 +96,9 @@ def ignored_mpp(properties: dict[str, str]) -> str | None:
             continue
         if math.isfinite(mpp) and lo <= mpp <= hi:
             return None
+        dpi = 25400.0 / mpp if mpp > 0 else 0.0
+        if any(abs(dpi - d) < 0.01 for d in WRITER_DPI):  # e.g. 72 dpi: image software's default, not a scan's
+            where += f": {round(dpi)} dpi, an image writer's default rather than the scan's resolution"
         return f"the file states an implausible {mpp:.4g} um/px ({where}; plausible: {lo:g}-{hi:g}), so it was ignored"
     return None
 

@@ -140,7 +140,10 @@ def read_model_file(path: str | os.PathLike, required: tuple[str, ...] = REQUIRE
         raise ModelFileError(f"{path}: not a wsi-vssm model file ({getattr(e, 'reason', e)})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ModelFileError(f"{path}: not a wsi-vssm model file (format {found!r}, expected {MODEL_FORMAT!r})")
+        hint = ("; it is a MIL head from `train mil`: attach it to a slide model first (docs/features.md)"
+                if found == MIL_FORMAT else "")
+        raise ModelFileError(f"{path}: not a wsi-vssm model file (format {found!r}, expected {MODEL_FORMAT!r})"
+                             f"{hint}")
     missing = [k for k in required if k not in ckpt]
     if missing:
         raise ModelFileError(f"{path}: model file lacks {', '.join(missing)}")

@@ -29,6 +29,7 @@ from wsi_vssm.models.model_file import (
     check_architecture,
     check_weights,
     read_model_file,
+    state_dict_hash,
 )
 from wsi_vssm.models.vssm import VSSM, VSSMConfig
 
@@ -152,8 +153,6 @@ def model_identity(model: SlideModel) -> dict:
     - `sha256`: of the model file as loaded (None for a model built in memory), to check a download;
     - `domain`: one line on what the model was trained on (its metadata's `domain`, else the default's).
     """
-    from wsi_vssm.models.model_file import state_dict_hash
-
     return {"weights_hash": state_dict_hash(model.state_dict()), "sha256": getattr(model, "file_sha256", None),
             "domain": domain_text(model)}
 
@@ -208,8 +207,11 @@ def _build(ckpt: dict, path: Path, scan: str | None) -> SlideModel:
 def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
     """Replace the MIL head's weights by those of a MIL checkpoint (`wsi-vssm-mil/1`, from the MIL trainer).
 
-    The cell head stays from the cell stage unless the MIL checkpoint holds one; every other key and shape
-    must match the model's MIL head. Returns `model` (changed in place).
+    The cell head stays the model's unless the MIL trainer trained one (`train_cell_head`): a frozen head in
+    the checkpoint is either this one or a random one (`train mil` without `--model`), never better. The
+    checkpoint's features must have been made by this model's backbone (its `metadata.features.model_hash`),
+    else the head would score features it never saw. Every other key and shape must match the model's MIL
+    head. Returns `model` (changed in place).
     """
     path = Path(path)
     try:
@@ -225,7 +227,14 @@ def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
     raw = ckpt["state_dict"]
     if not (isinstance(raw, Mapping) and all(isinstance(v, torch.Tensor) for v in raw.values())):
         raise ModelFileError(f"{path}: the MIL checkpoint's state_dict is not a mapping of tensors")
-    sd = {k: v.float() for k, v in raw.items()}
+    meta = ckpt.get("metadata") if isinstance(ckpt.get("metadata"), Mapping) else {}
+    made_with = (meta.get("features") or {}).get("model_hash")
+    own_hash = state_dict_hash(model.backbone.state_dict())
+    if made_with and made_with != own_hash:
+        raise ModelFileError(f"{path}: its MIL head was trained on features of another backbone ({made_with[:12]}) "
+                             f"than this model's ({own_hash[:12]}); extract the features with this model")
+    trained_cells = bool((meta.get("train_config") or {}).get("train_cell_head"))
+    sd = {k: v.float() for k, v in raw.items() if trained_cells or not k.startswith("cell_head.")}
     if cfg and cfg != model.mil.config.to_dict():
         old_head = model.mil.cell_head.state_dict()
         try:

@@ -66,6 +66,21 @@ def separation_warning(result: EvaluationResult) -> str | None:
     return None
 
 
+SMALL_CLASS = 10  # fewer slides of a class than this: the AUC's bootstrap interval says little
+
+
+def small_cohort_warning(result: EvaluationResult) -> str | None:
+    """One line when a class has fewer than SMALL_CLASS scored slides: the percentile bootstrap then gives
+    intervals such as 1.000-1.000 on four perfectly separated slides, which read as certainty."""
+    labels = [r["label"] for r in result.rows
+              if r["status"] == "done" and r["probability"] is not None and r["label"] is not None]
+    n1, n0 = sum(1 for y in labels if y == 1), sum(1 for y in labels if y == 0)
+    if result.metrics.get("auc") is None or min(n1, n0) >= SMALL_CLASS:
+        return None
+    return (f"the AUC rests on {n1} tumour and {n0} normal slide(s): with fewer than {SMALL_CLASS} of a class its "
+            "bootstrap interval is not a reliable measure of uncertainty")
+
+
 def is_patch_folder(path: Path) -> bool:
     return path.is_dir() and (path / "0").is_dir() and (path / "1").is_dir() and not (path / "reference.csv").exists()
 

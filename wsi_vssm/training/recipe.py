@@ -24,7 +24,7 @@ STAGES = ("cells", "context", "dense", "mosaic_mil", "attach_mil")
 RUNNER_KEYS = {
     "recipe": {"name": str, "description": str, "stages": str | list[str], "out": str},
     "data": {"train": str, "valid": str, "slides": str},
-    "attach_mil": {"checkpoint": str},
+    "attach_mil": {"checkpoint": str, "model": str},
 }
 _TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
                bool: ("true or false", "true/false values")}
@@ -381,8 +381,15 @@ def _stage_attach(recipe: dict, model_path: Path) -> None:
     ckpt = recipe.get("attach_mil", {}).get("checkpoint")
     if not ckpt:
         raise UsageError("stage attach_mil needs attach_mil.checkpoint (--set attach_mil.checkpoint=PATH)")
-    model = attach_mil(load_model(model_path), ckpt)
+    # attach_mil.model: the slide model to attach to (a file or 'default'), else the earlier stages' OUT/model.pt
+    base = recipe.get("attach_mil", {}).get("model") or model_path
+    model = attach_mil(load_model(base), ckpt)
     meta = dict(model.metadata)
-    meta["mil_stage"] = {"method": "attached MIL checkpoint", "checkpoint": str(ckpt)}
+    old = meta.get("slide_threshold", meta.get("threshold"))
+    # the old threshold was chosen for the old head; the MIL trainer chooses none, so the neutral one is stated
+    meta["slide_threshold"] = meta["threshold"] = 0.5
+    meta["mil_stage"] = {"method": "attached MIL checkpoint", "checkpoint": str(ckpt),
+                         "slide_threshold": "0.5: not chosen on data (the trainer stores none)"}
     save_model(model, model_path, meta)
-    print(f"attach_mil: MIL head from {ckpt}")
+    print(f"attach_mil: MIL head from {ckpt}; slide_threshold 0.5 (was {old}, chosen for the previous head): "
+          "uncalibrated, choose one on your own selection slides (predict --threshold)")
