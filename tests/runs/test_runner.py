@@ -219,6 +219,61 @@ def test_dask_local_cluster_equals_the_serial_run(model_file, cohort, reference,
     assert os.getpid() not in pids  # the slides ran in the cluster's worker processes
 
 
+class _Finished:
+    """A Dask future whose slide has run (in this process) and finished."""
+
+    status = "finished"
+
+    def __init__(self, key, value):
+        self.key, self._value = key, value
+
+    def result(self):
+        return self._value
+
+
+def test_dask_ctrl_c_keeps_the_slides_the_workers_finished(model_file, cohort, reference, tmp_path, monkeypatch,
+                                                           capsys):
+    """Ctrl-C while the driver waits: slides whose futures had finished kept state `running` and were redone."""
+    import distributed
+
+    from wsi_vssm.runs import dask as run_dask
+
+    class Client:
+        def scheduler_info(self):
+            return {"workers": {"w": {}}}  # one worker: two slides in flight
+
+        def submit(self, fn, *args, pure, key):
+            return _Finished(key, fn(*args))  # runs the slide now: both in-flight slides finish
+
+        def close(self):
+            pass
+
+    class InterruptAfterFirst:  # hands back the first finished slide, then Ctrl-C arrives
+        def __init__(self):
+            self.futures = []
+
+        def add(self, fut):
+            self.futures.append(fut)
+
+        def __iter__(self):
+            yield self.futures[0]
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_dask, "_client", lambda opts, progress: (Client(), None))
+    monkeypatch.setattr(distributed, "as_completed", InterruptAfterFirst)
+    out = tmp_path / "dask"
+    args = ["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]
+    assert _cli([*args, "--workers", 1]) == 130
+    statuses = {n: read_state(out, "predict", n)["status"] for n in ("normal_001", "normal_002", "tumor_001")}
+    # one gathered before the interrupt, two finished but not gathered yet (the next was submitted meanwhile)
+    assert set(statuses.values()) == {"done"}, statuses
+    assert not list((out / STATE_DIR).glob("*.lock"))
+    monkeypatch.undo()
+    assert _cli(args) == 0
+    assert capsys.readouterr().out.count("up to date, done before") == 3  # nothing redone
+    _same_results(out, reference)
+
+
 def test_dask_split_regions_equal_the_serial_run(model_file, cohort, tmp_path):
     """A slide of more regions than --split-regions runs as region-batch tasks on the cluster's workers; the
     driver assembles its cells and finishes it: the same probabilities and heatmaps as a serial run."""

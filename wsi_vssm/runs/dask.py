@@ -46,14 +46,14 @@ def run_dask(todo: list[SlideTask], job, opts, progress: Progress, finish) -> No
                     _run_split(client, task, job, lock, state, opts.split_regions, progress, finish)
                     continue
                 fut = client.submit(_dask_execute, job, task, pure=False, key=f"{job.kind}-{task.name}-{id(task)}")
-                inflight[fut.key] = (task, lock, state)
+                inflight[fut.key] = (task, lock, state, fut)
                 done.add(fut)
                 return
 
         for _ in range(window):
             submit_next()
         for fut in done:
-            task, lock, state = inflight.pop(fut.key)
+            task, lock, state, _ = inflight.pop(fut.key)
             try:
                 res = fut.result()
             except Exception as e:  # noqa: BLE001 -- a worker that died (KilledWorker) or lost: the slide fails
@@ -62,12 +62,29 @@ def run_dask(todo: list[SlideTask], job, opts, progress: Progress, finish) -> No
                        "timings": {}}
             finish(finish_slide(task, job, lock, state, res))
             submit_next()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what the workers have already finished
+        _record_finished(inflight, job)
+        raise
     finally:
-        for _task, lock, _state in inflight.values():
+        for _task, lock, _state, _fut in inflight.values():
             lock.release()
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _record_finished(inflight: dict, job) -> None:
+    """Write the states of slides whose futures have finished but were not gathered yet, so that the rerun after
+    an interrupt skips them instead of redoing finished work; the others stay `running` (redone)."""
+    for key, (task, lock, state, fut) in list(inflight.items()):
+        if fut.status != "finished":
+            continue
+        try:
+            res = fut.result()
+        except Exception:  # noqa: BLE001 -- unwinding an interrupt: a result we cannot fetch is simply redone
+            continue
+        finish_slide(task, job, lock, state, res)
+        del inflight[key]
 
 
 def _client(opts, progress: Progress):
