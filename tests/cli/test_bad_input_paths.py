@@ -149,3 +149,23 @@ def test_a_writers_default_dpi_is_named():
     note = ignored_mpp({"tiff.XResolution": "72", "tiff.ResolutionUnit": "2"})
     assert "implausible 352.8 um/px (TIFF resolution tags: 72 dpi, an image writer's default" in note
     assert "dpi" not in ignored_mpp({"openslide.mpp-x": "50"})
+
+
+def test_annotation_files_match_slide_names_exactly_and_gaps_are_named(cohort, tmp_path, recwarn):
+    """`glob(name + ext)` let `tumor[1]` take `tumor1.xml` and missed `x.XML`; a tumour slide without its file
+    silently became a normal one in the FROC."""
+    from wsi_vssm.runs.evaluate import _read_annotations
+
+    xml = (cohort / "annotations" / "tumor_001.xml").read_bytes()
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    (ann / "tumor1.xml").write_bytes(xml)
+    (ann / "upper.XML").write_bytes(xml)
+    (ann / "both.xml").write_bytes(xml)
+    (ann / "both.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    folders = {n: n for n in ("tumor[1]", "upper", "both", "normal")}
+    found = _read_annotations(ann, folders, {"tumor[1]": 1, "upper": 1, "both": 1, "normal": 0})
+    assert sorted(found) == ["both", "upper"]  # exact names, any extension case; tumor[1] is no wildcard
+    notes = [str(w.message) for w in recwarn]
+    assert any("both (both.xml, both.geojson: both.xml used)" in n for n in notes), notes
+    assert any("1 slide(s) labelled tumour have no tumour annotation" in n and ": tumor[1];" in n for n in notes)

@@ -136,7 +136,8 @@ def evaluate_cohort(
         # a wrong table, or a tumour node with no reference category, fails before any slide runs
         reference_sources(cohort.source, _cohort_root(cohort_path), staged, cohort.labels(),
                           annotations and Path(annotations))
-    truth = None if annotations is None else _read_annotations(Path(annotations), folders)  # bad files fail now
+    truth = (None if annotations is None  # bad files fail now, before any slide runs
+             else _read_annotations(Path(annotations), folders, cohort.labels()))
     check_output_folder(out)
     _start_report(out)
     after = _interim_table(out, cohort.rows, tasks, on_slide, progress)
@@ -453,18 +454,41 @@ def _froc(out: Path, scored: list[dict], annotated: dict, folders: dict[str, str
     return froc(detections, truth, mpps).as_dict()
 
 
-def _read_annotations(annotations: Path, folders: dict[str, str]) -> dict:
-    """Each slide's parsed annotations, for the slides that have a file (named like its table name or its
-    output folder; .xml, .geojson or .json). Read before the cohort runs, so that a malformed file fails with
-    its one-line error then, not after every slide has been analysed."""
+ANNOTATION_EXTS = (".xml", ".geojson", ".json")  # in this order when a slide has several files
+
+
+def _read_annotations(annotations: Path, folders: dict[str, str], labels: dict[str, int] | None = None) -> dict:
+    """Each slide's parsed annotations, for the slides that have a file: named exactly like its table name or
+    its output folder (the extension in any case: .xml, .geojson or .json; no wildcards, so `tumor[1]` finds
+    only `tumor[1].xml`). Read before the cohort runs, so that a malformed file fails with its one-line error
+    then, not after every slide has been analysed. A slide labelled tumour (`labels`) without a file, or whose
+    file holds no tumour area, is named in a warning: the FROC counts its detections as false positives."""
+    import warnings
+
     from wsi_vssm.io.annotations import read_annotations
 
-    found = {}
+    by_name: dict[str, Path] = {}
+    for p in sorted(annotations.iterdir()):
+        if p.is_file() and p.suffix.lower() in ANNOTATION_EXTS:
+            by_name.setdefault(p.stem + p.suffix.lower(), p)
+    found, unannotated, several = {}, [], []
     for slide, folder in folders.items():
-        files = [p for name in dict.fromkeys((slide, folder)) for ext in (".xml", ".geojson", ".json")
-                 for p in annotations.glob(name + ext)]
+        files = list(dict.fromkeys(by_name[name + ext] for name in (slide, folder) for ext in ANNOTATION_EXTS
+                                   if name + ext in by_name))
+        if len(files) > 1:
+            several.append(f"{slide} ({', '.join(p.name for p in files)}: {files[0].name} used)")
         if files:
             found[slide] = read_annotations(files[0])
+        if (labels or {}).get(slide) == 1 and (not files or found[slide].tumor.is_empty):
+            unannotated.append(slide)
+    if several:
+        warnings.warn(f"{len(several)} slide(s) have several annotation files in {annotations}: "
+                      f"{'; '.join(several[:5])}", UserWarning, stacklevel=3)
+    if unannotated:
+        more = f" and {len(unannotated) - 5} more" if len(unannotated) > 5 else ""
+        warnings.warn(f"{len(unannotated)} slide(s) labelled tumour have no tumour annotation in {annotations} "
+                      f"(no file named like the slide, or no tumour area in it): {', '.join(unannotated[:5])}{more}; "
+                      "the FROC counts their detections as false positives", UserWarning, stacklevel=3)
     return found
 
 
