@@ -81,6 +81,17 @@ def run_cli_captured(args, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def assert_one_line_error(args, capsys, code: int, *parts: str) -> tuple[str, str]:
+    """`wsi-vssm ARGS` fails with exit `code` and exactly one stderr line, `wsi-vssm: error: ...`, holding each of
+    `parts`, no traceback; returns (stdout, stderr) for further checks."""
+    got, out, err = run_cli_captured(args, capsys)
+    assert got == code, (args, out, err)
+    assert err.count("\n") == 1 and err.startswith("wsi-vssm: error: ") and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, (part, err)
+    return out, err
+
+
 def write_tiny_model(path: Path, **metadata) -> Path:
     """A seeded random micro SlideModel file (fast CPU scan), for pipeline tests that need any model."""
     import torch

@@ -14,18 +14,13 @@ import tarfile
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, run_cli_captured, write_patch_folder
+from conftest import REPO, assert_one_line_error, run_cli_captured, write_patch_folder
 
 RECIPE = REPO / "pipelines" / "default.toml"
 
 
-def _one_line(args, capsys, code: int, *parts: str) -> str:
-    got, out, err = run_cli_captured(args, capsys)
-    assert got == code, (args, out, err)
-    assert err.count("\n") == 1 and err.startswith("wsi-vssm: error: ") and "Traceback" not in err, err
-    for part in parts:
-        assert part in err, (part, err)
-    return err
+def assert_one_line(args, capsys, code: int, *parts: str) -> str:
+    return assert_one_line_error(args, capsys, code, *parts)[1]
 
 
 # ---- 1, 2: run --set and the recipe's keys ------------------------------------------------------------------
@@ -43,7 +38,7 @@ def _one_line(args, capsys, code: int, *parts: str) -> str:
     ],
 )
 def test_set_value_of_the_wrong_type_is_a_usage_error(tmp_path, capsys, item, parts):
-    _one_line(["run", RECIPE, "--set", item, "--out", tmp_path / "o"], capsys, 2, *parts)
+    assert_one_line(["run", RECIPE, "--set", item, "--out", tmp_path / "o"], capsys, 2, *parts)
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
@@ -60,7 +55,7 @@ def test_set_value_of_the_wrong_type_is_a_usage_error(tmp_path, capsys, item, pa
     ],
 )
 def test_unknown_set_key_is_refused_with_the_closest_known_key(tmp_path, capsys, item, parts):
-    _one_line(["run", RECIPE, "--set", item, "--out", tmp_path / "o"], capsys, 2, f"--set {item}:", *parts)
+    assert_one_line(["run", RECIPE, "--set", item, "--out", tmp_path / "o"], capsys, 2, f"--set {item}:", *parts)
     assert not (tmp_path / "o").exists()
 
 
@@ -77,7 +72,7 @@ def test_unknown_set_key_is_refused_with_the_closest_known_key(tmp_path, capsys,
 def test_unknown_key_or_wrong_type_in_the_recipe_file_is_bad_input(tmp_path, capsys, text, parts):
     recipe = tmp_path / "r.toml"
     recipe.write_text(text)
-    _one_line(["run", recipe, "--out", tmp_path / "o"], capsys, 1, "r.toml: ", *parts)
+    assert_one_line(["run", recipe, "--out", tmp_path / "o"], capsys, 1, "r.toml: ", *parts)
     assert not (tmp_path / "o").exists()
 
 
@@ -130,7 +125,7 @@ def test_every_key_the_recipe_and_the_stages_use_is_known():
 )
 def test_amp_contradicting_precision_is_refused(model_file, tmp_path, capsys, cmd, flags, parts):
     args = [cmd, tmp_path / "s.tif", "--out", tmp_path / "o", "--model", model_file, "--device", "cpu", *flags]
-    _one_line(args, capsys, 2, *parts, "contradicts")
+    assert_one_line(args, capsys, 2, *parts, "contradicts")
     assert not (tmp_path / "o").exists()
 
 
@@ -180,7 +175,7 @@ def test_train_cells_output_under_a_file(afile, tmp_path, capsys, option):
     log = ["--log", afile / "log.csv"] if option == "--log" else []
     p = tmp_path / "p"
     args = ["train", "cells", "--data", p, "--valid", p, "--out", out, "--epochs", "1", *log]
-    err = _one_line(args, capsys, 2, option, f"{afile} is a file, not a folder")
+    err = assert_one_line(args, capsys, 2, option, f"{afile} is a file, not a folder")
     assert "File exists" not in err and not list(tmp_path.glob("*.log.csv"))  # before any training
 
 
@@ -188,14 +183,14 @@ def test_train_mil_output_under_a_file(afile, tmp_path, capsys):
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,label\na,1\n")
     args = ["train", "mil", "--features", tmp_path / "p", "--labels", labels, "--out", afile / "h.pt"]
-    _one_line(args, capsys, 2, "--out", f"{afile} is a file, not a folder")
-    _one_line([*args[:-1], tmp_path / "h.pt", "--log", afile / "h.csv"], capsys, 2, "--log", "is a file")
+    assert_one_line(args, capsys, 2, "--out", f"{afile} is a file, not a folder")
+    assert_one_line([*args[:-1], tmp_path / "h.pt", "--log", afile / "h.csv"], capsys, 2, "--log", "is a file")
 
 
 def test_run_output_under_a_file(afile, tmp_path, capsys):
-    _one_line(["run", RECIPE, "--out", afile / "sub"], capsys, 2, "--out", f"{afile} is a file, not a folder")
+    assert_one_line(["run", RECIPE, "--out", afile / "sub"], capsys, 2, "--out", f"{afile} is a file, not a folder")
     # from the recipe (here a --set of recipe.out): bad input, exit 1, naming recipe.out
-    _one_line(["run", RECIPE, "--set", f"recipe.out={afile / 'sub'}"], capsys, 1, "recipe.out", "is a file")
+    assert_one_line(["run", RECIPE, "--set", f"recipe.out={afile / 'sub'}"], capsys, 1, "recipe.out", "is a file")
 
 
 # ---- 5: an implausible stated resolution -------------------------------------------------------------------
@@ -211,7 +206,7 @@ def _tiff(path, **resolution):
 def test_an_implausible_stated_resolution_is_named_not_called_missing(model_file, tmp_path, capsys, backend):
     slide = _tiff(tmp_path / "mpp50.tif", resolution=(200, 200), resolutionunit="CENTIMETER")  # 50 um/px
     args = ["predict", slide, "--out", tmp_path / "o", "--model", model_file, "--device", "cpu", "--backend", backend]
-    err = _one_line(args, capsys, 1, "mpp50.tif", "implausible 50 um/px", "ignored", "--mpp")
+    err = assert_one_line(args, capsys, 1, "mpp50.tif", "implausible 50 um/px", "ignored", "--mpp")
     assert "no resolution" not in err
     code, out, _ = run_cli_captured(["info", slide, "--backend", backend], capsys)
     assert code == 0 and "implausible 50 um/px" in out and "--mpp" in out and "states no resolution" not in out
@@ -220,7 +215,7 @@ def test_an_implausible_stated_resolution_is_named_not_called_missing(model_file
 def test_a_slide_without_a_stated_resolution_still_says_so(model_file, tmp_path, capsys):
     slide = _tiff(tmp_path / "none.tif")  # tifffile's default: resolution unit NONE
     args = ["predict", slide, "--out", tmp_path / "o", "--model", model_file, "--device", "cpu"]
-    err = _one_line(args, capsys, 1, "none.tif", "no resolution", "--mpp")
+    err = assert_one_line(args, capsys, 1, "none.tif", "no resolution", "--mpp")
     assert "implausible" not in err
 
 
@@ -254,7 +249,8 @@ def _train(src, valid, tmp_path):
 def test_a_patch_source_that_is_no_tar_is_one_line(tmp_path, capsys, name, content):
     write_patch_folder(tmp_path / "p", 2, 0)
     (tmp_path / name).write_bytes(content)
-    err = _one_line(_train(tmp_path / name, tmp_path / "p", tmp_path), capsys, 1, name, "neither a folder nor a tar")
+    args = _train(tmp_path / name, tmp_path / "p", tmp_path)
+    err = assert_one_line(args, capsys, 1, name, "neither a folder nor a tar")
     assert "method gz" not in err
 
 
@@ -264,7 +260,8 @@ def test_a_cut_compressed_tar_is_one_line(tmp_path, capsys):
         tar.add(tmp_path / "p", arcname="data")
     data = (tmp_path / "t.tar.gz").read_bytes()
     (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
-    _one_line(_train(tmp_path / "cut.tar.gz", tmp_path / "p", tmp_path), capsys, 1, "cut.tar.gz", "cannot read tar")
+    args = _train(tmp_path / "cut.tar.gz", tmp_path / "p", tmp_path)
+    assert_one_line(args, capsys, 1, "cut.tar.gz", "cannot read tar")
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")

@@ -10,17 +10,13 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, run_cli_captured, write_tiny_model
+from conftest import REPO, assert_one_line_error, run_cli_captured, write_tiny_model
 
 RECIPE = REPO / "pipelines" / "default.toml"
 
 
-def _one_line(args, capsys, code: int, *parts: str) -> str:
-    got, out, err = run_cli_captured(args, capsys)
-    assert got == code, (args, out, err)
-    assert err.count("\n") == 1 and err.startswith("wsi-vssm: error: ") and "Traceback" not in err, err
-    for part in parts:
-        assert part in err, (part, err)
+def assert_one_line(args, capsys, code: int, *parts: str) -> str:
+    out, err = assert_one_line_error(args, capsys, code, *parts)
     assert "wrote" not in out
     return err
 
@@ -44,7 +40,7 @@ def _one_line(args, capsys, code: int, *parts: str) -> str:
 def test_set_value_out_of_range_is_refused_up_front(tmp_path, capsys, item, reason):
     # data.train is given: without the up-front check the cell stage would start training
     args = ["run", RECIPE, "--set", f"data.train={tmp_path}", "--set", item, "--out", tmp_path / "o"]
-    _one_line(args, capsys, 2, f"--set {item}: {reason}")
+    assert_one_line(args, capsys, 2, f"--set {item}: {reason}")
     assert not (tmp_path / "o").exists()  # nothing written, nothing trained
 
 
@@ -59,7 +55,7 @@ def test_set_value_out_of_range_is_refused_up_front(tmp_path, capsys, item, reas
 def test_value_out_of_range_in_the_recipe_file_is_bad_input(tmp_path, capsys, text, reason):
     recipe = tmp_path / "r.toml"
     recipe.write_text(text)
-    _one_line(["run", recipe, "--out", tmp_path / "o"], capsys, 1, f"r.toml: {reason}")
+    assert_one_line(["run", recipe, "--out", tmp_path / "o"], capsys, 1, f"r.toml: {reason}")
     assert not (tmp_path / "o").exists()
 
 
@@ -116,7 +112,7 @@ def test_export_reads_a_wsi_vssm_model_file(tiny_model, tmp_path, capsys):
 
 def test_export_model_file_of_another_architecture_than_model(tiny_model, tmp_path, capsys):
     args = ["export", "--checkpoint", tiny_model, "--model", "tiny", "--onnx", tmp_path / "m.onnx"]
-    _one_line(args, capsys, 2, "--model tiny", "holds a micro backbone, not tiny")
+    assert_one_line(args, capsys, 2, "--model tiny", "holds a micro backbone, not tiny")
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -125,13 +121,13 @@ def test_export_checkpoint_that_does_not_fit_is_one_line(tiny_model, tmp_path, c
     bare = {k.removeprefix("backbone."): v for k, v in raw.items() if k.startswith("backbone.")}
     torch.save(bare, tmp_path / "bare.pt")  # micro weights offered for tiny
     args = ["export", "--checkpoint", tmp_path / "bare.pt", "--model", "tiny", "--onnx", tmp_path / "m.onnx"]
-    _one_line(args, capsys, 1, "bare.pt does not match the model", "(a tiny backbone)")
+    assert_one_line(args, capsys, 1, "bare.pt does not match the model", "(a tiny backbone)")
 
 
 @pytest.mark.parametrize("size, hint", [(63, "e.g. 32 or 64"), (100, "e.g. 96 or 128")])
 def test_export_size_must_be_a_multiple_of_32(tmp_path, capsys, size, hint):
     args = ["export", "--size", str(size), "--onnx", tmp_path / "m.onnx"]
-    _one_line(args, capsys, 2, f"--size {size}: must be a multiple of 32", hint)
+    assert_one_line(args, capsys, 2, f"--size {size}: must be a multiple of 32", hint)
     assert not (tmp_path / "m.onnx").exists()
 
 

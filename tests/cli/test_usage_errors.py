@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, run_cli_captured
+from conftest import REPO, assert_one_line_error, run_cli_captured
 
 from wsi_vssm.errors import OptionError, UsageError
 
 FAST = ["--device", "cpu", "--target-mpp", "4", "--reader-threads", "1"]
 
 
-def _usage_error(args, capsys, option: str) -> str:
-    code, out, err = run_cli_captured(args, capsys)
-    assert code == 2, (args, out, err)
-    assert err.count("\n") == 1 and err.startswith("wsi-vssm: error: ") and "Traceback" not in err, err
-    assert option in err, err
-    return err
+def assert_usage_error(args, capsys, option: str) -> str:
+    return assert_one_line_error(args, capsys, 2, option)[1]
 
 
 @pytest.mark.parametrize("extra, option", [
@@ -31,31 +27,31 @@ def _usage_error(args, capsys, option: str) -> str:
 ])
 def test_predict_option_values_the_library_rejects(cohort, model_file, tmp_path, capsys, extra, option):
     slide = next(cohort.glob("*.tif"))
-    err = _usage_error(["predict", slide, "--out", tmp_path / "o", "--model", model_file, *FAST, *extra], capsys,
+    err = assert_usage_error(["predict", slide, "--out", tmp_path / "o", "--model", model_file, *FAST, *extra], capsys,
                        option)
     assert slide.name not in err  # checked before any slide is read: no slide failed
     assert not (tmp_path / "o" / ".state").exists()
 
 
 def test_evaluate_and_extract_check_the_geometry_first(cohort, model_file, tmp_path, capsys):
-    _usage_error(["evaluate", cohort, "--out", tmp_path / "e", "--model", model_file, *FAST, "--region-px", "100"],
-                 capsys, "--region-px")
+    assert_usage_error(["evaluate", cohort, "--out", tmp_path / "e", "--model", model_file, *FAST,
+                        "--region-px", "100"], capsys, "--region-px")
     slide = next(cohort.glob("*.tif"))
-    _usage_error(["extract", slide, "--out", tmp_path / "x", "--model", model_file, "--device", "cpu",
-                  "--overlap-px", "33"], capsys, "--overlap-px")
+    assert_usage_error(["extract", slide, "--out", tmp_path / "x", "--model", model_file, "--device", "cpu",
+                        "--overlap-px", "33"], capsys, "--overlap-px")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_on_a_machine_without_one(cohort, model_file, tmp_path, capsys):
     slide = next(cohort.glob("*.tif"))
-    _usage_error(["predict", slide, "--out", tmp_path, "--model", model_file, "--device", "cuda"], capsys,
-                 "--device")
+    assert_usage_error(["predict", slide, "--out", tmp_path, "--model", model_file, "--device", "cuda"], capsys,
+                       "--device")
 
 
 def test_synth_option_values(tmp_path, capsys):
-    _usage_error(["synth", tmp_path / "a", "--slides", "1", "--patients", "1"], capsys, "--patients")
+    assert_usage_error(["synth", tmp_path / "a", "--slides", "1", "--patients", "1"], capsys, "--patients")
     # 4 patients plan a macrometastasis (> 2 mm), which does not fit on 1,024 px slides at 0.5 um/px
-    _usage_error(["synth", tmp_path / "b", "--patients", "4", "--size", "1024"], capsys, "--size")
+    assert_usage_error(["synth", tmp_path / "b", "--patients", "4", "--size", "1024"], capsys, "--size")
     assert not (tmp_path / "b").exists()
 
 
@@ -63,15 +59,15 @@ def test_training_option_values(tmp_path, capsys):
     data = tmp_path / "patches"
     data.mkdir()
     cells = ["train", "cells", "--data", data, "--valid", data, "--out", tmp_path / "m.pt"]
-    _usage_error([*cells, "--mosaic-grid", "1"], capsys, "--mosaic-grid")
-    _usage_error([*cells, "--scan", "nope"], capsys, "--scan")
-    _usage_error([*cells, "--model", "nope"], capsys, "--model")
+    assert_usage_error([*cells, "--mosaic-grid", "1"], capsys, "--mosaic-grid")
+    assert_usage_error([*cells, "--scan", "nope"], capsys, "--scan")
+    assert_usage_error([*cells, "--model", "nope"], capsys, "--model")
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,label\na,1\n")
-    _usage_error(["train", "mil", "--features", data, "--labels", labels, "--out", tmp_path / "h.pt",
+    assert_usage_error(["train", "mil", "--features", data, "--labels", labels, "--out", tmp_path / "h.pt",
                   "--valid-labels", labels, "--valid-fraction", "0.2"], capsys, "--valid-fraction")
-    _usage_error(["export", "--model", "nope", "--onnx", tmp_path / "m.onnx"], capsys, "--model")
-    _usage_error(["run", REPO / "pipelines" / "default.toml", "--set", "no-equals-sign"], capsys, "--set")
+    assert_usage_error(["export", "--model", "nope", "--onnx", tmp_path / "m.onnx"], capsys, "--model")
+    assert_usage_error(["run", REPO / "pipelines" / "default.toml", "--set", "no-equals-sign"], capsys, "--set")
 
 
 def test_bad_input_files_still_exit_1(cohort, model_file, tmp_path, capsys):

@@ -32,6 +32,8 @@ from wsi_vssm.errors import UsageError, WsiVssmError, one_line
 DEFAULT_TUMOR = ("_0", "_1", "tumor", "tumour", "metastasis", "metastases", "tumor region", "lesion",
                  # the lesion classes of predict's own contours.geojson (outputs.contours.LESION_CLASSES)
                  "tumor: itc", "tumor: micrometastasis", "tumor: macrometastasis")
+# Annotation files by extension, in this order of preference when a slide has several (any case).
+ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
 DEFAULT_EXCLUDED = ("_2", "exclusion", "excluded", "exclude", "ignore", "artifact", "artefact", "background")
 
 _PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, GEOSException)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,13 @@ def unread_planes(axes: str, shape) -> str | None:
         else:
             notes.append(f"{n} {_PLANE_AXES.get(axis, f'planes along axis {axis}')}: only the first is read")
     return "; ".join(notes) or None
+
+
+def warn_unread_planes(path, axes: str, shape) -> None:
+    """The backends' one warning when an image holds more than they read (`unread_planes`)."""
+    unread = unread_planes(axes, shape)
+    if unread:
+        warnings.warn(f"{path}: {unread}", stacklevel=3)
 
 
 def channels_to_rgb(tile: np.ndarray, samples: bool = True) -> np.ndarray:

@@ -454,9 +454,6 @@ def _froc(out: Path, scored: list[dict], annotated: dict, folders: dict[str, str
     return froc(detections, truth, mpps).as_dict()
 
 
-ANNOTATION_EXTS = (".xml", ".geojson", ".json")  # in this order when a slide has several files
-
-
 def _read_annotations(annotations: Path, folders: dict[str, str], labels: dict[str, int] | None = None) -> dict:
     """Each slide's parsed annotations, for the slides that have a file: named exactly like its table name or
     its output folder (the extension in any case: .xml, .geojson or .json; no wildcards, so `tumor[1]` finds
@@ -465,15 +462,15 @@ def _read_annotations(annotations: Path, folders: dict[str, str], labels: dict[s
     file holds no tumour area, is named in a warning: the FROC counts its detections as false positives."""
     import warnings
 
-    from wsi_vssm.io.annotations import read_annotations
+    from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES, read_annotations
 
     by_name: dict[str, Path] = {}
     for p in sorted(annotations.iterdir()):
-        if p.is_file() and p.suffix.lower() in ANNOTATION_EXTS:
+        if p.is_file() and p.suffix.lower() in ANNOTATION_SUFFIXES:
             by_name.setdefault(p.stem + p.suffix.lower(), p)
     found, unannotated, several = {}, [], []
     for slide, folder in folders.items():
-        files = list(dict.fromkeys(by_name[name + ext] for name in (slide, folder) for ext in ANNOTATION_EXTS
+        files = list(dict.fromkeys(by_name[name + ext] for name in (slide, folder) for ext in ANNOTATION_SUFFIXES
                                    if name + ext in by_name))
         if len(files) > 1:
             several.append(f"{slide} ({', '.join(p.name for p in files)}: {files[0].name} used)")

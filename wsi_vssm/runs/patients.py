@@ -19,8 +19,6 @@ from pathlib import Path
 from wsi_vssm.errors import UsageError
 from wsi_vssm.outputs.files import CONFUSION_PNG, PREDICTION_JSON, STAGES_CSV
 
-ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
-
 
 def evaluate_patients(patients_csv: str | os.PathLike, table: Path, cohort_root: Path, out: Path,
                       folders: dict[str, str], labels: dict[str, int], annotations: Path | None = None,
@@ -92,6 +90,8 @@ def reference_sources(table: Path, cohort_root: Path, slides: list[str], labels:
     its lesion annotation file (a Path), else `negative`. Cheap (nothing is measured), so `evaluate` calls it
     before any slide runs. A slide labelled tumour with neither raises UsageError: staged as negative, its
     patient's reference pN would be wrong and the kappa flattered."""
+    from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES  # here: shapely only when staging runs
+
     table_categories = _category_column(table)
     if table_categories is not None:
         missing = [s for s in slides if s not in table_categories]

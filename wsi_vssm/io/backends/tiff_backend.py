@@ -8,7 +8,6 @@ path and metadata.
 from __future__ import annotations
 
 import os
-import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from wsi_vssm.io.formats import (
     mpp_from_tiff_resolution,
     plausible_mpp,
     tiff_truncation,
-    unread_planes,
+    warn_unread_planes,
 )
 
 _VENDORS = (  # tifffile's format flag -> the vendor name OpenSlide uses for the same files
@@ -196,9 +195,7 @@ def _describe(tf, path: Path) -> _TiffInfo:
         _check_compression(path, level.keyframe.compression)
         levels.append((level.shape[ax.index("X")], level.shape[ax.index("Y")]))
         axes.append(ax)
-    unread = unread_planes(axes[0], series.levels[0].shape)
-    if unread:
-        warnings.warn(f"{path}: {unread}", stacklevel=2)
+    warn_unread_planes(path, axes[0], series.levels[0].shape)
     page = series.levels[0].keyframe
     info = _TiffInfo(level_dimensions=levels, axes=axes)
     info.vendor = next((name for flag, name in _VENDORS if getattr(tf, flag, False)), "generic-tiff")

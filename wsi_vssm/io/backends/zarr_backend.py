@@ -8,7 +8,6 @@ Beyond y and x, the first time point and focal plane are read; channels go throu
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from wsi_vssm.io.formats import (
     length_to_um,
     missing_backend,
     plausible_mpp,
-    unread_planes,
+    warn_unread_planes,
 )
 
 _DEFAULT_AXES = ("t", "c", "z", "y", "x")  # NGFF 0.1-0.3 without an `axes` list
@@ -49,9 +48,7 @@ class ZarrSlide(SlideReader):
         names = [a["name"].lower() for a in axes]
         if "y" not in names or "x" not in names or any(len(s) != len(names) for s in shapes) or not shapes:
             raise CorruptSlide(path, f"OME-NGFF datasets do not match their axes {names}")
-        unread = unread_planes("".join(n[:1] for n in names), shapes[0])
-        if unread:
-            warnings.warn(f"{path}: {unread}", stacklevel=2)
+        warn_unread_planes(path, "".join(n[:1] for n in names), shapes[0])
         self._names = names
         self._paths = [d["path"] for d in meta["datasets"]]
         try:

@@ -24,7 +24,6 @@ import torch
 from wsi_vssm.errors import UsageError
 
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms")
-ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
 NORMAL_LABELS = ("normal", "negative", "0")
 
 
@@ -44,6 +43,8 @@ class AnnotatedSlide:
 
 def find_annotated_slides(root: str | os.PathLike) -> list[AnnotatedSlide]:
     """Slides under `root` paired with their lesion annotations (see the module docstring)."""
+    from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES
+
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"slides folder not found: {root}")
