@@ -102,8 +102,15 @@ def main(argv=None):
         if isinstance(e.__context__, Terminated):
             _terminated()
         _interrupted()
+    except click.exceptions.NoArgsIsHelpError as e:  # `wsi-vssm` or `wsi-vssm train` alone: the help itself
+        click.echo(e.format_message(), err=True)
+        sys.exit(e.exit_code)
+    except click.UsageError as e:  # click's own checks: one line like every other error, with where to look
+        where = e.ctx.command_path if e.ctx is not None else "wsi-vssm"
+        click.echo(f"wsi-vssm: error: {one_line(e.format_message())} (see '{where} --help')", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"wsi-vssm: error: {one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except WsiVssmError as e:
         if debug:

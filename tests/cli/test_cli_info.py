@@ -131,3 +131,33 @@ def test_info_says_what_the_stain_looks_like(capsys):
     assert code == 0 and "stain:       looks like fluorescence" in out
     code, out, _ = run_cli(capsys, str(SAMPLE))
     assert code == 0 and "stain:       looks like brightfield H&E" in out
+
+
+def test_a_wsi_vssm_heatmap_is_described_as_one(tmp_path, capsys):
+    """Our own heatmap.ome.zarr: its 32 um cells read as a slide gave "implausible mpp" and "no tissue"."""
+    from wsi_vssm.outputs.heatmap import write_heatmap_zarr
+
+    prob = np.zeros((6, 8), np.float32)
+    prob[2, 3], prob[2, 4], prob[5, 7] = 0.9, 0.8, 0.3
+    path = write_heatmap_zarr(tmp_path / "heatmap.ome.zarr", prob, cell0=64.0, origin=(0, 0), slide_mpp=0.5,
+                              attrs={"slide": "s1", "model": "m", "cell_threshold": 0.75})
+    code, out, err = run_cli(capsys, str(path))
+    assert code == 0 and err == "", err
+    assert "a wsi-vssm heatmap" in out and "implausible" not in out, out
+    assert "8 x 6, 32 um each" in out and "2 cells at or above" in out and "highest probability 0.900" in out, out
+    code, out, _ = run_cli(capsys, str(path), "--json")
+    info = json.loads(out)
+    assert (info["kind"], info["cells"], info["cells_at_or_above_threshold"]) == ("wsi-vssm heatmap", [6, 8], 2)
+
+
+def test_an_ome_zarr_slide_is_still_read_as_a_slide(tmp_path, capsys):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "slide.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", data=np.full((64, 96, 3), 200, np.uint8), chunks=(64, 96, 3))
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y", "type": "space"},
+                                  {"name": "x", "type": "space"}, {"name": "c", "type": "channel"}],
+                                   "datasets": [{"path": "0", "coordinateTransformations": [
+                                       {"type": "scale", "scale": [0.5, 0.5, 1]}]}]}]
+    code, out, err = run_cli(capsys, str(tmp_path / "slide.ome.zarr"))
+    assert code == 0 and out.startswith("slide:") and "96 x 64 px" in out, (out, err)

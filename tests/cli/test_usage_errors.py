@@ -109,10 +109,24 @@ def test_the_mpp_options_take_the_readers_plausible_range():
     (["--target-mpp", "nan"], "--target-mpp"),
 ])
 def test_non_finite_and_implausible_numbers(cohort, model_file, tmp_path, capsys, extra, option):
-    """click's own range check (its usage format, exit 2), before anything is read or written."""
+    """click's own range check (exit 2, one line), before anything is read or written."""
     slide = next(cohort.glob("*.tif"))
-    code, out, err = run_cli_captured(["predict", slide, "--out", tmp_path / "o", "--model", model_file, *extra],
-                                      capsys)
-    assert code == 2 and "Traceback" not in err, (code, out, err)
-    assert f"Invalid value for '{option}'" in err, err
+    assert_one_line_error(["predict", slide, "--out", tmp_path / "o", "--model", model_file, *extra], capsys, 2,
+                          f"Invalid value for '{option}'")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, parts", [
+    (["predict", "a.svs", "--tile-size", "5"], ["No such option '--tile-size'", "(see 'wsi-vssm predict --help')"]),
+    (["predict"], ["Missing argument 'SLIDES...'", "wsi-vssm predict --help"]),
+    (["frob"], ["No such command 'frob'", "(see 'wsi-vssm --help')"]),
+    (["train", "cells", "--epochs", "many"], ["'--epochs'", "wsi-vssm train cells --help"]),
+])
+def test_clicks_own_usage_errors_are_one_line(capsys, args, parts):
+    """click prints Usage / Try / Error on three lines; ours say it on one, with the command's help to look at."""
+    assert_one_line_error(args, capsys, 2, *parts)
+
+
+def test_a_group_alone_prints_its_help(capsys):
+    code, out, err = run_cli_captured(["train"], capsys)
+    assert code == 2 and err.startswith("Usage: wsi-vssm train") and "cells" in err and "mil" in err, err

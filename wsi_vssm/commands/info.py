@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import click
 
@@ -36,6 +37,10 @@ NO_MPP_HINT = f"the file states no resolution; {PASS_MPP}"
 @mpp_option
 def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
     """Show a slide's levels, resolution, associated images and tissue fraction."""
+    heatmap = heatmap_info(slide)
+    if heatmap is not None:  # our own output: its cells are 31 um, which as a slide would read as "implausible mpp"
+        click.echo(json.dumps(heatmap, indent=2) if as_json else format_heatmap_info(heatmap))
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = slide_info(slide, backend=backend, mpp=mpp)
@@ -84,6 +89,60 @@ def slide_info(path: str, backend: str = "auto", mpp: float | None = None) -> di
             "thumbnail_side": max(thumb.shape[:2]),
             "stain_notes": stain,
         }
+
+
+def _zarr_attrs(path: Path) -> dict:
+    """A Zarr group's root attributes (v2 `.zattrs` or v3 `zarr.json`), {} for anything else."""
+    for name, key in ((".zattrs", None), ("zarr.json", "attributes")):
+        try:
+            doc = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        doc = doc.get(key, {}) if key and isinstance(doc, dict) else doc
+        return doc if isinstance(doc, dict) else {}
+    return {}
+
+
+def heatmap_info(path: str) -> dict | None:
+    """What a wsi-vssm heatmap.ome.zarr holds (None for anything else, e.g. a slide in OME-Zarr)."""
+    import numpy as np
+
+    from wsi_vssm.outputs.heatmap import read_heatmap_zarr
+
+    if not Path(path).is_dir() or not isinstance(_zarr_attrs(Path(path)).get("wsi_vssm"), dict):
+        return None
+    prob, cell_um, _, attrs = read_heatmap_zarr(path)
+    block = attrs["wsi_vssm"]
+    threshold = block.get("cell_threshold")
+    above = None if threshold is None else int((prob >= threshold).sum())
+    return {
+        "path": str(path),
+        "kind": "wsi-vssm heatmap",
+        "slide": block.get("slide"),
+        "model": block.get("model"),
+        "cells": list(prob.shape),
+        "cell_um": cell_um,
+        "slide_mpp": block.get("mpp"),
+        "cell_threshold": threshold,
+        "cells_at_or_above_threshold": above,
+        "max_probability": round(float(np.max(prob)), 4) if prob.size else None,
+    }
+
+
+def format_heatmap_info(r: dict) -> str:
+    rows, cols = r["cells"]
+    lines = [
+        f"heatmap:     {r['path']}",
+        "kind:        a wsi-vssm heatmap (tumour probability per token cell), not a slide; in napari it lies over"
+        " its slide (docs/napari.md)",
+        f"slide:       {r['slide']} (model {r['model']})",
+        f"cells:       {cols} x {rows}, {r['cell_um']:.4g} um each (slide read at {r['slide_mpp']} um/px)",
+    ]
+    if r["cell_threshold"] is not None:
+        share = r["cells_at_or_above_threshold"] / max(1, rows * cols)
+        lines.append(f"threshold:   {r['cell_threshold']:.3f}: {r['cells_at_or_above_threshold']} cells at or above"
+                     f" ({share:.1%} of the grid); highest probability {r['max_probability']:.3f}")
+    return "\n".join(lines)
 
 
 def no_mpp_hint(reader) -> str:
