@@ -38,6 +38,7 @@ def main(source: str, out: str) -> None:
     px = int(patches[0][0].shape[0])
     img = render_mosaic(index, lambda i: patches[i][0], px)
     out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     slide = out_dir / "lymph-node-mosaic.tif"
     write_image_slide(slide, img, MPP, f"wsi-vssm demo: mosaic of PCam training patches; mpp={MPP}", quality=90)
     shape = unary_union([box(c * px, r * px, (c + 1) * px, (r + 1) * px) for r, c in lesion])

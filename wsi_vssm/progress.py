@@ -61,6 +61,8 @@ class Progress:
         self._write(f"wsi-vssm: error: {' '.join(text.split())}", err=True)
 
     def _write(self, text: str, err: bool) -> None:
+        # a file name that is not UTF-8 reaches Python with lone surrogates, which no stream can encode: escape them
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         if self._bars:
             from tqdm import tqdm
 

@@ -26,6 +26,19 @@ def _predict(args, model_file, out, capsys):
     return run_cli_captured(["predict", *args, "--out", out, "--model", model_file, *FAST], capsys)
 
 
+def test_a_folder_of_slides_is_its_slide_files(cohort, model_file, tmp_path, capsys):
+    """`predict DIR` (as CLAM and TRIDENT take one) was "a directory, but not an OME-Zarr store", exit 1. Its
+    sub-folders (the cohort's annotations/, an output folder) are not walked."""
+    code, out, err = _predict([cohort], model_file, tmp_path / "o", capsys)
+    assert code == 0, err
+    names = sorted(p.stem for p in cohort.glob("*.tif"))
+    assert sorted(line.split(":")[0] for line in out.splitlines() if "probability" in line) == names, out
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("not a slide")
+    code, _, err = _predict([tmp_path / "empty", next(cohort.glob("*.tif"))], model_file, tmp_path / "o2", capsys)
+    assert code == 3 and "empty: a directory, but not an OME-Zarr store" in err, err  # fails alone
+
+
 def test_one_file_named_twice_runs_once(slide, model_file, tmp_path, capsys):
     """Overlapping globs (`*.tif n*.tif`) gave the same file twice: it failed as 'rename one' (exit 3)."""
     code, out, err = _predict([slide, slide, str(slide.parent / "." / slide.name)], model_file, tmp_path / "o",
@@ -140,7 +153,7 @@ def test_a_tiny_cohorts_auc_interval_is_flagged(cohort, model_file, tmp_path, ca
     code, out, err = run_cli_captured(["evaluate", cohort, "--out", tmp_path / "ev", "--model", model_file,
                                        "--bootstrap", "200", *FAST], capsys)
     assert code == 0 and "AUC " in out
-    assert "the AUC rests on 1 tumour and 2 normal slide(s)" in err and "not a reliable measure" in err
+    assert "the AUC rests on 1 tumour and 2 normal slides" in err and "not a reliable measure" in err
 
 
 def test_a_writers_default_dpi_is_named():

@@ -107,6 +107,16 @@ def test_truncated_tiff_is_corrupt(tmp_path):
     _one_line_naming(err, path)
 
 
+def test_the_first_bytes_are_shown_as_text_or_hex(tmp_path):
+    """The message showed a Python bytes literal (b'IJrEr1vV')."""
+    for content, shown in ((b"IJrEr1vV and more", "'IJrEr1vV'"), (b"\x00\xff\x1aAB", "00 ff 1a 41 42")):
+        path = tmp_path / "slide.svs"
+        path.write_bytes(content)
+        with pytest.raises(UnsupportedFormat, match=f"file starts with {shown}") as err:
+            open_slide(path, backend="auto")
+        assert "b'" not in str(err.value)
+
+
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_broken_svs_is_not_a_slide(backend):
     # broken.svs holds base64 text, no TIFF header at all: nothing recognises it, so UnsupportedFormat.

@@ -100,3 +100,17 @@ def test_block_width_gives_every_thread_work_in_wide_blocks():
     assert ss2d_fused.block_width(1, 8, 4) == 8
     assert ss2d_fused.block_width(1, 1536, 2) == 384  # capped: 4 blocks, still a multiple of the threads
     assert ss2d_fused.block_width(3, 40, 2) == 40
+
+
+def test_every_gradient_has_its_parameters_strides():
+    """DDP's buckets take each parameter's strides; a gradient in other strides is copied, with a warning
+    ("Grad strides do not match bucket view strides"). For d_state 1 the fused backward returned A_logs' gradient
+    as a (K*D, 1) view with strides (1, D)."""
+    from wsi_vssm.models.registry import create_model
+
+    model = create_model("micro", num_classes=0)
+    model.forward_features(torch.randn(2, 3, 64, 64)).sum().backward()
+    alogs = [(n, p) for n, p in model.named_parameters() if n.endswith("A_logs")]
+    assert alogs
+    for name, p in alogs:
+        assert p.grad.stride() == p.stride(), (name, p.stride(), p.grad.stride())

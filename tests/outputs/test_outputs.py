@@ -128,6 +128,8 @@ def test_heatmap_writes_valid_ngff_and_reads_back(tmp_path):
     assert coarse.shape == (150, 260) and cell_um2 == 64.0
     assert coarse[7, 11] == np.nanmax(prob[14:16, 22:24])  # max-pooling
     assert _leftovers(path.parent) == []
+    with pytest.raises(UsageError, match=r"level 3 does not exist; the heatmap has 3 level\(s\), 0-2"):
+        read_heatmap_zarr(path, level=3)  # was "not a wsi-vssm heatmap"
 
 
 def test_pyramid_keeps_a_single_hot_cell():

@@ -168,6 +168,23 @@ def test_no_tissue_writes_a_clear_png_that_says_so(tmp_path, thumb):
     assert not any("threshold" in k for k in heights)  # no colour scale for a heatmap that is not there
 
 
+def test_a_tiny_slide_gets_a_legible_overlay(tmp_path):
+    """A 16 px thumbnail (the DICOM fixture) gave a 66 px tall overlay whose "no tissue found" box, wider than
+    the image, was clipped to "ue found"."""
+    tiny = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    empty = np.full((2, 2), np.nan, np.float32)
+    fig = overlay_figure(tiny, empty, 8.0, (0, 0), (16, 16), title="tiny")
+    fig.canvas.draw()  # lays out the text's box
+    note = next(t for t in fig.texts if t.get_text() == NO_TISSUE_TEXT)
+    box = note.get_bbox_patch().get_window_extent(fig.canvas.get_renderer())
+    image_w = 256  # 16 px repeated 16 times
+    assert box.x0 >= 0 and box.x1 <= image_w, (box.x0, box.x1)
+    path = tmp_path / "o.png"
+    overlay_png(path, tiny, empty, 8.0, (0, 0), (16, 16), title="tiny")
+    img = _png(path)
+    assert img.shape[0] >= 256 and img.shape[1] >= 256
+
+
 def test_keeps_the_old_positional_arguments(tmp_path, thumb, prob):
     overlay_png(tmp_path / "o.png", thumb, prob, CELL0, (0, 0), SLIDE, 0.6, "magma")
     assert _png(tmp_path / "o.png").shape[0] >= 100

@@ -148,11 +148,11 @@ def test_predictions_csv_roundtrip(tmp_path):
         {"slide": "tumor_001", "label": 1, "probability": 0.1 + 0.2, "status": "ok"},
         {"slide": "normal, odd", "label": 0, "probability": 1e-9, "status": "ok"},
         {"slide": "broken", "label": 1, "probability": None, "status": "failed", "error": "bad tile\nat (0, 0)"},
-        {"slide": "unlabelled", "probability": 0.5, "status": "ok"},
+        {"slide": "unlabelled", "probability": 0.5, "status": "ok", "in_domain": False},
     ]
     path = tmp_path / "predictions.csv"
     write_predictions_csv(path, rows)
-    assert path.read_text().splitlines()[0] == "slide,label,probability,status,error"
+    assert path.read_text().splitlines()[0] == "slide,label,probability,status,error,in_domain"
     back = read_predictions_csv(path)
     assert [r["slide"] for r in back] == [r["slide"] for r in rows]
     assert back[0]["probability"] == 0.1 + 0.2  # full precision
@@ -162,8 +162,9 @@ def test_predictions_csv_roundtrip(tmp_path):
         "probability": None,
         "status": "failed",
         "error": "bad tile at (0, 0)",
+        "in_domain": None,
     }
-    assert back[3]["label"] is None
+    assert back[3]["label"] is None and back[3]["in_domain"] is False
     with pytest.raises(UsageError, match="row 0"):
         write_predictions_csv(path, [{"slide": "x"}])
     with pytest.raises(UsageError, match="unknown column"):

@@ -209,3 +209,34 @@ def test_shipped_default_domain_fits_the_default_model():
         pytest.skip("no default_domain.json")
     d = FeatureDomain.load_json(path)
     assert d.width == 256 and math.isfinite(d.threshold) and d.threshold > 0
+
+
+def test_too_little_tissue_to_judge_the_stain_is_not_called_a_stain_verdict():
+    """An IHC slide read at a tiny thumbnail had no tissue pixels for the deconvolution: its note claimed it was
+    "judged on the stain only" while nothing had been judged."""
+    img, _ = _on_glass(_from_hed(0.3, 0.0, 0.6))  # IHC-like tissue, but the mask found none of it
+    rec = slide_domain(img, np.zeros(img.shape[:2], bool), None, None)
+    assert rec["in_domain"] is True and len(rec["domain_notes"]) == 1
+    assert "too little tissue" in rec["domain_notes"][0] and "stain only" not in rec["domain_notes"][0]
+    img, mask = _on_glass(_from_hed(0.3, 0.0, 0.6))  # the same tissue, found: judged, and flagged
+    rec = slide_domain(img, mask, None, None)
+    assert rec["in_domain"] is False and "stain only" in rec["domain_notes"][-1]
+
+
+def test_another_magnification_is_out_of_domain():
+    """--target-mpp 2 on the sample mosaic: token features under the threshold, the lesion called normal (0.287),
+    and in_domain true. The resolution the slide was read at is now part of the verdict."""
+    from wsi_vssm.pipeline.domain import magnification_check
+
+    assert magnification_check(0.972, 0.972) == [] and magnification_check(1.1, 0.972) == []
+    assert magnification_check(None, 0.972) == [] and magnification_check(0.972, None) == []
+    note = magnification_check(2.0, 0.972)
+    assert len(note) == 1 and "2 um/px" in note[0] and "2.1x" in note[0]
+    assert "0.51x" in magnification_check(0.5, 0.972)[0]
+    img, mask = _on_glass(_from_hed(0.5, 0.5, 0.0))
+    d, x = _domain()
+    rec = slide_domain(img, mask, x[:50], d, analysis_mpp=2.0, model_mpp=0.972)
+    assert rec["in_domain"] is False and "another magnification" in rec["domain_notes"][0]
+    assert slide_domain(img, mask, x[:50], d, analysis_mpp=0.972, model_mpp=0.972)["in_domain"] is True
+    rec = slide_domain(img, np.zeros(img.shape[:2], bool), None, None, analysis_mpp=2.0, model_mpp=0.972)
+    assert rec["in_domain"] is False and "another magnification" in rec["domain_notes"][0]  # also without tissue

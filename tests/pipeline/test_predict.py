@@ -30,10 +30,12 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     saved = json.loads((folder / "prediction.json").read_text())
     assert list(saved) == ["schema", "slide", "probability", "label", "threshold", "slide_threshold",
                            "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells", "reason",
-                           "in_domain", "domain_notes", "device", "model", "mpp", "summary", "lesions", "parameters",
-                           "timings", "version"]
+                           "in_domain", "domain_notes", "domain_distance", "domain_threshold", "device", "model", "mpp",
+                           "summary", "lesions", "parameters", "timings", "version"]
     assert saved["in_domain"] is True  # a random test model has no feature domain: the notes say what was not checked
     assert all("not checked" in note for note in saved["domain_notes"])
+    assert saved["domain_distance"] is None and saved["domain_threshold"] is None
+    assert saved["parameters"]["precision"] == "fp32" and saved["parameters"]["precision_used"] == "fp32"
     assert saved["schema"] == "wsi-vssm-prediction/2" and saved["device"] == "cpu"
     assert saved["slide"] == "tumor_001" and 0.0 <= saved["probability"] <= 1.0 and saved["reason"] is None
     assert saved["label"] == int(saved["probability"] >= 0.5) and rec["probability"] == saved["probability"]
@@ -409,3 +411,37 @@ def test_the_overlay_title_says_out_of_domain():
     assert "OUT OF DOMAIN" not in overlay_title(record) and "probability 0.900 -> tumour" in overlay_title(record)
     title = overlay_title({**record, "in_domain": False})
     assert title.startswith("s  |  OUT OF DOMAIN") and "probability 0.900 -> tumour" in title
+
+
+def test_tta_measures_the_domain_distance_on_the_untransformed_view(model_file, cohort, tmp_path):
+    """The feature domain's threshold was set on single views; a mean of 8 views lies nearer the training mean,
+    so under --tta the skin sample (out of domain) measured in domain. The distance now reads the untransformed
+    view, which is what the run without --tta reads."""
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.pipeline.domain import METADATA_KEY, FeatureDomain
+
+    model = load_model(model_file)
+    width = int(model.backbone.num_features)
+    domain = FeatureDomain(np.zeros(width), np.eye(width), threshold=1e6)  # distance = the token features' norm
+    model.metadata = {**model.metadata, METADATA_KEY: domain.to_metadata()}
+    slide = cohort / "tumor_001.tif"
+    plain = predict_slide(slide, model, tmp_path / "p", FAST)
+    tta = predict_slide(slide, model, tmp_path / "t", PredictParams(device="cpu", region_px=1024, overlap_px=64,
+                                                                    reader_threads=1, tta=True))
+    assert plain["domain_threshold"] == tta["domain_threshold"] == 1e6
+    assert plain["domain_distance"] > 0
+    assert tta["domain_distance"] == pytest.approx(plain["domain_distance"], rel=1e-3)
+    assert tta["probability"] != plain["probability"]  # the scores themselves are the 8 views' mean
+
+
+def test_prediction_records_what_auto_precision_came_to(monkeypatch):
+    """`parameters.precision` is the request ("auto"); `precision_used` says what ran on this machine."""
+    from wsi_vssm.models import precision
+    from wsi_vssm.pipeline.predict import _precision_used
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: True)
+    assert _precision_used(PredictParams(device="cpu", precision="auto")) == "bf16"
+    assert _precision_used(PredictParams(device="cpu", amp=True)) == "bf16"  # the old spelling
+    assert _precision_used(PredictParams(device="cpu")) == "fp32"
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: False)
+    assert _precision_used(PredictParams(device="cpu", precision="auto")) == "fp32"

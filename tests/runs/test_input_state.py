@@ -11,7 +11,8 @@ import time
 
 from conftest import run_cli_captured
 
-from wsi_vssm.runs.evaluate import EvaluationResult, separation_warning
+from wsi_vssm.runs.evaluate import EvaluationResult
+from wsi_vssm.runs.report_warnings import separation_warning
 from wsi_vssm.runs.state import FINGERPRINT_BYTES, STATE_DIR, input_changed, input_fingerprint, read_state
 
 FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
@@ -184,7 +185,11 @@ def _result(probabilities, labels, auc=None, ci=None) -> EvaluationResult:
 
 
 def test_evaluate_warns_when_the_scores_do_not_separate():
-    assert "every slide scores 0.001" in separation_warning(_result([0.001] * 4, [0, 1, 0, 1], 0.5, [0.5, 0.5]))
+    same = _result([0.001] * 4, [0, 1, 0, 1], 0.5, [0.5, 0.5])
+    assert "every one of the 4 slides scores 0.001" in separation_warning(same)
+    same.items = "patches"  # a patch folder says what it scored
+    warning = separation_warning(same)
+    assert "every one of the 4 patches scores 0.001" in warning and "slide" not in warning
     warning = separation_warning(_result([0.1, 0.4, 0.3, 0.2], [0, 1, 0, 1], 0.75, [0.25, 1.0]))
     assert "covers 0.5" in warning and "0.750" in warning and "\n" not in warning
     assert separation_warning(_result([0.1, 0.9, 0.2, 0.8], [0, 1, 0, 1], 1.0, [1.0, 1.0])) is None

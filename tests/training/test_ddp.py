@@ -81,6 +81,7 @@ def test_torchrun_two_processes_match_one_with_double_batch(tmp_path):
            "--out", str(out_dir / "m.pt"), "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--no-augment"]
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Grad strides do not match" not in res.stderr  # every gradient in its parameter's layout
     assert sorted(p.name for p in out_dir.iterdir()) == ["m.log.csv", "m.pt"]  # rank 0 alone wrote
     assert res.stdout.count("wrote ") == 1  # and reported
     assert len((out_dir / "m.log.csv").read_text().splitlines()) == 2  # header + epoch 1

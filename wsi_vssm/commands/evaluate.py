@@ -42,10 +42,10 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
     if not Path(cohort).exists():  # before any heavy import: a typo fails at once
         raise UsageError(f"{cohort}: no such cohort file or folder")
     from wsi_vssm.commands.options import build_params, domain_note, load_cli_model, model_file, pop_run_options
-    from wsi_vssm.runs.evaluate import (
-        evaluate_cohort,
-        evaluate_patches,
-        is_patch_folder,
+    from wsi_vssm.runs.evaluate import evaluate_cohort, evaluate_patches, is_patch_folder
+    from wsi_vssm.runs.report_warnings import (
+        domain_warning,
+        few_patients_warning,
         separation_warning,
         small_cohort_warning,
     )
@@ -72,7 +72,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
                               model_path=model_file(model_path), run=run, progress=progress, patients=patients)
     m = res.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
-    for warning in (separation_warning(res), small_cohort_warning(res)):
+    for warning in (separation_warning(res), small_cohort_warning(res), domain_warning(res)):
         if warning:
             progress.warn(warning)
     pending = f", not finished={m['n_pending']} (incomplete)" if m.get("n_pending") else ""
@@ -85,6 +85,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
                         f"({floor['range90'][0]:.3f}-{floor['range90'][1]:.3f}) on {m['n']} items"
                         f" -> {out_dir}/calibration.png")
     if m.get("kappa") is not None:
+        if few_patients_warning(res):
+            progress.warn(few_patients_warning(res))
         lo, hi = m["kappa_ci95"]
         progress.result(f"pN stage: quadratic-weighted kappa {m['kappa']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
                         f"{m['n_patients']} patients -> {out_dir}/stages.csv")
@@ -94,4 +96,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
                       "rerun when the other run has finished")
         sys.exit(EXIT_INCOMPLETE)  # slides still being done by another run: rerun when it has finished
     if res.n_failed:
+        what = "patch(es)" if params is None else "slide(s)"
+        progress.warn(f"{res.n_failed} of {len(res.rows)} {what} failed (status failed in predictions.csv); "
+                      "the metrics leave them out")
         sys.exit(3)  # a cohort finished with some slides failed

@@ -9,8 +9,8 @@ from wsi_vssm.commands.options import NonEmptyPath
 
 @click.command("export")
 @click.option("--model", "model_name", default="micro", show_default=True,
-              help="Backbone config name (micro, tiny, small, base, tiny_s1, small_s1, base_s1); with a wsi-vssm "
-                   "model file as --checkpoint, the file's own backbone unless given.")
+              help="Backbone config name (micro, micro_wide, tiny, small, base, tiny_s1, small_s1, base_s1); with a "
+                   "wsi-vssm model file as --checkpoint, the file's own backbone unless given.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Weights: a wsi-vssm model file (its backbone), or an upstream VMamba release checkpoint for "
                    "--model, loaded strictly.")

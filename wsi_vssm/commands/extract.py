@@ -52,11 +52,13 @@ from wsi_vssm.commands.options import (
 @click.pass_context
 def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min_tissue, device, batch_size,
             reader_threads, precision, amp, **opts):
-    """Extract token-cell features of SLIDE(s) with a VSSM backbone."""
+    """Extract token-cell features of SLIDE(s) with a VSSM backbone (slide files, OME-Zarr folders, or folders
+    of slides)."""
     from wsi_vssm.commands.options import exit_for, model_file, option_device, option_geometry, pop_run_options
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import DEFAULT_NAME, default_model_path
     from wsi_vssm.pipeline.extract import Inference
+    from wsi_vssm.runs.cohort import expand_slide_folders
     from wsi_vssm.runs.jobs import extract_job
     from wsi_vssm.runs.runner import run_slides, slide_tasks
 
@@ -80,6 +82,6 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
     job = extract_job(out, model_file(model), backbone, info, mpp, params)
-    tasks = slide_tasks(slides, progress)
+    tasks = slide_tasks(expand_slide_folders(slides), progress)
     summary = run_slides(tasks, job, run, progress)
     exit_for(summary, len(tasks))

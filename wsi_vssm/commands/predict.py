@@ -19,6 +19,8 @@ from wsi_vssm.commands.options import NonEmptyPath, model_options, mpp_option, p
 def command(ctx, slides, out_dir, model_path, mpp, **opts):
     """Predict metastasis for SLIDES: prediction.json, heatmap.ome.zarr, overlay.png, contours.geojson, lesions.csv.
 
+    SLIDES are slide files, OME-Zarr folders, or folders of slides (the slide files directly in them).
+
     Prints one line per slide. Slides done before with the same model and parameters are skipped; exit code 3
     when some slides failed (the others are done), 1 when the only slide failed. See docs/cohorts.md.
     """
@@ -30,13 +32,14 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
         model_file,
         pop_run_options,
     )
+    from wsi_vssm.runs.cohort import expand_slide_folders
     from wsi_vssm.runs.jobs import predict_job
     from wsi_vssm.runs.runner import run_slides, slide_tasks
 
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
     job = predict_job(out_dir, model_file(model_path), model, build_params(model, mpp, **opts))
-    tasks = slide_tasks(slides, progress)
+    tasks = slide_tasks(expand_slide_folders(slides), progress)
     summary = run_slides(tasks, job, run, progress)
     if summary.count("done", "skipped"):
         progress.result(domain_note(model, job.params))  # what the model knows, so no one reads a diagnosis

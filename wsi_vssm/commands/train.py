@@ -14,7 +14,8 @@ import click
 
 from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_option
 
-command = click.Group("train", help="Train models: `mil` fits the slide-level attention head on cached features.")
+command = click.Group("train", help="Train models: `cells` trains a backbone and its cell head on labelled patches; "
+                                    "`mil` fits the slide-level attention head on cached features.")
 
 
 @command.command("mil")

@@ -160,7 +160,14 @@ def _open_auto(path: Path) -> SlideReader:
         raise UnsupportedFormat(path, f"OpenSlide does not recognise this {kind} file")
     if not head:
         raise UnsupportedFormat(path, "empty file")
-    raise UnsupportedFormat(path, f"not a slide format this app reads (file starts with {head[:8]!r})")
+    raise UnsupportedFormat(path, f"not a slide format this app reads (file starts with {_shown(head[:8])})")
+
+
+def _shown(head: bytes) -> str:
+    """A file's first bytes for a message: printable ASCII as text, the rest as hex (`IJrE` or `00 ff 1a`)."""
+    if head and all(32 <= b < 127 for b in head):
+        return f"'{head.decode('ascii')}'"
+    return " ".join(f"{b:02x}" for b in head) or "nothing: it is empty"
 
 
 def _huge_flat_tiff(reader: SlideReader) -> bool:

@@ -126,7 +126,10 @@ class _FusedFn(torch.autograd.Function):
         dp = dp.sum(0).float()  # (K, 2 + N + R, D)
         d_ds = dp[:, 0].reshape(k * d)
         d_bias = dp[:, 1].contiguous()
+        # A_logs' own strides: for N = 1 the reshape is a view with strides (1, D), which .contiguous() keeps (a
+        # size-1 axis) and DDP warns about ("Grad strides do not match bucket view strides")
         d_alogs = (dp[:, 2:2 + nstate] * a).transpose(1, 2).reshape(k * d, nstate)  # dA/dA_logs = A
+        d_alogs = d_alogs.clone(memory_format=torch.contiguous_format)
         d_wdt = dp[:, 2 + nstate:].transpose(1, 2).contiguous()  # (K, D, R)
         return du, dx, d_wdt, d_bias, d_alogs, d_ds, None
 

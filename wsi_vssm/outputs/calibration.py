@@ -67,8 +67,11 @@ def reliability_bins(labels, probs, bins: int = ECE_BINS) -> list[dict]:
 
 def bootstrap_ece_ci(labels, probs, n_boot: int = 2000, seed: int = 0, bins: int = ECE_BINS,
                      alpha: float = 0.05) -> tuple[float, float] | None:
-    """Percentile interval of the ECE over `n_boot` resamples of the items (with replacement); None without
-    items."""
+    """Bias-corrected percentile interval of the ECE over `n_boot` resamples of the items (with replacement),
+    clipped at 0; None without items. The ECE of a resample is biased upward (its bins hold repeated items and
+    fewer distinct ones), so the plain percentile interval can lie wholly above the estimate itself (0.044 with
+    "95% CI 0.047-0.104" on 200 PCam patches); the interval is shifted down by that bootstrap bias (the mean
+    resample ECE minus the estimate)."""
     y, p = _finite(labels, probs)
     if not len(p):
         return None
@@ -77,8 +80,9 @@ def bootstrap_ece_ci(labels, probs, n_boot: int = 2000, seed: int = 0, bins: int
     for i in range(n_boot):
         idx = rng.integers(0, len(p), len(p))
         vals[i] = _ece_rows(y[idx][None], p[idx], bins)[0]
-    low, high = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    bias = float(vals.mean()) - float(_ece_rows(y[None], p, bins)[0])
+    low, high = np.quantile(vals, [alpha / 2, 1 - alpha / 2]) - bias
+    return max(0.0, float(low)), max(0.0, float(high))
 
 
 def ece_if_calibrated(probs, n_sim: int = 2000, seed: int = 0, bins: int = ECE_BINS) -> dict | None:
@@ -126,7 +130,8 @@ def calibration_png(path: str | os.PathLike, labels: Sequence[int], probs: Seque
         n = max(r["n"] for r in rows)
         ax.plot([r["mean_probability"] for r in rows], [r["positive_share"] for r in rows], "-", color="C0", lw=1)
         ax.scatter([r["mean_probability"] for r in rows], [r["positive_share"] for r in rows],
-                   s=[12 + 80 * r["n"] / n for r in rows], color="C0", zorder=3, label="bins (area: count)")
+                   s=[12 + 80 * r["n"] / n for r in rows], color="C0", zorder=3, label="bins (area: count)",
+                   clip_on=False)  # bins at 0 or 1 drawn whole
         title = f"ECE {summary['ece']:.3f}"
         if summary["ece_ci95"]:
             title += f" (95% CI {summary['ece_ci95'][0]:.3f}-{summary['ece_ci95'][1]:.3f})"

@@ -153,7 +153,11 @@ def read_heatmap_zarr(path: str | os.PathLike, level: int = 0):
     try:
         group = zarr.open_group(str(path), mode="r")
         attrs = group.attrs.asdict()
-        ds = attrs["multiscales"][0]["datasets"][level]
+        datasets = attrs["multiscales"][0]["datasets"]
+        if not 0 <= level < len(datasets):  # a valid heatmap of fewer levels: say so, not "not a heatmap"
+            raise UsageError(f"{path}: level {level} does not exist; the heatmap has {len(datasets)} level(s), "
+                             f"0-{len(datasets) - 1}")
+        ds = datasets[level]
         transforms = {t["type"]: t for t in ds["coordinateTransformations"]}
         prob = np.asarray(group[ds["path"]][...], dtype=np.float32)
         cell_um = float(transforms["scale"]["scale"][-1])

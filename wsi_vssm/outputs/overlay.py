@@ -122,7 +122,7 @@ def overlay_figure(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    thumb = _check_thumbnail(thumbnail_rgb)
+    thumb = _enlarged(_check_thumbnail(thumbnail_rgb))
     threshold = _check_options(cell_threshold, alpha, cmap, title)
     grid = _grid(prob)
     h, w = thumb.shape[:2]
@@ -148,6 +148,16 @@ def overlay_figure(
     else:
         _draw_no_tissue(fig, lay, img_bottom + h / 2)
     return fig
+
+
+SMALL_THUMBNAIL_PX, ENLARGED_PX = 128, 256
+
+
+def _enlarged(thumb: np.ndarray) -> np.ndarray:
+    """A thumbnail under SMALL_THUMBNAIL_PX a side (a tiny slide: 16 px for the DICOM fixture) repeated in whole
+    pixels to about ENLARGED_PX, so that the image, its title and the legend or "no tissue" note stay legible."""
+    k = math.ceil(ENLARGED_PX / max(thumb.shape[:2])) if max(thumb.shape[:2]) < SMALL_THUMBNAIL_PX else 1
+    return thumb if k == 1 else np.repeat(np.repeat(thumb, k, axis=0), k, axis=1)
 
 
 def tint(thumb: np.ndarray, heat: np.ndarray, threshold: float, alpha: float = ALPHA_AT_ONE,
@@ -320,7 +330,8 @@ def _draw_no_tissue(fig, lay: _Layout, centre_y: float) -> None:
     """Draw "no tissue found" in large type across the overlay panel, and once more in the legend band."""
     f, W, H = lay.font_px, lay.width, lay.height
     panel_w = lay.panel_w
-    big_px = max(2 * f, min(0.12 * (H - lay.title_h - lay.legend_h), 0.8 * panel_w / 8.5))
+    # large, but never wider than the panel (the text is about 8.5 em wide)
+    big_px = min(0.8 * panel_w / 8.5, max(2 * f, 0.12 * (H - lay.title_h - lay.legend_h)))
     fig.text((lay.panel_x + panel_w / 2) / W, centre_y / H, NO_TISSUE_TEXT, ha="center", va="center",
              fontsize=big_px * 72 / DPI, fontweight="bold", color="black", parse_math=False,
              bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "black", "boxstyle": "round,pad=0.4"})  # fmt: skip

@@ -17,7 +17,7 @@ from wsi_vssm.atomic import atomic_write_bytes, atomic_write_json, atomic_write_
 from wsi_vssm.errors import UsageError
 
 METRIC_KEYS = ("auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "threshold", "n", "n_failed")
-CSV_COLUMNS = ("slide", "label", "probability", "status", "error")
+CSV_COLUMNS = ("slide", "label", "probability", "status", "error", "in_domain")  # in_domain last: added later
 PREDICTION_KEYS = (
     "slide", "probability", "label", "threshold", "reason", "model", "mpp", "parameters", "timings", "version",
 )  # fmt: skip
@@ -158,9 +158,11 @@ def roc_png(
     auc: float | None = None,
     ci: Sequence[float] | None = None,
     threshold: float | None = None,
+    items: str = "slides",
 ) -> None:
     """Write the ROC curve to `path` as PNG, atomically: the chance diagonal, the AUC and its CI in the legend,
-    and the operating point at `threshold` when given. Without both classes the plot says so instead."""
+    and the operating point at `threshold` when given. Without both classes the plot says so instead. `items`
+    names what was scored ("slides", "patches") in the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -179,11 +181,12 @@ def roc_png(
         ax.plot(fpr, tpr, lw=1.6, color="C3", label=label)
         if threshold is not None:
             m = metrics_at_threshold(y, s, threshold)
-            ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="k", ms=5, label=f"threshold {threshold:g}")
+            ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="k", ms=5, label=f"threshold {threshold:g}",
+                    clip_on=False)  # a point at (1, 1) or (0, 1) drawn whole, not halved by the axes
     else:
-        ax.text(0.5, 0.6, f"ROC undefined:\n{n1} tumour, {n0} normal slides", ha="center", fontsize=9)
+        ax.text(0.5, 0.6, f"ROC undefined:\n{n1} tumour, {n0} normal {items}", ha="center", fontsize=9)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", aspect="equal")
-    ax.set_title(f"ROC over {y.size} slides ({n1} tumour, {n0} normal)", fontsize=9)
+    ax.set_title(f"ROC over {y.size} {items} ({n1} tumour, {n0} normal)", fontsize=9)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -207,12 +210,14 @@ def write_prediction_json(path: str | os.PathLike, record: Mapping) -> None:
 
 
 def write_predictions_csv(path: str | os.PathLike, rows: Iterable[Mapping]) -> None:
-    """Write `predictions.csv` atomically: columns slide, label, probability, status, error.
+    """Write `predictions.csv` atomically: columns slide, label, probability, status, error, in_domain.
 
     Each row is a mapping with `slide` and `status` (`done`, `no_tissue`, `failed`; in a report that is not
     complete `pending` or `in_progress`, with no probability) and optionally `label` (0/1), `probability` and
-    `error` (the error, or why a slide is not finished). Missing or None values are written as empty cells;
-    probabilities in full precision (repr), so a resumed run reads back exactly what was written.
+    `error` (the error, or why a slide is not finished) and `in_domain` (the slide's prediction.json
+    verdict: true / false; empty for patches and slides without a prediction). Missing or None values are
+    written as empty cells; probabilities in full precision (repr), so a resumed run reads back exactly what
+    was written.
     """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -227,7 +232,8 @@ def write_predictions_csv(path: str | os.PathLike, rows: Iterable[Mapping]) -> N
         prob = "" if p is None or (isinstance(p, float) and math.isnan(p)) else repr(float(p))
         label = "" if row.get("label") is None else str(int(row["label"]))
         error = " ".join(str(row.get("error") or "").split())  # one line per slide
-        writer.writerow([row["slide"], label, prob, row["status"], error])
+        domain = "" if row.get("in_domain") is None else str(bool(row["in_domain"])).lower()
+        writer.writerow([row["slide"], label, prob, row["status"], error, domain])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -246,6 +252,7 @@ def read_predictions_csv(path: str | os.PathLike) -> list[dict]:
                     "probability": float(r["probability"]) if r["probability"] else None,
                     "status": r["status"],
                     "error": r.get("error") or None,
+                    "in_domain": {"true": True, "false": False}.get(r.get("in_domain") or ""),
                 }
                 for r in reader
             ]

@@ -118,8 +118,18 @@ def stain_check(thumbnail_rgb: np.ndarray, tissue_mask: np.ndarray | None,
     """Notes on why a slide does not look like brightfield H&E; empty when it does (or when there is too
     little tissue to tell, and nothing else is wrong). `tissue_mask` is the thumbnail's tissue mask (None:
     no tissue). Supersedes `pipeline.predict.stain_warning`."""
+    return stain_notes(stain_stats(thumbnail_rgb, tissue_mask, thresholds), thresholds)
+
+
+def stain_judged(stats: dict, thresholds: StainThresholds = STAIN) -> bool:
+    """Whether `stain_stats` saw enough to judge the stain: a dark (fluorescence) background, or enough
+    absorbing tissue pixels for the deconvolution."""
+    return stats["background"] < thresholds.dark_background or stats["tissue_pixels"] >= thresholds.min_pixels
+
+
+def stain_notes(s: dict, thresholds: StainThresholds = STAIN) -> list[str]:
+    """`stain_check`'s notes from `stain_stats`' figures."""
     t = thresholds
-    s = stain_stats(thumbnail_rgb, tissue_mask, t)
     if s["background"] < t.dark_background:
         return [f"looks like fluorescence (dark background: median brightness {s['background']:.0f} of 255), "
                 "not brightfield H&E"]
@@ -276,31 +286,59 @@ def _pool(d: np.ndarray, statistic: str) -> float:
 
 
 # ---- verdict ---------------------------------------------------------------------------------------------
-def domain_verdict(stain_notes: list[str], feature_result: tuple[bool, list[str]] | None) -> tuple[bool, list[str]]:
+NOT_CHECKED = "token features not checked (no tissue tokens, or no feature domain)"
+
+
+def domain_verdict(stain: list[str], feature_result: tuple[bool, list[str]] | None,
+                   stain_was_judged: bool = True) -> tuple[bool, list[str]]:
     """(in_domain, domain_notes) from `stain_check`'s notes and `FeatureDomain.check`'s result (None: no tissue
-    tokens, or no feature domain for this model; the notes say the stain alone was judged). Any stain note or a
-    feature distance over the threshold makes the slide out of domain: a warning, never a refusal."""
-    notes = list(stain_notes)
+    tokens, or no feature domain for this model; the notes say the stain alone was judged, or that nothing was
+    when `stain_was_judged` is false: too little tissue on the thumbnail). Any stain note or a feature distance
+    over the threshold makes the slide out of domain: a warning, never a refusal."""
+    notes = list(stain)
     if feature_result is None:
-        return not notes, notes + ["token features not checked (no tissue tokens, or no feature domain): "
-                                   "judged on the stain only"]
+        if not stain_was_judged:
+            return not notes, notes + [f"{NOT_CHECKED}, and too little tissue on the thumbnail to judge the stain: "
+                                       "not checked"]
+        return not notes, notes + [f"{NOT_CHECKED}: judged on the stain only"]
     ok, fnotes = feature_result
     return bool(ok) and not notes, notes + list(fnotes)
 
 
+MPP_TOLERANCE = 1.25  # read within this factor of the model's resolution (either way): the same magnification
+
+
+def magnification_check(analysis_mpp: float | None, model_mpp: float | None) -> list[str]:
+    """A note when the slide was read at another resolution than the model's (`--target-mpp`): cells and lesions
+    change scale and the calibration no longer holds. The token features need not show it (2 um/px on the
+    sample mosaic stayed under the distance threshold and called its lesion normal)."""
+    if not analysis_mpp or not model_mpp:
+        return []
+    ratio = analysis_mpp / model_mpp
+    if 1 / MPP_TOLERANCE <= ratio <= MPP_TOLERANCE:
+        return []
+    return [f"read at {analysis_mpp:.3g} um/px, {ratio:.2g}x the model's {model_mpp:.3g} um/px (--target-mpp): "
+            "another magnification than it was trained at"]
+
+
 def slide_domain(thumbnail_rgb: np.ndarray, tissue_mask: np.ndarray | None, features: np.ndarray | None,
-                 domain: FeatureDomain | None) -> dict:
-    """{"in_domain", "domain_notes", "domain_distance"} for one slide: the stain check on its tissue thumbnail
-    and mask, the feature check on its (n, F) tissue token features (None or n = 0: no tissue tokens) against
-    `domain` (None: the model has none). `domain_distance` is None where not measured."""
-    stain = stain_check(thumbnail_rgb, tissue_mask)
+                 domain: FeatureDomain | None, analysis_mpp: float | None = None,
+                 model_mpp: float | None = None) -> dict:
+    """{"in_domain", "domain_notes", "domain_distance", "domain_threshold"} for one slide: the stain check on its
+    tissue thumbnail and mask, the feature check on its (n, F) tissue token features (None or n = 0: no tissue
+    tokens) against `domain` (None: the model has none), and the resolution the slide was read at against the
+    model's (`magnification_check`, when both are given). `domain_distance` (and `domain_threshold`, the
+    model's) is None where not measured."""
+    stats = stain_stats(thumbnail_rgb, tissue_mask)
+    stain = stain_notes(stats) + magnification_check(analysis_mpp, model_mpp)
     has_tokens = features is not None and len(features) > 0
     if domain is None or not has_tokens:
-        in_domain, notes = domain_verdict(stain, None)
-        return {"in_domain": in_domain, "domain_notes": notes, "domain_distance": None}
+        in_domain, notes = domain_verdict(stain, None, stain_judged(stats))
+        return {"in_domain": in_domain, "domain_notes": notes, "domain_distance": None, "domain_threshold": None}
     dist = domain.slide_distance(features)
     in_domain, notes = domain_verdict(stain, domain.check_distance(dist, len(features)))
-    return {"in_domain": in_domain, "domain_notes": notes, "domain_distance": round(dist, 3)}
+    return {"in_domain": in_domain, "domain_notes": notes, "domain_distance": round(dist, 3),
+            "domain_threshold": round(float(domain.threshold), 3)}
 
 
 DEFAULT_DOMAIN_JSON = "default_domain.json"  # beside the packaged default weights (bench/domain.py writes it)

@@ -132,7 +132,8 @@ def extract_regions(
     inference: Inference | None = None,
 ) -> list[tuple]:
     """The cells owned by the plan's regions `region_indices` (default: all), as per-region tuples
-    (features, global cell rows, cols, tissue, region index) for `assemble_cells`. Any split of the regions
+    (features, global cell rows, cols, tissue, region index, untransformed-view features or None) for
+    `assemble_cells`. Any split of the regions
     into calls gives the same cells as one call (batches of `batch_size` form within a call)."""
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -280,34 +281,45 @@ def _run_batch(batch: list[tuple], backbone, plan: _Plan, device: str, inference
 
     x = torch.cat([b[1] for b in batch]).to(device, non_blocking=True)  # (B, 3, H, W)
     with autocast(resolve_precision(inference.precision, device), device):
-        fmap = region_features(backbone, x, inference.tta)  # (B, F, H/32, W/32) float32
+        fmap, view = region_maps(backbone, x, inference.tta)  # (B, F, H/32, W/32) float32 each
     k = plan.token_px // STRIDE
-    if k > 1:
-        fmap = F.avg_pool2d(fmap.float(), k, k)  # (B, F, H/token_px, W/token_px)
-    fmap = fmap.float().cpu().numpy()
-    return [_cells_of_region(region, fmap[i], plan) for i, (region, _, _) in enumerate(batch)]
+    maps = [m if k == 1 else F.avg_pool2d(m.float(), k, k) for m in (fmap, view) if m is not None]
+    maps = [m.float().cpu().numpy() for m in maps]  # (B, F, H/token_px, W/token_px) each
+    return [_cells_of_region(region, maps[0][i], plan, maps[1][i] if len(maps) > 1 else None)
+            for i, (region, _, _) in enumerate(batch)]
 
 
 def region_features(backbone, x, tta: bool):
     """The stride-32 feature map of x (B, 3, H, W); with `tta`, the mean over the 8 dihedral views, each view's
     map turned back to x's orientation (H and W swap under a quarter turn and swap back)."""
+    return region_maps(backbone, x, tta)[0]
+
+
+def region_maps(backbone, x, tta: bool):
+    """(`region_features`, the untransformed view's map when `tta` else None). The domain check reads the
+    latter: its distance threshold was set on single views, and a mean of 8 views lies nearer the training mean
+    (the skin sample measured in domain under --tta, out of it without)."""
     import torch
 
+    first = backbone.forward_features(x).float()
     if not tta:
-        return backbone.forward_features(x).float()
-    total = None
+        return first, None
+    total = first.clone()
     for flip in (False, True):
         v = x.flip(-1) if flip else x
         for k in range(4):
+            if not flip and k == 0:
+                continue  # the untransformed view, already run
             f = backbone.forward_features(torch.rot90(v, k, (2, 3)).contiguous()).float()
             f = torch.rot90(f, -k, (2, 3))
             f = f.flip(-1) if flip else f
-            total = f if total is None else total + f
-    return total / 8
+            total += f
+    return total / 8, first
 
 
-def _cells_of_region(region, fmap: np.ndarray, plan: _Plan) -> tuple:
-    """(features (n, F), global cell rows, cols, tissue, region index) of the cells this region owns."""
+def _cells_of_region(region, fmap: np.ndarray, plan: _Plan, view: np.ndarray | None = None) -> tuple:
+    """(features (n, F), global cell rows, cols, tissue, region index, the untransformed view's features (n, F)
+    or None) of the cells this region owns; `view` is that view's map when `fmap` is a TTA mean."""
     rows_total, cols_total = plan.grid_shape
     h, w = fmap.shape[1:]
     rlo, rhi = owned_range(region.row, rows_total, plan.region_cells, plan.overlap_cells)
@@ -319,7 +331,8 @@ def _cells_of_region(region, fmap: np.ndarray, plan: _Plan) -> tuple:
     tissue = plan.tissue[grow, gcol]
     keep = (tissue >= plan.min_tissue) & (tissue > 0)
     feats = fmap[:, rr[keep], cc[keep]].T  # (n, F)
-    return feats, grow[keep], gcol[keep], tissue[keep], region.index
+    view_feats = None if view is None else view[:, rr[keep], cc[keep]].T
+    return feats, grow[keep], gcol[keep], tissue[keep], region.index, view_feats
 
 
 def _assemble(parts, plan: _Plan, scale: float, slide_mpp: float, attrs: dict, backbone) -> CellFeatures:
@@ -330,10 +343,12 @@ def _assemble(parts, plan: _Plan, scale: float, slide_mpp: float, attrs: dict, b
         cols = np.concatenate([p[2] for p in parts]).astype(np.int64)
         tissue = np.concatenate([p[3] for p in parts]).astype(np.float16)
         region = np.concatenate([np.full(len(p[1]), p[4], np.int32) for p in parts])
+        views = [p[5] if len(p) > 5 else None for p in parts]
+        view = None if any(v is None for v in views) else np.concatenate(views).astype(np.float16)
     else:
         feats = np.zeros((0, n_feat), np.float16)
         rows = cols = np.zeros(0, np.int64)
-        tissue, region = np.zeros(0, np.float16), np.zeros(0, np.int32)
+        tissue, region, view = np.zeros(0, np.float16), np.zeros(0, np.int32), None
     order = np.lexsort((cols, rows))  # by y, then x
     cell_px0 = plan.token_px * scale
     # Round to whole level-0 px from the global cell index: no drift across a large slide.
@@ -347,6 +362,7 @@ def _assemble(parts, plan: _Plan, scale: float, slide_mpp: float, attrs: dict, b
         region_id=region[order],
         tissue=tissue[order],
         attrs=attrs,
+        view_features=None if view is None else view[order],
     )
 
 

@@ -189,8 +189,10 @@ def predict_slide(
         extent_t = extent_threshold(model, params, cell_t)
         prob, cell_probs, reason = _score(model, cells, slide_path)
         identity = _identity(model)  # hashes the weights once per slide: the record and the domain both need it
-        domain = slide_domain(tissue.thumbnail, mask, cells.features if len(cells) else None,
-                              model_domain(model, identity["weights_hash"]))
+        # the domain check's threshold holds for single views: under TTA it reads the untransformed one
+        feats = cells.features if cells.view_features is None else cells.view_features
+        domain = slide_domain(tissue.thumbnail, mask, feats if len(cells) else None,
+                              model_domain(model, identity["weights_hash"]), cells.attrs["mpp"], model.mpp)
         if not domain["in_domain"]:
             warnings.warn(f"{slide_path}: out of the model's domain: {'; '.join(domain['domain_notes'])}; "
                           "results are unreliable", stacklevel=3)
@@ -202,7 +204,7 @@ def predict_slide(
         out_dir.mkdir(parents=True, exist_ok=True)
         label = None if prob is None else int(prob >= threshold)
         few = _few_cells_warning(cell_probs, label, cell_t)
-        notes = ([] if domain["in_domain"] else [f"out of domain: {n}" for n in domain["domain_notes"]]) + \
+        notes = ([] if domain["in_domain"] else [f"out of domain: {'; '.join(domain['domain_notes'])}"]) + \
             ([few] if few else [])
         record = {
             "slide": slide.name,
@@ -216,14 +218,16 @@ def predict_slide(
             "reason": reason,
             "in_domain": domain["in_domain"],
             "domain_notes": domain["domain_notes"],
+            "domain_distance": domain["domain_distance"],
+            "domain_threshold": domain["domain_threshold"],
             "device": _device_name(params.device),
             "model": {"name": model.name, "mpp": model.mpp, "token_px": model.token_px, **identity},
             "mpp": {"slide": slide.mpp, "slide_source": slide.mpp_source, "analysis": cells.attrs["mpp"]},
             "summary": {"n_cells": len(cells), "tissue_area_mm2": _tissue_area_mm2(tissue, slide.mpp),
                         "largest_lesion_mm": None, "warnings": notes},
             "lesions": [],
-            "parameters": {**params.to_dict(), "region_px": cells.attrs["region_px"],
-                           "overlap_px": cells.attrs["overlap_px"]},
+            "parameters": {**params.to_dict(), "precision_used": _precision_used(params),
+                           "region_px": cells.attrs["region_px"], "overlap_px": cells.attrs["overlap_px"]},
             "timings": timings,
             "version": __version__,
             "schema": None,  # set by the writer
@@ -272,6 +276,17 @@ def _identity(model) -> dict:
 
     ident = model_identity(model)
     return {"hash": ident["weights_hash"], **ident}  # `hash`: v1 name of weights_hash
+
+
+def _precision_used(params: PredictParams) -> str:
+    """What `precision` (and the old `amp`) came to on this device: `fp32` or `bf16` (`auto` resolved)."""
+    import torch
+
+    from wsi_vssm.models.device import resolve_device
+    from wsi_vssm.models.precision import resolve_precision
+
+    dtype = resolve_precision(params.inference().precision, resolve_device(params.device))
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def _device_name(device: str) -> str:

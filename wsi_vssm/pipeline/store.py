@@ -28,6 +28,8 @@ class CellFeatures:
     region_id: np.ndarray  # (n,) int32: the RegionGrid index the cell was taken from
     tissue: np.ndarray  # (n,) float16: tissue fraction of the cell
     attrs: dict = field(default_factory=dict)
+    # (n, F) float16 or None: under TTA, the untransformed view's features, for the domain check (not stored)
+    view_features: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +172,33 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
             if not f.startswith(".") and low.endswith(SLIDE_SUFFIXES) and not low.endswith(".zarr"):
                 out.setdefault(slide_name(f).lower(), []).append(Path(dirpath) / f)
     return out
+
+
+def expand_slide_folders(paths: Iterable[str]) -> list[str]:
+    """Command-line slide paths with each plain folder replaced by the slide files directly in it, by name
+    (as CLAM and TRIDENT take a folder of slides); an OME-Zarr folder is one slide, and sub-folders (an output
+    folder inside, say) are not walked. A folder holding no slide file stays as given: it fails alone in the
+    run, with the reader's reason, and the other slides go on."""
+    from wsi_vssm.io.formats import is_zarr_dir
+
+    out: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_dir() or is_zarr_dir(p):
+            out.append(path)
+            continue
+        found = sorted(str(f) for f in p.iterdir() if not f.name.startswith(".") and _is_slide_entry(f))
+        out.extend(found or [path])
+    return out
+
+
+def _is_slide_entry(f: Path) -> bool:
+    from wsi_vssm.io.formats import is_zarr_dir
+
+    low = f.name.lower()
+    if f.is_dir():
+        return low.endswith(".zarr") and is_zarr_dir(f)
+    return low.endswith(SLIDE_SUFFIXES) and f.is_file()
 
 
 def parse_label(value: str, path: Path, line: int) -> int:

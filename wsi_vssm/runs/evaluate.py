@@ -31,6 +31,7 @@ from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
 class EvaluationResult:
     metrics: dict
     rows: list[dict] = field(default_factory=list)
+    items: str = "slides"  # what was scored: "slides", or "patches" for a patch folder
 
     @property
     def n_failed(self) -> int:
@@ -46,39 +47,6 @@ REPORT_LOCK_WAIT_S = 60.0  # how long a run waits for another run writing the co
 PENDING, IN_PROGRESS = "pending", "in_progress"  # predictions.csv statuses of slides not through yet
 UNFINISHED = (PENDING, IN_PROGRESS)
 PENDING_NOTE = "not finished: the run ended before this slide; rerun the same command"
-
-
-SEPARATION_TIE = 1e-6  # scores closer than this count as equal
-
-
-def separation_warning(result: EvaluationResult) -> str | None:
-    """One line when the scores do not separate the classes: every slide scores the same, or the AUC's 95% CI
-    covers 0.5 (chance). None when they do, or when there are too few scored slides to say."""
-    scores = [r["probability"] for r in result.rows if r["status"] == "done" and r["probability"] is not None]
-    m = result.metrics
-    if len(scores) >= 2 and max(scores) - min(scores) <= SEPARATION_TIE:
-        return (f"every slide scores {scores[0]:.3f}: the scores do not separate tumour from normal slides "
-                "(is the cohort within the model's domain?)")
-    ci = m.get("auc_ci95")
-    if m.get("auc") is not None and ci and ci[0] <= 0.5 <= ci[1]:
-        return (f"the scores do not separate tumour from normal slides: AUC {m['auc']:.3f}, its 95% CI "
-                f"{ci[0]:.3f}-{ci[1]:.3f} covers 0.5 (chance)")
-    return None
-
-
-SMALL_CLASS = 10  # fewer slides of a class than this: the AUC's bootstrap interval says little
-
-
-def small_cohort_warning(result: EvaluationResult) -> str | None:
-    """One line when a class has fewer than SMALL_CLASS scored slides: the percentile bootstrap then gives
-    intervals such as 1.000-1.000 on four perfectly separated slides, which read as certainty."""
-    labels = [r["label"] for r in result.rows
-              if r["status"] == "done" and r["probability"] is not None and r["label"] is not None]
-    n1, n0 = sum(1 for y in labels if y == 1), sum(1 for y in labels if y == 0)
-    if result.metrics.get("auc") is None or min(n1, n0) >= SMALL_CLASS:
-        return None
-    return (f"the AUC rests on {n1} tumour and {n0} normal slide(s): with fewer than {SMALL_CLASS} of a class its "
-            "bootstrap interval is not a reliable measure of uncertainty")
 
 
 def is_patch_folder(path: Path) -> bool:
@@ -263,7 +231,7 @@ def _row(crow, outcome) -> dict:
         result = (outcome.state or {}).get("result") or {}
         p = result.get("probability")
         row.update(probability=p, status="done" if p is not None else "no_tissue",
-                   error=None if p is not None else result.get("reason"))
+                   error=None if p is not None else result.get("reason"), in_domain=result.get("in_domain"))
     return row
 
 
@@ -284,7 +252,7 @@ def _final_row(crow, outcome, job) -> dict:
             p = rec.get("probability")
             return {"slide": crow.name, "label": crow.label, "probability": p,
                     "status": "done" if p is not None else "no_tissue", "error": None if p is not None
-                    else rec.get("reason")}
+                    else rec.get("reason"), "in_domain": rec.get("in_domain")}
         if state.get("status") == Status.FAILED:
             return {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
                     "error": state.get("error")}
@@ -387,8 +355,8 @@ def evaluate_patches(
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
     scored = [r for r in rows if r["probability"] is not None]
-    metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot)
-    return EvaluationResult(metrics, rows)
+    metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches")
+    return EvaluationResult(metrics, rows, items="patches")
 
 
 def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.ndarray:
@@ -411,9 +379,10 @@ def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.nd
 
 
 def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int,
-                   n_pending: int = 0) -> dict:
-    """metrics.json (`report.cohort_metrics`, then `n_pending`: slides not through yet, `complete`: none is, and
-    `calibration`), roc.png and calibration.png, atomically."""
+                   n_pending: int = 0, items: str = "slides") -> dict:
+    """metrics.json (`report.cohort_metrics`, then `n_pending`: slides not through yet, `complete`: none is,
+    `n_out_of_domain`: scored slides whose prediction says `in_domain: false` (None for patches, which have no
+    domain verdict), and `calibration`), roc.png and calibration.png, atomically."""
     from wsi_vssm.outputs.calibration import calibration_png, calibration_summary
     from wsi_vssm.outputs.report import METRIC_KEYS, cohort_metrics, roc_png
 
@@ -421,11 +390,13 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     scores = np.array([r["probability"] for r in scored], dtype=np.float64)
     metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot)
     calibration = calibration_summary(labels, scores, n_boot=n_boot)
+    verdicts = [r.get("in_domain") for r in scored]
+    n_out = sum(v is False for v in verdicts) if any(v is not None for v in verdicts) else None
     metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "n_pending": int(n_pending), "complete": not n_pending,
-               "calibration": calibration, **metrics}  # then `reason`, when there is one
+               "n_out_of_domain": n_out, "calibration": calibration, **metrics}  # then `reason`, when there is one
     _write_json(out / METRICS_JSON, metrics)
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
-            threshold=threshold)
+            threshold=threshold, items=items)
     calibration_png(out / CALIBRATION_PNG, labels, scores, calibration)
     return metrics
 

@@ -88,7 +88,7 @@ class PredictJob:
         cb = None if region_progress is None else (lambda done, total, stage: region_progress(done, total))
         rec = predict_slide(task.path, self.model(), self.out, self.params, progress=cb, run_regions=run_regions)
         return {"probability": rec["probability"], "label": rec["label"], "reason": rec["reason"],
-                "n_cells": rec["summary"]["n_cells"], "timings": rec["timings"]}
+                "in_domain": rec["in_domain"], "n_cells": rec["summary"]["n_cells"], "timings": rec["timings"]}
 
     def open_slide(self, task: SlideTask):
         from wsi_vssm.io import open_slide
@@ -124,6 +124,8 @@ class PredictJob:
         p = result.get("probability")
         verdict = (f"probability {p:.3f} -> {'tumor' if result.get('label') else 'normal'}" if p is not None
                    else f"no prediction ({result.get('reason')})")
+        if result.get("in_domain") is False:  # also on a rerun's "up to date" line, where no warning repeats it
+            verdict += ", OUT OF DOMAIN (unreliable)"
         tta = f", TTA 8 views: backbone {timings.get('features', 0.0):.1f} s" if self.params.tta else ""
         return f"{name}: {verdict} [{result.get('n_cells')} cells, {timings.get('total', 0.0):.1f} s{tta}] -> " \
                f"{self.where(name)}"

@@ -375,6 +375,11 @@ def _wrap(model: SlideModel, ctx: DistContext) -> nn.Module:
         return net
     from torch.nn.parallel import DistributedDataParallel
 
+    for m in net.modules():  # depthwise weights (C, 1, k, k) in the channels-last strides their gradients come
+        # back in from the channels-last blocks: the same bytes, so DDP's buckets match them and it does not warn
+        # "Grad strides do not match bucket view strides" (it did, once per process)
+        if isinstance(m, nn.Conv2d) and m.weight.shape[1] == 1:
+            m.weight.data = m.weight.data.clone(memory_format=torch.channels_last)  # .contiguous() would keep them
     ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
     return DistributedDataParallel(net, device_ids=ids)
 

@@ -1,0 +1,63 @@
+"""The one-line warnings `evaluate` prints under a cohort's figures: scores that do not separate the classes,
+classes or patients too few for the bootstrap to mean much, slides out of the model's domain. Each takes an
+`EvaluationResult` (`runs.evaluate`) and returns the line, or None when there is nothing to say."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wsi_vssm.runs.evaluate import EvaluationResult
+
+SEPARATION_TIE = 1e-6  # scores closer than this count as equal
+
+
+def separation_warning(result: EvaluationResult) -> str | None:
+    """One line when the scores do not separate the classes: every slide scores the same, or the AUC's 95% CI
+    covers 0.5 (chance). None when they do, or when there are too few scored slides to say."""
+    scores = [r["probability"] for r in result.rows if r["status"] == "done" and r["probability"] is not None]
+    m = result.metrics
+    if len(scores) >= 2 and max(scores) - min(scores) <= SEPARATION_TIE:
+        return (f"every one of the {len(scores)} {result.items} scores {scores[0]:.3f}: the scores do not separate "
+                f"tumour from normal {result.items} (is the cohort within the model's domain?)")
+    ci = m.get("auc_ci95")
+    if m.get("auc") is not None and ci and ci[0] <= 0.5 <= ci[1]:
+        return (f"the scores do not separate tumour from normal {result.items}: AUC {m['auc']:.3f}, its 95% CI "
+                f"{ci[0]:.3f}-{ci[1]:.3f} covers 0.5 (chance)")
+    return None
+
+
+def domain_warning(result: EvaluationResult) -> str | None:
+    """One line when scored slides are out of the model's domain: the AUC includes them."""
+    n_out, n = result.metrics.get("n_out_of_domain"), result.metrics.get("n")
+    if not n_out:
+        return None
+    names = [r["slide"] for r in result.rows if r.get("in_domain") is False and r["probability"] is not None]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{n_out} of {n} scored slide(s) are out of the model's domain ({shown}; predictions.csv column "
+            "in_domain): the AUC includes them, and their probabilities are unreliable")
+
+
+SMALL_CLASS = 10  # fewer slides of a class than this: the AUC's bootstrap interval says little
+
+
+def small_cohort_warning(result: EvaluationResult) -> str | None:
+    """One line when a class has fewer than SMALL_CLASS scored slides: the percentile bootstrap then gives
+    intervals such as 1.000-1.000 on four perfectly separated slides, which read as certainty."""
+    labels = [r["label"] for r in result.rows
+              if r["status"] == "done" and r["probability"] is not None and r["label"] is not None]
+    n1, n0 = sum(1 for y in labels if y == 1), sum(1 for y in labels if y == 0)
+    if result.metrics.get("auc") is None or min(n1, n0) >= SMALL_CLASS:
+        return None
+    return (f"the AUC rests on {n1} tumour and {n0} normal {result.items}: with fewer than {SMALL_CLASS} of a class "
+            "its bootstrap interval is not a reliable measure of uncertainty")
+
+
+def few_patients_warning(result: EvaluationResult) -> str | None:
+    """One line when the pN kappa rests on fewer than SMALL_CLASS patients: one patient gives kappa 1.000
+    (1.000-1.000) when its stage is right and 0.000 (0.000-0.000) when it is not."""
+    n = result.metrics.get("n_patients")
+    if result.metrics.get("kappa") is None or not n or n >= SMALL_CLASS:
+        return None
+    return (f"the pN kappa rests on {n} patient(s): with fewer than {SMALL_CLASS} its value and bootstrap interval "
+            "say little")
