@@ -187,6 +187,15 @@ def test_reader_returns_none_fast_for_what_it_cannot_read(tmp_path):
     assert elapsed < 0.5, f"get_reader took {elapsed:.3f} s for {len(candidates)} non-slides"
 
 
+def test_a_damaged_slide_only_file_says_why_it_cannot_be_read(make_napari_viewer, tmp_path):
+    """broken.svs (no TIFF header) was refused with napari's "Reader 'wsi-vssm' ... refused the file"."""
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"IJrEr1vV not a slide")
+    assert plugin_reader.get_reader(str(bad)) is plugin_reader.read_slide
+    with pytest.raises(Exception, match="not a slide format this app reads"):
+        plugin_reader.read_slide(str(bad))
+
+
 def test_package_and_fast_path_import_neither_qt_nor_heavy_libraries(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG")
     code = (
@@ -213,8 +222,11 @@ def test_prediction_output_opens_as_heatmap_and_contours(make_napari_viewer, pre
     assert (alpha[:3] == 0).all(), "no tissue and cells below the cell threshold should be transparent"
     assert 0 < alpha[3] < alpha[4], "above the threshold, opacity rises with the probability"
     assert heat.metadata[META_KEY]["kind"] == "heatmap"
+    assert heat.metadata[META_KEY]["prediction"]["probability"] == 0.9  # the call travels with the layers
     assert len(shapes.data) >= 1 and set(shapes.shape_type) == {"polygon"}
     np.testing.assert_allclose(np.asarray(shapes.features["max_probability"]), 0.95, rtol=1e-6)
+    assert {"lesion_id", "category", "area_um2"} <= set(shapes.features.columns)  # as QuPath shows them
+    assert (np.asarray(shapes.features["area_um2"]) > 0).all()
 
 
 def test_heatmap_hot_spot_lies_over_the_known_lesion_in_world_coordinates(make_napari_viewer, tumour_slide,
@@ -299,6 +311,19 @@ def _notifications(since: int) -> list[str]:
     return [str(n.message) for n in notification_manager.records[since:]]
 
 
+def test_the_widgets_line_says_out_of_domain_next_to_the_call():
+    """The widget printed "tumour probability 0.997 -> tumour" for the skin sample, which the CLI and the overlay
+    call OUT OF DOMAIN."""
+    from wsi_vssm.napari_plugin._predict import summary
+
+    record = {"slide": "cmu", "probability": 0.997, "label": 1, "slide_threshold": 0.519, "in_domain": False}
+    line = summary(record)
+    assert line == "cmu: tumour probability 0.997 -> tumour, OUT OF DOMAIN (unreliable) (slide threshold 0.519)"
+    assert "OUT OF DOMAIN" not in summary({**record, "in_domain": True})
+    empty = {"slide": "f", "probability": None, "reason": "no tissue found", "in_domain": False}
+    assert "OUT OF DOMAIN" in summary(empty)
+
+
 def test_widget_presets_the_default_model_and_the_open_slide(widget_viewer):
     viewer, widget = widget_viewer
     assert widget.model_combo.currentText() == "default"
@@ -350,6 +375,23 @@ def test_widget_reports_errors_as_notifications_without_crashing(widget_viewer, 
     assert any("model file not found" in m for m in messages), messages
     assert widget.last_result is None and len(viewer.layers) == 1
     assert widget.result_label.text().startswith("failed:")
+
+
+def test_renaming_the_slide_layer_keeps_it_selected(widget_viewer):
+    """The Slide box kept the old name, and Predict said "open a slide first" with the slide open."""
+    viewer, widget = widget_viewer
+    viewer.layers["tumour_slide"].name = "my slide"
+    assert widget.slide_combo.currentText() == "my slide"
+    assert widget._selected_slide() is viewer.layers["my slide"]
+
+
+def test_widget_says_where_to_give_a_missing_mpp(widget_viewer):
+    """The library's message says "--mpp", a flag the widget does not have."""
+    from wsi_vssm.io.errors import MissingMpp
+
+    _, widget = widget_viewer
+    widget._on_errored(MissingMpp("s.svs", "slide has no resolution; state it with --mpp"))
+    assert "mpp box" in widget.result_label.text()
 
 
 def test_widget_cancel_stops_prediction(widget_viewer, tiny_model, tmp_path, qtbot):

@@ -93,6 +93,20 @@ def test_cancel_stops_prediction(model_file, cohort, tmp_path):
     assert not (tmp_path / "normal_001" / "prediction.json").exists()
 
 
+def test_a_cancel_during_the_writing_leaves_a_done_slide_not_a_cancelled_one(model_file, cohort, tmp_path):
+    """The napari widget's Cancel pressed while the outputs were being written: prediction.json (whose presence
+    means done) was complete, but the run said "cancelled" and showed nothing."""
+    stop = threading.Event()
+
+    def progress(done, total, stage):
+        if stage == "write":
+            stop.set()  # the user presses Cancel as writing starts
+
+    rec = predict_slide(cohort / "normal_001.tif", _model(model_file), tmp_path, FAST, progress=progress, cancel=stop)
+    assert stop.is_set() and rec["probability"] is not None
+    assert (tmp_path / "normal_001" / "prediction.json").is_file()
+
+
 def test_no_tissue_is_a_null_probability_not_an_error(model_file, tmp_path):
     import tifffile
 

@@ -146,6 +146,22 @@ def test_lock_is_exclusive():
         b.release()
 
 
+def test_a_half_written_lock_of_a_killed_run_is_broken_once_old(tmp_path):
+    """A run SIGKILLed between creating its lock and writing it leaves an empty lock. Its age changed between the
+    two reads that breaking compares, so it was never broken: the slide stayed locked and a waiting rerun spun
+    (the SIGKILL test below hit it once in CI)."""
+    (tmp_path / STATE_DIR).mkdir()
+    lock_file = tmp_path / STATE_DIR / "s.predict.lock"
+    lock_file.write_text("")
+    young = SlideLock(tmp_path, "predict", "s")
+    assert not young.acquire() and young.holder["pid"] is None  # a live run may be writing it right now
+    old = time.time() - 120
+    os.utime(lock_file, (old, old))
+    lock = SlideLock(tmp_path, "predict", "s")
+    assert lock.acquire() and json.loads(lock_file.read_text())["pid"] == os.getpid()
+    lock.release()
+
+
 def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(model_file, cohort, reference, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "wsi_vssm", "evaluate", str(cohort), "--out", str(out), "--model",

@@ -131,12 +131,17 @@ def contours_layer(path: str | Path, mpp: float, name: str = "contours", edge_wi
     """
     from wsi_vssm.outputs.contours import read_contours_geojson
 
-    shapes, names, probs = [], [], []
+    shapes, names, probs, ids, categories, areas = [], [], [], [], [], []
     for feat in read_contours_geojson(path):
+        lesion = feat.properties.get("lesion_id")
+        area = (feat.properties.get("measurements") or {}).get("Area um^2")
         for ring in feat.rings:
             shapes.append(ring[:, ::-1].copy())  # (x, y) -> napari's (y, x)
             names.append(feat.name)
             probs.append(feat.max_probability)
+            ids.append(-1 if lesion is None else int(lesion))  # -1: a GeoJSON without our lesion ids
+            categories.append(str(feat.properties.get("category") or ""))
+            areas.append(math.nan if area is None else float(area))
     kwargs = {
         "name": name,
         "shape_type": "polygon",
@@ -146,16 +151,37 @@ def contours_layer(path: str | Path, mpp: float, name: str = "contours", edge_wi
         "edge_color": CONTOUR_COLOR,
         "face_color": "transparent",
         "edge_width": edge_width_px,
-        "features": {"name": names, "max_probability": np.asarray(probs, dtype=float)},
+        # as QuPath shows them: lesions.csv's id and category, and this piece's area (a lesion may be several)
+        "features": {"name": names, "max_probability": np.asarray(probs, dtype=float),
+                     "lesion_id": np.asarray(ids, dtype=int), "category": categories,
+                     "area_um2": np.asarray(areas, dtype=float)},
         "metadata": {META_KEY: {"kind": "contours", "path": str(path), "mpp": mpp}},
     }
     return shapes, kwargs, "shapes"
+
+
+CALL_KEYS = ("slide", "probability", "label", "slide_threshold", "threshold", "reason", "in_domain", "domain_notes")
+
+
+def _prediction_call(path: Path) -> dict | None:
+    """The slide's call from its prediction.json (probability, decision, threshold, domain verdict), for the
+    heatmap layer's metadata; None when the file is missing or unreadable (the layers still open)."""
+    import json
+
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {k: record.get(k) for k in CALL_KEYS} if isinstance(record, dict) else None
 
 
 def prediction_layers(folder: str | Path) -> list[tuple]:
     """Heatmap and contours layers of one `wsi-vssm predict` output folder (its heatmap must exist)."""
     folder = Path(folder)
     heat = heatmap_layer(folder / files.HEATMAP_ZARR)
+    call = _prediction_call(folder / files.PREDICTION_JSON)
+    if call is not None:
+        heat[1]["metadata"][META_KEY]["prediction"] = call
     layers = [heat]
     contours = folder / files.CONTOURS_GEOJSON
     if contours.is_file():

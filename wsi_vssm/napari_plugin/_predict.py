@@ -49,11 +49,13 @@ def run_prediction(
 
 
 def summary(record: dict) -> str:
-    """One line for the widget: the slide probability and decision, or why there is none."""
+    """One line for the widget: the slide probability and decision, or why there is none; a slide out of the
+    model's domain says so next to its call, as the CLI line and the overlay's title do."""
     prob = record.get("probability")
+    out = ", OUT OF DOMAIN (unreliable)" if record.get("in_domain") is False else ""
     if prob is None:
-        return f"{record.get('slide')}: no probability ({record.get('reason') or 'unknown reason'})"
+        return f"{record.get('slide')}: no probability ({record.get('reason') or 'unknown reason'}){out}"
     label = "tumour" if record.get("label") else "normal"
     threshold = record.get("slide_threshold", record.get("threshold"))
     shown = "?" if threshold is None else f"{float(threshold):.3f}"
-    return f"{record.get('slide')}: tumour probability {prob:.3f} -> {label} (threshold {shown})"
+    return f"{record.get('slide')}: tumour probability {prob:.3f} -> {label}{out} (slide threshold {shown})"

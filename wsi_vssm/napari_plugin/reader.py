@@ -20,6 +20,9 @@ from wsi_vssm.outputs.files import PREDICTION_JSON as _PREDICTION
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif")
 OTHER_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")  # OpenSlide formats with no TIFF header to sniff
+# names only a slide reader claims: a damaged one is taken anyway, so the user sees why it cannot be read
+# (napari said only "the reader refused the file"); a .tif that is no TIFF is left to other readers
+SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".scn", ".svslide", ".bif")
 _ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup")
 
 ReaderFunction = Callable[[str], list]
@@ -50,7 +53,8 @@ def sniff(p: Path) -> str | None:
         suffix = p.suffix.lower()
         if suffix in TIFF_SUFFIXES:
             with open(p, "rb") as f:
-                return "slide" if f.read(4) in _TIFF_MAGIC else None
+                tiff = f.read(4) in _TIFF_MAGIC
+            return "slide" if tiff or (suffix in SLIDE_ONLY_SUFFIXES and p.stat().st_size > 0) else None
         if suffix in OTHER_SUFFIXES:
             return "slide" if p.is_file() and p.stat().st_size > 0 else None
     except OSError:
@@ -92,13 +96,21 @@ def read_slide(path: str | os.PathLike | list) -> list[tuple]:
 
 def read_prediction(path: str | os.PathLike | list) -> list[tuple]:
     """A prediction folder (or its prediction.json or heatmap.ome.zarr) as heatmap + contours layers."""
-    from wsi_vssm.napari_plugin._layers import heatmap_layer, prediction_layers
+    from wsi_vssm.napari_plugin._layers import META_KEY, heatmap_layer, prediction_layers
 
     p = Path(path[0] if isinstance(path, (list, tuple)) else path)
     if p.name == _PREDICTION:
         p = p.parent
-    if (p / _HEATMAP).is_dir():
-        return prediction_layers(p)
     if p.name == _HEATMAP:
-        return prediction_layers(p.parent)
-    return [heatmap_layer(p)]  # a heatmap .zarr renamed or moved away from its folder
+        p = p.parent
+    if not (p / _HEATMAP).is_dir():
+        return [heatmap_layer(p)]  # a heatmap .zarr renamed or moved away from its folder
+    layers = prediction_layers(p)
+    call = layers[0][1]["metadata"][META_KEY].get("prediction")
+    if call is not None:  # the call and its domain verdict, which the layers alone do not show
+        from napari.utils.notifications import show_info, show_warning
+
+        from wsi_vssm.napari_plugin._predict import summary
+
+        (show_warning if call.get("in_domain") is False else show_info)(f"wsi-vssm: {summary(call)}")
+    return layers

@@ -48,9 +48,11 @@ class PredictWidget(QWidget):
         self._progress = _Progress()
         self._progress.changed.connect(self._on_progress)
         self._build()
-        self.viewer.layers.events.inserted.connect(self._refresh_slides)
+        self.viewer.layers.events.inserted.connect(self._on_inserted)
         self.viewer.layers.events.removed.connect(self._refresh_slides)
         self.viewer.layers.events.changed.connect(self._refresh_slides)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._on_renamed)
         self._refresh_slides()
 
     # ---- layout ---------------------------------------------------------------------------------------------
@@ -110,6 +112,19 @@ class PredictWidget(QWidget):
     # ---- slide layers ---------------------------------------------------------------------------------------
     def slide_layers(self) -> list:
         return [ly for ly in self.viewer.layers if (ly.metadata.get(META_KEY) or {}).get("kind") == "slide"]
+
+    def _on_inserted(self, event) -> None:
+        event.value.events.name.connect(self._on_renamed)
+        self._refresh_slides()
+
+    def _on_renamed(self, event) -> None:
+        """A slide layer renamed in the layer list: the Slide box follows it (it kept the old name, and Predict
+        then said "open a slide first")."""
+        layer, old = event.source, self.slide_combo.currentText()
+        names = {ly.name for ly in self.slide_layers()}
+        self._refresh_slides()
+        if old not in names and layer.name in names:
+            self.slide_combo.setCurrentText(layer.name)
 
     def _refresh_slides(self, event=None) -> None:
         current = self.slide_combo.currentText()
@@ -182,7 +197,7 @@ class PredictWidget(QWidget):
 
     def _on_returned(self, result) -> None:
         from napari.layers import Layer
-        from napari.utils.notifications import show_info
+        from napari.utils.notifications import show_info, show_warning
 
         self.last_result, self._succeeded = result, True
         self._match_slide_scale(result.record)
@@ -192,7 +207,8 @@ class PredictWidget(QWidget):
             self.viewer.add_layer(Layer.create(data, kwargs, layer_type))
         text = summary(result.record)
         self.result_label.setText(f"{text}\noutputs: {result.out_dir}")
-        show_info(f"wsi-vssm: {text}")
+        # a warning toast for a slide out of domain: an info toast replaced the run's own warning at once
+        (show_warning if result.record.get("in_domain") is False else show_info)(f"wsi-vssm: {text}")
 
     def _match_slide_scale(self, record: dict) -> None:
         """Put the slide layer in um at the mpp prediction used (when the file had none, or it was overridden)."""
@@ -214,8 +230,11 @@ class PredictWidget(QWidget):
             show_info("wsi-vssm: prediction cancelled")
             self.result_label.setText("cancelled")
         elif isinstance(err, WsiVssmError):
-            show_error(f"wsi-vssm: {err}")
-            self.result_label.setText(f"failed: {err}")
+            from wsi_vssm.io.errors import MissingMpp
+
+            hint = " (here: set it in the mpp box above)" if isinstance(err, MissingMpp) else ""  # not a CLI flag
+            show_error(f"wsi-vssm: {err}{hint}")
+            self.result_label.setText(f"failed: {err}{hint}")
         else:  # a bug, not bad input: say so rather than take the viewer down
             show_error(f"wsi-vssm: unexpected error ({type(err).__name__}): {err}")
             self.result_label.setText(f"failed: {type(err).__name__}: {err}")

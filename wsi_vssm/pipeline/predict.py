@@ -362,13 +362,14 @@ def overlay_title(record: dict) -> str:
 
 
 class _Stage:
-    """Reports progress and honours cancellation between regions."""
+    """Reports progress and honours cancellation between regions, up to the writing: once the outputs are
+    written (stage "done") the slide is done, and a late cancel no longer calls it cancelled."""
 
     def __init__(self, progress, cancel):
         self.progress, self.cancel = progress, cancel
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.cancel is not None and self.cancel.is_set():
+        if stage != "done" and self.cancel is not None and self.cancel.is_set():
             raise Cancelled("prediction cancelled")
         if self.progress is not None:
             self.progress(done, total, stage)

@@ -180,6 +180,8 @@ def _wait_for_locked(waiting: list[Outcome], job, opts: RunOptions, progress: Pr
             gone = {id(o) for o in free}
             waiting[:] = [o for o in waiting if id(o) not in gone]
             run_some([o.task for o in free])
+            if {o.task.name for o in waiting} & {o.task.name for o in free}:
+                time.sleep(LOCK_POLL_S)  # locked again at once (a lock that looks stale but is not broken): no spin
             continue
         if time.monotonic() >= deadline:
             return

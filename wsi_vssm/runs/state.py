@@ -182,7 +182,7 @@ class SlideLock:
             return
         os.close(fd)
         try:
-            if _read_lock(self.path) == seen:
+            if _same_holder(_read_lock(self.path), seen):
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
         finally:
@@ -225,6 +225,15 @@ def _read_lock(path: Path) -> dict | None:
             return None
         return {"pid": None, "host": socket.gethostname(), "time": None, "age": age}
     return info if isinstance(info, dict) else {}
+
+
+def _same_holder(a: dict | None, b: dict | None) -> bool:
+    """Whether two reads of a lock saw the same holder. A half-written lock reads as {pid None, age}, and its age
+    grows between reads: compared with the age, it never matched, so a run killed between creating its lock and
+    writing it left the slide locked for good (and a waiting run spinning on it)."""
+    if a is None or b is None:
+        return a is b
+    return {k: v for k, v in a.items() if k != "age"} == {k: v for k, v in b.items() if k != "age"}
 
 
 def _is_stale(holder: dict) -> bool:
