@@ -38,6 +38,13 @@ class LazyGroup(click.Group):
             return None
         return importlib.import_module(f"wsi_vssm.commands.{module}").command
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EOFError as e:  # click takes it for Ctrl-D at a prompt (an abort, exit 130); we never prompt:
+            # a file cut short (an empty torch checkpoint) is bad input
+            raise WsiVssmError(f"unexpected end of a file ({one_line(e)})") from e
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsi-vssm")
@@ -60,13 +67,24 @@ def _terminate(signum, frame) -> None:
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process that SIGTERM killed
 
 
-def _terminated() -> None:
-    click.echo("wsi-vssm: terminated (SIGTERM); rerun the same command to resume", err=True)
+def _how_to_go_on(argv: list[str]) -> str:
+    """What an interrupted command keeps and how to continue: slide commands keep finished slides; `train cells`
+    and `run` keep finished epochs (their checkpoints); the rest keep nothing."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    if words[:1] in (["predict"], ["evaluate"], ["extract"]):
+        return "finished slides are kept: rerun the same command to resume"
+    if words[:1] == ["run"] or words == ["train", "cells"]:
+        return "finished epochs are kept: rerun the same command with --resume to continue"
+    return "nothing was kept"
+
+
+def _terminated(argv: list[str]) -> None:
+    click.echo(f"wsi-vssm: terminated (SIGTERM); {_how_to_go_on(argv)}", err=True)
     sys.exit(EXIT_TERMINATED)
 
 
-def _interrupted() -> None:
-    click.echo("wsi-vssm: interrupted; finished slides are kept: rerun the same command to resume", err=True)
+def _interrupted(argv: list[str]) -> None:
+    click.echo(f"wsi-vssm: interrupted; {_how_to_go_on(argv)}", err=True)
     sys.exit(130)
 
 
@@ -83,7 +101,8 @@ def main(argv=None):
     3 a cohort finished with some slides failed (each named on its own line); 4 incomplete (slides still locked by
     another run after --wait-locked); 130 interrupted; 143 terminated (SIGTERM).
     """
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("WSI_VSSM_DEBUG"))
+    args = [str(a) for a in (argv if argv is not None else sys.argv[1:])]
+    debug = "--debug" in args or bool(os.environ.get("WSI_VSSM_DEBUG"))
     if not debug:  # decoders' own log lines (e.g. tifffile's "invalid offset") would add to our one-line errors;
         # asyncio's are zarr's chunk reads left pending when one tile of a damaged file fails to decode
         for name in ("tifffile", "imagecodecs", "asyncio"):
@@ -100,8 +119,8 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.Abort as e:  # click turns KeyboardInterrupt (and so Terminated) into Abort
         if isinstance(e.__context__, Terminated):
-            _terminated()
-        _interrupted()
+            _terminated(args)
+        _interrupted(args)
     except click.exceptions.NoArgsIsHelpError as e:  # `wsi-vssm` or `wsi-vssm train` alone: the help itself
         click.echo(e.format_message(), err=True)
         sys.exit(e.exit_code)
@@ -124,9 +143,9 @@ def main(argv=None):
         click.echo(f"wsi-vssm: error: {where}{e.strerror or e}", err=True)
         sys.exit(1)
     except Terminated:
-        _terminated()
+        _terminated(args)
     except KeyboardInterrupt:
-        _interrupted()
+        _interrupted(args)
     finally:
         if previous is not None:  # main() may run inside another program (tests)
             signal.signal(signal.SIGTERM, previous)

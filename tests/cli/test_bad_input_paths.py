@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-from conftest import run_cli_captured
+from conftest import assert_one_line_error, run_cli_captured
 
 FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
 
@@ -144,8 +144,29 @@ def test_ctrl_c_says_how_to_resume(slide, capsys, monkeypatch):
 
     monkeypatch.setattr("wsi_vssm.io.open_slide", interrupted)
     code, _, err = run_cli_captured(["info", slide], capsys)
-    assert code == 130 and "interrupted; finished slides are kept: rerun the same command to resume" in err
+    assert code == 130 and "interrupted; nothing was kept" in err  # `info` keeps nothing
 
+
+
+def test_an_interrupted_training_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in `train cells` said "finished slides are kept", and an empty checkpoint (torch's EOFError,
+    which click also turns into an abort) was reported as Ctrl-C, exit 130."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("wsi_vssm.training.cells.train_cells", interrupted)
+    data = tmp_path / "p"
+    (data / "0").mkdir(parents=True)
+    (data / "1").mkdir()
+    args = ["train", "cells", "--data", data, "--valid", data, "--out", tmp_path / "m.pt"]
+    code, _, err = run_cli_captured(args, capsys)
+    assert code == 130 and "finished epochs are kept: rerun the same command with --resume" in err, err
+
+    def cut_short(*args, **kwargs):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr("wsi_vssm.training.cells.train_cells", cut_short)
+    assert_one_line_error(args, capsys, 1, "unexpected end of a file (Ran out of input)")
 
 
 def test_a_tiny_cohorts_auc_interval_is_flagged(cohort, model_file, tmp_path, capsys):

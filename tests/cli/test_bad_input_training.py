@@ -136,3 +136,11 @@ def test_export_onnx_refuses_a_part_cell_size(tmp_path):
 
     with pytest.raises(ExportError, match="multiple of 32"):
         export_onnx(build_backbone("micro"), tmp_path / "x.onnx", size=40)
+
+
+def test_predict_with_an_unfinished_trainings_model_warns(cohort, tmp_path, capsys):
+    """`train cells` writes its best epoch so far as OUT; killed there, that file looked like a finished model."""
+    model = write_tiny_model(tmp_path / "m.pt", training_incomplete=True)
+    code, out, err = run_cli_captured(["predict", next(cohort.glob("*.tif")), "--out", tmp_path / "o", "--model",
+                                       model, "--device", "cpu", "--target-mpp", "4"], capsys)
+    assert code == 0 and "a training run that has not finished" in err, err

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import write_patch_folder, write_tiny_model
 
+from wsi_vssm.errors import UsageError
 from wsi_vssm.outputs.calibration import expected_calibration_error
 from wsi_vssm.training.data.dense_mosaics import DenseMosaics, TokenWeights, mosaic_token_targets, patch_token_targets
 from wsi_vssm.training.dense import DenseConfig, balanced_bce, train_dense
@@ -94,6 +95,8 @@ def test_dense_stage_trains_mines_calibrates_and_resumes(tmp_path, capsys):
     out = tmp_path / "run" / "model.pt"
     train_dense(init, train, valid, out, DenseConfig(epochs=1, **cfg), progress=False)
     assert (tmp_path / "run" / "dense" / "checkpoint.pt").is_file()
+    with pytest.raises(UsageError, match="other settings: lr="):  # resumed with another run's lr: refused
+        train_dense(init, train, valid, out, DenseConfig(epochs=2, resume=True, lr=0.01, **cfg), progress=False)
     rec = train_dense(init, train, valid, out, DenseConfig(epochs=2, resume=True, **cfg), progress=True)
     printed = capsys.readouterr().out
     assert "resumed" in printed and "mining round 1" in printed
@@ -107,3 +110,18 @@ def test_dense_stage_trains_mines_calibrates_and_resumes(tmp_path, capsys):
     assert model.metadata["dense_stage"]["best_epoch"] in (1, 2)
     with pytest.raises(Exception, match="--resume"):  # a rerun without --resume keeps the finished epochs
         train_dense(init, train, valid, out, DenseConfig(epochs=2, **cfg), progress=False)
+
+
+def test_a_truncated_or_empty_dense_checkpoint_is_one_line(tmp_path):
+    """A truncated checkpoint gave a 39-line traceback; an empty one was reported as Ctrl-C (torch's EOFError,
+    which click turns into an abort)."""
+    write_patch_folder(tmp_path / "train", 4, seed=1)
+    write_patch_folder(tmp_path / "valid", 4, seed=2)
+    init = write_tiny_model(tmp_path / "init.pt")
+    (tmp_path / "run" / "dense").mkdir(parents=True)
+    for content in (b"PK\x03\x04 cut short", b""):
+        (tmp_path / "run" / "dense" / "checkpoint.pt").write_bytes(content)
+        with pytest.raises(UsageError, match="cannot read this training checkpoint") as err:
+            train_dense(init, tmp_path / "train", tmp_path / "valid", tmp_path / "run" / "model.pt",
+                        DenseConfig(epochs=1, resume=True, scan="cpu", valid_select=8), progress=False)
+        assert "\n" not in str(err.value)

@@ -270,6 +270,63 @@ def test_run_recipe_with_overrides(tiny_folder, tmp_path):
     assert load_model(tmp_path / "run" / "model.pt").metadata["config"]["epoch_size"] == 16
 
 
+def _tiny_recipe(tiny_folder, *extra: str) -> list[str]:
+    return ["--set", f"data.train={tiny_folder / 'train'}", "--set", f"data.valid={tiny_folder / 'valid'}",
+            "--set", "cells.epochs=1", "--set", "cells.epoch_size=16", "--set", "cells.batch_size=8",
+            "--set", "cells.valid_select=12", "--set", "cells.mil_bags=0", "--set", "context.epochs=1",
+            "--set", "context.mosaic_grid=2", *extra]
+
+
+def test_run_resume_skips_finished_stages_and_reruns_changed_ones(tiny_folder, tmp_path):
+    """`run --resume` retrained every finished stage, and the context stage then started from the old cells.pt
+    (its new cells were thrown away). Finished stages with the same settings are now skipped; a stage that runs
+    again feeds the next one."""
+    import hashlib
+    import json
+
+    from click.testing import CliRunner
+
+    from wsi_vssm.commands.run import command
+
+    recipe, out = str(REPO / "pipelines" / "default.toml"), tmp_path / "run"
+    stages = ["--set", 'recipe.stages=["cells","context"]']
+
+    def run(*extra):
+        res = CliRunner().invoke(command, [recipe, "--out", str(out), *_tiny_recipe(tiny_folder, *stages, *extra)])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    def digest(name):
+        return hashlib.sha256((out / name).read_bytes()).hexdigest()
+
+    run()
+    assert json.loads((out / "recipe.progress.json").read_text())["done"][1]["stage"] == "context"
+    first = {n: digest(n) for n in ("cells.pt", "context.pt", "model.pt")}
+    printed = run("--resume")
+    assert printed.count("skipped (--resume)") == 2 and digest("model.pt") == first["model.pt"]
+    printed = run("--resume", "--set", "cells.seed=1")  # the cells stage changes: both run again
+    assert "skipped" not in printed and digest("cells.pt") != first["cells.pt"]
+    context_init = load_model(out / "model.pt").metadata["config"]["init"]
+    assert context_init == str(out / "cells.pt")  # the new cells, not the old ones
+    assert load_model(out / "cells.pt").metadata["config"]["seed"] == 1
+
+
+def test_run_without_resume_stops_before_any_stage_on_an_interrupted_stages_checkpoint(tiny_folder, tmp_path):
+    """A rerun without --resume retrained cells and context over the finished model, then failed on the dense
+    checkpoint. The checkpoint is now found before any stage trains."""
+    from click.testing import CliRunner
+
+    from wsi_vssm.commands.run import command
+
+    out = tmp_path / "run"
+    (out / "dense").mkdir(parents=True)
+    (out / "dense" / "checkpoint.pt").write_bytes(b"an interrupted dense stage")
+    res = CliRunner().invoke(command, [str(REPO / "pipelines" / "default.toml"), "--out", str(out),
+                                       *_tiny_recipe(tiny_folder, "--set", 'recipe.stages=["cells","dense"]')])
+    assert res.exit_code != 0 and "dense/checkpoint.pt exists" in str(res.exception), res.output
+    assert not (out / "model.pt").exists() and not (out / "cells.pt").exists()
+
+
 def test_run_recipe_needs_data(tmp_path):
     from wsi_vssm.errors import UsageError
     from wsi_vssm.training.dense import DenseConfig
@@ -337,3 +394,53 @@ def test_an_unreadable_patch_is_named_with_its_problem(tmp_path):
     assert problems["1/junk.jpg"].endswith("cannot decode 1/junk.jpg: not an image Pillow can read")
     assert problems["1/empty.jpg"].endswith("cannot decode 1/empty.jpg: empty file")
     assert set(problems) == {"1/junk.jpg", "1/empty.jpg"} and "BytesIO" not in "".join(problems.values())
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tiny_folder, tmp_path,
+                                                                                          monkeypatch):
+    """`train cells` kept no checkpoint: an interrupted run (hours of the recipe's cells stage) began again at
+    epoch 1. It now checkpoints every epoch (weights, optimiser, random states, log) and `resume` goes on."""
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.training import cells
+
+    kw = dict(epochs=3, batch_size=16, lr=2e-3, seed=0, mil_bags=8, mil_bag_size=4, mil_patches=16, mil_steps=5,
+              drop_path=0.1)  # stochastic depth draws from torch's global random state, which must be restored
+    whole = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "a.pt", TrainCellsConfig(**kw),
+                        progress=False)
+    assert not (tmp_path / "a.checkpoint.pt").exists()  # a finished run leaves none
+
+    real_epoch = cells._train_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[6] == 3:  # the epoch number: Ctrl-C during the third epoch
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(cells, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt", TrainCellsConfig(**kw),
+                    progress=False)
+    monkeypatch.setattr(cells, "_train_epoch", real_epoch)
+    ckpt = tmp_path / "b.checkpoint.pt"
+    assert ckpt.is_file() and load_model(tmp_path / "b.pt").metadata["training_incomplete"] is True
+    with pytest.raises(UsageError, match="continue it with --resume"):  # never thrown away silently
+        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt", TrainCellsConfig(**kw))
+    with pytest.raises(UsageError, match=r"lr=0\.002 \(now 0\.001\)"):  # another run's settings: refused
+        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt",
+                    TrainCellsConfig(**{**kw, "lr": 1e-3, "resume": True}))
+    resumed = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt",
+                          TrainCellsConfig(**kw, resume=True), progress=False)
+    assert [row["epoch"] for row in resumed.log] == [1, 2, 3] and resumed.best_epoch == whole.best_epoch
+    a, b = load_model(tmp_path / "a.pt").state_dict(), load_model(tmp_path / "b.pt").state_dict()
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) == 0.0
+    assert not ckpt.exists() and "training_incomplete" not in load_model(tmp_path / "b.pt").metadata
+
+
+def test_a_damaged_checkpoint_is_one_line(tiny_folder, tmp_path):
+    from wsi_vssm.errors import UsageError
+
+    (tmp_path / "m.checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UsageError, match="m.checkpoint.pt: cannot read this training checkpoint") as err:
+        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "m.pt",
+                    TrainCellsConfig(epochs=1, batch_size=16, mil_bags=0, resume=True), progress=False)
+    assert "\n" not in str(err.value)

@@ -276,9 +276,16 @@ def model_file(model_path: str) -> str:
 
 
 def load_cli_model(model_path: str):
+    import warnings
+
     from wsi_vssm.models.slide_model import load_model
 
-    return load_model(model_path)
+    model = load_model(model_path)
+    if model.metadata.get("training_incomplete"):  # `train cells` writes its best epoch so far under the final name
+        warnings.warn(f"{model_path}: the best epoch so far of a training run that has not finished (its slide head "
+                      "is not fitted yet): finish it with --resume, or expect unreliable slide probabilities",
+                      stacklevel=2)
+    return model
 
 
 def domain_note(model, params=None) -> str:

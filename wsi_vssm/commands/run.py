@@ -20,7 +20,8 @@ from wsi_vssm.commands.options import NonEmptyPath
               help="Every stage's backbone arithmetic (the precision of each stage that has one: cells, context, "
                    "dense, mosaic_mil) [default: the recipe's, else fp32].")
 @click.option("--resume", is_flag=True,
-              help="Continue stages that checkpoint every epoch (dense) from their last checkpoint in OUT.")
+              help="Go on with an interrupted run in OUT: skip the stages finished before with the same settings, "
+                   "continue the interrupted one from its per-epoch checkpoint (cells, context, dense).")
 def command(recipe_path, sets, out, precision, resume):
     """Run a training recipe (e.g. pipelines/default.toml): its stages, in order, into OUT."""
     from wsi_vssm.commands.options import blocking_file, option_output

@@ -53,9 +53,12 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
 @precision_option
 @click.option("--log", "log_path", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last finished epoch (OUT with .checkpoint.pt, written "
+                   "every epoch); the same options, but --epochs and --patience may change.")
 def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_train, epoch_size, valid_select,
             patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device, precision,
-            log_path):
+            log_path, resume):
     """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
     from wsi_vssm.commands.options import option_backbone, option_device, option_output
     from wsi_vssm.errors import OptionError
@@ -77,7 +80,7 @@ def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_t
     cfg = TrainCellsConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_train=max_train,
                            epoch_size=epoch_size, valid_select=valid_select, patience=patience, scan=scan,
                            device=device, augment=aug, ema=ema, drop_path=drop_path, init=init,
-                           mosaic_grid=mosaic_grid, region_batch=region_batch, precision=precision)
+                           mosaic_grid=mosaic_grid, region_batch=region_batch, precision=precision, resume=resume)
     r = train_cells(train_src, valid_src, out, cfg, slides=slides, progress=True, log_path=log_path)
     if not is_main():  # under torchrun: rank 0 reports
         return

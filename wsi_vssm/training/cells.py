@@ -40,17 +40,16 @@ from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD
 from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
 from wsi_vssm.models.slide_model import SlideModel, save_model
+from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.data.patches import (
     PatchDataset,
     collate_uint8,
-    load_patches,
-    split_select_holdout,
-    stratified_subset,
+    select_and_holdout,
     training_patches,
 )
 from wsi_vssm.training.ddp import DistContext, all_reduce_mean, barrier, broadcast_object, session, shard
-from wsi_vssm.training.optim import adamw
+from wsi_vssm.training.optim import WeightAverage, adamw  # WeightAverage: also imported from here
 from wsi_vssm.training.patch_eval import (
     device_of,
     evaluate,
@@ -95,6 +94,7 @@ class TrainCellsConfig:
     drop_path: float | None = None  # stochastic depth while training (None: the architecture's own rate)
     precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast of the forward where the hardware has it
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    resume: bool = False  # continue from the per-epoch checkpoint an interrupted run left (training.checkpoint)
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
@@ -143,26 +143,6 @@ class _CellNet(nn.Module):
     def forward(self, x: torch.Tensor, regions: torch.Tensor | None = None):
         model = self._model[0]
         return model.cell_logits(x), None if regions is None else model.cell_logits(regions)
-
-
-class WeightAverage:
-    """An exponential moving average of a model's weights, kept in a copy of the model. The decay ramps up from
-    0 ((1 + n) / (10 + n) caps it) so the first steps' random weights fade quickly. Buffers are copied."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        import copy
-
-        self.model, self.decay, self.updates = copy.deepcopy(model), float(decay), 0
-        self.model.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, cur in zip(self.model.parameters(), model.parameters(), strict=True):
-            avg.lerp_(cur.detach(), 1.0 - d)
-        for avg, cur in zip(self.model.buffers(), model.buffers(), strict=True):
-            avg.copy_(cur)
 
 
 def _step_loss(net: nn.Module, x, y, region_batch, cfg: TrainCellsConfig, g: torch.Generator, dev) -> torch.Tensor:
@@ -258,8 +238,13 @@ class TrainResult:
 
 def train_cells(train_src, valid_src, out: str | os.PathLike, cfg: TrainCellsConfig | None = None,
                 slides: str | os.PathLike | None = None, progress: bool = True,
-                log_path: str | os.PathLike | None = None) -> TrainResult:
+                log_path: str | os.PathLike | None = None,
+                checkpoint_path: str | os.PathLike | None = None) -> TrainResult:
     """Train on `train_src`, select on part of `valid_src`, write the best model to `out` and a CSV log beside it.
+
+    After every epoch the training state goes to `checkpoint_path` (default: OUT.checkpoint.pt beside `out`),
+    which a finished run removes; `cfg.resume` continues from it (the same settings but `epochs` and
+    `patience`), and a run that finds one without `cfg.resume` stops with one line.
 
     `train_src`/`valid_src`: folders or tars in ImageFolder layout (or PatchDatasets). `slides`: a folder of
     slides with lesion annotations, used as an extra source of region crops.
@@ -270,11 +255,17 @@ def train_cells(train_src, valid_src, out: str | os.PathLike, cfg: TrainCellsCon
     """
     cfg = cfg or TrainCellsConfig()
     with session(resolve_device(cfg.device)) as ctx:
-        return _train_cells(train_src, valid_src, Path(out), cfg, slides, progress and ctx.is_main, log_path, ctx)
+        ckpt = Path(checkpoint_path) if checkpoint_path else Path(out).with_suffix(".checkpoint.pt")
+        return _train_cells(train_src, valid_src, Path(out), cfg, slides, progress and ctx.is_main, log_path, ctx,
+                            ckpt)
+
+
+RESUME_MAY_CHANGE = ("epochs", "patience", "resume", "device")  # the rest must match the checkpoint's
 
 
 def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides, progress: bool, log_path,
-                 ctx: DistContext) -> TrainResult:
+                 ctx: DistContext, ckpt_path: Path) -> TrainResult:
+    refuse_unless_resuming(ckpt_path, cfg.resume, "--resume")  # before any data is read
     torch.manual_seed(cfg.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     np.random.seed(cfg.seed % 2**32)
     train = training_patches(train_src, cfg.max_train, cfg.seed)
@@ -285,7 +276,6 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     regions = _load_regions(slides, cfg) if slides else _mosaic_regions(train, cfg)
     model = _initial_model(cfg)
     model.to(ctx.device)
-    net = _wrap(model, ctx)
     ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     chosen = ema.model if ema is not None else model  # what is validated, selected and saved
     opt = adamw(model, cfg.lr, cfg.weight_decay)
@@ -296,8 +286,35 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     def meta(log, best_epoch, sel, hold) -> dict:
         return {**_metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides), **_dist_meta(cfg, ctx)}
 
+    run_config = {**cfg.to_dict(), "train": train.source, "valid": valid.source,
+                  "slides": None if slides is None else str(slides), "world_size": ctx.world_size}
     log, best, best_epoch, best_sel, step, t0 = [], -1.0, 0, {}, 0, time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    first, stopped = 1, False
+    if cfg.resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, run_config, RESUME_MAY_CHANGE)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        if ema is not None:
+            ema.model.load_state_dict(ck["ema"])
+            ema.updates = ck["ema_updates"]
+        log, best, best_epoch, best_sel, step = ck["log"], ck["best"], ck["best_epoch"], ck["best_sel"], ck["step"]
+        first, stopped, t0 = ck["epoch"] + 1, ck["stopped"], t0 - ck["seconds"]
+        _say(progress, f"resumed from {ckpt_path} after epoch {ck['epoch']} (best so far: epoch {best_epoch})")
+    elif cfg.resume:
+        _say(progress, f"no checkpoint {ckpt_path} to resume from: starting from the first epoch")
+    net = _wrap(model, ctx)
+
+    def checkpoint(epoch: int, stop: bool) -> None:
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "opt": opt.state_dict(), "ema": None if ema is None else
+                ema.model.state_dict(), "ema_updates": 0 if ema is None else ema.updates,
+                "log": log, "best": best, "best_epoch": best_epoch, "best_sel": best_sel, "step": step,
+                "epoch": epoch, "stopped": stop, "seconds": time.perf_counter() - t0}, run_config)
+
+    for epoch in range(first, cfg.epochs + 1):
+        if stopped:
+            break
         te = time.perf_counter()
         train_loss, step = _train_epoch(model, net, opt, train, regions, cfg, epoch, step, total, progress, ctx,
                                         ema)
@@ -316,17 +333,19 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
         log.append(row)
         if row["best"]:
             best, best_epoch, best_sel = sel["score"], epoch, sel
-            if ctx.is_main:
-                save_model(chosen, out, meta(log, best_epoch, best_sel, None))
-        elif epoch - best_epoch >= cfg.patience:
+            if ctx.is_main:  # marked unfinished until the end (`predict --model` warns about such a file)
+                save_model(chosen, out, {**meta(log, best_epoch, best_sel, None), "training_incomplete": True})
+        stopped = not row["best"] and epoch - best_epoch >= cfg.patience
+        checkpoint(epoch, stopped)  # after the best model: a resume never needs an epoch the file lacks
+        if stopped:
             _say(progress, f"early stop: no valid AUC gain for {cfg.patience} epochs")
-            break
     hold = None
     if ctx.is_main:
         model, hold, mil_info = finish_model(out, train, holdout, cfg, progress)
         m = meta(log, best_epoch, best_sel, hold)
         m.update(mil_stage=mil_info, train_seconds=round(time.perf_counter() - t0, 1))
         save_model(model, out, m)
+        ckpt_path.unlink(missing_ok=True)  # finished: a rerun starts afresh
     barrier()  # all ranks leave together, after rank 0 has written the final model
     return TrainResult(model, log, best_epoch, best_sel, hold, time.perf_counter() - t0)
 
@@ -411,14 +430,9 @@ def finish_model(out, train: PatchDataset, holdout: PatchDataset | None, cfg: Tr
 
 
 def split_valid(valid: PatchDataset, cfg: TrainCellsConfig):
-    """(selection part, held-back part or None) of validation patches: `cfg.valid_select` patches, stratified and
-    seeded by `cfg.seed`, select; the rest are only reported. Mosaic cohorts split the same way."""
-    if cfg.valid_select is None:
-        return split_select_holdout(valid, cfg.seed)
-    if cfg.valid_select >= len(valid):
-        return valid, None
-    idx = stratified_subset(valid.labels, cfg.valid_select, cfg.seed)
-    return valid.subset(idx), valid.subset(np.setdiff1d(np.arange(len(valid)), idx))
+    """(selection part, held-back part or None) of validation patches: `data.patches.select_and_holdout` with
+    `cfg.valid_select` and `cfg.seed`. Mosaic cohorts split the same way."""
+    return select_and_holdout(valid, cfg.valid_select, cfg.seed)
 
 
 def _load_regions(slides, cfg: TrainCellsConfig):
@@ -458,38 +472,11 @@ def _metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides) -
     }
 
 
-# ---------------------------------------------------------------------------------------------------- entry
 def main(argv=None) -> int:
-    import argparse
+    """`python -m wsi_vssm.training.cells --evaluate MODEL --valid DIR`: see `training.patch_eval`."""
+    from wsi_vssm.training.patch_eval import main as evaluate_main
 
-    from wsi_vssm.models.slide_model import load_model
-
-    ap = argparse.ArgumentParser(prog="python -m wsi_vssm.training.cells", description="Evaluate a model on patches.")
-    ap.add_argument("--evaluate", required=True, help="model file, or 'default'")
-    ap.add_argument("--valid", required=True, help="folder or tar in ImageFolder layout")
-    ap.add_argument("--split", choices=("all", "select", "holdout"), default="all",
-                    help="the seeded stratified halves used by training (select / held back)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--valid-select", type=int, default=None, help="as in training: patches used to select")
-    ap.add_argument("--tta", action="store_true", help="also score the mean over the 8 flips/quarter turns")
-    ap.add_argument("--in-mosaics", type=int, default=0, metavar="GRID",
-                    help="also score the patches in context: tiled GRID x GRID, read at their centre tokens")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    model = load_model(a.evaluate)
-    ds = load_patches(a.valid)
-    if a.split != "all":
-        cfg = TrainCellsConfig(seed=a.seed, valid_select=a.valid_select)
-        ds = split_valid(ds, cfg)[0 if a.split == "select" else 1]
-    for tta in (False, True) if a.tta else (False,):
-        m = evaluate(model, ds, progress=True, tta=tta)
-        print(f"{a.evaluate} on {a.valid} [{a.split}]{' 8-view TTA' if tta else ''} n={m['n']}: AUC {m['auc']:.4f} "
-              f"accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}")
-    if a.in_mosaics:
-        m = evaluate_in_mosaics(model, ds, a.in_mosaics, a.seed)
-        print(f"{a.evaluate} on {a.valid} [{a.split}] in {a.in_mosaics} x {a.in_mosaics} mosaics n={m['n']}: "
-              f"AUC {m['auc']:.4f} accuracy {m['accuracy']:.4f}")
-    return 0
+    return evaluate_main(argv)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from wsi_vssm.errors import UsageError
 from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
+from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.optim import adamw
 
@@ -111,12 +112,14 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
     mosaics = DenseMosaics(train, tuple(cfg.grid), cfg.max_lesion_frac, weights)
     st = _fresh_state()
     ckpt_path = work / "checkpoint.pt"
-    if ckpt_path.exists() and not cfg.resume:  # a rerun must not silently throw away finished epochs
-        raise UsageError(f"{ckpt_path} exists: continue it with --resume (dense.resume) or remove it to start over")
+    refuse_unless_resuming(ckpt_path, cfg.resume, "--resume (dense.resume)")
+    run_config = {**cfg.to_dict(), "init": str(init), "train": train.source, "valid": valid.source}
     if cfg.resume and ckpt_path.exists():
-        st = _load_checkpoint(ckpt_path, model, ema, opt)
+        st = _load_checkpoint(ckpt_path, model, ema, opt, run_config)
         _say(progress, f"dense: resumed from {ckpt_path} after epoch {st['epoch']} (phase {st['phase']})")
     elif st["epoch"] == 0:
+        if cfg.resume:
+            _say(progress, f"dense: no checkpoint in {work} to resume from: starting from the first epoch")
         first = _select_metrics(ema.model, select, cfg)
         st["start"] = first
         _say(progress, f"dense: start (from {init}): " + _fmt(first))
@@ -141,7 +144,7 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
             st["best_score"], st["best_epoch"] = sel["score"], st["epoch"]
             save_model(ema.model, work / "best.pt", {**model.metadata, "dense_best_epoch": st["epoch"]})
         st["seconds"] = time.perf_counter() - t0
-        _save_checkpoint(ckpt_path, model, ema, opt, st)
+        _save_checkpoint(ckpt_path, model, ema, opt, st, run_config)
         _write_log(work / "dense.log.csv", st["log"])
         _say(progress, f"dense epoch {st['epoch']} (phase {st['phase']}): loss {loss:.4f} " + _fmt(sel)
              + f" {row['seconds']:.0f}s" + (" *" if best else ""))
@@ -260,19 +263,16 @@ def _mine(model, train, mosaics, st: dict, cfg: DenseConfig, progress: bool) -> 
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
-def _save_checkpoint(path: Path, model, ema, opt, st: dict) -> None:
-    import io
-
-    from wsi_vssm.atomic import atomic_write_bytes
-
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
-                "opt": opt.state_dict(), "state": st}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+RESUME_MAY_CHANGE = ("epochs", "round_epochs", "plateau", "resume", "device")  # the rest must match the checkpoint
 
 
-def _load_checkpoint(path: Path, model, ema, opt) -> dict:
-    ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by _save_checkpoint
+def _save_checkpoint(path: Path, model, ema, opt, st: dict, config: dict) -> None:
+    save_checkpoint(path, {"model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
+                           "opt": opt.state_dict(), "state": st}, config)
+
+
+def _load_checkpoint(path: Path, model, ema, opt, config: dict) -> dict:
+    ck = load_checkpoint(path, config, RESUME_MAY_CHANGE)
     model.load_state_dict(ck["model"])
     ema.model.load_state_dict(ck["ema"])
     ema.updates = ck["ema_updates"]

@@ -1,4 +1,5 @@
-"""The optimiser the backbone trainers share: AdamW with weight decay on weight matrices and kernels only."""
+"""What the backbone trainers share to update weights: AdamW with weight decay on weight matrices and kernels
+only, and an exponential moving average of the weights."""
 
 from __future__ import annotations
 
@@ -17,3 +18,23 @@ def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=fused or None)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, kept in a copy of the model. The decay ramps up from
+    0 ((1 + n) / (10 + n) caps it) so the first steps' random weights fade quickly. Buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.model, self.decay, self.updates = copy.deepcopy(model), float(decay), 0
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, cur in zip(self.model.parameters(), model.parameters(), strict=True):
+            avg.lerp_(cur.detach(), 1.0 - d)
+        for avg, cur in zip(self.model.buffers(), model.buffers(), strict=True):
+            avg.copy_(cur)

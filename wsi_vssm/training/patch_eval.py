@@ -7,6 +7,7 @@ PCam labels the centre 32 px of a 96 px patch, which is the centre token of the 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -103,3 +104,39 @@ def progress_bar(it, enabled: bool, desc: str):
     # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws); the per-epoch
     # lines still print
     return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+# ---------------------------------------------------------------------------------------------------- entry
+def main(argv=None) -> int:
+    """`python -m wsi_vssm.training.cells --evaluate MODEL --valid DIR` (cells.main calls this): a model's patch
+    AUC on the training split's selection or held-back part, with TTA and in mosaics (the model card's figures)."""
+    import argparse
+
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.training.data.patches import load_patches, select_and_holdout
+
+    ap = argparse.ArgumentParser(prog="python -m wsi_vssm.training.cells", description="Evaluate a model on patches.")
+    ap.add_argument("--evaluate", required=True, help="model file, or 'default'")
+    ap.add_argument("--valid", required=True, help="folder or tar in ImageFolder layout")
+    ap.add_argument("--split", choices=("all", "select", "holdout"), default="all",
+                    help="the seeded stratified halves used by training (select / held back)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--valid-select", type=int, default=None, help="as in training: patches used to select")
+    ap.add_argument("--tta", action="store_true", help="also score the mean over the 8 flips/quarter turns")
+    ap.add_argument("--in-mosaics", type=int, default=0, metavar="GRID",
+                    help="also score the patches in context: tiled GRID x GRID, read at their centre tokens")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    model = load_model(a.evaluate)
+    ds = load_patches(a.valid)
+    if a.split != "all":
+        ds = select_and_holdout(ds, a.valid_select, a.seed)[0 if a.split == "select" else 1]
+    for tta in (False, True) if a.tta else (False,):
+        m = evaluate(model, ds, progress=True, tta=tta)
+        print(f"{a.evaluate} on {a.valid} [{a.split}]{' 8-view TTA' if tta else ''} n={m['n']}: AUC {m['auc']:.4f} "
+              f"accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}")
+    if a.in_mosaics:
+        m = evaluate_in_mosaics(model, ds, a.in_mosaics, a.seed)
+        print(f"{a.evaluate} on {a.valid} [{a.split}] in {a.in_mosaics} x {a.in_mosaics} mosaics n={m['n']}: "
+              f"AUC {m['auc']:.4f} accuracy {m['accuracy']:.4f}")
+    return 0

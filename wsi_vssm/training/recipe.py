@@ -266,28 +266,91 @@ def _check_set_values(before: dict, after: dict, sets: list[str]) -> None:
             raise UsageError(f"--set {sets[k - 1]}: {_say(*found)}")
 
 
+PROGRESS_JSON = "recipe.progress.json"  # the stages finished in OUT, each with the settings it ran with
+CHECKPOINTS = {"cells": "cells.checkpoint.pt", "context": "context.checkpoint.pt", "dense": "dense/checkpoint.pt"}
+
+
 def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = False) -> Path:
-    """Run the stages in order; returns the model file (OUT/model.pt). `resume`: stages that checkpoint every
-    epoch (dense) continue from their last checkpoint."""
+    """Run the stages in order; returns the model file (OUT/model.pt). Each finished stage leaves its model as
+    OUT/<stage>.pt and is recorded in OUT/recipe.progress.json with its settings. `resume`: a stage finished
+    before with the same settings (and the same stages before it) is skipped; the cells, context and dense
+    stages continue from their per-epoch checkpoints; a stage that runs again makes the later stages' records
+    and checkpoints stale, so they are dropped. Without `resume`, an interrupted stage's checkpoint stops the
+    run before any stage trains (it is never thrown away silently)."""
+    import shutil
+
     from wsi_vssm.atomic import atomic_write_json
+    from wsi_vssm.training.checkpoint import refuse_unless_resuming
 
     check_recipe(recipe)  # its tables, value types and every stage's values, so the lines below need not
     stages = recipe_stages(recipe)
+    for stage in stages:
+        if stage in CHECKPOINTS:
+            own = bool(recipe.get(stage, {}).get("resume"))  # dense.resume / cells.resume in the recipe
+            refuse_unless_resuming(out / CHECKPOINTS[stage], resume or own, "run --resume")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "recipe.resolved.json", recipe)
     model_path = out / "model.pt"
+    done = _read_progress(out) if resume else []
+    chain, previous = True, None  # chain: every stage so far was skipped as done before
     for stage in stages:
+        settings = _stage_settings(recipe, stage)
+        if chain and {"stage": stage, "settings": settings} in done and (out / f"{stage}.pt").is_file():
+            print(f"{stage}: done before with these settings ({out / f'{stage}.pt'}); skipped (--resume)")
+            previous = stage
+            continue
+        if chain and previous is not None:  # the skipped stages' last model is where this one starts
+            shutil.copyfile(out / f"{previous}.pt", model_path)
+        if chain:
+            done = done[:[d["stage"] for d in done].index(stage)] if stage in [d["stage"] for d in done] else done
+            _drop_stale(out, stages[stages.index(stage) + 1:], progress)
+        chain = False
         if stage == "cells":
-            _stage_cells(recipe, model_path, progress)
+            _stage_cells(recipe, model_path, out, progress, resume)
         elif stage == "context":
-            _stage_context(recipe, model_path, out, progress)
+            _stage_context(recipe, model_path, out, progress, resume)
         elif stage == "dense":
             _stage_dense(recipe, model_path, out, progress, resume)
         elif stage == "mosaic_mil":
             _stage_mosaic_mil(recipe, model_path, out, progress)
         elif stage == "attach_mil":
             _stage_attach(recipe, model_path)
+        shutil.copyfile(model_path, out / f"{stage}.pt")
+        done = [d for d in done if d["stage"] != stage] + [{"stage": stage, "settings": settings}]
+        atomic_write_json(out / PROGRESS_JSON, {"done": done})
+        previous = stage
+    if chain and previous is not None:  # every stage done before: the last one's model is the result
+        shutil.copyfile(out / f"{previous}.pt", model_path)
     return model_path
+
+
+def _stage_settings(recipe: dict, stage: str) -> dict:
+    """What a stage's result depends on: its section (and [cells] for context and dense), [data]; not `resume`."""
+    import json
+
+    sections = {"context": ("cells", "context"), "dense": ("cells", "dense")}.get(stage, (stage,))
+    merged = {k: v for s in sections for k, v in recipe.get(s, {}).items() if k != "resume"}
+    settings = {"data": recipe.get("data", {}), **({"settings": merged} if merged else {})}
+    return json.loads(json.dumps(settings, default=str))  # as recipe.progress.json holds it (lists, strings)
+
+
+def _read_progress(out: Path) -> list[dict]:
+    import json
+
+    try:
+        doc = json.loads((out / PROGRESS_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return list(doc.get("done") or []) if isinstance(doc, dict) else []
+
+
+def _drop_stale(out: Path, later: list[str], progress: bool) -> None:
+    """Checkpoints of stages after one that runs again were built on its old model: removed, with a line."""
+    for stage in later:
+        path = out / CHECKPOINTS.get(stage, "-")
+        if path.is_file():
+            path.unlink()
+            print(f"{stage}: its checkpoint {path} was built on an earlier stage that runs again: removed")
 
 
 def _patch_data(recipe: dict) -> dict:
@@ -299,20 +362,21 @@ def _patch_data(recipe: dict) -> dict:
     return data
 
 
-def _stage_cells(recipe: dict, model_path: Path, progress: bool) -> None:
+def _stage_cells(recipe: dict, model_path: Path, out: Path, progress: bool, resume: bool = False) -> None:
     from wsi_vssm.training.cells import train_cells
 
     data = _patch_data(recipe)
     cfg = _cells_config(recipe)  # its values were checked with the recipe's (check_values)
+    cfg = dataclasses.replace(cfg, resume=resume or cfg.resume)
     r = train_cells(data["train"], data["valid"], model_path, cfg, slides=data.get("slides") or None,
-                    progress=progress)
+                    progress=progress, checkpoint_path=out / CHECKPOINTS["cells"])
     print(f"cells: best epoch {r.best_epoch} of {len(r.log)}, valid(select) AUC {r.select['auc']:.4f}"
                + (f", held-back valid AUC {r.holdout['auc']:.4f}" if r.holdout else "") + f" ({r.seconds:.0f} s)")
 
 
-def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool) -> None:
-    """Continue the cell stage's model on patches plus mosaics of them ([context] overrides [cells]); the cell
-    stage's file is kept as OUT/cells.pt and its record goes into the new model's metadata."""
+def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool, resume: bool = False) -> None:
+    """Continue the cell stage's model (OUT/cells.pt, else OUT/model.pt) on patches plus mosaics of them
+    ([context] overrides [cells]); the cell stage's record goes into the new model's metadata."""
     import shutil
 
     from wsi_vssm.models.slide_model import load_model, save_model
@@ -325,8 +389,9 @@ def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool) ->
     if not cells_path.exists():
         shutil.copyfile(model_path, cells_path)
     cfg = _context_config(recipe, init=str(cells_path))
+    cfg = dataclasses.replace(cfg, resume=resume or cfg.resume)
     r = train_cells(data["train"], data["valid"], model_path, cfg, progress=progress,
-                    log_path=out / "context.log.csv")
+                    log_path=out / "context.log.csv", checkpoint_path=out / CHECKPOINTS["context"])
     before = load_model(cells_path).metadata
     model = load_model(model_path)
     keep = ("metrics", "log", "best_epoch", "epochs_run", "config", "train_seconds")
@@ -339,8 +404,8 @@ def _stage_context(recipe: dict, model_path: Path, out: Path, progress: bool) ->
 
 
 def _stage_dense(recipe: dict, model_path: Path, out: Path, progress: bool, resume: bool) -> None:
-    """Continue the context stage's model with dense token labels and mined hard negatives; that model is kept
-    as OUT/context.pt (the stage starts from it, also when resumed)."""
+    """Continue the context stage's model (OUT/context.pt, else OUT/model.pt) with dense token labels and mined
+    hard negatives (the stage starts from it, also when resumed)."""
     import shutil
 
     from wsi_vssm.training.dense import train_dense

@@ -163,6 +163,17 @@ def split_select_holdout(ds: PatchDataset, seed: int = 0) -> tuple[PatchDataset,
     return ds.subset(select), ds.subset(rest)
 
 
+def select_and_holdout(valid: PatchDataset, valid_select: int | None, seed: int):
+    """(selection part, held-back part or None) of validation patches: `valid_select` patches, stratified and
+    seeded by `seed`, select; the rest are only reported (None: the seeded halves of `split_select_holdout`)."""
+    if valid_select is None:
+        return split_select_holdout(valid, seed)
+    if valid_select >= len(valid):
+        return valid, None
+    idx = stratified_subset(valid.labels, valid_select, seed)
+    return valid.subset(idx), valid.subset(np.setdiff1d(np.arange(len(valid)), idx))
+
+
 def collate_uint8(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """[(HxWx3 uint8, label)] -> (B, 3, H, W) uint8, (B,) float labels."""
     imgs = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,76 @@
+"""Per-epoch training checkpoints shared by the trainers that resume (`train cells`, the recipe's cells, context
+and dense stages): the trainer's own state plus what a resumed run needs to go on as the uninterrupted one
+would (torch's and numpy's global random states: stochastic depth draws from torch's), and the config it was
+made with, so that a resume with other data, seed or learning rate is refused instead of mixing two runs.
+
+A checkpoint that exists when a run starts without `resume` stops it with one line (finished epochs are never
+thrown away silently); one that cannot be read is one line naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsi_vssm.errors import UsageError
+
+FORMAT = "wsi-vssm-training-checkpoint/1"
+
+
+def refuse_unless_resuming(path: Path, resume: bool, how: str) -> None:
+    """One line when `path` exists and the run does not resume: `how` says how to continue it."""
+    if path.exists() and not resume:
+        raise UsageError(f"{path} exists: a run's last finished epoch; continue it with {how}, or remove it to "
+                         "start over")
+
+
+def save_checkpoint(path: Path, state: dict, config: dict) -> None:
+    """`state` (state dicts, counters, the log...) with the global random states and `config`, atomically."""
+    from wsi_vssm.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "config": config, "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(), **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) -> dict:
+    """The state `save_checkpoint` wrote, with the global random states restored. UsageError (one line) when the
+    file cannot be read, or when `config` differs from the checkpoint's in a key not in `may_change`."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file (save_checkpoint)
+    except (OSError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise UsageError(f"{path}: cannot read this training checkpoint ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:160]}); remove it to start over") from err
+    if isinstance(ck, dict) and "format" not in ck and {"model", "opt", "state"} <= set(ck):
+        # a dense checkpoint of an earlier version (before 2026-12-04): resumable, but it recorded neither the
+        # settings nor the random states, so neither can be checked or restored
+        warnings.warn(f"{path}: an earlier version's checkpoint: its settings are not checked and its random "
+                      "state is not restored, so the resumed run may differ from an uninterrupted one", stacklevel=2)
+        return ck
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise UsageError(f"{path}: not a wsi-vssm training checkpoint of this version; remove it to start over")
+    changed = sorted(k for k in set(config) | set(ck["config"])
+                     if k not in may_change and _plain(config.get(k)) != _plain(ck["config"].get(k)))
+    if changed:
+        was = ", ".join(f"{k}={ck['config'].get(k)!r} (now {config.get(k)!r})" for k in changed[:4])
+        allowed = f" (only {', '.join(may_change)} may change)" if may_change else ""
+        raise UsageError(f"{path} was made with other settings: {was}{allowed}; resume with the same ones, or "
+                         "remove it to start over")
+    torch.set_rng_state(ck["torch_rng"])
+    np.random.set_state(ck["numpy_rng"])
+    return ck
+
+
+def _plain(value):
+    """Compare lists and tuples alike (a config read back from TOML or JSON has lists), paths as strings."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
