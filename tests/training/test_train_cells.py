@@ -309,6 +309,9 @@ def test_run_resume_skips_finished_stages_and_reruns_changed_ones(tiny_folder, t
     context_init = load_model(out / "model.pt").metadata["config"]["init"]
     assert context_init == str(out / "cells.pt")  # the new cells, not the old ones
     assert load_model(out / "cells.pt").metadata["config"]["seed"] == 1
+    run("--set", "cells.seed=2", "--set", 'recipe.stages=["cells"]')  # cells alone: context's record goes stale
+    printed = run("--resume", "--set", "cells.seed=2")
+    assert "cells: done before" in printed and "context: done before" not in printed
 
 
 def test_run_without_resume_stops_before_any_stage_on_an_interrupted_stages_checkpoint(tiny_folder, tmp_path):

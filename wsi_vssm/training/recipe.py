@@ -274,9 +274,9 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
     """Run the stages in order; returns the model file (OUT/model.pt). Each finished stage leaves its model as
     OUT/<stage>.pt and is recorded in OUT/recipe.progress.json with its settings. `resume`: a stage finished
     before with the same settings (and the same stages before it) is skipped; the cells, context and dense
-    stages continue from their per-epoch checkpoints; a stage that runs again makes the later stages' records
-    and checkpoints stale, so they are dropped. Without `resume`, an interrupted stage's checkpoint stops the
-    run before any stage trains (it is never thrown away silently)."""
+    stages continue from their per-epoch checkpoints. A stage that runs makes the records and checkpoints of
+    every later stage (in STAGES order) stale, so they are dropped. Without `resume`, an interrupted stage's
+    checkpoint stops the run before any stage trains (it is never thrown away silently)."""
     import shutil
 
     from wsi_vssm.atomic import atomic_write_json
@@ -301,10 +301,10 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
             continue
         if chain and previous is not None:  # the skipped stages' last model is where this one starts
             shutil.copyfile(out / f"{previous}.pt", model_path)
-        if chain:
-            done = done[:[d["stage"] for d in done].index(stage)] if stage in [d["stage"] for d in done] else done
-            _drop_stale(out, stages[stages.index(stage) + 1:], progress)
         chain = False
+        later = STAGES[STAGES.index(stage) + 1:]  # built on this stage's old model: no longer done
+        done = [d for d in done if d["stage"] != stage and d["stage"] not in later]
+        _drop_stale(out, later)
         if stage == "cells":
             _stage_cells(recipe, model_path, out, progress, resume)
         elif stage == "context":
@@ -325,10 +325,11 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
 
 
 def _stage_settings(recipe: dict, stage: str) -> dict:
-    """What a stage's result depends on: its section (and [cells] for context and dense), [data]; not `resume`."""
+    """What a stage's result depends on: its section (and [cells] for the later stages), [data]; not `resume`."""
     import json
 
-    sections = {"context": ("cells", "context"), "dense": ("cells", "dense")}.get(stage, (stage,))
+    sections = {"context": ("cells", "context"), "dense": ("cells", "dense"),  # [cells]: their split and seed
+                "mosaic_mil": ("cells", "mosaic_mil")}.get(stage, (stage,))
     merged = {k: v for s in sections for k, v in recipe.get(s, {}).items() if k != "resume"}
     settings = {"data": recipe.get("data", {}), **({"settings": merged} if merged else {})}
     return json.loads(json.dumps(settings, default=str))  # as recipe.progress.json holds it (lists, strings)
@@ -344,7 +345,7 @@ def _read_progress(out: Path) -> list[dict]:
     return list(doc.get("done") or []) if isinstance(doc, dict) else []
 
 
-def _drop_stale(out: Path, later: list[str], progress: bool) -> None:
+def _drop_stale(out: Path, later: list[str]) -> None:
     """Checkpoints of stages after one that runs again were built on its old model: removed, with a line."""
     for stage in later:
         path = out / CHECKPOINTS.get(stage, "-")
