@@ -276,6 +276,8 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     regions = _load_regions(slides, cfg) if slides else _mosaic_regions(train, cfg)
     model = _initial_model(cfg)
     model.to(ctx.device)
+    if ctx.enabled:
+        _depthwise_channels_last(model)
     ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     chosen = ema.model if ema is not None else model  # what is validated, selected and saved
     opt = adamw(model, cfg.lr, cfg.weight_decay)
@@ -394,13 +396,17 @@ def _wrap(model: SlideModel, ctx: DistContext) -> nn.Module:
         return net
     from torch.nn.parallel import DistributedDataParallel
 
-    for m in net.modules():  # depthwise weights (C, 1, k, k) in the channels-last strides their gradients come
-        # back in from the channels-last blocks: the same bytes, so DDP's buckets match them and it does not warn
-        # "Grad strides do not match bucket view strides" (it did, once per process)
-        if isinstance(m, nn.Conv2d) and m.weight.shape[1] == 1:
-            m.weight.data = m.weight.data.clone(memory_format=torch.channels_last)  # .contiguous() would keep them
     ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
     return DistributedDataParallel(net, device_ids=ids)
+
+
+def _depthwise_channels_last(model: nn.Module) -> None:
+    """Depthwise weights (C, 1, k, k) in the channels-last strides their gradients come back in from the
+    channels-last blocks: the same bytes, so DDP's buckets match the gradients and it does not warn "Grad strides
+    do not match bucket view strides" (it did, once per process). Before the optimiser, so its state matches."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.shape[1] == 1:
+            m.weight.data = m.weight.data.clone(memory_format=torch.channels_last)  # .contiguous() would keep them
 
 
 def _dist_meta(cfg: TrainCellsConfig, ctx: DistContext) -> dict:
