@@ -203,7 +203,8 @@ def test_sigterm_unwinds_like_ctrl_c_and_the_rerun_resumes(model_file, cohort, r
     os.kill(proc.pid, signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == "wsi-vssm: terminated (SIGTERM); rerun the same command to resume"
+    last = err.strip().splitlines()[-1]
+    assert last == "wsi-vssm: terminated (SIGTERM); finished slides are kept: rerun the same command to resume"
     assert not list((out / STATE_DIR).glob("*.lock")), "the slide in flight keeps no lock"
     assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 0
     _same_results(out, reference)
