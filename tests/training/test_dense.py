@@ -125,3 +125,14 @@ def test_a_truncated_or_empty_dense_checkpoint_is_one_line(tmp_path):
             train_dense(init, tmp_path / "train", tmp_path / "valid", tmp_path / "run" / "model.pt",
                         DenseConfig(epochs=1, resume=True, scan="cpu", valid_select=8), progress=False)
         assert "\n" not in str(err.value)
+
+
+def test_an_earlier_versions_dense_checkpoint_still_resumes_with_a_warning(tmp_path):
+    """Checkpoints written before settings and random states were recorded: a long run must not be lost."""
+    from wsi_vssm.training.checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "opt": {}, "state": {"epoch": 3}, "ema": {}, "ema_updates": 7}, path)
+    with pytest.warns(UserWarning, match="earlier version's checkpoint"):
+        ck = load_checkpoint(path, {"lr": 1.0})
+    assert ck["state"]["epoch"] == 3
