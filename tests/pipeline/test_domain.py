@@ -240,3 +240,16 @@ def test_another_magnification_is_out_of_domain():
     assert slide_domain(img, mask, x[:50], d, analysis_mpp=0.972, model_mpp=0.972)["in_domain"] is True
     rec = slide_domain(img, np.zeros(img.shape[:2], bool), None, None, analysis_mpp=2.0, model_mpp=0.972)
     assert rec["in_domain"] is False and "another magnification" in rec["domain_notes"][0]  # also without tissue
+
+
+def test_the_note_says_which_check_could_not_run():
+    """One note covered two cases ("no tissue tokens, or no feature domain"); a slide without tissue also lost
+    the model's threshold from prediction.json."""
+    d, _ = _domain()
+    img, mask = _on_glass(_from_hed(0.5, 0.5, 0.0))
+    no_tokens = slide_domain(img, mask, np.zeros((0, 8)), d)
+    assert "(no tissue tokens)" in no_tokens["domain_notes"][-1] and no_tokens["domain_threshold"] == round(
+        d.threshold, 3)
+    no_domain = slide_domain(img, mask, np.ones((5, 8)), None)
+    assert "this model has no feature domain" in no_domain["domain_notes"][-1]
+    assert no_domain["domain_threshold"] is None

@@ -33,7 +33,7 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
                            "in_domain", "domain_notes", "domain_distance", "domain_threshold", "device", "model", "mpp",
                            "summary", "lesions", "parameters", "timings", "version"]
     assert saved["in_domain"] is True  # a random test model has no feature domain: the notes say what was not checked
-    assert all("not checked" in note for note in saved["domain_notes"])
+    assert all("not checked (this model has no feature domain" in note for note in saved["domain_notes"])
     assert saved["domain_distance"] is None and saved["domain_threshold"] is None
     assert saved["parameters"]["precision"] == "fp32" and saved["parameters"]["precision_used"] == "fp32"
     assert saved["schema"] == "wsi-vssm-prediction/2" and saved["device"] == "cpu"

@@ -306,6 +306,7 @@ def test_run_resume_skips_finished_stages_and_reruns_changed_ones(tiny_folder, t
     assert printed.count("skipped (--resume)") == 2 and digest("model.pt") == first["model.pt"]
     printed = run("--resume", "--set", "cells.seed=1")  # the cells stage changes: both run again
     assert "skipped" not in printed and digest("cells.pt") != first["cells.pt"]
+    assert "cells: settings changed since the earlier run (settings.seed); runs again" in printed
     context_init = load_model(out / "model.pt").metadata["config"]["init"]
     assert context_init == str(out / "cells.pt")  # the new cells, not the old ones
     assert load_model(out / "cells.pt").metadata["config"]["seed"] == 1
@@ -407,7 +408,8 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupte
     from wsi_vssm.training import cells
 
     kw = dict(epochs=3, batch_size=16, lr=2e-3, seed=0, mil_bags=8, mil_bag_size=4, mil_patches=16, mil_steps=5,
-              drop_path=0.1)  # stochastic depth draws from torch's global random state, which must be restored
+              drop_path=0.1,  # stochastic depth draws from torch's global random state, which must be restored
+              mosaic_grid=2, region_batch=1)  # and mosaic crops from a counter, which must be restored too
     whole = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "a.pt", TrainCellsConfig(**kw),
                         progress=False)
     assert not (tmp_path / "a.checkpoint.pt").exists()  # a finished run leaves none
@@ -426,6 +428,11 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupte
     monkeypatch.setattr(cells, "_train_epoch", real_epoch)
     ckpt = tmp_path / "b.checkpoint.pt"
     assert ckpt.is_file() and load_model(tmp_path / "b.pt").metadata["training_incomplete"] is True
+    (tmp_path / "b.pt").rename(tmp_path / "b.pt.away")  # the best epoch so far lives in OUT: missing, found at once
+    with pytest.raises(UsageError, match="b.pt is missing: it holds the best epoch so far"):
+        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt",
+                    TrainCellsConfig(**kw, resume=True), progress=False)
+    (tmp_path / "b.pt.away").rename(tmp_path / "b.pt")
     with pytest.raises(UsageError, match="continue it with --resume"):  # never thrown away silently
         train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt", TrainCellsConfig(**kw))
     with pytest.raises(UsageError, match=r"lr=0\.002 \(now 0\.001\)"):  # another run's settings: refused
@@ -434,6 +441,7 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupte
     resumed = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt",
                           TrainCellsConfig(**kw, resume=True), progress=False)
     assert [row["epoch"] for row in resumed.log] == [1, 2, 3] and resumed.best_epoch == whole.best_epoch
+    assert [row["train_loss"] for row in resumed.log] == [row["train_loss"] for row in whole.log]  # every epoch
     a, b = load_model(tmp_path / "a.pt").state_dict(), load_model(tmp_path / "b.pt").state_dict()
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) == 0.0
     assert not ckpt.exists() and "training_incomplete" not in load_model(tmp_path / "b.pt").metadata

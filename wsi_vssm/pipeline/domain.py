@@ -287,10 +287,12 @@ def _pool(d: np.ndarray, statistic: str) -> float:
 
 # ---- verdict ---------------------------------------------------------------------------------------------
 NOT_CHECKED = "token features not checked (no tissue tokens, or no feature domain)"
+NO_TOKENS = "token features not checked (no tissue tokens)"
+NO_FEATURE_DOMAIN = "token features not checked (this model has no feature domain: docs/domain.md)"
 
 
 def domain_verdict(stain: list[str], feature_result: tuple[bool, list[str]] | None,
-                   stain_was_judged: bool = True) -> tuple[bool, list[str]]:
+                   stain_was_judged: bool = True, why: str = NOT_CHECKED) -> tuple[bool, list[str]]:
     """(in_domain, domain_notes) from `stain_check`'s notes and `FeatureDomain.check`'s result (None: no tissue
     tokens, or no feature domain for this model; the notes say the stain alone was judged, or that nothing was
     when `stain_was_judged` is false: too little tissue on the thumbnail). Any stain note or a feature distance
@@ -298,9 +300,9 @@ def domain_verdict(stain: list[str], feature_result: tuple[bool, list[str]] | No
     notes = list(stain)
     if feature_result is None:
         if not stain_was_judged:
-            return not notes, notes + [f"{NOT_CHECKED}, and too little tissue on the thumbnail to judge the stain: "
+            return not notes, notes + [f"{why}, and too little tissue on the thumbnail to judge the stain: "
                                        "not checked"]
-        return not notes, notes + [f"{NOT_CHECKED}: judged on the stain only"]
+        return not notes, notes + [f"{why}: judged on the stain only"]
     ok, fnotes = feature_result
     return bool(ok) and not notes, notes + list(fnotes)
 
@@ -333,8 +335,10 @@ def slide_domain(thumbnail_rgb: np.ndarray, tissue_mask: np.ndarray | None, feat
     stain = stain_notes(stats) + magnification_check(analysis_mpp, model_mpp)
     has_tokens = features is not None and len(features) > 0
     if domain is None or not has_tokens:
-        in_domain, notes = domain_verdict(stain, None, stain_judged(stats))
-        return {"in_domain": in_domain, "domain_notes": notes, "domain_distance": None, "domain_threshold": None}
+        why = NO_FEATURE_DOMAIN if domain is None else NO_TOKENS
+        in_domain, notes = domain_verdict(stain, None, stain_judged(stats), why)
+        threshold = None if domain is None else round(float(domain.threshold), 3)
+        return {"in_domain": in_domain, "domain_notes": notes, "domain_distance": None, "domain_threshold": threshold}
     dist = domain.slide_distance(features)
     in_domain, notes = domain_verdict(stain, domain.check_distance(dist, len(features)))
     return {"in_domain": in_domain, "domain_notes": notes, "domain_distance": round(dist, 3),

@@ -194,8 +194,8 @@ def predict_slide(
         domain = slide_domain(tissue.thumbnail, mask, feats if len(cells) else None,
                               model_domain(model, identity["weights_hash"]), cells.attrs["mpp"], model.mpp)
         if not domain["in_domain"]:
-            warnings.warn(f"{slide_path}: out of the model's domain: {'; '.join(domain['domain_notes'])}; "
-                          "results are unreliable", stacklevel=3)
+            warnings.warn(f"{slide_path}: out of the model's domain, results are unreliable: "
+                          f"{'; '.join(domain['domain_notes'])}", stacklevel=3)  # the verdict first: lines are cut
         timings["mil"] = time.perf_counter() - t
 
         t = time.perf_counter()

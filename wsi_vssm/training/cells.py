@@ -301,6 +301,11 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
             ema.updates = ck["ema_updates"]
         log, best, best_epoch, best_sel, step = ck["log"], ck["best"], ck["best_epoch"], ck["best_sel"], ck["step"]
         first, stopped, t0 = ck["epoch"] + 1, ck["stopped"], t0 - ck["seconds"]
+        if regions is not None and hasattr(regions, "calls"):
+            regions.calls = ck["region_calls"]  # mosaic crops draw from a counter: the uninterrupted run's mosaics
+        if best_epoch and ctx.is_main and not out.is_file():  # found now, not after the remaining epochs
+            raise UsageError(f"{out} is missing: it holds the best epoch so far ({best_epoch}) of the run "
+                             f"{ckpt_path} continues; put it back, or remove {ckpt_path} to start over")
         _say(progress, f"resumed from {ckpt_path} after epoch {ck['epoch']} (best so far: epoch {best_epoch})")
     elif cfg.resume:
         _say(progress, f"no checkpoint {ckpt_path} to resume from: starting from the first epoch")
@@ -312,7 +317,8 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
                 "model": model.state_dict(), "opt": opt.state_dict(), "ema": None if ema is None else
                 ema.model.state_dict(), "ema_updates": 0 if ema is None else ema.updates,
                 "log": log, "best": best, "best_epoch": best_epoch, "best_sel": best_sel, "step": step,
-                "epoch": epoch, "stopped": stop, "seconds": time.perf_counter() - t0}, run_config)
+                "epoch": epoch, "stopped": stop, "seconds": time.perf_counter() - t0,
+                "region_calls": getattr(regions, "calls", None)}, run_config)
 
     for epoch in range(first, cfg.epochs + 1):
         if stopped:

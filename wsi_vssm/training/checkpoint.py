@@ -59,7 +59,9 @@ def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) 
                      if k not in may_change and _plain(config.get(k)) != _plain(ck["config"].get(k)))
     if changed:
         was = ", ".join(f"{k}={ck['config'].get(k)!r} (now {config.get(k)!r})" for k in changed[:4])
-        allowed = f" (only {', '.join(may_change)} may change)" if may_change else ""
+        was += f" and {len(changed) - 4} more ({', '.join(changed[4:])})" if len(changed) > 4 else ""
+        shown = [k for k in may_change if k != "resume"]
+        allowed = f" (only {', '.join(shown)} may change)" if shown else ""
         raise UsageError(f"{path} was made with other settings: {was}{allowed}; resume with the same ones, or "
                          "remove it to start over")
     torch.set_rng_state(ck["torch_rng"])

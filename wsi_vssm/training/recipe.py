@@ -301,6 +301,10 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
             continue
         if chain and previous is not None:  # the skipped stages' last model is where this one starts
             shutil.copyfile(out / f"{previous}.pt", model_path)
+        before = next((d["settings"] for d in done if d["stage"] == stage), None) if chain else None
+        if before is not None and before != settings:  # say why hours of training run again
+            print(f"{stage}: settings changed since the earlier run ({', '.join(_changed(before, settings))}); "
+                  "runs again, and the stages after it")
         chain = False
         later = STAGES[STAGES.index(stage) + 1:]  # built on this stage's old model: no longer done
         done = [d for d in done if d["stage"] != stage and d["stage"] not in later]
@@ -333,6 +337,18 @@ def _stage_settings(recipe: dict, stage: str) -> dict:
     merged = {k: v for s in sections for k, v in recipe.get(s, {}).items() if k != "resume"}
     settings = {"data": recipe.get("data", {}), **({"settings": merged} if merged else {})}
     return json.loads(json.dumps(settings, default=str))  # as recipe.progress.json holds it (lists, strings)
+
+
+def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two settings dicts (`data.train`, `settings.lr`)."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _changed(x, y, f"{prefix}{k}.")
+        elif x != y:
+            keys.append(f"{prefix}{k}")
+    return keys
 
 
 def _read_progress(out: Path) -> list[dict]:

@@ -30,15 +30,16 @@ def centre_token_grid(labels: np.ndarray, grid: int, patch_px: int) -> tuple[np.
 
 class MosaicCrops:
     """Random mosaics of a PatchDataset's patches. `len` is one pass over the patches in mosaics; every
-    `__getitem__` call draws a fresh seeded mosaic (the index only seeds it, with a per-call counter), so
-    repeated passes see new arrangements."""
+    `__getitem__` call draws a fresh seeded mosaic (the index only seeds it, with the counter `calls`), so
+    repeated passes see new arrangements. A resumed training run restores `calls` from its checkpoint, so that
+    it draws the mosaics the uninterrupted run would."""
 
     def __init__(self, patches, grid: int, seed: int = 0):
         if not isinstance(grid, int) or grid < 2:
             raise UsageError(f"mosaic grid must be an integer >= 2, got {grid!r}")
         if len(patches) < grid * grid:
             raise UsageError(f"{grid} x {grid} mosaics need at least {grid * grid} patches, got {len(patches)}")
-        self.patches, self.grid, self.seed, self._calls = patches, grid, seed, 0
+        self.patches, self.grid, self.seed, self.calls = patches, grid, seed, 0
         px = patches[0][0].shape[0]
         if px % TOKEN_PX or (px // TOKEN_PX) % 2 == 0:
             raise UsageError(f"mosaic crops need patches of an odd number of {TOKEN_PX} px tokens, got {px} px")
@@ -47,8 +48,8 @@ class MosaicCrops:
         return max(1, len(self.patches) // (self.grid * self.grid))
 
     def __getitem__(self, k: int):
-        self._calls += 1
-        rng = np.random.default_rng([self.seed, int(k), self._calls])
+        self.calls += 1
+        rng = np.random.default_rng([self.seed, int(k), self.calls])
         idx = rng.choice(len(self.patches), self.grid * self.grid, replace=False)
         imgs, labels = [], []
         for i in idx:
