@@ -85,8 +85,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
                         f"({floor['range90'][0]:.3f}-{floor['range90'][1]:.3f}) on {m['n']} items"
                         f" -> {out_dir}/calibration.png")
     if m.get("kappa") is not None:
-        if few_patients_warning(res):
-            progress.warn(few_patients_warning(res))
+        few = few_patients_warning(res)
+        if few:
+            progress.warn(few)
         lo, hi = m["kappa_ci95"]
         progress.result(f"pN stage: quadratic-weighted kappa {m['kappa']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
                         f"{m['n_patients']} patients -> {out_dir}/stages.csv")
@@ -96,7 +97,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
                       "rerun when the other run has finished")
         sys.exit(EXIT_INCOMPLETE)  # slides still being done by another run: rerun when it has finished
     if res.n_failed:
-        what = "patch(es)" if params is None else "slide(s)"
+        what = "patch(es)" if res.items == "patches" else "slide(s)"
         progress.warn(f"{res.n_failed} of {len(res.rows)} {what} failed (status failed in predictions.csv); "
                       "the metrics leave them out")
         sys.exit(3)  # a cohort finished with some slides failed

@@ -91,25 +91,14 @@ def slide_info(path: str, backend: str = "auto", mpp: float | None = None) -> di
         }
 
 
-def _zarr_attrs(path: Path) -> dict:
-    """A Zarr group's root attributes (v2 `.zattrs` or v3 `zarr.json`), {} for anything else."""
-    for name, key in ((".zattrs", None), ("zarr.json", "attributes")):
-        try:
-            doc = json.loads((path / name).read_text())
-        except (OSError, ValueError):
-            continue
-        doc = doc.get(key, {}) if key and isinstance(doc, dict) else doc
-        return doc if isinstance(doc, dict) else {}
-    return {}
-
-
 def heatmap_info(path: str) -> dict | None:
     """What a wsi-vssm heatmap.ome.zarr holds (None for anything else, e.g. a slide in OME-Zarr)."""
     import numpy as np
 
+    from wsi_vssm.outputs.files import is_heatmap_zarr
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
 
-    if not Path(path).is_dir() or not isinstance(_zarr_attrs(Path(path)).get("wsi_vssm"), dict):
+    if not Path(path).is_dir() or not is_heatmap_zarr(Path(path)):
         return None
     prob, cell_um, _, attrs = read_heatmap_zarr(path)
     block = attrs["wsi_vssm"]

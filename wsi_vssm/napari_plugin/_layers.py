@@ -166,13 +166,14 @@ CALL_KEYS = ("slide", "probability", "label", "slide_threshold", "threshold", "r
 def _prediction_call(path: Path) -> dict | None:
     """The slide's call from its prediction.json (probability, decision, threshold, domain verdict), for the
     heatmap layer's metadata; None when the file is missing or unreadable (the layers still open)."""
-    import json
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.outputs.prediction import read_prediction_json
 
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = read_prediction_json(path)
+    except UsageError:
         return None
-    return {k: record.get(k) for k in CALL_KEYS} if isinstance(record, dict) else None
+    return {k: record.get(k) for k in CALL_KEYS}
 
 
 def prediction_layers(folder: str | Path) -> list[tuple]:

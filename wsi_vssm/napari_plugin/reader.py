@@ -9,13 +9,13 @@ anything heavy, and returns None for anything else. What it accepts:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from wsi_vssm.outputs.files import HEATMAP_ZARR as _HEATMAP
 from wsi_vssm.outputs.files import PREDICTION_JSON as _PREDICTION
+from wsi_vssm.outputs.files import is_heatmap_zarr, zarr_root_attrs
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif")
@@ -67,22 +67,9 @@ def _sniff_dir(p: Path) -> str | None:
         return "prediction"
     if not any((p / m).is_file() for m in _ZARR_MARKERS):
         return None
-    attrs = _zarr_attrs(p)
-    if attrs is None:
+    if zarr_root_attrs(p) is None:
         return None
-    return "heatmap" if isinstance(attrs.get("wsi_vssm"), dict) and "cell_um" in attrs["wsi_vssm"] else "slide"
-
-
-def _zarr_attrs(p: Path) -> dict | None:
-    """The root attributes of a zarr v2 (.zattrs) or v3 (zarr.json) group; {} for a bare group, None if broken."""
-    try:
-        if (p / ".zattrs").is_file():
-            return dict(json.loads((p / ".zattrs").read_text()))
-        if (p / "zarr.json").is_file():
-            return dict(json.loads((p / "zarr.json").read_text()).get("attributes") or {})
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
-    return {}
+    return "heatmap" if is_heatmap_zarr(p) else "slide"
 
 
 def read_slide(path: str | os.PathLike | list) -> list[tuple]:

@@ -39,3 +39,21 @@ def slide_outputs_ok(folder: str | os.PathLike) -> bool:
         return False
     others = (n for n in SLIDE_FILES if n not in (PREDICTION_JSON, HEATMAP_ZARR))
     return isinstance(rec, dict) and "probability" in rec and all((folder / n).is_file() for n in others)
+
+
+def zarr_root_attrs(p: Path) -> dict | None:
+    """The root attributes of a zarr v2 (.zattrs) or v3 (zarr.json) group; {} for a bare group, None if broken."""
+    try:
+        if (p / ".zattrs").is_file():
+            return dict(json.loads((p / ".zattrs").read_text()))
+        if (p / "zarr.json").is_file():
+            return dict(json.loads((p / "zarr.json").read_text()).get("attributes") or {})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return {}
+
+
+def is_heatmap_zarr(p: Path) -> bool:
+    """Whether folder `p` is a heatmap.ome.zarr written by `outputs.heatmap` (its `wsi_vssm` block, any name)."""
+    block = (zarr_root_attrs(p) or {}).get("wsi_vssm")
+    return isinstance(block, dict) and "cell_um" in block

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from wsi_vssm.errors import UsageError
 from wsi_vssm.io.base import slide_name  # the one naming rule (SlideReader.name); re-exported as cohort.slide_name
+from wsi_vssm.io.formats import is_zarr_dir
 
 LABELS = {"0": 0, "1": 1, "normal": 0, "tumor": 1, "tumour": 1}
 SPLITS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
@@ -179,8 +180,6 @@ def expand_slide_folders(paths: Iterable[str]) -> list[str]:
     (as CLAM and TRIDENT take a folder of slides); an OME-Zarr folder is one slide, and sub-folders (an output
     folder inside, say) are not walked. A folder holding no slide file stays as given: it fails alone in the
     run, with the reader's reason, and the other slides go on."""
-    from wsi_vssm.io.formats import is_zarr_dir
-
     out: list[str] = []
     for path in paths:
         p = Path(path)
@@ -193,8 +192,6 @@ def expand_slide_folders(paths: Iterable[str]) -> list[str]:
 
 
 def _is_slide_entry(f: Path) -> bool:
-    from wsi_vssm.io.formats import is_zarr_dir
-
     low = f.name.lower()
     if f.is_dir():
         return low.endswith(".zarr") and is_zarr_dir(f)

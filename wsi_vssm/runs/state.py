@@ -182,7 +182,7 @@ class SlideLock:
             return
         os.close(fd)
         try:
-            if _same_holder(_read_lock(self.path), seen):
+            if _read_lock(self.path) == seen:
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
         finally:
@@ -218,22 +218,14 @@ def _read_lock(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        # half-written by a run killed between create and write: stale if old enough
+        # half-written by a run killed between create and write: stale if old enough. Its mtime, not its age:
+        # breaking compares two reads, and an age grows between them (such a lock was never broken)
         try:
-            age = time.time() - path.stat().st_mtime
+            mtime = path.stat().st_mtime
         except OSError:
             return None
-        return {"pid": None, "host": socket.gethostname(), "time": None, "age": age}
+        return {"pid": None, "host": socket.gethostname(), "time": None, "mtime": mtime}
     return info if isinstance(info, dict) else {}
-
-
-def _same_holder(a: dict | None, b: dict | None) -> bool:
-    """Whether two reads of a lock saw the same holder. A half-written lock reads as {pid None, age}, and its age
-    grows between reads: compared with the age, it never matched, so a run killed between creating its lock and
-    writing it left the slide locked for good (and a waiting run spinning on it)."""
-    if a is None or b is None:
-        return a is b
-    return {k: v for k, v in a.items() if k != "age"} == {k: v for k, v in b.items() if k != "age"}
 
 
 def _is_stale(holder: dict) -> bool:
@@ -241,7 +233,7 @@ def _is_stale(holder: dict) -> bool:
         return False  # another machine: its pid means nothing here; see docs/cohorts.md
     pid = holder.get("pid")
     if pid is None:
-        return holder.get("age", 0.0) > BREAK_STALE_AFTER_S
+        return time.time() - holder.get("mtime", time.time()) > BREAK_STALE_AFTER_S
     if not isinstance(pid, int):
         return False
     if pid == os.getpid():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_vssm.errors import UsageError
+from wsi_vssm.errors import UsageError, one_line
 
 FORMAT = "wsi-vssm-training-checkpoint/1"
 
@@ -46,7 +46,7 @@ def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) 
         ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file (save_checkpoint)
     except (OSError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, ImportError) as err:
         raise UsageError(f"{path}: cannot read this training checkpoint ({type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:160]}); remove it to start over") from err
+                         f"{one_line(err, 160)}); remove it to start over") from err
     if isinstance(ck, dict) and "format" not in ck and {"model", "opt", "state"} <= set(ck):
         # a dense checkpoint of an earlier version (before 2026-12-04): resumable, but it recorded neither the
         # settings nor the random states, so neither can be checked or restored
