@@ -79,7 +79,8 @@ def _how_to_go_on(argv: list[str]) -> str:
     if words[:1] in (["predict"], ["evaluate"], ["extract"]):
         return "finished slides are kept: rerun the same command to resume"
     if words[:1] == ["run"] or words == ["train", "cells"]:
-        return "finished epochs are kept: rerun the same command with --resume to continue"
+        return ("every finished epoch is kept (none before the first ends): "
+                "rerun the same command with --resume to continue")
     return "nothing was kept"
 
 

@@ -34,11 +34,18 @@ ONE_LINE_LIMIT = 300  # characters: long enough for a path and a reason, short e
 
 
 def one_line(err: BaseException | str, limit: int = ONE_LINE_LIMIT) -> str:
-    """An error's text on one line (whitespace runs folded to one space), cut to `limit` characters with "...".
+    """An error's text on one line (whitespace runs folded to one space), cut to `limit` characters with "...",
+    at a word's end when one is near (a word cut in half reads as a different word).
 
     The one helper for every one-line error message; an error with no text gives its type name.
     """
     text = " ".join(str(err).split())
     if not text:
         text = type(err).__name__ if isinstance(err, BaseException) else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = cut.rfind(" ")
+    if text[limit - 3] != " " and space > limit * 3 // 4:  # mid-word: end at the last whole word instead
+        cut = cut[:space]
+    return cut.rstrip(" ,;:(") + "..."

@@ -279,3 +279,14 @@ def test_a_file_name_that_is_not_utf8(files, tmp_path, capsys):
     assert code == 0 and "Traceback" not in err, err
     record = json.loads((tmp_path / "o" / "b\\xe9" / "prediction.json").read_text(encoding="utf-8"))
     assert record["slide"] == "b\\xe9" and record["probability"] is not None
+
+
+def test_a_long_message_is_cut_at_a_word_not_inside_one():
+    """Warnings over the one-line limit were cut mid-word: "... (median Maha...", a word the reader must guess."""
+    from wsi_vssm.errors import one_line
+
+    text = "slide s1: out of domain: token features " + "far from training " * 20 + "(median Mahalanobis distance)"
+    cut = one_line(text, 120)
+    assert len(cut) <= 120 and cut.endswith("...") and text.startswith(cut[:-3])
+    assert text[len(cut) - 3] == " ", cut  # the last word kept is whole
+    assert one_line("x" * 200, 50) == "x" * 47 + "..."  # one long word: cut where it must be

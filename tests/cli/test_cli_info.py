@@ -147,7 +147,7 @@ def test_a_wsi_vssm_heatmap_is_described_as_one(tmp_path, capsys):
     assert "8 x 6, 32 um each" in out and "2 cells at or above" in out and "highest probability 0.900" in out, out
     code, out, _ = run_cli(capsys, str(path), "--json")
     info = json.loads(out)
-    assert (info["kind"], info["cells"], info["cells_at_or_above_threshold"]) == ("wsi-vssm heatmap", [6, 8], 2)
+    assert (info["kind"], info["cells"], info["cells_at_or_above_threshold"]) == ("wsi-vssm heatmap", [8, 6], 2)  # w, h
 
 
 def test_an_ome_zarr_slide_is_still_read_as_a_slide(tmp_path, capsys):

@@ -28,6 +28,22 @@ def test_export_matches_pytorch_on_a_new_input(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
 
 
+def test_export_says_in_the_file_how_to_prepare_the_input(tmp_path):
+    """The .onnx file held no word of its input's normalisation: a user of the file alone fed it raw pixels."""
+    import onnxruntime as ort
+
+    from wsi_vssm.models.inputs import to_tensor
+
+    path = export_onnx(build_backbone("micro"), tmp_path / "m.onnx", size=64, check=False).path
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert "1 x 3 x 64 x 64" in meta["wsi_vssm.input"]
+    mean = np.array([float(v) for v in meta["wsi_vssm.input_mean"].split(",")])
+    std = np.array([float(v) for v in meta["wsi_vssm.input_std"].split(",")])
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    from_meta = (rgb.transpose(2, 0, 1)[None] / 255.0 - mean[:, None, None]) / std[:, None, None]
+    np.testing.assert_allclose(from_meta, to_tensor(rgb).numpy(), atol=1e-6)  # what the model was trained on
+
+
 def test_export_rejects_a_size_below_one_cell(tmp_path):
     with pytest.raises(ExportError, match="at least 32"):
         export_onnx(build_backbone("micro"), tmp_path / "x.onnx", size=16)

@@ -127,6 +127,21 @@ def test_title_line_sits_above_the_image(tmp_path, thumb, prob):
     assert (img[int(top) : int(top) + 100, :160][below] == thumb[below]).all()
 
 
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_the_png_says_where_its_panel_lies_and_its_scale(tmp_path, thumb, prob, side_by_side):
+    """A long title widens the canvas and shifts the image down by a title band of its own height: with nothing
+    in the file to say where the panel lay, mapping an overlay pixel back to the slide was guesswork."""
+    path = tmp_path / "o.png"
+    overlay_png(path, thumb, prob, CELL0, (0, 0), SLIDE, title="a long title " * 8, side_by_side=side_by_side)
+    with Image.open(path) as im:
+        x, y, w, h = (int(v) for v in im.text["wsi_vssm.panel"].split())
+        sx, sy = (float(v) for v in im.text["wsi_vssm.level0_px_per_px"].split())
+    assert (w, h, sx, sy) == (160, 100, SLIDE[0] / 160, SLIDE[1] / 100) and y > 0
+    panel = _png(path)[y : y + h, x : x + w]
+    hot = np.kron(np.nan_to_num(prob, nan=-1) >= 0.5, np.ones((10, 10), bool))
+    assert (panel[~hot] == thumb[~hot]).all() and (panel[hot] != thumb[hot]).any(axis=-1).all()
+
+
 def test_side_by_side_shows_the_plain_thumbnail_beside(tmp_path, thumb, prob):
     one, two = tmp_path / "one.png", tmp_path / "two.png"
     overlay_png(one, thumb, prob, CELL0, (0, 0), SLIDE)

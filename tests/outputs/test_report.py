@@ -131,6 +131,14 @@ def test_cohort_metrics_single_class_gives_null_auc_with_reason():
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
+def test_plot_titles_count_one_item_in_the_singular():
+    """A one-slide cohort's ROC was titled "ROC over 1 slides"."""
+    from wsi_vssm.outputs.report import _count
+
+    assert (_count(1, "slides"), _count(1, "patches"), _count(2, "slides"), _count(0, "patches")) == (
+        "1 slide", "1 patch", "2 slides", "0 patches")
+
+
 def test_roc_png(tmp_path):
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 50)

@@ -85,6 +85,18 @@ def test_cell_grid_places_values_by_coordinates():
     assert np.isnan(grid).sum() == 22
 
 
+def test_a_speck_of_tissue_keeps_its_area():
+    """The area was rounded to 4 decimals of a mm^2: one 31 um cell of tissue (0.00096 mm^2) read 0.0009."""
+    from types import SimpleNamespace
+
+    from wsi_vssm.pipeline.predict import _tissue_area_mm2
+
+    mask = np.zeros((8, 8), bool)
+    mask[3, 3] = True
+    area = _tissue_area_mm2(SimpleNamespace(mask=mask, scale=62.0), 0.5)  # one 31 x 31 um mask pixel
+    assert area == pytest.approx(0.000961, rel=1e-6)
+
+
 def test_cancel_stops_prediction(model_file, cohort, tmp_path):
     stop = threading.Event()
     stop.set()

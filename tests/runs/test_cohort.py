@@ -29,6 +29,29 @@ def test_manifest_paths_relative_to_csv_with_split_and_extra_columns(tmp_path):
     assert c.rows[0].path == csv.parent / "../slides/a.svs" and all(r.ok for r in c.rows)
 
 
+@pytest.mark.parametrize("column", ["path", "file", "wsi"])
+def test_a_table_of_slide_paths_under_another_column_name_is_a_manifest(tmp_path, column):
+    """`path,label` was read as a CAMELYON16 reference table: the folders were dropped, every name looked up under
+    the table's folder, and each row failed with "no slide file named ..." (or took a same-named file elsewhere)."""
+    a = _touch(tmp_path / "slides" / "a.svs")
+    _touch(tmp_path / "lists" / "elsewhere" / "a.svs")  # a same-named file the lookup by name would have found
+    csv = tmp_path / "lists" / "m.csv"
+    csv.write_text(f"{column},label\n{a},1\n")
+    c = read_cohort(csv)
+    assert c.layout == "manifest" and [(r.name, r.path, r.label) for r in c.rows] == [("a", a, 1)]
+
+
+def test_a_path_in_a_table_of_names_is_refused_not_looked_up_by_its_name(tmp_path):
+    _touch(tmp_path / "x" / "tumor_001.tif")
+    ref = tmp_path / "reference.csv"
+    ref.write_text("/data/cohort/tumor_001.tif,Tumor\n")
+    with pytest.raises(CohortError, match=r"line 1: '/data/cohort/tumor_001.tif' is a path.*'slide,label'"):
+        read_cohort(ref)
+    (tmp_path / "m.csv").write_text("file,y\na.svs,1\n")  # a path column without a label column
+    with pytest.raises(CohortError, match="needs 'slide' and 'label' columns; its header has: file, y"):
+        read_cohort(tmp_path / "m.csv")
+
+
 def test_manifest_missing_file_is_a_failed_row(tmp_path):
     _touch(tmp_path / "a.tif")
     csv = tmp_path / "m.csv"
@@ -57,9 +80,36 @@ def test_predict_of_a_folder_path_fails_alone_and_writes_no_state(model_file, co
     out = tmp_path / "o"
     code, stdout, err = run_cli_captured(["predict", ".", cohort / "normal_001.tif", "--out", out, "--model",
                                           model_file, "--target-mpp", "4", "--region-px", "512"], capsys)
-    assert code == 3 and "Traceback" not in err and ".: a folder, not a slide file" in err
+    assert code == 3 and "Traceback" not in err and ".: a folder with no slide files directly in it" in err
     assert "normal_001: probability" in stdout
     assert sorted(p.name for p in (out / ".state").glob("*.json")) == ["normal_001.predict.json"]
+
+
+def test_folders_that_hold_no_slide_say_why(model_file, tmp_path, capsys):
+    """A GDC download (one slide per sub-folder) and a prediction folder were each reported as "a directory, but
+    not an OME-Zarr store"; a prediction folder's heatmap.ome.zarr was even read as a slide, and asked for --mpp."""
+    import numpy as np
+    from conftest import run_cli_captured
+
+    from wsi_vssm.outputs.heatmap import write_heatmap_zarr
+
+    (tmp_path / "gdc" / "0b1c").mkdir(parents=True)
+    (tmp_path / "gdc" / "0b1c" / "TCGA-XX.svs").write_bytes(b"not read")
+    pred = tmp_path / "out" / "s1"
+    heatmap = write_heatmap_zarr(pred / "heatmap.ome.zarr", np.zeros((4, 4), np.float32), cell0=64.0,
+                                 origin=(0, 0), slide_mpp=0.5, attrs={"slide": "s1"})
+    (pred / "prediction.json").write_text("{}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli_captured(["predict", tmp_path / "gdc", pred, heatmap, empty, "--out", tmp_path / "o",
+                                     "--model", model_file], capsys)
+    lines = err.strip().splitlines()
+    assert code == 3 and "Traceback" not in err and len(lines) == 5, err
+    assert any(f"{tmp_path / 'gdc'}: a folder with no slide files directly in it" in x
+               and f"'{tmp_path / 'gdc' / '*' / '*.svs'}'" in x for x in lines), err
+    assert any(f"{pred}: a wsi-vssm prediction folder (an output of predict), not a slide" in x for x in lines), err
+    assert any(f"{heatmap}: a wsi-vssm heatmap (an output of predict), not a slide" in x for x in lines), err
+    assert any(f"{empty}: a folder with no slide files directly in it" in x for x in lines), err
 
 
 @pytest.mark.parametrize(

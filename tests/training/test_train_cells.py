@@ -315,6 +315,28 @@ def test_run_resume_skips_finished_stages_and_reruns_changed_ones(tiny_folder, t
     assert "cells: done before" in printed and "context: done before" not in printed
 
 
+def test_run_resume_takes_a_path_spelt_differently_as_the_same_setting(tiny_folder, tmp_path, monkeypatch):
+    """`--set data.train=./pcam` on the first run and `data.train=pcam/` on the resume named the same folder,
+    yet the settings compared as written, so a finished stage trained again."""
+    from click.testing import CliRunner
+
+    from wsi_vssm.commands.run import command
+
+    monkeypatch.chdir(tiny_folder.parent)
+    name, out = tiny_folder.name, str(tmp_path / "run")
+
+    def run(train, *extra):
+        res = CliRunner().invoke(command, [str(REPO / "pipelines" / "default.toml"), "--out", out,
+                                           *_tiny_recipe(tiny_folder, "--set", 'recipe.stages=["cells"]',
+                                                         "--set", f"data.train={train}", *extra)])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    run(f"./{name}/train")
+    assert "cells: done before" in run(f"{name}/train/", "--resume")
+    assert "settings changed" in run(f"{name}/valid", "--resume")  # another folder is still another setting
+
+
 def test_run_without_resume_stops_before_any_stage_on_an_interrupted_stages_checkpoint(tiny_folder, tmp_path):
     """A rerun without --resume retrained cells and context over the finished model, then failed on the dense
     checkpoint. The checkpoint is now found before any stage trains."""

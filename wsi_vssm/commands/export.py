@@ -22,7 +22,8 @@ from wsi_vssm.commands.options import NonEmptyPath
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime comparison with PyTorch.")
 @click.pass_context
 def command(ctx, model_name, checkpoint, out, size, opset, no_check):
-    """Export a backbone's forward_features (B x 3 x S x S -> B x 8C x S/32 x S/32) to ONNX."""
+    """Export a backbone's forward_features (1 x 3 x S x S -> 1 x 8C x S/32 x S/32, a fixed shape) to ONNX; the
+    input's normalisation is stored in the file's metadata."""
     from click.core import ParameterSource
 
     from wsi_vssm.commands.options import option_backbone

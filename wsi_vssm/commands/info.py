@@ -109,7 +109,7 @@ def heatmap_info(path: str) -> dict | None:
         "kind": "wsi-vssm heatmap",
         "slide": block.get("slide"),
         "model": block.get("model"),
-        "cells": list(prob.shape),
+        "cells": [int(prob.shape[1]), int(prob.shape[0])],  # columns x rows, as a slide's dimensions (w, h)
         "cell_um": cell_um,
         "slide_mpp": block.get("mpp"),
         "cell_threshold": threshold,
@@ -119,7 +119,7 @@ def heatmap_info(path: str) -> dict | None:
 
 
 def format_heatmap_info(r: dict) -> str:
-    rows, cols = r["cells"]
+    cols, rows = r["cells"]
     lines = [
         f"heatmap:     {r['path']}",
         "kind:        a wsi-vssm heatmap (tumour probability per token cell), not a slide; in napari it lies over"

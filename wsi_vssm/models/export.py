@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from wsi_vssm.errors import MissingDependency, WsiVssmError
-from wsi_vssm.models.inputs import STRIDE
+from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD, STRIDE
 
 
 class ExportError(WsiVssmError):
@@ -136,6 +136,7 @@ def export_onnx(
                 dynamo=False,
             )
         seconds = time.perf_counter() - t0
+        _describe_input(tmp, size)
         diff = _check_onnxruntime(tmp, x, ref) if check else None
         if diff is not None and diff > atol:
             raise ExportError(f"{out}: onnxruntime output differs from PyTorch by {diff:.2e} (> {atol:.0e})")
@@ -149,6 +150,28 @@ def export_onnx(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return ExportResult(out, size, tuple(ref.shape), diff, seconds)
+
+
+def input_metadata(size: int) -> dict[str, str]:
+    """What the graph's input must be, stored in the .onnx file (metadata_props) so that a user of the file
+    alone can prepare it: the file cannot be used without the normalisation."""
+    return {
+        "wsi_vssm.input": f"image: float32 1 x 3 x {size} x {size} (N, C, H, W), RGB scaled to [0, 1], then each "
+                          "channel minus wsi_vssm.input_mean, divided by wsi_vssm.input_std",
+        "wsi_vssm.input_mean": ",".join(f"{v:g}" for v in IMAGE_MEAN),
+        "wsi_vssm.input_std": ",".join(f"{v:g}" for v in IMAGE_STD),
+        "wsi_vssm.output": f"features: one vector per {STRIDE} x {STRIDE} input px (1 x 8C x S/{STRIDE} x S/{STRIDE})",
+    }
+
+
+def _describe_input(path: str, size: int) -> None:
+    import onnx
+
+    graph = onnx.load(path)
+    for key, value in input_metadata(size).items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(graph, path)
 
 
 def _check_onnxruntime(path: str, x: torch.Tensor, ref: torch.Tensor) -> float:

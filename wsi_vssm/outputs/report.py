@@ -186,7 +186,7 @@ def roc_png(
     else:
         ax.text(0.5, 0.6, f"ROC undefined:\n{n1} tumour, {n0} normal {items}", ha="center", fontsize=9)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", aspect="equal")
-    ax.set_title(f"ROC over {y.size} {items} ({n1} tumour, {n0} normal)", fontsize=9)
+    ax.set_title(f"ROC over {_count(y.size, items)} ({n1} tumour, {n0} normal)", fontsize=9)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -286,3 +286,10 @@ def _threshold(t) -> float:
 
 def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
+
+
+def _count(n: int, items: str) -> str:
+    """`3 slides`, `1 slide`, `1 patch`: `items` is a plural noun."""
+    if n != 1:
+        return f"{n} {items}"
+    return f"1 {items[:-2] if items.endswith(('ches', 'shes', 'xes')) else items[:-1]}"

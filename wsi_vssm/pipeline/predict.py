@@ -304,7 +304,7 @@ def _device_name(device: str) -> str:
 def _tissue_area_mm2(tissue, slide_mpp: float) -> float:
     """Tissue area from the mask: its pixels times the area one mask pixel covers on the slide."""
     px_mm = tissue.scale * float(slide_mpp) / 1000.0
-    return round(float(tissue.mask.sum()) * px_mm * px_mm, 4)
+    return float(f"{float(tissue.mask.sum()) * px_mm * px_mm:.6g}")  # 6 significant digits: a speck keeps its size
 
 
 def cell_grid(coords_px: np.ndarray, values: np.ndarray, cell0: float, dims: tuple[int, int]) -> np.ndarray:

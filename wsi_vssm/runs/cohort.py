@@ -1,8 +1,8 @@
 """Cohorts: which slides, with which slide labels and splits.
 
 Two layouts:
-- a manifest CSV with a header `slide,label[,split]` (extra columns ignored); `slide` is a path, relative to the
-  CSV's folder unless absolute;
+- a manifest CSV with a header `slide,label[,split]` (extra columns ignored; `path`, `file`, `slide_path` or
+  `wsi` may name the slide column); `slide` is a path, relative to the CSV's folder unless absolute;
 - a CAMELYON16-style folder (or its `reference.csv`): rows `name,label[,...]` with or without a header, as in the
   official file (`Test_001,Tumor,Macro,...`, `tumor_001,Tumor`); slides are found by name (any case) anywhere
   under the folder, with any slide extension.
@@ -30,6 +30,8 @@ SLIDE_SUFFIXES = (
     ".bif", ".svslide", ".dcm", ".zarr",
 )  # fmt: skip
 _HEADER_NAMES = {"slide", "name", "image", "slide_id", "image_id", "id", "path", "file"}
+# A manifest's column of slide paths: `slide`, or a name other tools' tables use for a path (TRIDENT's `wsi`).
+_PATH_COLUMNS = ("slide", "path", "file", "slide_path", "wsi")
 
 
 class CohortError(UsageError):
@@ -90,20 +92,21 @@ def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     rows = _read_csv(p)
     if rows and _is_manifest_header(rows[0][1]):
         return read_manifest(p, find_slides=find_slides)
-    if rows and "slide" in [c.lower() for c in rows[0][1]]:  # a manifest header that lacks a column
+    if rows and _path_column([c.lower() for c in rows[0][1]]) is not None:  # a manifest header lacking a column
         raise CohortError(f"{p}: a manifest needs 'slide' and 'label' columns; its header has: "
                           f"{', '.join(rows[0][1])}")
     return read_reference(p, root=p.parent, find_slides=find_slides)
 
 
 def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
-    """A CSV with a header naming `slide` and `label` (and optionally `split`) columns."""
+    """A CSV with a header naming `slide` (or `path`, `file`, `slide_path`, `wsi`) and `label` columns, and
+    optionally `split`."""
     path = Path(path)
     rows = _read_csv(path)
     if not rows or not _is_manifest_header(rows[0][1]):
         raise CohortError(f"{path}: a manifest needs a header row with 'slide' and 'label' columns")
     header = [c.strip().lower() for c in rows[0][1]]
-    i_slide, i_label = header.index("slide"), header.index("label")
+    i_slide, i_label = header.index(_path_column(header)), header.index("label")
     i_split = header.index("split") if "split" in header else None
     cohort = Cohort(path, "manifest")
     for line, cells in rows[1:]:
@@ -139,6 +142,9 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
         if len(cells) < 2:
             raise CohortError(f"{path}, line {line}: expected 'name,label', got {','.join(cells)!r}")
         label = parse_label(_cell(cells, 1), path, line)
+        if "/" in name or "\\" in name:  # its folders would be dropped and the name looked up elsewhere
+            raise CohortError(f"{path}, line {line}: {name!r} is a path, but this table names slides (looked up "
+                              f"by name under {root}); for slide paths, give a manifest with a header 'slide,label'")
         name = slide_name(name)  # tolerate a name written with its extension
         found, error = None, None
         if find_slides:
@@ -193,8 +199,10 @@ def expand_slide_folders(paths: Iterable[str]) -> list[str]:
 
 def _is_slide_entry(f: Path) -> bool:
     low = f.name.lower()
-    if f.is_dir():
-        return low.endswith(".zarr") and is_zarr_dir(f)
+    if f.is_dir():  # an OME-Zarr slide; not a wsi-vssm heatmap (a prediction folder given as a folder of slides)
+        from wsi_vssm.outputs.files import is_heatmap_zarr
+
+        return low.endswith(".zarr") and is_zarr_dir(f) and not is_heatmap_zarr(f)
     return low.endswith(SLIDE_SUFFIXES) and f.is_file()
 
 
@@ -235,7 +243,12 @@ def _cell(cells: list[str], i: int) -> str:
 
 def _is_manifest_header(cells: list[str]) -> bool:
     low = [c.lower() for c in cells]
-    return "slide" in low and "label" in low
+    return _path_column(low) is not None and "label" in low
+
+
+def _path_column(header: list[str]) -> str | None:
+    """The column of a manifest header holding the slide paths (`slide` first), or None."""
+    return next((c for c in _PATH_COLUMNS if c in header), None)
 
 
 def _is_reference_header(cells: list[str]) -> bool:

@@ -39,6 +39,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
@@ -102,6 +103,24 @@ def slide_tasks(paths: Iterable[str], progress: Progress | None = None) -> list[
             first[key] = path
         tasks.append(SlideTask(name, path))
     return tasks
+
+
+def _not_a_slide_folder(path: str) -> str | None:
+    """Why a folder given as a slide is none (an OME-Zarr slide is one): a wsi-vssm heatmap, or a folder whose
+    slides lie deeper (one slide per sub-folder, as GDC downloads are: folders given are searched one level)."""
+    from wsi_vssm.io.formats import is_zarr_dir
+    from wsi_vssm.outputs.files import is_heatmap_zarr
+
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    if is_heatmap_zarr(p) or (p / "prediction.json").is_file():
+        what = "heatmap" if is_heatmap_zarr(p) else "prediction folder"
+        return f"a wsi-vssm {what} (an output of predict), not a slide: give the slide it was computed from"
+    if is_zarr_dir(p):
+        return None
+    return (f"a folder with no slide files directly in it, and not an OME-Zarr store (sub-folders are not searched: "
+            f"give their slides, e.g. '{p / '*' / '*.svs'}', or list them in a manifest)")
 
 
 def slide_key(path: str | os.PathLike) -> str:
@@ -200,7 +219,7 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         if task.error is not None:
             finish(Outcome(task, "failed", task.error))
             continue
-        problem = None if task.path is None else path_problem(task.path)
+        problem = None if task.path is None else path_problem(task.path) or _not_a_slide_folder(task.path)
         if problem is not None:
             finish(Outcome(task, "failed", f"{task.path}: {problem}"))
             continue

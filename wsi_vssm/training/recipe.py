@@ -336,7 +336,22 @@ def _stage_settings(recipe: dict, stage: str) -> dict:
                 "mosaic_mil": ("cells", "mosaic_mil")}.get(stage, (stage,))
     merged = {k: v for s in sections for k, v in recipe.get(s, {}).items() if k != "resume"}
     settings = {"data": recipe.get("data", {}), **({"settings": merged} if merged else {})}
-    return json.loads(json.dumps(settings, default=str))  # as recipe.progress.json holds it (lists, strings)
+    return _same_paths(json.loads(json.dumps(settings, default=str)))  # as recipe.progress.json holds it
+
+
+_PATH_KEYS = {"data": ("train", "valid", "slides"), "settings": ("init", "checkpoint", "model")}
+
+
+def _same_paths(settings: dict) -> dict:
+    """`settings` with its file paths absolute and normalised, so that `./pcam` and `pcam` (or a recipe run from
+    elsewhere naming the same folder) are the same setting and do not retrain a finished stage."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
+    for table, keys in _PATH_KEYS.items():
+        for key in keys:
+            value = out.get(table, {}).get(key) if isinstance(out.get(table), dict) else None
+            if isinstance(value, str) and value:
+                out[table][key] = os.path.abspath(os.path.expanduser(value))
+    return out
 
 
 def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -358,7 +373,9 @@ def _read_progress(out: Path) -> list[dict]:
         doc = json.loads((out / PROGRESS_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    return list(doc.get("done") or []) if isinstance(doc, dict) else []
+    done = list(doc.get("done") or []) if isinstance(doc, dict) else []
+    return [{**d, "settings": _same_paths(d["settings"])} if isinstance(d.get("settings"), dict) else d
+            for d in done if isinstance(d, dict)]  # records written before paths were normalised compare too
 
 
 def _drop_stale(out: Path, later: list[str]) -> None:
