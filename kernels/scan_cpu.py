@@ -33,6 +33,9 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
+from wsi_vssm_kernels import use_writable_numba_cache
+
+use_writable_numba_cache(__file__)  # before the first njit(cache=True) below
 
 CHUNK = 128  # steps per chunk: vector work unit and, backward, the checkpoint interval
 WIDTH = 8  # channels per forward task: WIDTH independent multiply-add chains interleaved (N = 1)

@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from wsi_vssm_kernels import use_writable_numba_cache
 from wsi_vssm_kernels.scan_cpu import _exp, _prefetch, _softplus, _softplus_of
+
+use_writable_numba_cache(__file__)  # before the first njit(cache=True) below
 
 T_CHUNK = 64  # positions per chunk: the backward's checkpoint interval
 AHEAD = 8  # positions between a prefetch and the use of its lines (a few memory latencies of work)

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from wsi_vssm_kernels import use_writable_numba_cache
 from wsi_vssm_kernels.scan_cpu import _exp
+
+use_writable_numba_cache(__file__)  # before the first njit(cache=True) below
 
 FM = {"contract"}
 

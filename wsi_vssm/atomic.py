@@ -9,6 +9,7 @@ cohort run that is killed keeps every output it finished.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -21,25 +22,46 @@ from pathlib import Path
 from wsi_vssm.errors import UsageError
 
 _TMP_PREFIX = ".tmp-"  # hidden, and recognisable for clean-up after a crash
+_TMP_NAME_BYTES = 200  # of the final name kept in a temporary's: with the prefix and suffixes, under 255 bytes
+
+
+def _tmp_stem(name: str) -> str:
+    """`name` as a temporary's name holds it: cut to _TMP_NAME_BYTES, so that a final name near the file
+    system's 255-byte limit still gets a temporary (its name adds a prefix and a random suffix)."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= _TMP_NAME_BYTES else os.fsdecode(raw[:_TMP_NAME_BYTES])
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (temporary file beside it, fsync, rename). Creates parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_tmp_stem(path.name)}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError about a temporary names the file being written instead (the user never asked for
+    `.tmp-m.log.csv.x3loa0dn`); errno, and so the exception's class, are kept."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None or not os.path.basename(os.fsdecode(err.filename)).startswith(_TMP_PREFIX):
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -88,13 +110,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent))
+    with _naming(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_tmp_stem(path.name)}.", dir=path.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs are meant to be shared, as atomic_write_bytes's files
         yield tmp
         _fsync_tree(tmp)
         if path.is_dir() and not path.is_symlink():
-            old = path.parent / f"{_TMP_PREFIX}{path.name}.old-{uuid.uuid4().hex[:8]}"
+            old = path.parent / f"{_TMP_PREFIX}{_tmp_stem(path.name)}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
             try:
                 os.replace(tmp, path)
@@ -164,7 +187,7 @@ makes sure no live writer is using them (the cohort runner holds the slide's loc
     folder = Path(folder)
     if not folder.is_dir():
         return
-    for p in folder.glob(f"{_TMP_PREFIX}{stem}*"):
+    for p in folder.glob(f"{_TMP_PREFIX}{glob.escape(_tmp_stem(stem))}*"):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

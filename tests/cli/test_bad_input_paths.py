@@ -36,7 +36,20 @@ def test_a_folder_of_slides_is_its_slide_files(cohort, model_file, tmp_path, cap
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("not a slide")
     code, _, err = _predict([tmp_path / "empty", next(cohort.glob("*.tif"))], model_file, tmp_path / "o2", capsys)
-    assert code == 3 and "empty: a directory, but not an OME-Zarr store" in err, err  # fails alone
+    assert code == 3 and "empty: a folder with no slide files directly in it" in err, err  # fails alone
+
+
+def test_a_slide_name_near_the_file_system_limit_runs(slide, model_file, tmp_path, capsys):
+    """A 240-byte name (255 is legal) failed: "cannot start: .state/.tmp-<name>.predict.json.x: File name too
+    long", the temporary's prefix and suffix pushing its name past 255 bytes."""
+    name = "\u6dcb" * 20 + "x" * 180  # 60 bytes of CJK, then ASCII: 240 bytes, a temporary cut mid-character too
+    long = tmp_path / "in" / f"{name}.tif"
+    long.parent.mkdir()
+    shutil.copy(slide, long)
+    code, out, err = _predict([long], model_file, tmp_path / "o", capsys)
+    assert code == 0 and f"{name}: probability" in out, err
+    assert (tmp_path / "o" / name / "prediction.json").is_file()
+    assert not list((tmp_path / "o").rglob(".tmp-*")), "temporaries left behind"
 
 
 def test_one_file_named_twice_runs_once(slide, model_file, tmp_path, capsys):

@@ -55,3 +55,15 @@ def test_cli_export_unknown_model_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2  # an option value: a usage error
     err = capsys.readouterr().err.strip()
     assert "unknown model 'huge'" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_an_unwritable_target_is_named_not_its_temporary(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def refused(*args, dir=None, prefix="", suffix="", **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}89jq1vzq{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(ExportError, match=r"x\.onnx: cannot write: permission denied$"):
+        export_onnx(build_backbone("micro"), tmp_path / "x.onnx", size=32, check=False)

@@ -53,6 +53,24 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == []
 
 
+def test_a_failed_write_names_the_file_not_its_temporary(tmp_path, monkeypatch):
+    """`train cells` into a locked folder said ".tmp-m.log.csv.x3loa0dn: Operation not permitted"."""
+    import errno
+    import tempfile
+
+    def refused(*args, dir=None, prefix="", **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", os.path.join(dir, f"{prefix}x3loa0dn"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    with pytest.raises(PermissionError) as err:
+        atomic_write_text(tmp_path / "m.log.csv", "x")
+    assert err.value.filename == str(tmp_path / "m.log.csv") and err.value.errno == errno.EPERM
+    with pytest.raises(PermissionError) as err, atomic_dir(tmp_path / "h.zarr"):
+        pass
+    assert err.value.filename == str(tmp_path / "h.zarr")
+
+
 def test_atomic_write_json_rejects_unserialisable(tmp_path):
     target = tmp_path / "m.json"
     target.write_text("old")

@@ -190,6 +190,16 @@ def test_load_backbone_from_a_slide_model_file(micro, tmp_path):
         load_backbone(tmp_path / "bad.pt")
 
 
+def test_load_backbone_takes_default_as_load_model_does(tmp_path, monkeypatch):
+    """`load_backbone("default")` said "model file not found: default", while load_model and `extract -m default`
+    take the name."""
+    from wsi_vssm.models.slide_model import default_model_path
+
+    monkeypatch.chdir(tmp_path)  # no file named "default" here
+    _, info = load_backbone("default")
+    assert info.trained and info == load_backbone(default_model_path())[1]
+
+
 def test_load_backbone_file_errors_are_one_line(micro, tmp_path):
     """load_backbone reads model files as load_model does: one line naming the file, also for another
     architecture (the full listing stays on the chained CheckpointMismatchError)."""

@@ -232,3 +232,49 @@ def test_every_pyramid_level_matches_level_zero_to_the_last_row(tmp_path):
     assert len(sizes) >= 2 and level1.shape[:2] == (sizes[1][1], sizes[1][0])
     bottom = level1[-DOWNSAMPLE * 2 :]  # the slide's own pixels (mean ~100), not white (255)
     assert bottom.mean() < 150, "the last rows of level 1 are white, not the downsampled slide"
+
+
+def test_numba_caches_in_a_private_temp_folder_when_install_and_home_are_read_only(tmp_path):
+    """On a read-only install with a read-only home, `synth` died with a 46-line traceback: numba's cache=True
+    raised "cannot cache function '_clamp01': no locator available" at import. (Root can write anywhere, so the
+    test stands in a write test that says no to every folder.)"""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import wsi_vssm_kernels as k; k._writable = lambda folder: False\n"
+            "from wsi_vssm.synth.tissue import _clamp01\n"
+            "import numba; print(numba.config.CACHE_DIR); print(_clamp01(2.5))\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    folder, value = res.stdout.split()
+    assert folder == str(tmp_path / f"wsi-vssm-numba-cache-{os.getuid()}") and float(value) == 1.0
+    assert any(p.suffix in (".nbi", ".nbc") for p in (tmp_path).rglob("*")), "nothing cached there"
+
+
+def test_numba_keeps_its_own_cache_folder_when_one_is_writable(tmp_path, monkeypatch):
+    import numba
+    import wsi_vssm_kernels
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    source = tmp_path / "kernel.py"
+    assert wsi_vssm_kernels.use_writable_numba_cache(str(source), writable=lambda f: f == str(tmp_path)) is None
+    assert numba.config.CACHE_DIR == ""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice is never overridden
+    assert wsi_vssm_kernels.use_writable_numba_cache(str(source), writable=lambda f: False) is None
+
+
+def test_synth_into_another_cohorts_folder_is_refused(tmp_path, capsys):
+    """`synth syn --slides 1` over a 2-slide cohort overwrote reference.csv and left tumor_001.tif and its XML
+    beside the new slide, so `predict syn` still took them."""
+    (tmp_path / "reference.csv").write_text("slide,label\ntumor_001,tumor\nnormal_001,normal\nnormal_002,normal\n")
+    assert run_cli(tmp_path, "--slides", 1, "--size", 1024) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "already holds another cohort" in err and "normal_002, tumor_001" in err, err
+    assert not (tmp_path / "normal_001.tif").exists()  # refused before writing anything
+    (tmp_path / "reference.csv").write_text("slide,label\nnormal_001,normal\n")  # the same cohort again: fine
+    assert run_cli(tmp_path, "--slides", 1, "--size", 1024) == 0
+    assert (tmp_path / "normal_001.tif").is_file()

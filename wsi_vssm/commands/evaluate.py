@@ -15,7 +15,9 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
 
 @click.command("evaluate")
 @click.argument("cohort", type=click.Path())
-@click.option("--out", "out_dir", default="wsi-vssm-out", show_default=True, type=NonEmptyPath(file_okay=False))
+@click.option("--out", "-o", "out_dir", default="wsi-vssm-out", show_default=True, type=NonEmptyPath(file_okay=False),
+              help="Output folder: metrics.json, predictions.csv, roc.png, calibration.png, and OUT/<slide name>/ "
+                   "per slide.")
 @click.option("--annotations", type=click.Path(file_okay=False), default=None,
               help="Folder of lesion annotations (ASAP XML / GeoJSON named like the slides): adds the FROC.")
 @click.option("--patients", type=click.Path(dir_okay=False), default=None,

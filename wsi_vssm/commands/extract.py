@@ -26,9 +26,9 @@ from wsi_vssm.commands.options import (
 
 @click.command("extract")
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--model", "-m", "model", required=True,
-              help="A wsi-vssm model file, 'default' (the packaged model), or a registry name (e.g. micro: random "
-                   "weights, for tests only).")
+@click.option("--model", "-m", "model", default="default", show_default=True,
+              help="A wsi-vssm model file, 'default' (the packaged model, as predict), or a registry name (e.g. "
+                   "micro: random weights, for tests only).")
 @click.option("--out", "-o", "out", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Folder for the feature stores (<slide>.zarr).")
 @click.option("--target-mpp", type=MPP_RANGE, default=None,

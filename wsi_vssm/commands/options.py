@@ -142,7 +142,7 @@ def exit_for(summary, n_requested: int) -> None:
 
 def model_options(f):
     return click.option(
-        "--model", "model_path", default="default", show_default=True,
+        "--model", "-m", "model_path", default="default", show_default=True,
         help="Model file (wsi-vssm-model/1), or 'default' for the packaged model.",
     )(f)
 

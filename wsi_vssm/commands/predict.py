@@ -9,7 +9,7 @@ from wsi_vssm.commands.options import NonEmptyPath, model_options, mpp_option, p
 
 @click.command("predict")
 @click.argument("slides", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "out_dir", default="wsi-vssm-out", show_default=True, type=NonEmptyPath(file_okay=False),
+@click.option("--out", "-o", "out_dir", default="wsi-vssm-out", show_default=True, type=NonEmptyPath(file_okay=False),
               help="Output folder; each slide gets OUT/<slide name>/.")
 @model_options
 @mpp_option

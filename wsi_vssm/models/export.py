@@ -122,8 +122,11 @@ def export_onnx(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 3, size, size, generator=gen)
     wrapper = _Features(model).eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as err:  # named by the file asked for, not the temporary beside it
+        raise ExportError(f"{out}: cannot write: {(err.strerror or str(err)).lower()}") from err
     os.close(fd)
     t0 = time.perf_counter()
     try:

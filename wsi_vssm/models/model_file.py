@@ -29,6 +29,13 @@ MIL_FORMAT = "wsi-vssm-mil/1"  # the MIL trainer's checkpoints (wsi_vssm.trainin
 DEFAULT_MPP = 0.97  # PCam's ~10x: the analysis resolution of the default (registry) model
 DEFAULT_TOKEN_PX = 32
 REQUIRED = ("backbone_config", "mil_config", "mpp", "token_px", "state_dict")
+DEFAULT_NAME = "default"  # names the packaged model wherever a model file is taken
+
+
+def default_model_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("wsi_vssm") / "weights" / f"{DEFAULT_NAME}.pt"))
 
 
 class ModelFileError(CheckpointError):
@@ -61,7 +68,8 @@ def state_dict_hash(state_dict: Mapping) -> str:
 
 
 def load_backbone(model: str | os.PathLike):
-    """A VSSM backbone (eval mode) and its `BackboneInfo` from a registry name or a model file.
+    """A VSSM backbone (eval mode) and its `BackboneInfo` from a registry name, a model file, or "default" (the
+    packaged model's backbone, as `load_model` takes it).
 
     A registry name (e.g. `micro`) gives seeded random weights (untrained: a warning says so) at DEFAULT_MPP.
     A file is read with torch.load(weights_only=True) and must hold {"format": "wsi-vssm-model/1",
@@ -72,6 +80,8 @@ def load_backbone(model: str | os.PathLike):
 
     if isinstance(model, str) and model in MODEL_CONFIGS and not Path(model).exists():
         return _registry_backbone(model)
+    if str(model) == DEFAULT_NAME and not Path(model).exists():
+        return _file_backbone(default_model_path())
     return _file_backbone(Path(model))
 
 

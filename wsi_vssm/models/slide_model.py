@@ -13,7 +13,6 @@ import math
 import os
 import threading
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,11 +22,13 @@ from wsi_vssm.models.checkpoint import CheckpointError, read_checkpoint
 from wsi_vssm.models.inputs import STRIDE
 from wsi_vssm.models.mil import AttentionMIL, MILConfig
 from wsi_vssm.models.model_file import (
+    DEFAULT_NAME,
     MIL_FORMAT,
     MODEL_FORMAT,
     ModelFileError,
     check_architecture,
     check_weights,
+    default_model_path,
     read_model_file,
     state_dict_hash,
 )
@@ -36,7 +37,6 @@ from wsi_vssm.models.vssm import VSSM, VSSMConfig
 __all__ = ["SlideModel", "ModelFileError", "save_model", "load_model", "attach_mil", "resolve_model_path",
            "default_model_path", "read_model_file", "check_weights", "load_model_cached", "model_identity",
            "domain_text", "DEFAULT_NAME", "DEFAULT_DOMAIN"]
-DEFAULT_NAME = "default"
 # What the default model and the shipped recipes train on; a model file may state its own `domain`.
 DEFAULT_DOMAIN = "H&E-stained lymph-node sections (PCam / CAMELYON16 patches), about 0.97 um/px"
 _CACHE: dict[str, SlideModel] = {}  # load_model_cached: resolved path and mtime -> model, per process
@@ -116,10 +116,6 @@ def _plain(obj):
     if obj is None or isinstance(obj, (bool, int, float)):
         return obj
     return str(obj)
-
-
-def default_model_path() -> Path:
-    return Path(str(resources.files("wsi_vssm") / "weights" / f"{DEFAULT_NAME}.pt"))
 
 
 def resolve_model_path(path_or_name: str | os.PathLike) -> Path:

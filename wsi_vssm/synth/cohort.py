@@ -141,6 +141,21 @@ def _prepare_out(out: Path) -> None:
         raise SynthError(f"output folder {out} is not writable")
 
 
+def refuse_another_cohort(out: Path, names: list[str]) -> None:
+    """SynthError when `out` already holds a cohort (its reference.csv) with slides this one would not write:
+    they would stay beside the new ones, and `predict OUT` would take them. The same cohort again is fine."""
+    try:
+        lines = (out / "reference.csv").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return
+    first = [line.split(",", 1)[0].strip() for line in lines if line.strip()]
+    stale = sorted(set(first[1:] if first and first[0].lower() == "slide" else first) - set(names))
+    if stale:
+        more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
+        raise SynthError(f"{out} already holds another cohort: its reference.csv lists {', '.join(stale[:3])}{more}, "
+                         "which this one would not replace; give an empty or new folder")
+
+
 def make_cohort(
     out: str | os.PathLike,
     n_slides: int,
@@ -159,6 +174,7 @@ def make_cohort(
         raise SynthError(f"number of slides must be at least 1, got {n_slides!r}")
     _check(size, mpp)
     out = Path(out)
+    refuse_another_cohort(out, [name for name, _ in cohort_plan(n_slides)])
     _prepare_out(out)
     records = []
     for name, label in cohort_plan(n_slides):

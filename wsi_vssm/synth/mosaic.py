@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.synth.cohort import SynthError, atomic_write_bytes, write_pyramid_atomic
+from wsi_vssm.synth.cohort import SynthError, atomic_write_bytes, refuse_another_cohort, write_pyramid_atomic
 
 BACKGROUND = 243  # the white of an empty glass slide, as scanners record it
 MIN_GRID, MAX_GRID = 3, 64
@@ -178,6 +178,7 @@ def make_mosaic_cohort(
     labels = np.asarray(patches.labels)
     patch_px = int(patches[0][0].shape[0])
     out = Path(out)
+    refuse_another_cohort(out, [prefix + name for name, _ in cohort_plan(n_slides)])
     _prepare_out(out)
     slides = []
     for name, label in cohort_plan(n_slides):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.synth.cohort import SynthError, atomic_write_bytes
+from wsi_vssm.synth.cohort import SynthError, atomic_write_bytes, refuse_another_cohort
 from wsi_vssm.synth.mosaic import random_dihedral, render_mosaic, write_image_slide
 from wsi_vssm.synth.patients import NodeRecord, node_name, node_seed, patient_plan, patients_csv, reference_csv
 
@@ -76,6 +76,7 @@ def make_mosaic_patient_cohort(out: str | os.PathLike, patches, n_patients: int,
     labels = np.asarray(patches.labels)
     px = int(patches[0][0].shape[0])
     out = Path(out)
+    refuse_another_cohort(out, [node_name(i, k) for i, p in enumerate(plan) for k in range(len(p.categories))])
     out.mkdir(parents=True, exist_ok=True)
     records, layouts = [], []
     for i, p in enumerate(plan):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.synth.cohort import SynthError, _check, _prepare_out, atomic_write_bytes
+from wsi_vssm.synth.cohort import SynthError, _check, _prepare_out, atomic_write_bytes, refuse_another_cohort
 
 PATIENT_STAGES = ("pN0", "pN0(i+)", "pN1mi", "pN1", "pN2")
 NODES = 5
@@ -174,6 +174,7 @@ def make_patient_cohort(
     plan = patient_plan(n_patients, seed)
     check_patient_slides(plan, size, mpp)
     out = Path(out)
+    refuse_another_cohort(out, [node_name(i, k) for i, p in enumerate(plan) for k in range(len(p.categories))])
     _prepare_out(out)
     records = []
     for index, p in enumerate(plan):

@@ -13,9 +13,12 @@ import math
 
 import numba
 import numpy as np
+from wsi_vssm_kernels import use_writable_numba_cache
 
 from wsi_vssm.synth.layout import Layout
 from wsi_vssm.synth.noise import fbm, hash_uniform
+
+use_writable_numba_cache(__file__)  # before the first njit(cache=True) below
 
 STEP = 16  # coarse field grid spacing (px); all fields are smooth at this scale
 # stain optical-density directions (RGB), as in colour deconvolution of H&E
