@@ -238,3 +238,14 @@ def test_bad_arguments_raise_usage_error(tmp_path, thumb, prob, change, match):
 def test_bad_inputs_raise_usage_error(tmp_path, args, match):
     with pytest.raises(UsageError, match=match):
         overlay_png(tmp_path / "o.png", *args)
+
+
+def test_a_title_the_font_cannot_draw_is_drawn_without_a_warning_per_character(tmp_path, thumb, prob):
+    """A CJK slide name printed "Glyph 28107 missing from font(s) DejaVu Sans" once per character and slide."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = overlay_figure(thumb, prob, CELL0, (0, 0), SLIDE, title="\u6dcb\u5df4 lymfeknude \u00e6\u00f8\u00e5")
+        fig.canvas.draw()
+    assert "?? lymfeknude \u00e6\u00f8\u00e5" in _text_heights(fig)  # Latin letters the font has are kept

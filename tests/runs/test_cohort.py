@@ -189,3 +189,24 @@ def test_missing_reference_and_names(tmp_path):
     _touch(tmp_path / "feat.zarr" / "x.tif")  # inside a zarr store: never a slide
     _touch(tmp_path / ".hidden" / "y.tif")
     assert index_slides(tmp_path) == {}
+
+
+@pytest.mark.parametrize("utf8_mode", ["1", "0"])
+def test_a_utf8_slide_name_under_an_ascii_locale_still_names_its_outputs(tmp_path, utf8_mode):
+    """`LC_ALL=C PYTHONUTF8=0 wsi-vssm predict lymfeknude_æøå.tif` died with UnicodeEncodeError: the name's
+    UTF-8 letters, decoded back to text, cannot be a file name under an ASCII file system encoding."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom wsi_vssm.io.base import slide_name\n"
+            "n = slide_name(os.fsdecode(b'dir/lymfeknude_\\xc3\\xa6\\xe6\\xb7\\x8b.tif'))\n"
+            "os.fsencode(n)\nprint(sys.getfilesystemencoding(), ascii(n))\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": utf8_mode}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    encoding, name = res.stdout.split()
+    if encoding == "utf-8":
+        assert name == ascii("lymfeknude_\u00e6\u6dcb")  # the letters themselves
+    else:
+        assert name == ascii("lymfeknude_\\xc3\\xa6\\xe6\\xb7\\x8b")  # spelt as the bytes on disk

@@ -36,7 +36,8 @@ from wsi_vssm.commands.options import (
 @mpp_option
 @click.option("--region-px", type=click.IntRange(min=32), default=None,
               help="Region side at the analysis mpp (default 2048 on CPU, 9984 on GPU: 10,000 in whole tokens).")
-@click.option("--overlap-px", type=click.IntRange(min=0), default=None, help="Overlap of neighbouring regions.")
+@click.option("--overlap-px", type=click.IntRange(min=0), default=None,
+              help="Overlap between regions (default 128).")
 @click.option("--min-tissue", type=FiniteFloatRange(0, 1), default=None,
               help="Drop cells with a smaller tissue fraction (default 0.25).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)

@@ -47,7 +47,16 @@ def slide_name(path: str | os.PathLike) -> str:
     kept: cohorts match names case-insensitively by lower-casing them themselves. A file name that is not valid
     UTF-8 keeps its stray bytes as `\\xNN` text, and control characters (a newline) are escaped the same way
     (`\\n`), so the name can be written into JSON, CSV, one-line messages and pictures."""
-    name = Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    raw = Path(path).name
+    try:
+        raw = os.fsencode(raw)  # the bytes on disk, whatever the file system encoding
+    except UnicodeEncodeError:  # a name given as text the file system encoding cannot spell
+        raw = raw.encode("utf-8", "surrogateescape")
+    name = raw.decode("utf-8", "backslashreplace")
+    try:
+        os.fsencode(name)  # outputs are named after it: under an ASCII locale (LC_ALL=C, PYTHONUTF8=0) UTF-8
+    except UnicodeEncodeError:  # letters cannot be file names, so they are kept as `\xNN` text too
+        name = raw.decode("ascii", "backslashreplace")
     name = "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c
                    for c in name)
     for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):  # two-part extensions: Path.stem would leave `.ome`

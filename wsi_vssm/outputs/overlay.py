@@ -131,6 +131,7 @@ def overlay_figure(
 def _overlay(thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap, *, cell_threshold, title, contours,
              side_by_side):
     """`overlay_figure`'s figure and its layout."""
+    title = _drawable(title) if isinstance(title, str) else title  # anything else: refused just below
     # The Agg canvas directly, not pyplot: no global backend switch, no figure registry, safe in threads.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -288,6 +289,18 @@ class _Layout:
 
 LEGEND_LABEL = "tumour probability"
 _NOTE_MAX = "not tinted below the cell threshold 0.000" + " " * 8 + "tumour outline"
+
+
+def _drawable(text: str) -> str:
+    """`text` with each character the font has no glyph for (a CJK slide name, with matplotlib's DejaVu Sans)
+    as "?": matplotlib would draw an empty box and warn once per character on every slide."""
+    from matplotlib.font_manager import FontProperties, findfont
+    from matplotlib.ft2font import FT2Font
+
+    if text.isascii():
+        return text
+    font = FT2Font(findfont(FontProperties()))
+    return "".join(c if c.isascii() or font.get_char_index(ord(c)) else "?" for c in text)
 
 
 def _text_width(text: str, font_px: float) -> float:
