@@ -80,8 +80,8 @@ def overlay_png(
     side_by_side: bool = False,
 ) -> None:
     """Write the overlay of `prob` on `thumbnail_rgb` to `path` as PNG, atomically. See `overlay_figure`. The
-    PNG's text chunks say where the overlay panel lies in it and its scale (`overlay_panel`), so that a pixel can
-    be mapped back to the slide."""
+    PNG's text chunks `wsi_vssm.panel` and `wsi_vssm.level0_px_per_px` say where the overlay panel lies in it and
+    its scale, so that a pixel can be mapped back to the slide (docs/outputs.md)."""
     fig, lay = _overlay(
         thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap,
         cell_threshold=cell_threshold, title=title, contours=contours, side_by_side=side_by_side,
