@@ -81,3 +81,14 @@ def test_evaluate_says_how_many_slides_failed(model_file, cohort, tmp_path, caps
     code, out, err = run_cli_captured(["evaluate", manifest, "--out", tmp_path / "e", "--model", model_file,
                                        *FAST], capsys)
     assert code == 3 and "1 of 2 slide(s) failed" in err, err
+    assert "note: model" in out  # the model's limits beside the slide that has a probability
+
+
+def test_evaluate_with_no_slide_scored_prints_no_model_note(model_file, tmp_path, capsys):
+    """With every slide failed, evaluate still printed the model's "trained on ... only" note (predict does not)."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide,label\n{tmp_path / 'missing.tif'},0\n")
+    code, out, err = run_cli_captured(["evaluate", manifest, "--out", tmp_path / "e", "--model", model_file,
+                                       *FAST], capsys)
+    assert code == 3 and "1 of 1 slide(s) failed" in err and "AUC" in out, err
+    assert "note: model" not in out, out

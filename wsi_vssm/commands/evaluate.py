@@ -93,7 +93,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
         lo, hi = m["kappa_ci95"]
         progress.result(f"pN stage: quadratic-weighted kappa {m['kappa']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
                         f"{m['n_patients']} patients -> {out_dir}/stages.csv")
-    progress.result(domain_note(model, params))
+    if m.get("n"):  # as predict: the model's limits, said when there is a probability to read
+        progress.result(domain_note(model, params))
     if not res.complete:
         progress.warn(f"the report is incomplete: {m['n_pending']} slide(s) not finished (see predictions.csv); "
                       "rerun when the other run has finished")
