@@ -253,3 +253,25 @@ def test_the_note_says_which_check_could_not_run():
     no_domain = slide_domain(img, mask, np.ones((5, 8)), None)
     assert "this model has no feature domain" in no_domain["domain_notes"][-1]
     assert no_domain["domain_threshold"] is None
+
+
+def test_a_new_mil_head_on_the_default_backbone_keeps_the_packaged_domain():
+    """A MIL head trained on the default model's features and attached (docs/features.md) changed the model's
+    weights hash, so the packaged domain no longer matched: 10 slides the default model flags came out in
+    domain. The token features it measures are the backbone's, so the backbone's hash decides."""
+    import copy
+
+    import torch
+
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.pipeline.domain import model_domain
+
+    default = load_model("default")
+    assert model_domain(default) is not None
+    attached, retrained = copy.deepcopy(default), copy.deepcopy(default)
+    with torch.no_grad():
+        for p in attached.mil.parameters():
+            p.add_(0.01)
+        next(retrained.backbone.parameters()).add_(0.01)
+    assert model_domain(attached) is not None  # the same backbone: the same features, the same domain
+    assert model_domain(retrained) is None  # another backbone: its features are not the domain's

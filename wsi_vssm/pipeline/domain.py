@@ -351,7 +351,10 @@ DEFAULT_DOMAIN_JSON = "default_domain.json"  # beside the packaged default weigh
 def model_domain(model, weights_hash: str | None = None) -> FeatureDomain | None:
     """The feature domain of `model`: its model file's (metadata `feature_domain`), else the packaged one when
     `model` has the default model's weights (matched by weights hash; pass `weights_hash` when the caller has
-    it, to spare hashing the weights again), else None (the stain check alone)."""
+    it, to spare hashing the weights again) or its backbone (the token features the domain measures are the
+    backbone's: a MIL head trained on them and attached keeps the domain), else None (the stain check alone)."""
+    from wsi_vssm.models.model_file import state_dict_hash
+
     own = FeatureDomain.from_model(model)
     if own is not None:
         return own
@@ -359,10 +362,28 @@ def model_domain(model, weights_hash: str | None = None) -> FeatureDomain | None
     if packaged is None:
         return None
     if weights_hash is None:
-        from wsi_vssm.models.model_file import state_dict_hash
-
         weights_hash = state_dict_hash(model.state_dict())
-    return packaged if packaged.info.get("model_weights_hash") == weights_hash else None
+    if packaged.info.get("model_weights_hash") == weights_hash:
+        return packaged
+    backbone = getattr(model, "backbone", None)
+    same = backbone is not None and _packaged_backbone_hash() == state_dict_hash(backbone.state_dict())
+    return packaged if same else None
+
+
+@functools.cache
+def _packaged_backbone_hash() -> str | None:
+    """The backbone weights hash of the packaged model the packaged domain was fitted on (None when the packaged
+    model file is missing or is not that model)."""
+    from wsi_vssm.models.model_file import default_model_path, state_dict_hash
+    from wsi_vssm.models.slide_model import load_model
+
+    packaged, path = _packaged_domain(), default_model_path()
+    if packaged is None or not path.is_file():
+        return None
+    model = load_model(path)
+    if state_dict_hash(model.state_dict()) != packaged.info.get("model_weights_hash"):
+        return None
+    return state_dict_hash(model.backbone.state_dict())
 
 
 @functools.cache
