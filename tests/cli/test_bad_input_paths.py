@@ -137,6 +137,15 @@ def test_a_slide_warning_is_printed_once(slide, model_file, tmp_path, capsys):
     assert code == 0 and err.count("using the given 2.1 um/px instead") == 1, err
 
 
+def test_a_tumour_call_on_almost_no_cells_is_said_on_the_terminal(slide, model_file, tmp_path, capsys):
+    """The warning went to prediction.json alone: a slide called tumour with nothing in its overlay, lesions or
+    heatmap above the cell threshold (a MIL head attached to another cell head) gave no sign on the terminal."""
+    code, out, err = _predict([slide, "--threshold", "0", "--cell-threshold", "0.999"], model_file, tmp_path / "o",
+                              capsys)
+    assert code == 0 and "-> tumor" in out, err
+    assert err.count("the tumour call rests on 0 cell(s) at or above the cell threshold 0.999") == 1, err
+
+
 def test_a_run_far_from_the_models_resolution_says_so(slide, model_file, tmp_path, capsys):
     """`--target-mpp 4` with a model trained at 0.97 um/px: predict said nothing (extract warns)."""
     from wsi_vssm.commands.options import domain_note

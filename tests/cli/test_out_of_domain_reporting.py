@@ -92,3 +92,21 @@ def test_evaluate_with_no_slide_scored_prints_no_model_note(model_file, tmp_path
                                        *FAST], capsys)
     assert code == 3 and "1 of 1 slide(s) failed" in err and "AUC" in out, err
     assert "note: model" not in out, out
+
+
+def test_evaluate_scores_the_test_part_of_a_split_manifest_and_says_what_it_used(model_file, cohort, tmp_path,
+                                                                                 capsys):
+    """evaluate scored every row of a manifest with a split column, training slides included ("AUC 1.000, n=10"
+    for a MIL head trained on 6 of them), and metrics.json did not say which model or parameters made it."""
+    import json
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide,label,split\n{cohort / 'tumor_001.tif'},1,train\n"
+                        f"{cohort / 'normal_001.tif'},0,test\n")
+    code, out, err = run_cli_captured(["evaluate", manifest, "--out", tmp_path / "e", "--model", model_file,
+                                       *FAST], capsys)
+    assert code == 0 and "evaluating the 1 test slide(s) of 2" in err, err
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["n"] == 1 and m["split"] == "test" and m["cohort"] == str(manifest)
+    assert m["model"]["sha256"] and m["parameters"]["region_px"] and m["version"]
+    assert not (tmp_path / "e" / "tumor_001").exists()  # the training slide was not predicted

@@ -210,3 +210,23 @@ def test_a_utf8_slide_name_under_an_ascii_locale_still_names_its_outputs(tmp_pat
         assert name == ascii("lymfeknude_\u00e6\u6dcb")  # the letters themselves
     else:
         assert name == ascii("lymfeknude_\\xc3\\xa6\\xe6\\xb7\\x8b")  # spelt as the bytes on disk
+
+
+def test_select_split_takes_the_test_rows_of_a_split_table_by_default(tmp_path):
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.runs.cohort import select_split
+
+    for name in ("a", "b", "c"):
+        _touch(tmp_path / f"{name}.tif")
+    (tmp_path / "m.csv").write_text("slide,label,split\na.tif,1,train\nb.tif,0,test\nc.tif,1,test\n")
+    cohort = read_manifest(tmp_path / "m.csv")
+    chosen, split, note = select_split(cohort)
+    assert split == "test" and [r.name for r in chosen.rows] == ["b", "c"] and "2 test slide(s) of 3" in note
+    assert select_split(cohort, "all")[0] is cohort and select_split(cohort, "all")[2] is None
+    with pytest.raises(UsageError, match="no slide has split 'valid'"):
+        select_split(cohort, "valid")
+    (tmp_path / "plain.csv").write_text("slide,label\na.tif,1\n")
+    plain = read_manifest(tmp_path / "plain.csv")
+    assert select_split(plain)[1:] == ("all", None)
+    with pytest.raises(UsageError, match="--split test needs a split column"):
+        select_split(plain, "test")

@@ -477,3 +477,30 @@ def test_a_damaged_checkpoint_is_one_line(tiny_folder, tmp_path):
         train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "m.pt",
                     TrainCellsConfig(epochs=1, batch_size=16, mil_bags=0, resume=True), progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_an_attached_mil_head_says_which_slides_trained_it(tmp_path):
+    """After `run ... attach_mil` the model named only `{'checkpoint': 'mil.pt'}` (relative) and kept its base's
+    name, so neither outputs nor a reader of the model could tell it apart or check it for leakage."""
+    import torch
+    from click.testing import CliRunner
+
+    from wsi_vssm.commands.run import command
+    from wsi_vssm.models.slide_model import SlideModel, save_model
+
+    torch.manual_seed(0)
+    base = save_model(SlideModel.create("micro", name="dense").eval(), tmp_path / "base.pt")
+    head = SlideModel.create("micro").mil
+    sd = {k: v for k, v in head.state_dict().items() if not k.startswith("cell_head.")}
+    meta = {"train_slides": ["t1", "t2"], "valid_slides": ["v1"], "best_epoch": 3, "valid_auc": 0.75}
+    torch.save({"format": "wsi-vssm-mil/1", "mil_config": head.config.to_dict(), "state_dict": sd,
+                "metadata": meta}, tmp_path / "mil.pt")
+    res = CliRunner().invoke(command, [str(REPO / "pipelines" / "default.toml"), "--out", str(tmp_path / "run"),
+                                       "--set", 'recipe.stages=["attach_mil"]',
+                                       "--set", f"attach_mil.checkpoint={tmp_path / 'mil.pt'}",
+                                       "--set", f"attach_mil.model={base}"])
+    assert res.exit_code == 0, res.output
+    model = load_model(tmp_path / "run" / "model.pt")
+    stage = model.metadata["mil_stage"]
+    assert model.name == "dense+mil" and stage["checkpoint"] == str(tmp_path / "mil.pt")
+    assert (stage["train_slides"], stage["valid_slides"], stage["best_epoch"]) == (["t1", "t2"], ["v1"], 3)

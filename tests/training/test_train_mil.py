@@ -324,3 +324,18 @@ def test_train_mil_takes_the_default_model_by_name(tmp_path, capsys):
     code, _, err = run_cli_captured(["train", "mil", "--features", tmp_path / "f", "--labels", tmp_path / "labels.csv",
                                      "--model", "default", "--out", tmp_path / "m.pt", "--epochs", "1"], capsys)
     assert code == 1 and "features were made by another backbone than the one in" in err and "default.pt" in err
+
+
+def test_cli_a_handful_of_validation_slides_is_warned_about(feature_bags, tmp_path):
+    """Two validation slides gave valid AUC 1.000 from epoch 1 and a silent choice of epoch; evaluate warns about
+    so few slides of a class, train mil did not."""
+    from wsi_vssm.commands.train import command
+
+    d, _ = feature_bags
+    man = tmp_path / "manifest.csv"
+    man.write_text("slide,label,split\nt00,1,train\nn00,0,train\nt01,1,train\nn01,0,train\nt06,1,valid\n"
+                   "n06,0,valid\n")
+    res = CliRunner().invoke(command, ["mil", "--features", str(d), "--labels", str(man), "--out",
+                                       str(tmp_path / "m.pt"), "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("selection rests on 1 tumour and 1 normal validation slide(s)") == 1, res.stderr

@@ -25,12 +25,16 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
                    "kappa; writes stages.csv and confusion.png (docs/outputs.md).")
 @click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=2000, show_default=True,
               help="Bootstrap resamples for the AUC's 95% interval.")
+@click.option("--split", type=click.Choice(["auto", "all", "train", "valid", "test"]), default="auto",
+              show_default=True,
+              help="Which rows of a manifest with a split column to evaluate; auto: the test rows when there is a "
+                   "split column, else all.")
 @model_options
 @mpp_option
 @predict_options
 @run_options
 @click.pass_context
-def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp, **opts):
+def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_path, mpp, **opts):
     """Evaluate a COHORT: a manifest CSV (slide,label[,split]), a CAMELYON16-style folder (reference.csv), or a
     patch folder in ImageFolder layout (0/, 1/; needs --mpp).
 
@@ -57,6 +61,10 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
     params = None  # a patch folder is read at its given --mpp, not resampled
     if is_patch_folder(Path(cohort)):
         from wsi_vssm.commands.options import option_device
+        from wsi_vssm.errors import OptionError
+
+        if split not in ("auto", "all"):
+            raise OptionError(f"--split {split}: a patch folder has no split column; --split takes a manifest's")
         from wsi_vssm.pipeline.extract import Inference
 
         inference = Inference.of(Inference(opts["precision"], opts["tta"]), opts["amp"])
@@ -71,7 +79,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, model_path, mpp
     else:
         params = build_params(model, mpp, **opts)
         res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, n_boot=n_boot,
-                              model_path=model_file(model_path), run=run, progress=progress, patients=patients)
+                              model_path=model_file(model_path), run=run, progress=progress, patients=patients,
+                              split=split)
     m = res.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
     for warning in (separation_warning(res), small_cohort_warning(res), domain_warning(res)):

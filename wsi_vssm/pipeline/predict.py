@@ -204,6 +204,8 @@ def predict_slide(
         out_dir.mkdir(parents=True, exist_ok=True)
         label = None if prob is None else int(prob >= threshold)
         few = _few_cells_warning(cell_probs, label, cell_t)
+        if few:  # on the terminal too: the overlay and lesions of such a call show nothing to check it by
+            warnings.warn(f"{slide_path}: {few}", stacklevel=3)
         notes = ([] if domain["in_domain"] else [f"out of domain: {'; '.join(domain['domain_notes'])}"]) + \
             ([few] if few else [])
         record = {

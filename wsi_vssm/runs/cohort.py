@@ -98,6 +98,29 @@ def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     return read_reference(p, root=p.parent, find_slides=find_slides)
 
 
+SPLIT_CHOICES = ("auto", "all", "train", "valid", "test")
+
+
+def select_split(cohort: Cohort, split: str = "auto") -> tuple[Cohort, str, str | None]:
+    """The rows of one split, the split taken, and a line saying what was left out (None when nothing was).
+    `auto`: `test` when the table has a split column (a model is judged on slides it was neither trained nor
+    selected on), else `all`. A split the table does not have is a UsageError."""
+    if split not in SPLIT_CHOICES:
+        raise UsageError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
+    if split == "auto":
+        split = "test" if cohort.has_split else "all"
+    if split == "all":
+        return cohort, "all", None
+    if not cohort.has_split:
+        raise UsageError(f"{cohort.source}: --split {split} needs a split column (a manifest slide,label,split)")
+    rows = [r for r in cohort.rows if r.split == split]
+    if not rows:
+        raise UsageError(f"{cohort.source}: no slide has split {split!r} (--split all takes every slide)")
+    note = (f"evaluating the {len(rows)} {split} slide(s) of {len(cohort.rows)} in {cohort.source} (its split "
+            f"column; --split all takes every slide)")
+    return Cohort(cohort.source, cohort.layout, rows), split, note
+
+
 def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     """A CSV with a header naming `slide` (or `path`, `file`, `slide_path`, `wsi`) and `label` columns, and
     optionally `split`."""

@@ -65,6 +65,7 @@ def evaluate_cohort(
     run=None,
     progress=None,
     patients: str | os.PathLike | None = None,
+    split: str = "all",
 ) -> EvaluationResult:
     """Predict each slide of a manifest / CAMELYON16 folder into `out_dir/<slide>/`, then write the cohort files.
 
@@ -73,9 +74,11 @@ def evaluate_cohort(
     OUT/.state/models/. `on_slide(row)` is called after each slide. The final predictions.csv and metrics.json
     are rebuilt from the per-slide states on disk, so a resumed run, or one sharing the folder with another run,
     ends with the same files as an uninterrupted one. `patients` (a patients.csv) adds pN staging against the
-    reference (`runs.patients`): stages.csv, confusion.png and the kappa keys of metrics.json.
+    reference (`runs.patients`): stages.csv, confusion.png and the kappa keys of metrics.json. `split`
+    (`runs.cohort.select_split`): the rows of one split of a manifest's split column, `auto` the test rows when
+    there is one; the line saying so goes to `progress`.
     """
-    from wsi_vssm.runs.cohort import read_cohort
+    from wsi_vssm.runs.cohort import read_cohort, select_split
     from wsi_vssm.runs.execute import SlideTask
     from wsi_vssm.runs.jobs import predict_job
     from wsi_vssm.runs.runner import RunOptions, run_slides, slide_key
@@ -86,6 +89,9 @@ def evaluate_cohort(
     cohort = read_cohort(cohort_path)
     if not cohort.rows:
         raise UsageError(f"{cohort.source}: the cohort lists no slides")
+    cohort, split, note = select_split(cohort, split)
+    if note and progress is not None:
+        progress.info(note)
     out = Path(out_dir)
     if annotations is not None and not Path(annotations).is_dir():
         raise UsageError(f"{annotations}: --annotations must be a folder of ASAP XML / GeoJSON files")
@@ -117,7 +123,10 @@ def evaluate_cohort(
         finished = [r for r in rows if r["status"] not in UNFINISHED]
         scored = [r for r in finished if r["probability"] is not None and r["label"] is not None]
         metrics = _write_metrics(out, scored, slide_threshold(model, params), len(finished) - len(scored), n_boot,
-                                 n_pending=len(rows) - len(finished))
+                                 n_pending=len(rows) - len(finished),
+                                 provenance=_provenance(cohort.source, split, model, {
+                                     **{k: v for k, v in job.resolved.items() if k != "job"},
+                                     "params_hash": job.params_hash}))  # as resolved: what the slides ran with
         if annotations is not None:
             metrics["froc"] = _froc(out, scored, truth, folders)
         if patients is not None and not n_unfinished(rows):
@@ -128,6 +137,16 @@ def evaluate_cohort(
         if annotations is not None or patients is not None:
             _write_json(out / METRICS_JSON, metrics)
     return EvaluationResult(metrics, rows)
+
+
+def _provenance(source, split: str | None, model, parameters: dict) -> dict:
+    """What a metrics.json was computed from, for a reader who has only the file: the cohort table (absolute),
+    the split, the model's identity (as prediction.json's `model`), the parameters, the software version."""
+    from wsi_vssm import __version__
+    from wsi_vssm.models.slide_model import model_identity
+
+    return {"cohort": os.path.abspath(source), "split": split, "model": model_identity(model),
+            "parameters": parameters, "version": __version__}
 
 
 def _cohort_root(cohort_path: str | os.PathLike) -> Path:
@@ -355,7 +374,10 @@ def evaluate_patches(
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
     scored = [r for r in rows if r["probability"] is not None]
-    metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches")
+    parameters = {"mpp": mpp, "threshold": threshold, "batch_size": batch_size, "device": device,
+                  "precision": inference.precision, "tta": inference.tta}
+    metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
+                             provenance=_provenance(folder, None, model, parameters))
     return EvaluationResult(metrics, rows, items="patches")
 
 
@@ -379,10 +401,11 @@ def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.nd
 
 
 def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int,
-                   n_pending: int = 0, items: str = "slides") -> dict:
+                   n_pending: int = 0, items: str = "slides", provenance: dict | None = None) -> dict:
     """metrics.json (`report.cohort_metrics`, then `n_pending`: slides not through yet, `complete`: none is,
     `n_out_of_domain`: scored slides whose prediction says `in_domain: false` (None for patches, which have no
-    domain verdict), and `calibration`), roc.png and calibration.png, atomically."""
+    domain verdict), `calibration`, any `reason`, then the `provenance` keys), roc.png and calibration.png,
+    atomically."""
     from wsi_vssm.outputs.calibration import calibration_png, calibration_summary
     from wsi_vssm.outputs.report import METRIC_KEYS, cohort_metrics, roc_png
 
@@ -393,7 +416,8 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     verdicts = [r.get("in_domain") for r in scored]
     n_out = sum(v is False for v in verdicts) if any(v is not None for v in verdicts) else None
     metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "n_pending": int(n_pending), "complete": not n_pending,
-               "n_out_of_domain": n_out, "calibration": calibration, **metrics}  # then `reason`, when there is one
+               "n_out_of_domain": n_out, "calibration": calibration, **metrics,  # then `reason`, when there is one
+               **(provenance or {})}
     _write_json(out / METRICS_JSON, metrics)
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
             threshold=threshold, items=items)

@@ -275,6 +275,9 @@ def _without_cell_less(bags: Bags, cache_mb: float) -> Bags:
     return Bags([(s, y) for s, y in zip(bags.stores, bags.labels, strict=True) if len(s)], cache_mb)
 
 
+SMALL_VALID_CLASS = 10  # validation slides of a class under which selection is warned about, as evaluate does
+
+
 def _check_splits(train: Bags, valid: Bags) -> None:
     if len(train) == 0:
         raise UsageError("no training slides")
@@ -289,6 +292,11 @@ def _check_splits(train: Bags, valid: Bags) -> None:
                       stacklevel=3)
     if len(set(valid.labels)) < 2:
         warnings.warn("the validation slides all have one label: AUC is undefined, selecting on validation loss",
+                      stacklevel=3)
+    elif min(n := [int(np.sum(np.asarray(valid.labels) == c)) for c in (1, 0)]) < SMALL_VALID_CLASS:
+        warnings.warn(f"selection rests on {n[0]} tumour and {n[1]} normal validation slide(s): with fewer than "
+                      f"{SMALL_VALID_CLASS} of a class the validation AUC jumps between few values (1.000 from the "
+                      "first epoch is common), so the epoch chosen says little; give more validation slides",
                       stacklevel=3)
 
 
@@ -382,6 +390,15 @@ def _metadata(cfg: MILTrainConfig, train: Bags, valid: Bags, feature_attrs: dict
         "features": feature_attrs,
         "package_version": __version__,
     }
+
+
+def mil_provenance(path: str | os.PathLike) -> dict:
+    """From a MIL checkpoint's metadata (`_metadata`), what a reader of a model it is attached to needs to rule
+    out leakage: the slides that trained and selected the head, and where selection stopped."""
+    from wsi_vssm.models.checkpoint import read_checkpoint
+
+    meta = read_checkpoint(path).get("metadata") or {}
+    return {k: meta[k] for k in ("train_slides", "valid_slides", "best_epoch", "valid_auc") if k in meta}
 
 
 def _final_metadata(h: TrainHistory) -> dict:

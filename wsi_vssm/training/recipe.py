@@ -476,6 +476,7 @@ def _stage_mosaic_mil(recipe: dict, model_path: Path, out: Path, progress: bool)
 
 def _stage_attach(recipe: dict, model_path: Path) -> None:
     from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
+    from wsi_vssm.training.mil import mil_provenance
 
     ckpt = recipe.get("attach_mil", {}).get("checkpoint")
     if not ckpt:
@@ -487,8 +488,10 @@ def _stage_attach(recipe: dict, model_path: Path) -> None:
     old = meta.get("slide_threshold", meta.get("threshold"))
     # the old threshold was chosen for the old head; the MIL trainer chooses none, so the neutral one is stated
     meta["slide_threshold"] = meta["threshold"] = 0.5
-    meta["mil_stage"] = {"method": "attached MIL checkpoint", "checkpoint": str(ckpt),
-                         "slide_threshold": "0.5: not chosen on data (the trainer stores none)"}
+    meta["mil_stage"] = {"method": "attached MIL checkpoint", "checkpoint": os.path.abspath(ckpt),
+                         "slide_threshold": "0.5: not chosen on data (the trainer stores none)",
+                         **mil_provenance(ckpt)}
+    model.name = f"{model.name}+mil"  # outputs name it apart from the model its backbone came from
     save_model(model, model_path, meta)
     print(f"attach_mil: MIL head from {ckpt}; slide_threshold 0.5 (was {old}, chosen for the previous head): "
           "uncalibrated, choose one on your own selection slides (predict --threshold)")
