@@ -52,6 +52,10 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     assert model["hash"] == model["weights_hash"] and len(model["sha256"]) == 64 and "lymph" in model["domain"]
     for name in ("heatmap.ome.zarr", "overlay.png", "contours.geojson"):
         assert (folder / name).exists(), name
+    from wsi_vssm.outputs.heatmap import read_heatmap_zarr
+
+    block = read_heatmap_zarr(folder / "heatmap.ome.zarr")[3]["wsi_vssm"]  # the heatmap alone names its model
+    assert (block["model_sha256"], block["weights_hash"]) == (model["sha256"], model["weights_hash"])
     geo = json.loads((folder / "contours.geojson").read_text())
     assert geo["type"] == "FeatureCollection"
     assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary files left behind"

@@ -330,7 +330,8 @@ def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_
 
     cell0, origin = float(cells.attrs["cell_px0"]), (0.0, 0.0)
     grid = cell_grid(cells.coords_px, cell_probs, cell0, slide.dimensions)
-    attrs = {"slide": slide.name, "model": record["model"]["name"], "cell_threshold": cell_threshold,
+    attrs = {"slide": slide.name, "model": record["model"]["name"], "model_sha256": record["model"]["sha256"],
+             "weights_hash": record["model"]["weights_hash"], "cell_threshold": cell_threshold,
              "lesion_extent_threshold": record["lesion_extent_threshold"],
              "lesion_merge_distance_cells": record["lesion_merge_distance_cells"]}
     write_heatmap_zarr(out_dir / files.HEATMAP_ZARR, grid, cell0, origin, slide.mpp, attrs=attrs)
