@@ -110,3 +110,14 @@ def test_evaluate_scores_the_test_part_of_a_split_manifest_and_says_what_it_used
     assert m["n"] == 1 and m["split"] == "test" and m["cohort"] == str(manifest)
     assert m["model"]["sha256"] and m["parameters"]["region_px"] and m["version"]
     assert not (tmp_path / "e" / "tumor_001").exists()  # the training slide was not predicted
+
+
+def test_patients_of_another_split_say_how_to_evaluate_them(model_file, cohort, tmp_path, capsys):
+    manifest, patients = tmp_path / "m.csv", tmp_path / "patients.csv"
+    manifest.write_text(f"slide,label,split\n{cohort / 'tumor_001.tif'},1,train\n"
+                        f"{cohort / 'normal_001.tif'},0,test\n")
+    patients.write_text("patient,slide\np1,tumor_001\np2,normal_001\n")
+    code, _, err = run_cli_captured(["evaluate", manifest, "--patients", patients, "--out", tmp_path / "e",
+                                     "--model", model_file, *FAST], capsys)
+    assert code == 1 and err.count("\n") == 2 and "tumor_001" in err, err  # the split line, then the error
+    assert "(evaluating the test rows only; --split all takes every slide)" in err, err

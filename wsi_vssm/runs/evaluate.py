@@ -106,7 +106,12 @@ def evaluate_cohort(
         from wsi_vssm.outputs.staging import read_patients_csv
         from wsi_vssm.runs.patients import reference_sources
 
-        staged = [s for members in read_patients_csv(patients, cohort_slides=folders).values() for s in members]
+        try:
+            table = read_patients_csv(patients, cohort_slides=folders)
+        except UsageError as e:  # a patient's slide may be in another split than the one evaluated
+            raise UsageError(f"{e} (evaluating the {split} rows only; --split all takes every slide)" if note
+                             else str(e)) from e
+        staged = [s for members in table.values() for s in members]
         # a wrong table, or a tumour node with no reference category, fails before any slide runs
         reference_sources(cohort.source, _cohort_root(cohort_path), staged, cohort.labels(),
                           annotations and Path(annotations))
