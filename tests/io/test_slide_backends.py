@@ -290,12 +290,16 @@ def test_ome_tiff_reads_its_pyramid_and_physical_size(tmp_path, levels):
         np.testing.assert_array_equal(s.read_region((8, 8), 2, (10, 10)), levels[2][2:12, 2:12])
 
 
-@pytest.mark.parametrize("scale, unit, expect", [(500.0, "nanometer", MPP), (MPP, None, None)])
+@pytest.mark.parametrize("scale, unit, expect", [(500.0, "nanometer", MPP), (MPP, None, None), (MPP, "pixel", None)])
 def test_ome_zarr_resolution_needs_a_length_unit(tmp_path, levels, scale, unit, expect):
+    from wsi_vssm.io.base import ignored_mpp
+
     path = write_ome_zarr(tmp_path / "plain_dir_name", levels, fmt=3, scale=scale, unit=unit)
     with open_slide(path) as s:  # chosen by content: no .zarr suffix needed
         assert s.backend == "zarr"
         assert s.mpp == (None if expect is None else pytest.approx(expect))
+        why = ignored_mpp(s.properties)  # it said "the file states no resolution" though it states a scale
+        assert why is None if expect else f"a scale of 0.5 {'with no unit' if unit is None else 'in '}" in why
 
 
 # ---- the real files ------------------------------------------------------------------------------------
@@ -392,3 +396,57 @@ def test_plain_tiff_that_openslide_rejects_opens_with_tifffile():
     with open_slide(shared_file("slides", "kidney-48-5.tif")) as s:
         assert (s.backend, s.dimensions, s.mpp) == ("tifffile", (1493, 901), None)
         assert s.thumbnail(300).shape == (181, 300, 3)
+
+
+@pytest.mark.parametrize("stated", ["slide", "macro"])
+def test_an_ome_tiff_with_its_macro_first_is_read_as_its_slide(tmp_path, levels, stated):
+    """tifffile's first series was taken as the slide: an OME-TIFF whose converter wrote the macro first was
+    analysed as its 200 x 500 px macro; and the resolution was the first stated in the XML, whatever image it
+    belonged to (a macro's 15 um/px upsampled the slide 15 times)."""
+    path = tmp_path / "m.ome.tif"
+    macro = pattern(40, 100)
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(macro, photometric="rgb", metadata={"axes": "YXS", "Name": "macro",
+                                                     **({"PhysicalSizeX": 15.0} if stated == "macro" else {})})
+        size = {"PhysicalSizeX": MPP, "PhysicalSizeY": MPP} if stated == "slide" else {}
+        tw.write(levels[0], photometric="rgb", tile=(64, 64), subifds=2, metadata={"axes": "YXS", "Name": "image",
+                                                                                  **size})
+        for img in levels[1:]:
+            tw.write(img, photometric="rgb", tile=(64, 64), subfiletype=1, metadata=None)
+    slide = open_slide(path, backend="tifffile")
+    assert slide.dimensions == (W, H) and slide.level_count == 3 and list(slide.associated_images) == ["macro"]
+    assert np.array_equal(slide.read_region((10, 20), 0, (50, 30)), levels[0][20:50, 10:60])
+    if stated == "slide":
+        assert (slide.mpp, slide.mpp_source) == (pytest.approx(MPP), "ome-metadata")
+    else:  # the macro's pixel size says nothing of the slide's
+        assert slide.mpp is None and slide.mpp_source == "none"
+
+
+def test_an_ome_zarr_channel_axis_is_known_by_its_type_not_its_name(tmp_path, levels):
+    """NGFF names axes freely; a channel axis named `channel` was read as a time axis: its first channel, grey."""
+    import json
+
+    path = write_ome_zarr(tmp_path / "img.zarr", levels[:1])
+    attrs = json.loads((path / ".zattrs").read_text())
+    attrs["multiscales"][0]["axes"][0]["name"] = "channel"
+    (path / ".zattrs").write_text(json.dumps(attrs))
+    assert np.array_equal(open_slide(path).read_region((5, 7), 0, (40, 30)), levels[0][7:37, 5:45])
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_the_bioformats2raw_layout_reads_its_first_series(tmp_path, levels, fmt):
+    """bioformats2raw's (and IDR's) layout, a top group whose image is the sub-group `0`, was refused: "zarr store
+    without OME-NGFF 'multiscales' metadata"; given as `x.zarr/0`, every such slide was named `0`."""
+    top = tmp_path / "case_7.zarr"
+    group = zarr.open_group(str(top), mode="w", zarr_format=fmt)
+    if fmt == 2:
+        group.attrs["bioformats2raw.layout"] = 3
+    else:
+        group.attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
+    write_ome_zarr(top / "0", levels, fmt=fmt)
+    write_ome_zarr(top / "1", [pattern(32, 64)], fmt=fmt)  # a second series (a label image, say)
+    with pytest.warns(UserWarning, match=r"holds 2 images \(bioformats2raw series\); reading series 0"):
+        slide = open_slide(top)
+    assert slide.name == "case_7" and slide.dimensions == (W, H) and slide.level_count == 3
+    assert slide.mpp == pytest.approx(MPP)
+    assert np.array_equal(slide.read_region((9, 4), 1, (30, 20)), levels[1][2:22, 4:34])

@@ -87,6 +87,7 @@ def tiff_resolution_um(resolution: object, unit: object) -> float | None:
 
 WRITER_DPI = (72, 96, 150, 300, 600)  # resolutions image software writes when it knows none
 OME_STATED_UM = "ome.pixel-size-x-um"  # the property holding OME's stated pixel size, plausible or not
+UNITLESS_SCALE = "ome-zarr.scale-without-unit"  # an OME-Zarr x scale whose axis names no length unit
 
 
 def ignored_mpp(properties: dict[str, str]) -> str | None:
@@ -98,6 +99,8 @@ def ignored_mpp(properties: dict[str, str]) -> str | None:
     stated = (("OME metadata", properties.get(OME_STATED_UM)), ("openslide.mpp-x", properties.get("openslide.mpp-x")),
               ("SVS MPP", properties.get("aperio.MPP")))
     lo, hi = PLAUSIBLE_MPP
+    if properties.get(UNITLESS_SCALE):
+        return f"the file's x axis has a scale of {properties[UNITLESS_SCALE]}, so no physical resolution"
     for where, value in (*stated, ("TIFF resolution tags", tags)):
         try:
             mpp = float(value)  # type: ignore[arg-type]

@@ -57,6 +57,7 @@ class _TiffInfo:
     mpp_source: str = "none"
     objective_power: float | None = None
     vendor: str = "generic-tiff"
+    series: int = 0  # the slide's series in tifffile's list (`_main_series`)
     associated: list[str] = field(default_factory=list)
     properties: dict[str, str] = field(default_factory=dict)
 
@@ -80,7 +81,7 @@ class TiffSlide(SlideReader):
             tf.close()
             raise CorruptSlide(path, f"cannot parse its TIFF structure: {one_line(err)}") from err
         self.objective_power = info.objective_power
-        self._axes = info.axes
+        self._axes, self._series = info.axes, info.series
         super().__init__(
             path,
             info.level_dimensions,
@@ -116,7 +117,7 @@ class TiffSlide(SlideReader):
             import zarr
 
             # Missing (sparse) tiles read as white background, as OpenSlide shows them.
-            store = tf.series[0].aszarr(level=level, fillvalue=255)
+            store = tf.series[self._series].aszarr(level=level, fillvalue=255)
             arr = self._arrays[level] = zarr.open_array(store, mode="r")
         return arr
 
@@ -143,7 +144,7 @@ class TiffSlide(SlideReader):
         """Every tile of a plain tiled RGB level, read in file order and decoded by tifffile in threads with
         `func` applied there (a huge thumbnail without zarr's per-read overhead). None for other layouts
         (strips, NDPI, planar, gray, 16-bit, more axes), which read through zarr."""
-        page = _plain_tiled_page(self._file().series[0].levels[level], self._axes[level])
+        page = _plain_tiled_page(self._file().series[self._series].levels[level], self._axes[level])
         if page is None:
             return None
         th, tw = page.tilelength, page.tilewidth
@@ -186,7 +187,8 @@ def _plain_tiled_page(level, axes: str):
 def _describe(tf, path: Path) -> _TiffInfo:
     if not tf.series:
         raise UnsupportedFormat(path, "TIFF holds no image")
-    series = tf.series[0]
+    index = _main_series(tf)
+    series = tf.series[index]
     levels, axes = [], []
     for level in series.levels:
         ax = level.axes.upper()  # e.g. 'YXS' interleaved RGB, 'SYX' planar, 'CYX' OME channels
@@ -197,9 +199,9 @@ def _describe(tf, path: Path) -> _TiffInfo:
         axes.append(ax)
     warn_unread_planes(path, axes[0], series.levels[0].shape)
     page = series.levels[0].keyframe
-    info = _TiffInfo(level_dimensions=levels, axes=axes)
+    info = _TiffInfo(level_dimensions=levels, axes=axes, series=index)
     info.vendor = next((name for flag, name in _VENDORS if getattr(tf, flag, False)), "generic-tiff")
-    info.associated = sorted((s.name or f"image-{i}").lower() for i, s in enumerate(tf.series) if i > 0)
+    info.associated = sorted((s.name or f"image-{i}").lower() for i, s in enumerate(tf.series) if i != index)
     info.properties = _properties(tf, page, series)
     _resolve_mpp(tf, page, info)
     return info
@@ -248,7 +250,7 @@ def _resolve_mpp(tf, page, info: _TiffInfo) -> None:
     props = info.properties
     candidates: list[tuple[float | None, str]] = []
     if tf.is_ome:
-        stated_um, power = _ome_resolution(tf.ome_metadata)
+        stated_um, power = _ome_resolution(tf.ome_metadata, info.series, tf.series[info.series].name)
         if stated_um is not None:
             props[OME_STATED_UM] = f"{stated_um:.6g}"
         candidates.append((plausible_mpp(stated_um), "ome-metadata"))
@@ -270,25 +272,49 @@ def _resolve_mpp(tf, page, info: _TiffInfo) -> None:
         info.mpp_source = "objective-power" if info.mpp is not None else "none"
 
 
-def _ome_resolution(xml: str | None) -> tuple[float | None, float | None]:
-    """(pixel size in um as stated, objective power) of the first image in OME-XML; PhysicalSizeX defaults to
-    micrometres."""
+def _main_series(tf) -> int:
+    """The slide among a TIFF's images: the largest plane. Scanners write it first, but converters may put a macro
+    or label image before it (an OME-TIFF), which would then be analysed as the slide."""
+    def area(series) -> int:
+        ax, shape = series.axes.upper(), series.shape
+        return shape[ax.index("Y")] * shape[ax.index("X")] if "Y" in ax and "X" in ax else 0
+
+    sizes = [area(s) for s in tf.series]
+    return sizes.index(max(sizes))
+
+
+def _ome_resolution(xml: str | None, index: int = 0, name: str | None = None) -> tuple[float | None, float | None]:
+    """(pixel size in um as stated, objective power) of the slide's image in OME-XML: the `<Image>` named like
+    its series, else the `index`-th (another image's pixel size, a macro's, says nothing of the slide's).
+    PhysicalSizeX defaults to micrometres; the objective is the one the image's ObjectiveSettings names."""
     if not xml:
         return None, None
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return None, None
+    images = [el for el in root.iter() if _tag(el) == "Image"]
+    named = [im for im in images if name and im.get("Name") == name]
+    image = named[0] if len(named) == 1 else images[index] if index < len(images) else None
+    if image is None:
+        return None, None
     mpp = power = None
-    for el in root.iter():
-        tag = el.tag.rsplit("}", 1)[-1]
-        if tag == "Pixels" and mpp is None:
-            size = el.get("PhysicalSizeX")
-            if size is not None:
-                mpp = length_to_um(size, el.get("PhysicalSizeXUnit", "µm"))
-        elif tag == "Objective" and power is None:
-            power = _positive(el.get("NominalMagnification"))
+    for el in image.iter():
+        if _tag(el) == "Pixels" and el.get("PhysicalSizeX") is not None:
+            mpp = length_to_um(el.get("PhysicalSizeX"), el.get("PhysicalSizeXUnit", "µm"))
+            break
+    wanted = next((el.get("ID") for el in image.iter() if _tag(el) == "ObjectiveSettings"), None)
+    objectives = [el for el in root.iter() if _tag(el) == "Objective"]
+    if wanted is not None:
+        objectives = [el for el in objectives if el.get("ID") == wanted]
+    if len(objectives) == 1:  # the image's own, or the file's only one
+        power = _positive(objectives[0].get("NominalMagnification"))
     return mpp, power
+
+
+def _tag(el) -> str:
+    """An XML element's tag without its namespace."""
+    return el.tag.rsplit("}", 1)[-1]
 
 
 def _positive(value) -> float | None:

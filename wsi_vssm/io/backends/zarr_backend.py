@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.errors import one_line
-from wsi_vssm.io.base import OME_STATED_UM, SlideReader
+from wsi_vssm.io.base import OME_STATED_UM, UNITLESS_SCALE, SlideReader
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
 from wsi_vssm.io.formats import (
     channels_to_rgb,
@@ -34,30 +34,31 @@ class ZarrSlide(SlideReader):
         path = Path(path)
         group = _open_group(path)
         try:
-            attrs = group.attrs.asdict()
-            multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-            if not multiscales:
-                raise UnsupportedFormat(path, "zarr store without OME-NGFF 'multiscales' metadata")
-            meta = multiscales[0]
+            prefix, meta = _image(path, group)
             axes = _axes(meta)
-            shapes = [group[d["path"]].shape for d in meta["datasets"]]
+            shapes = [group[prefix + d["path"]].shape for d in meta["datasets"]]
         except (UnsupportedFormat, CorruptSlide):
             raise
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
             raise CorruptSlide(path, f"malformed OME-NGFF metadata: {one_line(err)}") from err
-        names = [a["name"].lower() for a in axes]
+        names = [_role(a) for a in axes]
         if "y" not in names or "x" not in names or any(len(s) != len(names) for s in shapes) or not shapes:
             raise CorruptSlide(path, f"OME-NGFF datasets do not match their axes {names}")
         warn_unread_planes(path, "".join(n[:1] for n in names), shapes[0])
         self._names = names
-        self._paths = [d["path"] for d in meta["datasets"]]
+        self._paths = [prefix + d["path"] for d in meta["datasets"]]
         try:
-            stated_um = _stated_um(meta, axes, names.index("x"))
+            scale = _scale(meta, names.index("x"))
         except (TypeError, ValueError, IndexError, AttributeError) as err:
             raise CorruptSlide(path, f"malformed OME-NGFF scale: {one_line(err)}") from err
+        unit = axes[names.index("x")].get("unit")
+        stated_um = None if scale is None else length_to_um(scale, unit)
         properties = {"ome-zarr.axes": "".join(names), "ome-zarr.version": str(meta.get("version", ""))}
         if stated_um is not None:
             properties[OME_STATED_UM] = f"{stated_um:.6g}"
+        elif scale is not None:  # a scale in pixels, or none named: no physical resolution, and the hint says why
+            where = "with no unit" if unit is None else f"in {unit!r}, not a length"
+            properties[UNITLESS_SCALE] = f"{scale:.6g} {where}"
         super().__init__(
             path,
             [(s[names.index("x")], s[names.index("y")]) for s in shapes],
@@ -113,15 +114,43 @@ def _open_group(path: Path):
         raise UnsupportedFormat(path, f"not a zarr group: {one_line(err)}") from err
 
 
+def _image(path: Path, group) -> tuple[str, dict]:
+    """(path prefix of the image's arrays, its `multiscales` entry): the group's own image, or in the
+    bioformats2raw layout (bioformats2raw, Glencoe, IDR: a top group whose series are sub-groups `0`, `1`, ...)
+    the first series, with one warning when there are more."""
+    prefix = ""
+    attrs = group.attrs.asdict()
+    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    layout = attrs.get("bioformats2raw.layout") or attrs.get("ome", {}).get("bioformats2raw.layout")
+    if not multiscales and layout is not None and "0" in group:
+        import warnings
+
+        series = sorted(k for k in group.group_keys() if k.isdigit())
+        if len(series) > 1:
+            warnings.warn(f"{path}: holds {len(series)} images (bioformats2raw series); reading series 0 (give "
+                          f"{path / series[1]} and so on for the others)", UserWarning, stacklevel=4)
+        prefix, attrs = "0/", group["0"].attrs.asdict()
+        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    if not multiscales:
+        raise UnsupportedFormat(path, "zarr store without OME-NGFF 'multiscales' metadata")
+    return prefix, multiscales[0]
+
+
+def _role(axis: dict) -> str:
+    """An axis's role in reading: `c` for any channel axis (NGFF marks it by type; its name is free: `channel`
+    was read as a time axis, its first channel as grey), else its lower-case name (`y`, `x`, `t`, `z`, ...)."""
+    name = str(axis["name"]).lower()
+    return "c" if axis.get("type") == "channel" or name == "c" else name
+
+
 def _axes(meta: dict) -> list[dict]:
     axes = meta.get("axes") or list(_DEFAULT_AXES)
     # NGFF 0.3 lists bare names, 0.4+ objects with name / type / unit.
     return [a if isinstance(a, dict) else {"name": str(a)} for a in axes]
 
 
-def _stated_um(meta: dict, axes: list[dict], x_axis: int) -> float | None:
-    """x's scale at level 0 (dataset scale times any multiscale-wide scale), in um, plausible or not; None
-    without a unit."""
+def _scale(meta: dict, x_axis: int) -> float | None:
+    """x's scale at level 0 (dataset scale times any multiscale-wide scale); None when none is given."""
     scale = 1.0
     transforms = list(meta["datasets"][0].get("coordinateTransformations") or [])
     transforms += list(meta.get("coordinateTransformations") or [])
@@ -130,6 +159,4 @@ def _stated_um(meta: dict, axes: list[dict], x_axis: int) -> float | None:
         if t.get("type") == "scale" and "scale" in t:
             scale *= float(t["scale"][x_axis])
             found = True
-    if not found:
-        return None
-    return length_to_um(scale, axes[x_axis].get("unit"))
+    return scale if found else None
