@@ -108,7 +108,9 @@ def test_evaluate_scores_the_test_part_of_a_split_manifest_and_says_what_it_used
     assert code == 0 and "evaluating the 1 test slide(s) of 2" in err, err
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["n"] == 1 and m["split"] == "test" and m["cohort"] == str(manifest)
-    assert m["model"]["sha256"] and m["parameters"]["region_px"] and m["version"]
+    pred = json.loads((tmp_path / "e" / "normal_001" / "prediction.json").read_text())
+    assert m["model"] == pred["model"] and m["parameters"]["region_px"] and m["version"] == pred["version"]
+    assert m["parameters"]["precision"] == pred["parameters"]["precision_used"] == "fp32"
     assert not (tmp_path / "e" / "tumor_001").exists()  # the training slide was not predicted
 
 
@@ -121,3 +123,10 @@ def test_patients_of_another_split_say_how_to_evaluate_them(model_file, cohort, 
                                      "--model", model_file, *FAST], capsys)
     assert code == 1 and err.count("\n") == 2 and "tumor_001" in err, err  # the split line, then the error
     assert "(evaluating the test rows only; --split all takes every slide)" in err, err
+
+
+def test_a_split_the_table_lacks_is_a_usage_error(model_file, cohort, tmp_path, capsys):
+    """`--split test` on a table without a split column exited 1, unlike every other rejected option value (2)."""
+    code, _, err = run_cli_captured(["evaluate", cohort, "--split", "test", "--out", tmp_path / "e", "--model",
+                                     model_file, *FAST], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--split test: " in err and "no split column" in err, err

@@ -223,10 +223,24 @@ def test_select_split_takes_the_test_rows_of_a_split_table_by_default(tmp_path):
     chosen, split, note = select_split(cohort)
     assert split == "test" and [r.name for r in chosen.rows] == ["b", "c"] and "2 test slide(s) of 3" in note
     assert select_split(cohort, "all")[0] is cohort and select_split(cohort, "all")[2] is None
-    with pytest.raises(UsageError, match="no slide has split 'valid'"):
+    with pytest.raises(UsageError, match="has split 'valid'"):
         select_split(cohort, "valid")
     (tmp_path / "plain.csv").write_text("slide,label\na.tif,1\n")
     plain = read_manifest(tmp_path / "plain.csv")
     assert select_split(plain)[1:] == ("all", None)
-    with pytest.raises(UsageError, match="--split test needs a split column"):
+    with pytest.raises(UsageError, match="has no split column to take the test rows from"):
         select_split(plain, "test")
+
+
+def test_a_slide_label_table_of_names_is_looked_up_by_name(tmp_path):
+    """`evaluate syn/reference.csv` (the file `synth` writes, header `slide,label`, names without extension) was
+    read as a manifest of paths: every slide "not found"; `evaluate syn` (its folder) worked."""
+    _touch(tmp_path / "slides" / "tumor_001.tif")
+    _touch(tmp_path / "normal_001.svs")
+    ref = tmp_path / "reference.csv"
+    ref.write_text("slide,label\ntumor_001,tumor\nnormal_001,normal\n")
+    c = read_cohort(ref)
+    assert c.layout == "camelyon" and all(r.ok for r in c.rows)
+    assert [r.path for r in c.rows] == [tmp_path / "slides" / "tumor_001.tif", tmp_path / "normal_001.svs"]
+    (tmp_path / "m.csv").write_text("slide,label\nslides/tumor_001.tif,1\nnormal_001,0\n")  # any path: a manifest
+    assert read_cohort(tmp_path / "m.csv").layout == "manifest"

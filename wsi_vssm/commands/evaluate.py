@@ -77,10 +77,16 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
             progress.error(f"and {len(failed) - PATCH_ERRORS_SHOWN} more patches that cannot be decoded "
                            f"(see {Path(out_dir) / 'predictions.csv'})")
     else:
+        from wsi_vssm.errors import OptionError
+        from wsi_vssm.runs.cohort import SplitError
+
         params = build_params(model, mpp, **opts)
-        res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, n_boot=n_boot,
-                              model_path=model_file(model_path), run=run, progress=progress, patients=patients,
-                              split=split)
+        try:
+            res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, n_boot=n_boot,
+                                  model_path=model_file(model_path), run=run, progress=progress, patients=patients,
+                                  split=split)
+        except SplitError as e:  # the option asked for rows the table does not have: a usage error, as click's
+            raise OptionError(f"--split {split}: {e}") from e
     m = res.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
     for warning in (separation_warning(res), small_cohort_warning(res), domain_warning(res)):

@@ -223,7 +223,7 @@ def predict_slide(
             "domain_distance": domain["domain_distance"],
             "domain_threshold": domain["domain_threshold"],
             "device": _device_name(params.device),
-            "model": {"name": model.name, "mpp": model.mpp, "token_px": model.token_px, **identity},
+            "model": model_record(model, identity),
             "mpp": {"slide": slide.mpp, "slide_source": slide.mpp_source, "analysis": cells.attrs["mpp"]},
             "summary": {"n_cells": len(cells), "tissue_area_mm2": _tissue_area_mm2(tissue, slide.mpp),
                         "largest_lesion_mm": None, "warnings": notes},
@@ -271,6 +271,12 @@ def _few_cells_warning(cell_probs: np.ndarray, label: int | None, cell_threshold
         return (f"the tumour call rests on {n} cell(s) at or above the cell threshold {cell_threshold:.3g}; "
                 "check the heatmap before trusting it")
     return None
+
+
+def model_record(model, identity: dict | None = None) -> dict:
+    """prediction.json's `model` (and metrics.json's): name, resolution, token size, then `_identity`'s hashes
+    and domain (pass `identity` when the caller has it, to spare hashing the weights again)."""
+    return {"name": model.name, "mpp": model.mpp, "token_px": model.token_px, **(identity or _identity(model))}
 
 
 def _identity(model) -> dict:

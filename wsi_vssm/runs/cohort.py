@@ -38,6 +38,10 @@ class CohortError(UsageError):
     """A cohort table that cannot be used as written; the message names the file and row."""
 
 
+class SplitError(CohortError):
+    """The split asked for is not in the table (`select_split`); `evaluate --split` makes it a usage error."""
+
+
 @dataclass(frozen=True)
 class CohortRow:
     name: str  # slide name without extension (as feature stores and outputs are named)
@@ -91,8 +95,9 @@ def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         raise CohortError(f"{p}: no such cohort file or folder")
     rows = _read_csv(p)
     if rows and _is_manifest_header(rows[0][1]):
-        return read_manifest(p, find_slides=find_slides)
-    if rows and _path_column([c.lower() for c in rows[0][1]]) is not None:  # a manifest header lacking a column
+        if not _names_only(rows):
+            return read_manifest(p, find_slides=find_slides)
+    elif rows and _path_column([c.lower() for c in rows[0][1]]) is not None:  # a manifest header lacking a column
         raise CohortError(f"{p}: a manifest needs 'slide' and 'label' columns; its header has: "
                           f"{', '.join(rows[0][1])}")
     return read_reference(p, root=p.parent, find_slides=find_slides)
@@ -104,18 +109,19 @@ SPLIT_CHOICES = ("auto", "all", "train", "valid", "test")
 def select_split(cohort: Cohort, split: str = "auto") -> tuple[Cohort, str, str | None]:
     """The rows of one split, the split taken, and a line saying what was left out (None when nothing was).
     `auto`: `test` when the table has a split column (a model is judged on slides it was neither trained nor
-    selected on), else `all`. A split the table does not have is a UsageError."""
+    selected on), else `all`. A split the table does not have is a SplitError."""
     if split not in SPLIT_CHOICES:
-        raise UsageError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
+        raise SplitError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
     if split == "auto":
         split = "test" if cohort.has_split else "all"
     if split == "all":
         return cohort, "all", None
     if not cohort.has_split:
-        raise UsageError(f"{cohort.source}: --split {split} needs a split column (a manifest slide,label,split)")
+        raise SplitError(f"{cohort.source} has no split column to take the {split} rows from (a manifest "
+                         "slide,label,split)")
     rows = [r for r in cohort.rows if r.split == split]
     if not rows:
-        raise UsageError(f"{cohort.source}: no slide has split {split!r} (--split all takes every slide)")
+        raise SplitError(f"no slide of {cohort.source} has split {split!r} (--split all takes every slide)")
     note = (f"evaluating the {len(rows)} {split} slide(s) of {len(cohort.rows)} in {cohort.source} (its split "
             f"column; --split all takes every slide)")
     return Cohort(cohort.source, cohort.layout, rows), split, note
@@ -267,6 +273,16 @@ def _cell(cells: list[str], i: int) -> str:
 def _is_manifest_header(cells: list[str]) -> bool:
     low = [c.lower() for c in cells]
     return _path_column(low) is not None and "label" in low
+
+
+def _names_only(rows: list[tuple[int, list[str]]]) -> bool:
+    """Whether a `slide,label` table names its slides instead of giving their paths (no folder, no slide
+    extension in any row: `tumor_001`, as `synth` and CAMELYON16 write reference.csv): a name table, looked up
+    under its folder, not a manifest of paths that cannot exist."""
+    header = [c.strip().lower() for c in rows[0][1]]
+    i = header.index(_path_column(header))
+    cells = [cells[i] for _, cells in rows[1:] if i < len(cells) and cells[i]]
+    return bool(cells) and not any("/" in c or "\\" in c or c.lower().endswith(SLIDE_SUFFIXES) for c in cells)
 
 
 def _path_column(header: list[str]) -> str | None:

@@ -148,9 +148,11 @@ def _provenance(source, split: str | None, model, parameters: dict) -> dict:
     """What a metrics.json was computed from, for a reader who has only the file: the cohort table (absolute),
     the split, the model's identity (as prediction.json's `model`), the parameters, the software version."""
     from wsi_vssm import __version__
-    from wsi_vssm.models.slide_model import model_identity
+    from wsi_vssm.pipeline.predict import model_record
 
-    return {"cohort": os.path.abspath(source), "split": split, "model": model_identity(model),
+    spelt = {"float32": "fp32", "bfloat16": "bf16"}  # as prediction.json and --precision spell them
+    parameters = {**parameters, "precision": spelt.get(parameters.get("precision"), parameters.get("precision"))}
+    return {"cohort": os.path.abspath(source), "split": split, "model": model_record(model),
             "parameters": parameters, "version": __version__}
 
 
