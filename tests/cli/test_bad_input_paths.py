@@ -41,8 +41,9 @@ def test_a_folder_of_slides_is_its_slide_files(cohort, model_file, tmp_path, cap
 
 def test_a_slide_name_near_the_file_system_limit_runs(slide, model_file, tmp_path, capsys):
     """A 240-byte name (255 is legal) failed: "cannot start: .state/.tmp-<name>.predict.json.x: File name too
-    long", the temporary's prefix and suffix pushing its name past 255 bytes."""
-    name = "\u6dcb" * 20 + "x" * 180  # 60 bytes of CJK, then ASCII: 240 bytes, a temporary cut mid-character too
+    long", the temporary's prefix and suffix pushing its name past 255 bytes; from 243 bytes the state and lock
+    files themselves (`<name>.predict.lock`) were too long."""
+    name = "\u6dcb" * 20 + "x" * 191  # 60 bytes of CJK, then ASCII: 251 bytes, 255 with `.tif`
     long = tmp_path / "in" / f"{name}.tif"
     long.parent.mkdir()
     shutil.copy(slide, long)
@@ -50,6 +51,8 @@ def test_a_slide_name_near_the_file_system_limit_runs(slide, model_file, tmp_pat
     assert code == 0 and f"{name}: probability" in out, err
     assert (tmp_path / "o" / name / "prediction.json").is_file()
     assert not list((tmp_path / "o").rglob(".tmp-*")), "temporaries left behind"
+    code, out, _ = _predict([long], model_file, tmp_path / "o", capsys)  # its state is found again: up to date
+    assert code == 0 and "up to date" in out, out
 
 
 def test_one_file_named_twice_runs_once(slide, model_file, tmp_path, capsys):

@@ -244,3 +244,29 @@ def test_a_slide_label_table_of_names_is_looked_up_by_name(tmp_path):
     assert [r.path for r in c.rows] == [tmp_path / "slides" / "tumor_001.tif", tmp_path / "normal_001.svs"]
     (tmp_path / "m.csv").write_text("slide,label\nslides/tumor_001.tif,1\nnormal_001,0\n")  # any path: a manifest
     assert read_cohort(tmp_path / "m.csv").layout == "manifest"
+
+
+def test_a_cohort_folder_whose_reference_csv_is_a_manifest_reads_it_as_one(tmp_path):
+    """`evaluate c2` with c2/reference.csv `path,label` said "... is a path, give a manifest", though it was one
+    (`evaluate c2/reference.csv` worked)."""
+    _touch(tmp_path / "sub" / "normal_001.tif")
+    (tmp_path / "reference.csv").write_text("path,label\nsub/normal_001.tif,0\n")
+    c = read_cohort(tmp_path)
+    assert c.layout == "manifest" and [r.path for r in c.rows] == [tmp_path / "sub" / "normal_001.tif"]
+
+
+def test_a_utf8_path_in_a_manifest_is_found_under_an_ascii_locale(tmp_path):
+    """Under LC_ALL=C PYTHONUTF8=0 a manifest row `u/tümor_é.tif` was "slide file not found" (the same file given
+    on the command line ran)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "t\u00fcmor_\u00e9.tif").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text("slide,label\nu/t\u00fcmor_\u00e9.tif,1\n", encoding="utf-8")
+    code = ("import sys\nfrom wsi_vssm.runs.cohort import read_manifest\n"
+            f"r = read_manifest({str(tmp_path / 'm.csv')!r}).rows[0]\nprint(r.ok, ascii(r.name), r.error)\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("True "), res.stdout + res.stderr

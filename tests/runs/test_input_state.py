@@ -12,7 +12,7 @@ import time
 from conftest import run_cli_captured
 
 from wsi_vssm.runs.evaluate import EvaluationResult
-from wsi_vssm.runs.report_warnings import separation_warning
+from wsi_vssm.runs.report_warnings import separation_warning, training_slides_warning
 from wsi_vssm.runs.state import FINGERPRINT_BYTES, STATE_DIR, input_changed, input_fingerprint, read_state
 
 FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
@@ -194,6 +194,20 @@ def test_evaluate_warns_when_the_scores_do_not_separate():
     assert "covers 0.5" in warning and "0.750" in warning and "\n" not in warning
     assert separation_warning(_result([0.1, 0.9, 0.2, 0.8], [0, 1, 0, 1], 1.0, [1.0, 1.0])) is None
     assert separation_warning(_result([0.3], [1])) is None  # one slide: nothing to say
+
+
+def test_evaluate_warns_when_slides_trained_the_models_slide_head():
+    """`evaluate --split all` with an attached MIL head scored its own training slides (AUC 1.000) without a word,
+    though the model names them (mil_stage, recorded by `run ... attach_mil`)."""
+    from types import SimpleNamespace
+
+    result = _result([0.1, 0.9, 0.8], [0, 1, 1])  # slides s0, s1, s2
+    attached = SimpleNamespace(metadata={"mil_stage": {"train_slides": ["S1", "x"], "valid_slides": ["s2"]}})
+    warning = training_slides_warning(result, attached)
+    assert "2 of the 3 slides trained or selected this model's slide head" in warning and "s1, s2" in warning
+    default = SimpleNamespace(metadata={"mil_stage": {"train_slides": 160, "valid_slides": 60}})  # counts only
+    assert training_slides_warning(result, default) is None
+    assert training_slides_warning(_result([0.5], [1]), attached) is None  # s0 alone: none of them
 
 
 def test_a_full_disk_stops_the_run_and_the_rerun_redoes_that_slide(model_file, cohort, tmp_path, capsys,

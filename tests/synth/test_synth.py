@@ -273,8 +273,29 @@ def test_synth_into_another_cohorts_folder_is_refused(tmp_path, capsys):
     (tmp_path / "reference.csv").write_text("slide,label\ntumor_001,tumor\nnormal_001,normal\nnormal_002,normal\n")
     assert run_cli(tmp_path, "--slides", 1, "--size", 1024) == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "already holds another cohort" in err and "normal_002, tumor_001" in err, err
+    assert "\n" not in err and "already holds other slides (normal_002, tumor_001)" in err, err
     assert not (tmp_path / "normal_001.tif").exists()  # refused before writing anything
     (tmp_path / "reference.csv").write_text("slide,label\nnormal_001,normal\n")  # the same cohort again: fine
     assert run_cli(tmp_path, "--slides", 1, "--size", 1024) == 0
     assert (tmp_path / "normal_001.tif").is_file()
+
+
+@pytest.mark.parametrize("table", ["name,label\nnormal_001,0\n", "\ufeffslide,label\nnormal_001,normal\n",
+                                   "slide,label\nnormal_001.tif,0\n", "Slide,Label\nNormal_001,Normal\n",
+                                   '"slide","label"\n"normal_001","0"\n'])
+def test_synth_takes_the_same_cohort_however_its_table_was_written(tmp_path, table):
+    """A hand-written reference.csv naming the same slide was refused as "another cohort" for its header, BOM,
+    extensions, case or quoting: it was split on commas, not read as evaluate reads it."""
+    (tmp_path / "reference.csv").write_text(table, encoding="utf-8")
+    from wsi_vssm.synth.cohort import refuse_another_cohort
+
+    refuse_another_cohort(tmp_path, ["normal_001"])  # no error: the same slide
+
+
+def test_synth_into_a_folder_of_other_slides_is_refused(tmp_path):
+    """Without a reference.csv, a folder holding another slide took the new cohort beside it."""
+    from wsi_vssm.synth.cohort import refuse_another_cohort
+
+    (tmp_path / "real_slide.tif").write_bytes(b"x")
+    with pytest.raises(SynthError, match=r"already holds other slides \(real_slide\)"):
+        refuse_another_cohort(tmp_path, ["normal_001"])

@@ -90,7 +90,7 @@ def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         table = p / "reference.csv"
         if not table.is_file():
             raise CohortError(f"{p}: a cohort folder needs a reference.csv (or pass a manifest CSV)")
-        return read_reference(table, root=p, find_slides=find_slides)
+        p = table  # read as the file itself would be: a name table, or a manifest of paths below the folder
     if not p.is_file():
         raise CohortError(f"{p}: no such cohort file or folder")
     rows = _read_csv(p)
@@ -146,6 +146,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
             raise CohortError(f"{path}, line {line}: {ref!r} names a folder, not a slide file")
         label = parse_label(_cell(cells, i_label), path, line)
         split = None if i_split is None else parse_split(_cell(cells, i_split), path, line)
+        ref = _on_disk(ref)
         file = Path(ref) if Path(ref).is_absolute() else path.parent / ref
         error = None
         if find_slides and not file.exists():
@@ -273,6 +274,16 @@ def _cell(cells: list[str], i: int) -> str:
 def _is_manifest_header(cells: list[str]) -> bool:
     low = [c.lower() for c in cells]
     return _path_column(low) is not None and "label" in low
+
+
+def _on_disk(ref: str) -> str:
+    """A path read from a UTF-8 table as the file system spells it: under an ASCII locale (LC_ALL=C,
+    PYTHONUTF8=0) `tümor.tif` cannot be encoded, and the file was "not found"; its UTF-8 bytes are its name."""
+    try:
+        os.fsencode(ref)
+        return ref
+    except UnicodeEncodeError:
+        return os.fsdecode(ref.encode("utf-8"))
 
 
 def _names_only(rows: list[tuple[int, list[str]]]) -> bool:

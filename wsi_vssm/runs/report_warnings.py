@@ -1,6 +1,7 @@
 """The one-line warnings `evaluate` prints under a cohort's figures: scores that do not separate the classes,
-classes or patients too few for the bootstrap to mean much, slides out of the model's domain. Each takes an
-`EvaluationResult` (`runs.evaluate`) and returns the line, or None when there is nothing to say."""
+classes or patients too few for the bootstrap to mean much, slides out of the model's domain, slides that trained
+the model's slide head. Each takes an `EvaluationResult` (`runs.evaluate`) and returns the line, or None when
+there is nothing to say."""
 
 from __future__ import annotations
 
@@ -61,3 +62,18 @@ def few_patients_warning(result: EvaluationResult) -> str | None:
         return None
     return (f"the pN kappa rests on {n} patient(s): with fewer than {SMALL_CLASS} its value and bootstrap interval "
             "say little")
+
+
+def training_slides_warning(result: EvaluationResult, model) -> str | None:
+    """One line when slides of the cohort trained or selected the model's slide head, as its metadata names them
+    (`mil_stage.train_slides` / `valid_slides`, which `run ... attach_mil` records): their figure flatters it."""
+    stage = (getattr(model, "metadata", None) or {}).get("mil_stage") or {}
+    used = {str(s).lower() for key in ("train_slides", "valid_slides")
+            if isinstance(stage.get(key), list) for s in stage[key]}
+    hit = sorted(r["slide"] for r in result.rows if str(r["slide"]).lower() in used)
+    if not hit:
+        return None
+    more = f" and {len(hit) - 5} more" if len(hit) > 5 else ""
+    return (f"{len(hit)} of the {len(result.rows)} {result.items} trained or selected this model's slide head "
+            f"(its metadata mil_stage): {', '.join(hit[:5])}{more}; a figure over them flatters the model "
+            "(evaluate --split test on a manifest with a split column)")

@@ -142,18 +142,24 @@ def _prepare_out(out: Path) -> None:
 
 
 def refuse_another_cohort(out: Path, names: list[str]) -> None:
-    """SynthError when `out` already holds a cohort (its reference.csv) with slides this one would not write:
-    they would stay beside the new ones, and `predict OUT` would take them. The same cohort again is fine."""
-    try:
-        lines = (out / "reference.csv").read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return
-    first = [line.split(",", 1)[0].strip() for line in lines if line.strip()]
-    stale = sorted(set(first[1:] if first and first[0].lower() == "slide" else first) - set(names))
+    """SynthError when `out` already holds slides this cohort would not write, listed in its reference.csv (read
+    as `evaluate` reads it, whatever its header, quoting or case) or lying in it as slide files: they would stay
+    beside the new ones, and `predict OUT` or `evaluate OUT` would take them. The same cohort again is fine."""
+    from wsi_vssm.runs.cohort import SLIDE_SUFFIXES, CohortError, read_cohort, slide_name
+
+    ours = {n.lower() for n in names}
+    found = [f.name for f in out.iterdir() if f.name.lower().endswith(SLIDE_SUFFIXES)] if out.is_dir() else []
+    if (out / "reference.csv").is_file():
+        try:
+            found += [r.name for r in read_cohort(out / "reference.csv", find_slides=False).rows]
+        except CohortError as e:
+            raise SynthError(f"{out} holds a reference.csv that is not a cohort this run wrote ({e}); give an "
+                             "empty or new folder") from e
+    stale = sorted({slide_name(f) for f in found if slide_name(f).lower() not in ours})
     if stale:
         more = f" and {len(stale) - 3} more" if len(stale) > 3 else ""
-        raise SynthError(f"{out} already holds another cohort: its reference.csv lists {', '.join(stale[:3])}{more}, "
-                         "which this one would not replace; give an empty or new folder")
+        raise SynthError(f"{out} already holds other slides ({', '.join(stale[:3])}{more}), which this cohort "
+                         "would not replace; give an empty or new folder")
 
 
 def make_cohort(

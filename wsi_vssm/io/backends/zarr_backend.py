@@ -117,23 +117,41 @@ def _open_group(path: Path):
 def _image(path: Path, group) -> tuple[str, dict]:
     """(path prefix of the image's arrays, its `multiscales` entry): the group's own image, or in the
     bioformats2raw layout (bioformats2raw, Glencoe, IDR: a top group whose series are sub-groups `0`, `1`, ...)
-    the first series, with one warning when there are more."""
-    prefix = ""
+    its largest series (a converter may put a macro or label image first), with one warning when there are
+    more."""
+    multiscales = _multiscales(group.attrs.asdict())
     attrs = group.attrs.asdict()
-    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     layout = attrs.get("bioformats2raw.layout") or attrs.get("ome", {}).get("bioformats2raw.layout")
-    if not multiscales and layout is not None and "0" in group:
+    if multiscales or layout is None:
+        if not multiscales:
+            raise UnsupportedFormat(path, "zarr store without OME-NGFF 'multiscales' metadata")
+        return "", multiscales[0]
+    series = sorted((k for k in group.group_keys() if k.isdigit()), key=int)
+    sizes = {k: _plane_area(group, k) for k in series}
+    if not series or max(sizes.values()) <= 0:
+        raise UnsupportedFormat(path, "bioformats2raw layout without an OME-NGFF image in its series")
+    main = max(series, key=lambda k: sizes[k])  # the first of equals
+    if len(series) > 1:
         import warnings
 
-        series = sorted(k for k in group.group_keys() if k.isdigit())
-        if len(series) > 1:
-            warnings.warn(f"{path}: holds {len(series)} images (bioformats2raw series); reading series 0 (give "
-                          f"{path / series[1]} and so on for the others)", UserWarning, stacklevel=4)
-        prefix, attrs = "0/", group["0"].attrs.asdict()
-        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    if not multiscales:
-        raise UnsupportedFormat(path, "zarr store without OME-NGFF 'multiscales' metadata")
-    return prefix, multiscales[0]
+        warnings.warn(f"{path}: holds {len(series)} images (bioformats2raw series); reading series {main}, the "
+                      "largest", UserWarning, stacklevel=4)
+    return f"{main}/", _multiscales(group[main].attrs.asdict())[0]
+
+
+def _multiscales(attrs: dict) -> list:
+    return attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales") or []
+
+
+def _plane_area(group, key: str) -> int:
+    """Level 0's y x x size of the series group `key`; 0 when it holds no readable image."""
+    try:
+        meta = _multiscales(group[key].attrs.asdict())[0]
+        roles = [_role(a) for a in _axes(meta)]
+        shape = group[f"{key}/{meta['datasets'][0]['path']}"].shape
+        return int(shape[roles.index("y")] * shape[roles.index("x")])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return 0
 
 
 def _role(axis: dict) -> str:
