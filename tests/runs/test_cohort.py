@@ -244,6 +244,9 @@ def test_a_slide_label_table_of_names_is_looked_up_by_name(tmp_path):
     assert [r.path for r in c.rows] == [tmp_path / "slides" / "tumor_001.tif", tmp_path / "normal_001.svs"]
     (tmp_path / "m.csv").write_text("slide,label\nslides/tumor_001.tif,1\nnormal_001,0\n")  # any path: a manifest
     assert read_cohort(tmp_path / "m.csv").layout == "manifest"
+    (tmp_path / "s.csv").write_text("slide,split,label\ntumor_001,train,1\nnormal_001,TEST,0\n")  # names + split
+    c = read_cohort(tmp_path / "s.csv")
+    assert [(r.name, r.label, r.split) for r in c.rows] == [("tumor_001", 1, "train"), ("normal_001", 0, "test")]
 
 
 def test_a_cohort_folder_whose_reference_csv_is_a_manifest_reads_it_as_one(tmp_path):

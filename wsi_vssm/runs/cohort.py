@@ -157,21 +157,28 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
 
 
 def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = None, find_slides: bool = True) -> Cohort:
-    """A CAMELYON16-style `name,label[,...]` table, header optional; slides are looked up under `root`."""
+    """A CAMELYON16-style `name,label[,...]` table, header optional; slides are looked up under `root`. A header
+    naming `label` (and `split`, as a `slide,label,split` table of names has) places those columns."""
     path = Path(path)
     root = path.parent if root is None else Path(root)
     rows = _read_csv(path)
+    i_name, i_label, i_split = 0, 1, None
     if rows and _is_reference_header(rows[0][1]):
+        header = [c.strip().lower() for c in rows[0][1]]
+        if "label" in header:
+            i_name, i_label = header.index(_path_column(header) or header[0]), header.index("label")
+            i_split = header.index("split") if "split" in header else None
         rows = rows[1:]
     index = index_slides(root) if find_slides else {}
     cohort = Cohort(path, "camelyon")
     for line, cells in rows:
-        name = _cell(cells, 0)
+        name = _cell(cells, i_name)
         if not name:
             raise CohortError(f"{path}, line {line}: empty slide name")
         if len(cells) < 2:
             raise CohortError(f"{path}, line {line}: expected 'name,label', got {','.join(cells)!r}")
-        label = parse_label(_cell(cells, 1), path, line)
+        label = parse_label(_cell(cells, i_label), path, line)
+        split = None if i_split is None else parse_split(_cell(cells, i_split), path, line)
         if "/" in name or "\\" in name:  # its folders would be dropped and the name looked up elsewhere
             raise CohortError(f"{path}, line {line}: {name!r} is a path, but this table names slides (looked up "
                               f"by name under {root}); for slide paths, give a manifest with a header 'slide,label'")
@@ -185,7 +192,7 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
                 error = f"several slide files named {name!r}: {', '.join(str(h) for h in hits[:4])}"
             else:
                 found = hits[0]
-        cohort.rows.append(CohortRow(name, label, None, found, line, error))
+        cohort.rows.append(CohortRow(name, label, split, found, line, error))
     _check_duplicates(cohort)
     return cohort
 
