@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 
 
@@ -19,11 +20,26 @@ def use_writable_numba_cache(source_file: str, writable=None) -> str | None:
         return None  # the user chose a folder
     writable = writable or _writable
     user = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if writable(os.path.dirname(os.path.abspath(source_file))) or writable(user):
+    beside = os.path.join(os.path.dirname(os.path.abspath(source_file)), "__pycache__")  # where numba writes
+    if writable(beside) or writable(user):
         return None
-    folder = os.path.join(tempfile.gettempdir(), f"wsi-vssm-numba-cache-{os.getuid()}")
-    numba.config.CACHE_DIR = folder  # numba reads it each time a cached function is created
+    numba.config.CACHE_DIR = folder = _private_folder()  # numba reads it each time a cached function is created
     return folder
+
+
+def _private_folder() -> str:
+    """This user's cache folder in the temporary directory, kept between runs, when it is a real folder only this
+    user can write (numba unpickles what it finds there: another user's planted files must not be read); else a
+    fresh private one."""
+    uid = getattr(os, "getuid", lambda: None)()
+    folder = os.path.join(tempfile.gettempdir(), f"wsi-vssm-numba-cache-{uid if uid is not None else 'user'}")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+        private = stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o022 and (uid is None or st.st_uid == uid)
+    except OSError:
+        private = False
+    return folder if private else tempfile.mkdtemp(prefix="wsi-vssm-numba-cache-")
 
 
 def _writable(folder: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -26,10 +27,13 @@ _TMP_NAME_BYTES = 200  # of the final name kept in a temporary's: with the prefi
 
 
 def _tmp_stem(name: str) -> str:
-    """`name` as a temporary's name holds it: cut to _TMP_NAME_BYTES, so that a final name near the file
-    system's 255-byte limit still gets a temporary (its name adds a prefix and a random suffix)."""
+    """`name` as a temporary's name holds it: past _TMP_NAME_BYTES, its first bytes and a hash of all of it, so
+    that a final name near the file system's 255-byte limit still gets a temporary (whose name adds a prefix and
+    a random suffix), and two long names sharing their start do not clean up each other's temporaries."""
     raw = os.fsencode(name)
-    return name if len(raw) <= _TMP_NAME_BYTES else os.fsdecode(raw[:_TMP_NAME_BYTES])
+    if len(raw) <= _TMP_NAME_BYTES:
+        return name
+    return f"{os.fsdecode(raw[:_TMP_NAME_BYTES - 17])}~{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -187,7 +191,9 @@ makes sure no live writer is using them (the cohort runner holds the slide's loc
     folder = Path(folder)
     if not folder.is_dir():
         return
-    for p in folder.glob(f"{_TMP_PREFIX}{glob.escape(_tmp_stem(stem))}*"):
+    # a long stem names one file (`<name>.zarr.`): its temporaries carry that name's hashed stem
+    key = stem if len(os.fsencode(stem)) <= _TMP_NAME_BYTES else _tmp_stem(stem.rstrip("."))
+    for p in folder.glob(f"{_TMP_PREFIX}{glob.escape(key)}*"):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -71,6 +71,22 @@ def test_a_failed_write_names_the_file_not_its_temporary(tmp_path, monkeypatch):
     assert err.value.filename == str(tmp_path / "h.zarr")
 
 
+def test_cleaning_one_long_names_temporaries_spares_anothers(tmp_path):
+    """Review: temporaries of names past 200 bytes were cut to their first 200 bytes, so cleaning up one slide's
+    (`remove_temporaries`) deleted another's live one when the two names shared their start."""
+    import tempfile
+
+    from wsi_vssm.atomic import _tmp_stem, remove_temporaries
+
+    a, b = "s" * 200 + "_A", "s" * 200 + "_B"
+    with atomic_dir(tmp_path / f"{b}.zarr") as live:
+        (live / "x").write_text("1")
+        left = Path(tempfile.mkdtemp(prefix=f".tmp-{_tmp_stem(f'{a}.zarr')}.", dir=tmp_path))  # A's, from a crash
+        remove_temporaries(tmp_path, f"{a}.zarr.")
+        assert live.is_dir() and not left.exists()
+    assert (tmp_path / f"{b}.zarr" / "x").read_text() == "1"
+
+
 def test_atomic_write_json_rejects_unserialisable(tmp_path):
     target = tmp_path / "m.json"
     target.write_text("old")

@@ -47,9 +47,24 @@ def test_a_path_in_a_table_of_names_is_refused_not_looked_up_by_its_name(tmp_pat
     ref.write_text("/data/cohort/tumor_001.tif,Tumor\n")
     with pytest.raises(CohortError, match=r"line 1: '/data/cohort/tumor_001.tif' is a path.*'slide,label'"):
         read_cohort(ref)
-    (tmp_path / "m.csv").write_text("file,y\na.svs,1\n")  # a path column without a label column
-    with pytest.raises(CohortError, match="needs 'slide' and 'label' columns; its header has: file, y"):
+    (tmp_path / "m.csv").write_text("slide,y\na.svs,1\n")  # a slide column without a label column
+    with pytest.raises(CohortError, match="needs 'slide' and 'label' columns; its header has: slide, y"):
         read_cohort(tmp_path / "m.csv")
+
+
+def test_tables_read_before_the_new_column_names_still_read_the_same(tmp_path):
+    """Review of the change: a manifest of files with extensions the suffix list lacks became a name table;
+    `file,class` and `path,diagnosis` name tables were refused; a names table with its slide column second read
+    its header as data."""
+    a, b = _touch(tmp_path / "a.qptiff"), _touch(tmp_path / "b.btf")
+    (tmp_path / "m.csv").write_text("slide,label\na.qptiff,1\nb.btf,0\n")
+    assert [r.path for r in read_cohort(tmp_path / "m.csv").rows] == [a, b]
+    _touch(tmp_path / "x" / "tumor_001.tif")
+    for header in ("file,class", "path,diagnosis"):
+        (tmp_path / "r.csv").write_text(f"{header}\ntumor_001,tumor\n")
+        assert [(r.name, r.label, r.ok) for r in read_cohort(tmp_path / "r.csv").rows] == [("tumor_001", 1, True)]
+    (tmp_path / "l.csv").write_text("label,slide\n1,tumor_001\n")
+    assert [(r.name, r.label, r.ok) for r in read_cohort(tmp_path / "l.csv").rows] == [("tumor_001", 1, True)]
 
 
 def test_manifest_missing_file_is_a_failed_row(tmp_path):

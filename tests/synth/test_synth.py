@@ -261,7 +261,8 @@ def test_numba_keeps_its_own_cache_folder_when_one_is_writable(tmp_path, monkeyp
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")
     source = tmp_path / "kernel.py"
-    assert wsi_vssm_kernels.use_writable_numba_cache(str(source), writable=lambda f: f == str(tmp_path)) is None
+    beside = str(tmp_path / "__pycache__")  # where numba writes a module's cache
+    assert wsi_vssm_kernels.use_writable_numba_cache(str(source), writable=lambda f: f == beside) is None
     assert numba.config.CACHE_DIR == ""
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice is never overridden
     assert wsi_vssm_kernels.use_writable_numba_cache(str(source), writable=lambda f: False) is None
@@ -299,3 +300,26 @@ def test_synth_into_a_folder_of_other_slides_is_refused(tmp_path):
     (tmp_path / "real_slide.tif").write_bytes(b"x")
     with pytest.raises(SynthError, match=r"already holds other slides \(real_slide\)"):
         refuse_another_cohort(tmp_path, ["normal_001"])
+
+
+@pytest.mark.parametrize("planted", ["shared", "link"])
+def test_numba_never_caches_in_a_folder_another_user_could_have_planted(tmp_path, monkeypatch, planted):
+    """Review: the fallback folder's name is predictable and numba unpickles what it finds there; a folder others
+    can write (or a link) is passed over for a fresh private one."""
+    import os
+    import tempfile
+
+    import wsi_vssm_kernels
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"wsi-vssm-numba-cache-{os.getuid()}"
+    assert wsi_vssm_kernels._private_folder() == str(folder)  # made private: kept between runs
+    folder.rmdir()
+    if planted == "shared":
+        folder.mkdir()
+        folder.chmod(0o777)
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        folder.symlink_to(tmp_path / "elsewhere")
+    chosen = wsi_vssm_kernels._private_folder()
+    assert chosen != str(folder) and os.path.isdir(chosen) and not os.stat(chosen).st_mode & 0o077

@@ -95,9 +95,9 @@ def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         raise CohortError(f"{p}: no such cohort file or folder")
     rows = _read_csv(p)
     if rows and _is_manifest_header(rows[0][1]):
-        if not _names_only(rows):
+        if not _names_only(rows, p.parent):
             return read_manifest(p, find_slides=find_slides)
-    elif rows and _path_column([c.lower() for c in rows[0][1]]) is not None:  # a manifest header lacking a column
+    elif rows and "slide" in [c.lower() for c in rows[0][1]]:  # a manifest header that lacks a column
         raise CohortError(f"{p}: a manifest needs 'slide' and 'label' columns; its header has: "
                           f"{', '.join(rows[0][1])}")
     return read_reference(p, root=p.parent, find_slides=find_slides)
@@ -163,7 +163,7 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
     root = path.parent if root is None else Path(root)
     rows = _read_csv(path)
     i_name, i_label, i_split = 0, 1, None
-    if rows and _is_reference_header(rows[0][1]):
+    if rows and (_is_reference_header(rows[0][1]) or _is_manifest_header(rows[0][1])):
         header = [c.strip().lower() for c in rows[0][1]]
         if "label" in header:
             i_name, i_label = header.index(_path_column(header) or header[0]), header.index("label")
@@ -293,14 +293,14 @@ def _on_disk(ref: str) -> str:
         return os.fsdecode(ref.encode("utf-8"))
 
 
-def _names_only(rows: list[tuple[int, list[str]]]) -> bool:
-    """Whether a `slide,label` table names its slides instead of giving their paths (no folder, no slide
-    extension in any row: `tumor_001`, as `synth` and CAMELYON16 write reference.csv): a name table, looked up
-    under its folder, not a manifest of paths that cannot exist."""
+def _names_only(rows: list[tuple[int, list[str]]], folder: Path) -> bool:
+    """Whether a `slide,label` table names its slides instead of giving their paths: no row has a folder or
+    names a file beside the table (`tumor_001`, as `synth` and CAMELYON16 write reference.csv). Such a table is
+    looked up by name under its folder, not read as a manifest of paths that do not exist."""
     header = [c.strip().lower() for c in rows[0][1]]
     i = header.index(_path_column(header))
     cells = [cells[i] for _, cells in rows[1:] if i < len(cells) and cells[i]]
-    return bool(cells) and not any("/" in c or "\\" in c or c.lower().endswith(SLIDE_SUFFIXES) for c in cells)
+    return bool(cells) and not any("/" in c or "\\" in c or (folder / _on_disk(c)).exists() for c in cells)
 
 
 def _path_column(header: list[str]) -> str | None:

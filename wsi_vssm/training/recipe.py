@@ -491,7 +491,6 @@ def _stage_attach(recipe: dict, model_path: Path) -> None:
     meta["mil_stage"] = {"method": "attached MIL checkpoint", "checkpoint": os.path.abspath(ckpt),
                          "slide_threshold": "0.5: not chosen on data (the trainer stores none)",
                          **mil_provenance(ckpt)}
-    model.name = model.name if model.name.endswith("+mil") else f"{model.name}+mil"  # apart from its base
     save_model(model, model_path, meta)
     print(f"attach_mil: MIL head from {ckpt}; slide_threshold 0.5 (was {old}, chosen for the previous head): "
           "uncalibrated, choose one on your own selection slides (predict --threshold)")
