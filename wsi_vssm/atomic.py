@@ -26,14 +26,19 @@ _TMP_PREFIX = ".tmp-"  # hidden, and recognisable for clean-up after a crash
 _TMP_NAME_BYTES = 200  # of the final name kept in a temporary's: with the prefix and suffixes, under 255 bytes
 
 
-def _tmp_stem(name: str) -> str:
-    """`name` as a temporary's name holds it: past _TMP_NAME_BYTES, its first bytes and a hash of all of it, so
-    that a final name near the file system's 255-byte limit still gets a temporary (whose name adds a prefix and
-    a random suffix), and two long names sharing their start do not clean up each other's temporaries."""
+def short_name(name: str, limit: int) -> str:
+    """`name` itself, or past `limit` bytes its first bytes, `~` and a hash of all of it (`limit` bytes in all):
+    for file names built from a slide's name plus a prefix or suffix, so that a name near the file system's
+    255-byte limit still fits, and two long names sharing their start stay apart."""
     raw = os.fsencode(name)
-    if len(raw) <= _TMP_NAME_BYTES:
+    if len(raw) <= limit:
         return name
-    return f"{os.fsdecode(raw[:_TMP_NAME_BYTES - 17])}~{hashlib.sha256(raw).hexdigest()[:16]}"
+    return f"{os.fsdecode(raw[:limit - 17])}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def _tmp_stem(name: str) -> str:
+    """`name` as a temporary's name holds it (the temporary adds a prefix and a random suffix)."""
+    return short_name(name, _TMP_NAME_BYTES)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

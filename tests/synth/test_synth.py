@@ -290,7 +290,9 @@ def test_synth_takes_the_same_cohort_however_its_table_was_written(tmp_path, tab
     (tmp_path / "reference.csv").write_text(table, encoding="utf-8")
     from wsi_vssm.synth.cohort import refuse_another_cohort
 
-    refuse_another_cohort(tmp_path, ["normal_001"])  # no error: the same slide
+    assert refuse_another_cohort(tmp_path, ["normal_001"]) is None  # the same slide: taken
+    with pytest.raises(SynthError, match=r"(?i)already holds other slides \(normal_001\)"):
+        refuse_another_cohort(tmp_path, ["tumor_001"])  # the table was read: another cohort is still refused
 
 
 def test_synth_into_a_folder_of_other_slides_is_refused(tmp_path):

@@ -114,8 +114,8 @@ def _not_a_slide_folder(path: str) -> str | None:
     p = Path(path)
     if not p.is_dir():
         return None
-    if is_heatmap_zarr(p) or (p / "prediction.json").is_file():
-        what = "heatmap" if is_heatmap_zarr(p) else "prediction folder"
+    what = "heatmap" if is_heatmap_zarr(p) else "prediction folder" if (p / "prediction.json").is_file() else None
+    if what:
         return f"a wsi-vssm {what} (an output of predict), not a slide: give the slide it was computed from"
     if is_zarr_dir(p):
         return None

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
-from wsi_vssm.atomic import atomic_write_json, remove_temporaries
+from wsi_vssm.atomic import atomic_write_json, remove_temporaries, short_name
 from wsi_vssm.errors import WsiVssmError
 
 STATE_FORMAT = "wsi-vssm-state/1"
@@ -64,17 +64,17 @@ def state_path(out: str | os.PathLike, kind: str, name: str) -> Path:
     return Path(out) / STATE_DIR / f"{state_stem(name)}.{kind}.json"
 
 
+def lock_path(out: str | os.PathLike, kind: str, name: str) -> Path:
+    return Path(out) / STATE_DIR / f"{state_stem(name)}.{kind}.lock"
+
+
 STATE_NAME_BYTES = 200  # a longer slide name is shortened in its state files' names (they add `.predict.lock`)
 
 
 def state_stem(name: str) -> str:
-    """The slide's name as its state and lock files carry it: itself, or for a name near the file system's
-    255-byte limit (a legal slide name, whose `.predict.json` would not fit) its first bytes and a hash of all
-    of it, so that two long names sharing their start stay apart."""
-    raw = os.fsencode(name)
-    if len(raw) <= STATE_NAME_BYTES:
-        return name
-    return f"{os.fsdecode(raw[:STATE_NAME_BYTES - 17])}~{hashlib.sha256(raw).hexdigest()[:16]}"
+    """The slide's name as its state and lock files carry it (`atomic.short_name`): a legal name near the file
+    system's 255-byte limit would not fit with `.predict.json` after it."""
+    return short_name(name, STATE_NAME_BYTES)
 
 
 def read_state(out: str | os.PathLike, kind: str, name: str) -> dict | None:
@@ -157,7 +157,7 @@ class SlideLock:
     """An O_CREAT|O_EXCL lock file per slide holding {pid, host, time}; stale ones (pid gone here) are broken."""
 
     def __init__(self, out: str | os.PathLike, kind: str, name: str):
-        self.path = Path(out) / STATE_DIR / f"{state_stem(name)}.{kind}.lock"
+        self.path = lock_path(out, kind, name)
         self.held = False
         self.holder: dict | None = None  # who holds it, when acquire() failed
 
@@ -214,7 +214,7 @@ class SlideLock:
 def live_lock(out: str | os.PathLike, kind: str, name: str) -> dict | None:
     """The holder of the slide's lock when a live run holds it (or one that cannot be checked from here: another
     host); None when the slide is not locked or its lock is stale (the next `acquire` breaks it)."""
-    holder = _read_lock(Path(out) / STATE_DIR / f"{state_stem(name)}.{kind}.lock")
+    holder = _read_lock(lock_path(out, kind, name))
     if holder is None or _is_stale(holder):
         return None
     return holder

@@ -290,13 +290,14 @@ def _check_splits(train: Bags, valid: Bags) -> None:
     if len(set(train.labels)) < 2:
         warnings.warn("the training slides all have the same label; the model cannot learn to tell them apart",
                       stacklevel=3)
+    n_tumour, n_normal = int(np.sum(np.asarray(valid.labels) == 1)), int(np.sum(np.asarray(valid.labels) == 0))
     if len(set(valid.labels)) < 2:
         warnings.warn("the validation slides all have one label: AUC is undefined, selecting on validation loss",
                       stacklevel=3)
-    elif min(n := [int(np.sum(np.asarray(valid.labels) == c)) for c in (1, 0)]) < SMALL_VALID_CLASS:
-        warnings.warn(f"selection rests on {n[0]} tumour and {n[1]} normal validation slide(s): with fewer than "
-                      f"{SMALL_VALID_CLASS} of a class the validation AUC jumps between few values (1.000 from the "
-                      "first epoch is common), so the epoch chosen says little; give more validation slides",
+    elif min(n_tumour, n_normal) < SMALL_VALID_CLASS:
+        warnings.warn(f"selection rests on {n_tumour} tumour and {n_normal} normal validation slide(s): with fewer "
+                      f"than {SMALL_VALID_CLASS} of a class the validation AUC jumps between few values (1.000 from "
+                      "the first epoch is common), so the epoch chosen says little; give more validation slides",
                       stacklevel=3)
 
 

@@ -320,7 +320,7 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
         elif stage == "attach_mil":
             _stage_attach(recipe, model_path)
         shutil.copyfile(model_path, out / f"{stage}.pt")
-        done = [d for d in done if d["stage"] != stage] + [{"stage": stage, "settings": settings}]
+        done.append({"stage": stage, "settings": settings})  # its old record was dropped above
         atomic_write_json(out / PROGRESS_JSON, {"done": done})
         previous = stage
     if chain and previous is not None:  # every stage done before: the last one's model is the result

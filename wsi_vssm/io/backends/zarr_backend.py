@@ -119,8 +119,8 @@ def _image(path: Path, group) -> tuple[str, dict]:
     bioformats2raw layout (bioformats2raw, Glencoe, IDR: a top group whose series are sub-groups `0`, `1`, ...)
     its largest series (a converter may put a macro or label image first), with one warning when there are
     more."""
-    multiscales = _multiscales(group.attrs.asdict())
     attrs = group.attrs.asdict()
+    multiscales = _multiscales(attrs)
     layout = attrs.get("bioformats2raw.layout") or attrs.get("ome", {}).get("bioformats2raw.layout")
     if multiscales or layout is None:
         if not multiscales:
