@@ -37,6 +37,15 @@ def test_predict_lines_say_out_of_domain_also_when_up_to_date(strict_model, coho
     record = json.loads((tmp_path / "o" / "tumor_001" / "prediction.json").read_text())
     assert record["in_domain"] is False and record["domain_distance"] > record["domain_threshold"] == 0.0
     assert len([w for w in record["summary"]["warnings"] if w.startswith("out of domain")]) == 1
+    # the overlay says it in red under the title, with the reason (it was one plain phrase in the black title)
+    from PIL import Image
+
+    from wsi_vssm.outputs.overlay import WARNING_RGB
+
+    png = Image.open(tmp_path / "o" / "tumor_001" / "overlay.png")
+    band = np.asarray(png.convert("RGB"))[: int(png.text["wsi_vssm.panel"].split()[1])].astype(int)
+    red = np.abs(band - np.array(WARNING_RGB) * 255).sum(axis=-1) < 60
+    assert red.sum() > 200, red.sum()
 
 
 def test_another_magnification_is_out_of_domain_on_every_line(model_file, cohort, tmp_path, capsys):

@@ -83,3 +83,20 @@ def test_summary_and_png(tmp_path):
     assert empty["ece"] is None and empty["ece_ci95"] is None and empty["reliability"] == []
     calibration_png(tmp_path / "e.png", [], [], empty)  # an empty cohort still gets a diagram that says so
     assert (tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_the_legend_covers_no_bin():
+    """The legend sat in the upper-left corner of the axes, over a bin at (0.18, 1.0) of a 10-slide cohort;
+    bins at 0 or 1 sat on the frame."""
+    from wsi_vssm.outputs.calibration import calibration_figure
+
+    y, p = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1], [0.05, 0.07, 0.06, 0.46, 0.95, 0.18, 0.99, 0.98, 0.97, 0.06]
+    fig = calibration_figure(y, p)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend, frame = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.y1 <= frame.y0, (legend, frame)  # under the axes, not on them
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    assert x0 < 0 and x1 > 1 and y0 < 0 and y1 > 1  # a margin round the unit square

@@ -314,6 +314,17 @@ def test_geojson_has_qupath_fields_and_reads_back(tmp_path):
     classes = {f["properties"]["classification"]["name"] for f in json.loads(path.read_text())["features"]}
     assert classes == {"Tumor: micrometastasis", "Tumor: ITC"}
     assert read_annotations(path).tumor.area == pytest.approx(sum(p.area for p in polys))
+    # An out-of-domain slide's outlines say so in QuPath's annotation list (the name) and to scripts (a property);
+    # the classes, colours and what annotation readers take stay the same.
+    write_contours_geojson(path, polys, slide="s1", lesions=[(1, "micro"), (2, "itc")], in_domain=False)
+    feats = json.loads(path.read_text())["features"]
+    assert [f["properties"]["name"] for f in feats] == ["Lesion 1 (micro) - OUT OF DOMAIN",
+                                                         "Lesion 2 (itc) - OUT OF DOMAIN"]
+    assert all(f["properties"]["in_domain"] is False for f in feats)
+    assert {f["properties"]["classification"]["name"] for f in feats} == classes
+    assert read_annotations(path).tumor.area == pytest.approx(sum(p.area for p in polys))
+    inside = contours_geojson(polys, slide="s1", in_domain=True)["features"]
+    assert inside[0]["properties"]["in_domain"] is True and inside[0]["properties"]["name"] == "Tumor 1"
     # Stable ids across reruns.
     assert contours_geojson(polys, slide="s1")["features"][0]["id"] == f0["id"]
     write_contours_geojson(tmp_path / "empty.geojson", [])

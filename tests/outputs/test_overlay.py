@@ -249,3 +249,31 @@ def test_a_title_the_font_cannot_draw_is_drawn_without_a_warning_per_character(t
         fig = overlay_figure(thumb, prob, CELL0, (0, 0), SLIDE, title="\u6dcb\u5df4 lymfeknude \u00e6\u00f8\u00e5")
         fig.canvas.draw()
     assert "?? lymfeknude \u00e6\u00f8\u00e5" in _text_heights(fig)  # Latin letters the font has are kept
+
+
+def test_a_warning_line_is_red_bold_and_wrapped_to_the_image(thumb):
+    """An out-of-domain slide's overlay said so only in the plain black title; the warning line under it is bold
+    and red, broken into lines that fit the image rather than widening it."""
+    from wsi_vssm.outputs.overlay import MAX_WARNING_LINES, WARNING_RGB
+
+    prob = np.full((10, 16), 0.9, np.float32)
+    plain = overlay_figure(thumb, prob, CELL0, (0, 0), SLIDE, title="s")
+    words = "out of the model's domain: tissue unlike the training data " * 4
+    warned = overlay_figure(thumb, prob, CELL0, (0, 0), SLIDE, title="s", warning=words)
+    assert warned.bbox.width == plain.bbox.width and warned.bbox.height > plain.bbox.height
+    lines = [t for t in warned.texts if t.get_color() == WARNING_RGB]
+    assert 2 <= len(lines) <= MAX_WARNING_LINES and all(t.get_fontweight() == "bold" for t in lines)
+    warned.canvas.draw()
+    renderer = warned.canvas.get_renderer()
+    assert all(t.get_window_extent(renderer).x1 <= warned.bbox.width for t in lines)
+    assert " ".join(t.get_text() for t in lines).split()[:4] == words.split()[:4]
+    never = overlay_figure(thumb, prob, CELL0, (0, 0), SLIDE, title="s", warning="x " * 2000)
+    shown = [t.get_text() for t in never.texts if t.get_color() == WARNING_RGB]
+    assert len(shown) == MAX_WARNING_LINES and shown[-1].endswith("...")
+
+
+def test_the_no_tissue_text_can_say_why(thumb):
+    empty = np.full((10, 16), np.nan, np.float32)
+    fig = overlay_figure(thumb, empty, CELL0, (0, 0), SLIDE, no_tissue_text="slide smaller than one cell")
+    texts = [t.get_text() for t in fig.texts]
+    assert "slide smaller than one cell" in texts and NO_TISSUE_TEXT not in texts

@@ -291,3 +291,23 @@ def test_detections_from_heatmap():
     det = detections_from_heatmap(prob, cell0=10.0, origin=(100, 200), threshold=0.5)
     np.testing.assert_allclose(det, [[100 + 21.5 * 10, 200 + 13.5 * 10, 1.0], [100 + 6.5 * 10, 200 + 5.5 * 10, 0.9]])
     assert detections_from_heatmap(np.full((3, 3), np.nan, np.float32), 1.0, (0, 0)).shape == (0, 3)
+
+
+def test_the_intervals_do_not_depend_on_the_order_of_the_rows():
+    """The same 10 slides listed in reverse gave auc_ci95 [0.36, 1.0] against [0.40, 1.0] (and another ECE
+    interval): the seeded resamples picked rows by position."""
+    from wsi_vssm.outputs.calibration import bootstrap_ece_ci, ece_if_calibrated
+    from wsi_vssm.outputs.staging import bootstrap_kappa_ci
+
+    rng = np.random.default_rng(5)
+    y = np.array([0, 1] * 10)
+    s = rng.random(20) * 0.6 + 0.3 * y
+    order = rng.permutation(20)
+    assert bootstrap_auc_ci(y, s, n_boot=200) == bootstrap_auc_ci(y[order], s[order], n_boot=200)
+    assert bootstrap_ece_ci(y, s, n_boot=200) == bootstrap_ece_ci(y[order], s[order], n_boot=200)
+    assert ece_if_calibrated(s, n_sim=200) == ece_if_calibrated(s[order], n_sim=200)
+    ref = ["pN0", "pN1", "pN2", "pN0(i+)", "pN1mi", "pN0", "pN1", "pN2"]
+    pred = ["pN0", "pN1mi", "pN2", "pN0", "pN1", "pN1", "pN1", "pN2"]
+    back = list(range(len(ref)))[::-1]
+    assert bootstrap_kappa_ci(ref, pred, n_boot=200) == bootstrap_kappa_ci([ref[i] for i in back],
+                                                                          [pred[i] for i in back], n_boot=200)

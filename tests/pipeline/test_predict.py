@@ -134,6 +134,30 @@ def test_no_tissue_is_a_null_probability_not_an_error(model_file, tmp_path):
     assert rec["probability"] is None and rec["reason"] == "no tissue found" and rec["label"] is None
 
 
+def test_a_slide_without_cells_says_why(model_file, tmp_path):
+    """A 16 px fixture read "11.7% tissue" in `info` and "no tissue found" in predict: its tissue was there, the
+    slide is smaller than one cell. The reason says which of the three it is, and the overlay shows it."""
+    from PIL import Image
+
+    from wsi_vssm.pipeline.predict import NO_TISSUE, SMALLER_THAN_A_CELL, TOO_LITTLE_TISSUE, no_cells_reason
+    from wsi_vssm.synth.mosaic import write_image_slide
+
+    attrs = {"mpp": 1.0, "slide_mpp": 0.5, "dims": [60, 4000], "token_px": 32, "min_tissue": 0.25}
+    some = np.zeros((8, 8), bool)
+    some[0, 0] = True
+    assert no_cells_reason(attrs, np.zeros((8, 8), bool)) == NO_TISSUE
+    assert no_cells_reason(attrs, some) == f"{SMALLER_THAN_A_CELL}: 30 x 2000 px at 1 um/px, a cell is 32 px"
+    assert no_cells_reason({**attrs, "dims": [4000, 4000]}, some) == \
+        f"{TOO_LITTLE_TISSUE}: tissue on 1.6% of the slide, a cell needs 25%"
+    rgb = np.full((40, 40, 3), 240, np.uint8)
+    rgb[10:30, 10:30] = (150, 60, 160)  # tissue, on a slide of 40 px at 0.5 um/px: 20 px at the model's 1 um/px
+    write_image_slide(tmp_path / "tiny.tif", rgb, 0.5)
+    with pytest.warns(UserWarning, match=SMALLER_THAN_A_CELL):
+        rec = predict_slide(tmp_path / "tiny.tif", _model(model_file), tmp_path / "out", FAST)
+    assert rec["probability"] is None and rec["reason"].startswith(SMALLER_THAN_A_CELL), rec["reason"]
+    assert Image.open(tmp_path / "out" / "tiny" / "overlay.png").size[0] > 0
+
+
 def test_fluorescence_like_slide_is_out_of_domain_with_a_warning(model_file, tmp_path):
     """A dark-field slide is warned about, never refused: in_domain false, the reason in domain_notes."""
     import warnings
@@ -441,6 +465,12 @@ def test_the_overlay_title_says_out_of_domain():
     assert "OUT OF DOMAIN" not in overlay_title(record) and "probability 0.900 -> tumour" in overlay_title(record)
     title = overlay_title({**record, "in_domain": False})
     assert title.startswith("s  |  OUT OF DOMAIN") and "probability 0.900 -> tumour" in title
+    from wsi_vssm.pipeline.predict import overlay_warning
+
+    assert overlay_warning(record) is None
+    notes = ["looks like IHC", "tissue unlike the training data"]
+    assert overlay_warning({**record, "in_domain": False, "domain_notes": notes}).endswith(
+        "here: looks like IHC; tissue unlike the training data")
 
 
 def test_tta_measures_the_domain_distance_on_the_untransformed_view(model_file, cohort, tmp_path):

@@ -419,3 +419,19 @@ def test_an_earlier_report_is_marked_incomplete_while_a_run_works(reference, tmp
     _start_report(out)
     assert json.loads((out / "metrics.json").read_text())["complete"] is False
     assert not (out / ".tmp-predictions.csv.x").exists() and not list((out / STATE_DIR).glob("*.lock"))
+
+
+def test_an_interrupt_as_a_slide_finishes_leaves_a_table_that_has_it(model_file, cohort, tmp_path, monkeypatch):
+    """Ctrl-C landing after a slide's state said done but before its row was written left no predictions.csv
+    at all (2 of 2 tries in a probe). The interrupted run's table now comes from the states on disk."""
+    from wsi_vssm.runs import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "report_outcome", interrupted)  # the first slide's line: its state is done
+    out = tmp_path / "o"
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 130
+    rows = {r["slide"]: r["status"] for r in _table(out)}
+    assert rows == {"normal_001": "done", "normal_002": "pending", "tumor_001": "pending"}, rows
+    assert not (out / "metrics.json").exists()  # a partial run writes no figures

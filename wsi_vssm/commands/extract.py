@@ -36,7 +36,7 @@ from wsi_vssm.commands.options import (
 @mpp_option
 @click.option("--region-px", type=click.IntRange(min=32), default=None,
               help="Region side at the analysis mpp (default 2048 on CPU, 9984 on GPU: 10,000 in whole tokens). "
-                   "Under 1024 the scan sees less context and features move with the region size.")
+                   "Each region's scan sees only its own pixels: features move with the region size, more below 1024.")
 @click.option("--overlap-px", type=click.IntRange(min=0), default=None,
               help="Overlap between regions (default 128).")
 @click.option("--min-tissue", type=FiniteFloatRange(0, 1), default=None,

@@ -154,8 +154,8 @@ def predict_options(f):
                      help="Analysis resolution in um/px (default: the model's own)."),
         click.option("--region-px", type=click.IntRange(min=32), default=None,
                      help="Region side at analysis resolution (default: 2048 on CPU, 9984 on GPU, i.e. "
-                          "10,000 in whole tokens). Under 1024 the scan sees less context and probabilities move "
-                          "with the region size (docs/features.md)."),
+                          "10,000 in whole tokens). Each region's scan sees only its own pixels: probabilities and "
+                          "outlines move with the region size, more below 1024 (docs/features.md)."),
         click.option("--overlap-px", type=click.IntRange(min=0), default=None,
                      help="Overlap between regions (default 128)."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True),

@@ -75,6 +75,8 @@ def bootstrap_ece_ci(labels, probs, n_boot: int = 2000, seed: int = 0, bins: int
     y, p = _finite(labels, probs)
     if not len(p):
         return None
+    order = np.lexsort((p, y))  # the interval depends on the items, not on the order of the rows
+    y, p = y[order], p[order]
     rng = np.random.default_rng(seed)
     vals = np.empty(n_boot)
     for i in range(n_boot):
@@ -89,7 +91,7 @@ def ece_if_calibrated(probs, n_sim: int = 2000, seed: int = 0, bins: int = ECE_B
     """The ECE a perfectly calibrated model would show with these probabilities on a cohort of this size: each
     item's label drawn as Bernoulli(its probability), `n_sim` times. Median and 90% range; None without items."""
     p = np.asarray(probs, np.float64).reshape(-1)
-    p = p[np.isfinite(p)]
+    p = np.sort(p[np.isfinite(p)])  # order-free, as the interval
     if not len(p):
         return None
     rng = np.random.default_rng(seed)
@@ -115,8 +117,16 @@ def calibration_summary(labels, probs, n_boot: int = 2000, seed: int = 0, bins: 
 
 def calibration_png(path: str | os.PathLike, labels: Sequence[int], probs: Sequence[float],
                     summary: dict | None = None) -> None:
-    """The reliability diagram, atomically: each bin's share of positives against its mean probability (marker
-    area by count), the diagonal, and the ECE with its interval and floor in the title."""
+    """The reliability diagram (`calibration_figure`) as a PNG, atomically."""
+    fig = calibration_figure(labels, probs, summary)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def calibration_figure(labels: Sequence[int], probs: Sequence[float], summary: dict | None = None):
+    """The reliability diagram as a matplotlib Figure: each bin's share of positives against its mean probability
+    (marker area by count), the diagonal, and the ECE with its interval and floor in the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -140,11 +150,10 @@ def calibration_png(path: str | os.PathLike, labels: Sequence[int], probs: Seque
                   f"{floor['range90'][1]:.3f}) on n={sum(r['n'] for r in rows)}")
     else:
         title = "no probabilities to calibrate"
-    ax.set(xlim=(0, 1), ylim=(-0.01, 1.01), xlabel="mean predicted probability", ylabel="share of tumour",
+    # a margin, so that bins at 0 or 1 do not sit on the frame; the legend under the axes, where it covers no bin
+    ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="mean predicted probability", ylabel="share of tumour",
            aspect="equal")
     ax.set_title(title, fontsize=8)
-    ax.legend(loc="upper left", fontsize=7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7, frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    return fig

@@ -32,6 +32,7 @@ LESION_CLASSES = {
 }
 _4_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
 _ID_NAMESPACE = uuid.UUID("7b0f8a52-3f6e-4c8e-9a51-2f3b0c1d9e10")  # stable feature ids across reruns
+OUT_OF_DOMAIN_SUFFIX = " - OUT OF DOMAIN"  # on each outline's name when the slide is out of the model's domain
 
 
 def tumour_contours(
@@ -102,6 +103,7 @@ def contours_geojson(
     slide_mpp: float | None = None,
     slide: str = "",
     lesions: list[tuple[int, str]] | None = None,
+    in_domain: bool | None = None,
 ) -> dict:
     """A QuPath-importable FeatureCollection: one "Tumor" annotation per polygon, coordinates in level-0 px.
 
@@ -109,6 +111,8 @@ def contours_geojson(
     and `measurements` (QuPath's dict form): "Max probability" when given, "Area um^2" when `slide_mpp` is.
     `lesions`, one (lesion id, category) per polygon (`outputs.lesions`), makes the class the lesion's category
     (`LESION_CLASSES`), names the feature after its lesion and adds `lesion_id` and `category` properties.
+    `in_domain` (the slide's verdict, prediction.json's) is added as a property of every feature; when False the
+    name ends in " - OUT OF DOMAIN", so that QuPath's annotation list says it beside every outline.
     """
     if max_probabilities is not None and len(max_probabilities) != len(polygons):
         raise UsageError(f"{len(max_probabilities)} probabilities for {len(polygons)} contours")
@@ -129,6 +133,10 @@ def contours_geojson(
             lesion_id, category = lesions[i]
             props.update(classification=dict(LESION_CLASSES.get(category, TUMOR_CLASS)), lesion_id=int(lesion_id),
                          category=category, name=f"Lesion {lesion_id} ({category})")
+        if in_domain is not None:
+            props["in_domain"] = bool(in_domain)
+            if not in_domain:
+                props["name"] += OUT_OF_DOMAIN_SUFFIX
         features.append(
             {
                 "type": "Feature",
@@ -147,9 +155,10 @@ def write_contours_geojson(
     slide_mpp: float | None = None,
     slide: str = "",
     lesions: list[tuple[int, str]] | None = None,
+    in_domain: bool | None = None,
 ) -> None:
     """Write `contours_geojson(...)` to `path` atomically (an empty FeatureCollection when there are none)."""
-    atomic_write_json(path, contours_geojson(polygons, max_probabilities, slide_mpp, slide, lesions))
+    atomic_write_json(path, contours_geojson(polygons, max_probabilities, slide_mpp, slide, lesions, in_domain))
 
 
 def _runs(row: np.ndarray) -> list[tuple[int, int]]:

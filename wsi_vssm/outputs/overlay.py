@@ -3,9 +3,10 @@
 The colour rule is the one in `wsi_vssm.outputs.colors` (shared with the napari layer): cells below the cell
 threshold are not tinted at all, so the morphology shows as scanned; at and above it a perceptual colour map,
 its opacity rising with the probability. Tumour outlines are drawn on top. A title line names the slide and the
-call, and a legend under the image (text at least 1.5% of the image height) shows the colour scale and marks the
-cell threshold. Optionally the plain thumbnail sits on the left for comparison. A slide without tissue gets
-the thumbnail with "no tissue found" across it.
+call; a warning line under it (an out-of-domain slide's) is bold and red, so that it is not read past; a legend
+under the image (text at least 1.5% of the image height) shows the colour scale and marks the cell threshold.
+Optionally the plain thumbnail sits on the left for comparison. A slide without tissue gets the thumbnail with
+"no tissue found" (or the reason no cell was scored) across it.
 
 It receives only the thumbnail's pixels: label and macro images never reach it. The image panels are placed
 pixel for pixel (`figimage`), never resampled, so an untinted pixel is exactly the thumbnail's.
@@ -38,6 +39,7 @@ FONT_FRACTION = 0.021  # legend and title font size (em, px) as a fraction of th
 MIN_FONT_PX = 14
 CONTOUR_RGB = (0, 0, 0)  # outlines in black: visible on H&E and on every colour of the map
 NO_TISSUE_TEXT = "no tissue found"
+WARNING_RGB = (0.72, 0.0, 0.0)  # dark red: stands out from the black title, legible on white
 
 
 def heatmap_on_grid(
@@ -78,13 +80,16 @@ def overlay_png(
     title: str | None = None,
     contours: Sequence | None = None,
     side_by_side: bool = False,
+    warning: str | None = None,
+    no_tissue_text: str = NO_TISSUE_TEXT,
 ) -> None:
     """Write the overlay of `prob` on `thumbnail_rgb` to `path` as PNG, atomically. See `overlay_figure`. The
     PNG's text chunks `wsi_vssm.panel` and `wsi_vssm.level0_px_per_px` say where the overlay panel lies in it and
     its scale, so that a pixel can be mapped back to the slide (docs/outputs.md)."""
     fig, lay = _overlay(
         thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap,
-        cell_threshold=cell_threshold, title=title, contours=contours, side_by_side=side_by_side,
+        cell_threshold=cell_threshold, title=title, contours=contours, side_by_side=side_by_side, warning=warning,
+        no_tissue_text=no_tissue_text,
     )  # fmt: skip
     from PIL import Image, PngImagePlugin
 
@@ -114,6 +119,8 @@ def overlay_figure(
     title: str | None = None,
     contours: Sequence | None = None,
     side_by_side: bool = False,
+    warning: str | None = None,
+    no_tissue_text: str = NO_TISSUE_TEXT,
 ):
     """The overlay as a matplotlib `Figure` on an Agg canvas, one figure pixel per thumbnail pixel.
 
@@ -122,22 +129,27 @@ def overlay_figure(
     `slide_dims` (width, height). `alpha` is the opacity at probability 1, `cmap` a matplotlib colour map over
     the fixed limits [0, 1]. `title` is one line shown above the image; `contours` are polygons in level-0 px
     ((N, 2) arrays of x, y, or shapely polygons) drawn as outlines; `side_by_side` puts the plain thumbnail on
-    the left. Bad arguments raise UsageError.
+    the left. `warning` is one more line under the title, bold and red (predict: an out-of-domain slide's
+    reasons); `no_tissue_text` is written across a grid without cells. Bad arguments raise UsageError.
     """
     return _overlay(thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap, cell_threshold=cell_threshold,
-                    title=title, contours=contours, side_by_side=side_by_side)[0]
+                    title=title, contours=contours, side_by_side=side_by_side, warning=warning,
+                    no_tissue_text=no_tissue_text)[0]
 
 
 def _overlay(thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap, *, cell_threshold, title, contours,
-             side_by_side):
+             side_by_side, warning=None, no_tissue_text=NO_TISSUE_TEXT):
     """`overlay_figure`'s figure and its layout."""
-    title = _drawable(title) if isinstance(title, str) else title  # anything else: refused just below
+    texts = (title, warning, no_tissue_text)
+    title, warning, no_tissue_text = (_drawable(t) if isinstance(t, str) else t for t in texts)  # else refused below
     # The Agg canvas directly, not pyplot: no global backend switch, no figure registry, safe in threads.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     thumb = _enlarged(_check_thumbnail(thumbnail_rgb))
     threshold = _check_options(cell_threshold, alpha, cmap, title)
+    _check_options(threshold, alpha, cmap, warning)
+    _check_options(threshold, alpha, cmap, no_tissue_text)
     grid = _grid(prob)
     h, w = thumb.shape[:2]
     heat = heatmap_on_grid(grid, cell0, origin, slide_dims, (h, w))
@@ -147,20 +159,25 @@ def _overlay(thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap, *, cel
         scale = (w / float(slide_dims[0]), h / float(slide_dims[1]))
         panel = draw_outlines(panel, contours, scale, width=max(2, round(h / 400)))
 
-    lay = _Layout.make(h, w, side_by_side, title, tissue)
+    lay = _Layout.make(h, w, side_by_side, title, tissue, warning)
     fig = Figure(figsize=(lay.width / DPI, lay.height / DPI), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
     img_bottom = lay.height - lay.title_h - h  # figimage offsets are from the lower-left corner
     if side_by_side:
         fig.figimage(thumb, xo=0, yo=img_bottom, origin="upper")
     fig.figimage(panel, xo=lay.panel_x, yo=img_bottom, origin="upper")
+    line_h = lay.title_h - lay.warning_h
     if title is not None:
-        fig.text(lay.pad / lay.width, 1 - lay.title_h / 2 / lay.height, title, fontsize=lay.title_px * 72 / DPI,
+        fig.text(lay.pad / lay.width, 1 - line_h / 2 / lay.height, title, fontsize=lay.title_px * 72 / DPI,
                  va="center", ha="left", parse_math=False)  # fmt: skip
+    for i, line in enumerate(lay.warning_lines):
+        fig.text(lay.pad / lay.width, 1 - (line_h + (i + 0.5) * 1.3 * lay.font_px) / lay.height, line,
+                 fontsize=lay.font_pt, fontweight="bold", color=WARNING_RGB, va="center", ha="left",
+                 parse_math=False)  # fmt: skip
     if tissue:
         _draw_legend(fig, lay, threshold, alpha, cmap, bool(contours))
     else:
-        _draw_no_tissue(fig, lay, img_bottom + h / 2)
+        _draw_no_tissue(fig, lay, img_bottom + h / 2, no_tissue_text)
     return fig, lay
 
 
@@ -248,7 +265,7 @@ class _Layout:
     font_px: float
     title_px: float
     pad: int
-    title_h: int
+    title_h: int  # the whole band above the image: the title line and the warning line
     legend_h: int
     panel_x: int  # left edge of the overlay panel
     panel_w: int
@@ -256,6 +273,8 @@ class _Layout:
     height: int
     bar_w: int
     label_w: float  # width of the "tumour probability" label left of the colour bar
+    warning_h: int = 0
+    warning_lines: tuple[str, ...] = ()  # the warning, wrapped to the image width, in bold at font_px
 
     @property
     def panel_h(self) -> int:
@@ -268,7 +287,8 @@ class _Layout:
         return self.font_px * 72 / DPI
 
     @classmethod
-    def make(cls, h: int, w: int, side_by_side: bool, title: str | None, tissue: bool) -> _Layout:
+    def make(cls, h: int, w: int, side_by_side: bool, title: str | None, tissue: bool,
+             warning: str | None = None) -> _Layout:  # fmt: skip
         f = max(MIN_FONT_PX, round(FONT_FRACTION * h))
         pad = round(0.6 * f)
         title_h = round(1.8 * f) if title is not None else 0
@@ -284,7 +304,11 @@ class _Layout:
             title_px = max(0.7 * f, min(f, 0.98 * f * (max(widths) - 2 * pad) / _text_width(title, f)))
             widths.append(2 * pad + _text_width(title, title_px))
         width = math.ceil(max(widths))
-        return cls(f, title_px, pad, title_h, legend_h, panel_x, w, width, h + title_h + legend_h, bar_w, label_w)
+        warning_lines = () if warning is None else _wrapped(warning, f, width - 2 * pad)  # never widens the image
+        warning_h = round((len(warning_lines) * 1.3 + 0.4) * f) if warning_lines else 0
+        title_h += warning_h
+        return cls(f, title_px, pad, title_h, legend_h, panel_x, w, width, h + title_h + legend_h, bar_w, label_w,
+                   warning_h, warning_lines)
 
 
 LEGEND_LABEL = "tumour probability"
@@ -303,13 +327,35 @@ def _drawable(text: str) -> str:
     return "".join(c if c.isascii() or font.get_char_index(ord(c)) else "?" for c in text)
 
 
-def _text_width(text: str, font_px: float) -> float:
+def _text_width(text: str, font_px: float, bold: bool = False) -> float:
     from matplotlib.backends.backend_agg import RendererAgg
     from matplotlib.font_manager import FontProperties
 
     renderer = RendererAgg(8, 8, DPI)
-    width, _, _ = renderer.get_text_width_height_descent(text, FontProperties(size=font_px * 72 / DPI), ismath=False)
+    font = FontProperties(size=font_px * 72 / DPI, weight="bold" if bold else "normal")
+    width, _, _ = renderer.get_text_width_height_descent(text, font, ismath=False)
     return float(width)
+
+
+MAX_WARNING_LINES = 3
+
+
+def _wrapped(text: str, font_px: float, max_w: float) -> tuple[str, ...]:
+    """`text` in bold broken at spaces into lines of at most `max_w` px, MAX_WARNING_LINES at most (the last
+    ends in "..." when the text does not fit)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and _text_width(f"{lines[-1]} {word}", font_px, bold=True) <= max_w:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    if len(lines) > MAX_WARNING_LINES:
+        lines = lines[:MAX_WARNING_LINES]
+        last = lines[-1].split()
+        while len(last) > 1 and _text_width(" ".join(last) + " ...", font_px, bold=True) > max_w:
+            last.pop()
+        lines[-1] = " ".join(last) + " ..."
+    return tuple(lines)
 
 
 def _legend_bar(threshold: float, alpha: float, cmap: str, bar_w: int, bar_h: int) -> np.ndarray:
@@ -357,14 +403,14 @@ def _draw_legend(fig, lay: _Layout, threshold: float, alpha: float, cmap: str, o
         fig.text(x + 2.1 * f / W, note_y, "tumour outline", ha="left", va="top", **text)
 
 
-def _draw_no_tissue(fig, lay: _Layout, centre_y: float) -> None:
-    """Draw "no tissue found" in large type across the overlay panel, and once more in the legend band."""
+def _draw_no_tissue(fig, lay: _Layout, centre_y: float, text: str = NO_TISSUE_TEXT) -> None:
+    """Draw `text` ("no tissue found") in large type across the overlay panel, and once more in the legend band."""
     f, W, H = lay.font_px, lay.width, lay.height
     panel_w = lay.panel_w
     # large, but never wider than the panel (the text is about 8.5 em wide)
-    big_px = min(0.8 * panel_w / 8.5, max(2 * f, 0.12 * (H - lay.title_h - lay.legend_h)))
-    fig.text((lay.panel_x + panel_w / 2) / W, centre_y / H, NO_TISSUE_TEXT, ha="center", va="center",
+    big_px = min(0.8 * panel_w / (0.55 * len(text)), max(2 * f, 0.12 * (H - lay.title_h - lay.legend_h)))
+    fig.text((lay.panel_x + panel_w / 2) / W, centre_y / H, text, ha="center", va="center",
              fontsize=big_px * 72 / DPI, fontweight="bold", color="black", parse_math=False,
              bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "black", "boxstyle": "round,pad=0.4"})  # fmt: skip
-    fig.text((lay.panel_x + lay.pad) / W, 1 - (H - lay.legend_h / 2) / H, f"{NO_TISSUE_TEXT}: no cell was scored",
+    fig.text((lay.panel_x + lay.pad) / W, 1 - (H - lay.legend_h / 2) / H, f"{text}: no cell was scored",
              ha="left", va="center", fontsize=lay.font_pt, parse_math=False)  # fmt: skip

@@ -52,14 +52,15 @@ def bootstrap_auc_ci(
     """Percentile (1 - alpha) interval of the AUC over `n_boot` stratified bootstrap resamples.
 
     Positives and negatives are resampled separately, each to its own count, so every resample has both
-    classes and the class balance of the cohort. Deterministic for a given `seed`.
+    classes and the class balance of the cohort. Deterministic for a given `seed`, whatever the order of the
+    slides.
     """
     y, s = _check(labels, scores)
     if not (isinstance(n_boot, int) and n_boot >= 1):
         raise UsageError(f"n_boot must be a positive integer, got {n_boot!r}")
     if not 0 < alpha < 1:
         raise UsageError(f"alpha must be in (0, 1), got {alpha}")
-    pos, neg = s[y == 1], s[y == 0]
+    pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])  # sorted: the interval cannot depend on the rows' order
     if pos.size == 0 or neg.size == 0:
         raise UsageError(f"AUC needs both classes; got {pos.size} positive and {neg.size} negative slides")
     rng = np.random.default_rng(seed)

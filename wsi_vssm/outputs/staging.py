@@ -119,7 +119,7 @@ def bootstrap_kappa_ci(
     alpha: float = 0.05,
 ) -> tuple[float, float]:
     """Percentile (1 - alpha) interval of the quadratic kappa over `n_boot` resamples of the patients (with
-    replacement). Deterministic for a given `seed`."""
+    replacement). Deterministic for a given `seed`, whatever the order of the patients."""
     ref, pred = _codes(reference, labels, "reference"), _codes(predicted, labels, "predicted")
     if ref.size != pred.size or ref.size == 0:
         raise UsageError(f"kappa needs paired labels for at least one patient, got {ref.size} and {pred.size}")
@@ -129,7 +129,7 @@ def bootstrap_kappa_ci(
         raise UsageError(f"alpha must be in (0, 1), got {alpha}")
     rng = np.random.default_rng(seed)
     k, n = len(labels), ref.size
-    pair = ref * k + pred
+    pair = np.sort(ref * k + pred)  # sorted: the interval depends on the patients, not on their order
     kappas = np.empty(n_boot)
     batch = max(1, 2_000_000 // n)  # bound memory on large cohorts
     for start in range(0, n_boot, batch):

@@ -187,7 +187,7 @@ def predict_slide(
         t = time.perf_counter()
         threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)
         extent_t = extent_threshold(model, params, cell_t)
-        prob, cell_probs, reason = _score(model, cells, slide_path)
+        prob, cell_probs, reason = _score(model, cells, slide_path, mask)
         identity = _identity(model)  # hashes the weights once per slide: the record and the domain both need it
         # the domain check's threshold holds for single views: under TTA it reads the untransformed one
         feats = cells.features if cells.view_features is None else cells.view_features
@@ -244,13 +244,14 @@ def predict_slide(
     return record
 
 
-def _score(model, cells, slide_path) -> tuple[float | None, np.ndarray, str | None]:
+def _score(model, cells, slide_path, mask) -> tuple[float | None, np.ndarray, str | None]:
     """(slide probability, cell probabilities, reason when there is no probability) from the MIL head."""
     import torch
 
     if len(cells) == 0:
-        warnings.warn(f"{slide_path}: no tissue found; the slide gets no probability", stacklevel=4)
-        return None, np.zeros(0, np.float32), "no tissue found"
+        reason = no_cells_reason(cells.attrs, mask)
+        warnings.warn(f"{slide_path}: {reason}; the slide gets no probability", stacklevel=4)
+        return None, np.zeros(0, np.float32), reason
     with torch.inference_mode():
         mil = model.mil.to("cpu").eval()
         res = mil(torch.from_numpy(cells.features.astype(np.float32)))
@@ -351,9 +352,20 @@ def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_
     category = {lesion.id: lesion.category for lesion in lesions}
     ids = lesion_ids_for_polygons(polys, labels, cell0, origin)
     write_contours_geojson(out_dir / files.CONTOURS_GEOJSON, polys, max_probability(polys, grid, cell0, origin),
-                           slide_mpp=slide.mpp, slide=slide.name, lesions=[(i, category.get(i, "")) for i in ids])
+                           slide_mpp=slide.mpp, slide=slide.name, lesions=[(i, category.get(i, "")) for i in ids],
+                           in_domain=record["in_domain"])
+    reason = record["reason"] or ""
     overlay_png(out_dir / files.OVERLAY_PNG, thumb, grid, cell0, origin, slide.dimensions,
-                cell_threshold=cell_threshold, title=overlay_title(record), contours=polys)
+                cell_threshold=cell_threshold, title=overlay_title(record), contours=polys,
+                warning=overlay_warning(record), no_tissue_text=reason.split(":")[0] or NO_TISSUE)
+
+
+def overlay_warning(record: dict) -> str | None:
+    """The overlay's red line under the title for a slide out of the model's domain: why, in the domain notes'
+    words (the colours and outlines of such a slide look as confident as any)."""
+    if record.get("in_domain") is not False:
+        return None
+    return f"out of the model's domain, colours and outlines mean nothing here: {'; '.join(record['domain_notes'])}"
 
 
 def overlay_title(record: dict) -> str:
@@ -368,6 +380,24 @@ def overlay_title(record: dict) -> str:
     decision = "tumour" if record["label"] else "normal"
     return (f"{head}probability {record['probability']:.3f} -> {decision} (slide threshold "
             f"{record['slide_threshold']:.3f}){tail}")
+
+
+def no_cells_reason(attrs: dict, mask: np.ndarray) -> str:
+    """Why a slide has no cell to score: no tissue on its mask, a slide smaller than one cell, or tissue too
+    sparse to fill any cell to the store's `min_tissue` (`info` counts tissue on the thumbnail, so it can report
+    some where predict scores none)."""
+    if not np.asarray(mask).any():
+        return NO_TISSUE
+    scale = attrs["mpp"] / attrs["slide_mpp"]  # level-0 px per analysis px
+    w, h = (round(d / scale) for d in attrs["dims"])
+    if min(w, h) < attrs["token_px"]:
+        return f"{SMALLER_THAN_A_CELL}: {w} x {h} px at {attrs['mpp']:.3g} um/px, a cell is {attrs['token_px']} px"
+    return (f"{TOO_LITTLE_TISSUE}: tissue on {100 * float(np.mean(mask)):.1f}% of the slide, a cell needs "
+            f"{100 * attrs['min_tissue']:.0f}%")
+
+
+NO_TISSUE, SMALLER_THAN_A_CELL, TOO_LITTLE_TISSUE = ("no tissue found", "slide smaller than one cell",
+                                                     "no cell has enough tissue")
 
 
 class _Stage:

@@ -14,7 +14,6 @@ metrics.json says `"complete": false` (true only when every slide is done or fai
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,16 @@ import numpy as np
 from wsi_vssm.errors import UsageError, one_line
 from wsi_vssm.outputs.files import CALIBRATION_PNG, HEATMAP_ZARR, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
 from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
+from wsi_vssm.runs.cohort_table import (
+    REPORT_LOCK_WAIT_S,
+    UNFINISHED,
+    final_row,
+    interim_table,
+    interrupted_table,
+    n_unfinished,
+    report_writer,
+    write_table,
+)
 
 
 @dataclass
@@ -43,10 +52,6 @@ class EvaluationResult:
         return not any(r["status"] in UNFINISHED for r in self.rows)
 
 
-REPORT_LOCK_WAIT_S = 60.0  # how long a run waits for another run writing the cohort files
-PENDING, IN_PROGRESS = "pending", "in_progress"  # predictions.csv statuses of slides not through yet
-UNFINISHED = (PENDING, IN_PROGRESS)
-PENDING_NOTE = "not finished: the run ended before this slide; rerun the same command"
 
 
 def is_patch_folder(path: Path) -> bool:
@@ -119,12 +124,16 @@ def evaluate_cohort(
              else _read_annotations(Path(annotations), folders, cohort.labels()))
     check_output_folder(out)
     _start_report(out)
-    after = _interim_table(out, cohort.rows, tasks, on_slide, progress)
-    summary = run_slides(tasks, job, run, progress, on_outcome=after)
+    after = interim_table(out, cohort.rows, tasks, on_slide, progress)
+    try:
+        summary = run_slides(tasks, job, run, progress, on_outcome=after)
+    except KeyboardInterrupt:
+        interrupted_table(out, cohort.rows, tasks, job)
+        raise
     _wait_for_other_runs(tasks, job, run.wait_locked, progress)
-    with _report_writer(out, REPORT_LOCK_WAIT_S):
-        rows = [_final_row(crow, o, job) for crow, o in zip(cohort.rows, summary.outcomes, strict=True)]
-        _write_table(out, rows)
+    with report_writer(out, REPORT_LOCK_WAIT_S):
+        rows = [final_row(crow, o, job) for crow, o in zip(cohort.rows, summary.outcomes, strict=True)]
+        write_table(out, rows)
         finished = [r for r in rows if r["status"] not in UNFINISHED]
         scored = [r for r in finished if r["probability"] is not None and r["label"] is not None]
         metrics = _write_metrics(out, scored, slide_threshold(model, params), len(finished) - len(scored), n_boot,
@@ -161,34 +170,6 @@ def _cohort_root(cohort_path: str | os.PathLike) -> Path:
     return Path(cohort_path) if Path(cohort_path).is_dir() else Path(cohort_path).parent
 
 
-def n_unfinished(rows: list[dict]) -> int:
-    return sum(r["status"] in UNFINISHED for r in rows)
-
-
-@contextlib.contextmanager
-def _report_writer(out: Path, wait: float):
-    """Hold OUT/.state/cohort.report.lock while writing the cohort files: one writer at a time across runs, so
-    the holder may remove a killed run's half-written cohort files. Yields whether the lock is held; after
-    `wait` seconds without it a final write goes ahead anyway (every write is atomic), leaving temporaries."""
-    import time
-
-    from wsi_vssm.atomic import remove_temporaries
-    from wsi_vssm.runs.state import SlideLock
-
-    lock = SlideLock(out, "report", "cohort")
-    deadline = time.monotonic() + wait
-    with contextlib.suppress(OSError):
-        while not lock.acquire() and time.monotonic() < deadline:
-            time.sleep(0.05)
-    try:
-        if lock.held:
-            for name in (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG):
-                remove_temporaries(out, f"{name}.")
-        yield lock.held
-    finally:
-        lock.release()
-
-
 def _wait_for_other_runs(tasks: list, job, wait: float, progress) -> None:
     """Before the report: wait up to `wait` seconds while another run holds any of the cohort's slides (e.g. one
     that started a slide this run has done), so the report counts what it finishes."""
@@ -212,100 +193,13 @@ def _start_report(out: Path) -> None:
     """Mark an earlier run's metrics.json as not complete while this run works (it is rewritten at the end)."""
     import json
 
-    with _report_writer(out, REPORT_LOCK_WAIT_S):
+    with report_writer(out, REPORT_LOCK_WAIT_S):
         try:
             metrics = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return
         if isinstance(metrics, dict) and metrics.get("complete") is not False:
             _write_json(out / METRICS_JSON, {**metrics, "complete": False})
-
-
-def _interim_table(out: Path, crows: list, tasks: list, on_slide, progress) -> Callable:
-    """The runner's per-slide callback: rewrite predictions.csv with every slide, those not through yet as
-    `pending` rows, so a run that is killed leaves a table that says it is partial."""
-    index = {id(t): i for i, t in enumerate(tasks)}
-    table = [_pending_row(c) for c in crows]
-
-    def after(outcome) -> None:
-        i = index[id(outcome.task)]
-        table[i] = _row(crows[i], outcome)
-        try:  # best effort (skipped while another run writes): the final table, from the states on disk, counts
-            with _report_writer(out, 0) as held:
-                if held:
-                    _write_table(out, table)
-        except OSError as e:
-            if progress is not None:
-                progress.warn(f"{out / PREDICTIONS_CSV}: not updated ({e.strerror or e}); the slide is recorded")
-        if on_slide is not None:
-            on_slide(table[i])
-
-    return after
-
-
-def _pending_row(crow, note: str = PENDING_NOTE, status: str = PENDING) -> dict:
-    return {"slide": crow.name, "label": crow.label, "probability": None, "status": status, "error": note}
-
-
-def _row(crow, outcome) -> dict:
-    """A predictions.csv row from a slide's outcome in this run (its state when it ran or was done before)."""
-    if outcome.status == "locked":
-        return _pending_row(crow, outcome.message, IN_PROGRESS)
-    row = {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
-           "error": outcome.message or None}
-    if outcome.ok:
-        result = (outcome.state or {}).get("result") or {}
-        p = result.get("probability")
-        row.update(probability=p, status="done" if p is not None else "no_tissue",
-                   error=None if p is not None else result.get("reason"), in_domain=result.get("in_domain"))
-    return row
-
-
-def _final_row(crow, outcome, job) -> dict:
-    """A slide's row from its state on disk (whichever run wrote it), with this run's parameters.
-
-    Failures without a state of their own (a missing file, a duplicate name) come from this run's outcome; a
-    slide another run holds is `in_progress`; one with no finished state is `pending`."""
-    from wsi_vssm.runs.state import Status, describe_holder, live_lock, read_state
-
-    name = outcome.task.name
-    if outcome.status == "failed" and outcome.state is None:
-        return _row(crow, outcome)
-    state = read_state(job.out, job.kind, name)
-    if state is not None and state.get("params_hash") == job.params_hash:
-        if state.get("status") == Status.DONE and job.outputs_ok(name):
-            rec = _prediction(Path(job.out) / name) or state.get("result") or {}
-            p = rec.get("probability")
-            return {"slide": crow.name, "label": crow.label, "probability": p,
-                    "status": "done" if p is not None else "no_tissue", "error": None if p is not None
-                    else rec.get("reason"), "in_domain": rec.get("in_domain")}
-        if state.get("status") == Status.FAILED:
-            return {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
-                    "error": state.get("error")}
-    if outcome.status == "failed":
-        return _row(crow, outcome)
-    holder = live_lock(job.out, job.kind, name)
-    if holder is not None:
-        return _pending_row(crow, f"{describe_holder(holder)}; rerun when it has finished", IN_PROGRESS)
-    return _pending_row(crow)
-
-
-def _prediction(folder: Path) -> dict | None:
-    import json
-
-    from wsi_vssm.outputs.files import PREDICTION_JSON
-
-    try:
-        rec = json.loads((folder / PREDICTION_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) and "probability" in rec else None
-
-
-def _write_table(out: Path, rows: list[dict]) -> None:
-    from wsi_vssm.outputs.report import write_predictions_csv
-
-    write_predictions_csv(out / PREDICTIONS_CSV, rows)
 
 
 def _model_file_for_workers(model, out: Path) -> str:

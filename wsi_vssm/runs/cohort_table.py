@@ -1,0 +1,143 @@
+"""A cohort run's `predictions.csv`: its rows from this run's outcomes or from the per-slide states on disk, the
+table rewritten after every slide, and the lock one writer of the cohort files holds at a time."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+from wsi_vssm.outputs.files import CALIBRATION_PNG, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
+
+REPORT_LOCK_WAIT_S = 60.0  # how long a run waits for another run writing the cohort files
+PENDING, IN_PROGRESS = "pending", "in_progress"  # predictions.csv statuses of slides not through yet
+UNFINISHED = (PENDING, IN_PROGRESS)
+PENDING_NOTE = "not finished: the run ended before this slide; rerun the same command"
+
+
+def n_unfinished(rows: list[dict]) -> int:
+    return sum(r["status"] in UNFINISHED for r in rows)
+
+
+@contextlib.contextmanager
+def report_writer(out: Path, wait: float):
+    """Hold OUT/.state/cohort.report.lock while writing the cohort files: one writer at a time across runs, so
+    the holder may remove a killed run's half-written cohort files. Yields whether the lock is held; after
+    `wait` seconds without it a final write goes ahead anyway (every write is atomic), leaving temporaries."""
+    import time
+
+    from wsi_vssm.atomic import remove_temporaries
+    from wsi_vssm.runs.state import SlideLock
+
+    lock = SlideLock(out, "report", "cohort")
+    deadline = time.monotonic() + wait
+    with contextlib.suppress(OSError):
+        while not lock.acquire() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    try:
+        if lock.held:
+            for name in (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG):
+                remove_temporaries(out, f"{name}.")
+        yield lock.held
+    finally:
+        lock.release()
+
+
+def interim_table(out: Path, crows: list, tasks: list, on_slide, progress) -> Callable:
+    """The runner's per-slide callback: rewrite predictions.csv with every slide, those not through yet as
+    `pending` rows, so a run that is killed leaves a table that says it is partial."""
+    index = {id(t): i for i, t in enumerate(tasks)}
+    table = [pending_row(c) for c in crows]
+
+    def after(outcome) -> None:
+        i = index[id(outcome.task)]
+        table[i] = _row(crows[i], outcome)
+        try:  # best effort (skipped while another run writes): the final table, from the states on disk, counts
+            with report_writer(out, 0) as held:
+                if held:
+                    write_table(out, table)
+        except OSError as e:
+            if progress is not None:
+                progress.warn(f"{out / PREDICTIONS_CSV}: not updated ({e.strerror or e}); the slide is recorded")
+        if on_slide is not None:
+            on_slide(table[i])
+
+    return after
+
+
+def pending_row(crow, note: str = PENDING_NOTE, status: str = PENDING) -> dict:
+    return {"slide": crow.name, "label": crow.label, "probability": None, "status": status, "error": note}
+
+
+def _row(crow, outcome) -> dict:
+    """A predictions.csv row from a slide's outcome in this run (its state when it ran or was done before)."""
+    if outcome.status == "locked":
+        return pending_row(crow, outcome.message, IN_PROGRESS)
+    row = {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
+           "error": outcome.message or None}
+    if outcome.ok:
+        result = (outcome.state or {}).get("result") or {}
+        p = result.get("probability")
+        row.update(probability=p, status="done" if p is not None else "no_tissue",
+                   error=None if p is not None else result.get("reason"), in_domain=result.get("in_domain"))
+    return row
+
+
+def final_row(crow, outcome, job) -> dict:
+    """A slide's row from its state on disk (whichever run wrote it), with this run's parameters.
+
+    Failures without a state of their own (a missing file, a duplicate name) come from this run's outcome; a
+    slide another run holds is `in_progress`; one with no finished state is `pending`."""
+    from wsi_vssm.runs.state import Status, describe_holder, live_lock, read_state
+
+    name = outcome.task.name
+    if outcome.status == "failed" and outcome.state is None:
+        return _row(crow, outcome)
+    state = read_state(job.out, job.kind, name)
+    if state is not None and state.get("params_hash") == job.params_hash:
+        if state.get("status") == Status.DONE and job.outputs_ok(name):
+            rec = _prediction(Path(job.out) / name) or state.get("result") or {}
+            p = rec.get("probability")
+            return {"slide": crow.name, "label": crow.label, "probability": p,
+                    "status": "done" if p is not None else "no_tissue", "error": None if p is not None
+                    else rec.get("reason"), "in_domain": rec.get("in_domain")}
+        if state.get("status") == Status.FAILED:
+            return {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
+                    "error": state.get("error")}
+    if outcome.status == "failed":
+        return _row(crow, outcome)
+    holder = live_lock(job.out, job.kind, name)
+    if holder is not None:
+        return pending_row(crow, f"{describe_holder(holder)}; rerun when it has finished", IN_PROGRESS)
+    return pending_row(crow)
+
+
+def _prediction(folder: Path) -> dict | None:
+    import json
+
+    from wsi_vssm.outputs.files import PREDICTION_JSON
+
+    try:
+        rec = json.loads((folder / PREDICTION_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and "probability" in rec else None
+
+
+def write_table(out: Path, rows: list[dict]) -> None:
+    from wsi_vssm.outputs.report import write_predictions_csv
+
+    write_predictions_csv(out / PREDICTIONS_CSV, rows)
+
+
+def interrupted_table(out: Path, crows: list, tasks: list, job) -> None:
+    """On Ctrl-C or SIGTERM: rewrite predictions.csv from the states on disk (a slide finished just as the
+    interrupt came is done there, though its row was not written yet), the others `pending`. Best effort: the
+    interrupt goes on whatever happens here."""
+    from types import SimpleNamespace
+
+    with contextlib.suppress(Exception), report_writer(out, 0) as held:
+        if held:
+            write_table(out, [final_row(c, SimpleNamespace(task=t, status="failed" if t.error else "pending",
+                                                           state=None, message=t.error, ok=False), job)
+                              for c, t in zip(crows, tasks, strict=True)])
