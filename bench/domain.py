@@ -26,7 +26,7 @@ import math
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +146,7 @@ def threshold_on_selection(model, domain, args) -> tuple[list[dict], list[str], 
     domain.info.update({"threshold_rule": f"smallest threshold flagging at most {FLAG_AT_MOST:.0%} of "
                         f"{len(mosaics)} mosaic slides (grid {args.grid[0]}-{args.grid[1]}, seed {args.seed}) of "
                         "the selection part of PCam valid (valid_select=1000, seed 0)",
-                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                        "date": datetime.now(UTC).isoformat(timespec="seconds")})
     rows = []
     for m in mosaics:
         rec = judge(domain, m["feats"], m["thumb"], m["mask"])

@@ -67,3 +67,16 @@ def test_an_unwritable_target_is_named_not_its_temporary(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", refused)
     with pytest.raises(ExportError, match=r"x\.onnx: cannot write: permission denied$"):
         export_onnx(build_backbone("micro"), tmp_path / "x.onnx", size=32, check=False)
+
+
+def test_without_onnx_the_error_says_what_to_install(tmp_path, monkeypatch):
+    """torch said only "Module onnx is not installed!"; the error now names the extra that brings it."""
+    import importlib.util
+
+    from wsi_vssm.errors import MissingDependency
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else find_spec(name, *a))
+    with pytest.raises(MissingDependency, match=r'onnx \(to write ONNX\) is not installed.*wsi-vssm\[onnx\]'):
+        export_onnx(build_backbone("micro"), tmp_path / "m.onnx", size=32)
+    assert not list(tmp_path.iterdir())

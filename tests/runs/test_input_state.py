@@ -241,3 +241,23 @@ def test_a_full_disk_stops_the_run_and_the_rerun_redoes_that_slide(model_file, c
     code, stdout, _ = _cli(args, capsys)
     assert code == 0 and "normal_001: up to date" in stdout
     assert "tumor_001: probability" in stdout and "normal_002: probability" in stdout
+
+
+def test_a_librarys_deprecation_notice_is_not_a_slide_warning(tmp_path):
+    """An old matplotlib with a new pyparsing printed "'parseString' deprecated - use 'parse_string'" three
+    times as the slide's own warning: pyparsing's notices are UserWarning and DeprecationWarning at once."""
+    import warnings
+
+    from wsi_vssm.runs.execute import SlideTask, execute
+
+    class LibraryDeprecation(UserWarning, DeprecationWarning):
+        pass
+
+    class Job:
+        def run(self, task, region_progress, run_regions):
+            warnings.warn("'parseString' deprecated - use 'parse_string'", LibraryDeprecation, stacklevel=1)
+            warnings.warn("slide.svs: no resolution in the file, 0.5 um/px from --mpp", UserWarning, stacklevel=1)
+            return {"probability": 0.5, "timings": {}}
+
+    res = execute(Job(), SlideTask("s", str(tmp_path / "s.svs")))
+    assert res["ok"] and res["warnings"] == ["slide.svs: no resolution in the file, 0.5 um/px from --mpp"]

@@ -119,6 +119,10 @@ def export_onnx(
     if size < STRIDE or size % STRIDE:  # any other side leaves a part-cell: features no longer one per 32 px
         raise ExportError(f"--size must be a multiple of {STRIDE} px, at least {STRIDE} (one stride-{STRIDE} cell), "
                           f"got {size}")
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # torch's own message ("Module onnx is not installed!") says less
+        raise MissingDependency("onnx (to write ONNX)", 'pip install "wsi-vssm[onnx]"')
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 3, size, size, generator=gen)
     wrapper = _Features(model).eval()

@@ -115,9 +115,16 @@ def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dic
                                         "with the output of --debug)", task),
                        error_type=type(e).__name__, traceback=traceback.format_exc())
     # once each: the slide is opened more than once (tissue, regions), and each open repeats its warnings
-    res["warnings"] = list(dict.fromkeys(one_line(w.message) for w in caught if issubclass(w.category, UserWarning)))
+    res["warnings"] = list(dict.fromkeys(one_line(w.message) for w in caught if _for_users(w.category)))
     res["timings"]["total"] = time.perf_counter() - t0
     return res
+
+
+def _for_users(category: type[Warning]) -> bool:
+    """A warning about the slide or the run, not a library's deprecation notice for its developers (pyparsing's
+    are UserWarning and DeprecationWarning at once: an old matplotlib printed them as the slide's warnings)."""
+    return issubclass(category, UserWarning) and not issubclass(category, (DeprecationWarning,
+                                                                          PendingDeprecationWarning))
 
 
 def abspath(path: str | None) -> str | None:

@@ -20,7 +20,7 @@ import json
 import os
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 
@@ -91,7 +91,7 @@ def write_state(out: str | os.PathLike, kind: str, name: str, state: dict) -> No
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def input_fingerprint(path: str | os.PathLike | None) -> dict | None:

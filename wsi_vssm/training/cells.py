@@ -24,7 +24,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -478,7 +478,7 @@ def _metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides) -
         "metrics": {"valid_select": sel, "valid_holdout": hold},
         "log": log,
         "normalisation": {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "range": "RGB in [0, 1]"},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "package_version": __version__,
         "torch_version": torch.__version__,
     }
