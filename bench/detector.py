@@ -113,7 +113,8 @@ def cohort_figures(model, model_path: str, folder: Path, out: Path) -> dict:
 
 def drop_ci(a: list, b: list, n_boot: int = 2000, seed: int = 0) -> list[float]:
     """95% percentile interval of AUC(a) - AUC(b) for two independent cohorts of [label, probability] rows, each
-    resampled within its classes (as `evaluate` resamples one cohort)."""
+    resampled within its classes (as `evaluate` resamples one cohort), each class's scores sorted first so that
+    the interval does not depend on the order of the rows (figures before 2026-12-04 were drawn unsorted)."""
     from wsi_vssm.outputs.report import roc_auc
 
     rng = np.random.default_rng(seed)
@@ -122,8 +123,8 @@ def drop_ci(a: list, b: list, n_boot: int = 2000, seed: int = 0) -> list[float]:
     for i in range(n_boot):
         aucs = []
         for y, p in parts:
-            pos = rng.choice(p[y], y.sum())
-            neg = rng.choice(p[~y], (~y).sum())
+            pos = rng.choice(np.sort(p[y]), y.sum())
+            neg = rng.choice(np.sort(p[~y]), (~y).sum())
             aucs.append(roc_auc(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
         diffs[i] = aucs[0] - aucs[1]
     return [float(v) for v in np.quantile(diffs, [0.025, 0.975])]

@@ -5,7 +5,7 @@ Importing the package stays light: torch, zarr and the slide backends are import
 
 import os
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 # PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU tensor allocation: when set, tensors of 2 MB or more are
 # 2 MB-aligned and advised onto transparent huge pages. The backbone's large maps then cost 512x fewer page

@@ -270,6 +270,12 @@ def test_a_warning_line_is_red_bold_and_wrapped_to_the_image(thumb):
     never = overlay_figure(thumb, prob, CELL0, (0, 0), SLIDE, title="s", warning="x " * 2000)
     shown = [t.get_text() for t in never.texts if t.get_color() == WARNING_RGB]
     assert len(shown) == MAX_WARNING_LINES and shown[-1].endswith("...")
+    # a word wider than the image (a long path) is broken inside, not left to run off the edge
+    path = overlay_figure(thumb, prob, CELL0, (0, 0), SLIDE, title="s", warning="/very/long/path" * 12 + " end")
+    path.canvas.draw()
+    parts = [t for t in path.texts if t.get_color() == WARNING_RGB]
+    assert len(parts) >= 2 and all(t.get_window_extent(path.canvas.get_renderer()).x1 <= path.bbox.width
+                                   for t in parts)
 
 
 def test_the_no_tissue_text_can_say_why(thumb):
@@ -277,3 +283,7 @@ def test_the_no_tissue_text_can_say_why(thumb):
     fig = overlay_figure(thumb, empty, CELL0, (0, 0), SLIDE, no_tissue_text="slide smaller than one cell")
     texts = [t.get_text() for t in fig.texts]
     assert "slide smaller than one cell" in texts and NO_TISSUE_TEXT not in texts
+    empty_text = overlay_figure(thumb, empty, CELL0, (0, 0), SLIDE, no_tissue_text="")  # was a ZeroDivisionError
+    assert NO_TISSUE_TEXT in [t.get_text() for t in empty_text.texts]
+    with pytest.raises(UsageError, match="warning must be one line"):
+        overlay_figure(thumb, empty, CELL0, (0, 0), SLIDE, warning="two\nlines")

@@ -147,6 +147,8 @@ def test_a_slide_without_cells_says_why(model_file, tmp_path):
     some[0, 0] = True
     assert no_cells_reason(attrs, np.zeros((8, 8), bool)) == NO_TISSUE
     assert no_cells_reason(attrs, some) == f"{SMALLER_THAN_A_CELL}: 30 x 2000 px at 1 um/px, a cell is 32 px"
+    # 31.5 px is no whole cell either (the grid counts whole cells), whatever rounding would say
+    assert no_cells_reason({**attrs, "dims": [63, 63]}, some).startswith(f"{SMALLER_THAN_A_CELL}: 31.5 x 31.5 px")
     assert no_cells_reason({**attrs, "dims": [4000, 4000]}, some) == \
         f"{TOO_LITTLE_TISSUE}: tissue on 1.6% of the slide, a cell needs 25%"
     rgb = np.full((40, 40, 3), 240, np.uint8)
@@ -470,7 +472,7 @@ def test_the_overlay_title_says_out_of_domain():
     assert overlay_warning(record) is None
     notes = ["looks like IHC", "tissue unlike the training data"]
     assert overlay_warning({**record, "in_domain": False, "domain_notes": notes}).endswith(
-        "here: looks like IHC; tissue unlike the training data")
+        "mean nothing: looks like IHC; tissue unlike the training data")
 
 
 def test_tta_measures_the_domain_distance_on_the_untransformed_view(model_file, cohort, tmp_path):

@@ -435,3 +435,29 @@ def test_an_interrupt_as_a_slide_finishes_leaves_a_table_that_has_it(model_file,
     rows = {r["slide"]: r["status"] for r in _table(out)}
     assert rows == {"normal_001": "done", "normal_002": "pending", "tumor_001": "pending"}, rows
     assert not (out / "metrics.json").exists()  # a partial run writes no figures
+
+
+def test_the_interrupted_table_keeps_this_runs_outcomes_and_takes_only_this_slides_state(tmp_path):
+    """The interrupted table read every unrecorded slide's state on disk: a state of another slide of the same
+    name (another cohort run into the same folder, which this run had failed in triage) came out `done` with
+    that slide's probability."""
+    from types import SimpleNamespace
+
+    from wsi_vssm.runs.cohort_table import interim_table, interrupted_table
+    from wsi_vssm.runs.execute import Outcome, SlideTask
+    from wsi_vssm.runs.state import write_state
+
+    out = tmp_path / "o"
+    out.mkdir()
+    crows = [SimpleNamespace(name=n, label=lab) for n, lab in (("a", 1), ("b", 0), ("c", 0))]
+    tasks = [SlideTask(n, str(tmp_path / f"{n}.tif")) for n in ("a", "b", "c")]
+    job = SimpleNamespace(out=out, kind="predict", params_hash="h", outputs_ok=lambda name: True)
+    done = {"status": "done", "params_hash": "h", "result": {"probability": 0.93, "in_domain": True}}
+    write_state(out, "predict", "a", {**done, "abspath": str(tmp_path / "elsewhere" / "a.tif")})  # another slide
+    write_state(out, "predict", "b", {**done, "abspath": str(tmp_path / "b.tif")})  # finished as Ctrl-C came
+    write_state(out, "predict", "c", {**done, "abspath": str(tmp_path / "elsewhere" / "c.tif")})
+    after = interim_table(out, crows, tasks, None, None)
+    after(Outcome(tasks[0], "failed", "a: the output folder holds the results of another slide"))
+    interrupted_table(out, crows, tasks, job, after)
+    rows = {r["slide"]: (r["status"], r["probability"]) for r in _table(out)}
+    assert rows == {"a": ("failed", ""), "b": ("done", "0.93"), "c": ("pending", "")}, rows

@@ -148,8 +148,9 @@ def _overlay(thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap, *, cel
 
     thumb = _enlarged(_check_thumbnail(thumbnail_rgb))
     threshold = _check_options(cell_threshold, alpha, cmap, title)
-    _check_options(threshold, alpha, cmap, warning)
-    _check_options(threshold, alpha, cmap, no_tissue_text)
+    _check_line(warning, "warning")
+    _check_line(no_tissue_text or None, "no_tissue_text")
+    no_tissue_text = no_tissue_text or NO_TISSUE_TEXT
     grid = _grid(prob)
     h, w = thumb.shape[:2]
     heat = heatmap_on_grid(grid, cell0, origin, slide_dims, (h, w))
@@ -246,9 +247,13 @@ def _check_options(cell_threshold, alpha, cmap, title) -> float:
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha <= 1):
         raise UsageError(f"alpha must be in (0, 1], got {alpha!r}")
     colormap(cmap)
-    if title is not None and (not isinstance(title, str) or "\n" in title or "\r" in title):
-        raise UsageError(f"title must be one line of text, got {title!r}")
+    _check_line(title, "title")
     return threshold
+
+
+def _check_line(text, what: str) -> None:
+    if text is not None and (not isinstance(text, str) or "\n" in text or "\r" in text):
+        raise UsageError(f"{what} must be one line of text, got {text!r}")
 
 
 def _check_thumbnail(thumbnail_rgb) -> np.ndarray:
@@ -341,20 +346,33 @@ MAX_WARNING_LINES = 3
 
 
 def _wrapped(text: str, font_px: float, max_w: float) -> tuple[str, ...]:
-    """`text` in bold broken at spaces into lines of at most `max_w` px, MAX_WARNING_LINES at most (the last
-    ends in "..." when the text does not fit)."""
+    """`text` in bold broken into lines of at most `max_w` px, at spaces (inside a word only when the word alone
+    is wider, e.g. a long path), MAX_WARNING_LINES at most: the last ends in "..." when the text does not fit."""
+    def fits(s: str) -> bool:
+        return _text_width(s, font_px, bold=True) <= max_w
+
+    # no line holds more than max_w / (0.25 em) characters: what lies beyond MAX + 1 such lines is never shown
+    text = text[: (MAX_WARNING_LINES + 1) * math.ceil(max_w / (0.25 * font_px))]
     lines: list[str] = []
     for word in text.split():
-        if lines and _text_width(f"{lines[-1]} {word}", font_px, bold=True) <= max_w:
+        if lines and fits(f"{lines[-1]} {word}"):
             lines[-1] += f" {word}"
-        else:
-            lines.append(word)
+            continue
+        while not fits(word) and len(word) > 1 and len(lines) <= MAX_WARNING_LINES:
+            lo, hi = 1, len(word) - 1  # the longest head that fits (at least one character) gets a line
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fits(word[:mid]) else (lo, mid - 1)
+            lines.append(word[:lo])
+            word = word[lo:]
+        lines.append(word)
+        if len(lines) > MAX_WARNING_LINES:  # enough to know the text does not fit
+            break
     if len(lines) > MAX_WARNING_LINES:
-        lines = lines[:MAX_WARNING_LINES]
-        last = lines[-1].split()
-        while len(last) > 1 and _text_width(" ".join(last) + " ...", font_px, bold=True) > max_w:
-            last.pop()
-        lines[-1] = " ".join(last) + " ..."
+        last = lines[MAX_WARNING_LINES - 1]
+        while len(last) > 1 and not fits(last + " ..."):
+            last = last.rsplit(" ", 1)[0] if " " in last else last[:-1]
+        lines = [*lines[: MAX_WARNING_LINES - 1], last + " ..."]
     return tuple(lines)
 
 

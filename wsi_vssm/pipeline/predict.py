@@ -365,7 +365,7 @@ def overlay_warning(record: dict) -> str | None:
     words (the colours and outlines of such a slide look as confident as any)."""
     if record.get("in_domain") is not False:
         return None
-    return f"out of the model's domain, colours and outlines mean nothing here: {'; '.join(record['domain_notes'])}"
+    return f"out of the model's domain, so colours and outlines mean nothing: {'; '.join(record['domain_notes'])}"
 
 
 def overlay_title(record: dict) -> str:
@@ -389,9 +389,10 @@ def no_cells_reason(attrs: dict, mask: np.ndarray) -> str:
     if not np.asarray(mask).any():
         return NO_TISSUE
     scale = attrs["mpp"] / attrs["slide_mpp"]  # level-0 px per analysis px
-    w, h = (round(d / scale) for d in attrs["dims"])
-    if min(w, h) < attrs["token_px"]:
-        return f"{SMALLER_THAN_A_CELL}: {w} x {h} px at {attrs['mpp']:.3g} um/px, a cell is {attrs['token_px']} px"
+    w, h = (d / scale for d in attrs["dims"])
+    if min(w, h) < attrs["token_px"] - 1e-9:  # as the cell grid counts whole cells (pipeline.extract)
+        return (f"{SMALLER_THAN_A_CELL}: {w:.4g} x {h:.4g} px at {attrs['mpp']:.3g} um/px, a cell is "
+                f"{attrs['token_px']} px")
     return (f"{TOO_LITTLE_TISSUE}: tissue on {100 * float(np.mean(mask)):.1f}% of the slide, a cell needs "
             f"{100 * attrs['min_tissue']:.0f}%")
 

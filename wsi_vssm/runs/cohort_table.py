@@ -48,10 +48,12 @@ def interim_table(out: Path, crows: list, tasks: list, on_slide, progress) -> Ca
     `pending` rows, so a run that is killed leaves a table that says it is partial."""
     index = {id(t): i for i, t in enumerate(tasks)}
     table = [pending_row(c) for c in crows]
+    recorded: set[int] = set()  # rows that hold this run's outcome (`interrupted_table` keeps them)
 
     def after(outcome) -> None:
         i = index[id(outcome.task)]
         table[i] = _row(crows[i], outcome)
+        recorded.add(i)
         try:  # best effort (skipped while another run writes): the final table, from the states on disk, counts
             with report_writer(out, 0) as held:
                 if held:
@@ -62,6 +64,7 @@ def interim_table(out: Path, crows: list, tasks: list, on_slide, progress) -> Ca
         if on_slide is not None:
             on_slide(table[i])
 
+    after.table, after.recorded = table, recorded
     return after
 
 
@@ -130,14 +133,24 @@ def write_table(out: Path, rows: list[dict]) -> None:
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
 
 
-def interrupted_table(out: Path, crows: list, tasks: list, job) -> None:
-    """On Ctrl-C or SIGTERM: rewrite predictions.csv from the states on disk (a slide finished just as the
-    interrupt came is done there, though its row was not written yet), the others `pending`. Best effort: the
-    interrupt goes on whatever happens here."""
+def interrupted_table(out: Path, crows: list, tasks: list, job, interim) -> None:
+    """On Ctrl-C or SIGTERM: rewrite predictions.csv with this run's outcomes (`interim`, the `interim_table`
+    callback) and, for a slide without one, its state on disk when that state is of this slide and these
+    parameters and says done (a slide finished just as the interrupt came); the others stay `pending`. Best
+    effort: the interrupt goes on whatever happens here."""
+    import os
     from types import SimpleNamespace
+
+    from wsi_vssm.runs.state import Status, read_state
+
+    def row(i: int) -> dict:
+        task = tasks[i]
+        state = None if i in interim.recorded or task.path is None else read_state(job.out, job.kind, task.name)
+        ours = (state is not None and state.get("abspath") == os.path.abspath(task.path)
+                and state.get("params_hash") == job.params_hash and state.get("status") == Status.DONE)
+        return (final_row(crows[i], SimpleNamespace(task=task, status="done"), job) if ours
+                else interim.table[i])
 
     with contextlib.suppress(Exception), report_writer(out, 0) as held:
         if held:
-            write_table(out, [final_row(c, SimpleNamespace(task=t, status="failed" if t.error else "pending",
-                                                           state=None, message=t.error, ok=False), job)
-                              for c, t in zip(crows, tasks, strict=True)])
+            write_table(out, [row(i) for i in range(len(tasks))])

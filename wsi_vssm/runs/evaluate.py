@@ -128,7 +128,7 @@ def evaluate_cohort(
     try:
         summary = run_slides(tasks, job, run, progress, on_outcome=after)
     except KeyboardInterrupt:
-        interrupted_table(out, cohort.rows, tasks, job)
+        interrupted_table(out, cohort.rows, tasks, job, after)
         raise
     _wait_for_other_runs(tasks, job, run.wait_locked, progress)
     with report_writer(out, REPORT_LOCK_WAIT_S):
