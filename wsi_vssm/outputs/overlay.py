@@ -425,7 +425,7 @@ def _draw_no_tissue(fig, lay: _Layout, centre_y: float, text: str = NO_TISSUE_TE
     """Draw `text` ("no tissue found") in large type across the overlay panel, and once more in the legend band."""
     f, W, H = lay.font_px, lay.width, lay.height
     panel_w = lay.panel_w
-    # large, but never wider than the panel (the text is about 8.5 em wide)
+    # large, but never wider than the panel (bold type is about 0.55 em a character)
     big_px = min(0.8 * panel_w / (0.55 * len(text)), max(2 * f, 0.12 * (H - lay.title_h - lay.legend_h)))
     fig.text((lay.panel_x + panel_w / 2) / W, centre_y / H, text, ha="center", va="center",
              fontsize=big_px * 72 / DPI, fontweight="bold", color="black", parse_math=False,

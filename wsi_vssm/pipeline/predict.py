@@ -382,6 +382,10 @@ def overlay_title(record: dict) -> str:
             f"{record['slide_threshold']:.3f}){tail}")
 
 
+NO_TISSUE, SMALLER_THAN_A_CELL, TOO_LITTLE_TISSUE = ("no tissue found", "slide smaller than one cell",
+                                                     "no cell has enough tissue")
+
+
 def no_cells_reason(attrs: dict, mask: np.ndarray) -> str:
     """Why a slide has no cell to score: no tissue on its mask, a slide smaller than one cell, or tissue too
     sparse to fill any cell to the store's `min_tissue` (`info` counts tissue on the thumbnail, so it can report
@@ -395,10 +399,6 @@ def no_cells_reason(attrs: dict, mask: np.ndarray) -> str:
                 f"{attrs['token_px']} px")
     return (f"{TOO_LITTLE_TISSUE}: tissue on {100 * float(np.mean(mask)):.1f}% of the slide, a cell needs "
             f"{100 * attrs['min_tissue']:.0f}%")
-
-
-NO_TISSUE, SMALLER_THAN_A_CELL, TOO_LITTLE_TISSUE = ("no tissue found", "slide smaller than one cell",
-                                                     "no cell has enough tissue")
 
 
 class _Stage:
