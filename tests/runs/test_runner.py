@@ -461,3 +461,63 @@ def test_the_interrupted_table_keeps_this_runs_outcomes_and_takes_only_this_slid
     interrupted_table(out, crows, tasks, job, after)
     rows = {r["slide"]: (r["status"], r["probability"]) for r in _table(out)}
     assert rows == {"a": ("failed", ""), "b": ("done", "0.93"), "c": ("pending", "")}, rows
+
+
+def test_an_interrupt_while_a_lock_is_written_leaves_no_lock(tmp_path, monkeypatch):
+    """Ctrl-C landing while the report lock's file was being written (a cohort run takes it after every slide)
+    left the file behind, not held: the interrupted run's table then could not take the lock and wrote nothing
+    (no predictions.csv at all after the first slide), and the rerun waited for the orphan to go stale."""
+    from wsi_vssm.runs import state
+
+    real_dump = state.json.dump
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(state.json, "dump", interrupted)
+    (tmp_path / STATE_DIR).mkdir()
+    lock = SlideLock(tmp_path, "report", "cohort")
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    assert not lock.held and not list(tmp_path.rglob("*.lock"))
+    monkeypatch.setattr(state.json, "dump", real_dump)
+    assert lock.acquire() and lock.held  # taken at once, nothing to wait for
+    lock.release()
+
+
+def test_an_interrupt_inside_the_tables_lock_still_leaves_a_true_table(model_file, cohort, tmp_path, monkeypatch):
+    """The same interrupt seen from evaluate: the slide whose state says done is `done` in the table."""
+    from wsi_vssm.runs import state
+
+    calls = []
+    real_dump = state.json.dump
+
+    def dump(obj, f, *args, **kwargs):  # the report lock's file exists, then Ctrl-C
+        lock = sys._getframe(1).f_locals.get("self")
+        if isinstance(lock, SlideLock) and lock.path.name.startswith("cohort.report"):
+            calls.append(lock.path)
+            if len(calls) == 2:  # the 1st is the run's start; the 2nd, the table's rewrite after the 1st slide
+                raise KeyboardInterrupt
+        return real_dump(obj, f, *args, **kwargs)
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(state.json, "dump", dump)
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 130
+    assert len(calls) >= 2
+    rows = {r["slide"]: r["status"] for r in _table(out)}
+    assert rows == {"normal_001": "done", "normal_002": "pending", "tumor_001": "pending"}, rows
+
+
+def test_metrics_json_comes_after_its_figures(model_file, cohort, tmp_path, monkeypatch):
+    """A SIGINT just after the last slide left metrics.json saying `"complete": true` with roc.png and
+    calibration.png missing: metrics.json is now written last."""
+    from wsi_vssm.outputs import report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "roc_png", interrupted)
+    out = tmp_path / "o"
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 130
+    assert not (out / "metrics.json").exists()
+    assert {r["status"] for r in _table(out)} == {"done"}

@@ -342,7 +342,7 @@ def _text_width(text: str, font_px: float, bold: bool = False) -> float:
     return float(width)
 
 
-MAX_WARNING_LINES = 3
+MAX_WARNING_LINES = 4  # a fluorescence slide's two domain notes take 3 to 4 lines on a 2,048 px overlay
 
 
 def _wrapped(text: str, font_px: float, max_w: float) -> tuple[str, ...]:

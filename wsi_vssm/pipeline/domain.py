@@ -232,7 +232,7 @@ class FeatureDomain:
         if math.isnan(dist):
             return True, ["no tissue tokens: token features not checked"]
         few = n_tokens is not None and n_tokens < MIN_TOKENS
-        rough = f" (only {n_tokens} tissue tokens: a rough figure)" if few else ""
+        rough = f" (only {n_tokens} tissue token{'' if n_tokens == 1 else 's'}: a rough figure)" if few else ""
         if dist > self.threshold:
             return False, [f"tissue unlike the training data: token feature distance {dist:.2f} > threshold "
                            f"{self.threshold:.2f} ({self.statistic} Mahalanobis distance){rough}"]

@@ -319,10 +319,10 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "n_pending": int(n_pending), "complete": not n_pending,
                "n_out_of_domain": n_out, "calibration": calibration, **metrics,  # then `reason`, when there is one
                **(provenance or {})}
-    _write_json(out / METRICS_JSON, metrics)
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
             threshold=threshold, items=items)
     calibration_png(out / CALIBRATION_PNG, labels, scores, calibration)
+    _write_json(out / METRICS_JSON, metrics)  # last: a "complete" metrics.json has its figures beside it
     return metrics
 
 

@@ -177,8 +177,13 @@ class SlideLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+        except BaseException:  # Ctrl-C (a cohort run takes the report lock after every slide) or a full disk while
+            with contextlib.suppress(OSError):  # writing: no orphan for every later report write to give up at
+                self.path.unlink()
+            raise
         self.held = True
         return True
 
