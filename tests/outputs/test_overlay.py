@@ -287,3 +287,20 @@ def test_the_no_tissue_text_can_say_why(thumb):
     assert NO_TISSUE_TEXT in [t.get_text() for t in empty_text.texts]
     with pytest.raises(UsageError, match="warning must be one line"):
         overlay_figure(thumb, empty, CELL0, (0, 0), SLIDE, warning="two\nlines")
+
+
+def test_the_no_tissue_text_stays_legible_on_a_sliver_of_a_slide():
+    """A 64 x 4,000 px slide's 33 px wide panel drew "no tissue found" about 3 px high; a 4,000 x 64 px one's
+    box was taller than its panel and covered the legend band's line."""
+    from wsi_vssm.outputs.overlay import MIN_FONT_PX, NO_CELL_NOTE
+
+    empty = np.full((4, 4), np.nan, np.float32)
+    tall = overlay_figure(np.full((2048, 33, 3), 240, np.uint8), empty, 16.0, (0, 0), (33, 2048), title="s")
+    tall.canvas.draw()
+    note = next(t for t in tall.texts if t.get_text() == NO_TISSUE_TEXT)
+    assert note.get_fontsize() * 100 / 72 >= MIN_FONT_PX - 1e-6  # at least the legend's size
+    box = note.get_bbox_patch().get_window_extent(tall.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= tall.bbox.width, box
+    low = overlay_figure(np.full((12, 600, 3), 240, np.uint8), empty, 16.0, (0, 0), (600, 12), title="s")
+    texts = [t.get_text() for t in low.texts]
+    assert NO_TISSUE_TEXT not in texts and f"{NO_TISSUE_TEXT}: {NO_CELL_NOTE}" in texts  # the band's line only

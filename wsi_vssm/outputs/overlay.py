@@ -39,6 +39,7 @@ FONT_FRACTION = 0.021  # legend and title font size (em, px) as a fraction of th
 MIN_FONT_PX = 14
 CONTOUR_RGB = (0, 0, 0)  # outlines in black: visible on H&E and on every colour of the map
 NO_TISSUE_TEXT = "no tissue found"
+NO_CELL_NOTE = "no cell was scored"
 WARNING_RGB = (0.72, 0.0, 0.0)  # dark red: stands out from the black title, legible on white
 
 
@@ -160,7 +161,7 @@ def _overlay(thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap, *, cel
         scale = (w / float(slide_dims[0]), h / float(slide_dims[1]))
         panel = draw_outlines(panel, contours, scale, width=max(2, round(h / 400)))
 
-    lay = _Layout.make(h, w, side_by_side, title, tissue, warning)
+    lay = _Layout.make(h, w, side_by_side, title, tissue, warning, no_tissue_text)
     fig = Figure(figsize=(lay.width / DPI, lay.height / DPI), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
     img_bottom = lay.height - lay.title_h - h  # figimage offsets are from the lower-left corner
@@ -293,7 +294,7 @@ class _Layout:
 
     @classmethod
     def make(cls, h: int, w: int, side_by_side: bool, title: str | None, tissue: bool,
-             warning: str | None = None) -> _Layout:  # fmt: skip
+             warning: str | None = None, no_tissue_text: str = NO_TISSUE_TEXT) -> _Layout:  # fmt: skip
         f = max(MIN_FONT_PX, round(FONT_FRACTION * h))
         pad = round(0.6 * f)
         title_h = round(1.8 * f) if title is not None else 0
@@ -304,6 +305,8 @@ class _Layout:
         widths = [panel_x + w]
         if tissue:
             widths += [panel_x + pad + label_w + f + bar_w + 2 * f, panel_x + 2 * pad + _text_width(_NOTE_MAX, f)]
+        else:  # the legend band's line, and room for the large text on a sliver of a slide
+            widths.append(panel_x + 2 * pad + _text_width(f"{no_tissue_text}: {NO_CELL_NOTE}", f))
         title_px = f
         if title is not None:  # shrink a long title to the image width, to 0.7 of the legend font at most
             title_px = max(0.7 * f, min(f, 0.98 * f * (max(widths) - 2 * pad) / _text_width(title, f)))
@@ -424,11 +427,16 @@ def _draw_legend(fig, lay: _Layout, threshold: float, alpha: float, cmap: str, o
 def _draw_no_tissue(fig, lay: _Layout, centre_y: float, text: str = NO_TISSUE_TEXT) -> None:
     """Draw `text` ("no tissue found") in large type across the overlay panel, and once more in the legend band."""
     f, W, H = lay.font_px, lay.width, lay.height
-    panel_w = lay.panel_w
-    # large, but never wider than the panel (bold type is about 0.55 em a character)
-    big_px = min(0.8 * panel_w / (0.55 * len(text)), max(2 * f, 0.12 * (H - lay.title_h - lay.legend_h)))
-    fig.text((lay.panel_x + panel_w / 2) / W, centre_y / H, text, ha="center", va="center",
-             fontsize=big_px * 72 / DPI, fontweight="bold", color="black", parse_math=False,
-             bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "black", "boxstyle": "round,pad=0.4"})  # fmt: skip
-    fig.text((lay.panel_x + lay.pad) / W, 1 - (H - lay.legend_h / 2) / H, f"{text}: no cell was scored",
+    panel_w, panel_h = lay.panel_w, lay.panel_h
+    # large, but never wider than the panel (bold type is about 0.55 em a character) nor its box taller, and
+    # never below the legend's size: on a sliver of a slide (64 x 4,000 px) it would be a smudge; on a panel
+    # too low for that, only the legend band's line says it
+    big_px = max(f, min(0.8 * panel_w / (0.55 * len(text)), 0.6 * panel_h, max(2 * f, 0.12 * panel_h)))
+    if 0.6 * panel_h >= f:
+        half = (0.55 * len(text) + 0.8) * big_px / 2 + lay.pad  # with the box; kept inside the image
+        x = min(max(lay.panel_x + panel_w / 2, half), W - half) if 2 * half < W else W / 2
+        fig.text(x / W, centre_y / H, text, ha="center", va="center",
+                 fontsize=big_px * 72 / DPI, fontweight="bold", color="black", parse_math=False,
+                 bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "black", "boxstyle": "round,pad=0.4"})
+    fig.text((lay.panel_x + lay.pad) / W, 1 - (H - lay.legend_h / 2) / H, f"{text}: {NO_CELL_NOTE}",
              ha="left", va="center", fontsize=lay.font_pt, parse_math=False)  # fmt: skip
