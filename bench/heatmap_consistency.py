@@ -78,7 +78,7 @@ def main() -> None:
         print(f"model {model.name}, cell threshold {threshold:.3f}, tta {args.tta}; {len(slides)} held-back "
               f"mosaics of {args.grid} x {args.grid} patches", flush=True)
         per_view: dict[str, list[tuple[float, float, float]]] = {v: [] for v in VIEWS if v != "identity"}
-        places: dict[tuple[int, str], list[np.ndarray]] = {}
+        places: dict[tuple[int, str], list[float]] = {}
         t0 = time.perf_counter()
         for s in slides:
             with open_slide(s.path) as slide:
@@ -110,8 +110,8 @@ def main() -> None:
         print(f"{view:<16} {np.median(r):9.3f} {np.median(j):8.3f} {dp.max():9.3f}")
     print("\ncells by place in their 96 px patch (identity copies): mean probability, share >= cell threshold")
     for label, name in ((1, "label-1 patches (tumour slides)"), (0, "label-0 patches (normal slides)")):
-        parts = [f"{place} {np.mean(v):.3f} / {np.mean(v >= threshold):.1%}"
-                 for (lab, place), v in ((k, np.concatenate(v)) for k, v in sorted(places.items())) if lab == label]
+        parts = [f"{place} {np.mean(v):.3f} / {np.mean(np.asarray(v) >= threshold):.1%}"
+                 for (lab, place), v in sorted(places.items()) if lab == label]
         print(f"{name}: " + "; ".join(parts))
 
 
@@ -126,7 +126,7 @@ def _collect_places(places: dict, grid: np.ndarray, slide) -> None:
         if block.shape != (PATCH_CELLS, PATCH_CELLS):
             continue
         for (r, c), place in PLACE.items():
-            places.setdefault((label, place), []).append(np.array([block[r, c]]))
+            places.setdefault((label, place), []).append(float(block[r, c]))
 
 
 if __name__ == "__main__":

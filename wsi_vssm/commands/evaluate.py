@@ -25,6 +25,7 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
                    "kappa; writes stages.csv and confusion.png (docs/outputs.md).")
 @click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=2000, show_default=True,
               help="Bootstrap resamples for the AUC's 95% interval.")
+# runs.cohort.SPLIT_CHOICES, spelt out: importing runs.cohort here would load numpy before a bad path is refused
 @click.option("--split", type=click.Choice(["auto", "all", "train", "valid", "test"]), default="auto",
               show_default=True,
               help="Which rows of a manifest with a split column to evaluate; auto: the test rows when there is a "

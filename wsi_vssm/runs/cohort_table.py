@@ -4,7 +4,6 @@ table rewritten after every slide, and the lock one writer of the cohort files h
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 
 from wsi_vssm.outputs.files import CALIBRATION_PNG, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
@@ -43,47 +42,61 @@ def report_writer(out: Path, wait: float):
         lock.release()
 
 
-def interim_table(out: Path, crows: list, tasks: list, on_slide, progress) -> Callable:
-    """The runner's per-slide callback: rewrite predictions.csv with every slide, those not through yet as
-    `pending` rows, so a run that is killed leaves a table that says it is partial."""
-    index = {id(t): i for i, t in enumerate(tasks)}
-    table = [pending_row(c) for c in crows]
-    recorded: set[int] = set()  # rows that hold this run's outcome (`interrupted_table` keeps them)
+class InterimTable:
+    """The runner's per-slide callback (`interim_table`): rewrite predictions.csv with every slide, those not
+    through yet as `pending` rows, so a run that is killed leaves a table that says it is partial. `table` holds
+    the rows, `recorded` the indices that hold this run's outcome (`interrupted_table` keeps them)."""
 
-    def after(outcome) -> None:
-        i = index[id(outcome.task)]
-        table[i] = _row(crows[i], outcome)
-        recorded.add(i)
+    def __init__(self, out: Path, crows: list, tasks: list, on_slide, progress):
+        self.out, self.crows, self.on_slide, self.progress = out, crows, on_slide, progress
+        self.index = {id(t): i for i, t in enumerate(tasks)}
+        self.table = [pending_row(c) for c in crows]
+        self.recorded: set[int] = set()
+
+    def __call__(self, outcome) -> None:
+        i = self.index[id(outcome.task)]
+        self.table[i] = _row(self.crows[i], outcome)
+        self.recorded.add(i)
         try:  # best effort (skipped while another run writes): the final table, from the states on disk, counts
-            with report_writer(out, 0) as held:
+            with report_writer(self.out, 0) as held:
                 if held:
-                    write_table(out, table)
+                    write_table(self.out, self.table)
         except OSError as e:
-            if progress is not None:
-                progress.warn(f"{out / PREDICTIONS_CSV}: not updated ({e.strerror or e}); the slide is recorded")
-        if on_slide is not None:
-            on_slide(table[i])
+            if self.progress is not None:
+                self.progress.warn(f"{self.out / PREDICTIONS_CSV}: not updated ({e.strerror or e}); the slide is "
+                                   "recorded")
+        if self.on_slide is not None:
+            self.on_slide(self.table[i])
 
-    after.table, after.recorded = table, recorded
-    return after
+
+def interim_table(out: Path, crows: list, tasks: list, on_slide, progress) -> InterimTable:
+    return InterimTable(out, crows, tasks, on_slide, progress)
 
 
 def pending_row(crow, note: str = PENDING_NOTE, status: str = PENDING) -> dict:
     return {"slide": crow.name, "label": crow.label, "probability": None, "status": status, "error": note}
 
 
+def _failed_row(crow, error: str | None) -> dict:
+    return {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed", "error": error}
+
+
+def _result_row(crow, result: dict) -> dict:
+    """The row of a slide that ran through, from its prediction (or its state's `result`): `no_tissue` with the
+    reason when it got no probability."""
+    p = result.get("probability")
+    return {"slide": crow.name, "label": crow.label, "probability": p,
+            "status": "done" if p is not None else "no_tissue", "error": None if p is not None
+            else result.get("reason"), "in_domain": result.get("in_domain")}
+
+
 def _row(crow, outcome) -> dict:
     """A predictions.csv row from a slide's outcome in this run (its state when it ran or was done before)."""
     if outcome.status == "locked":
         return pending_row(crow, outcome.message, IN_PROGRESS)
-    row = {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
-           "error": outcome.message or None}
     if outcome.ok:
-        result = (outcome.state or {}).get("result") or {}
-        p = result.get("probability")
-        row.update(probability=p, status="done" if p is not None else "no_tissue",
-                   error=None if p is not None else result.get("reason"), in_domain=result.get("in_domain"))
-    return row
+        return _result_row(crow, (outcome.state or {}).get("result") or {})
+    return _failed_row(crow, outcome.message or None)
 
 
 def final_row(crow, outcome, job) -> dict:
@@ -99,14 +112,9 @@ def final_row(crow, outcome, job) -> dict:
     state = read_state(job.out, job.kind, name)
     if state is not None and state.get("params_hash") == job.params_hash:
         if state.get("status") == Status.DONE and job.outputs_ok(name):
-            rec = _prediction(Path(job.out) / name) or state.get("result") or {}
-            p = rec.get("probability")
-            return {"slide": crow.name, "label": crow.label, "probability": p,
-                    "status": "done" if p is not None else "no_tissue", "error": None if p is not None
-                    else rec.get("reason"), "in_domain": rec.get("in_domain")}
+            return _result_row(crow, _prediction(Path(job.out) / name) or state.get("result") or {})
         if state.get("status") == Status.FAILED:
-            return {"slide": crow.name, "label": crow.label, "probability": None, "status": "failed",
-                    "error": state.get("error")}
+            return _failed_row(crow, state.get("error"))
     if outcome.status == "failed":
         return _row(crow, outcome)
     holder = live_lock(job.out, job.kind, name)
@@ -133,7 +141,7 @@ def write_table(out: Path, rows: list[dict]) -> None:
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
 
 
-def interrupted_table(out: Path, crows: list, tasks: list, job, interim) -> None:
+def interrupted_table(out: Path, crows: list, tasks: list, job, interim: InterimTable) -> None:
     """On Ctrl-C or SIGTERM: rewrite predictions.csv with this run's outcomes (`interim`, the `interim_table`
     callback) and, for a slide without one, its state on disk when that state is of this slide and these
     parameters and says done (a slide finished just as the interrupt came); the others stay `pending`. Best
