@@ -192,3 +192,20 @@ def test_test_files_have_unique_basenames():
     basename would shadow each other at collection."""
     names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+
+
+def test_the_entry_points_are_at_the_top_level_and_importing_the_package_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, wsi_vssm\nlight = 'numpy' not in sys.modules\n"
+            "from wsi_vssm.pipeline.predict import predict_slide\nfrom wsi_vssm.io import open_slide\n"
+            "assert wsi_vssm.predict_slide is predict_slide and wsi_vssm.open_slide is open_slide\n"
+            "assert all(getattr(wsi_vssm, n) is not None for n in wsi_vssm.__all__)\n"
+            "assert set(wsi_vssm.__all__) <= set(dir(wsi_vssm))\nprint('light', light)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "light True", proc.stdout + proc.stderr
+    import wsi_vssm
+
+    with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
+        wsi_vssm.nonesuch  # noqa: B018

@@ -291,3 +291,32 @@ def test_planes_and_channels_left_unread_are_warned_about(tmp_path):
             open_slide(path, backend="tifffile", mpp=0.5).close()
         notes = [str(w.message) for w in caught if "only the first" in str(w.message)]
         assert notes == ([] if note is None else [f"{path}: {note}"])
+
+
+def test_api_misuse_is_a_usage_error_that_says_what_to_pass(tmp_path):
+    """An image array, a PIL image or an openslide.OpenSlide given to open_slide raised a bare TypeError; a
+    channel-first array became a 3-row image of 64 channels; mpp=0 divided by zero in read()."""
+    import numpy as np
+
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.io import ArraySlide, SlideError, open_slide
+    from wsi_vssm.pipeline.extract import extract_slide
+
+    image = np.full((64, 64, 3), 200, np.uint8)
+    with pytest.raises(UsageError, match="open_slide takes a path, got a ndarray; .*ArraySlide"):
+        open_slide(image)
+    with pytest.raises(UsageError, match="channel-first"):
+        ArraySlide(np.moveaxis(image, -1, 0), mpp=1.0)
+    with pytest.raises(UsageError, match="H x W or H x W x 3"):
+        ArraySlide(np.zeros((2, 64, 64, 3), np.uint8), mpp=1.0)
+    for bad in (0, -1, float("nan"), "1"):
+        with pytest.raises(UsageError, match="mpp must be a positive number"):
+            ArraySlide(image, mpp=bad)
+    slide = ArraySlide(image, mpp=np.float32(1.0))
+    for mpp in (0, -1, float("nan")):
+        with pytest.raises(SlideError, match="read: mpp must be a positive number"):
+            slide.read(0, 0, 10, 10, mpp=mpp)
+    with pytest.raises(SlideError, match="positive size"):
+        slide.read(0, 0, -5, 10, mpp=1.0)
+    with pytest.raises(UsageError, match="extract_slide takes an open slide"):
+        extract_slide(image, None, mpp=1.0)

@@ -153,6 +153,30 @@ def test_cpu_kernels_load_from_numba_cache():
     assert "misses 0" in runs[1].stdout, runs[1].stdout + runs[1].stderr
 
 
+THREADS_CHECK = """
+import torch
+from wsi_vssm.ops.scan import selective_scan
+from tests.ops.test_scan import make_inputs
+before = torch.get_num_threads()
+selective_scan(**make_inputs(1, 4, 16, 2, 0), delta_softplus=True, impl="cpu")
+import numba
+print("threads", before, torch.get_num_threads(), numba.threading_layer())
+"""
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"), reason="numba JIT disabled")
+def test_cpu_kernel_keeps_the_callers_torch_threads():
+    """Starting numba's OpenMP pool raised torch's thread count to NUMBA_NUM_THREADS (1 -> 2): a library call
+    must leave the caller's setting as it was."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", THREADS_CHECK], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.split()
+    assert line[:3] == ["threads", "1", "1"], proc.stdout
+
+
 def test_cpu_gradcheck_float64():
     x = {k: v.double() for k, v in make_inputs(2, 4, 9, 2, 2).items()}
     names = list(x)

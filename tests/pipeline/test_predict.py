@@ -129,9 +129,11 @@ def test_no_tissue_is_a_null_probability_not_an_error(model_file, tmp_path):
     path = tmp_path / "blank.tif"
     tifffile.imwrite(path, np.full((1024, 1024, 3), 245, np.uint8), tile=(256, 256), photometric="rgb",
                      resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
-    with pytest.warns(UserWarning, match="no tissue"):
+    with pytest.warns(UserWarning, match="no tissue") as caught:
         rec = predict_slide(path, _model(model_file), tmp_path / "out", FAST)
     assert rec["probability"] is None and rec["reason"] == "no tissue found" and rec["label"] is None
+    # it points at the caller's line (a script's top-level call showed "sys:1")
+    assert [w.filename for w in caught if "no tissue" in str(w.message)] == [__file__]
 
 
 def test_a_slide_without_cells_says_why(model_file, tmp_path):
@@ -174,7 +176,7 @@ def test_fluorescence_like_slide_is_out_of_domain_with_a_warning(model_file, tmp
         warnings.simplefilter("always")
         rec = predict_slide(tmp_path / "dapi.tif", _model(model_file), tmp_path / "out", FAST)
     assert rec["in_domain"] is False and any("fluorescence" in n for n in rec["domain_notes"])
-    assert any("out of the model's domain" in str(w.message) for w in caught)
+    assert [w.filename for w in caught if "out of the model's domain" in str(w.message)] == [__file__]
     assert any(w.startswith("out of domain") for w in rec["summary"]["warnings"])
 
 
@@ -507,3 +509,70 @@ def test_prediction_records_what_auto_precision_came_to(monkeypatch):
     assert _precision_used(PredictParams(device="cpu")) == "fp32"
     monkeypatch.setattr(precision, "bf16_supported", lambda device: False)
     assert _precision_used(PredictParams(device="cpu", precision="auto")) == "fp32"
+
+
+@pytest.mark.parametrize("field, value", [("threshold", float("nan")), ("cell_threshold", 1.5),
+                                          ("extent_threshold", -0.1), ("target_mpp", 0), ("mpp", float("inf")),
+                                          ("merge_distance_cells", -1), ("batch_size", 0), ("reader_threads", 1.5)])
+def test_predict_params_refuse_a_bad_value_at_once(field, value):
+    """PredictParams(threshold=nan) was taken (every slide labelled 0), target_mpp=0 silently became the model's,
+    cell_threshold=1.5 failed only after the backbone had run."""
+    from wsi_vssm.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"PredictParams.{field} must be"):
+        PredictParams(**{field: value})
+
+
+def test_an_extent_threshold_above_the_cell_threshold_is_refused_before_the_slide_is_read(model_file, tmp_path):
+    from wsi_vssm.errors import OptionError
+
+    params = PredictParams(device="cpu", cell_threshold=0.6, extent_threshold=0.7)
+    with pytest.raises(OptionError, match="above the cell threshold"):  # the slide does not even exist
+        predict_slide(tmp_path / "missing.tif", _model(model_file), tmp_path / "out", params)
+
+
+def test_predict_slide_leaves_the_callers_model_as_it_was(model_file, cohort, tmp_path):
+    """A validation call inside a training loop: the submodules were left in eval mode (the model itself still
+    said training) and the MIL head was moved to the CPU. The returned record is the file's, schema included."""
+    model = _model(model_file).train()
+    rec = predict_slide(cohort / "tumor_001.tif", model, tmp_path, FAST)
+    assert all(m.training for m in model.modules())
+    saved = json.loads((tmp_path / "tumor_001" / "prediction.json").read_text())
+    assert rec["schema"] == saved["schema"] == "wsi-vssm-prediction/2"
+    model.eval()
+    again = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "b", FAST)
+    assert not any(m.training for m in model.modules())
+    assert again["probability"] == rec["probability"]
+
+
+def test_an_mpp_override_is_warned_about_once_with_reader_threads(model_file, cohort, tmp_path):
+    """Each reader thread reopened the slide with the given mpp and warned again."""
+    import dataclasses
+    import warnings
+
+    params = dataclasses.replace(FAST, mpp=2.1, reader_threads=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict_slide(cohort / "tumor_001.tif", _model(model_file), tmp_path, params)
+    given = [w for w in caught if "using the given 2.1 um/px instead" in str(w.message)]
+    assert len(given) == 1, [str(w.message) for w in caught]
+
+
+def test_predict_slide_takes_an_open_slide_and_leaves_it_open(model_file, cohort, tmp_path):
+    """A notebook user's open reader (or an image in memory) failed with a TypeError from Path()."""
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.io import ArraySlide, open_slide
+
+    model = _model(model_file)
+    by_path = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "a", FAST)
+    with open_slide(cohort / "tumor_001.tif") as slide:
+        by_reader = predict_slide(slide, model, tmp_path / "b", FAST)
+        assert slide.read_region((0, 0), 0, (4, 4)).shape == (4, 4, 3)  # still open
+        image = slide.read_region((0, 0), 0, slide.dimensions)
+        mpp = slide.mpp
+    assert by_reader["probability"] == by_path["probability"]
+    in_memory = predict_slide(ArraySlide(image, mpp=mpp, name="tumor_001_mem"), model, tmp_path / "c", FAST)
+    assert (tmp_path / "c" / "tumor_001_mem" / "prediction.json").is_file()
+    assert abs(in_memory["probability"] - by_path["probability"]) < 0.05
+    with pytest.raises(UsageError, match="PredictParams.mpp is for slides given by path"):
+        predict_slide(ArraySlide(image, mpp=mpp), model, tmp_path / "d", PredictParams(mpp=1.0))

@@ -231,6 +231,10 @@ class SlideReader(ABC):
         The output has round(w * mpp0 / mpp) x round(h * mpp0 / mpp) pixels.
         """
         mpp0 = self.require_mpp()
+        if not (mpp > 0 and math.isfinite(mpp)):  # 0 divided by zero, -1 gave a 1 x 1 image, NaN a ValueError
+            raise SlideError(self.path, f"read: mpp must be a positive number, got {mpp}")
+        if not (w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h) and math.isfinite(x) and math.isfinite(y)):
+            raise SlideError(self.path, f"read: the box must be finite with a positive size, got {(x, y, w, h)}")
         scale = mpp / mpp0  # level-0 pixels per output pixel
         out_w, out_h = max(1, round(w / scale)), max(1, round(h / scale))
         level = self.best_level_for_downsample(scale)

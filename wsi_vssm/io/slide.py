@@ -48,6 +48,9 @@ def open_slide(
     Raises UnsupportedFormat, CorruptSlide, MissingBackend (all SlideError), or UsageError for a bad
     `backend` or `mpp`.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"open_slide takes a path, got a {type(path).__name__}; wrap an image in memory in "
+                         "ArraySlide(image, mpp=...)")
     name = _backend_name(backend)
     if mpp is not None:
         mpp = _user_mpp(mpp)
@@ -57,6 +60,18 @@ def open_slide(
         raise UnsupportedFormat(p, problem)
     reader = _open_auto(p) if name == "auto" else _open_with(name, p)
     _settle_mpp(reader, mpp)
+    return reader
+
+
+def reopen_slide(slide: SlideReader) -> SlideReader:
+    """A second reader of `slide`'s file with the same backend and the same mpp and mpp source, without the
+    warnings opening it first gave (worker threads each need their own handle: tifffile and zarr handles are
+    not thread-safe)."""
+    if slide.path is None:
+        raise UsageError("only a slide opened from a file can be reopened")
+    reader = _open_with(_backend_name(slide.backend), Path(slide.path))
+    if slide.mpp is not None:
+        reader.set_mpp(slide.mpp, slide.mpp_source)
     return reader
 
 

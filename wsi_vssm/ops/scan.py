@@ -120,7 +120,7 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state):
 # ---------------------------------------------------------------------------------------------------------
 # cpu: the fused numba kernel
 
-_CPU_LOCK = threading.Lock()  # numba's default workqueue threading layer must not be entered concurrently
+_CPU_LOCK = threading.Lock()  # numba's workqueue threading layer (its fallback) must not be entered concurrently
 
 
 def numba_kernel_module(name: str, what: str):
@@ -139,9 +139,16 @@ def _numba_kernels():
 
 
 def _set_numba_threads():
+    """Numba's kernels use as many threads as torch (at most NUMBA_NUM_THREADS). The first call starts numba's
+    pool; under its OpenMP layer that raises the process's OpenMP thread count, torch's included, to
+    NUMBA_NUM_THREADS (a caller's torch.set_num_threads(1) or OMP_NUM_THREADS=1 became 2 here), so torch's count
+    is put back."""
     import numba
 
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch_threads)))
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
     return numba.get_num_threads()
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from wsi_vssm import __version__
 from wsi_vssm.errors import UsageError
+from wsi_vssm.io.base import SlideReader
 from wsi_vssm.models.device import resolve_device
 from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD, STRIDE, to_tensor
 from wsi_vssm.models.model_file import DEFAULT_TOKEN_PX, BackboneInfo, state_dict_hash
@@ -184,6 +185,9 @@ def extract_slide(
     in this process (the cohort runner spreads a large slide's regions over a Dask cluster with it).
     Raises MissingMpp when the slide has no resolution, UsageError on bad arguments.
     """
+    if not isinstance(slide, SlideReader):
+        raise UsageError(f"extract_slide takes an open slide (wsi_vssm.io.open_slide(path), or ArraySlide for an "
+                         f"image in memory), got a {type(slide).__name__}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     # plan_slide resolves the device and region size and checks the geometry
@@ -233,12 +237,9 @@ def _source(slide):
     """Per-worker readers for file slides (tifffile/zarr handles are not thread-safe); the slide itself else."""
     if slide.path is None or slide.backend not in ("openslide", "tifffile", "zarr"):
         return slide
-    from wsi_vssm.io import open_slide
+    from wsi_vssm.io.slide import reopen_slide
 
-    path, backend = slide.path, slide.backend
-    # A user-given or estimated mpp is passed on (silently: the file states none); a stated one is re-read.
-    mpp = slide.mpp if slide.mpp_source in ("user", "objective-power") else None
-    return lambda: open_slide(path, backend=backend, mpp=mpp)
+    return lambda: reopen_slide(slide)
 
 
 def _make_plan(slide, grid, token_px: int, mask, mask_scale: float, min_tissue: float) -> _Plan:

@@ -13,6 +13,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +21,9 @@ import numpy as np
 
 from wsi_vssm import __version__
 from wsi_vssm.errors import WsiVssmError
+from wsi_vssm.io.base import SlideReader
 from wsi_vssm.outputs import files
+from wsi_vssm.outputs.prediction import SCHEMA as PREDICTION_SCHEMA
 
 THUMBNAIL_SIDE = 2048  # overlay resolution (the tissue mask has its own rule: io.tissue.slide_tissue)
 DEFAULT_THRESHOLD = 0.5
@@ -52,6 +55,30 @@ class PredictParams:
     precision: str = "fp32"  # fp32 | bf16 | auto (wsi_vssm.models.precision)
     tta: bool = False  # mean over the 8 flips and quarter turns of every region: 8x the backbone time
 
+    def __post_init__(self):
+        """Values refused at once, naming the field: a threshold of NaN was taken, and an out-of-range cell
+        threshold failed only after the backbone had run (hours on a CPU for a real slide)."""
+        from wsi_vssm.errors import UsageError
+
+        def bad(name, what):
+            raise UsageError(f"PredictParams.{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("mpp", "target_mpp"):
+            value = getattr(self, name)
+            if value is not None and not (_real(value) and math.isfinite(value) and value > 0):
+                bad(name, "a positive number of microns per pixel")
+        for name in ("threshold", "cell_threshold", "extent_threshold"):
+            value = getattr(self, name)
+            if value is not None and not (_real(value) and 0 <= value <= 1):
+                bad(name, "a probability in [0, 1]")
+        value = self.merge_distance_cells
+        if value is not None and not (_real(value) and math.isfinite(value) and value >= 0):
+            bad("merge_distance_cells", "a number of cells >= 0")
+        for name in ("batch_size", "reader_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(name, "an integer >= 1")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -59,6 +86,11 @@ class PredictParams:
         from wsi_vssm.pipeline.extract import Inference
 
         return Inference.of(Inference(self.precision, self.tta), self.amp)
+
+
+def _real(value) -> bool:
+    """A real number (NaN included: range checks refuse it), not a bool or a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def slide_threshold(model, params: PredictParams, warn: bool = True) -> float:
@@ -138,7 +170,7 @@ def _warn_uncalibrated(name: str) -> None:
 
 
 def predict_slide(
-    slide_path: str | os.PathLike,
+    slide_path: str | os.PathLike | SlideReader,
     model,
     out_root: str | os.PathLike,
     params: PredictParams | None = None,
@@ -148,12 +180,14 @@ def predict_slide(
 ) -> dict:
     """Predict one slide with a SlideModel and write its output folder; returns the prediction.json record.
 
+    `slide_path` is a slide file or OME-Zarr folder, or an open `SlideReader` (`open_slide`, or `ArraySlide` over
+    an image in memory), used as it is and left open (its mpp is its own: `params.mpp` is refused with one).
+
     Raises SlideError subclasses for unreadable slides (MissingMpp asks for --mpp), Cancelled when `cancel` is
     set. A slide without tissue is not an error: its probability is None with the reason. `run_regions(plan)`,
     when given, computes the regions' cells instead of this process (`extract_slide`'s hook: the cohort runner
     spreads a large slide's regions over a Dask cluster with it).
     """
-    from wsi_vssm.io import open_slide
     from wsi_vssm.io.tissue import slide_tissue
     from wsi_vssm.pipeline.domain import model_domain, slide_domain
     from wsi_vssm.pipeline.extract import extract_slide
@@ -162,7 +196,11 @@ def predict_slide(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     stage = _Stage(progress, cancel)
-    with open_slide(slide_path, backend=params.backend, mpp=params.mpp) as slide:
+    # before any pixel is read: an --extent-threshold above the cell threshold is refused here, not after the backbone
+    threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)
+    extent_t = extent_threshold(model, params, cell_t)
+    with _opened(slide_path, params) as slide, _modes_kept(model):
+        where = slide_path if slide is not slide_path else slide.path or slide.name  # what messages name
         stage("read", 0, 1)
         slide.require_mpp()
         t = time.perf_counter()
@@ -185,17 +223,15 @@ def predict_slide(
         timings["features"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)
-        extent_t = extent_threshold(model, params, cell_t)
-        prob, cell_probs, reason = _score(model, cells, slide_path, mask)
+        prob, cell_probs, reason = _score(model, cells, where, mask)
         identity = _identity(model)  # hashes the weights once per slide: the record and the domain both need it
         # the domain check's threshold holds for single views: under TTA it reads the untransformed one
         feats = cells.features if cells.view_features is None else cells.view_features
         domain = slide_domain(tissue.thumbnail, mask, feats if len(cells) else None,
                               model_domain(model, identity["weights_hash"]), cells.attrs["mpp"], model.mpp)
         if not domain["in_domain"]:
-            warnings.warn(f"{slide_path}: out of the model's domain, results are unreliable: "
-                          f"{'; '.join(domain['domain_notes'])}", stacklevel=3)  # the verdict first: lines are cut
+            warnings.warn(f"{where}: out of the model's domain, results are unreliable: "
+                          f"{'; '.join(domain['domain_notes'])}", stacklevel=2)  # the verdict first: lines are cut
         timings["mil"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -205,7 +241,7 @@ def predict_slide(
         label = None if prob is None else int(prob >= threshold)
         few = _few_cells_warning(cell_probs, label, cell_t)
         if few:  # on the terminal too: the overlay and lesions of such a call show nothing to check it by
-            warnings.warn(f"{slide_path}: {few}", stacklevel=3)
+            warnings.warn(f"{where}: {few}", stacklevel=2)
         notes = ([] if domain["in_domain"] else [f"out of domain: {'; '.join(domain['domain_notes'])}"]) + \
             ([few] if few else [])
         record = {
@@ -232,7 +268,7 @@ def predict_slide(
                            "region_px": cells.attrs["region_px"], "overlap_px": cells.attrs["overlap_px"]},
             "timings": timings,
             "version": __version__,
-            "schema": None,  # set by the writer
+            "schema": PREDICTION_SCHEMA,
         }
         _write_outputs(out_dir, slide, thumb, cells, cell_probs, record, cell_t)
         timings["write"] = time.perf_counter() - t
@@ -244,19 +280,51 @@ def predict_slide(
     return record
 
 
+@contextmanager
+def _opened(slide, params: PredictParams):
+    """A path opened with `params`' backend and mpp (closed after), or the caller's open reader as it is."""
+    from wsi_vssm.io import open_slide
+
+    if isinstance(slide, SlideReader):
+        if params.mpp is not None:
+            from wsi_vssm.errors import UsageError
+
+            raise UsageError(f"{slide.path or slide.name}: PredictParams.mpp is for slides given by path; set an "
+                             "open slide's own (ArraySlide(image, mpp=...), open_slide(path, mpp=...))")
+        yield slide
+        return
+    with open_slide(slide, backend=params.backend, mpp=params.mpp) as reader:
+        yield reader
+
+
+@contextmanager
+def _modes_kept(model):
+    """The caller's train/eval mode of every submodule, put back after the slide (extraction and scoring switch
+    them to eval): a validation call inside a training loop left its model half in eval mode."""
+    modes = [(m, m.training) for m in model.modules()] if hasattr(model, "modules") else []
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _score(model, cells, slide_path, mask) -> tuple[float | None, np.ndarray, str | None]:
-    """(slide probability, cell probabilities, reason when there is no probability) from the MIL head."""
+    """(slide probability, cell probabilities, reason when there is no probability) from the MIL head, on the
+    device its weights are on (it is not moved: the caller's model keeps its place)."""
     import torch
 
     if len(cells) == 0:
         reason = no_cells_reason(cells.attrs, mask)
-        warnings.warn(f"{slide_path}: {reason}; the slide gets no probability", stacklevel=4)
+        warnings.warn(f"{slide_path}: {reason}; the slide gets no probability", stacklevel=3)
         return None, np.zeros(0, np.float32), reason
     with torch.inference_mode():
-        mil = model.mil.to("cpu").eval()
-        res = mil(torch.from_numpy(cells.features.astype(np.float32)))
+        mil = model.mil.eval()
+        weight = next(mil.parameters(), None)
+        device = "cpu" if weight is None else weight.device
+        res = mil(torch.from_numpy(cells.features.astype(np.float32)).to(device))
     prob = float(torch.sigmoid(res.slide_logit)[0])
-    cell_probs = torch.sigmoid(res.cell_logits[0]).numpy().astype(np.float32)
+    cell_probs = torch.sigmoid(res.cell_logits[0]).float().cpu().numpy()
     if not (math.isfinite(prob) and np.isfinite(cell_probs).all()):
         raise NonFiniteOutput(f"{slide_path}: the model gave NaN/inf probabilities (model "
                               f"{model.name}: its weights or the slide's features are not finite)")
