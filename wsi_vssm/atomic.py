@@ -63,12 +63,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 @contextlib.contextmanager
 def _naming(path: Path) -> Iterator[None]:
-    """An OSError about a temporary names the file being written instead (the user never asked for
+    """An OSError about a temporary, or about no file (a write or fsync on the open temporary: a full disk said
+    only "No space left on device"), names the file being written instead (the user never asked for
     `.tmp-m.log.csv.x3loa0dn`); errno, and so the exception's class, are kept."""
     try:
         yield
     except OSError as err:
-        if err.filename is None or not os.path.basename(os.fsdecode(err.filename)).startswith(_TMP_PREFIX):
+        about_tmp = err.filename is not None and os.path.basename(os.fsdecode(err.filename)).startswith(_TMP_PREFIX)
+        if not (about_tmp or (err.filename is None and err.errno is not None)):
             raise
         raise OSError(err.errno, err.strerror, str(path)) from err
 

@@ -3,6 +3,7 @@ it runs, so `wsi-vssm --help` stays fast; commands parse options, call the libra
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -149,7 +150,19 @@ def main(argv=None):
         if debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"wsi-vssm: error: {where}{e.strerror or e}", err=True)
+        hint = "; free space there, then run the same command again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        click.echo(f"wsi-vssm: error: {where}{e.strerror or e}{hint}", err=True)
+        sys.exit(1)
+    except MemoryError as e:  # outside any one slide (a slide's is recorded by the runner and the run goes on)
+        if debug:
+            raise
+        click.echo(f"wsi-vssm: error: out of memory{': ' + one_line(e) if str(e) else ''}; free memory "
+                   "(or raise the limit: ulimit -v), then run the same command again", err=True)
+        sys.exit(1)
+    except ImportError as e:  # a library that cannot load (a broken install, or too little memory to map it)
+        if debug:
+            raise
+        click.echo(f"wsi-vssm: error: a library failed to load: {one_line(e)}", err=True)
         sys.exit(1)
     except Terminated:
         _terminated(args)

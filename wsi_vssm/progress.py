@@ -63,13 +63,21 @@ class Progress:
     def _write(self, text: str, err: bool) -> None:
         # a file name that is not UTF-8 reaches Python with lone surrogates, which no stream can encode: escape them
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-        if self._bars:
-            from tqdm import tqdm
+        try:
+            if self._bars:
+                from tqdm import tqdm
 
-            # through tqdm, so an active bar is redrawn below the line instead of being torn
-            tqdm.write(text, file=(self._err or sys.stderr) if err else sys.stdout)
-        else:
-            click.echo(text, err=err, file=self._err if err else None)
+                # through tqdm, so an active bar is redrawn below the line instead of being torn
+                tqdm.write(text, file=(self._err or sys.stderr) if err else sys.stdout)
+            else:
+                click.echo(text, err=err, file=self._err if err else None)
+        except BrokenPipeError:
+            # the reader of a pipe ended (`| head -1`, a monitor that died): the run's results are its files, so
+            # it goes on with the stream sent to /dev/null (it stopped with exit 1, no word and no metrics.json)
+            _discard(sys.stderr if err else sys.stdout)
+            if not err:
+                self.warn("standard output was closed (the reader of its pipe ended): result lines are dropped; "
+                          "the run goes on and writes its files")
 
     # -- bars
     @contextlib.contextmanager
@@ -114,6 +122,16 @@ class Progress:
         finally:
             if "ctx" in state:
                 state["ctx"].__exit__(None, None, None)
+
+
+def _discard(stream) -> None:
+    """Point `stream`'s file descriptor at /dev/null, so that its later writes and the flush at exit succeed."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 def _isatty(stream) -> bool:

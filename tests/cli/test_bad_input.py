@@ -252,6 +252,20 @@ def test_read_only_output_folder(files, tmp_path):
     assert "cannot write to the output folder" in res.stderr
 
 
+def test_a_closed_standard_output_does_not_stop_the_run(model_file, cohort, tmp_path):
+    """`evaluate ... | head -1`: the first result line after the reader had gone stopped the run with exit 1, no
+    message and no metrics.json (click's own broken-pipe exit). The run goes on and says once why no lines come."""
+    out = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "wsi_vssm", "evaluate", str(cohort), "--out", str(out), "--model", str(model_file),
+           "--bootstrap", "100", *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert err.count("standard output was closed") == 1 and "Traceback" not in err and "Exception ignored" not in err
+    assert json.loads((out / "metrics.json").read_text())["n"] == 3
+
+
 def test_debug_shows_the_traceback(files, tmp_path, capsys):
     with pytest.raises(Exception) as err:
         main(["--debug", "predict", str(tmp_path / "none.tif"), "--out", str(tmp_path), "--model",

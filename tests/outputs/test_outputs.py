@@ -71,6 +71,35 @@ def test_a_failed_write_names_the_file_not_its_temporary(tmp_path, monkeypatch):
     assert err.value.filename == str(tmp_path / "h.zarr")
 
 
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch, capsys):
+    """A full disk while evaluate wrote its report said only "wsi-vssm: error: No space left on device": the
+    write on the open temporary raises without a file name. Now the file, and what to do, are named."""
+    import errno
+
+    from wsi_vssm.cli import main
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full)
+        with pytest.raises(OSError) as err:
+            atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert err.value.filename == str(tmp_path / "metrics.json") and err.value.errno == errno.ENOSPC
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "metrics.json").exists()
+
+    def full_report(*a, **k):
+        atomic_write_text(tmp_path / "c" / "reference.csv", "x")
+
+    monkeypatch.setattr("wsi_vssm.synth.make_cohort", full_report)
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit) as code:
+        main(["synth", str(tmp_path / "c"), "--slides", "1", "--seed", "0"])
+    line = capsys.readouterr().err.strip()
+    assert code.value.code == 1 and line == (f"wsi-vssm: error: {tmp_path / 'c' / 'reference.csv'}: No space left "
+                                             "on device; free space there, then run the same command again")
+
+
 def test_cleaning_one_long_names_temporaries_spares_anothers(tmp_path):
     """Review: temporaries of names past 200 bytes were cut to their first 200 bytes, so cleaning up one slide's
     (`remove_temporaries`) deleted another's live one when the two names shared their start."""

@@ -112,6 +112,52 @@ def test_failed_slides_are_retried_only_with_retry_failed(model_file, cohort, tm
     assert read_state(tmp_path / "o", "predict", "broken")["finished"] != state["finished"]
 
 
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 128. MiB for an array"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 1 GB"),
+                                   RuntimeError("can't start new thread")])
+def test_out_of_memory_is_said_as_such_and_retried_unasked(model_file, cohort, tmp_path, capsys, monkeypatch,
+                                                           error):
+    """Under a memory limit every slide was recorded as "unexpected MemoryError ... (a bug: please report it)",
+    and a rerun needed --retry-failed. A slide the machine could not hold is not a bug nor the slide's fault."""
+    from wsi_vssm.pipeline import extract
+
+    real = extract.extract_slide
+
+    def hungry(slide, *a, **k):
+        if slide.name == "tumor_001":
+            raise error
+        return real(slide, *a, **k)
+
+    monkeypatch.setattr(extract, "extract_slide", hungry)
+    args = ["predict", cohort / "normal_001.tif", cohort / "tumor_001.tif", "--out", tmp_path / "o", "--model",
+            model_file, *FAST]
+    assert _cli(args) == 3
+    err = capsys.readouterr().err
+    state = read_state(tmp_path / "o", "predict", "tumor_001")
+    assert state["error_type"] == "OutOfMemory" and "out of memory" in state["error"] and "a bug" not in err
+    assert "tumor_001.tif: out of memory" in err and "lower --region-px" in err
+    assert read_state(tmp_path / "o", "predict", "normal_001")["status"] == "done"
+    monkeypatch.setattr(extract, "extract_slide", real)
+    assert _cli(args) == 0  # tried again without --retry-failed
+    assert read_state(tmp_path / "o", "predict", "tumor_001")["status"] == "done"
+
+
+def test_the_command_line_says_out_of_memory_and_a_library_that_cannot_load_in_one_line(tmp_path, capsys,
+                                                                                         monkeypatch):
+    from wsi_vssm.commands import info
+
+    for error, words in ((MemoryError(), "wsi-vssm: error: out of memory; free memory"),
+                         (ImportError("libqhull.so: failed to map segment from shared object"),
+                          "wsi-vssm: error: a library failed to load: libqhull.so: failed to map segment")):
+        def fail(*a, _error=error, **k):
+            raise _error
+
+        monkeypatch.setattr(info, "slide_info", fail)
+        assert _cli(["info", tmp_path / "x.tif"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(words) and err.count("\n") == 1 and "Traceback" not in err, err
+
+
 def test_a_live_lock_skips_the_slide_and_a_stale_one_is_broken(model_file, cohort, tmp_path, capsys):
     out = tmp_path / "o"
     (out / STATE_DIR).mkdir(parents=True)
@@ -396,6 +442,8 @@ def test_a_slide_still_locked_is_in_progress_never_failed(model_file, cohort, re
         other.wait()
     captured = capsys.readouterr()
     assert "not finished=1 (incomplete)" in captured.out and "report is incomplete" in captured.err
+    assert "1 slide(s) still being done by another run: rerun when it has finished" in captured.err
+    assert "no finished outputs" not in captured.err
     rows = {r["slide"]: r for r in _table(out)}
     assert rows["tumor_001"]["status"] == "in_progress" and rows["tumor_001"]["probability"] == ""
     assert f"pid {other.pid}" in rows["tumor_001"]["error"]
@@ -521,3 +569,15 @@ def test_metrics_json_comes_after_its_figures(model_file, cohort, tmp_path, monk
     assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 130
     assert not (out / "metrics.json").exists()
     assert {r["status"] for r in _table(out)} == {"done"}
+
+
+def test_an_incomplete_report_blames_another_run_only_for_the_slides_it_holds():
+    """The output folder deleted under a run left 2 slides pending, and the message said "rerun when the other
+    run has finished" with no other run."""
+    from wsi_vssm.commands.evaluate import incomplete_warning
+
+    rows = [{"status": "done"}, {"status": "pending"}, {"status": "pending"}, {"status": "in_progress"}]
+    text = incomplete_warning(rows, 3)
+    assert "1 slide(s) still being done by another run" in text
+    assert "2 slide(s) have no finished outputs (deleted or not written): run the same command again" in text
+    assert "another run" not in incomplete_warning(rows[:3], 2)

@@ -114,11 +114,22 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     if m.get("n"):  # as predict: the model's limits, said when there is a probability to read
         progress.result(domain_note(model, params))
     if not res.complete:
-        progress.warn(f"the report is incomplete: {m['n_pending']} slide(s) not finished (see predictions.csv); "
-                      "rerun when the other run has finished")
-        sys.exit(EXIT_INCOMPLETE)  # slides still being done by another run: rerun when it has finished
+        progress.warn(incomplete_warning(res.rows, m["n_pending"]))
+        sys.exit(EXIT_INCOMPLETE)  # slides still being done by another run, or whose outputs vanished: rerun
     if res.n_failed:
         what = "patch(es)" if res.items == "patches" else "slide(s)"
         progress.warn(f"{res.n_failed} of {len(res.rows)} {what} failed (status failed in predictions.csv); "
                       "the metrics leave them out")
         sys.exit(3)  # a cohort finished with some slides failed
+
+
+def incomplete_warning(rows: list[dict], n_pending: int) -> str:
+    """Why the report is incomplete: slides another run holds (`in_progress` rows), and slides with no finished
+    outputs for another reason (`pending`: e.g. the output folder was deleted under the run), which the message
+    had blamed on "the other run" as well."""
+    held = sum(1 for r in rows if r.get("status") == "in_progress")
+    parts = [f"{held} slide(s) still being done by another run: rerun when it has finished"] if held else []
+    if n_pending - held > 0:
+        parts.append(f"{n_pending - held} slide(s) have no finished outputs (deleted or not written): run the same "
+                     "command again")
+    return f"the report is incomplete (see predictions.csv): {'; '.join(parts)}"

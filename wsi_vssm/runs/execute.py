@@ -17,6 +17,7 @@ from wsi_vssm import __version__
 from wsi_vssm.errors import WsiVssmError, one_line
 from wsi_vssm.runs.state import (
     NO_SPACE,
+    OutOfMemory,
     OutputFull,
     SlideLock,
     Status,
@@ -86,6 +87,21 @@ def finish_slide(task: SlideTask, job, lock: SlideLock, state: dict, res: dict) 
                    out_of_space=res["error_type"] == OutputFull.__name__)
 
 
+def _unexpected(e: BaseException, task: SlideTask) -> dict:
+    return {"error": with_path(f"unexpected {type(e).__name__}: {one_line(e)} (a bug: please report it with the "
+                               "output of --debug)", task),
+            "error_type": type(e).__name__, "traceback": traceback.format_exc()}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A MemoryError; torch's RuntimeErrors for a refused allocation (its CPU allocator's "can't allocate memory",
+    torch.OutOfMemoryError on a GPU); the thread a library could not start (CPython's RuntimeError when the
+    system refuses one: memory or a process limit)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return any(s in str(e) for s in ("can't allocate memory", "can't start new thread", "out of memory"))
+
+
 def _no_space(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in NO_SPACE
 
@@ -110,10 +126,15 @@ def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dic
                            error_type=OutputFull.__name__)
             else:  # permission, I/O error: the slide fails, the run goes on
                 res.update(error=with_path(oserror_line(e), task), error_type=type(e).__name__)
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                res.update(_unexpected(e, task))
+            else:  # the machine's limit, not a bug: said so, and tried again by a rerun
+                res.update(error=with_path(f"out of memory ({type(e).__name__}: {one_line(e) or 'no details'}): "
+                                           "free memory, or lower --region-px or --reader-threads, then run the "
+                                           "same command again", task), error_type=OutOfMemory.__name__)
         except Exception as e:  # noqa: BLE001 -- the per-slide isolation boundary: a bug in one slide is recorded
-            res.update(error=with_path(f"unexpected {type(e).__name__}: {one_line(e)} (a bug: please report it "
-                                        "with the output of --debug)", task),
-                       error_type=type(e).__name__, traceback=traceback.format_exc())
+            res.update(_unexpected(e, task))
     # once each: the slide is opened more than once (tissue, regions), and each open repeats its warnings
     res["warnings"] = list(dict.fromkeys(one_line(w.message) for w in caught if _for_users(w.category)))
     res["timings"]["total"] = time.perf_counter() - t0

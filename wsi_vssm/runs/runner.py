@@ -44,6 +44,7 @@ from pathlib import Path
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
 from wsi_vssm.runs.state import (
+    NOT_THE_SLIDES_FAULT,
     OutputFull,
     SlideLock,
     Status,
@@ -253,7 +254,7 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             _tidy_done(task, job)
             finish(Outcome(task, "skipped", "up to date", state))
         elif (same and not (opts.overwrite or opts.retry_failed) and status == Status.FAILED and not changed
-              and state.get("error_type") != OutputFull.__name__):  # a full disk was not the slide's fault
+              and state.get("error_type") not in NOT_THE_SLIDES_FAULT):  # e.g. a full disk
             finish(Outcome(task, "failed", f"{state.get('error')} [failed in an earlier run; --retry-failed "
                                            "tries again]", state))
         else:

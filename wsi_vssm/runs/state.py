@@ -51,6 +51,13 @@ class OutputFull(WsiVssmError):
     slide it stopped on is recorded as failed with this type, and a rerun tries it again unasked."""
 
 
+class OutOfMemory(WsiVssmError):
+    """The machine refused memory (or a thread) while a slide ran: recorded as this slide's failure, in words
+    that say so rather than "a bug"; the run goes on (a smaller slide may fit) and a rerun tries it again unasked."""
+
+
+# failures of the machine, not of the slide: a rerun tries such a slide again without --retry-failed
+NOT_THE_SLIDES_FAULT = (OutputFull.__name__, OutOfMemory.__name__)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
