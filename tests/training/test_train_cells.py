@@ -242,6 +242,17 @@ def test_cli_train_cells(tiny_folder, tmp_path):
     assert res.exit_code == 0, res.output
     assert "valid(select" in res.output and "held-back" in res.output
     assert out.is_file() and (tmp_path / "log.json").is_file()
+    # one's own patches are said to be one's own (every model was described as PCam's lymph nodes at 0.97 um/px)
+    from wsi_vssm.models.slide_model import domain_text
+
+    trained = load_model(out)
+    assert domain_text(trained) == "patches of train at about 0.97 um/px" and trained.mpp == 0.97
+    half = tmp_path / "h.pt"
+    res = CliRunner().invoke(command, ["--data", str(tiny_folder / "train"), "--valid", str(tiny_folder / "valid"),
+                                       "--out", str(half), "--epochs", "1", "--batch-size", "8", "--max-train", "16",
+                                       "--mpp", "0.5", "--domain", "H&E tonsil patches at 20x"])
+    assert res.exit_code == 0, res.output
+    assert load_model(half).mpp == 0.5 and domain_text(load_model(half)) == "H&E tonsil patches at 20x"
     tuned = tmp_path / "t.pt"  # fine-tune it on patches and 2 x 2 mosaics
     res = CliRunner().invoke(command, ["--data", str(tiny_folder / "train"), "--valid", str(tiny_folder / "valid"),
                                        "--out", str(tuned), "--epochs", "1", "--batch-size", "8", "--max-train", "16",
@@ -334,7 +345,10 @@ def test_run_resume_takes_a_path_spelt_differently_as_the_same_setting(tiny_fold
 
     run(f"./{name}/train")
     assert "cells: done before" in run(f"{name}/train/", "--resume")
-    assert "settings changed" in run(f"{name}/valid", "--resume")  # another folder is still another setting
+    import shutil
+
+    shutil.copytree(tiny_folder / "train", tmp_path / "copy")  # (the valid folder as training data is refused now)
+    assert "settings changed" in run(tmp_path / "copy", "--resume")  # another folder is still another setting
 
 
 def test_run_without_resume_stops_before_any_stage_on_an_interrupted_stages_checkpoint(tiny_folder, tmp_path):
@@ -443,24 +457,34 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupte
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
+    import shutil
+
+    train = tmp_path / "train"  # a copy: a patch is taken away below
+    shutil.copytree(tiny_folder / "train", train)
     monkeypatch.setattr(cells, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt", TrainCellsConfig(**kw),
-                    progress=False)
+        train_cells(train, tiny_folder / "valid", tmp_path / "b.pt", TrainCellsConfig(**kw), progress=False)
     monkeypatch.setattr(cells, "_train_epoch", real_epoch)
     ckpt = tmp_path / "b.checkpoint.pt"
     assert ckpt.is_file() and load_model(tmp_path / "b.pt").metadata["training_incomplete"] is True
     (tmp_path / "b.pt").rename(tmp_path / "b.pt.away")  # the best epoch so far lives in OUT: missing, found at once
     with pytest.raises(UsageError, match="b.pt is missing: it holds the best epoch so far"):
-        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt",
-                    TrainCellsConfig(**kw, resume=True), progress=False)
+        train_cells(train, tiny_folder / "valid", tmp_path / "b.pt", TrainCellsConfig(**kw, resume=True),
+                    progress=False)
     (tmp_path / "b.pt.away").rename(tmp_path / "b.pt")
     with pytest.raises(UsageError, match="continue it with --resume"):  # never thrown away silently
-        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt", TrainCellsConfig(**kw))
+        train_cells(train, tiny_folder / "valid", tmp_path / "b.pt", TrainCellsConfig(**kw))
     with pytest.raises(UsageError, match=r"lr=0\.002 \(now 0\.001\)"):  # another run's settings: refused
-        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt",
+        train_cells(train, tiny_folder / "valid", tmp_path / "b.pt",
                     TrainCellsConfig(**{**kw, "lr": 1e-3, "resume": True}))
-    resumed = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt",
+    gone = next((train / "1").iterdir())
+    kept = gone.read_bytes()
+    gone.unlink()  # the same folder with a patch less: other data (it was resumed on)
+    with pytest.raises(UsageError, match="patches="):
+        train_cells(train, tiny_folder / "valid", tmp_path / "b.pt", TrainCellsConfig(**kw, resume=True))
+    gone.write_bytes(kept)
+    monkeypatch.chdir(tmp_path)  # the same folder spelt relatively is the same data (it was refused)
+    resumed = train_cells("train", tiny_folder / "valid", tmp_path / "b.pt",
                           TrainCellsConfig(**kw, resume=True), progress=False)
     assert [row["epoch"] for row in resumed.log] == [1, 2, 3] and resumed.best_epoch == whole.best_epoch
     assert [row["train_loss"] for row in resumed.log] == [row["train_loss"] for row in whole.log]  # every epoch
@@ -506,3 +530,68 @@ def test_an_attached_mil_head_says_which_slides_trained_it(tmp_path):
     # hashes in every output tell the two models apart
     assert model.name == "dense" and stage["checkpoint"] == str(tmp_path / "mil.pt")
     assert (stage["train_slides"], stage["valid_slides"], stage["best_epoch"]) == (["t1", "t2"], ["v1"], 3)
+
+
+def test_sets_a_cell_model_cannot_learn_from_are_refused_before_the_first_epoch(tmp_path):
+    """A probe's own data: one class only wrote a model with exit 0; a selection part of one class ran every epoch
+    at AUC NaN and ended "model file not found"; mixed sizes ended in a traceback; `--data dataset --valid
+    dataset/valid` trained on the validation patches (labels are read at any depth)."""
+    import warnings
+
+    from wsi_vssm.training.data.patches import check_training_sets, stratified_subset
+
+    write_patch_folder(tmp_path / "d" / "train", 6, 0)
+    write_patch_folder(tmp_path / "d" / "valid", 4, 1)
+    train, valid = training_patches(tmp_path / "d" / "train"), training_patches(tmp_path / "d" / "valid")
+    check_training_sets(train, valid, None)  # a sound pair passes
+    only0 = train.subset(np.flatnonzero(train.labels == 0))
+    with pytest.raises(PatchDataError, match="its training patches have no class 1"):
+        check_training_sets(only0, valid, None)
+    with pytest.raises(PatchDataError, match="selection part of the validation patches have no class 1"):
+        check_training_sets(train, valid.subset(np.flatnonzero(valid.labels == 0)), None)
+    with pytest.raises(PatchDataError, match="holds every validation patch"):
+        check_training_sets(training_patches(tmp_path / "d"), valid, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_training_sets(train, training_patches(tmp_path / "d").subset(range(0, 20, 2)), None)
+    assert any("also training patches" in str(w.message) for w in caught)
+    # 5 tumour patches among 205: a subset of 20 kept none of them
+    labels = np.repeat([0, 1], [200, 5])
+    assert np.bincount(labels[stratified_subset(labels, 20, 0)]).tolist() == [20, 1]
+    Image.new("RGB", (64, 64), (220, 170, 200)).save(tmp_path / "d" / "train" / "0" / "small.png")
+    with pytest.raises(PatchDataError, match=r"patches of 2 sizes: 96 x 96 px .*64 x 64 px \(0/small.png\)"):
+        training_patches(tmp_path / "d" / "train")
+    write_patch_folder(tmp_path / "v64", 2, 0)
+    small = training_patches(tmp_path / "v64").subset([0, 1, 2, 3])
+    small.patch_size = (64, 64)
+    with pytest.raises(PatchDataError, match="differ in size"):
+        check_training_sets(train, small, None)
+
+
+def test_linked_class_folders_and_16_bit_grey_patches_are_read(tmp_path):
+    """Symlinked 0/ and 1/ folders were skipped ("no images under folders named 0/ or 1/", or one class silently);
+    a 16-bit grey patch became all white."""
+    write_patch_folder(tmp_path / "real", 3, 0)
+    (tmp_path / "linked").mkdir()
+    for c in "01":
+        (tmp_path / "linked" / c).symlink_to(tmp_path / "real" / c, target_is_directory=True)
+    (tmp_path / "linked" / "loop").symlink_to(tmp_path / "linked", target_is_directory=True)  # not walked twice
+    ds = load_patches(tmp_path / "linked")
+    assert sorted(ds.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    grey = np.linspace(5000, 60000, 96 * 96).reshape(96, 96).astype(np.uint16)
+    (tmp_path / "g" / "0").mkdir(parents=True)
+    Image.fromarray(grey).save(tmp_path / "g" / "0" / "grey16.png")
+    img, _ = load_patches(tmp_path / "g")[0]
+    assert img.shape == (96, 96, 3) and 15 <= img.min() <= 25 and 228 <= img.max() <= 238
+
+
+def test_resume_beside_a_finished_model_is_refused(tiny_folder, tmp_path, capsys):
+    """`train cells --resume` with no checkpoint left retrained from scratch over the finished model."""
+    from conftest import run_cli_captured, write_tiny_model
+
+    out = write_tiny_model(tmp_path / "m.pt", purpose="test")
+    before = out.read_bytes()
+    code, _, err = run_cli_captured(["train", "cells", "--data", tiny_folder / "train", "--valid",
+                                     tiny_folder / "valid", "--out", out, "--epochs", "1", "--resume"], capsys)
+    assert code == 1 and "is a finished model" in err and "Traceback" not in err
+    assert out.read_bytes() == before

@@ -21,6 +21,11 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
 @click.option("--out", "-o", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Model file to write (the best checkpoint by validation AUC).")
 @click.option("--model", "arch", default="micro", show_default=True, help="Backbone config from the registry.")
+@click.option("--mpp", type=FiniteFloatRange(min=0.05, max=20), default=0.97, show_default=True,
+              help="The patches' resolution in um/px (PCam: 0.97); `predict` reads slides at it with this model.")
+@click.option("--domain", default=None, metavar="TEXT",
+              help="What the patches show, said with every prediction (default: 'patches of DATA at about MPP "
+                   "um/px').")
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True)
@@ -55,14 +60,15 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from its last finished epoch (OUT with .checkpoint.pt, written "
-                   "every epoch); the same options, but --epochs and --patience may change.")
-def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_train, epoch_size, valid_select,
-            patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device, precision,
-            log_path, resume):
+                   "every epoch); the same options, but --epochs, --patience, --device and --domain may change.")
+def command(train_src, valid_src, out, arch, mpp, domain, epochs, batch_size, lr, seed, max_train, epoch_size,
+            valid_select, patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device,
+            precision, log_path, resume):
     """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
     from wsi_vssm.commands.options import option_backbone, option_device, option_output
     from wsi_vssm.errors import OptionError
     from wsi_vssm.training.cells import TrainCellsConfig, train_cells
+    from wsi_vssm.training.checkpoint import refuse_resuming_a_finished_model
     from wsi_vssm.training.data.augment import AugmentConfig
     from wsi_vssm.training.ddp import is_main
 
@@ -80,7 +86,10 @@ def command(train_src, valid_src, out, arch, epochs, batch_size, lr, seed, max_t
     cfg = TrainCellsConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_train=max_train,
                            epoch_size=epoch_size, valid_select=valid_select, patience=patience, scan=scan,
                            device=device, augment=aug, ema=ema, drop_path=drop_path, init=init,
-                           mosaic_grid=mosaic_grid, region_batch=region_batch, precision=precision, resume=resume)
+                           mosaic_grid=mosaic_grid, region_batch=region_batch, precision=precision, resume=resume,
+                           mpp=mpp, domain=domain or f"patches of {train_src.name} at about {mpp:g} um/px")
+    # `train cells --resume` alone (a recipe's stage starts from the last stage's finished model with resume on)
+    refuse_resuming_a_finished_model(out, out.with_suffix(".checkpoint.pt"), resume)  # train_cells' default
     r = train_cells(train_src, valid_src, out, cfg, slides=slides, progress=True, log_path=log_path)
     if not is_main():  # under torchrun: rank 0 reports
         return

@@ -39,16 +39,30 @@ from wsi_vssm.models.device import resolve_device
 from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD
 from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
-from wsi_vssm.models.slide_model import SlideModel, save_model
-from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
+from wsi_vssm.models.slide_model import SlideModel, load_model, save_model
+from wsi_vssm.training.checkpoint import (
+    load_checkpoint,
+    refuse_unless_resuming,
+    save_checkpoint,
+)
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.data.patches import (
     PatchDataset,
+    check_training_sets,
     collate_uint8,
     select_and_holdout,
     training_patches,
 )
-from wsi_vssm.training.ddp import DistContext, all_reduce_mean, barrier, broadcast_object, session, shard
+from wsi_vssm.training.ddp import (
+    DistContext,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    depthwise_channels_last,
+    dist_meta,
+    session,
+    shard,
+)
 from wsi_vssm.training.optim import WeightAverage, adamw  # WeightAverage: also imported from here
 from wsi_vssm.training.patch_eval import (
     device_of,
@@ -77,7 +91,8 @@ class TrainCellsConfig:
     valid_select: int | None = None  # validation patches used to select (stratified); rest held back; None = half
     patience: int = 3
     scan: str = "auto"
-    mpp: float = 0.97
+    mpp: float = 0.97  # the patches' resolution, stamped in the model: predict reads slides at it
+    domain: str | None = None  # one line on what the patches show (model metadata `domain`; None: the default's)
     token_px: int = 32
     mil_bags: int = 400  # bags of training patches for the MIL head (0: leave it untrained)
     mil_bag_size: int = 16
@@ -260,7 +275,7 @@ def train_cells(train_src, valid_src, out: str | os.PathLike, cfg: TrainCellsCon
                             ckpt)
 
 
-RESUME_MAY_CHANGE = ("epochs", "patience", "resume", "device")  # the rest must match the checkpoint's
+RESUME_MAY_CHANGE = ("epochs", "patience", "resume", "device", "domain")  # the rest must match the checkpoint's
 
 
 def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides, progress: bool, log_path,
@@ -271,13 +286,14 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     train = training_patches(train_src, cfg.max_train, cfg.seed)
     valid = training_patches(valid_src)
     select, holdout = split_valid(valid, cfg)
+    check_training_sets(train, select, holdout)
     if slides and cfg.mosaic_grid:
         raise UsageError("give annotated slides or mosaic_grid, not both")
     regions = _load_regions(slides, cfg) if slides else _mosaic_regions(train, cfg)
     model = _initial_model(cfg)
     model.to(ctx.device)
     if ctx.enabled:
-        _depthwise_channels_last(model)
+        depthwise_channels_last(model)
     ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     chosen = ema.model if ema is not None else model  # what is validated, selected and saved
     opt = adamw(model, cfg.lr, cfg.weight_decay)
@@ -286,9 +302,13 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     log_path = Path(log_path) if log_path else out.with_suffix(".log.csv")
 
     def meta(log, best_epoch, sel, hold) -> dict:
-        return {**_metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides), **_dist_meta(cfg, ctx)}
+        return {**_metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides),
+                **dist_meta(cfg.batch_size, ctx)}
 
-    run_config = {**cfg.to_dict(), "train": train.source, "valid": valid.source,
+    # the patch counts too: a resume on a folder that lost or gained patches was taken (paths absolute: the same
+    # folder given another way is the same data)
+    run_config = {**cfg.to_dict(), "train": os.path.abspath(train.source), "valid": os.path.abspath(valid.source),
+                  "patches": [len(train), int(train.labels.sum()), len(valid), int(valid.labels.sum())],
                   "slides": None if slides is None else str(slides), "world_size": ctx.world_size}
     log, best, best_epoch, best_sel, step, t0 = [], -1.0, 0, {}, 0, time.perf_counter()
     first, stopped = 1, False
@@ -364,8 +384,6 @@ def _initial_model(cfg: TrainCellsConfig) -> SlideModel:
     if not cfg.init:
         model = SlideModel.create(cfg.arch, mpp=cfg.mpp, token_px=cfg.token_px, scan=cfg.scan, name="cells")
     else:
-        from wsi_vssm.models.slide_model import load_model
-
         model = load_model(cfg.init, scan=cfg.scan)
         if abs(model.mpp - cfg.mpp) > 1e-6 or model.token_px != cfg.token_px:
             raise UsageError(f"{cfg.init}: made at {model.mpp} um/px with {model.token_px} px cells, "
@@ -406,27 +424,10 @@ def _wrap(model: SlideModel, ctx: DistContext) -> nn.Module:
     return DistributedDataParallel(net, device_ids=ids)
 
 
-def _depthwise_channels_last(model: nn.Module) -> None:
-    """Depthwise weights (C, 1, k, k) in the channels-last strides their gradients come back in from the
-    channels-last blocks: the same bytes, so DDP's buckets match the gradients and it does not warn "Grad strides
-    do not match bucket view strides" (it did, once per process). Before the optimiser, so its state matches."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.weight.shape[1] == 1:
-            m.weight.data = m.weight.data.clone(memory_format=torch.channels_last)  # .contiguous() would keep them
-
-
-def _dist_meta(cfg: TrainCellsConfig, ctx: DistContext) -> dict:
-    return {"distributed": {"world_size": ctx.world_size, "batch_size_per_process": cfg.batch_size,
-                            "effective_batch_size": cfg.batch_size * ctx.world_size,
-                            "device": ctx.device.split(":")[0]}}
-
-
 def finish_model(out, train: PatchDataset, holdout: PatchDataset | None, cfg: TrainCellsConfig,
                  progress: bool = False):
     """The selected checkpoint at `out`: scored once on the held-back validation part, then its MIL head fitted
     on training-patch bags. Returns (model, held-back metrics or None, MIL-stage info or None); writes nothing."""
-    from wsi_vssm.models.slide_model import load_model
-
     model = load_model(out, scan=cfg.scan)
     hold = evaluate(model, holdout, progress) if holdout is not None and len(holdout) else None
     if hold:
@@ -467,6 +468,7 @@ def _say(enabled: bool, msg: str) -> None:
 def _metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides) -> dict:
     return {
         "stage": "cells",
+        **({"domain": cfg.domain} if cfg.domain else {}),
         "train_data": {"source": train.source, "n": len(train), "positives": int(train.labels.sum())},
         "valid_select": {"source": select.source, "n": len(select)},
         "valid_holdout": None if holdout is None else {"source": holdout.source, "n": len(holdout)},

@@ -29,6 +29,23 @@ def refuse_unless_resuming(path: Path, resume: bool, how: str) -> None:
                          "start over")
 
 
+def refuse_resuming_a_finished_model(out: Path, ckpt: Path, resume: bool) -> None:
+    """`--resume` with no checkpoint beside a finished model (its metadata lacks `training_incomplete`) retrained
+    from scratch over it: refused. An unfinished one, or none, starts from the first epoch as before."""
+    if not (resume and not ckpt.exists() and out.is_file()):
+        return
+    from wsi_vssm.errors import WsiVssmError
+    from wsi_vssm.models.slide_model import load_model
+
+    try:
+        finished = not load_model(out).metadata.get("training_incomplete")
+    except WsiVssmError:  # not a model file: not a finished run either
+        return
+    if finished:
+        raise UsageError(f"{out} is a finished model (no checkpoint {ckpt} is left to resume): nothing to resume; "
+                         "to train again, remove it or give another --out")
+
+
 def save_checkpoint(path: Path, state: dict, config: dict) -> None:
     """`state` (state dicts, counters, the log...) with the global random states and `config`, atomically."""
     from wsi_vssm.atomic import atomic_write_bytes

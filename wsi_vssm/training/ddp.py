@@ -145,3 +145,20 @@ def cleanup() -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def depthwise_channels_last(model) -> None:
+    """Depthwise weights (C, 1, k, k) in the channels-last strides their gradients come back in from the
+    channels-last blocks: the same bytes, so DDP's buckets match the gradients and it does not warn "Grad strides
+    do not match bucket view strides" (it did, once per process). Before the optimiser, so its state matches."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] == 1:
+            m.weight.data = m.weight.data.clone(memory_format=torch.channels_last)  # .contiguous() would keep them
+
+
+def dist_meta(batch_size: int, ctx: DistContext) -> dict:
+    """The model metadata's record of how many processes trained it, and on what."""
+    return {"distributed": {"world_size": ctx.world_size, "batch_size_per_process": batch_size,
+                            "effective_batch_size": batch_size * ctx.world_size, "device": ctx.device.split(":")[0]}}

@@ -50,7 +50,7 @@ class PatchDataset(torch.utils.data.Dataset):
         try:
             raw = it.data if it.data is not None else (self.root / it.name).read_bytes()
             with Image.open(io.BytesIO(raw)) as im:
-                rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                rgb = _rgb(im)
         except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
             what = "empty file" if not raw else "not an image Pillow can read"
             raise PatchDataError(f"{self.source}: cannot decode {it.name}: {what}") from e
@@ -62,18 +62,32 @@ class PatchDataset(torch.utils.data.Dataset):
     def labels(self) -> np.ndarray:
         return np.array([it.label for it in self.items], dtype=np.int64)
 
+    patch_size: tuple[int, int] | None = None  # (w, h) of every patch, once `readable` has decoded them
+
     def subset(self, idx) -> PatchDataset:
-        return PatchDataset([self.items[int(i)] for i in idx], self.root, self.source)
+        part = PatchDataset([self.items[int(i)] for i in idx], self.root, self.source)
+        part.patch_size = self.patch_size
+        return part
 
     def readable(self) -> PatchDataset:
         """Without the patches that cannot be decoded (each is decoded once: about 0.1 ms for a PCam patch), with
-        one warning naming them, so one damaged file does not stop a training run hours in. None left: an error."""
+        one warning naming them, so one damaged file does not stop a training run hours in. None left: an error.
+        Patches of another size than the first are an error too (a batch is one array: it failed as a traceback,
+        after an epoch when only the validation patches differed)."""
         bad: dict[str, str] = {}  # name -> the decoder's complaint
+        sizes: dict[tuple[int, int], str] = {}  # (w, h) -> the first patch of that size
         for i, it in enumerate(self.items):
             try:
-                self[i]
+                img, _ = self[i]
             except PatchDataError as e:
                 bad[it.name] = str(e).removeprefix(f"{self.source}: cannot decode ")
+                continue
+            sizes.setdefault((img.shape[1], img.shape[0]), it.name)
+        if len(sizes) > 1:
+            shown = ", ".join(f"{w} x {h} px ({name})" for (w, h), name in list(sizes.items())[:4])
+            raise PatchDataError(f"{self.source}: patches of {len(sizes)} sizes: {shown}; training needs one size "
+                                 "(crop or resize them to one, e.g. 96 px at about 0.97 um/px as PCam)")
+        self.patch_size = next(iter(sizes), None)
         if not bad:
             return self
         first = list(bad.values())
@@ -82,7 +96,9 @@ class PatchDataset(torch.utils.data.Dataset):
         shown = "; ".join(first[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
         warnings.warn(f"{self.source}: {len(bad)} of {len(self)} patches cannot be decoded and are left out: {shown}",
                       UserWarning, stacklevel=2)
-        return PatchDataset([it for it in self.items if it.name not in bad], self.root, self.source)
+        kept = PatchDataset([it for it in self.items if it.name not in bad], self.root, self.source)
+        kept.patch_size = self.patch_size
+        return kept
 
 
 def _label_of(name: str) -> int | None:
@@ -111,9 +127,28 @@ def _scan_tar(path: Path) -> list[PatchItem]:
     return items
 
 
+def _rgb(im: Image.Image) -> np.ndarray:
+    """A decoded patch as H x W x 3 uint8. 16-bit and float greys are scaled to 8 bits (Pillow's convert("RGB")
+    clips them: a 16-bit grey patch became all white)."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im)
+        if np.issubdtype(a.dtype, np.floating):
+            a = np.clip(a, 0, 1) * 255
+        elif a.max(initial=0) > 255:  # "I" also holds 8-bit values widened: only scale true 16-bit data
+            a = a.astype(np.float64) * (255 / 65535)
+        return np.repeat((a + 0.5).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def _scan_dir(path: Path) -> list[PatchItem]:
     items = []
-    for dirpath, _, files in os.walk(path):
+    seen: set[str] = set()  # real paths of the folders walked: linked class folders are followed, loops are not
+    for dirpath, dirs, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
         for f in files:
             rel = os.path.relpath(os.path.join(dirpath, f), path)
             label = _label_of(rel)
@@ -146,12 +181,13 @@ def training_patches(source, max_items: int | None = None, seed: int = 0) -> Pat
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """`n` indices keeping the class proportions, seeded; sorted."""
+    """`n` indices keeping the class proportions, seeded; sorted. Each class keeps at least one, so a rare class
+    can add one past `n` (rounding took none of 5 tumour patches among 205 for n = 20)."""
     rng = np.random.default_rng(seed)
     out = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        take = int(round(n * len(idx) / len(labels)))
+        take = max(1, int(round(n * len(idx) / len(labels))))
         out.append(rng.permutation(idx)[:take])
     return np.sort(np.concatenate(out))
 
@@ -178,3 +214,40 @@ def collate_uint8(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """[(HxWx3 uint8, label)] -> (B, 3, H, W) uint8, (B,) float labels."""
     imgs = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2).contiguous()
     return imgs, torch.tensor([b[1] for b in batch], dtype=torch.float32)
+
+
+def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: PatchDataset | None) -> None:
+    """Refuse, before any epoch, sets a cell model cannot be trained or selected on: a class missing from the
+    training patches (the run wrote a model of one class with exit 0) or from the selection part (every epoch's
+    AUC was NaN, no epoch was kept, and the run ended "model file not found"), patches of two sizes, and
+    validation patches that are training patches (a `data/{train,valid}/{0,1}` folder given as --data holds
+    both: labels are read at any depth). Some shared images (not all): a warning."""
+    for ds, what in ((train, "training patches"), (select, "selection part of the validation patches")):
+        counts = np.bincount(ds.labels, minlength=2)
+        missing = [str(c) for c in (0, 1) if counts[c] == 0]
+        if missing:
+            raise PatchDataError(f"{ds.source}: its {what} have no class {' or '.join(missing)} ({counts[0]} of "
+                                 f"class 0, {counts[1]} of class 1): a cell model needs both (folders 0/ and 1/)")
+    sizes = {getattr(ds, "patch_size", None) for ds in (train, select, holdout) if ds is not None} - {None}
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w} x {h} px" for w, h in sorted(sizes))
+        raise PatchDataError(f"{train.source} and {select.source}: training and validation patches differ in size "
+                             f"({shown}); give patches of one size")
+    valid = [fp for ds in (select, holdout) if ds is not None for fp in _fingerprints(ds)]
+    trained = set(_fingerprints(train))
+    n_shared = sum(fp in trained for fp in valid)
+    if valid and n_shared == len(valid):
+        raise PatchDataError(f"{train.source}: holds every validation patch of {select.source} (the same images): "
+                             "give --data a folder without the validation patches")
+    if n_shared:
+        warnings.warn(f"{n_shared} of the {len(valid)} validation patches are also training patches (the same "
+                      f"image in {train.source} and {select.source}): their scores overstate the model",
+                      UserWarning, stacklevel=2)
+
+
+def _fingerprints(ds: PatchDataset) -> list[str]:
+    """A hash of each patch's file bytes (the same image file in two sets, wherever it lies)."""
+    import hashlib
+
+    return [hashlib.blake2b(it.data if it.data is not None else (ds.root / it.name).read_bytes(),
+                            digest_size=16).hexdigest() for it in ds.items]
