@@ -150,7 +150,9 @@ def main(argv=None):
         if debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        hint = "; free space there, then run the same command again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = f"; free space on {'its disk' if e.filename else 'the disk written to'}, then run the same command " \
+               "again" if full else ""
         click.echo(f"wsi-vssm: error: {where}{e.strerror or e}{hint}", err=True)
         sys.exit(1)
     except MemoryError as e:  # outside any one slide (a slide's is recorded by the runner and the run goes on)
@@ -160,7 +162,7 @@ def main(argv=None):
                    "(or raise the limit: ulimit -v), then run the same command again", err=True)
         sys.exit(1)
     except ImportError as e:  # a library that cannot load (a broken install, or too little memory to map it)
-        if debug:
+        if debug or (e.name or "").startswith("wsi_vssm"):  # our own import failing is a bug: its traceback
             raise
         click.echo(f"wsi-vssm: error: a library failed to load: {one_line(e)}", err=True)
         sys.exit(1)

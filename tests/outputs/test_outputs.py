@@ -97,7 +97,7 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch, capsys)
         main(["synth", str(tmp_path / "c"), "--slides", "1", "--seed", "0"])
     line = capsys.readouterr().err.strip()
     assert code.value.code == 1 and line == (f"wsi-vssm: error: {tmp_path / 'c' / 'reference.csv'}: No space left "
-                                             "on device; free space there, then run the same command again")
+                                             "on device; free space on its disk, then run the same command again")
 
 
 def test_cleaning_one_long_names_temporaries_spares_anothers(tmp_path):

@@ -576,3 +576,32 @@ def test_predict_slide_takes_an_open_slide_and_leaves_it_open(model_file, cohort
     assert abs(in_memory["probability"] - by_path["probability"]) < 0.05
     with pytest.raises(UsageError, match="PredictParams.mpp is for slides given by path"):
         predict_slide(ArraySlide(image, mpp=mpp), model, tmp_path / "d", PredictParams(mpp=1.0))
+
+
+def test_the_uncalibrated_warning_goes_with_a_slide_that_is_scored(cohort, tmp_path, monkeypatch):
+    """Thresholds checked before the slide is read must not say the once-per-process warning for a slide that then
+    fails to open: it went into the failed slide's state, and the slide scored at 0.5 had none."""
+    import warnings
+
+    from conftest import write_tiny_model
+
+    from wsi_vssm.io import SlideError
+    from wsi_vssm.pipeline import predict
+
+    model = _model(write_tiny_model(tmp_path / "old.pt", purpose="test"))
+    model.metadata = {"threshold": 0.4}  # an older file: no cell threshold
+    monkeypatch.setattr(predict, "_UNCALIBRATED_WARNED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SlideError):
+            predict_slide(tmp_path / "missing.tif", model, tmp_path / "o", FAST)
+    assert not any("not calibrated" in str(w.message) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict_slide(cohort / "tumor_001.tif", model, tmp_path / "o", FAST)
+    assert any("not calibrated" in str(w.message) for w in caught)
+
+
+def test_predict_params_take_numpy_integers():
+    params = PredictParams(batch_size=np.int64(2), reader_threads=np.int32(1), threshold=np.float32(0.4))
+    assert (params.batch_size, params.reader_threads) == (2, 1)

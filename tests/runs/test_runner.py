@@ -114,7 +114,8 @@ def test_failed_slides_are_retried_only_with_retry_failed(model_file, cohort, tm
 
 @pytest.mark.parametrize("error", [MemoryError("Unable to allocate 128. MiB for an array"),
                                    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 1 GB"),
-                                   RuntimeError("can't start new thread")])
+                                   RuntimeError("can't start new thread"),
+                                   OSError(12, "Cannot allocate memory")])
 def test_out_of_memory_is_said_as_such_and_retried_unasked(model_file, cohort, tmp_path, capsys, monkeypatch,
                                                            error):
     """Under a memory limit every slide was recorded as "unexpected MemoryError ... (a bug: please report it)",
@@ -156,6 +157,14 @@ def test_the_command_line_says_out_of_memory_and_a_library_that_cannot_load_in_o
         assert _cli(["info", tmp_path / "x.tif"]) == 1
         err = capsys.readouterr().err
         assert err.startswith(words) and err.count("\n") == 1 and "Traceback" not in err, err
+    own = ImportError("cannot import name 'x' from 'wsi_vssm.y'", name="wsi_vssm.y")  # our bug, not a library's
+
+    def broken(*a, **k):
+        raise own
+
+    monkeypatch.setattr(info, "slide_info", broken)
+    with pytest.raises(ImportError):
+        _cli(["info", tmp_path / "x.tif"])
 
 
 def test_a_live_lock_skips_the_slide_and_a_stale_one_is_broken(model_file, cohort, tmp_path, capsys):

@@ -76,7 +76,7 @@ class PredictParams:
             bad("merge_distance_cells", "a number of cells >= 0")
         for name in ("batch_size", "reader_threads"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 bad(name, "an integer >= 1")
 
     def to_dict(self) -> dict:
@@ -197,8 +197,7 @@ def predict_slide(
     t_start = time.perf_counter()
     stage = _Stage(progress, cancel)
     # before any pixel is read: an --extent-threshold above the cell threshold is refused here, not after the backbone
-    threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)
-    extent_t = extent_threshold(model, params, cell_t)
+    extent_threshold(model, params, cell_threshold(model, params, warn=False))
     with _opened(slide_path, params) as slide, _modes_kept(model):
         where = slide_path if slide is not slide_path else slide.path or slide.name  # what messages name
         stage("read", 0, 1)
@@ -223,6 +222,8 @@ def predict_slide(
         timings["features"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)  # warns for this slide
+        extent_t = extent_threshold(model, params, cell_t)
         prob, cell_probs, reason = _score(model, cells, where, mask)
         identity = _identity(model)  # hashes the weights once per slide: the record and the domain both need it
         # the domain check's threshold holds for single views: under TTA it reads the untransformed one
@@ -300,8 +301,12 @@ def _opened(slide, params: PredictParams):
 @contextmanager
 def _modes_kept(model):
     """The caller's train/eval mode of every submodule, put back after the slide (extraction and scoring switch
-    them to eval): a validation call inside a training loop left its model half in eval mode."""
+    them to eval): a validation call inside a training loop left its model half in eval mode. A model all in eval
+    mode (the CLI's, napari's) is left alone, so concurrent calls on it stay safe; concurrent calls on one model
+    in train mode are not (each would restore the modes under the other)."""
     modes = [(m, m.training) for m in model.modules()] if hasattr(model, "modules") else []
+    if not any(training for _, training in modes):
+        modes = []
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ writes state files.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -93,13 +94,21 @@ def _unexpected(e: BaseException, task: SlideTask) -> dict:
             "error_type": type(e).__name__, "traceback": traceback.format_exc()}
 
 
+def _out_of_memory_result(e: BaseException, task: SlideTask) -> dict:
+    """The traceback is kept: an absurd allocation (a slide's bad metadata, a bug) reads the same way."""
+    return {"error": with_path(f"out of memory ({type(e).__name__}: {one_line(e) or 'no details'}): free memory, "
+                               "or lower --region-px or --reader-threads, then run the same command again", task),
+            "error_type": OutOfMemory.__name__, "traceback": traceback.format_exc()}
+
+
 def _out_of_memory(e: BaseException) -> bool:
     """A MemoryError; torch's RuntimeErrors for a refused allocation (its CPU allocator's "can't allocate memory",
     torch.OutOfMemoryError on a GPU); the thread a library could not start (CPython's RuntimeError when the
     system refuses one: memory or a process limit)."""
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
-    return any(s in str(e) for s in ("can't allocate memory", "can't start new thread", "out of memory"))
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("can't allocate memory",
+                                                                       "can't start new thread"))
 
 
 def _no_space(e: BaseException) -> bool:
@@ -121,7 +130,9 @@ def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dic
         except WsiVssmError as e:
             res.update(error=with_path(one_line(e), task), error_type=type(e).__name__)
         except OSError as e:
-            if e.errno in NO_SPACE:  # the output disk, not the slide: the runner stops the run
+            if e.errno == errno.ENOMEM:
+                res.update(_out_of_memory_result(e, task))
+            elif e.errno in NO_SPACE:  # the output disk, not the slide: the runner stops the run
                 res.update(error=f"{task.name}: cannot write its outputs: {e.filename or job.out}: {e.strerror}",
                            error_type=OutputFull.__name__)
             else:  # permission, I/O error: the slide fails, the run goes on
@@ -130,9 +141,7 @@ def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dic
             if not _out_of_memory(e):
                 res.update(_unexpected(e, task))
             else:  # the machine's limit, not a bug: said so, and tried again by a rerun
-                res.update(error=with_path(f"out of memory ({type(e).__name__}: {one_line(e) or 'no details'}): "
-                                           "free memory, or lower --region-px or --reader-threads, then run the "
-                                           "same command again", task), error_type=OutOfMemory.__name__)
+                res.update(_out_of_memory_result(e, task))
         except Exception as e:  # noqa: BLE001 -- the per-slide isolation boundary: a bug in one slide is recorded
             res.update(_unexpected(e, task))
     # once each: the slide is opened more than once (tissue, regions), and each open repeats its warnings

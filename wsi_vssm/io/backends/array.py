@@ -28,7 +28,7 @@ class ArraySlide(SlideReader):
     ):
         if levels is None:
             if image is None:
-                raise ValueError("ArraySlide needs `image` or `levels`")
+                raise UsageError("ArraySlide needs `image` or `levels`")
             levels = [to_rgb(_image(image))]
             while max(levels[-1].shape[:2]) > min_side and min(levels[-1].shape[:2]) >= 2:
                 h, w = levels[-1].shape[:2]
