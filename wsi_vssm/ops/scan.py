@@ -141,8 +141,8 @@ def _numba_kernels():
 def _set_numba_threads():
     """Numba's kernels use as many threads as torch (at most NUMBA_NUM_THREADS). The first call starts numba's
     pool; under its OpenMP layer that raises the process's OpenMP thread count, torch's included, to
-    NUMBA_NUM_THREADS (a caller's torch.set_num_threads(1) or OMP_NUM_THREADS=1 became 2 here), so torch's count
-    is put back."""
+    NUMBA_NUM_THREADS (a process started with OMP_NUM_THREADS=1 ran torch on 2 threads after the first kernel
+    here), so torch's count is put back."""
     import numba
 
     torch_threads = torch.get_num_threads()

@@ -40,11 +40,7 @@ from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD
 from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
 from wsi_vssm.models.slide_model import SlideModel, load_model, save_model
-from wsi_vssm.training.checkpoint import (
-    load_checkpoint,
-    refuse_unless_resuming,
-    save_checkpoint,
-)
+from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.data.patches import (
     PatchDataset,
