@@ -595,3 +595,20 @@ def test_resume_beside_a_finished_model_is_refused(tiny_folder, tmp_path, capsys
                                      tiny_folder / "valid", "--out", out, "--epochs", "1", "--resume"], capsys)
     assert code == 1 and "is a finished model" in err and "Traceback" not in err
     assert out.read_bytes() == before
+
+
+def test_the_patch_scorer_says_bad_input_in_one_line(tiny_folder, tmp_path, capsys):
+    """`python -m wsi_vssm.training.cells --evaluate` gave tracebacks for a missing model or folder, and AUC nan
+    with exit 0 for patches of one class."""
+    from wsi_vssm.training.cells import main
+
+    assert main(["--evaluate", str(tmp_path / "none.pt"), "--valid", str(tiny_folder / "valid")]) == 1
+    assert main(["--evaluate", "default", "--valid", str(tmp_path / "nowhere")]) == 1
+    write_patch_folder(tmp_path / "one", 3, 0)
+    import shutil
+
+    shutil.rmtree(tmp_path / "one" / "1")
+    assert main(["--evaluate", "default", "--valid", str(tmp_path / "one")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("python -m wsi_vssm.training.cells: error: ") for line in err)
+    assert "none.pt" in err[0] and "nowhere" in err[1] and "one class only" in err[2]

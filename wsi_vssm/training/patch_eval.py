@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -112,8 +113,9 @@ def main(argv=None) -> int:
     AUC on the training split's selection or held-back part, with TTA and in mosaics (the model card's figures)."""
     import argparse
 
+    from wsi_vssm.errors import UsageError, WsiVssmError
     from wsi_vssm.models.slide_model import load_model
-    from wsi_vssm.training.data.patches import load_patches, select_and_holdout
+    from wsi_vssm.training.data.patches import select_and_holdout, training_patches
 
     ap = argparse.ArgumentParser(prog="python -m wsi_vssm.training.cells", description="Evaluate a model on patches.")
     ap.add_argument("--evaluate", required=True, help="model file, or 'default'")
@@ -127,10 +129,16 @@ def main(argv=None) -> int:
                     help="also score the patches in context: tiled GRID x GRID, read at their centre tokens")
     a = ap.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    model = load_model(a.evaluate)
-    ds = load_patches(a.valid)
-    if a.split != "all":
-        ds = select_and_holdout(ds, a.valid_select, a.seed)[0 if a.split == "select" else 1]
+    try:  # bad input is one line and exit 1, as on the wsi-vssm command line (it was a traceback)
+        model = load_model(a.evaluate)
+        ds = training_patches(a.valid)  # undecodable patches left out with a warning; mixed sizes refused
+        if a.split != "all":
+            ds = select_and_holdout(ds, a.valid_select, a.seed)[0 if a.split == "select" else 1]
+        if len(set(ds.labels.tolist())) < 2:
+            raise UsageError(f"{a.valid}: patches of one class only: an AUC needs both 0/ and 1/")
+    except WsiVssmError as e:
+        print(f"python -m wsi_vssm.training.cells: error: {e}", file=sys.stderr)
+        return 1
     for tta in (False, True) if a.tta else (False,):
         m = evaluate(model, ds, progress=True, tta=tta)
         print(f"{a.evaluate} on {a.valid} [{a.split}]{' 8-view TTA' if tta else ''} n={m['n']}: AUC {m['auc']:.4f} "
