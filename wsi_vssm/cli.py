@@ -120,6 +120,10 @@ def main(argv=None):
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: signals are not ours to handle
         previous = None
+    from wsi_vssm.progress import ClosedPipeGuard
+
+    stdout = sys.stdout
+    sys.stdout = ClosedPipeGuard(stdout)
     try:
         _SIGTERM_SEEN.clear()
         cli.main(args=argv, prog_name="wsi-vssm", standalone_mode=False)
@@ -173,6 +177,8 @@ def main(argv=None):
     finally:
         if previous is not None:  # main() may run inside another program (tests)
             signal.signal(signal.SIGTERM, previous)
+        if isinstance(sys.stdout, ClosedPipeGuard):
+            sys.stdout = stdout
     sys.exit(0)
 
 

@@ -63,21 +63,13 @@ class Progress:
     def _write(self, text: str, err: bool) -> None:
         # a file name that is not UTF-8 reaches Python with lone surrogates, which no stream can encode: escape them
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-        try:
-            if self._bars:
-                from tqdm import tqdm
+        if self._bars:
+            from tqdm import tqdm
 
-                # through tqdm, so an active bar is redrawn below the line instead of being torn
-                tqdm.write(text, file=(self._err or sys.stderr) if err else sys.stdout)
-            else:
-                click.echo(text, err=err, file=self._err if err else None)
-        except BrokenPipeError:
-            # the reader of a pipe ended (`| head -1`, a monitor that died): the run's results are its files, so
-            # it goes on with the stream sent to /dev/null (it stopped with exit 1, no word and no metrics.json)
-            _discard(sys.stderr if err else sys.stdout)
-            if not err:
-                self.warn("standard output was closed (the reader of its pipe ended): result lines are dropped; "
-                          "the run goes on and writes its files")
+            # through tqdm, so an active bar is redrawn below the line instead of being torn
+            tqdm.write(text, file=(self._err or sys.stderr) if err else sys.stdout)
+        else:
+            click.echo(text, err=err, file=self._err if err else None)
 
     # -- bars
     @contextlib.contextmanager
@@ -122,6 +114,39 @@ class Progress:
         finally:
             if "ctx" in state:
                 state["ctx"].__exit__(None, None, None)
+
+
+class ClosedPipeGuard:
+    """The command line's sys.stdout: when the reader of its pipe ends (`| head -1`, a `tee` or monitor that
+    died), the stream is sent to /dev/null and that is said once on stderr, so the command goes on and writes its
+    files. Without it the first line that could not be printed ended the command (click's broken-pipe exit: code
+    1, no message; an evaluation lost its metrics.json, a training run its remaining epochs)."""
+
+    def __init__(self, stream):
+        self._stream, self._closed = stream, False
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._close()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _discard(self._stream)
+            click.echo("wsi-vssm: warning: standard output was closed (the reader of its pipe ended): its lines are "
+                       "dropped; the command goes on and writes its files", err=True)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _discard(stream) -> None:

@@ -264,6 +264,15 @@ def test_a_closed_standard_output_does_not_stop_the_run(model_file, cohort, tmp_
     assert proc.wait(timeout=300) == 0, err
     assert err.count("standard output was closed") == 1 and "Traceback" not in err and "Exception ignored" not in err
     assert json.loads((out / "metrics.json").read_text())["n"] == 3
+    # every command, not only the cohort ones: synth stopped after its first slide (a training run after the
+    # epoch whose line could not be printed)
+    cmd = [sys.executable, "-m", "wsi_vssm", "synth", str(tmp_path / "syn"), "--slides", "3", "--seed", "0",
+           "--size", "1024"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and err.count("standard output was closed") == 1, err
+    assert len(list((tmp_path / "syn").glob("*.tif"))) == 3
 
 
 def test_debug_shows_the_traceback(files, tmp_path, capsys):
