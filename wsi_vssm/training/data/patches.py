@@ -41,6 +41,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: list[PatchItem], root: Path | None = None, source: str = ""):
         self.items, self.root, self.source = list(items), root, source
+        self.patch_size: tuple[int, int] | None = None  # (w, h) of every patch, once `readable` has decoded them
 
     def __len__(self) -> int:
         return len(self.items)
@@ -61,8 +62,6 @@ class PatchDataset(torch.utils.data.Dataset):
     @property
     def labels(self) -> np.ndarray:
         return np.array([it.label for it in self.items], dtype=np.int64)
-
-    patch_size: tuple[int, int] | None = None  # (w, h) of every patch, once `readable` has decoded them
 
     def subset(self, idx) -> PatchDataset:
         part = PatchDataset([self.items[int(i)] for i in idx], self.root, self.source)
@@ -228,7 +227,7 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
         if missing:
             raise PatchDataError(f"{ds.source}: its {what} have no class {' or '.join(missing)} ({counts[0]} of "
                                  f"class 0, {counts[1]} of class 1): a cell model needs both (folders 0/ and 1/)")
-    sizes = {getattr(ds, "patch_size", None) for ds in (train, select, holdout) if ds is not None} - {None}
+    sizes = {ds.patch_size for ds in (train, select, holdout) if ds is not None} - {None}
     if len(sizes) > 1:
         shown = ", ".join(f"{w} x {h} px" for w, h in sorted(sizes))
         raise PatchDataError(f"{train.source} and {select.source}: training and validation patches differ in size "
