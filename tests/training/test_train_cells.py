@@ -261,6 +261,12 @@ def test_cli_train_cells(tiny_folder, tmp_path):
     assert res.exit_code == 0, res.output
     cfg = load_model(tuned).metadata["config"]
     assert (cfg["init"], cfg["mosaic_grid"], cfg["region_batch"], cfg["ema"]) == (str(out), 2, 1, 0.5)
+    # --init trains the file's backbone: a --model naming another was recorded as if it had been trained
+    res = CliRunner().invoke(command, ["--data", str(tiny_folder / "train"), "--valid", str(tiny_folder / "valid"),
+                                       "--out", str(tmp_path / "x.pt"), "--epochs", "1", "--init", str(out),
+                                       "--model", "tiny"])
+    assert res.exit_code != 0 and "stage widths [32, 64, 128, 256], not tiny's" in str(res.exception)
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_run_recipe_with_overrides(tiny_folder, tmp_path):

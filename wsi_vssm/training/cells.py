@@ -39,6 +39,7 @@ from wsi_vssm.models.device import resolve_device
 from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD
 from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
+from wsi_vssm.models.registry import get_config
 from wsi_vssm.models.slide_model import SlideModel, load_model, save_model
 from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
@@ -384,6 +385,10 @@ def _initial_model(cfg: TrainCellsConfig) -> SlideModel:
         if abs(model.mpp - cfg.mpp) > 1e-6 or model.token_px != cfg.token_px:
             raise UsageError(f"{cfg.init}: made at {model.mpp} um/px with {model.token_px} px cells, "
                              f"the config asks for {cfg.mpp} and {cfg.token_px}")
+        dims = tuple(model.backbone.config.dims)  # the file's backbone is trained: the metadata must name it
+        if dims != tuple(get_config(cfg.arch).dims):
+            raise UsageError(f"{cfg.init}: its backbone has stage widths {list(dims)}, not {cfg.arch}'s: give the "
+                             "--model it was made with")
         model.name = "cells"
     if cfg.drop_path is not None:
         model.backbone.set_drop_path(float(cfg.drop_path))
