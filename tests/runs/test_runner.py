@@ -500,7 +500,7 @@ def test_the_interrupted_table_keeps_this_runs_outcomes_and_takes_only_this_slid
     that slide's probability."""
     from types import SimpleNamespace
 
-    from wsi_vssm.runs.cohort_table import interim_table, interrupted_table
+    from wsi_vssm.runs.cohort_table import InterimTable, interrupted_table
     from wsi_vssm.runs.execute import Outcome, SlideTask
     from wsi_vssm.runs.state import write_state
 
@@ -513,7 +513,7 @@ def test_the_interrupted_table_keeps_this_runs_outcomes_and_takes_only_this_slid
     write_state(out, "predict", "a", {**done, "abspath": str(tmp_path / "elsewhere" / "a.tif")})  # another slide
     write_state(out, "predict", "b", {**done, "abspath": str(tmp_path / "b.tif")})  # finished as Ctrl-C came
     write_state(out, "predict", "c", {**done, "abspath": str(tmp_path / "elsewhere" / "c.tif")})
-    after = interim_table(out, crows, tasks, None, None)
+    after = InterimTable(out, crows, tasks, None, None)
     after(Outcome(tasks[0], "failed", "a: the output folder holds the results of another slide"))
     interrupted_table(out, crows, tasks, job, after)
     rows = {r["slide"]: (r["status"], r["probability"]) for r in _table(out)}

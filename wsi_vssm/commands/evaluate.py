@@ -127,7 +127,9 @@ def incomplete_warning(rows: list[dict], n_pending: int) -> str:
     """Why the report is incomplete: slides another run holds (`in_progress` rows), and slides with no finished
     outputs for another reason (`pending`: e.g. the output folder was deleted under the run), which the message
     had blamed on "the other run" as well."""
-    held = sum(1 for r in rows if r.get("status") == "in_progress")
+    from wsi_vssm.runs.cohort_table import IN_PROGRESS
+
+    held = sum(1 for r in rows if r.get("status") == IN_PROGRESS)
     parts = [f"{held} slide(s) still being done by another run: rerun when it has finished"] if held else []
     if n_pending - held > 0:
         parts.append(f"{n_pending - held} slide(s) have no finished outputs (deleted or not written): run the same "

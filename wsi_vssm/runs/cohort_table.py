@@ -43,7 +43,7 @@ def report_writer(out: Path, wait: float):
 
 
 class InterimTable:
-    """The runner's per-slide callback (`interim_table`): rewrite predictions.csv with every slide, those not
+    """The runner's per-slide callback: rewrite predictions.csv with every slide, those not
     through yet as `pending` rows, so a run that is killed leaves a table that says it is partial. `table` holds
     the rows, `recorded` the indices that hold this run's outcome (`interrupted_table` keeps them)."""
 
@@ -67,10 +67,6 @@ class InterimTable:
                                    "recorded")
         if self.on_slide is not None:
             self.on_slide(self.table[i])
-
-
-def interim_table(out: Path, crows: list, tasks: list, on_slide, progress) -> InterimTable:
-    return InterimTable(out, crows, tasks, on_slide, progress)
 
 
 def pending_row(crow, note: str = PENDING_NOTE, status: str = PENDING) -> dict:
@@ -142,7 +138,7 @@ def write_table(out: Path, rows: list[dict]) -> None:
 
 
 def interrupted_table(out: Path, crows: list, tasks: list, job, interim: InterimTable) -> None:
-    """On Ctrl-C or SIGTERM: rewrite predictions.csv with this run's outcomes (`interim`, the `interim_table`
+    """On Ctrl-C or SIGTERM: rewrite predictions.csv with this run's outcomes (`interim`, the `InterimTable`
     callback) and, for a slide without one, its state on disk when that state is of this slide and these
     parameters and says done (a slide finished just as the interrupt came); the others stay `pending`. Best
     effort: the interrupt goes on whatever happens here."""

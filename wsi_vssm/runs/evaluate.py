@@ -27,8 +27,8 @@ from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
 from wsi_vssm.runs.cohort_table import (
     REPORT_LOCK_WAIT_S,
     UNFINISHED,
+    InterimTable,
     final_row,
-    interim_table,
     interrupted_table,
     n_unfinished,
     report_writer,
@@ -50,8 +50,6 @@ class EvaluationResult:
     def complete(self) -> bool:
         """Every slide is done or failed (none pending or in progress in another run)."""
         return not any(r["status"] in UNFINISHED for r in self.rows)
-
-
 
 
 def is_patch_folder(path: Path) -> bool:
@@ -124,7 +122,7 @@ def evaluate_cohort(
              else _read_annotations(Path(annotations), folders, cohort.labels()))
     check_output_folder(out)
     _start_report(out)
-    after = interim_table(out, cohort.rows, tasks, on_slide, progress)
+    after = InterimTable(out, cohort.rows, tasks, on_slide, progress)
     try:
         summary = run_slides(tasks, job, run, progress, on_outcome=after)
     except KeyboardInterrupt:
