@@ -9,6 +9,7 @@ Sections, each timed with CUDA events (medians) and each allowed to fail without
   scan_speed    VMamba's scan shape (768 channels, 4 groups, d_state 1) at L = 4k ... 6.25M (2,500^2: stage 1
                 of a 10,000 px region), Melem/s per kernel against the device's measured copy bandwidth; also
                 the training pair (forward saving tile states, fused backward) against the backward's limit.
+  scan_tune     the training pair over channels per program, tile length and warps (not run by default).
   backbone      `tiny` (random weights) on CPU vs GPU (fp32 and bf16 autocast) on a 512 px input; the golden
                 micro fixture on the GPU; then one 10,000 x 10,000 region through `tiny` in one pass (fp32 and
                 bf16), with seconds and peak GPU memory, for each Triton variant.
@@ -202,7 +203,68 @@ def _speed_row(device, timer, bw, channels, length, gen, reps):
     row["bwd_Melem_s"] = elems / t / 1e6
     row["bwd_limit_Melem_s"] = elems / (4 * (5 * channels * length + 4 * GROUPS * length) / bw) / 1e6
     row["bwd_limit_over_bwd"] = row["bwd_limit_Melem_s"] / row["bwd_Melem_s"]
+    if length <= 65536:  # a training step's scan through autograd: the fused Triton pair against `chunked`'s
+        for impl in ("triton", "chunked"):
+            t = timer.median(lambda impl=impl: _scan_fwd_bwd(x, dy, impl), repeats=reps)
+            row[f"{impl}_fwd_bwd_Melem_s"] = elems / t / 1e6
     return row
+
+
+def _scan_fwd_bwd(x, dy, impl):
+    """One forward and backward of `selective_scan` through autograd, every float input a leaf needing grad."""
+    leaves = {k: v.detach().requires_grad_() for k, v in x.items()}
+    y = selective_scan(**leaves, delta_softplus=True, impl=impl)
+    y.backward(dy)
+
+
+def section_scan_tune(device, smoke, timer, save):
+    """The training pair (forward saving tile states, fused backward) over channels per program, tile length
+    and warps, at VMamba's scan shape; each config's gradients against the default config's. Each config
+    compiles two kernels (seconds each), so the sweep is short, and `save` keeps every row as it comes."""
+    gen = torch.Generator().manual_seed(2)
+    channels = 96 if smoke else CHANNELS
+    # the default (4 channels x 128 steps) and others of the same register budget, then larger tiles
+    configs = [(d, bl, w) for d, bl in ((1, 512), (2, 256), (4, 128), (2, 512), (4, 256), (1, 1024)) for w in (4, 8)]
+    if smoke:
+        configs = [(4, 128, 4), (2, 64, 2)]
+    inputs = []
+    for length in ([300] if smoke else [4096, 65536, 1 << 20]):
+        x = scan_inputs(1, channels, length, 1, GROUPS, full=False, gen=gen, device=device)
+        x["D"] = torch.ones(channels, device=device)
+        x["delta_bias"] = torch.zeros(channels, device=device)
+        h0 = torch.zeros(1, channels, 1, device=device)
+        args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], None, x["delta_bias"], h0, True)
+        inputs.append((length, args, torch.randn_like(x["u"])))
+    out, refs = {"channels": channels, "rows": []}, {}
+    for block_d, block_l, warps in [(None, None, None)] + configs:
+        kw = {"block_d": block_d, "block_l": block_l, "num_warps": warps}
+        for length, args, dy in inputs:
+            try:
+                t_f, t_b, grads = _tune_config(timer, args, dy, kw)
+            except Exception as e:  # a config the compiler refuses (registers, shared memory) is a row
+                out["rows"].append({"L": length, **kw, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                continue
+            ref = refs.setdefault(length, grads)
+            err = max(rel_err(g, r) for g, r in zip(grads, ref, strict=True) if g is not None)
+            elems = channels * length
+            out["rows"].append({"L": length, **kw, "fwd_save_Melem_s": elems / t_f / 1e6,
+                                "bwd_Melem_s": elems / t_b / 1e6, "pair_Melem_s": elems / (t_f + t_b) / 1e6,
+                                "grads_rel_err_vs_default": err})
+            print(f"  {out['rows'][-1]}", flush=True)
+        save(out)
+    return out
+
+
+def _tune_config(timer, args, dy, kw):
+    """Median seconds of the forward saving states and of the backward with `kw`, and the backward's grads."""
+    from wsi_vssm_kernels import scan_triton
+
+    _, hlast, hck = scan_triton.scan_fwd(*args, save_states=True, **kw)
+    dlast = torch.zeros_like(hlast)
+    grads = scan_triton.scan_bwd(*args[:8], hck, dy, dlast, True, **kw)
+    t_f = timer.median(lambda: scan_triton.scan_fwd(*args, save_states=True, **kw), repeats=3)
+    t_b = timer.median(lambda: scan_triton.scan_bwd(*args[:8], hck, dy, dlast, True, **kw), repeats=3)
+    return t_f, t_b, grads
 
 
 def section_backbone(device, smoke, timer, golden, variants=("tiled", "serial")):
@@ -269,6 +331,8 @@ def _golden_err(g, device):
 
 def section_train_step(device, smoke, timer):
     from wsi_vssm.models import create_model
+    from wsi_vssm.models.ss2d import SS2D
+    from wsi_vssm.ops.scan import _auto_impl
 
     torch.manual_seed(0)
     model = create_model("micro", num_classes=2, scan="auto").to(device).train()
@@ -276,16 +340,22 @@ def section_train_step(device, smoke, timer):
     batch = 8 if smoke else 64
     x = torch.rand(batch, 3, 96, 96, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
-    out = {}
-    for amp in (False, True):
-        def step(amp=amp):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        t = timer.median(step, repeats=3 if smoke else 20, warmup=2)
-        out["bf16" if amp else "fp32"] = {"steps_per_s": 1 / t, "patches_per_s": batch / t}
+    out = {"auto_scan": _auto_impl(x, None)}
+    # the default scan (on CUDA the fused Triton pair) beside `chunked`, the scan the backward recomputed
+    # through before the fused backward existed
+    for scan in ("auto", "chunked"):
+        for m in model.modules():
+            if isinstance(m, SS2D):
+                m.scan = scan
+        for amp in (False, True):
+            def step(amp=amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            t = timer.median(step, repeats=3 if smoke else 20, warmup=2)
+            out[f"{scan}_{'bf16' if amp else 'fp32'}"] = {"steps_per_s": 1 / t, "patches_per_s": batch / t}
     return out
 
 
@@ -410,6 +480,8 @@ def main():
     res = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "smoke": args.smoke}
     timer = Timer(device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.sections:
         t = time.perf_counter()
         try:
@@ -417,6 +489,9 @@ def main():
                 res[name] = section_scan_check(device, args.smoke)
             elif name == "scan_speed":
                 res[name] = section_scan_speed(device, args.smoke, timer)
+            elif name == "scan_tune":
+                res[name] = section_scan_tune(device, args.smoke, timer, lambda part, name=name: atomic_write_json(
+                    out, {**res, name: {**part, "partial": True}}))
             elif name == "backbone":
                 res[name] = section_backbone(device, args.smoke, timer, args.golden, args.variants)
             elif name == "train_step":
@@ -430,8 +505,6 @@ def main():
         res.setdefault(name, {})["section_seconds"] = time.perf_counter() - t
         print(f"== {name} ({time.perf_counter() - t:.1f} s)\n{json.dumps(res[name], indent=1, default=str)}",
               flush=True)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, res)
     print(f"wrote {args.out}")
 

@@ -232,9 +232,11 @@ def grad_tile(length: int, nstate: int) -> int:
 
 
 def scan_fwd(u, delta, A, B, C, Dskip, z, bias, h0, softplus: bool, variant: str | None = None,
-             block_d: int | None = None, block_l: int | None = None, save_states: bool = False):
+             block_d: int | None = None, block_l: int | None = None, save_states: bool = False,
+             num_warps: int | None = None):
     """y (batch, D, L) and the last state (batch, D, N), fp32; z may be None. With `save_states` (tiled only,
-    tiles of `grad_tile`), also the state entering every tile, (batch, D, N, tiles): what `scan_bwd` needs."""
+    tiles of `grad_tile` unless `block_l` says), also the state entering every tile, (batch, D, N, tiles): what
+    `scan_bwd` needs. block_d, block_l and num_warps override the tuned defaults (bench/gpu.py's scan_tune)."""
     variant = variant or DEFAULT_VARIANT
     if variant not in VARIANTS:
         raise ValueError(f"unknown triton scan variant {variant!r}; valid: {', '.join(VARIANTS)}")
@@ -248,6 +250,8 @@ def scan_fwd(u, delta, A, B, C, Dskip, z, bias, h0, softplus: bool, variant: str
     args = (u, delta, A, B, C, Dskip, u if z is None else z, bias, h0, y, hlast)
     sizes = (dim, length, groups, dim // groups, nstate)
     flags = dict(HAS_Z=z is not None, SOFTPLUS=softplus, BLOCK_N=block_n)
+    if num_warps:
+        flags["num_warps"] = num_warps
     if variant == "serial":
         block_d = block_d or 32
         _kernel(variant)[(batch, triton.cdiv(dim, block_d))](*args, *sizes, **flags, BLOCK_D=block_d)
@@ -256,7 +260,7 @@ def scan_fwd(u, delta, A, B, C, Dskip, z, bias, h0, softplus: bool, variant: str
     # program), 2 from L = 64k on (more programs in flight): +15-20% there
     block_d = block_d or (2 if length >= 32768 else 4)
     if save_states:
-        block_l = grad_tile(length, nstate)
+        block_l = block_l or grad_tile(length, nstate)
     block_l = block_l or _tile(length, block_d, block_n, 2048)
     ntiles = triton.cdiv(length, block_l)
     hck = h0.new_empty(batch, dim, nstate, ntiles) if save_states else h0
@@ -266,17 +270,18 @@ def scan_fwd(u, delta, A, B, C, Dskip, z, bias, h0, softplus: bool, variant: str
     return (y, hlast, hck) if save_states else (y, hlast)
 
 
-def scan_bwd(u, delta, A, B, C, Dskip, z, bias, hck, dout, dlast, softplus: bool, block_d: int | None = None):
+def scan_bwd(u, delta, A, B, C, Dskip, z, bias, hck, dout, dlast, softplus: bool, block_d: int | None = None,
+             block_l: int | None = None, num_warps: int | None = None):
     """Gradients of `scan_fwd(..., save_states=True)` given dL/dy (batch, D, L) and dL/d(last state)
     (batch, D, N), fp32: du, ddelta, dA (D, N), dB, dC (batch, G, N, L), dD, dz (None without z), dbias,
-    dh0 (batch, D, N). Nothing of size batch x D x N x L is allocated."""
+    dh0 (batch, D, N). Nothing of size batch x D x N x L is allocated. `block_l` must be the forward's."""
     batch, dim, length = u.shape
     groups, nstate = B.shape[1], A.shape[1]
     per_group = dim // groups
     ntiles = hck.shape[-1]
-    block_l = grad_tile(length, nstate)
+    block_l = block_l or grad_tile(length, nstate)
     if triton.cdiv(length, block_l) != ntiles:
-        raise ValueError("hck was not saved with grad_tile tiles")
+        raise ValueError(f"hck was not saved with tiles of {block_l} steps (the forward's block_l)")
     block_n = max(1, triton.next_power_of_2(nstate))
     block_d = block_d or 4
     while per_group % block_d:  # a program's channels share one group: its dB, dC rows are one sum
@@ -291,5 +296,6 @@ def scan_bwd(u, delta, A, B, C, Dskip, z, bias, hck, dout, dlast, softplus: bool
     _kernel("backward")[(batch, triton.cdiv(dim, block_d))](
         u, delta, A, B, C, Dskip, u if z is None else z, bias, hck, dout, dlast, du, ddelta,
         du if dz is None else dz, dB, dC, dA, dD, dbias, dh0, dim, length, groups, per_group, nstate, ntiles,
-        HAS_Z=z is not None, SOFTPLUS=softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l)
+        HAS_Z=z is not None, SOFTPLUS=softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+        **({"num_warps": num_warps} if num_warps else {}))
     return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dz, dbias.sum(0), dh0

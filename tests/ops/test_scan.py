@@ -303,6 +303,23 @@ for shape in [(1, 40, 37, 1, 4), (2, 6, 50, 3, 3), (1, 5, 16, 16, 0)]:
                                     x["initial_state"], True, variant=variant, block_l=block_l)
         assert_close(y, y_ref, 2e-5, f"{{variant}} y {{shape}}")
         assert_close(h, h_ref, 2e-5, f"{{variant}} last state {{shape}}")
+# the training pair at a tuning config (bench/gpu.py's scan_tune) gives the default config's gradients; a
+# backward told another tile length than the forward saved states for is refused
+x = make_inputs(2, 8, 45, 2, 2)
+args = (x["u"], x["delta"], x["A"], _as_groups(x["B"]).contiguous(), _as_groups(x["C"]).contiguous(), x["D"],
+        x["z"], x["delta_bias"], x["initial_state"], True)
+dy = torch.randn_like(x["u"])
+pairs = {{}}
+for kw in ({{}}, {{"block_d": 2, "block_l": 16, "num_warps": 2}}):
+    _, hlast, hck = scan_triton.scan_fwd(*args, save_states=True, **kw)
+    pairs[len(kw)] = scan_triton.scan_bwd(*args[:8], hck, dy, torch.ones_like(hlast), True, **kw)
+for got, ref in zip(pairs[3], pairs[0], strict=True):
+    assert_close(got, ref, 1e-5, "tuned config's gradients")
+try:
+    scan_triton.scan_bwd(*args[:8], hck, dy, torch.ones_like(hlast), True, block_l=32)
+    raise SystemExit("a backward with the wrong tile length ran")
+except ValueError as e:
+    assert "16 steps" not in str(e) and "32 steps" in str(e), e
 print("ok")
 """
 
