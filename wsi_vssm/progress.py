@@ -11,6 +11,7 @@ Result lines (one per slide) go to stdout; progress, warnings and errors to stde
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
@@ -118,9 +119,13 @@ class Progress:
 
 class ClosedPipeGuard:
     """The command line's sys.stdout: when the reader of its pipe ends (`| head -1`, a `tee` or monitor that
-    died), the stream is sent to /dev/null and that is said once on stderr, so the command goes on and writes its
-    files. Without it the first line that could not be printed ended the command (click's broken-pipe exit: code
-    1, no message; an evaluation lost its metrics.json, a training run its remaining epochs)."""
+    died) or the file it goes to cannot grow (`> log` on a full disk or over quota), the stream is sent to
+    /dev/null and that is said once on stderr, so the command goes on and writes its files. Without it the first
+    line that could not be printed ended the command (click's broken-pipe exit: code 1, no message; an
+    evaluation lost its metrics.json, a training run its remaining epochs)."""
+
+    # errors of the stream itself, not of the command: a full disk or quota, a file too large
+    _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
     def __init__(self, stream):
         self._stream, self._closed = stream, False
@@ -128,22 +133,26 @@ class ClosedPipeGuard:
     def write(self, text):
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._close()
+        except OSError as e:
+            self._close(e)
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._close()
+        except OSError as e:
+            self._close(e)
 
-    def _close(self) -> None:
+    def _close(self, err: OSError) -> None:
+        if not isinstance(err, BrokenPipeError) and err.errno not in self._FULL:
+            raise err
         if not self._closed:
             self._closed = True
             _discard(self._stream)
-            click.echo("wsi-vssm: warning: standard output was closed (the reader of its pipe ended): its lines are "
-                       "dropped; the command goes on and writes its files", err=True)
+            why = ("was closed (the reader of its pipe ended)" if isinstance(err, BrokenPipeError)
+                   else f"cannot be written ({err.strerror})")
+            click.echo(f"wsi-vssm: warning: standard output {why}: its lines are dropped; the command goes on "
+                       "and writes its files", err=True)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)

@@ -313,10 +313,12 @@ def test_api_misuse_is_a_usage_error_that_says_what_to_pass(tmp_path):
         with pytest.raises(UsageError, match="mpp must be a positive number"):
             ArraySlide(image, mpp=bad)
     slide = ArraySlide(image, mpp=np.float32(1.0))
-    for mpp in (0, -1, float("nan")):
+    for mpp in (0, -1, float("nan"), "1", None, True):  # a string or None was a bare TypeError
         with pytest.raises(SlideError, match="read: mpp must be a positive number"):
             slide.read(0, 0, 10, 10, mpp=mpp)
-    with pytest.raises(SlideError, match="positive size"):
-        slide.read(0, 0, -5, 10, mpp=1.0)
+    for box in ((0, 0, -5, 10), (0, 0, "10", 10), (None, 0, 10, 10)):
+        with pytest.raises(SlideError, match="positive size"):
+            slide.read(*box, mpp=1.0)
+    assert slide.read(np.int64(0), np.float32(0), np.int32(10), 10, mpp=np.float64(1.0)).shape == (10, 10, 3)
     with pytest.raises(UsageError, match="extract_slide takes an open slide"):
         extract_slide(image, None, mpp=1.0)
