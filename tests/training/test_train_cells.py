@@ -549,7 +549,13 @@ def test_sets_a_cell_model_cannot_learn_from_are_refused_before_the_first_epoch(
     write_patch_folder(tmp_path / "d" / "train", 6, 0)
     write_patch_folder(tmp_path / "d" / "valid", 4, 1)
     train, valid = training_patches(tmp_path / "d" / "train"), training_patches(tmp_path / "d" / "valid")
-    check_training_sets(train, valid, None)  # a sound pair passes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_training_sets(train, valid, None)  # a sound pair passes, unwarned
+    skewed = train.subset([*np.flatnonzero(train.labels == 0), np.flatnonzero(train.labels == 1)[0]])
+    assert np.bincount(skewed.labels).tolist() == [6, 1]
+    with pytest.warns(UserWarning, match=r"imbalanced \(6 of class 0, 1 of class 1\).*leans to class 0"):
+        check_training_sets(skewed, valid, None)
     only0 = train.subset(np.flatnonzero(train.labels == 0))
     with pytest.raises(PatchDataError, match="its training patches have no class 1"):
         check_training_sets(only0, valid, None)

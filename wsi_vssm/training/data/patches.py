@@ -215,6 +215,9 @@ def collate_uint8(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return imgs, torch.tensor([b[1] for b in batch], dtype=torch.float32)
 
 
+IMBALANCE_WARN = 4  # one class more than this many times the other: warned (PCam is balanced)
+
+
 def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: PatchDataset | None) -> None:
     """Refuse, before any epoch, sets a cell model cannot be trained or selected on: a class missing from the
     training patches (the run wrote a model of one class with exit 0) or from the selection part (every epoch's
@@ -227,6 +230,12 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
         if missing:
             raise PatchDataError(f"{ds.source}: its {what} have no class {' or '.join(missing)} ({counts[0]} of "
                                  f"class 0, {counts[1]} of class 1): a cell model needs both (folders 0/ and 1/)")
+    counts = np.bincount(train.labels, minlength=2)
+    if max(counts) > IMBALANCE_WARN * min(counts):
+        warnings.warn(f"{train.source}: the training patches are imbalanced ({counts[0]} of class 0, {counts[1]} of "
+                      f"class 1) and the loss does not weight them: the model leans to class "
+                      f"{int(np.argmax(counts))} (the cell threshold is still set on the selection part); "
+                      "balanced folders train better", UserWarning, stacklevel=2)
     sizes = {ds.patch_size for ds in (train, select, holdout) if ds is not None} - {None}
     if len(sizes) > 1:
         shown = ", ".join(f"{w} x {h} px" for w, h in sorted(sizes))
