@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -507,6 +508,32 @@ def test_a_damaged_checkpoint_is_one_line(tiny_folder, tmp_path):
         train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "m.pt",
                     TrainCellsConfig(epochs=1, batch_size=16, mil_bags=0, resume=True), progress=False)
     assert "\n" not in str(err.value)
+
+
+class _Planted:
+    """A pickle that runs a command when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_checkpoint_runs_no_code_on_resume(tiny_folder, tmp_path):
+    """`--resume` read the checkpoint with torch.load(weights_only=False): a file planted under its name ran a
+    command before "not a wsi-vssm training checkpoint"; pickle garbage was a traceback (UnpicklingError)."""
+    from wsi_vssm.errors import UsageError
+
+    marker = tmp_path / "ran"
+    ckpt = tmp_path / "m.checkpoint.pt"
+    for plant in (lambda: torch.save({"format": "x", "e": _Planted(marker)}, ckpt),
+                  lambda: ckpt.write_bytes(b"\x80\x02garbage")):
+        plant()
+        with pytest.raises(UsageError, match="m.checkpoint.pt: not a training checkpoint .*remove it") as err:
+            train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "m.pt",
+                        TrainCellsConfig(epochs=1, batch_size=16, mil_bags=0, resume=True), progress=False)
+        assert "\n" not in str(err.value) and not marker.exists()
 
 
 def test_an_attached_mil_head_says_which_slides_trained_it(tmp_path):

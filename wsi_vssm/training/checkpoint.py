@@ -59,9 +59,16 @@ def save_checkpoint(path: Path, state: dict, config: dict) -> None:
 def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) -> dict:
     """The state `save_checkpoint` wrote, with the global random states restored. UsageError (one line) when the
     file cannot be read, or when `config` differs from the checkpoint's in a key not in `may_change`."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file (save_checkpoint)
-    except (OSError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, ImportError) as err:
+    import pickle
+
+    try:  # weights only: a file planted under the checkpoint's name must not run code when resumed
+        with torch.serialization.safe_globals(_numpy_globals()):
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, ImportError,
+            pickle.UnpicklingError) as err:
+        if isinstance(err, pickle.UnpicklingError):  # torch's message is a page on weights_only
+            raise UsageError(f"{path}: not a training checkpoint (it holds something other than tensors and plain "
+                             "values, or is damaged); remove it to start over") from None
         raise UsageError(f"{path}: cannot read this training checkpoint ({type(err).__name__}: "
                          f"{one_line(err, 160)}); remove it to start over") from err
     if isinstance(ck, dict) and "format" not in ck and {"model", "opt", "state"} <= set(ck):
@@ -84,6 +91,14 @@ def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) 
     torch.set_rng_state(ck["torch_rng"])
     np.random.set_state(ck["numpy_rng"])
     return ck
+
+
+def _numpy_globals() -> list:
+    """What a checkpoint's numpy values unpickle through (the random state's array, numpy scalars in logs): array
+    and scalar reconstruction and dtypes, none of which runs code."""
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core
+    dtypes = {type(np.dtype(t)) for t in (np.uint32, np.int64, np.int32, np.float64, np.float32, np.bool_)}
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
 
 
 def _plain(value):
