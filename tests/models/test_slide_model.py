@@ -72,6 +72,25 @@ def test_missing_corrupt_and_foreign_files(model, tmp_path):
     _one_line(e, "upstream.pt")
 
 
+def test_a_damaged_model_file_is_refused(model, tmp_path):
+    """torch.load ignores the zip's checksums: a file with one flipped byte in its weights loaded and predicted
+    with altered weights, without a word."""
+    import struct
+    import zipfile
+
+    good = save_model(model, tmp_path / "good.pt")
+    raw = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", raw[member.header_offset + 26:member.header_offset + 30])
+    raw[member.header_offset + 30 + name_len + extra_len + member.file_size // 2] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(raw)
+    with pytest.raises(ModelFileError, match=r"flipped.pt: a model file damaged \(.* fails its checksum\)") as e:
+        load_model(tmp_path / "flipped.pt")
+    _one_line(e, "flipped.pt")
+    load_model(good)  # the undamaged file still loads
+
+
 def test_other_architecture_is_one_line(model, tmp_path):
     ckpt = torch.load(save_model(model, tmp_path / "m.pt"), weights_only=True)
     ckpt["backbone_config"]["depths"] = [1, 1, 1, 1]  # the weights no longer fit the stated architecture

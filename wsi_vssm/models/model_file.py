@@ -147,6 +147,8 @@ def read_model_file(path: str | os.PathLike, required: tuple[str, ...] = REQUIRE
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
+        if getattr(e, "damaged", False):  # a model file all the same: say what is wrong with it
+            raise ModelFileError(f"{path}: a model file {e.reason}") from e
         raise ModelFileError(f"{path}: not a wsi-vssm model file ({getattr(e, 'reason', e)})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
