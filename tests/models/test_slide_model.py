@@ -91,6 +91,25 @@ def test_a_damaged_model_file_is_refused(model, tmp_path):
     load_model(good)  # the undamaged file still loads
 
 
+def test_bad_metadata_values_are_the_model_files_fault(model, tmp_path):
+    """cell_threshold "high" or slide_threshold None were tracebacks at predict; 1.5, NaN or a negative merge
+    distance failed every slide of a cohort, blaming the slide; a list as metadata was a traceback."""
+    ckpt = torch.load(save_model(model, tmp_path / "m.pt"), weights_only=True)
+    cases = [({"cell_threshold": "high"}, "cell_threshold must be a probability"),
+             ({"slide_threshold": None}, "slide_threshold must be a probability"),
+             ({"threshold": float("nan")}, "threshold must be a probability"),
+             ({"lesion_extent_threshold": 1.5}, "lesion_extent_threshold must be a probability"),
+             ({"lesion_merge_distance_cells": -3}, "lesion_merge_distance_cells must be a number of cells"),
+             (["a", "list"], "its metadata is a list")]
+    for i, (meta, message) in enumerate(cases):
+        torch.save({**ckpt, "metadata": meta}, tmp_path / f"meta{i}.pt")
+        with pytest.raises(ModelFileError, match=message) as e:
+            load_model(tmp_path / f"meta{i}.pt")
+        _one_line(e, f"meta{i}.pt")
+    torch.save({**ckpt, "metadata": {"cell_threshold": 1, "lesion_merge_distance_cells": 0}}, tmp_path / "ok.pt")
+    assert load_model(tmp_path / "ok.pt").metadata["cell_threshold"] == 1
+
+
 def test_other_architecture_is_one_line(model, tmp_path):
     ckpt = torch.load(save_model(model, tmp_path / "m.pt"), weights_only=True)
     ckpt["backbone_config"]["depths"] = [1, 1, 1, 1]  # the weights no longer fit the stated architecture

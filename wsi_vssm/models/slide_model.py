@@ -136,9 +136,33 @@ def load_model(path_or_name: str | os.PathLike = DEFAULT_NAME, scan: str | None 
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     check_weights(model, sd, path)
     model.load_state_dict(sd, strict=True)
-    model.metadata = dict(ckpt.get("metadata") or {})
+    model.metadata = _checked_metadata(ckpt.get("metadata"), path)
     model.file_sha256 = _file_sha256(path)
     return model.eval()
+
+
+# metadata values predict reads as numbers: probabilities, and a distance in cells
+_PROBABILITIES = ("threshold", "slide_threshold", "cell_threshold", "lesion_extent_threshold")
+
+
+def _checked_metadata(meta, path: Path) -> dict:
+    """The file's metadata, its numbers checked here, naming the file: a bad threshold was a traceback, or a
+    failure of every slide that blamed the slide."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise ModelFileError(f"{path}: its metadata is a {type(meta).__name__}, not a table of names and values")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in _PROBABILITIES:
+        if key in meta and not (number(meta[key]) and 0 <= meta[key] <= 1):
+            raise ModelFileError(f"{path}: its metadata {key} must be a probability in [0, 1], got {meta[key]!r}")
+    key = "lesion_merge_distance_cells"
+    if key in meta and not (number(meta[key]) and meta[key] >= 0):
+        raise ModelFileError(f"{path}: its metadata {key} must be a number of cells >= 0, got {meta[key]!r}")
+    return dict(meta)
 
 
 def model_identity(model: SlideModel) -> dict:
