@@ -57,6 +57,33 @@ def test_cli_export_unknown_model_is_one_line(tmp_path, capsys):
     assert "unknown model 'huge'" in err and "\n" not in err and "Traceback" not in err
 
 
+def test_an_opset_the_exporter_cannot_write_is_refused_before_exporting(tmp_path, capsys):
+    """--opset 99 passed the option's check, then the exporter printed its whole graph (1,213 lines) before
+    failing."""
+    from wsi_vssm.models.export import max_opset
+
+    top = max_opset()
+    if top is None:
+        pytest.skip("this torch no longer names its exporter's highest opset")
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--opset", str(top + 1), "--size", "32", "--onnx", str(tmp_path / "x.onnx")])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == "" and f"writes opsets 17 to {top}" in err and err.count("\n") == 1
+    with pytest.raises(ExportError, match=f"opsets 17 to {top}"):
+        export_onnx(build_backbone("micro"), tmp_path / "x.onnx", size=32, opset=99)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_size_too_large_for_memory_is_one_line(tmp_path, monkeypatch):
+    """--size 100000 was a traceback from torch's allocator (120 GB for the example input alone)."""
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 120000000000 bytes.")
+
+    monkeypatch.setattr(torch, "randn", no_memory)
+    with pytest.raises(ExportError, match="--size 100000: out of memory .*choose a smaller --size"):
+        export_onnx(build_backbone("micro"), tmp_path / "x.onnx", size=100000, check=False)
+
+
 def test_an_unwritable_target_is_named_not_its_temporary(tmp_path, monkeypatch):
     import errno
     import tempfile

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsi_vssm.errors import MissingDependency, WsiVssmError
+from wsi_vssm.errors import MissingDependency, WsiVssmError, one_line
 from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD, STRIDE
 
 
@@ -123,8 +123,15 @@ def export_onnx(
 
     if importlib.util.find_spec("onnx") is None:  # torch's own message ("Module onnx is not installed!") says less
         raise MissingDependency("onnx (to write ONNX)", 'pip install "wsi-vssm[onnx]"')
+    top = max_opset()
+    if top is not None and not 17 <= opset <= top:  # past it the exporter fails after printing its whole graph
+        raise ExportError(f"--opset {opset}: this PyTorch's exporter writes opsets 17 to {top}")
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 3, size, size, generator=gen)
+    try:
+        x = torch.randn(1, 3, size, size, generator=gen)
+    except (MemoryError, RuntimeError) as err:  # torch's allocator: "can't allocate memory"
+        raise ExportError(f"--size {size}: out of memory for a {size} x {size} input ({one_line(err, 100)}); "
+                          "choose a smaller --size") from err
     wrapper = _Features(model).eval()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +164,15 @@ def export_onnx(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return ExportResult(out, size, tuple(ref.shape), diff, seconds)
+
+
+def max_opset() -> int | None:
+    """The highest opset torch's TorchScript exporter writes (a private constant: None where it is gone)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)
 
 
 def input_metadata(size: int) -> dict[str, str]:
