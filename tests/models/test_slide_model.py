@@ -149,6 +149,15 @@ def test_half_precision_file(model, tmp_path):
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(load_model(half).cell_logits(x), model.cell_logits(x), rtol=0.05, atol=0.05)
+    # one backbone hash however the file is read: extract's stores (load_backbone), train mil's cell head and
+    # the loaded model (attach_mil) had two, so a MIL head trained on this file's features was refused
+    from wsi_vssm.models.model_file import load_backbone, state_dict_hash
+    from wsi_vssm.training.mil import cell_head_from_model
+
+    hashes = {load_backbone(half)[1].model_hash, cell_head_from_model(half)[1],
+              state_dict_hash(load_model(half).backbone.state_dict())}
+    assert len(hashes) == 1
+    assert load_backbone(full)[1].model_hash == state_dict_hash(model.backbone.state_dict())  # fp32: as before
 
 
 def test_default_model_loads():

@@ -56,10 +56,12 @@ class BackboneInfo:
 
 def state_dict_hash(state_dict: Mapping) -> str:
     """sha256 over a state dict's sorted names, dtypes, shapes and bytes: the same weights, the same hash,
-    whichever file (a bare backbone or a whole slide model) they came from."""
+    whichever file (a bare backbone or a whole slide model) they came from. fp16 and bf16 tensors are hashed as
+    the fp32 values every loader makes of them, so a half-precision file has one hash however it is read."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
-        t = state_dict[name].detach().to("cpu").contiguous()
+        t = state_dict[name].detach().to("cpu")
+        t = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t).contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         raw = t.view(torch.uint8) if t.dim() > 0 else t.reshape(1).view(torch.uint8)
         h.update(raw.numpy().tobytes())
