@@ -81,6 +81,15 @@ def test_bad_input_files_still_exit_1(cohort, model_file, tmp_path, capsys):
         assert code == 1 and err.count("wsi-vssm: error:") == 1 and "Traceback" not in err, (args, err)
 
 
+def test_an_empty_model_says_so(cohort, tmp_path, capsys):
+    """--model "" read as the current folder (".: is a folder, not a model file")."""
+    slide = next(cohort.glob("*.tif"))
+    for args in (["predict", slide, "--out", tmp_path / "o", "--model", "", *FAST],
+                 ["extract", slide, "--out", tmp_path / "x", "--model", " "]):
+        code, _, err = run_cli_captured(args, capsys)
+        assert code == 1 and "the model is empty" in err and err.count("\n") == 1, (args, err)
+
+
 def test_defaults_that_do_not_fit_the_model_are_bad_input_not_usage():
     """A model file with 96 px tokens: the default 128 px overlap does not fit, but the user gave no option."""
     from wsi_vssm.commands.options import option_geometry

@@ -326,6 +326,19 @@ def test_train_mil_takes_the_default_model_by_name(tmp_path, capsys):
     assert code == 1 and "features were made by another backbone than the one in" in err and "default.pt" in err
 
 
+def test_train_mil_model_that_is_a_folder_says_so(tmp_path, capsys):
+    """--model FOLDER said "no such model file"."""
+    from conftest import run_cli_captured
+
+    for i, tumour in enumerate((True, False, True, False)):
+        _store(tmp_path / "f" / f"s{i}.zarr", i, tumour)
+    (tmp_path / "labels.csv").write_text("slide,label\n" + "".join(f"s{i},{i % 2 == 0:d}\n" for i in range(4)))
+    (tmp_path / "adir.pt").mkdir()
+    code, _, err = run_cli_captured(["train", "mil", "--features", tmp_path / "f", "--labels", tmp_path / "labels.csv",
+                                     "--model", tmp_path / "adir.pt", "--out", tmp_path / "m.pt"], capsys)
+    assert code == 2 and "adir.pt: is a folder, not a model file" in err, err
+
+
 def test_cli_a_handful_of_validation_slides_is_warned_about(feature_bags, tmp_path):
     """Two validation slides gave valid AUC 1.000 from epoch 1 and a silent choice of epoch; evaluate warns about
     so few slides of a class, train mil did not."""

@@ -69,7 +69,8 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
 
         model_file = Path(resolve_model(model_file))
         if not model_file.is_file():
-            raise OptionError(f"--model {model_file}: no such model file")
+            raise OptionError(f"--model {model_file}: " + ("is a folder, not a model file" if model_file.is_dir()
+                                                          else "no such model file"))
         head, backbone_hash = cell_head_from_model(model_file)
         _check_backbone(backbone_hash, train + valid, model_file)
     log_path = log_path or out.with_name(out.stem + ".log.csv")

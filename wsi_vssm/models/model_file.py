@@ -80,6 +80,8 @@ def load_backbone(model: str | os.PathLike):
     """
     from wsi_vssm.models.registry import MODEL_CONFIGS
 
+    if isinstance(model, str) and not model.strip():  # Path("") is "."
+        raise ModelFileError(f"the model is empty ({model!r}): give a model file, {DEFAULT_NAME!r} or a config name")
     if isinstance(model, str) and model in MODEL_CONFIGS and not Path(model).exists():
         return _registry_backbone(model)
     if str(model) == DEFAULT_NAME and not Path(model).exists():

@@ -119,6 +119,8 @@ def _plain(obj):
 
 
 def resolve_model_path(path_or_name: str | os.PathLike) -> Path:
+    if isinstance(path_or_name, str) and not path_or_name.strip():  # Path("") is ".": "is a folder" said less
+        raise ModelFileError(f"the model is empty ({path_or_name!r}): give a model file or {DEFAULT_NAME!r}")
     if str(path_or_name) == DEFAULT_NAME:
         return default_model_path()
     return Path(path_or_name)
