@@ -144,3 +144,30 @@ def test_predict_with_an_unfinished_trainings_model_warns(cohort, tmp_path, caps
     code, out, err = run_cli_captured(["predict", next(cohort.glob("*.tif")), "--out", tmp_path / "o", "--model",
                                        model, "--device", "cpu", "--target-mpp", "4"], capsys)
     assert code == 0 and "a training run that has not finished" in err, err
+
+
+def test_an_output_folder_that_takes_no_file_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """`train cells -o /sys/m.pt` trained a whole epoch, then failed with "Permission denied". The nearest existing
+    folder of each training output is tried with an unnamed temporary file first (os.access says yes to root)."""
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def refuse_in_locked(*args, dir=None, **kwargs):
+        if dir is not None and "locked" in str(dir):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse_in_locked)
+    (tmp_path / "locked").mkdir()
+    data = tmp_path / "no-data"  # an empty folder, never read: the output is checked first
+    data.mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\n")
+    for args in (["train", "cells", "--data", data, "--valid", data, "-o", tmp_path / "locked" / "sub" / "m.pt"],
+                 ["train", "mil", "--features", data, "--labels", labels, "--out", tmp_path / "locked" / "h.pt"],
+                 ["run", RECIPE, "--out", tmp_path / "locked" / "run"]):
+        err = assert_one_line(args, capsys, 1, f"cannot write in {tmp_path / 'locked'} (Permission denied)")
+        assert "no-data" not in err
+    assert_one_line(["train", "cells", "--data", data, "--valid", data, "-o", tmp_path / "free" / "m.pt"], capsys, 1,
+                    "no-data")  # elsewhere the data is what is wrong

@@ -267,6 +267,26 @@ def option_output(option: str, path: str | Path | None, folder: bool = False) ->
     blocked = None if path is None else blocking_file(path, folder)
     if blocked is not None:
         raise OptionError(f"{option} {path}: {blocked} is a file, not a folder")
+    if path is not None:
+        _check_writable(option, Path(path), folder)
+
+
+def _check_writable(option: str, path: Path, folder: bool) -> None:
+    """One line (exit 1) before any work when the nearest existing folder of an output cannot take a file (read-only,
+    no permission): training wrote a whole epoch before failing. An unnamed temporary file is the only sure test
+    (os.access says yes to root on folders such as /sys)."""
+    import tempfile
+
+    from wsi_vssm.errors import WsiVssmError
+
+    where = next((p for p in ([path] if folder else []) + list(path.parents) if p.is_dir()), None)
+    if where is None:
+        return
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise WsiVssmError(f"{option} {path}: cannot write in {where} ({e.strerror or e})") from None
 
 
 def model_file(model_path: str) -> str:
