@@ -212,6 +212,22 @@ def test_a_damaged_patch_fails_alone_in_a_patch_folder_evaluation(files, tmp_pat
     assert all(r["status"] == "done" for name, r in rows.items() if name != "1/junk.jpg")
 
 
+def test_a_patch_folder_takes_the_cell_threshold_and_refuses_slide_options(files, tmp_path, capsys):
+    """--cell-threshold and --threshold were ignored on a patch folder (its figures stayed at the model's cell
+    threshold, so a user believed they had changed them); metrics.json did not say how its intervals were made."""
+    write_patch_folder(tmp_path / "p", 4, 0)
+    args = ["evaluate", tmp_path / "p", "--mpp", "0.97", "--model", files["model"], "--bootstrap", "100"]
+    code, _, err = _run([*args, "--out", tmp_path / "a", "--cell-threshold", "0.25", "--workers", "2"], capsys)
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert code == 0 and metrics["threshold"] == 0.25
+    assert sum("warning: --workers: without effect on a patch folder" in ln for ln in err.splitlines()) == 1, err
+    assert metrics["intervals"]["resamples"] == 100 and metrics["intervals"]["level"] == 0.95
+    for extra in (["--threshold", "0.3"], ["--extent-threshold", "0.2"], ["--target-mpp", "2"]):
+        code, out, err = _run([*args, "--out", tmp_path / "b", *extra], capsys)
+        assert code == 2 and f"{extra[0]}: a patch folder is scored patch by patch" in err and not out, (extra, err)
+    assert not (tmp_path / "b").exists()
+
+
 def test_corrupt_feature_store_is_redone(files, tmp_path, capsys):
     args = ["extract", files["good"], "--out", tmp_path, "--model", files["model"], *EXTRACT]
     assert _run(args, capsys)[0] == 0

@@ -139,3 +139,20 @@ def test_clicks_own_usage_errors_are_one_line(capsys, args, parts):
 def test_a_group_alone_prints_its_help(capsys):
     code, out, err = run_cli_captured(["train"], capsys)
     assert code == 2 and err.startswith("Usage: wsi-vssm train") and "cells" in err and "mil" in err, err
+
+
+def test_a_slide_without_tissue_is_not_printed_as_failed(cohort, model_file, tmp_path, capsys):
+    """evaluate printed "failed=1" for a blank slide whose row says no_tissue (exit 0, no failure warning)."""
+    import numpy as np
+    import tifffile
+
+    blank = tmp_path / "blank.tif"
+    tifffile.imwrite(blank, np.full((1024, 1024, 3), 245, np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 2.0, 1e4 / 2.0), resolutionunit="CENTIMETER")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide,label\n" + "".join(f"{cohort / n}.tif,{int(n.startswith('tumor'))}\n"
+                                                  for n in ("normal_001", "tumor_001", "normal_002"))
+                        + f"{blank},1\n")
+    code, out, _ = run_cli_captured(["evaluate", manifest, "--out", tmp_path / "ev", "--model", model_file,
+                                     "--bootstrap", "100", *FAST], capsys)
+    assert code == 0 and "n=3, failed=0, no tissue=1 (not in the metrics)" in out, out

@@ -24,7 +24,7 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
               help="patients.csv (patient,slide): pN stage per patient against the reference, quadratic-weighted "
                    "kappa; writes stages.csv and confusion.png (docs/outputs.md).")
 @click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=2000, show_default=True,
-              help="Bootstrap resamples for the AUC's 95% interval.")
+              help="Bootstrap resamples for every 95% interval (AUC, ECE, kappa); metrics.json `intervals` says how.")
 # runs.cohort.SPLIT_CHOICES, spelt out: importing runs.cohort here would load numpy before a bad path is refused
 @click.option("--split", type=click.Choice(["auto", "all", "train", "valid", "test"]), default="auto",
               show_default=True,
@@ -67,11 +67,13 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
 
         if split not in ("auto", "all"):
             raise OptionError(f"--split {split}: a patch folder has no split column; --split takes a manifest's")
+        _slide_only_options(ctx, progress)
         from wsi_vssm.pipeline.extract import Inference
 
         inference = Inference.of(Inference(opts["precision"], opts["tta"]), opts["amp"])
         res = evaluate_patches(cohort, model, out_dir, mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot,
-                               inference=inference, device=option_device(opts["device"]))
+                               threshold=opts["cell_threshold"], inference=inference,
+                               device=option_device(opts["device"]))
         failed = [r["error"] for r in res.rows if r["status"] == "failed"]
         for line in failed[:PATCH_ERRORS_SHOWN]:
             progress.error(line)
@@ -96,7 +98,10 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         if warning:
             progress.warn(warning)
     pending = f", not finished={m['n_pending']} (incomplete)" if m.get("n_pending") else ""
-    progress.result(f"AUC {auc}; n={m['n']}, failed={m['n_failed']}{pending} -> {out_dir}/metrics.json")
+    # metrics.json's n_failed counts every slide without a probability; a slide with no tissue did not fail
+    no_tissue = sum(r["status"] == "no_tissue" for r in res.rows)
+    left = f"failed={res.n_failed}" + (f", no tissue={no_tissue} (not in the metrics)" if no_tissue else "")
+    progress.result(f"AUC {auc}; n={m['n']}, {left}{pending} -> {out_dir}/metrics.json")
     cal = m.get("calibration") or {}
     if cal.get("ece") is not None:
         floor = cal["ece_if_calibrated"]
@@ -135,3 +140,30 @@ def incomplete_warning(rows: list[dict], n_pending: int) -> str:
         parts.append(f"{n_pending - held} slide(s) have no finished outputs (deleted or not written): run the same "
                      "command again")
     return f"the report is incomplete (see predictions.csv): {'; '.join(parts)}"
+
+
+# A patch folder is scored patch by patch at the cell threshold: these would change slide results, and taken
+# silently they let a user believe they had changed its figures (--threshold 0.3 left them as they were)
+SLIDE_RESULT_OPTIONS = ("annotations", "patients", "threshold", "extent_threshold", "merge_distance_cells",
+                        "target_mpp")
+# how slides are read and run: without effect on a patch folder, said once
+SLIDE_RUN_OPTIONS = ("region_px", "overlap_px", "reader_threads", "backend", "workers", "scheduler", "split_regions",
+                     "retry_failed", "wait_locked", "overwrite")
+
+
+def _slide_only_options(ctx: click.Context, progress) -> None:
+    """Refuse the given options that change slide results, with a word on --cell-threshold; warn about the rest."""
+    from click.core import ParameterSource
+
+    from wsi_vssm.errors import OptionError
+
+    given = {p.name: p.opts[0] for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) not in (None, ParameterSource.DEFAULT)}
+    refused = [given[n] for n in SLIDE_RESULT_OPTIONS if n in given]
+    if refused:
+        hint = " (patches are called at --cell-threshold)" if "threshold" in given else ""
+        raise OptionError(f"{', '.join(refused)}: a patch folder is scored patch by patch, without slides, lesions "
+                          f"or patients{hint}; leave {'it' if len(refused) == 1 else 'them'} out")
+    ignored = [given[n] for n in SLIDE_RUN_OPTIONS if n in given]
+    if ignored:
+        progress.warn(f"{', '.join(ignored)}: without effect on a patch folder (they set how slides are read and run)")

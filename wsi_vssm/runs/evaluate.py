@@ -315,13 +315,23 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     verdicts = [r.get("in_domain") for r in scored]
     n_out = sum(v is False for v in verdicts) if any(v is not None for v in verdicts) else None
     metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "n_pending": int(n_pending), "complete": not n_pending,
-               "n_out_of_domain": n_out, "calibration": calibration, **metrics,  # then `reason`, when there is one
+               "n_out_of_domain": n_out, "calibration": calibration, "intervals": intervals(n_boot),
+               **metrics,  # then `reason`, when there is one
                **(provenance or {})}
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
             threshold=threshold, items=items)
     calibration_png(out / CALIBRATION_PNG, labels, scores, calibration)
     _write_json(out / METRICS_JSON, metrics)  # last: a "complete" metrics.json has its figures beside it
     return metrics
+
+
+def intervals(n_boot: int) -> dict:
+    """How metrics.json's 95% intervals were made, so that a reader can state it (and rerun it): a rerun with
+    another --bootstrap gives other bounds."""
+    return {"level": 0.95, "method": "bootstrap", "resamples": int(n_boot), "seed": 0,
+            "auc_ci95": "percentile; positives and negatives resampled separately",
+            "ece_ci95": "percentile of the items' resamples, shifted by the bootstrap bias, clipped to [0, 1]",
+            "kappa_ci95": "percentile; patients resampled"}
 
 
 FROC_MIN_PROBABILITY = 0.01
