@@ -82,6 +82,19 @@ def test_cohort_files_are_slides_with_the_patches(tmp_path, patches):
             assert abs(bg.mean() - BACKGROUND) < 4
 
 
+def test_a_mosaic_cohorts_evaluation_says_it_is_one(tmp_path, patches, model_file, capsys):
+    """evaluate on a `synth --from-patches` cohort printed and wrote a plain slide AUC: nothing told a reader of
+    metrics.json or roc.png that it was a mosaic-slide figure."""
+    from conftest import run_cli_captured
+
+    make_mosaic_cohort(tmp_path / "c", patches, 4, seed=1, grid=4)
+    code, out, err = run_cli_captured(["evaluate", tmp_path / "c", "--out", tmp_path / "ev", "--model", model_file,
+                                       "--bootstrap", "100", "--device", "cpu"], capsys)
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert code == 0 and metrics["mosaics"] == str((tmp_path / "c" / "mosaic.json").resolve())
+    assert "over mosaic slides; n=4" in out and "normal mosaic slides" in err, (out, err)
+
+
 def test_same_seed_same_files(tmp_path, patches):
     make_mosaic_cohort(tmp_path / "a", patches, 2, seed=5, grid=4)
     make_mosaic_cohort(tmp_path / "b", patches, 2, seed=5, grid=4)

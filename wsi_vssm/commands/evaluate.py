@@ -101,7 +101,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     # metrics.json's n_failed counts every slide without a probability; a slide with no tissue did not fail
     no_tissue = sum(r["status"] == "no_tissue" for r in res.rows)
     left = f"failed={res.n_failed}" + (f", no tissue={no_tissue} (not in the metrics)" if no_tissue else "")
-    progress.result(f"AUC {auc}; n={m['n']}, {left}{pending} -> {out_dir}/metrics.json")
+    over = f" over {res.items}" if m.get("mosaics") else ""  # a mosaic figure is not a whole-slide one
+    progress.result(f"AUC {auc}{over}; n={m['n']}, {left}{pending} -> {out_dir}/metrics.json")
     cal = m.get("calibration") or {}
     if cal.get("ece") is not None:
         floor = cal["ece_if_calibrated"]

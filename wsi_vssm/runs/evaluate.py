@@ -134,11 +134,12 @@ def evaluate_cohort(
         write_table(out, rows)
         finished = [r for r in rows if r["status"] not in UNFINISHED]
         scored = [r for r in finished if r["probability"] is not None and r["label"] is not None]
+        mosaics = _mosaic_layout(cohort_path)
         metrics = _write_metrics(out, scored, slide_threshold(model, params), len(finished) - len(scored), n_boot,
-                                 n_pending=len(rows) - len(finished),
+                                 n_pending=len(rows) - len(finished), items=MOSAIC_ITEMS if mosaics else "slides",
                                  provenance=_provenance(cohort.source, split, model, {
                                      **{k: v for k, v in job.resolved.items() if k != "job"},
-                                     "params_hash": job.params_hash}))  # as resolved: what the slides ran with
+                                     "params_hash": job.params_hash}) | {"mosaics": mosaics})
         if annotations is not None:
             metrics["froc"] = _froc(out, scored, truth, folders)
         if patients is not None and not n_unfinished(rows):
@@ -148,7 +149,17 @@ def evaluate_cohort(
                                              cohort.labels(), annotations and Path(annotations), n_boot))
         if annotations is not None or patients is not None:
             _write_json(out / METRICS_JSON, metrics)
-    return EvaluationResult(metrics, rows)
+    return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
+
+
+MOSAIC_ITEMS = "mosaic slides"  # what roc.png and the warnings call a cohort that `synth --from-patches` made
+
+
+def _mosaic_layout(cohort_path) -> str | None:
+    """The mosaic.json beside a cohort that `synth --from-patches` made (absolute), else None: its figures are
+    mosaic-slide figures, not whole-slide ones, and metrics.json, roc.png and the summary line say so."""
+    layout = _cohort_root(cohort_path) / "mosaic.json"
+    return os.path.abspath(layout) if layout.is_file() else None
 
 
 def _provenance(source, split: str | None, model, parameters: dict) -> dict:
