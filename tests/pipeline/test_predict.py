@@ -341,6 +341,23 @@ def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path):
     assert saved["froc"]["froc"] == pytest.approx(froc["froc"])
 
 
+def test_the_froc_names_the_slides_it_leaves_out(model_file, cohort, tmp_path):
+    """An annotated tumour slide that failed left the FROC (and its lesions the sensitivity's denominator) with
+    no word in the froc block."""
+    import shutil
+
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+
+    shutil.copytree(cohort, tmp_path / "c")
+    (tmp_path / "c" / "tumor_001.tif").write_bytes(b"II*\x00 not a slide any more")
+    res = evaluate_cohort(tmp_path / "c", load_model(model_file), tmp_path / "ev", FAST,
+                          annotations=tmp_path / "c" / "annotations", n_boot=100)
+    froc = res.metrics["froc"]
+    assert froc["slides_left_out"] == ["tumor_001"] and froc["annotated_slides_left_out"] == ["tumor_001"]
+    assert froc["n_slides"] == 2
+
+
 def test_a_malformed_annotation_fails_before_any_slide_runs(model_file, cohort, tmp_path):
     import shutil
 

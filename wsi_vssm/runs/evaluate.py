@@ -141,7 +141,11 @@ def evaluate_cohort(
                                      **{k: v for k, v in job.resolved.items() if k != "job"},
                                      "params_hash": job.params_hash}) | {"mosaics": mosaics})
         if annotations is not None:
-            metrics["froc"] = _froc(out, scored, truth, folders)
+            # slides without a probability (failed, no tissue, not finished) are outside the FROC: say which, as
+            # an annotated one's lesions leave its sensitivity's denominator
+            left_out = sorted(r["slide"] for r in rows if r["probability"] is None)
+            metrics["froc"] = {**_froc(out, scored, truth, folders), "slides_left_out": left_out,
+                               "annotated_slides_left_out": [s for s in left_out if s in truth]}
         if patients is not None and not n_unfinished(rows):
             from wsi_vssm.runs.patients import evaluate_patients
 
@@ -400,7 +404,8 @@ def _read_annotations(annotations: Path, folders: dict[str, str], labels: dict[s
         more = f" and {len(unannotated) - 5} more" if len(unannotated) > 5 else ""
         warnings.warn(f"{len(unannotated)} slide(s) labelled tumour have no tumour annotation in {annotations} "
                       f"(no file named like the slide, or no tumour area in it): {', '.join(unannotated[:5])}{more}; "
-                      "the FROC counts their detections as false positives", UserWarning, stacklevel=3)
+                      "the FROC counts the detections of those it scores as false positives", UserWarning,
+                      stacklevel=3)
     return found
 
 
