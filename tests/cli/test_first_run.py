@@ -139,3 +139,24 @@ def test_readme_demo_and_test_lines_are_true():
     demo = [line for line in readme.splitlines() if line.startswith("wsi-vssm predict sample_data/")]
     assert demo and all((REPO / line.split()[2]).exists() for line in demo)
     assert "lymph" in readme.lower()
+
+
+def test_info_tells_what_a_model_file_is(model_file, tmp_path, capsys):
+    """`wsi-vssm info m.pt` said "not a slide format this app reads": nothing showed a model file's resolution,
+    thresholds, domain or identity before one predicted with it."""
+    import json
+
+    from conftest import run_cli_captured
+
+    from wsi_vssm.models.slide_model import load_model, model_identity
+
+    code, out, err = run_cli_captured(["info", model_file], capsys)
+    assert code == 0 and "a wsi-vssm model file" in out and "um/px (slides are read there)" in out, err
+    code, out, _ = run_cli_captured(["info", "--json", model_file], capsys)
+    report = json.loads(out)
+    model = load_model(model_file)
+    assert (report["kind"], report["mpp"], report["token_px"]) == ("model", model.mpp, model.token_px)
+    assert report["weights_hash"] == model_identity(model)["weights_hash"]
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    code, _, err = run_cli_captured(["info", tmp_path / "junk.pt"], capsys)
+    assert code == 1 and "junk.pt" in err and err.count("\n") == 1

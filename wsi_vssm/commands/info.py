@@ -36,7 +36,14 @@ NO_MPP_HINT = f"the file states no resolution; {PASS_MPP}"
 )
 @mpp_option
 def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
-    """Show a slide's levels, resolution, associated images and tissue fraction."""
+    """Show a slide's levels, resolution, associated images and tissue fraction (or what a model file or a
+    heatmap.ome.zarr is)."""
+    from wsi_vssm.commands.model_info import format_model_info, is_model_path, model_info
+
+    if is_model_path(slide):  # a model file passed between machines: what it is, before anyone predicts with it
+        report = model_info(slide)
+        click.echo(json.dumps(report, indent=2) if as_json else format_model_info(report))
+        return
     heatmap = heatmap_info(slide)
     if heatmap is not None:  # our own output: its cells are 31 um, which as a slide would read as "implausible mpp"
         click.echo(json.dumps(heatmap, indent=2) if as_json else format_heatmap_info(heatmap))

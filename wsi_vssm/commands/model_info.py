@@ -1,0 +1,54 @@
+"""`wsi-vssm info MODEL.pt`: what a model file is (architecture, resolution, thresholds, domain, identity, how it
+was trained), for people who pass model files between machines and want to know one before they predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_SUFFIXES = (".pt", ".pth")  # no slide format uses them
+PART_NAMES = {"train_data": "trained on", "valid_select": "selected on", "valid_holdout": "held back"}
+
+
+def is_model_path(path: str) -> bool:
+    return Path(path).suffix.lower() in MODEL_SUFFIXES
+
+
+def model_info(path: str) -> dict:
+    """The facts `info` prints for a model file, JSON-ready; a file that is no model file is a ModelFileError."""
+    from wsi_vssm.models.export import arch_name
+    from wsi_vssm.models.slide_model import load_model, model_identity
+    from wsi_vssm.pipeline.predict import model_thresholds
+
+    model = load_model(path)
+    meta = model.metadata
+    slide_t, cell_t = model_thresholds(model, warn=False)
+    trained_on = {k: meta[k] for k in ("train_data", "valid_select", "valid_holdout") if isinstance(meta.get(k), dict)}
+    return {
+        "path": str(Path(path).absolute()), "kind": "model", "name": model.name,
+        "backbone": arch_name(model.backbone.config), "mpp": model.mpp, "token_px": model.token_px,
+        "slide_threshold": slide_t, "cell_threshold": cell_t, "calibrated": "cell_threshold" in meta,
+        "lesion_extent_threshold": meta.get("lesion_extent_threshold"),
+        "lesion_merge_distance_cells": meta.get("lesion_merge_distance_cells"),
+        **model_identity(model), "trained_on": trained_on, "date": meta.get("date"),
+        "package_version": meta.get("package_version"),
+        "training_incomplete": bool(meta.get("training_incomplete")),
+    }
+
+
+def format_model_info(r: dict) -> str:
+    lines = [
+        f"model:       {r['path']}",
+        f"kind:        a wsi-vssm model file ({r['name']}), not a slide",
+        f"backbone:    {r['backbone']}, one cell per {r['token_px']} px at {r['mpp']} um/px (slides are read there)",
+        f"thresholds:  slide {r['slide_threshold']:.3f}, cell {r['cell_threshold']:.3f}"
+        + ("" if r["calibrated"] else " (no calibrated cell threshold: cells are called at 0.5)"),
+        f"domain:      {r['domain']}",
+        f"identity:    weights {r['weights_hash'][:12]}, file sha256 {r['sha256'][:12]}",
+    ]
+    for part, d in r["trained_on"].items():
+        lines.append(f"{PART_NAMES.get(part, part) + ':':<13}{d.get('source', '?')} ({d.get('n', '?')} patches)")
+    if r["date"]:
+        lines.append(f"made:        {r['date']} with wsi-vssm {r['package_version'] or '?'}")
+    if r["training_incomplete"]:
+        lines.append("state:       the best epoch so far of a training run that has not finished")
+    return "\n".join(lines)
