@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 
 class WsiVssmError(Exception):
     """Base of every error the CLI reports as one line (bad input, missing optional piece...)."""
@@ -49,3 +51,9 @@ def one_line(err: BaseException | str, limit: int = ONE_LINE_LIMIT) -> str:
     if text[limit - 3] != " " and space > limit * 3 // 4:  # mid-word: end at the last whole word instead
         cut = cut[:space]
     return cut.rstrip(" ,;:(") + "..."
+
+
+def is_real_number(value) -> bool:
+    """A real number, numpy's included (NaN too: range checks refuse it), not a bool or a string: what argument
+    checks test before comparing, so that "1" or None is their one-line error rather than a TypeError."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -28,13 +28,21 @@ def command(ctx, model_name, checkpoint, out, size, opset, no_check):
 
     from wsi_vssm.commands.options import option_backbone
     from wsi_vssm.errors import OptionError
-    from wsi_vssm.models.export import ArchitectureMismatch, arch_name, build_backbone, export_onnx, max_opset
+    from wsi_vssm.models.export import (
+        ArchitectureMismatch,
+        ExportError,
+        arch_name,
+        build_backbone,
+        check_opset,
+        export_onnx,
+    )
     from wsi_vssm.models.inputs import STRIDE
 
     option_backbone(model_name)
-    top = max_opset()
-    if top is not None and opset > top:  # past it the exporter fails after printing its whole graph
-        raise OptionError(f"--opset {opset}: this PyTorch's exporter writes opsets 17 to {top}")
+    try:  # before the model loads: the option's value is what is wrong (exit 2)
+        check_opset(opset)
+    except ExportError as e:
+        raise OptionError(str(e)) from e
     if size % STRIDE:  # the backbone takes any side, but then its last cells cover part-cells of the input
         raise OptionError(f"--size {size}: must be a multiple of {STRIDE} (one feature per {STRIDE} x {STRIDE} px), "
                           f"e.g. {size // STRIDE * STRIDE} or {(size // STRIDE + 1) * STRIDE}")

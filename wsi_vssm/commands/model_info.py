@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_SUFFIXES = (".pt", ".pth")  # no slide format uses them
+# the model metadata's data records, and what `info` calls them
 PART_NAMES = {"train_data": "trained on", "valid_select": "selected on", "valid_holdout": "held back"}
 
 
@@ -22,7 +23,7 @@ def model_info(path: str) -> dict:
     model = load_model(path)
     meta = model.metadata
     slide_t, cell_t = model_thresholds(model, warn=False)
-    trained_on = {k: meta[k] for k in ("train_data", "valid_select", "valid_holdout") if isinstance(meta.get(k), dict)}
+    trained_on = {k: meta[k] for k in PART_NAMES if isinstance(meta.get(k), dict)}
     return {
         "path": str(Path(path).absolute()), "kind": "model", "name": model.name,
         "backbone": arch_name(model.backbone.config), "mpp": model.mpp, "token_px": model.token_px,
@@ -46,7 +47,7 @@ def format_model_info(r: dict) -> str:
         f"identity:    weights {r['weights_hash'][:12]}, file sha256 {r['sha256'][:12]}",
     ]
     for part, d in r["trained_on"].items():
-        lines.append(f"{PART_NAMES.get(part, part) + ':':<13}{d.get('source', '?')} ({d.get('n', '?')} patches)")
+        lines.append(f"{PART_NAMES[part] + ':':<13}{d.get('source', '?')} ({d.get('n', '?')} patches)")
     if r["date"]:
         lines.append(f"made:        {r['date']} with wsi-vssm {r['package_version'] or '?'}")
     if r["training_incomplete"]:

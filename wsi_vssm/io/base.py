@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
 import unicodedata
 from abc import ABC, abstractmethod
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.errors import one_line
+from wsi_vssm.errors import is_real_number, one_line
 from wsi_vssm.io.errors import CorruptSlide, MissingMpp, OutOfBounds, SlideError, SlideReadError
 
 log = logging.getLogger("wsi_vssm.io")
@@ -114,11 +113,6 @@ def ignored_mpp(properties: dict[str, str]) -> str | None:
             where += f": {round(dpi)} dpi, an image writer's default rather than the scan's resolution"
         return f"the file states an implausible {mpp:.4g} um/px ({where}; plausible: {lo:g}-{hi:g}), so it was ignored"
     return None
-
-
-def _is_real(v) -> bool:
-    """A real number (numpy's too), not a bool or a string."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class SlideReader(ABC):
@@ -238,9 +232,9 @@ class SlideReader(ABC):
         """
         mpp0 = self.require_mpp()
         # 0 divided by zero, -1 gave a 1 x 1 image, NaN a ValueError, "1" a TypeError
-        if not (_is_real(mpp) and mpp > 0 and math.isfinite(mpp)):
+        if not (is_real_number(mpp) and mpp > 0 and math.isfinite(mpp)):
             raise SlideError(self.path, f"read: mpp must be a positive number, got {mpp!r}")
-        if not (all(map(_is_real, (x, y, w, h))) and w > 0 and h > 0
+        if not (all(map(is_real_number, (x, y, w, h))) and w > 0 and h > 0
                 and math.isfinite(w) and math.isfinite(h) and math.isfinite(x) and math.isfinite(y)):
             raise SlideError(self.path, f"read: the box must be finite with a positive size, got {(x, y, w, h)}")
         scale = mpp / mpp0  # level-0 pixels per output pixel

@@ -123,9 +123,7 @@ def export_onnx(
 
     if importlib.util.find_spec("onnx") is None:  # torch's own message ("Module onnx is not installed!") says less
         raise MissingDependency("onnx (to write ONNX)", 'pip install "wsi-vssm[onnx]"')
-    top = max_opset()
-    if top is not None and not 17 <= opset <= top:  # past it the exporter fails after printing its whole graph
-        raise ExportError(f"--opset {opset}: this PyTorch's exporter writes opsets 17 to {top}")
+    check_opset(opset)
     gen = torch.Generator().manual_seed(seed)
     try:
         x = torch.randn(1, 3, size, size, generator=gen)
@@ -173,6 +171,14 @@ def max_opset() -> int | None:
     except ImportError:
         return None
     return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)
+
+
+def check_opset(opset: int) -> None:
+    """ExportError for an opset the exporter does not write: past its highest it fails only after printing its
+    whole graph."""
+    top = max_opset()
+    if top is not None and not 17 <= opset <= top:
+        raise ExportError(f"--opset {opset}: this PyTorch's exporter writes opsets 17 to {top}")
 
 
 def input_metadata(size: int) -> dict[str, str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wsi_vssm.errors import is_real_number
 from wsi_vssm.models.checkpoint import CheckpointError, read_checkpoint
 from wsi_vssm.models.inputs import STRIDE
 from wsi_vssm.models.mil import AttentionMIL, MILConfig
@@ -156,7 +157,7 @@ def _checked_metadata(meta, path: Path) -> dict:
         raise ModelFileError(f"{path}: its metadata is a {type(meta).__name__}, not a table of names and values")
 
     def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return is_real_number(v) and math.isfinite(v)
 
     for key in _PROBABILITIES:
         if key in meta and not (number(meta[key]) and 0 <= meta[key] <= 1):

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from wsi_vssm.errors import UsageError
+from wsi_vssm.errors import UsageError, is_real_number
 
 HEATMAP_CMAP = "viridis"
 CONTRAST_LIMITS = (0.0, 1.0)
@@ -25,8 +25,7 @@ ALPHA_AT_ONE = 0.7
 
 def check_threshold(threshold) -> float:
     """`threshold` as a float in [0, 1]; anything else raises UsageError."""
-    number = isinstance(threshold, (int, float, np.integer, np.floating)) and not isinstance(threshold, bool)
-    if not (number and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+    if not (is_real_number(threshold) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise UsageError(f"cell threshold must be a number in [0, 1], got {threshold!r}")
     return float(threshold)
 

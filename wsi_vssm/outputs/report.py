@@ -14,7 +14,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from wsi_vssm.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from wsi_vssm.errors import UsageError
+from wsi_vssm.errors import UsageError, is_real_number
 
 METRIC_KEYS = ("auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "threshold", "n", "n_failed")
 CSV_COLUMNS = ("slide", "label", "probability", "status", "error", "in_domain")  # in_domain last: added later
@@ -280,7 +280,7 @@ def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _threshold(t) -> float:
-    if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not math.isfinite(t):
+    if not is_real_number(t) or not math.isfinite(t):
         raise UsageError(f"threshold must be a finite number, got {t!r}")
     return float(t)
 

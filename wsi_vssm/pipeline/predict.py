@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm import __version__
-from wsi_vssm.errors import WsiVssmError
+from wsi_vssm.errors import WsiVssmError, is_real_number
 from wsi_vssm.io.base import SlideReader
 from wsi_vssm.outputs import files
 from wsi_vssm.outputs.prediction import SCHEMA as PREDICTION_SCHEMA
@@ -65,14 +65,14 @@ class PredictParams:
 
         for name in ("mpp", "target_mpp"):
             value = getattr(self, name)
-            if value is not None and not (_real(value) and math.isfinite(value) and value > 0):
+            if value is not None and not (is_real_number(value) and math.isfinite(value) and value > 0):
                 bad(name, "a positive number of microns per pixel")
         for name in ("threshold", "cell_threshold", "extent_threshold"):
             value = getattr(self, name)
-            if value is not None and not (_real(value) and 0 <= value <= 1):
+            if value is not None and not (is_real_number(value) and 0 <= value <= 1):
                 bad(name, "a probability in [0, 1]")
         value = self.merge_distance_cells
-        if value is not None and not (_real(value) and math.isfinite(value) and value >= 0):
+        if value is not None and not (is_real_number(value) and math.isfinite(value) and value >= 0):
             bad("merge_distance_cells", "a number of cells >= 0")
         for name in ("batch_size", "reader_threads"):
             value = getattr(self, name)
@@ -86,11 +86,6 @@ class PredictParams:
         from wsi_vssm.pipeline.extract import Inference
 
         return Inference.of(Inference(self.precision, self.tta), self.amp)
-
-
-def _real(value) -> bool:
-    """A real number (NaN included: range checks refuse it), not a bool or a string."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def slide_threshold(model, params: PredictParams, warn: bool = True) -> float:

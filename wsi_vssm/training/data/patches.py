@@ -224,13 +224,14 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
     AUC was NaN, no epoch was kept, and the run ended "model file not found"), patches of two sizes, and
     validation patches that are training patches (a `data/{train,valid}/{0,1}` folder given as --data holds
     both: labels are read at any depth). Some shared images (not all): a warning."""
-    for ds, what in ((train, "training patches"), (select, "selection part of the validation patches")):
-        counts = np.bincount(ds.labels, minlength=2)
+    per_set = [(np.bincount(ds.labels, minlength=2), ds, what)
+               for ds, what in ((train, "training patches"), (select, "selection part of the validation patches"))]
+    for counts, ds, what in per_set:
         missing = [str(c) for c in (0, 1) if counts[c] == 0]
         if missing:
             raise PatchDataError(f"{ds.source}: its {what} have no class {' or '.join(missing)} ({counts[0]} of "
                                  f"class 0, {counts[1]} of class 1): a cell model needs both (folders 0/ and 1/)")
-    counts = np.bincount(train.labels, minlength=2)
+    counts = per_set[0][0]  # the training patches'
     if max(counts) > IMBALANCE_WARN * min(counts):
         warnings.warn(f"{train.source}: the training patches are imbalanced ({counts[0]} of class 0, {counts[1]} of "
                       f"class 1) and the loss does not weight them: the model leans to class "
