@@ -209,12 +209,15 @@ def test_the_auc_interval_is_flagged_below_20_slides_a_class():
     from wsi_vssm.runs.evaluate import EvaluationResult
     from wsi_vssm.runs.report_warnings import small_cohort_warning
 
-    def result(n):
+    def result(n, delong=None):
         rows = [{"status": "done", "probability": 0.5, "label": y} for y in (0, 1) for _ in range(n)]
-        return EvaluationResult({"auc": 0.8}, rows)
+        return EvaluationResult({"auc": 0.8, "auc_ci95_delong": delong}, rows)
 
     assert "rests on 15 tumour and 15 normal slides" in small_cohort_warning(result(15))
     assert small_cohort_warning(result(20)) is None
+    # the interval that covers closer to 95% (bench/auc_interval.py) is quoted where it is defined
+    assert "DeLong's interval 0.612-0.921 (auc_ci95_delong)" in small_cohort_warning(result(15, [0.6123, 0.9211]))
+    assert "DeLong" not in small_cohort_warning(result(15))
 
 
 def test_a_writers_default_dpi_is_named():

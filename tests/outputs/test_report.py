@@ -24,6 +24,7 @@ from wsi_vssm.outputs.report import (
     PREDICTION_KEYS,
     bootstrap_auc_ci,
     cohort_metrics,
+    delong_auc_ci,
     metrics_at_threshold,
     read_predictions_csv,
     roc_auc,
@@ -99,6 +100,36 @@ def test_bootstrap_ci_contains_auc_and_is_deterministic():
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_delong_interval_matches_its_pairwise_definition(seed):
+    """DeLong's variance from the pairwise kernel (ties one half), logit interval mapped back, computed here
+    without ranks."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(seed)
+    m, n = (int(v) for v in rng.integers(2, 40, 2))
+    pos, neg = np.round(rng.normal(1, 1, m), 1), np.round(rng.normal(0, 1, n), 1)  # rounded: ties
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    auc = psi.mean()
+    se = np.sqrt(psi.mean(1).var(ddof=1) / m + psi.mean(0).var(ddof=1) / n) / (auc * (1 - auc))
+    logit, z = np.log(auc / (1 - auc)), norm.ppf(0.975)
+    want = 1 / (1 + np.exp(-(logit - z * se))), 1 / (1 + np.exp(-(logit + z * se)))
+    labels, scores = np.r_[np.ones(m, int), np.zeros(n, int)], np.r_[pos, neg]
+    got = delong_auc_ci(labels, scores)
+    assert got == pytest.approx(want, abs=1e-12)
+    order = rng.permutation(m + n)
+    assert delong_auc_ci(labels[order], scores[order]) == pytest.approx(got, abs=1e-12)  # order-free
+
+
+def test_delong_interval_is_none_where_undefined():
+    assert delong_auc_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) is None  # AUC 1: no variance to measure
+    assert delong_auc_ci([0, 0, 1], [0.1, 0.5, 0.9]) is None  # one positive: no variance across positives
+    lo, hi = delong_auc_ci([0, 0, 1, 1], [0.1, 0.8, 0.2, 0.9])
+    assert 0 < lo < 0.75 < hi < 1
+    m = cohort_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], 0.5, n_boot=100)
+    assert m["auc"] == 1.0 and m["auc_ci95"] == [1.0, 1.0] and m["auc_ci95_delong"] is None
+
+
 def test_metrics_at_threshold_counts():
     m = metrics_at_threshold([0, 0, 1, 1, 1], [0.1, 0.6, 0.5, 0.4, 0.9], 0.5)
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 1, 1)  # score == threshold is positive
@@ -110,10 +141,11 @@ def test_cohort_metrics_keys_and_values(tmp_path):
     s = [0.1, 0.6, 0.5, 0.4, 0.9, 0.2]
     m = cohort_metrics(y, s, 0.5, n_failed=2, n_boot=200)
     assert tuple(m) == METRIC_KEYS == (
-        "auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "threshold", "n", "n_failed",
+        "auc", "auc_ci95", "auc_ci95_delong", "accuracy", "sensitivity", "specificity", "threshold", "n", "n_failed",
     )  # fmt: skip
     assert m["auc"] == pytest.approx(_brute_auc(np.array(y), np.array(s)))
     assert len(m["auc_ci95"]) == 2 and m["auc_ci95"][0] <= m["auc"] <= m["auc_ci95"][1]
+    assert m["auc_ci95_delong"] == pytest.approx(list(delong_auc_ci(y, s)))
     assert (m["n"], m["n_failed"], m["threshold"]) == (6, 2, 0.5)
     atomic_write_json(tmp_path / "metrics.json", m)
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
@@ -121,7 +153,8 @@ def test_cohort_metrics_keys_and_values(tmp_path):
 
 def test_cohort_metrics_single_class_gives_null_auc_with_reason():
     m = cohort_metrics([0, 0, 0], [0.1, 0.7, 0.2], 0.5)
-    assert m["auc"] is None and m["auc_ci95"] is None and "both classes" in m["reason"]
+    assert m["auc"] is None and m["auc_ci95"] is None and m["auc_ci95_delong"] is None
+    assert "both classes" in m["reason"]
     assert m["sensitivity"] is None and m["specificity"] == 2 / 3
     assert list(m) == [*METRIC_KEYS, "reason"]
     empty = cohort_metrics([], [], 0.5, n_failed=3)

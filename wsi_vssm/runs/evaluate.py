@@ -345,6 +345,7 @@ def intervals(n_boot: int) -> dict:
     another --bootstrap gives other bounds."""
     return {"level": 0.95, "method": "bootstrap", "resamples": int(n_boot), "seed": 0,
             "auc_ci95": "percentile; positives and negatives resampled separately",
+            "auc_ci95_delong": "DeLong's variance on the logit scale, mapped back; no resampling",
             "ece_ci95": "percentile of the items' resamples, shifted by the bootstrap bias, clipped to [0, 1]",
             "kappa_ci95": "percentile; patients resampled"}
 

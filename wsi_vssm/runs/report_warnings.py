@@ -47,14 +47,18 @@ SMALL_CLASS_AUC = 20
 
 def small_cohort_warning(result: EvaluationResult) -> str | None:
     """One line when a class has fewer than SMALL_CLASS_AUC scored slides: the percentile bootstrap then gives
-    intervals too narrow for 95%, down to 1.000-1.000 on four perfectly separated slides."""
+    intervals too narrow for 95%, down to 1.000-1.000 on four perfectly separated slides. It quotes the DeLong
+    interval where that is defined (`bench/auc_interval.py` measures both)."""
     labels = [r["label"] for r in result.rows
               if r["status"] == "done" and r["probability"] is not None and r["label"] is not None]
     n1, n0 = sum(1 for y in labels if y == 1), sum(1 for y in labels if y == 0)
     if result.metrics.get("auc") is None or min(n1, n0) >= SMALL_CLASS_AUC:
         return None
+    delong = result.metrics.get("auc_ci95_delong")
+    better = (f"; DeLong's interval {delong[0]:.3f}-{delong[1]:.3f} (auc_ci95_delong) covers closer to 95%"
+              if delong else "")
     return (f"the AUC rests on {n1} tumour and {n0} normal {result.items}: with fewer than {SMALL_CLASS_AUC} of a "
-            "class its bootstrap interval is not a reliable measure of uncertainty (too narrow)")
+            f"class its bootstrap interval is not a reliable measure of uncertainty (too narrow){better}")
 
 
 def few_patients_warning(result: EvaluationResult) -> str | None:
