@@ -202,6 +202,8 @@ def test_the_entry_points_are_at_the_top_level_and_importing_the_package_stays_l
             "from wsi_vssm.pipeline.predict import predict_slide\nfrom wsi_vssm.io import open_slide\n"
             "assert wsi_vssm.predict_slide is predict_slide and wsi_vssm.open_slide is open_slide\n"
             "assert all(getattr(wsi_vssm, n) is not None for n in wsi_vssm.__all__)\n"
+            # every name README's Python API block imports (its line says they are at the top level too)
+            "assert {'open_slide', 'create_model', 'load_model', 'predict_slide'} <= set(wsi_vssm.__all__)\n"
             "assert set(wsi_vssm.__all__) <= set(dir(wsi_vssm))\nprint('light', light)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "light True", proc.stdout + proc.stderr

@@ -4,6 +4,7 @@ The entry points, also importable from their modules (README, "Python API"):
 
 - `open_slide(path)` -> SlideReader (`wsi_vssm.io`); `ArraySlide(image, mpp=...)` for an image in memory
 - `load_model("default" | path)` -> SlideModel (`wsi_vssm.models.slide_model`)
+- `create_model("tiny", num_classes=0)` -> a VSSM backbone by config name (`wsi_vssm.models`)
 - `predict_slide(slide, model, out_root, PredictParams(...))` -> the prediction.json record, with the slide's
   output folder written (`wsi_vssm.pipeline.predict`)
 - `extract_slide(slide, backbone, mpp)` -> CellFeatures, the token features and their level-0 coordinates
@@ -29,7 +30,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _ENTRY_POINTS = {
     "open_slide": "wsi_vssm.io", "ArraySlide": "wsi_vssm.io", "SlideReader": "wsi_vssm.io",
-    "load_model": "wsi_vssm.models.slide_model",
+    "load_model": "wsi_vssm.models.slide_model", "create_model": "wsi_vssm.models",
     "predict_slide": "wsi_vssm.pipeline.predict", "PredictParams": "wsi_vssm.pipeline.predict",
     "extract_slide": "wsi_vssm.pipeline.extract", "WsiVssmError": "wsi_vssm.errors",
 }

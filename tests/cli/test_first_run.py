@@ -157,6 +157,10 @@ def test_info_tells_what_a_model_file_is(model_file, tmp_path, capsys):
     model = load_model(model_file)
     assert (report["kind"], report["mpp"], report["token_px"]) == ("model", model.mpp, model.token_px)
     assert report["weights_hash"] == model_identity(model)["weights_hash"]
+    assert report["patch_fingerprints"] is None  # a file without the record says nothing of it
+    # the default model remembers the distinct patch files that trained and selected it (PCam repeats some)
+    code, out, _ = run_cli_captured(["info", "default"], capsys)
+    assert code == 0 and "remembers:   19171 training and 987 selection patch files" in out
     (tmp_path / "junk.pt").write_bytes(b"junk")
     code, _, err = run_cli_captured(["info", tmp_path / "junk.pt"], capsys)
     assert code == 1 and "junk.pt" in err and err.count("\n") == 1

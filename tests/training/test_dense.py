@@ -108,6 +108,10 @@ def test_dense_stage_trains_mines_calibrates_and_resumes(tmp_path, capsys):
     cal = model.metadata["patch_calibration"]  # isolated patches: their own Platt fit, on the selection part
     assert cal == {k: model.metadata["dense_stage"]["patch_platt"][k] for k in ("a", "b")} and cal["a"] != 0
     assert model.metadata["dense_stage"]["best_epoch"] in (1, 2)
+    from wsi_vssm.training.data.fingerprints import patch_digests, patches_seen  # for evaluate's warning
+
+    assert patches_seen(patch_digests(train), model.metadata) == {"trained": 48, "selected": 0, "either": 48}
+    assert patches_seen(patch_digests(valid), model.metadata) == {"trained": 0, "selected": 24, "either": 24}
     with pytest.raises(Exception, match="--resume"):  # a rerun without --resume keeps the finished epochs
         train_dense(init, train, valid, out, DenseConfig(epochs=2, **cfg), progress=False)
 

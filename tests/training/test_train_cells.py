@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def test_untrained_models_rank_the_tiny_data_either_way_round(tiny_folder):
 
 
 # ---------------------------------------------------------------------------------------------------- commands
-def test_cli_train_cells(tiny_folder, tmp_path):
+def test_cli_train_cells(tiny_folder, tmp_path, capsys):
     from click.testing import CliRunner
 
     from wsi_vssm.commands.train_cells import command
@@ -262,6 +263,20 @@ def test_cli_train_cells(tiny_folder, tmp_path):
     assert res.exit_code == 0, res.output
     cfg = load_model(tuned).metadata["config"]
     assert (cfg["init"], cfg["mosaic_grid"], cfg["region_batch"], cfg["ema"]) == (str(out), 2, 1, 0.5)
+    # the file knows which patches trained it and which selected it, and evaluate says so of a folder that holds
+    # them (the default model's selection patches were evaluated as if new, with no word)
+    from conftest import run_cli_captured
+
+    from wsi_vssm.training.data.fingerprints import patch_digests, patches_seen
+
+    valid = patch_digests(load_patches(tiny_folder / "valid"))
+    assert patches_seen(patch_digests(load_patches(tiny_folder / "train")), trained.metadata)["trained"] == 16
+    assert patches_seen(valid, trained.metadata) == {"trained": 0, "selected": 12, "either": 12}
+    code, _, err = run_cli_captured(["evaluate", tiny_folder / "valid", "--mpp", "0.97", "--model", out,
+                                     "--out", tmp_path / "ev", "--bootstrap", "100"], capsys)
+    assert code == 0 and "12 of the 24 patches trained (0) or selected (12) this model" in err
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["model_patches"] == {"trained": 0, "selected": 12, "either": 12}
     # --init trains the file's backbone: a --model naming another was recorded as if it had been trained
     res = CliRunner().invoke(command, ["--data", str(tiny_folder / "train"), "--valid", str(tiny_folder / "valid"),
                                        "--out", str(tmp_path / "x.pt"), "--epochs", "1", "--init", str(out),

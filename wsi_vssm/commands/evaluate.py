@@ -55,6 +55,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         few_patients_warning,
         separation_warning,
         small_cohort_warning,
+        training_patches_warning,
         training_slides_warning,
     )
 
@@ -94,7 +95,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     m = res.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
     for warning in (separation_warning(res), small_cohort_warning(res), domain_warning(res),
-                    training_slides_warning(res, model)):
+                    training_slides_warning(res, model), training_patches_warning(res)):
         if warning:
             progress.warn(warning)
     pending = f", not finished={m['n_pending']} (incomplete)" if m.get("n_pending") else ""

@@ -11,19 +11,26 @@ PART_NAMES = {"train_data": "trained on", "valid_select": "selected on", "valid_
 
 
 def is_model_path(path: str) -> bool:
-    return Path(path).suffix.lower() in MODEL_SUFFIXES
+    """A model file by its suffix, or `default` (the packaged model) where no such file lies here."""
+    from wsi_vssm.models.slide_model import DEFAULT_NAME
+
+    return Path(path).suffix.lower() in MODEL_SUFFIXES or (path == DEFAULT_NAME and not Path(path).exists())
 
 
 def model_info(path: str) -> dict:
     """The facts `info` prints for a model file, JSON-ready; a file that is no model file is a ModelFileError."""
     from wsi_vssm.models.export import arch_name
-    from wsi_vssm.models.slide_model import load_model, model_identity
+    from wsi_vssm.models.slide_model import load_model, model_identity, resolve_model_path
     from wsi_vssm.pipeline.predict import model_thresholds
+    from wsi_vssm.training.data.fingerprints import KEY as PATCHES_KEY
 
+    path = resolve_model_path(path)
     model = load_model(path)
     meta = model.metadata
     slide_t, cell_t = model_thresholds(model, warn=False)
     trained_on = {k: meta[k] for k in PART_NAMES if isinstance(meta.get(k), dict)}
+    record = meta.get(PATCHES_KEY) if isinstance(meta.get(PATCHES_KEY), dict) else {}
+    known = {part: len(record[part]) // 8 for part in ("train", "select") if isinstance(record.get(part), bytes)}
     return {
         "path": str(Path(path).absolute()), "kind": "model", "name": model.name,
         "backbone": arch_name(model.backbone.config), "mpp": model.mpp, "token_px": model.token_px,
@@ -33,6 +40,7 @@ def model_info(path: str) -> dict:
         **model_identity(model), "trained_on": trained_on, "date": meta.get("date"),
         "package_version": meta.get("package_version"),
         "training_incomplete": bool(meta.get("training_incomplete")),
+        "patch_fingerprints": known or None,  # distinct patches known by their files: evaluate warns of them
     }
 
 
@@ -48,6 +56,10 @@ def format_model_info(r: dict) -> str:
     ]
     for part, d in r["trained_on"].items():
         lines.append(f"{PART_NAMES[part] + ':':<13}{d.get('source', '?')} ({d.get('n', '?')} patches)")
+    if r["patch_fingerprints"]:
+        fp = r["patch_fingerprints"]
+        lines.append(f"remembers:   {fp.get('train', 0)} training and {fp.get('select', 0)} selection patch files "
+                     "(distinct; evaluate warns when a patch folder holds them)")
     if r["date"]:
         lines.append(f"made:        {r['date']} with wsi-vssm {r['package_version'] or '?'}")
     if r["training_incomplete"]:

@@ -114,7 +114,7 @@ def _plain(obj):
         return [_plain(v) for v in obj]
     if isinstance(obj, str):
         return str.__str__(obj)  # exact str: subclasses such as torch.__version__ do not unpickle weights-only
-    if obj is None or isinstance(obj, (bool, int, float)):
+    if obj is None or isinstance(obj, (bool, int, float, bytes)):  # bytes: the patch fingerprints
         return obj
     return str(obj)
 

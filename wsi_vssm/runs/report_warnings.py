@@ -1,7 +1,7 @@
 """The one-line warnings `evaluate` prints under a cohort's figures: scores that do not separate the classes,
 classes or patients too few for the bootstrap to mean much, slides out of the model's domain, slides that trained
-the model's slide head. Each takes an `EvaluationResult` (`runs.evaluate`) and returns the line, or None when
-there is nothing to say."""
+the model's slide head, patches that trained or selected the model. Each takes an `EvaluationResult`
+(`runs.evaluate`) and returns the line, or None when there is nothing to say."""
 
 from __future__ import annotations
 
@@ -84,3 +84,14 @@ def training_slides_warning(result: EvaluationResult, model) -> str | None:
     return (f"{len(hit)} of the {len(result.rows)} {result.items} trained or selected this model's slide head "
             f"(its metadata mil_stage): {', '.join(hit[:5])}{more}; a figure over them flatters the model "
             "(evaluate --split test on a manifest with a split column)")
+
+
+def training_patches_warning(result: EvaluationResult) -> str | None:
+    """One line when patches of a patch folder trained or selected the model, as the fingerprints in its file
+    say (metrics.json `model_patches`; `training.data.fingerprints`): their figure flatters it."""
+    seen = result.metrics.get("model_patches") or {}
+    if not seen.get("either"):
+        return None
+    return (f"{seen['either']} of the {len(result.rows)} patches trained ({seen['trained']}) or selected "
+            f"({seen['selected']}) this model (the same image files; metrics.json model_patches): a figure over "
+            "them flatters the model; evaluate a folder without them")

@@ -43,6 +43,8 @@ from wsi_vssm.models.registry import get_config
 from wsi_vssm.models.slide_model import SlideModel, load_model, save_model
 from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
+from wsi_vssm.training.data.fingerprints import KEY as PATCHES_KEY
+from wsi_vssm.training.data.fingerprints import patch_record
 from wsi_vssm.training.data.patches import (
     PatchDataset,
     check_training_sets,
@@ -61,12 +63,7 @@ from wsi_vssm.training.ddp import (
     shard,
 )
 from wsi_vssm.training.optim import WeightAverage, adamw  # WeightAverage: also imported from here
-from wsi_vssm.training.patch_eval import (
-    device_of,
-    evaluate,
-    evaluate_in_mosaics,
-    progress_bar,
-)
+from wsi_vssm.training.patch_eval import device_of, evaluate, evaluate_in_mosaics, progress_bar
 from wsi_vssm.training.patch_mil import fit_mil_on_patch_bags
 
 CONTEXT_GRID = 8  # mosaics of 8 x 8 patches (768 px) for the in-context held-back figure when training used none
@@ -298,9 +295,11 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     total = per_epoch * cfg.epochs
     log_path = Path(log_path) if log_path else out.with_suffix(".log.csv")
 
+    seen = {PATCHES_KEY: patch_record(train, select, getattr(model, "metadata", {}).get(PATCHES_KEY))}
+
     def meta(log, best_epoch, sel, hold) -> dict:
         return {**_metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides),
-                **dist_meta(cfg.batch_size, ctx)}
+                **dist_meta(cfg.batch_size, ctx), **seen}
 
     # the patch counts too: a resume on a folder that lost or gained patches was taken (paths absolute: the same
     # folder given another way is the same data)

@@ -149,7 +149,7 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         _say(progress, f"dense epoch {st['epoch']} (phase {st['phase']}): loss {loss:.4f} " + _fmt(sel)
              + f" {row['seconds']:.0f}s" + (" *" if best else ""))
     _close_phase(st)
-    return _finish(work / "best.pt", out, select, holdout, cfg, st, str(init), progress)
+    return _finish(work / "best.pt", out, (train, select), holdout, cfg, st, str(init), progress)
 
 
 # ------------------------------------------------------------------------------------------------ the steps
@@ -292,13 +292,14 @@ def _say(progress: bool, msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the end
-def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: dict, init: str,
+def _finish(best_path: Path, out: Path, sets, holdout, cfg: DenseConfig, st: dict, init: str,
             progress: bool) -> dict:
     """Calibrate the best epoch's cell head on the selection part, set the cell threshold, score the held-back
-    part once, and write the model file."""
+    part once, and write the model file. `sets`: the (training, selection) patches."""
     from wsi_vssm.models.slide_model import load_model, save_model
     from wsi_vssm.outputs.calibration import expected_calibration_error
     from wsi_vssm.pipeline.predict import patch_probabilities
+    from wsi_vssm.training.data.fingerprints import KEY, patch_record
     from wsi_vssm.training.dense_eval import (
         fit_platt,
         fold_platt,
@@ -306,6 +307,8 @@ def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: d
         split_tokens,
     )
     from wsi_vssm.training.patch_eval import predict_patches
+
+    train, select = sets
 
     if not best_path.exists():
         raise UsageError(f"dense: no epoch was trained ({best_path} missing)")
@@ -329,7 +332,7 @@ def _finish(best_path: Path, out: Path, select, holdout, cfg: DenseConfig, st: d
     pa, pb = fit_platt(np.log(iso / (1 - iso)), np.asarray(select.labels))
     record["patch_platt"] = {"a": pa, "b": pb, "fitted_on": "selection part, isolated patches (centre token)"}
     meta = {**model.metadata, "dense_stage": record, "cell_threshold": threshold, "cell_calibration": "platt",
-            "patch_calibration": {"a": pa, "b": pb}}
+            "patch_calibration": {"a": pa, "b": pb}, KEY: patch_record(train, select, model.metadata.get(KEY))}
     meta.pop("dense_best_epoch", None)
     if holdout is not None and len(holdout):
         p = patch_probabilities(predict_patches(model, holdout), meta)

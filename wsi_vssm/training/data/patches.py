@@ -242,10 +242,11 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
         shown = ", ".join(f"{w} x {h} px" for w, h in sorted(sizes))
         raise PatchDataError(f"{train.source} and {select.source}: training and validation patches differ in size "
                              f"({shown}); give patches of one size")
-    valid = [fp for ds in (select, holdout) if ds is not None for fp in _fingerprints(ds)]
-    trained = set(_fingerprints(train))
-    n_shared = sum(fp in trained for fp in valid)
-    if valid and n_shared == len(valid):
+    from wsi_vssm.training.data.fingerprints import patch_digests
+
+    valid = np.concatenate([patch_digests(ds) for ds in (select, holdout) if ds is not None])
+    n_shared = int(np.isin(valid, patch_digests(train)).sum())
+    if valid.size and n_shared == valid.size:
         raise PatchDataError(f"{train.source}: holds every validation patch of {select.source} (the same images): "
                              "give --data a folder without the validation patches")
     if n_shared:
@@ -253,10 +254,3 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
                       f"image in {train.source} and {select.source}): their scores overstate the model",
                       UserWarning, stacklevel=2)
 
-
-def _fingerprints(ds: PatchDataset) -> list[str]:
-    """A hash of each patch's file bytes (the same image file in two sets, wherever it lies)."""
-    import hashlib
-
-    return [hashlib.blake2b(it.data if it.data is not None else (ds.root / it.name).read_bytes(),
-                            digest_size=16).hexdigest() for it in ds.items]

@@ -1,0 +1,61 @@
+"""Which patches trained and which selected a model, kept in its file so that `evaluate` can say when a patch
+folder holds them: a figure over them flatters the model.
+
+A patch is known by a 64-bit BLAKE2b digest of its file's bytes, so the same image file is recognised wherever
+it lies (inside the tar, extracted, copied, renamed); re-encoded pixels make another file and are not. The
+record, `metadata["patch_fingerprints"]`, is `{"hash": HASH, "train": bytes, "select": bytes}`, each a sorted
+run of little-endian uint64 digests (8 bytes a patch: 168 KB for PCam's 20,000 + 1,000). A stage that trains
+on from an earlier model keeps the earlier patches too: the record is the union over the model's stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+
+KEY = "patch_fingerprints"
+HASH = "blake2b-64 of each patch file's bytes"
+_DTYPE = np.dtype("<u8")
+
+
+def patch_digests(ds) -> np.ndarray:
+    """One uint64 digest of each patch file's bytes, in the dataset's order (`patches.PatchDataset`)."""
+    out = np.empty(len(ds.items), _DTYPE)
+    for i, it in enumerate(ds.items):
+        raw = it.data if it.data is not None else (ds.root / it.name).read_bytes()
+        out[i] = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+    return out
+
+
+def patch_record(train, select, previous: Mapping | None = None) -> dict:
+    """The record of a model trained on `train` and selected on `select` (datasets or digest arrays), merged
+    with `previous` (the initial model's record, when it has one of the same hash)."""
+    record = {"hash": HASH}
+    for part, ds in (("train", train), ("select", select)):
+        digests = ds if isinstance(ds, np.ndarray) else patch_digests(ds)
+        earlier = _part(previous, part)
+        if earlier is not None:
+            digests = np.concatenate([earlier, digests])
+        record[part] = np.unique(digests.astype(_DTYPE)).tobytes()
+    return record
+
+
+def patches_seen(digests: np.ndarray, metadata: Mapping | None) -> dict | None:
+    """How many of `digests` trained the model (`trained`), selected it (`selected`), or either (`either`),
+    from its metadata's record; None when the model file keeps no record (older files, other trainers)."""
+    record = (metadata or {}).get(KEY)
+    train, select = _part(record, "train"), _part(record, "select")
+    if train is None or select is None:
+        return None
+    in_train, in_select = np.isin(digests, train), np.isin(digests, select)
+    return {"trained": int(in_train.sum()), "selected": int(in_select.sum()),
+            "either": int((in_train | in_select).sum())}
+
+
+def _part(record: Mapping | None, part: str) -> np.ndarray | None:
+    if not isinstance(record, Mapping) or record.get("hash") != HASH or not isinstance(record.get(part), bytes):
+        return None
+    raw = record[part]
+    return np.frombuffer(raw[: len(raw) // 8 * 8], _DTYPE)
