@@ -148,6 +148,11 @@ def test_a_wsi_vssm_heatmap_is_described_as_one(tmp_path, capsys):
     code, out, _ = run_cli(capsys, str(path), "--json")
     info = json.loads(out)
     assert (info["kind"], info["cells"], info["cells_at_or_above_threshold"]) == ("wsi-vssm heatmap", [8, 6], 2)  # w, h
+    # a heatmap written before prediction.json v2 named it `threshold` (the napari reader took it, info did not)
+    old = write_heatmap_zarr(tmp_path / "old.ome.zarr", prob, cell0=64.0, origin=(0, 0), slide_mpp=0.5,
+                             attrs={"slide": "s1", "model": "m", "threshold": 0.75})
+    code, out, _ = run_cli(capsys, str(old), "--json")
+    assert json.loads(out)["cells_at_or_above_threshold"] == 2 and json.loads(out)["cell_threshold"] == 0.75
 
 
 def test_an_ome_zarr_slide_is_still_read_as_a_slide(tmp_path, capsys):

@@ -411,6 +411,11 @@ def test_tta_and_precision_change_the_parameter_hash(model_file):
     merge = predict_job("out", model_file, model, PredictParams(device="cpu", merge_distance_cells=2))
     assert len({plain.params_hash, tta.params_hash, cell.params_hash, extent.params_hash, merge.params_hash}) == 5
     assert tta.resolved["tta"] is True and plain.resolved["precision"] == "float32"
+    # --amp is the old spelling of --precision bf16: prediction.json's parameters said "fp32" under it
+    amp, bf16 = PredictParams(device="cpu", amp=True), PredictParams(device="cpu", precision="bf16")
+    assert amp.precision == "bf16" and amp.to_dict()["precision"] == "bf16"
+    assert predict_job("out", model_file, model, amp).params_hash == predict_job("out", model_file, model,
+                                                                                 bf16).params_hash
 
 
 def test_tta_averages_the_eight_views(model_file, cohort, tmp_path):

@@ -112,6 +112,7 @@ def test_dense_stage_trains_mines_calibrates_and_resumes(tmp_path, capsys):
 
     assert patches_seen(patch_digests(train), model.metadata) == {"trained": 48, "selected": 0, "either": 48}
     assert patches_seen(patch_digests(valid), model.metadata) == {"trained": 0, "selected": 24, "either": 24}
+    assert model.metadata["date"] and model.metadata["package_version"]  # its own date, not its first stage's
     with pytest.raises(Exception, match="--resume"):  # a rerun without --resume keeps the finished epochs
         train_dense(init, train, valid, out, DenseConfig(epochs=2, **cfg), progress=False)
 

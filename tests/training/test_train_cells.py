@@ -334,6 +334,7 @@ def test_run_resume_skips_finished_stages_and_reruns_changed_ones(tiny_folder, t
 
     run()
     assert json.loads((out / "recipe.progress.json").read_text())["done"][1]["stage"] == "context"
+    assert load_model(out / "model.pt").metadata["stage"] == "context"  # it said "cells"
     first = {n: digest(n) for n in ("cells.pt", "context.pt", "model.pt")}
     printed = run("--resume")
     assert printed.count("skipped (--resume)") == 2 and digest("model.pt") == first["model.pt"]
@@ -346,6 +347,53 @@ def test_run_resume_skips_finished_stages_and_reruns_changed_ones(tiny_folder, t
     run("--set", "cells.seed=2", "--set", 'recipe.stages=["cells"]')  # cells alone: context's record goes stale
     printed = run("--resume", "--set", "cells.seed=2")
     assert "cells: done before" in printed and "context: done before" not in printed
+
+
+def test_a_recipe_run_records_how_and_on_what_and_resumes_what_changed(tiny_folder, tmp_path, monkeypatch):
+    """Found running recipes as users edit them: the model claimed the default model's PCam lymph-node domain for
+    anyone's patches and kept no record of the recipe; recipe.resolved.json said `out = "runs/default"`; `~` in a
+    data path was not found; a finished stage was skipped on --resume although its folder's patches had changed;
+    and a later failed run's checkpoint blocked every run while --resume said "done before" and kept it."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from wsi_vssm.commands.run import command
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_folder / "train", tmp_path / "mine")
+    out = tmp_path / "run"
+
+    def run(*extra):
+        res = CliRunner().invoke(command, [str(REPO / "pipelines" / "default.toml"), "--out", str(out),
+                                           *_tiny_recipe(tiny_folder, "--set", "data.train=~/mine",
+                                                         "--set", 'recipe.stages=["cells"]', *extra)])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    run()
+    meta = load_model(out / "model.pt").metadata
+    assert meta["domain"] == "patches of mine at about 0.97 um/px"
+    line = meta["recipe"]["command"]
+    assert line.startswith("wsi-vssm run ") and "--set 'data.train=~/mine'" in line
+    assert meta["recipe"]["stages"] == ["cells"] and meta["recipe"]["resolved"]["cells"]["epochs"] == 1
+    assert json.loads((out / "recipe.resolved.json").read_text())["recipe"]["out"] == str(out)
+    (out / "cells.checkpoint.pt").write_bytes(b"a failed run's")  # a later run with other settings stopped
+    printed = run("--resume")
+    assert "cells: done before" in printed and "removed" in printed and not (out / "cells.checkpoint.pt").exists()
+    next(iter((tmp_path / "mine" / "1").iterdir())).unlink()  # the folder changes under the same name
+    printed = run("--resume")
+    assert "settings changed since the earlier run (data_contents.train)" in printed and "skipped" not in printed
+
+
+def test_a_recipe_without_a_stage_section_says_it_trains_on_defaults(tiny_folder, tmp_path, capsys):
+    from conftest import run_cli_captured
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[data]\ntrain = "{tiny_folder / "train"}"\nvalid = "{tiny_folder / "nowhere"}"\n')
+    code, out, err = run_cli_captured(["run", recipe, "--out", tmp_path / "o"], capsys)
+    assert code == 1 and "cells: the recipe has no [cells] section: it trains with the built-in defaults" in out
 
 
 def test_run_resume_takes_a_path_spelt_differently_as_the_same_setting(tiny_folder, tmp_path, monkeypatch):
@@ -549,6 +597,27 @@ def test_a_planted_checkpoint_runs_no_code_on_resume(tiny_folder, tmp_path):
             train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "m.pt",
                         TrainCellsConfig(epochs=1, batch_size=16, mil_bags=0, resume=True), progress=False)
         assert "\n" not in str(err.value) and not marker.exists()
+
+
+def test_a_damaged_checkpoint_is_not_resumed(tmp_path):
+    """torch.load ignores the zip's checksums: a checkpoint with one flipped bit in its weights resumed silently
+    with altered weights (a model file's damage was already caught)."""
+    import zipfile
+
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(ckpt, {"model": {"w": torch.arange(4096, dtype=torch.float32)}}, {"lr": 1.0})
+    assert load_checkpoint(ckpt, {"lr": 1.0})["model"]["w"][5] == 5  # intact: read back
+    with zipfile.ZipFile(ckpt) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)  # the weights' storage
+    raw = bytearray(ckpt.read_bytes())
+    raw[info.header_offset + len(info.FileHeader()) + 2000] ^= 0x01  # one bit inside the tensor's bytes
+    ckpt.write_bytes(bytes(raw))
+    with pytest.raises(UsageError, match=r"c.pt: this training checkpoint is damaged \(.*\); remove it") as err:
+        load_checkpoint(ckpt, {"lr": 1.0})
+    assert "\n" not in str(err.value)
 
 
 def test_an_attached_mil_head_says_which_slides_trained_it(tmp_path):

@@ -109,7 +109,7 @@ def heatmap_info(path: str) -> dict | None:
         return None
     prob, cell_um, _, attrs = read_heatmap_zarr(path)
     block = attrs["wsi_vssm"]
-    threshold = block.get("cell_threshold")
+    threshold = block.get("cell_threshold", block.get("threshold"))  # `threshold`: its name before v2
     above = None if threshold is None else int((prob >= threshold).sum())
     return {
         "path": str(path),

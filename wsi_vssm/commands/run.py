@@ -41,5 +41,14 @@ def command(recipe_path, sets, out, precision, resume):
         blocked = blocking_file(out, folder=True)
         if blocked is not None:
             raise UsageError(f"recipe.out {out}: {blocked} is a file, not a folder")
-    model = run_recipe(recipe, out, resume=resume)
+    import shlex
+
+    # how the model was made, in its metadata: the command that reruns it (docs/model_card.md quotes such lines);
+    # --resume left out, as it changes how a run goes on, not what it makes
+    command_line = shlex.join(["wsi-vssm", "run", str(recipe_path), "--out", str(out),
+                               *[a for s in sets for a in ("--set", s)],
+                               *(["--precision", precision] if precision else [])])
+    provenance = {"recipe_file": str(recipe_path.absolute()), "sets": list(sets), "precision": precision,
+                  "command": command_line}
+    model = run_recipe(recipe, out, resume=resume, provenance=provenance)
     click.echo(f"wrote {model}")

@@ -98,11 +98,11 @@ def read_checkpoint(path: str | Path) -> dict:
             raise _unreadable(path, first) from first
     except Exception as e:  # truncated zip, not a torch file, ...
         raise _unreadable(path, e) from e
-    _check_crc(path)
+    check_crc(path)
     return obj
 
 
-def _check_crc(path: Path) -> None:
+def check_crc(path: Path) -> None:
     """torch.load does not check the zip's CRCs: a file damaged in copy or storage loaded with altered weights and
     predicted without a word. Every member is read back against its checksum (a fraction of a second for a
     backbone; legacy, non-zip files have none)."""

@@ -78,6 +78,8 @@ class PredictParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 bad(name, "an integer >= 1")
+        if self.amp and self.precision == "fp32":  # the alias spelt out: prediction.json said "fp32" under --amp
+            self.precision = "bf16"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -42,6 +42,7 @@ from wsi_vssm.models.precision import autocast, check_precision, resolve_precisi
 from wsi_vssm.models.registry import get_config
 from wsi_vssm.models.slide_model import SlideModel, load_model, save_model
 from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
+from wsi_vssm.training.config_checks import check_cells_config
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.data.fingerprints import KEY as PATCHES_KEY
 from wsi_vssm.training.data.fingerprints import patch_record
@@ -108,17 +109,9 @@ class TrainCellsConfig:
     def __post_init__(self):
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
-        for name in ("epochs", "batch_size", "patience"):
-            if int(getattr(self, name)) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise UsageError(f"lr must be > 0, got {self.lr!r}")
+        check_cells_config(self)
         if self.mosaic_grid and int(self.mosaic_grid) < 2:
             raise UsageError(f"mosaic_grid must be 0 (off) or >= 2, got {self.mosaic_grid!r}")
-        if not 0.0 <= self.ema < 1.0:
-            raise UsageError(f"ema must be in [0, 1), got {self.ema!r}")
-        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
-            raise UsageError(f"drop_path must be in [0, 1), got {self.drop_path!r}")
         check_precision(self.precision)
 
     def to_dict(self) -> dict:

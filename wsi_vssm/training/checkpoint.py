@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from wsi_vssm.errors import UsageError, one_line
+from wsi_vssm.models.checkpoint import CheckpointError, check_crc
 
 FORMAT = "wsi-vssm-training-checkpoint/1"
 
@@ -71,6 +72,11 @@ def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) 
                              "values, or is damaged); remove it to start over") from None
         raise UsageError(f"{path}: cannot read this training checkpoint ({type(err).__name__}: "
                          f"{one_line(err, 160)}); remove it to start over") from err
+    try:  # torch.load ignores the zip's checksums: a damaged checkpoint resumed with altered weights
+        check_crc(path)
+    except CheckpointError as err:
+        raise UsageError(f"{path}: this training checkpoint is {err.reason.split(':')[0]}; remove it to start "
+                         "over") from None
     if isinstance(ck, dict) and "format" not in ck and {"model", "opt", "state"} <= set(ck):
         # a dense checkpoint of an earlier version (before 2026-12-04): resumable, but it recorded neither the
         # settings nor the random states, so neither can be checked or restored

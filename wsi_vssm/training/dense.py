@@ -34,6 +34,7 @@ from wsi_vssm.errors import UsageError
 from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
 from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
+from wsi_vssm.training.config_checks import DENSE_RULES, check_common, check_ranges
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.optim import adamw
 
@@ -75,13 +76,10 @@ class DenseConfig:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
         check_precision(self.precision)
-        for name in ("epochs", "round_epochs", "plateau", "epoch_patches", "batch_size", "mosaic_cells"):
-            if int(getattr(self, name)) < 1:
-                raise UsageError(f"dense.{name} must be >= 1, got {getattr(self, name)!r}")
+        check_ranges(self, DENSE_RULES, "dense.")
+        check_common(self, "dense.")
         if not (isinstance(self.grid, (list, tuple)) and len(self.grid) == 2 and 2 <= self.grid[0] <= self.grid[1]):
             raise UsageError(f"dense.grid must be [low, high] patches per side, 2 <= low <= high, got {self.grid!r}")
-        if not 0.5 <= self.token_specificity < 1:
-            raise UsageError(f"dense.token_specificity must be in [0.5, 1), got {self.token_specificity!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -296,7 +294,7 @@ def _finish(best_path: Path, out: Path, sets, holdout, cfg: DenseConfig, st: dic
             progress: bool) -> dict:
     """Calibrate the best epoch's cell head on the selection part, set the cell threshold, score the held-back
     part once, and write the model file. `sets`: the (training, selection) patches."""
-    from wsi_vssm.models.slide_model import load_model, save_model
+    from wsi_vssm.models.slide_model import load_model, save_model, stamped
     from wsi_vssm.outputs.calibration import expected_calibration_error
     from wsi_vssm.pipeline.predict import patch_probabilities
     from wsi_vssm.training.data.fingerprints import KEY, patch_record
@@ -345,7 +343,7 @@ def _finish(best_path: Path, out: Path, sets, holdout, cfg: DenseConfig, st: dic
         _say(progress, f"dense: held-back part (n={len(holdout)}, never used to choose): " + _fmt(hold)
              + f"; cell ECE {hold['ece']:.4f}; balanced accuracy at the cell threshold "
                f"{hold['balanced_accuracy_at_cell_threshold']:.4f}")
-    save_model(model, out, meta)
+    save_model(model, out, stamped(meta))
     _say(progress, f"dense: best epoch {st['best_epoch']} of {st['epoch']}; Platt a={a:.3f} b={b:.3f}; cell "
                    f"threshold {threshold:.4f} ({100 * cfg.token_specificity:g}% of selection normal tokens below)"
                    f" -> {out}")

@@ -56,8 +56,10 @@ class MosaicMILConfig:
 
     def __post_init__(self):
         from wsi_vssm.models.precision import check_precision
+        from wsi_vssm.training.config_checks import check_mosaic_config
 
         check_precision(self.precision)
+        check_mosaic_config(self)
         for name in ("train_slides", "valid_slides", "epochs", "patience"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"mosaic_mil.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -166,7 +168,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     """Build the cohorts, extract features, train the MIL head, attach it to `model_path` (rewritten), and
     score the test cohort if asked. Returns the stage's record (also stored in the model's metadata)."""
     from wsi_vssm.models.model_file import load_backbone
-    from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
+    from wsi_vssm.models.slide_model import attach_mil, load_model, save_model, stamped
     from wsi_vssm.pipeline.predict import PredictParams, cell_threshold
     from wsi_vssm.training.mil import Bags, MILTrainConfig, bag_logits, evaluate, train_mil
 
@@ -256,8 +258,8 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
               "valid_pooling_aucs": pooled,
               "log": history.rows}
     # `slide_threshold` is what predict reads; `threshold`, its old name, for readers of older files
-    meta = {**dict(getattr(model, "metadata", {}) or {}), "mil_stage": record, "slide_threshold": threshold,
-            "threshold": threshold}
+    meta = stamped({**dict(getattr(model, "metadata", {}) or {}), "mil_stage": record, "slide_threshold": threshold,
+                    "threshold": threshold})
     record["seconds"] = round(time.perf_counter() - t0, 1)
     save_model(model, model_path, meta)
     if "test" in folders:  # scored by the file just written, as a user's `evaluate` would
