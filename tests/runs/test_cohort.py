@@ -180,12 +180,39 @@ def test_bad_split_and_duplicates_are_errors(tmp_path):
         read_reference(ref, find_slides=False)
 
 
-def test_ambiguous_slide_name_is_a_failed_row(tmp_path):
+def test_an_ambiguous_slide_name_is_refused_before_any_slide_runs(tmp_path):
+    """It failed at run time (exit 3, the metrics leaving the slide out), while a repeated manifest row was refused
+    up front: an unattended run learnt of it only at the end."""
     _touch(tmp_path / "a" / "s1.tif")
     _touch(tmp_path / "b" / "s1.svs")
     (tmp_path / "reference.csv").write_text("s1,normal\n")
-    (row,) = read_cohort(tmp_path).failed
-    assert "several slide files" in row.error
+    with pytest.raises(CohortError, match=r"line 1: several slide files named 's1' under .*a/s1.tif"):
+        read_cohort(tmp_path)
+
+
+def test_names_match_in_either_unicode_form(tmp_path):
+    """macOS writes file names decomposed (NFD); a typed table is composed (NFC): `tümör` looked identical in
+    `ls` and was "not found", by name and by path."""
+    import unicodedata
+
+    nfd, nfc = unicodedata.normalize("NFD", "tümör"), unicodedata.normalize("NFC", "tümör")
+    assert nfd != nfc
+    _touch(tmp_path / "slides" / f"{nfd}.tif")
+    (tmp_path / "slides" / "reference.csv").write_text(f"{nfc},tumor\n")
+    (row,) = read_cohort(tmp_path / "slides" / "reference.csv").rows
+    assert row.ok and row.path.name == f"{nfd}.tif"
+    (tmp_path / "m.csv").write_text(f"slide,label\nslides/{nfc}.tif,1\n")
+    (row,) = read_cohort(tmp_path / "m.csv").rows
+    assert row.ok and row.path.exists()
+
+
+def test_manifest_slides_differing_only_in_case_are_told_apart_from_a_repeated_row(tmp_path):
+    """`c/Case.tif` and `c/case.tif` (two files on Linux, one output folder on macOS) read as a repeated row."""
+    _touch(tmp_path / "c" / "Case.tif")
+    _touch(tmp_path / "c" / "case.tif")
+    (tmp_path / "m.csv").write_text("slide,label\nc/Case.tif,1\nc/case.tif,0\n")
+    with pytest.raises(CohortError, match=r"line 3: slides 'case' and 'Case' \(line 2\) differ only in case"):
+        read_cohort(tmp_path / "m.csv")
 
 
 def test_missing_reference_and_names(tmp_path):

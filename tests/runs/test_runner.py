@@ -494,6 +494,37 @@ def test_an_interrupt_as_a_slide_finishes_leaves_a_table_that_has_it(model_file,
     assert not (out / "metrics.json").exists()  # a partial run writes no figures
 
 
+def test_an_interrupted_overwrite_run_is_resumed_by_the_same_command(model_file, cohort, tmp_path, monkeypatch):
+    """"interrupted; ... rerun the same command to resume": the same `--overwrite` command redid every slide again,
+    so a preempted and requeued job never finished. The --overwrite run's start is kept until it has been through
+    every slide."""
+    from wsi_vssm.runs import runner
+
+    slides = [cohort / "normal_001.tif", cohort / "tumor_001.tif"]
+    args = ["predict", *slides, "--out", tmp_path, "--model", model_file, *FAST]
+
+    def started(name):
+        return read_state(tmp_path, "predict", name)["started"]
+
+    assert _cli(args) == 0
+    before = {n: started(n) for n in ("normal_001", "tumor_001")}
+    real = runner.report_outcome
+
+    def interrupted(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "report_outcome", interrupted)  # stopped once the first slide is redone
+    assert _cli([*args, "--overwrite"]) == 130
+    redone = started("normal_001")
+    assert redone > before["normal_001"] and started("tumor_001") == before["tumor_001"]
+    monkeypatch.setattr(runner, "report_outcome", real)
+    assert _cli([*args, "--overwrite"]) == 0  # the same command: goes on
+    assert started("normal_001") == redone and started("tumor_001") > before["tumor_001"]
+    assert not (tmp_path / STATE_DIR / "overwrite-run.predict").exists()  # through every slide: done with it
+    assert _cli([*args, "--overwrite"]) == 0 and started("normal_001") > redone  # a new --overwrite redoes all
+
+
 def test_the_interrupted_table_keeps_this_runs_outcomes_and_takes_only_this_slides_state(tmp_path):
     """The interrupted table read every unrecorded slide's state on disk: a state of another slide of the same
     name (another cohort run into the same folder, which this run had failed in triage) came out `done` with

@@ -147,7 +147,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         label = parse_label(_cell(cells, i_label), path, line)
         split = None if i_split is None else parse_split(_cell(cells, i_split), path, line)
         ref = _on_disk(ref)
-        file = Path(ref) if Path(ref).is_absolute() else path.parent / ref
+        file = _either_form(Path(ref) if Path(ref).is_absolute() else path.parent / ref)
         error = None
         if find_slides and not file.exists():
             error = f"slide file not found: {file}"
@@ -185,11 +185,12 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
         name = slide_name(name)  # tolerate a name written with its extension
         found, error = None, None
         if find_slides:
-            hits = index.get(name.lower(), [])
+            hits = index.get(name_key(name), [])
             if not hits:
                 error = f"no slide file named {name!r} under {root}"
-            elif len(hits) > 1:
-                error = f"several slide files named {name!r}: {', '.join(str(h) for h in hits[:4])}"
+            elif len(hits) > 1:  # the table is ambiguous: said before any slide runs, as a repeated row is
+                raise CohortError(f"{path}, line {line}: several slide files named {name!r} under {root}: "
+                                  f"{', '.join(str(h) for h in hits[:4])}; keep one, or give a manifest of paths")
             else:
                 found = hits[0]
         cohort.rows.append(CohortRow(name, label, split, found, line, error))
@@ -197,8 +198,16 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
     return cohort
 
 
+def name_key(name: str) -> str:
+    """How slide names are matched: in any case and either Unicode form (macOS writes file names decomposed,
+    NFD, while a typed table is composed, NFC: `tümör` looked the same and was "not found")."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).lower()
+
+
 def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
-    """Lower-case slide name -> slide files (or OME-Zarr folders) anywhere under `root`, hidden ones skipped."""
+    """Slide name (`name_key`) -> slide files (or OME-Zarr folders) anywhere under `root`, hidden ones skipped."""
     out: dict[str, list[Path]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         keep = []
@@ -207,14 +216,14 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
                 continue
             if d.lower().endswith(".zarr"):  # a zarr folder is one item (a slide if .ome.zarr), never walked
                 if d.lower().endswith(".ome.zarr"):
-                    out.setdefault(slide_name(d).lower(), []).append(Path(dirpath) / d)
+                    out.setdefault(name_key(slide_name(d)), []).append(Path(dirpath) / d)
                 continue
             keep.append(d)
         dirnames[:] = keep
         for f in sorted(filenames):
             low = f.lower()
             if not f.startswith(".") and low.endswith(SLIDE_SUFFIXES) and not low.endswith(".zarr"):
-                out.setdefault(slide_name(f).lower(), []).append(Path(dirpath) / f)
+                out.setdefault(name_key(slide_name(f)), []).append(Path(dirpath) / f)
     return out
 
 
@@ -283,6 +292,20 @@ def _is_manifest_header(cells: list[str]) -> bool:
     return _path_column(low) is not None and "label" in low
 
 
+def _either_form(file: Path) -> Path:
+    """`file`, or the same path in the other Unicode form when only that exists (a table typed in NFC naming a
+    file that macOS wrote in NFD, or the reverse)."""
+    import unicodedata
+
+    if file.exists():
+        return file
+    for form in ("NFD", "NFC"):
+        other = Path(unicodedata.normalize(form, str(file)))
+        if other != file and other.exists():
+            return other
+    return file
+
+
 def _on_disk(ref: str) -> str:
     """A path read from a UTF-8 table as the file system spells it: under an ASCII locale (LC_ALL=C,
     PYTHONUTF8=0) `tümor.tif` cannot be encoded, and the file was "not found"; its UTF-8 bytes are its name."""
@@ -316,11 +339,15 @@ def _is_reference_header(cells: list[str]) -> bool:
 
 
 def _check_duplicates(cohort: Cohort) -> None:
-    seen: dict[str, int] = {}
+    seen: dict[str, CohortRow] = {}
     for r in cohort.rows:
-        key = r.name.lower()
-        if key in seen:
-            raise CohortError(
-                f"{cohort.source}, line {r.line}: slide {r.name!r} is listed again (first on line {seen[key]})"
-            )
-        seen[key] = r.line
+        key = name_key(r.name)
+        first = seen.get(key)
+        if first is not None and (first.name == r.name or cohort.layout == "camelyon"):  # names: one slide
+            raise CohortError(f"{cohort.source}, line {r.line}: slide {r.name!r} is listed again (first on line "
+                              f"{first.line})")
+        if first is not None:  # two files, but one output folder on macOS and Windows, and one name to match
+            raise CohortError(f"{cohort.source}, line {r.line}: slides {r.name!r} and {first.name!r} (line "
+                              f"{first.line}) differ only in case or Unicode form: their outputs would collide; "
+                              "rename one")
+        seen[key] = r

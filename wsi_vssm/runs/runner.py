@@ -13,8 +13,11 @@ another hash, outputs gone, another file under the same name) is redone. A slide
 slide file that still exists elsewhere (`a/x.tif` done, now `b/x.svs`) fails without touching those results,
 unless `--overwrite` (`name_taken`). A path that does not exist, or is no file or folder (a pipe, a loop of
 links: `io.slide.path_problem`), fails at once (one line) and writes no state. A file named twice on one command
-line runs once (`slide_tasks`). Outputs are written atomically and `done` is written only after the last of
-them, so a SIGKILL between any two writes leaves a state that the rerun redoes.
+line runs once (`slide_tasks`). `--overwrite` redoes every slide, and is itself resumable: the run's start is
+kept in `OUT/.state/overwrite-run.<job>` until it has been through every slide, so the same command after an
+interruption keeps the slides that run finished (`overwrite_since`). Outputs are written atomically and `done`
+is written only after the last of them, so a SIGKILL between any two writes leaves a state that the rerun
+redoes.
 
 A lock file per slide (`OUT/.state/<slide>.<job>.lock`, created with O_CREAT|O_EXCL, holding pid, host and
 time) keeps two runs on the same folder off each other's slides. A lock whose process is gone (same host) is
@@ -45,6 +48,7 @@ from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
 from wsi_vssm.runs.state import (
     NOT_THE_SLIDES_FAULT,
+    STATE_DIR,
     OutputFull,
     SlideLock,
     Status,
@@ -52,6 +56,7 @@ from wsi_vssm.runs.state import (
     clear_temporaries,
     input_changed,
     live_lock,
+    now,
     read_state,
 )
 
@@ -143,6 +148,7 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
     tasks = list(tasks)
     check_output_folder(job.out)
     progress.detail(f"{job.kind}: model {job.model_id}, parameters {job.params_hash}, {len(tasks)} slide(s)")
+    since = overwrite_since(job, progress) if opts.overwrite else None
     summary = RunSummary()
     waiting: list[Outcome] = []  # slides locked by another run, looked at again at the end
 
@@ -166,14 +172,14 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
         def run_some(some: list[SlideTask]) -> None:
             seen: set[str] = set()
             if opts.workers or opts.scheduler:
-                todo = _triage(some, job, opts, finish, progress, seen)
+                todo = _triage(some, job, opts, finish, progress, seen, since)
                 if todo:
                     from wsi_vssm.runs.dask import run_dask
 
                     run_dask(todo, job, opts, progress, finish)
                 return
             for task in some:  # triaged just before it runs: a slide another run has done meanwhile is skipped
-                for t in _triage([task], job, opts, finish, progress, seen):
+                for t in _triage([task], job, opts, finish, progress, seen, since):
                     _run_serial(t, job, progress, finish)
 
         run_some(tasks)
@@ -184,7 +190,35 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
                 record(o)
     order = {id(t): i for i, t in enumerate(tasks)}
     summary.outcomes.sort(key=lambda o: order.get(id(o.task), 0))
+    if since is not None and not summary.count("locked"):  # through every slide: the next --overwrite starts anew
+        _overwrite_marker(job).unlink(missing_ok=True)
     return summary
+
+
+def _overwrite_marker(job) -> Path:
+    return Path(job.out) / STATE_DIR / f"overwrite-run.{job.kind}"  # no state or lock file ends so
+
+
+def overwrite_since(job, progress: Progress) -> str:
+    """When this --overwrite run began: now, or, when an earlier --overwrite run with the same parameters was
+    interrupted, its start (slides it finished after that are kept: the same command resumes it). Recorded in
+    OUT/.state/overwrite-run.<job> until a run has been through every slide."""
+    import json
+
+    from wsi_vssm.atomic import atomic_write_json
+
+    marker = _overwrite_marker(job)
+    try:
+        earlier = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("params_hash") == job.params_hash and earlier.get("since"):
+        progress.info(f"going on with the --overwrite run begun {earlier['since']}: the slides it finished are kept")
+        return str(earlier["since"])
+    since = now()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"since": since, "params_hash": job.params_hash})
+    return since
 
 
 def _wait_for_locked(waiting: list[Outcome], job, opts: RunOptions, progress: Progress,
@@ -208,11 +242,11 @@ def _wait_for_locked(waiting: list[Outcome], job, opts: RunOptions, progress: Pr
         time.sleep(LOCK_POLL_S)
 
 
-def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Progress,
-            seen: set[str]) -> list[SlideTask]:
+def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Progress, seen: set[str],
+            since: str | None = None) -> list[SlideTask]:
     """Slides that need running; the others (known failures, missing files, duplicates: names already in `seen`,
     done, failed before with the same file) are finished. A path that does not exist fails here, writing no
-    state."""
+    state. With --overwrite, a slide this --overwrite run started after `since` counts as done before."""
     from wsi_vssm.io.slide import path_problem  # here: the runner module stays free of numpy
 
     todo = []
@@ -234,8 +268,10 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         seen.add(task.name)
         state = read_state(job.out, job.kind, task.name)
         status = state.get("status") if state else None
+        # the --overwrite run being resumed already redid it: no more overwriting than a plain rerun
+        overwrite = opts.overwrite and not (since and state and str(state.get("started") or "") >= since)
         other = name_taken(state, task.path)
-        if other is not None and not opts.overwrite:
+        if other is not None and not overwrite:
             finish(Outcome(task, "failed", f"{task.path}: {job.where(task.name)} holds the results of another "
                                            f"slide of the same name, {other}; use another --out, rename one, or "
                                            "--overwrite to replace them"))
@@ -248,12 +284,12 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         # a done slide from before fingerprints were recorded is trusted; a failed one is tried again
         changed = same and status in (Status.DONE, Status.FAILED) and (
             input_changed(state.get("input"), task.path) if "input" in state or status == Status.FAILED else False)
-        if changed and not opts.overwrite:
+        if changed and not overwrite:
             progress.info(f"{task.name}: the slide file changed since its {status} run; running it again")
-        if same and not opts.overwrite and status == Status.DONE and not changed and job.outputs_ok(task.name):
+        if same and not overwrite and status == Status.DONE and not changed and job.outputs_ok(task.name):
             _tidy_done(task, job)
             finish(Outcome(task, "skipped", "up to date", state))
-        elif (same and not (opts.overwrite or opts.retry_failed) and status == Status.FAILED and not changed
+        elif (same and not (overwrite or opts.retry_failed) and status == Status.FAILED and not changed
               and state.get("error_type") not in NOT_THE_SLIDES_FAULT):  # e.g. a full disk
             finish(Outcome(task, "failed", f"{state.get('error')} [failed in an earlier run; --retry-failed "
                                            "tries again]", state))
@@ -309,12 +345,15 @@ def _run_serial(task: SlideTask, job, progress: Progress, finish) -> None:
     if refused is not None:
         finish(refused)
         return
+    progress.working_on(task.name)
     try:
         with progress.regions(task.name) as cb:
             res = execute(job, task, cb)
     except BaseException:
         lock.release()  # Ctrl-C: the state stays "running", so the next run redoes the slide
         raise
+    finally:
+        progress.working_on(None)
     finish(finish_slide(task, job, lock, state, res))
 
 
