@@ -225,8 +225,8 @@ def test_evaluate_cohort_writes_metrics_table_and_roc(model_file, cohort, tmp_pa
         main(args)
     assert exc.value.code == 3
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert list(metrics)[:8] == ["auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "threshold", "n",
-                                 "n_failed"]
+    assert list(metrics)[:9] == ["auc", "auc_ci95", "auc_ci95_delong", "accuracy", "sensitivity", "specificity",
+                                 "threshold", "n", "n_failed"]
     assert metrics["n"] == 2 and metrics["n_failed"] == 1 and metrics["auc"] in (0.0, 1.0)
     with open(tmp_path / "ev" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))

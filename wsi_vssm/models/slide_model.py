@@ -37,7 +37,7 @@ from wsi_vssm.models.vssm import VSSM, VSSMConfig
 
 __all__ = ["SlideModel", "ModelFileError", "save_model", "load_model", "attach_mil", "resolve_model_path",
            "default_model_path", "read_model_file", "check_weights", "load_model_cached", "model_identity",
-           "domain_text", "stamped", "DEFAULT_NAME", "DEFAULT_DOMAIN"]
+           "domain_text", "DEFAULT_NAME", "DEFAULT_DOMAIN"]
 # What the default model and the shipped recipes train on; a model file may state its own `domain`.
 DEFAULT_DOMAIN = "H&E-stained lymph-node sections (PCam / CAMELYON16 patches), about 0.97 um/px"
 _CACHE: dict[str, SlideModel] = {}  # load_model_cached: resolved path and mtime -> model, per process
@@ -104,17 +104,6 @@ def save_model(model: SlideModel, path: str | os.PathLike, metadata: Mapping | N
     torch.save(ckpt, buf)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
-
-
-def stamped(metadata: Mapping) -> dict:
-    """`metadata` with `date` (now, UTC) and `package_version`: when and by what the file was made. Each training
-    stage stamps its own file (before 2026-12-04 only the first stage did, so a model finished days later showed
-    its first stage's date)."""
-    from datetime import UTC, datetime
-
-    from wsi_vssm import __version__
-
-    return {**metadata, "date": datetime.now(UTC).isoformat(timespec="seconds"), "package_version": __version__}
 
 
 def _plain(obj):

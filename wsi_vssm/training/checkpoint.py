@@ -114,3 +114,14 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def stamped(metadata: dict) -> dict:
+    """`metadata` with `date` (now, UTC) and `package_version`: when and by what the file was made. Each training
+    stage stamps its own file (before 2026-12-04 only the first stage did, so a model finished days later showed
+    its first stage's date)."""
+    from datetime import UTC, datetime
+
+    from wsi_vssm import __version__
+
+    return {**metadata, "date": datetime.now(UTC).isoformat(timespec="seconds"), "package_version": __version__}

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from wsi_vssm.errors import UsageError
 from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
-from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
+from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint, stamped
 from wsi_vssm.training.config_checks import DENSE_RULES, check_common, check_ranges
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.optim import adamw
@@ -294,7 +294,7 @@ def _finish(best_path: Path, out: Path, sets, holdout, cfg: DenseConfig, st: dic
             progress: bool) -> dict:
     """Calibrate the best epoch's cell head on the selection part, set the cell threshold, score the held-back
     part once, and write the model file. `sets`: the (training, selection) patches."""
-    from wsi_vssm.models.slide_model import load_model, save_model, stamped
+    from wsi_vssm.models.slide_model import load_model, save_model
     from wsi_vssm.outputs.calibration import expected_calibration_error
     from wsi_vssm.pipeline.predict import patch_probabilities
     from wsi_vssm.training.data.fingerprints import KEY, patch_record

@@ -168,8 +168,9 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     """Build the cohorts, extract features, train the MIL head, attach it to `model_path` (rewritten), and
     score the test cohort if asked. Returns the stage's record (also stored in the model's metadata)."""
     from wsi_vssm.models.model_file import load_backbone
-    from wsi_vssm.models.slide_model import attach_mil, load_model, save_model, stamped
+    from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
     from wsi_vssm.pipeline.predict import PredictParams, cell_threshold
+    from wsi_vssm.training.checkpoint import stamped
     from wsi_vssm.training.mil import Bags, MILTrainConfig, bag_logits, evaluate, train_mil
 
     model_path, out = Path(model_path), Path(out)

@@ -296,7 +296,8 @@ def _stage_mosaic_mil(recipe: dict, model_path: Path, out: Path, progress: bool)
 
 
 def _stage_attach(recipe: dict, model_path: Path) -> None:
-    from wsi_vssm.models.slide_model import attach_mil, load_model, save_model, stamped
+    from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
+    from wsi_vssm.training.checkpoint import stamped
     from wsi_vssm.training.mil import mil_provenance
 
     ckpt = recipe.get("attach_mil", {}).get("checkpoint")
