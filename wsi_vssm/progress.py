@@ -35,9 +35,13 @@ class Progress:
         self.tty = bool(tty) if tty is not None else _isatty(err or sys.stderr)
         self._bars: list = []
         self._current: tuple[str, float] | None = None  # the slide being worked on, and since when
+        self._worked = [0, 0.0]  # slides worked on (not skipped) and their seconds: what the time left is made of
 
     def working_on(self, name: str | None) -> None:
-        """The slide now being worked on (None: none, or several at once), for the lines of a log."""
+        """The slide now being worked on (None: it ended), for the lines of a log and their time left."""
+        if name is None and self._current is not None:
+            self._worked[0] += 1
+            self._worked[1] += time.monotonic() - self._current[1]
         self._current = None if name is None else (name, time.monotonic())
 
     @classmethod
@@ -115,13 +119,15 @@ class Progress:
         """Off a terminal: a line on stderr every HEARTBEAT_S seconds while the loop runs, from a daemon thread
         (the work itself holds the main one for minutes at a time on a real slide)."""
         t0, seen, stop = time.monotonic(), {"done": 0}, threading.Event()
+        self._worked = [0, 0.0]
 
         def update(done: int | None = None) -> None:
             seen["done"] = seen["done"] + 1 if done is None else done
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT_S):
-                self._write(_how_far(desc, seen["done"], total, time.monotonic() - t0, self._current), err=True)
+                self._write(_how_far(desc, seen["done"], total, time.monotonic() - t0, self._current,
+                                     self._worked), err=True)
 
         thread = threading.Thread(target=beat, name="wsi-vssm-progress", daemon=True)
         thread.start()
@@ -205,11 +211,18 @@ def _discard(stream) -> None:
         os.close(devnull)
 
 
-def _how_far(desc: str, done: int, total: int, elapsed: float, current: tuple[str, float] | None) -> str:
-    """`predict slides: 57 of 160 through, 12 min in, about 21 min left; tumor_058 for 4 min`."""
+def _how_far(desc: str, done: int, total: int, elapsed: float, current: tuple[str, float] | None,
+             worked: list | None = None) -> str:
+    """`predict slides: 57 of 160 through, 12 min in, about 21 min left; tumor_058 for 4 min`. The time left is
+    the mean time of the slides worked on (`worked`: count, seconds), not of all through: a resumed run skips
+    its finished slides in moments."""
     line = f"{desc}: {done} of {total} through, {_duration(elapsed)} in"
-    if 0 < done < total:
-        line += f", about {_duration(elapsed / done * (total - done))} left"
+    if worked and worked[0]:
+        per = worked[1] / worked[0]
+    else:  # none finished yet: unknown while the first works; on Dask (no slide is "current") all that are through
+        per = None if current is not None or not done else elapsed / done
+    if per is not None and done < total:
+        line += f", about {_duration(per * (total - done))} left"
     if current is not None:
         line += f"; {current[0]} for {_duration(time.monotonic() - current[1])}"
     return line

@@ -50,6 +50,8 @@ def assert_one_line(args, capsys, code: int, *parts: str) -> str:
         ("dense.hard_top=0", "dense.hard_top must be in (0, 1], got 0"),
         ('mosaic_mil.pool=["bogus"]', "mosaic_mil.pool must be one of attention, topk, mix, count"),
         ("mosaic_mil.grid=[40,2]", "mosaic_mil.grid must be 3 to 64 patches a side"),
+        ("mosaic_mil.pool=[]", "mosaic_mil.pool is empty"),
+        ("mosaic_mil.synth_size=1000000", "mosaic_mil.synth_size must be in [1024, 400000]"),
         ('recipe.stages=["context","cells"]', "recipe.stages ['context', 'cells'] are out of order: stages run in"),
         ('recipe.stages=["cells","cells"]', "recipe.stages names cells twice"),
         ('context.init="x.pt"', "context.init: the context stage starts from the cell stage's model"),

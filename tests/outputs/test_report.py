@@ -124,6 +124,7 @@ def test_delong_interval_matches_its_pairwise_definition(seed):
 def test_delong_interval_is_none_where_undefined():
     assert delong_auc_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) is None  # AUC 1: no variance to measure
     assert delong_auc_ci([0, 0, 1], [0.1, 0.5, 0.9]) is None  # one positive: no variance across positives
+    assert delong_auc_ci([1, 1, 1, 0, 0, 0], [0.7] * 6) is None  # all tied: it said [0.5, 0.5], as if certain
     lo, hi = delong_auc_ci([0, 0, 1, 1], [0.1, 0.8, 0.2, 0.9])
     assert 0 < lo < 0.75 < hi < 1
     m = cohort_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], 0.5, n_boot=100)

@@ -523,6 +523,13 @@ def test_an_interrupted_overwrite_run_is_resumed_by_the_same_command(model_file,
     assert started("normal_001") == redone and started("tumor_001") > before["tumor_001"]
     assert not (tmp_path / STATE_DIR / "overwrite-run.predict").exists()  # through every slide: done with it
     assert _cli([*args, "--overwrite"]) == 0 and started("normal_001") > redone  # a new --overwrite redoes all
+    # an interrupted --overwrite that a plain run then finishes is given up: a later --overwrite redoes all again
+    monkeypatch.setattr(runner, "report_outcome", interrupted)
+    assert _cli([*args, "--overwrite"]) == 130
+    monkeypatch.setattr(runner, "report_outcome", real)
+    assert _cli(args) == 0 and not (tmp_path / STATE_DIR / "overwrite-run.predict").exists()
+    last = started("normal_001")
+    assert _cli([*args, "--overwrite"]) == 0 and started("normal_001") > last
 
 
 def test_the_interrupted_table_keeps_this_runs_outcomes_and_takes_only_this_slides_state(tmp_path):

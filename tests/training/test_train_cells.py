@@ -387,6 +387,28 @@ def test_a_recipe_run_records_how_and_on_what_and_resumes_what_changed(tiny_fold
     assert "settings changed since the earlier run (data_contents.train)" in printed and "skipped" not in printed
 
 
+def test_a_finished_dense_stage_keeps_its_checkpoint_when_skipped(tiny_folder, tmp_path):
+    """The dense stage keeps its checkpoint on purpose (--resume with a larger dense.epochs extends it); a skip
+    on --resume removed it as stale, so the extension trained dense from its first epoch."""
+    import json
+
+    from conftest import write_tiny_model
+
+    from wsi_vssm.training.recipe import _data_contents, _stage_settings, load_recipe, run_recipe
+
+    recipe = load_recipe(REPO / "pipelines" / "default.toml")
+    recipe["data"] = {"train": str(tiny_folder / "train"), "valid": str(tiny_folder / "valid")}
+    recipe["recipe"]["stages"] = ["dense"]
+    out = tmp_path / "run"
+    (out / "dense").mkdir(parents=True)
+    write_tiny_model(out / "dense.pt")
+    (out / "dense" / "checkpoint.pt").write_bytes(b"the finished stage's own")
+    settings = {**_stage_settings(recipe, "dense"), "data_contents": _data_contents(recipe["data"])}
+    (out / "recipe.progress.json").write_text(json.dumps({"done": [{"stage": "dense", "settings": settings}]}))
+    run_recipe(recipe, out, progress=False, resume=True)
+    assert (out / "dense" / "checkpoint.pt").read_bytes() == b"the finished stage's own"
+
+
 def test_a_recipe_without_a_stage_section_says_it_trains_on_defaults(tiny_folder, tmp_path, capsys):
     from conftest import run_cli_captured
 

@@ -190,8 +190,8 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
                 record(o)
     order = {id(t): i for i, t in enumerate(tasks)}
     summary.outcomes.sort(key=lambda o: order.get(id(o.task), 0))
-    if since is not None and not summary.count("locked"):  # through every slide: the next --overwrite starts anew
-        _overwrite_marker(job).unlink(missing_ok=True)
+    if not summary.count("locked"):  # through every slide (an --overwrite run, or a plain one that gave it up):
+        _overwrite_marker(job).unlink(missing_ok=True)  # the next --overwrite redoes everything
     return summary
 
 
@@ -202,7 +202,7 @@ def _overwrite_marker(job) -> Path:
 def overwrite_since(job, progress: Progress) -> str:
     """When this --overwrite run began: now, or, when an earlier --overwrite run with the same parameters was
     interrupted, its start (slides it finished after that are kept: the same command resumes it). Recorded in
-    OUT/.state/overwrite-run.<job> until a run has been through every slide."""
+    OUT/.state/overwrite-run.<job> until a run (with --overwrite or without) has been through every slide."""
     import json
 
     from wsi_vssm.atomic import atomic_write_json

@@ -87,9 +87,13 @@ def check_mosaic_config(cfg) -> None:
                                  for g in grid) or grid[0] > grid[1]:
         raise UsageError(f"mosaic_mil.grid must be {MIN_GRID} to {MAX_GRID} patches a side, or [low, high] with "
                          f"low <= high, got {cfg.grid!r}")
-    for pool in [cfg.pool] if isinstance(cfg.pool, str) else list(cfg.pool):
+    pools = [cfg.pool] if isinstance(cfg.pool, str) else list(cfg.pool)
+    ks = [cfg.topk] if isinstance(cfg.topk, int) else list(cfg.topk)
+    if not pools or not ks:
+        raise UsageError(f"mosaic_mil.{'pool' if not pools else 'topk'} is empty: give at least one")
+    for pool in pools:
         check_choice(pool, POOLS, "mosaic_mil.pool")
-    for k in [cfg.topk] if isinstance(cfg.topk, int) else list(cfg.topk):
+    for k in ks:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise UsageError(f"mosaic_mil.topk must be integers >= 1, got {cfg.topk!r}")
 
@@ -108,7 +112,7 @@ DENSE_RULES = {
     "valid_select": ">=2?", "eval_grid": ">=1", "token_specificity": "[0.5,1)",
 }
 MOSAIC_RULES = {
-    "max_lesion_frac": "(0,1]", "seed": ">=0", "lr": ">0", "max_cells": ">=1?", "synth_size": ">=1024",
+    "max_lesion_frac": "(0,1]", "seed": ">=0", "lr": ">0", "max_cells": ">=1?", "synth_size": "[1024,400000]",
     "synth_mpp": ">0",
 }
 AUGMENT_RULES = {"hed_scale": "[0,1]", "hed_shift": "[0,1]", "brightness": "[0,1]", "contrast": "[0,1]",

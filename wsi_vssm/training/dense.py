@@ -329,8 +329,9 @@ def _finish(best_path: Path, out: Path, sets, holdout, cfg: DenseConfig, st: dic
     iso = np.clip(predict_patches(model, select), 1e-7, 1 - 1e-7)
     pa, pb = fit_platt(np.log(iso / (1 - iso)), np.asarray(select.labels))
     record["patch_platt"] = {"a": pa, "b": pb, "fitted_on": "selection part, isolated patches (centre token)"}
-    meta = {**model.metadata, "dense_stage": record, "cell_threshold": threshold, "cell_calibration": "platt",
-            "patch_calibration": {"a": pa, "b": pb}, KEY: patch_record(train, select, model.metadata.get(KEY))}
+    meta = {**model.metadata, "stage": "dense", "dense_stage": record, "cell_threshold": threshold,
+            "cell_calibration": "platt", "patch_calibration": {"a": pa, "b": pb},
+            KEY: patch_record(train, select, model.metadata.get(KEY))}
     meta.pop("dense_best_epoch", None)
     if holdout is not None and len(holdout):
         p = patch_probabilities(predict_patches(model, holdout), meta)

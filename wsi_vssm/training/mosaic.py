@@ -259,8 +259,8 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
               "valid_pooling_aucs": pooled,
               "log": history.rows}
     # `slide_threshold` is what predict reads; `threshold`, its old name, for readers of older files
-    meta = stamped({**dict(getattr(model, "metadata", {}) or {}), "mil_stage": record, "slide_threshold": threshold,
-                    "threshold": threshold})
+    meta = stamped({**dict(getattr(model, "metadata", {}) or {}), "stage": "mosaic_mil", "mil_stage": record,
+                    "slide_threshold": threshold, "threshold": threshold})
     record["seconds"] = round(time.perf_counter() - t0, 1)
     save_model(model, model_path, meta)
     if "test" in folders:  # scored by the file just written, as a user's `evaluate` would

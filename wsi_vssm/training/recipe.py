@@ -71,7 +71,10 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
                 and (out / f"{stage}.pt").is_file():
             print(f"{stage}: done before with these settings ({out / f'{stage}.pt'}); skipped (--resume)")
             left = out / CHECKPOINTS.get(stage, "-")
-            if left.is_file():  # a later run's, with other settings, that failed or stopped: it would block runs
+            # cells and context remove their checkpoint when they finish, so one here is a later run's (other
+            # settings, failed or stopped) and would block every run; dense keeps its own on purpose (--resume
+            # with a larger dense.epochs extends it)
+            if stage != "dense" and left.is_file():
                 left.unlink()
                 print(f"{stage}: removed {left}, left by a later run with other settings")
             previous = stage

@@ -4,7 +4,8 @@ folder holds them: a figure over them flatters the model.
 A patch is known by a 64-bit BLAKE2b digest of its file's bytes, so the same image file is recognised wherever
 it lies (inside the tar, extracted, copied, renamed); re-encoded pixels make another file and are not. The
 record, `metadata["patch_fingerprints"]`, is `{"hash": HASH, "train": bytes, "select": bytes}`, each a sorted
-run of little-endian uint64 digests (8 bytes a patch: 168 KB for PCam's 20,000 + 1,000). A stage that trains
+run of little-endian uint64 digests (8 bytes a patch, about 12 once torch's pickle has stored them as text: the
+default model's 20,158 distinct files added 242 KB to its file). A stage that trains
 on from an earlier model keeps the earlier patches too: the record is the union over the model's stages.
 """
 
