@@ -287,3 +287,19 @@ def test_precision_docstring_quotes_the_latest_measurement():
     micro, tiny, step = latest
     assert f"`micro` inference {micro}x" in doc and f"`tiny` {tiny}x" in doc and f"training step {step}x" in doc
     assert f"about {micro}x on a CPU without AMX" in doc
+
+
+# ---- 8: a negative seed ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, option", [
+    ("synth {o} --slides 1 --seed -3", "--seed"),
+    ("synth {o} --slides 1 --split-seed -3", "--split-seed"),
+    ("train cells --data {d} --valid {d} -o {o}/m.pt --seed -3", "--seed"),
+])
+def test_a_negative_seed_is_refused_naming_the_option(tmp_path, capsys, command, option):
+    """`synth --seed -3` was a numpy traceback ("expected non-negative integer"); `train cells --seed -3` said
+    "seed must be >= 0" with exit 1, naming no option."""
+    write_patch_folder(tmp_path / "d", 2, seed=0)
+    args = command.format(o=tmp_path / "o", d=tmp_path / "d").split()
+    assert_one_line(args, capsys, 2, f"Invalid value for '{option}': -3 is not in the range x>=0")

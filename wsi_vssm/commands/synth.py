@@ -16,7 +16,8 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
 @click.option("--patients", "n_patients", type=click.IntRange(min=1), default=None,
               help="Instead of --slides: CAMELYON17-style patients of 5 nodes each, stages pN0, pN0(i+), pN1mi, "
                    "pN1, pN2 in turn; writes patients.csv and reference.csv with a node `category` column.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Same seed, byte-identical files.")
 @click.option("--size", type=click.IntRange(min=1024, max=400_000), default=None,
               help="Level-0 side of each slide, px [default: 20,000; patients: 8,192].")
 @click.option("--mpp", type=FiniteFloatRange(0.05, 20), default=None,  # the synth writers' own limits
@@ -34,7 +35,7 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
               help="Mosaics: which part of SRC to use, split as `train cells` splits its validation data.")
 @click.option("--valid-select", type=click.IntRange(min=1), default=None,
               help="Mosaics with --part: patches in the selection part, as in training [default: half].")
-@click.option("--split-seed", type=int, default=0, show_default=True,
+@click.option("--split-seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Mosaics with --part: the seed training split with (`train cells --seed`).")
 def command(out, n_slides, n_patients, seed, size, mpp, workers, quality, patches, grid, part, valid_select,
             split_seed):

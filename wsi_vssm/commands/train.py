@@ -35,7 +35,7 @@ command = click.Group("train", help="Train models: `cells` trains a backbone and
 @click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
               help="Stop after this many epochs without a better validation AUC.")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=2e-4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--max-cells", type=click.IntRange(min=1), default=None,
               help="Random cells per training bag per step (default: all).")
 @click.option("--model", "model_file", default=None,

@@ -29,7 +29,7 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--max-train", type=click.IntRange(min=2), default=None,
               help="Train on a seeded class-stratified subset of this many patches.")
 @click.option("--epoch-size", type=click.IntRange(min=1), default=None,
