@@ -128,7 +128,7 @@ def _dask_execute(job, task: SlideTask) -> dict:
 def _should_split(job, task: SlideTask, split_regions: int) -> bool:
     """Whether the slide's full region grid has more than `split_regions` regions (0: never split). A slide the
     driver cannot open or size runs as one task, whose worker reports the error."""
-    if not split_regions or task.path is None:
+    if not split_regions or task.path is None or task.name in getattr(job, "relabel", ()):  # a relabel reads none
         return False
     try:
         with warnings.catch_warnings():

@@ -73,6 +73,7 @@ class PredictJob:
     model_hash: str
     resolved: dict = field(default_factory=dict)  # what the hash covers
     kind: str = "predict"
+    relabel: set = field(default_factory=set)  # done slides whose call alone is made again (runner._threshold_alone)
 
     def params_dict(self) -> dict:
         return dict(self.resolved)
@@ -86,9 +87,16 @@ class PredictJob:
         from wsi_vssm.pipeline.predict import predict_slide
 
         cb = None if region_progress is None else (lambda done, total, stage: region_progress(done, total))
-        rec = predict_slide(task.path, self.model(), self.out, self.params, progress=cb, run_regions=run_regions)
+        if task.name in self.relabel:  # only the slide threshold changed: the call is made again from its outputs
+            from wsi_vssm.pipeline.relabel import relabel_slide
+
+            rec = relabel_slide(task.path, self.model(), self.out, self.params)
+            timings = {"relabel": rec["timings"]["relabel"]}
+        else:
+            rec = predict_slide(task.path, self.model(), self.out, self.params, progress=cb, run_regions=run_regions)
+            timings = rec["timings"]
         return {"probability": rec["probability"], "label": rec["label"], "reason": rec["reason"],
-                "in_domain": rec["in_domain"], "n_cells": rec["summary"]["n_cells"], "timings": rec["timings"]}
+                "in_domain": rec["in_domain"], "n_cells": rec["summary"]["n_cells"], "timings": timings}
 
     def open_slide(self, task: SlideTask):
         from wsi_vssm.io import open_slide

@@ -289,6 +289,11 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         if same and not overwrite and status == Status.DONE and not changed and job.outputs_ok(task.name):
             _tidy_done(task, job)
             finish(Outcome(task, "skipped", "up to date", state))
+        elif not same and not overwrite and _threshold_alone(state, job, task) and job.outputs_ok(task.name):
+            progress.info(f"{task.name}: only the slide threshold changed: its call is made again from its saved "
+                          "outputs (no backbone)")
+            job.relabel.add(task.name)  # on the job: Dask workers receive it with the task
+            todo.append(task)
         elif (same and not (overwrite or opts.retry_failed) and status == Status.FAILED and not changed
               and state.get("error_type") not in NOT_THE_SLIDES_FAULT):  # e.g. a full disk
             finish(Outcome(task, "failed", f"{state.get('error')} [failed in an earlier run; --retry-failed "
@@ -296,6 +301,22 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         else:
             todo.append(task)
     return todo
+
+
+RELABEL_KEYS = ("threshold",)  # resolved parameters a done slide is relabelled for, not predicted again
+
+
+def _threshold_alone(state: dict | None, job, task: SlideTask) -> bool:
+    """Whether a done predict slide differs from this run only in the slide threshold (`RELABEL_KEYS`), with
+    its file unchanged: `pipeline.relabel` then rewrites its call without the backbone."""
+    if not state or job.kind != "predict" or state.get("status") != Status.DONE:
+        return False
+    old, new = state.get("params"), job.params_dict()
+    if not isinstance(old, dict):
+        return False
+    if "input" not in state or input_changed(state.get("input"), task.path):
+        return False
+    return old.keys() == new.keys() and all(old[k] == new[k] for k in new if k not in RELABEL_KEYS)
 
 
 def name_taken(state: dict | None, path: str | None) -> str | None:
