@@ -374,7 +374,11 @@ def test_a_recipe_run_records_how_and_on_what_and_resumes_what_changed(tiny_fold
 
     run()
     meta = load_model(out / "model.pt").metadata
-    assert meta["domain"] == "patches of mine at about 0.97 um/px"
+    from wsi_vssm.models.slide_model import DEFAULT_DOMAIN
+    from wsi_vssm.training.recipe import _domain
+
+    assert meta["domain"] == DEFAULT_DOMAIN  # pipelines/default.toml states PCam's; a recipe without one says:
+    assert _domain(TrainCellsConfig(mpp=0.5), {"train": "~/mine"}) == "patches of mine at about 0.5 um/px"
     line = meta["recipe"]["command"]
     assert line.startswith("wsi-vssm run ") and "--set 'data.train=~/mine'" in line
     assert meta["recipe"]["stages"] == ["cells"] and meta["recipe"]["resolved"]["cells"]["epochs"] == 1
