@@ -246,3 +246,37 @@ def test_annotation_files_match_slide_names_exactly_and_gaps_are_named(cohort, t
     notes = [str(w.message) for w in recwarn]
     assert any("both (both.xml, both.geojson: both.xml used)" in n for n in notes), notes
     assert any("1 slide(s) labelled tumour have no tumour annotation" in n and ": tumor[1];" in n for n in notes)
+
+
+def test_slide_names_that_are_the_runs_own_files_or_a_link_are_refused(slide, model_file, tmp_path, capsys):
+    """`metrics.json.tif` made OUT/metrics.json a folder, so evaluate's report failed "Is a directory" until the
+    slide was renamed; `.state.svs` wrote into the state folder; an OUT/<slide> made a symbolic link wrote every
+    output wherever it pointed."""
+    (tmp_path / "in").mkdir()
+    for name in ("metrics.json", ".state", "Predictions.csv", "s1"):
+        shutil.copy(slide, tmp_path / "in" / f"{name}.tif")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "o" / "s1")
+    code, _, err = _predict(sorted((tmp_path / "in").iterdir()), model_file, tmp_path / "o", capsys)
+    assert code == 3 and err.count("is that of a file or folder the run keeps in") == 3, err
+    assert "its output folder" in err and "is a symbolic link" in err, err
+    assert not (tmp_path / "o" / "metrics.json").exists() and not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_table_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path):
+    """A slide or patient named `=HYPERLINK(...)` or `=cmd|...` was written as it is: Excel runs such a cell (CSV
+    injection). A `'` goes before a formula-like start, and this package reads the names back unchanged."""
+    from wsi_vssm.outputs.report import read_predictions_csv, write_predictions_csv
+    from wsi_vssm.outputs.staging import read_stages_csv, write_stages_csv
+
+    names = ['=HYPERLINK("http://x","y")', "+1+1", "-2", "@SUM(1)", "'=quoted", "plain"]
+    write_predictions_csv(tmp_path / "p.csv", [{"slide": n, "status": "failed", "error": f"{n}: bad"}
+                                               for n in names])
+    text = (tmp_path / "p.csv").read_text()
+    assert "\n'+1+1," in text and "'@SUM(1)" in text and "\n'-2," in text and "\nplain," in text, text
+    assert [(r["slide"], r["error"]) for r in read_predictions_csv(tmp_path / "p.csv")] == [
+        (n, f"{n}: bad") for n in names]
+    write_stages_csv(tmp_path / "s.csv", {'=cmd|" /C calc"!A0': "pN0", "p2": "pN1"})
+    assert "'=cmd" in (tmp_path / "s.csv").read_text()
+    assert [r["patient"] for r in read_stages_csv(tmp_path / "s.csv")] == ['=cmd|" /C calc"!A0', "p2"]

@@ -72,6 +72,20 @@ def test_missing_corrupt_and_foreign_files(model, tmp_path):
     _one_line(e, "upstream.pt")
 
 
+@pytest.mark.parametrize("change, said", [
+    ({"dims": [32, 64, 128, 1_000_000]}, "1000000"),  # a 46-line traceback trying to allocate 2 TB
+    ({"dims": [32, 64, 128, 8192]}, "8192"),  # 4.5 GB and 24 s before the mismatch was said
+    ({"depths": [2, 2, 100_000, 2]}, "more than 512"),  # 9.6 GB, then a traceback
+])
+def test_an_absurd_config_is_refused_before_anything_is_allocated(model, tmp_path, change, said):
+    ckpt = torch.load(save_model(model, tmp_path / "m.pt"), weights_only=True)
+    ckpt["backbone_config"].update(change)
+    torch.save(ckpt, tmp_path / "absurd.pt")
+    with pytest.raises(ModelFileError) as e:  # shapes are compared on torch's meta device, allocating nothing
+        load_model(tmp_path / "absurd.pt")
+    assert said in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_damaged_model_file_is_refused(model, tmp_path):
     """torch.load ignores the zip's checksums: a file with one flipped byte in its weights loaded and predicted
     with altered weights, without a word."""

@@ -208,13 +208,23 @@ def load_model_cached(path_or_name: str | os.PathLike = DEFAULT_NAME) -> SlideMo
         return _CACHE[key]
 
 
+MAX_BLOCKS = 512  # VSSM blocks a model file may state (upstream's largest has 33): more is no real model
+
+
 def _build(ckpt: dict, path: Path, scan: str | None) -> SlideModel:
     try:
         bcfg = dict(ckpt["backbone_config"])
         if scan is not None:
             bcfg["scan"] = scan
-        backbone = VSSM(VSSMConfig(**bcfg))
-        mil = AttentionMIL(MILConfig(**dict(ckpt["mil_config"])))
+        config, mil_config = VSSMConfig(**bcfg), MILConfig(**dict(ckpt["mil_config"]))
+        if sum(config.depths) > MAX_BLOCKS:
+            raise ValueError(f"{sum(config.depths)} blocks (depths {list(config.depths)}), more than {MAX_BLOCKS}")
+        # shapes first, on torch's meta device (no memory): a file stating widths of 10^6 allocated terabytes,
+        # or gigabytes before its state dict was compared
+        with torch.device("meta"):
+            shell = SlideModel(VSSM(config), AttentionMIL(mil_config), 1.0, STRIDE, "shell")
+        check_architecture(shell, ckpt["state_dict"], path)
+        backbone, mil = VSSM(config), AttentionMIL(mil_config)
         mpp, token_px = float(ckpt["mpp"]), int(ckpt["token_px"])
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: bad model config: {str(e).splitlines()[0]}") from e

@@ -57,3 +57,23 @@ def is_heatmap_zarr(p: Path) -> bool:
     """Whether folder `p` is a heatmap.ome.zarr written by `outputs.heatmap` (its `wsi_vssm` block, any name)."""
     block = (zarr_root_attrs(p) or {}).get("wsi_vssm")
     return isinstance(block, dict) and "cell_um" in block
+
+
+# A text cell beginning with one of these is taken for a formula by Excel, LibreOffice and Google Sheets: a slide
+# or patient named `=HYPERLINK(...)` or `=cmd|...` in a table a lab opens is a known attack (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """`text` with a `'` before a formula-like start (OWASP's advice), so a spreadsheet shows it as text; a text
+    that already starts with quotes before one gets one more, so that `from_spreadsheet_safe` undoes it exactly."""
+    return f"'{text}" if _formula_like(text) else text
+
+
+def from_spreadsheet_safe(text: str) -> str:
+    """The text `spreadsheet_safe` was given (for tables this package reads back)."""
+    return text[1:] if text.startswith("'") and _formula_like(text[1:]) else text
+
+
+def _formula_like(text: str) -> bool:
+    return text.startswith(FORMULA_STARTS) or (text.startswith("'") and _formula_like(text[1:]))

@@ -15,6 +15,7 @@ from scipy.stats import norm, rankdata
 
 from wsi_vssm.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from wsi_vssm.errors import UsageError, is_real_number
+from wsi_vssm.outputs.files import from_spreadsheet_safe, spreadsheet_safe
 
 METRIC_KEYS = (
     "auc", "auc_ci95", "auc_ci95_delong", "accuracy", "sensitivity", "specificity", "threshold", "n", "n_failed",
@@ -265,7 +266,7 @@ def write_predictions_csv(path: str | os.PathLike, rows: Iterable[Mapping]) -> N
         label = "" if row.get("label") is None else str(int(row["label"]))
         error = " ".join(str(row.get("error") or "").split())  # one line per slide
         domain = "" if row.get("in_domain") is None else str(bool(row["in_domain"])).lower()
-        writer.writerow([row["slide"], label, prob, row["status"], error, domain])
+        writer.writerow([spreadsheet_safe(row["slide"]), label, prob, row["status"], spreadsheet_safe(error), domain])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -279,11 +280,11 @@ def read_predictions_csv(path: str | os.PathLike) -> list[dict]:
                 raise UsageError(f"{os.fspath(path)}: predictions table lacks column(s) {sorted(missing)}")
             return [
                 {
-                    "slide": r["slide"],
+                    "slide": from_spreadsheet_safe(r["slide"]),
                     "label": int(r["label"]) if r["label"] else None,
                     "probability": float(r["probability"]) if r["probability"] else None,
                     "status": r["status"],
-                    "error": r.get("error") or None,
+                    "error": from_spreadsheet_safe(r.get("error") or "") or None,
                     "in_domain": {"true": True, "false": False}.get(r.get("in_domain") or ""),
                 }
                 for r in reader

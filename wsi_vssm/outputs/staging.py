@@ -35,6 +35,7 @@ import numpy as np
 
 from wsi_vssm.atomic import atomic_write_bytes, atomic_write_text
 from wsi_vssm.errors import UsageError
+from wsi_vssm.outputs.files import from_spreadsheet_safe, spreadsheet_safe
 
 NODE_CATEGORIES = ("negative", "itc", "micro", "macro")
 STAGES = ("pN0", "pN0(i+)", "pN1mi", "pN1", "pN2")
@@ -249,7 +250,7 @@ def write_stages_csv(
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(STAGES_COLUMNS)
     for patient, stage in stages.items():
-        writer.writerow([patient, stage, ref.get(patient, "")])
+        writer.writerow([spreadsheet_safe(patient), stage, ref.get(patient, "")])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -257,7 +258,8 @@ def read_stages_csv(path: str | os.PathLike) -> list[dict]:
     """Rows of a `stages.csv` as dicts (`reference_stage` None when empty)."""
     rows = _read_table(path, STAGES_COLUMNS, "stages table")
     return [
-        {"patient": r["patient"], "stage": r["stage"], "reference_stage": r["reference_stage"] or None} for r in rows
+        {"patient": from_spreadsheet_safe(r["patient"]), "stage": r["stage"],
+         "reference_stage": r["reference_stage"] or None} for r in rows
     ]
 
 

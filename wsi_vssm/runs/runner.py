@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wsi_vssm.outputs.files import COHORT_FILES, CONFUSION_PNG, STAGES_CSV
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
 from wsi_vssm.runs.state import (
@@ -259,7 +260,19 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             finish(Outcome(task, "failed", f"{task.path}: {problem}"))
             continue
         if task.name in ("", ".", ".."):  # `predict .` or `/`: no name to write its outputs (or state) under
-            finish(Outcome(task, "failed", f"{task.path}: a folder, not a slide file"))
+            what = "a folder, not a slide file" if task.path and os.path.isdir(task.path) else (
+                f"its name {task.name!r} cannot name an output folder: rename it")
+            finish(Outcome(task, "failed", f"{task.path}: {what}"))
+            continue
+        if job.kind == "predict" and task.name.lower() in RESERVED_NAMES:  # its folder would be the report's file
+            finish(Outcome(task, "failed", f"{task.path}: its name {task.name!r} is that of a file or folder the run "
+                                           f"keeps in {job.out} (its outputs would collide): rename the slide"))
+            continue
+        folder = Path(job.out) / task.name
+        if job.kind == "predict" and folder.is_symlink():  # its outputs would land wherever the link points
+            finish(Outcome(task, "failed", f"{task.path}: its output folder {folder} is a symbolic link (to "
+                                           f"{os.readlink(folder)}): outputs are not written through links; "
+                                           "remove it"))
             continue
         if task.name in seen:
             finish(Outcome(task, "failed", f"{task.path}: another slide of this run has the name {task.name!r} "
@@ -303,6 +316,9 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
     return todo
 
 
+# OUT's own files and folders: a slide of such a name (`metrics.json.tif`, `.state.svs`) would write its folder
+# there (evaluate then failed "metrics.json: Is a directory"; a `.state` slide wrote into the state folder)
+RESERVED_NAMES = frozenset(n.lower() for n in (*COHORT_FILES, STAGES_CSV, CONFUSION_PNG, STATE_DIR))
 RELABEL_KEYS = ("threshold",)  # resolved parameters a done slide is relabelled for, not predicted again
 
 
