@@ -86,6 +86,18 @@ def test_an_image_with_an_empty_axis_is_corrupt(tmp_path):
     _one_line_naming(err, tmp_path / "zeros.ome.zarr")
 
 
+def test_a_zarr_chunk_too_large_to_decode_is_refused(tmp_path):
+    """A 2.6 MB store whose one chunk decodes to 2.7 GB took 5.6 GB and minutes for `info` (a chunk bomb)."""
+    group = zarr.open_group(str(tmp_path / "bomb.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(3, 30000, 30000), chunks=(3, 30000, 30000), dtype="uint8")  # no data written
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.5, 0.5]}]}]}]
+    with pytest.raises(CorruptSlide, match=r"decode to 2,575 MiB each, more than this reader takes") as err:
+        open_slide(tmp_path / "bomb.ome.zarr")
+    _one_line_naming(err, tmp_path / "bomb.ome.zarr")
+
+
 def test_zarr_store_with_broken_metadata(tmp_path):
     store = tmp_path / "broken.zarr"
     store.mkdir()

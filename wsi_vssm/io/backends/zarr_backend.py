@@ -25,6 +25,17 @@ from wsi_vssm.io.formats import (
 )
 
 _DEFAULT_AXES = ("t", "c", "z", "y", "x")  # NGFF 0.1-0.3 without an `axes` list
+# A chunk is decoded whole to read any pixel of it: a 2.6 MB store whose one chunk decodes to 2.7 GB took 5.6 GB
+# and minutes for `info` (and again for each block of its thumbnail). Slide stores chunk at 256-4,096 px (3-50 MB).
+MAX_CHUNK_BYTES = 512 * 2**20
+
+
+def _check_chunks(path: Path, arrays) -> None:
+    for array in arrays:
+        size = int(np.prod(array.chunks, dtype=np.int64)) * array.dtype.itemsize
+        if size > MAX_CHUNK_BYTES:
+            raise CorruptSlide(path, f"its chunks {tuple(array.chunks)} decode to {size / 2**20:,.0f} MiB each, more "
+                                     f"than this reader takes ({MAX_CHUNK_BYTES // 2**20} MiB): rechunk the store")
 
 
 class ZarrSlide(SlideReader):
@@ -45,6 +56,7 @@ class ZarrSlide(SlideReader):
         if "y" not in names or "x" not in names or any(len(s) != len(names) for s in shapes) or not shapes:
             raise CorruptSlide(path, f"OME-NGFF datasets do not match their axes {names}")
         warn_unread_planes(path, "".join(n[:1] for n in names), shapes[0])
+        _check_chunks(path, [group[prefix + d["path"]] for d in meta["datasets"]])
         self._names = names
         self._paths = [prefix + d["path"] for d in meta["datasets"]]
         try:
