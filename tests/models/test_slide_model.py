@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from wsi_vssm.errors import WsiVssmError
+from wsi_vssm.errors import UsageError, WsiVssmError
 from wsi_vssm.models.model_file import MODEL_FORMAT
 from wsi_vssm.models.slide_model import (
     ModelFileError,
@@ -84,6 +84,29 @@ def test_an_absurd_config_is_refused_before_anything_is_allocated(model, tmp_pat
     with pytest.raises(ModelFileError) as e:  # shapes are compared on torch's meta device, allocating nothing
         load_model(tmp_path / "absurd.pt")
     assert said in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_member_compressed_to_inflate_is_refused_before_it_inflates(model, tmp_path, monkeypatch):
+    """torch stores members uncompressed: a 15 MB file holding a tensor of deflated zeros took 74 s and 8 GB to
+    load, and an extra 4 GiB member 10 s of checksum reading. Refused from the zip's directory."""
+    import zipfile
+
+    from wsi_vssm.models import checkpoint
+    from wsi_vssm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_INFLATED", 2**20)  # the limit, scaled down: 2 MiB stands for gigabytes
+    path = save_model(model, tmp_path / "m.pt")
+    load_model(path)  # torch's own file: every member stored
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{z.namelist()[0].split('/')[0]}/data/zz_bomb", bytes(2 * 2**20))
+    with pytest.raises(ModelFileError, match=r"zz_bomb inflates from [\d,]+ to 2,097,152 bytes") as e:
+        load_model(path)
+    _one_line(e, "m.pt")
+    save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(3)}, {})
+    with zipfile.ZipFile(tmp_path / "c.pt", "a", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("c/data/zz_bomb", bytes(2 * 2**20))
+    with pytest.raises(UsageError, match="c.pt: not a training checkpoint .*zz_bomb inflates"):
+        load_checkpoint(tmp_path / "c.pt", {})
 
 
 def test_a_damaged_model_file_is_refused(model, tmp_path):

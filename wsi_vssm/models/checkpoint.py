@@ -87,6 +87,7 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    check_inflation(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as first:
@@ -100,6 +101,31 @@ def read_checkpoint(path: str | Path) -> dict:
         raise _unreadable(path, e) from e
     check_crc(path)
     return obj
+
+
+MAX_INFLATED = 256 * 2**20  # torch writes its members stored, not compressed: a compressed member this large is a bomb
+
+
+def check_inflation(path: Path) -> None:
+    """torch.save stores a file's members uncompressed; a member compressed to inflate past MAX_INFLATED (a
+    15 MB file holding a 2e9-float tensor of deflated zeros took 74 s and 8 GB to load, an unreferenced 4 GiB
+    member 10 s of `testzip`) is refused from the zip's directory, before anything is inflated."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bomb = next((i for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED
+                         and i.file_size > MAX_INFLATED), None)
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise _unreadable(path, e) from e
+    if bomb is not None:
+        reason = (f"{bomb.filename} inflates from {bomb.compress_size:,} to {bomb.file_size:,} bytes (torch stores "
+                  "its members uncompressed): not a file torch.save wrote")
+        e = CheckpointError(f"cannot read checkpoint {path}: {reason}")
+        e.reason = reason
+        raise e
 
 
 def check_crc(path: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from wsi_vssm.errors import UsageError, one_line
-from wsi_vssm.models.checkpoint import CheckpointError, check_crc
+from wsi_vssm.models.checkpoint import CheckpointError, check_crc, check_inflation
 
 FORMAT = "wsi-vssm-training-checkpoint/1"
 
@@ -62,6 +62,10 @@ def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) 
     file cannot be read, or when `config` differs from the checkpoint's in a key not in `may_change`."""
     import pickle
 
+    try:  # a member compressed to inflate to gigabytes: refused from the zip's directory
+        check_inflation(path)
+    except CheckpointError as err:
+        raise UsageError(f"{path}: not a training checkpoint ({err.reason}); remove it to start over") from None
     try:  # weights only: a file planted under the checkpoint's name must not run code when resumed
         with torch.serialization.safe_globals(_numpy_globals()):
             ck = torch.load(path, map_location="cpu", weights_only=True)
