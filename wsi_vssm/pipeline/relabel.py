@@ -4,8 +4,9 @@ The slide threshold decides only the call: prediction.json's `label`, `threshold
 few-cells note under a tumour call, `parameters`, and the overlay's title. The probability, the heatmap, the
 lesions and the contours do not depend on it. So when a cohort rerun changes nothing but `--threshold` (the
 runner compares the resolved parameters: `runs.runner`), each done slide is relabelled from its saved
-prediction.json and heatmap in about a second, where predicting it again took the backbone's minutes (hours on
-a real cohort: 48.5 s against 2.7 s for 80 tiny slides in a probe, 2026-12-04).
+prediction.json and heatmap: the tissue mask and the overlay's drawing are done again, the backbone is not
+(predicting every slide again took 48.5 s against 2.7 s for a rerun of 80 tiny slides in a probe, 2026-12-04;
+hours on a real cohort).
 """
 
 from __future__ import annotations
