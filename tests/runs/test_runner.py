@@ -532,37 +532,41 @@ def test_an_interrupted_overwrite_run_is_resumed_by_the_same_command(model_file,
     assert _cli([*args, "--overwrite"]) == 0 and started("normal_001") > last
 
 
-def test_a_new_slide_threshold_alone_relabels_done_slides_without_the_backbone(model_file, cohort, tmp_path,
-                                                                                 monkeypatch, capsys):
-    """`evaluate --threshold T` on a finished cohort predicted every slide again (48.5 s against 2.7 s for 80 tiny
-    slides; hours on a real cohort), though the threshold changes only each slide's call. Now the call, its
-    note, its parameters and the overlay's title are made again from the saved outputs, byte for byte what a
-    fresh run writes (its timings aside)."""
+def test_new_thresholds_alone_remake_done_slides_without_the_backbone(model_file, cohort, tmp_path, monkeypatch,
+                                                                        capsys):
+    """`evaluate --threshold T` (or `--cell-threshold`) on a finished cohort predicted every slide again (48.5 s
+    against 2.7 s for 80 tiny slides; hours on a real cohort), though thresholds act only after the cell
+    probabilities. Now the outputs are made again from the saved heatmap, byte for byte what a fresh run writes
+    (its timings aside)."""
     from wsi_vssm.pipeline import predict as predict_module
 
     slides = [cohort / "normal_001.tif", cohort / "tumor_001.tif"]
     base = ["predict", *slides, "--model", model_file, *FAST]
     assert _cli([*base, "--out", tmp_path / "o"]) == 0
-    assert _cli([*base, "--out", tmp_path / "fresh", "--threshold", "0.001"]) == 0
+    again = ["--threshold", "0.001", "--cell-threshold", "0.45", "--lesion-merge-cells", "1"]
+    assert _cli([*base, "--out", tmp_path / "fresh", *again]) == 0
     capsys.readouterr()
 
     def no_backbone(*a, **k):
         raise AssertionError("predicted again")
 
     monkeypatch.setattr(predict_module, "predict_slide", no_backbone)
-    assert _cli([*base, "--out", tmp_path / "o", "--threshold", "0.001"]) == 0
+    assert _cli([*base, "--out", tmp_path / "o", *again]) == 0
     err = capsys.readouterr().err
-    assert err.count("only the slide threshold changed") == 2, err
+    assert err.count("only thresholds changed") == 2, err
     for name in ("normal_001", "tumor_001"):
         got, want = (json.loads((tmp_path / d / name / "prediction.json").read_text()) for d in ("o", "fresh"))
-        assert got["label"] == 1 and got["slide_threshold"] == 0.001 and "relabel" in got["timings"]
+        assert got["label"] == 1 and got["slide_threshold"] == 0.001 and got["cell_threshold"] == 0.45
+        assert "relabel" in got["timings"]
         assert {k: v for k, v in got.items() if k != "timings"} == {k: v for k, v in want.items() if k != "timings"}
-        assert (tmp_path / "o" / name / "overlay.png").read_bytes() == (tmp_path / "fresh" / name /
-                                                                        "overlay.png").read_bytes()
-        assert read_state(tmp_path / "o", "predict", name)["params"]["threshold"] == 0.001
-    assert _cli([*base, "--out", tmp_path / "o", "--threshold", "0.001"]) == 0  # now up to date
-    capsys.readouterr()  # the cell threshold moves lesions and contours: the slides are predicted again
-    assert _cli([*base, "--out", tmp_path / "o", "--threshold", "0.001", "--cell-threshold", "0.9"]) == 3
+        zarr_files = sorted(str(p.relative_to(tmp_path / "o" / name))
+                            for p in (tmp_path / "o" / name / "heatmap.ome.zarr").rglob("*") if p.is_file())
+        for output in ("overlay.png", "lesions.csv", "contours.geojson", *zarr_files):
+            assert (tmp_path / "o" / name / output).read_bytes() == (tmp_path / "fresh" / name / output).read_bytes()
+        assert read_state(tmp_path / "o", "predict", name)["params"]["cell_threshold"] == 0.45
+    assert _cli([*base, "--out", tmp_path / "o", *again]) == 0  # now up to date
+    capsys.readouterr()  # test-time augmentation changes the cell probabilities: the slides are predicted again
+    assert _cli([*base, "--out", tmp_path / "o", *again, "--tta"]) == 3
     assert capsys.readouterr().err.count("predicted again") == 2
 
 

@@ -398,15 +398,21 @@ def cell_grid(coords_px: np.ndarray, values: np.ndarray, cell0: float, dims: tup
 
 
 def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_threshold: float) -> None:
-    """heatmap.ome.zarr, lesions.csv, contours.geojson and overlay.png; fills the record's `lesions` and
-    `summary.largest_lesion_mm` (prediction.json itself is written last, by the caller)."""
+    cell0 = float(cells.attrs["cell_px0"])
+    grid = cell_grid(cells.coords_px, cell_probs, cell0, slide.dimensions)
+    write_grid_outputs(out_dir, slide, thumb, grid, cell0, record, cell_threshold)
+
+
+def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, cell_threshold: float) -> None:
+    """heatmap.ome.zarr, lesions.csv, contours.geojson and overlay.png from the cell grid (NaN: no tissue; origin
+    at 0, 0); fills the record's `lesions` and `summary.largest_lesion_mm` (prediction.json itself is written
+    last, by the caller). `pipeline.relabel` calls it with a saved heatmap's grid."""
     from wsi_vssm.outputs.contours import max_probability, tumour_contours, write_contours_geojson
     from wsi_vssm.outputs.heatmap import write_heatmap_zarr
     from wsi_vssm.outputs.lesions import find_lesions_and_labels, lesion_ids_for_polygons, write_lesions_csv
     from wsi_vssm.outputs.overlay import overlay_png
 
-    cell0, origin = float(cells.attrs["cell_px0"]), (0.0, 0.0)
-    grid = cell_grid(cells.coords_px, cell_probs, cell0, slide.dimensions)
+    origin = (0.0, 0.0)
     attrs = {"slide": slide.name, "model": record["model"]["name"], "model_sha256": record["model"]["sha256"],
              "weights_hash": record["model"]["weights_hash"], "cell_threshold": cell_threshold,
              "lesion_extent_threshold": record["lesion_extent_threshold"],

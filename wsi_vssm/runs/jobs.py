@@ -73,7 +73,7 @@ class PredictJob:
     model_hash: str
     resolved: dict = field(default_factory=dict)  # what the hash covers
     kind: str = "predict"
-    relabel: set = field(default_factory=set)  # done slides whose call alone is made again (runner._threshold_alone)
+    relabel: set = field(default_factory=set)  # done slides remade from their heatmap (runner._threshold_alone)
 
     def params_dict(self) -> dict:
         return dict(self.resolved)
@@ -87,7 +87,7 @@ class PredictJob:
         from wsi_vssm.pipeline.predict import predict_slide
 
         cb = None if region_progress is None else (lambda done, total, stage: region_progress(done, total))
-        if task.name in self.relabel:  # only the slide threshold changed: the call is made again from its outputs
+        if task.name in self.relabel:  # only thresholds changed: the outputs are made again from the heatmap
             from wsi_vssm.pipeline.relabel import relabel_slide
 
             rec = relabel_slide(task.path, self.model(), self.out, self.params)

@@ -303,8 +303,8 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             _tidy_done(task, job)
             finish(Outcome(task, "skipped", "up to date", state))
         elif not same and not overwrite and _threshold_alone(state, job, task) and job.outputs_ok(task.name):
-            progress.info(f"{task.name}: only the slide threshold changed: its call is made again from its saved "
-                          "outputs (no backbone)")
+            progress.info(f"{task.name}: only thresholds changed: its outputs are made again from its saved heatmap "
+                          "(no backbone)")
             job.relabel.add(task.name)  # on the job: Dask workers receive it with the task
             todo.append(task)
         elif (same and not (overwrite or opts.retry_failed) and status == Status.FAILED and not changed
@@ -319,12 +319,13 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
 # OUT's own files and folders: a slide of such a name (`metrics.json.tif`, `.state.svs`) would write its folder
 # there (evaluate then failed "metrics.json: Is a directory"; a `.state` slide wrote into the state folder)
 RESERVED_NAMES = frozenset(n.lower() for n in (*COHORT_FILES, STAGES_CSV, CONFUSION_PNG, STATE_DIR))
-RELABEL_KEYS = ("threshold",)  # resolved parameters a done slide is relabelled for, not predicted again
+# resolved parameters a done slide's outputs are made again for from its saved heatmap, not predicted again
+RELABEL_KEYS = ("threshold", "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells")
 
 
 def _threshold_alone(state: dict | None, job, task: SlideTask) -> bool:
-    """Whether a done predict slide differs from this run only in the slide threshold (`RELABEL_KEYS`), with
-    its file unchanged: `pipeline.relabel` then rewrites its call without the backbone."""
+    """Whether a done predict slide differs from this run only in its thresholds (`RELABEL_KEYS`), with its file
+    unchanged: `pipeline.relabel` then makes its outputs again from the saved heatmap, without the backbone."""
     if not state or job.kind != "predict" or state.get("status") != Status.DONE:
         return False
     old, new = state.get("params"), job.params_dict()
