@@ -358,6 +358,29 @@ def test_the_froc_names_the_slides_it_leaves_out(model_file, cohort, tmp_path):
     assert froc["n_slides"] == 2
 
 
+def test_annotations_reaching_past_their_slide_are_said(model_file, cohort, tmp_path):
+    """Annotations in another frame (a lower level's pixels, micrometres) gave FROC 0 with no word, or 1.0 for a
+    huge square: the froc block names them and the command warns."""
+    import re
+    import shutil
+
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+    from wsi_vssm.runs.report_warnings import annotation_frame_warning
+
+    shutil.copytree(cohort, tmp_path / "c")
+    xml = tmp_path / "c" / "annotations" / "tumor_001.xml"
+    xml.write_text(re.sub(r'(X|Y)="([\d.]+)"', lambda m: f'{m[1]}="{float(m[2]) * 100:.2f}"', xml.read_text()))
+    res = evaluate_cohort(tmp_path / "c", load_model(model_file), tmp_path / "ev", FAST,
+                          annotations=tmp_path / "c" / "annotations", n_boot=100)
+    outside = res.metrics["froc"]["annotations_outside_slide"]
+    assert list(outside) == ["tumor_001"] and outside["tumor_001"][2] > 10_000
+    assert "the annotations of 1 slide(s) reach past the slide (tumor_001" in annotation_frame_warning(res)
+    res = evaluate_cohort(cohort, load_model(model_file), tmp_path / "ok", FAST, annotations=cohort / "annotations",
+                          n_boot=100)
+    assert res.metrics["froc"]["annotations_outside_slide"] == {} and annotation_frame_warning(res) is None
+
+
 def test_a_malformed_annotation_fails_before_any_slide_runs(model_file, cohort, tmp_path):
     import shutil
 

@@ -51,6 +51,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     from wsi_vssm.commands.options import build_params, domain_note, load_cli_model, model_file, pop_run_options
     from wsi_vssm.runs.evaluate import evaluate_cohort, evaluate_patches, is_patch_folder
     from wsi_vssm.runs.report_warnings import (
+        annotation_frame_warning,
         domain_warning,
         few_patients_warning,
         separation_warning,
@@ -95,7 +96,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     m = res.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
     for warning in (separation_warning(res), small_cohort_warning(res), domain_warning(res),
-                    training_slides_warning(res, model), training_patches_warning(res)):
+                    training_slides_warning(res, model), training_patches_warning(res), annotation_frame_warning(res)):
         if warning:
             progress.warn(warning)
     pending = f", not finished={m['n_pending']} (incomplete)" if m.get("n_pending") else ""

@@ -362,18 +362,33 @@ def _froc(out: Path, scored: list[dict], annotated: dict, folders: dict[str, str
     from wsi_vssm.outputs.froc import detections_from_heatmap, froc
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
 
-    detections, truth, mpps = {}, {}, {}
+    detections, truth, mpps, outside = {}, {}, {}, {}
     for r in scored:
         folder = folders.get(r["slide"], r["slide"])
         prob, _, _, attrs = read_heatmap_zarr(out / folder / HEATMAP_ZARR)
         meta = attrs["wsi_vssm"]
+        reach = _beyond_slide(annotated.get(r["slide"]), prob.shape, meta["cell0"])
+        if reach:
+            outside[r["slide"]] = reach
         # Every local maximum down to a low floor: the FROC curve sweeps the detection threshold itself.
         detections[r["slide"]] = detections_from_heatmap(prob, meta["cell0"], meta["origin"],
                                                          threshold=FROC_MIN_PROBABILITY)
         mpps[r["slide"]] = meta["mpp"]
         if r["slide"] in annotated:
             truth[r["slide"]] = annotated[r["slide"]]
-    return froc(detections, truth, mpps).as_dict()
+    return {**froc(detections, truth, mpps).as_dict(), "annotations_outside_slide": outside}
+
+
+def _beyond_slide(annotation, grid_shape: tuple[int, int], cell0: float) -> list[float] | None:
+    """The tumour annotation's level-0 bounds when they reach more than a cell past the slide's scored extent
+    (annotations drawn in another frame: a lower level's pixels, micrometres), else None."""
+    tumor = getattr(annotation, "tumor", None)
+    if tumor is None or tumor.is_empty:
+        return None
+    x0, y0, x1, y1 = tumor.bounds
+    width, height = (grid_shape[1] + 1) * cell0, (grid_shape[0] + 1) * cell0  # a partial cell at each edge
+    return [round(v, 1) for v in (x0, y0, x1, y1)] if x0 < -cell0 or y0 < -cell0 or x1 > width or y1 > height \
+        else None
 
 
 def _read_annotations(annotations: Path, folders: dict[str, str], labels: dict[str, int] | None = None) -> dict:

@@ -95,3 +95,17 @@ def training_patches_warning(result: EvaluationResult) -> str | None:
     return (f"{seen['either']} of the {len(result.rows)} patches trained ({seen['trained']}) or selected "
             f"({seen['selected']}) this model (the same image files; metrics.json model_patches): a figure over "
             "them flatters the model; evaluate a folder without them")
+
+
+def annotation_frame_warning(result: EvaluationResult) -> str | None:
+    """One line when annotations reach past their slides: drawn in another frame (a lower level's pixels,
+    micrometres), their lesions cannot be found, and the FROC counts every one as missed (or, past every
+    detection, as hit: a square of 10^300 px scored 1.0)."""
+    outside = ((result.metrics.get("froc") or {}).get("annotations_outside_slide")) or {}
+    if not outside:
+        return None
+    name, bounds = next(iter(outside.items()))
+    more = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
+    return (f"the annotations of {len(outside)} slide(s) reach past the slide ({name}: tumour bounds {bounds} "
+            f"level-0 px{more}; metrics.json froc.annotations_outside_slide): are they in level-0 pixels? The "
+            "FROC over them means nothing")
