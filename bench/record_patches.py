@@ -69,11 +69,11 @@ def _score(path, holdout, record) -> None:
     from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.outputs.report import roc_auc
     from wsi_vssm.pipeline.predict import patch_probabilities
-    from wsi_vssm.training.data.fingerprints import patch_digests
+    from wsi_vssm.training.data.fingerprints import KEY, patch_digests, recorded
     from wsi_vssm.training.patch_eval import predict_patches
 
     model = load_model(path)
-    repeats = np.isin(patch_digests(holdout), np.frombuffer(record["select"], "<u8"))
+    repeats = np.isin(patch_digests(holdout), recorded({KEY: record}, "select"))
     p = patch_probabilities(predict_patches(model, holdout), model.metadata)
     y = np.asarray(holdout.labels)
     print(f"held-back part: n={len(holdout)} AUC {roc_auc(y, p):.4f}; without the {int(repeats.sum())} files "

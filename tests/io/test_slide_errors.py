@@ -74,13 +74,18 @@ def test_zarr_store_without_multiscales(tmp_path):
     _one_line_naming(err, tmp_path / "plain.zarr")
 
 
-def test_an_image_with_an_empty_axis_is_corrupt(tmp_path):
-    """An OME-Zarr of shape (3, 0, 64) once gave a ZeroDivisionError (a traceback from `info`)."""
-    group = zarr.open_group(str(tmp_path / "zeros.ome.zarr"), mode="w", zarr_format=2)
-    group.create_array("0", shape=(3, 0, 64), chunks=(3, 32, 32), dtype="uint8")
+def _cyx_store(path, shape, chunks) -> None:
+    """A one-level c, y, x OME-Zarr (NGFF 0.4) of uint8 with the given shape and chunks; no pixel written."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.create_array("0", shape=shape, chunks=chunks, dtype="uint8")
     axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
     group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
         {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.5, 0.5]}]}]}]
+
+
+def test_an_image_with_an_empty_axis_is_corrupt(tmp_path):
+    """An OME-Zarr of shape (3, 0, 64) once gave a ZeroDivisionError (a traceback from `info`)."""
+    _cyx_store(tmp_path / "zeros.ome.zarr", (3, 0, 64), (3, 32, 32))
     with pytest.raises(CorruptSlide, match=r"level 0 is 64 x 0 px: an empty image") as err:
         open_slide(tmp_path / "zeros.ome.zarr")
     _one_line_naming(err, tmp_path / "zeros.ome.zarr")
@@ -88,11 +93,7 @@ def test_an_image_with_an_empty_axis_is_corrupt(tmp_path):
 
 def test_a_zarr_chunk_too_large_to_decode_is_refused(tmp_path):
     """A 2.6 MB store whose one chunk decodes to 2.7 GB took 5.6 GB and minutes for `info` (a chunk bomb)."""
-    group = zarr.open_group(str(tmp_path / "bomb.ome.zarr"), mode="w", zarr_format=2)
-    group.create_array("0", shape=(3, 30000, 30000), chunks=(3, 30000, 30000), dtype="uint8")  # no data written
-    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [
-        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.5, 0.5]}]}]}]
+    _cyx_store(tmp_path / "bomb.ome.zarr", (3, 30000, 30000), (3, 30000, 30000))
     with pytest.raises(CorruptSlide, match=r"decode to 2,575 MiB each, more than this reader takes") as err:
         open_slide(tmp_path / "bomb.ome.zarr")
     _one_line_naming(err, tmp_path / "bomb.ome.zarr")

@@ -22,15 +22,14 @@ def model_info(path: str) -> dict:
     from wsi_vssm.models.export import arch_name
     from wsi_vssm.models.slide_model import load_model, model_identity, resolve_model_path
     from wsi_vssm.pipeline.predict import model_thresholds
-    from wsi_vssm.training.data.fingerprints import KEY as PATCHES_KEY
+    from wsi_vssm.training.data.fingerprints import recorded
 
     path = resolve_model_path(path)
     model = load_model(path)
     meta = model.metadata
     slide_t, cell_t = model_thresholds(model, warn=False)
     trained_on = {k: meta[k] for k in PART_NAMES if isinstance(meta.get(k), dict)}
-    record = meta.get(PATCHES_KEY) if isinstance(meta.get(PATCHES_KEY), dict) else {}
-    known = {part: len(record[part]) // 8 for part in ("train", "select") if isinstance(record.get(part), bytes)}
+    known = {part: len(recorded(meta, part)) for part in ("train", "select") if recorded(meta, part) is not None}
     return {
         "path": str(Path(path).absolute()), "kind": "model", "name": model.name,
         "backbone": arch_name(model.backbone.config), "mpp": model.mpp, "token_px": model.token_px,

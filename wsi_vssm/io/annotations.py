@@ -278,7 +278,8 @@ def _valid(geom: BaseGeometry, source, what: str) -> BaseGeometry | None:
     if not geom.is_valid:
         # "structure": the area the rings enclose, in time about linear in the crossings; the default "linework"
         # took 103 s (and no Ctrl-C) for a 29 KB outline of 600 crossing vertices. On the real CAMELYON16
-        # outlines that cross themselves (8 of tumor_009/076/085's) the two agree within 0.002% of the area.
+        # outlines that cross themselves (8 of tumor_009/076/085's) the two agree within 0.002% of the area
+        # (bench/annotation_repair.py).
         geom = shapely.make_valid(geom, method="structure", keep_collapsed=False)
     geom = _polygonal(geom)
     return None if geom.is_empty or geom.area <= 0 else geom

@@ -17,7 +17,6 @@ from wsi_vssm.errors import UsageError, is_real_number
 
 _BOUND = re.compile(r"^(>=|>)(-?[\d.]+)$")
 _RANGE = re.compile(r"^([\[(])(-?[\d.]+),(-?[\d.]+)([\])])$")
-DEVICES = ("cpu", "cuda", "auto")
 
 
 def _fits(value, rule: str) -> bool:
@@ -44,10 +43,16 @@ def check_ranges(cfg, rules: Mapping[str, str], prefix: str = "") -> None:
             continue
         rule = rule.rstrip("?")
         if not _fits(value, rule):
-            spelt = f"in {rule.replace(',', ', ')}" if rule[0] in "[(" else f"{rule.rstrip('0123456789.-')} " \
-                f"{rule.lstrip('>=')}"
             none = " (or null)" if optional else ""
-            raise UsageError(f"{prefix}{name} must be {spelt}{none}, got {value!r}")
+            raise UsageError(f"{prefix}{name} must be {_spelt(rule)}{none}, got {value!r}")
+
+
+def _spelt(rule: str) -> str:
+    """`>=1` -> `>= 1`, `[0,1)` -> `in [0, 1)`."""
+    if rule[0] in "[(":
+        return f"in {rule.replace(',', ', ')}"
+    bound = _BOUND.match(rule)
+    return f"{bound.group(1)} {bound.group(2)}"
 
 
 def check_choice(value, choices, name: str) -> None:
@@ -66,12 +71,13 @@ def check_common(cfg, prefix: str = "") -> None:
 
 def check_cells_config(cfg) -> None:
     """`training.cells.TrainCellsConfig`: every range, the architecture, scan and device names, the cell size."""
+    from wsi_vssm.models.device import Device
     from wsi_vssm.models.model_file import check_token_px
     from wsi_vssm.models.registry import list_models
 
     check_ranges(cfg, CELLS_RULES)
     check_choice(cfg.arch, list_models(), "arch")
-    check_choice(str(cfg.device).lower(), DEVICES, "device")
+    check_choice(str(cfg.device).lower(), [d.value for d in Device], "device")
     check_token_px(cfg.token_px)
     check_common(cfg)
 
@@ -112,7 +118,9 @@ DENSE_RULES = {
     "valid_select": ">=2?", "eval_grid": ">=1", "token_specificity": "[0.5,1)",
 }
 MOSAIC_RULES = {
-    "max_lesion_frac": "(0,1]", "seed": ">=0", "lr": ">0", "max_cells": ">=1?", "synth_size": "[1024,400000]",
+    "train_slides": ">=1", "valid_slides": ">=1", "epochs": ">=1", "patience": ">=1", "test_slides": ">=0",
+    "synth_train_slides": ">=0", "synth_valid_slides": ">=0", "max_lesion_frac": "(0,1]", "seed": ">=0",
+    "lr": ">0", "max_cells": ">=1?", "synth_size": "[1024,400000]",
     "synth_mpp": ">0",
 }
 AUGMENT_RULES = {"hed_scale": "[0,1]", "hed_shift": "[0,1]", "brightness": "[0,1]", "contrast": "[0,1]",

@@ -147,7 +147,7 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         _say(progress, f"dense epoch {st['epoch']} (phase {st['phase']}): loss {loss:.4f} " + _fmt(sel)
              + f" {row['seconds']:.0f}s" + (" *" if best else ""))
     _close_phase(st)
-    return _finish(work / "best.pt", out, (train, select), holdout, cfg, st, str(init), progress)
+    return _finish(work / "best.pt", out, train, select, holdout, cfg, st, str(init), progress)
 
 
 # ------------------------------------------------------------------------------------------------ the steps
@@ -290,10 +290,10 @@ def _say(progress: bool, msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the end
-def _finish(best_path: Path, out: Path, sets, holdout, cfg: DenseConfig, st: dict, init: str,
+def _finish(best_path: Path, out: Path, train, select, holdout, cfg: DenseConfig, st: dict, init: str,
             progress: bool) -> dict:
     """Calibrate the best epoch's cell head on the selection part, set the cell threshold, score the held-back
-    part once, and write the model file. `sets`: the (training, selection) patches."""
+    part once, and write the model file (with the patches that trained and selected it)."""
     from wsi_vssm.models.slide_model import load_model, save_model
     from wsi_vssm.outputs.calibration import expected_calibration_error
     from wsi_vssm.pipeline.predict import patch_probabilities
@@ -306,7 +306,6 @@ def _finish(best_path: Path, out: Path, sets, holdout, cfg: DenseConfig, st: dic
     )
     from wsi_vssm.training.patch_eval import predict_patches
 
-    train, select = sets
 
     if not best_path.exists():
         raise UsageError(f"dense: no epoch was trained ({best_path} missing)")

@@ -60,12 +60,6 @@ class MosaicMILConfig:
 
         check_precision(self.precision)
         check_mosaic_config(self)
-        for name in ("train_slides", "valid_slides", "epochs", "patience"):
-            if int(getattr(self, name)) < 1:
-                raise UsageError(f"mosaic_mil.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("test_slides", "synth_train_slides", "synth_valid_slides"):
-            if int(getattr(self, name)) < 0:
-                raise UsageError(f"mosaic_mil.{name} must be >= 0, got {getattr(self, name)!r}")
         sizes = [self.pooled_sizes] if isinstance(self.pooled_sizes, int) else list(self.pooled_sizes)
         if any(isinstance(m, bool) or not isinstance(m, int) or m < 2 for m in sizes):
             raise UsageError(f"mosaic_mil.pooled_sizes must be ints >= 2, got {self.pooled_sizes!r}")

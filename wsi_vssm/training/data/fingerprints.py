@@ -22,11 +22,17 @@ _DTYPE = np.dtype("<u8")
 
 
 def patch_digests(ds) -> np.ndarray:
-    """One uint64 digest of each patch file's bytes, in the dataset's order (`patches.PatchDataset`)."""
+    """One uint64 digest of each patch file's bytes, in the dataset's order (`patches.PatchDataset`); kept on
+    the dataset, as training checks its sets and then records them (a folder's files are read once)."""
+    cached = getattr(ds, "_digests", None)  # None too for a dataset-like object that keeps none
+    if cached is not None:
+        return cached
     out = np.empty(len(ds.items), _DTYPE)
     for i, it in enumerate(ds.items):
         raw = it.data if it.data is not None else (ds.root / it.name).read_bytes()
         out[i] = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+    if hasattr(ds, "_digests"):
+        ds._digests = out
     return out
 
 
@@ -46,13 +52,17 @@ def patch_record(train, select, previous: Mapping | None = None) -> dict:
 def patches_seen(digests: np.ndarray, metadata: Mapping | None) -> dict | None:
     """How many of `digests` trained the model (`trained`), selected it (`selected`), or either (`either`),
     from its metadata's record; None when the model file keeps no record (older files, other trainers)."""
-    record = (metadata or {}).get(KEY)
-    train, select = _part(record, "train"), _part(record, "select")
+    train, select = recorded(metadata, "train"), recorded(metadata, "select")
     if train is None or select is None:
         return None
     in_train, in_select = np.isin(digests, train), np.isin(digests, select)
     return {"trained": int(in_train.sum()), "selected": int(in_select.sum()),
             "either": int((in_train | in_select).sum())}
+
+
+def recorded(metadata: Mapping | None, part: str) -> np.ndarray | None:
+    """The distinct digests of `part` ("train" or "select") a model's metadata records, or None."""
+    return _part((metadata or {}).get(KEY), part)
 
 
 def _part(record: Mapping | None, part: str) -> np.ndarray | None:

@@ -42,6 +42,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, items: list[PatchItem], root: Path | None = None, source: str = ""):
         self.items, self.root, self.source = list(items), root, source
         self.patch_size: tuple[int, int] | None = None  # (w, h) of every patch, once `readable` has decoded them
+        self._digests: np.ndarray | None = None  # `fingerprints.patch_digests`, once computed
 
     def __len__(self) -> int:
         return len(self.items)
