@@ -307,6 +307,9 @@ def test_froc_without_lesions_and_bad_input():
     res = froc({"B": np.array([[1, 1, 0.5]])}, {}, slide_mpp=0.25)
     assert res.score is None and "no lesions" in res.reason
     assert set(res.sensitivity) == set(FP_RATES)
+    res = froc({}, {}, slide_mpp=0.25)  # every slide failed or had no tissue: a null score, not an error
+    assert res.score is None and res.reason == "no slide was scored" and res.n_slides == 0
+    assert res.as_dict()["sensitivity_at_fps"] == {f"{r:g}": None for r in FP_RATES}
     with pytest.raises(UsageError, match="without detections"):
         froc({"B": np.empty((0, 3))}, {"A": None}, slide_mpp=1.0)
     with pytest.raises(UsageError, match="n, 3"):

@@ -358,6 +358,27 @@ def test_the_froc_names_the_slides_it_leaves_out(model_file, cohort, tmp_path):
     assert froc["n_slides"] == 2
 
 
+def test_a_cohort_with_no_slide_scored_still_gets_its_froc_block(model_file, cohort, tmp_path):
+    """Every slide failing (or having no tissue) ended `evaluate --annotations` with "FROC needs at least one
+    slide" after metrics.json was written without a froc block; and n_out_of_domain read null, the patch
+    folders' value."""
+    import shutil
+
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+
+    shutil.copytree(cohort, tmp_path / "c")
+    slides = sorted(p.stem for p in (tmp_path / "c").glob("*.tif"))
+    for name in slides:
+        (tmp_path / "c" / f"{name}.tif").write_bytes(b"II*\x00 not a slide any more")
+    res = evaluate_cohort(tmp_path / "c", load_model(model_file), tmp_path / "ev", FAST,
+                          annotations=tmp_path / "c" / "annotations", n_boot=10)
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved["froc"]["froc"] is None and saved["froc"]["reason"] == "no slide was scored"
+    assert saved["froc"]["slides_left_out"] == slides and saved["froc"]["n_slides"] == 0
+    assert saved["n_out_of_domain"] == 0 and res.metrics["n_failed"] == len(slides)
+
+
 def test_annotations_reaching_past_their_slide_are_said(model_file, cohort, tmp_path):
     """Annotations in another frame (a lower level's pixels, micrometres) gave FROC 0 with no word, or 1.0 for a
     huge square: the froc block names them and the command warns."""
@@ -493,6 +514,14 @@ def test_lesions_grow_from_seed_cells_to_the_extent_threshold(cohort, tmp_path):
     for k in ("s", "g"):  # the contours outline exactly the lesions' cells
         feats = json.loads((tmp_path / k / "tumor_001" / "contours.geojson").read_text())["features"]
         assert sum(shape(f["geometry"]).area for f in feats) * mm_per_px**2 == pytest.approx(area[k], rel=1e-6)
+    # one feature per lesion, in lesions.csv's order, its area the lesion's: QuPath counted a lesion of several
+    # pieces as several annotations of one name, each with a piece's area
+    feats = json.loads((tmp_path / "m" / "tumor_001" / "contours.geojson").read_text())["features"]
+    assert [f["properties"]["lesion_id"] for f in feats] == [les["id"] for les in merged["lesions"]]
+    assert "MultiPolygon" in {f["geometry"]["type"] for f in feats}  # merging 3 cells apart joined pieces
+    for f, les in zip(feats, merged["lesions"], strict=True):
+        assert shape(f["geometry"]).is_valid
+        assert f["properties"]["measurements"]["Area um^2"] / 1e6 == pytest.approx(les["area_mm2"], rel=1e-3)
 
 
 def test_extent_threshold_above_the_cell_threshold_is_refused(model_file):

@@ -151,7 +151,7 @@ def contours_layer(path: str | Path, mpp: float, name: str = "contours", edge_wi
         "edge_color": CONTOUR_COLOR,
         "face_color": "transparent",
         "edge_width": edge_width_px,
-        # as QuPath shows them: lesions.csv's id and category, and this piece's area (a lesion may be several)
+        # as QuPath shows them: lesions.csv's id and category, and the feature's (the whole lesion's) area
         "features": {"name": names, "max_probability": np.asarray(probs, dtype=float),
                      "lesion_id": np.asarray(ids, dtype=int), "category": categories,
                      "area_um2": np.asarray(areas, dtype=float)},

@@ -72,6 +72,20 @@ def tumour_contours(
     return polys
 
 
+def group_by_lesion(polygons: list[Polygon], lesion_ids: list[int]) -> tuple[list, list[int]]:
+    """One geometry per lesion (a MultiPolygon when the lesion is several pieces), in lesion-id order, and the
+    ids; pieces under no lesion (id 0) stay one each, after them. So that QuPath counts and measures a lesion as
+    lesions.csv does, not piece by piece."""
+    if len(lesion_ids) != len(polygons):
+        raise UsageError(f"{len(lesion_ids)} lesion ids for {len(polygons)} contours")
+    pieces: dict[int, list[Polygon]] = {}
+    for poly, i in zip(polygons, lesion_ids, strict=True):
+        pieces.setdefault(int(i), []).append(poly)
+    ids = sorted(i for i in pieces if i)
+    geoms = [pieces[i][0] if len(pieces[i]) == 1 else MultiPolygon(pieces[i]) for i in ids]
+    return geoms + pieces.get(0, []), ids + [0] * len(pieces.get(0, []))
+
+
 def max_probability(
     polygons: list[Polygon], prob: np.ndarray, cell0: float, origin: tuple[float, float]
 ) -> list[float | None]:

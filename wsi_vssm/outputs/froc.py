@@ -47,7 +47,7 @@ ITC_UM = 275.0
 
 @dataclass
 class FrocResult:
-    """`score` is None (with `reason`) when there is no non-ITC lesion in the cohort."""
+    """`score` is None (with `reason`) when no slide was scored or there is no non-ITC lesion in the cohort."""
 
     score: float | None
     sensitivity: dict[float, float | None]  # at each of FP_RATES
@@ -167,9 +167,8 @@ def froc(
 ) -> FrocResult:
     """The cohort's FROC. `detections` has every evaluated slide (an (n, 3) array each, possibly empty);
     `annotations` maps tumour slides to an `AnnotationSet` (or anything with `tumor` and `excluded`
-    geometries); slides absent from it are normal. `slide_mpp` is one value or one per slide."""
-    if not detections:
-        raise UsageError("FROC needs at least one slide")
+    geometries); slides absent from it are normal. `slide_mpp` is one value or one per slide. With no slide
+    (every slide failed or had no tissue) the score is None, with a reason, as with no lesion."""
     extra = sorted(set(annotations) - set(detections))
     if extra:
         raise UsageError(f"annotated slide(s) without detections: {extra[:5]}; pass an empty array for none")
@@ -192,8 +191,8 @@ def froc(
             "detected": int(np.isfinite(tp).sum()),
             "false_positives": int(fp.size),
         }
-    all_fp, all_tp = np.concatenate(fps), np.concatenate(tps)
-    curve_fp, curve_sens = froc_curve(all_fp, all_tp, len(detections))
+    all_fp, all_tp = np.concatenate(fps or [np.empty(0)]), np.concatenate(tps or [np.empty(0)])
+    curve_fp, curve_sens = froc_curve(all_fp, all_tp, max(1, len(detections)))
     common = dict(
         fps_per_slide=curve_fp,
         sensitivities=curve_sens,
@@ -203,6 +202,8 @@ def froc(
         n_detections=n_det,
         per_slide=per_slide,
     )
+    if not detections:
+        return FrocResult(None, dict.fromkeys(FP_RATES), reason="no slide was scored", **common)
     if all_tp.size == 0:
         return FrocResult(None, dict.fromkeys(FP_RATES), reason="no lesions (other than ITCs) in the cohort", **common)
     at = {r: interpolate_curve(curve_fp, curve_sens, r) for r in FP_RATES}

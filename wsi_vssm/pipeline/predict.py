@@ -407,7 +407,7 @@ def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, 
     """heatmap.ome.zarr, lesions.csv, contours.geojson and overlay.png from the cell grid (NaN: no tissue; origin
     at 0, 0); fills the record's `lesions` and `summary.largest_lesion_mm` (prediction.json itself is written
     last, by the caller). `pipeline.relabel` calls it with a saved heatmap's grid."""
-    from wsi_vssm.outputs.contours import max_probability, tumour_contours, write_contours_geojson
+    from wsi_vssm.outputs.contours import group_by_lesion, max_probability, tumour_contours, write_contours_geojson
     from wsi_vssm.outputs.heatmap import write_heatmap_zarr
     from wsi_vssm.outputs.lesions import find_lesions_and_labels, lesion_ids_for_polygons, write_lesions_csv
     from wsi_vssm.outputs.overlay import overlay_png
@@ -426,8 +426,8 @@ def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, 
     record["summary"]["largest_lesion_mm"] = lesions[0].diameter_mm if lesions else None
     polys = tumour_contours(np.where(labels > 0, grid, np.nan), extent, cell0, origin)  # the lesions' outlines
     category = {lesion.id: lesion.category for lesion in lesions}
-    ids = lesion_ids_for_polygons(polys, labels, cell0, origin)
-    write_contours_geojson(out_dir / files.CONTOURS_GEOJSON, polys, max_probability(polys, grid, cell0, origin),
+    shapes, ids = group_by_lesion(polys, lesion_ids_for_polygons(polys, labels, cell0, origin))
+    write_contours_geojson(out_dir / files.CONTOURS_GEOJSON, shapes, max_probability(shapes, grid, cell0, origin),
                            slide_mpp=slide.mpp, slide=slide.name, lesions=[(i, category.get(i, "")) for i in ids],
                            in_domain=record["in_domain"])
     reason = record["reason"] or ""

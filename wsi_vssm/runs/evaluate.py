@@ -329,8 +329,8 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     scores = np.array([r["probability"] for r in scored], dtype=np.float64)
     metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot)
     calibration = calibration_summary(labels, scores, n_boot=n_boot)
-    verdicts = [r.get("in_domain") for r in scored]
-    n_out = sum(v is False for v in verdicts) if any(v is not None for v in verdicts) else None
+    # patches carry no domain verdict (None); slides do, and a cohort with no slide scored has 0 out of domain
+    n_out = None if items == "patches" else sum(r.get("in_domain") is False for r in scored)
     metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "n_pending": int(n_pending), "complete": not n_pending,
                "n_out_of_domain": n_out, "calibration": calibration, "intervals": intervals(n_boot),
                **metrics,  # then `reason`, when there is one
