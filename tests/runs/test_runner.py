@@ -532,6 +532,34 @@ def test_an_interrupted_overwrite_run_is_resumed_by_the_same_command(model_file,
     assert _cli([*args, "--overwrite"]) == 0 and started("normal_001") > last
 
 
+def test_outputs_of_an_older_format_are_remade_from_the_saved_heatmap(model_file, cohort, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A cohort finished before contours.geojson held one feature per lesion was "up to date" after the change
+    (the package version is the same between commits of a checkout) and kept its old files: a done slide whose
+    state records an older outputs format has its files remade from its saved heatmap, no backbone."""
+    from wsi_vssm.pipeline import predict as predict_module
+    from wsi_vssm.runs.state import params_hash, read_state, write_state
+
+    args = ["predict", cohort / "tumor_001.tif", "--model", model_file, *FAST, "--out", tmp_path / "o"]
+    assert _cli(args) == 0
+    want = (tmp_path / "o" / "tumor_001" / "contours.geojson").read_bytes()
+    state = read_state(tmp_path / "o", "predict", "tumor_001")
+    state["params"].pop("outputs_format")  # as a run before the format was recorded wrote it
+    state["params_hash"] = params_hash(state["params"])
+    write_state(tmp_path / "o", "predict", "tumor_001", state)
+    (tmp_path / "o" / "tumor_001" / "contours.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    capsys.readouterr()
+
+    def no_backbone(*a, **k):
+        raise AssertionError("predicted again")
+
+    monkeypatch.setattr(predict_module, "predict_slide", no_backbone)
+    assert _cli(args) == 0
+    assert "tumor_001: its output files are of an older format" in capsys.readouterr().err
+    assert (tmp_path / "o" / "tumor_001" / "contours.geojson").read_bytes() == want
+    assert _cli(args) == 0 and "tumor_001: up to date" in capsys.readouterr().out  # and now it is
+
+
 def test_new_thresholds_alone_remake_done_slides_without_the_backbone(model_file, cohort, tmp_path, monkeypatch,
                                                                         capsys):
     """`evaluate --threshold T` (or `--cell-threshold`) on a finished cohort predicted every slide again (48.5 s

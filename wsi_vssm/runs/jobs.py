@@ -15,6 +15,7 @@ from typing import Protocol
 
 from wsi_vssm import __version__
 from wsi_vssm.atomic import remove_temporaries
+from wsi_vssm.outputs import files
 from wsi_vssm.runs.execute import SlideTask
 from wsi_vssm.runs.state import params_hash
 
@@ -225,7 +226,7 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
 
     Covered: the weights (hash), analysis mpp, token size, region and overlap (after defaults), slide and cell
     thresholds, reader backend, a slide mpp override, the precision used (fp32 or bf16, as resolved on this
-    machine), test-time augmentation and the package version. Not covered:
+    machine), test-time augmentation, the package version and the output files' format. Not covered:
     reader threads, batch size and device (CPU and GPU agree within ~1e-5; a slide done on one is not redone
     on the other).
     """
@@ -248,7 +249,7 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
         "lesion_merge_distance_cells": merge_distance_cells(model, params),
         "backend": params.backend, "slide_mpp": params.mpp, "tta": params.tta,
         "precision": str(resolve_precision(params.inference().precision, device)).removeprefix("torch."),
-        "version": __version__,
+        "version": __version__, "outputs_format": files.OUTPUTS_FORMAT,
     }  # fmt: skip
     path = os.fspath(model_path)
     _MODELS[f"predict:{path}"] = model  # serial runs use the model already loaded

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_vssm.outputs.files import COHORT_FILES, CONFUSION_PNG, STAGES_CSV
+from wsi_vssm.outputs.files import COHORT_FILES, CONFUSION_PNG, OUTPUTS_FORMAT, STAGES_CSV
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
 from wsi_vssm.runs.state import (
@@ -303,8 +303,9 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             _tidy_done(task, job)
             finish(Outcome(task, "skipped", "up to date", state))
         elif not same and not overwrite and _threshold_alone(state, job, task) and job.outputs_ok(task.name):
-            progress.info(f"{task.name}: only thresholds changed: its outputs are made again from its saved heatmap "
-                          "(no backbone)")
+            what = ("only thresholds changed" if _old_params(state).get("outputs_format") == OUTPUTS_FORMAT
+                    else f"its output files are of an older format (outputs format {OUTPUTS_FORMAT} now)")
+            progress.info(f"{task.name}: {what}: its outputs are made again from its saved heatmap (no backbone)")
             job.relabel.add(task.name)  # on the job: Dask workers receive it with the task
             todo.append(task)
         elif (same and not (overwrite or opts.retry_failed) and status == Status.FAILED and not changed
@@ -320,7 +321,8 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
 # there (evaluate then failed "metrics.json: Is a directory"; a `.state` slide wrote into the state folder)
 RESERVED_NAMES = frozenset(n.lower() for n in (*COHORT_FILES, STAGES_CSV, CONFUSION_PNG, STATE_DIR))
 # resolved parameters a done slide's outputs are made again for from its saved heatmap, not predicted again
-RELABEL_KEYS = ("threshold", "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells")
+RELABEL_KEYS = ("threshold", "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells",
+                "outputs_format")
 
 
 def _threshold_alone(state: dict | None, job, task: SlideTask) -> bool:
@@ -328,12 +330,18 @@ def _threshold_alone(state: dict | None, job, task: SlideTask) -> bool:
     unchanged: `pipeline.relabel` then makes its outputs again from the saved heatmap, without the backbone."""
     if not state or job.kind != "predict" or state.get("status") != Status.DONE:
         return False
-    old, new = state.get("params"), job.params_dict()
-    if not isinstance(old, dict):
+    old, new = _old_params(state), job.params_dict()
+    if not old:
         return False
     if "input" not in state or input_changed(state.get("input"), task.path):
         return False
     return old.keys() == new.keys() and all(old[k] == new[k] for k in new if k not in RELABEL_KEYS)
+
+
+def _old_params(state: dict) -> dict:
+    """A done predict slide's recorded parameters; a state from before `outputs_format` was recorded is format 1."""
+    old = state.get("params")
+    return {"outputs_format": 1, **old} if isinstance(old, dict) else {}
 
 
 def name_taken(state: dict | None, path: str | None) -> str | None:
