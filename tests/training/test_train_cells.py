@@ -81,6 +81,8 @@ def test_two_epoch_run_learns(tiny_folder, tmp_path):
     meta = model.metadata
     assert meta["seed"] == 0 and meta["best_epoch"] == r.best_epoch and meta["mil_stage"]["bags"] == 16
     assert meta["config"]["epochs"] == 2 and meta["package_version"]
+    # a seed reproduces weights only at the same thread count on the same CPU: the model says where it was made
+    assert meta["torch_threads"] == torch.get_num_threads() and meta["machine"]
 
 
 def test_tta_is_the_mean_over_the_eight_views(tiny_folder, tmp_path, capsys):

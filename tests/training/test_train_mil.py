@@ -87,6 +87,7 @@ def test_learns_planted_signal_and_checkpoint_reloads_exactly(feature_bags, tmp_
     assert meta["seed"] == 1 and meta["best_epoch"] == hist.best_epoch and meta["valid_auc"] == 1.0
     assert sorted(meta["valid_slides"]) == ["n06", "n07", "t06", "t07"] and len(meta["train_slides"]) == 12
     assert meta["features"]["model_hash"] == "h0" and meta["features"]["token_px"] == 32
+    assert meta["date"] and meta["torch_threads"] == torch.get_num_threads() and meta["machine"]  # where it was made
     again, meta2 = load_mil(ckpt)
     x = torch.from_numpy(FeatureStore.open(valid[0][0]).read_features().astype(np.float32))
     with torch.inference_mode():

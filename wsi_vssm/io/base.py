@@ -179,11 +179,12 @@ class SlideReader(ABC):
     def level_mpp(self, level: int) -> float:
         return self.require_mpp() * self.level_downsamples[level]
 
-    def best_level_for_downsample(self, downsample: float) -> int:
-        """The coarsest level that is still at least as fine as `downsample` (never upsample detail away)."""
+    def best_level_for_downsample(self, downsample: float, tolerance: float = 0.0) -> int:
+        """The coarsest level that is still at least as fine as `downsample`, or at most `tolerance` (a share)
+        coarser than it."""
         best = 0
         for i, d in enumerate(self.level_downsamples):
-            if d <= downsample * (1 + 1e-6):
+            if d <= downsample * (1 + max(tolerance, 1e-6)):
                 best = i
         return best
 
@@ -226,7 +227,8 @@ class SlideReader(ABC):
         return out
 
     def read(self, x: float, y: float, w: float, h: float, mpp: float) -> np.ndarray:
-        """The level-0 box (x, y, w, h) resampled to `mpp` microns per pixel, read from the nearest finer level.
+        """The level-0 box (x, y, w, h) resampled to `mpp` microns per pixel, read from the nearest finer level,
+        or a level at most `LEVEL_TOLERANCE` coarser (enlarged a little, bilinear).
 
         The output has round(w * mpp0 / mpp) x round(h * mpp0 / mpp) pixels.
         """
@@ -239,7 +241,7 @@ class SlideReader(ABC):
             raise SlideError(self.path, f"read: the box must be finite with a positive size, got {(x, y, w, h)}")
         scale = mpp / mpp0  # level-0 pixels per output pixel
         out_w, out_h = max(1, round(w / scale)), max(1, round(h / scale))
-        level = self.best_level_for_downsample(scale)
+        level = self.best_level_for_downsample(scale, LEVEL_TOLERANCE)
         ds = self.level_downsamples[level]
         lx, ly = math.floor(x / ds), math.floor(y / ds)
         lw = max(1, math.ceil((x + w) / ds) - lx)
@@ -394,6 +396,11 @@ def _maybe_bar(items, desc: str, total: int | None = None, unit: str = "block"):
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, total=total, unit=unit, leave=False, disable=None)
+
+
+# A level this much coarser than a read asks for is read and enlarged, not one 2-4x finer read and shrunk: a
+# CAMELYON16 slide's 0.972 um/px level serves the model's 0.97 (level 1 was read before: 4x the pixels to decode).
+LEVEL_TOLERANCE = 0.05
 
 
 def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -24,7 +24,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from wsi_vssm import __version__
 from wsi_vssm.errors import UsageError
 from wsi_vssm.models.device import resolve_device
 from wsi_vssm.models.inputs import IMAGE_MEAN, IMAGE_STD
@@ -41,7 +39,7 @@ from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.precision import autocast, check_precision, resolve_precision
 from wsi_vssm.models.registry import get_config
 from wsi_vssm.models.slide_model import SlideModel, load_model, save_model
-from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint
+from wsi_vssm.training.checkpoint import load_checkpoint, refuse_unless_resuming, save_checkpoint, stamped
 from wsi_vssm.training.config_checks import check_cells_config
 from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.data.fingerprints import KEY as PATCHES_KEY
@@ -473,9 +471,8 @@ def _metadata(cfg, train, select, holdout, log, best_epoch, sel, hold, slides) -
         "metrics": {"valid_select": sel, "valid_holdout": hold},
         "log": log,
         "normalisation": {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "range": "RGB in [0, 1]"},
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "package_version": __version__,
         "torch_version": torch.__version__,
+        **stamped({}),  # date, package version, threads and machine
     }
 
 

@@ -121,11 +121,25 @@ def _plain(value):
 
 
 def stamped(metadata: dict) -> dict:
-    """`metadata` with `date` (now, UTC) and `package_version`: when and by what the file was made. Each training
-    stage stamps its own file (before 2026-12-04 only the first stage did, so a model finished days later showed
-    its first stage's date)."""
+    """`metadata` with `date` (now, UTC), `package_version`, and `torch_threads` and `machine`: when, by what and
+    where the file was made. Each training stage stamps its own file (before 2026-12-04 only the first stage did,
+    so a model finished days later showed its first stage's date). A seed reproduces the weights only at the same
+    thread count on the same kind of CPU: reductions sum in another order."""
+    import platform
     from datetime import UTC, datetime
+
+    import torch
 
     from wsi_vssm import __version__
 
-    return {**metadata, "date": datetime.now(UTC).isoformat(timespec="seconds"), "package_version": __version__}
+    return {**metadata, "date": datetime.now(UTC).isoformat(timespec="seconds"), "package_version": __version__,
+            "torch_threads": torch.get_num_threads(), "machine": _cpu_name() or platform.machine()}
+
+
+def _cpu_name() -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None

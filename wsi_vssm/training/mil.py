@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm import __version__
 from wsi_vssm.errors import UsageError
 from wsi_vssm.outputs.report import roc_auc_or_nan  # the cohort report's AUC: training and reports agree
 from wsi_vssm.pipeline.store import FeatureStore
@@ -381,6 +380,8 @@ def _improves(auc: float, loss: float, h: TrainHistory) -> bool:
 
 
 def _metadata(cfg: MILTrainConfig, train: Bags, valid: Bags, feature_attrs: dict) -> dict:
+    from wsi_vssm.training.checkpoint import stamped
+
     return {
         "seed": cfg.seed,
         "train_config": cfg.to_dict(),
@@ -389,7 +390,7 @@ def _metadata(cfg: MILTrainConfig, train: Bags, valid: Bags, feature_attrs: dict
         "valid_slides": valid.names(),
         "valid_labels": list(valid.labels),
         "features": feature_attrs,
-        "package_version": __version__,
+        **stamped({}),  # date, package version, threads and machine
     }
 
 
