@@ -9,6 +9,9 @@
 2. Reading an isolated patch otherwise than at its centre token: the mean or the maximum of its 3 x 3 tokens,
    and its centre token with the patch given mirrored context around it.
 3. Test-time views: the AUC of each of the 8 flips / quarter turns alone and of subsets of them averaged.
+4. The cell threshold under `--tta` (the mean feature map of the 8 views, as predict makes it): the share of
+   the selection part's normal tokens in 8 x 8 mosaics at or above the model's `cell_threshold` (set on single
+   views for 99.5% token specificity), the sensitivity there, and the threshold 99.5% would give under `--tta`.
 """
 
 from __future__ import annotations
@@ -68,6 +71,37 @@ def main() -> None:
             print(f"  {k:28s} {auc(y, v):.4f}  r = {np.corrcoef(views['id'], v)[0, 1]:.3f}")
         for subset in SUBSETS:
             print(f"  mean of {'+'.join(subset):48s} {auc(y, np.mean([views[k] for k in subset], 0)):.4f}")
+    shipped = load_model(args.model)
+    threshold = float(shipped.metadata.get("cell_threshold", 0.5))
+    print(f"\n4. the cell threshold ({threshold:.4f}) with and without --tta, selection tokens in 8 x 8 mosaics")
+    for tta in (False, True):
+        tokens = mosaic_tokens(shipped, select, tta)
+        normal = 1 / (1 + np.exp(-np.concatenate([tokens["neg_centre"], tokens["neg_rim"]])))
+        pos = 1 / (1 + np.exp(-tokens["pos"]))
+        print(f"  tta={tta!s:5}  normal tokens at or above: {100 * np.mean(normal >= threshold):.2f}%  "
+              f"positive centres at or above: {100 * np.mean(pos >= threshold):.1f}%  "
+              f"99.5% of normal tokens below {np.quantile(normal, 0.995):.4f}")
+
+
+def mosaic_tokens(model, ds, tta: bool, grid: int = 8) -> dict:
+    """The dense stage's token kinds (`dense_eval.split_tokens`) of `ds` tiled grid x grid (the stage's seeded
+    order), the cell head on predict's feature map: plain, or the mean of the 8 views with `tta`."""
+    from wsi_vssm.models.inputs import normalise_batch
+    from wsi_vssm.pipeline.extract import region_features
+    from wsi_vssm.synth.mosaic import tile
+    from wsi_vssm.training.dense_eval import split_tokens
+
+    n = grid * grid
+    order = np.random.default_rng(0).permutation(len(ds))
+    order = order[: len(order) // n * n]
+    out = []
+    for s in range(0, len(order), n):
+        img = tile([ds[int(i)][0] for i in order[s:s + n]], grid)
+        x = normalise_batch(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
+        fmap = region_features(model.backbone, x, tta)
+        logits = model.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1)[0].numpy()
+        out.append(logits.reshape(grid, 3, grid, 3).transpose(0, 2, 1, 3).reshape(n, 3, 3))
+    return split_tokens(np.asarray(ds.labels)[order], np.concatenate(out))
 
 
 def unfolded_state(model) -> dict:

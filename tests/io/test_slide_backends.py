@@ -170,6 +170,17 @@ def test_read_at_mpp_has_the_right_size_and_uses_the_nearest_finer_level(slide, 
     assert used == [expect_level]
 
 
+def test_running_out_of_memory_while_reading_is_not_the_slides_fault(slide):
+    """A MemoryError in a decoder was wrapped as a SlideReadError ("reading region ... failed: MemoryError"): no
+    hint to lower --region-px, and a rerun did not retry the slide. It now reaches the runner as what it is."""
+    def no_memory(*a):
+        raise MemoryError
+
+    slide._read_level = no_memory
+    with pytest.raises(MemoryError):
+        slide.read_region((0, 0), 0, (64, 64))
+
+
 def test_read_at_a_level_resolution_returns_that_levels_pixels(slide, levels):
     np.testing.assert_array_equal(slide.read(64, 32, 256, 128, 2 * MPP), levels[1][16:80, 32:160])
 

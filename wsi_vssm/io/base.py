@@ -213,8 +213,8 @@ class SlideReader(ABC):
             )
         try:
             inner = self._read_level(level, x0, y0, x1 - x0, y1 - y0)
-        except SlideError:
-            raise
+        except (SlideError, MemoryError):
+            raise  # a MemoryError is the machine's limit, not the slide's: the runner says so, a rerun retries it
         except Exception as err:  # backend decode failures differ by backend; name the region for the user
             raise SlideReadError(
                 self.path,
@@ -280,7 +280,7 @@ class SlideReader(ABC):
         if out_w <= lw and out_h <= lh:
             try:
                 thumb = _TileThumbnail(lw, lh, out_w, out_h).run(self, level)
-            except SlideError:
+            except (SlideError, MemoryError):
                 raise
             except Exception as err:  # a tile that does not decode: one line naming the file, as read_region
                 raise SlideReadError(self.path, f"reading the tiles of level {level} failed: {one_line(err)}") \
