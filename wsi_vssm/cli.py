@@ -56,6 +56,24 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
+# Torch, numba and OpenBLAS reserve about this much address space as they load. Under about 1.5 GiB (`ulimit -v`)
+# OpenBLAS's start-up retries its refused buffers for ever: a review of 2026-12-05 saw `predict` spin 26 minutes
+# at 100% CPU, deaf to SIGTERM (it loops inside dlopen); at 2 GiB a run fails cleanly as out of memory.
+MIN_ADDRESS_SPACE = 2 << 30
+
+
+def _check_address_space() -> None:
+    try:
+        import resource
+    except ImportError:  # not a Unix: no such limit
+        return
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY and soft < MIN_ADDRESS_SPACE:
+        raise WsiVssmError(f"the address-space limit (ulimit -v) is {soft >> 20} MiB; wsi-vssm needs at least "
+                           f"{MIN_ADDRESS_SPACE >> 20} MiB to load its libraries: raise the limit (ulimit -v "
+                           f"{MIN_ADDRESS_SPACE >> 10} or more)")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch scheduler's walltime or preemption, `kill`): unwinds like Ctrl-C, so locks are released,
     temporaries removed and slides in flight left for the rerun."""
@@ -126,6 +144,8 @@ def main(argv=None):
     sys.stdout = ClosedPipeGuard(stdout)
     try:
         _SIGTERM_SEEN.clear()
+        if set(args) & set(COMMANDS) and not {"-h", "--help"} & set(args):  # help and --version need no memory
+            _check_address_space()
         cli.main(args=argv, prog_name="wsi-vssm", standalone_mode=False)
         if _SIGTERM_SEEN:  # the handler's exception was swallowed on the way: still end as terminated
             _terminated(args)

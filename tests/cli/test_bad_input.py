@@ -344,3 +344,29 @@ def test_a_long_message_is_cut_at_a_word_not_inside_one():
     assert len(cut) <= 120 and cut.endswith("...") and text.startswith(cut[:-3])
     assert text[len(cut) - 3] == " ", cut  # the last word kept is whole
     assert one_line("x" * 200, 50) == "x" * 47 + "..."  # one long word: cut where it must be
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_AS is a Unix limit")
+def test_an_address_space_limit_too_small_to_load_is_one_line_not_a_hang(tmp_path):
+    """Under `ulimit -v` of about 1.5 GiB or less, `predict` spun at 100% CPU for 26 minutes inside OpenBLAS's
+    start-up, deaf to SIGTERM. A command now refuses such a limit in one line before loading anything; help and
+    --version still answer."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1 << 30:
+        pytest.skip("the hard address-space limit is already under 1 GiB")
+
+    def one_gib():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, hard))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "wsi_vssm", *args], capture_output=True, text=True,
+                              preexec_fn=one_gib, timeout=120, cwd=tmp_path)
+
+    r = run("predict", "slide.svs", "--out", "out")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "wsi-vssm: error: the address-space limit (ulimit -v) is 1024 MiB; wsi-vssm needs at least 2048 MiB to "
+        "load its libraries: raise the limit (ulimit -v 2097152 or more)"]
+    assert not (tmp_path / "out").exists()
+    assert run("predict", "--help").returncode == 0 and run("--version").returncode == 0
