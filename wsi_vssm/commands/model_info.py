@@ -6,15 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_SUFFIXES = (".pt", ".pth")  # no slide format uses them
+PACKAGED_MODEL = "default"  # models.model_file.DEFAULT_NAME, spelt here: importing it loads torch (1.9 s, 360 MB)
+# for every `info SLIDE`
 # the model metadata's data records, and what `info` calls them
 PART_NAMES = {"train_data": "trained on", "valid_select": "selected on", "valid_holdout": "held back"}
 
 
 def is_model_path(path: str) -> bool:
     """A model file by its suffix, or `default` (the packaged model) where no such file lies here."""
-    from wsi_vssm.models.slide_model import DEFAULT_NAME
-
-    return Path(path).suffix.lower() in MODEL_SUFFIXES or (path == DEFAULT_NAME and not Path(path).exists())
+    return Path(path).suffix.lower() in MODEL_SUFFIXES or (path == PACKAGED_MODEL and not Path(path).exists())
 
 
 def model_info(path: str) -> dict:
