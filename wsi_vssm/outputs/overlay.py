@@ -166,8 +166,8 @@ def _overlay(thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap, *, cel
     FigureCanvasAgg(fig)
     img_bottom = lay.height - lay.title_h - h  # figimage offsets are from the lower-left corner
     if side_by_side:
-        fig.figimage(thumb, xo=0, yo=img_bottom, origin="upper")
-    fig.figimage(panel, xo=lay.panel_x, yo=img_bottom, origin="upper")
+        _place(fig, thumb, 0, img_bottom)
+    _place(fig, panel, lay.panel_x, img_bottom)
     line_h = lay.title_h - lay.warning_h
     if title is not None:
         fig.text(lay.pad / lay.width, 1 - line_h / 2 / lay.height, title, fontsize=lay.title_px * 72 / DPI,
@@ -181,6 +181,19 @@ def _overlay(thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap, *, cel
     else:
         _draw_no_tissue(fig, lay, img_bottom + h / 2, no_tissue_text)
     return fig, lay
+
+
+STRIP_ROWS = 256
+
+
+def _place(fig, img: np.ndarray, xo: int, yo: int) -> None:
+    """`img` on `fig` pixel for pixel, its lower-left corner at (xo, yo), in strips of STRIP_ROWS rows: matplotlib
+    makes float copies of an image as it draws it (570 MB for a 2,100 x 2,542 thumbnail, the peak of a small
+    slide's whole run), so strips bound that to a strip's share. The pixels are the same."""
+    h = img.shape[0]
+    for top in range(0, h, STRIP_ROWS):
+        strip = img[top:top + STRIP_ROWS]
+        fig.figimage(strip, xo=xo, yo=yo + h - top - strip.shape[0], origin="upper")
 
 
 SMALL_THUMBNAIL_PX, ENLARGED_PX = 128, 256
