@@ -273,3 +273,17 @@ def test_the_attach_stage_resets_the_slide_threshold(model, tmp_path, capsys):
     attached = load_model(out)
     assert attached.metadata["slide_threshold"] == 0.5 and attached.metadata["threshold"] == 0.5
     assert "was 0.71" in capsys.readouterr().out
+
+
+def test_loading_a_model_file_does_not_load_torchs_compiler():
+    """The shape check builds the model on the meta device first; the SSM parameters' init ran there too, and the
+    meta kernels of its ops imported torch._dynamo and torch._inductor (0.8 s on every first load, and an empty
+    torchinductor folder in the temp directory). A shape-only model skips that init."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom wsi_vssm.models.slide_model import load_model\nm = load_model('default')\n"
+            "print(sorted(k for k in ('torch._dynamo', 'torch._inductor') if k in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -111,6 +111,8 @@ class SS2D(nn.Module):
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
         """VMamba's init of the SSM parameters (Linear/LN layers are initialised by the backbone)."""
+        if self.A_logs.is_meta:  # a shape-only model (models.slide_model checks a file's shapes so): no values,
+            return  # and the meta kernels of these ops load torch's Python decompositions (0.8 s, once a process)
         dt_min, dt_max, floor = self._dt_range
         bound = self.d_inner**-0.5
         self.x_proj_weight.uniform_(-bound, bound)
