@@ -41,6 +41,7 @@ def main() -> None:
     from wsi_vssm.training.cells import TrainCellsConfig, split_valid
     from wsi_vssm.training.data.patches import training_patches
     from wsi_vssm.training.dense import DenseConfig, _select_metrics
+    from wsi_vssm.training.dense_eval import mosaic_token_logits, split_tokens
 
     torch.set_grad_enabled(False)
     select, _ = split_valid(training_patches(args.valid), TrainCellsConfig(seed=0, valid_select=1000))
@@ -75,33 +76,13 @@ def main() -> None:
     threshold = float(shipped.metadata.get("cell_threshold", 0.5))
     print(f"\n4. the cell threshold ({threshold:.4f}) with and without --tta, selection tokens in 8 x 8 mosaics")
     for tta in (False, True):
-        tokens = mosaic_tokens(shipped, select, tta)
+        order, logits = mosaic_token_logits(shipped, select, 8, tta=tta)
+        tokens = split_tokens(np.asarray(select.labels)[order], logits)
         normal = 1 / (1 + np.exp(-np.concatenate([tokens["neg_centre"], tokens["neg_rim"]])))
         pos = 1 / (1 + np.exp(-tokens["pos"]))
         print(f"  tta={tta!s:5}  normal tokens at or above: {100 * np.mean(normal >= threshold):.2f}%  "
               f"positive centres at or above: {100 * np.mean(pos >= threshold):.1f}%  "
               f"99.5% of normal tokens below {np.quantile(normal, 0.995):.4f}")
-
-
-def mosaic_tokens(model, ds, tta: bool, grid: int = 8) -> dict:
-    """The dense stage's token kinds (`dense_eval.split_tokens`) of `ds` tiled grid x grid (the stage's seeded
-    order), the cell head on predict's feature map: plain, or the mean of the 8 views with `tta`."""
-    from wsi_vssm.models.inputs import normalise_batch
-    from wsi_vssm.pipeline.extract import region_features
-    from wsi_vssm.synth.mosaic import tile
-    from wsi_vssm.training.dense_eval import split_tokens
-
-    n = grid * grid
-    order = np.random.default_rng(0).permutation(len(ds))
-    order = order[: len(order) // n * n]
-    out = []
-    for s in range(0, len(order), n):
-        img = tile([ds[int(i)][0] for i in order[s:s + n]], grid)
-        x = normalise_batch(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
-        fmap = region_features(model.backbone, x, tta)
-        logits = model.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1)[0].numpy()
-        out.append(logits.reshape(grid, 3, grid, 3).transpose(0, 2, 1, 3).reshape(n, 3, 3))
-    return split_tokens(np.asarray(ds.labels)[order], np.concatenate(out))
 
 
 def unfolded_state(model) -> dict:

@@ -29,7 +29,7 @@ def model_info(path: str) -> dict:
     meta = model.metadata
     slide_t, cell_t = model_thresholds(model, warn=False)
     trained_on = {k: meta[k] for k in PART_NAMES if isinstance(meta.get(k), dict)}
-    known = {part: len(recorded(meta, part)) for part in ("train", "select") if recorded(meta, part) is not None}
+    known = {part: len(digests) for part in ("train", "select") if (digests := recorded(meta, part)) is not None}
     return {
         "path": str(Path(path).absolute()), "kind": "model", "name": model.name,
         "backbone": arch_name(model.backbone.config), "mpp": model.mpp, "token_px": model.token_px,

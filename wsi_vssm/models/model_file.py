@@ -172,6 +172,11 @@ def read_model_file(path: str | os.PathLike, required: tuple[str, ...] = REQUIRE
 def check_weights(model: nn.Module, sd: Mapping, path: Path) -> None:
     """ModelFileError (one line) unless `sd` fits `model`'s architecture exactly and holds only finite values."""
     check_architecture(model, sd, path)
+    check_finite(sd, path)
+
+
+def check_finite(sd: Mapping, path: Path) -> None:
+    """ModelFileError (one line) when a tensor of `sd` holds NaN or inf."""
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:  # a damaged file: every feature and prediction would be NaN
         raise ModelFileError(f"{path}: corrupt model file: {len(bad)} tensor(s) hold NaN/inf values (first: {bad[0]})")

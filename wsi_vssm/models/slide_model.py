@@ -28,6 +28,7 @@ from wsi_vssm.models.model_file import (
     MODEL_FORMAT,
     ModelFileError,
     check_architecture,
+    check_finite,
     check_weights,
     default_model_path,
     read_model_file,
@@ -137,7 +138,7 @@ def load_model(path_or_name: str | os.PathLike = DEFAULT_NAME, scan: str | None 
     ckpt = read_model_file(path)
     model = _build(ckpt, path, scan)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    check_weights(model, sd, path)
+    check_finite(sd, path)  # its architecture was checked on the shell `_build` made
     model.load_state_dict(sd, strict=True)
     model.metadata = _checked_metadata(ckpt.get("metadata"), path)
     model.file_sha256 = _file_sha256(path)

@@ -172,6 +172,9 @@ def froc(
     extra = sorted(set(annotations) - set(detections))
     if extra:
         raise UsageError(f"annotated slide(s) without detections: {extra[:5]}; pass an empty array for none")
+    if not detections:
+        return FrocResult(None, dict.fromkeys(FP_RATES), np.zeros(1), np.zeros(1), 0, 0, 0, 0,
+                          reason="no slide was scored")
     fps, tps, per_slide = [], [], {}
     n_itc = n_det = 0
     for name, det in detections.items():
@@ -191,8 +194,8 @@ def froc(
             "detected": int(np.isfinite(tp).sum()),
             "false_positives": int(fp.size),
         }
-    all_fp, all_tp = np.concatenate(fps or [np.empty(0)]), np.concatenate(tps or [np.empty(0)])
-    curve_fp, curve_sens = froc_curve(all_fp, all_tp, max(1, len(detections)))
+    all_fp, all_tp = np.concatenate(fps), np.concatenate(tps)
+    curve_fp, curve_sens = froc_curve(all_fp, all_tp, len(detections))
     common = dict(
         fps_per_slide=curve_fp,
         sensitivities=curve_sens,
@@ -202,8 +205,6 @@ def froc(
         n_detections=n_det,
         per_slide=per_slide,
     )
-    if not detections:
-        return FrocResult(None, dict.fromkeys(FP_RATES), reason="no slide was scored", **common)
     if all_tp.size == 0:
         return FrocResult(None, dict.fromkeys(FP_RATES), reason="no lesions (other than ITCs) in the cohort", **common)
     at = {r: interpolate_curve(curve_fp, curve_sens, r) for r in FP_RATES}

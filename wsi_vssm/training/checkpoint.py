@@ -128,8 +128,6 @@ def stamped(metadata: dict) -> dict:
     import platform
     from datetime import UTC, datetime
 
-    import torch
-
     from wsi_vssm import __version__
 
     return {**metadata, "date": datetime.now(UTC).isoformat(timespec="seconds"), "package_version": __version__,

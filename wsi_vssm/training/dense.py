@@ -306,7 +306,6 @@ def _finish(best_path: Path, out: Path, train, select, holdout, cfg: DenseConfig
     )
     from wsi_vssm.training.patch_eval import predict_patches
 
-
     if not best_path.exists():
         raise UsageError(f"dense: no epoch was trained ({best_path} missing)")
     model = load_model(best_path, scan=cfg.scan)

@@ -18,9 +18,11 @@ from wsi_vssm.training.patch_eval import device_of
 
 
 @torch.no_grad()
-def mosaic_token_logits(model, ds, grid: int, seed: int = 0, order: np.ndarray | None = None):
+def mosaic_token_logits(model, ds, grid: int, seed: int = 0, order: np.ndarray | None = None, tta: bool = False):
     """Patches of `ds` (a seeded order, or `order`) tiled grid x grid; returns (indices scored, (N, 3, 3) cell
-    logits of each patch's tokens read off the mosaic's token map). Left-over patches are not scored."""
+    logits of each patch's tokens read off the mosaic's token map). Left-over patches are not scored. `tta`: the
+    cell head on the mean feature map of the 8 flips and quarter turns, as `predict --tta` makes it."""
+    from wsi_vssm.pipeline.extract import region_features
     from wsi_vssm.synth.mosaic import tile
 
     model.eval()
@@ -33,7 +35,11 @@ def mosaic_token_logits(model, ds, grid: int, seed: int = 0, order: np.ndarray |
     for s in range(0, len(order), n):
         img = tile([ds[int(i)][0] for i in order[s:s + n]], grid)
         x = normalise(torch.from_numpy(img).permute(2, 0, 1)[None].to(dev).float() / 255)
-        logits = model.cell_logits(x)[0].float().cpu().numpy()  # (3g, 3g)
+        if tta:
+            fmap = region_features(model.backbone, x, True)
+            logits = model.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1)[0].float().cpu().numpy()
+        else:
+            logits = model.cell_logits(x)[0].float().cpu().numpy()  # (3g, 3g)
         out.append(logits.reshape(grid, 3, grid, 3).transpose(0, 2, 1, 3).reshape(n, 3, 3))
     return order, (np.concatenate(out) if out else np.zeros((0, 3, 3), np.float32))
 
