@@ -75,6 +75,12 @@ def test_grid_geometry_at_coarser_mpp():
     assert m.sum() == 13 * 22 and m[:22, :13].all()
 
 
+def test_grid_valid_box_leaves_out_a_partly_padded_pixel():
+    slide = _slide(h=301, w=411)  # 27 and 45 level-0 px past the last region's corner: 13.5 and 22.5 output px
+    grid = RegionGrid(slide, mpp=1.0, region_px=64, tissue=_full_tissue(slide))
+    assert grid[len(grid) - 1].valid == (0, 0, 13, 22)  # the half-padded 14th column and 23rd row are not valid
+
+
 def test_grid_overlap_and_whole_coverage():
     slide = _slide()
     grid = RegionGrid(slide, mpp=0.5, region_px=100, overlap_px=30, tissue=_full_tissue(slide))

@@ -170,6 +170,15 @@ def test_read_at_mpp_has_the_right_size_and_uses_the_nearest_finer_level(slide, 
     assert used == [expect_level]
 
 
+def test_best_level_takes_an_exact_level_and_at_most_the_tolerance_coarser(slide):
+    for i, d in enumerate(slide.level_downsamples):
+        assert slide.best_level_for_downsample(d) == i  # an exact match is that level, not the finer one
+        if i:
+            assert slide.best_level_for_downsample(d * 0.99) == i - 1
+            assert slide.best_level_for_downsample(d / 1.05, 0.05) == i  # 5% coarser: still taken
+            assert slide.best_level_for_downsample(d / 1.06, 0.05) == i - 1
+
+
 def test_running_out_of_memory_while_reading_is_not_the_slides_fault(slide):
     """A MemoryError in a decoder was wrapped as a SlideReadError ("reading region ... failed: MemoryError"): no
     hint to lower --region-px, and a rerun did not retry the slide. It now reaches the runner as what it is."""

@@ -132,6 +132,8 @@ def test_tissue_fraction_boxes():
     assert tissue_fraction(m) == pytest.approx(0.5)
     assert tissue_fraction(m, (0, 0, 5, 10)) == pytest.approx(1.0)
     assert tissue_fraction(m, (4.5, 0, 1, 10)) == pytest.approx(0.5)  # half a tissue pixel, half not
+    assert tissue_fraction(m, (3.5, 0, 1, 10)) == pytest.approx(1.0)  # halves of two tissue pixels
+    assert tissue_fraction(m, (4, 0, 1.5, 10)) == pytest.approx(1 / 1.5)  # a whole tissue pixel, half a glass one
     assert tissue_fraction(m, (0, 0, 5, 20)) == pytest.approx(0.5)  # beyond the edge counts as background
     assert tissue_fraction(m, (20, 20, 5, 5)) == 0.0
 

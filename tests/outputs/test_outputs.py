@@ -222,12 +222,23 @@ def test_heatmap_hot_cell_lands_on_its_slide_position(tmp_path, cell0, origin, m
     if cell0 == 8.0:
         pixels = np.arange(origin[0] + j * cell0, origin[0] + (j + 1) * cell0)
         assert want_x == pytest.approx(pixels.mean() * mpp)
-    # Coarser levels: the hot cell's position stays inside the pooled pixel that holds it.
-    group = zarr.open_group(str(tmp_path / "h.zarr"), mode="r")
-    for k, ds in enumerate(group.attrs["multiscales"][0]["datasets"]):
-        s, t = ds["coordinateTransformations"][0]["scale"][1], ds["coordinateTransformations"][1]["translation"]
-        centre = (j // 2**k) * s + t[1]
-        assert abs(centre - want_x) <= s / 2 + 1e-9
+    # Coarser levels (a small min_side, so that this 40 x 30 grid has some): a pooled pixel's centre is the mean
+    # of the centres of the level-0 cells it pools, and the hot cell lies inside it.
+    write_heatmap_zarr(tmp_path / "p.zarr", prob, cell0, origin, mpp, min_side=8)
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    datasets = group.attrs["multiscales"][0]["datasets"]
+    assert len(datasets) == 4  # 40 -> 20 -> 10 -> 5 rows
+    for k, ds in enumerate(datasets):
+        f = 2**k
+        s, t = ds["coordinateTransformations"][0]["scale"], ds["coordinateTransformations"][1]["translation"]
+        assert s == pytest.approx([scale * f, scale * f])
+        row, col = i // f, j // f
+        assert group[ds["path"]][row, col] == 1.0
+        pooled_x = [(c * scale + tx) for c in range(col * f, col * f + f)]
+        pooled_y = [(r * scale + ty) for r in range(row * f, row * f + f)]
+        assert col * s[1] + t[1] == pytest.approx(np.mean(pooled_x))
+        assert row * s[0] + t[0] == pytest.approx(np.mean(pooled_y))
+        assert abs(col * s[1] + t[1] - want_x) <= s[1] / 2 + 1e-9
 
 
 def test_heatmap_transform_matches_docstring():
@@ -301,6 +312,14 @@ def test_contours_of_a_blob_match_its_cells(tmp_path):
     # Collinear vertices along straight runs are gone: no more vertices than boundary turns.
     assert len(polys[0].exterior.coords) - 1 <= 4 * 2 * 12 + 4
     assert max_probability(polys, prob, cell0, origin) == [pytest.approx(0.95)]
+
+
+def test_max_probability_counts_every_cell_whose_centre_a_polygon_holds():
+    # Cells 10 px wide from (0, 0): a polygon to x = 26 holds the centres at 5, 15 and 25, not 35.
+    prob = np.array([[0.1, 0.2, 0.9, 0.95]], np.float32)
+    assert max_probability([shapely.box(0, 0, 26, 10)], prob, 10.0, (0.0, 0.0)) == [pytest.approx(0.9)]
+    assert max_probability([shapely.box(0, 0, 24, 10)], prob, 10.0, (0.0, 0.0)) == [pytest.approx(0.2)]
+    assert max_probability([shapely.box(100, 0, 120, 10)], prob, 10.0, (0.0, 0.0)) == [None]  # off the grid
 
 
 def test_contours_keep_holes_split_corners_and_drop_small():

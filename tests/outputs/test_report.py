@@ -249,6 +249,19 @@ def test_lesion_regions_dilate_fill_and_flag_itc():
     assert not filled.interiors  # holes filled, as the challenge's script does
 
 
+@pytest.mark.parametrize("parts", [1, 2])
+def test_lesion_regions_grow_by_75_um_in_the_slides_pixels(parts):
+    # At 0.25 um/px the challenge's 75 um (37.5 um a side) is 150 level-0 px, whether one lesion or several.
+    tumor = box(0, 0, 400, 400) if parts == 1 else MultiPolygon([box(0, 0, 400, 400), box(10000, 0, 10400, 400)])
+    lesions, _ = lesion_regions(tumor, slide_mpp=0.25)
+    assert len(lesions) == parts
+    assert lesions[0].bounds == pytest.approx((-150, -150, 550, 550), abs=0.5)
+    # ITC: the grown region's major axis under 275 um (a square of side a: 4 sqrt(a^2 / 12) = 1.155 a):
+    # 100 px grows to 400 px, 115 um; 1,000 px to 1,300 px, 375 um.
+    _, itc = lesion_regions(MultiPolygon([box(0, 0, 100, 100), box(5000, 0, 6000, 1000)]), slide_mpp=0.25)
+    assert itc == [True, False]
+
+
 def _camelyon_case():
     """Three slides, hand-counted. Slide A (tumour, mpp 1): lesions L1 1000 px square, L2 400 px square, an ITC
     (20 px) and an excluded square. Slide B normal, slide C normal with no detections."""

@@ -131,6 +131,8 @@ def test_feature_domain_flags_far_features_and_passes_training_ones():
     ok, notes = d.check(far)
     assert not ok and "unlike the training data" in notes[0]
     assert d.slide_distance(far) > d.slide_distance(x[:100])
+    # the threshold itself is in domain, anything over it is not (the selection part set it as a maximum)
+    assert d.check_distance(d.threshold, 500)[0] and not d.check_distance(d.threshold * 1.001, 500)[0]
 
 
 def test_feature_domain_round_trips_through_model_metadata(tmp_path):
