@@ -24,6 +24,9 @@ def test_ece_by_hand():
     assert expected_calibration_error(y, p) == pytest.approx(0.5 * 0.4 + 0.5 * 0.05)
     assert expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0
     assert expected_calibration_error([1, 0], [0.0, 1.0]) == 1.0
+    assert expected_calibration_error([0, 1], [0.14, 0.16]) == pytest.approx(0.35)  # one bin [0.1, 0.2), not two
+    # one item at 0.96: its ECE is 0.04 with probability 0.96, else 0.96; the 5-95% range is [0.04, 0.04]
+    assert ece_if_calibrated([0.96], n_sim=2000)["range90"] == pytest.approx([0.04, 0.04])
     assert np.isnan(expected_calibration_error([1], [np.nan]))  # non-finite probabilities are left out
     rows = reliability_bins(y, p)
     assert [(r["low"], r["n"]) for r in rows] == [(0.1, 2), (0.9, 2)]

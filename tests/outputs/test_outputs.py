@@ -195,6 +195,16 @@ def test_heatmap_writes_valid_ngff_and_reads_back(tmp_path):
         read_heatmap_zarr(path, level=3)  # was "not a wsi-vssm heatmap"
 
 
+def test_a_heatmap_chunk_that_does_not_decode_is_one_line(tmp_path):
+    """blosc's RuntimeError on a damaged chunk was a traceback from `info` and `evaluate --annotations`."""
+    path = tmp_path / "heatmap.ome.zarr"
+    write_heatmap_zarr(path, np.full((8, 8), 0.5, np.float32), cell0=32.0, origin=(0, 0), slide_mpp=0.5)
+    chunk = next(p for p in (path / "0").rglob("*") if p.is_file() and not p.name.startswith("."))
+    chunk.write_bytes(b"junk")
+    with pytest.raises(UsageError, match=r"heatmap\.ome\.zarr: damaged heatmap"):
+        read_heatmap_zarr(path)
+
+
 def test_pyramid_keeps_a_single_hot_cell():
     prob = np.zeros((1000, 700), np.float32)
     prob[333, 555] = 0.9

@@ -16,6 +16,7 @@ from wsi_vssm.outputs.froc import (
     FP_RATES,
     detections_from_heatmap,
     froc,
+    interpolate_curve,
     lesion_regions,
     major_axis_length,
 )
@@ -125,6 +126,19 @@ def test_delong_interval_is_none_where_undefined():
     assert delong_auc_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) is None  # AUC 1: no variance to measure
     assert delong_auc_ci([0, 0, 1], [0.1, 0.5, 0.9]) is None  # one positive: no variance across positives
     assert delong_auc_ci([1, 1, 1, 0, 0, 0], [0.7] * 6) is None  # all tied: it said [0.5, 0.5], as if certain
+    assert delong_auc_ci([0, 0, 0, 1], [0.1, 0.5, 0.9, 0.6]) is None  # one positive and an AUC inside (0, 1)
+
+
+def test_bootstrap_auc_interval_is_at_the_asked_level():
+    # One positive (1) and negatives 0 and 2: a resample's negatives are both 0 (AUC 1), both 2 (AUC 0) or one of
+    # each (0.5), with probabilities 1/4, 1/4, 1/2. Its 20-80% interval spans [0, 1]; a 40-60% one would be 0.5.
+    assert bootstrap_auc_ci([1, 0, 0], [1, 0, 2], n_boot=2000, alpha=0.4) == (0.0, 1.0)
+    assert bootstrap_auc_ci([1, 0, 0], [1, 0, 2], n_boot=2000, alpha=0.6) == (0.5, 0.5)
+
+
+def test_froc_interpolation_on_a_vertical_step_takes_its_top():
+    # Two operating points at 0.25 FP per slide (4 slides, one false positive): the higher sensitivity counts.
+    assert interpolate_curve(np.array([0, 0.25, 0.25, 0.5]), np.array([0, 0.2, 0.6, 0.8]), 0.25) == 0.6
     lo, hi = delong_auc_ci([0, 0, 1, 1], [0.1, 0.8, 0.2, 0.9])
     assert 0 < lo < 0.75 < hi < 1
     m = cohort_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], 0.5, n_boot=100)

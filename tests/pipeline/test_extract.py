@@ -342,3 +342,14 @@ def test_default_region_is_whole_tokens(device, token_px):
     geometry.check_geometry(token_px, side, 4 * token_px, geometry.DEFAULT_MIN_TISSUE)  # 4 tokens, as the default
     top = geometry.DEFAULT_REGION_PX[device]
     assert side % token_px == 0 and top - token_px < side <= top
+
+
+@pytest.mark.parametrize("overlap", range(6))
+def test_owned_ranges_tile_the_cells_once_whatever_the_overlap(overlap):
+    """Odd overlaps included (--overlap 96 px = 3 cells): a cell owned by no region would be a NaN stripe."""
+    cells, count, step = 10, 3, 10 - overlap
+    owned = []
+    for i in range(count):
+        lo, hi = geometry.owned_range(i, count, cells, overlap)
+        owned += range(i * step + lo, i * step + hi)
+    assert owned == list(range((count - 1) * step + cells))

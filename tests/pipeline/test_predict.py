@@ -462,6 +462,21 @@ def test_tta_and_precision_change_the_parameter_hash(model_file):
                                                                                  bf16).params_hash
 
 
+def test_a_cohorts_region_bar_sees_only_the_region_count(model_file, cohort, tmp_path):
+    """The terminal bar was sized by the first report, the read stage's 0 of 1: it then showed "1/1", "2region",
+    ... "18region" with no total. The job now passes on the regions stage alone."""
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.runs.jobs import SlideTask, predict_job
+
+    params = PredictParams(device="cpu", region_px=256, overlap_px=0, reader_threads=1)
+    job = predict_job(str(tmp_path), str(model_file), load_model(model_file), params)
+    seen = []
+    job.run(SlideTask("tumor_001", str(cohort / "tumor_001.tif")), lambda done, total: seen.append((done, total)))
+    totals = {total for _, total in seen}
+    assert len(totals) == 1 and totals.pop() > 1  # 1,024 px at 2 um/px read at the model's 0.97: several regions
+    assert seen[-1][0] == seen[-1][1]
+
+
 def test_tta_averages_the_eight_views(model_file, cohort, tmp_path):
     """--tta: the feature map is the mean over the dihedral views; a model that is itself equivariant would not
     change, a random one does, and the outputs stay valid probabilities."""

@@ -162,8 +162,12 @@ def read_heatmap_zarr(path: str | os.PathLike, level: int = 0):
         prob = np.asarray(group[ds["path"]][...], dtype=np.float32)
         cell_um = float(transforms["scale"]["scale"][-1])
         translation = tuple(float(v) for v in transforms.get("translation", {"translation": [0, 0]})["translation"])
+    except UsageError:
+        raise
     except (KeyError, IndexError, TypeError, ValueError, FileNotFoundError) as err:
         raise UsageError(f"{path}: not a wsi-vssm heatmap (OME-Zarr): {type(err).__name__}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - a chunk that does not decode (blosc's RuntimeError, a cut copy)
+        raise UsageError(f"{path}: damaged heatmap: {type(err).__name__}: {err}") from err
     return prob, cell_um, translation, attrs
 
 

@@ -87,14 +87,18 @@ class PredictJob:
     def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict:
         from wsi_vssm.pipeline.predict import predict_slide
 
-        cb = None if region_progress is None else (lambda done, total, stage: region_progress(done, total))
+        def cb(done, total, stage):  # the bar counts regions: the read/write stages' 0/1 set its total to 1
+            if stage == "regions":
+                region_progress(done, total)
+
         if task.name in self.relabel:  # only thresholds changed: the outputs are made again from the heatmap
             from wsi_vssm.pipeline.relabel import relabel_slide
 
             rec = relabel_slide(task.path, self.model(), self.out, self.params)
             timings = {"relabel": rec["timings"]["relabel"]}
         else:
-            rec = predict_slide(task.path, self.model(), self.out, self.params, progress=cb, run_regions=run_regions)
+            rec = predict_slide(task.path, self.model(), self.out, self.params,
+                                progress=None if region_progress is None else cb, run_regions=run_regions)
             timings = rec["timings"]
         return {"probability": rec["probability"], "label": rec["label"], "reason": rec["reason"],
                 "in_domain": rec["in_domain"], "n_cells": rec["summary"]["n_cells"], "timings": timings}
