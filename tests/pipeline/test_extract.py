@@ -353,3 +353,21 @@ def test_owned_ranges_tile_the_cells_once_whatever_the_overlap(overlap):
         lo, hi = geometry.owned_range(i, count, cells, overlap)
         owned += range(i * step + lo, i * step + hi)
     assert owned == list(range((count - 1) * step + cells))
+
+
+def test_tta_maps_each_view_back_before_averaging():
+    """A backbone that commutes with flips and quarter turns (a 32 px average pool) gives the same map with and
+    without --tta only if every view's map is turned back the right way (rot90 by -k, then the flip undone)."""
+    import torch
+    import torch.nn.functional as F
+
+    from wsi_vssm.pipeline.extract import region_maps
+
+    class Pool:
+        def forward_features(self, x):
+            return F.avg_pool2d(x, 32)
+
+    x = torch.rand(1, 3, 96, 160)  # not square: a wrong turn back fails on the shape or the values
+    mean, first = region_maps(Pool(), x, tta=True)
+    torch.testing.assert_close(mean, F.avg_pool2d(x, 32))
+    torch.testing.assert_close(first, F.avg_pool2d(x, 32))
