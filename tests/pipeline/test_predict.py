@@ -402,6 +402,25 @@ def test_annotations_reaching_past_their_slide_are_said(model_file, cohort, tmp_
     assert res.metrics["froc"]["annotations_outside_slide"] == {} and annotation_frame_warning(res) is None
 
 
+def test_a_froc_that_fails_leaves_the_report_marked_incomplete(model_file, cohort, tmp_path):
+    """metrics.json is written before the FROC runs; a FROC that failed (here a damaged heatmap) left it saying
+    "complete": true without a froc block."""
+    import json
+
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+
+    model, out = load_model(model_file), tmp_path / "ev"
+    evaluate_cohort(cohort, model, out, FAST, n_boot=10)
+    heatmap = out / "tumor_001" / "heatmap.ome.zarr"
+    next(p for p in (heatmap / "0").rglob("*") if p.is_file() and not p.name.startswith(".")).write_bytes(b"junk")
+    with pytest.raises(UsageError, match="damaged heatmap"):
+        evaluate_cohort(cohort, model, out, FAST, annotations=cohort / "annotations", n_boot=10)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] is False and "froc" not in metrics
+
+
 def test_a_malformed_annotation_fails_before_any_slide_runs(model_file, cohort, tmp_path):
     import shutil
 

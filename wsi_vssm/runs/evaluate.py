@@ -140,20 +140,31 @@ def evaluate_cohort(
                                  provenance=_provenance(cohort.source, split, model, {
                                      **{k: v for k, v in job.resolved.items() if k != "job"},
                                      "params_hash": job.params_hash}) | {"mosaics": mosaics})
-        if annotations is not None:
-            # slides without a probability (failed, no tissue, not finished) are outside the FROC: say which, as
-            # an annotated one's lesions leave its sensitivity's denominator
-            left_out = sorted(r["slide"] for r in rows if r["probability"] is None)
-            metrics["froc"] = {**_froc(out, scored, truth, folders), "slides_left_out": left_out,
-                               "annotated_slides_left_out": [s for s in left_out if s in truth]}
-        if patients is not None and not n_unfinished(rows):
-            from wsi_vssm.runs.patients import evaluate_patients
-
-            metrics.update(evaluate_patients(patients, cohort.source, _cohort_root(cohort_path), out, folders,
-                                             cohort.labels(), annotations and Path(annotations), n_boot))
         if annotations is not None or patients is not None:
+            try:
+                _lesion_and_patient_metrics(metrics, rows, scored, truth, folders, out, annotations, patients,
+                                            cohort, cohort_path, n_boot)
+            except BaseException:  # metrics.json was written without them: it must not say it is complete
+                _write_json(out / METRICS_JSON, {**metrics, "complete": False})
+                raise
             _write_json(out / METRICS_JSON, metrics)
     return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
+
+
+def _lesion_and_patient_metrics(metrics, rows, scored, truth, folders, out, annotations, patients, cohort,
+                                cohort_path, n_boot) -> None:
+    """Add the FROC (`annotations`) and the patient keys (`patients`, once every slide is finished) to `metrics`."""
+    if annotations is not None:
+        # slides without a probability (failed, no tissue, not finished) are outside the FROC: say which, as an
+        # annotated one's lesions leave its sensitivity's denominator
+        left_out = sorted(r["slide"] for r in rows if r["probability"] is None)
+        metrics["froc"] = {**_froc(out, scored, truth, folders), "slides_left_out": left_out,
+                           "annotated_slides_left_out": [s for s in left_out if s in truth]}
+    if patients is not None and not n_unfinished(rows):
+        from wsi_vssm.runs.patients import evaluate_patients
+
+        metrics.update(evaluate_patients(patients, cohort.source, _cohort_root(cohort_path), out, folders,
+                                         cohort.labels(), annotations and Path(annotations), n_boot))
 
 
 MOSAIC_ITEMS = "mosaic slides"  # what roc.png and the warnings call a cohort that `synth --from-patches` made
