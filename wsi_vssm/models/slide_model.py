@@ -74,8 +74,11 @@ class SlideModel(nn.Module):
 
     def cell_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h, w): the cell head's tumour logit at every stride-32 token."""
-        f = self.cell_features(x).permute(0, 2, 3, 1)  # (B, h, w, F)
-        return self.mil.cell_head(f).squeeze(-1)
+        return self.cell_logits_of_map(self.cell_features(x))
+
+    def cell_logits_of_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """(B, F, h, w) token features (e.g. a `--tta` mean map) -> (B, h, w) cell head logits."""
+        return self.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cell_logits(x)

@@ -173,8 +173,8 @@ def froc(
     if extra:
         raise UsageError(f"annotated slide(s) without detections: {extra[:5]}; pass an empty array for none")
     if not detections:
-        return FrocResult(None, dict.fromkeys(FP_RATES), np.zeros(1), np.zeros(1), 0, 0, 0, 0,
-                          reason="no slide was scored")
+        return FrocResult(None, dict.fromkeys(FP_RATES), fps_per_slide=np.zeros(1), sensitivities=np.zeros(1),
+                          n_slides=0, n_lesions=0, n_itc=0, n_detections=0, reason="no slide was scored")
     fps, tps, per_slide = [], [], {}
     n_itc = n_det = 0
     for name, det in detections.items():

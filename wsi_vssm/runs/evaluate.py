@@ -142,29 +142,23 @@ def evaluate_cohort(
                                      "params_hash": job.params_hash}) | {"mosaics": mosaics})
         if annotations is not None or patients is not None:
             try:
-                _lesion_and_patient_metrics(metrics, rows, scored, truth, folders, out, annotations, patients,
-                                            cohort, cohort_path, n_boot)
+                if annotations is not None:
+                    # slides without a probability (failed, no tissue, not finished) are outside the FROC: say
+                    # which, as an annotated one's lesions leave its sensitivity's denominator
+                    left_out = sorted(r["slide"] for r in rows if r["probability"] is None)
+                    metrics["froc"] = {**_froc(out, scored, truth, folders), "slides_left_out": left_out,
+                                       "annotated_slides_left_out": [s for s in left_out if s in truth]}
+                if patients is not None and not n_unfinished(rows):
+                    from wsi_vssm.runs.patients import evaluate_patients
+
+                    metrics.update(evaluate_patients(patients, cohort.source, _cohort_root(cohort_path), out,
+                                                     folders, cohort.labels(), annotations and Path(annotations),
+                                                     n_boot))
             except BaseException:  # metrics.json was written without them: it must not say it is complete
                 _write_json(out / METRICS_JSON, {**metrics, "complete": False})
                 raise
             _write_json(out / METRICS_JSON, metrics)
     return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
-
-
-def _lesion_and_patient_metrics(metrics, rows, scored, truth, folders, out, annotations, patients, cohort,
-                                cohort_path, n_boot) -> None:
-    """Add the FROC (`annotations`) and the patient keys (`patients`, once every slide is finished) to `metrics`."""
-    if annotations is not None:
-        # slides without a probability (failed, no tissue, not finished) are outside the FROC: say which, as an
-        # annotated one's lesions leave its sensitivity's denominator
-        left_out = sorted(r["slide"] for r in rows if r["probability"] is None)
-        metrics["froc"] = {**_froc(out, scored, truth, folders), "slides_left_out": left_out,
-                           "annotated_slides_left_out": [s for s in left_out if s in truth]}
-    if patients is not None and not n_unfinished(rows):
-        from wsi_vssm.runs.patients import evaluate_patients
-
-        metrics.update(evaluate_patients(patients, cohort.source, _cohort_root(cohort_path), out, folders,
-                                         cohort.labels(), annotations and Path(annotations), n_boot))
 
 
 MOSAIC_ITEMS = "mosaic slides"  # what roc.png and the warnings call a cohort that `synth --from-patches` made
@@ -321,7 +315,7 @@ def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.nd
     with torch.inference_mode():
         with autocast(resolve_precision(inference.precision, device), device):
             fmap = region_features(model.backbone, x, inference.tta)  # (B, F, h, w) fp32
-        logits = model.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1).cpu()  # (B, h, w)
+        logits = model.cell_logits_of_map(fmap).cpu()  # (B, h, w)
     h, w = logits.shape[1:]
     cy, cx = min(h - 1, int(x.shape[2] / 2 // 32)), min(w - 1, int(x.shape[3] / 2 // 32))
     return patch_probabilities(torch.sigmoid(logits[:, cy, cx]).numpy(), getattr(model, "metadata", None))

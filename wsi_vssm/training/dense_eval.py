@@ -36,8 +36,7 @@ def mosaic_token_logits(model, ds, grid: int, seed: int = 0, order: np.ndarray |
         img = tile([ds[int(i)][0] for i in order[s:s + n]], grid)
         x = normalise(torch.from_numpy(img).permute(2, 0, 1)[None].to(dev).float() / 255)
         if tta:
-            fmap = region_features(model.backbone, x, True)
-            logits = model.mil.cell_head(fmap.permute(0, 2, 3, 1)).squeeze(-1)[0].float().cpu().numpy()
+            logits = model.cell_logits_of_map(region_features(model.backbone, x, True))[0].float().cpu().numpy()
         else:
             logits = model.cell_logits(x)[0].float().cpu().numpy()  # (3g, 3g)
         out.append(logits.reshape(grid, 3, grid, 3).transpose(0, 2, 1, 3).reshape(n, 3, 3))
