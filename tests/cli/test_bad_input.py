@@ -228,6 +228,35 @@ def test_a_patch_folder_takes_the_cell_threshold_and_refuses_slide_options(files
     assert not (tmp_path / "b").exists()
 
 
+def test_patches_smaller_than_the_models_are_warned_once(model_file, tmp_path, capsys):
+    """96 px patches at a wrong --mpp 0.485 were halved to 48 px, and their scores fell near 0 without a word."""
+    write_patch_folder(tmp_path / "p", 4, 0)
+    args = ["evaluate", tmp_path / "p", "--model", model_file, "--bootstrap", "100"]
+    code, _, err = _run([*args, "--mpp", "0.485", "--out", tmp_path / "a"], capsys)
+    small = [ln for ln in err.splitlines() if "smaller than the 96 px patches the model was trained on" in ln]
+    assert code == 0 and len(small) == 1, err
+    assert "scored at 48 x 48 px (resized from 96 x 96 px" in small[0] and "check --mpp" in small[0], small
+    code, _, err = _run([*args, "--mpp", "0.97", "--out", tmp_path / "b"], capsys)
+    assert code == 0 and "smaller than" not in err, err
+
+
+def test_the_auc_line_says_when_the_scores_do_not_separate(model_file, tmp_path, capsys):
+    """The warning said the scores do not separate, and the AUC line under it read as a result."""
+    import numpy as np
+    from PIL import Image
+
+    for label in "01":  # the same image in both classes: every patch scores the same
+        (tmp_path / "p" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((96, 96, 3), 200, np.uint8)).save(tmp_path / "p" / label / f"p{i}.png")
+    code, out, err = _run(["evaluate", tmp_path / "p", "--mpp", "0.97", "--out", tmp_path / "o", "--model",
+                           model_file, "--bootstrap", "100"], capsys)
+    assert code == 0 and "the scores do not separate tumour from normal patches" in err, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("AUC "))
+    assert line.startswith("AUC 0.500 (95% CI 0.500-0.500), not meaningful: the scores do not separate"), line
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["auc"] == 0.5  # still there
+
+
 def test_corrupt_feature_store_is_redone(files, tmp_path, capsys):
     args = ["extract", files["good"], "--out", tmp_path, "--model", files["model"], *EXTRACT]
     assert _run(args, capsys)[0] == 0

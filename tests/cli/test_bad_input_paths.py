@@ -280,3 +280,26 @@ def test_table_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path):
     write_stages_csv(tmp_path / "s.csv", {'=cmd|" /C calc"!A0': "pN0", "p2": "pN1"})
     assert "'=cmd" in (tmp_path / "s.csv").read_text()
     assert [r["patient"] for r in read_stages_csv(tmp_path / "s.csv")] == ['=cmd|" /C calc"!A0', "p2"]
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_inference(cohort, slide, model_file, tmp_path, capsys,
+                                                                     monkeypatch):
+    """OUT/<slide> a file: predict ran the whole slide, then failed "File exists". Now predict refuses it in one
+    line before its model loads; evaluate fails that slide alone before its inference, writing no state (so it
+    runs once the file is moved), and does the others."""
+    from wsi_vssm.commands import options
+    from wsi_vssm.runs.state import read_state
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / slide.stem).write_text("not a folder")
+    real = options.load_cli_model
+    monkeypatch.setattr(options, "load_cli_model", lambda *a: pytest.fail("the model was loaded"))
+    assert_one_line_error(["predict", slide, "--out", tmp_path / "o", "--model", model_file, *FAST], capsys, 1,
+                          f"{slide}: its output folder {tmp_path / 'o' / slide.stem} is a file, not a folder")
+    monkeypatch.setattr(options, "load_cli_model", real)
+    code, out, err = run_cli_captured(["evaluate", cohort, "--out", tmp_path / "o", "--model", model_file,
+                                       "--bootstrap", "100", *FAST], capsys)
+    assert code == 3 and "Traceback" not in err, err
+    assert f"its output folder {tmp_path / 'o' / slide.stem} is a file, not a folder" in err, err
+    assert out.count(": probability") == 2, out  # the other slides are done
+    assert read_state(tmp_path / "o", "predict", slide.stem) is None

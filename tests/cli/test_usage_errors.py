@@ -33,6 +33,30 @@ def test_predict_option_values_the_library_rejects(cohort, model_file, tmp_path,
     assert not (tmp_path / "o" / ".state").exists()
 
 
+@pytest.mark.parametrize("scheduler", [
+    "nonsense",  # not an address: distributed's ValueError
+    "tcp://127.0.0.1:1",  # nothing listening: OSError once the connection timeout has passed
+    "tls://127.0.0.1:1",  # TLS without a security config: distributed's TypeError
+    "",  # e.g. an unset "$SCHEDULER": not a silent serial run
+])
+def test_a_scheduler_that_cannot_be_used_is_a_usage_error(cohort, model_file, tmp_path, capsys, monkeypatch,
+                                                          scheduler):
+    import gc
+
+    from distributed import Client
+
+    from wsi_vssm.runs import dask as run_dask
+
+    monkeypatch.setattr(run_dask, "CONNECT_TIMEOUT_S", 0.5)
+    before = {id(o) for o in gc.get_objects() if type(o) is Client}  # isinstance would read odd objects' __class__
+    slide = next(cohort.glob("*.tif"))
+    err = assert_usage_error(["predict", slide, "--out", tmp_path / "o", "--model", model_file, *FAST,
+                              "--scheduler", scheduler], capsys, "--scheduler")
+    assert slide.name not in err
+    # the failed Client is collected at once: collected later, its __del__ could deadlock another Client's start
+    assert not [o for o in gc.get_objects() if type(o) is Client and id(o) not in before]
+
+
 def test_evaluate_and_extract_check_the_geometry_first(cohort, model_file, tmp_path, capsys):
     assert_usage_error(["evaluate", cohort, "--out", tmp_path / "e", "--model", model_file, *FAST,
                         "--region-px", "100"], capsys, "--region-px")

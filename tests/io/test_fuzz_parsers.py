@@ -1,4 +1,5 @@
-"""Property-based fuzzing of the parsers that read user files: ASAP XML, GeoJSON and cohort manifests.
+"""Property-based fuzzing of the parsers that read user files: ASAP XML, GeoJSON, contours.geojson read back, and
+cohort manifests.
 
 Whatever the bytes, each parser returns a result or raises its own one-line error (a WsiVssmError naming the
 file); never another exception, never a multi-line message.
@@ -10,11 +11,13 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsi_vssm.errors import WsiVssmError
+from wsi_vssm.errors import UsageError, WsiVssmError
 from wsi_vssm.io.annotations import AnnotationError, parse_asap_xml, parse_geojson
+from wsi_vssm.outputs.contours import read_contours_geojson
 from wsi_vssm.runs.cohort import read_cohort
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -75,6 +78,37 @@ def test_geojson_parser_never_crashes(obj):
         _one_line(err)
         return
     assert all(isinstance(name, str) and geom.is_valid for name, geom in items)
+
+
+contour_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), numbers, st.integers(10**300, 10**310),
+              st.sampled_from(["Polygon", "MultiPolygon", "Feature", "FeatureCollection", "Point"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=5),
+                            st.dictionaries(st.sampled_from(["type", "coordinates", "features", "geometry",
+                                                             "properties", "measurements", "Max probability",
+                                                             "Area um^2", "lesion_id", "name"]),
+                                            inner, max_size=4)),
+    max_leaves=30,
+)
+
+
+@FUZZ
+@given(st.one_of(contour_values, st.text(max_size=200)))
+def test_contours_reader_never_crashes(obj):
+    """The napari plugin's contours layer reads contours.geojson files that other tools may have written."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "contours.geojson"
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj, allow_nan=True))
+        try:
+            feats = read_contours_geojson(path)
+        except UsageError as err:
+            _one_line(err)
+            assert str(err).startswith(f"{path}: ")
+            return
+    for f in feats:
+        assert isinstance(f.name, str) and isinstance(f.max_probability, float)
+        assert all(r.ndim == 2 and r.shape[1] == 2 and len(r) >= 3 and np.isfinite(r).all() for r in f.rings)
+        assert all(isinstance(v, (int, float)) for v in f.properties["measurements"].values() if v is not None)
 
 
 cells = st.one_of(st.sampled_from(["slide", "label", "split", "0", "1", "tumor", "Normal", "train", "x.svs", "",

@@ -205,6 +205,22 @@ def test_a_heatmap_chunk_that_does_not_decode_is_one_line(tmp_path):
         read_heatmap_zarr(path)
 
 
+def test_a_missing_heatmap_chunk_is_found_not_read_as_background(tmp_path):
+    """zarr reads an absent chunk as the fill value (0, "no tissue"): a chunk lost in a copy made a threshold-only
+    rerun find no lesions there. Every chunk is written now, all-background ones too, and a missing one is named."""
+    path = tmp_path / "heatmap.ome.zarr"
+    prob = np.zeros((300, 300), np.float32)  # chunks of 256: the last three hold no tissue at all
+    prob[:10, :10] = 0.9
+    write_heatmap_zarr(path, prob, cell0=32.0, origin=(0, 0), slide_mpp=0.5)
+    chunks = sorted(p for p in (path / "0").rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert len(chunks) == 4, "background chunks are on disk too"
+    np.testing.assert_array_equal(read_heatmap_zarr(path)[0], prob)
+    chunks[0].unlink()  # the chunk with the tumour
+    with pytest.raises(UsageError, match=r"heatmap\.ome\.zarr: damaged heatmap: 1 of 4 chunks of level 0 missing"):
+        read_heatmap_zarr(path)
+    assert read_heatmap_zarr(path, level=1)[0].max() == pytest.approx(0.9), "the other levels still read"
+
+
 def test_pyramid_keeps_a_single_hot_cell():
     prob = np.zeros((1000, 700), np.float32)
     prob[333, 555] = 0.9

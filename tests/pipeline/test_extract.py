@@ -289,6 +289,20 @@ def test_damaged_store_is_one_clear_line(tmp_path):
         FeatureStore.open(tmp_path / "none.zarr")
 
 
+def test_a_missing_store_chunk_is_found_not_read_as_zeros(tmp_path):
+    """An absent chunk reads as zarr's fill value: a store cut in a copy trained a slide on zero features.
+    Every chunk is written now (all-zero ones too: region_id of a one-region slide), and a missing one is named."""
+    target = tmp_path / "s.zarr"
+    cells = _cells(5)
+    cells.region_id[:] = 0
+    FeatureStore.write(target, cells)
+    assert FeatureStore.open(target).region_id.nchunks_initialized == 1, "the all-zero chunk is on disk"
+    chunk = next(p for p in (target / "features").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
+    with pytest.raises(FeatureStoreError, match=r"s\.zarr: damaged feature store \(features: 1 of 1 chunks missing\)"):
+        FeatureStore.open(target)
+
+
 # ---- the command -------------------------------------------------------------------------------------------
 def _write_tiff(path, img, mpp=None):
     import tifffile

@@ -713,3 +713,14 @@ def test_the_uncalibrated_warning_goes_with_a_slide_that_is_scored(cohort, tmp_p
 def test_predict_params_take_numpy_integers():
     params = PredictParams(batch_size=np.int64(2), reader_threads=np.int32(1), threshold=np.float32(0.4))
     assert (params.batch_size, params.reader_threads) == (2, 1)
+
+
+def test_an_output_folder_that_is_a_file_fails_before_the_backbone(model_file, cohort, tmp_path, monkeypatch):
+    """predict_slide (the napari widget's and the API's) ran the whole slide, then failed "File exists"."""
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.pipeline import extract
+
+    monkeypatch.setattr(extract, "extract_slide", lambda *a, **k: pytest.fail("the backbone ran"))
+    (tmp_path / "normal_001").write_text("not a folder")
+    with pytest.raises(UsageError, match="output folder .*normal_001 is a file, not a folder"):
+        predict_slide(cohort / "normal_001.tif", _model(model_file), tmp_path, FAST)

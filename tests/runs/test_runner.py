@@ -694,3 +694,18 @@ def test_an_incomplete_report_blames_another_run_only_for_the_slides_it_holds():
     assert "1 slide(s) still being done by another run" in text
     assert "2 slide(s) have no finished outputs (deleted or not written): run the same command again" in text
     assert "another run" not in incomplete_warning(rows[:3], 2)
+
+
+def test_a_state_path_that_is_no_folder_is_named_for_what_it_is(tmp_path):
+    """OUT/.state a file was "OUT: cannot write to the output folder (File exists)": OUT was fine."""
+    from wsi_vssm.runs.state import OutputNotWritable, check_output_folder
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / STATE_DIR).write_text("")
+    (tmp_path / "b").mkdir()
+    os.symlink(tmp_path / "nowhere", tmp_path / "b" / STATE_DIR)
+    for out, what in (("a", "a file"), ("b", "a broken symbolic link")):
+        with pytest.raises(OutputNotWritable) as e:
+            check_output_folder(tmp_path / out)
+        assert str(e.value).startswith(f"{tmp_path / out / STATE_DIR} is {what}, not a folder: "), e.value
+        assert "\n" not in str(e.value)

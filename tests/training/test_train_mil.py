@@ -163,18 +163,22 @@ def test_cli_train_mil_with_manifest_split_and_with_valid_fraction(feature_bags,
     man = tmp_path / "manifest.csv"
     lines = ["slide,label,split"]
     for name, (_, y) in sorted(bags.items()):
-        split = "valid" if name in ("t06", "t07", "n06", "n07") else "test" if name in ("t05", "n05") else "train"
+        split = ("valid" if name in ("t06", "t07", "n06", "n07") else "test" if name in ("t05", "n05")
+                 else "" if name == "t04" else "train")
         lines.append(f"slides/{name}.tif,{y},{split}")
     man.write_text("\n".join(lines) + "\n")
     out = tmp_path / "mil.pt"
     args = ["mil", "--features", str(d), "--labels", str(man), "--out", str(out), "--epochs", "3", "--device", "cpu"]
     res = CliRunner().invoke(command, args)
     assert res.exit_code == 0, res.output
-    assert "10 training and 4 validation slides (split column" in res.stdout
-    assert "2 test slide(s) left out" in res.stdout
+    assert "9 training and 4 validation slides (split column" in res.stdout
+    assert f"1 blank-split and 2 test row(s) of {man} left out by its split column" in res.stdout  # t04 said too
     assert "epoch 3:" in res.stdout and out.is_file() and (tmp_path / "mil.log.csv").is_file()
     meta = torch.load(out, weights_only=True)["metadata"]
-    assert not {"t05", "n05"} & set(meta["train_slides"] + meta["valid_slides"])
+    assert not {"t04", "t05", "n05"} & set(meta["train_slides"] + meta["valid_slides"])
+    res = CliRunner().invoke(command, [*args, "--epochs", "1", "--valid-fraction", "0.25"])  # test rows: said too
+    assert res.exit_code == 0, res.output
+    assert f"seed 0; 2 test row(s) of {man} left out by its split column)" in res.stdout
 
     ref = tmp_path / "reference.csv"  # CAMELYON16 style, no split: a seeded stratified split
     ref.write_text("".join(f"{n.upper()},{'Tumor' if y else 'Normal'}\n" for n, (_, y) in sorted(bags.items())))
@@ -184,6 +188,43 @@ def test_cli_train_mil_with_manifest_split_and_with_valid_fraction(feature_bags,
     assert "12 training and 4 validation slides (seeded stratified split" in res.stdout
     assert (tmp_path / "l.json").is_file()
     assert not math.isnan(torch.load(out, weights_only=True)["metadata"]["valid_loss"])
+
+
+def test_cli_valid_labels_obeys_both_split_columns_and_says_what_it_left_out(feature_bags, tmp_path):
+    """Rows of --labels marked valid or test were dropped without a word (the help said all of --labels trains);
+    rows of --valid-labels marked train or test were validated on."""
+    from wsi_vssm.commands.train import command
+
+    d, bags = feature_bags
+    man, vman = tmp_path / "train.csv", tmp_path / "valid.csv"
+    splits = {"t06": "valid", "n06": "valid", "t07": "test"}
+    man.write_text("slide,label,split\n" + "".join(f"{n},{y},{splits.get(n, 'train' if n < 'n03' else '')}\n"
+                                                  for n, (_, y) in sorted(bags.items()) if n != "n07"))
+    vman.write_text("slide,label,split\nt06,1,valid\nn06,0,\nn07,0,train\nt07,1,test\n")
+    out = tmp_path / "m.pt"
+    res = CliRunner().invoke(command, ["mil", "--features", str(d), "--labels", str(man), "--valid-labels",
+                                       str(vman), "--out", str(out), "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (f"12 training and 2 validation slides (validation slides from {vman}; 1 test and 2 valid row(s) of {man} "
+            f"left out by its split column; 1 test and 1 train row(s) of {vman} left out by its split column)"
+            in res.stdout), res.stdout
+    meta = torch.load(out, weights_only=True)["metadata"]
+    assert sorted(meta["valid_slides"]) == ["n06", "t06"]
+    assert not {"t06", "n06", "t07", "n07"} & set(meta["train_slides"])
+    assert "valid or test" in CliRunner().invoke(command, ["mil", "--help"]).stdout  # the help says so
+
+
+def test_cli_a_slide_in_both_label_tables_is_named(feature_bags, tmp_path, capsys):
+    """A slide in both tables: train_mil's "2 slide(s) are in both training and validation, e.g. <store>" named
+    neither table nor line; now the first such slide is named before any feature is read."""
+    d, bags = feature_bags
+    man, vman = tmp_path / "train.csv", tmp_path / "valid.csv"
+    man.write_text("slide,label\n" + "".join(f"{n.upper()},{y}\n" for n, (_, y) in sorted(bags.items())))
+    vman.write_text("slide,label\nt07,1\nn07,0\n")
+    _one_line_error(["train", "mil", "--features", d, "--labels", man, "--valid-labels", vman, "--out",
+                     tmp_path / "m.pt", "--epochs", "1", "--device", "cpu"], capsys,
+                    f"slide 'N07' is in both --labels {man} (line 9) and --valid-labels {vman} (line 3)")
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_cell_head_comes_from_the_model_that_made_the_features(feature_bags, tmp_path):

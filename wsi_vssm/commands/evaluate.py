@@ -95,7 +95,10 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
             raise OptionError(f"--split {split}: {e}") from e
     m = res.metrics
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
-    for warning in (separation_warning(res), small_cohort_warning(res), domain_warning(res),
+    separation = separation_warning(res)
+    if separation and m["auc"] is not None:  # the line under the warning read as a result (metrics.json keeps it)
+        auc += ", not meaningful: the scores do not separate the classes"
+    for warning in (separation, small_cohort_warning(res), domain_warning(res),
                     training_slides_warning(res, model), training_patches_warning(res), annotation_frame_warning(res)):
         if warning:
             progress.warn(warning)

@@ -109,6 +109,8 @@ def pop_run_options(opts: dict, ctx: click.Context | None = None):
 
     workers, scheduler = opts.pop("workers"), opts.pop("scheduler")
     quiet, verbose = opts.pop("quiet"), opts.pop("verbose")
+    if scheduler is not None and not scheduler.strip():  # e.g. an unset "$SCHEDULER": never a silent serial run
+        raise OptionError("--scheduler is empty; give the address of a running Dask scheduler, tcp://HOST:PORT")
     if workers and scheduler:
         raise OptionError("--workers starts a local cluster and --scheduler uses an existing one; give only one")
     if quiet and verbose:

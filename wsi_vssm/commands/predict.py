@@ -32,14 +32,22 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
         model_file,
         pop_run_options,
     )
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.pipeline.predict import output_folder_problem
     from wsi_vssm.runs.cohort import expand_slide_folders
     from wsi_vssm.runs.jobs import predict_job
-    from wsi_vssm.runs.runner import run_slides, slide_tasks
+    from wsi_vssm.runs.runner import RESERVED_NAMES, run_slides, slide_tasks
 
     run, progress = pop_run_options(opts, ctx)
+    tasks = slide_tasks(expand_slide_folders(slides), progress)
+    # before the model loads: the slide's whole inference ran, then failed "File exists" (a reserved name is
+    # refused by the runner, in words that fit it better)
+    for task in tasks:
+        problem = task.name.lower() not in RESERVED_NAMES and output_folder_problem(out_dir, task.name)
+        if problem:
+            raise UsageError(f"{task.path}: {problem}")
     model = load_cli_model(model_path)
     job = predict_job(out_dir, model_file(model_path), model, build_params(model, mpp, **opts))
-    tasks = slide_tasks(expand_slide_folders(slides), progress)
     summary = run_slides(tasks, job, run, progress)
     if summary.count("done", "skipped"):
         progress.result(domain_note(model, job.params))  # what the model knows, so no one reads a diagnosis

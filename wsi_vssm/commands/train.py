@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -27,7 +28,10 @@ command = click.Group("train", help="Train models: `cells` trains a backbone and
 @click.option("--out", "-o", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Checkpoint to write (e.g. model_mil.pt).")
 @click.option("--valid-labels", type=click.Path(exists=True, path_type=Path), default=None,
-              help="A separate table of validation slides (all of --labels then trains).")
+              help="A separate table of validation slides; --labels then gives the training slides. Either "
+                   "table's split column is obeyed: rows of --labels marked valid or test, and rows of this table "
+                   "marked train or test, are left out (the summary line counts them). A slide in both tables is "
+                   "refused.")
 @click.option("--valid-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Share of slides held out for validation by a seeded stratified split (default 0.25 when "
                    "--labels has no split column).")
@@ -93,14 +97,19 @@ def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_f
     tables = [labels]
     if valid_labels is not None:  # the command has checked that --valid-fraction is not given too
         vcohort = read_cohort(valid_labels, find_slides=False)
-        train_names = [r.name for r in cohort.rows if r.split in (None, "train")]
-        valid_names, how = [r.name for r in vcohort.rows], f"validation slides from {valid_labels}"
+        # each table's split column is obeyed: never train on a row marked valid or test, nor select on test
+        train_splits, valid_splits = (None, "train"), (None, "valid")
+        train_rows = [r for r in cohort.rows if r.split in train_splits]
+        valid_rows = [r for r in vcohort.rows if r.split in valid_splits]
+        _check_disjoint(train_rows, labels, valid_rows, valid_labels)
+        train_names, valid_names = [r.name for r in train_rows], [r.name for r in valid_rows]
+        how = "; ".join([f"validation slides from {valid_labels}", *_left_out(cohort, train_splits),
+                         *_left_out(vcohort, valid_splits)])
         all_labels, tables = {**cohort.labels(), **vcohort.labels()}, [labels, valid_labels]
     elif cohort.has_split and valid_fraction is None:
         train_names = [r.name for r in cohort.rows if r.split == "train"]
         valid_names = [r.name for r in cohort.rows if r.split == "valid"]
-        n_test = sum(r.split == "test" for r in cohort.rows)
-        how = f"split column of {labels}; {n_test} test slide(s) left out"
+        how = "; ".join([f"split column of {labels}", *_left_out(cohort, ("train", "valid"))])
         all_labels = cohort.labels()
     else:
         frac = 0.25 if valid_fraction is None else valid_fraction
@@ -109,12 +118,36 @@ def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_f
         _check_stores(features_dir, stores, [r.name for r in rows], tables)
         usable = [r for r in rows if r.name.lower() in stores]
         train_names, valid_names = stratified_split([r.name for r in usable], [r.label for r in usable], frac, seed)
-        how = f"seeded stratified split: {frac:g} of each label held out for validation, seed {seed}"
+        how = "; ".join([f"seeded stratified split: {frac:g} of each label held out for validation, seed {seed}",
+                         *_left_out(cohort, (None, "train", "valid"))])
         return _bags(train_names, cohort.labels(), stores), _bags(valid_names, cohort.labels(), stores), how
     _check_stores(features_dir, stores, train_names + valid_names, tables)
     train = _bags(train_names, all_labels, stores)
     valid = _bags(valid_names, all_labels, stores)
     return train, valid, how
+
+
+def _left_out(cohort, kept: tuple) -> list[str]:
+    """The summary line's words for the rows of `cohort` whose split is not in `kept`, if any."""
+    counts = Counter(r.split or "blank-split" for r in cohort.rows if r.split not in kept)
+    if not counts:
+        return []
+    what = " and ".join(f"{n} {split}" for split, n in sorted(counts.items()))
+    return [f"{what} row(s) of {cohort.source} left out by its split column"]
+
+
+def _check_disjoint(train_rows: list, labels: Path, valid_rows: list, valid_labels: Path) -> None:
+    """A slide to train on that is also a validation slide: one line naming it, before anything is read."""
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.runs.cohort import name_key
+
+    valid = {name_key(r.name): r for r in valid_rows}
+    for r in train_rows:
+        v = valid.get(name_key(r.name))
+        if v is not None:
+            raise UsageError(f"slide {r.name!r} is in both --labels {labels} (line {r.line}) and --valid-labels "
+                             f"{valid_labels} (line {v.line}): validating on a training slide overstates its AUC; "
+                             "list it in one table only")
 
 
 def _stores(features_dir: Path) -> dict[str, Path]:

@@ -1,5 +1,6 @@
 """Metadata rules every slide backend shares: content sniffing, the resolution rules (plausible mpp, units,
-TIFF resolution tags, the objective-power estimate), channel layout, and how to install a missing backend.
+TIFF resolution tags, the objective-power estimate), channel layout, the range float and signed samples are
+read in (`sample_top`), and how to install a missing backend.
 
 It sits below `io.slide` (the dispatcher) and `io.backends.*`, which both import it and nothing of each other.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.io.base import PLAUSIBLE_MPP, tiff_resolution_um, to_rgb  # the range: base's error message needs it
-from wsi_vssm.io.errors import MissingBackend
+from wsi_vssm.io.errors import MissingBackend, UnsupportedFormat
 
 # How to install what each backend needs; named in MissingBackend messages.
 INSTALL = {
@@ -254,8 +255,57 @@ def warn_unread_planes(path, axes: str, shape) -> None:
         warnings.warn(f"{path}: {unread}", stacklevel=3)
 
 
-def channels_to_rgb(tile: np.ndarray, samples: bool = True) -> np.ndarray:
-    """An H x W (x C) tile as H x W x 3 uint8.
+# ---- sample values: which one is full intensity -----------------------------------------------------------
+
+_TOPS = (1.0, 255.0, 65535.0)  # the ranges float (and signed) samples are read in: the first that holds them
+PEEK_PX = 1024  # the sample range is looked up in at most this square of the coarsest level's top-left
+
+
+def needs_range(dtype) -> bool:
+    """Whether samples of `dtype` (float, signed integer) need their range to be read: unsigned ones need not."""
+    return np.dtype(dtype).kind in "fi"
+
+
+def sample_range(samples: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite values in `samples`; (0, 0) when there are none."""
+    a = np.asarray(samples)
+    if a.dtype.kind == "f":
+        a = a[np.isfinite(a)]
+    return (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+
+
+def sample_top(path, dtype, lo: float, hi: float) -> float:
+    """The value of `dtype` samples (float or signed integer) in the range `lo`..`hi` that reads as 255.
+
+    The first of 0-1 (floats only), 0-255, 0-65535 and a signed type's positive range whose top is more than
+    half `hi` (an overshoot from resampling stays in its range; an image so dark that it is not is black
+    either way). UnsupportedFormat for samples beyond 131,070 (floats) and for negative ones past a tenth of
+    `hi`: signed data (differences, normalised values) is no RGB image. Smaller negatives clip to 0.
+    """
+    dtype = np.dtype(dtype)
+    tops = list(_TOPS)
+    if dtype.kind == "i":
+        most = float(np.iinfo(dtype).max)
+        tops = [t for t in _TOPS[1:] if t < most] + [most]
+    what = f"{dtype.name} samples from {lo:,.6g} to {hi:,.6g}"
+    if lo < 0 and -lo > max(hi, 0.0) / 10:
+        raise UnsupportedFormat(path, f"{what}: signed data, not an RGB image; convert it to 8-bit RGB")
+    top = next((t for t in tops if hi < 2 * t), None)
+    if top is None:
+        raise UnsupportedFormat(path, f"{what}: not in 0-1, 0-255 or 0-65535; convert it to 8-bit RGB")
+    return top
+
+
+def scale_to_uint8(samples: np.ndarray, top: float) -> np.ndarray:
+    """Samples in 0..`top` as uint8 0..255: below 0 and -inf read 0, above `top`, +inf and NaN 255 (white, as
+    missing tiles)."""
+    a = np.nan_to_num(np.asarray(samples, np.float32), nan=top, posinf=top, neginf=0.0)
+    return (np.clip(a, 0.0, top) * np.float32(255.0 / top) + np.float32(0.5)).astype(np.uint8)
+
+
+def channels_to_rgb(tile: np.ndarray, samples: bool = True, top: float | None = None) -> np.ndarray:
+    """An H x W (x C) tile as H x W x 3 uint8; `top`: the sample value that reads as 255 (`sample_top`), else
+    uint8 as it is and other types over their whole range.
 
     samples=True: the channels are a pixel's samples (gray, gray+alpha, RGB, RGBA): alpha composes over white.
     samples=False: independent channels (fluorescence, OME/NGFF 'c'): one is shown as gray, three or more as
@@ -264,4 +314,4 @@ def channels_to_rgb(tile: np.ndarray, samples: bool = True) -> np.ndarray:
     if tile.ndim == 3 and not samples:
         c = tile.shape[2]
         tile = tile[..., :3] if c >= 3 else tile[..., :1]
-    return to_rgb(tile)
+    return to_rgb(tile if top is None else scale_to_uint8(tile, top))

@@ -140,8 +140,7 @@ def _open_auto(path: Path) -> SlideReader:
         raise UnsupportedFormat(path, "a directory, but not an OME-Zarr store (no .zattrs or zarr.json)")
     head = _read_head(path)
     is_tiff = head[:4] in TIFF_MAGIC
-    if is_tiff and _is_ome_tiff(path):
-        # OpenSlide (4.x) reads OME-TIFF as a plain TIFF: no SubIFD pyramid, no OME resolution.
+    if is_tiff and _tifffile_first(path):
         return _open_with("tifffile", path)
     openslide_error: SlideError | None = None
     if module_available("openslide") and _openslide_detects(path):
@@ -201,15 +200,18 @@ def _read_head(path: Path) -> bytes:
         raise UnsupportedFormat(path, f"cannot read the file: {err.strerror or err}") from err
 
 
-def _is_ome_tiff(path: Path) -> bool:
+def _tifffile_first(path: Path) -> bool:
+    """An OME-TIFF (OpenSlide 4.x reads it as a plain TIFF: no SubIFD pyramid, no OME resolution), or float or
+    signed samples (OpenSlide fails on floats and wraps signed values; tifffile reads them in their range)."""
     if not module_available("tifffile"):
         return False
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tf:
-            return bool(tf.is_ome)
-    except Exception:  # any failure here just means "not a readable OME-TIFF"
+            dtype = getattr(tf.pages.first, "dtype", None)
+            return bool(tf.is_ome) or (dtype is not None and dtype.kind in "fi")
+    except Exception:  # any failure here just means "not a TIFF tifffile reads better"
         return False
 
 

@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 from shapely.geometry import MultiPolygon, Polygon, box, mapping
 
 from wsi_vssm.atomic import atomic_write_json
-from wsi_vssm.errors import UsageError
+from wsi_vssm.errors import UsageError, is_real_number, one_line
 from wsi_vssm.outputs.heatmap import _grid, _pair, _positive
 
 TUMOR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}
@@ -194,34 +194,103 @@ class ContourFeature:
     name: str
     rings: list[np.ndarray] = field(default_factory=list)  # each (n, 2) float, closing point dropped
     max_probability: float = math.nan
-    properties: dict = field(default_factory=dict)
+    properties: dict = field(default_factory=dict)  # its "measurements" always a dict of numbers (or None)
 
 
 def read_contours_geojson(path: str | os.PathLike) -> list[ContourFeature]:
-    """The features of a contours.geojson (ours or any GeoJSON of polygons); UsageError (one line) otherwise."""
+    """The features of a contours.geojson (ours or any GeoJSON of polygons): a FeatureCollection, a bare array
+    of Features (as some tools write) or one Feature. Anything malformed is a UsageError, one line naming the file
+    and, where it helps, the feature."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        features = list(doc["features"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{path}: not a contours GeoJSON: {type(err).__name__}: {err}") from err
-    out = []
-    for i, feat in enumerate(features):
-        props = dict((feat.get("properties") or {}) if isinstance(feat, dict) else {})
-        prob = (props.get("measurements") or {}).get("Max probability")
-        rings = _rings((feat.get("geometry") or {}) if isinstance(feat, dict) else {})
-        out.append(ContourFeature(str(props.get("name") or f"Tumor {i + 1}"), rings,
-                                  math.nan if prob is None else float(prob), props))
-    return out
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: not UTF-8 or not JSON
+        raise UsageError(f"{path}: not a contours GeoJSON: {type(err).__name__}: {one_line(err)}") from err
+    if isinstance(doc, list):
+        features = doc
+    elif isinstance(doc, dict) and doc.get("type") == "Feature":
+        features = [doc]
+    elif isinstance(doc, dict) and isinstance(doc.get("features"), list):
+        features = doc["features"]
+    elif isinstance(doc, dict):
+        got = f"'features' is {_show(doc['features'])}, not an array" if "features" in doc else \
+            "an object with no 'features' array, nor a Feature"
+        raise UsageError(f"{path}: not a contours GeoJSON: {got}")
+    else:
+        raise UsageError(f"{path}: not a contours GeoJSON: {_show(doc)} is not a FeatureCollection, a Feature or "
+                         "an array of Features")
+    return [_feature(feat, f"{path}: feature {i}", i) for i, feat in enumerate(features)]
 
 
-def _rings(geometry: dict) -> list[np.ndarray]:
-    """Every ring (exterior and holes) of a GeoJSON Polygon or MultiPolygon, as (n, 2) arrays, closing point off."""
-    kind, coords = geometry.get("type"), geometry.get("coordinates") or []
-    polygons = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else []
-    out = []
-    for poly in polygons:
-        for ring in poly:
-            a = np.asarray(ring, dtype=float)
-            if a.ndim == 2 and len(a) >= 4 and a.shape[1] >= 2:
-                out.append(a[:-1, :2] if np.array_equal(a[0], a[-1]) else a[:, :2])
-    return out
+def _feature(feat, where: str, i: int) -> ContourFeature:
+    if not (isinstance(feat, dict) and feat.get("type") == "Feature"):
+        raise UsageError(f"{where} is {_show(feat)}, not a GeoJSON Feature object")
+    props = {} if feat.get("properties") is None else feat["properties"]
+    if not isinstance(props, dict):
+        raise UsageError(f"{where}: properties is {_show(props)}, not an object")
+    props = dict(props)
+    measurements = {} if props.get("measurements") is None else props["measurements"]
+    if isinstance(measurements, list) and all(isinstance(m, dict) and isinstance(m.get("name"), str)
+                                              for m in measurements):  # QuPath before 0.4: [{name, value}]
+        measurements = {m["name"]: m.get("value") for m in measurements}
+    if not isinstance(measurements, dict):
+        raise UsageError(f"{where}: measurements is {_show(measurements)}, not an object")
+    for key, value in measurements.items():  # readers (the napari layer) take them as floats
+        if value is not None and _float(value) is None:
+            raise UsageError(f"{where}: measurement {key!r} is {_show(value)}, not a number")
+    props["measurements"] = measurements
+    lesion = props.get("lesion_id")
+    if lesion is not None and not (isinstance(lesion, int) and not isinstance(lesion, bool)):
+        raise UsageError(f"{where}: lesion_id is {_show(lesion)}, not a whole number")
+    prob = measurements.get("Max probability")
+    return ContourFeature(str(props.get("name") or f"Tumor {i + 1}"), _rings(feat.get("geometry"), where),
+                          math.nan if prob is None else _float(prob), props)
+
+
+_NO_AREA = ("Point", "MultiPoint", "LineString", "MultiLineString", "GeometryCollection")  # valid, but no rings
+
+
+def _rings(geometry, where: str) -> list[np.ndarray]:
+    """Every ring (exterior and holes) of a GeoJSON Polygon or MultiPolygon, as (n, 2) arrays, closing point off;
+    none for a null geometry or one without area."""
+    if geometry is None:
+        return []
+    kind = geometry.get("type") if isinstance(geometry, dict) else None
+    if kind in _NO_AREA:
+        return []
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise UsageError(f"{where}: geometry is {_show(geometry)}, not a GeoJSON geometry")
+    coords = geometry.get("coordinates")
+    polygons = [coords] if kind == "Polygon" else coords
+    if not isinstance(polygons, list) or not all(isinstance(p, list) for p in polygons):
+        raise UsageError(f"{where}: {kind} coordinates are {_show(coords)}, not lists of rings")
+    return [_ring(ring, f"{where}: ring {j}" if kind == "Polygon" else f"{where}: polygon {k}, ring {j}")
+            for k, poly in enumerate(polygons) for j, ring in enumerate(poly)]
+
+
+def _ring(ring, where: str) -> np.ndarray:
+    if not isinstance(ring, list):
+        raise UsageError(f"{where} is {_show(ring)}, not an array of [x, y] positions")
+    xy = []
+    for k, pos in enumerate(ring):
+        x, y = (_float(v) for v in pos[:2]) if isinstance(pos, list) and len(pos) >= 2 else (None, None)
+        if x is None or y is None or not math.isfinite(x) or not math.isfinite(y):
+            raise UsageError(f"{where}, position {k} is {_show(pos)}, not [x, y] finite numbers")
+        xy.append((x, y))
+    a = np.array(xy, dtype=float).reshape(-1, 2)
+    a = a[:-1] if len(a) > 1 and np.array_equal(a[0], a[-1]) else a
+    if len(a) < 3:
+        raise UsageError(f"{where} has {len(a)} corner(s) (closing position not counted); a ring needs 3")
+    return a
+
+
+def _float(value) -> float | None:
+    """A JSON number as a float; None for anything else (a string, a boolean, an integer too large)."""
+    try:
+        return float(value) if is_real_number(value) else None
+    except OverflowError:
+        return None
+
+
+def _show(value) -> str:
+    """A JSON value as a one-line message shows it: its JSON text, cut short."""
+    return one_line(json.dumps(value, allow_nan=True), 60)

@@ -123,6 +123,9 @@ def write_heatmap_zarr(
         "mpp": float(slide_mpp),
         "shape": list(prob.shape),
         "convention": "pixel centre = cell centre; slide pixel k centre at k * mpp um (napari)",
+        # every chunk is on disk, all-background ones too, so a lost chunk is found (read_heatmap_zarr), not
+        # read as "no tissue" (zarr's default skips chunks equal to the fill value)
+        "all_chunks_written": True,
     }
     with atomic_dir(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
@@ -135,6 +138,7 @@ def write_heatmap_zarr(
                 fill_value=0.0,
                 compressors=numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
                 chunk_key_encoding={"name": "v2", "separator": "/"},  # NGFF 0.4 requires "/" chunk keys
+                config={"write_empty_chunks": True},
             )
             arr[...] = level
         group.attrs.update({"multiscales": [multiscale], "wsi_vssm": to_jsonable(block)})
@@ -159,7 +163,11 @@ def read_heatmap_zarr(path: str | os.PathLike, level: int = 0):
                              f"0-{len(datasets) - 1}")
         ds = datasets[level]
         transforms = {t["type"]: t for t in ds["coordinateTransformations"]}
-        prob = np.asarray(group[ds["path"]][...], dtype=np.float32)
+        arr = group[ds["path"]]
+        if (attrs.get("wsi_vssm") or {}).get("all_chunks_written") and arr.nchunks_initialized < arr.nchunks:
+            raise UsageError(f"{path}: damaged heatmap: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} "
+                             f"chunks of level {level} missing")
+        prob = np.asarray(arr[...], dtype=np.float32)
         cell_um = float(transforms["scale"]["scale"][-1])
         translation = tuple(float(v) for v in transforms.get("translation", {"translation": [0, 0]})["translation"])
     except UsageError:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm import __version__
-from wsi_vssm.errors import WsiVssmError, is_real_number
+from wsi_vssm.errors import UsageError, WsiVssmError, is_real_number
 from wsi_vssm.io.base import SlideReader
 from wsi_vssm.outputs import files
 from wsi_vssm.outputs.prediction import SCHEMA as PREDICTION_SCHEMA
@@ -58,8 +58,6 @@ class PredictParams:
     def __post_init__(self):
         """Values refused at once, naming the field: a threshold of NaN was taken, and an out-of-range cell
         threshold failed only after the backbone had run (hours on a CPU for a real slide)."""
-        from wsi_vssm.errors import UsageError
-
         def bad(name, what):
             raise UsageError(f"PredictParams.{name} must be {what}, got {getattr(self, name)!r}")
 
@@ -199,6 +197,9 @@ def predict_slide(
         where = slide_path if slide is not slide_path else slide.path or slide.name  # what messages name
         stage("read", 0, 1)
         slide.require_mpp()
+        out_dir = Path(out_root) / slide.name
+        if problem := output_folder_problem(out_root, slide.name):  # before the backbone: mkdir found it only
+            raise UsageError(f"{where}: {problem}")  # after the whole slide had run ("File exists")
         t = time.perf_counter()
         tissue = slide_tissue(slide)  # the one tissue rule: info, extract and training use it too
         same = max(tissue.thumbnail.shape[:2]) >= THUMBNAIL_SIDE  # large slides: one read serves both
@@ -234,7 +235,6 @@ def predict_slide(
 
         t = time.perf_counter()
         stage("write", 0, 1)
-        out_dir = Path(out_root) / slide.name
         out_dir.mkdir(parents=True, exist_ok=True)
         label = None if prob is None else int(prob >= threshold)
         few = _few_cells_warning(cell_probs, label, cell_t)
@@ -278,6 +278,16 @@ def predict_slide(
     return record
 
 
+def output_folder_problem(out_root: str | os.PathLike, name: str) -> str | None:
+    """Why OUT/<name> cannot hold a slide's outputs: a file (or a link to one) is there. None when it is a folder
+    or absent (a link to a folder is the runner's to refuse: `runs.runner._triage`)."""
+    folder = Path(out_root) / name
+    if folder.exists() and not folder.is_dir():
+        return (f"its output folder {folder} is a file, not a folder: move the file away or write the outputs "
+                "elsewhere (--out)")
+    return None
+
+
 @contextmanager
 def _opened(slide, params: PredictParams):
     """A path opened with `params`' backend and mpp (closed after), or the caller's open reader as it is."""
@@ -285,8 +295,6 @@ def _opened(slide, params: PredictParams):
 
     if isinstance(slide, SlideReader):
         if params.mpp is not None:
-            from wsi_vssm.errors import UsageError
-
             raise UsageError(f"{slide.path or slide.name}: PredictParams.mpp is for slides given by path; set an "
                              "open slide's own (ArraySlide(image, mpp=...), open_slide(path, mpp=...))")
         yield slide

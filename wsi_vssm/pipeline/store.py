@@ -12,6 +12,9 @@ from wsi_vssm.errors import WsiVssmError, one_line
 
 STORE_FORMAT = "wsi-vssm-features/1"
 ARRAYS = ("features", "coords_px", "coords_um", "region_id", "tissue")
+# Stores that hold every chunk say so: zarr skips chunks equal to the fill value by default and reads an absent
+# chunk as that fill, so without it a chunk lost in a copy could not be told from an all-zero one.
+COMPLETE_ATTR = "all_chunks_written"
 
 
 class FeatureStoreError(WsiVssmError):
@@ -56,11 +59,12 @@ class FeatureStore:
         try:
             with atomic_dir(path) as tmp:
                 group = zarr.open_group(tmp, mode="w", zarr_format=3)
-                group.attrs.update(to_jsonable(cells.attrs))
+                group.attrs.update({**to_jsonable(cells.attrs), COMPLETE_ATTR: True})
                 for name in ARRAYS:
                     data = np.ascontiguousarray(getattr(cells, name))
                     chunks = (max(1, min(len(data), 65536)),) + data.shape[1:]
-                    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+                    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                             config={"write_empty_chunks": True})
                     if data.size:
                         arr[...] = data
         except OSError as e:
@@ -93,6 +97,12 @@ class FeatureStore:
         if any(arrays[a].shape[0] != n for a in ARRAYS) or arrays["features"].ndim != 2:
             shapes = {a: arrays[a].shape for a in ARRAYS}
             raise FeatureStoreError(f"{self.path}: damaged feature store (inconsistent array shapes {shapes})")
+        if self.attrs.get(COMPLETE_ATTR):
+            for name in ARRAYS:
+                arr = arrays[name]
+                if arr.nchunks_initialized < arr.nchunks:
+                    raise FeatureStoreError(f"{self.path}: damaged feature store ({name}: "
+                                            f"{arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing)")
 
     def __getattr__(self, name):
         if name in ARRAYS:

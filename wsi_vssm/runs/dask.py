@@ -10,14 +10,16 @@ plan: `pipeline.extract.plan_slide`), sends batches of `split_regions` regions t
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 
-from wsi_vssm.errors import UsageError, WsiVssmError, one_line
+from wsi_vssm.errors import OptionError, WsiVssmError, one_line
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import SlideTask, execute, finish_slide, start_slide
 
 _THREADS_SET = False
+CONNECT_TIMEOUT_S = 30  # how long --scheduler's address may take to answer (distributed retries until then)
 
 
 class WorkerFailed(WsiVssmError):
@@ -94,11 +96,17 @@ def _client(opts, progress: Progress):
 
     if opts.scheduler:
         try:
-            client = Client(opts.scheduler, timeout=30)
-        except (OSError, TimeoutError, ValueError) as e:  # ValueError: not an address (no scheme or port)
-            raise UsageError(f"cannot reach the Dask scheduler at {opts.scheduler}: {one_line(e)}") from e
-        progress.detail(f"dask: connected to {opts.scheduler}")
-        return client, None
+            client = Client(opts.scheduler, timeout=CONNECT_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 -- distributed raises OSError (nothing there), ValueError (not an
+            # address), TypeError (tls:// without a TLS config, ucx:// without ucx)...: all mean "not usable"
+            reason = f"{type(e).__name__}: {one_line(e)}"
+        else:
+            progress.detail(f"dask: connected to {opts.scheduler}")
+            return client, None
+        # The failed Client sits in a reference cycle; collected later, its __del__ would take distributed's
+        # LoopRunner lock and could deadlock the next Client's start in this process: collect it now.
+        gc.collect()
+        raise OptionError(f"--scheduler {opts.scheduler}: cannot use this Dask scheduler: {reason}")
     threads = str(max(1, (os.cpu_count() or 1) // opts.workers))
     env = {v: threads for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
     cluster = LocalCluster(n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,

@@ -15,6 +15,7 @@ metrics.json says `"complete": false` (true only when every slide is done or fai
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.errors import UsageError, one_line
+from wsi_vssm.models.inputs import STRIDE
 from wsi_vssm.outputs.files import CALIBRATION_PNG, HEATMAP_ZARR, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
 from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
 from wsi_vssm.runs.cohort_table import (
@@ -232,6 +234,13 @@ def _model_file_for_workers(model, out: Path) -> str:
     return str(path)
 
 
+# The cell head learnt on 96 px patches (PCam), scored at the centre token of their 3 x 3 token map. A patch more
+# than a tenth smaller (48 px patches, a wrong --mpp) has its labelled centre off that token, or no 3 x 3 map at
+# all: its scores fell near 0 without a word. Within a tenth (rounding, 0.9 vs 0.97 um/px) it is scored as trained.
+TRAINED_PATCH_PX = 3 * STRIDE
+SMALL_PATCH_PX = round(0.9 * TRAINED_PATCH_PX)
+
+
 def evaluate_patches(
     folder: str | os.PathLike, model, out_dir: str | os.PathLike, mpp: float | None, batch_size: int = 64,
     n_boot: int = 2000, threshold: float | None = None, inference=None, device: str = "cpu",
@@ -263,6 +272,7 @@ def evaluate_patches(
     scale = mpp / model.mpp  # image px -> model px
     rows: list[dict | None] = [None] * len(ds)  # in the dataset's order, whichever batch a patch went in
     batch, index = [], []
+    warned = False
     model.eval().to(device)
 
     def flush():
@@ -280,8 +290,12 @@ def evaluate_patches(
             rows[i] = {"slide": ds.items[i].name, "label": ds.items[i].label, "probability": None,
                        "status": "failed", "error": one_line(e)}
             continue
+        given = img.shape[:2]
         if abs(scale - 1) > 1e-3:
             img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
+        if not warned and min(img.shape[:2]) < SMALL_PATCH_PX:
+            warned = True  # once: a folder's patches are mostly of one size
+            warnings.warn(_small_patch_warning(folder, img.shape[:2], given, mpp, model.mpp), stacklevel=2)
         if batch and batch[0].shape[2:] != img.shape[:2]:
             flush()
         batch.append(to_tensor(img))
@@ -300,6 +314,14 @@ def evaluate_patches(
     metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
                              provenance={**_provenance(folder, None, model, parameters), "model_patches": seen})
     return EvaluationResult(metrics, rows, items="patches")
+
+
+def _small_patch_warning(folder, got: tuple[int, int], given: tuple[int, int], mpp: float, model_mpp: float) -> str:
+    resized = (f" (resized from {given[1]} x {given[0]} px: --mpp {mpp:g} to the model's {model_mpp:g} um/px)"
+               if got != given else "")
+    return (f"{folder}: patches are scored at {got[1]} x {got[0]} px{resized}, smaller than the {TRAINED_PATCH_PX} "
+            "px patches the model was trained on: their scores are unreliable; check --mpp, the patches' own "
+            "um/px (PCam: 0.97)")
 
 
 def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.ndarray:
@@ -402,8 +424,6 @@ def _read_annotations(annotations: Path, folders: dict[str, str], labels: dict[s
     only `tumor[1].xml`). Read before the cohort runs, so that a malformed file fails with its one-line error
     then, not after every slide has been analysed. A slide labelled tumour (`labels`) without a file, or whose
     file holds no tumour area, is named in a warning: the FROC counts its detections as false positives."""
-    import warnings
-
     from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES, read_annotations
 
     by_name: dict[str, Path] = {}

@@ -273,7 +273,8 @@ def _is_stale(holder: dict) -> bool:
 
 
 def check_output_folder(out: str | os.PathLike) -> None:
-    """Create OUT/.state and prove it can be written; one clear line (exit 1) otherwise."""
+    """Create OUT/.state (the folder of the per-slide state and lock files) and prove it can be written; one clear
+    line (exit 1) otherwise."""
     d = Path(out) / STATE_DIR
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -281,6 +282,10 @@ def check_output_folder(out: str | os.PathLike) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        if os.path.lexists(d) and not d.is_dir():  # mkdir's "File exists" blamed OUT, which is a folder
+            what = "a broken symbolic link" if not d.exists() else "a file"
+            raise OutputNotWritable(f"{d} is {what}, not a folder: the run keeps each slide's state and lock in a "
+                                    "folder of that name; move it away or use another --out") from e
         raise OutputNotWritable(f"{out}: cannot write to the output folder ({e.strerror or e})") from e
 
 

@@ -3,6 +3,10 @@
 Each level is a zarr array over `TiffFile.aszarr()`: a read decodes only the tiles (or NDPI strips) it
 touches, never a whole level. The file is opened lazily and per process; a pickled reader carries only its
 path and metadata.
+
+Float and signed samples are read in the range `formats.sample_top` picks from their minimum and maximum: the
+TIFF's SMinSampleValue / SMaxSampleValue tags when it has both, else the finite values in the top-left
+`PEEK_PX` square of the coarsest level (never a scan of the whole slide). NaN reads as white.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from wsi_vssm.errors import one_line
 from wsi_vssm.io.base import OME_STATED_UM, SlideReader
 from wsi_vssm.io.errors import CorruptSlide, SlideError, UnsupportedFormat
 from wsi_vssm.io.formats import (
+    PEEK_PX,
     channels_to_rgb,
     is_tiff,
     length_to_um,
@@ -25,7 +30,10 @@ from wsi_vssm.io.formats import (
     module_available,
     mpp_from_objective,
     mpp_from_tiff_resolution,
+    needs_range,
     plausible_mpp,
+    sample_range,
+    sample_top,
     tiff_truncation,
     warn_unread_planes,
 )
@@ -74,6 +82,7 @@ class TiffSlide(SlideReader):
             if truncated:
                 raise CorruptSlide(path, truncated)
             info = _describe(tf, path)
+            top = _top(tf, info, path)
         except SlideError:
             tf.close()
             raise
@@ -92,6 +101,9 @@ class TiffSlide(SlideReader):
             properties=info.properties,
         )
         self._tf, self._pid, self._arrays = tf, os.getpid(), {}
+        self._top = top  # the sample value read as 255; None: uint8 as it is, unsigned over the type's range
+        dtype = tf.series[info.series].dtype  # the raw value that reads as white, for missing tiles:
+        self._white = dtype.type(top if top is not None else np.iinfo(dtype).max if dtype.kind == "u" else 255)
 
     @staticmethod
     def _open(path: Path):
@@ -117,28 +129,13 @@ class TiffSlide(SlideReader):
             import zarr
 
             # Missing (sparse) tiles read as white background, as OpenSlide shows them.
-            store = tf.series[self._series].aszarr(level=level, fillvalue=255)
+            store = tf.series[self._series].aszarr(level=level, fillvalue=self._white)
             arr = self._arrays[level] = zarr.open_array(store, mode="r")
         return arr
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        axes = self._axes[level]
-        arr = self._array(level)
-        index = []
-        for ax in axes:
-            if ax == "Y":
-                index.append(slice(y, y + h))
-            elif ax == "X":
-                index.append(slice(x, x + w))
-            elif ax in "SC":
-                index.append(slice(None))
-            else:  # time, focal plane...: the first one
-                index.append(0)
-        kept = [ax for ax in axes if ax in "YXSC"]
-        tile = np.asarray(arr[tuple(index)])
-        order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax in "SC"]
-        tile = tile.transpose(order)
-        return channels_to_rgb(tile, samples="S" in kept)
+        tile = _samples(self._array(level), self._axes[level], x, y, w, h)
+        return channels_to_rgb(tile, samples="S" in self._axes[level], top=self._top)
 
     def _map_tiles(self, level: int, func):
         """Every tile of a plain tiled RGB level, read in file order and decoded by tifffile in threads with
@@ -170,6 +167,42 @@ class TiffSlide(SlideReader):
         # A reader dropped without close() must not leak its file handle.
         if getattr(self, "_tf", None) is not None:
             self.close()
+
+
+def _samples(arr, axes: str, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """A region's raw samples as H x W (x samples or channels); of other axes (time, focal plane...) the first."""
+    index = []
+    for ax in axes:
+        if ax == "Y":
+            index.append(slice(y, y + h))
+        elif ax == "X":
+            index.append(slice(x, x + w))
+        elif ax in "SC":
+            index.append(slice(None))
+        else:
+            index.append(0)
+    kept = [ax for ax in axes if ax in "YXSC"]
+    order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax in "SC"]
+    return np.asarray(arr[tuple(index)]).transpose(order)
+
+
+def _top(tf, info: _TiffInfo, path: Path) -> float | None:
+    """The sample value read as 255 for float and signed samples (module docstring); None for unsigned ones."""
+    series = tf.series[info.series]
+    if not needs_range(series.dtype):
+        return None
+    tags = series.levels[0].keyframe.tags
+    stated = [tags.get(name) for name in ("SMinSampleValue", "SMaxSampleValue")]
+    # one value per sample, or one for all
+    span = None if None in stated else (float(np.min(stated[0].value)), float(np.max(stated[1].value)))
+    if span is None or not np.isfinite(span).all():
+        import zarr
+
+        last = len(series.levels) - 1
+        arr = zarr.open_array(series.aszarr(level=last, fillvalue=0), mode="r")  # 0: missing tiles say nothing
+        w, h = info.level_dimensions[last]
+        span = sample_range(_samples(arr, info.axes[last], 0, 0, min(w, PEEK_PX), min(h, PEEK_PX)))
+    return sample_top(path, series.dtype, *span)
 
 
 def _plain_tiled_page(level, axes: str):

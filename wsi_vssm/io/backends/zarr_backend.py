@@ -2,7 +2,9 @@
 
 Levels are the multiscale datasets, finest first. The resolution is the dataset's `scale` transformation on
 the x axis, in micrometres when the axis names a length unit; without a unit there is no physical resolution.
-Beyond y and x, the first time point and focal plane are read; channels go through `channels_to_rgb`.
+Beyond y and x, the first time point and focal plane are read; channels go through `channels_to_rgb`. Float
+and signed samples are read in the range `formats.sample_top` picks from the finite values in the top-left
+`PEEK_PX` square of the coarsest level (NaN reads as white).
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from wsi_vssm.errors import one_line
 from wsi_vssm.io.base import OME_STATED_UM, UNITLESS_SCALE, SlideReader
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
 from wsi_vssm.io.formats import (
+    PEEK_PX,
     channels_to_rgb,
     is_zarr_dir,
     length_to_um,
     missing_backend,
+    needs_range,
     plausible_mpp,
+    sample_range,
+    sample_top,
     warn_unread_planes,
 )
 
@@ -80,6 +86,16 @@ class ZarrSlide(SlideReader):
             properties=properties,
         )
         self._group, self._pid = group, os.getpid()
+        coarsest, self._top = group[self._paths[-1]], None  # the sample value read as 255 (tiff_backend's rule)
+        if needs_range(coarsest.dtype):
+            h, w = (min(shapes[-1][names.index(a)], PEEK_PX) for a in "yx")
+            try:
+                span = sample_range(self._samples(coarsest, 0, 0, w, h))
+            except MemoryError:
+                raise
+            except Exception as err:  # a broken chunk: decoders differ in what they raise
+                raise CorruptSlide(path, f"cannot read its coarsest level: {one_line(err)}") from err
+            self._top = sample_top(path, coarsest.dtype, *span)
 
     def _array(self, level: int):
         if self._group is None or self._pid != os.getpid():
@@ -87,6 +103,10 @@ class ZarrSlide(SlideReader):
         return self._group[self._paths[level]]
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return channels_to_rgb(self._samples(self._array(level), x, y, w, h), samples=False, top=self._top)
+
+    def _samples(self, arr, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """A region's raw values as H x W (x C): of time and z, the first plane."""
         index: list[int | slice] = []
         for name in self._names:
             if name == "y":
@@ -98,9 +118,8 @@ class ZarrSlide(SlideReader):
             else:  # time and z: the first plane
                 index.append(0)
         kept = [n for n in self._names if n in ("y", "x", "c")]
-        tile = np.asarray(self._array(level)[tuple(index)])
         order = [kept.index("y"), kept.index("x")] + ([kept.index("c")] if "c" in kept else [])
-        return channels_to_rgb(tile.transpose(order), samples=False)
+        return np.asarray(arr[tuple(index)]).transpose(order)
 
     def close(self) -> None:
         self._group = None
