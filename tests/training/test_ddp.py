@@ -105,4 +105,8 @@ def test_torchrun_two_processes_match_one_with_double_batch(tmp_path):
     assert a.keys() == b.keys() == init.keys()
     moved = max(float((b[k] - init[k]).abs().max()) for k in a)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+    # Adam's first steps move each weight by about lr * sign(gradient), so a weight whose gradient is near zero
+    # turns the summation order of the two runs' GEMMs (batch 8 against 16: other blocking, other per CPU) into
+    # more than fp32 rounding: 1.25e-5 on an AMX host, under 1e-5 on Zen 4. Ranks that did not average their
+    # gradients would differ by about lr (1e-3) on many weights.
+    assert moved > 1e-3 and diff < 1e-4, (moved, diff)
