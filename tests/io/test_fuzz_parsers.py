@@ -57,15 +57,21 @@ def test_asap_xml_parser_never_crashes(data):
     assert all(isinstance(name, str) and geom.is_valid for name, geom in items)
 
 
-json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), numbers, st.sampled_from(["Polygon", "MultiPolygon", "Feature",
-                                                                  "FeatureCollection", "Point"])),
-    lambda inner: st.one_of(st.lists(inner, max_size=4),
-                            st.dictionaries(st.sampled_from(["type", "coordinates", "features", "geometry",
-                                                             "properties", "classification", "name"]),
-                                            inner, max_size=4)),
-    max_leaves=25,
-)
+GEOJSON_TYPES = ["Polygon", "MultiPolygon", "Feature", "FeatureCollection", "Point"]
+GEOJSON_KEYS = ["type", "coordinates", "features", "geometry", "properties", "name"]
+
+
+def geojson_like(leaves, keys: list[str], max_size: int, max_leaves: int):
+    """Nested JSON values of `leaves`, GeoJSON type names, and lists and objects keyed by `keys`."""
+    return st.recursive(
+        st.one_of(st.none(), st.booleans(), leaves, st.sampled_from(GEOJSON_TYPES)),
+        lambda inner: st.one_of(st.lists(inner, max_size=max_size),
+                                st.dictionaries(st.sampled_from(keys), inner, max_size=4)),
+        max_leaves=max_leaves,
+    )
+
+
+json_values = geojson_like(numbers, GEOJSON_KEYS + ["classification"], max_size=4, max_leaves=25)
 
 
 @FUZZ
@@ -80,16 +86,9 @@ def test_geojson_parser_never_crashes(obj):
     assert all(isinstance(name, str) and geom.is_valid for name, geom in items)
 
 
-contour_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), numbers, st.integers(10**300, 10**310),
-              st.sampled_from(["Polygon", "MultiPolygon", "Feature", "FeatureCollection", "Point"])),
-    lambda inner: st.one_of(st.lists(inner, max_size=5),
-                            st.dictionaries(st.sampled_from(["type", "coordinates", "features", "geometry",
-                                                             "properties", "measurements", "Max probability",
-                                                             "Area um^2", "lesion_id", "name"]),
-                                            inner, max_size=4)),
-    max_leaves=30,
-)
+contour_values = geojson_like(st.one_of(numbers, st.integers(10**300, 10**310)),
+                              GEOJSON_KEYS + ["measurements", "Max probability", "Area um^2", "lesion_id"],
+                              max_size=5, max_leaves=30)
 
 
 @FUZZ

@@ -46,6 +46,7 @@ from wsi_vssm.errors import UsageError
 NGFF_VERSION = "0.4"
 IMAGE_NAME = "probability"
 CHUNK = 256
+ALL_CHUNKS = "all_chunks_written"  # the wsi_vssm block's flag: every chunk is on disk, empty ones too
 
 
 def heatmap_transform(cell0: float, origin: tuple[float, float], slide_mpp: float):
@@ -125,7 +126,7 @@ def write_heatmap_zarr(
         "convention": "pixel centre = cell centre; slide pixel k centre at k * mpp um (napari)",
         # every chunk is on disk, all-background ones too, so a lost chunk is found (read_heatmap_zarr), not
         # read as "no tissue" (zarr's default skips chunks equal to the fill value)
-        "all_chunks_written": True,
+        ALL_CHUNKS: True,
     }
     with atomic_dir(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
@@ -164,7 +165,7 @@ def read_heatmap_zarr(path: str | os.PathLike, level: int = 0):
         ds = datasets[level]
         transforms = {t["type"]: t for t in ds["coordinateTransformations"]}
         arr = group[ds["path"]]
-        if (attrs.get("wsi_vssm") or {}).get("all_chunks_written") and arr.nchunks_initialized < arr.nchunks:
+        if (attrs.get("wsi_vssm") or {}).get(ALL_CHUNKS) and arr.nchunks_initialized < arr.nchunks:
             raise UsageError(f"{path}: damaged heatmap: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} "
                              f"chunks of level {level} missing")
         prob = np.asarray(arr[...], dtype=np.float32)
