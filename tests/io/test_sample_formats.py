@@ -111,3 +111,45 @@ def test_ome_zarr_float_0_255_reads_as_is(tmp_path):
     group.attrs["multiscales"] = [{"version": "0.4", "axes": axes,
                                    "datasets": [{"path": "0", "coordinateTransformations": scale}]}]
     np.testing.assert_array_equal(read_all(tmp_path / "f.zarr", backend="zarr"), RGB)
+
+
+def _padded_corner(size=1100, pad=1024) -> np.ndarray:
+    """A single-level float 0-255 scan whose top-left pad x pad corner is black fill (no data), tissue elsewhere."""
+    data = np.full((size, size, 3), 200.0, np.float32)
+    data[:pad, :pad] = 0.0
+    return data
+
+
+def test_the_range_is_looked_up_over_the_level_not_its_corner(tmp_path):
+    """The range came from the top-left 1,024 px only: a blank corner said 0-0, so 0-1, and tissue read white."""
+    path = tmp_path / "single.tif"
+    tifffile.imwrite(path, _padded_corner(), tile=(256, 256), photometric="rgb", metadata=None)
+    with open_slide(path, backend="tifffile") as slide:
+        assert slide.read_region((1050, 1050), 0, (20, 20))[0, 0].tolist() == [200, 200, 200]
+
+
+def test_ome_zarr_range_is_looked_up_over_the_level(tmp_path):
+    group = zarr.open_group(str(tmp_path / "f.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(3, 1100, 1100), chunks=(3, 256, 256), dtype="float32")[:] = np.moveaxis(
+        _padded_corner(), -1, 0)
+    axes = [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"]
+    scale = [{"type": "scale", "scale": [1, 0.5, 0.5]}]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": axes,
+                                   "datasets": [{"path": "0", "coordinateTransformations": scale}]}]
+    with open_slide(tmp_path / "f.zarr", backend="zarr") as slide:
+        assert slide.read_region((1050, 1050), 0, (20, 20))[0, 0].tolist() == [200, 200, 200]
+
+
+@pytest.mark.parametrize("size", [(64, 96), (1024, 1024), (1025, 300), (5000, 80_000)])
+def test_peek_windows_cover_the_level_within_the_budget(size):
+    from wsi_vssm.io.formats import PEEK_PX, peek_windows
+
+    w, h = size
+    windows = peek_windows(w, h)
+    assert all(0 <= x and 0 <= y and x + ww <= w and y + hh <= h for x, y, ww, hh in windows)
+    assert sum(ww * hh for _, _, ww, hh in windows) <= PEEK_PX * PEEK_PX
+    if w <= PEEK_PX and h <= PEEK_PX:
+        assert windows == [(0, 0, w, h)]
+    else:  # the far corner is looked at as well as the near one
+        assert (0, 0) in {(x, y) for x, y, _, _ in windows}
+        assert any(x + ww == w and y + hh == h for x, y, ww, hh in windows)

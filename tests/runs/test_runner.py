@@ -346,6 +346,33 @@ def test_dask_ctrl_c_keeps_the_slides_the_workers_finished(model_file, cohort, r
     _same_results(out, reference)
 
 
+def test_a_scheduler_without_workers_is_said_not_waited_on_in_silence():
+    """--scheduler whose cluster has no worker yet: a warning says why nothing moves (not an error: an adaptive
+    cluster starts workers only once tasks arrive); with a worker there, no warning."""
+    import io
+    from types import SimpleNamespace
+
+    from distributed import LocalCluster
+
+    from wsi_vssm.progress import Progress
+    from wsi_vssm.runs import dask as run_dask
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        said = {}
+        for workers in (0, 1):
+            if workers:
+                cluster.scale(1)
+                cluster.wait_for_workers(1, timeout=30)
+            err = io.StringIO()
+            client, own = run_dask._client(SimpleNamespace(scheduler=cluster.scheduler_address, workers=None),
+                                           Progress(err=err, tty=False))
+            client.close()
+            assert own is None  # an existing cluster: ours to use, not to close
+            said[workers] = err.getvalue()
+    assert "no Dask worker has joined yet" in said[0] and cluster.scheduler_address in said[0]
+    assert said[1] == ""
+
+
 def test_dask_split_regions_equal_the_serial_run(model_file, cohort, tmp_path):
     """A slide of more regions than --split-regions runs as region-batch tasks on the cluster's workers; the
     driver assembles its cells and finishes it: the same probabilities and heatmaps as a serial run."""

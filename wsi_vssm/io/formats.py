@@ -258,7 +258,20 @@ def warn_unread_planes(path, axes: str, shape) -> None:
 # ---- sample values: which one is full intensity -----------------------------------------------------------
 
 _TOPS = (1.0, 255.0, 65535.0)  # the ranges float (and signed) samples are read in: the first that holds them
-PEEK_PX = 1024  # the sample range is looked up in at most this square of the coarsest level's top-left
+PEEK_PX = 1024  # the sample range is looked up in at most this many pixels a side of the coarsest level
+PEEK_GRID = 4  # a larger level: PEEK_GRID x PEEK_GRID windows spread over it, as many pixels in all
+
+
+def peek_windows(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """(x, y, w, h) windows of a `width` x `height` level to look up its sample range in: the whole level up to
+    PEEK_PX a side, else a grid of small windows spread over it (a blank or padded corner, common on single-level
+    scans, alone would say nothing of the tissue's range)."""
+    if width <= PEEK_PX and height <= PEEK_PX:
+        return [(0, 0, width, height)]
+    w, h = min(width, PEEK_PX // PEEK_GRID), min(height, PEEK_PX // PEEK_GRID)
+    xs = np.linspace(0, width - w, PEEK_GRID).round().astype(int)
+    ys = np.linspace(0, height - h, PEEK_GRID).round().astype(int)
+    return sorted({(int(x), int(y), w, h) for y in ys for x in xs})
 
 
 def needs_range(dtype) -> bool:
@@ -266,9 +279,9 @@ def needs_range(dtype) -> bool:
     return np.dtype(dtype).kind in "fi"
 
 
-def sample_range(samples: np.ndarray) -> tuple[float, float]:
-    """(min, max) of the finite values in `samples`; (0, 0) when there are none."""
-    a = np.asarray(samples)
+def sample_range(*samples: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite values in all of `samples`; (0, 0) when there are none."""
+    a = np.concatenate([np.asarray(s).ravel() for s in samples])
     if a.dtype.kind == "f":
         a = a[np.isfinite(a)]
     return (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)

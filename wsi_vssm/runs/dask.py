@@ -102,6 +102,10 @@ def _client(opts, progress: Progress):
             reason = f"{type(e).__name__}: {one_line(e)}"
         else:
             progress.detail(f"dask: connected to {opts.scheduler}")
+            if not client.scheduler_info().get("workers"):
+                # not an error: an adaptive cluster starts its workers only once tasks arrive
+                progress.warn(f"--scheduler {opts.scheduler}: no Dask worker has joined yet; the slides wait "
+                              "until one does (start one with `dask worker ADDRESS`; Ctrl-C stops)")
             return client, None
         # The failed Client sits in a reference cycle; collected later, its __del__ would take distributed's
         # LoopRunner lock and could deadlock the next Client's start in this process: collect it now.

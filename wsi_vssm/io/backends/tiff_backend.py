@@ -5,8 +5,9 @@ touches, never a whole level. The file is opened lazily and per process; a pickl
 path and metadata.
 
 Float and signed samples are read in the range `formats.sample_top` picks from their minimum and maximum: the
-TIFF's SMinSampleValue / SMaxSampleValue tags when it has both, else the finite values in the top-left
-`PEEK_PX` square of the coarsest level (never a scan of the whole slide). NaN reads as white.
+TIFF's SMinSampleValue / SMaxSampleValue tags when it has both, else the finite values of the coarsest level
+(`formats.peek_windows`: all of it up to 1,024 px a side, else windows spread over it; never a scan of a whole
+large level). NaN reads as white.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from wsi_vssm.errors import one_line
 from wsi_vssm.io.base import OME_STATED_UM, SlideReader
 from wsi_vssm.io.errors import CorruptSlide, SlideError, UnsupportedFormat
 from wsi_vssm.io.formats import (
-    PEEK_PX,
     channels_to_rgb,
     is_tiff,
     length_to_um,
@@ -31,6 +31,7 @@ from wsi_vssm.io.formats import (
     mpp_from_objective,
     mpp_from_tiff_resolution,
     needs_range,
+    peek_windows,
     plausible_mpp,
     sample_range,
     sample_top,
@@ -200,8 +201,8 @@ def _top(tf, info: _TiffInfo, path: Path) -> float | None:
 
         last = len(series.levels) - 1
         arr = zarr.open_array(series.aszarr(level=last, fillvalue=0), mode="r")  # 0: missing tiles say nothing
-        w, h = info.level_dimensions[last]
-        span = sample_range(_samples(arr, info.axes[last], 0, 0, min(w, PEEK_PX), min(h, PEEK_PX)))
+        span = sample_range(*(_samples(arr, info.axes[last], *win)
+                              for win in peek_windows(*info.level_dimensions[last])))
     return sample_top(path, series.dtype, *span)
 
 

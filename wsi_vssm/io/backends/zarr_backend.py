@@ -3,8 +3,8 @@
 Levels are the multiscale datasets, finest first. The resolution is the dataset's `scale` transformation on
 the x axis, in micrometres when the axis names a length unit; without a unit there is no physical resolution.
 Beyond y and x, the first time point and focal plane are read; channels go through `channels_to_rgb`. Float
-and signed samples are read in the range `formats.sample_top` picks from the finite values in the top-left
-`PEEK_PX` square of the coarsest level (NaN reads as white).
+and signed samples are read in the range `formats.sample_top` picks from the finite values of the coarsest level
+(`formats.peek_windows`: all of it up to 1,024 px a side, else windows spread over it; NaN reads as white).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from wsi_vssm.errors import one_line
 from wsi_vssm.io.base import OME_STATED_UM, UNITLESS_SCALE, SlideReader
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
 from wsi_vssm.io.formats import (
-    PEEK_PX,
     channels_to_rgb,
     is_zarr_dir,
     length_to_um,
     missing_backend,
     needs_range,
+    peek_windows,
     plausible_mpp,
     sample_range,
     sample_top,
@@ -88,9 +88,9 @@ class ZarrSlide(SlideReader):
         self._group, self._pid = group, os.getpid()
         coarsest, self._top = group[self._paths[-1]], None  # the sample value read as 255 (tiff_backend's rule)
         if needs_range(coarsest.dtype):
-            h, w = (min(shapes[-1][names.index(a)], PEEK_PX) for a in "yx")
+            h, w = (shapes[-1][names.index(a)] for a in "yx")
             try:
-                span = sample_range(self._samples(coarsest, 0, 0, w, h))
+                span = sample_range(*(self._samples(coarsest, *win) for win in peek_windows(w, h)))
             except MemoryError:
                 raise
             except Exception as err:  # a broken chunk: decoders differ in what they raise
