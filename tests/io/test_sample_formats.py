@@ -146,7 +146,7 @@ def test_peek_windows_cover_the_level_within_the_budget(size):
 
     w, h = size
     windows = peek_windows(w, h)
-    assert all(0 <= x and 0 <= y and x + ww <= w and y + hh <= h for x, y, ww, hh in windows)
+    assert all(x >= 0 and y >= 0 and x + ww <= w and y + hh <= h for x, y, ww, hh in windows)
     assert sum(ww * hh for _, _, ww, hh in windows) <= PEEK_PX * PEEK_PX
     if w <= PEEK_PX and h <= PEEK_PX:
         assert windows == [(0, 0, w, h)]
