@@ -177,6 +177,33 @@ def test_lesions_csv_columns_and_round_trip(tmp_path):
     assert path.read_text() == ",".join(LESION_COLUMNS) + "\n"
 
 
+def test_cohort_lesions_table_holds_every_slide_s_rows_with_its_name(tmp_path):
+    """OUT/lesions.csv of a cohort: a `slide` column, then each slide's rows exactly as its own table holds them
+    (a name with a comma or a quote stays one field); a table that cannot be read is left out and said."""
+    import csv
+
+    from wsi_vssm.outputs.lesions import write_cohort_lesions_csv
+
+    prob = np.zeros((20, 20), np.float32)
+    prob[2:5, 2:9], prob[12, 12] = 0.95, 0.55
+    tables = {}
+    for name, lesions in [("a, b", find_lesions(prob, 62.08, (10.5, 20.25), 0.5)), ('c"d', []),
+                          ("e", find_lesions(prob, 31.0, (0, 0), 0.25))]:
+        tables[name] = tmp_path / f"{len(tables)}" / "lesions.csv"
+        write_lesions_csv(tables[name], lesions)
+    broken = tmp_path / "broken.csv"
+    broken.write_text("id,x\n1,2\n")
+    path = tmp_path / "cohort" / "lesions.csv"
+    problems = write_cohort_lesions_csv(path, [*tables.items(), ("f", broken), ("g", tmp_path / "missing.csv")])
+    assert len(problems) == 2 and "broken.csv" in problems[0] and "missing.csv" in problems[1]
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["slide", *LESION_COLUMNS]
+    want = [[name, *line.split(",")] for name, t in tables.items() for line in t.read_text().splitlines()[1:]]
+    assert rows[1:] == want and [r[0] for r in rows[1:]] == ["a, b"] * 2 + ["e"] * 2  # c"d: no lesion
+    assert [p.name for p in path.parent.iterdir()] == ["lesions.csv"]  # written atomically
+
+
 def test_extent_threshold_grows_seeded_lesions_only():
     """Hysteresis: a 5 x 5 block at 0.6 around one 0.9 seed is one lesion of 25 cells; an equal block with no
     seed is none; without an extent threshold only the seed is a lesion."""

@@ -94,6 +94,25 @@ def test_state_records_and_a_rerun_skips_done_slides(model_file, cohort, tmp_pat
     assert read_state(tmp_path, "predict", "normal_001")["params_hash"] != state["params_hash"]
 
 
+def test_evaluate_writes_the_cohort_lesions_table(model_file, cohort, tmp_path, capsys):
+    """OUT/lesions.csv: every slide that ran through, its lesions.csv rows with its name in front; a slide that
+    failed has none. A low cell threshold gives every slide lesions to list."""
+    broken = tmp_path / "broken.svs"
+    broken.write_text("not a slide")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide,label\n" + "".join(f"{cohort / n}.tif,{int(n.startswith('t'))}\n"
+                                                  for n in ("normal_001", "tumor_001")) + f"{broken},0\n")
+    out = tmp_path / "o"
+    assert _cli(["evaluate", manifest, "--out", out, "--model", model_file, "--bootstrap", "200",
+                 "--cell-threshold", "0.05", *FAST]) == 3  # a slide failed
+    with open(out / "lesions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    want = [[name, *line.split(",")] for name in ("normal_001", "tumor_001")
+            for line in (out / name / "lesions.csv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert rows[0][:2] == ["slide", "id"] and rows[1:] == want
+    assert {r[0] for r in rows[1:]} == {"normal_001", "tumor_001"}  # both listed lesions; broken has none
+
+
 def test_failed_slides_are_retried_only_with_retry_failed(model_file, cohort, tmp_path, capsys):
     broken = tmp_path / "broken.svs"
     broken.write_text("not a slide")

@@ -16,8 +16,8 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
 @click.command("evaluate")
 @click.argument("cohort", type=click.Path())
 @click.option("--out", "-o", "out_dir", default="wsi-vssm-out", show_default=True, type=NonEmptyPath(file_okay=False),
-              help="Output folder: metrics.json, predictions.csv, roc.png, calibration.png, and OUT/<slide name>/ "
-                   "per slide.")
+              help="Output folder: metrics.json, predictions.csv, lesions.csv, roc.png, calibration.png, and "
+                   "OUT/<slide name>/ per slide.")
 @click.option("--annotations", type=click.Path(file_okay=False), default=None,
               help="Folder of lesion annotations (ASAP XML / GeoJSON named like the slides): adds the FROC.")
 @click.option("--patients", type=click.Path(dir_okay=False), default=None,
@@ -39,8 +39,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     """Evaluate a COHORT: a manifest CSV (slide,label[,split]), a CAMELYON16-style folder (reference.csv), or a
     patch folder in ImageFolder layout (0/, 1/; needs --mpp).
 
-    Writes OUT/metrics.json, OUT/predictions.csv, OUT/roc.png, OUT/calibration.png (with --patients also
-    OUT/stages.csv and OUT/confusion.png) and each slide's prediction folder. A rerun resumes (done slides are
+    Writes OUT/metrics.json, OUT/predictions.csv, OUT/lesions.csv (every slide's lesions, with a slide column),
+    OUT/roc.png, OUT/calibration.png (with --patients also OUT/stages.csv and OUT/confusion.png) and each slide's
+    prediction folder. A rerun resumes (done slides are
     skipped). Exit code 3 when the cohort finished with some slides failed, 4 when the
     report is incomplete (slides still being done by another run on OUT; see --wait-locked).
     """

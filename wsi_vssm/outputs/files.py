@@ -29,7 +29,8 @@ ROC_PNG = "roc.png"
 CALIBRATION_PNG = "calibration.png"  # reliability diagram (outputs.calibration)
 STAGES_CSV = "stages.csv"  # with --patients
 CONFUSION_PNG = "confusion.png"  # with --patients: per-node categories, reference against predicted
-COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG)
+COHORT_LESIONS_CSV = LESIONS_CSV  # every scored slide's lesions, with a `slide` column
+COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG, COHORT_LESIONS_CSV)
 
 
 def slide_outputs_ok(folder: str | os.PathLike) -> bool:

@@ -279,23 +279,44 @@ def lesion_ids_for_polygons(polygons: Sequence, labels: np.ndarray, cell0: float
     return ids
 
 
+def _lesion_cells(les: Lesion) -> list[str]:
+    """A lesion's `LESION_COLUMNS` as written: box to 10 significant digits, diameter to 6 decimals."""
+    return [
+        str(les.id), f"{les.x:.10g}", f"{les.y:.10g}", f"{les.width:.10g}", f"{les.height:.10g}",
+        f"{les.area_mm2:.8g}", f"{les.diameter_mm:.6f}", f"{les.peak_probability:.6f}",
+        f"{les.mean_probability:.6f}", les.category,
+    ]  # fmt: skip
+
+
 def lesions_csv_text(lesions: Iterable[Lesion]) -> str:
-    """`lesions.csv` as text: header `LESION_COLUMNS`; box to 10 significant digits, diameter to 6 decimals."""
-    buf = io.StringIO()
-    buf.write(",".join(LESION_COLUMNS) + "\n")
-    for les in lesions:
-        cells = [
-            str(les.id), f"{les.x:.10g}", f"{les.y:.10g}", f"{les.width:.10g}", f"{les.height:.10g}",
-            f"{les.area_mm2:.8g}", f"{les.diameter_mm:.6f}", f"{les.peak_probability:.6f}",
-            f"{les.mean_probability:.6f}", les.category,
-        ]  # fmt: skip
-        buf.write(",".join(cells) + "\n")
-    return buf.getvalue()
+    """`lesions.csv` as text: header `LESION_COLUMNS`, one row per lesion (`_lesion_cells`)."""
+    return "".join(",".join(row) + "\n" for row in [list(LESION_COLUMNS), *map(_lesion_cells, lesions)])
 
 
 def write_lesions_csv(path: str | os.PathLike, lesions: Iterable[Lesion]) -> None:
     """Write `lesions.csv` atomically (a header alone when there are no lesions)."""
     atomic_write_text(path, lesions_csv_text(lesions))
+
+
+def write_cohort_lesions_csv(path: str | os.PathLike, slides: Iterable[tuple[str, str | os.PathLike]]) -> list[str]:
+    """A cohort's lesions in one table, written atomically: column `slide`, then `LESION_COLUMNS`; the rows of
+    each (slide name, its lesions.csv) in the order given, values exactly as that file holds them. A slide whose
+    table cannot be read is left out; the returned lines say which and why."""
+    import csv
+
+    buf = io.StringIO()
+    rows = csv.writer(buf, lineterminator="\n")  # a slide name may hold a comma or a quote
+    rows.writerow(("slide", *LESION_COLUMNS))
+    problems = []
+    for name, table in slides:
+        try:
+            lesions = read_lesions_csv(table)
+        except UsageError as err:
+            problems.append(str(err))
+            continue
+        rows.writerows([name, *_lesion_cells(les)] for les in lesions)
+    atomic_write_text(path, buf.getvalue())
+    return problems
 
 
 def read_lesions_csv(path: str | os.PathLike) -> list[Lesion]:

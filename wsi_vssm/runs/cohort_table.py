@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from wsi_vssm.outputs.files import CALIBRATION_PNG, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
+from wsi_vssm.outputs.files import CALIBRATION_PNG, COHORT_LESIONS_CSV, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
 
 REPORT_LOCK_WAIT_S = 60.0  # how long a run waits for another run writing the cohort files
 PENDING, IN_PROGRESS = "pending", "in_progress"  # predictions.csv statuses of slides not through yet
@@ -35,7 +35,7 @@ def report_writer(out: Path, wait: float):
             time.sleep(0.05)
     try:
         if lock.held:
-            for name in (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG):
+            for name in (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG, COHORT_LESIONS_CSV):
                 remove_temporaries(out, f"{name}.")
         yield lock.held
     finally:

@@ -24,7 +24,15 @@ import numpy as np
 
 from wsi_vssm.errors import UsageError, one_line
 from wsi_vssm.models.inputs import STRIDE
-from wsi_vssm.outputs.files import CALIBRATION_PNG, HEATMAP_ZARR, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
+from wsi_vssm.outputs.files import (
+    CALIBRATION_PNG,
+    COHORT_LESIONS_CSV,
+    HEATMAP_ZARR,
+    LESIONS_CSV,
+    METRICS_JSON,
+    PREDICTIONS_CSV,
+    ROC_PNG,
+)
 from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
 from wsi_vssm.runs.cohort_table import (
     REPORT_LOCK_WAIT_S,
@@ -134,6 +142,7 @@ def evaluate_cohort(
     with report_writer(out, REPORT_LOCK_WAIT_S):
         rows = [final_row(crow, o, job) for crow, o in zip(cohort.rows, summary.outcomes, strict=True)]
         write_table(out, rows)
+        _write_cohort_lesions(out, rows, folders, progress)
         finished = [r for r in rows if r["status"] not in UNFINISHED]
         scored = [r for r in finished if r["probability"] is not None and r["label"] is not None]
         mosaics = _mosaic_layout(cohort_path)
@@ -161,6 +170,16 @@ def evaluate_cohort(
                 raise
             _write_json(out / METRICS_JSON, metrics)
     return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
+
+
+def _write_cohort_lesions(out: Path, rows: list[dict], folders: dict[str, str], progress) -> None:
+    """OUT/lesions.csv: the lesions of every slide that ran through, one table with a `slide` column."""
+    from wsi_vssm.outputs.lesions import write_cohort_lesions_csv
+
+    done = [(r["slide"], out / folders[r["slide"]] / LESIONS_CSV) for r in rows if r["status"] == "done"]
+    for problem in write_cohort_lesions_csv(out / COHORT_LESIONS_CSV, done):
+        if progress is not None:
+            progress.warn(f"{problem}; its lesions are not in {out / COHORT_LESIONS_CSV}")
 
 
 MOSAIC_ITEMS = "mosaic slides"  # what roc.png and the warnings call a cohort that `synth --from-patches` made
