@@ -180,3 +180,45 @@ def test_an_ome_zarr_slide_is_still_read_as_a_slide(tmp_path, capsys):
                                        {"type": "scale", "scale": [0.5, 0.5, 1]}]}]}]
     code, out, err = run_cli(capsys, str(tmp_path / "slide.ome.zarr"))
     assert code == 0 and out.startswith("slide:") and "96 x 64 px" in out, (out, err)
+
+
+def test_info_on_an_output_folder_says_where_each_slide_stands(model_file, cohort, tmp_path, capsys):
+    """`info OUT` said "a directory, but not an OME-Zarr store": now one line per slide from the run's states,
+    with the call the run made, failures, and states a killed run or a damaged disk left; no numpy, no torch."""
+    broken = tmp_path / "broken.svs"
+    broken.write_text("not a slide")
+    out = tmp_path / "o"
+    fast = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", str(cohort / "normal_001.tif"), str(cohort / "tumor_001.tif"), str(broken), "--out",
+              str(out), "--model", str(model_file), *fast])
+    assert stop.value.code == 3  # one slide failed
+    (out / ".state" / "gone.predict.json").write_text(json.dumps({"slide": "gone", "status": "running"}))
+    (out / ".state" / "bad.predict.json").write_text("{")
+    capsys.readouterr()
+
+    code, text, err = run_cli(capsys, str(out))
+    assert code == 0, err
+    lines = text.splitlines()
+    assert lines[0] == (f"output folder: {out} (2 predict done, 1 predict failed, 1 predict interrupted, "
+                        "1 predict unreadable)")
+    by_name = {line.split(":")[0].strip(): line for line in lines[1:]}
+    for name in ("normal_001", "tumor_001"):
+        rec = json.loads((out / name / "prediction.json").read_text())
+        call = "tumor" if rec["label"] == 1 else "normal"  # the call the run made, not one made again
+        assert by_name[name].startswith(f"  {name}: done: probability {rec['probability']:.3f} -> {call}")
+    assert by_name["broken"].startswith("  broken: failed: ") and "broken.svs" in by_name["broken"]
+    assert "interrupted" in by_name["gone"] and "unreadable" in by_name["bad"]
+
+    code, text, _ = run_cli(capsys, str(out), "--json")
+    report = json.loads(text)
+    assert [s["slide"] for s in report["slides"]] == ["bad", "broken", "gone", "normal_001", "tumor_001"]
+    assert report["counts"] == {"predict done": 2, "predict failed": 1, "predict interrupted": 1,
+                                "predict unreadable": 1}
+
+    code = ("import sys\nfrom wsi_vssm.cli import main\ntry:\n    main(['info', sys.argv[1]])\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print('numpy' in sys.modules, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False False"

@@ -1,0 +1,70 @@
+"""`wsi-vssm info OUT`: what an output folder of `predict`, `evaluate` or `extract` holds, slide by slide, from
+the per-slide states (docs/cohorts.md), so a lab can see where a long cohort run stands without opening files.
+No slide, heatmap or model is opened (and neither numpy nor torch imported)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wsi_vssm.runs.state import STATE_DIR, describe_holder, live_lock
+
+KINDS = ("predict", "extract")  # the jobs that keep a state per slide (evaluate's slides are predict's)
+
+
+def is_output_folder(path: str) -> bool:
+    """A folder that a cohort command wrote: it holds the per-slide state folder."""
+    return (Path(path) / STATE_DIR).is_dir()
+
+
+def output_info(path: str) -> dict:
+    """{folder, slides: [{slide, kind, status, probability, call, in_domain, n_cells, error, ...}], counts}:
+    one entry per state file, in name order; a state that cannot be read is listed as `unreadable`."""
+    out = Path(path)
+    slides, counts = [], {}
+    for kind in KINDS:
+        for file in sorted((out / STATE_DIR).glob(f"*.{kind}.json")):
+            entry = _entry(file, kind)
+            if entry["status"] == "running":  # a live run's slide, or one a killed run left (redone on rerun)
+                holder = live_lock(out, kind, entry["slide"])
+                entry["status"] = "in_progress" if holder else "interrupted"
+                entry["error"] = describe_holder(holder) if holder else "a run stopped during it; rerun to redo it"
+            slides.append(entry)
+            key = f"{kind} {entry['status']}"
+            counts[key] = counts.get(key, 0) + 1
+    return {"folder": str(out), "slides": slides, "counts": counts}
+
+
+def _entry(file: Path, kind: str) -> dict:
+    name = file.name[: -len(f".{kind}.json")]
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+        result = state.get("result") or {}
+        probability = result.get("probability")
+        threshold = (state.get("params") or {}).get("threshold")
+        call = None
+        if probability is not None and threshold is not None:
+            call = "tumor" if probability >= threshold else "normal"  # as predict prints it
+        return {"slide": state.get("slide", name), "kind": kind, "status": state.get("status", "unknown"),
+                "probability": probability, "call": call, "in_domain": result.get("in_domain"),
+                "n_cells": result.get("n_cells"), "error": state.get("error") or result.get("reason"),
+                "path": state.get("path"), "finished": state.get("finished")}
+    except (OSError, ValueError, AttributeError) as err:  # a damaged or foreign file: said, not fatal
+        return {"slide": name, "kind": kind, "status": "unreadable", "probability": None, "call": None,
+                "in_domain": None, "n_cells": None, "error": f"{file}: cannot read this state: {err}",
+                "path": None, "finished": None}
+
+
+def format_output_info(r: dict) -> str:
+    counts = ", ".join(f"{n} {key}" for key, n in sorted(r["counts"].items())) or "no slide run yet"
+    lines = [f"output folder: {r['folder']} ({counts})"]
+    for s in r["slides"]:
+        p = "-" if s["probability"] is None else f"{s['probability']:.3f}"
+        domain = {True: "", False: ", OUT OF DOMAIN", None: ""}[s["in_domain"]]
+        if s["probability"] is not None:
+            what = f"probability {p} -> {s['call'] or '?'}{domain} [{s['n_cells']} cells]"
+        else:
+            what = s["error"] or ""
+        kind = "" if s["kind"] == "predict" else f" ({s['kind']})"
+        lines.append(f"  {s['slide']}{kind}: {s['status']}{': ' + what if what else ''}")
+    return "\n".join(lines)
