@@ -42,6 +42,8 @@ def _entry(file: Path, kind: str) -> dict:
         result = state.get("result") or {}
         probability = result.get("probability")
         threshold = (state.get("params") or {}).get("threshold")
+        if probability is not None:
+            probability = float(probability)  # a foreign value fails here, said as unreadable
         call = None
         if probability is not None and threshold is not None:
             call = "tumor" if probability >= threshold else "normal"  # as predict prints it
@@ -49,7 +51,7 @@ def _entry(file: Path, kind: str) -> dict:
                 "probability": probability, "call": call, "in_domain": result.get("in_domain"),
                 "n_cells": result.get("n_cells"), "error": state.get("error") or result.get("reason"),
                 "path": state.get("path"), "finished": state.get("finished")}
-    except (OSError, ValueError, AttributeError) as err:  # a damaged or foreign file: said, not fatal
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # damaged or foreign: said, not fatal
         return {"slide": name, "kind": kind, "status": "unreadable", "probability": None, "call": None,
                 "in_domain": None, "n_cells": None, "error": f"{file}: cannot read this state: {err}",
                 "path": None, "finished": None}
