@@ -195,14 +195,18 @@ def test_info_on_an_output_folder_says_where_each_slide_stands(model_file, cohor
     assert stop.value.code == 3  # one slide failed
     (out / ".state" / "gone.predict.json").write_text(json.dumps({"slide": "gone", "status": "running"}))
     (out / ".state" / "bad.predict.json").write_text("{")
-    (out / ".state" / "odd.predict.json").write_text(json.dumps({"status": "done", "result": {"probability": "x"}}))
+    for name, odd in [("odd", {"status": "done", "result": {"probability": "x"}}),
+                      ("odd2", {"status": "done", "result": {"probability": 0.5, "in_domain": "no"}}),
+                      ("odd3", {"status": "failed", "error": {"m": 1}}),
+                      ("odd4", {"status": "running", "slide": None})]:
+        (out / ".state" / f"{name}.predict.json").write_text(json.dumps(odd))
     capsys.readouterr()
 
     code, text, err = run_cli(capsys, str(out))
     assert code == 0, err
     lines = text.splitlines()
     assert lines[0] == (f"output folder: {out} (2 predict done, 1 predict failed, 1 predict interrupted, "
-                        "2 predict unreadable)")
+                        "5 predict unreadable)")
     by_name = {line.split(":")[0].strip(): line for line in lines[1:]}
     for name in ("normal_001", "tumor_001"):
         rec = json.loads((out / name / "prediction.json").read_text())
@@ -214,9 +218,9 @@ def test_info_on_an_output_folder_says_where_each_slide_stands(model_file, cohor
     code, text, _ = run_cli(capsys, str(out), "--json")
     report = json.loads(text)
     assert [s["slide"] for s in report["slides"]] == ["bad", "broken", "gone", "normal_001", "odd",
-                                                          "tumor_001"]
+                                                          "odd2", "odd3", "odd4", "tumor_001"]
     assert report["counts"] == {"predict done": 2, "predict failed": 1, "predict interrupted": 1,
-                                "predict unreadable": 2}
+                                "predict unreadable": 5}
 
     code = ("import sys\nfrom wsi_vssm.cli import main\ntry:\n    main(['info', sys.argv[1]])\n"
             "except SystemExit as e:\n    assert e.code == 0, e.code\n"

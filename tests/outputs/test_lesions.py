@@ -193,9 +193,13 @@ def test_cohort_lesions_table_holds_every_slide_s_rows_with_its_name(tmp_path):
         write_lesions_csv(tables[name], lesions)
     broken = tmp_path / "broken.csv"
     broken.write_text("id,x\n1,2\n")
+    short = tmp_path / "short.csv"  # the right header, a row cut short: its missing cells read as None
+    short.write_text(",".join(LESION_COLUMNS) + "\n1,2\n")
     path = tmp_path / "cohort" / "lesions.csv"
-    problems = write_cohort_lesions_csv(path, [*tables.items(), ("f", broken), ("g", tmp_path / "missing.csv")])
-    assert len(problems) == 2 and "broken.csv" in problems[0] and "missing.csv" in problems[1]
+    problems = write_cohort_lesions_csv(path, [*tables.items(), ("f", broken), ("g", tmp_path / "missing.csv"),
+                                               ("h", short)])
+    assert len(problems) == 3 and "broken.csv" in problems[0] and "missing.csv" in problems[1]
+    assert "short.csv: malformed lesions table" in problems[2]
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["slide", *LESION_COLUMNS]

@@ -44,12 +44,16 @@ def _entry(file: Path, kind: str) -> dict:
         threshold = (state.get("params") or {}).get("threshold")
         if probability is not None:
             probability = float(probability)  # a foreign value fails here, said as unreadable
+        in_domain, error = result.get("in_domain"), state.get("error") or result.get("reason")
+        if not (isinstance(state.get("slide", name), str) and isinstance(state.get("status", ""), str)
+                and in_domain in (True, False, None) and isinstance(error, str | None)):
+            raise ValueError("a field of the wrong type")
         call = None
         if probability is not None and threshold is not None:
             call = "tumor" if probability >= threshold else "normal"  # as predict prints it
         return {"slide": state.get("slide", name), "kind": kind, "status": state.get("status", "unknown"),
-                "probability": probability, "call": call, "in_domain": result.get("in_domain"),
-                "n_cells": result.get("n_cells"), "error": state.get("error") or result.get("reason"),
+                "probability": probability, "call": call, "in_domain": in_domain,
+                "n_cells": result.get("n_cells"), "error": error,
                 "path": state.get("path"), "finished": state.get("finished")}
     except (OSError, ValueError, TypeError, AttributeError) as err:  # damaged or foreign: said, not fatal
         return {"slide": name, "kind": kind, "status": "unreadable", "probability": None, "call": None,

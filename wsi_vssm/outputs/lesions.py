@@ -331,7 +331,7 @@ def read_lesions_csv(path: str | os.PathLike) -> list[Lesion]:
             return [_lesion_row(r) for r in reader]
     except OSError as err:
         raise UsageError(f"{os.fspath(path)}: cannot read lesions table: {err.strerror or err}") from err
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: a short row's missing cells read as None
         raise UsageError(f"{os.fspath(path)}: malformed lesions table: {err}") from err
 
 

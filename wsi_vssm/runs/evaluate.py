@@ -142,7 +142,6 @@ def evaluate_cohort(
     with report_writer(out, REPORT_LOCK_WAIT_S):
         rows = [final_row(crow, o, job) for crow, o in zip(cohort.rows, summary.outcomes, strict=True)]
         write_table(out, rows)
-        _write_cohort_lesions(out, rows, folders, progress)
         finished = [r for r in rows if r["status"] not in UNFINISHED]
         scored = [r for r in finished if r["probability"] is not None and r["label"] is not None]
         mosaics = _mosaic_layout(cohort_path)
@@ -151,6 +150,7 @@ def evaluate_cohort(
                                  provenance=_provenance(cohort.source, split, model, {
                                      **{k: v for k, v in job.resolved.items() if k != "job"},
                                      "params_hash": job.params_hash}) | {"mosaics": mosaics})
+        _write_cohort_lesions(out, rows, folders, progress)  # after metrics.json: a bad table costs only itself
         if annotations is not None or patients is not None:
             try:
                 if annotations is not None:
@@ -176,6 +176,10 @@ def _write_cohort_lesions(out: Path, rows: list[dict], folders: dict[str, str], 
     """OUT/lesions.csv: the lesions of every slide that ran through, one table with a `slide` column."""
     from wsi_vssm.outputs.lesions import write_cohort_lesions_csv
 
+    if (out / COHORT_LESIONS_CSV).is_dir():  # a slide folder of that name from a version before the table
+        if progress is not None:
+            progress.warn(f"{out / COHORT_LESIONS_CSV}: a folder, not written over; no cohort lesions table")
+        return
     done = [(r["slide"], out / folders[r["slide"]] / LESIONS_CSV) for r in rows if r["status"] == "done"]
     for problem in write_cohort_lesions_csv(out / COHORT_LESIONS_CSV, done):
         if progress is not None:
