@@ -65,10 +65,9 @@ def format_output_info(r: dict) -> str:
     counts = ", ".join(f"{n} {key}" for key, n in sorted(r["counts"].items())) or "no slide run yet"
     lines = [f"output folder: {r['folder']} ({counts})"]
     for s in r["slides"]:
-        p = "-" if s["probability"] is None else f"{s['probability']:.3f}"
-        domain = {True: "", False: ", OUT OF DOMAIN", None: ""}[s["in_domain"]]
+        domain = ", OUT OF DOMAIN" if s["in_domain"] is False else ""
         if s["probability"] is not None:
-            what = f"probability {p} -> {s['call'] or '?'}{domain} [{s['n_cells']} cells]"
+            what = f"probability {s['probability']:.3f} -> {s['call'] or '?'}{domain} [{s['n_cells']} cells]"
         else:
             what = s["error"] or ""
         kind = "" if s["kind"] == "predict" else f" ({s['kind']})"

@@ -32,6 +32,16 @@ CONFUSION_PNG = "confusion.png"  # with --patients: per-node categories, referen
 COHORT_LESIONS_CSV = LESIONS_CSV  # every scored slide's lesions, with a `slide` column
 COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG, COHORT_LESIONS_CSV)
 
+# The flag a zarr output (a heatmap, a feature store) carries when every chunk was written, empty ones too: zarr
+# skips chunks equal to the fill value by default and reads an absent one as that fill, so only with the flag can
+# a chunk lost in a copy be told from an empty one.
+ALL_CHUNKS = "all_chunks_written"
+
+
+def missing_chunks(arr) -> int:
+    """How many chunks of a zarr array are not on disk."""
+    return arr.nchunks - arr.nchunks_initialized
+
 
 def slide_outputs_ok(folder: str | os.PathLike) -> bool:
     """A cheap completeness check of one slide's output folder: prediction.json and the heatmap's metadata parse,

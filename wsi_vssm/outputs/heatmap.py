@@ -42,11 +42,11 @@ import numpy as np
 
 from wsi_vssm.atomic import atomic_dir, to_jsonable
 from wsi_vssm.errors import UsageError
+from wsi_vssm.outputs.files import ALL_CHUNKS, missing_chunks
 
 NGFF_VERSION = "0.4"
 IMAGE_NAME = "probability"
 CHUNK = 256
-ALL_CHUNKS = "all_chunks_written"  # the wsi_vssm block's flag: every chunk is on disk, empty ones too
 
 
 def heatmap_transform(cell0: float, origin: tuple[float, float], slide_mpp: float):
@@ -165,8 +165,8 @@ def read_heatmap_zarr(path: str | os.PathLike, level: int = 0):
         ds = datasets[level]
         transforms = {t["type"]: t for t in ds["coordinateTransformations"]}
         arr = group[ds["path"]]
-        if (attrs.get("wsi_vssm") or {}).get(ALL_CHUNKS) and arr.nchunks_initialized < arr.nchunks:
-            raise UsageError(f"{path}: damaged heatmap: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} "
+        if (attrs.get("wsi_vssm") or {}).get(ALL_CHUNKS) and missing_chunks(arr):
+            raise UsageError(f"{path}: damaged heatmap: {missing_chunks(arr)} of {arr.nchunks} "
                              f"chunks of level {level} missing")
         prob = np.asarray(arr[...], dtype=np.float32)
         cell_um = float(transforms["scale"]["scale"][-1])

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.errors import WsiVssmError, one_line
+from wsi_vssm.outputs.files import ALL_CHUNKS, missing_chunks
 
 STORE_FORMAT = "wsi-vssm-features/1"
 ARRAYS = ("features", "coords_px", "coords_um", "region_id", "tissue")
-# Stores that hold every chunk say so: zarr skips chunks equal to the fill value by default and reads an absent
-# chunk as that fill, so without it a chunk lost in a copy could not be told from an all-zero one.
-COMPLETE_ATTR = "all_chunks_written"
+COMPLETE_ATTR = ALL_CHUNKS  # stores that hold every chunk say so (outputs.files)
 
 
 class FeatureStoreError(WsiVssmError):
@@ -100,9 +99,9 @@ class FeatureStore:
         if self.attrs.get(COMPLETE_ATTR):
             for name in ARRAYS:
                 arr = arrays[name]
-                if arr.nchunks_initialized < arr.nchunks:
+                if missing_chunks(arr):
                     raise FeatureStoreError(f"{self.path}: damaged feature store ({name}: "
-                                            f"{arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing)")
+                                            f"{missing_chunks(arr)} of {arr.nchunks} chunks missing)")
 
     def __getattr__(self, name):
         if name in ARRAYS:
