@@ -439,3 +439,34 @@ def test_npe2_validate_passes():
     manifest.validate_imports()  # every python_name imports and exists
     patterns = manifest.contributions.readers[0].filename_patterns
     assert {"*.svs", "*.tif", "*.ndpi", "*.mrxs", "*.zarr"} <= set(patterns)
+
+
+@pytest.mark.parametrize("how", ["dock close button", "viewer closed"])
+def test_closing_the_dock_or_the_viewer_cancels_a_running_prediction(make_napari_viewer, tumour_slide, qtbot,
+                                                                      monkeypatch, how):
+    """napari's close button takes the widget out of its dock without a close event, and closing the viewer
+    destroys it: the prediction went on unseen (minutes of CPU, outputs nobody asked to keep)."""
+    import wsi_vssm.napari_plugin.widget as widget_module
+    from wsi_vssm.pipeline.predict import Cancelled
+
+    seen = {}
+
+    def slow_prediction(request, progress=None, cancel=None):  # stands in for minutes of regions
+        seen["cancel"] = cancel
+        seen["cancelled"] = cancel.wait(30)
+        raise Cancelled("prediction cancelled")
+
+    monkeypatch.setattr(widget_module, "run_prediction", slow_prediction)
+    viewer = make_napari_viewer()
+    viewer.open(tumour_slide[0], plugin=PLUGIN)
+    widget = widget_module.PredictWidget(viewer)
+    dock = viewer.window.add_dock_widget(widget)
+    widget.predict_button.click()
+    qtbot.waitUntil(lambda: "cancel" in seen, timeout=10_000)
+    assert not seen["cancel"].is_set()
+    if how == "dock close button":
+        dock.title.close_button.click()
+    else:
+        viewer.close()
+    qtbot.waitUntil(lambda: "cancelled" in seen, timeout=10_000)
+    assert seen["cancelled"] is True  # set at once, not after the 30 s wait

@@ -141,3 +141,40 @@ def test_an_earlier_versions_dense_checkpoint_still_resumes_with_a_warning(tmp_p
     with pytest.warns(UserWarning, match="earlier version's checkpoint"):
         ck = load_checkpoint(path, {"lr": 1.0})
     assert ck["state"]["epoch"] == 3
+
+
+def test_every_symmetry_turns_back_to_the_input_and_the_seven_differ():
+    from wsi_vssm.training.dense import SYMMETRIES, turned, unturn
+
+    x = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 3, 5)  # not square: turns swap the sides
+    seen = {tuple(x.flatten().tolist())}
+    for turn, flip in SYMMETRIES:
+        y = turned(x, turn, flip)
+        assert y.shape == ((2, 5, 3) if turn % 2 else (2, 3, 5))
+        assert torch.equal(unturn(y, turn, flip), x)
+        seen.add((y.shape, tuple(y.flatten().tolist())))
+    assert len(SYMMETRIES) == 7 and len(seen) == 8  # no symmetry repeats another or the identity
+
+
+def test_the_consistency_term_trains_two_views_and_logs_their_gap(tmp_path, capsys):
+    """`dense.consistency`: each step also scores its inputs under a random symmetry and penalises the two views'
+    token-logit difference; the epoch's mean gap is logged and printed (absent when the term is off)."""
+    import csv
+
+    write_patch_folder(tmp_path / "train", 16, seed=1)
+    write_patch_folder(tmp_path / "valid", 16, seed=2)
+    init = write_tiny_model(tmp_path / "init.pt")
+    cfg = dict(rounds=0, round_epochs=1, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3],
+               valid_select=16, eval_grid=3, warmup_steps=1, scan="cpu")
+    rec = train_dense(init, tmp_path / "train", tmp_path / "valid", tmp_path / "on" / "model.pt",
+                      DenseConfig(epochs=1, consistency=0.5, **cfg), progress=True)
+    assert "view gap" in capsys.readouterr().out
+    gap = rec["log"][0]["view_gap"]
+    assert np.isfinite(gap) and gap > 0  # an untrained model's turned views differ
+    rows = list(csv.DictReader((tmp_path / "on" / "dense" / "dense.log.csv").read_text().splitlines()))
+    assert float(rows[0]["view_gap"]) == pytest.approx(gap, rel=1e-5)
+    rec = train_dense(init, tmp_path / "train", tmp_path / "valid", tmp_path / "off" / "model.pt",
+                      DenseConfig(epochs=1, **cfg), progress=True)
+    assert np.isnan(rec["log"][0]["view_gap"]) and "view gap" not in capsys.readouterr().out
+    with pytest.raises(UsageError, match="consistency"):
+        DenseConfig(consistency=-1.0)

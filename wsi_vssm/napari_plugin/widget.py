@@ -2,14 +2,16 @@
 
 Qt lives only here (napari imports this module when the widget is opened). The work itself is
 `_predict.run_prediction`, run on a superqt worker thread; progress comes back through a Qt signal, Cancel
-sets a threading.Event that prediction checks between regions, and every error becomes a notification.
+sets a threading.Event that prediction checks between regions, and every error becomes a notification. A run
+is also cancelled when the widget leaves the viewer: napari's close button takes it out of its dock
+(setParent(None), no close event), and closing the viewer destroys it; either way the run went on unseen.
 """
 
 from __future__ import annotations
 
 import threading
 
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QEvent, QObject, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -43,6 +45,8 @@ class PredictWidget(QWidget):
         self.viewer = napari_viewer
         self.worker = None
         self.cancel_event: threading.Event | None = None
+        self._running: set[threading.Event] = set()  # the events of runs not finished yet
+        self.destroyed.connect(lambda *_, runs=self._running: _cancel_all(runs))  # must not hold `self`
         self.last_result = None  # PredictResult of the last successful run
         self._slide_layer, self._succeeded = None, False
         self._progress = _Progress()
@@ -168,6 +172,7 @@ class PredictWidget(QWidget):
         if request is None:
             return
         self.cancel_event = threading.Event()
+        self._running.add(self.cancel_event)
         self._slide_layer, self._succeeded = self._selected_slide(), False
         worker = FunctionWorker(run_prediction, request, progress=self._progress.changed.emit,
                                 cancel=self.cancel_event)
@@ -245,6 +250,7 @@ class PredictWidget(QWidget):
         show_warning(f"wsi-vssm: {show_warn_args[0]}")
 
     def _on_finished(self) -> None:
+        self._running.clear()  # one run at a time: it has ended
         self.worker = None
         self._set_running(False)
         self.status_label.setText("done" if self._succeeded else "stopped")
@@ -252,6 +258,16 @@ class PredictWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt's name
         self.cancel()
         super().closeEvent(event)
+
+    def event(self, event) -> bool:
+        if event.type() == QEvent.Type.ParentChange and self.parent() is None:  # closed with the dock's X
+            self.cancel()
+        return super().event(event)
+
+
+def _cancel_all(runs: set[threading.Event]) -> None:
+    for run in runs:
+        run.set()
 
 
 def _row(*widgets: QWidget) -> QWidget:

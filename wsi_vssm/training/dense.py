@@ -6,6 +6,11 @@ mosaics of about `mosaic_cells` patches whose side varies over `grid`, with glas
 from one patch up. The loss is class-balanced: positive and negative tokens each weigh half, so a step's few
 lesion tokens are not drowned by its hundreds of normal ones.
 
+With `consistency` > 0 each step also scores its inputs under one random symmetry of the square (a quarter turn
+and/or a flip), turns the token logits back, and adds `consistency` times their mean squared difference to the
+loss (both views also take the token loss). Without it a quarter-turned slide's cells correlated with the
+unturned one's at r = 0.84-0.89 (bench/heatmap_consistency.py); `predict --tta` averages the views at 8x the cost.
+
 Phases: phase 0 trains on random negatives; before each of the `rounds` later phases every training negative is
 scored in context and the worst `hard_top` share becomes a pool from which `hard_share` of the negatives are drawn.
 A phase ends when the selection score has not gained `min_gain` over its last `plateau` epochs (or after
@@ -39,7 +44,7 @@ from wsi_vssm.training.data.augment import AugmentConfig, augment_batch
 from wsi_vssm.training.optim import adamw
 
 LOG_COLUMNS = ("epoch", "phase", "train_loss", "iso_auc", "centre_auc", "dense_auc", "sensitivity_at_0.995",
-               "rim_noise", "score", "lr", "seconds", "best")
+               "rim_noise", "score", "lr", "seconds", "best", "view_gap")
 
 
 @dataclass
@@ -67,6 +72,7 @@ class DenseConfig:
     valid_select: int | None = 1000
     eval_grid: int = 8
     token_specificity: float = 0.995
+    consistency: float = 0.0  # weight of the two views' squared token-logit difference; 0: one view, no term
     precision: str = "fp32"
     scan: str = "auto"
     resume: bool = False
@@ -112,6 +118,8 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
     ckpt_path = work / "checkpoint.pt"
     refuse_unless_resuming(ckpt_path, cfg.resume, "--resume (dense.resume)")
     run_config = {**cfg.to_dict(), "init": str(init), "train": train.source, "valid": valid.source}
+    if not cfg.consistency:  # checkpoints from before the term existed lack the key: they still resume
+        run_config.pop("consistency")
     if cfg.resume and ckpt_path.exists():
         st = _load_checkpoint(ckpt_path, model, ema, opt, run_config)
         _say(progress, f"dense: resumed from {ckpt_path} after epoch {st['epoch']} (phase {st['phase']})")
@@ -136,7 +144,8 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         sel = _select_metrics(ema.model, select, cfg)
         best = sel["score"] > st["best_score"]
         row = {"epoch": st["epoch"], "phase": st["phase"], "train_loss": loss, **{k: sel[k] for k in LOG_COLUMNS
-               if k in sel}, "lr": lr, "seconds": round(time.perf_counter() - te, 1), "best": best}
+               if k in sel}, "lr": lr, "seconds": round(time.perf_counter() - te, 1), "best": best,
+               "view_gap": st.pop("view_gap", math.nan)}
         st["log"].append(row)
         if best:
             st["best_score"], st["best_epoch"] = sel["score"], st["epoch"]
@@ -144,7 +153,8 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         st["seconds"] = time.perf_counter() - t0
         _save_checkpoint(ckpt_path, model, ema, opt, st, run_config)
         _write_log(work / "dense.log.csv", st["log"])
-        _say(progress, f"dense epoch {st['epoch']} (phase {st['phase']}): loss {loss:.4f} " + _fmt(sel)
+        gap = "" if math.isnan(row["view_gap"]) else f", view gap {row['view_gap']:.4f}"
+        _say(progress, f"dense epoch {st['epoch']} (phase {st['phase']}): loss {loss:.4f}{gap} " + _fmt(sel)
              + f" {row['seconds']:.0f}s" + (" *" if best else ""))
     _close_phase(st)
     return _finish(work / "best.pt", out, train, select, holdout, cfg, st, str(init), progress)
@@ -162,7 +172,7 @@ def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr
     colour = AugmentConfig(**{**cfg.augment.to_dict(), "flip_rot": False})  # mosaics: labels must stay put
     dev = next(model.parameters()).device
     prec = resolve_precision(cfg.precision, dev)
-    losses = []
+    losses, gaps = [], []
     for s in range(0, len(idx) - cfg.batch_size + 1, cfg.batch_size):
         st["step"] += 1
         for group in opt.param_groups:
@@ -171,19 +181,44 @@ def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr
         xp = torch.from_numpy(np.stack([train[int(i)][0] for i in batch])).permute(0, 3, 1, 2)
         tp, wp = patch_token_targets(labels[batch], mosaics.weights)
         xm, tm, wm = mosaics.batch(rng, cfg.mosaic_cells)
-        with autocast(prec, dev):
-            lp = model.cell_logits(normalise(augment_batch(xp, cfg.augment, g).to(dev)))
-            lm = model.cell_logits(normalise(augment_batch(torch.from_numpy(xm), colour, g).to(dev)))
-        logits = torch.cat([lp.float().reshape(-1), lm.float().reshape(-1)])
+        with autocast(prec, dev):  # the augmentation's blur too, as before the consistency term
+            xp = normalise(augment_batch(xp, cfg.augment, g).to(dev))
+            xm = normalise(augment_batch(torch.from_numpy(xm), colour, g).to(dev))
+            lp, lm = model.cell_logits(xp).float(), model.cell_logits(xm).float()
         target = torch.from_numpy(np.concatenate([tp.reshape(-1), tm.reshape(-1)])).to(dev)
         weight = torch.from_numpy(np.concatenate([wp.reshape(-1), wm.reshape(-1)])).to(dev)
+        logits = torch.cat([lp.reshape(-1), lm.reshape(-1)])
         loss = balanced_bce(logits, target, weight)
+        if cfg.consistency:
+            turn, flip = SYMMETRIES[int(rng.integers(len(SYMMETRIES)))]
+            with autocast(prec, dev):
+                views = [unturn(model.cell_logits(turned(x, turn, flip)), turn, flip).float() for x in (xp, xm)]
+            other = torch.cat([v.reshape(-1) for v in views])
+            gap = (logits - other).square().mean()
+            loss = 0.5 * (loss + balanced_bce(other, target, weight)) + cfg.consistency * gap
+            gaps.append(float(gap.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema.update(model)
         losses.append(float(loss.detach()))
+    st["view_gap"] = float(np.mean(gaps)) if gaps else math.nan
     return float(np.mean(losses)) if losses else math.nan
+
+
+# the seven symmetries of the square other than the identity: (quarter turns, flipped left-right first)
+SYMMETRIES = [(t, f) for f in (False, True) for t in range(4) if t or f]
+
+
+def turned(x: torch.Tensor, turn: int, flip: bool) -> torch.Tensor:
+    """(..., H, W) flipped left-right (when `flip`), then turned `turn` quarter turns."""
+    return torch.rot90(x.flip(-1) if flip else x, turn, (-2, -1)).contiguous()
+
+
+def unturn(x: torch.Tensor, turn: int, flip: bool) -> torch.Tensor:
+    """The inverse of `turned`: a map computed on a turned input, back in the input's orientation."""
+    x = torch.rot90(x, -turn, (-2, -1))
+    return x.flip(-1) if flip else x
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
