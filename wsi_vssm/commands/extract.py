@@ -1,4 +1,5 @@
-"""`wsi-vssm extract SLIDE... --model M --out DIR`: token-cell features of each slide into DIR/<slide>.zarr.
+"""`wsi-vssm extract SLIDE... --model M --out DIR`: token-cell features of each slide into DIR/<slide>.zarr
+(`--format h5` / `pt`: also, or instead, the files CLAM and TRIDENT read; `wsi_vssm.pipeline.feature_files`).
 
 Slides are read at the model's own resolution (its checkpoint's mpp; --target-mpp overrides). A slide that
 fails is reported on one stderr line and the rest go on; the exit code is then 3 (1 when it was the only slide).
@@ -30,7 +31,12 @@ from wsi_vssm.commands.options import (
               help="A wsi-vssm model file, 'default' (the packaged model, as predict), or a registry name (e.g. "
                    "micro: random weights, for tests only).")
 @click.option("--out", "-o", "out", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
-              help="Folder for the feature stores (<slide>.zarr).")
+              help="Folder for the feature files (<slide>.zarr; h5_files/, pt_files/ with --format).")
+@click.option("--format", "formats", type=click.Choice(["zarr", "h5", "pt"]), multiple=True, default=["zarr"],
+              show_default=True,
+              help="Feature files, repeatable: zarr (DIR/<slide>.zarr, what train mil reads), h5 "
+                   "(DIR/h5_files/<slide>.h5: features and level-0 coords, as CLAM and TRIDENT write them), pt "
+                   "(DIR/pt_files/<slide>.pt: the features tensor, as CLAM's pt_files).")
 @click.option("--target-mpp", type=MPP_RANGE, default=None,
               help="Analysis resolution in um/px (default: the model's own).")
 @mpp_option
@@ -52,7 +58,7 @@ from wsi_vssm.commands.options import (
               help="Old spelling of --precision bf16 / fp32.")
 @run_options
 @click.pass_context
-def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min_tissue, device, batch_size,
+def command(ctx, slides, model, out, formats, target_mpp, mpp, region_px, overlap_px, min_tissue, device, batch_size,
             reader_threads, precision, amp, **opts):
     """Extract token-cell features of SLIDE(s) with a VSSM backbone (slide files, OME-Zarr folders, or folders
     of slides)."""
@@ -83,7 +89,7 @@ def command(ctx, slides, model, out, target_mpp, mpp, region_px, overlap_px, min
     )  # fmt: skip
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
-    job = extract_job(out, model_file(model), backbone, info, mpp, params)
+    job = extract_job(out, model_file(model), backbone, info, mpp, params, tuple(formats))
     tasks = slide_tasks(expand_slide_folders(slides), progress)
     summary = run_slides(tasks, job, run, progress)
     exit_for(summary, len(tasks))

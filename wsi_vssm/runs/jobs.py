@@ -146,7 +146,7 @@ class PredictJob:
 
 @dataclass
 class ExtractJob:
-    """extract_slide for each slide into OUT/<slide>.zarr."""
+    """extract_slide for each slide into OUT/<slide>.zarr (and/or the `formats` of pipeline.feature_files)."""
 
     out: str
     model: str  # model file or registry name
@@ -157,6 +157,7 @@ class ExtractJob:
     model_hash: str
     resolved: dict = field(default_factory=dict)
     kind: str = "extract"
+    formats: tuple[str, ...] = ("zarr",)
 
     def params_dict(self) -> dict:
         return dict(self.resolved)
@@ -168,6 +169,7 @@ class ExtractJob:
 
     def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict:
         from wsi_vssm.pipeline.extract import extract_slide
+        from wsi_vssm.pipeline.feature_files import write_feature_file
         from wsi_vssm.pipeline.store import FeatureStore
 
         backbone, info = self.backbone()
@@ -179,7 +181,11 @@ class ExtractJob:
                                   **self.extract_params)
             t_extract = time.perf_counter() - t
         t = time.perf_counter()
-        FeatureStore.write(self.target(task.name), cells)
+        for fmt in self.formats:
+            if fmt == "zarr":
+                FeatureStore.write(self.target(task.name, fmt), cells)
+            else:
+                write_feature_file(self.target(task.name, fmt), cells, fmt)
         return {"n_cells": len(cells), "n_regions": len(set(cells.region_id.tolist())),
                 "timings": {"extract": t_extract, "write": time.perf_counter() - t}}
 
@@ -202,27 +208,37 @@ class ExtractJob:
         p = self.extract_params
         return {"batch_size": p.get("batch_size", 1), "workers": p.get("workers", 2), "inference": p.get("inference")}
 
-    def target(self, name: str) -> Path:
-        return Path(self.out) / f"{name}.zarr"
+    def target(self, name: str, fmt: str | None = None) -> Path:
+        from wsi_vssm.pipeline.feature_files import feature_file
+
+        return feature_file(self.out, name, fmt or self.formats[0])
 
     def outputs_ok(self, name: str) -> bool:
+        from wsi_vssm.pipeline.feature_files import feature_file_ok
         from wsi_vssm.pipeline.store import FeatureStore, FeatureStoreError
 
-        try:
-            FeatureStore.open(self.target(name))
-        except FeatureStoreError:
-            return False
+        for fmt in self.formats:
+            if fmt != "zarr":
+                if not feature_file_ok(self.target(name, fmt), fmt):
+                    return False
+                continue
+            try:
+                FeatureStore.open(self.target(name, fmt))
+            except FeatureStoreError:
+                return False
         return True
 
     def clear_partial(self, name: str) -> None:
-        remove_temporaries(Path(self.out), f"{name}.zarr.")
+        for fmt in self.formats:
+            path = self.target(name, fmt)
+            remove_temporaries(path.parent, f"{path.name}.")
 
     def where(self, name: str) -> str:
-        return str(self.target(name))
+        return " + ".join(str(self.target(name, fmt)) for fmt in self.formats)
 
     def describe(self, name: str, result: dict, timings: dict) -> str:
         return (f"{name}: {result.get('n_cells')} cells from {result.get('n_regions')} region(s) in "
-                f"{timings.get('total', 0.0):.1f} s -> {self.target(name)}")
+                f"{timings.get('total', 0.0):.1f} s -> {self.where(name)}")
 
 
 def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, params) -> PredictJob:
@@ -262,10 +278,10 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
 
 
 def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override: float | None,
-                extract_params: dict) -> ExtractJob:
+                extract_params: dict, formats: tuple[str, ...] = ("zarr",)) -> ExtractJob:
     """An ExtractJob; its hash covers the weights, the geometry (mpp, token, region, overlap, min tissue),
-    a slide mpp override, the precision used (as resolved on this machine) and the package version (not
-    threads, batch size or device)."""
+    a slide mpp override, the precision used (as resolved on this machine), the package version and the file
+    formats (not threads, batch size or device)."""
     from wsi_vssm.models.precision import resolve_precision
 
     keys = ("mpp", "token_px", "region_px", "overlap_px", "min_tissue")
@@ -274,6 +290,9 @@ def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override
     dtype = resolve_precision(precision, extract_params.get("device", "cpu"))
     resolved = {"job": "extract", "model_hash": info.model_hash, **{k: extract_params[k] for k in keys},
                 "slide_mpp": mpp_override, "precision": str(dtype).removeprefix("torch."), "version": __version__}
+    formats = tuple(dict.fromkeys(formats))  # in the order given, once each
+    if formats != ("zarr",):  # stores made before formats existed keep their hash
+        resolved["formats"] = list(formats)
     _MODELS[f"extract:{model}"] = (backbone, info)
     return ExtractJob(os.fspath(out), model, mpp_override, dict(extract_params), params_hash(resolved),
-                      info.model_id, info.model_hash, resolved)
+                      info.model_id, info.model_hash, resolved, formats=formats)

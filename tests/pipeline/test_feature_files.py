@@ -1,0 +1,83 @@
+"""`extract --format h5 / pt`: the feature files CLAM and TRIDENT read, beside (or instead of) the zarr store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from click.testing import CliRunner
+
+from wsi_vssm.pipeline.feature_files import FORMATS, feature_file_ok
+from wsi_vssm.pipeline.store import FeatureStore
+
+h5py = pytest.importorskip("h5py")
+
+ARGS = ["--model", "micro", "--target-mpp", "2.0", "--region-px", "256", "--overlap-px", "64", "--min-tissue", "0",
+        "--device", "cpu"]
+
+
+def _slide(path, seed: int = 5):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(60, 220, (320, 384, 3), dtype=np.uint8)
+    tifffile.imwrite(path, img, tile=(128, 128), photometric="rgb", resolution=(1e4 / 2.0, 1e4 / 2.0),
+                     resolutionunit="CENTIMETER")
+    return path
+
+
+def _extract(*args):
+    from wsi_vssm.commands.extract import command
+
+    return CliRunner().invoke(command, [*map(str, args), *ARGS])
+
+
+def test_the_cli_offers_every_format_the_writer_knows():
+    from wsi_vssm.commands.extract import command
+
+    choice = next(p for p in command.params if p.name == "formats").type
+    assert tuple(choice.choices) == FORMATS
+
+
+def test_h5_and_pt_hold_the_stores_features_and_coords(tmp_path):
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+    res = _extract(slide, "--out", out, "--format", "zarr", "--format", "h5", "--format", "pt")
+    assert res.exit_code == 0, res.output
+    store = FeatureStore.open(out / "s1.zarr").load()
+    with h5py.File(out / "h5_files" / "s1.h5", "r") as f:
+        assert f["features"].dtype == np.float32 and f["coords"].dtype == np.int64
+        np.testing.assert_array_equal(f["features"][...], store.features.astype(np.float32))  # float16 widened
+        np.testing.assert_array_equal(f["coords"][...], store.coords_px)
+        np.testing.assert_array_equal(f["tissue"][...], store.tissue.astype(np.float32))
+        assert f["coords"].attrs["patch_size"] == 32 and f["coords"].attrs["patch_size_level0"] == 32
+        assert f.attrs["model_id"] == "micro" and f.attrs["mpp"] == 2.0 and f.attrs["slide"] == "s1"
+        assert list(f.attrs["cell_grid"]) == store.attrs["cell_grid"]
+    pt = torch.load(out / "pt_files" / "s1.pt", weights_only=True)
+    assert pt.dtype == torch.float32 and pt.shape == store.features.shape
+    np.testing.assert_array_equal(pt.numpy(), store.features.astype(np.float32))
+    assert "h5_files/s1.h5" in res.stdout and "pt_files/s1.pt" in res.stdout
+
+
+def test_h5_alone_writes_no_store_and_a_damaged_file_is_redone(tmp_path):
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+    assert _extract(slide, "--out", out, "--format", "h5").exit_code == 0
+    h5 = out / "h5_files" / "s1.h5"
+    assert h5.is_file() and not (out / "s1.zarr").exists() and feature_file_ok(h5, "h5")
+    again = _extract(slide, "--out", out, "--format", "h5")
+    assert again.exit_code == 0 and "up to date" in again.stdout
+    h5.write_bytes(h5.read_bytes()[:200])  # cut short, as by a full disk or a broken copy
+    assert not feature_file_ok(h5, "h5")
+    redone = _extract(slide, "--out", out, "--format", "h5")
+    assert redone.exit_code == 0 and "up to date" not in redone.stdout and feature_file_ok(h5, "h5")
+    # the zarr store too, now: these are other outputs, so the slide runs again
+    both = _extract(slide, "--out", out, "--format", "h5", "--format", "zarr")
+    assert both.exit_code == 0 and "up to date" not in both.stdout and FeatureStore.open(out / "s1.zarr")
+
+
+def test_a_foreign_or_missing_file_is_not_taken_for_features(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"not a tensor")
+    assert not feature_file_ok(tmp_path / "x.pt", "pt") and not feature_file_ok(tmp_path / "none.h5", "h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.create_dataset("images", data=np.zeros((2, 2)))
+    assert not feature_file_ok(tmp_path / "other.h5", "h5")
