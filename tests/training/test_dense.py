@@ -178,3 +178,30 @@ def test_the_consistency_term_trains_two_views_and_logs_their_gap(tmp_path, caps
     assert np.isnan(rec["log"][0]["view_gap"]) and "view gap" not in capsys.readouterr().out
     with pytest.raises(UsageError, match="consistency"):
         DenseConfig(consistency=-1.0)
+
+
+def test_distill_learns_the_starts_tta_probability_kept_for_a_resume(tmp_path, capsys, monkeypatch):
+    """`dense.distill`: soft centre-token targets, the start model's 8-view TTA probability of each training
+    patch, computed once and kept beside the checkpoint (a resumed run reads them, not a newer model's)."""
+    import wsi_vssm.training.patch_eval as patch_eval
+
+    write_patch_folder(tmp_path / "train", 12, seed=1)
+    write_patch_folder(tmp_path / "valid", 12, seed=2)
+    init = write_tiny_model(tmp_path / "init.pt")
+    cfg = dict(rounds=0, round_epochs=2, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3],
+               valid_select=12, eval_grid=3, warmup_steps=1, scan="cpu", distill=1.0)
+    out = tmp_path / "run" / "model.pt"
+    train_dense(init, tmp_path / "train", tmp_path / "valid", out, DenseConfig(epochs=1, **cfg), progress=True)
+    assert "soft targets: the start's 8-view TTA on 24 training patches" in capsys.readouterr().out
+    kept = np.load(tmp_path / "run" / "dense" / "teacher_tta.npy")
+    assert kept.shape == (24,) and kept.dtype == np.float32 and ((kept > 0) & (kept < 1)).all()
+    calls = []
+    real = patch_eval.predict_patches
+    monkeypatch.setattr(patch_eval, "predict_patches", lambda *a, **k: calls.append(k) or real(*a, **k))
+    rec = train_dense(init, tmp_path / "train", tmp_path / "valid", out,
+                      DenseConfig(epochs=2, resume=True, **cfg), progress=False)
+    assert [r["epoch"] for r in rec["log"]] == [1, 2]
+    assert not any(k.get("tta") for k in calls)  # the kept targets were read, not computed from the newer model
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "dense" / "teacher_tta.npy"), kept)
+    with pytest.raises(UsageError, match="distill"):
+        DenseConfig(distill=-0.5)

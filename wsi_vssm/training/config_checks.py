@@ -115,7 +115,7 @@ DENSE_RULES = {
     "epoch_patches": ">=1", "batch_size": ">=1", "mosaic_cells": ">=1", "max_lesion_frac": "(0,1]",
     "rim_weight": ">=0", "background_weight": ">=0", "hard_share": "[0,1]", "hard_top": "(0,1]", "lr": ">0",
     "weight_decay": ">=0", "warmup_steps": ">=0", "ema": "[0,1)", "drop_path": "[0,1)", "seed": ">=0",
-    "valid_select": ">=2?", "eval_grid": ">=1", "token_specificity": "[0.5,1)", "consistency": ">=0",
+    "valid_select": ">=2?", "eval_grid": ">=1", "token_specificity": "[0.5,1)", "consistency": ">=0", "distill": ">=0",
 }
 MOSAIC_RULES = {
     "train_slides": ">=1", "valid_slides": ">=1", "epochs": ">=1", "patience": ">=1", "test_slides": ">=0",

@@ -11,6 +11,10 @@ and/or a flip), turns the token logits back, and adds `consistency` times their 
 loss (both views also take the token loss). Without it a quarter-turned slide's cells correlated with the
 unturned one's at r = 0.84-0.89 (bench/heatmap_consistency.py); `predict --tta` averages the views at 8x the cost.
 
+With `distill` > 0 the centre token of each isolated training patch also learns a soft target: the starting
+model's mean probability over the patch's 8 flips and quarter turns (computed once, `OUT/dense/teacher_tta.npy`),
+weighted by `distill`. The centre token is the same under every view, so the patch augmentation leaves its target.
+
 Phases: phase 0 trains on random negatives; before each of the `rounds` later phases every training negative is
 scored in context and the worst `hard_top` share becomes a pool from which `hard_share` of the negatives are drawn.
 A phase ends when the selection score has not gained `min_gain` over its last `plateau` epochs (or after
@@ -73,6 +77,7 @@ class DenseConfig:
     eval_grid: int = 8
     token_specificity: float = 0.995
     consistency: float = 0.0  # weight of the two views' squared token-logit difference; 0: one view, no term
+    distill: float = 0.0  # weight of the start model's 8-view TTA probability as a soft centre-token target
     precision: str = "fp32"
     scan: str = "auto"
     resume: bool = False
@@ -118,8 +123,9 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
     ckpt_path = work / "checkpoint.pt"
     refuse_unless_resuming(ckpt_path, cfg.resume, "--resume (dense.resume)")
     run_config = {**cfg.to_dict(), "init": str(init), "train": train.source, "valid": valid.source}
-    if not cfg.consistency:  # checkpoints from before the term existed lack the key: they still resume
-        run_config.pop("consistency")
+    for key in ("consistency", "distill"):  # checkpoints from before these terms lack the keys: still resume
+        if not getattr(cfg, key):
+            run_config.pop(key)
     if cfg.resume and ckpt_path.exists():
         st = _load_checkpoint(ckpt_path, model, ema, opt, run_config)
         _say(progress, f"dense: resumed from {ckpt_path} after epoch {st['epoch']} (phase {st['phase']})")
@@ -129,6 +135,7 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         first = _select_metrics(ema.model, select, cfg)
         st["start"] = first
         _say(progress, f"dense: start (from {init}): " + _fmt(first))
+    teacher = _teacher(ema.model, train, work, progress) if cfg.distill else None
     mosaics.hard = None if st["hard"] is None else np.asarray(st["hard"])
     mosaics.hard_share = cfg.hard_share if st["hard"] is not None else 0.0
     t0 = time.perf_counter() - st["seconds"]
@@ -140,7 +147,7 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         te = time.perf_counter()
         st["epoch"] += 1
         lr = cfg.lr * 0.5 ** st["phase"]
-        loss = _train_epoch(model, ema, opt, train, mosaics, cfg, st, lr)
+        loss = _train_epoch(model, ema, opt, train, mosaics, cfg, st, lr, teacher)
         sel = _select_metrics(ema.model, select, cfg)
         best = sel["score"] > st["best_score"]
         row = {"epoch": st["epoch"], "phase": st["phase"], "train_loss": loss, **{k: sel[k] for k in LOG_COLUMNS
@@ -161,7 +168,8 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
 
 
 # ------------------------------------------------------------------------------------------------ the steps
-def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr: float) -> float:
+def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr: float,
+                 teacher: np.ndarray | None = None) -> float:
     from wsi_vssm.training.data.dense_mosaics import patch_token_targets
 
     model.train()
@@ -189,6 +197,9 @@ def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr
         weight = torch.from_numpy(np.concatenate([wp.reshape(-1), wm.reshape(-1)])).to(dev)
         logits = torch.cat([lp.reshape(-1), lm.reshape(-1)])
         loss = balanced_bce(logits, target, weight)
+        if teacher is not None:
+            soft = torch.from_numpy(teacher[batch]).to(dev)
+            loss = loss + cfg.distill * F.binary_cross_entropy_with_logits(lp[:, 1, 1], soft)
         if cfg.consistency:
             turn, flip = SYMMETRIES[int(rng.integers(len(SYMMETRIES)))]
             with autocast(prec, dev):
@@ -204,6 +215,32 @@ def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr
         losses.append(float(loss.detach()))
     st["view_gap"] = float(np.mean(gaps)) if gaps else math.nan
     return float(np.mean(losses)) if losses else math.nan
+
+
+def _teacher(model, train, work: Path, progress: bool) -> np.ndarray:
+    """The soft targets of `distill`: `model`'s 8-view TTA centre-token probability of every training patch,
+    computed once per run (kept beside the checkpoint, so a resumed run uses the same)."""
+    import io
+
+    from wsi_vssm.atomic import atomic_write_bytes
+    from wsi_vssm.outputs.report import roc_auc_or_nan
+    from wsi_vssm.training.patch_eval import predict_patches
+
+    path = work / "teacher_tta.npy"
+    try:
+        kept = np.load(path)
+        if kept.shape == (len(train),) and kept.dtype == np.float32:
+            return kept
+    except (OSError, ValueError):  # none yet, or not readable: computed again
+        pass
+    t = time.perf_counter()
+    probs = predict_patches(model, train, tta=True).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, probs)
+    atomic_write_bytes(path, buf.getvalue())
+    _say(progress, f"dense: soft targets: the start's 8-view TTA on {len(train)} training patches (train AUC "
+                   f"{roc_auc_or_nan(np.asarray(train.labels), probs):.4f}, {time.perf_counter() - t:.0f} s)")
+    return probs
 
 
 # the seven symmetries of the square other than the identity: (quarter turns, flipped left-right first)
