@@ -193,7 +193,8 @@ def test_distill_learns_the_starts_tta_probability_kept_for_a_resume(tmp_path, c
     out = tmp_path / "run" / "model.pt"
     train_dense(init, tmp_path / "train", tmp_path / "valid", out, DenseConfig(epochs=1, **cfg), progress=True)
     assert "soft targets: the start's 8-view TTA on 24 training patches" in capsys.readouterr().out
-    kept = np.load(tmp_path / "run" / "dense" / "teacher_tta.npy")
+    with np.load(tmp_path / "run" / "dense" / "teacher_tta.npz") as z:
+        kept = z["probs"]
     assert kept.shape == (24,) and kept.dtype == np.float32 and ((kept > 0) & (kept < 1)).all()
     calls = []
     real = patch_eval.predict_patches
@@ -202,6 +203,17 @@ def test_distill_learns_the_starts_tta_probability_kept_for_a_resume(tmp_path, c
                       DenseConfig(epochs=2, resume=True, **cfg), progress=False)
     assert [r["epoch"] for r in rec["log"]] == [1, 2]
     assert not any(k.get("tta") for k in calls)  # the kept targets were read, not computed from the newer model
-    np.testing.assert_array_equal(np.load(tmp_path / "run" / "dense" / "teacher_tta.npy"), kept)
+    with np.load(tmp_path / "run" / "dense" / "teacher_tta.npz") as z:
+        np.testing.assert_array_equal(z["probs"], kept)
+    # the same cache beside a run on other training data is not taken for its targets
+    import shutil
+
+    shutil.copytree(tmp_path / "train", tmp_path / "train2")
+    (tmp_path / "other" / "dense").mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "dense" / "teacher_tta.npz", tmp_path / "other" / "dense")
+    calls.clear()
+    train_dense(init, tmp_path / "train2", tmp_path / "valid", tmp_path / "other" / "model.pt",
+                DenseConfig(epochs=1, **cfg), progress=False)
+    assert any(k.get("tta") for k in calls)
     with pytest.raises(UsageError, match="distill"):
         DenseConfig(distill=-0.5)

@@ -12,7 +12,7 @@ loss (both views also take the token loss). Without it a quarter-turned slide's 
 unturned one's at r = 0.84-0.89 (bench/heatmap_consistency.py); `predict --tta` averages the views at 8x the cost.
 
 With `distill` > 0 the centre token of each isolated training patch also learns a soft target: the starting
-model's mean probability over the patch's 8 flips and quarter turns (computed once, `OUT/dense/teacher_tta.npy`),
+model's mean probability over the patch's 8 flips and quarter turns (computed once, `OUT/dense/teacher_tta.npz`),
 weighted by `distill`. The centre token is the same under every view, so the patch augmentation leaves its target.
 
 Phases: phase 0 trains on random negatives; before each of the `rounds` later phases every training negative is
@@ -135,7 +135,7 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         first = _select_metrics(ema.model, select, cfg)
         st["start"] = first
         _say(progress, f"dense: start (from {init}): " + _fmt(first))
-    teacher = _teacher(ema.model, train, work, progress) if cfg.distill else None
+    teacher = _teacher(init, cfg, train, work, progress) if cfg.distill else None
     mosaics.hard = None if st["hard"] is None else np.asarray(st["hard"])
     mosaics.hard_share = cfg.hard_share if st["hard"] is not None else 0.0
     t0 = time.perf_counter() - st["seconds"]
@@ -217,26 +217,31 @@ def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr
     return float(np.mean(losses)) if losses else math.nan
 
 
-def _teacher(model, train, work: Path, progress: bool) -> np.ndarray:
-    """The soft targets of `distill`: `model`'s 8-view TTA centre-token probability of every training patch,
-    computed once per run (kept beside the checkpoint, so a resumed run uses the same)."""
+def _teacher(init, cfg: DenseConfig, train, work: Path, progress: bool) -> np.ndarray:
+    """The soft targets of `distill`: the start model's (`init`) 8-view TTA centre-token probability of every
+    training patch. Kept beside the checkpoint under a key of the start's weights and the training data, so a
+    resumed run reads the same targets and another start or data computes its own."""
     import io
 
     from wsi_vssm.atomic import atomic_write_bytes
+    from wsi_vssm.models.model_file import state_dict_hash
+    from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.outputs.report import roc_auc_or_nan
     from wsi_vssm.training.patch_eval import predict_patches
 
-    path = work / "teacher_tta.npy"
+    start = load_model(init, scan=cfg.scan)
+    key = f"{state_dict_hash(start.state_dict())} {train.source} {len(train)}"
+    path = work / "teacher_tta.npz"
     try:
-        kept = np.load(path)
-        if kept.shape == (len(train),) and kept.dtype == np.float32:
-            return kept
-    except (OSError, ValueError):  # none yet, or not readable: computed again
+        with np.load(path) as kept:
+            if str(kept["key"]) == key and kept["probs"].shape == (len(train),):
+                return kept["probs"].astype(np.float32)
+    except (OSError, ValueError, KeyError):  # none yet, or not readable: computed again
         pass
     t = time.perf_counter()
-    probs = predict_patches(model, train, tta=True).astype(np.float32)
+    probs = predict_patches(start, train, tta=True).astype(np.float32)
     buf = io.BytesIO()
-    np.save(buf, probs)
+    np.savez(buf, probs=probs, key=np.array(key))
     atomic_write_bytes(path, buf.getvalue())
     _say(progress, f"dense: soft targets: the start's 8-view TTA on {len(train)} training patches (train AUC "
                    f"{roc_auc_or_nan(np.asarray(train.labels), probs):.4f}, {time.perf_counter() - t:.0f} s)")
