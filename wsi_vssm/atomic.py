@@ -43,14 +43,22 @@ def _tmp_stem(name: str) -> str:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (temporary file beside it, fsync, rename). Creates parent folders."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary file beside `path` for a writer that wants a file name (h5py, torch.save); on
+    exit it is fsynced and renamed to `path`, or removed if the block raised. Creates parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _naming(path):
         fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_tmp_stem(path.name)}.", dir=path.parent)
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
             os.replace(tmp, path)

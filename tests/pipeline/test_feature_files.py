@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 import tifffile
 import torch
 from click.testing import CliRunner
 
-from wsi_vssm.pipeline.feature_files import FORMATS, feature_file_ok
+from wsi_vssm.pipeline.feature_files import FORMATS, check_formats, feature_file_ok
 from wsi_vssm.pipeline.store import FeatureStore
-
-h5py = pytest.importorskip("h5py")
 
 ARGS = ["--model", "micro", "--target-mpp", "2.0", "--region-px", "256", "--overlap-px", "64", "--min-tissue", "0",
         "--device", "cpu"]
@@ -50,6 +49,7 @@ def test_h5_and_pt_hold_the_stores_features_and_coords(tmp_path):
         np.testing.assert_array_equal(f["coords"][...], store.coords_px)
         np.testing.assert_array_equal(f["tissue"][...], store.tissue.astype(np.float32))
         assert f["coords"].attrs["patch_size"] == 32 and f["coords"].attrs["patch_size_level0"] == 32
+        assert f["coords"].attrs["cell_px0"] == store.attrs["cell_px0"] and "format" not in f.attrs
         assert f.attrs["model_id"] == "micro" and f.attrs["mpp"] == 2.0 and f.attrs["slide"] == "s1"
         assert list(f.attrs["cell_grid"]) == store.attrs["cell_grid"]
     pt = torch.load(out / "pt_files" / "s1.pt", weights_only=True)
@@ -81,3 +81,50 @@ def test_a_foreign_or_missing_file_is_not_taken_for_features(tmp_path):
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f.create_dataset("images", data=np.zeros((2, 2)))
     assert not feature_file_ok(tmp_path / "other.h5", "h5")
+
+
+def test_the_order_of_formats_does_not_redo_slides_and_old_stores_keep_their_hash(tmp_path):
+    from wsi_vssm.models.model_file import load_backbone
+    from wsi_vssm.runs.jobs import extract_job
+
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+    assert _extract(slide, "--out", out, "--format", "pt", "--format", "zarr").exit_code == 0
+    again = _extract(slide, "--out", out, "--format", "zarr", "--format", "pt", "--format", "pt")
+    assert again.exit_code == 0 and "up to date" in again.stdout
+    assert check_formats(["pt", "h5", "zarr", "h5"]) == FORMATS
+    for bad in ([], ["hdf5"]):
+        with pytest.raises(ValueError, match="feature formats"):
+            check_formats(bad)
+    backbone, info = load_backbone("micro")
+    params = dict(mpp=2.0, token_px=32, region_px=256, overlap_px=64, min_tissue=0.0)
+    job = extract_job(tmp_path, "micro", backbone, info, None, params)
+    assert "formats" not in job.resolved  # stores extracted before --format existed are not redone
+    assert extract_job(tmp_path, "micro", backbone, info, None, params, ("h5",)).params_hash != job.params_hash
+
+
+def test_a_file_in_the_way_of_h5_files_is_one_line_before_any_slide_runs(tmp_path, capsys):
+    from conftest import run_cli_captured
+
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+    out.mkdir()
+    (out / "h5_files").write_text("x")
+    code, _, err = run_cli_captured(["extract", str(slide), "--out", str(out), "--format", "h5", *ARGS], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "h5_files is a file, not a folder" in err and "Traceback" not in err
+    assert not (out / ".state").exists()  # refused before the model loaded or any slide ran
+
+
+def test_a_damaged_pt_file_is_redone_and_an_earlier_formats_temporary_is_cleared(tmp_path):
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+    assert _extract(slide, "--out", out, "--format", "pt").exit_code == 0
+    pt = out / "pt_files" / "s1.pt"
+    pt.write_bytes(pt.read_bytes()[:100])
+    (out / "h5_files").mkdir()
+    left = out / "h5_files" / ".tmp-s1.h5.k1lld0ne"  # what a run with --format h5 killed mid-write leaves
+    left.write_bytes(b"partial")
+    redone = _extract(slide, "--out", out, "--format", "pt")
+    assert redone.exit_code == 0 and "up to date" not in redone.stdout and feature_file_ok(pt, "pt")
+    assert not left.exists()

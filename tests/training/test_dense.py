@@ -173,9 +173,13 @@ def test_the_consistency_term_trains_two_views_and_logs_their_gap(tmp_path, caps
     assert np.isfinite(gap) and gap > 0  # an untrained model's turned views differ
     rows = list(csv.DictReader((tmp_path / "on" / "dense" / "dense.log.csv").read_text().splitlines()))
     assert float(rows[0]["view_gap"]) == pytest.approx(gap, rel=1e-5)
-    rec = train_dense(init, tmp_path / "train", tmp_path / "valid", tmp_path / "off" / "model.pt",
-                      DenseConfig(epochs=1, **cfg), progress=True)
-    assert np.isnan(rec["log"][0]["view_gap"]) and "view gap" not in capsys.readouterr().out
+    rec_off = train_dense(init, tmp_path / "train", tmp_path / "valid", tmp_path / "off" / "model.pt",
+                          DenseConfig(epochs=1, **cfg), progress=True)
+    assert np.isnan(rec_off["log"][0]["view_gap"]) and "view gap" not in capsys.readouterr().out
+    # the gap is in the loss: with a large weight the step losses are dominated by it
+    big = train_dense(init, tmp_path / "train", tmp_path / "valid", tmp_path / "big" / "model.pt",
+                      DenseConfig(epochs=1, consistency=1000.0, **cfg), progress=False)["log"][0]
+    assert big["train_loss"] > 100 * big["view_gap"] > 0
     with pytest.raises(UsageError, match="consistency"):
         DenseConfig(consistency=-1.0)
 
@@ -205,10 +209,10 @@ def test_distill_learns_the_starts_tta_probability_kept_for_a_resume(tmp_path, c
     assert not any(k.get("tta") for k in calls)  # the kept targets were read, not computed from the newer model
     with np.load(tmp_path / "run" / "dense" / "teacher_tta.npz") as z:
         np.testing.assert_array_equal(z["probs"], kept)
-    # the same cache beside a run on other training data is not taken for its targets
+    # the same cache beside a run on other training patches is not taken for its targets
     import shutil
 
-    shutil.copytree(tmp_path / "train", tmp_path / "train2")
+    write_patch_folder(tmp_path / "train2", 12, seed=3)
     (tmp_path / "other" / "dense").mkdir(parents=True)
     shutil.copy(tmp_path / "run" / "dense" / "teacher_tta.npz", tmp_path / "other" / "dense")
     calls.clear()
@@ -217,3 +221,28 @@ def test_distill_learns_the_starts_tta_probability_kept_for_a_resume(tmp_path, c
     assert any(k.get("tta") for k in calls)
     with pytest.raises(UsageError, match="distill"):
         DenseConfig(distill=-0.5)
+    # the soft target is in the loss: a large weight on it raises the step loss far above the token loss
+    big = train_dense(init, tmp_path / "train", tmp_path / "valid", tmp_path / "big" / "model.pt",
+                      DenseConfig(epochs=1, **{**cfg, "distill": 1000.0}), progress=False)["log"][0]
+    assert big["train_loss"] > 50 * rec["log"][0]["train_loss"]
+
+
+def test_a_checkpoint_whose_log_predates_view_gap_resumes_and_writes_its_log(tmp_path):
+    """Rows logged before the view_gap column existed raised KeyError when the log was written after a resume."""
+    write_patch_folder(tmp_path / "train", 8, seed=1)
+    write_patch_folder(tmp_path / "valid", 8, seed=2)
+    init = write_tiny_model(tmp_path / "init.pt")
+    cfg = dict(rounds=0, round_epochs=3, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3],
+               valid_select=8, eval_grid=2, warmup_steps=1, scan="cpu")
+    out = tmp_path / "run" / "model.pt"
+    train_dense(init, tmp_path / "train", tmp_path / "valid", out, DenseConfig(epochs=1, **cfg), progress=False)
+    ckpt = tmp_path / "run" / "dense" / "checkpoint.pt"
+    ck = torch.load(ckpt, weights_only=False)
+    for row in ck["state"]["log"]:
+        del row["view_gap"]
+    torch.save(ck, ckpt)
+    rec = train_dense(init, tmp_path / "train", tmp_path / "valid", out, DenseConfig(epochs=2, resume=True, **cfg),
+                      progress=False)
+    assert [r["epoch"] for r in rec["log"]] == [1, 2]
+    lines = (tmp_path / "run" / "dense" / "dense.log.csv").read_text().splitlines()
+    assert lines[0].endswith(",view_gap") and len(lines) == 3

@@ -66,11 +66,17 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, region_px, overla
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import DEFAULT_NAME, default_model_path
     from wsi_vssm.pipeline.extract import Inference
+    from wsi_vssm.pipeline.feature_files import prepare_folders
     from wsi_vssm.runs.cohort import expand_slide_folders
     from wsi_vssm.runs.jobs import extract_job
     from wsi_vssm.runs.runner import run_slides, slide_tasks
+    from wsi_vssm.runs.state import OutputNotWritable
 
     run, progress = pop_run_options(opts, ctx)
+    try:  # before the model loads: a file in the way failed every slide after its backbone pass
+        prepare_folders(out, formats)
+    except OSError as e:
+        raise OutputNotWritable(str(e)) from None
     dev = option_device(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

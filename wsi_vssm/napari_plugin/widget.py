@@ -187,7 +187,7 @@ class PredictWidget(QWidget):
         worker.start()
 
     def cancel(self) -> None:
-        if self.cancel_event is not None:
+        if self.cancel_event is not None and self.worker is not None:  # a run under way, not one that ended
             self.cancel_event.set()
             self.status_label.setText("cancelling…")
 

@@ -170,7 +170,6 @@ class ExtractJob:
     def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict:
         from wsi_vssm.pipeline.extract import extract_slide
         from wsi_vssm.pipeline.feature_files import write_feature_file
-        from wsi_vssm.pipeline.store import FeatureStore
 
         backbone, info = self.backbone()
         slide = self.open_slide(task)
@@ -182,10 +181,7 @@ class ExtractJob:
             t_extract = time.perf_counter() - t
         t = time.perf_counter()
         for fmt in self.formats:
-            if fmt == "zarr":
-                FeatureStore.write(self.target(task.name, fmt), cells)
-            else:
-                write_feature_file(self.target(task.name, fmt), cells, fmt)
+            write_feature_file(self.target(task.name, fmt), cells, fmt)
         return {"n_cells": len(cells), "n_regions": len(set(cells.region_id.tolist())),
                 "timings": {"extract": t_extract, "write": time.perf_counter() - t}}
 
@@ -215,21 +211,13 @@ class ExtractJob:
 
     def outputs_ok(self, name: str) -> bool:
         from wsi_vssm.pipeline.feature_files import feature_file_ok
-        from wsi_vssm.pipeline.store import FeatureStore, FeatureStoreError
 
-        for fmt in self.formats:
-            if fmt != "zarr":
-                if not feature_file_ok(self.target(name, fmt), fmt):
-                    return False
-                continue
-            try:
-                FeatureStore.open(self.target(name, fmt))
-            except FeatureStoreError:
-                return False
-        return True
+        return all(feature_file_ok(self.target(name, fmt), fmt) for fmt in self.formats)
 
     def clear_partial(self, name: str) -> None:
-        for fmt in self.formats:
+        from wsi_vssm.pipeline.feature_files import FORMATS
+
+        for fmt in FORMATS:  # every format's, also those of an earlier run with other formats
             path = self.target(name, fmt)
             remove_temporaries(path.parent, f"{path.name}.")
 
@@ -290,7 +278,9 @@ def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override
     dtype = resolve_precision(precision, extract_params.get("device", "cpu"))
     resolved = {"job": "extract", "model_hash": info.model_hash, **{k: extract_params[k] for k in keys},
                 "slide_mpp": mpp_override, "precision": str(dtype).removeprefix("torch."), "version": __version__}
-    formats = tuple(dict.fromkeys(formats))  # in the order given, once each
+    from wsi_vssm.pipeline.feature_files import check_formats
+
+    formats = check_formats(formats)  # in one order, once each: the order given does not redo slides
     if formats != ("zarr",):  # stores made before formats existed keep their hash
         resolved["formats"] = list(formats)
     _MODELS[f"extract:{model}"] = (backbone, info)

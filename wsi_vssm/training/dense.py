@@ -8,8 +8,8 @@ lesion tokens are not drowned by its hundreds of normal ones.
 
 With `consistency` > 0 each step also scores its inputs under one random symmetry of the square (a quarter turn
 and/or a flip), turns the token logits back, and adds `consistency` times their mean squared difference to the
-loss (both views also take the token loss). Without it a quarter-turned slide's cells correlated with the
-unturned one's at r = 0.84-0.89 (bench/heatmap_consistency.py); `predict --tta` averages the views at 8x the cost.
+loss (both views also take the token loss). Without it (r6) a turned mosaic's cells correlated with the unturned
+one's at r = 0.83-0.88 (bench/heatmap_consistency.py); `predict --tta` averages the views at 8x the cost.
 
 With `distill` > 0 the centre token of each isolated training patch also learns a soft target: the starting
 model's mean probability over the patch's 8 flips and quarter turns (computed once, `OUT/dense/teacher_tta.npz`),
@@ -135,7 +135,7 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         first = _select_metrics(ema.model, select, cfg)
         st["start"] = first
         _say(progress, f"dense: start (from {init}): " + _fmt(first))
-    teacher = _teacher(init, cfg, train, work, progress) if cfg.distill else None
+    teacher = _teacher(init, cfg, train, work, progress) if cfg.distill and st["epoch"] < cfg.epochs else None
     mosaics.hard = None if st["hard"] is None else np.asarray(st["hard"])
     mosaics.hard_share = cfg.hard_share if st["hard"] is not None else 0.0
     t0 = time.perf_counter() - st["seconds"]
@@ -197,9 +197,6 @@ def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr
         weight = torch.from_numpy(np.concatenate([wp.reshape(-1), wm.reshape(-1)])).to(dev)
         logits = torch.cat([lp.reshape(-1), lm.reshape(-1)])
         loss = balanced_bce(logits, target, weight)
-        if teacher is not None:
-            soft = torch.from_numpy(teacher[batch]).to(dev)
-            loss = loss + cfg.distill * F.binary_cross_entropy_with_logits(lp[:, 1, 1], soft)
         if cfg.consistency:
             turn, flip = SYMMETRIES[int(rng.integers(len(SYMMETRIES)))]
             with autocast(prec, dev):
@@ -208,6 +205,9 @@ def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr
             gap = (logits - other).square().mean()
             loss = 0.5 * (loss + balanced_bce(other, target, weight)) + cfg.consistency * gap
             gaps.append(float(gap.detach()))
+        if teacher is not None:  # the unturned view's centre tokens, at the full weight whether or not turned too
+            soft = torch.from_numpy(teacher[batch]).to(dev)
+            loss = loss + cfg.distill * F.binary_cross_entropy_with_logits(lp[:, 1, 1], soft)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -219,18 +219,20 @@ def _train_epoch(model, ema, opt, train, mosaics, cfg: DenseConfig, st: dict, lr
 
 def _teacher(init, cfg: DenseConfig, train, work: Path, progress: bool) -> np.ndarray:
     """The soft targets of `distill`: the start model's (`init`) 8-view TTA centre-token probability of every
-    training patch. Kept beside the checkpoint under a key of the start's weights and the training data, so a
-    resumed run reads the same targets and another start or data computes its own."""
+    training patch. Kept beside the checkpoint under a key of the start's weights and the training patches' bytes,
+    so a resumed run reads the same targets and another start or other data computes its own."""
+    import hashlib
     import io
 
     from wsi_vssm.atomic import atomic_write_bytes
     from wsi_vssm.models.model_file import state_dict_hash
     from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.outputs.report import roc_auc_or_nan
+    from wsi_vssm.training.data.fingerprints import patch_digests
     from wsi_vssm.training.patch_eval import predict_patches
 
     start = load_model(init, scan=cfg.scan)
-    key = f"{state_dict_hash(start.state_dict())} {train.source} {len(train)}"
+    key = f"{state_dict_hash(start.state_dict())} {hashlib.sha256(patch_digests(train).tobytes()).hexdigest()}"
     path = work / "teacher_tta.npz"
     try:
         with np.load(path) as kept:
@@ -352,6 +354,8 @@ def _load_checkpoint(path: Path, model, ema, opt, config: dict) -> dict:
     ema.model.load_state_dict(ck["ema"])
     ema.updates = ck["ema_updates"]
     opt.load_state_dict(ck["opt"])
+    for row in ck["state"].get("log", []):  # rows of checkpoints from before the column: written as empty
+        row.setdefault("view_gap", math.nan)
     return ck["state"]
 
 
