@@ -128,3 +128,25 @@ def test_a_damaged_pt_file_is_redone_and_an_earlier_formats_temporary_is_cleared
     redone = _extract(slide, "--out", out, "--format", "pt")
     assert redone.exit_code == 0 and "up to date" not in redone.stdout and feature_file_ok(pt, "pt")
     assert not left.exists()
+
+
+def test_an_output_write_that_fails_is_tried_again_by_a_plain_rerun(tmp_path, monkeypatch):
+    """A write refused in OUT (no permission, a file in the way) was recorded as the slide's failure, so after
+    the folder was mended a rerun repeated the stale error until --retry-failed."""
+    import errno
+
+    import wsi_vssm.pipeline.feature_files as feature_files
+
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+
+    def refused(path, cells):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(feature_files, "_write_h5", refused)
+    first = _extract(slide, "--out", out, "--format", "h5")
+    assert first.exit_code == 1 and "cannot write its outputs" in first.stderr
+    monkeypatch.undo()
+    again = _extract(slide, "--out", out, "--format", "h5")
+    assert again.exit_code == 0, again.output
+    assert "earlier run" not in again.output and feature_file_ok(out / "h5_files" / "s1.h5", "h5")

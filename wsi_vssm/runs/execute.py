@@ -20,6 +20,7 @@ from wsi_vssm.runs.state import (
     NO_SPACE,
     OutOfMemory,
     OutputFull,
+    OutputNotWritable,
     SlideLock,
     Status,
     clear_temporaries,
@@ -111,6 +112,13 @@ def _out_of_memory(e: BaseException) -> bool:
                                                                        "can't start new thread"))
 
 
+def _about_output(e: OSError, job) -> bool:
+    """Whether the failing path lies in the run's output folder (OUT/<slide>, OUT/h5_files/...)."""
+    out = os.path.abspath(job.out)
+    paths = [p for p in (e.filename, getattr(e, "filename2", None)) if isinstance(p, (str, bytes, os.PathLike))]
+    return any(os.path.commonpath([out, os.path.abspath(os.fsdecode(p))]) == out for p in paths)
+
+
 def _no_space(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in NO_SPACE
 
@@ -135,7 +143,11 @@ def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dic
             elif e.errno in NO_SPACE:  # the output disk, not the slide: the runner stops the run
                 res.update(error=f"{task.name}: cannot write its outputs: {e.filename or job.out}: {e.strerror}",
                            error_type=OutputFull.__name__)
-            else:  # permission, I/O error: the slide fails, the run goes on
+            elif _about_output(e, job):  # the output folder's fault (a file in the way, no permission): a plain
+                # rerun tries the slide again once the folder is mended, as after a full disk
+                res.update(error=f"{task.name}: cannot write its outputs: {oserror_line(e)}",
+                           error_type=OutputNotWritable.__name__)
+            else:  # permission, I/O error reading the slide: the slide fails, the run goes on
                 res.update(error=with_path(oserror_line(e), task), error_type=type(e).__name__)
         except (MemoryError, RuntimeError) as e:
             if not _out_of_memory(e):

@@ -57,7 +57,7 @@ class OutOfMemory(WsiVssmError):
 
 
 # failures of the machine, not of the slide: a rerun tries such a slide again without --retry-failed
-NOT_THE_SLIDES_FAULT = (OutputFull.__name__, OutOfMemory.__name__)
+NOT_THE_SLIDES_FAULT = (OutputFull.__name__, OutOfMemory.__name__, OutputNotWritable.__name__)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
