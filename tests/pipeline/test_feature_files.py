@@ -150,3 +150,34 @@ def test_an_output_write_that_fails_is_tried_again_by_a_plain_rerun(tmp_path, mo
     again = _extract(slide, "--out", out, "--format", "h5")
     assert again.exit_code == 0, again.output
     assert "earlier run" not in again.output and feature_file_ok(out / "h5_files" / "s1.h5", "h5")
+
+
+def test_info_describes_each_feature_file_and_a_clam_h5(tmp_path, capsys):
+    """`info` read a feature store as an OME-Zarr slide, an h5 as "not a slide format" and a pt as a model file."""
+    import json
+
+    from conftest import run_cli_captured
+
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+    assert _extract(slide, "--out", out, "--format", "zarr", "--format", "h5", "--format", "pt").exit_code == 0
+    n = len(FeatureStore.open(out / "s1.zarr"))
+    for path, kind in ((out / "s1.zarr", "feature store"), (out / "h5_files" / "s1.h5", "h5 feature file"),
+                       (out / "pt_files" / "s1.pt", "pt feature file")):
+        code, text, _ = run_cli_captured(["info", path], capsys)
+        assert code == 0 and kind in text and f"{n} x 256 features" in text
+        code, text, _ = run_cli_captured(["info", "--json", path], capsys)
+        report = json.loads(text)
+        assert code == 0 and report["cells"] == n and report["features"] == 256
+    assert report["kind"] == "pt" and "model_id" not in report
+    clam = tmp_path / "clam.h5"  # as CLAM writes it: two datasets, the patch size on coords
+    with h5py.File(clam, "w") as f:
+        f.create_dataset("features", data=np.zeros((5, 1024), np.float32))
+        f.create_dataset("coords", data=np.zeros((5, 2), np.int64)).attrs["patch_size"] = 256
+    code, text, _ = run_cli_captured(["info", clam], capsys)
+    assert code == 0 and "5 x 1024 features" in text and "patch_size 256" in text
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("images", data=np.zeros(3))
+    code, _, err = run_cli_captured(["info", other], capsys)
+    assert code == 1 and "without a `features` dataset" in err and err.count("\n") == 1

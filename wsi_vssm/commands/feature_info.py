@@ -1,0 +1,102 @@
+"""`wsi-vssm info` on feature files: a zarr feature store, an h5 feature file (ours, or CLAM's / TRIDENT's: a
+`features` and a `coords` dataset) or a pt file holding one features tensor (`extract --format`, docs/features.md).
+They were read as slides ("zarr store without OME-NGFF metadata", "not a slide format") or as a model file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def feature_kind(path: str) -> str | None:
+    """"zarr", "h5" or "pt" when `path` is a feature file of that kind, else None (a slide, a model file...)."""
+    p = Path(path)
+    if p.is_dir():
+        try:
+            meta = json.loads((p / "zarr.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # before any import: `info OUT` stays free of numpy and torch
+        from wsi_vssm.pipeline.store import STORE_FORMAT
+
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        return "zarr" if isinstance(attrs, dict) and attrs.get("format") == STORE_FORMAT else None
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if head == HDF5_MAGIC:
+        return "h5"
+    if p.suffix.lower() == ".pt" and _tensor(p) is not None:
+        return "pt"
+    return None
+
+
+def _tensor(path: Path):
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a model file of another format, or damaged: not ours to describe
+        return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def feature_info(path: str, kind: str) -> dict:
+    """The facts `info` prints for a feature file of `kind` (from `feature_kind`); a damaged one is one line."""
+    from wsi_vssm.errors import UsageError
+
+    report = {"path": str(path), "kind": kind}
+    if kind == "zarr":
+        from wsi_vssm.pipeline.store import FeatureStore
+
+        store = FeatureStore.open(path)  # FeatureStoreError: one line naming the store
+        attrs = store.attrs
+        report.update(cells=len(store), features=int(store.features.shape[1]), dtype=str(store.features.dtype))
+    elif kind == "h5":
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                if "features" not in f:
+                    raise UsageError(f"{path}: an HDF5 file without a `features` dataset: not a feature file")
+                feats = f["features"]
+                coords = f.get("coords")
+                attrs = {k: _plain(v) for k, v in f.attrs.items() if k != "wsi_vssm_attrs"}
+                report.update(cells=int(feats.shape[0]), features=int(feats.shape[-1]), dtype=str(feats.dtype),
+                              coords=None if coords is None else {k: _plain(v) for k, v in coords.attrs.items()})
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read this HDF5 file ({e})") from None
+    else:
+        t = _tensor(Path(path))
+        attrs = {}
+        report.update(cells=int(t.shape[0]), features=int(t.shape[-1]) if t.ndim > 1 else None,
+                      dtype=str(t.dtype).removeprefix("torch."))
+    keys = ("slide", "model_id", "model_hash", "mpp", "slide_mpp", "token_px", "cell_px0", "package_version")
+    report.update({k: attrs.get(k) for k in keys if attrs.get(k) not in (None, "")})
+    return report
+
+
+def _plain(value):
+    return value.tolist() if hasattr(value, "tolist") else value.decode() if isinstance(value, bytes) else value
+
+
+def format_feature_info(r: dict) -> str:
+    what = {"zarr": "a wsi-vssm feature store (train mil reads it)",
+            "h5": "an h5 feature file (`features` and `coords`, as CLAM and TRIDENT read them)",
+            "pt": "a pt feature file (one features tensor, as CLAM's pt_files)"}[r["kind"]]
+    lines = [f"feature file: {r['path']}", f"kind:         {what}",
+             f"cells:        {r['cells']} x {r['features']} features ({r['dtype']})"]
+    if r.get("slide") or r.get("model_id"):
+        model = f"model {r.get('model_id')} ({str(r.get('model_hash', ''))[:12]})" if r.get("model_id") else ""
+        at = f", read at {r['mpp']:g} um/px" if r.get("mpp") else ""
+        lines.append(f"slide:        {r.get('slide', '?')} ({model}{at})")
+    if r.get("cell_px0"):
+        lines.append(f"cell:         {r.get('token_px')} px at that resolution, {r['cell_px0']:.6g} level-0 px")
+    elif r.get("coords"):
+        lines.append(f"coords:       {', '.join(f'{k} {v}' for k, v in r['coords'].items()) or 'no attributes'}")
+    if r["kind"] == "pt":
+        lines.append("note:         a pt file holds no coordinates or provenance; its h5 or zarr twin has them")
+    return "\n".join(lines)
