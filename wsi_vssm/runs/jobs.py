@@ -271,6 +271,7 @@ def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override
     a slide mpp override, the precision used (as resolved on this machine), the package version and the file
     formats (not threads, batch size or device)."""
     from wsi_vssm.models.precision import resolve_precision
+    from wsi_vssm.pipeline.feature_files import check_formats
 
     keys = ("mpp", "token_px", "region_px", "overlap_px", "min_tissue")
     inference = extract_params.get("inference")
@@ -278,8 +279,6 @@ def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override
     dtype = resolve_precision(precision, extract_params.get("device", "cpu"))
     resolved = {"job": "extract", "model_hash": info.model_hash, **{k: extract_params[k] for k in keys},
                 "slide_mpp": mpp_override, "precision": str(dtype).removeprefix("torch."), "version": __version__}
-    from wsi_vssm.pipeline.feature_files import check_formats
-
     formats = check_formats(formats)  # in one order, once each: the order given does not redo slides
     if formats != ("zarr",):  # stores made before formats existed keep their hash
         resolved["formats"] = list(formats)
