@@ -22,6 +22,8 @@ def feature_kind(path: str) -> str | None:
 
         attrs = meta.get("attributes") if isinstance(meta, dict) else None
         return "zarr" if isinstance(attrs, dict) and attrs.get("format") == STORE_FORMAT else None
+    if not p.is_file():  # a pipe or a device would block the read below; the slide readers name those
+        return None
     try:
         with open(p, "rb") as f:
             head = f.read(8)
