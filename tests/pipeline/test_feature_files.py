@@ -181,3 +181,19 @@ def test_info_describes_each_feature_file_and_a_clam_h5(tmp_path, capsys):
         f.create_dataset("images", data=np.zeros(3))
     code, _, err = run_cli_captured(["info", other], capsys)
     assert code == 1 and "without a `features` dataset" in err and err.count("\n") == 1
+
+
+def test_info_out_says_which_files_each_extracted_slide_went_to(tmp_path, capsys):
+    """`info OUT` said only "done" for an extract slide: which of zarr / h5 / pt holds its cells was not told."""
+    import json
+
+    from conftest import run_cli_captured
+
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+    assert _extract(slide, "--out", out, "--format", "pt", "--format", "h5").exit_code == 0
+    n = len(torch.load(out / "pt_files" / "s1.pt", weights_only=True))
+    code, text, _ = run_cli_captured(["info", out], capsys)
+    assert code == 0 and f"s1 (extract): done: {n} cells in h5, pt" in text
+    code, text, _ = run_cli_captured(["info", "--json", out], capsys)
+    assert json.loads(text)["slides"][0]["formats"] == ["h5", "pt"]

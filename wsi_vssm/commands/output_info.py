@@ -48,17 +48,22 @@ def _entry(file: Path, kind: str) -> dict:
         if not (isinstance(state.get("slide", name), str) and isinstance(state.get("status", ""), str)
                 and in_domain in (True, False, None) and isinstance(error, str | None)):
             raise ValueError("a field of the wrong type")
+        formats = None
+        if kind == "extract":  # which files the slide's features went to (`extract --format`; zarr before it)
+            formats = (state.get("params") or {}).get("formats", ["zarr"])
+            if not (isinstance(formats, list) and all(isinstance(f, str) for f in formats)):
+                raise ValueError("a field of the wrong type")
         call = None
         if probability is not None and threshold is not None:
             call = "tumor" if probability >= threshold else "normal"  # as predict prints it
         return {"slide": state.get("slide", name), "kind": kind, "status": state.get("status", "unknown"),
                 "probability": probability, "call": call, "in_domain": in_domain,
-                "n_cells": result.get("n_cells"), "error": error,
+                "n_cells": result.get("n_cells"), "error": error, "formats": formats,
                 "path": state.get("path"), "finished": state.get("finished")}
     except (OSError, ValueError, TypeError, AttributeError) as err:  # damaged or foreign: said, not fatal
         return {"slide": name, "kind": kind, "status": "unreadable", "probability": None, "call": None,
                 "in_domain": None, "n_cells": None, "error": f"{file}: cannot read this state: {err}",
-                "path": None, "finished": None}
+                "formats": None, "path": None, "finished": None}
 
 
 def format_output_info(r: dict) -> str:
@@ -68,6 +73,8 @@ def format_output_info(r: dict) -> str:
         domain = ", OUT OF DOMAIN" if s["in_domain"] is False else ""
         if s["probability"] is not None:
             what = f"probability {s['probability']:.3f} -> {s['call'] or '?'}{domain} [{s['n_cells']} cells]"
+        elif s["formats"] and s["status"] == "done":
+            what = f"{s['n_cells']} cells in {', '.join(s['formats'])}"
         else:
             what = s["error"] or ""
         kind = "" if s["kind"] == "predict" else f" ({s['kind']})"
