@@ -41,6 +41,22 @@ def _tmp_stem(name: str) -> str:
     return short_name(name, _TMP_NAME_BYTES)
 
 
+def in_the_way(folder: str | os.PathLike) -> str | None:
+    """What stands where `folder` should be ("a file", "a broken symbolic link"), or None."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        return "a file" if os.path.exists(folder) else "a broken symbolic link"
+    return None
+
+
+def prove_writable(folder: str | os.PathLike) -> None:
+    """Create `folder` (and its parents) and write and remove a probe file in it; OSError when that fails."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (temporary file beside it, fsync, rename). Creates parent folders."""
     with atomic_file(path) as tmp, open(tmp, "wb") as f:

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.pipeline.store import CellFeatures, FeatureStore
+from wsi_vssm.atomic import atomic_file, in_the_way, prove_writable, to_jsonable
+from wsi_vssm.pipeline.store import COMPLETE_ATTR, CellFeatures, FeatureStore
 
 FORMATS = ("zarr", "h5", "pt")
 FOLDERS = {"h5": "h5_files", "pt": "pt_files"}  # beside the stores, as CLAM names them
-STORE_ONLY_ATTRS = ("format", "all_chunks_written")  # the zarr store's own marks: not the h5 file's
+STORE_ONLY_ATTRS = ("format", COMPLETE_ATTR)  # the zarr store's own marks: not the h5 file's
 
 
 def check_formats(formats) -> tuple[str, ...]:
@@ -44,8 +45,6 @@ def feature_file(out: str | os.PathLike, name: str, fmt: str) -> Path:
 
 
 def write_feature_file(path: str | os.PathLike, cells: CellFeatures, fmt: str) -> None:
-    from wsi_vssm.atomic import atomic_file
-
     check_formats([fmt])
     if fmt == "zarr":
         FeatureStore.write(path, cells)
@@ -75,8 +74,6 @@ def feature_file_ok(path: str | os.PathLike, fmt: str) -> bool:
 
 def _write_h5(path: Path, cells: CellFeatures) -> None:
     import h5py
-
-    from wsi_vssm.atomic import to_jsonable
 
     attrs = {k: v for k, v in to_jsonable(cells.attrs).items() if k not in STORE_ONLY_ATTRS}
     with h5py.File(path, "w") as f:
@@ -116,14 +113,11 @@ def prepare_folders(out: str | os.PathLike, formats) -> None:
         if fmt == "zarr":
             continue
         d = Path(out) / FOLDERS[fmt]
-        if os.path.lexists(d) and not d.is_dir():
-            what = "a broken symbolic link" if not d.exists() else "a file"
+        what = in_the_way(d)
+        if what:
             raise OSError(f"{d} is {what}, not a folder: --format {fmt} writes its files there; move it away or use "
                           "another --out")
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            probe = d / f".probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            prove_writable(d)
         except OSError as e:
             raise OSError(f"{d}: cannot write there ({e.strerror or e})") from e

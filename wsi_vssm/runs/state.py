@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 
-from wsi_vssm.atomic import atomic_write_json, remove_temporaries, short_name
+from wsi_vssm.atomic import atomic_write_json, in_the_way, prove_writable, remove_temporaries, short_name
 from wsi_vssm.errors import WsiVssmError
 
 STATE_FORMAT = "wsi-vssm-state/1"
@@ -277,13 +277,10 @@ def check_output_folder(out: str | os.PathLike) -> None:
     line (exit 1) otherwise."""
     d = Path(out) / STATE_DIR
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        prove_writable(d)
     except OSError as e:
-        if os.path.lexists(d) and not d.is_dir():  # mkdir's "File exists" blamed OUT, which is a folder
-            what = "a broken symbolic link" if not d.exists() else "a file"
+        what = in_the_way(d)
+        if what:  # mkdir's "File exists" blamed OUT, which is a folder
             raise OutputNotWritable(f"{d} is {what}, not a folder: the run keeps each slide's state and lock in a "
                                     "folder of that name; move it away or use another --out") from e
         raise OutputNotWritable(f"{out}: cannot write to the output folder ({e.strerror or e})") from e
