@@ -103,6 +103,18 @@ def test_the_order_of_formats_does_not_redo_slides_and_old_stores_keep_their_has
     assert extract_job(tmp_path, "micro", backbone, info, None, params, ("h5",)).params_hash != job.params_hash
 
 
+def test_a_rerun_that_leaves_out_a_format_warns_that_its_old_file_may_hold_other_cells(tmp_path):
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+    first = _extract(slide, "--out", out, "--format", "zarr", "--format", "h5")
+    assert first.exit_code == 0 and "left from an earlier run" not in first.output
+    again = _extract(slide, "--out", out, "--format", "zarr")  # another hash: the slide is extracted again
+    assert again.exit_code == 0, again.output
+    assert "s1.h5: left from an earlier run (this run wrote zarr)" in again.output
+    assert "add --format h5" in again.output and (out / "h5_files" / "s1.h5").exists()  # warned, not removed
+    assert "pt_files" not in again.output  # no pt file was ever written
+
+
 def test_a_file_in_the_way_of_h5_files_is_one_line_before_any_slide_runs(tmp_path, capsys):
     from conftest import run_cli_captured
 

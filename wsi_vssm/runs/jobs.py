@@ -182,6 +182,7 @@ class ExtractJob:
         t = time.perf_counter()
         for fmt in self.formats:
             write_feature_file(self.target(task.name, fmt), cells, fmt)
+        self._warn_left_over(task.name)
         return {"n_cells": len(cells), "n_regions": len(set(cells.region_id.tolist())),
                 "timings": {"extract": t_extract, "write": time.perf_counter() - t}}
 
@@ -189,6 +190,17 @@ class ExtractJob:
         from wsi_vssm.io import open_slide
 
         return open_slide(task.path, mpp=self.mpp_override)
+
+    def _warn_left_over(self, name: str) -> None:
+        """An earlier run's file of a format this run does not write is not removed (it may be wanted as it is),
+        but it may now hold other cells than the files just written: say so, as CLAM / TRIDENT read it unasked."""
+        from wsi_vssm.pipeline.feature_files import FORMATS
+
+        for fmt in FORMATS:
+            path = self.target(name, fmt)
+            if fmt not in self.formats and os.path.lexists(path):
+                warnings.warn(f"{path}: left from an earlier run (this run wrote {', '.join(self.formats)}), so it "
+                              f"may hold other cells; remove it, or add --format {fmt}", UserWarning, stacklevel=2)
 
     def grid_size(self, task: SlideTask) -> int:
         from wsi_vssm.pipeline.geometry import grid_size
