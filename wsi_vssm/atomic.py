@@ -222,9 +222,13 @@ makes sure no live writer is using them (the cohort runner holds the slide's loc
     folder = Path(folder)
     if not folder.is_dir():
         return
+    one_file = stem.endswith(".")  # `<name>.`: one file's temporaries, `<name>.` + a random part with no dot
     # a long stem names one file (`<name>.zarr.`): its temporaries carry that name's hashed stem
-    key = stem if len(os.fsencode(stem)) <= _TMP_NAME_BYTES else _tmp_stem(stem.rstrip("."))
+    key = stem if len(os.fsencode(stem)) <= _TMP_NAME_BYTES else f"{_tmp_stem(stem.rstrip('.'))}."
+    start = len(_TMP_PREFIX) + len(key)
     for p in folder.glob(f"{_TMP_PREFIX}{glob.escape(key)}*"):
+        if one_file and "." in p.name[start:]:
+            continue  # another file's: `x.h5.` must spare `.tmp-x.h5.h5.*`, slide `x.h5`'s h5 file's
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -12,7 +12,7 @@ import shapely
 import zarr
 from PIL import Image
 
-from wsi_vssm.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from wsi_vssm.atomic import atomic_dir, atomic_file, atomic_write_bytes, atomic_write_json, atomic_write_text
 from wsi_vssm.errors import UsageError
 from wsi_vssm.io.annotations import rasterize, read_annotations
 from wsi_vssm.outputs.contours import contours_geojson, max_probability, tumour_contours, write_contours_geojson
@@ -114,6 +114,23 @@ def test_cleaning_one_long_names_temporaries_spares_anothers(tmp_path):
         remove_temporaries(tmp_path, f"{a}.zarr.")
         assert live.is_dir() and not left.exists()
     assert (tmp_path / f"{b}.zarr" / "x").read_text() == "1"
+
+
+def test_cleaning_one_files_temporaries_spares_a_longer_name_that_starts_with_it(tmp_path):
+    """Review: clearing slide `x`'s h5 temporaries (`.tmp-x.h5.*`) also took slide `x.h5`'s (`.tmp-x.h5.h5.*`)."""
+    import tempfile
+
+    from wsi_vssm.atomic import remove_temporaries
+
+    with atomic_file(tmp_path / "x.h5.h5") as live:  # slide `x.h5`'s h5 file, being written
+        live.write_text("1")
+        fd, mine = tempfile.mkstemp(prefix=".tmp-x.h5.", dir=tmp_path)  # slide `x`'s, left by a crash
+        os.close(fd)
+        own = [Path(mine), tmp_path / ".tmp-x.h5.old-0123abcd"]
+        own[1].mkdir()
+        remove_temporaries(tmp_path, "x.h5.")
+        assert live.exists() and not any(p.exists() for p in own)
+    assert (tmp_path / "x.h5.h5").read_text() == "1"
 
 
 def test_atomic_write_json_rejects_unserialisable(tmp_path):
