@@ -1,0 +1,66 @@
+"""Which source patches decide the calls on a mosaic cohort's normal slides.
+
+    python bench/patch_drivers.py --cohort COHORT --eval OUT [--top 5]
+
+COHORT is a mosaic cohort (`mosaic.json`, from `wsi-vssm synth --from-patches` or bench/detector.py); OUT holds
+one model's `prediction.json` per slide (`wsi-vssm evaluate` or `predict`). Mosaic slides of one cohort draw
+from one patch pool, so a patch is reused across many slides: one label-0 patch that the model reads as tumour
+can turn most "normal" slides into false positives at once, and the cohort's specificity then measures that
+patch, not many independent slides. Prints how much the normal slides share, how many the model calls tumour
+(probability >= the slide's own `slide_threshold`), and the patches whose presence best separates the called
+slides from the others: a patch found in every called slide and in no other is the whole explanation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def normal_slide_patches(mosaic: dict) -> dict[str, set[str]]:
+    """{slide name: the distinct source patches it holds} for the slides labelled normal."""
+    return {s["name"]: {p for row in s["patches"] for p in row if p}
+            for s in mosaic["slides"] if s["label"] == "normal"}
+
+
+def drivers(patches: dict[str, set[str]], called: set[str], top: int = 5) -> list[dict]:
+    """Patches ranked by how well 'the slide holds it' predicts 'the slide is called tumour': by the called
+    slides it misses plus the other slides it is in (0 = a perfect separator), then by how many slides hold it."""
+    holders: dict[str, set[str]] = {}
+    for slide, held in patches.items():
+        for p in held:
+            holders.setdefault(p, set()).add(slide)
+    rows = [{"patch": p, "slides": len(s), "called_with": len(s & called), "called_without": len(called - s),
+             "errors": len(called - s) + len(s - called)} for p, s in holders.items()]
+    rows.sort(key=lambda r: (r["errors"], -r["slides"], r["patch"]))
+    return rows[:top]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cohort", required=True, type=Path, help="mosaic cohort folder (mosaic.json)")
+    ap.add_argument("--eval", required=True, type=Path, help="folder of <slide>/prediction.json")
+    ap.add_argument("--top", type=int, default=5)
+    a = ap.parse_args()
+
+    patches = normal_slide_patches(json.loads((a.cohort / "mosaic.json").read_text()))
+    called = set()
+    for slide in patches:
+        pred = json.loads((a.eval / slide / "prediction.json").read_text())
+        if pred["probability"] >= pred["slide_threshold"]:
+            called.add(slide)
+    pool = set().union(*patches.values()) if patches else set()
+    shares = sorted(len(p) / max(len(pool), 1) for p in patches.values())
+    print(f"{a.cohort}: {len(patches)} normal slides from {len(pool)} distinct label-0 patches; each holds "
+          f"{100 * shares[len(shares) // 2]:.0f}% of them (median)" if shares else f"{a.cohort}: no normal slides")
+    print(f"called tumour at their slide_threshold: {len(called)} of {len(patches)}")
+    if not called or len(called) == len(patches):
+        return
+    for r in drivers(patches, called, a.top):
+        print(f"  {r['patch']}: in {r['slides']} slides, {r['called_with']} of them called; "
+              f"called slides without it {r['called_without']}; separation errors {r['errors']}")
+
+
+if __name__ == "__main__":
+    main()
