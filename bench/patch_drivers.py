@@ -44,7 +44,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=5)
     a = ap.parse_args()
 
-    patches = normal_slide_patches(json.loads((a.cohort / "mosaic.json").read_text()))
+    mosaic = json.loads((a.cohort / "mosaic.json").read_text())
+    if "slides" not in mosaic:  # a patients cohort (`synth --patients`) stores pool indices, not patch names
+        raise SystemExit(f"{a.cohort / 'mosaic.json'}: no 'slides' list naming each cell's patch (a patients "
+                         "cohort?); this script reads mosaic-slide cohorts")
+    patches = normal_slide_patches(mosaic)
     called = set()
     for slide in patches:
         pred = json.loads((a.eval / slide / "prediction.json").read_text())

@@ -45,3 +45,15 @@ def test_main_reads_each_slides_own_threshold(tmp_path, monkeypatch, capsys):
     assert "4 normal slides from 4 distinct label-0 patches" in text
     assert "called tumour at their slide_threshold: 2 of 4" in text  # n3 is under its own 0.7
     assert "bad: in 2 slides, 2 of them called; called slides without it 0; separation errors 0" in text
+
+
+def test_a_patients_cohort_is_refused_in_one_line(tmp_path, monkeypatch):
+    """`synth --patients` cohorts store pool indices, not patch names: a KeyError traceback before."""
+    import pytest
+
+    bench = load_bench("patch_drivers")
+    (tmp_path / "mosaic.json").write_text(json.dumps({"nodes": [{"slide": "p0_n0", "index": [[0, -1]]}]}))
+    monkeypatch.setattr(sys, "argv", ["patch_drivers", "--cohort", str(tmp_path), "--eval", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no 'slides' list naming each cell's patch") as e:
+        bench.main()
+    assert "\n" not in str(e.value)
