@@ -85,6 +85,27 @@ def test_two_epoch_run_learns(tiny_folder, tmp_path):
     assert meta["torch_threads"] == torch.get_num_threads() and meta["machine"]
 
 
+def test_min_epochs_holds_off_the_early_stop(tiny_folder, tmp_path, monkeypatch):
+    """r9's context stage dipped under its epoch-2 best for five epochs at the peak learning rate and was one epoch
+    from an early stop; `min_epochs` lets a recipe wait for the schedule's decay before patience may end it."""
+    from wsi_vssm.training import cells
+
+    real, scores = cells._select_metrics, iter([0.9, 0.8, 0.8, 0.95, 0.8, 0.8])
+
+    def scripted(*args, **kwargs):  # the real metrics, with a score that peaks early, dips, then beats it
+        return {**real(*args, **kwargs), "score": next(scores)}
+
+    monkeypatch.setattr(cells, "_select_metrics", scripted)
+    kw = dict(epochs=6, batch_size=16, seed=0, mil_bags=0, patience=1)
+    r = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "a.pt", TrainCellsConfig(**kw),
+                    progress=False)
+    assert [row["epoch"] for row in r.log] == [1, 2] and r.best_epoch == 1  # patience 1: stopped in the dip
+    scores = iter([0.9, 0.8, 0.8, 0.95, 0.8, 0.8])
+    r = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "b.pt",
+                    TrainCellsConfig(**kw, min_epochs=4), progress=False)
+    assert [row["epoch"] for row in r.log] == [1, 2, 3, 4, 5] and r.best_epoch == 4  # then patience applies again
+
+
 def test_tta_is_the_mean_over_the_eight_views(tiny_folder, tmp_path, capsys):
     from conftest import write_tiny_model
 

@@ -38,6 +38,8 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
               help="Validation patches used for selection (stratified); the rest are held back [default: half].")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="Stop after this many epochs without a better validation AUC.")
+@click.option("--min-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="No early stop before this epoch (the peak learning rate can hold the AUC down for a while).")
 @click.option("--ema", type=FiniteFloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Decay of a moving average of the weights that is validated and saved (0: off; e.g. 0.999).")
 @click.option("--drop-path", type=FiniteFloatRange(0, 1, max_open=True), default=None,
@@ -60,10 +62,11 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from its last finished epoch (OUT with .checkpoint.pt, written "
-                   "every epoch); the same options, but --epochs, --patience, --device and --domain may change.")
+                   "every epoch); the same options, but --epochs, --patience, --min-epochs, --device and --domain may "
+                   "change.")
 def command(train_src, valid_src, out, arch, mpp, domain, epochs, batch_size, lr, seed, max_train, epoch_size,
-            valid_select, patience, ema, drop_path, init, mosaic_grid, region_batch, slides, scan, no_augment, device,
-            precision, log_path, resume):
+            valid_select, patience, min_epochs, ema, drop_path, init, mosaic_grid, region_batch, slides, scan,
+            no_augment, device, precision, log_path, resume):
     """Train a backbone and its cell head on labelled patches (label = the centre 32 px, the centre token)."""
     from wsi_vssm.commands.options import option_backbone, option_device, option_output
     from wsi_vssm.errors import OptionError
@@ -84,7 +87,8 @@ def command(train_src, valid_src, out, arch, mpp, domain, epochs, batch_size, lr
     aug = AugmentConfig(flip_rot=False, hed_scale=0, hed_shift=0, brightness=0, contrast=0, saturation=0,
                         blur_p=0) if no_augment else AugmentConfig()
     cfg = TrainCellsConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, max_train=max_train,
-                           epoch_size=epoch_size, valid_select=valid_select, patience=patience, scan=scan,
+                           epoch_size=epoch_size, valid_select=valid_select, patience=patience,
+                           min_epochs=min_epochs, scan=scan,
                            device=device, augment=aug, ema=ema, drop_path=drop_path, init=init,
                            mosaic_grid=mosaic_grid, region_batch=region_batch, precision=precision, resume=resume,
                            mpp=mpp, domain=domain or f"patches of {train_src.name} at about {mpp:g} um/px")

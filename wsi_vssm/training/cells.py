@@ -83,6 +83,8 @@ class TrainCellsConfig:
     epoch_size: int | None = None  # patches per epoch (a fresh seeded draw each epoch); None = all
     valid_select: int | None = None  # validation patches used to select (stratified); rest held back; None = half
     patience: int = 3
+    min_epochs: int = 0  # no early stop before this epoch: the peak lr can hold the score under an early best for
+    #                      several epochs (r9's context stage: epochs 3-7 under epoch 2, epoch 8 a new best)
     scan: str = "auto"
     mpp: float = 0.97  # the patches' resolution, stamped in the model: predict reads slides at it
     domain: str | None = None  # one line on what the patches show (model metadata `domain`; None: the default's)
@@ -260,7 +262,7 @@ def train_cells(train_src, valid_src, out: str | os.PathLike, cfg: TrainCellsCon
                             ckpt)
 
 
-RESUME_MAY_CHANGE = ("epochs", "patience", "resume", "device", "domain")  # the rest must match the checkpoint's
+RESUME_MAY_CHANGE = ("epochs", "patience", "min_epochs", "resume", "device", "domain")  # the rest: as the checkpoint
 
 
 def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides, progress: bool, log_path,
@@ -350,7 +352,7 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
             best, best_epoch, best_sel = sel["score"], epoch, sel
             if ctx.is_main:  # marked unfinished until the end (`predict --model` warns about such a file)
                 save_model(chosen, out, {**meta(log, best_epoch, best_sel, None), "training_incomplete": True})
-        stopped = not row["best"] and epoch - best_epoch >= cfg.patience
+        stopped = not row["best"] and epoch - best_epoch >= cfg.patience and epoch >= cfg.min_epochs
         checkpoint(epoch, stopped)  # after the best model: a resume never needs an epoch the file lacks
         if stopped:
             _say(progress, f"early stop: no valid AUC gain for {cfg.patience} epochs")

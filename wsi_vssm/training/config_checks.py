@@ -105,8 +105,9 @@ def check_mosaic_config(cfg) -> None:
 
 
 CELLS_RULES = {  # TrainCellsConfig (and [context], which overrides it)
-    "epochs": ">=1", "batch_size": ">=1", "patience": ">=1", "lr": ">0", "weight_decay": ">=0",
-    "warmup_frac": "[0,1)", "seed": ">=0", "max_train": ">=1?", "epoch_size": ">=1?", "valid_select": ">=2?",
+    "epochs": ">=1", "batch_size": ">=1", "patience": ">=1", "min_epochs": ">=0", "lr": ">0",
+    "weight_decay": ">=0", "warmup_frac": "[0,1)", "seed": ">=0", "max_train": ">=1?", "epoch_size": ">=1?",
+    "valid_select": ">=2?",
     "mpp": ">0", "mil_bags": ">=0", "mil_bag_size": ">=1", "mil_patches": ">=1", "mil_steps": ">=1",
     "region_batch": ">=1", "region_crop_px": ">=32", "ema": "[0,1)", "drop_path": "[0,1)?",
 }
