@@ -195,6 +195,22 @@ def test_info_describes_each_feature_file_and_a_clam_h5(tmp_path, capsys):
     assert code == 1 and "without a `features` dataset" in err and err.count("\n") == 1
 
 
+def test_info_loads_a_pt_feature_file_once(tmp_path, capsys, monkeypatch):
+    """`info x.pt` loaded the tensor to tell its kind and again to describe it (left alone since 2026-12-05)."""
+    import torch
+    from conftest import run_cli_captured
+
+    path = tmp_path / "s1.pt"
+    torch.save(torch.zeros(7, 256), path)
+    loads, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    code, text, _ = run_cli_captured(["info", path], capsys)
+    assert code == 0 and "7 x 256 features" in text and len(loads) == 1
+    torch.save(torch.zeros(9, 256), path)  # rewritten: read afresh, not the remembered tensor
+    code, text, _ = run_cli_captured(["info", path], capsys)
+    assert code == 0 and "9 x 256 features" in text and len(loads) == 2
+
+
 def test_info_out_says_which_files_each_extracted_slide_went_to(tmp_path, capsys):
     """`info OUT` said only "done" for an extract slide: which of zarr / h5 / pt holds its cells was not told."""
     import json

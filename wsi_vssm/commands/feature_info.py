@@ -4,6 +4,7 @@ They were read as slides ("zarr store without OME-NGFF metadata", "not a slide f
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -37,6 +38,16 @@ def feature_kind(path: str) -> str | None:
 
 
 def _tensor(path: Path):
+    """The file's tensor, or None; `feature_kind` and then `feature_info` ask for it: it is loaded once."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _load_tensor(str(path.resolve()), st.st_mtime_ns, st.st_size)  # a rewritten file is loaded again
+
+
+@functools.lru_cache(maxsize=1)
+def _load_tensor(path: str, mtime_ns: int, size: int):
     import torch
 
     try:
