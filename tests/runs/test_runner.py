@@ -113,6 +113,26 @@ def test_evaluate_writes_the_cohort_lesions_table(model_file, cohort, tmp_path, 
     assert {r[0] for r in rows[1:]} == {"normal_001", "tumor_001"}  # both listed lesions; broken has none
 
 
+def test_a_rerun_leaves_no_stale_cohort_lesions_table_while_it_works(model_file, cohort, tmp_path, capsys):
+    """OUT/lesions.csv of an earlier run stayed, unmarked, until the new run's end rewrote it (left alone on
+    2026-12-05): a run stopped half-way left the old model's table beside the new predictions."""
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.pipeline.predict import PredictParams
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "lesions.csv").write_text("slide,id\nfrom_an_earlier_run,1\n", encoding="utf-8")
+    seen = []
+    params = PredictParams(device="cpu", target_mpp=4, region_px=512, overlap_px=64, reader_threads=1,
+                           cell_threshold=0.05)
+    evaluate_cohort(cohort, load_model(model_file), out, params, n_boot=50,
+                    on_slide=lambda row: seen.append((out / "lesions.csv").exists()))
+    assert seen and not any(seen)  # gone from the start: no slide of this run finished beside the old table
+    text = (out / "lesions.csv").read_text(encoding="utf-8")
+    assert "from_an_earlier_run" not in text and text.startswith("slide,id") and "normal_001" in text
+
+
 def test_failed_slides_are_retried_only_with_retry_failed(model_file, cohort, tmp_path, capsys):
     broken = tmp_path / "broken.svs"
     broken.write_text("not a slide")

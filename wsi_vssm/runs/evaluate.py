@@ -233,10 +233,13 @@ def _wait_for_other_runs(tasks: list, job, wait: float, progress) -> None:
 
 
 def _start_report(out: Path) -> None:
-    """Mark an earlier run's metrics.json as not complete while this run works (it is rewritten at the end)."""
+    """Mark an earlier run's metrics.json as not complete while this run works, and take away its cohort lesions
+    table, which has no such mark: both are rewritten at the end (each slide's own lesions.csv stays)."""
     import json
 
     with report_writer(out, REPORT_LOCK_WAIT_S):
+        if (out / COHORT_LESIONS_CSV).is_file():  # a folder of that name is an old slide's: warned about at the end
+            (out / COHORT_LESIONS_CSV).unlink(missing_ok=True)
         try:
             metrics = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
         except (OSError, ValueError):
