@@ -103,7 +103,7 @@ def predict(model, slide: Path, out_root: Path, precision: str = "fp32") -> dict
         lambda _m, _a, out: maps.append(out.detach().float().permute(0, 2, 3, 1).contiguous()))]
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the out-of-domain note on the CMU slide; not what is measured here
+            warnings.simplefilter("ignore")  # the CMU slide's warnings (a call on 0 cells); not what is measured here
             t0 = time.perf_counter()
             record = predict_slide(slide, model, out_root, PredictParams(precision=precision, tta=False))
             wall = time.perf_counter() - t0

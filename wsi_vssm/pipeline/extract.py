@@ -299,7 +299,7 @@ def region_features(backbone, x, tta: bool):
 def region_maps(backbone, x, tta: bool):
     """(`region_features`, the untransformed view's map when `tta` else None). The domain check reads the
     latter: its distance threshold was set on single views, and a mean of 8 views lies nearer the training mean
-    (the skin sample measured in domain under --tta, out of it without)."""
+    (with r5's weights, before 2026-12-04, the skin sample measured in domain under --tta, out of it without)."""
     import torch
 
     first = backbone.forward_features(x).float()
