@@ -1,6 +1,6 @@
 """Three cheap ways to a better patch score, tried on the selection part of PCam valid (never the held-back part).
-Run on 2026-12-05 with r6 as `--model` (docs/model_card.md); r9, trained from scratch, has no such START: pass
-its context-stage model (OUT/context.pt) as --start.
+Run on 2026-12-05 with r5, then the shipped model (docs/model_card.md). For r9, trained from scratch, START is
+its context-stage model (OUT/context.pt, the start of its dense stage).
 
     python bench/selection_variants.py --valid .../pcam/valid.tar --start START.pt [--model default]
 
