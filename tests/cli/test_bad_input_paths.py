@@ -220,6 +220,34 @@ def test_the_auc_interval_is_flagged_below_20_slides_a_class():
     assert "DeLong" not in small_cohort_warning(result(15))
 
 
+def test_mosaic_slides_tiled_from_the_same_patches_are_flagged(tmp_path):
+    """bench/detector.py's 32 x 32 held-back mosaics: each normal slide held 70% of one 1,000-patch pool, and one
+    label-0 patch the model reads as tumour sat in 28 of the 40 (2026-12-05); nothing said the slides were not
+    independent."""
+    import json
+
+    from wsi_vssm.runs.evaluate import EvaluationResult
+    from wsi_vssm.runs.report_warnings import shared_patches_warning
+
+    def warning(slides):
+        path = tmp_path / "mosaic.json"
+        path.write_text(json.dumps({"slides": slides}))
+        return shared_patches_warning(EvaluationResult({"mosaics": str(path)}, [], items="mosaic slides"))
+
+    def slide(label, *patches):
+        return {"label": label, "patches": [list(patches), [None]]}
+
+    shared = [slide("normal", "a", "b", "c", "d"), slide("normal", "a", "b", "c", "e"), slide("tumor", "x", "y")]
+    assert "the 2 normal mosaic slides are tiled from largely the same patches: each holds a median 80% of the 5 " \
+           "label-0 patches" in warning(shared)
+    apart = [slide("normal", p) for p in "abcdef"]  # each holds 1 of 6 (17%): no line
+    assert warning(apart) is None
+    assert warning([{"label": "normal", "index": [[0, 1]]}]) is None  # a layout without patch names: no line
+    (tmp_path / "nodes.json").write_text(json.dumps({"nodes": []}))  # a patients cohort's mosaic.json
+    assert shared_patches_warning(EvaluationResult({"mosaics": str(tmp_path / "nodes.json")}, [])) is None
+    assert shared_patches_warning(EvaluationResult({"mosaics": None}, [])) is None
+
+
 def test_a_writers_default_dpi_is_named():
     from wsi_vssm.io.base import ignored_mpp
 

@@ -56,6 +56,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         domain_warning,
         few_patients_warning,
         separation_warning,
+        shared_patches_warning,
         small_cohort_warning,
         training_patches_warning,
         training_slides_warning,
@@ -99,7 +100,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     separation = separation_warning(res)
     if separation and m["auc"] is not None:  # the line under the warning read as a result (metrics.json keeps it)
         auc += ", not meaningful: the scores do not separate the classes"
-    for warning in (separation, small_cohort_warning(res), domain_warning(res),
+    for warning in (separation, small_cohort_warning(res), shared_patches_warning(res), domain_warning(res),
                     training_slides_warning(res, model), training_patches_warning(res), annotation_frame_warning(res)):
         if warning:
             progress.warn(warning)

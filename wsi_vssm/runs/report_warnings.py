@@ -1,10 +1,12 @@
 """The one-line warnings `evaluate` prints under a cohort's figures: scores that do not separate the classes,
-classes or patients too few for the bootstrap to mean much, slides out of the model's domain, slides that trained
-the model's slide head, patches that trained or selected the model. Each takes an `EvaluationResult`
-(`runs.evaluate`) and returns the line, or None when there is nothing to say."""
+classes or patients too few for the bootstrap to mean much, mosaic slides tiled from the same patches, slides out
+of the model's domain, slides that trained the model's slide head, patches that trained or selected the model.
+Each takes an `EvaluationResult` (`runs.evaluate`) and returns the line, or None when there is nothing to say."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -59,6 +61,36 @@ def small_cohort_warning(result: EvaluationResult) -> str | None:
               "often from 10 slides a class" if delong else "")
     return (f"the AUC rests on {n1} tumour and {n0} normal {result.items}: with fewer than {SMALL_CLASS_AUC} of a "
             f"class its bootstrap interval is not a reliable measure of uncertainty (too narrow){better}")
+
+
+# a normal mosaic holding this share (median) of the label-0 patches its cohort draws from, or more: the slides
+# are far from independent (bench/detector.py's 32 x 32 held-back cohort: 70%; one reused patch that the model
+# reads as tumour turned 28 of its 40 normal slides into false positives, 2026-12-05)
+SHARED_PATCHES = 0.2
+
+
+def shared_patches_warning(result: EvaluationResult) -> str | None:
+    """One line when a mosaic cohort's normal slides (`synth --from-patches`, whose mosaic.json names each cell's
+    patch) are tiled from largely the same patches: one patch then sits in most of them, and their specificity,
+    the ECE and the AUC interval can hinge on it."""
+    path = result.metrics.get("mosaics")
+    if not path:
+        return None
+    try:
+        layout = json.loads(Path(path).read_text(encoding="utf-8"))
+        held = [{p for row in s["patches"] for p in row if p} for s in layout["slides"] if s.get("label") == "normal"]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # a patients cohort or an unknown layout
+        return None
+    pool = set().union(*held) if held else set()
+    if len(held) < 2 or not pool:
+        return None
+    median = sorted(len(h) / len(pool) for h in held)[len(held) // 2]
+    if median < SHARED_PATCHES:
+        return None
+    return (f"the {len(held)} normal {result.items} are tiled from largely the same patches: each holds a median "
+            f"{median:.0%} of the {len(pool)} label-0 patches they draw from ({path}), so they are not independent "
+            "slides, and their specificity, the ECE and the AUC interval can hinge on a few patches (the source "
+            "tree's bench/patch_drivers.py names them)")
 
 
 def few_patients_warning(result: EvaluationResult) -> str | None:
