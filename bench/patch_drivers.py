@@ -17,11 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def normal_slide_patches(mosaic: dict) -> dict[str, set[str]]:
-    """{slide name: the distinct source patches it holds} for the slides labelled normal."""
-    return {s["name"]: {p for row in s["patches"] for p in row if p}
-            for s in mosaic["slides"] if s["label"] == "normal"}
+from wsi_vssm.synth.mosaic import slide_patches
 
 
 def drivers(patches: dict[str, set[str]], called: set[str], top: int = 5) -> list[dict]:
@@ -48,7 +44,7 @@ def main() -> None:
     if "slides" not in mosaic:  # a patients cohort (`synth --patients`) stores pool indices, not patch names
         raise SystemExit(f"{a.cohort / 'mosaic.json'}: no 'slides' list naming each cell's patch (a patients "
                          "cohort?); this script reads mosaic-slide cohorts")
-    patches = normal_slide_patches(mosaic)
+    patches = slide_patches(mosaic)
     called = set()
     for slide in patches:
         pred = json.loads((a.eval / slide / "prediction.json").read_text())

@@ -235,14 +235,14 @@ def test_mosaic_slides_tiled_from_the_same_patches_are_flagged(tmp_path):
         return shared_patches_warning(EvaluationResult({"mosaics": str(path)}, [], items="mosaic slides"))
 
     def slide(label, *patches):
-        return {"label": label, "patches": [list(patches), [None]]}
+        return {"name": f"{label}_{''.join(patches)}", "label": label, "patches": [list(patches), [None]]}
 
     shared = [slide("normal", "a", "b", "c", "d"), slide("normal", "a", "b", "c", "e"), slide("tumor", "x", "y")]
     assert "the 2 normal mosaic slides are tiled from largely the same patches: each holds a median 80% of the 5 " \
            "label-0 patches" in warning(shared)
     apart = [slide("normal", p) for p in "abcdef"]  # each holds 1 of 6 (17%): no line
     assert warning(apart) is None
-    assert warning([{"label": "normal", "index": [[0, 1]]}]) is None  # a layout without patch names: no line
+    assert warning([{"name": "n", "label": "normal", "index": [[0, 1]]}]) is None  # no patch names: no line
     (tmp_path / "nodes.json").write_text(json.dumps({"nodes": []}))  # a patients cohort's mosaic.json
     assert shared_patches_warning(EvaluationResult({"mosaics": str(tmp_path / "nodes.json")}, [])) is None
     assert shared_patches_warning(EvaluationResult({"mosaics": None}, [])) is None

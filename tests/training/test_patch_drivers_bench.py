@@ -24,7 +24,9 @@ def _mosaic() -> dict:
 
 def test_a_patch_in_exactly_the_called_slides_ranks_first():
     bench = load_bench("patch_drivers")
-    patches = bench.normal_slide_patches(_mosaic())
+    from wsi_vssm.synth.mosaic import slide_patches
+
+    patches = slide_patches(_mosaic())
     assert set(patches) == {"n1", "n2", "n3", "n4"} and patches["n2"] == {"a", "b", "bad"}
     top = bench.drivers(patches, {"n1", "n2"}, top=2)
     assert top[0] == {"patch": "bad", "slides": 2, "called_with": 2, "called_without": 0, "errors": 0}

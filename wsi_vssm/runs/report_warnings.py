@@ -76,9 +76,10 @@ def shared_patches_warning(result: EvaluationResult) -> str | None:
     path = result.metrics.get("mosaics")
     if not path:
         return None
+    from wsi_vssm.synth.mosaic import slide_patches
+
     try:
-        layout = json.loads(Path(path).read_text(encoding="utf-8"))
-        held = [{p for row in s["patches"] for p in row if p} for s in layout["slides"] if s.get("label") == "normal"]
+        held = list(slide_patches(json.loads(Path(path).read_text(encoding="utf-8"))).values())
     except (OSError, ValueError, TypeError, KeyError, AttributeError):  # a patients cohort or an unknown layout
         return None
     pool = set().union(*held) if held else set()

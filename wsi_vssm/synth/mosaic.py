@@ -221,6 +221,12 @@ def make_mosaic_cohort(
     return slides
 
 
+def slide_patches(layout: dict, label: str = "normal") -> dict[str, set[str]]:
+    """{slide name: the distinct source patches it holds} for the slides of `label` in a cohort's mosaic.json
+    (as `make_mosaic_cohort` writes it). A layout without those keys (a patients cohort's) raises KeyError."""
+    return {s["name"]: {p for row in s["patches"] for p in row if p} for s in layout["slides"] if s["label"] == label}
+
+
 def random_dihedral(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One of the 8 flips / quarter turns (PCam's centre label does not move)."""
     img = np.rot90(img, int(rng.integers(4)))
