@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from wsi_vssm.synth.mosaic import slide_patches
+from wsi_vssm.synth.mosaic import patch_recurrence, slide_patches
 
 
 def drivers(patches: dict[str, set[str]], called: set[str], top: int = 5) -> list[dict]:
@@ -44,16 +44,21 @@ def main() -> None:
     if "slides" not in mosaic:  # a patients cohort (`synth --patients`) stores pool indices, not patch names
         raise SystemExit(f"{a.cohort / 'mosaic.json'}: no 'slides' list naming each cell's patch (a patients "
                          "cohort?); this script reads mosaic-slide cohorts")
-    patches = slide_patches(mosaic)
-    called = set()
-    for slide in patches:
-        pred = json.loads((a.eval / slide / "prediction.json").read_text())
-        if pred["probability"] >= pred["slide_threshold"]:
+    patches, called, unscored = slide_patches(mosaic), set(), []
+    for slide in list(patches):
+        try:
+            pred = json.loads((a.eval / slide / "prediction.json").read_text())
+            p, t = float(pred["probability"]), float(pred["slide_threshold"])
+        except (OSError, ValueError, KeyError, TypeError):  # not run, failed, or no tissue (probability null)
+            unscored.append(patches.pop(slide))
+            continue
+        if p >= t:
             called.add(slide)
     pool = set().union(*patches.values()) if patches else set()
-    shares = sorted(len(p) / max(len(pool), 1) for p in patches.values())
-    print(f"{a.cohort}: {len(patches)} normal slides from {len(pool)} distinct label-0 patches; each holds "
-          f"{100 * shares[len(shares) // 2]:.0f}% of them (median)" if shares else f"{a.cohort}: no normal slides")
+    share = patch_recurrence(patches)
+    print(f"{a.cohort}: {len(patches)} scored normal slides from {len(pool)} distinct label-0 patches"
+          + ("" if share is None else f"; a typical patch sits in {100 * share:.0f}% of the other slides")
+          + (f" ({len(unscored)} normal slides without a probability left out)" if unscored else ""))
     print(f"called tumour at their slide_threshold: {len(called)} of {len(patches)}")
     if not called or len(called) == len(patches):
         return

@@ -238,10 +238,12 @@ def test_mosaic_slides_tiled_from_the_same_patches_are_flagged(tmp_path):
         return {"name": f"{label}_{''.join(patches)}", "label": label, "patches": [list(patches), [None]]}
 
     shared = [slide("normal", "a", "b", "c", "d"), slide("normal", "a", "b", "c", "e"), slide("tumor", "x", "y")]
-    assert "the 2 normal mosaic slides are tiled from largely the same patches: each holds a median 80% of the 5 " \
-           "label-0 patches" in warning(shared)
-    apart = [slide("normal", p) for p in "abcdef"]  # each holds 1 of 6 (17%): no line
-    assert warning(apart) is None
+    assert "the 2 normal mosaic slides are tiled from largely the same patches: a typical one of their 5 label-0 " \
+           "patches sits in 100% of the other normal slides" in warning(shared)
+    assert warning([slide("normal", p) for p in "abcd"]) is None  # 4 slides that share nothing: no line
+    assert warning([slide("normal", p) for p in "ab"] + [slide("normal", "a", "c")]) is None  # 1 of 3 recurs
+    assert warning([{"name": "n1", "label": "normal", "patches": ["patch_a.png"]},  # not rows: no verdict
+                    {"name": "n2", "label": "normal", "patches": ["patch_a.png"]}]) is None
     assert warning([{"name": "n", "label": "normal", "index": [[0, 1]]}]) is None  # no patch names: no line
     (tmp_path / "nodes.json").write_text(json.dumps({"nodes": []}))  # a patients cohort's mosaic.json
     assert shared_patches_warning(EvaluationResult({"mosaics": str(tmp_path / "nodes.json")}, [])) is None

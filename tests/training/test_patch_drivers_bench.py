@@ -41,10 +41,14 @@ def test_main_reads_each_slides_own_threshold(tmp_path, monkeypatch, capsys):
     for name, p, t in [("n1", 0.9, 0.5), ("n2", 0.6, 0.5), ("n3", 0.6, 0.7), ("n4", 0.1, 0.5)]:
         (out / name).mkdir(parents=True)
         (out / name / "prediction.json").write_text(json.dumps({"probability": p, "slide_threshold": t}))
+    layout = _mosaic()
+    layout["slides"].append(_slide("n5", "normal", ["a", None, None, None]))  # no output
+    (cohort / "mosaic.json").write_text(json.dumps(layout))
     monkeypatch.setattr(sys, "argv", ["patch_drivers", "--cohort", str(cohort), "--eval", str(out), "--top", "1"])
     bench.main()
     text = capsys.readouterr().out
-    assert "4 normal slides from 4 distinct label-0 patches" in text
+    assert "4 scored normal slides from 4 distinct label-0 patches; a typical patch sits in 67% of the other " \
+           "slides (1 normal slides without a probability left out)" in text
     assert "called tumour at their slide_threshold: 2 of 4" in text  # n3 is under its own 0.7
     assert "bad: in 2 slides, 2 of them called; called slides without it 0; separation errors 0" in text
 

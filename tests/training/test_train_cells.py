@@ -105,6 +105,21 @@ def test_min_epochs_holds_off_the_early_stop(tiny_folder, tmp_path, monkeypatch)
                     TrainCellsConfig(**kw, min_epochs=4), progress=False)
     assert [row["epoch"] for row in r.log] == [1, 2, 3, 4, 5] and r.best_epoch == 4  # then patience applies again
 
+    # a run stopped early and interrupted while finishing resumes under the --min-epochs it is given now
+    real_finish, scores = cells.finish_model, iter([0.9, 0.8, 0.8, 0.95, 0.8, 0.8])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cells, "finish_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "c.pt", TrainCellsConfig(**kw),
+                    progress=False)
+    monkeypatch.setattr(cells, "finish_model", real_finish)
+    r = train_cells(tiny_folder / "train", tiny_folder / "valid", tmp_path / "c.pt",
+                    TrainCellsConfig(**kw, min_epochs=4, resume=True), progress=False)
+    assert [row["epoch"] for row in r.log] == [1, 2, 3, 4, 5] and r.best_epoch == 4
+
 
 def test_tta_is_the_mean_over_the_eight_views(tiny_folder, tmp_path, capsys):
     from conftest import write_tiny_model

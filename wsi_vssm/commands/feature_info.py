@@ -43,11 +43,11 @@ def _tensor(path: Path):
         st = path.stat()
     except OSError:
         return None
-    return _load_tensor(str(path.resolve()), st.st_mtime_ns, st.st_size)  # a rewritten file is loaded again
+    return _load_tensor(str(path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)  # a rewritten file: afresh
 
 
 @functools.lru_cache(maxsize=1)
-def _load_tensor(path: str, mtime_ns: int, size: int):
+def _load_tensor(path: str, inode: int, mtime_ns: int, size: int):
     import torch
 
     try:
@@ -84,6 +84,7 @@ def feature_info(path: str, kind: str) -> dict:
             raise UsageError(f"{path}: cannot read this HDF5 file ({e})") from None
     else:
         t = _tensor(Path(path))
+        _load_tensor.cache_clear()  # described: no need to keep the file mapped
         attrs = {}
         report.update(cells=int(t.shape[0]), features=int(t.shape[-1]) if t.ndim > 1 else None,
                       dtype=str(t.dtype).removeprefix("torch."))

@@ -14,6 +14,7 @@ metrics.json says `"complete": false` (true only when every slide is done or fai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
@@ -237,9 +238,10 @@ def _start_report(out: Path) -> None:
     table, which has no such mark: both are rewritten at the end (each slide's own lesions.csv stays)."""
     import json
 
-    with report_writer(out, REPORT_LOCK_WAIT_S):
-        if (out / COHORT_LESIONS_CSV).is_file():  # a folder of that name is an old slide's: warned about at the end
-            (out / COHORT_LESIONS_CSV).unlink(missing_ok=True)
+    with report_writer(out, REPORT_LOCK_WAIT_S) as held:
+        if held and (out / COHORT_LESIONS_CSV).is_file():  # a folder of that name is an old slide's: warned at the end
+            with contextlib.suppress(OSError):  # a folder that refuses it refuses the final table too, with a warning
+                (out / COHORT_LESIONS_CSV).unlink()
         try:
             metrics = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
         except (OSError, ValueError):

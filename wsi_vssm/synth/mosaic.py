@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,8 +224,30 @@ def make_mosaic_cohort(
 
 def slide_patches(layout: dict, label: str = "normal") -> dict[str, set[str]]:
     """{slide name: the distinct source patches it holds} for the slides of `label` in a cohort's mosaic.json
-    (as `make_mosaic_cohort` writes it). A layout without those keys (a patients cohort's) raises KeyError."""
-    return {s["name"]: {p for row in s["patches"] for p in row if p} for s in layout["slides"] if s["label"] == label}
+    (as `make_mosaic_cohort` writes it: rows of patch names, None for glass). A layout of another shape (a
+    patients cohort's pool indices, a flat list) raises KeyError or TypeError rather than giving wrong sets."""
+    held = {}
+    for s in layout["slides"]:
+        if s["label"] != label:
+            continue
+        rows = s["patches"]
+        names = {p for row in rows for p in row if p is not None} if isinstance(rows, list) and all(
+            isinstance(row, list) for row in rows) else None
+        if names is None or not all(isinstance(p, str) for p in names):
+            raise TypeError(f"mosaic slide {s['name']!r}: `patches` is not rows of patch names")
+        held[s["name"]] = names
+    return held
+
+
+def patch_recurrence(held: dict[str, set[str]]) -> float | None:
+    """How far slides share their patches: over the distinct patches of `held` (`slide_patches`), the median
+    share of the OTHER slides that hold each one (0: no patch in two slides; 1: every slide holds every patch).
+    None under two slides or without patches."""
+    counts = Counter(p for names in held.values() for p in names)
+    if len(held) < 2 or not counts:
+        return None
+    shares = sorted((c - 1) / (len(held) - 1) for c in counts.values())
+    return shares[len(shares) // 2]
 
 
 def random_dihedral(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

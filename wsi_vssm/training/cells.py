@@ -309,7 +309,9 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
             ema.model.load_state_dict(ck["ema"])
             ema.updates = ck["ema_updates"]
         log, best, best_epoch, best_sel, step = ck["log"], ck["best"], ck["best_epoch"], ck["best_sel"], ck["step"]
-        first, stopped, t0 = ck["epoch"] + 1, ck["stopped"], t0 - ck["seconds"]
+        first, t0 = ck["epoch"] + 1, t0 - ck["seconds"]
+        # stopped by the rule as it reads now: --patience and --min-epochs may change on resume
+        stopped = bool(log) and _stops(cfg, ck["epoch"], best_epoch, log[-1]["best"])
         if regions is not None and hasattr(regions, "calls"):
             regions.calls = ck["region_calls"]  # mosaic crops draw from a counter: the uninterrupted run's mosaics
         if best_epoch and ctx.is_main and not out.is_file():  # found now, not after the remaining epochs
@@ -352,10 +354,11 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
             best, best_epoch, best_sel = sel["score"], epoch, sel
             if ctx.is_main:  # marked unfinished until the end (`predict --model` warns about such a file)
                 save_model(chosen, out, {**meta(log, best_epoch, best_sel, None), "training_incomplete": True})
-        stopped = not row["best"] and epoch - best_epoch >= cfg.patience and epoch >= cfg.min_epochs
+        stopped = _stops(cfg, epoch, best_epoch, row["best"])
         checkpoint(epoch, stopped)  # after the best model: a resume never needs an epoch the file lacks
         if stopped:
-            _say(progress, f"early stop: no valid AUC gain for {cfg.patience} epochs")
+            _say(progress, f"early stop: no valid AUC gain for {epoch - best_epoch} epochs (patience "
+                           f"{cfg.patience}, from epoch {cfg.min_epochs})")
     hold = None
     if ctx.is_main:
         model, hold, mil_info = finish_model(out, train, holdout, cfg, progress)
@@ -393,6 +396,11 @@ def _mosaic_regions(train: PatchDataset, cfg: TrainCellsConfig):
     from wsi_vssm.training.data.mosaic_crops import MosaicCrops
 
     return MosaicCrops(train, int(cfg.mosaic_grid), cfg.seed)
+
+
+def _stops(cfg: TrainCellsConfig, epoch: int, best_epoch: int, improved: bool) -> bool:
+    """The early stop after `epoch`: `patience` epochs without a better selection score, not before `min_epochs`."""
+    return not improved and epoch - best_epoch >= cfg.patience and epoch >= cfg.min_epochs
 
 
 def _select_metrics(model: SlideModel, select: PatchDataset, cfg: TrainCellsConfig, progress: bool) -> dict:
