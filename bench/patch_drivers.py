@@ -17,18 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
-from wsi_vssm.synth.mosaic import patch_recurrence, slide_patches
+from wsi_vssm.synth.mosaic import patch_holders, patch_recurrence, slide_patches
 
 
 def drivers(patches: dict[str, set[str]], called: set[str], top: int = 5) -> list[dict]:
     """Patches ranked by how well 'the slide holds it' predicts 'the slide is called tumour': by the called
     slides it misses plus the other slides it is in (0 = a perfect separator), then by how many slides hold it."""
-    holders: dict[str, set[str]] = {}
-    for slide, held in patches.items():
-        for p in held:
-            holders.setdefault(p, set()).add(slide)
     rows = [{"patch": p, "slides": len(s), "called_with": len(s & called), "called_without": len(called - s),
-             "errors": len(called - s) + len(s - called)} for p, s in holders.items()]
+             "errors": len(called - s) + len(s - called)} for p, s in patch_holders(patches).items()]
     rows.sort(key=lambda r: (r["errors"], -r["slides"], r["patch"]))
     return rows[:top]
 
@@ -40,11 +36,12 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=5)
     a = ap.parse_args()
 
-    mosaic = json.loads((a.cohort / "mosaic.json").read_text())
-    if "slides" not in mosaic:  # a patients cohort (`synth --patients`) stores pool indices, not patch names
+    try:
+        patches = slide_patches(json.loads((a.cohort / "mosaic.json").read_text()))
+    except (KeyError, TypeError):  # a patients cohort (`synth --patients`) stores pool indices, not patch names
         raise SystemExit(f"{a.cohort / 'mosaic.json'}: no 'slides' list naming each cell's patch (a patients "
-                         "cohort?); this script reads mosaic-slide cohorts")
-    patches, called, unscored = slide_patches(mosaic), set(), []
+                         "cohort?); this script reads mosaic-slide cohorts") from None
+    called, unscored = set(), []
     for slide in list(patches):
         try:
             pred = json.loads((a.eval / slide / "prediction.json").read_text())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,22 +230,32 @@ def slide_patches(layout: dict, label: str = "normal") -> dict[str, set[str]]:
         if s["label"] != label:
             continue
         rows = s["patches"]
-        names = {p for row in rows for p in row if p is not None} if isinstance(rows, list) and all(
-            isinstance(row, list) for row in rows) else None
-        if names is None or not all(isinstance(p, str) for p in names):
+        if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+            raise TypeError(f"mosaic slide {s['name']!r}: `patches` is not rows of patch names")
+        names = {p for row in rows for p in row if p is not None}
+        if not all(isinstance(p, str) for p in names):
             raise TypeError(f"mosaic slide {s['name']!r}: `patches` is not rows of patch names")
         held[s["name"]] = names
     return held
+
+
+def patch_holders(held: dict[str, set[str]]) -> dict[str, set[str]]:
+    """{patch: the slides that hold it}, from `slide_patches`."""
+    holders: dict[str, set[str]] = {}
+    for slide, names in held.items():
+        for p in names:
+            holders.setdefault(p, set()).add(slide)
+    return holders
 
 
 def patch_recurrence(held: dict[str, set[str]]) -> float | None:
     """How far slides share their patches: over the distinct patches of `held` (`slide_patches`), the median
     share of the OTHER slides that hold each one (0: no patch in two slides; 1: every slide holds every patch).
     None under two slides or without patches."""
-    counts = Counter(p for names in held.values() for p in names)
-    if len(held) < 2 or not counts:
+    holders = patch_holders(held)
+    if len(held) < 2 or not holders:
         return None
-    shares = sorted((c - 1) / (len(held) - 1) for c in counts.values())
+    shares = sorted((len(s) - 1) / (len(held) - 1) for s in holders.values())
     return shares[len(shares) // 2]
 
 
