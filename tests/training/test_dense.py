@@ -246,3 +246,24 @@ def test_a_checkpoint_whose_log_predates_view_gap_resumes_and_writes_its_log(tmp
     assert [r["epoch"] for r in rec["log"]] == [1, 2]
     lines = (tmp_path / "run" / "dense" / "dense.log.csv").read_text().splitlines()
     assert lines[0].endswith(",view_gap") and len(lines) == 3
+
+
+def test_a_finished_dense_stage_resumes_with_one_more_mining_round(tmp_path, capsys):
+    """`--resume --set dense.rounds=N+1` continues a stage whose last phase ended with a further mining round
+    (refused before: rounds had to match the checkpoint)."""
+    write_patch_folder(tmp_path / "train", 12, seed=1)
+    write_patch_folder(tmp_path / "valid", 12, seed=2)
+    init = write_tiny_model(tmp_path / "init.pt")
+    cfg = dict(round_epochs=1, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3], valid_select=12,
+               eval_grid=3, warmup_steps=1, hard_top=0.5, scan="cpu")
+    out = tmp_path / "run" / "model.pt"
+    first = train_dense(init, tmp_path / "train", tmp_path / "valid", out, DenseConfig(epochs=4, rounds=0, **cfg),
+                        progress=False)
+    assert [r["phase"] for r in first["log"]] == [0] and first["mining"] == []
+    rec = train_dense(init, tmp_path / "train", tmp_path / "valid", out,
+                      DenseConfig(epochs=4, rounds=1, resume=True, **cfg), progress=True)
+    assert "mining round 1" in capsys.readouterr().out
+    assert [r["phase"] for r in rec["log"]] == [0, 1] and len(rec["mining"]) == 1
+    with pytest.raises(UsageError, match="other settings: hard_top="):  # the mined pool's rule may not change
+        train_dense(init, tmp_path / "train", tmp_path / "valid", out,
+                    DenseConfig(epochs=4, rounds=2, resume=True, **{**cfg, "hard_top": 0.2}), progress=False)

@@ -340,7 +340,7 @@ def _mine(model, train, mosaics, st: dict, cfg: DenseConfig, progress: bool) -> 
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
-RESUME_MAY_CHANGE = ("epochs", "round_epochs", "plateau", "resume", "device")  # the rest must match the checkpoint
+RESUME_MAY_CHANGE = ("epochs", "rounds", "round_epochs", "plateau", "resume", "device")  # the rest must match
 
 
 def _save_checkpoint(path: Path, model, ema, opt, st: dict, config: dict) -> None:
