@@ -267,3 +267,27 @@ def test_a_finished_dense_stage_resumes_with_one_more_mining_round(tmp_path, cap
     with pytest.raises(UsageError, match="other settings: hard_top="):  # the mined pool's rule may not change
         train_dense(init, tmp_path / "train", tmp_path / "valid", out,
                     DenseConfig(epochs=4, rounds=2, resume=True, **{**cfg, "hard_top": 0.2}), progress=False)
+
+
+def test_a_checkpoint_resumes_from_a_byte_identical_copy_of_its_start_model(tmp_path):
+    """A run folder copied to branch an experiment: its checkpoints name the original folder's start model. A
+    byte-identical copy is the same start; a changed or vanished one is refused as before."""
+    import shutil
+
+    from wsi_vssm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    a, b = tmp_path / "run" / "context.pt", tmp_path / "copy" / "context.pt"
+    a.parent.mkdir()
+    a.write_bytes(b"weights" * 1000)
+    save_checkpoint(tmp_path / "ck.pt", {"state": {"epoch": 3}}, {"init": str(a), "lr": 0.1})
+    shutil.copytree(a.parent, b.parent)
+    assert load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})["state"]["epoch"] == 3
+    with pytest.raises(UsageError, match="other settings: lr="):  # other settings are still compared
+        load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.2})
+    b.write_bytes(b"weights" * 999 + b"changed")
+    with pytest.raises(UsageError, match="other settings: init="):
+        load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})
+    shutil.copy(a, b)
+    a.unlink()  # the folder was moved, not copied: nothing shows the start is the same
+    with pytest.raises(UsageError, match="other settings: init="):
+        load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})

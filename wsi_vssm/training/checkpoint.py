@@ -9,6 +9,7 @@ thrown away silently); one that cannot be read is one line naming it.
 
 from __future__ import annotations
 
+import filecmp
 import io
 import os
 import warnings
@@ -90,7 +91,7 @@ def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) 
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise UsageError(f"{path}: not a wsi-vssm training checkpoint of this version; remove it to start over")
     changed = sorted(k for k in set(config) | set(ck["config"])
-                     if k not in may_change and _plain(config.get(k)) != _plain(ck["config"].get(k)))
+                     if k not in may_change and not _same_setting(k, config.get(k), ck["config"].get(k)))
     if changed:
         was = ", ".join(f"{k}={ck['config'].get(k)!r} (now {config.get(k)!r})" for k in changed[:4])
         was += f" and {len(changed) - 4} more ({', '.join(changed[4:])})" if len(changed) > 4 else ""
@@ -109,6 +110,24 @@ def _numpy_globals() -> list:
     core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core
     dtypes = {type(np.dtype(t)) for t in (np.uint32, np.int64, np.int32, np.float64, np.float32, np.bool_)}
     return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
+FILE_KEYS = ("init",)  # settings that name a start file: a byte-identical copy of it is the same setting
+
+
+def _same_setting(key: str, now, was) -> bool:
+    """Whether a setting is unchanged. A start model named by another path is the same when the two files are
+    byte for byte the same: a run folder copied to branch an experiment still resumes (its stages start from
+    OUT/context.pt and the like, so every copied checkpoint names the original folder's file)."""
+    now, was = _plain(now), _plain(was)
+    if now == was:
+        return True
+    if key not in FILE_KEYS or not (isinstance(now, str) and isinstance(was, str) and now and was):
+        return False
+    try:
+        return filecmp.cmp(now, was, shallow=False)
+    except OSError:  # the recorded file is gone (a moved folder): the setting cannot be shown to be the same
+        return False
 
 
 def _plain(value):
