@@ -163,7 +163,6 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     score the test cohort if asked. Returns the stage's record (also stored in the model's metadata)."""
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
-    from wsi_vssm.pipeline.predict import PredictParams, cell_threshold
     from wsi_vssm.training.checkpoint import stamped
     from wsi_vssm.training.mil import Bags, MILTrainConfig, bag_logits, evaluate, train_mil
 
@@ -181,15 +180,11 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     head = {k: v.detach().clone() for k, v in current.cell_head.state_dict().items()}
     init = current.state_dict() if cfg.init_from_model else None  # the cell stage's first head, as a start
     valid = Bags(bags["valid"], MILTrainConfig().cache_mb)  # read once: the choice, the calibration, the baselines
-    # the count head counts the cells the heatmap calls tumour: those at or above the model's cell threshold
-    count_threshold = _logit(cell_threshold(model, PredictParams(), warn=False))
+    count_threshold = count_threshold_of(model)
     candidates = []
-    for pool, k in _candidates(cfg):
-        mil_cfg = MILTrainConfig(hidden_dim=current.config.hidden_dim, attn_dim=current.config.attn_dim,
-                                 dropout=current.config.dropout, epochs=cfg.epochs, patience=cfg.patience,
-                                 lr=cfg.lr, seed=cfg.seed, max_cells=cfg.max_cells, precision=cfg.precision,
-                                 pool=pool, topk=k, count_threshold=count_threshold)
-        name = pool if pool in ONE_PER_POOL else f"{pool}{k}"
+    for pool, k in candidates_of(cfg):
+        mil_cfg = candidate_config(cfg, current.config, pool, k, count_threshold)
+        name = candidate_name(pool, k)
         mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head,
                                  log_path=out / f"mil-{name}.log.csv", checkpoint_path=out / f"mil-{name}.pt",
                                  init_state=init)
@@ -326,11 +321,35 @@ def size_table(labels, probs, sizes, log_n, threshold: float) -> list[dict]:
     return rows
 
 
-def _candidates(cfg: MosaicMILConfig) -> list[tuple[str, int]]:
+def candidates_of(cfg: MosaicMILConfig) -> list[tuple[str, int]]:
     """(pool, topk) slide heads to train: attention and count once, topk and mix once per top-k size."""
     pools = [cfg.pool] if isinstance(cfg.pool, str) else list(cfg.pool)
     ks = [cfg.topk] if isinstance(cfg.topk, int) else list(cfg.topk)
     return [(p, k) for p in pools for k in ([ks[0]] if p in ONE_PER_POOL else ks)]
+
+
+def candidate_name(pool: str, k: int) -> str:
+    return pool if pool in ONE_PER_POOL else f"{pool}{k}"
+
+
+def candidate_config(cfg: MosaicMILConfig, head_config, pool: str, k: int, count_threshold: float,
+                     seed: int | None = None):
+    """The MIL training settings of one slide-head candidate; `head_config`: the model's current head's config
+    (its widths and dropout); `seed`: the head's own training seed (default: the stage's)."""
+    from wsi_vssm.training.mil import MILTrainConfig
+
+    return MILTrainConfig(hidden_dim=head_config.hidden_dim, attn_dim=head_config.attn_dim,
+                          dropout=head_config.dropout, epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr,
+                          seed=cfg.seed if seed is None else seed, max_cells=cfg.max_cells,
+                          precision=cfg.precision, pool=pool, topk=k, count_threshold=count_threshold)
+
+
+def count_threshold_of(model) -> float:
+    """The count head counts the cells the heatmap calls tumour: those at or above the model's cell threshold
+    (as a logit)."""
+    from wsi_vssm.pipeline.predict import PredictParams, cell_threshold
+
+    return _logit(cell_threshold(model, PredictParams(), warn=False))
 
 
 def _logit(p: float) -> float:

@@ -1,0 +1,117 @@
+"""How far a recipe run's slide-head figure moves when only the head's own training seed changes.
+
+    OMP_NUM_THREADS=2 python bench/slide_head_spread.py --run /work/r9 --run /work/r12 [--seeds 0 1 2 3] \
+        [--pools attention mix16] [--out bench/results/slide_head_spread.json]
+
+The recipe's `mosaic_mil` stage fits each slide-head candidate once and keeps the one with the best AUC over the
+selection-part mosaics and the pooled bags made of them (`wsi_vssm.training.mosaic`). A ship rule that compares
+two runs by that figure has to know how much it moves by chance. This refits the named candidates on a run's own
+cached mosaic features (OUT/mosaic_mil/features, kept by the stage; re-extracted only if the backbone differs)
+with other seeds, everything else as the stage had it: the start head and cell head of OUT/dense.pt (the model
+the stage began from), the mosaics, the pooled bags and their size-aware calibration. Seed 0 is the stage's own
+fit, so it should reproduce the stage's figure. Only the selection part and the training mosaics are read;
+nothing held-back. Fits are written to a temporary folder, not into the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = True) -> dict:
+    """{candidate: {seed: pooled AUC}} for one run folder, with the stage's own figures beside them."""
+    from wsi_vssm.models.model_file import load_backbone
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.training.mil import Bags, MILTrainConfig, train_mil
+    from wsi_vssm.training.mosaic import (
+        MosaicMILConfig,
+        candidate_config,
+        candidate_name,
+        candidates_of,
+        count_threshold_of,
+        extract_cohort,
+        pooled_plan,
+        size_aware_fit,
+    )
+
+    final = load_model(run / "model.pt").metadata.get("mil_stage") or {}
+    if not final.get("config"):
+        raise SystemExit(f"{run / 'model.pt'}: no mosaic_mil stage record; run the recipe's mosaic_mil stage first")
+    cfg = MosaicMILConfig(**final["config"])
+    if cfg.synth_train_slides or cfg.synth_valid_slides:
+        raise SystemExit(f"{run}: its stage also trained on synth slides; this bench refits on mosaics alone")
+    start_path = run / "dense.pt"  # the model the stage started from: its head is every candidate's start
+    start = load_model(start_path)
+    backbone, info = load_backbone(start_path)
+    mosaics = run / "mosaic_mil" / "mosaics"
+    bags = {k: extract_cohort(mosaics / k, backbone, info, run / "mosaic_mil" / "features" / k, progress,
+                              cfg.precision) for k in ("train", "valid")}
+    valid = Bags(bags["valid"], MILTrainConfig().cache_mb)
+    plan = pooled_plan(valid.labels, cfg.pooled_sizes, cfg.pooled_bags, cfg.seed)
+    head = {k: v.detach().clone() for k, v in start.mil.cell_head.state_dict().items()}
+    init = start.mil.state_dict() if cfg.init_from_model else None
+    count_threshold = count_threshold_of(start)
+    wanted = {candidate_name(p, k): (p, k) for p, k in candidates_of(cfg)}
+    unknown = sorted(set(pools) - set(wanted))
+    if unknown:
+        raise SystemExit(f"{run}: no candidate {', '.join(unknown)} in its stage (it had {', '.join(wanted)})")
+    stage = {c["name"]: c.get("pooled_auc") for c in final.get("candidates", [])}
+    out = {"run": str(run), "kept_by_stage": final.get("slide_head"), "stage_pooled_auc": stage, "seeds": seeds,
+           "pooled_auc": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in pools:
+            pool, k = wanted[name]
+            aucs = {}
+            for seed in seeds:
+                t = time.perf_counter()
+                mil_cfg = candidate_config(cfg, start.mil.config, pool, k, count_threshold, seed=seed)
+                mil, _ = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head, init_state=init,
+                                   checkpoint_path=Path(tmp) / f"{name}-{seed}.pt")
+                aucs[seed] = size_aware_fit(mil, valid, plan)["auc"]
+                if progress:
+                    print(f"{run.name} {name} seed {seed}: AUC over valid mosaics and pooled bags {aucs[seed]:.4f} "
+                          f"({time.perf_counter() - t:.0f} s)", flush=True)
+            out["pooled_auc"][name] = aucs
+    return out
+
+
+def summary(aucs: dict) -> dict:
+    values = list(aucs.values())
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", type=Path, action="append", required=True, help="a recipe run folder (repeatable)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--pools", nargs="+", default=["attention", "mix16"], help="candidates to refit, by name")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/slide_head_spread.json"))
+    a = ap.parse_args(argv)
+    results = [run_spread(r, a.seeds, a.pools) for r in a.run]
+    print(f"\nAUC over valid (selection-part) mosaics and pooled bags, per head training seed {a.seeds}:")
+    print(f"{'run':<10} {'head':<10} {'stage':>7} {'per seed':<36} {'median':>7} {'min-max':>13} {'sd':>6}")
+    for r in results:
+        for name, aucs in r["pooled_auc"].items():
+            s = summary(aucs)
+            r.setdefault("summary", {})[name] = s
+            stage = r["stage_pooled_auc"].get(name)
+            print(f"{Path(r['run']).name:<10} {name:<10} {stage if stage is None else f'{stage:.4f}':>7} "
+                  f"{' '.join(f'{v:.4f}' for v in aucs.values()):<36} {s['median']:>7.4f} "
+                  f"{s['min']:.4f}-{s['max']:.4f} {s['sd']:>6.4f}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
