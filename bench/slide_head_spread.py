@@ -6,10 +6,11 @@
 The recipe's `mosaic_mil` stage fits each slide-head candidate once and keeps the one with the best AUC over the
 selection-part mosaics and the pooled bags made of them (`wsi_vssm.training.mosaic`). A ship rule that compares
 two runs by that figure has to know how much it moves by chance. This refits the named candidates on a run's own
-cached mosaic features (OUT/mosaic_mil/features, kept by the stage; re-extracted only if the backbone differs)
+cached mosaic features (OUT/mosaic_mil/features, kept by the stage; never re-extracted)
 with other seeds, everything else as the stage had it: the start head and cell head of OUT/dense.pt (the model
-the stage began from), the mosaics, the pooled bags and their size-aware calibration. Seed 0 is the stage's own
-fit, so it should reproduce the stage's figure. Only the selection part and the training mosaics are read;
+the stage began from; refused unless its backbone made the cached features), the mosaics, the pooled bags and
+their size-aware calibration. The stage fits with `mosaic_mil.seed` (0 in the recipe), so that seed should
+reproduce the stage's figure. Only the selection part and the training mosaics are read;
 nothing held-back. Fits are written to a temporary folder, not into the run.
 """
 
@@ -48,10 +49,14 @@ def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = T
     cfg = MosaicMILConfig(**final["config"])
     if cfg.synth_train_slides or cfg.synth_valid_slides:
         raise SystemExit(f"{run}: its stage also trained on synth slides; this bench refits on mosaics alone")
+    if not cfg.pooled_sizes:
+        raise SystemExit(f"{run}: its stage chose by valid AUC alone (no pooled bags); this bench measures the "
+                         "pooled figure")
     start_path = run / "dense.pt"  # the model the stage started from: its head is every candidate's start
     start = load_model(start_path)
     backbone, info = load_backbone(start_path)
     mosaics = run / "mosaic_mil" / "mosaics"
+    _check_cache(run / "mosaic_mil" / "features", info.model_hash, start_path)
     bags = {k: extract_cohort(mosaics / k, backbone, info, run / "mosaic_mil" / "features" / k, progress,
                               cfg.precision) for k in ("train", "valid")}
     valid = Bags(bags["valid"], MILTrainConfig().cache_mb)
@@ -81,6 +86,17 @@ def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = T
                           f"({time.perf_counter() - t:.0f} s)", flush=True)
             out["pooled_auc"][name] = aucs
     return out
+
+
+def _check_cache(features: Path, model_hash: str, start_path: Path) -> None:
+    """Refuse unless every cached store was made by `start_path`'s backbone: a stale or missing start model
+    would refit on another model's head, and extraction would overwrite the run's cache."""
+    from wsi_vssm.pipeline.store import FeatureStore
+
+    stores = sorted(features.glob("*/*.zarr"))
+    if not stores or any(FeatureStore.open(s).attrs.get("model_hash") != model_hash for s in stores):
+        raise SystemExit(f"{start_path}: not the backbone of the cached features in {features} (or none are "
+                         "cached); this bench refits on the stage's own features only")
 
 
 def summary(aucs: dict) -> dict:

@@ -264,6 +264,7 @@ def test_a_finished_dense_stage_resumes_with_one_more_mining_round(tmp_path, cap
                       DenseConfig(epochs=4, rounds=1, resume=True, **cfg), progress=True)
     assert "mining round 1" in capsys.readouterr().out
     assert [r["phase"] for r in rec["log"]] == [0, 1] and len(rec["mining"]) == 1
+    assert [p["phase"] for p in rec["phases"]] == [0, 1]  # each phase recorded once
     with pytest.raises(UsageError, match="other settings: hard_top="):  # the mined pool's rule may not change
         train_dense(init, tmp_path / "train", tmp_path / "valid", out,
                     DenseConfig(epochs=4, rounds=2, resume=True, **{**cfg, "hard_top": 0.2}), progress=False)
@@ -291,3 +292,18 @@ def test_a_checkpoint_resumes_from_a_byte_identical_copy_of_its_start_model(tmp_
     a.unlink()  # the folder was moved, not copied: nothing shows the start is the same
     with pytest.raises(UsageError, match="other settings: init="):
         load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})
+
+
+def test_fewer_mining_rounds_than_already_ran_are_refused_on_resume(tmp_path):
+    write_patch_folder(tmp_path / "train", 12, seed=1)
+    write_patch_folder(tmp_path / "valid", 12, seed=2)
+    init = write_tiny_model(tmp_path / "init.pt")
+    cfg = dict(round_epochs=1, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3], valid_select=12,
+               eval_grid=3, warmup_steps=1, hard_top=0.5, scan="cpu")
+    out = tmp_path / "run" / "model.pt"
+    rec = train_dense(init, tmp_path / "train", tmp_path / "valid", out, DenseConfig(epochs=2, rounds=1, **cfg),
+                      progress=False)
+    assert [p["phase"] for p in rec["phases"]] == [0, 1] and len(rec["mining"]) == 1
+    with pytest.raises(UsageError, match="1 mining rounds already ran; dense.rounds 0 cannot be fewer"):
+        train_dense(init, tmp_path / "train", tmp_path / "valid", out,
+                    DenseConfig(epochs=3, rounds=0, resume=True, **cfg), progress=False)

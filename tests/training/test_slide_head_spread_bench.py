@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from conftest import load_bench, write_patch_folder, write_tiny_model
 
 
@@ -12,7 +13,7 @@ def test_seed_0_reproduces_the_stage_and_other_seeds_are_reported(tmp_path, monk
     from click.testing import CliRunner
 
     from wsi_vssm.cli import cli
-    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.models.slide_model import load_model, save_model
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     write_patch_folder(tmp_path / "train", 24, seed=1)
@@ -30,12 +31,29 @@ def test_seed_0_reproduces_the_stage_and_other_seeds_are_reported(tmp_path, monk
                                    "--set", f"data.valid={tmp_path / 'valid'}"])
     assert res.exit_code == 0, res.output
     stage = {c["name"]: c["pooled_auc"] for c in load_model(run / "model.pt").metadata["mil_stage"]["candidates"]}
-    before = sorted(p.name for p in (run / "mosaic_mil").rglob("*"))
+    def files():
+        return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file())
+
+    before = files()
     bench = load_bench("slide_head_spread")
+    import wsi_vssm.training.mil as mil_module
+
+    seeds_used, real = [], mil_module.train_mil
+    monkeypatch.setattr(mil_module, "train_mil", lambda tr, va, cfg, **kw: seeds_used.append(cfg.seed) or real(
+        tr, va, cfg, **kw))
     out = bench.run_spread(run, seeds=[0, 1], pools=["topk2"], progress=False)
+    assert seeds_used == [0, 1]  # each refit trains with its own seed
     assert out["pooled_auc"]["topk2"][0] == pytest.approx(stage["topk2"], abs=1e-9)  # the stage's own fit
     assert set(out["pooled_auc"]) == {"topk2"} and set(out["pooled_auc"]["topk2"]) == {0, 1}
-    assert sorted(p.name for p in (run / "mosaic_mil").rglob("*")) == before  # nothing written into the run
+    assert files() == before  # nothing written into the run, its feature cache included
+    other = load_model(run / "model.pt")  # another backbone than the cached features': refused, not re-extracted
+    with torch.no_grad():
+        next(other.backbone.parameters()).add_(0.01)
+    save_model(other, run / "dense.pt", metadata=other.metadata)
+    with pytest.raises(SystemExit, match="not the backbone of the cached features"):
+        bench.run_spread(run, seeds=[0], pools=["topk2"], progress=False)
+    assert [f for f in files() if "mosaic_mil" in f[0]] == [f for f in before if "mosaic_mil" in f[0]]
+    shutil.copy(run / "model.pt", run / "dense.pt")
     with pytest.raises(SystemExit, match="no candidate mix16"):
         bench.run_spread(run, seeds=[0], pools=["mix16"], progress=False)
     assert bench.main(["--run", str(run), "--seeds", "0", "1", "--pools", "attention", "--out",

@@ -128,6 +128,9 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
             run_config.pop(key)
     if cfg.resume and ckpt_path.exists():
         st = _load_checkpoint(ckpt_path, model, ema, opt, run_config)
+        if cfg.rounds < st["phase"]:  # mining rounds already run cannot be undone
+            raise UsageError(f"{ckpt_path}: {st['phase']} mining rounds already ran; dense.rounds {cfg.rounds} "
+                             "cannot be fewer on resume")
         _say(progress, f"dense: resumed from {ckpt_path} after epoch {st['epoch']} (phase {st['phase']})")
     elif st["epoch"] == 0:
         if cfg.resume:
