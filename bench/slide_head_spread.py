@@ -116,9 +116,9 @@ def main(argv=None) -> int:
     print(f"\nAUC over valid (selection-part) mosaics and pooled bags, per head training seed {a.seeds}:")
     print(f"{'run':<10} {'head':<10} {'stage':>7} {'per seed':<36} {'median':>7} {'min-max':>13} {'sd':>6}")
     for r in results:
+        r["summary"] = {name: summary(aucs) for name, aucs in r["pooled_auc"].items()}
         for name, aucs in r["pooled_auc"].items():
-            s = summary(aucs)
-            r.setdefault("summary", {})[name] = s
+            s = r["summary"][name]
             stage = r["stage_pooled_auc"].get(name)
             print(f"{Path(r['run']).name:<10} {name:<10} {stage if stage is None else f'{stage:.4f}':>7} "
                   f"{' '.join(f'{v:.4f}' for v in aucs.values()):<36} {s['median']:>7.4f} "

@@ -118,3 +118,18 @@ def write_patch_folder(root: Path, n_per_class: int, seed: int, ext: str = ".jpg
             if label:
                 a[32:64, 32:64] = (a[32:64, 32:64] * 0.45).astype(np.uint8)
             Image.fromarray(a).save(d / f"p{i}{ext}")
+
+
+def run_recipe_on_patches(tmp_path: Path, out: Path, recipe_text: str, n_train: int, n_valid: int):
+    """`wsi-vssm run` of `recipe_text` into `out` (a model file may already wait there) on tiny patch folders
+    written under `tmp_path` (train: `n_train` per class, seed 1; valid: `n_valid`, seed 2); click's result."""
+    from click.testing import CliRunner
+
+    from wsi_vssm.cli import cli
+
+    write_patch_folder(tmp_path / "train", n_train, seed=1)
+    write_patch_folder(tmp_path / "valid", n_valid, seed=2)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_text)
+    return CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
+                                    "--set", f"data.valid={tmp_path / 'valid'}"])

@@ -250,7 +250,7 @@ def test_a_checkpoint_whose_log_predates_view_gap_resumes_and_writes_its_log(tmp
 
 def test_a_finished_dense_stage_resumes_with_one_more_mining_round(tmp_path, capsys):
     """`--resume --set dense.rounds=N+1` continues a stage whose last phase ended with a further mining round
-    (refused before: rounds had to match the checkpoint)."""
+    (refused before: rounds had to match the checkpoint); fewer rounds than already ran are refused."""
     write_patch_folder(tmp_path / "train", 12, seed=1)
     write_patch_folder(tmp_path / "valid", 12, seed=2)
     init = write_tiny_model(tmp_path / "init.pt")
@@ -268,6 +268,9 @@ def test_a_finished_dense_stage_resumes_with_one_more_mining_round(tmp_path, cap
     with pytest.raises(UsageError, match="other settings: hard_top="):  # the mined pool's rule may not change
         train_dense(init, tmp_path / "train", tmp_path / "valid", out,
                     DenseConfig(epochs=4, rounds=2, resume=True, **{**cfg, "hard_top": 0.2}), progress=False)
+    with pytest.raises(UsageError, match="1 mining rounds already ran; dense.rounds 0 cannot be fewer"):
+        train_dense(init, tmp_path / "train", tmp_path / "valid", out,
+                    DenseConfig(epochs=5, rounds=0, resume=True, **cfg), progress=False)
 
 
 def test_a_checkpoint_resumes_from_a_byte_identical_copy_of_its_start_model(tmp_path):
@@ -293,17 +296,3 @@ def test_a_checkpoint_resumes_from_a_byte_identical_copy_of_its_start_model(tmp_
     with pytest.raises(UsageError, match="other settings: init="):
         load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})
 
-
-def test_fewer_mining_rounds_than_already_ran_are_refused_on_resume(tmp_path):
-    write_patch_folder(tmp_path / "train", 12, seed=1)
-    write_patch_folder(tmp_path / "valid", 12, seed=2)
-    init = write_tiny_model(tmp_path / "init.pt")
-    cfg = dict(round_epochs=1, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3], valid_select=12,
-               eval_grid=3, warmup_steps=1, hard_top=0.5, scan="cpu")
-    out = tmp_path / "run" / "model.pt"
-    rec = train_dense(init, tmp_path / "train", tmp_path / "valid", out, DenseConfig(epochs=2, rounds=1, **cfg),
-                      progress=False)
-    assert [p["phase"] for p in rec["phases"]] == [0, 1] and len(rec["mining"]) == 1
-    with pytest.raises(UsageError, match="1 mining rounds already ran; dense.rounds 0 cannot be fewer"):
-        train_dense(init, tmp_path / "train", tmp_path / "valid", out,
-                    DenseConfig(epochs=3, rounds=0, resume=True, **cfg), progress=False)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_patch_folder, write_tiny_model
+from conftest import run_recipe_on_patches, write_patch_folder, write_tiny_model
 
 from wsi_vssm.io.slide import open_slide
 from wsi_vssm.runs.cohort import read_cohort
@@ -131,27 +131,19 @@ def test_youden_threshold():
 
 def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     """The recipe stage on tiny patch folders: cohorts, features, MIL head attached, threshold, test cohort."""
-    from click.testing import CliRunner
-
-    from wsi_vssm.cli import cli
     from wsi_vssm.models.slide_model import load_model
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    write_patch_folder(tmp_path / "train", 30, seed=1)
-    write_patch_folder(tmp_path / "valid", 30, seed=2)
     out = tmp_path / "run"
     out.mkdir()
     write_tiny_model(out / "model.pt")
     before = load_model(out / "model.pt")
-    recipe = tmp_path / "r.toml"
-    recipe.write_text('[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = ""\nvalid = ""\n'
-                      '[cells]\nvalid_select = 30\nseed = 0\n'
-                      '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 4\ntest_slides = 2\ngrid = 3\n'
-                      'epochs = 3\npatience = 3\nsynth_train_slides = 2\nsynth_valid_slides = 2\n'
-                      'synth_size = 1024\npool = ["attention", "topk", "count"]\ntopk = [2]\n'
-                      'pooled_sizes = [2, 3]\npooled_bags = 4\n')
-    res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
-                                   "--set", f"data.valid={tmp_path / 'valid'}"])
+    res = run_recipe_on_patches(tmp_path, out, '[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = ""\nvalid = ""\n'
+                                '[cells]\nvalid_select = 30\nseed = 0\n'
+                                '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 4\ntest_slides = 2\ngrid = 3\n'
+                                'epochs = 3\npatience = 3\nsynth_train_slides = 2\nsynth_valid_slides = 2\n'
+                                'synth_size = 1024\npool = ["attention", "topk", "count"]\ntopk = [2]\n'
+                                'pooled_sizes = [2, 3]\npooled_bags = 4\n', 30, 30)
     assert res.exit_code == 0, res.output
     assert "valid slide AUC" in res.output and "held-out test slide AUC" in res.output
     model = load_model(out / "model.pt")
@@ -292,22 +284,15 @@ def test_in_mosaic_scoring_reads_centre_tokens(patches, tmp_path):
 
 
 def test_context_stage_continues_from_the_cell_model(tmp_path):
-    from click.testing import CliRunner
-
-    from wsi_vssm.cli import cli
     from wsi_vssm.models.slide_model import load_model
 
-    write_patch_folder(tmp_path / "train", 24, seed=1)
-    write_patch_folder(tmp_path / "valid", 18, seed=2)
     out = tmp_path / "run"
     out.mkdir()
     write_tiny_model(out / "model.pt", metrics={"valid_holdout": {"auc": 0.5}}, log=[{"epoch": 1}])
-    recipe = tmp_path / "r.toml"
-    recipe.write_text('[recipe]\nstages = ["context"]\n[data]\ntrain = ""\nvalid = ""\n'
-                      '[cells]\nvalid_select = 18\nbatch_size = 8\nepochs = 5\nmil_bags = 0\nscan = "cpu"\n'
-                      '[context]\nepochs = 1\nepoch_size = 16\nmosaic_grid = 2\nregion_batch = 1\n')
-    res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", f"data.train={tmp_path / 'train'}",
-                                   "--set", f"data.valid={tmp_path / 'valid'}"])
+    res = run_recipe_on_patches(tmp_path, out, '[recipe]\nstages = ["context"]\n[data]\ntrain = ""\nvalid = ""\n'
+                                '[cells]\nvalid_select = 18\nbatch_size = 8\nepochs = 5\nmil_bags = 0\n'
+                                'scan = "cpu"\n[context]\nepochs = 1\nepoch_size = 16\nmosaic_grid = 2\n'
+                                'region_batch = 1\n', 24, 18)
     assert res.exit_code == 0, res.output
     assert "in-mosaic" in res.output and (out / "cells.pt").is_file() and (out / "context.log.csv").is_file()
     model, before = load_model(out / "model.pt"), load_model(out / "cells.pt")

@@ -6,31 +6,25 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_bench, write_patch_folder, write_tiny_model
+from conftest import load_bench, run_recipe_on_patches, write_tiny_model
 
 
 def test_seed_0_reproduces_the_stage_and_other_seeds_are_reported(tmp_path, monkeypatch, capsys):
-    from click.testing import CliRunner
-
-    from wsi_vssm.cli import cli
     from wsi_vssm.models.slide_model import load_model, save_model
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    write_patch_folder(tmp_path / "train", 24, seed=1)
-    write_patch_folder(tmp_path / "valid", 24, seed=2)
     run = tmp_path / "run"
     run.mkdir()
     write_tiny_model(run / "model.pt")
     shutil.copy(run / "model.pt", run / "dense.pt")  # as the recipe leaves it: the stage starts from dense.pt
-    recipe = tmp_path / "r.toml"
-    recipe.write_text('[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = ""\nvalid = ""\n'
-                      '[cells]\nvalid_select = 24\nseed = 0\n'
-                      '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 6\ngrid = 3\nepochs = 3\npatience = 3\n'
-                      'pool = ["attention", "topk"]\ntopk = [2]\npooled_sizes = [2]\npooled_bags = 4\n')
-    res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(run), "--set", f"data.train={tmp_path / 'train'}",
-                                   "--set", f"data.valid={tmp_path / 'valid'}"])
+    res = run_recipe_on_patches(tmp_path, run, '[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = ""\nvalid = ""\n'
+                                '[cells]\nvalid_select = 24\nseed = 0\n'
+                                '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 6\ngrid = 3\nepochs = 3\n'
+                                'patience = 3\npool = ["attention", "topk"]\ntopk = [2]\npooled_sizes = [2]\n'
+                                'pooled_bags = 4\n', 24, 24)
     assert res.exit_code == 0, res.output
     stage = {c["name"]: c["pooled_auc"] for c in load_model(run / "model.pt").metadata["mil_stage"]["candidates"]}
+
     def files():
         return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file())
 
