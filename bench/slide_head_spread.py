@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = True) -> dict:
     """{candidate: {seed: pooled AUC}} for one run folder, with the stage's own figures beside them."""
+    from wsi_vssm.models.mil import single_head_state
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.training.mil import Bags, MILTrainConfig, train_mil
@@ -62,7 +63,7 @@ def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = T
     valid = Bags(bags["valid"], MILTrainConfig().cache_mb)
     plan = pooled_plan(valid.labels, cfg.pooled_sizes, cfg.pooled_bags, cfg.seed)
     head = {k: v.detach().clone() for k, v in start.mil.cell_head.state_dict().items()}
-    init = start.mil.state_dict() if cfg.init_from_model else None
+    init = single_head_state(start.mil) if cfg.init_from_model else None
     count_threshold = count_threshold_of(start)
     wanted = {candidate_name(p, k): (p, k) for p, k in candidates_of(cfg)}
     unknown = sorted(set(pools) - set(wanted))

@@ -51,6 +51,7 @@ def assert_one_line(args, capsys, code: int, *parts: str) -> str:
         ('mosaic_mil.pool=["bogus"]', "mosaic_mil.pool must be one of attention, topk, mix, count"),
         ("mosaic_mil.grid=[40,2]", "mosaic_mil.grid must be 3 to 64 patches a side"),
         ("mosaic_mil.pool=[]", "mosaic_mil.pool is empty"),
+        ("mosaic_mil.ensemble=0", "mosaic_mil.ensemble must be an integer from 1 to 64, got 0"),
         ("mosaic_mil.synth_size=1000000", "mosaic_mil.synth_size must be in [1024, 400000]"),
         ('recipe.stages=["context","cells"]', "recipe.stages ['context', 'cells'] are out of order: stages run in"),
         ('recipe.stages=["cells","cells"]', "recipe.stages names cells twice"),

@@ -158,6 +158,8 @@ def test_info_tells_what_a_model_file_is(model_file, tmp_path, capsys):
     assert (report["kind"], report["mpp"], report["token_px"]) == ("model", model.mpp, model.token_px)
     assert report["weights_hash"] == model_identity(model)["weights_hash"]
     assert report["patch_fingerprints"] is None  # a file without the record says nothing of it
+    assert report["slide_head"] == {"pool": model.mil.config.pool, "members": 1, "size_term": False}
+    assert f"slide head:  {model.mil.config.pool}\n" in run_cli_captured(["info", model_file], capsys)[1]
     # the default model remembers the distinct patch files that trained and selected it (PCam repeats some)
     code, out, _ = run_cli_captured(["info", "default"], capsys)
     assert code == 0 and "remembers:   19171 training and 987 selection patch files" in out

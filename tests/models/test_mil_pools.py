@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 
-from wsi_vssm.models.mil import AttentionMIL, MILConfig, count_stats, topk_mean
+from wsi_vssm.models.mil import (
+    AttentionMIL,
+    MILConfig,
+    MILEnsemble,
+    count_stats,
+    make_mil,
+    single_head_state,
+    topk_mean,
+)
 
 
 def test_topk_mean_ignores_padding_and_short_bags():
@@ -89,3 +97,52 @@ def test_files_without_a_pool_are_attention_and_bad_pools_are_refused():
     assert cfg.pool == "attention" and "topk_affine.weight" not in AttentionMIL(cfg).state_dict()
     with pytest.raises(ValueError, match="pool"):
         MILConfig(16, pool="max")
+
+
+def _heads(pool: str, n: int) -> list[AttentionMIL]:
+    heads = [AttentionMIL(MILConfig(16, 8, 4, 0.0, pool, topk=3)).eval() for _ in range(n)]
+    for h in heads[1:]:  # trained members share the model's cell head
+        h.cell_head.load_state_dict(heads[0].cell_head.state_dict())
+    return heads
+
+
+@pytest.mark.parametrize("pool", ["attention", "mix", "count"])
+def test_an_ensemble_is_the_mean_of_its_members_and_calibrates_as_one(pool):
+    torch.manual_seed(0)
+    heads = _heads(pool, 3)
+    ens = MILEnsemble.of(heads).eval()
+    feats, mask = torch.randn(2, 20, 16), torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 15:] = False
+    with torch.no_grad():
+        outs = [h(feats, mask) for h in heads]
+        got = ens(feats, mask)
+        mean = torch.stack([o.slide_logit for o in outs]).mean(0)
+        assert torch.allclose(got.slide_logit, mean, atol=1e-6)
+        assert torch.allclose(got.attention, torch.stack([o.attention for o in outs]).mean(0), atol=1e-6)
+        assert torch.equal(got.cell_logits, outs[0].cell_logits)
+        ens.calibrate(1.5, -0.25, 0.4)  # the mean becomes a * mean + b + c * log(real cells)
+        want = 1.5 * mean - 0.25 + 0.4 * torch.tensor([math.log(20), math.log(15)])
+        assert torch.allclose(ens(feats, mask).slide_logit, want, atol=1e-5)
+        assert ens.config.size_slope == pytest.approx(0.4) and all(m.config.size_slope == 0 for m in ens.members)
+
+
+def test_an_ensemble_holds_one_cell_head_and_its_members_configs_agree():
+    heads = _heads("mix", 2)
+    ens = MILEnsemble.of(heads)
+    assert sorted(k for k in ens.state_dict() if "cell_head" in k) == ["cell_head.bias", "cell_head.weight"]
+    assert ens.config.members == 2 and make_mil(ens.config).state_dict().keys() == ens.state_dict().keys()
+    assert type(make_mil(MILConfig(16))) is AttentionMIL
+    # a start for a new single head: the first member with the shared cell head
+    AttentionMIL(heads[0].config).load_state_dict(single_head_state(ens), strict=True)
+    with pytest.raises(ValueError, match="one configuration"):
+        MILEnsemble.of([heads[0], AttentionMIL(MILConfig(16, 8, 4, 0.0, "mix", topk=5))])
+    heads[1].calibrate(2.0, 0.0, 1.0)  # a calibrated head has a size term of its own: not a member
+    with pytest.raises(ValueError, match="uncalibrated"):
+        MILEnsemble.of(heads)
+
+
+@pytest.mark.parametrize("members", [0, 1.5, True, 65])
+def test_bad_member_counts_are_refused(members):
+    with pytest.raises(ValueError, match="members"):
+        MILConfig(16, members=members)
+    assert MILConfig(**{"in_dim": 16}).members == 1  # files made before ensembles: one head

@@ -287,3 +287,33 @@ def test_loading_a_model_file_does_not_load_torchs_compiler():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_model_with_an_ensemble_head_round_trips_and_takes_one_by_attach(model, tmp_path):
+    """A model file whose slide head is a MILEnsemble loads as one (the same outputs); an ensemble MIL checkpoint
+    attached to a model with one head replaces it, keeping the model's cell head; `train mil` still finds it."""
+    from wsi_vssm.models.mil import AttentionMIL, MILEnsemble
+    from wsi_vssm.training.mil import cell_head_from_model, save_mil
+
+    torch.manual_seed(2)
+    heads = [AttentionMIL(model.mil.config) for _ in range(3)]
+    ens = MILEnsemble.of(heads)
+    save_mil(tmp_path / "ens.pt", ens, None, {})
+    m = load_model(save_model(model, tmp_path / "m.pt"))
+    head = m.mil.cell_head.weight.clone()
+    attach_mil(m, tmp_path / "ens.pt")
+    assert isinstance(m.mil, MILEnsemble) and m.mil.config.members == 3
+    assert torch.equal(m.mil.cell_head.weight, head)  # the trainer's frozen cell head is not taken
+    assert torch.equal(m.mil.members[2].classifier.weight, heads[2].classifier.weight)
+    m.mil.calibrate(2.0, 0.5, 0.1)
+    loaded = load_model(save_model(m, tmp_path / "e.pt"))
+    assert isinstance(loaded.mil, MILEnsemble) and loaded.mil.config.size_slope == pytest.approx(0.1)
+    feats = torch.randn(1, 7, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.mil(feats).slide_logit, m.mil.eval()(feats).slide_logit, rtol=0, atol=0)
+    assert torch.equal(cell_head_from_model(tmp_path / "e.pt")[0]["weight"], head)
+    from wsi_vssm.commands.model_info import format_model_info, model_info
+
+    info = model_info(str(tmp_path / "e.pt"))
+    assert info["slide_head"] == {"pool": "attention", "members": 3, "size_term": True}
+    assert "slide head:  attention, the mean of 3 heads trained with different seeds" in format_model_info(info)

@@ -183,6 +183,52 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     assert "valid mosaics (n=4): MIL slide AUC" in printed and "synth valid slides (n=2)" in printed
 
 
+def test_mosaic_mil_stage_ensemble_of_seeds(tmp_path, monkeypatch):
+    """mosaic_mil.ensemble = 2: each candidate is the mean of two heads trained with seeds 3 and 4 (count, an exact
+    fit, stays one); the kept one is attached as a MILEnsemble whose slide logit is the calibrated mean of its
+    members' checkpoints."""
+    from wsi_vssm.models.mil import MILEnsemble, log_cells
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.pipeline.store import FeatureStore
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    out = tmp_path / "run"
+    out.mkdir()
+    write_tiny_model(out / "model.pt")
+    res = run_recipe_on_patches(tmp_path, out, '[recipe]\nstages = ["mosaic_mil"]\n[data]\ntrain = ""\nvalid = ""\n'
+                                '[cells]\nvalid_select = 30\nseed = 0\n'
+                                '[mosaic_mil]\ntrain_slides = 4\nvalid_slides = 4\ntest_slides = 2\ngrid = 3\n'
+                                'epochs = 3\npatience = 3\nseed = 3\nensemble = 2\n'
+                                'pool = ["count", "attention", "mix"]\ntopk = [2]\npooled_sizes = [2]\n'
+                                'pooled_bags = 4\n', 30, 30)
+    assert res.exit_code == 0, res.output
+    assert "slide head attention-seed3" in res.output and "slide head mix2 (mean of 2)" in res.output
+    model = load_model(out / "model.pt")
+    stage = model.metadata["mil_stage"]
+    assert [c["name"] for c in stage["candidates"]] == ["count", "attention", "mix2"]
+    assert "members" not in stage["candidates"][0] and not list((out / "mosaic_mil").glob("mil-count-seed*"))
+    for c in stage["candidates"][1:]:
+        assert [m["seed"] for m in c["members"]] == [3, 4] and c["best_epoch"] is None
+    assert stage["slide_head"] != "count"  # (these data: an ensemble is kept, so its attachment is checked)
+    kept = next(c for c in stage["candidates"] if c["name"] == stage["slide_head"])
+    assert isinstance(model.mil, MILEnsemble) and model.mil.config.members == 2
+    assert len(stage["best_epoch"]) == 2 and len(stage["log"]) == 2
+    # the attached head is the two seeds' checkpoints, averaged, then Platt-scaled with the size term
+    members = [load_mil(out / "mosaic_mil" / f"mil-{kept['name']}-seed{s}.pt")[0] for s in (3, 4)]
+    assert [m.config.members for m in members] == [1, 1]
+    store = next((out / "mosaic_mil" / "features" / "valid").glob("*.zarr"))
+    x = torch.from_numpy(np.asarray(FeatureStore.open(store).features, dtype=np.float32))
+    with torch.no_grad():
+        mean = torch.stack([m(x).slide_logit for m in members]).mean(0)
+        platt = stage["platt"]
+        want = platt["a"] * mean + platt["b"] + platt["size_slope"] * log_cells(x[None, :, 0], None)
+        # (tiny separable data make Platt's slope ~1e5: float32 keeps about four digits of the result)
+        assert torch.allclose(model.mil.eval()(x).slide_logit, want, rtol=1e-3)
+    ensemble, meta = load_mil(out / "mosaic_mil" / f"mil-{kept['name']}.pt")
+    assert isinstance(ensemble, MILEnsemble) and meta["seed"] == [3, 4] and meta["valid_auc"] == kept["valid_slide_auc"]
+    assert stage["test"]["n"] == 2  # the held-out cohort scored by the file holding the ensemble
+
+
 def test_pooled_plan_bags_normal_mosaics_or_one_tumour_among_normals():
     from wsi_vssm.training.mosaic import pooled_plan
 

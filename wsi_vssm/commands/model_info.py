@@ -33,6 +33,7 @@ def model_info(path: str) -> dict:
     return {
         "path": str(Path(path).absolute()), "kind": "model", "name": model.name,
         "backbone": arch_name(model.backbone.config), "mpp": model.mpp, "token_px": model.token_px,
+        "slide_head": slide_head(model.mil.config),
         "slide_threshold": slide_t, "cell_threshold": cell_t, "calibrated": "cell_threshold" in meta,
         "lesion_extent_threshold": meta.get("lesion_extent_threshold"),
         "lesion_merge_distance_cells": meta.get("lesion_merge_distance_cells"),
@@ -43,11 +44,20 @@ def model_info(path: str) -> dict:
     }
 
 
+def slide_head(cfg) -> dict:
+    """The slide head's pool (with its top-k where it has one), and how many seeds' heads it averages."""
+    pool = cfg.pool + (str(cfg.topk) if cfg.pool in ("topk", "mix") else "")
+    return {"pool": pool, "members": cfg.members, "size_term": cfg.size_slope != 0}
+
+
 def format_model_info(r: dict) -> str:
     lines = [
         f"model:       {r['path']}",
         f"kind:        a wsi-vssm model file ({r['name']}), not a slide",
         f"backbone:    {r['backbone']}, one cell per {r['token_px']} px at {r['mpp']} um/px (slides are read there)",
+        f"slide head:  {r['slide_head']['pool']}"
+        + (f", the mean of {r['slide_head']['members']} heads trained with different seeds"
+           if r["slide_head"]["members"] > 1 else ""),
         f"thresholds:  slide {r['slide_threshold']:.3f}, cell {r['cell_threshold']:.3f}"
         + ("" if r["calibrated"] else " (no calibrated cell threshold: cells are called at 0.5)"),
         f"domain:      {r['domain']}",

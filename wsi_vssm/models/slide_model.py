@@ -21,7 +21,7 @@ from torch import nn
 from wsi_vssm.errors import is_real_number
 from wsi_vssm.models.checkpoint import CheckpointError, read_checkpoint
 from wsi_vssm.models.inputs import STRIDE
-from wsi_vssm.models.mil import AttentionMIL, MILConfig
+from wsi_vssm.models.mil import AttentionMIL, MILConfig, MILEnsemble, make_mil
 from wsi_vssm.models.model_file import (
     DEFAULT_NAME,
     MIL_FORMAT,
@@ -46,9 +46,10 @@ _CACHE_LOCK = threading.Lock()
 
 
 class SlideModel(nn.Module):
-    """backbone (VSSM, features only) + mil (AttentionMIL); `mpp`, `token_px`, `stride` and `name` travel with it."""
+    """backbone (VSSM, features only) + mil (AttentionMIL, or a MILEnsemble of them); `mpp`, `token_px`,
+    `stride` and `name` travel with it."""
 
-    def __init__(self, backbone: VSSM, mil: AttentionMIL, mpp: float = 0.97, token_px: int = 32,
+    def __init__(self, backbone: VSSM, mil: AttentionMIL | MILEnsemble, mpp: float = 0.97, token_px: int = 32,
                  name: str = "model"):
         super().__init__()
         if backbone.num_features != mil.config.in_dim:
@@ -66,7 +67,7 @@ class SlideModel(nn.Module):
 
         backbone = create_model(arch, **{**overrides, "num_classes": 0})
         mil_cfg = MILConfig(**{**dict(mil or {}), "in_dim": backbone.num_features})
-        return cls(backbone, AttentionMIL(mil_cfg), mpp, token_px, name or arch)
+        return cls(backbone, make_mil(mil_cfg), mpp, token_px, name or arch)
 
     def cell_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised RGB -> (B, F, h, w) stride-32 token features."""
@@ -226,9 +227,9 @@ def _build(ckpt: dict, path: Path, scan: str | None) -> SlideModel:
         # shapes first, on torch's meta device (no memory): a file stating widths of 10^6 allocated terabytes,
         # or gigabytes before its state dict was compared
         with torch.device("meta"):
-            shell = SlideModel(VSSM(config), AttentionMIL(mil_config), 1.0, STRIDE, "shell")
+            shell = SlideModel(VSSM(config), make_mil(mil_config), 1.0, STRIDE, "shell")
         check_architecture(shell, ckpt["state_dict"], path)
-        backbone, mil = VSSM(config), AttentionMIL(mil_config)
+        backbone, mil = VSSM(config), make_mil(mil_config)
         mpp, token_px = float(ckpt["mpp"]), int(ckpt["token_px"])
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: bad model config: {str(e).splitlines()[0]}") from e
@@ -278,7 +279,7 @@ def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
             new_cfg = MILConfig(**cfg)
         except (TypeError, ValueError) as e:
             raise ModelFileError(f"{path}: bad mil_config: {e}") from None
-        model.mil = AttentionMIL(new_cfg)  # other hidden sizes: a head of the checkpoint's shape
+        model.mil = make_mil(new_cfg)  # other hidden sizes or members: a head of the checkpoint's shape
         model.mil.cell_head.load_state_dict(old_head)
     own = model.mil.state_dict()
     keep = {k: v for k, v in own.items() if k.startswith("cell_head.") and k not in sd}

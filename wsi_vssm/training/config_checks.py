@@ -93,6 +93,10 @@ def check_mosaic_config(cfg) -> None:
                                  for g in grid) or grid[0] > grid[1]:
         raise UsageError(f"mosaic_mil.grid must be {MIN_GRID} to {MAX_GRID} patches a side, or [low, high] with "
                          f"low <= high, got {cfg.grid!r}")
+    from wsi_vssm.models.mil import MAX_MEMBERS
+
+    if isinstance(cfg.ensemble, bool) or not isinstance(cfg.ensemble, int) or not 1 <= cfg.ensemble <= MAX_MEMBERS:
+        raise UsageError(f"mosaic_mil.ensemble must be an integer from 1 to {MAX_MEMBERS}, got {cfg.ensemble!r}")
     pools = [cfg.pool] if isinstance(cfg.pool, str) else list(cfg.pool)
     ks = [cfg.topk] if isinstance(cfg.topk, int) else list(cfg.topk)
     if not pools or not ks:

@@ -440,11 +440,11 @@ def save_mil(path: str | os.PathLike, model, cfg: MILTrainConfig | None, metadat
 
 
 def load_mil(path: str | os.PathLike):
-    """(AttentionMIL in eval mode, metadata) from a `save_mil` file, read with weights_only=True."""
+    """(AttentionMIL or MILEnsemble in eval mode, metadata) from a `save_mil` file, read with weights_only=True."""
     import torch
 
     from wsi_vssm.models.checkpoint import CheckpointError
-    from wsi_vssm.models.mil import AttentionMIL, MILConfig
+    from wsi_vssm.models.mil import MILConfig, make_mil
 
     path = Path(path)
     try:
@@ -454,7 +454,7 @@ def load_mil(path: str | os.PathLike):
         raise CheckpointError(f"cannot read MIL checkpoint {path}: {type(e).__name__}: {first}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != MIL_FORMAT:
         raise CheckpointError(f"{path}: not a wsi-vssm MIL checkpoint (expected format {MIL_FORMAT!r})")
-    model = AttentionMIL(MILConfig(**ckpt["mil_config"]))
+    model = make_mil(MILConfig(**ckpt["mil_config"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt.get("metadata", {})
 

@@ -38,6 +38,8 @@ class MosaicMILConfig:
     lr: float = 1e-3
     max_cells: int | None = None
     init_from_model: bool = True  # start from the model's current MIL head (else a fresh seeded one)
+    ensemble: int = 1  # heads per candidate, trained with seeds seed, seed + 1, ...; their mean slide logit is the
+    #                    candidate (models.mil.MILEnsemble): one head's AUC moves with its seed alone
     synth_train_slides: int = 0  # also train on this many `wsi-vssm synth` slides: continuous tissue, larger bags
     synth_valid_slides: int = 0  # ... and select on this many more, beside the valid mosaics
     synth_size: int = 6000  # their side in px at synth_mpp
@@ -161,6 +163,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
                          valid_select: int | None = None, split_seed: int = 0, progress: bool = True) -> dict:
     """Build the cohorts, extract features, train the MIL head, attach it to `model_path` (rewritten), and
     score the test cohort if asked. Returns the stage's record (also stored in the model's metadata)."""
+    from wsi_vssm.models.mil import single_head_state
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
     from wsi_vssm.training.checkpoint import stamped
@@ -178,20 +181,33 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     model = load_model(model_path)
     current = model.mil
     head = {k: v.detach().clone() for k, v in current.cell_head.state_dict().items()}
-    init = current.state_dict() if cfg.init_from_model else None  # the cell stage's first head, as a start
+    init = single_head_state(current) if cfg.init_from_model else None  # the current head, as a start
     valid = Bags(bags["valid"], MILTrainConfig().cache_mb)  # read once: the choice, the calibration, the baselines
     count_threshold = count_threshold_of(model)
     candidates = []
     for pool, k in candidates_of(cfg):
-        mil_cfg = candidate_config(cfg, current.config, pool, k, count_threshold)
         name = candidate_name(pool, k)
-        mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head,
-                                 log_path=out / f"mil-{name}.log.csv", checkpoint_path=out / f"mil-{name}.pt",
-                                 init_state=init)
-        candidates.append({"name": name, "pool": pool, "topk": k, "valid_slide_auc": history.best_valid_auc,
-                           "best_epoch": history.best_epoch, "mil": mil, "history": history})
-        _say(progress, f"mosaic_mil: slide head {name}: valid slide AUC {history.best_valid_auc:.4f} "
-                       f"(epoch {history.best_epoch})")
+        heads, histories = [], []
+        n = 1 if pool == "count" else cfg.ensemble  # count is an exact convex fit: every seed gives the same head
+        for seed in range(cfg.seed, cfg.seed + n):
+            tag = name if n == 1 else f"{name}-seed{seed}"
+            mil_cfg = candidate_config(cfg, current.config, pool, k, count_threshold, seed=seed)
+            mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head,
+                                     log_path=out / f"mil-{tag}.log.csv", checkpoint_path=out / f"mil-{tag}.pt",
+                                     init_state=init)
+            heads.append(mil)
+            histories.append(history)
+            if n > 1:
+                _say(progress, f"mosaic_mil: slide head {tag}: valid slide AUC {history.best_valid_auc:.4f} "
+                               f"(epoch {history.best_epoch})")
+        c = {"name": name, "pool": pool, "topk": k, "valid_slide_auc": histories[0].best_valid_auc,
+             "best_epoch": histories[0].best_epoch, "mil": heads[0], "histories": histories}
+        if n > 1:
+            c.update(ensemble_candidate(heads, histories, valid, out / f"mil-{name}.pt"))
+        candidates.append(c)
+        _say(progress, f"mosaic_mil: slide head {name}{f' (mean of {n})' if n > 1 else ''}: "
+                       f"valid slide AUC {c['valid_slide_auc']:.4f}"
+                       + (f" (epoch {c['best_epoch']})" if n == 1 else ""))
     plan = pooled_plan(valid.labels, cfg.pooled_sizes, cfg.pooled_bags, cfg.seed) if cfg.pooled_sizes else None
     if plan is not None:  # every candidate scored on the pooled bags under its own size-aware calibration
         for c in candidates:
@@ -201,7 +217,8 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
         chosen = max(candidates, key=lambda c: c["pooled"]["auc"])  # first of equals: the listed order decides
     else:
         chosen = max(candidates, key=lambda c: c["valid_slide_auc"])
-    mil, history, mil_path = chosen["mil"], chosen["history"], out / f"mil-{chosen['name']}.pt"
+    mil, mil_path = chosen["mil"], out / f"mil-{chosen['name']}.pt"
+    fit = chosen_fit(chosen)
     platt = None
     if cfg.calibrate:
         if plan is not None:
@@ -226,8 +243,11 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
         threshold, by_size = youden_threshold(valid.labels, _slide_probs(mil, valid)), None
     train_loss, train_auc = evaluate(mil, Bags(bags["train"], mil_cfg.cache_mb))
     pooled = pooling_aucs(valid, head)
-    _say(progress, f"mosaic_mil: best epoch {history.best_epoch} of {len(history.rows)}: valid slide AUC "
-                   f"{history.best_valid_auc:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid"
+    epochs = (f"best epoch {fit['best_epoch']} of {fit['epochs_run']}" if "members" not in chosen else
+              "best epochs " + ", ".join(f"{b} of {n}" for b, n in zip(fit["best_epoch"], fit["epochs_run"],
+                                                                       strict=True)) + " (per seed)")
+    _say(progress, f"mosaic_mil: {epochs}: valid slide AUC "
+                   f"{fit['valid_slide_auc']:.4f} (train {train_auc:.4f}); threshold {threshold:.4f} (Youden, valid"
                    f"{' mosaics and pooled bags' if plan is not None else ''}); "
                    f"valid AUC of plain cell-logit pooling: " + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
     model = attach_mil(model, mil_path)
@@ -238,15 +258,13 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
               "slide_head": chosen["name"],
               "platt": None if platt is None else {"a": platt[0], "b": platt[1], "size_slope": platt[2]},
               "candidates": [{**{k: c[k] for k in ("name", "pool", "topk", "valid_slide_auc", "best_epoch")},
-                              **({"pooled_auc": c["pooled"]["auc"]} if plan is not None else {})}
+                              **({"pooled_auc": c["pooled"]["auc"]} if plan is not None else {}),
+                              **({"members": c["members"]} if "members" in c else {})}
                              for c in candidates],
               "pooled_bags": None if plan is None else {"sizes": cfg.pooled_sizes, "per_size": cfg.pooled_bags,
                                                         "bags": len(plan), "by_size": by_size},
-              "best_epoch": history.best_epoch, "epochs_run": len(history.rows),
-              "valid_slide_auc": history.best_valid_auc, "valid_slide_loss": history.best_valid_loss,
-              "train_slide_auc": train_auc, "train_slide_loss": train_loss, "threshold": threshold,
-              "valid_pooling_aucs": pooled,
-              "log": history.rows}
+              **fit, "train_slide_auc": train_auc, "train_slide_loss": train_loss, "threshold": threshold,
+              "valid_pooling_aucs": pooled}
     # `slide_threshold` is what predict reads; `threshold`, its old name, for readers of older files
     meta = stamped({**dict(getattr(model, "metadata", {}) or {}), "stage": "mosaic_mil", "mil_stage": record,
                     "slide_threshold": threshold, "threshold": threshold})
@@ -257,6 +275,37 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
         record["seconds"] = round(time.perf_counter() - t0, 1)
         save_model(model, model_path, meta)
     return record
+
+
+def chosen_fit(c: dict) -> dict:
+    """The stage record's account of the kept candidate's training: its best epoch, epochs run, valid slide AUC
+    and loss, and its per-epoch log; for an ensemble, per member (lists, in seed order)."""
+    hs = c["histories"]
+    if len(hs) == 1:
+        h = hs[0]
+        return {"best_epoch": h.best_epoch, "epochs_run": len(h.rows), "valid_slide_auc": h.best_valid_auc,
+                "valid_slide_loss": h.best_valid_loss, "log": h.rows}
+    return {"best_epoch": [h.best_epoch for h in hs], "epochs_run": [len(h.rows) for h in hs],
+            "valid_slide_auc": c["valid_slide_auc"], "valid_slide_loss": c["valid_slide_loss"],
+            "log": [h.rows for h in hs]}
+
+
+def ensemble_candidate(heads, histories, valid, path: Path) -> dict:
+    """A candidate made of several seeds' heads (`MILEnsemble`), saved as one MIL checkpoint at `path` (what the
+    stage attaches); its AUC over the valid mosaics and its members' record. `best_epoch` is null: each member
+    stopped at its own (listed)."""
+    from wsi_vssm.models.mil import MILEnsemble
+    from wsi_vssm.training.mil import evaluate, save_mil
+
+    mil = MILEnsemble.of(heads)
+    loss, auc = evaluate(mil, valid)
+    members = [{"seed": h.metadata["seed"], "best_epoch": h.best_epoch, "valid_slide_auc": h.best_valid_auc}
+               for h in histories]
+    first = histories[0]
+    meta = {**first.metadata, "seed": [m["seed"] for m in members], "members": members,
+            "epochs": [len(h.rows) for h in histories], "best_epoch": None, "valid_auc": auc}
+    save_mil(path, mil, None, meta)
+    return {"mil": mil, "valid_slide_auc": auc, "valid_slide_loss": loss, "best_epoch": None, "members": members}
 
 
 def pooled_plan(labels, sizes, per_size: int, seed: int) -> list[tuple[list[int], int]]:
