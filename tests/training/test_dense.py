@@ -273,9 +273,10 @@ def test_a_finished_dense_stage_resumes_with_one_more_mining_round(tmp_path, cap
                     DenseConfig(epochs=5, rounds=0, resume=True, **cfg), progress=False)
 
 
-def test_a_checkpoint_resumes_from_a_byte_identical_copy_of_its_start_model(tmp_path):
-    """A run folder copied to branch an experiment: its checkpoints name the original folder's start model. A
-    byte-identical copy is the same start; a changed or vanished one is refused as before."""
+def test_a_checkpoint_resumes_from_its_start_model_by_contents(tmp_path):
+    """A run folder copied to branch an experiment, or moved: its checkpoints name the original folder's start
+    model. The checkpoint records that file's sha256, so a file with the same contents is the same start, wherever
+    it lies now; a changed one is refused, even at the recorded path."""
     import shutil
 
     from wsi_vssm.training.checkpoint import load_checkpoint, save_checkpoint
@@ -292,7 +293,32 @@ def test_a_checkpoint_resumes_from_a_byte_identical_copy_of_its_start_model(tmp_
     with pytest.raises(UsageError, match="other settings: init="):
         load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})
     shutil.copy(a, b)
-    a.unlink()  # the folder was moved, not copied: nothing shows the start is the same
+    a.unlink()  # the folder was moved, not copied: its contents still show the start is the same
+    assert load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})["state"]["epoch"] == 3
+    with pytest.raises(UsageError, match="other settings: init="):  # nothing there any more
+        load_checkpoint(tmp_path / "ck.pt", {"init": str(a), "lr": 0.1})
+    a.write_bytes(b"retrained" * 1000)  # the start model made again at its recorded path: not the same start
+    with pytest.raises(UsageError, match="other settings: init=.*: not the file it started from"):
+        load_checkpoint(tmp_path / "ck.pt", {"init": str(a), "lr": 0.1})
+
+
+def test_a_checkpoint_without_the_start_digest_compares_the_files(tmp_path):
+    """Checkpoints written before the digest was recorded: a byte-identical copy is the same start; a moved
+    folder cannot be shown to be."""
+    import shutil
+
+    from wsi_vssm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    a, b = tmp_path / "run" / "context.pt", tmp_path / "copy" / "context.pt"
+    a.parent.mkdir()
+    a.write_bytes(b"weights" * 1000)
+    save_checkpoint(tmp_path / "ck.pt", {"state": {"epoch": 3}}, {"init": str(a), "lr": 0.1})
+    old = torch.load(tmp_path / "ck.pt", weights_only=False)
+    assert set(old.pop("file_digests")) == {"init"}
+    torch.save(old, tmp_path / "ck.pt")
+    shutil.copytree(a.parent, b.parent)
+    assert load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})["state"]["epoch"] == 3
+    a.unlink()
     with pytest.raises(UsageError, match="other settings: init="):
         load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})
 

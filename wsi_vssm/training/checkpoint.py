@@ -10,6 +10,7 @@ thrown away silently); one that cannot be read is one line naming it.
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import io
 import os
 import warnings
@@ -53,8 +54,8 @@ def save_checkpoint(path: Path, state: dict, config: dict) -> None:
     from wsi_vssm.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "config": config, "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(), **state}, buf)
+    torch.save({"format": FORMAT, "config": config, "file_digests": file_digests(config),
+                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), **state}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -90,10 +91,13 @@ def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) 
         return ck
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise UsageError(f"{path}: not a wsi-vssm training checkpoint of this version; remove it to start over")
+    digests = ck.get("file_digests") if isinstance(ck.get("file_digests"), dict) else {}
     changed = sorted(k for k in set(config) | set(ck["config"])
-                     if k not in may_change and not _same_setting(k, config.get(k), ck["config"].get(k)))
+                     if k not in may_change
+                     and not _same_setting(k, config.get(k), ck["config"].get(k), digests.get(k)))
     if changed:
-        was = ", ".join(f"{k}={ck['config'].get(k)!r} (now {config.get(k)!r})" for k in changed[:4])
+        was = ", ".join(f"{k}={ck['config'].get(k)!r} (now {config.get(k)!r}"
+                        + (": not the file it started from" if k in FILE_KEYS else "") + ")" for k in changed[:4])
         was += f" and {len(changed) - 4} more ({', '.join(changed[4:])})" if len(changed) > 4 else ""
         shown = [k for k in may_change if k != "resume"]
         allowed = f" (only {', '.join(shown)} may change)" if shown else ""
@@ -112,14 +116,35 @@ def _numpy_globals() -> list:
     return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
 
 
-FILE_KEYS = ("init",)  # settings that name a start file: a byte-identical copy of it is the same setting
+FILE_KEYS = ("init",)  # settings that name a start file: the same contents are the same setting
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a checkpoint is written every epoch
 
 
-def _same_setting(key: str, now, was) -> bool:
-    """Whether a setting is unchanged. A start model named by another path is the same when the two files are
-    byte for byte the same: a run folder copied to branch an experiment still resumes (its stages start from
-    OUT/context.pt and the like, so every copied checkpoint names the original folder's file)."""
+def file_digests(config: dict) -> dict[str, str]:
+    """The sha256 of each start file a config names (FILE_KEYS), stored in its checkpoints: the start is then
+    known by its contents, wherever the run folder has gone since."""
+    out = {}
+    for key in FILE_KEYS:
+        path = config.get(key)
+        if isinstance(path, (str, os.PathLike)) and str(path) and os.path.isfile(path):
+            st = os.stat(path)
+            stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+            if stamp not in _DIGESTS:
+                with open(path, "rb") as f:
+                    _DIGESTS[stamp] = hashlib.file_digest(f, "sha256").hexdigest()
+            out[key] = _DIGESTS[stamp]
+    return out
+
+
+def _same_setting(key: str, now, was, digest: str | None = None) -> bool:
+    """Whether a setting is unchanged. A start file (FILE_KEYS) is the same when its contents are: by the sha256
+    the checkpoint recorded (so a run folder that was copied to branch an experiment, or moved, still resumes;
+    its stages start from OUT/context.pt and the like, so every checkpoint names the folder it was made in, and
+    a start file changed since is refused even at the same path); for checkpoints made before the digest was
+    recorded, by comparing the two files byte for byte."""
     now, was = _plain(now), _plain(was)
+    if key in FILE_KEYS and digest is not None and isinstance(now, str) and now:
+        return file_digests({key: now}).get(key) == digest
     if now == was:
         return True
     if key not in FILE_KEYS or not (isinstance(now, str) and isinstance(was, str) and now and was):
