@@ -394,3 +394,33 @@ def test_cli_a_handful_of_validation_slides_is_warned_about(feature_bags, tmp_pa
                                        str(tmp_path / "m.pt"), "--epochs", "1", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert res.stderr.count("selection rests on 1 tumour and 1 normal validation slide(s)") == 1, res.stderr
+
+
+def test_cli_train_mil_ensemble_writes_the_mean_of_its_seeds(feature_bags, tmp_path, capsys):
+    """`train mil --ensemble 3`: three heads on one split, seeds 5-7, kept as OUT-seedS.pt, and OUT their mean (a
+    MILEnsemble that attach_mil takes); with a trainable cell head it is refused (the members would disagree)."""
+    from wsi_vssm.commands.train import command
+    from wsi_vssm.models.mil import MILEnsemble
+
+    d, bags = feature_bags
+    ref = tmp_path / "reference.csv"
+    ref.write_text("".join(f"{n.upper()},{'Tumor' if y else 'Normal'}\n" for n, (_, y) in sorted(bags.items())))
+    out = tmp_path / "mil.pt"
+    args = ["mil", "--features", str(d), "--labels", str(ref), "--out", str(out), "--epochs", "3", "--device", "cpu",
+            "--seed", "5", "--ensemble", "3"]
+    res = CliRunner().invoke(command, args)
+    assert res.exit_code == 0, res.output
+    assert "mean of 3 heads (seeds 5-7): valid AUC" in res.stdout
+    members = [load_mil(tmp_path / f"mil-seed{s}.pt") for s in (5, 6, 7)]
+    assert [m[1]["seed"] for m in members] == [5, 6, 7] and (tmp_path / "mil-seed6.log.csv").is_file()
+    assert len({m[1]["valid_slides"][0] for m in members}) == 1  # one split for all
+    ens, meta = load_mil(out)
+    assert isinstance(ens, MILEnsemble) and meta["seed"] == [5, 6, 7] and meta["best_epoch"] is None
+    x = torch.from_numpy(np.asarray(FeatureStore.open(bags["t00"][0]).features, dtype=np.float32))
+    with torch.no_grad():
+        mean = torch.stack([m[0](x).slide_logit for m in members]).mean(0)
+        assert torch.allclose(ens(x).slide_logit, mean, atol=1e-6)
+    from conftest import run_cli_captured
+
+    code, _, err = run_cli_captured(["train", *args, "--train-cell-head"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--ensemble shares one cell head" in err

@@ -40,6 +40,10 @@ command = click.Group("train", help="Train models: `cells` trains a backbone and
               help="Stop after this many epochs without a better validation AUC.")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=2e-4, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--ensemble", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Train this many heads with seeds SEED, SEED+1, ... on the same split and write their mean as "
+                   "OUT (one slide head: the mean of their slide logits); each member is kept beside it as "
+                   "OUT-seedS.pt. One head's AUC moves with its seed; their mean does not rest on one draw.")
 @click.option("--max-cells", type=click.IntRange(min=1), default=None,
               help="Random cells per training bag per step (default: all).")
 @click.option("--model", "model_file", default=None,
@@ -51,15 +55,17 @@ command = click.Group("train", help="Train models: `cells` trains a backbone and
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 @precision_option
-def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patience, lr, seed, max_cells, model_file,
-        train_cell_head, log_path, device, precision):
+def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patience, lr, seed, ensemble, max_cells,
+        model_file, train_cell_head, log_path, device, precision):
     """Train the AttentionMIL slide head on cached features with slide labels."""
     from wsi_vssm.commands.options import option_device, option_output
     from wsi_vssm.errors import OptionError
-    from wsi_vssm.training.mil import MILTrainConfig, cell_head_from_model, train_mil
+    from wsi_vssm.training.mil import MILTrainConfig, cell_head_from_model
 
     if valid_labels is not None and valid_fraction is not None:
         raise OptionError("give --valid-labels or --valid-fraction, not both")
+    if ensemble > 1 and train_cell_head:
+        raise OptionError("--ensemble shares one cell head among its members: give --freeze-cell-head with it")
     dev = option_device(device)
     option_output("--out", out)
     option_output("--log", log_path)
@@ -78,13 +84,39 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
         head, backbone_hash = cell_head_from_model(model_file)
         _check_backbone(backbone_hash, train + valid, model_file)
     log_path = log_path or out.with_name(out.stem + ".log.csv")
-    with _EpochBar(epochs) as bar, warnings.catch_warnings():
+    if ensemble == 1:
+        _, history = _train_one(train, valid, cfg, head, log_path, out)
+        click.echo(f"best epoch {history.best_epoch} of {len(history.rows)}: valid AUC "
+                   f"{_auc(history.best_valid_auc)}, valid loss {history.best_valid_loss:.4f} -> {out} "
+                   f"(log {log_path})")
+        return
+    from dataclasses import replace
+
+    from wsi_vssm.training.mil import Bags, save_ensemble
+
+    heads, histories = [], []
+    for s in range(seed, seed + ensemble):
+        member = out.with_name(f"{out.stem}-seed{s}{out.suffix}")
+        member_log = log_path.with_name(f"{log_path.name.split('.')[0]}-seed{s}{''.join(log_path.suffixes)}")
+        model, history = _train_one(train, valid, replace(cfg, seed=s), head, member_log, member)
+        heads.append(model)
+        histories.append(history)
+        click.echo(f"seed {s}: best epoch {history.best_epoch} of {len(history.rows)}: valid AUC "
+                   f"{_auc(history.best_valid_auc)} -> {member} (log {member_log})")
+    e = save_ensemble(heads, histories, Bags(valid, cfg.cache_mb), out)
+    click.echo(f"mean of {ensemble} heads (seeds {seed}-{seed + ensemble - 1}): valid AUC {_auc(e['valid_auc'])}, "
+               f"valid loss {e['valid_loss']:.4f} -> {out}")
+
+
+def _train_one(train, valid, cfg, head, log_path: Path, out: Path):
+    """One `train_mil` run with the epoch bar, warnings as one line each; (model, history)."""
+    from wsi_vssm.training.mil import train_mil
+
+    with _EpochBar(cfg.epochs) as bar, warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = _show_warning  # restored when the block ends
-        model, history = train_mil(train, valid, cfg, cell_head=head, log_path=log_path, checkpoint_path=out,
-                                   progress=bar.update)
-    click.echo(f"best epoch {history.best_epoch} of {len(history.rows)}: valid AUC {_auc(history.best_valid_auc)}, "
-               f"valid loss {history.best_valid_loss:.4f} -> {out} (log {log_path})")
+        return train_mil(train, valid, cfg, cell_head=head, log_path=log_path, checkpoint_path=out,
+                         progress=bar.update)
 
 
 def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_fraction: float | None, seed: int):

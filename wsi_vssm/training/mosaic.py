@@ -291,21 +291,13 @@ def chosen_fit(c: dict) -> dict:
 
 
 def ensemble_candidate(heads, histories, valid, path: Path) -> dict:
-    """A candidate made of several seeds' heads (`MILEnsemble`), saved as one MIL checkpoint at `path` (what the
-    stage attaches); its AUC over the valid mosaics and its members' record. `best_epoch` is null: each member
-    stopped at its own (listed)."""
-    from wsi_vssm.models.mil import MILEnsemble
-    from wsi_vssm.training.mil import evaluate, save_mil
+    """A candidate made of several seeds' heads, saved as one MIL checkpoint at `path` (what the stage
+    attaches; `training.mil.save_ensemble`); `best_epoch` is null: each member stopped at its own (listed)."""
+    from wsi_vssm.training.mil import save_ensemble
 
-    mil = MILEnsemble.of(heads)
-    loss, auc = evaluate(mil, valid)
-    members = [{"seed": h.metadata["seed"], "best_epoch": h.best_epoch, "valid_slide_auc": h.best_valid_auc}
-               for h in histories]
-    first = histories[0]
-    meta = {**first.metadata, "seed": [m["seed"] for m in members], "members": members,
-            "epochs": [len(h.rows) for h in histories], "best_epoch": None, "valid_auc": auc}
-    save_mil(path, mil, None, meta)
-    return {"mil": mil, "valid_slide_auc": auc, "valid_slide_loss": loss, "best_epoch": None, "members": members}
+    e = save_ensemble(heads, histories, valid, path)
+    return {"mil": e["mil"], "valid_slide_auc": e["valid_auc"], "valid_slide_loss": e["valid_loss"],
+            "best_epoch": None, "members": e["members"]}
 
 
 def pooled_plan(labels, sizes, per_size: int, seed: int) -> list[tuple[list[int], int]]:
