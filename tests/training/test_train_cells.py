@@ -387,6 +387,42 @@ def test_run_resume_skips_finished_stages_and_reruns_changed_ones(tiny_folder, t
     assert "cells: done before" in printed and "context: done before" not in printed
 
 
+def test_a_rerun_stage_stopped_early_keeps_the_later_stages_checkpoints(tiny_folder, tmp_path, monkeypatch):
+    """`run --resume` after a default had changed (here: a setting given differently) reran the finished stage
+    and deleted the later stages' checkpoints before that stage had trained at all, so stopping at once on
+    reading "settings changed" still lost the later stage's hours. They are now removed only when the rerun
+    stage finishes, and a resume with the old settings finds them."""
+    from click.testing import CliRunner
+
+    import wsi_vssm.training.recipe as recipe_mod
+    from wsi_vssm.commands.run import command
+
+    recipe, out = str(REPO / "pipelines" / "default.toml"), tmp_path / "run"
+    stages = ["--set", 'recipe.stages=["cells"]']
+
+    def run(*extra):
+        return CliRunner().invoke(command, [recipe, "--out", str(out), *_tiny_recipe(tiny_folder, *stages, *extra)])
+
+    assert run().exit_code == 0
+    later = out / "context.checkpoint.pt"  # a later stage's work, built on these cells
+    later.write_bytes(b"hours of context training")
+    real = recipe_mod._stage_cells
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the user stops the rerun at once
+
+    monkeypatch.setattr(recipe_mod, "_stage_cells", stopped)
+    res = run("--resume", "--set", "cells.seed=1")
+    assert res.exit_code != 0 and "cells: settings changed since the earlier run (settings.seed)" in res.output
+    assert later.read_bytes() == b"hours of context training"
+    monkeypatch.setattr(recipe_mod, "_stage_cells", real)
+    res = run("--resume")  # the old settings: cells is done, the later checkpoint still there
+    assert res.exit_code == 0 and "cells: done before with these settings" in res.output and later.is_file()
+    res = run("--resume", "--set", "cells.seed=1")  # the rerun finishes: only then is the later checkpoint stale
+    assert res.exit_code == 0, res.output
+    assert not later.exists() and "its checkpoint" in res.output and "ran again: removed" in res.output
+
+
 def test_a_recipe_run_records_how_and_on_what_and_resumes_what_changed(tiny_folder, tmp_path, monkeypatch):
     """Found running recipes as users edit them: the model claimed the default model's PCam lymph-node domain for
     anyone's patches and kept no record of the recipe; recipe.resolved.json said `out = "runs/default"`; `~` in a

@@ -88,7 +88,6 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
         chain = False
         later = STAGES[STAGES.index(stage) + 1:]  # built on this stage's old model: no longer done
         done = [d for d in done if d["stage"] != stage and d["stage"] not in later]
-        _drop_stale(out, later)
         if stage == "cells":
             _stage_cells(recipe, model_path, out, progress, resume)
         elif stage == "context":
@@ -100,6 +99,9 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
         elif stage == "attach_mil":
             _stage_attach(recipe, model_path)
         shutil.copyfile(model_path, out / f"{stage}.pt")
+        # only now: a run stopped before this stage finished (say, on reading that a default it never set has
+        # changed) keeps the later stages' checkpoints, resumable once the old settings are given back
+        _drop_stale(out, later)
         done.append({"stage": stage, "settings": settings})  # its old record was dropped above
         atomic_write_json(out / PROGRESS_JSON, {"done": done})
         previous = stage
@@ -196,12 +198,12 @@ def _read_progress(out: Path) -> list[dict]:
 
 
 def _drop_stale(out: Path, later: list[str]) -> None:
-    """Checkpoints of stages after one that runs again were built on its old model: removed, with a line."""
+    """Checkpoints of stages after one that ran again were built on its old model: removed, with a line."""
     for stage in later:
         path = out / CHECKPOINTS.get(stage, "-")
         if path.is_file():
             path.unlink()
-            print(f"{stage}: its checkpoint {path} was built on an earlier stage that runs again: removed")
+            print(f"{stage}: its checkpoint {path} was built on an earlier stage that ran again: removed")
 
 
 def _patch_data(recipe: dict) -> dict:
