@@ -378,7 +378,7 @@ def test_run_resume_skips_finished_stages_and_reruns_changed_ones(tiny_folder, t
     assert printed.count("skipped (--resume)") == 2 and digest("model.pt") == first["model.pt"]
     printed = run("--resume", "--set", "cells.seed=1")  # the cells stage changes: both run again
     assert "skipped" not in printed and digest("cells.pt") != first["cells.pt"]
-    assert "cells: settings changed since the earlier run (settings.seed); runs again" in printed
+    assert "cells: settings changed since the earlier run (settings.seed 0 -> 1); runs again" in printed
     context_init = load_model(out / "model.pt").metadata["config"]["init"]
     assert context_init == str(out / "cells.pt")  # the new cells, not the old ones
     assert load_model(out / "cells.pt").metadata["config"]["seed"] == 1
@@ -413,7 +413,7 @@ def test_a_rerun_stage_stopped_early_keeps_the_later_stages_checkpoints(tiny_fol
 
     monkeypatch.setattr(recipe_mod, "_stage_cells", stopped)
     res = run("--resume", "--set", "cells.seed=1")
-    assert res.exit_code != 0 and "cells: settings changed since the earlier run (settings.seed)" in res.output
+    assert res.exit_code != 0 and "cells: settings changed since the earlier run (settings.seed 0 -> 1)" in res.output
     assert later.read_bytes() == b"hours of context training"
     monkeypatch.setattr(recipe_mod, "_stage_cells", real)
     res = run("--resume")  # the old settings: cells is done, the later checkpoint still there
@@ -462,7 +462,7 @@ def test_a_recipe_run_records_how_and_on_what_and_resumes_what_changed(tiny_fold
     assert "cells: done before" in printed and "removed" in printed and not (out / "cells.checkpoint.pt").exists()
     next(iter((tmp_path / "mine" / "1").iterdir())).unlink()  # the folder changes under the same name
     printed = run("--resume")
-    assert "settings changed since the earlier run (data_contents.train)" in printed and "skipped" not in printed
+    assert "settings changed since the earlier run (data_contents.train [" in printed and "skipped" not in printed
 
 
 def test_a_finished_dense_stage_keeps_its_checkpoint_when_skipped(tiny_folder, tmp_path):

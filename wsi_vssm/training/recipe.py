@@ -83,7 +83,7 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
             shutil.copyfile(out / f"{previous}.pt", model_path)
         before = next((d["settings"] for d in done if d["stage"] == stage), None) if chain else None
         if before is not None and not _same(before, settings):  # say why hours of training run again
-            print(f"{stage}: settings changed since the earlier run ({', '.join(_changed(before, settings))}); "
+            print(f"{stage}: settings changed since the earlier run ({_said(before, settings)}); "
                   "runs again, and the stages after it")
         chain = False
         later = STAGES[STAGES.index(stage) + 1:]  # built on this stage's old model: no longer done
@@ -171,6 +171,20 @@ def _same_paths(settings: dict) -> dict:
             if isinstance(value, str) and value:
                 out[table][key] = os.path.abspath(os.path.expanduser(value))
     return out
+
+
+def _said(before: dict, now: dict, most: int = 6) -> str:
+    """The changed settings with their old and new values (`settings.seed 0 -> 1`): a default that moved between
+    versions is recognised by its values."""
+    def value(d: dict, key: str):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        text = repr(d)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    keys = _changed(before, now)
+    shown = [f"{k} {value(before, k)} -> {value(now, k)}" for k in keys[:most]]
+    return ", ".join(shown + ([f"and {len(keys) - most} more"] if len(keys) > most else []))
 
 
 def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
