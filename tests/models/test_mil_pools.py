@@ -136,6 +136,9 @@ def test_an_ensemble_holds_one_cell_head_and_its_members_configs_agree():
     AttentionMIL(heads[0].config).load_state_dict(single_head_state(ens), strict=True)
     with pytest.raises(ValueError, match="one configuration"):
         MILEnsemble.of([heads[0], AttentionMIL(MILConfig(16, 8, 4, 0.0, "mix", topk=5))])
+    other = AttentionMIL(heads[0].config)  # a cell head of its own: its cell logits are not the ensemble's
+    with pytest.raises(ValueError, match="share one cell head"):
+        MILEnsemble.of([heads[0], other])
     heads[1].calibrate(2.0, 0.0, 1.0)  # a calibrated head has a size term of its own: not a member
     with pytest.raises(ValueError, match="uncalibrated"):
         MILEnsemble.of(heads)
@@ -146,3 +149,5 @@ def test_bad_member_counts_are_refused(members):
     with pytest.raises(ValueError, match="members"):
         MILConfig(16, members=members)
     assert MILConfig(**{"in_dim": 16}).members == 1  # files made before ensembles: one head
+    # and a single head's file says nothing of members, so versions before ensembles read it
+    assert "members" not in MILConfig(16).to_dict() and MILConfig(16, members=2).to_dict()["members"] == 2

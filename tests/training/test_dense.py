@@ -275,50 +275,59 @@ def test_a_finished_dense_stage_resumes_with_one_more_mining_round(tmp_path, cap
 
 def test_a_checkpoint_resumes_from_its_start_model_by_contents(tmp_path):
     """A run folder copied to branch an experiment, or moved: its checkpoints name the original folder's start
-    model. The checkpoint records that file's sha256, so a file with the same contents is the same start, wherever
-    it lies now; a changed one is refused, even at the recorded path."""
+    model. The run records that file's sha256 when it starts, so a file with those contents is the same start,
+    wherever it lies now; a changed one is refused, even at the recorded path and even when it changed while the
+    run was going (every later checkpoint still records the start as it was)."""
     import shutil
 
-    from wsi_vssm.training.checkpoint import load_checkpoint, save_checkpoint
+    from wsi_vssm.training.checkpoint import load_checkpoint, save_checkpoint, with_start_digests
 
     a, b = tmp_path / "run" / "context.pt", tmp_path / "copy" / "context.pt"
     a.parent.mkdir()
     a.write_bytes(b"weights" * 1000)
-    save_checkpoint(tmp_path / "ck.pt", {"state": {"epoch": 3}}, {"init": str(a), "lr": 0.1})
+    run = with_start_digests({"init": str(a), "lr": 0.1})
+    save_checkpoint(tmp_path / "ck.pt", {"state": {"epoch": 3}}, run)
     shutil.copytree(a.parent, b.parent)
-    assert load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})["state"]["epoch"] == 3
+
+    def resume(path, lr=0.1):
+        return load_checkpoint(tmp_path / "ck.pt", with_start_digests({"init": str(path), "lr": lr}))
+
+    assert resume(b)["state"]["epoch"] == 3
     with pytest.raises(UsageError, match="other settings: lr="):  # other settings are still compared
-        load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.2})
+        resume(b, lr=0.2)
     b.write_bytes(b"weights" * 999 + b"changed")
-    with pytest.raises(UsageError, match="other settings: init="):
-        load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})
+    with pytest.raises(UsageError, match="other settings: init=.*: not the file it started from"):
+        resume(b)
     shutil.copy(a, b)
     a.unlink()  # the folder was moved, not copied: its contents still show the start is the same
-    assert load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})["state"]["epoch"] == 3
-    with pytest.raises(UsageError, match="other settings: init="):  # nothing there any more
-        load_checkpoint(tmp_path / "ck.pt", {"init": str(a), "lr": 0.1})
+    assert resume(b)["state"]["epoch"] == 3
+    with pytest.raises(UsageError, match="other settings: init=.*: no such file"):  # nothing there any more
+        resume(a)
     a.write_bytes(b"retrained" * 1000)  # the start model made again at its recorded path: not the same start
     with pytest.raises(UsageError, match="other settings: init=.*: not the file it started from"):
-        load_checkpoint(tmp_path / "ck.pt", {"init": str(a), "lr": 0.1})
+        resume(a)
+    save_checkpoint(tmp_path / "ck.pt", {"state": {"epoch": 4}}, run)  # a later epoch of the same run
+    with pytest.raises(UsageError, match="not the file it started from"):  # still the start as it was
+        resume(a)
+    assert resume(b)["state"]["epoch"] == 4
 
 
 def test_a_checkpoint_without_the_start_digest_compares_the_files(tmp_path):
-    """Checkpoints written before the digest was recorded: a byte-identical copy is the same start; a moved
-    folder cannot be shown to be."""
+    """Checkpoints written before the digest was recorded (or of a run that rewrites its start file): a
+    byte-identical copy is the same start, a path spelt the same is too; a moved folder cannot be shown to be."""
     import shutil
 
-    from wsi_vssm.training.checkpoint import load_checkpoint, save_checkpoint
+    from wsi_vssm.training.checkpoint import load_checkpoint, save_checkpoint, with_start_digests
 
     a, b = tmp_path / "run" / "context.pt", tmp_path / "copy" / "context.pt"
     a.parent.mkdir()
     a.write_bytes(b"weights" * 1000)
     save_checkpoint(tmp_path / "ck.pt", {"state": {"epoch": 3}}, {"init": str(a), "lr": 0.1})
-    old = torch.load(tmp_path / "ck.pt", weights_only=False)
-    assert set(old.pop("file_digests")) == {"init"}
-    torch.save(old, tmp_path / "ck.pt")
     shutil.copytree(a.parent, b.parent)
-    assert load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})["state"]["epoch"] == 3
+    assert load_checkpoint(tmp_path / "ck.pt", with_start_digests({"init": str(b), "lr": 0.1}))["state"]["epoch"] == 3
+    a.write_bytes(b"fine-tuned in place")  # a run whose start file is its output
+    skipped = with_start_digests({"init": str(a), "lr": 0.1}, output=a)
+    assert skipped["file_digests"] == {} and load_checkpoint(tmp_path / "ck.pt", skipped)["state"]["epoch"] == 3
     a.unlink()
     with pytest.raises(UsageError, match="other settings: init="):
-        load_checkpoint(tmp_path / "ck.pt", {"init": str(b), "lr": 0.1})
-
+        load_checkpoint(tmp_path / "ck.pt", with_start_digests({"init": str(b), "lr": 0.1}))

@@ -683,6 +683,31 @@ class _Planted:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_a_model_fine_tuned_in_place_resumes(tiny_folder, tmp_path, monkeypatch):
+    """`train cells --init X --out X`: the run writes its best epochs over its own start file, so that file is
+    compared by path, not by the contents it had when the run started (which would refuse every resume)."""
+    from wsi_vssm.training import cells
+
+    kw = dict(epochs=1, batch_size=16, lr=2e-3, seed=0, mil_bags=0)
+    x = tmp_path / "x.pt"
+    train_cells(tiny_folder / "train", tiny_folder / "valid", x, TrainCellsConfig(**kw), progress=False)
+    real_epoch = cells._train_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[6] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    tune = {**kw, "epochs": 2, "init": str(x)}
+    monkeypatch.setattr(cells, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_cells(tiny_folder / "train", tiny_folder / "valid", x, TrainCellsConfig(**tune), progress=False)
+    monkeypatch.setattr(cells, "_train_epoch", real_epoch)
+    resumed = train_cells(tiny_folder / "train", tiny_folder / "valid", x, TrainCellsConfig(**tune, resume=True),
+                          progress=False)
+    assert [row["epoch"] for row in resumed.log] == [1, 2]
+
+
 def test_a_planted_checkpoint_runs_no_code_on_resume(tiny_folder, tmp_path):
     """`--resume` read the checkpoint with torch.load(weights_only=False): a file planted under its name ran a
     command before "not a wsi-vssm training checkpoint"; pickle garbage was a traceback (UnpicklingError)."""

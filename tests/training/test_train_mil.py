@@ -396,31 +396,60 @@ def test_cli_a_handful_of_validation_slides_is_warned_about(feature_bags, tmp_pa
     assert res.stderr.count("selection rests on 1 tumour and 1 normal validation slide(s)") == 1, res.stderr
 
 
-def test_cli_train_mil_ensemble_writes_the_mean_of_its_seeds(feature_bags, tmp_path, capsys):
-    """`train mil --ensemble 3`: three heads on one split, seeds 5-7, kept as OUT-seedS.pt, and OUT their mean (a
-    MILEnsemble that attach_mil takes); with a trainable cell head it is refused (the members would disagree)."""
+def test_cli_train_mil_ensemble_writes_the_mean_of_its_seeds(tmp_path, capsys):
+    """`train mil --ensemble 3 --model M`: three heads on one split, seeds 5-7, sharing M's cell head, kept as
+    OUT-seedS.pt, and OUT their mean (a MILEnsemble that attach_mil takes). Without --model, or with a trainable
+    cell head, it is refused: the members would not share one cell head."""
+    import warnings
+
+    from conftest import run_cli_captured
+
     from wsi_vssm.commands.train import command
     from wsi_vssm.models.mil import MILEnsemble
+    from wsi_vssm.models.model_file import load_backbone
 
-    d, bags = feature_bags
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone, info = load_backbone("micro")
+    sd = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    sd.update({"mil.cell_head.weight": torch.full((1, 256), 0.01), "mil.cell_head.bias": torch.zeros(1)})
+    model = tmp_path / "model.pt"
+    torch.save({"format": "wsi-vssm-model/1", "backbone_config": backbone.config.to_dict(), "mpp": 0.97,
+                "token_px": 32, "state_dict": sd}, model)
+    d = tmp_path / "feat"  # stores that this backbone made (its hash), 256 features wide
+    lines = []
+    for i in range(12):
+        name = f"{'t' if i % 2 else 'n'}{i:02d}"
+        path = d / f"{name}.zarr"
+        rng = np.random.default_rng(i)
+        feats = rng.standard_normal((40, 256)).astype(np.float32)
+        if i % 2:
+            feats[rng.choice(40, 4, replace=False), 0] += 6.0
+        xy = np.stack([np.arange(40) * 32, np.zeros(40)], 1).astype(np.int64)
+        attrs = {"format": STORE_FORMAT, "slide": name, "model_id": "micro", "model_hash": info.model_hash,
+                 "mpp": 0.97, "token_px": 32, "n_features": 256}
+        FeatureStore.write(path, CellFeatures(feats.astype(np.float16), xy, xy.astype(np.float32),
+                                              np.zeros(40, np.int32), np.ones(40, np.float16), attrs))
+        lines.append(f"{name.upper()},{'Tumor' if i % 2 else 'Normal'}\n")
     ref = tmp_path / "reference.csv"
-    ref.write_text("".join(f"{n.upper()},{'Tumor' if y else 'Normal'}\n" for n, (_, y) in sorted(bags.items())))
-    out = tmp_path / "mil.pt"
+    ref.write_text("".join(lines))
+    out = tmp_path / "run.v2.pt"  # a dotted name: the members go beside it as run.v2-seedS.pt
     args = ["mil", "--features", str(d), "--labels", str(ref), "--out", str(out), "--epochs", "3", "--device", "cpu",
-            "--seed", "5", "--ensemble", "3"]
+            "--seed", "5", "--ensemble", "3", "--model", str(model)]
     res = CliRunner().invoke(command, args)
     assert res.exit_code == 0, res.output
     assert "mean of 3 heads (seeds 5-7): valid AUC" in res.stdout
-    members = [load_mil(tmp_path / f"mil-seed{s}.pt") for s in (5, 6, 7)]
-    assert [m[1]["seed"] for m in members] == [5, 6, 7] and (tmp_path / "mil-seed6.log.csv").is_file()
-    assert len({m[1]["valid_slides"][0] for m in members}) == 1  # one split for all
+    members = [load_mil(tmp_path / f"run.v2-seed{s}.pt") for s in (5, 6, 7)]
+    assert [m[1]["seed"] for m in members] == [5, 6, 7] and (tmp_path / "run.v2-seed6.log.csv").is_file()
+    assert len({tuple(m[1]["valid_slides"]) for m in members}) == 1  # one split for all
+    assert all(torch.equal(m[0].cell_head.weight, torch.full((1, 256), 0.01)) for m in members)  # M's, shared
     ens, meta = load_mil(out)
     assert isinstance(ens, MILEnsemble) and meta["seed"] == [5, 6, 7] and meta["best_epoch"] is None
-    x = torch.from_numpy(np.asarray(FeatureStore.open(bags["t00"][0]).features, dtype=np.float32))
+    assert meta["train_config"]["seed"] == [5, 6, 7] and "history" not in meta
+    x = torch.from_numpy(np.asarray(FeatureStore.open(d / "t01.zarr").features, dtype=np.float32))
     with torch.no_grad():
         mean = torch.stack([m[0](x).slide_logit for m in members]).mean(0)
         assert torch.allclose(ens(x).slide_logit, mean, atol=1e-6)
-    from conftest import run_cli_captured
-
-    code, _, err = run_cli_captured(["train", *args, "--train-cell-head"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "--ensemble shares one cell head" in err
+    for refused in ([*args, "--train-cell-head"], args[:-2]):  # a trainable cell head; no --model
+        code, _, err = run_cli_captured(["train", *refused], capsys)
+        assert code == 2 and err.count("\n") == 1 and "--ensemble shares one cell head" in err

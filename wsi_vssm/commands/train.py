@@ -52,7 +52,8 @@ command = click.Group("train", help="Train models: `cells` trains a backbone and
 @click.option("--train-cell-head/--freeze-cell-head", default=False, show_default=True,
               help="Also train the per-cell head (MIL max-instance loss).")
 @click.option("--log", "log_path", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
-              help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
+              help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv. With --ensemble, one "
+                   "per member (LOG-seedS).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
 @precision_option
 def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patience, lr, seed, ensemble, max_cells,
@@ -64,8 +65,9 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
 
     if valid_labels is not None and valid_fraction is not None:
         raise OptionError("give --valid-labels or --valid-fraction, not both")
-    if ensemble > 1 and train_cell_head:
-        raise OptionError("--ensemble shares one cell head among its members: give --freeze-cell-head with it")
+    if ensemble > 1 and (train_cell_head or model_file is None):
+        raise OptionError("--ensemble shares one cell head among its members: give --model (the model whose cell "
+                          "head they share) and keep --freeze-cell-head")
     dev = option_device(device)
     option_output("--out", out)
     option_output("--log", log_path)
@@ -92,12 +94,13 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
         return
     from dataclasses import replace
 
-    from wsi_vssm.training.mil import Bags, save_ensemble
+    from wsi_vssm.training.ensemble import save_ensemble
+    from wsi_vssm.training.mil import Bags
 
     heads, histories = [], []
     for s in range(seed, seed + ensemble):
-        member = out.with_name(f"{out.stem}-seed{s}{out.suffix}")
-        member_log = log_path.with_name(f"{log_path.name.split('.')[0]}-seed{s}{''.join(log_path.suffixes)}")
+        member = _member_path(out, s)
+        member_log = _member_path(log_path, s)
         model, history = _train_one(train, valid, replace(cfg, seed=s), head, member_log, member)
         heads.append(model)
         histories.append(history)
@@ -105,7 +108,16 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
                    f"{_auc(history.best_valid_auc)} -> {member} (log {member_log})")
     e = save_ensemble(heads, histories, Bags(valid, cfg.cache_mb), out)
     click.echo(f"mean of {ensemble} heads (seeds {seed}-{seed + ensemble - 1}): valid AUC {_auc(e['valid_auc'])}, "
-               f"valid loss {e['valid_loss']:.4f} -> {out}")
+               f"valid loss {e['valid_loss']:.4f} -> {out} (logs per seed: {_member_path(log_path, seed).name} ...)")
+
+
+def _member_path(path: Path, seed: int) -> Path:
+    """An ensemble member's file beside `path`: `mil.pt` -> `mil-seed3.pt`, `mil.log.csv` -> `mil-seed3.log.csv`,
+    `run.v2.pt` -> `run.v2-seed3.pt`."""
+    name = path.name
+    tail = ".log" + path.suffix if name.endswith(".log" + path.suffix) and name != ".log" + path.suffix \
+        else path.suffix
+    return path.with_name(f"{name[:len(name) - len(tail)]}-seed{seed}{tail}")
 
 
 def _train_one(train, valid, cfg, head, log_path: Path, out: Path):

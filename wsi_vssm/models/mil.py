@@ -51,7 +51,10 @@ class MILConfig:
             raise ValueError(f"MIL members must be an integer from 1 to {MAX_MEMBERS}, got {self.members!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["members"] == 1:  # a single head's file stays readable by versions before ensembles
+            del d["members"]
+        return d
 
 
 POOLS = ("attention", "topk", "mix", "count")
@@ -152,12 +155,15 @@ class MILEnsemble(nn.Module):
 
     @classmethod
     def of(cls, heads: list[AttentionMIL]) -> MILEnsemble:
-        """An ensemble of trained single heads (same pool and widths; their size terms must be 0); the cell head
-        is the first one's."""
+        """An ensemble of trained single heads: same pool and widths, no size term of their own, and one cell head
+        (the pools that read cell logits would otherwise not average what each member computed)."""
         cfg = heads[0].config
         if any(h.config.members != 1 or replace(h.config, size_slope=0.0) != replace(cfg, size_slope=0.0)
                or h.config.size_slope for h in heads):
             raise ValueError("ensemble members must be uncalibrated single heads of one configuration")
+        cell = heads[0].cell_head.state_dict()
+        if any(not all(torch.equal(v, cell[k]) for k, v in h.cell_head.state_dict().items()) for h in heads):
+            raise ValueError("ensemble members must share one cell head")
         ens = cls(replace(cfg, members=len(heads)))
         ens.cell_head.load_state_dict(heads[0].cell_head.state_dict())
         for m, h in zip(ens.members, heads, strict=True):

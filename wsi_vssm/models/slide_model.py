@@ -273,12 +273,12 @@ def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
                              f"than this model's ({own_hash[:12]}); extract the features with this model")
     trained_cells = bool((meta.get("train_config") or {}).get("train_cell_head"))
     sd = {k: v.float() for k, v in raw.items() if trained_cells or not k.startswith("cell_head.")}
-    if cfg and cfg != model.mil.config.to_dict():
+    try:
+        new_cfg = MILConfig(**cfg) if cfg else None
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: bad mil_config: {e}") from None
+    if new_cfg is not None and new_cfg != model.mil.config:
         old_head = model.mil.cell_head.state_dict()
-        try:
-            new_cfg = MILConfig(**cfg)
-        except (TypeError, ValueError) as e:
-            raise ModelFileError(f"{path}: bad mil_config: {e}") from None
         model.mil = make_mil(new_cfg)  # other hidden sizes or members: a head of the checkpoint's shape
         model.mil.cell_head.load_state_dict(old_head)
     own = model.mil.state_dict()

@@ -299,6 +299,9 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     run_config = {**cfg.to_dict(), "train": os.path.abspath(train.source), "valid": os.path.abspath(valid.source),
                   "patches": [len(train), int(train.labels.sum()), len(valid), int(valid.labels.sum())],
                   "slides": None if slides is None else str(slides), "world_size": ctx.world_size}
+    from wsi_vssm.training.checkpoint import with_start_digests
+
+    run_config = with_start_digests(run_config, output=out)  # the start model by its contents
     log, best, best_epoch, best_sel, step, t0 = [], -1.0, 0, {}, 0, time.perf_counter()
     first, stopped = 1, False
     if cfg.resume and ckpt_path.exists():

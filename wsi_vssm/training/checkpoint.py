@@ -54,8 +54,8 @@ def save_checkpoint(path: Path, state: dict, config: dict) -> None:
     from wsi_vssm.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "config": config, "file_digests": file_digests(config),
-                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), **state}, buf)
+    torch.save({"format": FORMAT, "config": config, "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(), **state}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -91,13 +91,15 @@ def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) 
         return ck
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise UsageError(f"{path}: not a wsi-vssm training checkpoint of this version; remove it to start over")
-    digests = ck.get("file_digests") if isinstance(ck.get("file_digests"), dict) else {}
-    changed = sorted(k for k in set(config) | set(ck["config"])
-                     if k not in may_change
-                     and not _same_setting(k, config.get(k), ck["config"].get(k), digests.get(k)))
+    before = ck["config"]
+    was_digests, now_digests = (d.get(DIGESTS_KEY) if isinstance(d.get(DIGESTS_KEY), dict) else {}
+                                for d in (before, config))
+    changed = sorted(k for k in (set(config) | set(before)) - {DIGESTS_KEY}
+                     if k not in may_change and not _same_setting(k, config.get(k), before.get(k),
+                                                                 was_digests.get(k), now_digests.get(k)))
     if changed:
-        was = ", ".join(f"{k}={ck['config'].get(k)!r} (now {config.get(k)!r}"
-                        + (": not the file it started from" if k in FILE_KEYS else "") + ")" for k in changed[:4])
+        was = ", ".join(f"{k}={before.get(k)!r} (now {config.get(k)!r}{_file_said(k, config.get(k))})"
+                        for k in changed[:4])
         was += f" and {len(changed) - 4} more ({', '.join(changed[4:])})" if len(changed) > 4 else ""
         shown = [k for k in may_change if k != "resume"]
         allowed = f" (only {', '.join(shown)} may change)" if shown else ""
@@ -117,34 +119,48 @@ def _numpy_globals() -> list:
 
 
 FILE_KEYS = ("init",)  # settings that name a start file: the same contents are the same setting
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a checkpoint is written every epoch
+DIGESTS_KEY = "file_digests"  # in a run's config: the sha256 of each start file, taken when the run starts
 
 
-def file_digests(config: dict) -> dict[str, str]:
-    """The sha256 of each start file a config names (FILE_KEYS), stored in its checkpoints: the start is then
-    known by its contents, wherever the run folder has gone since."""
-    out = {}
-    for key in FILE_KEYS:
-        path = config.get(key)
-        if isinstance(path, (str, os.PathLike)) and str(path) and os.path.isfile(path):
-            st = os.stat(path)
-            stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-            if stamp not in _DIGESTS:
-                with open(path, "rb") as f:
-                    _DIGESTS[stamp] = hashlib.file_digest(f, "sha256").hexdigest()
-            out[key] = _DIGESTS[stamp]
-    return out
+def with_start_digests(config: dict, output=None) -> dict:
+    """`config` and, under DIGESTS_KEY, the sha256 of each start file it names (FILE_KEYS), taken now, when the
+    run starts: its checkpoints record the file as it was then, wherever the run folder goes later, and a resume
+    compares the file as it is when the resumed run starts. A start file that is the run's `output` (a model
+    fine-tuned in place, rewritten by the run itself) is compared by path only."""
+    digests = {k: d for k in FILE_KEYS
+               if not (output is not None and config.get(k) and same_file(config[k], output))
+               and (d := _digest(config.get(k))) is not None}
+    return {**config, DIGESTS_KEY: digests}
 
 
-def _same_setting(key: str, now, was, digest: str | None = None) -> bool:
+def same_file(a, b) -> bool:
+    """Whether two paths name one file (the same path spelt two ways, or links to it)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):  # one of them is missing: the same only if spelt the same
+        return bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _digest(path) -> str | None:
+    """The sha256 of a file, or None when there is none to read (not a path, missing, a folder, unreadable)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _same_setting(key: str, now, was, digest_was: str | None = None, digest_now: str | None = None) -> bool:
     """Whether a setting is unchanged. A start file (FILE_KEYS) is the same when its contents are: by the sha256
-    the checkpoint recorded (so a run folder that was copied to branch an experiment, or moved, still resumes;
-    its stages start from OUT/context.pt and the like, so every checkpoint names the folder it was made in, and
-    a start file changed since is refused even at the same path); for checkpoints made before the digest was
-    recorded, by comparing the two files byte for byte."""
+    the run recorded when it started (so a run folder that was copied to branch an experiment, or moved, still
+    resumes; its stages start from OUT/context.pt and the like, so every checkpoint names the folder it was made
+    in, and a start file made again since is refused even at the same path); for checkpoints without the digest
+    (older ones, or a file the run rewrites itself), by path, or by comparing the two files byte for byte."""
     now, was = _plain(now), _plain(was)
-    if key in FILE_KEYS and digest is not None and isinstance(now, str) and now:
-        return file_digests({key: now}).get(key) == digest
+    if key in FILE_KEYS and digest_was:
+        return (digest_now or _digest(now)) == digest_was
     if now == was:
         return True
     if key not in FILE_KEYS or not (isinstance(now, str) and isinstance(was, str) and now and was):
@@ -153,6 +169,13 @@ def _same_setting(key: str, now, was, digest: str | None = None) -> bool:
         return filecmp.cmp(now, was, shallow=False)
     except OSError:  # the recorded file is gone (a moved folder): the setting cannot be shown to be the same
         return False
+
+
+def _file_said(key: str, now) -> str:
+    """What a refusal adds for a start file that differs: whether it is missing or another file."""
+    if key not in FILE_KEYS or not isinstance(now, str) or not now:
+        return ""
+    return ": no such file" if not os.path.exists(now) else ": not the file it started from"
 
 
 def _plain(value):

@@ -126,6 +126,9 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
     for key in ("consistency", "distill"):  # checkpoints from before these terms lack the keys: still resume
         if not getattr(cfg, key):
             run_config.pop(key)
+    from wsi_vssm.training.checkpoint import with_start_digests
+
+    run_config = with_start_digests(run_config, output=out)  # the start model by its contents
     if cfg.resume and ckpt_path.exists():
         st = _load_checkpoint(ckpt_path, model, ema, opt, run_config)
         if cfg.rounds < st["phase"]:  # mining rounds already run cannot be undone

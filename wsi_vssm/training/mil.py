@@ -439,23 +439,6 @@ def save_mil(path: str | os.PathLike, model, cfg: MILTrainConfig | None, metadat
     atomic_write_bytes(path, buf.getvalue())
 
 
-def save_ensemble(heads, histories, valid: Bags, path: str | os.PathLike) -> dict:
-    """Several seeds' heads of one configuration (`train_mil`'s results and histories) as one MILEnsemble, saved
-    as a MIL checkpoint at `path` (what `attach_mil` reads). Its metadata is the first member's (data, features,
-    settings) with `seed` and `members` (each one's seed, best epoch and valid AUC) and the ensemble's own
-    `valid_auc`; `best_epoch` is null. Returns {"mil", "valid_auc", "valid_loss", "members"}."""
-    from wsi_vssm.models.mil import MILEnsemble
-
-    mil = MILEnsemble.of(heads)
-    loss, auc = evaluate(mil, valid)
-    members = [{"seed": h.metadata["seed"], "best_epoch": h.best_epoch, "valid_slide_auc": h.best_valid_auc}
-               for h in histories]
-    meta = {**histories[0].metadata, "seed": [m["seed"] for m in members], "members": members,
-            "epochs": [len(h.rows) for h in histories], "best_epoch": None, "valid_auc": auc, "valid_loss": loss}
-    save_mil(path, mil, None, meta)
-    return {"mil": mil, "valid_auc": auc, "valid_loss": loss, "members": members}
-
-
 def load_mil(path: str | os.PathLike):
     """(AttentionMIL or MILEnsemble in eval mode, metadata) from a `save_mil` file, read with weights_only=True."""
     import torch

@@ -292,8 +292,8 @@ def chosen_fit(c: dict) -> dict:
 
 def ensemble_candidate(heads, histories, valid, path: Path) -> dict:
     """A candidate made of several seeds' heads, saved as one MIL checkpoint at `path` (what the stage
-    attaches; `training.mil.save_ensemble`); `best_epoch` is null: each member stopped at its own (listed)."""
-    from wsi_vssm.training.mil import save_ensemble
+    attaches; `training.ensemble.save_ensemble`); `best_epoch` is null: each member stopped at its own (listed)."""
+    from wsi_vssm.training.ensemble import save_ensemble
 
     e = save_ensemble(heads, histories, valid, path)
     return {"mil": e["mil"], "valid_slide_auc": e["valid_auc"], "valid_slide_loss": e["valid_loss"],
