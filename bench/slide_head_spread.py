@@ -10,7 +10,9 @@ cached mosaic features (OUT/mosaic_mil/features, kept by the stage; never re-ext
 with other seeds, everything else as the stage had it: the start head and cell head of OUT/dense.pt (the model
 the stage began from; refused unless its backbone made the cached features), the mosaics, the pooled bags and
 their size-aware calibration. The stage fits with `mosaic_mil.seed` (0 in the recipe), so that seed should
-reproduce the stage's figure. Only the selection part and the training mosaics are read;
+reproduce the stage's figure. With two or more seeds it also scores their mean (`MILEnsemble`, calibrated on
+the pooled bags as one head), which is what `mosaic_mil.ensemble = n` with seeds `seed` ... `seed + n - 1` would
+score, at no extra fit. Only the selection part and the training mosaics are read;
 nothing held-back. Fits are written to a temporary folder, not into the run.
 """
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = True) -> dict:
     """{candidate: {seed: pooled AUC}} for one run folder, with the stage's own figures beside them."""
-    from wsi_vssm.models.mil import single_head_state
+    from wsi_vssm.models.mil import MILEnsemble, single_head_state
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.training.mil import Bags, MILTrainConfig, train_mil
@@ -71,21 +73,24 @@ def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = T
         raise SystemExit(f"{run}: no candidate {', '.join(unknown)} in its stage (it had {', '.join(wanted)})")
     stage = {c["name"]: c.get("pooled_auc") for c in final.get("candidates", [])}
     out = {"run": str(run), "kept_by_stage": final.get("slide_head"), "stage_pooled_auc": stage, "seeds": seeds,
-           "pooled_auc": {}}
+           "pooled_auc": {}, "ensemble_pooled_auc": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in pools:
             pool, k = wanted[name]
-            aucs = {}
+            aucs, heads = {}, []
             for seed in seeds:
                 t = time.perf_counter()
                 mil_cfg = candidate_config(cfg, start.mil.config, pool, k, count_threshold, seed=seed)
                 mil, _ = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head, init_state=init,
                                    checkpoint_path=Path(tmp) / f"{name}-{seed}.pt")
                 aucs[seed] = size_aware_fit(mil, valid, plan)["auc"]
+                heads.append(mil)
                 if progress:
                     print(f"{run.name} {name} seed {seed}: AUC over valid mosaics and pooled bags {aucs[seed]:.4f} "
                           f"({time.perf_counter() - t:.0f} s)", flush=True)
             out["pooled_auc"][name] = aucs
+            if len(heads) > 1 and pool != "count":  # count's fit is exact: its seeds agree
+                out["ensemble_pooled_auc"][name] = size_aware_fit(MILEnsemble.of(heads), valid, plan)["auc"]
     return out
 
 
@@ -106,6 +111,10 @@ def summary(aucs: dict) -> dict:
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def _or_dash(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, action="append", required=True, help="a recipe run folder (repeatable)")
@@ -115,7 +124,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     results = [run_spread(r, a.seeds, a.pools) for r in a.run]
     print(f"\nAUC over valid (selection-part) mosaics and pooled bags, per head training seed {a.seeds}:")
-    print(f"{'run':<10} {'head':<10} {'stage':>7} {'per seed':<36} {'median':>7} {'min-max':>13} {'sd':>6}")
+    print(f"{'run':<10} {'head':<10} {'stage':>7} {'per seed':<36} {'median':>7} {'min-max':>13} {'sd':>6} "
+          f"{'mean of seeds':>13}")
     for r in results:
         r["summary"] = {name: summary(aucs) for name, aucs in r["pooled_auc"].items()}
         for name, aucs in r["pooled_auc"].items():
@@ -123,7 +133,8 @@ def main(argv=None) -> int:
             stage = r["stage_pooled_auc"].get(name)
             print(f"{Path(r['run']).name:<10} {name:<10} {stage if stage is None else f'{stage:.4f}':>7} "
                   f"{' '.join(f'{v:.4f}' for v in aucs.values()):<36} {s['median']:>7.4f} "
-                  f"{s['min']:.4f}-{s['max']:.4f} {s['sd']:>6.4f}")
+                  f"{s['min']:.4f}-{s['max']:.4f} {s['sd']:>6.4f} "
+                  f"{_or_dash(r['ensemble_pooled_auc'].get(name)):>13}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {a.out}")

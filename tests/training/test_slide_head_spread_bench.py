@@ -55,3 +55,18 @@ def test_seed_0_reproduces_the_stage_and_other_seeds_are_reported(tmp_path, monk
     printed = capsys.readouterr().out
     assert "attention" in printed and (tmp_path / "s.json").is_file()
     assert bench.summary({0: 0.8, 1: 0.9, 2: 0.85})["median"] == pytest.approx(0.85)
+    assert "mean of seeds" in printed
+    # the mean of the seeds' heads is what the stage's own ensemble of those seeds scores
+    assert set(out["ensemble_pooled_auc"]) == {"topk2"}
+    shutil.copy(run / "dense.pt", run / "model.pt")  # the stage starts again from where it started
+    from click.testing import CliRunner
+
+    from wsi_vssm.cli import cli
+
+    recipe = tmp_path / "r.toml"  # the first run's recipe (the patch folders it wrote), one ensemble candidate
+    recipe.write_text(recipe.read_text().replace('pool = ["attention", "topk"]', 'pool = ["topk"]\nensemble = 2'))
+    res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(run), "--set", f"data.train={tmp_path / 'train'}",
+                                   "--set", f"data.valid={tmp_path / 'valid'}"])
+    assert res.exit_code == 0, res.output
+    (ensemble,) = load_model(run / "model.pt").metadata["mil_stage"]["candidates"]
+    assert ensemble["pooled_auc"] == pytest.approx(out["ensemble_pooled_auc"]["topk2"], abs=1e-9)
