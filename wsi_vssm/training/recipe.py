@@ -100,7 +100,7 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
             _stage_attach(recipe, model_path)
         shutil.copyfile(model_path, out / f"{stage}.pt")
         # only now: a run stopped before this stage finished (say, on reading that a default it never set has
-        # changed) keeps the later stages' checkpoints, resumable once the old settings are given back
+        # changed) keeps the later stages' checkpoints
         _drop_stale(out, later)
         done.append({"stage": stage, "settings": settings})  # its old record was dropped above
         atomic_write_json(out / PROGRESS_JSON, {"done": done})
