@@ -46,8 +46,9 @@ def model_info(path: str) -> dict:
 
 def slide_head(cfg) -> dict:
     """The slide head's pool (with its top-k where it has one), and how many seeds' heads it averages."""
-    pool = cfg.pool + (str(cfg.topk) if cfg.pool in ("topk", "mix") else "")
-    return {"pool": pool, "members": cfg.members, "size_term": cfg.size_slope != 0}
+    from wsi_vssm.models.mil import head_name
+
+    return {"pool": head_name(cfg.pool, cfg.topk), "members": cfg.members, "size_term": cfg.size_slope != 0}
 
 
 def format_model_info(r: dict) -> str:

@@ -58,6 +58,12 @@ class MILConfig:
 
 
 POOLS = ("attention", "topk", "mix", "count")
+TOPK_POOLS = ("topk", "mix")  # the pools that read `topk`
+
+
+def head_name(pool: str, topk: int) -> str:
+    """A slide head's short name: its pool, with its top-k where it reads one (`attention`, `mix16`)."""
+    return f"{pool}{topk}" if pool in TOPK_POOLS else pool
 MAX_MEMBERS = 64  # more heads than this in one file is no real model
 
 
@@ -78,7 +84,7 @@ class AttentionMIL(nn.Module):
         self.attn_u = nn.Linear(c.hidden_dim, c.attn_dim)  # sigmoid gate
         self.attn_w = nn.Linear(c.attn_dim, 1)
         self.classifier = nn.Linear(c.hidden_dim, 1)
-        if c.pool in ("topk", "mix"):
+        if c.pool in TOPK_POOLS:
             self.topk_affine = nn.Linear(1, 1)  # slope and offset of the top-k mean of cell logits
             with torch.no_grad():
                 self.topk_affine.weight.fill_(1.0)
@@ -112,7 +118,7 @@ class AttentionMIL(nn.Module):
         pooled = torch.einsum("bn,bnh->bh", attention, h)  # (B, H)
         slide = self.classifier(pooled).squeeze(-1)
         pool = self.config.pool
-        if pool in ("topk", "mix"):
+        if pool in TOPK_POOLS:
             top = self.topk_affine(topk_mean(cell_logits, mask, self.config.topk)[:, None]).squeeze(-1)
             slide = top if pool == "topk" else slide + top
         elif pool == "count":

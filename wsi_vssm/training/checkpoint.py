@@ -128,12 +128,12 @@ def with_start_digests(config: dict, output=None) -> dict:
     compares the file as it is when the resumed run starts. A start file that is the run's `output` (a model
     fine-tuned in place, rewritten by the run itself) is compared by path only."""
     digests = {k: d for k in FILE_KEYS
-               if not (output is not None and config.get(k) and same_file(config[k], output))
+               if not (output is not None and config.get(k) and _same_file(config[k], output))
                and (d := _digest(config.get(k))) is not None}
     return {**config, DIGESTS_KEY: digests}
 
 
-def same_file(a, b) -> bool:
+def _same_file(a, b) -> bool:
     """Whether two paths name one file (the same path spelt two ways, or links to it)."""
     try:
         return os.path.samefile(a, b)

@@ -370,7 +370,9 @@ def candidates_of(cfg: MosaicMILConfig) -> list[tuple[str, int]]:
 
 
 def candidate_name(pool: str, k: int) -> str:
-    return pool if pool in ONE_PER_POOL else f"{pool}{k}"
+    from wsi_vssm.models.mil import head_name
+
+    return head_name(pool, k)
 
 
 def candidate_config(cfg: MosaicMILConfig, head_config, pool: str, k: int, count_threshold: float,
