@@ -34,14 +34,14 @@ def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = T
     from wsi_vssm.models.mil import MILEnsemble, single_head_state
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import load_model
-    from wsi_vssm.training.mil import Bags, MILTrainConfig, train_mil
+    from wsi_vssm.training.mil import Bags, MILTrainConfig
     from wsi_vssm.training.mosaic import (
         MosaicMILConfig,
-        candidate_config,
         candidate_name,
         candidates_of,
         count_threshold_of,
         extract_cohort,
+        fit_seed_heads,
         pooled_plan,
         size_aware_fit,
     )
@@ -77,17 +77,17 @@ def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = T
     with tempfile.TemporaryDirectory() as tmp:
         for name in pools:
             pool, k = wanted[name]
-            aucs, heads = {}, []
-            for seed in seeds:
-                t = time.perf_counter()
-                mil_cfg = candidate_config(cfg, start.mil.config, pool, k, count_threshold, seed=seed)
-                mil, _ = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head, init_state=init,
-                                   checkpoint_path=Path(tmp) / f"{name}-{seed}.pt")
+            aucs, clock = {}, [time.perf_counter()]
+
+            def fitted(seed, mil, _history, name=name, aucs=aucs, clock=clock):
                 aucs[seed] = size_aware_fit(mil, valid, plan)["auc"]
-                heads.append(mil)
                 if progress:
                     print(f"{run.name} {name} seed {seed}: AUC over valid mosaics and pooled bags {aucs[seed]:.4f} "
-                          f"({time.perf_counter() - t:.0f} s)", flush=True)
+                          f"({time.perf_counter() - clock[0]:.0f} s)", flush=True)
+                clock[0] = time.perf_counter()
+
+            heads, _ = fit_seed_heads(bags, cfg, start.mil.config, (pool, k), count_threshold, head, init, seeds,
+                                      lambda seed, name=name: Path(tmp) / f"{name}-{seed}", fitted)
             out["pooled_auc"][name] = aucs
             if len(heads) > 1 and pool != "count":  # count's fit is exact: its seeds agree
                 out["ensemble_pooled_auc"][name] = size_aware_fit(MILEnsemble.of(heads), valid, plan)["auc"]

@@ -167,7 +167,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
     from wsi_vssm.training.checkpoint import stamped
-    from wsi_vssm.training.mil import Bags, MILTrainConfig, bag_logits, evaluate, train_mil
+    from wsi_vssm.training.mil import Bags, MILTrainConfig, bag_logits, evaluate
 
     model_path, out = Path(model_path), Path(out)
     t0 = time.perf_counter()
@@ -187,19 +187,16 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     candidates = []
     for pool, k in candidates_of(cfg):
         name = candidate_name(pool, k)
-        heads, histories = [], []
         n = 1 if pool == "count" else cfg.ensemble  # count is an exact convex fit: every seed gives the same head
-        for seed in range(cfg.seed, cfg.seed + n):
-            tag = name if n == 1 else f"{name}-seed{seed}"
-            mil_cfg = candidate_config(cfg, current.config, pool, k, count_threshold, seed=seed)
-            mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=head,
-                                     log_path=out / f"mil-{tag}.log.csv", checkpoint_path=out / f"mil-{tag}.pt",
-                                     init_state=init)
-            heads.append(mil)
-            histories.append(history)
+
+        def fitted(seed, mil, history, n=n, name=name):
             if n > 1:
-                _say(progress, f"mosaic_mil: slide head {tag}: valid slide AUC {history.best_valid_auc:.4f} "
-                               f"(epoch {history.best_epoch})")
+                _say(progress, f"mosaic_mil: slide head {name}-seed{seed}: valid slide AUC "
+                               f"{history.best_valid_auc:.4f} (epoch {history.best_epoch})")
+
+        heads, histories = fit_seed_heads(
+            bags, cfg, current.config, (pool, k), count_threshold, head, init, range(cfg.seed, cfg.seed + n),
+            lambda seed, n=n, name=name: out / (f"mil-{name}" if n == 1 else f"mil-{name}-seed{seed}"), fitted)
         c = {"name": name, "pool": pool, "topk": k, "valid_slide_auc": histories[0].best_valid_auc,
              "best_epoch": histories[0].best_epoch, "mil": heads[0], "histories": histories}
         if n > 1:
@@ -241,7 +238,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
                            f"median probability {row['normal_median_prob']:.2f}")
     else:
         threshold, by_size = youden_threshold(valid.labels, _slide_probs(mil, valid)), None
-    train_loss, train_auc = evaluate(mil, Bags(bags["train"], mil_cfg.cache_mb))
+    train_loss, train_auc = evaluate(mil, Bags(bags["train"], MILTrainConfig().cache_mb))
     pooled = pooling_aucs(valid, head)
     epochs = (f"best epoch {fit['best_epoch']} of {fit['epochs_run']}" if "members" not in chosen else
               "best epochs " + ", ".join(f"{b} of {n}" for b, n in zip(fit["best_epoch"], fit["epochs_run"],
@@ -275,6 +272,29 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
         record["seconds"] = round(time.perf_counter() - t0, 1)
         save_model(model, model_path, meta)
     return record
+
+
+def fit_seed_heads(bags: dict, cfg: MosaicMILConfig, head_config, candidate: tuple[str, int],
+                   count_threshold: float, cell_head: dict, init, seeds, stem, fitted=None) -> tuple[list, list]:
+    """One slide head per seed for a candidate (pool, k), all from the same start (`init`, the frozen
+    `cell_head`), trained on bags["train"] and stopped on bags["valid"]: ([heads], [histories]) in seed order.
+    `stem(seed)` is each head's file stem (checkpoint STEM.pt, per-epoch log STEM.log.csv); `fitted(seed, head,
+    history)` is told as each one finishes. The stage and bench/slide_head_spread.py fit through this, so the
+    bench's seeds are the stage's."""
+    from wsi_vssm.training.mil import train_mil
+
+    heads, histories = [], []
+    for seed in seeds:
+        mil_cfg = candidate_config(cfg, head_config, *candidate, count_threshold, seed=seed)
+        path = Path(stem(seed))
+        mil, history = train_mil(bags["train"], bags["valid"], mil_cfg, cell_head=cell_head,
+                                 log_path=path.with_name(path.name + ".log.csv"),
+                                 checkpoint_path=path.with_name(path.name + ".pt"), init_state=init)
+        heads.append(mil)
+        histories.append(history)
+        if fitted is not None:
+            fitted(seed, mil, history)
+    return heads, histories
 
 
 def chosen_fit(c: dict) -> dict:
