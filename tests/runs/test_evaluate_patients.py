@@ -127,3 +127,25 @@ def test_confusion_png_draws_the_stage_and_the_node_matrices(tmp_path):
     confusions_png(tmp_path / "two.png", [(stage, STAGES, "stages"), (node, NODE_CATEGORIES, "nodes")])
     one, two = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "two.png")
     assert two.width >= 1.8 * one.width  # two panels side by side, each at least as large as the single one
+
+
+def test_a_node_that_fails_on_a_rerun_is_not_staged_from_its_old_prediction(patient_cohort, model_file, tmp_path,
+                                                                             capsys):
+    """A node slide that ran once and then changed and failed still had the old run's prediction.json in its
+    folder, and its patient was staged from it (kappa over every patient, no warning)."""
+    cohort = tmp_path / "c"
+    shutil.copytree(patient_cohort, cohort)
+    (cohort / "p.csv").write_text("patient,slide\n" + "".join(
+        f"{'a' if i < 2 else 'b'},patient_000_node_{i}\n" for i in range(5)))
+    out = tmp_path / "ev"
+    args = ["evaluate", cohort, "--patients", cohort / "p.csv", "--model", model_file, "--out", out, *FAST]
+    assert _cli(args) == 0
+    node = cohort / "patient_000_node_2.tif"
+    node.write_bytes(node.read_bytes()[:3000])  # the file changes and now fails
+    capsys.readouterr()
+    assert _cli(args) == 3
+    assert (out / "patient_000_node_2" / "prediction.json").is_file()  # the old run's, left in place
+    assert "1 patient(s) not staged" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["patients_not_staged"] == ["b"] and metrics["n_patients"] == 1
+    assert [r["patient"] for r in csv.DictReader((out / "stages.csv").read_text().splitlines())] == ["a"]

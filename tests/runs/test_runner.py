@@ -560,6 +560,34 @@ def test_an_interrupt_as_a_slide_finishes_leaves_a_table_that_has_it(model_file,
     assert not (out / "metrics.json").exists()  # a partial run writes no figures
 
 
+def test_an_interrupted_run_shows_known_failures_as_failed(model_file, cohort, tmp_path, monkeypatch):
+    """An interrupted rerun listed a slide that had failed before (same file, same parameters: the run would only
+    have reported it again) as `pending`, "rerun the same command", beside the done slides kept as done."""
+    import shutil
+
+    from wsi_vssm.runs import runner
+
+    c = tmp_path / "c"
+    shutil.copytree(cohort, c)
+    bad = c / "tumor_001.tif"
+    bad.write_bytes(bad.read_bytes()[:3000])
+    out = tmp_path / "o"
+    args = ["evaluate", c, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]
+    assert _cli(args) == 3
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "report_outcome", interrupted)  # at the first slide (skipped: up to date)
+    assert _cli(args) == 130
+    rows = {r["slide"]: r for r in _table(out)}
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "normal_001": "done", "normal_002": "done", "tumor_001": "failed"}, rows
+    assert "--retry-failed" in rows["tumor_001"]["error"]
+    assert _cli([*args, "--retry-failed"]) == 130  # that run would have tried it again: not through yet
+    assert {r["slide"]: r["status"] for r in _table(out)}["tumor_001"] == "pending"
+
+
 def test_an_interrupted_overwrite_run_is_resumed_by_the_same_command(model_file, cohort, tmp_path, monkeypatch):
     """"interrupted; ... rerun the same command to resume": the same `--overwrite` command redid every slide again,
     so a preempted and requeued job never finished. The --overwrite run's start is kept until it has been through

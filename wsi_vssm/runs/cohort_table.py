@@ -137,23 +137,32 @@ def write_table(out: Path, rows: list[dict]) -> None:
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
 
 
-def interrupted_table(out: Path, crows: list, tasks: list, job, interim: InterimTable) -> None:
+def interrupted_table(out: Path, crows: list, tasks: list, job, interim: InterimTable, opts=None) -> None:
     """On Ctrl-C or SIGTERM: rewrite predictions.csv with this run's outcomes (`interim`, the `InterimTable`
     callback) and, for a slide without one, its state on disk when that state is of this slide and these
-    parameters and says done (a slide finished just as the interrupt came); the others stay `pending`. Best
-    effort: the interrupt goes on whatever happens here."""
+    parameters and says done (a slide finished just as the interrupt came) or failed (a known failure the run
+    would not have tried again: the same file, and neither --retry-failed nor --overwrite in `opts`, the run's
+    `RunOptions`); the others stay `pending`. Best effort: the interrupt goes on whatever happens here."""
     import os
     from types import SimpleNamespace
 
-    from wsi_vssm.runs.state import Status, read_state
+    from wsi_vssm.runs.state import NOT_THE_SLIDES_FAULT, Status, input_changed, read_state
+
+    retrying = opts is not None and (opts.retry_failed or opts.overwrite)
 
     def row(i: int) -> dict:
         task = tasks[i]
         state = None if i in interim.recorded or task.path is None else read_state(job.out, job.kind, task.name)
         ours = (state is not None and state.get("abspath") == os.path.abspath(task.path)
-                and state.get("params_hash") == job.params_hash and state.get("status") == Status.DONE)
-        return (final_row(crows[i], SimpleNamespace(task=task, status="done"), job) if ours
-                else interim.table[i])
+                and state.get("params_hash") == job.params_hash)
+        if ours and state.get("status") == Status.DONE:
+            return final_row(crows[i], SimpleNamespace(task=task, status="done"), job)
+        if (ours and state.get("status") == Status.FAILED and not retrying
+                and state.get("error_type") not in NOT_THE_SLIDES_FAULT
+                and not input_changed(state.get("input"), task.path)):
+            return _failed_row(crows[i], f"{state.get('error')} [failed in an earlier run; --retry-failed tries "
+                                         "again]")
+        return interim.table[i]
 
     with contextlib.suppress(Exception), report_writer(out, 0) as held:
         if held:

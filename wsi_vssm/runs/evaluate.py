@@ -137,7 +137,7 @@ def evaluate_cohort(
     try:
         summary = run_slides(tasks, job, run, progress, on_outcome=after)
     except KeyboardInterrupt:
-        interrupted_table(out, cohort.rows, tasks, job, after)
+        interrupted_table(out, cohort.rows, tasks, job, after, run)
         raise
     _wait_for_other_runs(tasks, job, run.wait_locked, progress)
     with report_writer(out, REPORT_LOCK_WAIT_S):
@@ -165,7 +165,8 @@ def evaluate_cohort(
 
                     metrics.update(evaluate_patients(patients, cohort.source, _cohort_root(cohort_path), out,
                                                      folders, cohort.labels(), annotations and Path(annotations),
-                                                     n_boot))
+                                                     n_boot, ran={r["slide"] for r in finished
+                                                                  if r["status"] in ("done", "no_tissue")}))
             except BaseException:  # metrics.json was written without them: it must not say it is complete
                 _write_json(out / METRICS_JSON, {**metrics, "complete": False})
                 raise

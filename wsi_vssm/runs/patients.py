@@ -22,7 +22,7 @@ from wsi_vssm.outputs.files import CONFUSION_PNG, PREDICTION_JSON, STAGES_CSV
 
 def evaluate_patients(patients_csv: str | os.PathLike, table: Path, cohort_root: Path, out: Path,
                       folders: dict[str, str], labels: dict[str, int], annotations: Path | None = None,
-                      n_boot: int = 2000) -> dict:
+                      n_boot: int = 2000, ran: set[str] | None = None) -> dict:
     """Stage every patient of `patients_csv` from the predictions in `out` and write stages.csv and the node
     confusion matrix; returns the metrics.json keys (`kappa`, `kappa_ci95`, `node_confusion`, ...).
 
@@ -30,7 +30,9 @@ def evaluate_patients(patients_csv: str | os.PathLike, table: Path, cohort_root:
     `labels` its slide labels. `folders` maps each slide name to its output folder under `out`. Raises
     UsageError when patients.csv names a slide that is not in the cohort, or a tumour node has no reference
     category (`reference_sources`). A patient with a node slide without a prediction (it failed) is left out,
-    with a warning, and listed in `patients_not_staged`.
+    with a warning, and listed in `patients_not_staged`. `ran`: the slides that ran through with this run's
+    parameters (predictions.csv `done` or `no_tissue`); a slide outside it is treated as failed even when its
+    folder still holds an older run's prediction.json (that of another file, or of other parameters).
     """
     from wsi_vssm.outputs.staging import (
         confusions_png,
@@ -43,6 +45,8 @@ def evaluate_patients(patients_csv: str | os.PathLike, table: Path, cohort_root:
     patients = read_patients_csv(patients_csv, cohort_slides=folders)
     records = {}
     for s in {s for members in patients.values() for s in members}:
+        if ran is not None and s not in ran:
+            continue
         with contextlib.suppress(UsageError):  # a node slide that failed has none: its patient is left out
             records[s] = _prediction(out / folders[s])
     unstaged = sorted(p for p, members in patients.items() if any(s not in records for s in members))
