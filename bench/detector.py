@@ -108,11 +108,13 @@ def cohort_figures(model, model_path: str, folder: Path, out: Path) -> dict:
             "slide_ece_if_calibrated": m["calibration"]["ece_if_calibrated"],
             "normal_token_share_above_cell_threshold": above / cells if cells else float("nan"),
             "normal_median_probability": float(np.median(normal_probs)) if normal_probs else float("nan"),
-            "scores": [[int(r["label"]), float(r["probability"])] for r in rows]}
+            "auc_ranked_by": m["auc_ranked_by"],  # the rows' logits, as `evaluate` ranks them (2026-12-06 on)
+            "scores": [[int(r["label"]), float(r["logit"] if m["auc_ranked_by"] == "logit" else r["probability"])]
+                       for r in rows]}
 
 
 def drop_ci(a: list, b: list, n_boot: int = 2000, seed: int = 0) -> list[float]:
-    """95% percentile interval of AUC(a) - AUC(b) for two independent cohorts of [label, probability] rows, each
+    """95% percentile interval of AUC(a) - AUC(b) for two independent cohorts of [label, score] rows, each
     resampled within its classes (as `evaluate` resamples one cohort), each class's scores sorted first so that
     the interval does not depend on the order of the rows (figures before 2026-12-04 were drawn unsorted)."""
     from wsi_vssm.outputs.report import roc_auc

@@ -205,10 +205,11 @@ def test_predictions_csv_roundtrip(tmp_path):
         {"slide": "normal, odd", "label": 0, "probability": 1e-9, "status": "ok"},
         {"slide": "broken", "label": 1, "probability": None, "status": "failed", "error": "bad tile\nat (0, 0)"},
         {"slide": "unlabelled", "probability": 0.5, "status": "ok", "in_domain": False},
+        {"slide": "sure", "label": 1, "probability": 1.0, "status": "ok", "logit": 57.38158416748047},
     ]
     path = tmp_path / "predictions.csv"
     write_predictions_csv(path, rows)
-    assert path.read_text().splitlines()[0] == "slide,label,probability,status,error,in_domain"
+    assert path.read_text().splitlines()[0] == "slide,label,probability,status,error,in_domain,logit"
     back = read_predictions_csv(path)
     assert [r["slide"] for r in back] == [r["slide"] for r in rows]
     assert back[0]["probability"] == 0.1 + 0.2  # full precision
@@ -219,13 +220,18 @@ def test_predictions_csv_roundtrip(tmp_path):
         "status": "failed",
         "error": "bad tile at (0, 0)",
         "in_domain": None,
+        "logit": None,
     }
     assert back[3]["label"] is None and back[3]["in_domain"] is False
+    assert back[4]["logit"] == 57.38158416748047  # full precision
+    old = tmp_path / "old.csv"  # a table written before the logit column
+    old.write_text("slide,label,probability,status,error,in_domain\nx,1,0.5,done,,true\n")
+    assert read_predictions_csv(old)[0]["logit"] is None
     with pytest.raises(UsageError, match="row 0"):
         write_predictions_csv(path, [{"slide": "x"}])
     with pytest.raises(UsageError, match="unknown column"):
         write_predictions_csv(path, [{"slide": "x", "status": "ok", "prob": 1}])
-    assert len(read_predictions_csv(path)) == 4  # a failed write left the table as it was
+    assert len(read_predictions_csv(path)) == 5  # a failed write left the table as it was
 
 
 def test_prediction_json_keys(tmp_path):
@@ -375,3 +381,22 @@ def test_the_intervals_do_not_depend_on_the_order_of_the_rows():
     back = list(range(len(ref)))[::-1]
     assert bootstrap_kappa_ci(ref, pred, n_boot=200) == bootstrap_kappa_ci([ref[i] for i in back],
                                                                           [pred[i] for i in back], n_boot=200)
+
+
+def test_slides_whose_probabilities_round_to_one_are_ranked_by_their_logits(tmp_path):
+    """float32's sigmoid is 1.0 above a logit of 16.6 and the default model calls slides at 50 and more: two
+    tumour slides and a normal one at 1.0 tied, and the AUC counted the tie as a half."""
+    from wsi_vssm.outputs.calibration import logistic, logit
+    from wsi_vssm.runs.evaluate import _write_metrics
+
+    z = [57.4, 40.0, 20.0, -1.4]
+    rows = [{"slide": f"s{i}", "label": y, "probability": float(np.float32(logistic(v) if v < 0 else 1.0)),
+             "status": "done", "logit": v} for i, (y, v) in enumerate(zip([1, 1, 0, 0], z, strict=True))]
+    m = _write_metrics(tmp_path, rows, 0.5, 0, 200)
+    assert m["auc"] == 1.0 and m["auc_ranked_by"] == "logit" and m["sensitivity"] == 1.0
+    m = _write_metrics(tmp_path, [{**rows[0], "logit": None}, *rows[1:]], 0.5, 0, 200)  # one without: none used
+    assert m["auc"] == 0.75 and m["auc_ranked_by"] == "probability"
+    assert cohort_metrics([1, 0], [1.0, 1.0], 0.5, n_boot=10, ranks=[50.0, 20.0])["auc"] == 1.0
+    assert logistic(16.0) < logistic(30.0) < logistic(31.0) < 1.0  # float64 keeps them apart up to about 36.7 ...
+    assert logit(logistic(30.0)) == pytest.approx(30.0, abs=1e-3)
+    assert np.isfinite(logit(np.array([0.0, 1.0]))).all()  # ... and logit() of a rounded 0 or 1 stays finite

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     rec = predict_slide(cohort / "tumor_001.tif", _model(model_file), tmp_path, FAST)
     folder = tmp_path / "tumor_001"
     saved = json.loads((folder / "prediction.json").read_text())
-    assert list(saved) == ["schema", "slide", "probability", "label", "threshold", "slide_threshold",
+    assert list(saved) == ["schema", "slide", "probability", "slide_logit", "label", "threshold", "slide_threshold",
                            "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells", "reason",
                            "in_domain", "domain_notes", "domain_distance", "domain_threshold", "device", "model", "mpp",
                            "summary", "lesions", "parameters", "timings", "version"]
@@ -37,6 +38,7 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
     assert saved["domain_distance"] is None and saved["domain_threshold"] is None
     assert saved["parameters"]["precision"] == "fp32" and saved["parameters"]["precision_used"] == "fp32"
     assert saved["schema"] == "wsi-vssm-prediction/2" and saved["device"] == "cpu"
+    assert saved["probability"] == 0.5 * (1 + math.tanh(0.5 * saved["slide_logit"]))  # its logistic, in float64
     assert saved["slide"] == "tumor_001" and 0.0 <= saved["probability"] <= 1.0 and saved["reason"] is None
     assert saved["label"] == int(saved["probability"] >= 0.5) and rec["probability"] == saved["probability"]
     assert saved["threshold"] == saved["slide_threshold"] == 0.5 and saved["cell_threshold"] == 0.5

@@ -21,6 +21,22 @@ from wsi_vssm.atomic import atomic_write_bytes
 ECE_BINS = 10  # equal-width probability bins, as the detector issue states ECE
 
 
+def logistic(z):
+    """1 / (1 + exp(-z)) in float64 (a float for a float), without overflow. float32's sigmoid is exactly 1.0 for
+    every logit above 16.6, so slides or patches the model scores at 17 and at 50 tied in every AUC; float64
+    keeps them apart up to about 36.7 (beyond, rank by the logit itself: `slide_logit`, predictions.csv's
+    `logit`)."""
+    p = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, np.float64)))
+    return float(p) if np.ndim(p) == 0 else p
+
+
+def logit(p):
+    """log(p / (1 - p)) in float64, p clipped into the open interval float64 can hold (|logit| <= 36.7 or so)."""
+    q = np.clip(np.asarray(p, np.float64), np.finfo(np.float64).tiny, np.nextafter(1.0, 0.0))
+    z = np.log(q) - np.log1p(-q)
+    return float(z) if np.ndim(z) == 0 else z
+
+
 def _finite(labels, probs) -> tuple[np.ndarray, np.ndarray]:
     y, p = np.asarray(labels, np.float64).reshape(-1), np.asarray(probs, np.float64).reshape(-1)
     if y.shape != p.shape:

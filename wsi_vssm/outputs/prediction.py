@@ -4,8 +4,9 @@ v2 keeps every v1 key where it was (`probability`, `label`, `threshold`, `reason
 `mpp.analysis`, ...) and adds `schema`, `slide_threshold`, `cell_threshold`, `lesion_extent_threshold`,
 `lesion_merge_distance_cells`, `device`, `summary`, `lesions`,
 `model.weights_hash`, `model.sha256`, `model.domain`, `in_domain` and `domain_notes` (and, since 2026-12-04,
-`domain_distance` and `domain_threshold`: added keys, so v1 and earlier v2 readers still work). The writer checks that a
-record has exactly these keys, so what is documented is what is written.
+`domain_distance` and `domain_threshold`, and since 2026-12-06 `slide_logit`: added keys, so v1 and earlier v2
+readers still work). The writer checks that a record has exactly these keys, so what is documented is what is
+written.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from wsi_vssm.errors import UsageError
 
 SCHEMA = "wsi-vssm-prediction/2"
 KEYS = (
-    "schema", "slide", "probability", "label", "threshold", "slide_threshold", "cell_threshold",
+    "schema", "slide", "probability", "slide_logit", "label", "threshold", "slide_threshold", "cell_threshold",
     "lesion_extent_threshold", "lesion_merge_distance_cells", "reason", "in_domain", "domain_notes",
     "domain_distance", "domain_threshold", "device",
     "model", "mpp", "summary", "lesions", "parameters", "timings", "version",

@@ -20,7 +20,8 @@ from wsi_vssm.outputs.files import from_spreadsheet_safe, spreadsheet_safe
 METRIC_KEYS = (
     "auc", "auc_ci95", "auc_ci95_delong", "accuracy", "sensitivity", "specificity", "threshold", "n", "n_failed",
 )  # fmt: skip
-CSV_COLUMNS = ("slide", "label", "probability", "status", "error", "in_domain")  # in_domain last: added later
+# in_domain and logit last: added later, so readers by position keep working
+CSV_COLUMNS = ("slide", "label", "probability", "status", "error", "in_domain", "logit")
 PREDICTION_KEYS = (
     "slide", "probability", "label", "threshold", "reason", "model", "mpp", "parameters", "timings", "version",
 )  # fmt: skip
@@ -134,14 +135,19 @@ def cohort_metrics(
     n_failed: int = 0,
     n_boot: int = 2000,
     seed: int = 0,
+    ranks: Sequence[float] | None = None,
 ) -> dict:
     """The content of `metrics.json`: exactly `METRIC_KEYS`, in that order, over the slides that succeeded.
+
+    `ranks`: a score in the same order as `scores` that does not round (the logits they are the logistic of),
+    for the AUC and its intervals; sensitivity and the rest are taken on `scores` at `threshold`.
 
     `auc` and its intervals are None when a class is missing; then (only then) a `reason` key says why
     (`auc_ci95_delong` is also None where `delong_auc_ci` says it is undefined). The other
     metrics are None when undefined (e.g. sensitivity without positive slides; everything when n == 0).
     """
     y, s = _check(labels, scores)
+    r = s if ranks is None else _check(labels, ranks)[1]
     if not (isinstance(n_failed, (int, np.integer)) and n_failed >= 0):
         raise UsageError(f"n_failed must be a non-negative integer, got {n_failed!r}")
     threshold = _threshold(threshold)
@@ -151,9 +157,9 @@ def cohort_metrics(
     out: dict = {"auc": None, "auc_ci95": None, "auc_ci95_delong": None}
     reason = None
     if n1 and n0:
-        out["auc"] = roc_auc(y, s)
-        out["auc_ci95"] = list(bootstrap_auc_ci(y, s, n_boot=n_boot, seed=seed))
-        delong = delong_auc_ci(y, s)
+        out["auc"] = roc_auc(y, r)
+        out["auc_ci95"] = list(bootstrap_auc_ci(y, r, n_boot=n_boot, seed=seed))
+        delong = delong_auc_ci(y, r)
         out["auc_ci95_delong"] = None if delong is None else list(delong)
     else:
         reason = f"AUC needs both classes; the cohort has {n1} tumour and {n0} normal slides with a prediction"
@@ -192,10 +198,12 @@ def roc_png(
     ci: Sequence[float] | None = None,
     threshold: float | None = None,
     items: str = "slides",
+    ranks: Sequence[float] | None = None,
 ) -> None:
     """Write the ROC curve to `path` as PNG, atomically: the chance diagonal, the AUC and its CI in the legend,
     and the operating point at `threshold` when given. Without both classes the plot says so instead. `items`
-    names what was scored ("slides", "patches") in the title."""
+    names what was scored ("slides", "patches") in the title. `ranks`: as in `cohort_metrics` (the curve is
+    drawn over them; the operating point is `scores` at `threshold`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -206,8 +214,9 @@ def roc_png(
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="0.6", label="chance")
     n1, n0 = int(y.sum()), int((y == 0).sum())
     if n1 and n0:
-        fpr, tpr, _ = roc_curve(y, s)
-        auc = roc_auc(y, s) if auc is None else auc
+        r = s if ranks is None else _check(y, ranks)[1]
+        fpr, tpr, _ = roc_curve(y, r)
+        auc = roc_auc(y, r) if auc is None else auc
         label = f"AUC {auc:.3f}"
         if ci is not None and all(v is not None for v in ci):
             label += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
@@ -243,12 +252,14 @@ def write_prediction_json(path: str | os.PathLike, record: Mapping) -> None:
 
 
 def write_predictions_csv(path: str | os.PathLike, rows: Iterable[Mapping]) -> None:
-    """Write `predictions.csv` atomically: columns slide, label, probability, status, error, in_domain.
+    """Write `predictions.csv` atomically: columns slide, label, probability, status, error, in_domain, logit.
 
     Each row is a mapping with `slide` and `status` (`done`, `no_tissue`, `failed`; in a report that is not
     complete `pending` or `in_progress`, with no probability) and optionally `label` (0/1), `probability` and
     `error` (the error, or why a slide is not finished) and `in_domain` (the slide's prediction.json
-    verdict: true / false; empty for patches and slides without a prediction). Missing or None values are
+    verdict: true / false; empty for patches and slides without a prediction) and `logit` (the score the
+    probability is the logistic of: prediction.json's `slide_logit`, a patch's calibrated logit; it orders the
+    items whose probabilities round to the same value, 1.0 above a logit of about 37). Missing or None values are
     written as empty cells; probabilities in full precision (repr), so a resumed run reads back exactly what
     was written.
     """
@@ -266,12 +277,16 @@ def write_predictions_csv(path: str | os.PathLike, rows: Iterable[Mapping]) -> N
         label = "" if row.get("label") is None else str(int(row["label"]))
         error = " ".join(str(row.get("error") or "").split())  # one line per slide
         domain = "" if row.get("in_domain") is None else str(bool(row["in_domain"])).lower()
-        writer.writerow([spreadsheet_safe(row["slide"]), label, prob, row["status"], spreadsheet_safe(error), domain])
+        z = row.get("logit")
+        logit = "" if z is None or (isinstance(z, float) and math.isnan(z)) else repr(float(z))
+        writer.writerow([spreadsheet_safe(row["slide"]), label, prob, row["status"], spreadsheet_safe(error), domain,
+                         logit])
     atomic_write_text(path, buf.getvalue())
 
 
 def read_predictions_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows of a `predictions.csv` as dicts: label int or None, probability float or None, error str or None."""
+    """Rows of a `predictions.csv` as dicts: label int or None, probability and logit float or None, error str or
+    None (tables written before the `logit` column read it as None)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -286,6 +301,7 @@ def read_predictions_csv(path: str | os.PathLike) -> list[dict]:
                     "status": r["status"],
                     "error": from_spreadsheet_safe(r.get("error") or "") or None,
                     "in_domain": {"true": True, "false": False}.get(r.get("in_domain") or ""),
+                    "logit": float(r["logit"]) if r.get("logit") else None,
                 }
                 for r in reader
             ]

@@ -133,12 +133,18 @@ def patch_probabilities(probs, metadata: dict | None):
     """Isolated-patch probabilities (`evaluate PATCHES`: each patch scored alone, by its centre token) put on the
     calibrated scale with the model file's `patch_calibration` (Platt a, b fitted on selection patches scored
     alone); unchanged for files without one. Heatmap cells, scored in context, are calibrated in the cell head."""
-    cal = (metadata or {}).get("patch_calibration")
+    from wsi_vssm.outputs.calibration import logistic, logit
+
     p = np.asarray(probs, np.float64)
-    if not cal:
-        return p
-    q = np.clip(p, 1e-7, 1 - 1e-7)
-    return 1 / (1 + np.exp(-(float(cal["a"]) * np.log(q / (1 - q)) + float(cal["b"]))))
+    return logistic(patch_logits(logit(p), metadata)) if (metadata or {}).get("patch_calibration") else p
+
+
+def patch_logits(logits, metadata: dict | None) -> np.ndarray:
+    """Isolated-patch logits on the calibrated scale (`patch_probabilities` is their logistic): a z + b with the
+    model file's `patch_calibration`, unchanged without one. Ranks patches where probabilities tie at 1.0."""
+    cal = (metadata or {}).get("patch_calibration")
+    z = np.asarray(logits, np.float64)
+    return float(cal["a"]) * z + float(cal["b"]) if cal else z
 
 
 def model_thresholds(model, warn: bool = True) -> tuple[float, float]:
@@ -222,7 +228,7 @@ def predict_slide(
         t = time.perf_counter()
         threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)  # warns for this slide
         extent_t = extent_threshold(model, params, cell_t)
-        prob, cell_probs, reason = _score(model, cells, where, mask)
+        prob, slide_logit, cell_probs, reason = _score(model, cells, where, mask)
         identity = _identity(model)  # hashes the weights once per slide: the record and the domain both need it
         # the domain check's threshold holds for single views: under TTA it reads the untransformed one
         feats = cells.features if cells.view_features is None else cells.view_features
@@ -245,6 +251,7 @@ def predict_slide(
         record = {
             "slide": slide.name,
             "probability": prob,
+            "slide_logit": slide_logit,
             "label": label,
             "threshold": threshold,  # v1 name of slide_threshold
             "slide_threshold": threshold,
@@ -319,26 +326,29 @@ def _modes_kept(model):
             m.training = training
 
 
-def _score(model, cells, slide_path, mask) -> tuple[float | None, np.ndarray, str | None]:
-    """(slide probability, cell probabilities, reason when there is no probability) from the MIL head, on the
-    device its weights are on (it is not moved: the caller's model keeps its place)."""
+def _score(model, cells, slide_path, mask) -> tuple[float | None, float | None, np.ndarray, str | None]:
+    """(slide probability, slide logit, cell probabilities, reason when there is no probability) from the MIL
+    head, on the device its weights are on (it is not moved: the caller's model keeps its place). The slide
+    probability is the logit's logistic in float64 (`outputs.calibration.logistic`)."""
     import torch
+
+    from wsi_vssm.outputs.calibration import logistic
 
     if len(cells) == 0:
         reason = no_cells_reason(cells.attrs, mask)
         warnings.warn(f"{slide_path}: {reason}; the slide gets no probability", stacklevel=3)
-        return None, np.zeros(0, np.float32), reason
+        return None, None, np.zeros(0, np.float32), reason
     with torch.inference_mode():
         mil = model.mil.eval()
         weight = next(mil.parameters(), None)
         device = "cpu" if weight is None else weight.device
         res = mil(torch.from_numpy(cells.features.astype(np.float32)).to(device))
-    prob = float(torch.sigmoid(res.slide_logit)[0])
+    slide_logit = float(res.slide_logit[0])
     cell_probs = torch.sigmoid(res.cell_logits[0]).float().cpu().numpy()
-    if not (math.isfinite(prob) and np.isfinite(cell_probs).all()):
+    if not (math.isfinite(slide_logit) and np.isfinite(cell_probs).all()):
         raise NonFiniteOutput(f"{slide_path}: the model gave NaN/inf probabilities (model "
                               f"{model.name}: its weights or the slide's features are not finite)")
-    return prob, cell_probs, None
+    return logistic(slide_logit), slide_logit, cell_probs, None
 
 
 FEW_CELLS = 3  # a tumour call resting on fewer cells above the cell threshold than this is flagged

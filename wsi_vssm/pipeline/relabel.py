@@ -56,6 +56,7 @@ def relabel_slide(slide_path: str | os.PathLike, model, out_root: str | os.PathL
         if few:
             warnings.warn(f"{slide.path or slide.name}: {few}", stacklevel=2)
         old = record["parameters"]
+        record.setdefault("slide_logit", None)  # written by versions before it was recorded: not known here
         record.update(label=label, threshold=threshold, slide_threshold=threshold, cell_threshold=cell_t,
                       lesion_extent_threshold=extent_threshold(model, params, cell_t),
                       lesion_merge_distance_cells=merge_distance_cells(model, params),

@@ -83,7 +83,7 @@ def _result_row(crow, result: dict) -> dict:
     p = result.get("probability")
     return {"slide": crow.name, "label": crow.label, "probability": p,
             "status": "done" if p is not None else "no_tissue", "error": None if p is not None
-            else result.get("reason"), "in_domain": result.get("in_domain")}
+            else result.get("reason"), "in_domain": result.get("in_domain"), "logit": result.get("slide_logit")}
 
 
 def _row(crow, outcome) -> dict:

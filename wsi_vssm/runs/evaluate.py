@@ -15,6 +15,7 @@ metrics.json says `"complete": false` (true only when every slide is done or fai
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -284,6 +285,7 @@ def evaluate_patches(
     from wsi_vssm.io.base import resize
     from wsi_vssm.models.inputs import to_tensor
     from wsi_vssm.models.precision import resolve_precision
+    from wsi_vssm.outputs.calibration import logistic
     from wsi_vssm.outputs.report import write_predictions_csv
     from wsi_vssm.pipeline.extract import Inference
     from wsi_vssm.training.data.fingerprints import patch_digests, patches_seen
@@ -305,10 +307,10 @@ def evaluate_patches(
     model.eval().to(device)
 
     def flush():
-        probs = centre_cell_probabilities(model, torch.cat(batch), inference, device).tolist()
-        for i, p in zip(index, probs, strict=True):
+        logits = centre_cell_logits(model, torch.cat(batch), inference, device)
+        for i, z, p in zip(index, logits.tolist(), logistic(logits).tolist(), strict=True):
             rows[i] = {"slide": ds.items[i].name, "label": ds.items[i].label, "probability": p, "status": "done",
-                       "error": None}
+                       "error": None, "logit": z}
         batch.clear()
         index.clear()
 
@@ -355,12 +357,20 @@ def _small_patch_warning(folder, got: tuple[int, int], given: tuple[int, int], m
 
 def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.ndarray:
     """Each patch of x (B, 3, H, W, normalised) scored alone: its centre token through the cell head, the
-    backbone under `inference`'s precision and TTA (the head in fp32), then the model's patch calibration."""
+    backbone under `inference`'s precision and TTA (the head in fp32), then the model's patch calibration
+    (float64: the logistic of `centre_cell_logits`)."""
+    from wsi_vssm.outputs.calibration import logistic
+
+    return logistic(centre_cell_logits(model, x, inference, device))
+
+
+def centre_cell_logits(model, x, inference, device: str = "cpu") -> np.ndarray:
+    """`centre_cell_probabilities` as logits (float64), which never tie where the probabilities round to 1."""
     import torch
 
     from wsi_vssm.models.precision import autocast, resolve_precision
     from wsi_vssm.pipeline.extract import region_features
-    from wsi_vssm.pipeline.predict import patch_probabilities
+    from wsi_vssm.pipeline.predict import patch_logits
 
     x = x.to(device)
     with torch.inference_mode():
@@ -369,7 +379,7 @@ def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.nd
         logits = model.cell_logits_of_map(fmap).cpu()  # (B, h, w)
     h, w = logits.shape[1:]
     cy, cx = min(h - 1, int(x.shape[2] / 2 // 32)), min(w - 1, int(x.shape[3] / 2 // 32))
-    return patch_probabilities(torch.sigmoid(logits[:, cy, cx]).numpy(), getattr(model, "metadata", None))
+    return patch_logits(logits[:, cy, cx].numpy(), getattr(model, "metadata", None))
 
 
 def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int,
@@ -383,16 +393,22 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
 
     labels = np.array([r["label"] for r in scored], dtype=np.int64)
     scores = np.array([r["probability"] for r in scored], dtype=np.float64)
-    metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot)
+    # ranked by the logits when every item has one: probabilities round to 1.0 above a logit of about 37, and
+    # the default model calls slides at 50 and more; results written before logits were recorded have none
+    logits = [r.get("logit") for r in scored]
+    by_logit = bool(logits) and all(z is not None and math.isfinite(z) for z in logits)
+    ranks = np.array(logits, dtype=np.float64) if by_logit else None
+    metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot, ranks=ranks)
     calibration = calibration_summary(labels, scores, n_boot=n_boot)
     # patches carry no domain verdict (None); slides do, and a cohort with no slide scored has 0 out of domain
     n_out = None if items == "patches" else sum(r.get("in_domain") is False for r in scored)
-    metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "n_pending": int(n_pending), "complete": not n_pending,
+    metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "auc_ranked_by": "logit" if by_logit else "probability",
+               "n_pending": int(n_pending), "complete": not n_pending,
                "n_out_of_domain": n_out, "calibration": calibration, "intervals": intervals(n_boot),
                **metrics,  # then `reason`, when there is one
                **(provenance or {})}
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
-            threshold=threshold, items=items)
+            threshold=threshold, items=items, ranks=ranks)
     calibration_png(out / CALIBRATION_PNG, labels, scores, calibration)
     _write_json(out / METRICS_JSON, metrics)  # last: a "complete" metrics.json has its figures beside it
     return metrics

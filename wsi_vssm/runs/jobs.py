@@ -100,8 +100,9 @@ class PredictJob:
             rec = predict_slide(task.path, self.model(), self.out, self.params,
                                 progress=None if region_progress is None else cb, run_regions=run_regions)
             timings = rec["timings"]
-        return {"probability": rec["probability"], "label": rec["label"], "reason": rec["reason"],
-                "in_domain": rec["in_domain"], "n_cells": rec["summary"]["n_cells"], "timings": timings}
+        return {"probability": rec["probability"], "slide_logit": rec.get("slide_logit"), "label": rec["label"],
+                "reason": rec["reason"], "in_domain": rec["in_domain"], "n_cells": rec["summary"]["n_cells"],
+                "timings": timings}
 
     def open_slide(self, task: SlideTask):
         from wsi_vssm.io import open_slide

@@ -30,8 +30,9 @@ def centre_logits(model: SlideModel, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_patches(model: SlideModel, ds: PatchDataset, batch_size: int = 128, progress: bool = False,
                     tta: bool = False) -> np.ndarray:
-    """Centre-token tumour probabilities for every patch of `ds`. `tta`: the mean probability over the 8 flips
-    and quarter turns of each patch (the centre token stays the centre); off, as in training's selection."""
+    """Centre-token tumour probabilities (float64: float32's sigmoid ties every logit above 16.6 at 1.0) for
+    every patch of `ds`. `tta`: the mean probability over the 8 flips and quarter turns of each patch (the centre
+    token stays the centre); off, as in training's selection."""
     model.eval()
     dev = device_of(model)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_uint8, num_workers=0)
@@ -39,7 +40,7 @@ def predict_patches(model: SlideModel, ds: PatchDataset, batch_size: int = 128, 
     for x, _ in progress_bar(loader, progress, "predict"):
         x = normalise(x.to(dev).float() / 255)
         views = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(3)) for k in range(4)] if tta else [x]
-        out.append(torch.stack([torch.sigmoid(centre_logits(model, v)) for v in views]).mean(0).cpu().numpy())
+        out.append(torch.stack([torch.sigmoid(centre_logits(model, v).double()) for v in views]).mean(0).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
