@@ -98,8 +98,14 @@ def _how_to_go_on(argv: list[str]) -> str:
     if words[:1] in (["predict"], ["evaluate"], ["extract"]):
         return "finished slides are kept: rerun the same command to resume"
     if words[:1] == ["run"] or words == ["train", "cells"]:
-        return ("every finished epoch is kept (none before the first ends): "
-                "rerun the same command with --resume to continue")
+        return ("every finished epoch of the cells, context and dense stages is kept (none before the first "
+                "ends; a slide-head stage starts over): rerun the same command with --resume to continue"
+                if words[:1] == ["run"] else
+                "every finished epoch is kept (none before the first ends): rerun the same command with --resume "
+                "to continue")
+    if words == ["train", "mil"]:
+        return ("the best head so far is in the --out file, marked unfinished (training_incomplete: attaching it "
+                "warns); run the command again to train it in full")
     return "nothing was kept"
 
 

@@ -360,6 +360,24 @@ def test_the_froc_names_the_slides_it_leaves_out(model_file, cohort, tmp_path):
     assert froc["n_slides"] == 2
 
 
+def test_cli_evaluate_with_annotations_prints_the_froc(model_file, cohort, tmp_path, capsys):
+    """The FROC went to metrics.json only: `evaluate --annotations` printed AUC and ECE lines and no FROC."""
+    args = ["evaluate", str(cohort), "--annotations", str(cohort / "annotations"), "--model", str(model_file),
+            "--out", str(tmp_path / "ev"), "--device", "cpu", "--region-px", "1024", "--overlap-px", "64",
+            "--reader-threads", "1", "--bootstrap", "100"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    froc = json.loads((tmp_path / "ev" / "metrics.json").read_text())["froc"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("FROC"))
+    if froc["froc"] is None:
+        assert line.startswith("FROC: none (") and froc["reason"] in line
+    else:
+        assert line.startswith(f"FROC {froc['froc']:.3f} (lesion sensitivity ")
+        assert "at 0.25/0.5/1/2/4/8 false positives per slide" in line
+        assert f"over {froc['n_lesions']} lesions on {froc['n_slides']} slides" in line
+
+
 def test_a_cohort_with_no_slide_scored_still_gets_its_froc_block(model_file, cohort, tmp_path):
     """Every slide failing (or having no tissue) ended `evaluate --annotations` with "FROC needs at least one
     slide" after metrics.json was written without a froc block; and n_out_of_domain read null, the patch

@@ -315,3 +315,24 @@ def test_a_utf8_path_in_a_manifest_is_found_under_an_ascii_locale(tmp_path):
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith("True "), res.stdout + res.stderr
+
+
+def test_a_one_class_patch_folder_and_a_tar_are_named_for_what_they_are(tmp_path):
+    """`evaluate` on a patch folder with only 0/ said "a cohort folder needs a reference.csv", and on PCam's
+    train.tar "cannot read the table: 'utf-8' codec can't decode byte 0xff ..."."""
+    import io
+    import tarfile
+
+    (tmp_path / "p" / "0").mkdir(parents=True)
+    with pytest.raises(CohortError, match=r"needs both class folders 0/ and 1/ \(only 0/ here\)"):
+        read_cohort(tmp_path / "p")
+    with tarfile.open(tmp_path / "train.tar", "w") as tar:
+        data = bytes(range(256)) * 4
+        info = tarfile.TarInfo("data/train/0/a.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(CohortError, match="a tar archive, not a cohort table.*extract it first"):
+        read_cohort(tmp_path / "train.tar")
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(CohortError, match=r"bin\.csv: cannot read the table: not UTF-8 text"):
+        read_cohort(tmp_path / "bin.csv")

@@ -205,7 +205,8 @@ def test_evaluate_warns_when_slides_trained_the_models_slide_head():
     result = _result([0.1, 0.9, 0.8], [0, 1, 1])  # slides s0, s1, s2
     attached = SimpleNamespace(metadata={"mil_stage": {"train_slides": ["S1", "x"], "valid_slides": ["s2"]}})
     warning = training_slides_warning(result, attached)
-    assert "2 of the 3 slides trained or selected this model's slide head" in warning and "s1, s2" in warning
+    assert "2 of the 3 slides have the names of slides that trained or selected this model's slide head" in warning
+    assert "s1, s2" in warning and "if they are those slides" in warning
     default = SimpleNamespace(metadata={"mil_stage": {"train_slides": 160, "valid_slides": 60}})  # counts only
     assert training_slides_warning(result, default) is None
     assert training_slides_warning(_result([0.5], [1]), attached) is None  # s0 alone: none of them

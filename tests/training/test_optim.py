@@ -35,8 +35,11 @@ def test_fused_matches_the_unfused_update():
     for seed in range(3):
         _step(a, fused, seed)
         _step(b, plain, seed)
+    # three steps of lr 1e-3 move a weight by up to 3e-3; the fused kernel orders the arithmetic otherwise, and
+    # where a gradient is near 0, m / (sqrt(v) + eps) magnifies the rounding: on an AVX2 EPYC host (2026-12-06)
+    # one weight of 262,144 differed by 1.3e-6 (0.04% of its step), so 5e-6 is the bound, not 1e-6
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=5e-6)
 
 
 def test_resumes_from_an_unfused_checkpoint():

@@ -487,6 +487,79 @@ def test_a_finished_dense_stage_keeps_its_checkpoint_when_skipped(tiny_folder, t
     assert (out / "dense" / "checkpoint.pt").read_bytes() == b"the finished stage's own"
 
 
+def test_a_rerun_that_stops_leaves_the_finished_model_in_place(tiny_folder, tmp_path, monkeypatch):
+    """A rerun of a finished recipe copied an earlier stage's model over OUT/model.pt before the changed stage
+    trained, so a rerun that stopped (or was refused) left the cells model where the finished one had been,
+    with nothing to say so. OUT/model.pt is now replaced only when every stage is through."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    import wsi_vssm.training.recipe as recipe_mod
+    from wsi_vssm.commands.run import command
+
+    out = tmp_path / "run"
+
+    def run(*extra):
+        return CliRunner().invoke(command, [str(REPO / "pipelines" / "default.toml"), "--out", str(out),
+                                            *_tiny_recipe(tiny_folder, "--set", 'recipe.stages=["cells","context"]',
+                                                          *extra)])
+
+    def digest(name):
+        return hashlib.sha256((out / name).read_bytes()).hexdigest()
+
+    assert run().exit_code == 0
+    finished = digest("model.pt")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe_mod, "_stage_context", stopped)
+    res = run("--resume", "--set", "context.lr=0.0007")
+    assert res.exit_code != 0 and "context: settings changed" in res.output, res.output
+    assert digest("model.pt") == finished and load_model(out / "model.pt").metadata["stage"] == "context"
+    assert digest("model.pt") != digest("cells.pt")
+
+
+def test_a_finished_dense_stage_with_other_settings_starts_over_or_goes_on(tmp_path, monkeypatch, capsys):
+    """`run --resume --set dense.lr=...` on a finished dense stage said "runs again", then refused the stage's
+    own kept checkpoint ("made with other settings"). Its checkpoint is now set aside while it runs again and
+    removed when it finishes; a change the checkpoint allows (more epochs) goes on from it, as before."""
+    import json
+    import shutil
+
+    from conftest import write_tiny_model
+
+    import wsi_vssm.training.recipe as recipe_mod
+    from wsi_vssm.training.recipe import _data_contents, _stage_settings, load_recipe, run_recipe
+
+    recipe = load_recipe(REPO / "pipelines" / "default.toml")
+    (tmp_path / "patches").mkdir()
+    recipe["data"] = {"train": str(tmp_path / "patches"), "valid": str(tmp_path / "patches")}
+    recipe["recipe"]["stages"] = ["dense"]
+    out = tmp_path / "run"
+    (out / "dense").mkdir(parents=True)
+    write_tiny_model(out / "dense.pt")
+    ckpt = out / "dense" / "checkpoint.pt"
+    ckpt.write_bytes(b"the finished stage's own")
+    settings = {**_stage_settings(recipe, "dense"), "data_contents": _data_contents(recipe["data"])}
+    (out / "recipe.progress.json").write_text(json.dumps({"done": [{"stage": "dense", "settings": settings}]}))
+    seen = []
+
+    def dense(recipe, model_path, out, progress, resume):  # what the stage finds, then a model as it writes one
+        seen.append(ckpt.read_bytes() if ckpt.exists() else None)
+        shutil.copyfile(out / "dense.pt", model_path)
+
+    monkeypatch.setattr(recipe_mod, "_stage_dense", dense)
+    more = {**recipe, "dense": {**recipe.get("dense", {}), "epochs": 99}}
+    run_recipe(more, out, progress=False, resume=True)
+    assert seen == [b"the finished stage's own"] and "goes on from its checkpoint" in capsys.readouterr().out
+    other = {**more, "dense": {**more["dense"], "lr": 1e-5}}
+    run_recipe(other, out, progress=False, resume=True)
+    assert seen[-1] is None and "set aside" in capsys.readouterr().out  # starts over, as the line says
+    assert not (out / "dense" / "checkpoint.pt.replaced").exists()  # the stage finished: the old one is gone
+
+
 def test_a_recipe_without_a_stage_section_says_it_trains_on_defaults(tiny_folder, tmp_path, capsys):
     from conftest import run_cli_captured
 
@@ -519,6 +592,23 @@ def test_run_resume_takes_a_path_spelt_differently_as_the_same_setting(tiny_fold
 
     shutil.copytree(tiny_folder / "train", tmp_path / "copy")  # (the valid folder as training data is refused now)
     assert "settings changed" in run(tmp_path / "copy", "--resume")  # another folder is still another setting
+
+
+def test_an_attach_stage_without_its_checkpoint_is_refused_before_any_stage_trains(tiny_folder, tmp_path):
+    """`recipe.stages=["cells","attach_mil"]` without attach_mil.checkpoint (or naming a file that is not there)
+    trained the cells stage in full, then failed at attach_mil: hours lost to a missing setting."""
+    from click.testing import CliRunner
+
+    from wsi_vssm.commands.run import command
+
+    out = tmp_path / "run"
+    for extra, said in ([], "attach_mil.checkpoint: stage attach_mil needs it"),\
+                       (["--set", f"attach_mil.checkpoint={tmp_path / 'none.pt'}"], "no such file"):
+        res = CliRunner().invoke(command, [str(REPO / "pipelines" / "default.toml"), "--out", str(out),
+                                           *_tiny_recipe(tiny_folder, "--set", 'recipe.stages=["cells","attach_mil"]',
+                                                         *extra)])
+        assert res.exit_code != 0 and said in (res.output + str(res.exception)), res.output
+        assert not (out / "cells.pt").exists()
 
 
 def test_run_without_resume_stops_before_any_stage_on_an_interrupted_stages_checkpoint(tiny_folder, tmp_path):
@@ -814,6 +904,27 @@ def test_sets_a_cell_model_cannot_learn_from_are_refused_before_the_first_epoch(
     small.patch_size = (64, 64)
     with pytest.raises(PatchDataError, match="differ in size"):
         check_training_sets(train, small, None)
+
+
+def test_an_epoch_size_or_a_selection_part_larger_than_the_patches_is_said(tmp_path):
+    """`--epoch-size 3000` on 300 patches drew each once without a word (the docs say N patches an epoch), and
+    `--valid-select 1000` on 200 validation patches silently dropped the held-back figure."""
+    import warnings
+
+    from wsi_vssm.training.data.patches import check_training_sets, select_and_holdout
+
+    write_patch_folder(tmp_path / "train", 6, 0)
+    write_patch_folder(tmp_path / "valid", 4, 1)
+    train, valid = training_patches(tmp_path / "train"), training_patches(tmp_path / "valid")
+    with pytest.warns(UserWarning, match=f"epoch_size 500 is more than its {len(train)} training patches"):
+        check_training_sets(train, valid, None, epoch_size=500)
+    with pytest.warns(UserWarning, match=f"valid_select 50 is more than its {len(valid)} validation patches: all of "
+                                         "them select and none is held back"):
+        assert select_and_holdout(valid, 50, 0)[1] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_training_sets(train, valid, None, epoch_size=len(train))  # at most every patch: no word
+        assert select_and_holdout(valid, len(valid), 0)[1] is None
 
 
 def test_linked_class_folders_and_16_bit_grey_patches_are_read(tmp_path):

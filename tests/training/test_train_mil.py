@@ -453,3 +453,33 @@ def test_cli_train_mil_ensemble_writes_the_mean_of_its_seeds(tmp_path, capsys):
     for refused in ([*args, "--train-cell-head"], args[:-2]):  # a trainable cell head; no --model
         code, _, err = run_cli_captured(["train", *refused], capsys)
         assert code == 2 and err.count("\n") == 1 and "--ensemble shares one cell head" in err
+
+
+def test_a_stopped_run_leaves_its_best_head_marked_unfinished(feature_bags, tmp_path):
+    """Ctrl-C in `train mil` said "nothing was kept" while the best head so far stayed at --out, with
+    metadata that looked finished, and `attach_mil` took it without a word."""
+    from conftest import write_tiny_model
+
+    from wsi_vssm.cli import _how_to_go_on
+    from wsi_vssm.models.model_file import ModelFileError
+    from wsi_vssm.models.slide_model import attach_mil, load_model
+
+    _, bags = feature_bags
+    train, valid = _split(bags)
+    cfg = MILTrainConfig(epochs=8, patience=8, lr=3e-3, seed=1)
+    ckpt = tmp_path / "mil.pt"
+
+    def stop(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+        train_mil(train, valid, cfg, checkpoint_path=ckpt, progress=stop)
+    assert torch.load(ckpt, weights_only=True)["metadata"]["training_incomplete"] is True
+    write_tiny_model(tmp_path / "model.pt")
+    with pytest.warns(UserWarning, match="unfinished MIL training run"), pytest.raises(ModelFileError):
+        attach_mil(load_model(tmp_path / "model.pt"), ckpt)  # said first, whatever else is wrong with it
+    assert "marked unfinished" in _how_to_go_on(["train", "mil", "--out", str(ckpt)])
+    with pytest.warns(UserWarning):
+        train_mil(train, valid, cfg, checkpoint_path=ckpt)  # the whole run: the mark goes
+    assert "training_incomplete" not in torch.load(ckpt, weights_only=True)["metadata"]

@@ -144,7 +144,9 @@ def format_heatmap_info(r: dict) -> str:
         "kind:        a wsi-vssm heatmap (tumour probability per token cell), not a slide; in napari it lies over"
         " its slide (docs/napari.md)",
         f"slide:       {r['slide']} (model {r['model']})",
-        f"cells:       {cols} x {rows}, {r['cell_um']:.4g} um each (slide read at {r['slide_mpp']} um/px)",
+        # slide_mpp is the slide's own level-0 resolution ("read at" it was wrong: slides are analysed at the
+        # model's, which the cell size reflects)
+        f"cells:       {cols} x {rows}, {r['cell_um']:.4g} um each (the slide's level 0: {r['slide_mpp']} um/px)",
     ]
     if r["cell_threshold"] is not None:
         share = r["cells_at_or_above_threshold"] / max(1, rows * cols)

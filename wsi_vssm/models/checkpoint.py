@@ -165,6 +165,8 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
         reason = "not a torch checkpoint, or truncated"
     elif isinstance(err, EOFError):
         reason = "truncated"
+    elif head == b"PK" and isinstance(err, OSError):  # a zip torch could not seek or read in (seen: Errno 22)
+        reason = f"a torch checkpoint that cannot be read: damaged or truncated ({one_line(err, 80)})"
     else:
         reason = f"{type(err).__name__}: {one_line(err, 120)}"
     e = CheckpointError(f"cannot read checkpoint {path}: {reason}")

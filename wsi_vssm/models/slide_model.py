@@ -12,6 +12,7 @@ import io
 import math
 import os
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -259,13 +260,17 @@ def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
     if not isinstance(ckpt, dict) or ckpt.get("format") != MIL_FORMAT or "state_dict" not in ckpt:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ModelFileError(f"{path}: not a wsi-vssm MIL checkpoint (format {found!r}, expected {MIL_FORMAT!r})")
+    meta = ckpt.get("metadata") if isinstance(ckpt.get("metadata"), Mapping) else {}
+    if meta.get("training_incomplete"):
+        warnings.warn(f"{path}: an unfinished MIL training run's best head so far (it stopped after epoch "
+                      f"{meta.get('epochs')}, best {meta.get('best_epoch')}): train it in full before trusting it",
+                      stacklevel=2)
     cfg = dict(ckpt.get("mil_config") or {})
     if cfg and cfg.get("in_dim") != model.mil.config.in_dim:
         raise ModelFileError(f"{path}: MIL in_dim {cfg.get('in_dim')} != backbone width {model.mil.config.in_dim}")
     raw = ckpt["state_dict"]
     if not (isinstance(raw, Mapping) and all(isinstance(v, torch.Tensor) for v in raw.values())):
         raise ModelFileError(f"{path}: the MIL checkpoint's state_dict is not a mapping of tensors")
-    meta = ckpt.get("metadata") if isinstance(ckpt.get("metadata"), Mapping) else {}
     made_with = (meta.get("features") or {}).get("model_hash")
     own_hash = state_dict_hash(model.backbone.state_dict())
     if made_with and made_with != own_hash:

@@ -89,6 +89,10 @@ def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     if p.is_dir():
         table = p / "reference.csv"
         if not table.is_file():
+            one = [c for c in ("0", "1") if (p / c).is_dir()]
+            if len(one) == 1:  # a patch folder of one class, taken for a cohort folder
+                raise CohortError(f"{p}: a patch folder needs both class folders 0/ and 1/ (only {one[0]}/ here): "
+                                  "an AUC needs both classes; or, for a cohort folder, a reference.csv")
             raise CohortError(f"{p}: a cohort folder needs a reference.csv (or pass a manifest CSV)")
         p = table  # read as the file itself would be: a name table, or a manifest of paths below the folder
     if not p.is_file():
@@ -270,10 +274,18 @@ def parse_split(value: str, path: Path, line: int) -> str | None:
 
 def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, cells) of every non-blank row; a BOM and surrounding spaces are dropped."""
+    import tarfile
+
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CohortError(f"{path}: cannot read the table: {e}") from e
+    except UnicodeDecodeError as e:
+        if tarfile.is_tarfile(path):  # PCam's train.tar, say: `train cells` reads tars, evaluate does not
+            raise CohortError(f"{path}: a tar archive, not a cohort table: evaluate takes a patch folder (DIR/0, "
+                              "DIR/1), a cohort folder or a manifest CSV; extract it first") from e
+        raise CohortError(f"{path}: cannot read the table: not UTF-8 text ({e.reason} at byte {e.start}); a "
+                          "manifest or reference.csv is a CSV text file") from e
+    except OSError as e:
+        raise CohortError(f"{path}: cannot read the table: {e.strerror or e}") from e
     out = []
     reader = csv.reader(text.splitlines())
     for cells in reader:

@@ -106,8 +106,10 @@ def few_patients_warning(result: EvaluationResult) -> str | None:
 
 
 def training_slides_warning(result: EvaluationResult, model) -> str | None:
-    """One line when slides of the cohort trained or selected the model's slide head, as its metadata names them
-    (`mil_stage.train_slides` / `valid_slides`, which `run ... attach_mil` records): their figure flatters it."""
+    """One line when slides of the cohort have the names of slides that trained or selected the model's slide
+    head, as its metadata names them (`mil_stage.train_slides` / `valid_slides`, which `run ... attach_mil`
+    records): if they are those slides, their figure flatters it. Names only (the metadata records no more), and
+    every synthetic cohort names its slides tumor_001, normal_001, ...: the line says it matched names."""
     stage = (getattr(model, "metadata", None) or {}).get("mil_stage") or {}
     used = {str(s).lower() for key in ("train_slides", "valid_slides")
             if isinstance(stage.get(key), list) for s in stage[key]}
@@ -115,9 +117,10 @@ def training_slides_warning(result: EvaluationResult, model) -> str | None:
     if not hit:
         return None
     more = f" and {len(hit) - 5} more" if len(hit) > 5 else ""
-    return (f"{len(hit)} of the {len(result.rows)} {result.items} trained or selected this model's slide head "
-            f"(its metadata mil_stage): {', '.join(hit[:5])}{more}; a figure over them flatters the model "
-            "(evaluate --split test on a manifest with a split column)")
+    return (f"{len(hit)} of the {len(result.rows)} {result.items} have the names of slides that trained or selected "
+            f"this model's slide head (its metadata mil_stage): {', '.join(hit[:5])}{more}; if they are those "
+            "slides, a figure over them flatters the model (evaluate --split test on a manifest with a split "
+            "column)")
 
 
 def training_patches_warning(result: EvaluationResult) -> str | None:

@@ -193,8 +193,8 @@ def train_mil(
             history.best_epoch, history.best_valid_auc, history.best_valid_loss = epoch, valid_auc, valid_loss
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             stale = 0
-            if checkpoint_path is not None:
-                save_mil(checkpoint_path, model, cfg, _final_metadata(history))
+            if checkpoint_path is not None:  # the best so far, marked: a run stopped here leaves an unfinished head
+                save_mil(checkpoint_path, model, cfg, {**_final_metadata(history), "training_incomplete": True})
         else:
             stale += 1
         if log_path is not None:
@@ -206,6 +206,8 @@ def train_mil(
     if best_state is not None:
         model.load_state_dict(best_state)
     history.metadata = _final_metadata(history)
+    if checkpoint_path is not None and best_state is not None:  # the same weights, now as a finished run's
+        save_mil(checkpoint_path, model, cfg, history.metadata)
     return model.eval(), history
 
 

@@ -20,6 +20,7 @@ from wsi_vssm.training.recipe_config import (  # noqa: F401  (re-exported: calle
     _dense_config,
     _mosaic_config,
     apply_overrides,
+    check_files,
     check_recipe,
     check_values,
     load_recipe,
@@ -30,6 +31,8 @@ from wsi_vssm.training.recipe_config import (  # noqa: F401  (re-exported: calle
 
 PROGRESS_JSON = "recipe.progress.json"  # the stages finished in OUT, each with the settings it ran with
 CHECKPOINTS = {"cells": "cells.checkpoint.pt", "context": "context.checkpoint.pt", "dense": "dense/checkpoint.pt"}
+WORK_MODEL = "model.work.pt"  # the model the stages pass along; OUT/model.pt is replaced only when all are through
+SET_ASIDE = ".replaced"  # suffix of a finished dense run's checkpoint while the stage runs again with new settings
 
 
 def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = False,
@@ -42,13 +45,15 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
     checkpoint stops the run before any stage trains (it is never thrown away silently). A stage's settings
     include its data's contents (file count and bytes), so a folder that changed retrains. The model file
     records the recipe it was made by (`metadata["recipe"]`: `provenance`, e.g. the command, and the resolved
-    recipe)."""
+    recipe). The stages pass their model along in OUT/model.work.pt: OUT/model.pt stays the last finished run's
+    until every stage of this one is through (a rerun that stops or fails leaves it as it was)."""
     import shutil
 
     from wsi_vssm.atomic import atomic_write_json
     from wsi_vssm.training.checkpoint import refuse_unless_resuming
 
     check_recipe(recipe)  # its tables, value types and every stage's values, so the lines below need not
+    check_files(recipe)
     stages = recipe_stages(recipe)
     for stage in stages:
         if stage in CHECKPOINTS:
@@ -61,7 +66,10 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     resolved = {**recipe, "recipe": {**recipe.get("recipe", {}), "out": str(out)}}  # where it did run
     atomic_write_json(out / "recipe.resolved.json", resolved)
-    model_path = out / "model.pt"
+    final_path, model_path = out / "model.pt", out / WORK_MODEL
+    model_path.unlink(missing_ok=True)  # a stopped run's
+    if final_path.is_file():  # a first stage that builds on OUT's model (context alone, say) starts from it
+        shutil.copyfile(final_path, model_path)
     done = _read_progress(out) if resume else []
     contents = _data_contents(recipe.get("data", {}))
     chain, previous = True, None  # chain: every stage so far was skipped as done before
@@ -83,8 +91,7 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
             shutil.copyfile(out / f"{previous}.pt", model_path)
         before = next((d["settings"] for d in done if d["stage"] == stage), None) if chain else None
         if before is not None and not _same(before, settings):  # say why hours of training run again
-            print(f"{stage}: settings changed since the earlier run ({_said(before, settings)}); "
-                  "runs again, and the stages after it")
+            _say_rerun(out, stage, before, settings)
         chain = False
         later = STAGES[STAGES.index(stage) + 1:]  # built on this stage's old model: no longer done
         done = [d for d in done if d["stage"] != stage and d["stage"] not in later]
@@ -100,15 +107,43 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
             _stage_attach(recipe, model_path)
         shutil.copyfile(model_path, out / f"{stage}.pt")
         # only now: a run stopped before this stage finished (say, on reading that a default it never set has
-        # changed) keeps the later stages' checkpoints
+        # changed) keeps the later stages' checkpoints, and a finished dense run's set-aside one
         _drop_stale(out, later)
+        _set_aside(out, stage).unlink(missing_ok=True)
         done.append({"stage": stage, "settings": settings})  # its old record was dropped above
         atomic_write_json(out / PROGRESS_JSON, {"done": done})
         previous = stage
     if chain and previous is not None:  # every stage done before: the last one's model is the result
         shutil.copyfile(out / f"{previous}.pt", model_path)
     _record_recipe(model_path, {**(provenance or {}), "stages": stages, "resolved": resolved})
-    return model_path
+    os.replace(model_path, final_path)
+    return final_path
+
+
+def _say_rerun(out: Path, stage: str, before: dict, settings: dict) -> None:
+    """The line saying why a finished stage runs again. A finished dense run whose changed settings its
+    checkpoint allows (more epochs, another plateau rule) goes on from it; with any other change its
+    checkpoint is set aside (removed once the stage finishes), so the stage starts over as the line says
+    instead of refusing the checkpoint."""
+    from wsi_vssm.training.dense import RESUME_MAY_CHANGE
+
+    changed = _changed(before, settings)
+    ckpt = out / CHECKPOINTS.get(stage, "-")
+    if stage == "dense" and ckpt.is_file() and all(
+            k.startswith("settings.") and k.split(".", 1)[1] in RESUME_MAY_CHANGE for k in changed):
+        print(f"{stage}: settings changed since the earlier run ({_said(before, settings)}); goes on from its "
+              f"checkpoint {ckpt}, and the stages after it run again")
+        return
+    print(f"{stage}: settings changed since the earlier run ({_said(before, settings)}); runs again, and the "
+          "stages after it")
+    aside = _set_aside(out, stage)
+    if stage == "dense" and ckpt.is_file() and not aside.exists():  # one there: this checkpoint is the rerun's
+        os.replace(ckpt, aside)
+        print(f"{stage}: the earlier run's checkpoint set aside as {aside} until the stage has run again")
+
+
+def _set_aside(out: Path, stage: str) -> Path:
+    return out / (CHECKPOINTS.get(stage, "-") + SET_ASIDE)
 
 
 def _record_recipe(model_path: Path, record: dict) -> None:
@@ -320,10 +355,12 @@ def _stage_attach(recipe: dict, model_path: Path) -> None:
     from wsi_vssm.training.mil import mil_provenance
 
     ckpt = recipe.get("attach_mil", {}).get("checkpoint")
-    if not ckpt:
+    if not ckpt:  # check_values says so before any stage trains; kept for callers of the stage alone
         raise UsageError("stage attach_mil needs attach_mil.checkpoint (--set attach_mil.checkpoint=PATH)")
+    ckpt = os.path.expanduser(ckpt)
     # attach_mil.model: the slide model to attach to (a file or 'default'), else the earlier stages' OUT/model.pt
     base = recipe.get("attach_mil", {}).get("model") or model_path
+    base = base if base == "default" else os.path.expanduser(base)
     model = attach_mil(load_model(base), ckpt)
     meta = dict(model.metadata)
     old = meta.get("slide_threshold", meta.get("threshold"))
@@ -333,5 +370,6 @@ def _stage_attach(recipe: dict, model_path: Path) -> None:
                          "slide_threshold": "0.5: not chosen on data (the trainer stores none)",
                          **mil_provenance(ckpt)}
     save_model(model, model_path, stamped(meta))
-    print(f"attach_mil: MIL head from {ckpt}; slide_threshold 0.5 (was {old}, chosen for the previous head): "
+    was = "the model stored none" if old is None else f"was {old}, chosen for the previous head"
+    print(f"attach_mil: MIL head from {ckpt}; slide_threshold 0.5 ({was}): "
           "uncalibrated, choose one on your own selection slides (predict --threshold)")

@@ -105,6 +105,22 @@ def check_recipe(recipe: dict, source: str = "recipe") -> None:
         raise UsageError(f"{source}: {_say(*problem)}")
 
 
+def check_files(recipe: dict) -> None:
+    """UsageError when a stage about to run lacks a file it needs: attach_mil's checkpoint (and model, when
+    given). On the recipe as run (after every --set), before any stage trains: once, the stage found it out
+    after the stages before it had trained for hours."""
+    if "attach_mil" not in recipe_stages(recipe):
+        return
+    attach = recipe.get("attach_mil", {})
+    if not attach.get("checkpoint"):
+        raise UsageError("attach_mil.checkpoint: stage attach_mil needs it, the MIL head to attach "
+                         "(--set attach_mil.checkpoint=PATH)")
+    for key in ("checkpoint", "model"):
+        path = attach.get(key)
+        if path and not (key == "model" and path == "default") and not os.path.isfile(os.path.expanduser(path)):
+            raise UsageError(f"attach_mil.{key}: no such file: {path}")
+
+
 def recipe_stages(recipe: dict) -> list[str]:
     """recipe.stages as a list (default ["cells"]); UsageError when it is empty or names an unknown stage."""
     stages = recipe.get("recipe", {}).get("stages", ["cells"])

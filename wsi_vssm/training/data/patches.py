@@ -205,6 +205,10 @@ def select_and_holdout(valid: PatchDataset, valid_select: int | None, seed: int)
     if valid_select is None:
         return split_select_holdout(valid, seed)
     if valid_select >= len(valid):
+        if valid_select > len(valid):  # said: the held-back figure the user expects silently vanished
+            warnings.warn(f"{valid.source}: valid_select {valid_select} is more than its {len(valid)} validation "
+                          "patches: all of them select and none is held back (no held-back figure)", UserWarning,
+                          stacklevel=2)
         return valid, None
     idx = stratified_subset(valid.labels, valid_select, seed)
     return valid.subset(idx), valid.subset(np.setdiff1d(np.arange(len(valid)), idx))
@@ -219,7 +223,8 @@ def collate_uint8(batch) -> tuple[torch.Tensor, torch.Tensor]:
 IMBALANCE_WARN = 4  # one class more than this many times the other: warned (PCam is balanced)
 
 
-def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: PatchDataset | None) -> None:
+def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: PatchDataset | None,
+                        epoch_size: int | None = None) -> None:
     """Refuse, before any epoch, sets a cell model cannot be trained or selected on: a class missing from the
     training patches (the run wrote a model of one class with exit 0) or from the selection part (every epoch's
     AUC was NaN, no epoch was kept, and the run ended "model file not found"), patches of two sizes, and
@@ -233,6 +238,9 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
             raise PatchDataError(f"{ds.source}: its {what} have no class {' or '.join(missing)} ({counts[0]} of "
                                  f"class 0, {counts[1]} of class 1): a cell model needs both (folders 0/ and 1/)")
     counts = per_set[0][0]  # the training patches'
+    if epoch_size is not None and epoch_size > len(train):  # an epoch is at most every patch once
+        warnings.warn(f"{train.source}: epoch_size {epoch_size} is more than its {len(train)} training patches: an "
+                      f"epoch draws each of them once ({len(train)} an epoch)", UserWarning, stacklevel=2)
     if max(counts) > IMBALANCE_WARN * min(counts):
         warnings.warn(f"{train.source}: the training patches are imbalanced ({counts[0]} of class 0, {counts[1]} of "
                       f"class 1) and the loss does not weight them: the model leans to class "
