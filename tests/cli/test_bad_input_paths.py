@@ -261,7 +261,7 @@ def test_a_writers_default_dpi_is_named():
 def test_annotation_files_match_slide_names_exactly_and_gaps_are_named(cohort, tmp_path, recwarn):
     """`glob(name + ext)` let `tumor[1]` take `tumor1.xml` and missed `x.XML`; a tumour slide without its file
     silently became a normal one in the FROC."""
-    from wsi_vssm.runs.evaluate import _read_annotations
+    from wsi_vssm.runs.cohort_froc import read_cohort_annotations
 
     xml = (cohort / "annotations" / "tumor_001.xml").read_bytes()
     ann = tmp_path / "ann"
@@ -271,7 +271,7 @@ def test_annotation_files_match_slide_names_exactly_and_gaps_are_named(cohort, t
     (ann / "both.xml").write_bytes(xml)
     (ann / "both.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     folders = {n: n for n in ("tumor[1]", "upper", "both", "normal")}
-    found = _read_annotations(ann, folders, {"tumor[1]": 1, "upper": 1, "both": 1, "normal": 0})
+    found = read_cohort_annotations(ann, folders, {"tumor[1]": 1, "upper": 1, "both": 1, "normal": 0})
     assert sorted(found) == ["both", "upper"]  # exact names, any extension case; tumor[1] is no wildcard
     notes = [str(w.message) for w in recwarn]
     assert any("both (both.xml, both.geojson: both.xml used)" in n for n in notes), notes

@@ -271,6 +271,10 @@ def test_a_finished_dense_stage_resumes_with_one_more_mining_round(tmp_path, cap
     with pytest.raises(UsageError, match="1 mining rounds already ran; dense.rounds 0 cannot be fewer"):
         train_dense(init, tmp_path / "train", tmp_path / "valid", out,
                     DenseConfig(epochs=5, rounds=0, resume=True, **cfg), progress=False)
+    ran = rec["epochs_run"]  # fewer epochs than the checkpoint holds were accepted and recorded as the stage's
+    with pytest.raises(UsageError, match=f"{ran} epochs already ran; dense.epochs {ran - 1} cannot be fewer"):
+        train_dense(init, tmp_path / "train", tmp_path / "valid", out,
+                    DenseConfig(epochs=ran - 1, rounds=1, resume=True, **cfg), progress=False)
 
 
 def test_a_checkpoint_resumes_from_its_start_model_by_contents(tmp_path):

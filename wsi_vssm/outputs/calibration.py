@@ -37,6 +37,22 @@ def logit(p):
     return float(z) if np.ndim(z) == 0 else z
 
 
+def patch_probabilities(probs, metadata: dict | None):
+    """Isolated-patch probabilities (`evaluate PATCHES`: each patch scored alone, by its centre token) put on the
+    calibrated scale with the model file's `patch_calibration` (Platt a, b fitted on selection patches scored
+    alone); unchanged for files without one. Heatmap cells, scored in context, are calibrated in the cell head."""
+    p = np.asarray(probs, np.float64)
+    return logistic(patch_logits(logit(p), metadata)) if (metadata or {}).get("patch_calibration") else p
+
+
+def patch_logits(logits, metadata: dict | None) -> np.ndarray:
+    """Isolated-patch logits on the calibrated scale (`patch_probabilities` is their logistic): a z + b with the
+    model file's `patch_calibration`, unchanged without one. Ranks patches where probabilities tie at 1.0."""
+    cal = (metadata or {}).get("patch_calibration")
+    z = np.asarray(logits, np.float64)
+    return float(cal["a"]) * z + float(cal["b"]) if cal else z
+
+
 def _finite(labels, probs) -> tuple[np.ndarray, np.ndarray]:
     y, p = np.asarray(labels, np.float64).reshape(-1), np.asarray(probs, np.float64).reshape(-1)
     if y.shape != p.shape:

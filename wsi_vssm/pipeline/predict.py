@@ -23,6 +23,7 @@ from wsi_vssm import __version__
 from wsi_vssm.errors import UsageError, WsiVssmError, is_real_number
 from wsi_vssm.io.base import SlideReader
 from wsi_vssm.outputs import files
+from wsi_vssm.outputs.calibration import patch_logits, patch_probabilities  # noqa: F401  (public here too)
 from wsi_vssm.outputs.prediction import SCHEMA as PREDICTION_SCHEMA
 
 THUMBNAIL_SIDE = 2048  # overlay resolution (the tissue mask has its own rule: io.tissue.slide_tissue)
@@ -127,24 +128,6 @@ def merge_distance_cells(model, params: PredictParams) -> float:
         return float(params.merge_distance_cells)
     meta = getattr(model, "metadata", None) or {}
     return float(meta.get("lesion_merge_distance_cells", DEFAULT_MERGE_DISTANCE_CELLS))
-
-
-def patch_probabilities(probs, metadata: dict | None):
-    """Isolated-patch probabilities (`evaluate PATCHES`: each patch scored alone, by its centre token) put on the
-    calibrated scale with the model file's `patch_calibration` (Platt a, b fitted on selection patches scored
-    alone); unchanged for files without one. Heatmap cells, scored in context, are calibrated in the cell head."""
-    from wsi_vssm.outputs.calibration import logistic, logit
-
-    p = np.asarray(probs, np.float64)
-    return logistic(patch_logits(logit(p), metadata)) if (metadata or {}).get("patch_calibration") else p
-
-
-def patch_logits(logits, metadata: dict | None) -> np.ndarray:
-    """Isolated-patch logits on the calibrated scale (`patch_probabilities` is their logistic): a z + b with the
-    model file's `patch_calibration`, unchanged without one. Ranks patches where probabilities tie at 1.0."""
-    cal = (metadata or {}).get("patch_calibration")
-    z = np.asarray(logits, np.float64)
-    return float(cal["a"]) * z + float(cal["b"]) if cal else z
 
 
 def model_thresholds(model, warn: bool = True) -> tuple[float, float]:

@@ -134,6 +134,9 @@ def train_dense(init: str | Path, train_src, valid_src, out: str | Path, cfg: De
         if cfg.rounds < st["phase"]:  # mining rounds already run cannot be undone
             raise UsageError(f"{ckpt_path}: {st['phase']} mining rounds already ran; dense.rounds {cfg.rounds} "
                              "cannot be fewer on resume")
+        if cfg.epochs < st["epoch"]:  # accepted before, and recorded as the epochs of a model that has more
+            raise UsageError(f"{ckpt_path}: {st['epoch']} epochs already ran; dense.epochs {cfg.epochs} cannot be "
+                             "fewer on resume")
         _say(progress, f"dense: resumed from {ckpt_path} after epoch {st['epoch']} (phase {st['phase']})")
     elif st["epoch"] == 0:
         if cfg.resume:

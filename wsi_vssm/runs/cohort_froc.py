@@ -1,0 +1,81 @@
+"""`evaluate --annotations`: the CAMELYON16 lesion-level FROC over a cohort run's heatmaps
+(`outputs.froc`), and the annotation files read before any slide runs."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from wsi_vssm.outputs.files import HEATMAP_ZARR
+
+FROC_MIN_PROBABILITY = 0.01
+
+
+def cohort_froc(out: Path, scored: list[dict], annotated: dict, folders: dict[str, str]) -> dict:
+    """CAMELYON16 lesion-level FROC from each slide's heatmap and its annotations (`read_cohort_annotations`; slides
+    without any are normal). `folders` maps a table's slide name to its output folder (the file's stem; the
+    case may differ)."""
+    from wsi_vssm.outputs.froc import detections_from_heatmap, froc
+    from wsi_vssm.outputs.heatmap import read_heatmap_zarr
+
+    detections, truth, mpps, outside = {}, {}, {}, {}
+    for r in scored:
+        folder = folders.get(r["slide"], r["slide"])
+        prob, _, _, attrs = read_heatmap_zarr(out / folder / HEATMAP_ZARR)
+        meta = attrs["wsi_vssm"]
+        reach = _beyond_slide(annotated.get(r["slide"]), prob.shape, meta["cell0"])
+        if reach:
+            outside[r["slide"]] = reach
+        # Every local maximum down to a low floor: the FROC curve sweeps the detection threshold itself.
+        detections[r["slide"]] = detections_from_heatmap(prob, meta["cell0"], meta["origin"],
+                                                         threshold=FROC_MIN_PROBABILITY)
+        mpps[r["slide"]] = meta["mpp"]
+        if r["slide"] in annotated:
+            truth[r["slide"]] = annotated[r["slide"]]
+    return {**froc(detections, truth, mpps).as_dict(), "annotations_outside_slide": outside}
+
+
+def _beyond_slide(annotation, grid_shape: tuple[int, int], cell0: float) -> list[float] | None:
+    """The tumour annotation's level-0 bounds when they reach more than a cell past the slide's scored extent
+    (annotations drawn in another frame: a lower level's pixels, micrometres), else None."""
+    tumor = getattr(annotation, "tumor", None)
+    if tumor is None or tumor.is_empty:
+        return None
+    x0, y0, x1, y1 = tumor.bounds
+    width, height = (grid_shape[1] + 1) * cell0, (grid_shape[0] + 1) * cell0  # a partial cell at each edge
+    return [round(v, 1) for v in (x0, y0, x1, y1)] if x0 < -cell0 or y0 < -cell0 or x1 > width or y1 > height \
+        else None
+
+
+def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: dict[str, int] | None = None) -> dict:
+    """Each slide's parsed annotations, for the slides that have a file: named exactly like its table name or
+    its output folder (the extension in any case: .xml, .geojson or .json; no wildcards, so `tumor[1]` finds
+    only `tumor[1].xml`). Read before the cohort runs, so that a malformed file fails with its one-line error
+    then, not after every slide has been analysed. A slide labelled tumour (`labels`) without a file, or whose
+    file holds no tumour area, is named in a warning: the FROC counts its detections as false positives."""
+    from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES, read_annotations
+
+    by_name: dict[str, Path] = {}
+    for p in sorted(annotations.iterdir()):
+        if p.is_file() and p.suffix.lower() in ANNOTATION_SUFFIXES:
+            by_name.setdefault(p.stem + p.suffix.lower(), p)
+    found, unannotated, several = {}, [], []
+    for slide, folder in folders.items():
+        files = list(dict.fromkeys(by_name[name + ext] for name in (slide, folder) for ext in ANNOTATION_SUFFIXES
+                                   if name + ext in by_name))
+        if len(files) > 1:
+            several.append(f"{slide} ({', '.join(p.name for p in files)}: {files[0].name} used)")
+        if files:
+            found[slide] = read_annotations(files[0])
+        if (labels or {}).get(slide) == 1 and (not files or found[slide].tumor.is_empty):
+            unannotated.append(slide)
+    if several:
+        warnings.warn(f"{len(several)} slide(s) have several annotation files in {annotations}: "
+                      f"{'; '.join(several[:5])}", UserWarning, stacklevel=3)
+    if unannotated:
+        more = f" and {len(unannotated) - 5} more" if len(unannotated) > 5 else ""
+        warnings.warn(f"{len(unannotated)} slide(s) labelled tumour have no tumour annotation in {annotations} "
+                      f"(no file named like the slide, or no tumour area in it): {', '.join(unannotated[:5])}{more}; "
+                      "the FROC counts the detections of those it scores as false positives", UserWarning,
+                      stacklevel=3)
+    return found
