@@ -603,6 +603,11 @@ def test_the_overlay_title_says_out_of_domain():
     notes = ["looks like IHC", "tissue unlike the training data"]
     assert overlay_warning({**record, "in_domain": False, "domain_notes": notes}).endswith(
         "mean nothing: looks like IHC; tissue unlike the training data")
+    few = "the tumour call rests on 0 cell(s) at or above the cell threshold 0.7; check the heatmap before trusting it"
+    weak = {**record, "summary": {"warnings": ["something else", few]}}
+    assert overlay_warning(weak) == few  # the title's call alone read as confident as any
+    both = overlay_warning({**weak, "in_domain": False, "domain_notes": notes})
+    assert both.startswith("out of the model's domain") and both.endswith(few)
 
 
 def test_tta_measures_the_domain_distance_on_the_untransformed_view(model_file, cohort, tmp_path):

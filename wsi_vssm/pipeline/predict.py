@@ -335,12 +335,13 @@ def _score(model, cells, slide_path, mask) -> tuple[float | None, float | None, 
 
 
 FEW_CELLS = 3  # a tumour call resting on fewer cells above the cell threshold than this is flagged
+FEW_CELLS_NOTE = "the tumour call rests on"  # how that note begins (relabel replaces it, the overlay shows it)
 
 
 def _few_cells_warning(cell_probs: np.ndarray, label: int | None, cell_threshold: float) -> str | None:
     n = int((cell_probs >= cell_threshold).sum())
     if label == 1 and n < FEW_CELLS:
-        return (f"the tumour call rests on {n} cell(s) at or above the cell threshold {cell_threshold:.3g}; "
+        return (f"{FEW_CELLS_NOTE} {n} cell(s) at or above the cell threshold {cell_threshold:.3g}; "
                 "check the heatmap before trusting it")
     return None
 
@@ -438,11 +439,15 @@ def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, 
 
 
 def overlay_warning(record: dict) -> str | None:
-    """The overlay's red line under the title for a slide out of the model's domain: why, in the domain notes'
-    words (the colours and outlines of such a slide look as confident as any)."""
-    if record.get("in_domain") is not False:
-        return None
-    return f"out of the model's domain, so colours and outlines mean nothing: {'; '.join(record['domain_notes'])}"
+    """The overlay's red line under the title: for a slide out of the model's domain, why, in the domain notes'
+    words (the colours and outlines of such a slide look as confident as any); for a tumour call that rests on
+    fewer than FEW_CELLS cells at the cell threshold, that note (the title read "probability 0.999 -> tumour"
+    over a heatmap with nothing outlined, the skin sample's, with no word)."""
+    lines = [n for n in (record.get("summary") or {}).get("warnings") or [] if n.startswith(FEW_CELLS_NOTE)]
+    if record.get("in_domain") is False:
+        lines.insert(0, "out of the model's domain, so colours and outlines mean nothing: "
+                        + "; ".join(record["domain_notes"]))
+    return "; ".join(lines) or None
 
 
 def overlay_title(record: dict) -> str:

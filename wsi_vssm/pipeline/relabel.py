@@ -22,8 +22,6 @@ import numpy as np
 
 from wsi_vssm.outputs import files
 
-FEW_CELLS_NOTE = "the tumour call rests on"  # how `predict._few_cells_warning`'s note begins
-
 
 def relabel_slide(slide_path: str | os.PathLike, model, out_root: str | os.PathLike, params) -> dict:
     """Rewrite OUT/<slide>/'s outputs for `params`' thresholds and merge distance (each as `predict` resolves it)
@@ -33,6 +31,7 @@ def relabel_slide(slide_path: str | os.PathLike, model, out_root: str | os.PathL
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
     from wsi_vssm.outputs.prediction import write_prediction_json
     from wsi_vssm.pipeline.predict import (
+        FEW_CELLS_NOTE,
         THUMBNAIL_SIDE,
         _few_cells_warning,
         _opened,
