@@ -355,7 +355,7 @@ def _stage_attach(recipe: dict, model_path: Path) -> None:
     from wsi_vssm.training.mil import mil_provenance
 
     ckpt = recipe.get("attach_mil", {}).get("checkpoint")
-    if not ckpt:  # check_values says so before any stage trains; kept for callers of the stage alone
+    if not ckpt:  # check_files says so before any stage trains; kept for callers of the stage alone
         raise UsageError("stage attach_mil needs attach_mil.checkpoint (--set attach_mil.checkpoint=PATH)")
     ckpt = os.path.expanduser(ckpt)
     # attach_mil.model: the slide model to attach to (a file or 'default'), else the earlier stages' OUT/model.pt
