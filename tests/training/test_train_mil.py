@@ -480,6 +480,13 @@ def test_a_stopped_run_leaves_its_best_head_marked_unfinished(feature_bags, tmp_
     with pytest.warns(UserWarning, match="unfinished MIL training run"), pytest.raises(ModelFileError):
         attach_mil(load_model(tmp_path / "model.pt"), ckpt)  # said first, whatever else is wrong with it
     assert "marked unfinished" in _how_to_go_on(["train", "mil", "--out", str(ckpt)])
+    from wsi_vssm.commands.model_info import format_model_info, model_info
+
+    info = model_info(str(ckpt))  # `info` on train mil's output: refused before ("attach it first")
+    assert info["kind"] == "mil_head" and info["training_incomplete"] is True and info["epochs"] == 2
+    text = format_model_info(info)
+    assert "a slide head from `wsi-vssm train mil`" in text and "12 trained it, 4 selected it" in text
+    assert "has not finished" in text and f"{F} per cell, of backbone h0" in text
     with pytest.warns(UserWarning):
         train_mil(train, valid, cfg, checkpoint_path=ckpt)  # the whole run: the mark goes
     assert "training_incomplete" not in torch.load(ckpt, weights_only=True)["metadata"]

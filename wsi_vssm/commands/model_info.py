@@ -18,14 +18,22 @@ def is_model_path(path: str) -> bool:
 
 
 def model_info(path: str) -> dict:
-    """The facts `info` prints for a model file, JSON-ready; a file that is no model file is a ModelFileError."""
+    """The facts `info` prints for a model file, JSON-ready; for a MIL checkpoint of `train mil`, its own
+    (`mil_head_info`, kind `mil_head`; it was refused, "attach it first"); any other file is a ModelFileError."""
     from wsi_vssm.models.export import arch_name
+    from wsi_vssm.models.model_file import ModelFileError
     from wsi_vssm.models.slide_model import load_model, model_identity, resolve_model_path
     from wsi_vssm.pipeline.predict import model_thresholds
     from wsi_vssm.training.data.fingerprints import recorded
 
     path = resolve_model_path(path)
-    model = load_model(path)
+    try:
+        model = load_model(path)
+    except ModelFileError:
+        head = mil_head_info(path)  # users try `info` on train mil's output too: say what it is
+        if head is None:
+            raise
+        return head
     meta = model.metadata
     slide_t, cell_t = model_thresholds(model, warn=False)
     trained_on = {k: meta[k] for k in PART_NAMES if isinstance(meta.get(k), dict)}
@@ -44,6 +52,56 @@ def model_info(path: str) -> dict:
     }
 
 
+def mil_head_info(path) -> dict | None:
+    """What a MIL checkpoint of `train mil` is (its pool, the features it was trained on, its slides and where
+    selection stopped), or None when `path` is no such file."""
+    from wsi_vssm.models.checkpoint import CheckpointError, read_checkpoint
+    from wsi_vssm.models.mil import MILConfig
+    from wsi_vssm.models.model_file import MIL_FORMAT
+
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError:
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != MIL_FORMAT:
+        return None
+    meta = ckpt.get("metadata") if isinstance(ckpt.get("metadata"), dict) else {}
+    feats = meta.get("features") if isinstance(meta.get("features"), dict) else {}
+    cfg = MILConfig(**(ckpt.get("mil_config") or {}))
+    return {
+        "path": str(Path(path).absolute()), "kind": "mil_head", "slide_head": slide_head(cfg), "in_dim": cfg.in_dim,
+        "features": {k: feats.get(k) for k in ("model_id", "model_hash", "mpp", "token_px")},
+        "train_slides": len(meta.get("train_slides") or []), "valid_slides": len(meta.get("valid_slides") or []),
+        "seed": meta.get("seed"), "epochs": meta.get("epochs"), "best_epoch": meta.get("best_epoch"),
+        "valid_auc": meta.get("valid_auc"), "trained_cell_head":
+            bool((meta.get("train_config") or {}).get("train_cell_head")),
+        "date": meta.get("date"), "package_version": meta.get("package_version"),
+        "training_incomplete": bool(meta.get("training_incomplete")),
+    }
+
+
+def format_mil_head_info(r: dict) -> str:
+    f, auc = r["features"], r["valid_auc"]
+    lines = [
+        f"MIL head:    {r['path']}",
+        "kind:        a slide head from `wsi-vssm train mil`, not a slide model: attach it to one to predict "
+        "(`run ... attach_mil`, docs/features.md)",
+        f"slide head:  {r['slide_head']['pool']}"
+        + (f", the mean of {r['slide_head']['members']} heads trained with different seeds"
+           if r["slide_head"]["members"] > 1 else "")
+        + ("; its cell head trained too" if r["trained_cell_head"] else ""),
+        f"features:    {r['in_dim']} per cell, of backbone {str(f.get('model_hash') or '?')[:12]} "
+        f"({f.get('model_id') or '?'}), {f.get('mpp')} um/px, one cell per {f.get('token_px')} px",
+        f"slides:      {r['train_slides']} trained it, {r['valid_slides']} selected it (best epoch "
+        f"{r['best_epoch']} of {r['epochs']}, valid AUC {'n/a' if auc is None else f'{auc:.3f}'})",
+    ]
+    if r["date"]:
+        lines.append(f"made:        {r['date']} with wsi-vssm {r['package_version'] or '?'}")
+    if r["training_incomplete"]:
+        lines.append("state:       the best head so far of a training run that has not finished")
+    return "\n".join(lines)
+
+
 def slide_head(cfg) -> dict:
     """The slide head's pool (with its top-k where it has one), and how many seeds' heads it averages."""
     from wsi_vssm.models.mil import head_name
@@ -52,6 +110,8 @@ def slide_head(cfg) -> dict:
 
 
 def format_model_info(r: dict) -> str:
+    if r["kind"] == "mil_head":
+        return format_mil_head_info(r)
     lines = [
         f"model:       {r['path']}",
         f"kind:        a wsi-vssm model file ({r['name']}), not a slide",
