@@ -77,14 +77,15 @@ def run_spread(run: Path, seeds: list[int], pools: list[str], progress: bool = T
     with tempfile.TemporaryDirectory() as tmp:
         for name in pools:
             pool, k = wanted[name]
-            aucs, clock = {}, [time.perf_counter()]
+            aucs, started = {}, time.perf_counter()
 
-            def fitted(seed, mil, _history, name=name, aucs=aucs, clock=clock):
+            def fitted(seed, mil, _history, name=name, aucs=aucs):
+                nonlocal started
                 aucs[seed] = size_aware_fit(mil, valid, plan)["auc"]
                 if progress:
                     print(f"{run.name} {name} seed {seed}: AUC over valid mosaics and pooled bags {aucs[seed]:.4f} "
-                          f"({time.perf_counter() - clock[0]:.0f} s)", flush=True)
-                clock[0] = time.perf_counter()
+                          f"({time.perf_counter() - started:.0f} s)", flush=True)
+                started = time.perf_counter()
 
             heads, _ = fit_seed_heads(bags, cfg, start.mil.config, (pool, k), count_threshold, head, init, seeds,
                                       lambda seed, name=name: Path(tmp) / f"{name}-{seed}", fitted)

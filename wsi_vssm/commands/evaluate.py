@@ -118,14 +118,13 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
                         f"({floor['range90'][0]:.3f}-{floor['range90'][1]:.3f}) on {m['n']} items"
                         f" -> {out_dir}/calibration.png")
     froc = m.get("froc")
-    if froc:  # `--annotations`: the lesion-level figure was only in metrics.json
+    if froc and froc.get("froc") is None:  # `--annotations`: the lesion-level figure was only in metrics.json
+        progress.result(f"FROC: none ({froc.get('reason') or 'undefined'}) -> {out_dir}/metrics.json")
+    elif froc:
         at = froc.get("sensitivity_at_fps") or {}
-        sens = f"lesion sensitivity {'/'.join(f'{v:.2f}' for v in at.values())} at {'/'.join(at)} false " \
-               "positives per slide"
-        progress.result(f"FROC {froc['froc']:.3f} ({sens}) over {froc['n_lesions']} lesions on "
-                        f"{froc['n_slides']} slides -> {out_dir}/metrics.json"
-                        if froc.get("froc") is not None else
-                        f"FROC: none ({froc.get('reason') or 'undefined'}) -> {out_dir}/metrics.json")
+        progress.result(f"FROC {froc['froc']:.3f} (lesion sensitivity {'/'.join(f'{v:.2f}' for v in at.values())} "
+                        f"at {'/'.join(at)} false positives per slide) over {froc['n_lesions']} lesions on "
+                        f"{froc['n_slides']} slides -> {out_dir}/metrics.json")
     if m.get("kappa") is not None:
         few = few_patients_warning(res)
         if few:

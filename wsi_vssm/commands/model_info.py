@@ -65,9 +65,12 @@ def mil_head_info(path) -> dict | None:
         return None
     if not isinstance(ckpt, dict) or ckpt.get("format") != MIL_FORMAT:
         return None
+    try:
+        cfg = MILConfig(**(ckpt.get("mil_config") or {}))
+    except (TypeError, ValueError):  # not a head this version can describe: the model reader's error stands
+        return None
     meta = ckpt.get("metadata") if isinstance(ckpt.get("metadata"), dict) else {}
     feats = meta.get("features") if isinstance(meta.get("features"), dict) else {}
-    cfg = MILConfig(**(ckpt.get("mil_config") or {}))
     return {
         "path": str(Path(path).absolute()), "kind": "mil_head", "slide_head": slide_head(cfg), "in_dim": cfg.in_dim,
         "features": {k: feats.get(k) for k in ("model_id", "model_hash", "mpp", "token_px")},

@@ -171,7 +171,7 @@ class MILEnsemble(nn.Module):
         if any(not all(torch.equal(v, cell[k]) for k, v in h.cell_head.state_dict().items()) for h in heads):
             raise ValueError("ensemble members must share one cell head")
         ens = cls(replace(cfg, members=len(heads)))
-        ens.cell_head.load_state_dict(heads[0].cell_head.state_dict())
+        ens.cell_head.load_state_dict(cell)
         for m, h in zip(ens.members, heads, strict=True):
             m.load_state_dict({k: v for k, v in h.state_dict().items() if not k.startswith("cell_head.")})
         return ens

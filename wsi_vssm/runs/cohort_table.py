@@ -146,7 +146,7 @@ def interrupted_table(out: Path, crows: list, tasks: list, job, interim: Interim
     import os
     from types import SimpleNamespace
 
-    from wsi_vssm.runs.state import NOT_THE_SLIDES_FAULT, Status, input_changed, read_state
+    from wsi_vssm.runs.state import Status, input_changed, known_failure, read_state
 
     retrying = opts is not None and (opts.retry_failed or opts.overwrite)
 
@@ -157,12 +157,9 @@ def interrupted_table(out: Path, crows: list, tasks: list, job, interim: Interim
                 and state.get("params_hash") == job.params_hash)
         if ours and state.get("status") == Status.DONE:
             return final_row(crows[i], SimpleNamespace(task=task, status="done"), job)
-        if (ours and state.get("status") == Status.FAILED and not retrying
-                and state.get("error_type") not in NOT_THE_SLIDES_FAULT
-                and not input_changed(state.get("input"), task.path)):
-            return _failed_row(crows[i], f"{state.get('error')} [failed in an earlier run; --retry-failed tries "
-                                         "again]")
-        return interim.table[i]
+        known = (ours and not retrying and state.get("status") == Status.FAILED
+                 and known_failure(state, input_changed(state.get("input"), task.path)))
+        return _failed_row(crows[i], known) if known else interim.table[i]
 
     with contextlib.suppress(Exception), report_writer(out, 0) as held:
         if held:

@@ -48,7 +48,6 @@ from wsi_vssm.outputs.files import COHORT_FILES, CONFUSION_PNG, OUTPUTS_FORMAT, 
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
 from wsi_vssm.runs.state import (
-    NOT_THE_SLIDES_FAULT,
     STATE_DIR,
     OutputFull,
     SlideLock,
@@ -56,6 +55,7 @@ from wsi_vssm.runs.state import (
     check_output_folder,
     clear_temporaries,
     input_changed,
+    known_failure,
     live_lock,
     now,
     read_state,
@@ -313,10 +313,8 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             progress.info(f"{task.name}: {what}: its outputs are made again from its saved heatmap (no backbone)")
             job.relabel.add(task.name)  # on the job: Dask workers receive it with the task
             todo.append(task)
-        elif (same and not (overwrite or opts.retry_failed) and status == Status.FAILED and not changed
-              and state.get("error_type") not in NOT_THE_SLIDES_FAULT):  # e.g. a full disk
-            finish(Outcome(task, "failed", f"{state.get('error')} [failed in an earlier run; --retry-failed "
-                                           "tries again]", state))
+        elif same and not (overwrite or opts.retry_failed) and (known := known_failure(state, changed)):
+            finish(Outcome(task, "failed", known, state))
         else:
             todo.append(task)
     return todo

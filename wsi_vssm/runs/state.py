@@ -58,6 +58,17 @@ class OutOfMemory(WsiVssmError):
 
 # failures of the machine, not of the slide: a rerun tries such a slide again without --retry-failed
 NOT_THE_SLIDES_FAULT = (OutputFull.__name__, OutOfMemory.__name__, OutputNotWritable.__name__)
+KNOWN_FAILURE_NOTE = "[failed in an earlier run; --retry-failed tries again]"
+
+
+def known_failure(state: dict, changed: bool) -> str | None:
+    """The error a rerun reports again for a slide whose state (with this run's parameters) says it failed,
+    when its file has not `changed` and the failure was the slide's own, not the machine's; else None. Without
+    --retry-failed or --overwrite the runner does not try such a slide again, and an interrupted run's table
+    shows it failed, not pending."""
+    if state.get("status") != Status.FAILED or changed or state.get("error_type") in NOT_THE_SLIDES_FAULT:
+        return None
+    return f"{state.get('error')} {KNOWN_FAILURE_NOTE}"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 

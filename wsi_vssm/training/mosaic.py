@@ -21,8 +21,6 @@ import numpy as np
 
 from wsi_vssm.errors import UsageError
 
-ONE_PER_POOL = ("attention", "count")  # slide heads that do not use `topk`: one candidate each
-
 
 @dataclass
 class MosaicMILConfig:
@@ -384,9 +382,11 @@ def size_table(labels, probs, sizes, log_n, threshold: float) -> list[dict]:
 
 def candidates_of(cfg: MosaicMILConfig) -> list[tuple[str, int]]:
     """(pool, topk) slide heads to train: attention and count once, topk and mix once per top-k size."""
+    from wsi_vssm.models.mil import TOPK_POOLS
+
     pools = [cfg.pool] if isinstance(cfg.pool, str) else list(cfg.pool)
     ks = [cfg.topk] if isinstance(cfg.topk, int) else list(cfg.topk)
-    return [(p, k) for p in pools for k in ([ks[0]] if p in ONE_PER_POOL else ks)]
+    return [(p, k) for p in pools for k in (ks if p in TOPK_POOLS else [ks[0]])]
 
 
 def candidate_name(pool: str, k: int) -> str:

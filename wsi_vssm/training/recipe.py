@@ -68,8 +68,6 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
     atomic_write_json(out / "recipe.resolved.json", resolved)
     final_path, model_path = out / "model.pt", out / WORK_MODEL
     model_path.unlink(missing_ok=True)  # a stopped run's
-    if final_path.is_file():  # a first stage that builds on OUT's model (context alone, say) starts from it
-        shutil.copyfile(final_path, model_path)
     done = _read_progress(out) if resume else []
     contents = _data_contents(recipe.get("data", {}))
     chain, previous = True, None  # chain: every stage so far was skipped as done before
@@ -89,6 +87,8 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
             continue
         if chain and previous is not None:  # the skipped stages' last model is where this one starts
             shutil.copyfile(out / f"{previous}.pt", model_path)
+        elif chain and final_path.is_file():  # the first stage builds on OUT's model (context alone, say)
+            shutil.copyfile(final_path, model_path)
         before = next((d["settings"] for d in done if d["stage"] == stage), None) if chain else None
         if before is not None and not _same(before, settings):  # say why hours of training run again
             _say_rerun(out, stage, before, settings)
