@@ -465,12 +465,12 @@ def test_older_model_file_thresholds_and_one_uncalibrated_warning(cohort, tmp_pa
     import torch
 
     from wsi_vssm.models.slide_model import SlideModel, load_model, save_model
-    from wsi_vssm.pipeline import predict as predict_module
+    from wsi_vssm.pipeline import params as params_module
 
     torch.manual_seed(0)
     save_model(SlideModel.create("micro", scan="cpu").eval(), tmp_path / "old.pt", metadata={"threshold": 0.6})
     model = load_model(tmp_path / "old.pt")
-    predict_module._UNCALIBRATED_WARNED.clear()
+    params_module._UNCALIBRATED_WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rec = predict_slide(cohort / "normal_001.tif", model, tmp_path / "a", FAST)
@@ -719,11 +719,11 @@ def test_the_uncalibrated_warning_goes_with_a_slide_that_is_scored(cohort, tmp_p
     from conftest import write_tiny_model
 
     from wsi_vssm.io import SlideError
-    from wsi_vssm.pipeline import predict
+    from wsi_vssm.pipeline import params
 
     model = _model(write_tiny_model(tmp_path / "old.pt", purpose="test"))
     model.metadata = {"threshold": 0.4}  # an older file: no cell threshold
-    monkeypatch.setattr(predict, "_UNCALIBRATED_WARNED", set())
+    monkeypatch.setattr(params, "_UNCALIBRATED_WARNED", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(SlideError):
