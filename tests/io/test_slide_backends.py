@@ -269,6 +269,31 @@ def test_user_mpp_overrides_a_stated_one_with_a_warning(tiff_path):
     assert s.read(0, 0, 100, 100, 0.5).shape == (50, 50, 3)  # the override drives resolution-aware reads
 
 
+def test_fallback_mpp_fills_only_a_missing_or_estimated_resolution(tmp_path, tiff_path, levels):
+    """--fallback-mpp is for a folder mixing slides that state their resolution with some that do not: a stated
+    one is kept without a word, a missing one or an objective-power guess takes the fallback, and --mpp wins."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_slide(tiff_path, fallback_mpp=0.3) as s:
+            assert s.mpp == 0.5 and s.mpp_source not in ("fallback", "user")
+    bare = tmp_path / "bare.tif"
+    tifffile.imwrite(bare, levels[0], photometric="rgb", metadata=None)
+    with open_slide(bare, fallback_mpp=0.3) as s:
+        assert (s.mpp, s.mpp_source) == (0.3, "fallback")
+        assert s.read(0, 0, 60, 60, 0.6).shape == (30, 30, 3)
+    with open_slide(bare, mpp=0.4, fallback_mpp=0.3) as s:
+        assert (s.mpp, s.mpp_source) == (0.4, "user")
+    desc = "Aperio Image Library v12.0.0\r\n384x256 (64x64) RGB|AppMag = 40|Filename = synth"
+    guessed = tmp_path / "guessed.svs"
+    tifffile.imwrite(guessed, levels[0], tile=(64, 64), photometric="rgb", description=desc, metadata=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "estimated from the objective" warning: the estimate is not used
+        with open_slide(guessed, backend="tifffile", fallback_mpp=0.5) as s:
+            assert (s.mpp, s.mpp_source) == (0.5, "fallback")
+    with pytest.raises(UsageError, match="fallback_mpp must be a positive number"):
+        open_slide(bare, fallback_mpp=0)
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "x"])
 def test_bad_user_mpp_is_a_usage_error(tiff_path, bad):
     with pytest.raises(UsageError, match="mpp"):

@@ -706,7 +706,8 @@ def test_the_interrupted_table_keeps_this_runs_outcomes_and_takes_only_this_slid
     out.mkdir()
     crows = [SimpleNamespace(name=n, label=lab) for n, lab in (("a", 1), ("b", 0), ("c", 0))]
     tasks = [SlideTask(n, str(tmp_path / f"{n}.tif")) for n in ("a", "b", "c")]
-    job = SimpleNamespace(out=out, kind="predict", params_hash="h", outputs_ok=lambda name: True)
+    job = SimpleNamespace(out=out, kind="predict", params_hash="h", task_hash=lambda task: "h", fallback_mpp=None,
+                          outputs_ok=lambda name: True)
     done = {"status": "done", "params_hash": "h", "result": {"probability": 0.93, "in_domain": True}}
     write_state(out, "predict", "a", {**done, "abspath": str(tmp_path / "elsewhere" / "a.tif")})  # another slide
     write_state(out, "predict", "b", {**done, "abspath": str(tmp_path / "b.tif")})  # finished as Ctrl-C came

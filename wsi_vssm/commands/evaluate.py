@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import NonEmptyPath, model_options, mpp_option, predict_options, run_options
+from wsi_vssm.commands.options import (
+    NonEmptyPath,
+    fallback_mpp_option,
+    model_options,
+    mpp_option,
+    predict_options,
+    run_options,
+)
 from wsi_vssm.runs.runner import EXIT_INCOMPLETE
 
 PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the terminal; all are in predictions.csv
@@ -32,6 +39,7 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
                    "split column, else all.")
 @model_options
 @mpp_option
+@fallback_mpp_option
 @predict_options
 @run_options
 @click.pass_context
@@ -75,7 +83,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         from wsi_vssm.pipeline.extract import Inference
 
         inference = Inference.of(Inference(opts["precision"], opts["tta"]), opts["amp"])
-        res = evaluate_patches(cohort, model, out_dir, mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot,
+        patch_mpp = mpp or opts["fallback_mpp"]  # patches store no resolution: a fallback is theirs
+        res = evaluate_patches(cohort, model, out_dir, patch_mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot,
                                threshold=opts["cell_threshold"], inference=inference,
                                device=option_device(opts["device"]))
         failed = [r["error"] for r in res.rows if r["status"] == "failed"]

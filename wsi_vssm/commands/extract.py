@@ -19,6 +19,7 @@ from wsi_vssm.commands.options import (
     FiniteFloatRange,
     NonEmptyPath,
     amp_and_precision,
+    fallback_mpp_option,
     mpp_option,
     reader_threads_option,
     run_options,
@@ -40,6 +41,7 @@ from wsi_vssm.commands.options import (
 @click.option("--target-mpp", type=MPP_RANGE, default=None,
               help="Analysis resolution in um/px (default: the model's own).")
 @mpp_option
+@fallback_mpp_option
 @click.option("--region-px", type=click.IntRange(min=32), default=None,
               help="Region side at the analysis mpp (default 2048 on CPU, 9984 on GPU: 10,000 in whole tokens). "
                    "Each region's scan sees only its own pixels: features move with the region size, more below 1024.")
@@ -58,8 +60,8 @@ from wsi_vssm.commands.options import (
               help="Old spelling of --precision bf16 / fp32.")
 @run_options
 @click.pass_context
-def command(ctx, slides, model, out, formats, target_mpp, mpp, region_px, overlap_px, min_tissue, device, batch_size,
-            reader_threads, precision, amp, **opts):
+def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, region_px, overlap_px, min_tissue, device,
+            batch_size, reader_threads, precision, amp, **opts):
     """Extract token-cell features of SLIDE(s) with a VSSM backbone (slide files, OME-Zarr folders, or folders
     of slides)."""
     from wsi_vssm.commands.options import exit_for, model_file, option_device, option_geometry, pop_run_options
@@ -95,7 +97,7 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, region_px, overla
     )  # fmt: skip
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
-    job = extract_job(out, model_file(model), backbone, info, mpp, params, tuple(formats))
+    job = extract_job(out, model_file(model), backbone, info, mpp, params, tuple(formats), fallback_mpp)
     tasks = slide_tasks(expand_slide_folders(slides), progress)
     summary = run_slides(tasks, job, run, progress)
     exit_for(summary, len(tasks))

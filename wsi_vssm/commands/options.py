@@ -43,6 +43,14 @@ mpp_option = click.option(
     help="Microns per pixel at level 0 for inputs that state none (a stated value is overridden, with a warning).",
 )
 
+fallback_mpp_option = click.option(
+    "--fallback-mpp",
+    type=MPP_RANGE,
+    default=None,
+    help="Microns per pixel at level 0 for the slides that store none (or only an objective power); slides that "
+         "state theirs keep it. For folders mixing both. --mpp and a manifest's mpp column win over it.",
+)
+
 
 reader_threads_option = click.option(
     "--reader-threads", type=click.IntRange(min=1), default=2, show_default=True,

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from wsi_vssm.commands.options import NonEmptyPath, model_options, mpp_option, predict_options, run_options
+from wsi_vssm.commands.options import (
+    NonEmptyPath,
+    fallback_mpp_option,
+    model_options,
+    mpp_option,
+    predict_options,
+    run_options,
+)
 
 
 @click.command("predict")
@@ -13,6 +20,7 @@ from wsi_vssm.commands.options import NonEmptyPath, model_options, mpp_option, p
               help="Output folder; each slide gets OUT/<slide name>/.")
 @model_options
 @mpp_option
+@fallback_mpp_option
 @predict_options
 @run_options
 @click.pass_context

@@ -37,6 +37,7 @@ MPP_SOURCES = (
     "vendor-metadata",
     "objective-power",
     "user",
+    "fallback",
     "none",
 )
 
@@ -173,7 +174,8 @@ class SlideReader(ABC):
         if self.mpp is None:
             ignored = ignored_mpp(self.properties)
             raise MissingMpp(self.path, f"{ignored}; give the right one with --mpp" if ignored else
-                             "slide has no resolution (microns per pixel); state it with --mpp")
+                             "slide has no resolution (microns per pixel); state it with --mpp (--fallback-mpp: only "
+                             "for the slides that state none)")
         return self.mpp
 
     def level_mpp(self, level: int) -> float:

@@ -38,13 +38,16 @@ OPENSLIDE_ONLY_SUFFIXES = (".dcm", ".mrxs", ".vms", ".vmu", ".svslide")
 
 
 def open_slide(
-    path: str | os.PathLike, backend: str | SlideBackend = "auto", mpp: float | None = None
+    path: str | os.PathLike, backend: str | SlideBackend = "auto", mpp: float | None = None,
+    fallback_mpp: float | None = None,
 ) -> SlideReader:
     """Open a whole-slide image.
 
     backend: "auto" (by content: OpenSlide when it reads the file and is installed, else tifffile;
     OME-Zarr for a directory with zarr metadata), or "openslide", "tifffile", "zarr".
     mpp: microns per pixel at level 0 for files that state none; overrides (with a warning) a stated one.
+    fallback_mpp: microns per pixel at level 0 for files that store none (also in place of an estimate from the
+    objective power); a stated one is kept. Its source is then "fallback". `mpp` wins over it.
     Raises UnsupportedFormat, CorruptSlide, MissingBackend (all SlideError), or UsageError for a bad
     `backend` or `mpp`.
     """
@@ -52,14 +55,14 @@ def open_slide(
         raise UsageError(f"open_slide takes a path, got a {type(path).__name__}; wrap an image in memory in "
                          "ArraySlide(image, mpp=...)")
     name = _backend_name(backend)
-    if mpp is not None:
-        mpp = _user_mpp(mpp)
+    mpp = None if mpp is None else _user_mpp(mpp)
+    fallback_mpp = None if fallback_mpp is None else _user_mpp(fallback_mpp, "fallback_mpp")
     p = Path(path)
     problem = path_problem(p)
     if problem is not None:
         raise UnsupportedFormat(p, problem)
     reader = _open_auto(p) if name == "auto" else _open_with(name, p)
-    _settle_mpp(reader, mpp)
+    _settle_mpp(reader, mpp, fallback_mpp)
     return reader
 
 
@@ -99,13 +102,13 @@ def path_problem(path: str | os.PathLike) -> str | None:
     return f"not a regular file: {kind}"
 
 
-def _user_mpp(mpp: object) -> float:
+def _user_mpp(mpp: object, name: str = "mpp") -> float:
     try:
         value = float(mpp)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
+        raise UsageError(f"{name} must be a positive number of microns per pixel, got {mpp!r}")
     return value
 
 
@@ -224,8 +227,10 @@ def _openslide_detects(path: Path) -> bool:
         return False
 
 
-def _settle_mpp(reader: SlideReader, mpp: float | None) -> None:
-    if mpp is not None:
+def _settle_mpp(reader: SlideReader, mpp: float | None, fallback_mpp: float | None = None) -> None:
+    if mpp is None and fallback_mpp is not None and (reader.mpp is None or reader.mpp_source == "objective-power"):
+        reader.set_mpp(fallback_mpp, "fallback")  # the user's value for files that store none: no warning
+    elif mpp is not None:
         if reader.mpp is not None and reader.mpp_source != "objective-power":
             warnings.warn(
                 f"{reader.path}: the file states {reader.mpp:.4g} um/px ({reader.mpp_source}); "

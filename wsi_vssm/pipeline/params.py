@@ -17,6 +17,7 @@ DEFAULT_THRESHOLD = 0.5
 @dataclass
 class PredictParams:
     mpp: float | None = None  # level-0 mpp of a slide that states none (overrides a stated one, with a warning)
+    fallback_mpp: float | None = None  # level-0 mpp of a slide that stores none; a stated one is kept
     target_mpp: float | None = None  # analysis resolution; default: the model's own
     region_px: int | None = None  # default by device (pipeline.geometry.resolve_geometry)
     overlap_px: int | None = None  # default pipeline.geometry.DEFAULT_OVERLAP_PX
@@ -38,7 +39,7 @@ class PredictParams:
         def bad(name, what):
             raise UsageError(f"PredictParams.{name} must be {what}, got {getattr(self, name)!r}")
 
-        for name in ("mpp", "target_mpp"):
+        for name in ("mpp", "fallback_mpp", "target_mpp"):
             value = getattr(self, name)
             if value is not None and not (is_real_number(value) and math.isfinite(value) and value > 0):
                 bad(name, "a positive number of microns per pixel")

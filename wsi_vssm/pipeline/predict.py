@@ -59,10 +59,10 @@ def predict_slide(
     `slide_path` is a slide file or OME-Zarr folder, or an open `SlideReader` (`open_slide`, or `ArraySlide` over
     an image in memory), used as it is and left open (its mpp is its own: `params.mpp` is refused with one).
 
-    Raises SlideError subclasses for unreadable slides (MissingMpp asks for --mpp), Cancelled when `cancel` is
-    set. A slide without tissue is not an error: its probability is None with the reason. `run_regions(plan)`,
-    when given, computes the regions' cells instead of this process (`extract_slide`'s hook: the cohort runner
-    spreads a large slide's regions over a Dask cluster with it).
+    Raises SlideError subclasses for unreadable slides (MissingMpp asks for --mpp or --fallback-mpp), Cancelled
+    when `cancel` is set. A slide without tissue is not an error: its probability is None with the reason.
+    `run_regions(plan)`, when given, computes the regions' cells instead of this process (`extract_slide`'s hook:
+    the cohort runner spreads a large slide's regions over a Dask cluster with it).
     """
     from wsi_vssm.io.tissue import slide_tissue
     from wsi_vssm.pipeline.domain import model_domain, slide_domain
@@ -176,12 +176,13 @@ def _opened(slide, params: PredictParams):
     from wsi_vssm.io import open_slide
 
     if isinstance(slide, SlideReader):
-        if params.mpp is not None:
-            raise UsageError(f"{slide.path or slide.name}: PredictParams.mpp is for slides given by path; set an "
-                             "open slide's own (ArraySlide(image, mpp=...), open_slide(path, mpp=...))")
+        for name in ("mpp", "fallback_mpp"):
+            if getattr(params, name) is not None:
+                raise UsageError(f"{slide.path or slide.name}: PredictParams.{name} is for slides given by path; "
+                                 "set an open slide's own (ArraySlide(image, mpp=...), open_slide(path, mpp=...))")
         yield slide
         return
-    with open_slide(slide, backend=params.backend, mpp=params.mpp) as reader:
+    with open_slide(slide, backend=params.backend, mpp=params.mpp, fallback_mpp=params.fallback_mpp) as reader:
         yield reader
 
 

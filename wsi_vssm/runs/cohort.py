@@ -1,8 +1,9 @@
 """Cohorts: which slides, with which slide labels and splits.
 
 Two layouts:
-- a manifest CSV with a header `slide,label[,split]` (extra columns ignored; `path`, `file`, `slide_path` or
-  `wsi` may name the slide column); `slide` is a path, relative to the CSV's folder unless absolute;
+- a manifest CSV with a header `slide,label[,split][,mpp]` (extra columns ignored; `path`, `file`, `slide_path`
+  or `wsi` may name the slide column); `slide` is a path, relative to the CSV's folder unless absolute; `mpp`,
+  where a row gives one, is that slide's level-0 microns per pixel (as `--mpp` is for every slide);
 - a CAMELYON16-style folder (or its `reference.csv`): rows `name,label[,...]` with or without a header, as in the
   official file (`Test_001,Tumor,Macro,...`, `tumor_001,Tumor`); slides are found by name (any case) anywhere
   under the folder, with any slide extension.
@@ -20,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsi_vssm.errors import UsageError
-from wsi_vssm.io.base import slide_name  # the one naming rule (SlideReader.name); re-exported as cohort.slide_name
+from wsi_vssm.io.base import (
+    PLAUSIBLE_MPP,
+    slide_name,  # the one naming rule (SlideReader.name); re-exported as cohort.slide_name
+)
 from wsi_vssm.io.formats import is_zarr_dir
 
 LABELS = {"0": 0, "1": 1, "normal": 0, "tumor": 1, "tumour": 1}
@@ -50,6 +54,7 @@ class CohortRow:
     path: Path | None  # the slide file; None when not found
     line: int  # 1-based line in the table
     error: str | None = None  # why this row cannot be used (e.g. file not found)
+    mpp: float | None = None  # the manifest's `mpp` for this slide: its level-0 resolution, over the file's
 
     @property
     def ok(self) -> bool:
@@ -133,7 +138,7 @@ def select_split(cohort: Cohort, split: str = "auto") -> tuple[Cohort, str, str 
 
 def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     """A CSV with a header naming `slide` (or `path`, `file`, `slide_path`, `wsi`) and `label` columns, and
-    optionally `split`."""
+    optionally `split` and `mpp` (a row's level-0 microns per pixel; empty: the file's own)."""
     path = Path(path)
     rows = _read_csv(path)
     if not rows or not _is_manifest_header(rows[0][1]):
@@ -141,6 +146,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     header = [c.strip().lower() for c in rows[0][1]]
     i_slide, i_label = header.index(_path_column(header)), header.index("label")
     i_split = header.index("split") if "split" in header else None
+    i_mpp = header.index("mpp") if "mpp" in header else None
     cohort = Cohort(path, "manifest")
     for line, cells in rows[1:]:
         ref = _cell(cells, i_slide)
@@ -150,12 +156,13 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
             raise CohortError(f"{path}, line {line}: {ref!r} names a folder, not a slide file")
         label = parse_label(_cell(cells, i_label), path, line)
         split = None if i_split is None else parse_split(_cell(cells, i_split), path, line)
+        mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
         ref = _on_disk(ref)
         file = _either_form(Path(ref) if Path(ref).is_absolute() else path.parent / ref)
         error = None
         if find_slides and not file.exists():
             error = f"slide file not found: {file}"
-        cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error))
+        cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error, mpp))
     _check_duplicates(cohort)
     return cohort
 
@@ -270,6 +277,23 @@ def parse_split(value: str, path: Path, line: int) -> str | None:
     if v not in SPLITS:
         raise CohortError(f"{path}, line {line}: split {value!r} is not one of train, valid, test")
     return SPLITS[v]
+
+
+def parse_mpp(value: str, path: Path, line: int) -> float | None:
+    """A manifest row's `mpp`: empty is none; else a number of microns per pixel in the readers' plausible range
+    (outside it is a typo: nm for um, a magnification for an mpp)."""
+    v = value.strip()
+    if not v:
+        return None
+    lo, hi = PLAUSIBLE_MPP
+    try:
+        mpp = float(v)
+    except ValueError:
+        mpp = None
+    if mpp is None or not lo <= mpp <= hi:  # NaN fails too
+        raise CohortError(f"{path}, line {line}: mpp {value!r} is not a resolution in microns per pixel "
+                          f"({lo:g} to {hi:g}; 0.25 at 40x, 0.5 at 20x)")
+    return mpp
 
 
 def _read_csv(path: Path) -> list[tuple[int, list[str]]]:

@@ -106,7 +106,7 @@ def final_row(crow, outcome, job) -> dict:
     if outcome.status == "failed" and outcome.state is None:
         return _row(crow, outcome)
     state = read_state(job.out, job.kind, name)
-    if state is not None and state.get("params_hash") == job.params_hash:
+    if state is not None and state.get("params_hash") == job.task_hash(outcome.task):
         if state.get("status") == Status.DONE and job.outputs_ok(name):
             return _result_row(crow, _prediction(Path(job.out) / name) or state.get("result") or {})
         if state.get("status") == Status.FAILED:
@@ -146,7 +146,7 @@ def interrupted_table(out: Path, crows: list, tasks: list, job, interim: Interim
     import os
     from types import SimpleNamespace
 
-    from wsi_vssm.runs.state import Status, input_changed, known_failure, read_state
+    from wsi_vssm.runs.state import Status, fallback_changed, input_changed, known_failure, read_state
 
     retrying = opts is not None and (opts.retry_failed or opts.overwrite)
 
@@ -154,7 +154,7 @@ def interrupted_table(out: Path, crows: list, tasks: list, job, interim: Interim
         task = tasks[i]
         state = None if i in interim.recorded or task.path is None else read_state(job.out, job.kind, task.name)
         ours = (state is not None and state.get("abspath") == os.path.abspath(task.path)
-                and state.get("params_hash") == job.params_hash)
+                and state.get("params_hash") == job.task_hash(task) and not fallback_changed(state, job.fallback_mpp))
         if ours and state.get("status") == Status.DONE:
             return final_row(crows[i], SimpleNamespace(task=task, status="done"), job)
         known = (ours and not retrying and state.get("status") == Status.FAILED

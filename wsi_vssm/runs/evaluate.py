@@ -114,8 +114,8 @@ def evaluate_cohort(
         model_path = (_model_file_for_workers(model, out) if (run.workers or run.scheduler)
                       else f"<in-memory {id(model):x}>")
     job = predict_job(out, model_path, model, params)
-    tasks = [SlideTask(slide_key(r.path) if r.ok else r.name, None if r.path is None else str(r.path), r.error)
-             for r in cohort.rows]
+    tasks = [SlideTask(slide_key(r.path) if r.ok else r.name, None if r.path is None else str(r.path), r.error,
+                       r.mpp) for r in cohort.rows]
     folders = {r.name: t.name for r, t in zip(cohort.rows, tasks, strict=True)}  # table name -> output folder
     if patients is not None:
         from wsi_vssm.outputs.staging import read_patients_csv

@@ -35,6 +35,7 @@ class SlideTask:
     name: str  # output key: OUT/<name>/ (predict) or OUT/<name>.zarr (extract)
     path: str | None  # the slide file (None when a cohort row names no file)
     error: str | None = None  # known to fail before running (e.g. slide file not found)
+    mpp: float | None = None  # this slide's level-0 mpp from its manifest row (over the job's --mpp)
 
 
 @dataclass
@@ -60,7 +61,8 @@ def start_slide(task: SlideTask, job) -> tuple[SlideLock | None, Outcome | None,
         clear_temporaries(task.name, job)
         state = {"slide": task.name, "path": task.path, "abspath": abspath(task.path), "kind": job.kind,
                  "status": Status.RUNNING.value, "error": None, "error_type": None, "model_id": job.model_id,
-                 "model_hash": job.model_hash, "params_hash": job.params_hash, "params": job.params_dict(),
+                 "model_hash": job.model_hash, "params_hash": job.task_hash(task), "params": job.task_params(task),
+                 "fallback_mpp": job.fallback_mpp,
                  "started": now(), "finished": None, "timings": {}, "host": socket.gethostname(),
                  "pid": os.getpid(), "version": __version__, "input": input_fingerprint(task.path)}
         write_state(job.out, job.kind, task.name, state)

@@ -23,16 +23,23 @@ _MODELS: dict = {}  # per process (driver or Dask worker): model cache, key -> l
 
 
 class SlideJob(Protocol):
-    """What the runner needs of a job. `kind` names its state files; `params_hash` decides whether a done slide
-    is up to date; `run` does one slide (in the driver or a Dask worker) and returns a picklable dict."""
+    """What the runner needs of a job. `kind` names its state files; `task_hash(task)` decides whether a done
+    slide is up to date (`params_hash`, the run's, for a slide without a resolution of its own); `run` does one
+    slide (in the driver or a Dask worker) and returns a picklable dict. `fallback_mpp` is not hashed: it
+    changes only the slides that store no resolution, and the runner redoes those (`state.fallback_changed`)."""
 
     out: str
     kind: str
     model_id: str
     model_hash: str
     params_hash: str
+    fallback_mpp: float | None
 
     def params_dict(self) -> dict: ...
+
+    def task_params(self, task: SlideTask) -> dict: ...
+
+    def task_hash(self, task: SlideTask) -> str: ...
 
     def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict: ...
 
@@ -53,6 +60,23 @@ class SlideJob(Protocol):
     def describe(self, name: str, result: dict, timings: dict) -> str: ...
 
 
+class PerSlideMpp:
+    """A manifest row's `mpp` (`SlideTask.mpp`) is that slide's `--mpp`: hashed as `slide_mpp` for it alone, so
+    the other slides' hash (and an older run's) stays the run's `params_hash`."""
+
+    resolved: dict
+    params_hash: str
+
+    def task_params(self, task: SlideTask) -> dict:
+        return dict(self.resolved) if task.mpp is None else {**self.resolved, "slide_mpp": task.mpp}
+
+    def task_hash(self, task: SlideTask) -> str:
+        return self.params_hash if task.mpp is None else params_hash(self.task_params(task))
+
+    def slide_mpp(self, task: SlideTask) -> float | None:
+        return self.resolved.get("slide_mpp") if task.mpp is None else task.mpp
+
+
 def cached_model(key: str, load: Callable):
     """The model for `key` in this process, loaded once (the driver preloads it; Dask workers load on first use)."""
     if key not in _MODELS:
@@ -63,7 +87,7 @@ def cached_model(key: str, load: Callable):
 
 
 @dataclass
-class PredictJob:
+class PredictJob(PerSlideMpp):
     """predict_slide for each slide into OUT/<slide>/ (used by predict and evaluate)."""
 
     out: str
@@ -75,6 +99,10 @@ class PredictJob:
     resolved: dict = field(default_factory=dict)  # what the hash covers
     kind: str = "predict"
     relabel: set = field(default_factory=set)  # done slides remade from their heatmap (runner._threshold_alone)
+
+    @property
+    def fallback_mpp(self) -> float | None:
+        return self.params.fallback_mpp
 
     def params_dict(self) -> dict:
         return dict(self.resolved)
@@ -91,23 +119,25 @@ class PredictJob:
             if stage == "regions":
                 region_progress(done, total)
 
+        params = self.params if task.mpp is None else dataclasses.replace(self.params, mpp=task.mpp)
         if task.name in self.relabel:  # only thresholds changed: the outputs are made again from the heatmap
             from wsi_vssm.pipeline.relabel import relabel_slide
 
-            rec = relabel_slide(task.path, self.model(), self.out, self.params)
+            rec = relabel_slide(task.path, self.model(), self.out, params)
             timings = {"relabel": rec["timings"]["relabel"]}
         else:
-            rec = predict_slide(task.path, self.model(), self.out, self.params,
+            rec = predict_slide(task.path, self.model(), self.out, params,
                                 progress=None if region_progress is None else cb, run_regions=run_regions)
             timings = rec["timings"]
         return {"probability": rec["probability"], "slide_logit": rec.get("slide_logit"), "label": rec["label"],
                 "reason": rec["reason"], "in_domain": rec["in_domain"], "n_cells": rec["summary"]["n_cells"],
-                "timings": timings}
+                "mpp_source": (rec.get("mpp") or {}).get("slide_source"), "timings": timings}
 
     def open_slide(self, task: SlideTask):
         from wsi_vssm.io import open_slide
 
-        return open_slide(task.path, backend=self.params.backend, mpp=self.params.mpp)
+        return open_slide(task.path, backend=self.params.backend, mpp=self.slide_mpp(task),
+                          fallback_mpp=self.params.fallback_mpp)
 
     def grid_size(self, task: SlideTask) -> int:
         from wsi_vssm.pipeline.geometry import grid_size
@@ -146,7 +176,7 @@ class PredictJob:
 
 
 @dataclass
-class ExtractJob:
+class ExtractJob(PerSlideMpp):
     """extract_slide for each slide into OUT/<slide>.zarr (and/or the `formats` of pipeline.feature_files)."""
 
     out: str
@@ -159,6 +189,7 @@ class ExtractJob:
     resolved: dict = field(default_factory=dict)
     kind: str = "extract"
     formats: tuple[str, ...] = ("zarr",)
+    fallback_mpp: float | None = None  # level-0 mpp of the slides that store none (not hashed: PerSlideMpp)
 
     def params_dict(self) -> dict:
         return dict(self.resolved)
@@ -185,12 +216,12 @@ class ExtractJob:
             write_feature_file(self.target(task.name, fmt), cells, fmt)
         self._warn_left_over(task.name)
         return {"n_cells": len(cells), "n_regions": len(set(cells.region_id.tolist())),
-                "timings": {"extract": t_extract, "write": time.perf_counter() - t}}
+                "mpp_source": slide.mpp_source, "timings": {"extract": t_extract, "write": time.perf_counter() - t}}
 
     def open_slide(self, task: SlideTask):
         from wsi_vssm.io import open_slide
 
-        return open_slide(task.path, mpp=self.mpp_override)
+        return open_slide(task.path, mpp=self.slide_mpp(task), fallback_mpp=self.fallback_mpp)
 
     def _warn_left_over(self, name: str) -> None:
         """An earlier run's file of a format this run does not write is not removed (it may be wanted as it is),
@@ -279,7 +310,8 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
 
 
 def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override: float | None,
-                extract_params: dict, formats: tuple[str, ...] = ("zarr",)) -> ExtractJob:
+                extract_params: dict, formats: tuple[str, ...] = ("zarr",),
+                fallback_mpp: float | None = None) -> ExtractJob:
     """An ExtractJob; its hash covers the weights, the geometry (mpp, token, region, overlap, min tissue),
     a slide mpp override, the precision used (as resolved on this machine), the package version and the file
     formats (not threads, batch size or device)."""
@@ -297,4 +329,4 @@ def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override
         resolved["formats"] = list(formats)
     _MODELS[f"extract:{model}"] = (backbone, info)
     return ExtractJob(os.fspath(out), model, mpp_override, dict(extract_params), params_hash(resolved),
-                      info.model_id, info.model_hash, resolved, formats=formats)
+                      info.model_id, info.model_hash, resolved, formats=formats, fallback_mpp=fallback_mpp)

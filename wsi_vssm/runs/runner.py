@@ -54,6 +54,7 @@ from wsi_vssm.runs.state import (
     Status,
     check_output_folder,
     clear_temporaries,
+    fallback_changed,
     input_changed,
     known_failure,
     live_lock,
@@ -298,7 +299,11 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             progress.info(f"{task.name}: replacing the results of {other} (--overwrite)")
         elif _moved_failure(state, task.path):
             state = None  # the same content failed under another path: run it, so its error names this one
-        same = state is not None and state.get("params_hash") == job.params_hash
+        refall = state is not None and fallback_changed(state, job.fallback_mpp)
+        if refall and state.get("status") == Status.DONE:
+            progress.info(f"{task.name}: read at the fallback resolution {state.get('fallback_mpp')} um/px; this "
+                          f"run's is {job.fallback_mpp}: running it again")
+        same = state is not None and state.get("params_hash") == job.task_hash(task) and not refall
         # a done slide from before fingerprints were recorded is trusted; a failed one is tried again
         changed = same and status in (Status.DONE, Status.FAILED) and (
             input_changed(state.get("input"), task.path) if "input" in state or status == Status.FAILED else False)
@@ -307,7 +312,7 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         if same and not overwrite and status == Status.DONE and not changed and job.outputs_ok(task.name):
             _tidy_done(task, job)
             finish(Outcome(task, "skipped", "up to date", state))
-        elif not same and not overwrite and _threshold_alone(state, job, task) and job.outputs_ok(task.name):
+        elif not (same or refall or overwrite) and _threshold_alone(state, job, task) and job.outputs_ok(task.name):
             what = ("only thresholds changed" if _old_params(state).get("outputs_format") == OUTPUTS_FORMAT
                     else f"its output files are of an older format (outputs format {OUTPUTS_FORMAT} now)")
             progress.info(f"{task.name}: {what}: its outputs are made again from its saved heatmap (no backbone)")
@@ -333,7 +338,7 @@ def _threshold_alone(state: dict | None, job, task: SlideTask) -> bool:
     unchanged: `pipeline.relabel` then makes its outputs again from the saved heatmap, without the backbone."""
     if not state or job.kind != "predict" or state.get("status") != Status.DONE:
         return False
-    old, new = _old_params(state), job.params_dict()
+    old, new = _old_params(state), job.task_params(task)
     if not old:
         return False
     if "input" not in state or input_changed(state.get("input"), task.path):

@@ -72,6 +72,17 @@ def known_failure(state: dict, changed: bool) -> str | None:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+def fallback_changed(state: dict, fallback_mpp: float | None) -> bool:
+    """Whether a run's `--fallback-mpp` (not in the parameters' hash: most slides state their own resolution)
+    is other than the one a slide was read at (a done slide whose file stores none) or failed for want of
+    (MissingMpp): such a slide is run again."""
+    if state.get("fallback_mpp") == fallback_mpp:
+        return False
+    if state.get("status") == Status.FAILED:
+        return state.get("error_type") == "MissingMpp"
+    return (state.get("result") or {}).get("mpp_source") == "fallback"
+
+
 def params_hash(resolved: dict) -> str:
     """A short hash of everything that changes a slide's outputs (the caller decides what that is)."""
     text = json.dumps(resolved, sort_keys=True, default=str)

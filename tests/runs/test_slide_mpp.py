@@ -1,0 +1,109 @@
+"""Per-slide resolution in a cohort run: `--fallback-mpp` for the slides that store none, and a manifest's `mpp`
+column. A folder mixing slides with and without a stated resolution runs in one command, and a rerun redoes only
+the slides whose resolution changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import tifffile
+from conftest import assert_one_line_error, run_cli_captured
+
+from wsi_vssm.runs.state import read_state
+
+FAST = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
+
+
+@pytest.fixture
+def mixed(cohort, tmp_path):
+    """A folder of two slides with the same pixels: `stated.tif` (2 um/px in its tags) and `bare.tif` (none)."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(cohort / "tumor_001.tif", folder / "stated.tif")
+    tifffile.imwrite(folder / "bare.tif", tifffile.imread(cohort / "tumor_001.tif"), tile=(256, 256),
+                     photometric="rgb", metadata=None)
+    return folder
+
+
+def _mpp(out, name) -> tuple[float, str]:
+    rec = json.loads((out / name / "prediction.json").read_text())
+    return rec["mpp"]["slide"], rec["mpp"]["slide_source"]
+
+
+def _started(out, name) -> str:
+    return read_state(out, "predict", name)["started"]
+
+
+def test_fallback_mpp_completes_a_mixed_folder_and_reruns_only_its_slides(mixed, model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["predict", mixed, "--out", out, "--model", model_file, *FAST]
+    code, _, err = run_cli_captured(args, capsys)
+    assert code == 3 and "bare.tif" in err and "no resolution" in err and "--fallback-mpp" in err, err
+    stated_run = _started(out, "stated")
+
+    code, _, err = run_cli_captured([*args, "--fallback-mpp", "2"], capsys)  # the failed one now runs
+    assert code == 0, err
+    assert _started(out, "stated") == stated_run  # its file states 2 um/px: up to date, not redone
+    assert _mpp(out, "stated")[1] not in ("fallback", "user")
+    assert _mpp(out, "bare") == (2.0, "fallback")
+    a, b = (json.loads((out / n / "prediction.json").read_text())["probability"] for n in ("stated", "bare"))
+    assert a == pytest.approx(b, abs=1e-6)  # the same pixels at the same resolution
+    bare_run = _started(out, "bare")
+
+    code, out_text, _ = run_cli_captured([*args, "--fallback-mpp", "2"], capsys)
+    assert code == 0 and _started(out, "bare") == bare_run and _started(out, "stated") == stated_run
+
+    code, out_text, err = run_cli_captured([*args, "--fallback-mpp", "1.5"], capsys)  # another fallback
+    assert code == 0, err
+    assert _started(out, "stated") == stated_run and _started(out, "bare") != bare_run
+    assert _mpp(out, "bare") == (1.5, "fallback")
+    assert "fallback resolution 2.0 um/px; this run's is 1.5" in out_text + err
+
+    code, _, err = run_cli_captured(args, capsys)  # the fallback left out again: bare.tif has no resolution
+    assert code == 3 and "bare.tif" in err and "no resolution" in err
+
+
+def test_a_manifest_mpp_column_sets_each_rows_resolution(mixed, model_file, tmp_path, capsys):
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("slide,label,mpp\nslides/stated.tif,1,\nslides/bare.tif,1,2.0\n")
+    out = tmp_path / "out"
+    args = ["evaluate", manifest, "--out", out, "--model", model_file, "--bootstrap", "100", *FAST]
+    code, _, err = run_cli_captured(args, capsys)
+    assert code == 0, err
+    assert _mpp(out, "bare") == (2.0, "user") and _mpp(out, "stated")[1] not in ("fallback", "user")
+    runs = {n: _started(out, n) for n in ("stated", "bare")}
+    assert read_state(out, "predict", "bare")["params"]["slide_mpp"] == 2.0
+    assert read_state(out, "predict", "stated")["params"]["slide_mpp"] is None
+
+    code, _, err = run_cli_captured(args, capsys)
+    assert code == 0 and {n: _started(out, n) for n in runs} == runs  # both up to date
+
+    manifest.write_text("slide,label,mpp\nslides/stated.tif,1,\nslides/bare.tif,1,1.5\n")  # one row changed
+    code, _, err = run_cli_captured(args, capsys)
+    assert code == 0, err
+    assert _started(out, "stated") == runs["stated"] and _started(out, "bare") != runs["bare"]
+    assert _mpp(out, "bare") == (1.5, "user")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "200", "nan", "0.25x"])
+def test_a_bad_manifest_mpp_names_the_row(mixed, model_file, tmp_path, capsys, value):
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"slide,label,mpp\nslides/stated.tif,1,\nslides/bare.tif,0,{value}\n")
+    assert_one_line_error(["evaluate", manifest, "--out", tmp_path / "o", "--model", model_file, *FAST], capsys, 1,
+                          "cohort.csv, line 3", f"mpp {value!r}", "microns per pixel")
+
+
+def test_extract_takes_a_fallback_mpp_for_the_slides_that_state_none(mixed, model_file, tmp_path, capsys):
+    import zarr
+
+    out = tmp_path / "feats"
+    args = ["extract", mixed, "--out", out, "--model", model_file, *FAST]
+    code, _, err = run_cli_captured(args, capsys)
+    assert code == 3 and "bare.tif" in err and "no resolution" in err
+    code, _, err = run_cli_captured([*args, "--fallback-mpp", "2"], capsys)
+    assert code == 0, err
+    attrs = [dict(zarr.open_group(str(out / f"{n}.zarr"), mode="r").attrs) for n in ("stated", "bare")]
+    assert attrs[0]["slide_mpp"] == attrs[1]["slide_mpp"] == 2.0
+    assert read_state(out, "extract", "bare")["result"]["mpp_source"] == "fallback"
