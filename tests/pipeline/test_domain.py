@@ -244,6 +244,22 @@ def test_another_magnification_is_out_of_domain():
     assert rec["in_domain"] is False and "another magnification" in rec["domain_notes"][0]  # also without tissue
 
 
+def test_a_scan_coarser_than_it_is_read_at_is_out_of_domain():
+    """A 2 um/px scan read at the model's 0.972 was enlarged 2x without a word: blurred pixels the model never saw.
+    A finer scan read coarser (0.25 -> 0.972, the usual case) is not flagged, nor one within the tolerance."""
+    from wsi_vssm.pipeline.domain import magnification_check
+
+    assert magnification_check(0.972, 0.972, 0.25) == [] and magnification_check(0.972, 0.972, 1.2) == []
+    note = magnification_check(0.972, 0.972, 2.0)
+    assert len(note) == 1 and "scanned at 2 um/px" in note[0] and "enlarged 2.1x" in note[0]
+    assert len(magnification_check(0.5, 0.972, 2.0)) == 2  # both: read finer than the model, and enlarged
+    img, mask = _on_glass(_from_hed(0.5, 0.5, 0.0))
+    d, x = _domain()
+    rec = slide_domain(img, mask, x[:50], d, analysis_mpp=0.972, model_mpp=0.972, slide_mpp=2.0)
+    assert rec["in_domain"] is False and "enlarged" in rec["domain_notes"][0]
+    assert slide_domain(img, mask, x[:50], d, analysis_mpp=0.972, model_mpp=0.972, slide_mpp=0.5)["in_domain"]
+
+
 def test_the_note_says_which_check_could_not_run():
     """One note covered two cases ("no tissue tokens, or no feature domain"); a slide without tissue also lost
     the model's threshold from prediction.json."""

@@ -33,8 +33,11 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
                            "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells", "reason",
                            "in_domain", "domain_notes", "domain_distance", "domain_threshold", "device", "model", "mpp",
                            "summary", "lesions", "parameters", "timings", "version"]
-    assert saved["in_domain"] is True  # a random test model has no feature domain: the notes say what was not checked
-    assert all("not checked (this model has no feature domain" in note for note in saved["domain_notes"])
+    # the synthetic slide is a 2 um/px scan read at 0.97: enlarged, so out of domain; a random test model has no
+    # feature domain, and the notes say what was not checked
+    enlarged, unchecked = saved["domain_notes"]
+    assert saved["in_domain"] is False and "scanned at 2 um/px" in enlarged and "enlarged 2.1x" in enlarged
+    assert "not checked (this model has no feature domain" in unchecked
     assert saved["domain_distance"] is None and saved["domain_threshold"] is None
     assert saved["parameters"]["precision"] == "fp32" and saved["parameters"]["precision_used"] == "fp32"
     assert saved["schema"] == "wsi-vssm-prediction/2" and saved["device"] == "cpu"

@@ -310,29 +310,33 @@ def domain_verdict(stain: list[str], feature_result: tuple[bool, list[str]] | No
 MPP_TOLERANCE = 1.25  # read within this factor of the model's resolution (either way): the same magnification
 
 
-def magnification_check(analysis_mpp: float | None, model_mpp: float | None) -> list[str]:
-    """A note when the slide was read at another resolution than the model's (`--target-mpp`): cells and lesions
-    change scale and the calibration no longer holds. The token features need not show it (2 um/px on the
-    sample mosaic stayed under the distance threshold and called its lesion normal)."""
-    if not analysis_mpp or not model_mpp:
-        return []
-    ratio = analysis_mpp / model_mpp
-    if 1 / MPP_TOLERANCE <= ratio <= MPP_TOLERANCE:
-        return []
-    return [f"read at {analysis_mpp:.3g} um/px, {ratio:.2g}x the model's {model_mpp:.3g} um/px (--target-mpp): "
-            "another magnification than it was trained at"]
+def magnification_check(analysis_mpp: float | None, model_mpp: float | None,
+                        slide_mpp: float | None = None) -> list[str]:
+    """Notes when the slide was read at another resolution than the model's (`--target-mpp`): cells and lesions
+    change scale and the calibration no longer holds; and when its scan (`slide_mpp`, level 0) is coarser than
+    the resolution it was read at: the pixels were enlarged and lack the detail the model learnt from. The token
+    features need not show either (2 um/px on the sample mosaic stayed under the distance threshold and called
+    its lesion normal)."""
+    notes = []
+    if analysis_mpp and model_mpp and not 1 / MPP_TOLERANCE <= analysis_mpp / model_mpp <= MPP_TOLERANCE:
+        notes.append(f"read at {analysis_mpp:.3g} um/px, {analysis_mpp / model_mpp:.2g}x the model's "
+                     f"{model_mpp:.3g} um/px (--target-mpp): another magnification than it was trained at")
+    if analysis_mpp and slide_mpp and slide_mpp / analysis_mpp > MPP_TOLERANCE:
+        notes.append(f"scanned at {slide_mpp:.3g} um/px, coarser than the {analysis_mpp:.3g} um/px it was read at: "
+                     f"enlarged {slide_mpp / analysis_mpp:.2g}x, without the detail the model was trained on")
+    return notes
 
 
 def slide_domain(thumbnail_rgb: np.ndarray, tissue_mask: np.ndarray | None, features: np.ndarray | None,
                  domain: FeatureDomain | None, analysis_mpp: float | None = None,
-                 model_mpp: float | None = None) -> dict:
+                 model_mpp: float | None = None, slide_mpp: float | None = None) -> dict:
     """{"in_domain", "domain_notes", "domain_distance", "domain_threshold"} for one slide: the stain check on its
     tissue thumbnail and mask, the feature check on its (n, F) tissue token features (None or n = 0: no tissue
     tokens) against `domain` (None: the model has none), and the resolution the slide was read at against the
-    model's (`magnification_check`, when both are given). `domain_distance` (and `domain_threshold`, the
+    model's and the slide's scan (`magnification_check`, when given). `domain_distance` (and `domain_threshold`, the
     model's) is None where not measured."""
     stats = stain_stats(thumbnail_rgb, tissue_mask)
-    stain = stain_notes(stats) + magnification_check(analysis_mpp, model_mpp)
+    stain = stain_notes(stats) + magnification_check(analysis_mpp, model_mpp, slide_mpp)
     has_tokens = features is not None and len(features) > 0
     if domain is None or not has_tokens:
         why = NO_FEATURE_DOMAIN if domain is None else NO_TOKENS

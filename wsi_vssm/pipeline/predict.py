@@ -108,7 +108,8 @@ def predict_slide(
         # the domain check's threshold holds for single views: under TTA it reads the untransformed one
         feats = cells.features if cells.view_features is None else cells.view_features
         domain = slide_domain(tissue.thumbnail, mask, feats if len(cells) else None,
-                              model_domain(model, identity["weights_hash"]), cells.attrs["mpp"], model.mpp)
+                              model_domain(model, identity["weights_hash"]), cells.attrs["mpp"], model.mpp,
+                              slide.mpp)
         if not domain["in_domain"]:
             warnings.warn(f"{where}: out of the model's domain, results are unreliable: "
                           f"{'; '.join(domain['domain_notes'])}", stacklevel=2)  # the verdict first: lines are cut
