@@ -524,7 +524,7 @@ def test_a_slide_still_locked_is_in_progress_never_failed(model_file, cohort, re
     assert f"pid {other.pid}" in rows["tumor_001"]["error"]
     assert rows["normal_001"]["status"] == rows["normal_002"]["status"] == "done"
     m = json.loads((out / "metrics.json").read_text())
-    assert (m["n"], m["n_failed"], m["n_pending"], m["complete"]) == (2, 0, 1, False)
+    assert (m["n"], m["n_failed"], m["n_pending"], m["complete"]) == (2, 0, 1, False) and "stale" not in m
     # the holder is gone: a rerun does the slide and completes the report
     assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", *FAST]) == 0
     _same_results(out, reference)
@@ -540,7 +540,9 @@ def test_an_earlier_report_is_marked_incomplete_while_a_run_works(reference, tmp
     assert json.loads((out / "metrics.json").read_text())["complete"] is True
     (out / ".tmp-predictions.csv.x").write_text("half")  # a killed run's half-written table
     _start_report(out)
-    assert json.loads((out / "metrics.json").read_text())["complete"] is False
+    m = json.loads((out / "metrics.json").read_text())
+    # an interrupted rerun kept the earlier run's counts and AUC under `complete: false` alone
+    assert m["complete"] is False and "an earlier run" in m["stale"]
     assert not (out / ".tmp-predictions.csv.x").exists() and not list((out / STATE_DIR).glob("*.lock"))
 
 

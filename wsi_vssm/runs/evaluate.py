@@ -248,8 +248,15 @@ def _start_report(out: Path) -> None:
             metrics = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return
-        if isinstance(metrics, dict) and metrics.get("complete") is not False:
-            _write_json(out / METRICS_JSON, {**metrics, "complete": False})
+        if isinstance(metrics, dict) and not (metrics.get("complete") is False and STALE_KEY in metrics):
+            _write_json(out / METRICS_JSON, {**metrics, "complete": False, STALE_KEY: STALE_NOTE})
+
+
+# what an earlier run's metrics.json says while a later run works on OUT (its counts and figures are the earlier
+# run's until this one writes its own); the final report has no such key
+STALE_KEY = "stale"
+STALE_NOTE = ("the figures of an earlier run on this folder; a later run started and has not written its report: "
+              "rerun the same command to finish it")
 
 
 def _model_file_for_workers(model, out: Path) -> str:
