@@ -107,3 +107,24 @@ def test_extract_takes_a_fallback_mpp_for_the_slides_that_state_none(mixed, mode
     attrs = [dict(zarr.open_group(str(out / f"{n}.zarr"), mode="r").attrs) for n in ("stated", "bare")]
     assert attrs[0]["slide_mpp"] == attrs[1]["slide_mpp"] == 2.0
     assert read_state(out, "extract", "bare")["result"]["mpp_source"] == "fallback"
+
+
+@pytest.mark.parametrize("command", ["predict", "extract", "evaluate"])
+def test_mpp_and_fallback_mpp_together_are_refused(mixed, model_file, tmp_path, capsys, command):
+    target = mixed if command != "evaluate" else mixed.parent / "none.csv"
+    if command == "evaluate":
+        target.write_text("slide,label\nslides/stated.tif,1\n")
+    assert_one_line_error([command, target, "--out", tmp_path / "o", "--model", model_file, "--mpp", "1",
+                           "--fallback-mpp", "2", *FAST], capsys, 2, "--mpp", "--fallback-mpp", "give one")
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_records_the_fallback_in_metrics(mixed, model_file, tmp_path, capsys):
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("slide,label\nslides/stated.tif,1\nslides/bare.tif,0\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli_captured(["evaluate", manifest, "--out", out, "--model", model_file, "--bootstrap", "100",
+                                     "--fallback-mpp", "2", *FAST], capsys)
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["parameters"]["fallback_mpp"] == 2.0 and m["n"] == 2

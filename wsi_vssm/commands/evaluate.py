@@ -74,7 +74,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     model = load_cli_model(model_path)
     params = None  # a patch folder is read at its given --mpp, not resampled
     if is_patch_folder(Path(cohort)):
-        from wsi_vssm.commands.options import option_device
+        from wsi_vssm.commands.options import one_resolution_rule, option_device
         from wsi_vssm.errors import OptionError
 
         if split not in ("auto", "all"):
@@ -83,6 +83,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         from wsi_vssm.pipeline.extract import Inference
 
         inference = Inference.of(Inference(opts["precision"], opts["tta"]), opts["amp"])
+        one_resolution_rule(mpp, opts["fallback_mpp"])
         patch_mpp = mpp or opts["fallback_mpp"]  # patches store no resolution: a fallback is theirs
         res = evaluate_patches(cohort, model, out_dir, patch_mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot,
                                threshold=opts["cell_threshold"], inference=inference,

@@ -64,7 +64,14 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
             batch_size, reader_threads, precision, amp, **opts):
     """Extract token-cell features of SLIDE(s) with a VSSM backbone (slide files, OME-Zarr folders, or folders
     of slides)."""
-    from wsi_vssm.commands.options import exit_for, model_file, option_device, option_geometry, pop_run_options
+    from wsi_vssm.commands.options import (
+        exit_for,
+        model_file,
+        one_resolution_rule,
+        option_device,
+        option_geometry,
+        pop_run_options,
+    )
     from wsi_vssm.models.model_file import load_backbone
     from wsi_vssm.models.slide_model import DEFAULT_NAME, default_model_path
     from wsi_vssm.pipeline.extract import Inference
@@ -79,6 +86,7 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
         prepare_folders(out, formats)
     except OSError as e:
         raise OutputNotWritable(str(e)) from None
+    one_resolution_rule(mpp, fallback_mpp)
     dev = option_device(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

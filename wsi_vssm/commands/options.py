@@ -203,9 +203,20 @@ def build_params(model, mpp, **opts):
 
     device = option_device(opts["device"])
     option_geometry(device, model.token_px, opts["region_px"], opts["overlap_px"])
+    one_resolution_rule(mpp, opts.get("fallback_mpp"))
     params = PredictParams(mpp=mpp, **opts)
     extent_threshold(model, params, cell_threshold(model, params, warn=False))  # --extent-threshold too high: exit 2
     return params
+
+
+def one_resolution_rule(mpp, fallback_mpp) -> None:
+    """--mpp sets every slide's resolution, so a --fallback-mpp beside it would never apply: refused (exit 2)
+    rather than ignored."""
+    from wsi_vssm.errors import OptionError
+
+    if mpp is not None and fallback_mpp is not None:
+        raise OptionError("--mpp sets every slide's resolution (over a stated one), --fallback-mpp only that of the "
+                          "slides that state none: give one of them")
 
 
 def option_device(device: str) -> str:

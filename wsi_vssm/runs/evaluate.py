@@ -151,6 +151,7 @@ def evaluate_cohort(
                                  n_pending=len(rows) - len(finished), items=MOSAIC_ITEMS if mosaics else "slides",
                                  provenance=_provenance(cohort.source, split, model, {
                                      **{k: v for k, v in job.resolved.items() if k != "job"},
+                                     "fallback_mpp": job.fallback_mpp,
                                      "params_hash": job.params_hash}) | {"mosaics": mosaics})
         _write_cohort_lesions(out, rows, folders, progress)  # after metrics.json: a bad table costs only itself
         if annotations is not None or patients is not None:
