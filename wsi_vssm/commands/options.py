@@ -40,7 +40,8 @@ mpp_option = click.option(
     "--mpp",
     type=MPP_RANGE,
     default=None,
-    help="Microns per pixel at level 0 for inputs that state none (a stated value is overridden, with a warning).",
+    help="Microns per pixel at level 0 of every input (a stated value is overridden, with a warning). For only "
+         "the slides that state none: predict / evaluate / extract --fallback-mpp.",
 )
 
 fallback_mpp_option = click.option(
