@@ -128,3 +128,22 @@ def test_evaluate_records_the_fallback_in_metrics(mixed, model_file, tmp_path, c
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert m["parameters"]["fallback_mpp"] == 2.0 and m["n"] == 2
+
+
+def test_info_on_the_folder_says_which_resolution_was_given_and_which_outputs_are_older(mixed, model_file, tmp_path,
+                                                                                      capsys):
+    """`info OUT` names the slides read at a resolution the file did not state, and a slide whose redo failed
+    while its folder still holds the earlier run's outputs (the cohort reports ignore them; a person would not)."""
+    out = tmp_path / "out"
+    args = ["predict", mixed, "--out", out, "--model", model_file, *FAST]
+    assert run_cli_captured([*args, "--fallback-mpp", "2"], capsys)[0] == 0
+    code, text, _ = run_cli_captured(["info", out], capsys)
+    lines = {line.split(":")[0].strip(): line for line in text.splitlines()[1:]}
+    assert code == 0 and "(read at the fallback 2 um/px)" in lines["bare"] and "read at" not in lines["stated"]
+    (mixed / "bare.tif").write_bytes((mixed / "bare.tif").read_bytes()[:2000])  # the file changes and breaks
+    assert run_cli_captured([*args, "--fallback-mpp", "2"], capsys)[0] == 3
+    code, text, _ = run_cli_captured(["info", out, "--json"], capsys)
+    entries = {s["slide"]: s for s in json.loads(text)["slides"]}
+    assert entries["bare"]["status"] == "failed" and entries["bare"]["earlier_outputs"] is True
+    assert entries["stated"]["earlier_outputs"] is False and entries["stated"]["mpp_given"] is None
+    assert "still holds an earlier run's outputs" in run_cli_captured(["info", out], capsys)[1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from wsi_vssm.outputs.files import PREDICTION_JSON
 from wsi_vssm.runs.state import STATE_DIR, describe_holder, live_lock
 
 KINDS = ("predict", "extract")  # the jobs that keep a state per slide (evaluate's slides are predict's)
@@ -25,6 +26,8 @@ def output_info(path: str) -> dict:
     for kind in KINDS:
         for file in sorted((out / STATE_DIR).glob(f"*.{kind}.json")):
             entry = _entry(file, kind)
+            if kind == "predict" and entry["status"] == "failed" and (out / entry["slide"] / PREDICTION_JSON).is_file():
+                entry["earlier_outputs"] = True  # a redo that failed: the folder's outputs are not of this state
             if entry["status"] == "running":  # a live run's slide, or one a killed run left (redone on rerun)
                 holder = live_lock(out, kind, entry["slide"])
                 entry["status"] = "in_progress" if holder else "interrupted"
@@ -53,17 +56,22 @@ def _entry(file: Path, kind: str) -> dict:
             formats = (state.get("params") or {}).get("formats", ["zarr"])
             if not (isinstance(formats, list) and all(isinstance(f, str) for f in formats)):
                 raise ValueError("a field of the wrong type")
+        source, given = result.get("mpp_source"), None
+        value = state.get("fallback_mpp") if source == "fallback" else (state.get("params") or {}).get("slide_mpp")
+        if source in ("fallback", "user") and isinstance(value, int | float):
+            given = f"{'fallback' if source == 'fallback' else 'given'} {value:g} um/px"
         call = None
         if probability is not None and threshold is not None:
             call = "tumor" if probability >= threshold else "normal"  # as predict prints it
         return {"slide": state.get("slide", name), "kind": kind, "status": state.get("status", "unknown"),
                 "probability": probability, "call": call, "in_domain": in_domain,
                 "n_cells": result.get("n_cells"), "error": error, "formats": formats,
-                "path": state.get("path"), "finished": state.get("finished")}
+                "path": state.get("path"), "finished": state.get("finished"), "mpp_given": given,
+                "earlier_outputs": False}
     except (OSError, ValueError, TypeError, AttributeError) as err:  # damaged or foreign: said, not fatal
         return {"slide": name, "kind": kind, "status": "unreadable", "probability": None, "call": None,
                 "in_domain": None, "n_cells": None, "error": f"{file}: cannot read this state: {err}",
-                "formats": None, "path": None, "finished": None}
+                "formats": None, "path": None, "finished": None, "mpp_given": None, "earlier_outputs": False}
 
 
 def format_output_info(r: dict) -> str:
@@ -77,6 +85,10 @@ def format_output_info(r: dict) -> str:
             what = f"{s['n_cells']} cells in {', '.join(s['formats'])}"
         else:
             what = s["error"] or ""
+        if s["mpp_given"]:  # a resolution the file did not state (--fallback-mpp, --mpp, a manifest's mpp)
+            what += f" (read at the {s['mpp_given']})"
+        if s["earlier_outputs"]:
+            what += f" ({s['slide']}/ still holds an earlier run's outputs)"
         kind = "" if s["kind"] == "predict" else f" ({s['kind']})"
         lines.append(f"  {s['slide']}{kind}: {s['status']}{': ' + what if what else ''}")
     return "\n".join(lines)
