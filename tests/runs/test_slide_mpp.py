@@ -59,7 +59,7 @@ def test_fallback_mpp_completes_a_mixed_folder_and_reruns_only_its_slides(mixed,
     assert code == 0, err
     assert _started(out, "stated") == stated_run and _started(out, "bare") != bare_run
     assert _mpp(out, "bare") == (1.5, "fallback")
-    assert "fallback resolution 2.0 um/px; this run's is 1.5" in out_text + err
+    assert "fallback resolution 2.0 um/px; this run's is 1.5: running it again" in out_text + err
 
     code, _, err = run_cli_captured(args, capsys)  # the fallback left out again: bare.tif has no resolution
     assert code == 3 and "bare.tif" in err and "no resolution" in err
@@ -87,7 +87,7 @@ def test_a_manifest_mpp_column_sets_each_rows_resolution(mixed, model_file, tmp_
     assert _mpp(out, "bare") == (1.5, "user")
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "200", "nan", "0.25x"])
+@pytest.mark.parametrize("value", ["abc", "0", "200", "-1", "0.25x"])
 def test_a_bad_manifest_mpp_names_the_row(mixed, model_file, tmp_path, capsys, value):
     manifest = tmp_path / "cohort.csv"
     manifest.write_text(f"slide,label,mpp\nslides/stated.tif,1,\nslides/bare.tif,0,{value}\n")
@@ -147,3 +147,58 @@ def test_info_on_the_folder_says_which_resolution_was_given_and_which_outputs_ar
     assert entries["bare"]["status"] == "failed" and entries["bare"]["earlier_outputs"] is True
     assert entries["stated"]["earlier_outputs"] is False and entries["stated"]["mpp_given"] is None
     assert "still holds an earlier run's outputs" in run_cli_captured(["info", out], capsys)[1]
+
+
+def test_na_markers_in_the_mpp_column_give_none(mixed, model_file, tmp_path, capsys):
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("slide,label,mpp\nslides/stated.tif,1,NA\nslides/bare.tif,1,2\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli_captured(["evaluate", manifest, "--out", out, "--model", model_file, "--bootstrap", "100",
+                                     *FAST], capsys)
+    assert code == 0, err
+    assert _mpp(out, "stated")[1] not in ("fallback", "user") and _mpp(out, "bare") == (2.0, "user")
+
+
+def test_a_fallback_replaces_an_objective_power_estimate_on_rerun(cohort, model_file, tmp_path, capsys):
+    """A slide whose resolution was only estimated from its objective power (AppMag 40 -> 0.25 um/px) was kept
+    "up to date" when a rerun gave --fallback-mpp, which a fresh run would have used instead."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    desc = "Aperio Image Library v12.0.0\r\n1024x1024 (256x256) RGB|AppMag = 5|Filename = mag"
+    tifffile.imwrite(folder / "mag.svs", tifffile.imread(cohort / "tumor_001.tif"), tile=(256, 256),
+                     photometric="rgb", description=desc, metadata=None)
+    out = tmp_path / "out"
+    args = ["predict", folder, "--out", out, "--model", model_file, *FAST]
+    code, _, err = run_cli_captured(args, capsys)
+    assert code == 0 and "5x objective" in err and _mpp(out, "mag") == (2.0, "objective-power"), err
+    state = json.loads(next((out / ".state").glob("mag.predict.json")).read_text())
+    del state["result"]["mpp_source"], state["fallback_mpp"]  # as a state written before they were recorded
+    next((out / ".state").glob("mag.predict.json")).write_text(json.dumps(state))
+    code, _, err = run_cli_captured([*args, "--fallback-mpp", "1.5"], capsys)
+    assert code == 0, err
+    assert _mpp(out, "mag") == (1.5, "fallback")
+
+
+def test_a_failed_slide_is_tried_again_when_the_fallback_changes(mixed, model_file, tmp_path, capsys):
+    """A slide that failed while read at one fallback (a typo, nm for um, can make a slide fail for other reasons)
+    is tried again once the fallback is corrected, without --retry-failed; with the same fallback it is not."""
+    (mixed / "bare.tif").write_bytes((mixed / "bare.tif").read_bytes()[:3000])
+    out = tmp_path / "out"
+    args = ["predict", mixed, "--out", out, "--model", model_file, *FAST]
+    assert run_cli_captured([*args, "--fallback-mpp", "2"], capsys)[0] == 3
+    first = _started(out, "bare")
+    code, _, err = run_cli_captured([*args, "--fallback-mpp", "2"], capsys)
+    assert code == 3 and "failed in an earlier run" in err and _started(out, "bare") == first
+    code, _, err = run_cli_captured([*args, "--fallback-mpp", "1.5"], capsys)
+    assert code == 3 and "failed in an earlier run" not in err and _started(out, "bare") != first
+
+
+def test_info_on_the_folder_survives_foreign_slide_names(tmp_path, capsys):
+    state_dir = tmp_path / "out" / ".state"
+    state_dir.mkdir(parents=True)
+    for i, name in enumerate(["x" * 300, "../elsewhere", "/abs"]):
+        (state_dir / f"s{i}.predict.json").write_text(json.dumps({"slide": name, "status": "failed",
+                                                                  "error": "boom", "fallback_mpp": 10 ** 400}))
+    code, text, err = run_cli_captured(["info", tmp_path / "out", "--json"], capsys)
+    assert code == 0 and "Traceback" not in err
+    assert [s["earlier_outputs"] for s in json.loads(text)["slides"]] == [False, False, False]

@@ -82,11 +82,11 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
     from wsi_vssm.runs.state import OutputNotWritable
 
     run, progress = pop_run_options(opts, ctx)
+    one_resolution_rule(mpp, fallback_mpp)
     try:  # before the model loads: a file in the way failed every slide after its backbone pass
         prepare_folders(out, formats)
     except OSError as e:
         raise OutputNotWritable(str(e)) from None
-    one_resolution_rule(mpp, fallback_mpp)
     dev = option_device(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -26,8 +26,8 @@ def output_info(path: str) -> dict:
     for kind in KINDS:
         for file in sorted((out / STATE_DIR).glob(f"*.{kind}.json")):
             entry = _entry(file, kind)
-            if kind == "predict" and entry["status"] == "failed" and (out / entry["slide"] / PREDICTION_JSON).is_file():
-                entry["earlier_outputs"] = True  # a redo that failed: the folder's outputs are not of this state
+            if kind == "predict" and entry["status"] == "failed":  # a redo that failed: older outputs in its folder?
+                entry["earlier_outputs"] = _has_prediction(out, entry["slide"])
             if entry["status"] == "running":  # a live run's slide, or one a killed run left (redone on rerun)
                 holder = live_lock(out, kind, entry["slide"])
                 entry["status"] = "in_progress" if holder else "interrupted"
@@ -36,6 +36,17 @@ def output_info(path: str) -> dict:
             key = f"{kind} {entry['status']}"
             counts[key] = counts.get(key, 0) + 1
     return {"folder": str(out), "slides": slides, "counts": counts}
+
+
+def _has_prediction(out: Path, name: str) -> bool:
+    """Whether OUT/<name>/ holds a prediction.json; False for a name that is no single folder name (a foreign
+    state's `../x`) or a folder that cannot be looked into."""
+    if not name or name in (".", "..") or Path(name).name != name:
+        return False
+    try:
+        return (out / name / PREDICTION_JSON).is_file()
+    except OSError:  # a name too long, a folder without permission
+        return False
 
 
 def _entry(file: Path, kind: str) -> dict:
@@ -68,7 +79,7 @@ def _entry(file: Path, kind: str) -> dict:
                 "n_cells": result.get("n_cells"), "error": error, "formats": formats,
                 "path": state.get("path"), "finished": state.get("finished"), "mpp_given": given,
                 "earlier_outputs": False}
-    except (OSError, ValueError, TypeError, AttributeError) as err:  # damaged or foreign: said, not fatal
+    except (OSError, ValueError, TypeError, AttributeError, OverflowError) as err:  # damaged or foreign: said
         return {"slide": name, "kind": kind, "status": "unreadable", "probability": None, "call": None,
                 "in_domain": None, "n_cells": None, "error": f"{file}: cannot read this state: {err}",
                 "formats": None, "path": None, "finished": None, "mpp_given": None, "earlier_outputs": False}

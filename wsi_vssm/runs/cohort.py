@@ -279,11 +279,15 @@ def parse_split(value: str, path: Path, line: int) -> str | None:
     return SPLITS[v]
 
 
+# a manifest's `mpp` cell that gives none: empty, or how tables spell a missing value (pandas writes NaN as empty)
+MISSING_MPP = frozenset({"", "na", "n/a", "nan", "none", "null", "unknown", "-"})
+
+
 def parse_mpp(value: str, path: Path, line: int) -> float | None:
-    """A manifest row's `mpp`: empty is none; else a number of microns per pixel in the readers' plausible range
-    (outside it is a typo: nm for um, a magnification for an mpp)."""
+    """A manifest row's `mpp`: empty (or `NA`, `unknown`, ...: `MISSING_MPP`) is none; else a number of microns
+    per pixel in the readers' plausible range (outside it is a typo: nm for um, a magnification for an mpp)."""
     v = value.strip()
-    if not v:
+    if v.lower() in MISSING_MPP:
         return None
     lo, hi = PLAUSIBLE_MPP
     try:

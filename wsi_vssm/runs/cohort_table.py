@@ -100,13 +100,14 @@ def final_row(crow, outcome, job) -> dict:
 
     Failures without a state of their own (a missing file, a duplicate name) come from this run's outcome; a
     slide another run holds is `in_progress`; one with no finished state is `pending`."""
-    from wsi_vssm.runs.state import Status, describe_holder, live_lock, read_state
+    from wsi_vssm.runs.state import Status, describe_holder, fallback_changed, live_lock, read_state
 
     name = outcome.task.name
     if outcome.status == "failed" and outcome.state is None:
         return _row(crow, outcome)
     state = read_state(job.out, job.kind, name)
-    if state is not None and state.get("params_hash") == job.task_hash(outcome.task):
+    if (state is not None and state.get("params_hash") == job.task_hash(outcome.task)
+            and not fallback_changed(state, job.fallback_mpp)):
         if state.get("status") == Status.DONE and job.outputs_ok(name):
             return _result_row(crow, _prediction(Path(job.out) / name) or state.get("result") or {})
         if state.get("status") == Status.FAILED:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_vssm.outputs.files import COHORT_FILES, CONFUSION_PNG, OUTPUTS_FORMAT, STAGES_CSV
+from wsi_vssm.outputs.files import COHORT_FILES, CONFUSION_PNG, OUTPUTS_FORMAT, PREDICTION_JSON, STAGES_CSV
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
 from wsi_vssm.runs.state import (
@@ -299,10 +299,11 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             progress.info(f"{task.name}: replacing the results of {other} (--overwrite)")
         elif _moved_failure(state, task.path):
             state = None  # the same content failed under another path: run it, so its error names this one
-        refall = state is not None and fallback_changed(state, job.fallback_mpp)
+        refall = state is not None and fallback_changed(state, job.fallback_mpp, _older_mpp_source(state, job, task))
         if refall and state.get("status") == Status.DONE:
-            progress.info(f"{task.name}: read at the fallback resolution {state.get('fallback_mpp')} um/px; this "
-                          f"run's is {job.fallback_mpp}: running it again")
+            now_ = "this run gives none" if job.fallback_mpp is None else f"this run's is {job.fallback_mpp:g}"
+            progress.info(f"{task.name}: read at the fallback resolution {state.get('fallback_mpp')} um/px; "
+                          f"{now_}: running it again")
         same = state is not None and state.get("params_hash") == job.task_hash(task) and not refall
         # a done slide from before fingerprints were recorded is trusted; a failed one is tried again
         changed = same and status in (Status.DONE, Status.FAILED) and (
@@ -344,6 +345,21 @@ def _threshold_alone(state: dict | None, job, task: SlideTask) -> bool:
     if "input" not in state or input_changed(state.get("input"), task.path):
         return False
     return old.keys() == new.keys() and all(old[k] == new[k] for k in new if k not in RELABEL_KEYS)
+
+
+def _older_mpp_source(state: dict, job, task: SlideTask) -> str | None:
+    """Where a done predict slide's resolution came from, from its prediction.json, for a state written before
+    states recorded it and read only when this run's --fallback-mpp differs from the state's."""
+    import json
+
+    if (state.get("fallback_mpp") == job.fallback_mpp or job.kind != "predict" or state.get("status") != Status.DONE
+            or (state.get("result") or {}).get("mpp_source")):
+        return None
+    try:
+        rec = json.loads((Path(job.out) / task.name / PREDICTION_JSON).read_text(encoding="utf-8"))
+        return rec["mpp"]["slide_source"] if isinstance(rec["mpp"]["slide_source"], str) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _old_params(state: dict) -> dict:

@@ -72,15 +72,23 @@ def known_failure(state: dict, changed: bool) -> str | None:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def fallback_changed(state: dict, fallback_mpp: float | None) -> bool:
+# where a done slide's resolution came from when a --fallback-mpp would have replaced it (an objective-power
+# estimate, or none: failed) or did
+FALLBACK_SOURCES = ("fallback", "objective-power")
+
+
+def fallback_changed(state: dict, fallback_mpp: float | None, mpp_source: str | None = None) -> bool:
     """Whether a run's `--fallback-mpp` (not in the parameters' hash: most slides state their own resolution)
-    is other than the one a slide was read at (a done slide whose file stores none) or failed for want of
-    (MissingMpp): such a slide is run again."""
+    differs from the one a slide last ran with, and matters to it: a done slide read at the fallback, or at an
+    objective-power estimate that a fallback replaces (`mpp_source`: the caller's, for states written before
+    it was recorded), and any failed slide (for want of a resolution, or read at a wrong fallback). Such a
+    slide is run again."""
     if state.get("fallback_mpp") == fallback_mpp:
         return False
     if state.get("status") == Status.FAILED:
-        return state.get("error_type") == "MissingMpp"
-    return (state.get("result") or {}).get("mpp_source") == "fallback"
+        return True
+    source = (state.get("result") or {}).get("mpp_source") or mpp_source
+    return source == "fallback" or (source == "objective-power" and fallback_mpp is not None)
 
 
 def params_hash(resolved: dict) -> str:

@@ -147,7 +147,7 @@ def extract_cohort(folder: Path, backbone, info, features: Path, progress: bool 
             raise UsageError(f"{folder}: {row.error}")
         store = features / f"{row.name}.zarr"
         if not (store.exists() and FeatureStore.open(store).attrs.get("model_hash") == info.model_hash):
-            with open_slide(row.path) as slide:
+            with open_slide(row.path, mpp=row.mpp) as slide:
                 extract_to_store(slide, backbone, store, mpp=info.mpp, token_px=info.token_px, info=info,
                                  inference=Inference(precision))
         bags.append((store, row.label))
