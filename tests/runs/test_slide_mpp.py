@@ -59,10 +59,14 @@ def test_fallback_mpp_completes_a_mixed_folder_and_reruns_only_its_slides(mixed,
     assert code == 0, err
     assert _started(out, "stated") == stated_run and _started(out, "bare") != bare_run
     assert _mpp(out, "bare") == (1.5, "fallback")
-    assert "fallback resolution 2.0 um/px; this run's is 1.5: running it again" in out_text + err
+    assert "read at the fallback resolution 2.0 um/px; this run's --fallback-mpp is 1.5: running it again" in \
+        out_text + err
+    bare_run = _started(out, "bare")
 
-    code, _, err = run_cli_captured(args, capsys)  # the fallback left out again: bare.tif has no resolution
-    assert code == 3 and "bare.tif" in err and "no resolution" in err
+    # the fallback left out again: the slides done at one are kept (a rerun could only fail them)
+    code, out_text, err = run_cli_captured(args, capsys)
+    assert code == 0 and _started(out, "bare") == bare_run and _started(out, "stated") == stated_run, err
+    assert _mpp(out, "bare") == (1.5, "fallback")
 
 
 def test_a_manifest_mpp_column_sets_each_rows_resolution(mixed, model_file, tmp_path, capsys):
@@ -174,23 +178,24 @@ def test_a_fallback_replaces_an_objective_power_estimate_on_rerun(cohort, model_
     state = json.loads(next((out / ".state").glob("mag.predict.json")).read_text())
     del state["result"]["mpp_source"], state["fallback_mpp"]  # as a state written before they were recorded
     next((out / ".state").glob("mag.predict.json")).write_text(json.dumps(state))
-    code, _, err = run_cli_captured([*args, "--fallback-mpp", "1.5"], capsys)
+    code, text, err = run_cli_captured([*args, "--fallback-mpp", "1.5", "--verbose"], capsys)
     assert code == 0, err
     assert _mpp(out, "mag") == (1.5, "fallback")
+    assert "read at a resolution estimated from its objective power; this run's --fallback-mpp is 1.5" in text + err
 
 
-def test_a_failed_slide_is_tried_again_when_the_fallback_changes(mixed, model_file, tmp_path, capsys):
-    """A slide that failed while read at one fallback (a typo, nm for um, can make a slide fail for other reasons)
-    is tried again once the fallback is corrected, without --retry-failed; with the same fallback it is not."""
+def test_a_slide_that_failed_otherwise_is_not_redone_for_a_new_fallback(mixed, model_file, tmp_path, capsys):
+    """Only a failure for want of a resolution is tried again when the fallback changes: a broken file (or one
+    that failed late in a long run) would fail, or cost, the same again; --retry-failed still tries it."""
     (mixed / "bare.tif").write_bytes((mixed / "bare.tif").read_bytes()[:3000])
     out = tmp_path / "out"
     args = ["predict", mixed, "--out", out, "--model", model_file, *FAST]
     assert run_cli_captured([*args, "--fallback-mpp", "2"], capsys)[0] == 3
     first = _started(out, "bare")
-    code, _, err = run_cli_captured([*args, "--fallback-mpp", "2"], capsys)
-    assert code == 3 and "failed in an earlier run" in err and _started(out, "bare") == first
     code, _, err = run_cli_captured([*args, "--fallback-mpp", "1.5"], capsys)
-    assert code == 3 and "failed in an earlier run" not in err and _started(out, "bare") != first
+    assert code == 3 and "failed in an earlier run" in err and _started(out, "bare") == first
+    code, _, err = run_cli_captured([*args, "--fallback-mpp", "1.5", "--retry-failed"], capsys)
+    assert code == 3 and _started(out, "bare") != first
 
 
 def test_info_on_the_folder_survives_foreign_slide_names(tmp_path, capsys):
@@ -202,3 +207,67 @@ def test_info_on_the_folder_survives_foreign_slide_names(tmp_path, capsys):
     code, text, err = run_cli_captured(["info", tmp_path / "out", "--json"], capsys)
     assert code == 0 and "Traceback" not in err
     assert [s["earlier_outputs"] for s in json.loads(text)["slides"]] == [False, False, False]
+
+
+def test_a_scan_far_coarser_than_it_is_read_at_is_refused_before_it_runs(mixed, model_file, tmp_path, capsys):
+    """--fallback-mpp 20 (typed for 0.20) planned an image 20x the slide's side and ran for hours before the
+    domain note said "enlarged"; past 8x the slide is refused at once, below it warned about at once."""
+    out = tmp_path / "out"
+    base = ["predict", mixed / "bare.tif", "--out", out, "--model", model_file, "--device", "cpu",
+            "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
+    code, _, err = run_cli_captured([*base, "--fallback-mpp", "20", "--target-mpp", "1"], capsys)
+    assert code == 1 and "bare.tif" in err and "enlarged 20x (20,480 x 20,480 px)" in err
+    assert "check its resolution" in err and "Traceback" not in err
+    code, _, err = run_cli_captured([*base, "--fallback-mpp", "20", "--target-mpp", "4"], capsys)
+    assert code == 0 and "enlarged 5x" in err and "out of domain" in err
+    rec = json.loads((out / "bare" / "prediction.json").read_text())
+    assert rec["in_domain"] is False and any("enlarged 5x" in n for n in rec["domain_notes"])
+
+
+def test_info_flags_an_extract_slides_earlier_features_after_a_failed_redo(mixed, model_file, tmp_path, capsys):
+    out = tmp_path / "feats"
+    args = ["extract", mixed, "--out", out, "--model", model_file, "--fallback-mpp", "2", *FAST]
+    assert run_cli_captured(args, capsys)[0] == 0
+    (mixed / "bare.tif").write_bytes((mixed / "bare.tif").read_bytes()[:3000])  # changed and broken: redone, fails
+    assert run_cli_captured(args, capsys)[0] == 3
+    code, text, _ = run_cli_captured(["info", out, "--json"], capsys)
+    entries = {s["slide"]: s for s in json.loads(text)["slides"]}
+    assert entries["bare"]["status"] == "failed" and entries["bare"]["earlier_outputs"] is True
+    assert (out / "bare.zarr").exists() and entries["stated"]["earlier_outputs"] is False
+
+
+def test_a_decimal_comma_in_the_mpp_column_is_refused_with_a_hint(mixed, tmp_path):
+    """`slides/bare.tif,1,0,25` split into four fields: the fourth was dropped and the slide read at 0 (refused)
+    or, for `1,5`, silently at 1 um/px."""
+    from wsi_vssm.runs.cohort import CohortError, read_manifest
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("slide,label,mpp\nslides/stated.tif,1,\nslides/bare.tif,1,1,5\n")
+    with pytest.raises(CohortError, match=r"line 3: 4 fields under a header of 3: a decimal comma"):
+        read_manifest(manifest)
+    manifest.write_text('slide,label,mpp\nslides/bare.tif,1,"0,25"\n')
+    with pytest.raises(CohortError, match=r"a decimal comma\? write 0.25"):
+        read_manifest(manifest)
+    manifest.write_text("slide,label,note\nslides/bare.tif,1,a,b\n")  # no mpp column: extra fields as before
+    assert read_manifest(manifest).rows[0].mpp is None
+
+
+@pytest.mark.parametrize("column", ["mpp", "MPP", "mpp_um", "microns_per_pixel"])
+def test_the_mpp_column_may_carry_other_tables_names(mixed, tmp_path, column):
+    from wsi_vssm.runs.cohort import read_manifest
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"slide,label,{column}\nslides/bare.tif,1,0.5\n")
+    assert read_manifest(manifest).rows[0].mpp == 0.5
+
+
+@pytest.mark.parametrize("sep, word", [(";", "semicolons"), ("\t", "tabs")])
+def test_a_table_separated_otherwise_than_by_commas_says_so(tmp_path, sep, word):
+    """A semicolon table (a spreadsheet's CSV in a decimal-comma locale) was told "expected 'name,label', got
+    'slide;label;mpp'", the error of another layout."""
+    from wsi_vssm.runs.cohort import CohortError, read_cohort
+
+    table = tmp_path / "cohort.csv"
+    table.write_text(sep.join(["slide", "label", "mpp"]) + "\n" + sep.join(["a.tif", "1", "0,25"]) + "\n")
+    with pytest.raises(CohortError, match=f"line 1: the fields are separated by {word}"):
+        read_cohort(table)

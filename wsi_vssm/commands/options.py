@@ -49,7 +49,8 @@ fallback_mpp_option = click.option(
     type=MPP_RANGE,
     default=None,
     help="Microns per pixel at level 0 for the slides that store none (or only an objective power); slides that "
-         "state theirs keep it. For folders mixing both. --mpp and a manifest's mpp column win over it.",
+         "state theirs keep it. For folders mixing both. Not with --mpp; an evaluate manifest's mpp column wins "
+         "over it.",
 )
 
 

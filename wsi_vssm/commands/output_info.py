@@ -26,8 +26,8 @@ def output_info(path: str) -> dict:
     for kind in KINDS:
         for file in sorted((out / STATE_DIR).glob(f"*.{kind}.json")):
             entry = _entry(file, kind)
-            if kind == "predict" and entry["status"] == "failed":  # a redo that failed: older outputs in its folder?
-                entry["earlier_outputs"] = _has_prediction(out, entry["slide"])
+            if entry["status"] == "failed":  # a redo that failed: are an earlier run's outputs still there?
+                entry["earlier_outputs"] = _has_outputs(out, entry["slide"], kind)
             if entry["status"] == "running":  # a live run's slide, or one a killed run left (redone on rerun)
                 holder = live_lock(out, kind, entry["slide"])
                 entry["status"] = "in_progress" if holder else "interrupted"
@@ -38,13 +38,16 @@ def output_info(path: str) -> dict:
     return {"folder": str(out), "slides": slides, "counts": counts}
 
 
-def _has_prediction(out: Path, name: str) -> bool:
-    """Whether OUT/<name>/ holds a prediction.json; False for a name that is no single folder name (a foreign
-    state's `../x`) or a folder that cannot be looked into."""
+def _has_outputs(out: Path, name: str, kind: str) -> bool:
+    """Whether OUT holds a slide's outputs: predict's OUT/<name>/prediction.json, extract's OUT/<name>.zarr,
+    h5_files/<name>.h5 or pt_files/<name>.pt (pipeline.feature_files' layout, not imported: it loads numpy).
+    False for a name that is no single file name (a foreign state's `../x`) or a path that cannot be looked at."""
     if not name or name in (".", "..") or Path(name).name != name:
         return False
+    paths = ([out / name / PREDICTION_JSON] if kind == "predict" else
+             [out / f"{name}.zarr", out / "h5_files" / f"{name}.h5", out / "pt_files" / f"{name}.pt"])
     try:
-        return (out / name / PREDICTION_JSON).is_file()
+        return any(p.exists() for p in paths)
     except OSError:  # a name too long, a folder without permission
         return False
 

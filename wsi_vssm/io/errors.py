@@ -32,6 +32,11 @@ class MissingBackend(SlideError):
     """The backend asked for (or the only one able to read the file) is not installed."""
 
 
+class TooCoarse(SlideError):
+    """The slide's scan is far coarser than the resolution it is to be read at: enlarged, it would hold no detail
+    for the model and cost hours (a resolution typed wrong, 20 for 0.20, is the usual cause)."""
+
+
 class MissingMpp(SlideError):
     """The slide carries no resolution and the operation needs one; pass --mpp / mpp=."""
 

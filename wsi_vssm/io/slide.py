@@ -242,6 +242,6 @@ def _settle_mpp(reader: SlideReader, mpp: float | None, fallback_mpp: float | No
         power = getattr(reader, "objective_power", None)
         warnings.warn(
             f"{reader.path}: no resolution stored; estimated {reader.mpp:.3g} um/px from the {power:g}x "
-            "objective (10 / power); pass mpp= (--mpp) if that is wrong",
+            "objective (10 / power); pass mpp= (--mpp, or --fallback-mpp for a folder) if that is wrong",
             stacklevel=3,
         )

@@ -307,7 +307,11 @@ def domain_verdict(stain: list[str], feature_result: tuple[bool, list[str]] | No
     return bool(ok) and not notes, notes + list(fnotes)
 
 
-MPP_TOLERANCE = 1.25  # read within this factor of the model's resolution (either way): the same magnification
+
+
+# read within this factor of the model's resolution (either way), or enlarged by at most it: the same
+# magnification (beyond it, an enlargement is also warned about before the slide runs: geometry.check_enlargement)
+MPP_TOLERANCE = 1.25
 
 
 def magnification_check(analysis_mpp: float | None, model_mpp: float | None,

@@ -31,6 +31,7 @@ from wsi_vssm.models.model_file import DEFAULT_TOKEN_PX, BackboneInfo, state_dic
 from wsi_vssm.pipeline.geometry import (
     DEFAULT_MIN_TISSUE,
     cell_tissue_map,
+    check_enlargement,
     check_geometry,
     owned_range,
     resolve_geometry,
@@ -88,6 +89,7 @@ def plan_slide(
     region_px, overlap_px = resolve_geometry(dev, token_px, region_px, overlap_px)
     check_geometry(token_px, region_px, overlap_px, min_tissue)
     slide_mpp = slide.require_mpp()
+    check_enlargement(slide, mpp)
     if tissue is None:
         from wsi_vssm.io.tissue import slide_tissue_mask
 

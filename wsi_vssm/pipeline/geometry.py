@@ -26,6 +26,31 @@ def default_region_px(device: str, token_px: int = DEFAULT_TOKEN_PX) -> int:
 
 
 
+MAX_ENLARGEMENT = 8.0  # a scan this many times coarser than the analysis resolution is refused (TooCoarse)
+
+
+def check_enlargement(slide, analysis_mpp: float) -> None:
+    """Before any region is read: a slide scanned coarser than `analysis_mpp` by more than the tolerance is
+    warned about at once (its domain note comes only with the results), and by more than MAX_ENLARGEMENT it is
+    refused (TooCoarse), naming the sizes: 20 um/px typed for 0.20 planned a 90,000 px image and hours of work."""
+    import warnings
+
+    from wsi_vssm.io.errors import TooCoarse
+    from wsi_vssm.pipeline.domain import MPP_TOLERANCE  # the domain check's: one tolerance for both
+
+    factor = float(slide.mpp) / float(analysis_mpp)
+    if factor <= MPP_TOLERANCE:
+        return
+    w, h = (round(d * factor) for d in slide.dimensions)
+    what = (f"scanned at {slide.mpp:.4g} um/px ({slide.mpp_source}), read at {analysis_mpp:.4g} um/px it is "
+            f"enlarged {factor:.3g}x ({w:,} x {h:,} px)")
+    if factor > MAX_ENLARGEMENT:
+        raise TooCoarse(slide.path or slide.name, f"{what}: without detail for the model; check its resolution "
+                        "(--mpp, --fallback-mpp, a manifest's mpp), or read it coarser with --target-mpp")
+    warnings.warn(f"{slide.path or slide.name}: {what}, without the detail the model was trained on: its results "
+                  "are out of domain", stacklevel=3)
+
+
 def resolve_geometry(device: str, token_px: int, region_px: int | None, overlap_px: int | None) -> tuple[int, int]:
     """(region_px, overlap_px) with the defaults filled in: the one place they are resolved."""
     region = default_region_px(device, token_px) if region_px is None else region_px

@@ -138,7 +138,8 @@ def select_split(cohort: Cohort, split: str = "auto") -> tuple[Cohort, str, str 
 
 def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     """A CSV with a header naming `slide` (or `path`, `file`, `slide_path`, `wsi`) and `label` columns, and
-    optionally `split` and `mpp` (a row's level-0 microns per pixel; empty: the file's own)."""
+    optionally `split` and `mpp` (a row's level-0 microns per pixel, or a column named as in `MPP_COLUMNS`;
+    empty: the file's own)."""
     path = Path(path)
     rows = _read_csv(path)
     if not rows or not _is_manifest_header(rows[0][1]):
@@ -146,9 +147,13 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     header = [c.strip().lower() for c in rows[0][1]]
     i_slide, i_label = header.index(_path_column(header)), header.index("label")
     i_split = header.index("split") if "split" in header else None
-    i_mpp = header.index("mpp") if "mpp" in header else None
+    mpp_column = next((c for c in MPP_COLUMNS if c in header), None)
+    i_mpp = None if mpp_column is None else header.index(mpp_column)
     cohort = Cohort(path, "manifest")
     for line, cells in rows[1:]:
+        if i_mpp is not None and any(c.strip() for c in cells[len(header):]):
+            raise CohortError(f"{path}, line {line}: {len(cells)} fields under a header of {len(header)}: a "
+                              "decimal comma in the mpp (0,25)? write 0.25, or quote the cell")
         ref = _cell(cells, i_slide)
         if not ref:
             raise CohortError(f"{path}, line {line}: empty slide path")
@@ -279,6 +284,8 @@ def parse_split(value: str, path: Path, line: int) -> str | None:
     return SPLITS[v]
 
 
+# a manifest's column of level-0 resolutions: `mpp`, or a name other tables give it (the first found is used)
+MPP_COLUMNS = ("mpp", "mpp_um", "um_per_px", "um_per_pixel", "microns_per_pixel")
 # a manifest's `mpp` cell that gives none: empty, or how tables spell a missing value (pandas writes NaN as empty)
 MISSING_MPP = frozenset({"", "na", "n/a", "nan", "none", "null", "unknown", "-"})
 
@@ -295,8 +302,9 @@ def parse_mpp(value: str, path: Path, line: int) -> float | None:
     except ValueError:
         mpp = None
     if mpp is None or not lo <= mpp <= hi:  # NaN fails too
+        comma = " (a decimal comma? write 0.25)" if "," in v else ""
         raise CohortError(f"{path}, line {line}: mpp {value!r} is not a resolution in microns per pixel "
-                          f"({lo:g} to {hi:g}; 0.25 at 40x, 0.5 at 20x)")
+                          f"({lo:g} to {hi:g}; 0.25 at 40x, 0.5 at 20x){comma}")
     return mpp
 
 
@@ -320,6 +328,10 @@ def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
         cells = [c.strip() for c in cells]
         if any(cells) and not cells[0].startswith("#"):
             out.append((reader.line_num, cells))
+    if out and len(out[0][1]) == 1 and any(sep in out[0][1][0] for sep in ";\t"):
+        sep = "semicolons" if ";" in out[0][1][0] else "tabs"
+        raise CohortError(f"{path}, line {out[0][0]}: the fields are separated by {sep}; a cohort table is a CSV "
+                          "with commas (save it as comma-separated)")
     return out
 
 

@@ -299,12 +299,14 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             progress.info(f"{task.name}: replacing the results of {other} (--overwrite)")
         elif _moved_failure(state, task.path):
             state = None  # the same content failed under another path: run it, so its error names this one
-        refall = state is not None and fallback_changed(state, job.fallback_mpp, _older_mpp_source(state, job, task))
-        if refall and state.get("status") == Status.DONE:
-            now_ = "this run gives none" if job.fallback_mpp is None else f"this run's is {job.fallback_mpp:g}"
-            progress.info(f"{task.name}: read at the fallback resolution {state.get('fallback_mpp')} um/px; "
-                          f"{now_}: running it again")
+        source = _older_mpp_source(state, job, task) if state is not None else None
+        refall = state is not None and fallback_changed(state, job.fallback_mpp, source)
         same = state is not None and state.get("params_hash") == job.task_hash(task) and not refall
+        if refall and state.get("status") == Status.DONE and state.get("params_hash") == job.task_hash(task):
+            was = (f"the fallback resolution {state.get('fallback_mpp')} um/px" if source != "objective-power"
+                   else "a resolution estimated from its objective power")
+            progress.info(f"{task.name}: read at {was}; this run's --fallback-mpp is {job.fallback_mpp:g}: running "
+                          "it again")
         # a done slide from before fingerprints were recorded is trusted; a failed one is tried again
         changed = same and status in (Status.DONE, Status.FAILED) and (
             input_changed(state.get("input"), task.path) if "input" in state or status == Status.FAILED else False)
@@ -348,13 +350,14 @@ def _threshold_alone(state: dict | None, job, task: SlideTask) -> bool:
 
 
 def _older_mpp_source(state: dict, job, task: SlideTask) -> str | None:
-    """Where a done predict slide's resolution came from, from its prediction.json, for a state written before
-    states recorded it and read only when this run's --fallback-mpp differs from the state's."""
+    """Where a done slide's resolution came from: its state's record, else (a predict state written before
+    states recorded it) its prediction.json's, read only when this run's --fallback-mpp differs from the state's."""
     import json
 
-    if (state.get("fallback_mpp") == job.fallback_mpp or job.kind != "predict" or state.get("status") != Status.DONE
-            or (state.get("result") or {}).get("mpp_source")):
-        return None
+    recorded = (state.get("result") or {}).get("mpp_source")
+    if (recorded or job.fallback_mpp is None or state.get("fallback_mpp") == job.fallback_mpp
+            or job.kind != "predict" or state.get("status") != Status.DONE):
+        return recorded if isinstance(recorded, str) else None
     try:
         rec = json.loads((Path(job.out) / task.name / PREDICTION_JSON).read_text(encoding="utf-8"))
         return rec["mpp"]["slide_source"] if isinstance(rec["mpp"]["slide_source"], str) else None

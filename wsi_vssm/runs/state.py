@@ -79,16 +79,15 @@ FALLBACK_SOURCES = ("fallback", "objective-power")
 
 def fallback_changed(state: dict, fallback_mpp: float | None, mpp_source: str | None = None) -> bool:
     """Whether a run's `--fallback-mpp` (not in the parameters' hash: most slides state their own resolution)
-    differs from the one a slide last ran with, and matters to it: a done slide read at the fallback, or at an
-    objective-power estimate that a fallback replaces (`mpp_source`: the caller's, for states written before
-    it was recorded), and any failed slide (for want of a resolution, or read at a wrong fallback). Such a
-    slide is run again."""
-    if state.get("fallback_mpp") == fallback_mpp:
+    is another than the one a slide last ran with, and would change it: a slide that failed for want of a
+    resolution, once one is given; a done slide read at another fallback, or at an objective-power estimate
+    that the fallback replaces (`mpp_source`: the caller's, for states written before it was recorded). A run
+    that gives no fallback keeps the slides done at one (it could only fail them). Such a slide is run again."""
+    if fallback_mpp is None or state.get("fallback_mpp") == fallback_mpp:
         return False
     if state.get("status") == Status.FAILED:
-        return True
-    source = (state.get("result") or {}).get("mpp_source") or mpp_source
-    return source == "fallback" or (source == "objective-power" and fallback_mpp is not None)
+        return state.get("error_type") == "MissingMpp"
+    return ((state.get("result") or {}).get("mpp_source") or mpp_source) in ("fallback", "objective-power")
 
 
 def params_hash(resolved: dict) -> str:
