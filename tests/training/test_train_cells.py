@@ -971,3 +971,40 @@ def test_the_patch_scorer_says_bad_input_in_one_line(tiny_folder, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("python -m wsi_vssm.training.cells: error: ") for line in err)
     assert "none.pt" in err[0] and "nowhere" in err[1] and "one class only" in err[2]
+
+
+def test_info_on_a_recipe_run_says_where_each_stage_stands(tiny_folder, tmp_path, capsys):
+    """`info RUN` on a recipe's output folder was refused (neither slide, model nor cohort output); a lab running
+    hours of training wants to know which stages are done and how far the current one got."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import run_cli_captured
+
+    from wsi_vssm.commands.run import command
+    from wsi_vssm.training.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(command, [str(REPO / "pipelines" / "default.toml"), "--out", str(out),
+                                       *_tiny_recipe(tiny_folder, "--set", 'recipe.stages=["cells","context"]')])
+    assert res.exit_code == 0, res.output
+    code, text, _ = run_cli_captured(["info", out], capsys)
+    assert code == 0 and "2 of 2 stage(s) done" in text and "(every stage through)" in text, text
+    assert f"cells: done -> {out / 'cells.pt'}" in text
+    # as a run stopped in its context stage leaves it (progress says cells only; the work file and a checkpoint)
+    (out / "recipe.progress.json").write_text(json.dumps(
+        {"done": json.loads((out / "recipe.progress.json").read_text())["done"][:1]}))
+    save_checkpoint(out / "context.checkpoint.pt", {"epoch": 2, "best": 0.8125, "best_epoch": 1}, {"epochs": 5})
+    (out / "model.work.pt").write_bytes((out / "cells.pt").read_bytes())
+    code, text, _ = run_cli_captured(["info", out, "--json"], capsys)
+    r = json.loads(text)
+    context = r["stages"][1]
+    assert (r["kind"], r["recipe"], r["model_finished"]) == ("recipe_run", "default", False)
+    assert (context["status"], context["epoch"], context["epochs"], context["best"]) == (
+        "in progress or stopped", 2, 5, 0.8125)
+    text = run_cli_captured(["info", out], capsys)[1]
+    assert "context: in progress or stopped: epoch 2 of 5, best selection score 0.8125 (epoch 1)" in text
+    assert "is an earlier run's" in text
+    (out / "context.checkpoint.pt").write_bytes(b"not a checkpoint")
+    code, text, _ = run_cli_captured(["info", out], capsys)
+    assert code == 0 and "cannot read this checkpoint" in text

@@ -25,7 +25,7 @@ NO_MPP_HINT = f"the file states no resolution; {PASS_MPP}"
 
 
 @click.command("info")
-@click.argument("slide", metavar="SLIDE|MODEL|HEATMAP|OUT|FEATURES", type=click.Path(path_type=str))
+@click.argument("slide", metavar="SLIDE|MODEL|HEATMAP|OUT|RUN|FEATURES", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option(
     "--backend",
@@ -37,8 +37,9 @@ NO_MPP_HINT = f"the file states no resolution; {PASS_MPP}"
 @mpp_option
 def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
     """Show a slide's levels, resolution, associated images and tissue fraction (or what a model file or a
-    heatmap.ome.zarr is, or where the slides of an output folder of predict / evaluate / extract stand, or what a
-    feature file of extract holds: <slide>.zarr, an h5 with features and coords, a pt tensor)."""
+    heatmap.ome.zarr is, or where the slides of an output folder of predict / evaluate / extract stand, or the
+    stages of a training run's folder (run RECIPE --out RUN), or what a feature file of extract holds:
+    <slide>.zarr, an h5 with features and coords, a pt tensor)."""
     from wsi_vssm.commands.feature_info import feature_info, feature_kind, format_feature_info
     from wsi_vssm.commands.model_info import format_model_info, is_model_path, model_info
     from wsi_vssm.commands.output_info import format_output_info, is_output_folder, output_info
@@ -51,6 +52,12 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
     if is_model_path(slide):  # a model file passed between machines: what it is, before anyone predicts with it
         report = model_info(slide)
         click.echo(json.dumps(report, indent=2) if as_json else format_model_info(report))
+        return
+    from wsi_vssm.commands.recipe_info import format_recipe_info, is_recipe_folder, recipe_info
+
+    if is_recipe_folder(slide):  # where a training recipe run stands, stage by stage
+        report = recipe_info(slide)
+        click.echo(json.dumps(report, indent=2) if as_json else format_recipe_info(report))
         return
     if is_output_folder(slide):  # where a cohort run stands, slide by slide, from its states
         report = output_info(slide)
