@@ -54,13 +54,10 @@ def _json(path: Path) -> dict | None:
 
 def _checkpoint_progress(path: Path) -> dict:
     """The epoch a cells / context / dense checkpoint holds, of how many, and its best selection score."""
-    import torch
-
-    from wsi_vssm.training.checkpoint import _numpy_globals
+    from wsi_vssm.training.checkpoint import peek_checkpoint
 
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = peek_checkpoint(path)
         state = ck.get("state", ck)  # dense keeps its counters under `state`
         best = state.get("best_score", state.get("best"))
         return {"epoch": int(state["epoch"]), "epochs": int(ck.get("config", {}).get("epochs")),

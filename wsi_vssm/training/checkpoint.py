@@ -59,6 +59,16 @@ def save_checkpoint(path: Path, state: dict, config: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def peek_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents as saved, to look at (`info RUN`): no settings checked, no random state restored.
+    Tensors and plain values only (weights_only), as when resumed; raises whatever torch.load raises."""
+    with torch.serialization.safe_globals(_numpy_globals()):
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict):
+        raise ValueError("not a dict of training state")
+    return ck
+
+
 def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) -> dict:
     """The state `save_checkpoint` wrote, with the global random states restored. UsageError (one line) when the
     file cannot be read, or when `config` differs from the checkpoint's in a key not in `may_change`."""
