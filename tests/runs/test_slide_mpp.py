@@ -211,13 +211,18 @@ def test_info_on_the_folder_survives_foreign_slide_names(tmp_path, capsys):
 
 def test_a_scan_far_coarser_than_it_is_read_at_is_refused_before_it_runs(mixed, model_file, tmp_path, capsys):
     """--fallback-mpp 20 (typed for 0.20) planned an image 20x the slide's side and ran for hours before the
-    domain note said "enlarged"; past 8x the slide is refused at once, below it warned about at once."""
+    domain note said "enlarged"; past 8x the slide is refused before any region is read, below it warned about.
+    Corrected, the fallback runs the refused slide again (the error tells the user to check it)."""
     out = tmp_path / "out"
     base = ["predict", mixed / "bare.tif", "--out", out, "--model", model_file, "--device", "cpu",
             "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
     code, _, err = run_cli_captured([*base, "--fallback-mpp", "20", "--target-mpp", "1"], capsys)
     assert code == 1 and "bare.tif" in err and "enlarged 20x (20,480 x 20,480 px)" in err
     assert "check its resolution" in err and "Traceback" not in err
+    code, _, err = run_cli_captured([*base, "--fallback-mpp", "20", "--target-mpp", "1"], capsys)
+    assert code == 1 and "failed in an earlier run" in err  # the same fallback: a known failure
+    code, _, err = run_cli_captured([*base, "--fallback-mpp", "2", "--target-mpp", "1"], capsys)
+    assert code == 0 and "enlarged 2x" in err, err
     code, _, err = run_cli_captured([*base, "--fallback-mpp", "20", "--target-mpp", "4"], capsys)
     assert code == 0 and "enlarged 5x" in err and "out of domain" in err
     rec = json.loads((out / "bare" / "prediction.json").read_text())

@@ -102,7 +102,8 @@ def format_output_info(r: dict) -> str:
         if s["mpp_given"]:  # a resolution the file did not state (--fallback-mpp, --mpp, a manifest's mpp)
             what += f" (read at the {s['mpp_given']})"
         if s["earlier_outputs"]:
-            what += f" ({s['slide']}/ still holds an earlier run's outputs)"
+            what += (f" ({s['slide']}/ still holds an earlier run's outputs)" if s["kind"] == "predict" else
+                     " (an earlier run's feature files of it are still there)")
         kind = "" if s["kind"] == "predict" else f" ({s['kind']})"
         lines.append(f"  {s['slide']}{kind}: {s['status']}{': ' + what if what else ''}")
     return "\n".join(lines)

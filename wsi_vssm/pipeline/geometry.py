@@ -30,9 +30,10 @@ MAX_ENLARGEMENT = 8.0  # a scan this many times coarser than the analysis resolu
 
 
 def check_enlargement(slide, analysis_mpp: float) -> None:
-    """Before any region is read: a slide scanned coarser than `analysis_mpp` by more than the tolerance is
-    warned about at once (its domain note comes only with the results), and by more than MAX_ENLARGEMENT it is
-    refused (TooCoarse), naming the sizes: 20 um/px typed for 0.20 planned a 90,000 px image and hours of work."""
+    """Before any region is read: a slide scanned coarser than `analysis_mpp` by more than MAX_ENLARGEMENT is
+    refused (TooCoarse), naming the sizes: 20 um/px typed for 0.20 planned a 90,000 px image and hours of work.
+    By more than the tolerance, it is warned about (also by extract, which has no domain check; a cohort run
+    prints it with the slide's line)."""
     import warnings
 
     from wsi_vssm.io.errors import TooCoarse

@@ -153,7 +153,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     for line, cells in rows[1:]:
         if i_mpp is not None and any(c.strip() for c in cells[len(header):]):
             raise CohortError(f"{path}, line {line}: {len(cells)} fields under a header of {len(header)}: a "
-                              "decimal comma in the mpp (0,25)? write 0.25, or quote the cell")
+                              "decimal comma in the mpp (0,25)? write 0.25")
         ref = _cell(cells, i_slide)
         if not ref:
             raise CohortError(f"{path}, line {line}: empty slide path")

@@ -80,13 +80,14 @@ FALLBACK_SOURCES = ("fallback", "objective-power")
 def fallback_changed(state: dict, fallback_mpp: float | None, mpp_source: str | None = None) -> bool:
     """Whether a run's `--fallback-mpp` (not in the parameters' hash: most slides state their own resolution)
     is another than the one a slide last ran with, and would change it: a slide that failed for want of a
-    resolution, once one is given; a done slide read at another fallback, or at an objective-power estimate
-    that the fallback replaces (`mpp_source`: the caller's, for states written before it was recorded). A run
-    that gives no fallback keeps the slides done at one (it could only fail them). Such a slide is run again."""
+    resolution, once one is given, or was refused as far too coarse (TooCoarse: 20 typed for 0.20); a done
+    slide read at another fallback, or at an objective-power estimate that the fallback replaces (`mpp_source`:
+    the caller's, for states written before it was recorded). A run that gives no fallback keeps the slides done
+    at one (it could only fail them). Such a slide is run again."""
     if fallback_mpp is None or state.get("fallback_mpp") == fallback_mpp:
         return False
-    if state.get("status") == Status.FAILED:
-        return state.get("error_type") == "MissingMpp"
+    if state.get("status") == Status.FAILED:  # for want of a resolution, or at one far too coarse (a typo)
+        return state.get("error_type") in ("MissingMpp", "TooCoarse")
     return ((state.get("result") or {}).get("mpp_source") or mpp_source) in ("fallback", "objective-power")
 
 
