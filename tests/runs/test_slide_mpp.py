@@ -276,3 +276,15 @@ def test_a_table_separated_otherwise_than_by_commas_says_so(tmp_path, sep, word)
     table.write_text(sep.join(["slide", "label", "mpp"]) + "\n" + sep.join(["a.tif", "1", "0,25"]) + "\n")
     with pytest.raises(CohortError, match=f"line 1: the fields are separated by {word}"):
         read_cohort(table)
+
+
+def test_a_resolution_column_under_another_name_is_warned_about(mixed, tmp_path):
+    from wsi_vssm.runs.cohort import read_manifest
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("slide,label,mpp (um/px)\nslides/bare.tif,1,0.5\n")
+    with pytest.warns(UserWarning, match=r"column 'mpp \(um/px\)' is not read as the slides' resolution"):
+        assert read_manifest(manifest).rows[0].mpp is None
+    manifest.write_text("slide,label,mpp,mpp_x\nslides/bare.tif,1,0.5,0.5\n")
+    with pytest.warns(UserWarning, match=r"'mpp_x' is not read .*'mpp' is\)"):
+        assert read_manifest(manifest).rows[0].mpp == 0.5

@@ -149,6 +149,13 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     i_split = header.index("split") if "split" in header else None
     mpp_column = next((c for c in MPP_COLUMNS if c in header), None)
     i_mpp = None if mpp_column is None else header.index(mpp_column)
+    unread = [c for c in header if c != mpp_column and ("mpp" in c or "micron" in c)]
+    if unread:  # `mpp_x`, `mpp (um/px)`: its slides would fail "no resolution" with the column right there
+        import warnings
+
+        warnings.warn(f"{path}: column {unread[0]!r} is not read as the slides' resolution (only "
+                      f"{', '.join(MPP_COLUMNS)}{'; ' + repr(mpp_column) + ' is' if mpp_column else ''}); rename "
+                      "it mpp if it holds level-0 microns per pixel", UserWarning, stacklevel=2)
     cohort = Cohort(path, "manifest")
     for line, cells in rows[1:]:
         if i_mpp is not None and any(c.strip() for c in cells[len(header):]):
