@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RESOLVED_JSON = "recipe.resolved.json"  # written by training.recipe.run_recipe before any stage runs
+from wsi_vssm.training.recipe import RESOLVED_JSON  # light: torch only when a checkpoint is read
 
 
 def is_recipe_folder(path: str) -> bool:
@@ -18,12 +18,12 @@ def is_recipe_folder(path: str) -> bool:
 def recipe_info(path: str) -> dict:
     """{kind: recipe_run, folder, recipe (its name), stages: [{stage, status, file, epoch, epochs, best, best_epoch}],
     model, model_finished}; a checkpoint that cannot be read is said in its stage's `note`."""
-    from wsi_vssm.training.recipe import CHECKPOINTS, PROGRESS_JSON, WORK_MODEL
+    from wsi_vssm.training.recipe import CHECKPOINTS, WORK_MODEL, read_progress
     from wsi_vssm.training.recipe_config import recipe_stages
 
     out = Path(path)
     resolved = _json(out / RESOLVED_JSON) or {}
-    done = {d.get("stage") for d in (_json(out / PROGRESS_JSON) or {}).get("done", []) if isinstance(d, dict)}
+    done = {d.get("stage") for d in read_progress(out)}
     stages = []
     for stage in recipe_stages(resolved):
         entry = {"stage": stage, "status": "not started", "file": None, "epoch": None, "epochs": None,

@@ -25,7 +25,6 @@ def default_region_px(device: str, token_px: int = DEFAULT_TOKEN_PX) -> int:
     return max(token_px, side // token_px * token_px)
 
 
-
 MAX_ENLARGEMENT = 8.0  # a scan this many times coarser than the analysis resolution is refused (TooCoarse)
 
 

@@ -301,8 +301,9 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             state = None  # the same content failed under another path: run it, so its error names this one
         source = _older_mpp_source(state, job, task) if state is not None else None
         refall = state is not None and fallback_changed(state, job.fallback_mpp, source)
-        same = state is not None and state.get("params_hash") == job.task_hash(task) and not refall
-        if refall and state.get("status") == Status.DONE and state.get("params_hash") == job.task_hash(task):
+        hashed = state is not None and state.get("params_hash") == job.task_hash(task)
+        same = hashed and not refall
+        if refall and hashed and state.get("status") == Status.DONE:  # the fallback is the only reason: say so
             was = (f"the fallback resolution {state.get('fallback_mpp')} um/px" if source != "objective-power"
                    else "a resolution estimated from its objective power")
             progress.info(f"{task.name}: read at {was}; this run's --fallback-mpp is {job.fallback_mpp:g}: running "

@@ -69,12 +69,14 @@ def known_failure(state: dict, changed: bool) -> str | None:
     if state.get("status") != Status.FAILED or changed or state.get("error_type") in NOT_THE_SLIDES_FAULT:
         return None
     return f"{state.get('error')} {KNOWN_FAILURE_NOTE}"
+
+
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-# where a done slide's resolution came from when a --fallback-mpp would have replaced it (an objective-power
-# estimate, or none: failed) or did
+# where a done slide's resolution came from when a new --fallback-mpp changes it: the old fallback, or an
+# objective-power estimate that a fallback replaces
 FALLBACK_SOURCES = ("fallback", "objective-power")
+# failures a new --fallback-mpp may cure: no resolution at all, or one far too coarse (20 typed for 0.20)
+FALLBACK_FAILURES = ("MissingMpp", "TooCoarse")
 
 
 def fallback_changed(state: dict, fallback_mpp: float | None, mpp_source: str | None = None) -> bool:
@@ -86,9 +88,9 @@ def fallback_changed(state: dict, fallback_mpp: float | None, mpp_source: str | 
     at one (it could only fail them). Such a slide is run again."""
     if fallback_mpp is None or state.get("fallback_mpp") == fallback_mpp:
         return False
-    if state.get("status") == Status.FAILED:  # for want of a resolution, or at one far too coarse (a typo)
-        return state.get("error_type") in ("MissingMpp", "TooCoarse")
-    return ((state.get("result") or {}).get("mpp_source") or mpp_source) in ("fallback", "objective-power")
+    if state.get("status") == Status.FAILED:
+        return state.get("error_type") in FALLBACK_FAILURES
+    return ((state.get("result") or {}).get("mpp_source") or mpp_source) in FALLBACK_SOURCES
 
 
 def params_hash(resolved: dict) -> str:

@@ -29,6 +29,7 @@ from wsi_vssm.training.recipe_config import (  # noqa: F401  (re-exported: calle
     recipe_stages,
 )
 
+RESOLVED_JSON = "recipe.resolved.json"  # the recipe as run, written before any stage runs (`info RUN` looks for it)
 PROGRESS_JSON = "recipe.progress.json"  # the stages finished in OUT, each with the settings it ran with
 CHECKPOINTS = {"cells": "cells.checkpoint.pt", "context": "context.checkpoint.pt", "dense": "dense/checkpoint.pt"}
 WORK_MODEL = "model.work.pt"  # the model the stages pass along; OUT/model.pt is replaced only when all are through
@@ -65,10 +66,10 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
                   "(docs/training.md)")
     out.mkdir(parents=True, exist_ok=True)
     resolved = {**recipe, "recipe": {**recipe.get("recipe", {}), "out": str(out)}}  # where it did run
-    atomic_write_json(out / "recipe.resolved.json", resolved)
+    atomic_write_json(out / RESOLVED_JSON, resolved)
     final_path, model_path = out / "model.pt", out / WORK_MODEL
     model_path.unlink(missing_ok=True)  # a stopped run's
-    done = _read_progress(out) if resume else []
+    done = read_progress(out) if resume else []
     contents = _data_contents(recipe.get("data", {}))
     chain, previous = True, None  # chain: every stage so far was skipped as done before
     for stage in stages:
@@ -234,7 +235,8 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _read_progress(out: Path) -> list[dict]:
+def read_progress(out: Path) -> list[dict]:
+    """The finished stages recorded in OUT/recipe.progress.json ({stage, settings}), [] when none can be read."""
     import json
 
     try:
