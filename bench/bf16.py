@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=2 python bench/bf16.py --valid .../valid.tar --train .../train.tar --seeds 0 1 2
 
 Inference (always): the default model scores the held-back part of PCam valid (the same split training and
-bench/detector.py use; 2,000 patches) as `wsi-vssm evaluate PATCHES --precision fp32|bf16` does (each patch
+bench/detector.py use; 1,961 patches) as `wsi-vssm evaluate PATCHES --precision fp32|bf16` does (each patch
 alone, its centre token, the model's patch calibration), and this prints each precision's AUC, the AUC change
 and the largest and 99th-percentile probability differences.
 

@@ -1008,3 +1008,36 @@ def test_info_on_a_recipe_run_says_where_each_stage_stands(tiny_folder, tmp_path
     (out / "context.checkpoint.pt").write_bytes(b"not a checkpoint")
     code, text, _ = run_cli_captured(["info", out], capsys)
     assert code == 0 and "cannot read this checkpoint" in text
+
+
+def test_held_back_patches_that_repeat_a_selection_patch_are_left_out(tmp_path):
+    """PCam repeats some images inside a split: 39 of the shipped model's 2,000 held-back valid patches were byte
+    for byte selection patches, so held-back figures counted images that had chosen the model."""
+    import shutil
+    import warnings
+
+    from wsi_vssm.training.data.fingerprints import patch_digests
+    from wsi_vssm.training.data.patches import select_and_holdout, split_select_holdout
+
+    write_patch_folder(tmp_path / "valid", 10, 2)
+    for c in "01":  # every image twice, under another name
+        for f in sorted((tmp_path / "valid" / c).glob("*.jpg")):
+            shutil.copy(f, f.with_name(f"copy_{f.name}"))
+    valid = training_patches(tmp_path / "valid")
+    for split in (lambda: select_and_holdout(valid, 8, 0), lambda: split_select_holdout(valid, 0)):
+        with pytest.warns(UserWarning, match=r"of the \d+ held-back validation patches are the same image as a "
+                                             "selection patch: left out"):
+            select, hold = split()
+        sel_digests, hold_digests = set(patch_digests(select)), set(patch_digests(hold))
+        assert len(hold) > 0 and not sel_digests & hold_digests
+        names = {it.name for it in select.items} | {it.name for it in hold.items}
+        left_out = [it for it in valid.items if it.name not in names]  # exactly the twins of selection patches
+        assert left_out and {patch_digests(valid)[[i.name for i in valid.items].index(it.name)]
+                             for it in left_out} <= sel_digests
+        assert len(select) + len(hold) + len(left_out) == len(valid)
+    plain = training_patches(tmp_path / "valid", max_items=None)
+    plain = plain.subset([i for i, it in enumerate(plain.items) if not it.name.split("/")[-1].startswith("copy_")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no repeated image: no word, and the held-back part is the whole rest
+        select, hold = select_and_holdout(plain, 8, 0)
+    assert len(select) + len(hold) == len(plain) == 20

@@ -195,8 +195,7 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 def split_select_holdout(ds: PatchDataset, seed: int = 0) -> tuple[PatchDataset, PatchDataset]:
     """Halve a validation set, stratified and seeded: one half selects checkpoints, the other is only reported."""
     select = stratified_subset(ds.labels, len(ds) // 2, seed)
-    rest = np.setdiff1d(np.arange(len(ds)), select)
-    return ds.subset(select), ds.subset(rest)
+    return ds.subset(select), _held_back(ds, select)
 
 
 def select_and_holdout(valid: PatchDataset, valid_select: int | None, seed: int):
@@ -211,7 +210,24 @@ def select_and_holdout(valid: PatchDataset, valid_select: int | None, seed: int)
                           stacklevel=2)
         return valid, None
     idx = stratified_subset(valid.labels, valid_select, seed)
-    return valid.subset(idx), valid.subset(np.setdiff1d(np.arange(len(valid)), idx))
+    return valid.subset(idx), _held_back(valid, idx)
+
+
+def _held_back(valid: PatchDataset, select_idx) -> PatchDataset:
+    """The patches outside `select_idx`, less those whose file is byte for byte a selection patch's: PCam repeats
+    some images inside a split (39 of the 2,000 held-back patches of the shipped model's valid split have a twin
+    among its 1,000 selection patches), and a figure on them would report images that chose the model. The
+    selection part is left as drawn, so a model selected before this rule keeps its selection part."""
+    from wsi_vssm.training.data.fingerprints import patch_digests
+
+    rest = np.setdiff1d(np.arange(len(valid)), select_idx)
+    digests = patch_digests(valid)
+    twins = np.isin(digests[rest], digests[np.asarray(select_idx, dtype=np.int64)])
+    if twins.any():
+        warnings.warn(f"{valid.source}: {int(twins.sum()):,} of the {len(rest):,} held-back validation patches are the "
+                      "same image as a selection patch: left out of the held-back part "
+                      f"({len(rest) - int(twins.sum()):,} remain)", UserWarning, stacklevel=3)
+    return valid.subset(rest[~twins])
 
 
 def collate_uint8(batch) -> tuple[torch.Tensor, torch.Tensor]:
