@@ -5,8 +5,9 @@
 
 For each model it prints (all on data no stage chose anything on, except the 16/32/48 rows, which use
 selection-part mosaics as the issue asks):
-- patch AUC on the 1,961 held-back patches (2,000 less 39 that repeat a selection image; alone, centre token), their cell ECE (10 bins) and the balanced
-  accuracy at the model's `cell_threshold` (each patch is a cell, as `wsi-vssm evaluate PATCHES` scores it);
+- patch AUC on the 1,961 held-back patches (2,000 less 39 that repeat a selection image; alone, centre
+  token), their cell ECE (10 bins) and the balanced accuracy at the model's `cell_threshold` (each patch is a
+  cell, as `wsi-vssm evaluate PATCHES` scores it);
   the same patches tiled 8 x 8: centre-token AUC, dense token AUC (label-1 centres against every token of
   label-0 patches), sensitivity at 99.5% token specificity, and the centre tokens' ECE;
 - slide AUC (95% bootstrap CI) and slide ECE on mosaic slides of 32 x 32 held-back patches (`--slides`, patches
