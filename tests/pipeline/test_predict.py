@@ -264,6 +264,7 @@ def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
     res = evaluate_patches(tmp_path / "patches", _model(model_file), tmp_path / "ev", mpp=0.97, n_boot=200)
     assert len(res.rows) == 6 and all(0 <= r["probability"] <= 1 for r in res.rows)
     assert res.metrics["n"] == 6 and (tmp_path / "ev" / "metrics.json").exists()
+    assert res.metrics["repeated_patches"] is None  # every file distinct
     with pytest.raises(Exception, match="--mpp"):
         evaluate_patches(tmp_path / "patches", _model(model_file), tmp_path / "ev2", mpp=None)
     calibrated = _model(write_tiny_model(tmp_path / "cal.pt", cell_threshold=0.73))
@@ -276,6 +277,35 @@ def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
                                                              tmp_path / "ev5", mpp=0.97, n_boot=50).rows], 1e-7, None)
     want = 1 / (1 + np.exp(-(2.0 * np.log(raw / (1 - raw)) - 1.0)))
     assert np.allclose([r["probability"] for r in res_cal.rows], want, atol=1e-6)
+
+
+def test_evaluate_patch_folder_says_which_patches_repeat_an_image(model_file, tmp_path, capsys):
+    """PCam repeats some images inside a split (173 of valid's 3,000 files): each copy counted again in the AUC
+    without a word, and a copy filed under the other label (a labelling error) was invisible."""
+    import shutil
+
+    from conftest import run_cli_captured
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for label in (0, 1):
+        (tmp_path / "patches" / str(label)).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(
+                tmp_path / "patches" / str(label) / f"p{i}.png")
+    shutil.copy(tmp_path / "patches/1/p0.png", tmp_path / "patches/1/again.png")  # twice more, same label
+    shutil.copy(tmp_path / "patches/1/p0.png", tmp_path / "patches/1/thrice.png")
+    shutil.copy(tmp_path / "patches/0/p1.png", tmp_path / "patches/1/other_label.png")  # under both labels
+    code, _, err = run_cli_captured(["evaluate", tmp_path / "patches", "--mpp", "0.97", "--model", model_file,
+                                     "--out", tmp_path / "ev", "--bootstrap", "100"], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    rep = metrics["repeated_patches"]
+    assert (rep["groups"], rep["repeats"], rep["conflicting_labels"]) == (2, 3, 1)
+    assert sorted(rep["example"]) == ["0/p1.png", "1/other_label.png"]  # the conflicting group is the one shown
+    assert metrics["n"] == 9  # still scored: the warning says what the figure counts, it does not change it
+    assert ("3 of the 9 patches repeat another patch's image byte for byte (2 group(s) of identical files; "
+            "metrics.json repeated_patches); 1 of those groups are filed under both labels" in err)
 
 
 def test_evaluate_patch_folder_honours_tta_and_precision(model_file, tmp_path, monkeypatch):

@@ -63,6 +63,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         annotation_frame_warning,
         domain_warning,
         few_patients_warning,
+        repeated_patches_warning,
         separation_warning,
         shared_patches_warning,
         small_cohort_warning,
@@ -111,7 +112,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     if separation and m["auc"] is not None:  # the line under the warning read as a result (metrics.json keeps it)
         auc += ", not meaningful: the scores do not separate the classes"
     for warning in (separation, small_cohort_warning(res), shared_patches_warning(res), domain_warning(res),
-                    training_slides_warning(res, model), training_patches_warning(res), annotation_frame_warning(res)):
+                    training_slides_warning(res, model), training_patches_warning(res), repeated_patches_warning(res),
+                    annotation_frame_warning(res)):
         if warning:
             progress.warn(warning)
     pending = f", not finished={m['n_pending']} (incomplete)" if m.get("n_pending") else ""

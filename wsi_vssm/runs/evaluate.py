@@ -296,7 +296,7 @@ def evaluate_patches(
     from wsi_vssm.outputs.calibration import logistic
     from wsi_vssm.outputs.report import write_predictions_csv
     from wsi_vssm.pipeline.extract import Inference
-    from wsi_vssm.training.data.fingerprints import patch_digests, patches_seen
+    from wsi_vssm.training.data.fingerprints import patch_digests, patches_seen, repeated_patches
     from wsi_vssm.training.data.patches import PatchDataError, load_patches
 
     inference = Inference.of(inference)
@@ -349,9 +349,12 @@ def evaluate_patches(
     scored = [r for r in rows if r["probability"] is not None]
     parameters = {"mpp": mpp, "threshold": threshold, "batch_size": batch_size, "device": device,
                   "precision": inference.precision, "tta": inference.tta}
-    seen = patches_seen(patch_digests(ds), getattr(model, "metadata", None))  # patches that trained or chose it
+    digests = patch_digests(ds)
+    seen = patches_seen(digests, getattr(model, "metadata", None))  # patches that trained or chose it
+    repeats = repeated_patches(digests, ds.labels, [it.name for it in ds.items])
     metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
-                             provenance={**_provenance(folder, None, model, parameters), "model_patches": seen})
+                             provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
+                                         "repeated_patches": repeats})
     return EvaluationResult(metrics, rows, items="patches")
 
 

@@ -1,7 +1,8 @@
 """The one-line warnings `evaluate` prints under a cohort's figures: scores that do not separate the classes,
 classes or patients too few for the bootstrap to mean much, mosaic slides tiled from the same patches, slides out
-of the model's domain, slides that trained the model's slide head, patches that trained or selected the model.
-Each takes an `EvaluationResult` (`runs.evaluate`) and returns the line, or None when there is nothing to say."""
+of the model's domain, slides that trained the model's slide head, patches that trained or selected the model,
+patches that repeat another's image. Each takes an `EvaluationResult` (`runs.evaluate`) and returns the line, or
+None when there is nothing to say."""
 
 from __future__ import annotations
 
@@ -132,6 +133,21 @@ def training_patches_warning(result: EvaluationResult) -> str | None:
     return (f"{seen['either']} of the {len(result.rows)} patches trained ({seen['trained']}) or selected "
             f"({seen['selected']}) this model (the same image files; metrics.json model_patches): a figure over "
             "them flatters the model; evaluate a folder without them")
+
+
+def repeated_patches_warning(result: EvaluationResult) -> str | None:
+    """One line when files of a patch folder repeat another's image byte for byte (metrics.json
+    `repeated_patches`): each copy counts again in the AUC, and a copy filed under both labels is a labelling
+    error the figure cannot show."""
+    rep = result.metrics.get("repeated_patches") or {}
+    if not rep.get("repeats"):
+        return None
+    conflict = (f"; {rep['conflicting_labels']} of those groups are filed under both labels (e.g. "
+                f"{', '.join(rep['example'])})" if rep.get("conflicting_labels") else
+                f" (e.g. {', '.join(rep['example'])})")
+    return (f"{rep['repeats']} of the {len(result.rows)} patches repeat another patch's image byte for byte "
+            f"({rep['groups']} group(s) of identical files; metrics.json repeated_patches){conflict}: each copy "
+            "counts again in the figures")
 
 
 def annotation_frame_warning(result: EvaluationResult) -> str | None:

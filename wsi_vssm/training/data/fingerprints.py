@@ -60,6 +60,23 @@ def patches_seen(digests: np.ndarray, metadata: Mapping | None) -> dict | None:
             "either": int((in_train | in_select).sum())}
 
 
+def repeated_patches(digests: np.ndarray, labels, names) -> dict | None:
+    """Patches of one folder whose files are byte for byte another's (PCam repeats some images inside a split):
+    each copy counts again in an AUC. `groups` of identical files, `repeats` (the copies beyond the first of
+    each), `conflicting_labels` (groups filed under both labels) and one `example` group's names; None when
+    every file is distinct."""
+    digests, labels = np.asarray(digests), np.asarray(labels)
+    _, inverse, counts = np.unique(digests, return_inverse=True, return_counts=True)
+    repeated = np.flatnonzero(counts > 1)
+    if not repeated.size:
+        return None
+    conflicting = [g for g in repeated if len(set(labels[inverse == g].tolist())) > 1]
+    shown = conflicting[0] if conflicting else repeated[0]
+    return {"groups": int(repeated.size), "repeats": int((counts[repeated] - 1).sum()),
+            "conflicting_labels": len(conflicting),
+            "example": [str(names[i]) for i in np.flatnonzero(inverse == shown)[:3]]}
+
+
 def recorded(metadata: Mapping | None, part: str) -> np.ndarray | None:
     """The distinct digests of `part` ("train" or "select") a model's metadata records, or None."""
     return _part((metadata or {}).get(KEY), part)
