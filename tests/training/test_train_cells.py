@@ -1041,3 +1041,24 @@ def test_held_back_patches_that_repeat_a_selection_patch_are_left_out(tmp_path):
         warnings.simplefilter("error")  # no repeated image: no word, and the held-back part is the whole rest
         select, hold = select_and_holdout(plain, 8, 0)
     assert len(select) + len(hold) == len(plain) == 20
+
+
+def test_an_image_filed_under_both_labels_is_said_before_training(tmp_path):
+    """A copy of a normal patch filed under 1/ (a labelling slip) trained both answers without a word."""
+    import shutil
+    import warnings
+
+    from wsi_vssm.training.data.patches import check_training_sets
+
+    write_patch_folder(tmp_path / "train", 4, 0)
+    write_patch_folder(tmp_path / "valid", 4, 1)
+    valid = training_patches(tmp_path / "valid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # distinct images: no word
+        check_training_sets(training_patches(tmp_path / "train"), valid, None)
+    shutil.copy(tmp_path / "train/0/p2.jpg", tmp_path / "train/1/p2_copy.jpg")
+    shutil.copy(tmp_path / "train/1/p3.jpg", tmp_path / "train/1/p3_copy.jpg")  # same label: only a repeat
+    with pytest.warns(UserWarning, match=r"1 image\(s\) are filed under both labels \(byte for byte the same file, "
+                                         r"e.g. .*0/p2.jpg, .*1/p2_copy.jpg\)"):
+        check_training_sets(training_patches(tmp_path / "train"), valid, None)
+

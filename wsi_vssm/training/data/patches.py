@@ -245,7 +245,7 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
     training patches (the run wrote a model of one class with exit 0) or from the selection part (every epoch's
     AUC was NaN, no epoch was kept, and the run ended "model file not found"), patches of two sizes, and
     validation patches that are training patches (a `data/{train,valid}/{0,1}` folder given as --data holds
-    both: labels are read at any depth). Some shared images (not all): a warning."""
+    both: labels are read at any depth). Some shared images (not all), or one image under both labels: a warning."""
     per_set = [(np.bincount(ds.labels, minlength=2), ds, what)
                for ds, what in ((train, "training patches"), (select, "selection part of the validation patches"))]
     for counts, ds, what in per_set:
@@ -267,8 +267,14 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
         shown = ", ".join(f"{w} x {h} px" for w, h in sorted(sizes))
         raise PatchDataError(f"{train.source} and {select.source}: training and validation patches differ in size "
                              f"({shown}); give patches of one size")
-    from wsi_vssm.training.data.fingerprints import patch_digests
+    from wsi_vssm.training.data.fingerprints import patch_digests, repeated_patches
 
+    for ds in (train, select):  # the same image under both labels: a labelling error training cannot see
+        rep = repeated_patches(patch_digests(ds), ds.labels, [it.name for it in ds.items])
+        if rep and rep["conflicting_labels"]:
+            warnings.warn(f"{ds.source}: {rep['conflicting_labels']} image(s) are filed under both labels (byte for "
+                          f"byte the same file, e.g. {', '.join(rep['example'])}): the model learns both answers "
+                          "for them; remove the wrong copies", UserWarning, stacklevel=2)
     valid = np.concatenate([patch_digests(ds) for ds in (select, holdout) if ds is not None])
     n_shared = int(np.isin(valid, patch_digests(train)).sum())
     if valid.size and n_shared == valid.size:
