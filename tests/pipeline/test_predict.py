@@ -296,16 +296,18 @@ def test_evaluate_patch_folder_says_which_patches_repeat_an_image(model_file, tm
     shutil.copy(tmp_path / "patches/1/p0.png", tmp_path / "patches/1/again.png")  # twice more, same label
     shutil.copy(tmp_path / "patches/1/p0.png", tmp_path / "patches/1/thrice.png")
     shutil.copy(tmp_path / "patches/0/p1.png", tmp_path / "patches/1/other_label.png")  # under both labels
+    for name in ("broken_a.png", "broken_b.png"):  # identical, but they fail alone and no figure counts them
+        (tmp_path / "patches/0" / name).write_bytes(b"")
     code, _, err = run_cli_captured(["evaluate", tmp_path / "patches", "--mpp", "0.97", "--model", model_file,
                                      "--out", tmp_path / "ev", "--bootstrap", "100"], capsys)
-    assert code == 0, err
+    assert code == 3, err  # some patches failed
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     rep = metrics["repeated_patches"]
     assert (rep["groups"], rep["repeats"], rep["conflicting_labels"]) == (2, 3, 1)
     assert sorted(rep["example"]) == ["0/p1.png", "1/other_label.png"]  # the conflicting group is the one shown
-    assert metrics["n"] == 9  # still scored: the warning says what the figure counts, it does not change it
-    assert ("3 of the 9 patches repeat another patch's image byte for byte (2 group(s) of identical files; "
-            "metrics.json repeated_patches); 1 of those groups are filed under both labels" in err)
+    assert metrics["n"] == 9 and metrics["n_failed"] == 2  # the warning says what the figure counts; no change
+    assert ("3 of the 9 scored patches repeat another patch's image byte for byte (2 group(s) of identical files; "
+            "metrics.json repeated_patches); 1 of those group(s) filed under both labels" in err)
 
 
 def test_evaluate_patch_folder_honours_tta_and_precision(model_file, tmp_path, monkeypatch):

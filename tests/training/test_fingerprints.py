@@ -34,3 +34,14 @@ def test_the_record_is_the_union_over_stages_and_counts_what_it_holds():
     assert patches_seen(np.array([1], np.uint64), {KEY: {**later, "hash": "md5"}}) is None
     assert patch_record(np.array([2], np.uint64), np.array([4], np.uint64), previous={"hash": "md5"})["train"] == (
         np.array([2], "<u8").tobytes())
+
+
+def test_repeated_patches_counts_copies_and_shows_a_conflict():
+    from wsi_vssm.training.data.fingerprints import repeated_patches
+
+    assert repeated_patches([1, 2, 3], [0, 1, 1], ["a", "b", "c"]) is None
+    rep = repeated_patches([5, 5, 5, 5, 7, 7, 9], [0, 0, 0, 1, 1, 1, 0],
+                           ["0/a", "0/b", "0/c", "1/d", "1/e", "1/f", "0/g"])
+    assert (rep["groups"], rep["repeats"], rep["conflicting_labels"]) == (2, 4, 1)
+    # three copies in 0/ came first: the example still shows the one in 1/, or it would not show the conflict
+    assert rep["example"] == ["0/a", "1/d", "0/b"]

@@ -1024,10 +1024,16 @@ def test_held_back_patches_that_repeat_a_selection_patch_are_left_out(tmp_path):
         for f in sorted((tmp_path / "valid" / c).glob("*.jpg")):
             shutil.copy(f, f.with_name(f"copy_{f.name}"))
     valid = training_patches(tmp_path / "valid")
-    for split in (lambda: select_and_holdout(valid, 8, 0), lambda: split_select_holdout(valid, 0)):
+    from wsi_vssm.training.data.patches import stratified_subset
+
+    for n_select, split in ((8, lambda: select_and_holdout(valid, 8, 0)),
+                            (len(valid) // 2, lambda: split_select_holdout(valid, 0))):
         with pytest.warns(UserWarning, match=r"of the \d+ held-back validation patches are the same image as a "
                                              "selection patch: left out"):
             select, hold = split()
+        # the selection part is drawn as it was before the rule: a model selected then keeps its part
+        assert [it.name for it in select.items] == [valid.items[i].name
+                                                    for i in stratified_subset(valid.labels, n_select, 0)]
         sel_digests, hold_digests = set(patch_digests(select)), set(patch_digests(hold))
         assert len(hold) > 0 and not sel_digests & hold_digests
         names = {it.name for it in select.items} | {it.name for it in hold.items}

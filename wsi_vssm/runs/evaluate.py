@@ -351,7 +351,8 @@ def evaluate_patches(
                   "precision": inference.precision, "tta": inference.tta}
     digests = patch_digests(ds)
     seen = patches_seen(digests, getattr(model, "metadata", None))  # patches that trained or chose it
-    repeats = repeated_patches(digests, ds.labels, [it.name for it in ds.items])
+    ok = np.array([r["probability"] is not None for r in rows], dtype=bool)  # what the figures count
+    repeats = repeated_patches(digests[ok], ds.labels[ok], [it.name for it, k in zip(ds.items, ok, strict=True) if k])
     metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
                              provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
                                          "repeated_patches": repeats})

@@ -142,10 +142,11 @@ def repeated_patches_warning(result: EvaluationResult) -> str | None:
     rep = result.metrics.get("repeated_patches") or {}
     if not rep.get("repeats"):
         return None
-    conflict = (f"; {rep['conflicting_labels']} of those groups are filed under both labels (e.g. "
+    conflict = (f"; {rep['conflicting_labels']} of those group(s) filed under both labels (e.g. "
                 f"{', '.join(rep['example'])})" if rep.get("conflicting_labels") else
                 f" (e.g. {', '.join(rep['example'])})")
-    return (f"{rep['repeats']} of the {len(result.rows)} patches repeat another patch's image byte for byte "
+    n = result.metrics.get("n") or len(result.rows)  # the scored patches: failed ones are in no figure
+    return (f"{rep['repeats']} of the {n} scored patches repeat another patch's image byte for byte "
             f"({rep['groups']} group(s) of identical files; metrics.json repeated_patches){conflict}: each copy "
             "counts again in the figures")
 

@@ -71,10 +71,12 @@ def repeated_patches(digests: np.ndarray, labels, names) -> dict | None:
     if not repeated.size:
         return None
     conflicting = [g for g in repeated if len(set(labels[inverse == g].tolist())) > 1]
-    shown = conflicting[0] if conflicting else repeated[0]
+    members = np.flatnonzero(inverse == (conflicting[0] if conflicting else repeated[0]))
+    # one file of each label first, so that a conflicting example shows the conflict
+    _, first_of_label = np.unique(labels[members], return_index=True)
+    shown = list(members[np.sort(first_of_label)]) + [i for i in members if i not in members[first_of_label]]
     return {"groups": int(repeated.size), "repeats": int((counts[repeated] - 1).sum()),
-            "conflicting_labels": len(conflicting),
-            "example": [str(names[i]) for i in np.flatnonzero(inverse == shown)[:3]]}
+            "conflicting_labels": len(conflicting), "example": [str(names[i]) for i in shown[:3]]}
 
 
 def recorded(metadata: Mapping | None, part: str) -> np.ndarray | None:

@@ -65,8 +65,11 @@ class PatchDataset(torch.utils.data.Dataset):
         return np.array([it.label for it in self.items], dtype=np.int64)
 
     def subset(self, idx) -> PatchDataset:
-        part = PatchDataset([self.items[int(i)] for i in idx], self.root, self.source)
+        idx = [int(i) for i in idx]
+        part = PatchDataset([self.items[i] for i in idx], self.root, self.source)
         part.patch_size = self.patch_size
+        if self._digests is not None:  # each file is hashed once, whichever part checks it
+            part._digests = self._digests[np.asarray(idx, dtype=np.int64)]
         return part
 
     def readable(self) -> PatchDataset:
@@ -223,11 +226,20 @@ def _held_back(valid: PatchDataset, select_idx) -> PatchDataset:
     rest = np.setdiff1d(np.arange(len(valid)), select_idx)
     digests = patch_digests(valid)
     twins = np.isin(digests[rest], digests[np.asarray(select_idx, dtype=np.int64)])
-    if twins.any():
+    if twins.any() and _first_time(("held-back twins", valid.source, len(select_idx), int(twins.sum()))):
         warnings.warn(f"{valid.source}: {int(twins.sum()):,} of the {len(rest):,} held-back validation patches are the "
                       "same image as a selection patch: left out of the held-back part "
                       f"({len(rest) - int(twins.sum()):,} remain)", UserWarning, stacklevel=3)
     return valid.subset(rest[~twins])
+
+
+_SAID: set[tuple] = set()  # warnings about a data set already given in this process (a recipe splits it per stage)
+
+
+def _first_time(key: tuple) -> bool:
+    new = key not in _SAID
+    _SAID.add(key)
+    return new
 
 
 def collate_uint8(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +283,7 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
 
     for ds in (train, select):  # the same image under both labels: a labelling error training cannot see
         rep = repeated_patches(patch_digests(ds), ds.labels, [it.name for it in ds.items])
-        if rep and rep["conflicting_labels"]:
+        if rep and rep["conflicting_labels"] and _first_time(("both labels", ds.source, rep["conflicting_labels"])):
             warnings.warn(f"{ds.source}: {rep['conflicting_labels']} image(s) are filed under both labels (byte for "
                           f"byte the same file, e.g. {', '.join(rep['example'])}): the model learns both answers "
                           "for them; remove the wrong copies", UserWarning, stacklevel=2)
