@@ -298,6 +298,7 @@ def test_evaluate_patch_folder_says_which_patches_repeat_an_image(model_file, tm
     shutil.copy(tmp_path / "patches/0/p1.png", tmp_path / "patches/1/other_label.png")  # under both labels
     for name in ("broken_a.png", "broken_b.png"):  # identical, but they fail alone and no figure counts them
         (tmp_path / "patches/0" / name).write_bytes(b"")
+    (tmp_path / "patches/1/gone.png").symlink_to(tmp_path / "nowhere.png")  # stopped the whole run, no metrics
     code, _, err = run_cli_captured(["evaluate", tmp_path / "patches", "--mpp", "0.97", "--model", model_file,
                                      "--out", tmp_path / "ev", "--bootstrap", "100"], capsys)
     assert code == 3, err  # some patches failed
@@ -305,7 +306,7 @@ def test_evaluate_patch_folder_says_which_patches_repeat_an_image(model_file, tm
     rep = metrics["repeated_patches"]
     assert (rep["groups"], rep["repeats"], rep["conflicting_labels"]) == (2, 3, 1)
     assert sorted(rep["example"]) == ["0/p1.png", "1/other_label.png"]  # the conflicting group is the one shown
-    assert metrics["n"] == 9 and metrics["n_failed"] == 2  # the warning says what the figure counts; no change
+    assert metrics["n"] == 9 and metrics["n_failed"] == 3  # the warning says what the figure counts; no change
     assert ("3 of the 9 scored patches repeat another patch's image byte for byte (2 group(s) of identical files; "
             "metrics.json repeated_patches); 1 of those group(s) filed under both labels" in err)
 
@@ -352,9 +353,15 @@ def test_evaluate_patch_folder_honours_tta_and_precision(model_file, tmp_path, m
     with open(tmp_path / "cli" / "predictions.csv") as f:
         cli = sorted(csv.DictReader(f), key=lambda r: r["label"])
     assert np.allclose([float(r["probability"]) for r in cli], tta, atol=1e-5)
+    # bf16 asked of a CPU without it runs fp32, and metrics.json says fp32 (it said bf16, as asked)
+    monkeypatch.setattr(precision, "bf16_supported", lambda device="cpu": False)
+    res = evaluate_patches(tmp_path / "patches", model, tmp_path / "nobf16", mpp=0.97, n_boot=50,
+                           inference=Inference(precision="bf16"))
+    assert res.metrics["parameters"]["precision"] == "fp32"
     # bf16 (forced: this CPU may have none): autocast reaches the backbone, and stays close to fp32
     monkeypatch.setattr(precision, "bf16_supported", lambda device="cpu": True)
     bf16 = probs(Inference(precision="bf16"), "bf16")
+    assert json.loads((tmp_path / "bf16" / "metrics.json").read_text())["parameters"]["precision"] == "bf16"
     assert 0 < np.abs(bf16 - plain).max() < 0.05
 
 

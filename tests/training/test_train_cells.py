@@ -312,7 +312,7 @@ def test_cli_train_cells(tiny_folder, tmp_path, capsys):
     assert patches_seen(valid, trained.metadata) == {"trained": 0, "selected": 12, "either": 12}
     code, _, err = run_cli_captured(["evaluate", tiny_folder / "valid", "--mpp", "0.97", "--model", out,
                                      "--out", tmp_path / "ev", "--bootstrap", "100"], capsys)
-    assert code == 0 and "12 of the 24 patches trained (0) or selected (12) this model" in err
+    assert code == 0 and "12 of the 24 scored patches trained (0) or selected (12) this model" in err
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["model_patches"] == {"trained": 0, "selected": 12, "either": 12}
     # --init trains the file's backbone: a --model naming another was recorded as if it had been trained
@@ -1068,3 +1068,25 @@ def test_an_image_filed_under_both_labels_is_said_before_training(tmp_path):
                                          r"e.g. .*0/p2.jpg, .*1/p2_copy.jpg\)"):
         check_training_sets(training_patches(tmp_path / "train"), valid, None)
 
+
+
+def test_patches_in_subfolders_of_a_class_folder_keep_its_label(tmp_path):
+    """The label was the image's parent folder: `1/slideA/*.jpg` was dropped without a word, and per-patient
+    folders numbered 0 and 1 inside `0/` relabelled normal patches as tumour (AUC and ECE on wrong labels)."""
+    import shutil
+
+    write_patch_folder(tmp_path / "flat", 3, 0)
+    root = tmp_path / "nested"
+    for c in "01":
+        shutil.copytree(tmp_path / "flat" / c, root / c / "slideA")
+        (root / c / "slideA" / "._p0.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork: not an image
+    (root / "__MACOSX" / "1").mkdir(parents=True)
+    (root / "__MACOSX" / "1" / "._x.jpg").write_bytes(b"\x00\x05\x16\x07")
+    ds = load_patches(root)
+    assert sorted((it.name, it.label) for it in ds.items) == sorted(
+        (f"{c}/slideA/p{i}.jpg", int(c)) for c in "01" for i in range(3))
+    folds = tmp_path / "patients"  # patients numbered 0 and 1 inside the class folders: ambiguous, refused
+    shutil.copytree(tmp_path / "flat" / "0", folds / "0" / "1")
+    shutil.copytree(tmp_path / "flat" / "1", folds / "1" / "7")
+    with pytest.raises(PatchDataError, match=r"3 image\(s\) lie under both a 0/ and a 1/ folder \(e.g. 0/1/p0.jpg\)"):
+        load_patches(folds)

@@ -300,7 +300,8 @@ def evaluate_patches(
     from wsi_vssm.training.data.patches import PatchDataError, load_patches
 
     inference = Inference.of(inference)
-    resolve_precision(inference.precision, device)  # a bad name, or bf16 without hardware, before any patch is read
+    # a bad name, or bf16 without hardware, before any patch is read; recorded as resolved, as slides record it
+    used = "bf16" if resolve_precision(inference.precision, device) == torch.bfloat16 else "fp32"
     if mpp is None:
         raise UsageError(f"{folder}: patch images carry no resolution; state it with --mpp (PCam: 0.97)")
     from wsi_vssm.pipeline.predict import cell_threshold
@@ -348,11 +349,12 @@ def evaluate_patches(
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
     scored = [r for r in rows if r["probability"] is not None]
     parameters = {"mpp": mpp, "threshold": threshold, "batch_size": batch_size, "device": device,
-                  "precision": inference.precision, "tta": inference.tta}
-    digests = patch_digests(ds)
+                  "precision": used, "tta": inference.tta}
+    # over the scored patches, what the figures count (a file that failed may not even be readable)
+    scored_ds = ds.subset([i for i, r in enumerate(rows) if r["probability"] is not None])
+    digests = patch_digests(scored_ds)
     seen = patches_seen(digests, getattr(model, "metadata", None))  # patches that trained or chose it
-    ok = np.array([r["probability"] is not None for r in rows], dtype=bool)  # what the figures count
-    repeats = repeated_patches(digests[ok], ds.labels[ok], [it.name for it, k in zip(ds.items, ok, strict=True) if k])
+    repeats = repeated_patches(digests, scored_ds.labels, [it.name for it in scored_ds.items])
     metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
                              provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
                                          "repeated_patches": repeats})

@@ -130,7 +130,8 @@ def training_patches_warning(result: EvaluationResult) -> str | None:
     seen = result.metrics.get("model_patches") or {}
     if not seen.get("either"):
         return None
-    return (f"{seen['either']} of the {len(result.rows)} patches trained ({seen['trained']}) or selected "
+    n = result.metrics.get("n") or len(result.rows)  # counted over the scored patches, as the figures are
+    return (f"{seen['either']} of the {n} scored patches trained ({seen['trained']}) or selected "
             f"({seen['selected']}) this model (the same image files; metrics.json model_patches): a figure over "
             "them flatters the model; evaluate a folder without them")
 

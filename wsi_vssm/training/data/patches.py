@@ -2,7 +2,7 @@
 
 PCam's tars (`data/train/{0,1}/*.jpg`) are read without extracting: every member's JPEG bytes are held in memory
 (about 5 KB each) and decoded on access, so 20,000 patches cost ~100 MB, not 550 MB of pixels. The label is the
-name of the member's parent folder (`0` or `1`).
+class folder (`0` or `1`) above a member at any depth (`_label_of`).
 """
 
 from __future__ import annotations
@@ -104,11 +104,22 @@ class PatchDataset(torch.utils.data.Dataset):
         return kept
 
 
+AMBIGUOUS = -1  # `_label_of` for a patch under both a 0/ and a 1/ folder
+
+
 def _label_of(name: str) -> int | None:
+    """The label of an image at relative path `name`: the class folder (`0/` or `1/`) above it at any depth, so
+    subfolders inside a class folder (one per patient or slide) keep its label; AMBIGUOUS under both (folds or
+    patients numbered 0 and 1 around the class folders); None for other files, hidden ones and macOS's `._`
+    copies (resource forks, not images)."""
     parts = Path(name).parts
-    if len(parts) < 2 or not name.lower().endswith(IMAGE_SUFFIXES):
+    if (len(parts) < 2 or not name.lower().endswith(IMAGE_SUFFIXES) or parts[-1].startswith(".")
+            or "__MACOSX" in parts):
         return None
-    return int(parts[-2]) if parts[-2] in LABELS else None
+    found = {p for p in parts[:-1] if p in LABELS}
+    if not found:
+        return None
+    return int(found.pop()) if len(found) == 1 else AMBIGUOUS
 
 
 def _scan_tar(path: Path) -> list[PatchItem]:
@@ -168,6 +179,11 @@ def load_patches(source: str | os.PathLike, max_items: int | None = None, seed: 
     if not (path.is_dir() or path.is_file()):  # a FIFO or device: tarfile would wait on it
         raise PatchDataError(f"{path}: {NOT_A_SOURCE}")
     items = _scan_dir(path) if path.is_dir() else _scan_tar(path)
+    ambiguous = sorted(it.name for it in items if it.label == AMBIGUOUS)
+    if ambiguous:  # either reading would mislabel half of them without a word
+        raise PatchDataError(f"{path}: {len(ambiguous)} image(s) lie under both a 0/ and a 1/ folder (e.g. "
+                             f"{ambiguous[0]}), so their label is ambiguous; give the folder that holds the class "
+                             "folders 0/ and 1/ (one per fold or patient set)")
     if not items:
         raise PatchDataError(f"{path}: no images under folders named 0/ or 1/ (ImageFolder layout)")
     items.sort(key=lambda it: it.name)  # a fixed order whatever the file system or tar order
