@@ -309,6 +309,11 @@ def test_evaluate_patch_folder_says_which_patches_repeat_an_image(model_file, tm
     assert metrics["n"] == 9 and metrics["n_failed"] == 3  # the warning says what the figure counts; no change
     assert ("3 of the 9 scored patches repeat another patch's image byte for byte (2 group(s) of identical files; "
             "metrics.json repeated_patches); 1 of those group(s) filed under both labels" in err)
+    # info OUT on it said "a directory, but not an OME-Zarr store": a patch evaluation keeps no states
+    code, out, _ = run_cli_captured(["info", tmp_path / "ev"], capsys)
+    assert code == 0 and "patch evaluation: " in out and "9 patches scored, 3 failed; AUC " in out
+    assert "3 repeat another patch's image (2 groups, 1 under both labels)" in out
+    assert "failed: 1/gone.png: " in out and "failed: 0/broken_a.png: " in out
 
 
 def test_evaluate_patch_folder_honours_tta_and_precision(model_file, tmp_path, monkeypatch):

@@ -42,7 +42,14 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
     <slide>.zarr, an h5 with features and coords, a pt tensor)."""
     from wsi_vssm.commands.feature_info import feature_info, feature_kind, format_feature_info
     from wsi_vssm.commands.model_info import format_model_info, is_model_path, model_info
-    from wsi_vssm.commands.output_info import format_output_info, is_output_folder, output_info
+    from wsi_vssm.commands.output_info import (
+        format_output_info,
+        format_patch_evaluation_info,
+        is_output_folder,
+        is_patch_evaluation,
+        output_info,
+        patch_evaluation_info,
+    )
 
     kind = feature_kind(slide)
     if kind is not None:  # extract's files (or CLAM's / TRIDENT's h5): what they hold, not read as a slide
@@ -62,6 +69,10 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
     if is_output_folder(slide):  # where a cohort run stands, slide by slide, from its states
         report = output_info(slide)
         click.echo(json.dumps(report, indent=2) if as_json else format_output_info(report))
+        return
+    if is_patch_evaluation(slide):  # evaluate on a patch folder keeps no per-patch states: its figures
+        report = patch_evaluation_info(slide)
+        click.echo(json.dumps(report, indent=2) if as_json else format_patch_evaluation_info(report))
         return
     heatmap = heatmap_info(slide)
     if heatmap is not None:  # our own output: its cells are 31 um, which as a slide would read as "implausible mpp"

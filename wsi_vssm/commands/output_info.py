@@ -1,13 +1,15 @@
 """`wsi-vssm info OUT`: what an output folder of `predict`, `evaluate` or `extract` holds, slide by slide, from
-the per-slide states (docs/cohorts.md), so a lab can see where a long cohort run stands without opening files.
-No slide, heatmap or model is opened (and neither numpy nor torch imported)."""
+the per-slide states (docs/cohorts.md), so a lab can see where a long cohort run stands without opening files;
+for `evaluate` on a patch folder (no states), its figures and failed patches from metrics.json and
+predictions.csv. No slide, heatmap or model is opened (and neither numpy nor torch imported)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
-from wsi_vssm.outputs.files import PREDICTION_JSON
+from wsi_vssm.outputs.files import METRICS_JSON, PREDICTION_JSON, PREDICTIONS_CSV
 from wsi_vssm.runs.state import STATE_DIR, describe_holder, live_lock
 
 KINDS = ("predict", "extract")  # the jobs that keep a state per slide (evaluate's slides are predict's)
@@ -107,3 +109,55 @@ def format_output_info(r: dict) -> str:
         kind = "" if s["kind"] == "predict" else f" ({s['kind']})"
         lines.append(f"  {s['slide']}{kind}: {s['status']}{': ' + what if what else ''}")
     return "\n".join(lines)
+
+
+def is_patch_evaluation(path: str) -> bool:
+    """A folder that `evaluate` wrote for a patch folder: a metrics.json with the patch-only `model_patches` key."""
+    try:
+        return "model_patches" in json.loads((Path(path) / METRICS_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def patch_evaluation_info(path: str) -> dict:
+    """{folder, patches (the folder evaluated), n, n_failed, auc, auc_ci95, threshold, sensitivity, specificity,
+    model_patches, repeated_patches, precision, tta, failed: [{patch, error}]} of a patch evaluation."""
+    out = Path(path)
+    m = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
+    failed = []
+    try:
+        with open(out / PREDICTIONS_CSV, newline="", encoding="utf-8") as f:
+            failed = [{"patch": r.get("slide"), "error": r.get("error")} for r in csv.DictReader(f)
+                      if r.get("status") == "failed"]
+    except (OSError, ValueError, csv.Error):  # metrics.json still says how many
+        pass
+    params = m.get("parameters") or {}
+    return {"folder": str(out), "patches": m.get("cohort"), "model": (m.get("model") or {}).get("name"),
+            **{k: m.get(k) for k in ("n", "n_failed", "auc", "auc_ci95", "threshold", "sensitivity", "specificity",
+                                     "model_patches", "repeated_patches")},
+            "precision": params.get("precision"), "tta": params.get("tta"), "failed": failed}
+
+
+def format_patch_evaluation_info(r: dict) -> str:
+    auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}"
+    if r["auc"] is not None and r["auc_ci95"]:
+        auc += f" (95% CI {r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})"
+    lines = [f"patch evaluation: {r['folder']} (of {r['patches']}; model {r['model']}, {r['precision']}"
+             f"{', TTA' if r['tta'] else ''})",
+             f"  {r['n']} patches scored, {r['n_failed']} failed; AUC {auc}"]
+    if r["threshold"] is not None and r["sensitivity"] is not None:
+        lines.append(f"  at threshold {r['threshold']:.3f}: sensitivity {r['sensitivity']:.3f}, specificity "
+                     f"{r['specificity']:.3f}")
+    seen, rep = r["model_patches"] or {}, r["repeated_patches"] or {}
+    if seen.get("either"):
+        lines.append(f"  {seen['either']} of them trained ({seen['trained']}) or selected ({seen['selected']}) "
+                     "the model: the figures flatter it")
+    if rep.get("repeats"):
+        both = f", {rep['conflicting_labels']} under both labels" if rep.get("conflicting_labels") else ""
+        lines.append(f"  {rep['repeats']} repeat another patch's image ({rep['groups']} groups{both})")
+    for f in r["failed"][:5]:
+        lines.append(f"  failed: {f['patch']}: {f['error']}")
+    if len(r["failed"]) > 5:
+        lines.append(f"  ... and {len(r['failed']) - 5} more failed (predictions.csv)")
+    return "\n".join(lines)
+
