@@ -333,6 +333,18 @@ def test_a_one_class_patch_folder_and_a_tar_are_named_for_what_they_are(tmp_path
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(CohortError, match="a tar archive, not a cohort table.*extract it first"):
         read_cohort(tmp_path / "train.tar")
+    # a data set's root (train/ and valid/, each with 0/ and 1/) and a class folder were sent to a reference.csv
+    for part in ("train", "valid"):
+        for c in "01":
+            (tmp_path / "ds" / part / c).mkdir(parents=True)
+    with pytest.raises(CohortError, match=r"give a folder with 0/ and 1/ directly below it: train/, valid/ here hold "
+                                          r"them \(e.g. .*ds/train\)"):
+        read_cohort(tmp_path / "ds")
+    with pytest.raises(CohortError, match=r"0/ is a class folder: for its patches, give the folder above it, "
+                                          r".*ds/valid"):
+        read_cohort(tmp_path / "ds" / "valid" / "0")
+    with pytest.raises(CohortError, match=r"needs a reference.csv \(or pass a manifest CSV\)$"):  # no patches: no hint
+        read_cohort(tmp_path / "p" / "0")
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(CohortError, match=r"bin\.csv: cannot read the table: not UTF-8 text"):
         read_cohort(tmp_path / "bin.csv")

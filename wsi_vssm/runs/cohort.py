@@ -84,6 +84,25 @@ class Cohort:
         return {r.name: r.label for r in self.rows if r.label is not None}
 
 
+def _patch_hint(p: Path) -> str:
+    """Where the patch folder is, when `p` is a class folder (`DATA/0`) or a data set's root (`DATA/{train,valid}`
+    each with 0/ and 1/): evaluate reads a patch folder only where 0/ and 1/ sit directly below."""
+    def both(d: Path) -> bool:
+        return (d / "0").is_dir() and (d / "1").is_dir()
+
+    try:
+        if p.name in ("0", "1") and both(p.parent):
+            return f"; {p.name}/ is a class folder: for its patches, give the folder above it, {p.parent}"
+        below = sorted(d.name for d in p.iterdir() if d.is_dir() and both(d))
+    except OSError:
+        return ""
+    if below:
+        shown = ", ".join(f"{b}/" for b in below[:3])
+        return (f"; for patches, give a folder with 0/ and 1/ directly below it: {shown} here hold them "
+                f"(e.g. {p / below[0]})")
+    return ""
+
+
 def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     """Read a manifest CSV, a CAMELYON16-style reference.csv, or a folder holding reference.csv.
 
@@ -98,7 +117,7 @@ def read_cohort(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
             if len(one) == 1:  # a patch folder of one class, taken for a cohort folder
                 raise CohortError(f"{p}: a patch folder needs both class folders 0/ and 1/ (only {one[0]}/ here): "
                                   "an AUC needs both classes; or, for a cohort folder, a reference.csv")
-            raise CohortError(f"{p}: a cohort folder needs a reference.csv (or pass a manifest CSV)")
+            raise CohortError(f"{p}: a cohort folder needs a reference.csv (or pass a manifest CSV){_patch_hint(p)}")
         p = table  # read as the file itself would be: a name table, or a manifest of paths below the folder
     if not p.is_file():
         raise CohortError(f"{p}: no such cohort file or folder")
