@@ -309,11 +309,18 @@ def test_evaluate_patch_folder_says_which_patches_repeat_an_image(model_file, tm
     assert metrics["n"] == 9 and metrics["n_failed"] == 3  # the warning says what the figure counts; no change
     assert ("3 of the 9 scored patches repeat another patch's image byte for byte (2 group(s) of identical files; "
             "metrics.json repeated_patches); 1 of those group(s) filed under both labels" in err)
+    assert "holds the true AUC more often from 10 patches a class" in err  # it said "slides" of patches
     # info OUT on it said "a directory, but not an OME-Zarr store": a patch evaluation keeps no states
     code, out, _ = run_cli_captured(["info", tmp_path / "ev"], capsys)
     assert code == 0 and "patch evaluation: " in out and "9 patches scored, 3 failed; AUC " in out
     assert "3 repeat another patch's image (2 groups, 1 under both labels)" in out
     assert "failed: 1/gone.png: " in out and "failed: 0/broken_a.png: " in out
+    shutil.copytree(tmp_path / "patches/0", tmp_path / "normal_only/0")
+    (tmp_path / "normal_only/1").mkdir()
+    run_cli_captured(["evaluate", tmp_path / "normal_only", "--mpp", "0.97", "--model", model_file,
+                      "--out", tmp_path / "ev_normal", "--bootstrap", "100"], capsys)
+    reason = json.loads((tmp_path / "ev_normal" / "metrics.json").read_text())["reason"]
+    assert reason == "AUC needs both classes; the cohort has 0 tumour and 3 normal patches with a prediction"
 
 
 def test_evaluate_patch_folder_honours_tta_and_precision(model_file, tmp_path, monkeypatch):

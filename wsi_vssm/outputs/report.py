@@ -136,8 +136,10 @@ def cohort_metrics(
     n_boot: int = 2000,
     seed: int = 0,
     ranks: Sequence[float] | None = None,
+    items: str = "slides",
 ) -> dict:
-    """The content of `metrics.json`: exactly `METRIC_KEYS`, in that order, over the slides that succeeded.
+    """The content of `metrics.json`: exactly `METRIC_KEYS`, in that order, over the slides that succeeded
+    (`items`: what is counted, "slides" or "patches", as the reason names them).
 
     `ranks`: a score in the same order as `scores` that does not round (the logits they are the logistic of),
     for the AUC and its intervals; sensitivity and the rest are taken on `scores` at `threshold`.
@@ -162,7 +164,7 @@ def cohort_metrics(
         delong = delong_auc_ci(y, r)
         out["auc_ci95_delong"] = None if delong is None else list(delong)
     else:
-        reason = f"AUC needs both classes; the cohort has {n1} tumour and {n0} normal slides with a prediction"
+        reason = f"AUC needs both classes; the cohort has {n1} tumour and {n0} normal {items} with a prediction"
     out.update(
         accuracy=at["accuracy"],
         sensitivity=at["sensitivity"],

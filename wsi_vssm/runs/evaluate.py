@@ -412,7 +412,7 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     logits = [r.get("logit") for r in scored]
     by_logit = bool(logits) and all(z is not None and math.isfinite(z) for z in logits)
     ranks = np.array(logits, dtype=np.float64) if by_logit else None
-    metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot, ranks=ranks)
+    metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot, ranks=ranks, items=items)
     calibration = calibration_summary(labels, scores, n_boot=n_boot)
     # patches carry no domain verdict (None); slides do, and a cohort with no slide scored has 0 out of domain
     n_out = None if items == "patches" else sum(r.get("in_domain") is False for r in scored)

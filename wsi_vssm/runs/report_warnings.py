@@ -59,7 +59,7 @@ def small_cohort_warning(result: EvaluationResult) -> str | None:
         return None
     delong = result.metrics.get("auc_ci95_delong")
     better = (f"; DeLong's interval {delong[0]:.3f}-{delong[1]:.3f} (auc_ci95_delong) holds the true AUC more "
-              "often from 10 slides a class" if delong else "")
+              f"often from 10 {result.items} a class" if delong else "")
     return (f"the AUC rests on {n1} tumour and {n0} normal {result.items}: with fewer than {SMALL_CLASS_AUC} of a "
             f"class its bootstrap interval is not a reliable measure of uncertainty (too narrow){better}")
 
