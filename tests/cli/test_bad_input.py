@@ -237,7 +237,17 @@ def test_patches_smaller_than_the_models_are_warned_once(model_file, tmp_path, c
     assert code == 0 and len(small) == 1, err
     assert "scored at 48 x 48 px (resized from 96 x 96 px" in small[0] and "check --mpp" in small[0], small
     code, _, err = _run([*args, "--mpp", "0.97", "--out", tmp_path / "b"], capsys)
-    assert code == 0 and "smaller than" not in err, err
+    assert code == 0 and "smaller than" not in err and "sizes" not in err, err
+    # a few 64 px and 192 px patches among 96 px ones: said as if every patch were 64 px, the 192 px ones not at all
+    from PIL import Image
+
+    img = Image.open(tmp_path / "p" / "0" / "p0.jpg")
+    img.resize((64, 64)).save(tmp_path / "p" / "0" / "small.jpg")
+    img.resize((192, 192)).save(tmp_path / "p" / "1" / "large_a.jpg")
+    img.resize((192, 192)).save(tmp_path / "p" / "1" / "large_b.jpg")
+    code, _, err = _run([*args, "--mpp", "0.97", "--out", tmp_path / "c"], capsys)
+    assert code == 0 and "1 of the 11 patches are scored at 64 x 64 px, smaller than the 96 px" in err, err
+    assert "the patches come in 3 sizes (8 of 96 x 96 px, 2 of 192 x 192 px, 1 of 64 x 64 px)" in err, err
 
 
 def test_the_auc_line_says_when_the_scores_do_not_separate(model_file, tmp_path, capsys):

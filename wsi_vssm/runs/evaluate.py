@@ -312,7 +312,7 @@ def evaluate_patches(
     scale = mpp / model.mpp  # image px -> model px
     rows: list[dict | None] = [None] * len(ds)  # in the dataset's order, whichever batch a patch went in
     batch, index = [], []
-    warned = False
+    sizes: dict[tuple, int] = {}  # (scored shape, given shape) -> patches: said once, after the loop
     model.eval().to(device)
 
     def flush():
@@ -333,9 +333,8 @@ def evaluate_patches(
         given = img.shape[:2]
         if abs(scale - 1) > 1e-3:
             img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
-        if not warned and min(img.shape[:2]) < SMALL_PATCH_PX:
-            warned = True  # once: a folder's patches are mostly of one size
-            warnings.warn(_small_patch_warning(folder, img.shape[:2], given, mpp, model.mpp), stacklevel=2)
+        key = (img.shape[:2], given)
+        sizes[key] = sizes.get(key, 0) + 1
         if batch and batch[0].shape[2:] != img.shape[:2]:
             flush()
         batch.append(to_tensor(img))
@@ -344,6 +343,8 @@ def evaluate_patches(
             flush()
     if batch:
         flush()
+    for warning in _size_warnings(folder, sizes, mpp, model.mpp):
+        warnings.warn(warning, stacklevel=2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
@@ -361,12 +362,29 @@ def evaluate_patches(
     return EvaluationResult(metrics, rows, items="patches")
 
 
-def _small_patch_warning(folder, got: tuple[int, int], given: tuple[int, int], mpp: float, model_mpp: float) -> str:
-    resized = (f" (resized from {given[1]} x {given[0]} px: --mpp {mpp:g} to the model's {model_mpp:g} um/px)"
-               if got != given else "")
-    return (f"{folder}: patches are scored at {got[1]} x {got[0]} px{resized}, smaller than the {TRAINED_PATCH_PX} "
-            "px patches the model was trained on: their scores are unreliable; check --mpp, the patches' own "
-            "um/px (PCam: 0.97)")
+def _size_warnings(folder, sizes: dict[tuple, int], mpp: float, model_mpp: float) -> list[str]:
+    """The lines a folder's patch sizes call for ({(scored shape, given shape): count}): patches scored smaller
+    than the model's (their scores are unreliable: a wrong --mpp halves PCam's), and patches of several sizes."""
+    total, out = sum(sizes.values()), []
+    small = {k: n for k, n in sizes.items() if min(k[0]) < SMALL_PATCH_PX}
+    if small:
+        (got, given), _ = max(small.items(), key=lambda kv: kv[1])
+        resized = (f" (resized from {given[1]} x {given[0]} px: --mpp {mpp:g} to the model's {model_mpp:g} um/px)"
+                   if got != given else "")
+        n = sum(small.values())
+        which = "patches are" if n == total else f"{n} of the {total} patches are"
+        out.append(f"{folder}: {which} scored at {got[1]} x {got[0]} px{resized}, smaller than the "
+                   f"{TRAINED_PATCH_PX} px patches the model was trained on: their scores are unreliable; check "
+                   "--mpp, the patches' own um/px (PCam: 0.97)")
+    given = {}
+    for (_, g), n in sizes.items():
+        given[g] = given.get(g, 0) + n
+    if len(given) > 1:
+        shown = ", ".join(f"{n} of {w} x {h} px" for (h, w), n in sorted(given.items(), key=lambda kv: -kv[1])[:4])
+        out.append(f"{folder}: the patches come in {len(given)} sizes ({shown}): each is scored by its centre cell "
+                   "at its own size, with more or less context around it; one data set's patches are usually of "
+                   "one size (training refuses mixed sizes)")
+    return out
 
 
 def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.ndarray:
