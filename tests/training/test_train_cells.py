@@ -1090,3 +1090,21 @@ def test_patches_in_subfolders_of_a_class_folder_keep_its_label(tmp_path):
     shutil.copytree(tmp_path / "flat" / "1", folds / "1" / "7")
     with pytest.raises(PatchDataError, match=r"3 image\(s\) lie under both a 0/ and a 1/ folder \(e.g. 0/1/p0.jpg\)"):
         load_patches(folds)
+
+
+def test_a_folder_linked_as_both_classes_and_a_named_pipe_are_said(tmp_path):
+    """0/ and 1/ linked to one folder: the second was skipped as a loop and one class vanished without a word;
+    a named pipe called 0/pipe.jpg made evaluate wait forever."""
+    write_patch_folder(tmp_path / "real", 2, 0)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "0").symlink_to(tmp_path / "real" / "0")
+    (tmp_path / "linked" / "1").symlink_to(tmp_path / "real" / "0")
+    with pytest.raises(PatchDataError, match=r"0/ and 1/ are the same folder \(a link\) under different labels"):
+        load_patches(tmp_path / "linked")
+    import os
+
+    os.mkfifo(tmp_path / "real" / "0" / "pipe.jpg")
+    with pytest.warns(UserWarning, match=r"1 entr\(ies\) named like images are not regular files .* left out: "
+                                         r"0/pipe.jpg"):
+        ds = load_patches(tmp_path / "real")
+    assert len(ds) == 4 and "0/pipe.jpg" not in [it.name for it in ds.items]

@@ -155,19 +155,32 @@ def _rgb(im: Image.Image) -> np.ndarray:
 
 
 def _scan_dir(path: Path) -> list[PatchItem]:
-    items = []
-    seen: set[str] = set()  # real paths of the folders walked: linked class folders are followed, loops are not
+    items, special = [], []
+    seen: dict[str, str] = {}  # real path -> relative path of each folder walked: links are followed, loops are not
     for dirpath, dirs, files in os.walk(path, followlinks=True):
-        real = os.path.realpath(dirpath)
+        real, rel_dir = os.path.realpath(dirpath), os.path.relpath(dirpath, path)
         if real in seen:
+            first = seen[real]
+            if _label_of(os.path.join(first, "x.jpg")) != _label_of(os.path.join(rel_dir, "x.jpg")):
+                a, b = sorted((rel_dir, first))
+                raise PatchDataError(f"{path}: {a}/ and {b}/ are the same folder (a link) under different labels: "
+                                     "its patches cannot be both; link each class to its own folder")
             dirs.clear()
             continue
-        seen.add(real)
+        seen[real] = rel_dir
         for f in files:
             rel = os.path.relpath(os.path.join(dirpath, f), path)
             label = _label_of(rel)
-            if label is not None:
-                items.append(PatchItem(rel, label, None))
+            if label is None:
+                continue
+            full = os.path.join(dirpath, f)
+            if os.path.exists(full) and not os.path.isfile(full):  # a named pipe or device: reading it would wait
+                special.append(rel)
+                continue
+            items.append(PatchItem(rel, label, None))  # a dangling link stays: it fails alone, named
+    if special:
+        warnings.warn(f"{path}: {len(special)} entr(ies) named like images are not regular files (named pipes, "
+                      f"devices) and are left out: {', '.join(sorted(special)[:3])}", UserWarning, stacklevel=3)
     return items
 
 
