@@ -315,6 +315,15 @@ def test_cli_train_cells(tiny_folder, tmp_path, capsys):
     assert code == 0 and "12 of the 24 scored patches trained (0) or selected (12) this model" in err
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["model_patches"] == {"trained": 0, "selected": 12, "either": 12}
+    # and names them (the warning asked for a folder without them, and nothing said which)
+    import csv
+
+    with open(tmp_path / "ev" / "model_patches.csv", newline="") as f:
+        named = list(csv.DictReader(f))
+    assert len(named) == 12 and {r["part"] for r in named} == {"selected"}
+    assert "model_patches.csv names them" in err
+    digests = dict(zip([it.name for it in load_patches(tiny_folder / "valid").items], valid, strict=True))
+    assert patches_seen(np.array([digests[r["patch"]] for r in named]), trained.metadata)["selected"] == 12
     # --init trains the file's backbone: a --model naming another was recorded as if it had been trained
     res = CliRunner().invoke(command, ["--data", str(tiny_folder / "train"), "--valid", str(tiny_folder / "valid"),
                                        "--out", str(tmp_path / "x.pt"), "--epochs", "1", "--init", str(out),

@@ -31,6 +31,7 @@ from wsi_vssm.outputs.files import (
     COHORT_LESIONS_CSV,
     LESIONS_CSV,
     METRICS_JSON,
+    MODEL_PATCHES_CSV,
     PREDICTIONS_CSV,
     ROC_PNG,
 )
@@ -296,7 +297,7 @@ def evaluate_patches(
     from wsi_vssm.outputs.calibration import logistic
     from wsi_vssm.outputs.report import write_predictions_csv
     from wsi_vssm.pipeline.extract import Inference
-    from wsi_vssm.training.data.fingerprints import patch_digests, patches_seen, repeated_patches
+    from wsi_vssm.training.data.fingerprints import patch_digests, patches_seen, repeated_patches, seen_parts
     from wsi_vssm.training.data.patches import PatchDataError, load_patches
 
     inference = Inference.of(inference)
@@ -356,10 +357,29 @@ def evaluate_patches(
     digests = patch_digests(scored_ds)
     seen = patches_seen(digests, getattr(model, "metadata", None))  # patches that trained or chose it
     repeats = repeated_patches(digests, scored_ds.labels, [it.name for it in scored_ds.items])
+    _write_model_patches(out / MODEL_PATCHES_CSV, scored_ds, seen_parts(digests, getattr(model, "metadata", None)))
     metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
                              provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
                                          "repeated_patches": repeats})
     return EvaluationResult(metrics, rows, items="patches")
+
+
+def _write_model_patches(path: Path, ds, parts: list[str | None]) -> None:
+    """model_patches.csv (patch, part): the patches whose files trained or selected the model, so that a figure
+    without them can be had; none: no file (an earlier run's is removed, it would name other patches)."""
+    import csv
+    import io
+
+    from wsi_vssm.atomic import atomic_write_text
+    from wsi_vssm.outputs.files import spreadsheet_safe
+
+    rows = [(spreadsheet_safe(it.name), part) for it, part in zip(ds.items, parts, strict=True) if part]
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([("patch", "part"), *rows])  # quoted: names may hold commas
+    atomic_write_text(path, buf.getvalue())
 
 
 def _size_warnings(folder, sizes: dict[tuple, int], mpp: float, model_mpp: float) -> list[str]:

@@ -133,7 +133,7 @@ def training_patches_warning(result: EvaluationResult) -> str | None:
     n = result.metrics.get("n") or len(result.rows)  # counted over the scored patches, as the figures are
     return (f"{seen['either']} of the {n} scored patches trained ({seen['trained']}) or selected "
             f"({seen['selected']}) this model (the same image files; metrics.json model_patches): a figure over "
-            "them flatters the model; evaluate a folder without them")
+            "them flatters the model; model_patches.csv names them: evaluate a folder without them")
 
 
 def repeated_patches_warning(result: EvaluationResult) -> str | None:

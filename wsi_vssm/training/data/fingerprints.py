@@ -60,6 +60,16 @@ def patches_seen(digests: np.ndarray, metadata: Mapping | None) -> dict | None:
             "either": int((in_train | in_select).sum())}
 
 
+def seen_parts(digests: np.ndarray, metadata: Mapping | None) -> list[str | None]:
+    """Per digest, "trained" or "selected" (training wins where both) when the model's record holds it, else
+    None (also for every digest when the file keeps no record)."""
+    train, select = recorded(metadata, "train"), recorded(metadata, "select")
+    if train is None or select is None:
+        return [None] * len(digests)
+    in_train, in_select = np.isin(digests, train), np.isin(digests, select)
+    return ["trained" if t else "selected" if v else None for t, v in zip(in_train, in_select, strict=True)]
+
+
 def repeated_patches(digests: np.ndarray, labels, names) -> dict | None:
     """Patches of one folder whose files are byte for byte another's (PCam repeats some images inside a split):
     each copy counts again in an AUC. `groups` of identical files, `repeats` (the copies beyond the first of
