@@ -281,6 +281,8 @@ def test_cli_train_cells(tiny_folder, tmp_path, capsys):
                                        "--log", str(tmp_path / "log.json")])
     assert res.exit_code == 0, res.output
     assert "valid(select" in res.output and "held-back" in res.output
+    # 12 held-back patches make no 8 x 8 mosaic: it printed "(n=0): AUC nan acc nan"
+    assert "too few of them for one 8 x 8 mosaic (no in-context figure)" in res.output and "nan" not in res.output
     assert out.is_file() and (tmp_path / "log.json").is_file()
     # one's own patches are said to be one's own (every model was described as PCam's lymph nodes at 0.97 um/px)
     from wsi_vssm.models.slide_model import domain_text

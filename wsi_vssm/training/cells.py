@@ -438,9 +438,10 @@ def finish_model(out, train: PatchDataset, holdout: PatchDataset | None, cfg: Tr
         grid = int(cfg.mosaic_grid) or CONTEXT_GRID
         ctx = evaluate_in_mosaics(model, holdout, grid, cfg.seed)
         hold.update(mosaic_grid=grid, mosaic_n=ctx["n"], mosaic_auc=ctx["auc"], mosaic_accuracy=ctx["accuracy"])
+        in_mosaics = (f"in {grid} x {grid} mosaics (n={ctx['n']}): AUC {ctx['auc']:.4f} acc {ctx['accuracy']:.4f}"
+                      if ctx["n"] else f"too few of them for one {grid} x {grid} mosaic (no in-context figure)")
         _say(progress, f"held-back valid (never used to select, n={hold['n']}): AUC {hold['auc']:.4f} "
-                       f"acc {hold['accuracy']:.4f}; in {grid} x {grid} mosaics (n={ctx['n']}): AUC "
-                       f"{ctx['auc']:.4f} acc {ctx['accuracy']:.4f}")
+                       f"acc {hold['accuracy']:.4f}; {in_mosaics}")
     mil_info = fit_mil_on_patch_bags(model, train, cfg, progress) if cfg.mil_bags > 0 else None
     model.name = "cells+mil" if mil_info else "cells"
     return model, hold, mil_info
