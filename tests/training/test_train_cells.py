@@ -1119,3 +1119,21 @@ def test_a_folder_linked_as_both_classes_and_a_named_pipe_are_said(tmp_path):
                                          r"0/pipe.jpg"):
         ds = load_patches(tmp_path / "real")
     assert len(ds) == 4 and "0/pipe.jpg" not in [it.name for it in ds.items]
+
+
+def test_a_max_train_larger_than_the_patches_is_said(tmp_path, monkeypatch):
+    """`--max-train 500` on 80 patches trained on 80 without a word (epoch_size and valid_select say so)."""
+    import wsi_vssm.training.cells as cells
+
+    write_patch_folder(tmp_path / "train", 6, 0)
+    write_patch_folder(tmp_path / "valid", 4, 1)
+
+    def stop(*args, **kwargs):  # the warning comes before the sets are checked: stop there, no model is built
+        raise RuntimeError("stopped before training")
+
+    monkeypatch.setattr(cells, "check_training_sets", stop)
+    with (pytest.warns(UserWarning, match="max_train 500 is more than its 12 training patches: all of them train"),
+          pytest.raises(RuntimeError, match="stopped before training")):
+        cells.train_cells(tmp_path / "train", tmp_path / "valid", tmp_path / "m.pt",
+                          cells.TrainCellsConfig(max_train=500), progress=False)
+

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -271,6 +272,9 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     torch.manual_seed(cfg.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     np.random.seed(cfg.seed % 2**32)
     train = training_patches(train_src, cfg.max_train, cfg.seed)
+    if cfg.max_train is not None and cfg.max_train > len(train):  # said, as epoch_size and valid_select are
+        warnings.warn(f"{train.source}: max_train {cfg.max_train} is more than its {len(train)} training patches: "
+                      "all of them train", UserWarning, stacklevel=2)
     valid = training_patches(valid_src)
     select, holdout = split_valid(valid, cfg)
     check_training_sets(train, select, holdout, cfg.epoch_size)
