@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -272,9 +271,6 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     torch.manual_seed(cfg.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     np.random.seed(cfg.seed % 2**32)
     train = training_patches(train_src, cfg.max_train, cfg.seed)
-    if cfg.max_train is not None and cfg.max_train > len(train):  # said, as epoch_size and valid_select are
-        warnings.warn(f"{train.source}: max_train {cfg.max_train} is more than its {len(train)} training patches: "
-                      "all of them train", UserWarning, stacklevel=2)
     valid = training_patches(valid_src)
     select, holdout = split_valid(valid, cfg)
     check_training_sets(train, select, holdout, cfg.epoch_size)
@@ -444,16 +440,15 @@ def finish_model(out, train: PatchDataset, holdout: PatchDataset | None, cfg: Tr
         hold.update(mosaic_grid=grid, mosaic_n=ctx["n"], mosaic_auc=ctx["auc"], mosaic_accuracy=ctx["accuracy"])
         in_mosaics = (f"in {grid} x {grid} mosaics (n={ctx['n']}): AUC {ctx['auc']:.4f} acc {ctx['accuracy']:.4f}"
                       if ctx["n"] else f"too few of them for one {grid} x {grid} mosaic (no in-context figure)")
-        _say(progress, f"held-back valid (never used to select, n={hold['n']}): AUC {hold['auc']:.4f} "
-                       f"acc {hold['accuracy']:.4f}; {in_mosaics}")
+        _say(progress, f"held-back valid (never used to select, n={hold['n']}): AUC {hold['auc']:.4f} acc "
+                       f"{hold['accuracy']:.4f}; {in_mosaics}")
     mil_info = fit_mil_on_patch_bags(model, train, cfg, progress) if cfg.mil_bags > 0 else None
     model.name = "cells+mil" if mil_info else "cells"
     return model, hold, mil_info
 
 
 def split_valid(valid: PatchDataset, cfg: TrainCellsConfig):
-    """(selection part, held-back part or None) of validation patches: `data.patches.select_and_holdout` with
-    `cfg.valid_select` and `cfg.seed`. Mosaic cohorts split the same way."""
+    """(selection, held-back or None) parts: `data.patches.select_and_holdout`, as mosaic cohorts split too."""
     return select_and_holdout(valid, cfg.valid_select, cfg.seed)
 
 

@@ -209,6 +209,9 @@ def load_patches(source: str | os.PathLike, max_items: int | None = None, seed: 
 def training_patches(source, max_items: int | None = None, seed: int = 0) -> PatchDataset:
     """`load_patches` (or a PatchDataset as it is) without its undecodable patches: what the trainers read."""
     ds = source if isinstance(source, PatchDataset) else load_patches(source, max_items, seed)
+    if max_items is not None and max_items > len(ds):  # said, as epoch_size and valid_select are
+        warnings.warn(f"{ds.source}: max_train {max_items} is more than its {len(ds)} training patches: all of them "
+                      "train", UserWarning, stacklevel=2)
     return ds.readable()
 
 
