@@ -323,6 +323,27 @@ def test_evaluate_patch_folder_says_which_patches_repeat_an_image(model_file, tm
     assert reason == "AUC needs both classes; the cohort has 0 tumour and 3 normal patches with a prediction"
 
 
+def test_evaluate_patch_folder_says_when_patches_are_not_h_and_e(model_file, tmp_path, capsys):
+    """Slides get a stain check; patches got none: greyscale copies of PCam patches scored AUC 0.769 (0.910 in
+    colour) with no warning."""
+    from conftest import run_cli_captured, write_patch_folder
+    from PIL import Image
+
+    write_patch_folder(tmp_path / "he", 4, 0)  # pink, with darker centres for class 1: H&E-like
+    for f in sorted((tmp_path / "he").rglob("*.jpg")):
+        grey = tmp_path / "grey" / f.relative_to(tmp_path / "he")
+        grey.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("L").convert("RGB").save(grey)
+    args = ["evaluate", "--mpp", "0.97", "--model", model_file, "--bootstrap", "100"]
+    code, _, err = run_cli_captured([*args, tmp_path / "he", "--out", tmp_path / "a"], capsys)
+    assert code == 0 and "brightfield H&E" not in err, err
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["stain_notes"] == []
+    code, _, err = run_cli_captured([*args, tmp_path / "grey", "--out", tmp_path / "b"], capsys)
+    assert code == 0 and "the patches do not look like the model's brightfield H&E: " in err, err
+    assert "looks unstained or greyscale (100% of non-glass pixels are colourless)" in err
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["stain_notes"]
+
+
 def test_evaluate_patch_folder_honours_tta_and_precision(model_file, tmp_path, monkeypatch):
     import torch
     from PIL import Image

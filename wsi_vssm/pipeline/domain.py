@@ -121,6 +121,22 @@ def stain_check(thumbnail_rgb: np.ndarray, tissue_mask: np.ndarray | None,
     return stain_notes(stain_stats(thumbnail_rgb, tissue_mask, thresholds), thresholds)
 
 
+def patches_stain_check(patches: list[np.ndarray], side: int = 96) -> list[str]:
+    """`stain_check` of a patch folder: up to 256 patches (H x W x 3 uint8, cropped to `side` px) tiled into one
+    image, every patch pixel counted as tissue (a patch is a tissue crop; glass in it is left out by its OD)."""
+    if not patches:
+        return []
+    n = math.ceil(math.sqrt(len(patches)))
+    montage = np.full((n * side, n * side, 3), 255, np.uint8)
+    mask = np.zeros(montage.shape[:2], bool)
+    for k, img in enumerate(patches):
+        crop = np.asarray(img)[:side, :side, :3]
+        y, x = k // n * side, k % n * side
+        montage[y:y + crop.shape[0], x:x + crop.shape[1]] = crop
+        mask[y:y + crop.shape[0], x:x + crop.shape[1]] = True
+    return stain_check(montage, mask)
+
+
 def stain_judged(stats: dict, thresholds: StainThresholds = STAIN) -> bool:
     """Whether `stain_stats` saw enough to judge the stain: a dark (fluorescence) background, or enough
     absorbing tissue pixels for the deconvolution."""

@@ -314,6 +314,7 @@ def evaluate_patches(
     rows: list[dict | None] = [None] * len(ds)  # in the dataset's order, whichever batch a patch went in
     batch, index = [], []
     sizes: dict[tuple, int] = {}  # (scored shape, given shape) -> patches: said once, after the loop
+    sample: list = []  # evenly spaced patches for the stain check (slides get theirs from the thumbnail)
     model.eval().to(device)
 
     def flush():
@@ -336,6 +337,8 @@ def evaluate_patches(
             img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
         key = (img.shape[:2], given)
         sizes[key] = sizes.get(key, 0) + 1
+        if i % max(1, len(ds) // STAIN_SAMPLE) == 0 and len(sample) < STAIN_SAMPLE:
+            sample.append(img)
         if batch and batch[0].shape[2:] != img.shape[:2]:
             flush()
         batch.append(to_tensor(img))
@@ -346,6 +349,12 @@ def evaluate_patches(
         flush()
     for warning in _size_warnings(folder, sizes, mpp, model.mpp):
         warnings.warn(warning, stacklevel=2)
+    from wsi_vssm.pipeline.domain import patches_stain_check
+
+    stain = patches_stain_check(sample)
+    if stain:
+        warnings.warn(f"{folder}: the patches do not look like the model's brightfield H&E: {'; '.join(stain)} "
+                      "(metrics.json stain_notes): their scores are unreliable", stacklevel=2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / PREDICTIONS_CSV, rows)
@@ -360,7 +369,7 @@ def evaluate_patches(
     _write_model_patches(out / MODEL_PATCHES_CSV, scored_ds, seen_parts(digests, getattr(model, "metadata", None)))
     metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
                              provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
-                                         "repeated_patches": repeats})
+                                         "repeated_patches": repeats, "stain_notes": stain})
     return EvaluationResult(metrics, rows, items="patches")
 
 
@@ -380,6 +389,9 @@ def _write_model_patches(path: Path, ds, parts: list[str | None]) -> None:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([("patch", "part"), *rows])  # quoted: names may hold commas
     atomic_write_text(path, buf.getvalue())
+
+
+STAIN_SAMPLE = 256  # patches a stain check looks at
 
 
 def _size_warnings(folder, sizes: dict[tuple, int], mpp: float, model_mpp: float) -> list[str]:
