@@ -172,7 +172,7 @@ def predict_options(f):
                      help="Overlap between regions (default 128)."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Regions per forward pass."),
+                     help="Regions per forward pass (a patch folder: patches per pass, at least 16)."),
         reader_threads_option,
         precision_option,
         click.option("--amp/--no-amp", default=False, callback=amp_and_precision,
