@@ -84,16 +84,18 @@ class Cohort:
         return {r.name: r.label for r in self.rows if r.label is not None}
 
 
+def has_class_folders(d: Path) -> bool:
+    """Whether folder `d` holds both class folders of a patch folder, 0/ and 1/, directly below it."""
+    return (d / "0").is_dir() and (d / "1").is_dir()
+
+
 def _patch_hint(p: Path) -> str:
     """Where the patch folder is, when `p` is a class folder (`DATA/0`) or a data set's root (`DATA/{train,valid}`
     each with 0/ and 1/): evaluate reads a patch folder only where 0/ and 1/ sit directly below."""
-    def both(d: Path) -> bool:
-        return (d / "0").is_dir() and (d / "1").is_dir()
-
     try:
-        if p.name in ("0", "1") and both(p.parent):
+        if p.name in ("0", "1") and has_class_folders(p.parent):
             return f"; {p.name}/ is a class folder: for its patches, give the folder above it, {p.parent}"
-        below = sorted(d.name for d in p.iterdir() if d.is_dir() and both(d))
+        below = sorted(d.name for d in p.iterdir() if d.is_dir() and has_class_folders(d))
     except OSError:
         return ""
     if below:

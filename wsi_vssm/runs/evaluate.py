@@ -66,7 +66,9 @@ class EvaluationResult:
 
 
 def is_patch_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "0").is_dir() and (path / "1").is_dir() and not (path / "reference.csv").exists()
+    from wsi_vssm.runs.cohort import has_class_folders
+
+    return path.is_dir() and has_class_folders(path) and not (path / "reference.csv").exists()
 
 
 def evaluate_cohort(

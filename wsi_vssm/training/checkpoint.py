@@ -61,12 +61,19 @@ def save_checkpoint(path: Path, state: dict, config: dict) -> None:
 
 def peek_checkpoint(path: Path) -> dict:
     """A checkpoint's contents as saved, to look at (`info RUN`): no settings checked, no random state restored.
-    Tensors and plain values only (weights_only), as when resumed; raises whatever torch.load raises."""
-    with torch.serialization.safe_globals(_numpy_globals()):
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+    Guarded as when resumed (inflation, weights only); raises CheckpointError or whatever torch.load raises."""
+    check_inflation(path)
+    ck = _load_weights_only(path)
     if not isinstance(ck, dict):
         raise ValueError("not a dict of training state")
     return ck
+
+
+def _load_weights_only(path: Path):
+    """torch.load with tensors, plain values and the numpy types the logs hold: a file planted under the
+    checkpoint's name must not run code when read."""
+    with torch.serialization.safe_globals(_numpy_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) -> dict:
@@ -78,9 +85,8 @@ def load_checkpoint(path: Path, config: dict, may_change: tuple[str, ...] = ()) 
         check_inflation(path)
     except CheckpointError as err:
         raise UsageError(f"{path}: not a training checkpoint ({err.reason}); remove it to start over") from None
-    try:  # weights only: a file planted under the checkpoint's name must not run code when resumed
-        with torch.serialization.safe_globals(_numpy_globals()):
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ck = _load_weights_only(path)
     except (OSError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, ImportError,
             pickle.UnpicklingError) as err:
         if isinstance(err, pickle.UnpicklingError):  # torch's message is a page on weights_only

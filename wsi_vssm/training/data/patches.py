@@ -116,7 +116,12 @@ def _label_of(name: str) -> int | None:
     if (len(parts) < 2 or not name.lower().endswith(IMAGE_SUFFIXES) or parts[-1].startswith(".")
             or "__MACOSX" in parts):
         return None
-    found = {p for p in parts[:-1] if p in LABELS}
+    return _class_of(parts[:-1])
+
+
+def _class_of(folders) -> int | None:
+    """The class the folder path `folders` (its parts) lies in: 0 or 1, AMBIGUOUS under both, None under none."""
+    found = {p for p in folders if p in LABELS}
     if not found:
         return None
     return int(found.pop()) if len(found) == 1 else AMBIGUOUS
@@ -161,7 +166,7 @@ def _scan_dir(path: Path) -> list[PatchItem]:
         real, rel_dir = os.path.realpath(dirpath), os.path.relpath(dirpath, path)
         if real in seen:
             first = seen[real]
-            if _label_of(os.path.join(first, "x.jpg")) != _label_of(os.path.join(rel_dir, "x.jpg")):
+            if _class_of(Path(first).parts) != _class_of(Path(rel_dir).parts):
                 a, b = sorted((rel_dir, first))
                 raise PatchDataError(f"{path}: {a}/ and {b}/ are the same folder (a link) under different labels: "
                                      "its patches cannot be both; link each class to its own folder")
