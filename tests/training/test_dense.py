@@ -335,3 +335,20 @@ def test_a_checkpoint_without_the_start_digest_compares_the_files(tmp_path):
     a.unlink()
     with pytest.raises(UsageError, match="other settings: init="):
         load_checkpoint(tmp_path / "ck.pt", with_start_digests({"init": str(b), "lr": 0.1}))
+
+
+def test_another_token_specificity_moves_only_the_threshold_not_the_logged_figure(tmp_path):
+    """The recipe's `dense.token_specificity` is 0.99 since r15; the log's fixed 99.5% sensitivity column stays
+    (a KeyError at the stage's end before)."""
+    from wsi_vssm.models.slide_model import load_model
+
+    write_patch_folder(tmp_path / "train", 16, seed=1)
+    write_patch_folder(tmp_path / "valid", 16, seed=2)
+    init = write_tiny_model(tmp_path / "init.pt")
+    cfg = dict(rounds=0, round_epochs=1, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3],
+               valid_select=16, eval_grid=3, warmup_steps=1, scan="cpu")
+    out = tmp_path / "run" / "model.pt"
+    rec = train_dense(init, tmp_path / "train", tmp_path / "valid", out,
+                      DenseConfig(epochs=1, token_specificity=0.99, **cfg), progress=False)
+    assert rec["token_specificity"] == 0.99 and np.isfinite(rec["log"][0]["sensitivity_at_0.995"])
+    assert load_model(out).metadata["cell_threshold"] == rec["cell_threshold"]
