@@ -18,6 +18,28 @@ def n_unfinished(rows: list[dict]) -> int:
     return sum(r["status"] in UNFINISHED for r in rows)
 
 
+def replaced_cohort_warning(out: Path, source, split: str | None) -> str | None:
+    """One line, before a run, when OUT's metrics.json holds the figures of another cohort, split or patch folder
+    (its `cohort` and `split`): this run replaces them and predictions.csv (a slide cohort's slide folders stay; a
+    patch folder's scores were in predictions.csv only). None when they are this run's, or when there is no
+    readable metrics.json."""
+    import json
+    import os
+
+    try:
+        old = json.loads((Path(out) / METRICS_JSON).read_text(encoding="utf-8"))
+        was, was_split = old["cohort"], old.get("split")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (was, was_split) == (os.path.abspath(source), split):
+        return None
+    kept = "" if "model_patches" in old else "; its slide folders stay"  # the key only a patch evaluation writes
+    of = f"{was} (split {was_split})" if was_split else str(was)
+    return (f"{Path(out) / METRICS_JSON} holds the figures of {of}: this run replaces them and "
+            f"{PREDICTIONS_CSV} with those of {os.path.abspath(source)}{f' (split {split})' if split else ''}"
+            f"{kept}; use another --out to keep both")
+
+
 @contextlib.contextmanager
 def report_writer(out: Path, wait: float):
     """Hold OUT/.state/cohort.report.lock while writing the cohort files: one writer at a time across runs, so

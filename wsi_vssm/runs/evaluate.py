@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_vssm.atomic import atomic_write_json
 from wsi_vssm.errors import UsageError, one_line
 from wsi_vssm.models.inputs import STRIDE
 from wsi_vssm.outputs.files import (
@@ -44,6 +45,7 @@ from wsi_vssm.runs.cohort_table import (
     final_row,
     interrupted_table,
     n_unfinished,
+    replaced_cohort_warning,
     report_writer,
     write_table,
 )
@@ -136,6 +138,8 @@ def evaluate_cohort(
     truth = (None if annotations is None  # bad files fail now, before any slide runs
              else read_cohort_annotations(Path(annotations), folders, cohort.labels()))
     check_output_folder(out)
+    if replaced := replaced_cohort_warning(out, cohort.source, split):  # before the first table is written
+        warnings.warn(replaced, stacklevel=2)
     _start_report(out)
     after = InterimTable(out, cohort.rows, tasks, on_slide, progress)
     try:
@@ -173,9 +177,9 @@ def evaluate_cohort(
                                                      n_boot, ran={r["slide"] for r in finished
                                                                   if r["status"] in ("done", "no_tissue")}))
             except BaseException:  # metrics.json was written without them: it must not say it is complete
-                _write_json(out / METRICS_JSON, {**metrics, "complete": False})
+                atomic_write_json(out / METRICS_JSON, {**metrics, "complete": False})
                 raise
-            _write_json(out / METRICS_JSON, metrics)
+            atomic_write_json(out / METRICS_JSON, metrics)
     return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
 
 
@@ -253,7 +257,7 @@ def _start_report(out: Path) -> None:
         except (OSError, ValueError):
             return
         if isinstance(metrics, dict) and not (metrics.get("complete") is False and STALE_KEY in metrics):
-            _write_json(out / METRICS_JSON, {**metrics, "complete": False, STALE_KEY: STALE_NOTE})
+            atomic_write_json(out / METRICS_JSON, {**metrics, "complete": False, STALE_KEY: STALE_NOTE})
 
 
 # what an earlier run's metrics.json says while a later run works on OUT (its counts and figures are the earlier
@@ -312,6 +316,8 @@ def evaluate_patches(
     if threshold is None:
         threshold = cell_threshold(model, PredictParams())
     ds = load_patches(folder)
+    if replaced := replaced_cohort_warning(Path(out_dir), folder, None):
+        warnings.warn(replaced, stacklevel=2)
     scale = mpp / model.mpp  # image px -> model px
     rows: list[dict | None] = [None] * len(ds)  # in the dataset's order, whichever batch a patch went in
     batch, index = [], []
@@ -476,7 +482,7 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
             threshold=threshold, items=items, ranks=ranks)
     calibration_png(out / CALIBRATION_PNG, labels, scores, calibration)
-    _write_json(out / METRICS_JSON, metrics)  # last: a "complete" metrics.json has its figures beside it
+    atomic_write_json(out / METRICS_JSON, metrics)  # last: a "complete" metrics.json has its figures beside it
     return metrics
 
 
@@ -488,9 +494,3 @@ def intervals(n_boot: int) -> dict:
             "auc_ci95_delong": "DeLong's variance on the logit scale, mapped back; no resampling",
             "ece_ci95": "percentile of the items' resamples, shifted by the bootstrap bias, clipped to [0, 1]",
             "kappa_ci95": "percentile; patients resampled"}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    from wsi_vssm.atomic import atomic_write_json
-
-    atomic_write_json(path, obj)

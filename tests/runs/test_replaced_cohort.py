@@ -1,0 +1,65 @@
+"""`evaluate` into an OUT whose metrics.json holds another cohort's (or split's, or patch folder's) figures says,
+before it runs, that it replaces them and predictions.csv (silent before: a user lost a patch folder's scores)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import run_cli_captured, write_patch_folder
+
+from wsi_vssm.runs.cohort_table import replaced_cohort_warning
+
+
+def _metrics(out, **keys) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(keys))
+
+
+def test_the_line_names_the_figures_it_replaces_and_what_stays(tmp_path):
+    a, b = os.path.abspath(tmp_path / "a.csv"), tmp_path / "b.csv"
+    assert replaced_cohort_warning(tmp_path / "none", b, None) is None  # nothing there yet
+    _metrics(tmp_path / "same", cohort=a, split="test")
+    assert replaced_cohort_warning(tmp_path / "same", a, "test") is None  # a rerun of the same figures
+    line = replaced_cohort_warning(tmp_path / "same", a, "valid")
+    assert f"holds the figures of {a} (split test)" in line and "(split valid)" in line
+    _metrics(tmp_path / "slides", cohort=a, split=None)
+    line = replaced_cohort_warning(tmp_path / "slides", b, None)
+    assert f"of {a}: this run replaces them and predictions.csv with those of {b}" in line
+    assert "its slide folders stay" in line and "use another --out" in line
+    _metrics(tmp_path / "patches", cohort=a, split=None, model_patches={"either": 0})
+    assert "slide folders" not in replaced_cohort_warning(tmp_path / "patches", b, None)  # its scores go
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text("{not json")
+    assert replaced_cohort_warning(tmp_path / "bad", b, None) is None
+    _metrics(tmp_path / "old", n=3)  # a file from before `cohort` was recorded: nothing to compare
+    assert replaced_cohort_warning(tmp_path / "old", b, None) is None
+
+
+def test_a_second_patch_folder_into_the_same_out_is_warned_about_once(model_file, tmp_path, capsys):
+    write_patch_folder(tmp_path / "p", 4, 0)
+    write_patch_folder(tmp_path / "q", 4, 1)
+    args = ["--mpp", "0.97", "--model", model_file, "--bootstrap", "100", "--out", tmp_path / "ev"]
+    code, _, err = run_cli_captured(["evaluate", tmp_path / "p", *args], capsys)
+    assert code == 0 and "holds the figures" not in err
+    code, _, err = run_cli_captured(["evaluate", tmp_path / "q", *args], capsys)
+    lines = [ln for ln in err.splitlines() if "holds the figures" in ln]
+    assert code == 0 and len(lines) == 1 and f"of {tmp_path / 'p'}: this run replaces" in lines[0], err
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["cohort"] == str(tmp_path / "q")
+    code, _, err = run_cli_captured(["evaluate", tmp_path / "q", *args], capsys)  # the same folder again: its own figures
+    assert code == 0 and "holds the figures" not in err
+
+
+def test_a_slide_cohort_warns_before_its_first_slide(model_file, cohort, tmp_path):
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.pipeline.predict import PredictParams
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+
+    out = tmp_path / "ev"
+    _metrics(out, cohort=str(tmp_path / "other.csv"), split=None)
+    with pytest.warns(UserWarning, match="other.csv: this run replaces them") as caught:
+        evaluate_cohort(cohort, load_model(model_file), out, PredictParams(mpp=2.0), n_boot=20)
+    first = next(i for i, w in enumerate(caught) if "holds the figures" in str(w.message))
+    assert first == 0  # said before any slide's warning
+    assert json.loads((out / "metrics.json").read_text())["cohort"] == str(cohort / "reference.csv")
