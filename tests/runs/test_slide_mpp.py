@@ -288,3 +288,35 @@ def test_a_resolution_column_under_another_name_is_warned_about(mixed, tmp_path)
     manifest.write_text("slide,label,mpp,mpp_x\nslides/bare.tif,1,0.5,0.5\n")
     with pytest.warns(UserWarning, match=r"'mpp_x' is not read .*'mpp' is\)"):
         assert read_manifest(manifest).rows[0].mpp == 0.5
+
+
+def test_predict_and_extract_take_a_slide_list_csv_with_its_mpp_column(mixed, model_file, tmp_path, capsys):
+    """A TRIDENT-style list (`wsi[,mpp]`, no labels): each row a slide, its mpp that slide's resolution; a row
+    whose file is missing fails alone. Before, a CSV given to predict failed as "not a slide"."""
+    listing = tmp_path / "list.csv"
+    listing.write_text("wsi,mpp,note\nslides/stated.tif,,x\nslides/bare.tif,2.0,y\nslides/gone.tif,,z\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli_captured(["predict", listing, "--out", out, "--model", model_file, *FAST], capsys)
+    assert code == 3 and "gone.tif" in err, err  # the missing slide fails alone; the others are done
+    assert _mpp(out, "bare") == (2.0, "user") and _mpp(out, "stated")[1] not in ("fallback", "user")
+    assert read_state(out, "predict", "bare")["params"]["slide_mpp"] == 2.0
+    code, _, err = run_cli_captured(["extract", listing, "--out", tmp_path / "feat", "--model", model_file, *FAST],
+                                    capsys)
+    assert code == 3 and (tmp_path / "feat" / "bare.zarr").is_dir(), err
+
+
+def test_a_slide_list_without_a_path_column_or_rows_is_one_line(model_file, tmp_path, capsys):
+    from wsi_vssm.runs.cohort import read_slide_list
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,label\na.tif,1\n")
+    assert_one_line_error(["predict", bad, "--model", model_file, "--out", tmp_path / "o"], capsys, 1,
+                          "bad.csv: a slide list needs a header naming its path column", "its header has: name, label")
+    bad.write_text("slide\n")
+    assert_one_line_error(["predict", bad, "--model", model_file, "--out", tmp_path / "o"], capsys, 1,
+                          "bad.csv: the slide list names no slides")
+    bad.write_text("slide,mpp\na.tif,0,25\n")
+    assert_one_line_error(["predict", bad, "--model", model_file, "--out", tmp_path / "o"], capsys, 1,
+                          "bad.csv, line 2")
+    bad.write_text("path\n/abs/a.tif\nsub/b.svs\n")
+    assert read_slide_list(bad) == [("/abs/a.tif", None), (str(tmp_path / "sub" / "b.svs"), None)]

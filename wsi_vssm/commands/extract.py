@@ -62,8 +62,8 @@ from wsi_vssm.commands.options import (
 @click.pass_context
 def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, region_px, overlap_px, min_tissue, device,
             batch_size, reader_threads, precision, amp, **opts):
-    """Extract token-cell features of SLIDE(s) with a VSSM backbone (slide files, OME-Zarr folders, or folders
-    of slides)."""
+    """Extract token-cell features of SLIDE(s) with a VSSM backbone (slide files, OME-Zarr folders, folders
+    of slides, or CSV slide lists with a wsi / slide / path column and an optional mpp column)."""
     from wsi_vssm.commands.options import (
         exit_for,
         model_file,
@@ -76,7 +76,7 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
     from wsi_vssm.models.slide_model import DEFAULT_NAME, default_model_path
     from wsi_vssm.pipeline.extract import Inference
     from wsi_vssm.pipeline.feature_files import prepare_folders
-    from wsi_vssm.runs.cohort import expand_slide_folders
+    from wsi_vssm.runs.cohort import expand_slide_args
     from wsi_vssm.runs.jobs import extract_job
     from wsi_vssm.runs.runner import run_slides, slide_tasks
     from wsi_vssm.runs.state import OutputNotWritable
@@ -106,6 +106,6 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
     job = extract_job(out, model_file(model), backbone, info, mpp, params, tuple(formats), fallback_mpp)
-    tasks = slide_tasks(expand_slide_folders(slides), progress)
+    tasks = slide_tasks(expand_slide_args(slides), progress)
     summary = run_slides(tasks, job, run, progress)
     exit_for(summary, len(tasks))

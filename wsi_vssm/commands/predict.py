@@ -27,7 +27,9 @@ from wsi_vssm.commands.options import (
 def command(ctx, slides, out_dir, model_path, mpp, **opts):
     """Predict metastasis for SLIDES: prediction.json, heatmap.ome.zarr, overlay.png, contours.geojson, lesions.csv.
 
-    SLIDES are slide files, OME-Zarr folders, or folders of slides (the slide files directly in them).
+    SLIDES are slide files, OME-Zarr folders, folders of slides (the slide files directly in them), or CSV
+    slide lists (a header naming the path column, wsi / slide / path, and optionally mpp: each row's level-0
+    resolution; paths relative to the CSV; other columns are not read).
 
     Prints one line per slide. Slides done before with the same model and parameters are skipped; exit code 3
     when some slides failed (the others are done), 1 when the only slide failed. See docs/cohorts.md.
@@ -42,12 +44,12 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
     )
     from wsi_vssm.errors import UsageError
     from wsi_vssm.pipeline.predict import output_folder_problem
-    from wsi_vssm.runs.cohort import expand_slide_folders
+    from wsi_vssm.runs.cohort import expand_slide_args
     from wsi_vssm.runs.jobs import predict_job
     from wsi_vssm.runs.runner import RESERVED_NAMES, run_slides, slide_tasks
 
     run, progress = pop_run_options(opts, ctx)
-    tasks = slide_tasks(expand_slide_folders(slides), progress)
+    tasks = slide_tasks(expand_slide_args(slides), progress)
     # before the model loads: the slide's whole inference ran, then failed "File exists" (a reserved name is
     # refused by the runner, in words that fit it better)
     for task in tasks:

@@ -287,6 +287,45 @@ def expand_slide_folders(paths: Iterable[str]) -> list[str]:
     return out
 
 
+def expand_slide_args(paths: Iterable[str]) -> list[tuple[str, float | None]]:
+    """(slide path, row mpp) for each command-line argument of predict / extract: a slide list CSV
+    (`read_slide_list`) gives its rows, a folder its slides (`expand_slide_folders`), anything else itself."""
+    out: list[tuple[str, float | None]] = []
+    for path in paths:
+        if str(path).lower().endswith(".csv") and Path(path).is_file():
+            out.extend(read_slide_list(path))
+        else:
+            out.extend((p, None) for p in expand_slide_folders([path]))
+    return out
+
+
+def read_slide_list(path: str | os.PathLike) -> list[tuple[str, float | None]]:
+    """A CSV list of slides for predict / extract, as TRIDENT's `--custom_list_of_wsis` (`wsi[,mpp]`) or an
+    evaluate manifest: a header naming the path column (`slide`, `path`, `file`, `slide_path`, `wsi`), paths
+    relative to the CSV's folder; an `mpp` column is each row's resolution, as in a manifest; `label`, `split`
+    and other columns are not needed and not read. A row whose file is missing fails alone in the run."""
+    path = Path(path)
+    rows = _read_csv(path)
+    header = [c.strip().lower() for c in rows[0][1]] if rows else []
+    column = _path_column(header)
+    if column is None:
+        raise CohortError(f"{path}: a slide list needs a header naming its path column ({', '.join(_PATH_COLUMNS)})"
+                          f"{'; its header has: ' + ', '.join(rows[0][1]) if rows else '; the file is empty'}")
+    i_path = header.index(column)
+    mpp_column = next((c for c in MPP_COLUMNS if c in header), None)
+    out = []
+    for line, cells in rows[1:]:
+        ref = _cell(cells, i_path)
+        if not ref or slide_name(ref) in ("", ".", ".."):
+            raise CohortError(f"{path}, line {line}: {'no slide path' if not ref else repr(ref) + ' names a folder'}")
+        mpp = None if mpp_column is None else parse_mpp(_cell(cells, header.index(mpp_column)), path, line)
+        ref = _on_disk(ref)
+        out.append((str(_either_form(Path(ref) if Path(ref).is_absolute() else path.parent / ref)), mpp))
+    if not out:
+        raise CohortError(f"{path}: the slide list names no slides")
+    return out
+
+
 def _is_slide_entry(f: Path) -> bool:
     low = f.name.lower()
     if f.is_dir():  # an OME-Zarr slide; not a wsi-vssm heatmap (a prediction folder given as a folder of slides)

@@ -91,12 +91,13 @@ class RunSummary:
         return self.count("failed", "locked")
 
 
-def slide_tasks(paths: Iterable[str], progress: Progress | None = None) -> list[SlideTask]:
-    """One task per slide path given on a command line. The same file named twice under the same name
-    (overlapping globs: `*.svs a*.svs`) runs once, with a note; two different files of one name still fail
-    (their outputs would collide)."""
+def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progress | None = None) -> list[SlideTask]:
+    """One task per slide path given on a command line, or (path, mpp) from a slide list's row. The same file
+    named twice under the same name (overlapping globs: `*.svs a*.svs`) runs once, with a note; two different
+    files of one name still fail (their outputs would collide)."""
     tasks, first = [], {}
-    for path in paths:
+    for item in paths:
+        path, mpp = item if isinstance(item, tuple) else (item, None)
         name = slide_key(path)
         try:
             st = os.stat(path)
@@ -109,7 +110,7 @@ def slide_tasks(paths: Iterable[str], progress: Progress | None = None) -> list[
             continue
         if key is not None:
             first[key] = path
-        tasks.append(SlideTask(name, path))
+        tasks.append(SlideTask(name, path, mpp=mpp))
     return tasks
 
 
