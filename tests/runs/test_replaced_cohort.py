@@ -47,7 +47,7 @@ def test_a_second_patch_folder_into_the_same_out_is_warned_about_once(model_file
     lines = [ln for ln in err.splitlines() if "holds the figures" in ln]
     assert code == 0 and len(lines) == 1 and f"of {tmp_path / 'p'}: this run replaces" in lines[0], err
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["cohort"] == str(tmp_path / "q")
-    code, _, err = run_cli_captured(["evaluate", tmp_path / "q", *args], capsys)  # the same folder again: its own figures
+    code, _, err = run_cli_captured(["evaluate", tmp_path / "q", *args], capsys)  # again: its own figures
     assert code == 0 and "holds the figures" not in err
 
 
