@@ -104,8 +104,9 @@ def _how_to_go_on(argv: list[str]) -> str:
                 "every finished epoch is kept (none before the first ends): rerun the same command with --resume "
                 "to continue")
     if words == ["train", "mil"]:
-        return ("the best head so far is in the --out file, marked unfinished (training_incomplete: attaching it "
-                "warns); run the command again to train it in full")
+        return ("once an epoch had ended, the best head so far is in the --out file (an --ensemble's current "
+                "member: its -seedN file), marked unfinished (training_incomplete: attaching it warns); before "
+                "that, a file already there is as it was; run the command again to train it in full")
     return "nothing was kept"
 
 

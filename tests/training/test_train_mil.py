@@ -490,3 +490,46 @@ def test_a_stopped_run_leaves_its_best_head_marked_unfinished(feature_bags, tmp_
     with pytest.warns(UserWarning):
         train_mil(train, valid, cfg, checkpoint_path=ckpt)  # the whole run: the mark goes
     assert "training_incomplete" not in torch.load(ckpt, weights_only=True)["metadata"]
+
+
+def test_cli_a_store_whose_last_extract_failed_is_left_out_with_a_warning(feature_bags, tmp_path):
+    """A slide replaced and extracted again, failing, kept its earlier store: `train mil` trained on those stale
+    features without a word (evaluate and info already set such leftovers apart)."""
+    import shutil
+
+    from wsi_vssm.commands.train import command
+    from wsi_vssm.runs.state import write_state
+
+    d, bags = feature_bags
+    feat = tmp_path / "feat"
+    shutil.copytree(d, feat)
+    write_state(feat, "extract", "t00", {"status": "failed", "error": "the file is truncated"})
+    write_state(feat, "extract", "n00", {"status": "done"})
+    ref = tmp_path / "reference.csv"
+    ref.write_text("\n".join(f"{n},{y}" for n, (_, y) in sorted(bags.items())) + "\n")
+    res = CliRunner().invoke(command, ["mil", "--features", str(feat), "--labels", str(ref), "--out",
+                                       str(tmp_path / "m.pt"), "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    stale = [line for line in res.stderr.splitlines() if "did not finish" in line]
+    assert len(stale) == 1 and "1 feature store(s)" in stale[0] and "t00 (failed)" in stale[0], res.stderr
+    assert "11 training and 4 validation slides" in res.stdout  # t00 out, n00 (done) and the rest kept
+
+
+def test_cli_an_existing_out_is_warned_about_and_the_stop_message_says_what_is_on_disk(feature_bags, tmp_path):
+    """A finished head at --out was replaced by a new run's first epoch without a word, and Ctrl-C before any
+    epoch ended claimed the --out file held this run's unfinished head."""
+    from wsi_vssm.cli import _how_to_go_on
+    from wsi_vssm.commands.train import command
+
+    d, bags = feature_bags
+    ref = tmp_path / "reference.csv"
+    ref.write_text("\n".join(f"{n},{y}" for n, (_, y) in sorted(bags.items())) + "\n")
+    args = ["mil", "--features", str(d), "--labels", str(ref), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
+            "--device", "cpu"]
+    res = CliRunner().invoke(command, args)
+    assert res.exit_code == 0 and "exists" not in res.stderr, res.output
+    res = CliRunner().invoke(command, args)
+    warned = [line for line in res.stderr.splitlines() if "exists: this run replaces it" in line]
+    assert res.exit_code == 0 and len(warned) == 1 and str(tmp_path / "m.pt") in warned[0], res.stderr
+    said = _how_to_go_on(["train", "mil"])
+    assert "once an epoch had ended" in said and "a file already there is as it was" in said

@@ -71,6 +71,9 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
     dev = option_device(device)
     option_output("--out", out)
     option_output("--log", log_path)
+    if out.is_file():  # a finished head there was replaced without a word from the first epoch on
+        click.echo(f"wsi-vssm: warning: --out {out} exists: this run replaces it when its first epoch ends (and with "
+                   "every better one); copy it away or give another --out to keep it", err=True)
     train, valid, how = _splits(features_dir, labels, valid_labels, valid_fraction, seed)
     click.echo(f"{len(train)} training and {len(valid)} validation slides ({how})")
     cfg = MILTrainConfig(epochs=epochs, patience=patience, lr=lr, seed=seed, max_cells=max_cells,
@@ -195,7 +198,23 @@ def _check_disjoint(train_rows: list, labels: Path, valid_rows: list, valid_labe
 
 
 def _stores(features_dir: Path) -> dict[str, Path]:
-    return {p.name[: -len(".zarr")].lower(): p for p in sorted(features_dir.glob("*.zarr")) if p.is_dir()}
+    """Slide name (lower case) -> its store; a store whose slide's latest extract did not finish (its state in
+    the folder says failed or running) holds an earlier run's features, maybe of a replaced file: left out, with
+    one warning. A store without a state (copied, or from an older version) is kept."""
+    from wsi_vssm.runs.state import read_state
+
+    stores, stale = {}, []
+    for p in sorted(features_dir.glob("*.zarr")):
+        state = read_state(features_dir, "extract", p.name[: -len(".zarr")]) if p.is_dir() else None
+        if state is not None and state.get("status") != "done":
+            stale.append(f"{p.name[: -len('.zarr')]} ({state.get('status')})")
+        elif p.is_dir():
+            stores[p.name[: -len(".zarr")].lower()] = p
+    if stale:
+        click.echo(f"wsi-vssm: warning: {len(stale)} feature store(s) in {features_dir} are left out: the latest "
+                   f"extract of their slide did not finish, so they hold an earlier run's features: "
+                   f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}; extract them again", err=True)
+    return stores
 
 
 _WHAT_A_STORE_IS = "feature stores are <slide>.zarr folders, made by `wsi-vssm extract SLIDE... --model M --out DIR`"
