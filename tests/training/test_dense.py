@@ -156,16 +156,21 @@ def test_every_symmetry_turns_back_to_the_input_and_the_seven_differ():
     assert len(SYMMETRIES) == 7 and len(seen) == 8  # no symmetry repeats another or the identity
 
 
+def _one_epoch_setup(tmp_path):
+    """(initial model, settings) of a one-epoch dense stage without mining on 16 + 16 patches in tmp_path."""
+    write_patch_folder(tmp_path / "train", 16, seed=1)
+    write_patch_folder(tmp_path / "valid", 16, seed=2)
+    cfg = dict(rounds=0, round_epochs=1, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3],
+               valid_select=16, eval_grid=3, warmup_steps=1, scan="cpu")
+    return write_tiny_model(tmp_path / "init.pt"), cfg
+
+
 def test_the_consistency_term_trains_two_views_and_logs_their_gap(tmp_path, capsys):
     """`dense.consistency`: each step also scores its inputs under a random symmetry and penalises the two views'
     token-logit difference; the epoch's mean gap is logged and printed (absent when the term is off)."""
     import csv
 
-    write_patch_folder(tmp_path / "train", 16, seed=1)
-    write_patch_folder(tmp_path / "valid", 16, seed=2)
-    init = write_tiny_model(tmp_path / "init.pt")
-    cfg = dict(rounds=0, round_epochs=1, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3],
-               valid_select=16, eval_grid=3, warmup_steps=1, scan="cpu")
+    init, cfg = _one_epoch_setup(tmp_path)
     rec = train_dense(init, tmp_path / "train", tmp_path / "valid", tmp_path / "on" / "model.pt",
                       DenseConfig(epochs=1, consistency=0.5, **cfg), progress=True)
     assert "view gap" in capsys.readouterr().out
@@ -342,11 +347,7 @@ def test_another_token_specificity_moves_only_the_threshold_not_the_logged_figur
     (a KeyError at the stage's end before)."""
     from wsi_vssm.models.slide_model import load_model
 
-    write_patch_folder(tmp_path / "train", 16, seed=1)
-    write_patch_folder(tmp_path / "valid", 16, seed=2)
-    init = write_tiny_model(tmp_path / "init.pt")
-    cfg = dict(rounds=0, round_epochs=1, epoch_patches=8, batch_size=4, mosaic_cells=9, grid=[3, 3],
-               valid_select=16, eval_grid=3, warmup_steps=1, scan="cpu")
+    init, cfg = _one_epoch_setup(tmp_path)
     out = tmp_path / "run" / "model.pt"
     rec = train_dense(init, tmp_path / "train", tmp_path / "valid", out,
                       DenseConfig(epochs=1, token_specificity=0.99, **cfg), progress=False)

@@ -204,12 +204,13 @@ def _stores(features_dir: Path) -> dict[str, Path]:
     from wsi_vssm.runs.state import read_state
 
     stores, stale = {}, []
-    for p in sorted(features_dir.glob("*.zarr")):
-        state = read_state(features_dir, "extract", p.name[: -len(".zarr")]) if p.is_dir() else None
+    for p in sorted(d for d in features_dir.glob("*.zarr") if d.is_dir()):
+        name = p.name[: -len(".zarr")]
+        state = read_state(features_dir, "extract", name)
         if state is not None and state.get("status") != "done":
-            stale.append(f"{p.name[: -len('.zarr')]} ({state.get('status')})")
-        elif p.is_dir():
-            stores[p.name[: -len(".zarr")].lower()] = p
+            stale.append(f"{name} ({state.get('status')})")
+        else:
+            stores[name.lower()] = p
     if stale:
         click.echo(f"wsi-vssm: warning: {len(stale)} feature store(s) in {features_dir} are left out: the latest "
                    f"extract of their slide did not finish, so they hold an earlier run's features: "

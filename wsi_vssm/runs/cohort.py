@@ -190,8 +190,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         label = parse_label(_cell(cells, i_label), path, line)
         split = None if i_split is None else parse_split(_cell(cells, i_split), path, line)
         mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
-        ref = _on_disk(ref)
-        file = _either_form(Path(ref) if Path(ref).is_absolute() else path.parent / ref)
+        file = _table_path(ref, path)
         error = None
         if find_slides and not file.exists():
             error = f"slide file not found: {file}"
@@ -312,15 +311,14 @@ def read_slide_list(path: str | os.PathLike) -> list[tuple[str, float | None]]:
         raise CohortError(f"{path}: a slide list needs a header naming its path column ({', '.join(_PATH_COLUMNS)})"
                           f"{'; its header has: ' + ', '.join(rows[0][1]) if rows else '; the file is empty'}")
     i_path = header.index(column)
-    mpp_column = next((c for c in MPP_COLUMNS if c in header), None)
+    i_mpp = next((header.index(c) for c in MPP_COLUMNS if c in header), None)
     out = []
     for line, cells in rows[1:]:
         ref = _cell(cells, i_path)
         if not ref or slide_name(ref) in ("", ".", ".."):
             raise CohortError(f"{path}, line {line}: {'no slide path' if not ref else repr(ref) + ' names a folder'}")
-        mpp = None if mpp_column is None else parse_mpp(_cell(cells, header.index(mpp_column)), path, line)
-        ref = _on_disk(ref)
-        out.append((str(_either_form(Path(ref) if Path(ref).is_absolute() else path.parent / ref)), mpp))
+        mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
+        out.append((str(_table_path(ref, path)), mpp))
     if not out:
         raise CohortError(f"{path}: the slide list names no slides")
     return out
@@ -423,6 +421,13 @@ def _either_form(file: Path) -> Path:
         if other != file and other.exists():
             return other
     return file
+
+
+def _table_path(ref: str, table: Path) -> Path:
+    """A slide path as a table row gives it: as the file system spells it, relative to the table's folder unless
+    absolute, in whichever Unicode form exists."""
+    ref = _on_disk(ref)
+    return _either_form(Path(ref) if Path(ref).is_absolute() else table.parent / ref)
 
 
 def _on_disk(ref: str) -> str:
