@@ -228,3 +228,32 @@ def test_info_on_an_output_folder_says_where_each_slide_stands(model_file, cohor
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_info_on_a_training_log_and_on_a_folder_of_training_outputs(tmp_path, capsys):
+    """`info mil.log.csv` said "not a slide format", and `info` on train mil's --out folder "not an OME-Zarr
+    store": neither said what the file or folder is."""
+    from wsi_vssm.atomic import atomic_write_rows
+    from wsi_vssm.training.mil import LOG_COLUMNS
+
+    rows = [{"epoch": e, "train_loss": 0.7, "valid_loss": 0.6, "valid_auc": auc, "seconds": 30.0, "best": best}
+            for e, auc, best in ((1, 0.80, True), (2, 0.85, True), (3, float("nan"), False))]
+    folder = tmp_path / "milout"
+    folder.mkdir()
+    for name in ("mil.log.csv", "mil.log.json"):
+        atomic_write_rows(folder / name, rows, LOG_COLUMNS)
+        code, out, err = run_cli(capsys, str(folder / name))
+        assert code == 0 and err == "", err
+        assert "a per-epoch log of `train mil`" in out and "3 (1.5 min)" in out
+        assert "epoch 2, valid_auc 0.8500 (last epoch: undefined)" in out
+        code, out, _ = run_cli(capsys, "--json", str(folder / name))
+        report = json.loads(out)
+        assert report["kind"] == "train_log" and report["best_epoch"] == 2 and report["epochs"] == 3
+    (folder / "mil.pt").write_bytes(b"\x00")
+    code, out, err = run_cli(capsys, str(folder))
+    assert code == 1 and err.count("\n") == 1 and "a folder of training outputs, not a slide" in err
+    assert "1 model file (mil.pt) and 2 training logs (mil.log.csv, mil.log.json)" in err
+    other = tmp_path / "table.csv"  # any other CSV is still not taken for a log
+    other.write_text("epoch,loss\n1,0.5\n")
+    code, _, err = run_cli(capsys, str(other))
+    assert code == 1 and "not a slide format" in err

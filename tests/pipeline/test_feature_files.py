@@ -225,3 +225,53 @@ def test_info_out_says_which_files_each_extracted_slide_went_to(tmp_path, capsys
     assert code == 0 and f"s1 (extract): done: {n} cells in h5, pt" in text
     code, text, _ = run_cli_captured(["info", "--json", out], capsys)
     assert json.loads(text)["slides"][0]["formats"] == ["h5", "pt"]
+
+
+def test_info_flags_h5_and_pt_shapes_a_bag_loader_would_misread(tmp_path, capsys):
+    """Foreign files: features of shape (1, N, F) were counted as one cell, and an h5 without `coords`, or with
+    coords of another length, or with no cells at all, passed unflagged."""
+    import json
+
+    from conftest import run_cli_captured
+
+    def h5(name, features, coords):
+        path = tmp_path / name
+        with h5py.File(path, "w") as f:
+            f.create_dataset("features", data=features)
+            if coords is not None:
+                f.create_dataset("coords", data=coords)
+        return path
+
+    cases = [
+        (h5("batched.h5", np.zeros((1, 6, 8), np.float32), np.zeros((6, 2))), 6, "a leading batch axis"),
+        (h5("nocoords.h5", np.zeros((6, 8), np.float32), None), 6, "no `coords` dataset"),
+        (h5("short.h5", np.zeros((6, 8), np.float32), np.zeros((4, 2))), 6, "coords have shape [4, 2] for 6 cells"),
+        (h5("empty.h5", np.zeros((0, 8), np.float32), np.zeros((0, 2))), 0, "an empty bag"),
+        (h5("flat.h5", np.zeros(8, np.float32), np.zeros((8, 2))), None, "not (cells, features)"),
+    ]
+    torch.save(torch.zeros(1, 5, 8), tmp_path / "batched.pt")
+    cases.append((tmp_path / "batched.pt", 5, "a leading batch axis"))
+    for path, cells, says in cases:
+        code, text, _ = run_cli_captured(["info", path], capsys)
+        assert code == 0 and any(ln.startswith("warning:") and says in ln for ln in text.splitlines()), text
+        code, out, _ = run_cli_captured(["info", "--json", path], capsys)
+        report = json.loads(out)
+        assert report["cells"] == cells and any(says in n for n in report["notes"]), (path, report)
+    good = h5("good.h5", np.zeros((6, 8), np.float32), np.zeros((6, 2)))
+    code, text, _ = run_cli_captured(["info", good], capsys)
+    assert code == 0 and "6 x 8 features" in text and "warning" not in text
+
+
+def test_extract_warns_of_a_slide_without_cells(tmp_path):
+    """A slide with no tissue was written as 0-row h5 / pt files without a word (CLAM fails later on the empty
+    bag, far from the cause)."""
+    blank = tmp_path / "blank.tif"
+    tifffile.imwrite(blank, np.full((320, 384, 3), 245, np.uint8), tile=(128, 128), photometric="rgb",
+                     resolution=(1e4 / 2.0, 1e4 / 2.0), resolutionunit="CENTIMETER")
+    out = tmp_path / "feat"
+    res = _extract(blank, _slide(tmp_path / "s1.tif"), "--out", out, "--format", "h5", "--min-tissue", "0.25")
+    assert res.exit_code == 0, res.output
+    with h5py.File(out / "h5_files" / "blank.h5", "r") as f:
+        assert f["features"].shape[0] == 0
+    warned = [line for line in res.stderr.splitlines() if "no cells" in line]
+    assert len(warned) == 1 and str(blank) in warned[0] and "empty bag" in warned[0]

@@ -127,6 +127,41 @@ def test_folders_that_hold_no_slide_say_why(model_file, tmp_path, capsys):
     assert any(f"{empty}: a folder with no slide files directly in it" in x for x in lines), err
 
 
+def test_feature_files_given_as_slides_say_what_they_are(model_file, cohort, tmp_path, capsys):
+    """`predict FEATURES_DIR` (extract's --out) took each <slide>.zarr for an OME-Zarr slide and failed it as "zarr
+    store without OME-NGFF multiscales"; a folder of slides with an extract output beside them did the same."""
+    import shutil
+
+    import numpy as np
+    from conftest import run_cli_captured
+
+    from wsi_vssm.pipeline.store import STORE_FORMAT, CellFeatures, FeatureStore
+
+    def store(path):
+        xy = np.zeros((1, 2), np.int64)
+        return FeatureStore.write(path, CellFeatures(np.zeros((1, 4), np.float16), xy, xy.astype(np.float32),
+                                                     np.zeros(1, np.int32), np.ones(1, np.float16),
+                                                     {"format": STORE_FORMAT, "slide": path.stem})).path
+
+    feats = tmp_path / "feats"
+    one = store(feats / "s1.zarr")
+    (feats / "h5_files").mkdir()
+    h5_only = tmp_path / "h5only"
+    (h5_only / "h5_files").mkdir(parents=True)
+    slides = tmp_path / "slides"  # one slide and, beside it, a store that extract wrote there
+    slides.mkdir()
+    shutil.copy(cohort / "normal_001.tif", slides)
+    store(slides / "normal_002.zarr")
+    code, stdout, err = run_cli_captured(["predict", feats, one, h5_only, slides, "--out", tmp_path / "o", "--model",
+                                          model_file, "--target-mpp", "4", "--region-px", "512"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 3 and "Traceback" not in err and "multiscales" not in err, err
+    assert any(f"{feats}: a folder of wsi-vssm feature files (an output of extract)" in x for x in lines), err
+    assert any(f"{h5_only}: a folder of wsi-vssm feature files" in x for x in lines), err
+    assert any(f"{one}: a wsi-vssm feature store (an output of extract), not a slide" in x for x in lines), err
+    assert "normal_001: probability" in stdout and "normal_002" not in stdout + err
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -315,6 +315,12 @@ def test_a_slide_list_without_a_path_column_or_rows_is_one_line(model_file, tmp_
     bad.write_text("slide\n")
     assert_one_line_error(["predict", bad, "--model", model_file, "--out", tmp_path / "o"], capsys, 1,
                           "bad.csv: the slide list names no slides")
+    with pytest.MonkeyPatch.context() as mp:  # extract refuses it before its model loads (it loaded it first)
+        import wsi_vssm.models.model_file as model_file_module
+
+        mp.setattr(model_file_module, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert_one_line_error(["extract", bad, "--model", model_file, "--out", tmp_path / "f"], capsys, 1,
+                              "bad.csv: the slide list names no slides")
     bad.write_text("slide,mpp\na.tif,0,25\n")
     assert_one_line_error(["predict", bad, "--model", model_file, "--out", tmp_path / "o"], capsys, 1,
                           "bad.csv, line 2")

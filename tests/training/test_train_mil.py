@@ -24,15 +24,16 @@ from wsi_vssm.training.mil import (
 F = 16
 
 
-def _store(path, seed: int, tumour: bool, model_hash: str = "h0", n: int = 40):
-    """A bag of `n` Gaussian cells; a tumour bag has a few cells with feature 0 raised (the planted lesion)."""
+def _store(path, seed: int, tumour: bool, model_hash: str = "h0", n: int = 40, **extra):
+    """A bag of `n` Gaussian cells; a tumour bag has a few cells with feature 0 raised (the planted lesion);
+    `extra`: more store attrs (extract settings)."""
     rng = np.random.default_rng(seed)
     feats = rng.standard_normal((n, F)).astype(np.float32)
     if tumour:
         feats[rng.choice(n, 4, replace=False), 0] += 6.0
     xy = np.stack([np.arange(n) * 32, np.zeros(n)], 1).astype(np.int64)
     attrs = {"format": STORE_FORMAT, "slide": path.stem, "model_id": "micro", "model_hash": model_hash, "mpp": 0.97,
-             "token_px": 32, "n_features": F}
+             "token_px": 32, "n_features": F, **extra}
     cells = CellFeatures(feats.astype(np.float16), xy, xy.astype(np.float32), np.zeros(n, np.int32),
                          np.ones(n, np.float16), attrs)
     return FeatureStore.write(path, cells).path
@@ -445,6 +446,11 @@ def test_cli_train_mil_ensemble_writes_the_mean_of_its_seeds(tmp_path, capsys):
     assert all(torch.equal(m[0].cell_head.weight, torch.full((1, 256), 0.01)) for m in members)  # M's, shared
     ens, meta = load_mil(out)
     assert isinstance(ens, MILEnsemble) and meta["seed"] == [5, 6, 7] and meta["best_epoch"] is None
+    assert res.stderr.count("selection rests on") == 1, res.stderr  # the members' shared warning, said once
+    from wsi_vssm.commands.model_info import format_model_info, model_info
+
+    said = format_model_info(model_info(str(out)))  # it said "best epoch None of [3, 3, 3]"
+    assert "best epochs per seed" in said and "None" not in said
     assert meta["train_config"]["seed"] == [5, 6, 7] and "history" not in meta
     x = torch.from_numpy(np.asarray(FeatureStore.open(d / "t01.zarr").features, dtype=np.float32))
     with torch.no_grad():
@@ -533,3 +539,56 @@ def test_cli_an_existing_out_is_warned_about_and_the_stop_message_says_what_is_o
     assert res.exit_code == 0 and len(warned) == 1 and str(tmp_path / "m.pt") in warned[0], res.stderr
     said = _how_to_go_on(["train", "mil"])
     assert "once an epoch had ended" in said and "a file already there is as it was" in said
+
+
+def test_stores_of_other_extract_settings_are_warned_about_and_recorded(tmp_path, capsys):
+    """Stores extracted at 256 px regions and at 2,048 px were mixed without a word (their features differ by a
+    median relative L2 of 0.91), and the head did not record the settings it was trained on."""
+    from conftest import run_cli_captured
+
+    train = [(_store(tmp_path / f"a{i}.zarr", i, i % 2 == 1, region_px=2048, overlap_px=128, min_tissue=0.25),
+              i % 2) for i in range(4)]
+    train.append((_store(tmp_path / "small.zarr", 9, True, region_px=256, overlap_px=128, min_tissue=0.25), 1))
+    valid = [(_store(tmp_path / f"v{i}.zarr", 20 + i, i == 1, region_px=2048, overlap_px=128, min_tissue=0.25), i)
+             for i in range(2)]
+    head = {"weight": torch.full((1, F), 0.5), "bias": torch.tensor([-1.0])}
+    ckpt = tmp_path / "mil.pt"
+    with pytest.warns(UserWarning) as got:
+        train_mil(train, valid, MILTrainConfig(epochs=1), cell_head=head, checkpoint_path=ckpt)
+    said = [str(w.message) for w in got if "different region_px" in str(w.message)]
+    assert len(said) == 1 and "256 (1, e.g. small.zarr), 2048 (6, e.g. a0.zarr)" in said[0]
+    assert not any("different overlap_px" in str(w.message) or "min_tissue" in str(w.message) for w in got)
+    features = torch.load(ckpt, weights_only=True)["metadata"]["features"]
+    assert features["region_px"] == [256, 2048] and features["overlap_px"] == 128
+    code, text, _ = run_cli_captured(["info", ckpt], capsys)
+    assert code == 0 and "regions mixed (256, 2048) px, overlap 128 px, min tissue 0.25" in text
+
+
+def test_slides_without_cells_are_left_out_of_training_and_of_the_split(feature_bags, tmp_path):
+    """An empty bag (no tissue) was counted among the training slides (`train_slides`, the summary line) and
+    could be drawn into validation by the seeded split, so selection rested on fewer slides than announced."""
+    import shutil
+
+    from wsi_vssm.commands.train import command
+
+    d, bags = feature_bags
+    train, valid = _split(bags)
+    empty = _store(tmp_path / "blank.zarr", 9, False, n=0)
+    head = {"weight": torch.full((1, F), 0.5), "bias": torch.tensor([-1.0])}
+    with pytest.warns(UserWarning) as got:
+        _, hist = train_mil([*train, (empty, 0)], valid, MILTrainConfig(epochs=1), cell_head=head)
+    assert "1 training slide(s) have no cells (no tissue found) and are left out of training: blank" in [
+        str(w.message) for w in got]
+    assert "blank" not in hist.metadata["train_slides"] and len(hist.metadata["train_slides"]) == len(train)
+    feat = tmp_path / "feat"
+    shutil.copytree(d, feat)
+    shutil.copytree(empty, feat / "blank.zarr")
+    ref = tmp_path / "reference.csv"
+    ref.write_text("\n".join(f"{n},{y}" for n, (_, y) in sorted(bags.items())) + "\nblank,0\n")
+    res = CliRunner().invoke(command, ["mil", "--features", str(feat), "--labels", str(ref), "--out",
+                                       str(tmp_path / "m.pt"), "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    left = [line for line in res.stderr.splitlines() if "hold no cells" in line]
+    assert len(left) == 1 and left[0].endswith("left out of training and validation: blank"), res.stderr
+    assert "no feature store" not in res.stderr  # it has one: not also called missing
+    assert "12 training and 4 validation slides" in res.stdout  # the 16 with cells, split as before

@@ -83,6 +83,7 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
 
     run, progress = pop_run_options(opts, ctx)
     one_resolution_rule(mpp, fallback_mpp)
+    tasks = slide_tasks(expand_slide_args(slides), progress)  # a bad slide list is refused before the model loads
     try:  # before the model loads: a file in the way failed every slide after its backbone pass
         prepare_folders(out, formats)
     except OSError as e:
@@ -106,6 +107,5 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
     job = extract_job(out, model_file(model), backbone, info, mpp, params, tuple(formats), fallback_mpp)
-    tasks = slide_tasks(expand_slide_args(slides), progress)
     summary = run_slides(tasks, job, run, progress)
     exit_for(summary, len(tasks))

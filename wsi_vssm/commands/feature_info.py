@@ -67,7 +67,8 @@ def feature_info(path: str, kind: str) -> dict:
 
         store = FeatureStore.open(path)  # FeatureStoreError: one line naming the store
         attrs = store.attrs
-        report.update(cells=len(store), features=int(store.features.shape[1]), dtype=str(store.features.dtype))
+        report.update(cells=len(store), features=int(store.features.shape[1]), dtype=str(store.features.dtype),
+                      notes=[])
     elif kind == "h5":
         import h5py
 
@@ -78,19 +79,46 @@ def feature_info(path: str, kind: str) -> dict:
                 feats = f["features"]
                 coords = f.get("coords")
                 attrs = {k: _plain(v) for k, v in f.attrs.items() if k != "wsi_vssm_attrs"}
-                report.update(cells=int(feats.shape[0]), features=int(feats.shape[-1]), dtype=str(feats.dtype),
+                report.update(_cells(tuple(feats.shape)), dtype=str(feats.dtype),
                               coords=None if coords is None else {k: _plain(v) for k, v in coords.attrs.items()})
+                report["notes"] += _coords_notes(coords, report["cells"])
         except OSError as e:
             raise UsageError(f"{path}: cannot read this HDF5 file ({e})") from None
     else:
         t = _tensor(Path(path))
         _load_tensor.cache_clear()  # described: no need to keep the file mapped
         attrs = {}
-        report.update(cells=int(t.shape[0]), features=int(t.shape[-1]) if t.ndim > 1 else None,
-                      dtype=str(t.dtype).removeprefix("torch."))
+        report.update(_cells(tuple(t.shape)), dtype=str(t.dtype).removeprefix("torch."))
+    if report["cells"] == 0:
+        report["notes"].append("no cells: an empty bag (a slide without tissue); `train mil` leaves such slides out "
+                               "and other tools' bag loaders may fail on it")
     keys = ("slide", "model_id", "model_hash", "mpp", "slide_mpp", "token_px", "cell_px0", "package_version")
     report.update({k: attrs.get(k) for k in keys if attrs.get(k) not in (None, "")})
     return report
+
+
+def _cells(shape: tuple) -> dict:
+    """Cells and features of a features array of `shape`: (N, F) as written by CLAM, TRIDENT and us; (1, N, F)
+    (a leading batch axis some tools keep) counts N cells; any other shape is said, not guessed at."""
+    if len(shape) == 2:
+        return {"cells": shape[0], "features": shape[1], "notes": []}
+    if len(shape) == 3 and shape[0] == 1:
+        return {"cells": shape[1], "features": shape[2],
+                "notes": [f"features have shape {list(shape)}: a leading batch axis; bag loaders that expect "
+                          "(cells, features) read it as one cell"]}
+    return {"cells": None, "features": None,
+            "notes": [f"features have shape {list(shape)}, not (cells, features): not a bag of cell features"]}
+
+
+def _coords_notes(coords, cells: int | None) -> list[str]:
+    """What is wrong with an h5 file's `coords` for its `cells`: missing, or not one (x, y) row per cell."""
+    if coords is None:
+        return ["no `coords` dataset: the cells have no positions, so no heatmap or overlay can be drawn from it"]
+    shape = tuple(coords.shape)
+    if cells is not None and shape != (cells, 2):
+        return [f"coords have shape {list(shape)} for {cells} cells: not one (x, y) row per cell, so the positions "
+                "do not match the features"]
+    return []
 
 
 def _plain(value):
@@ -102,7 +130,8 @@ def format_feature_info(r: dict) -> str:
             "h5": "an h5 feature file (`features` and `coords`, as CLAM and TRIDENT read them)",
             "pt": "a pt feature file (one features tensor, as CLAM's pt_files)"}[r["kind"]]
     lines = [f"feature file: {r['path']}", f"kind:         {what}",
-             f"cells:        {r['cells']} x {r['features']} features ({r['dtype']})"]
+             f"cells:        {r['cells']} x {r['features']} features ({r['dtype']})" if r["cells"] is not None
+             else f"cells:        unknown ({r['dtype']})"]
     if r.get("slide") or r.get("model_id"):
         model = f"model {r.get('model_id')} ({str(r.get('model_hash', ''))[:12]})" if r.get("model_id") else ""
         at = f", read at {r['mpp']:g} um/px" if r.get("mpp") else ""
@@ -113,4 +142,5 @@ def format_feature_info(r: dict) -> str:
         lines.append(f"coords:       {', '.join(f'{k} {v}' for k, v in r['coords'].items()) or 'no attributes'}")
     if r["kind"] == "pt":
         lines.append("note:         a pt file holds no coordinates or provenance; its h5 or zarr twin has them")
+    lines += [f"warning:      {n}" for n in r["notes"]]
     return "\n".join(lines)

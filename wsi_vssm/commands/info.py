@@ -74,6 +74,23 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
         report = patch_evaluation_info(slide)
         click.echo(json.dumps(report, indent=2) if as_json else format_patch_evaluation_info(report))
         return
+    from wsi_vssm.commands.log_info import (
+        folder_contents_problem,
+        format_train_log_info,
+        read_train_log,
+        train_log_info,
+    )
+
+    rows = read_train_log(slide)
+    if rows is not None:  # train mil's OUT.log.csv sits beside its checkpoint: what the run did, epoch by epoch
+        report = train_log_info(slide, rows)
+        click.echo(json.dumps(report, indent=2) if as_json else format_train_log_info(report))
+        return
+    problem = folder_contents_problem(slide)
+    if problem:  # train mil's output folder, say: "not an OME-Zarr store" named no way on
+        from wsi_vssm.errors import UsageError
+
+        raise UsageError(problem)
     heatmap = heatmap_info(slide)
     if heatmap is not None:  # our own output: its cells are 31 um, which as a slide would read as "implausible mpp"
         click.echo(json.dumps(heatmap, indent=2) if as_json else format_heatmap_info(heatmap))

@@ -73,9 +73,12 @@ def mil_head_info(path) -> dict | None:
     feats = meta.get("features") if isinstance(meta.get("features"), dict) else {}
     return {
         "path": str(Path(path).absolute()), "kind": "mil_head", "slide_head": slide_head(cfg), "in_dim": cfg.in_dim,
-        "features": {k: feats.get(k) for k in ("model_id", "model_hash", "mpp", "token_px")},
+        "features": {k: feats.get(k) for k in ("model_id", "model_hash", "mpp", "token_px", "region_px",
+                                               "overlap_px", "min_tissue")},
         "train_slides": len(meta.get("train_slides") or []), "valid_slides": len(meta.get("valid_slides") or []),
         "seed": meta.get("seed"), "epochs": meta.get("epochs"), "best_epoch": meta.get("best_epoch"),
+        "member_best_epochs": [m.get("best_epoch") for m in meta.get("members") or [] if isinstance(m, dict)]
+        or None,
         "valid_auc": meta.get("valid_auc"), "trained_cell_head":
             bool((meta.get("train_config") or {}).get("train_cell_head")),
         "date": meta.get("date"), "package_version": meta.get("package_version"),
@@ -95,14 +98,37 @@ def format_mil_head_info(r: dict) -> str:
         + ("; its cell head trained too" if r["trained_cell_head"] else ""),
         f"features:    {r['in_dim']} per cell, of backbone {str(f.get('model_hash') or '?')[:12]} "
         f"({f.get('model_id') or '?'}), {f.get('mpp')} um/px, one cell per {f.get('token_px')} px",
-        f"slides:      {r['train_slides']} trained it, {r['valid_slides']} selected it (best epoch "
-        f"{r['best_epoch']} of {r['epochs']}, valid AUC {'n/a' if auc is None else f'{auc:.3f}'})",
+        *_extract_settings_line(f),
+        f"slides:      {r['train_slides']} trained it, {r['valid_slides']} selected it ({_where_stopped(r)}; "
+        f"valid AUC {'n/a' if auc is None else f'{auc:.3f}'})",
     ]
     if r["date"]:
         lines.append(f"made:        {r['date']} with wsi-vssm {r['package_version'] or '?'}")
     if r["training_incomplete"]:
         lines.append("state:       the best head so far of a training run that has not finished")
     return "\n".join(lines)
+
+
+def _where_stopped(r: dict) -> str:
+    """"best epoch 7 of 12", or for an ensemble (epochs per member, no one best epoch) each member's."""
+    if isinstance(r["epochs"], list):
+        best = r.get("member_best_epochs") or ["?"] * len(r["epochs"])
+        return "best epochs per seed " + ", ".join(f"{b} of {n}" for b, n in zip(best, r["epochs"], strict=False))
+    return f"best epoch {r['best_epoch']} of {r['epochs']}"
+
+
+def _extract_settings_line(f: dict) -> list[str]:
+    """The extract settings of the features a head was trained on; none for a head older than their record."""
+    if f.get("region_px") is None:
+        return []
+
+    def value(key: str) -> str:
+        v = f.get(key)
+        return f"mixed ({', '.join(map(str, v))})" if isinstance(v, list) else str(v)
+
+    return [f"extracted:   regions {value('region_px')} px, overlap {value('overlap_px')} px, min tissue "
+            f"{value('min_tissue')}" + ("; mixed settings: re-extract with one to train on like features"
+                                         if any(isinstance(f.get(k), list) for k in f) else "")]
 
 
 def slide_head(cfg) -> dict:

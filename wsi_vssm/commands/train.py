@@ -90,7 +90,7 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
         _check_backbone(backbone_hash, train + valid, model_file)
     log_path = log_path or out.with_name(out.stem + ".log.csv")
     if ensemble == 1:
-        _, history = _train_one(train, valid, cfg, head, log_path, out)
+        _, history = _train_one(train, valid, cfg, head, log_path, out, set())
         click.echo(f"best epoch {history.best_epoch} of {len(history.rows)}: valid AUC "
                    f"{_auc(history.best_valid_auc)}, valid loss {history.best_valid_loss:.4f} -> {out} "
                    f"(log {log_path})")
@@ -100,11 +100,11 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
     from wsi_vssm.training.ensemble import save_ensemble
     from wsi_vssm.training.mil import Bags
 
-    heads, histories = [], []
+    heads, histories, shown = [], [], set()
     for s in range(seed, seed + ensemble):
         member = _member_path(out, s)
         member_log = _member_path(log_path, s)
-        model, history = _train_one(train, valid, replace(cfg, seed=s), head, member_log, member)
+        model, history = _train_one(train, valid, replace(cfg, seed=s), head, member_log, member, shown)
         heads.append(model)
         histories.append(history)
         click.echo(f"seed {s}: best epoch {history.best_epoch} of {len(history.rows)}: valid AUC "
@@ -123,13 +123,19 @@ def _member_path(path: Path, seed: int) -> Path:
     return path.with_name(f"{name[:len(name) - len(tail)]}-seed{seed}{tail}")
 
 
-def _train_one(train, valid, cfg, head, log_path: Path, out: Path):
-    """One `train_mil` run with the epoch bar, warnings as one line each; (model, history)."""
+def _train_one(train, valid, cfg, head, log_path: Path, out: Path, shown: set):
+    """One `train_mil` run with the epoch bar, warnings as one line each, each once per command (the members
+    of an ensemble see the same data and would repeat them); (model, history)."""
     from wsi_vssm.training.mil import train_mil
+
+    def show(message, *args, **kwargs) -> None:
+        if str(message) not in shown:
+            shown.add(str(message))
+            _show_warning(message)
 
     with _EpochBar(cfg.epochs) as bar, warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = _show_warning  # restored when the block ends
+        warnings.showwarning = show  # restored when the block ends
         return train_mil(train, valid, cfg, cell_head=head, log_path=log_path, checkpoint_path=out,
                          progress=bar.update)
 
@@ -140,7 +146,7 @@ def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_f
     from wsi_vssm.training.mil import stratified_split
 
     cohort = read_cohort(labels, find_slides=False)
-    stores = _stores(features_dir)
+    stores, unusable = _stores(features_dir)
     tables = [labels]
     if valid_labels is not None:  # the command has checked that --valid-fraction is not given too
         vcohort = read_cohort(valid_labels, find_slides=False)
@@ -162,13 +168,13 @@ def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_f
         frac = 0.25 if valid_fraction is None else valid_fraction
         rows = [r for r in cohort.rows if r.split != "test"]
         # checked before the split, which only takes slides with a store: a later check would never see them
-        _check_stores(features_dir, stores, [r.name for r in rows], tables)
+        _check_stores(features_dir, stores, unusable, [r.name for r in rows], tables)
         usable = [r for r in rows if r.name.lower() in stores]
         train_names, valid_names = stratified_split([r.name for r in usable], [r.label for r in usable], frac, seed)
         how = "; ".join([f"seeded stratified split: {frac:g} of each label held out for validation, seed {seed}",
                          *_left_out(cohort, (None, "train", "valid"))])
         return _bags(train_names, cohort.labels(), stores), _bags(valid_names, cohort.labels(), stores), how
-    _check_stores(features_dir, stores, train_names + valid_names, tables)
+    _check_stores(features_dir, stores, unusable, train_names + valid_names, tables)
     train = _bags(train_names, all_labels, stores)
     valid = _bags(valid_names, all_labels, stores)
     return train, valid, how
@@ -197,37 +203,59 @@ def _check_disjoint(train_rows: list, labels: Path, valid_rows: list, valid_labe
                              "list it in one table only")
 
 
-def _stores(features_dir: Path) -> dict[str, Path]:
-    """Slide name (lower case) -> its store; a store whose slide's latest extract did not finish (its state in
-    the folder says failed or running) holds an earlier run's features, maybe of a replaced file: left out, with
-    one warning. A store without a state (copied, or from an older version) is kept."""
+def _stores(features_dir: Path) -> tuple[dict[str, Path], set[str]]:
+    """(slide name (lower case) -> its store, names of the stores left out). Left out, with one warning each
+    kind: a store whose slide's latest extract did not finish (its state in the folder says failed or running)
+    holds an earlier run's features, maybe of a replaced file; a store without cells (no tissue found) is an
+    empty bag, and kept in the split it would count as a slide trained or selected on. A store without a state
+    (copied, or from an older version) is kept."""
+    from wsi_vssm.pipeline.store import FeatureStore, FeatureStoreError
     from wsi_vssm.runs.state import read_state
 
-    stores, stale = {}, []
+    stores, stale, empty = {}, [], []
     for p in sorted(d for d in features_dir.glob("*.zarr") if d.is_dir()):
         name = p.name[: -len(".zarr")]
         state = read_state(features_dir, "extract", name)
         if state is not None and state.get("status") != "done":
             stale.append(f"{name} ({state.get('status')})")
-        else:
-            stores[name.lower()] = p
+            continue
+        try:
+            if len(FeatureStore.open(p)) == 0:
+                empty.append(name)
+                continue
+        except FeatureStoreError:
+            pass  # kept: training names the damaged store in one line
+        stores[name.lower()] = p
     if stale:
         click.echo(f"wsi-vssm: warning: {len(stale)} feature store(s) in {features_dir} are left out: the latest "
                    f"extract of their slide did not finish, so they hold an earlier run's features: "
-                   f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}; extract them again", err=True)
-    return stores
+                   f"{_first(stale)}; extract them again", err=True)
+    if empty:
+        click.echo(f"wsi-vssm: warning: {len(empty)} feature store(s) in {features_dir} hold no cells (no tissue "
+                   f"found) and are left out of training and validation: {_first(empty)}", err=True)
+    return stores, {n.split(" (")[0].lower() for n in stale} | {n.lower() for n in empty}
+
+
+def _first(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 _WHAT_A_STORE_IS = "feature stores are <slide>.zarr folders, made by `wsi-vssm extract SLIDE... --model M --out DIR`"
 
 
-def _check_stores(features_dir: Path, stores: dict[str, Path], names: list[str], tables: list[Path]) -> None:
-    """A --features folder with no store, or none for the labelled slides: one line. Labelled slides without a
-    store: one warning (how many, the first few), since they are left out of training and validation."""
+def _check_stores(features_dir: Path, stores: dict[str, Path], unusable: set[str], names: list[str],
+                  tables: list[Path]) -> None:
+    """A --features folder with no usable store, or none for the labelled slides: one line. Labelled slides
+    without a store: one warning (how many, the first few), since they are left out of training and validation
+    (those `_stores` left out have had theirs)."""
     from wsi_vssm.errors import UsageError
 
     if not stores:
+        if unusable:
+            raise UsageError(f"--features {features_dir}: holds no usable feature stores (all {len(unusable)} are "
+                             "left out, as said above)")
         raise UsageError(f"--features {features_dir}: holds no feature stores ({_WHAT_A_STORE_IS})")
+    names = [n for n in names if n.lower() not in unusable]
     missing = [n for n in names if n.lower() not in stores]
     if missing and len(missing) == len(names):
         found = ", ".join(sorted(stores)[:3]) + (", ..." if len(stores) > 3 else "")
@@ -258,7 +286,7 @@ def _auc(value: float) -> str:
     return "undefined" if math.isnan(value) else f"{value:.4f}"
 
 
-def _show_warning(message, category, *args, **kwargs) -> None:
+def _show_warning(message, *args, **kwargs) -> None:
     click.echo(f"wsi-vssm: warning: {' '.join(str(message).split())}", err=True)
 
 

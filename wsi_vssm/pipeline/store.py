@@ -9,11 +9,24 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.errors import WsiVssmError, one_line
-from wsi_vssm.outputs.files import ALL_CHUNKS, missing_chunks
+from wsi_vssm.outputs.files import ALL_CHUNKS, missing_chunks, zarr_root_attrs
 
 STORE_FORMAT = "wsi-vssm-features/1"
 ARRAYS = ("features", "coords_px", "coords_um", "region_id", "tissue")
 COMPLETE_ATTR = ALL_CHUNKS  # stores that hold every chunk say so (outputs.files)
+
+
+def is_feature_store(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder holding a feature store (by its root attributes; nothing is opened)."""
+    p = Path(path)
+    return p.is_dir() and (zarr_root_attrs(p) or {}).get("format") == STORE_FORMAT
+
+
+def holds_feature_stores(path: str | os.PathLike) -> bool:
+    """Whether folder `path` is an `extract --out` folder: feature stores, or its h5_files / pt_files folders."""
+    p = Path(path)
+    return p.is_dir() and (any(is_feature_store(c) for c in p.glob("*.zarr"))
+                           or (p / "h5_files").is_dir() or (p / "pt_files").is_dir())
 
 
 class FeatureStoreError(WsiVssmError):

@@ -326,10 +326,11 @@ def read_slide_list(path: str | os.PathLike) -> list[tuple[str, float | None]]:
 
 def _is_slide_entry(f: Path) -> bool:
     low = f.name.lower()
-    if f.is_dir():  # an OME-Zarr slide; not a wsi-vssm heatmap (a prediction folder given as a folder of slides)
+    if f.is_dir():  # an OME-Zarr slide; not a wsi-vssm heatmap or feature store (an output folder given as slides)
         from wsi_vssm.outputs.files import is_heatmap_zarr
+        from wsi_vssm.pipeline.store import is_feature_store
 
-        return low.endswith(".zarr") and is_zarr_dir(f) and not is_heatmap_zarr(f)
+        return low.endswith(".zarr") and is_zarr_dir(f) and not is_heatmap_zarr(f) and not is_feature_store(f)
     return low.endswith(SLIDE_SUFFIXES) and f.is_file()
 
 

@@ -215,6 +215,11 @@ class ExtractJob(PerSlideMpp):
         for fmt in self.formats:
             write_feature_file(self.target(task.name, fmt), cells, fmt)
         self._warn_left_over(task.name)
+        if len(cells) == 0:  # CLAM-style loaders fail later on an empty bag, far from the cause: say it here
+            warnings.warn(f"{task.path}: no cells (no tissue found, or no cell reaches min_tissue "
+                          f"{self.extract_params['min_tissue']:g}): its feature files hold an empty bag, which "
+                          "`train mil` leaves out and bag loaders of other tools may fail on", UserWarning,
+                          stacklevel=2)
         return {"n_cells": len(cells), "n_regions": len(set(cells.region_id.tolist())),
                 "mpp_source": slide.mpp_source, "timings": {"extract": t_extract, "write": time.perf_counter() - t}}
 

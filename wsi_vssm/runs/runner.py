@@ -115,10 +115,12 @@ def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progr
 
 
 def _not_a_slide_folder(path: str) -> str | None:
-    """Why a folder given as a slide is none (an OME-Zarr slide is one): a wsi-vssm heatmap, or a folder whose
-    slides lie deeper (one slide per sub-folder, as GDC downloads are: folders given are searched one level)."""
+    """Why a folder given as a slide is none (an OME-Zarr slide is one): a wsi-vssm heatmap or feature store,
+    a folder of them, or a folder whose slides lie deeper (one slide per sub-folder, as GDC downloads are:
+    folders given are searched one level)."""
     from wsi_vssm.io.formats import is_zarr_dir
     from wsi_vssm.outputs.files import is_heatmap_zarr
+    from wsi_vssm.pipeline.store import holds_feature_stores, is_feature_store
 
     p = Path(path)
     if not p.is_dir():
@@ -126,6 +128,12 @@ def _not_a_slide_folder(path: str) -> str | None:
     what = "heatmap" if is_heatmap_zarr(p) else "prediction folder" if (p / "prediction.json").is_file() else None
     if what:
         return f"a wsi-vssm {what} (an output of predict), not a slide: give the slide it was computed from"
+    if is_feature_store(p):
+        return ("a wsi-vssm feature store (an output of extract), not a slide: give the slide it was computed from "
+                "(`train mil --features` reads feature stores)")
+    if holds_feature_stores(p):
+        return ("a folder of wsi-vssm feature files (an output of extract), not of slides: give the slides they "
+                "were computed from (`train mil --features` reads this folder)")
     if is_zarr_dir(p):
         return None
     return (f"a folder with no slide files directly in it, and not an OME-Zarr store (sub-folders are not searched: "

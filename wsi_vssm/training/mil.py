@@ -22,13 +22,12 @@ import numpy as np
 
 from wsi_vssm.errors import UsageError
 from wsi_vssm.outputs.report import roc_auc_or_nan  # the cohort report's AUC: training and reports agree
-from wsi_vssm.pipeline.store import FeatureStore
+from wsi_vssm.training.mil_bags import FEATURE_KEYS, Bag, Bags, check_compatible  # noqa: F401  (re-exported)
 
 MIL_FORMAT = "wsi-vssm-mil/1"
 POOL_LAYERS = ("topk_affine.", "count_affine.")  # a pool's own slide map: never taken from another pool's head
 COUNT_L2 = 1e-3
 LOG_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_auc", "seconds", "best")
-FEATURE_KEYS = ("model_id", "model_hash", "mpp", "token_px", "n_features")  # must agree across stores
 
 
 @dataclass
@@ -80,55 +79,6 @@ class TrainHistory:
     metadata: dict = field(default_factory=dict)
 
 
-Bag = tuple[str | os.PathLike | FeatureStore, int]
-
-
-# ---- data -------------------------------------------------------------------------------------------------
-class Bags:
-    """Feature stores with their labels; features read once and kept when they fit in the cache budget."""
-
-    def __init__(self, bags: Sequence[Bag], cache_mb: float):
-        self.stores = [b if isinstance(b, FeatureStore) else FeatureStore.open(b) for b, _ in bags]
-        self.labels = [_label(y, s) for (_, y), s in zip(bags, self.stores, strict=True)]
-        total = sum(len(s) * int(s.attrs.get("n_features", 0)) * 2 for s in self.stores) / 2**20
-        self._cache: dict[int, np.ndarray] | None = {} if total <= cache_mb else None
-
-    def __len__(self) -> int:
-        return len(self.stores)
-
-    def names(self) -> list[str]:
-        return [s.name for s in self.stores]
-
-    def features(self, i: int) -> np.ndarray:
-        if self._cache is not None and i in self._cache:
-            return self._cache[i]
-        f = self.stores[i].read_features()
-        if self._cache is not None:
-            self._cache[i] = f
-        return f
-
-
-def _label(y, store: FeatureStore) -> int:
-    if isinstance(y, (bool, np.bool_)) or y not in (0, 1):
-        raise UsageError(f"{store.path}: slide label must be 0 or 1, got {y!r}")
-    return int(y)
-
-
-def check_compatible(stores: Sequence[FeatureStore]) -> dict:
-    """The feature attrs all stores share (FEATURE_KEYS); a store from another backbone is a clear error."""
-    if not stores:
-        raise UsageError("no feature stores given")
-    ref = stores[0]
-    for s in stores[1:]:
-        for key in FEATURE_KEYS:
-            if s.attrs.get(key) != ref.attrs.get(key):
-                raise UsageError(
-                    f"{s.path}: made with {key}={s.attrs.get(key)!r}, but {ref.path} with {ref.attrs.get(key)!r}; "
-                    "features from different backbones or settings cannot be mixed (re-extract them)"
-                )
-    return {k: ref.attrs.get(k) for k in FEATURE_KEYS}
-
-
 # ---- training ---------------------------------------------------------------------------------------------
 def train_mil(
     train_stores: Sequence[Bag],
@@ -154,8 +104,8 @@ def train_mil(
     from wsi_vssm.models.mil import AttentionMIL, MILConfig
 
     cfg = cfg or MILTrainConfig()
-    train = Bags(train_stores, cfg.cache_mb)
-    valid = _without_cell_less(Bags(valid_stores, cfg.cache_mb), cfg.cache_mb)
+    train = _without_cell_less(Bags(train_stores, cfg.cache_mb), cfg.cache_mb, "training")
+    valid = _without_cell_less(Bags(valid_stores, cfg.cache_mb), cfg.cache_mb, "validation")
     _check_splits(train, valid)
     feature_attrs = check_compatible(train.stores + valid.stores)
     torch.manual_seed(cfg.seed)
@@ -224,15 +174,11 @@ def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, featur
     model.eval()
     x, y = [], []
     with torch.no_grad():
-        for i in range(len(train)):
-            feats = train.features(i)
-            if len(feats):
-                f = torch.from_numpy(np.asarray(feats, np.float32)).to(cfg.device)
-                logits = model.cell_head(f).squeeze(-1)[None]
-                x.append(count_stats(logits, None, model.config.count_threshold)[0].cpu())
-                y.append(float(train.labels[i]))
-    if not x:
-        raise UsageError("no training slide has cells: the count head has nothing to count")
+        for i in range(len(train)):  # every bag has cells (train_mil left out those without)
+            f = torch.from_numpy(np.asarray(train.features(i), np.float32)).to(cfg.device)
+            logits = model.cell_head(f).squeeze(-1)[None]
+            x.append(count_stats(logits, None, model.config.count_threshold)[0].cpu())
+            y.append(float(train.labels[i]))
     x, y = torch.stack(x).double(), torch.tensor(y, dtype=torch.float64)
     w = model.count_affine.weight.detach()[0].double().cpu().clone().requires_grad_(True)  # its initial map
     b = model.count_affine.bias.detach()[0].double().cpu().clone().requires_grad_(True)
@@ -264,15 +210,16 @@ def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, featur
     return model.eval(), history
 
 
-def _without_cell_less(bags: Bags, cache_mb: float) -> Bags:
+def _without_cell_less(bags: Bags, cache_mb: float, role: str) -> Bags:
     """`bags` less those without cells (a slide with no tissue found), with one warning naming them: such a bag
-    has no slide logit, and left in it would silently take a class out of the AUC (or all of it)."""
+    has no slide logit (left in validation it would silently take a class out of the AUC), and in training it
+    carries no evidence but would be counted among the slides the head was trained on."""
     empty = [s.name for s in bags.stores if len(s) == 0]
     if not empty:
         return bags
     shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-    warnings.warn(f"{len(empty)} validation slide(s) have no cells (no tissue found) and are left out of "
-                  f"validation: {shown}", stacklevel=3)
+    warnings.warn(f"{len(empty)} {role} slide(s) have no cells (no tissue found) and are left out of "
+                  f"{role}: {shown}", stacklevel=3)
     return Bags([(s, y) for s, y in zip(bags.stores, bags.labels, strict=True) if len(s)], cache_mb)
 
 
@@ -281,7 +228,7 @@ SMALL_VALID_CLASS = 10  # validation slides of a class under which selection is 
 
 def _check_splits(train: Bags, valid: Bags) -> None:
     if len(train) == 0:
-        raise UsageError("no training slides")
+        raise UsageError("no training slides (with cells)")
     if len(valid) == 0:
         raise UsageError("no validation slides (with cells): model selection needs a validation split apart from "
                          "training")
@@ -321,9 +268,7 @@ def _train_epoch(model, opt, bags: Bags, cfg: MILTrainConfig, rng: np.random.Gen
     model.train()
     losses = []
     for i in rng.permutation(len(bags)):
-        feats = bags.features(int(i))
-        if len(feats) == 0:
-            continue  # a slide without tissue cells carries no evidence
+        feats = bags.features(int(i))  # never empty: train_mil left out bags without cells
         if cfg.max_cells is not None and len(feats) > cfg.max_cells:
             feats = feats[np.sort(rng.choice(len(feats), cfg.max_cells, replace=False))]
         x = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(cfg.device)  # (N, F)
