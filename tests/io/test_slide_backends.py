@@ -267,6 +267,10 @@ def test_user_mpp_overrides_a_stated_one_with_a_warning(tiff_path):
         s = open_slide(tiff_path, mpp=0.25)
     assert (s.mpp, s.mpp_source) == (0.25, "user")
     assert s.read(0, 0, 100, 100, 0.5).shape == (50, 50, 3)  # the override drives resolution-aware reads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the stated value given again (a slide list filled from the files): silent
+        s = open_slide(tiff_path, mpp=0.501)
+    assert (s.mpp, s.mpp_source) == (0.501, "user")
 
 
 def test_fallback_mpp_fills_only_a_missing_or_estimated_resolution(tmp_path, tiff_path, levels):

@@ -326,3 +326,17 @@ def test_a_slide_list_without_a_path_column_or_rows_is_one_line(model_file, tmp_
                           "bad.csv, line 2")
     bad.write_text("path\n/abs/a.tif\nsub/b.svs\n")
     assert read_slide_list(bad) == [("/abs/a.tif", None), (str(tmp_path / "sub" / "b.svs"), None)]
+
+
+def test_a_slide_list_row_that_restates_or_contradicts_a_resolution(mixed, model_file, tmp_path, capsys):
+    """A list naming one file twice with different mpp values kept the first row with only the "given twice"
+    note; and an mpp column filled from the files (the stated value again) warned of an override per slide."""
+    listing = tmp_path / "list.csv"
+    listing.write_text("wsi,mpp\nslides/bare.tif,2.0\nslides/bare.tif,2.5\nslides/stated.tif,2.0\n")
+    code, _, err = run_cli_captured(["predict", listing, "--out", tmp_path / "out", "--model", model_file, *FAST],
+                                    capsys)
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "given twice" in line]
+    assert len(said) == 1 and "warning" in said[0] and "different mpp (2 um/px and 2.5 um/px)" in said[0], err
+    assert "with the first: 2 um/px" in said[0] and _mpp(tmp_path / "out", "bare") == (2.0, "user")
+    assert "using the given" not in err  # stated.tif states 2 um/px itself

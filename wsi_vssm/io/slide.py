@@ -227,11 +227,16 @@ def _openslide_detects(path: Path) -> bool:
         return False
 
 
+SAME_MPP = 0.005  # a given mpp within this fraction of the stated one agrees with it: no override warning
+
+
 def _settle_mpp(reader: SlideReader, mpp: float | None, fallback_mpp: float | None = None) -> None:
     if mpp is None and fallback_mpp is not None and (reader.mpp is None or reader.mpp_source == "objective-power"):
         reader.set_mpp(fallback_mpp, "fallback")  # the user's value for files that store none: no warning
     elif mpp is not None:
-        if reader.mpp is not None and reader.mpp_source != "objective-power":
+        stated = reader.mpp is not None and reader.mpp_source != "objective-power"
+        # the same value given again (a slide list's mpp column filled from the files, say) is no override
+        if stated and abs(reader.mpp - mpp) > SAME_MPP * mpp:
             warnings.warn(
                 f"{reader.path}: the file states {reader.mpp:.4g} um/px ({reader.mpp_source}); "
                 f"using the given {mpp:.4g} um/px instead",

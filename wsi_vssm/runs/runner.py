@@ -105,13 +105,21 @@ def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progr
         except OSError:  # missing and unreadable paths fail in the run, with their reason
             key = None
         if key is not None and key in first:
-            if progress is not None:
-                progress.info(f"{path}: given twice (also as {first[key]}); analysed once")
+            kept_path, kept_mpp = first[key]
+            if progress is not None and kept_mpp != mpp:  # two slide-list rows that disagree: not a harmless repeat
+                progress.warn(f"{path}: given twice with different mpp ({_mpp_text(kept_mpp)} and "
+                              f"{_mpp_text(mpp)}); analysed once, with the first: {_mpp_text(kept_mpp)}")
+            elif progress is not None:
+                progress.info(f"{path}: given twice (also as {kept_path}); analysed once")
             continue
         if key is not None:
-            first[key] = path
+            first[key] = (path, mpp)
         tasks.append(SlideTask(name, path, mpp=mpp))
     return tasks
+
+
+def _mpp_text(mpp: float | None) -> str:
+    return "none given" if mpp is None else f"{mpp:g} um/px"
 
 
 def _not_a_slide_folder(path: str) -> str | None:
