@@ -275,3 +275,12 @@ def test_extract_warns_of_a_slide_without_cells(tmp_path):
         assert f["features"].shape[0] == 0
     warned = [line for line in res.stderr.splitlines() if "no cells" in line]
     assert len(warned) == 1 and str(blank) in warned[0] and "empty bag" in warned[0]
+
+
+def test_a_store_records_its_slide_by_absolute_path(tmp_path, monkeypatch):
+    """`extract s1.tif` from the slide's folder recorded `slide_path: "s1.tif"`, which names nothing once the
+    store is read from anywhere else (train mil's folder, another machine's mount)."""
+    _slide(tmp_path / "s1.tif")
+    monkeypatch.chdir(tmp_path)
+    assert _extract("s1.tif", "--out", "feat").exit_code == 0
+    assert FeatureStore.open(tmp_path / "feat" / "s1.zarr").attrs["slide_path"] == str(tmp_path / "s1.tif")

@@ -375,7 +375,8 @@ def _attrs(slide, grid, token_px: int, min_tissue: float, info: BackboneInfo | N
     return {
         "format": STORE_FORMAT,
         "slide": slide.name,
-        "slide_path": None if slide.path is None else os.fspath(slide.path),
+        # absolute: a relative path means nothing once the store is read from another folder
+        "slide_path": None if slide.path is None else os.path.abspath(slide.path),
         "dims": list(slide.dimensions),
         "slide_mpp": float(slide.mpp),
         "mpp": float(grid.mpp),
