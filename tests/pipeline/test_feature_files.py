@@ -284,3 +284,28 @@ def test_a_store_records_its_slide_by_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert _extract("s1.tif", "--out", "feat").exit_code == 0
     assert FeatureStore.open(tmp_path / "feat" / "s1.zarr").attrs["slide_path"] == str(tmp_path / "s1.tif")
+
+
+def test_info_out_flags_slides_extracted_with_different_settings(tmp_path, capsys):
+    """A folder filled by two extract runs of other regions was listed as all done, alike; train mil then mixed
+    them (it warns since 2026-12-06), and a folder of two models' stores was found only when training refused."""
+    import json
+
+    from conftest import run_cli_captured
+
+    from wsi_vssm.commands.extract import command
+
+    out = tmp_path / "feat"
+    for name, region in (("s1", "256"), ("s2", "128")):
+        args = [str(_slide(tmp_path / f"{name}.tif")), "--out", str(out), *ARGS[:-6], "--region-px", region,
+                "--overlap-px", "64", "--min-tissue", "0", "--device", "cpu"]
+        assert CliRunner().invoke(command, args).exit_code == 0
+    code, text, _ = run_cli_captured(["info", out], capsys)
+    said = [line for line in text.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(said) == 1 and "different region_px: 128 (1), 256 (1)" in said[0], text
+    code, text, _ = run_cli_captured(["info", "--json", out], capsys)
+    assert json.loads(text)["mixed_settings"] == {"region_px": {"128": 1, "256": 1}}
+    assert _extract(_slide(tmp_path / "s3.tif"), "--out", tmp_path / "alike").exit_code == 0
+    assert _extract(_slide(tmp_path / "s4.tif"), "--out", tmp_path / "alike").exit_code == 0
+    code, text, _ = run_cli_captured(["info", tmp_path / "alike"], capsys)
+    assert code == 0 and "warning" not in text

@@ -13,6 +13,9 @@ from wsi_vssm.outputs.files import METRICS_JSON, PREDICTION_JSON, PREDICTIONS_CS
 from wsi_vssm.runs.state import STATE_DIR, describe_holder, live_lock
 
 KINDS = ("predict", "extract")  # the jobs that keep a state per slide (evaluate's slides are predict's)
+# extract settings that make the stores of one folder unlike: `train mil` refuses the first three mixed and
+# warns about the others (training.mil_bags)
+EXTRACT_SETTINGS = ("model_hash", "mpp", "token_px", "region_px", "overlap_px", "min_tissue", "precision")
 
 
 def is_output_folder(path: str) -> bool:
@@ -37,7 +40,22 @@ def output_info(path: str) -> dict:
             slides.append(entry)
             key = f"{kind} {entry['status']}"
             counts[key] = counts.get(key, 0) + 1
-    return {"folder": str(out), "slides": slides, "counts": counts}
+    return {"folder": str(out), "slides": slides, "counts": counts, "mixed_settings": _mixed_settings(slides)}
+
+
+def _mixed_settings(slides: list[dict]) -> dict:
+    """{setting: {value: slides}} for each EXTRACT_SETTINGS value that differs among the folder's finished
+    extract slides (a folder filled by runs with other models or regions); {} when they agree."""
+    mixed = {}
+    for key in EXTRACT_SETTINGS:
+        values: dict = {}
+        for s in slides:
+            if s["kind"] == "extract" and s["status"] == "done" and s.get("settings"):
+                value = s["settings"].get(key)
+                values[str(value)] = values.get(str(value), 0) + 1
+        if len(values) > 1:
+            mixed[key] = values
+    return mixed
 
 
 def _has_outputs(out: Path, name: str, kind: str) -> bool:
@@ -67,9 +85,10 @@ def _entry(file: Path, kind: str) -> dict:
         if not (isinstance(state.get("slide", name), str) and isinstance(state.get("status", ""), str)
                 and in_domain in (True, False, None) and isinstance(error, str | None)):
             raise ValueError("a field of the wrong type")
-        formats = None
+        formats, settings = None, None
         if kind == "extract":  # which files the slide's features went to (`extract --format`; zarr before it)
             formats = (state.get("params") or {}).get("formats", ["zarr"])
+            settings = {k: (state.get("params") or {}).get(k) for k in EXTRACT_SETTINGS}
             if not (isinstance(formats, list) and all(isinstance(f, str) for f in formats)):
                 raise ValueError("a field of the wrong type")
         source, given = result.get("mpp_source"), None
@@ -83,11 +102,12 @@ def _entry(file: Path, kind: str) -> dict:
                 "probability": probability, "call": call, "in_domain": in_domain,
                 "n_cells": result.get("n_cells"), "error": error, "formats": formats,
                 "path": state.get("path"), "finished": state.get("finished"), "mpp_given": given,
-                "earlier_outputs": False}
+                "earlier_outputs": False, "settings": settings}
     except (OSError, ValueError, TypeError, AttributeError, OverflowError) as err:  # damaged or foreign: said
         return {"slide": name, "kind": kind, "status": "unreadable", "probability": None, "call": None,
                 "in_domain": None, "n_cells": None, "error": f"{file}: cannot read this state: {err}",
-                "formats": None, "path": None, "finished": None, "mpp_given": None, "earlier_outputs": False}
+                "formats": None, "path": None, "finished": None, "mpp_given": None, "earlier_outputs": False,
+                "settings": None}
 
 
 def format_output_info(r: dict) -> str:
@@ -108,7 +128,16 @@ def format_output_info(r: dict) -> str:
                      " (an earlier run's feature files of it are still there)")
         kind = "" if s["kind"] == "predict" else f" ({s['kind']})"
         lines.append(f"  {s['slide']}{kind}: {s['status']}{': ' + what if what else ''}")
+    for key, values in r["mixed_settings"].items():
+        shown = ", ".join(f"{_short(key, v)} ({n})" for v, n in sorted(values.items()))
+        lines.append(f"warning: its slides were extracted with different {key}: {shown}; train mil refuses "
+                     "features of different models, resolutions or cell sizes together and warns about other "
+                     "settings: extract the odd ones again")
     return "\n".join(lines)
+
+
+def _short(key: str, value: str) -> str:
+    return value[:12] if key == "model_hash" else value
 
 
 def is_patch_evaluation(path: str) -> bool:
