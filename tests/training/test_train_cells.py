@@ -859,7 +859,8 @@ def test_an_attached_mil_head_says_which_slides_trained_it(tmp_path):
     base = save_model(SlideModel.create("micro", name="dense").eval(), tmp_path / "base.pt")
     head = SlideModel.create("micro").mil
     sd = {k: v for k, v in head.state_dict().items() if not k.startswith("cell_head.")}
-    meta = {"train_slides": ["t1", "t2"], "valid_slides": ["v1"], "best_epoch": 3, "valid_auc": 0.75}
+    meta = {"train_slides": ["t1", "t2"], "valid_slides": ["v1"], "best_epoch": 3, "valid_auc": 0.75,
+            "features": {"model_id": "dense", "region_px": 2048, "overlap_px": 128, "min_tissue": 0.25}}
     torch.save({"format": "wsi-vssm-mil/1", "mil_config": head.config.to_dict(), "state_dict": sd,
                 "metadata": meta}, tmp_path / "mil.pt")
     res = CliRunner().invoke(command, [str(REPO / "pipelines" / "default.toml"), "--out", str(tmp_path / "run"),
@@ -873,6 +874,12 @@ def test_an_attached_mil_head_says_which_slides_trained_it(tmp_path):
     # hashes in every output tell the two models apart
     assert model.name == "dense" and stage["checkpoint"] == str(tmp_path / "mil.pt")
     assert (stage["train_slides"], stage["valid_slides"], stage["best_epoch"]) == (["t1", "t2"], ["v1"], 3)
+    from wsi_vssm.commands.model_info import format_model_info, model_info
+
+    said = format_model_info(model_info(str(tmp_path / "run" / "model.pt")))  # `info` told none of it
+    assert f"head from:   {tmp_path / 'mil.pt'} (`train mil`): 2 slides trained it, 1 selected it (best epoch 3, " \
+           "valid AUC 0.750)" in said
+    assert "head extract: regions 2048 px, overlap 128 px, min tissue 0.25" in said
 
 
 def test_sets_a_cell_model_cannot_learn_from_are_refused_before_the_first_epoch(tmp_path):

@@ -49,7 +49,20 @@ def model_info(path: str) -> dict:
         "package_version": meta.get("package_version"),
         "training_incomplete": bool(meta.get("training_incomplete")),
         "patch_fingerprints": known or None,  # distinct patches known by their files: evaluate warns of them
+        "attached_head": _attached_head(meta.get("mil_stage")),
     }
+
+
+def _attached_head(stage) -> dict | None:
+    """Where a slide head attached from a `train mil` checkpoint (`run ... attach_mil`) came from, as the model's
+    metadata records it: the checkpoint, its slides, where selection stopped, the features' extract settings."""
+    if not isinstance(stage, dict) or stage.get("method") != "attached MIL checkpoint":
+        return None
+    feats = stage.get("features") if isinstance(stage.get("features"), dict) else {}
+    return {"checkpoint": stage.get("checkpoint"), "train_slides": len(stage.get("train_slides") or []),
+            "valid_slides": len(stage.get("valid_slides") or []), "best_epoch": stage.get("best_epoch"),
+            "valid_auc": stage.get("valid_auc"),
+            "features": {k: feats.get(k) for k in ("region_px", "overlap_px", "min_tissue")}}
 
 
 def mil_head_info(path) -> dict | None:
@@ -117,7 +130,7 @@ def _where_stopped(r: dict) -> str:
     return f"best epoch {r['best_epoch']} of {r['epochs']}"
 
 
-def _extract_settings_line(f: dict) -> list[str]:
+def _extract_settings_line(f: dict, label: str = "extracted:   ") -> list[str]:
     """The extract settings of the features a head was trained on; none for a head older than their record."""
     if f.get("region_px") is None:
         return []
@@ -126,7 +139,7 @@ def _extract_settings_line(f: dict) -> list[str]:
         v = f.get(key)
         return f"mixed ({', '.join(map(str, v))})" if isinstance(v, list) else str(v)
 
-    return [f"extracted:   regions {value('region_px')} px, overlap {value('overlap_px')} px, min tissue "
+    return [f"{label}regions {value('region_px')} px, overlap {value('overlap_px')} px, min tissue "
             f"{value('min_tissue')}" + ("; mixed settings: re-extract with one to train on like features"
                                          if any(isinstance(f.get(k), list) for k in f) else "")]
 
@@ -155,6 +168,13 @@ def format_model_info(r: dict) -> str:
     ]
     for part, d in r["trained_on"].items():
         lines.append(f"{PART_NAMES[part] + ':':<13}{d.get('source', '?')} ({d.get('n', '?')} patches)")
+    head = r.get("attached_head")
+    if head:  # the slide head did not come from those patches: say where it did
+        auc = head["valid_auc"]
+        lines.append(f"head from:   {head['checkpoint']} (`train mil`): {head['train_slides']} slides trained it, "
+                     f"{head['valid_slides']} selected it (best epoch {head['best_epoch']}, valid AUC "
+                     f"{'n/a' if not isinstance(auc, float | int) else f'{auc:.3f}'})")
+        lines += _extract_settings_line(head["features"], "head extract: ")
     if r["patch_fingerprints"]:
         fp = r["patch_fingerprints"]
         lines.append(f"remembers:   {fp.get('train', 0)} training and {fp.get('select', 0)} selection patch files "

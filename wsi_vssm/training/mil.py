@@ -343,11 +343,12 @@ def _metadata(cfg: MILTrainConfig, train: Bags, valid: Bags, feature_attrs: dict
 
 def mil_provenance(path: str | os.PathLike) -> dict:
     """From a MIL checkpoint's metadata (`_metadata`), what a reader of a model it is attached to needs to rule
-    out leakage: the slides that trained and selected the head, and where selection stopped."""
+    out leakage: the slides that trained and selected the head, and where selection stopped; and the features'
+    extract settings (`features`), which predict should match."""
     from wsi_vssm.models.checkpoint import read_checkpoint
 
     meta = read_checkpoint(path).get("metadata") or {}
-    return {k: meta[k] for k in ("train_slides", "valid_slides", "best_epoch", "valid_auc") if k in meta}
+    return {k: meta[k] for k in ("train_slides", "valid_slides", "best_epoch", "valid_auc", "features") if k in meta}
 
 
 def _final_metadata(h: TrainHistory) -> dict:
