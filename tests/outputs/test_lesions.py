@@ -206,6 +206,9 @@ def test_cohort_lesions_table_holds_every_slide_s_rows_with_its_name(tmp_path):
     want = [[name, *line.split(",")] for name, t in tables.items() for line in t.read_text().splitlines()[1:]]
     assert rows[1:] == want and [r[0] for r in rows[1:]] == ["a, b"] * 2 + ["e"] * 2  # c"d: no lesion
     assert [p.name for p in path.parent.iterdir()] == ["lesions.csv"]  # written atomically
+    write_cohort_lesions_csv(path, [("=HYPERLINK(1)", tables["a, b"])])  # as predictions.csv writes the name
+    with open(path, newline="", encoding="utf-8") as f:
+        assert [r[0] for r in csv.reader(f)][1:] == ["'=HYPERLINK(1)"] * 2  # it was the raw formula
 
 
 def test_extent_threshold_grows_seeded_lesions_only():

@@ -383,3 +383,43 @@ def test_a_one_class_patch_folder_and_a_tar_are_named_for_what_they_are(tmp_path
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(CohortError, match=r"bin\.csv: cannot read the table: not UTF-8 text"):
         read_cohort(tmp_path / "bin.csv")
+
+
+def test_a_name_table_stays_one_when_folders_of_its_names_lie_beside_it(tmp_path):
+    """`evaluate COHORT --out COHORT` writes a folder per slide beside reference.csv; the rerun then took the
+    table for a manifest of paths (a folder `tumor_001` "exists") and failed every slide as "a prediction folder,
+    not a slide". A CLAM patch folder per slide did the same."""
+    for name in ("tumor_001", "normal_001"):
+        _touch(tmp_path / f"{name}.tif")
+        (tmp_path / name).mkdir()  # predict's output folder, or a patch folder, named like the slide
+    (tmp_path / "tumor_001" / "prediction.json").write_text("{}")
+    (tmp_path / "reference.csv").write_text("slide,label\ntumor_001,tumor\nnormal_001,normal\n")
+    c = read_cohort(tmp_path)
+    assert c.layout == "camelyon" and all(r.ok for r in c.rows)
+    assert [r.path for r in c.rows] == [tmp_path / "tumor_001.tif", tmp_path / "normal_001.tif"]
+
+
+def test_clams_dataset_csv_and_its_labels_are_read(tmp_path):
+    """CLAM's `case_id,slide_id,label` table was refused: its header was read as a data row ("label 'slide_id'
+    is not one of 0, 1, ..."); its example labels and pandas' 1.0 were refused too."""
+    for name in ("s1", "s2", "s3"):
+        _touch(tmp_path / "slides" / f"{name}.svs")
+    csv = tmp_path / "slides" / "tumor_vs_normal.csv"
+    csv.write_text("case_id,slide_id,label\npatient_0,s1,tumor_tissue\npatient_0,s2,normal_tissue\n"
+                   "patient_1,s3,1.0\n")
+    c = read_cohort(csv)
+    assert [(r.name, r.label, r.ok) for r in c.rows] == [("s1", 1, True), ("s2", 0, True), ("s3", 1, True)]
+
+
+def test_two_files_of_one_name_in_a_manifest_are_named_as_such(tmp_path):
+    """`a/s1.tif` and `b/s1.tif` were called "slide 's1' is listed again": the docs promise the real problem
+    (two files whose outputs would collide; rename one)."""
+    _touch(tmp_path / "a" / "s1.tif")
+    _touch(tmp_path / "b" / "s1.tif")
+    (tmp_path / "m.csv").write_text("slide,label\na/s1.tif,1\nb/s1.tif,0\n")
+    with pytest.raises(CohortError, match=r"line 3: .*b/s1.tif and .*a/s1.tif \(line 2\) are different files of "
+                                          r"one slide name 's1'.*rename one"):
+        read_cohort(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text("slide,label\na/s1.tif,1\n./a/s1.tif,0\n")  # one file written twice
+    with pytest.raises(CohortError, match="slide 's1' is listed again"):
+        read_cohort(tmp_path / "m.csv")

@@ -63,3 +63,36 @@ def test_a_slide_cohort_warns_before_its_first_slide(model_file, cohort, tmp_pat
     first = next(i for i, w in enumerate(caught) if "holds the figures" in str(w.message))
     assert first == 0  # said before any slide's warning
     assert json.loads((out / "metrics.json").read_text())["cohort"] == str(cohort / "reference.csv")
+
+
+def test_one_slide_under_several_names_is_said_to_count_again(cohort, model_file, tmp_path, capsys):
+    """A slide listed under two more names (a copy, a symbolic link) was scored three times, and the AUC counted
+    each, without a word; patch folders had this warning (`repeated_patches`)."""
+    import json
+    import shutil
+
+    from conftest import run_cli_captured
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("tumor_001", "normal_001", "normal_002"):
+        shutil.copy(cohort / f"{name}.tif", slides)
+    shutil.copy(cohort / "tumor_001.tif", slides / "tumor_001_rescan.tif")
+    (slides / "tumor_001_link.tif").symlink_to(slides / "tumor_001.tif")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide,label\nslides/tumor_001.tif,1\nslides/normal_001.tif,0\nslides/normal_002.tif,0\n"
+                        "slides/tumor_001_rescan.tif,1\nslides/tumor_001_link.tif,1\n")
+    code, _, err = run_cli_captured(["evaluate", manifest, "--model", model_file, "--out", tmp_path / "ev",
+                                     "--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--bootstrap",
+                                     "100"], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "ev" / "metrics.json").read_text())["repeated_slides"]
+    assert (rep["groups"], rep["repeats"], rep["conflicting_labels"]) == (1, 2, 0)
+    said = [line for line in err.splitlines() if "another slide's file" in line]
+    assert len(said) == 1 and "2 of the 5 scored slides are another slide's file under another name" in said[0]
+    manifest.write_text("slide,label\nslides/tumor_001.tif,1\nslides/normal_001.tif,0\nslides/normal_002.tif,0\n")
+    code, _, err = run_cli_captured(["evaluate", manifest, "--model", model_file, "--out", tmp_path / "ev2",
+                                     "--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--bootstrap",
+                                     "100"], capsys)
+    assert code == 0 and "another slide's file" not in err
+    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["repeated_slides"] is None

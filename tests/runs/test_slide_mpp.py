@@ -306,7 +306,7 @@ def test_predict_and_extract_take_a_slide_list_csv_with_its_mpp_column(mixed, mo
 
 
 def test_a_slide_list_without_a_path_column_or_rows_is_one_line(model_file, tmp_path, capsys):
-    from wsi_vssm.runs.cohort import read_slide_list
+    from wsi_vssm.runs.slide_args import read_slide_list
 
     bad = tmp_path / "bad.csv"
     bad.write_text("name,label\na.tif,1\n")

@@ -76,9 +76,9 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
     from wsi_vssm.models.slide_model import DEFAULT_NAME, default_model_path
     from wsi_vssm.pipeline.extract import Inference
     from wsi_vssm.pipeline.feature_files import prepare_folders
-    from wsi_vssm.runs.cohort import expand_slide_args
     from wsi_vssm.runs.jobs import extract_job
     from wsi_vssm.runs.runner import run_slides, slide_tasks
+    from wsi_vssm.runs.slide_args import expand_slide_args
     from wsi_vssm.runs.state import OutputNotWritable
 
     run, progress = pop_run_options(opts, ctx)

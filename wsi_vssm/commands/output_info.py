@@ -50,8 +50,8 @@ def _mixed_settings(slides: list[dict]) -> dict:
     for key in EXTRACT_SETTINGS:
         values: dict = {}
         for s in slides:
-            if s["kind"] == "extract" and s["status"] == "done" and s.get("settings"):
-                value = s["settings"].get(key)
+            value = (s.get("settings") or {}).get(key)
+            if s["kind"] == "extract" and s["status"] == "done" and value is not None:  # None: an older state
                 values[str(value)] = values.get(str(value), 0) + 1
         if len(values) > 1:
             mixed[key] = values

@@ -44,9 +44,9 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
     )
     from wsi_vssm.errors import UsageError
     from wsi_vssm.pipeline.predict import output_folder_problem
-    from wsi_vssm.runs.cohort import expand_slide_args
     from wsi_vssm.runs.jobs import predict_job
     from wsi_vssm.runs.runner import RESERVED_NAMES, run_slides, slide_tasks
+    from wsi_vssm.runs.slide_args import expand_slide_args
 
     run, progress = pop_run_options(opts, ctx)
     tasks = slide_tasks(expand_slide_args(slides), progress)

@@ -212,12 +212,12 @@ def _stores(features_dir: Path) -> tuple[dict[str, Path], set[str]]:
     from wsi_vssm.pipeline.store import FeatureStore, FeatureStoreError
     from wsi_vssm.runs.state import read_state
 
-    stores, stale, empty = {}, [], []
+    stores, stale, empty = {}, {}, []
     for p in sorted(d for d in features_dir.glob("*.zarr") if d.is_dir()):
         name = p.name[: -len(".zarr")]
         state = read_state(features_dir, "extract", name)
         if state is not None and state.get("status") != "done":
-            stale.append(f"{name} ({state.get('status')})")
+            stale[name] = state.get("status")
             continue
         try:
             if len(FeatureStore.open(p)) == 0:
@@ -229,11 +229,11 @@ def _stores(features_dir: Path) -> tuple[dict[str, Path], set[str]]:
     if stale:
         click.echo(f"wsi-vssm: warning: {len(stale)} feature store(s) in {features_dir} are left out: the latest "
                    f"extract of their slide did not finish, so they hold an earlier run's features: "
-                   f"{_first(stale)}; extract them again", err=True)
+                   f"{_first([f'{n} ({status})' for n, status in stale.items()])}; extract them again", err=True)
     if empty:
         click.echo(f"wsi-vssm: warning: {len(empty)} feature store(s) in {features_dir} hold no cells (no tissue "
                    f"found) and are left out of training and validation: {_first(empty)}", err=True)
-    return stores, {n.split(" (")[0].lower() for n in stale} | {n.lower() for n in empty}
+    return stores, {n.lower() for n in [*stale, *empty]}
 
 
 def _first(names: list[str]) -> str:

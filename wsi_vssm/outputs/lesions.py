@@ -36,6 +36,7 @@ import numpy as np
 
 from wsi_vssm.atomic import atomic_write_text
 from wsi_vssm.errors import UsageError
+from wsi_vssm.outputs.files import spreadsheet_safe
 from wsi_vssm.outputs.heatmap import _grid, _pair, _positive
 
 ITC_MAX_MM = 0.2  # isolated tumour cells: up to 0.2 mm
@@ -314,7 +315,8 @@ def write_cohort_lesions_csv(path: str | os.PathLike, slides: Iterable[tuple[str
         except UsageError as err:
             problems.append(str(err))
             continue
-        rows.writerows([name, *_lesion_cells(les)] for les in lesions)
+        # the name as predictions.csv writes it: a formula-like name is text there and here, and the two join
+        rows.writerows([spreadsheet_safe(name), *_lesion_cells(les)] for les in lesions)
     atomic_write_text(path, buf.getvalue())
     return problems
 

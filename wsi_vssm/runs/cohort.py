@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,9 @@ from wsi_vssm.io.base import (
 )
 from wsi_vssm.io.formats import is_zarr_dir
 
-LABELS = {"0": 0, "1": 1, "normal": 0, "tumor": 1, "tumour": 1}
+# 0.0 / 1.0 as pandas writes an integer column with a gap; tumor_tissue / normal_tissue as CLAM's example tables
+LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "normal": 0, "tumor": 1, "tumour": 1, "normal_tissue": 0,
+          "tumor_tissue": 1, "tumour_tissue": 1}
 SPLITS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
 SLIDE_SUFFIXES = (
     ".ome.tiff", ".ome.tif", ".ome.zarr", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
@@ -209,7 +210,8 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
     if rows and (_is_reference_header(rows[0][1]) or _is_manifest_header(rows[0][1])):
         header = [c.strip().lower() for c in rows[0][1]]
         if "label" in header:
-            i_name, i_label = header.index(_path_column(header) or header[0]), header.index("label")
+            name_column = _path_column(header) or ("slide_id" if "slide_id" in header else header[0])
+            i_name, i_label = header.index(name_column), header.index("label")
             i_split = header.index("split") if "split" in header else None
         rows = rows[1:]
     index = index_slides(root) if find_slides else {}
@@ -270,74 +272,11 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
     return out
 
 
-def expand_slide_folders(paths: Iterable[str]) -> list[str]:
-    """Command-line slide paths with each plain folder replaced by the slide files directly in it, by name
-    (as CLAM and TRIDENT take a folder of slides); an OME-Zarr folder is one slide, and sub-folders (an output
-    folder inside, say) are not walked. A folder holding no slide file stays as given: it fails alone in the
-    run, with the reader's reason, and the other slides go on."""
-    out: list[str] = []
-    for path in paths:
-        p = Path(path)
-        if not p.is_dir() or is_zarr_dir(p):
-            out.append(path)
-            continue
-        found = sorted(str(f) for f in p.iterdir() if not f.name.startswith(".") and _is_slide_entry(f))
-        out.extend(found or [path])
-    return out
-
-
-def expand_slide_args(paths: Iterable[str]) -> list[tuple[str, float | None]]:
-    """(slide path, row mpp) for each command-line argument of predict / extract: a slide list CSV
-    (`read_slide_list`) gives its rows, a folder its slides (`expand_slide_folders`), anything else itself."""
-    out: list[tuple[str, float | None]] = []
-    for path in paths:
-        if str(path).lower().endswith(".csv") and Path(path).is_file():
-            out.extend(read_slide_list(path))
-        else:
-            out.extend((p, None) for p in expand_slide_folders([path]))
-    return out
-
-
-def read_slide_list(path: str | os.PathLike) -> list[tuple[str, float | None]]:
-    """A CSV list of slides for predict / extract, as TRIDENT's `--custom_list_of_wsis` (`wsi[,mpp]`) or an
-    evaluate manifest: a header naming the path column (`slide`, `path`, `file`, `slide_path`, `wsi`), paths
-    relative to the CSV's folder; an `mpp` column is each row's resolution, as in a manifest; `label`, `split`
-    and other columns are not needed and not read. A row whose file is missing fails alone in the run."""
-    path = Path(path)
-    rows = _read_csv(path)
-    header = [c.strip().lower() for c in rows[0][1]] if rows else []
-    column = _path_column(header)
-    if column is None:
-        raise CohortError(f"{path}: a slide list needs a header naming its path column ({', '.join(_PATH_COLUMNS)})"
-                          f"{'; its header has: ' + ', '.join(rows[0][1]) if rows else '; the file is empty'}")
-    i_path = header.index(column)
-    i_mpp = next((header.index(c) for c in MPP_COLUMNS if c in header), None)
-    out = []
-    for line, cells in rows[1:]:
-        ref = _cell(cells, i_path)
-        if not ref or slide_name(ref) in ("", ".", ".."):
-            raise CohortError(f"{path}, line {line}: {'no slide path' if not ref else repr(ref) + ' names a folder'}")
-        mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
-        out.append((str(_table_path(ref, path)), mpp))
-    if not out:
-        raise CohortError(f"{path}: the slide list names no slides")
-    return out
-
-
-def _is_slide_entry(f: Path) -> bool:
-    low = f.name.lower()
-    if f.is_dir():  # an OME-Zarr slide; not a wsi-vssm heatmap or feature store (an output folder given as slides)
-        from wsi_vssm.outputs.files import is_heatmap_zarr
-        from wsi_vssm.pipeline.store import is_feature_store
-
-        return low.endswith(".zarr") and is_zarr_dir(f) and not is_heatmap_zarr(f) and not is_feature_store(f)
-    return low.endswith(SLIDE_SUFFIXES) and f.is_file()
-
-
 def parse_label(value: str, path: Path, line: int) -> int:
     label = LABELS.get(value.strip().lower())
     if label is None:
-        raise CohortError(f"{path}, line {line}: label {value!r} is not one of 0, 1, tumor (tumour), normal (any case)")
+        raise CohortError(f"{path}, line {line}: label {value!r} is not one of 0, 1, tumor (tumour), normal (any case; "
+                          "also 0.0, 1.0, tumor_tissue, normal_tissue)")
     return label
 
 
@@ -448,7 +387,13 @@ def _names_only(rows: list[tuple[int, list[str]]], folder: Path) -> bool:
     header = [c.strip().lower() for c in rows[0][1]]
     i = header.index(_path_column(header))
     cells = [cells[i] for _, cells in rows[1:] if i < len(cells) and cells[i]]
-    return bool(cells) and not any("/" in c or "\\" in c or (folder / _on_disk(c)).exists() for c in cells)
+    return bool(cells) and not any("/" in c or "\\" in c or _slide_like(folder / _on_disk(c)) for c in cells)
+
+
+def _slide_like(p: Path) -> bool:
+    """A file, or an OME-Zarr folder: what a manifest row can name. A plain folder of a slide's name (predict's
+    output for it, written into the cohort folder; a CLAM patch folder) says nothing about the table."""
+    return p.is_file() or (p.is_dir() and is_zarr_dir(p))
 
 
 def _path_column(header: list[str]) -> str | None:
@@ -457,10 +402,22 @@ def _path_column(header: list[str]) -> str | None:
 
 
 def _is_reference_header(cells: list[str]) -> bool:
-    low = [c.lower() for c in cells]
+    low = [c.strip().lower() for c in cells]
     if len(low) >= 2 and low[1] in LABELS:
         return False
-    return (low[0] in _HEADER_NAMES) or (len(low) >= 2 and low[1] in ("label", "class", "diagnosis"))
+    # CLAM's dataset CSV, `case_id,slide_id,label`: a header naming `label` and a slide-name column anywhere
+    return (low[0] in _HEADER_NAMES) or (len(low) >= 2 and low[1] in ("label", "class", "diagnosis")) \
+        or ("label" in low and any(c in _HEADER_NAMES for c in low))
+
+
+def _different_files(a: Path | None, b: Path | None) -> bool:
+    """Whether two manifest paths name two files (a path written twice, `./a.tif` and `a.tif`, is one)."""
+    if a is None or b is None:
+        return False
+    try:
+        return not os.path.samefile(a, b)
+    except OSError:  # one is missing: by their resolved paths
+        return os.path.realpath(a) != os.path.realpath(b)
 
 
 def _check_duplicates(cohort: Cohort) -> None:
@@ -468,6 +425,12 @@ def _check_duplicates(cohort: Cohort) -> None:
     for r in cohort.rows:
         key = name_key(r.name)
         first = seen.get(key)
+        if (first is not None and first.name == r.name and cohort.layout == "manifest"
+                and _different_files(first.path, r.path)):
+            # `a/s1.tif` and `b/s1.tif`: two slides, not one listed twice, whose outputs would collide
+            raise CohortError(f"{cohort.source}, line {r.line}: {r.path} and {first.path} (line {first.line}) are "
+                              f"different files of one slide name {r.name!r}: their outputs would collide; "
+                              "rename one")
         if first is not None and (first.name == r.name or cohort.layout == "camelyon"):  # names: one slide
             raise CohortError(f"{cohort.source}, line {r.line}: slide {r.name!r} is listed again (first on line "
                               f"{first.line})")

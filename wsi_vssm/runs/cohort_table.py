@@ -187,3 +187,25 @@ def interrupted_table(out: Path, crows: list, tasks: list, job, interim: Interim
     with contextlib.suppress(Exception), report_writer(out, 0) as held:
         if held:
             write_table(out, [row(i) for i in range(len(tasks))])
+
+
+def repeated_slides(out: Path, kind: str, scored: list[dict], folders: dict[str, str]) -> dict | None:
+    """Scored slides whose input is another's (the same file under two names, a copy, a link): by the
+    fingerprint their states recorded (size and first and last MiB), as `repeated_patches` finds patches that
+    repeat; each copy counts again in the AUC. None when every slide is distinct."""
+    import numpy as np
+
+    from wsi_vssm.runs.state import read_state
+    from wsi_vssm.training.data.fingerprints import repeated_patches
+
+    known = []
+    for r in scored:
+        state = read_state(out, kind, folders.get(r["slide"], r["slide"])) or {}
+        sha = (state.get("input") or {}).get("sha256")
+        if sha:
+            known.append((sha, r["label"], r["slide"]))
+    if len(known) < 2:
+        return None
+    digests, labels, names = zip(*known, strict=True)
+    return repeated_patches(np.asarray(digests), labels, names)
+

@@ -45,6 +45,7 @@ from wsi_vssm.runs.cohort_table import (
     final_row,
     interrupted_table,
     n_unfinished,
+    repeated_slides,
     replaced_cohort_warning,
     report_writer,
     write_table,
@@ -159,7 +160,8 @@ def evaluate_cohort(
                                  provenance=_provenance(cohort.source, split, model, {
                                      **{k: v for k, v in job.resolved.items() if k != "job"},
                                      "fallback_mpp": job.fallback_mpp,
-                                     "params_hash": job.params_hash}) | {"mosaics": mosaics})
+                                     "params_hash": job.params_hash}) | {"mosaics": mosaics,
+                                 "repeated_slides": repeated_slides(out, job.kind, scored, folders)})
         _write_cohort_lesions(out, rows, folders, progress)  # after metrics.json: a bad table costs only itself
         if annotations is not None or patients is not None:
             try:

@@ -138,18 +138,21 @@ def training_patches_warning(result: EvaluationResult) -> str | None:
 
 def repeated_patches_warning(result: EvaluationResult) -> str | None:
     """One line when files of a patch folder repeat another's image byte for byte (metrics.json
-    `repeated_patches`): each copy counts again in the AUC, and a copy filed under both labels is a labelling
-    error the figure cannot show."""
-    rep = result.metrics.get("repeated_patches") or {}
+    `repeated_patches`), or slides of a cohort are one input under several names (`repeated_slides`: a copy, a
+    link; by their recorded fingerprints): each copy counts again in the AUC, and a copy filed under both
+    labels is a labelling error the figure cannot show."""
+    key = "repeated_slides" if result.metrics.get("repeated_slides") else "repeated_patches"
+    rep = result.metrics.get(key) or {}
     if not rep.get("repeats"):
         return None
     conflict = (f"; {rep['conflicting_labels']} of those group(s) filed under both labels (e.g. "
                 f"{', '.join(rep['example'])})" if rep.get("conflicting_labels") else
                 f" (e.g. {', '.join(rep['example'])})")
-    n = result.metrics.get("n") or len(result.rows)  # the scored patches: failed ones are in no figure
-    return (f"{rep['repeats']} of the {n} scored patches repeat another patch's image byte for byte "
-            f"({rep['groups']} group(s) of identical files; metrics.json repeated_patches){conflict}: each copy "
-            "counts again in the figures")
+    n = result.metrics.get("n") or len(result.rows)  # the scored items: failed ones are in no figure
+    what = ("are another slide's file under another name (a copy or a link: the same size, first and last MiB; "
+            if key == "repeated_slides" else "repeat another patch's image byte for byte (")
+    return (f"{rep['repeats']} of the {n} scored {result.items} {what}{rep['groups']} group(s) of identical files; "
+            f"metrics.json {key}){conflict}: each copy counts again in the figures")
 
 
 def annotation_frame_warning(result: EvaluationResult) -> str | None:

@@ -1,0 +1,87 @@
+"""Slide paths as `predict` and `extract` take them on the command line: slide files, OME-Zarr folders, folders
+of slides (as CLAM and TRIDENT take them) and CSV slide lists (TRIDENT's `--custom_list_of_wsis`, or any
+manifest's path column), expanded to (path, row mpp) pairs. Cohort tables with labels are `runs.cohort`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from wsi_vssm.io.formats import is_zarr_dir
+from wsi_vssm.runs.cohort import (
+    _PATH_COLUMNS,
+    MPP_COLUMNS,
+    SLIDE_SUFFIXES,
+    CohortError,
+    _cell,
+    _path_column,
+    _read_csv,
+    _table_path,
+    parse_mpp,
+    slide_name,
+)
+
+
+def expand_slide_folders(paths: Iterable[str]) -> list[str]:
+    """Command-line slide paths with each plain folder replaced by the slide files directly in it, by name
+    (as CLAM and TRIDENT take a folder of slides); an OME-Zarr folder is one slide, and sub-folders (an output
+    folder inside, say) are not walked. A folder holding no slide file stays as given: it fails alone in the
+    run, with the reader's reason, and the other slides go on."""
+    out: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_dir() or is_zarr_dir(p):
+            out.append(path)
+            continue
+        found = sorted(str(f) for f in p.iterdir() if not f.name.startswith(".") and _is_slide_entry(f))
+        out.extend(found or [path])
+    return out
+
+
+def expand_slide_args(paths: Iterable[str]) -> list[tuple[str, float | None]]:
+    """(slide path, row mpp) for each command-line argument of predict / extract: a slide list CSV
+    (`read_slide_list`) gives its rows, a folder its slides (`expand_slide_folders`), anything else itself."""
+    out: list[tuple[str, float | None]] = []
+    for path in paths:
+        if str(path).lower().endswith(".csv") and Path(path).is_file():
+            out.extend(read_slide_list(path))
+        else:
+            out.extend((p, None) for p in expand_slide_folders([path]))
+    return out
+
+
+def read_slide_list(path: str | os.PathLike) -> list[tuple[str, float | None]]:
+    """A CSV list of slides for predict / extract, as TRIDENT's `--custom_list_of_wsis` (`wsi[,mpp]`) or an
+    evaluate manifest: a header naming the path column (`slide`, `path`, `file`, `slide_path`, `wsi`), paths
+    relative to the CSV's folder; an `mpp` column is each row's resolution, as in a manifest; `label`, `split`
+    and other columns are not needed and not read. A row whose file is missing fails alone in the run."""
+    path = Path(path)
+    rows = _read_csv(path)
+    header = [c.strip().lower() for c in rows[0][1]] if rows else []
+    column = _path_column(header)
+    if column is None:
+        raise CohortError(f"{path}: a slide list needs a header naming its path column ({', '.join(_PATH_COLUMNS)})"
+                          f"{'; its header has: ' + ', '.join(rows[0][1]) if rows else '; the file is empty'}")
+    i_path = header.index(column)
+    i_mpp = next((header.index(c) for c in MPP_COLUMNS if c in header), None)
+    out = []
+    for line, cells in rows[1:]:
+        ref = _cell(cells, i_path)
+        if not ref or slide_name(ref) in ("", ".", ".."):
+            raise CohortError(f"{path}, line {line}: {'no slide path' if not ref else repr(ref) + ' names a folder'}")
+        mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
+        out.append((str(_table_path(ref, path)), mpp))
+    if not out:
+        raise CohortError(f"{path}: the slide list names no slides")
+    return out
+
+
+def _is_slide_entry(f: Path) -> bool:
+    low = f.name.lower()
+    if f.is_dir():  # an OME-Zarr slide; not a wsi-vssm heatmap or feature store (an output folder given as slides)
+        from wsi_vssm.outputs.files import is_heatmap_zarr
+        from wsi_vssm.pipeline.store import is_feature_store
+
+        return low.endswith(".zarr") and is_zarr_dir(f) and not is_heatmap_zarr(f) and not is_feature_store(f)
+    return low.endswith(SLIDE_SUFFIXES) and f.is_file()
