@@ -42,12 +42,12 @@ def holdout_split(valid: str, valid_select: int, seed: int):
 
 
 def patch_probabilities_at(model, ds, precision: str, tta: bool, batch_size: int = 128) -> np.ndarray:
-    """Each patch alone, as `evaluate PATCHES` scores it (`runs.evaluate.centre_cell_probabilities`)."""
+    """Each patch alone, as `evaluate PATCHES` scores it (`runs.evaluate_patches.centre_cell_probabilities`)."""
     from torch.utils.data import DataLoader
 
     from wsi_vssm.models.inputs import normalise_batch as normalise
     from wsi_vssm.pipeline.extract import Inference
-    from wsi_vssm.runs.evaluate import centre_cell_probabilities
+    from wsi_vssm.runs.evaluate_patches import centre_cell_probabilities
     from wsi_vssm.training.data.patches import collate_uint8
 
     model.eval()

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
@@ -95,6 +96,12 @@ def _how_to_go_on(argv: list[str]) -> str:
     """What an interrupted command keeps and how to continue: slide commands keep finished slides; `train cells`
     and `run` keep finished epochs (their checkpoints); the rest keep nothing."""
     words = [a for a in argv if not a.startswith("-")][:2]
+    if words[:1] == ["evaluate"] and len(words) == 2:
+        from wsi_vssm.runs.evaluate_patches import is_patch_folder
+
+        if is_patch_folder(Path(words[1])):  # no per-patch state: nothing to resume from
+            return ("a patch folder's scores are not kept: rerun the same command to score it again (an earlier "
+                    "run's figures stay, marked not complete)")
     if words[:1] in (["predict"], ["evaluate"], ["extract"]):
         return "finished slides are kept: rerun the same command to resume"
     if words[:1] == ["run"] or words == ["train", "cells"]:

@@ -253,7 +253,7 @@ def test_evaluate_cohort_writes_metrics_table_and_roc(model_file, cohort, tmp_pa
 def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
     from PIL import Image
 
-    from wsi_vssm.runs.evaluate import evaluate_patches
+    from wsi_vssm.runs.evaluate_patches import evaluate_patches
 
     rng = np.random.default_rng(0)
     for label in (0, 1):
@@ -350,7 +350,7 @@ def test_evaluate_patch_folder_honours_tta_and_precision(model_file, tmp_path, m
 
     from wsi_vssm.models import precision
     from wsi_vssm.pipeline.extract import Inference
-    from wsi_vssm.runs.evaluate import evaluate_patches
+    from wsi_vssm.runs.evaluate_patches import evaluate_patches
 
     rng = np.random.default_rng(1)
     imgs = {label: rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for label in (0, 1)}
@@ -824,3 +824,57 @@ def test_an_output_folder_that_is_a_file_fails_before_the_backbone(model_file, c
     (tmp_path / "normal_001").write_text("not a folder")
     with pytest.raises(UsageError, match="output folder .*normal_001 is a file, not a folder"):
         predict_slide(cohort / "normal_001.tif", _model(model_file), tmp_path, FAST)
+
+
+def test_evaluate_patch_folder_checks_mpp_and_out_first_and_marks_an_earlier_report(model_file, tmp_path, capsys):
+    """A review of 2026-12-06: `--mpp 2` (patches enlarged 2x, AUC 0.75 against 0.97) was taken without a word;
+    an --out under a file failed only after every patch was scored; a patch run into a slide cohort's OUT left
+    its metrics.json "complete" while it ran (and its lesions.csv for good), and the reverse kept
+    model_patches.csv; Ctrl-C promised "finished slides are kept" of a run that keeps nothing."""
+    import json
+
+    from conftest import run_cli_captured, write_patch_folder
+
+    from wsi_vssm.cli import _how_to_go_on
+    from wsi_vssm.outputs.files import COHORT_LESIONS_CSV, METRICS_JSON, MODEL_PATCHES_CSV
+    from wsi_vssm.runs.evaluate_patches import evaluate_patches
+
+    write_patch_folder(tmp_path / "patches", 3, 0)
+    args = ["evaluate", tmp_path / "patches", "--model", model_file, "--bootstrap", "100"]
+    code, _, err = run_cli_captured([*args, "--mpp", "2.0", "--out", tmp_path / "coarse"], capsys)
+    said = [line for line in err.splitlines() if "times coarser than the model's" in line]
+    assert code == 0 and len(said) == 1 and "enlarged 2.06x" in said[0], err
+    code, _, err = run_cli_captured([*args, "--mpp", "9", "--out", tmp_path / "far"], capsys)
+    assert code != 0 and err.count("\n") == 1 and "without detail for the model" in err, err
+    (tmp_path / "afile").write_text("x")
+    scored = []
+    with pytest.MonkeyPatch.context() as mp:
+        import wsi_vssm.runs.evaluate_patches as ep
+
+        mp.setattr(ep, "centre_cell_logits", lambda *a, **k: scored.append(1) or pytest.fail("scored"))
+        code, _, err = run_cli_captured([*args, "--mpp", "0.97", "--out", tmp_path / "afile" / "sub"], capsys)
+    assert code == 1 and not scored and "cannot write to the output folder" in err and err.count("\n") == 1
+    out = tmp_path / "slides_out"  # as a slide cohort left it
+    out.mkdir()
+    (out / METRICS_JSON).write_text(json.dumps({"complete": True, "n": 4}))
+    (out / COHORT_LESIONS_CSV).write_text("slide,id\n")
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        import wsi_vssm.runs.evaluate_patches as ep
+
+        real = ep.centre_cell_logits
+
+        def spy(*a, **k):  # what the folder holds while the patches are being scored
+            seen.append((json.loads((out / METRICS_JSON).read_text())["complete"], (out / COHORT_LESIONS_CSV).exists()))
+            return real(*a, **k)
+
+        mp.setattr(ep, "centre_cell_logits", spy)
+        evaluate_patches(tmp_path / "patches", _model(model_file), out, mpp=0.97, n_boot=100)
+    assert seen[0] == (False, False) and json.loads((out / METRICS_JSON).read_text())["complete"] is True
+    (out / MODEL_PATCHES_CSV).write_text("patch,part\n0/a.jpg,trained\n")  # as a patch run writes it
+    from wsi_vssm.runs.evaluate import _start_report
+
+    _start_report(out)  # what a slide cohort run does first
+    assert not (out / MODEL_PATCHES_CSV).exists()
+    assert "patch folder's scores are not kept" in _how_to_go_on(["evaluate", str(tmp_path / "patches")])
+    assert "finished slides are kept" in _how_to_go_on(["evaluate", str(tmp_path / "slides_out")])

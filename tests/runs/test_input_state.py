@@ -195,6 +195,10 @@ def test_evaluate_warns_when_the_scores_do_not_separate():
     assert "covers 0.5" in warning and "0.750" in warning and "\n" not in warning
     assert separation_warning(_result([0.1, 0.9, 0.2, 0.8], [0, 1, 0, 1], 1.0, [1.0, 1.0])) is None
     assert separation_warning(_result([0.3], [1])) is None  # one slide: nothing to say
+    ranked = _result([0.0] * 4, [0, 1, 0, 1], 0.75, [0.6, 0.9])  # probabilities that round to 0, logits that rank
+    for row, z in zip(ranked.rows, (-23.0, -15.0, -20.0, -18.0), strict=True):
+        row["logit"] = z
+    assert separation_warning(ranked) is None  # it said "every one scores 0.000" beside an AUC of 0.75
 
 
 def test_evaluate_warns_when_slides_trained_the_models_slide_head():

@@ -19,11 +19,15 @@ SEPARATION_TIE = 1e-6  # scores closer than this count as equal
 def separation_warning(result: EvaluationResult) -> str | None:
     """One line when the scores do not separate the classes: every slide scores the same, or the AUC's 95% CI
     covers 0.5 (chance). None when they do, or when there are too few scored slides to say."""
-    scores = [r["probability"] for r in result.rows if r["status"] == "done" and r["probability"] is not None]
+    done = [r for r in result.rows if r["status"] == "done" and r["probability"] is not None]
+    # ties judged as the AUC ranks: by the logits where every item has one (probabilities of 0.000 can still
+    # rank by logits -23 to -15)
+    key = "logit" if done and all(r.get("logit") is not None for r in done) else "probability"
+    scores = [r[key] for r in done]
     m = result.metrics
     if len(scores) >= 2 and max(scores) - min(scores) <= SEPARATION_TIE:
-        return (f"every one of the {len(scores)} {result.items} scores {scores[0]:.3f}: the scores do not separate "
-                f"tumour from normal {result.items} (is the cohort within the model's domain?)")
+        return (f"every one of the {len(scores)} {result.items} scores {done[0]['probability']:.3f}: the scores do "
+                f"not separate tumour from normal {result.items} (is the cohort within the model's domain?)")
     ci = m.get("auc_ci95")
     if m.get("auc") is not None and ci and ci[0] <= 0.5 <= ci[1]:
         return (f"the scores do not separate tumour from normal {result.items}: AUC {m['auc']:.3f}, its 95% CI "

@@ -1,0 +1,222 @@
+"""`evaluate` on a patch folder in ImageFolder layout (`DIR/0/*.jpg`, `DIR/1/*.jpg`, e.g. PCam): each image is
+scored alone by the cell head on the cell covering its centre, which is how PCam labels are defined. It keeps no
+per-patch state: an interrupted run scores the folder again (the earlier figures stay, marked not complete)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from wsi_vssm.errors import UsageError, one_line
+from wsi_vssm.models.inputs import STRIDE
+from wsi_vssm.outputs.files import MODEL_PATCHES_CSV, PREDICTIONS_CSV
+from wsi_vssm.pipeline.predict import PredictParams
+from wsi_vssm.runs.cohort_table import replaced_cohort_warning
+from wsi_vssm.runs.evaluate import EvaluationResult, _provenance, _start_report, _write_metrics
+
+
+def is_patch_folder(path: Path) -> bool:
+    from wsi_vssm.runs.cohort import has_class_folders
+
+    return path.is_dir() and has_class_folders(path) and not (path / "reference.csv").exists()
+
+
+TRAINED_PATCH_PX = 3 * STRIDE
+SMALL_PATCH_PX = round(0.9 * TRAINED_PATCH_PX)
+
+
+def evaluate_patches(
+    folder: str | os.PathLike, model, out_dir: str | os.PathLike, mpp: float | None, batch_size: int = 64,
+    n_boot: int = 2000, threshold: float | None = None, inference=None, device: str = "cpu",
+) -> EvaluationResult:
+    """Score an ImageFolder patch dataset by the centre cell of each image; write predictions and metrics.
+    Each patch is a cell, so sensitivity and specificity are taken at the model's `cell_threshold` (0.5 for
+    older files) unless `threshold` is given. Probabilities go through the model's `patch_calibration` when
+    it has one (a patch scored alone lacks the context the cell head was calibrated in). `inference`
+    (`pipeline.extract.Inference`): precision and TTA as `predict` applies them to a region's feature map."""
+    import torch
+
+    from wsi_vssm.atomic import prove_writable
+    from wsi_vssm.io.base import resize
+    from wsi_vssm.models.inputs import to_tensor
+    from wsi_vssm.models.precision import resolve_precision
+    from wsi_vssm.outputs.calibration import logistic
+    from wsi_vssm.outputs.report import write_predictions_csv
+    from wsi_vssm.pipeline.extract import Inference
+    from wsi_vssm.runs.state import OutputNotWritable
+    from wsi_vssm.training.data.fingerprints import patch_digests, patches_seen, repeated_patches, seen_parts
+    from wsi_vssm.training.data.patches import PatchDataError, load_patches
+
+    inference = Inference.of(inference)
+    # a bad name, or bf16 without hardware, before any patch is read; recorded as resolved, as slides record it
+    used = "bf16" if resolve_precision(inference.precision, device) == torch.bfloat16 else "fp32"
+    if mpp is None:
+        raise UsageError(f"{folder}: patch images carry no resolution; state it with --mpp (PCam: 0.97)")
+    from wsi_vssm.pipeline.predict import cell_threshold
+
+    if threshold is None:
+        threshold = cell_threshold(model, PredictParams())
+    scale = mpp / model.mpp  # image px -> model px
+    _check_enlargement(folder, mpp, model.mpp)
+    ds = load_patches(folder)
+    out = Path(out_dir)
+    try:  # before any patch is scored: an OUT that cannot be written failed only after the whole folder
+        prove_writable(out)
+    except OSError as e:
+        raise OutputNotWritable(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
+    if replaced := replaced_cohort_warning(out, folder, None):
+        warnings.warn(replaced, stacklevel=2)
+    _start_report(out)  # an earlier report is marked not complete (and its cohort lesions.csv goes) while this runs
+    rows: list[dict | None] = [None] * len(ds)  # in the dataset's order, whichever batch a patch went in
+    batch, index = [], []
+    sizes: dict[tuple, int] = {}  # (scored shape, given shape) -> patches: said once, after the loop
+    sample: list = []  # evenly spaced patches for the stain check (slides get theirs from the thumbnail)
+    model.eval().to(device)
+
+    def flush():
+        logits = centre_cell_logits(model, torch.cat(batch), inference, device)
+        for i, z, p in zip(index, logits.tolist(), logistic(logits).tolist(), strict=True):
+            rows[i] = {"slide": ds.items[i].name, "label": ds.items[i].label, "probability": p, "status": "done",
+                       "error": None, "logit": z}
+        batch.clear()
+        index.clear()
+
+    for i in range(len(ds)):
+        try:
+            img, _ = ds[i]
+        except PatchDataError as e:  # one damaged image fails alone, as one broken slide does in a cohort
+            rows[i] = {"slide": ds.items[i].name, "label": ds.items[i].label, "probability": None,
+                       "status": "failed", "error": one_line(e)}
+            continue
+        given = img.shape[:2]
+        if abs(scale - 1) > 1e-3:
+            img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
+        key = (img.shape[:2], given)
+        sizes[key] = sizes.get(key, 0) + 1
+        if i % max(1, len(ds) // STAIN_SAMPLE) == 0 and len(sample) < STAIN_SAMPLE:
+            sample.append(img)
+        if batch and batch[0].shape[2:] != img.shape[:2]:
+            flush()
+        batch.append(to_tensor(img))
+        index.append(i)
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    for warning in _size_warnings(folder, sizes, mpp, model.mpp):
+        warnings.warn(warning, stacklevel=2)
+    from wsi_vssm.pipeline.domain import patches_stain_check
+
+    stain = patches_stain_check(sample)
+    if stain:
+        warnings.warn(f"{folder}: the patches do not look like the model's brightfield H&E: {'; '.join(stain)} "
+                      "(metrics.json stain_notes): their scores are unreliable", stacklevel=2)
+    write_predictions_csv(out / PREDICTIONS_CSV, rows)
+    scored = [r for r in rows if r["probability"] is not None]
+    parameters = {"mpp": mpp, "threshold": threshold, "batch_size": batch_size, "device": device,
+                  "precision": used, "tta": inference.tta}
+    # over the scored patches, what the figures count (a file that failed may not even be readable)
+    scored_ds = ds.subset([i for i, r in enumerate(rows) if r["probability"] is not None])
+    digests = patch_digests(scored_ds)
+    seen = patches_seen(digests, getattr(model, "metadata", None))  # patches that trained or chose it
+    repeats = repeated_patches(digests, scored_ds.labels, [it.name for it in scored_ds.items])
+    _write_model_patches(out / MODEL_PATCHES_CSV, scored_ds, seen_parts(digests, getattr(model, "metadata", None)))
+    metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
+                             provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
+                                         "repeated_patches": repeats, "stain_notes": stain})
+    return EvaluationResult(metrics, rows, items="patches")
+
+
+def _write_model_patches(path: Path, ds, parts: list[str | None]) -> None:
+    """model_patches.csv (patch, part): the patches whose files trained or selected the model, so that a figure
+    without them can be had; none: no file (an earlier run's is removed, it would name other patches)."""
+    import csv
+    import io
+
+    from wsi_vssm.atomic import atomic_write_text
+    from wsi_vssm.outputs.files import spreadsheet_safe
+
+    rows = [(spreadsheet_safe(it.name), part) for it, part in zip(ds.items, parts, strict=True) if part]
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([("patch", "part"), *rows])  # quoted: names may hold commas
+    atomic_write_text(path, buf.getvalue())
+
+
+STAIN_SAMPLE = 256  # patches a stain check looks at
+
+
+def _check_enlargement(folder, mpp: float, model_mpp: float) -> None:
+    """As slides are checked (`pipeline.geometry.check_enlargement`): patches whose --mpp is coarser than the
+    model's by more than the tolerance are enlarged before scoring, without the detail the model was trained on
+    (PCam at --mpp 2 scored AUC 0.75, at 0.97 0.97, without a word): warned; by more than MAX_ENLARGEMENT,
+    refused before any patch is read."""
+    from wsi_vssm.pipeline.domain import MPP_TOLERANCE
+    from wsi_vssm.pipeline.geometry import MAX_ENLARGEMENT
+
+    factor = mpp / model_mpp
+    if factor <= MPP_TOLERANCE:
+        return
+    what = (f"--mpp {mpp:g} is {factor:.3g} times coarser than the model's {model_mpp:g} um/px, so each patch is "
+            f"enlarged {factor:.3g}x before scoring")
+    if factor > MAX_ENLARGEMENT:
+        raise UsageError(f"{folder}: {what}: without detail for the model; check --mpp (PCam: 0.97)")
+    warnings.warn(f"{folder}: {what}, without the detail the model was trained on: their scores are unreliable; "
+                  "check --mpp (PCam: 0.97)", stacklevel=3)
+
+
+def _size_warnings(folder, sizes: dict[tuple, int], mpp: float, model_mpp: float) -> list[str]:
+    """The lines a folder's patch sizes call for ({(scored shape, given shape): count}): patches scored smaller
+    than the model's (their scores are unreliable: a wrong --mpp halves PCam's), and patches of several sizes."""
+    total, out = sum(sizes.values()), []
+    small = {k: n for k, n in sizes.items() if min(k[0]) < SMALL_PATCH_PX}
+    if small:
+        (got, given), _ = max(small.items(), key=lambda kv: kv[1])
+        resized = (f" (resized from {given[1]} x {given[0]} px: --mpp {mpp:g} to the model's {model_mpp:g} um/px)"
+                   if got != given else "")
+        n = sum(small.values())
+        which = "patches are" if n == total else f"{n} of the {total} patches are"
+        out.append(f"{folder}: {which} scored at {got[1]} x {got[0]} px{resized}, smaller than the "
+                   f"{TRAINED_PATCH_PX} px patches the model was trained on: their scores are unreliable; check "
+                   "--mpp, the patches' own um/px (PCam: 0.97)")
+    given = {}
+    for (_, g), n in sizes.items():
+        given[g] = given.get(g, 0) + n
+    if len(given) > 1:
+        shown = ", ".join(f"{n} of {w} x {h} px" for (h, w), n in sorted(given.items(), key=lambda kv: -kv[1])[:4])
+        out.append(f"{folder}: the patches come in {len(given)} sizes ({shown}): each is scored by its centre cell "
+                   "at its own size, with more or less context around it; one data set's patches are usually of "
+                   "one size (training refuses mixed sizes)")
+    return out
+
+
+def centre_cell_probabilities(model, x, inference, device: str = "cpu") -> np.ndarray:
+    """Each patch of x (B, 3, H, W, normalised) scored alone: its centre token through the cell head, the
+    backbone under `inference`'s precision and TTA (the head in fp32), then the model's patch calibration
+    (float64: the logistic of `centre_cell_logits`)."""
+    from wsi_vssm.outputs.calibration import logistic
+
+    return logistic(centre_cell_logits(model, x, inference, device))
+
+
+def centre_cell_logits(model, x, inference, device: str = "cpu") -> np.ndarray:
+    """`centre_cell_probabilities` as logits (float64), which never tie where the probabilities round to 1."""
+    import torch
+
+    from wsi_vssm.models.precision import autocast, resolve_precision
+    from wsi_vssm.outputs.calibration import patch_logits
+    from wsi_vssm.pipeline.extract import region_features
+
+    x = x.to(device)
+    with torch.inference_mode():
+        with autocast(resolve_precision(inference.precision, device), device):
+            fmap = region_features(model.backbone, x, inference.tta)  # (B, F, h, w) fp32
+        logits = model.cell_logits_of_map(fmap).cpu()  # (B, h, w)
+    h, w = logits.shape[1:]
+    cy, cx = min(h - 1, int(x.shape[2] / 2 // 32)), min(w - 1, int(x.shape[3] / 2 // 32))
+    return patch_logits(logits[:, cy, cx].numpy(), getattr(model, "metadata", None))
