@@ -257,3 +257,26 @@ def test_info_on_a_training_log_and_on_a_folder_of_training_outputs(tmp_path, ca
     other.write_text("epoch,loss\n1,0.5\n")
     code, _, err = run_cli(capsys, str(other))
     assert code == 1 and "not a slide format" in err
+
+
+def test_info_on_an_evaluate_folder_leads_with_its_report(model_file, cohort, tmp_path, capsys):
+    """`info OUT` on an evaluate folder listed its slides' states only: not the AUC, the cohort or whether the
+    report is complete (a later run marks it stale while it works)."""
+    from wsi_vssm.runs.evaluate import _start_report
+
+    out = tmp_path / "ev"
+    fast = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--bootstrap", "100"]
+    with pytest.raises(SystemExit) as stop:
+        main(["evaluate", str(cohort), "--out", str(out), "--model", str(model_file), *fast])
+    assert stop.value.code in (0, None)
+    metrics = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    code, text, _ = run_cli(capsys, str(out))
+    report = text.splitlines()[1]
+    assert code == 0 and report.startswith(f"report:        AUC {metrics['auc']:.3f} (95% CI "), text
+    assert f"over 3 slides of {metrics['cohort']}" in report and report.endswith("; complete -> metrics.json")
+    _start_report(out)  # as a later run does when it starts
+    code, text, _ = run_cli(capsys, str(out))
+    assert "NOT complete: the figures of an earlier run on this folder" in text.splitlines()[1]
+    code, text, _ = run_cli(capsys, str(out), "--json")
+    assert json.loads(text)["report"]["n"] == 3

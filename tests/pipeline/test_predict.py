@@ -317,10 +317,13 @@ def test_evaluate_patch_folder_says_which_patches_repeat_an_image(model_file, tm
     assert "failed: 1/gone.png: " in out and "failed: 0/broken_a.png: " in out
     shutil.copytree(tmp_path / "patches/0", tmp_path / "normal_only/0")
     (tmp_path / "normal_only/1").mkdir()
-    run_cli_captured(["evaluate", tmp_path / "normal_only", "--mpp", "0.97", "--model", model_file,
-                      "--out", tmp_path / "ev_normal", "--bootstrap", "100"], capsys)
+    shutil.copytree(tmp_path / "patches/0", tmp_path / "normal_only/2")  # a class the model does not score
+    _, out, err = run_cli_captured(["evaluate", tmp_path / "normal_only", "--mpp", "0.97", "--model", model_file,
+                                    "--out", tmp_path / "ev_normal", "--bootstrap", "100"], capsys)
     reason = json.loads((tmp_path / "ev_normal" / "metrics.json").read_text())["reason"]
     assert reason == "AUC needs both classes; the cohort has 0 tumour and 3 normal patches with a prediction"
+    assert f"AUC n/a ({reason})" in out  # it printed "AUC n/a" alone; the reason was only in metrics.json
+    assert "2/ (5 images) is not a class the model scores (0/ normal, 1/ tumour): left out" in err
 
 
 def test_evaluate_patch_folder_says_when_patches_are_not_h_and_e(model_file, tmp_path, capsys):

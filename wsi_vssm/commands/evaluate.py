@@ -108,7 +108,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         except SplitError as e:  # the option asked for rows the table does not have: a usage error, as click's
             raise OptionError(f"--split {split}: {e}") from e
     m = res.metrics
-    auc = "n/a" if m["auc"] is None else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})"
+    auc = (f"n/a ({m['reason']})" if m["auc"] is None and m.get("reason") else "n/a" if m["auc"] is None
+           else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})")
     separation = separation_warning(res)
     if separation and m["auc"] is not None:  # the line under the warning read as a result (metrics.json keeps it)
         auc += ", not meaningful: the scores do not separate the classes"

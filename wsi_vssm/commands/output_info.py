@@ -40,7 +40,24 @@ def output_info(path: str) -> dict:
             slides.append(entry)
             key = f"{kind} {entry['status']}"
             counts[key] = counts.get(key, 0) + 1
-    return {"folder": str(out), "slides": slides, "counts": counts, "mixed_settings": _mixed_settings(slides)}
+    return {"folder": str(out), "slides": slides, "counts": counts, "mixed_settings": _mixed_settings(slides),
+            "report": _report(out)}
+
+
+def _report(out: Path) -> dict | None:
+    """What OUT's metrics.json says, when an `evaluate` wrote one: the table or patch folder it evaluated, its
+    split, how many items and its AUC, and whether it is complete (a later run marks it stale while it works).
+    The per-slide states below may also hold other cohorts' slides run into the same folder."""
+    try:
+        m = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict):
+        return None
+    return {"cohort": m.get("cohort"), "split": m.get("split"), "items": "patches" if "model_patches" in m
+            else m.get("mosaics") and "mosaic slides" or "slides",
+            **{k: m.get(k) for k in ("n", "n_failed", "n_pending", "auc", "auc_ci95", "complete", "stale",
+                                     "reason")}}
 
 
 def _mixed_settings(slides: list[dict]) -> dict:
@@ -113,6 +130,18 @@ def _entry(file: Path, kind: str) -> dict:
 def format_output_info(r: dict) -> str:
     counts = ", ".join(f"{n} {key}" for key, n in sorted(r["counts"].items())) or "no slide run yet"
     lines = [f"output folder: {r['folder']} ({counts})"]
+    rep = r.get("report")
+    if rep:  # the cohort figures first: what a reader of this folder came for
+        ci = rep.get("auc_ci95")
+        auc = (f"AUC {rep['auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+               if isinstance(rep.get("auc"), int | float) else f"AUC n/a ({rep.get('reason') or 'undefined'})")
+        split = f", split {rep['split']}" if rep.get("split") else ""
+        state = ("complete" if rep.get("complete") else "NOT complete: " + (rep.get("stale") or
+                 f"{rep.get('n_pending') or 0} slide(s) not finished"))
+        lines.append(f"report:        {auc} over {rep.get('n')} {rep['items']} of {rep.get('cohort')}{split} "
+                     f"({rep.get('n_failed') or 0} failed); {state} -> metrics.json")
+        if rep["items"] == "patches":
+            lines.append("               (a patch evaluation: the slides below are an earlier run's)")
     for s in r["slides"]:
         domain = ", OUT OF DOMAIN" if s["in_domain"] is False else ""
         if s["probability"] is not None:

@@ -62,6 +62,8 @@ def evaluate_patches(
     scale = mpp / model.mpp  # image px -> model px
     _check_enlargement(folder, mpp, model.mpp)
     ds = load_patches(folder)
+    if other := _other_classes_warning(Path(folder)):
+        warnings.warn(other, stacklevel=2)
     out = Path(out_dir)
     try:  # before any patch is scored: an OUT that cannot be written failed only after the whole folder
         prove_writable(out)
@@ -149,6 +151,24 @@ def _write_model_patches(path: Path, ds, parts: list[str | None]) -> None:
 
 
 STAIN_SAMPLE = 256  # patches a stain check looks at
+
+
+def _other_classes_warning(folder: Path) -> str | None:
+    """One line naming the folders beside 0/ and 1/ that hold images (an ImageFolder of more classes, `2/`): the
+    model scores tumour against normal only, so their images are in no figure; they were left out silently."""
+    from wsi_vssm.training.data.patches import IMAGE_SUFFIXES, LABELS
+
+    others = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in LABELS and not p.name.startswith(".")):
+        n = sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and "/0/" not in f"/{f.relative_to(d)}"
+                and "/1/" not in f"/{f.relative_to(d)}")
+        if n:
+            others[d.name] = n
+    if not others:
+        return None
+    shown = ", ".join(f"{name}/ ({n} images)" for name, n in list(others.items())[:4])
+    return (f"{folder}: {shown} {'is not a class' if len(others) == 1 else 'are not classes'} the model scores "
+            "(0/ normal, 1/ tumour): left out of every figure")
 
 
 def _check_enlargement(folder, mpp: float, model_mpp: float) -> None:

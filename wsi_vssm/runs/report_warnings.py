@@ -42,8 +42,9 @@ def domain_warning(result: EvaluationResult) -> str | None:
         return None
     names = [r["slide"] for r in result.rows if r.get("in_domain") is False and r["probability"] is not None]
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    counted = "the AUC includes them" if result.metrics.get("auc") is not None else "the figures include them"
     return (f"{n_out} of {n} scored slide(s) are out of the model's domain ({shown}; predictions.csv column "
-            "in_domain): the AUC includes them, and their probabilities are unreliable")
+            f"in_domain): {counted}, and their probabilities are unreliable")
 
 
 SMALL_CLASS = 10  # fewer patients than this: the kappa and its interval say little
