@@ -95,11 +95,12 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process that
 def _how_to_go_on(argv: list[str]) -> str:
     """What an interrupted command keeps and how to continue: slide commands keep finished slides; `train cells`
     and `run` keep finished epochs (their checkpoints); the rest keep nothing."""
-    words = [a for a in argv if not a.startswith("-")][:2]
-    if words[:1] == ["evaluate"] and len(words) == 2:
-        from wsi_vssm.runs.evaluate_patches import is_patch_folder
+    args = [a for a in argv if not a.startswith("-")]  # option values too: any of them may be the folder
+    words = args[:2]
+    if words[:1] == ["evaluate"]:
+        from wsi_vssm.runs.cohort import is_patch_folder  # light: this runs in a signal handler
 
-        if is_patch_folder(Path(words[1])):  # no per-patch state: nothing to resume from
+        if any(is_patch_folder(Path(a)) for a in args[1:]):  # no per-patch state: nothing to resume from
             return ("a patch folder's scores are not kept: rerun the same command to score it again (an earlier "
                     "run's figures stay, marked not complete)")
     if words[:1] in (["predict"], ["evaluate"], ["extract"]):

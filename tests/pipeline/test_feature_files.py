@@ -257,6 +257,12 @@ def test_info_flags_h5_and_pt_shapes_a_bag_loader_would_misread(tmp_path, capsys
         code, out, _ = run_cli_captured(["info", "--json", path], capsys)
         report = json.loads(out)
         assert report["cells"] == cells and any(says in n for n in report["notes"]), (path, report)
+    grouped = tmp_path / "grouped.h5"  # coords as a group: a traceback before
+    with h5py.File(grouped, "w") as f:
+        f.create_dataset("features", data=np.zeros((6, 8), np.float32))
+        f.create_group("coords")
+    code, text, _ = run_cli_captured(["info", grouped], capsys)
+    assert code == 0 and "warning:      `coords` is a group" in text
     good = h5("good.h5", np.zeros((6, 8), np.float32), np.zeros((6, 2)))
     code, text, _ = run_cli_captured(["info", good], capsys)
     assert code == 0 and "6 x 8 features" in text and "warning" not in text

@@ -880,4 +880,10 @@ def test_evaluate_patch_folder_checks_mpp_and_out_first_and_marks_an_earlier_rep
     _start_report(out)  # what a slide cohort run does first
     assert not (out / MODEL_PATCHES_CSV).exists()
     assert "patch folder's scores are not kept" in _how_to_go_on(["evaluate", str(tmp_path / "patches")])
+    assert "patch folder's scores are not kept" in _how_to_go_on(["evaluate", "--out", "ev", "--mpp", "0.97",
+                                                                  str(tmp_path / "patches")])  # options first
+    inside = tmp_path / "patches" / "ev"  # an OUT inside the patch folder: its plots are no class
+    for _ in range(2):
+        code, _, err = run_cli_captured([*args, "--mpp", "0.97", "--out", inside], capsys)
+        assert code == 0 and "not a class" not in err, err
     assert "finished slides are kept" in _how_to_go_on(["evaluate", str(tmp_path / "slides_out")])

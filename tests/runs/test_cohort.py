@@ -409,6 +409,8 @@ def test_clams_dataset_csv_and_its_labels_are_read(tmp_path):
                    "patient_1,s3,1.0\n")
     c = read_cohort(csv)
     assert [(r.name, r.label, r.ok) for r in c.rows] == [("s1", 1, True), ("s2", 0, True), ("s3", 1, True)]
+    csv.write_text("case_id,image,label\npatient_0,s1,1\n")  # the name column is the name-like one
+    assert [(r.name, r.ok) for r in read_cohort(csv).rows] == [("s1", True)]
 
 
 def test_two_files_of_one_name_in_a_manifest_are_named_as_such(tmp_path):

@@ -198,6 +198,7 @@ def test_evaluate_warns_when_the_scores_do_not_separate():
     ranked = _result([0.0] * 4, [0, 1, 0, 1], 0.75, [0.6, 0.9])  # probabilities that round to 0, logits that rank
     for row, z in zip(ranked.rows, (-23.0, -15.0, -20.0, -18.0), strict=True):
         row["logit"] = z
+    ranked.metrics["auc_ranked_by"] = "logit"  # as _write_metrics records it
     assert separation_warning(ranked) is None  # it said "every one scores 0.000" beside an AUC of 0.75
 
 

@@ -96,3 +96,24 @@ def test_one_slide_under_several_names_is_said_to_count_again(cohort, model_file
                                      "100"], capsys)
     assert code == 0 and "another slide's file" not in err
     assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["repeated_slides"] is None
+
+
+def test_repeated_slides_compares_slide_files_only(tmp_path):
+    """OME-Zarr folders are fingerprinted by their top metadata files only, which two different slides can
+    share: they were reported as copies of each other."""
+    from wsi_vssm.runs.cohort_table import repeated_slides
+    from wsi_vssm.runs.state import write_state
+
+    out = tmp_path / "ev"
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.tif").write_bytes(b"same")
+        (tmp_path / f"{name}.ome.zarr").mkdir()
+    rows = [{"slide": n, "label": 1} for n in ("a", "b")]
+    for files, want in ((".tif", 1), (".ome.zarr", None)):
+        for name in ("a", "b"):
+            write_state(out, "predict", name, {"status": "done", "abspath": str(tmp_path / f"{name}{files}"),
+                                               "input": {"sha256": "f" * 64}})
+        got = repeated_slides(out, "predict", rows, {"a": "a", "b": "b"})
+        assert (got and got["repeats"]) == want
+    write_state(out, "predict", "a", {"status": "done", "abspath": str(tmp_path / "a.tif"), "input": "odd"})
+    assert repeated_slides(out, "predict", rows, {"a": "a", "b": "b"}) is None  # a foreign state: no traceback

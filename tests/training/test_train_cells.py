@@ -877,7 +877,7 @@ def test_an_attached_mil_head_says_which_slides_trained_it(tmp_path):
     from wsi_vssm.commands.model_info import format_model_info, model_info
 
     said = format_model_info(model_info(str(tmp_path / "run" / "model.pt")))  # `info` told none of it
-    assert f"head from:   {tmp_path / 'mil.pt'} (`train mil`): 2 slides trained it, 1 selected it (best epoch 3, " \
+    assert f"head from:   {tmp_path / 'mil.pt'} (`train mil`): 2 slides trained it, 1 selected it (best epoch 3; " \
            "valid AUC 0.750)" in said
     assert "head extract: regions 2048 px, overlap 128 px, min tissue 0.25" in said
 

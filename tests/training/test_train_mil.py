@@ -592,3 +592,23 @@ def test_slides_without_cells_are_left_out_of_training_and_of_the_split(feature_
     assert len(left) == 1 and left[0].endswith("left out of training and validation: blank"), res.stderr
     assert "no feature store" not in res.stderr  # it has one: not also called missing
     assert "12 training and 4 validation slides" in res.stdout  # the 16 with cells, split as before
+    ref.write_text("\n".join(f"{n},{y}" for n, (_, y) in sorted(bags.items())) + "\n")  # blank unlabelled
+    res = CliRunner().invoke(command, ["mil", "--features", str(feat), "--labels", str(ref), "--out",
+                                       str(tmp_path / "m2.pt"), "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0 and "hold no cells" not in res.stderr, res.output  # not trained on: not looked into
+    ref.write_text("blank,0\n")  # the only labelled slide's store is left out
+    res = CliRunner().invoke(command, ["mil", "--features", str(feat), "--labels", str(ref), "--out",
+                                       str(tmp_path / "m3.pt"), "--epochs", "1", "--device", "cpu"])
+    assert "the store of every labelled slide is left out" in str(res.exception), res.output
+
+
+def test_an_attached_ensemble_heads_selection_is_said_per_seed():
+    """A model whose head was attached from a `--ensemble` checkpoint said "best epoch None" (the attached head's
+    record kept neither its members nor their epochs)."""
+    from wsi_vssm.commands.model_info import _attached_head, _where_stopped
+
+    stage = {"method": "attached MIL checkpoint", "checkpoint": "/x/mil.pt", "train_slides": ["a"],
+             "valid_slides": ["b"], "best_epoch": None, "epochs": [3, 4],
+             "members": [{"seed": 0, "best_epoch": 2}, {"seed": 1, "best_epoch": 4}], "valid_auc": 0.9}
+    assert _where_stopped(_attached_head(stage)) == "best epochs per seed 2 of 3, 4 of 4"
+    assert _where_stopped({"best_epoch": 5, "epochs": None}) == "best epoch 5"

@@ -58,8 +58,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     if not Path(cohort).exists():  # before any heavy import: a typo fails at once
         raise UsageError(f"{cohort}: no such cohort file or folder")
     from wsi_vssm.commands.options import build_params, domain_note, load_cli_model, model_file, pop_run_options
+    from wsi_vssm.runs.cohort import is_patch_folder
     from wsi_vssm.runs.evaluate import evaluate_cohort
-    from wsi_vssm.runs.evaluate_patches import evaluate_patches, is_patch_folder
+    from wsi_vssm.runs.evaluate_patches import evaluate_patches
     from wsi_vssm.runs.report_warnings import (
         annotation_frame_warning,
         domain_warning,

@@ -74,7 +74,7 @@ def feature_info(path: str, kind: str) -> dict:
 
         try:
             with h5py.File(path, "r") as f:
-                if "features" not in f:
+                if not isinstance(f.get("features"), h5py.Dataset):  # missing, or a group of that name
                     raise UsageError(f"{path}: an HDF5 file without a `features` dataset: not a feature file")
                 feats = f["features"]
                 coords = f.get("coords")
@@ -112,8 +112,12 @@ def _cells(shape: tuple) -> dict:
 
 def _coords_notes(coords, cells: int | None) -> list[str]:
     """What is wrong with an h5 file's `coords` for its `cells`: missing, or not one (x, y) row per cell."""
+    import h5py
+
     if coords is None:
         return ["no `coords` dataset: the cells have no positions, so no heatmap or overlay can be drawn from it"]
+    if not isinstance(coords, h5py.Dataset):
+        return ["`coords` is a group, not a dataset of (x, y) rows: the cells have no positions"]
     shape = tuple(coords.shape)
     if cells is not None and shape != (cells, 2):
         return [f"coords have shape {list(shape)} for {cells} cells: not one (x, y) row per cell, so the positions "

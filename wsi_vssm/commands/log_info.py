@@ -61,6 +61,8 @@ def format_train_log_info(r: dict) -> str:
              f"epochs:       {r['epochs']} ({r['seconds'] / 60:.1f} min)"]
     if r["best_epoch"] is None:
         lines.append("best:         no epoch marked best yet")
+    elif r["selected_on"] is None:  # a log of another shape: its best epoch, no figure to quote
+        lines.append(f"best:         epoch {r['best_epoch']:g}")
     else:
         lines.append(f"best:         epoch {r['best_epoch']:g}, {r['selected_on']} {_text(r['best_value'])} (last "
                      f"epoch: {_text(r['last_value'])}); the model file beside it holds the best epoch's weights")

@@ -61,8 +61,15 @@ def _attached_head(stage) -> dict | None:
     feats = stage.get("features") if isinstance(stage.get("features"), dict) else {}
     return {"checkpoint": stage.get("checkpoint"), "train_slides": len(stage.get("train_slides") or []),
             "valid_slides": len(stage.get("valid_slides") or []), "best_epoch": stage.get("best_epoch"),
+            "epochs": stage.get("epochs"), "member_best_epochs": _member_best_epochs(stage),
             "valid_auc": stage.get("valid_auc"),
             "features": {k: feats.get(k) for k in ("region_px", "overlap_px", "min_tissue")}}
+
+
+def _member_best_epochs(meta: dict) -> list | None:
+    """Each ensemble member's best epoch (a `train mil --ensemble` head has no one best epoch)."""
+    members = meta.get("members")
+    return [m.get("best_epoch") for m in members if isinstance(m, dict)] if isinstance(members, list) else None
 
 
 def mil_head_info(path) -> dict | None:
@@ -90,8 +97,7 @@ def mil_head_info(path) -> dict | None:
                                                "overlap_px", "min_tissue")},
         "train_slides": len(meta.get("train_slides") or []), "valid_slides": len(meta.get("valid_slides") or []),
         "seed": meta.get("seed"), "epochs": meta.get("epochs"), "best_epoch": meta.get("best_epoch"),
-        "member_best_epochs": [m.get("best_epoch") for m in meta.get("members") or [] if isinstance(m, dict)]
-        or None,
+        "member_best_epochs": _member_best_epochs(meta),
         "valid_auc": meta.get("valid_auc"), "trained_cell_head":
             bool((meta.get("train_config") or {}).get("train_cell_head")),
         "date": meta.get("date"), "package_version": meta.get("package_version"),
@@ -127,7 +133,7 @@ def _where_stopped(r: dict) -> str:
     if isinstance(r["epochs"], list):
         best = r.get("member_best_epochs") or ["?"] * len(r["epochs"])
         return "best epochs per seed " + ", ".join(f"{b} of {n}" for b, n in zip(best, r["epochs"], strict=False))
-    return f"best epoch {r['best_epoch']} of {r['epochs']}"
+    return f"best epoch {r['best_epoch']}" + (f" of {r['epochs']}" if r.get("epochs") is not None else "")
 
 
 def _extract_settings_line(f: dict, label: str = "extracted:   ") -> list[str]:
@@ -172,7 +178,7 @@ def format_model_info(r: dict) -> str:
     if head:  # the slide head did not come from those patches: say where it did
         auc = head["valid_auc"]
         lines.append(f"head from:   {head['checkpoint']} (`train mil`): {head['train_slides']} slides trained it, "
-                     f"{head['valid_slides']} selected it (best epoch {head['best_epoch']}, valid AUC "
+                     f"{head['valid_slides']} selected it ({_where_stopped(head)}; valid AUC "
                      f"{'n/a' if not isinstance(auc, float | int) else f'{auc:.3f}'})")
         lines += _extract_settings_line(head["features"], "head extract: ")
     if r["patch_fingerprints"]:

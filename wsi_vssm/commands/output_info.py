@@ -159,10 +159,16 @@ def format_output_info(r: dict) -> str:
         lines.append(f"  {s['slide']}{kind}: {s['status']}{': ' + what if what else ''}")
     for key, values in r["mixed_settings"].items():
         shown = ", ".join(f"{_short(key, v)} ({n})" for v, n in sorted(values.items()))
-        lines.append(f"warning: its slides were extracted with different {key}: {shown}; train mil refuses "
-                     "features of different models, resolutions or cell sizes together and warns about other "
-                     "settings: extract the odd ones again")
+        lines.append(f"warning: its slides were extracted with different {key}: {shown}; {_MIXED[key]}: extract "
+                     "the odd ones again")
     return "\n".join(lines)
+
+
+_REFUSED = "train mil refuses stores of different models, resolutions or cell sizes together"
+_WARNED = "train mil warns (a cell's features depend on its region)"
+_MIXED = {"model_hash": _REFUSED, "mpp": _REFUSED, "token_px": _REFUSED, "region_px": _WARNED,
+          "overlap_px": _WARNED, "min_tissue": "train mil warns (the bags keep cells by different thresholds)",
+          "precision": "bf16 and fp32 features differ slightly (train mil does not check it)"}
 
 
 def _short(key: str, value: str) -> str:

@@ -146,10 +146,11 @@ def _splits(features_dir: Path, labels: Path, valid_labels: Path | None, valid_f
     from wsi_vssm.training.mil import stratified_split
 
     cohort = read_cohort(labels, find_slides=False)
-    stores, unusable = _stores(features_dir)
+    vcohort = None if valid_labels is None else read_cohort(valid_labels, find_slides=False)
+    labelled = {r.name.lower() for c in (cohort, vcohort) if c is not None for r in c.rows}
+    stores, unusable = _stores(features_dir, labelled)
     tables = [labels]
-    if valid_labels is not None:  # the command has checked that --valid-fraction is not given too
-        vcohort = read_cohort(valid_labels, find_slides=False)
+    if vcohort is not None:  # the command has checked that --valid-fraction is not given too
         # each table's split column is obeyed: never train on a row marked valid or test, nor select on test
         train_splits, valid_splits = (None, "train"), (None, "valid")
         train_rows = [r for r in cohort.rows if r.split in train_splits]
@@ -203,29 +204,28 @@ def _check_disjoint(train_rows: list, labels: Path, valid_rows: list, valid_labe
                              "list it in one table only")
 
 
-def _stores(features_dir: Path) -> tuple[dict[str, Path], set[str]]:
-    """(slide name (lower case) -> its store, names of the stores left out). Left out, with one warning each
-    kind: a store whose slide's latest extract did not finish (its state in the folder says failed or running)
-    holds an earlier run's features, maybe of a replaced file; a store without cells (no tissue found) is an
-    empty bag, and kept in the split it would count as a slide trained or selected on. A store without a state
-    (copied, or from an older version) is kept."""
-    from wsi_vssm.pipeline.store import FeatureStore, FeatureStoreError
+def _stores(features_dir: Path, labelled: set[str]) -> tuple[dict[str, Path], set[str]]:
+    """(slide name (lower case) -> its store, names of the labelled stores left out). Left out, with one
+    warning each kind: a store whose slide's latest extract did not finish (its state in the folder says failed
+    or running) holds an earlier run's features, maybe of a replaced file; a store without cells (no tissue
+    found) is an empty bag, and kept in the split it would count as a slide trained or selected on. A store
+    without a state (copied, or from an older version) is kept. Only the stores of `labelled` slides are looked
+    into, by their root attributes (the arrays are opened later, by training)."""
     from wsi_vssm.runs.state import read_state
 
     stores, stale, empty = {}, {}, []
     for p in sorted(d for d in features_dir.glob("*.zarr") if d.is_dir()):
         name = p.name[: -len(".zarr")]
+        if name.lower() not in labelled:
+            stores[name.lower()] = p  # not trained on: said no more about (the folder check counts it)
+            continue
         state = read_state(features_dir, "extract", name)
         if state is not None and state.get("status") != "done":
             stale[name] = state.get("status")
-            continue
-        try:
-            if len(FeatureStore.open(p)) == 0:
-                empty.append(name)
-                continue
-        except FeatureStoreError:
-            pass  # kept: training names the damaged store in one line
-        stores[name.lower()] = p
+        elif _n_cells(p) == 0:
+            empty.append(name)
+        else:
+            stores[name.lower()] = p
     if stale:
         click.echo(f"wsi-vssm: warning: {len(stale)} feature store(s) in {features_dir} are left out: the latest "
                    f"extract of their slide did not finish, so they hold an earlier run's features: "
@@ -234,6 +234,21 @@ def _stores(features_dir: Path) -> tuple[dict[str, Path], set[str]]:
         click.echo(f"wsi-vssm: warning: {len(empty)} feature store(s) in {features_dir} hold no cells (no tissue "
                    f"found) and are left out of training and validation: {_first(empty)}", err=True)
     return stores, {n.lower() for n in [*stale, *empty]}
+
+
+def _n_cells(store: Path) -> int | None:
+    """A store's cell count from its root attributes (`n_cells`, which extract writes), else from its arrays;
+    None when it cannot be read (training names a damaged store in one line)."""
+    from wsi_vssm.outputs.files import zarr_root_attrs
+    from wsi_vssm.pipeline.store import FeatureStore, FeatureStoreError
+
+    n = (zarr_root_attrs(store) or {}).get("n_cells")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    try:
+        return len(FeatureStore.open(store))
+    except FeatureStoreError:
+        return None
 
 
 def _first(names: list[str]) -> str:
@@ -250,11 +265,11 @@ def _check_stores(features_dir: Path, stores: dict[str, Path], unusable: set[str
     (those `_stores` left out have had theirs)."""
     from wsi_vssm.errors import UsageError
 
-    if not stores:
-        if unusable:
-            raise UsageError(f"--features {features_dir}: holds no usable feature stores (all {len(unusable)} are "
-                             "left out, as said above)")
+    if not stores and not unusable:
         raise UsageError(f"--features {features_dir}: holds no feature stores ({_WHAT_A_STORE_IS})")
+    if names and all(n.lower() in unusable for n in names):
+        raise UsageError(f"--features {features_dir}: the store of every labelled slide is left out (as said "
+                         "above): nothing to train on")
     names = [n for n in names if n.lower() not in unusable]
     missing = [n for n in names if n.lower() not in stores]
     if missing and len(missing) == len(names):

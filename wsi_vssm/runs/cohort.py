@@ -85,6 +85,11 @@ class Cohort:
         return {r.name: r.label for r in self.rows if r.label is not None}
 
 
+def is_patch_folder(path: Path) -> bool:
+    """A folder `evaluate` scores as patches: class folders 0/ and 1/ and no reference.csv."""
+    return path.is_dir() and has_class_folders(path) and not (path / "reference.csv").exists()
+
+
 def has_class_folders(d: Path) -> bool:
     """Whether folder `d` holds both class folders of a patch folder, 0/ and 1/, directly below it."""
     return (d / "0").is_dir() and (d / "1").is_dir()
@@ -210,7 +215,9 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
     if rows and (_is_reference_header(rows[0][1]) or _is_manifest_header(rows[0][1])):
         header = [c.strip().lower() for c in rows[0][1]]
         if "label" in header:
-            name_column = _path_column(header) or ("slide_id" if "slide_id" in header else header[0])
+            # a path column, else CLAM's slide_id, else the first name-like column (`case_id,image,label`)
+            name_column = _path_column(header) or ("slide_id" if "slide_id" in header else
+                                                   next((c for c in header if c in _HEADER_NAMES), header[0]))
             i_name, i_label = header.index(name_column), header.index("label")
             i_split = header.index("split") if "split" in header else None
         rows = rows[1:]

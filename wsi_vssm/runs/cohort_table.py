@@ -4,6 +4,7 @@ table rewritten after every slide, and the lock one writer of the cohort files h
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from wsi_vssm.outputs.files import CALIBRATION_PNG, COHORT_LESIONS_CSV, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
@@ -190,9 +191,10 @@ def interrupted_table(out: Path, crows: list, tasks: list, job, interim: Interim
 
 
 def repeated_slides(out: Path, kind: str, scored: list[dict], folders: dict[str, str]) -> dict | None:
-    """Scored slides whose input is another's (the same file under two names, a copy, a link): by the
+    """Scored slide files whose input is another's (the same file under two names, a copy, a link): by the
     fingerprint their states recorded (size and first and last MiB), as `repeated_patches` finds patches that
-    repeat; each copy counts again in the AUC. None when every slide is distinct."""
+    repeat; each copy counts again in the AUC. None when every slide is distinct. OME-Zarr folders are left out:
+    their fingerprint covers only the top metadata files, which two different slides can share."""
     import numpy as np
 
     from wsi_vssm.runs.state import read_state
@@ -201,8 +203,9 @@ def repeated_slides(out: Path, kind: str, scored: list[dict], folders: dict[str,
     known = []
     for r in scored:
         state = read_state(out, kind, folders.get(r["slide"], r["slide"])) or {}
-        sha = (state.get("input") or {}).get("sha256")
-        if sha:
+        fingerprint, path = state.get("input"), state.get("abspath") or state.get("path")
+        sha = fingerprint.get("sha256") if isinstance(fingerprint, dict) else None
+        if isinstance(sha, str) and isinstance(path, str) and os.path.isfile(path):
             known.append((sha, r["label"], r["slide"]))
     if len(known) < 2:
         return None

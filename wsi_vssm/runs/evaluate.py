@@ -278,9 +278,6 @@ def _model_file_for_workers(model, out: Path) -> str:
     return str(path)
 
 
-# The cell head learnt on 96 px patches (PCam), scored at the centre token of their 3 x 3 token map. A patch more
-# than a tenth smaller (48 px patches, a wrong --mpp) has its labelled centre off that token, or no 3 x 3 map at
-# all: its scores fell near 0 without a word. Within a tenth (rounding, 0.9 vs 0.97 um/px) it is scored as trained.
 def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int,
                    n_pending: int = 0, items: str = "slides", provenance: dict | None = None) -> dict:
     """metrics.json (`report.cohort_metrics`, then `n_pending`: slides not through yet, `complete`: none is,

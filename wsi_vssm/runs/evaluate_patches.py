@@ -17,13 +17,9 @@ from wsi_vssm.pipeline.predict import PredictParams
 from wsi_vssm.runs.cohort_table import replaced_cohort_warning
 from wsi_vssm.runs.evaluate import EvaluationResult, _provenance, _start_report, _write_metrics
 
-
-def is_patch_folder(path: Path) -> bool:
-    from wsi_vssm.runs.cohort import has_class_folders
-
-    return path.is_dir() and has_class_folders(path) and not (path / "reference.csv").exists()
-
-
+# The cell head learnt on 96 px patches (PCam), scored at the centre token of their 3 x 3 token map. A patch more
+# than a tenth smaller (48 px patches, a wrong --mpp) has its labelled centre off that token, or no 3 x 3 map at
+# all: its scores fell near 0 without a word. Within a tenth (rounding, 0.9 vs 0.97 um/px) it is scored as trained.
 TRAINED_PATCH_PX = 3 * STRIDE
 SMALL_PATCH_PX = round(0.9 * TRAINED_PATCH_PX)
 
@@ -62,9 +58,9 @@ def evaluate_patches(
     scale = mpp / model.mpp  # image px -> model px
     _check_enlargement(folder, mpp, model.mpp)
     ds = load_patches(folder)
-    if other := _other_classes_warning(Path(folder)):
-        warnings.warn(other, stacklevel=2)
     out = Path(out_dir)
+    if other := _other_classes_warning(Path(folder), out):
+        warnings.warn(other, stacklevel=2)
     try:  # before any patch is scored: an OUT that cannot be written failed only after the whole folder
         prove_writable(out)
     except OSError as e:
@@ -153,13 +149,19 @@ def _write_model_patches(path: Path, ds, parts: list[str | None]) -> None:
 STAIN_SAMPLE = 256  # patches a stain check looks at
 
 
-def _other_classes_warning(folder: Path) -> str | None:
+def _other_classes_warning(folder: Path, out: Path) -> str | None:
     """One line naming the folders beside 0/ and 1/ that hold images (an ImageFolder of more classes, `2/`): the
-    model scores tumour against normal only, so their images are in no figure; they were left out silently."""
+    model scores tumour against normal only, so their images are in no figure; they were left out silently. An
+    evaluation's own output inside the folder (its plots) is not one."""
+    from wsi_vssm.outputs.files import METRICS_JSON
     from wsi_vssm.training.data.patches import IMAGE_SUFFIXES, LABELS
 
+    def candidate(p: Path) -> bool:
+        return (p.is_dir() and p.name not in LABELS and not p.name.startswith(".")
+                and p.resolve() != out.resolve() and not (p / METRICS_JSON).exists())
+
     others = {}
-    for d in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in LABELS and not p.name.startswith(".")):
+    for d in sorted(p for p in folder.iterdir() if candidate(p)):
         n = sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and "/0/" not in f"/{f.relative_to(d)}"
                 and "/1/" not in f"/{f.relative_to(d)}")
         if n:

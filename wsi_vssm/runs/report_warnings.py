@@ -20,9 +20,9 @@ def separation_warning(result: EvaluationResult) -> str | None:
     """One line when the scores do not separate the classes: every slide scores the same, or the AUC's 95% CI
     covers 0.5 (chance). None when they do, or when there are too few scored slides to say."""
     done = [r for r in result.rows if r["status"] == "done" and r["probability"] is not None]
-    # ties judged as the AUC ranks: by the logits where every item has one (probabilities of 0.000 can still
-    # rank by logits -23 to -15)
-    key = "logit" if done and all(r.get("logit") is not None for r in done) else "probability"
+    # ties judged as the AUC ranked them (metrics.json auc_ranked_by): probabilities of 0.000 can still rank by
+    # logits -23 to -15
+    key = "logit" if result.metrics.get("auc_ranked_by") == "logit" else "probability"
     scores = [r[key] for r in done]
     m = result.metrics
     if len(scores) >= 2 and max(scores) - min(scores) <= SEPARATION_TIE:

@@ -348,7 +348,8 @@ def mil_provenance(path: str | os.PathLike) -> dict:
     from wsi_vssm.models.checkpoint import read_checkpoint
 
     meta = read_checkpoint(path).get("metadata") or {}
-    return {k: meta[k] for k in ("train_slides", "valid_slides", "best_epoch", "valid_auc", "features") if k in meta}
+    keys = ("train_slides", "valid_slides", "best_epoch", "epochs", "members", "valid_auc", "features")
+    return {k: meta[k] for k in keys if k in meta}
 
 
 def _final_metadata(h: TrainHistory) -> dict:
