@@ -280,3 +280,26 @@ def test_info_on_an_evaluate_folder_leads_with_its_report(model_file, cohort, tm
     assert "NOT complete: the figures of an earlier run on this folder" in text.splitlines()[1]
     code, text, _ = run_cli(capsys, str(out), "--json")
     assert json.loads(text)["report"]["n"] == 3
+
+
+def test_info_on_an_evaluate_folder_marks_what_its_report_counts(tmp_path, capsys):
+    """`info OUT` listed every state in the folder as if the report counted it (slides of another cohort run
+    into it too), said `done` for a slide the report calls failed, and left out a slide whose file was missing
+    (it never got a state)."""
+    from wsi_vssm.runs.state import write_state
+
+    out = tmp_path / "ev"
+    for name, p in (("Tumor_001", 0.9), ("normal_001", 0.1), ("other_cohort", 0.5)):
+        write_state(out, "predict", name, {"slide": name, "status": "done", "result": {"probability": p},
+                                           "params": {"threshold": 0.5}})
+    (out / "metrics.json").write_text(json.dumps({"cohort": "/c/ref.csv", "n": 1, "n_failed": 2, "auc": None,
+                                                  "reason": "AUC needs both classes", "complete": True}))
+    (out / "predictions.csv").write_text("slide,label,probability,status,error,in_domain,logit\n"
+                                         "TUMOR_001,1,0.9,done,,,\nnormal_001,0,,failed,its file went,,\n"
+                                         "gone,0,,failed,slide file not found: /c/gone.tif,,\n")
+    code, text, _ = run_cli(capsys, str(out))
+    by_name = {line.split(":")[0].strip(): line for line in text.splitlines()[2:]}
+    assert code == 0 and "(not in the report)" in by_name["other_cohort"], text
+    assert "(not in the report)" not in by_name["Tumor_001"]  # the table's case is the file's
+    assert "(the report has it failed)" in by_name["normal_001"]
+    assert by_name["gone"] == "  gone: failed (in the report, no state): slide file not found: /c/gone.tif"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import unicodedata
 from pathlib import Path
 
 from wsi_vssm.outputs.files import METRICS_JSON, PREDICTION_JSON, PREDICTIONS_CSV
@@ -40,8 +41,35 @@ def output_info(path: str) -> dict:
             slides.append(entry)
             key = f"{kind} {entry['status']}"
             counts[key] = counts.get(key, 0) + 1
+    report = _report(out)
+    table = _report_rows(out) if report and report["items"] != "patches" else None
+    if table is not None:  # which states the report counts, and its rows that no state stands for
+        stated = set()
+        for entry in slides:
+            if entry["kind"] == "predict":
+                row = table.get(_key(entry["slide"]))
+                entry["report_status"] = None if row is None else row[1]
+                stated.add(_key(entry["slide"]))
+        report["without_state"] = [{"slide": name, "status": status, "error": error}
+                                   for key, (name, status, error) in table.items() if key not in stated]
     return {"folder": str(out), "slides": slides, "counts": counts, "mixed_settings": _mixed_settings(slides),
-            "report": _report(out)}
+            "report": report}
+
+
+def _report_rows(out: Path) -> dict[str, tuple[str, str, str]] | None:
+    """{name key: (slide, status, error)} of OUT's predictions.csv, or None when it cannot be read."""
+    try:
+        with open(out / PREDICTIONS_CSV, newline="", encoding="utf-8") as f:
+            return {_key(r["slide"]): (r["slide"], r.get("status") or "", r.get("error") or "")
+                    for r in csv.DictReader(f) if r.get("slide")}
+    except (OSError, ValueError, KeyError, csv.Error):
+        return None
+
+
+def _key(name: str) -> str:
+    """A slide name as tables and files may spell it (case, Unicode form): `runs.cohort.name_key`'s rule, kept
+    here so that `info OUT` loads no numpy."""
+    return unicodedata.normalize("NFC", name).lower()
 
 
 def _report(out: Path) -> dict | None:
@@ -155,8 +183,14 @@ def format_output_info(r: dict) -> str:
         if s["earlier_outputs"]:
             what += (f" ({s['slide']}/ still holds an earlier run's outputs)" if s["kind"] == "predict" else
                      " (an earlier run's feature files of it are still there)")
+        if "report_status" in s and s["report_status"] is None:  # run into this folder by another command
+            what += " (not in the report)"
+        elif s.get("report_status") not in (None, s["status"], "no_tissue"):  # its outputs went since, say
+            what += f" (the report has it {s['report_status']})"
         kind = "" if s["kind"] == "predict" else f" ({s['kind']})"
         lines.append(f"  {s['slide']}{kind}: {s['status']}{': ' + what if what else ''}")
+    for row in (rep or {}).get("without_state") or []:  # a missing file: failed before any state was written
+        lines.append(f"  {row['slide']}: {row['status']} (in the report, no state): {row['error']}")
     for key, values in r["mixed_settings"].items():
         shown = ", ".join(f"{_short(key, v)} ({n})" for v, n in sorted(values.items()))
         lines.append(f"warning: its slides were extracted with different {key}: {shown}; {_MIXED[key]}: extract "
