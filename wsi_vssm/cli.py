@@ -50,7 +50,9 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsi-vssm")
-@click.option("--debug", is_flag=True, envvar="WSI_VSSM_DEBUG", help="Show tracebacks instead of one-line errors.")
+@click.option("--debug", is_flag=True, envvar="WSI_VSSM_DEBUG",
+              help="Show tracebacks instead of one-line errors (before or after the command; a slide that fails in "
+                   "a cohort run stays one line).")
 @click.pass_context
 def cli(ctx, debug):
     """Whole-slide metastasis detection with a VMamba (VSSM) backbone."""
@@ -142,6 +144,8 @@ def main(argv=None):
     another run after --wait-locked); 130 interrupted; 143 terminated (SIGTERM).
     """
     args = [str(a) for a in (argv if argv is not None else sys.argv[1:])]
+    if "--debug" in args[1:]:  # `wsi-vssm info --debug X` as well as `wsi-vssm --debug info X`: click takes it first
+        args = ["--debug", *[a for a in args if a != "--debug"]]
     debug = "--debug" in args or bool(os.environ.get("WSI_VSSM_DEBUG"))
     if not debug:  # decoders' own log lines (e.g. tifffile's "invalid offset") would add to our one-line errors;
         # asyncio's are zarr's chunk reads left pending when one tile of a damaged file fails to decode
@@ -161,7 +165,7 @@ def main(argv=None):
         _SIGTERM_SEEN.clear()
         if set(args) & set(COMMANDS) and not {"-h", "--help"} & set(args):  # help and --version need no memory
             _check_address_space()
-        cli.main(args=argv, prog_name="wsi-vssm", standalone_mode=False)
+        cli.main(args=args, prog_name="wsi-vssm", standalone_mode=False)
         if _SIGTERM_SEEN:  # the handler's exception was swallowed on the way: still end as terminated
             _terminated(args)
     except click.exceptions.Exit as e:

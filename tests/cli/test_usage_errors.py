@@ -77,6 +77,19 @@ def test_synth_option_values(tmp_path, capsys):
     # 4 patients plan a macrometastasis (> 2 mm), which does not fit on 1,024 px slides at 0.5 um/px
     assert_usage_error(["synth", tmp_path / "b", "--patients", "4", "--size", "1024"], capsys, "--size")
     assert not (tmp_path / "b").exists()
+    assert_usage_error(["synth", tmp_path / "c", "--slides", "1", "--grid", "-5"], capsys, "--grid")  # any kind
+    # options the kind of cohort does not use were ignored without a word
+    code, _, err = run_cli_captured(["synth", tmp_path / "d", "--slides", "1", "--size", "1024", "--grid", "5",
+                                     "--split-seed", "3"], capsys)
+    assert code == 0 and err.strip() == ("wsi-vssm: warning: --grid, --split-seed do not apply to drawn slides and "
+                                         "are ignored"), err
+
+
+def test_debug_after_the_command_is_taken(tmp_path, capsys):
+    """`wsi-vssm info --debug X` was refused as "No such option '--debug'" although main() looked for it
+    anywhere; the flag now works on either side of the command."""
+    with pytest.raises(Exception, match="no such file or directory"):  # the traceback's exception, raised
+        run_cli_captured(["info", "--debug", tmp_path / "none.svs"], capsys)
 
 
 def test_training_option_values(tmp_path, capsys):

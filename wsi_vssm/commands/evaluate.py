@@ -20,7 +20,7 @@ from wsi_vssm.runs.runner import EXIT_INCOMPLETE
 PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the terminal; all are in predictions.csv
 
 
-@click.command("evaluate")
+@click.command("evaluate", short_help="AUC with CI, ROC and per-slide table for a cohort or patch folder.")
 @click.argument("cohort", type=click.Path())
 @click.option("--out", "-o", "out_dir", default="wsi-vssm-out", show_default=True, type=NonEmptyPath(file_okay=False),
               help="Output folder: metrics.json, predictions.csv, lesions.csv, roc.png, calibration.png, and "

@@ -7,7 +7,7 @@ import click
 from wsi_vssm.commands.options import NonEmptyPath
 
 
-@click.command("export")
+@click.command("export", short_help="Export a backbone to ONNX, checked with onnxruntime.")
 @click.option("--model", "model_name", default="micro", show_default=True,
               help="Backbone config name (micro, micro_wide, tiny, small, base, tiny_s1, small_s1, base_s1); with a "
                    "wsi-vssm model file as --checkpoint, the file's own backbone unless given.")

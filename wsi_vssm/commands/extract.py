@@ -26,7 +26,7 @@ from wsi_vssm.commands.options import (
 )
 
 
-@click.command("extract")
+@click.command("extract", short_help="Token-cell features of slides (zarr, CLAM/TRIDENT h5, pt).")
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--model", "-m", "model", default="default", show_default=True,
               help="A wsi-vssm model file, 'default' (the packaged model, as predict), or a registry name (e.g. "
@@ -43,27 +43,30 @@ from wsi_vssm.commands.options import (
 @mpp_option
 @fallback_mpp_option
 @click.option("--region-px", type=click.IntRange(min=32), default=None,
-              help="Region side at the analysis mpp (default 2048 on CPU, 9984 on GPU: 10,000 in whole tokens). "
+              help="Region side at the analysis mpp, a multiple of the model's token (32 px) (default 2048 on "
+                   "CPU, 9984 on GPU: 10,000 in whole tokens). "
                    "Each region's scan sees only its own pixels: features move with the region size, more below 1024.")
 @click.option("--overlap-px", type=click.IntRange(min=0), default=None,
-              help="Overlap between regions (default 128).")
+              help="Overlap between regions, a multiple of the token (default 128).")
 @click.option("--min-tissue", type=FiniteFloatRange(0, 1), default=None,
               help="Drop cells with a smaller tissue fraction (default 0.25).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
+              help="Where the backbone runs; auto: CUDA when there is a GPU.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Regions per forward pass.")
 @reader_threads_option
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None, callback=amp_and_precision,
-              help="Backbone arithmetic [default: bf16 on cuda, fp32 on the CPU]; bf16 needs native hardware "
-                   "support, else it runs fp32 with one warning.")
-@click.option("--amp/--no-amp", default=None, callback=amp_and_precision,
+              help="Backbone arithmetic [default: bf16 on a GPU, fp32 on the CPU; predict and evaluate default to "
+                   "fp32 everywhere, so give --precision fp32 for features that match theirs on a GPU]; bf16 needs "
+                   "native hardware support, else it runs fp32 with one warning. auto: bf16 where native.")
+@click.option("--amp/--no-amp", default=None, callback=amp_and_precision, hidden=True,
               help="Old spelling of --precision bf16 / fp32.")
 @run_options
 @click.pass_context
 def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, region_px, overlap_px, min_tissue, device,
             batch_size, reader_threads, precision, amp, **opts):
     """Extract token-cell features of SLIDE(s) with a VSSM backbone (slide files, OME-Zarr folders, folders
-    of slides, or CSV slide lists with a wsi / slide / path column and an optional mpp column)."""
+    of slides, or CSV slide lists with a wsi / slide / path / file / slide_path column and an optional mpp column)."""
     from wsi_vssm.commands.options import (
         exit_for,
         model_file,

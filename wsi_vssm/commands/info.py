@@ -24,7 +24,7 @@ PASS_MPP = "pass --mpp X (microns per pixel at level 0) to commands that read it
 NO_MPP_HINT = f"the file states no resolution; {PASS_MPP}"
 
 
-@click.command("info")
+@click.command("info", short_help="What a slide, model, output folder or feature file holds.")
 @click.argument("slide", metavar="SLIDE|MODEL|HEATMAP|OUT|RUN|FEATURES", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option(

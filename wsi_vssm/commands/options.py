@@ -40,8 +40,9 @@ mpp_option = click.option(
     "--mpp",
     type=MPP_RANGE,
     default=None,
-    help="Microns per pixel at level 0 of every input (a stated value is overridden, with a warning). For only "
-         "the slides that state none: predict / evaluate / extract --fallback-mpp.",
+    help="Microns per pixel at level 0 of every input, except the rows of a manifest or slide list that give "
+         "their own mpp (a stated value is overridden, with a warning). For only the slides that state none: "
+         "--fallback-mpp of predict, evaluate and extract.",
 )
 
 fallback_mpp_option = click.option(
@@ -49,8 +50,8 @@ fallback_mpp_option = click.option(
     type=MPP_RANGE,
     default=None,
     help="Microns per pixel at level 0 for the slides that store none (or only an objective power); slides that "
-         "state theirs keep it. For folders mixing both. Not with --mpp; an evaluate manifest's mpp column wins "
-         "over it.",
+         "state theirs keep it. For folders mixing both. Not with --mpp; a manifest's or slide list's mpp column "
+         "wins over it.",
 )
 
 
@@ -165,17 +166,20 @@ def predict_options(f):
         click.option("--target-mpp", type=MPP_RANGE, default=None,
                      help="Analysis resolution in um/px (default: the model's own)."),
         click.option("--region-px", type=click.IntRange(min=32), default=None,
-                     help="Region side at analysis resolution (default: 2048 on CPU, 9984 on GPU, i.e. "
-                          "10,000 in whole tokens). Each region's scan sees only its own pixels: probabilities and "
-                          "outlines move with the region size, more below 1024 (docs/features.md)."),
+                     help="Region side at analysis resolution, a multiple of the model's token (32 px) "
+                          "(default: 2048 on CPU, 9984 on GPU, i.e. 10,000 in whole tokens). Each region's scan "
+                          "sees only its own pixels: probabilities and outlines move with the region size, more "
+                          "below 1024 (docs/features.md)."),
         click.option("--overlap-px", type=click.IntRange(min=0), default=None,
-                     help="Overlap between regions (default 128)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True),
+                     help="Overlap between regions, a multiple of the token (default 128)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
+                     help="Where the backbone runs; auto: CUDA when there is a GPU."),
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Regions per forward pass (a patch folder: patches per pass, at least 16)."),
+                     help="Regions per forward pass (evaluate on a patch folder: patches per pass, and values below "
+                          "16 are raised to 16)."),
         reader_threads_option,
         precision_option,
-        click.option("--amp/--no-amp", default=False, callback=amp_and_precision,
+        click.option("--amp/--no-amp", default=False, callback=amp_and_precision, hidden=True,
                      help="Old spelling of --precision bf16 / fp32."),
         click.option("--tta", is_flag=True,
                      help="Test-time augmentation: the mean over the 8 flips and quarter turns of every region "

@@ -14,7 +14,7 @@ from wsi_vssm.commands.options import (
 )
 
 
-@click.command("predict")
+@click.command("predict", short_help="Slide probability, heatmap, lesions and overlay per slide.")
 @click.argument("slides", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", "out_dir", default="wsi-vssm-out", show_default=True, type=NonEmptyPath(file_okay=False),
               help="Output folder; each slide gets OUT/<slide name>/.")
@@ -28,8 +28,8 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
     """Predict metastasis for SLIDES: prediction.json, heatmap.ome.zarr, overlay.png, contours.geojson, lesions.csv.
 
     SLIDES are slide files, OME-Zarr folders, folders of slides (the slide files directly in them), or CSV
-    slide lists (a header naming the path column, wsi / slide / path, and optionally mpp: each row's level-0
-    resolution; paths relative to the CSV; other columns are not read).
+    slide lists (a header naming the path column, wsi / slide / path / file / slide_path, and optionally mpp:
+    each row's level-0 resolution; paths relative to the CSV; other columns are not read).
 
     Prints one line per slide. Slides done before with the same model and parameters are skipped; exit code 3
     when some slides failed (the others are done), 1 when the only slide failed. See docs/cohorts.md.

@@ -10,7 +10,7 @@ import click
 from wsi_vssm.commands.options import NonEmptyPath
 
 
-@click.command("run")
+@click.command("run", short_help="Run a training recipe (pipelines/default.toml), resumable.")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set data.train=/data/pcam/train.tar (repeatable).")

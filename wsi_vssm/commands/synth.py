@@ -9,11 +9,11 @@ import click
 from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
 
 
-@click.command("synth")
+@click.command("synth", short_help="Write a synthetic CAMELYON16-style cohort (or patch mosaics).")
 @click.argument("out", type=NonEmptyPath(path_type=str))
-@click.option("--slides", "n_slides", type=click.IntRange(min=1), default=None,
+@click.option("--slides", "n_slides", type=click.IntRange(min=1), default=None, metavar="N",
               help="Number of slides; half (rounded down) tumour.")
-@click.option("--patients", "n_patients", type=click.IntRange(min=1), default=None,
+@click.option("--patients", "n_patients", type=click.IntRange(min=1), default=None, metavar="N",
               help="Instead of --slides: CAMELYON17-style patients of 5 nodes each, stages pN0, pN0(i+), pN1mi, "
                    "pN1, pN2 in turn; writes patients.csv and reference.csv with a node `category` column.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -29,15 +29,16 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
 @click.option("--from-patches", "patches", default=None, metavar="SRC",
               help="Tile mosaic slides from labelled patches instead (a folder or tar in ImageFolder layout, "
                    "e.g. PCam): normal slides of label-0 patches, tumour slides with one lesion of label-1 ones.")
-@click.option("--grid", type=int, default=8, show_default=True,
-              help="Mosaics: patches per slide side (3 to 64).")
+@click.option("--grid", type=click.IntRange(3, 64), default=8, show_default=True,  # synth.mosaic.MIN/MAX_GRID
+              help="Mosaic slides: patches per slide side (patients' mosaic nodes have their own sizes).")
 @click.option("--part", type=click.Choice(["all", "select", "holdout"]), default="all", show_default=True,
               help="Mosaics: which part of SRC to use, split as `train cells` splits its validation data.")
 @click.option("--valid-select", type=click.IntRange(min=1), default=None,
               help="Mosaics with --part: patches in the selection part, as in training [default: half].")
 @click.option("--split-seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Mosaics with --part: the seed training split with (`train cells --seed`).")
-def command(out, n_slides, n_patients, seed, size, mpp, workers, quality, patches, grid, part, valid_select,
+@click.pass_context
+def command(ctx, out, n_slides, n_patients, seed, size, mpp, workers, quality, patches, grid, part, valid_select,
             split_seed):
     """Write N synthetic H&E slides (pyramidal JPEG TIFF), annotations/*.xml and reference.csv into OUT.
 
@@ -49,6 +50,7 @@ def command(out, n_slides, n_patients, seed, size, mpp, workers, quality, patche
 
     if (n_slides is None) == (n_patients is None):
         raise OptionError("give either --slides N or --patients N")
+    _warn_unused(ctx, patches is not None, n_patients is not None)
     if n_patients is not None:
         if patches is not None:
             return _mosaic_patients(out, n_patients, seed, patches, part, valid_select, split_seed, mpp or 0.97,
@@ -101,12 +103,26 @@ def _mosaic_patients(out, n_patients, seed, source, part, valid_select, split_se
                f"{out} --patients {out}/patients.csv")
 
 
-def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, mpp, quality) -> None:
-    from wsi_vssm.errors import OptionError
-    from wsi_vssm.synth.mosaic import MAX_GRID, MIN_GRID, make_mosaic_cohort
+def _warn_unused(ctx: click.Context, mosaics: bool, patients: bool) -> None:
+    """One warning naming the options given that this kind of cohort does not use (they were ignored silently):
+    mosaics take no --size or --workers, drawn slides no --grid or patch-part options, mosaic patients no --grid."""
+    from click.core import ParameterSource
 
-    if not MIN_GRID <= grid <= MAX_GRID:
-        raise OptionError(f"--grid must be {MIN_GRID} to {MAX_GRID} patches per side, got {grid}")
+    unused = {"size", "workers"} if mosaics else {"grid", "part", "valid_select", "split_seed"}
+    if mosaics and patients:
+        unused.add("grid")
+    given = [f"--{n.replace('_', '-')}" for n in sorted(unused)
+             if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
+    if given:
+        kind = ("mosaic patients" if patients else "mosaic slides") if mosaics else \
+            ("drawn patients" if patients else "drawn slides")
+        click.echo(f"wsi-vssm: warning: {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to "
+                   f"{kind} and {'is' if len(given) == 1 else 'are'} ignored", err=True)
+
+
+def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, mpp, quality) -> None:
+    from wsi_vssm.synth.mosaic import make_mosaic_cohort
+
     start = time.perf_counter()
     patches = _patch_part(source, part, valid_select, split_seed)
     recs = make_mosaic_cohort(out, patches, n_slides, seed, grid, mpp, quality=quality)

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_option
+from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
 
-command = click.Group("train", help="Train models: `cells` trains a backbone and its cell head on labelled patches; "
-                                    "`mil` fits the slide-level attention head on cached features.")
+command = click.Group(
+    "train", short_help="Train the cell stage (cells) or the slide head (mil).",
+    help="Train models: `cells` trains a backbone and its cell head on labelled patches; `mil` fits the "
+         "slide-level attention head on cached features.")
 
 
-@command.command("mil")
+@command.command("mil", short_help="Train the slide (MIL) head on extract's feature stores.")
 @click.option("--features", "features_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of feature stores (<slide>.zarr) from `wsi-vssm extract`.")
@@ -48,14 +50,20 @@ command = click.Group("train", help="Train models: `cells` trains a backbone and
               help="Random cells per training bag per step (default: all).")
 @click.option("--model", "model_file", default=None,
               help="The slide-model file (or 'default', the packaged one) whose backbone made the features: its "
-                   "trained cell head is kept.")
+                   "trained cell head is kept, and every store is checked to be its backbone's. Without it the "
+                   "cell head starts random (and stays so unless --train-cell-head) and the backbone is not "
+                   "checked.")
 @click.option("--train-cell-head/--freeze-cell-head", default=False, show_default=True,
               help="Also train the per-cell head (MIL max-instance loss).")
 @click.option("--log", "log_path", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv. With --ensemble, one "
                    "per member (LOG-seedS).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True)
-@precision_option
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
+              help="Where the head trains; auto: CUDA when there is a GPU.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
+              help="The MIL head's arithmetic (this stage runs no backbone; the head is small and bf16 rarely pays "
+                   "here). bf16 without native hardware support runs fp32 with one warning; auto: bf16 where "
+                   "native.")
 def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patience, lr, seed, ensemble, max_cells,
         model_file, train_cell_head, log_path, device, precision):
     """Train the AttentionMIL slide head on cached features with slide labels."""

@@ -13,7 +13,7 @@ import click
 from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_option
 
 
-@click.command("cells")
+@click.command("cells", short_help="Train a backbone and its cell head on labelled patches.")
 @click.option("--data", "train_src", required=True, type=click.Path(exists=True, path_type=Path),
               help="Training patches: a folder or .tar in ImageFolder layout (0/*.jpg, 1/*.jpg), e.g. PCam train.tar.")
 @click.option("--valid", "valid_src", required=True, type=click.Path(exists=True, path_type=Path),
@@ -26,10 +26,14 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
 @click.option("--domain", default=None, metavar="TEXT",
               help="What the patches show, said with every prediction (default: 'patches of DATA at about MPP "
                    "um/px').")
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Most epochs; --patience may stop earlier.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Patches per step (per process under torchrun).")
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Peak learning rate (AdamW).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seeds the weights, the data order and the validation split.")
 @click.option("--max-train", type=click.IntRange(min=2), default=None,
               help="Train on a seeded class-stratified subset of this many patches.")
 @click.option("--epoch-size", type=click.IntRange(min=1), default=None,
@@ -53,10 +57,13 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
               help="Region crops (annotated slides or mosaics) per step.")
 @click.option("--slides", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of slides with lesion annotations (ASAP XML / GeoJSON): an extra source of region crops.")
-@click.option("--scan", default="auto", show_default=True, help="Selective-scan implementation (auto, chunked, ...).")
+@click.option("--scan", default="auto", show_default=True,
+              help="Selective-scan implementation: auto, reference, cpu, chunked, mamba_ssm or triton (another "
+                   "name is refused before any data is read).")
 @click.option("--no-augment", is_flag=True, help="Turn off stain/colour jitter, blur and flips.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Training device; under torchrun each process takes GPU LOCAL_RANK.")
+              help="Training device (cpu unless asked: give cuda or auto on a GPU machine); under torchrun each "
+                   "process takes GPU LOCAL_RANK.")
 @precision_option
 @click.option("--log", "log_path", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")
