@@ -315,3 +315,18 @@ def test_info_out_flags_slides_extracted_with_different_settings(tmp_path, capsy
     assert _extract(_slide(tmp_path / "s4.tif"), "--out", tmp_path / "alike").exit_code == 0
     code, text, _ = run_cli_captured(["info", tmp_path / "alike"], capsys)
     assert code == 0 and "warning" not in text
+
+
+def test_extract_takes_the_slide_reader_as_predict_does(tmp_path):
+    """`extract` had no --backend (predict, evaluate and info have it; docs/formats.md advises tifffile for
+    speed on some files): the most read-bound command could not choose its reader."""
+    from wsi_vssm.runs.state import read_state
+
+    slide = _slide(tmp_path / "s1.tif")
+    res = _extract(slide, "--out", tmp_path / "feat", "--backend", "tifffile")
+    assert res.exit_code == 0, res.output
+    assert read_state(tmp_path / "feat", "extract", "s1")["params"]["backend"] == "tifffile"
+    res = _extract(slide, "--out", tmp_path / "feat2", "--backend", "zarr")  # not an OME-Zarr: fails alone
+    assert res.exit_code != 0 and "s1.tif" in res.stderr and "Traceback" not in res.output
+    assert _extract(slide, "--out", tmp_path / "feat3").exit_code == 0  # auto: the hash stores had before
+    assert "backend" not in read_state(tmp_path / "feat3", "extract", "s1")["params"]

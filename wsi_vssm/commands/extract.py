@@ -55,6 +55,8 @@ from wsi_vssm.commands.options import (
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Regions per forward pass.")
 @reader_threads_option
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile", "zarr"]), default="auto",
+              show_default=True, help="Slide reader; auto chooses by the file's content (docs/formats.md).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]), default=None, callback=amp_and_precision,
               help="Backbone arithmetic [default: bf16 on a GPU, fp32 on the CPU; predict and evaluate default to "
                    "fp32 everywhere, so give --precision fp32 for features that match theirs on a GPU]; bf16 needs "
@@ -64,7 +66,7 @@ from wsi_vssm.commands.options import (
 @run_options
 @click.pass_context
 def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, region_px, overlap_px, min_tissue, device,
-            batch_size, reader_threads, precision, amp, **opts):
+            batch_size, reader_threads, backend, precision, amp, **opts):
     """Extract token-cell features of SLIDE(s) with a VSSM backbone (slide files, OME-Zarr folders, folders
     of slides, or CSV slide lists with a wsi / slide / path / file / slide_path column and an optional mpp column)."""
     from wsi_vssm.commands.options import (
@@ -109,6 +111,6 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
     )  # fmt: skip
     progress.info(f"model {info.model_id} ({info.model_hash[:12]}) at {analysis_mpp:g} um/px, "
                   f"regions {params['region_px']} px (overlap {params['overlap_px']}), device {dev}")
-    job = extract_job(out, model_file(model), backbone, info, mpp, params, tuple(formats), fallback_mpp)
+    job = extract_job(out, model_file(model), backbone, info, mpp, params, tuple(formats), fallback_mpp, backend)
     summary = run_slides(tasks, job, run, progress)
     exit_for(summary, len(tasks))

@@ -196,7 +196,7 @@ def predict_options(f):
                      help="Lesion pieces at most this many cell widths apart are measured as one lesion "
                           "(default: the model's, else 1)."),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile", "zarr"]), default="auto",
-                     show_default=True),
+                     show_default=True, help="Slide reader; auto chooses by the file's content (docs/formats.md)."),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -190,6 +190,7 @@ class ExtractJob(PerSlideMpp):
     kind: str = "extract"
     formats: tuple[str, ...] = ("zarr",)
     fallback_mpp: float | None = None  # level-0 mpp of the slides that store none (not hashed: PerSlideMpp)
+    backend: str = "auto"  # the slide reader (`io.open_slide`)
 
     def params_dict(self) -> dict:
         return dict(self.resolved)
@@ -226,7 +227,7 @@ class ExtractJob(PerSlideMpp):
     def open_slide(self, task: SlideTask):
         from wsi_vssm.io import open_slide
 
-        return open_slide(task.path, mpp=self.slide_mpp(task), fallback_mpp=self.fallback_mpp)
+        return open_slide(task.path, backend=self.backend, mpp=self.slide_mpp(task), fallback_mpp=self.fallback_mpp)
 
     def _warn_left_over(self, name: str) -> None:
         """An earlier run's file of a format this run does not write is not removed (it may be wanted as it is),
@@ -316,7 +317,7 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
 
 def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override: float | None,
                 extract_params: dict, formats: tuple[str, ...] = ("zarr",),
-                fallback_mpp: float | None = None) -> ExtractJob:
+                fallback_mpp: float | None = None, backend: str = "auto") -> ExtractJob:
     """An ExtractJob; its hash covers the weights, the geometry (mpp, token, region, overlap, min tissue),
     a slide mpp override, the precision used (as resolved on this machine), the package version and the file
     formats (not threads, batch size or device)."""
@@ -332,6 +333,9 @@ def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override
     formats = check_formats(formats)  # in one order, once each: the order given does not redo slides
     if formats != ("zarr",):  # stores made before formats existed keep their hash
         resolved["formats"] = list(formats)
+    if backend != "auto":  # another reader may decode other pixels (JPEG); auto keeps the hash stores had before
+        resolved["backend"] = backend
     _MODELS[f"extract:{model}"] = (backbone, info)
     return ExtractJob(os.fspath(out), model, mpp_override, dict(extract_params), params_hash(resolved),
-                      info.model_id, info.model_hash, resolved, formats=formats, fallback_mpp=fallback_mpp)
+                      info.model_id, info.model_hash, resolved, formats=formats, fallback_mpp=fallback_mpp,
+                      backend=backend)
