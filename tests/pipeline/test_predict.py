@@ -887,3 +887,27 @@ def test_evaluate_patch_folder_checks_mpp_and_out_first_and_marks_an_earlier_rep
         code, _, err = run_cli_captured([*args, "--mpp", "0.97", "--out", inside], capsys)
         assert code == 0 and "not a class" not in err, err
     assert "finished slides are kept" in _how_to_go_on(["evaluate", str(tmp_path / "slides_out")])
+
+
+def test_evaluate_patch_folder_reads_each_file_once(model_file, tmp_path, monkeypatch):
+    """A patch evaluation read every file twice: to score it, then to hash it for `model_patches` and
+    `repeated_patches` (left alone since 2026-12-05). The digests are the same as a fresh hash's."""
+    from pathlib import Path
+
+    from conftest import write_patch_folder
+
+    from wsi_vssm.runs.evaluate_patches import evaluate_patches
+    from wsi_vssm.training.data.fingerprints import patch_digests
+    from wsi_vssm.training.data.patches import load_patches
+
+    write_patch_folder(tmp_path / "patches", 3, 0)
+    reads, real = [], Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: (reads.append(self.name) if self.suffix == ".jpg" else None) or real(self))
+    res = evaluate_patches(tmp_path / "patches", _model(model_file), tmp_path / "ev", mpp=0.97, n_boot=100)
+    assert res.metrics["n"] == 6 and len(reads) == 6 and len(set(reads)) == 3  # 0/p0.jpg and 1/p0.jpg: 2 names
+    ds = load_patches(tmp_path / "patches")
+    fresh = patch_digests(ds)  # nothing read yet: hashed from the files
+    ds[0], ds[5]
+    again = ds.subset([5, 0, 2])
+    assert list(patch_digests(again)) == [fresh[5], fresh[0], fresh[2]]

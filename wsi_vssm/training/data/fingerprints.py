@@ -28,12 +28,20 @@ def patch_digests(ds) -> np.ndarray:
     if cached is not None:
         return cached
     out = np.empty(len(ds.items), _DTYPE)
+    seen = getattr(ds, "read_digests", None) or {}  # files the dataset hashed as it read them: not read again
     for i, it in enumerate(ds.items):
-        raw = it.data if it.data is not None else (ds.root / it.name).read_bytes()
-        out[i] = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+        if i in seen:
+            out[i] = seen[i]
+            continue
+        out[i] = file_digest(it.data if it.data is not None else (ds.root / it.name).read_bytes())
     if hasattr(ds, "_digests"):
         ds._digests = out
     return out
+
+
+def file_digest(raw: bytes) -> int:
+    """A patch file's digest (`HASH`): the first 8 bytes of BLAKE2b over its bytes, little-endian."""
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 
 def patch_record(train, select, previous: Mapping | None = None) -> dict:

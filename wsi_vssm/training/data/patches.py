@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from wsi_vssm.errors import UsageError, one_line
+from wsi_vssm.training.data.fingerprints import file_digest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 LABELS = ("0", "1")
@@ -43,6 +44,9 @@ class PatchDataset(torch.utils.data.Dataset):
         self.items, self.root, self.source = list(items), root, source
         self.patch_size: tuple[int, int] | None = None  # (w, h) of every patch, once `readable` has decoded them
         self._digests: np.ndarray | None = None  # `fingerprints.patch_digests`, once computed
+        # index -> digest of the files read so far: `patch_digests` need not read them again (evaluate scores a
+        # folder and then hashes it)
+        self.read_digests: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -51,6 +55,7 @@ class PatchDataset(torch.utils.data.Dataset):
         it = self.items[i]
         try:
             raw = it.data if it.data is not None else (self.root / it.name).read_bytes()
+            self.read_digests[i] = file_digest(raw)
             with Image.open(io.BytesIO(raw)) as im:
                 rgb = _rgb(im)
         except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
@@ -70,6 +75,7 @@ class PatchDataset(torch.utils.data.Dataset):
         part.patch_size = self.patch_size
         if self._digests is not None:  # each file is hashed once, whichever part checks it
             part._digests = self._digests[np.asarray(idx, dtype=np.int64)]
+        part.read_digests = {j: self.read_digests[i] for j, i in enumerate(idx) if i in self.read_digests}
         return part
 
     def readable(self) -> PatchDataset:
