@@ -66,6 +66,19 @@ def _split(bags):
     return train, valid
 
 
+def _reference(bags, extra: str = "") -> str:
+    """A reference table of every fixture bag (`name,label` lines), then `extra` lines."""
+    return "\n".join(f"{n},{y}" for n, (_, y) in sorted(bags.items())) + "\n" + extra
+
+
+def _train_mil_cli(features, labels, out):
+    """`wsi-vssm train mil` for one epoch on the CPU, as a click result."""
+    from wsi_vssm.commands.train import command
+
+    return CliRunner().invoke(command, ["mil", "--features", str(features), "--labels", str(labels), "--out",
+                                        str(out), "--epochs", "1", "--device", "cpu"])
+
+
 def test_learns_planted_signal_and_checkpoint_reloads_exactly(feature_bags, tmp_path):
     _, bags = feature_bags
     train, valid = _split(bags)
@@ -503,7 +516,6 @@ def test_cli_a_store_whose_last_extract_failed_is_left_out_with_a_warning(featur
     features without a word (evaluate and info already set such leftovers apart)."""
     import shutil
 
-    from wsi_vssm.commands.train import command
     from wsi_vssm.runs.state import write_state
 
     d, bags = feature_bags
@@ -512,9 +524,8 @@ def test_cli_a_store_whose_last_extract_failed_is_left_out_with_a_warning(featur
     write_state(feat, "extract", "t00", {"status": "failed", "error": "the file is truncated"})
     write_state(feat, "extract", "n00", {"status": "done"})
     ref = tmp_path / "reference.csv"
-    ref.write_text("\n".join(f"{n},{y}" for n, (_, y) in sorted(bags.items())) + "\n")
-    res = CliRunner().invoke(command, ["mil", "--features", str(feat), "--labels", str(ref), "--out",
-                                       str(tmp_path / "m.pt"), "--epochs", "1", "--device", "cpu"])
+    ref.write_text(_reference(bags))
+    res = _train_mil_cli(feat, ref, tmp_path / "m.pt")
     assert res.exit_code == 0, res.output
     stale = [line for line in res.stderr.splitlines() if "did not finish" in line]
     assert len(stale) == 1 and "1 feature store(s)" in stale[0] and "t00 (failed)" in stale[0], res.stderr
@@ -525,16 +536,12 @@ def test_cli_an_existing_out_is_warned_about_and_the_stop_message_says_what_is_o
     """A finished head at --out was replaced by a new run's first epoch without a word, and Ctrl-C before any
     epoch ended claimed the --out file held this run's unfinished head."""
     from wsi_vssm.cli import _how_to_go_on
-    from wsi_vssm.commands.train import command
-
     d, bags = feature_bags
     ref = tmp_path / "reference.csv"
-    ref.write_text("\n".join(f"{n},{y}" for n, (_, y) in sorted(bags.items())) + "\n")
-    args = ["mil", "--features", str(d), "--labels", str(ref), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
-            "--device", "cpu"]
-    res = CliRunner().invoke(command, args)
+    ref.write_text(_reference(bags))
+    res = _train_mil_cli(d, ref, tmp_path / "m.pt")
     assert res.exit_code == 0 and "exists" not in res.stderr, res.output
-    res = CliRunner().invoke(command, args)
+    res = _train_mil_cli(d, ref, tmp_path / "m.pt")
     warned = [line for line in res.stderr.splitlines() if "exists: this run replaces it" in line]
     assert res.exit_code == 0 and len(warned) == 1 and str(tmp_path / "m.pt") in warned[0], res.stderr
     said = _how_to_go_on(["train", "mil"])
@@ -542,8 +549,9 @@ def test_cli_an_existing_out_is_warned_about_and_the_stop_message_says_what_is_o
 
 
 def test_stores_of_other_extract_settings_are_warned_about_and_recorded(tmp_path, capsys):
-    """Stores extracted at 256 px regions and at 2,048 px were mixed without a word (their features differ by a
-    median relative L2 of 0.91), and the head did not record the settings it was trained on."""
+    """Stores extracted at 256 px regions and at 2,048 px were mixed without a word (the same cells' features
+    differ, most near region edges: docs/features.md), and the head did not record the settings it was trained
+    on."""
     from conftest import run_cli_captured
 
     train = [(_store(tmp_path / f"a{i}.zarr", i, i % 2 == 1, region_px=2048, overlap_px=128, min_tissue=0.25),
@@ -569,7 +577,6 @@ def test_slides_without_cells_are_left_out_of_training_and_of_the_split(feature_
     could be drawn into validation by the seeded split, so selection rested on fewer slides than announced."""
     import shutil
 
-    from wsi_vssm.commands.train import command
 
     d, bags = feature_bags
     train, valid = _split(bags)
@@ -584,21 +591,18 @@ def test_slides_without_cells_are_left_out_of_training_and_of_the_split(feature_
     shutil.copytree(d, feat)
     shutil.copytree(empty, feat / "blank.zarr")
     ref = tmp_path / "reference.csv"
-    ref.write_text("\n".join(f"{n},{y}" for n, (_, y) in sorted(bags.items())) + "\nblank,0\n")
-    res = CliRunner().invoke(command, ["mil", "--features", str(feat), "--labels", str(ref), "--out",
-                                       str(tmp_path / "m.pt"), "--epochs", "1", "--device", "cpu"])
+    ref.write_text(_reference(bags, "blank,0\n"))
+    res = _train_mil_cli(feat, ref, tmp_path / "m.pt")
     assert res.exit_code == 0, res.output
     left = [line for line in res.stderr.splitlines() if "hold no cells" in line]
     assert len(left) == 1 and left[0].endswith("left out of training and validation: blank"), res.stderr
     assert "no feature store" not in res.stderr  # it has one: not also called missing
     assert "12 training and 4 validation slides" in res.stdout  # the 16 with cells, split as before
-    ref.write_text("\n".join(f"{n},{y}" for n, (_, y) in sorted(bags.items())) + "\n")  # blank unlabelled
-    res = CliRunner().invoke(command, ["mil", "--features", str(feat), "--labels", str(ref), "--out",
-                                       str(tmp_path / "m2.pt"), "--epochs", "1", "--device", "cpu"])
+    ref.write_text(_reference(bags))  # blank unlabelled
+    res = _train_mil_cli(feat, ref, tmp_path / "m2.pt")
     assert res.exit_code == 0 and "hold no cells" not in res.stderr, res.output  # not trained on: not looked into
     ref.write_text("blank,0\n")  # the only labelled slide's store is left out
-    res = CliRunner().invoke(command, ["mil", "--features", str(feat), "--labels", str(ref), "--out",
-                                       str(tmp_path / "m3.pt"), "--epochs", "1", "--device", "cpu"])
+    res = _train_mil_cli(feat, ref, tmp_path / "m3.pt")
     assert "the store of every labelled slide is left out" in str(res.exception), res.output
 
 

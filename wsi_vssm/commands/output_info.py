@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
-import unicodedata
 from pathlib import Path
 
-from wsi_vssm.outputs.files import METRICS_JSON, PREDICTION_JSON, PREDICTIONS_CSV
+from wsi_vssm.outputs.files import METRICS_JSON, PREDICTION_JSON, PREDICTIONS_CSV, name_key
 from wsi_vssm.runs.state import STATE_DIR, describe_holder, live_lock
 
 KINDS = ("predict", "extract")  # the jobs that keep a state per slide (evaluate's slides are predict's)
@@ -47,9 +46,9 @@ def output_info(path: str) -> dict:
         stated = set()
         for entry in slides:
             if entry["kind"] == "predict":
-                row = table.get(_key(entry["slide"]))
+                row = table.get(name_key(entry["slide"]))
                 entry["report_status"] = None if row is None else row[1]
-                stated.add(_key(entry["slide"]))
+                stated.add(name_key(entry["slide"]))
         report["without_state"] = [{"slide": name, "status": status, "error": error}
                                    for key, (name, status, error) in table.items() if key not in stated]
     return {"folder": str(out), "slides": slides, "counts": counts, "mixed_settings": _mixed_settings(slides),
@@ -60,16 +59,10 @@ def _report_rows(out: Path) -> dict[str, tuple[str, str, str]] | None:
     """{name key: (slide, status, error)} of OUT's predictions.csv, or None when it cannot be read."""
     try:
         with open(out / PREDICTIONS_CSV, newline="", encoding="utf-8") as f:
-            return {_key(r["slide"]): (r["slide"], r.get("status") or "", r.get("error") or "")
+            return {name_key(r["slide"]): (r["slide"], r.get("status") or "", r.get("error") or "")
                     for r in csv.DictReader(f) if r.get("slide")}
     except (OSError, ValueError, KeyError, csv.Error):
         return None
-
-
-def _key(name: str) -> str:
-    """A slide name as tables and files may spell it (case, Unicode form): `runs.cohort.name_key`'s rule, kept
-    here so that `info OUT` loads no numpy."""
-    return unicodedata.normalize("NFC", name).lower()
 
 
 def _report(out: Path) -> dict | None:

@@ -201,7 +201,7 @@ def _left_out(cohort, kept: tuple) -> list[str]:
 def _check_disjoint(train_rows: list, labels: Path, valid_rows: list, valid_labels: Path) -> None:
     """A slide to train on that is also a validation slide: one line naming it, before anything is read."""
     from wsi_vssm.errors import UsageError
-    from wsi_vssm.runs.cohort import name_key
+    from wsi_vssm.outputs.files import name_key
 
     valid = {name_key(r.name): r for r in valid_rows}
     for r in train_rows:
@@ -285,9 +285,8 @@ def _check_stores(features_dir: Path, stores: dict[str, Path], unusable: set[str
         raise UsageError(f"--features {features_dir}: none of the {len(names)} labelled slide(s) of "
                          f"{' and '.join(map(str, tables))} has a feature store there (it holds {found})")
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         click.echo(f"wsi-vssm: warning: {len(missing)} of {len(names)} labelled slide(s) have no feature store "
-                   f"in {features_dir} and are left out: {shown}", err=True)
+                   f"in {features_dir} and are left out: {_first(missing)}", err=True)
 
 
 def _bags(names: list[str], labels: dict[str, int], stores: dict[str, Path]) -> list[tuple[Path, int]]:

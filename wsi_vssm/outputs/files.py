@@ -69,6 +69,15 @@ def zarr_root_attrs(p: Path) -> dict | None:
     return {}
 
 
+def name_key(name: str) -> str:
+    """How slide names are matched across tables, states and files: in any case and either Unicode form (macOS
+    writes file names decomposed, NFD, while a typed table is composed, NFC: `tümör` looked the same and was "not
+    found"). Here, in a standard-library module, so that `info OUT` matches names without loading numpy."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).lower()
+
+
 def is_heatmap_zarr(p: Path) -> bool:
     """Whether folder `p` is a heatmap.ome.zarr written by `outputs.heatmap` (its `wsi_vssm` block, any name)."""
     block = (zarr_root_attrs(p) or {}).get("wsi_vssm")

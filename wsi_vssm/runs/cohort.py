@@ -25,6 +25,7 @@ from wsi_vssm.io.base import (
     slide_name,  # the one naming rule (SlideReader.name); re-exported as cohort.slide_name
 )
 from wsi_vssm.io.formats import is_zarr_dir
+from wsi_vssm.outputs.files import name_key
 
 # 0.0 / 1.0 as pandas writes an integer column with a gap; tumor_tissue / normal_tissue as CLAM's example tables
 LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "normal": 0, "tumor": 1, "tumour": 1, "normal_tissue": 0,
@@ -248,14 +249,6 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
         cohort.rows.append(CohortRow(name, label, split, found, line, error))
     _check_duplicates(cohort)
     return cohort
-
-
-def name_key(name: str) -> str:
-    """How slide names are matched: in any case and either Unicode form (macOS writes file names decomposed,
-    NFD, while a typed table is composed, NFC: `tümör` looked the same and was "not found")."""
-    import unicodedata
-
-    return unicodedata.normalize("NFC", name).lower()
 
 
 def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:

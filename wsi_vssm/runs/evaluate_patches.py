@@ -58,6 +58,7 @@ def evaluate_patches(
     scale = mpp / model.mpp  # image px -> model px
     _check_enlargement(folder, mpp, model.mpp)
     ds = load_patches(folder)
+    ds.read_digests = {}  # each file hashed as it is read: `patch_digests` below reads none again
     out = Path(out_dir)
     if other := _other_classes_warning(Path(folder), out):
         warnings.warn(other, stacklevel=2)

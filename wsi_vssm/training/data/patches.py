@@ -44,9 +44,9 @@ class PatchDataset(torch.utils.data.Dataset):
         self.items, self.root, self.source = list(items), root, source
         self.patch_size: tuple[int, int] | None = None  # (w, h) of every patch, once `readable` has decoded them
         self._digests: np.ndarray | None = None  # `fingerprints.patch_digests`, once computed
-        # index -> digest of the files read so far: `patch_digests` need not read them again (evaluate scores a
-        # folder and then hashes it)
-        self.read_digests: dict[int, int] = {}
+        # index -> digest of each file read, kept when a caller sets it to {} (evaluate scores a folder and then
+        # hashes it: `patch_digests` need not read the files again); None, training's case, hashes nothing
+        self.read_digests: dict[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -55,7 +55,8 @@ class PatchDataset(torch.utils.data.Dataset):
         it = self.items[i]
         try:
             raw = it.data if it.data is not None else (self.root / it.name).read_bytes()
-            self.read_digests[i] = file_digest(raw)
+            if self.read_digests is not None:
+                self.read_digests[i] = file_digest(raw)
             with Image.open(io.BytesIO(raw)) as im:
                 rgb = _rgb(im)
         except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
@@ -75,7 +76,8 @@ class PatchDataset(torch.utils.data.Dataset):
         part.patch_size = self.patch_size
         if self._digests is not None:  # each file is hashed once, whichever part checks it
             part._digests = self._digests[np.asarray(idx, dtype=np.int64)]
-        part.read_digests = {j: self.read_digests[i] for j, i in enumerate(idx) if i in self.read_digests}
+        if self.read_digests is not None:
+            part.read_digests = {j: self.read_digests[i] for j, i in enumerate(idx) if i in self.read_digests}
         return part
 
     def readable(self) -> PatchDataset:
