@@ -102,9 +102,9 @@ def _how_to_go_on(argv: list[str]) -> str:
     if words[:1] == ["evaluate"]:
         from wsi_vssm.runs.cohort import is_patch_folder  # light: this runs in a signal handler
 
-        if any(is_patch_folder(Path(a)) for a in args[1:]):  # no per-patch state: nothing to resume from
-            return ("a patch folder's scores are not kept: rerun the same command to score it again (an earlier "
-                    "run's figures stay, marked not complete)")
+        if any(is_patch_folder(Path(a)) for a in args[1:]):
+            return ("the patches scored so far are kept: rerun the same command to resume (the report is written "
+                    "when every patch is scored)")
     if words[:1] in (["predict"], ["evaluate"], ["extract"]):
         return "finished slides are kept: rerun the same command to resume"
     if words[:1] == ["run"] or words == ["train", "cells"]:

@@ -833,7 +833,8 @@ def test_evaluate_patch_folder_checks_mpp_and_out_first_and_marks_an_earlier_rep
     """A review of 2026-12-06: `--mpp 2` (patches enlarged 2x, AUC 0.75 against 0.97) was taken without a word;
     an --out under a file failed only after every patch was scored; a patch run into a slide cohort's OUT left
     its metrics.json "complete" while it ran (and its lesions.csv for good), and the reverse kept
-    model_patches.csv; Ctrl-C promised "finished slides are kept" of a run that keeps nothing."""
+    model_patches.csv; Ctrl-C promised "finished slides are kept" of a run that kept nothing (it keeps its
+    patches' scores since: tests/runs/test_patch_scores.py)."""
     import json
 
     from conftest import run_cli_captured, write_patch_folder
@@ -879,9 +880,9 @@ def test_evaluate_patch_folder_checks_mpp_and_out_first_and_marks_an_earlier_rep
 
     _start_report(out)  # what a slide cohort run does first
     assert not (out / MODEL_PATCHES_CSV).exists()
-    assert "patch folder's scores are not kept" in _how_to_go_on(["evaluate", str(tmp_path / "patches")])
-    assert "patch folder's scores are not kept" in _how_to_go_on(["evaluate", "--out", "ev", "--mpp", "0.97",
-                                                                  str(tmp_path / "patches")])  # options first
+    assert "patches scored so far are kept" in _how_to_go_on(["evaluate", str(tmp_path / "patches")])
+    assert "patches scored so far are kept" in _how_to_go_on(["evaluate", "--out", "ev", "--mpp", "0.97",
+                                                              str(tmp_path / "patches")])  # options first
     inside = tmp_path / "patches" / "ev"  # an OUT inside the patch folder: its plots are no class
     for _ in range(2):
         code, _, err = run_cli_captured([*args, "--mpp", "0.97", "--out", inside], capsys)

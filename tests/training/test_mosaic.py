@@ -151,6 +151,8 @@ def test_mosaic_mil_stage_end_to_end(tmp_path, monkeypatch, capsys):
     assert stage["train_slides"] == 4 + 2 and stage["valid_slides"] == 4 + 2 and stage["test"]["n"] == 2
     assert model.metadata["threshold"] == stage["threshold"] and stage["seconds"] > 0
     assert stage["test"]["threshold"] == stage["threshold"]  # scored as `evaluate` scores it: stored threshold
+    # the features' extract settings (CPU defaults here), which predict warns about when it reads other regions
+    assert {k: stage["features"][k] for k in ("region_px", "overlap_px")} == {"region_px": 2048, "overlap_px": 128}
     # every slide head was trained; the one with the best AUC over the valid mosaics and the pooled bags was kept,
     # calibrated with a bag-size term on the same bags
     assert [c["name"] for c in stage["candidates"]] == ["attention", "topk2", "count"]

@@ -51,7 +51,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     OUT/roc.png, OUT/calibration.png (with --patients also OUT/stages.csv and OUT/confusion.png) and each slide's
     prediction folder. A rerun resumes (done slides are
     skipped). Exit code 3 when the cohort finished with some slides failed, 4 when the
-    report is incomplete (slides still being done by another run on OUT; see --wait-locked).
+    report is incomplete (slides still being done by another run on OUT; see --wait-locked; for a patch folder,
+    another run is scoring into OUT). A patch folder's scores are kept as they are made: a rerun resumes, and
+    --overwrite scores every patch again.
     """
     from wsi_vssm.errors import UsageError
 
@@ -90,7 +92,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         patch_mpp = mpp or opts["fallback_mpp"]  # patches store no resolution: a fallback is theirs
         res = evaluate_patches(cohort, model, out_dir, patch_mpp, batch_size=max(16, opts["batch_size"]), n_boot=n_boot,
                                threshold=opts["cell_threshold"], inference=inference,
-                               device=option_device(opts["device"]))
+                               device=option_device(opts["device"]), overwrite=run.overwrite, progress=progress)
         failed = [r["error"] for r in res.rows if r["status"] == "failed"]
         for line in failed[:PATCH_ERRORS_SHOWN]:
             progress.error(line)
@@ -179,7 +181,7 @@ SLIDE_RESULT_OPTIONS = ("annotations", "patients", "threshold", "extent_threshol
                         "target_mpp")
 # how slides are read and run: without effect on a patch folder, said once
 SLIDE_RUN_OPTIONS = ("region_px", "overlap_px", "reader_threads", "backend", "workers", "scheduler", "split_regions",
-                     "retry_failed", "wait_locked", "overwrite")
+                     "retry_failed", "wait_locked")
 
 
 def _slide_only_options(ctx: click.Context, progress) -> None:

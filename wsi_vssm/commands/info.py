@@ -70,7 +70,7 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
         report = output_info(slide)
         click.echo(json.dumps(report, indent=2) if as_json else format_output_info(report))
         return
-    if is_patch_evaluation(slide):  # evaluate on a patch folder keeps no per-patch states: its figures
+    if is_patch_evaluation(slide):  # a patch folder's evaluation: its figures, or how far it got
         report = patch_evaluation_info(slide)
         click.echo(json.dumps(report, indent=2) if as_json else format_patch_evaluation_info(report))
         return

@@ -1,6 +1,6 @@
 """`wsi-vssm info OUT`: what an output folder of `predict`, `evaluate` or `extract` holds, slide by slide, from
 the per-slide states (docs/cohorts.md), so a lab can see where a long cohort run stands without opening files;
-for `evaluate` on a patch folder (no states), its figures and failed patches from metrics.json and
+for `evaluate` on a patch folder (no slide states), its figures and failed patches from metrics.json and
 predictions.csv. No slide, heatmap or model is opened (and neither numpy nor torch imported)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from wsi_vssm.outputs.files import METRICS_JSON, PREDICTION_JSON, PREDICTIONS_CSV, name_key
+from wsi_vssm.runs.patch_scores import PATCH_SCORES, kept_scores
 from wsi_vssm.runs.state import STATE_DIR, describe_holder, live_lock
 
 KINDS = ("predict", "extract")  # the jobs that keep a state per slide (evaluate's slides are predict's)
@@ -203,7 +204,10 @@ def _short(key: str, value: str) -> str:
 
 
 def is_patch_evaluation(path: str) -> bool:
-    """A folder that `evaluate` wrote for a patch folder: a metrics.json with the patch-only `model_patches` key."""
+    """A folder that `evaluate` wrote for a patch folder: a metrics.json with the patch-only `model_patches` key,
+    or the scores file of a run interrupted before its first report."""
+    if (Path(path) / PATCH_SCORES).is_file():
+        return True
     try:
         return "model_patches" in json.loads((Path(path) / METRICS_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
@@ -212,9 +216,15 @@ def is_patch_evaluation(path: str) -> bool:
 
 def patch_evaluation_info(path: str) -> dict:
     """{folder, patches (the folder evaluated), n, n_failed, auc, auc_ci95, threshold, sensitivity, specificity,
-    model_patches, repeated_patches, precision, tta, failed: [{patch, error}]} of a patch evaluation."""
+    model_patches, repeated_patches, precision, tta, failed: [{patch, error}], report (whether metrics.json is
+    there), complete, stale (why not), kept_scores (patches scored so far: `runs.patch_scores`)} of a patch
+    evaluation."""
     out = Path(path)
-    m = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
+    try:
+        m = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # interrupted before its first report: only its kept scores
+        m = {}
+    m = m if isinstance(m, dict) else {}
     failed = []
     try:
         with open(out / PREDICTIONS_CSV, newline="", encoding="utf-8") as f:
@@ -226,16 +236,25 @@ def patch_evaluation_info(path: str) -> dict:
     return {"folder": str(out), "patches": m.get("cohort"), "model": (m.get("model") or {}).get("name"),
             **{k: m.get(k) for k in ("n", "n_failed", "auc", "auc_ci95", "threshold", "sensitivity", "specificity",
                                      "model_patches", "repeated_patches")},
-            "precision": params.get("precision"), "tta": params.get("tta"), "failed": failed}
+            "precision": params.get("precision"), "tta": params.get("tta"), "failed": failed,
+            "report": bool(m), "complete": m.get("complete", False), "stale": m.get("stale"),
+            "kept_scores": kept_scores(out)}
 
 
 def format_patch_evaluation_info(r: dict) -> str:
+    kept = r.get("kept_scores")
+    if not r.get("report"):
+        return (f"patch evaluation: {r['folder']}: interrupted before its first report; {kept or 0} patch scores "
+                "kept: rerun the same evaluate command to resume")
     auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}"
     if r["auc"] is not None and r["auc_ci95"]:
         auc += f" (95% CI {r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})"
     lines = [f"patch evaluation: {r['folder']} (of {r['patches']}; model {r['model']}, {r['precision']}"
              f"{', TTA' if r['tta'] else ''})",
              f"  {r['n']} patches scored, {r['n_failed']} failed; AUC {auc}"]
+    if not r.get("complete"):  # a later run is at work on the folder, or was interrupted
+        so_far = f" ({kept} patches of the later run scored so far)" if kept is not None else ""
+        lines.insert(1, f"  NOT complete: {r.get('stale') or 'the report was not finished'}{so_far}")
     if r["threshold"] is not None and r["sensitivity"] is not None:
         lines.append(f"  at threshold {r['threshold']:.3f}: sensitivity {r['sensitivity']:.3f}, specificity "
                      f"{r['specificity']:.3f}")

@@ -119,3 +119,30 @@ def grid_size(slide, mpp: float, region_px: int, overlap_px: int) -> int:
     rows, cols = RegionGrid.full_shape(slide.dimensions, float(mpp) / slide.require_mpp(), region_px, overlap_px)
     return rows * cols
 
+
+
+def head_region_warning(metadata: dict | None, region_px: int, overlap_px: int) -> str | None:
+    """A slide head attached from `train mil` (`run ... attach_mil`) learnt on features extracted with some region
+    and overlap (the checkpoint's `features`, kept in the model's `mil_stage`): a run that reads other regions
+    gives it other features (a cell's features depend on where it lay in its region; docs/features.md), so its
+    slide probability moves without a word. The words for the one warning, or None when they match or the model
+    does not say (its own recipe's head, or a head trained before 2026-12-06). A list (stores of mixed settings)
+    matches any of its values."""
+    stage = (metadata or {}).get("mil_stage")
+    features = stage.get("features") if isinstance(stage, dict) else None
+    if not isinstance(features, dict):
+        return None
+    run = {"region_px": region_px, "overlap_px": overlap_px}
+    trained = {k: features.get(k) for k in run if features.get(k) is not None}
+    off = [k for k, v in trained.items() if run[k] not in (v if isinstance(v, list) else [v])]
+    if not off:
+        return None
+
+    def said(values):
+        return " with ".join(f"{' or '.join(map(str, v)) if isinstance(v, list) else v} px "
+                             f"{'regions' if k == 'region_px' else 'overlap'}" for k, v in values.items())
+
+    match = " ".join(f"--{k.replace('_', '-')} {v[0] if isinstance(v, list) else v}" for k, v in trained.items())
+    return (f"the model's slide head learnt from features of {said(trained)}; this run reads "
+            f"{said({k: run[k] for k in trained})}, so its slide probabilities are not what the head was trained on "
+            f"(a cell's features depend on its region): {match} matches")

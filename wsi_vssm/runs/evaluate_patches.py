@@ -1,6 +1,7 @@
 """`evaluate` on a patch folder in ImageFolder layout (`DIR/0/*.jpg`, `DIR/1/*.jpg`, e.g. PCam): each image is
-scored alone by the cell head on the cell covering its centre, which is how PCam labels are defined. It keeps no
-per-patch state: an interrupted run scores the folder again (the earlier figures stay, marked not complete)."""
+scored alone by the cell head on the cell covering its centre, which is how PCam labels are defined. Scores are
+kept as they are made (`runs.patch_scores`): an interrupted run resumes, and a rerun with only another
+--cell-threshold or --bootstrap scores nothing again."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from wsi_vssm.outputs.files import MODEL_PATCHES_CSV, PREDICTIONS_CSV
 from wsi_vssm.pipeline.predict import PredictParams
 from wsi_vssm.runs.cohort_table import replaced_cohort_warning
 from wsi_vssm.runs.evaluate import EvaluationResult, _provenance, _start_report, _write_metrics
+from wsi_vssm.runs.patch_scores import PATCH_SCORES, PatchScores
 
 # The cell head learnt on 96 px patches (PCam), scored at the centre token of their 3 x 3 token map. A patch more
 # than a tenth smaller (48 px patches, a wrong --mpp) has its labelled centre off that token, or no 3 x 3 map at
@@ -27,24 +29,24 @@ SMALL_PATCH_PX = round(0.9 * TRAINED_PATCH_PX)
 def evaluate_patches(
     folder: str | os.PathLike, model, out_dir: str | os.PathLike, mpp: float | None, batch_size: int = 64,
     n_boot: int = 2000, threshold: float | None = None, inference=None, device: str = "cpu",
+    overwrite: bool = False, progress=None,
 ) -> EvaluationResult:
     """Score an ImageFolder patch dataset by the centre cell of each image; write predictions and metrics.
     Each patch is a cell, so sensitivity and specificity are taken at the model's `cell_threshold` (0.5 for
     older files) unless `threshold` is given. Probabilities go through the model's `patch_calibration` when
     it has one (a patch scored alone lacks the context the cell head was calibrated in). `inference`
-    (`pipeline.extract.Inference`): precision and TTA as `predict` applies them to a region's feature map."""
+    (`pipeline.extract.Inference`): precision and TTA as `predict` applies them to a region's feature map.
+    Scores an earlier run into `out_dir` made with the same parameters are reused, unless `overwrite`;
+    `progress` (`progress.Progress`) shows how far the scoring is."""
     import torch
 
     from wsi_vssm.atomic import prove_writable
-    from wsi_vssm.io.base import resize
-    from wsi_vssm.models.inputs import to_tensor
     from wsi_vssm.models.precision import resolve_precision
-    from wsi_vssm.outputs.calibration import logistic
     from wsi_vssm.outputs.report import write_predictions_csv
     from wsi_vssm.pipeline.extract import Inference
     from wsi_vssm.runs.state import OutputNotWritable
     from wsi_vssm.training.data.fingerprints import patch_digests, patches_seen, repeated_patches, seen_parts
-    from wsi_vssm.training.data.patches import PatchDataError, load_patches
+    from wsi_vssm.training.data.patches import load_patches
 
     inference = Inference.of(inference)
     # a bad name, or bf16 without hardware, before any patch is read; recorded as resolved, as slides record it
@@ -66,67 +68,121 @@ def evaluate_patches(
         prove_writable(out)
     except OSError as e:
         raise OutputNotWritable(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
-    if replaced := replaced_cohort_warning(out, folder, None):
-        warnings.warn(replaced, stacklevel=2)
-    _start_report(out)  # an earlier report is marked not complete (and its cohort lesions.csv goes) while this runs
-    rows: list[dict | None] = [None] * len(ds)  # in the dataset's order, whichever batch a patch went in
+    # locked before anything in OUT changes: a second run on it stops here, leaving the first one's files alone
+    with PatchScores(out, *_scores_key(model, mpp, used, inference.tta), fresh=overwrite) as scores:
+        if replaced := replaced_cohort_warning(out, folder, None):
+            warnings.warn(replaced, stacklevel=2)
+        _start_report(out)  # an earlier report is marked not complete (and its cohort lesions.csv goes) while this runs
+        if scores.earlier and progress is not None:
+            progress.info(f"resuming: {len(scores.earlier)} patch score(s) of an earlier run are kept in "
+                          f"{out / PATCH_SCORES} (--overwrite scores every patch again)")
+        rows, sizes, sample = _score(ds, model, scale, batch_size, inference, device, scores, progress)
+        for warning in _size_warnings(folder, sizes, mpp, model.mpp):
+            warnings.warn(warning, stacklevel=2)
+        from wsi_vssm.pipeline.domain import patches_stain_check
+
+        stain = patches_stain_check(sample)
+        if stain:
+            warnings.warn(f"{folder}: the patches do not look like the model's brightfield H&E: {'; '.join(stain)} "
+                          "(metrics.json stain_notes): their scores are unreliable", stacklevel=2)
+        write_predictions_csv(out / PREDICTIONS_CSV, rows)
+        scored = [r for r in rows if r["probability"] is not None]
+        parameters = {"mpp": mpp, "threshold": threshold, "batch_size": batch_size, "device": device,
+                      "precision": used, "tta": inference.tta}
+        # over the scored patches, what the figures count (a file that failed may not even be readable)
+        scored_ds = ds.subset([i for i, r in enumerate(rows) if r["probability"] is not None])
+        digests = patch_digests(scored_ds)
+        seen = patches_seen(digests, getattr(model, "metadata", None))  # patches that trained or chose it
+        repeats = repeated_patches(digests, scored_ds.labels, [it.name for it in scored_ds.items])
+        _write_model_patches(out / MODEL_PATCHES_CSV, scored_ds, seen_parts(digests, getattr(model, "metadata", None)))
+        metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
+                                 provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
+                                             "repeated_patches": repeats, "stain_notes": stain})
+        return EvaluationResult(metrics, rows, items="patches")
+
+
+def _scores_key(model, mpp: float, precision: str, tta: bool) -> tuple[str, dict]:
+    """(hash, parameters) of what changes a patch's logit: a kept score is reused only under the same."""
+    from wsi_vssm import __version__
+    from wsi_vssm.models.model_file import state_dict_hash
+    from wsi_vssm.runs.state import params_hash
+
+    meta = getattr(model, "metadata", None) or {}
+    params = {"job": "patches", "model_hash": state_dict_hash(model.state_dict()), "model_mpp": model.mpp,
+              "patch_calibration": meta.get("patch_calibration"), "mpp": mpp, "precision": precision,
+              "tta": tta, "version": __version__}
+    return params_hash(params), params
+
+
+def _score(ds, model, scale: float, batch_size: int, inference, device: str, scores, progress):
+    """Every patch's row (in the dataset's order), the (scored, given) shapes counted, and the stain sample.
+    A patch that `scores` (`PatchScores`) holds an earlier run's score of is decoded (for the shapes and the
+    sample) but not scored again; each scored batch is added to `scores` before the next."""
+    import torch
+
+    from wsi_vssm.io.base import resize
+    from wsi_vssm.models.inputs import to_tensor
+    from wsi_vssm.outputs.calibration import logistic
+    from wsi_vssm.training.data.patches import PatchDataError
+
+    logits: list[float | None] = [None] * len(ds)
+    rows: list[dict] = [{"slide": it.name, "label": it.label, "probability": None, "status": "failed",
+                         "error": None} for it in ds.items]
     batch, index = [], []
     sizes: dict[tuple, int] = {}  # (scored shape, given shape) -> patches: said once, after the loop
     sample: list = []  # evenly spaced patches for the stain check (slides get theirs from the thumbnail)
     model.eval().to(device)
 
     def flush():
-        logits = centre_cell_logits(model, torch.cat(batch), inference, device)
-        for i, z, p in zip(index, logits.tolist(), logistic(logits).tolist(), strict=True):
-            rows[i] = {"slide": ds.items[i].name, "label": ds.items[i].label, "probability": p, "status": "done",
-                       "error": None, "logit": z}
+        scored = centre_cell_logits(model, torch.cat(batch), inference, device).tolist()
+        for i, z in zip(index, scored, strict=True):
+            logits[i] = z
+        scores.add([(ds.items[i].name, ds.read_digests[i], z) for i, z in zip(index, scored, strict=True)])
         batch.clear()
         index.clear()
 
-    for i in range(len(ds)):
-        try:
-            img, _ = ds[i]
-        except PatchDataError as e:  # one damaged image fails alone, as one broken slide does in a cohort
-            rows[i] = {"slide": ds.items[i].name, "label": ds.items[i].label, "probability": None,
-                       "status": "failed", "error": one_line(e)}
-            continue
-        given = img.shape[:2]
-        if abs(scale - 1) > 1e-3:
-            img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
-        key = (img.shape[:2], given)
-        sizes[key] = sizes.get(key, 0) + 1
-        if i % max(1, len(ds) // STAIN_SAMPLE) == 0 and len(sample) < STAIN_SAMPLE:
-            sample.append(img)
-        if batch and batch[0].shape[2:] != img.shape[:2]:
+    with _bar(progress, len(ds)) as update:
+        for i in range(len(ds)):
+            if i % 64 == 0:
+                update(i)
+            try:
+                img, _ = ds[i]
+            except PatchDataError as e:  # one damaged image fails alone, as one broken slide does in a cohort
+                rows[i]["error"] = one_line(e)
+                continue
+            given = img.shape[:2]
+            if abs(scale - 1) > 1e-3:
+                img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
+            key = (img.shape[:2], given)
+            sizes[key] = sizes.get(key, 0) + 1
+            if i % max(1, len(ds) // STAIN_SAMPLE) == 0 and len(sample) < STAIN_SAMPLE:
+                sample.append(img)
+            logits[i] = scores.get(ds.items[i].name, ds.read_digests[i])
+            if logits[i] is not None:
+                continue
+            if batch and batch[0].shape[2:] != img.shape[:2]:
+                flush()
+            batch.append(to_tensor(img))
+            index.append(i)
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
             flush()
-        batch.append(to_tensor(img))
-        index.append(i)
-        if len(batch) >= batch_size:
-            flush()
-    if batch:
-        flush()
-    for warning in _size_warnings(folder, sizes, mpp, model.mpp):
-        warnings.warn(warning, stacklevel=2)
-    from wsi_vssm.pipeline.domain import patches_stain_check
+        update(len(ds))
+    done = [i for i, z in enumerate(logits) if z is not None]
+    # one vectorised logistic over kept and new logits alike: a resumed run's figures equal an uninterrupted one's
+    for i, p in zip(done, logistic(np.array([logits[i] for i in done], np.float64)).tolist(), strict=True):
+        rows[i].update(probability=p, status="done", logit=logits[i])
+    return rows, sizes, sample
 
-    stain = patches_stain_check(sample)
-    if stain:
-        warnings.warn(f"{folder}: the patches do not look like the model's brightfield H&E: {'; '.join(stain)} "
-                      "(metrics.json stain_notes): their scores are unreliable", stacklevel=2)
-    write_predictions_csv(out / PREDICTIONS_CSV, rows)
-    scored = [r for r in rows if r["probability"] is not None]
-    parameters = {"mpp": mpp, "threshold": threshold, "batch_size": batch_size, "device": device,
-                  "precision": used, "tta": inference.tta}
-    # over the scored patches, what the figures count (a file that failed may not even be readable)
-    scored_ds = ds.subset([i for i, r in enumerate(rows) if r["probability"] is not None])
-    digests = patch_digests(scored_ds)
-    seen = patches_seen(digests, getattr(model, "metadata", None))  # patches that trained or chose it
-    repeats = repeated_patches(digests, scored_ds.labels, [it.name for it in scored_ds.items])
-    _write_model_patches(out / MODEL_PATCHES_CSV, scored_ds, seen_parts(digests, getattr(model, "metadata", None)))
-    metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
-                             provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
-                                         "repeated_patches": repeats, "stain_notes": stain})
-    return EvaluationResult(metrics, rows, items="patches")
+
+def _bar(progress, total: int):
+    """The progress bar of the scoring (a line a minute off a terminal), or a no-op without `progress`."""
+    import contextlib
+
+    if progress is None:
+        return contextlib.nullcontext(lambda done=None: None)
+    return progress.bar(total, "evaluate patches", unit="patch")
 
 
 def _write_model_patches(path: Path, ds, parts: list[str | None]) -> None:

@@ -291,12 +291,14 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
     from wsi_vssm.models.device import resolve_device
     from wsi_vssm.models.model_file import state_dict_hash
     from wsi_vssm.models.precision import resolve_precision
-    from wsi_vssm.pipeline.geometry import resolve_geometry
+    from wsi_vssm.pipeline.geometry import head_region_warning, resolve_geometry
     from wsi_vssm.pipeline.predict import cell_threshold, extent_threshold, merge_distance_cells, slide_threshold
 
     device = resolve_device(params.device)
     region_px, overlap_px = resolve_geometry(device, model.token_px, params.region_px, params.overlap_px)
     params = dataclasses.replace(params, region_px=region_px, overlap_px=overlap_px)  # the run uses what is hashed
+    if mismatch := head_region_warning(getattr(model, "metadata", None), region_px, overlap_px):
+        warnings.warn(mismatch, stacklevel=2)
     model_hash = state_dict_hash(model.state_dict())
     resolved = {
         "job": "predict", "model_hash": model_hash, "analysis_mpp": float(params.target_mpp or model.mpp),

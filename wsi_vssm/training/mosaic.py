@@ -166,6 +166,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
     from wsi_vssm.training.checkpoint import stamped
     from wsi_vssm.training.mil import Bags, MILTrainConfig, bag_logits, evaluate
+    from wsi_vssm.training.mil_bags import check_compatible
 
     model_path, out = Path(model_path), Path(out)
     t0 = time.perf_counter()
@@ -259,7 +260,8 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
               "pooled_bags": None if plan is None else {"sizes": cfg.pooled_sizes, "per_size": cfg.pooled_bags,
                                                         "bags": len(plan), "by_size": by_size},
               **fit, "train_slide_auc": train_auc, "train_slide_loss": train_loss, "threshold": threshold,
-              "valid_pooling_aucs": pooled}
+              "valid_pooling_aucs": pooled,
+              "features": check_compatible(valid.stores)}  # its extract settings: predict warns at others
     # `slide_threshold` is what predict reads; `threshold`, its old name, for readers of older files
     meta = stamped({**dict(getattr(model, "metadata", {}) or {}), "stage": "mosaic_mil", "mil_stage": record,
                     "slide_threshold": threshold, "threshold": threshold})

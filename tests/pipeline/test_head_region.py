@@ -1,0 +1,33 @@
+"""A slide head attached from `train mil` learnt on features of some region and overlap; `predict` and `evaluate`
+reading other regions fed it other features without a word (left alone since 2026-12-06). They now warn once."""
+
+from __future__ import annotations
+
+from conftest import run_cli_captured, write_tiny_model
+
+from wsi_vssm.pipeline.geometry import head_region_warning
+
+ATTACHED = {"method": "attached MIL checkpoint", "checkpoint": "/x/mil.pt",
+            "features": {"region_px": 2048, "overlap_px": 128, "min_tissue": 0.25}}
+
+
+def test_a_run_with_other_regions_than_the_heads_is_warned_once(cohort, tmp_path, capsys):
+    model = write_tiny_model(tmp_path / "attached.pt", mil_stage=ATTACHED)
+    args = ["predict", cohort / "tumor_001.tif", "--model", model, "--reader-threads", "1"]
+    code, _, err = run_cli_captured([*args, "--out", tmp_path / "a", "--region-px", "1024", "--overlap-px", "64"],
+                                    capsys)
+    said = [line for line in err.splitlines() if "slide head learnt from features" in line]
+    assert code == 0 and len(said) == 1, err
+    assert "of 2048 px regions with 128 px overlap; this run reads 1024 px regions with 64 px overlap" in said[0]
+    assert said[0].endswith("--region-px 2048 --overlap-px 128 matches"), said[0]
+    code, _, err = run_cli_captured([*args, "--out", tmp_path / "b", "--region-px", "2048"], capsys)
+    assert code == 0 and "slide head learnt from features" not in err, err  # the CPU defaults are its own
+
+
+def test_heads_that_do_not_say_and_mixed_settings():
+    assert head_region_warning({}, 1024, 64) is None  # the recipe's own head, or one trained before 2026-12-06
+    assert head_region_warning({"mil_stage": {"method": "mosaic"}}, 1024, 64) is None
+    mixed = {"mil_stage": {"features": {"region_px": [2048, 9984], "overlap_px": 128}}}
+    assert head_region_warning(mixed, 9984, 128) is None  # one of the values it was trained on
+    other = head_region_warning(mixed, 2048, 256)
+    assert "of 2048 or 9984 px regions with 128 px overlap; this run reads 2048 px regions with 256 px" in other

@@ -1,0 +1,134 @@
+"""`evaluate` on a patch folder keeps its scores as it makes them (`runs.patch_scores`): an interrupted run
+resumes, a rerun with another threshold scores nothing, and a changed file, model or setting is scored again.
+Until 2026-12-06 an interrupted patch run scored the whole folder again (about 20 minutes for 300,000 patches)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli_captured, write_patch_folder
+
+import wsi_vssm.runs.evaluate_patches as ep
+from wsi_vssm.outputs.files import PREDICTIONS_CSV
+from wsi_vssm.runs.patch_scores import PATCH_SCORES, PatchFolderBusy, PatchScores
+
+
+def _model(path):
+    from wsi_vssm.models.slide_model import load_model
+
+    return load_model(path)
+
+
+def _counting(monkeypatch, stop_after: int | None = None) -> list[int]:
+    """Patches scored per batch; with `stop_after`, a Ctrl-C as that many batches have been scored."""
+    batches, real = [], ep.centre_cell_logits
+
+    def spy(model, x, *a, **k):
+        if stop_after is not None and len(batches) == stop_after:
+            raise KeyboardInterrupt
+        batches.append(int(x.shape[0]))
+        return real(model, x, *a, **k)
+
+    monkeypatch.setattr(ep, "centre_cell_logits", spy)
+    return batches
+
+
+def test_an_interrupted_patch_run_resumes_and_ends_as_an_uninterrupted_one(model_file, tmp_path, monkeypatch):
+    write_patch_folder(tmp_path / "patches", 6, 0)
+    model = _model(model_file)
+    whole = ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "whole", mpp=0.97, batch_size=4, n_boot=50)
+    with monkeypatch.context() as mp:
+        _counting(mp, stop_after=2)
+        with pytest.raises(KeyboardInterrupt):
+            ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, batch_size=4, n_boot=50)
+    kept = (tmp_path / "ev" / PATCH_SCORES).read_text().splitlines()
+    assert len(kept) == 1 + 8 and json.loads(kept[0])["params"]["mpp"] == 0.97  # two batches of 4, and the header
+    with monkeypatch.context() as mp:
+        scored = _counting(mp)
+        res = ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, batch_size=4, n_boot=50)
+    assert sum(scored) == 12 - 8
+    # byte for byte: its batches are the uninterrupted run's (another batching moves a logit by float rounding)
+    assert (tmp_path / "ev" / PREDICTIONS_CSV).read_bytes() == (tmp_path / "whole" / PREDICTIONS_CSV).read_bytes()
+    assert res.metrics["auc"] == whole.metrics["auc"] and res.metrics["complete"] is True
+    with monkeypatch.context() as mp:  # another threshold or bootstrap: nothing is scored again
+        scored = _counting(mp)
+        again = ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, batch_size=4, n_boot=60,
+                                    threshold=0.3)
+    assert scored == [] and again.metrics["threshold"] == 0.3 and again.metrics["auc"] == whole.metrics["auc"]
+
+
+def test_changed_files_settings_and_overwrite_are_scored_again(model_file, tmp_path, monkeypatch):
+    write_patch_folder(tmp_path / "patches", 3, 0)
+    model = _model(model_file)
+    ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, n_boot=50)
+    write_patch_folder(tmp_path / "other", 3, 7)  # the same names, other images
+    (tmp_path / "patches" / "1" / "p2.jpg").write_bytes((tmp_path / "other" / "1" / "p2.jpg").read_bytes())
+    with monkeypatch.context() as mp:
+        scored = _counting(mp)
+        ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, n_boot=50)
+    assert scored == [1]  # the replaced file alone
+    for kwargs in ({"mpp": 0.9}, {"mpp": 0.97, "overwrite": True}):
+        with monkeypatch.context() as mp:
+            scored = _counting(mp)
+            ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", n_boot=50, **kwargs)
+        assert sum(scored) == 6, kwargs
+    with monkeypatch.context() as mp:  # after --overwrite, the file holds this run's scores alone
+        scored = _counting(mp)
+        ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, n_boot=50)
+    assert scored == [] and len((tmp_path / "ev" / PATCH_SCORES).read_text().splitlines()) == 1 + 6
+
+
+def test_a_torn_last_line_costs_one_patch_and_is_cut_off(model_file, tmp_path, monkeypatch):
+    write_patch_folder(tmp_path / "patches", 3, 0)
+    model = _model(model_file)
+    ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, n_boot=50)
+    path = tmp_path / "ev" / PATCH_SCORES
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:25])  # killed mid-line
+    with monkeypatch.context() as mp:
+        scored = _counting(mp)
+        ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, n_boot=50)
+    assert scored == [1]
+    now, before = ([json.loads(line) for line in text.splitlines()[1:]] for text in (path.read_text(), "".join(lines)))
+    # every line whole again, the torn one scored again (alone in its batch: equal within float rounding)
+    assert [(e["name"], e["digest"]) for e in now] == [(e["name"], e["digest"]) for e in before]
+    assert [e["logit"] for e in now] == pytest.approx([e["logit"] for e in before], abs=1e-5)
+
+
+def test_a_second_run_on_the_same_out_stops_in_one_line(model_file, tmp_path, capsys):
+    write_patch_folder(tmp_path / "patches", 2, 0)
+    out = tmp_path / "ev"
+    out.mkdir()
+    with PatchScores(out, "x", {}):  # another run holds the folder
+        with pytest.raises(PatchFolderBusy, match="another evaluate is scoring patches into this folder"):
+            ep.evaluate_patches(tmp_path / "patches", _model(model_file), out, mpp=0.97, n_boot=50)
+        code, _, err = run_cli_captured(["evaluate", tmp_path / "patches", "--model", model_file, "--mpp", "0.97",
+                                         "--out", out, "--bootstrap", "100"], capsys)
+    assert code == 4 and err.count("\n") == 1 and "wait for it to finish" in err, err
+    assert not (out / "metrics.json").exists()  # the other run's folder left as it was
+    code, _, err = run_cli_captured(["evaluate", tmp_path / "patches", "--model", model_file, "--mpp", "0.97",
+                                     "--out", out, "--bootstrap", "100"], capsys)
+    assert code == 0, err  # once it has ended, the folder is free
+
+
+def test_the_cli_resumes_says_so_and_info_tells_an_interrupted_run(model_file, tmp_path, capsys, monkeypatch):
+    write_patch_folder(tmp_path / "patches", 40, 0)
+    out = tmp_path / "ev"
+    args = ["evaluate", tmp_path / "patches", "--model", model_file, "--mpp", "0.97", "--out", out,
+            "--bootstrap", "100", "--batch-size", "16"]
+    with monkeypatch.context() as mp:
+        _counting(mp, stop_after=2)
+        code, _, err = run_cli_captured(args, capsys)
+    assert code == 130 and "the patches scored so far are kept: rerun the same command to resume" in err, err
+    code, text, _ = run_cli_captured(["info", out], capsys)
+    assert code == 0 and "interrupted before its first report; 32 patch scores kept" in text, text
+    code, _, err = run_cli_captured(args, capsys)
+    assert code == 0 and f"resuming: 32 patch score(s) of an earlier run are kept in {out / PATCH_SCORES}" in err
+    code, _, err = run_cli_captured([*args, "--overwrite"], capsys)  # no longer "without effect on a patch folder"
+    assert code == 0 and "resuming" not in err and "without effect" not in err, err
+    with monkeypatch.context() as mp:  # a later run interrupted: the earlier report is marked, with how far it got
+        _counting(mp, stop_after=1)
+        run_cli_captured([*args, "--tta"], capsys)
+    code, text, _ = run_cli_captured(["info", out], capsys)
+    assert "NOT complete: the figures of an earlier run" in text and "(16 patches of the later run scored" in text
