@@ -131,10 +131,21 @@ def test_export_reads_a_wsi_vssm_model_file(tiny_model, tmp_path, capsys):
         torch.testing.assert_close(model.forward_features(x), ref.forward_features(x), atol=1e-4, rtol=0)
 
 
-def test_export_model_file_of_another_architecture_than_model(tiny_model, tmp_path, capsys):
-    args = ["export", "--checkpoint", tiny_model, "--model", "tiny", "--onnx", tmp_path / "m.onnx"]
-    assert_one_line(args, capsys, 2, "--model tiny", "holds a micro backbone, not tiny")
+@pytest.mark.parametrize("option", ["--arch", "--model"])  # --model: the option's older name, kept working
+def test_export_model_file_of_another_architecture_than_model(tiny_model, tmp_path, capsys, option):
+    args = ["export", "--checkpoint", tiny_model, option, "tiny", "--onnx", tmp_path / "m.onnx"]
+    assert_one_line(args, capsys, 2, "--arch tiny", "holds a micro backbone, not tiny", "leave --arch out")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("command", [["export", "--onnx", "m.onnx"], ["train", "cells", "--data", ".", "--valid", ".",
+                                                                      "--out", "m.pt"]])
+def test_an_unknown_architecture_is_named_by_the_option_it_came_from(command, tmp_path, capsys, monkeypatch):
+    """`train cells` and `export` name an architecture, which every other command's --model (a model file) is
+    not: --arch since 2026-12-06, --model still taken."""
+    monkeypatch.chdir(tmp_path)
+    for option in ("--arch", "--model"):
+        assert_one_line([*command, option, "nope"], capsys, 2, "--arch nope")
 
 
 def test_export_checkpoint_that_does_not_fit_is_one_line(tiny_model, tmp_path, capsys):

@@ -83,6 +83,13 @@ def test_synth_option_values(tmp_path, capsys):
                                      "--split-seed", "3"], capsys)
     assert code == 0 and err.strip() == ("wsi-vssm: warning: --grid, --split-seed do not apply to drawn slides and "
                                          "are ignored"), err
+    # synth's threads are --threads since 2026-12-06 (--workers is Dask processes elsewhere); the old name works
+    from conftest import write_patch_folder
+
+    write_patch_folder(tmp_path / "patches", 12, 0)
+    code, _, err = run_cli_captured(["synth", tmp_path / "e", "--from-patches", tmp_path / "patches", "--slides", "1",
+                                     "--grid", "3", "--workers", "2"], capsys)
+    assert code == 0 and err.strip() == "wsi-vssm: warning: --threads does not apply to mosaic slides and is ignored"
 
 
 def test_debug_after_the_command_is_taken(tmp_path, capsys):

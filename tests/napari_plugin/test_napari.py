@@ -470,3 +470,79 @@ def test_closing_the_dock_or_the_viewer_cancels_a_running_prediction(make_napari
         viewer.close()
     qtbot.waitUntil(lambda: "cancelled" in seen, timeout=10_000)
     assert seen["cancelled"] is True  # set at once, not after the 30 s wait
+
+
+# ---- a user-flow review, 2026-12-06 --------------------------------------------------------------------------------
+def test_reopened_results_replay_predicts_warnings_and_say_when_there_is_no_call(make_napari_viewer, prediction_folder,
+                                                                                 tmp_path):
+    """Reopening CMU-1's folder showed "tumour 0.999" alone: not prediction.json's "the call rests on 0 cells"
+    warning, nor why a slide is out of domain; a damaged or missing prediction.json opened without a word."""
+    import shutil
+
+    from napari.utils.notifications import notification_manager
+
+    folder = tmp_path / "tumour_slide"
+    shutil.copytree(prediction_folder[0], folder)
+    record = {"slide": "tumour_slide", "probability": 0.999, "label": 1, "slide_threshold": 0.44, "in_domain": False,
+              "domain_notes": ["stain: no eosin (IHC?)"],
+              "summary": {"warnings": ["the tumour call rests on 0 cell(s) at or above the cell threshold 0.781"]}}
+    (folder / "prediction.json").write_text(json.dumps(record))
+    viewer = make_napari_viewer()
+    before = len(notification_manager.records)
+    viewer.open(folder, plugin=PLUGIN)
+    said = _notifications(before)
+    assert any("OUT OF DOMAIN" in m for m in said) and any("out of domain: stain: no eosin (IHC?)" in m for m in said)
+    assert any("tumour_slide: the tumour call rests on 0 cell(s)" in m for m in said), said
+    for broken in ('{"slide": "tumour_sl', None):  # cut off mid-file, then gone
+        if broken is None:
+            (folder / "prediction.json").unlink()
+        else:
+            (folder / "prediction.json").write_text(broken)
+        before = len(notification_manager.records)
+        layers = viewer.open(folder, plugin=PLUGIN)
+        said = _notifications(before)
+        assert len(layers) == 2 and layers[0].metadata[META_KEY]["prediction"] is None
+        assert any("prediction.json" in m and "the slide's call cannot be shown" in m for m in said), said
+
+
+def test_contours_are_labelled_once_per_lesion(make_napari_viewer, prediction_folder):
+    """QuPath users read a lesion's name beside it; the layer's text was empty."""
+    viewer = make_napari_viewer()
+    _, shapes = viewer.open(prediction_folder[0], plugin=PLUGIN)
+    labels = list(shapes.features["label"])
+    assert labels[0] == shapes.features["name"][0] != "" and shapes.text.string.format == "{label}"
+    assert sum(bool(label) for label in labels) == len(set(shapes.features["lesion_id"]))
+
+
+def test_widget_refuses_a_file_as_output_before_running_and_passes_tta_and_device(widget_viewer, tmp_path):
+    """An Output that is a file failed after the whole slide had run, as "an unexpected error"."""
+    from napari.utils.notifications import notification_manager
+
+    _, widget = widget_viewer
+    (tmp_path / "afile").write_text("x")
+    widget.out_edit.setText(str(tmp_path / "afile"))
+    before = len(notification_manager.records)
+    assert widget.request() is None
+    assert any("is a file, not a folder" in m for m in _notifications(before))
+    widget.out_edit.setText(str(tmp_path / "out"))
+    assert (widget.request().tta, widget.request().device) == (False, "auto")
+    widget.tta_check.setChecked(True)
+    widget.device_combo.setCurrentText("cpu")
+    assert (widget.request().tta, widget.request().device) == (True, "cpu")
+
+
+def test_the_mpp_box_starts_from_the_file_for_another_slide(widget_viewer, tumour_slide, tmp_path):
+    """A 0.5 typed for a slide without a resolution stayed for the next slide, which it silently rescaled (a
+    0.972 um/px mosaic read at 0.5 lost its lesion)."""
+    import shutil
+
+    viewer, widget = widget_viewer
+    other = tmp_path / "other_slide.tif"
+    shutil.copy(tumour_slide[0], other)
+    viewer.open(other, plugin=PLUGIN)
+    widget.slide_combo.setCurrentText("tumour_slide")
+    widget.mpp_spin.setValue(0.5)
+    viewer.add_points([[0, 0]])  # any other layer change keeps the slide and its mpp
+    assert widget.slide_combo.currentText() == "tumour_slide" and widget.mpp_spin.value() == 0.5
+    widget.slide_combo.setCurrentText("other_slide")
+    assert widget.mpp_spin.value() == 0.0 and widget.mpp_spin.text() == "from file"

@@ -8,12 +8,13 @@ from wsi_vssm.commands.options import NonEmptyPath
 
 
 @click.command("export", short_help="Export a backbone to ONNX, checked with onnxruntime.")
-@click.option("--model", "model_name", default="micro", show_default=True,
-              help="Backbone config name (micro, micro_wide, tiny, small, base, tiny_s1, small_s1, base_s1); with a "
-                   "wsi-vssm model file as --checkpoint, the file's own backbone unless given.")
+@click.option("--arch", "--model", "model_name", default="micro", show_default=True,
+              help="Backbone architecture (micro, micro_wide, tiny, small, base, tiny_s1, small_s1, base_s1); with a "
+                   "wsi-vssm model file as --checkpoint, the file's own backbone unless given. --model, its older "
+                   "name, still works.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Weights: a wsi-vssm model file (its backbone), or an upstream VMamba release checkpoint for "
-                   "--model, loaded strictly.")
+                   "--arch, loaded strictly.")
 @click.option("--onnx", "out", type=NonEmptyPath(dir_okay=False, writable=True), required=True,
               help="Where to write the .onnx file.")
 @click.option("--size", type=click.IntRange(min=32), default=224, show_default=True,
@@ -49,8 +50,8 @@ def command(ctx, model_name, checkpoint, out, size, opset, no_check):
     given = ctx.get_parameter_source("model_name") != ParameterSource.DEFAULT
     try:
         model = build_backbone(model_name if given else None, checkpoint)
-    except ArchitectureMismatch as e:  # --model contradicts the model file: a usage error
-        raise OptionError(f"--model {model_name}: {e}; leave --model out to take the file's") from e
+    except ArchitectureMismatch as e:  # --arch contradicts the model file: a usage error
+        raise OptionError(f"--arch {model_name}: {e}; leave --arch out to take the file's") from e
     res = export_onnx(model, out, size=size, opset=opset, check=not no_check)
     check = "not checked" if res.max_abs_diff is None else f"onnxruntime max abs diff {res.max_abs_diff:.2e}"
     click.echo(

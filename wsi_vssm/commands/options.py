@@ -238,13 +238,13 @@ def option_device(device: str) -> str:
 
 
 def option_backbone(arch: str, scan: str = "auto") -> None:
-    """A backbone named by `--model` (a registry name) and `--scan`, checked before any data is read: an unknown
-    name is an OptionError (exit 2)."""
+    """A backbone named by `--arch` (a registry name; `--model` is its older name) and `--scan`, checked before any
+    data is read: an unknown name is an OptionError (exit 2)."""
     from wsi_vssm.errors import OptionError
     from wsi_vssm.models.registry import get_config
     from wsi_vssm.models.vssm import ModelConfigError
 
-    for option, value, overrides in (("--model", arch, {}), ("--scan", scan, {"scan": scan})):
+    for option, value, overrides in (("--arch", arch, {}), ("--scan", scan, {"scan": scan})):
         try:
             get_config(arch, **overrides)
         except ModelConfigError as e:

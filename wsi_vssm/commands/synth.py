@@ -22,8 +22,9 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
               help="Level-0 side of each slide, px [default: 20,000; patients: 8,192].")
 @click.option("--mpp", type=FiniteFloatRange(0.05, 20), default=None,  # the synth writers' own limits
               help="Microns per pixel at level 0 [default: 0.5; mosaics: 0.97, PCam's].")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Rendering/encoding threads [default: CPUs, at most 8].")
+@click.option("--threads", "--workers", "workers", type=click.IntRange(min=1), default=None,
+              help="Rendering/encoding threads [default: CPUs, at most 8]; --workers, its older name, still works "
+                   "(elsewhere --workers is Dask processes).")
 @click.option("--quality", type=click.IntRange(1, 100), default=None,
               help="JPEG quality [default: 85; mosaics: 90].")
 @click.option("--from-patches", "patches", default=None, metavar="SRC",
@@ -105,14 +106,14 @@ def _mosaic_patients(out, n_patients, seed, source, part, valid_select, split_se
 
 def _warn_unused(ctx: click.Context, mosaics: bool, patients: bool) -> None:
     """One warning naming the options given that this kind of cohort does not use (they were ignored silently):
-    mosaics take no --size or --workers, drawn slides no --grid or patch-part options, mosaic patients no --grid."""
+    mosaics take no --size or --threads, drawn slides no --grid or patch-part options, mosaic patients no --grid."""
     from click.core import ParameterSource
 
     unused = {"size", "workers"} if mosaics else {"grid", "part", "valid_select", "split_seed"}
     if mosaics and patients:
         unused.add("grid")
-    given = [f"--{n.replace('_', '-')}" for n in sorted(unused)
-             if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
+    names = {p.name: p.opts[0] for p in ctx.command.params}  # workers -> --threads
+    given = [names[n] for n in sorted(unused) if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
     if given:
         kind = ("mosaic patients" if patients else "mosaic slides") if mosaics else \
             ("drawn patients" if patients else "drawn slides")

@@ -20,7 +20,9 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
               help="Validation patches (same layout). One part selects the checkpoint, the rest is only reported.")
 @click.option("--out", "-o", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Model file to write (the best checkpoint by validation AUC).")
-@click.option("--model", "arch", default="micro", show_default=True, help="Backbone config from the registry.")
+@click.option("--arch", "--model", "arch", default="micro", show_default=True,
+              help="Backbone architecture from the registry (micro, micro_wide, tiny, small, base, ...); --model, its "
+                   "older name, still works (elsewhere --model is a model file).")
 @click.option("--mpp", type=FiniteFloatRange(min=0.05, max=20), default=0.97, show_default=True,
               help="The patches' resolution in um/px (PCam: 0.97); `predict` reads slides at it with this model.")
 @click.option("--domain", default=None, metavar="TEXT",

@@ -131,13 +131,14 @@ def contours_layer(path: str | Path, mpp: float, name: str = "contours", edge_wi
     """
     from wsi_vssm.outputs.contours import read_contours_geojson
 
-    shapes, names, probs, ids, categories, areas = [], [], [], [], [], []
+    shapes, names, labels, probs, ids, categories, areas = [], [], [], [], [], [], []
     for feat in read_contours_geojson(path):
         lesion = feat.properties.get("lesion_id")
         area = (feat.properties.get("measurements") or {}).get("Area um^2")
-        for ring in feat.rings:
+        for k, ring in enumerate(feat.rings):
             shapes.append(ring[:, ::-1].copy())  # (x, y) -> napari's (y, x)
             names.append(feat.name)
+            labels.append(feat.name if k == 0 else "")  # one label a lesion, not one per piece or hole
             probs.append(feat.max_probability)
             ids.append(-1 if lesion is None else int(lesion))  # -1: a GeoJSON without our lesion ids
             categories.append(str(feat.properties.get("category") or ""))
@@ -152,7 +153,8 @@ def contours_layer(path: str | Path, mpp: float, name: str = "contours", edge_wi
         "face_color": "transparent",
         "edge_width": edge_width_px,
         # as QuPath shows them: lesions.csv's id and category, and the feature's (the whole lesion's) area
-        "features": {"name": names, "max_probability": np.asarray(probs, dtype=float),
+        "text": {"string": "{label}", "color": CONTOUR_COLOR, "size": 9, "anchor": "upper_left"},
+        "features": {"name": names, "label": labels, "max_probability": np.asarray(probs, dtype=float),
                      "lesion_id": np.asarray(ids, dtype=int), "category": categories,
                      "area_um2": np.asarray(areas, dtype=float)},
         "metadata": {META_KEY: {"kind": "contours", "path": str(path), "mpp": mpp}},
@@ -163,17 +165,22 @@ def contours_layer(path: str | Path, mpp: float, name: str = "contours", edge_wi
 CALL_KEYS = ("slide", "probability", "label", "slide_threshold", "threshold", "reason", "in_domain", "domain_notes")
 
 
-def _prediction_call(path: Path) -> dict | None:
-    """The slide's call from its prediction.json (probability, decision, threshold, domain verdict), for the
-    heatmap layer's metadata; None when the file is missing or unreadable (the layers still open)."""
+def _prediction_call(path: Path) -> dict:
+    """The slide's call from its prediction.json (probability, decision, threshold, domain verdict, and the
+    warnings predict gave with it, e.g. a call resting on no cell), for the heatmap layer's metadata; when the
+    file is missing or unreadable, `{"error": why}` (the layers still open, and the reader says why there is no
+    call)."""
     from wsi_vssm.errors import UsageError
     from wsi_vssm.outputs.prediction import read_prediction_json
 
+    if not path.is_file():
+        return {"error": f"{path}: no such file: the slide's call cannot be shown"}
     try:
         record = read_prediction_json(path)
-    except UsageError:
-        return None
-    return {k: record.get(k) for k in CALL_KEYS}
+    except UsageError as e:
+        return {"error": f"{e}: the slide's call cannot be shown"}
+    return {**{k: record.get(k) for k in CALL_KEYS}, "warnings": list((record.get("summary") or {}).get("warnings")
+                                                                      or [])}
 
 
 def prediction_layers(folder: str | Path) -> list[tuple]:
@@ -181,12 +188,18 @@ def prediction_layers(folder: str | Path) -> list[tuple]:
     folder = Path(folder)
     heat = heatmap_layer(folder / files.HEATMAP_ZARR)
     call = _prediction_call(folder / files.PREDICTION_JSON)
-    if call is not None:
-        heat[1]["metadata"][META_KEY]["prediction"] = call
+    heat[1]["metadata"][META_KEY]["prediction"] = None if "error" in call else call
+    if "error" in call:
+        heat[1]["metadata"][META_KEY]["prediction_error"] = call["error"]
     layers = [heat]
     contours = folder / files.CONTOURS_GEOJSON
     if contours.is_file():
         block = heat[1]["metadata"][META_KEY]
+        if not isinstance(block.get("mpp"), int | float):  # an edited or foreign heatmap: said, not a KeyError
+            from wsi_vssm.errors import UsageError
+
+            raise UsageError(f"{folder / files.HEATMAP_ZARR}: its metadata gives no mpp, so its contours cannot be "
+                             "placed; predict the slide again")
         mpp = float(block["mpp"])
         rows, cols = heat[0].shape
         extent_px = max(rows, cols) * float(block.get("cell0", 1.0))

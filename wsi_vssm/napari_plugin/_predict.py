@@ -21,6 +21,8 @@ class PredictRequest:
     model: str = DEFAULT_MODEL  # "default" or a model file
     mpp: float | None = None  # level-0 microns per pixel for a slide that states none (or to override it)
     out_root: str = str(DEFAULT_OUT)
+    tta: bool = False  # predict --tta: the 8 flips and quarter turns averaged (about 8x the time)
+    device: str = "auto"  # predict --device
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ def run_prediction(
     if cancel is not None and cancel.is_set():
         raise Cancelled("prediction cancelled")
     out_root = Path(os.path.expanduser(request.out_root))
-    record = predict_slide(request.slide, model, out_root, PredictParams(mpp=request.mpp), progress, cancel)
+    params = PredictParams(mpp=request.mpp, tta=request.tta, device=request.device)
+    record = predict_slide(request.slide, model, out_root, params, progress, cancel)
     return PredictResult(record, out_root / str(record["slide"]))
 
 

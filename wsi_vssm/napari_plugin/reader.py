@@ -92,12 +92,20 @@ def read_prediction(path: str | os.PathLike | list) -> list[tuple]:
         p = p.parent
     if not (p / _HEATMAP).is_dir():
         return [heatmap_layer(p)]  # a heatmap .zarr renamed or moved away from its folder
+    from napari.utils.notifications import show_info, show_warning
+
+    from wsi_vssm.napari_plugin._predict import summary
+
     layers = prediction_layers(p)
-    call = layers[0][1]["metadata"][META_KEY].get("prediction")
-    if call is not None:  # the call and its domain verdict, which the layers alone do not show
-        from napari.utils.notifications import show_info, show_warning
-
-        from wsi_vssm.napari_plugin._predict import summary
-
-        (show_warning if call.get("in_domain") is False else show_info)(f"wsi-vssm: {summary(call)}")
+    block = layers[0][1]["metadata"][META_KEY]
+    call = block.get("prediction")
+    if call is None:  # a missing or damaged prediction.json: the heatmap alone, and why
+        show_warning(f"wsi-vssm: {block.get('prediction_error')}")
+        return layers
+    # the call and what predict warned with it (a call on no cell, why out of domain): the layers do not show it
+    (show_warning if call.get("in_domain") is False else show_info)(f"wsi-vssm: {summary(call)}")
+    if call.get("in_domain") is False and call.get("domain_notes"):
+        show_warning(f"wsi-vssm: {call.get('slide')}: out of domain: {'; '.join(map(str, call['domain_notes']))}")
+    for warning in call.get("warnings") or []:
+        show_warning(f"wsi-vssm: {call.get('slide')}: {warning}")
     return layers

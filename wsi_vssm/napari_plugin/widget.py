@@ -9,10 +9,13 @@ is also cancelled when the widget leaves the viewer: napari's close button takes
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 from qtpy.QtCore import QEvent, QObject, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -38,7 +41,8 @@ class _Progress(QObject):
 
 
 class PredictWidget(QWidget):
-    """Model picker, mpp override, output folder, Predict / Cancel, progress and the slide probability."""
+    """Model picker, mpp override, TTA, device, output folder, Predict / Cancel, progress and the slide
+    probability."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
@@ -51,7 +55,9 @@ class PredictWidget(QWidget):
         self._slide_layer, self._succeeded = None, False
         self._progress = _Progress()
         self._progress.changed.connect(self._on_progress)
+        self._mpp_slide = ""  # the slide the mpp box was last set for: another slide starts at "from file"
         self._build()
+        self.slide_combo.currentTextChanged.connect(self._on_slide_changed)
         self.viewer.layers.events.inserted.connect(self._on_inserted)
         self.viewer.layers.events.removed.connect(self._refresh_slides)
         self.viewer.layers.events.changed.connect(self._refresh_slides)
@@ -75,6 +81,12 @@ class PredictWidget(QWidget):
         self.mpp_spin.setSingleStep(0.01)
         self.mpp_spin.setSpecialValueText("from file")  # shown at 0: use the slide's own resolution
         self.mpp_spin.setSuffix(" um/px")
+        self.tta_check = QCheckBox("test-time augmentation (8 views, about 8x the time)")
+        self.tta_check.setToolTip("predict --tta: the mean over the 8 flips and quarter turns; without it a turned "
+                                  "slide's call can move (docs/model_card.md)")
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.device_combo.setToolTip("predict --device: auto takes a CUDA GPU when there is one")
         self.out_edit = QLineEdit(str(DEFAULT_OUT))
         browse_out = QPushButton("…")
         browse_out.clicked.connect(self._browse_out)
@@ -94,6 +106,8 @@ class PredictWidget(QWidget):
         form.addRow("Slide", self.slide_combo)
         form.addRow("Model", _row(self.model_combo, browse_model))
         form.addRow("mpp", self.mpp_spin)
+        form.addRow("TTA", self.tta_check)
+        form.addRow("Device", self.device_combo)
         form.addRow("Output", _row(self.out_edit, browse_out))
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -133,12 +147,26 @@ class PredictWidget(QWidget):
     def _refresh_slides(self, event=None) -> None:
         current = self.slide_combo.currentText()
         names = [ly.name for ly in self.slide_layers()]
-        self.slide_combo.clear()
-        self.slide_combo.addItems(names)
-        active = self.viewer.layers.selection.active
-        preferred = current if current in names else (active.name if active is not None else "")
-        if preferred in names:
-            self.slide_combo.setCurrentText(preferred)
+        self.slide_combo.blockSignals(True)  # the box is refilled: only where it ends up counts as a change
+        try:
+            self.slide_combo.clear()
+            self.slide_combo.addItems(names)
+            active = self.viewer.layers.selection.active
+            preferred = current if current in names else (active.name if active is not None else "")
+            if preferred in names:
+                self.slide_combo.setCurrentText(preferred)
+        finally:
+            self.slide_combo.blockSignals(False)
+        self._on_slide_changed(self.slide_combo.currentText())
+
+    def _on_slide_changed(self, name: str) -> None:
+        """Another slide picked: the mpp box goes back to "from file". A value typed for one slide (one that states
+        no resolution, or an override) was kept for the next and silently rescaled it (a 0.972 um/px mosaic read
+        at 0.5 lost its lesion)."""
+        if name and self._mpp_slide and name != self._mpp_slide and self.mpp_spin.value():
+            self.mpp_spin.setValue(0.0)
+        if name:
+            self._mpp_slide = name
 
     def _selected_slide(self):
         name = self.slide_combo.currentText()
@@ -159,8 +187,13 @@ class PredictWidget(QWidget):
             return None
         mpp = self.mpp_spin.value() or None
         model = self.model_combo.currentText().strip() or DEFAULT_MODEL
-        return PredictRequest(slide=path, model=model, mpp=mpp, out_root=self.out_edit.text().strip() or
-                              str(DEFAULT_OUT))
+        out_root = self.out_edit.text().strip() or str(DEFAULT_OUT)
+        out = Path(os.path.expanduser(out_root))
+        if out.exists() and not out.is_dir():  # it failed after the whole slide, as "an unexpected error"
+            show_error(f"wsi-vssm: Output {out} is a file, not a folder: choose another Output folder")
+            return None
+        return PredictRequest(slide=path, model=model, mpp=mpp, out_root=out_root, tta=self.tta_check.isChecked(),
+                              device=self.device_combo.currentText())
 
     def start(self) -> None:
         """Start prediction for the selected slide layer in a background worker (no-op while one runs)."""
