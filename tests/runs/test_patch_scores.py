@@ -12,6 +12,7 @@ from conftest import run_cli_captured, write_patch_folder
 import wsi_vssm.runs.evaluate_patches as ep
 from wsi_vssm.outputs.files import PREDICTIONS_CSV
 from wsi_vssm.runs.patch_scores import PATCH_SCORES, PatchFolderBusy, PatchScores
+from wsi_vssm.runs.state import OutputNotWritable
 
 
 def _model(path):
@@ -124,11 +125,58 @@ def test_the_cli_resumes_says_so_and_info_tells_an_interrupted_run(model_file, t
     code, text, _ = run_cli_captured(["info", out], capsys)
     assert code == 0 and "interrupted before its first report; 32 patch scores kept" in text, text
     code, _, err = run_cli_captured(args, capsys)
-    assert code == 0 and f"resuming: 32 patch score(s) of an earlier run are kept in {out / PATCH_SCORES}" in err
-    code, _, err = run_cli_captured([*args, "--overwrite"], capsys)  # no longer "without effect on a patch folder"
-    assert code == 0 and "resuming" not in err and "without effect" not in err, err
+    assert code == 0 and f"resuming: 32 of 80 patches have a score from an earlier run in {out / PATCH_SCORES}" in err
+    with monkeypatch.context() as mp:  # no longer "without effect on a patch folder"; interrupted, then again
+        _counting(mp, stop_after=3)
+        code, _, err = run_cli_captured([*args, "--overwrite"], capsys)
+    assert code == 130 and "resuming" not in err and "without effect" not in err, err
+    with monkeypatch.context() as mp:  # the same --overwrite command goes on with what it scored, not over
+        scored = _counting(mp)
+        code, _, err = run_cli_captured([*args, "--overwrite"], capsys)
+    assert code == 0 and sum(scored) == 80 - 48 and "resuming: 48 of 80" in err, err
+    with monkeypatch.context() as mp:  # once that run has written its report, --overwrite starts over again
+        scored = _counting(mp)
+        run_cli_captured([*args, "--overwrite"], capsys)
+    assert sum(scored) == 80
     with monkeypatch.context() as mp:  # a later run interrupted: the earlier report is marked, with how far it got
         _counting(mp, stop_after=1)
-        run_cli_captured([*args, "--tta"], capsys)
+        code, _, err = run_cli_captured([*args, "--tta"], capsys)
+    assert "its 80 score(s) were made with other settings (tta False -> True): every patch is scored again" in err
     code, text, _ = run_cli_captured(["info", out], capsys)
-    assert "NOT complete: the figures of an earlier run" in text and "(16 patches of the later run scored" in text
+    assert "NOT complete: the figures of an earlier run" in text and "(16 patch scores kept)" in text, text
+
+
+def test_damaged_lines_and_a_linked_file_are_not_trusted(model_file, tmp_path, monkeypatch):
+    """Lines edited to an inf, a NaN or a boolean were taken as scores (a NaN failed every rerun); a score file
+    that is a symbolic link had the file it points to truncated and rewritten."""
+    write_patch_folder(tmp_path / "patches", 3, 0)
+    model = _model(model_file)
+    ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, n_boot=50)
+    path = tmp_path / "ev" / PATCH_SCORES
+    lines = path.read_text().splitlines()
+    bad = [line.replace(f'"logit": {json.loads(line)["logit"]}', f'"logit": {value}')
+           for line, value in zip(lines[1:4], ("Infinity", "NaN", "true"), strict=True)]
+    path.write_text("\n".join([lines[0], *bad, *lines[4:]]) + "\n")
+    with monkeypatch.context() as mp:
+        scored = _counting(mp)
+        res = ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, n_boot=50)
+    assert scored == [3] and res.metrics["n"] == 6
+    (tmp_path / "victim.txt").write_text("keep me")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / PATCH_SCORES).symlink_to(tmp_path / "victim.txt")
+    with pytest.raises(OutputNotWritable, match="is a symbolic link: remove it"):
+        ep.evaluate_patches(tmp_path / "patches", model, tmp_path / "linked", mpp=0.97, n_boot=50)
+    assert (tmp_path / "victim.txt").read_text() == "keep me"
+
+
+def test_info_tells_a_run_in_progress_from_an_interrupted_one(tmp_path, capsys):
+    out = tmp_path / "ev"
+    out.mkdir()
+    with PatchScores(out, "h", {"precision": "fp32", "tta": True}) as scores:
+        scores.add([("0/a.jpg", 1, 0.5)])
+        code, text, _ = run_cli_captured(["info", out], capsys)
+        assert code == 0 and text.strip() == f"patch evaluation: {out}: being scored now by a run (1 patch scores " \
+            "so far)"
+    code, text, _ = run_cli_captured(["info", out, "--json"], capsys)
+    report = json.loads(text)
+    assert (report["in_progress"], report["kept_scores"], report["tta"]) == (False, 1, True)

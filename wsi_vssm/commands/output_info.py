@@ -217,8 +217,8 @@ def is_patch_evaluation(path: str) -> bool:
 def patch_evaluation_info(path: str) -> dict:
     """{folder, patches (the folder evaluated), n, n_failed, auc, auc_ci95, threshold, sensitivity, specificity,
     model_patches, repeated_patches, precision, tta, failed: [{patch, error}], report (whether metrics.json is
-    there), complete, stale (why not), kept_scores (patches scored so far: `runs.patch_scores`)} of a patch
-    evaluation."""
+    there), complete, stale (why not), kept_scores (patch scores kept: `runs.patch_scores`), in_progress (a run
+    is scoring into the folder now)} of a patch evaluation."""
     out = Path(path)
     try:
         m = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
@@ -232,18 +232,23 @@ def patch_evaluation_info(path: str) -> dict:
                       if r.get("status") == "failed"]
     except (OSError, ValueError, csv.Error):  # metrics.json still says how many
         pass
-    params = m.get("parameters") or {}
+    kept = kept_scores(out)
+    # an interrupted first run has no report: its settings are the score file's
+    params = m.get("parameters") or (kept or {}).get("params") or {}
     return {"folder": str(out), "patches": m.get("cohort"), "model": (m.get("model") or {}).get("name"),
             **{k: m.get(k) for k in ("n", "n_failed", "auc", "auc_ci95", "threshold", "sensitivity", "specificity",
                                      "model_patches", "repeated_patches")},
             "precision": params.get("precision"), "tta": params.get("tta"), "failed": failed,
             "report": bool(m), "complete": m.get("complete", False), "stale": m.get("stale"),
-            "kept_scores": kept_scores(out)}
+            "kept_scores": None if kept is None else kept["scores"],
+            "in_progress": bool(kept and kept["in_progress"])}
 
 
 def format_patch_evaluation_info(r: dict) -> str:
-    kept = r.get("kept_scores")
+    kept, busy = r.get("kept_scores"), r.get("in_progress")
     if not r.get("report"):
+        if busy:
+            return f"patch evaluation: {r['folder']}: being scored now by a run ({kept or 0} patch scores so far)"
         return (f"patch evaluation: {r['folder']}: interrupted before its first report; {kept or 0} patch scores "
                 "kept: rerun the same evaluate command to resume")
     auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}"
@@ -252,8 +257,11 @@ def format_patch_evaluation_info(r: dict) -> str:
     lines = [f"patch evaluation: {r['folder']} (of {r['patches']}; model {r['model']}, {r['precision']}"
              f"{', TTA' if r['tta'] else ''})",
              f"  {r['n']} patches scored, {r['n_failed']} failed; AUC {auc}"]
-    if not r.get("complete"):  # a later run is at work on the folder, or was interrupted
-        so_far = f" ({kept} patches of the later run scored so far)" if kept is not None else ""
+    if not r.get("complete") and busy:
+        lines.insert(1, f"  NOT complete: a later run is scoring into this folder now ({kept or 0} patch scores so "
+                        "far); these are the earlier run's figures")
+    elif not r.get("complete"):  # a later run was interrupted
+        so_far = f" ({kept} patch scores kept)" if kept is not None else ""
         lines.insert(1, f"  NOT complete: {r.get('stale') or 'the report was not finished'}{so_far}")
     if r["threshold"] is not None and r["sensitivity"] is not None:
         lines.append(f"  at threshold {r['threshold']:.3f}: sensitivity {r['sensitivity']:.3f}, specificity "

@@ -69,13 +69,11 @@ def evaluate_patches(
     except OSError as e:
         raise OutputNotWritable(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
     # locked before anything in OUT changes: a second run on it stops here, leaving the first one's files alone
-    with PatchScores(out, *_scores_key(model, mpp, used, inference.tta), fresh=overwrite) as scores:
+    with PatchScores(out, *_scores_key(model, mpp, used, inference.tta), overwrite=overwrite) as scores:
         if replaced := replaced_cohort_warning(out, folder, None):
             warnings.warn(replaced, stacklevel=2)
         _start_report(out)  # an earlier report is marked not complete (and its cohort lesions.csv goes) while this runs
-        if scores.earlier and progress is not None:
-            progress.info(f"resuming: {len(scores.earlier)} patch score(s) of an earlier run are kept in "
-                          f"{out / PATCH_SCORES} (--overwrite scores every patch again)")
+        _say_resumed(scores, ds, out, progress)
         rows, sizes, sample = _score(ds, model, scale, batch_size, inference, device, scores, progress)
         for warning in _size_warnings(folder, sizes, mpp, model.mpp):
             warnings.warn(warning, stacklevel=2)
@@ -98,7 +96,20 @@ def evaluate_patches(
         metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
                                  provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
                                              "repeated_patches": repeats, "stain_notes": stain})
+        scores.finished()
         return EvaluationResult(metrics, rows, items="patches")
+
+
+def _say_resumed(scores, ds, out: Path, progress) -> None:
+    """One line on what the score file gives this run: the patches it holds scores of, or why none is reused."""
+    if progress is None:
+        return
+    if scores.dropped:
+        progress.info(f"{out / PATCH_SCORES}: {scores.dropped}")
+    held = sum(it.name in scores.earlier for it in ds.items)  # by name: a file changed since is scored again
+    if held:
+        progress.info(f"resuming: {held} of {len(ds)} patches have a score from an earlier run in "
+                      f"{out / PATCH_SCORES} (a file changed since is scored again; --overwrite scores every patch)")
 
 
 def _scores_key(model, mpp: float, precision: str, tta: bool) -> tuple[str, dict]:

@@ -5,23 +5,30 @@ Line 1 names the format and the hash of what changes a patch's logit (the weight
 model's and the patches' resolution, precision, test-time augmentation, the package version); each later line is
 one patch: its name, the digest of its file's bytes and its logit. Each batch's lines are appended and flushed
 together, so a killed run loses at most the batch it was scoring; a line torn by the kill is cut off before the
-next run appends. A score is reused only when both the name and the file's digest match (an image replaced under
-its name is scored again); another hash, or `--overwrite`, starts the file anew. A run holds an exclusive lock on
-the file while it scores, so a second run on the same folder stops at once instead of mixing its lines in.
-The file sits beside metrics.json, not in `OUT/.state/`, which marks a folder of slide runs.
+next run appends, and a line that is not a name, a digest and a finite logit is skipped (that patch is scored
+again). A score is reused only when both the name and the file's digest match (an image replaced under its name
+is scored again); another hash starts the file anew, with a word on what changed. `--overwrite` starts it anew
+too, and leaves `OUT/.patch_scores.overwrite` until its report is written, so that the same command after an
+interrupt goes on rather than over. A run holds an exclusive lock on the file while it scores: a second run on
+the same folder stops at once instead of mixing its lines in, and `info OUT` tells a run in progress from an
+interrupted one. The file sits beside metrics.json, not in `OUT/.state/`, which marks a folder of slide runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import math
 import os
 from pathlib import Path
 
+from wsi_vssm.atomic import atomic_write_json
 from wsi_vssm.errors import WsiVssmError
 
 PATCH_SCORES = ".patch_scores.jsonl"
+OVERWRITE_MARKER = ".patch_scores.overwrite"  # an --overwrite run under way: its rerun goes on, not over
 SCORES_FORMAT = "wsi-vssm-patch-scores/1"
 
 
@@ -32,26 +39,44 @@ class PatchFolderBusy(WsiVssmError):
 
 
 class PatchScores:
-    """The score file of one run, open and locked; `get` a kept logit, `add` a scored batch, then `close`."""
+    """The score file of one run, open and locked; `get` a kept logit, `add` a scored batch, `finished` once the
+    report is written, then `close`. `dropped` says why an earlier run's scores were set aside (other settings)."""
 
-    def __init__(self, out: str | os.PathLike, params_hash: str, params: dict, fresh: bool = False):
-        self.path = Path(out) / PATCH_SCORES
-        self._file = open(self.path, "a+b")  # noqa: SIM115 (held open, and locked, for the whole run)
+    def __init__(self, out: str | os.PathLike, params_hash: str, params: dict, overwrite: bool = False):
+        from wsi_vssm.runs.state import OutputNotWritable
+
+        self.path, self._marker = Path(out) / PATCH_SCORES, Path(out) / OVERWRITE_MARKER
+        try:  # not through a link: the file is truncated and rewritten in place
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            link = e.errno == errno.ELOOP
+            raise OutputNotWritable(f"{self.path} {'is a symbolic link: remove it' if link else 'cannot be written'}"
+                                    f"{'' if link else f' ({e.strerror or e})'}") from None
+        self._file = os.fdopen(fd, "a+b")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
             raise PatchFolderBusy(f"{Path(out)}: another evaluate is scoring patches into this folder; wait for it "
-                                  "to finish (then run this again: it resumes) or give another --out") from None
+                                  "to finish or give another --out") from None
         self.earlier: dict[str, tuple[int, float]] = {}  # name -> (digest, logit) from an earlier run
-        header = {"format": SCORES_FORMAT, "params_hash": params_hash, "params": params}
-        if fresh or not self._load(params_hash):
-            self.earlier.clear()
-            self._file.truncate(0)
-            self._write([header])
+        self.dropped: str | None = None
+        # an --overwrite run begun and interrupted: the same command goes on with what it scored since it began
+        going_on = overwrite and _read_json(self._marker).get("params_hash") == params_hash
+        try:
+            if (overwrite and not going_on) or not self._load(params_hash, params):
+                self.earlier.clear()
+                self._file.truncate(0)
+                self._write([{"format": SCORES_FORMAT, "params_hash": params_hash, "params": params}])
+            if overwrite and not going_on:
+                atomic_write_json(self._marker, {"params_hash": params_hash})
+        except OSError as e:  # an append-only or full file system: one line that names the file
+            self._file.close()
+            raise OutputNotWritable(f"{self.path} cannot be written ({e.strerror or e})") from None
 
-    def _load(self, params_hash: str) -> bool:
-        """Read an earlier run's scores when they were made with `params_hash`; cut a torn last line off."""
+    def _load(self, params_hash: str, params: dict) -> bool:
+        """Read an earlier run's scores when they were made with `params_hash` (else say in `dropped` what
+        differed); cut a torn last line off; skip lines that are not a name, a digest and a finite logit."""
         self._file.seek(0)
         raw = self._file.read()
         if not raw:
@@ -60,19 +85,21 @@ class PatchScores:
         if end < len(raw):  # the kill came mid-line: what follows the last whole line goes
             self._file.truncate(end)
         lines = raw[:end].splitlines()
-        try:
-            header = json.loads(lines[0]) if lines else None
-        except ValueError:
+        header = _json(lines[0]) if lines else None
+        if not isinstance(header, dict) or header.get("format") != SCORES_FORMAT:
             return False
-        if not isinstance(header, dict) or header.get("format") != SCORES_FORMAT or \
-                header.get("params_hash") != params_hash:
+        if header.get("params_hash") != params_hash:
+            self.dropped = _what_changed(header.get("params"), params, len(lines) - 1)
             return False
         for line in lines[1:]:
-            try:
-                entry = json.loads(line)
-                self.earlier[entry["name"]] = (int(entry["digest"]), float(entry["logit"]))
-            except (ValueError, KeyError, TypeError):  # a damaged line costs that patch a new score, nothing more
+            entry = _json(line)
+            if not isinstance(entry, dict):
                 continue
+            name, digest, logit = entry.get("name"), entry.get("digest"), entry.get("logit")
+            # a damaged (or edited) line costs that patch a new score: an inf or NaN was taken as a score
+            if isinstance(name, str) and _number(digest, int) and _number(logit, (int, float)) and \
+                    math.isfinite(logit):
+                self.earlier[name] = (digest, float(logit))
         return True
 
     def get(self, name: str, digest: int) -> float | None:
@@ -83,6 +110,11 @@ class PatchScores:
     def add(self, scored: list[tuple[str, int, float]]) -> None:
         """Keep a batch's (name, digest, logit), on disk before the next batch is scored."""
         self._write([{"name": n, "digest": d, "logit": z} for n, d, z in scored])
+
+    def finished(self) -> None:
+        """The run's report is written: a later --overwrite starts over again."""
+        with contextlib.suppress(FileNotFoundError):
+            self._marker.unlink()
 
     def _write(self, entries: list[dict]) -> None:
         self._file.seek(0, os.SEEK_END)
@@ -101,11 +133,47 @@ class PatchScores:
         self.close()
 
 
-def kept_scores(out: str | os.PathLike) -> int | None:
-    """How many patch scores an output folder keeps (an interrupted run's, or a finished one's), or None when it
-    keeps none; for `info OUT`."""
+def kept_scores(out: str | os.PathLike) -> dict | None:
+    """What an output folder's score file holds, for `info OUT`: {scores (lines), params (what they were made
+    with), in_progress (a run holds it now)}, or None when there is none."""
     try:
         with open(Path(out) / PATCH_SCORES, "rb") as f:
-            return max(0, sum(1 for line in f if line.endswith(b"\n")) - 1)
+            lines = [line for line in f if line.endswith(b"\n")]
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                busy = False
+            except BlockingIOError:
+                busy = True
     except OSError:
         return None
+    header = _json(lines[0]) if lines else None
+    params = header.get("params") if isinstance(header, dict) else None
+    return {"scores": max(0, len(lines) - 1), "params": params if isinstance(params, dict) else {},
+            "in_progress": busy}
+
+
+def _what_changed(old, new: dict, n: int) -> str:
+    """`N scores were made with other settings (tta False -> True)`: why they are not reused."""
+    old = old if isinstance(old, dict) else {}
+    keys = [k for k in new if old.get(k) != new[k]]
+    shown = ", ".join("another model" if k == "model_hash" else f"{k} {old.get(k)} -> {new[k]}" for k in keys)
+    return f"its {n} score(s) were made with other settings ({shown or 'an older format'}): every patch is scored again"
+
+
+def _json(line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value, kinds) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
