@@ -22,10 +22,12 @@ import fcntl
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from wsi_vssm.atomic import atomic_write_json
 from wsi_vssm.errors import WsiVssmError
+from wsi_vssm.runs.state import OutputNotWritable
 
 PATCH_SCORES = ".patch_scores.jsonl"
 OVERWRITE_MARKER = ".patch_scores.overwrite"  # an --overwrite run under way: its rerun goes on, not over
@@ -43,8 +45,6 @@ class PatchScores:
     report is written, then `close`. `dropped` says why an earlier run's scores were set aside (other settings)."""
 
     def __init__(self, out: str | os.PathLike, params_hash: str, params: dict, overwrite: bool = False):
-        from wsi_vssm.runs.state import OutputNotWritable
-
         self.path, self._marker = Path(out) / PATCH_SCORES, Path(out) / OVERWRITE_MARKER
         try:  # not through a link: the file is truncated and rewritten in place
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
@@ -53,12 +53,10 @@ class PatchScores:
             raise OutputNotWritable(f"{self.path} {'is a symbolic link: remove it' if link else 'cannot be written'}"
                                     f"{'' if link else f' ({e.strerror or e})'}") from None
         self._file = os.fdopen(fd, "a+b")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(self._file):
             self._file.close()
             raise PatchFolderBusy(f"{Path(out)}: another evaluate is scoring patches into this folder; wait for it "
-                                  "to finish or give another --out") from None
+                                  "to finish or give another --out")
         self.earlier: dict[str, tuple[int, float]] = {}  # name -> (digest, logit) from an earlier run
         self.dropped: str | None = None
         # an --overwrite run begun and interrupted: the same command goes on with what it scored since it began
@@ -152,11 +150,25 @@ def kept_scores(out: str | os.PathLike) -> dict | None:
             "in_progress": busy}
 
 
+def _lock(file, tries: int = 20) -> bool:
+    """The score file locked for this run; False when another run holds it. `info OUT` takes a shared lock for
+    an instant to see whether a run is at work: a run starting then tries again for up to a second."""
+    for i in range(tries):
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if i + 1 < tries:
+                time.sleep(0.05)
+    return False
+
+
 def _what_changed(old, new: dict, n: int) -> str:
     """`N scores were made with other settings (tta False -> True)`: why they are not reused."""
     old = old if isinstance(old, dict) else {}
     keys = [k for k in new if old.get(k) != new[k]]
-    shown = ", ".join("another model" if k == "model_hash" else f"{k} {old.get(k)} -> {new[k]}" for k in keys)
+    shown = ", ".join("another model" if k == "model_hash" else f"{k} changed" if isinstance(new[k], dict) else
+                      f"{k} {old.get(k)} -> {new[k]}" for k in keys)
     return f"its {n} score(s) were made with other settings ({shown or 'an older format'}): every patch is scored again"
 
 
