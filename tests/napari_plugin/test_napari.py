@@ -544,5 +544,7 @@ def test_the_mpp_box_starts_from_the_file_for_another_slide(widget_viewer, tumou
     widget.mpp_spin.setValue(0.5)
     viewer.add_points([[0, 0]])  # any other layer change keeps the slide and its mpp
     assert widget.slide_combo.currentText() == "tumour_slide" and widget.mpp_spin.value() == 0.5
+    viewer.layers["tumour_slide"].name = "renamed"  # the same slide: its mpp stays
+    assert widget.slide_combo.currentText() == "renamed" and widget.mpp_spin.value() == 0.5
     widget.slide_combo.setCurrentText("other_slide")
     assert widget.mpp_spin.value() == 0.0 and widget.mpp_spin.text() == "from file"

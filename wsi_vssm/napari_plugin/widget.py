@@ -140,6 +140,8 @@ class PredictWidget(QWidget):
         then said "open a slide first")."""
         layer, old = event.source, self.slide_combo.currentText()
         names = {ly.name for ly in self.slide_layers()}
+        if old not in names and layer.name in names and self._mpp_slide == old:
+            self._mpp_slide = layer.name  # the same slide under a new name keeps its mpp
         self._refresh_slides()
         if old not in names and layer.name in names:
             self.slide_combo.setCurrentText(layer.name)

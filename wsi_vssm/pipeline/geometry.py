@@ -120,14 +120,13 @@ def grid_size(slide, mpp: float, region_px: int, overlap_px: int) -> int:
     return rows * cols
 
 
-
 def head_region_warning(metadata: dict | None, region_px: int, overlap_px: int) -> str | None:
-    """A slide head attached from `train mil` (`run ... attach_mil`) learnt on features extracted with some region
-    and overlap (the checkpoint's `features`, kept in the model's `mil_stage`): a run that reads other regions
+    """A slide head learnt on features extracted with some region and overlap (`mil_stage.features`: a `train mil`
+    checkpoint's, kept when it is attached, or the recipe's `mosaic_mil` stage's): a run that reads other regions
     gives it other features (a cell's features depend on where it lay in its region; docs/features.md), so its
     slide probability moves without a word. The words for the one warning, or None when they match or the model
-    does not say (its own recipe's head, or a head trained before 2026-12-06). A list (stores of mixed settings)
-    matches any of its values."""
+    does not say (a head trained before 2026-12-06, r9's included). A list (stores of mixed settings) matches any
+    of its values."""
     stage = (metadata or {}).get("mil_stage")
     features = stage.get("features") if isinstance(stage, dict) else None
     if not isinstance(features, dict):
