@@ -105,12 +105,12 @@ def test_training_option_values(tmp_path, capsys):
     cells = ["train", "cells", "--data", data, "--valid", data, "--out", tmp_path / "m.pt"]
     assert_usage_error([*cells, "--mosaic-grid", "1"], capsys, "--mosaic-grid")
     assert_usage_error([*cells, "--scan", "nope"], capsys, "--scan")
-    assert_usage_error([*cells, "--model", "nope"], capsys, "--model")
+    assert_usage_error([*cells, "--model", "nope"], capsys, "--arch nope")  # the option's older name
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,label\na,1\n")
     assert_usage_error(["train", "mil", "--features", data, "--labels", labels, "--out", tmp_path / "h.pt",
                   "--valid-labels", labels, "--valid-fraction", "0.2"], capsys, "--valid-fraction")
-    assert_usage_error(["export", "--model", "nope", "--onnx", tmp_path / "m.onnx"], capsys, "--model")
+    assert_usage_error(["export", "--model", "nope", "--onnx", tmp_path / "m.onnx"], capsys, "--arch nope")
     assert_usage_error(["run", REPO / "pipelines" / "default.toml", "--set", "no-equals-sign"], capsys, "--set")
 
 
