@@ -548,3 +548,23 @@ def test_the_mpp_box_starts_from_the_file_for_another_slide(widget_viewer, tumou
     assert widget.slide_combo.currentText() == "renamed" and widget.mpp_spin.value() == 0.5
     widget.slide_combo.setCurrentText("other_slide")
     assert widget.mpp_spin.value() == 0.0 and widget.mpp_spin.text() == "from file"
+
+
+def test_a_slide_open_in_pixels_is_placed_at_its_predictions_mpp(make_napari_viewer, prediction_folder, tmp_path):
+    """A slide that states no resolution opened in pixels, its prediction in micrometres: 1/mpp times apart."""
+    import shutil
+
+    from napari.utils.notifications import notification_manager
+
+    path = tmp_path / "tumour_slide.tif"  # the prediction folder's slide name, without a resolution
+    tifffile.imwrite(path, _pattern_levels(256, 256, 1)[0], photometric="rgb", tile=(64, 64))
+    other = tmp_path / "other.tif"
+    shutil.copy(path, other)
+    viewer = make_napari_viewer()
+    (slide,) = viewer.open(path, plugin=PLUGIN)
+    (unrelated,) = viewer.open(other, plugin=PLUGIN)
+    before = len(notification_manager.records)
+    viewer.open(prediction_folder[0], plugin=PLUGIN)
+    assert tuple(slide.scale) == (SLIDE_MPP, SLIDE_MPP) and slide.metadata[META_KEY]["mpp"] == SLIDE_MPP
+    assert tuple(unrelated.scale) == (1.0, 1.0)  # another slide's name: left alone
+    assert any("placed at 0.5 um/px, the one its prediction used" in m for m in _notifications(before))

@@ -108,4 +108,26 @@ def read_prediction(path: str | os.PathLike | list) -> list[tuple]:
         show_warning(f"wsi-vssm: {call.get('slide')}: out of domain: {'; '.join(map(str, call['domain_notes']))}")
     for warning in call.get("warnings") or []:
         show_warning(f"wsi-vssm: {call.get('slide')}: {warning}")
+    _place_open_slide(block)
     return layers
+
+
+def _place_open_slide(block: dict) -> None:
+    """A slide without a stated resolution, open in pixels under the same name, is put in micrometres at the mpp
+    its prediction used (the heatmap's `mpp`), so the layers line up: they lay 1/mpp times apart before. A slide
+    opened after its prediction is not found here; the Predict widget places it (docs/napari.md)."""
+    import napari
+    from napari.utils.notifications import show_info
+
+    from wsi_vssm.napari_plugin._layers import META_KEY
+
+    viewer, mpp = napari.current_viewer(), block.get("mpp")
+    if viewer is None or not isinstance(mpp, int | float) or not mpp > 0:
+        return
+    for layer in viewer.layers:
+        meta = layer.metadata.get(META_KEY) or {}
+        if meta.get("kind") == "slide" and meta.get("mpp") is None and layer.name == block.get("slide"):
+            layer.scale, layer.units = (mpp, mpp), ("um", "um")
+            meta["mpp"], meta["mpp_source"] = mpp, "its prediction"
+            show_info(f"wsi-vssm: {layer.name}: the slide states no resolution; placed at {mpp:g} um/px, the one its "
+                      "prediction used, so that its heatmap and contours line up")
