@@ -568,3 +568,6 @@ def test_a_slide_open_in_pixels_is_placed_at_its_predictions_mpp(make_napari_vie
     assert tuple(slide.scale) == (SLIDE_MPP, SLIDE_MPP) and slide.metadata[META_KEY]["mpp"] == SLIDE_MPP
     assert tuple(unrelated.scale) == (1.0, 1.0)  # another slide's name: left alone
     assert any("placed at 0.5 um/px, the one its prediction used" in m for m in _notifications(before))
+    viewer.layers.remove(slide)  # the other way round: the prediction is open, then the slide
+    (again,) = viewer.open(path, plugin=PLUGIN)
+    assert tuple(again.scale) == (SLIDE_MPP, SLIDE_MPP) and again.metadata[META_KEY]["mpp_source"] == "its prediction"

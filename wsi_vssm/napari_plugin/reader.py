@@ -78,7 +78,9 @@ def read_slide(path: str | os.PathLike | list) -> list[tuple]:
     from wsi_vssm.napari_plugin._layers import slide_layer
 
     path = path[0] if isinstance(path, (list, tuple)) else path
-    return [slide_layer(open_slide(path))]
+    data, kwargs, kind = slide_layer(open_slide(path))
+    _place_like_its_prediction(kwargs)
+    return [(data, kwargs, kind)]
 
 
 def read_prediction(path: str | os.PathLike | list) -> list[tuple]:
@@ -110,6 +112,29 @@ def read_prediction(path: str | os.PathLike | list) -> list[tuple]:
         show_warning(f"wsi-vssm: {call.get('slide')}: {warning}")
     _place_open_slide(block)
     return layers
+
+
+def _place_like_its_prediction(kwargs: dict) -> None:
+    """A slide that states no resolution, opened after its prediction: at the mpp the prediction used (the open
+    heatmap layer of its name), as `_place_open_slide` does the other way round."""
+    import napari
+    from napari.utils.notifications import show_info
+
+    from wsi_vssm.napari_plugin._layers import META_KEY
+
+    meta, viewer = kwargs["metadata"][META_KEY], napari.current_viewer()
+    if meta.get("mpp") is not None or viewer is None:
+        return
+    for layer in viewer.layers:
+        heat = layer.metadata.get(META_KEY) or {}
+        mpp = heat.get("mpp")
+        if heat.get("kind") == "heatmap" and heat.get("slide") == kwargs["name"] and isinstance(mpp, int | float) \
+                and mpp > 0:
+            kwargs.update(scale=(mpp, mpp), units=("um", "um"))
+            meta["mpp"], meta["mpp_source"] = mpp, "its prediction"
+            show_info(f"wsi-vssm: {kwargs['name']}: the slide states no resolution; placed at {mpp:g} um/px, the one "
+                      "its prediction used, so that its heatmap and contours line up")
+            return
 
 
 def _place_open_slide(block: dict) -> None:
