@@ -48,17 +48,24 @@ def main() -> None:
           f"{args.overlap} px; slide threshold {slides_at:.3f}, cell threshold {cells_at:.3f}", flush=True)
     probs = {r: [] for r in args.regions}
     rows = {r: [] for r in args.regions[1:]}  # (|dp|, flipped, Pearson r, Jaccard) per slide
+    labels = []  # of the slides compared
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for path, label in slides:
-            grids = {}
+            folders = {}
             for region in args.regions:
                 params = PredictParams(device="cpu", region_px=region, overlap_px=args.overlap, reader_threads=1)
-                out = work / f"r{region}"
-                rec = predict_slide(path, model, out, params)
+                rec = predict_slide(path, model, work / f"r{region}", params)
                 probs[region].append(rec["probability"])
-                grids[region] = read_heatmap_zarr(out / path.stem / "heatmap.ome.zarr")[0]
+                folders[region] = work / f"r{region}" / rec["slide"]
+            if any(probs[r][-1] is None for r in args.regions):  # no tissue found: nothing to compare
+                print(f"  {path.name} ({label}): no probability (no tissue), left out", flush=True)
+                for r in args.regions:
+                    probs[r].pop()
+                continue
+            labels.append(label)
+            grids = {r: read_heatmap_zarr(folder / "heatmap.ome.zarr")[0] for r, folder in folders.items()}
             ref = grids[args.regions[0]]
             for region in args.regions[1:]:
                 g, p0, p1 = grids[region], probs[args.regions[0]][-1], probs[region][-1]
@@ -70,7 +77,6 @@ def main() -> None:
             shown = ", ".join(f"{r}: {probs[r][-1]:.3f}" for r in args.regions)
             print(f"  {path.stem} ({label}): probability {shown} [{time.perf_counter() - t0:.0f} s]", flush=True)
 
-    labels = [label for _, label in slides]
     print(f"\nagainst {args.regions[0]} px regions (medians over slides; largest slide-probability change)")
     print(f"{'regions':>8} {'med |dp|':>9} {'max |dp|':>9} {'flipped':>8} {'Pearson r':>10} {'Jaccard':>8}")
     for region, got in rows.items():

@@ -483,16 +483,24 @@ def test_reopened_results_replay_predicts_warnings_and_say_when_there_is_no_call
 
     folder = tmp_path / "tumour_slide"
     shutil.copytree(prediction_folder[0], folder)
+    # as predict writes it: the domain notes also among the summary's warnings
     record = {"slide": "tumour_slide", "probability": 0.999, "label": 1, "slide_threshold": 0.44, "in_domain": False,
               "domain_notes": ["stain: no eosin (IHC?)"],
-              "summary": {"warnings": ["the tumour call rests on 0 cell(s) at or above the cell threshold 0.781"]}}
+              "summary": {"warnings": ["out of domain: stain: no eosin (IHC?)",
+                                       "the tumour call rests on 0 cell(s) at or above the cell threshold 0.781"]}}
     (folder / "prediction.json").write_text(json.dumps(record))
     viewer = make_napari_viewer()
     before = len(notification_manager.records)
     viewer.open(folder, plugin=PLUGIN)
     said = _notifications(before)
-    assert any("OUT OF DOMAIN" in m for m in said) and any("out of domain: stain: no eosin (IHC?)" in m for m in said)
+    assert any("OUT OF DOMAIN" in m for m in said)
+    assert sum("out of domain: stain: no eosin (IHC?)" in m for m in said) == 1, said  # once, not twice
     assert any("tumour_slide: the tumour call rests on 0 cell(s)" in m for m in said), said
+    del record["summary"]  # an older file: the notes alone
+    (folder / "prediction.json").write_text(json.dumps(record))
+    before = len(notification_manager.records)
+    viewer.open(folder, plugin=PLUGIN)
+    assert sum("out of domain: stain: no eosin (IHC?)" in m for m in _notifications(before)) == 1
     for broken in ('{"slide": "tumour_sl', None):  # cut off mid-file, then gone
         if broken is None:
             (folder / "prediction.json").unlink()
@@ -540,13 +548,13 @@ def test_the_mpp_box_starts_from_the_file_for_another_slide(widget_viewer, tumou
     other = tmp_path / "other_slide.tif"
     shutil.copy(tumour_slide[0], other)
     viewer.open(other, plugin=PLUGIN)
-    widget.slide_combo.setCurrentText("tumour_slide")
+    widget.slide_combo.setCurrentText("other_slide")  # the second slide in the box
     widget.mpp_spin.setValue(0.5)
     viewer.add_points([[0, 0]])  # any other layer change keeps the slide and its mpp
-    assert widget.slide_combo.currentText() == "tumour_slide" and widget.mpp_spin.value() == 0.5
-    viewer.layers["tumour_slide"].name = "renamed"  # the same slide: its mpp stays
+    assert widget.slide_combo.currentText() == "other_slide" and widget.mpp_spin.value() == 0.5
+    viewer.layers["other_slide"].name = "renamed"  # the same slide: its mpp stays
     assert widget.slide_combo.currentText() == "renamed" and widget.mpp_spin.value() == 0.5
-    widget.slide_combo.setCurrentText("other_slide")
+    widget.slide_combo.setCurrentText("tumour_slide")
     assert widget.mpp_spin.value() == 0.0 and widget.mpp_spin.text() == "from file"
 
 

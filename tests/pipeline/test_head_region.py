@@ -25,9 +25,26 @@ def test_a_run_with_other_regions_than_the_heads_is_warned_once(cohort, tmp_path
 
 
 def test_heads_that_do_not_say_and_mixed_settings():
-    assert head_region_warning({}, 1024, 64) is None  # the recipe's own head, or one trained before 2026-12-06
+    assert head_region_warning({}, 1024, 64) is None  # a head trained before 2026-12-06 (r9's)
     assert head_region_warning({"mil_stage": {"method": "mosaic"}}, 1024, 64) is None
     mixed = {"mil_stage": {"features": {"region_px": [2048, 9984], "overlap_px": 128}}}
     assert head_region_warning(mixed, 9984, 128) is None  # one of the values it was trained on
     other = head_region_warning(mixed, 2048, 256)
     assert "of 2048 or 9984 px regions with 128 px overlap; this run reads 2048 px regions with 256 px" in other
+    unrecorded = {"mil_stage": {"features": {"region_px": [2048, None], "overlap_px": [None]}}}  # older stores
+    assert head_region_warning(unrecorded, 2048, 64) is None
+    said = head_region_warning(unrecorded, 1024, 64)
+    assert "None" not in said and said.endswith("--region-px 2048 matches"), said
+
+
+def test_the_napari_widgets_run_warns_too(tmp_path):
+    """The widget calls predict_slide itself, and its device box can pick a GPU's larger default regions."""
+    import pytest
+
+    from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.napari_plugin._predict import _warn_of_head_region
+    from wsi_vssm.pipeline.predict import PredictParams
+
+    model = load_model(write_tiny_model(tmp_path / "attached.pt", mil_stage=ATTACHED))
+    with pytest.warns(UserWarning, match="this run reads 1024 px regions with 128 px overlap"):
+        _warn_of_head_region(model, PredictParams(device="cpu", region_px=1024))

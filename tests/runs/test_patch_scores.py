@@ -133,7 +133,7 @@ def test_the_cli_resumes_says_so_and_info_tells_an_interrupted_run(model_file, t
     with monkeypatch.context() as mp:  # the same --overwrite command goes on with what it scored, not over
         scored = _counting(mp)
         code, _, err = run_cli_captured([*args, "--overwrite"], capsys)
-    assert code == 0 and sum(scored) == 80 - 48 and "resuming: 48 of 80" in err, err
+    assert code == 0 and sum(scored) == 80 - 48 and "going on with the --overwrite run begun earlier: 48 of 80" in err
     with monkeypatch.context() as mp:  # once that run has written its report, --overwrite starts over again
         scored = _counting(mp)
         run_cli_captured([*args, "--overwrite"], capsys)
@@ -180,3 +180,24 @@ def test_info_tells_a_run_in_progress_from_an_interrupted_one(tmp_path, capsys):
     code, text, _ = run_cli_captured(["info", out, "--json"], capsys)
     report = json.loads(text)
     assert (report["in_progress"], report["kept_scores"], report["tta"]) == (False, 1, True)
+
+
+def test_a_file_system_without_flock_scores_unguarded_with_a_warning(model_file, tmp_path, monkeypatch):
+    """Some network mounts refuse flock (ENOLCK): the run failed as "No locks available", naming no file."""
+    import errno
+    import fcntl
+
+    import wsi_vssm.runs.patch_scores as ps
+
+    write_patch_folder(tmp_path / "patches", 2, 0)
+
+    def refuse(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(ps.fcntl, "flock", refuse)
+    with pytest.warns(UserWarning, match=r"\.patch_scores\.jsonl: cannot be locked \(No locks available\)"):
+        res = ep.evaluate_patches(tmp_path / "patches", _model(model_file), tmp_path / "ev", mpp=0.97, n_boot=50)
+    assert res.metrics["n"] == 4
+    assert ps.kept_scores(tmp_path / "ev") == {"scores": 4, "params": ps.kept_scores(tmp_path / "ev")["params"],
+                                                "in_progress": False}
+    monkeypatch.setattr(ps.fcntl, "flock", fcntl.flock)

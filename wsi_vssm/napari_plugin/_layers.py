@@ -179,8 +179,9 @@ def _prediction_call(path: Path) -> dict:
         record = read_prediction_json(path)
     except UsageError as e:
         return {"error": f"{e}: the slide's call cannot be shown"}
-    return {**{k: record.get(k) for k in CALL_KEYS}, "warnings": list((record.get("summary") or {}).get("warnings")
-                                                                      or [])}
+    said = (record.get("summary") or {}).get("warnings")
+    said = said if isinstance(said, list) else [said] if isinstance(said, str) else []  # a string is one warning
+    return {**{k: record.get(k) for k in CALL_KEYS}, "warnings": said}
 
 
 def prediction_layers(folder: str | Path) -> list[tuple]:

@@ -47,8 +47,23 @@ def run_prediction(
         raise Cancelled("prediction cancelled")
     out_root = Path(os.path.expanduser(request.out_root))
     params = PredictParams(mpp=request.mpp, tta=request.tta, device=request.device)
+    _warn_of_head_region(model, params)
     record = predict_slide(request.slide, model, out_root, params, progress, cancel)
     return PredictResult(record, out_root / str(record["slide"]))
+
+
+def _warn_of_head_region(model, params) -> None:
+    """The command line's warning when a slide head learnt on features of other regions than this run reads (the
+    widget's device box can pick a GPU, whose default regions are larger): a notification through the worker."""
+    import warnings
+
+    from wsi_vssm.models.device import resolve_device
+    from wsi_vssm.pipeline.geometry import head_region_warning, resolve_geometry
+
+    region_px, overlap_px = resolve_geometry(resolve_device(params.device), model.token_px, params.region_px,
+                                             params.overlap_px)
+    if mismatch := head_region_warning(getattr(model, "metadata", None), region_px, overlap_px):
+        warnings.warn(mismatch, stacklevel=2)
 
 
 def summary(record: dict) -> str:

@@ -101,16 +101,18 @@ def read_prediction(path: str | os.PathLike | list) -> list[tuple]:
     layers = prediction_layers(p)
     block = layers[0][1]["metadata"][META_KEY]
     call = block.get("prediction")
+    _place_open_slide(block)
     if call is None:  # a missing or damaged prediction.json: the heatmap alone, and why
         show_warning(f"wsi-vssm: {block.get('prediction_error')}")
         return layers
-    # the call and what predict warned with it (a call on no cell, why out of domain): the layers do not show it
+    # the call and what predict warned with it (why out of domain, a call on no cell): the layers do not show it
     (show_warning if call.get("in_domain") is False else show_info)(f"wsi-vssm: {summary(call)}")
-    if call.get("in_domain") is False and call.get("domain_notes"):
-        show_warning(f"wsi-vssm: {call.get('slide')}: out of domain: {'; '.join(map(str, call['domain_notes']))}")
-    for warning in call.get("warnings") or []:
+    said = [str(w) for w in call.get("warnings") or []]
+    if call.get("in_domain") is False and call.get("domain_notes") and \
+            not any(w.startswith("out of domain") for w in said):  # predict puts it among its warnings
+        said.insert(0, f"out of domain: {'; '.join(map(str, call['domain_notes']))}")
+    for warning in said:
         show_warning(f"wsi-vssm: {call.get('slide')}: {warning}")
-    _place_open_slide(block)
     return layers
 
 
@@ -140,7 +142,7 @@ def _place_like_its_prediction(kwargs: dict) -> None:
 def _place_open_slide(block: dict) -> None:
     """A slide without a stated resolution, open in pixels under the same name, is put in micrometres at the mpp
     its prediction used (the heatmap's `mpp`), so the layers line up: they lay 1/mpp times apart before. A slide
-    opened after its prediction is not found here; the Predict widget places it (docs/napari.md)."""
+    opened after its prediction is placed by `_place_like_its_prediction`."""
     import napari
     from napari.utils.notifications import show_info
 

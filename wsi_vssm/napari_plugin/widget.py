@@ -140,14 +140,13 @@ class PredictWidget(QWidget):
         then said "open a slide first")."""
         layer, old = event.source, self.slide_combo.currentText()
         names = {ly.name for ly in self.slide_layers()}
-        if old not in names and layer.name in names and self._mpp_slide == old:
+        renamed = old not in names and layer.name in names  # the selected slide itself was renamed
+        if renamed and self._mpp_slide == old:
             self._mpp_slide = layer.name  # the same slide under a new name keeps its mpp
-        self._refresh_slides()
-        if old not in names and layer.name in names:
-            self.slide_combo.setCurrentText(layer.name)
+        self._refresh_slides(prefer=layer.name if renamed else None)
 
-    def _refresh_slides(self, event=None) -> None:
-        current = self.slide_combo.currentText()
+    def _refresh_slides(self, event=None, prefer: str | None = None) -> None:
+        current = prefer or self.slide_combo.currentText()
         names = [ly.name for ly in self.slide_layers()]
         self.slide_combo.blockSignals(True)  # the box is refilled: only where it ends up counts as a change
         try:

@@ -132,7 +132,9 @@ def head_region_warning(metadata: dict | None, region_px: int, overlap_px: int) 
     if not isinstance(features, dict):
         return None
     run = {"region_px": region_px, "overlap_px": overlap_px}
-    trained = {k: features.get(k) for k in run if features.get(k) is not None}
+    # a list: the values of stores of mixed settings (None: a store that did not record it, which says nothing)
+    known = {k: [x for x in v if x is not None] if isinstance(v, list) else v for k, v in features.items()}
+    trained = {k: known.get(k) for k in run if known.get(k) not in (None, [])}
     off = [k for k, v in trained.items() if run[k] not in (v if isinstance(v, list) else [v])]
     if not off:
         return None

@@ -107,7 +107,10 @@ def _say_resumed(scores, ds, out: Path, progress) -> None:
     if scores.dropped:
         progress.info(f"{out / PATCH_SCORES}: {scores.dropped}")
     held = sum(it.name in scores.earlier for it in ds.items)  # by name: a file changed since is scored again
-    if held:
+    if held and scores.going_on:
+        progress.info(f"going on with the --overwrite run begun earlier: {held} of {len(ds)} patches scored by it "
+                      f"({out / PATCH_SCORES})")
+    elif held:
         progress.info(f"resuming: {held} of {len(ds)} patches have a score from an earlier run in "
                       f"{out / PATCH_SCORES} (a file changed since is scored again; --overwrite scores every patch)")
 

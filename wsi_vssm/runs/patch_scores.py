@@ -4,14 +4,16 @@ interrupted run resumes where it stopped (a 300,000-patch folder is about 20 min
 Line 1 names the format and the hash of what changes a patch's logit (the weights, the patch calibration, the
 model's and the patches' resolution, precision, test-time augmentation, the package version); each later line is
 one patch: its name, the digest of its file's bytes and its logit. Each batch's lines are appended and flushed
-together, so a killed run loses at most the batch it was scoring; a line torn by the kill is cut off before the
+together (forced to disk at most every SYNC_S seconds: a fsync per batch could cost more than the batch on a
+network mount), so a killed run loses at most the batch it was scoring; a line torn by the kill is cut off before the
 next run appends, and a line that is not a name, a digest and a finite logit is skipped (that patch is scored
 again). A score is reused only when both the name and the file's digest match (an image replaced under its name
 is scored again); another hash starts the file anew, with a word on what changed. `--overwrite` starts it anew
 too, and leaves `OUT/.patch_scores.overwrite` until its report is written, so that the same command after an
 interrupt goes on rather than over. A run holds an exclusive lock on the file while it scores: a second run on
 the same folder stops at once instead of mixing its lines in, and `info OUT` tells a run in progress from an
-interrupted one. The file sits beside metrics.json, not in `OUT/.state/`, which marks a folder of slide runs.
+interrupted one (on a file system without flock, the run goes on unguarded, with a warning). The file sits
+beside metrics.json, not in `OUT/.state/`, which marks a folder of slide runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 from wsi_vssm.atomic import atomic_write_json
@@ -31,6 +34,7 @@ from wsi_vssm.runs.state import OutputNotWritable
 
 PATCH_SCORES = ".patch_scores.jsonl"
 OVERWRITE_MARKER = ".patch_scores.overwrite"  # an --overwrite run under way: its rerun goes on, not over
+SYNC_S = 10.0  # scores are flushed per batch (a killed run keeps them) and forced to disk at most this often
 SCORES_FORMAT = "wsi-vssm-patch-scores/1"
 
 
@@ -53,14 +57,22 @@ class PatchScores:
             raise OutputNotWritable(f"{self.path} {'is a symbolic link: remove it' if link else 'cannot be written'}"
                                     f"{'' if link else f' ({e.strerror or e})'}") from None
         self._file = os.fdopen(fd, "a+b")
-        if not _lock(self._file):
+        self._synced = time.monotonic()
+        try:
+            locked = _lock(self._file)
+        except OSError as e:  # a file system without flock (some network mounts): scored, but unguarded
+            locked = None
+            warnings.warn(f"{self.path}: cannot be locked ({e.strerror or e}); a second run into this folder at the "
+                          "same time would not be stopped", stacklevel=3)
+        if locked is False:
             self._file.close()
             raise PatchFolderBusy(f"{Path(out)}: another evaluate is scoring patches into this folder; wait for it "
                                   "to finish or give another --out")
         self.earlier: dict[str, tuple[int, float]] = {}  # name -> (digest, logit) from an earlier run
         self.dropped: str | None = None
         # an --overwrite run begun and interrupted: the same command goes on with what it scored since it began
-        going_on = overwrite and _read_json(self._marker).get("params_hash") == params_hash
+        self.going_on = overwrite and _read_json(self._marker).get("params_hash") == params_hash
+        going_on = self.going_on
         try:
             if (overwrite and not going_on) or not self._load(params_hash, params):
                 self.earlier.clear()
@@ -117,10 +129,14 @@ class PatchScores:
     def _write(self, entries: list[dict]) -> None:
         self._file.seek(0, os.SEEK_END)
         self._file.write("".join(json.dumps(e) + "\n" for e in entries).encode("utf-8"))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._file.flush()  # in the kernel: a killed run keeps it; on disk within SYNC_S, for a machine that fails
+        if time.monotonic() - self._synced > SYNC_S:
+            os.fsync(self._file.fileno())
+            self._synced = time.monotonic()
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.fsync(self._file.fileno())
         with contextlib.suppress(OSError):
             self._file.close()  # closing releases the lock
 
@@ -142,6 +158,8 @@ def kept_scores(out: str | os.PathLike) -> dict | None:
                 busy = False
             except BlockingIOError:
                 busy = True
+            except OSError:  # no flock on this file system: whether a run is at work is not known
+                busy = False
     except OSError:
         return None
     header = _json(lines[0]) if lines else None
@@ -151,8 +169,9 @@ def kept_scores(out: str | os.PathLike) -> dict | None:
 
 
 def _lock(file, tries: int = 20) -> bool:
-    """The score file locked for this run; False when another run holds it. `info OUT` takes a shared lock for
-    an instant to see whether a run is at work: a run starting then tries again for up to a second."""
+    """The score file locked for this run; False when another run holds it (OSError when the file system has no
+    flock). `info OUT` takes a shared lock for an instant to see whether a run is at work: a run starting then
+    tries again for up to a second."""
     for i in range(tries):
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)

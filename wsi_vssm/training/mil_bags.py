@@ -68,6 +68,14 @@ def check_compatible(stores: Sequence[FeatureStore]) -> dict:
     return {**{k: ref.attrs.get(k) for k in FEATURE_KEYS}, **_extract_settings(stores)}
 
 
+def settings_of(paths) -> dict:
+    """`check_compatible` over the stores at `paths`, for a record: without the mixed-settings warnings, which
+    training on them gave already."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return check_compatible([FeatureStore.open(p) for p in paths])
+
+
 def _extract_settings(stores: Sequence[FeatureStore]) -> dict:
     """Each EXTRACT_KEYS setting the stores were made with: its value, or the sorted list of the values found
     (None last: a store that does not record it), with one warning per setting that differs."""

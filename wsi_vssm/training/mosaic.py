@@ -166,7 +166,7 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
     from wsi_vssm.models.slide_model import attach_mil, load_model, save_model
     from wsi_vssm.training.checkpoint import stamped
     from wsi_vssm.training.mil import Bags, MILTrainConfig, bag_logits, evaluate
-    from wsi_vssm.training.mil_bags import check_compatible
+    from wsi_vssm.training.mil_bags import settings_of
 
     model_path, out = Path(model_path), Path(out)
     t0 = time.perf_counter()
@@ -261,7 +261,8 @@ def train_mil_on_mosaics(model_path: str | Path, train_src, valid_src, out: str 
                                                         "bags": len(plan), "by_size": by_size},
               **fit, "train_slide_auc": train_auc, "train_slide_loss": train_loss, "threshold": threshold,
               "valid_pooling_aucs": pooled,
-              "features": check_compatible(valid.stores)}  # its extract settings: predict warns at others
+              # its extract settings: predict warns at others
+              "features": settings_of([p for part in ("train", "valid") for p, _ in bags[part]])}
     # `slide_threshold` is what predict reads; `threshold`, its old name, for readers of older files
     meta = stamped({**dict(getattr(model, "metadata", {}) or {}), "stage": "mosaic_mil", "mil_stage": record,
                     "slide_threshold": threshold, "threshold": threshold})
