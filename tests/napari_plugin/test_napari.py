@@ -392,6 +392,10 @@ def test_widget_says_where_to_give_a_missing_mpp(widget_viewer):
     _, widget = widget_viewer
     widget._on_errored(MissingMpp("s.svs", "slide has no resolution; state it with --mpp"))
     assert "mpp box" in widget.result_label.text()
+    from wsi_vssm.errors import UsageError
+
+    widget._on_errored(UsageError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu or auto"))
+    assert "(here: pick cpu or auto in the Device box)" in widget.result_label.text()  # the widget's own box
 
 
 def test_widget_cancel_stops_prediction(widget_viewer, tiny_model, tmp_path, qtbot):

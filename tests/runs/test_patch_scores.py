@@ -175,7 +175,7 @@ def test_info_tells_a_run_in_progress_from_an_interrupted_one(tmp_path, capsys):
     with PatchScores(out, "h", {"precision": "fp32", "tta": True}) as scores:
         scores.add([("0/a.jpg", 1, 0.5)])
         code, text, _ = run_cli_captured(["info", out], capsys)
-        assert code == 0 and text.strip() == f"patch evaluation: {out}: being scored now by a run (1 patch scores " \
+        assert code == 0 and text.strip() == f"patch evaluation: {out}: being scored now by a run (1 patch score(s) " \
             "so far)"
     code, text, _ = run_cli_captured(["info", out, "--json"], capsys)
     report = json.loads(text)

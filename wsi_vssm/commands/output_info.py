@@ -248,7 +248,7 @@ def format_patch_evaluation_info(r: dict) -> str:
     kept, busy = r.get("kept_scores"), r.get("in_progress")
     if not r.get("report"):
         if busy:
-            return f"patch evaluation: {r['folder']}: being scored now by a run ({kept or 0} patch scores so far)"
+            return f"patch evaluation: {r['folder']}: being scored now by a run ({kept or 0} patch score(s) so far)"
         return (f"patch evaluation: {r['folder']}: interrupted before its first report; {kept or 0} patch scores "
                 "kept: rerun the same evaluate command to resume")
     auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}"
@@ -258,8 +258,8 @@ def format_patch_evaluation_info(r: dict) -> str:
              f"{', TTA' if r['tta'] else ''})",
              f"  {r['n']} patches scored, {r['n_failed']} failed; AUC {auc}"]
     if not r.get("complete") and busy:
-        lines.insert(1, f"  NOT complete: a later run is scoring into this folder now ({kept or 0} patch scores so "
-                        "far); these are the earlier run's figures")
+        lines.insert(1, f"  NOT complete: a later run is scoring into this folder now ({kept or 0} patch score(s) "
+                        "so far); these are the earlier run's figures")
     elif not r.get("complete"):  # a later run was interrupted
         so_far = f" ({kept} patch scores kept)" if kept is not None else ""
         lines.insert(1, f"  NOT complete: {r.get('stale') or 'the report was not finished'}{so_far}")

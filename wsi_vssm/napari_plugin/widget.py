@@ -271,7 +271,9 @@ class PredictWidget(QWidget):
         elif isinstance(err, WsiVssmError):
             from wsi_vssm.io.errors import MissingMpp
 
-            hint = " (here: set it in the mpp box above)" if isinstance(err, MissingMpp) else ""  # not a CLI flag
+            # the library's advice names command-line flags the widget does not have
+            hint = (" (here: set it in the mpp box above)" if isinstance(err, MissingMpp) else
+                    " (here: pick cpu or auto in the Device box)" if "--device" in str(err) else "")
             show_error(f"wsi-vssm: {err}{hint}")
             self.result_label.setText(f"failed: {err}{hint}")
         else:  # a bug, not bad input: say so rather than take the viewer down
