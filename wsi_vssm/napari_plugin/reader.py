@@ -120,7 +120,6 @@ def _place_like_its_prediction(kwargs: dict) -> None:
     """A slide that states no resolution, opened after its prediction: at the mpp the prediction used (the open
     heatmap layer of its name), as `_place_open_slide` does the other way round."""
     import napari
-    from napari.utils.notifications import show_info
 
     from wsi_vssm.napari_plugin._layers import META_KEY
 
@@ -129,13 +128,7 @@ def _place_like_its_prediction(kwargs: dict) -> None:
         return
     for layer in viewer.layers:
         heat = layer.metadata.get(META_KEY) or {}
-        mpp = heat.get("mpp")
-        if heat.get("kind") == "heatmap" and heat.get("slide") == kwargs["name"] and isinstance(mpp, int | float) \
-                and mpp > 0:
-            kwargs.update(scale=(mpp, mpp), units=("um", "um"))
-            meta["mpp"], meta["mpp_source"] = mpp, "its prediction"
-            show_info(f"wsi-vssm: {kwargs['name']}: the slide states no resolution; placed at {mpp:g} um/px, the one "
-                      "its prediction used, so that its heatmap and contours line up")
+        if heat.get("kind") == "heatmap" and heat.get("slide") == kwargs["name"] and _placed(kwargs, meta, heat):
             return
 
 
@@ -144,17 +137,28 @@ def _place_open_slide(block: dict) -> None:
     its prediction used (the heatmap's `mpp`), so the layers line up: they lay 1/mpp times apart before. A slide
     opened after its prediction is placed by `_place_like_its_prediction`."""
     import napari
-    from napari.utils.notifications import show_info
 
     from wsi_vssm.napari_plugin._layers import META_KEY
 
-    viewer, mpp = napari.current_viewer(), block.get("mpp")
-    if viewer is None or not isinstance(mpp, int | float) or not mpp > 0:
-        return
-    for layer in viewer.layers:
+    viewer = napari.current_viewer()
+    for layer in viewer.layers if viewer is not None else []:
         meta = layer.metadata.get(META_KEY) or {}
         if meta.get("kind") == "slide" and meta.get("mpp") is None and layer.name == block.get("slide"):
-            layer.scale, layer.units = (mpp, mpp), ("um", "um")
-            meta["mpp"], meta["mpp_source"] = mpp, "its prediction"
-            show_info(f"wsi-vssm: {layer.name}: the slide states no resolution; placed at {mpp:g} um/px, the one its "
-                      "prediction used, so that its heatmap and contours line up")
+            settings = {"name": layer.name}
+            if _placed(settings, meta, block):
+                layer.scale, layer.units = settings["scale"], settings["units"]
+
+
+def _placed(settings: dict, meta: dict, heatmap: dict) -> bool:
+    """Put a slide layer's `settings` (its kwargs, or a stand-in) and its `meta` at the mpp of its prediction's
+    `heatmap` block, and say so; False when that mpp is not a positive number."""
+    from napari.utils.notifications import show_info
+
+    mpp = heatmap.get("mpp")
+    if not isinstance(mpp, int | float) or isinstance(mpp, bool) or not mpp > 0:
+        return False
+    settings.update(scale=(mpp, mpp), units=("um", "um"))
+    meta["mpp"], meta["mpp_source"] = mpp, "its prediction"
+    show_info(f"wsi-vssm: {settings['name']}: the slide states no resolution; placed at {mpp:g} um/px, the one its "
+              "prediction used, so that its heatmap and contours line up")
+    return True
