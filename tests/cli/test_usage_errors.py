@@ -153,6 +153,40 @@ def test_the_mpp_options_take_the_readers_plausible_range():
     assert (MPP_RANGE.min, MPP_RANGE.max) == PLAUSIBLE_MPP
 
 
+def _commands(group, ctx, path=()):
+    import click
+
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, ctx, (*path, name))
+        else:
+            yield " ".join((*path, name)), cmd
+
+
+def test_one_option_name_means_one_range_and_default_in_every_command():
+    """`train cells` alone trained on the CPU of a GPU machine unless told, and took 0.05-20 um/px where every
+    other command takes the readers' range; synth keeps its writers' own 0.05 floor."""
+    import click
+
+    from wsi_vssm.cli import cli
+    from wsi_vssm.commands.options import MPP_RANGE
+
+    ctx = click.Context(cli)
+    devices, mpps = {}, {}
+    for name, cmd in _commands(cli, ctx):
+        for p in cmd.params:
+            if p.name == "device":
+                devices[name] = p.default
+            if "--mpp" in p.opts or "--fallback-mpp" in p.opts or "--target-mpp" in p.opts:
+                mpps[f"{name} {p.opts[0]}"] = (p.type.min, p.type.max)
+    assert {"predict", "evaluate", "extract", "train cells", "train mil"} <= set(devices), devices
+    assert set(devices.values()) == {"auto"}, devices
+    assert "train cells --mpp" in mpps and len(mpps) > 5, mpps
+    odd = {k: v for k, v in mpps.items() if v != (MPP_RANGE.min, MPP_RANGE.max) and not k.startswith("synth ")}
+    assert not odd, odd
+
+
 @pytest.mark.parametrize("extra, option", [
     (["--threshold", "nan"], "--threshold"),  # NaN passes a plain range check and would call every slide normal
     (["--cell-threshold", "inf"], "--cell-threshold"),

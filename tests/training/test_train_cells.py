@@ -991,6 +991,21 @@ def test_the_patch_scorer_says_bad_input_in_one_line(tiny_folder, tmp_path, caps
     assert "none.pt" in err[0] and "nowhere" in err[1] and "one class only" in err[2]
 
 
+def test_the_patch_scorer_names_validation_parts_as_synth_does(tiny_folder, model_file, capsys):
+    """`synth --part select --split-seed S` and the patch scorer's `--split select --seed S` named one split two
+    ways: the scorer takes synth's names now, and its old ones still."""
+    from wsi_vssm.training.cells import main
+
+    common = ["--evaluate", str(model_file), "--valid", str(tiny_folder / "valid"), "--valid-select", "12"]
+    assert main([*common, "--part", "holdout", "--split-seed", "3"]) == 0
+    new = capsys.readouterr().out
+    assert main([*common, "--split", "holdout", "--seed", "3"]) == 0
+    old = capsys.readouterr().out
+    assert "[holdout]" in new and "n=12:" in new and new == old, (new, old)
+    assert main([*common, "--part", "holdout", "--split-seed", "4"]) == 0
+    assert capsys.readouterr().out != new  # the seed reaches the split: another held-back half
+
+
 def test_info_on_a_recipe_run_says_where_each_stage_stands(tiny_folder, tmp_path, capsys):
     """`info RUN` on a recipe's output folder was refused (neither slide, model nor cohort output); a lab running
     hours of training wants to know which stages are done and how far the current one got."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_option
+from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, NonEmptyPath, precision_option
 
 
 @click.command("cells", short_help="Train a backbone and its cell head on labelled patches.")
@@ -23,7 +23,7 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
 @click.option("--arch", "--model", "arch", default="micro", show_default=True,
               help="Backbone architecture from the registry (micro, micro_wide, tiny, small, base, ...); --model, its "
                    "older name, still works (elsewhere --model is a model file).")
-@click.option("--mpp", type=FiniteFloatRange(min=0.05, max=20), default=0.97, show_default=True,
+@click.option("--mpp", type=MPP_RANGE, default=0.97, show_default=True,
               help="The patches' resolution in um/px (PCam: 0.97); `predict` reads slides at it with this model.")
 @click.option("--domain", default=None, metavar="TEXT",
               help="What the patches show, said with every prediction (default: 'patches of DATA at about MPP "
@@ -63,9 +63,9 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, precision_
               help="Selective-scan implementation: auto, reference, cpu, chunked, mamba_ssm or triton (another "
                    "name is refused before any data is read).")
 @click.option("--no-augment", is_flag=True, help="Turn off stain/colour jitter, blur and flips.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Training device (cpu unless asked: give cuda or auto on a GPU machine); under torchrun each "
-                   "process takes GPU LOCAL_RANK.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
+              help="Training device (auto: CUDA when torch sees a GPU, else cpu, as every other command); under "
+                   "torchrun each process takes GPU LOCAL_RANK.")
 @precision_option
 @click.option("--log", "log_path", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
               help="Per-epoch log, CSV (or JSON by extension); default: OUT with .log.csv.")

@@ -121,9 +121,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m wsi_vssm.training.cells", description="Evaluate a model on patches.")
     ap.add_argument("--evaluate", required=True, help="model file, or 'default'")
     ap.add_argument("--valid", required=True, help="folder or tar in ImageFolder layout")
-    ap.add_argument("--split", choices=("all", "select", "holdout"), default="all",
-                    help="the seeded stratified halves used by training (select / held back)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--part", "--split", dest="part", choices=("all", "select", "holdout"), default="all",
+                    help="the seeded stratified parts training splits valid into (select / held back), as `synth "
+                         "--part` names them (--split, the older name, still works)")
+    ap.add_argument("--split-seed", "--seed", dest="seed", type=int, default=0,
+                    help="the seed training split with (`train cells --seed`), as `synth --split-seed`")
     ap.add_argument("--valid-select", type=int, default=None, help="as in training: patches used to select")
     ap.add_argument("--tta", action="store_true", help="also score the mean over the 8 flips/quarter turns")
     ap.add_argument("--in-mosaics", type=int, default=0, metavar="GRID",
@@ -133,8 +135,8 @@ def main(argv=None) -> int:
     try:  # bad input is one line and exit 1, as on the wsi-vssm command line (it was a traceback)
         model = load_model(a.evaluate)
         ds = training_patches(a.valid)  # undecodable patches left out with a warning; mixed sizes refused
-        if a.split != "all":
-            ds = select_and_holdout(ds, a.valid_select, a.seed)[0 if a.split == "select" else 1]
+        if a.part != "all":
+            ds = select_and_holdout(ds, a.valid_select, a.seed)[0 if a.part == "select" else 1]
         if len(set(ds.labels.tolist())) < 2:
             raise UsageError(f"{a.valid}: patches of one class only: an AUC needs both 0/ and 1/")
     except WsiVssmError as e:
@@ -142,10 +144,10 @@ def main(argv=None) -> int:
         return 1
     for tta in (False, True) if a.tta else (False,):
         m = evaluate(model, ds, progress=True, tta=tta)
-        print(f"{a.evaluate} on {a.valid} [{a.split}]{' 8-view TTA' if tta else ''} n={m['n']}: AUC {m['auc']:.4f} "
+        print(f"{a.evaluate} on {a.valid} [{a.part}]{' 8-view TTA' if tta else ''} n={m['n']}: AUC {m['auc']:.4f} "
               f"accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}")
     if a.in_mosaics:
         m = evaluate_in_mosaics(model, ds, a.in_mosaics, a.seed)
-        print(f"{a.evaluate} on {a.valid} [{a.split}] in {a.in_mosaics} x {a.in_mosaics} mosaics n={m['n']}: "
+        print(f"{a.evaluate} on {a.valid} [{a.part}] in {a.in_mosaics} x {a.in_mosaics} mosaics n={m['n']}: "
               f"AUC {m['auc']:.4f} accuracy {m['accuracy']:.4f}")
     return 0
