@@ -125,7 +125,8 @@ def main(argv=None) -> int:
                     help="the seeded stratified parts training splits valid into (select / held back), as `synth "
                          "--part` names them (--split, the older name, still works)")
     ap.add_argument("--split-seed", "--seed", dest="seed", type=int, default=0,
-                    help="the seed training split with (`train cells --seed`), as `synth --split-seed`")
+                    help="the seed training split with (`train cells --seed`), as `synth --split-seed`; it also seeds "
+                         "--in-mosaics' tiling (--seed, the older name, still works)")
     ap.add_argument("--valid-select", type=int, default=None, help="as in training: patches used to select")
     ap.add_argument("--tta", action="store_true", help="also score the mean over the 8 flips/quarter turns")
     ap.add_argument("--in-mosaics", type=int, default=0, metavar="GRID",
