@@ -303,3 +303,63 @@ def test_info_on_an_evaluate_folder_marks_what_its_report_counts(tmp_path, capsy
     assert "(not in the report)" not in by_name["Tumor_001"]  # the table's case is the file's
     assert "(the report has it failed)" in by_name["normal_001"]
     assert by_name["gone"] == "  gone: failed (in the report, no state): slide file not found: /c/gone.tif"
+
+
+def test_info_on_one_slides_prediction_folder_and_on_folders_that_are_no_slide(model_file, cohort, tmp_path,
+                                                                               capsys):
+    """`info OUT/<slide>/` (the folder predict prints and napari opens), a folder of slides, a patch folder, one
+    of its class folders and an empty folder all got "a directory, but not an OME-Zarr store"."""
+    out = tmp_path / "o"
+    fast = ["--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64", "--reader-threads", "1"]
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", str(cohort / "tumor_001.tif"), "--out", str(out), "--model", str(model_file), *fast])
+    assert stop.value.code == 0
+    capsys.readouterr()
+    folder = out / "tumor_001"
+    pred = json.loads((folder / "prediction.json").read_text())
+    code, text, err = run_cli(capsys, str(folder), "--json")
+    assert code == 0, err
+    r = json.loads(text)
+    assert (r["kind"], r["slide"], r["probability"], r["label"]) == ("prediction", "tumor_001", pred["probability"],
+                                                                    pred["label"])
+    assert (r["slide_threshold"], r["cell_threshold"], r["in_domain"]) == (
+        pred["slide_threshold"], pred["cell_threshold"], pred["in_domain"])
+    assert r["lesions"] == len(pred["lesions"]) and r["missing"] == [] and "overlay.png" in r["files"]
+    assert r["n_cells"] == pred["summary"]["n_cells"] > 0
+    code, text, _ = run_cli(capsys, str(folder))
+    call = "tumor" if pred["label"] == 1 else "normal"
+    assert code == 0 and f"probability {pred['probability']:.3f} -> {call} at slide threshold" in text, text
+    assert ("OUT OF DOMAIN" in text) == (pred["in_domain"] is False)
+    code = ("import sys\nfrom wsi_vssm.cli import main\ntry:\n    main(['info', sys.argv[1]])\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print('numpy' in sys.modules, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "False False", proc.stderr
+
+    # out of domain, with warnings, and a file gone: said, not hidden
+    pred.update(in_domain=False, domain_notes=["looks like fluorescence"])
+    pred["summary"]["warnings"] = ["the call rests on 0 cells"]
+    (folder / "prediction.json").write_text(json.dumps(pred))
+    (folder / "overlay.png").unlink()
+    code, text, _ = run_cli(capsys, str(folder))
+    assert "OUT OF DOMAIN" in text and "domain: looks like fluorescence" in text, text
+    assert "warning:     the call rests on 0 cells" in text and "(missing: overlay.png)" in text, text
+    (folder / "prediction.json").write_text("{")
+    code, _, err = run_cli(capsys, str(folder))
+    assert code == 1 and "prediction.json: cannot be read" in err and len(err.strip().splitlines()) == 1, err
+    (folder / "prediction.json").unlink()  # written last: without it the slide was never finished
+    code, _, err = run_cli(capsys, str(folder))
+    assert code == 1 and "a prediction folder without prediction.json" in err, err
+
+    patches = tmp_path / "patches"
+    for label in ("0", "1"):
+        (patches / label).mkdir(parents=True)
+        for i in range(2 + int(label)):
+            (patches / label / f"p{i}.png").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    for path, part in [(cohort, "a folder of 3 slides (normal_001.tif, normal_002.tif, tumor_001.tif)"),
+                       (patches, "a patch folder (ImageFolder: 2 images in 0/, 3 in 1/)"),
+                       (patches / "1", f"a class folder of the patch folder {patches} (3 images)"),
+                       (tmp_path / "empty", "an empty folder, not a slide")]:
+        code, _, err = run_cli(capsys, str(path))
+        assert code == 1 and part in err and "OME-Zarr" not in err and len(err.strip().splitlines()) == 1, err

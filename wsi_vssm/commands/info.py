@@ -37,9 +37,9 @@ NO_MPP_HINT = f"the file states no resolution; {PASS_MPP}"
 @mpp_option
 def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
     """Show a slide's levels, resolution, associated images and tissue fraction (or what a model file or a
-    heatmap.ome.zarr is, or where the slides of an output folder of predict / evaluate / extract stand, or the
-    stages of a training run's folder (run RECIPE --out RUN), or what a feature file of extract holds:
-    <slide>.zarr, an h5 with features and coords, a pt tensor)."""
+    heatmap.ome.zarr is, or where the slides of an output folder of predict / evaluate / extract stand, or one
+    slide's prediction folder (OUT/<slide>/), or the stages of a training run's folder (run RECIPE --out RUN),
+    or what a feature file of extract holds: <slide>.zarr, an h5 with features and coords, a pt tensor)."""
     from wsi_vssm.commands.feature_info import feature_info, feature_kind, format_feature_info
     from wsi_vssm.commands.model_info import format_model_info, is_model_path, model_info
     from wsi_vssm.commands.output_info import (
@@ -74,6 +74,17 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
         report = patch_evaluation_info(slide)
         click.echo(json.dumps(report, indent=2) if as_json else format_patch_evaluation_info(report))
         return
+    from wsi_vssm.commands.folder_info import (
+        folder_problem,
+        format_prediction_folder_info,
+        is_prediction_folder,
+        prediction_folder_info,
+    )
+
+    if is_prediction_folder(slide):  # OUT/<slide>/, the folder predict prints: its call, from prediction.json
+        report = prediction_folder_info(slide)
+        click.echo(json.dumps(report, indent=2) if as_json else format_prediction_folder_info(report))
+        return
     from wsi_vssm.commands.log_info import (
         folder_contents_problem,
         format_train_log_info,
@@ -86,8 +97,8 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
         report = train_log_info(slide, rows)
         click.echo(json.dumps(report, indent=2) if as_json else format_train_log_info(report))
         return
-    problem = folder_contents_problem(slide)
-    if problem:  # train mil's output folder, say: "not an OME-Zarr store" named no way on
+    problem = folder_contents_problem(slide) or folder_problem(slide)
+    if problem:  # train mil's output folder, a folder of slides or patches: "not an OME-Zarr store" named no way on
         from wsi_vssm.errors import UsageError
 
         raise UsageError(problem)

@@ -1,0 +1,130 @@
+"""`wsi-vssm info` on folders that are no slide: one slide's prediction folder (`OUT/<slide>/`, the folder
+`predict` prints and napari opens) is summarised from its prediction.json; a folder of slides, a patch folder,
+one of its class folders or an empty folder gets one line saying what it is and what to give instead. They all
+got "a directory, but not an OME-Zarr store". Neither numpy nor torch is imported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wsi_vssm.outputs.files import PREDICTION_JSON, SLIDE_FILES
+
+# `runs.cohort.SLIDE_SUFFIXES`, the ones a folder of slides holds as files (importing it would load numpy)
+SLIDE_FILE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+def is_prediction_folder(path: str) -> bool:
+    return Path(path).is_dir() and (Path(path) / PREDICTION_JSON).is_file()
+
+
+def prediction_folder_info(path: str) -> dict:
+    """The call, thresholds, domain verdict, lesions and warnings of one prediction folder, and which of
+    predict's files it holds. A prediction.json that cannot be read is a one-line error (`UsageError`)."""
+    from wsi_vssm.errors import UsageError
+
+    folder = Path(path)
+    try:
+        pred = json.loads((folder / PREDICTION_JSON).read_text(encoding="utf-8"))
+        if not isinstance(pred, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{folder / PREDICTION_JSON}: cannot be read ({e}); predict the slide again") from None
+    summary = pred.get("summary") if isinstance(pred.get("summary"), dict) else {}
+    lesions = pred.get("lesions") if isinstance(pred.get("lesions"), list) else []
+    model = pred.get("model") if isinstance(pred.get("model"), dict) else {}
+    mpp = pred.get("mpp") if isinstance(pred.get("mpp"), dict) else {}
+    return {
+        "folder": str(folder), "kind": "prediction", "schema": pred.get("schema"), "slide": pred.get("slide"),
+        "probability": pred.get("probability"), "label": pred.get("label"), "reason": pred.get("reason"),
+        "slide_threshold": pred.get("slide_threshold", pred.get("threshold")),
+        "cell_threshold": pred.get("cell_threshold"), "in_domain": pred.get("in_domain"),
+        "domain_notes": pred.get("domain_notes") or [], "model": model.get("name"), "version": pred.get("version"),
+        "mpp": mpp.get("slide"), "mpp_source": mpp.get("slide_source"), "n_cells": summary.get("n_cells"),
+        "tissue_area_mm2": summary.get("tissue_area_mm2"), "warnings": summary.get("warnings") or [],
+        "lesions": len(lesions), "categories": _categories(lesions),
+        "largest_lesion_mm": summary.get("largest_lesion_mm"),
+        "files": [name for name in SLIDE_FILES if (folder / name).exists()],
+        "missing": [name for name in SLIDE_FILES if not (folder / name).exists()],
+    }
+
+
+def _categories(lesions: list) -> dict:
+    out: dict = {}
+    for lesion in lesions:
+        cat = lesion.get("category") if isinstance(lesion, dict) else None
+        if cat:
+            out[cat] = out.get(cat, 0) + 1
+    return out
+
+
+def format_prediction_folder_info(r: dict) -> str:
+    p = r["probability"]
+    if isinstance(p, int | float) and not isinstance(p, bool):
+        call = "tumor" if r["label"] == 1 else "normal" if r["label"] == 0 else "?"
+        t = r["slide_threshold"]
+        at = f" at slide threshold {t:.3f}" if isinstance(t, int | float) else ""
+        call = f"probability {p:.3f} -> {call}{at}"
+    else:
+        call = f"no probability ({r['reason'] or 'not given'})"
+    lines = [f"prediction:  {r['folder']} (slide {r['slide']}, model {r['model']}, wsi-vssm {r['version']})",
+             f"call:        {call}" + ("" if r["in_domain"] is not False else "; OUT OF DOMAIN")]
+    for note in r["domain_notes"]:
+        lines.append(f"             domain: {note}")
+    area = r["tissue_area_mm2"]
+    tissue = f"{r['n_cells']} cells" + (f", {area:.2f} mm2 of tissue" if isinstance(area, int | float) else "")
+    mpp = f"; slide {r['mpp']} um/px ({r['mpp_source']})" if r["mpp"] is not None else ""
+    lines.append(f"tissue:      {tissue}{mpp}")
+    if r["lesions"]:
+        cats = ", ".join(f"{n} {c}" for c, n in sorted(r["categories"].items()))
+        largest = r["largest_lesion_mm"]
+        lines.append(f"lesions:     {r['lesions']} ({cats})" + (f"; largest {largest:.2f} mm"
+                     if isinstance(largest, int | float) else "") + (f" at cell threshold "
+                     f"{r['cell_threshold']:.3f}" if isinstance(r["cell_threshold"], int | float) else ""))
+    else:
+        lines.append("lesions:     none")
+    for w in r["warnings"]:
+        lines.append(f"warning:     {w}")
+    lines.append(f"files:       {', '.join(r['files'])}" + (f" (missing: {', '.join(r['missing'])})"
+                                                             if r["missing"] else ""))
+    return "\n".join(lines)
+
+
+def folder_problem(path: str) -> str | None:
+    """One line for a plain folder that `info` does not describe: what it holds and what to give instead; None
+    for a store (OME-Zarr) or a file."""
+    p = Path(path)
+    if not p.is_dir() or (p / "zarr.json").is_file() or (p / ".zattrs").is_file():
+        return None
+    try:
+        children = sorted(p.iterdir())
+    except OSError:
+        return None
+    if any((p / name).exists() for name in SLIDE_FILES):  # prediction.json is written last
+        return (f"{path}: a prediction folder without {PREDICTION_JSON}: the run that wrote it stopped before "
+                "finishing the slide; predict it again")
+    if (p / "0").is_dir() and (p / "1").is_dir():
+        n0, n1 = _images(p / "0"), _images(p / "1")
+        return (f"{path}: a patch folder (ImageFolder: {n0} images in 0/, {n1} in 1/), not a slide: `wsi-vssm "
+                f"evaluate {path} --mpp UM_PER_PX` scores it (PCam: 0.97)")
+    if p.name in ("0", "1") and (p.parent / "0").is_dir() and (p.parent / "1").is_dir():
+        return (f"{path}: a class folder of the patch folder {p.parent} ({_images(p)} images), not a slide: "
+                f"`wsi-vssm evaluate {p.parent} --mpp UM_PER_PX` scores the patch folder")
+    slides = [c.name for c in children if c.name.lower().endswith(SLIDE_FILE_SUFFIXES) and c.is_file()]
+    slides += [c.name for c in children if c.is_dir() and c.name.lower().endswith(".zarr")
+               and ((c / "zarr.json").is_file() or (c / ".zattrs").is_file())]
+    if slides:
+        shown = ", ".join(sorted(slides)[:3]) + (", ..." if len(slides) > 3 else "")
+        return (f"{path}: a folder of {len(slides)} slide{'s' if len(slides) > 1 else ''} ({shown}), not a slide: "
+                "give one of them to `info`; `predict` and `evaluate` take the whole folder")
+    if not children:
+        return f"{path}: an empty folder, not a slide"
+    return None
+
+
+def _images(d: Path) -> int:
+    try:
+        return sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError:
+        return 0
