@@ -51,7 +51,7 @@ from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, NonEmptyPath,
 @click.option("--drop-path", type=FiniteFloatRange(0, 1, max_open=True), default=None,
               help="Stochastic-depth rate while training (default: the architecture's own; micro has 0).")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Start from this model file's weights (fine-tuning) instead of a fresh --model.")
+              help="Start from this model file's weights (fine-tuning) instead of a fresh --arch.")
 @click.option("--mosaic-grid", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also train on G x G mosaics of the training patches (labels on their centre tokens) and select "
                    "on the mean of the isolated and in-mosaic AUC (0: off).")
