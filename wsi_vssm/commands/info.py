@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import mpp_option
+from wsi_vssm.commands.options import MPP_RANGE
 
 MPP_SOURCE_TEXT = {
     "openslide-properties": "from the file, via OpenSlide",
@@ -34,7 +34,9 @@ NO_MPP_HINT = f"the file states no resolution; {PASS_MPP}"
     show_default=True,
     help="Slide reader; auto chooses by the file's content.",
 )
-@mpp_option
+@click.option("--mpp", type=MPP_RANGE, default=None,
+              help="Microns per pixel at level 0 of the slide, for one that states none (a stated value is "
+                   "overridden, with a warning).")
 def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
     """Show a slide's levels, resolution, associated images and tissue fraction (or what a model file or a
     heatmap.ome.zarr is, or where the slides of an output folder of predict / evaluate / extract stand, or one
