@@ -229,6 +229,27 @@ def test_prediction_output_opens_as_heatmap_and_contours(make_napari_viewer, pre
     assert (np.asarray(shapes.features["area_um2"]) > 0).all()
 
 
+def test_an_output_folder_opens_its_one_slide_and_names_the_folders_of_several(make_napari_viewer,
+                                                                              prediction_folder, tmp_path):
+    """`predict slide --out OUT` then `napari OUT`: the folder was refused with napari's "no reader"."""
+    import shutil
+
+    out = tmp_path / "OUT"
+    (out / ".state").mkdir(parents=True)
+    assert plugin_reader.get_reader(str(out)) is plugin_reader.read_cohort_folder
+    with pytest.raises(Exception, match="no slide predicted yet"):
+        plugin_reader.read_cohort_folder(str(out))
+    shutil.copytree(prediction_folder[0], out / "tumour_slide")
+    viewer = make_napari_viewer()
+    layers = viewer.open(out, plugin=PLUGIN)
+    assert [ly._type_string for ly in layers] == ["image", "shapes"]
+    assert layers[0].metadata[META_KEY]["prediction"]["probability"] == 0.9
+    shutil.copytree(prediction_folder[0], out / "another")
+    with pytest.raises(Exception, match=r"output folder of 2 slide predictions \(another, tumour_slide\): open one "
+                                        r"slide's folder, e.g. .*another"):
+        plugin_reader.read_cohort_folder(str(out))
+
+
 def test_heatmap_hot_spot_lies_over_the_known_lesion_in_world_coordinates(make_napari_viewer, tumour_slide,
                                                                            prediction_folder):
     path, lesion = tumour_slide

@@ -4,7 +4,9 @@
 anything heavy, and returns None for anything else. What it accepts:
 
 - a slide file the library opens (svs, tif, ndpi, mrxs, ome.tif, ...) or an OME-Zarr slide directory;
-- a `wsi-vssm predict` output folder, its `prediction.json`, or its `heatmap.ome.zarr`: heatmap + contours.
+- a `wsi-vssm predict` output folder, its `prediction.json`, or its `heatmap.ome.zarr`: heatmap + contours;
+- a command's output folder (`predict` / `evaluate --out OUT`): its slide's prediction when it holds one; with
+  several, a one-line error naming the slide folders to open (napari said only that no reader took the folder).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ OTHER_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")  # OpenSlide formats with no 
 # (napari said only "the reader refused the file"); a .tif that is no TIFF is left to other readers
 SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".scn", ".svslide", ".bif")
 _ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup")
+_STATE_DIR = ".state"
 
 ReaderFunction = Callable[[str], list]
 
@@ -40,6 +43,8 @@ def get_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
         return read_slide
     if kind in ("prediction", "heatmap"):
         return read_prediction
+    if kind == "cohort":
+        return read_cohort_folder
     return None
 
 
@@ -65,6 +70,8 @@ def sniff(p: Path) -> str | None:
 def _sniff_dir(p: Path) -> str | None:
     if (p / _HEATMAP).is_dir():
         return "prediction"
+    if (p / _STATE_DIR).is_dir():  # a cohort command's OUT (runs.state.STATE_DIR, not imported: sniffing is light)
+        return "cohort"
     if not any((p / m).is_file() for m in _ZARR_MARKERS):
         return None
     if zarr_root_attrs(p) is None:
@@ -81,6 +88,26 @@ def read_slide(path: str | os.PathLike | list) -> list[tuple]:
     data, kwargs, kind = slide_layer(open_slide(path))
     _place_like_its_prediction(kwargs)
     return [(data, kwargs, kind)]
+
+
+def read_cohort_folder(path: str | os.PathLike | list) -> list[tuple]:
+    """A command's output folder: its one slide's prediction when it holds one (`predict slide --out OUT`).
+    Several slides' predictions, each over its own slide, laid over one another would mean nothing: a one-line
+    error names the folders to open instead."""
+    from wsi_vssm.errors import UsageError
+
+    p = Path(path[0] if isinstance(path, (list, tuple)) else path)
+    try:
+        slides = sorted(d.name for d in p.iterdir() if (d / _HEATMAP).is_dir())
+    except OSError:
+        slides = []
+    if not slides:
+        raise UsageError(f"{p}: an output folder with no slide predicted yet: nothing to show")
+    if len(slides) == 1:
+        return read_prediction(p / slides[0])
+    shown = ", ".join(slides[:3]) + (", ..." if len(slides) > 3 else "")
+    raise UsageError(f"{p}: a cohort's output folder of {len(slides)} slide predictions ({shown}): open one slide's "
+                     f"folder, e.g. {p / slides[0]}, and its slide")
 
 
 def read_prediction(path: str | os.PathLike | list) -> list[tuple]:
