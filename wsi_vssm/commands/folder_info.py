@@ -40,9 +40,9 @@ def prediction_folder_info(path: str) -> dict:
         "probability": pred.get("probability"), "label": pred.get("label"), "reason": pred.get("reason"),
         "slide_threshold": pred.get("slide_threshold", pred.get("threshold")),
         "cell_threshold": pred.get("cell_threshold"), "in_domain": pred.get("in_domain"),
-        "domain_notes": pred.get("domain_notes") or [], "model": model.get("name"), "version": pred.get("version"),
+        "domain_notes": _lines(pred.get("domain_notes")), "model": model.get("name"), "version": pred.get("version"),
         "mpp": mpp.get("slide"), "mpp_source": mpp.get("slide_source"), "n_cells": summary.get("n_cells"),
-        "tissue_area_mm2": summary.get("tissue_area_mm2"), "warnings": summary.get("warnings") or [],
+        "tissue_area_mm2": summary.get("tissue_area_mm2"), "warnings": _lines(summary.get("warnings")),
         "lesions": len(lesions), "categories": _categories(lesions),
         "largest_lesion_mm": summary.get("largest_lesion_mm"),
         "files": [name for name in SLIDE_FILES if (folder / name).exists()],
@@ -50,12 +50,19 @@ def prediction_folder_info(path: str) -> dict:
     }
 
 
+def _lines(value) -> list[str]:
+    """A list of notes as written, or one note (a hand-edited file may hold a bare string)."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value)] if value else []
+
+
 def _categories(lesions: list) -> dict:
     out: dict = {}
     for lesion in lesions:
         cat = lesion.get("category") if isinstance(lesion, dict) else None
         if cat:
-            out[cat] = out.get(cat, 0) + 1
+            out[str(cat)] = out.get(str(cat), 0) + 1
     return out
 
 
@@ -73,7 +80,8 @@ def format_prediction_folder_info(r: dict) -> str:
     for note in r["domain_notes"]:
         lines.append(f"             domain: {note}")
     area = r["tissue_area_mm2"]
-    tissue = f"{r['n_cells']} cells" + (f", {area:.2f} mm2 of tissue" if isinstance(area, int | float) else "")
+    tissue = (f"{r['n_cells']} cells" if r["n_cells"] is not None else "cells not recorded") + (
+        f", {area:.2f} mm2 of tissue" if isinstance(area, int | float) else "")
     mpp = f"; slide {r['mpp']} um/px ({r['mpp_source']})" if r["mpp"] is not None else ""
     lines.append(f"tissue:      {tissue}{mpp}")
     if r["lesions"]:
