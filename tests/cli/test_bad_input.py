@@ -248,6 +248,36 @@ def test_patches_smaller_than_the_models_are_warned_once(model_file, tmp_path, c
     code, _, err = _run([*args, "--mpp", "0.97", "--out", tmp_path / "c"], capsys)
     assert code == 0 and "1 of the 11 patches are scored at 64 x 64 px, smaller than the 96 px" in err, err
     assert "the patches come in 3 sizes (8 of 96 x 96 px, 2 of 192 x 192 px, 1 of 64 x 64 px)" in err, err
+    # two sizes are several too; 86 px is more than a tenth smaller than 96 (87 px is not)
+    (tmp_path / "p" / "1" / "large_b.jpg").unlink()
+    img.resize((86, 86)).save(tmp_path / "p" / "0" / "small.jpg")
+    code, _, err = _run([*args, "--mpp", "0.97", "--out", tmp_path / "d"], capsys)
+    assert "1 of the 10 patches are scored at 86 x 86 px" in err and "come in 3 sizes" in err, err
+    img.resize((87, 87)).save(tmp_path / "p" / "0" / "small.jpg")
+    (tmp_path / "p" / "1" / "large_a.jpg").unlink()
+    code, _, err = _run([*args, "--mpp", "0.97", "--out", tmp_path / "e"], capsys)
+    assert "smaller than" not in err and "the patches come in 2 sizes (8 of 96 x 96 px, 1 of 87 x 87 px)" in err, err
+
+
+def test_non_square_patches_keep_their_shape_when_resized(model_file, tmp_path, capsys):
+    """Width and height go to the resize in that order: 128 x 64 px patches at --mpp 0.485 become 64 x 32."""
+    from PIL import Image
+
+    write_patch_folder(tmp_path / "p", 2, 0)
+    for f in (tmp_path / "p").rglob("*.jpg"):
+        Image.open(f).resize((128, 64)).save(f)
+    code, _, err = _run(["evaluate", tmp_path / "p", "--model", model_file, "--bootstrap", "100", "--mpp", "0.485",
+                         "--out", tmp_path / "a"], capsys)
+    assert code == 0 and "scored at 64 x 32 px (resized from 128 x 64 px" in err, err
+
+
+def test_an_earlier_evaluation_inside_the_patch_folder_is_not_a_class(model_file, tmp_path, capsys):
+    """Its plots (PNG) made an evaluation's OUT inside the folder look like a third class to the next run."""
+    write_patch_folder(tmp_path / "p", 2, 0)
+    args = ["evaluate", tmp_path / "p", "--model", model_file, "--bootstrap", "100", "--mpp", "0.97"]
+    assert _run([*args, "--out", tmp_path / "p" / "ev1"], capsys)[0] == 0
+    code, _, err = _run([*args, "--out", tmp_path / "p" / "ev2"], capsys)
+    assert code == 0 and "not a class" not in err, err
 
 
 def test_the_auc_line_says_when_the_scores_do_not_separate(model_file, tmp_path, capsys):

@@ -261,8 +261,19 @@ def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
         d.mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(d / f"p{i}.png")
-    res = evaluate_patches(tmp_path / "patches", _model(model_file), tmp_path / "ev", mpp=0.97, n_boot=200)
+    model = _model(model_file)
+    res = evaluate_patches(tmp_path / "patches", model, tmp_path / "ev", mpp=0.97, n_boot=200)
     assert len(res.rows) == 6 and all(0 <= r["probability"] <= 1 for r in res.rows)
+    # each patch alone, read at its centre token (PCam's label is the centre 32 px): the cell head's logit there
+    import torch
+
+    from wsi_vssm.models.inputs import to_tensor
+
+    for r in res.rows:
+        img = np.asarray(Image.open(tmp_path / "patches" / str(r["label"]) / Path(r["slide"]).name).convert("RGB"))
+        with torch.no_grad():
+            want = float(model.cell_logits(to_tensor(img))[0, 1, 1])
+        assert r["logit"] == pytest.approx(want, abs=1e-4), r
     assert res.metrics["n"] == 6 and (tmp_path / "ev" / "metrics.json").exists()
     assert res.metrics["repeated_patches"] is None  # every file distinct
     with pytest.raises(Exception, match="--mpp"):

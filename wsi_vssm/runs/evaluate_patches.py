@@ -23,7 +23,7 @@ from wsi_vssm.runs.patch_scores import PATCH_SCORES, PatchScores
 # than a tenth smaller (48 px patches, a wrong --mpp) has its labelled centre off that token, or no 3 x 3 map at
 # all: its scores fell near 0 without a word. Within a tenth (rounding, 0.9 vs 0.97 um/px) it is scored as trained.
 TRAINED_PATCH_PX = 3 * STRIDE
-SMALL_PATCH_PX = round(0.9 * TRAINED_PATCH_PX)
+SMALL_PATCH_PX = 0.9 * TRAINED_PATCH_PX  # 86.4: an 86 px patch is 10.4% smaller, so warned (round() let it by)
 
 
 def evaluate_patches(
