@@ -3,6 +3,7 @@ reading other regions fed it other features without a word (left alone since 202
 
 from __future__ import annotations
 
+import pytest
 from conftest import run_cli_captured, write_tiny_model
 
 from wsi_vssm.pipeline.geometry import head_region_warning
@@ -35,6 +36,30 @@ def test_heads_that_do_not_say_and_mixed_settings():
     assert head_region_warning(unrecorded, 2048, 64) is None
     said = head_region_warning(unrecorded, 1024, 64)
     assert "None" not in said and said.endswith("--region-px 2048 matches"), said
+    # another tool's metadata: features as a list, not the settings' mapping
+    assert head_region_warning({"mil_stage": {"features": ["x"]}}, 1024, 64) is None
+
+
+def test_geometry_edges():
+    """An overlap as large as the region left no step between regions (a division by zero further on); a slide
+    only 1.05-1.5 times coarser than read was enlarged without the warning the tolerance promises."""
+    import warnings
+
+    import numpy as np
+
+    from wsi_vssm.io import ArraySlide
+    from wsi_vssm.pipeline.domain import MPP_TOLERANCE
+    from wsi_vssm.pipeline.geometry import GeometryError, check_enlargement, check_geometry
+
+    check_geometry(32, 512, 480, 0.25)
+    with pytest.raises(GeometryError, match="overlap_px"):
+        check_geometry(32, 512, 512, 0.25)
+    slide = ArraySlide(np.zeros((64, 64, 3), np.uint8), mpp=1.3)
+    with pytest.warns(UserWarning, match="enlarged 1.3x"):
+        check_enlargement(slide, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_enlargement(ArraySlide(np.zeros((64, 64, 3), np.uint8), mpp=MPP_TOLERANCE * 0.999), 1.0)
 
 
 def test_the_napari_widgets_run_warns_too(tmp_path):
