@@ -198,6 +198,67 @@ def test_a_file_system_without_flock_scores_unguarded_with_a_warning(model_file,
     with pytest.warns(UserWarning, match=r"\.patch_scores\.jsonl: cannot be locked \(No locks available\)"):
         res = ep.evaluate_patches(tmp_path / "patches", _model(model_file), tmp_path / "ev", mpp=0.97, n_boot=50)
     assert res.metrics["n"] == 4
-    assert ps.kept_scores(tmp_path / "ev") == {"scores": 4, "params": ps.kept_scores(tmp_path / "ev")["params"],
-                                                "in_progress": False}
+    kept = ps.kept_scores(tmp_path / "ev")
+    assert kept["scores"] == 4 and kept["in_progress"] is False and kept["params"]["job"] == "patches", kept
     monkeypatch.setattr(ps.fcntl, "flock", fcntl.flock)
+
+
+def _score_lines(out, params_hash: str, entries: list[tuple[str, int, float]], fmt: str | None = None) -> None:
+    """A score file as a run writes it: the header, then one line per (name, digest, logit)."""
+    from wsi_vssm.runs.patch_scores import SCORES_FORMAT
+
+    header = {"format": fmt or SCORES_FORMAT, "params_hash": params_hash, "params": {}}
+    lines = [header, *({"name": n, "digest": d, "logit": z} for n, d, z in entries)]
+    (out / PATCH_SCORES).write_text("".join(json.dumps(e) + "\n" for e in lines))
+
+
+def test_info_does_not_count_a_torn_last_line_as_a_score(tmp_path):
+    """`info OUT` counted the line a kill tore in half as a kept score (3 where the rerun keeps 2)."""
+    from wsi_vssm.runs.patch_scores import kept_scores
+
+    _score_lines(tmp_path, "h", [("0/a.jpg", 1, 0.5), ("0/b.jpg", 2, -0.5)])
+    with open(tmp_path / PATCH_SCORES, "a") as f:
+        f.write('{"name": "1/c.jpg", "dig')  # killed mid-line
+    assert kept_scores(tmp_path)["scores"] == 2, kept_scores(tmp_path)
+
+
+def test_a_run_starting_while_info_looks_waits_for_it(tmp_path):
+    """`info OUT` holds a shared lock on the score file for an instant; a run starting then must try again, not
+    stop with "another evaluate is scoring patches" (an exclusive lock held throughout still stops it:
+    test_a_second_run_on_the_same_out_stops_in_one_line)."""
+    import fcntl
+    import threading
+
+    _score_lines(tmp_path, "h", [("0/a.jpg", 1, 0.5)])
+    look = open(tmp_path / PATCH_SCORES, "rb")  # noqa: SIM115 - closed by the timer, as info's look ends
+    fcntl.flock(look, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    timer = threading.Timer(0.2, look.close)
+    timer.start()
+    try:
+        with PatchScores(tmp_path, "h", {}) as scores:
+            assert scores.get("0/a.jpg", 1) == 0.5, "the kept score was not read"
+    except PatchFolderBusy as e:
+        pytest.fail(f"a run starting during info's look stopped as busy: {e}")
+    finally:
+        timer.join()
+
+
+def test_an_overwrite_after_a_plain_run_with_other_settings_starts_over(tmp_path):
+    """An --overwrite run interrupted (its marker stays), then a plain run with other settings interrupted, then
+    --overwrite with those settings: it went on with the plain run's scores, taking them for its own."""
+    with PatchScores(tmp_path, "A", {}, overwrite=True) as scores:  # interrupted: no `finished`
+        scores.add([("0/a.jpg", 1, 0.5)])
+    with PatchScores(tmp_path, "B", {}) as scores:  # other settings, interrupted
+        scores.add([("0/a.jpg", 1, 0.7)])
+    with PatchScores(tmp_path, "B", {}, overwrite=True) as scores:
+        assert not scores.going_on, "the marker of the run with settings A was taken for this run's"
+        assert scores.get("0/a.jpg", 1) is None, "the plain run's score was reused by --overwrite"
+
+
+def test_a_score_file_of_another_format_is_not_read(tmp_path):
+    """A score file whose header names another format (a later version's), with this run's hash, had its lines
+    read as scores."""
+    _score_lines(tmp_path, "h", [("0/a.jpg", 1, 0.5)], fmt="other/9")
+    with PatchScores(tmp_path, "h", {}) as scores:
+        assert scores.get("0/a.jpg", 1) is None and scores.earlier == {}, scores.earlier
+    assert len((tmp_path / PATCH_SCORES).read_text().splitlines()) == 1  # started anew: its header alone

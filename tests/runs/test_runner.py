@@ -806,3 +806,94 @@ def test_a_state_path_that_is_no_folder_is_named_for_what_it_is(tmp_path):
             check_output_folder(tmp_path / out)
         assert str(e.value).startswith(f"{tmp_path / out / STATE_DIR} is {what}, not a folder: "), e.value
         assert "\n" not in str(e.value)
+
+
+def _table_job(out, outputs_ok: bool = True):
+    """A job as the cohort-table functions read it: one parameters hash "h" for every slide."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(out=out, kind="predict", params_hash="h", task_hash=lambda task: "h", fallback_mpp=None,
+                           outputs_ok=lambda name: outputs_ok)
+
+
+def test_a_slide_another_run_holds_counts_as_unfinished():
+    """Only `pending` slides were counted unfinished: a slide in progress in another run let evaluate stage the
+    patients (a pN kappa) over a cohort it had not finished."""
+    from wsi_vssm.runs.cohort_table import n_unfinished
+
+    rows = [{"status": "done"}, {"status": "in_progress"}, {"status": "failed"}, {"status": "pending"}]
+    assert n_unfinished(rows) == 2, n_unfinished(rows)
+    assert n_unfinished(rows[:2]) == 1
+
+
+def test_a_slide_locked_by_another_run_is_in_progress_in_the_interim_table(tmp_path):
+    """A slide this run found locked by another was written `pending` ("rerun the same command") in the table
+    rewritten after every slide, not `in_progress`."""
+    from types import SimpleNamespace
+
+    from wsi_vssm.runs.cohort_table import InterimTable
+    from wsi_vssm.runs.execute import Outcome, SlideTask
+
+    (tmp_path / STATE_DIR).mkdir()
+    crows = [SimpleNamespace(name=n, label=lab) for n, lab in (("a", 1), ("b", 0))]
+    tasks = [SlideTask(n, str(tmp_path / f"{n}.tif")) for n in ("a", "b")]
+    table = InterimTable(tmp_path, crows, tasks, None, None)
+    table(Outcome(tasks[0], "locked", "a: being done by another run (pid 1)"))
+    rows = {r["slide"]: r["status"] for r in _table(tmp_path)}
+    assert rows == {"a": "in_progress", "b": "pending"}, rows
+
+
+def test_a_done_state_whose_outputs_are_missing_is_pending(tmp_path):
+    """A slide whose state says done but whose output files are gone or broken (`outputs_ok` False) was counted
+    done in the final table, with the probability its state recorded."""
+    from types import SimpleNamespace
+
+    from wsi_vssm.runs.cohort_table import final_row
+    from wsi_vssm.runs.execute import SlideTask
+    from wsi_vssm.runs.state import write_state
+
+    (tmp_path / STATE_DIR).mkdir()
+    task, crow = SlideTask("a", str(tmp_path / "a.tif")), SimpleNamespace(name="a", label=1)
+    write_state(tmp_path, "predict", "a", {"status": "done", "params_hash": "h", "result": {"probability": 0.9}})
+    outcome = SimpleNamespace(task=task, status="done")
+    row = final_row(crow, outcome, _table_job(tmp_path, outputs_ok=False))
+    assert row["status"] == "pending" and row["probability"] is None, row
+    assert final_row(crow, outcome, _table_job(tmp_path))["status"] == "done"
+
+
+def test_an_interrupted_overwrite_run_lists_known_failures_as_pending(tmp_path):
+    """An interrupted --overwrite run (which tries failed slides again, as --retry-failed does) listed a slide
+    that had failed before as `failed` ("use --retry-failed"): it was not through yet."""
+    from types import SimpleNamespace
+
+    from wsi_vssm.runs.cohort_table import InterimTable, interrupted_table
+    from wsi_vssm.runs.execute import SlideTask
+    from wsi_vssm.runs.state import input_fingerprint, write_state
+
+    out = tmp_path / "o"
+    (out / STATE_DIR).mkdir(parents=True)
+    slide = tmp_path / "a.tif"
+    slide.write_bytes(b"not a slide")
+    crows, tasks = [SimpleNamespace(name="a", label=1)], [SlideTask("a", str(slide))]
+    write_state(out, "predict", "a", {"status": "failed", "params_hash": "h", "abspath": str(slide),
+                                      "input": input_fingerprint(slide), "error": "a: cannot be read"})
+    for overwrite, retry_failed, want in ((False, False, "failed"), (True, False, "pending"),
+                                          (False, True, "pending")):
+        opts = SimpleNamespace(overwrite=overwrite, retry_failed=retry_failed)
+        interrupted_table(out, crows, tasks, _table_job(out), InterimTable(out, crows, tasks, None, None), opts)
+        assert _table(out)[0]["status"] == want, (overwrite, retry_failed, _table(out))
+
+
+def test_the_report_writer_removes_a_killed_runs_temporaries(tmp_path):
+    """The holder of the report lock removes the temporaries a killed run left of the cohort files
+    (`.tmp-predictions.csv.<random>`, as wsi_vssm.atomic names them); others' files stay."""
+    from wsi_vssm.runs.cohort_table import report_writer
+
+    (tmp_path / STATE_DIR).mkdir()
+    stale, other = tmp_path / ".tmp-predictions.csv.k3x9q_a1", tmp_path / "notes.txt"
+    stale.write_text("slide,label\n")
+    other.write_text("keep")
+    with report_writer(tmp_path, 0) as held:
+        assert held, "the report lock was not taken"
+        assert not stale.exists(), "a killed run's temporary of predictions.csv was left"
+    assert other.read_text() == "keep"
