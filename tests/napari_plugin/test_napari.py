@@ -178,7 +178,9 @@ def test_reader_returns_none_fast_for_what_it_cannot_read(tmp_path):
     (tmp_path / "odd.zarr").mkdir()
     (tmp_path / "odd.zarr" / ".zattrs").write_text("{not json")
     (tmp_path / "prediction.json").write_text("{}")  # no heatmap beside it
-    candidates = ["notes.txt", "fake.tif", "empty.mrxs", "emptydir", "odd.zarr", "prediction.json", "missing.svs"]
+    (tmp_path / "empty.svs").write_bytes(b"")  # a name only slide readers claim, but nothing in it
+    candidates = ["notes.txt", "fake.tif", "empty.mrxs", "emptydir", "odd.zarr", "prediction.json", "missing.svs",
+                  "empty.svs"]
     t = time.perf_counter()
     results = {name: plugin_reader.get_reader(str(tmp_path / name)) for name in candidates}
     elapsed = time.perf_counter() - t
@@ -519,6 +521,10 @@ def test_reopened_results_replay_predicts_warnings_and_say_when_there_is_no_call
     viewer.open(folder, plugin=PLUGIN)
     said = _notifications(before)
     assert any("OUT OF DOMAIN" in m for m in said)
+    from napari.utils.notifications import NotificationSeverity
+
+    call = [n for n in notification_manager.records[before:] if "OUT OF DOMAIN" in str(n.message)]
+    assert call and all(n.severity == NotificationSeverity.WARNING for n in call)  # not an info line
     assert sum("out of domain: stain: no eosin (IHC?)" in m for m in said) == 1, said  # once, not twice
     assert any("tumour_slide: the tumour call rests on 0 cell(s)" in m for m in said), said
     del record["summary"]  # an older file: the notes alone
@@ -604,3 +610,35 @@ def test_a_slide_open_in_pixels_is_placed_at_its_predictions_mpp(make_napari_vie
     viewer.layers.remove(slide)  # the other way round: the prediction is open, then the slide
     (again,) = viewer.open(path, plugin=PLUGIN)
     assert tuple(again.scale) == (SLIDE_MPP, SLIDE_MPP) and again.metadata[META_KEY]["mpp_source"] == "its prediction"
+    assert all("micrometer" in str(u) for u in (*slide.units, *again.units))  # the scale bar speaks um, not px
+    other2 = tmp_path / "other2.tif"  # prediction open first, then a slide of another name: left alone too
+    shutil.copy(path, other2)
+    (unrelated2,) = viewer.open(other2, plugin=PLUGIN)
+    assert tuple(unrelated2.scale) == (1.0, 1.0) and unrelated2.metadata[META_KEY]["mpp"] is None
+
+
+def test_a_slide_that_states_its_mpp_keeps_it_beside_its_prediction(make_napari_viewer, tumour_slide,
+                                                                   prediction_folder):
+    """Only a slide that states no resolution is placed at its prediction's: one that states its own keeps it
+    and its source, whichever is opened first, and no notification claims it states none."""
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer()
+    for order in ("slide first", "prediction first"):
+        viewer.layers.clear()
+        before = len(notification_manager.records)
+        if order == "slide first":
+            (slide,) = viewer.open(tumour_slide[0], plugin=PLUGIN)
+            viewer.open(prediction_folder[0], plugin=PLUGIN)
+        else:
+            viewer.open(prediction_folder[0], plugin=PLUGIN)
+            (slide,) = viewer.open(tumour_slide[0], plugin=PLUGIN)
+        assert slide.metadata[META_KEY]["mpp_source"] != "its prediction", order
+        assert not any("states no resolution" in m for m in _notifications(before)), order
+
+
+def test_a_prediction_mpp_that_is_no_positive_number_places_nothing():
+    for mpp in (0, -1.0, True, "0.5", None, float("nan")):
+        settings, meta = {"name": "s"}, {"mpp": None}
+        assert plugin_reader._placed(settings, meta, {"mpp": mpp}) is False, mpp
+        assert "scale" not in settings and meta["mpp"] is None
