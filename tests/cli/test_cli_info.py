@@ -363,3 +363,145 @@ def test_info_on_one_slides_prediction_folder_and_on_folders_that_are_no_slide(m
                        (tmp_path / "empty", "an empty folder, not a slide")]:
         code, _, err = run_cli(capsys, str(path))
         assert code == 1 and part in err and "OME-Zarr" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def _states(out, kind: str, states: dict[str, dict]) -> None:
+    """Hand-written per-slide states of OUT, as a run leaves them (no slide is run)."""
+    from wsi_vssm.runs.state import write_state
+
+    for name, state in states.items():
+        write_state(out, kind, name, {"slide": name, **state})
+
+
+def test_info_tells_a_slide_a_live_run_holds_from_one_a_killed_run_left(tmp_path, capsys):
+    """A `running` state was always said `interrupted` (rerun to redo it), even while a live run held the
+    slide's lock and was working on it: a user told to rerun would start a second run beside it."""
+    import os
+    import socket
+
+    from wsi_vssm.runs.state import SlideLock
+
+    out = tmp_path / "o"
+    _states(out, "predict", {"busy": {"status": "running"}})
+    lock = SlideLock(out, "predict", "busy")  # held as a run holds it: this pid, this host, this process's token
+    assert lock.acquire()
+    try:
+        code, text, _ = run_cli(capsys, str(out), "--json")
+        entry = json.loads(text)["slides"][0]
+        assert code == 0 and entry["status"] == "in_progress", entry
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in entry["error"]
+        code, text, _ = run_cli(capsys, str(out))
+        assert "(1 predict in_progress)" in text and "  busy: in_progress: locked by another run (pid" in text, text
+    finally:
+        lock.release()
+    code, text, _ = run_cli(capsys, str(out))
+    assert "  busy: interrupted: a run stopped during it; rerun to redo it" in text, text
+
+
+def test_a_patch_evaluations_report_does_not_list_its_patches_as_slides_without_state(tmp_path, capsys):
+    """An `evaluate` of a patch folder into an OUT that also holds slide states (an earlier slide run): its
+    predictions.csv (one row per patch) was read as a slide table, so every patch was listed as "(in the report,
+    no state)" and every slide as "(not in the report)"."""
+    out = tmp_path / "o"
+    _states(out, "predict", {"s1": {"status": "done", "result": {"probability": 0.9, "n_cells": 7},
+                                    "params": {"threshold": 0.5}}})
+    (out / "metrics.json").write_text(json.dumps({"cohort": "/p/patches", "n": 2, "n_failed": 0, "auc": 1.0,
+                                                  "complete": True, "model_patches": {"either": 0}}))
+    (out / "predictions.csv").write_text("slide,label,probability,status,error\n0/a.png,0,0.1,done,\n"
+                                         "1/b.png,1,0.9,done,\n1/c.png,1,,failed,cannot be read\n")
+    code, text, _ = run_cli(capsys, str(out))
+    assert code == 0 and "over 2 patches of /p/patches" in text, text
+    assert "(a patch evaluation: the slides below are an earlier run's)" in text
+    assert "in the report, no state" not in text and "not in the report" not in text, text
+    assert "  s1: done: probability 0.900 -> tumor [7 cells]" in text.splitlines(), text
+
+
+def test_a_slide_without_tissue_says_so_in_its_line(tmp_path, capsys):
+    """A done slide with no tissue has no probability and no error: its line said only `done`, not why it has
+    no call (the state's result carries the reason)."""
+    out = tmp_path / "o"
+    _states(out, "predict", {"blank": {"status": "done", "result": {"probability": None,
+                                                                    "reason": "no tissue found"}}})
+    code, text, _ = run_cli(capsys, str(out))
+    assert code == 0 and "  blank: done: no tissue found" in text.splitlines(), text
+
+
+def test_info_says_a_later_run_is_scoring_into_a_patch_evaluation_now(tmp_path, capsys):
+    """A patch evaluation whose report a later run marked stale, while that run still scores: info said the
+    report was not finished (as for an interrupted run, which a rerun resumes) instead of a run being at work."""
+    from wsi_vssm.runs.patch_scores import PatchScores
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    stale = "the figures of an earlier run on this folder; a later run has begun"
+    (out / "metrics.json").write_text(json.dumps({
+        "cohort": "/p/patches", "model": {"name": "m"}, "n": 4, "n_failed": 0, "auc": 0.75, "auc_ci95": None,
+        "threshold": 0.5, "sensitivity": 1.0, "specificity": 0.5, "model_patches": {"either": 0},
+        "repeated_patches": {}, "parameters": {"precision": "fp32", "tta": False}, "complete": False,
+        "stale": stale}))
+    with PatchScores(out, "h", {"precision": "fp32", "tta": False}) as scores:
+        scores.add([("0/a.png", 1, 0.5)])
+        code, text, _ = run_cli(capsys, str(out))
+        assert code == 0 and text.splitlines()[1] == ("  NOT complete: a later run is scoring into this folder now "
+                                                      "(1 patch score(s) so far); these are the earlier run's "
+                                                      "figures"), text
+    code, text, _ = run_cli(capsys, str(out))  # the run gone: an interrupted one, its scores kept
+    assert text.splitlines()[1] == f"  NOT complete: {stale} (1 patch scores kept)", text
+
+
+def test_mixed_extract_settings_count_finished_slides_only(tmp_path, capsys):
+    """A failed slide's state carries the settings it was tried with: a folder whose finished stores all agree
+    was warned "extracted with different region_px" because a failed (retried) slide had others."""
+    out = tmp_path / "feats"
+    same = {"model_hash": "abc", "mpp": 0.5, "token_px": 32, "overlap_px": 64, "min_tissue": 0.1,
+            "precision": "fp32"}
+    _states(out, "extract", {"a": {"status": "done", "params": {**same, "region_px": 512}, "result": {"n_cells": 3}},
+                             "b": {"status": "failed", "params": {**same, "region_px": 1024}, "error": "boom"}})
+    code, text, _ = run_cli(capsys, str(out), "--json")
+    assert code == 0 and json.loads(text)["mixed_settings"] == {}, text
+    code, text, _ = run_cli(capsys, str(out))
+    assert "different region_px" not in text, text
+    _states(out, "extract", {"b": {"status": "done", "params": {**same, "region_px": 1024}, "result": {"n_cells": 2}}})
+    code, text, _ = run_cli(capsys, str(out))  # once it is done, the folder does hold both
+    assert "warning: its slides were extracted with different region_px: 1024 (1), 512 (1)" in text, text
+
+
+def test_a_foreign_slide_name_does_not_find_outputs_outside_the_folder(tmp_path, capsys):
+    """A state naming its slide `../elsewhere` (foreign or damaged) was looked up as OUT/../elsewhere/: a failed
+    slide was said to still hold an earlier run's outputs because of another folder's files."""
+    out = tmp_path / "o"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "prediction.json").write_text("{}")  # what OUT/../elsewhere would find
+    (tmp_path / "elsewhere.zarr").mkdir()
+    _states(out, "predict", {"x": {"slide": "../elsewhere", "status": "failed", "error": "boom"}})
+    _states(out, "extract", {"y": {"slide": "../elsewhere", "status": "failed", "error": "boom"}})
+    code, text, _ = run_cli(capsys, str(out), "--json")
+    slides = json.loads(text)["slides"]
+    assert code == 0 and [(s["kind"], s["earlier_outputs"]) for s in slides] == [("predict", False),
+                                                                                  ("extract", False)], slides
+
+
+def test_a_probability_at_the_threshold_is_called_tumor(tmp_path, capsys):
+    """predict calls a slide tumor at or above its threshold: info called one exactly at it normal."""
+    out = tmp_path / "o"
+    _states(out, "predict", {"edge": {"status": "done", "result": {"probability": 0.5, "n_cells": 7},
+                                      "params": {"threshold": 0.5}}})
+    code, text, _ = run_cli(capsys, str(out))
+    assert code == 0 and "  edge: done: probability 0.500 -> tumor [7 cells]" in text.splitlines(), text
+
+
+def test_a_done_slide_the_report_counts_as_no_tissue_is_not_flagged(tmp_path, capsys):
+    """A slide without tissue is `done` in its state and `no_tissue` in the report's table: info flagged it
+    "(the report has it no_tissue)" as if its outputs had gone since."""
+    out = tmp_path / "ev"
+    _states(out, "predict", {"blank": {"status": "done", "result": {"probability": None,
+                                                                    "reason": "no tissue found"}},
+                             "gone": {"status": "done", "result": {"probability": 0.2}, "params": {"threshold": 0.5}}})
+    (out / "metrics.json").write_text(json.dumps({"cohort": "/c/ref.csv", "n": 0, "n_failed": 1, "auc": None,
+                                                  "reason": "AUC needs both classes", "complete": True}))
+    (out / "predictions.csv").write_text("slide,label,probability,status,error\nblank,0,,no_tissue,\n"
+                                         "gone,0,,failed,its outputs went\n")
+    code, text, _ = run_cli(capsys, str(out))
+    by_name = {line.split(":")[0].strip(): line for line in text.splitlines()[2:]}
+    assert code == 0 and by_name["blank"] == "  blank: done: no tissue found", text
+    assert by_name["gone"].endswith("(the report has it failed)")  # another status still is
