@@ -130,8 +130,9 @@ def _scores_key(model, mpp: float, precision: str, tta: bool) -> tuple[str, dict
 
 def _score(ds, model, scale: float, batch_size: int, inference, device: str, scores, progress):
     """Every patch's row (in the dataset's order), the (scored, given) shapes counted, and the stain sample.
-    A patch that `scores` (`PatchScores`) holds an earlier run's score of is decoded (for the shapes and the
-    sample) but not scored again; each scored batch is added to `scores` before the next."""
+    A patch that `scores` (`PatchScores`) holds an earlier run's score and size of is read (for its digest) but
+    neither decoded nor scored again, unless the stain sample takes it; each scored batch is added to `scores`
+    before the next."""
     import torch
 
     from wsi_vssm.io.base import resize
@@ -151,27 +152,40 @@ def _score(ds, model, scale: float, batch_size: int, inference, device: str, sco
         scored = centre_cell_logits(model, torch.cat(batch), inference, device).tolist()
         for i, z in zip(index, scored, strict=True):
             logits[i] = z
-        scores.add([(ds.items[i].name, ds.read_digests[i], z) for i, z in zip(index, scored, strict=True)])
+        scores.add([(ds.items[i].name, ds.read_digests[i], z, given[i]) for i, z in zip(index, scored, strict=True)])
         batch.clear()
         index.clear()
 
+    def scaled(hw: tuple[int, int]) -> tuple[int, int]:  # the shape `resize` below gives
+        return hw if abs(scale - 1) <= 1e-3 else (max(32, round(hw[0] * scale)), max(32, round(hw[1] * scale)))
+
+    given: dict[int, tuple[int, int]] = {}  # index -> (h, w) as given, of the patches this run scores
+    step = max(1, len(ds) // STAIN_SAMPLE)
     with _bar(progress, len(ds)) as update:
         for i in range(len(ds)):
             if i % 64 == 0:
                 update(i)
             try:
-                img, _ = ds[i]
+                raw = ds.read_raw(i)
+                kept = scores.kept(ds.items[i].name, ds.read_digests[i])
+                in_sample = i % step == 0 and len(sample) < STAIN_SAMPLE
+                if kept is not None and kept[1] is not None and not in_sample:  # scored before: no pixels needed
+                    logits[i] = kept[0]
+                    key = (scaled(kept[1]), kept[1])
+                    sizes[key] = sizes.get(key, 0) + 1
+                    continue
+                img = ds.decode(i, raw)
             except PatchDataError as e:  # one damaged image fails alone, as one broken slide does in a cohort
                 rows[i]["error"] = one_line(e)
                 continue
-            given = img.shape[:2]
+            given[i] = img.shape[:2]
             if abs(scale - 1) > 1e-3:
                 img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
-            key = (img.shape[:2], given)
+            key = (img.shape[:2], given[i])
             sizes[key] = sizes.get(key, 0) + 1
-            if i % max(1, len(ds) // STAIN_SAMPLE) == 0 and len(sample) < STAIN_SAMPLE:
+            if in_sample:
                 sample.append(img)
-            logits[i] = scores.get(ds.items[i].name, ds.read_digests[i])
+            logits[i] = None if kept is None else kept[0]
             if logits[i] is not None:
                 continue
             if batch and batch[0].shape[2:] != img.shape[:2]:

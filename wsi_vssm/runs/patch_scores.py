@@ -3,7 +3,8 @@ interrupted run resumes where it stopped (a 300,000-patch folder is about 20 min
 
 Line 1 names the format and the hash of what changes a patch's logit (the weights, the patch calibration, the
 model's and the patches' resolution, precision, test-time augmentation, the package version); each later line is
-one patch: its name, the digest of its file's bytes and its logit. Each batch's lines are appended and flushed
+one patch: its name, the digest of its file's bytes, its logit and its size as given (so that a resumed run need
+not decode a patch it holds a score of). Each batch's lines are appended and flushed
 together (forced to disk at most every SYNC_S seconds: a fsync per batch could cost more than the batch on a
 network mount), so a killed run loses at most the batch it was scoring; a line torn by the kill is cut off before the
 next run appends, and a line that is not a name, a digest and a finite logit is skipped (that patch is scored
@@ -68,7 +69,8 @@ class PatchScores:
             self._file.close()
             raise PatchFolderBusy(f"{Path(out)}: another evaluate is scoring patches into this folder; wait for it "
                                   "to finish or give another --out")
-        self.earlier: dict[str, tuple[int, float]] = {}  # name -> (digest, logit) from an earlier run
+        # name -> (digest, logit, (h, w) as given or None: a line without it) from an earlier run
+        self.earlier: dict[str, tuple[int, float, tuple[int, int] | None]] = {}
         self.dropped: str | None = None
         # an --overwrite run begun and interrupted: the same command goes on with what it scored since it began
         self.going_on = overwrite and _read_json(self._marker).get("params_hash") == params_hash
@@ -109,17 +111,23 @@ class PatchScores:
             # a damaged (or edited) line costs that patch a new score: an inf or NaN was taken as a score
             if isinstance(name, str) and _number(digest, int) and _number(logit, (int, float)) and \
                     math.isfinite(logit):
-                self.earlier[name] = (digest, float(logit))
+                self.earlier[name] = (digest, float(logit), _size(entry.get("size")))
         return True
 
     def get(self, name: str, digest: int) -> float | None:
         """The logit an earlier run gave this very file (name and bytes), or None."""
-        earlier = self.earlier.get(name)
-        return earlier[1] if earlier is not None and earlier[0] == digest else None
+        kept = self.kept(name, digest)
+        return None if kept is None else kept[0]
 
-    def add(self, scored: list[tuple[str, int, float]]) -> None:
-        """Keep a batch's (name, digest, logit), on disk before the next batch is scored."""
-        self._write([{"name": n, "digest": d, "logit": z} for n, d, z in scored])
+    def kept(self, name: str, digest: int) -> tuple[float, tuple[int, int] | None] | None:
+        """(logit, (h, w) as given or None) an earlier run recorded for this very file, or None."""
+        earlier = self.earlier.get(name)
+        return earlier[1:] if earlier is not None and earlier[0] == digest else None
+
+    def add(self, scored: list[tuple]) -> None:
+        """Keep a batch's (name, digest, logit[, (h, w) as given]), on disk before the next batch is scored."""
+        self._write([{"name": n, "digest": d, "logit": z, **({"size": list(size[0])} if size else {})}
+                     for n, d, z, *size in scored])
 
     def finished(self) -> None:
         """The run's report is written: a later --overwrite starts over again."""
@@ -204,6 +212,13 @@ def _read_json(path: Path) -> dict:
     except OSError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _size(value) -> tuple[int, int] | None:
+    """A line's `size` [h, w] as a tuple of two positive ints; None for anything else (a line of an older run)."""
+    if isinstance(value, list) and len(value) == 2 and all(_number(v, int) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    return None
 
 
 def _number(value, kinds) -> bool:

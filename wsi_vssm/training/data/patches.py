@@ -52,19 +52,30 @@ class PatchDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.decode(i, self.read_raw(i)), self.items[i].label
+
+    def read_raw(self, i: int) -> bytes:
+        """Patch i's encoded bytes (its digest kept when `read_digests` is on), not decoded: a resumed evaluation
+        needs no pixels of a patch it holds a score of."""
         it = self.items[i]
         try:
             raw = it.data if it.data is not None else (self.root / it.name).read_bytes()
-            if self.read_digests is not None:
-                self.read_digests[i] = file_digest(raw)
-            with Image.open(io.BytesIO(raw)) as im:
-                rgb = _rgb(im)
-        except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
-            what = "empty file" if not raw else "not an image Pillow can read"
-            raise PatchDataError(f"{self.source}: cannot decode {it.name}: {what}") from e
         except OSError as e:
             raise PatchDataError(f"{self.source}: cannot decode {it.name}: {e}") from e
-        return rgb, it.label
+        if self.read_digests is not None:
+            self.read_digests[i] = file_digest(raw)
+        return raw
+
+    def decode(self, i: int, raw: bytes) -> np.ndarray:
+        """Patch i's bytes (`read_raw`) as uint8 (H, W, 3) RGB; PatchDataError naming the file if they are no image."""
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                return _rgb(im)
+        except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
+            what = "empty file" if not raw else "not an image Pillow can read"
+            raise PatchDataError(f"{self.source}: cannot decode {self.items[i].name}: {what}") from e
+        except OSError as e:
+            raise PatchDataError(f"{self.source}: cannot decode {self.items[i].name}: {e}") from e
 
     @property
     def labels(self) -> np.ndarray:
