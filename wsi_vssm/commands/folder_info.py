@@ -10,9 +10,8 @@ from pathlib import Path
 
 from wsi_vssm.outputs.files import PREDICTION_JSON, SLIDE_FILES
 
-# `runs.cohort.SLIDE_SUFFIXES`, the ones a folder of slides holds as files (importing it would load numpy)
-SLIDE_FILE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# `training.data.patches.IMAGE_SUFFIXES`, the images a patch folder's evaluation reads (importing it loads torch)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
 def is_prediction_folder(path: str) -> bool:
@@ -101,34 +100,36 @@ def format_prediction_folder_info(r: dict) -> str:
 
 def folder_problem(path: str) -> str | None:
     """One line for a plain folder that `info` does not describe: what it holds and what to give instead; None
-    for a store (OME-Zarr) or a file."""
+    for a store (OME-Zarr) or a file. Reached only on the way to reading `path` as a slide, so numpy may load."""
     p = Path(path)
-    if not p.is_dir() or (p / "zarr.json").is_file() or (p / ".zattrs").is_file():
+    if not p.is_dir():
+        return None
+    from wsi_vssm.io.formats import is_zarr_dir
+    from wsi_vssm.runs.cohort import has_class_folders
+    from wsi_vssm.runs.slide_args import expand_slide_folders
+
+    if is_zarr_dir(p):
         return None
     try:
-        children = sorted(p.iterdir())
+        empty = not any(p.iterdir())
     except OSError:
         return None
     if any((p / name).exists() for name in SLIDE_FILES):  # prediction.json is written last
         return (f"{path}: a prediction folder without {PREDICTION_JSON}: the run that wrote it stopped before "
                 "finishing the slide; predict it again")
-    if (p / "0").is_dir() and (p / "1").is_dir():
+    if has_class_folders(p):
         n0, n1 = _images(p / "0"), _images(p / "1")
         return (f"{path}: a patch folder (ImageFolder: {n0} images in 0/, {n1} in 1/), not a slide: `wsi-vssm "
                 f"evaluate {path} --mpp UM_PER_PX` scores it (PCam: 0.97)")
-    if p.name in ("0", "1") and (p.parent / "0").is_dir() and (p.parent / "1").is_dir():
+    if p.name in ("0", "1") and has_class_folders(p.parent):
         return (f"{path}: a class folder of the patch folder {p.parent} ({_images(p)} images), not a slide: "
                 f"`wsi-vssm evaluate {p.parent} --mpp UM_PER_PX` scores the patch folder")
-    slides = [c.name for c in children if c.name.lower().endswith(SLIDE_FILE_SUFFIXES) and c.is_file()]
-    slides += [c.name for c in children if c.is_dir() and c.name.lower().endswith(".zarr")
-               and ((c / "zarr.json").is_file() or (c / ".zattrs").is_file())]
+    slides = [Path(s).name for s in expand_slide_folders([str(p)]) if s != str(p)]  # as predict would take them
     if slides:
-        shown = ", ".join(sorted(slides)[:3]) + (", ..." if len(slides) > 3 else "")
+        shown = ", ".join(slides[:3]) + (", ..." if len(slides) > 3 else "")
         return (f"{path}: a folder of {len(slides)} slide{'s' if len(slides) > 1 else ''} ({shown}), not a slide: "
                 "give one of them to `info`; `predict` and `evaluate` take the whole folder")
-    if not children:
-        return f"{path}: an empty folder, not a slide"
-    return None
+    return f"{path}: an empty folder, not a slide" if empty else None
 
 
 def _images(d: Path) -> int:

@@ -156,7 +156,7 @@ def _score(ds, model, scale: float, batch_size: int, inference, device: str, sco
         batch.clear()
         index.clear()
 
-    def scaled(hw: tuple[int, int]) -> tuple[int, int]:  # the shape `resize` below gives
+    def scaled(hw: tuple[int, int]) -> tuple[int, int]:  # (h, w) a patch is scored at: kept ones are not resized
         return hw if abs(scale - 1) <= 1e-3 else (max(32, round(hw[0] * scale)), max(32, round(hw[1] * scale)))
 
     given: dict[int, tuple[int, int]] = {}  # index -> (h, w) as given, of the patches this run scores
@@ -179,9 +179,10 @@ def _score(ds, model, scale: float, batch_size: int, inference, device: str, sco
                 rows[i]["error"] = one_line(e)
                 continue
             given[i] = img.shape[:2]
-            if abs(scale - 1) > 1e-3:
-                img = resize(img, max(32, round(img.shape[1] * scale)), max(32, round(img.shape[0] * scale)))
-            key = (img.shape[:2], given[i])
+            h, w = scaled(given[i])
+            if (h, w) != given[i]:
+                img = resize(img, w, h)
+            key = ((h, w), given[i])
             sizes[key] = sizes.get(key, 0) + 1
             if in_sample:
                 sample.append(img)
