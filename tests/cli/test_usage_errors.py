@@ -114,6 +114,23 @@ def test_training_option_values(tmp_path, capsys):
     assert_usage_error(["run", REPO / "pipelines" / "default.toml", "--set", "no-equals-sign"], capsys, "--set")
 
 
+def test_an_option_and_its_older_name_with_different_values_are_refused(tmp_path, capsys):
+    """`--arch micro --model tiny` trained tiny: the last spelling won without a word. Both names with different
+    values now exit 2 naming both; the same value twice still runs."""
+    data = tmp_path / "patches"
+    data.mkdir()
+    for args in (["train", "cells", "--data", data, "--valid", data, "--out", tmp_path / "m.pt", "--arch", "micro",
+                  "--model", "tiny"],
+                 ["export", "--model", "tiny", "--arch", "micro", "--onnx", tmp_path / "m.onnx"],
+                 ["synth", tmp_path / "c", "--slides", "1", "--threads", "2", "--workers", "3"]):
+        err = assert_usage_error(args, capsys, " / ")
+        assert "different values" in err and ("--arch / --model" in err or "--threads / --workers" in err), err
+    assert not (tmp_path / "c").exists()
+    code, _, err = run_cli_captured(["synth", tmp_path / "d", "--slides", "1", "--size", "1024", "--threads", "1",
+                                     "--workers", "1"], capsys)
+    assert code == 0, err
+
+
 def test_bad_input_files_still_exit_1(cohort, model_file, tmp_path, capsys):
     slide = next(cohort.glob("*.tif"))
     garbage = tmp_path / "garbage.pt"

@@ -1004,6 +1004,13 @@ def test_the_patch_scorer_names_validation_parts_as_synth_does(tiny_folder, mode
     assert "[holdout]" in new and "n=12:" in new and new == old, (new, old)
     assert main([*common, "--part", "holdout", "--split-seed", "4"]) == 0
     assert capsys.readouterr().out != new  # the seed reaches the split: another held-back half
+    # both spellings given with different values: refused before any scoring, not the last one silently
+    for clash in (["--part", "select", "--split", "holdout"], ["--seed", "3", "--split-seed", "4"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*common, *clash])
+        assert exit_.value.code == 2 and "give one" in capsys.readouterr().err, clash
+    assert main([*common, "--part", "holdout", "--split", "holdout", "--seed", "3", "--split-seed", "3"]) == 0
+    assert capsys.readouterr().out == new  # the same value twice is no clash
 
 
 def test_info_on_a_recipe_run_says_where_each_stage_stands(tiny_folder, tmp_path, capsys):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
-from wsi_vssm.commands.options import NonEmptyPath
+from wsi_vssm.commands.options import NonEmptyPath, one_spelling
 
 
 @click.command("export", short_help="Export a backbone to ONNX, checked with onnxruntime.")
-@click.option("--arch", "--model", "model_name", default="micro", show_default=True,
+@click.option("--arch", "--model", "model_name", default=["micro"], show_default=True, multiple=True,
+              callback=one_spelling,
               help="Backbone architecture (micro, micro_wide, tiny, small, base, tiny_s1, small_s1, base_s1); with a "
                    "wsi-vssm model file as --checkpoint, the file's own backbone unless given. --model, its older "
                    "name, still works.")

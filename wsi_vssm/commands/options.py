@@ -79,6 +79,18 @@ def amp_and_precision(ctx: click.Context, param: click.Parameter, value):
     return value
 
 
+def one_spelling(ctx: click.Context, param: click.Parameter, values: tuple):
+    """Callback of an option with an old name beside its new one (`multiple=True`, so click keeps every value):
+    `--arch micro --model tiny` is refused (exit 2) rather than letting the last spelling win silently."""
+    from wsi_vssm.errors import OptionError
+
+    if len(set(values)) > 1:
+        names = " / ".join(o for o in param.opts)
+        raise OptionError(f"{names} given {len(values)} times with different values "
+                          f"({', '.join(map(str, values))}); give it once")
+    return values[-1] if values else None
+
+
 precision_option = click.option(
     "--precision", type=click.Choice(["fp32", "bf16", "auto"]), default="fp32", show_default=True,
     callback=amp_and_precision,

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
+from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath, one_spelling
 
 
 @click.command("synth", short_help="Write a synthetic CAMELYON16-style cohort (or patch mosaics).")
@@ -22,7 +22,7 @@ from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
               help="Level-0 side of each slide, px [default: 20,000; patients: 8,192].")
 @click.option("--mpp", type=FiniteFloatRange(0.05, 20), default=None,  # the synth writers' own limits
               help="Microns per pixel at level 0 [default: 0.5; mosaics: 0.97, PCam's].")
-@click.option("--threads", "--workers", "workers", type=click.IntRange(min=1), default=None,
+@click.option("--threads", "--workers", "workers", type=click.IntRange(min=1), multiple=True, callback=one_spelling,
               help="Rendering/encoding threads [default: CPUs, at most 8]; --workers, its older name, still works "
                    "(elsewhere --workers is Dask processes).")
 @click.option("--quality", type=click.IntRange(1, 100), default=None,

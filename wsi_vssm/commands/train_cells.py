@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, NonEmptyPath, precision_option
+from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, NonEmptyPath, one_spelling, precision_option
 
 
 @click.command("cells", short_help="Train a backbone and its cell head on labelled patches.")
@@ -20,7 +20,7 @@ from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, NonEmptyPath,
               help="Validation patches (same layout). One part selects the checkpoint, the rest is only reported.")
 @click.option("--out", "-o", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Model file to write (the best checkpoint by validation AUC).")
-@click.option("--arch", "--model", "arch", default="micro", show_default=True,
+@click.option("--arch", "--model", "arch", default=["micro"], show_default=True, multiple=True, callback=one_spelling,
               help="Backbone architecture from the registry (micro, micro_wide, tiny, small, base, ...); --model, its "
                    "older name, still works (elsewhere --model is a model file).")
 @click.option("--mpp", type=MPP_RANGE, default=0.97, show_default=True,

@@ -109,6 +109,23 @@ def progress_bar(it, enabled: bool, desc: str):
 
 
 # ---------------------------------------------------------------------------------------------------- entry
+def _one_spelling(parser):
+    """An argparse action for an option with an old name beside its new one: `--part select --split holdout` is
+    refused (exit 2) rather than letting the last spelling win silently."""
+    import argparse
+
+    class OneSpelling(argparse.Action):
+        def __call__(self, _parser, namespace, value, option_string=None):
+            seen = namespace.__dict__.setdefault("_spelt", {})
+            if self.dest in seen and seen[self.dest][1] != value:
+                parser.error(f"{seen[self.dest][0]} {seen[self.dest][1]} and {option_string} {value} say different "
+                             "things; give one")
+            seen[self.dest] = (option_string, value)
+            setattr(namespace, self.dest, value)
+
+    return OneSpelling
+
+
 def main(argv=None) -> int:
     """`python -m wsi_vssm.training.cells --evaluate MODEL --valid DIR` (cells.main calls this): a model's patch
     AUC on the training split's selection or held-back part, with TTA and in mosaics (the model card's figures)."""
@@ -121,10 +138,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m wsi_vssm.training.cells", description="Evaluate a model on patches.")
     ap.add_argument("--evaluate", required=True, help="model file, or 'default'")
     ap.add_argument("--valid", required=True, help="folder or tar in ImageFolder layout")
+    one_spelling = _one_spelling(ap)
     ap.add_argument("--part", "--split", dest="part", choices=("all", "select", "holdout"), default="all",
+                    action=one_spelling,
                     help="the seeded stratified parts training splits valid into (select / held back), as `synth "
                          "--part` names them (--split, the older name, still works)")
-    ap.add_argument("--split-seed", "--seed", dest="seed", type=int, default=0,
+    ap.add_argument("--split-seed", "--seed", dest="seed", type=int, default=0, action=one_spelling,
                     help="the seed training split with (`train cells --seed`), as `synth --split-seed`; it also seeds "
                          "--in-mosaics' tiling (--seed, the older name, still works)")
     ap.add_argument("--valid-select", type=int, default=None, help="as in training: patches used to select")
