@@ -241,6 +241,13 @@ def test_an_output_folder_opens_its_one_slide_and_names_the_folders_of_several(m
     assert plugin_reader.get_reader(str(out)) is plugin_reader.read_cohort_folder
     with pytest.raises(Exception, match="no slide predicted yet"):
         plugin_reader.read_cohort_folder(str(out))
+    # an extract run's OUT holds features, not predictions: "not predicted yet" would have the user wait
+    extracted = tmp_path / "features"
+    (extracted / ".state").mkdir(parents=True)
+    for name in ("a", "b"):
+        (extracted / ".state" / f"{name}.extract.json").write_text("{}")
+    with pytest.raises(Exception, match=r"an `extract` output folder \(features of 2 slides\), not predictions"):
+        plugin_reader.read_cohort_folder(str(extracted))
     shutil.copytree(prediction_folder[0], out / "tumour_slide")
     viewer = make_napari_viewer()
     layers = viewer.open(out, plugin=PLUGIN)

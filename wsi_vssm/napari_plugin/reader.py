@@ -102,12 +102,26 @@ def read_cohort_folder(path: str | os.PathLike | list) -> list[tuple]:
     except OSError:
         slides = []
     if not slides:
-        raise UsageError(f"{p}: an output folder with no slide predicted yet: nothing to show")
+        raise UsageError(f"{p}: {_without_predictions(p)}: nothing to show")
     if len(slides) == 1:
         return read_prediction(p / slides[0])
     shown = ", ".join(slides[:3]) + (", ..." if len(slides) > 3 else "")
     raise UsageError(f"{p}: a cohort's output folder of {len(slides)} slide predictions ({shown}): open one slide's "
                      f"folder, e.g. {p / slides[0]}, and its slide")
+
+
+def _without_predictions(out: Path) -> str:
+    """What an output folder with no heatmap holds, from its per-slide state files (`<slide>.<job>.json`): an
+    `extract` run's features are no prediction, and 'not predicted yet' would send the user to wait for one."""
+    try:
+        jobs = [f.name.rsplit(".", 2)[-2] for f in (out / _STATE_DIR).iterdir() if f.name.endswith(".json")]
+    except OSError:
+        jobs = []
+    extracted = jobs.count("extract")
+    if extracted and not jobs.count("predict"):
+        return (f"an `extract` output folder (features of {extracted} slide{'s' if extracted != 1 else ''}), not "
+                "predictions: napari shows what `wsi-vssm predict` writes")
+    return "an output folder with no slide predicted yet"
 
 
 def read_prediction(path: str | os.PathLike | list) -> list[tuple]:
