@@ -53,6 +53,28 @@ def test_auc_matches_pairwise_count_with_ties(seed):
     assert roc_auc(y, s) == pytest.approx(_brute_auc(y, s), abs=1e-12)
 
 
+@pytest.mark.parametrize("shape, axis", [((0,), -1), ((1,), -1), ((9,), -1), ((60,), 0), ((4, 30), 1),
+                                         ((30, 4), 0), ((3, 0), 1)])
+def test_rankdata_gives_scipys_average_ranks(shape, axis):
+    """report.rankdata stands in for scipy.stats.rankdata, whose import alone cost `evaluate` about a second."""
+    from scipy.stats import rankdata as scipy_rankdata
+
+    from wsi_vssm.outputs.report import rankdata
+
+    rng = np.random.default_rng(sum(shape))
+    for x in (rng.normal(size=shape), rng.integers(0, 4, size=shape).astype(float)):  # distinct, and many ties
+        assert np.array_equal(rankdata(x, axis=axis), scipy_rankdata(x, axis=axis)), x
+
+
+def test_the_report_module_does_not_load_scipy_stats():
+    import subprocess
+    import sys
+
+    code = "import sys, wsi_vssm.outputs.report\nprint(sorted(m for m in sys.modules if m.startswith('scipy.stats')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_auc_matches_sklearn_when_installed():
     metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(1)
