@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from wsi_vssm import __version__
-from wsi_vssm.errors import WsiVssmError, one_line
+from wsi_vssm.errors import WARNING_LINE_LIMIT, WsiVssmError, one_line
 
 # command name -> module in wsi_vssm.commands exposing a click command called `command`
 COMMANDS = {
@@ -132,7 +132,7 @@ def _interrupted(argv: list[str]) -> None:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings outside any slide's run (e.g. while a model loads) as one line, like errors."""
-    click.echo(f"wsi-vssm: warning: {one_line(message)}", err=True)
+    click.echo(f"wsi-vssm: warning: {one_line(message, WARNING_LINE_LIMIT)}", err=True)
 
 
 def main(argv=None):

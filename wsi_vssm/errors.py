@@ -33,6 +33,8 @@ class MissingDependency(WsiVssmError):
 
 
 ONE_LINE_LIMIT = 300  # characters: long enough for a path and a reason, short enough for one terminal line
+# our warnings often name a path and then several reasons: cut at ONE_LINE_LIMIT, a long path lost the reasons
+WARNING_LINE_LIMIT = 1000
 
 
 def one_line(err: BaseException | str, limit: int = ONE_LINE_LIMIT) -> str:

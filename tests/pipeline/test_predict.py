@@ -344,15 +344,17 @@ def test_evaluate_patch_folder_says_when_patches_are_not_h_and_e(model_file, tmp
     from PIL import Image
 
     write_patch_folder(tmp_path / "he", 4, 0)  # pink, with darker centres for class 1: H&E-like
+    # a long path: the warning was cut at 300 characters, and its reasons come after the path
+    grey_folder = tmp_path / ("a-long-folder-name-" * 8) / "grey"
     for f in sorted((tmp_path / "he").rglob("*.jpg")):
-        grey = tmp_path / "grey" / f.relative_to(tmp_path / "he")
+        grey = grey_folder / f.relative_to(tmp_path / "he")
         grey.parent.mkdir(parents=True, exist_ok=True)
         Image.open(f).convert("L").convert("RGB").save(grey)
     args = ["evaluate", "--mpp", "0.97", "--model", model_file, "--bootstrap", "100"]
     code, _, err = run_cli_captured([*args, tmp_path / "he", "--out", tmp_path / "a"], capsys)
     assert code == 0 and "brightfield H&E" not in err, err
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["stain_notes"] == []
-    code, _, err = run_cli_captured([*args, tmp_path / "grey", "--out", tmp_path / "b"], capsys)
+    code, _, err = run_cli_captured([*args, grey_folder, "--out", tmp_path / "b"], capsys)
     assert code == 0 and "the patches do not look like the model's brightfield H&E: " in err, err
     assert "looks unstained or greyscale (100% of non-glass pixels are colourless)" in err
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["stain_notes"]
