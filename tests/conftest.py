@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
+# one thread per pytest-xdist worker (`-n 2` on 2 cores: two workers of two threads each fight over the cores)
+_THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else None
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "2")
+    if _THREADS:
+        os.environ[_var] = _THREADS
+    else:
+        os.environ.setdefault(_var, "2")
 
 from pathlib import Path  # noqa: E402
 
@@ -41,7 +46,7 @@ def _few_torch_threads():
     except ImportError:
         yield
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(_THREADS or 2))
     # Triton bundles its own LLVM; loading it after napari's OpenGL stack (Mesa's llvmpipe, also LLVM) segfaults
     # the process. torch imports triton lazily (e.g. when an optimizer is built), so load it first when present.
     import importlib.util

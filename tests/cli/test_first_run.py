@@ -135,7 +135,7 @@ def test_no_tissue_slide_still_gets_a_clear_overlay(model_file, tmp_path):
 def test_readme_demo_and_test_lines_are_true():
     readme = (REPO / "README.md").read_text()
     assert "pip install torch==2.13.0 -e \".[dev,napari]\"" in readme
-    assert "OMP_NUM_THREADS=2 pytest -q" in readme
+    assert "OMP_NUM_THREADS=2 pytest -q -n 2" in readme
     demo = [line for line in readme.splitlines() if line.startswith("wsi-vssm predict sample_data/")]
     assert demo and all((REPO / line.split()[2]).exists() for line in demo)
     assert "lymph" in readme.lower()
