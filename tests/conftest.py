@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # one thread per pytest-xdist worker (`-n 2` on 2 cores: two workers of two threads each fight over the cores)
 _THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else None
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     if _THREADS:
         os.environ[_var] = _THREADS
     else:
         os.environ.setdefault(_var, "2")
+if "numba" in sys.modules:
+    # A pytest plugin imported numba before this file: its pool size is read. A NUMBA_NUM_THREADS that differs
+    # makes numba's next compile raise once the pool runs; the kernels use min(it, torch's threads) anyway.
+    os.environ["NUMBA_NUM_THREADS"] = str(sys.modules["numba"].config.NUMBA_NUM_THREADS)
+else:
+    os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 
 from pathlib import Path  # noqa: E402
 
