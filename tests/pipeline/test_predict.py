@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import threading
@@ -502,14 +503,16 @@ def test_annotations_reaching_past_their_slide_are_said(model_file, cohort, tmp_
 
     shutil.copytree(cohort, tmp_path / "c")
     xml = tmp_path / "c" / "annotations" / "tumor_001.xml"
-    xml.write_text(re.sub(r'(X|Y)="([\d.]+)"', lambda m: f'{m[1]}="{float(m[2]) * 100:.2f}"', xml.read_text()))
+    in_pixels = xml.read_text()
+    xml.write_text(re.sub(r'(X|Y)="([\d.]+)"', lambda m: f'{m[1]}="{float(m[2]) * 100:.2f}"', in_pixels))
     res = evaluate_cohort(tmp_path / "c", load_model(model_file), tmp_path / "ev", FAST,
                           annotations=tmp_path / "c" / "annotations", n_boot=100)
     outside = res.metrics["froc"]["annotations_outside_slide"]
     assert list(outside) == ["tumor_001"] and outside["tumor_001"][2] > 10_000
     assert "the annotations of 1 slide(s) reach past the slide (tumor_001" in annotation_frame_warning(res)
-    res = evaluate_cohort(cohort, load_model(model_file), tmp_path / "ok", FAST, annotations=cohort / "annotations",
-                          n_boot=100)
+    xml.write_text(in_pixels)  # the slides' predictions are reused: only the FROC is made again
+    res = evaluate_cohort(tmp_path / "c", load_model(model_file), tmp_path / "ev", FAST,
+                          annotations=tmp_path / "c" / "annotations", n_boot=100)
     assert res.metrics["froc"]["annotations_outside_slide"] == {} and annotation_frame_warning(res) is None
 
 
@@ -614,8 +617,7 @@ def test_tta_averages_the_eight_views(model_file, cohort, tmp_path):
 
     model = load_model(model_file)
     plain = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "p", FAST)
-    tta = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "t", PredictParams(device="cpu", tta=True,
-                                                                                           reader_threads=1))
+    tta = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "t", dataclasses.replace(FAST, tta=True))
     assert tta["parameters"]["tta"] is True and 0.0 <= tta["probability"] <= 1.0
     assert tta["summary"]["n_cells"] == plain["summary"]["n_cells"]
     assert tta["probability"] != plain["probability"]
@@ -714,8 +716,7 @@ def test_tta_measures_the_domain_distance_on_the_untransformed_view(model_file, 
     model.metadata = {**model.metadata, METADATA_KEY: domain.to_metadata()}
     slide = cohort / "tumor_001.tif"
     plain = predict_slide(slide, model, tmp_path / "p", FAST)
-    tta = predict_slide(slide, model, tmp_path / "t", PredictParams(device="cpu", region_px=1024, overlap_px=64,
-                                                                    reader_threads=1, tta=True))
+    tta = predict_slide(slide, model, tmp_path / "t", dataclasses.replace(FAST, tta=True))
     assert plain["domain_threshold"] == tta["domain_threshold"] == 1e6
     assert plain["domain_distance"] > 0
     assert tta["domain_distance"] == pytest.approx(plain["domain_distance"], rel=1e-3)
