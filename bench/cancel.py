@@ -77,8 +77,9 @@ def main() -> None:
             waits[way].append(one_cancel(a.slide, model, params, a.delay, way == "blocks"))
             print(f"try {i + 1} {way:>7}: cancel waited {waits[way][-1]:.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in waits.items()}
-    print(f"{torch.get_num_threads()} torch threads, {a.region_px or 'default'} px regions; median wait: before each block {med['blocks']:.2f} s, between "
-          f"regions only {med['regions']:.2f} s")
+    regions = a.region_px or "default"
+    print(f"{torch.get_num_threads()} torch threads, {regions} px regions; median wait: before each block "
+          f"{med['blocks']:.2f} s, between regions only {med['regions']:.2f} s")
 
 
 if __name__ == "__main__":
