@@ -52,7 +52,7 @@ def one_cancel(slide: Path, model, params, delay: float, blocks: bool) -> float:
         finally:
             predict_module._cancel_between_blocks = kept
     if "t" not in done:
-        raise SystemExit("the prediction finished before the cancel: raise --delay's slide size or lower --delay")
+        raise SystemExit("the prediction finished before the cancel: give a larger slide or a shorter --delay")
     return done["t"] - t_set
 
 

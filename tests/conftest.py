@@ -13,8 +13,8 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     else:
         os.environ.setdefault(_var, "2")
 if "numba" in sys.modules:
-    # A pytest plugin imported numba before this file: its pool size is read. A NUMBA_NUM_THREADS that differs
-    # makes numba's next compile raise once the pool runs; the kernels use min(it, torch's threads) anyway.
+    # A pytest plugin imported numba before this file, so numba has read its pool size: a NUMBA_NUM_THREADS that
+    # differs makes its next compile raise once the pool runs. The kernels use min(it, torch's threads) anyway.
     os.environ["NUMBA_NUM_THREADS"] = str(sys.modules["numba"].config.NUMBA_NUM_THREADS)
 else:
     os.environ.setdefault("NUMBA_NUM_THREADS", "2")

@@ -206,9 +206,9 @@ def _modes_kept(model):
 
 @contextmanager
 def _cancel_between_blocks(backbone, cancel: threading.Event | None):
-    """Honour `cancel` before each VSS block too, not only between regions: one region took about 11 s on 2 CPU
-    cores, and napari's Cancel waited for it. Only this thread's forward passes are stopped (a model all in eval
-    mode may serve several calls at once)."""
+    """Honour `cancel` before each VSS block too, not only between regions: napari's Cancel waited for the region
+    under way, seconds on a CPU and more for larger regions (`bench/cancel.py`). Only this thread's forward passes
+    are stopped (a model all in eval mode may serve several calls at once)."""
     blocks = [b for stage in getattr(backbone, "layers", ()) for b in getattr(stage, "blocks", ())]
     if cancel is None or not blocks:
         yield
