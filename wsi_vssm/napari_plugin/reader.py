@@ -18,6 +18,7 @@ from pathlib import Path
 from wsi_vssm.outputs.files import HEATMAP_ZARR as _HEATMAP
 from wsi_vssm.outputs.files import PREDICTION_JSON as _PREDICTION
 from wsi_vssm.outputs.files import is_heatmap_zarr, zarr_root_attrs
+from wsi_vssm.runs.state import STATE_DIR  # standard library only: sniffing stays light
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".svslide", ".bif")
@@ -26,7 +27,6 @@ OTHER_SUFFIXES = (".mrxs", ".vms", ".vmu", ".dcm")  # OpenSlide formats with no 
 # (napari said only "the reader refused the file"); a .tif that is no TIFF is left to other readers
 SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".scn", ".svslide", ".bif")
 _ZARR_MARKERS = ("zarr.json", ".zattrs", ".zgroup")
-_STATE_DIR = ".state"
 
 ReaderFunction = Callable[[str], list]
 
@@ -70,7 +70,7 @@ def sniff(p: Path) -> str | None:
 def _sniff_dir(p: Path) -> str | None:
     if (p / _HEATMAP).is_dir():
         return "prediction"
-    if (p / _STATE_DIR).is_dir():  # a cohort command's OUT (runs.state.STATE_DIR, not imported: sniffing is light)
+    if (p / STATE_DIR).is_dir():  # a cohort command's OUT
         return "cohort"
     if not any((p / m).is_file() for m in _ZARR_MARKERS):
         return None
@@ -111,14 +111,11 @@ def read_cohort_folder(path: str | os.PathLike | list) -> list[tuple]:
 
 
 def _without_predictions(out: Path) -> str:
-    """What an output folder with no heatmap holds, from its per-slide state files (`<slide>.<job>.json`): an
+    """What an output folder with no heatmap holds, from its per-slide state files (`runs.state.state_path`): an
     `extract` run's features are no prediction, and 'not predicted yet' would send the user to wait for one."""
-    try:
-        jobs = [f.name.rsplit(".", 2)[-2] for f in (out / _STATE_DIR).iterdir() if f.name.endswith(".json")]
-    except OSError:
-        jobs = []
-    extracted = jobs.count("extract")
-    if extracted and not jobs.count("predict"):
+    state = out / STATE_DIR
+    extracted = len(list(state.glob("*.extract.json")))  # glob: an unreadable folder matches nothing
+    if extracted and not any(state.glob("*.predict.json")):
         return (f"an `extract` output folder (features of {extracted} slide{'s' if extracted != 1 else ''}), not "
                 "predictions: napari shows what `wsi-vssm predict` writes")
     return "an output folder with no slide predicted yet"
