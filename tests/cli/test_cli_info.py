@@ -347,6 +347,10 @@ def test_info_on_one_slides_prediction_folder_and_on_folders_that_are_no_slide(m
     (folder / "prediction.json").write_text("{")
     code, _, err = run_cli(capsys, str(folder))
     assert code == 1 and "prediction.json: cannot be read" in err and len(err.strip().splitlines()) == 1, err
+    # another tool's JSON under our name: refused as napari and pN staging refuse it, not read as "no probability"
+    (folder / "prediction.json").write_text(json.dumps({"slide": "x", "score": 0.9}))
+    code, _, err = run_cli(capsys, str(folder))
+    assert code == 1 and "not a wsi-vssm prediction.json" in err and "predict the slide again" in err, err
     (folder / "prediction.json").unlink()  # written last: without it the slide was never finished
     code, _, err = run_cli(capsys, str(folder))
     assert code == 1 and "a prediction folder without prediction.json" in err, err

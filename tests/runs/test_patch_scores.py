@@ -281,7 +281,7 @@ def test_a_run_starting_while_info_looks_waits_for_it(tmp_path):
     timer.start()
     try:
         with PatchScores(tmp_path, "h", {}) as scores:
-            assert scores.get("0/a.jpg", 1) == 0.5, "the kept score was not read"
+            assert scores.kept("0/a.jpg", 1) == (0.5, None), "the kept score was not read"
     except PatchFolderBusy as e:
         pytest.fail(f"a run starting during info's look stopped as busy: {e}")
     finally:
@@ -297,7 +297,7 @@ def test_an_overwrite_after_a_plain_run_with_other_settings_starts_over(tmp_path
         scores.add([("0/a.jpg", 1, 0.7)])
     with PatchScores(tmp_path, "B", {}, overwrite=True) as scores:
         assert not scores.going_on, "the marker of the run with settings A was taken for this run's"
-        assert scores.get("0/a.jpg", 1) is None, "the plain run's score was reused by --overwrite"
+        assert scores.kept("0/a.jpg", 1) is None, "the plain run's score was reused by --overwrite"
 
 
 def test_a_score_file_of_another_format_is_not_read(tmp_path):
@@ -305,5 +305,5 @@ def test_a_score_file_of_another_format_is_not_read(tmp_path):
     read as scores."""
     _score_lines(tmp_path, "h", [("0/a.jpg", 1, 0.5)], fmt="other/9")
     with PatchScores(tmp_path, "h", {}) as scores:
-        assert scores.get("0/a.jpg", 1) is None and scores.earlier == {}, scores.earlier
+        assert scores.kept("0/a.jpg", 1) is None and scores.earlier == {}, scores.earlier
     assert len((tmp_path / PATCH_SCORES).read_text().splitlines()) == 1  # started anew: its header alone

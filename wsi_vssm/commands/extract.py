@@ -88,7 +88,8 @@ def command(ctx, slides, model, out, formats, target_mpp, mpp, fallback_mpp, reg
 
     run, progress = pop_run_options(opts, ctx)
     one_resolution_rule(mpp, fallback_mpp)
-    tasks = slide_tasks(expand_slide_args(slides), progress)  # a bad slide list is refused before the model loads
+    # a bad slide list is refused before the model loads
+    tasks = slide_tasks(expand_slide_args(slides, progress.info), progress)
     try:  # before the model loads: a file in the way failed every slide after its backbone pass
         prepare_folders(out, formats)
     except OSError as e:

@@ -5,7 +5,6 @@ got "a directory, but not an OME-Zarr store". Neither numpy nor torch is importe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from wsi_vssm.outputs.files import PREDICTION_JSON, SLIDE_FILES
@@ -22,14 +21,13 @@ def prediction_folder_info(path: str) -> dict:
     """The call, thresholds, domain verdict, lesions and warnings of one prediction folder, and which of
     predict's files it holds. A prediction.json that cannot be read is a one-line error (`UsageError`)."""
     from wsi_vssm.errors import UsageError
+    from wsi_vssm.outputs.prediction import read_prediction_json
 
     folder = Path(path)
     try:
-        pred = json.loads((folder / PREDICTION_JSON).read_text(encoding="utf-8"))
-        if not isinstance(pred, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{folder / PREDICTION_JSON}: cannot be read ({e}); predict the slide again") from None
+        pred = read_prediction_json(folder / PREDICTION_JSON)
+    except UsageError as e:
+        raise UsageError(f"{e}; predict the slide again") from None
     summary = pred.get("summary") if isinstance(pred.get("summary"), dict) else {}
     lesions = pred.get("lesions") if isinstance(pred.get("lesions"), list) else []
     model = pred.get("model") if isinstance(pred.get("model"), dict) else {}

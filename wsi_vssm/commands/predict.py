@@ -49,7 +49,7 @@ def command(ctx, slides, out_dir, model_path, mpp, **opts):
     from wsi_vssm.runs.slide_args import expand_slide_args
 
     run, progress = pop_run_options(opts, ctx)
-    tasks = slide_tasks(expand_slide_args(slides), progress)
+    tasks = slide_tasks(expand_slide_args(slides, progress.info), progress)
     # before the model loads: the slide's whole inference ran, then failed "File exists" (a reserved name is
     # refused by the runner, in words that fit it better)
     for task in tasks:

@@ -45,13 +45,16 @@ def write_prediction_json(path: str | os.PathLike, record: Mapping) -> None:
 
 
 def read_prediction_json(path: str | os.PathLike) -> dict:
-    """A prediction.json as a dict (v1 or v2); UsageError (one line) when it is not one."""
+    """A prediction.json as a dict (v1 or v2); UsageError (one line, naming the file and why) when it is not one.
+    Every reader of the file (`info`, napari, pN staging) goes through here, so they refuse alike."""
     try:
         rec = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not a readable prediction.json ({type(e).__name__})") from e
+    except OSError as e:
+        raise UsageError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # a torn or hand-edited file; UnicodeDecodeError is one too
+        raise UsageError(f"{path}: cannot be read (not JSON: {e})") from None
     if not isinstance(rec, dict) or "probability" not in rec:
-        raise UsageError(f"{path}: not a wsi-vssm prediction.json")
+        raise UsageError(f"{path}: not a wsi-vssm prediction.json (no `probability` key)")
     return rec
 
 

@@ -114,11 +114,6 @@ class PatchScores:
                 self.earlier[name] = (digest, float(logit), _size(entry.get("size")))
         return True
 
-    def get(self, name: str, digest: int) -> float | None:
-        """The logit an earlier run gave this very file (name and bytes), or None."""
-        kept = self.kept(name, digest)
-        return None if kept is None else kept[0]
-
     def kept(self, name: str, digest: int) -> tuple[float, tuple[int, int] | None] | None:
         """(logit, (h, w) as given or None) an earlier run recorded for this very file, or None."""
         earlier = self.earlier.get(name)

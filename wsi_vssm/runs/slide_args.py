@@ -5,7 +5,7 @@ manifest's path column), expanded to (path, row mpp) pairs. Cohort tables with l
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from wsi_vssm.io.formats import is_zarr_dir
@@ -23,23 +23,33 @@ from wsi_vssm.runs.cohort import (
 )
 
 
-def expand_slide_folders(paths: Iterable[str]) -> list[str]:
+def expand_slide_folders(paths: Iterable[str], info: Callable[[str], None] | None = None) -> list[str]:
     """Command-line slide paths with each plain folder replaced by the slide files directly in it, by name
     (as CLAM and TRIDENT take a folder of slides); an OME-Zarr folder is one slide, and sub-folders (an output
-    folder inside, say) are not walked. A folder holding no slide file stays as given: it fails alone in the
+    folder inside, say) are not walked. The DICOM files of one series are one slide (`io.dicom.slide_series`;
+    `info` is told of each such series). A folder holding no slide file stays as given: it fails alone in the
     run, with the reader's reason, and the other slides go on."""
+    from wsi_vssm.io.dicom import slide_series
+
     out: list[str] = []
     for path in paths:
         p = Path(path)
         if not p.is_dir() or is_zarr_dir(p):
             out.append(path)
             continue
-        found = sorted(str(f) for f in p.iterdir() if not f.name.startswith(".") and _is_slide_entry(f))
-        out.extend(found or [path])
+        found = sorted((f for f in p.iterdir() if not f.name.startswith(".") and _is_slide_entry(f)),
+                       key=lambda f: f.name)
+        for opened, series in slide_series(found):
+            out.append(str(opened))
+            if len(series) > 1 and info is not None:
+                others = ", ".join(f.name for f in series if f != opened)
+                info(f"{opened}: a DICOM series of {len(series)} files, read as one slide (with {others})")
+        out.extend([] if found else [path])
     return out
 
 
-def expand_slide_args(paths: Iterable[str]) -> list[tuple[str, float | None]]:
+def expand_slide_args(paths: Iterable[str], info: Callable[[str], None] | None = None,
+                      ) -> list[tuple[str, float | None]]:
     """(slide path, row mpp) for each command-line argument of predict / extract: a slide list CSV
     (`read_slide_list`) gives its rows, a folder its slides (`expand_slide_folders`), anything else itself."""
     out: list[tuple[str, float | None]] = []
@@ -47,7 +57,7 @@ def expand_slide_args(paths: Iterable[str]) -> list[tuple[str, float | None]]:
         if str(path).lower().endswith(".csv") and Path(path).is_file():
             out.extend(read_slide_list(path))
         else:
-            out.extend((p, None) for p in expand_slide_folders([path]))
+            out.extend((p, None) for p in expand_slide_folders([path], info))
     return out
 
 

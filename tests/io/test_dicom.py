@@ -1,0 +1,111 @@
+"""io.dicom: the header walk that finds a DICOM file's series, and a folder's files grouped into slides."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+
+import pytest
+
+from tests.conftest import shared_file
+from wsi_vssm.io.dicom import IMAGE_TYPE, SERIES_UID, read_tags, slide_series
+
+EXPLICIT, IMPLICIT, BIG_ENDIAN = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
+
+
+def _even(value: bytes, pad: bytes = b" ") -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _element(tag: tuple[int, int], vr: bytes, value: bytes, explicit: bool, undefined: bool = False) -> bytes:
+    head = struct.pack("<HH", *tag)
+    length = 0xFFFFFFFF if undefined else len(value)
+    if not explicit:
+        return head + struct.pack("<I", length) + value
+    if vr in (b"OB", b"SQ", b"UN", b"UT"):
+        return head + vr + b"\0\0" + struct.pack("<I", length) + value
+    return head + vr + struct.pack("<H", length) + value
+
+
+def _item(body: bytes, undefined: bool) -> bytes:
+    if not undefined:
+        return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+    return struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + body + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+
+
+def dicom_file(path, series: str | None, image_type: str = "ORIGINAL\\PRIMARY\\VOLUME\\NONE",
+               syntax: str = EXPLICIT) -> None:
+    """A Part 10 file as a WSI converter writes one: file meta, ImageType, a nested sequence of undefined
+    length (items of both kinds) before the series, the series UID, then pixel data that must never be read."""
+    explicit = syntax != IMPLICIT
+    syntax_value = _even(syntax.encode(), b"\0")
+    meta = _element((0x0002, 0x0001), b"OB", b"\0\1", True) + _element((0x0002, 0x0010), b"UI", syntax_value, True)
+    meta = _element((0x0002, 0x0000), b"UL", struct.pack("<I", len(meta)), True) + meta
+    inner = _element((0x0008, 0x0100), b"SH", b"123456", explicit)
+    nested = _element((0x0040, 0xA730), b"SQ", _item(inner, undefined=True) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0),
+                      explicit, undefined=True)
+    sequence = _item(inner + nested, undefined=False) + _item(inner, undefined=True)
+    body = _element(IMAGE_TYPE, b"CS", _even(image_type.encode()), explicit)
+    body += _element((0x0008, 0x0110), b"SQ", sequence + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), explicit,
+                     undefined=True)
+    body += _element((0x0010, 0x0010), b"PN", _even(b"Doe^J"), explicit)
+    if series is not None:
+        body += _element(SERIES_UID, b"UI", _even(series.encode(), b"\0"), explicit)
+    body += _element((0x7FE0, 0x0010), b"OB", b"\xff" * 64, explicit)
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta + body)
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT, IMPLICIT])
+def test_the_series_is_found_past_nested_sequences(tmp_path, syntax):
+    dicom_file(tmp_path / "a.dcm", "1.2.3.4", syntax=syntax)
+    tags = read_tags(tmp_path / "a.dcm")
+    assert tags == {IMAGE_TYPE: "ORIGINAL\\PRIMARY\\VOLUME\\NONE", SERIES_UID: "1.2.3.4"}, tags
+
+
+def test_files_the_walk_cannot_read_give_none(tmp_path):
+    dicom_file(tmp_path / "be.dcm", "1.2", syntax=BIG_ENDIAN)
+    good = tmp_path / "good.dcm"
+    dicom_file(good, "1.2")
+    (tmp_path / "cut.dcm").write_bytes(good.read_bytes()[:150])  # cut inside the file meta group
+    (tmp_path / "plain.dcm").write_bytes(b"not a dicom file at all" * 10)
+    for name in ("be.dcm", "cut.dcm", "plain.dcm", "missing.dcm"):
+        assert read_tags(tmp_path / name) is None, name
+    dicom_file(tmp_path / "no_series.dcm", None)
+    assert SERIES_UID not in read_tags(tmp_path / "no_series.dcm")
+
+
+def test_one_slide_per_series_opened_through_its_volume_file(tmp_path):
+    files = {
+        "a_label.dcm": ("1.1", "ORIGINAL\\PRIMARY\\LABEL\\NONE"),
+        "b_level0.dcm": ("1.1", "ORIGINAL\\PRIMARY\\VOLUME\\NONE"),
+        "c_other.dcm": ("2.2", "DERIVED\\PRIMARY\\THUMBNAIL\\RESAMPLED"),  # a series of one file, no volume
+        "d_level1.dcm": ("1.1", "DERIVED\\PRIMARY\\VOLUME\\RESAMPLED"),
+    }
+    for name, (series, image_type) in files.items():
+        dicom_file(tmp_path / name, series, image_type)
+    (tmp_path / "e_damaged.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    (tmp_path / "f.svs").write_bytes(b"x")
+    paths = sorted(tmp_path.iterdir())
+    got = [(opened.name, [f.name for f in series]) for opened, series in slide_series(paths)]
+    assert got == [
+        ("b_level0.dcm", ["a_label.dcm", "b_level0.dcm", "d_level1.dcm"]),  # where its first file lies by name
+        ("c_other.dcm", ["c_other.dcm"]),
+        ("e_damaged.dcm", ["e_damaged.dcm"]),  # alone: the reader says what is wrong with it
+        ("f.svs", ["f.svs"]),
+    ], got
+
+
+def test_a_folder_of_one_real_dicom_series_is_one_slide(tmp_path):
+    from wsi_vssm.io.slide import open_slide
+    from wsi_vssm.runs.slide_args import expand_slide_folders
+
+    d = tmp_path / "series"
+    d.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):  # openslide-python's fixture: a volume and its thumbnail
+        shutil.copy(shared_file("slides", name), d / name)
+    said: list[str] = []
+    assert expand_slide_folders([str(d)], said.append) == [str(d / "boxes_0.dcm")]
+    assert said == [f"{d / 'boxes_0.dcm'}: a DICOM series of 2 files, read as one slide (with boxes_1.dcm)"], said
+    # the thumbnail alone is still the slide OpenSlide makes of it: nothing is dropped that would not be read
+    with open_slide(d / "boxes_1.dcm") as s:
+        assert s.dimensions == (16, 16)
