@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from tests.conftest import shared_file
-from wsi_vssm.io.dicom import IMAGE_TYPE, SERIES_UID, read_tags, slide_series
+from wsi_vssm.io.dicom import IMAGE_TYPE, SERIES_UID, read_tags, series_text, slide_series
 
 EXPLICIT, IMPLICIT, BIG_ENDIAN = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 
@@ -86,13 +86,14 @@ def test_one_slide_per_series_opened_through_its_volume_file(tmp_path):
     (tmp_path / "e_damaged.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
     (tmp_path / "f.svs").write_bytes(b"x")
     paths = sorted(tmp_path.iterdir())
-    got = [(opened.name, [f.name for f in series]) for opened, series in slide_series(paths)]
+    got = [(opened.name, [(f.name, kind) for f, kind in series]) for opened, series in slide_series(paths)]
     assert got == [
-        ("b_level0.dcm", ["a_label.dcm", "b_level0.dcm", "d_level1.dcm"]),  # where its first file lies by name
-        ("c_other.dcm", ["c_other.dcm"]),
-        ("e_damaged.dcm", ["e_damaged.dcm"]),  # alone: the reader says what is wrong with it
-        ("f.svs", ["f.svs"]),
+        ("b_level0.dcm", [("a_label.dcm", "label"), ("b_level0.dcm", "volume"), ("d_level1.dcm", "volume")]),
+        ("c_other.dcm", [("c_other.dcm", "thumbnail")]),  # where its first file lies by name
+        ("e_damaged.dcm", [("e_damaged.dcm", "")]),  # alone: the reader says what is wrong with it
+        ("f.svs", [("f.svs", "")]),
     ], got
+    assert series_text(slide_series(paths)[0][1]) == "1 label, 2 volume"
 
 
 def test_a_folder_of_one_real_dicom_series_is_one_slide(tmp_path):
@@ -105,7 +106,24 @@ def test_a_folder_of_one_real_dicom_series_is_one_slide(tmp_path):
         shutil.copy(shared_file("slides", name), d / name)
     said: list[str] = []
     assert expand_slide_folders([str(d)], said.append) == [str(d / "boxes_0.dcm")]
-    assert said == [f"{d / 'boxes_0.dcm'}: a DICOM series of 2 files, read as one slide (with boxes_1.dcm)"], said
+    assert said == [f"{d / 'boxes_0.dcm'}: one slide, a DICOM series of 2 files (1 volume, 1 thumbnail)"], said
     # the thumbnail alone is still the slide OpenSlide makes of it: nothing is dropped that would not be read
     with open_slide(d / "boxes_1.dcm") as s:
         assert s.dimensions == (16, 16)
+
+
+def test_a_converters_series_headers_are_walked(tmp_path):
+    """Headers wsidicomizer wrote for CMU-1's small region (tests/io/dicom_series/README.md): four instances of
+    one series, found as one slide opened through its pyramid level, which sorts last by name."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "dicom_series"
+    files = sorted(folder.glob("*.dcm"))
+    kinds = {f.name: read_tags(f)[IMAGE_TYPE] for f in files}
+    assert kinds == {"1-overview.dcm": "ORIGINAL\\PRIMARY\\OVERVIEW\\NONE", "2-thumbnail.dcm":
+                     "ORIGINAL\\PRIMARY\\THUMBNAIL\\NONE", "3-label.dcm": "ORIGINAL\\PRIMARY\\LABEL\\NONE",
+                     "4-level0.dcm": "ORIGINAL\\PRIMARY\\VOLUME\\NONE"}, kinds
+    series_uid = "1.2.826.0.1.3680043.8.498.21533225775113430883588726851558695975"
+    assert {read_tags(f)[SERIES_UID] for f in files} == {series_uid}
+    [(opened, series)] = slide_series(files)
+    assert opened.name == "4-level0.dcm" and series_text(series) == "1 overview, 1 thumbnail, 1 label, 1 volume"

@@ -119,25 +119,35 @@ def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE,
         return None
 
 
-def slide_series(files: list[Path]) -> list[tuple[Path, list[Path]]]:
-    """(the file to open, every file of its series) for each slide among `files` (sorted by name). DICOM files of
-    one series are one slide, opened through its first VOLUME (pyramid level) file by name, else its first
-    file; any other file, or a DICOM file whose series cannot be read, is a slide alone."""
-    groups: dict[str, list[tuple[bool, Path]]] = {}
-    out: list[tuple[Path, list[Path]]] = []
+def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]:
+    """(the file to open, [(file, its kind)] of its series) for each slide among `files` (sorted by name). The kind
+    is ImageType's third value in lower case (`volume` for a pyramid level, `label`, `overview`, `thumbnail`),
+    or "" when not given. DICOM files of one series are one slide, opened through its first volume file by
+    name, else its first file; any other file, or a DICOM file whose series cannot be read, is a slide alone."""
+    groups: dict[str, list[tuple[Path, str]]] = {}
+    out: list[tuple[Path, list[tuple[Path, str]]]] = []
     slots: dict[str, int] = {}
     for f in files:
         tags = read_tags(f) if f.suffix.lower() == ".dcm" else None
         series = (tags or {}).get(SERIES_UID)
         if not series:
-            out.append((f, [f]))
+            out.append((f, [(f, "")]))
             continue
-        volume = "VOLUME" in (tags or {}).get(IMAGE_TYPE, "").upper().split("\\")
+        values = (tags or {}).get(IMAGE_TYPE, "").split("\\")
+        kind = values[2].strip().lower() if len(values) > 2 else ""
         if series not in groups:
             slots[series] = len(out)
             out.append((f, []))  # placed where its first file lies, so the run's order follows the names
-        groups.setdefault(series, []).append((volume, f))
+        groups.setdefault(series, []).append((f, kind))
     for series, members in groups.items():
-        opened = next((f for volume, f in members if volume), members[0][1])
-        out[slots[series]] = (opened, [f for _, f in members])
+        opened = next((f for f, kind in members if kind == "volume"), members[0][0])
+        out[slots[series]] = (opened, members)
     return out
+
+
+def series_text(members: list[tuple[Path, str]]) -> str:
+    """What a series holds, for the line that says its files are read as one slide: `3 volume, 1 label`."""
+    counts: dict[str, int] = {}
+    for _, kind in members:
+        counts[kind or "other"] = counts.get(kind or "other", 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items())

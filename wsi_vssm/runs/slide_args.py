@@ -29,7 +29,7 @@ def expand_slide_folders(paths: Iterable[str], info: Callable[[str], None] | Non
     folder inside, say) are not walked. The DICOM files of one series are one slide (`io.dicom.slide_series`;
     `info` is told of each such series). A folder holding no slide file stays as given: it fails alone in the
     run, with the reader's reason, and the other slides go on."""
-    from wsi_vssm.io.dicom import slide_series
+    from wsi_vssm.io.dicom import series_text, slide_series
 
     out: list[str] = []
     for path in paths:
@@ -42,8 +42,7 @@ def expand_slide_folders(paths: Iterable[str], info: Callable[[str], None] | Non
         for opened, series in slide_series(found):
             out.append(str(opened))
             if len(series) > 1 and info is not None:
-                others = ", ".join(f.name for f in series if f != opened)
-                info(f"{opened}: a DICOM series of {len(series)} files, read as one slide (with {others})")
+                info(f"{opened}: one slide, a DICOM series of {len(series)} files ({series_text(series)})")
         out.extend([] if found else [path])
     return out
 
