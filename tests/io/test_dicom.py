@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import shared_file
 from wsi_vssm.io.dicom import IMAGE_TYPE, SERIES_UID, read_tags, series_text, slide_series
@@ -115,8 +118,6 @@ def test_a_folder_of_one_real_dicom_series_is_one_slide(tmp_path):
 def test_a_converters_series_headers_are_walked(tmp_path):
     """Headers wsidicomizer wrote for CMU-1's small region (tests/io/dicom_series/README.md): four instances of
     one series, found as one slide opened through its pyramid level, which sorts last by name."""
-    from pathlib import Path
-
     folder = Path(__file__).parent / "dicom_series"
     files = sorted(folder.glob("*.dcm"))
     kinds = {f.name: read_tags(f)[IMAGE_TYPE] for f in files}
@@ -127,3 +128,28 @@ def test_a_converters_series_headers_are_walked(tmp_path):
     assert {read_tags(f)[SERIES_UID] for f in files} == {series_uid}
     [(opened, series)] = slide_series(files)
     assert opened.name == "4-level0.dcm" and series_text(series) == "1 overview, 1 thumbnail, 1 label, 1 volume"
+
+
+def test_nesting_without_end_is_unreadable_not_a_crash(tmp_path):
+    """Sequences nested thousands deep (a damaged file) gave a RecursionError out of the folder's expansion."""
+    good = (Path(__file__).parent / "dicom_series" / "4-level0.dcm").read_bytes()
+    meta_end = good.index(b"\x08\x00\x08\x00CS")  # ImageType, the data set's first element
+    open_sequence = struct.pack("<HH", 0x0008, 0x0110) + b"SQ\0\0" + struct.pack("<I", 0xFFFFFFFF)
+    open_item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    (tmp_path / "deep.dcm").write_bytes(good[:meta_end] + (open_sequence + open_item) * 5000)
+    assert read_tags(tmp_path / "deep.dcm") is None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_damaged_headers_give_none_or_text_never_an_error(tmp_path, data):
+    """A real header with bytes changed, or cut: read_tags answers None or {tag: str}, and never raises."""
+    good = (Path(__file__).parent / "dicom_series" / "4-level0.dcm").read_bytes()
+    raw = bytearray(good)
+    for _ in range(data.draw(st.integers(0, 8))):
+        raw[data.draw(st.integers(132, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    raw = raw[: data.draw(st.integers(0, len(raw)))]
+    path = tmp_path / "fuzz.dcm"
+    path.write_bytes(bytes(raw))
+    tags = read_tags(path)
+    assert tags is None or all(isinstance(v, str) for v in tags.values()), tags

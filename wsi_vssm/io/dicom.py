@@ -23,6 +23,7 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _NOT_WALKED = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # explicit big endian, deflated
 _MAX_HEADER = 64 << 20  # a header longer than this is not a slide's: give up rather than read on
+_MAX_DEPTH = 32
 
 
 class _Unreadable(Exception):
@@ -54,11 +55,13 @@ class _Header:
             return (group, elem), struct.unpack("<I", self.read(4))[0]
         return (group, elem), struct.unpack("<H", self.read(2))[0]
 
-    def skip(self, length: int) -> None:
+    def skip(self, length: int, depth: int = 0) -> None:
         """Past a value: `length` bytes, or an undefined-length sequence (or encapsulated data) item by item."""
         if length != _UNDEFINED:
             self.f.seek(length, 1)
             return
+        if depth > _MAX_DEPTH:  # a damaged file could nest without end; real headers nest a few levels
+            raise _Unreadable
         while True:
             tag, item_length = self.element()
             if tag == _SEQUENCE_END:
@@ -72,7 +75,7 @@ class _Header:
                 inner, inner_length = self.element()
                 if inner == _ITEM_END:
                     break
-                self.skip(inner_length)
+                self.skip(inner_length, depth + 1)
 
 
 def _text(raw: bytes) -> str:
