@@ -361,7 +361,10 @@ def test_info_on_one_slides_prediction_folder_and_on_folders_that_are_no_slide(m
         for i in range(2 + int(label)):
             (patches / label / f"p{i}.png").write_bytes(b"")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("x")
     for path, part in [(cohort, "a folder of 3 slides (normal_001.tif, normal_002.tif, tumor_001.tif)"),
+                       (tmp_path / "notes", "no slide files directly in it (sub-folders are not searched)"),
                        (patches, "a patch folder (ImageFolder: 2 images in 0/, 3 in 1/)"),
                        (patches / "1", f"a class folder of the patch folder {patches} (3 images)"),
                        (tmp_path / "empty", "an empty folder, not a slide")]:

@@ -153,3 +153,25 @@ def test_damaged_headers_give_none_or_text_never_an_error(tmp_path, data):
     path.write_bytes(bytes(raw))
     tags = read_tags(path)
     assert tags is None or all(isinstance(v, str) for v in tags.values()), tags
+
+
+def test_dicom_files_named_without_dcm_are_slides_of_their_own_names(tmp_path):
+    """DICOM media name files `IM000001`, exports by UID without `.dcm`: such a folder had "no slide files", and
+    a UID's last part was dropped as if it were an extension, so every file of one UID root had one name."""
+    from wsi_vssm.io.base import slide_name
+    from wsi_vssm.runs.slide_args import expand_slide_folders
+
+    folder = Path(__file__).parent / "dicom_series"
+    d = tmp_path / "export"
+    d.mkdir()
+    for f, name in zip(sorted(folder.glob("*.dcm")), ["IM000001", "IM000002", "1.2.826.9.3", "1.2.826.9.4"],
+                       strict=True):
+        shutil.copy(f, d / name)
+    (d / "notes.7").write_text("not a slide")  # a digit suffix alone does not make a slide
+    (d / "README").write_text("nor does no suffix")
+    said: list[str] = []
+    assert expand_slide_folders([str(d)], said.append) == [str(d / "1.2.826.9.4")], said  # the pyramid level
+    assert said == [f"{d / '1.2.826.9.4'}: one slide, a DICOM series of 4 files (1 label, 1 volume, 1 overview, "
+                    "1 thumbnail)"], said
+    assert [slide_name(n) for n in ("1.2.826.9.4", "IM000001", "a.v2.tif", "b.ome.tiff", "c.dcm")] == [
+        "1.2.826.9.4", "IM000001", "a.v2", "b", "c"]

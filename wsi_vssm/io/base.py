@@ -43,7 +43,8 @@ MPP_SOURCES = (
 
 
 def slide_name(path: str | os.PathLike) -> str:
-    """A slide file's name without its extension(s) (`a.ome.tiff` -> `a`, `b.SVS` -> `b`, `c.v2.tif` -> `c.v2`):
+    """A slide file's name without its extension(s) (`a.ome.tiff` -> `a`, `b.SVS` -> `b`, `c.v2.tif` -> `c.v2`;
+    a last "extension" of digits is none: `1.2.840.5` stays whole):
     the one rule for slide names (`SlideReader.name`, output folders, feature stores, cohort rows). The case is
     kept: cohorts match names case-insensitively by lower-casing them themselves. A file name that is not valid
     UTF-8 keeps its stray bytes as `\\xNN` text, and control characters (a newline) are escaped the same way
@@ -63,7 +64,9 @@ def slide_name(path: str | os.PathLike) -> str:
     for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):  # two-part extensions: Path.stem would leave `.ome`
         if name.lower().endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
-    return Path(name).stem
+    # a DICOM file named by its UID without `.dcm` (`1.2.826.0.1.3680043.8.498.8361`) has no extension to drop:
+    # the stem would name every file of that UID root alike
+    return name if Path(name).suffix[1:].isdigit() else Path(name).stem
 
 
 def tiff_resolution_um(resolution: object, unit: object) -> float | None:

@@ -122,6 +122,16 @@ def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE,
         return None
 
 
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM Part 10 file whatever its name: `DICM` at byte 128. DICOM media name files without an extension
+    (`IM000001`), and exports often name them by UID (`1.2.826...4556`), so the name cannot tell."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]:
     """(the file to open, [(file, its kind)] of its series) for each slide among `files` (sorted by name). The kind
     is ImageType's third value in lower case (`volume` for a pyramid level, `label`, `overview`, `thumbnail`),
@@ -131,7 +141,7 @@ def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]
     out: list[tuple[Path, list[tuple[Path, str]]]] = []
     slots: dict[str, int] = {}
     for f in files:
-        tags = read_tags(f) if f.suffix.lower() == ".dcm" else None
+        tags = read_tags(f) if f.is_file() else None  # 132 bytes read from any other file: cheap
         series = (tags or {}).get(SERIES_UID)
         if not series:
             out.append((f, [(f, "")]))

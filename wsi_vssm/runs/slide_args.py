@@ -43,7 +43,8 @@ def expand_slide_folders(paths: Iterable[str], info: Callable[[str], None] | Non
             out.append(str(opened))
             if len(series) > 1 and info is not None:
                 info(f"{opened}: one slide, a DICOM series of {len(series)} files ({series_text(series)})")
-        out.extend([] if found else [path])
+        if not found:
+            out.append(path)
     return out
 
 
@@ -93,4 +94,11 @@ def _is_slide_entry(f: Path) -> bool:
         from wsi_vssm.pipeline.store import is_feature_store
 
         return low.endswith(".zarr") and is_zarr_dir(f) and not is_heatmap_zarr(f) and not is_feature_store(f)
-    return low.endswith(SLIDE_SUFFIXES) and f.is_file()
+    if not f.is_file():
+        return False
+    if low.endswith(SLIDE_SUFFIXES):
+        return True
+    # a DICOM file named without .dcm: looked into only when its name has no extension or a UID's digits as one
+    from wsi_vssm.io.dicom import is_dicom_file
+
+    return (f.suffix == "" or f.suffix[1:].isdigit()) and is_dicom_file(f)
