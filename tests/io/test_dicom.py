@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import shared_file
-from wsi_vssm.io.dicom import IMAGE_TYPE, SERIES_UID, read_tags, series_text, slide_series
+from wsi_vssm.io.dicom import COLUMNS, IMAGE_TYPE, SERIES_UID, read_tags, series_text, slide_series
 
 EXPLICIT, IMPLICIT, BIG_ENDIAN = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 
@@ -37,7 +37,7 @@ def _item(body: bytes, undefined: bool) -> bytes:
 
 
 def dicom_file(path, series: str | None, image_type: str = "ORIGINAL\\PRIMARY\\VOLUME\\NONE",
-               syntax: str = EXPLICIT) -> None:
+               syntax: str = EXPLICIT, size: tuple[int, int] | None = None) -> None:
     """A Part 10 file as a WSI converter writes one: file meta, ImageType, a nested sequence of undefined
     length (items of both kinds) before the series, the series UID, then pixel data that must never be read."""
     explicit = syntax != IMPLICIT
@@ -54,6 +54,9 @@ def dicom_file(path, series: str | None, image_type: str = "ORIGINAL\\PRIMARY\\V
     body += _element((0x0010, 0x0010), b"PN", _even(b"Doe^J"), explicit)
     if series is not None:
         body += _element(SERIES_UID, b"UI", _even(series.encode(), b"\0"), explicit)
+    if size is not None:  # TotalPixelMatrixColumns, Rows
+        body += _element((0x0048, 0x0006), b"UL", struct.pack("<I", size[0]), explicit)
+        body += _element((0x0048, 0x0007), b"UL", struct.pack("<I", size[1]), explicit)
     body += _element((0x7FE0, 0x0010), b"OB", b"\xff" * 64, explicit)
     path.write_bytes(b"\0" * 128 + b"DICM" + meta + body)
 
@@ -97,6 +100,19 @@ def test_one_slide_per_series_opened_through_its_volume_file(tmp_path):
         ("f.svs", [("f.svs", "")]),
     ], got
     assert series_text(slide_series(paths)[0][1]) == "1 label, 2 volume"
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT, IMPLICIT])
+def test_the_series_is_opened_through_its_base_level_whatever_the_names(tmp_path, syntax):
+    """The first volume by name named the slide: removing a lower level renamed it, and a table naming the base
+    level ran it again under another name."""
+    for name, size in [("a.dcm", (512, 400)), ("b.dcm", (2048, 1600)), ("c.dcm", (1024, 800))]:
+        dicom_file(tmp_path / name, "7.7", syntax=syntax, size=size)
+    assert read_tags(tmp_path / "b.dcm")[COLUMNS] == 2048
+    [(opened, _)] = slide_series(sorted(tmp_path.glob("*.dcm")))
+    assert opened.name == "b.dcm"
+    (tmp_path / "c.dcm").unlink()
+    assert slide_series(sorted(tmp_path.glob("*.dcm")))[0][0].name == "b.dcm"
 
 
 def test_a_folder_of_one_real_dicom_series_is_one_slide(tmp_path):
@@ -143,7 +159,7 @@ def test_nesting_without_end_is_unreadable_not_a_crash(tmp_path):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_damaged_headers_give_none_or_text_never_an_error(tmp_path, data):
-    """A real header with bytes changed, or cut: read_tags answers None or {tag: str}, and never raises."""
+    """A real header with bytes changed, or cut: read_tags answers None or {tag: text or size}, never raises."""
     good = (Path(__file__).parent / "dicom_series" / "4-level0.dcm").read_bytes()
     raw = bytearray(good)
     for _ in range(data.draw(st.integers(0, 8))):
@@ -152,7 +168,7 @@ def test_damaged_headers_give_none_or_text_never_an_error(tmp_path, data):
     path = tmp_path / "fuzz.dcm"
     path.write_bytes(bytes(raw))
     tags = read_tags(path)
-    assert tags is None or all(isinstance(v, str) for v in tags.values()), tags
+    assert tags is None or all(isinstance(v, str | int) for v in tags.values()), tags
 
 
 def test_dicom_files_named_without_dcm_are_slides_of_their_own_names(tmp_path):

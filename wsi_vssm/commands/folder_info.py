@@ -126,13 +126,15 @@ def folder_problem(path: str) -> str | None:
     if slides:
         shown = ", ".join(slides[:3]) + (", ..." if len(slides) > 3 else "")
         return (f"{path}: a folder of {len(slides)} slide{'s' if len(slides) > 1 else ''} ({shown}), not a slide: "
-                "give one of them to `info`; `predict` and `evaluate` take the whole folder")
+                "give one of them to `info`; `predict` and `extract` take the whole folder")
     if empty:
         return f"{path}: an empty folder, not a slide"
     if p.name.lower().endswith(".zarr"):  # a damaged store: the reader says what it lacks
         return None
+    from wsi_vssm.runs.slide_args import subfolder_hint
+
     return (f"{path}: a folder with no slide files directly in it (sub-folders are not searched) and no wsi-vssm "
-            "outputs: give a slide, or a folder of slides")
+            f"outputs: {subfolder_hint(p)}")
 
 
 def _images(d: Path) -> int:

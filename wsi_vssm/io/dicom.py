@@ -9,12 +9,16 @@ reader says what is wrong with it."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 from typing import BinaryIO
 
 SERIES_UID = (0x0020, 0x000E)
 IMAGE_TYPE = (0x0008, 0x0008)
+COLUMNS = (0x0048, 0x0006)  # TotalPixelMatrixColumns and Rows: a pyramid level's size (UL)
+ROWS = (0x0048, 0x0007)
+_NUMBERS = {COLUMNS, ROWS}
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
 _UNDEFINED = 0xFFFFFFFF
@@ -82,9 +86,11 @@ def _text(raw: bytes) -> str:
     return raw.decode("ascii", "replace").strip(" \x00")
 
 
-def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE, SERIES_UID)) -> dict | None:
-    """{tag: text value} for those of `tags` (top-level text elements) the header holds, or None when the file is
-    not a DICOM file this walk can read. Stops at the last tag asked for: pixel data is never reached."""
+def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE, SERIES_UID, COLUMNS, ROWS),
+              ) -> dict | None:
+    """{tag: value} for those of `tags` (top-level elements: text, or an int for the UL sizes) the header holds, or
+    None when the file is not a DICOM file this walk can read. Stops after the last tag asked for: pixel data is
+    never reached."""
     last = max(tags)
     try:
         with open(path, "rb") as f:
@@ -114,12 +120,21 @@ def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE,
                     return found  # the header ended (a file of header alone): what it held
                 if tag > last or tag == _PIXEL_DATA:
                     return found
-                if tag in tags and length != _UNDEFINED:
+                if tag in _NUMBERS and tag in tags and length == 4:
+                    found[tag] = struct.unpack("<I", data.read(4))[0]
+                elif tag in tags and length != _UNDEFINED:
                     found[tag] = _text(data.read(length))
                 else:
                     data.skip(length)
     except (OSError, _Unreadable, struct.error):
         return None
+
+
+def may_be_dicom(path: str | Path) -> bool:
+    """Whether a file's name is one a DICOM file has: `.dcm` (any case), no extension (`IM000001`), or a UID's
+    digits as one (`1.2.826...4556`). Only such files are looked into (`is_dicom_file`)."""
+    suffix = Path(path).suffix
+    return suffix.lower() == ".dcm" or suffix == "" or suffix[1:].isdigit()
 
 
 def is_dicom_file(path: str | Path) -> bool:
@@ -135,27 +150,101 @@ def is_dicom_file(path: str | Path) -> bool:
 def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]:
     """(the file to open, [(file, its kind)] of its series) for each slide among `files` (sorted by name). The kind
     is ImageType's third value in lower case (`volume` for a pyramid level, `label`, `overview`, `thumbnail`),
-    or "" when not given. DICOM files of one series are one slide, opened through its first volume file by
-    name, else its first file; any other file, or a DICOM file whose series cannot be read, is a slide alone."""
-    groups: dict[str, list[tuple[Path, str]]] = {}
+    or "" when not given. DICOM files of one series are one slide, opened through (and so named after) its
+    largest volume, its base level, whichever file of the series is listed first; the first by name when none
+    says its size. Any other file, or a DICOM file whose series cannot be read, is a slide alone."""
+    groups: dict[str, list[tuple[Path, str, int]]] = {}
     out: list[tuple[Path, list[tuple[Path, str]]]] = []
     slots: dict[str, int] = {}
     for f in files:
-        tags = read_tags(f) if f.is_file() else None  # 132 bytes read from any other file: cheap
-        series = (tags or {}).get(SERIES_UID)
+        tags = (read_tags(f) if f.is_file() else None) or {}  # 132 bytes read from any other file: cheap
+        series = tags.get(SERIES_UID)
         if not series:
             out.append((f, [(f, "")]))
             continue
-        values = (tags or {}).get(IMAGE_TYPE, "").split("\\")
+        values = str(tags.get(IMAGE_TYPE, "")).split("\\")
         kind = values[2].strip().lower() if len(values) > 2 else ""
+        area = int(tags.get(COLUMNS, 0)) * int(tags.get(ROWS, 0)) if kind == "volume" else -1
         if series not in groups:
             slots[series] = len(out)
             out.append((f, []))  # placed where its first file lies, so the run's order follows the names
-        groups.setdefault(series, []).append((f, kind))
+        groups.setdefault(series, []).append((f, kind, area))
     for series, members in groups.items():
-        opened = next((f for f, kind in members if kind == "volume"), members[0][0])
-        out[slots[series]] = (opened, members)
+        opened = max(members, key=lambda m: m[2])[0]  # max keeps the first of equals: the first by name
+        out[slots[series]] = (opened, [(f, kind) for f, kind, _ in members])
     return out
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files directly in `folder`, by name: `.dcm` (any case), or a name without an extension or
+    ending in a UID's digits that holds `DICM` at byte 128."""
+    try:
+        entries = sorted((f for f in folder.iterdir() if not f.name.startswith(".")), key=lambda f: f.name)
+    except OSError:
+        return []
+    return [f for f in entries if f.is_file() and may_be_dicom(f) and (f.suffix.lower() == ".dcm" or is_dicom_file(f))]
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_series(folder: str, _listed: tuple) -> tuple:
+    return tuple(slide_series(dicom_files(Path(folder))))
+
+
+def folder_series(folder: str | Path) -> list[tuple[Path, list[tuple[Path, str]]]]:
+    """`slide_series` of a folder's DICOM files, read once per run while the folder's files keep their names,
+    sizes and times (a cohort checks each slide's series when it starts and again on a rerun)."""
+    folder = Path(folder)
+    listed = tuple(_stat(f) for f in dicom_files(folder))
+    return list(_folder_series(str(folder), listed))
+
+
+def _stat(f: Path) -> tuple:
+    try:
+        st = f.stat()
+        return f.name, st.st_size, st.st_mtime_ns
+    except OSError:
+        return f.name, None, None
+
+
+def folder_slide(folder: str | Path, slide_suffixes: tuple[str, ...] = ()) -> Path | None:
+    """The file a folder holding one DICOM series (as IDC lays slides out: a folder per series) is read
+    through, so a table row naming the folder names that slide; None for a file, or a folder holding anything
+    else named as a slide (`slide_suffixes`: another slide beside the series makes the folder no one slide)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = folder_series(folder)
+    if len(found) != 1:
+        return None
+    members = {f.name for f, _ in found[0][1]}
+    try:
+        others = [f for f in folder.iterdir() if f.name not in members and not f.name.startswith(".")]
+    except OSError:
+        return None
+    if any(f.name.lower().endswith(slide_suffixes) for f in others):
+        return None
+    return found[0][0]
+
+
+def series_of(path: str | Path) -> tuple[Path, list[tuple[Path, str]]] | None:
+    """(the file its slide is opened through, its series' files) for a DICOM file of a series, or None for
+    anything else (no DICOM file, a series this walk cannot read)."""
+    path = Path(path)
+    if not may_be_dicom(path) or not path.is_file() or not is_dicom_file(path):
+        return None
+    for opened, members in folder_series(path.parent):
+        if any(f.name == path.name for f, _ in members) and read_tags(path):
+            return opened, members
+    return None
+
+
+def series_stamp(path: str | Path) -> list | None:
+    """[[name, size, mtime_ns], ...] of the other files of `path`'s DICOM series, for the rerun check (a level
+    or label removed or rewritten beside the opened file changes the slide); None when `path` is not one."""
+    found = series_of(path)
+    if found is None:
+        return None
+    return [list(_stat(f)) for f, _ in found[1] if f.name != Path(path).name]
 
 
 def series_text(members: list[tuple[Path, str]]) -> str:
@@ -164,3 +253,18 @@ def series_text(members: list[tuple[Path, str]]) -> str:
     for _, kind in members:
         counts[kind or "other"] = counts.get(kind or "other", 0) + 1
     return ", ".join(f"{n} {kind}" for kind, n in counts.items())
+
+
+def open_failure_hint(path: str | Path) -> str:
+    """Why OpenSlide may have failed on a DICOM file, as "; ..." to add to its message, or "" (not DICOM, or
+    nothing seen): a header this walk cannot read, or a series whose folder holds no pyramid level."""
+    path = Path(path)
+    if not is_dicom_file(path):
+        return ""
+    if read_tags(path) is None:
+        return "; its DICOM header cannot be read (a damaged file, or a big-endian or deflated one)"
+    found = series_of(path)
+    if found is not None and not any(kind == "volume" for _, kind in found[1]):
+        return (f"; its DICOM series in {path.parent} has no volume (pyramid level) file, only "
+                f"{series_text(found[1])}: the image itself is not there")
+    return ""

@@ -173,8 +173,10 @@ def _open_auto(path: Path) -> SlideReader:
     if is_dicom or path.suffix.lower() in OPENSLIDE_ONLY_SUFFIXES:
         if not module_available("openslide"):
             raise missing_backend(path, "openslide", "needed for this format")
+        from wsi_vssm.io.dicom import open_failure_hint
+
         kind = "DICOM" if is_dicom else path.suffix.lower()
-        raise UnsupportedFormat(path, f"OpenSlide does not recognise this {kind} file")
+        raise UnsupportedFormat(path, f"OpenSlide does not recognise this {kind} file{open_failure_hint(path)}")
     if not head:
         raise UnsupportedFormat(path, "empty file")
     raise UnsupportedFormat(path, f"not a slide format this app reads (file starts with {_shown(head[:8])})")

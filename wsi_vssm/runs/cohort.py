@@ -198,6 +198,10 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         split = None if i_split is None else parse_split(_cell(cells, i_split), path, line)
         mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
         file = _table_path(ref, path)
+        if find_slides and file.is_dir() and not is_zarr_dir(file):
+            from wsi_vssm.io.dicom import folder_slide
+
+            file = folder_slide(file, SLIDE_SUFFIXES) or file  # a folder of one DICOM series: its slide
         error = None
         if find_slides and not file.exists():
             error = f"slide file not found: {file}"
@@ -252,7 +256,8 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
 
 
 def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
-    """Slide name (`name_key`) -> slide files (or OME-Zarr folders) anywhere under `root`, hidden ones skipped."""
+    """Slide name (`name_key`) -> slide files (or OME-Zarr folders) anywhere under `root`, hidden ones skipped; a
+    folder below `root` holding one DICOM series is found by its own name too (IDC names them by series UID)."""
     out: dict[str, list[Path]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         keep = []
@@ -269,6 +274,12 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
             low = f.lower()
             if not f.startswith(".") and low.endswith(SLIDE_SUFFIXES) and not low.endswith(".zarr"):
                 out.setdefault(name_key(slide_name(f)), []).append(Path(dirpath) / f)
+        if any(f.lower().endswith(".dcm") for f in filenames):  # IDC's layout: a folder per series, named by it
+            from wsi_vssm.io.dicom import folder_slide
+
+            series = folder_slide(dirpath, SLIDE_SUFFIXES)
+            if series is not None and Path(dirpath) != Path(root):
+                out.setdefault(name_key(slide_name(Path(dirpath).name)), []).append(series)
     return out
 
 
@@ -422,7 +433,15 @@ def _different_files(a: Path | None, b: Path | None) -> bool:
 
 def _check_duplicates(cohort: Cohort) -> None:
     seen: dict[str, CohortRow] = {}
+    series: dict[Path, CohortRow] = {}
     for r in cohort.rows:
+        opened = _dicom_series(r.path)
+        if opened is not None and opened in series:  # two rows, one slide: its figures would count twice
+            first = series[opened]
+            raise CohortError(f"{cohort.source}, line {r.line}: {r.path} is a file of the DICOM series that line "
+                              f"{first.line} names ({first.path}): one slide, listed twice; keep one row")
+        if opened is not None:
+            series[opened] = r
         key = name_key(r.name)
         first = seen.get(key)
         if (first is not None and first.name == r.name and cohort.layout == "manifest"
@@ -439,3 +458,13 @@ def _check_duplicates(cohort: Cohort) -> None:
                               f"{first.line}) differ only in case or Unicode form: their outputs would collide; "
                               "rename one")
         seen[key] = r
+
+
+def _dicom_series(path: Path | None) -> Path | None:
+    """The file a DICOM series is read through, for a row's file of one; None for any other file."""
+    if path is None:
+        return None
+    from wsi_vssm.io.dicom import series_of
+
+    found = series_of(path)
+    return None if found is None else found[0]

@@ -93,11 +93,16 @@ class RunSummary:
 
 def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progress | None = None) -> list[SlideTask]:
     """One task per slide path given on a command line, or (path, mpp) from a slide list's row. The same file
-    named twice under the same name (overlapping globs: `*.svs a*.svs`) runs once, with a note; two different
-    files of one name still fail (their outputs would collide)."""
+    named twice under the same name (overlapping globs: `*.svs a*.svs`) runs once, with a note, and so do the
+    files of one DICOM series (`_through_series`); two different files of one name still fail (their outputs
+    would collide)."""
     tasks, first = [], {}
+    series: dict[str, list[str]] = {}  # the file a DICOM series is read through -> its other files given
     for item in paths:
         path, mpp = item if isinstance(item, tuple) else (item, None)
+        given, path = path, _through_series(path)
+        if given != path:
+            series.setdefault(path, []).append(given)
         name = slide_key(path)
         try:
             st = os.stat(path)
@@ -107,15 +112,29 @@ def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progr
         if key is not None and key in first:
             kept_path, kept_mpp = first[key]
             if progress is not None and kept_mpp != mpp:  # two slide-list rows that disagree: not a harmless repeat
-                progress.warn(f"{path}: given twice with different mpp ({_mpp_text(kept_mpp)} and "
+                progress.warn(f"{given}: given twice with different mpp ({_mpp_text(kept_mpp)} and "
                               f"{_mpp_text(mpp)}); analysed once, with the first: {_mpp_text(kept_mpp)}")
-            elif progress is not None:
+            elif progress is not None and path not in series:  # a series' files: said once, below
                 progress.info(f"{path}: given twice (also as {kept_path}); analysed once")
             continue
         if key is not None:
             first[key] = (path, mpp)
         tasks.append(SlideTask(name, path, mpp=mpp))
+    for path, others in series.items():
+        if progress is not None:
+            shown = ", ".join(Path(o).name for o in others[:2]) + (", ..." if len(others) > 2 else "")
+            progress.info(f"{path}: one slide, run once, for the {len(others)} file(s) of its DICOM series given "
+                          f"({shown})")
     return tasks
+
+
+def _through_series(path: str) -> str:
+    """A file of a DICOM series given by itself (`predict S/*.dcm`, a slide list's row) stands for its series'
+    slide: the file a folder run opens it through, and names it after (`io.dicom.slide_series`)."""
+    from wsi_vssm.io.dicom import series_of
+
+    found = series_of(path)  # None at once for a name no DICOM file has: nothing is opened
+    return path if found is None or found[0] == Path(path) else str(found[0])
 
 
 def _mpp_text(mpp: float | None) -> str:
@@ -144,8 +163,14 @@ def _not_a_slide_folder(path: str) -> str | None:
                 "were computed from (`train mil --features` reads this folder)")
     if is_zarr_dir(p):
         return None
+    from wsi_vssm.runs.slide_args import expand_slide_folders, subfolder_hint
+
+    slides = [s for s in expand_slide_folders([str(p)]) if s != str(p)]
+    if slides:  # a table's row naming a folder: it is one slide only when it holds one DICOM series
+        return (f"a folder of {len(slides)} slides, named as one slide: name each in a row of its own (a folder "
+                "names one slide only when it holds one DICOM series)")
     return (f"a folder with no slide files directly in it, and not an OME-Zarr store (sub-folders are not searched: "
-            f"give their slides, e.g. '{p / '*' / '*.svs'}', or list them in a manifest)")
+            f"{subfolder_hint(p)}, or list them in a manifest)")
 
 
 def slide_key(path: str | os.PathLike) -> str:

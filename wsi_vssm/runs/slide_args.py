@@ -81,7 +81,7 @@ def read_slide_list(path: str | os.PathLike) -> list[tuple[str, float | None]]:
         if not ref or slide_name(ref) in ("", ".", ".."):
             raise CohortError(f"{path}, line {line}: {'no slide path' if not ref else repr(ref) + ' names a folder'}")
         mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
-        out.append((str(_table_path(ref, path)), mpp))
+        out.append((str(_series_folder(_table_path(ref, path))), mpp))
     if not out:
         raise CohortError(f"{path}: the slide list names no slides")
     return out
@@ -98,7 +98,32 @@ def _is_slide_entry(f: Path) -> bool:
         return False
     if low.endswith(SLIDE_SUFFIXES):
         return True
-    # a DICOM file named without .dcm: looked into only when its name has no extension or a UID's digits as one
-    from wsi_vssm.io.dicom import is_dicom_file
+    from wsi_vssm.io.dicom import is_dicom_file, may_be_dicom  # a DICOM file named without .dcm
 
-    return (f.suffix == "" or f.suffix[1:].isdigit()) and is_dicom_file(f)
+    return may_be_dicom(f) and is_dicom_file(f)
+
+
+def _series_folder(path: Path) -> Path:
+    """A row naming a folder of one DICOM series (IDC's layout) is the slide in it; any other path as given."""
+    from wsi_vssm.io.dicom import folder_slide
+
+    return folder_slide(path, SLIDE_SUFFIXES) or path
+
+
+def subfolder_hint(folder: Path) -> str:
+    """What to give instead of a folder whose slides lie one level down: its DICOM series folders (`ROOT/*/`,
+    each one slide; `ROOT/*/*.dcm` would give every file of every series), else their slide files by the suffix
+    first seen (`ROOT/*/*.svs`). Looks into the first 50 sub-folders."""
+    from wsi_vssm.io.dicom import dicom_files
+
+    try:
+        subs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))[:50]
+    except OSError:
+        subs = []
+    for sub in subs:
+        if dicom_files(sub):
+            return f"give its DICOM series folders, each one slide: '{folder / '*'}{os.sep}'"
+        suffixes = [f.name[len(slide_name(f.name)):] for f in sorted(sub.iterdir()) if _is_slide_entry(f)]
+        if suffixes:
+            return f"give their slides, e.g. '{folder / '*' / ('*' + suffixes[0])}'"
+    return f"give their slides, e.g. '{folder / '*' / '*.svs'}'"

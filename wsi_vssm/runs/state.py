@@ -136,7 +136,8 @@ def now() -> str:
 def input_fingerprint(path: str | os.PathLike | None) -> dict | None:
     """What a slide input is, cheaply: {size, mtime_ns, sha256}. For a file: sha256 of its size and its first
     and last `FINGERPRINT_BYTES`; for a folder (OME-Zarr): of the names, sizes and contents of its metadata files
-    (root and one level down; chunks are never read). None when the path cannot be read."""
+    (root and one level down; chunks are never read). For a file of a DICOM series, also `series`: the names,
+    sizes and times of the series' other files. None when the path cannot be read."""
     if path is None:
         return None
     p = Path(path)
@@ -160,7 +161,17 @@ def input_fingerprint(path: str | os.PathLike | None) -> dict | None:
                     h.update(f.read(FINGERPRINT_BYTES))
     except OSError:
         return None
-    return {"size": size, "mtime_ns": mtime, "sha256": h.hexdigest()}
+    out = {"size": size, "mtime_ns": mtime, "sha256": h.hexdigest()}
+    stamp = _series_stamp(p)
+    return out if stamp is None else {**out, "series": stamp}
+
+
+def _series_stamp(p: Path) -> list | None:
+    """The other files of a DICOM series read through `p` (`io.dicom.series_stamp`), else None (at once for a
+    name no DICOM file has)."""
+    from wsi_vssm.io.dicom import series_stamp  # here: the io package loads numpy, and this module stays light
+
+    return series_stamp(p)
 
 
 def _metadata_files(root: Path) -> list[Path]:
@@ -184,6 +195,8 @@ def input_changed(recorded: dict | None, path: str | os.PathLike | None) -> bool
     if Path(path).is_dir():
         now_fp = input_fingerprint(path)
         return now_fp is None or now_fp["sha256"] != recorded.get("sha256")
+    if recorded.get("series") != _series_stamp(Path(path)):  # a level or label of its DICOM series changed
+        return True
     if st.st_size != recorded.get("size"):
         return True
     if st.st_mtime_ns == recorded.get("mtime_ns"):

@@ -64,15 +64,19 @@ class OpenSlideSlide(SlideReader):
     @staticmethod
     def _open(path: Path):
         openslide = _import_openslide(path)
+        from wsi_vssm.io.dicom import open_failure_hint
+
         try:
             return openslide.OpenSlide(os.fspath(path))
         except openslide.OpenSlideUnsupportedFormatError as err:
             truncated = tiff_truncation(path)  # a cut TIFF's directory chain breaks off: say so
             if truncated:
                 raise CorruptSlide(path, truncated) from err
-            raise UnsupportedFormat(path, "OpenSlide does not recognise this file as a slide") from err
+            raise UnsupportedFormat(path, "OpenSlide does not recognise this file as a slide"
+                                    + open_failure_hint(path)) from err
         except openslide.OpenSlideError as err:
-            raise CorruptSlide(path, tiff_truncation(path) or f"OpenSlide cannot open it: {one_line(err)}") from err
+            raise CorruptSlide(path, tiff_truncation(path) or f"OpenSlide cannot open it: {one_line(err)}"
+                               + open_failure_hint(path)) from err
         except OSError as err:
             raise UnsupportedFormat(path, f"cannot open: {one_line(err)}") from err
 
