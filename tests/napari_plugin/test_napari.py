@@ -198,6 +198,26 @@ def test_a_damaged_slide_only_file_says_why_it_cannot_be_read(make_napari_viewer
         plugin_reader.read_slide(str(bad))
 
 
+def test_a_dicom_series_folder_opens_as_its_slide(tmp_path):
+    """IDC lays DICOM slides out a folder per series: napari had no reader for the folder."""
+    import shutil
+
+    from tests.conftest import shared_file
+
+    one = tmp_path / "1.2.3"
+    one.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):  # a volume and its thumbnail: one series
+        shutil.copy(shared_file("slides", name), one / name)
+    assert plugin_reader.get_reader(str(one)) is plugin_reader.read_dicom_folder
+    [(data, kwargs, kind)] = plugin_reader.read_dicom_folder(str(one))
+    assert kind == "image" and data[0].shape[:2] == (16, 16), (kind, data[0].shape)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    shutil.copy(shared_file("slides", "small.svs"), two / "small.svs")  # another slide beside the series
+    with pytest.raises(Exception, match=r"two: a folder of 2 slides \(boxes_0.dcm, small.svs\): open one of them"):
+        plugin_reader.read_dicom_folder(str(two))
+
+
 def test_package_and_fast_path_import_neither_qt_nor_heavy_libraries(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG")
     code = (

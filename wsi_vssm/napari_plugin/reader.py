@@ -6,7 +6,8 @@ anything heavy, and returns None for anything else. What it accepts:
 - a slide file the library opens (svs, tif, ndpi, mrxs, ome.tif, ...) or an OME-Zarr slide directory;
 - a `wsi-vssm predict` output folder, its `prediction.json`, or its `heatmap.ome.zarr`: heatmap + contours;
 - a command's output folder (`predict` / `evaluate --out OUT`): its slide's prediction when it holds one; with
-  several, a one-line error naming the slide folders to open (napari said only that no reader took the folder).
+  several, a one-line error naming the slide folders to open (napari said only that no reader took the folder);
+- a folder holding one DICOM series (IDC's layout: a folder per slide): that slide.
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ def get_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
         return read_prediction
     if kind == "cohort":
         return read_cohort_folder
+    if kind == "dicom":
+        return read_dicom_folder
     return None
 
 
 def sniff(p: Path) -> str | None:
-    """'slide', 'prediction' (an output folder or its prediction.json), 'heatmap' (its .zarr) or None."""
+    """'slide', 'prediction' (an output folder or its prediction.json), 'heatmap' (its .zarr), 'cohort' (a
+    command's output folder), 'dicom' (a folder of DICOM files) or None."""
     try:
         if p.is_dir():
             return _sniff_dir(p)
@@ -73,7 +77,8 @@ def _sniff_dir(p: Path) -> str | None:
     if (p / STATE_DIR).is_dir():  # a cohort command's OUT
         return "cohort"
     if not any((p / m).is_file() for m in _ZARR_MARKERS):
-        return None
+        with os.scandir(p) as entries:  # a DICOM series' folder (IDC's layout): names only, no file opened
+            return "dicom" if any(e.name.lower().endswith(".dcm") for e in entries) else None
     if zarr_root_attrs(p) is None:
         return None
     return "heatmap" if is_heatmap_zarr(p) else "slide"
@@ -88,6 +93,25 @@ def read_slide(path: str | os.PathLike | list) -> list[tuple]:
     data, kwargs, kind = slide_layer(open_slide(path))
     _place_like_its_prediction(kwargs)
     return [(data, kwargs, kind)]
+
+
+def read_dicom_folder(path: str | os.PathLike | list) -> list[tuple]:
+    """A folder holding one DICOM series: its slide, as `predict FOLDER` takes it (`io.dicom.folder_slide`). A
+    folder of several series (or other slides beside it) is a one-line error naming what to open instead."""
+    from wsi_vssm.errors import UsageError
+    from wsi_vssm.io.dicom import folder_slide
+    from wsi_vssm.runs.cohort import SLIDE_SUFFIXES
+    from wsi_vssm.runs.slide_args import expand_slide_folders
+
+    p = Path(path[0] if isinstance(path, (list, tuple)) else path)
+    slide = folder_slide(p, SLIDE_SUFFIXES)
+    if slide is not None:
+        return read_slide(slide)
+    slides = [Path(s) for s in expand_slide_folders([str(p)]) if s != str(p)]  # as predict takes the folder
+    if not slides:
+        raise UsageError(f"{p}: its .dcm files are no DICOM series this app reads: open one of them to see why")
+    shown = ", ".join(s.name for s in slides[:3]) + (", ..." if len(slides) > 3 else "")
+    raise UsageError(f"{p}: a folder of {len(slides)} slides ({shown}): open one of them")
 
 
 def read_cohort_folder(path: str | os.PathLike | list) -> list[tuple]:
