@@ -151,8 +151,8 @@ def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]
     """(the file to open, [(file, its kind)] of its series) for each slide among `files` (sorted by name). The kind
     is ImageType's third value in lower case (`volume` for a pyramid level, `label`, `overview`, `thumbnail`),
     or "" when not given. DICOM files of one series are one slide, opened through (and so named after) its
-    largest volume, its base level, whichever file of the series is listed first; the first by name when none
-    says its size. Any other file, or a DICOM file whose series cannot be read, is a slide alone."""
+    largest volume file, the base level, wherever that sorts; else its first volume by name (no size stated),
+    else its first file. Any other file, or a DICOM file whose series cannot be read, is a slide alone."""
     groups: dict[str, list[tuple[Path, str, int]]] = {}
     out: list[tuple[Path, list[tuple[Path, str]]]] = []
     slots: dict[str, int] = {}
