@@ -35,7 +35,7 @@ def test_files_of_one_series_given_one_by_one_run_once_as_the_folders_slide(seri
     given = [str(f) for f in sorted(series.glob("*.dcm"))]
     tasks = slide_tasks(given, Progress(err=err))
     assert [(t.name, t.path) for t in tasks] == [("4-level0", str(series / "4-level0.dcm"))], tasks
-    assert err.getvalue().splitlines() == [f"{series / '4-level0.dcm'}: one slide, run once, for the 3 file(s) of "
+    assert err.getvalue().splitlines() == [f"{series / '4-level0.dcm'}: one slide, run once, for the 4 file(s) of "
                                            "its DICOM series given (1-overview.dcm, 2-thumbnail.dcm, ...)"], err
     # the label alone (a slide list's row) is the same slide, under the same name
     assert [t.path for t in slide_tasks([str(series / "3-label.dcm")])] == [str(series / "4-level0.dcm")]
@@ -111,3 +111,84 @@ def test_a_table_row_naming_a_folder_of_several_slides_says_what_it_is(tmp_path,
     (tmp_path / "list.csv").write_text("slide\ntwo\n")
     code, _, err = run_cli_captured(["predict", tmp_path / "list.csv", "--out", tmp_path / "out"], capsys)
     assert code == 1 and "two: a folder of 2 slides, named as one slide: name each in a row of its own" in err, err
+
+
+def test_a_table_naming_another_file_of_the_series_reads_it_as_the_folder_run_does(series):
+    """`evaluate` named a series after the file its row gave (the label's UID), beside the same slide that a
+    folder run had written under its base level's name."""
+    from wsi_vssm.runs.cohort import read_manifest
+
+    root = series.parent
+    (root / "m.csv").write_text(f"slide,label\n{SERIES_UID}/3-label.dcm,1\n")
+    [row] = read_manifest(root / "m.csv").rows
+    assert (row.name, row.path) == ("3-label", series / "4-level0.dcm"), row  # the table's name, the series' file
+
+
+def test_reference_names_find_series_folders_however_their_files_are_named(series, tmp_path):
+    """Files named without `.dcm` were not looked for; a folder of two series gave "no slide file named"."""
+    from wsi_vssm.runs.cohort import index_slides
+
+    root = series.parent
+    for f in series.glob("*.dcm"):
+        f.rename(f.with_suffix(""))  # IM000001-style names
+    assert index_slides(root)[SERIES_UID] == [series / "4-level0"]
+    two = root / "two"
+    shutil.copytree(series, two)
+    (two / "other.dcm").write_bytes((HEADERS / "4-level0.dcm").read_bytes().replace(SERIES_UID.encode(),
+                                                                                   SERIES_UID[:-1].encode() + b"9"))
+    assert index_slides(root)["two"] == [two], "a folder of two series is found, and its run says what it holds"
+
+
+def test_a_damaged_file_beside_a_series_is_said_and_leaves_the_series_one_slide(series):
+    from wsi_vssm.io.dicom import folder_slide, open_failure_hint, read_tags
+
+    label = series / "3-label.dcm"
+    label.write_bytes(label.read_bytes()[:600])  # cut inside its header: ImageType read, the series UID not
+    assert read_tags(label) is None
+    assert folder_slide(series, (".dcm", ".svs")) == series / "4-level0.dcm"
+    assert open_failure_hint(label) == ("; its DICOM header cannot be read (a damaged file, or a big-endian or "
+                                        "deflated one)")
+    (series / "x.dcm").mkdir()  # a folder that only looks like a slide's name
+    assert folder_slide(series, (".dcm", ".svs")) == series / "4-level0.dcm"
+
+
+def test_a_copied_series_is_the_same_slide_and_a_rewritten_file_is_not(series, tmp_path):
+    """The check compared the other files' times: a plain copy of a series was "another slide of the same name"."""
+    import time
+
+    from wsi_vssm.runs.state import input_changed, input_fingerprint
+
+    recorded = input_fingerprint(series / "4-level0.dcm")
+    time.sleep(0.01)
+    copy = tmp_path / "copy"
+    shutil.copytree(series, copy, copy_function=shutil.copy)  # new times, same bytes
+    assert input_fingerprint(copy / "4-level0.dcm")["series"] == recorded["series"]
+    assert not input_changed(recorded, series / "4-level0.dcm")
+    os.utime(series / "1-overview.dcm", ns=(1, 1))  # touched: still the same file
+    assert not input_changed(recorded, series / "4-level0.dcm")
+    raw = bytearray((series / "1-overview.dcm").read_bytes())
+    raw[-1] ^= 0xFF  # same size, other bytes
+    (series / "1-overview.dcm").write_bytes(bytes(raw))
+    assert input_changed(recorded, series / "4-level0.dcm")
+
+
+def test_a_folder_is_grouped_once_for_all_its_files(series, monkeypatch):
+    """Each file re-listed and re-read the whole folder: 2,000 files took minutes before any slide ran."""
+    import wsi_vssm.io.dicom as dicom
+
+    listed, read = [], []
+    real_list, real_read = dicom.dicom_files, dicom.read_tags
+    monkeypatch.setattr(dicom, "dicom_files", lambda folder: listed.append(folder) or real_list(folder))
+    monkeypatch.setattr(dicom, "read_tags", lambda path, *a: read.append(Path(path).name) or real_read(path, *a))
+    dicom._folder_series.cache_clear()
+    files = sorted(series.glob("*.dcm"))
+    assert {dicom.series_of(f)[0] for f in files} == {series / "4-level0.dcm"}
+    assert len(listed) == 1, listed  # the folder listed (and each file's size and time read) once, not per file
+    assert len(read) == 2 * len(files), read  # each header once for the folder, once for the file asked about
+
+
+def test_a_table_row_naming_an_empty_folder_says_it_is_empty(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "list.csv").write_text("slide\nempty\n")
+    code, _, err = run_cli_captured(["predict", tmp_path / "list.csv", "--out", tmp_path / "out"], capsys)
+    assert code == 1 and "empty: an empty folder, not a slide" in err and "*.svs" not in err, err

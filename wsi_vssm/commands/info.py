@@ -99,6 +99,10 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
         report = train_log_info(slide, rows)
         click.echo(json.dumps(report, indent=2) if as_json else format_train_log_info(report))
         return
+    from wsi_vssm.runs.slide_args import series_folder_slide
+
+    if (series := series_folder_slide(Path(slide))) != Path(slide):  # a folder of one DICOM series: its slide
+        slide = str(series)
     problem = folder_contents_problem(slide) or folder_problem(slide)
     if problem:  # train mil's output folder, a folder of slides or patches: "not an OME-Zarr store" named no way on
         from wsi_vssm.errors import UsageError

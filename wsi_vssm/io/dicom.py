@@ -10,6 +10,8 @@ reader says what is wrong with it."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +30,7 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 _NOT_WALKED = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # explicit big endian, deflated
 _MAX_HEADER = 64 << 20  # a header longer than this is not a slide's: give up rather than read on
 _MAX_DEPTH = 32
+_STAMP_BYTES = 64 << 10
 
 
 class _Unreadable(Exception):
@@ -113,11 +116,8 @@ def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE,
                 return None
             data = _Header(f, explicit=syntax != _IMPLICIT_LE)
             found: dict = {}
-            while True:
-                try:
-                    tag, length = data.element()
-                except _Unreadable:
-                    return found  # the header ended (a file of header alone): what it held
+            while True:  # a header cut short raises _Unreadable: a truncated file is not taken for a series
+                tag, length = data.element()
                 if tag > last or tag == _PIXEL_DATA:
                     return found
                 if tag in _NUMBERS and tag in tags and length == 4:
@@ -185,45 +185,62 @@ def dicom_files(folder: Path) -> list[Path]:
     return [f for f in entries if f.is_file() and may_be_dicom(f) and (f.suffix.lower() == ".dcm" or is_dicom_file(f))]
 
 
-@functools.lru_cache(maxsize=64)
-def _folder_series(folder: str, _listed: tuple) -> tuple:
-    return tuple(slide_series(dicom_files(Path(folder))))
+@functools.lru_cache(maxsize=256)
+def _folder_series(folder: str, _changed_ns: int) -> tuple[tuple, dict]:
+    """The folder's slides, and file name -> its slide's entry (a lookup per file, not a walk of them all)."""
+    found = tuple(slide_series(dicom_files(Path(folder))))
+    return found, {f.name: entry for entry in found for f, _ in entry[1]}
 
 
 def folder_series(folder: str | Path) -> list[tuple[Path, list[tuple[Path, str]]]]:
-    """`slide_series` of a folder's DICOM files, read once per run while the folder's files keep their names,
-    sizes and times (a cohort checks each slide's series when it starts and again on a rerun)."""
+    """`slide_series` of a folder's DICOM files. Read once per process while the folder's entries stay (its
+    mtime), since a run asks for each slide's series several times: listing a folder of 2,000 files again for
+    every one of them took minutes. A file rewritten in place keeps its series' grouping until the next run."""
     folder = Path(folder)
-    listed = tuple(_stat(f) for f in dicom_files(folder))
-    return list(_folder_series(str(folder), listed))
-
-
-def _stat(f: Path) -> tuple:
     try:
-        st = f.stat()
-        return f.name, st.st_size, st.st_mtime_ns
+        changed = folder.stat().st_mtime_ns
     except OSError:
-        return f.name, None, None
+        return []
+    return list(_folder_series(str(folder), changed)[0])
+
+
+def _stamp(f: Path) -> list:
+    """A series file as the rerun check compares it: name, size and a sha256 of its first and last 64 KiB, so a
+    copy (new times, same bytes) is the same file and a rewritten label is not."""
+    h = hashlib.sha256()
+    try:
+        with open(f, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            h.update(fh.read(_STAMP_BYTES))
+            if size > _STAMP_BYTES:
+                fh.seek(max(_STAMP_BYTES, size - _STAMP_BYTES))
+                h.update(fh.read(_STAMP_BYTES))
+    except OSError:
+        return [f.name, None, None]
+    return [f.name, size, h.hexdigest()[:16]]
 
 
 def folder_slide(folder: str | Path, slide_suffixes: tuple[str, ...] = ()) -> Path | None:
     """The file a folder holding one DICOM series (as IDC lays slides out: a folder per series) is read
     through, so a table row naming the folder names that slide; None for a file, or a folder holding anything
-    else named as a slide (`slide_suffixes`: another slide beside the series makes the folder no one slide)."""
+    else named as a slide (`slide_suffixes`: another slide beside the series makes the folder no one slide). A
+    damaged DICOM file beside the series does not: a folder run reports it, as a slide of its own."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
     found = folder_series(folder)
-    if len(found) != 1:
+    series = [(opened, members) for opened, members in found if (read_tags(opened) or {}).get(SERIES_UID)]
+    if len(series) != 1:
         return None
-    members = {f.name for f, _ in found[0][1]}
+    members = {f.name for _, group in found for f, _ in group}  # the damaged ones too: no other slides
     try:
         others = [f for f in folder.iterdir() if f.name not in members and not f.name.startswith(".")]
     except OSError:
         return None
-    if any(f.name.lower().endswith(slide_suffixes) for f in others):
+    if any(f.name.lower().endswith(slide_suffixes) and (f.is_file() or f.name.lower().endswith(".zarr"))
+           for f in others):
         return None
-    return found[0][0]
+    return series[0][0]
 
 
 def series_of(path: str | Path) -> tuple[Path, list[tuple[Path, str]]] | None:
@@ -232,19 +249,27 @@ def series_of(path: str | Path) -> tuple[Path, list[tuple[Path, str]]] | None:
     path = Path(path)
     if not may_be_dicom(path) or not path.is_file() or not is_dicom_file(path):
         return None
-    for opened, members in folder_series(path.parent):
-        if any(f.name == path.name for f, _ in members) and read_tags(path):
-            return opened, members
-    return None
+    try:
+        changed = path.parent.stat().st_mtime_ns
+    except OSError:
+        return None
+    entry = _folder_series(str(path.parent), changed)[1].get(path.name)
+    return entry if entry is not None and (read_tags(path) or {}).get(SERIES_UID) else None
+
+
+def series_slide(path: str | Path) -> Path:
+    """The file a run opens for `path`: its series' (`series_of`) for a DICOM file of one, else `path`."""
+    found = series_of(path)
+    return Path(path) if found is None else found[0]
 
 
 def series_stamp(path: str | Path) -> list | None:
-    """[[name, size, mtime_ns], ...] of the other files of `path`'s DICOM series, for the rerun check (a level
-    or label removed or rewritten beside the opened file changes the slide); None when `path` is not one."""
+    """[[name, size, content hash], ...] of the other files of `path`'s DICOM series, for the rerun check (a
+    level or label removed or rewritten beside the opened file changes the slide); None when `path` is not one."""
     found = series_of(path)
     if found is None:
         return None
-    return [list(_stat(f)) for f, _ in found[1] if f.name != Path(path).name]
+    return [_stamp(f) for f, _ in found[1] if f.name != Path(path).name]
 
 
 def series_text(members: list[tuple[Path, str]]) -> str:
@@ -261,7 +286,7 @@ def open_failure_hint(path: str | Path) -> str:
     path = Path(path)
     if not is_dicom_file(path):
         return ""
-    if read_tags(path) is None:
+    if not (read_tags(path) or {}).get(SERIES_UID):
         return "; its DICOM header cannot be read (a damaged file, or a big-endian or deflated one)"
     found = series_of(path)
     if found is not None and not any(kind == "volume" for _, kind in found[1]):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wsi_vssm.errors import UsageError
@@ -207,7 +207,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
             error = f"slide file not found: {file}"
         cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error, mpp))
     _check_duplicates(cohort)
-    return cohort
+    return _through_series(cohort)
 
 
 def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = None, find_slides: bool = True) -> Cohort:
@@ -252,7 +252,7 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
                 found = hits[0]
         cohort.rows.append(CohortRow(name, label, split, found, line, error))
     _check_duplicates(cohort)
-    return cohort
+    return _through_series(cohort)
 
 
 def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
@@ -274,13 +274,20 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
             low = f.lower()
             if not f.startswith(".") and low.endswith(SLIDE_SUFFIXES) and not low.endswith(".zarr"):
                 out.setdefault(name_key(slide_name(f)), []).append(Path(dirpath) / f)
-        if any(f.lower().endswith(".dcm") for f in filenames):  # IDC's layout: a folder per series, named by it
+        if Path(dirpath) != Path(root) and _holds_dicom(Path(dirpath), filenames):
             from wsi_vssm.io.dicom import folder_slide
 
+            # IDC's layout: a folder per series, named by it; a folder of several slides is found too, and
+            # its run says so (not "no slide file named ...")
             series = folder_slide(dirpath, SLIDE_SUFFIXES)
-            if series is not None and Path(dirpath) != Path(root):
-                out.setdefault(name_key(slide_name(Path(dirpath).name)), []).append(series)
+            out.setdefault(name_key(slide_name(Path(dirpath).name)), []).append(series or Path(dirpath))
     return out
+
+
+def _holds_dicom(folder: Path, filenames: list[str]) -> bool:
+    from wsi_vssm.io.dicom import is_dicom_file, may_be_dicom
+
+    return any(f.lower().endswith(".dcm") or (may_be_dicom(f) and is_dicom_file(folder / f)) for f in filenames)
 
 
 def parse_label(value: str, path: Path, line: int) -> int:
@@ -458,6 +465,16 @@ def _check_duplicates(cohort: Cohort) -> None:
                               f"{first.line}) differ only in case or Unicode form: their outputs would collide; "
                               "rename one")
         seen[key] = r
+
+
+def _through_series(cohort: Cohort) -> Cohort:
+    """Rows naming a file of a DICOM series read the series through the file a folder run opens (its base level),
+    so the slide's outputs have one name however a table names it (the rows keep the table's names)."""
+    for i, r in enumerate(cohort.rows):
+        opened = _dicom_series(r.path)
+        if opened is not None and opened != r.path:
+            cohort.rows[i] = replace(r, path=opened)
+    return cohort
 
 
 def _dicom_series(path: Path | None) -> Path | None:

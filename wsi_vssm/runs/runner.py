@@ -94,15 +94,14 @@ class RunSummary:
 def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progress | None = None) -> list[SlideTask]:
     """One task per slide path given on a command line, or (path, mpp) from a slide list's row. The same file
     named twice under the same name (overlapping globs: `*.svs a*.svs`) runs once, with a note, and so do the
-    files of one DICOM series (`_through_series`); two different files of one name still fail (their outputs
-    would collide)."""
+    files of one DICOM series (each stands for the file its series is opened through, `io.dicom.series_slide`);
+    two different files of one name still fail (their outputs would collide)."""
     tasks, first = [], {}
-    series: dict[str, list[str]] = {}  # the file a DICOM series is read through -> its other files given
+    given_for: dict[str, list[str]] = {}  # the file a slide is opened through -> the paths given for it
     for item in paths:
         path, mpp = item if isinstance(item, tuple) else (item, None)
         given, path = path, _through_series(path)
-        if given != path:
-            series.setdefault(path, []).append(given)
+        given_for.setdefault(path, []).append(given)
         name = slide_key(path)
         try:
             st = os.stat(path)
@@ -114,27 +113,27 @@ def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progr
             if progress is not None and kept_mpp != mpp:  # two slide-list rows that disagree: not a harmless repeat
                 progress.warn(f"{given}: given twice with different mpp ({_mpp_text(kept_mpp)} and "
                               f"{_mpp_text(mpp)}); analysed once, with the first: {_mpp_text(kept_mpp)}")
-            elif progress is not None and path not in series:  # a series' files: said once, below
-                progress.info(f"{path}: given twice (also as {kept_path}); analysed once")
+            elif progress is not None and set(given_for[path]) == {path}:  # a series' files: said once, below
+                also = "" if kept_path == path else f" (also as {kept_path})"
+                progress.info(f"{path}: given twice{also}; analysed once")
             continue
         if key is not None:
             first[key] = (path, mpp)
         tasks.append(SlideTask(name, path, mpp=mpp))
-    for path, others in series.items():
-        if progress is not None:
-            shown = ", ".join(Path(o).name for o in others[:2]) + (", ..." if len(others) > 2 else "")
-            progress.info(f"{path}: one slide, run once, for the {len(others)} file(s) of its DICOM series given "
+    for path, given in given_for.items():
+        files = sorted({Path(g).name for g in given})
+        if progress is not None and any(g != path for g in given):
+            shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
+            progress.info(f"{path}: one slide, run once, for the {len(files)} file(s) of its DICOM series given "
                           f"({shown})")
     return tasks
 
 
 def _through_series(path: str) -> str:
-    """A file of a DICOM series given by itself (`predict S/*.dcm`, a slide list's row) stands for its series'
-    slide: the file a folder run opens it through, and names it after (`io.dicom.slide_series`)."""
-    from wsi_vssm.io.dicom import series_of
+    """A file of a DICOM series given by itself (`predict S/*.dcm`, a table's row) stands for its series' slide."""
+    from wsi_vssm.io.dicom import series_slide  # at once for a name no DICOM file has: nothing is opened
 
-    found = series_of(path)  # None at once for a name no DICOM file has: nothing is opened
-    return path if found is None or found[0] == Path(path) else str(found[0])
+    return path if (slide := series_slide(path)) == Path(path) else str(slide)
 
 
 def _mpp_text(mpp: float | None) -> str:
@@ -165,6 +164,11 @@ def _not_a_slide_folder(path: str) -> str | None:
         return None
     from wsi_vssm.runs.slide_args import expand_slide_folders, subfolder_hint
 
+    try:
+        if not any(p.iterdir()):
+            return "an empty folder, not a slide"
+    except OSError:
+        pass
     slides = [s for s in expand_slide_folders([str(p)]) if s != str(p)]
     if slides:  # a table's row naming a folder: it is one slide only when it holds one DICOM series
         return (f"a folder of {len(slides)} slides, named as one slide: name each in a row of its own (a folder "

@@ -81,7 +81,7 @@ def read_slide_list(path: str | os.PathLike) -> list[tuple[str, float | None]]:
         if not ref or slide_name(ref) in ("", ".", ".."):
             raise CohortError(f"{path}, line {line}: {'no slide path' if not ref else repr(ref) + ' names a folder'}")
         mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
-        out.append((str(_series_folder(_table_path(ref, path))), mpp))
+        out.append((str(series_folder_slide(_table_path(ref, path))), mpp))
     if not out:
         raise CohortError(f"{path}: the slide list names no slides")
     return out
@@ -103,8 +103,9 @@ def _is_slide_entry(f: Path) -> bool:
     return may_be_dicom(f) and is_dicom_file(f)
 
 
-def _series_folder(path: Path) -> Path:
-    """A row naming a folder of one DICOM series (IDC's layout) is the slide in it; any other path as given."""
+def series_folder_slide(path: Path) -> Path:
+    """A folder of one DICOM series (IDC's layout), named as a slide (a table's row, `info FOLDER`), is the slide
+    in it; any other path as given."""
     from wsi_vssm.io.dicom import folder_slide
 
     return folder_slide(path, SLIDE_SUFFIXES) or path
