@@ -124,7 +124,7 @@ def test_folders_that_hold_no_slide_say_why(model_file, tmp_path, capsys):
                and f"'{tmp_path / 'gdc' / '*' / '*.svs'}'" in x for x in lines), err
     assert any(f"{pred}: a wsi-vssm prediction folder (an output of predict), not a slide" in x for x in lines), err
     assert any(f"{heatmap}: a wsi-vssm heatmap (an output of predict), not a slide" in x for x in lines), err
-    assert any(f"{empty}: a folder with no slide files directly in it" in x for x in lines), err
+    assert any(f"{empty}: an empty folder, not a slide" in x for x in lines), err
 
 
 def test_feature_files_given_as_slides_say_what_they_are(model_file, cohort, tmp_path, capsys):

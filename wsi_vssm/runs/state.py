@@ -136,8 +136,8 @@ def now() -> str:
 def input_fingerprint(path: str | os.PathLike | None) -> dict | None:
     """What a slide input is, cheaply: {size, mtime_ns, sha256}. For a file: sha256 of its size and its first
     and last `FINGERPRINT_BYTES`; for a folder (OME-Zarr): of the names, sizes and contents of its metadata files
-    (root and one level down; chunks are never read). For a file of a DICOM series, also `series`: the names,
-    sizes and times of the series' other files. None when the path cannot be read."""
+    (root and one level down; chunks are never read). For a file of a DICOM series, also `series`: the name, size
+    and a content hash of each of the series' other files. None when the path cannot be read."""
     if path is None:
         return None
     p = Path(path)
