@@ -191,3 +191,47 @@ def test_dicom_files_named_without_dcm_are_slides_of_their_own_names(tmp_path):
                     "1 thumbnail)"], said
     assert [slide_name(n) for n in ("1.2.826.9.4", "IM000001", "a.v2.tif", "b.ome.tiff", "c.dcm")] == [
         "1.2.826.9.4", "IM000001", "a.v2", "b", "c"]
+
+
+def test_an_undefined_length_un_element_is_walked_as_implicit_vr(tmp_path):
+    """A private sequence written as UN of undefined length holds implicit VR data: walked as explicit, the header
+    was unreadable and the series split in two (each file then ran as the same slide)."""
+    good = (Path(__file__).parent / "dicom_series" / "4-level0.dcm").read_bytes()
+    at = good.index(b"\x08\x00\x08\x00CS")  # ImageType, the data set's first element; (0008,0006) comes before it
+    inner = struct.pack("<HHI", 0x0008, 0x0100, 6) + b"123456"  # implicit VR: tag, 4-byte length, value
+    un = (struct.pack("<HH", 0x0008, 0x0006) + b"UN\0\0" + struct.pack("<I", 0xFFFFFFFF) + _item(inner, True)
+          + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    (tmp_path / "un.dcm").write_bytes(good[:at] + un + good[at:])
+    tags = read_tags(tmp_path / "un.dcm")
+    assert tags is not None and tags[SERIES_UID] == read_tags(Path(__file__).parent / "dicom_series" /
+                                                              "4-level0.dcm")[SERIES_UID], tags
+
+
+def test_a_dicomdir_is_no_slide_and_a_file_ending_between_elements_is_read(tmp_path):
+    from wsi_vssm.io.dicom import open_failure_hint
+    from wsi_vssm.runs.slide_args import expand_slide_folders
+
+    good = (Path(__file__).parent / "dicom_series" / "4-level0.dcm").read_bytes()
+    at = good.index(b"\x08\x00\x08\x00CS")
+    shutil.copy(Path(__file__).parent / "dicom_series" / "4-level0.dcm", tmp_path / "IM000001")
+    (tmp_path / "DICOMDIR").write_bytes(good[:at] + _element((0x0004, 0x1130), b"CS", b"MEDIA ", True))
+    assert expand_slide_folders([str(tmp_path)]) == [str(tmp_path / "IM000001")]  # the medium's index is no slide
+    (tmp_path / "no_series").write_bytes(good[:at] + _element(IMAGE_TYPE, b"CS", b"ORIGINAL", True))
+    assert read_tags(tmp_path / "no_series") == {IMAGE_TYPE: "ORIGINAL"}  # it ends cleanly: read, not damaged
+    assert open_failure_hint(tmp_path / "no_series") == "; its DICOM header names no series: no slide image"
+
+
+def test_a_fifo_among_the_files_is_not_opened(tmp_path):
+    """`index_slides` opened a FIFO named like DICOM media to look for `DICM`, and hung."""
+    import os
+    import threading
+
+    from wsi_vssm.runs.cohort import index_slides
+
+    (tmp_path / "sub").mkdir()
+    os.mkfifo(tmp_path / "sub" / "pipe")
+    result = []
+    worker = threading.Thread(target=lambda: result.append(index_slides(tmp_path)), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert result == [{}], "index_slides blocked on a FIFO"

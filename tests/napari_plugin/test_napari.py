@@ -211,6 +211,12 @@ def test_a_dicom_series_folder_opens_as_its_slide(tmp_path):
     assert plugin_reader.get_reader(str(one)) is plugin_reader.read_dicom_folder
     [(data, kwargs, kind)] = plugin_reader.read_dicom_folder(str(one))
     assert kind == "image" and data[0].shape[:2] == (16, 16), (kind, data[0].shape)
+    bare = tmp_path / "bare"  # DICOM media name files without an extension
+    bare.mkdir()
+    for i, name in enumerate(("boxes_0.dcm", "boxes_1.dcm")):
+        shutil.copy(one / name, bare / f"IM00000{i}")
+    assert plugin_reader.get_reader(str(bare)) is plugin_reader.read_dicom_folder
+    assert plugin_reader.read_dicom_folder(str(bare))[0][0][0].shape[:2] == (16, 16)
     two = tmp_path / "two"
     shutil.copytree(one, two)
     shutil.copy(shared_file("slides", "small.svs"), two / "small.svs")  # another slide beside the series

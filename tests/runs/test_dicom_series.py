@@ -192,3 +192,49 @@ def test_a_table_row_naming_an_empty_folder_says_it_is_empty(tmp_path, capsys):
     (tmp_path / "list.csv").write_text("slide\nempty\n")
     code, _, err = run_cli_captured(["predict", tmp_path / "list.csv", "--out", tmp_path / "out"], capsys)
     assert code == 1 and "empty: an empty folder, not a slide" in err and "*.svs" not in err, err
+
+
+def test_two_rows_reaching_one_series_by_other_spellings_are_refused(series):
+    """`S/3-label.dcm` and `LINK/1-overview.dcm` (a link to S) were two slides in the AUC."""
+    from wsi_vssm.runs.cohort import CohortError, read_manifest
+
+    root = series.parent
+    (root / "link").symlink_to(series)
+    (root / "m.csv").write_text(f"slide,label\n{SERIES_UID}/3-label.dcm,1\nlink/1-overview.dcm,1\n")
+    with pytest.raises(CohortError, match=r"line 3: .*1-overview.dcm is a file of the DICOM series that line 2"):
+        read_manifest(root / "m.csv")
+
+
+def test_spellings_of_one_path_make_one_line_and_a_folder_of_one_slide_is_named(series, monkeypatch, tmp_path,
+                                                                                 capsys):
+    from wsi_vssm.progress import Progress
+    from wsi_vssm.runs.runner import slide_tasks
+
+    monkeypatch.chdir(series.parent)
+    err = io.StringIO()
+    tasks = slide_tasks([f"./{SERIES_UID}/1-overview.dcm", f"./{SERIES_UID}/4-level0.dcm"], Progress(err=err))
+    assert len(tasks) == 1 and len(err.getvalue().splitlines()) == 1, err.getvalue()
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(shared_file("slides", "small.svs"), one / "x.svs")
+    (tmp_path / "list.csv").write_text("slide\none\n")
+    code, _, err = run_cli_captured(["predict", tmp_path / "list.csv", "--out", tmp_path / "out"], capsys)
+    assert code == 1 and "one: a folder holding one slide (x.svs), not a slide itself: name that file" in err, err
+
+
+def test_a_sub_folder_that_cannot_be_read_leaves_the_hint_to_the_next(tmp_path, monkeypatch):
+    """A PermissionError from one sub-folder stopped the whole run (it was a one-line failure of that slide)."""
+    from wsi_vssm.runs.slide_args import subfolder_hint
+
+    for name, slide in (("a_locked", "x.svs"), ("b", "y.ndpi")):
+        (tmp_path / "r" / name).mkdir(parents=True)
+        (tmp_path / "r" / name / slide).write_bytes(b"x")
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "a_locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert subfolder_hint(tmp_path / "r") == f"give their slides, e.g. '{tmp_path / 'r' / '*' / '*.ndpi'}'"

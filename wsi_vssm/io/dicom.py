@@ -51,38 +51,45 @@ class _Header:
             raise _Unreadable
         return data
 
-    def element(self) -> tuple[tuple[int, int], int]:
-        """The next element's tag and value length (0xFFFFFFFF: undefined), the file left at its value."""
+    def element(self) -> tuple[tuple[int, int], bytes | None, int]:
+        """The next element's tag, VR (None in implicit VR and for items) and value length (0xFFFFFFFF:
+        undefined), the file left at its value."""
         group, elem = struct.unpack("<HH", self.read(4))
         if group == 0xFFFE or not self.explicit:  # items and delimiters never carry a VR
-            return (group, elem), struct.unpack("<I", self.read(4))[0]
+            return (group, elem), None, struct.unpack("<I", self.read(4))[0]
         vr = self.read(2)
         if vr in _LONG_VRS:
             self.read(2)
-            return (group, elem), struct.unpack("<I", self.read(4))[0]
-        return (group, elem), struct.unpack("<H", self.read(2))[0]
+            return (group, elem), vr, struct.unpack("<I", self.read(4))[0]
+        return (group, elem), vr, struct.unpack("<H", self.read(2))[0]
 
-    def skip(self, length: int, depth: int = 0) -> None:
-        """Past a value: `length` bytes, or an undefined-length sequence (or encapsulated data) item by item."""
+    def skip(self, length: int, vr: bytes | None = None, depth: int = 0) -> None:
+        """Past a value: `length` bytes, or an undefined-length sequence (or encapsulated data) item by item. An
+        undefined-length UN holds implicit VR data (PS3.5 6.2.2), whatever the file's transfer syntax."""
         if length != _UNDEFINED:
             self.f.seek(length, 1)
             return
         if depth > _MAX_DEPTH:  # a damaged file could nest without end; real headers nest a few levels
             raise _Unreadable
-        while True:
-            tag, item_length = self.element()
-            if tag == _SEQUENCE_END:
-                return
-            if tag != _ITEM:
-                raise _Unreadable
-            if item_length != _UNDEFINED:
-                self.f.seek(item_length, 1)
-                continue
-            while True:  # an item of undefined length: its elements up to the item delimiter
-                inner, inner_length = self.element()
-                if inner == _ITEM_END:
-                    break
-                self.skip(inner_length, depth + 1)
+        explicit = self.explicit
+        self.explicit = explicit and vr != b"UN"
+        try:
+            while True:
+                tag, _, item_length = self.element()
+                if tag == _SEQUENCE_END:
+                    return
+                if tag != _ITEM:
+                    raise _Unreadable
+                if item_length != _UNDEFINED:
+                    self.f.seek(item_length, 1)
+                    continue
+                while True:  # an item of undefined length: its elements up to the item delimiter
+                    inner, inner_vr, inner_length = self.element()
+                    if inner == _ITEM_END:
+                        break
+                    self.skip(inner_length, inner_vr, depth + 1)
+        finally:
+            self.explicit = explicit
 
 
 def _text(raw: bytes) -> str:
@@ -104,20 +111,23 @@ def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE,
             syntax = None
             while True:
                 start = f.tell()
-                tag, length = meta.element()
+                tag, vr, length = meta.element()
                 if tag[0] != 0x0002:
                     f.seek(start)
                     break
                 if tag == (0x0002, 0x0010):
                     syntax = _text(meta.read(length))
                 else:
-                    meta.skip(length)
+                    meta.skip(length, vr)
             if syntax is None or syntax in _NOT_WALKED:
                 return None
             data = _Header(f, explicit=syntax != _IMPLICIT_LE)
             found: dict = {}
-            while True:  # a header cut short raises _Unreadable: a truncated file is not taken for a series
-                tag, length = data.element()
+            while True:  # a header cut inside an element raises _Unreadable: a truncated file is not a series
+                if not f.read(1):
+                    return found  # the file ends between elements (one without pixel data, as a DICOMDIR)
+                f.seek(-1, 1)
+                tag, vr, length = data.element()
                 if tag > last or tag == _PIXEL_DATA:
                     return found
                 if tag in _NUMBERS and tag in tags and length == 4:
@@ -125,22 +135,25 @@ def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE,
                 elif tag in tags and length != _UNDEFINED:
                     found[tag] = _text(data.read(length))
                 else:
-                    data.skip(length)
+                    data.skip(length, vr)
     except (OSError, _Unreadable, struct.error):
         return None
 
 
 def may_be_dicom(path: str | Path) -> bool:
-    """Whether a file's name is one a DICOM file has: `.dcm` (any case), no extension (`IM000001`), or a UID's
-    digits as one (`1.2.826...4556`). Only such files are looked into (`is_dicom_file`)."""
-    suffix = Path(path).suffix
-    return suffix.lower() == ".dcm" or suffix == "" or suffix[1:].isdigit()
+    """Whether a file's name is one a DICOM image has: `.dcm` (any case), no extension (`IM000001`), or a UID's
+    digits as one (`1.2.826...4556`); not `DICOMDIR`, a DICOM medium's index. Only such files are looked into."""
+    name = Path(path).name
+    suffix = Path(name).suffix
+    return name.upper() != "DICOMDIR" and (suffix.lower() == ".dcm" or suffix == "" or suffix[1:].isdigit())
 
 
 def is_dicom_file(path: str | Path) -> bool:
     """A DICOM Part 10 file whatever its name: `DICM` at byte 128. DICOM media name files without an extension
     (`IM000001`), and exports often name them by UID (`1.2.826...4556`), so the name cannot tell."""
     try:
+        if not Path(path).is_file():  # a FIFO would block the open
+            return False
         with open(path, "rb") as f:
             return f.read(132)[128:] == b"DICM"
     except OSError:
@@ -157,7 +170,7 @@ def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]
     out: list[tuple[Path, list[tuple[Path, str]]]] = []
     slots: dict[str, int] = {}
     for f in files:
-        tags = (read_tags(f) if f.is_file() else None) or {}  # 132 bytes read from any other file: cheap
+        tags = (read_tags(f) if _is_file(f) else None) or {}  # 132 bytes read from any other file: cheap
         series = tags.get(SERIES_UID)
         if not series:
             out.append((f, [(f, "")]))
@@ -182,7 +195,14 @@ def dicom_files(folder: Path) -> list[Path]:
         entries = sorted((f for f in folder.iterdir() if not f.name.startswith(".")), key=lambda f: f.name)
     except OSError:
         return []
-    return [f for f in entries if f.is_file() and may_be_dicom(f) and (f.suffix.lower() == ".dcm" or is_dicom_file(f))]
+    return [f for f in entries if may_be_dicom(f) and _is_file(f) and (f.suffix.lower() == ".dcm" or is_dicom_file(f))]
+
+
+def _is_file(f: Path) -> bool:
+    try:
+        return f.is_file()
+    except OSError:  # a folder we may list but not search
+        return False
 
 
 @functools.lru_cache(maxsize=256)
@@ -237,7 +257,7 @@ def folder_slide(folder: str | Path, slide_suffixes: tuple[str, ...] = ()) -> Pa
         others = [f for f in folder.iterdir() if f.name not in members and not f.name.startswith(".")]
     except OSError:
         return None
-    if any(f.name.lower().endswith(slide_suffixes) and (f.is_file() or f.name.lower().endswith(".zarr"))
+    if any(f.name.lower().endswith(slide_suffixes) and (_is_file(f) or f.name.lower().endswith(".zarr"))
            for f in others):
         return None
     return series[0][0]
@@ -247,7 +267,7 @@ def series_of(path: str | Path) -> tuple[Path, list[tuple[Path, str]]] | None:
     """(the file its slide is opened through, its series' files) for a DICOM file of a series, or None for
     anything else (no DICOM file, a series this walk cannot read)."""
     path = Path(path)
-    if not may_be_dicom(path) or not path.is_file() or not is_dicom_file(path):
+    if not may_be_dicom(path) or not is_dicom_file(path):
         return None
     try:
         changed = path.parent.stat().st_mtime_ns
@@ -286,8 +306,11 @@ def open_failure_hint(path: str | Path) -> str:
     path = Path(path)
     if not is_dicom_file(path):
         return ""
-    if not (read_tags(path) or {}).get(SERIES_UID):
+    tags = read_tags(path)
+    if tags is None:
         return "; its DICOM header cannot be read (a damaged file, or a big-endian or deflated one)"
+    if not tags.get(SERIES_UID):
+        return "; its DICOM header names no series: no slide image"
     found = series_of(path)
     if found is not None and not any(kind == "volume" for _, kind in found[1]):
         return (f"; its DICOM series in {path.parent} has no volume (pyramid level) file, only "

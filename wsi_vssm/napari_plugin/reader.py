@@ -77,11 +77,25 @@ def _sniff_dir(p: Path) -> str | None:
     if (p / STATE_DIR).is_dir():  # a cohort command's OUT
         return "cohort"
     if not any((p / m).is_file() for m in _ZARR_MARKERS):
-        with os.scandir(p) as entries:  # a DICOM series' folder (IDC's layout): names only, no file opened
-            return "dicom" if any(e.name.lower().endswith(".dcm") for e in entries) else None
+        return "dicom" if _holds_dicom(p) else None
     if zarr_root_attrs(p) is None:
         return None
     return "heatmap" if is_heatmap_zarr(p) else "slide"
+
+
+def _holds_dicom(p: Path) -> bool:
+    """A DICOM series' folder (IDC's layout): a `.dcm` name, else the first file named as DICOM media and exports
+    name them (no extension, or a UID: `io.dicom.may_be_dicom`) holding `DICM` at byte 128 (132 bytes read)."""
+    with os.scandir(p) as entries:
+        names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith("."))
+    if any(n.lower().endswith(".dcm") for n in names):
+        return True
+    for name in names:
+        ext = os.path.splitext(name)[1]
+        if name.upper() != "DICOMDIR" and (ext == "" or ext[1:].isdigit()):
+            with open(p / name, "rb") as f:
+                return f.read(132)[128:] == b"DICM"
+    return False
 
 
 def read_slide(path: str | os.PathLike | list) -> list[tuple]:

@@ -443,6 +443,7 @@ def _check_duplicates(cohort: Cohort) -> None:
     series: dict[Path, CohortRow] = {}
     for r in cohort.rows:
         opened = _dicom_series(r.path)
+        opened = None if opened is None else opened.resolve()  # `S/..`, a link to S: the same files
         if opened is not None and opened in series:  # two rows, one slide: its figures would count twice
             first = series[opened]
             raise CohortError(f"{cohort.source}, line {r.line}: {r.path} is a file of the DICOM series that line "

@@ -97,11 +97,11 @@ def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progr
     files of one DICOM series (each stands for the file its series is opened through, `io.dicom.series_slide`);
     two different files of one name still fail (their outputs would collide)."""
     tasks, first = [], {}
-    given_for: dict[str, list[str]] = {}  # the file a slide is opened through -> the paths given for it
+    given_for: dict[Path, list[str]] = {}  # the file a slide is opened through -> the paths given for it
     for item in paths:
         path, mpp = item if isinstance(item, tuple) else (item, None)
         given, path = path, _through_series(path)
-        given_for.setdefault(path, []).append(given)
+        given_for.setdefault(Path(path), []).append(given)
         name = slide_key(path)
         try:
             st = os.stat(path)
@@ -113,7 +113,7 @@ def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progr
             if progress is not None and kept_mpp != mpp:  # two slide-list rows that disagree: not a harmless repeat
                 progress.warn(f"{given}: given twice with different mpp ({_mpp_text(kept_mpp)} and "
                               f"{_mpp_text(mpp)}); analysed once, with the first: {_mpp_text(kept_mpp)}")
-            elif progress is not None and set(given_for[path]) == {path}:  # a series' files: said once, below
+            elif progress is not None and {Path(g) for g in given_for[Path(path)]} == {Path(path)}:  # else: below
                 also = "" if kept_path == path else f" (also as {kept_path})"
                 progress.info(f"{path}: given twice{also}; analysed once")
             continue
@@ -122,7 +122,7 @@ def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progr
         tasks.append(SlideTask(name, path, mpp=mpp))
     for path, given in given_for.items():
         files = sorted({Path(g).name for g in given})
-        if progress is not None and any(g != path for g in given):
+        if progress is not None and any(Path(g) != path for g in given):
             shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
             progress.info(f"{path}: one slide, run once, for the {len(files)} file(s) of its DICOM series given "
                           f"({shown})")
@@ -170,7 +170,9 @@ def _not_a_slide_folder(path: str) -> str | None:
     except OSError:
         pass
     slides = [s for s in expand_slide_folders([str(p)]) if s != str(p)]
-    if slides:  # a table's row naming a folder: it is one slide only when it holds one DICOM series
+    if len(slides) == 1:  # a table's row naming a folder: it is a slide only when it holds one DICOM series
+        return f"a folder holding one slide ({Path(slides[0]).name}), not a slide itself: name that file"
+    if slides:
         return (f"a folder of {len(slides)} slides, named as one slide: name each in a row of its own (a folder "
                 "names one slide only when it holds one DICOM series)")
     return (f"a folder with no slide files directly in it, and not an OME-Zarr store (sub-folders are not searched: "

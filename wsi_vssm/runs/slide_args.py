@@ -124,7 +124,11 @@ def subfolder_hint(folder: Path) -> str:
     for sub in subs:
         if dicom_files(sub):
             return f"give its DICOM series folders, each one slide: '{folder / '*'}{os.sep}'"
-        suffixes = [f.name[len(slide_name(f.name)):] for f in sorted(sub.iterdir()) if _is_slide_entry(f)]
-        if suffixes:
-            return f"give their slides, e.g. '{folder / '*' / ('*' + suffixes[0])}'"
+        try:
+            names = sorted(f.name.lower() for f in sub.iterdir() if f.is_file())
+        except OSError:  # a sub-folder we may not read: the next one may tell
+            continue
+        suffix = next((x for n in names for x in SLIDE_SUFFIXES if n.endswith(x)), None)
+        if suffix:
+            return f"give their slides, e.g. '{folder / '*' / ('*' + suffix)}'"
     return f"give their slides, e.g. '{folder / '*' / '*.svs'}'"
