@@ -2,10 +2,10 @@
 and thumbnail images), and OpenSlide reads the whole series from any one of them. So a folder of slides
 holds one slide per series, not per file: `slide_series` groups the files by SeriesInstanceUID.
 
-The two tags needed are read by walking the file's header (standard library only, and no pixel data read):
-a Part 10 file (`DICM` at byte 128) in explicit or implicit VR little endian. Anything else (big endian,
-deflated, no preamble, a damaged header) gives None, and that file is kept as a slide of its own, so the
-reader says what is wrong with it."""
+The tags needed (the series, the image type, a pyramid level's size) are read by walking the file's header
+(standard library only, and no pixel data read): a Part 10 file (`DICM` at byte 128) in explicit or implicit VR
+little endian. Anything else (big endian, deflated, no preamble, a damaged header) gives None, and that file is
+kept as a slide of its own, so the reader says what is wrong with it."""
 
 from __future__ import annotations
 
