@@ -7,10 +7,10 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import shared_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import shared_file
 from wsi_vssm.io.dicom import COLUMNS, IMAGE_TYPE, SERIES_UID, read_tags, series_text, slide_series
 
 EXPLICIT, IMPLICIT, BIG_ENDIAN = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"

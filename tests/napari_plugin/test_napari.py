@@ -202,7 +202,7 @@ def test_a_dicom_series_folder_opens_as_its_slide(tmp_path):
     """IDC lays DICOM slides out a folder per series: napari had no reader for the folder."""
     import shutil
 
-    from tests.conftest import shared_file
+    from conftest import shared_file
 
     one = tmp_path / "1.2.3"
     one.mkdir()

@@ -9,8 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import run_cli_captured, shared_file
+from conftest import run_cli_captured, shared_file
 
 SERIES_UID = "1.2.826.0.1.3680043.8.498.21533225775113430883588726851558695975"
 HEADERS = Path(__file__).parent.parent / "io" / "dicom_series"
