@@ -237,3 +237,20 @@ def test_a_sub_folder_that_cannot_be_read_leaves_the_hint_to_the_next(tmp_path, 
 
     monkeypatch.setattr(Path, "iterdir", iterdir)
     assert subfolder_hint(tmp_path / "r") == f"give their slides, e.g. '{tmp_path / 'r' / '*' / '*.ndpi'}'"
+
+
+def test_a_folder_that_cannot_be_listed_fails_alone_saying_so(tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    code, _, err = run_cli_captured(["predict", locked, shared_file("slides", "small.svs"), "--out",
+                                     tmp_path / "out"], capsys)
+    assert "Traceback" not in err and f"{locked}: a folder that cannot be listed (Permission denied)" in err, err
+    assert code == 3 and "1 of 2 slide(s) failed" in err, err

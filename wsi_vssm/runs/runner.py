@@ -167,8 +167,8 @@ def _not_a_slide_folder(path: str) -> str | None:
     try:
         if not any(p.iterdir()):
             return "an empty folder, not a slide"
-    except OSError:
-        pass
+    except OSError as e:
+        return f"a folder that cannot be listed ({e.strerror or e})"
     slides = [s for s in expand_slide_folders([str(p)]) if s != str(p)]
     if len(slides) == 1:  # a table's row naming a folder: it is a slide only when it holds one DICOM series
         return f"a folder holding one slide ({Path(slides[0]).name}), not a slide itself: name that file"

@@ -37,8 +37,11 @@ def expand_slide_folders(paths: Iterable[str], info: Callable[[str], None] | Non
         if not p.is_dir() or is_zarr_dir(p):
             out.append(path)
             continue
-        found = sorted((f for f in p.iterdir() if not f.name.startswith(".") and _is_slide_entry(f)),
-                       key=lambda f: f.name)
+        try:
+            found = sorted((f for f in p.iterdir() if not f.name.startswith(".") and _is_slide_entry(f)),
+                           key=lambda f: f.name)
+        except OSError:  # a folder that cannot be listed fails alone in the run, saying so
+            found = []
         for opened, series in slide_series(found):
             out.append(str(opened))
             if len(series) > 1 and info is not None:
