@@ -221,6 +221,18 @@ def test_spellings_of_one_path_make_one_line_and_a_folder_of_one_slide_is_named(
     assert code == 1 and "one: a folder holding one slide (x.svs), not a slide itself: name that file" in err, err
 
 
+def _unlistable(monkeypatch, name: str) -> None:
+    """Listing a folder of this name fails as it does without read permission (root's tests cannot chmod it)."""
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self.name == name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+
+
 def test_a_sub_folder_that_cannot_be_read_leaves_the_hint_to_the_next(tmp_path, monkeypatch):
     """A PermissionError from one sub-folder stopped the whole run (it was a one-line failure of that slide)."""
     from wsi_vssm.runs.slide_args import subfolder_hint
@@ -228,28 +240,14 @@ def test_a_sub_folder_that_cannot_be_read_leaves_the_hint_to_the_next(tmp_path, 
     for name, slide in (("a_locked", "x.svs"), ("b", "y.ndpi")):
         (tmp_path / "r" / name).mkdir(parents=True)
         (tmp_path / "r" / name / slide).write_bytes(b"x")
-    real = Path.iterdir
-
-    def iterdir(self):
-        if self.name == "a_locked":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
-
-    monkeypatch.setattr(Path, "iterdir", iterdir)
+    _unlistable(monkeypatch, "a_locked")
     assert subfolder_hint(tmp_path / "r") == f"give their slides, e.g. '{tmp_path / 'r' / '*' / '*.ndpi'}'"
 
 
 def test_a_folder_that_cannot_be_listed_fails_alone_saying_so(tmp_path, monkeypatch, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
-    real = Path.iterdir
-
-    def iterdir(self):
-        if self.name == "locked":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
-
-    monkeypatch.setattr(Path, "iterdir", iterdir)
+    _unlistable(monkeypatch, "locked")
     code, _, err = run_cli_captured(["predict", locked, shared_file("slides", "small.svs"), "--out",
                                      tmp_path / "out"], capsys)
     assert "Traceback" not in err and f"{locked}: a folder that cannot be listed (Permission denied)" in err, err

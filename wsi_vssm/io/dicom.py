@@ -160,6 +160,13 @@ def is_dicom_file(path: str | Path) -> bool:
         return False
 
 
+def looks_dicom(path: str | Path) -> bool:
+    """A file taken for DICOM: a name DICOM files have (`may_be_dicom`), a regular file, and `.dcm` or `DICM` at
+    byte 128 (read only for names without `.dcm`)."""
+    path = Path(path)
+    return may_be_dicom(path) and _is_file(path) and (path.suffix.lower() == ".dcm" or is_dicom_file(path))
+
+
 def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]:
     """(the file to open, [(file, its kind)] of its series) for each slide among `files` (sorted by name). The kind
     is ImageType's third value in lower case (`volume` for a pyramid level, `label`, `overview`, `thumbnail`),
@@ -170,7 +177,7 @@ def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]
     out: list[tuple[Path, list[tuple[Path, str]]]] = []
     slots: dict[str, int] = {}
     for f in files:
-        tags = (read_tags(f) if _is_file(f) else None) or {}  # 132 bytes read from any other file: cheap
+        tags = (read_tags(f) if may_be_dicom(f) and _is_file(f) else None) or {}  # an .svs is not opened
         series = tags.get(SERIES_UID)
         if not series:
             out.append((f, [(f, "")]))
@@ -195,7 +202,7 @@ def dicom_files(folder: Path) -> list[Path]:
         entries = sorted((f for f in folder.iterdir() if not f.name.startswith(".")), key=lambda f: f.name)
     except OSError:
         return []
-    return [f for f in entries if may_be_dicom(f) and _is_file(f) and (f.suffix.lower() == ".dcm" or is_dicom_file(f))]
+    return [f for f in entries if looks_dicom(f)]
 
 
 def _is_file(f: Path) -> bool:
@@ -267,7 +274,7 @@ def series_of(path: str | Path) -> tuple[Path, list[tuple[Path, str]]] | None:
     """(the file its slide is opened through, its series' files) for a DICOM file of a series, or None for
     anything else (no DICOM file, a series this walk cannot read)."""
     path = Path(path)
-    if not may_be_dicom(path) or not is_dicom_file(path):
+    if not looks_dicom(path):
         return None
     try:
         changed = path.parent.stat().st_mtime_ns

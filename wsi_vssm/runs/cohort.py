@@ -285,9 +285,9 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
 
 
 def _holds_dicom(folder: Path, filenames: list[str]) -> bool:
-    from wsi_vssm.io.dicom import is_dicom_file, may_be_dicom
+    from wsi_vssm.io.dicom import looks_dicom
 
-    return any(f.lower().endswith(".dcm") or (may_be_dicom(f) and is_dicom_file(folder / f)) for f in filenames)
+    return any(looks_dicom(folder / f) for f in filenames)
 
 
 def parse_label(value: str, path: Path, line: int) -> int:
@@ -440,16 +440,7 @@ def _different_files(a: Path | None, b: Path | None) -> bool:
 
 def _check_duplicates(cohort: Cohort) -> None:
     seen: dict[str, CohortRow] = {}
-    series: dict[Path, CohortRow] = {}
     for r in cohort.rows:
-        opened = _dicom_series(r.path)
-        opened = None if opened is None else opened.resolve()  # `S/..`, a link to S: the same files
-        if opened is not None and opened in series:  # two rows, one slide: its figures would count twice
-            first = series[opened]
-            raise CohortError(f"{cohort.source}, line {r.line}: {r.path} is a file of the DICOM series that line "
-                              f"{first.line} names ({first.path}): one slide, listed twice; keep one row")
-        if opened is not None:
-            series[opened] = r
         key = name_key(r.name)
         first = seen.get(key)
         if (first is not None and first.name == r.name and cohort.layout == "manifest"
@@ -470,19 +461,18 @@ def _check_duplicates(cohort: Cohort) -> None:
 
 def _through_series(cohort: Cohort) -> Cohort:
     """Rows naming a file of a DICOM series read the series through the file a folder run opens (its base level),
-    so the slide's outputs have one name however a table names it (the rows keep the table's names)."""
-    for i, r in enumerate(cohort.rows):
-        opened = _dicom_series(r.path)
-        if opened is not None and opened != r.path:
-            cohort.rows[i] = replace(r, path=opened)
-    return cohort
-
-
-def _dicom_series(path: Path | None) -> Path | None:
-    """The file a DICOM series is read through, for a row's file of one; None for any other file."""
-    if path is None:
-        return None
+    so the slide's outputs have one name however a table names it (the rows keep the table's names); two rows
+    reaching one series, by any spelling (`S/..`, a link to S), are refused: its figures would count twice."""
     from wsi_vssm.io.dicom import series_of
 
-    found = series_of(path)
-    return None if found is None else found[0]
+    seen: dict[Path, CohortRow] = {}
+    for i, r in enumerate(cohort.rows):
+        found = None if r.path is None else series_of(r.path)
+        if found is None:
+            continue
+        first = seen.setdefault(found[0].resolve(), r)
+        if first is not r:
+            raise CohortError(f"{cohort.source}, line {r.line}: {r.path} is a file of the DICOM series that line "
+                              f"{first.line} names ({first.path}): one slide, listed twice; keep one row")
+        cohort.rows[i] = replace(r, path=found[0])
+    return cohort

@@ -101,9 +101,9 @@ def _is_slide_entry(f: Path) -> bool:
         return False
     if low.endswith(SLIDE_SUFFIXES):
         return True
-    from wsi_vssm.io.dicom import is_dicom_file, may_be_dicom  # a DICOM file named without .dcm
+    from wsi_vssm.io.dicom import looks_dicom  # a DICOM file named without .dcm
 
-    return may_be_dicom(f) and is_dicom_file(f)
+    return looks_dicom(f)
 
 
 def series_folder_slide(path: Path) -> Path:
