@@ -217,10 +217,12 @@ def test_a_patch_folder_takes_the_cell_threshold_and_refuses_slide_options(files
     threshold, so a user believed they had changed them); metrics.json did not say how its intervals were made."""
     write_patch_folder(tmp_path / "p", 4, 0)
     args = ["evaluate", tmp_path / "p", "--mpp", "0.97", "--model", files["model"], "--bootstrap", "100"]
-    code, _, err = _run([*args, "--out", tmp_path / "a", "--cell-threshold", "0.25", "--workers", "2"], capsys)
+    code, _, err = _run([*args, "--out", tmp_path / "a", "--cell-threshold", "0.25", "--workers", "2",
+                         "--cells-geojson"], capsys)
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert code == 0 and metrics["threshold"] == 0.25
-    assert sum("warning: --workers: without effect on a patch folder" in ln for ln in err.splitlines()) == 1, err
+    assert sum("warning: --workers, --cells-geojson: without effect on a patch folder" in ln
+               for ln in err.splitlines()) == 1, err
     assert metrics["intervals"]["resamples"] == 100 and metrics["intervals"]["level"] == 0.95
     for extra in (["--threshold", "0.3"], ["--extent-threshold", "0.2"], ["--target-mpp", "2"]):
         code, out, err = _run([*args, "--out", tmp_path / "b", *extra], capsys)

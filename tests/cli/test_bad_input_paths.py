@@ -147,6 +147,15 @@ def test_a_tumour_call_on_almost_no_cells_is_said_on_the_terminal(slide, model_f
                               capsys)
     assert code == 0 and "-> tumor" in out, err
     assert err.count("the tumour call rests on 0 cell(s) at or above the cell threshold 0.999") == 1, err
+    assert "no cell of the heatmap looks like tumour, so doubt the call" in err, err  # "check the heatmap" led nowhere
+    assert "-> tumor (doubtful: 0 cell(s) at the cell threshold)" in out, out
+    # a rerun's "up to date" line and `info OUT` lost the note (the first run's warning is not repeated there)
+    code, out, err = _predict([slide, "--threshold", "0", "--cell-threshold", "0.999"], model_file, tmp_path / "o",
+                              capsys)
+    assert code == 0 and "up to date" in out and "(doubtful: 0 cell(s) at the cell threshold)" in out, out
+    from wsi_vssm.commands.output_info import format_output_info, output_info
+
+    assert "-> tumor (doubtful: 0 cell(s) at the cell threshold)" in format_output_info(output_info(tmp_path / "o"))
 
 
 def test_a_run_far_from_the_models_resolution_says_so(slide, model_file, tmp_path, capsys):

@@ -512,3 +512,21 @@ def test_a_done_slide_the_report_counts_as_no_tissue_is_not_flagged(tmp_path, ca
     by_name = {line.split(":")[0].strip(): line for line in text.splitlines()[2:]}
     assert code == 0 and by_name["blank"] == "  blank: done: no tissue found", text
     assert by_name["gone"].endswith("(the report has it failed)")  # another status still is
+
+
+def test_info_on_an_output_folder_says_out_of_domain_also_without_a_probability(tmp_path, capsys):
+    """A fluorescence slide (no probability: "no tissue found") was listed without the OUT OF DOMAIN that slides
+    with a probability get, though its prediction.json says so."""
+    from wsi_vssm.runs.state import write_state
+
+    out = tmp_path / "o"
+    write_state(out, "predict", "dapi", {"slide": "dapi", "status": "done", "params": {"threshold": 0.5},
+                                         "result": {"probability": None, "reason": "no tissue found",
+                                                    "in_domain": False}})
+    write_state(out, "predict", "he", {"slide": "he", "status": "done", "params": {"threshold": 0.5},
+                                       "result": {"probability": None, "reason": "no tissue found",
+                                                  "in_domain": True}})
+    code, text, _ = run_cli(capsys, str(out))
+    by_name = {line.split(":")[0].strip(): line for line in text.splitlines()[1:]}
+    assert code == 0 and by_name["dapi"].endswith("done: no tissue found, OUT OF DOMAIN"), text
+    assert by_name["he"].endswith("done: no tissue found"), text

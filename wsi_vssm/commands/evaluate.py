@@ -179,9 +179,9 @@ def incomplete_warning(rows: list[dict], n_pending: int) -> str:
 # silently they let a user believe they had changed its figures (--threshold 0.3 left them as they were)
 SLIDE_RESULT_OPTIONS = ("annotations", "patients", "threshold", "extent_threshold", "merge_distance_cells",
                         "target_mpp")
-# how slides are read and run: without effect on a patch folder, said once
+# how slides are read, run and written: without effect on a patch folder, said once
 SLIDE_RUN_OPTIONS = ("region_px", "overlap_px", "reader_threads", "backend", "workers", "scheduler", "split_regions",
-                     "retry_failed", "wait_locked")
+                     "retry_failed", "wait_locked", "cells_geojson")
 
 
 def _slide_only_options(ctx: click.Context, progress) -> None:
@@ -199,4 +199,5 @@ def _slide_only_options(ctx: click.Context, progress) -> None:
                           f"or patients{hint}; leave {'it' if len(refused) == 1 else 'them'} out")
     ignored = [given[n] for n in SLIDE_RUN_OPTIONS if n in given]
     if ignored:
-        progress.warn(f"{', '.join(ignored)}: without effect on a patch folder (they set how slides are read and run)")
+        progress.warn(f"{', '.join(ignored)}: without effect on a patch folder (they set how slides are read, run "
+                      "and written)")

@@ -208,6 +208,9 @@ def predict_options(f):
         click.option("--lesion-merge-cells", "merge_distance_cells", type=FiniteFloatRange(min=0), default=None,
                      help="Lesion pieces at most this many cell widths apart are measured as one lesion "
                           "(default: the model's, else 1)."),
+        click.option("--cells-geojson", is_flag=True,
+                     help="Also write cells.geojson: every tissue cell as a QuPath tile with its probability "
+                          "(Measure > Show measurement maps colours the slide by it); about 200 bytes a cell."),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile", "zarr"]), default="auto",
                      show_default=True, help="Slide reader; auto chooses by the file's content (docs/formats.md)."),
     ]

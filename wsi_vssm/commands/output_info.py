@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from wsi_vssm.outputs.files import METRICS_JSON, PREDICTION_JSON, PREDICTIONS_CSV, name_key
+from wsi_vssm.runs.jobs import few_cells_tag
 from wsi_vssm.runs.patch_scores import PATCH_SCORES, kept_scores
 from wsi_vssm.runs.state import STATE_DIR, describe_holder, live_lock
 
@@ -141,7 +142,7 @@ def _entry(file: Path, kind: str) -> dict:
                 "probability": probability, "call": call, "in_domain": in_domain,
                 "n_cells": result.get("n_cells"), "error": error, "formats": formats,
                 "path": state.get("path"), "finished": state.get("finished"), "mpp_given": given,
-                "earlier_outputs": False, "settings": settings}
+                "earlier_outputs": False, "settings": settings, "few_cells": result.get("few_cells")}
     except (OSError, ValueError, TypeError, AttributeError, OverflowError) as err:  # damaged or foreign: said
         return {"slide": name, "kind": kind, "status": "unreadable", "probability": None, "call": None,
                 "in_domain": None, "n_cells": None, "error": f"{file}: cannot read this state: {err}",
@@ -167,11 +168,12 @@ def format_output_info(r: dict) -> str:
     for s in r["slides"]:
         domain = ", OUT OF DOMAIN" if s["in_domain"] is False else ""
         if s["probability"] is not None:
-            what = f"probability {s['probability']:.3f} -> {s['call'] or '?'}{domain} [{s['n_cells']} cells]"
+            what = (f"probability {s['probability']:.3f} -> {s['call'] or '?'}{few_cells_tag(s.get('few_cells'))}"
+                    f"{domain} [{s['n_cells']} cells]")
         elif s["formats"] and s["status"] == "done":
             what = f"{s['n_cells']} cells in {', '.join(s['formats'])}"
-        else:
-            what = s["error"] or ""
+        else:  # a slide with no probability may still be out of domain (a fluorescence slide: "no tissue found")
+            what = (s["error"] or "") + domain
         if s["mpp_given"]:  # a resolution the file did not state (--fallback-mpp, --mpp, a manifest's mpp)
             what += f" (read at the {s['mpp_given']})"
         if s["earlier_outputs"]:

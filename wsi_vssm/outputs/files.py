@@ -17,6 +17,7 @@ OVERLAY_PNG = "overlay.png"
 CONTOURS_GEOJSON = "contours.geojson"
 LESIONS_CSV = "lesions.csv"
 SLIDE_FILES = (PREDICTION_JSON, HEATMAP_ZARR, OVERLAY_PNG, CONTOURS_GEOJSON, LESIONS_CSV)
+CELLS_GEOJSON = "cells.geojson"  # with --cells-geojson: every tissue cell as a QuPath tile
 # Raised when the files made from a slide's heatmap change for the same heatmap: a cohort run then remakes a done
 # slide's files from its saved heatmap (the package version does not change between commits of a checkout).
 # 2 (2026-12-05): one contours.geojson feature per lesion. A run's state without it is format 1.

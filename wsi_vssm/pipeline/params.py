@@ -32,6 +32,7 @@ class PredictParams:
     backend: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | auto (wsi_vssm.models.precision)
     tta: bool = False  # mean over the 8 flips and quarter turns of every region: 8x the backbone time
+    cells_geojson: bool = False  # also cells.geojson: every tissue cell as a QuPath tile with its probability
 
     def __post_init__(self):
         """Values refused at once, naming the field: a threshold of NaN was taken, and an out-of-range cell

@@ -152,7 +152,7 @@ def predict_slide(
             "version": __version__,
             "schema": PREDICTION_SCHEMA,
         }
-        _write_outputs(out_dir, slide, thumb, cells, cell_probs, record, cell_t)
+        _write_outputs(out_dir, slide, thumb, cells, cell_probs, record, cell_t, params.cells_geojson)
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         from wsi_vssm.outputs.prediction import write_prediction_json
@@ -258,9 +258,19 @@ FEW_CELLS_NOTE = "the tumour call rests on"  # how that note begins (relabel rep
 
 def _few_cells_warning(cell_probs: np.ndarray, label: int | None, cell_threshold: float) -> str | None:
     n = int((cell_probs >= cell_threshold).sum())
-    if label == 1 and n < FEW_CELLS:
-        return (f"{FEW_CELLS_NOTE} {n} cell(s) at or above the cell threshold {cell_threshold:.3g}; "
-                "check the heatmap before trusting it")
+    if label == 1 and n < FEW_CELLS:  # "check the heatmap" led nowhere at 0: the overlay then tints nothing
+        what = ("no cell of the heatmap looks like tumour, so doubt the call (slides unlike the training data get "
+                "such calls)" if n == 0 else "look at them (lesions.csv, the overlay's outlines) before trusting it")
+        return f"{FEW_CELLS_NOTE} {n} cell(s) at or above the cell threshold {cell_threshold:.3g}; {what}"
+    return None
+
+
+def few_cells_of(record: dict) -> int | None:
+    """How many cells a tumour call flagged by the few-cells note rests on (prediction.json's note), else None."""
+    for note in (record.get("summary") or {}).get("warnings") or []:
+        if isinstance(note, str) and note.startswith(FEW_CELLS_NOTE):
+            head = note[len(FEW_CELLS_NOTE):].split()
+            return int(head[0]) if head and head[0].isdigit() else None
     return None
 
 
@@ -317,16 +327,20 @@ def cell_grid(coords_px: np.ndarray, values: np.ndarray, cell0: float, dims: tup
     return grid
 
 
-def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_threshold: float) -> None:
+def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_threshold: float,
+                   cells_geojson: bool) -> None:
     cell0 = float(cells.attrs["cell_px0"])
     grid = cell_grid(cells.coords_px, cell_probs, cell0, slide.dimensions)
-    write_grid_outputs(out_dir, slide, thumb, grid, cell0, record, cell_threshold)
+    write_grid_outputs(out_dir, slide, thumb, grid, cell0, record, cell_threshold, cells_geojson)
 
 
-def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, cell_threshold: float) -> None:
+def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, cell_threshold: float,
+                       cells_geojson: bool = False) -> None:
     """heatmap.ome.zarr, lesions.csv, contours.geojson and overlay.png from the cell grid (NaN: no tissue; origin
-    at 0, 0); fills the record's `lesions` and `summary.largest_lesion_mm` (prediction.json itself is written
-    last, by the caller). `pipeline.relabel` calls it with a saved heatmap's grid."""
+    at 0, 0), and cells.geojson when asked (else an earlier run's is removed, so the folder holds one run's files);
+    fills the record's `lesions` and `summary.largest_lesion_mm` (prediction.json itself is written last, by the
+    caller). `pipeline.relabel` calls it with a saved heatmap's grid."""
+    from wsi_vssm.outputs.cell_tiles import write_cells_geojson
     from wsi_vssm.outputs.contours import group_by_lesion, max_probability, tumour_contours, write_contours_geojson
     from wsi_vssm.outputs.heatmap import write_heatmap_zarr
     from wsi_vssm.outputs.lesions import find_lesions_and_labels, lesion_ids_for_polygons, write_lesions_csv
@@ -350,6 +364,12 @@ def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, 
     write_contours_geojson(out_dir / files.CONTOURS_GEOJSON, shapes, max_probability(shapes, grid, cell0, origin),
                            slide_mpp=slide.mpp, slide=slide.name, lesions=[(i, category.get(i, "")) for i in ids],
                            in_domain=record["in_domain"])
+    if cells_geojson:
+        about = {k: attrs[k] for k in ("slide", "model", "model_sha256", "weights_hash")}
+        write_cells_geojson(out_dir / files.CELLS_GEOJSON, grid, cell0, origin, cell_threshold,
+                            about={**about, "mpp": slide.mpp, "in_domain": record["in_domain"]})
+    else:
+        (out_dir / files.CELLS_GEOJSON).unlink(missing_ok=True)
     reason = record["reason"] or ""
     overlay_png(out_dir / files.OVERLAY_PNG, thumb, grid, cell0, origin, slide.dimensions,
                 cell_threshold=cell_threshold, title=overlay_title(record), contours=polys,

@@ -66,7 +66,8 @@ def relabel_slide(slide_path: str | os.PathLike, model, out_root: str | os.PathL
         tissue = slide_tissue(slide)
         thumb = (tissue.thumbnail if max(tissue.thumbnail.shape[:2]) >= THUMBNAIL_SIDE
                  else slide.thumbnail(THUMBNAIL_SIDE))  # as predict_slide chose it
-        write_grid_outputs(out_dir, slide, thumb, grid, float(attrs["wsi_vssm"]["cell0"]), record, cell_t)
+        write_grid_outputs(out_dir, slide, thumb, grid, float(attrs["wsi_vssm"]["cell0"]), record, cell_t,
+                           params.cells_geojson)
         record["timings"] = {**record["timings"], "relabel": time.perf_counter() - t0}
         write_prediction_json(out_dir / files.PREDICTION_JSON, record)  # last, as predict_slide writes it
     return record

@@ -98,7 +98,7 @@ class PredictJob(PerSlideMpp):
     model_hash: str
     resolved: dict = field(default_factory=dict)  # what the hash covers
     kind: str = "predict"
-    relabel: set = field(default_factory=set)  # done slides remade from their heatmap (runner._threshold_alone)
+    relabel: set = field(default_factory=set)  # done slides remade from their heatmap (runs.remake)
 
     @property
     def fallback_mpp(self) -> float | None:
@@ -113,7 +113,7 @@ class PredictJob(PerSlideMpp):
         return cached_model(f"predict:{self.model_path}", lambda: load_model(self.model_path))
 
     def run(self, task: SlideTask, region_progress=None, run_regions=None) -> dict:
-        from wsi_vssm.pipeline.predict import predict_slide
+        from wsi_vssm.pipeline.predict import few_cells_of, predict_slide
 
         def cb(done, total, stage):  # the bar counts regions: the read/write stages' 0/1 set its total to 1
             if stage == "regions":
@@ -131,7 +131,8 @@ class PredictJob(PerSlideMpp):
             timings = rec["timings"]
         return {"probability": rec["probability"], "slide_logit": rec.get("slide_logit"), "label": rec["label"],
                 "reason": rec["reason"], "in_domain": rec["in_domain"], "n_cells": rec["summary"]["n_cells"],
-                "mpp_source": (rec.get("mpp") or {}).get("slide_source"), "timings": timings}
+                "mpp_source": (rec.get("mpp") or {}).get("slide_source"), "few_cells": few_cells_of(rec),
+                "timings": timings}
 
     def open_slide(self, task: SlideTask):
         from wsi_vssm.io import open_slide
@@ -154,9 +155,10 @@ class PredictJob(PerSlideMpp):
                 "inference": self.params.inference()}
 
     def outputs_ok(self, name: str) -> bool:
-        from wsi_vssm.outputs.files import slide_outputs_ok
+        from wsi_vssm.outputs.files import CELLS_GEOJSON, slide_outputs_ok
 
-        return slide_outputs_ok(Path(self.out) / name)
+        folder = Path(self.out) / name
+        return slide_outputs_ok(folder) and (not self.params.cells_geojson or (folder / CELLS_GEOJSON).is_file())
 
     def clear_partial(self, name: str) -> None:
         remove_temporaries(Path(self.out) / name, "")
@@ -168,7 +170,8 @@ class PredictJob(PerSlideMpp):
         p = result.get("probability")
         verdict = (f"probability {p:.3f} -> {'tumor' if result.get('label') else 'normal'}" if p is not None
                    else f"no prediction ({result.get('reason')})")
-        if result.get("in_domain") is False:  # also on a rerun's "up to date" line, where no warning repeats it
+        verdict += few_cells_tag(result.get("few_cells"))  # both also on a rerun's "up to date" line, where no
+        if result.get("in_domain") is False:             # warning repeats them
             verdict += ", OUT OF DOMAIN (unreliable)"
         tta = f", TTA 8 views: backbone {timings.get('features', 0.0):.1f} s" if self.params.tta else ""
         return f"{name}: {verdict} [{result.get('n_cells')} cells, {timings.get('total', 0.0):.1f} s{tta}] -> " \
@@ -279,12 +282,19 @@ class ExtractJob(PerSlideMpp):
                 f"{timings.get('total', 0.0):.1f} s -> {self.where(name)}")
 
 
+def few_cells_tag(n) -> str:
+    """A tumour call that rests on fewer than `pipeline.predict.FEW_CELLS` cells, as a run's line and `info OUT`
+    say it (states written before it was recorded say nothing)."""
+    return f" (doubtful: {n} cell(s) at the cell threshold)" if isinstance(n, int) and not isinstance(n, bool) else ""
+
+
 def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, params) -> PredictJob:
     """A PredictJob whose hash covers everything that changes predict's outputs.
 
     Covered: the weights (hash), analysis mpp, token size, region and overlap (after defaults), slide and cell
     thresholds, reader backend, a slide mpp override, the precision used (fp32 or bf16, as resolved on this
-    machine), test-time augmentation, the package version and the output files' format. Not covered:
+    machine), test-time augmentation, the package version, the output files' format and `--cells-geojson`
+    (only when on). Not covered:
     reader threads, batch size and device (CPU and GPU agree within ~1e-5; a slide done on one is not redone
     on the other).
     """
@@ -310,6 +320,7 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
         "backend": params.backend, "slide_mpp": params.mpp, "tta": params.tta,
         "precision": str(resolve_precision(params.inference().precision, device)).removeprefix("torch."),
         "version": __version__, "outputs_format": files.OUTPUTS_FORMAT,
+        **({"cells_geojson": True} if params.cells_geojson else {}),  # absent when off: older runs' hash holds
     }  # fmt: skip
     path = os.fspath(model_path)
     _MODELS[f"predict:{path}"] = model  # serial runs use the model already loaded

@@ -44,9 +44,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_vssm.outputs.files import COHORT_FILES, CONFUSION_PNG, OUTPUTS_FORMAT, PREDICTION_JSON, STAGES_CSV
+from wsi_vssm.outputs.files import COHORT_FILES, CONFUSION_PNG, PREDICTION_JSON, STAGES_CSV
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
+from wsi_vssm.runs.remake import remake_reason
 from wsi_vssm.runs.state import (
     STATE_DIR,
     OutputFull,
@@ -364,9 +365,7 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         if same and not overwrite and status == Status.DONE and not changed and job.outputs_ok(task.name):
             _tidy_done(task, job)
             finish(Outcome(task, "skipped", "up to date", state))
-        elif not (same or refall or overwrite) and _threshold_alone(state, job, task) and job.outputs_ok(task.name):
-            what = ("only thresholds changed" if _old_params(state).get("outputs_format") == OUTPUTS_FORMAT
-                    else f"its output files are of an older format (outputs format {OUTPUTS_FORMAT} now)")
+        elif not (refall or overwrite) and (what := remake_reason(state, job, task)):
             progress.info(f"{task.name}: {what}: its outputs are made again from its saved heatmap (no backbone)")
             job.relabel.add(task.name)  # on the job: Dask workers receive it with the task
             todo.append(task)
@@ -380,24 +379,6 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
 # OUT's own files and folders: a slide of such a name (`metrics.json.tif`, `.state.svs`) would write its folder
 # there (evaluate then failed "metrics.json: Is a directory"; a `.state` slide wrote into the state folder)
 RESERVED_NAMES = frozenset(n.lower() for n in (*COHORT_FILES, STAGES_CSV, CONFUSION_PNG, STATE_DIR))
-# resolved parameters a done slide's outputs are made again for from its saved heatmap, not predicted again
-RELABEL_KEYS = ("threshold", "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells",
-                "outputs_format")
-
-
-def _threshold_alone(state: dict | None, job, task: SlideTask) -> bool:
-    """Whether a done predict slide differs from this run only in its thresholds (`RELABEL_KEYS`), with its file
-    unchanged: `pipeline.relabel` then makes its outputs again from the saved heatmap, without the backbone."""
-    if not state or job.kind != "predict" or state.get("status") != Status.DONE:
-        return False
-    old, new = _old_params(state), job.task_params(task)
-    if not old:
-        return False
-    if "input" not in state or input_changed(state.get("input"), task.path):
-        return False
-    return old.keys() == new.keys() and all(old[k] == new[k] for k in new if k not in RELABEL_KEYS)
-
-
 def _older_mpp_source(state: dict, job, task: SlideTask) -> str | None:
     """Where a done slide's resolution came from: its state's record, else (a predict state written before
     states recorded it) its prediction.json's, read only when this run's --fallback-mpp differs from the state's."""
@@ -412,12 +393,6 @@ def _older_mpp_source(state: dict, job, task: SlideTask) -> str | None:
         return rec["mpp"]["slide_source"] if isinstance(rec["mpp"]["slide_source"], str) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _old_params(state: dict) -> dict:
-    """A done predict slide's recorded parameters; a state from before `outputs_format` was recorded is format 1."""
-    old = state.get("params")
-    return {"outputs_format": 1, **old} if isinstance(old, dict) else {}
 
 
 def name_taken(state: dict | None, path: str | None) -> str | None:
