@@ -330,6 +330,9 @@ def test_info_on_one_slides_prediction_folder_and_on_folders_that_are_no_slide(m
     call = "tumor" if pred["label"] == 1 else "normal"
     assert code == 0 and f"probability {pred['probability']:.3f} -> {call} at slide threshold" in text, text
     assert ("OUT OF DOMAIN" in text) == (pred["in_domain"] is False)
+    from wsi_vssm.commands.folder_info import format_prediction_folder_info
+
+    assert "; slide 0.2282 um/px (" in format_prediction_folder_info({**r, "mpp": 0.2281750559028887})  # NDPI's
     code = ("import sys\nfrom wsi_vssm.cli import main\ntry:\n    main(['info', sys.argv[1]])\n"
             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
             "print('numpy' in sys.modules, 'torch' in sys.modules)")

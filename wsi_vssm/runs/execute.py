@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 from wsi_vssm import __version__
-from wsi_vssm.errors import WsiVssmError, one_line
+from wsi_vssm.errors import WARNING_LINE_LIMIT, WsiVssmError, one_line
 from wsi_vssm.runs.state import (
     NO_SPACE,
     OutOfMemory,
@@ -159,7 +159,8 @@ def execute(job, task: SlideTask, region_progress=None, run_regions=None) -> dic
         except Exception as e:  # noqa: BLE001 -- the per-slide isolation boundary: a bug in one slide is recorded
             res.update(_unexpected(e, task))
     # once each: the slide is opened more than once (tissue, regions), and each open repeats its warnings
-    res["warnings"] = list(dict.fromkeys(one_line(w.message) for w in caught if _for_users(w.category)))
+    res["warnings"] = list(dict.fromkeys(one_line(w.message, WARNING_LINE_LIMIT) for w in caught
+                                         if _for_users(w.category)))  # the reasons after a long path: kept
     res["timings"]["total"] = time.perf_counter() - t0
     return res
 
