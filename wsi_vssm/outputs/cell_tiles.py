@@ -7,7 +7,7 @@ heatmap.ome.zarr, the calibrated cell probability), and the cells at or above th
 "Tumor", as the overlay colours them. Cells without tissue (0 in the heatmap, NaN in memory) are left out.
 
 The file is written feature by feature, one per line, so a slide of a million cells never holds them all as
-Python objects: about 200 bytes a cell (written at about 300,000 cells a second).
+Python objects: about 250 bytes a cell (docs/outputs.md has the figures).
 """
 
 from __future__ import annotations
