@@ -325,6 +325,10 @@ def test_info_on_one_slides_prediction_folder_and_on_folders_that_are_no_slide(m
     assert (r["slide_threshold"], r["cell_threshold"], r["in_domain"]) == (
         pred["slide_threshold"], pred["cell_threshold"], pred["in_domain"])
     assert r["lesions"] == len(pred["lesions"]) and r["missing"] == [] and "overlay.png" in r["files"]
+    assert "cells.geojson" not in r["files"]  # written only when asked for: never said missing
+    (folder / "cells.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    assert "cells.geojson" in json.loads(run_cli(capsys, str(folder), "--json")[1])["files"]
+    (folder / "cells.geojson").unlink()
     assert r["n_cells"] == pred["summary"]["n_cells"] > 0
     code, text, _ = run_cli(capsys, str(folder))
     call = "tumor" if pred["label"] == 1 else "normal"
@@ -529,7 +533,10 @@ def test_info_on_an_output_folder_says_out_of_domain_also_without_a_probability(
     write_state(out, "predict", "he", {"slide": "he", "status": "done", "params": {"threshold": 0.5},
                                        "result": {"probability": None, "reason": "no tissue found",
                                                   "in_domain": True}})
+    write_state(out, "predict", "bare", {"slide": "bare", "status": "failed", "params": {"threshold": 0.5},
+                                         "result": {"probability": None, "in_domain": False}})
     code, text, _ = run_cli(capsys, str(out))
     by_name = {line.split(":")[0].strip(): line for line in text.splitlines()[1:]}
     assert code == 0 and by_name["dapi"].endswith("done: no tissue found, OUT OF DOMAIN"), text
     assert by_name["he"].endswith("done: no tissue found"), text
+    assert by_name["bare"].endswith("failed: OUT OF DOMAIN"), text  # no stray ", " without a reason

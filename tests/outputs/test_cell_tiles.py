@@ -51,7 +51,19 @@ def test_bad_grids_are_refused_before_writing(tmp_path):
         write_cells_geojson(tmp_path / "c.geojson", np.zeros(3), 32.0, (0, 0), 0.5)
     with pytest.raises(UsageError, match="cell0"):
         write_cells_geojson(tmp_path / "c.geojson", np.zeros((2, 2)), 0.0, (0, 0), 0.5)
+    with pytest.raises(UsageError, match="origin"):  # a bare NaN is not JSON
+        write_cells_geojson(tmp_path / "c.geojson", np.ones((2, 2)), 32.0, (float("nan"), 0), 0.5)
     assert not (tmp_path / "c.geojson").exists()
+
+
+def test_a_float32_cell_side_places_far_cells_as_a_float64_one(tmp_path):
+    """A float32 cell0 (the Python API) made every edge float32: 227426.219 instead of 227426.23."""
+    g = np.full((1, 2000), np.nan, np.float32)
+    g[0, 1999] = 0.5
+    write_cells_geojson(tmp_path / "c.geojson", g, np.float32(113.77), (0, 0), 0.5)
+    ring = json.loads((tmp_path / "c.geojson").read_text())["features"][0]["geometry"]["coordinates"][0]
+    assert ring[0][0] == round(1999 * float(np.float32(113.77)), 3) and ring[1][0] == round(
+        2000 * float(np.float32(113.77)), 3)
 
 
 def test_many_cells_are_written_in_batches_that_join_into_valid_json(tmp_path):

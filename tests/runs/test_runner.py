@@ -695,56 +695,63 @@ def test_new_thresholds_alone_remake_done_slides_without_the_backbone(model_file
     assert capsys.readouterr().err.count("predicted again") == 2
 
 
-def test_cells_geojson_is_the_heatmaps_tissue_cells_and_comes_and_goes_without_the_backbone(
+def test_cells_geojson_is_the_heatmaps_tissue_cells_added_without_the_backbone_and_kept(
         model_file, cohort, tmp_path, monkeypatch, capsys):
     """`--cells-geojson` writes every tissue cell of heatmap level 0 as a QuPath tile with its probability, the
-    cells at the cell threshold classed Tumor. Asked for on a finished run, or no longer asked for, it is written
-    or removed from the saved heatmap without the backbone, the other files unchanged; a run without it keeps
-    the hash of runs made before the option existed."""
+    cells at the cell threshold classed Tumor. Asked for on a finished run (or lost from a folder), it is made
+    from the saved heatmap without the backbone, the other files unchanged; a later run without the option
+    (`evaluate` on a predicted folder) keeps it, remade with the rest when the thresholds change. It is not in the
+    parameter hash, so runs made before the option keep theirs."""
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
     from wsi_vssm.pipeline import predict as predict_module
-    from wsi_vssm.runs.state import params_hash, read_state
+    from wsi_vssm.runs.state import read_state
 
     base = ["predict", cohort / "tumor_001.tif", "--model", model_file, *FAST, "--out", tmp_path / "o"]
     folder = tmp_path / "o" / "tumor_001"
     assert _cli(base) == 0 and not (folder / "cells.geojson").exists()
-    state = read_state(tmp_path / "o", "predict", "tumor_001")
-    assert "cells_geojson" not in state["params"]  # the hash of runs from before the option
+    hashed = read_state(tmp_path / "o", "predict", "tumor_001")["params_hash"]
     others = {n: (folder / n).read_bytes() for n in ("overlay.png", "lesions.csv", "contours.geojson")}
     capsys.readouterr()
 
     def no_backbone(*a, **k):
         raise AssertionError("predicted again")
 
+    def tiles():
+        doc = json.loads((folder / "cells.geojson").read_text())
+        prob, _, _, attrs = read_heatmap_zarr(folder / "heatmap.ome.zarr")
+        got = np.array([f["properties"]["measurements"]["Tumor probability"] for f in doc["features"]], np.float32)
+        assert len(got) == int((prob > 0).sum()) > 0 and np.array_equal(np.sort(got), np.sort(prob[prob > 0]))
+        assert doc["wsi_vssm"]["slide"] == "tumor_001"
+        return doc, prob, attrs["wsi_vssm"]["cell_threshold"]
+
     with monkeypatch.context() as mp:
         mp.setattr(predict_module, "predict_slide", no_backbone)
         assert _cli([*base, "--cells-geojson"]) == 0
         assert "tumor_001: cells.geojson is asked for" in capsys.readouterr().err
-        doc = json.loads((folder / "cells.geojson").read_text())
-        prob, _, _, attrs = read_heatmap_zarr(folder / "heatmap.ome.zarr")
-        cell_t = attrs["wsi_vssm"]["cell_threshold"]
-        got = np.array([f["properties"]["measurements"]["Tumor probability"] for f in doc["features"]], np.float32)
-        assert len(got) == int((prob > 0).sum()) > 0
-        assert np.array_equal(np.sort(got), np.sort(prob[prob > 0]))
+        doc, prob, cell_t = tiles()
         assert sum("classification" in f["properties"] for f in doc["features"]) == int((prob >= cell_t).sum())
-        assert doc["wsi_vssm"]["slide"] == "tumor_001" and doc["wsi_vssm"]["cell_threshold"] == cell_t
+        assert doc["wsi_vssm"]["cell_threshold"] == cell_t
         assert all((folder / n).read_bytes() == b for n, b in others.items())
+        assert read_state(tmp_path / "o", "predict", "tumor_001")["params_hash"] == hashed
+        assert json.loads((folder / "prediction.json").read_text())["parameters"]["cells_geojson"] is True
         assert _cli([*base, "--cells-geojson"]) == 0 and "tumor_001: up to date" in capsys.readouterr().out
-        assert _cli(base) == 0
-        assert "tumor_001: cells.geojson is no longer asked for" in capsys.readouterr().err
-        assert not (folder / "cells.geojson").exists()
-        state = read_state(tmp_path / "o", "predict", "tumor_001")
-        assert "cells_geojson" not in state["params"] and state["params_hash"] == params_hash(state["params"])
-        assert _cli([*base, "--cells-geojson"]) == 0
+        kept = (folder / "cells.geojson").read_bytes()
+        assert _cli(base) == 0 and "tumor_001: up to date" in capsys.readouterr().out  # without it: kept
+        assert (folder / "cells.geojson").read_bytes() == kept
+        assert _cli([*base, "--cell-threshold", "0.3"]) == 0  # new thresholds: remade with the rest
+        assert "only thresholds changed" in capsys.readouterr().err
+        doc, prob, cell_t = tiles()
+        assert cell_t == 0.3 and doc["wsi_vssm"]["cell_threshold"] == 0.3
+        assert sum("classification" in f["properties"] for f in doc["features"]) == int((prob >= 0.3).sum())
     fresh = tmp_path / "fresh"  # a prediction with the option writes the file the remake wrote
-    assert _cli([*base[:-1], fresh, "--cells-geojson"]) == 0
+    assert _cli([*base[:-1], fresh, "--cells-geojson", "--cell-threshold", "0.3"]) == 0
     assert (fresh / "tumor_001" / "cells.geojson").read_bytes() == (folder / "cells.geojson").read_bytes()
     (folder / "cells.geojson").unlink()  # lost: made again from the heatmap
     capsys.readouterr()
     with monkeypatch.context() as mp:
         mp.setattr(predict_module, "predict_slide", no_backbone)
-        assert _cli([*base, "--cells-geojson"]) == 0
-        assert "tumor_001: its cells.geojson is missing" in capsys.readouterr().err
+        assert _cli([*base, "--cells-geojson", "--cell-threshold", "0.3"]) == 0
+        assert "tumor_001: cells.geojson is asked for" in capsys.readouterr().err
     assert (folder / "cells.geojson").read_bytes() == (fresh / "tumor_001" / "cells.geojson").read_bytes()
 
 

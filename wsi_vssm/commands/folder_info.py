@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsi_vssm.outputs.files import PREDICTION_JSON, SLIDE_FILES
+from wsi_vssm.outputs.files import CELLS_GEOJSON, PREDICTION_JSON, SLIDE_FILES
 
 # `training.data.patches.IMAGE_SUFFIXES`, the images a patch folder's evaluation reads (importing it loads torch)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -42,7 +42,7 @@ def prediction_folder_info(path: str) -> dict:
         "tissue_area_mm2": summary.get("tissue_area_mm2"), "warnings": _lines(summary.get("warnings")),
         "lesions": len(lesions), "categories": _categories(lesions),
         "largest_lesion_mm": summary.get("largest_lesion_mm"),
-        "files": [name for name in SLIDE_FILES if (folder / name).exists()],
+        "files": [name for name in (*SLIDE_FILES, CELLS_GEOJSON) if (folder / name).exists()],  # the last if asked
         "missing": [name for name in SLIDE_FILES if not (folder / name).exists()],
     }
 

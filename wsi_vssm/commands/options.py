@@ -210,7 +210,8 @@ def predict_options(f):
                           "(default: the model's, else 1)."),
         click.option("--cells-geojson", is_flag=True,
                      help="Also write cells.geojson: every tissue cell as a QuPath tile with its probability "
-                          "(Measure > Show measurement maps colours the slide by it); about 250 bytes a cell."),
+                          "(Measure > Show measurement maps colours the slide by it); about 250 bytes a cell. "
+                          "Later runs keep it current, with this option or without."),
         click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile", "zarr"]), default="auto",
                      show_default=True, help="Slide reader; auto chooses by the file's content (docs/formats.md)."),
     ]

@@ -173,7 +173,7 @@ def format_output_info(r: dict) -> str:
         elif s["formats"] and s["status"] == "done":
             what = f"{s['n_cells']} cells in {', '.join(s['formats'])}"
         else:  # a slide with no probability may still be out of domain (a fluorescence slide: "no tissue found")
-            what = (s["error"] or "") + domain
+            what = ", ".join(filter(None, (s["error"], domain.removeprefix(", "))))
         if s["mpp_given"]:  # a resolution the file did not state (--fallback-mpp, --mpp, a manifest's mpp)
             what += f" (read at the {s['mpp_given']})"
         if s["earlier_outputs"]:

@@ -33,12 +33,14 @@ def write_cells_geojson(path: str | os.PathLike, grid: np.ndarray, cell0: float,
     convention of `outputs.heatmap`) to `path` atomically as a FeatureCollection of QuPath tiles; returns how many.
     `about` (slide, model, thresholds, in_domain...) goes into the collection's `wsi_vssm` member, which GeoJSON
     readers ignore."""
-    grid = np.asarray(grid, np.float32)
+    grid, cell0 = np.asarray(grid, np.float32), float(cell0)  # float32 edges were off by 0.01 px at 227,000 px
     if grid.ndim != 2:
         raise UsageError(f"a cell grid must be 2-D, got shape {grid.shape}")
     if not (math.isfinite(cell0) and cell0 > 0):
         raise UsageError(f"cell0 must be a positive number of level-0 px, got {cell0!r}")
     x0, y0 = (float(v) for v in origin)
+    if not (math.isfinite(x0) and math.isfinite(y0)):  # JSON has no NaN
+        raise UsageError(f"the grid's origin must be finite level-0 px, got {origin!r}")
     # each edge's text once: neighbours share it exactly, and the loop below only joins strings
     xs = [_num(x0 + j * cell0) for j in range(grid.shape[1] + 1)]
     ys = [_num(y0 + i * cell0) for i in range(grid.shape[0] + 1)]

@@ -337,8 +337,9 @@ def _write_outputs(out_dir: Path, slide, thumb, cells, cell_probs, record, cell_
 def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, cell_threshold: float,
                        cells_geojson: bool = False) -> None:
     """heatmap.ome.zarr, lesions.csv, contours.geojson and overlay.png from the cell grid (NaN: no tissue; origin
-    at 0, 0), and cells.geojson when asked (else an earlier run's is removed, so the folder holds one run's files);
-    fills the record's `lesions` and `summary.largest_lesion_mm` (prediction.json itself is written last, by the
+    at 0, 0), and cells.geojson when asked or when the folder has one (a run without the option, `evaluate` on a
+    predicted folder say, would otherwise leave it stale or lose it); fills the record's `lesions`,
+    `summary.largest_lesion_mm` and `parameters.cells_geojson` (prediction.json itself is written last, by the
     caller). `pipeline.relabel` calls it with a saved heatmap's grid."""
     from wsi_vssm.outputs.cell_tiles import write_cells_geojson
     from wsi_vssm.outputs.contours import group_by_lesion, max_probability, tumour_contours, write_contours_geojson
@@ -364,12 +365,12 @@ def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, 
     write_contours_geojson(out_dir / files.CONTOURS_GEOJSON, shapes, max_probability(shapes, grid, cell0, origin),
                            slide_mpp=slide.mpp, slide=slide.name, lesions=[(i, category.get(i, "")) for i in ids],
                            in_domain=record["in_domain"])
+    record["parameters"]["cells_geojson"] = cells_geojson = bool(cells_geojson or
+                                                                 (out_dir / files.CELLS_GEOJSON).is_file())
     if cells_geojson:
         about = {k: attrs[k] for k in ("slide", "model", "model_sha256", "weights_hash")}
         write_cells_geojson(out_dir / files.CELLS_GEOJSON, grid, cell0, origin, cell_threshold,
                             about={**about, "mpp": slide.mpp, "in_domain": record["in_domain"]})
-    else:
-        (out_dir / files.CELLS_GEOJSON).unlink(missing_ok=True)
     reason = record["reason"] or ""
     overlay_png(out_dir / files.OVERLAY_PNG, thumb, grid, cell0, origin, slide.dimensions,
                 cell_threshold=cell_threshold, title=overlay_title(record), contours=polys,

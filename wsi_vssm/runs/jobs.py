@@ -170,8 +170,9 @@ class PredictJob(PerSlideMpp):
         p = result.get("probability")
         verdict = (f"probability {p:.3f} -> {'tumor' if result.get('label') else 'normal'}" if p is not None
                    else f"no prediction ({result.get('reason')})")
-        verdict += few_cells_tag(result.get("few_cells"))  # both also on a rerun's "up to date" line, where no
-        if result.get("in_domain") is False:             # warning repeats them
+        # both also on a rerun's "up to date" line, where no warning repeats them
+        verdict += few_cells_tag(result.get("few_cells"))
+        if result.get("in_domain") is False:
             verdict += ", OUT OF DOMAIN (unreliable)"
         tta = f", TTA 8 views: backbone {timings.get('features', 0.0):.1f} s" if self.params.tta else ""
         return f"{name}: {verdict} [{result.get('n_cells')} cells, {timings.get('total', 0.0):.1f} s{tta}] -> " \
@@ -293,10 +294,9 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
 
     Covered: the weights (hash), analysis mpp, token size, region and overlap (after defaults), slide and cell
     thresholds, reader backend, a slide mpp override, the precision used (fp32 or bf16, as resolved on this
-    machine), test-time augmentation, the package version, the output files' format and `--cells-geojson`
-    (only when on). Not covered:
-    reader threads, batch size and device (CPU and GPU agree within ~1e-5; a slide done on one is not redone
-    on the other).
+    machine), test-time augmentation, the package version and the output files' format. Not covered: reader
+    threads, batch size and device (CPU and GPU agree within ~1e-5; a slide done on one is not redone on the
+    other), and `--cells-geojson`, which adds a file and changes none (`runs.remake`).
     """
     from wsi_vssm.models.device import resolve_device
     from wsi_vssm.models.model_file import state_dict_hash
@@ -320,7 +320,6 @@ def predict_job(out: str | os.PathLike, model_path: str | os.PathLike, model, pa
         "backend": params.backend, "slide_mpp": params.mpp, "tta": params.tta,
         "precision": str(resolve_precision(params.inference().precision, device)).removeprefix("torch."),
         "version": __version__, "outputs_format": files.OUTPUTS_FORMAT,
-        **({"cells_geojson": True} if params.cells_geojson else {}),  # absent when off: older runs' hash holds
     }  # fmt: skip
     path = os.fspath(model_path)
     _MODELS[f"predict:{path}"] = model  # serial runs use the model already loaded
