@@ -951,3 +951,16 @@ def test_evaluate_patch_folder_reads_each_file_once(model_file, tmp_path, monkey
     ds[0], ds[5]
     again = ds.subset([5, 0, 2])
     assert list(patch_digests(again)) == [fresh[5], fresh[0], fresh[2]]
+
+
+def test_a_fluorescence_slide_is_not_stamped_no_tissue_found():
+    """A probe read "no tissue found" stamped across a fluorescence NDPI full of DAPI nuclei: the brightfield
+    tissue finder sees none there, and the overlay's stamp took that for the slide's content."""
+    from wsi_vssm.pipeline.domain import FLUORESCENCE_NOTE
+    from wsi_vssm.pipeline.predict import no_cells_stamp
+
+    fluo = {"reason": "no tissue found", "domain_notes": [f"{FLUORESCENCE_NOTE} (dark background: ...)"]}
+    assert no_cells_stamp(fluo) == "fluorescence, not analysed"
+    assert no_cells_stamp({**fluo, "domain_notes": ["no eosin ..."]}) == "no tissue found"
+    assert no_cells_stamp({"reason": "no cell has enough tissue: tissue on 0.3% ...", "domain_notes": []}) == \
+        "no cell has enough tissue"

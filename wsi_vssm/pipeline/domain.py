@@ -143,11 +143,14 @@ def stain_judged(stats: dict, thresholds: StainThresholds = STAIN) -> bool:
     return stats["background"] < thresholds.dark_background or stats["tissue_pixels"] >= thresholds.min_pixels
 
 
+FLUORESCENCE_NOTE = "looks like fluorescence"  # how the fluorescence note begins (the overlay's stamp reads it)
+
+
 def stain_notes(s: dict, thresholds: StainThresholds = STAIN) -> list[str]:
     """`stain_check`'s notes from `stain_stats`' figures."""
     t = thresholds
     if s["background"] < t.dark_background:
-        return [f"looks like fluorescence (dark background: median brightness {s['background']:.0f} of 255), "
+        return [f"{FLUORESCENCE_NOTE} (dark background: median brightness {s['background']:.0f} of 255), "
                 "not brightfield H&E"]
     notes = []
     if s["eosin_share"] < t.min_eosin_share:

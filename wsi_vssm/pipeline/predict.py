@@ -371,10 +371,21 @@ def write_grid_outputs(out_dir: Path, slide, thumb, grid, cell0: float, record, 
         about = {k: attrs[k] for k in ("slide", "model", "model_sha256", "weights_hash")}
         write_cells_geojson(out_dir / files.CELLS_GEOJSON, grid, cell0, origin, cell_threshold,
                             about={**about, "mpp": slide.mpp, "in_domain": record["in_domain"]})
-    reason = record["reason"] or ""
     overlay_png(out_dir / files.OVERLAY_PNG, thumb, grid, cell0, origin, slide.dimensions,
                 cell_threshold=cell_threshold, title=overlay_title(record), contours=polys,
-                warning=overlay_warning(record), no_tissue_text=reason.split(":")[0] or NO_TISSUE)
+                warning=overlay_warning(record), no_tissue_text=no_cells_stamp(record))
+
+
+def no_cells_stamp(record: dict) -> str:
+    """What the overlay writes across a slide without cells: its reason's head ("no tissue found"), but for a
+    fluorescence slide, whose tissue the brightfield tissue finder cannot see, that it is not brightfield (a
+    probe read "no tissue found" stamped over a slide full of DAPI nuclei)."""
+    from wsi_vssm.pipeline.domain import FLUORESCENCE_NOTE
+
+    stamp = (record.get("reason") or "").split(":")[0] or NO_TISSUE
+    if stamp == NO_TISSUE and any(str(n).startswith(FLUORESCENCE_NOTE) for n in record.get("domain_notes") or []):
+        return "fluorescence, not analysed"
+    return stamp
 
 
 def overlay_warning(record: dict) -> str | None:
