@@ -99,7 +99,7 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
         report = train_log_info(slide, rows)
         click.echo(json.dumps(report, indent=2) if as_json else format_train_log_info(report))
         return
-    from wsi_vssm.runs.slide_args import series_folder_slide
+    from wsi_vssm.runs.cohort import series_folder_slide
 
     if (series := series_folder_slide(Path(slide))) != Path(slide):  # a folder of one DICOM series: its slide
         slide = str(series)

@@ -219,16 +219,20 @@ def _folder_series(folder: str, _changed_ns: int) -> tuple[tuple, dict]:
     return found, {f.name: entry for entry in found for f, _ in entry[1]}
 
 
+def _indexed(folder: Path) -> tuple[tuple, dict]:
+    """`_folder_series` while the folder's entries stay (its mtime); nothing for a folder that cannot be read."""
+    try:
+        changed = folder.stat().st_mtime_ns
+    except OSError:
+        return (), {}
+    return _folder_series(str(folder), changed)
+
+
 def folder_series(folder: str | Path) -> list[tuple[Path, list[tuple[Path, str]]]]:
     """`slide_series` of a folder's DICOM files. Read once per process while the folder's entries stay (its
     mtime), since a run asks for each slide's series several times: listing a folder of 2,000 files again for
     every one of them took minutes. A file rewritten in place keeps its series' grouping until the next run."""
-    folder = Path(folder)
-    try:
-        changed = folder.stat().st_mtime_ns
-    except OSError:
-        return []
-    return list(_folder_series(str(folder), changed)[0])
+    return list(_indexed(Path(folder))[0])
 
 
 def _stamp(f: Path) -> list:
@@ -276,11 +280,7 @@ def series_of(path: str | Path) -> tuple[Path, list[tuple[Path, str]]] | None:
     path = Path(path)
     if not looks_dicom(path):
         return None
-    try:
-        changed = path.parent.stat().st_mtime_ns
-    except OSError:
-        return None
-    entry = _folder_series(str(path.parent), changed)[1].get(path.name)
+    entry = _indexed(path.parent)[1].get(path.name)
     return entry if entry is not None and (read_tags(path) or {}).get(SERIES_UID) else None
 
 

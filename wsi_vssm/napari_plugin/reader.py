@@ -110,16 +110,15 @@ def read_slide(path: str | os.PathLike | list) -> list[tuple]:
 
 
 def read_dicom_folder(path: str | os.PathLike | list) -> list[tuple]:
-    """A folder holding one DICOM series: its slide, as `predict FOLDER` takes it (`io.dicom.folder_slide`). A
+    """A folder holding one DICOM series: its slide, as `predict FOLDER` takes it (`runs.cohort.series_folder_slide`). A
     folder of several series (or other slides beside it) is a one-line error naming what to open instead."""
     from wsi_vssm.errors import UsageError
-    from wsi_vssm.io.dicom import folder_slide
-    from wsi_vssm.runs.cohort import SLIDE_SUFFIXES
+    from wsi_vssm.runs.cohort import series_folder_slide
     from wsi_vssm.runs.slide_args import expand_slide_folders
 
     p = Path(path[0] if isinstance(path, (list, tuple)) else path)
-    slide = folder_slide(p, SLIDE_SUFFIXES)
-    if slide is not None:
+    slide = series_folder_slide(p)
+    if slide != p:
         return read_slide(slide)
     slides = [Path(s) for s in expand_slide_folders([str(p)]) if s != str(p)]  # as predict takes the folder
     if not slides:

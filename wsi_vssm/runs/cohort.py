@@ -199,9 +199,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
         file = _table_path(ref, path)
         if find_slides and file.is_dir() and not is_zarr_dir(file):
-            from wsi_vssm.io.dicom import folder_slide
-
-            file = folder_slide(file, SLIDE_SUFFIXES) or file  # a folder of one DICOM series: its slide
+            file = series_folder_slide(file)
         error = None
         if find_slides and not file.exists():
             error = f"slide file not found: {file}"
@@ -275,13 +273,18 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
             if not f.startswith(".") and low.endswith(SLIDE_SUFFIXES) and not low.endswith(".zarr"):
                 out.setdefault(name_key(slide_name(f)), []).append(Path(dirpath) / f)
         if Path(dirpath) != Path(root) and _holds_dicom(Path(dirpath), filenames):
-            from wsi_vssm.io.dicom import folder_slide
-
             # IDC's layout: a folder per series, named by it; a folder of several slides is found too, and
             # its run says so (not "no slide file named ...")
-            series = folder_slide(dirpath, SLIDE_SUFFIXES)
-            out.setdefault(name_key(slide_name(Path(dirpath).name)), []).append(series or Path(dirpath))
+            out.setdefault(name_key(slide_name(Path(dirpath).name)), []).append(series_folder_slide(Path(dirpath)))
     return out
+
+
+def series_folder_slide(path: Path) -> Path:
+    """A folder of one DICOM series (IDC's layout), named as a slide (a table's row, `info FOLDER`, napari), is
+    the slide in it; any other path as given."""
+    from wsi_vssm.io.dicom import folder_slide
+
+    return folder_slide(path, SLIDE_SUFFIXES) or path
 
 
 def _holds_dicom(folder: Path, filenames: list[str]) -> bool:

@@ -19,6 +19,7 @@ from wsi_vssm.runs.cohort import (
     _read_csv,
     _table_path,
     parse_mpp,
+    series_folder_slide,
     slide_name,
 )
 
@@ -104,14 +105,6 @@ def _is_slide_entry(f: Path) -> bool:
     from wsi_vssm.io.dicom import looks_dicom  # a DICOM file named without .dcm
 
     return looks_dicom(f)
-
-
-def series_folder_slide(path: Path) -> Path:
-    """A folder of one DICOM series (IDC's layout), named as a slide (a table's row, `info FOLDER`), is the slide
-    in it; any other path as given."""
-    from wsi_vssm.io.dicom import folder_slide
-
-    return folder_slide(path, SLIDE_SUFFIXES) or path
 
 
 def subfolder_hint(folder: Path) -> str:

@@ -195,9 +195,9 @@ def input_changed(recorded: dict | None, path: str | os.PathLike | None) -> bool
     if Path(path).is_dir():
         now_fp = input_fingerprint(path)
         return now_fp is None or now_fp["sha256"] != recorded.get("sha256")
-    if recorded.get("series") != _series_stamp(Path(path)):  # a level or label of its DICOM series changed
-        return True
     if st.st_size != recorded.get("size"):
+        return True
+    if recorded.get("series") != _series_stamp(Path(path)):  # a level or label of its DICOM series changed
         return True
     if st.st_mtime_ns == recorded.get("mtime_ns"):
         return False
