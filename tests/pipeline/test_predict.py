@@ -649,12 +649,39 @@ def test_tta_averages_the_eight_views(model_file, cohort, tmp_path):
 
 
 def test_a_tumour_call_resting_on_few_cells_is_flagged():
-    from wsi_vssm.pipeline.predict import _few_cells_warning
+    from wsi_vssm.pipeline.predict import FEW_CELLS_NOTE, _few_cells_warning, few_cells_of
 
-    probs = np.array([0.1, 0.2, 0.9], np.float32)
-    assert "1 cell(s)" in _few_cells_warning(probs, 1, 0.5)
-    assert _few_cells_warning(probs, 0, 0.5) is None  # a normal call needs no such warning
-    assert _few_cells_warning(np.full(10, 0.9, np.float32), 1, 0.5) is None
+    assert "1 cell(s)" in _few_cells_warning(1, 1, 0.5)
+    assert _few_cells_warning(1, 0, 0.5) is None  # a normal call needs no such warning
+    assert _few_cells_warning(10, 1, 0.5) is None
+    # the count is read from the summary; a record written before it had only the note's text
+    assert few_cells_of({"label": 1, "summary": {"cells_at_cell_threshold": 2, "warnings": []}}) == 2
+    assert few_cells_of({"label": 1, "summary": {"cells_at_cell_threshold": 7, "warnings": []}}) is None
+    assert few_cells_of({"label": 0, "summary": {"cells_at_cell_threshold": 0, "warnings": []}}) is None
+    old = {"label": 1, "summary": {"warnings": [f"{FEW_CELLS_NOTE} 1 cell(s) at or above the cell threshold 0.5"]}}
+    assert few_cells_of(old) == 1
+
+
+def test_the_summary_counts_the_cells_at_the_cell_threshold(cohort, tmp_path):
+    """prediction.json said how many cells a call rests on only inside a warning's text, and only for calls on
+    fewer than 3: the summary now counts them for every slide, on heatmap level 0's scale, and a rerun with
+    another cell threshold recounts them from the saved heatmap."""
+    import zarr
+
+    from wsi_vssm.pipeline.relabel import relabel_slide
+
+    model = _model(write_tiny_model(tmp_path / "m.pt"))
+    record = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "a", FAST)
+    grid = zarr.open(str(tmp_path / "a" / "tumor_001" / "heatmap.ome.zarr"), mode="r")["0"][:]
+    cells = grid[grid > 0]
+    t = record["cell_threshold"]
+    assert record["summary"]["cells_at_cell_threshold"] == int((cells >= t).sum())
+    higher = float(np.quantile(cells, 0.9))
+    again = relabel_slide(cohort / "tumor_001.tif", model, tmp_path / "a",
+                          dataclasses.replace(FAST, cell_threshold=higher))
+    on_disk = json.loads((tmp_path / "a" / "tumor_001" / "prediction.json").read_text())
+    assert again["summary"]["cells_at_cell_threshold"] == int((cells >= higher).sum())
+    assert on_disk["summary"]["cells_at_cell_threshold"] == int((cells >= higher).sum())
 
 
 def test_lesions_grow_from_seed_cells_to_the_extent_threshold(cohort, tmp_path):

@@ -27,7 +27,7 @@ KEYS = (
     "model", "mpp", "summary", "lesions", "parameters", "timings", "version",
 )  # fmt: skip
 MODEL_KEYS = ("name", "mpp", "token_px", "hash", "weights_hash", "sha256", "domain")
-SUMMARY_KEYS = ("n_cells", "tissue_area_mm2", "largest_lesion_mm", "warnings")
+SUMMARY_KEYS = ("n_cells", "cells_at_cell_threshold", "tissue_area_mm2", "largest_lesion_mm", "warnings")
 
 
 def write_prediction_json(path: str | os.PathLike, record: Mapping) -> None:

@@ -120,7 +120,8 @@ def predict_slide(
         stage("write", 0, 1)
         out_dir.mkdir(parents=True, exist_ok=True)
         label = None if prob is None else int(prob >= threshold)
-        few = _few_cells_warning(cell_probs, label, cell_t)
+        at_threshold = int((cell_probs >= cell_t).sum())
+        few = _few_cells_warning(at_threshold, label, cell_t)
         if few:  # on the terminal too: the overlay and lesions of such a call show nothing to check it by
             warnings.warn(f"{where}: {few}", stacklevel=2)
         notes = ([] if domain["in_domain"] else [f"out of domain: {'; '.join(domain['domain_notes'])}"]) + \
@@ -143,8 +144,9 @@ def predict_slide(
             "device": _device_name(params.device),
             "model": model_record(model, identity),
             "mpp": {"slide": slide.mpp, "slide_source": slide.mpp_source, "analysis": cells.attrs["mpp"]},
-            "summary": {"n_cells": len(cells), "tissue_area_mm2": _tissue_area_mm2(tissue, slide.mpp),
-                        "largest_lesion_mm": None, "warnings": notes},
+            "summary": {"n_cells": len(cells), "cells_at_cell_threshold": at_threshold,
+                        "tissue_area_mm2": _tissue_area_mm2(tissue, slide.mpp), "largest_lesion_mm": None,
+                        "warnings": notes},
             "lesions": [],
             "parameters": {**params.to_dict(), "precision_used": _precision_used(params),
                            "region_px": cells.attrs["region_px"], "overlap_px": cells.attrs["overlap_px"]},
@@ -256,8 +258,7 @@ FEW_CELLS = 3  # a tumour call resting on fewer cells above the cell threshold t
 FEW_CELLS_NOTE = "the tumour call rests on"  # how that note begins (relabel replaces it, the overlay shows it)
 
 
-def _few_cells_warning(cell_probs: np.ndarray, label: int | None, cell_threshold: float) -> str | None:
-    n = int((cell_probs >= cell_threshold).sum())
+def _few_cells_warning(n: int, label: int | None, cell_threshold: float) -> str | None:
     if label == 1 and n < FEW_CELLS:  # "check the heatmap" led nowhere at 0: the overlay then tints nothing
         what = ("no cell of the heatmap looks like tumour, so doubt the call (slides unlike the training data get "
                 "such calls)" if n == 0 else "look at them (lesions.csv, the overlay's outlines) before trusting it")
@@ -266,7 +267,12 @@ def _few_cells_warning(cell_probs: np.ndarray, label: int | None, cell_threshold
 
 
 def few_cells_of(record: dict) -> int | None:
-    """How many cells a tumour call flagged by the few-cells note rests on (prediction.json's note), else None."""
+    """How many cells a tumour call flagged by the few-cells note rests on, else None. Read from the summary's
+    count; records written before it (2026-12-07) have only the note's text."""
+    summary = record.get("summary") or {}
+    n = summary.get("cells_at_cell_threshold")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n if record.get("label") == 1 and n < FEW_CELLS else None
     for note in (record.get("summary") or {}).get("warnings") or []:
         if isinstance(note, str) and note.startswith(FEW_CELLS_NOTE):
             head = note[len(FEW_CELLS_NOTE):].split()

@@ -51,7 +51,8 @@ def relabel_slide(slide_path: str | os.PathLike, model, out_root: str | os.PathL
         grid = np.where(prob > 0, prob, np.nan)  # the file keeps no NaN: 0 is "no tissue" (no cell scores exactly 0)
         threshold, cell_t = slide_threshold(model, params), cell_threshold(model, params)
         label = None if record["probability"] is None else int(record["probability"] >= threshold)
-        few = _few_cells_warning(grid[np.isfinite(grid)], label, cell_t)
+        at_threshold = int((grid[np.isfinite(grid)] >= cell_t).sum())
+        few = _few_cells_warning(at_threshold, label, cell_t)
         if few:
             warnings.warn(f"{slide.path or slide.name}: {few}", stacklevel=2)
         old = record["parameters"]
@@ -62,7 +63,7 @@ def relabel_slide(slide_path: str | os.PathLike, model, out_root: str | os.PathL
                       parameters={**params.to_dict(), "precision_used": _precision_used(params),
                                   "region_px": old["region_px"], "overlap_px": old["overlap_px"]})
         kept = [n for n in record["summary"]["warnings"] if not n.startswith(FEW_CELLS_NOTE)]
-        record["summary"]["warnings"] = kept + ([few] if few else [])
+        record["summary"].update(warnings=kept + ([few] if few else []), cells_at_cell_threshold=at_threshold)
         tissue = slide_tissue(slide)
         thumb = (tissue.thumbnail if max(tissue.thumbnail.shape[:2]) >= THUMBNAIL_SIDE
                  else slide.thumbnail(THUMBNAIL_SIDE))  # as predict_slide chose it
