@@ -205,7 +205,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
             error = f"slide file not found: {file}"
         cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error, mpp))
     _check_duplicates(cohort)
-    return _through_series(cohort)
+    return _rows_through_series(cohort)
 
 
 def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = None, find_slides: bool = True) -> Cohort:
@@ -250,7 +250,7 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
                 found = hits[0]
         cohort.rows.append(CohortRow(name, label, split, found, line, error))
     _check_duplicates(cohort)
-    return _through_series(cohort)
+    return _rows_through_series(cohort)
 
 
 def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
@@ -462,7 +462,7 @@ def _check_duplicates(cohort: Cohort) -> None:
         seen[key] = r
 
 
-def _through_series(cohort: Cohort) -> Cohort:
+def _rows_through_series(cohort: Cohort) -> Cohort:
     """Rows naming a file of a DICOM series read the series through the file a folder run opens (its base level),
     so the slide's outputs have one name however a table names it (the rows keep the table's names); two rows
     reaching one series, by any spelling (`S/..`, a link to S), are refused: its figures would count twice."""

@@ -101,7 +101,7 @@ def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progr
     given_for: dict[Path, list[str]] = {}  # the file a slide is opened through -> the paths given for it
     for item in paths:
         path, mpp = item if isinstance(item, tuple) else (item, None)
-        given, path = path, _through_series(path)
+        given, path = path, _series_slide_path(path)
         given_for.setdefault(Path(path), []).append(given)
         name = slide_key(path)
         try:
@@ -130,7 +130,7 @@ def slide_tasks(paths: Iterable[str | tuple[str, float | None]], progress: Progr
     return tasks
 
 
-def _through_series(path: str) -> str:
+def _series_slide_path(path: str) -> str:
     """A file of a DICOM series given by itself (`predict S/*.dcm`, a table's row) stands for its series' slide."""
     from wsi_vssm.io.dicom import series_slide  # at once for a name no DICOM file has: nothing is opened
 
