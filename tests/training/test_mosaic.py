@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -352,3 +353,15 @@ def test_context_stage_continues_from_the_cell_model(tmp_path):
     w0, w1 = before.mil.cell_head.weight.detach().numpy(), model.mil.cell_head.weight.detach().numpy()
     assert w0.shape == w1.shape and not np.allclose(w0, w1)  # trained on from the cell model's weights:
     assert np.abs(w1 - w0).max() < 0.02  # two Adam steps of lr 2e-3 move a weight by ~0.004; a fresh init ~0.1
+
+
+def test_the_stage_figures_command_runs_as_a_module(tmp_path):
+    """The model card's `python -m wsi_vssm.training.mosaic OUT/mosaic_mil default` printed nothing and exited 0:
+    the module had no `__main__` entry. Given a folder that is no stage's, it now says so."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "wsi_vssm.training.mosaic", str(tmp_path), "default"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert res.returncode == 2, res
+    assert f"{tmp_path}: no mosaics/train or mosaics/valid folder" in res.stderr, res.stderr

@@ -472,21 +472,20 @@ def main(argv=None) -> int:
     ap.add_argument("stage_dir", type=Path, help="the mosaic_mil stage's folder (OUT/mosaic_mil)")
     ap.add_argument("model", help="model file (or 'default') whose backbone made the feature stores")
     a = ap.parse_args(argv)
+    parts = [(part, folder) for part, folder in (("train", "mosaics/train"), ("valid", "mosaics/valid"),
+             ("synth_train", "synth/train"), ("synth_valid", "synth/valid")) if (a.stage_dir / folder).is_dir()]
+    if not parts:  # a wrong folder printed nothing and exited 0
+        ap.error(f"{a.stage_dir}: no mosaics/train or mosaics/valid folder: not a mosaic_mil stage's folder")
     model = load_model(a.model)
-    head = model.mil.cell_head.state_dict()
-    for part, folder in (("train", "mosaics/train"), ("valid", "mosaics/valid"), ("synth_train", "synth/train"),
-                         ("synth_valid", "synth/valid")):
-        if not (a.stage_dir / folder).is_dir():
-            continue
+    for part, folder in parts:
         rows = read_cohort(a.stage_dir / folder).rows
         bags = Bags([(a.stage_dir / "features" / part / f"{r.name}.zarr", r.label) for r in rows], 4096.0)
         probs = _slide_probs(model.mil, bags)
         ok = np.isfinite(probs)
         mil_auc = roc_auc(np.asarray(bags.labels)[ok], probs[ok])
-        pooled = pooling_aucs(bags, head)
-        kind = "slides" if part.startswith("synth") else "mosaics"
-        print(f"{part.replace('_', ' ')} {kind} (n={len(bags)}): MIL slide AUC {mil_auc:.4f}; pooling "
-              + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
+        pooled = pooling_aucs(bags, model.mil.cell_head.state_dict())
+        print(f"{part.replace('_', ' ')} {'slides' if part.startswith('synth') else 'mosaics'} (n={len(bags)}): "
+              f"MIL slide AUC {mil_auc:.4f}; pooling " + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
     return 0
 
 
@@ -495,3 +494,7 @@ def _slide_probs(mil, bags) -> np.ndarray:
     from wsi_vssm.training.mil import bag_logits
 
     return 1.0 / (1.0 + np.exp(-bag_logits(mil, bags)))
+
+
+if __name__ == "__main__":  # the model card runs it as `python -m wsi_vssm.training.mosaic`
+    raise SystemExit(main())
