@@ -11,7 +11,7 @@ from conftest import shared_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsi_vssm.io.dicom import COLUMNS, IMAGE_TYPE, SERIES_UID, read_tags, series_text, slide_series
+from wsi_vssm.io.dicom import COLUMNS, IMAGE_TYPE, ROWS, SERIES_UID, read_tags, series_text, slide_series
 
 EXPLICIT, IMPLICIT, BIG_ENDIAN = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 
@@ -169,6 +169,22 @@ def test_damaged_headers_give_none_or_text_never_an_error(tmp_path, data):
     path.write_bytes(bytes(raw))
     tags = read_tags(path)
     assert tags is None or all(isinstance(v, str | int) for v in tags.values()), tags
+    assert tags is None or all(isinstance(tags[k], int) for k in (COLUMNS, ROWS) if k in tags), tags
+
+
+@pytest.mark.parametrize("value", [b"", struct.pack("<II", 100, 5)], ids=["empty", "two values"])
+def test_a_size_that_is_not_one_number_is_unknown_not_an_error(tmp_path, value):
+    """An empty or two-valued TotalPixelMatrixColumns was kept as text, and grouping the folder raised
+    ValueError (int('')): one damaged file stopped `predict FOLDER` and `info` with a traceback."""
+    good = tmp_path / "good.dcm"
+    dicom_file(good, "1.2.9", size=(100, 80))
+    one = struct.pack("<HH", 0x0048, 0x0006) + b"UL" + struct.pack("<HI", 4, 100)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(good.read_bytes().replace(one, one[:6] + struct.pack("<H", len(value)) + value))
+    tags = read_tags(bad)
+    assert COLUMNS not in tags and tags[SERIES_UID] == "1.2.9", tags
+    good.unlink()
+    assert slide_series([bad]) == [(bad, [(bad, "volume")])]
 
 
 def test_dicom_files_named_without_dcm_are_slides_of_their_own_names(tmp_path):

@@ -132,6 +132,8 @@ def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE,
                     return found
                 if tag in _NUMBERS and tag in tags and length == 4:
                     found[tag] = struct.unpack("<I", data.read(4))[0]
+                elif tag in _NUMBERS:  # a size that is not one UL (empty, two values) is not known: a damaged
+                    data.skip(length, vr)  # header, not text to read as a number (it stopped the whole run)
                 elif tag in tags and length != _UNDEFINED:
                     found[tag] = _text(data.read(length))
                 else:
