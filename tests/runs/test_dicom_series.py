@@ -252,3 +252,18 @@ def test_a_folder_that_cannot_be_listed_fails_alone_saying_so(tmp_path, monkeypa
                                      tmp_path / "out"], capsys)
     assert "Traceback" not in err and f"{locked}: a folder that cannot be listed (Permission denied)" in err, err
     assert code == 3 and "1 of 2 slide(s) failed" in err, err
+
+
+@pytest.mark.parametrize("file_of_the_name", ["4-level0.dcm", "3-label.dcm"])
+def test_a_series_folder_named_like_one_of_its_files_is_one_slide(series, file_of_the_name):
+    """A reference name `S1` found both the folder `S1` and its file `S1.dcm` (the base level, or its label):
+    "several slide files named 'S1'", listing one slide twice or two files of one series."""
+    from wsi_vssm.runs.cohort import read_cohort
+
+    folder = series.parent / "S1"
+    series.rename(folder)
+    (folder / file_of_the_name).rename(folder / "S1.dcm")
+    (folder.parent / "reference.csv").write_text("slide,label\nS1,tumor\n")
+    base = folder / ("S1.dcm" if file_of_the_name == "4-level0.dcm" else "4-level0.dcm")
+    row = read_cohort(folder.parent / "reference.csv").rows[0]
+    assert (row.name, row.path, row.error) == ("S1", base, None), row

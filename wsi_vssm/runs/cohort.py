@@ -276,7 +276,15 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
             # IDC's layout: a folder per series, named by it; a folder of several slides is found too, and
             # its run says so (not "no slide file named ...")
             out.setdefault(name_key(slide_name(Path(dirpath).name)), []).append(series_folder_slide(Path(dirpath)))
-    return out
+    return {key: _one_per_series(hits) if len(hits) > 1 else hits for key, hits in out.items()}
+
+
+def _one_per_series(hits: list[Path]) -> list[Path]:
+    """Hits of one name that are one DICOM series (a folder `S1` and its file `S1.dcm`) as the file it is read
+    through, once: such a name is no ambiguity."""
+    from wsi_vssm.io.dicom import series_slide
+
+    return list(dict.fromkeys(series_slide(h) if h.is_file() else h for h in hits))
 
 
 def series_folder_slide(path: Path) -> Path:
