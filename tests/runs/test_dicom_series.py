@@ -33,7 +33,7 @@ def test_files_of_one_series_given_one_by_one_run_once_as_the_folders_slide(seri
     err = io.StringIO()
     given = [str(f) for f in sorted(series.glob("*.dcm"))]
     tasks = slide_tasks(given, Progress(err=err))
-    assert [(t.name, t.path) for t in tasks] == [("4-level0", str(series / "4-level0.dcm"))], tasks
+    assert [(t.name, t.path) for t in tasks] == [(SERIES_UID, str(series / "4-level0.dcm"))], tasks
     assert err.getvalue().splitlines() == [f"{series / '4-level0.dcm'}: one slide, run once, for the 4 file(s) of "
                                            "its DICOM series given (1-overview.dcm, 2-thumbnail.dcm, ...)"], err
     # the label alone (a slide list's row) is the same slide, under the same name
@@ -267,3 +267,27 @@ def test_a_series_folder_named_like_one_of_its_files_is_one_slide(series, file_o
     base = folder / ("S1.dcm" if file_of_the_name == "4-level0.dcm" else "4-level0.dcm")
     row = read_cohort(folder.parent / "reference.csv").rows[0]
     assert (row.name, row.path, row.error) == ("S1", base, None), row
+
+
+def test_a_folder_of_one_series_names_its_slide_whatever_its_files_are_named(series):
+    """Converters name each slide's files alike (`wsi-000000.dcm` in every folder): two slides were one name,
+    and the second failed ("another slide of this run has the name ..."). A folder holding one series names it;
+    a series beside another slide keeps its base level's name."""
+    from wsi_vssm.io.base import output_name
+    from wsi_vssm.io.slide import open_slide
+    from wsi_vssm.runs.runner import slide_tasks
+
+    root = series.parent
+    for name in ("T1", "N1"):
+        (root / name).mkdir()
+        shutil.copy(HEADERS / "4-level0.dcm", root / name / "wsi-000000.dcm")
+        shutil.copy(HEADERS / "3-label.dcm", root / name / "wsi-000001.dcm")
+    tasks = slide_tasks([str(root / "T1" / "wsi-000000.dcm"), str(root / "N1" / "wsi-000001.dcm")])
+    assert [(t.name, Path(t.path)) for t in tasks] == [("T1", root / "T1" / "wsi-000000.dcm"),
+                                                      ("N1", root / "N1" / "wsi-000000.dcm")], tasks
+    assert output_name(root / "N1" / "wsi-000001.dcm") == "N1"  # any file of it: the name a table's row reaches
+    (root / "T1" / "other.svs").write_bytes(b"x")  # no longer a folder of one slide
+    assert output_name(root / "T1" / "wsi-000000.dcm") == "wsi-000000"
+    assert output_name(root / "N1.svs") == "N1" and output_name(series / "missing.dcm") == "missing"
+    with open_slide(root / "N1" / "wsi-000001.dcm") as slide:  # what predict writes its outputs under
+        assert slide.name == "N1"

@@ -41,6 +41,23 @@ MPP_SOURCES = (
     "none",
 )
 
+# What a folder of slides is searched for (cohort tables, folder runs, a folder of one DICOM series)
+SLIDE_SUFFIXES = (
+    ".ome.tiff", ".ome.tif", ".ome.zarr", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
+    ".bif", ".svslide", ".dcm", ".zarr",
+)  # fmt: skip
+
+
+def output_name(path: str | os.PathLike) -> str:
+    """The name a slide's outputs take (`SlideReader.name`, a run's slide): `slide_name`, except for a file of a
+    DICOM series whose folder holds that series alone (IDC's layout, a converter's folder per slide), which is
+    named after its folder (`slide_name` of it), whichever of its files is given. Its files' own names say
+    nothing: converters name them `wsi-000000.dcm` in every folder, or by UID."""
+    from wsi_vssm.io.dicom import series_folder  # standard library only; a slide that is not DICOM reads nothing
+
+    folder = series_folder(path)
+    return slide_name(path) if folder is None else slide_name(folder)
+
 
 def slide_name(path: str | os.PathLike) -> str:
     """A slide file's name without its extension(s) (`a.ome.tiff` -> `a`, `b.SVS` -> `b`, `c.v2.tif` -> `c.v2`;
@@ -158,7 +175,7 @@ class SlideReader(ABC):
     @property
     def name(self) -> str:
         """The slide's name without extension(s), as used for output folders and cohort tables."""
-        return "array" if self.path is None else slide_name(self.path)
+        return "array" if self.path is None else output_name(self.path)
 
     @property
     def dimensions(self) -> tuple[int, int]:

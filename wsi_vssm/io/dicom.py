@@ -253,14 +253,36 @@ def _stamp(f: Path) -> list:
     return [f.name, size, h.hexdigest()[:16]]
 
 
+def series_folder(path: str | os.PathLike) -> Path | None:
+    """The folder of a DICOM series' file when that folder holds the series alone (`folder_slide`), else None."""
+    path = Path(path)
+    found = series_of(path) if may_be_dicom(path) else None
+    if found is None:
+        return None
+    from wsi_vssm.io.base import SLIDE_SUFFIXES
+
+    return path.parent if folder_slide(path.parent, SLIDE_SUFFIXES) == found[0] else None
+
+
 def folder_slide(folder: str | Path, slide_suffixes: tuple[str, ...] = ()) -> Path | None:
     """The file a folder holding one DICOM series (as IDC lays slides out: a folder per series) is read
     through, so a table row naming the folder names that slide; None for a file, or a folder holding anything
     else named as a slide (`slide_suffixes`: another slide beside the series makes the folder no one slide). A
-    damaged DICOM file beside the series does not: a folder run reports it, as a slide of its own."""
+    damaged DICOM file beside the series does not: a folder run reports it, as a slide of its own. Decided once
+    per process while the folder's entries stay (its mtime): every slide name of a series asks."""
     folder = Path(folder)
-    if not folder.is_dir():
+    try:
+        if not folder.is_dir():
+            return None
+        changed = folder.stat().st_mtime_ns
+    except OSError:
         return None
+    return _folder_slide(str(folder), tuple(slide_suffixes), changed)
+
+
+@functools.lru_cache(maxsize=256)
+def _folder_slide(folder_text: str, slide_suffixes: tuple[str, ...], _changed_ns: int) -> Path | None:
+    folder = Path(folder_text)
     found = folder_series(folder)
     series = [(opened, members) for opened, members in found if (read_tags(opened) or {}).get(SERIES_UID)]
     if len(series) != 1:

@@ -22,6 +22,7 @@ from pathlib import Path
 from wsi_vssm.errors import UsageError
 from wsi_vssm.io.base import (
     PLAUSIBLE_MPP,
+    SLIDE_SUFFIXES,  # re-exported here, where it was defined before 2026-12-07
     slide_name,  # the one naming rule (SlideReader.name); re-exported as cohort.slide_name
 )
 from wsi_vssm.io.formats import is_zarr_dir
@@ -31,10 +32,6 @@ from wsi_vssm.outputs.files import name_key
 LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "normal": 0, "tumor": 1, "tumour": 1, "normal_tissue": 0,
           "tumor_tissue": 1, "tumour_tissue": 1}
 SPLITS = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
-SLIDE_SUFFIXES = (
-    ".ome.tiff", ".ome.tif", ".ome.zarr", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
-    ".bif", ".svslide", ".dcm", ".zarr",
-)  # fmt: skip
 _HEADER_NAMES = {"slide", "name", "image", "slide_id", "image_id", "id", "path", "file"}
 # A manifest's column of slide paths: `slide`, or a name other tools' tables use for a path (TRIDENT's `wsi`).
 _PATH_COLUMNS = ("slide", "path", "file", "slide_path", "wsi")

@@ -181,11 +181,11 @@ def _not_a_slide_folder(path: str) -> str | None:
 
 
 def slide_key(path: str | os.PathLike) -> str:
-    """A slide's output name: `wsi_vssm.io.base.slide_name`, the rule `SlideReader.name` follows (outputs are
+    """A slide's output name: `wsi_vssm.io.base.output_name`, the rule `SlideReader.name` follows (outputs are
     written under that name)."""
-    from wsi_vssm.io.base import slide_name  # imported here: the runner module stays free of numpy
+    from wsi_vssm.io.base import output_name  # imported here: the runner module stays free of numpy
 
-    return slide_name(path)
+    return output_name(path)
 
 
 def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, progress: Progress | None = None,
