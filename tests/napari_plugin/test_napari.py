@@ -378,6 +378,11 @@ def test_the_widgets_line_says_out_of_domain_next_to_the_call():
     assert "OUT OF DOMAIN" not in summary({**record, "in_domain": True})
     empty = {"slide": "f", "probability": None, "reason": "no tissue found", "in_domain": False}
     assert "OUT OF DOMAIN" in summary(empty)
+    # a tumour call on almost no cells, tagged as the CLI's line tags it (the widget's line had no sign of it)
+    few = {**record, "in_domain": True, "summary": {"cells_at_cell_threshold": 0, "warnings": []}}
+    assert summary(few) == ("cmu: tumour probability 0.997 -> tumour (doubtful: 0 cell(s) at the cell threshold) "
+                            "(slide threshold 0.519)")
+    assert "doubtful" not in summary({**few, "summary": {"cells_at_cell_threshold": 40, "warnings": []}})
 
 
 def test_widget_presets_the_default_model_and_the_open_slide(widget_viewer):

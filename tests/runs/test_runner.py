@@ -739,7 +739,9 @@ def test_cells_geojson_is_the_heatmaps_tissue_cells_added_without_the_backbone_a
         assert _cli(base) == 0 and "tumor_001: up to date" in capsys.readouterr().out  # without it: kept
         assert (folder / "cells.geojson").read_bytes() == kept
         assert _cli([*base, "--cell-threshold", "0.3"]) == 0  # new thresholds: remade with the rest
-        assert "only thresholds changed" in capsys.readouterr().err
+        said = capsys.readouterr()
+        assert "only thresholds changed" in said.err
+        assert "s, made again from the saved heatmap] ->" in said.out, said.out  # was "[n cells, 0.0 s]"
         doc, prob, cell_t = tiles()
         assert cell_t == 0.3 and doc["wsi_vssm"]["cell_threshold"] == 0.3
         assert sum("classification" in f["properties"] for f in doc["features"]) == int((prob >= 0.3).sum())

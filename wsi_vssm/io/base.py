@@ -55,7 +55,7 @@ def output_name(path: str | os.PathLike) -> str:
     nothing: converters name them `wsi-000000.dcm` in every folder, or by UID."""
     from wsi_vssm.io.dicom import series_folder  # standard library only; a slide that is not DICOM reads nothing
 
-    folder = series_folder(path)
+    folder = series_folder(path, SLIDE_SUFFIXES)
     return slide_name(path) if folder is None else slide_name(folder)
 
 

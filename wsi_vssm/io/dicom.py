@@ -253,15 +253,14 @@ def _stamp(f: Path) -> list:
     return [f.name, size, h.hexdigest()[:16]]
 
 
-def series_folder(path: str | os.PathLike) -> Path | None:
-    """The folder of a DICOM series' file when that folder holds the series alone (`folder_slide`), else None."""
+def series_folder(path: str | os.PathLike, slide_suffixes: tuple[str, ...] = ()) -> Path | None:
+    """The folder of a DICOM series' file when that folder holds the series alone (`folder_slide`, with the same
+    `slide_suffixes`), else None."""
     path = Path(path)
     found = series_of(path) if may_be_dicom(path) else None
     if found is None:
         return None
-    from wsi_vssm.io.base import SLIDE_SUFFIXES
-
-    return path.parent if folder_slide(path.parent, SLIDE_SUFFIXES) == found[0] else None
+    return path.parent if folder_slide(path.parent, slide_suffixes) == found[0] else None
 
 
 def folder_slide(folder: str | Path, slide_suffixes: tuple[str, ...] = ()) -> Path | None:

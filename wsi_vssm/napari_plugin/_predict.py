@@ -68,12 +68,16 @@ def _warn_of_head_region(model, params) -> None:
 
 def summary(record: dict) -> str:
     """One line for the widget: the slide probability and decision, or why there is none; a slide out of the
-    model's domain says so next to its call, as the CLI line and the overlay's title do."""
+    model's domain, or a tumour call on fewer than 3 cells, says so next to its call, as the CLI line does."""
     prob = record.get("probability")
     out = ", OUT OF DOMAIN (unreliable)" if record.get("in_domain") is False else ""
     if prob is None:
         return f"{record.get('slide')}: no probability ({record.get('reason') or 'unknown reason'}){out}"
+    from wsi_vssm.pipeline.predict import few_cells_of
+    from wsi_vssm.runs.jobs import few_cells_tag
+
     label = "tumour" if record.get("label") else "normal"
+    label += few_cells_tag(few_cells_of(record))  # a call on almost no cells, as the CLI line says it
     threshold = record.get("slide_threshold", record.get("threshold"))
     shown = "?" if threshold is None else f"{float(threshold):.3f}"
     return f"{record.get('slide')}: tumour probability {prob:.3f} -> {label}{out} (slide threshold {shown})"

@@ -246,8 +246,9 @@ class PredictWidget(QWidget):
             self.viewer.add_layer(Layer.create(data, kwargs, layer_type))
         text = summary(result.record)
         self.result_label.setText(f"{text}\noutputs: {result.out_dir}")
-        # a warning toast for a slide out of domain: an info toast replaced the run's own warning at once
-        (show_warning if result.record.get("in_domain") is False else show_info)(f"wsi-vssm: {text}")
+        # a warning toast for a slide out of domain or a doubtful call: an info toast replaced the run's own warning
+        doubtful = result.record.get("in_domain") is False or "(doubtful:" in text
+        (show_warning if doubtful else show_info)(f"wsi-vssm: {text}")
 
     def _match_slide_scale(self, record: dict) -> None:
         """Put the slide layer in um at the mpp prediction used (when the file had none, or it was overridden)."""

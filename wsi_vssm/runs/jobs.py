@@ -174,9 +174,12 @@ class PredictJob(PerSlideMpp):
         verdict += few_cells_tag(result.get("few_cells"))
         if result.get("in_domain") is False:
             verdict += ", OUT OF DOMAIN (unreliable)"
-        tta = f", TTA 8 views: backbone {timings.get('features', 0.0):.1f} s" if self.params.tta else ""
-        return f"{name}: {verdict} [{result.get('n_cells')} cells, {timings.get('total', 0.0):.1f} s{tta}] -> " \
-               f"{self.where(name)}"
+        if "relabel" in timings:  # no backbone ran: "0.0 s, TTA 8 views: backbone 0.0 s" said nothing true
+            took = f"{timings['relabel']:.1f} s, made again from the saved heatmap"
+        else:
+            took = f"{timings.get('total', 0.0):.1f} s" + (
+                f", TTA 8 views: backbone {timings.get('features', 0.0):.1f} s" if self.params.tta else "")
+        return f"{name}: {verdict} [{result.get('n_cells')} cells, {took}] -> {self.where(name)}"
 
 
 @dataclass
