@@ -269,7 +269,7 @@ def test_a_series_folder_named_like_one_of_its_files_is_one_slide(series, file_o
     assert (row.name, row.path, row.error) == ("S1", base, None), row
 
 
-def test_a_folder_of_one_series_names_its_slide_whatever_its_files_are_named(series):
+def test_a_folder_of_one_series_names_its_slide_whatever_its_files_are_named(series, monkeypatch):
     """Converters name each slide's files alike (`wsi-000000.dcm` in every folder): two slides were one name,
     and the second failed ("another slide of this run has the name ..."). A folder holding one series names it;
     a series beside another slide keeps its base level's name."""
@@ -291,3 +291,5 @@ def test_a_folder_of_one_series_names_its_slide_whatever_its_files_are_named(ser
     assert output_name(root / "N1.svs") == "N1" and output_name(series / "missing.dcm") == "missing"
     with open_slide(root / "N1" / "wsi-000001.dcm") as slide:  # what predict writes its outputs under
         assert slide.name == "N1"
+    monkeypatch.chdir(root / "N1")  # `predict .` inside the folder: its name, not "."
+    assert [t.name for t in slide_tasks(["wsi-000000.dcm"])] == ["N1"]

@@ -56,7 +56,8 @@ def output_name(path: str | os.PathLike) -> str:
     from wsi_vssm.io.dicom import series_folder  # standard library only; a slide that is not DICOM reads nothing
 
     folder = series_folder(path, SLIDE_SUFFIXES)
-    return slide_name(path) if folder is None else slide_name(folder)
+    named = "" if folder is None else os.path.basename(os.path.abspath(folder))  # `predict .` inside it: not "."
+    return slide_name(named) if named else slide_name(path)
 
 
 def slide_name(path: str | os.PathLike) -> str:
