@@ -114,13 +114,13 @@ def test_a_table_row_naming_a_folder_of_several_slides_says_what_it_is(tmp_path,
 
 def test_a_table_naming_another_file_of_the_series_reads_it_as_the_folder_run_does(series):
     """`evaluate` named a series after the file its row gave (the label's UID), beside the same slide that a
-    folder run had written under its base level's name."""
+    folder run had written under another name. The row now takes the name the outputs have (its folder's)."""
     from wsi_vssm.runs.cohort import read_manifest
 
     root = series.parent
     (root / "m.csv").write_text(f"slide,label\n{SERIES_UID}/3-label.dcm,1\n")
     [row] = read_manifest(root / "m.csv").rows
-    assert (row.name, row.path) == ("3-label", series / "4-level0.dcm"), row  # the table's name, the series' file
+    assert (row.name, row.path) == (SERIES_UID, series / "4-level0.dcm"), row  # the name its outputs take
 
 
 def test_reference_names_find_series_folders_however_their_files_are_named(series, tmp_path):
@@ -293,3 +293,32 @@ def test_a_folder_of_one_series_names_its_slide_whatever_its_files_are_named(ser
         assert slide.name == "N1"
     monkeypatch.chdir(root / "N1")  # `predict .` inside the folder: its name, not "."
     assert [t.name for t in slide_tasks(["wsi-000000.dcm"])] == ["N1"]
+
+
+def test_tables_give_a_series_the_name_its_outputs_take(series, tmp_path):
+    """With series named after their folders, tables kept the file names they were written with: a manifest of
+    each slide's `wsi-000000.dcm` was refused as one name twice, a table naming UID files gave predictions.csv
+    rows that no output folder had, and `train mil` found no feature store for them. A folder's dotted name
+    (`case.v2`) lost its "extension", so two slides collided; a feature store written into the folder made the
+    series no folder of one slide."""
+    from wsi_vssm.io.base import output_name
+    from wsi_vssm.runs.cohort import read_cohort, read_manifest
+
+    root = series.parent
+    for name in ("T1", "N1", "case.v2", "case.v3"):
+        (root / name).mkdir()
+        shutil.copy(HEADERS / "4-level0.dcm", root / name / "wsi-000000.dcm")
+        shutil.copy(HEADERS / "3-label.dcm", root / name / "wsi-000001.dcm")
+    (root / "m.csv").write_text("slide,label\nT1/wsi-000000.dcm,1\nN1/wsi-000001.dcm,0\ncase.v2,1\ncase.v3,0\n")
+    for find in (True, False):  # train mil reads tables without looking for slides: the names are the same
+        rows = read_manifest(root / "m.csv", find_slides=find).rows
+        assert [r.name for r in rows] == ["T1", "N1", "case.v2", "case.v3"], rows
+    assert [output_name(root / n / "wsi-000001.dcm") for n in ("case.v2", "case.v3")] == ["case.v2", "case.v3"]
+    (root / "reference.csv").write_text("slide,label\ncase.v2,1\n4-level0,0\n")  # a folder; a file's stem
+    rows = read_cohort(root / "reference.csv").rows
+    assert [(r.name, r.path, r.error) for r in rows] == [("case.v2", root / "case.v2" / "wsi-000000.dcm", None),
+                                                         (SERIES_UID, series / "4-level0.dcm", None)], rows
+    (root / "T1" / "T1.zarr").mkdir()  # `extract . -o .` inside it: a feature store is no slide
+    assert output_name(root / "T1" / "wsi-000001.dcm") == "T1"
+    (root / "T1" / "other.tif").write_bytes(b"x")  # another slide beside it: named after its base level,
+    assert output_name(root / "T1" / "wsi-000001.dcm") == "wsi-000000"  # whichever file is given

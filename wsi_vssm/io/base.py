@@ -49,15 +49,22 @@ SLIDE_SUFFIXES = (
 
 
 def output_name(path: str | os.PathLike) -> str:
-    """The name a slide's outputs take (`SlideReader.name`, a run's slide): `slide_name`, except for a file of a
-    DICOM series whose folder holds that series alone (IDC's layout, a converter's folder per slide), which is
-    named after its folder (`slide_name` of it), whichever of its files is given. Its files' own names say
-    nothing: converters name them `wsi-000000.dcm` in every folder, or by UID."""
-    from wsi_vssm.io.dicom import series_folder  # standard library only; a slide that is not DICOM reads nothing
+    """The name a slide's outputs take (`SlideReader.name`, a run's slide, a table's row for it): `slide_name`,
+    except for a file of a DICOM series, which is named after its folder when that folder holds the series
+    alone (IDC's layout, a converter's folder per slide; the folder's whole name, `folder_name`), else after its
+    base-level file, whichever of its files is given. Its files' own names say nothing: converters name them
+    `wsi-000000.dcm` in every folder, or by UID."""
+    from wsi_vssm.io.dicom import series_folder, series_slide  # standard library only; nothing read for an .svs
 
     folder = series_folder(path, SLIDE_SUFFIXES)
     named = "" if folder is None else os.path.basename(os.path.abspath(folder))  # `predict .` inside it: not "."
-    return slide_name(named) if named else slide_name(path)
+    return folder_name(named) if named else slide_name(series_slide(path))
+
+
+def folder_name(folder: str | os.PathLike) -> str:
+    """A folder's own name as a slide's name (a folder of one DICOM series): kept whole (`case.v2`, `Smith.J`:
+    a folder has no extension to drop), made printable as `slide_name` makes it."""
+    return _printable(Path(folder).name)
 
 
 def slide_name(path: str | os.PathLike) -> str:
@@ -67,24 +74,28 @@ def slide_name(path: str | os.PathLike) -> str:
     kept: cohorts match names case-insensitively by lower-casing them themselves. A file name that is not valid
     UTF-8 keeps its stray bytes as `\\xNN` text, and control characters (a newline) are escaped the same way
     (`\\n`), so the name can be written into JSON, CSV, one-line messages and pictures."""
-    raw = Path(path).name
-    try:
-        raw = os.fsencode(raw)  # the bytes on disk, whatever the file system encoding
-    except UnicodeEncodeError:  # a name given as text the file system encoding cannot spell
-        raw = raw.encode("utf-8", "surrogateescape")
-    name = raw.decode("utf-8", "backslashreplace")
-    try:
-        os.fsencode(name)  # outputs are named after it: under an ASCII locale (LC_ALL=C, PYTHONUTF8=0) UTF-8
-    except UnicodeEncodeError:  # letters cannot be file names, so they are kept as `\xNN` text too
-        name = raw.decode("ascii", "backslashreplace")
-    name = "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c
-                   for c in name)
+    name = _printable(Path(path).name)
     for ext in (".ome.tiff", ".ome.tif", ".ome.zarr"):  # two-part extensions: Path.stem would leave `.ome`
         if name.lower().endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
     # a DICOM file named by its UID without `.dcm` (`1.2.826.0.1.3680043.8.498.8361`) has no extension to drop:
     # the stem would name every file of that UID root alike
     return name if Path(name).suffix[1:].isdigit() else Path(name).stem
+
+
+def _printable(raw: str) -> str:
+    """A file name as text for JSON, CSV, messages and file names: stray bytes and control characters escaped."""
+    try:
+        data = os.fsencode(raw)  # the bytes on disk, whatever the file system encoding
+    except UnicodeEncodeError:  # a name given as text the file system encoding cannot spell
+        data = raw.encode("utf-8", "surrogateescape")
+    name = data.decode("utf-8", "backslashreplace")
+    try:
+        os.fsencode(name)  # outputs are named after it: under an ASCII locale (LC_ALL=C, PYTHONUTF8=0) UTF-8
+    except UnicodeEncodeError:  # letters cannot be file names, so they are kept as `\xNN` text too
+        name = data.decode("ascii", "backslashreplace")
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c
+                   for c in name)
 
 
 def tiff_resolution_um(resolution: object, unit: object) -> float | None:

@@ -291,7 +291,8 @@ def _folder_slide(folder_text: str, slide_suffixes: tuple[str, ...], _changed_ns
         others = [f for f in folder.iterdir() if f.name not in members and not f.name.startswith(".")]
     except OSError:
         return None
-    if any(f.name.lower().endswith(slide_suffixes) and (_is_file(f) or f.name.lower().endswith(".zarr"))
+    # an OME-Zarr slide beside it counts; a plain `.zarr` folder (a feature store `extract` wrote there) does not
+    if any(f.name.lower().endswith(slide_suffixes) and (_is_file(f) or f.name.lower().endswith(".ome.zarr"))
            for f in others):
         return None
     return series[0][0]

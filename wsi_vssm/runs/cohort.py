@@ -23,6 +23,8 @@ from wsi_vssm.errors import UsageError
 from wsi_vssm.io.base import (
     PLAUSIBLE_MPP,
     SLIDE_SUFFIXES,  # re-exported here, where it was defined before 2026-12-07
+    folder_name,
+    output_name,
     slide_name,  # the one naming rule (SlideReader.name); re-exported as cohort.slide_name
 )
 from wsi_vssm.io.formats import is_zarr_dir
@@ -195,14 +197,16 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         split = None if i_split is None else parse_split(_cell(cells, i_split), path, line)
         mpp = None if i_mpp is None else parse_mpp(_cell(cells, i_mpp), path, line)
         file = _table_path(ref, path)
-        if find_slides and file.is_dir() and not is_zarr_dir(file):
+        if file.is_dir() and not is_zarr_dir(file):
             file = series_folder_slide(file)
         error = None
         if find_slides and not file.exists():
             error = f"slide file not found: {file}"
-        cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error, mpp))
-    _check_duplicates(cohort)
-    return _rows_through_series(cohort)
+        # the name its outputs take (a DICOM series': its folder's), so that tables, outputs and stores agree
+        name = output_name(file) if file.exists() else slide_name(ref)
+        cohort.rows.append(CohortRow(name, label, split, file if not error else None, line, error, mpp))
+    _check_duplicates(_rows_through_series(cohort))  # one series listed twice is said as that first
+    return cohort
 
 
 def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = None, find_slides: bool = True) -> Cohort:
@@ -234,10 +238,10 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
         if "/" in name or "\\" in name:  # its folders would be dropped and the name looked up elsewhere
             raise CohortError(f"{path}, line {line}: {name!r} is a path, but this table names slides (looked up "
                               f"by name under {root}); for slide paths, give a manifest with a header 'slide,label'")
-        name = slide_name(name)  # tolerate a name written with its extension
+        written, name = name, slide_name(name)  # tolerate a name written with its extension
         found, error = None, None
-        if find_slides:
-            hits = index.get(name_key(name), [])
+        if find_slides:  # a series folder's name is whole (`case.v2`); a file's without its extension
+            hits = index.get(name_key(folder_name(written)), []) or index.get(name_key(name), [])
             if not hits:
                 error = f"no slide file named {name!r} under {root}"
             elif len(hits) > 1:  # the table is ambiguous: said before any slide runs, as a repeated row is
@@ -246,8 +250,8 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
             else:
                 found = hits[0]
         cohort.rows.append(CohortRow(name, label, split, found, line, error))
-    _check_duplicates(cohort)
-    return _rows_through_series(cohort)
+    _check_duplicates(_rows_through_series(cohort))  # one series listed twice is said as that first
+    return cohort
 
 
 def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
@@ -272,7 +276,7 @@ def index_slides(root: str | os.PathLike) -> dict[str, list[Path]]:
         if Path(dirpath) != Path(root) and _holds_dicom(Path(dirpath), filenames):
             # IDC's layout: a folder per series, named by it; a folder of several slides is found too, and
             # its run says so (not "no slide file named ...")
-            out.setdefault(name_key(slide_name(Path(dirpath).name)), []).append(series_folder_slide(Path(dirpath)))
+            out.setdefault(name_key(folder_name(dirpath)), []).append(series_folder_slide(Path(dirpath)))
     return {key: _one_per_series(hits) if len(hits) > 1 else hits for key, hits in out.items()}
 
 
@@ -469,7 +473,8 @@ def _check_duplicates(cohort: Cohort) -> None:
 
 def _rows_through_series(cohort: Cohort) -> Cohort:
     """Rows naming a file of a DICOM series read the series through the file a folder run opens (its base level),
-    so the slide's outputs have one name however a table names it (the rows keep the table's names); two rows
+    and take the name its outputs have (`io.base.output_name`: its folder's, for a folder of that series alone),
+    so that predictions.csv, lesions.csv, patients and feature stores all use one name; two rows
     reaching one series, by any spelling (`S/..`, a link to S), are refused: its figures would count twice."""
     from wsi_vssm.io.dicom import series_of
 
@@ -482,5 +487,5 @@ def _rows_through_series(cohort: Cohort) -> Cohort:
         if first is not r:
             raise CohortError(f"{cohort.source}, line {r.line}: {r.path} is a file of the DICOM series that line "
                               f"{first.line} names ({first.path}): one slide, listed twice; keep one row")
-        cohort.rows[i] = replace(r, path=found[0])
+        cohort.rows[i] = replace(r, path=found[0], name=output_name(found[0]))  # the name its outputs take
     return cohort
