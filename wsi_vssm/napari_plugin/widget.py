@@ -246,8 +246,10 @@ class PredictWidget(QWidget):
             self.viewer.add_layer(Layer.create(data, kwargs, layer_type))
         text = summary(result.record)
         self.result_label.setText(f"{text}\noutputs: {result.out_dir}")
+        from wsi_vssm.pipeline.predict import few_cells_of
+
         # a warning toast for a slide out of domain or a doubtful call: an info toast replaced the run's own warning
-        doubtful = result.record.get("in_domain") is False or "(doubtful:" in text
+        doubtful = result.record.get("in_domain") is False or few_cells_of(result.record) is not None
         (show_warning if doubtful else show_info)(f"wsi-vssm: {text}")
 
     def _match_slide_scale(self, record: dict) -> None:
