@@ -79,8 +79,8 @@ def format_prediction_folder_info(r: dict) -> str:
     area = r["tissue_area_mm2"]
     tissue = (f"{r['n_cells']} cells" if r["n_cells"] is not None else "cells not recorded") + (
         f", {area:.2f} mm2 of tissue" if isinstance(area, int | float) else "")
-    mpp = (f"; slide {r['mpp']:.4g} um/px ({r['mpp_source']})" if isinstance(r["mpp"], int | float)  # 0.228175...
-           else f"; slide {r['mpp']} um/px ({r['mpp_source']})" if r["mpp"] is not None else "")
+    shown = f"{r['mpp']:.4g}" if isinstance(r["mpp"], int | float) else r["mpp"]  # 0.228175... -> 0.2282
+    mpp = f"; slide {shown} um/px ({r['mpp_source']})" if r["mpp"] is not None else ""
     lines.append(f"tissue:      {tissue}{mpp}")
     if r["lesions"]:
         cats = ", ".join(f"{n} {c}" for c, n in sorted(r["categories"].items()))

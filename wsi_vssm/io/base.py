@@ -54,11 +54,14 @@ def output_name(path: str | os.PathLike) -> str:
     alone (IDC's layout, a converter's folder per slide; the folder's whole name, `folder_name`), else after its
     base-level file, whichever of its files is given. Its files' own names say nothing: converters name them
     `wsi-000000.dcm` in every folder, or by UID."""
-    from wsi_vssm.io.dicom import series_folder, series_slide  # standard library only; nothing read for an .svs
+    from wsi_vssm.io.dicom import folder_slide, series_of  # standard library only; nothing read for an .svs
 
-    folder = series_folder(path, SLIDE_SUFFIXES)
-    named = "" if folder is None else os.path.basename(os.path.abspath(folder))  # `predict .` inside it: not "."
-    return folder_name(named) if named else slide_name(series_slide(path))
+    found = series_of(path)  # (the base-level file, its series' files), or None for any other slide
+    if found is None:
+        return slide_name(path)
+    folder = Path(path).parent
+    named = os.path.basename(os.path.abspath(folder)) if folder_slide(folder, SLIDE_SUFFIXES) == found[0] else ""
+    return folder_name(named) if named else slide_name(found[0])  # `predict .` inside it: named, not "."
 
 
 def folder_name(folder: str | os.PathLike) -> str:

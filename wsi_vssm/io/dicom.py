@@ -253,16 +253,6 @@ def _stamp(f: Path) -> list:
     return [f.name, size, h.hexdigest()[:16]]
 
 
-def series_folder(path: str | os.PathLike, slide_suffixes: tuple[str, ...] = ()) -> Path | None:
-    """The folder of a DICOM series' file when that folder holds the series alone (`folder_slide`, with the same
-    `slide_suffixes`), else None."""
-    path = Path(path)
-    found = series_of(path) if may_be_dicom(path) else None
-    if found is None:
-        return None
-    return path.parent if folder_slide(path.parent, slide_suffixes) == found[0] else None
-
-
 def folder_slide(folder: str | Path, slide_suffixes: tuple[str, ...] = ()) -> Path | None:
     """The file a folder holding one DICOM series (as IDC lays slides out: a folder per series) is read
     through, so a table row naming the folder names that slide; None for a file, or a folder holding anything

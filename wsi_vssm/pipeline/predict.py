@@ -273,7 +273,7 @@ def few_cells_of(record: dict) -> int | None:
     n = summary.get("cells_at_cell_threshold")
     if isinstance(n, int) and not isinstance(n, bool):
         return n if record.get("label") == 1 and n < FEW_CELLS else None
-    for note in (record.get("summary") or {}).get("warnings") or []:
+    for note in summary.get("warnings") or []:
         if isinstance(note, str) and note.startswith(FEW_CELLS_NOTE):
             head = note[len(FEW_CELLS_NOTE):].split()
             return int(head[0]) if head and head[0].isdigit() else None

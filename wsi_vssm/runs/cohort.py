@@ -202,9 +202,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         error = None
         if find_slides and not file.exists():
             error = f"slide file not found: {file}"
-        # the name its outputs take (a DICOM series': its folder's), so that tables, outputs and stores agree
-        name = output_name(file) if file.exists() else slide_name(ref)
-        cohort.rows.append(CohortRow(name, label, split, file if not error else None, line, error, mpp))
+        cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error, mpp))
     _check_duplicates(_rows_through_series(cohort))  # one series listed twice is said as that first
     return cohort
 

@@ -477,13 +477,13 @@ def main(argv=None) -> int:
     if not parts:  # a wrong folder printed nothing and exited 0
         ap.error(f"{a.stage_dir}: no mosaics/train or mosaics/valid folder: not a mosaic_mil stage's folder")
     model = load_model(a.model)
+    head = model.mil.cell_head.state_dict()
     for part, folder in parts:
         rows = read_cohort(a.stage_dir / folder).rows
         bags = Bags([(a.stage_dir / "features" / part / f"{r.name}.zarr", r.label) for r in rows], 4096.0)
         probs = _slide_probs(model.mil, bags)
-        ok = np.isfinite(probs)
-        mil_auc = roc_auc(np.asarray(bags.labels)[ok], probs[ok])
-        pooled = pooling_aucs(bags, model.mil.cell_head.state_dict())
+        mil_auc = roc_auc(np.asarray(bags.labels)[ok := np.isfinite(probs)], probs[ok])
+        pooled = pooling_aucs(bags, head)
         print(f"{part.replace('_', ' ')} {'slides' if part.startswith('synth') else 'mosaics'} (n={len(bags)}): "
               f"MIL slide AUC {mil_auc:.4f}; pooling " + ", ".join(f"{k} {v:.4f}" for k, v in pooled.items()))
     return 0
