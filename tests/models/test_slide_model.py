@@ -300,7 +300,7 @@ def test_a_model_with_an_ensemble_head_round_trips_and_takes_one_by_attach(model
     for h in heads[1:]:
         h.cell_head.load_state_dict(heads[0].cell_head.state_dict())
     ens = MILEnsemble.of(heads)
-    save_mil(tmp_path / "ens.pt", ens, None, {})
+    save_mil(tmp_path / "ens.pt", ens, {})
     m = load_model(save_model(model, tmp_path / "m.pt"))
     head = m.mil.cell_head.weight.clone()
     attach_mil(m, tmp_path / "ens.pt")

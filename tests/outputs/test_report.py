@@ -373,6 +373,23 @@ def test_froc_without_lesions_and_bad_input():
         froc({"B": np.empty((0, 3))}, {}, slide_mpp={"C": 1.0})
 
 
+def test_froc_png_draws_the_curve_or_says_why_not(tmp_path):
+    """evaluate --annotations gave the FROC in metrics.json only: no curve to look at or publish."""
+    from wsi_vssm.outputs.froc import froc_png
+
+    def curve_pixels(path):  # the curve's colour (matplotlib's C3)
+        with Image.open(path) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+            rgb = np.asarray(im.convert("RGB")).astype(int)
+        return int((np.abs(rgb - (214, 39, 40)).sum(-1) < 30).sum())
+
+    dets, anns = _camelyon_case()
+    froc_png(tmp_path / "froc.png", froc(dets, anns, slide_mpp=1.0))
+    froc_png(tmp_path / "none.png", froc({"B": np.array([[1, 1, 0.5]])}, {}, slide_mpp=0.25))
+    assert curve_pixels(tmp_path / "froc.png") > 200 and curve_pixels(tmp_path / "none.png") == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_detections_from_heatmap():
     prob = np.full((20, 30), np.nan, np.float32)
     prob[2:18, 2:28] = 0.05

@@ -447,7 +447,8 @@ def test_readme_main_job_uses_a_shipped_slide():
     assert "cmu-1-small-region.svs" in readme  # named as the example of a slide out of the model's domain
 
 
-def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path):
+def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path, monkeypatch):
+    import wsi_vssm.runs.evaluate as ev
     from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.runs.evaluate import evaluate_cohort
 
@@ -458,6 +459,16 @@ def test_evaluate_with_annotations_adds_the_froc(model_file, cohort, tmp_path):
     assert set(froc["sensitivity_at_fps"]) == {"0.25", "0.5", "1", "2", "4", "8"}
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert saved["froc"]["froc"] == pytest.approx(froc["froc"])
+    assert (tmp_path / "ev" / "froc.png").is_file()
+    # a run without --annotations takes the old curve away: it no longer matches metrics.json
+    res = evaluate_cohort(cohort, load_model(model_file), tmp_path / "ev", FAST, n_boot=200)
+    assert "froc" not in res.metrics and not (tmp_path / "ev" / "froc.png").exists()
+    # so it does when a run with them finished while this one worked, its curve written after this run began
+    real_wait = ev._wait_for_other_runs
+    monkeypatch.setattr(ev, "_wait_for_other_runs", lambda *a: (tmp_path / "ev" / "froc.png").write_bytes(b"x")
+                        or real_wait(*a))
+    evaluate_cohort(cohort, load_model(model_file), tmp_path / "ev", FAST, n_boot=200)
+    assert not (tmp_path / "ev" / "froc.png").exists()
 
 
 def test_the_froc_names_the_slides_it_leaves_out(model_file, cohort, tmp_path):

@@ -47,6 +47,10 @@ def test_evaluate_with_patients_writes_stages_kappa_and_confusion(patient_cohort
     got = capsys.readouterr()
     assert "kappa" in got.out
     assert "the pN kappa rests on 1 patient(s)" in got.err  # one patient: 1.000 (1.000-1.000) or 0.000 (0.000-0.000)
+    # a rerun without --patients took neither file away: they stood beside a metrics.json with no stage in it
+    assert _cli(["evaluate", patient_cohort, "--model", model_file, "--out", out, *FAST]) == 0
+    assert "kappa" not in json.loads((out / "metrics.json").read_text())
+    assert not (out / "stages.csv").exists() and not (out / "confusion.png").exists()
 
 
 def test_patients_table_naming_unknown_slides_is_one_line(patient_cohort, model_file, tmp_path, capsys):

@@ -26,7 +26,8 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
               help="Output folder: metrics.json, predictions.csv, lesions.csv, roc.png, calibration.png, and "
                    "OUT/<slide name>/ per slide.")
 @click.option("--annotations", type=click.Path(file_okay=False), default=None,
-              help="Folder of lesion annotations (ASAP XML / GeoJSON named like the slides): adds the FROC.")
+              help="Folder of lesion annotations (ASAP XML / GeoJSON named like the slides): adds the FROC "
+                   "(metrics.json, froc.png).")
 @click.option("--patients", type=click.Path(dir_okay=False), default=None,
               help="patients.csv (patient,slide): pN stage per patient against the reference, quadratic-weighted "
                    "kappa; writes stages.csv and confusion.png (docs/outputs.md).")
@@ -48,8 +49,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     patch folder in ImageFolder layout (0/, 1/; needs --mpp).
 
     Writes OUT/metrics.json, OUT/predictions.csv, OUT/lesions.csv (every slide's lesions, with a slide column),
-    OUT/roc.png, OUT/calibration.png (with --patients also OUT/stages.csv and OUT/confusion.png) and each slide's
-    prediction folder. A rerun resumes (done slides are
+    OUT/roc.png, OUT/calibration.png (with --annotations also OUT/froc.png, with --patients OUT/stages.csv and
+    OUT/confusion.png) and each slide's prediction folder. A rerun resumes (done slides are
     skipped). Exit code 3 when the cohort finished with some slides failed, 4 when the
     report is incomplete (slides still being done by another run on OUT; see --wait-locked; for a patch folder,
     another run is scoring into OUT). A patch folder's scores are kept as they are made: a rerun resumes, and

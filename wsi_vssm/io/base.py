@@ -29,18 +29,6 @@ BACKGROUND = 255  # white: what a brightfield scanner sees where there is no tis
 # (`io.formats.plausible_mpp`; here because a reader's missing-resolution message names it).
 PLAUSIBLE_MPP = (0.01, 20.0)
 
-# Where `mpp` came from; reported by `wsi-vssm info`.
-MPP_SOURCES = (
-    "openslide-properties",
-    "tiff-resolution",
-    "ome-metadata",
-    "vendor-metadata",
-    "objective-power",
-    "user",
-    "fallback",
-    "none",
-)
-
 # What a folder of slides is searched for (cohort tables, folder runs, a folder of one DICOM series)
 SLIDE_SUFFIXES = (
     ".ome.tiff", ".ome.tif", ".ome.zarr", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
@@ -162,7 +150,7 @@ class SlideReader(ABC):
         level_dimensions: Sequence[tuple[int, int]],
         level_downsamples: Sequence[float] | None = None,
         mpp: float | None = None,
-        mpp_source: str = "none",
+        mpp_source: str = "none",  # where mpp came from: the table in docs/formats.md, "Resolution (mpp)"
         vendor: str | None = None,
         associated_images: Sequence[str] = (),
         properties: dict[str, str] | None = None,

@@ -9,10 +9,12 @@ kept as a slide of its own, so the reader says what is wrong with it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO
 
@@ -145,8 +147,12 @@ def read_tags(path: str | Path, tags: tuple[tuple[int, int], ...] = (IMAGE_TYPE,
 def may_be_dicom(path: str | Path) -> bool:
     """Whether a file's name is one a DICOM image has: `.dcm` (any case), no extension (`IM000001`), or a UID's
     digits as one (`1.2.826...4556`); not `DICOMDIR`, a DICOM medium's index. Only such files are looked into."""
-    name = Path(path).name
-    suffix = Path(name).suffix
+    return _dicom_name(os.path.basename(os.fspath(path)))
+
+
+def _dicom_name(name: str) -> bool:
+    dot = name.rfind(".")
+    suffix = name[dot:] if 0 < dot < len(name) - 1 else ""  # as pathlib's `suffix`, without a Path per name
     return name.upper() != "DICOMDIR" and (suffix.lower() == ".dcm" or suffix == "" or suffix[1:].isdigit())
 
 
@@ -175,6 +181,11 @@ def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]
     or "" when not given. DICOM files of one series are one slide, opened through (and so named after) its
     largest volume file, the base level, wherever that sorts; else its first volume by name (no size stated),
     else its first file. Any other file, or a DICOM file whose series cannot be read, is a slide alone."""
+    return _grouped(files)[0]
+
+
+def _grouped(files: list[Path]) -> tuple[list[tuple[Path, list[tuple[Path, str]]]], list[int]]:
+    """`slide_series`, and the positions of its slides that are DICOM series (the others are files alone)."""
     groups: dict[str, list[tuple[Path, str, int]]] = {}
     out: list[tuple[Path, list[tuple[Path, str]]]] = []
     slots: dict[str, int] = {}
@@ -194,7 +205,7 @@ def slide_series(files: list[Path]) -> list[tuple[Path, list[tuple[Path, str]]]]
     for series, members in groups.items():
         opened = max(members, key=lambda m: m[2])[0]  # max keeps the first of equals: the first by name
         out[slots[series]] = (opened, [(f, kind) for f, kind, _ in members])
-    return out
+    return out, sorted(slots.values())
 
 
 def dicom_files(folder: Path) -> list[Path]:
@@ -214,26 +225,66 @@ def _is_file(f: Path) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=256)
-def _folder_series(folder: str, _changed_ns: int) -> tuple[tuple, dict]:
-    """The folder's slides, and file name -> its slide's entry (a lookup per file, not a walk of them all)."""
-    found = tuple(slide_series(dicom_files(Path(folder))))
-    return found, {f.name: entry for entry in found for f, _ in entry[1]}
+# Folders a cohort run looks at; more than that (a cohort of one folder per series) and the caches below would
+# evict each folder before its next slide asks (256 gave 2.5x the header reads above 256 series).
+_FOLDERS_CACHED = 16_384
 
 
-def _indexed(folder: Path) -> tuple[tuple, dict]:
-    """`_folder_series` while the folder's entries stay (its mtime); nothing for a folder that cannot be read."""
+def _folder_series(folder: str) -> tuple[tuple, dict, tuple]:
+    """The folder's slides, file name -> its slide's entry (a lookup per file, not a walk of them all), and the
+    slides that are DICOM series (their opened file has a series UID)."""
+    found, at = _grouped(dicom_files(Path(folder)))
+    return tuple(found), {f.name: entry for entry in found for f, _ in entry[1]}, tuple(found[i] for i in at)
+
+
+# folder -> (its mtime, `_dicom_entries`, `_folder_series`) when last looked at, oldest first
+_SEEN: OrderedDict[str, tuple[int, tuple, tuple]] = OrderedDict()
+
+
+def _indexed(folder: Path) -> tuple[tuple, dict, tuple]:
+    """`_folder_series`, read once per process while the folder's DICOM-named files stay; nothing for a folder
+    that cannot be read. The files are listed again only when the folder's mtime moves, and the headers read
+    again only when those files changed: a run writing its outputs into the folder (`--out` the cohort's own)
+    read every header of the folder for each slide."""
     try:
         changed = folder.stat().st_mtime_ns
     except OSError:
-        return (), {}
-    return _folder_series(str(folder), changed)
+        return (), {}, ()
+    key = str(folder)
+    seen = _SEEN.get(key)
+    if seen is None or seen[0] != changed:
+        files = _dicom_entries(folder)
+        grouped = seen[2] if seen is not None and seen[1] == files else _folder_series(key)
+        seen = _SEEN[key] = (changed, files, grouped)
+        _SEEN.move_to_end(key)
+        while len(_SEEN) > _FOLDERS_CACHED:
+            _SEEN.popitem(last=False)
+    return seen[2]
+
+
+def _dicom_entries(folder: Path) -> tuple:
+    """(name, inode, size, mtime) of the files in `folder` whose names DICOM files have, sorted: a file added,
+    removed or replaced under its name (even on the same inode) counts as a change."""
+    out = []
+    try:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.name.startswith(".") or not _dicom_name(e.name):
+                    continue
+                with contextlib.suppress(OSError):
+                    if e.is_file():
+                        st = e.stat()
+                        out.append((e.name, e.inode(), st.st_size, st.st_mtime_ns))
+    except OSError:
+        return ()
+    return tuple(sorted(out))
 
 
 def folder_series(folder: str | Path) -> list[tuple[Path, list[tuple[Path, str]]]]:
-    """`slide_series` of a folder's DICOM files. Read once per process while the folder's entries stay (its
-    mtime), since a run asks for each slide's series several times: listing a folder of 2,000 files again for
-    every one of them took minutes. A file rewritten in place keeps its series' grouping until the next run."""
+    """`slide_series` of a folder's DICOM files. Read once per process while its DICOM files stay (`_indexed`),
+    since a run asks for each slide's series several times: listing a folder of 2,000 files again for every one
+    of them took minutes. A file rewritten in place (the folder's mtime unmoved) keeps its series' grouping until
+    the next run."""
     return list(_indexed(Path(folder))[0])
 
 
@@ -269,11 +320,10 @@ def folder_slide(folder: str | Path, slide_suffixes: tuple[str, ...] = ()) -> Pa
     return _folder_slide(str(folder), tuple(slide_suffixes), changed)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=_FOLDERS_CACHED)
 def _folder_slide(folder_text: str, slide_suffixes: tuple[str, ...], _changed_ns: int) -> Path | None:
     folder = Path(folder_text)
-    found = folder_series(folder)
-    series = [(opened, members) for opened, members in found if (read_tags(opened) or {}).get(SERIES_UID)]
+    found, _, series = _indexed(folder)  # the headers are read again only when the folder's DICOM files change
     if len(series) != 1:
         return None
     members = {f.name for _, group in found for f, _ in group}  # the damaged ones too: no other slides
@@ -311,6 +361,23 @@ def series_stamp(path: str | Path) -> list | None:
     if found is None:
         return None
     return [_stamp(f) for f, _ in found[1] if f.name != Path(path).name]
+
+
+def series_times(path: str | Path) -> list | None:
+    """[[name, size, mtime_ns], ...] of the other files of `path`'s DICOM series, read from the file system only:
+    when they match a run's record, its `series_stamp` needs no reading. None when `path` is not one."""
+    found = series_of(path)
+    if found is None:
+        return None
+    out = []
+    for f, _ in found[1]:
+        if f.name != Path(path).name:
+            try:
+                st = f.stat()
+                out.append([f.name, st.st_size, st.st_mtime_ns])
+            except OSError:
+                out.append([f.name, None, None])
+    return out
 
 
 def series_text(members: list[tuple[Path, str]]) -> str:

@@ -1,4 +1,4 @@
-"""Peak-memory measurement of SS2D's paths, for tests and bench/ (e.g. a future bench/backbone.py).
+"""Peak-memory measurement of SS2D's paths, for tests and bench/ (bench/backbone.py).
 
 Two methods:
 - "tensors": counts the bytes of every tensor storage created while the call runs (a TorchDispatchMode that

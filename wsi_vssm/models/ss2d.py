@@ -157,13 +157,13 @@ class SS2D(nn.Module):
             return self.forward_streaming(x)
         return self.forward_plain(x)
 
-    def forward_fused(self, x: torch.Tensor, low_memory: bool = False, chunk: int | None = None) -> torch.Tensor:
+    def forward_fused(self, x: torch.Tensor, low_memory: bool = False) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W) channels-last, through the fused CPU kernel. low_memory (autograd off):
         the projections in row bands and the scan one direction at a time (memory linear in H * W)."""
         b, _, h, w = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
         if low_memory and not torch.is_grad_enabled():
-            return self._fused_bands(x, chunk or self.chunk_for(x))
+            return self._fused_bands(x, self.chunk_for(x))
         u = F.silu(self._conv_in(x))  # (B, D, H, W) channels-last
         y = self._fused_scan(u, low_memory=False)  # (B, H, W, D)
         y = F.layer_norm(y, (self.d_inner,), self.out_norm.weight, self.out_norm.bias, self.out_norm.eps)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-K_DIRECTIONS = 4
-DIRECTION_NAMES = ("row-major", "column-major", "row-major reversed", "column-major reversed")
+K_DIRECTIONS = 4  # row-major, column-major, then each of them reversed
 
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:

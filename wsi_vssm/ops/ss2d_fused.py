@@ -56,7 +56,8 @@ def block_width(batch: int, dim: int, threads: int) -> int:
 
 def cross_selective_scan_reference(u, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, scan="auto",
                                    low_memory=False):
-    """Today's path (cross_scan, einsum, one grouped `selective_scan` with impl `scan`, cross_merge)."""
+    """Today's path (cross_scan, einsum, one grouped `selective_scan` with impl `scan`, cross_merge).
+    `low_memory` is accepted for the fused kernel's signature and ignored: this path has no low-memory form."""
     b, h, w, d = u.shape
     k, r, n = K_DIRECTIONS, dt_projs_weight.shape[2], A_logs.shape[1]
     xs = cross_scan(u.permute(0, 3, 1, 2))  # (B, K, D, L)

@@ -30,6 +30,7 @@ ROC_PNG = "roc.png"
 CALIBRATION_PNG = "calibration.png"  # reliability diagram (outputs.calibration)
 STAGES_CSV = "stages.csv"  # with --patients
 CONFUSION_PNG = "confusion.png"  # with --patients: per-node categories, reference against predicted
+FROC_PNG = "froc.png"  # with --annotations: the lesion-level FROC curve
 COHORT_LESIONS_CSV = LESIONS_CSV  # every scored slide's lesions, with a `slide` column
 MODEL_PATCHES_CSV = "model_patches.csv"  # a patch folder's patches that trained or selected the model
 COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG, COHORT_LESIONS_CSV)

@@ -27,7 +27,9 @@ of a level-5 mask:
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -209,6 +211,45 @@ def froc(
         return FrocResult(None, dict.fromkeys(FP_RATES), reason="no lesions (other than ITCs) in the cohort", **common)
     at = {r: interpolate_curve(curve_fp, curve_sens, r) for r in FP_RATES}
     return FrocResult(float(np.mean(list(at.values()))), at, **common)
+
+
+def froc_png(path: str | os.PathLike, result: FrocResult) -> None:
+    """Write the FROC curve to `path` as PNG, atomically: sensitivity against average false positives per slide
+    (log scale, as CAMELYON16 drew it), the six operating points and the score in the title. Without a score the
+    plot says why."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from wsi_vssm.atomic import atomic_write_bytes
+
+    fig = Figure(figsize=(5.0, 4.0), dpi=120)
+    FigureCanvasAgg(fig)  # the Agg canvas directly: no pyplot global state
+    ax = fig.add_subplot()
+    lo, hi = FP_RATES[0] / 2, FP_RATES[-1] * 2
+    lesions = f"{result.n_lesions} lesion(s) ({result.n_itc} ITC left out) on {result.n_slides} slide(s)"
+    if result.score is None:
+        ax.text(0.5, 0.5, f"FROC undefined:\n{result.reason}", ha="center", va="center", fontsize=9,
+                transform=ax.transAxes)
+        ax.set_title(lesions, fontsize=9)
+    else:
+        # the curve as the score reads it (linear in the FP rate), sampled densely: straight segments between its
+        # points would bend on the log axis and miss the operating points
+        rate = np.geomspace(lo, hi, 512)
+        sens = [interpolate_curve(result.fps_per_slide, result.sensitivities, r) for r in rate]
+        ax.plot(rate, sens, lw=1.4, color="C3", label="sensitivity")
+        rates = list(result.sensitivity)
+        ax.plot(rates, [result.sensitivity[r] for r in rates], "o", color="k", ms=4, clip_on=False,
+                label="the six operating points")
+        ax.set_title(f"FROC {result.score:.3f}: {lesions}", fontsize=9)
+        ax.legend(loc="lower right", fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(FP_RATES, [f"{r:g}" for r in FP_RATES])
+    ax.set(xlim=(lo, hi), ylim=(0, 1.01), xlabel="average false positives per slide", ylabel="lesion sensitivity")
+    ax.grid(True, lw=0.4, color="0.85")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def froc_curve(fp_probs: np.ndarray, tp_probs: np.ndarray, n_slides: int) -> tuple[np.ndarray, np.ndarray]:

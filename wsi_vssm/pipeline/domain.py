@@ -117,7 +117,7 @@ def stain_check(thumbnail_rgb: np.ndarray, tissue_mask: np.ndarray | None,
                 thresholds: StainThresholds = STAIN) -> list[str]:
     """Notes on why a slide does not look like brightfield H&E; empty when it does (or when there is too
     little tissue to tell, and nothing else is wrong). `tissue_mask` is the thumbnail's tissue mask (None:
-    no tissue). Supersedes `pipeline.predict.stain_warning`."""
+    no tissue)."""
     return stain_notes(stain_stats(thumbnail_rgb, tissue_mask, thresholds), thresholds)
 
 

@@ -1,7 +1,7 @@
 """Region and cell geometry of extraction: default region sizes, the owner of each overlapping cell, and the
 tissue fraction of every cell of a slide's global cell grid.
 
-Every default that changes a slide's outputs (region side, overlap, minimum tissue) is resolved here once
+The region side and overlap defaults, which change a slide's outputs, are resolved here once
 (`resolve_geometry`), so the cohort runner's parameter hash and the run itself cannot drift apart.
 """
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from wsi_vssm.outputs.files import HEATMAP_ZARR
+from wsi_vssm.outputs.files import FROC_PNG, HEATMAP_ZARR
 
 FROC_MIN_PROBABILITY = 0.01
 
 
 def cohort_froc(out: Path, scored: list[dict], annotated: dict, folders: dict[str, str]) -> dict:
     """CAMELYON16 lesion-level FROC from each slide's heatmap and its annotations (`read_cohort_annotations`; slides
-    without any are normal). `folders` maps a table's slide name to its output folder (the file's stem; the
-    case may differ)."""
-    from wsi_vssm.outputs.froc import detections_from_heatmap, froc
+    without any are normal), for metrics.json; its curve is drawn in OUT/froc.png. `folders` maps a table's slide
+    name to its output folder (the file's stem; the case may differ)."""
+    from wsi_vssm.outputs.froc import detections_from_heatmap, froc, froc_png
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
 
     detections, truth, mpps, outside = {}, {}, {}, {}
@@ -32,7 +32,9 @@ def cohort_froc(out: Path, scored: list[dict], annotated: dict, folders: dict[st
         mpps[r["slide"]] = meta["mpp"]
         if r["slide"] in annotated:
             truth[r["slide"]] = annotated[r["slide"]]
-    return {**froc(detections, truth, mpps).as_dict(), "annotations_outside_slide": outside}
+    result = froc(detections, truth, mpps)
+    froc_png(out / FROC_PNG, result)
+    return {**result.as_dict(), "annotations_outside_slide": outside}
 
 
 def _beyond_slide(annotation, grid_shape: tuple[int, int], cell0: float) -> list[float] | None:

@@ -27,10 +27,13 @@ from wsi_vssm.errors import UsageError
 from wsi_vssm.outputs.files import (
     CALIBRATION_PNG,
     COHORT_LESIONS_CSV,
+    CONFUSION_PNG,
+    FROC_PNG,
     LESIONS_CSV,
     METRICS_JSON,
     MODEL_PATCHES_CSV,
     ROC_PNG,
+    STAGES_CSV,
 )
 from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
 from wsi_vssm.runs.cohort_froc import cohort_froc, read_cohort_annotations
@@ -134,10 +137,11 @@ def evaluate_cohort(
     _start_report(out)
     after = InterimTable(out, cohort.rows, tasks, on_slide, progress)
     try:
-        summary = run_slides(tasks, job, run, progress, on_outcome=after)
+        summary = run_slides(tasks, job, run, progress, on_outcome=after, on_wait=after.flush)
     except KeyboardInterrupt:
         interrupted_table(out, cohort.rows, tasks, job, after, run)
         raise
+    after.flush()  # before waiting for other runs' slides: the rows of this run's last slides
     _wait_for_other_runs(tasks, job, run.wait_locked, progress)
     with report_writer(out, REPORT_LOCK_WAIT_S):
         rows = [final_row(crow, o, job) for crow, o in zip(cohort.rows, summary.outcomes, strict=True)]
@@ -153,6 +157,11 @@ def evaluate_cohort(
                                      "params_hash": job.params_hash}) | {"mosaics": mosaics,
                                  "repeated_slides": repeated_slides(out, job.kind, scored, folders)})
         _write_cohort_lesions(out, rows, folders, progress)  # after metrics.json: a bad table costs only itself
+        # a run with these options that finished while this one worked left its figures beside this report
+        for name, given in ((FROC_PNG, annotations), (STAGES_CSV, patients), (CONFUSION_PNG, patients)):
+            if given is None and (out / name).is_file():
+                with contextlib.suppress(OSError):
+                    (out / name).unlink()
         if annotations is not None or patients is not None:
             try:
                 if annotations is not None:
@@ -236,10 +245,11 @@ def _wait_for_other_runs(tasks: list, job, wait: float, progress) -> None:
 
 
 def _start_report(out: Path) -> None:
-    """Mark an earlier run's metrics.json as not complete while this run works, and take away the tables that
-    have no such mark: its cohort lesions.csv and a patch run's model_patches.csv. Each is rewritten at the end
-    when this run has one (each slide's own lesions.csv stays); a slide run over a patch run's folder, or the
-    reverse, left the other kind's table standing beside figures it no longer matched."""
+    """Mark an earlier run's metrics.json as not complete while this run works, and take away the files that
+    have no such mark: its cohort lesions.csv, a patch run's model_patches.csv, and the froc.png, stages.csv and
+    confusion.png of `--annotations` and `--patients`. Each is rewritten at the end when this run has one (each
+    slide's own lesions.csv stays); a slide run over a patch run's folder, or the reverse, or a run without the
+    option that made one, left it standing beside figures it no longer matched."""
     import json
 
     from wsi_vssm.runs.state import STATE_DIR
@@ -247,7 +257,8 @@ def _start_report(out: Path) -> None:
     with report_writer(out, REPORT_LOCK_WAIT_S) as held:
         # a patch run keeps no state folder, and without one no slide run can be writing these tables
         mine = held or not (out / STATE_DIR).is_dir()
-        for table in (COHORT_LESIONS_CSV, MODEL_PATCHES_CSV):  # a folder of that name: an old slide's, warned of
+        # a folder of one of these names is an old slide's, warned of
+        for table in (COHORT_LESIONS_CSV, MODEL_PATCHES_CSV, FROC_PNG, STAGES_CSV, CONFUSION_PNG):
             if mine and (out / table).is_file():
                 with contextlib.suppress(OSError):  # a folder that refuses it refuses the final table too
                     (out / table).unlink()

@@ -35,8 +35,6 @@ class SlideJob(Protocol):
     params_hash: str
     fallback_mpp: float | None
 
-    def params_dict(self) -> dict: ...
-
     def task_params(self, task: SlideTask) -> dict: ...
 
     def task_hash(self, task: SlideTask) -> str: ...
@@ -103,9 +101,6 @@ class PredictJob(PerSlideMpp):
     @property
     def fallback_mpp(self) -> float | None:
         return self.params.fallback_mpp
-
-    def params_dict(self) -> dict:
-        return dict(self.resolved)
 
     def model(self):
         from wsi_vssm.models.slide_model import load_model
@@ -188,7 +183,6 @@ class ExtractJob(PerSlideMpp):
 
     out: str
     model: str  # model file or registry name
-    mpp_override: float | None
     extract_params: dict  # extract_slide keyword arguments
     params_hash: str
     model_id: str
@@ -198,9 +192,6 @@ class ExtractJob(PerSlideMpp):
     formats: tuple[str, ...] = ("zarr",)
     fallback_mpp: float | None = None  # level-0 mpp of the slides that store none (not hashed: PerSlideMpp)
     backend: str = "auto"  # the slide reader (`io.open_slide`)
-
-    def params_dict(self) -> dict:
-        return dict(self.resolved)
 
     def backbone(self):
         from wsi_vssm.models.model_file import load_backbone
@@ -351,6 +342,6 @@ def extract_job(out: str | os.PathLike, model: str, backbone, info, mpp_override
     if backend != "auto":  # another reader may decode other pixels (JPEG); auto keeps the hash stores had before
         resolved["backend"] = backend
     _MODELS[f"extract:{model}"] = (backbone, info)
-    return ExtractJob(os.fspath(out), model, mpp_override, dict(extract_params), params_hash(resolved),
+    return ExtractJob(os.fspath(out), model, dict(extract_params), params_hash(resolved),
                       info.model_id, info.model_hash, resolved, formats=formats, fallback_mpp=fallback_mpp,
                       backend=backend)

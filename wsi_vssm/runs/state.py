@@ -137,7 +137,8 @@ def input_fingerprint(path: str | os.PathLike | None) -> dict | None:
     """What a slide input is, cheaply: {size, mtime_ns, sha256}. For a file: sha256 of its size and its first
     and last `FINGERPRINT_BYTES`; for a folder (OME-Zarr): of the names, sizes and contents of its metadata files
     (root and one level down; chunks are never read). For a file of a DICOM series, also `series`: the name, size
-    and a content hash of each of the series' other files. None when the path cannot be read."""
+    and a content hash of each of the series' other files, and `series_times`: their names, sizes and mtimes. None
+    when the path cannot be read."""
     if path is None:
         return None
     p = Path(path)
@@ -162,8 +163,9 @@ def input_fingerprint(path: str | os.PathLike | None) -> dict | None:
     except OSError:
         return None
     out = {"size": size, "mtime_ns": mtime, "sha256": h.hexdigest()}
+    times = _series_times(p)  # before the contents: a file changed in between is then read again next time
     stamp = _series_stamp(p)
-    return out if stamp is None else {**out, "series": stamp}
+    return out if stamp is None else {**out, "series": stamp, "series_times": times}
 
 
 def _series_stamp(p: Path) -> list | None:
@@ -172,6 +174,21 @@ def _series_stamp(p: Path) -> list | None:
     from wsi_vssm.io.dicom import series_stamp  # here: the io package loads numpy, and this module stays light
 
     return series_stamp(p)
+
+
+def _series_times(p: Path) -> list | None:
+    from wsi_vssm.io.dicom import series_times
+
+    return series_times(p)
+
+
+def _series_same(recorded: dict, path: Path, same_mtime: bool) -> bool:
+    """Whether the other files of the slide's DICOM series are as recorded: by name, size and mtime when the slide
+    file's own mtime is unchanged too (nothing is read), else by their content stamps."""
+    times = recorded.get("series_times")
+    if same_mtime and times is not None and times == _series_times(path):
+        return True
+    return recorded.get("series") == _series_stamp(path)
 
 
 def _metadata_files(root: Path) -> list[Path]:
@@ -197,9 +214,10 @@ def input_changed(recorded: dict | None, path: str | os.PathLike | None) -> bool
         return now_fp is None or now_fp["sha256"] != recorded.get("sha256")
     if st.st_size != recorded.get("size"):
         return True
-    if recorded.get("series") != _series_stamp(Path(path)):  # a level or label of its DICOM series changed
+    same_mtime = st.st_mtime_ns == recorded.get("mtime_ns")
+    if not _series_same(recorded, Path(path), same_mtime):  # a level or label of its DICOM series changed
         return True
-    if st.st_mtime_ns == recorded.get("mtime_ns"):
+    if same_mtime:
         return False
     now_fp = input_fingerprint(path)
     return now_fp is None or now_fp["sha256"] != recorded.get("sha256")

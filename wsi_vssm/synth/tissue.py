@@ -334,7 +334,7 @@ def _shade(out, x0, y0, f, gx0, gy0, step, seed, stain, fibre, nuc, fat, fi0, fj
                     e += (nuc[2, yy, xx] - e) * a
                 h *= tissue
                 e *= tissue
-            bg = 0.035 * (1 + 0.25 * g1)
+            bg = BACKGROUND_OD * (1 + 0.25 * g1)
             for c in range(3):
                 od = bg + h * stain[0, c] + e * stain[1, c] + _bil(f, PEN + c, i, j, tu, tv) * (1 + 0.1 * g1)
                 out[yy, xx, c] = np.uint8(min(255.0, 255.0 * math.exp(-od) + 0.5))

@@ -12,7 +12,7 @@ average of the weights; `mosaic_grid` adds mosaic crops of training patches to e
 slide-sized token maps) and selects on the mean of the isolated and in-mosaic AUC; `init` fine-tunes a model file.
 
 Under `torchrun --nproc_per_node N -m wsi_vssm train cells ...` the backbone and cell head train data-parallel
-(DistributedDataParallel, wsi_vssm/distributed.py): each process takes every N-th patch of the epoch's seeded draw,
+(DistributedDataParallel, wsi_vssm/training/ddp.py): each process takes every N-th patch of the epoch's seeded draw,
 so the effective batch is N x `batch_size`; rank 0 alone validates, decides, logs and writes the model.
 
     python -m wsi_vssm.training.cells --evaluate MODEL.pt --valid valid.tar   # prints AUC / accuracy

@@ -23,5 +23,5 @@ def save_ensemble(heads, histories, valid: Bags, path: str | os.PathLike) -> dic
             "train_config": {**first.get("train_config", {}), "seed": [m["seed"] for m in members]},
             "members": members, "epochs": [len(h.rows) for h in histories], "best_epoch": None, "valid_auc": auc,
             "valid_loss": loss}
-    save_mil(path, mil, None, meta)
+    save_mil(path, mil, meta)
     return {"mil": mil, "valid_auc": auc, "valid_loss": loss, "members": members}

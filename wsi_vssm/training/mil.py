@@ -144,7 +144,7 @@ def train_mil(
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             stale = 0
             if checkpoint_path is not None:  # the best so far, marked: a run stopped here leaves an unfinished head
-                save_mil(checkpoint_path, model, cfg, {**_final_metadata(history), "training_incomplete": True})
+                save_mil(checkpoint_path, model, {**_final_metadata(history), "training_incomplete": True})
         else:
             stale += 1
         if log_path is not None:
@@ -157,7 +157,7 @@ def train_mil(
         model.load_state_dict(best_state)
     history.metadata = _final_metadata(history)
     if checkpoint_path is not None and best_state is not None:  # the same weights, now as a finished run's
-        save_mil(checkpoint_path, model, cfg, history.metadata)
+        save_mil(checkpoint_path, model, history.metadata)
     return model.eval(), history
 
 
@@ -202,7 +202,7 @@ def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, featur
     history.best_epoch, history.best_valid_auc, history.best_valid_loss = 1, valid_auc, valid_loss
     history.metadata = _final_metadata(history)
     if checkpoint_path is not None:
-        save_mil(checkpoint_path, model, cfg, history.metadata)
+        save_mil(checkpoint_path, model, history.metadata)
     if log_path is not None:
         write_log(log_path, history.rows)
     if progress is not None:
@@ -371,7 +371,7 @@ def write_log(path: str | os.PathLike, rows: list[dict]) -> None:
     atomic_write_rows(path, rows, LOG_COLUMNS)
 
 
-def save_mil(path: str | os.PathLike, model, cfg: MILTrainConfig | None, metadata: dict) -> None:
+def save_mil(path: str | os.PathLike, model, metadata: dict) -> None:
     """torch.save a checkpoint of tensors and plain containers only (loads with weights_only=True), atomically."""
     import torch
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TOKENS_PER_PATCH = 3  # a 96 px patch at stride 32
-
 
 @dataclass(frozen=True)
 class TokenWeights:
@@ -28,7 +26,7 @@ class TokenWeights:
 
 
 def patch_token_targets(labels: np.ndarray, w: TokenWeights) -> tuple[np.ndarray, np.ndarray]:
-    """(B,) patch labels -> (B, 3, 3) targets and weights of each patch's token map."""
+    """(B,) patch labels -> (B, 3, 3) targets and weights of each patch's token map (96 px at stride 32)."""
     labels = np.asarray(labels)
     b = len(labels)
     target = np.zeros((b, 3, 3), np.float32)

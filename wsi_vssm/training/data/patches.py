@@ -38,7 +38,7 @@ class PatchItem:
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """Items -> (uint8 (H, W, 3) numpy RGB, int label). `items` as from `scan_source`."""
+    """Items -> (uint8 (H, W, 3) numpy RGB, int label). `items` as `load_patches` lists them."""
 
     def __init__(self, items: list[PatchItem], root: Path | None = None, source: str = ""):
         self.items, self.root, self.source = list(items), root, source
