@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import h5py
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from click.testing import CliRunner
 
 from wsi_vssm.pipeline.feature_files import FORMATS, check_formats, feature_file_ok
 from wsi_vssm.pipeline.store import FeatureStore
+from wsi_vssm.runs.state import lock_path
 
 ARGS = ["--model", "micro", "--target-mpp", "2.0", "--region-px", "256", "--overlap-px", "64", "--min-tissue", "0",
         "--device", "cpu"]
@@ -135,8 +139,10 @@ def test_a_damaged_pt_file_is_redone_and_an_earlier_formats_temporary_is_cleared
     pt = out / "pt_files" / "s1.pt"
     pt.write_bytes(pt.read_bytes()[:100])
     (out / "h5_files").mkdir()
-    left = out / "h5_files" / ".tmp-s1.h5.k1lld0ne"  # what a run with --format h5 killed mid-write leaves
+    left = out / "h5_files" / ".tmp-s1.h5.k1lld0ne"  # what a run with --format h5 killed mid-write leaves,
     left.write_bytes(b"partial")
+    lock_path(out, "extract", "s1").write_text(json.dumps(  # with its lock (its pid gone)
+        {"pid": 2**22 + 7, "host": socket.gethostname(), "time": "2026-12-07T00:00:00"}))
     redone = _extract(slide, "--out", out, "--format", "pt")
     assert redone.exit_code == 0 and "up to date" not in redone.stdout and feature_file_ok(pt, "pt")
     assert not left.exists()
@@ -330,3 +336,17 @@ def test_extract_takes_the_slide_reader_as_predict_does(tmp_path):
     assert res.exit_code != 0 and "s1.tif" in res.stderr and "Traceback" not in res.output
     assert _extract(slide, "--out", tmp_path / "feat3").exit_code == 0  # auto: the hash stores had before
     assert "backend" not in read_state(tmp_path / "feat3", "extract", "s1")["params"]
+
+
+def test_info_on_a_feature_file_folder_says_what_it_holds(tmp_path, capsys):
+    """`info OUT/pt_files` called extract's feature tensors "a folder of training outputs ... model files", and
+    `info OUT/h5_files` found "no slide files"."""
+    from conftest import run_cli_captured
+
+    slide = _slide(tmp_path / "s1.tif")
+    out = tmp_path / "feat"
+    assert _extract(slide, "--out", out, "--format", "h5", "--format", "pt").exit_code == 0
+    for fmt in ("h5", "pt"):
+        code, _, err = run_cli_captured(["info", str(out / f"{fmt}_files")], capsys)
+        assert code == 1 and err.count("\n") == 1, err
+        assert f"a folder of 1 {fmt} feature file(s) of `wsi-vssm extract` (s1.{fmt}), not a slide" in err

@@ -37,6 +37,24 @@ def feature_kind(path: str) -> str | None:
     return None
 
 
+def feature_folder_problem(path: str) -> str | None:
+    """For extract's `h5_files/` or `pt_files/` folder: one line saying what it holds (its pt files were called
+    model files, its h5 files "no slide files"); None for anything else."""
+    p = Path(path)
+    fmt = {"h5_files": "h5", "pt_files": "pt"}.get(p.name)  # pipeline.feature_files.FOLDERS, without its imports
+    if fmt is None or not p.is_dir():
+        return None
+    try:
+        names = sorted(c.name for c in p.iterdir() if c.suffix.lower() == f".{fmt}" and not c.name.startswith("."))
+    except OSError:
+        return None
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{path}: a folder of {len(names)} {fmt} feature file(s) of `wsi-vssm extract` ({shown}), not a slide: "
+            "give one of them to `wsi-vssm info`")
+
+
 def _tensor(path: Path):
     """The file's tensor, or None; `feature_kind` and then `feature_info` ask for it: it is loaded once."""
     try:

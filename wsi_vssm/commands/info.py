@@ -42,7 +42,7 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
     heatmap.ome.zarr is, or where the slides of an output folder of predict / evaluate / extract stand, or one
     slide's prediction folder (OUT/<slide>/), or the stages of a training run's folder (run RECIPE --out RUN),
     or what a feature file of extract holds: <slide>.zarr, an h5 with features and coords, a pt tensor)."""
-    from wsi_vssm.commands.feature_info import feature_info, feature_kind, format_feature_info
+    from wsi_vssm.commands.feature_info import feature_folder_problem, feature_info, feature_kind, format_feature_info
     from wsi_vssm.commands.model_info import format_model_info, is_model_path, model_info
     from wsi_vssm.commands.output_info import (
         format_output_info,
@@ -103,7 +103,7 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
 
     if (series := series_folder_slide(Path(slide))) != Path(slide):  # a folder of one DICOM series: its slide
         slide = str(series)
-    problem = folder_contents_problem(slide) or folder_problem(slide)
+    problem = feature_folder_problem(slide) or folder_contents_problem(slide) or folder_problem(slide)
     if problem:  # train mil's output folder, a folder of slides or patches: "not an OME-Zarr store" named no way on
         from wsi_vssm.errors import UsageError
 

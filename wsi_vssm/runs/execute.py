@@ -26,6 +26,7 @@ from wsi_vssm.runs.state import (
     clear_temporaries,
     input_fingerprint,
     now,
+    read_state,
     write_state,
 )
 
@@ -56,9 +57,13 @@ def start_slide(task: SlideTask, job) -> tuple[SlideLock | None, Outcome | None,
     `input`, see `state.input_fingerprint`); or say why it cannot start."""
     lock = SlideLock(job.out, job.kind, task.name)
     try:
+        killed = lock.path.exists()  # a lock left by a killed run (acquire breaks it), or one still held
         if not lock.acquire():
             return None, Outcome(task, "locked", lock.describe()), None
-        clear_temporaries(task.name, job)
+        # Only a killed run leaves temporaries (writers remove theirs on any exception), and it leaves its lock
+        # or a `running` state: looking in OUT, h5_files/ and .state for every slide made a run quadratic.
+        if killed or (read_state(job.out, job.kind, task.name) or {}).get("status") == Status.RUNNING:
+            clear_temporaries(task.name, job)
         state = {"slide": task.name, "path": task.path, "abspath": abspath(task.path), "kind": job.kind,
                  "status": Status.RUNNING.value, "error": None, "error_type": None, "model_id": job.model_id,
                  "model_hash": job.model_hash, "params_hash": job.task_hash(task), "params": job.task_params(task),
