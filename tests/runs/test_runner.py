@@ -392,6 +392,55 @@ def test_dask_ctrl_c_keeps_the_slides_the_workers_finished(model_file, cohort, r
     _same_results(out, reference)
 
 
+def test_a_dead_dask_workers_half_written_files_are_cleared_with_its_failure(model_file, cohort, tmp_path,
+                                                                              monkeypatch):
+    """The slide is recorded failed and its lock released, so no later run looks for what the worker was writing."""
+    import distributed
+
+    from wsi_vssm.runs import dask as run_dask
+
+    class Died:
+        status = "error"
+
+        def __init__(self, key):
+            self.key = key
+
+        def result(self):
+            raise RuntimeError("KilledWorker: the worker died")
+
+    class Client:
+        def scheduler_info(self):
+            return {"workers": {"w": {}}}
+
+        def submit(self, fn, job, task, pure, key):  # the worker got as far as a temporary file, then died
+            folder = tmp_path / "dask" / task.name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ".tmp-overlay.png.k3x9q_a1").write_bytes(b"half")
+            return Died(key)
+
+        def close(self):
+            pass
+
+    class Completed:
+        def __init__(self):
+            self.futures = []
+
+        def add(self, fut):
+            self.futures.append(fut)
+
+        def __iter__(self):
+            while self.futures:
+                yield self.futures.pop(0)
+
+    monkeypatch.setattr(run_dask, "_client", lambda opts, progress: (Client(), None))
+    monkeypatch.setattr(distributed, "as_completed", Completed)
+    out = tmp_path / "dask"
+    assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "100", *FAST,
+                 "--workers", 1]) == 3
+    assert {read_state(out, "predict", n)["status"] for n in ("normal_001", "normal_002", "tumor_001")} == {"failed"}
+    assert not list(out.rglob(".tmp-*")) and not list((out / STATE_DIR).glob("*.lock"))
+
+
 def test_a_scheduler_without_workers_is_said_not_waited_on_in_silence():
     """--scheduler whose cluster has no worker yet: a warning says why nothing moves (not an error: an adaptive
     cluster starts workers only once tasks arrive); with a worker there, no warning."""

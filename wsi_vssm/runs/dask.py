@@ -10,6 +10,7 @@ plan: `pipeline.extract.plan_slide`), sends batches of `split_regions` regions t
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import warnings
@@ -17,6 +18,7 @@ import warnings
 from wsi_vssm.errors import OptionError, WsiVssmError, one_line
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import SlideTask, execute, finish_slide, start_slide
+from wsi_vssm.runs.state import clear_temporaries
 
 _THREADS_SET = False
 CONNECT_TIMEOUT_S = 30  # how long --scheduler's address may take to answer (distributed retries until then)
@@ -62,6 +64,8 @@ def run_dask(todo: list[SlideTask], job, opts, progress: Progress, finish) -> No
                 res = {"ok": False, "result": None, "error": f"{task.path}: the Dask worker failed: "
                        f"{type(e).__name__}: {one_line(e)}", "error_type": type(e).__name__, "warnings": [],
                        "timings": {}}
+                with contextlib.suppress(OSError):  # what it was writing: no later run looks for it
+                    clear_temporaries(task.name, job)
             finish(finish_slide(task, job, lock, state, res))
             submit_next()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what the workers have already finished
