@@ -354,29 +354,28 @@ def series_slide(path: str | Path) -> Path:
     return Path(path) if found is None else found[0]
 
 
-def series_stamp(path: str | Path) -> list | None:
-    """[[name, size, content hash], ...] of the other files of `path`'s DICOM series, for the rerun check (a
-    level or label removed or rewritten beside the opened file changes the slide); None when `path` is not one."""
+def series_others(path: str | Path) -> list[Path] | None:
+    """The other files of `path`'s DICOM series, for the rerun check (a level or label removed or rewritten beside
+    the opened file changes the slide); None when `path` is not one."""
     found = series_of(path)
-    if found is None:
-        return None
-    return [_stamp(f) for f, _ in found[1] if f.name != Path(path).name]
+    return None if found is None else [f for f, _ in found[1] if f.name != Path(path).name]
 
 
-def series_times(path: str | Path) -> list | None:
-    """[[name, size, mtime_ns], ...] of the other files of `path`'s DICOM series, read from the file system only:
-    when they match a run's record, its `series_stamp` needs no reading. None when `path` is not one."""
-    found = series_of(path)
-    if found is None:
-        return None
+def files_stamps(files: list[Path]) -> list:
+    """[[name, size, content hash], ...] of `files` (`_stamp`: a copy is the same file, a rewrite is not)."""
+    return [_stamp(f) for f in files]
+
+
+def files_times(files: list[Path]) -> list:
+    """[[name, size, mtime_ns], ...] of `files`, from the file system alone: when they match a run's record, their
+    stamps need no reading."""
     out = []
-    for f, _ in found[1]:
-        if f.name != Path(path).name:
-            try:
-                st = f.stat()
-                out.append([f.name, st.st_size, st.st_mtime_ns])
-            except OSError:
-                out.append([f.name, None, None])
+    for f in files:
+        try:
+            st = f.stat()
+            out.append([f.name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([f.name, None, None])
     return out
 
 

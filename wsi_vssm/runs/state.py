@@ -163,32 +163,35 @@ def input_fingerprint(path: str | os.PathLike | None) -> dict | None:
     except OSError:
         return None
     out = {"size": size, "mtime_ns": mtime, "sha256": h.hexdigest()}
-    times = _series_times(p)  # before the contents: a file changed in between is then read again next time
-    stamp = _series_stamp(p)
-    return out if stamp is None else {**out, "series": stamp, "series_times": times}
+    others = _series_others(p)
+    if others is None:
+        return out
+    from wsi_vssm.io.dicom import files_stamps, files_times
+
+    times = files_times(others)  # before the contents: a file changed in between is then read again next time
+    return {**out, "series": files_stamps(others), "series_times": times}
 
 
-def _series_stamp(p: Path) -> list | None:
-    """The other files of a DICOM series read through `p` (`io.dicom.series_stamp`), else None (at once for a
+def _series_others(p: Path) -> list[Path] | None:
+    """The other files of a DICOM series read through `p` (`io.dicom.series_others`), else None (at once for a
     name no DICOM file has)."""
-    from wsi_vssm.io.dicom import series_stamp  # here: the io package loads numpy, and this module stays light
+    from wsi_vssm.io.dicom import series_others  # here: the io package loads numpy, and this module stays light
 
-    return series_stamp(p)
-
-
-def _series_times(p: Path) -> list | None:
-    from wsi_vssm.io.dicom import series_times
-
-    return series_times(p)
+    return series_others(p)
 
 
 def _series_same(recorded: dict, path: Path, same_mtime: bool) -> bool:
     """Whether the other files of the slide's DICOM series are as recorded: by name, size and mtime when the slide
     file's own mtime is unchanged too (nothing is read), else by their content stamps."""
+    others = _series_others(path)
+    if others is None:
+        return recorded.get("series") is None
+    from wsi_vssm.io.dicom import files_stamps, files_times
+
     times = recorded.get("series_times")
-    if same_mtime and times is not None and times == _series_times(path):
+    if same_mtime and times is not None and times == files_times(others):
         return True
-    return recorded.get("series") == _series_stamp(path)
+    return recorded.get("series") == files_stamps(others)
 
 
 def _metadata_files(root: Path) -> list[Path]:
