@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.atomic import atomic_file, in_the_way, prove_writable, to_jsonable
-from wsi_vssm.pipeline.store import COMPLETE_ATTR, CellFeatures, FeatureStore
+from wsi_vssm.pipeline.store import COMPLETE_ATTR, CellFeatures, FeatureStore, store_complete
 
 FORMATS = ("zarr", "h5", "pt")
 FOLDERS = {"h5": "h5_files", "pt": "pt_files"}  # beside the stores, as CLAM names them
@@ -58,8 +58,7 @@ def feature_file_ok(path: str | os.PathLike, fmt: str) -> bool:
     check_formats([fmt])
     try:
         if fmt == "zarr":
-            FeatureStore.open(path)
-            return True
+            return store_complete(path)
         if fmt == "h5":
             import h5py
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,57 @@ def holds_feature_stores(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (any(is_feature_store(c) for c in p.glob("*.zarr"))
                            or (p / "h5_files").is_dir() or (p / "pt_files").is_dir())
+
+
+def store_complete(path: str | os.PathLike) -> bool:
+    """Whether a finished, undamaged feature store is at `path`, as `FeatureStore.open` would judge it. A store
+    that says it holds every chunk is checked from its metadata files and a stat of each chunk (under 1 ms;
+    opening it through zarr takes about 7, which a rerun of `extract` paid per slide); others are opened."""
+    verdict = _complete_on_disk(Path(path))
+    if verdict is not None:
+        return verdict
+    try:
+        FeatureStore.open(path)
+        return True
+    except FeatureStoreError:
+        return False
+
+
+def _complete_on_disk(path: Path) -> bool | None:
+    """True or False from the zarr v3 metadata files alone; None where they say something this does not read."""
+    try:
+        root = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        attrs = root.get("attributes") or {}
+        if attrs.get("format") != STORE_FORMAT:
+            return False
+        if not attrs.get(COMPLETE_ATTR):
+            return None  # written before stores said so: only opening them checks their chunks
+        metas = {name: json.loads((path / name / "zarr.json").read_text(encoding="utf-8")) for name in ARRAYS}
+    except (OSError, ValueError, AttributeError):  # missing, unreadable or not JSON objects: damaged
+        return False
+    try:
+        shapes = {name: [int(n) for n in meta["shape"]] for name, meta in metas.items()}
+        if len(shapes["features"]) != 2 or len({shape[0] for shape in shapes.values()}) != 1:
+            return False
+        return all(_chunks_on_disk(path / name, shapes[name], meta) for name, meta in metas.items())
+    except (KeyError, TypeError, ValueError):  # a metadata layout this does not know: zarr judges
+        return None
+
+
+def _chunks_on_disk(folder: Path, shape: list[int], meta: dict) -> bool:
+    if meta["chunk_grid"]["name"] != "regular":
+        raise ValueError("chunk grid")
+    chunk = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+    encoding = meta["chunk_key_encoding"]
+    if encoding["name"] == "default":
+        prefix, separator = ["c"], (encoding.get("configuration") or {}).get("separator", "/")
+    elif encoding["name"] == "v2":
+        prefix, separator = [], (encoding.get("configuration") or {}).get("separator", ".")
+    else:
+        raise ValueError("chunk key encoding")
+    counts = [-(-size // step) for size, step in zip(shape, chunk, strict=True)]
+    return all((folder / separator.join(prefix + [str(i) for i in index])).is_file()
+               for index in itertools.product(*(range(n) for n in counts)))
 
 
 class FeatureStoreError(WsiVssmError):
