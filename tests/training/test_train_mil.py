@@ -410,7 +410,30 @@ def test_cli_a_handful_of_validation_slides_is_warned_about(feature_bags, tmp_pa
     assert res.stderr.count("selection rests on 1 tumour and 1 normal validation slide(s)") == 1, res.stderr
 
 
-def test_cli_train_mil_ensemble_writes_the_mean_of_its_seeds(tmp_path, capsys):
+def test_bags_past_the_cache_budget_keep_the_ones_that_fit(tmp_path, monkeypatch):
+    """The cache was all or nothing: bags just over the budget were all read again every epoch. Those that fit
+    stay now, and only the rest are read again."""
+    from wsi_vssm.training.mil import Bags
+
+    paths = [(_store(tmp_path / f"s{i}.zarr", i, bool(i % 2)), i % 2) for i in range(4)]
+    one_bag_mb = 40 * F * 2 / 2**20
+    reads = []
+    real_read = FeatureStore.read_features
+    monkeypatch.setattr(FeatureStore, "read_features", lambda self: reads.append(self.name) or real_read(self))
+    bags = Bags(paths, cache_mb=2.5 * one_bag_mb)
+    for _ in range(3):  # three epochs
+        for i in range(4):
+            assert bags.features(i).shape == (40, F)
+    assert sorted(reads) == ["s0", "s1", "s2", "s2", "s2", "s3", "s3", "s3"]
+    part = bags.subset([3, 1])  # (the bags with cells, say) shares what was read
+    assert part.names() == ["s3", "s1"] and part.labels == [1, 1]
+    reads.clear()
+    part.features(1)
+    part.features(0)
+    assert reads == ["s3"]
+
+
+def test_cli_train_mil_ensemble_writes_the_mean_of_its_seeds(tmp_path, capsys, monkeypatch):
     """`train mil --ensemble 3 --model M`: three heads on one split, seeds 5-7, sharing M's cell head, kept as
     OUT-seedS.pt, and OUT their mean (a MILEnsemble that attach_mil takes). Without --model, or with a trainable
     cell head, it is refused: the members would not share one cell head."""
@@ -450,9 +473,13 @@ def test_cli_train_mil_ensemble_writes_the_mean_of_its_seeds(tmp_path, capsys):
     out = tmp_path / "run.v2.pt"  # a dotted name: the members go beside it as run.v2-seedS.pt
     args = ["mil", "--features", str(d), "--labels", str(ref), "--out", str(out), "--epochs", "3", "--device", "cpu",
             "--seed", "5", "--ensemble", "3", "--model", str(model)]
+    reads = []
+    real_read = FeatureStore.read_features
+    monkeypatch.setattr(FeatureStore, "read_features", lambda self: reads.append(self.name) or real_read(self))
     res = CliRunner().invoke(command, args)
     assert res.exit_code == 0, res.output
     assert "mean of 3 heads (seeds 5-7): valid AUC" in res.stdout
+    assert sorted(reads) == sorted(line.split(",")[0].lower() for line in lines)  # each store read once, not per seed
     members = [load_mil(tmp_path / f"run.v2-seed{s}.pt") for s in (5, 6, 7)]
     assert [m[1]["seed"] for m in members] == [5, 6, 7] and (tmp_path / "run.v2-seed6.log.csv").is_file()
     assert len({tuple(m[1]["valid_slides"]) for m in members}) == 1  # one split for all

@@ -109,6 +109,7 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
     from wsi_vssm.training.mil import Bags
 
     heads, histories, shown = [], [], set()
+    train, valid = Bags(train, cfg.cache_mb), Bags(valid, cfg.cache_mb)  # read once for every member
     for s in range(seed, seed + ensemble):
         member = _member_path(out, s)
         member_log = _member_path(log_path, s)
@@ -117,7 +118,7 @@ def mil(features_dir, labels, out, valid_labels, valid_fraction, epochs, patienc
         histories.append(history)
         click.echo(f"seed {s}: best epoch {history.best_epoch} of {len(history.rows)}: valid AUC "
                    f"{_auc(history.best_valid_auc)} -> {member} (log {member_log})")
-    e = save_ensemble(heads, histories, Bags(valid, cfg.cache_mb), out)
+    e = save_ensemble(heads, histories, valid, out)
     click.echo(f"mean of {ensemble} heads (seeds {seed}-{seed + ensemble - 1}): valid AUC {_auc(e['valid_auc'])}, "
                f"valid loss {e['valid_loss']:.4f} -> {out} (logs per seed: {_member_path(log_path, seed).name} ...)")
 

@@ -81,8 +81,8 @@ class TrainHistory:
 
 # ---- training ---------------------------------------------------------------------------------------------
 def train_mil(
-    train_stores: Sequence[Bag],
-    valid_stores: Sequence[Bag],
+    train_stores: Sequence[Bag] | Bags,
+    valid_stores: Sequence[Bag] | Bags,
     cfg: MILTrainConfig | None = None,
     cell_head: dict | None = None,
     log_path: str | os.PathLike | None = None,
@@ -104,8 +104,8 @@ def train_mil(
     from wsi_vssm.models.mil import AttentionMIL, MILConfig
 
     cfg = cfg or MILTrainConfig()
-    train = _without_cell_less(Bags(train_stores, cfg.cache_mb), cfg.cache_mb, "training")
-    valid = _without_cell_less(Bags(valid_stores, cfg.cache_mb), cfg.cache_mb, "validation")
+    train = _without_cell_less(_bags(train_stores, cfg.cache_mb), "training")
+    valid = _without_cell_less(_bags(valid_stores, cfg.cache_mb), "validation")
     _check_splits(train, valid)
     feature_attrs = check_compatible(train.stores + valid.stores)
     torch.manual_seed(cfg.seed)
@@ -210,7 +210,12 @@ def _fit_count_head(model, train: Bags, valid: Bags, cfg: MILTrainConfig, featur
     return model.eval(), history
 
 
-def _without_cell_less(bags: Bags, cache_mb: float, role: str) -> Bags:
+def _bags(stores, cache_mb: float) -> Bags:
+    """`stores` as Bags: read already (an ensemble's members share them), or opened here."""
+    return stores if isinstance(stores, Bags) else Bags(stores, cache_mb)
+
+
+def _without_cell_less(bags: Bags, role: str) -> Bags:
     """`bags` less those without cells (a slide with no tissue found), with one warning naming them: such a bag
     has no slide logit (left in validation it would silently take a class out of the AUC), and in training it
     carries no evidence but would be counted among the slides the head was trained on."""
@@ -220,7 +225,7 @@ def _without_cell_less(bags: Bags, cache_mb: float, role: str) -> Bags:
     shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
     warnings.warn(f"{len(empty)} {role} slide(s) have no cells (no tissue found) and are left out of "
                   f"{role}: {shown}", stacklevel=3)
-    return Bags([(s, y) for s, y in zip(bags.stores, bags.labels, strict=True) if len(s)], cache_mb)
+    return bags.subset([i for i, s in enumerate(bags.stores) if len(s)])
 
 
 SMALL_VALID_CLASS = 10  # validation slides of a class under which selection is warned about, as evaluate does

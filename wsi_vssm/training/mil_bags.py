@@ -24,13 +24,15 @@ Bag = tuple[str | os.PathLike | FeatureStore, int]
 
 
 class Bags:
-    """Feature stores with their labels; features read once and kept when they fit in the cache budget."""
+    """Feature stores with their labels; each bag's features read once and kept while the cache budget lasts
+    (past it, the bags first read stay and the others are read each time)."""
 
     def __init__(self, bags: Sequence[Bag], cache_mb: float):
         self.stores = [b if isinstance(b, FeatureStore) else FeatureStore.open(b) for b, _ in bags]
         self.labels = [_label(y, s) for (_, y), s in zip(bags, self.stores, strict=True)]
-        total = sum(len(s) * int(s.attrs.get("n_features", 0)) * 2 for s in self.stores) / 2**20
-        self._cache: dict[int, np.ndarray] | None = {} if total <= cache_mb else None
+        self._budget = cache_mb * 2**20
+        self._cache: dict[int, np.ndarray] = {}
+        self._cached = 0  # bytes held
 
     def __len__(self) -> int:
         return len(self.stores)
@@ -39,12 +41,24 @@ class Bags:
         return [s.name for s in self.stores]
 
     def features(self, i: int) -> np.ndarray:
-        if self._cache is not None and i in self._cache:
+        if i in self._cache:
             return self._cache[i]
         f = self.stores[i].read_features()
-        if self._cache is not None:
+        if self._cached + f.nbytes <= self._budget:
             self._cache[i] = f
+            self._cached += f.nbytes
         return f
+
+    def subset(self, keep: Sequence[int]) -> Bags:
+        """The bags at `keep`, sharing their stores and what this one has read."""
+        part = Bags([], self._budget / 2**20)
+        part.stores = [self.stores[i] for i in keep]
+        part.labels = [self.labels[i] for i in keep]
+        for j, i in enumerate(keep):
+            if i in self._cache:
+                part._cache[j] = self._cache[i]
+                part._cached += self._cache[i].nbytes
+        return part
 
 
 def _label(y, store: FeatureStore) -> int:
