@@ -16,6 +16,7 @@ MPP_SOURCE_TEXT = {
     "openslide-properties": "from the file, via OpenSlide",
     "tiff-resolution": "from the TIFF resolution tags",
     "ome-metadata": "from the OME metadata",
+    "imagej-metadata": "from the ImageJ calibration",
     "vendor-metadata": "from the scanner's metadata",
     "objective-power": "ESTIMATED from the objective power (10 / power); check it, or set it with --mpp",
     "user": "given with --mpp",

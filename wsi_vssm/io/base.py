@@ -90,9 +90,11 @@ def _printable(raw: str) -> str:
 
 
 def tiff_resolution_um(resolution: object, unit: object) -> float | None:
-    """Microns per pixel from a TIFF XResolution (pixels per unit) and ResolutionUnit (2 inch, 3 cm), plausible
-    or not; also as the readers' properties spell them ('(200, 1)' or '200'; '3' or 'centimeter')."""
-    per_unit = {2: 25400.0, 3: 10000.0, "inch": 25400.0, "centimeter": 10000.0}
+    """Microns per pixel from a TIFF XResolution (pixels per unit) and ResolutionUnit (2 inch, 3 cm, and tifffile's
+    own 4 mm and 5 um), plausible or not; also as the readers' properties spell them ('(200, 1)' or '200'; '3' or
+    'centimeter')."""
+    per_unit = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0, "inch": 25400.0, "centimeter": 10000.0,
+                "millimeter": 1000.0, "micrometer": 1.0}
     per_unit = per_unit.get(int(unit) if isinstance(unit, int) or str(unit).isdigit() else str(unit).lower())
     if per_unit is None:
         return None

@@ -29,12 +29,14 @@ INSTALL = {
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
 # Length units (OME / NGFF spellings) in micrometres.
-_UNIT_UM = {
-    "micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "μm": 1.0,
+_UNIT_UM = {  # OME's length symbols and NGFF's unit names (ImageJ writes "micron")
+    "micrometer": 1.0, "micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "μm": 1.0,
     "nanometer": 1e-3, "nm": 1e-3,
     "angstrom": 1e-4, "å": 1e-4,
+    "picometer": 1e-6, "pm": 1e-6,
     "millimeter": 1e3, "mm": 1e3,
     "centimeter": 1e4, "cm": 1e4,
+    "decimeter": 1e5, "dm": 1e5,
     "meter": 1e6, "m": 1e6,
     "inch": 25400.0, "in": 25400.0,
 }  # fmt: skip
@@ -212,7 +214,8 @@ def length_to_um(value: object, unit: str | None) -> float | None:
 
 
 def mpp_from_tiff_resolution(resolution: object, unit: object) -> float | None:
-    """Microns per pixel from a TIFF XResolution (pixels per unit) and ResolutionUnit (2 inch, 3 cm).
+    """Microns per pixel from a TIFF XResolution (pixels per unit) and ResolutionUnit (2 inch, 3 cm; tifffile
+    also writes 4 mm and 5 um).
 
     Unit NONE (1) or missing means the numbers carry no physical meaning.
     """

@@ -138,7 +138,7 @@ def _open_with(name: str, path: Path) -> SlideReader:
 def _open_auto(path: Path) -> SlideReader:
     """Choose by content: a zarr directory, a TIFF, a DICOM file, or whatever OpenSlide recognises."""
     if path.is_dir():
-        if is_zarr_dir(path):
+        if is_zarr_dir(path) or (path / ".zarray").is_file():  # an array alone: the zarr backend says so
             return _open_with("zarr", path)
         raise UnsupportedFormat(path, "a directory, but not an OME-Zarr store (no .zattrs or zarr.json)")
     head = _read_head(path)
@@ -154,14 +154,19 @@ def _open_auto(path: Path) -> SlideReader:
                 raise
             openslide_error = err  # tifffile may still read a TIFF that OpenSlide rejects
         else:
-            if not (is_tiff and _huge_flat_tiff(reader)):
+            if not (is_tiff and reader.vendor == "generic-tiff" and reader.level_count == 1):
                 return reader
-            try:  # see _huge_flat_tiff: tifffile reads the same pixels, several times faster
-                flat = _open_with("tifffile", path)
+            try:
+                other = _open_with("tifffile", path)
             except SlideError:
-                return reader  # OpenSlide reads it too, only slower
-            reader.close()
-            return flat
+                return reader  # OpenSlide reads it
+            # tifffile finds pyramids OpenSlide does not (SubIFDs without OME, tifffile's own series), and
+            # reads a huge flat level faster (_huge_flat_tiff): the same pixels either way
+            if other.level_count > 1 or _huge_flat_tiff(reader):
+                reader.close()
+                return other
+            other.close()
+            return reader
     if is_tiff:
         try:
             return _open_with("tifffile", path)
@@ -179,6 +184,8 @@ def _open_auto(path: Path) -> SlideReader:
         raise UnsupportedFormat(path, f"OpenSlide does not recognise this {kind} file{open_failure_hint(path)}")
     if not head:
         raise UnsupportedFormat(path, "empty file")
+    if head[:4] == b"PK\x03\x04":
+        raise UnsupportedFormat(path, "a ZIP archive: unpack it first (a zipped OME-Zarr store is read unpacked)")
     raise UnsupportedFormat(path, f"not a slide format this app reads (file starts with {_shown(head[:8])})")
 
 
@@ -194,7 +201,7 @@ def _huge_flat_tiff(reader: SlideReader) -> bool:
     out as they decode (`SlideReader._map_tiles`); OpenSlide reads it block by block about four times slower
     (a 20,000 px thumbnail on 2 busy cores: 31 s against 7 s)."""
     w, h = reader.dimensions
-    return reader.vendor == "generic-tiff" and reader.level_count == 1 and w * h > reader.thumbnail_read_limit
+    return w * h > reader.thumbnail_read_limit
 
 
 def _read_head(path: Path) -> bytes:

@@ -69,6 +69,8 @@ class _TiffInfo:
     series: int = 0  # the slide's series in tifffile's list (`_main_series`)
     associated: list[str] = field(default_factory=list)
     properties: dict[str, str] = field(default_factory=dict)
+    colours: str = "rgb"  # how samples become RGB: "rgb" (as they are), "palette", "inverted" or "cmyk"
+    palette: np.ndarray | None = None  # (entries, 3) uint8, for "palette"
 
 
 class TiffSlide(SlideReader):
@@ -92,6 +94,7 @@ class TiffSlide(SlideReader):
             raise CorruptSlide(path, f"cannot parse its TIFF structure: {one_line(err)}") from err
         self.objective_power = info.objective_power
         self._axes, self._series = info.axes, info.series
+        self._colours, self._palette = info.colours, info.palette
         super().__init__(
             path,
             info.level_dimensions,
@@ -105,6 +108,10 @@ class TiffSlide(SlideReader):
         self._top = top  # the sample value read as 255; None: uint8 as it is, unsigned over the type's range
         dtype = tf.series[info.series].dtype  # the raw value that reads as white, for missing tiles:
         self._white = dtype.type(top if top is not None else np.iinfo(dtype).max if dtype.kind == "u" else 255)
+        if info.colours in ("inverted", "cmyk"):
+            self._white = dtype.type(0)
+        elif info.colours == "palette":
+            self._white = dtype.type(int(np.argmax(info.palette.astype(int).sum(1))))
 
     @staticmethod
     def _open(path: Path):
@@ -136,7 +143,12 @@ class TiffSlide(SlideReader):
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         tile = _samples(self._array(level), self._axes[level], x, y, w, h)
-        return channels_to_rgb(tile, samples="S" in self._axes[level], top=self._top)
+        if self._colours == "palette":
+            return self._palette[np.minimum(tile, len(self._palette) - 1)]
+        if self._colours == "cmyk":
+            return _cmyk_to_rgb(tile)
+        rgb = channels_to_rgb(tile, samples="S" in self._axes[level], top=self._top)
+        return 255 - rgb if self._colours == "inverted" else rgb
 
     def _map_tiles(self, level: int, func):
         """Every tile of a plain tiled RGB level, read in file order and decoded by tifffile in threads with
@@ -187,6 +199,39 @@ def _samples(arr, axes: str, x: int, y: int, w: int, h: int) -> np.ndarray:
     return np.asarray(arr[tuple(index)]).transpose(order)
 
 
+def _cmyk_to_rgb(tile: np.ndarray) -> np.ndarray:
+    """Ink amounts (C, M, Y, K and any extra samples) as RGB, without a colour profile: R = (1 - C)(1 - K)."""
+    top = float(np.iinfo(tile.dtype).max) if tile.dtype.kind == "u" else 1.0
+    ink = tile[..., :4].astype(np.float32) / top
+    rgb = 255.0 * (1.0 - ink[..., :3]) * (1.0 - ink[..., 3:4])
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def _colours(path: Path, page, info: _TiffInfo) -> None:
+    """How the samples of `page` (the slide's level 0) read as RGB; a photometric interpretation this does not
+    convert is refused by name rather than shown as wrong colours."""
+    import tifffile
+
+    kind = tifffile.PHOTOMETRIC
+    photometric = page.photometric
+    if photometric == kind.PALETTE:
+        if page.colormap is None:
+            raise CorruptSlide(path, "a palette TIFF without its colour map")
+        cmap = np.asarray(page.colormap)
+        info.colours = "palette"  # the colour map is 16 bits a channel by the TIFF spec; some writers put 8
+        info.palette = np.ascontiguousarray((cmap >> 8 if cmap.max() > 255 else cmap).astype(np.uint8).T)
+    elif photometric == kind.MINISWHITE:
+        info.colours = "inverted"
+    elif photometric == kind.SEPARATED:
+        inkset = page.tags.get("InkSet")
+        if (inkset is not None and inkset.value != 1) or page.samplesperpixel - len(page.extrasamples) != 4:
+            raise UnsupportedFormat(path, "separated (ink) TIFF that is not CMYK: convert it to RGB")
+        info.colours = "cmyk"
+    elif photometric not in (kind.MINISBLACK, kind.RGB, kind.YCBCR):
+        name = getattr(photometric, "name", photometric)
+        raise UnsupportedFormat(path, f"TIFF photometric interpretation {name} is not read: convert it to RGB")
+
+
 def _top(tf, info: _TiffInfo, path: Path) -> float | None:
     """The sample value read as 255 for float and signed samples (module docstring); None for unsigned ones."""
     series = tf.series[info.series]
@@ -214,6 +259,7 @@ def _plain_tiled_page(level, axes: str):
         return None
     page = level.pages[0]
     plain = (page.is_tiled and not page.is_ndpi and page.dtype == np.uint8 and page.samplesperpixel == 3
+             and page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
              and page.planarconfig == tifffile.PLANARCONFIG.CONTIG and page.imagedepth == 1)
     return page if plain else None
 
@@ -237,6 +283,7 @@ def _describe(tf, path: Path) -> _TiffInfo:
     info.vendor = next((name for flag, name in _VENDORS if getattr(tf, flag, False)), "generic-tiff")
     info.associated = sorted((s.name or f"image-{i}").lower() for i, s in enumerate(tf.series) if i != index)
     info.properties = _properties(tf, page, series)
+    _colours(path, page, info)
     _resolve_mpp(tf, page, info)
     return info
 
@@ -297,6 +344,8 @@ def _resolve_mpp(tf, page, info: _TiffInfo) -> None:
     xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
     if xres is not None and unit is not None:
         candidates.append((mpp_from_tiff_resolution(xres.value, int(unit.value)), "tiff-resolution"))
+    if xres is not None and tf.is_imagej and (unit is None or int(unit.value) == 1):
+        candidates.append((_imagej_mpp(xres.value, tf.imagej_metadata or {}), "imagej-metadata"))
     for mpp, source in candidates:
         if mpp is not None:
             info.mpp, info.mpp_source = mpp, source
@@ -304,6 +353,17 @@ def _resolve_mpp(tf, page, info: _TiffInfo) -> None:
     if info.objective_power is not None:
         info.mpp = mpp_from_objective(info.objective_power)
         info.mpp_source = "objective-power" if info.mpp is not None else "none"
+
+
+def _imagej_mpp(xres, metadata: dict) -> float | None:
+    """ImageJ (and Fiji, QuPath's ImageJ TIFF) calibrate pixels in their description's `unit` ("micron", "nm"...)
+    with ResolutionUnit none: XResolution is then pixels per that unit."""
+    try:
+        pixels = float(xres[0]) / float(xres[1]) if isinstance(xres, tuple) else float(xres)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    unit = str(metadata.get("unit", "")).replace("\\u00B5", "µ").replace("\\u00b5", "µ")  # ImageJ escapes µ
+    return plausible_mpp(length_to_um(1.0 / pixels, unit)) if pixels > 0 else None
 
 
 def _main_series(tf) -> int:

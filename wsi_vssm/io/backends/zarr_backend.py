@@ -9,6 +9,7 @@ and signed samples are read in the range `formats.sample_top` picks from the fin
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -135,6 +136,12 @@ def _open_group(path: Path):
         import zarr
     except ImportError as err:
         raise missing_backend(path, "zarr", one_line(err)) from err
+    if path.is_dir() and _is_array_folder(path):
+        above = path.parents[:3]  # a converter's whole store first (it names the slide), else the image
+        holder = next((p for p in above if _attrs_on_disk(p).get("bioformats2raw.layout") is not None),
+                      next((p for p in above if _multiscales(_attrs_on_disk(p))), None))
+        hint = f"give the image's folder, {holder}" if holder else "give the folder of the image that holds it"
+        raise UnsupportedFormat(path, f"one array of a zarr store (a pyramid level?), not an image: {hint}")
     if not path.is_dir() or not is_zarr_dir(path):
         raise UnsupportedFormat(path, "not an OME-Zarr directory (no .zattrs or zarr.json)")
     try:
@@ -143,6 +150,29 @@ def _open_group(path: Path):
         raise CorruptSlide(path, f"broken zarr metadata: {one_line(err)}") from err
     except (OSError, zarr.errors.GroupNotFoundError) as err:
         raise UnsupportedFormat(path, f"not a zarr group: {one_line(err)}") from err
+
+
+def _is_array_folder(path: Path) -> bool:
+    if (path / ".zarray").is_file():
+        return True
+    try:
+        return json.loads((path / "zarr.json").read_text(encoding="utf-8")).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _attrs_on_disk(path: Path) -> dict:
+    """A zarr group's attributes from its metadata file (v2 .zattrs, v3 zarr.json), {} where there are none."""
+    try:
+        if (path / ".zattrs").is_file():
+            found = json.loads((path / ".zattrs").read_text(encoding="utf-8"))
+        else:
+            found = json.loads((path / "zarr.json").read_text(encoding="utf-8")).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {**found, **found.get("ome", {})} if isinstance(found.get("ome"), dict) else found
 
 
 def _image(path: Path, group) -> tuple[str, dict]:
@@ -155,7 +185,9 @@ def _image(path: Path, group) -> tuple[str, dict]:
     layout = attrs.get("bioformats2raw.layout") or attrs.get("ome", {}).get("bioformats2raw.layout")
     if multiscales or layout is None:
         if not multiscales:
-            raise UnsupportedFormat(path, "zarr store without OME-NGFF 'multiscales' metadata")
+            inner = sorted(k for k in group.group_keys() if _multiscales(group[k].attrs.asdict()))
+            hint = f"; its sub-group '{inner[0]}' holds an image: give {path / inner[0]}" if inner else ""
+            raise UnsupportedFormat(path, f"zarr store without OME-NGFF 'multiscales' metadata{hint}")
         return "", multiscales[0]
     series = sorted((k for k in group.group_keys() if k.isdigit()), key=int)
     sizes = {k: _plane_area(group, k) for k in series}
