@@ -159,3 +159,20 @@ def test_a_zipped_store_says_unpack_it(tmp_path):
     with pytest.raises(UnsupportedFormat, match=r"img\.ome\.zarr\.zip: a ZIP archive: unpack it first"):
         open_slide(archive)
     assert json.loads((tmp_path / "img.zarr" / ".zattrs").read_text())["multiscales"]
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide", "auto"])
+def test_pixels_that_are_not_square_are_warned_about(tmp_path, backend):
+    """x and y resolutions twofold apart were read as square pixels without a word (the image squashed in y).
+    `auto` tries both backends on a one-level TIFF, and says it once."""
+    if backend != "tifffile":
+        pytest.importorskip("openslide")
+    path = tmp_path / "aniso.tif"
+    tifffile.imwrite(path, RGB, tile=(32, 32), photometric="rgb", metadata=None,
+                     resolution=(1e4 / MPP, 1e4 / (2 * MPP)), resolutionunit="CENTIMETER")
+    with pytest.warns(UserWarning, match=r"aniso\.tif: pixels are not square \(0\.972 x 1\.944 um\): read as 0\.972 "
+                                         r"um square") as said:
+        slide = open_slide(path, backend=backend)
+    assert len([w for w in said if "not square" in str(w.message)]) == 1
+    with slide:
+        assert slide.mpp == pytest.approx(MPP) and slide.properties["wsi_vssm.non-square-pixels"] == "0.972 x 1.944"

@@ -258,6 +258,16 @@ def warn_unread_planes(path, axes: str, shape) -> None:
         warnings.warn(f"{path}: {unread}", stacklevel=3)
 
 
+def warn_non_square(path, props: dict, mpp_x: float | None, mpp_y: float | None) -> None:
+    """The backends' one warning for pixels that are not square (rare): the x size is read as both, as
+    OpenSlide-based tools do, so the image is stretched or squashed in y; `props` records both sizes."""
+    if mpp_x is None or mpp_y is None or math.isclose(mpp_x, mpp_y, rel_tol=0.02):
+        return
+    props["wsi_vssm.non-square-pixels"] = f"{mpp_x:.6g} x {mpp_y:.6g}"
+    warnings.warn(f"{path}: pixels are not square ({mpp_x:.4g} x {mpp_y:.4g} um): read as {mpp_x:.4g} um square, "
+                  "so its shapes are distorted in y; resample it to square pixels for a true picture", stacklevel=3)
+
+
 # ---- sample values: which one is full intensity -----------------------------------------------------------
 
 _TOPS = (1.0, 255.0, 65535.0)  # the ranges float (and signed) samples are read in: the first that holds them

@@ -148,25 +148,25 @@ def _open_auto(path: Path) -> SlideReader:
     openslide_error: SlideError | None = None
     if module_available("openslide") and _openslide_detects(path):
         try:
-            reader = _open_with("openslide", path)
+            reader, said = _noting_warnings("openslide", path)  # said once, by the backend kept
         except (CorruptSlide, UnsupportedFormat) as err:
             if not is_tiff:
                 raise
             openslide_error = err  # tifffile may still read a TIFF that OpenSlide rejects
         else:
             if not (is_tiff and reader.vendor == "generic-tiff" and reader.level_count == 1):
-                return reader
+                return _replay(said, reader)
             try:
-                other = _open_with("tifffile", path)
+                other, said_other = _noting_warnings("tifffile", path)
             except SlideError:
-                return reader  # OpenSlide reads it
+                return _replay(said, reader)  # OpenSlide reads it
             # tifffile finds pyramids OpenSlide does not (SubIFDs without OME, tifffile's own series), and
             # reads a huge flat level faster (_huge_flat_tiff): the same pixels either way
             if other.level_count > 1 or _huge_flat_tiff(reader):
                 reader.close()
-                return other
+                return _replay(said_other, other)
             other.close()
-            return reader
+            return _replay(said, reader)
     if is_tiff:
         try:
             return _open_with("tifffile", path)
@@ -187,6 +187,20 @@ def _open_auto(path: Path) -> SlideReader:
     if head[:4] == b"PK\x03\x04":
         raise UnsupportedFormat(path, "a ZIP archive: unpack it first (a zipped OME-Zarr store is read unpacked)")
     raise UnsupportedFormat(path, f"not a slide format this app reads (file starts with {_shown(head[:8])})")
+
+
+def _noting_warnings(name: str, path: Path) -> tuple[SlideReader, list]:
+    """A backend's reader, and the warnings its opening gave, held back until `_replay`."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        reader = _open_with(name, path)
+    return reader, said
+
+
+def _replay(said: list, reader: SlideReader) -> SlideReader:
+    for w in said:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return reader
 
 
 def _shown(head: bytes) -> str:

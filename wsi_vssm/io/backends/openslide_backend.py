@@ -6,7 +6,6 @@ so readers can be sent to worker processes and reopened there.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -15,7 +14,14 @@ import numpy as np
 from wsi_vssm.errors import one_line
 from wsi_vssm.io.base import SlideReader, to_rgb
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
-from wsi_vssm.io.formats import is_tiff, missing_backend, mpp_from_objective, plausible_mpp, tiff_truncation
+from wsi_vssm.io.formats import (
+    is_tiff,
+    missing_backend,
+    mpp_from_objective,
+    plausible_mpp,
+    tiff_truncation,
+    warn_non_square,
+)
 
 
 def _import_openslide(path):
@@ -46,6 +52,7 @@ class OpenSlideSlide(SlideReader):
             handle.close()
             raise CorruptSlide(path, f"OpenSlide cannot read its metadata: {one_line(err)}") from err
         mpp, source = _mpp(props)
+        warn_non_square(path, props, mpp, plausible_mpp(props.get("openslide.mpp-y")))
         self.objective_power = _objective_power(props)
         if mpp is None and self.objective_power is not None:
             mpp, source = mpp_from_objective(self.objective_power), "objective-power"
@@ -108,12 +115,8 @@ class OpenSlideSlide(SlideReader):
 
 def _mpp(props: dict[str, str]) -> tuple[float | None, str]:
     mpp_x = plausible_mpp(props.get("openslide.mpp-x"))
-    mpp_y = plausible_mpp(props.get("openslide.mpp-y"))
     if mpp_x is None:
         return None, "none"
-    if mpp_y is not None and not math.isclose(mpp_x, mpp_y, rel_tol=0.02):
-        # Non-square pixels are rare; the x value is what OpenSlide-based tools use.
-        props["wsi_vssm.non-square-pixels"] = f"{mpp_x} x {mpp_y}"
     return mpp_x, "openslide-properties"
 
 

@@ -36,6 +36,7 @@ from wsi_vssm.io.formats import (
     sample_range,
     sample_top,
     tiff_truncation,
+    warn_non_square,
     warn_unread_planes,
 )
 
@@ -284,7 +285,7 @@ def _describe(tf, path: Path) -> _TiffInfo:
     info.associated = sorted((s.name or f"image-{i}").lower() for i, s in enumerate(tf.series) if i != index)
     info.properties = _properties(tf, page, series)
     _colours(path, page, info)
-    _resolve_mpp(tf, page, info)
+    _resolve_mpp(tf, page, info, path)
     return info
 
 
@@ -326,7 +327,7 @@ def _svs_fields(description: str) -> dict[str, str]:
     return fields
 
 
-def _resolve_mpp(tf, page, info: _TiffInfo) -> None:
+def _resolve_mpp(tf, page, info: _TiffInfo, path: Path) -> None:
     """The first stated resolution wins (OME metadata, SVS description, resolution tags), else objective."""
     props = info.properties
     candidates: list[tuple[float | None, str]] = []
@@ -349,6 +350,9 @@ def _resolve_mpp(tf, page, info: _TiffInfo) -> None:
     for mpp, source in candidates:
         if mpp is not None:
             info.mpp, info.mpp_source = mpp, source
+            yres = page.tags.get("YResolution")
+            if source == "tiff-resolution" and yres is not None:
+                warn_non_square(path, props, mpp, mpp_from_tiff_resolution(yres.value, int(unit.value)))
             return
     if info.objective_power is not None:
         info.mpp = mpp_from_objective(info.objective_power)
