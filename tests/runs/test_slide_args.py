@@ -38,3 +38,21 @@ def test_a_slide_list_row_naming_a_folder_is_refused_with_its_line(tmp_path, ref
     (tmp_path / "list.csv").write_text(f"slide\na.tif\n{ref}\n")
     with pytest.raises(CohortError, match=rf"list.csv, line 3: '{ref}' names a folder"):
         read_slide_list(tmp_path / "list.csv")
+
+
+@pytest.mark.parametrize("cell", ["1,25", "0,25"])
+def test_a_slide_list_with_a_decimal_comma_in_its_mpp_is_refused_as_a_manifest_is(tmp_path, cell):
+    """`1,25` ran the slide at 1 um/px with only the usual override warning; `0,25` was refused as "mpp '0'"
+    with no hint. A slide list's mpp column is read as a manifest's (docs/cohorts.md)."""
+    from wsi_vssm.runs.cohort import CohortError
+
+    (tmp_path / "list.csv").write_text(f"path,mpp\na.tif,0.5\nb.tif,{cell}\n")
+    with pytest.raises(CohortError, match=r"list\.csv, line 3: 3 fields under a header of 2: a decimal comma in the "
+                                          r"mpp \(0,25\)\? write 0\.25"):
+        read_slide_list(tmp_path / "list.csv")
+
+
+def test_a_slide_list_column_that_looks_like_a_resolution_but_is_not_read_is_warned_about(tmp_path):
+    (tmp_path / "list.csv").write_text("wsi,mpp_x\na.tif,0.5\n")
+    with pytest.warns(UserWarning, match=r"list\.csv: column 'mpp_x' is not read as the slides' resolution"):
+        assert read_slide_list(tmp_path / "list.csv") == [(str(tmp_path / "a.tif"), None)]

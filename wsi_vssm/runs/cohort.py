@@ -174,20 +174,10 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     header = [c.strip().lower() for c in rows[0][1]]
     i_slide, i_label = header.index(_path_column(header)), header.index("label")
     i_split = header.index("split") if "split" in header else None
-    mpp_column = next((c for c in MPP_COLUMNS if c in header), None)
-    i_mpp = None if mpp_column is None else header.index(mpp_column)
-    unread = [c for c in header if c != mpp_column and ("mpp" in c or "micron" in c)]
-    if unread:  # `mpp_x`, `mpp (um/px)`: its slides would fail "no resolution" with the column right there
-        import warnings
-
-        warnings.warn(f"{path}: column {unread[0]!r} is not read as the slides' resolution (only "
-                      f"{', '.join(MPP_COLUMNS)}{'; ' + repr(mpp_column) + ' is' if mpp_column else ''}); rename "
-                      "it mpp if it holds level-0 microns per pixel", UserWarning, stacklevel=2)
+    i_mpp = mpp_column(path, header)
     cohort = Cohort(path, "manifest")
     for line, cells in rows[1:]:
-        if i_mpp is not None and any(c.strip() for c in cells[len(header):]):
-            raise CohortError(f"{path}, line {line}: {len(cells)} fields under a header of {len(header)}: a "
-                              "decimal comma in the mpp (0,25)? write 0.25")
+        check_row_width(path, line, cells, header, i_mpp)
         ref = _cell(cells, i_slide)
         if not ref:
             raise CohortError(f"{path}, line {line}: empty slide path")
@@ -321,6 +311,28 @@ def parse_split(value: str, path: Path, line: int) -> str | None:
 MPP_COLUMNS = ("mpp", "mpp_um", "um_per_px", "um_per_pixel", "microns_per_pixel")
 # a manifest's `mpp` cell that gives none: empty, or how tables spell a missing value (pandas writes NaN as empty)
 MISSING_MPP = frozenset({"", "na", "n/a", "nan", "none", "null", "unknown", "-"})
+
+
+def mpp_column(path: Path, header: list[str]) -> int | None:
+    """The index of a table's column of slide resolutions (`MPP_COLUMNS`), or None; one warning for a column
+    whose name says resolution but is not read (`mpp_x`, `mpp (um/px)`: its slides would fail "no resolution"
+    with the column right there)."""
+    found = next((c for c in MPP_COLUMNS if c in header), None)
+    unread = [c for c in header if c != found and ("mpp" in c or "micron" in c)]
+    if unread:
+        import warnings
+
+        warnings.warn(f"{path}: column {unread[0]!r} is not read as the slides' resolution (only "
+                      f"{', '.join(MPP_COLUMNS)}{'; ' + repr(found) + ' is' if found else ''}); rename "
+                      "it mpp if it holds level-0 microns per pixel", UserWarning, stacklevel=3)
+    return None if found is None else header.index(found)
+
+
+def check_row_width(path: Path, line: int, cells: list[str], header: list[str], i_mpp: int | None) -> None:
+    """A row longer than the header of a table with resolutions: a decimal comma (`0,25`) split its mpp."""
+    if i_mpp is not None and any(c.strip() for c in cells[len(header):]):
+        raise CohortError(f"{path}, line {line}: {len(cells)} fields under a header of {len(header)}: a "
+                          "decimal comma in the mpp (0,25)? write 0.25")
 
 
 def parse_mpp(value: str, path: Path, line: int) -> float | None:

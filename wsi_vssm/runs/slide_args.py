@@ -11,13 +11,14 @@ from pathlib import Path
 from wsi_vssm.io.formats import is_zarr_dir
 from wsi_vssm.runs.cohort import (
     _PATH_COLUMNS,
-    MPP_COLUMNS,
     SLIDE_SUFFIXES,
     CohortError,
     _cell,
     _path_column,
     _read_csv,
     _table_path,
+    check_row_width,
+    mpp_column,
     parse_mpp,
     series_folder_slide,
     slide_name,
@@ -78,9 +79,10 @@ def read_slide_list(path: str | os.PathLike) -> list[tuple[str, float | None]]:
         raise CohortError(f"{path}: a slide list needs a header naming its path column ({', '.join(_PATH_COLUMNS)})"
                           f"{'; its header has: ' + ', '.join(rows[0][1]) if rows else '; the file is empty'}")
     i_path = header.index(column)
-    i_mpp = next((header.index(c) for c in MPP_COLUMNS if c in header), None)
+    i_mpp = mpp_column(path, header)
     out = []
     for line, cells in rows[1:]:
+        check_row_width(path, line, cells, header, i_mpp)
         ref = _cell(cells, i_path)
         if not ref or slide_name(ref) in ("", ".", ".."):
             raise CohortError(f"{path}, line {line}: {'no slide path' if not ref else repr(ref) + ' names a folder'}")
