@@ -203,3 +203,10 @@ def test_an_output_folder_that_takes_no_file_is_refused_before_training(tmp_path
         assert "no-data" not in err
     assert_one_line(["train", "cells", "--data", data, "--valid", data, "-o", tmp_path / "free" / "m.pt"], capsys, 1,
                     "no-data")  # elsewhere the data is what is wrong
+
+
+def test_a_missing_patch_source_names_its_recipe_key(tmp_path, capsys):
+    """It said "patch source not found: /nope.tar", not which recipe key to fix."""
+    args = ["run", RECIPE, "--set", f"data.train={tmp_path / 'nope.tar'}", "--set", 'recipe.stages=["cells"]',
+            "--out", tmp_path / "o"]
+    assert_one_line(args, capsys, 1, f"data.train = {tmp_path / 'nope.tar'}: no such patch folder or tar")

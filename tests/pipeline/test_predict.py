@@ -34,6 +34,7 @@ def test_predict_writes_every_output(model_file, cohort, tmp_path):
                            "cell_threshold", "lesion_extent_threshold", "lesion_merge_distance_cells", "reason",
                            "in_domain", "domain_notes", "domain_distance", "domain_threshold", "device", "model", "mpp",
                            "summary", "lesions", "parameters", "timings", "version"]
+    assert list(rec) == list(saved)  # the record returned is the file's, in its order
     # the synthetic slide is a 2 um/px scan read at 0.97: enlarged, so out of domain; a random test model has no
     # feature domain, and the notes say what was not checked
     enlarged, unchecked = saved["domain_notes"]

@@ -116,7 +116,7 @@ def run_options(f):
                      help="Wait this long for slides another run on the same OUT is doing, then report them as "
                           f"in progress (exit {EXIT_INCOMPLETE}); 0: do not wait."),
         click.option("--overwrite", is_flag=True,
-                     help="Redo slides that are already done (a patch folder: score every patch again)."),
+                     help="Redo slides that are already done (evaluate on a patch folder: score every patch again)."),
         click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
         click.option("-v", "--verbose", is_flag=True, help="Also skipped slides' reasons and cluster details."),
     ]

@@ -73,8 +73,8 @@ def command(ctx, out, n_slides, n_patients, seed, size, mpp, workers, quality, p
     records = make_cohort(out, n_slides, seed, size, mpp, workers=workers, quality=quality, on_slide=report)
     n_tumor = sum(r.label == "tumor" for r in records)
     click.echo(
-        f"{len(records)} slides ({n_tumor} tumour, {len(records) - n_tumor} normal) in {out} "
-        f"in {time.perf_counter() - start:.1f} s"
+        f"{len(records)} slide{'' if len(records) == 1 else 's'} ({n_tumor} tumour, {len(records) - n_tumor} "
+        f"normal) in {out} in {time.perf_counter() - start:.1f} s"
     )
 
 
@@ -128,8 +128,9 @@ def _mosaics(out, n_slides, seed, source, grid, part, valid_select, split_seed, 
     patches = _patch_part(source, part, valid_select, split_seed)
     recs = make_mosaic_cohort(out, patches, n_slides, seed, grid, mpp, quality=quality)
     n_tumor = sum(r.label == "tumor" for r in recs)
-    click.echo(f"{len(recs)} mosaic slides ({n_tumor} tumour, {len(recs) - n_tumor} normal) of {len(patches)} "
-               f"patches ({part}) from {source} in {out} in {time.perf_counter() - start:.1f} s")
+    click.echo(f"{len(recs)} mosaic slide{'' if len(recs) == 1 else 's'} ({n_tumor} tumour, "
+               f"{len(recs) - n_tumor} normal) of {len(patches)} patches ({part}) from {source} in {out} in "
+               f"{time.perf_counter() - start:.1f} s")
 
 
 def _patients(out, n_patients, seed, size, mpp, workers, quality) -> None:

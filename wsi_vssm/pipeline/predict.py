@@ -127,6 +127,7 @@ def predict_slide(
         notes = ([] if domain["in_domain"] else [f"out of domain: {'; '.join(domain['domain_notes'])}"]) + \
             ([few] if few else [])
         record = {
+            "schema": PREDICTION_SCHEMA,  # first, as in the file
             "slide": slide.name,
             "probability": prob,
             "slide_logit": slide_logit,
@@ -152,7 +153,6 @@ def predict_slide(
                            "region_px": cells.attrs["region_px"], "overlap_px": cells.attrs["overlap_px"]},
             "timings": timings,
             "version": __version__,
-            "schema": PREDICTION_SCHEMA,
         }
         _write_outputs(out_dir, slide, thumb, cells, cell_probs, record, cell_t, params.cells_geojson)
         timings["write"] = time.perf_counter() - t

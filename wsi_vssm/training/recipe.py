@@ -263,6 +263,9 @@ def _patch_data(recipe: dict) -> dict:
     for key in ("train", "valid"):
         if not data.get(key):
             raise UsageError(f"recipe needs data.{key}: give it with --set data.{key}=PATH")
+        if not Path(data[key]).exists():
+            raise UsageError(f"data.{key} = {data[key]}: no such patch folder or tar (give it with --set "
+                             f"data.{key}=PATH)")
     return data
 
 
