@@ -111,3 +111,18 @@ def test_the_legend_covers_no_bin():
     x0, x1 = ax.get_xlim()
     y0, y1 = ax.get_ylim()
     assert x0 < 0 and x1 > 1 and y0 < 0 and y1 > 1  # a margin round the unit square
+
+
+@pytest.mark.parametrize("labels, probs, said", [
+    ([1, 0], [1.5, -0.5], r"probabilities must lie in \[0, 1\]; got 1\.5"),
+    ([2, 0], [0.5, 0.5], r"labels must be 0 or 1; got 2"),
+])
+def test_the_ece_refuses_what_is_not_a_probability_or_a_label(labels, probs, said):
+    """A logit or a percentage passed for a probability gave an ECE with bin means of 1.5 and -0.5."""
+    with pytest.raises(ValueError, match=said):
+        expected_calibration_error(labels, probs)
+
+
+def test_bins_hold_floor_of_ten_p_so_exact_tenths_fall_in_the_bin_above():
+    rows = reliability_bins([0, 1, 1], [0.0, 0.7, 1.0])
+    assert [(r["low"], r["n"]) for r in rows] == [(0.0, 1), (0.7, 1), (0.9, 1)]

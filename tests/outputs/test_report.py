@@ -304,6 +304,18 @@ def test_lesion_regions_grow_by_75_um_in_the_slides_pixels(parts):
     assert itc == [True, False]
 
 
+def test_a_lesion_cut_by_the_slide_edge_is_dilated_up_to_the_edge_only():
+    """The challenge's script dilates a mask of the slide, which stops at its edge; the buffer ran past it, so a
+    350 um lesion in a corner measured 296 um (not an ITC) where the script measures about 247 (an ITC)."""
+    corner = Point(0, 0).buffer(350 / 2 / 0.243).intersection(box(0, 0, 40000, 40000))
+    (free,), (free_itc,) = lesion_regions(corner, slide_mpp=0.243)
+    (cut,), (cut_itc,) = lesion_regions(corner, slide_mpp=0.243, slide_size=(40000, 40000))
+    assert free.bounds[0] < 0 and cut.bounds[:2] == pytest.approx((0, 0))
+    assert not free_itc and cut_itc
+    mid = box(20000, 20000, 20400, 20400)  # away from the edge nothing changes
+    assert lesion_regions(mid, 0.243)[0][0].equals(lesion_regions(mid, 0.243, slide_size=(40000, 40000))[0][0])
+
+
 def _camelyon_case():
     """Three slides, hand-counted. Slide A (tumour, mpp 1): lesions L1 1000 px square, L2 400 px square, an ITC
     (20 px) and an excluded square. Slide B normal, slide C normal with no detections."""

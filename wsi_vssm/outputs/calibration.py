@@ -58,10 +58,17 @@ def _finite(labels, probs) -> tuple[np.ndarray, np.ndarray]:
     if y.shape != p.shape:
         raise ValueError(f"labels and probabilities differ in length: {y.size} against {p.size}")
     ok = np.isfinite(p)
-    return y[ok], p[ok]
+    y, p = y[ok], p[ok]
+    if ((p < 0) | (p > 1)).any():  # a logit or a percentage passed for a probability: its ECE would mean nothing
+        raise ValueError(f"probabilities must lie in [0, 1]; got {p[(p < 0) | (p > 1)][0]:g}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1; got {y[~np.isin(y, (0, 1))][0]:g}")
+    return y, p
 
 
 def _bin_of(p: np.ndarray, bins: int) -> np.ndarray:
+    """Bin k holds floor(p * bins) == k, so [k/bins, (k+1)/bins) as p * bins rounds (0.3 and 0.7 fall in the bin
+    above them), and 1.0 the last."""
     return np.clip((p * bins).astype(np.int64), 0, bins - 1)
 
 

@@ -104,9 +104,12 @@ def detections_from_heatmap(
 
 
 def lesion_regions(
-    tumor: BaseGeometry | None, slide_mpp: float, dilation_um: float = DILATION_UM, itc_um: float = ITC_UM
+    tumor: BaseGeometry | None, slide_mpp: float, dilation_um: float = DILATION_UM, itc_um: float = ITC_UM,
+    slide_size: tuple[float, float] | None = None,
 ) -> tuple[list[Polygon], list[bool]]:
-    """The evaluation lesions of one slide (dilated, holes filled, level-0 px) and whether each is an ITC."""
+    """The evaluation lesions of one slide (dilated, holes filled, level-0 px) and whether each is an ITC.
+    `slide_size` (width, height in level-0 px): the dilation stops at the slide's edge, as the challenge's
+    dilated mask does (a lesion cut by the edge measured up to 20% longer past it, and could leave the ITCs)."""
     slide_mpp = _positive(slide_mpp, "slide mpp")
     if tumor is None or tumor.is_empty:
         return [], []
@@ -117,6 +120,8 @@ def lesion_regions(
         grown = parts[0].buffer(dilation_um / slide_mpp, quad_segs=8)
     else:  # part by part, then their union: GEOS's buffer of one 90,000-part MultiPolygon ran past 6 GB
         grown = shapely.union_all(shapely.buffer(np.array(parts, dtype=object), dilation_um / slide_mpp, quad_segs=8))
+    if slide_size is not None:
+        grown = grown.intersection(shapely.box(0, 0, *slide_size))
     filled = shapely.union_all([Polygon(p.exterior) for p in _polygons(grown)])  # fill holes, absorb islands
     lesions = sorted(_polygons(filled), key=lambda p: (p.bounds[1], p.bounds[0]))
     return lesions, [major_axis_length(p) * slide_mpp < itc_um for p in lesions]
@@ -166,11 +171,13 @@ def froc(
     slide_mpp: Mapping[str, float] | float,
     dilation_um: float = DILATION_UM,
     itc_um: float = ITC_UM,
+    slide_size: Mapping[str, tuple[float, float]] | None = None,
 ) -> FrocResult:
     """The cohort's FROC. `detections` has every evaluated slide (an (n, 3) array each, possibly empty);
     `annotations` maps tumour slides to an `AnnotationSet` (or anything with `tumor` and `excluded`
-    geometries); slides absent from it are normal. `slide_mpp` is one value or one per slide. With no slide
-    (every slide failed or had no tissue) the score is None, with a reason, as with no lesion."""
+    geometries); slides absent from it are normal. `slide_mpp` is one value or one per slide; `slide_size`, where
+    given, each slide's (width, height) in level-0 px (`lesion_regions`). With no slide (every slide failed or
+    had no tissue) the score is None, with a reason, as with no lesion."""
     extra = sorted(set(annotations) - set(detections))
     if extra:
         raise UsageError(f"annotated slide(s) without detections: {extra[:5]}; pass an empty array for none")
@@ -184,7 +191,8 @@ def froc(
         mpp = slide_mpp if not isinstance(slide_mpp, Mapping) else slide_mpp.get(name)
         if mpp is None:
             raise UsageError(f"no mpp for slide {name!r}")
-        lesions, itc = lesion_regions(getattr(ann, "tumor", None), mpp, dilation_um, itc_um)
+        size = None if slide_size is None else slide_size.get(name)
+        lesions, itc = lesion_regions(getattr(ann, "tumor", None), mpp, dilation_um, itc_um, size)
         fp, tp = slide_hits(det, lesions, itc, getattr(ann, "excluded", None))
         fps.append(fp)
         tps.append(tp)

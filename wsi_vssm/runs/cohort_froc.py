@@ -18,7 +18,7 @@ def cohort_froc(out: Path, scored: list[dict], annotated: dict, folders: dict[st
     from wsi_vssm.outputs.froc import detections_from_heatmap, froc, froc_png
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
 
-    detections, truth, mpps, outside = {}, {}, {}, {}
+    detections, truth, mpps, sizes, outside = {}, {}, {}, {}, {}
     for r in scored:
         folder = folders.get(r["slide"], r["slide"])
         prob, _, _, attrs = read_heatmap_zarr(out / folder / HEATMAP_ZARR)
@@ -30,9 +30,11 @@ def cohort_froc(out: Path, scored: list[dict], annotated: dict, folders: dict[st
         detections[r["slide"]] = detections_from_heatmap(prob, meta["cell0"], meta["origin"],
                                                          threshold=FROC_MIN_PROBABILITY)
         mpps[r["slide"]] = meta["mpp"]
+        # the heatmap's extent: the slide's edge, to within a cell (lesions are dilated up to it, not past it)
+        sizes[r["slide"]] = (prob.shape[1] * meta["cell0"], prob.shape[0] * meta["cell0"])
         if r["slide"] in annotated:
             truth[r["slide"]] = annotated[r["slide"]]
-    result = froc(detections, truth, mpps)
+    result = froc(detections, truth, mpps, slide_size=sizes)
     froc_png(out / FROC_PNG, result)
     return {**result.as_dict(), "annotations_outside_slide": outside}
 
