@@ -1,4 +1,4 @@
-"""Annotation parsing (ASAP XML, GeoJSON) and rasterisation: real CAMELYON16 files and synthetic ones."""
+"""Annotation parsing (ASAP and ImageScope XML, GeoJSON) and rasterisation: real CAMELYON16 files and synthetic ones."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import shapely
 from conftest import SHARED_DATA, shared_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -156,8 +157,6 @@ def test_self_intersecting_outline_is_repaired():
     # repair), and 600 crossing vertices took 103 s of GEOS, deaf to Ctrl-C
     import math
 
-    import shapely
-
     star = [(100 * math.cos(math.pi / 2 + 4 * math.pi * k / 5), 100 * math.sin(math.pi / 2 + 4 * math.pi * k / 5))
             for k in range(5)]
     ann = AnnotationSet.from_items(parse_asap_xml(_asap(("a", "_0", star))))
@@ -184,7 +183,7 @@ def test_class_config_rejects_overlap():
     ("content", "suffix", "match"),
     [
         ("<ASAP_Annotations><Annotations>", ".xml", "not valid XML"),
-        ("<svg/>", ".xml", "not an ASAP annotation file"),
+        ("<svg/>", ".xml", "not an ASAP or Aperio ImageScope annotation file"),
         (_asap(("a", "_0", [(0, 0), (1, "x"), (2, 2)])), ".xml", "bad coordinates"),
         (_asap(("a", "_0", [(0, 0), (1, "nan"), (2, 2)])), ".xml", "non-finite"),
         ("{not json", ".geojson", "not valid JSON"),
@@ -284,3 +283,62 @@ def test_fuzz_asap_structures(anns):
 
 def _attr(s: str) -> str:
     return '"' + s.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;") + '"'
+
+
+IMAGESCOPE = """<?xml version="1.0" encoding="ISO-8859-1"?>
+<Annotations MicronsPerPixel="0.252100">
+<Annotation Id="1" Name="Tumor" Type="4" LineColor="65280" Visible="1">
+  <Attributes><Attribute Name="Description" Id="0" Value=""/></Attributes>
+  <Regions>
+    <Region Id="1" Type="0" NegativeROA="0" Text="">
+      <Vertices><Vertex X="0" Y="0" Z="0"/><Vertex X="1000" Y="0" Z="0"/><Vertex X="1000" Y="1000" Z="0"/>
+        <Vertex X="0" Y="1000" Z="0"/></Vertices>
+    </Region>
+    <Region Id="2" Type="0" NegativeROA="1" Text="">
+      <Vertices><Vertex X="400" Y="400"/><Vertex X="600" Y="400"/><Vertex X="600" Y="600"/><Vertex X="400" Y="600"/>
+      </Vertices>
+    </Region>
+    <Region Id="3" Type="2" NegativeROA="0" Text="">
+      <Vertices><Vertex X="2000" Y="0"/><Vertex X="2400" Y="200"/></Vertices>
+    </Region>
+    <Region Id="4" Type="3" NegativeROA="0" Text="look here">
+      <Vertices><Vertex X="0" Y="0"/><Vertex X="50" Y="50"/></Vertices>
+    </Region>
+  </Regions>
+</Annotation>
+<Annotation Id="2" Name="" Type="4">
+  <Attributes><Attribute Name="Description" Id="0" Value=""/></Attributes>
+  <Regions>
+    <Region Id="1" Type="1" Text="Tissue">
+      <Vertices><Vertex X="0" Y="5000"/><Vertex X="300" Y="5000"/><Vertex X="300" Y="5100"/><Vertex X="0" Y="5100"/>
+      </Vertices>
+    </Region>
+  </Regions>
+</Annotation>
+<Annotation Id="3" Name="" Type="4">
+  <Attributes><Attribute Name="metastasis" Id="0" Value=""/></Attributes>
+  <Regions>
+    <Region Id="1" Type="1" Text="">
+      <Vertices><Vertex X="8000" Y="0"/><Vertex X="8100" Y="0"/><Vertex X="8100" Y="100"/><Vertex X="8000" Y="100"/>
+      </Vertices>
+    </Region>
+  </Regions>
+</Annotation>
+</Annotations>
+"""
+
+
+def test_aperio_imagescope_xml_is_read(tmp_path):
+    """ImageScope's annotations are what SVS users have; they were refused as "not an ASAP annotation file".
+    Layers name the class (else their attribute, else the region's text); a negative region is cut out of its
+    layer; ellipses are read from their bounding box; arrows have no area."""
+    import math
+
+    path = tmp_path / "slide.xml"
+    path.write_text(IMAGESCOPE, encoding="latin-1")
+    ann = read_annotations(path)
+    assert sorted(ann.classes) == ["Tissue", "Tumor", "metastasis"]
+    assert ann.classes["Tumor"].area == pytest.approx(1000 * 1000 - 200 * 200 + math.pi * 200 * 100, rel=0.01)
+    assert ann.tumor.area == pytest.approx(ann.classes["Tumor"].area + 100 * 100, rel=1e-6)
+    assert ann.other.area == pytest.approx(300 * 100) and ann.excluded.is_empty
+    assert not ann.tumor.contains(shapely.Point(500, 500)) and ann.tumor.contains(shapely.Point(2200, 100))

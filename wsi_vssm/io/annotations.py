@@ -1,7 +1,9 @@
-"""Lesion annotations: ASAP XML (CAMELYON16) and GeoJSON (QuPath) polygons in level-0 pixels, and their masks.
+"""Lesion annotations: ASAP XML (CAMELYON16), Aperio ImageScope XML and GeoJSON (QuPath) polygons in level-0
+pixels, and their masks.
 
 Every polygon gets a class name: its ASAP group (`PartOfGroup`; the annotation's own name only when the group
-is `None`), or its GeoJSON classification (QuPath's `classification.name`, else a `classification`, `class`,
+is `None`), its ImageScope layer's name (else the region's text; a negative region is `exclusion`), or its
+GeoJSON classification (QuPath's `classification.name`, else a `classification`, `class`,
 `label` or `group` property; `name` only when none of those exists). Annotation names such as `_2` or
 `Tumor1` are labels of single polygons, not classes, so they never decide the class when a group exists.
 Class names are matched case-insensitively against `AnnotationClasses` to form the tumour, excluded and other
@@ -160,13 +162,17 @@ def read_annotations(path: str | os.PathLike, classes: AnnotationClasses | None 
 
 
 def parse_asap_xml(data: bytes | str, source=None) -> list[tuple[str, BaseGeometry]]:
-    """(class name, polygon) pairs from ASAP XML. Dots, point sets and lines (no area) are skipped."""
+    """(class name, polygon) pairs from ASAP XML, or Aperio ImageScope XML (`parse_imagescope_xml`). Dots, point
+    sets and lines (no area) are skipped."""
     try:
         root = ET.fromstring(data)
     except ET.ParseError as err:
         raise AnnotationError(source, f"not valid XML: {err}") from err
+    if root.tag == "Annotations":
+        return parse_imagescope_xml(root, source)
     if root.tag != "ASAP_Annotations":
-        raise AnnotationError(source, f"not an ASAP annotation file (root element <{root.tag}>)")
+        raise AnnotationError(source, f"not an ASAP or Aperio ImageScope annotation file (root element "
+                                      f"<{root.tag}>)")
     items = []
     for i, ann in enumerate(root.iter("Annotation")):
         kind = (ann.get("Type") or "Polygon").strip().lower()
@@ -187,6 +193,76 @@ def parse_asap_xml(data: bytes | str, source=None) -> list[tuple[str, BaseGeomet
         if geom is not None:
             items.append((name, geom))
     return items
+
+
+IMAGESCOPE_AREAS = {"0": "polygon", "1": "rectangle", "2": "ellipse"}  # Region Type; arrows, rulers, pins: none
+
+
+def parse_imagescope_xml(data: bytes | str | ET.Element, source=None) -> list[tuple[str, BaseGeometry]]:
+    """(class name, polygon) pairs from Aperio ImageScope XML (`<Annotations><Annotation><Regions><Region>
+    <Vertices><Vertex X Y>`, level-0 pixels): free-hand and polygon regions, rectangles and ellipses (the
+    corners of their bounding box). A region's class is its layer's (`_imagescope_layer_class`), else its own
+    `Text`; a negative region (`NegativeROA="1"`) is cut out of its layer's other regions."""
+    try:
+        root = data if isinstance(data, ET.Element) else ET.fromstring(data)
+    except ET.ParseError as err:
+        raise AnnotationError(source, f"not valid XML: {err}") from err
+    items = []
+    for i, layer in enumerate(root.iter("Annotation")):
+        layer_class = _imagescope_layer_class(layer)
+        regions, negative = [], []
+        for j, region in enumerate(layer.iter("Region")):
+            shape_kind = IMAGESCOPE_AREAS.get((region.get("Type") or "0").strip())
+            if shape_kind is None:
+                continue
+            what = f"annotation {i}, region {region.get('Id', j)}"
+            try:
+                pts = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]  # type: ignore[arg-type]
+                geom = _ellipse(pts, source, what) if shape_kind == "ellipse" else _polygon(pts, source, what)
+            except _PARSE_ERRORS as err:
+                raise AnnotationError(source, f"{what}: bad vertices: {err}") from err
+            if geom is None:
+                continue
+            if (region.get("NegativeROA") or "0").strip() == "1":
+                negative.append(geom)
+            else:
+                regions.append((layer_class or (region.get("Text") or "").strip(), geom))
+        hole = _union(negative)
+        for name, geom in regions:
+            kept = _polygonal(geom.difference(hole)) if negative else geom
+            if not kept.is_empty:
+                items.append((name, kept))
+    return items
+
+
+def _imagescope_layer_class(layer: ET.Element) -> str:
+    """A layer's class: its `Name`, else its first attribute's value (ImageScope's default attribute is an
+    empty `Description`), else that attribute's own name when it is not `Description` (`<Attribute
+    Name="Tumor" Value=""/>`, as TCGA's annotations have it)."""
+    name = (layer.get("Name") or "").strip()
+    if name:
+        return name
+    attribute = layer.find("Attributes/Attribute")
+    if attribute is None:
+        return ""
+    value, key = (attribute.get("Value") or "").strip(), (attribute.get("Name") or "").strip()
+    return value or ("" if key.lower() == "description" else key)
+
+
+def _ellipse(pts: list[tuple[float, float]], source, what: str) -> BaseGeometry | None:
+    from shapely import affinity
+    from shapely.geometry import Point
+
+    if not all(math.isfinite(v) for p in pts for v in p):
+        raise AnnotationError(source, f"{what}: non-finite coordinate")
+    if len(pts) < 2:
+        return None
+    xs, ys = [x for x, _ in pts], [y for _, y in pts]
+    rx, ry = (max(xs) - min(xs)) / 2, (max(ys) - min(ys)) / 2
+    if rx <= 0 or ry <= 0:
+        return None
+    circle = Point((max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2).buffer(1.0, quad_segs=16)
+    return affinity.scale(circle, rx, ry)
 
 
 def parse_geojson(data: bytes | str | dict | list, source=None) -> list[tuple[str, BaseGeometry]]:
