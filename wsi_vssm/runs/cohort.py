@@ -19,9 +19,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from wsi_vssm.errors import UsageError
 from wsi_vssm.io.base import (
-    PLAUSIBLE_MPP,
     SLIDE_SUFFIXES,  # re-exported here, where it was defined before 2026-12-07
     folder_name,
     output_name,
@@ -29,6 +27,14 @@ from wsi_vssm.io.base import (
 )
 from wsi_vssm.io.formats import is_zarr_dir
 from wsi_vssm.outputs.files import name_key
+from wsi_vssm.runs.tables import (  # noqa: F401  (re-exported here, where they were defined before 2026-12-07)
+    MISSING_MPP,
+    MPP_COLUMNS,
+    CohortError,
+    check_row_width,
+    mpp_column,
+    parse_mpp,
+)
 
 # 0.0 / 1.0 as pandas writes an integer column with a gap; tumor_tissue / normal_tissue as CLAM's example tables
 LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "normal": 0, "tumor": 1, "tumour": 1, "normal_tissue": 0,
@@ -37,10 +43,6 @@ SPLITS = {"train": "train", "valid": "valid", "val": "valid", "validation": "val
 _HEADER_NAMES = {"slide", "name", "image", "slide_id", "image_id", "id", "path", "file"}
 # A manifest's column of slide paths: `slide`, or a name other tools' tables use for a path (TRIDENT's `wsi`).
 _PATH_COLUMNS = ("slide", "path", "file", "slide_path", "wsi")
-
-
-class CohortError(UsageError):
-    """A cohort table that cannot be used as written; the message names the file and row."""
 
 
 class SplitError(CohortError):
@@ -305,52 +307,6 @@ def parse_split(value: str, path: Path, line: int) -> str | None:
     if v not in SPLITS:
         raise CohortError(f"{path}, line {line}: split {value!r} is not one of train, valid, test")
     return SPLITS[v]
-
-
-# a manifest's column of level-0 resolutions: `mpp`, or a name other tables give it (the first found is used)
-MPP_COLUMNS = ("mpp", "mpp_um", "um_per_px", "um_per_pixel", "microns_per_pixel")
-# a manifest's `mpp` cell that gives none: empty, or how tables spell a missing value (pandas writes NaN as empty)
-MISSING_MPP = frozenset({"", "na", "n/a", "nan", "none", "null", "unknown", "-"})
-
-
-def mpp_column(path: Path, header: list[str]) -> int | None:
-    """The index of a table's column of slide resolutions (`MPP_COLUMNS`), or None; one warning for a column
-    whose name says resolution but is not read (`mpp_x`, `mpp (um/px)`: its slides would fail "no resolution"
-    with the column right there)."""
-    found = next((c for c in MPP_COLUMNS if c in header), None)
-    unread = [c for c in header if c != found and ("mpp" in c or "micron" in c)]
-    if unread:
-        import warnings
-
-        warnings.warn(f"{path}: column {unread[0]!r} is not read as the slides' resolution (only "
-                      f"{', '.join(MPP_COLUMNS)}{'; ' + repr(found) + ' is' if found else ''}); rename "
-                      "it mpp if it holds level-0 microns per pixel", UserWarning, stacklevel=3)
-    return None if found is None else header.index(found)
-
-
-def check_row_width(path: Path, line: int, cells: list[str], header: list[str], i_mpp: int | None) -> None:
-    """A row longer than the header of a table with resolutions: a decimal comma (`0,25`) split its mpp."""
-    if i_mpp is not None and any(c.strip() for c in cells[len(header):]):
-        raise CohortError(f"{path}, line {line}: {len(cells)} fields under a header of {len(header)}: a "
-                          "decimal comma in the mpp (0,25)? write 0.25")
-
-
-def parse_mpp(value: str, path: Path, line: int) -> float | None:
-    """A manifest row's `mpp`: empty (or `NA`, `unknown`, ...: `MISSING_MPP`) is none; else a number of microns
-    per pixel in the readers' plausible range (outside it is a typo: nm for um, a magnification for an mpp)."""
-    v = value.strip()
-    if v.lower() in MISSING_MPP:
-        return None
-    lo, hi = PLAUSIBLE_MPP
-    try:
-        mpp = float(v)
-    except ValueError:
-        mpp = None
-    if mpp is None or not lo <= mpp <= hi:  # NaN fails too
-        comma = " (a decimal comma? write 0.25)" if "," in v else ""
-        raise CohortError(f"{path}, line {line}: mpp {value!r} is not a resolution in microns per pixel "
-                          f"({lo:g} to {hi:g}; 0.25 at 40x, 0.5 at 20x){comma}")
-    return mpp
 
 
 def _read_csv(path: Path) -> list[tuple[int, list[str]]]:

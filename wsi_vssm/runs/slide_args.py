@@ -12,17 +12,14 @@ from wsi_vssm.io.formats import is_zarr_dir
 from wsi_vssm.runs.cohort import (
     _PATH_COLUMNS,
     SLIDE_SUFFIXES,
-    CohortError,
     _cell,
     _path_column,
     _read_csv,
     _table_path,
-    check_row_width,
-    mpp_column,
-    parse_mpp,
     series_folder_slide,
     slide_name,
 )
+from wsi_vssm.runs.tables import CohortError, check_row_width, mpp_column, parse_mpp
 
 
 def expand_slide_folders(paths: Iterable[str], info: Callable[[str], None] | None = None) -> list[str]:
