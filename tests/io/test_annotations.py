@@ -183,7 +183,7 @@ def test_class_config_rejects_overlap():
     ("content", "suffix", "match"),
     [
         ("<ASAP_Annotations><Annotations>", ".xml", "not valid XML"),
-        ("<svg/>", ".xml", "not an ASAP or Aperio ImageScope annotation file"),
+        ("<svg/>", ".xml", "not an ASAP, ImageScope or HALO annotation file"),
         (_asap(("a", "_0", [(0, 0), (1, "x"), (2, 2)])), ".xml", "bad coordinates"),
         (_asap(("a", "_0", [(0, 0), (1, "nan"), (2, 2)])), ".xml", "non-finite"),
         ("{not json", ".geojson", "not valid JSON"),
@@ -342,3 +342,125 @@ def test_aperio_imagescope_xml_is_read(tmp_path):
     assert ann.tumor.area == pytest.approx(ann.classes["Tumor"].area + 100 * 100, rel=1e-6)
     assert ann.other.area == pytest.approx(300 * 100) and ann.excluded.is_empty
     assert not ann.tumor.contains(shapely.Point(500, 500)) and ann.tumor.contains(shapely.Point(2200, 100))
+
+
+# ---- annotation files as other tools write them (a review's probe) --------------------------------------------
+SQUARE = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
+
+
+def _feature(classification, object_type="annotation", coords=SQUARE, **extra):
+    props = {"objectType": object_type, "classification": classification, **extra}
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]}, "properties": props}
+
+
+@pytest.mark.parametrize("classification", [
+    {"names": ["Tumor", "Positive"], "color": [200, 50, 50]},  # QuPath 0.4+
+    {"parentClass": {"name": "Tumor", "colorRGB": -3670016}, "name": "Positive", "colorRGB": -3670016},  # 0.2/0.3
+], ids=["qupath-0.5", "qupath-0.3"])
+def test_qupath_derived_classes_are_their_base_class(tmp_path, classification):
+    """A "Tumor: Positive" annotation read as class '' (tumour empty) or 'Positive' (other): the FROC and the
+    patients' reference stages lost the lesion."""
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [_feature(classification)]}))
+    ann = read_annotations(path)
+    assert list(ann.classes) == ["Tumor: Positive"] and ann.tumor.area == pytest.approx(100 * 100)
+
+
+def test_qupath_detections_cells_and_tiles_are_not_lesions(tmp_path):
+    """An "all objects" export put every tumour-classed cell and tile into the tumour area (64 cells: 64 ITCs in
+    the FROC, without a word)."""
+    features = [_feature({"name": "Tumor"}),
+                _feature({"name": "Tumor"}, "cell", [[500, 500], [510, 500], [510, 510], [500, 510], [500, 500]],
+                         measurements={"Nucleus: Area": 50.0}),
+                _feature({"name": "Tumor"}, "detection", [[600, 0], [610, 0], [610, 10], [600, 10], [600, 0]]),
+                _feature({"name": "Tumor"}, "tile", [[700, 0], [710, 0], [710, 10], [700, 10], [700, 0]])]
+    legacy = {**_feature({"name": "Tumor"}, coords=[[900, 0], [910, 0], [910, 10], [900, 10], [900, 0]]),
+              "id": "PathDetectionObject"}  # QuPath 0.2 names the kind in `id`
+    del legacy["properties"]["objectType"]
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps(features + [legacy]))
+    with pytest.warns(UserWarning, match=r"s\.geojson: 1 cell, 2 detection, 1 tile object\(s\) left out: only "
+                                         r"annotations outline lesions"):
+        ann = read_annotations(path)
+    assert ann.tumor.area == pytest.approx(100 * 100)
+
+
+def test_qupaths_ignore_class_is_an_exclusion_and_3d_coordinates_are_read_flat(tmp_path):
+    cut = [[40, 40, 0], [60, 40, 0], [60, 60, 0], [40, 60, 0], [40, 40, 0]]  # a z, as DSA's export writes
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps([_feature({"name": "Tumor"}, coords=[[x, y, 0] for x, y in SQUARE]),
+                                _feature({"name": "Ignore*"}, coords=cut)]))
+    ann = read_annotations(path)
+    assert ann.excluded.area == pytest.approx(400) and ann.tumor.area == pytest.approx(100 * 100 - 400)
+    assert ann.mask((100, 100), downsample=1).sum() == 100 * 100 - 400  # the mask of 3-D rings raised a broadcast error
+
+
+def test_a_dsa_geojson_label_is_its_class():
+    items = parse_geojson({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [SQUARE]},
+                           "properties": {"label": {"value": "tumor"}, "lineColor": "rgb(0,0,0)"}})
+    assert [name for name, _ in items] == ["tumor"]
+
+
+def test_histomicstk_annotation_json_is_read():
+    import math
+
+    doc = {"annotation": {"name": "tumor", "elements": [
+        {"type": "polyline", "closed": True, "points": [[0, 0, 0], [100, 0, 0], [100, 100, 0], [0, 100, 0]]},
+        {"type": "polyline", "closed": False, "points": [[0, 0, 0], [50, 50, 0], [0, 90, 0]]},  # a line
+        {"type": "rectangle", "center": [1000, 1000, 0], "width": 200, "height": 100, "rotation": math.pi / 2,
+         "group": "metastasis"},
+        {"type": "ellipse", "center": [3000, 0, 0], "width": 200, "height": 100, "rotation": 0,
+         "label": {"value": "stroma"}},
+        {"type": "circle", "center": [5000, 0, 0], "radius": 50},
+        {"type": "point", "center": [7000, 0, 0]}]}}
+    items = parse_geojson(json.dumps([doc]))
+    assert [name for name, _ in items] == ["tumor", "metastasis", "stroma", "tumor"]
+    assert items[1][1].bounds == pytest.approx((950, 900, 1050, 1100))  # the quarter turn about its centre
+    assert items[2][1].area == pytest.approx(math.pi * 100 * 50, rel=0.01)
+    assert items[3][1].area == pytest.approx(math.pi * 50 * 50, rel=0.01)
+
+
+def test_asap_groups_inside_groups_take_their_parents_kind(tmp_path):
+    xml = """<ASAP_Annotations><Annotations>
+      <Annotation Name="a" Type="Polygon" PartOfGroup="ductal"><Coordinates>
+        <Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="100" Y="0"/>
+        <Coordinate Order="2" X="100" Y="100"/></Coordinates></Annotation></Annotations>
+      <AnnotationGroups><Group Name="ductal" PartOfGroup="Tumor"/><Group Name="Tumor" PartOfGroup="None"/>
+      </AnnotationGroups></ASAP_Annotations>"""
+    path = tmp_path / "s.xml"
+    path.write_text(xml)
+    ann = read_annotations(path)
+    assert list(ann.classes) == ["Tumor: ductal"] and ann.tumor.area == pytest.approx(5000)
+    assert AnnotationClasses(tumor=("ductal",)).kind("Tumor: ductal") == "tumor"  # a part alone, when listed
+
+
+HALO = """<Annotations>
+<Annotation Name="Tumor" Visible="True" LineColor="65280">
+  <Regions>
+    <Region Type="Polygon" HasEndcaps="0" NegativeROA="0">
+      <Vertices><V X="0" Y="0"/><V X="100" Y="0"/><V X="100" Y="100"/><V X="0" Y="100"/></Vertices>
+    </Region>
+    <Region Type="Rectangle" HasEndcaps="0" NegativeROA="0">
+      <Vertices><V X="1000" Y="1000"/><V X="1200" Y="1100"/></Vertices>
+    </Region>
+    <Region Type="Ruler" HasEndcaps="0" NegativeROA="0">
+      <Vertices><V X="0" Y="0"/><V X="500" Y="500"/></Vertices>
+    </Region>
+  </Regions>
+</Annotation>
+</Annotations>"""
+
+
+def test_halo_annotations_are_read(tmp_path):
+    """HALO writes ImageScope's layout with `<V>` vertices and named region types: it read as empty."""
+    path = tmp_path / "s.annotations"
+    path.write_text(HALO)
+    ann = read_annotations(path)
+    assert ann.tumor.area == pytest.approx(100 * 100 + 200 * 100)
+
+
+def test_an_imagescope_region_of_another_type_with_an_outline_is_read():
+    """A QuPath-to-ImageScope script writes its class index as the region type: such outlines were dropped."""
+    xml = IMAGESCOPE.replace('<Region Id="1" Type="0" NegativeROA="0"', '<Region Id="1" Type="7" NegativeROA="0"')
+    items = parse_asap_xml(xml)
+    assert len(items) == 4 and items[0][1].area == pytest.approx(1000 * 1000 - 200 * 200)

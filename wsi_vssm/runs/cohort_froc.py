@@ -53,10 +53,11 @@ def _beyond_slide(annotation, grid_shape: tuple[int, int], cell0: float) -> list
 
 def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: dict[str, int] | None = None) -> dict:
     """Each slide's parsed annotations, for the slides that have a file: named exactly like its table name or
-    its output folder (the extension in any case: .xml, .geojson or .json; no wildcards, so `tumor[1]` finds
-    only `tumor[1].xml`). Read before the cohort runs, so that a malformed file fails with its one-line error
-    then, not after every slide has been analysed. A slide labelled tumour (`labels`) without a file, or whose
-    file holds no tumour area, is named in a warning: the FROC counts its detections as false positives."""
+    its output folder (the extension in any case: .xml, .geojson, .json or .annotations; no wildcards, so
+    `tumor[1]` finds only `tumor[1].xml`). Read before the cohort runs, so that a malformed file fails with its
+    one-line error then, not after every slide has been analysed. A slide labelled tumour (`labels`) without a
+    file, or whose file holds no tumour area, is named in a warning: the FROC counts its detections as false
+    positives."""
     from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES, read_annotations
 
     by_name: dict[str, Path] = {}
