@@ -4,6 +4,7 @@ with capitalised headers. Each is one line and a documented exit code (docs/coho
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -342,3 +343,22 @@ def test_an_output_folder_that_is_a_file_is_refused_before_inference(cohort, sli
     assert f"its output folder {tmp_path / 'o' / slide.stem} is a file, not a folder" in err, err
     assert out.count(": probability") == 2, out  # the other slides are done
     assert read_state(tmp_path / "o", "predict", slide.stem) is None
+
+
+def test_a_tumour_slide_without_a_tumour_annotation_is_told_why(tmp_path, recwarn):
+    """The warning said "no file named like the slide, or no tumour area in it" and no more: which, what classes
+    the file held, and that an NDP.view file beside it (`tumor_002.ndpi.ndpa`) is a format this does not read."""
+    from wsi_vssm.runs.cohort_froc import read_cohort_annotations
+
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    square = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
+    (ann / "tumor_001.geojson").write_text(json.dumps({"type": "Feature", "properties": {"classification": {
+        "name": "Pathologist JB"}}, "geometry": {"type": "Polygon", "coordinates": [square]}}))
+    (ann / "tumor_002.ndpi.ndpa").write_text("<annotations/>")
+    read_cohort_annotations(ann, {"tumor_001": "tumor_001", "tumor_002": "tumor_002"},
+                            {"tumor_001": 1, "tumor_002": 1})
+    notes = [str(w.message) for w in recwarn]
+    assert any("(no file named like the slide; not read, in a format this does not read: tumor_002.ndpi.ndpa): "
+               "tumor_002;" in n for n in notes), notes
+    assert any("(no tumour class in its file:" in n and "tumor_001.geojson ('Pathologist JB')" in n for n in notes)

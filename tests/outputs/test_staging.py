@@ -171,6 +171,20 @@ def test_unknown_annotation_group_is_skipped_with_a_warning(tmp_path):
         assert node_category_from_annotations(path, mpp=1.0) == "micro"
 
 
+def test_polygons_without_a_class_are_warned_about(tmp_path):
+    """A lesion drawn in an unnamed layer (ImageScope's default) has no class: the node was staged negative
+    without a word."""
+    import json
+
+    feat = {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon",
+                                                              "coordinates": [square(0, 0, 3000).tolist() + [[0, 0]]]}}
+    path = tmp_path / "node.geojson"
+    path.write_text(json.dumps(feat))
+    with pytest.warns(StagingWarning, match=r"node\.geojson: polygons without a class \(no group or name\) are "
+                                            r"neither tumour nor excluded: skipped"):
+        assert node_category_from_annotations(path, mpp=1.0) == "negative"
+
+
 def test_annotation_categories_geojson_exclusion_and_none(tmp_path):
     feats = [
         {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},

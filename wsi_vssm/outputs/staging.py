@@ -320,7 +320,7 @@ def _read_table(path: str | os.PathLike, columns: Sequence[str], what: str) -> l
 
 
 # ---- reference categories from lesion annotations ----------------------------------------------------------
-PLAIN_TISSUE_GROUPS = ("tissue", "negative", "normal", "none", "")  # known, not tumour: skipped silently
+PLAIN_TISSUE_GROUPS = ("tissue", "negative", "normal", "none")  # known, not tumour: skipped silently
 
 
 def annotation_lesion_diameters(source, mpp: float, classes=None, merge_distance_um: float = 0.0) -> list[float]:
@@ -342,9 +342,10 @@ def annotation_lesion_diameters(source, mpp: float, classes=None, merge_distance
     unknown = sorted(
         {n for n, _ in items if classes.kind(n) == "other" and n.strip().lower() not in PLAIN_TISSUE_GROUPS}
     )
-    for name in unknown:
-        warnings.warn(f"{_source_name(source)}: annotation group {name!r} is neither tumour nor excluded: skipped",
-                      StagingWarning, stacklevel=2)  # fmt: skip
+    for name in unknown:  # a polygon without a class (an unnamed ImageScope layer, say) too: it may be the lesion
+        what = f"annotation group {name!r} is" if name.strip() else "polygons without a class (no group or name) are"
+        warnings.warn(f"{_source_name(source)}: {what} neither tumour nor excluded: skipped", StagingWarning,
+                      stacklevel=2)
     tumor = AnnotationSet.from_items(items, classes).tumor
     parts = [g for g in getattr(tumor, "geoms", [tumor]) if not g.is_empty]
     if merge_distance_um > 0 and parts:

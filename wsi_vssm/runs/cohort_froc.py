@@ -61,10 +61,13 @@ def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: 
     from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES, read_annotations
 
     by_name: dict[str, Path] = {}
+    others: list[Path] = []
     for p in sorted(annotations.iterdir()):
         if p.is_file() and p.suffix.lower() in ANNOTATION_SUFFIXES:
             by_name.setdefault(p.stem + p.suffix.lower(), p)
-    found, unannotated, several = {}, [], []
+        elif p.is_file():
+            others.append(p)
+    found, unfiled, no_tumour, several = {}, [], [], []
     for slide, folder in folders.items():
         files = list(dict.fromkeys(by_name[name + ext] for name in (slide, folder) for ext in ANNOTATION_SUFFIXES
                                    if name + ext in by_name))
@@ -72,15 +75,25 @@ def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: 
             several.append(f"{slide} ({', '.join(p.name for p in files)}: {files[0].name} used)")
         if files:
             found[slide] = read_annotations(files[0])
-        if (labels or {}).get(slide) == 1 and (not files or found[slide].tumor.is_empty):
-            unannotated.append(slide)
+        if (labels or {}).get(slide) == 1 and not files:
+            unfiled.append(slide)
+        elif (labels or {}).get(slide) == 1 and found[slide].tumor.is_empty:
+            classes = ", ".join(repr(c) for c in sorted(found[slide].classes)) or "no polygons"
+            no_tumour.append(f"{files[0].name} ({classes})")
     if several:
         warnings.warn(f"{len(several)} slide(s) have several annotation files in {annotations}: "
                       f"{'; '.join(several[:5])}", UserWarning, stacklevel=3)
-    if unannotated:
-        more = f" and {len(unannotated) - 5} more" if len(unannotated) > 5 else ""
-        warnings.warn(f"{len(unannotated)} slide(s) labelled tumour have no tumour annotation in {annotations} "
-                      f"(no file named like the slide, or no tumour area in it): {', '.join(unannotated[:5])}{more}; "
-                      "the FROC counts the detections of those it scores as false positives", UserWarning,
-                      stacklevel=3)
+    unread = [p.name for p in others if any(p.name.lower().startswith(f"{s.lower()}.") for s in unfiled)]
+    _say_missing(annotations, unfiled, "no file named like the slide" + (
+        f"; not read, in a format this does not read: {', '.join(unread[:5])}" if unread else ""))
+    _say_missing(annotations, no_tumour, "no tumour class in its file: the classes found are neither tumour "
+                                         "names nor derived from one (docs/io.md)")
     return found
+
+
+def _say_missing(folder: Path, slides: list[str], why: str) -> None:
+    if slides:
+        more = f" and {len(slides) - 5} more" if len(slides) > 5 else ""
+        warnings.warn(f"{len(slides)} slide(s) labelled tumour have no tumour annotation in {folder} ({why}): "
+                      f"{', '.join(slides[:5])}{more}; the FROC counts the detections of those it scores as false "
+                      "positives", UserWarning, stacklevel=4)
