@@ -356,9 +356,18 @@ def test_a_tumour_slide_without_a_tumour_annotation_is_told_why(tmp_path, recwar
     (ann / "tumor_001.geojson").write_text(json.dumps({"type": "Feature", "properties": {"classification": {
         "name": "Pathologist JB"}}, "geometry": {"type": "Polygon", "coordinates": [square]}}))
     (ann / "tumor_002.ndpi.ndpa").write_text("<annotations/>")
-    read_cohort_annotations(ann, {"tumor_001": "tumor_001", "tumor_002": "tumor_002"},
-                            {"tumor_001": 1, "tumor_002": 1})
+    (ann / "tumor_002.ndpi").write_bytes(b"")  # the slide itself beside its annotations: not named as unread
+    inner = [[10, 10], [20, 10], [20, 20], [10, 20], [10, 10]]
+    (ann / "tumor_003.geojson").write_text(json.dumps([
+        {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+         "geometry": {"type": "Polygon", "coordinates": [inner]}},
+        {"type": "Feature", "properties": {"classification": {"name": "Exclusion"}},
+         "geometry": {"type": "Polygon", "coordinates": [square]}}]))
+    slides = ("tumor_001", "tumor_002", "tumor_003")
+    read_cohort_annotations(ann, {s: s for s in slides}, dict.fromkeys(slides, 1))
     notes = [str(w.message) for w in recwarn]
     assert any("(no file named like the slide; not read, in a format this does not read: tumor_002.ndpi.ndpa): "
                "tumor_002;" in n for n in notes), notes
     assert any("(no tumour class in its file:" in n and "tumor_001.geojson ('Pathologist JB')" in n for n in notes)
+    assert any("(its tumour areas lie wholly in its excluded ones): tumor_003.geojson ('Exclusion', 'Tumor')" in n
+               for n in notes), notes

@@ -420,6 +420,19 @@ def test_histomicstk_annotation_json_is_read():
     assert items[3][1].area == pytest.approx(math.pi * 50 * 50, rel=0.01)
 
 
+@pytest.mark.parametrize("doc, said", [
+    ('[{"elements": [], "annotation": null}]', None),
+    ('{"elements": [{"type": "circle", "center": [0, 0, 0], "radius": NaN}]}', "annotation 0, element 0: bad "
+                                                                             "element: non-finite"),
+])
+def test_odd_dsa_json_is_read_or_refused_in_one_line(doc, said):
+    if said is None:
+        assert parse_geojson(doc) == []
+    else:
+        with pytest.raises(AnnotationError, match=said):
+            parse_geojson(doc)
+
+
 def test_asap_groups_inside_groups_take_their_parents_kind(tmp_path):
     xml = """<ASAP_Annotations><Annotations>
       <Annotation Name="a" Type="Polygon" PartOfGroup="ductal"><Coordinates>
@@ -432,6 +445,12 @@ def test_asap_groups_inside_groups_take_their_parents_kind(tmp_path):
     ann = read_annotations(path)
     assert list(ann.classes) == ["Tumor: ductal"] and ann.tumor.area == pytest.approx(5000)
     assert AnnotationClasses(tumor=("ductal",)).kind("Tumor: ductal") == "tumor"  # a part alone, when listed
+    # an exclusion group inside the tumour group stays an exclusion: the innermost listed part decides
+    excluded = xml.replace('PartOfGroup="ductal"><Coordinates>', 'PartOfGroup="Exclusion"><Coordinates>').replace(
+        '<Group Name="ductal" PartOfGroup="Tumor"/>', '<Group Name="Exclusion" PartOfGroup="Tumor"/>')
+    path.write_text(excluded)
+    assert read_annotations(path).excluded.area == pytest.approx(5000)
+    assert AnnotationClasses().kind("Tumor:1") == "other"  # a colon without a space is part of a name
 
 
 HALO = """<Annotations>

@@ -433,6 +433,26 @@ def test_bags_past_the_cache_budget_keep_the_ones_that_fit(tmp_path, monkeypatch
     assert reads == ["s3"]
 
 
+def test_heads_trained_in_turn_on_the_same_bags_read_each_store_once_with_a_cell_less_one(tmp_path, monkeypatch):
+    """The bags less the cell-less ones were made anew for each member of an ensemble, so each member read every
+    store again."""
+    from wsi_vssm.training.mil import Bags
+
+    def bag(name, seed, tumour, n=40):
+        return _store(tmp_path / f"{name}.zarr", seed, tumour, n=n), int(tumour)
+
+    train = Bags([bag(f"t{i}", i, True) for i in range(3)] + [bag(f"n{i}", 10 + i, False) for i in range(3)]
+                 + [bag("empty", 99, False, n=0)], 4096.0)
+    valid = Bags([bag("vt", 20, True), bag("vn", 21, False)], 4096.0)
+    reads = []
+    real_read = FeatureStore.read_features
+    monkeypatch.setattr(FeatureStore, "read_features", lambda self: reads.append(self.name) or real_read(self))
+    for seed in (1, 2):
+        with pytest.warns(UserWarning, match="have no cells"):
+            train_mil(train, valid, MILTrainConfig(epochs=2, seed=seed))
+    assert sorted(reads) == sorted(["t0", "t1", "t2", "n0", "n1", "n2", "vt", "vn"])
+
+
 def test_cli_train_mil_ensemble_writes_the_mean_of_its_seeds(tmp_path, capsys, monkeypatch):
     """`train mil --ensemble 3 --model M`: three heads on one split, seeds 5-7, sharing M's cell head, kept as
     OUT-seedS.pt, and OUT their mean (a MILEnsemble that attach_mil takes). Without --model, or with a trainable

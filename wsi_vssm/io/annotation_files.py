@@ -158,6 +158,8 @@ def _ellipse(pts: list[tuple[float, float]], source, what: str) -> BaseGeometry 
 
 
 def _ellipse_at(cx: float, cy: float, width: float, height: float, rotation: float) -> BaseGeometry | None:
+    if not all(math.isfinite(v) for v in (cx, cy, width, height, rotation)):
+        raise ValueError("non-finite centre, size or rotation")
     if width <= 0 or height <= 0:
         return None
     unit = Point(cx, cy).buffer(1.0, quad_segs=16)
@@ -275,7 +277,8 @@ def parse_dsa_json(data, source=None) -> list[tuple[str, BaseGeometry]]:
     annotation's name."""
     items = []
     for a, entry in enumerate(data if isinstance(data, list) else [data]):
-        ann = entry.get("annotation", entry) if isinstance(entry, dict) else {}
+        ann = entry.get("annotation") if isinstance(entry, dict) and isinstance(entry.get("annotation"), dict) \
+            else entry if isinstance(entry, dict) else {}
         elements = ann.get("elements")
         if not isinstance(elements, list):
             raise AnnotationError(source, f"annotation {a}: no `elements` list (not DSA annotation JSON)")

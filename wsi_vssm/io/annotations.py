@@ -5,7 +5,7 @@ The files (ASAP, Aperio ImageScope and HALO XML; QuPath GeoJSON; HistomicsTK / D
 GeoJSON classification. Annotation names such as `_2` or `Tumor1` are labels of single polygons, not classes,
 so they never decide the class when a group exists. Class names are matched case-insensitively against
 `AnnotationClasses`; a derived or nested class (`Tumor: Positive`, `Tumor: ductal` for an ASAP group inside
-`Tumor`) whose whole name is not listed takes the kind of the classes it derives from, else of a part alone.
+`Tumor`) whose whole name is not listed takes the kind of its innermost part that is listed.
 """
 
 from __future__ import annotations
@@ -58,11 +58,12 @@ class AnnotationClasses:
             raise UsageError(f"annotation class names both tumour and excluded: {sorted(both)}")
 
     def kind(self, name: str) -> str:
-        """tumor, excluded or other: by the whole name, else by the classes it derives from or is part of
-        (`Tumor: Positive` -> `Tumor`), else by one of its parts alone (an ASAP group `ductal` inside `Tumor`)."""
-        parts = [part.strip() for part in name.split(CLASS_PATH.strip())]
-        parents = [CLASS_PATH.join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
-        for candidate in [name, *parents, *(parts[::-1] if len(parts) > 1 else [])]:
+        """tumor, excluded or other: by the whole name, else by its parts from the innermost out (`Tumor:
+        Exclusion`, an ASAP exclusion group inside a tumour group, is excluded; `Tumor: Positive` is tumour by
+        `Tumor`), else by the paths of classes it lies in."""
+        parts = [part.strip() for part in name.split(CLASS_PATH)]
+        parents = [CLASS_PATH.join(parts[:k]) for k in range(len(parts) - 1, 1, -1)]
+        for candidate in [name, *(parts[::-1] if len(parts) > 1 else []), *parents]:
             n = _norm(candidate)
             if n in {_norm(t) for t in self.tumor}:
                 return "tumor"

@@ -8,6 +8,7 @@ It sits below `io.slide` (the dispatcher) and `io.backends.*`, which both import
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import warnings
@@ -171,6 +172,17 @@ def _ints(f, size: int, order: str, field: tuple[int, int, bytes]) -> np.ndarray
 
 def is_zarr_dir(path: Path) -> bool:
     return any((path / marker).is_file() for marker in ("zarr.json", ".zattrs", ".zgroup"))
+
+
+def is_zarr_array_dir(path: Path) -> bool:
+    """One array of a zarr store (v2 `.zarray`, v3 `zarr.json` of node type array): a pyramid level, not an
+    image."""
+    if (path / ".zarray").is_file():
+        return True
+    try:
+        return json.loads((path / "zarr.json").read_text(encoding="utf-8")).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def module_available(name: str) -> bool:

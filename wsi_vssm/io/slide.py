@@ -19,7 +19,7 @@ from pathlib import Path
 from wsi_vssm.errors import UsageError
 from wsi_vssm.io.base import SlideReader
 from wsi_vssm.io.errors import CorruptSlide, MissingBackend, SlideError, UnsupportedFormat
-from wsi_vssm.io.formats import TIFF_MAGIC, is_zarr_dir, missing_backend, module_available
+from wsi_vssm.io.formats import TIFF_MAGIC, is_zarr_array_dir, is_zarr_dir, missing_backend, module_available
 
 
 class SlideBackend(str, Enum):
@@ -138,7 +138,7 @@ def _open_with(name: str, path: Path) -> SlideReader:
 def _open_auto(path: Path) -> SlideReader:
     """Choose by content: a zarr directory, a TIFF, a DICOM file, or whatever OpenSlide recognises."""
     if path.is_dir():
-        if is_zarr_dir(path) or (path / ".zarray").is_file():  # an array alone: the zarr backend says so
+        if is_zarr_dir(path) or is_zarr_array_dir(path):  # an array alone: the zarr backend says what to give
             return _open_with("zarr", path)
         raise UnsupportedFormat(path, "a directory, but not an OME-Zarr store (no .zattrs or zarr.json)")
     head = _read_head(path)
@@ -148,25 +148,20 @@ def _open_auto(path: Path) -> SlideReader:
     openslide_error: SlideError | None = None
     if module_available("openslide") and _openslide_detects(path):
         try:
-            reader, said = _noting_warnings("openslide", path)  # said once, by the backend kept
+            reader = _open_with("openslide", path)
         except (CorruptSlide, UnsupportedFormat) as err:
             if not is_tiff:
                 raise
             openslide_error = err  # tifffile may still read a TIFF that OpenSlide rejects
         else:
-            if not (is_tiff and reader.vendor == "generic-tiff" and reader.level_count == 1):
-                return _replay(said, reader)
-            try:
-                other, said_other = _noting_warnings("tifffile", path)
+            if not (is_tiff and _huge_flat_tiff(reader)):
+                return reader
+            try:  # see _huge_flat_tiff: tifffile reads the same pixels, several times faster
+                flat = _open_with("tifffile", path)
             except SlideError:
-                return _replay(said, reader)  # OpenSlide reads it
-            # tifffile finds pyramids OpenSlide does not (SubIFDs without OME, tifffile's own series), and
-            # reads a huge flat level faster (_huge_flat_tiff): the same pixels either way
-            if other.level_count > 1 or _huge_flat_tiff(reader):
-                reader.close()
-                return _replay(said_other, other)
-            other.close()
-            return _replay(said, reader)
+                return reader  # OpenSlide reads it too, only slower
+            reader.close()
+            return flat
     if is_tiff:
         try:
             return _open_with("tifffile", path)
@@ -189,20 +184,6 @@ def _open_auto(path: Path) -> SlideReader:
     raise UnsupportedFormat(path, f"not a slide format this app reads (file starts with {_shown(head[:8])})")
 
 
-def _noting_warnings(name: str, path: Path) -> tuple[SlideReader, list]:
-    """A backend's reader, and the warnings its opening gave, held back until `_replay`."""
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        reader = _open_with(name, path)
-    return reader, said
-
-
-def _replay(said: list, reader: SlideReader) -> SlideReader:
-    for w in said:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return reader
-
-
 def _shown(head: bytes) -> str:
     """A file's first bytes for a message: printable ASCII as text, the rest as hex (`IJrE` or `00 ff 1a`)."""
     if head and all(32 <= b < 127 for b in head):
@@ -215,7 +196,7 @@ def _huge_flat_tiff(reader: SlideReader) -> bool:
     out as they decode (`SlideReader._map_tiles`); OpenSlide reads it block by block about four times slower
     (a 20,000 px thumbnail on 2 busy cores: 31 s against 7 s)."""
     w, h = reader.dimensions
-    return w * h > reader.thumbnail_read_limit
+    return reader.vendor == "generic-tiff" and reader.level_count == 1 and w * h > reader.thumbnail_read_limit
 
 
 def _read_head(path: Path) -> bytes:
@@ -227,8 +208,9 @@ def _read_head(path: Path) -> bytes:
 
 
 def _tifffile_first(path: Path) -> bool:
-    """An OME-TIFF (OpenSlide 4.x reads it as a plain TIFF: no SubIFD pyramid, no OME resolution), or float or
-    signed samples (OpenSlide fails on floats and wraps signed values; tifffile reads them in their range)."""
+    """An OME-TIFF (OpenSlide 4.x reads it as a plain TIFF: no SubIFD pyramid, no OME resolution), float or
+    signed samples (OpenSlide fails on floats and wraps signed values; tifffile reads them in their range), or a
+    plain TIFF whose pyramid OpenSlide does not see (`_pyramid_openslide_misses`)."""
     if not module_available("tifffile"):
         return False
     import tifffile
@@ -236,9 +218,24 @@ def _tifffile_first(path: Path) -> bool:
     try:
         with tifffile.TiffFile(path) as tf:
             dtype = getattr(tf.pages.first, "dtype", None)
-            return bool(tf.is_ome) or (dtype is not None and dtype.kind in "fi")
+            return bool(tf.is_ome) or (dtype is not None and dtype.kind in "fi") or _pyramid_openslide_misses(tf)
     except Exception:  # any failure here just means "not a TIFF tifffile reads better"
         return False
+
+
+_VENDOR_TIFFS = ("is_svs", "is_ndpi", "is_scn", "is_philips", "is_bif", "is_qpi")  # OpenSlide reads their levels
+
+
+def _pyramid_openslide_misses(tf) -> bool:
+    """A plain TIFF whose reduced levels OpenSlide does not see, so it would read every region and thumbnail from
+    the full-size level (30 times slower on a 6,000 px 40x file): levels stored as SubIFDs without OME metadata
+    (libvips `--subifd`, tifffile's default), or pages tifffile's own metadata groups into a pyramid without the
+    reduced-image flag OpenSlide looks for."""
+    levels = max(tf.series, key=lambda s: math.prod(s.shape)).levels if tf.series else []
+    if len(levels) < 2 or any(getattr(tf, flag, False) for flag in _VENDOR_TIFFS):
+        return False
+    reduced = levels[1].keyframe
+    return reduced.offset not in {page.offset for page in tf.pages} or not reduced.is_reduced
 
 
 def _openslide_detects(path: Path) -> bool:

@@ -130,8 +130,8 @@ def bootstrap_ece_ci(labels, probs, n_boot: int = 2000, seed: int = 0, bins: int
 def ece_if_calibrated(probs, n_sim: int = 2000, seed: int = 0, bins: int = ECE_BINS) -> dict | None:
     """The ECE a perfectly calibrated model would show with these probabilities on a cohort of this size: each
     item's label drawn as Bernoulli(its probability), `n_sim` times. Median and 90% range; None without items."""
-    p = np.asarray(probs, np.float64).reshape(-1)
-    p = np.sort(p[np.isfinite(p)])  # order-free, as the interval
+    _, p = _finite(np.zeros(np.size(probs)), probs)  # the same checks as the others
+    p = np.sort(p)  # order-free, as the interval
     if not len(p):
         return None
     rng = np.random.default_rng(seed)

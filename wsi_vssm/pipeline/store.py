@@ -32,9 +32,11 @@ def holds_feature_stores(path: str | os.PathLike) -> bool:
 
 
 def store_complete(path: str | os.PathLike) -> bool:
-    """Whether a finished, undamaged feature store is at `path`, as `FeatureStore.open` would judge it. A store
-    that says it holds every chunk is checked from its metadata files and a stat of each chunk (under 1 ms;
-    opening it through zarr takes about 7, which a rerun of `extract` paid per slide); others are opened."""
+    """Whether a finished, undamaged feature store is at `path`: its format, its arrays' shapes and every chunk,
+    as `FeatureStore.open` checks them. A store that says it holds every chunk is checked from its metadata files
+    and a stat of each chunk (under 1 ms; opening it through zarr takes about 7, which a rerun of `extract` paid
+    per slide), so metadata zarr cannot decode (an unknown codec) is found only when the store is read; others
+    are opened."""
     verdict = _complete_on_disk(Path(path))
     if verdict is not None:
         return verdict
@@ -47,13 +49,12 @@ def store_complete(path: str | os.PathLike) -> bool:
 
 def _complete_on_disk(path: Path) -> bool | None:
     """True or False from the zarr v3 metadata files alone; None where they say something this does not read."""
+    attrs = zarr_root_attrs(path) if (path / "zarr.json").is_file() else None  # a v3 group, as stores are
+    if attrs is None or attrs.get("format") != STORE_FORMAT:
+        return False
+    if not attrs.get(COMPLETE_ATTR):
+        return None  # written before stores said so: only opening them checks their chunks
     try:
-        root = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
-        attrs = root.get("attributes") or {}
-        if attrs.get("format") != STORE_FORMAT:
-            return False
-        if not attrs.get(COMPLETE_ATTR):
-            return None  # written before stores said so: only opening them checks their chunks
         metas = {name: json.loads((path / name / "zarr.json").read_text(encoding="utf-8")) for name in ARRAYS}
     except (OSError, ValueError, AttributeError):  # missing, unreadable or not JSON objects: damaged
         return False

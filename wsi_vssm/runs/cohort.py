@@ -27,7 +27,7 @@ from wsi_vssm.io.base import (
 )
 from wsi_vssm.io.formats import is_zarr_dir
 from wsi_vssm.outputs.files import name_key
-from wsi_vssm.runs.tables import (  # noqa: F401  (re-exported here, where they were defined before 2026-12-07)
+from wsi_vssm.runs.table_checks import (  # noqa: F401  (re-exported here, where they were defined before 2026-12-07)
     MISSING_MPP,
     MPP_COLUMNS,
     CohortError,

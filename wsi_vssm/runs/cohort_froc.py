@@ -58,16 +58,17 @@ def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: 
     one-line error then, not after every slide has been analysed. A slide labelled tumour (`labels`) without a
     file, or whose file holds no tumour area, is named in a warning: the FROC counts its detections as false
     positives."""
-    from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES, read_annotations
+    from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES, AnnotationClasses, read_annotations
+    from wsi_vssm.io.base import SLIDE_SUFFIXES
 
     by_name: dict[str, Path] = {}
     others: list[Path] = []
     for p in sorted(annotations.iterdir()):
         if p.is_file() and p.suffix.lower() in ANNOTATION_SUFFIXES:
             by_name.setdefault(p.stem + p.suffix.lower(), p)
-        elif p.is_file():
+        elif p.is_file() and not p.name.lower().endswith(SLIDE_SUFFIXES):  # slides may lie beside their files
             others.append(p)
-    found, unfiled, no_tumour, several = {}, [], [], []
+    found, unfiled, no_tumour, excluded_all, several = {}, [], [], [], []
     for slide, folder in folders.items():
         files = list(dict.fromkeys(by_name[name + ext] for name in (slide, folder) for ext in ANNOTATION_SUFFIXES
                                    if name + ext in by_name))
@@ -79,7 +80,8 @@ def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: 
             unfiled.append(slide)
         elif (labels or {}).get(slide) == 1 and found[slide].tumor.is_empty:
             classes = ", ".join(repr(c) for c in sorted(found[slide].classes)) or "no polygons"
-            no_tumour.append(f"{files[0].name} ({classes})")
+            kinds = {AnnotationClasses().kind(c) for c in found[slide].classes}
+            (excluded_all if "tumor" in kinds else no_tumour).append(f"{files[0].name} ({classes})")
     if several:
         warnings.warn(f"{len(several)} slide(s) have several annotation files in {annotations}: "
                       f"{'; '.join(several[:5])}", UserWarning, stacklevel=3)
@@ -88,6 +90,7 @@ def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: 
         f"; not read, in a format this does not read: {', '.join(unread[:5])}" if unread else ""))
     _say_missing(annotations, no_tumour, "no tumour class in its file: the classes found are neither tumour "
                                          "names nor derived from one (docs/io.md)")
+    _say_missing(annotations, excluded_all, "its tumour areas lie wholly in its excluded ones")
     return found
 
 

@@ -19,7 +19,7 @@ from wsi_vssm.runs.cohort import (
     series_folder_slide,
     slide_name,
 )
-from wsi_vssm.runs.tables import CohortError, check_row_width, mpp_column, parse_mpp
+from wsi_vssm.runs.table_checks import CohortError, check_row_width, mpp_column, parse_mpp
 
 
 def expand_slide_folders(paths: Iterable[str], info: Callable[[str], None] | None = None) -> list[str]:

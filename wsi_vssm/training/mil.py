@@ -225,7 +225,7 @@ def _without_cell_less(bags: Bags, role: str) -> Bags:
     shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
     warnings.warn(f"{len(empty)} {role} slide(s) have no cells (no tissue found) and are left out of "
                   f"{role}: {shown}", stacklevel=3)
-    return bags.subset([i for i, s in enumerate(bags.stores) if len(s)])
+    return bags.with_cells()
 
 
 SMALL_VALID_CLASS = 10  # validation slides of a class under which selection is warned about, as evaluate does

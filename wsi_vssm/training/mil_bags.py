@@ -33,6 +33,7 @@ class Bags:
         self._budget = cache_mb * 2**20
         self._cache: dict[int, np.ndarray] = {}
         self._cached = 0  # bytes held
+        self._with_cells: Bags | None = None
 
     def __len__(self) -> int:
         return len(self.stores)
@@ -48,6 +49,14 @@ class Bags:
             self._cache[i] = f
             self._cached += f.nbytes
         return f
+
+    def with_cells(self) -> Bags:
+        """These bags less those without cells: the same object each time it is asked (an ensemble's members
+        train on it in turn), so that what it has read is kept."""
+        if self._with_cells is None:
+            keep = [i for i, s in enumerate(self.stores) if len(s)]
+            self._with_cells = self if len(keep) == len(self) else self.subset(keep)
+        return self._with_cells
 
     def subset(self, keep: Sequence[int]) -> Bags:
         """The bags at `keep`, sharing their stores and what this one has read."""

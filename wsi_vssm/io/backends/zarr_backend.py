@@ -20,6 +20,7 @@ from wsi_vssm.io.base import OME_STATED_UM, UNITLESS_SCALE, SlideReader
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
 from wsi_vssm.io.formats import (
     channels_to_rgb,
+    is_zarr_array_dir,
     is_zarr_dir,
     length_to_um,
     missing_backend,
@@ -136,7 +137,7 @@ def _open_group(path: Path):
         import zarr
     except ImportError as err:
         raise missing_backend(path, "zarr", one_line(err)) from err
-    if path.is_dir() and _is_array_folder(path):
+    if path.is_dir() and is_zarr_array_dir(path):
         above = path.parents[:3]  # a converter's whole store first (it names the slide), else the image
         holder = next((p for p in above if _attrs_on_disk(p).get("bioformats2raw.layout") is not None),
                       next((p for p in above if _multiscales(_attrs_on_disk(p))), None))
@@ -150,15 +151,6 @@ def _open_group(path: Path):
         raise CorruptSlide(path, f"broken zarr metadata: {one_line(err)}") from err
     except (OSError, zarr.errors.GroupNotFoundError) as err:
         raise UnsupportedFormat(path, f"not a zarr group: {one_line(err)}") from err
-
-
-def _is_array_folder(path: Path) -> bool:
-    if (path / ".zarray").is_file():
-        return True
-    try:
-        return json.loads((path / "zarr.json").read_text(encoding="utf-8")).get("node_type") == "array"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _attrs_on_disk(path: Path) -> dict:
