@@ -7,6 +7,7 @@ Tiny files are written in tmp_path with tifffile, PIL and zarr, as those tools w
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -176,3 +177,22 @@ def test_pixels_that_are_not_square_are_warned_about(tmp_path, backend):
     assert len([w for w in said if "not square" in str(w.message)]) == 1
     with slide:
         assert slide.mpp == pytest.approx(MPP) and slide.properties["wsi_vssm.non-square-pixels"] == "0.972 x 1.944"
+
+
+def test_ome_pixel_sizes_that_are_not_square_are_warned_about(tmp_path):
+    """OME-TIFF PhysicalSizeY and an OME-Zarr y scale were not compared with x."""
+    tiff = tmp_path / "aniso.ome.tif"
+    tifffile.imwrite(tiff, RGB, photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": MPP,
+                                                             "PhysicalSizeY": 2 * MPP})
+    store = _ome_zarr(tmp_path / "aniso.zarr")
+    ms = zarr.open_group(store, mode="r+").attrs["multiscales"]
+    ms[0]["datasets"][0]["coordinateTransformations"][0]["scale"] = [1, 2 * MPP, MPP]
+    zarr.open_group(store, mode="r+").attrs["multiscales"] = ms
+    for path in (tiff, store):
+        with pytest.warns(UserWarning, match=r"pixels are not square \(0\.972 x 1\.944 um\)"):
+            slide = open_slide(path)
+        with slide:
+            assert slide.mpp == pytest.approx(MPP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # square ones say nothing
+        open_slide(_ome_zarr(tmp_path / "square.zarr")).close()

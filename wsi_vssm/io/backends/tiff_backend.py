@@ -332,9 +332,10 @@ def _resolve_mpp(tf, page, info: _TiffInfo, path: Path) -> None:
     props = info.properties
     candidates: list[tuple[float | None, str]] = []
     if tf.is_ome:
-        stated_um, power = _ome_resolution(tf.ome_metadata, info.series, tf.series[info.series].name)
+        stated_um, power, y_um = _ome_resolution(tf.ome_metadata, info.series, tf.series[info.series].name)
         if stated_um is not None:
             props[OME_STATED_UM] = f"{stated_um:.6g}"
+        warn_non_square(path, props, plausible_mpp(stated_um), plausible_mpp(y_um))
         candidates.append((plausible_mpp(stated_um), "ome-metadata"))
         info.objective_power = power
     if tf.is_svs:
@@ -381,25 +382,28 @@ def _main_series(tf) -> int:
     return sizes.index(max(sizes))
 
 
-def _ome_resolution(xml: str | None, index: int = 0, name: str | None = None) -> tuple[float | None, float | None]:
-    """(pixel size in um as stated, objective power) of the slide's image in OME-XML: the `<Image>` named like
-    its series, else the `index`-th (another image's pixel size, a macro's, says nothing of the slide's).
-    PhysicalSizeX defaults to micrometres; the objective is the one the image's ObjectiveSettings names."""
+def _ome_resolution(xml: str | None, index: int = 0, name: str | None = None) -> tuple[float | None, ...]:
+    """(pixel size in um as stated, objective power, the pixel height in um) of the slide's image in OME-XML: the
+    `<Image>` named like its series, else the `index`-th (another image's pixel size, a macro's, says nothing of
+    the slide's). PhysicalSizeX defaults to micrometres; the objective is the one the image's ObjectiveSettings
+    names."""
     if not xml:
-        return None, None
+        return None, None, None
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
-        return None, None
+        return None, None, None
     images = [el for el in root.iter() if _tag(el) == "Image"]
     named = [im for im in images if name and im.get("Name") == name]
     image = named[0] if len(named) == 1 else images[index] if index < len(images) else None
     if image is None:
-        return None, None
-    mpp = power = None
+        return None, None, None
+    mpp = power = y_um = None
     for el in image.iter():
         if _tag(el) == "Pixels" and el.get("PhysicalSizeX") is not None:
             mpp = length_to_um(el.get("PhysicalSizeX"), el.get("PhysicalSizeXUnit", "µm"))
+            if el.get("PhysicalSizeY") is not None:
+                y_um = length_to_um(el.get("PhysicalSizeY"), el.get("PhysicalSizeYUnit", "µm"))
             break
     wanted = next((el.get("ID") for el in image.iter() if _tag(el) == "ObjectiveSettings"), None)
     objectives = [el for el in root.iter() if _tag(el) == "Objective"]
@@ -407,7 +411,7 @@ def _ome_resolution(xml: str | None, index: int = 0, name: str | None = None) ->
         objectives = [el for el in objectives if el.get("ID") == wanted]
     if len(objectives) == 1:  # the image's own, or the file's only one
         power = _positive(objectives[0].get("NominalMagnification"))
-    return mpp, power
+    return mpp, power, y_um
 
 
 def _tag(el) -> str:

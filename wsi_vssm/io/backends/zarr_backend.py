@@ -29,6 +29,7 @@ from wsi_vssm.io.formats import (
     plausible_mpp,
     sample_range,
     sample_top,
+    warn_non_square,
     warn_unread_planes,
 )
 
@@ -73,12 +74,18 @@ class ZarrSlide(SlideReader):
             raise CorruptSlide(path, f"malformed OME-NGFF scale: {one_line(err)}") from err
         unit = axes[names.index("x")].get("unit")
         stated_um = None if scale is None else length_to_um(scale, unit)
+        try:
+            y_scale = _scale(meta, names.index("y"))
+        except (TypeError, ValueError, IndexError, AttributeError):
+            y_scale = None  # x's scale decides; a broken y scale only goes unchecked
+        y_um = None if y_scale is None else length_to_um(y_scale, axes[names.index("y")].get("unit"))
         properties = {"ome-zarr.axes": "".join(names), "ome-zarr.version": str(meta.get("version", ""))}
         if stated_um is not None:
             properties[OME_STATED_UM] = f"{stated_um:.6g}"
         elif scale is not None:  # a scale in pixels, or none named: no physical resolution, and the hint says why
             where = "with no unit" if unit is None else f"in {unit!r}, not a length"
             properties[UNITLESS_SCALE] = f"{scale:.6g} {where}"
+        warn_non_square(path, properties, plausible_mpp(stated_um), plausible_mpp(y_um))
         super().__init__(
             path,
             [(s[names.index("x")], s[names.index("y")]) for s in shapes],
@@ -223,7 +230,7 @@ def _axes(meta: dict) -> list[dict]:
 
 
 def _scale(meta: dict, x_axis: int) -> float | None:
-    """x's scale at level 0 (dataset scale times any multiscale-wide scale); None when none is given."""
+    """An axis's scale at level 0 (dataset scale times any multiscale-wide scale); None when none is given."""
     scale = 1.0
     transforms = list(meta["datasets"][0].get("coordinateTransformations") or [])
     transforms += list(meta.get("coordinateTransformations") or [])
