@@ -63,6 +63,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def atomic_write_figure(path: str | os.PathLike, fig) -> None:
+    """A matplotlib Figure as a PNG at `path`, atomically (rendered in memory, then written in one go)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary file beside `path` for a writer that wants a file name (h5py, torch.save); on

@@ -28,7 +28,7 @@ from shapely.geometry.base import BaseGeometry
 
 from wsi_vssm.errors import WsiVssmError, one_line
 
-PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, GEOSException)
+_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, GEOSException)
 CLASS_PATH = ": "  # between a class and the class it derives from or is part of: `Tumor: Positive`
 
 
@@ -64,8 +64,8 @@ def parse_asap_xml(data: bytes | str, source=None) -> list[tuple[str, BaseGeomet
                 (float(c.get("Order", j)), float(c.get("X")), float(c.get("Y")))  # type: ignore[arg-type]
                 for j, c in enumerate(ann.iter("Coordinate"))
             )
-            geom = polygon([(x, y) for _, x, y in pts], source, f"annotation {i} ({ann.get('Name')!r})")
-        except PARSE_ERRORS as err:
+            geom = _polygon([(x, y) for _, x, y in pts], source, f"annotation {i} ({ann.get('Name')!r})")
+        except _PARSE_ERRORS as err:
             raise AnnotationError(source, f"annotation {i} ({ann.get('Name')!r}): bad coordinates: {err}") from err
         if geom is not None:
             items.append((name, geom))
@@ -117,8 +117,8 @@ def parse_imagescope_xml(data: bytes | str | ET.Element, source=None) -> list[tu
                 elif kind in _RECTANGLES and len(pts) == 2:  # HALO: two corners
                     geom = _valid(box(*np.min(pts, 0), *np.max(pts, 0)), source, what)
                 else:
-                    geom = polygon(pts, source, what)
-            except PARSE_ERRORS as err:
+                    geom = _polygon(pts, source, what)
+            except _PARSE_ERRORS as err:
                 raise AnnotationError(source, f"{what}: bad vertices: {err}") from err
             if geom is None:
                 continue
@@ -183,7 +183,7 @@ def parse_geojson(data: bytes | str | dict | list, source=None) -> list[tuple[st
         _collect(data, "", items, source, 0, skipped)
     except AnnotationError:
         raise
-    except PARSE_ERRORS as err:
+    except _PARSE_ERRORS as err:
         raise AnnotationError(source, f"bad GeoJSON: {one_line(err)}") from err
     if skipped:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
@@ -288,7 +288,7 @@ def parse_dsa_json(data, source=None) -> list[tuple[str, BaseGeometry]]:
                 geom = _dsa_element(el, source, what)
             except AnnotationError:
                 raise
-            except PARSE_ERRORS as err:
+            except _PARSE_ERRORS as err:
                 raise AnnotationError(source, f"{what}: bad element: {one_line(err)}") from err
             if geom is not None:
                 items.append((_feature_class({"group": el.get("group"), "label": el.get("label")},
@@ -299,7 +299,7 @@ def parse_dsa_json(data, source=None) -> list[tuple[str, BaseGeometry]]:
 def _dsa_element(el: dict, source, what: str) -> BaseGeometry | None:
     kind = el.get("type")
     if kind == "polyline":
-        return polygon([(float(p[0]), float(p[1])) for p in el["points"]], source, what) if el.get("closed") \
+        return _polygon([(float(p[0]), float(p[1])) for p in el["points"]], source, what) if el.get("closed") \
             else None
     if kind in ("rectangle", "ellipse"):
         cx, cy = float(el["center"][0]), float(el["center"][1])
@@ -317,7 +317,7 @@ def _dsa_element(el: dict, source, what: str) -> BaseGeometry | None:
 
 
 # ---- geometry ----------------------------------------------------------------------------------------------
-def polygon(pts: list[tuple[float, float]], source, what: str) -> BaseGeometry | None:
+def _polygon(pts: list[tuple[float, float]], source, what: str) -> BaseGeometry | None:
     if not all(math.isfinite(v) for p in pts for v in p):
         raise AnnotationError(source, f"{what}: non-finite coordinate")
     if len(pts) < 3:

@@ -63,11 +63,12 @@ class AnnotationClasses:
         `Tumor`), else by the paths of classes it lies in."""
         parts = [part.strip() for part in name.split(CLASS_PATH)]
         parents = [CLASS_PATH.join(parts[:k]) for k in range(len(parts) - 1, 1, -1)]
+        tumor, excluded = {_norm(t) for t in self.tumor}, {_norm(e) for e in self.excluded}
         for candidate in [name, *(parts[::-1] if len(parts) > 1 else []), *parents]:
             n = _norm(candidate)
-            if n in {_norm(t) for t in self.tumor}:
+            if n in tumor:
                 return "tumor"
-            if n in {_norm(e) for e in self.excluded}:
+            if n in excluded:
                 return "excluded"
         return "other"
 

@@ -9,14 +9,13 @@ noise.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from wsi_vssm.atomic import atomic_write_bytes
+from wsi_vssm.atomic import atomic_write_figure
 
 ECE_BINS = 10  # equal-width probability bins, as the detector issue states ECE
 
@@ -159,9 +158,7 @@ def calibration_png(path: str | os.PathLike, labels: Sequence[int], probs: Seque
                     summary: dict | None = None) -> None:
     """The reliability diagram (`calibration_figure`) as a PNG, atomically."""
     fig = calibration_figure(labels, probs, summary)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig)
 
 
 def calibration_figure(labels: Sequence[int], probs: Sequence[float], summary: dict | None = None):

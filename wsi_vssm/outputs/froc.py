@@ -27,7 +27,6 @@ of a level-5 mask:
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Mapping
@@ -228,7 +227,7 @@ def froc_png(path: str | os.PathLike, result: FrocResult) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from wsi_vssm.atomic import atomic_write_bytes
+    from wsi_vssm.atomic import atomic_write_figure
 
     fig = Figure(figsize=(5.0, 4.0), dpi=120)
     FigureCanvasAgg(fig)  # the Agg canvas directly: no pyplot global state
@@ -255,9 +254,7 @@ def froc_png(path: str | os.PathLike, result: FrocResult) -> None:
     ax.set(xlim=(lo, hi), ylim=(0, 1.01), xlabel="average false positives per slide", ylabel="lesion sensitivity")
     ax.grid(True, lw=0.4, color="0.85")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig)
 
 
 def froc_curve(fp_probs: np.ndarray, tp_probs: np.ndarray, n_slides: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from wsi_vssm.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from wsi_vssm.atomic import atomic_write_figure, atomic_write_json, atomic_write_text
 from wsi_vssm.errors import UsageError, is_real_number
 from wsi_vssm.outputs.files import from_spreadsheet_safe, spreadsheet_safe
 
@@ -252,9 +252,7 @@ def roc_png(
     ax.set_title(f"ROC over {_count(y.size, items)} ({n1} tumour, {n0} normal)", fontsize=9)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig)
 
 
 def write_prediction_json(path: str | os.PathLike, record: Mapping) -> None:

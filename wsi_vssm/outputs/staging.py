@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.atomic import atomic_write_bytes, atomic_write_text
+from wsi_vssm.atomic import atomic_write_figure, atomic_write_text
 from wsi_vssm.errors import UsageError
 from wsi_vssm.outputs.files import from_spreadsheet_safe, spreadsheet_safe
 
@@ -234,9 +234,7 @@ def confusions_png(
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.set_title(title or f"{int(m.sum())} pairs, {int(np.trace(m))} agree", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_figure(path, fig)
 
 
 # ---- tables ------------------------------------------------------------------------------------------------

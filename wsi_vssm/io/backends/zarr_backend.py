@@ -145,9 +145,10 @@ def _open_group(path: Path):
     except ImportError as err:
         raise missing_backend(path, "zarr", one_line(err)) from err
     if path.is_dir() and is_zarr_array_dir(path):
-        above = path.parents[:3]  # a converter's whole store first (it names the slide), else the image
-        holder = next((p for p in above if _attrs_on_disk(p).get("bioformats2raw.layout") is not None),
-                      next((p for p in above if _multiscales(_attrs_on_disk(p))), None))
+        # a converter's whole store first (it names the slide), else the image
+        above = {p: _attrs_on_disk(p) for p in path.parents[:3]}
+        holder = next((p for p, a in above.items() if a.get("bioformats2raw.layout") is not None),
+                      next((p for p, a in above.items() if _multiscales(a)), None))
         hint = f"give the image's folder, {holder}" if holder else "give the folder of the image that holds it"
         raise UnsupportedFormat(path, f"one array of a zarr store (a pyramid level?), not an image: {hint}")
     if not path.is_dir() or not is_zarr_dir(path):
