@@ -16,11 +16,14 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from wsi_vssm.errors import UsageError
+
+_WINDOWS = os.name == "nt"
 
 _TMP_PREFIX = ".tmp-"  # hidden, and recognisable for clean-up after a crash
 _TMP_NAME_BYTES = 200  # of the final name kept in a temporary's: with the prefix and suffixes, under 255 bytes
@@ -86,12 +89,31 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-            os.replace(tmp, path)
+            _replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
     _fsync_dir(path.parent)
+
+
+REPLACE_TRIES = 10  # 0.2 s apart
+
+
+def _replace(tmp: str, path: Path) -> None:
+    """os.replace. Windows refuses to replace a file another program holds open (a spreadsheet showing
+    predictions.csv; `info OUT` reading it at that instant): tried for 2 s, then said so, naming the file."""
+    for attempt in range(REPLACE_TRIES):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError as err:
+            if not _WINDOWS:
+                raise
+            if attempt + 1 == REPLACE_TRIES:
+                raise PermissionError(err.errno, "another program holds it open (a spreadsheet?): close it there "
+                                                 f"and run again ({err.strerror})", str(path)) from None
+            time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -179,11 +201,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+# Windows flushes a file only through a handle that may write to it (on a read-only one: "Bad file descriptor")
+_FSYNC_FLAGS = os.O_RDWR | getattr(os, "O_BINARY", 0) if _WINDOWS else os.O_RDONLY
+
+
 def _fsync_tree(root: Path) -> None:
     """fsync every file and folder under `root`, so the rename never publishes unwritten data."""
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            fd = os.open(os.path.join(dirpath, name), _FSYNC_FLAGS)
             try:
                 os.fsync(fd)
             finally:

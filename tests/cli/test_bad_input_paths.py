@@ -347,7 +347,7 @@ def test_an_output_folder_that_is_a_file_is_refused_before_inference(cohort, sli
 
 def test_a_tumour_slide_without_a_tumour_annotation_is_told_why(tmp_path, recwarn):
     """The warning said "no file named like the slide, or no tumour area in it" and no more: which, what classes
-    the file held, and that an NDP.view file beside it (`tumor_002.ndpi.ndpa`) is a format this does not read."""
+    the file held, and that a file beside it in a format this does not read (napari's shapes CSV) is not read."""
     from wsi_vssm.runs.cohort_froc import read_cohort_annotations
 
     ann = tmp_path / "ann"
@@ -355,7 +355,7 @@ def test_a_tumour_slide_without_a_tumour_annotation_is_told_why(tmp_path, recwar
     square = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]
     (ann / "tumor_001.geojson").write_text(json.dumps({"type": "Feature", "properties": {"classification": {
         "name": "Pathologist JB"}}, "geometry": {"type": "Polygon", "coordinates": [square]}}))
-    (ann / "tumor_002.ndpi.ndpa").write_text("<annotations/>")
+    (ann / "tumor_002.csv").write_text("index,shape-type,vertex-index,axis-0,axis-1\n")
     (ann / "tumor_002.ndpi").write_bytes(b"")  # the slide itself beside its annotations: not named as unread
     inner = [[10, 10], [20, 10], [20, 20], [10, 20], [10, 10]]
     (ann / "tumor_003.geojson").write_text(json.dumps([
@@ -366,8 +366,21 @@ def test_a_tumour_slide_without_a_tumour_annotation_is_told_why(tmp_path, recwar
     slides = ("tumor_001", "tumor_002", "tumor_003")
     read_cohort_annotations(ann, {s: s for s in slides}, dict.fromkeys(slides, 1))
     notes = [str(w.message) for w in recwarn]
-    assert any("(no file named like the slide; not read, in a format this does not read: tumor_002.ndpi.ndpa): "
+    assert any("(no file named like the slide; not read, in a format this does not read: tumor_002.csv): "
                "tumor_002;" in n for n in notes), notes
     assert any("(no tumour class in its file:" in n and "tumor_001.geojson ('Pathologist JB')" in n for n in notes)
     assert any("(its tumour areas lie wholly in its excluded ones): tumor_003.geojson ('Exclusion', 'Tumor')" in n
                for n in notes), notes
+
+
+def test_slides_whose_names_differ_only_in_case_are_one_folder_and_refused(slide, model_file, tmp_path, capsys):
+    """`predict a/Slide1.tif b/slide1.tif` ran both into OUT/Slide1 and OUT/slide1: one folder (and one state
+    file) on macOS's and Windows' case-insensitive file systems, where the second slide overwrote the first."""
+    for sub, name in (("a", "Slide1"), ("b", "slide1")):
+        (tmp_path / sub).mkdir()
+        shutil.copy(slide, tmp_path / sub / f"{name}.tif")
+    code, _, err = _predict([tmp_path / "a" / "Slide1.tif", tmp_path / "b" / "slide1.tif"], model_file,
+                            tmp_path / "o", capsys)
+    assert code == 3 and "slide1.tif: another slide of this run has the name 'Slide1' (the same folder as " \
+                          "'slide1' on a case-insensitive file system)" in err, err
+    assert (tmp_path / "o" / "Slide1").is_dir() and not (tmp_path / "o" / "slide1").exists()

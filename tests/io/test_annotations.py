@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from wsi_vssm.io.annotations import (
     AnnotationClasses,
     AnnotationError,
     AnnotationSet,
+    NdpaFrame,
     parse_asap_xml,
     parse_geojson,
+    parse_ndpa,
     read_annotations,
 )
 
@@ -483,3 +486,118 @@ def test_an_imagescope_region_of_another_type_with_an_outline_is_read():
     xml = IMAGESCOPE.replace('<Region Id="1" Type="0" NegativeROA="0"', '<Region Id="1" Type="7" NegativeROA="0"')
     items = parse_asap_xml(xml)
     assert len(items) == 4 and items[0][1].area == pytest.approx(1000 * 1000 - 200 * 200)
+
+
+def _ndpa(*views: str) -> str:
+    return '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n<annotations>' + "".join(views) + \
+        "</annotations>"
+
+
+def _view(title: str, annotation: str, i: int = 1) -> str:
+    return (f'<ndpviewstate id="{i}"><title>{title}</title><coordformat>nanometers</coordformat><lens>40</lens>'
+            f"<x>0</x><y>0</y><z>0</z>{annotation}</ndpviewstate>")
+
+
+def _freehand(points_nm, closed: int = 1, special: str = "") -> str:
+    pts = "".join(f"<point><x>{x}</x><y>{y}</y></point>" for x, y in points_nm)
+    return (f'<annotation type="freehand" displayname="AnnotateFreehand" color="#ff0000" {special}>'
+            f"<measuretype>0</measuretype><closed>{closed}</closed><pointlist>{pts}</pointlist></annotation>")
+
+
+def test_ndp_view_files_are_placed_on_their_slide_by_its_offsets():
+    """NDP.view's `.ndpa` (nanometres from the glass slide's centre) was not read: a Hamamatsu user's lesions
+    were "no file named like the slide". A point at the slide's own offset is its centre pixel."""
+    frame = NdpaFrame(x_offset_nm=1_000_000, y_offset_nm=-50_000, mpp_x=0.25, mpp_y=0.5, width=4000, height=2000)
+    # a 100 x 100 um square whose corner is the slide's centre; a circle of radius 50 um 1 mm right of it
+    square = [(1_000_000, -50_000), (1_100_000, -50_000), (1_100_000, 50_000), (1_000_000, 50_000)]
+    text = _ndpa(_view("Tumor", _freehand(square, special='specialtype="rectangle"')),
+                 _view("metastasis", '<annotation type="circle"><x>2000000</x><y>-50000</y><radius>50000</radius>'
+                                     "</annotation>", 2),
+                 _view("Tumor", _freehand([(0, 0), (10, 10), (20, 0)], closed=0), 3),  # an open line: no area
+                 _view("Tumor", '<annotation type="pin"><x>0</x><y>0</y></annotation>', 4))
+    with pytest.warns(UserWarning, match=r"1 freehand, 1 pin annotation\(s\) left out"):
+        items = parse_ndpa(text, frame, source="case.ndpi.ndpa")
+    assert [name for name, _ in items] == ["Tumor", "metastasis"]
+    assert items[0][1].bounds == pytest.approx((2000, 1000, 2400, 1200))  # 100 um: 400 px at 0.25, 200 at 0.5
+    circle = items[1][1]
+    assert circle.centroid.x == pytest.approx(2000 + 4000) and circle.centroid.y == pytest.approx(1000)
+    assert circle.bounds[2] - circle.bounds[0] == pytest.approx(400) and \
+        circle.bounds[3] - circle.bounds[1] == pytest.approx(200)
+    ann = AnnotationSet.from_items(items)
+    assert ann.tumor.area == pytest.approx(400 * 200 + circle.area)
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_an_ndpa_file_beside_its_ndpi_reads_through_either_backend(tmp_path, backend):
+    ndpi = shared_file("slides", "fluorescence-dapi.ndpi")
+    (tmp_path / "case.ndpi").symlink_to(ndpi)
+    from wsi_vssm.io import open_slide
+
+    with open_slide(ndpi, backend=backend) as slide:
+        (w, h), mpp = slide.dimensions, slide.mpp
+    # the properties of this file: the slide's centre lies 12,538,720 nm right of the glass slide's and 96,063 up
+    corner = (12_538_720, -96_063)
+    side = 200 * mpp * 1000  # 200 px in nm
+    square = [corner, (corner[0] + side, corner[1]), (corner[0] + side, corner[1] + side),
+              (corner[0], corner[1] + side)]
+    path = tmp_path / "case.ndpi.ndpa"
+    path.write_text(_ndpa(_view("Tumor", _freehand(square))))
+    with open_slide(ndpi, backend=backend) as slide:
+        ann = read_annotations(path, slide=slide)
+    assert ann.tumor.bounds == pytest.approx((w / 2, h / 2, w / 2 + 200, h / 2 + 200))
+    assert read_annotations(path).tumor.equals_exact(ann.tumor, 1e-6)  # the slide beside it, found by name
+    path.rename(tmp_path / "moved.ndpa")
+    with pytest.raises(AnnotationError, match=r"moved\.ndpa: an NDP\.view file places its outlines on its slide"):
+        read_annotations(tmp_path / "moved.ndpa")
+    other = shared_file("slides", "cmu-1-small-region.svs")
+    with pytest.raises(AnnotationError, match=r"has no Hamamatsu slide offsets"):
+        read_annotations(tmp_path / "moved.ndpa", slide=other)
+
+
+def test_annotation_files_are_found_under_ndp_views_names():
+    from wsi_vssm.io.annotations import annotation_file_names, annotation_key
+
+    assert annotation_key(Path("case.NDPI.ndpa")) == "case.ndpi.ndpa" == annotation_file_names("case")[5]
+    assert annotation_key(Path("Case.XML")) == "Case.xml" and annotation_key(Path("case.ndpi")) is None
+
+
+def test_an_ndpa_file_whose_slide_does_not_open_is_one_line(tmp_path):
+    (tmp_path / "case.ndpi").write_bytes(b"")
+    (tmp_path / "case.ndpi.ndpa").write_text(_ndpa())
+    with pytest.raises(AnnotationError, match=r"case\.ndpi\.ndpa: cannot open its slide to place its outlines: "
+                                              r".*case\.ndpi: empty file"):
+        read_annotations(tmp_path / "case.ndpi.ndpa")
+
+
+def test_evaluate_finds_ndp_views_files_and_places_them_on_the_cohorts_slides(tmp_path):
+    from wsi_vssm.runs.cohort_froc import read_cohort_annotations
+
+    ndpi = shared_file("slides", "fluorescence-dapi.ndpi")
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    corner = (12_538_720, -96_063)  # the slide's centre (its offsets)
+    square = [corner, (corner[0] + 50_000, corner[1]), (corner[0] + 50_000, corner[1] + 50_000),
+              (corner[0], corner[1] + 50_000)]
+    (ann / "case.NDPI.ndpa").write_text(_ndpa(_view("Tumor", _freehand(square))))
+    found = read_cohort_annotations(ann, {"case": "case"}, {"case": 1}, paths={"case": ndpi})
+    from wsi_vssm.io import open_slide
+
+    with open_slide(ndpi) as slide:
+        w, h = slide.dimensions
+    assert found["case"].tumor.bounds[:2] == pytest.approx((w / 2, h / 2))
+
+
+def test_a_nodes_reference_category_is_measured_from_an_ndpa_file_on_its_slide(tmp_path):
+    from wsi_vssm.runs.patients import reference_categories
+
+    ndpi = shared_file("slides", "fluorescence-dapi.ndpi")
+    corner = (12_538_720, -96_063)
+    square = [corner, (corner[0] + 500_000, corner[1]), (corner[0] + 500_000, corner[1] + 500_000),
+              (corner[0], corner[1] + 500_000)]  # 0.5 mm a side: a micrometastasis
+    (tmp_path / "case.ndpi.ndpa").write_text(_ndpa(_view("Tumor", _freehand(square))))
+    from wsi_vssm.io import open_slide
+
+    with open_slide(ndpi) as slide:
+        mpp = slide.mpp
+    got = reference_categories({"case": tmp_path / "case.ndpi.ndpa"}, {"case": mpp}, paths={"case": ndpi})
+    assert got == {"case": "micro"}

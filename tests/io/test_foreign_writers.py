@@ -196,3 +196,37 @@ def test_ome_pixel_sizes_that_are_not_square_are_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # square ones say nothing
         open_slide(_ome_zarr(tmp_path / "square.zarr")).close()
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_raw_strips_read_through_a_memory_map_and_one_compressed_strip_decodes_once(tmp_path, monkeypatch, byteorder):
+    """ImageJ writes an image as raw strips, PIL and others a small image as one compressed strip: every read
+    decoded each strip it touched (the whole image for one strip: 0.8 s for any 512 px read of a 12,000 px
+    deflate strip). Raw samples are memory-mapped now, and one compressed strip is decoded once."""
+    big = np.random.default_rng(1).integers(0, 65536, (80, 120, 3)).astype(np.uint16)
+    raw, deflate = tmp_path / "raw.tif", tmp_path / "deflate.tif"
+    tifffile.imwrite(raw, big, byteorder=byteorder, rowsperstrip=16, metadata=None)
+    tifffile.imwrite(deflate, RGB, compression="zlib", rowsperstrip=RGB.shape[0], metadata=None)
+    tifffile.imwrite(tmp_path / "tiled.tif", big, byteorder=byteorder, tile=(16, 16), metadata=None)
+    through_zarr = read_all(tmp_path / "tiled.tif", "tifffile")
+    decodes = []
+    real = tifffile.TiffPage.decode  # a cached property giving the page's decode function
+
+    def counted(page):
+        def decode(*args, **kwargs):
+            decodes.append(page.index)
+            return real.func(page)(*args, **kwargs)
+        return decode
+
+    monkeypatch.setattr(tifffile.TiffPage, "decode", property(counted))
+    with open_slide(raw, backend="tifffile") as slide:
+        region = slide.read_region((7, 9), 0, (50, 40))
+        whole = slide.read_region((0, 0), 0, slide.dimensions)
+    assert decodes == [] and region.flags.writeable and region.dtype == np.uint8
+    np.testing.assert_array_equal(region, whole[9:49, 7:57])
+    np.testing.assert_array_equal(whole, through_zarr)
+    with open_slide(deflate, backend="tifffile") as slide:
+        reads = [slide.read_region((x, 3), 0, (20, 30)) for x in (0, 40, 70)]
+    assert len(decodes) == 1
+    for x, got in zip((0, 40, 70), reads, strict=True):
+        np.testing.assert_array_equal(got, RGB[3:33, x:x + 20])

@@ -502,3 +502,20 @@ def test_the_bioformats2raw_layout_reads_its_first_series(tmp_path, levels, fmt)
     assert slide.name == "case_7" and slide.dimensions == (W, H) and slide.level_count == 3
     assert slide.mpp == pytest.approx(MPP)
     assert np.array_equal(slide.read_region((9, 4), 1, (30, 20)), levels[1][2:22, 4:34])
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_a_bioformats2raw_series_given_alone_is_named_after_its_store(tmp_path, levels, fmt):
+    """`case.zarr/0` given alone (as napari-ome-zarr opens a series) named its slide `0`: a cohort of such
+    stores had every slide named alike. Named `case` now, `case-1` where the store holds other series too."""
+    from wsi_vssm.io.base import output_name
+
+    for name, series in (("one.zarr", ["0"]), ("two.zarr", ["0", "1"])):
+        group = zarr.open_group(str(tmp_path / name), mode="w", zarr_format=fmt)
+        group.attrs.update({"bioformats2raw.layout": 3} if fmt == 2 else {"ome": {"bioformats2raw.layout": 3}})
+        for k in series:
+            write_ome_zarr(tmp_path / name / k, levels[:1], fmt=fmt)
+    assert open_slide(tmp_path / "one.zarr" / "0").name == "one"
+    assert [output_name(tmp_path / "two.zarr" / k) for k in ("0", "1")] == ["two-0", "two-1"]
+    plain = write_ome_zarr(tmp_path / "7", levels[:1], fmt=fmt)  # a store named by digits, no layout above it
+    assert output_name(plain) == "7"

@@ -157,6 +157,53 @@ def test_atomic_dir_replaces_and_cleans_up(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_on_windows_a_file_held_open_is_waited_for_then_named(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program holds open (Excel showing predictions.csv): the
+    report step failed at once with "The process cannot access the file", and no metrics.json was written."""
+    import errno
+
+    import wsi_vssm.atomic as atomic
+
+    real, calls = os.replace, []
+
+    def held(src, dst, busy):
+        calls.append(dst)
+        if len(calls) <= busy:
+            raise PermissionError(errno.EACCES, "The process cannot access the file", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.time, "sleep", lambda s: None)
+    monkeypatch.setattr(atomic, "_WINDOWS", True)
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: held(a, b, busy=3))
+    atomic_write_text(tmp_path / "predictions.csv", "a\n")  # a reader let go: written on the fourth try
+    assert (tmp_path / "predictions.csv").read_text() == "a\n" and len(calls) == 4
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: held(a, b, busy=10**6))
+    with pytest.raises(PermissionError, match=r"another program holds it open \(a spreadsheet\?\): close it there "
+                                              r"and run again .*predictions\.csv"):
+        atomic_write_text(tmp_path / "predictions.csv", "b\n")
+    assert (tmp_path / "predictions.csv").read_text() == "a\n" and _leftovers(tmp_path) == []
+    monkeypatch.setattr(atomic, "_WINDOWS", False)  # elsewhere a refusal is final at once
+    calls.clear()
+    with pytest.raises(PermissionError):
+        atomic_write_text(tmp_path / "predictions.csv", "c\n")
+    assert len(calls) == 1
+
+
+def test_zarr_stores_are_flushed_through_handles_that_may_write_on_windows(tmp_path, monkeypatch):
+    """Windows' fsync needs a handle that may write: through a read-only one every zarr output failed ("Bad file
+    descriptor": every slide of `predict`, every `extract`)."""
+    import wsi_vssm.atomic as atomic
+
+    assert atomic._FSYNC_FLAGS == os.O_RDONLY  # here (POSIX), read-only handles flush
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(atomic, "_FSYNC_FLAGS", os.O_RDWR)
+    monkeypatch.setattr(atomic.os, "open", lambda p, flags, *a: opened.append(flags) or real_open(p, flags, *a))
+    with atomic_dir(tmp_path / "store.zarr") as tmp:
+        (tmp / "v").write_text("1")
+    assert os.O_RDWR in opened
+
+
 def test_atomic_outputs_are_readable_by_others(tmp_path):
     """mkstemp / mkdtemp make 0600 files and 0700 folders: a shared results folder would hide them."""
     import stat

@@ -414,6 +414,22 @@ def test_detections_from_heatmap():
     assert detections_from_heatmap(np.full((3, 3), np.nan, np.float32), 1.0, (0, 0)).shape == (0, 3)
 
 
+def test_a_shelf_beside_a_higher_cell_is_no_detection():
+    """A run of equal values whose far end lies out of the window of a higher cell was a second detection there
+    (an extra false positive when the cells lie outside every lesion)."""
+    prob = np.zeros((5, 9), np.float32)
+    prob[2, 1:6] = 0.8  # a shelf 5 cells long
+    prob[2, 6] = 0.95  # the top beside it
+    prob[0, 8] = 0.8  # a separate maximum of the shelf's value: still one
+    det = detections_from_heatmap(prob, cell0=1.0, origin=(0, 0), threshold=0.5)
+    np.testing.assert_allclose(det, [[6.5, 2.5, 0.95], [8.5, 0.5, 0.8]])
+    # the window counts from every member: a top two cells from the shelf's end hides it at min_distance 2 only
+    prob = np.zeros((3, 7), np.float32)
+    prob[1, 1:3], prob[1, 4] = 0.8, 0.95
+    assert len(detections_from_heatmap(prob, 1.0, (0, 0), threshold=0.5, min_distance=1)) == 2
+    assert len(detections_from_heatmap(prob, 1.0, (0, 0), threshold=0.5, min_distance=2)) == 1
+
+
 def test_the_intervals_do_not_depend_on_the_order_of_the_rows():
     """The same 10 slides listed in reverse gave auc_ci95 [0.36, 1.0] against [0.40, 1.0] (and another ECE
     interval): the seeded resamples picked rows by position."""

@@ -1003,3 +1003,25 @@ def test_a_fluorescence_slide_is_not_stamped_no_tissue_found():
     assert no_cells_stamp({**fluo, "domain_notes": ["no eosin ..."]}) == "no tissue found"
     assert no_cells_stamp({"reason": "no cell has enough tissue: tissue on 0.3% ...", "domain_notes": []}) == \
         "no cell has enough tissue"
+
+
+def test_a_library_or_napari_prediction_writes_only_into_its_slides_own_folder(model_file, cohort, tmp_path):
+    """The runner refused a slide named `..` (`...tif`) or an OUT/<slide> that is a symbolic link, but
+    `predict_slide` (the napari widget's and library callers' path) wrote the outputs of `...tif` into OUT's
+    parent, and through a link wherever it pointed."""
+    import shutil
+
+    from wsi_vssm.errors import UsageError
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(cohort / "normal_001.tif", tmp_path / "in" / "...tif")
+    out = tmp_path / "home" / "wsi-vssm-predictions"
+    with pytest.raises(UsageError, match=r"\.\.\.tif: its name '\.\.' is no folder name of its own"):
+        predict_slide(tmp_path / "in" / "...tif", _model(model_file), out, FAST)
+    (tmp_path / "elsewhere").mkdir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "normal_001").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UsageError, match=r"normal_001 is a symbolic link \(to .*elsewhere\): outputs are not "):
+        predict_slide(cohort / "normal_001.tif", _model(model_file), out, FAST)
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["wsi-vssm-predictions"]
+    assert not list((tmp_path / "elsewhere").iterdir())

@@ -307,3 +307,25 @@ def test_a_score_file_of_another_format_is_not_read(tmp_path):
     with PatchScores(tmp_path, "h", {}) as scores:
         assert scores.kept("0/a.jpg", 1) is None and scores.earlier == {}, scores.earlier
     assert len((tmp_path / PATCH_SCORES).read_text().splitlines()) == 1  # started anew: its header alone
+
+
+def test_without_flock_or_o_nofollow_as_on_windows_the_scores_are_kept_unlocked(tmp_path, monkeypatch):
+    """`import fcntl` at the top of this module stopped every `info` and `evaluate` on Windows ("No module named
+    'fcntl'"), and `os.O_NOFOLLOW` would then have been a traceback: the scores are kept there unlocked, with the
+    warning a file system without flock gets."""
+    import os
+    import subprocess
+    import sys
+
+    import wsi_vssm.runs.patch_scores as ps
+
+    code = ("import sys; sys.modules['fcntl'] = None\n"
+            "import wsi_vssm.commands.output_info, wsi_vssm.runs.patch_scores as ps; print(ps.fcntl)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stderr
+    monkeypatch.setattr(ps, "fcntl", None)
+    monkeypatch.delattr(os, "O_NOFOLLOW")
+    with pytest.warns(UserWarning, match=r"cannot be locked \(.*file locks are not available on this platform\)"):
+        scores = ps.PatchScores(tmp_path, "h", {"tta": False})
+    scores.close()
+    assert ps.kept_scores(tmp_path)["in_progress"] is False

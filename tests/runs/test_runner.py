@@ -1015,3 +1015,24 @@ def test_the_report_writer_removes_a_killed_runs_temporaries(tmp_path):
         assert held, "the report lock was not taken"
         assert not stale.exists(), "a killed run's temporary of predictions.csv was left"
     assert other.read_text() == "keep"
+
+
+def test_a_stale_lock_is_judged_without_signals_on_windows(monkeypatch):
+    """`os.kill(pid, 0)` sends Ctrl+C to a console group on Windows, or fails ("The parameter is incorrect"):
+    a killed run's lock stopped every rerun there. Windows asks the process table instead."""
+    import socket
+
+    import wsi_vssm.runs.state as state
+
+    def no_signals(*a):
+        raise AssertionError("os.kill called")
+
+    monkeypatch.setattr(state.os, "kill", no_signals)
+    monkeypatch.setattr(state, "_windows_pid_alive", lambda pid: pid == 4242)
+    monkeypatch.setattr(state.os, "name", "nt")
+    try:
+        here = socket.gethostname()
+        verdicts = [state._is_stale({"pid": pid, "host": here}) for pid in (4242, 4343)]
+    finally:
+        monkeypatch.setattr(state.os, "name", "posix")
+    assert verdicts == [False, True]

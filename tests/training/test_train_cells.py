@@ -707,6 +707,47 @@ def test_an_unreadable_patch_is_named_with_its_problem(tmp_path):
     assert set(problems) == {"1/junk.jpg", "1/empty.jpg"} and "BytesIO" not in "".join(problems.values())
 
 
+def test_a_png_or_tar_member_that_declares_gigapixels_is_named_not_read(tmp_path, monkeypatch):
+    """A 48 KB PNG declaring 20,000 x 20,000 px ended `evaluate` and `train cells` in a 44-line traceback (PIL's
+    DecompressionBombError); a patch in a .tar.gz was read whole whatever its size (3 GiB: 3.4 GB of memory)."""
+    import io
+    import struct
+    import tarfile
+    import zlib
+
+    import wsi_vssm.training.data.patches as patches
+
+    def png(w, h):  # the header of a w x h RGB PNG and one empty IDAT: enough for PIL to read its size
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(tmp_path / label / "ok.png")
+    (tmp_path / "1" / "bomb.png").write_bytes(png(20000, 20000))  # past PIL's own limit
+    (tmp_path / "1" / "big.png").write_bytes(png(9000, 9000))  # under it (PIL would only warn), over a patch's
+    ds = load_patches(tmp_path)
+    problems = {}
+    for i, it in enumerate(ds.items):
+        try:
+            ds[i]
+        except PatchDataError as e:
+            problems[it.name] = str(e)
+    assert set(problems) == {"1/bomb.png", "1/big.png"}, problems
+    assert "decompression bomb" in problems["1/bomb.png"].lower()
+    assert problems["1/big.png"].endswith("it is 9000 x 9000 px, not a patch (up to 67,108,864 px)")
+    monkeypatch.setattr(patches, "PATCH_MAX_BYTES", 1 << 10)
+    with tarfile.open(tmp_path / "p.tar.gz", "w:gz") as tar:
+        for name, data in (("0/a.png", b"x" * 100), ("1/huge.png", b"\0" * 4096)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(PatchDataError, match=r"p\.tar\.gz: its member 1/huge\.png is 0 MiB, not a patch"):
+        load_patches(tmp_path / "p.tar.gz")
+
+
 def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tiny_folder, tmp_path,
                                                                                           monkeypatch):
     """`train cells` kept no checkpoint: an interrupted run (hours of the recipe's cells stage) began again at
@@ -1165,4 +1206,15 @@ def test_a_max_train_larger_than_the_patches_is_said(tmp_path, monkeypatch):
           pytest.raises(RuntimeError, match="stopped before training")):
         cells.train_cells(tmp_path / "train", tmp_path / "valid", tmp_path / "m.pt",
                           cells.TrainCellsConfig(max_train=500), progress=False)
+
+
+
+def test_the_normal_slides_table_is_read_as_utf8_with_or_without_excels_bom(tmp_path):
+    """reference.csv was read in the platform's encoding: Excel's "CSV UTF-8" (a BOM) lost every normal slide,
+    and on Windows (cp1252) a name like `Łódź` failed or vanished."""
+    from wsi_vssm.training.data.region_crops import _normal_names
+
+    (tmp_path / "reference.csv").write_bytes("\ufeffslide,label\nŁódź_1.tif,normal\nmüller_2.tif,Normal\n"
+                                             "t_3.tif,tumor\n".encode())
+    assert _normal_names(tmp_path / "reference.csv") == {"Łódź_1", "müller_2"}
 

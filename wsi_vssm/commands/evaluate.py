@@ -26,7 +26,8 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
               help="Output folder: metrics.json, predictions.csv, lesions.csv, roc.png, calibration.png, and "
                    "OUT/<slide name>/ per slide.")
 @click.option("--annotations", type=click.Path(file_okay=False), default=None,
-              help="Folder of lesion annotations (ASAP or ImageScope XML / GeoJSON named like the slides): adds "
+              help="Folder of lesion annotations (ASAP, ImageScope or HALO XML, GeoJSON, DSA JSON, NDP.view .ndpa; "
+                   "named like the slides): adds "
                    "the FROC (metrics.json, froc.png).")
 @click.option("--patients", type=click.Path(dir_okay=False), default=None,
               help="patients.csv (patient,slide): pN stage per patient against the reference, quadratic-weighted "

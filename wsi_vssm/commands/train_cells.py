@@ -58,8 +58,8 @@ from wsi_vssm.commands.options import MPP_RANGE, FiniteFloatRange, NonEmptyPath,
 @click.option("--region-batch", type=click.IntRange(min=1), default=4, show_default=True,
               help="Region crops (annotated slides or mosaics) per step.")
 @click.option("--slides", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Folder of slides with lesion annotations (ASAP or ImageScope XML / GeoJSON): an extra source of "
-                   "region crops.")
+              help="Folder of slides with lesion annotations (XML, GeoJSON, DSA JSON, .ndpa; docs/io.md): an extra "
+                   "source of region crops.")
 @click.option("--scan", default="auto", show_default=True,
               help="Selective-scan implementation: auto, reference, cpu, chunked, mamba_ssm or triton (another "
                    "name is refused before any data is read).")

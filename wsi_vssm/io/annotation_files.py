@@ -7,6 +7,9 @@
 - GeoJSON (QuPath, DSA exports): a feature's classification (QuPath's derived classes as `Tumor: Positive`);
   QuPath's detections, cells and tiles are not annotations and are left out, with a warning.
 - HistomicsTK / Digital Slide Archive annotation JSON: polylines, rectangles, ellipses and circles.
+- Hamamatsu NDP.view `.ndpa`: closed freehand outlines (rectangles among them) and circles, in nanometres from
+  the slide's centre; the slide's offsets, resolution and size place them (`NdpaFrame`). A view's class is its
+  title.
 
 `io.annotations` groups the pairs into tumour, excluded and other areas by class name.
 """
@@ -18,6 +21,7 @@ import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 
 import numpy as np
 import shapely
@@ -164,6 +168,68 @@ def _ellipse_at(cx: float, cy: float, width: float, height: float, rotation: flo
         return None
     unit = Point(cx, cy).buffer(1.0, quad_segs=16)
     return affinity.rotate(affinity.scale(unit, width / 2, height / 2), rotation, use_radians=True)
+
+
+# ---- NDP.view .ndpa ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NdpaFrame:
+    """Where NDP.view's nanometres lie on a slide: its centre's offset from the glass slide's centre (the NDPI
+    tags XOffsetFromSlideCentre / YOffsetFromSlideCentre, nm), level 0's um per pixel and size in pixels."""
+
+    x_offset_nm: float
+    y_offset_nm: float
+    mpp_x: float
+    mpp_y: float
+    width: int
+    height: int
+
+    def to_pixels(self, x_nm: np.ndarray, y_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ((x_nm - self.x_offset_nm) / (self.mpp_x * 1000) + self.width / 2,
+                (y_nm - self.y_offset_nm) / (self.mpp_y * 1000) + self.height / 2)
+
+
+_NDPA_UNITS = {"nanometers": 1.0, "nanometer": 1.0, "micrometers": 1e3, "micrometer": 1e3}
+
+
+def parse_ndpa(data: bytes | str, frame: NdpaFrame, source=None) -> list[tuple[str, BaseGeometry]]:
+    """(class name, polygon) pairs from an NDP.view annotation file (`<annotations><ndpviewstate><title>
+    <annotation type="freehand|circle|...">`): closed freehand outlines and circles; open lines, pins and rulers
+    have no area and are left out, with one warning that counts them."""
+    root = _xml_root(data, source)
+    if root.tag != "annotations":
+        raise AnnotationError(source, f"not an NDP.view annotation file (its root is <{root.tag}>)")
+    items, skipped = [], {}
+    for i, view in enumerate(root.iter("ndpviewstate")):
+        what = f"annotation {view.get('id', i)}"
+        unit = _NDPA_UNITS.get((view.findtext("coordformat") or "nanometers").strip().lower())
+        if unit is None:
+            raise AnnotationError(source, f"{what}: unknown coordformat {view.findtext('coordformat')!r}")
+        ann = view.find("annotation")
+        if ann is None:
+            continue
+        kind = (ann.get("type") or "").strip().lower()
+        try:
+            if kind == "freehand" and (ann.findtext("closed") or "1").strip() != "0":
+                xy = np.array([(float(p.findtext("x")), float(p.findtext("y")))  # type: ignore[arg-type]
+                               for p in ann.iter("point")], dtype=np.float64).reshape(-1, 2) * unit
+                x, y = frame.to_pixels(xy[:, 0], xy[:, 1])
+                geom = _polygon(list(zip(x.tolist(), y.tolist(), strict=True)), source, what)
+            elif kind == "circle":
+                cx, cy = frame.to_pixels(*(np.float64(ann.findtext(k)) * unit for k in ("x", "y")))
+                r = float(ann.findtext("radius")) * unit / 1000  # type: ignore[arg-type]
+                geom = _ellipse_at(float(cx), float(cy), 2 * r / frame.mpp_x, 2 * r / frame.mpp_y, 0.0)
+            else:
+                skipped[kind or "untyped"] = skipped.get(kind or "untyped", 0) + 1
+                continue
+        except _PARSE_ERRORS as err:
+            raise AnnotationError(source, f"{what}: bad coordinates: {one_line(err)}") from err
+        if geom is not None:
+            items.append(((view.findtext("title") or "").strip(), geom))
+    if skipped:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items()))
+        warnings.warn(f"{source}: {kinds} annotation(s) left out: open lines, pins and rulers have no area",
+                      UserWarning, stacklevel=3)
+    return items
 
 
 # ---- GeoJSON (QuPath, DSA exports) and DSA annotation JSON -------------------------------------------------

@@ -1,6 +1,6 @@
 """Lesion annotations in level-0 pixels, grouped into tumour, excluded and other areas, and their masks.
 
-The files (ASAP, Aperio ImageScope and HALO XML; QuPath GeoJSON; HistomicsTK / DSA JSON) are read by
+The files (ASAP, Aperio ImageScope and HALO XML; QuPath GeoJSON; HistomicsTK / DSA JSON; NDP.view) are read by
 `io.annotation_files`, which gives every polygon a class name: its ASAP group, its ImageScope layer, or its
 GeoJSON classification. Annotation names such as `_2` or `Tumor1` are labels of single polygons, not classes,
 so they never decide the class when a group exists. Class names are matched case-insensitively against
@@ -24,10 +24,12 @@ from wsi_vssm.errors import UsageError
 from wsi_vssm.io.annotation_files import (  # noqa: F401  (parsers and the error re-exported: public names)
     CLASS_PATH,
     AnnotationError,
+    NdpaFrame,
     parse_asap_xml,
     parse_dsa_json,
     parse_geojson,
     parse_imagescope_xml,
+    parse_ndpa,
     polygonal,
     union,
 )
@@ -39,8 +41,28 @@ DEFAULT_TUMOR = ("_0", "_1", "tumor", "tumour", "metastasis", "metastases", "tum
                  # the lesion classes of predict's own contours.geojson (outputs.contours.LESION_CLASSES)
                  "tumor: itc", "tumor: micrometastasis", "tumor: macrometastasis")
 # Annotation files by extension, in this order of preference when a slide has several (any case); HALO writes
-# `.annotations` (XML)
-ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json", ".annotations")
+# `.annotations` (XML), NDP.view `.ndpa` (XML, named after the whole slide file: `case.ndpi.ndpa`)
+ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json", ".annotations", ".ndpa")
+NDPA = ".ndpa"
+HAMAMATSU_SUFFIXES = (".ndpi", ".vms", ".vmu")  # the slides NDP.view annotates
+
+
+def annotation_file_names(name: str) -> list[str]:
+    """The names an annotation file of the slide `name` may have (as `annotation_key` spells them), in order of
+    preference: `name` with each of ANNOTATION_SUFFIXES, then NDP.view's `name.ndpi.ndpa`."""
+    return [name + ext for ext in ANNOTATION_SUFFIXES] + [name + s + NDPA for s in HAMAMATSU_SUFFIXES]
+
+
+def annotation_key(path: Path) -> str | None:
+    """An annotation file's name with its extension(s) in lower case (`case.NDPI.ndpa` -> `case.ndpi.ndpa`), for
+    `annotation_file_names`; None for a file that is no annotation file."""
+    ext = path.suffix.lower()
+    if ext not in ANNOTATION_SUFFIXES:
+        return None
+    stem = Path(path.stem)
+    if ext == NDPA and stem.suffix.lower() in HAMAMATSU_SUFFIXES:
+        return stem.stem + stem.suffix.lower() + ext
+    return path.stem + ext
 # `Ignore*` is QuPath's built-in class for areas to leave out
 DEFAULT_EXCLUDED = ("_2", "exclusion", "excluded", "exclude", "ignore", "ignore*", "artifact", "artefact",
                     "background")
@@ -148,19 +170,57 @@ class AnnotationSet:
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
-def read_annotations(path: str | os.PathLike, classes: AnnotationClasses | None = None) -> AnnotationSet:
-    """Read an ASAP XML or GeoJSON file (chosen by extension, else by content)."""
+def read_annotations(path: str | os.PathLike, classes: AnnotationClasses | None = None,
+                     slide: str | os.PathLike | None = None) -> AnnotationSet:
+    """Read an annotation file (chosen by extension, else by content). An NDP.view `.ndpa` file is placed on its
+    slide (`ndpa_frame`): `slide`, a path or an open reader, else the file it is named after beside it
+    (`case.ndpi` for `case.ndpi.ndpa`)."""
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as err:
         raise AnnotationError(p, f"cannot read annotation file: {err.strerror or err}") from err
     ext = p.suffix.lower()
+    if ext == NDPA:
+        return AnnotationSet.from_items(parse_ndpa(data, ndpa_frame(p, slide), source=p), classes, source=p)
     if ext in (".xml", ".annotations") or (ext not in (".json", ".geojson") and data.lstrip()[:1] == b"<"):
         items = parse_asap_xml(data, source=p)
     else:
         items = parse_geojson(data, source=p)
     return AnnotationSet.from_items(items, classes, source=p)
+
+
+def ndpa_frame(ndpa: Path, slide=None) -> NdpaFrame:
+    """Where the NDP.view file `ndpa`'s nanometres lie: from `slide` (a path or an open `SlideReader`), else from
+    the slide it is named after beside it. Its Hamamatsu offsets (OpenSlide's `XOffsetFromSlideCentre`,
+    tifffile's `...Center`), um per pixel and level-0 size."""
+    if slide is None:
+        beside = ndpa.with_suffix("")  # case.ndpi.ndpa -> case.ndpi
+        if not beside.suffix or not beside.is_file():
+            raise AnnotationError(ndpa, "an NDP.view file places its outlines on its slide: keep it beside the "
+                                        "slide it is named after (case.ndpi.ndpa beside case.ndpi)")
+        slide = beside
+    if isinstance(slide, (str, os.PathLike)):
+        from wsi_vssm.io.errors import SlideError
+        from wsi_vssm.io.slide import open_slide
+
+        try:
+            with open_slide(slide) as reader:
+                return ndpa_frame(ndpa, reader)
+        except SlideError as err:
+            raise AnnotationError(ndpa, f"cannot open its slide to place its outlines: {err}") from err
+    props = slide.properties
+    offsets = [next((props[k] for k in (f"hamamatsu.{a}OffsetFromSlideCentre", f"hamamatsu.{a}OffsetFromSlideCenter")
+                     if k in props), None) for a in "XY"]
+    mpp = [props.get(f"openslide.mpp-{a}") or slide.mpp for a in "xy"]
+    try:
+        x_off, y_off, mpp_x, mpp_y = (float(v) for v in (*offsets, *mpp))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise AnnotationError(ndpa, f"its slide {slide.path} has no Hamamatsu slide offsets or no resolution: an "
+                                    ".ndpa file belongs to an NDPI slide") from None
+    if not (mpp_x > 0 and mpp_y > 0 and math.isfinite(x_off) and math.isfinite(y_off)):
+        raise AnnotationError(ndpa, f"its slide {slide.path} has an unusable resolution or offset")
+    return NdpaFrame(x_off, y_off, mpp_x, mpp_y, *slide.dimensions)
 
 
 def rasterize(

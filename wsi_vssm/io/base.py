@@ -8,6 +8,7 @@ Backends implement only `_read_level`, which is always called with a box that li
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -46,10 +47,41 @@ def output_name(path: str | os.PathLike) -> str:
 
     found = series_of(path)  # (the base-level file, its series' files), or None for any other slide
     if found is None:
-        return slide_name(path)
+        return _zarr_series_name(path) or slide_name(path)
     folder = Path(path).parent
     named = os.path.basename(os.path.abspath(folder)) if folder_slide(folder, SLIDE_SUFFIXES) == found[0] else ""
     return folder_name(named) if named else slide_name(found[0])  # `predict .` inside it: named, not "."
+
+
+def _zarr_series_name(path: str | os.PathLike) -> str | None:
+    """A series folder of a bioformats2raw store given alone (`case.zarr/0`, as napari-ome-zarr opens it) is named
+    after its store, not `0`: `case`, or `case-1` where the store holds more than one series. None otherwise."""
+    path = Path(os.path.abspath(path))
+    if not (path.name.isdigit() and path.is_dir()):
+        return None
+    if zarr_attrs_on_disk(path.parent).get("bioformats2raw.layout") is None:
+        return None
+    try:
+        n = sum(1 for e in os.scandir(path.parent) if e.name.isdigit() and e.is_dir())
+    except OSError:
+        n = 2
+    store = slide_name(path.parent)
+    return store if n == 1 else f"{store}-{path.name}"
+
+
+def zarr_attrs_on_disk(path: Path) -> dict:
+    """A zarr group's attributes from its metadata file (v2 .zattrs, v3 zarr.json; an `ome` block's keys lifted),
+    {} where there are none."""
+    try:
+        if (path / ".zattrs").is_file():
+            found = json.loads((path / ".zattrs").read_text(encoding="utf-8"))
+        else:
+            found = json.loads((path / "zarr.json").read_text(encoding="utf-8")).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {**found, **found.get("ome", {})} if isinstance(found.get("ome"), dict) else found
 
 
 def folder_name(folder: str | os.PathLike) -> str:

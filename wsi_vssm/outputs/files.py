@@ -63,9 +63,9 @@ def zarr_root_attrs(p: Path) -> dict | None:
     """The root attributes of a zarr v2 (.zattrs) or v3 (zarr.json) group; {} for a bare group, None if broken."""
     try:
         if (p / ".zattrs").is_file():
-            return dict(json.loads((p / ".zattrs").read_text()))
+            return dict(json.loads((p / ".zattrs").read_text(encoding="utf-8")))
         if (p / "zarr.json").is_file():
-            return dict(json.loads((p / "zarr.json").read_text()).get("attributes") or {})
+            return dict(json.loads((p / "zarr.json").read_text(encoding="utf-8")).get("attributes") or {})
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     return {}

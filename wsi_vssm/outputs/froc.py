@@ -82,7 +82,8 @@ def detections_from_heatmap(
 
     A cell is a maximum when it is >= `threshold` and no cell within `min_distance` cells (a square window)
     is higher. A plateau of equal maxima (e.g. a lesion saturated at 1.0) gives one detection, at the member
-    nearest its centroid. Detections sit at cell centres and come sorted by probability, highest first.
+    nearest its centroid, and none when a higher cell lies within `min_distance` of any of its members.
+    Detections sit at cell centres and come sorted by probability, highest first.
     """
     prob = _grid(prob)
     cell0 = _positive(cell0, "cell0")
@@ -91,6 +92,7 @@ def detections_from_heatmap(
         raise UsageError(f"min_distance must be a positive integer, got {min_distance!r}")
     v = np.where(np.isfinite(prob), prob, -np.inf)
     peak = (v >= threshold) & (v == ndi.maximum_filter(v, size=2 * min_distance + 1, mode="constant", cval=-np.inf))
+    peak &= ~_plateau_slopes(v, peak)
     labels, n = ndi.label(peak, structure=np.ones((3, 3)))
     out = np.empty((n, 3))
     for k, sl in enumerate(ndi.find_objects(labels)):
@@ -100,6 +102,27 @@ def detections_from_heatmap(
         r, c = rows[pick], cols[pick]
         out[k] = (x0 + (c + 0.5) * cell0, y0 + (r + 0.5) * cell0, v[r, c])
     return out[np.argsort(-out[:, 2], kind="stable")]
+
+
+def _plateau_slopes(v: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """The peak cells whose run of equal values (8-connected) reaches a cell that is no peak: a shelf beside a
+    higher cell, whose far end the window alone took for a maximum. Spread from the shelf's foot, shift by shift."""
+    h, w = v.shape
+    slope = np.zeros_like(peak)
+    foot = ~peak & np.isfinite(v)
+    while True:
+        grown = slope | foot
+        reached = np.zeros_like(peak)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dy or dx:
+                    src = (slice(max(dy, 0), h + min(dy, 0)), slice(max(dx, 0), w + min(dx, 0)))
+                    dst = (slice(max(-dy, 0), h + min(-dy, 0)), slice(max(-dx, 0), w + min(-dx, 0)))
+                    reached[dst] |= grown[src] & (v[src] == v[dst])
+        new = peak & reached & ~slope
+        if not new.any():
+            return slope
+        slope |= new
 
 
 def lesion_regions(

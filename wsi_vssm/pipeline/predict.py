@@ -165,9 +165,15 @@ def predict_slide(
 
 
 def output_folder_problem(out_root: str | os.PathLike, name: str) -> str | None:
-    """Why OUT/<name> cannot hold a slide's outputs: a file (or a link to one) is there. None when it is a folder
-    or absent (a link to a folder is the runner's to refuse: `runs.runner._triage`)."""
+    """Why OUT/<name> cannot hold a slide's outputs: the name is no folder name of its own (`...tif` is named
+    `..`: its outputs landed in OUT's parent), a symbolic link is there (outputs would land wherever it points),
+    or a file. None when it is a folder or absent. The runner, the napari widget and library calls all ask."""
     folder = Path(out_root) / name
+    if name in ("", ".", "..") or "/" in name or os.sep in name:
+        return f"its name {name!r} is no folder name of its own under {out_root}: rename the slide"
+    if folder.is_symlink():
+        return (f"its output folder {folder} is a symbolic link (to {os.readlink(folder)}): outputs are not "
+                "written through links; remove it")
     if folder.exists() and not folder.is_dir():
         return (f"its output folder {folder} is a file, not a folder: move the file away or write the outputs "
                 "elsewhere (--out)")

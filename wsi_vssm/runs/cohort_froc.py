@@ -51,31 +51,41 @@ def _beyond_slide(annotation, grid_shape: tuple[int, int], cell0: float) -> list
         else None
 
 
-def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: dict[str, int] | None = None) -> dict:
+def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: dict[str, int] | None = None,
+                            paths: dict[str, object] | None = None) -> dict:
     """Each slide's parsed annotations, for the slides that have a file: named exactly like its table name or
-    its output folder (the extension in any case: .xml, .geojson, .json or .annotations; no wildcards, so
-    `tumor[1]` finds only `tumor[1].xml`). Read before the cohort runs, so that a malformed file fails with its
+    its output folder (the extension in any case: .xml, .geojson, .json, .annotations, or NDP.view's
+    `.ndpi.ndpa`, placed on the slide's file from `paths`; no wildcards, so `tumor[1]` finds only
+    `tumor[1].xml`). Read before the cohort runs, so that a malformed file fails with its
     one-line error then, not after every slide has been analysed. A slide labelled tumour (`labels`) without a
     file, or whose file holds no tumour area, is named in a warning: the FROC counts its detections as false
     positives."""
-    from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES, AnnotationClasses, read_annotations
+    from wsi_vssm.io.annotations import (
+        NDPA,
+        AnnotationClasses,
+        annotation_file_names,
+        annotation_key,
+        read_annotations,
+    )
     from wsi_vssm.io.base import SLIDE_SUFFIXES
 
     by_name: dict[str, Path] = {}
     others: list[Path] = []
     for p in sorted(annotations.iterdir()):
-        if p.is_file() and p.suffix.lower() in ANNOTATION_SUFFIXES:
-            by_name.setdefault(p.stem + p.suffix.lower(), p)
+        key = annotation_key(p) if p.is_file() else None
+        if key is not None:
+            by_name.setdefault(key, p)
         elif p.is_file() and not p.name.lower().endswith(SLIDE_SUFFIXES):  # slides may lie beside their files
             others.append(p)
     found, unfiled, no_tumour, excluded_all, several = {}, [], [], [], []
     for slide, folder in folders.items():
-        files = list(dict.fromkeys(by_name[name + ext] for name in (slide, folder) for ext in ANNOTATION_SUFFIXES
-                                   if name + ext in by_name))
+        files = list(dict.fromkeys(by_name[n] for name in (slide, folder) for n in annotation_file_names(name)
+                                   if n in by_name))
         if len(files) > 1:
             several.append(f"{slide} ({', '.join(p.name for p in files)}: {files[0].name} used)")
         if files:
-            found[slide] = read_annotations(files[0])
+            on = (paths or {}).get(slide) if files[0].suffix.lower() == NDPA else None
+            found[slide] = read_annotations(files[0], slide=on)
         if (labels or {}).get(slide) == 1 and not files:
             unfiled.append(slide)
         elif (labels or {}).get(slide) == 1 and found[slide].tumor.is_empty:

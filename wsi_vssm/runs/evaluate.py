@@ -108,7 +108,7 @@ def evaluate_cohort(
         progress.info(note)
     out = Path(out_dir)
     if annotations is not None and not Path(annotations).is_dir():
-        raise UsageError(f"{annotations}: --annotations must be a folder of ASAP XML / GeoJSON files")
+        raise UsageError(f"{annotations}: --annotations must be a folder of annotation files (docs/io.md)")
     if model_path is None:
         model_path = (_model_file_for_workers(model, out) if (run.workers or run.scheduler)
                       else f"<in-memory {id(model):x}>")
@@ -130,7 +130,8 @@ def evaluate_cohort(
         reference_sources(cohort.source, _cohort_root(cohort_path), staged, cohort.labels(),
                           annotations and Path(annotations))
     truth = (None if annotations is None  # bad files fail now, before any slide runs
-             else read_cohort_annotations(Path(annotations), folders, cohort.labels()))
+             else read_cohort_annotations(Path(annotations), folders, cohort.labels(),
+                                          {r.name: r.path for r in cohort.rows if r.ok}))
     check_output_folder(out)
     if replaced := replaced_cohort_warning(out, cohort.source, split):  # before the first table is written
         warnings.warn(replaced, stacklevel=2)
@@ -176,7 +177,8 @@ def evaluate_cohort(
                     metrics.update(evaluate_patients(patients, cohort.source, _cohort_root(cohort_path), out,
                                                      folders, cohort.labels(), annotations and Path(annotations),
                                                      n_boot, ran={r["slide"] for r in finished
-                                                                  if r["status"] in ("done", "no_tissue")}))
+                                                                  if r["status"] in ("done", "no_tissue")},
+                                                     paths={r.name: r.path for r in cohort.rows if r.ok}))
             except BaseException:  # metrics.json was written without them: it must not say it is complete
                 atomic_write_json(out / METRICS_JSON, {**metrics, "complete": False})
                 raise

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
@@ -32,6 +31,11 @@ from pathlib import Path
 from wsi_vssm.atomic import atomic_write_json
 from wsi_vssm.errors import WsiVssmError
 from wsi_vssm.runs.state import OutputNotWritable
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the score file is used unlocked, with the warning below
+    fcntl = None
 
 PATCH_SCORES = ".patch_scores.jsonl"
 OVERWRITE_MARKER = ".patch_scores.overwrite"  # an --overwrite run under way: its rerun goes on, not over
@@ -52,7 +56,7 @@ class PatchScores:
     def __init__(self, out: str | os.PathLike, params_hash: str, params: dict, overwrite: bool = False):
         self.path, self._marker = Path(out) / PATCH_SCORES, Path(out) / OVERWRITE_MARKER
         try:  # not through a link: the file is truncated and rewritten in place
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
             link = e.errno == errno.ELOOP
             raise OutputNotWritable(f"{self.path} {'is a symbolic link: remove it' if link else 'cannot be written'}"
@@ -158,7 +162,7 @@ def kept_scores(out: str | os.PathLike) -> dict | None:
             first = f.readline()
             scores = sum(line.endswith(b"\n") for line in f)  # counted as read: 300,000 lines are ~25 MB
             try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                _flock(f, fcntl.LOCK_SH if fcntl else 0)
                 busy = False
             except BlockingIOError:
                 busy = True
@@ -177,12 +181,19 @@ def _lock(file, tries: int = 20) -> bool:
     tries again for up to a second."""
     for i in range(tries):
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(file, fcntl.LOCK_EX if fcntl else 0)
             return True
         except BlockingIOError:
             if i + 1 < tries:
                 time.sleep(0.05)
     return False
+
+
+def _flock(file, how: int) -> None:
+    """A non-blocking flock; OSError where the platform (Windows) or the file system has none."""
+    if fcntl is None:
+        raise OSError(errno.ENOSYS, "file locks are not available on this platform")
+    fcntl.flock(file, how | fcntl.LOCK_NB)
 
 
 def _what_changed(old, new: dict, n: int) -> str:

@@ -22,7 +22,7 @@ from wsi_vssm.outputs.files import CONFUSION_PNG, PREDICTION_JSON, STAGES_CSV
 
 def evaluate_patients(patients_csv: str | os.PathLike, table: Path, cohort_root: Path, out: Path,
                       folders: dict[str, str], labels: dict[str, int], annotations: Path | None = None,
-                      n_boot: int = 2000, ran: set[str] | None = None) -> dict:
+                      n_boot: int = 2000, ran: set[str] | None = None, paths: dict | None = None) -> dict:
     """Stage every patient of `patients_csv` from the predictions in `out` and write stages.csv and the node
     confusion matrix; returns the metrics.json keys (`kappa`, `kappa_ci95`, `node_confusion`, ...).
 
@@ -32,7 +32,8 @@ def evaluate_patients(patients_csv: str | os.PathLike, table: Path, cohort_root:
     category (`reference_sources`). A patient with a node slide without a prediction (it failed) is left out,
     with a warning, and listed in `patients_not_staged`. `ran`: the slides that ran through with this run's
     parameters (predictions.csv `done` or `no_tissue`); a slide outside it is treated as failed even when its
-    folder still holds an older run's prediction.json (that of another file, or of other parameters).
+    folder still holds an older run's prediction.json (that of another file, or of other parameters). `paths`:
+    each slide's file, on which an NDP.view annotation file is placed (`reference_categories`).
     """
     from wsi_vssm.outputs.staging import (
         confusions_png,
@@ -61,7 +62,8 @@ def evaluate_patients(patients_csv: str | os.PathLike, table: Path, cohort_root:
     records = {s: records[s] for s in slides}
     predicted = {s: predicted_category(rec) for s, rec in records.items()}
     mpps = {s: float(rec["mpp"]["slide"]) for s, rec in records.items()}
-    reference = reference_categories(reference_sources(table, cohort_root, slides, labels, annotations), mpps)
+    reference = reference_categories(reference_sources(table, cohort_root, slides, labels, annotations), mpps,
+                                     paths)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same patients are staged twice: warn once, below
         ref_stages = stage_patients({p: [reference[s] for s in m] for p, m in patients.items()})
@@ -94,7 +96,7 @@ def reference_sources(table: Path, cohort_root: Path, slides: list[str], labels:
     its lesion annotation file (a Path), else `negative`. Cheap (nothing is measured), so `evaluate` calls it
     before any slide runs. A slide labelled tumour with neither raises UsageError: staged as negative, its
     patient's reference pN would be wrong and the kappa flattered."""
-    from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES  # here: shapely only when staging runs
+    from wsi_vssm.io.annotations import annotation_file_names  # here: shapely only when staging runs
 
     table_categories = _category_column(table)
     if table_categories is not None:
@@ -105,7 +107,7 @@ def reference_sources(table: Path, cohort_root: Path, slides: list[str], labels:
     folder = annotations or cohort_root / "annotations"
     out: dict[str, str | Path] = {}
     for s in slides:
-        path = next((folder / f"{s}{ext}" for ext in ANNOTATION_SUFFIXES if (folder / f"{s}{ext}").is_file()), None)
+        path = next((folder / n for n in annotation_file_names(s) if (folder / n).is_file()), None)
         out[s] = "negative" if path is None else path
     unknown = [s for s in slides if out[s] == "negative" and labels.get(s) == 1]
     if unknown:
@@ -117,12 +119,20 @@ def reference_sources(table: Path, cohort_root: Path, slides: list[str], labels:
     return out
 
 
-def reference_categories(sources: dict[str, str | Path], slide_mpps: dict[str, float]) -> dict[str, str]:
-    """{slide: category} from `reference_sources`: a table's value parsed, an annotation file measured."""
+def reference_categories(sources: dict[str, str | Path], slide_mpps: dict[str, float],
+                         paths: dict | None = None) -> dict[str, str]:
+    """{slide: category} from `reference_sources`: a table's value parsed, an annotation file measured (an
+    NDP.view file placed on the slide's file from `paths`, else on the slide beside it)."""
+    from wsi_vssm.io.annotations import NDPA, read_annotations
     from wsi_vssm.outputs.staging import node_category_from_annotations, parse_category
 
-    return {s: node_category_from_annotations(src, slide_mpps[s]) if isinstance(src, Path)
-            else parse_category(src, f"category of slide {s}") for s, src in sources.items()}
+    def measured(s: str, src: Path) -> str:
+        if src.suffix.lower() == NDPA:
+            src = list(read_annotations(src, slide=(paths or {}).get(s)).classes.items())
+        return node_category_from_annotations(src, slide_mpps[s])
+
+    return {s: measured(s, src) if isinstance(src, Path) else parse_category(src, f"category of slide {s}")
+            for s, src in sources.items()}
 
 
 def _category_column(path: Path) -> dict[str, str] | None:

@@ -44,7 +44,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsi_vssm.outputs.files import COHORT_FILES, CONFUSION_PNG, FROC_PNG, PREDICTION_JSON, STAGES_CSV
+from wsi_vssm.outputs.files import (
+    COHORT_FILES,
+    CONFUSION_PNG,
+    FROC_PNG,
+    PREDICTION_JSON,
+    STAGES_CSV,
+    name_key,
+)
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
 from wsi_vssm.runs.remake import remake_reason
@@ -219,7 +226,7 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
             tick(len(summary.outcomes))
 
         def run_some(some: list[SlideTask]) -> None:
-            seen: set[str] = set()
+            seen: dict[str, str] = {}  # name_key -> the name taken
             if opts.workers or opts.scheduler:
                 todo = _triage(some, job, opts, finish, progress, seen, since)
                 if todo:
@@ -293,7 +300,7 @@ def _wait_for_locked(waiting: list[Outcome], job, opts: RunOptions, progress: Pr
         time.sleep(LOCK_POLL_S)
 
 
-def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Progress, seen: set[str],
+def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Progress, seen: dict[str, str],
             since: str | None = None) -> list[SlideTask]:
     """Slides that need running; the others (known failures, missing files, duplicates: names already in `seen`,
     done, failed before with the same file) are finished. A path that does not exist fails here, writing no
@@ -329,11 +336,14 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         if problem:  # here, so no state is written: once the file is moved, a rerun just runs the slide
             finish(Outcome(task, "failed", f"{task.path}: {problem}"))
             continue
-        if task.name in seen:
-            finish(Outcome(task, "failed", f"{task.path}: another slide of this run has the name {task.name!r} "
-                                           "(their outputs would collide); rename one"))
+        taken = seen.get(name_key(task.name))
+        if taken is not None:  # in any case or Unicode form: one folder on macOS's and Windows' file systems
+            same = repr(taken) if taken == task.name else \
+                f"{taken!r} (the same folder as {task.name!r} on a case-insensitive file system)"
+            finish(Outcome(task, "failed", f"{task.path}: another slide of this run has the name {same} (their "
+                                           "outputs would collide); rename one"))
             continue
-        seen.add(task.name)
+        seen[name_key(task.name)] = task.name
         state = read_state(job.out, job.kind, task.name)
         status = state.get("status") if state else None
         # the --overwrite run being resumed already redid it: no more overwriting than a plain rerun

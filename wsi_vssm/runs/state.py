@@ -329,13 +329,35 @@ def _is_stale(holder: dict) -> bool:
         return False
     if pid == os.getpid():
         return holder.get("token") != _TOKEN  # ours, or a killed run's whose pid this process got again
+    return not _pid_alive(pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs `pid`. POSIX: signal 0 tests it. Not on Windows, where os.kill(pid, 0)
+    sends Ctrl+C to a console group or fails with "The parameter is incorrect": the process is asked there."""
+    if os.name == "nt":
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except PermissionError:
-        return False  # alive, owned by another user
-    return False
+        return True  # alive, owned by another user
+    return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # access denied: alive, another user's; else no such process
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def check_output_folder(out: str | os.PathLike) -> None:

@@ -9,14 +9,13 @@ and signed samples are read in the range `formats.sample_top` picks from the fin
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from wsi_vssm.errors import one_line
-from wsi_vssm.io.base import OME_STATED_UM, UNITLESS_SCALE, SlideReader
+from wsi_vssm.io.base import OME_STATED_UM, UNITLESS_SCALE, SlideReader, zarr_attrs_on_disk
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
 from wsi_vssm.io.formats import (
     channels_to_rgb,
@@ -146,7 +145,7 @@ def _open_group(path: Path):
         raise missing_backend(path, "zarr", one_line(err)) from err
     if path.is_dir() and is_zarr_array_dir(path):
         # a converter's whole store first (it names the slide), else the image
-        above = {p: _attrs_on_disk(p) for p in path.parents[:3]}
+        above = {p: zarr_attrs_on_disk(p) for p in path.parents[:3]}
         holder = next((p for p, a in above.items() if a.get("bioformats2raw.layout") is not None),
                       next((p for p, a in above.items() if _multiscales(a)), None))
         hint = f"give the image's folder, {holder}" if holder else "give the folder of the image that holds it"
@@ -159,20 +158,6 @@ def _open_group(path: Path):
         raise CorruptSlide(path, f"broken zarr metadata: {one_line(err)}") from err
     except (OSError, zarr.errors.GroupNotFoundError) as err:
         raise UnsupportedFormat(path, f"not a zarr group: {one_line(err)}") from err
-
-
-def _attrs_on_disk(path: Path) -> dict:
-    """A zarr group's attributes from its metadata file (v2 .zattrs, v3 zarr.json), {} where there are none."""
-    try:
-        if (path / ".zattrs").is_file():
-            found = json.loads((path / ".zattrs").read_text(encoding="utf-8"))
-        else:
-            found = json.loads((path / "zarr.json").read_text(encoding="utf-8")).get("attributes")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    if not isinstance(found, dict):
-        return {}
-    return {**found, **found.get("ome", {})} if isinstance(found.get("ome"), dict) else found
 
 
 def _image(path: Path, group) -> tuple[str, dict]:

@@ -24,6 +24,9 @@ from wsi_vssm.training.data.fingerprints import file_digest
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 LABELS = ("0", "1")
 NOT_A_SOURCE = "neither a folder nor a tar archive of patches (ImageFolder layout: 0/, 1/)"
+# A patch is a few KB (PCam: 96 px); these bound what a hostile or mistaken file may cost to read and decode
+PATCH_MAX_PIXELS = 8192 * 8192
+PATCH_MAX_BYTES = 64 << 20
 
 
 class PatchDataError(UsageError):
@@ -70,7 +73,12 @@ class PatchDataset(torch.utils.data.Dataset):
         """Patch i's bytes (`read_raw`) as uint8 (H, W, 3) RGB; PatchDataError naming the file if they are no image."""
         try:
             with Image.open(io.BytesIO(raw)) as im:
+                if im.width * im.height > PATCH_MAX_PIXELS:  # a few KB of PNG may declare gigapixels
+                    raise PatchDataError(f"{self.source}: cannot decode {self.items[i].name}: it is {im.width} x "
+                                         f"{im.height} px, not a patch (up to {PATCH_MAX_PIXELS:,} px)")
                 return _rgb(im)
+        except Image.DecompressionBombError as e:  # neither of the two below: it ended runs in a traceback
+            raise PatchDataError(f"{self.source}: cannot decode {self.items[i].name}: {e}") from e
         except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
             what = "empty file" if not raw else "not an image Pillow can read"
             raise PatchDataError(f"{self.source}: cannot decode {self.items[i].name}: {what}") from e
@@ -158,6 +166,9 @@ def _scan_tar(path: Path) -> list[PatchItem]:
         with tar:
             for m in tar:
                 label = _label_of(m.name) if m.isfile() else None
+                if label is not None and m.size > PATCH_MAX_BYTES:  # read whole: a gzip bomb took gigabytes
+                    raise PatchDataError(f"{path}: its member {m.name} is {m.size / 2**20:,.0f} MiB, not a patch (up "
+                                         f"to {PATCH_MAX_BYTES >> 20} MiB)")
                 if label is not None:
                     items.append(PatchItem(m.name, label, tar.extractfile(m).read()))
     except (tarfile.TarError, OSError, EOFError) as e:  # a cut or damaged archive

@@ -43,12 +43,14 @@ class AnnotatedSlide:
 
 def find_annotated_slides(root: str | os.PathLike) -> list[AnnotatedSlide]:
     """Slides under `root` paired with their lesion annotations (see the module docstring)."""
-    from wsi_vssm.io.annotations import ANNOTATION_SUFFIXES
+    from wsi_vssm.io.annotations import annotation_file_names, annotation_key
 
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"slides folder not found: {root}")
-    anns = {p.stem: p for p in sorted(root.rglob("*")) if p.suffix.lower() in ANNOTATION_SUFFIXES}
+    keyed = {key: p for p in sorted(root.rglob("*")) if (key := annotation_key(p)) is not None}
+    stems = {Path(p).stem for p in sorted(root.rglob("*")) if p.suffix.lower() in SLIDE_SUFFIXES}
+    anns = {stem: keyed[n] for stem in stems for n in reversed(annotation_file_names(stem)) if n in keyed}
     normal = _normal_names(root / "reference.csv")
     out = []
     for p in sorted(root.rglob("*")):
@@ -64,7 +66,7 @@ def find_annotated_slides(root: str | os.PathLike) -> list[AnnotatedSlide]:
 def _normal_names(path: Path) -> set[str]:
     if not path.is_file():
         return set()
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # as every table is read: UTF-8, Excel's BOM too
         rows = list(csv.DictReader(f))
     return {Path(r.get("slide", "")).stem for r in rows if str(r.get("label", "")).strip().lower() in NORMAL_LABELS}
 
@@ -97,7 +99,7 @@ class RegionCropDataset(torch.utils.data.Dataset):
 
             s = self.slides[i]
             reader = open_slide(s.slide, mpp=self.slide_mpp)
-            ann = read_annotations(s.annotations) if s.annotations else AnnotationSet.from_items([])
+            ann = read_annotations(s.annotations, slide=reader) if s.annotations else AnnotationSet.from_items([])
             mask, scale = slide_tissue_mask(reader)
             self._open[i] = (reader, ann, mask, scale)
         return self._open[i]
