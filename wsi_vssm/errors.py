@@ -55,6 +55,15 @@ def one_line(err: BaseException | str, limit: int = ONE_LINE_LIMIT) -> str:
     return cut.rstrip(" ,;:(") + "..."
 
 
+def printable(text: str) -> str:
+    """`text` with its control characters escaped (`\\n`, `\\x1b`): names from files (slides, model files) go into
+    one-line messages, terminals (an escape sequence could clear the screen or retitle the window), CSV and JSON."""
+    import unicodedata
+
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c
+                   for c in text)
+
+
 def is_real_number(value) -> bool:
     """A real number, numpy's included (NaN too: range checks refuse it), not a bool or a string: what argument
     checks test before comparing, so that "1" or None is their one-line error rather than a TypeError."""

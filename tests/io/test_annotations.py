@@ -456,6 +456,23 @@ def test_asap_groups_inside_groups_take_their_parents_kind(tmp_path):
     assert AnnotationClasses().kind("Tumor:1") == "other"  # a colon without a space is part of a name
 
 
+def test_a_chain_of_groups_is_walked_once_and_bounded(tmp_path):
+    """A 420 KB file chaining 10,000 groups took 30 s to parse (each annotation rebuilt its path, quadratically)
+    and named a class of 68,888 characters: the walk is done once a group, and past 64 levels refused."""
+    def chained(depth):
+        groups = "".join(f'<Group Name="g{k}" PartOfGroup="{f"g{k - 1}" if k else "Tumor"}"/>' for k in range(depth))
+        anns = "".join(f'<Annotation Name="a{j}" Type="Polygon" PartOfGroup="g{depth - 1}"><Coordinates>'
+                       '<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="10" Y="0"/>'
+                       '<Coordinate Order="2" X="10" Y="10"/></Coordinates></Annotation>' for j in range(50))
+        return (f'<ASAP_Annotations><Annotations>{anns}</Annotations><AnnotationGroups>{groups}'
+                '<Group Name="Tumor" PartOfGroup="None"/></AnnotationGroups></ASAP_Annotations>')
+
+    items = parse_asap_xml(chained(63))
+    assert len(items) == 50 and items[0][0].startswith("Tumor: g0: g1: ") and items[0][0].endswith(": g62")
+    with pytest.raises(AnnotationError, match=r"deep\.xml: group 'g9999' lies more than 64 groups deep"):
+        parse_asap_xml(chained(10_000), source="deep.xml")
+
+
 HALO = """<Annotations>
 <Annotation Name="Tumor" Visible="True" LineColor="65280">
   <Regions>

@@ -319,3 +319,16 @@ def test_a_model_with_an_ensemble_head_round_trips_and_takes_one_by_attach(model
     info = model_info(str(tmp_path / "e.pt"))
     assert info["slide_head"] == {"pool": "attention", "members": 3, "size_term": True}
     assert "slide head:  attention, the mean of 3 heads trained with different seeds" in format_model_info(info)
+
+
+def test_a_model_files_name_and_domain_reach_the_terminal_escaped(model, tmp_path):
+    """A model file named `...\\x1b]0;PWNED\\x07\\x1b[2J` cleared the screen and retitled the window from `info`
+    and predict's closing note; a name ending in a newline failed every slide after its backbone had run (the
+    overlay's title must be one line)."""
+    from wsi_vssm.models.slide_model import domain_text
+
+    hostile = SlideModel(model.backbone, model.mil, model.mpp, model.token_px, "m\x1b]0;PWNED\x07\x1b[2J\n")
+    path = save_model(hostile, tmp_path / "m.pt", {"domain": "H&E\x1b[32m All slides normal.\r\n"})
+    loaded = load_model(path)
+    assert loaded.name == "m\\x1b]0;PWNED\\x07\\x1b[2J\\n"
+    assert domain_text(loaded) == "H&E\\x1b[32m All slides normal.\\r\\n"

@@ -56,13 +56,17 @@ def parse_asap_xml(data: bytes | str, source=None) -> list[tuple[str, BaseGeomet
         raise AnnotationError(source, f"not an ASAP, ImageScope or HALO annotation file (root element "
                                       f"<{root.tag}>)")
     parents = {(g.get("Name") or "").strip(): (g.get("PartOfGroup") or "").strip() for g in root.iter("Group")}
+    paths: dict[str, str] = {}  # each group's path, worked out once
     items = []
     for i, ann in enumerate(root.iter("Annotation")):
         kind = (ann.get("Type") or "Polygon").strip().lower()
         if kind not in ("polygon", "spline", "rectangle"):
             continue
         group = (ann.get("PartOfGroup") or "").strip()
-        name = _group_path(group, parents) if group and group.lower() != "none" else (ann.get("Name") or "").strip()
+        if group and group.lower() != "none":
+            name = paths[group] if group in paths else paths.setdefault(group, _group_path(group, parents, source))
+        else:
+            name = (ann.get("Name") or "").strip()
         try:
             pts = sorted(
                 (float(c.get("Order", j)), float(c.get("X")), float(c.get("Y")))  # type: ignore[arg-type]
@@ -76,12 +80,19 @@ def parse_asap_xml(data: bytes | str, source=None) -> list[tuple[str, BaseGeomet
     return items
 
 
-def _group_path(group: str, parents: dict[str, str]) -> str:
+MAX_GROUP_DEPTH = 64  # groups inside groups; a chain of 10,000 took 30 s to parse and named a 68,888-character class
+
+
+def _group_path(group: str, parents: dict[str, str], source=None) -> str:
     """`group` after the groups it is part of, outermost first (`Tumor: ductal`); a loop ends the walk."""
-    path = [group]
-    while parents.get(path[0], "").lower() not in ("", "none") and parents[path[0]] not in path:
-        path.insert(0, parents[path[0]])
-    return CLASS_PATH.join(path)
+    path, seen = [group], {group}
+    while parents.get(path[-1], "").lower() not in ("", "none") and parents[path[-1]] not in seen:
+        if len(path) == MAX_GROUP_DEPTH:
+            raise AnnotationError(source, f"group {group!r} lies more than {MAX_GROUP_DEPTH} groups deep: not an "
+                                          "annotation layout this reads")
+        path.append(parents[path[-1]])
+        seen.add(path[-1])
+    return CLASS_PATH.join(reversed(path))
 
 
 def _xml_root(data, source) -> ET.Element:

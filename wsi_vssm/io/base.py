@@ -12,14 +12,13 @@ import json
 import logging
 import math
 import os
-import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from wsi_vssm.errors import is_real_number, one_line
+from wsi_vssm.errors import is_real_number, one_line, printable
 from wsi_vssm.io.errors import CorruptSlide, MissingMpp, OutOfBounds, SlideError, SlideReadError
 
 log = logging.getLogger("wsi_vssm.io")
@@ -117,8 +116,7 @@ def _printable(raw: str) -> str:
         os.fsencode(name)  # outputs are named after it: under an ASCII locale (LC_ALL=C, PYTHONUTF8=0) UTF-8
     except UnicodeEncodeError:  # letters cannot be file names, so they are kept as `\xNN` text too
         name = data.decode("ascii", "backslashreplace")
-    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c
-                   for c in name)
+    return printable(name)
 
 
 def tiff_resolution_um(resolution: object, unit: object) -> float | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wsi_vssm.errors import is_real_number
+from wsi_vssm.errors import is_real_number, printable
 from wsi_vssm.models.checkpoint import CheckpointError, read_checkpoint
 from wsi_vssm.models.inputs import STRIDE
 from wsi_vssm.models.mil import AttentionMIL, MILConfig, MILEnsemble, make_mil
@@ -189,7 +189,7 @@ def model_identity(model: SlideModel) -> dict:
 def domain_text(model: SlideModel) -> str:
     """One line on what `model` was trained on: its metadata's `domain`, else the default model's."""
     meta = getattr(model, "metadata", None) or {}
-    return str(meta.get("domain") or DEFAULT_DOMAIN)
+    return printable(str(meta.get("domain") or DEFAULT_DOMAIN))  # from the file: no terminal escapes
 
 
 def _file_sha256(path: Path) -> str:
@@ -240,7 +240,7 @@ def _build(ckpt: dict, path: Path, scan: str | None) -> SlideModel:
         raise ModelFileError(f"{path}: invalid mpp {mpp!r} or token_px {token_px!r} (a multiple of {STRIDE})")
     if backbone.num_features != mil.config.in_dim:
         raise ModelFileError(f"{path}: MIL in_dim {mil.config.in_dim} != backbone width {backbone.num_features}")
-    return SlideModel(backbone, mil, mpp, token_px, str(ckpt.get("name") or path.stem))
+    return SlideModel(backbone, mil, mpp, token_px, printable(str(ckpt.get("name") or path.stem)))
 
 
 def attach_mil(model: SlideModel, path: str | os.PathLike) -> SlideModel:
