@@ -56,7 +56,7 @@ def patch_probabilities_at(model, ds, precision: str, tta: bool, batch_size: int
         for x, _ in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_uint8)])
 
 
-def inference(a) -> dict:
+def inference(a, precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
     from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.outputs.report import roc_auc_or_nan
 
@@ -64,10 +64,15 @@ def inference(a) -> dict:
     y = np.asarray(holdout.labels)
     model = load_model(a.model)
     res = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         t0 = time.perf_counter()
         p = patch_probabilities_at(model, holdout, precision, a.tta)
         res[precision] = {"auc": roc_auc_or_nan(y, p), "seconds": time.perf_counter() - t0, "p": p}
+    if precisions == ("fp32",):  # no bf16 to compare with: the fp32 figure alone (with --tta, the card's)
+        res["fp32"].pop("p")
+        print(f"default model, {len(y)} held-back PCam valid patches{' (8-view TTA)' if a.tta else ''}:")
+        print(f"  fp32: AUC {res['fp32']['auc']:.4f}  ({res['fp32']['seconds']:.0f} s); bf16 not run (no native bf16)")
+        return res
     d = np.abs(res["bf16"].pop("p") - res["fp32"].pop("p"))
     res["auc_change"] = res["bf16"]["auc"] - res["fp32"]["auc"]
     res["max_prob_diff"], res["p99_prob_diff"] = float(d.max()), float(np.percentile(d, 99))
@@ -136,16 +141,21 @@ def main(argv=None) -> int:
           f"{', '.join(cpu_bf16_flags()) or 'none'}{' (bf16 forced: emulated)' if a.force_bf16 and not native else ''}")
     if not native and not a.force_bf16:
         print("this CPU has no native bf16, so a bf16 request runs fp32: nothing to compare (--force-bf16 runs it "
-              "emulated)")
+              "emulated); the fp32 figures alone follow")
+        _write(a.out, {"native_bf16": False, "inference": inference(a, ("fp32",))})
         return 0
     ctx = forced_bf16() if a.force_bf16 and not native else _nothing()
     with ctx:
         out = {"native_bf16": native, "inference": inference(a)}
         if a.train:
             out["training"] = training(a)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
+    _write(a.out, out)
     return 0
+
+
+def _write(path: str, out: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
 
 
 class _nothing:

@@ -269,6 +269,20 @@ def test_a_heatmap_chunk_that_does_not_decode_is_one_line(tmp_path):
         read_heatmap_zarr(path)
 
 
+def test_a_heatmap_declaring_more_cells_than_a_slide_has_is_refused_before_it_is_read(tmp_path):
+    """1 KB of metadata declaring 60,000 x 60,000 cells made `info`, napari and a threshold-only rerun allocate
+    13.4 GiB (the chunks need not exist: missing ones read as fill)."""
+    path = tmp_path / "heatmap.ome.zarr"
+    write_heatmap_zarr(path, np.full((8, 8), 0.5, np.float32), cell0=32.0, origin=(0, 0), slide_mpp=0.5)
+    meta = path / "0" / ".zarray"
+    attrs = json.loads(meta.read_text())
+    attrs["shape"] = [60000, 60000]
+    meta.write_text(json.dumps(attrs))
+    with pytest.raises(UsageError, match=r"heatmap\.ome\.zarr: damaged heatmap: level 0 declares 60000 x 60000 "
+                                         r"cells, more than a slide has"):
+        read_heatmap_zarr(path)
+
+
 def test_a_missing_heatmap_chunk_is_found_not_read_as_background(tmp_path):
     """zarr reads an absent chunk as the fill value (0, "no tissue"): a chunk lost in a copy made a threshold-only
     rerun find no lesions there. Every chunk is written now, all-background ones too, and a missing one is named."""

@@ -290,6 +290,36 @@ def test_damaged_store_is_one_clear_line(tmp_path):
         FeatureStore.open(tmp_path / "none.zarr")
 
 
+def test_a_store_declaring_more_cells_or_larger_chunks_than_written_is_refused_before_reading(tmp_path):
+    """200 KB of metadata declaring 20,000,000 cells made `train mil` allocate 9.5 GiB; one chunk of a million
+    rows (the writer makes 65,536) cost 512 MB to decode for any cell of it."""
+    import json
+
+    for key, value, said in (("shape", 20_000_000, r"it declares 20,000,000 cells"),
+                             ("chunks", 1_000_000, r"it declares 5 cells in 1 chunks of 1,000,000")):
+        target = tmp_path / f"{key}.zarr"
+        FeatureStore.write(target, _cells(5))
+        for name in ("features", "coords_px", "coords_um", "region_id", "tissue") if key == "shape" else ("features",):
+            meta = target / name / "zarr.json"
+            m = json.loads(meta.read_text())
+            if key == "shape":
+                m["shape"][0] = value
+            else:
+                m["chunk_grid"]["configuration"]["chunk_shape"][0] = value
+            meta.write_text(json.dumps(m))
+        with pytest.raises(FeatureStoreError, match=rf"{key}\.zarr: damaged feature store \({said}"):
+            FeatureStore.open(target)
+    # a store of ours says its slide's size and cell: more cells than that slide has room for are refused too
+    target = tmp_path / "room.zarr"
+    FeatureStore.write(target, _cells(100))
+    root = json.loads((target / "zarr.json").read_text())
+    root["attributes"].update({"dims": [64, 64], "cell_px0": 32.0})
+    (target / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(FeatureStoreError, match=r"it declares 100 cells in 1 chunks of 100; its slide has room for "
+                                                r"9 cells"):
+        FeatureStore.open(target)
+
+
 def test_a_missing_store_chunk_is_found_not_read_as_zeros(tmp_path):
     """An absent chunk reads as zarr's fill value: a store cut in a copy trained a slide on zero features.
     Every chunk is written now (all-zero ones too: region_id of a one-region slide), and a missing one is named."""

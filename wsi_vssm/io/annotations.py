@@ -45,6 +45,9 @@ DEFAULT_TUMOR = ("_0", "_1", "tumor", "tumour", "metastasis", "metastases", "tum
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json", ".annotations", ".ndpa")
 NDPA = ".ndpa"
 HAMAMATSU_SUFFIXES = (".ndpi", ".vms", ".vmu")  # the slides NDP.view annotates
+# `Ignore*` is QuPath's built-in class for areas to leave out
+DEFAULT_EXCLUDED = ("_2", "exclusion", "excluded", "exclude", "ignore", "ignore*", "artifact", "artefact",
+                    "background")
 
 
 def annotation_file_names(name: str) -> list[str]:
@@ -63,9 +66,7 @@ def annotation_key(path: Path) -> str | None:
     if ext == NDPA and stem.suffix.lower() in HAMAMATSU_SUFFIXES:
         return stem.stem + stem.suffix.lower() + ext
     return path.stem + ext
-# `Ignore*` is QuPath's built-in class for areas to leave out
-DEFAULT_EXCLUDED = ("_2", "exclusion", "excluded", "exclude", "ignore", "ignore*", "artifact", "artefact",
-                    "background")
+
 
 @dataclass(frozen=True)
 class AnnotationClasses:
@@ -171,7 +172,7 @@ class AnnotationSet:
 
 # ---- reading -----------------------------------------------------------------------------------------------
 def read_annotations(path: str | os.PathLike, classes: AnnotationClasses | None = None,
-                     slide: str | os.PathLike | None = None) -> AnnotationSet:
+                     slide=None) -> AnnotationSet:
     """Read an annotation file (chosen by extension, else by content). An NDP.view `.ndpa` file is placed on its
     slide (`ndpa_frame`): `slide`, a path or an open reader, else the file it is named after beside it
     (`case.ndpi` for `case.ndpi.ndpa`)."""

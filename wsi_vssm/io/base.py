@@ -8,7 +8,6 @@ Backends implement only `_read_level`, which is always called with a box that li
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -55,32 +54,13 @@ def output_name(path: str | os.PathLike) -> str:
 def _zarr_series_name(path: str | os.PathLike) -> str | None:
     """A series folder of a bioformats2raw store given alone (`case.zarr/0`, as napari-ome-zarr opens it) is named
     after its store, not `0`: `case`, or `case-1` where the store holds more than one series. None otherwise."""
-    path = Path(os.path.abspath(path))
-    if not (path.name.isdigit() and path.is_dir()):
-        return None
-    if zarr_attrs_on_disk(path.parent).get("bioformats2raw.layout") is None:
-        return None
-    try:
-        n = sum(1 for e in os.scandir(path.parent) if e.name.isdigit() and e.is_dir())
-    except OSError:
-        n = 2
-    store = slide_name(path.parent)
-    return store if n == 1 else f"{store}-{path.name}"
+    from wsi_vssm.io.zarr_meta import bioformats2raw_series  # standard library only
 
-
-def zarr_attrs_on_disk(path: Path) -> dict:
-    """A zarr group's attributes from its metadata file (v2 .zattrs, v3 zarr.json; an `ome` block's keys lifted),
-    {} where there are none."""
-    try:
-        if (path / ".zattrs").is_file():
-            found = json.loads((path / ".zattrs").read_text(encoding="utf-8"))
-        else:
-            found = json.loads((path / "zarr.json").read_text(encoding="utf-8")).get("attributes")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    if not isinstance(found, dict):
-        return {}
-    return {**found, **found.get("ome", {})} if isinstance(found.get("ome"), dict) else found
+    found = bioformats2raw_series(path)
+    if found is None:
+        return None
+    store, n = found
+    return slide_name(store) if n == 1 else f"{slide_name(store)}-{Path(os.path.abspath(path)).name}"
 
 
 def folder_name(folder: str | os.PathLike) -> str:

@@ -146,6 +146,11 @@ def write_heatmap_zarr(
     return Path(path)
 
 
+# More cells than any slide gives (a 200,000 px side at 0.25 um/px in 32 px cells is 6,250 x 6,250 cells, 39 M);
+# what a heatmap's metadata declares is checked against it before its level is read whole
+MAX_HEATMAP_CELLS = 1 << 27
+
+
 def read_heatmap_zarr(path: str | os.PathLike, level: int = 0):
     """(prob, cell_um, (ty, tx), attrs) of a heatmap written by `write_heatmap_zarr`.
 
@@ -165,6 +170,9 @@ def read_heatmap_zarr(path: str | os.PathLike, level: int = 0):
         ds = datasets[level]
         transforms = {t["type"]: t for t in ds["coordinateTransformations"]}
         arr = group[ds["path"]]
+        if arr.size > MAX_HEATMAP_CELLS:  # 1 KB of metadata declared 60,000 x 60,000 (13.4 GiB to read)
+            raise UsageError(f"{path}: damaged heatmap: level {level} declares {' x '.join(map(str, arr.shape))} "
+                             f"cells, more than a slide has (up to {MAX_HEATMAP_CELLS:,})")
         if (attrs.get("wsi_vssm") or {}).get(ALL_CHUNKS) and missing_chunks(arr):
             raise UsageError(f"{path}: damaged heatmap: {missing_chunks(arr)} of {arr.nchunks} "
                              f"chunks of level {level} missing")

@@ -162,7 +162,9 @@ def _overlay(thumbnail_rgb, prob, cell0, origin, slide_dims, alpha, cmap, *, cel
         panel = draw_outlines(panel, contours, scale, width=max(2, round(h / 400)))
 
     lay = _Layout.make(h, w, side_by_side, title, tissue, warning, no_tissue_text)
-    fig = Figure(figsize=(lay.width / DPI, lay.height / DPI), dpi=DPI, facecolor="white")
+    # a quarter pixel over: matplotlib before 3.11.1 truncates figsize x dpi (a 201 px panel came out 200 px,
+    # 1 px off what the PNG's panel text says), later ones round it
+    fig = Figure(figsize=((lay.width + 0.25) / DPI, (lay.height + 0.25) / DPI), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
     img_bottom = lay.height - lay.title_h - h  # figimage offsets are from the lower-left corner
     if side_by_side:

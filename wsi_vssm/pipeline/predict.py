@@ -79,7 +79,8 @@ def predict_slide(
         stage("read", 0, 1)
         slide.require_mpp()
         out_dir = Path(out_root) / slide.name
-        if problem := output_folder_problem(out_root, slide.name):  # before the backbone: mkdir found it only
+        problem = _unsafe_output_folder(out_root, slide.name) or output_folder_problem(out_root, slide.name)
+        if problem:  # before the backbone: mkdir found a file there only
             raise UsageError(f"{where}: {problem}")  # after the whole slide had run ("File exists")
         t = time.perf_counter()
         tissue = slide_tissue(slide)  # the one tissue rule: info, extract and training use it too
@@ -164,16 +165,23 @@ def predict_slide(
     return record
 
 
-def output_folder_problem(out_root: str | os.PathLike, name: str) -> str | None:
-    """Why OUT/<name> cannot hold a slide's outputs: the name is no folder name of its own (`...tif` is named
-    `..`: its outputs landed in OUT's parent), a symbolic link is there (outputs would land wherever it points),
-    or a file. None when it is a folder or absent. The runner, the napari widget and library calls all ask."""
-    folder = Path(out_root) / name
+def _unsafe_output_folder(out_root: str | os.PathLike, name: str) -> str | None:
+    """Why OUT/<name> would put a slide's outputs elsewhere: the name is no folder name of its own (`...tif` is
+    named `..`: its outputs landed in OUT's parent) or a symbolic link is there. The runner refuses both per slide
+    itself (`runs.runner._triage`); this is for library calls and the napari widget."""
     if name in ("", ".", "..") or "/" in name or os.sep in name:
         return f"its name {name!r} is no folder name of its own under {out_root}: rename the slide"
+    folder = Path(out_root) / name
     if folder.is_symlink():
         return (f"its output folder {folder} is a symbolic link (to {os.readlink(folder)}): outputs are not "
                 "written through links; remove it")
+    return None
+
+
+def output_folder_problem(out_root: str | os.PathLike, name: str) -> str | None:
+    """Why OUT/<name> cannot hold a slide's outputs: a file (or a link to one) is there. None when it is a folder
+    or absent (a link to a folder is the runner's to refuse: `runs.runner._triage`)."""
+    folder = Path(out_root) / name
     if folder.exists() and not folder.is_dir():
         return (f"its output folder {folder} is a file, not a folder: move the file away or write the outputs "
                 "elsewhere (--out)")

@@ -16,6 +16,10 @@ from wsi_vssm.outputs.files import ALL_CHUNKS, missing_chunks, zarr_root_attrs
 STORE_FORMAT = "wsi-vssm-features/1"
 ARRAYS = ("features", "coords_px", "coords_um", "region_id", "tissue")
 COMPLETE_ATTR = ALL_CHUNKS  # stores that hold every chunk say so (outputs.files)
+CHUNK_ROWS = 65536  # cells a chunk holds, as stores are written; a chunk is decoded whole to read any of it
+# More cells than a slide gives (a 200,000 px side at 0.25 um/px in 32 px cells: 39 M cells, tissue or not):
+# a store's metadata declaring more is refused before anything is read (20 M cells asked 9.5 GiB)
+MAX_STORE_CELLS = 1 << 26
 
 
 def is_feature_store(path: str | os.PathLike) -> bool:
@@ -128,7 +132,7 @@ class FeatureStore:
                 group.attrs.update({**to_jsonable(cells.attrs), COMPLETE_ATTR: True})
                 for name in ARRAYS:
                     data = np.ascontiguousarray(getattr(cells, name))
-                    chunks = (max(1, min(len(data), 65536)),) + data.shape[1:]
+                    chunks = (max(1, min(len(data), CHUNK_ROWS)),) + data.shape[1:]
                     arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
                                              config={"write_empty_chunks": True})
                     if data.size:
@@ -163,12 +167,28 @@ class FeatureStore:
         if any(arrays[a].shape[0] != n for a in ARRAYS) or arrays["features"].ndim != 2:
             shapes = {a: arrays[a].shape for a in ARRAYS}
             raise FeatureStoreError(f"{self.path}: damaged feature store (inconsistent array shapes {shapes})")
+        rows = max(arrays[a].chunks[0] for a in ARRAYS)
+        most = min(MAX_STORE_CELLS, self._grid_cells() or MAX_STORE_CELLS)
+        chunks = max(arrays[a].nchunks for a in ARRAYS)  # each is stat'ed to judge the store: a bound on that too
+        if n > most or rows > CHUNK_ROWS or chunks > MAX_STORE_CELLS // CHUNK_ROWS:
+            raise FeatureStoreError(f"{self.path}: damaged feature store (it declares {n:,} cells in {chunks:,} "
+                                    f"chunks of {rows:,}; its slide has room for {most:,} cells, a store written "
+                                    f"here has chunks of up to {CHUNK_ROWS:,} and at most "
+                                    f"{MAX_STORE_CELLS // CHUNK_ROWS:,} of them)")
         if self.attrs.get(COMPLETE_ATTR):
             for name in ARRAYS:
                 arr = arrays[name]
                 if missing_chunks(arr):
                     raise FeatureStoreError(f"{self.path}: damaged feature store ({name}: "
                                             f"{missing_chunks(arr)} of {arr.nchunks} chunks missing)")
+
+    def _grid_cells(self) -> int | None:
+        """How many cells the slide its attributes describe has room for (`dims`, level-0 px; `cell_px0`), or None."""
+        try:
+            (w, h), cell = (float(v) for v in self.attrs["dims"]), float(self.attrs["cell_px0"])
+            return int((w / cell + 1) * (h / cell + 1)) if cell > 0 and w >= 0 and h >= 0 else None
+        except (KeyError, TypeError, ValueError, OverflowError):
+            return None
 
     def __getattr__(self, name):
         if name in ARRAYS:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_vssm.errors import one_line
-from wsi_vssm.io.base import OME_STATED_UM, UNITLESS_SCALE, SlideReader, zarr_attrs_on_disk
+from wsi_vssm.io.base import OME_STATED_UM, UNITLESS_SCALE, SlideReader
 from wsi_vssm.io.errors import CorruptSlide, UnsupportedFormat
 from wsi_vssm.io.formats import (
     channels_to_rgb,
@@ -31,6 +31,7 @@ from wsi_vssm.io.formats import (
     warn_non_square,
     warn_unread_planes,
 )
+from wsi_vssm.io.zarr_meta import zarr_attrs_on_disk
 
 _DEFAULT_AXES = ("t", "c", "z", "y", "x")  # NGFF 0.1-0.3 without an `axes` list
 # A chunk is decoded whole to read any pixel of it: a 2.6 MB store whose one chunk decodes to 2.7 GB took 5.6 GB
