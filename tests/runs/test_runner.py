@@ -1029,10 +1029,7 @@ def test_a_stale_lock_is_judged_without_signals_on_windows(monkeypatch):
 
     monkeypatch.setattr(state.os, "kill", no_signals)
     monkeypatch.setattr(state, "_windows_pid_alive", lambda pid: pid == 4242)
-    monkeypatch.setattr(state.os, "name", "nt")
-    try:
-        here = socket.gethostname()
-        verdicts = [state._is_stale({"pid": pid, "host": here}) for pid in (4242, 4343)]
-    finally:
-        monkeypatch.setattr(state.os, "name", "posix")
+    monkeypatch.setattr(state, "_WINDOWS", True)
+    here = socket.gethostname()
+    verdicts = [state._is_stale({"pid": pid, "host": here}) for pid in (4242, 4343)]
     assert verdicts == [False, True]

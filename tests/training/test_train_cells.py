@@ -689,19 +689,24 @@ def test_training_leaves_out_undecodable_patches_with_one_warning(tmp_path):
         training_patches(tmp_path / "valid")
 
 
-def test_an_unreadable_patch_is_named_with_its_problem(tmp_path):
-    for label in ("0", "1"):
-        (tmp_path / label).mkdir()
-        Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(tmp_path / label / "ok.png")
-    (tmp_path / "1" / "junk.jpg").write_text("not an image")
-    (tmp_path / "1" / "empty.jpg").write_bytes(b"")
-    ds = load_patches(tmp_path)
+def _decode_problems(ds) -> dict[str, str]:
+    """{patch name: its PatchDataError's text} for the patches of `ds` that do not decode."""
     problems = {}
     for i, it in enumerate(ds.items):
         try:
             ds[i]
         except PatchDataError as e:
             problems[it.name] = str(e)
+    return problems
+
+
+def test_an_unreadable_patch_is_named_with_its_problem(tmp_path):
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(tmp_path / label / "ok.png")
+    (tmp_path / "1" / "junk.jpg").write_text("not an image")
+    (tmp_path / "1" / "empty.jpg").write_bytes(b"")
+    problems = _decode_problems(load_patches(tmp_path))
     assert problems["1/junk.jpg"].endswith("cannot decode 1/junk.jpg: not an image Pillow can read")
     assert problems["1/empty.jpg"].endswith("cannot decode 1/empty.jpg: empty file")
     assert set(problems) == {"1/junk.jpg", "1/empty.jpg"} and "BytesIO" not in "".join(problems.values())
@@ -728,13 +733,7 @@ def test_a_png_or_tar_member_that_declares_gigapixels_is_named_not_read(tmp_path
         Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(tmp_path / label / "ok.png")
     (tmp_path / "1" / "bomb.png").write_bytes(png(20000, 20000))  # past PIL's own limit
     (tmp_path / "1" / "big.png").write_bytes(png(9000, 9000))  # under it (PIL would only warn), over a patch's
-    ds = load_patches(tmp_path)
-    problems = {}
-    for i, it in enumerate(ds.items):
-        try:
-            ds[i]
-        except PatchDataError as e:
-            problems[it.name] = str(e)
+    problems = _decode_problems(load_patches(tmp_path))
     assert set(problems) == {"1/bomb.png", "1/big.png"}, problems
     assert "decompression bomb" in problems["1/bomb.png"].lower()
     assert problems["1/big.png"].endswith("it is 9000 x 9000 px, not a patch (up to 67,108,864 px)")

@@ -64,7 +64,9 @@ def parse_asap_xml(data: bytes | str, source=None) -> list[tuple[str, BaseGeomet
             continue
         group = (ann.get("PartOfGroup") or "").strip()
         if group and group.lower() != "none":
-            name = paths[group] if group in paths else paths.setdefault(group, _group_path(group, parents, source))
+            if group not in paths:
+                paths[group] = _group_path(group, parents, source)
+            name = paths[group]
         else:
             name = (ann.get("Name") or "").strip()
         try:

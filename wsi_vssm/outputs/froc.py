@@ -92,37 +92,36 @@ def detections_from_heatmap(
         raise UsageError(f"min_distance must be a positive integer, got {min_distance!r}")
     v = np.where(np.isfinite(prob), prob, -np.inf)
     peak = (v >= threshold) & (v == ndi.maximum_filter(v, size=2 * min_distance + 1, mode="constant", cval=-np.inf))
-    peak &= ~_plateau_slopes(v, peak)
     labels, n = ndi.label(peak, structure=np.ones((3, 3)))
+    shelves = _shelves(v, peak, labels)
     out = np.empty((n, 3))
     for k, sl in enumerate(ndi.find_objects(labels)):
+        if k + 1 in shelves:
+            out[k] = np.nan
+            continue
         rows, cols = np.nonzero(labels[sl] == k + 1)
         rows, cols = rows + sl[0].start, cols + sl[1].start
         pick = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
         r, c = rows[pick], cols[pick]
         out[k] = (x0 + (c + 0.5) * cell0, y0 + (r + 0.5) * cell0, v[r, c])
+    out = out[~np.isnan(out[:, 2])]
     return out[np.argsort(-out[:, 2], kind="stable")]
 
 
-def _plateau_slopes(v: np.ndarray, peak: np.ndarray) -> np.ndarray:
-    """The peak cells whose run of equal values (8-connected) reaches a cell that is no peak: a shelf beside a
-    higher cell, whose far end the window alone took for a maximum. Spread from the shelf's foot, shift by shift."""
+def _shelves(v: np.ndarray, peak: np.ndarray, labels: np.ndarray) -> set[int]:
+    """The labels of peak groups that touch a cell of their own value that is no peak: a shelf beside a higher
+    cell, whose far end the window alone took for a maximum. (Touching peaks are equal, so a group is one value;
+    the equal cells it runs into are all reached through a neighbour of the group.)"""
     h, w = v.shape
-    slope = np.zeros_like(peak)
+    found: set[int] = set()
     foot = ~peak & np.isfinite(v)
-    while True:
-        grown = slope | foot
-        reached = np.zeros_like(peak)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                if dy or dx:
-                    src = (slice(max(dy, 0), h + min(dy, 0)), slice(max(dx, 0), w + min(dx, 0)))
-                    dst = (slice(max(-dy, 0), h + min(-dy, 0)), slice(max(-dx, 0), w + min(-dx, 0)))
-                    reached[dst] |= grown[src] & (v[src] == v[dst])
-        new = peak & reached & ~slope
-        if not new.any():
-            return slope
-        slope |= new
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                src = (slice(max(dy, 0), h + min(dy, 0)), slice(max(dx, 0), w + min(dx, 0)))
+                dst = (slice(max(-dy, 0), h + min(-dy, 0)), slice(max(-dx, 0), w + min(-dx, 0)))
+                found.update(np.unique(labels[dst][foot[src] & peak[dst] & (v[src] == v[dst])]).tolist())
+    return found
 
 
 def lesion_regions(

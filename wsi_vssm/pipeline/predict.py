@@ -167,10 +167,16 @@ def predict_slide(
 
 def _unsafe_output_folder(out_root: str | os.PathLike, name: str) -> str | None:
     """Why OUT/<name> would put a slide's outputs elsewhere: the name is no folder name of its own (`...tif` is
-    named `..`: its outputs landed in OUT's parent) or a symbolic link is there. The runner refuses both per slide
-    itself (`runs.runner._triage`); this is for library calls and the napari widget."""
+    named `..`: its outputs landed in OUT's parent) or a symbolic link is there. For library calls and the napari
+    widget; the runner refuses such names in words of its own (a folder given for a slide, say)."""
     if name in ("", ".", "..") or "/" in name or os.sep in name:
         return f"its name {name!r} is no folder name of its own under {out_root}: rename the slide"
+    return output_folder_link(out_root, name)
+
+
+def output_folder_link(out_root: str | os.PathLike, name: str) -> str | None:
+    """Why OUT/<name> cannot take a slide's outputs when it is a symbolic link: they would land wherever it
+    points. None otherwise."""
     folder = Path(out_root) / name
     if folder.is_symlink():
         return (f"its output folder {folder} is a symbolic link (to {os.readlink(folder)}): outputs are not "

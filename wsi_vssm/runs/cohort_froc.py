@@ -60,13 +60,7 @@ def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: 
     one-line error then, not after every slide has been analysed. A slide labelled tumour (`labels`) without a
     file, or whose file holds no tumour area, is named in a warning: the FROC counts its detections as false
     positives."""
-    from wsi_vssm.io.annotations import (
-        NDPA,
-        AnnotationClasses,
-        annotation_file_names,
-        annotation_key,
-        read_annotations,
-    )
+    from wsi_vssm.io.annotations import AnnotationClasses, annotation_file_names, annotation_key, read_annotations
     from wsi_vssm.io.base import SLIDE_SUFFIXES
 
     by_name: dict[str, Path] = {}
@@ -84,8 +78,7 @@ def read_cohort_annotations(annotations: Path, folders: dict[str, str], labels: 
         if len(files) > 1:
             several.append(f"{slide} ({', '.join(p.name for p in files)}: {files[0].name} used)")
         if files:
-            on = (paths or {}).get(slide) if files[0].suffix.lower() == NDPA else None
-            found[slide] = read_annotations(files[0], slide=on)
+            found[slide] = read_annotations(files[0], slide=(paths or {}).get(slide))  # NDP.view's is placed on it
         if (labels or {}).get(slide) == 1 and not files:
             unfiled.append(slide)
         elif (labels or {}).get(slide) == 1 and found[slide].tumor.is_empty:

@@ -162,7 +162,7 @@ def kept_scores(out: str | os.PathLike) -> dict | None:
             first = f.readline()
             scores = sum(line.endswith(b"\n") for line in f)  # counted as read: 300,000 lines are ~25 MB
             try:
-                _flock(f, fcntl.LOCK_SH if fcntl else 0)
+                _flock(f, exclusive=False)
                 busy = False
             except BlockingIOError:
                 busy = True
@@ -181,7 +181,7 @@ def _lock(file, tries: int = 20) -> bool:
     tries again for up to a second."""
     for i in range(tries):
         try:
-            _flock(file, fcntl.LOCK_EX if fcntl else 0)
+            _flock(file, exclusive=True)
             return True
         except BlockingIOError:
             if i + 1 < tries:
@@ -189,11 +189,12 @@ def _lock(file, tries: int = 20) -> bool:
     return False
 
 
-def _flock(file, how: int) -> None:
-    """A non-blocking flock; OSError where the platform (Windows) or the file system has none."""
+def _flock(file, exclusive: bool) -> None:
+    """A non-blocking flock (BlockingIOError when another holds it); OSError where the platform (Windows) or the
+    file system has none."""
     if fcntl is None:
         raise OSError(errno.ENOSYS, "file locks are not available on this platform")
-    fcntl.flock(file, how | fcntl.LOCK_NB)
+    fcntl.flock(file, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
 
 
 def _what_changed(old, new: dict, n: int) -> str:

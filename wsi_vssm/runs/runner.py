@@ -306,7 +306,7 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
     done, failed before with the same file) are finished. A path that does not exist fails here, writing no
     state. With --overwrite, a slide this --overwrite run started after `since` counts as done before."""
     from wsi_vssm.io.slide import path_problem  # here: the runner module stays free of numpy
-    from wsi_vssm.pipeline.predict import output_folder_problem
+    from wsi_vssm.pipeline.predict import output_folder_link, output_folder_problem
 
     todo = []
     for task in tasks:
@@ -326,13 +326,8 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
             finish(Outcome(task, "failed", f"{task.path}: its name {task.name!r} is that of a file or folder the run "
                                            f"keeps in {job.out} (its outputs would collide): rename the slide"))
             continue
-        folder = Path(job.out) / task.name
-        if job.kind == "predict" and folder.is_symlink():  # its outputs would land wherever the link points
-            finish(Outcome(task, "failed", f"{task.path}: its output folder {folder} is a symbolic link (to "
-                                           f"{os.readlink(folder)}): outputs are not written through links; "
-                                           "remove it"))
-            continue
-        problem = output_folder_problem(job.out, task.name) if job.kind == "predict" else None
+        problem = (output_folder_link(job.out, task.name) or output_folder_problem(job.out, task.name)
+                   if job.kind == "predict" else None)
         if problem:  # here, so no state is written: once the file is moved, a rerun just runs the slide
             finish(Outcome(task, "failed", f"{task.path}: {problem}"))
             continue

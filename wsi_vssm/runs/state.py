@@ -332,10 +332,13 @@ def _is_stale(holder: dict) -> bool:
     return not _pid_alive(pid)
 
 
+_WINDOWS = os.name == "nt"
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether a process of this host runs `pid`. POSIX: signal 0 tests it. Not on Windows, where os.kill(pid, 0)
     sends Ctrl+C to a console group or fails with "The parameter is incorrect": the process is asked there."""
-    if os.name == "nt":
+    if _WINDOWS:
         return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)

@@ -48,12 +48,13 @@ def find_annotated_slides(root: str | os.PathLike) -> list[AnnotatedSlide]:
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"slides folder not found: {root}")
-    keyed = {key: p for p in sorted(root.rglob("*")) if (key := annotation_key(p)) is not None}
-    stems = {Path(p).stem for p in sorted(root.rglob("*")) if p.suffix.lower() in SLIDE_SUFFIXES}
+    files = sorted(root.rglob("*"))  # walked once
+    keyed = {key: p for p in files if (key := annotation_key(p)) is not None}
+    stems = {p.stem for p in files if p.suffix.lower() in SLIDE_SUFFIXES}
     anns = {stem: keyed[n] for stem in stems for n in reversed(annotation_file_names(stem)) if n in keyed}
     normal = _normal_names(root / "reference.csv")
     out = []
-    for p in sorted(root.rglob("*")):
+    for p in files:
         if p.suffix.lower() not in SLIDE_SUFFIXES or not p.is_file():
             continue
         if p.stem in anns:
