@@ -55,6 +55,18 @@ def one_line(err: BaseException | str, limit: int = ONE_LINE_LIMIT) -> str:
     return cut.rstrip(" ,;:(") + "..."
 
 
+def warn_in_one_line(prog: str) -> None:
+    """From now on, print each warning as `PROG: warning: ...`, one line on stderr, as the wsi-vssm command does
+    (Python's own format adds the file and source line that raised it: noise to a user of a `python -m` tool)."""
+    import sys
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {one_line(message, WARNING_LINE_LIMIT)}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def printable(text: str) -> str:
     """`text` with its control characters escaped (`\\n`, `\\x1b`): names from files (slides, model files) go into
     one-line messages, terminals (an escape sequence could clear the screen or retitle the window), CSV and JSON."""

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,6 +375,37 @@ def test_a_rerun_judges_a_store_from_its_files_as_opening_it_would(tmp_path, mon
 
     monkeypatch.setattr(FeatureStore, "open", not_opened)
     assert feature_store.store_complete(target) is opened
+
+
+def test_the_rerun_check_refuses_a_store_declaring_too_much_without_a_stat_per_chunk(tmp_path, monkeypatch):
+    """`store_complete` judged a store that says it is complete by a stat of every chunk it declares: 20,000,000
+    cells in chunks of 5 were four million stats before the bounds `FeatureStore.open` checks were applied."""
+    cases = {"shape": 20_000_000, "chunks": 1_000_000, "room": None}
+    for key, value in cases.items():
+        target = tmp_path / f"{key}.zarr"
+        FeatureStore.write(target, _cells(100 if key == "room" else 5))
+        for name in ("features", "coords_px", "coords_um", "region_id", "tissue"):
+            meta = target / name / "zarr.json"
+            m = json.loads(meta.read_text())
+            if key == "shape":
+                m["shape"][0] = value
+            elif key == "chunks" and name == "features":
+                m["chunk_grid"]["configuration"]["chunk_shape"][0] = value
+            meta.write_text(json.dumps(m))
+        if key == "room":
+            root = json.loads((target / "zarr.json").read_text())
+            root["attributes"].update({"dims": [64, 64], "cell_px0": 32.0})
+            (target / "zarr.json").write_text(json.dumps(root))
+        with pytest.raises(FeatureStoreError):
+            FeatureStore.open(target)
+    stats = []
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: stats.append(self) or real_is_file(self))
+    monkeypatch.setattr(FeatureStore, "open", lambda path: pytest.fail(f"{path} was opened"))
+    for key in cases:
+        stats.clear()
+        assert feature_store.store_complete(tmp_path / f"{key}.zarr") is False, key
+        assert len(stats) < 10, (key, len(stats))  # its metadata files, not its chunks
 
 
 def test_a_store_written_before_stores_said_they_are_complete_is_still_opened_to_judge_it(tmp_path, monkeypatch):

@@ -95,6 +95,20 @@ def test_state_records_and_a_rerun_skips_done_slides(model_file, cohort, tmp_pat
     assert read_state(tmp_path, "predict", "normal_001")["params_hash"] != state["params_hash"]
 
 
+def test_evaluates_progress_lines_name_the_command(model_file, cohort, tmp_path, capsys, monkeypatch):
+    """`evaluate` predicts its slides through the runner, whose lines said "predict slides: 1 of 2 through" in an
+    evaluation's log."""
+    monkeypatch.setattr("wsi_vssm.progress.HEARTBEAT_S", 0.02)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide,label\n" + "".join(f"{cohort / n}.tif,{int(n.startswith('t'))}\n"
+                                                  for n in ("normal_001", "tumor_001")))
+    assert _cli(["evaluate", manifest, "--out", tmp_path / "o", "--model", model_file, "--bootstrap", "200",
+                 "-v", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "evaluate slides: " in err and "evaluate: model " in err, err
+    assert "predict slides" not in err and "predict: model" not in err, err
+
+
 def test_evaluate_writes_the_cohort_lesions_table(model_file, cohort, tmp_path, capsys):
     """OUT/lesions.csv: every slide that ran through, its lesions.csv rows with its name in front; a slide that
     failed has none. A low cell threshold gives every slide lesions to list."""

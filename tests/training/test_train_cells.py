@@ -1031,6 +1031,21 @@ def test_the_patch_scorer_says_bad_input_in_one_line(tiny_folder, tmp_path, caps
     assert "none.pt" in err[0] and "nowhere" in err[1] and "one class only" in err[2]
 
 
+def test_the_patch_scorer_says_its_warnings_in_one_line(tiny_folder, model_file, tmp_path, capsys):
+    """Its warnings (a patch that cannot be decoded) came in Python's format, the module's path, line number and
+    source line around the message."""
+    import shutil
+
+    from wsi_vssm.training.cells import main
+
+    shutil.copytree(tiny_folder / "valid", tmp_path / "valid")
+    (tmp_path / "valid" / "1" / "junk.jpg").write_text("not an image")
+    assert main(["--evaluate", str(model_file), "--valid", str(tmp_path / "valid")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert err and all(line.startswith("python -m wsi_vssm.training.cells: warning: ") for line in err), err
+    assert any("1/junk.jpg" in line for line in err) and not any(".py:" in line for line in err), err
+
+
 def test_the_patch_scorer_names_validation_parts_as_synth_does(tiny_folder, model_file, capsys):
     """`synth --part select --split-seed S` and the patch scorer's `--split select --seed S` named one split two
     ways: the scorer takes synth's names now, and its old ones still."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,15 +67,44 @@ def _complete_on_disk(path: Path) -> bool | None:
         shapes = {name: [int(n) for n in meta["shape"]] for name, meta in metas.items()}
         if len(shapes["features"]) != 2 or len({shape[0] for shape in shapes.values()}) != 1:
             return False
-        return all(_chunks_on_disk(path / name, shapes[name], meta) for name, meta in metas.items())
-    except (KeyError, TypeError, ValueError):  # a metadata layout this does not know: zarr judges
+        chunks = {name: _chunk_shape(meta) for name, meta in metas.items()}
+        counts = {name: [-(-size // step) for size, step in zip(shapes[name], chunks[name], strict=True)]
+                  for name in ARRAYS}
+        # the bounds FeatureStore.open checks, before a hostile store's millions of chunks are stat'ed
+        if not _within_bounds(attrs, shapes["features"][0], max(c[0] for c in chunks.values()),
+                              max(math.prod(c) for c in counts.values())):
+            return False
+        return all(_chunks_on_disk(path / name, counts[name], metas[name]) for name in ARRAYS)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a metadata layout this does not know: zarr judges
         return None
 
 
-def _chunks_on_disk(folder: Path, shape: list[int], meta: dict) -> bool:
+def _chunk_shape(meta: dict) -> list[int]:
     if meta["chunk_grid"]["name"] != "regular":
         raise ValueError("chunk grid")
     chunk = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+    if min(chunk, default=0) < 1:
+        raise ValueError("chunk shape")
+    return chunk
+
+
+def _within_bounds(attrs: dict, cells: int, chunk_rows: int, chunks: int) -> bool:
+    """Whether a store of `cells` cells in `chunks` chunks of `chunk_rows` is one this package could have written
+    for the slide its attributes describe."""
+    most = min(MAX_STORE_CELLS, _grid_cells(attrs) or MAX_STORE_CELLS)
+    return cells <= most and chunk_rows <= CHUNK_ROWS and chunks <= MAX_STORE_CELLS // CHUNK_ROWS
+
+
+def _grid_cells(attrs: dict) -> int | None:
+    """How many cells the slide `attrs` describe has room for (`dims`, level-0 px; `cell_px0`), or None."""
+    try:
+        (w, h), cell = (float(v) for v in attrs["dims"]), float(attrs["cell_px0"])
+        return int((w / cell + 1) * (h / cell + 1)) if cell > 0 and w >= 0 and h >= 0 else None
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+
+
+def _chunks_on_disk(folder: Path, counts: list[int], meta: dict) -> bool:
     encoding = meta["chunk_key_encoding"]
     if encoding["name"] == "default":
         prefix, separator = ["c"], (encoding.get("configuration") or {}).get("separator", "/")
@@ -82,7 +112,6 @@ def _chunks_on_disk(folder: Path, shape: list[int], meta: dict) -> bool:
         prefix, separator = [], (encoding.get("configuration") or {}).get("separator", ".")
     else:
         raise ValueError("chunk key encoding")
-    counts = [-(-size // step) for size, step in zip(shape, chunk, strict=True)]
     return all((folder / separator.join(prefix + [str(i) for i in index])).is_file()
                for index in itertools.product(*(range(n) for n in counts)))
 
@@ -168,9 +197,9 @@ class FeatureStore:
             shapes = {a: arrays[a].shape for a in ARRAYS}
             raise FeatureStoreError(f"{self.path}: damaged feature store (inconsistent array shapes {shapes})")
         rows = max(arrays[a].chunks[0] for a in ARRAYS)
-        most = min(MAX_STORE_CELLS, self._grid_cells() or MAX_STORE_CELLS)
+        most = min(MAX_STORE_CELLS, _grid_cells(self.attrs) or MAX_STORE_CELLS)
         chunks = max(arrays[a].nchunks for a in ARRAYS)  # each is stat'ed to judge the store: a bound on that too
-        if n > most or rows > CHUNK_ROWS or chunks > MAX_STORE_CELLS // CHUNK_ROWS:
+        if not _within_bounds(self.attrs, n, rows, chunks):
             raise FeatureStoreError(f"{self.path}: damaged feature store (it declares {n:,} cells in {chunks:,} "
                                     f"chunks of {rows:,}; its slide has room for {most:,} cells, a store written "
                                     f"here has chunks of up to {CHUNK_ROWS:,} and at most "
@@ -181,14 +210,6 @@ class FeatureStore:
                 if missing_chunks(arr):
                     raise FeatureStoreError(f"{self.path}: damaged feature store ({name}: "
                                             f"{missing_chunks(arr)} of {arr.nchunks} chunks missing)")
-
-    def _grid_cells(self) -> int | None:
-        """How many cells the slide its attributes describe has room for (`dims`, level-0 px; `cell_px0`), or None."""
-        try:
-            (w, h), cell = (float(v) for v in self.attrs["dims"]), float(self.attrs["cell_px0"])
-            return int((w / cell + 1) * (h / cell + 1)) if cell > 0 and w >= 0 and h >= 0 else None
-        except (KeyError, TypeError, ValueError, OverflowError):
-            return None
 
     def __getattr__(self, name):
         if name in ARRAYS:

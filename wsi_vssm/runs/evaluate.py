@@ -138,7 +138,8 @@ def evaluate_cohort(
     _start_report(out)
     after = InterimTable(out, cohort.rows, tasks, on_slide, progress)
     try:
-        summary = run_slides(tasks, job, run, progress, on_outcome=after, on_wait=after.flush)
+        summary = run_slides(tasks, job, run, progress, on_outcome=after, on_wait=after.flush,
+                             command="evaluate")
     except KeyboardInterrupt:
         interrupted_table(out, cohort.rows, tasks, job, after, run)
         raise

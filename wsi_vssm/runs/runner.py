@@ -193,17 +193,19 @@ def slide_key(path: str | os.PathLike) -> str:
 
 def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, progress: Progress | None = None,
                on_outcome: Callable[[Outcome], None] | None = None,
-               on_wait: Callable[[], None] | None = None) -> RunSummary:
+               on_wait: Callable[[], None] | None = None, command: str | None = None) -> RunSummary:
     """Run `job` over `tasks` with state, locks, skip/retry rules, serially or on Dask; never raises for a slide.
 
     `on_outcome(outcome)` is called in this process after each slide (done, skipped, failed or locked). A slide
     locked by another run is reported once it is through: after up to `opts.wait_locked` seconds of waiting,
-    which `on_wait()` is called before.
+    which `on_wait()` is called before. `command` names the run in its progress lines (`evaluate` predicts its
+    slides); the job's kind by default.
     """
     opts, progress = opts or RunOptions(), progress or Progress()
     tasks = list(tasks)
     check_output_folder(job.out)
-    progress.detail(f"{job.kind}: model {job.model_id}, parameters {job.params_hash}, {len(tasks)} slide(s)")
+    command = command or job.kind
+    progress.detail(f"{command}: model {job.model_id}, parameters {job.params_hash}, {len(tasks)} slide(s)")
     since = overwrite_since(job, progress) if opts.overwrite else None
     summary = RunSummary()
     waiting: list[Outcome] = []  # slides locked by another run, looked at again at the end
@@ -214,7 +216,7 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
         if on_outcome is not None:
             on_outcome(o)
 
-    with progress.bar(len(tasks), f"{job.kind} slides", unit="slide") as tick:
+    with progress.bar(len(tasks), f"{command} slides", unit="slide") as tick:
         def finish(o: Outcome) -> None:
             if o.out_of_space:  # every later slide would fail the same way
                 raise OutputFull(f"{o.message}; the run stopped: free space in {job.out}, then run the same "

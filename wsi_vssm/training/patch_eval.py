@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     AUC on the training split's selection or held-back part, with TTA and in mosaics (the model card's figures)."""
     import argparse
 
-    from wsi_vssm.errors import UsageError, WsiVssmError
+    from wsi_vssm.errors import UsageError, WsiVssmError, warn_in_one_line
     from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.training.data.patches import select_and_holdout, training_patches
 
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--in-mosaics", type=int, default=0, metavar="GRID",
                     help="also score the patches in context: tiled GRID x GRID, read at their centre tokens")
     a = ap.parse_args(argv)
+    warn_in_one_line(ap.prog)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     try:  # bad input is one line and exit 1, as on the wsi-vssm command line (it was a traceback)
         model = load_model(a.evaluate)
