@@ -365,3 +365,19 @@ def test_the_stage_figures_command_runs_as_a_module(tmp_path):
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert res.returncode == 2, res
     assert f"{tmp_path}: no mosaics/train or mosaics/valid folder" in res.stderr, res.stderr
+
+
+def test_the_stage_auc_tool_says_bad_input_in_one_line(tmp_path, capsys):
+    """`python -m wsi_vssm.training.mosaic STAGE MODEL` (the model card's command) ended a missing model file or a
+    damaged feature store in a traceback."""
+    from wsi_vssm.training.mosaic import main
+
+    stage = tmp_path / "mosaic_mil"
+    (stage / "mosaics" / "valid").mkdir(parents=True)
+    (stage / "mosaics" / "valid" / "reference.csv").write_text("slide,label\na.tif,0\nb.tif,1\n")
+    assert main([str(stage), str(tmp_path / "none.pt")]) == 1
+    write_tiny_model(tmp_path / "m.pt")
+    assert main([str(stage), str(tmp_path / "m.pt")]) == 1  # no feature stores where the stage keeps them
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("python -m wsi_vssm.training.mosaic: error: ") for line in err), err
+    assert "none.pt" in err[0] and "a.zarr" in err[1], err
