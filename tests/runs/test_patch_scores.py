@@ -329,3 +329,61 @@ def test_without_flock_or_o_nofollow_as_on_windows_the_scores_are_kept_unlocked(
         scores = ps.PatchScores(tmp_path, "h", {"tta": False})
     scores.close()
     assert ps.kept_scores(tmp_path)["in_progress"] is False
+
+
+class _FakeMsvcrt:
+    """Windows' msvcrt.locking as it behaves: an exclusive lock on bytes from the file's position, held per handle
+    until unlocked (Windows frees a closed handle's locks only in its own time), refused to other handles with
+    EACCES; unlocking a range one does not hold is refused too."""
+
+    LK_UNLCK, LK_LOCK, LK_NBLCK = 0, 1, 2
+
+    def __init__(self):
+        self.held: dict[tuple, int] = {}  # (device, inode, offset) -> the fd holding it
+
+    def locking(self, fd: int, mode: int, nbytes: int) -> None:
+        import errno
+        import os
+
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, os.lseek(fd, 0, os.SEEK_CUR))
+        if mode == self.LK_NBLCK:
+            if self.held.get(key, fd) != fd:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            self.held[key] = fd
+        elif mode == self.LK_UNLCK:
+            if self.held.get(key) != fd:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            del self.held[key]
+
+
+def test_on_windows_a_second_run_is_stopped_and_info_sees_the_run_through_msvcrt(tmp_path, monkeypatch):
+    """Windows has no flock: the score file was used unlocked there, so two runs into one folder mixed their
+    lines and `info OUT` could not tell a run at work. msvcrt's byte lock stands in, on a byte past the end so that
+    the file can still be read."""
+    import warnings
+
+    import wsi_vssm.runs.patch_scores as ps
+
+    fake = _FakeMsvcrt()
+    monkeypatch.setattr(ps, "fcntl", None)
+    monkeypatch.setattr(ps, "msvcrt", fake)
+    _score_lines(tmp_path, "h", [("0/a.jpg", 1, 0.5)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot be locked" warning: the lock is taken
+        first = PatchScores(tmp_path, "h", {})
+    try:
+        assert first.kept("0/a.jpg", 1) == (0.5, None), "the file was not read from its start"
+        assert [key[2] for key in fake.held] == [ps.WINDOWS_LOCK_BYTE], fake.held
+        assert ps.kept_scores(tmp_path)["in_progress"] is True
+        with pytest.raises(PatchFolderBusy, match="another evaluate is scoring patches into this folder"):
+            PatchScores(tmp_path, "h", {})
+        first.add([("0/b.jpg", 2, -0.5)])
+    finally:
+        first.close()
+    assert not fake.held, "the lock outlived the run"
+    assert ps.kept_scores(tmp_path) == {"scores": 2, "params": {}, "in_progress": False}
+    with PatchScores(tmp_path, "h", {}) as again:  # the next run takes the lock and reads both scores
+        assert again.kept("0/b.jpg", 2) == (-0.5, None)
+        assert len(fake.held) == 1
+    assert not fake.held

@@ -13,8 +13,9 @@ is scored again); another hash starts the file anew, with a word on what changed
 too, and leaves `OUT/.patch_scores.overwrite` until its report is written, so that the same command after an
 interrupt goes on rather than over. A run holds an exclusive lock on the file while it scores: a second run on
 the same folder stops at once instead of mixing its lines in, and `info OUT` tells a run in progress from an
-interrupted one (on a file system without flock, the run goes on unguarded, with a warning). The file sits
-beside metrics.json, not in `OUT/.state/`, which marks a folder of slide runs.
+interrupted one (on Windows msvcrt's byte-range lock stands in for flock; on a file system with neither, the
+run goes on unguarded, with a warning). The file sits beside metrics.json, not in `OUT/.state/`, which marks a
+folder of slide runs.
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ from wsi_vssm.runs.state import OutputNotWritable
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; the score file is used unlocked, with the warning below
+except ImportError:  # Windows: no flock; msvcrt's byte-range lock stands in (`_windows_lock`)
     fcntl = None
+try:
+    import msvcrt
+except ImportError:
+    msvcrt = None
 
 PATCH_SCORES = ".patch_scores.jsonl"
+# Windows locks byte ranges, and a locked byte cannot be read by another process: the lock is taken on one byte
+# far past the file's end, so that `info OUT` and a rerun still read the scores
+WINDOWS_LOCK_BYTE = 1 << 40
 OVERWRITE_MARKER = ".patch_scores.overwrite"  # an --overwrite run under way: its rerun goes on, not over
 SYNC_S = 10.0  # scores are flushed per batch (a killed run keeps them) and forced to disk at most this often
 SCORES_FORMAT = "wsi-vssm-patch-scores/1"
@@ -144,6 +152,9 @@ class PatchScores:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.fsync(self._file.fileno())
+        if fcntl is None and msvcrt is not None:  # Windows frees a closed file's locks in its own time: now
+            with contextlib.suppress(OSError, ValueError):
+                _windows_lock(self._file, msvcrt.LK_UNLCK)
         with contextlib.suppress(OSError):
             self._file.close()  # closing releases the lock
 
@@ -190,11 +201,31 @@ def _lock(file, tries: int = 20) -> bool:
 
 
 def _flock(file, exclusive: bool) -> None:
-    """A non-blocking flock (BlockingIOError when another holds it); OSError where the platform (Windows) or the
-    file system has none."""
-    if fcntl is None:
+    """A non-blocking flock (BlockingIOError when another holds it); OSError where the platform or the file
+    system has none. Windows has no shared lock: a look (`exclusive` False) takes the exclusive one and gives it
+    back at once."""
+    if fcntl is not None:
+        fcntl.flock(file, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    elif msvcrt is not None:
+        _windows_lock(file, msvcrt.LK_NBLCK)
+        if not exclusive:
+            _windows_lock(file, msvcrt.LK_UNLCK)
+    else:
         raise OSError(errno.ENOSYS, "file locks are not available on this platform")
-    fcntl.flock(file, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+
+
+def _windows_lock(file, mode: int) -> None:
+    """msvcrt.locking on WINDOWS_LOCK_BYTE (it locks from the file's position, which is put back after)."""
+    where = file.tell()
+    file.seek(WINDOWS_LOCK_BYTE)
+    try:
+        msvcrt.locking(file.fileno(), mode, 1)
+    except OSError as e:
+        if mode == msvcrt.LK_NBLCK and e.errno in (errno.EACCES, errno.EDEADLOCK):  # another process holds it
+            raise BlockingIOError(errno.EAGAIN, "the file is locked by another process") from None
+        raise
+    finally:
+        file.seek(where)
 
 
 def _what_changed(old, new: dict, n: int) -> str:
