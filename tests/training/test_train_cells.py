@@ -398,6 +398,57 @@ def test_run_resume_skips_finished_stages_and_reruns_changed_ones(tiny_folder, t
     assert "cells: done before" in printed and "context: done before" not in printed
 
 
+def test_run_resume_after_a_stop_in_cells_and_in_context_ends_as_an_uninterrupted_run(tiny_folder, tmp_path,
+                                                                                         monkeypatch):
+    """`run --resume` after a stop in the cells stage deleted OUT/model.work.pt, which holds the stage's best epoch
+    so far, then refused to go on without it ("put it back"); after a stop in the context stage it copied cells.pt
+    over that file, so a resumed context stage that found no better epoch ended with the cells stage's weights."""
+    from click.testing import CliRunner
+
+    import wsi_vssm.training.recipe as recipe_mod
+    from wsi_vssm.commands.run import command
+    from wsi_vssm.training import cells
+
+    recipe = str(REPO / "pipelines" / "default.toml")
+    extra = ["--set", 'recipe.stages=["cells","context"]', "--set", "cells.epochs=2", "--set", "context.epochs=2",
+             "--set", "cells.min_epochs=0", "--set", "context.min_epochs=0"]
+
+    def run(out, *more):
+        return CliRunner().invoke(command, [recipe, "--out", str(out), *_tiny_recipe(tiny_folder, *extra, *more)])
+
+    whole = run(tmp_path / "a")
+    assert whole.exit_code == 0, whole.output
+    real, second_epochs = cells._train_epoch, []
+
+    def stops(*args, **kwargs):  # Ctrl-C in the cells stage's second epoch, then in the context stage's
+        if args[6] == 2:
+            second_epochs.append(1)
+            if len(second_epochs) in (1, 3):  # the 2nd is the resumed cells stage's second epoch
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cells, "_train_epoch", stops)
+    out = tmp_path / "b"
+    assert run(out).exit_code != 0 and (out / "cells.checkpoint.pt").is_file()
+    res = run(out, "--resume")
+    assert res.exit_code != 0 and "is missing" not in res.output, res.output
+    assert (out / "cells.pt").is_file() and (out / "context.checkpoint.pt").is_file(), res.output
+    best_so_far = (out / "model.work.pt").read_bytes()  # the context stage's first epoch
+    real_stage, handed = recipe_mod._stage_context, []
+
+    def context_stage(recipe, path, *args, **kwargs):
+        handed.append(path.read_bytes())
+        return real_stage(recipe, path, *args, **kwargs)
+
+    monkeypatch.setattr(recipe_mod, "_stage_context", context_stage)
+    res = run(out, "--resume")
+    assert res.exit_code == 0, res.output
+    assert handed == [best_so_far], "the resumed context stage was handed another model than its best so far"
+    for name in ("cells.pt", "model.pt"):
+        a, b = (load_model(d / name).state_dict() for d in (tmp_path / "a", out))
+        assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) == 0.0, name
+
+
 def test_a_rerun_stage_stopped_early_keeps_the_later_stages_checkpoints(tiny_folder, tmp_path, monkeypatch):
     """`run --resume` after a default had changed (here: a setting given differently) reran the finished stage
     and deleted the later stages' checkpoints before that stage had trained at all, so stopping at once on

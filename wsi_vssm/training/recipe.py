@@ -33,6 +33,7 @@ RESOLVED_JSON = "recipe.resolved.json"  # the recipe as run, written before any 
 PROGRESS_JSON = "recipe.progress.json"  # the stages finished in OUT, each with the settings it ran with
 CHECKPOINTS = {"cells": "cells.checkpoint.pt", "context": "context.checkpoint.pt", "dense": "dense/checkpoint.pt"}
 WORK_MODEL = "model.work.pt"  # the model the stages pass along; OUT/model.pt is replaced only when all are through
+IN_WORK_MODEL = ("cells", "context")  # stages that keep their best epoch so far in the work model while they train
 SET_ASIDE = ".replaced"  # suffix of a finished dense run's checkpoint while the stage runs again with new settings
 
 
@@ -56,10 +57,13 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
     check_recipe(recipe)  # its tables, value types and every stage's values, so the lines below need not
     check_files(recipe)
     stages = recipe_stages(recipe)
+    resuming = set()  # stages that go on from their own checkpoint
     for stage in stages:
         if stage in CHECKPOINTS:
             own = bool(recipe.get(stage, {}).get("resume"))  # dense.resume / cells.resume in the recipe
             refuse_unless_resuming(out / CHECKPOINTS[stage], resume or own, "run --resume")
+            if (resume or own) and (out / CHECKPOINTS[stage]).is_file():
+                resuming.add(stage)
     for stage in stages:
         if _CONFIGS.get(stage) and not ({stage, "cells"} if stage == "context" else {stage}) & set(recipe):
             print(f"{stage}: the recipe has no [{stage}] section: it trains with the built-in defaults "
@@ -68,7 +72,10 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
     resolved = {**recipe, "recipe": {**recipe.get("recipe", {}), "out": str(out)}}  # where it did run
     atomic_write_json(out / RESOLVED_JSON, resolved)
     final_path, model_path = out / "model.pt", out / WORK_MODEL
-    model_path.unlink(missing_ok=True)  # a stopped run's
+    # cells and context keep their best epoch so far in the work model: a stage that goes on needs it as it is
+    keep_work = model_path.is_file() and bool(resuming & set(IN_WORK_MODEL))
+    if not keep_work:
+        model_path.unlink(missing_ok=True)  # a stopped run's
     done = read_progress(out) if resume else []
     contents = _data_contents(recipe.get("data", {}))
     chain, previous = True, None  # chain: every stage so far was skipped as done before
@@ -86,7 +93,9 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
                 print(f"{stage}: removed {left}, left by a later run with other settings")
             previous = stage
             continue
-        if chain and previous is not None:  # the skipped stages' last model is where this one starts
+        if keep_work and stage in resuming & set(IN_WORK_MODEL) and (out / CHECKPOINTS[stage]).is_file():
+            pass  # its best epoch so far, which it goes on from (it starts from cells.pt or from scratch)
+        elif chain and previous is not None:  # the skipped stages' last model is where this one starts
             shutil.copyfile(out / f"{previous}.pt", model_path)
         elif chain and final_path.is_file():  # the first stage builds on OUT's model (context alone, say)
             shutil.copyfile(final_path, model_path)
