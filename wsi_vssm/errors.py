@@ -25,10 +25,12 @@ class OptionError(UsageError):
 
 
 class MissingDependency(WsiVssmError):
-    """An optional package is not installed; the message says how to install it."""
+    """An optional package is not installed, or is and fails to load (`broken`: why); the message says how to
+    install or repair it."""
 
-    def __init__(self, what: str, install: str):
-        super().__init__(f"{what} is not installed; install it with: {install}")
+    def __init__(self, what: str, install: str, broken: str | None = None):
+        super().__init__(f"{what} is not installed; install it with: {install}" if broken is None else
+                         f"{what} is installed but fails to load ({one_line(broken)}); repair it with: {install}")
         self.install = install
 
 

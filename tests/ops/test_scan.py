@@ -224,6 +224,29 @@ def test_auto_without_numba_raises_install_hint(monkeypatch):
         selective_scan(**x)
 
 
+def test_numba_missing_and_numba_broken_are_told_apart(monkeypatch):
+    """A numba that is installed but fails to load (a numpy newer than it supports) was said to be "not
+    installed; install it with: pip install numba", which pip answers with "already satisfied"."""
+    import sys
+
+    class Broken:
+        def find_spec(self, name, path=None, target=None):
+            if name == "numba":
+                raise ImportError("Numba needs NumPy 2.2 or less. Got NumPy 2.3.")
+            return None
+
+    monkeypatch.delitem(sys.modules, "numba", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    with pytest.raises(MissingDependency) as err:
+        scan.numba_kernel_module("scan_cpu", "the fast CPU scan")
+    assert str(err.value) == ("numba (the fast CPU scan) is installed but fails to load (Numba needs NumPy 2.2 or "
+                              "less. Got NumPy 2.3.); repair it with: pip install --upgrade numba")
+    monkeypatch.setitem(sys.modules, "numba", None)  # not installed
+    with pytest.raises(MissingDependency, match=r"^numba \(the fast CPU scan\) is not installed; install it with: "
+                                                r"pip install numba$"):
+        scan.numba_kernel_module("scan_cpu", "the fast CPU scan")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is not None, reason="mamba-ssm installed")
 def test_mamba_ssm_missing_says_how_to_install():
     x = make_inputs(1, 2, 3, 1, 0, full=False)

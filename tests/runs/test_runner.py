@@ -197,6 +197,30 @@ def test_out_of_memory_is_said_as_such_and_retried_unasked(model_file, cohort, t
     assert read_state(tmp_path / "o", "predict", "tumor_001")["status"] == "done"
 
 
+def test_a_slide_failed_for_a_missing_package_is_tried_again_unasked(model_file, cohort, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A cohort run without numba failed every slide, and the rerun after installing it replayed each failure
+    ("failed in an earlier run; --retry-failed tries again"): a missing package is the machine's, not the slide's."""
+    from wsi_vssm.errors import MissingDependency
+    from wsi_vssm.pipeline import extract
+
+    real = extract.extract_slide
+
+    def without_numba(slide, *a, **k):
+        if slide.name == "tumor_001":
+            raise MissingDependency("numba (the fast CPU scan)", "pip install numba")
+        return real(slide, *a, **k)
+
+    monkeypatch.setattr(extract, "extract_slide", without_numba)
+    args = ["predict", cohort / "normal_001.tif", cohort / "tumor_001.tif", "--out", tmp_path / "o", "--model",
+            model_file, *FAST]
+    assert _cli(args) == 3
+    assert "tumor_001.tif: numba (the fast CPU scan) is not installed" in capsys.readouterr().err
+    monkeypatch.setattr(extract, "extract_slide", real)
+    assert _cli(args) == 0  # tried again without --retry-failed
+    assert read_state(tmp_path / "o", "predict", "tumor_001")["status"] == "done"
+
+
 def test_the_command_line_says_out_of_memory_and_a_library_that_cannot_load_in_one_line(tmp_path, capsys,
                                                                                          monkeypatch):
     from wsi_vssm.commands import info

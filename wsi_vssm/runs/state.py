@@ -25,7 +25,7 @@ from enum import Enum
 from pathlib import Path
 
 from wsi_vssm.atomic import atomic_write_json, in_the_way, prove_writable, remove_temporaries, short_name
-from wsi_vssm.errors import WsiVssmError
+from wsi_vssm.errors import MissingDependency, WsiVssmError
 
 STATE_FORMAT = "wsi-vssm-state/1"
 STATE_DIR = ".state"
@@ -56,8 +56,10 @@ class OutOfMemory(WsiVssmError):
     that say so rather than "a bug"; the run goes on (a smaller slide may fit) and a rerun tries it again unasked."""
 
 
-# failures of the machine, not of the slide: a rerun tries such a slide again without --retry-failed
-NOT_THE_SLIDES_FAULT = (OutputFull.__name__, OutOfMemory.__name__, OutputNotWritable.__name__)
+# failures of the machine, not of the slide: a rerun tries such a slide again without --retry-failed (a package
+# installed after a run failed for want of it, say)
+NOT_THE_SLIDES_FAULT = (OutputFull.__name__, OutOfMemory.__name__, OutputNotWritable.__name__,
+                        MissingDependency.__name__)
 KNOWN_FAILURE_NOTE = "[failed in an earlier run; --retry-failed tries again]"
 
 
