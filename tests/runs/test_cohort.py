@@ -75,6 +75,12 @@ def test_manifest_missing_file_is_a_failed_row(tmp_path):
     assert [r.name for r in c.ok] == ["a"]
     assert [r.name for r in c.failed] == ["gone"] and "gone.tif" in c.failed[0].error
     assert c.failed[0].line == 3
+    # a row that gives a slide's name without its extension: the table and line, and the file that is there
+    _touch(tmp_path / "bare.svs")
+    (tmp_path / "n.csv").write_text("slide,label\nbare,1\n")
+    error = read_manifest(tmp_path / "n.csv").failed[0].error
+    assert error == f"slide file not found: {tmp_path / 'bare'} ({tmp_path / 'n.csv'}, line 2); bare.svs is there: " \
+                    "give the file's whole name", error
     # labels only (cached features): nothing is looked up, nothing fails
     assert not read_manifest(csv, find_slides=False).failed
 
@@ -87,6 +93,20 @@ def test_a_manifest_row_naming_a_folder_fails_before_any_slide_runs(tmp_path, re
     csv.write_text(f"slide,label\na.tif,1\n{ref},0\n")
     with pytest.raises(CohortError, match=rf"m\.csv, line 3: '{re.escape(ref)}' names a folder, not a slide file"):
         read_manifest(csv)
+
+
+@pytest.mark.parametrize("ref", [".", ".."])
+def test_a_table_of_names_with_a_folder_row_fails_before_any_slide_runs(tmp_path, ref):
+    """A `slide,label` table of names with a `.` row ran into "predictions row 0 needs a slide name" after "no
+    slide file named ''", exit 1, no slide run; a manifest of paths said it in one line before any slide ran."""
+    from wsi_vssm.runs.cohort import read_cohort
+
+    for name in ("normal_001", "tumor_001"):
+        _touch(tmp_path / f"{name}.tif")
+    csv = tmp_path / "t.csv"
+    csv.write_text(f"slide,label\n{ref},normal\nnormal_001,normal\ntumor_001,tumor\n")
+    with pytest.raises(CohortError, match=rf"t\.csv, line 2: '{re.escape(ref)}' names a folder, not a slide$"):
+        read_cohort(csv)
 
 
 def test_predict_of_a_folder_path_fails_alone_and_writes_no_state(model_file, cohort, tmp_path, capsys):

@@ -15,6 +15,7 @@ error; a slide whose file is missing becomes a failed row (the rest of the cohor
 from __future__ import annotations
 
 import csv
+import glob
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -193,7 +194,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
             file = series_folder_slide(file)
         error = None
         if find_slides and not file.exists():
-            error = f"slide file not found: {file}"
+            error = f"slide file not found: {file} ({path}, line {line}){_with_extension(file)}"
         cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error, mpp))
     _check_duplicates(_rows_through_series(cohort))  # one series listed twice is said as that first
     return cohort
@@ -229,6 +230,8 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
             raise CohortError(f"{path}, line {line}: {name!r} is a path, but this table names slides (looked up "
                               f"by name under {root}); for slide paths, give a manifest with a header 'slide,label'")
         written, name = name, slide_name(name)  # tolerate a name written with its extension
+        if name in ("", ".", ".."):  # `.`, `..`: no slide's name, and none to write outputs under
+            raise CohortError(f"{path}, line {line}: {written!r} names a folder, not a slide")
         found, error = None, None
         if find_slides:  # a series folder's name is whole (`case.v2`); a file's without its extension
             hits = index.get(name_key(folder_name(written)), []) or index.get(name_key(name), [])
@@ -357,6 +360,15 @@ def _either_form(file: Path) -> Path:
         if other != file and other.exists():
             return other
     return file
+
+
+def _with_extension(file: Path) -> str:
+    """A hint when the row gave a slide's name without its extension (`tumor_001` for `tumor_001.tif`)."""
+    if file.suffix.lower() in SLIDE_SUFFIXES or not file.parent.is_dir():
+        return ""
+    hits = sorted(p.name for p in file.parent.glob(glob.escape(file.name) + ".*")
+                  if p.name.lower().endswith(SLIDE_SUFFIXES))
+    return f"; {hits[0]} is there: give the file's whole name" if hits else ""
 
 
 def _table_path(ref: str, table: Path) -> Path:
