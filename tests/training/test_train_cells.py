@@ -979,7 +979,7 @@ def test_sets_a_cell_model_cannot_learn_from_are_refused_before_the_first_epoch(
     dataset/valid` trained on the validation patches (labels are read at any depth)."""
     import warnings
 
-    from wsi_vssm.training.data.patches import check_training_sets, stratified_subset
+    from wsi_vssm.training.data.patches import check_training_sets, mosaic_order, stratified_subset
 
     write_patch_folder(tmp_path / "d" / "train", 6, 0)
     write_patch_folder(tmp_path / "d" / "valid", 4, 1)
@@ -998,6 +998,22 @@ def test_sets_a_cell_model_cannot_learn_from_are_refused_before_the_first_epoch(
         check_training_sets(train, valid.subset(np.flatnonzero(valid.labels == 0)), None)
     with pytest.raises(PatchDataError, match="holds every validation patch"):
         check_training_sets(training_patches(tmp_path / "d"), valid, None)
+    # in-mosaic selection (--mosaic-grid): every epoch's in-mosaic AUC was NaN when the selection part filled
+    # no mosaic, or its mosaics held one class; no epoch was kept and the run ended "model file not found"
+    # (`run`: KeyError 'auc')
+    check_training_sets(train, valid, None, mosaic=(2, 0))  # 8 patches: two 2 x 2 mosaics of both classes
+    with pytest.raises(PatchDataError, match=r"valid: the selection part of the validation patches holds 8 "
+                                             r"patches, fewer than one 3 x 3 mosaic: .*--valid-select"):
+        check_training_sets(train, valid, None, mosaic=(3, 0))
+    one_class = valid.subset([*np.flatnonzero(valid.labels == 0), np.flatnonzero(valid.labels == 1)[0]])
+    seed = next(s for s in range(100) if 1 not in one_class.labels[mosaic_order(len(one_class), 2, s)])
+    with pytest.raises(PatchDataError, match=r"tiles 4 patches into 2 x 2 mosaics, all of class 0"):
+        check_training_sets(train, one_class, None, mosaic=(2, seed))
+    with pytest.raises(PatchDataError, match="fewer than one 3 x 3 mosaic"):  # the command refuses before training
+        train_cells(tmp_path / "d" / "train", tmp_path / "d" / "valid", tmp_path / "m.pt",
+                    TrainCellsConfig(epochs=1, batch_size=8, mil_bags=0, mosaic_grid=3, valid_select=8),
+                    progress=False)
+    assert not (tmp_path / "m.pt").exists()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_training_sets(train, training_patches(tmp_path / "d").subset(range(0, 20, 2)), None)

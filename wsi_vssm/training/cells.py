@@ -273,7 +273,7 @@ def _train_cells(train_src, valid_src, out: Path, cfg: TrainCellsConfig, slides,
     train = training_patches(train_src, cfg.max_train, cfg.seed)
     valid = training_patches(valid_src)
     select, holdout = split_valid(valid, cfg)
-    check_training_sets(train, select, holdout, cfg.epoch_size)
+    check_training_sets(train, select, holdout, cfg.epoch_size, cfg.mosaic_grid and (int(cfg.mosaic_grid), cfg.seed))
     if slides and cfg.mosaic_grid:
         raise UsageError("give annotated slides or mosaic_grid, not both")
     regions = _load_regions(slides, cfg) if slides else _mosaic_regions(train, cfg)

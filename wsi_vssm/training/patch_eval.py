@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from wsi_vssm.models.inputs import normalise_batch as normalise
 from wsi_vssm.models.slide_model import SlideModel
 from wsi_vssm.outputs.report import roc_auc_or_nan
-from wsi_vssm.training.data.patches import PatchDataset, collate_uint8
+from wsi_vssm.training.data.patches import PatchDataset, collate_uint8, mosaic_order
 
 
 def centre_logits(model: SlideModel, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def predict_in_mosaics(model: SlideModel, ds: PatchDataset, grid: int, seed: int
     model.eval()
     dev = device_of(model)
     n = grid * grid
-    order = np.random.default_rng(seed).permutation(len(ds))[: len(ds) // n * n]
+    order = mosaic_order(len(ds), grid, seed)
     probs = []
     for s in range(0, len(order), n):
         img = tile([ds[int(i)][0] for i in order[s:s + n]], grid)

@@ -318,13 +318,21 @@ def collate_uint8(batch) -> tuple[torch.Tensor, torch.Tensor]:
 IMBALANCE_WARN = 4  # one class more than this many times the other: warned (PCam is balanced)
 
 
+def mosaic_order(n_patches: int, grid: int, seed: int) -> np.ndarray:
+    """The patches (indices) that in-mosaic scoring tiles, in order: a seeded permutation cut to whole grid x grid
+    mosaics (the left-over patches are not scored)."""
+    n = grid * grid
+    return np.random.default_rng(seed).permutation(n_patches)[: n_patches // n * n]
+
+
 def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: PatchDataset | None,
-                        epoch_size: int | None = None) -> None:
+                        epoch_size: int | None = None, mosaic: tuple[int, int] | None = None) -> None:
     """Refuse, before any epoch, sets a cell model cannot be trained or selected on: a class missing from the
     training patches (the run wrote a model of one class with exit 0) or from the selection part (every epoch's
-    AUC was NaN, no epoch was kept, and the run ended "model file not found"), patches of two sizes, and
-    validation patches that are training patches (a `data/{train,valid}/{0,1}` folder given as --data holds
-    both: labels are read at any depth). Some shared images (not all), or one image under both labels: a warning."""
+    AUC was NaN, no epoch was kept, and the run ended "model file not found"), or from the selection patches
+    that `mosaic` = (grid, seed) in-mosaic scoring tiles (the same), patches of two sizes, and validation
+    patches that are training patches (a `data/{train,valid}/{0,1}` folder given as --data holds both: labels
+    are read at any depth). Some shared images (not all), or one image under both labels: a warning."""
     per_set = [(np.bincount(ds.labels, minlength=2), ds, what)
                for ds, what in ((train, "training patches"), (select, "selection part of the validation patches"))]
     for counts, ds, what in per_set:
@@ -332,6 +340,15 @@ def check_training_sets(train: PatchDataset, select: PatchDataset, holdout: Patc
         if missing:
             raise PatchDataError(f"{ds.source}: its {what} have no class {' or '.join(missing)} ({counts[0]} of "
                                  f"class 0, {counts[1]} of class 1): a cell model needs both (folders 0/ and 1/)")
+    if mosaic:
+        grid, seed = mosaic
+        scored = np.bincount(select.labels[mosaic_order(len(select), grid, seed)], minlength=2)
+        if min(scored) == 0:
+            held = (f"holds {len(select)} patches, fewer than one {grid} x {grid} mosaic" if not scored.sum() else
+                    f"tiles {scored.sum()} patches into {grid} x {grid} mosaics, all of class {int(scored.argmax())}")
+            raise PatchDataError(f"{select.source}: the selection part of the validation patches {held}: the "
+                                 "in-mosaic AUC that selects epochs needs both classes; give more validation "
+                                 "patches (--valid-select; valid_select in a recipe) or a smaller --mosaic-grid")
     counts = per_set[0][0]  # the training patches'
     if epoch_size is not None and epoch_size > len(train):  # an epoch is at most every patch once
         warnings.warn(f"{train.source}: epoch_size {epoch_size} is more than its {len(train)} training patches: an "
