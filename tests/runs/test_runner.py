@@ -109,6 +109,30 @@ def test_evaluates_progress_lines_name_the_command(model_file, cohort, tmp_path,
     assert "predict slides" not in err and "predict: model" not in err, err
 
 
+def test_a_done_slide_run_again_says_why(model_file, cohort, tmp_path, capsys):
+    """A done slide whose settings differ (another model, a new version, an option) was run again with nothing
+    but its usual line: hours of backbone on a real cohort, unexplained."""
+    import shutil
+
+    args = ["predict", cohort / "normal_001.tif", "--out", tmp_path, "--model", model_file, *FAST]
+    assert _cli(args) == 0
+    capsys.readouterr()
+    assert _cli([*args, "--overlap-px", "32"]) == 0
+    assert "normal_001: done before, with overlap_px 64 -> 32; running it again" in capsys.readouterr().err
+    state_file = next((tmp_path / STATE_DIR).glob("normal_001.predict.json"))
+    state = json.loads(state_file.read_text())
+    state["params"] = {k: v for k, v in state["params"].items() if k != "version"} | {"model_hash": "older"}
+    state["params_hash"] = "older"
+    state_file.write_text(json.dumps(state))
+    assert _cli(args) == 0
+    err = capsys.readouterr().err
+    assert "normal_001: done before, with another model, overlap_px 32 -> 64, version unrecorded -> " in err, err
+    shutil.rmtree(tmp_path / "normal_001")
+    assert _cli(args) == 0
+    assert "normal_001: done before, but its outputs are incomplete; running it again" in capsys.readouterr().err
+    assert _cli(args) == 0 and "running it again" not in capsys.readouterr().err  # up to date: nothing said
+
+
 def test_evaluate_writes_the_cohort_lesions_table(model_file, cohort, tmp_path, capsys):
     """OUT/lesions.csv: every slide that ran through, its lesions.csv rows with its name in front; a slide that
     failed has none. A low cell threshold gives every slide lesions to list."""

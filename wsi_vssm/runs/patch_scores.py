@@ -31,7 +31,7 @@ from pathlib import Path
 
 from wsi_vssm.atomic import atomic_write_json
 from wsi_vssm.errors import WsiVssmError
-from wsi_vssm.runs.state import OutputNotWritable
+from wsi_vssm.runs.state import OutputNotWritable, settings_change
 
 try:
     import fcntl
@@ -230,10 +230,7 @@ def _windows_lock(file, mode: int) -> None:
 
 def _what_changed(old, new: dict, n: int) -> str:
     """`N scores were made with other settings (tta False -> True)`: why they are not reused."""
-    old = old if isinstance(old, dict) else {}
-    keys = [k for k in new if old.get(k) != new[k]]
-    shown = ", ".join("another model" if k == "model_hash" else f"{k} changed" if isinstance(new[k], dict) else
-                      f"{k} {old.get(k)} -> {new[k]}" for k in keys)
+    shown = settings_change(old, new, most=len(new))
     return f"its {n} score(s) were made with other settings ({shown or 'an older format'}): every patch is scored again"
 
 

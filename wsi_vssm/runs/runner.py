@@ -68,6 +68,7 @@ from wsi_vssm.runs.state import (
     live_lock,
     now,
     read_state,
+    settings_change,
 )
 
 DEFAULT_SPLIT_REGIONS = 64  # Dask: a slide of more regions runs as tasks of this many regions (docs/cohorts.md)
@@ -379,6 +380,10 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
         elif same and not (overwrite or opts.retry_failed) and (known := known_failure(state, changed)):
             finish(Outcome(task, "failed", known, state))
         else:
+            if status == Status.DONE and not (overwrite or refall or changed):  # hours of backbone: say why
+                why = "but its outputs are incomplete" if same else "with " + (
+                    settings_change(state.get("params"), job.task_params(task)) or "settings it did not record")
+                progress.info(f"{task.name}: done before, {why}; running it again")
             todo.append(task)
     return todo
 

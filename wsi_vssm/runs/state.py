@@ -95,6 +95,15 @@ def fallback_changed(state: dict, fallback_mpp: float | None, mpp_source: str | 
     return ((state.get("result") or {}).get("mpp_source") or mpp_source) in FALLBACK_SOURCES
 
 
+def settings_change(old, new: dict, most: int = 4) -> str:
+    """What differs between the settings a result was made with (`old`, a state's or a score file's record) and
+    this run's: `another model, version 0.1.0 -> 0.1.1`; '' when no recorded setting differs."""
+    old = old if isinstance(old, dict) else {}
+    said = ["another model" if k == "model_hash" else f"{k} changed" if isinstance(new[k], dict) else
+            f"{k} {old.get(k, 'unrecorded')} -> {new[k]}" for k in new if old.get(k) != new[k]]
+    return ", ".join(said[:most]) + (f" and {len(said) - most} more" if len(said) > most else "")
+
+
 def params_hash(resolved: dict) -> str:
     """A short hash of everything that changes a slide's outputs (the caller decides what that is)."""
     text = json.dumps(resolved, sort_keys=True, default=str)
