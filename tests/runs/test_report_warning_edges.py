@@ -15,6 +15,7 @@ from wsi_vssm.runs.report_warnings import (
     separation_warning,
     shared_patches_warning,
     small_cohort_warning,
+    unranked_logits_warning,
 )
 
 
@@ -90,3 +91,21 @@ def test_exactly_small_class_patients_make_no_few_patients_warning():
     assert few_patients_warning(EvaluationResult({"kappa": 0.8, "n_patients": SMALL_CLASS})) is None
     warning = few_patients_warning(EvaluationResult({"kappa": 0.8, "n_patients": SMALL_CLASS - 1}))
     assert warning is not None and f"rests on {SMALL_CLASS - 1} patient(s)" in warning, warning
+
+
+def test_a_cohort_ranked_by_probabilities_for_want_of_old_logits_names_those_slides():
+    """A cohort resumed over slides predicted before logits were recorded fell back to ranking probabilities
+    (metrics.json auc_ranked_by) without a word: probabilities of 1.000 tie, however far apart their logits."""
+    rows = _rows(3, 2)
+    for r, z in zip(rows, (40.0, None, None, -3.0, None), strict=True):
+        r["logit"] = z
+    rows[0]["probability"] = rows[1]["probability"] = 1.0
+    warning = unranked_logits_warning(EvaluationResult({"auc_ranked_by": "probability"}, rows))
+    assert warning is not None and warning.startswith("3 of 5 scored slides were predicted before logits were "
+                                                      "recorded (s1, s2, s4): "), warning
+    assert "tie at 1.000 (2 do here)" in warning and "delete those slides' folders" in warning, warning
+    assert unranked_logits_warning(EvaluationResult({"auc_ranked_by": "logit"}, rows)) is None
+    rows = _rows(2, 2)  # patches or slides ranked by probability for another reason: none lack a logit
+    for r in rows:
+        r["logit"] = 0.0
+    assert unranked_logits_warning(EvaluationResult({"auc_ranked_by": "probability"}, rows)) is None

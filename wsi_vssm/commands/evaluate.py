@@ -75,6 +75,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         small_cohort_warning,
         training_patches_warning,
         training_slides_warning,
+        unranked_logits_warning,
     )
 
     run, progress = pop_run_options(opts, ctx)
@@ -118,8 +119,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     separation = separation_warning(res)
     if separation and m["auc"] is not None:  # the line under the warning read as a result (metrics.json keeps it)
         auc += ", not meaningful: the scores do not separate the classes"
-    for warning in (separation, small_cohort_warning(res), shared_patches_warning(res), domain_warning(res),
-                    training_slides_warning(res, model), training_patches_warning(res), repeated_patches_warning(res),
+    for warning in (separation, small_cohort_warning(res), unranked_logits_warning(res), shared_patches_warning(res),
+                    domain_warning(res), training_slides_warning(res, model), training_patches_warning(res),
+                    repeated_patches_warning(res),
                     annotation_frame_warning(res)):
         if warning:
             progress.warn(warning)

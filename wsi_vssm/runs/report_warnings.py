@@ -35,6 +35,22 @@ def separation_warning(result: EvaluationResult) -> str | None:
     return None
 
 
+def unranked_logits_warning(result: EvaluationResult) -> str | None:
+    """One line when the AUC ranked probabilities because some scored slides have no logit (predicted by a
+    version before logits were recorded): probabilities of 1.000 tie, however differently the model called them."""
+    if result.metrics.get("auc_ranked_by") != "probability":
+        return None
+    done = [r for r in result.rows if r["status"] == "done" and r["probability"] is not None]
+    names = [r["slide"] for r in done if r.get("logit") is None]
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    tied = sum(r["probability"] >= 1.0 for r in done)
+    return (f"{len(names)} of {len(done)} scored {result.items} were predicted before logits were recorded "
+            f"({shown}): the AUC ranks probabilities, which tie at 1.000 ({tied} do here); to rank by logits, "
+            "delete those slides' folders in the output folder and run the same command again (only they run)")
+
+
 def domain_warning(result: EvaluationResult) -> str | None:
     """One line when scored slides are out of the model's domain: the AUC includes them."""
     n_out, n = result.metrics.get("n_out_of_domain"), result.metrics.get("n")
@@ -66,7 +82,7 @@ def small_cohort_warning(result: EvaluationResult) -> str | None:
     better = (f"; DeLong's interval {delong[0]:.3f}-{delong[1]:.3f} (auc_ci95_delong) holds the true AUC more "
               f"often from 10 {result.items} a class" if delong else "")
     return (f"the AUC rests on {n1} tumour and {n0} normal {result.items}: with fewer than {SMALL_CLASS_AUC} of a "
-            f"class its bootstrap interval is not a reliable measure of uncertainty (too narrow){better}")
+            f"class its bootstrap interval is not a reliable measure of uncertainty (often too narrow){better}")
 
 
 # a typical label-0 patch of a mosaic cohort in this share of the other normal slides, or more: the slides are far
