@@ -430,6 +430,29 @@ def test_a_patch_evaluations_report_does_not_list_its_patches_as_slides_without_
     assert "  s1: done: probability 0.900 -> tumor [7 cells]" in text.splitlines(), text
 
 
+def test_info_reads_reports_an_earlier_version_wrote(tmp_path, capsys):
+    """Reports of the first releases lack keys later ones added: `info` refused a patch evaluation of 0.1.0 (no
+    `model_patches`, no score file: "a folder with no slide files"), said a slide report's cohort was `None`, and
+    would have called both reports not complete (no `complete` key)."""
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "metrics.json").write_text(json.dumps({"n": 3, "n_failed": 0, "auc": 0.75, "auc_ci95": [0.2, 1.0],
+                                                      "threshold": 0.5, "sensitivity": 0.5, "specificity": 1.0}))
+    (patches / "predictions.csv").write_text("slide,label,probability,status,error\n0/a.jpg,0,0.1,done,\n"
+                                             "1/b.jpg,1,0.9,done,\n1/c.jpg,1,0.4,done,\n")
+    code, text, _ = run_cli(capsys, str(patches))
+    assert code == 0 and text.splitlines()[0] == (f"patch evaluation: {patches} (of a patch folder not recorded; "
+                                                  "model not recorded, precision not recorded)"), text
+    assert "3 patches scored, 0 failed; AUC 0.750 (95% CI 0.200-1.000)" in text and "NOT complete" not in text, text
+    slides = tmp_path / "slides"
+    _states(slides, "predict", {"s1": {"status": "done", "result": {"probability": 0.9, "n_cells": 7},
+                                       "params": {"threshold": 0.5}}})
+    (slides / "metrics.json").write_text(json.dumps({"n": 1, "n_failed": 0, "auc": None, "reason": "one class"}))
+    (slides / "predictions.csv").write_text("slide,label,probability,status,error\ns1,1,0.9,done,\n")
+    code, text, _ = run_cli(capsys, str(slides))
+    assert code == 0 and "over 1 slides of a cohort not recorded (0 failed); complete" in text, text
+
+
 def test_a_slide_without_tissue_says_so_in_its_line(tmp_path, capsys):
     """A done slide with no tissue has no probability and no error: its line said only `done`, not why it has
     no call (the state's result carries the reason)."""

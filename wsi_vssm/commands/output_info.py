@@ -57,6 +57,9 @@ def output_info(path: str) -> dict:
             "report": report}
 
 
+UNRECORDED = "not recorded"  # what a report written by an earlier version did not say
+
+
 def _report_rows(out: Path) -> dict[str, tuple[str, str, str]] | None:
     """{name key: (slide, status, error)} of OUT's predictions.csv, or None when it cannot be read."""
     try:
@@ -79,8 +82,8 @@ def _report(out: Path) -> dict | None:
         return None
     return {"cohort": m.get("cohort"), "split": m.get("split"), "items": "patches" if "model_patches" in m
             else m.get("mosaics") and "mosaic slides" or "slides",
-            **{k: m.get(k) for k in ("n", "n_failed", "n_pending", "auc", "auc_ci95", "complete", "stale",
-                                     "reason")}}
+            **{k: m.get(k) for k in ("n", "n_failed", "n_pending", "auc", "auc_ci95", "stale", "reason")},
+            "complete": m.get("complete", True)}  # a report written before it said so was written at the end
 
 
 def _mixed_settings(slides: list[dict]) -> dict:
@@ -161,7 +164,8 @@ def format_output_info(r: dict) -> str:
         split = f", split {rep['split']}" if rep.get("split") else ""
         state = ("complete" if rep.get("complete") else "NOT complete: " + (rep.get("stale") or
                  f"{rep.get('n_pending') or 0} slide(s) not finished"))
-        lines.append(f"report:        {auc} over {rep.get('n')} {rep['items']} of {rep.get('cohort')}{split} "
+        of = rep.get("cohort") or f"a cohort {UNRECORDED}"
+        lines.append(f"report:        {auc} over {rep.get('n')} {rep['items']} of {of}{split} "
                      f"({rep.get('n_failed') or 0} failed); {state} -> metrics.json")
         if rep["items"] == "patches":
             lines.append("               (a patch evaluation: the slides below are an earlier run's)")
@@ -207,13 +211,23 @@ def _short(key: str, value: str) -> str:
 
 def is_patch_evaluation(path: str) -> bool:
     """A folder that `evaluate` wrote for a patch folder: a metrics.json with the patch-only `model_patches` key,
-    or the scores file of a run interrupted before its first report."""
+    the scores file of a run interrupted before its first report, or (a report from before either existed) a
+    metrics.json without slide states whose table's rows name patches in their label folders (`0/a.jpg`)."""
     if (Path(path) / PATCH_SCORES).is_file():
         return True
     try:
-        return "model_patches" in json.loads((Path(path) / METRICS_JSON).read_text(encoding="utf-8"))
+        if "model_patches" in json.loads((Path(path) / METRICS_JSON).read_text(encoding="utf-8")):
+            return True
     except (OSError, ValueError, TypeError):
         return False
+    if (Path(path) / STATE_DIR).is_dir():
+        return False
+    try:
+        with open(Path(path) / PREDICTIONS_CSV, newline="", encoding="utf-8") as f:
+            first = next(csv.DictReader(f), None) or {}
+    except (OSError, ValueError, csv.Error):
+        return False
+    return "/" in str(first.get("slide") or "")  # a slide's name never holds one
 
 
 def patch_evaluation_info(path: str) -> dict:
@@ -241,7 +255,7 @@ def patch_evaluation_info(path: str) -> dict:
             **{k: m.get(k) for k in ("n", "n_failed", "auc", "auc_ci95", "threshold", "sensitivity", "specificity",
                                      "model_patches", "repeated_patches")},
             "precision": params.get("precision"), "tta": params.get("tta"), "failed": failed,
-            "report": bool(m), "complete": m.get("complete", False), "stale": m.get("stale"),
+            "report": bool(m), "complete": m.get("complete", bool(m)), "stale": m.get("stale"),
             "kept_scores": None if kept is None else kept["scores"],
             "in_progress": bool(kept and kept["in_progress"])}
 
@@ -256,7 +270,8 @@ def format_patch_evaluation_info(r: dict) -> str:
     auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}"
     if r["auc"] is not None and r["auc_ci95"]:
         auc += f" (95% CI {r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})"
-    lines = [f"patch evaluation: {r['folder']} (of {r['patches']}; model {r['model']}, {r['precision']}"
+    model = f"model {r['model'] or UNRECORDED}, {r['precision'] or 'precision ' + UNRECORDED}"
+    lines = [f"patch evaluation: {r['folder']} (of {r['patches'] or 'a patch folder ' + UNRECORDED}; {model}"
              f"{', TTA' if r['tta'] else ''})",
              f"  {r['n']} patches scored, {r['n_failed']} failed; AUC {auc}"]
     if not r.get("complete") and busy:
