@@ -208,9 +208,9 @@ class SlideReader(ABC):
     def require_mpp(self) -> float:
         if self.mpp is None:
             ignored = ignored_mpp(self.properties)
-            raise MissingMpp(self.path, f"{ignored}; give the right one with --mpp" if ignored else
-                             "slide has no resolution (microns per pixel); state it with --mpp (--fallback-mpp: only "
-                             "for the slides that state none)")
+            fallback = f"(--fallback-mpp: only for the slides that state none{' or one ignored so' if ignored else ''})"
+            raise MissingMpp(self.path, f"{ignored}; give the right one with --mpp {fallback}" if ignored else
+                             f"slide has no resolution (microns per pixel); state it with --mpp {fallback}")
         return self.mpp
 
     def level_mpp(self, level: int) -> float:
