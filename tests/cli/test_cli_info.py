@@ -333,6 +333,8 @@ def test_info_on_one_slides_prediction_folder_and_on_folders_that_are_no_slide(m
     code, text, _ = run_cli(capsys, str(folder))
     call = "tumor" if pred["label"] == 1 else "normal"
     assert code == 0 and f"probability {pred['probability']:.3f} -> {call} at slide threshold" in text, text
+    # the file itself (napari opens it): the folder's call, not "not a slide format this app reads"
+    assert run_cli(capsys, str(folder / "prediction.json"))[:2] == (0, text)
     assert ("OUT OF DOMAIN" in text) == (pred["in_domain"] is False)
     from wsi_vssm.commands.folder_info import format_prediction_folder_info
 
@@ -379,12 +381,34 @@ def test_info_on_one_slides_prediction_folder_and_on_folders_that_are_no_slide(m
         assert code == 1 and part in err and "OME-Zarr" not in err and len(err.strip().splitlines()) == 1, err
 
 
-def _states(out, kind: str, states: dict[str, dict]) -> None:
-    """Hand-written per-slide states of OUT, as a run leaves them (no slide is run)."""
+def _states(out, kind: str, states: dict[str, dict], outputs: bool = True) -> None:
+    """Hand-written per-slide states of OUT, as a run leaves them (no slide is run); a done slide's output file
+    stands beside it (an empty one) unless not `outputs`."""
     from wsi_vssm.runs.state import write_state
 
     for name, state in states.items():
         write_state(out, kind, name, {"slide": name, **state})
+        if outputs and state.get("status") == "done" and "/" not in name:
+            where = out / name / "prediction.json" if kind == "predict" else out / f"{name}.zarr"
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.write_text("{}")
+
+
+def test_info_says_a_done_slide_whose_outputs_are_gone(tmp_path, capsys):
+    """`info OUT` trusted the state files: a slide whose folder was deleted since was listed as done, though its
+    outputs are gone and the next run makes them again."""
+    out = tmp_path / "o"
+    _states(out, "predict", {"kept": {"status": "done", "result": {"probability": 0.9, "n_cells": 7},
+                                      "params": {"threshold": 0.5}}})
+    _states(out, "predict", {"deleted": {"status": "done", "result": {"probability": 0.1, "n_cells": 5},
+                                         "params": {"threshold": 0.5}}}, outputs=False)
+    code, text, _ = run_cli(capsys, str(out))
+    lines = text.splitlines()
+    assert code == 0 and "  kept: done: probability 0.900 -> tumor [7 cells]" in lines, text
+    assert ("  deleted: done: probability 0.100 -> normal [5 cells] (its outputs are gone since: a rerun makes them "
+            "again)") in lines, text
+    slides = json.loads(run_cli(capsys, str(out), "--json")[1])["slides"]
+    assert [(s["slide"], s["outputs_gone"]) for s in slides] == [("deleted", True), ("kept", False)], slides
 
 
 def test_info_tells_a_slide_a_live_run_holds_from_one_a_killed_run_left(tmp_path, capsys):
@@ -550,12 +574,10 @@ def test_info_on_an_output_folder_says_out_of_domain_also_without_a_probability(
     from wsi_vssm.runs.state import write_state
 
     out = tmp_path / "o"
-    write_state(out, "predict", "dapi", {"slide": "dapi", "status": "done", "params": {"threshold": 0.5},
-                                         "result": {"probability": None, "reason": "no tissue found",
-                                                    "in_domain": False}})
-    write_state(out, "predict", "he", {"slide": "he", "status": "done", "params": {"threshold": 0.5},
-                                       "result": {"probability": None, "reason": "no tissue found",
-                                                  "in_domain": True}})
+    _states(out, "predict", {"dapi": {"status": "done", "params": {"threshold": 0.5},
+                                      "result": {"probability": None, "reason": "no tissue found", "in_domain": False}},
+                             "he": {"status": "done", "params": {"threshold": 0.5},
+                                    "result": {"probability": None, "reason": "no tissue found", "in_domain": True}}})
     write_state(out, "predict", "bare", {"slide": "bare", "status": "failed", "params": {"threshold": 0.5},
                                          "result": {"probability": None, "in_domain": False}})
     code, text, _ = run_cli(capsys, str(out))

@@ -84,6 +84,8 @@ def command(slide: str, as_json: bool, backend: str, mpp: float | None) -> None:
         prediction_folder_info,
     )
 
+    if Path(slide).name == "prediction.json" and is_prediction_folder(str(Path(slide).parent)):
+        slide = str(Path(slide).parent)  # the file napari opens: its folder's call (it was "not a slide format")
     if is_prediction_folder(slide):  # OUT/<slide>/, the folder predict prints: its call, from prediction.json
         report = prediction_folder_info(slide)
         click.echo(json.dumps(report, indent=2) if as_json else format_prediction_folder_info(report))

@@ -35,6 +35,8 @@ def output_info(path: str) -> dict:
             entry = _entry(file, kind)
             if entry["status"] == "failed":  # a redo that failed: are an earlier run's outputs still there?
                 entry["earlier_outputs"] = _has_outputs(out, entry["slide"], kind)
+            # done, but its outputs were deleted or moved since: a rerun makes them again
+            entry["outputs_gone"] = entry["status"] == "done" and not _has_outputs(out, entry["slide"], kind)
             if entry["status"] == "running":  # a live run's slide, or one a killed run left (redone on rerun)
                 holder = live_lock(out, kind, entry["slide"])
                 entry["status"] = "in_progress" if holder else "interrupted"
@@ -183,6 +185,8 @@ def format_output_info(r: dict) -> str:
         if s["earlier_outputs"]:
             what += (f" ({s['slide']}/ still holds an earlier run's outputs)" if s["kind"] == "predict" else
                      " (an earlier run's feature files of it are still there)")
+        if s.get("outputs_gone"):
+            what += " (its outputs are gone since: a rerun makes them again)"
         if "report_status" in s and s["report_status"] is None:  # run into this folder by another command
             what += " (not in the report)"
         elif s.get("report_status") not in (None, s["status"], "no_tissue"):  # its outputs went since, say
