@@ -394,6 +394,23 @@ def _states(out, kind: str, states: dict[str, dict], outputs: bool = True) -> No
             where.write_text("{}")
 
 
+def test_info_on_a_training_checkpoint_says_what_it_is(tmp_path, capsys):
+    """`info` on `train cells`' or the dense stage's checkpoint said "not a wsi-vssm model file"."""
+    from wsi_vssm.training.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "m.checkpoint.pt", {"epoch": 3, "best_epoch": 2, "log": []}, {"lr": 1e-3})
+    save_checkpoint(tmp_path / "checkpoint.pt", {"state": {"epoch": 5, "best_epoch": 4}}, {})
+    code, text, _ = run_cli(capsys, str(tmp_path / "m.checkpoint.pt"))
+    assert code == 0 and "per-epoch training checkpoint, not a model file" in text, text
+    assert "saved after epoch 3 (best so far: epoch 2)" in text and "--resume" in text, text
+    code, text, _ = run_cli(capsys, str(tmp_path / "checkpoint.pt"), "--json")
+    r = json.loads(text)
+    assert code == 0 and (r["kind"], r["stage"], r["epoch"], r["best_epoch"]) == ("training_checkpoint", "dense", 5, 4)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    code, _, err = run_cli(capsys, str(tmp_path / "junk.pt"))
+    assert code == 1 and "junk.pt: not a wsi-vssm model file" in err, err
+
+
 def test_info_says_a_done_slide_whose_outputs_are_gone(tmp_path, capsys):
     """`info OUT` trusted the state files: a slide whose folder was deleted since was listed as done, though its
     outputs are gone and the next run makes them again."""

@@ -30,7 +30,7 @@ def model_info(path: str) -> dict:
     try:
         model = load_model(path)
     except ModelFileError:
-        head = mil_head_info(path)  # users try `info` on train mil's output too: say what it is
+        head = mil_head_info(path) or training_checkpoint_info(path)  # users try `info` on those too
         if head is None:
             raise
         return head
@@ -105,6 +105,32 @@ def mil_head_info(path) -> dict | None:
     }
 
 
+def training_checkpoint_info(path) -> dict | None:
+    """What a per-epoch checkpoint of `train cells` or of the recipe's stages is (the epoch it was saved after,
+    the best so far), or None when `path` is no such file. Read as a resume reads it (weights only)."""
+    from wsi_vssm.training.checkpoint import FORMAT, peek_checkpoint
+
+    try:
+        ck = peek_checkpoint(Path(path))
+    except Exception:  # noqa: BLE001 - anything unreadable is no checkpoint: the model reader's error stands
+        return None
+    if ck.get("format") != FORMAT:
+        return None
+    st = ck.get("state") if isinstance(ck.get("state"), dict) else ck  # the dense stage keeps its counters apart
+    return {"path": str(Path(path).absolute()), "kind": "training_checkpoint",
+            "stage": "dense" if "state" in ck else "cells", "epoch": st.get("epoch"),
+            "best_epoch": st.get("best_epoch")}
+
+
+def format_checkpoint_info(r: dict) -> str:
+    what = "the dense stage's" if r["stage"] == "dense" else "`train cells`' (or a recipe's cells or context stage)"
+    return "\n".join([f"checkpoint:  {r['path']}",
+                      f"kind:        {what} per-epoch training checkpoint, not a model file",
+                      f"epochs:      saved after epoch {r['epoch']} (best so far: epoch {r['best_epoch']})",
+                      "go on:       rerun the command that made it with --resume (`run RECIPE --out RUN --resume`); "
+                      "remove it to start over"])
+
+
 def format_mil_head_info(r: dict) -> str:
     f, auc = r["features"], r["valid_auc"]
     lines = [
@@ -160,6 +186,8 @@ def slide_head(cfg) -> dict:
 def format_model_info(r: dict) -> str:
     if r["kind"] == "mil_head":
         return format_mil_head_info(r)
+    if r["kind"] == "training_checkpoint":
+        return format_checkpoint_info(r)
     lines = [
         f"model:       {r['path']}",
         f"kind:        a wsi-vssm model file ({r['name']}), not a slide",
