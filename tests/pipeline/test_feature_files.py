@@ -350,3 +350,13 @@ def test_info_on_a_feature_file_folder_says_what_it_holds(tmp_path, capsys):
         code, _, err = run_cli_captured(["info", str(out / f"{fmt}_files")], capsys)
         assert code == 1 and err.count("\n") == 1, err
         assert f"a folder of 1 {fmt} feature file(s) of `wsi-vssm extract` (s1.{fmt}), not a slide" in err
+    # feature stores copied out of an extract folder (no .state): the folder `train mil` reads, not "no slides"
+    import shutil
+
+    assert _extract(slide, "--out", out).exit_code == 0
+    (tmp_path / "stores").mkdir()
+    shutil.copytree(out / "s1.zarr", tmp_path / "stores" / "s1.zarr")
+    code, _, err = run_cli_captured(["info", str(tmp_path / "stores")], capsys)
+    assert code == 1 and err.count("\n") == 1 and ("a folder of 1 feature store(s) of `wsi-vssm extract` "
+                                                    "(s1.zarr), not a slide") in err, err
+    assert "`wsi-vssm train mil` reads the folder" in err

@@ -42,17 +42,24 @@ def feature_folder_problem(path: str) -> str | None:
     model files, its h5 files "no slide files"); None for anything else."""
     p = Path(path)
     fmt = {"h5_files": "h5", "pt_files": "pt"}.get(p.name)  # pipeline.feature_files.FOLDERS, without its imports
-    if fmt is None or not p.is_dir():
+    if not p.is_dir():
         return None
     try:
-        names = sorted(c.name for c in p.iterdir() if c.suffix.lower() == f".{fmt}" and not c.name.startswith("."))
+        if fmt is None:  # feature stores copied out of an extract folder (no .state): `train mil` reads such folders
+            from wsi_vssm.pipeline.store import is_feature_store
+
+            names = sorted(c.name for c in p.glob("*.zarr") if not c.name.startswith(".") and is_feature_store(c))
+            fmt = "zarr"
+        else:
+            names = sorted(c.name for c in p.iterdir() if c.suffix.lower() == f".{fmt}" and not c.name.startswith("."))
     except OSError:
         return None
     if not names:
         return None
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    return (f"{path}: a folder of {len(names)} {fmt} feature file(s) of `wsi-vssm extract` ({shown}), not a slide: "
-            "give one of them to `wsi-vssm info`")
+    what = "feature store(s)" if fmt == "zarr" else f"{fmt} feature file(s)"
+    return (f"{path}: a folder of {len(names)} {what} of `wsi-vssm extract` ({shown}), not a slide: give one of "
+            "them to `wsi-vssm info`" + ("; `wsi-vssm train mil` reads the folder" if fmt == "zarr" else ""))
 
 
 def _tensor(path: Path):
