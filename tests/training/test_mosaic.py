@@ -380,4 +380,4 @@ def test_the_stage_auc_tool_says_bad_input_in_one_line(tmp_path, capsys):
     assert main([str(stage), str(tmp_path / "m.pt")]) == 1  # no feature stores where the stage keeps them
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("python -m wsi_vssm.training.mosaic: error: ") for line in err), err
-    assert "none.pt" in err[0] and "a.zarr" in err[1], err
+    assert "none.pt: model file not found" in err[0] and "a.zarr" in err[1], err

@@ -147,7 +147,7 @@ def read_model_file(path: str | os.PathLike, required: tuple[str, ...] = REQUIRE
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder, not a model file")
     if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+        raise ModelFileError(f"{path}: model file not found")
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:

@@ -138,7 +138,7 @@ def load_model(path_or_name: str | os.PathLike = DEFAULT_NAME, scan: str | None 
     backbone's selective-scan implementation (e.g. "chunked")."""
     path = resolve_model_path(path_or_name)
     if str(path_or_name) == DEFAULT_NAME and not path.exists():
-        raise ModelFileError(f"model file not found: {path} (the packaged default weights are missing from this "
+        raise ModelFileError(f"{path}: model file not found (the packaged default weights are missing from this "
                              "install)")
     ckpt = read_model_file(path)
     model = _build(ckpt, path, scan)
