@@ -321,6 +321,27 @@ def test_a_store_declaring_more_cells_or_larger_chunks_than_written_is_refused_b
         FeatureStore.open(target)
 
 
+def test_a_store_moved_or_rewritten_after_it_was_opened_is_not_read_as_zeros(tmp_path):
+    """zarr reads a chunk that is not there as zeros: `train mil` opened its stores, an `extract` or a `mv` moved
+    them, and it trained on zero features to "valid AUC 0.5000", exit 0."""
+    target = tmp_path / "s.zarr"
+    FeatureStore.write(target, _cells(5))
+    store = FeatureStore.open(target)
+    want = store.read_features()
+    assert np.abs(want).sum() > 0
+    target.rename(tmp_path / "away.zarr")
+    with pytest.raises(FeatureStoreError, match=r"s\.zarr: moved, deleted or replaced since it was opened"):
+        store.read_features()
+    with pytest.raises(FeatureStoreError, match="moved, deleted or replaced"):
+        store.load()
+    (tmp_path / "away.zarr").rename(target)  # back where it was: the same store, read as before
+    np.testing.assert_array_equal(store.read_features(), want)
+    FeatureStore.write(target, _cells(5))  # rewritten in place (extract --overwrite): another folder now
+    with pytest.raises(FeatureStoreError, match="moved, deleted or replaced"):
+        store.read_features()
+    np.testing.assert_array_equal(FeatureStore.open(target).read_features(), want)  # opened anew: read
+
+
 def test_a_missing_store_chunk_is_found_not_read_as_zeros(tmp_path):
     """An absent chunk reads as zarr's fill value: a store cut in a copy trained a slide on zero features.
     Every chunk is written now (all-zero ones too: region_id of a one-region slide), and a missing one is named."""

@@ -116,6 +116,18 @@ def _chunks_on_disk(folder: Path, counts: list[int], meta: dict) -> bool:
                for index in itertools.product(*(range(n) for n in counts)))
 
 
+def _identity(path: Path) -> tuple | None:
+    """The store folder's and its features array folder's (device, inode): another after a rename or rewrite."""
+    try:
+        return tuple((st.st_dev, st.st_ino) for st in (os.stat(path), os.stat(path / "features")))
+    except OSError:
+        return None
+
+
+_MOVED = ("moved, deleted or replaced since it was opened (an extract at work on it?); run again once that is "
+          "done")
+
+
 class FeatureStoreError(WsiVssmError):
     """A feature store that cannot be read or written; the message names the store."""
 
@@ -145,6 +157,7 @@ class FeatureStore:
         self.path = path
         self._group = group
         self.attrs = dict(group.attrs)
+        self._identity = _identity(path)
 
     # -- writing
     @classmethod
@@ -225,17 +238,24 @@ class FeatureStore:
 
     def load(self) -> CellFeatures:
         """Every array in memory, as a CellFeatures; a chunk that fails to decode raises FeatureStoreError."""
-        try:
-            data = {a: np.asarray(self._arrays[a][...]) for a in ARRAYS}
-        except Exception as e:  # codec / missing-chunk errors differ by zarr version
-            raise FeatureStoreError(f"{self.path}: damaged feature store ({type(e).__name__}: {one_line(e)})") from e
-        return CellFeatures(attrs=dict(self.attrs), **data)
+        return CellFeatures(attrs=dict(self.attrs), **self._read(ARRAYS))
 
     def read_features(self) -> np.ndarray:
+        return self._read(("features",))["features"]
+
+    def _read(self, names) -> dict[str, np.ndarray]:
+        """The arrays `names`, read whole. zarr reads a chunk that is not there as zeros: a store moved, deleted or
+        replaced (an `extract --overwrite` at work) since it was opened is found by its folder's identity after the
+        read, not trained on as zeros."""
         try:
-            return np.asarray(self._arrays["features"][...])
-        except Exception as e:  # as in load()
+            data = {a: np.asarray(self._arrays[a][...]) for a in names}
+        except Exception as e:  # codec / missing-chunk errors differ by zarr version
+            if _identity(self.path) != self._identity:
+                raise FeatureStoreError(f"{self.path}: {_MOVED}") from e
             raise FeatureStoreError(f"{self.path}: damaged feature store ({type(e).__name__}: {one_line(e)})") from e
+        if _identity(self.path) != self._identity:
+            raise FeatureStoreError(f"{self.path}: {_MOVED}")
+        return data
 
     def __repr__(self) -> str:
         return f"<FeatureStore {self.path} {len(self)} cells model={self.attrs.get('model_id')}>"
