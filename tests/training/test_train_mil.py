@@ -579,6 +579,39 @@ def test_cli_a_store_whose_last_extract_failed_is_left_out_with_a_warning(featur
     assert "11 training and 4 validation slides" in res.stdout  # t00 out, n00 (done) and the rest kept
 
 
+def test_cli_train_mil_waits_for_no_extract_but_says_one_is_at_work(feature_bags, tmp_path, capsys):
+    """`train mil` started while `extract` worked on the same folder left the slide out as "did not finish ...
+    extract them again" (a live run was doing just that), or trained on a subset without a word when the store
+    was not written yet, or called a store rewritten under it "damaged". It stops now, exit 4, naming the run."""
+    import shutil
+
+    from conftest import run_cli_captured
+
+    from wsi_vssm.runs.state import STATE_DIR, SlideLock, write_state
+
+    d, bags = feature_bags
+    feat = tmp_path / "feat"
+    shutil.copytree(d, feat)
+    ref = tmp_path / "reference.csv"
+    ref.write_text(_reference(bags))
+    (feat / STATE_DIR).mkdir(exist_ok=True)
+    for name, status in (("t00", "running"), ("t01", None)):  # rewriting a store; writing one not there yet
+        if status:
+            write_state(feat, "extract", name, {"status": status})
+        else:
+            shutil.rmtree(feat / f"{name}.zarr")
+        lock = SlideLock(feat, "extract", name)
+        assert lock.acquire()
+        try:
+            code, _, err = run_cli_captured(["train", "mil", "--features", feat, "--labels", ref, "--out",
+                                             tmp_path / "m.pt", "--epochs", "1", "--device", "cpu"], capsys)
+        finally:
+            lock.release()
+        assert code == 4 and not (tmp_path / "m.pt").exists(), err
+        assert f"1 labelled slide(s) are being extracted now ({name}; locked by another run (pid " in err, err
+        assert "wait for that run to finish, then train" in err and err.count("\n") == 1, err
+
+
 def test_cli_an_existing_out_is_warned_about_and_the_stop_message_says_what_is_on_disk(feature_bags, tmp_path):
     """A finished head at --out was replaced by a new run's first epoch without a word, and Ctrl-C before any
     epoch ended claimed the --out file held this run's unfinished head."""

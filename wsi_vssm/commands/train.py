@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from wsi_vssm.commands.options import FiniteFloatRange, NonEmptyPath
+from wsi_vssm.errors import WsiVssmError
 
 command = click.Group(
     "train", short_help="Train the cell stage (cells) or the slide head (mil).",
@@ -213,6 +214,12 @@ def _check_disjoint(train_rows: list, labels: Path, valid_rows: list, valid_labe
                              "list it in one table only")
 
 
+class FeaturesBusy(WsiVssmError):
+    """An extract run is writing stores of the slides `train mil` would read."""
+
+    exit_code = 4  # as a cohort whose slides another run holds: not failed; train when it ends
+
+
 def _stores(features_dir: Path, labelled: set[str]) -> tuple[dict[str, Path], set[str]]:
     """(slide name (lower case) -> its store, names of the labelled stores left out). Left out, with one
     warning each kind: a store whose slide's latest extract did not finish (its state in the folder says failed
@@ -220,8 +227,17 @@ def _stores(features_dir: Path, labelled: set[str]) -> tuple[dict[str, Path], se
     found) is an empty bag, and kept in the split it would count as a slide trained or selected on. A store
     without a state (copied, or from an older version) is kept. Only the stores of `labelled` slides are looked
     into, by their root attributes (the arrays are opened later, by training)."""
-    from wsi_vssm.runs.state import read_state
+    from wsi_vssm.runs.state import STATE_DIR, describe_holder, live_lock, read_state
 
+    live = {}  # an extract at work on a labelled slide: its store is missing, half a run old, or about to change
+    for lock in sorted((features_dir / STATE_DIR).glob("*.extract.lock")):
+        name = lock.name[: -len(".extract.lock")]
+        if name.lower() in labelled and (holder := live_lock(features_dir, "extract", name)):
+            live[name] = holder
+    if live:
+        raise FeaturesBusy(f"--features {features_dir}: {len(live)} labelled slide(s) are being extracted now "
+                           f"({_first(list(live))}; {describe_holder(next(iter(live.values())))}): wait for that run "
+                           "to finish, then train")
     stores, stale, empty = {}, {}, []
     for p in sorted(d for d in features_dir.glob("*.zarr") if d.is_dir()):
         name = p.name[: -len(".zarr")]
