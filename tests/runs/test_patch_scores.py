@@ -387,3 +387,31 @@ def test_on_windows_a_second_run_is_stopped_and_info_sees_the_run_through_msvcrt
         assert again.kept("0/b.jpg", 2) == (-0.5, None)
         assert len(fake.held) == 1
     assert not fake.held
+
+
+def test_a_patch_and_a_slide_evaluation_into_one_folder_do_not_mix(model_file, cohort, tmp_path, capsys):
+    """A patch evaluation and a slide evaluation running into one OUT each said they were done, and left one's
+    metrics.json beside the other's predictions.csv. The second stops now, exit 4; slide evaluations still share
+    a folder (each slide under its own lock)."""
+    from wsi_vssm.runs.patch_scores import EvaluationBusy, evaluation_lock
+
+    write_patch_folder(tmp_path / "patches", 2, 0)
+    out = tmp_path / "ev"
+    out.mkdir()
+    slides = ["evaluate", cohort / "reference.csv", "--model", model_file, "--out", out, "--bootstrap", "100",
+              "--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64"]
+    patches = ["evaluate", tmp_path / "patches", "--model", model_file, "--mpp", "0.97", "--out", out,
+               "--bootstrap", "100"]
+    with evaluation_lock(out, patches=False):  # a slide evaluation at work
+        with pytest.raises(EvaluationBusy, match=r"ev: another evaluate, of slides, is writing into this folder"):
+            ep.evaluate_patches(tmp_path / "patches", _model(model_file), out, mpp=0.97, n_boot=50)
+        code, _, err = run_cli_captured(patches, capsys)
+        assert code == 4 and err.count("\n") == 1 and "give another --out" in err, err
+        with evaluation_lock(out, patches=False):  # and another one beside it: they share
+            pass
+    assert not (out / "metrics.json").exists()
+    with evaluation_lock(out, patches=True):  # a patch evaluation at work
+        code, _, err = run_cli_captured(slides, capsys)
+    assert code == 4 and "another evaluate, of a patch folder, is writing into this folder" in err, err
+    assert not (out / "metrics.json").exists() and not (out / "predictions.csv").exists()
+    assert run_cli_captured(slides, capsys)[0] == 0  # once the other has ended

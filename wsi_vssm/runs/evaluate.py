@@ -95,6 +95,7 @@ def evaluate_cohort(
     from wsi_vssm.runs.cohort import read_cohort, select_split
     from wsi_vssm.runs.execute import SlideTask
     from wsi_vssm.runs.jobs import predict_job
+    from wsi_vssm.runs.patch_scores import evaluation_lock
     from wsi_vssm.runs.runner import RunOptions, run_slides, slide_key
     from wsi_vssm.runs.state import check_output_folder
 
@@ -133,58 +134,59 @@ def evaluate_cohort(
              else read_cohort_annotations(Path(annotations), folders, cohort.labels(),
                                           {r.name: r.path for r in cohort.rows if r.ok}))
     check_output_folder(out)
-    if replaced := replaced_cohort_warning(out, cohort.source, split):  # before the first table is written
-        warnings.warn(replaced, stacklevel=2)
-    _start_report(out)
-    after = InterimTable(out, cohort.rows, tasks, on_slide, progress)
-    try:
-        summary = run_slides(tasks, job, run, progress, on_outcome=after, on_wait=after.flush,
-                             command="evaluate")
-    except KeyboardInterrupt:
-        interrupted_table(out, cohort.rows, tasks, job, after, run)
-        raise
-    after.flush()  # before waiting for other runs' slides: the rows of this run's last slides
-    _wait_for_other_runs(tasks, job, run.wait_locked, progress)
-    with report_writer(out, REPORT_LOCK_WAIT_S):
-        rows = [final_row(crow, o, job) for crow, o in zip(cohort.rows, summary.outcomes, strict=True)]
-        write_table(out, rows)
-        finished = [r for r in rows if r["status"] not in UNFINISHED]
-        scored = [r for r in finished if r["probability"] is not None and r["label"] is not None]
-        mosaics = _mosaic_layout(cohort_path)
-        metrics = _write_metrics(out, scored, slide_threshold(model, params), len(finished) - len(scored), n_boot,
-                                 n_pending=len(rows) - len(finished), items=MOSAIC_ITEMS if mosaics else "slides",
-                                 provenance=_provenance(cohort.source, split, model, {
-                                     **{k: v for k, v in job.resolved.items() if k != "job"},
-                                     "fallback_mpp": job.fallback_mpp,
-                                     "params_hash": job.params_hash}) | {"mosaics": mosaics,
-                                 "repeated_slides": repeated_slides(out, job.kind, scored, folders)})
-        _write_cohort_lesions(out, rows, folders, progress)  # after metrics.json: a bad table costs only itself
-        # a run with these options that finished while this one worked left its figures beside this report
-        for name, given in ((FROC_PNG, annotations), (STAGES_CSV, patients), (CONFUSION_PNG, patients)):
-            if given is None and (out / name).is_file():
-                with contextlib.suppress(OSError):
-                    (out / name).unlink()
-        if annotations is not None or patients is not None:
-            try:
-                if annotations is not None:
-                    # slides without a probability (failed, no tissue, not finished) are outside the FROC: say
-                    # which, as an annotated one's lesions leave its sensitivity's denominator
-                    left_out = sorted(r["slide"] for r in rows if r["probability"] is None)
-                    metrics["froc"] = {**cohort_froc(out, scored, truth, folders), "slides_left_out": left_out,
-                                       "annotated_slides_left_out": [s for s in left_out if s in truth]}
-                if patients is not None and not n_unfinished(rows):
-                    from wsi_vssm.runs.patients import evaluate_patients
+    with evaluation_lock(out, patches=False):  # a patch evaluation into this folder stops, or this one does
+        if replaced := replaced_cohort_warning(out, cohort.source, split):  # before the first table is written
+            warnings.warn(replaced, stacklevel=2)
+        _start_report(out)
+        after = InterimTable(out, cohort.rows, tasks, on_slide, progress)
+        try:
+            summary = run_slides(tasks, job, run, progress, on_outcome=after, on_wait=after.flush,
+                                 command="evaluate")
+        except KeyboardInterrupt:
+            interrupted_table(out, cohort.rows, tasks, job, after, run)
+            raise
+        after.flush()  # before waiting for other runs' slides: the rows of this run's last slides
+        _wait_for_other_runs(tasks, job, run.wait_locked, progress)
+        with report_writer(out, REPORT_LOCK_WAIT_S):
+            rows = [final_row(crow, o, job) for crow, o in zip(cohort.rows, summary.outcomes, strict=True)]
+            write_table(out, rows)
+            finished = [r for r in rows if r["status"] not in UNFINISHED]
+            scored = [r for r in finished if r["probability"] is not None and r["label"] is not None]
+            mosaics = _mosaic_layout(cohort_path)
+            metrics = _write_metrics(out, scored, slide_threshold(model, params), len(finished) - len(scored), n_boot,
+                                     n_pending=len(rows) - len(finished), items=MOSAIC_ITEMS if mosaics else "slides",
+                                     provenance=_provenance(cohort.source, split, model, {
+                                         **{k: v for k, v in job.resolved.items() if k != "job"},
+                                         "fallback_mpp": job.fallback_mpp,
+                                         "params_hash": job.params_hash}) | {"mosaics": mosaics,
+                                     "repeated_slides": repeated_slides(out, job.kind, scored, folders)})
+            _write_cohort_lesions(out, rows, folders, progress)  # after metrics.json: a bad table costs only itself
+            # a run with these options that finished while this one worked left its figures beside this report
+            for name, given in ((FROC_PNG, annotations), (STAGES_CSV, patients), (CONFUSION_PNG, patients)):
+                if given is None and (out / name).is_file():
+                    with contextlib.suppress(OSError):
+                        (out / name).unlink()
+            if annotations is not None or patients is not None:
+                try:
+                    if annotations is not None:
+                        # slides without a probability (failed, no tissue, not finished) are outside the FROC: say
+                        # which, as an annotated one's lesions leave its sensitivity's denominator
+                        left_out = sorted(r["slide"] for r in rows if r["probability"] is None)
+                        metrics["froc"] = {**cohort_froc(out, scored, truth, folders), "slides_left_out": left_out,
+                                           "annotated_slides_left_out": [s for s in left_out if s in truth]}
+                    if patients is not None and not n_unfinished(rows):
+                        from wsi_vssm.runs.patients import evaluate_patients
 
-                    metrics.update(evaluate_patients(patients, cohort.source, _cohort_root(cohort_path), out,
-                                                     folders, cohort.labels(), annotations and Path(annotations),
-                                                     n_boot, ran={r["slide"] for r in finished
-                                                                  if r["status"] in ("done", "no_tissue")},
-                                                     paths={r.name: r.path for r in cohort.rows if r.ok}))
-            except BaseException:  # metrics.json was written without them: it must not say it is complete
-                atomic_write_json(out / METRICS_JSON, {**metrics, "complete": False})
-                raise
-            atomic_write_json(out / METRICS_JSON, metrics)
-    return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
+                        metrics.update(evaluate_patients(patients, cohort.source, _cohort_root(cohort_path), out,
+                                                         folders, cohort.labels(), annotations and Path(annotations),
+                                                         n_boot, ran={r["slide"] for r in finished
+                                                                      if r["status"] in ("done", "no_tissue")},
+                                                         paths={r.name: r.path for r in cohort.rows if r.ok}))
+                except BaseException:  # metrics.json was written without them: it must not say it is complete
+                    atomic_write_json(out / METRICS_JSON, {**metrics, "complete": False})
+                    raise
+                atomic_write_json(out / METRICS_JSON, metrics)
+        return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
 
 
 def _write_cohort_lesions(out: Path, rows: list[dict], folders: dict[str, str], progress) -> None:

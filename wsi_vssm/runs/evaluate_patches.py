@@ -17,7 +17,7 @@ from wsi_vssm.outputs.files import MODEL_PATCHES_CSV, PREDICTIONS_CSV
 from wsi_vssm.pipeline.predict import PredictParams
 from wsi_vssm.runs.cohort_table import replaced_cohort_warning
 from wsi_vssm.runs.evaluate import EvaluationResult, _provenance, _start_report, _write_metrics
-from wsi_vssm.runs.patch_scores import PATCH_SCORES, PatchScores
+from wsi_vssm.runs.patch_scores import PATCH_SCORES, PatchScores, evaluation_lock
 
 # The cell head learnt on 96 px patches (PCam), scored at the centre token of their 3 x 3 token map. A patch more
 # than a tenth smaller (48 px patches, a wrong --mpp) has its labelled centre off that token, or no 3 x 3 map at
@@ -69,7 +69,8 @@ def evaluate_patches(
     except OSError as e:
         raise OutputNotWritable(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
     # locked before anything in OUT changes: a second run on it stops here, leaving the first one's files alone
-    with PatchScores(out, *_scores_key(model, mpp, used, inference.tta), overwrite=overwrite) as scores:
+    with (PatchScores(out, *_scores_key(model, mpp, used, inference.tta), overwrite=overwrite) as scores,
+          evaluation_lock(out, patches=True)):
         if replaced := replaced_cohort_warning(out, folder, None):
             warnings.warn(replaced, stacklevel=2)
         _start_report(out)  # an earlier report is marked not complete (and its cohort lesions.csv goes) while this runs

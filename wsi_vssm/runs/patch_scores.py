@@ -57,6 +57,45 @@ class PatchFolderBusy(WsiVssmError):
     exit_code = 4  # as a cohort whose slides another run holds: not done, not failed; rerun when it ends
 
 
+EVALUATE_LOCK = ".evaluate.lock"
+
+
+class EvaluationBusy(WsiVssmError):
+    """An evaluate of the other kind (slides, or a patch folder) is writing into the same output folder."""
+
+    exit_code = 4  # not done, not failed: run it when the other has finished
+
+
+@contextlib.contextmanager
+def evaluation_lock(out: Path, patches: bool):
+    """OUT/.evaluate.lock for the length of an evaluate: slide evaluations share it (several may work through one
+    cohort together, each slide under its own lock), a patch evaluation holds it alone. A slide report and a
+    patch report in one folder mixed (one's metrics.json beside the other's predictions.csv, each run saying it
+    was done). Where the file system or platform has no flock, the run goes on unguarded (as the scores do)."""
+    try:
+        fd = os.open(out / EVALUATE_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError:  # an OUT that cannot be written: the run says so itself
+        yield
+        return
+    try:
+        for i in range(20):  # about a second: another run may be between its own look and its lock
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, (fcntl.LOCK_SH if not patches else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if i == 19:
+                    other = "slides" if patches else "a patch folder"
+                    raise EvaluationBusy(f"{out}: another evaluate, of {other}, is writing into this folder (the two "
+                                         "reports would mix): wait for it to finish or give another --out") from None
+                time.sleep(0.05)
+            except OSError:  # no flock on this file system
+                break
+        yield
+    finally:
+        os.close(fd)
+
+
 class PatchScores:
     """The score file of one run, open and locked; `get` a kept logit, `add` a scored batch, `finished` once the
     report is written, then `close`. `dropped` says why an earlier run's scores were set aside (other settings)."""
