@@ -133,6 +133,37 @@ def test_a_done_slide_run_again_says_why(model_file, cohort, tmp_path, capsys):
     assert _cli(args) == 0 and "running it again" not in capsys.readouterr().err  # up to date: nothing said
 
 
+def test_a_slide_another_run_wrote_over_while_evaluate_worked_says_so(model_file, cohort, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A `predict` with other options on a slide `evaluate` had done (it waited for that run's lock) left the row
+    "not finished: the run ended before this slide", though this run had scored it."""
+    import wsi_vssm.runs.evaluate as evaluate_mod
+
+    out = tmp_path / "o"
+    real = evaluate_mod._wait_for_other_runs
+
+    def other_run_wrote_over(tasks, job, wait, progress):
+        state_file = next((out / STATE_DIR).glob("normal_001.predict.json"))
+        state = json.loads(state_file.read_text())
+        state["params"] = {**state["params"], "analysis_mpp": 8.0}
+        state["params_hash"] = "another run's"
+        state_file.write_text(json.dumps(state))
+        return real(tasks, job, wait, progress)
+
+    monkeypatch.setattr(evaluate_mod, "_wait_for_other_runs", other_run_wrote_over)
+    assert _cli(["evaluate", cohort / "reference.csv", "--out", out, "--model", model_file, "--bootstrap", "200",
+                 *FAST]) == 4
+    rows = {r["slide"]: r for r in _table(out)}
+    assert rows["normal_001"]["status"] == "pending", rows
+    assert rows["normal_001"]["error"] == ("another run wrote over its outputs with other settings (analysis_mpp "
+                                           "4.0 -> 8.0) after this run had it: rerun the same command to predict it "
+                                           "again"), rows["normal_001"]
+    monkeypatch.setattr(evaluate_mod, "_wait_for_other_runs", real)
+    assert _cli(["evaluate", cohort / "reference.csv", "--out", out, "--model", model_file, "--bootstrap", "200",
+                 *FAST]) == 0  # the advice, followed
+    assert {r["status"] for r in _table(out)} == {"done"}
+
+
 def test_evaluate_writes_the_cohort_lesions_table(model_file, cohort, tmp_path, capsys):
     """OUT/lesions.csv: every slide that ran through, its lesions.csv rows with its name in front; a slide that
     failed has none. A low cell threshold gives every slide lesions to list."""

@@ -143,7 +143,14 @@ def final_row(crow, outcome, job) -> dict:
 
     Failures without a state of their own (a missing file, a duplicate name) come from this run's outcome; a
     slide another run holds is `in_progress`; one with no finished state is `pending`."""
-    from wsi_vssm.runs.state import Status, describe_holder, fallback_changed, live_lock, read_state
+    from wsi_vssm.runs.state import (
+        Status,
+        describe_holder,
+        fallback_changed,
+        live_lock,
+        read_state,
+        settings_change,
+    )
 
     name = outcome.task.name
     if outcome.status == "failed" and outcome.state is None:
@@ -160,6 +167,11 @@ def final_row(crow, outcome, job) -> dict:
     holder = live_lock(job.out, job.kind, name)
     if holder is not None:
         return pending_row(crow, f"{describe_holder(holder)}; rerun when it has finished", IN_PROGRESS)
+    if state is not None and state.get("status") == Status.DONE and outcome.status in ("done", "skipped"):
+        # this run had it; another (a predict with other options) wrote over it since
+        change = settings_change(job.task_params(outcome.task), state.get("params") or {}) or "other settings"
+        return pending_row(crow, f"another run wrote over its outputs with other settings ({change}) after this "
+                                 "run had it: rerun the same command to predict it again")
     return pending_row(crow)
 
 
