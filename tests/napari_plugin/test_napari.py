@@ -680,3 +680,29 @@ def test_a_prediction_mpp_that_is_no_positive_number_places_nothing():
         settings, meta = {"name": "s"}, {"mpp": None}
         assert plugin_reader._placed(settings, meta, {"mpp": mpp}) is False, mpp
         assert "scale" not in settings and meta["mpp"] is None
+
+
+def test_a_prediction_rewritten_while_it_is_read_is_read_again(prediction_folder, tmp_path, monkeypatch):
+    """Each file of a prediction folder is replaced atomically, the folder is not: a rerun with another threshold
+    writing while napari read gave one run's heatmap with the other's contours (72 of 18,000 reads in a probe)."""
+    import shutil
+
+    from wsi_vssm.napari_plugin import _layers
+
+    folder = tmp_path / "tumour_slide"
+    shutil.copytree(prediction_folder[0], folder)
+    real, calls = _layers.heatmap_layer, []
+
+    def rerun_writes_meanwhile(path, *a, **k):
+        layer = real(path, *a, **k)
+        calls.append(path)
+        if len(calls) == 1:  # another run replaces prediction.json as this read is under way
+            tmp = folder / ".prediction.json.tmp"
+            tmp.write_text(json.dumps({"slide": "tumour_slide", "probability": 0.1}))
+            os.replace(tmp, folder / "prediction.json")
+        return layer
+
+    monkeypatch.setattr(_layers, "heatmap_layer", rerun_writes_meanwhile)
+    layers = _layers.prediction_layers(folder)
+    assert len(calls) == 2, "the folder was not read again"
+    assert layers[0][1]["metadata"][META_KEY]["prediction"]["probability"] == 0.1

@@ -9,6 +9,7 @@ pixel so that they fall on the heatmap's cell edges.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import uuid
 from pathlib import Path
@@ -184,9 +185,33 @@ def _prediction_call(path: Path) -> dict:
     return {**{k: record.get(k) for k in CALL_KEYS}, "warnings": said}
 
 
-def prediction_layers(folder: str | Path) -> list[tuple]:
-    """Heatmap and contours layers of one `wsi-vssm predict` output folder (its heatmap must exist)."""
+def prediction_layers(folder: str | Path, tries: int = 3) -> list[tuple]:
+    """Heatmap and contours layers of one `wsi-vssm predict` output folder (its heatmap must exist). Each file is
+    replaced atomically, the folder is not: a rerun with another threshold writing while this reads could give
+    one run's heatmap with another's contours, so the files are read again when any of them was replaced."""
     folder = Path(folder)
+    for _ in range(tries - 1):
+        before = _identities(folder)
+        layers = _prediction_layers(folder)
+        if _identities(folder) == before:
+            return layers
+    return _prediction_layers(folder)
+
+
+def _identities(folder: Path) -> list:
+    """(inode, mtime) of the files a prediction's layers are read from; None for one that is not there."""
+    found = []
+    for path in (folder / files.HEATMAP_ZARR / ".zattrs", folder / files.PREDICTION_JSON,
+                 folder / files.CONTOURS_GEOJSON):
+        try:
+            st = os.stat(path)
+            found.append((st.st_ino, st.st_mtime_ns))
+        except OSError:
+            found.append(None)
+    return found
+
+
+def _prediction_layers(folder: Path) -> list[tuple]:
     heat = heatmap_layer(folder / files.HEATMAP_ZARR)
     call = _prediction_call(folder / files.PREDICTION_JSON)
     heat[1]["metadata"][META_KEY]["prediction"] = None if "error" in call else call
