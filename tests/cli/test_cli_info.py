@@ -394,6 +394,30 @@ def _states(out, kind: str, states: dict[str, dict], outputs: bool = True) -> No
             where.write_text("{}")
 
 
+def test_info_does_not_advise_a_rerun_while_a_run_is_at_work(tmp_path, capsys):
+    """While an evaluate rerun worked, `info OUT` said its report was "NOT complete: ... a later run started and
+    has not written its report: rerun the same command to finish it", advice to start a second run beside it."""
+    from wsi_vssm.runs.evaluate import STALE_NOTE
+    from wsi_vssm.runs.state import SlideLock
+
+    out = tmp_path / "ev"
+    _states(out, "predict", {"a": {"status": "done", "result": {"probability": 0.9, "n_cells": 3},
+                                   "params": {"threshold": 0.5}},
+                             "b": {"status": "running"}})
+    (out / "metrics.json").write_text(json.dumps({"cohort": "/c/ref.csv", "n": 2, "n_failed": 0, "auc": 1.0,
+                                                  "complete": False, "stale": STALE_NOTE}))
+    lock = SlideLock(out, "predict", "b")
+    assert lock.acquire()
+    try:
+        code, text, _ = run_cli(capsys, str(out))
+    finally:
+        lock.release()
+    assert code == 0 and ("NOT complete: a run is at work in this folder now (1 slide(s) in progress); these are "
+                          "an earlier run's figures") in text and "rerun the same command" not in text, text
+    code, text, _ = run_cli(capsys, str(out))  # no run at work (it was killed): the advice stands
+    assert code == 0 and STALE_NOTE in text, text
+
+
 def test_info_on_a_training_checkpoint_says_what_it_is(tmp_path, capsys):
     """`info` on `train cells`' or the dense stage's checkpoint said "not a wsi-vssm model file"."""
     from wsi_vssm.training.checkpoint import save_checkpoint

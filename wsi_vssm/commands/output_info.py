@@ -164,8 +164,11 @@ def format_output_info(r: dict) -> str:
         auc = (f"AUC {rep['auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
                if isinstance(rep.get("auc"), int | float) else f"AUC n/a ({rep.get('reason') or 'undefined'})")
         split = f", split {rep['split']}" if rep.get("split") else ""
-        state = ("complete" if rep.get("complete") else "NOT complete: " + (rep.get("stale") or
-                 f"{rep.get('n_pending') or 0} slide(s) not finished"))
+        at_work = sum(s["status"] == "in_progress" for s in r["slides"])
+        state = ("complete" if rep.get("complete") else "NOT complete: " + (
+            f"a run is at work in this folder now ({at_work} slide(s) in progress); these are an earlier run's "
+            "figures" if at_work and rep.get("stale") else rep.get("stale")
+            or f"{rep.get('n_pending') or 0} slide(s) not finished"))
         of = rep.get("cohort") or f"a cohort {UNRECORDED}"
         lines.append(f"report:        {auc} over {rep.get('n')} {rep['items']} of {of}{split} "
                      f"({rep.get('n_failed') or 0} failed); {state} -> metrics.json")
