@@ -402,16 +402,21 @@ def test_a_patch_and_a_slide_evaluation_into_one_folder_do_not_mix(model_file, c
               "--device", "cpu", "--target-mpp", "4", "--region-px", "512", "--overlap-px", "64"]
     patches = ["evaluate", tmp_path / "patches", "--model", model_file, "--mpp", "0.97", "--out", out,
                "--bootstrap", "100"]
+    def listing():
+        return sorted(str(f.relative_to(out)) for f in out.rglob("*"))
+
     with evaluation_lock(out, patches=False):  # a slide evaluation at work
+        before = listing()
         with pytest.raises(EvaluationBusy, match=r"ev: another evaluate, of slides, is writing into this folder"):
             ep.evaluate_patches(tmp_path / "patches", _model(model_file), out, mpp=0.97, n_boot=50)
-        code, _, err = run_cli_captured(patches, capsys)
+        code, _, err = run_cli_captured([*patches, "--overwrite"], capsys)
         assert code == 4 and err.count("\n") == 1 and "give another --out" in err, err
+        assert listing() == before, "the refused patch run changed the folder (its score file, say)"
         with evaluation_lock(out, patches=False):  # and another one beside it: they share
             pass
-    assert not (out / "metrics.json").exists()
     with evaluation_lock(out, patches=True):  # a patch evaluation at work
+        before = listing()
         code, _, err = run_cli_captured(slides, capsys)
-    assert code == 4 and "another evaluate, of a patch folder, is writing into this folder" in err, err
-    assert not (out / "metrics.json").exists() and not (out / "predictions.csv").exists()
+        assert code == 4 and "another evaluate, of a patch folder, is writing into this folder" in err, err
+        assert listing() == before, "the refused slide run changed the folder (its .state, say)"
     assert run_cli_captured(slides, capsys)[0] == 0  # once the other has ended

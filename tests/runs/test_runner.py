@@ -163,6 +163,18 @@ def test_a_slide_another_run_wrote_over_while_evaluate_worked_says_so(model_file
                  *FAST]) == 0  # the advice, followed
     assert {r["status"] for r in _table(out)} == {"done"}
 
+    def outputs_deleted(tasks, job, wait, progress):  # the same settings, its folder gone: no other run to blame
+        import shutil
+
+        shutil.rmtree(out / "normal_001")
+        return real(tasks, job, wait, progress)
+
+    monkeypatch.setattr(evaluate_mod, "_wait_for_other_runs", outputs_deleted)
+    assert _cli(["evaluate", cohort / "reference.csv", "--out", out, "--model", model_file, "--bootstrap", "200",
+                 *FAST]) == 4
+    row = {r["slide"]: r for r in _table(out)}["normal_001"]
+    assert row["status"] == "pending" and "another run" not in row["error"], row
+
 
 def test_evaluate_writes_the_cohort_lesions_table(model_file, cohort, tmp_path, capsys):
     """OUT/lesions.csv: every slide that ran through, its lesions.csv rows with its name in front; a slide that

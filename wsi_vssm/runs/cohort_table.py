@@ -167,7 +167,8 @@ def final_row(crow, outcome, job) -> dict:
     holder = live_lock(job.out, job.kind, name)
     if holder is not None:
         return pending_row(crow, f"{describe_holder(holder)}; rerun when it has finished", IN_PROGRESS)
-    if state is not None and state.get("status") == Status.DONE and outcome.status in ("done", "skipped"):
+    if (state is not None and state.get("status") == Status.DONE and outcome.status in ("done", "skipped")
+            and state.get("params_hash") != job.task_hash(outcome.task)):
         # this run had it; another (a predict with other options) wrote over it since
         change = settings_change(job.task_params(outcome.task), state.get("params") or {}) or "other settings"
         return pending_row(crow, f"another run wrote over its outputs with other settings ({change}) after this "

@@ -133,8 +133,10 @@ def evaluate_cohort(
     truth = (None if annotations is None  # bad files fail now, before any slide runs
              else read_cohort_annotations(Path(annotations), folders, cohort.labels(),
                                           {r.name: r.path for r in cohort.rows if r.ok}))
-    check_output_folder(out)
-    with evaluation_lock(out, patches=False):  # a patch evaluation into this folder stops, or this one does
+    with contextlib.suppress(OSError):  # the lock lives in OUT; check_output_folder says why one cannot be made
+        out.mkdir(parents=True, exist_ok=True)
+    with evaluation_lock(out, patches=False):  # before OUT changes: a patch evaluation here stops this one, or it
+        check_output_folder(out)
         if replaced := replaced_cohort_warning(out, cohort.source, split):  # before the first table is written
             warnings.warn(replaced, stacklevel=2)
         _start_report(out)

@@ -69,8 +69,8 @@ def evaluate_patches(
     except OSError as e:
         raise OutputNotWritable(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
     # locked before anything in OUT changes: a second run on it stops here, leaving the first one's files alone
-    with (PatchScores(out, *_scores_key(model, mpp, used, inference.tta), overwrite=overwrite) as scores,
-          evaluation_lock(out, patches=True)):
+    with (evaluation_lock(out, patches=True),
+          PatchScores(out, *_scores_key(model, mpp, used, inference.tta), overwrite=overwrite) as scores):
         if replaced := replaced_cohort_warning(out, folder, None):
             warnings.warn(replaced, stacklevel=2)
         _start_report(out)  # an earlier report is marked not complete (and its cohort lesions.csv goes) while this runs

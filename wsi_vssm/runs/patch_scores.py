@@ -58,6 +58,7 @@ class PatchFolderBusy(WsiVssmError):
 
 
 EVALUATE_LOCK = ".evaluate.lock"
+PATCHES_BUSY = "another evaluate is scoring patches into this folder; wait for it to finish or give another --out"
 
 
 class EvaluationBusy(WsiVssmError):
@@ -84,11 +85,14 @@ def evaluation_lock(out: Path, patches: bool):
                     fcntl.flock(fd, (fcntl.LOCK_SH if not patches else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if i == 19:
-                    other = "slides" if patches else "a patch folder"
-                    raise EvaluationBusy(f"{out}: another evaluate, of {other}, is writing into this folder (the two "
-                                         "reports would mix): wait for it to finish or give another --out") from None
-                time.sleep(0.05)
+                if i < 19:
+                    time.sleep(0.05)
+                    continue
+                if patches and (kept_scores(out) or {}).get("in_progress"):  # a patch run: as PatchScores says
+                    raise PatchFolderBusy(f"{out}: {PATCHES_BUSY}") from None
+                other = "slides" if patches else "a patch folder"
+                raise EvaluationBusy(f"{out}: another evaluate, of {other}, is writing into this folder (the two "
+                                     "reports would mix): wait for it to finish or give another --out") from None
             except OSError:  # no flock on this file system
                 break
         yield
@@ -118,8 +122,7 @@ class PatchScores:
                           "same time would not be stopped", stacklevel=3)
         if locked is False:
             self._file.close()
-            raise PatchFolderBusy(f"{Path(out)}: another evaluate is scoring patches into this folder; wait for it "
-                                  "to finish or give another --out")
+            raise PatchFolderBusy(f"{Path(out)}: {PATCHES_BUSY}")
         # name -> (digest, logit, (h, w) as given or None: a line without it) from an earlier run
         self.earlier: dict[str, tuple[int, float, tuple[int, int] | None]] = {}
         self.dropped: str | None = None
