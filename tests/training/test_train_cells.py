@@ -434,6 +434,12 @@ def test_run_resume_after_a_stop_in_cells_and_in_context_ends_as_an_uninterrupte
     assert res.exit_code != 0 and "is missing" not in res.output, res.output
     assert (out / "cells.pt").is_file() and (out / "context.checkpoint.pt").is_file(), res.output
     best_so_far = (out / "model.work.pt").read_bytes()  # the context stage's first epoch
+    # a later run (other cells settings, stopped) wrote the work model after that checkpoint: not its best epoch
+    ckpt_ns = (out / "context.checkpoint.pt").stat().st_mtime_ns
+    os.utime(out / "model.work.pt", ns=(ckpt_ns + 10**9, ckpt_ns + 10**9))
+    res = run(out, "--resume")
+    assert res.exit_code != 0 and "was written after" in str(res.exception), (res.output, res.exception)
+    os.utime(out / "model.work.pt", ns=(ckpt_ns - 10**9, ckpt_ns - 10**9))
     real_stage, handed = recipe_mod._stage_context, []
 
     def context_stage(recipe, path, *args, **kwargs):

@@ -93,8 +93,13 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
                 print(f"{stage}: removed {left}, left by a later run with other settings")
             previous = stage
             continue
-        if keep_work and stage in resuming & set(IN_WORK_MODEL) and (out / CHECKPOINTS[stage]).is_file():
-            pass  # its best epoch so far, which it goes on from (it starts from cells.pt or from scratch)
+        if keep_work and stage in resuming & set(IN_WORK_MODEL) and (ckpt := out / CHECKPOINTS[stage]).is_file():
+            # its best epoch so far, which it goes on from (it starts from cells.pt or from scratch); each epoch
+            # writes that file before its checkpoint, so a later one is another run's (stopped with other settings)
+            if model_path.stat().st_mtime_ns > ckpt.stat().st_mtime_ns:
+                raise UsageError(f"{model_path} was written after {ckpt}, by a later run: it is not the best epoch "
+                                 f"so far of the {stage} stage that checkpoint continues; remove {ckpt} to start "
+                                 "the stage over")
         elif chain and previous is not None:  # the skipped stages' last model is where this one starts
             shutil.copyfile(out / f"{previous}.pt", model_path)
         elif chain and final_path.is_file():  # the first stage builds on OUT's model (context alone, say)
