@@ -610,6 +610,7 @@ def test_cli_train_mil_waits_for_no_extract_but_says_one_is_at_work(feature_bags
         assert code == 4 and not (tmp_path / "m.pt").exists(), err
         assert f"1 labelled slide(s) are being extracted now ({name}; locked by another run (pid " in err, err
         assert "wait for that run to finish, then train" in err and err.count("\n") == 1, err
+        assert f"{name}.extract.lock: delete it)" in err, err  # a killed run on another host: which file to remove
 
 
 def test_cli_an_existing_out_is_warned_about_and_the_stop_message_says_what_is_on_disk(feature_bags, tmp_path):

@@ -233,11 +233,12 @@ def _stores(features_dir: Path, labelled: set[str]) -> tuple[dict[str, Path], se
     for lock in sorted((features_dir / STATE_DIR).glob("*.extract.lock")):
         name = lock.name[: -len(".extract.lock")]
         if name.lower() in labelled and (holder := live_lock(features_dir, "extract", name)):
-            live[name] = holder
+            live[name] = (holder, lock)
     if live:
+        holder, lock = next(iter(live.values()))  # another host's lock cannot be judged from here: said which file
         raise FeaturesBusy(f"--features {features_dir}: {len(live)} labelled slide(s) are being extracted now "
-                           f"({_first(list(live))}; {describe_holder(next(iter(live.values())))}): wait for that run "
-                           "to finish, then train")
+                           f"({_first(list(live))}; {describe_holder(holder)}): wait for that run to finish, then "
+                           f"train (a run that was killed on another host leaves {lock}: delete it)")
     stores, stale, empty = {}, {}, []
     for p in sorted(d for d in features_dir.glob("*.zarr") if d.is_dir()):
         name = p.name[: -len(".zarr")]

@@ -117,7 +117,9 @@ def _chunks_on_disk(folder: Path, counts: list[int], meta: dict) -> bool:
 
 
 def _identity(path: Path) -> tuple | None:
-    """The store folder's and its features array folder's (device, inode): another after a rename or rewrite."""
+    """The store folder's and its features array folder's (device, inode): another after a rename or rewrite.
+    Where a file system's inode numbers are not stable (CIFS mounted `noserverino`), a store could be refused as
+    replaced when it was not; reading it again opens it afresh."""
     try:
         return tuple((st.st_dev, st.st_ino) for st in (os.stat(path), os.stat(path / "features")))
     except OSError:
