@@ -38,8 +38,9 @@ def feature_kind(path: str) -> str | None:
 
 
 def feature_folder_problem(path: str) -> str | None:
-    """For extract's `h5_files/` or `pt_files/` folder: one line saying what it holds (its pt files were called
-    model files, its h5 files "no slide files"); None for anything else."""
+    """For extract's `h5_files/` or `pt_files/` folder, or a folder of feature stores without slide states: one
+    line saying what it holds (its pt files were called model files, its h5 files and stores "no slide files");
+    None for anything else."""
     p = Path(path)
     fmt = {"h5_files": "h5", "pt_files": "pt"}.get(p.name)  # pipeline.feature_files.FOLDERS, without its imports
     if not p.is_dir():

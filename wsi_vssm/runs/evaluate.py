@@ -135,7 +135,7 @@ def evaluate_cohort(
                                           {r.name: r.path for r in cohort.rows if r.ok}))
     with contextlib.suppress(OSError):  # the lock lives in OUT; check_output_folder says why one cannot be made
         out.mkdir(parents=True, exist_ok=True)
-    with evaluation_lock(out, patches=False):  # before OUT changes: a patch evaluation here stops this one, or it
+    with evaluation_lock(out, patches=False):  # taken before OUT changes: refused while a patch evaluation works here
         check_output_folder(out)
         if replaced := replaced_cohort_warning(out, cohort.source, split):  # before the first table is written
             warnings.warn(replaced, stacklevel=2)
