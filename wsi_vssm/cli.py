@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from wsi_vssm import __version__
-from wsi_vssm.errors import WARNING_LINE_LIMIT, WsiVssmError, one_line
+from wsi_vssm.errors import WsiVssmError, one_line, warn_in_one_line
 
 # command name -> module in wsi_vssm.commands exposing a click command called `command`
 COMMANDS = {
@@ -130,11 +130,6 @@ def _interrupted(argv: list[str]) -> None:
     sys.exit(130)
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings outside any slide's run (e.g. while a model loads) as one line, like errors."""
-    click.echo(f"wsi-vssm: warning: {one_line(message, WARNING_LINE_LIMIT)}", err=True)
-
-
 def main(argv=None):
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback.
 
@@ -152,7 +147,7 @@ def main(argv=None):
         for name in ("tifffile", "imagecodecs", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-        warnings.showwarning = _one_line_warning
+        warn_in_one_line("wsi-vssm")  # warnings outside any slide's run (a model loading), like errors
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: signals are not ours to handle

@@ -128,11 +128,10 @@ def numba_kernel_module(name: str, what: str):
     install command (never a silent slow path)."""
     try:
         import numba  # noqa: F401
-    except ModuleNotFoundError as err:
-        if (err.name or "numba").split(".")[0] == "numba":
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and (err.name or "numba").split(".")[0] == "numba":
             raise MissingDependency(f"numba ({what})", "pip install numba") from err
-        raise MissingDependency(f"numba ({what})", "pip install --upgrade numba", broken=str(err)) from err
-    except ImportError as err:  # installed, but it does not load: most often a numpy newer than it supports
+        # installed, but it does not load: most often a numpy newer than it supports
         raise MissingDependency(f"numba ({what})", "pip install --upgrade numba", broken=str(err)) from err
     return importlib.import_module(f"wsi_vssm_kernels.{name}")
 

@@ -79,22 +79,16 @@ def evaluation_lock(out: Path, patches: bool):
         yield
         return
     try:
-        for i in range(20):  # about a second: another run may be between its own look and its lock
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, (fcntl.LOCK_SH if not patches else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if i < 19:
-                    time.sleep(0.05)
-                    continue
-                if patches and (kept_scores(out) or {}).get("in_progress"):  # a patch run: as PatchScores says
-                    raise PatchFolderBusy(f"{out}: {PATCHES_BUSY}") from None
-                other = "slides" if patches else "a patch folder"
-                raise EvaluationBusy(f"{out}: another evaluate, of {other}, is writing into this folder (the two "
-                                     "reports would mix): wait for it to finish or give another --out") from None
-            except OSError:  # no flock on this file system
-                break
+        try:  # msvcrt has no shared lock: on Windows only the score file is locked
+            held = _lock(fd, exclusive=patches) if fcntl is not None else None
+        except OSError:  # no flock on this file system
+            held = None
+        if held is False:
+            if patches and (kept_scores(out) or {}).get("in_progress"):  # a patch run: as PatchScores says
+                raise PatchFolderBusy(f"{out}: {PATCHES_BUSY}")
+            other = "slides" if patches else "a patch folder"
+            raise EvaluationBusy(f"{out}: another evaluate, of {other}, is writing into this folder (the two "
+                                 "reports would mix): wait for it to finish or give another --out")
         yield
     finally:
         os.close(fd)
@@ -228,13 +222,13 @@ def kept_scores(out: str | os.PathLike) -> dict | None:
     return {"scores": scores, "params": params if isinstance(params, dict) else {}, "in_progress": busy}
 
 
-def _lock(file, tries: int = 20) -> bool:
-    """The score file locked for this run; False when another run holds it (OSError when the file system has no
-    flock). `info OUT` takes a shared lock for an instant to see whether a run is at work: a run starting then
-    tries again for up to a second."""
+def _lock(file, tries: int = 20, exclusive: bool = True) -> bool:
+    """The score file (or the evaluate lock, a descriptor) locked for this run; False when another run holds it
+    (OSError when the file system has no flock). `info OUT` takes a shared lock for an instant to see whether a
+    run is at work: a run starting then tries again for up to a second."""
     for i in range(tries):
         try:
-            _flock(file, exclusive=True)
+            _flock(file, exclusive=exclusive)
             return True
         except BlockingIOError:
             if i + 1 < tries:

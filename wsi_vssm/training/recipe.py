@@ -73,7 +73,8 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
     atomic_write_json(out / RESOLVED_JSON, resolved)
     final_path, model_path = out / "model.pt", out / WORK_MODEL
     # cells and context keep their best epoch so far in the work model: a stage that goes on needs it as it is
-    keep_work = model_path.is_file() and bool(resuming & set(IN_WORK_MODEL))
+    goes_on = resuming & set(IN_WORK_MODEL)
+    keep_work = model_path.is_file() and bool(goes_on)
     if not keep_work:
         model_path.unlink(missing_ok=True)  # a stopped run's
     done = read_progress(out) if resume else []
@@ -93,7 +94,7 @@ def run_recipe(recipe: dict, out: Path, progress: bool = True, resume: bool = Fa
                 print(f"{stage}: removed {left}, left by a later run with other settings")
             previous = stage
             continue
-        if keep_work and stage in resuming & set(IN_WORK_MODEL) and (ckpt := out / CHECKPOINTS[stage]).is_file():
+        if keep_work and stage in goes_on and (ckpt := out / CHECKPOINTS[stage]).is_file():
             # its best epoch so far, which it goes on from (it starts from cells.pt or from scratch); each epoch
             # writes that file before its checkpoint, so a later one is another run's (stopped with other settings)
             if model_path.stat().st_mtime_ns > ckpt.stat().st_mtime_ns:
