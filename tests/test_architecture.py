@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "wsi_vssm"
-UTILITIES = {"wsi_vssm.errors", "wsi_vssm.atomic", "wsi_vssm.progress"}
+UTILITIES = {"wsi_vssm.errors", "wsi_vssm.atomic", "wsi_vssm.progress", "wsi_vssm.resources"}
 ROOT_LIMIT = 8  # modules at the package root, compatibility modules included
 MAX_LINES = 500
 

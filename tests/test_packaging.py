@@ -64,3 +64,13 @@ def test_requires_python_is_what_the_code_needs():
     """The code imports tomllib (3.11) and depends on zarr 3 (3.11): ">=3.10" promised an install that failed."""
     assert PYPROJECT["project"]["requires-python"] == ">=3.11"
     assert PYPROJECT["tool"]["ruff"]["target-version"] == "py311"
+
+
+def test_the_citation_file_names_the_package_version():
+    """CITATION.cff says which version to cite: it must move with the package's."""
+    from wsi_vssm import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "CITATION.cff").read_text(encoding="utf-8").splitlines()
+    assert f"version: {__version__}" in lines
+    assert "cff-version: 1.2.0" in lines and any(ln.startswith("title: ") for ln in lines)

@@ -26,6 +26,7 @@ COMMANDS = {
     "train": "train",
     "predict": "predict",
     "evaluate": "evaluate",
+    "compare": "compare",
     "run": "run",
 }
 
@@ -75,6 +76,29 @@ def _check_address_space() -> None:
         raise WsiVssmError(f"the address-space limit (ulimit -v) is {soft >> 20} MiB; wsi-vssm needs at least "
                            f"{MIN_ADDRESS_SPACE >> 20} MiB to load its libraries: raise the limit (ulimit -v "
                            f"{MIN_ADDRESS_SPACE >> 10} or more)")
+
+
+# predict's peak RSS on a 50,000 px slide at 2,048 px regions was 1.49-1.58 GiB (bench/predict.py, docs/status.md);
+# a cgroup's memory limit kills a process past it with SIGKILL, which no message can report (exit 137)
+MIN_MEMORY = 2 << 30
+HEAVY_COMMANDS = ("predict", "evaluate", "extract", "train", "run")
+
+
+def _fit_to_cgroup(args: list[str]) -> None:
+    """Threads to the cgroup's CPU quota (a container's --cpus), and a warning when its memory limit is below what
+    a slide can take."""
+    from wsi_vssm.resources import cgroup_memory_limit, limit_threads_to_quota
+
+    limit_threads_to_quota()
+    command = next((a for a in args if not a.startswith("-")), None)  # not an argument named like a command
+    if command not in HEAVY_COMMANDS:
+        return
+    limit = cgroup_memory_limit()
+    if limit is not None and limit < MIN_MEMORY:
+        warnings.warn(f"this process may use {limit / (1 << 30):.2f} GiB (its cgroup's memory limit, e.g. a "
+                      f"container's --memory); a large slide takes up to about 1.6 GiB at --region-px 2048, more "
+                      "at larger regions and per --workers process: past the limit the system kills the run "
+                      "without a message (exit 137)", stacklevel=2)
 
 
 class Terminated(KeyboardInterrupt):
@@ -160,6 +184,7 @@ def main(argv=None):
         _SIGTERM_SEEN.clear()
         if set(args) & set(COMMANDS) and not {"-h", "--help"} & set(args):  # help and --version need no memory
             _check_address_space()
+            _fit_to_cgroup(args)
         cli.main(args=args, prog_name="wsi-vssm", standalone_mode=False)
         if _SIGTERM_SEEN:  # the handler's exception was swallowed on the way: still end as terminated
             _terminated(args)

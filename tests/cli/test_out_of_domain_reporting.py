@@ -118,6 +118,7 @@ def test_evaluate_scores_the_test_part_of_a_split_manifest_and_says_what_it_used
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["n"] == 1 and m["split"] == "test" and m["cohort"] == str(manifest)
     pred = json.loads((tmp_path / "e" / "normal_001" / "prediction.json").read_text())
+    assert m["model"].pop("slide_head")["pool"] == "attention"  # metrics.json adds the slide head
     assert m["model"] == pred["model"] and m["parameters"]["region_px"] and m["version"] == pred["version"]
     assert m["parameters"]["precision"] == pred["parameters"]["precision_used"] == "fp32"
     assert not (tmp_path / "e" / "tumor_001").exists()  # the training slide was not predicted

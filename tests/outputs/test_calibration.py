@@ -89,7 +89,7 @@ def test_summary_and_png(tmp_path):
     assert s["ece"] == pytest.approx(expected_calibration_error(y, p))
     assert sum(r["n"] for r in s["reliability"]) == 50
     calibration_png(tmp_path / "c.png", y, p, s)
-    assert Image.open(tmp_path / "c.png").size == (540, 540)
+    assert Image.open(tmp_path / "c.png").size == (1350, 1350)  # 4.5 inches at 300 dpi
     empty = calibration_summary([], [])
     assert empty["ece"] is None and empty["ece_ci95"] is None and empty["reliability"] == []
     calibration_png(tmp_path / "e.png", [], [], empty)  # an empty cohort still gets a diagram that says so

@@ -218,8 +218,38 @@ def test_roc_png(tmp_path):
     roc_png(tmp_path / "one_class.png", [1, 1], [0.3, 0.8])  # says why instead of failing
     for name in ("roc.png", "one_class.png"):
         with Image.open(tmp_path / name) as im:
-            assert im.format == "PNG" and min(im.size) > 100
+            # print resolution for a journal column: 4.5 inches at 300 dpi
+            assert im.format == "PNG" and im.size == (1350, 1350) and round(im.info["dpi"][0]) == 300
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_zero_width_auc_interval_is_called_undefined():
+    """Perfectly separated slides gave "AUC 1.000 (95% CI 1.000-1.000)" in the summary line and the ROC legend, as
+    if the AUC were known exactly."""
+    from wsi_vssm.outputs.report import interval_text
+
+    m = cohort_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], 0.5, n_boot=100)
+    assert m["auc_ci95"] == [1.0, 1.0] and "undefined" in interval_text(m["auc_ci95"])
+    assert interval_text([0.81, 0.93]) == " (95% CI 0.810-0.930)" and interval_text(None) == ""
+    assert interval_text([0.5, 0.5], "score").endswith("every resample gives this score)")
+
+
+def test_proportion_intervals_are_clopper_pearson_and_the_counts_add_up():
+    from scipy.stats import binomtest
+
+    from wsi_vssm.outputs.report import operating_point, proportion_ci
+
+    for k, n in ((0, 1), (1, 1), (3, 10), (10, 10), (37, 40), (0, 25)):
+        want = binomtest(k, n).proportion_ci(0.95, method="exact")
+        assert proportion_ci(k, n) == pytest.approx([want.low, want.high], abs=1e-9)
+    assert proportion_ci(0, 0) is None
+    with pytest.raises(UsageError):
+        proportion_ci(3, 2)
+    point = operating_point([0, 0, 0, 1, 1], [0.1, 0.6, 0.2, 0.7, 0.3], 0.5)
+    assert point["confusion"] == {"tp": 1, "fp": 1, "tn": 2, "fn": 1}
+    assert (point["n_tumour"], point["n_normal"]) == (2, 3)
+    assert point["specificity_ci95"] == pytest.approx(proportion_ci(2, 3))
+    assert operating_point([0, 0], [0.1, 0.9], 0.5)["sensitivity_ci95"] is None  # no tumour: undefined
 
 
 def test_predictions_csv_roundtrip(tmp_path):
@@ -341,6 +371,24 @@ def _camelyon_case():
     )
     det_b = np.array([[100, 100, 0.95], [200, 200, 0.5], [300, 300, 0.3]])
     return {"A": det_a, "B": det_b, "C": np.empty((0, 3))}, {"A": ann_a}
+
+
+def test_froc_score_has_a_slide_bootstrap_interval():
+    """metrics.json gave the FROC score bare, with no interval, and not the constants of its rule."""
+    from wsi_vssm.outputs.froc import froc_score, froc_score_ci
+
+    dets, anns = _camelyon_case()
+    res = froc(dets, anns, slide_mpp=1.0, n_boot=300)
+    low, high = res.score_ci95
+    assert low <= res.score <= high and res.score_ci95 == froc(dets, anns, slide_mpp=1.0, n_boot=300).score_ci95
+    d = res.as_dict()
+    assert d["froc_ci95"] == [low, high] and (d["dilation_um"], d["itc_um"]) == (37.5, 275.0)
+    assert froc(dets, anns, slide_mpp=1.0).score_ci95 is None  # only when asked
+    # every resample of identical slides is the cohort itself: no width; slides without lesions vary the FPs only
+    fps, tps = [np.array([0.7, 0.2])] * 3, [np.array([0.9, np.nan])] * 3
+    assert froc_score_ci(fps, tps, n_boot=50) == [froc_score(fps, tps)] * 2
+    lo, hi = froc_score_ci([*fps, np.array([0.95]), np.array([])], [*tps, np.array([]), np.array([])], n_boot=400)
+    assert lo < hi and froc_score_ci([np.array([0.5])], [np.array([])]) is None  # no lesion: none
 
 
 def test_froc_hand_computed():

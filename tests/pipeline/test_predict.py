@@ -260,6 +260,16 @@ def test_evaluate_cohort_writes_metrics_table_and_roc(model_file, cohort, tmp_pa
     assert list(metrics)[:9] == ["auc", "auc_ci95", "auc_ci95_delong", "accuracy", "sensitivity", "specificity",
                                  "threshold", "n", "n_failed"]
     assert metrics["n"] == 2 and metrics["n_failed"] == 1 and metrics["auc"] in (0.0, 1.0)
+    # what a methods section needs: the class counts, the confusion behind sensitivity and specificity with their
+    # exact intervals, where the threshold came from, the slide head and the software
+    c = metrics["confusion"]
+    assert (metrics["n_tumour"], metrics["n_normal"]) == (1, 1) and sum(c.values()) == 2
+    assert metrics["sensitivity"] == c["tp"] / (c["tp"] + c["fn"])
+    low, high = metrics["sensitivity_ci95"]
+    assert (low, high) == ((0.0, 0.975) if c["tp"] == 0 else (0.025, 1.0))  # Clopper-Pearson of 0 or 1 of 1
+    assert metrics["threshold_origin"] == {"source": "model", "rule": None}  # stored, with no training record
+    assert metrics["model"]["slide_head"]["pool"] == "attention"
+    assert set(metrics["environment"]) == {"python", "torch", "numpy", "platform"}
     with open(tmp_path / "ev" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["done", "done", "failed"]
@@ -308,6 +318,10 @@ def test_evaluate_patch_folder_scores_the_centre_cell(model_file, tmp_path):
     calibrated = _model(write_tiny_model(tmp_path / "cal.pt", cell_threshold=0.73))
     res = evaluate_patches(tmp_path / "patches", calibrated, tmp_path / "ev3", mpp=0.97, n_boot=50)
     assert res.metrics["threshold"] == 0.73  # a patch is a cell: the model's cell threshold, not 0.5
+    assert res.metrics["threshold_origin"]["source"] == "model"
+    assert res.metrics["n_tumour"] == res.metrics["n_normal"] == 3
+    given = evaluate_patches(tmp_path / "patches", calibrated, tmp_path / "ev4", mpp=0.97, n_boot=50, threshold=0.2)
+    assert given.metrics["threshold_origin"] == {"source": "option", "rule": "given on the command line"}
     # a model with an isolated-patch calibration: each probability p becomes sigmoid(a * logit(p) + b)
     cal = _model(write_tiny_model(tmp_path / "pcal.pt", patch_calibration={"a": 2.0, "b": -1.0}))
     res_cal = evaluate_patches(tmp_path / "patches", cal, tmp_path / "ev4", mpp=0.97, n_boot=50)

@@ -62,6 +62,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     if not Path(cohort).exists():  # before any heavy import: a typo fails at once
         raise UsageError(f"{cohort}: no such cohort file or folder")
     from wsi_vssm.commands.options import build_params, domain_note, load_cli_model, model_file, pop_run_options
+    from wsi_vssm.outputs.report import interval_text
     from wsi_vssm.runs.cohort import is_patch_folder
     from wsi_vssm.runs.evaluate import evaluate_cohort
     from wsi_vssm.runs.evaluate_patches import evaluate_patches
@@ -115,7 +116,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
             raise OptionError(f"--split {split}: {e}") from e
     m = res.metrics
     auc = (f"n/a ({m['reason']})" if m["auc"] is None and m.get("reason") else "n/a" if m["auc"] is None
-           else f"{m['auc']:.3f} (95% CI {m['auc_ci95'][0]:.3f}-{m['auc_ci95'][1]:.3f})")
+           else f"{m['auc']:.3f}{interval_text(m['auc_ci95'])}")
     separation = separation_warning(res)
     if separation and m["auc"] is not None:  # the line under the warning read as a result (metrics.json keeps it)
         auc += ", not meaningful: the scores do not separate the classes"
@@ -143,7 +144,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         progress.result(f"FROC: none ({froc.get('reason') or 'undefined'}) -> {out_dir}/metrics.json")
     elif froc:
         at = froc.get("sensitivity_at_fps") or {}
-        progress.result(f"FROC {froc['froc']:.3f} (lesion sensitivity {'/'.join(f'{v:.2f}' for v in at.values())} "
+        ci = interval_text(froc.get("froc_ci95"), "score")
+        progress.result(f"FROC {froc['froc']:.3f}{ci} (lesion sensitivity {'/'.join(f'{v:.2f}' for v in at.values())} "
                         f"at {'/'.join(at)} false positives per slide) over {froc['n_lesions']} lesions on "
                         f"{froc['n_slides']} slides -> {out_dir}/metrics.json")
     if m.get("kappa") is not None:

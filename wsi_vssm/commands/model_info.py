@@ -21,6 +21,7 @@ def model_info(path: str) -> dict:
     """The facts `info` prints for a model file, JSON-ready; for a MIL checkpoint of `train mil`, its own
     (`mil_head_info`, kind `mil_head`; it was refused, "attach it first"); any other file is a ModelFileError."""
     from wsi_vssm.models.export import arch_name
+    from wsi_vssm.models.mil import head_summary
     from wsi_vssm.models.model_file import ModelFileError
     from wsi_vssm.models.slide_model import load_model, model_identity, resolve_model_path
     from wsi_vssm.pipeline.predict import model_thresholds
@@ -41,7 +42,7 @@ def model_info(path: str) -> dict:
     return {
         "path": str(Path(path).absolute()), "kind": "model", "name": model.name,
         "backbone": arch_name(model.backbone.config), "mpp": model.mpp, "token_px": model.token_px,
-        "slide_head": slide_head(model.mil.config),
+        "slide_head": head_summary(model.mil.config),
         "slide_threshold": slide_t, "cell_threshold": cell_t, "calibrated": "cell_threshold" in meta,
         "lesion_extent_threshold": meta.get("lesion_extent_threshold"),
         "lesion_merge_distance_cells": meta.get("lesion_merge_distance_cells"),
@@ -76,7 +77,7 @@ def mil_head_info(path) -> dict | None:
     """What a MIL checkpoint of `train mil` is (its pool, the features it was trained on, its slides and where
     selection stopped), or None when `path` is no such file."""
     from wsi_vssm.models.checkpoint import CheckpointError, read_checkpoint
-    from wsi_vssm.models.mil import MILConfig
+    from wsi_vssm.models.mil import MILConfig, head_summary
     from wsi_vssm.models.model_file import MIL_FORMAT
 
     try:
@@ -92,7 +93,7 @@ def mil_head_info(path) -> dict | None:
     meta = ckpt.get("metadata") if isinstance(ckpt.get("metadata"), dict) else {}
     feats = meta.get("features") if isinstance(meta.get("features"), dict) else {}
     return {
-        "path": str(Path(path).absolute()), "kind": "mil_head", "slide_head": slide_head(cfg), "in_dim": cfg.in_dim,
+        "path": str(Path(path).absolute()), "kind": "mil_head", "slide_head": head_summary(cfg), "in_dim": cfg.in_dim,
         "features": {k: feats.get(k) for k in ("model_id", "model_hash", "mpp", "token_px", "region_px",
                                                "overlap_px", "min_tissue")},
         "train_slides": len(meta.get("train_slides") or []), "valid_slides": len(meta.get("valid_slides") or []),
@@ -174,13 +175,6 @@ def _extract_settings_line(f: dict, label: str = "extracted:   ") -> list[str]:
     return [f"{label}regions {value('region_px')} px, overlap {value('overlap_px')} px, min tissue "
             f"{value('min_tissue')}" + ("; mixed settings: re-extract with one to train on like features"
                                          if any(isinstance(f.get(k), list) for k in f) else "")]
-
-
-def slide_head(cfg) -> dict:
-    """The slide head's pool (with its top-k where it has one), and how many seeds' heads it averages."""
-    from wsi_vssm.models.mil import head_name
-
-    return {"pool": head_name(cfg.pool, cfg.topk), "members": cfg.members, "size_term": cfg.size_slope != 0}
 
 
 def format_model_info(r: dict) -> str:

@@ -64,6 +64,14 @@ TOPK_POOLS = ("topk", "mix")  # the pools that read `topk`
 def head_name(pool: str, topk: int) -> str:
     """A slide head's short name: its pool, with its top-k where it reads one (`attention`, `mix16`)."""
     return f"{pool}{topk}" if pool in TOPK_POOLS else pool
+
+
+def head_summary(cfg) -> dict:
+    """A slide head in outputs (`info`, metrics.json's `model`): its pool (with its top-k where it reads one), how
+    many seeds' heads it averages, and whether a bag-size term is in its calibration."""
+    return {"pool": head_name(cfg.pool, cfg.topk), "members": cfg.members, "size_term": cfg.size_slope != 0}
+
+
 MAX_MEMBERS = 64  # more heads than this in one file is no real model
 
 

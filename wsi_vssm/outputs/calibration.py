@@ -188,9 +188,9 @@ def calibration_figure(labels: Sequence[int], probs: Sequence[float], summary: d
     else:
         title = "no probabilities to calibrate"
     # a margin, so that bins at 0 or 1 do not sit on the frame; the legend under the axes, where it covers no bin
-    ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="mean predicted probability", ylabel="share of tumour",
-           aspect="equal")
+    ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), ylabel="share of tumour", aspect="equal",
+           xlabel=f"mean predicted probability ({summary.get('bins', 10)} equal-width bins)")
     ax.set_title(title, fontsize=8)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig

@@ -60,17 +60,24 @@ class FrocResult:
     n_detections: int
     reason: str | None = None
     per_slide: dict[str, dict] = field(default_factory=dict)
+    score_ci95: list[float] | None = None  # with froc(n_boot=N): the slide bootstrap's (froc_score_ci)
+    dilation_um: float = DILATION_UM
+    itc_um: float = ITC_UM
 
     def as_dict(self) -> dict:
-        """JSON-ready: score, sensitivity at each FP rate (keys as strings), counts, reason, per-slide counts."""
+        """JSON-ready: score and its interval, sensitivity at each FP rate (keys as strings), counts, reason, the
+        rule's constants, per-slide counts."""
         return {
             "froc": self.score,
+            "froc_ci95": self.score_ci95,
             "sensitivity_at_fps": {f"{r:g}": v for r, v in self.sensitivity.items()},
             "n_slides": self.n_slides,
             "n_lesions": self.n_lesions,
             "n_itc": self.n_itc,
             "n_detections": self.n_detections,
             "reason": self.reason,
+            "dilation_um": self.dilation_um,
+            "itc_um": self.itc_um,
             "per_slide": self.per_slide,
         }
 
@@ -193,12 +200,14 @@ def froc(
     dilation_um: float = DILATION_UM,
     itc_um: float = ITC_UM,
     slide_size: Mapping[str, tuple[float, float]] | None = None,
+    n_boot: int = 0,
 ) -> FrocResult:
     """The cohort's FROC. `detections` has every evaluated slide (an (n, 3) array each, possibly empty);
     `annotations` maps tumour slides to an `AnnotationSet` (or anything with `tumor` and `excluded`
     geometries); slides absent from it are normal. `slide_mpp` is one value or one per slide; `slide_size`, where
     given, each slide's (width, height) in level-0 px (`lesion_regions`). With no slide (every slide failed or
-    had no tissue) the score is None, with a reason, as with no lesion."""
+    had no tissue) the score is None, with a reason, as with no lesion. `n_boot` > 0 adds the score's 95%
+    interval over that many slide resamples (`froc_score_ci`)."""
     extra = sorted(set(annotations) - set(detections))
     if extra:
         raise UsageError(f"annotated slide(s) without detections: {extra[:5]}; pass an empty array for none")
@@ -228,6 +237,8 @@ def froc(
     all_fp, all_tp = np.concatenate(fps), np.concatenate(tps)
     curve_fp, curve_sens = froc_curve(all_fp, all_tp, len(detections))
     common = dict(
+        dilation_um=dilation_um,
+        itc_um=itc_um,
         fps_per_slide=curve_fp,
         sensitivities=curve_sens,
         n_slides=len(detections),
@@ -239,7 +250,36 @@ def froc(
     if all_tp.size == 0:
         return FrocResult(None, dict.fromkeys(FP_RATES), reason="no lesions (other than ITCs) in the cohort", **common)
     at = {r: interpolate_curve(curve_fp, curve_sens, r) for r in FP_RATES}
-    return FrocResult(float(np.mean(list(at.values()))), at, **common)
+    ci = froc_score_ci(fps, tps, n_boot) if n_boot else None
+    return FrocResult(float(np.mean(list(at.values()))), at, score_ci95=ci, **common)
+
+
+def froc_score(fps: list[np.ndarray], tps: list[np.ndarray]) -> float:
+    """The FROC score of slides given by their false-positive and best-hit probabilities (`slide_hits`)."""
+    rate, sens = froc_curve(np.concatenate(fps), np.concatenate(tps), len(fps))
+    return float(np.mean([interpolate_curve(rate, sens, r) for r in FP_RATES]))
+
+
+def froc_score_ci(fps: list[np.ndarray], tps: list[np.ndarray], n_boot: int = 2000, seed: int = 0,
+                  alpha: float = 0.05) -> list[float] | None:
+    """Percentile (1 - alpha) interval of the FROC score over `n_boot` resamples of the slides, stratified: the
+    slides with a lesion (other than ITCs) and those without are each resampled to their own count, so every
+    resample has lesions and the cohort's mix. A slide's detections and lesions move together (they are not
+    independent within it). None without a slide that has a lesion."""
+    if not (isinstance(n_boot, int) and n_boot >= 1):
+        raise UsageError(f"n_boot must be a positive integer, got {n_boot!r}")
+    with_lesion = [i for i, t in enumerate(tps) if t.size]
+    without = [i for i, t in enumerate(tps) if not t.size]
+    if not with_lesion:
+        return None
+    rng = np.random.default_rng(seed)
+    scores = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = [*(with_lesion[k] for k in rng.integers(0, len(with_lesion), len(with_lesion))),
+                *(without[k] for k in rng.integers(0, len(without), len(without)))]
+        scores[b] = froc_score([fps[i] for i in pick], [tps[i] for i in pick])
+    low, high = np.quantile(scores, [alpha / 2, 1 - alpha / 2])
+    return [float(low), float(high)]
 
 
 def froc_png(path: str | os.PathLike, result: FrocResult) -> None:
@@ -250,6 +290,7 @@ def froc_png(path: str | os.PathLike, result: FrocResult) -> None:
     from matplotlib.figure import Figure
 
     from wsi_vssm.atomic import atomic_write_figure
+    from wsi_vssm.outputs.report import interval_text
 
     fig = Figure(figsize=(5.0, 4.0), dpi=120)
     FigureCanvasAgg(fig)  # the Agg canvas directly: no pyplot global state
@@ -269,8 +310,8 @@ def froc_png(path: str | os.PathLike, result: FrocResult) -> None:
         rates = list(result.sensitivity)
         ax.plot(rates, [result.sensitivity[r] for r in rates], "o", color="k", ms=4, clip_on=False,
                 label="the six operating points")
-        ax.set_title(f"FROC {result.score:.3f}: {lesions}", fontsize=9)
-        ax.legend(loc="lower right", fontsize=7)
+        ax.set_title(f"FROC {result.score:.3f}{interval_text(result.score_ci95, 'score')}: {lesions}", fontsize=9)
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(FP_RATES, [f"{r:g}" for r in FP_RATES])
     ax.set(xlim=(lo, hi), ylim=(0, 1.01), xlabel="average false positives per slide", ylabel="lesion sensitivity")

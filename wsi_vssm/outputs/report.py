@@ -93,12 +93,24 @@ def bootstrap_auc_ci(
         b = min(batch, n_boot - start)
         p = pos[rng.integers(0, pos.size, size=(b, pos.size))]
         n = neg[rng.integers(0, neg.size, size=(b, neg.size))]
-        ranks = rankdata(np.concatenate([p, n], axis=1), axis=1)
-        aucs[start : start + b] = (ranks[:, : pos.size].sum(axis=1) - pos.size * (pos.size + 1) / 2) / (
-            pos.size * neg.size
-        )
+        aucs[start : start + b] = auc_from_ranks(rankdata(np.concatenate([p, n], axis=1), axis=1), pos.size)
     low, high = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+def delong_placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's placement values: each positive's share of negatives below it, each negative's share of positives
+    above it, ties counting one half (from midranks, so O(n log n)). Their means are the AUC."""
+    m, n = pos.size, neg.size
+    overall = rankdata(np.concatenate([pos, neg]))
+    return (overall[:m] - rankdata(pos)) / n, 1.0 - (overall[m:] - rankdata(neg)) / m
+
+
+def auc_from_ranks(ranks: np.ndarray, n_pos: int) -> np.ndarray:
+    """AUCs from rows of midranks whose first `n_pos` columns are the positives' (the Mann-Whitney U statistic):
+    the bootstraps' vectorised AUC."""
+    n_neg = ranks.shape[-1] - n_pos
+    return (ranks[..., :n_pos].sum(axis=-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def delong_auc_ci(labels: Sequence[int], scores: Sequence[float], alpha: float = 0.05) -> tuple[float, float] | None:
@@ -114,10 +126,7 @@ def delong_auc_ci(labels: Sequence[int], scores: Sequence[float], alpha: float =
     m, n = pos.size, neg.size
     if m < 2 or n < 2:
         return None
-    overall = rankdata(np.concatenate([pos, neg]))  # midranks: ties count one half, as in the AUC
-    # each positive's share of negatives below it, each negative's share of positives above it
-    v10 = (overall[:m] - rankdata(pos)) / n
-    v01 = 1.0 - (overall[m:] - rankdata(neg)) / m
+    v10, v01 = delong_placements(pos, neg)
     auc = float(v10.mean())
     variance = v10.var(ddof=1) / m + v01.var(ddof=1) / n
     if auc <= 0.0 or auc >= 1.0 or variance <= 0.0:  # every score tied: no spread to measure, not certainty
@@ -145,6 +154,34 @@ def metrics_at_threshold(labels: Sequence[int], scores: Sequence[float], thresho
         "tn": tn,
         "fn": fn,
     }
+
+
+def proportion_ci(k: int, n: int, alpha: float = 0.05) -> list[float] | None:
+    """Clopper-Pearson (exact binomial) (1 - alpha) interval of the proportion k / n, as diagnostic-accuracy
+    papers quote sensitivity and specificity; None when n is 0. It holds its level at any n, so it is
+    conservative (wider than Wilson's) on small counts."""
+    if not (isinstance(k, (int, np.integer)) and isinstance(n, (int, np.integer)) and 0 <= k <= n):
+        raise UsageError(f"a proportion needs counts 0 <= k <= n, got {k!r} of {n!r}")
+    if not 0 < alpha < 1:
+        raise UsageError(f"alpha must be in (0, 1), got {alpha}")
+    if n == 0:
+        return None
+    from scipy.special import betaincinv  # 0.3 s to import: only when a report is written
+
+    low = 0.0 if k == 0 else float(betaincinv(k, n - k + 1, alpha / 2))
+    high = 1.0 if k == n else float(betaincinv(k + 1, n - k, 1 - alpha / 2))
+    return [low, high]
+
+
+def operating_point(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict:
+    """metrics.json's counts at `threshold` (a score >= it is called tumour): the items of each class, the
+    confusion counts, and exact 95% intervals (`proportion_ci`) of sensitivity, specificity and accuracy (None
+    where their denominator is 0)."""
+    m = metrics_at_threshold(labels, scores, threshold)
+    tp, fp, tn, fn = m["tp"], m["fp"], m["tn"], m["fn"]
+    return {"n_tumour": tp + fn, "n_normal": tn + fp, "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+            "sensitivity_ci95": proportion_ci(tp, tp + fn), "specificity_ci95": proportion_ci(tn, tn + fp),
+            "accuracy_ci95": proportion_ci(tp + tn, tp + fp + tn + fn)}
 
 
 def cohort_metrics(
@@ -238,21 +275,32 @@ def roc_png(
         r = s if ranks is None else _check(y, ranks)[1]
         fpr, tpr, _ = roc_curve(y, r)
         auc = roc_auc(y, r) if auc is None else auc
-        label = f"AUC {auc:.3f}"
-        if ci is not None and all(v is not None for v in ci):
-            label += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
-        ax.plot(fpr, tpr, lw=1.6, color="C3", label=label)
+        ax.plot(fpr, tpr, lw=1.6, color="C3", label=f"AUC {auc:.3f}{interval_text(ci)}", clip_on=False)
         if threshold is not None:
             m = metrics_at_threshold(y, s, threshold)
-            ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="k", ms=5, label=f"threshold {threshold:g}",
-                    clip_on=False)  # a point at (1, 1) or (0, 1) drawn whole, not halved by the axes
+            ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="k", ms=5, clip_on=False,
+                    label=f"threshold {threshold:.3g}: sensitivity {m['sensitivity']:.2f}, "
+                          f"specificity {m['specificity']:.2f}")  # clip_on: a point at (1, 1) drawn whole
     else:
         ax.text(0.5, 0.6, f"ROC undefined:\n{n1} tumour, {n0} normal {items}", ha="center", fontsize=9)
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", aspect="equal")
+    # a little room past 0 and 1: a curve along the frame (AUC 1) stays visible
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity (false-positive rate)",
+           ylabel="sensitivity (true-positive rate)", aspect="equal")
     ax.set_title(f"ROC over {_count(y.size, items)} ({n1} tumour, {n0} normal)", fontsize=9)
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     atomic_write_figure(path, fig)
+
+
+def interval_text(ci: Sequence[float | None] | None, what: str = "AUC") -> str:
+    """` (95% CI a-b)` for summary lines and figures; an interval of no width (every resample gives one value: for
+    the AUC, perfectly separated classes or every score tied) is said to be undefined rather than printed as
+    1.000-1.000; "" without one. `what` names the figure in that case."""
+    if ci is None or any(v is None for v in ci):
+        return ""
+    if ci[1] - ci[0] <= 0:
+        return f" (95% CI undefined: every resample gives this {what})"
+    return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
 
 
 def write_prediction_json(path: str | os.PathLike, record: Mapping) -> None:

@@ -129,3 +129,31 @@ def _warn_uncalibrated(name: str) -> None:
         _UNCALIBRATED_WARNED.add(name)
         warnings.warn(f"model {name!r} stores no calibrated cell threshold: cells are called at 0.5 and its "
                       "probabilities are not calibrated", stacklevel=4)
+
+
+def threshold_origin(model, given: float | None, kind: str = "slide") -> dict:
+    """Where a report's operating threshold came from (metrics.json `threshold_origin`): `source` is `option`
+    (--threshold / --cell-threshold), `model` (the model file's `slide_threshold` / `cell_threshold`) or
+    `default` (0.5: an older file stores none); `rule`, how the model's was chosen when its training record
+    says so (None otherwise). `kind`: "slide" or "cell"."""
+    if given is not None:
+        return {"source": "option", "rule": "given on the command line"}
+    meta = getattr(model, "metadata", None) or {}
+    stored = meta.get("slide_threshold", meta.get("threshold")) if kind == "slide" else meta.get("cell_threshold")
+    if stored is None:
+        return {"source": "default", "rule": "0.5: the model file stores no threshold"}
+    return {"source": "model", "rule": _recorded_rule(meta, kind, stored)}
+
+
+def _recorded_rule(meta: dict, kind: str, stored) -> str | None:
+    """The rule a training stage records with the threshold it chose, when it is the one the file stores."""
+    stage = meta.get("mil_stage" if kind == "slide" else "dense_stage")
+    if not isinstance(stage, dict) or stage.get("threshold" if kind == "slide" else "cell_threshold") != stored:
+        return None
+    if kind == "slide":
+        where = "selection mosaics and pooled bags" if stage.get("pooled_bags") else "selection mosaics"
+        return f"Youden's J (sensitivity + specificity) on the {where} (training.mosaic)"
+    spec = stage.get("token_specificity")
+    if not (is_real_number(spec) and 0 < spec < 1):
+        return None
+    return f"{100 * spec:g}% of the selection part's normal tokens below it (training.dense)"

@@ -11,10 +11,11 @@ from wsi_vssm.outputs.files import FROC_PNG, HEATMAP_ZARR
 FROC_MIN_PROBABILITY = 0.01
 
 
-def cohort_froc(out: Path, scored: list[dict], annotated: dict, folders: dict[str, str]) -> dict:
+def cohort_froc(out: Path, scored: list[dict], annotated: dict, folders: dict[str, str], n_boot: int = 2000) -> dict:
     """CAMELYON16 lesion-level FROC from each slide's heatmap and its annotations (`read_cohort_annotations`; slides
-    without any are normal), for metrics.json; its curve is drawn in OUT/froc.png. `folders` maps a table's slide
-    name to its output folder (the file's stem; the case may differ)."""
+    without any are normal), with the score's slide-bootstrap interval (`n_boot` resamples), for metrics.json; its
+    curve is drawn in OUT/froc.png. `folders` maps a table's slide name to its output folder (the file's stem; the
+    case may differ)."""
     from wsi_vssm.outputs.froc import detections_from_heatmap, froc, froc_png
     from wsi_vssm.outputs.heatmap import read_heatmap_zarr
 
@@ -34,9 +35,9 @@ def cohort_froc(out: Path, scored: list[dict], annotated: dict, folders: dict[st
         sizes[r["slide"]] = (prob.shape[1] * meta["cell0"], prob.shape[0] * meta["cell0"])
         if r["slide"] in annotated:
             truth[r["slide"]] = annotated[r["slide"]]
-    result = froc(detections, truth, mpps, slide_size=sizes)
+    result = froc(detections, truth, mpps, slide_size=sizes, n_boot=n_boot)
     froc_png(out / FROC_PNG, result)
-    return {**result.as_dict(), "annotations_outside_slide": outside}
+    return {**result.as_dict(), "detection_floor": FROC_MIN_PROBABILITY, "annotations_outside_slide": outside}
 
 
 def _beyond_slide(annotation, grid_shape: tuple[int, int], cell0: float) -> list[float] | None:

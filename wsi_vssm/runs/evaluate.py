@@ -35,6 +35,7 @@ from wsi_vssm.outputs.files import (
     ROC_PNG,
     STAGES_CSV,
 )
+from wsi_vssm.pipeline.params import threshold_origin
 from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
 from wsi_vssm.runs.cohort_froc import cohort_froc, read_cohort_annotations
 from wsi_vssm.runs.cohort_table import (
@@ -157,6 +158,7 @@ def evaluate_cohort(
             mosaics = _mosaic_layout(cohort_path)
             metrics = _write_metrics(out, scored, slide_threshold(model, params), len(finished) - len(scored), n_boot,
                                      n_pending=len(rows) - len(finished), items=MOSAIC_ITEMS if mosaics else "slides",
+                                     origin=threshold_origin(model, params.threshold),
                                      provenance=_provenance(cohort.source, split, model, {
                                          **{k: v for k, v in job.resolved.items() if k != "job"},
                                          "fallback_mpp": job.fallback_mpp,
@@ -174,7 +176,8 @@ def evaluate_cohort(
                         # slides without a probability (failed, no tissue, not finished) are outside the FROC: say
                         # which, as an annotated one's lesions leave its sensitivity's denominator
                         left_out = sorted(r["slide"] for r in rows if r["probability"] is None)
-                        metrics["froc"] = {**cohort_froc(out, scored, truth, folders), "slides_left_out": left_out,
+                        metrics["froc"] = {**cohort_froc(out, scored, truth, folders, n_boot),
+                                           "slides_left_out": left_out,
                                            "annotated_slides_left_out": [s for s in left_out if s in truth]}
                     if patients is not None and not n_unfinished(rows):
                         from wsi_vssm.runs.patients import evaluate_patients
@@ -217,14 +220,17 @@ def _mosaic_layout(cohort_path) -> str | None:
 
 def _provenance(source, split: str | None, model, parameters: dict) -> dict:
     """What a metrics.json was computed from, for a reader who has only the file: the cohort table (absolute),
-    the split, the model's identity (as prediction.json's `model`), the parameters, the software version."""
+    the split, the model's identity (as prediction.json's `model`, with its slide head), the parameters, the
+    software version."""
     from wsi_vssm import __version__
+    from wsi_vssm.models.mil import head_summary
     from wsi_vssm.pipeline.predict import model_record
 
     spelt = {"float32": "fp32", "bfloat16": "bf16"}  # as prediction.json and --precision spell them
     parameters = {**parameters, "precision": spelt.get(parameters.get("precision"), parameters.get("precision"))}
-    return {"cohort": os.path.abspath(source), "split": split, "model": model_record(model),
-            "parameters": parameters, "version": __version__}
+    model_block = {**model_record(model), "slide_head": head_summary(model.mil.config)}
+    return {"cohort": os.path.abspath(source), "split": split, "model": model_block, "parameters": parameters,
+            "version": __version__}
 
 
 def _cohort_root(cohort_path: str | os.PathLike) -> Path:
@@ -297,13 +303,15 @@ def _model_file_for_workers(model, out: Path) -> str:
 
 
 def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int,
-                   n_pending: int = 0, items: str = "slides", provenance: dict | None = None) -> dict:
-    """metrics.json (`report.cohort_metrics`, then `n_pending`: slides not through yet, `complete`: none is,
-    `n_out_of_domain`: scored slides whose prediction says `in_domain: false` (None for patches, which have no
-    domain verdict), `calibration`, any `reason`, then the `provenance` keys), roc.png and calibration.png,
-    atomically."""
+                   n_pending: int = 0, items: str = "slides", provenance: dict | None = None,
+                   origin: dict | None = None) -> dict:
+    """metrics.json (`report.cohort_metrics`, then `threshold_origin` (`origin`, `params.threshold_origin`),
+    the counts and exact intervals at the threshold (`report.operating_point`), `n_pending`: slides not through
+    yet, `complete`: none is, `n_out_of_domain`: scored slides whose prediction says `in_domain: false` (None for
+    patches, which have no domain verdict), `calibration`, `intervals`, any `reason`, then the `provenance` keys
+    and `environment`), roc.png and calibration.png, atomically."""
     from wsi_vssm.outputs.calibration import calibration_png, calibration_summary
-    from wsi_vssm.outputs.report import METRIC_KEYS, cohort_metrics, roc_png
+    from wsi_vssm.outputs.report import METRIC_KEYS, cohort_metrics, operating_point, roc_png
 
     labels = np.array([r["label"] for r in scored], dtype=np.int64)
     scores = np.array([r["probability"] for r in scored], dtype=np.float64)
@@ -316,11 +324,13 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     calibration = calibration_summary(labels, scores, n_boot=n_boot)
     # patches carry no domain verdict (None); slides do, and a cohort with no slide scored has 0 out of domain
     n_out = None if items == "patches" else sum(r.get("in_domain") is False for r in scored)
-    metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "auc_ranked_by": "logit" if by_logit else "probability",
+    metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "threshold_origin": origin,
+               **operating_point(labels, scores, threshold),
+               "auc_ranked_by": "logit" if by_logit else "probability",
                "n_pending": int(n_pending), "complete": not n_pending,
                "n_out_of_domain": n_out, "calibration": calibration, "intervals": intervals(n_boot),
                **metrics,  # then `reason`, when there is one
-               **(provenance or {})}
+               **(provenance or {}), "environment": environment()}
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
             threshold=threshold, items=items, ranks=ranks)
     calibration_png(out / CALIBRATION_PNG, labels, scores, calibration)
@@ -330,9 +340,27 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
 
 def intervals(n_boot: int) -> dict:
     """How metrics.json's 95% intervals were made, so that a reader can state it (and rerun it): a rerun with
-    another --bootstrap gives other bounds."""
+    another --bootstrap gives other bounds. `method` and `resamples` are the bootstraps'; the exact and DeLong
+    intervals draw nothing."""
     return {"level": 0.95, "method": "bootstrap", "resamples": int(n_boot), "seed": 0,
-            "auc_ci95": "percentile; positives and negatives resampled separately",
+            "generator": "numpy.random.default_rng(seed) (PCG64); quantiles by numpy's default (linear)",
+            "auc_ci95": "percentile; positives and negatives resampled separately, each sorted by score first "
+                        "(the row order does not matter); wsi_vssm.outputs.report.bootstrap_auc_ci(labels, "
+                        "ranked scores, resamples, seed) on predictions.csv gives it again",
             "auc_ci95_delong": "DeLong's variance on the logit scale, mapped back; no resampling",
-            "ece_ci95": "percentile of the items' resamples, shifted by the bootstrap bias, clipped to [0, 1]",
-            "kappa_ci95": "percentile; patients resampled"}
+            "sensitivity_ci95": "Clopper-Pearson (exact binomial); also specificity_ci95 and accuracy_ci95",
+            "ece_ci95": "percentile of the items' resamples, shifted by the bootstrap bias, clipped to [0, 1]; "
+                        "10 equal-width bins",
+            "kappa_ci95": "percentile; patients resampled (with --patients)",
+            "froc_ci95": "percentile; slides with and without a lesion resampled separately (with --annotations)"}
+
+
+def environment() -> dict:
+    """The software the report was computed with, for a methods section (each slide's prediction.json has the
+    device it ran on)."""
+    import platform
+
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "platform": platform.platform()}

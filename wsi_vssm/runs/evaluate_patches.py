@@ -53,8 +53,10 @@ def evaluate_patches(
     used = "bf16" if resolve_precision(inference.precision, device) == torch.bfloat16 else "fp32"
     if mpp is None:
         raise UsageError(f"{folder}: patch images carry no resolution; state it with --mpp (PCam: 0.97)")
+    from wsi_vssm.pipeline.params import threshold_origin
     from wsi_vssm.pipeline.predict import cell_threshold
 
+    origin = threshold_origin(model, threshold, "cell")  # patches are called at the cell threshold
     if threshold is None:
         threshold = cell_threshold(model, PredictParams())
     scale = mpp / model.mpp  # image px -> model px
@@ -95,6 +97,7 @@ def evaluate_patches(
         repeats = repeated_patches(digests, scored_ds.labels, [it.name for it in scored_ds.items])
         _write_model_patches(out / MODEL_PATCHES_CSV, scored_ds, seen_parts(digests, getattr(model, "metadata", None)))
         metrics = _write_metrics(out, scored, threshold, len(rows) - len(scored), n_boot, items="patches",
+                                 origin=origin,
                                  provenance={**_provenance(folder, None, model, parameters), "model_patches": seen,
                                              "repeated_patches": repeats, "stain_notes": stain})
         scores.finished()

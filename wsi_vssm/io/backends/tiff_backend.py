@@ -39,6 +39,7 @@ from wsi_vssm.io.formats import (
     warn_non_square,
     warn_unread_planes,
 )
+from wsi_vssm.resources import available_cpus
 
 _VENDORS = (  # tifffile's format flag -> the vendor name OpenSlide uses for the same files
     ("is_svs", "aperio"),
@@ -160,7 +161,7 @@ class TiffSlide(SlideReader):
             tile, index, _ = result  # index: (sample, depth, y, x, sample) of the tile's origin
             return func(int(index[2]), int(index[3]), None if tile is None else tile.reshape(th, tw, 3))
 
-        workers = min(4, os.cpu_count() or 1)
+        workers = min(4, available_cpus())  # not the host's cores: a container's or a SLURM job's share
         return (th, tw), page.segments(func=one, maxworkers=workers, buffersize=16 << 20)  # 16 MB read at once
 
     def close(self) -> None:
