@@ -7,7 +7,8 @@ slide and, while a run of several slides works, a line on stderr every minute sa
 slide is working and that the job has not hung. `quiet` keeps only errors and warnings; `verbose` adds the
 run's model and parameters and cluster details.
 
-Result lines (one per slide) go to stdout; progress, warnings and errors to stderr.
+Result lines (one per slide) go to stdout; progress, warnings and errors to stderr. With `--json` stdout holds
+only JSON records, one a line (one per slide, and evaluate's report), and the result lines join stderr.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ HEARTBEAT_S = 60.0  # off a terminal: the longest a run of several slides stays 
 class Progress:
     """What a command shows while it works. `level`: QUIET, NORMAL or VERBOSE; `tty`: None asks stderr."""
 
-    def __init__(self, level: int = NORMAL, tty: bool | None = None, err: TextIO | None = None):
+    def __init__(self, level: int = NORMAL, tty: bool | None = None, err: TextIO | None = None,
+                 json_lines: bool = False):
         self.level = level
+        self.json_lines = json_lines  # --json: stdout holds one JSON object per line (`record`), nothing else
         self._err = err
         self.tty = bool(tty) if tty is not None else _isatty(err or sys.stderr)
         self._bars: list = []
@@ -45,8 +48,8 @@ class Progress:
         self._current = None if name is None else (name, time.monotonic())
 
     @classmethod
-    def from_flags(cls, quiet: bool = False, verbose: bool = False) -> Progress:
-        return cls(QUIET if quiet else VERBOSE if verbose else NORMAL)
+    def from_flags(cls, quiet: bool = False, verbose: bool = False, json_lines: bool = False) -> Progress:
+        return cls(QUIET if quiet else VERBOSE if verbose else NORMAL, json_lines=json_lines)
 
     @property
     def bars(self) -> bool:
@@ -54,9 +57,17 @@ class Progress:
 
     # -- lines
     def result(self, text: str) -> None:
-        """A per-slide result line (stdout); not shown with --quiet."""
+        """A per-slide result line (stdout; stderr with --json, where stdout is the records'); not shown with
+        --quiet."""
         if self.level >= NORMAL:
-            self._write(text, err=False)
+            self._write(text, err=self.json_lines)
+
+    def record(self, obj: dict) -> None:
+        """With --json: one JSON object on one stdout line, whatever the level (it is what was asked for)."""
+        if self.json_lines:
+            import json
+
+            self._write(json.dumps(_finite(obj), default=str), err=False)
 
     def info(self, text: str) -> None:
         """A status line on stderr (e.g. the model and device in use); not shown with --quiet."""
@@ -241,3 +252,14 @@ def _isatty(stream) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+def _finite(obj):
+    """`obj` with NaN and infinities as null: JSON has no such numbers, and a reader's parser would refuse them."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

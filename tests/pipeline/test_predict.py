@@ -516,7 +516,8 @@ def test_cli_evaluate_with_annotations_prints_the_froc(model_file, cohort, tmp_p
     if froc["froc"] is None:
         assert line.startswith("FROC: none (") and froc["reason"] in line
     else:
-        assert line.startswith(f"FROC {froc['froc']:.3f} (lesion sensitivity ")
+        lo, hi = froc["froc_ci95"]
+        assert line.startswith(f"FROC {froc['froc']:.3f} (95% CI {lo:.3f}-{hi:.3f}; lesion sensitivity "), line
         assert "at 0.25/0.5/1/2/4/8 false positives per slide" in line
         assert f"over {froc['n_lesions']} lesions on {froc['n_slides']} slides" in line
 

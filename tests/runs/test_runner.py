@@ -778,15 +778,47 @@ def test_an_interrupted_overwrite_run_is_resumed_by_the_same_command(model_file,
     monkeypatch.setattr(runner, "report_outcome", real)
     assert _cli([*args, "--overwrite"]) == 0  # the same command: goes on
     assert started("normal_001") == redone and started("tumor_001") > before["tumor_001"]
-    assert not (tmp_path / STATE_DIR / "overwrite-run.predict").exists()  # through every slide: done with it
+    assert not list((tmp_path / STATE_DIR).glob("overwrite-run.*"))  # through every slide: done with it
     assert _cli([*args, "--overwrite"]) == 0 and started("normal_001") > redone  # a new --overwrite redoes all
     # an interrupted --overwrite that a plain run then finishes is given up: a later --overwrite redoes all again
     monkeypatch.setattr(runner, "report_outcome", interrupted)
     assert _cli([*args, "--overwrite"]) == 130
     monkeypatch.setattr(runner, "report_outcome", real)
-    assert _cli(args) == 0 and not (tmp_path / STATE_DIR / "overwrite-run.predict").exists()
+    assert _cli(args) == 0 and not list((tmp_path / STATE_DIR).glob("overwrite-run.*"))
     last = started("normal_001")
     assert _cli([*args, "--overwrite"]) == 0 and started("normal_001") > last
+
+
+def test_per_slide_overwrite_runs_in_one_out_keep_their_own_resume_points(model_file, cohort, tmp_path,
+                                                                          monkeypatch):
+    """Workflow managers run one task per slide into a shared OUT. A plain run of slide x deleted the --overwrite
+    marker of an interrupted run of slide y (y's rerun then redid from scratch), and `--overwrite x` took y's
+    start time for its own."""
+    from wsi_vssm.runs import runner
+
+    def args(name, *more):
+        return ["predict", cohort / f"{name}.tif", "--out", tmp_path, "--model", model_file, *FAST, *more]
+
+    def started(name):
+        return read_state(tmp_path, "predict", name)["started"]
+
+    assert _cli(args("normal_001")) == 0 and _cli(args("tumor_001")) == 0
+    real = runner.report_outcome
+
+    def interrupted(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "report_outcome", interrupted)
+    assert _cli(args("tumor_001", "--overwrite")) == 130  # y redone, then the run stopped before its end
+    redone = started("tumor_001")
+    monkeypatch.setattr(runner, "report_outcome", real)
+    assert _cli(args("normal_001")) == 0  # another task, plain, through all of its slides
+    assert len(list((tmp_path / STATE_DIR).glob("overwrite-run.predict.*"))) == 1  # y's resume point stays
+    first = started("normal_001")
+    assert _cli(args("normal_001", "--overwrite")) == 0 and started("normal_001") > first  # its own start
+    assert _cli(args("tumor_001", "--overwrite")) == 0 and started("tumor_001") == redone  # y goes on
+    assert not list((tmp_path / STATE_DIR).glob("overwrite-run.*"))
 
 
 def test_outputs_of_an_older_format_are_remade_from_the_saved_heatmap(model_file, cohort, tmp_path, monkeypatch,

@@ -144,8 +144,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         progress.result(f"FROC: none ({froc.get('reason') or 'undefined'}) -> {out_dir}/metrics.json")
     elif froc:
         at = froc.get("sensitivity_at_fps") or {}
-        ci = interval_text(froc.get("froc_ci95"), "score")
-        progress.result(f"FROC {froc['froc']:.3f}{ci} (lesion sensitivity {'/'.join(f'{v:.2f}' for v in at.values())} "
+        ci = interval_text(froc.get("froc_ci95"), "score").strip()[1:-1]  # in the parentheses: "95% CI a-b; "
+        ci = f"{ci}; " if ci else ""
+        progress.result(f"FROC {froc['froc']:.3f} ({ci}lesion sensitivity {'/'.join(f'{v:.2f}' for v in at.values())} "
                         f"at {'/'.join(at)} false positives per slide) over {froc['n_lesions']} lesions on "
                         f"{froc['n_slides']} slides -> {out_dir}/metrics.json")
     if m.get("kappa") is not None:
@@ -157,6 +158,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
                         f"{m['n_patients']} patients -> {out_dir}/stages.csv")
     if m.get("n"):  # as predict: the model's limits, said when there is a probability to read
         progress.result(domain_note(model, params))
+    progress.record({"report": str(Path(out_dir) / "metrics.json"), "items": res.items,  # --json only
+                     **{k: m.get(k) for k in ("auc", "auc_ci95", "auc_ci95_delong", "sensitivity", "specificity",
+                                              "threshold", "n", "n_failed", "n_pending", "complete")}})
     if not res.complete:
         progress.warn(incomplete_warning(res.rows, m["n_pending"]))
         sys.exit(EXIT_INCOMPLETE)  # slides still being done by another run, or whose outputs vanished: rerun

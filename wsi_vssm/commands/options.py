@@ -117,6 +117,9 @@ def run_options(f):
                           f"in progress (exit {EXIT_INCOMPLETE}); 0: do not wait."),
         click.option("--overwrite", is_flag=True,
                      help="Redo slides that are already done (evaluate on a patch folder: score every patch again)."),
+        click.option("--json", "json_lines", is_flag=True,
+                     help="Print one JSON object a line on stdout (one per slide: status, outputs, result; evaluate "
+                          "adds its report's), nothing else there; the usual lines go to stderr."),
         click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors."),
         click.option("-v", "--verbose", is_flag=True, help="Also skipped slides' reasons and cluster details."),
     ]
@@ -143,7 +146,7 @@ def pop_run_options(opts: dict, ctx: click.Context | None = None):
     run = RunOptions(workers=workers, scheduler=scheduler, retry_failed=opts.pop("retry_failed"),
                      overwrite=opts.pop("overwrite"), debug=debug, split_regions=opts.pop("split_regions"),
                      wait_locked=opts.pop("wait_locked"))
-    return run, Progress.from_flags(quiet, verbose)
+    return run, Progress.from_flags(quiet, verbose, json_lines=opts.pop("json_lines"))
 
 
 def exit_for(summary, n_requested: int) -> None:

@@ -51,6 +51,16 @@ class Outcome:
     def ok(self) -> bool:
         return self.status in ("done", "skipped")
 
+    def record(self, job) -> dict:
+        """The slide's `--json` line: name, status (`done`, `up_to_date`, `failed`, `in_progress` when another
+        run holds it), where its outputs are, its result and timings as its state records them (null where
+        none), and the error or why it was not done."""
+        state = self.state or {}
+        status = {"skipped": "up_to_date", "locked": "in_progress"}.get(self.status, self.status)
+        return {"slide": self.task.name, "status": status, "outputs": job.where(self.task.name),
+                "result": state.get("result"), "timings": state.get("timings"),
+                "error": None if self.ok else self.message}
+
 
 def start_slide(task: SlideTask, job) -> tuple[SlideLock | None, Outcome | None, dict | None]:
     """Lock the slide, clear a killed run's temporaries and mark it running (recording what the slide file is:

@@ -15,7 +15,7 @@ unless `--overwrite` (`name_taken`). A path that does not exist, or is no file o
 links: `io.slide.path_problem`), fails at once (one line) and writes no state. A file named twice on one command
 line runs once (`slide_tasks`). `--overwrite` redoes every slide, and is itself resumable: the run's start is
 kept in `OUT/.state/overwrite-run.<job>` until a run has been through every slide, so the same command after an
-interruption keeps the slides that run finished (`overwrite_since`). Outputs are written atomically and `done`
+interruption keeps the slides that run finished (`runs.overwrite`). Outputs are written atomically and `done`
 is written only after the last of them, so a SIGKILL between any two writes leaves a state that the rerun
 redoes.
 
@@ -54,6 +54,7 @@ from wsi_vssm.outputs.files import (
 )
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
+from wsi_vssm.runs.overwrite import end_overwrite, overwrite_since
 from wsi_vssm.runs.remake import remake_reason
 from wsi_vssm.runs.state import (
     STATE_DIR,
@@ -66,7 +67,6 @@ from wsi_vssm.runs.state import (
     input_changed,
     known_failure,
     live_lock,
-    now,
     read_state,
     settings_change,
 )
@@ -207,7 +207,7 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
     check_output_folder(job.out)
     command = command or job.kind
     progress.detail(f"{command}: model {job.model_id}, parameters {job.params_hash}, {len(tasks)} slide(s)")
-    since = overwrite_since(job, progress) if opts.overwrite else None
+    since = overwrite_since(job, progress, [t.name for t in tasks]) if opts.overwrite else None
     summary = RunSummary()
     waiting: list[Outcome] = []  # slides locked by another run, looked at again at the end
 
@@ -252,34 +252,8 @@ def run_slides(tasks: Iterable[SlideTask], job, opts: RunOptions | None = None, 
     order = {id(t): i for i, t in enumerate(tasks)}
     summary.outcomes.sort(key=lambda o: order.get(id(o.task), 0))
     if not summary.count("locked"):  # through every slide (an --overwrite run, or a plain one that gave it up):
-        _overwrite_marker(job).unlink(missing_ok=True)  # the next --overwrite redoes everything
+        end_overwrite(job, [t.name for t in tasks])  # the next --overwrite redoes everything
     return summary
-
-
-def _overwrite_marker(job) -> Path:
-    return Path(job.out) / STATE_DIR / f"overwrite-run.{job.kind}"  # no state or lock file ends so
-
-
-def overwrite_since(job, progress: Progress) -> str:
-    """When this --overwrite run began: now, or, when an earlier --overwrite run with the same parameters was
-    interrupted, its start (slides it finished after that are kept: the same command resumes it). Recorded in
-    OUT/.state/overwrite-run.<job> until a run (with --overwrite or without) has been through every slide."""
-    import json
-
-    from wsi_vssm.atomic import atomic_write_json
-
-    marker = _overwrite_marker(job)
-    try:
-        earlier = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        earlier = None
-    if isinstance(earlier, dict) and earlier.get("params_hash") == job.params_hash and earlier.get("since"):
-        progress.info(f"going on with the --overwrite run begun {earlier['since']}: the slides it finished are kept")
-        return str(earlier["since"])
-    since = now()
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, {"since": since, "params_hash": job.params_hash})
-    return since
 
 
 def _wait_for_locked(waiting: list[Outcome], job, opts: RunOptions, progress: Progress,
@@ -474,6 +448,8 @@ def _run_serial(task: SlideTask, job, progress: Progress, finish) -> None:
 
 def report_outcome(o: Outcome, job, progress: Progress, debug: bool) -> None:
     state = o.state or {}
+    if progress.json_lines:
+        progress.record(o.record(job))
     if o.status == "done":
         for w in state.get("warnings") or []:
             progress.warn(w)

@@ -133,6 +133,7 @@ def main(argv=None) -> int:
 
     from wsi_vssm.errors import UsageError, WsiVssmError, warn_in_one_line
     from wsi_vssm.models.slide_model import load_model
+    from wsi_vssm.resources import available_cpus
     from wsi_vssm.training.data.patches import select_and_holdout, training_patches
 
     ap = argparse.ArgumentParser(prog="python -m wsi_vssm.training.cells", description="Evaluate a model on patches.")
@@ -152,7 +153,8 @@ def main(argv=None) -> int:
                     help="also score the patches in context: tiled GRID x GRID, read at their centre tokens")
     a = ap.parse_args(argv)
     warn_in_one_line(ap.prog)
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # a container's CPU quota, not the host's cores (torch is loaded)
+        torch.set_num_threads(min(torch.get_num_threads(), available_cpus()))
     try:  # bad input is one line and exit 1, as on the wsi-vssm command line (it was a traceback)
         model = load_model(a.evaluate)
         ds = training_patches(a.valid)  # undecodable patches left out with a warning; mixed sizes refused
