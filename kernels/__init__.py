@@ -27,26 +27,45 @@ def use_writable_numba_cache(source_file: str, writable=None) -> str | None:
     return folder
 
 
-def _private_folder() -> str:
-    """This user's cache folder in the temporary directory, kept between runs, when it is a real folder only this
-    user can write (numba unpickles what it finds there: another user's planted files must not be read); else a
-    fresh private one."""
+def _private_folder(name: str = "numba-cache") -> str:
+    """This user's cache folder `wsi-vssm-<name>-<uid>` in the temporary directory, kept between runs, when it is a
+    real folder only this user can write (numba unpickles what it finds there, matplotlib reads its font list:
+    another user's planted files must not be read); else a fresh private one."""
     uid = getattr(os, "getuid", lambda: None)()
-    folder = os.path.join(tempfile.gettempdir(), f"wsi-vssm-numba-cache-{uid if uid is not None else 'user'}")
+    folder = os.path.join(tempfile.gettempdir(), f"wsi-vssm-{name}-{uid if uid is not None else 'user'}")
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         st = os.lstat(folder)
         private = stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o022 and (uid is None or st.st_uid == uid)
     except OSError:
         private = False
-    return folder if private else tempfile.mkdtemp(prefix="wsi-vssm-numba-cache-")
+    return folder if private else tempfile.mkdtemp(prefix=f"wsi-vssm-{name}-")
+
+
+def use_writable_matplotlib_config(writable=None) -> str | None:
+    """Point matplotlib at a private folder in the temporary directory (`MPLCONFIGDIR`, kept between runs) when its
+    own config or cache folder ($XDG_CONFIG_HOME / $XDG_CACHE_HOME or ~/.config, ~/.cache) cannot be written, as
+    under a read-only home; otherwise matplotlib makes a new temporary folder each run, rebuilds its font list
+    there and prints a two-line note. Call before matplotlib is imported. Returns the folder set, or None.
+    `writable` (a path -> bool test) is for tests."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return None  # the user chose a folder
+    writable = writable or _writable
+    home = os.path.expanduser("~")
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    if writable(os.path.join(config, "matplotlib")) and writable(os.path.join(cache, "matplotlib")):
+        return None
+    os.environ["MPLCONFIGDIR"] = folder = _private_folder("matplotlib")
+    return folder
 
 
 def _writable(folder: str) -> bool:
-    """Whether `folder` (or, when it does not exist yet, its nearest existing parent) takes new files."""
-    while folder and not os.path.isdir(folder):
+    """Whether `folder` (or, when it does not exist yet, its nearest existing parent) takes new files. A path
+    through a file (a HOME that is no folder) takes none."""
+    while folder and not os.path.lexists(folder):
         parent = os.path.dirname(folder)
         if parent == folder:
             return False
         folder = parent
-    return bool(folder) and os.access(folder, os.W_OK | os.X_OK)
+    return bool(folder) and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)

@@ -84,12 +84,16 @@ MIN_MEMORY = 2 << 30
 HEAVY_COMMANDS = ("predict", "evaluate", "extract", "train", "run")
 
 
-def _fit_to_cgroup(args: list[str]) -> None:
-    """Threads to the cgroup's CPU quota (a container's --cpus), and a warning when its memory limit is below what
-    a slide can take."""
+def _fit_to_machine(args: list[str]) -> None:
+    """Threads to the cgroup's CPU quota (a container's --cpus), matplotlib's folders somewhere writable (a
+    read-only home), and a warning when the cgroup's memory limit is below what a slide can take."""
     from wsi_vssm.resources import cgroup_memory_limit, limit_threads_to_quota
 
     limit_threads_to_quota()
+    if "matplotlib" not in sys.modules:  # a library caller's matplotlib has its folders already
+        from wsi_vssm_kernels import use_writable_matplotlib_config
+
+        use_writable_matplotlib_config()
     command = next((a for a in args if not a.startswith("-")), None)  # not an argument named like a command
     if command not in HEAVY_COMMANDS:
         return
@@ -184,7 +188,7 @@ def main(argv=None):
         _SIGTERM_SEEN.clear()
         if set(args) & set(COMMANDS) and not {"-h", "--help"} & set(args):  # help and --version need no memory
             _check_address_space()
-            _fit_to_cgroup(args)
+            _fit_to_machine(args)
         cli.main(args=args, prog_name="wsi-vssm", standalone_mode=False)
         if _SIGTERM_SEEN:  # the handler's exception was swallowed on the way: still end as terminated
             _terminated(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -266,6 +267,38 @@ def test_numba_keeps_its_own_cache_folder_when_one_is_writable(tmp_path, monkeyp
     assert numba.config.CACHE_DIR == ""
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice is never overridden
     assert wsi_vssm_kernels.use_writable_numba_cache(str(source), writable=lambda f: False) is None
+
+
+def test_matplotlib_gets_a_private_config_folder_under_a_read_only_home(tmp_path, monkeypatch):
+    """With HOME unwritable, matplotlib made a new temporary folder on every run, rebuilt its font list there and
+    printed a two-line note without the wsi-vssm prefix."""
+    import subprocess
+    import sys
+
+    import wsi_vssm_kernels
+
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.setattr(wsi_vssm_kernels.tempfile, "tempdir", str(tmp_path))
+    folder = wsi_vssm_kernels.use_writable_matplotlib_config(writable=lambda f: False)
+    assert folder and os.environ["MPLCONFIGDIR"] == folder and folder.startswith(str(tmp_path))
+    assert wsi_vssm_kernels.use_writable_matplotlib_config(writable=lambda f: False) is None  # set: kept
+    monkeypatch.delenv("MPLCONFIGDIR")
+    assert wsi_vssm_kernels.use_writable_matplotlib_config(writable=lambda f: True) is None
+    assert "MPLCONFIGDIR" not in os.environ
+    # a home no one can write into (a file: even root cannot make folders in it), in a fresh process as the
+    # command line starts; without the call matplotlib's own note comes, with it none, and the folder is kept
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    probe = "import matplotlib; from matplotlib import font_manager; print(matplotlib.get_cachedir())"
+    call = "import wsi_vssm_kernels; wsi_vssm_kernels.use_writable_matplotlib_config(); "
+    for pre, noted in (("", True), (call, False), (call, False)):
+        done = subprocess.run([sys.executable, "-c", pre + probe], env=env, capture_output=True, text=True,
+                              check=True)
+        assert ("Matplotlib created a temporary" in done.stderr) == noted, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "tmp" / f"wsi-vssm-matplotlib-{os.getuid()}")
 
 
 def test_synth_into_another_cohorts_folder_is_refused(tmp_path, capsys):
