@@ -48,8 +48,10 @@ def use_writable_matplotlib_config(writable=None) -> str | None:
     under a read-only home; otherwise matplotlib makes a new temporary folder each run, rebuilds its font list
     there and prints a two-line note. Call before matplotlib is imported. Returns the folder set, or None.
     `writable` (a path -> bool test) is for tests."""
-    if os.environ.get("MPLCONFIGDIR"):
-        return None  # the user chose a folder
+    import sys
+
+    if os.environ.get("MPLCONFIGDIR") or not sys.platform.startswith("linux"):
+        return None  # the user chose a folder; elsewhere matplotlib's folders are not the XDG ones checked here
     writable = writable or _writable
     home = os.path.expanduser("~")
     config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")

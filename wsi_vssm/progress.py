@@ -67,7 +67,9 @@ class Progress:
         if self.json_lines:
             import json
 
-            self._write(json.dumps(_finite(obj), default=str), err=False)
+            from wsi_vssm.atomic import to_jsonable  # NaN as null (JSON has none), numpy values as Python's
+
+            self._write(json.dumps(to_jsonable(obj), allow_nan=False, default=str), err=False)
 
     def info(self, text: str) -> None:
         """A status line on stderr (e.g. the model and device in use); not shown with --quiet."""
@@ -252,14 +254,3 @@ def _isatty(stream) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
-
-
-def _finite(obj):
-    """`obj` with NaN and infinities as null: JSON has no such numbers, and a reader's parser would refuse them."""
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

@@ -26,7 +26,8 @@ def test_predict_json_lines_one_per_slide_then_up_to_date(model_file, cohort, tm
     recs = _records(out)
     assert [r["slide"] for r in recs] == ["normal_001", "tumor_001"] and {r["status"] for r in recs} == {"done"}
     for r in recs:
-        assert (tmp_path / "o" / r["slide"] / "prediction.json").is_file() and r["outputs"].endswith(f"{r['slide']}/")
+        assert r["outputs"] == [str(tmp_path / "o" / r["slide"])]
+        assert (tmp_path / "o" / r["slide"] / "prediction.json").is_file()
         assert 0 <= r["result"]["probability"] <= 1 and math.isfinite(r["timings"]["total"]) and r["error"] is None
     assert "normal_001: probability" in err and "note: model" in err  # the usual lines, on stderr
     code, out, err = run_cli_captured([*args, "-q"], capsys)  # a rerun, quiet: the records still come
@@ -42,7 +43,7 @@ def test_predict_json_names_a_failed_slide(model_file, tmp_path, capsys):
                                        *FAST], capsys)
     recs = _records(out)
     assert code == 3 and [r["status"] for r in recs] == ["failed", "failed"]
-    assert all(r["error"] and "bad.tif" in recs[0]["error"] for r in recs) and "error" in err
+    assert all(r["error"] and r["outputs"] is None for r in recs) and "bad.tif" in recs[0]["error"] and "error" in err
 
 
 def test_evaluate_json_ends_with_its_report(model_file, cohort, tmp_path, capsys):
@@ -59,7 +60,10 @@ def test_evaluate_json_ends_with_its_report(model_file, cohort, tmp_path, capsys
 
 def test_json_records_carry_no_nan(capsys):
     """JSON has no NaN: a record with one would be refused by the reader's parser."""
+    import numpy as np
+
     from wsi_vssm.progress import Progress
 
-    Progress(json_lines=True).record({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
-    assert json.loads(capsys.readouterr().out) == {"a": None, "b": [1.0, None], "c": {"d": 2}}
+    Progress(json_lines=True).record({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.int64(2)},
+                                      "e": np.float32("nan")})
+    assert json.loads(capsys.readouterr().out) == {"a": None, "b": [1.0, None], "c": {"d": 2}, "e": None}

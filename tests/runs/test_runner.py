@@ -821,6 +821,49 @@ def test_per_slide_overwrite_runs_in_one_out_keep_their_own_resume_points(model_
     assert not list((tmp_path / STATE_DIR).glob("overwrite-run.*"))
 
 
+def test_an_overwrite_run_resumes_over_a_folder_that_gained_a_slide(model_file, cohort, tmp_path, monkeypatch):
+    """With one marker per set of slides, an interrupted `predict DIR --overwrite` whose folder then gained a slide
+    redid everything again: the marker of a subset of the slides, same parameters, is taken over."""
+    import shutil
+
+    from wsi_vssm.runs import runner
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("normal_001", "tumor_001"):
+        shutil.copy(cohort / f"{name}.tif", slides / f"{name}.tif")
+    out = tmp_path / "o"
+    args = ["predict", slides, "--out", out, "--model", model_file, *FAST, "--overwrite"]
+    assert _cli(args[:-1]) == 0
+    real = runner.report_outcome
+
+    def interrupted(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "report_outcome", interrupted)
+    assert _cli(args) == 130  # the first slide redone
+    redone = read_state(out, "predict", "normal_001")["started"]
+    monkeypatch.setattr(runner, "report_outcome", real)
+    shutil.copy(cohort / "normal_002.tif", slides / "normal_002.tif")
+    assert _cli(args) == 0
+    assert read_state(out, "predict", "normal_001")["started"] == redone  # kept: the run went on
+    assert read_state(out, "predict", "normal_002")["status"] == "done"
+    assert not list((out / STATE_DIR).glob("overwrite-run.*"))
+
+
+def test_a_slide_named_like_the_overwrite_marker_keeps_its_state(model_file, cohort, tmp_path):
+    """The marker glob `overwrite-run.predict.*` took a slide `overwrite-run`'s state and lock files for markers
+    and deleted them after every run: the slide was never up to date."""
+    import shutil
+
+    slide = tmp_path / "overwrite-run.tif"
+    shutil.copy(cohort / "normal_001.tif", slide)
+    args = ["predict", slide, "--out", tmp_path / "o", "--model", model_file, *FAST]
+    assert _cli(args) == 0 and _cli(args) == 0
+    assert read_state(tmp_path / "o", "predict", "overwrite-run")["status"] == "done"
+
+
 def test_outputs_of_an_older_format_are_remade_from_the_saved_heatmap(model_file, cohort, tmp_path, monkeypatch,
                                                                        capsys):
     """A cohort finished before contours.geojson held one feature per lesion was "up to date" after the change

@@ -53,11 +53,11 @@ class Outcome:
 
     def record(self, job) -> dict:
         """The slide's `--json` line: name, status (`done`, `up_to_date`, `failed`, `in_progress` when another
-        run holds it), where its outputs are, its result and timings as its state records them (null where
-        none), and the error or why it was not done."""
+        run holds it), its output paths (null unless done or up to date), its result and timings as its state
+        records them (null where none), and the error or why it was not done."""
         state = self.state or {}
         status = {"skipped": "up_to_date", "locked": "in_progress"}.get(self.status, self.status)
-        return {"slide": self.task.name, "status": status, "outputs": job.where(self.task.name),
+        return {"slide": self.task.name, "status": status, "outputs": job.outputs(self.task.name) if self.ok else None,
                 "result": state.get("result"), "timings": state.get("timings"),
                 "error": None if self.ok else self.message}
 

@@ -55,6 +55,8 @@ class SlideJob(Protocol):
 
     def where(self, name: str) -> str: ...
 
+    def outputs(self, name: str) -> list[str]: ...
+
     def describe(self, name: str, result: dict, timings: dict) -> str: ...
 
 
@@ -160,6 +162,10 @@ class PredictJob(PerSlideMpp):
 
     def where(self, name: str) -> str:
         return f"{Path(self.out) / name}/"
+
+    def outputs(self, name: str) -> list[str]:
+        """The slide's output folder, for `--json` records."""
+        return [str(Path(self.out) / name)]
 
     def describe(self, name: str, result: dict, timings: dict) -> str:
         p = result.get("probability")
@@ -270,7 +276,11 @@ class ExtractJob(PerSlideMpp):
             remove_temporaries(path.parent, f"{path.name}.")
 
     def where(self, name: str) -> str:
-        return " + ".join(str(self.target(name, fmt)) for fmt in self.formats)
+        return " + ".join(self.outputs(name))
+
+    def outputs(self, name: str) -> list[str]:
+        """The slide's feature files, one per format, for `--json` records."""
+        return [str(self.target(name, fmt)) for fmt in self.formats]
 
     def describe(self, name: str, result: dict, timings: dict) -> str:
         return (f"{name}: {result.get('n_cells')} cells from {result.get('n_regions')} region(s) in "

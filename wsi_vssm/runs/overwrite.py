@@ -1,12 +1,13 @@
 """Where an interrupted `--overwrite` run resumes: a marker in OUT/.state records when it began, with which
 parameters, over which slides, until a run has been through every one of those slides. Slides finished after
-that start are kept by the rerun of the same command. One marker per set of slides: per-slide tasks of a
-workflow manager sharing one OUT each keep their own."""
+that start are kept by the rerun of the same command (also when its folder or list has gained slides since). One
+marker per set of slides: per-slide tasks of a workflow manager sharing one OUT each keep their own."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from wsi_vssm.atomic import atomic_write_json
@@ -22,16 +23,22 @@ def overwrite_marker(job, slides: list[str]) -> Path:
 
 def overwrite_since(job, progress: Progress, slides: list[str]) -> str:
     """When this --overwrite run over `slides` began: now, or, when an earlier --overwrite run with the same
-    parameters over the same slides was interrupted, its start (slides it finished after that are kept)."""
+    parameters over these slides or some of them was interrupted, its start (slides it finished after that are
+    kept; with several, the earliest). The marker is then rewritten for this run's slides."""
+    wanted = set(slides)
+    earlier = [(m, rec) for m, rec in _markers(job)
+               if rec.get("params_hash") == job.params_hash and set(rec.get("slides", wanted)) <= wanted]
     marker = overwrite_marker(job, slides)
-    earlier = _read(marker) or _read(_old_marker(job))  # a marker of a version before 2026-12-07 names no slides
-    same = earlier is not None and sorted(earlier.get("slides", slides)) == sorted(slides)
-    if same and earlier.get("params_hash") == job.params_hash and earlier.get("since"):
-        progress.info(f"going on with the --overwrite run begun {earlier['since']}: the slides it finished are kept")
-        return str(earlier["since"])
-    since = now()
+    if earlier:
+        since = min(str(rec["since"]) for _, rec in earlier)
+        progress.info(f"going on with the --overwrite run begun {since}: the slides it finished are kept")
+    else:
+        since = now()
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"since": since, "params_hash": job.params_hash, "slides": sorted(slides)})
+    for old, _ in earlier:  # taken over by this run's marker
+        if old != marker:
+            old.unlink(missing_ok=True)
     return since
 
 
@@ -40,19 +47,27 @@ def end_overwrite(job, slides: list[str]) -> None:
     an --overwrite run whose slides are all among them goes, so the next --overwrite redoes everything; the
     markers of runs over other slides stay for their own reruns."""
     done = set(slides)
-    for marker in (_old_marker(job), *Path(job.out, STATE_DIR).glob(f"overwrite-run.{job.kind}.*")):
-        earlier = _read(marker)
-        if earlier is None or set(earlier.get("slides", ())) <= done:
+    for marker, rec in _markers(job):
+        if set(rec.get("slides", ())) <= done:
             marker.unlink(missing_ok=True)
 
 
-def _old_marker(job) -> Path:
-    return Path(job.out) / STATE_DIR / f"overwrite-run.{job.kind}"
-
-
-def _read(marker: Path) -> dict | None:
+def _markers(job) -> list[tuple[Path, dict]]:
+    """The readable markers of this job's kind in OUT/.state: `overwrite-run.<kind>.<12 hex>`, and the one
+    `overwrite-run.<kind>` of versions before 2026-12-07 (no slide list: it stands for any slides). A slide named
+    `overwrite-run` has state and lock files that begin the same way: the exact pattern leaves them alone."""
+    folder = Path(job.out) / STATE_DIR
+    pattern = re.compile(rf"overwrite-run\.{re.escape(job.kind)}(\.[0-9a-f]{{12}})?")
     try:
-        earlier = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return earlier if isinstance(earlier, dict) else None
+        names = [p for p in folder.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return []
+    found = []
+    for marker in sorted(names):
+        try:
+            rec = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("since"):
+            found.append((marker, rec))
+    return found

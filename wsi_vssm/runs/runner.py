@@ -14,8 +14,8 @@ slide file that still exists elsewhere (`a/x.tif` done, now `b/x.svs`) fails wit
 unless `--overwrite` (`name_taken`). A path that does not exist, or is no file or folder (a pipe, a loop of
 links: `io.slide.path_problem`), fails at once (one line) and writes no state. A file named twice on one command
 line runs once (`slide_tasks`). `--overwrite` redoes every slide, and is itself resumable: the run's start is
-kept in `OUT/.state/overwrite-run.<job>` until a run has been through every slide, so the same command after an
-interruption keeps the slides that run finished (`runs.overwrite`). Outputs are written atomically and `done`
+kept in a marker per set of slides until a run has been through every slide of the set, so the same command
+after an interruption keeps the slides that run finished (`runs.overwrite`). Outputs are written atomically and `done`
 is written only after the last of them, so a SIGKILL between any two writes leaves a state that the rerun
 redoes.
 
