@@ -1,7 +1,8 @@
 """The CPUs and memory this process may really use: its affinity mask (taskset, a SLURM cpuset) and its cgroup's
 CPU quota and memory limit (docker --cpus / --memory, a Kubernetes limit). torch, numba and os.cpu_count() see the
 host's cores, so in a container limited to 2 CPUs of a 64-core host they would start 64 threads that the quota
-then throttles (1.3-2.4x slower measured under a 1-CPU quota on 2 cores, 2026-12-07). Light: no torch import.
+then throttles (under a 1-CPU quota on 2 cores, 2026-12-07: whole `predict` commands 1.16-1.17x slower, one
+2,048 px forward up to 2.4x; docs/cohorts.md). Light: no torch import.
 """
 
 from __future__ import annotations

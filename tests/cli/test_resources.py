@@ -1,6 +1,7 @@
 """The CPUs and memory a run may use, read from its cgroup (a container's --cpus / --memory, a Kubernetes limit):
-torch and numba saw the host's cores and started threads that the quota then throttled (1.3-2.4x slower under a
-1-CPU quota on 2 cores), and a memory limit killed a run with no message (exit 137)."""
+torch and numba saw the host's cores and started threads that the quota then throttled (whole predict commands
+1.16-1.17x slower under a 1-CPU quota on 2 cores, one forward up to 2.4x), and a memory limit killed a run with no
+message (exit 137)."""
 
 from __future__ import annotations
 
