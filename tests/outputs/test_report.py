@@ -516,3 +516,18 @@ def test_slides_whose_probabilities_round_to_one_are_ranked_by_their_logits(tmp_
     assert logistic(16.0) < logistic(30.0) < logistic(31.0) < 1.0  # float64 keeps them apart up to about 36.7 ...
     assert logit(logistic(30.0)) == pytest.approx(30.0, abs=1e-3)
     assert np.isfinite(logit(np.array([0.0, 1.0]))).all()  # ... and logit() of a rounded 0 or 1 stays finite
+
+
+def test_froc_detection_files_never_replace_a_slides_outputs(tmp_path):
+    """A slide named froc_detections from before the name was reserved has its outputs there: kept, warned of."""
+    from wsi_vssm.runs.cohort_froc import write_detections
+
+    folder = tmp_path / "froc_detections"
+    write_detections(folder, {"a": np.array([[10.4, 20.6, 0.5]]), "b": np.empty((0, 3))})
+    assert (folder / "a.csv").read_text() == "0.5,10,21\n" and (folder / "b.csv").read_text() == ""
+    write_detections(folder, {"c": np.array([[1.0, 2.0, 0.25]])})  # replaced whole: a and b gone
+    assert sorted(p.name for p in folder.iterdir()) == ["c.csv"]
+    (folder / "prediction.json").write_text("{}")
+    with pytest.warns(UserWarning, match="a slide's output folder, not replaced"):
+        write_detections(folder, {"d": np.array([[1.0, 2.0, 0.25]])})
+    assert (folder / "prediction.json").exists() and not (folder / "d.csv").exists()

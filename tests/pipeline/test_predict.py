@@ -520,6 +520,17 @@ def test_cli_evaluate_with_annotations_prints_the_froc(model_file, cohort, tmp_p
         assert line.startswith(f"FROC {froc['froc']:.3f} (95% CI {lo:.3f}-{hi:.3f}; lesion sensitivity "), line
         assert "at 0.25/0.5/1/2/4/8 false positives per slide" in line
         assert f"over {froc['n_lesions']} lesions on {froc['n_slides']} slides" in line
+    # the detections as CAMELYON16's submission CSVs, to score with the challenge's own script: probability,x,y
+    # in level-0 integer pixels, no header, one file per scored slide
+    files = sorted((tmp_path / "ev" / "froc_detections").iterdir())
+    assert [f.stem for f in files] == sorted(froc["per_slide"])
+    rows = [line.split(",") for f in files for line in f.read_text().splitlines()]
+    assert len(rows) == froc["n_detections"] and all(len(r) == 3 for r in rows)
+    assert all(0 <= float(p) <= 1 and int(x) >= 0 and int(y) >= 0 for p, x, y in rows)
+    # a run without --annotations into the same folder takes them away with froc.png: they would not match
+    with pytest.raises(SystemExit):
+        main([a for a in args if a not in ("--annotations", str(cohort / "annotations"))])
+    assert not (tmp_path / "ev" / "froc_detections").exists() and not (tmp_path / "ev" / "froc.png").exists()
 
 
 def test_a_cohort_with_no_slide_scored_still_gets_its_froc_block(model_file, cohort, tmp_path):

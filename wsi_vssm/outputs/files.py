@@ -31,6 +31,8 @@ CALIBRATION_PNG = "calibration.png"  # reliability diagram (outputs.calibration)
 STAGES_CSV = "stages.csv"  # with --patients
 CONFUSION_PNG = "confusion.png"  # with --patients: per-node categories, reference against predicted
 FROC_PNG = "froc.png"  # with --annotations: the lesion-level FROC curve
+# with --annotations: per scored slide `<slide>.csv`, the FROC's detections in CAMELYON16's submission format
+FROC_DETECTIONS = "froc_detections"
 COHORT_LESIONS_CSV = LESIONS_CSV  # every scored slide's lesions, with a `slide` column
 MODEL_PATCHES_CSV = "model_patches.csv"  # a patch folder's patches that trained or selected the model
 COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG, COHORT_LESIONS_CSV)
@@ -104,3 +106,9 @@ def from_spreadsheet_safe(text: str) -> str:
 
 def _formula_like(text: str) -> bool:
     return text.startswith(FORMULA_STARTS) or (text.startswith("'") and _formula_like(text[1:]))
+
+
+def is_detections_folder(path: Path) -> bool:
+    """OUT/froc_detections as evaluate writes it, not the output folder of a slide of that name from a version
+    before the name was reserved (which holds a prediction.json): only ours may be replaced or removed."""
+    return path.is_dir() and not path.is_symlink() and not (path / PREDICTION_JSON).exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from wsi_vssm.outputs.files import FROC_PNG, HEATMAP_ZARR
+from wsi_vssm.outputs.files import FROC_DETECTIONS, FROC_PNG, HEATMAP_ZARR, is_detections_folder
 
 FROC_MIN_PROBABILITY = 0.01
 
@@ -37,7 +37,25 @@ def cohort_froc(out: Path, scored: list[dict], annotated: dict, folders: dict[st
             truth[r["slide"]] = annotated[r["slide"]]
     result = froc(detections, truth, mpps, slide_size=sizes, n_boot=n_boot)
     froc_png(out / FROC_PNG, result)
+    write_detections(out / FROC_DETECTIONS, {folders.get(name, name): det for name, det in detections.items()})
     return {**result.as_dict(), "detection_floor": FROC_MIN_PROBABILITY, "annotations_outside_slide": outside}
+
+
+def write_detections(folder: Path, detections: dict) -> None:
+    """`folder/<slide>.csv` for each scored slide, in CAMELYON16's submission format, so that the challenge's own
+    evaluation script (or any other) can score the same detections: one line per detection, `probability,x,y`,
+    level-0 pixels rounded to integers (the script reads them with int()), no header; an empty file for a slide
+    without one. The folder is replaced whole, so a rerun over fewer slides leaves none of the earlier run's.
+    A folder of that name holding a slide's outputs (an old slide named so) is left alone, with a warning."""
+    from wsi_vssm.atomic import atomic_dir
+
+    if folder.exists() and not is_detections_folder(folder):
+        warnings.warn(f"{folder}: a slide's output folder, not replaced: no FROC detection files", stacklevel=3)
+        return
+    with atomic_dir(folder) as tmp:
+        for name, det in detections.items():
+            lines = [f"{p!r},{round(x)},{round(y)}\n" for x, y, p in det.tolist()]
+            (tmp / f"{name}.csv").write_text("".join(lines), encoding="utf-8")
 
 
 def _beyond_slide(annotation, grid_shape: tuple[int, int], cell0: float) -> list[float] | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +29,14 @@ from wsi_vssm.outputs.files import (
     CALIBRATION_PNG,
     COHORT_LESIONS_CSV,
     CONFUSION_PNG,
+    FROC_DETECTIONS,
     FROC_PNG,
     LESIONS_CSV,
     METRICS_JSON,
     MODEL_PATCHES_CSV,
     ROC_PNG,
     STAGES_CSV,
+    is_detections_folder,
 )
 from wsi_vssm.pipeline.params import threshold_origin
 from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
@@ -170,6 +173,8 @@ def evaluate_cohort(
                 if given is None and (out / name).is_file():
                     with contextlib.suppress(OSError):
                         (out / name).unlink()
+            if annotations is None and is_detections_folder(out / FROC_DETECTIONS):
+                shutil.rmtree(out / FROC_DETECTIONS, ignore_errors=True)
             if annotations is not None or patients is not None:
                 try:
                     if annotations is not None:
@@ -275,6 +280,8 @@ def _start_report(out: Path) -> None:
             if mine and (out / table).is_file():
                 with contextlib.suppress(OSError):  # a folder that refuses it refuses the final table too
                     (out / table).unlink()
+        if mine and is_detections_folder(out / FROC_DETECTIONS):
+            shutil.rmtree(out / FROC_DETECTIONS, ignore_errors=True)
         try:
             metrics = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -47,6 +47,7 @@ from pathlib import Path
 from wsi_vssm.outputs.files import (
     COHORT_FILES,
     CONFUSION_PNG,
+    FROC_DETECTIONS,
     FROC_PNG,
     PREDICTION_JSON,
     STAGES_CSV,
@@ -364,7 +365,8 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
 
 # OUT's own files and folders: a slide of such a name (`metrics.json.tif`, `.state.svs`) would write its folder
 # there (evaluate then failed "metrics.json: Is a directory"; a `.state` slide wrote into the state folder)
-RESERVED_NAMES = frozenset(n.lower() for n in (*COHORT_FILES, STAGES_CSV, CONFUSION_PNG, FROC_PNG, STATE_DIR))
+RESERVED_NAMES = frozenset(n.lower() for n in (*COHORT_FILES, STAGES_CSV, CONFUSION_PNG, FROC_PNG, FROC_DETECTIONS,
+                                               STATE_DIR))
 
 
 def _older_mpp_source(state: dict, job, task: SlideTask) -> str | None:
