@@ -531,3 +531,17 @@ def test_froc_detection_files_never_replace_a_slides_outputs(tmp_path):
     with pytest.warns(UserWarning, match="a slide's output folder, not replaced"):
         write_detections(folder, {"d": np.array([[1.0, 2.0, 0.25]])})
     assert (folder / "prediction.json").exists() and not (folder / "d.csv").exists()
+
+
+def test_resampled_aucs_equal_rank_sums_to_the_last_bit():
+    """The bootstraps count instead of ranking each resample (about 9x faster at 100,000 items): the values, and
+    so every interval printed before, must stay exactly the same."""
+    from wsi_vssm.outputs.report import rankdata, resampled_aucs
+
+    rng = np.random.default_rng(7)
+    for m, n, decimals in ((3, 2, 0), (40, 55, 1), (300, 200, 2), (1000, 1500, 8)):
+        pos, neg = np.round(rng.normal(1, 1, m), decimals), np.round(rng.normal(0, 1, n), decimals)  # ties
+        p_idx, n_idx = rng.integers(0, m, (25, m)), rng.integers(0, n, (25, n))
+        ranks = rankdata(np.concatenate([pos[p_idx], neg[n_idx]], axis=1), axis=1)
+        want = (ranks[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+        assert np.array_equal(resampled_aucs(pos, neg, p_idx, n_idx), want)

@@ -15,7 +15,7 @@ import numpy as np
 
 from wsi_vssm.errors import UsageError
 from wsi_vssm.outputs.files import METRICS_JSON, PREDICTIONS_CSV
-from wsi_vssm.outputs.report import _check, auc_from_ranks, delong_placements, rankdata, read_predictions_csv
+from wsi_vssm.outputs.report import _check, delong_placements, read_predictions_csv, resampled_aucs
 
 
 def paired_delong(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float],
@@ -67,10 +67,10 @@ def paired_bootstrap_difference(labels: Sequence[int], scores_a: Sequence[float]
     batch = max(1, 1_000_000 // y.size)  # bound memory on large cohorts
     for start in range(0, n_boot, batch):
         k = min(batch, n_boot - start)
-        idx = np.concatenate([pos[rng.integers(0, pos.size, size=(k, pos.size))],
-                              neg[rng.integers(0, neg.size, size=(k, neg.size))]], axis=1)
-        diffs[start : start + k] = (auc_from_ranks(rankdata(a[idx], axis=1), pos.size)
-                                    - auc_from_ranks(rankdata(b[idx], axis=1), pos.size))
+        p_idx = rng.integers(0, pos.size, size=(k, pos.size))  # the same items drawn for both runs
+        n_idx = rng.integers(0, neg.size, size=(k, neg.size))
+        diffs[start : start + k] = (resampled_aucs(a[pos], a[neg], p_idx, n_idx)
+                                    - resampled_aucs(b[pos], b[neg], p_idx, n_idx))
     low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
     return [float(low), float(high)]
 
