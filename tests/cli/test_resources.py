@@ -125,16 +125,26 @@ def test_local_dask_workers_share_the_cpus_the_run_may_use(monkeypatch):
 
 
 def test_a_low_memory_limit_is_warned_of_before_the_run(monkeypatch, tmp_path, capsys):
+    import warnings
+
     monkeypatch.setattr(resources, "cgroup_memory_limit", lambda: 900 << 20)
     monkeypatch.setattr(resources, "limit_threads_to_quota", lambda: None)
-    code, out, err = run_cli_captured(["predict", tmp_path / "missing.svs", "--out", tmp_path / "o"], capsys)
+
+    def run(args):  # each call shows its warnings: Python's default shows one text from one place once
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            return run_cli_captured(args, capsys)
+
+    code, out, err = run(["predict", tmp_path / "missing.svs", "--out", tmp_path / "o"])
     lines = err.splitlines()
     assert code == 1 and len(lines) == 2, err
     assert lines[0].startswith("wsi-vssm: warning: this process may use 0.88 GiB") and "exit 137" in lines[0]
     assert "missing.svs" in lines[1]
-    code, out, err = run_cli_captured(["info", tmp_path / "missing.svs"], capsys)  # a light command: no warning
+    code, out, err = run(["info", tmp_path / "missing.svs"])  # a light command: no warning
     assert "GiB" not in err
     (tmp_path / "predict").mkdir()  # a folder named like a heavy command is no command
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli_captured(["compare", "predict", "predict"], capsys)
+    code, out, err = run(["compare", "predict", "predict"])
     assert "GiB" not in err and "no predictions.csv" in err
+    code, out, err = run(["predict", "missing.svs"])  # the same warning again, where it belongs: shown
+    assert "0.88 GiB" in err
