@@ -62,7 +62,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
     if not Path(cohort).exists():  # before any heavy import: a typo fails at once
         raise UsageError(f"{cohort}: no such cohort file or folder")
     from wsi_vssm.commands.options import build_params, domain_note, load_cli_model, model_file, pop_run_options
-    from wsi_vssm.outputs.report import interval_text
+    from wsi_vssm.outputs.files import METRICS_JSON
+    from wsi_vssm.outputs.report import interval_text, interval_words
     from wsi_vssm.runs.cohort import is_patch_folder
     from wsi_vssm.runs.evaluate import evaluate_cohort
     from wsi_vssm.runs.evaluate_patches import evaluate_patches
@@ -144,8 +145,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         progress.result(f"FROC: none ({froc.get('reason') or 'undefined'}) -> {out_dir}/metrics.json")
     elif froc:
         at = froc.get("sensitivity_at_fps") or {}
-        ci = interval_text(froc.get("froc_ci95"), "score").strip()[1:-1]  # in the parentheses: "95% CI a-b; "
-        ci = f"{ci}; " if ci else ""
+        ci = interval_words(froc.get("froc_ci95"), "score")
+        ci = f"{ci}; " if ci else ""  # in the parentheses with the sensitivities
         progress.result(f"FROC {froc['froc']:.3f} ({ci}lesion sensitivity {'/'.join(f'{v:.2f}' for v in at.values())} "
                         f"at {'/'.join(at)} false positives per slide) over {froc['n_lesions']} lesions on "
                         f"{froc['n_slides']} slides -> {out_dir}/metrics.json")
@@ -158,7 +159,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
                         f"{m['n_patients']} patients -> {out_dir}/stages.csv")
     if m.get("n"):  # as predict: the model's limits, said when there is a probability to read
         progress.result(domain_note(model, params))
-    progress.record({"report": str(Path(out_dir) / "metrics.json"), "items": res.items,  # --json only
+    progress.record({"report": str(Path(out_dir) / METRICS_JSON), "items": res.items,  # --json only
                      **{k: m.get(k) for k in ("auc", "auc_ci95", "auc_ci95_delong", "sensitivity", "specificity",
                                               "threshold", "n", "n_failed", "n_pending", "complete")}})
     if not res.complete:

@@ -132,20 +132,24 @@ def _ranking(rows: dict[str, dict], common: list[str]) -> tuple[np.ndarray, str]
     return np.array([rows[s]["probability"] for s in common], dtype=np.float64), "probability"
 
 
-def _describe(out, meta: dict, rows: dict, common: list[str], ranked_by: str) -> dict:
+def _model_of(meta: dict) -> tuple[dict, str | None]:
+    """A report's `model` block and its weights hash (`hash`: the name in reports before `weights_hash`)."""
     model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    return model, model.get("weights_hash") or model.get("hash")
+
+
+def _describe(out, meta: dict, rows: dict, common: list[str], ranked_by: str) -> dict:
+    model, weights = _model_of(meta)
     return {"out": os.path.abspath(out), "metrics_read": bool(meta), "cohort": meta.get("cohort"),
-            "model": model.get("name"),
-            "weights_hash": model.get("weights_hash") or model.get("hash"), "complete": meta.get("complete"),
+            "model": model.get("name"), "weights_hash": weights, "complete": meta.get("complete"),
             "scored": len(rows), "left_out": sorted(set(rows) - set(common)), "ranked_by": ranked_by}
 
 
 def _differences(meta_a: dict, meta_b: dict) -> dict[str, list]:
     """What the two runs were made with that differs: the model's weights and each parameter (A's, B's value)."""
     def settings(meta: dict) -> dict:
-        model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+        model, weights = _model_of(meta)
         params = meta.get("parameters") if isinstance(meta.get("parameters"), dict) else {}
-        weights = model.get("weights_hash") or model.get("hash")
         return {"model": model.get("name"), "weights": weights and str(weights)[:12],
                 **{k: v for k, v in params.items() if k not in ("params_hash", "model_hash")}}
 

@@ -116,25 +116,27 @@ def _client(opts, progress: Progress):
         # LoopRunner lock and could deadlock the next Client's start in this process: collect it now.
         gc.collect()
         raise OptionError(f"--scheduler {opts.scheduler}: cannot use this Dask scheduler: {reason}")
-    threads = str(worker_threads(opts.workers))
-    user = os.environ.get("OMP_NUM_THREADS", "")
-    if user.isdigit() and int(user) < max(1, available_cpus() // opts.workers):  # many HPC sites export 1
-        progress.warn(f"--workers {opts.workers}: {threads} thread(s) each, as OMP_NUM_THREADS={user} says, of "
-                      f"{available_cpus()} CPU(s) this run may use; unset it to use them all")
-    if opts.workers > available_cpus():
-        progress.warn(f"--workers {opts.workers}: more processes than the {available_cpus()} CPU(s) this run may use "
-                      "(its affinity mask and CPU quota): they take turns, and each holds a model and a region")
-    env = {v: threads for v in THREAD_VARIABLES}
+    cpus = available_cpus()
+    threads = worker_threads(opts.workers, cpus)
+    if threads < max(1, cpus // opts.workers):  # the user's OMP_NUM_THREADS caps it (many HPC sites export 1)
+        progress.warn(f"--workers {opts.workers}: {threads} thread(s) each, as OMP_NUM_THREADS="
+                      f"{os.environ['OMP_NUM_THREADS']} says, of {cpus} CPU(s) this run may use; unset it to use "
+                      "them all")
+    if opts.workers > cpus:
+        progress.warn(f"--workers {opts.workers}: more processes than the {cpus} CPU(s) this run may use (its "
+                      "affinity mask and CPU quota): they take turns, and each holds a model and a region")
+    env = {v: str(threads) for v in THREAD_VARIABLES}
     cluster = LocalCluster(n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            silence_logs=logging.ERROR, env=env)
     progress.detail(f"dask: LocalCluster of {opts.workers} processes, {threads} thread(s) each")
     return Client(cluster), cluster
 
 
-def worker_threads(workers: int) -> int:
-    """Threads for each of `workers` local worker processes: the CPUs this run may use (affinity mask and cgroup
-    quota, not the host's cores) shared out, and never more than the user's own OMP_NUM_THREADS."""
-    threads = max(1, available_cpus() // workers)
+def worker_threads(workers: int, cpus: int | None = None) -> int:
+    """Threads for each of `workers` local worker processes: the CPUs this run may use (`cpus`, by default its
+    affinity mask and cgroup quota, not the host's cores) shared out, and never more than the user's own
+    OMP_NUM_THREADS."""
+    threads = max(1, (cpus or available_cpus()) // workers)
     user = os.environ.get("OMP_NUM_THREADS", "")
     return min(threads, int(user)) if user.isdigit() and int(user) > 0 else threads
 
