@@ -39,20 +39,25 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
               show_default=True,
               help="Which rows of a manifest with a split column to evaluate; auto: the test rows when there is a "
                    "split column, else all.")
+@click.option("--subgroup", "subgroups", multiple=True, metavar="COLUMN",
+              help="A column of the cohort table (its header name, or its number: CAMELYON16's reference.csv has "
+                   "Macro/Micro in column 3) whose groups (centres, scanners) get their own AUC, sensitivity and "
+                   "specificity and a permutation test of their difference; repeatable (metrics.json subgroups, "
+                   "roc_subgroups.png).")
 @model_options
 @mpp_option
 @fallback_mpp_option
 @predict_options
 @run_options
 @click.pass_context
-def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_path, mpp, **opts):
+def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroups, model_path, mpp, **opts):
     """Evaluate a COHORT: a manifest CSV (slide,label[,split]), a CAMELYON16-style folder (reference.csv), or a
     patch folder in ImageFolder layout (0/, 1/; needs --mpp).
 
     Writes OUT/metrics.json, OUT/predictions.csv, OUT/lesions.csv (every slide's lesions, with a slide column),
     OUT/roc.png, OUT/calibration.png (with --annotations also OUT/froc.png, with --patients OUT/stages.csv and
-    OUT/confusion.png) and each slide's prediction folder. A rerun resumes (done slides are
-    skipped). Exit code 3 when the cohort finished with some slides failed, 4 when the
+    OUT/confusion.png, with --subgroup OUT/roc_subgroups.png) and each slide's prediction folder. A rerun resumes
+    (done slides are skipped). Exit code 3 when the cohort finished with some slides failed, 4 when the
     report is incomplete (slides still being done by another run on OUT; see --wait-locked; for a patch folder,
     another run is scoring into OUT). A patch folder's scores are kept as they are made: a rerun resumes, and
     --overwrite scores every patch again.
@@ -112,7 +117,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         try:
             res = evaluate_cohort(cohort, model, out_dir, params, annotations=annotations, n_boot=n_boot,
                                   model_path=model_file(model_path), run=run, progress=progress, patients=patients,
-                                  split=split)
+                                  split=split, subgroups=subgroups)
         except SplitError as e:  # the option asked for rows the table does not have: a usage error, as click's
             raise OptionError(f"--split {split}: {e}") from e
     m = res.metrics
@@ -150,6 +155,11 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         progress.result(f"FROC {froc['froc']:.3f} ({ci}lesion sensitivity {'/'.join(f'{v:.2f}' for v in at.values())} "
                         f"at {'/'.join(at)} false positives per slide) over {froc['n_lesions']} lesions on "
                         f"{froc['n_slides']} slides -> {out_dir}/metrics.json")
+    if m.get("subgroups"):
+        from wsi_vssm.outputs.subgroups import subgroup_lines
+
+        for line in subgroup_lines(m["subgroups"]):
+            progress.result(f"{line} -> {out_dir}/roc_subgroups.png")
     if m.get("kappa") is not None:
         few = few_patients_warning(res)
         if few:
@@ -161,7 +171,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, model_pa
         progress.result(domain_note(model, params))
     progress.record({"report": str(Path(out_dir) / METRICS_JSON), "items": res.items,  # --json only
                      **{k: m.get(k) for k in ("auc", "auc_ci95", "auc_ci95_delong", "sensitivity", "specificity",
-                                              "threshold", "n", "n_failed", "n_pending", "complete")}})
+                                              "threshold", "n", "n_failed", "n_pending", "complete")},
+                     **({"subgroups": m["subgroups"]} if m.get("subgroups") else {})})
     if not res.complete:
         progress.warn(incomplete_warning(res.rows, m["n_pending"]))
         sys.exit(EXIT_INCOMPLETE)  # slides still being done by another run, or whose outputs vanished: rerun
@@ -188,8 +199,8 @@ def incomplete_warning(rows: list[dict], n_pending: int) -> str:
 
 # A patch folder is scored patch by patch at the cell threshold: these would change slide results, and taken
 # silently they let a user believe they had changed its figures (--threshold 0.3 left them as they were)
-SLIDE_RESULT_OPTIONS = ("annotations", "patients", "threshold", "extent_threshold", "merge_distance_cells",
-                        "target_mpp")
+SLIDE_RESULT_OPTIONS = ("annotations", "patients", "subgroups", "threshold", "extent_threshold",
+                        "merge_distance_cells", "target_mpp")
 # how slides are read, run and written: without effect on a patch folder, said once
 SLIDE_RUN_OPTIONS = ("region_px", "overlap_px", "reader_threads", "backend", "workers", "scheduler", "split_regions",
                      "retry_failed", "wait_locked", "cells_geojson")

@@ -31,6 +31,7 @@ CALIBRATION_PNG = "calibration.png"  # reliability diagram (outputs.calibration)
 STAGES_CSV = "stages.csv"  # with --patients
 CONFUSION_PNG = "confusion.png"  # with --patients: per-node categories, reference against predicted
 FROC_PNG = "froc.png"  # with --annotations: the lesion-level FROC curve
+ROC_SUBGROUPS_PNG = "roc_subgroups.png"  # with --subgroup: a ROC panel per column, a curve per group
 # with --annotations: per scored slide `<slide>.csv`, the FROC's detections in CAMELYON16's submission format
 FROC_DETECTIONS = "froc_detections"
 COHORT_LESIONS_CSV = LESIONS_CSV  # every scored slide's lesions, with a `slide` column

@@ -59,6 +59,7 @@ class CohortRow:
     line: int  # 1-based line in the table
     error: str | None = None  # why this row cannot be used (e.g. file not found)
     mpp: float | None = None  # the manifest's `mpp` for this slide: its level-0 resolution, over the file's
+    cells: tuple[str, ...] = ()  # the row as the table gives it (`column_values` reads subgroup columns from it)
 
     @property
     def ok(self) -> bool:
@@ -70,6 +71,7 @@ class Cohort:
     source: Path  # the table that was read
     layout: str  # 'manifest' or 'camelyon'
     rows: list[CohortRow] = field(default_factory=list)
+    header: tuple[str, ...] | None = None  # the table's header row as written; None for a table without one
 
     @property
     def ok(self) -> list[CohortRow]:
@@ -163,7 +165,7 @@ def select_split(cohort: Cohort, split: str = "auto") -> tuple[Cohort, str, str 
         raise SplitError(f"no slide of {cohort.source} has split {split!r} (--split all takes every slide)")
     note = (f"evaluating the {len(rows)} {split} slide(s) of {len(cohort.rows)} in {cohort.source} (its split "
             f"column; --split all takes every slide)")
-    return Cohort(cohort.source, cohort.layout, rows), split, note
+    return Cohort(cohort.source, cohort.layout, rows, cohort.header), split, note
 
 
 def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
@@ -178,7 +180,7 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     i_slide, i_label = header.index(_path_column(header)), header.index("label")
     i_split = header.index("split") if "split" in header else None
     i_mpp = mpp_column(path, header)
-    cohort = Cohort(path, "manifest")
+    cohort = Cohort(path, "manifest", header=tuple(rows[0][1]))
     for line, cells in rows[1:]:
         check_row_width(path, line, cells, header, i_mpp)
         ref = _cell(cells, i_slide)
@@ -195,7 +197,8 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
         error = None
         if find_slides and not file.exists():
             error = f"slide file not found: {file} ({path}, line {line}){_with_extension(file)}"
-        cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error, mpp))
+        cohort.rows.append(CohortRow(slide_name(ref), label, split, file if not error else None, line, error, mpp,
+                                     tuple(cells)))
     _check_duplicates(_rows_through_series(cohort))  # one series listed twice is said as that first
     return cohort
 
@@ -206,7 +209,7 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
     path = Path(path)
     root = path.parent if root is None else Path(root)
     rows = _read_csv(path)
-    i_name, i_label, i_split = 0, 1, None
+    i_name, i_label, i_split, header_row = 0, 1, None, None
     if rows and (_is_reference_header(rows[0][1]) or _is_manifest_header(rows[0][1])):
         header = [c.strip().lower() for c in rows[0][1]]
         if "label" in header:
@@ -215,9 +218,10 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
                                                    next((c for c in header if c in _HEADER_NAMES), header[0]))
             i_name, i_label = header.index(name_column), header.index("label")
             i_split = header.index("split") if "split" in header else None
+        header_row = tuple(rows[0][1])
         rows = rows[1:]
     index = index_slides(root) if find_slides else {}
-    cohort = Cohort(path, "camelyon")
+    cohort = Cohort(path, "camelyon", header=header_row)
     for line, cells in rows:
         name = _cell(cells, i_name)
         if not name:
@@ -242,7 +246,7 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
                                   f"{', '.join(str(h) for h in hits[:4])}; keep one, or give a manifest of paths")
             else:
                 found = hits[0]
-        cohort.rows.append(CohortRow(name, label, split, found, line, error))
+        cohort.rows.append(CohortRow(name, label, split, found, line, error, cells=tuple(cells)))
     _check_duplicates(_rows_through_series(cohort))  # one series listed twice is said as that first
     return cohort
 

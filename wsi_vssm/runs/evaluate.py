@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from wsi_vssm.outputs.files import (
     METRICS_JSON,
     MODEL_PATCHES_CSV,
     ROC_PNG,
+    ROC_SUBGROUPS_PNG,
     STAGES_CSV,
     is_detections_folder,
 )
@@ -84,6 +85,7 @@ def evaluate_cohort(
     progress=None,
     patients: str | os.PathLike | None = None,
     split: str = "all",
+    subgroups: Sequence[str] = (),
 ) -> EvaluationResult:
     """Predict each slide of a manifest / CAMELYON16 folder into `out_dir/<slide>/`, then write the cohort files.
 
@@ -94,7 +96,9 @@ def evaluate_cohort(
     ends with the same files as an uninterrupted one. `patients` (a patients.csv) adds pN staging against the
     reference (`runs.patients`): stages.csv, confusion.png and the kappa keys of metrics.json. `split`
     (`runs.cohort.select_split`): the rows of one split of a manifest's split column, `auto` the test rows when
-    there is one; the line saying so goes to `progress`.
+    there is one; the line saying so goes to `progress`. `subgroups`: columns of the cohort table (names or
+    1-based numbers, `runs.subgroups`) whose groups get their own figures (metrics.json `subgroups`,
+    roc_subgroups.png; `outputs.subgroups`).
     """
     from wsi_vssm.runs.cohort import read_cohort, select_split
     from wsi_vssm.runs.execute import SlideTask
@@ -111,6 +115,7 @@ def evaluate_cohort(
     cohort, split, note = select_split(cohort, split)
     if note and progress is not None:
         progress.info(note)
+    columns = _subgroup_columns(cohort, subgroups, progress)  # a column the table lacks fails before any slide
     out = Path(out_dir)
     if annotations is not None and not Path(annotations).is_dir():
         raise UsageError(f"{annotations}: --annotations must be a folder of annotation files (docs/io.md)")
@@ -159,6 +164,7 @@ def evaluate_cohort(
             finished = [r for r in rows if r["status"] not in UNFINISHED]
             scored = [r for r in finished if r["probability"] is not None and r["label"] is not None]
             mosaics = _mosaic_layout(cohort_path)
+            groups = _write_subgroups(out, scored, columns, slide_threshold(model, params), n_boot)
             metrics = _write_metrics(out, scored, slide_threshold(model, params), len(finished) - len(scored), n_boot,
                                      n_pending=len(rows) - len(finished), items=MOSAIC_ITEMS if mosaics else "slides",
                                      origin=threshold_origin(model, params.threshold),
@@ -166,10 +172,12 @@ def evaluate_cohort(
                                          **{k: v for k, v in job.resolved.items() if k != "job"},
                                          "fallback_mpp": job.fallback_mpp,
                                          "params_hash": job.params_hash}) | {"mosaics": mosaics,
-                                     "repeated_slides": repeated_slides(out, job.kind, scored, folders)})
+                                     "repeated_slides": repeated_slides(out, job.kind, scored, folders)},
+                                     extra=groups)
             _write_cohort_lesions(out, rows, folders, progress)  # after metrics.json: a bad table costs only itself
             # a run with these options that finished while this one worked left its figures beside this report
-            for name, given in ((FROC_PNG, annotations), (STAGES_CSV, patients), (CONFUSION_PNG, patients)):
+            for name, given in ((FROC_PNG, annotations), (STAGES_CSV, patients), (CONFUSION_PNG, patients),
+                                (ROC_SUBGROUPS_PNG, columns or None)):
                 if given is None and (out / name).is_file():
                     with contextlib.suppress(OSError):
                         (out / name).unlink()
@@ -197,6 +205,44 @@ def evaluate_cohort(
                     raise
                 atomic_write_json(out / METRICS_JSON, metrics)
         return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
+
+
+def _subgroup_columns(cohort, specs: Sequence[str], progress) -> dict[str, dict[str, str]]:
+    """Each `--subgroup` column's values by slide name; a warning for a column with more groups than a grouping
+    usually has (an identifier?)."""
+    from wsi_vssm.outputs.subgroups import MANY_GROUPS
+    from wsi_vssm.runs.subgroups import subgroup_columns
+
+    columns = subgroup_columns(cohort, specs)
+    for name, values in columns.items():
+        n = len({v for v in values.values() if v})
+        if n > MANY_GROUPS and progress is not None:
+            progress.warn(f"--subgroup {name}: {n} distinct values among {len(values)} slides; a subgroup column "
+                          "groups slides (a centre, a scanner): is it an identifier?")
+    return columns
+
+
+def _write_subgroups(out: Path, scored: list[dict], columns: dict[str, dict[str, str]], threshold: float,
+                     n_boot: int) -> dict:
+    """metrics.json's `subgroups` (`{}` without --subgroup) over the scored slides, and roc_subgroups.png."""
+    from wsi_vssm.outputs.subgroups import subgroup_metrics, subgroups_png
+
+    if not columns:
+        return {}
+    labels = [r["label"] for r in scored]
+    scores = [r["probability"] for r in scored]
+    ranks = _ranks(scored)
+    by_column = {name: [values.get(r["slide"], "") for r in scored] for name, values in columns.items()}
+    blocks = {name: subgroup_metrics(labels, scores, v, threshold, n_boot=n_boot, ranks=ranks)
+              for name, v in by_column.items()}
+    subgroups_png(out / ROC_SUBGROUPS_PNG, labels, scores if ranks is None else ranks, by_column, blocks)
+    return {"subgroups": blocks}
+
+
+def _ranks(scored: list[dict]) -> list[float] | None:
+    """The logits to rank by when every item has one (`_write_metrics`), else None."""
+    logits = [r.get("logit") for r in scored]
+    return logits if logits and all(z is not None and math.isfinite(z) for z in logits) else None
 
 
 def _write_cohort_lesions(out: Path, rows: list[dict], folders: dict[str, str], progress) -> None:
@@ -276,7 +322,7 @@ def _start_report(out: Path) -> None:
         # a patch run keeps no state folder, and without one no slide run can be writing these tables
         mine = held or not (out / STATE_DIR).is_dir()
         # a folder of one of these names is an old slide's, warned of
-        for table in (COHORT_LESIONS_CSV, MODEL_PATCHES_CSV, FROC_PNG, STAGES_CSV, CONFUSION_PNG):
+        for table in (COHORT_LESIONS_CSV, MODEL_PATCHES_CSV, FROC_PNG, STAGES_CSV, CONFUSION_PNG, ROC_SUBGROUPS_PNG):
             if mine and (out / table).is_file():
                 with contextlib.suppress(OSError):  # a folder that refuses it refuses the final table too
                     (out / table).unlink()
@@ -311,12 +357,12 @@ def _model_file_for_workers(model, out: Path) -> str:
 
 def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: int, n_boot: int,
                    n_pending: int = 0, items: str = "slides", provenance: dict | None = None,
-                   origin: dict | None = None) -> dict:
+                   origin: dict | None = None, extra: dict | None = None) -> dict:
     """metrics.json (`report.cohort_metrics`, then `threshold_origin` (`origin`, `params.threshold_origin`),
     the counts and exact intervals at the threshold (`report.operating_point`), `n_pending`: slides not through
     yet, `complete`: none is, `n_out_of_domain`: scored slides whose prediction says `in_domain: false` (None for
-    patches, which have no domain verdict), `calibration`, `intervals`, any `reason`, then the `provenance` keys
-    and `environment`), roc.png and calibration.png, atomically."""
+    patches, which have no domain verdict), `calibration`, `intervals`, any `reason`, the `extra` keys
+    (`subgroups`), then the `provenance` keys and `environment`), roc.png and calibration.png, atomically."""
     from wsi_vssm.outputs.calibration import calibration_png, calibration_summary
     from wsi_vssm.outputs.report import METRIC_KEYS, cohort_metrics, operating_point, roc_png
 
@@ -324,8 +370,8 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     scores = np.array([r["probability"] for r in scored], dtype=np.float64)
     # ranked by the logits when every item has one: probabilities round to 1.0 above a logit of about 37, and
     # the default model calls slides at 50 and more; results written before logits were recorded have none
-    logits = [r.get("logit") for r in scored]
-    by_logit = bool(logits) and all(z is not None and math.isfinite(z) for z in logits)
+    logits = _ranks(scored)
+    by_logit = logits is not None
     ranks = np.array(logits, dtype=np.float64) if by_logit else None
     metrics = cohort_metrics(labels, scores, threshold, n_failed=n_failed, n_boot=n_boot, ranks=ranks, items=items)
     calibration = calibration_summary(labels, scores, n_boot=n_boot)
@@ -337,6 +383,7 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
                "n_pending": int(n_pending), "complete": not n_pending,
                "n_out_of_domain": n_out, "calibration": calibration, "intervals": intervals(n_boot),
                **metrics,  # then `reason`, when there is one
+               **(extra or {}),
                **(provenance or {}), "environment": environment()}
     roc_png(out / ROC_PNG, labels, scores, auc=metrics.get("auc"), ci=metrics.get("auc_ci95"),
             threshold=threshold, items=items, ranks=ranks)

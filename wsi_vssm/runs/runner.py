@@ -50,6 +50,7 @@ from wsi_vssm.outputs.files import (
     FROC_DETECTIONS,
     FROC_PNG,
     PREDICTION_JSON,
+    ROC_SUBGROUPS_PNG,
     STAGES_CSV,
     name_key,
 )
@@ -366,6 +367,7 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
 # OUT's own files and folders: a slide of such a name (`metrics.json.tif`, `.state.svs`) would write its folder
 # there (evaluate then failed "metrics.json: Is a directory"; a `.state` slide wrote into the state folder)
 RESERVED_NAMES = frozenset(n.lower() for n in (*COHORT_FILES, STAGES_CSV, CONFUSION_PNG, FROC_PNG, FROC_DETECTIONS,
+                                               ROC_SUBGROUPS_PNG,
                                                STATE_DIR))
 
 
