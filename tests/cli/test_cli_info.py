@@ -626,3 +626,23 @@ def test_info_on_an_output_folder_says_out_of_domain_also_without_a_probability(
     assert code == 0 and by_name["dapi"].endswith("done: no tissue found, OUT OF DOMAIN"), text
     assert by_name["he"].endswith("done: no tissue found"), text
     assert by_name["bare"].endswith("failed: OUT OF DOMAIN"), text  # no stray ", " without a reason
+
+
+def test_info_says_a_zero_width_interval_is_undefined_as_evaluate_does(tmp_path, capsys):
+    """`evaluate` said "95% CI undefined" for perfectly separated slides while `info` printed 1.000-1.000."""
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "metrics.json").write_text(json.dumps({"n": 2, "n_failed": 0, "auc": 1.0, "auc_ci95": [1.0, 1.0],
+                                                      "threshold": 0.5, "sensitivity": 1.0, "specificity": 1.0}))
+    (patches / "predictions.csv").write_text("slide,label,probability,status,error\n0/a.jpg,0,0.1,done,\n"
+                                             "1/b.jpg,1,0.9,done,\n")
+    code, text, _ = run_cli(capsys, str(patches))
+    assert code == 0 and "AUC 1.000 (95% CI undefined: every resample gives this AUC)" in text, text
+    slides = tmp_path / "slides"
+    _states(slides, "predict", {"s1": {"status": "done", "result": {"probability": 0.9, "n_cells": 7},
+                                       "params": {"threshold": 0.5}}})
+    (slides / "metrics.json").write_text(json.dumps({"n": 2, "n_failed": 0, "auc": 1.0, "auc_ci95": [1.0, 1.0],
+                                                     "subgroups": {"centre": "not a block"}}))
+    code, text, _ = run_cli(capsys, str(slides))
+    assert code == 0 and "report:        AUC 1.000 (95% CI undefined: every resample gives this AUC)" in text, text
+    assert "subgroups" not in text  # a block info cannot read is left out, the rest shown

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from wsi_vssm.outputs.report import bootstrap_auc_ci, roc_auc
+from wsi_vssm.outputs.report_text import subgroup_lines
 from wsi_vssm.outputs.subgroups import (
     ALL_NORMAL,
     WITHIN_GROUP,
     permutation_test,
-    subgroup_lines,
     subgroup_metrics,
     subgroups_png,
 )

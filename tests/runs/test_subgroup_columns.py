@@ -74,6 +74,8 @@ def test_evaluate_reports_each_group_and_a_rerun_without_it_takes_the_figure_awa
     assert (b["value"], b["n_tumour"], b["n_normal"], b["auc"]) == ("B", 0, 1, None)
     assert (out / "roc_subgroups.png").read_bytes()[:4] == b"\x89PNG"
     assert "subgroups by centre: A AUC" in stdout and "B AUC n/a (0 tumour, 1 normal)" in stdout
+    code, info, _ = run_cli_captured(["info", out], capsys)
+    assert code == 0 and "  subgroups by centre: A AUC" in info.splitlines()[2], info  # under the report line
     code, stdout, err = run_cli_captured(["evaluate", table, "--model", model_file, "--out", out, *FAST], capsys)
     assert code == 0, err
     assert "subgroups" not in json.loads((out / "metrics.json").read_text())

@@ -68,7 +68,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroup
         raise UsageError(f"{cohort}: no such cohort file or folder")
     from wsi_vssm.commands.options import build_params, domain_note, load_cli_model, model_file, pop_run_options
     from wsi_vssm.outputs.files import METRICS_JSON
-    from wsi_vssm.outputs.report import interval_text, interval_words
+    from wsi_vssm.outputs.report_text import interval_text, interval_words
     from wsi_vssm.runs.cohort import is_patch_folder
     from wsi_vssm.runs.evaluate import evaluate_cohort
     from wsi_vssm.runs.evaluate_patches import evaluate_patches
@@ -156,7 +156,7 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroup
                         f"at {'/'.join(at)} false positives per slide) over {froc['n_lesions']} lesions on "
                         f"{froc['n_slides']} slides -> {out_dir}/metrics.json")
     if m.get("subgroups"):
-        from wsi_vssm.outputs.subgroups import subgroup_lines
+        from wsi_vssm.outputs.report_text import subgroup_lines
 
         for line in subgroup_lines(m["subgroups"]):
             progress.result(f"{line} -> {out_dir}/roc_subgroups.png")

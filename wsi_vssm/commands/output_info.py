@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from wsi_vssm.outputs.files import METRICS_JSON, PREDICTION_JSON, PREDICTIONS_CSV, name_key
+from wsi_vssm.outputs.report_text import interval_text, subgroup_lines
 from wsi_vssm.runs.jobs import few_cells_tag
 from wsi_vssm.runs.patch_scores import PATCH_SCORES, kept_scores
 from wsi_vssm.runs.state import STATE_DIR, describe_holder, live_lock
@@ -84,8 +85,16 @@ def _report(out: Path) -> dict | None:
         return None
     return {"cohort": m.get("cohort"), "split": m.get("split"), "items": "patches" if "model_patches" in m
             else m.get("mosaics") and "mosaic slides" or "slides",
-            **{k: m.get(k) for k in ("n", "n_failed", "n_pending", "auc", "auc_ci95", "stale", "reason")},
+            **{k: m.get(k) for k in ("n", "n_failed", "n_pending", "auc", "auc_ci95", "stale", "reason", "subgroups")},
             "complete": m.get("complete", True)}  # a report written before it said so was written at the end
+
+
+def _subgroup_lines(blocks) -> list[str]:
+    """`evaluate --subgroup`'s summary lines again; none for a report without them, or one `info` cannot read."""
+    try:
+        return subgroup_lines(blocks) if isinstance(blocks, dict) else []
+    except (KeyError, TypeError, ValueError, AttributeError):  # a foreign or damaged block: the rest still shows
+        return []
 
 
 def _mixed_settings(slides: list[dict]) -> dict:
@@ -160,8 +169,7 @@ def format_output_info(r: dict) -> str:
     lines = [f"output folder: {r['folder']} ({counts})"]
     rep = r.get("report")
     if rep:  # the cohort figures first: what a reader of this folder came for
-        ci = rep.get("auc_ci95")
-        auc = (f"AUC {rep['auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+        auc = (f"AUC {rep['auc']:.3f}{interval_text(rep.get('auc_ci95'))}"
                if isinstance(rep.get("auc"), int | float) else f"AUC n/a ({rep.get('reason') or 'undefined'})")
         split = f", split {rep['split']}" if rep.get("split") else ""
         at_work = sum(s["status"] == "in_progress" for s in r["slides"])
@@ -172,6 +180,7 @@ def format_output_info(r: dict) -> str:
         of = rep.get("cohort") or f"a cohort {UNRECORDED}"
         lines.append(f"report:        {auc} over {rep.get('n')} {rep['items']} of {of}{split} "
                      f"({rep.get('n_failed') or 0} failed); {state} -> metrics.json")
+        lines += [f"  {line}" for line in _subgroup_lines(rep.get("subgroups"))]
         if rep["items"] == "patches":
             lines.append("               (a patch evaluation: the slides below are an earlier run's)")
     for s in r["slides"]:
@@ -274,9 +283,7 @@ def format_patch_evaluation_info(r: dict) -> str:
             return f"patch evaluation: {r['folder']}: being scored now by a run ({kept or 0} patch score(s) so far)"
         return (f"patch evaluation: {r['folder']}: interrupted before its first report; {kept or 0} patch scores "
                 "kept: rerun the same evaluate command to resume")
-    auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}"
-    if r["auc"] is not None and r["auc_ci95"]:
-        auc += f" (95% CI {r['auc_ci95'][0]:.3f}-{r['auc_ci95'][1]:.3f})"
+    auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}{interval_text(r['auc_ci95'])}"
     model = f"model {r['model'] or UNRECORDED}, {r['precision'] or 'precision ' + UNRECORDED}"
     lines = [f"patch evaluation: {r['folder']} (of {r['patches'] or 'a patch folder ' + UNRECORDED}; {model}"
              f"{', TTA' if r['tta'] else ''})",

@@ -290,7 +290,7 @@ def froc_png(path: str | os.PathLike, result: FrocResult) -> None:
     from matplotlib.figure import Figure
 
     from wsi_vssm.atomic import atomic_write_figure
-    from wsi_vssm.outputs.report import interval_text
+    from wsi_vssm.outputs.report_text import interval_text
 
     fig = Figure(figsize=(5.0, 4.0), dpi=120)
     FigureCanvasAgg(fig)  # the Agg canvas directly: no pyplot global state

@@ -16,6 +16,7 @@ import numpy as np
 from wsi_vssm.atomic import atomic_write_figure, atomic_write_json, atomic_write_text
 from wsi_vssm.errors import UsageError, is_real_number
 from wsi_vssm.outputs.files import from_spreadsheet_safe, spreadsheet_safe
+from wsi_vssm.outputs.report_text import interval_text, interval_words  # noqa: F401  (here before 2026-12-08)
 
 METRIC_KEYS = (
     "auc", "auc_ci95", "auc_ci95_delong", "accuracy", "sensitivity", "specificity", "threshold", "n", "n_failed",
@@ -298,23 +299,6 @@ def roc_png(
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     atomic_write_figure(path, fig)
-
-
-def interval_words(ci: Sequence[float | None] | None, what: str = "AUC") -> str:
-    """`95% CI a-b` for summary lines and figures; an interval of no width (every resample gives one value: for
-    the AUC, perfectly separated classes or every score tied) is said to be undefined rather than printed as
-    1.000-1.000; "" without one. `what` names the figure in that case."""
-    if ci is None or any(v is None for v in ci):
-        return ""
-    if ci[1] - ci[0] <= 0:
-        return f"95% CI undefined: every resample gives this {what}"
-    return f"95% CI {ci[0]:.3f}-{ci[1]:.3f}"
-
-
-def interval_text(ci: Sequence[float | None] | None, what: str = "AUC") -> str:
-    """`interval_words` in parentheses after a figure (` (95% CI a-b)`), "" without an interval."""
-    words = interval_words(ci, what)
-    return f" ({words})" if words else ""
 
 
 def write_prediction_json(path: str | os.PathLike, record: Mapping) -> None:

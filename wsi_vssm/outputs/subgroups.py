@@ -24,9 +24,10 @@ from wsi_vssm.outputs.report import (
     roc_auc,
     roc_curve,
 )
+from wsi_vssm.outputs.report_text import group_auc_words
 
 WITHIN_GROUP = "within group"
-ALL_NORMAL = "all normal slides"
+ALL_NORMAL = "all normal slides"  # spelt out in outputs.report_text too (no numpy there)
 _DASHES = ("-", (0, (5, 2)), (0, (1, 1.5)), (0, (5, 2, 1, 2)))
 MANY_GROUPS = 20  # more distinct values than this: more likely an identifier column than a grouping (warned)
 
@@ -118,29 +119,6 @@ def _spread(aucs: np.ndarray) -> float:
     return float(aucs.max() - aucs.min())
 
 
-def _auc_words(g: dict) -> str:
-    """`0.912, 95% CI 0.85-0.96`; the interval left out where it has no width (every resample the same)."""
-    if g["auc"] is None:
-        return "n/a"
-    ci = g["auc_ci95"]
-    return f"{g['auc']:.3f}" + (f", 95% CI {ci[0]:.2f}-{ci[1]:.2f}" if ci and ci[1] > ci[0] else "")
-
-
-def subgroup_lines(blocks: dict) -> list[str]:
-    """One summary line per column: each group's AUC with its interval and counts, then the test's p."""
-    lines = []
-    for column, block in blocks.items():
-        parts = []
-        for g in block["groups"]:
-            name = "(no value)" if g["value"] is None else g["value"]
-            parts.append(f"{name} AUC {_auc_words(g)} ({g['n_tumour']} tumour, {g['n_normal']} normal)")
-        test = block["heterogeneity"]
-        tail = "" if test is None else f"; groups differ: permutation p = {test['p']:.3g}"
-        against = " (each against all normal slides)" if block["negatives"] == ALL_NORMAL else ""
-        lines.append(f"subgroups by {column}{against}: {'; '.join(parts)}{tail}")
-    return lines
-
-
 def subgroups_png(path: str | os.PathLike, labels: Sequence[int], ranks: Sequence[float],
                   columns: dict[str, Sequence[str]], blocks: dict) -> None:
     """roc_subgroups.png: one panel per subgroup column, each group with an AUC drawn as its ROC curve."""
@@ -162,7 +140,7 @@ def subgroups_png(path: str | os.PathLike, labels: Sequence[int], ranks: Sequenc
             fpr, tpr, _ = roc_curve(y[m], r[m])
             # dashes differ too: curves that coincide (two groups at AUC 1) stay told apart
             ax.plot(fpr, tpr, lw=1.4, color=f"C{i % 10}", ls=_DASHES[i % len(_DASHES)], clip_on=False,
-                    label=f"{g['value'] or '(no value)'}: AUC {_auc_words(g)}; {g['n_tumour']} tumour, "
+                    label=f"{g['value'] or '(no value)'}: AUC {group_auc_words(g)}; {g['n_tumour']} tumour, "
                           f"{g['n_normal']} normal")
         test = block["heterogeneity"]
         ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity (false-positive rate)",
