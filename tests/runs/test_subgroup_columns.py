@@ -67,6 +67,8 @@ def test_evaluate_reports_each_group_and_a_rerun_without_it_takes_the_figure_awa
                                           "--subgroup", "Centre", *FAST], capsys)
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())
+    assert m["average_precision"] is not None and set(m["sensitivity_at_specificity"]) == {"0.90", "0.95", "0.99"}
+    assert m["ppv"] is None or 0 <= m["ppv"] <= 1
     block = m["subgroups"]["centre"]
     assert block["negatives"] == "within group" and block["heterogeneity"] is None  # one group has an AUC
     a, b = block["groups"]

@@ -145,6 +145,9 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroup
                         f" a perfectly calibrated model would show {floor['median']:.3f} "
                         f"({floor['range90'][0]:.3f}-{floor['range90'][1]:.3f}) on {m['n']} items"
                         f" -> {out_dir}/calibration.png")
+    ranking = ranking_line(m)
+    if ranking:
+        progress.result(f"{ranking} -> {out_dir}/metrics.json")
     froc = m.get("froc")
     if froc and froc.get("froc") is None:  # `--annotations`: the lesion-level figure was only in metrics.json
         progress.result(f"FROC: none ({froc.get('reason') or 'undefined'}) -> {out_dir}/metrics.json")
@@ -171,7 +174,8 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroup
         progress.result(domain_note(model, params))
     progress.record({"report": str(Path(out_dir) / METRICS_JSON), "items": res.items,  # --json only
                      **{k: m.get(k) for k in ("auc", "auc_ci95", "auc_ci95_delong", "sensitivity", "specificity",
-                                              "threshold", "n", "n_failed", "n_pending", "complete")},
+                                              "threshold", "n", "n_failed", "n_pending", "complete",
+                                              "average_precision")},
                      **({"subgroups": m["subgroups"]} if m.get("subgroups") else {})})
     if not res.complete:
         progress.warn(incomplete_warning(res.rows, m["n_pending"]))
@@ -181,6 +185,19 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroup
         progress.warn(f"{res.n_failed} of {len(res.rows)} {what} failed (status failed in predictions.csv); "
                       "the metrics leave them out")
         sys.exit(3)  # a cohort finished with some slides failed
+
+
+def ranking_line(m: dict) -> str | None:
+    """The ranking figures beyond the AUC in one line (`outputs.ranking`), None without them (one class)."""
+    at = m.get("sensitivity_at_specificity") or {}
+    if m.get("average_precision") is None or None in at.values():
+        return None
+    from wsi_vssm.outputs.report_text import interval_words
+
+    sens = " / ".join(f"{v['sensitivity']:.2f}" for v in at.values())
+    return (f"average precision {m['average_precision']:.3f} "
+            f"({interval_words(m['average_precision_ci95'], 'average precision')}; a random ranking gives about "
+            f"{m['prevalence']:.2f}); sensitivity {sens} at specificity {' / '.join(at)}")
 
 
 def incomplete_warning(rows: list[dict], n_pending: int) -> str:

@@ -87,15 +87,22 @@ def bootstrap_auc_ci(
     pos, neg = np.sort(s[y == 1]), np.sort(s[y == 0])  # sorted: the interval cannot depend on the rows' order
     if pos.size == 0 or neg.size == 0:
         raise UsageError(f"AUC needs both classes; got {pos.size} positive and {neg.size} negative slides")
-    rng = np.random.default_rng(seed)
     aucs = np.empty(n_boot)
-    batch = max(1, 2_000_000 // (pos.size + neg.size))  # bound memory on large cohorts
-    for start in range(0, n_boot, batch):
-        b = min(batch, n_boot - start)
-        p_idx = rng.integers(0, pos.size, size=(b, pos.size))
-        aucs[start : start + b] = resampled_aucs(pos, neg, p_idx, rng.integers(0, neg.size, size=(b, neg.size)))
+    for start, p_idx, n_idx in stratified_resamples(pos.size, neg.size, n_boot, seed):
+        aucs[start : start + p_idx.shape[0]] = resampled_aucs(pos, neg, p_idx, n_idx)
     low, high = np.quantile(aucs, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+def stratified_resamples(n_pos: int, n_neg: int, n_boot: int, seed: int = 0):
+    """The AUC bootstrap's resamples, in batches: (first resample's number, positive indices (b, n_pos), negative
+    indices (b, n_neg)). Every interval drawn from them (`outputs.ranking`'s too) resamples the same cohorts."""
+    rng = np.random.default_rng(seed)
+    batch = max(1, 2_000_000 // (n_pos + n_neg))  # bound memory on large cohorts
+    for start in range(0, n_boot, batch):
+        b = min(batch, n_boot - start)
+        p_idx = rng.integers(0, n_pos, size=(b, n_pos))
+        yield start, p_idx, rng.integers(0, n_neg, size=(b, n_neg))
 
 
 def delong_placements(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,13 +191,17 @@ def proportion_ci(k: int, n: int, alpha: float = 0.05) -> list[float] | None:
 
 def operating_point(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict:
     """metrics.json's counts at `threshold` (a score >= it is called tumour): the items of each class, the
-    confusion counts, and exact 95% intervals (`proportion_ci`) of sensitivity, specificity and accuracy (None
-    where their denominator is 0)."""
+    confusion counts, exact 95% intervals (`proportion_ci`) of sensitivity, specificity and accuracy, the
+    positive and negative predictive values with theirs, and F1 (None where a denominator is 0)."""
     m = metrics_at_threshold(labels, scores, threshold)
     tp, fp, tn, fn = m["tp"], m["fp"], m["tn"], m["fn"]
     return {"n_tumour": tp + fn, "n_normal": tn + fp, "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
             "sensitivity_ci95": proportion_ci(tp, tp + fn), "specificity_ci95": proportion_ci(tn, tn + fp),
-            "accuracy_ci95": proportion_ci(tp + tn, tp + fp + tn + fn)}
+            "accuracy_ci95": proportion_ci(tp + tn, tp + fp + tn + fn),
+            # predictive values hold at this cohort's prevalence only (docs/outputs.md)
+            "ppv": _ratio(tp, tp + fp), "ppv_ci95": proportion_ci(tp, tp + fp),
+            "npv": _ratio(tn, tn + fn), "npv_ci95": proportion_ci(tn, tn + fn),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
 
 
 def cohort_metrics(

@@ -359,11 +359,13 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
                    n_pending: int = 0, items: str = "slides", provenance: dict | None = None,
                    origin: dict | None = None, extra: dict | None = None) -> dict:
     """metrics.json (`report.cohort_metrics`, then `threshold_origin` (`origin`, `params.threshold_origin`),
-    the counts and exact intervals at the threshold (`report.operating_point`), `n_pending`: slides not through
+    the counts and exact intervals at the threshold (`report.operating_point`), the sensitivity at fixed
+    specificities and the average precision (`ranking.ranking_metrics`), `n_pending`: slides not through
     yet, `complete`: none is, `n_out_of_domain`: scored slides whose prediction says `in_domain: false` (None for
     patches, which have no domain verdict), `calibration`, `intervals`, any `reason`, the `extra` keys
     (`subgroups`), then the `provenance` keys and `environment`), roc.png and calibration.png, atomically."""
     from wsi_vssm.outputs.calibration import calibration_png, calibration_summary
+    from wsi_vssm.outputs.ranking import ranking_metrics
     from wsi_vssm.outputs.report import METRIC_KEYS, cohort_metrics, operating_point, roc_png
 
     labels = np.array([r["label"] for r in scored], dtype=np.int64)
@@ -379,6 +381,7 @@ def _write_metrics(out: Path, scored: list[dict], threshold: float, n_failed: in
     n_out = None if items == "patches" else sum(r.get("in_domain") is False for r in scored)
     metrics = {**{k: metrics.pop(k) for k in METRIC_KEYS}, "threshold_origin": origin,
                **operating_point(labels, scores, threshold),
+               **ranking_metrics(labels, scores if ranks is None else ranks, scores, n_boot=n_boot),
                "auc_ranked_by": "logit" if by_logit else "probability",
                "n_pending": int(n_pending), "complete": not n_pending,
                "n_out_of_domain": n_out, "calibration": calibration, "intervals": intervals(n_boot),
@@ -402,7 +405,9 @@ def intervals(n_boot: int) -> dict:
                         "(the row order does not matter); wsi_vssm.outputs.report.bootstrap_auc_ci(labels, "
                         "ranked scores, resamples, seed) on predictions.csv gives it again",
             "auc_ci95_delong": "DeLong's variance on the logit scale, mapped back; no resampling",
-            "sensitivity_ci95": "Clopper-Pearson (exact binomial); also specificity_ci95 and accuracy_ci95",
+            "sensitivity_ci95": "Clopper-Pearson (exact binomial); also specificity_ci95, accuracy_ci95, ppv_ci95 "
+                                "and npv_ci95",
+            "sensitivity_at_specificity": "percentile over the auc_ci95 resamples; also average_precision_ci95",
             "ece_ci95": "percentile of the items' resamples, shifted by the bootstrap bias, clipped to [0, 1]; "
                         "10 equal-width bins",
             "kappa_ci95": "percentile; patients resampled (with --patients)",
