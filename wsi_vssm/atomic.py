@@ -9,6 +9,7 @@ cohort run that is killed keeps every output it finished.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import glob
 import hashlib
 import json
@@ -67,16 +68,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 FIGURE_DPI = 300  # the report figures (ROC, calibration, FROC, stages) at print resolution for a journal column
+VECTOR_FORMATS = ("pdf", "svg")
+# the vector copies every report figure also gets (`evaluate --vector`), for one run: set by `vector_copies`
+_VECTOR_COPIES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("wsi_vssm_vector", default=())
+# no creation date and fixed SVG ids: a rerun writes the same bytes (a workflow manager's checksum holds)
+_VECTOR_SAVE = {"pdf": {"metadata": {"CreationDate": None}}, "svg": {"metadata": {"Date": None}}}
+
+
+@contextlib.contextmanager
+def vector_copies(formats) -> Iterator[None]:
+    """Within the block, `atomic_write_figure` also writes each figure as `<stem>.<format>` for each of `formats`
+    (`VECTOR_FORMATS`), vector graphics a journal takes."""
+    unknown = sorted(set(formats) - set(VECTOR_FORMATS))
+    if unknown:
+        raise UsageError(f"vector formats are {', '.join(VECTOR_FORMATS)}; got {', '.join(unknown)}")
+    token = _VECTOR_COPIES.set(tuple(dict.fromkeys(formats)))
+    try:
+        yield
+    finally:
+        _VECTOR_COPIES.reset(token)
 
 
 def atomic_write_figure(path: str | os.PathLike, fig, dpi: float = FIGURE_DPI) -> None:
     """A matplotlib Figure as a PNG at `path`, `dpi` dots per inch, atomically (rendered in memory, then written in
-    one go)."""
+    one go); within `vector_copies`, also as `path` with each vector format's suffix."""
     import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     atomic_write_bytes(path, buf.getvalue())
+    for fmt in _VECTOR_COPIES.get():
+        from matplotlib import rc_context
+
+        buf = io.BytesIO()
+        with rc_context({"svg.hashsalt": "wsi-vssm"}):
+            fig.savefig(buf, format=fmt, **_VECTOR_SAVE[fmt])
+        atomic_write_bytes(Path(path).with_suffix(f".{fmt}"), buf.getvalue())
 
 
 @contextlib.contextmanager

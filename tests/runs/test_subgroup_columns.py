@@ -1,4 +1,5 @@
-"""`evaluate --subgroup COLUMN`: the column by name or number, refused columns, and the report it adds."""
+"""`evaluate --subgroup COLUMN` (the column by name or number, refused columns, the report it adds) and
+`evaluate --vector` (vector copies of the report figures)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,31 @@ def test_a_patch_folder_refuses_subgroups(model_file, tmp_path, capsys):
     write_patch_folder(tmp_path / "p", 2, seed=0)
     assert_one_line_error(["evaluate", tmp_path / "p", "--mpp", "0.97", "--model", model_file, "--out",
                            tmp_path / "o", "--subgroup", "3"], capsys, 2, "--subgroup", "patch by patch")
+
+
+def test_vector_copies_of_every_figure_same_bytes_on_a_rerun_and_gone_without_the_option(cohort, model_file,
+                                                                                           tmp_path, capsys):
+    table = _manifest(cohort, tmp_path, {"normal_001": "A", "tumor_001": "A", "normal_002": "B"})
+    out = tmp_path / "ev"
+    args = ["evaluate", table, "--model", model_file, "--out", out, "--subgroup", "centre", *FAST]
+    code, _, err = run_cli_captured([*args, "--vector", "pdf", "--vector", "svg"], capsys)
+    assert code == 0, err
+    figures = ("roc", "calibration", "roc_subgroups")
+    first = {f"{f}.{x}": (out / f"{f}.{x}").read_bytes() for f in figures for x in ("pdf", "svg")}
+    assert all(first[f"{f}.pdf"].startswith(b"%PDF") and b"<svg" in first[f"{f}.svg"] for f in figures)
+    code, _, err = run_cli_captured([*args, "--vector", "pdf", "--vector", "svg"], capsys)
+    assert code == 0 and first == {name: (out / name).read_bytes() for name in first}  # no dates, fixed ids
+    code, _, err = run_cli_captured(args, capsys)
+    assert code == 0 and not any((out / name).exists() for name in first), sorted(p.name for p in out.iterdir())
+    assert all((out / f"{f}.png").is_file() for f in figures)
+
+
+def test_slide_names_of_the_vector_figures_are_refused(cohort, model_file, tmp_path, capsys):
+    """A slide `roc.pdf.tif` would make OUT/roc.pdf its folder, where `evaluate --vector pdf` writes a figure."""
+    import shutil
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(cohort / "normal_001.tif", tmp_path / "in" / "roc.pdf.tif")
+    code, _, err = run_cli_captured(["predict", tmp_path / "in" / "roc.pdf.tif", "--model", model_file, "--out",
+                                     tmp_path / "o", "--device", "cpu"], capsys)
+    assert code == 1 and "is that of a file or folder the run keeps in" in err, err

@@ -44,13 +44,16 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
                    "Macro/Micro in column 3) whose groups (centres, scanners) get their own AUC, sensitivity and "
                    "specificity and a permutation test of their difference; repeatable (metrics.json subgroups, "
                    "roc_subgroups.png).")
+@click.option("--vector", "vector", multiple=True, type=click.Choice(["pdf", "svg"]),
+              help="Also write each report figure as vector graphics for a journal (roc.pdf beside roc.png, ...); "
+                   "repeatable.")
 @model_options
 @mpp_option
 @fallback_mpp_option
 @predict_options
 @run_options
 @click.pass_context
-def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroups, model_path, mpp, **opts):
+def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroups, vector, model_path, mpp, **opts):
     """Evaluate a COHORT: a manifest CSV (slide,label[,split]), a CAMELYON16-style folder (reference.csv), or a
     patch folder in ImageFolder layout (0/, 1/; needs --mpp).
 
@@ -66,27 +69,25 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroup
 
     if not Path(cohort).exists():  # before any heavy import: a typo fails at once
         raise UsageError(f"{cohort}: no such cohort file or folder")
-    from wsi_vssm.commands.options import build_params, domain_note, load_cli_model, model_file, pop_run_options
-    from wsi_vssm.outputs.files import METRICS_JSON
-    from wsi_vssm.outputs.report_text import interval_text, interval_words
-    from wsi_vssm.runs.cohort import is_patch_folder
-    from wsi_vssm.runs.evaluate import evaluate_cohort
-    from wsi_vssm.runs.evaluate_patches import evaluate_patches
-    from wsi_vssm.runs.report_warnings import (
-        annotation_frame_warning,
-        domain_warning,
-        few_patients_warning,
-        repeated_patches_warning,
-        separation_warning,
-        shared_patches_warning,
-        small_cohort_warning,
-        training_patches_warning,
-        training_slides_warning,
-        unranked_logits_warning,
-    )
+    from wsi_vssm.atomic import vector_copies
+    from wsi_vssm.commands.options import load_cli_model, pop_run_options
 
     run, progress = pop_run_options(opts, ctx)
     model = load_cli_model(model_path)
+    with vector_copies(vector):
+        res, params = _evaluate(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroups, model,
+                                model_path, mpp, run, progress, opts)
+    _report(res, model, params, out_dir, progress)
+
+
+def _evaluate(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroups, model, model_path, mpp, run,
+              progress, opts):
+    """Score the patch folder or the cohort, writing OUT's report: (its EvaluationResult, the slides' params)."""
+    from wsi_vssm.commands.options import build_params, model_file
+    from wsi_vssm.runs.cohort import is_patch_folder
+    from wsi_vssm.runs.evaluate import evaluate_cohort
+    from wsi_vssm.runs.evaluate_patches import evaluate_patches
+
     params = None  # a patch folder is read at its given --mpp, not resampled
     if is_patch_folder(Path(cohort)):
         from wsi_vssm.commands.options import one_resolution_rule, option_device
@@ -120,6 +121,27 @@ def command(ctx, cohort, out_dir, annotations, patients, n_boot, split, subgroup
                                   split=split, subgroups=subgroups)
         except SplitError as e:  # the option asked for rows the table does not have: a usage error, as click's
             raise OptionError(f"--split {split}: {e}") from e
+    return res, params
+
+
+def _report(res, model, params, out_dir, progress) -> None:
+    """The summary lines and warnings of a finished evaluation, its --json record, and the exit code."""
+    from wsi_vssm.commands.options import domain_note
+    from wsi_vssm.outputs.files import METRICS_JSON
+    from wsi_vssm.outputs.report_text import interval_text, interval_words
+    from wsi_vssm.runs.report_warnings import (
+        annotation_frame_warning,
+        domain_warning,
+        few_patients_warning,
+        repeated_patches_warning,
+        separation_warning,
+        shared_patches_warning,
+        small_cohort_warning,
+        training_patches_warning,
+        training_slides_warning,
+        unranked_logits_warning,
+    )
+
     m = res.metrics
     auc = (f"n/a ({m['reason']})" if m["auc"] is None and m.get("reason") else "n/a" if m["auc"] is None
            else f"{m['auc']:.3f}{interval_text(m['auc_ci95'])}")

@@ -37,6 +37,14 @@ FROC_DETECTIONS = "froc_detections"
 COHORT_LESIONS_CSV = LESIONS_CSV  # every scored slide's lesions, with a `slide` column
 MODEL_PATCHES_CSV = "model_patches.csv"  # a patch folder's patches that trained or selected the model
 COHORT_FILES = (PREDICTIONS_CSV, METRICS_JSON, ROC_PNG, CALIBRATION_PNG, COHORT_LESIONS_CSV)
+# the report figures, each also written as <stem>.pdf / .svg with `evaluate --vector` (atomic.vector_copies)
+REPORT_FIGURES = (ROC_PNG, CALIBRATION_PNG, FROC_PNG, CONFUSION_PNG, ROC_SUBGROUPS_PNG)
+
+
+def vector_copies_of(figure: str) -> tuple[str, ...]:
+    """The names `evaluate --vector` gives a report figure's vector copies: `roc.png` -> roc.pdf, roc.svg."""
+    stem = figure.rsplit(".", 1)[0]
+    return (f"{stem}.pdf", f"{stem}.svg")  # atomic.VECTOR_FORMATS: files imports nothing of the package
 
 # The flag a zarr output (a heatmap, a feature store) carries when every chunk was written, empty ones too: zarr
 # skips chunks equal to the fill value by default and reads an absent one as that fill, so only with the flag can

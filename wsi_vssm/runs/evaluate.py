@@ -34,10 +34,12 @@ from wsi_vssm.outputs.files import (
     LESIONS_CSV,
     METRICS_JSON,
     MODEL_PATCHES_CSV,
+    REPORT_FIGURES,
     ROC_PNG,
     ROC_SUBGROUPS_PNG,
     STAGES_CSV,
     is_detections_folder,
+    vector_copies_of,
 )
 from wsi_vssm.pipeline.params import threshold_origin
 from wsi_vssm.pipeline.predict import PredictParams, slide_threshold
@@ -178,9 +180,10 @@ def evaluate_cohort(
             # a run with these options that finished while this one worked left its figures beside this report
             for name, given in ((FROC_PNG, annotations), (STAGES_CSV, patients), (CONFUSION_PNG, patients),
                                 (ROC_SUBGROUPS_PNG, columns or None)):
-                if given is None and (out / name).is_file():
-                    with contextlib.suppress(OSError):
-                        (out / name).unlink()
+                for file in (name, *(vector_copies_of(name) if name in REPORT_FIGURES else ())):
+                    if given is None and (out / file).is_file():
+                        with contextlib.suppress(OSError):
+                            (out / file).unlink()
             if annotations is None and is_detections_folder(out / FROC_DETECTIONS):
                 shutil.rmtree(out / FROC_DETECTIONS, ignore_errors=True)
             if annotations is not None or patients is not None:
@@ -322,7 +325,9 @@ def _start_report(out: Path) -> None:
         # a patch run keeps no state folder, and without one no slide run can be writing these tables
         mine = held or not (out / STATE_DIR).is_dir()
         # a folder of one of these names is an old slide's, warned of
-        for table in (COHORT_LESIONS_CSV, MODEL_PATCHES_CSV, FROC_PNG, STAGES_CSV, CONFUSION_PNG, ROC_SUBGROUPS_PNG):
+        vectors = [c for f in REPORT_FIGURES for c in vector_copies_of(f)]  # written again with --vector
+        for table in (COHORT_LESIONS_CSV, MODEL_PATCHES_CSV, FROC_PNG, STAGES_CSV, CONFUSION_PNG, ROC_SUBGROUPS_PNG,
+                      *vectors):
             if mine and (out / table).is_file():
                 with contextlib.suppress(OSError):  # a folder that refuses it refuses the final table too
                     (out / table).unlink()
