@@ -85,13 +85,16 @@ def test_summary_and_png(tmp_path):
     p = rng.random(50)
     y = (rng.random(50) < p).astype(int)
     s = calibration_summary(y, p, n_boot=100)
-    assert list(s) == ["bins", "ece", "ece_ci95", "ece_if_calibrated", "reliability"]
+    assert list(s) == ["bins", "ece", "ece_ci95", "ece_if_calibrated", "reliability", "brier", "brier_ci95",
+                       "intercept", "intercept_ci95", "slope", "slope_ci95", "recalibration_reason"]
+    assert s["recalibration_reason"] is None and s["slope"] is not None
     assert s["ece"] == pytest.approx(expected_calibration_error(y, p))
     assert sum(r["n"] for r in s["reliability"]) == 50
     calibration_png(tmp_path / "c.png", y, p, s)
     assert Image.open(tmp_path / "c.png").size == (1350, 1350)  # 4.5 inches at 300 dpi
     empty = calibration_summary([], [])
     assert empty["ece"] is None and empty["ece_ci95"] is None and empty["reliability"] == []
+    assert empty["brier"] is None and empty["slope"] is None and list(empty) == list(s)
     calibration_png(tmp_path / "e.png", [], [], empty)  # an empty cohort still gets a diagram that says so
     assert (tmp_path / "e.png").stat().st_size > 1000
 
@@ -126,3 +129,58 @@ def test_the_ece_refuses_what_is_not_a_probability_or_a_label(labels, probs, sai
 def test_bins_hold_floor_of_ten_p_so_exact_tenths_fall_in_the_bin_above():
     rows = reliability_bins([0, 1, 1], [0.0, 0.7, 1.0])
     assert [(r["low"], r["n"]) for r in rows] == [(0.0, 1), (0.7, 1), (0.9, 1)]
+
+
+def test_calibration_slope_and_intercept_recover_a_known_miscalibration():
+    """The slope is the logistic regression of the labels on logit p; the intercept holds the slope at 1."""
+    from wsi_vssm.outputs.calibration import logistic_recalibration
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=20000) * 1.5
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+    exact = logistic_recalibration(y, 1 / (1 + np.exp(-z)))
+    assert abs(exact["slope"] - 1) < 0.05 and abs(exact["intercept"]) < 0.05
+    assert exact["slope_ci95"][0] < exact["slope"] < exact["slope_ci95"][1]
+    overconfident = logistic_recalibration(y, 1 / (1 + np.exp(-2 * z)))
+    assert abs(overconfident["slope"] - 0.5) < 0.03  # too extreme: slope below 1
+    too_high = logistic_recalibration(y, 1 / (1 + np.exp(-(z + 1))))
+    assert abs(too_high["intercept"] + 1) < 0.06  # every probability too high: intercept below 0
+    # the maximum likelihood solves the score equations: with the slope's own intercept (from the first), the
+    # residuals weighted by the logits sum to zero too; and the intercept's residuals with the slope at 1
+    from scipy.optimize import brentq
+
+    p = 1 / (1 + np.exp(-(0.7 * z - 0.3)))
+    fit = logistic_recalibration(y, p)
+    zz = np.log(p) - np.log1p(-p)
+    a = brentq(lambda a: np.sum(y - 1 / (1 + np.exp(-(a + fit["slope"] * zz)))), -20, 20)
+    assert abs(np.sum((y - 1 / (1 + np.exp(-(a + fit["slope"] * zz)))) * zz)) < 1e-6
+    assert abs(np.sum(y - 1 / (1 + np.exp(-(fit["intercept"] + zz))))) < 1e-6
+
+
+def test_no_finite_slope_is_said_and_the_brier_score_is_the_mean_squared_error():
+    from wsi_vssm.outputs.calibration import calibration_summary, logistic_recalibration
+
+    separated = logistic_recalibration([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+    assert separated["slope"] is None and "separate the classes completely" in separated["recalibration_reason"]
+    assert separated["intercept"] == pytest.approx(0.0, abs=1e-9)  # the mean probability matches: 0.5 each
+    assert logistic_recalibration([1, 1], [0.5, 0.6])["recalibration_reason"] == "needs both classes"
+    y, p = [0, 1, 1, 0, 1], [0.2, 0.7, 0.4, 0.1, 0.9]
+    s = calibration_summary(y, p, n_boot=300)
+    assert s["brier"] == pytest.approx(np.mean((np.array(p) - np.array(y)) ** 2))
+    assert s["brier_ci95"][0] <= s["brier"] <= s["brier_ci95"][1]
+    assert calibration_summary(y[::-1], p[::-1], n_boot=300)["brier_ci95"] == s["brier_ci95"]  # order-free
+
+
+def test_the_summary_line_gives_the_brier_score_slope_and_intercept_or_why_not():
+    from wsi_vssm.commands.evaluate import recalibration_words
+
+    rng = np.random.default_rng(1)
+    p = rng.random(200)
+    y = (rng.random(200) < p).astype(int)
+    s = calibration_summary(y, p, n_boot=100)
+    words = recalibration_words(s)
+    assert words.startswith(f"Brier {s['brier']:.3f} (95% CI {s['brier_ci95'][0]:.3f} to ")
+    assert f"; slope {s['slope']:.2f} (95% CI " in words and words.endswith("(calibrated: slope 1, intercept 0)")
+    separated = recalibration_words(calibration_summary([0, 1], [0.2, 0.9], n_boot=100))
+    assert "; slope n/a (no finite slope: the probabilities separate the classes completely" in separated
+    assert recalibration_words(calibration_summary([], [])) == "slope n/a (needs both classes)"

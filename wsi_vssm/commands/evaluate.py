@@ -167,6 +167,7 @@ def _report(res, model, params, out_dir, progress) -> None:
                         f" a perfectly calibrated model would show {floor['median']:.3f} "
                         f"({floor['range90'][0]:.3f}-{floor['range90'][1]:.3f}) on {m['n']} items"
                         f" -> {out_dir}/calibration.png")
+        progress.result(f"calibration: {recalibration_words(cal)} -> {out_dir}/metrics.json")
     ranking = ranking_line(m)
     if ranking:
         progress.result(f"{ranking} -> {out_dir}/metrics.json")
@@ -207,6 +208,22 @@ def _report(res, model, params, out_dir, progress) -> None:
         progress.warn(f"{res.n_failed} of {len(res.rows)} {what} failed (status failed in predictions.csv); "
                       "the metrics leave them out")
         sys.exit(3)  # a cohort finished with some slides failed
+
+
+def recalibration_words(cal: dict) -> str:
+    """The Brier score, calibration slope and intercept of metrics.json's `calibration`, in words."""
+    def fig(key: str, fmt: str = ".2f") -> str:
+        ci = cal.get(f"{key}_ci95")
+        return f"{cal[key]:{fmt}}" + (f" (95% CI {ci[0]:{fmt}} to {ci[1]:{fmt}})" if ci else "")
+
+    words = [f"Brier {fig('brier', '.3f')}"] if cal.get("brier") is not None else []
+    if cal.get("slope") is not None:
+        words.append(f"slope {fig('slope')}")
+    elif cal.get("recalibration_reason"):
+        words.append(f"slope n/a ({cal['recalibration_reason']})")
+    if cal.get("intercept") is not None:
+        words.append(f"intercept {fig('intercept')} (calibrated: slope 1, intercept 0)")
+    return "; ".join(words)
 
 
 def ranking_line(m: dict) -> str | None:

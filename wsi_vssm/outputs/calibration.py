@@ -151,7 +151,86 @@ def calibration_summary(labels, probs, n_boot: int = 2000, seed: int = 0, bins: 
     ci = bootstrap_ece_ci(y, p, n_boot, seed, bins)
     return {"bins": bins, "ece": expected_calibration_error(y, p, bins) if len(p) else None,
             "ece_ci95": None if ci is None else list(ci), "ece_if_calibrated": ece_if_calibrated(p, n_boot, seed, bins),
-            "reliability": reliability_bins(y, p, bins)}
+            "reliability": reliability_bins(y, p, bins),
+            "brier": float(np.mean((p - y) ** 2)) if len(p) else None,
+            "brier_ci95": bootstrap_brier_ci(y, p, n_boot, seed),
+            **logistic_recalibration(y, p)}
+
+
+def bootstrap_brier_ci(labels, probs, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
+    """Percentile 95% interval of the Brier score (mean squared difference of probability and label) over
+    `n_boot` resamples of the items, seed `seed`, independent of the rows' order; None without items."""
+    y, p = _finite(labels, probs)
+    if not len(p):
+        return None
+    order = np.lexsort((p, y))
+    sq = ((p - y) ** 2)[order]
+    rng = np.random.default_rng(seed)
+    vals = np.concatenate([sq[rng.integers(0, len(sq), (b, len(sq)))].mean(axis=1) for b in _batches(n_boot, len(sq))])
+    low, high = np.quantile(vals, [0.025, 0.975])
+    return [float(low), float(high)]
+
+
+def logistic_recalibration(labels, probs) -> dict:
+    """The calibration intercept and slope, as prediction-model reports (TRIPOD) give them: the `slope` b of the
+    logistic regression of the labels on the probabilities' logits (a + b logit p; 1 when the probabilities are
+    neither too extreme (b < 1) nor too modest (b > 1)), and the `intercept` a with the slope held at 1
+    (calibration-in-the-large: 0 when the mean probability matches the share of tumour; below 0, too high), each
+    with a Wald 95% interval. Both None without both classes, and the slope None where its fit has no finite
+    answer (every probability the same, or classes the probabilities separate completely);
+    `recalibration_reason` says why (None when both are given)."""
+    y, p = _finite(labels, probs)
+    none = {"intercept": None, "intercept_ci95": None, "slope": None, "slope_ci95": None}
+    if not (y.any() and (y == 0).any()):
+        return {**none, "recalibration_reason": "needs both classes"}
+    z = logit(p)
+    half = 1.959963984540054  # the standard normal's 97.5% point
+    # with the slope held at 1 the likelihood has a finite maximum whenever both classes are present
+    large = _newton_logistic(np.ones((len(z), 1)), y, z, np.array([0.0]))
+    if large is None:  # not seen: a guard for numbers no cohort has
+        return {**none, "recalibration_reason": "the intercept's fit did not converge"}
+    (a,), cov_a = large
+    out = {"intercept": float(a), "intercept_ci95": _wald(a, cov_a[0, 0], half), "slope": None, "slope_ci95": None,
+           "recalibration_reason": None}
+    fit = _newton_logistic(np.stack([np.ones_like(z), z], axis=1), y, np.zeros_like(z), np.array([0.0, 1.0]))
+    if fit is None:
+        return {**out, "recalibration_reason": "no finite slope: the probabilities separate the classes completely, "
+                                               "or are all the same"}
+    (_, b), cov = fit
+    return {**out, "slope": float(b), "slope_ci95": _wald(b, cov[1, 1], half)}
+
+
+def _wald(value: float, variance: float, half: float) -> list[float]:
+    se = math.sqrt(max(variance, 0.0))
+    return [float(value - half * se), float(value + half * se)]
+
+
+def _newton_logistic(x: np.ndarray, y: np.ndarray, offset: np.ndarray, beta: np.ndarray):
+    """Maximum-likelihood logistic coefficients of y on x (plus a fixed `offset`) by Newton's method with step
+    halving, and their covariance (the inverse information); None when it does not converge to a finite fit."""
+    def loglik(b):
+        eta = offset + x @ b
+        return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+    current = loglik(beta)
+    for _ in range(100):
+        mu = logistic(offset + x @ beta)
+        info = x.T @ (x * (mu * (1 - mu))[:, None])
+        try:
+            step = np.linalg.solve(info, x.T @ (y - mu))
+        except np.linalg.LinAlgError:
+            return None
+        for _ in range(30):  # halve the step until the likelihood does not fall
+            trial = loglik(beta + step)
+            if trial >= current - 1e-12:
+                break
+            step = step / 2
+        beta, current = beta + step, trial
+        if np.max(np.abs(step)) < 1e-9:
+            if np.max(np.abs(beta)) > 1e3 or np.linalg.cond(info) > 1e12:
+                return None
+            return beta, np.linalg.inv(info)
+    return None  # still moving after 100 steps: the likelihood has no maximum (separated classes)
 
 
 def calibration_png(path: str | os.PathLike, labels: Sequence[int], probs: Sequence[float],

@@ -415,6 +415,8 @@ def intervals(n_boot: int) -> dict:
             "sensitivity_at_specificity": "percentile over the auc_ci95 resamples; also average_precision_ci95",
             "ece_ci95": "percentile of the items' resamples, shifted by the bootstrap bias, clipped to [0, 1]; "
                         "10 equal-width bins",
+            "brier_ci95": "percentile of the items' resamples",
+            "slope_ci95": "Wald, from the logistic fit's information; also intercept_ci95",
             "kappa_ci95": "percentile; patients resampled (with --patients)",
             "froc_ci95": "percentile; slides with and without a lesion resampled separately (with --annotations)"}
 
