@@ -89,6 +89,11 @@ def vector_copies(formats) -> Iterator[None]:
         _VECTOR_COPIES.reset(token)
 
 
+def vector_formats() -> tuple[str, ...]:
+    """The vector formats report figures are being copied into now (`vector_copies`); () outside it."""
+    return _VECTOR_COPIES.get()
+
+
 def atomic_write_figure(path: str | os.PathLike, fig, dpi: float = FIGURE_DPI) -> None:
     """A matplotlib Figure as a PNG at `path`, `dpi` dots per inch, atomically (rendered in memory, then written in
     one go); within `vector_copies`, also as `path` with each vector format's suffix."""
@@ -97,9 +102,11 @@ def atomic_write_figure(path: str | os.PathLike, fig, dpi: float = FIGURE_DPI) -
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     atomic_write_bytes(path, buf.getvalue())
-    for fmt in _VECTOR_COPIES.get():
-        from matplotlib import rc_context
+    if not _VECTOR_COPIES.get():
+        return
+    from matplotlib import rc_context
 
+    for fmt in _VECTOR_COPIES.get():
         buf = io.BytesIO()
         with rc_context({"svg.hashsalt": "wsi-vssm"}):
             fig.savefig(buf, format=fmt, **_VECTOR_SAVE[fmt])

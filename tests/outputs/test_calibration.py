@@ -172,7 +172,7 @@ def test_no_finite_slope_is_said_and_the_brier_score_is_the_mean_squared_error()
 
 
 def test_the_summary_line_gives_the_brier_score_slope_and_intercept_or_why_not():
-    from wsi_vssm.commands.evaluate import recalibration_words
+    from wsi_vssm.outputs.report_text import recalibration_words
 
     rng = np.random.default_rng(1)
     p = rng.random(200)

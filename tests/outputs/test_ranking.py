@@ -94,7 +94,7 @@ def test_predictive_values_and_f1_at_the_threshold():
 
 
 def test_the_summary_line_quotes_the_figures_and_leaves_out_what_one_class_cannot_have():
-    from wsi_vssm.commands.evaluate import ranking_line
+    from wsi_vssm.outputs.report_text import ranking_line
 
     y, z, p = _cohort(5)
     m = ranking_metrics(y, z, p, n_boot=200)
@@ -103,3 +103,15 @@ def test_the_summary_line_quotes_the_figures_and_leaves_out_what_one_class_canno
     assert line.startswith(f"average precision {ap:.3f} (95% CI {lo:.3f}-{hi:.3f}; a random ranking gives about 0.38)")
     assert line.endswith("at specificity 0.90 / 0.95 / 0.99")
     assert ranking_line(ranking_metrics([1, 1], [0.1, 0.2])) is None and ranking_line({}) is None
+
+
+def test_a_threshold_probabilities_cannot_reproduce_is_left_out_and_the_logit_given():
+    """The review's case: tumour logits 39-42 over a normal at 38 all round to probability 1.0, so `p >= 1.0`
+    called that normal slide too (specificity 0.90 where 0.95 was said)."""
+    y = np.r_[np.ones(4), np.zeros(10)].astype(int)
+    z = np.r_[39.0, 40.0, 41.0, 42.0, 38.0, np.linspace(-5, 0, 9)]
+    p = 1 / (1 + np.exp(-z))
+    at = ranking_metrics(y, z, p, n_boot=100)["sensitivity_at_specificity"]["0.95"]
+    assert at["sensitivity"] == 1.0 and at["rank_threshold"] == 39.0 and at["threshold"] is None
+    at90 = ranking_metrics(y, z, p, n_boot=100)["sensitivity_at_specificity"]["0.90"]
+    assert at90["rank_threshold"] == 38.0 and at90["threshold"] == 1.0  # 1.0 does give this point: kept

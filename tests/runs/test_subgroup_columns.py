@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -46,6 +47,22 @@ def test_columns_that_name_label_or_split_the_slides_are_refused(tmp_path, spec)
         column_values(headerless, "2")
 
 
+def test_the_columns_the_table_was_read_by_are_refused_whatever_their_names(tmp_path):
+    """The review's cases: `image,class,centre` read `class` as the labels and `image` as the names, yet
+    `--subgroup 2` and a name column outside the list were taken as groupings."""
+    c = _table(tmp_path, "case,class,centre\na,tumor,A\nb,normal,B\n")  # a headed reference: by name
+    assert c.key_columns == (0, 1)
+    for spec in ("1", "2", "case", "class"):
+        with pytest.raises(UsageError, match="names, labels or splits the slides"):
+            column_values(c, spec)
+    assert column_values(c, "centre")[0] == "centre"
+    (tmp_path / "a.tif").write_bytes(b"")  # a file beside the table: read as a manifest of paths
+    manifest = _table(tmp_path, "path,label,um_per_px,site\na.tif,1,0.5,X\n")
+    assert manifest.key_columns == (0, 1, 2)  # um_per_px is read as the mpp: no grouping
+    with pytest.raises(UsageError, match="names, labels or splits"):
+        column_values(manifest, "um_per_px")
+
+
 def test_a_column_the_table_lacks_names_the_ones_it_has(tmp_path):
     c = _table(tmp_path, "slide,label,centre\na.tif,1,A\n")
     for spec in ("center", "9", "0"):
@@ -69,7 +86,9 @@ def test_evaluate_reports_each_group_and_a_rerun_without_it_takes_the_figure_awa
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert m["average_precision"] is not None and set(m["sensitivity_at_specificity"]) == {"0.90", "0.95", "0.99"}
-    assert m["ppv"] is None or 0 <= m["ppv"] <= 1
+    rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
+    called = [int(r["label"]) for r in rows if float(r["probability"]) >= m["threshold"]]
+    assert m["ppv"] == (sum(called) / len(called) if called else None)  # the tumour share of the slides called
     block = m["subgroups"]["centre"]
     assert block["negatives"] == "within group" and block["heterogeneity"] is None  # one group has an AUC
     a, b = block["groups"]
@@ -125,3 +144,21 @@ def test_slide_names_of_the_vector_figures_are_refused(cohort, model_file, tmp_p
     code, _, err = run_cli_captured(["predict", tmp_path / "in" / "roc.pdf.tif", "--model", model_file, "--out",
                                      tmp_path / "o", "--device", "cpu"], capsys)
     assert code == 1 and "is that of a file or folder the run keeps in" in err, err
+
+
+def test_vector_copies_another_run_left_are_removed_by_the_report(tmp_path):
+    """The review's case: a run with --vector pdf finished while one without it worked; the later report kept the
+    earlier run's roc.pdf over other slides. The report removes every copy it did not write itself."""
+    from wsi_vssm.atomic import VECTOR_FORMATS, vector_copies
+    from wsi_vssm.outputs.files import REPORT_FIGURES, vector_copies_of
+    from wsi_vssm.runs.evaluate import _drop_other_vector_copies
+
+    assert all(tuple(c.rsplit(".", 1)[1] for c in vector_copies_of(f)) == VECTOR_FORMATS for f in REPORT_FIGURES)
+    names = [c for f in REPORT_FIGURES for c in vector_copies_of(f)]
+    for name in names:
+        (tmp_path / name).write_text("another run's")
+    with vector_copies(["pdf"]):
+        _drop_other_vector_copies(tmp_path, {"roc.png", "calibration.png"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.pdf", "roc.pdf"]  # this run writes these
+    _drop_other_vector_copies(tmp_path, {"roc.png", "calibration.png"})  # a run without --vector
+    assert not list(tmp_path.iterdir())

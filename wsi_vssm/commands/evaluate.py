@@ -128,7 +128,7 @@ def _report(res, model, params, out_dir, progress) -> None:
     """The summary lines and warnings of a finished evaluation, its --json record, and the exit code."""
     from wsi_vssm.commands.options import domain_note
     from wsi_vssm.outputs.files import METRICS_JSON
-    from wsi_vssm.outputs.report_text import interval_text, interval_words
+    from wsi_vssm.outputs.report_text import interval_text, interval_words, ranking_line, recalibration_words
     from wsi_vssm.runs.report_warnings import (
         annotation_frame_warning,
         domain_warning,
@@ -186,6 +186,9 @@ def _report(res, model, params, out_dir, progress) -> None:
 
         for line in subgroup_lines(m["subgroups"]):
             progress.result(f"{line} -> {out_dir}/roc_subgroups.png")
+        for column, block in m["subgroups"].items():
+            if block.get("note"):
+                progress.warn(f"--subgroup {column}: {block['note']}")
     if m.get("kappa") is not None:
         few = few_patients_warning(res)
         if few:
@@ -208,35 +211,6 @@ def _report(res, model, params, out_dir, progress) -> None:
         progress.warn(f"{res.n_failed} of {len(res.rows)} {what} failed (status failed in predictions.csv); "
                       "the metrics leave them out")
         sys.exit(3)  # a cohort finished with some slides failed
-
-
-def recalibration_words(cal: dict) -> str:
-    """The Brier score, calibration slope and intercept of metrics.json's `calibration`, in words."""
-    def fig(key: str, fmt: str = ".2f") -> str:
-        ci = cal.get(f"{key}_ci95")
-        return f"{cal[key]:{fmt}}" + (f" (95% CI {ci[0]:{fmt}} to {ci[1]:{fmt}})" if ci else "")
-
-    words = [f"Brier {fig('brier', '.3f')}"] if cal.get("brier") is not None else []
-    if cal.get("slope") is not None:
-        words.append(f"slope {fig('slope')}")
-    elif cal.get("recalibration_reason"):
-        words.append(f"slope n/a ({cal['recalibration_reason']})")
-    if cal.get("intercept") is not None:
-        words.append(f"intercept {fig('intercept')} (calibrated: slope 1, intercept 0)")
-    return "; ".join(words)
-
-
-def ranking_line(m: dict) -> str | None:
-    """The ranking figures beyond the AUC in one line (`outputs.ranking`), None without them (one class)."""
-    at = m.get("sensitivity_at_specificity") or {}
-    if m.get("average_precision") is None or None in at.values():
-        return None
-    from wsi_vssm.outputs.report_text import interval_words
-
-    sens = " / ".join(f"{v['sensitivity']:.2f}" for v in at.values())
-    return (f"average precision {m['average_precision']:.3f} "
-            f"({interval_words(m['average_precision_ci95'], 'average precision')}; a random ranking gives about "
-            f"{m['prevalence']:.2f}); sensitivity {sens} at specificity {' / '.join(at)}")
 
 
 def incomplete_warning(rows: list[dict], n_pending: int) -> str:

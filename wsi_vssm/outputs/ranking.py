@@ -19,10 +19,9 @@ SPECIFICITIES = (0.90, 0.95, 0.99)
 
 def ranking_metrics(labels: Sequence[int], ranks: Sequence[float], scores: Sequence[float] | None = None,
                     n_boot: int = 2000, seed: int = 0) -> dict:
-    """`sensitivity_at_specificity` ({"0.90": {sensitivity, sensitivity_ci95, threshold}, ...}), then
-    `average_precision`, `average_precision_ci95` and `prevalence`, over `ranks` (the logits where every item
-    has one, as the AUC). `threshold` is the score (`scores`, the probabilities) of the lowest-ranked item
-    called tumour there, or None when none is. Every figure is None without both classes."""
+    """`sensitivity_at_specificity` ({"0.90": {sensitivity, sensitivity_ci95, threshold, rank_threshold}, ...}),
+    then `average_precision`, `average_precision_ci95` and `prevalence`, over `ranks` (the logits where every item
+    has one, as the AUC); the thresholds are `_thresholds`'. Every figure is None without both classes."""
     y = np.asarray(labels, dtype=np.int64)
     r = np.asarray(ranks, dtype=np.float64)
     p = r if scores is None else np.asarray(scores, dtype=np.float64)
@@ -52,11 +51,22 @@ def ranking_metrics(labels: Sequence[int], ranks: Sequence[float], scores: Seque
     at = {}
     for i, (key, s) in enumerate(levels.items()):
         q = neg[_rank_needed(s, n0) - 1]
-        called = r > q
         at[key] = {"sensitivity": float((pos > q).mean()), "sensitivity_ci95": _percentiles(sens[i]),
-                   "threshold": float(p[called][np.argmin(r[called])]) if called.any() else None}
+                   **_thresholds(r, p, r > q)}
     return {"sensitivity_at_specificity": at, "average_precision": average_precision(y, r),
             "average_precision_ci95": _percentiles(aps), "prevalence": n1 / y.size}
+
+
+def _thresholds(r: np.ndarray, p: np.ndarray, called: np.ndarray) -> dict:
+    """`rank_threshold`: the rank (logit) of the lowest-ranked item called; `threshold`: its probability, None
+    where `p >= threshold` would not give this operating point (probabilities that round to 1.0 tie items the
+    logits tell apart) or where nothing is called."""
+    if not called.any():
+        return {"threshold": None, "rank_threshold": None}
+    lowest = np.argmin(np.where(called, r, np.inf))
+    t = float(p[lowest])
+    exact = called.all() or t > float(p[~called].max())
+    return {"threshold": t if exact else None, "rank_threshold": float(r[lowest])}
 
 
 def _rank_needed(specificity: float, n0: int) -> int:

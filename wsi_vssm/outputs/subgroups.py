@@ -4,8 +4,10 @@ A subgroup column splits the slides by a value of the cohort table: a centre or 
 or CAMELYON16's Macro / Micro, given for tumour slides only. Each group gets the cohort's figures (AUC with its
 bootstrap interval, sensitivity and specificity at the threshold with exact intervals). Where no normal slide has
 a value, every group's tumour slides are ranked against all the normal slides ("all normal slides"); otherwise a
-group is the slides of its value ("within group"). A permutation test says whether the groups' AUCs differ more
-than a random regrouping of the same slides would make them.
+group is the slides of its value ("within group"). A test says whether the groups' AUCs differ by more than
+chance: for independent groups DeLong's chi-square (it sees only each group's AUC and its variance, so a centre
+whose scores all sit higher, ranking its slides alike, does not count as a difference); for groups that share the
+normal slides a permutation test of the tumour slides' groups.
 """
 
 from __future__ import annotations
@@ -24,19 +26,19 @@ from wsi_vssm.outputs.report import (
     roc_auc,
     roc_curve,
 )
-from wsi_vssm.outputs.report_text import group_auc_words
+from wsi_vssm.outputs.report_text import ALL_NORMAL, WITHIN_GROUP, group_auc_words
 
-WITHIN_GROUP = "within group"
-ALL_NORMAL = "all normal slides"  # spelt out in outputs.report_text too (no numpy there)
 _DASHES = ("-", (0, (5, 2)), (0, (1, 1.5)), (0, (5, 2, 1, 2)))
 MANY_GROUPS = 20  # more distinct values than this: more likely an identifier column than a grouping (warned)
+MIN_TESTED = 2  # tumour and normal slides a group needs for DeLong's variance (with one of either it is undefined)
 
 
 def subgroup_metrics(labels: Sequence[int], scores: Sequence[float], values: Sequence[str], threshold: float,
                      n_boot: int = 2000, seed: int = 0, ranks: Sequence[float] | None = None) -> dict:
     """One column's block of metrics.json `subgroups`: `negatives` (what each group's tumour slides are ranked
     against), `groups` (one per value, sorted; slides with no value form the group `null`), `heterogeneity`
-    (`permutation_test`, None when fewer than two valued groups have an AUC) and `n_without_value`.
+    (`delong_heterogeneity` or `permutation_test`; None when fewer than two valued groups can be tested),
+    `n_without_value`, and `note` (why most groups have no AUC, when they have none; else None).
 
     `values[i]` is item i's value ("" for none); `ranks` as in `report.cohort_metrics` (AUCs over them, the
     operating point over `scores` at `threshold`)."""
@@ -55,10 +57,25 @@ def subgroup_metrics(labels: Sequence[int], scores: Sequence[float], values: Seq
         pos = (y == 1) & (v == name)
         members[name] = pos | (y == 0) if shared else (v == name)
     groups = [_group(name, y[m], s[m], r[m], threshold, n_boot, seed) for name, m in members.items()]
-    tested = [name for name, g in zip(names, groups, strict=True) if name and g["auc"] is not None]
-    test = (permutation_test(y, r, v, tested, shared, n_perm=n_boot, seed=seed) if len(tested) >= 2 else None)
+    valued = [g for g in groups if g["value"] is not None]
+    if shared:
+        tested = [g["value"] for g in valued if g["auc"] is not None]
+        test = permutation_test(y, r, v, tested, n_perm=n_boot, seed=seed) if len(tested) >= 2 else None
+    else:
+        tested = [g["value"] for g in valued if min(g["n_tumour"], g["n_normal"]) >= MIN_TESTED]
+        test = delong_heterogeneity(y, r, v, tested) if len(tested) >= 2 else None
+    if test is not None:  # groups too small (or of one class) to weigh: named, not silently left out
+        test["untested"] = [g["value"] for g in valued if g["value"] not in tested]
+    one_class = [g for g in valued if g["auc"] is None]
+    note = None
+    if not shared and valued and len(one_class) * 2 >= len(valued):
+        n_valued_normal = int(((v != "") & (y == 0)).sum())
+        note = (f"{len(one_class)} of {len(valued)} groups hold one class only, so they have no AUC; "
+                f"{n_valued_normal} normal slide(s) have a value in this column: if it describes tumour slides "
+                "only (as Macro / Micro does), leave it empty on every normal slide, and each group is ranked "
+                "against all normal slides")
     return {"negatives": ALL_NORMAL if shared else WITHIN_GROUP, "groups": groups, "heterogeneity": test,
-            "n_without_value": int((v == "").sum() if not shared else (v[y == 1] == "").sum())}
+            "n_without_value": int((v == "").sum() if not shared else (v[y == 1] == "").sum()), "note": note}
 
 
 def _group(name: str, y: np.ndarray, s: np.ndarray, r: np.ndarray, threshold: float, n_boot: int,
@@ -76,47 +93,55 @@ def _group(name: str, y: np.ndarray, s: np.ndarray, r: np.ndarray, threshold: fl
     return g
 
 
-def permutation_test(y: np.ndarray, r: np.ndarray, v: np.ndarray, tested: list[str], shared: bool,
-                     n_perm: int = 2000, seed: int = 0) -> dict:
-    """Whether the `tested` groups' AUCs differ by more than chance: the statistic is the largest group AUC
-    minus the smallest, its null distribution that of `n_perm` regroupings that keep each group's class counts
-    (tumour slides only, when the groups share the normal slides). p = (1 + regroupings at least as spread) /
-    (1 + n_perm), so it is never 0."""
+def delong_heterogeneity(y: np.ndarray, r: np.ndarray, v: np.ndarray, tested: list[str]) -> dict:
+    """Whether independent groups' AUCs differ: the chi-square of their k - 1 differences from the last group,
+    weighed by DeLong's variances (each group's own tumour and normal slides), against k - 1 degrees of freedom.
+    Undefined (p None, with a `reason`) when two or more groups have no variance to weigh (AUC 0 or 1)."""
+    from scipy.special import gammaincc
+
+    aucs, variances = [], []
+    for name in tested:
+        m = v == name
+        pos, neg = r[m & (y == 1)], r[m & (y == 0)]
+        v10, v01 = delong_placements(pos, neg)
+        aucs.append(float(v10.mean()))
+        variances.append(float(v10.var(ddof=1) / pos.size + v01.var(ddof=1) / neg.size))
+    k = len(tested)
+    contrasts = np.hstack([np.eye(k - 1), -np.ones((k - 1, 1))])
+    diff = contrasts @ np.array(aucs)
+    cov = contrasts @ np.diag(variances) @ contrasts.T
+    out = {"test": "DeLong chi-square", "statistic": "chi-square of the AUC differences", "value": None,
+           "df": k - 1, "p": None, "groups": list(tested)}
+    if np.linalg.matrix_rank(cov) < k - 1:
+        return {**out, "reason": "two or more groups have AUC 0 or 1: no variance to weigh their differences"}
+    chi2 = float(diff @ np.linalg.solve(cov, diff))
+    return {**out, "value": chi2, "p": float(gammaincc((k - 1) / 2, chi2 / 2))}
+
+
+def permutation_test(y: np.ndarray, r: np.ndarray, v: np.ndarray, tested: list[str], n_perm: int = 2000,
+                     seed: int = 0) -> dict:
+    """Whether groups of tumour slides ranked against the same normal slides differ: the statistic is the
+    variance of the group AUCs weighed by their tumour slides, its null distribution that of `n_perm` regroupings
+    of the tumour slides (each group keeps its size). p = (1 + regroupings at least as large) / (1 + n_perm), never
+    0. A group's AUC is the mean of its tumour slides' placements among the normal slides, so a regrouping costs
+    no ranking."""
     rng = np.random.default_rng(seed)
-    in_test = np.isin(v, tested)
-    if shared:  # each tumour slide's placement among all normal slides; a group's AUC is its members' mean
-        pos = np.flatnonzero(in_test & (y == 1))
-        place, _ = delong_placements(r[pos], r[y == 0])
-        code = np.searchsorted(tested, v[pos].astype(str))
-        observed = _spread(np.bincount(code, place) / np.bincount(code))
-        counts = np.bincount(code)
-        spreads = np.empty(n_perm)
-        for b in range(n_perm):
-            perm = rng.permutation(code)
-            spreads[b] = _spread(np.bincount(perm, place) / counts)
-    else:
-        idx = np.flatnonzero(in_test)
-        yy, rr, code = y[idx], r[idx], np.searchsorted(tested, v[idx].astype(str))
-        observed = _spread(_group_aucs(yy, rr, code, len(tested)))
-        by_class = [np.flatnonzero(yy == c) for c in (0, 1)]
-        spreads = np.empty(n_perm)
-        for b in range(n_perm):
-            perm = code.copy()
-            for members in by_class:  # regroup within each class: every group keeps its tumour and normal counts
-                perm[members] = rng.permutation(code[members])
-            spreads[b] = _spread(_group_aucs(yy, rr, perm, len(tested)))
-    extreme = int((spreads >= observed - 1e-12).sum())  # ties count as at least as spread
-    return {"test": "permutation", "statistic": "largest group AUC minus smallest", "value": float(observed),
+    pos = np.flatnonzero(np.isin(v, tested) & (y == 1))
+    place, _ = delong_placements(r[pos], r[y == 0])
+    code = np.searchsorted(tested, v[pos].astype(str))
+    counts = np.bincount(code)
+    mean = place.mean()  # the same for every regrouping
+
+    def statistic(groups: np.ndarray) -> float:
+        aucs = np.bincount(groups, place) / counts
+        return float((counts * (aucs - mean) ** 2).sum() / counts.sum())
+
+    observed = statistic(code)
+    spreads = np.array([statistic(rng.permutation(code)) for _ in range(n_perm)])
+    extreme = int((spreads >= observed - 1e-12).sum())  # ties count as at least as large
+    return {"test": "permutation", "statistic": "tumour-weighted variance of the group AUCs", "value": observed,
             "p": (1 + extreme) / (1 + n_perm), "permutations": int(n_perm), "seed": int(seed),
             "groups": list(tested)}
-
-
-def _group_aucs(y: np.ndarray, r: np.ndarray, code: np.ndarray, k: int) -> np.ndarray:
-    return np.array([roc_auc(y[code == g], r[code == g]) for g in range(k)])
-
-
-def _spread(aucs: np.ndarray) -> float:
-    return float(aucs.max() - aucs.min())
 
 
 def subgroups_png(path: str | os.PathLike, labels: Sequence[int], ranks: Sequence[float],
@@ -142,11 +167,11 @@ def subgroups_png(path: str | os.PathLike, labels: Sequence[int], ranks: Sequenc
             ax.plot(fpr, tpr, lw=1.4, color=f"C{i % 10}", ls=_DASHES[i % len(_DASHES)], clip_on=False,
                     label=f"{g['value'] or '(no value)'}: AUC {group_auc_words(g)}; {g['n_tumour']} tumour, "
                           f"{g['n_normal']} normal")
-        test = block["heterogeneity"]
         ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity (false-positive rate)",
                ylabel="sensitivity (true-positive rate)", aspect="equal")
         against = ", against all normal slides" if block["negatives"] == ALL_NORMAL else ""
-        p = "" if test is None else f"; permutation p = {test['p']:.3g}"
+        test = block["heterogeneity"]
+        p = "" if test is None or test["p"] is None else f"; {test['test']} p = {test['p']:.3g}"
         ax.set_title(f"ROC by {column}{against}{p}", fontsize=9)
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()

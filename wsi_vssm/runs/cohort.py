@@ -72,6 +72,7 @@ class Cohort:
     layout: str  # 'manifest' or 'camelyon'
     rows: list[CohortRow] = field(default_factory=list)
     header: tuple[str, ...] | None = None  # the table's header row as written; None for a table without one
+    key_columns: tuple[int, ...] = ()  # the columns read for the slides' names or paths, labels, splits and mpp
 
     @property
     def ok(self) -> list[CohortRow]:
@@ -165,7 +166,7 @@ def select_split(cohort: Cohort, split: str = "auto") -> tuple[Cohort, str, str 
         raise SplitError(f"no slide of {cohort.source} has split {split!r} (--split all takes every slide)")
     note = (f"evaluating the {len(rows)} {split} slide(s) of {len(cohort.rows)} in {cohort.source} (its split "
             f"column; --split all takes every slide)")
-    return Cohort(cohort.source, cohort.layout, rows, cohort.header), split, note
+    return Cohort(cohort.source, cohort.layout, rows, cohort.header, cohort.key_columns), split, note
 
 
 def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
@@ -180,7 +181,8 @@ def read_manifest(path: str | os.PathLike, find_slides: bool = True) -> Cohort:
     i_slide, i_label = header.index(_path_column(header)), header.index("label")
     i_split = header.index("split") if "split" in header else None
     i_mpp = mpp_column(path, header)
-    cohort = Cohort(path, "manifest", header=tuple(rows[0][1]))
+    cohort = Cohort(path, "manifest", header=tuple(rows[0][1]),
+                    key_columns=tuple(i for i in (i_slide, i_label, i_split, i_mpp) if i is not None))
     for line, cells in rows[1:]:
         check_row_width(path, line, cells, header, i_mpp)
         ref = _cell(cells, i_slide)
@@ -221,7 +223,8 @@ def read_reference(path: str | os.PathLike, root: str | os.PathLike | None = Non
         header_row = tuple(rows[0][1])
         rows = rows[1:]
     index = index_slides(root) if find_slides else {}
-    cohort = Cohort(path, "camelyon", header=header_row)
+    cohort = Cohort(path, "camelyon", header=header_row,
+                    key_columns=tuple(i for i in (i_name, i_label, i_split) if i is not None))
     for line, cells in rows:
         name = _cell(cells, i_name)
         if not name:

@@ -180,10 +180,9 @@ def evaluate_cohort(
             # a run with these options that finished while this one worked left its figures beside this report
             for name, given in ((FROC_PNG, annotations), (STAGES_CSV, patients), (CONFUSION_PNG, patients),
                                 (ROC_SUBGROUPS_PNG, columns or None)):
-                for file in (name, *(vector_copies_of(name) if name in REPORT_FIGURES else ())):
-                    if given is None and (out / file).is_file():
-                        with contextlib.suppress(OSError):
-                            (out / file).unlink()
+                if given is None and (out / name).is_file():
+                    with contextlib.suppress(OSError):
+                        (out / name).unlink()
             if annotations is None and is_detections_folder(out / FROC_DETECTIONS):
                 shutil.rmtree(out / FROC_DETECTIONS, ignore_errors=True)
             if annotations is not None or patients is not None:
@@ -207,7 +206,22 @@ def evaluate_cohort(
                     atomic_write_json(out / METRICS_JSON, {**metrics, "complete": False})
                     raise
                 atomic_write_json(out / METRICS_JSON, metrics)
+            _drop_other_vector_copies(out, {ROC_PNG, CALIBRATION_PNG, *(name for name, given in (
+                (FROC_PNG, annotations), (CONFUSION_PNG, patients), (ROC_SUBGROUPS_PNG, columns or None))
+                if given is not None)})
         return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
+
+
+def _drop_other_vector_copies(out: Path, written: set[str]) -> None:
+    """Remove the vector copies this run did not write: of another format, or of a figure it has none of. A run
+    that finished while this one worked left them, and they would not match this report."""
+    from wsi_vssm.atomic import VECTOR_FORMATS, vector_formats
+
+    for figure in REPORT_FIGURES:
+        for fmt, copy in zip(VECTOR_FORMATS, vector_copies_of(figure), strict=True):
+            if (figure not in written or fmt not in vector_formats()) and (out / copy).is_file():
+                with contextlib.suppress(OSError):
+                    (out / copy).unlink()
 
 
 def _subgroup_columns(cohort, specs: Sequence[str], progress) -> dict[str, dict[str, str]]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from wsi_vssm.errors import OptionError
 from wsi_vssm.runs.cohort import Cohort
 
-# the columns that name, label, split or place a slide: no grouping (a group per slide, or one class per group)
-_NOT_GROUPS = {"slide", "path", "file", "slide_path", "wsi", "label", "split", "mpp", "slide_id", "name"}
+# besides the columns the table was read by (`Cohort.key_columns`), names of columns that name or label slides
+# in other tables: no grouping (a group per slide, or one class per group)
+_NOT_GROUPS = {"slide", "path", "file", "slide_path", "wsi", "label", "split", "mpp", "slide_id", "name", "image",
+               "image_id", "id", "class", "diagnosis"}
 
 
 def column_values(cohort: Cohort, spec: str) -> tuple[str, dict[str, str]]:
@@ -29,7 +31,7 @@ def column_values(cohort: Cohort, spec: str) -> tuple[str, dict[str, str]]:
                 f"it has no header row and {width} column(s): give a column's number (e.g. --subgroup 3)")
         raise OptionError(f"{cohort.source}: no column {spec!r} for --subgroup; {have}")
     name = header[index] if header and index < len(header) and header[index] else f"column {index + 1}"
-    if (header is None and index < 2) or name.lower() in _NOT_GROUPS:
+    if index in cohort.key_columns or name.lower() in _NOT_GROUPS:
         raise OptionError(f"{cohort.source}: --subgroup {spec}: column {name!r} names, labels or splits the slides; "
                          "a subgroup column groups them (a centre, a scanner, Macro / Micro)")
     return name, {r.name: (r.cells[index].strip() if index < len(r.cells) else "") for r in cohort.rows}
