@@ -9,7 +9,14 @@ import csv
 import json
 from pathlib import Path
 
-from wsi_vssm.outputs.files import METRICS_JSON, PREDICTION_JSON, PREDICTIONS_CSV, name_key
+from wsi_vssm.outputs.files import (
+    METRICS_JSON,
+    PREDICTION_JSON,
+    PREDICTIONS_CSV,
+    is_patch_report,
+    name_key,
+    read_metrics,
+)
 from wsi_vssm.outputs.report_text import interval_text, subgroup_lines
 from wsi_vssm.runs.jobs import few_cells_tag
 from wsi_vssm.runs.patch_scores import PATCH_SCORES, kept_scores
@@ -77,13 +84,10 @@ def _report(out: Path) -> dict | None:
     """What OUT's metrics.json says, when an `evaluate` wrote one: the table or patch folder it evaluated, its
     split, how many items and its AUC, and whether it is complete (a later run marks it stale while it works).
     The per-slide states below may also hold other cohorts' slides run into the same folder."""
-    try:
-        m = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    m = read_metrics(out)
+    if m is None:
         return None
-    if not isinstance(m, dict):
-        return None
-    return {"cohort": m.get("cohort"), "split": m.get("split"), "items": "patches" if "model_patches" in m
+    return {"cohort": m.get("cohort"), "split": m.get("split"), "items": "patches" if is_patch_report(m)
             else m.get("mosaics") and "mosaic slides" or "slides",
             **{k: m.get(k) for k in ("n", "n_failed", "n_pending", "auc", "auc_ci95", "stale", "reason", "subgroups")},
             "complete": m.get("complete", True)}  # a report written before it said so was written at the end
@@ -231,10 +235,10 @@ def is_patch_evaluation(path: str) -> bool:
     metrics.json without slide states whose table's rows name patches in their label folders (`0/a.jpg`)."""
     if (Path(path) / PATCH_SCORES).is_file():
         return True
-    try:
-        if "model_patches" in json.loads((Path(path) / METRICS_JSON).read_text(encoding="utf-8")):
-            return True
-    except (OSError, ValueError, TypeError):
+    metrics = read_metrics(path)
+    if is_patch_report(metrics):
+        return True
+    if metrics is None and (Path(path) / METRICS_JSON).exists():  # one that cannot be read says nothing more
         return False
     if (Path(path) / STATE_DIR).is_dir():
         return False
@@ -252,11 +256,7 @@ def patch_evaluation_info(path: str) -> dict:
     there), complete, stale (why not), kept_scores (patch scores kept: `runs.patch_scores`), in_progress (a run
     is scoring into the folder now)} of a patch evaluation."""
     out = Path(path)
-    try:
-        m = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # interrupted before its first report: only its kept scores
-        m = {}
-    m = m if isinstance(m, dict) else {}
+    m = read_metrics(out) or {}  # none: interrupted before its first report, only its kept scores
     failed = []
     try:
         with open(out / PREDICTIONS_CSV, newline="", encoding="utf-8") as f:

@@ -14,7 +14,7 @@ from statistics import NormalDist
 import numpy as np
 
 from wsi_vssm.errors import UsageError
-from wsi_vssm.outputs.files import METRICS_JSON, PREDICTIONS_CSV
+from wsi_vssm.outputs.files import PREDICTIONS_CSV, is_patch_report, read_metrics
 from wsi_vssm.outputs.report import _check, delong_placements, read_predictions_csv, resampled_aucs
 
 
@@ -98,7 +98,7 @@ def compare_runs(out_a: str | os.PathLike, out_b: str | os.PathLike, n_boot: int
         "runs": [_describe(p, meta, rows, common, by) for p, (rows, meta), (_, by) in
                  zip((out_a, out_b), runs, ranked, strict=True)],
         "differences": _differences(meta_a, meta_b) if meta_a and meta_b else {},
-        "item_kind": "patches" if "model_patches" in meta_a or "model_patches" in meta_b else "slides",
+        "item_kind": "patches" if is_patch_report(meta_a) or is_patch_report(meta_b) else "slides",
         "n": int(labels.size), "n_tumour": m, "n_normal": n, "items": common,
         **test, "ci95_bootstrap": paired_bootstrap_difference(labels, ranked[0][0], ranked[1][0], n_boot=n_boot),
         "method": {"test": "paired DeLong (DeLong, DeLong and Clarke-Pearson 1988), two-sided; ci95 from its "
@@ -109,18 +109,12 @@ def compare_runs(out_a: str | os.PathLike, out_b: str | os.PathLike, n_boot: int
 def _read_run(out: Path) -> tuple[dict[str, dict], dict]:
     """The scored rows of one evaluate folder (status done, a label and a probability), by name, and its
     metrics.json (empty when unreadable: it only names the model, settings and cohort)."""
-    import json
-
     table = out / PREDICTIONS_CSV
     if not table.is_file():
         raise UsageError(f"{out}: no {PREDICTIONS_CSV}; give an output folder of `wsi-vssm evaluate`")
     rows = {r["slide"]: r for r in read_predictions_csv(table)
             if r["probability"] is not None and r["label"] is not None}
-    try:
-        meta = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        meta = {}
-    return rows, meta if isinstance(meta, dict) else {}
+    return rows, read_metrics(out) or {}
 
 
 def _ranking(rows: dict[str, dict], common: list[str]) -> tuple[np.ndarray, str]:

@@ -52,6 +52,21 @@ def vector_copies_of(figure: str) -> tuple[str, ...]:
 ALL_CHUNKS = "all_chunks_written"
 
 
+def read_metrics(folder: str | os.PathLike) -> dict | None:
+    """An evaluate report's metrics.json in `folder`, or None where there is none to read (missing, unreadable,
+    not JSON, not an object): the one reader of the file for `compare`, `info` and a rerun."""
+    try:
+        metrics = json.loads((Path(folder) / METRICS_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def is_patch_report(metrics: dict | None) -> bool:
+    """Whether a metrics.json is a patch folder's (`model_patches` is written by patch evaluations only)."""
+    return bool(metrics) and "model_patches" in metrics
+
+
 def missing_chunks(arr) -> int:
     """How many chunks of a zarr array are not on disk."""
     return arr.nchunks - arr.nchunks_initialized

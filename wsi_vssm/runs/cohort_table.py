@@ -9,7 +9,15 @@ import os
 import time
 from pathlib import Path
 
-from wsi_vssm.outputs.files import CALIBRATION_PNG, COHORT_LESIONS_CSV, METRICS_JSON, PREDICTIONS_CSV, ROC_PNG
+from wsi_vssm.outputs.files import (
+    CALIBRATION_PNG,
+    COHORT_LESIONS_CSV,
+    METRICS_JSON,
+    PREDICTIONS_CSV,
+    ROC_PNG,
+    is_patch_report,
+    read_metrics,
+)
 
 REPORT_LOCK_WAIT_S = 60.0  # how long a run waits for another run writing the cohort files
 # The interim predictions.csv is rewritten after each slide that ran (unless the last rewrite was under 20 times
@@ -31,17 +39,15 @@ def replaced_cohort_warning(out: Path, source, split: str | None) -> str | None:
     (its `cohort` and `split`): this run replaces them and predictions.csv (a slide cohort's slide folders stay; a
     patch folder's scores were in predictions.csv only). None when they are this run's, or when there is no
     readable metrics.json."""
-    import json
     import os
 
-    try:
-        old = json.loads((Path(out) / METRICS_JSON).read_text(encoding="utf-8"))
-        was, was_split = old["cohort"], old.get("split")
-    except (OSError, ValueError, KeyError, TypeError):
+    old = read_metrics(out)
+    if old is None or "cohort" not in old:
         return None
+    was, was_split = old["cohort"], old.get("split")
     if (was, was_split) == (os.path.abspath(source), split):
         return None
-    kept = "" if "model_patches" in old else "; its slide folders stay"  # the key only a patch evaluation writes
+    kept = "" if is_patch_report(old) else "; its slide folders stay"
     of = f"{was} (split {was_split})" if was_split else str(was)
     return (f"{Path(out) / METRICS_JSON} holds the figures of {of}: this run replaces them and "
             f"{PREDICTIONS_CSV} with those of {os.path.abspath(source)}{f' (split {split})' if split else ''}"

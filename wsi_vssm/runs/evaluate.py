@@ -39,6 +39,7 @@ from wsi_vssm.outputs.files import (
     ROC_SUBGROUPS_PNG,
     STAGES_CSV,
     is_detections_folder,
+    read_metrics,
     vector_copies_of,
 )
 from wsi_vssm.pipeline.params import threshold_origin
@@ -331,7 +332,6 @@ def _start_report(out: Path) -> None:
     confusion.png of `--annotations` and `--patients`. Each is rewritten at the end when this run has one (each
     slide's own lesions.csv stays); a slide run over a patch run's folder, or the reverse, or a run without the
     option that made one, left it standing beside figures it no longer matched."""
-    import json
 
     from wsi_vssm.runs.state import STATE_DIR
 
@@ -347,11 +347,8 @@ def _start_report(out: Path) -> None:
                     (out / table).unlink()
         if mine and is_detections_folder(out / FROC_DETECTIONS):
             shutil.rmtree(out / FROC_DETECTIONS, ignore_errors=True)
-        try:
-            metrics = json.loads((out / METRICS_JSON).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return
-        if isinstance(metrics, dict) and not (metrics.get("complete") is False and STALE_KEY in metrics):
+        metrics = read_metrics(out)
+        if metrics is not None and not (metrics.get("complete") is False and STALE_KEY in metrics):
             atomic_write_json(out / METRICS_JSON, {**metrics, "complete": False, STALE_KEY: STALE_NOTE})
 
 
