@@ -31,10 +31,15 @@ SHARED_DATA = Path(os.environ.get("WSI_VSSM_SHARED_DATA", REPO.parent / "shared"
 def load_bench(name: str):
     """The script bench/NAME.py as a module (bench/ is not a package), for tests of a benchmark's pieces."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = path  # a bench script puts the checkout on sys.path to run alone: not for the later tests
     return mod
 
 

@@ -435,8 +435,11 @@ def test_running_state_and_temporaries_of_a_killed_run_are_redone(model_file, co
 
 def test_dask_local_cluster_equals_the_serial_run(model_file, cohort, reference, tmp_path):
     out = tmp_path / "dask"
+    environment = dict(os.environ)
     assert _cli(["evaluate", cohort, "--out", out, "--model", model_file, "--bootstrap", "200", "--workers", 2,
                  *FAST]) == 0
+    # distributed's nanny had left its workers' PYTHONHASHSEED, OPENBLAS_NUM_THREADS, ... in this process
+    assert dict(os.environ) == environment, set(os.environ.items()) ^ set(environment.items())
     _same_results(out, reference)
     pids = {read_state(out, "predict", n)["worker"]["pid"] for n in ("normal_001", "normal_002", "tumor_001")}
     assert os.getpid() not in pids  # the slides ran in the cluster's worker processes
@@ -460,6 +463,8 @@ def test_dask_ctrl_c_keeps_the_slides_the_workers_finished(model_file, cohort, r
     import distributed
 
     from wsi_vssm.runs import dask as run_dask
+
+    monkeypatch.setattr(run_dask, "_THREADS_SET", True)  # the "workers" are this process: keep its torch threads
 
     class Client:
         def scheduler_info(self):

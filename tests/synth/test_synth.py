@@ -277,7 +277,10 @@ def test_matplotlib_gets_a_private_config_folder_under_a_read_only_home(tmp_path
 
     import wsi_vssm_kernels
 
-    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    # set, then deleted: monkeypatch then restores the variable's state from before the test, whatever the code
+    # sets (a delenv of an absent variable records nothing, and the folder leaked into every later test)
+    monkeypatch.setenv("MPLCONFIGDIR", "unset-by-the-test")
+    monkeypatch.delenv("MPLCONFIGDIR")
     monkeypatch.setattr(wsi_vssm_kernels.tempfile, "tempdir", str(tmp_path))
     folder = wsi_vssm_kernels.use_writable_matplotlib_config(writable=lambda f: False)
     assert folder and os.environ["MPLCONFIGDIR"] == folder and folder.startswith(str(tmp_path))

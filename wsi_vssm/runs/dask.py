@@ -126,10 +126,27 @@ def _client(opts, progress: Progress):
         progress.warn(f"--workers {opts.workers}: more processes than the {cpus} CPU(s) this run may use (its "
                       "affinity mask and CPU quota): they take turns, and each holds a model and a region")
     env = {v: str(threads) for v in THREAD_VARIABLES}
-    cluster = LocalCluster(n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR, env=env)
+    with _environment_kept():
+        cluster = LocalCluster(n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR, env=env)
     progress.detail(f"dask: LocalCluster of {opts.workers} processes, {threads} thread(s) each")
     return Client(cluster), cluster
+
+
+@contextlib.contextmanager
+def _environment_kept():
+    """Give this process's environment back as it was: distributed's nanny writes its workers' variables
+    (PYTHONHASHSEED, OPENBLAS_NUM_THREADS, MALLOC_TRIM_THRESHOLD_, ...) into `os.environ` before it spawns them,
+    so every later subprocess of a program that ran a cohort kept a fixed hash seed and one BLAS thread."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            os.environ.pop(key, None)
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def worker_threads(workers: int, cpus: int | None = None) -> int:
