@@ -673,19 +673,6 @@ def test_a_cohorts_region_bar_sees_only_the_region_count(model_file, cohort, tmp
     assert seen[-1][0] == seen[-1][1]
 
 
-def test_tta_averages_the_eight_views(model_file, cohort, tmp_path):
-    """--tta: the feature map is the mean over the dihedral views; a model that is itself equivariant would not
-    change, a random one does, and the outputs stay valid probabilities."""
-    from wsi_vssm.models.slide_model import load_model
-
-    model = load_model(model_file)
-    plain = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "p", FAST)
-    tta = predict_slide(cohort / "tumor_001.tif", model, tmp_path / "t", dataclasses.replace(FAST, tta=True))
-    assert tta["parameters"]["tta"] is True and 0.0 <= tta["probability"] <= 1.0
-    assert tta["summary"]["n_cells"] == plain["summary"]["n_cells"]
-    assert tta["probability"] != plain["probability"]
-
-
 def test_a_tumour_call_resting_on_few_cells_is_flagged():
     from wsi_vssm.pipeline.predict import FEW_CELLS_NOTE, _few_cells_warning, few_cells_of
 
@@ -793,10 +780,12 @@ def test_the_overlay_title_says_out_of_domain():
     assert both.startswith("out of the model's domain") and both.endswith(few)
 
 
-def test_tta_measures_the_domain_distance_on_the_untransformed_view(model_file, cohort, tmp_path):
-    """The feature domain's threshold was set on single views; a mean of 8 views lies nearer the training mean,
-    so under --tta the skin sample (out of domain) measured in domain. The distance now reads the untransformed
-    view, which is what the run without --tta reads."""
+def test_tta_averages_the_eight_views_and_measures_the_domain_on_the_untransformed_one(model_file, cohort, tmp_path):
+    """--tta: the feature map is the mean over the dihedral views; a model that is itself equivariant would not
+    change, a random one does, and the outputs stay valid probabilities. The feature domain's threshold was set on
+    single views; a mean of 8 views lies nearer the training mean, so under --tta the skin sample (out of domain)
+    measured in domain. The distance now reads the untransformed view, which is what the run without --tta
+    reads."""
     from wsi_vssm.models.slide_model import load_model
     from wsi_vssm.pipeline.domain import METADATA_KEY, FeatureDomain
 
@@ -811,6 +800,8 @@ def test_tta_measures_the_domain_distance_on_the_untransformed_view(model_file, 
     assert plain["domain_distance"] > 0
     assert tta["domain_distance"] == pytest.approx(plain["domain_distance"], rel=1e-3)
     assert tta["probability"] != plain["probability"]  # the scores themselves are the 8 views' mean
+    assert tta["parameters"]["tta"] is True and 0.0 <= tta["probability"] <= 1.0
+    assert tta["summary"]["n_cells"] == plain["summary"]["n_cells"]
 
 
 def test_prediction_records_what_auto_precision_came_to(monkeypatch):
