@@ -42,7 +42,7 @@ PATCH_ERRORS_SHOWN = 5  # a patch folder's undecodable images named on the termi
 @click.option("--subgroup", "subgroups", multiple=True, metavar="COLUMN",
               help="A column of the cohort table (its header name, or its number: CAMELYON16's reference.csv has "
                    "Macro/Micro in column 3) whose groups (centres, scanners) get their own AUC, sensitivity and "
-                   "specificity and a permutation test of their difference; repeatable (metrics.json subgroups, "
+                   "specificity and a test of their difference; repeatable (metrics.json subgroups, "
                    "roc_subgroups.png).")
 @click.option("--vector", "vector", multiple=True, type=click.Choice(["pdf", "svg"]),
               help="Also write each report figure as vector graphics for a journal (roc.pdf beside roc.png, ...); "

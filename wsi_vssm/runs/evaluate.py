@@ -179,8 +179,9 @@ def evaluate_cohort(
                                      extra=groups)
             _write_cohort_lesions(out, rows, folders, progress)  # after metrics.json: a bad table costs only itself
             # a run with these options that finished while this one worked left its figures beside this report
-            for name, given in ((FROC_PNG, annotations), (STAGES_CSV, patients), (CONFUSION_PNG, patients),
-                                (ROC_SUBGROUPS_PNG, columns or None)):
+            optional = ((FROC_PNG, annotations), (STAGES_CSV, patients), (CONFUSION_PNG, patients),
+                        (ROC_SUBGROUPS_PNG, columns or None))
+            for name, given in optional:
                 if given is None and (out / name).is_file():
                     with contextlib.suppress(OSError):
                         (out / name).unlink()
@@ -207,9 +208,8 @@ def evaluate_cohort(
                     atomic_write_json(out / METRICS_JSON, {**metrics, "complete": False})
                     raise
                 atomic_write_json(out / METRICS_JSON, metrics)
-            _drop_other_vector_copies(out, {ROC_PNG, CALIBRATION_PNG, *(name for name, given in (
-                (FROC_PNG, annotations), (CONFUSION_PNG, patients), (ROC_SUBGROUPS_PNG, columns or None))
-                if given is not None)})
+            _drop_other_vector_copies(out, {ROC_PNG, CALIBRATION_PNG,
+                                            *(name for name, given in optional if given is not None)})
         return EvaluationResult(metrics, rows, items=MOSAIC_ITEMS if mosaics else "slides")
 
 
@@ -328,11 +328,11 @@ def _wait_for_other_runs(tasks: list, job, wait: float, progress) -> None:
 
 def _start_report(out: Path) -> None:
     """Mark an earlier run's metrics.json as not complete while this run works, and take away the files that
-    have no such mark: its cohort lesions.csv, a patch run's model_patches.csv, and the froc.png, stages.csv and
-    confusion.png of `--annotations` and `--patients`. Each is rewritten at the end when this run has one (each
+    have no such mark: its cohort lesions.csv, a patch run's model_patches.csv, the froc.png, stages.csv,
+    confusion.png and roc_subgroups.png of `--annotations`, `--patients` and `--subgroup`, and every figure's
+    vector copies (`--vector`). Each is rewritten at the end when this run has one (each
     slide's own lesions.csv stays); a slide run over a patch run's folder, or the reverse, or a run without the
     option that made one, left it standing beside figures it no longer matched."""
-
     from wsi_vssm.runs.state import STATE_DIR
 
     with report_writer(out, REPORT_LOCK_WAIT_S) as held:
