@@ -495,16 +495,26 @@ def test_a_patch_evaluations_report_does_not_list_its_patches_as_slides_without_
     assert "  s1: done: probability 0.900 -> tumor [7 cells]" in text.splitlines(), text
 
 
+def _old_patch_report(folder, auc, ci, rows):
+    """A patch evaluation's folder as the first releases wrote it: metrics.json without `model_patches`, and
+    predictions.csv of (patch, label, probability) rows."""
+    folder.mkdir()
+    called = [label for _, label, p in rows if p >= 0.5]
+    (folder / "metrics.json").write_text(json.dumps({
+        "n": len(rows), "n_failed": 0, "auc": auc, "auc_ci95": ci, "threshold": 0.5,
+        "sensitivity": sum(called) / sum(label for _, label, _ in rows),
+        "specificity": 1 - (len(called) - sum(called)) / sum(1 - label for _, label, _ in rows)}))
+    (folder / "predictions.csv").write_text("slide,label,probability,status,error\n" + "".join(
+        f"{name},{label},{p},done,\n" for name, label, p in rows))
+    return folder
+
+
 def test_info_reads_reports_an_earlier_version_wrote(tmp_path, capsys):
     """Reports of the first releases lack keys later ones added: `info` refused a patch evaluation of 0.1.0 (no
     `model_patches`, no score file: "a folder with no slide files"), said a slide report's cohort was `None`, and
     would have called both reports not complete (no `complete` key)."""
-    patches = tmp_path / "patches"
-    patches.mkdir()
-    (patches / "metrics.json").write_text(json.dumps({"n": 3, "n_failed": 0, "auc": 0.75, "auc_ci95": [0.2, 1.0],
-                                                      "threshold": 0.5, "sensitivity": 0.5, "specificity": 1.0}))
-    (patches / "predictions.csv").write_text("slide,label,probability,status,error\n0/a.jpg,0,0.1,done,\n"
-                                             "1/b.jpg,1,0.9,done,\n1/c.jpg,1,0.4,done,\n")
+    patches = _old_patch_report(tmp_path / "patches", 0.75, [0.2, 1.0], [("0/a.jpg", 0, 0.1), ("1/b.jpg", 1, 0.9),
+                                                                        ("1/c.jpg", 1, 0.4)])
     code, text, _ = run_cli(capsys, str(patches))
     assert code == 0 and text.splitlines()[0] == (f"patch evaluation: {patches} (of a patch folder not recorded; "
                                                   "model not recorded, precision not recorded)"), text
@@ -630,12 +640,7 @@ def test_info_on_an_output_folder_says_out_of_domain_also_without_a_probability(
 
 def test_info_says_a_zero_width_interval_is_undefined_as_evaluate_does(tmp_path, capsys):
     """`evaluate` said "95% CI undefined" for perfectly separated slides while `info` printed 1.000-1.000."""
-    patches = tmp_path / "patches"
-    patches.mkdir()
-    (patches / "metrics.json").write_text(json.dumps({"n": 2, "n_failed": 0, "auc": 1.0, "auc_ci95": [1.0, 1.0],
-                                                      "threshold": 0.5, "sensitivity": 1.0, "specificity": 1.0}))
-    (patches / "predictions.csv").write_text("slide,label,probability,status,error\n0/a.jpg,0,0.1,done,\n"
-                                             "1/b.jpg,1,0.9,done,\n")
+    patches = _old_patch_report(tmp_path / "patches", 1.0, [1.0, 1.0], [("0/a.jpg", 0, 0.1), ("1/b.jpg", 1, 0.9)])
     code, text, _ = run_cli(capsys, str(patches))
     assert code == 0 and "AUC 1.000 (95% CI undefined: every resample gives this AUC)" in text, text
     slides = tmp_path / "slides"

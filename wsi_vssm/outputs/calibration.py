@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -184,7 +185,7 @@ def logistic_recalibration(labels, probs) -> dict:
     if not (y.any() and (y == 0).any()):
         return {**none, "recalibration_reason": "needs both classes"}
     z = logit(p)
-    half = 1.959963984540054  # the standard normal's 97.5% point
+    half = NormalDist().inv_cdf(0.975)
     # with the slope held at 1 the likelihood has a finite maximum whenever both classes are present
     large = _newton_logistic(np.ones((len(z), 1)), y, z, np.array([0.0]))
     if large is None:  # not seen: a guard for numbers no cohort has

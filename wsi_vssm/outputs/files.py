@@ -46,6 +46,9 @@ def vector_copies_of(figure: str) -> tuple[str, ...]:
     stem = figure.rsplit(".", 1)[0]
     return (f"{stem}.pdf", f"{stem}.svg")  # atomic.VECTOR_FORMATS: files imports nothing of the package
 
+
+VECTOR_COPIES = tuple(copy for figure in REPORT_FIGURES for copy in vector_copies_of(figure))
+
 # The flag a zarr output (a heatmap, a feature store) carries when every chunk was written, empty ones too: zarr
 # skips chunks equal to the fill value by default and reads an absent one as that fill, so only with the flag can
 # a chunk lost in a copy be told from an empty one.

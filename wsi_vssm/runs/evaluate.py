@@ -38,6 +38,7 @@ from wsi_vssm.outputs.files import (
     ROC_PNG,
     ROC_SUBGROUPS_PNG,
     STAGES_CSV,
+    VECTOR_COPIES,
     is_detections_folder,
     read_metrics,
     vector_copies_of,
@@ -339,9 +340,8 @@ def _start_report(out: Path) -> None:
         # a patch run keeps no state folder, and without one no slide run can be writing these tables
         mine = held or not (out / STATE_DIR).is_dir()
         # a folder of one of these names is an old slide's, warned of
-        vectors = [c for f in REPORT_FIGURES for c in vector_copies_of(f)]  # written again with --vector
         for table in (COHORT_LESIONS_CSV, MODEL_PATCHES_CSV, FROC_PNG, STAGES_CSV, CONFUSION_PNG, ROC_SUBGROUPS_PNG,
-                      *vectors):
+                      *VECTOR_COPIES):  # the vector copies: written again with --vector
             if mine and (out / table).is_file():
                 with contextlib.suppress(OSError):  # a folder that refuses it refuses the final table too
                     (out / table).unlink()

@@ -50,11 +50,10 @@ from wsi_vssm.outputs.files import (
     FROC_DETECTIONS,
     FROC_PNG,
     PREDICTION_JSON,
-    REPORT_FIGURES,
     ROC_SUBGROUPS_PNG,
     STAGES_CSV,
+    VECTOR_COPIES,
     name_key,
-    vector_copies_of,
 )
 from wsi_vssm.progress import Progress
 from wsi_vssm.runs.execute import Outcome, SlideTask, execute, finish_slide, start_slide
@@ -369,8 +368,7 @@ def _triage(tasks: list[SlideTask], job, opts: RunOptions, finish, progress: Pro
 # OUT's own files and folders: a slide of such a name (`metrics.json.tif`, `.state.svs`) would write its folder
 # there (evaluate then failed "metrics.json: Is a directory"; a `.state` slide wrote into the state folder)
 RESERVED_NAMES = frozenset(n.lower() for n in (*COHORT_FILES, STAGES_CSV, CONFUSION_PNG, FROC_PNG, FROC_DETECTIONS,
-                                               ROC_SUBGROUPS_PNG, STATE_DIR,
-                                               *(c for f in REPORT_FIGURES for c in vector_copies_of(f))))
+                                               ROC_SUBGROUPS_PNG, STATE_DIR, *VECTOR_COPIES))
 
 
 def _older_mpp_source(state: dict, job, task: SlideTask) -> str | None:
